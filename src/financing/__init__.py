@@ -1,0 +1,1 @@
+"""Event-sourced, CQRS invoice financing on asyncio, PostgreSQL and RabbitMQ."""

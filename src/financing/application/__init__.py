@@ -1,0 +1,1 @@
+"""Use cases: command handlers, saga policies, integration handlers, and their ports."""

@@ -1,0 +1,239 @@
+"""The message registry: name <-> type <-> JSON body (contract.md section 2).
+
+Bodies use the Go field names of the reference. Fields marked † in the
+contract are not in the body: they travel in the `aggregateID` header. Money
+is a JSON number, read exactly (`Decimal`) and written in plain decimal form.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Literal
+from uuid import UUID
+
+from financing.application.errors import PoisonMessage
+from financing.application.messages import (
+    ApproveFinancing,
+    BidOnInvoice,
+    CreateInvestor,
+    CreateIssuer,
+    InvestorRegistered,
+    IssuerRegistered,
+    Message,
+    ReverseFinancing,
+    SellInvoice,
+)
+from financing.domain import events as ev
+
+Kind = Literal["uuid", "money", "text", "bid"]
+
+
+@dataclass(frozen=True)
+class Field:
+    attr: str
+    key: str | None  # None: taken from the aggregateID header, not the body
+    kind: Kind
+
+
+@dataclass(frozen=True)
+class MessageType:
+    cls: type[Any]
+    fields: tuple[Field, ...]
+
+    @property
+    def name(self) -> str:
+        name: str = self.cls.name()
+        return name
+
+
+def _type(cls: type[Any], *fields: tuple[str, str | None, Kind]) -> MessageType:
+    return MessageType(cls, tuple(Field(*f) for f in fields))
+
+
+REGISTRY: dict[str, MessageType] = {
+    t.name: t
+    for t in (
+        # domain events
+        _type(ev.IssuerCreatedEvent, ("issuer_id", "IssuerID", "uuid")),
+        _type(ev.InvestorCreatedEvent, ("investor_id", "InvestorID", "uuid")),
+        _type(
+            ev.InvestorFundsAddedEvent, ("investor_id", None, "uuid"), ("amount", "Amount", "money")
+        ),
+        _type(
+            ev.BidOnInvoicePlacedEvent,
+            ("investor_id", None, "uuid"),
+            ("invoice_id", "InvoiceID", "uuid"),
+            ("bid_amount", "BidAmount", "money"),
+        ),
+        _type(
+            ev.InvestorFundsReleasedEvent,
+            ("investor_id", None, "uuid"),
+            ("amount", "Amount", "money"),
+        ),
+        _type(
+            ev.InvestorFundsCommittedEvent,
+            ("investor_id", None, "uuid"),
+            ("amount", "Amount", "money"),
+        ),
+        _type(
+            ev.InvoiceCreatedEvent,
+            ("invoice_id", "InvoiceID", "uuid"),
+            ("issuer_id", "IssuerID", "uuid"),
+            ("asking_price", "AskingPrice", "money"),
+        ),
+        _type(
+            ev.InvoiceFinancedEvent,
+            ("invoice_id", None, "uuid"),
+            ("asking_price", "AskingPrice", "money"),
+            ("bid", "Bid", "bid"),
+        ),
+        _type(ev.BidOnInvoiceRejectedEvent, ("invoice_id", None, "uuid"), ("bid", "Bid", "bid")),
+        _type(
+            ev.InvoiceApprovedEvent,
+            ("invoice_id", None, "uuid"),
+            ("sold_price", "SoldPrice", "money"),
+            ("bid", "Bid", "bid"),
+        ),
+        _type(
+            ev.InvoiceReversedEvent,
+            ("invoice_id", None, "uuid"),
+            ("sold_price", "SoldPrice", "money"),
+            ("bid", "Bid", "bid"),
+        ),
+        # integration events
+        _type(IssuerRegistered, ("id", "ID", "uuid"), ("name_", "Name", "text")),
+        _type(
+            InvestorRegistered,
+            ("id", "ID", "uuid"),
+            ("name_", "Name", "text"),
+            ("balance", "Balance", "money"),
+        ),
+        # commands
+        _type(
+            SellInvoice,
+            ("invoice_id", "InvoiceID", "uuid"),
+            ("issuer_id", "IssuerID", "uuid"),
+            ("asking_price", "AskingPrice", "money"),
+        ),
+        _type(
+            BidOnInvoice,
+            ("investor_id", "InvestorID", "uuid"),
+            ("invoice_id", "InvoiceID", "uuid"),
+            ("bid_amount", "BidAmount", "money"),
+        ),
+        _type(ApproveFinancing, ("invoice_id", "InvoiceID", "uuid")),
+        _type(ReverseFinancing, ("invoice_id", "InvoiceID", "uuid")),
+        _type(CreateInvestor, ("id", "ID", "uuid"), ("balance", "Balance", "money")),
+        _type(CreateIssuer, ("id", "ID", "uuid")),
+    )
+}
+
+# Bodies bigger than this are hostile or broken; nothing legitimate comes close.
+MAX_BODY_BYTES = 64 * 1024
+
+
+def name_of(message: Message) -> str:
+    name: str = type(message).name()
+    return name
+
+
+def encode(message: Message) -> bytes:
+    """The JSON body of `message` (header-borne fields left out)."""
+    spec = REGISTRY[name_of(message)]
+    parts = []
+    for field in spec.fields:
+        if field.key is None:
+            continue
+        parts.append(
+            f"{json.dumps(field.key)}:{_encode_value(getattr(message, field.attr), field.kind)}"
+        )
+    return ("{" + ",".join(parts) + "}").encode()
+
+
+def _encode_value(value: Any, kind: Kind) -> str:
+    if kind == "uuid":
+        return json.dumps(str(value))
+    if kind == "money":
+        return _number(value)
+    if kind == "text":
+        return json.dumps(value)
+    bid: ev.Bid = value
+    return f'{{"InvestorID":{json.dumps(str(bid.investor_id))},"Amount":{_number(bid.amount)}}}'
+
+
+def _number(amount: Decimal) -> str:
+    return format(amount, "f")
+
+
+def decode(name: str, body: bytes, aggregate_id: str | None = None) -> Message:
+    """Rebuild a message from its name, JSON body and aggregateID header.
+
+    Raises PoisonMessage, naming what is wrong, for anything that is not a
+    well-formed message of a known type.
+    """
+    spec = REGISTRY.get(name)
+    if spec is None:
+        raise PoisonMessage(f"unknown message name {name!r}")
+    if len(body) > MAX_BODY_BYTES:
+        raise PoisonMessage(f"{name}: body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
+    try:
+        data = json.loads(body, parse_float=Decimal, parse_int=Decimal, parse_constant=_reject)
+    except (ValueError, RecursionError) as exc:
+        raise PoisonMessage(f"{name}: body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise PoisonMessage(f"{name}: body must be a JSON object")
+    values: dict[str, Any] = {}
+    for field in spec.fields:
+        if field.key is None:
+            if aggregate_id is None:
+                raise PoisonMessage(f"{name}: missing aggregateID header")
+            values[field.attr] = _uuid(aggregate_id, f"{name}: aggregateID header")
+            continue
+        if field.key not in data:
+            raise PoisonMessage(f"{name}: missing field {field.key}")
+        values[field.attr] = _decode_value(data[field.key], field.kind, f"{name}.{field.key}")
+    return spec.cls(**values)  # type: ignore[no-any-return]
+
+
+def _reject(constant: str) -> None:
+    raise ValueError(f"{constant} is not a number")
+
+
+def _decode_value(value: Any, kind: Kind, where: str) -> Any:
+    if kind == "uuid":
+        return _uuid(value, where)
+    if kind == "money":
+        return _money(value, where)
+    if kind == "text":
+        if not isinstance(value, str):
+            raise PoisonMessage(f"{where}: must be a string")
+        return value
+    if not isinstance(value, Mapping):
+        raise PoisonMessage(f"{where}: must be an object")
+    for key in ("InvestorID", "Amount"):
+        if key not in value:
+            raise PoisonMessage(f"{where}: missing field {key}")
+    return ev.Bid(
+        investor_id=_uuid(value["InvestorID"], f"{where}.InvestorID"),
+        amount=_money(value["Amount"], f"{where}.Amount"),
+    )
+
+
+def _uuid(value: Any, where: str) -> UUID:
+    if not isinstance(value, str):
+        raise PoisonMessage(f"{where}: must be a UUID string")
+    try:
+        return UUID(value)
+    except ValueError as exc:
+        raise PoisonMessage(f"{where}: {value[:64]!r} is not a UUID") from exc
+
+
+def _money(value: Any, where: str) -> Decimal:
+    if not isinstance(value, Decimal) or not value.is_finite():
+        raise PoisonMessage(f"{where}: must be a finite JSON number")
+    if value.adjusted() > 15 or (value != 0 and value.adjusted() < -15):
+        raise PoisonMessage(f"{where}: {value} is out of range for money")
+    return value

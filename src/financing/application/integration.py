@@ -1,0 +1,31 @@
+"""Integration handlers: turn Registering's events into our commands.
+
+The command's message id derives from the integration event's, so a
+redelivered event sends the same command again and the command handler
+deduplicates it. Sending waits for the broker's confirm; a failure propagates
+(never ignored), so the event is not acked and will be retried.
+"""
+
+from __future__ import annotations
+
+from financing.application.messages import (
+    CreateInvestor,
+    CreateIssuer,
+    InvestorRegistered,
+    IssuerRegistered,
+)
+from financing.application.ports import CommandSender, derived_message_id
+
+
+async def issuer_registered_creates_issuer(
+    sender: CommandSender, event: IssuerRegistered, message_id: str
+) -> None:
+    command = CreateIssuer(id=event.id)
+    await sender.send(command, derived_message_id(message_id, command.name()))
+
+
+async def investor_registered_creates_investor(
+    sender: CommandSender, event: InvestorRegistered, message_id: str
+) -> None:
+    command = CreateInvestor(id=event.id, balance=event.balance)
+    await sender.send(command, derived_message_id(message_id, command.name()))

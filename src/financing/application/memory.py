@@ -1,0 +1,91 @@
+"""In-memory implementations of the ports, for fast tests of handlers and policies."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from uuid import UUID
+
+from financing.application import codec
+from financing.application.errors import ConcurrencyConflict
+from financing.application.messages import Command
+from financing.application.ports import A, StoredEvent
+from financing.domain.aggregates import Aggregate
+
+
+class InMemoryUnitOfWork:
+    def __init__(self, store: InMemoryEventStore) -> None:
+        self._store = store
+        self._appends: list[tuple[Aggregate, int]] = []
+        self._records: list[tuple[str, str]] = []
+
+    async def seen(self, consumer: str, message_id: str) -> bool:
+        return (consumer, message_id) in self._store.processed
+
+    async def load(self, cls: type[A], aggregate_id: UUID) -> A:
+        aggregate = cls(aggregate_id)
+        for stored in await self._store.stream(aggregate_id):
+            aggregate.apply(stored.event)
+        return aggregate
+
+    async def save(self, aggregate: Aggregate) -> None:
+        if aggregate.changes:
+            self._appends.append((aggregate, aggregate.stored_version))
+
+    async def record(self, consumer: str, message_id: str) -> None:
+        self._records.append((consumer, message_id))
+
+    def commit(self) -> None:
+        store = self._store
+        for aggregate, expected in self._appends:
+            if store.version(aggregate.id) != expected:
+                raise ConcurrencyConflict(
+                    f"{aggregate.type_name} {aggregate.id} moved past {expected}"
+                )
+        for record in self._records:
+            if record in store.processed:
+                raise ConcurrencyConflict(f"message {record[1]} already processed by {record[0]}")
+        for aggregate, expected in self._appends:
+            for offset, event in enumerate(aggregate.changes, start=1):
+                store.events.append(
+                    StoredEvent(
+                        position=len(store.events) + 1,
+                        aggregate_type=aggregate.type_name,
+                        aggregate_id=aggregate.id,
+                        version=expected + offset,
+                        name=codec.name_of(event),
+                        body=codec.encode(event),
+                    )
+                )
+            aggregate.changes.clear()
+        store.processed.update(self._records)
+
+
+class InMemoryEventStore:
+    def __init__(self) -> None:
+        self.events: list[StoredEvent] = []
+        self.processed: set[tuple[str, str]] = set()
+
+    @asynccontextmanager
+    async def unit_of_work(self) -> AsyncIterator[InMemoryUnitOfWork]:
+        uow = InMemoryUnitOfWork(self)
+        yield uow
+        uow.commit()
+
+    def version(self, aggregate_id: UUID) -> int:
+        return sum(1 for e in self.events if e.aggregate_id == aggregate_id)
+
+    async def stream(self, aggregate_id: UUID) -> list[StoredEvent]:
+        return [e for e in self.events if e.aggregate_id == aggregate_id]
+
+    async def read_all(self, batch_size: int = 500) -> AsyncIterator[StoredEvent]:
+        for event in list(self.events):
+            yield event
+
+
+class InMemoryCommandSender:
+    def __init__(self) -> None:
+        self.sent: list[tuple[Command, UUID]] = []
+
+    async def send(self, command: Command, message_id: UUID) -> None:
+        self.sent.append((command, message_id))

@@ -1,0 +1,86 @@
+"""Commands and integration events: the messages that are not domain events."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from uuid import UUID
+
+from financing.domain.events import DomainEvent
+
+
+@dataclass(frozen=True)
+class Command:
+    @classmethod
+    def name(cls) -> str:
+        return cls.__name__
+
+
+@dataclass(frozen=True)
+class SellInvoice(Command):
+    invoice_id: UUID
+    issuer_id: UUID
+    asking_price: Decimal
+
+
+@dataclass(frozen=True)
+class BidOnInvoice(Command):
+    investor_id: UUID
+    invoice_id: UUID
+    bid_amount: Decimal
+
+
+@dataclass(frozen=True)
+class ApproveFinancing(Command):
+    invoice_id: UUID
+
+
+@dataclass(frozen=True)
+class ReverseFinancing(Command):
+    invoice_id: UUID
+
+
+@dataclass(frozen=True)
+class CreateInvestor(Command):
+    id: UUID
+    balance: Decimal
+
+
+@dataclass(frozen=True)
+class CreateIssuer(Command):
+    id: UUID
+
+
+@dataclass(frozen=True)
+class IntegrationEvent:
+    """An event published by another bounded context (Registering)."""
+
+    @classmethod
+    def name(cls) -> str:
+        return cls.__name__
+
+
+@dataclass(frozen=True)
+class IssuerRegistered(IntegrationEvent):
+    id: UUID
+    name_: str
+
+
+@dataclass(frozen=True)
+class InvestorRegistered(IntegrationEvent):
+    id: UUID
+    name_: str
+    balance: Decimal
+
+
+Message = Command | IntegrationEvent | DomainEvent
+
+COMMAND_TYPES: tuple[type[Command], ...] = (
+    SellInvoice,
+    BidOnInvoice,
+    ApproveFinancing,
+    ReverseFinancing,
+    CreateInvestor,
+    CreateIssuer,
+)
+INTEGRATION_EVENT_TYPES: tuple[type[IntegrationEvent], ...] = (IssuerRegistered, InvestorRegistered)

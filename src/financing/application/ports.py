@@ -1,0 +1,123 @@
+"""Ports: what the handlers need from the outside world, as protocols.
+
+Adapters implement them on PostgreSQL and RabbitMQ; `application.memory`
+implements them in memory for fast tests of the domain and handlers.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+from uuid import UUID
+
+from financing.application import codec
+from financing.application.messages import Command
+from financing.domain.aggregates import Aggregate
+from financing.domain.events import DomainEvent
+
+A = TypeVar("A", bound=Aggregate)
+
+# Namespace of the deterministic message ids this service derives.
+MESSAGE_NAMESPACE = UUID("5d1a6c2e-8f0b-4f4e-9a51-6f1f7d0e2b3c")
+
+
+def event_message_id(aggregate_id: UUID, version: int) -> UUID:
+    """The message id of a stored event: the same event always gets the same id."""
+    return uuid.uuid5(MESSAGE_NAMESPACE, f"event/{aggregate_id}/{version}")
+
+
+def derived_message_id(source_message_id: str, command_name: str) -> UUID:
+    """The id of a command sent in reaction to a message: a redelivery sends the same id."""
+    return uuid.uuid5(MESSAGE_NAMESPACE, f"command/{source_message_id}/{command_name}")
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A message as it travels: id, name, string headers and the JSON body."""
+
+    message_id: str
+    name: str
+    body: bytes
+    aggregate_id: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """A domain event as recorded in the event store."""
+
+    position: int  # order of recording; the store reads events back in commit order
+    aggregate_type: str
+    aggregate_id: UUID
+    version: int
+    name: str
+    body: bytes
+
+    @property
+    def message_id(self) -> UUID:
+        return event_message_id(self.aggregate_id, self.version)
+
+    @property
+    def event(self) -> DomainEvent:
+        event = codec.decode(self.name, self.body, str(self.aggregate_id))
+        assert isinstance(event, DomainEvent)
+        return event
+
+    def envelope(self) -> Envelope:
+        return Envelope(
+            message_id=str(self.message_id),
+            name=self.name,
+            body=self.body,
+            aggregate_id=str(self.aggregate_id),
+            headers={"aggregateVersion": str(self.version), "aggregateType": self.aggregate_type},
+        )
+
+
+class UnitOfWork(Protocol):
+    """One atomic change: reads first, then the appends and the processed mark.
+
+    Implementations must perform no write before the first `save`/`record`, so
+    that a transaction's commit-order key is taken after everything it read.
+    """
+
+    async def seen(self, consumer: str, message_id: str) -> bool:
+        """Whether `consumer` already processed `message_id` (committed)."""
+        ...
+
+    async def load(self, cls: type[A], aggregate_id: UUID) -> A:
+        """The aggregate's current state; a new, empty one (version 0) if none."""
+        ...
+
+    async def save(self, aggregate: Aggregate) -> None:
+        """Append `aggregate.changes`, expecting the stream at `aggregate.stored_version`.
+
+        Raises ConcurrencyConflict when another writer appended first.
+        """
+        ...
+
+    async def record(self, consumer: str, message_id: str) -> None:
+        """Mark `message_id` processed by `consumer`, committed with the appends."""
+        ...
+
+
+class EventStore(Protocol):
+    def unit_of_work(self) -> AbstractAsyncContextManager[UnitOfWork]:
+        """A transaction: committed when the block exits normally, rolled back otherwise."""
+        ...
+
+    async def stream(self, aggregate_id: UUID) -> list[StoredEvent]:
+        """Every event of one aggregate, in version order."""
+        ...
+
+    def read_all(self, batch_size: int = 500) -> AsyncIterator[StoredEvent]:
+        """Every committed event, in commit order."""
+        ...
+
+
+class CommandSender(Protocol):
+    async def send(self, command: Command, message_id: UUID) -> None:
+        """Enqueue `command`; returns once the broker holds it durably."""
+        ...

@@ -1,0 +1,211 @@
+"""Settings, read once at start-up from the environment (contract.md section 3)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+DEFAULT_COMMAND_DB = "postgresql://postgres@127.0.0.1:5432/postgres"
+DEFAULT_QUERY_DB = "postgresql://postgres@127.0.0.1:5432/queries"
+DEFAULT_AMQP = "amqp://guest:guest@localhost:5672/"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Database:
+    """A PostgreSQL connection: asyncpg keyword arguments and the pool size."""
+
+    connect_kwargs: Mapping[str, Any]
+    pool_max_size: int = 10
+
+    def dsn(self) -> str:
+        """A `postgresql://` URL (with the password) for tools that want one."""
+        kw = self.connect_kwargs
+        auth = quote(str(kw.get("user", "postgres")), safe="")
+        if kw.get("password"):
+            auth += ":" + quote(str(kw["password"]), safe="")
+        host = str(kw.get("host", "127.0.0.1"))
+        netloc = f"{auth}@{host}:{kw.get('port', 5432)}"
+        return urlunsplit(
+            ("postgresql", netloc, "/" + quote(str(kw.get("database", "")), safe=""), "", "")
+        )
+
+    def __repr__(self) -> str:
+        return f"Database({self.describe()}, pool_max_size={self.pool_max_size})"
+
+    def describe(self) -> str:
+        """Where the database is, without the password: safe to log."""
+        kw = self.connect_kwargs
+        where = f"{kw.get('host', '')}:{kw.get('port', '')}/{kw.get('database', '')}"
+        return f"{kw.get('user', '')}@{where}"
+
+    def with_database(self, name: str) -> Database:
+        return Database({**self.connect_kwargs, "database": name}, self.pool_max_size)
+
+
+@dataclass(frozen=True)
+class Settings:
+    command_address: tuple[str, int] = ("0.0.0.0", 8080)
+    query_address: tuple[str, int] = ("0.0.0.0", 8081)
+    command_db: Database = field(default_factory=lambda: parse_database(DEFAULT_COMMAND_DB))
+    query_db: Database = field(default_factory=lambda: parse_database(DEFAULT_QUERY_DB))
+    amqp_url: str = field(default=DEFAULT_AMQP, repr=False)
+    log_level: str = "INFO"
+    snapshot_interval: int = 100
+    # Test-only: process every consumed message this many times (redelivery storm).
+    redeliver_times: int = 1
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        level = env.get("LOGGER_LEVEL", "INFO").upper()
+        if level == "WARN":
+            level = "WARNING"
+        if level not in LOG_LEVELS:
+            raise ConfigError(f"LOGGER_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+        return cls(
+            command_address=parse_address(env.get("COMMAND_SERVER_ADDRESS", "0.0.0.0:8080")),
+            query_address=parse_address(env.get("QUERY_SERVER_ADDRESS", "0.0.0.0:8081")),
+            command_db=parse_database(
+                env.get("COMMAND_DB_CONNECTION_STRING") or DEFAULT_COMMAND_DB
+            ),
+            query_db=parse_database(env.get("QUERY_DB_CONNECTION_STRING") or DEFAULT_QUERY_DB),
+            amqp_url=env.get("AMQP_ADDRESS") or DEFAULT_AMQP,
+            log_level=level,
+            snapshot_interval=_positive_int(env, "FINANCING_SNAPSHOT_INTERVAL", 100),
+            redeliver_times=_positive_int(env, "FINANCING_TEST_REDELIVER_TIMES", 1),
+        )
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from exc
+    if value < 1:
+        raise ConfigError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """`host:port`, `:port` (all interfaces) or `[v6]:port`."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"listen address must be host:port, got {address!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+_KEYWORD = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*")
+
+# libpq keyword -> asyncpg.connect keyword
+_LIBPQ_TO_ASYNCPG = {
+    "host": "host",
+    "hostaddr": "host",
+    "port": "port",
+    "user": "user",
+    "password": "password",
+    "dbname": "database",
+    "sslmode": "ssl",
+    "connect_timeout": "timeout",
+}
+
+
+def parse_database(value: str) -> Database:
+    """A database from a `postgresql://` URL or a libpq `key=value` string.
+
+    `pool_max_conns` (in either form) sizes the pool; libpq-only keywords the
+    driver does not know are ignored.
+    """
+    value = value.strip()
+    if value.startswith(("postgres://", "postgresql://")):
+        return _parse_url(value)
+    return _parse_keywords(value)
+
+
+def _parse_url(url: str) -> Database:
+    parts = urlsplit(url)
+    query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
+    pool_size = int(query.pop("pool_max_conns", "10"))
+    kwargs: dict[str, Any] = {
+        "host": parts.hostname or "127.0.0.1",
+        "port": parts.port or 5432,
+        "user": unquote(parts.username or "postgres"),
+        "database": unquote(parts.path.lstrip("/")) or "postgres",
+    }
+    if parts.password:
+        kwargs["password"] = unquote(parts.password)
+    for key, raw in query.items():
+        if key in _LIBPQ_TO_ASYNCPG:
+            kwargs[_LIBPQ_TO_ASYNCPG[key]] = _typed(key, raw)
+    return Database(kwargs, pool_size)
+
+
+def _parse_keywords(text: str) -> Database:
+    pairs: dict[str, str] = {}
+    pos = 0
+    while pos < len(text):
+        if text[pos].isspace():
+            pos += 1
+            continue
+        match = _KEYWORD.match(text, pos)
+        if not match:
+            raise ConfigError(f"connection string: expected key=value at {text[pos : pos + 20]!r}")
+        key = match.group(1)
+        pos = match.end()
+        value, pos = _libpq_value(text, pos)
+        pairs[key] = value
+    pool_size = int(pairs.pop("pool_max_conns", "10"))
+    kwargs: dict[str, Any] = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+    for key, raw in pairs.items():
+        if key in _LIBPQ_TO_ASYNCPG:
+            kwargs[_LIBPQ_TO_ASYNCPG[key]] = _typed(key, raw)
+    kwargs.setdefault("database", kwargs["user"])
+    return Database(kwargs, pool_size)
+
+
+def _libpq_value(text: str, pos: int) -> tuple[str, int]:
+    """One value: bare up to whitespace, or single-quoted with backslash escapes."""
+    out = []
+    if pos < len(text) and text[pos] == "'":
+        pos += 1
+        while pos < len(text):
+            char = text[pos]
+            if char == "\\" and pos + 1 < len(text):
+                out.append(text[pos + 1])
+                pos += 2
+                continue
+            if char == "'":
+                return "".join(out), pos + 1
+            out.append(char)
+            pos += 1
+        raise ConfigError("connection string: unterminated quoted value")
+    while pos < len(text) and not text[pos].isspace():
+        if text[pos] == "\\" and pos + 1 < len(text):
+            out.append(text[pos + 1])
+            pos += 2
+            continue
+        out.append(text[pos])
+        pos += 1
+    return "".join(out), pos
+
+
+def _typed(key: str, raw: str) -> Any:
+    if key == "port":
+        return int(raw)
+    if key == "connect_timeout":
+        return float(raw)
+    if key == "sslmode":
+        return {"disable": False}.get(raw, raw)
+    return raw

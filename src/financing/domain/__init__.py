@@ -1,0 +1,1 @@
+"""The financing domain: exact money, events and the three aggregates. Pure: no I/O."""

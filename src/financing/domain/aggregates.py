@@ -1,0 +1,292 @@
+"""The three aggregates: Issuer, Investor and Invoice.
+
+Each aggregate is rebuilt by applying its past events (`apply`), decides with
+command methods that return the new events (already applied to itself) and
+never performs I/O. A rule that forbids a command raises `RuleViolation`;
+amounts <= 0 change nothing and produce no event.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from decimal import Decimal
+from typing import Any, ClassVar, Self
+from uuid import UUID
+
+from financing.domain.events import (
+    Bid,
+    BidOnInvoicePlacedEvent,
+    BidOnInvoiceRejectedEvent,
+    DomainEvent,
+    InvestorCreatedEvent,
+    InvestorFundsAddedEvent,
+    InvestorFundsCommittedEvent,
+    InvestorFundsReleasedEvent,
+    InvoiceApprovedEvent,
+    InvoiceCreatedEvent,
+    InvoiceFinancedEvent,
+    InvoiceReversedEvent,
+    IssuerCreatedEvent,
+)
+from financing.domain.money import ZERO
+
+
+class RuleViolation(Exception):
+    """A command that the domain refuses; permanent, so its message is dead-lettered."""
+
+
+class Aggregate:
+    """An event-sourced entity: its state is the fold of its events."""
+
+    type_name: ClassVar[str]
+
+    def __init__(self, aggregate_id: UUID) -> None:
+        self.id = aggregate_id
+        self.version = 0  # number of events applied, new ones included
+        self.changes: list[DomainEvent] = []  # raised since load, not yet stored
+
+    @property
+    def exists(self) -> bool:
+        return self.version > 0
+
+    @property
+    def stored_version(self) -> int:
+        """The version the event store held when this aggregate was loaded."""
+        return self.version - len(self.changes)
+
+    def apply(self, event: DomainEvent) -> None:
+        self.when(event)
+        self.version += 1
+
+    def replay(self, events: Iterable[DomainEvent]) -> Self:
+        for event in events:
+            self.apply(event)
+        return self
+
+    def _raise(self, *events: DomainEvent) -> list[DomainEvent]:
+        for event in events:
+            self.apply(event)
+            self.changes.append(event)
+        return list(events)
+
+    def when(self, event: DomainEvent) -> None:
+        raise NotImplementedError
+
+    def snapshot(self) -> dict[str, Any]:
+        """The state as JSON-ready values (money as strings: exact)."""
+        raise NotImplementedError
+
+    @classmethod
+    def restore(cls, aggregate_id: UUID, version: int, state: Mapping[str, Any]) -> Self:
+        raise NotImplementedError
+
+
+class Issuer(Aggregate):
+    type_name = "Issuer"
+
+    def create(self) -> list[DomainEvent]:
+        if self.exists:
+            return []
+        return self._raise(IssuerCreatedEvent(issuer_id=self.id))
+
+    def when(self, event: DomainEvent) -> None:
+        pass
+
+    def snapshot(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def restore(cls, aggregate_id: UUID, version: int, state: Mapping[str, Any]) -> Self:
+        issuer = cls(aggregate_id)
+        issuer.version = version
+        return issuer
+
+
+class Investor(Aggregate):
+    type_name = "Investor"
+
+    def __init__(self, aggregate_id: UUID) -> None:
+        super().__init__(aggregate_id)
+        self.balance = ZERO
+        self.reserved = ZERO
+        self.committed = ZERO
+
+    def create(self, balance: Decimal) -> list[DomainEvent]:
+        if self.exists:
+            return []
+        if balance < ZERO:
+            raise RuleViolation(f"investor {self.id}: initial balance must be >= 0, got {balance}")
+        created = InvestorCreatedEvent(investor_id=self.id)
+        if balance == ZERO:
+            return self._raise(created)
+        return self._raise(created, InvestorFundsAddedEvent(investor_id=self.id, amount=balance))
+
+    def place_bid(self, invoice_id: UUID, amount: Decimal) -> list[DomainEvent]:
+        self._must_exist()
+        if amount <= ZERO:
+            return []
+        if self.balance < amount:
+            raise RuleViolation(
+                f"investor {self.id}: balance {self.balance} is less than the bid {amount}"
+            )
+        return self._raise(
+            BidOnInvoicePlacedEvent(investor_id=self.id, invoice_id=invoice_id, bid_amount=amount)
+        )
+
+    def release_funds(self, amount: Decimal) -> list[DomainEvent]:
+        self._must_exist()
+        if amount <= ZERO:
+            return []
+        if self.reserved < amount:
+            raise RuleViolation(
+                f"investor {self.id}: cannot release {amount}, only {self.reserved} reserved"
+            )
+        return self._raise(InvestorFundsReleasedEvent(investor_id=self.id, amount=amount))
+
+    def commit_funds(self, amount: Decimal) -> list[DomainEvent]:
+        self._must_exist()
+        if amount <= ZERO:
+            return []
+        if self.reserved < amount:
+            raise RuleViolation(
+                f"investor {self.id}: cannot commit {amount}, only {self.reserved} reserved"
+            )
+        return self._raise(InvestorFundsCommittedEvent(investor_id=self.id, amount=amount))
+
+    def _must_exist(self) -> None:
+        if not self.exists:
+            raise RuleViolation(f"investor {self.id} does not exist")
+
+    def when(self, event: DomainEvent) -> None:
+        match event:
+            case InvestorFundsAddedEvent(amount=amount) if amount > ZERO:
+                self.balance += amount
+            case BidOnInvoicePlacedEvent(bid_amount=amount) if amount > ZERO:
+                self.balance -= amount
+                self.reserved += amount
+            case InvestorFundsReleasedEvent(amount=amount) if amount > ZERO:
+                self.balance += amount
+                self.reserved -= amount
+            case InvestorFundsCommittedEvent(amount=amount) if amount > ZERO:
+                self.reserved -= amount
+                self.committed += amount
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "balance": str(self.balance),
+            "reserved": str(self.reserved),
+            "committed": str(self.committed),
+        }
+
+    @classmethod
+    def restore(cls, aggregate_id: UUID, version: int, state: Mapping[str, Any]) -> Self:
+        investor = cls(aggregate_id)
+        investor.version = version
+        investor.balance = Decimal(state["balance"])
+        investor.reserved = Decimal(state["reserved"])
+        investor.committed = Decimal(state["committed"])
+        return investor
+
+
+class InvoiceStatus(enum.Enum):
+    AVAILABLE = "AVAILABLE"
+    FINANCED = "FINANCED"
+    APPROVED = "APPROVED"
+    REVERSED = "REVERSED"
+
+
+class Invoice(Aggregate):
+    type_name = "Invoice"
+
+    def __init__(self, aggregate_id: UUID) -> None:
+        super().__init__(aggregate_id)
+        self.issuer_id: UUID | None = None
+        self.asking_price = ZERO
+        self.status = InvoiceStatus.AVAILABLE
+        self.winning_bid: Bid | None = None
+
+    def create(self, issuer_id: UUID, asking_price: Decimal) -> list[DomainEvent]:
+        if self.exists or asking_price <= ZERO:
+            return []
+        return self._raise(
+            InvoiceCreatedEvent(invoice_id=self.id, issuer_id=issuer_id, asking_price=asking_price)
+        )
+
+    def bid(self, bid: Bid) -> list[DomainEvent]:
+        """Finance the invoice with a bid covering its price, or reject the bid."""
+        self._must_exist()
+        if self.status is InvoiceStatus.AVAILABLE and bid.amount >= self.asking_price:
+            return self._raise(
+                InvoiceFinancedEvent(invoice_id=self.id, asking_price=self.asking_price, bid=bid)
+            )
+        return self._raise(BidOnInvoiceRejectedEvent(invoice_id=self.id, bid=bid))
+
+    def approve(self) -> list[DomainEvent]:
+        self._must_exist()
+        if self.status is not InvoiceStatus.FINANCED or self.winning_bid is None:
+            return []
+        return self._raise(
+            InvoiceApprovedEvent(
+                invoice_id=self.id, sold_price=self.asking_price, bid=self.winning_bid
+            )
+        )
+
+    def reverse(self) -> list[DomainEvent]:
+        self._must_exist()
+        if self.status is not InvoiceStatus.FINANCED or self.winning_bid is None:
+            return []
+        return self._raise(
+            InvoiceReversedEvent(
+                invoice_id=self.id, sold_price=self.asking_price, bid=self.winning_bid
+            )
+        )
+
+    def _must_exist(self) -> None:
+        if not self.exists:
+            raise RuleViolation(f"invoice {self.id} does not exist")
+
+    def when(self, event: DomainEvent) -> None:
+        match event:
+            case InvoiceCreatedEvent(issuer_id=issuer_id, asking_price=price):
+                self.issuer_id = issuer_id
+                self.asking_price = price
+                self.status = InvoiceStatus.AVAILABLE
+            case InvoiceFinancedEvent(bid=bid):
+                self.status = InvoiceStatus.FINANCED
+                self.winning_bid = bid
+            case InvoiceApprovedEvent():
+                self.status = InvoiceStatus.APPROVED
+            case InvoiceReversedEvent():
+                self.status = InvoiceStatus.REVERSED
+
+    def snapshot(self) -> dict[str, Any]:
+        bid = self.winning_bid
+        return {
+            "issuer_id": str(self.issuer_id) if self.issuer_id else None,
+            "asking_price": str(self.asking_price),
+            "status": self.status.value,
+            "winning_bid": (
+                {"investor_id": str(bid.investor_id), "amount": str(bid.amount)} if bid else None
+            ),
+        }
+
+    @classmethod
+    def restore(cls, aggregate_id: UUID, version: int, state: Mapping[str, Any]) -> Self:
+        invoice = cls(aggregate_id)
+        invoice.version = version
+        invoice.issuer_id = UUID(state["issuer_id"]) if state["issuer_id"] else None
+        invoice.asking_price = Decimal(state["asking_price"])
+        invoice.status = InvoiceStatus(state["status"])
+        bid = state["winning_bid"]
+        invoice.winning_bid = (
+            Bid(investor_id=UUID(bid["investor_id"]), amount=Decimal(bid["amount"]))
+            if bid
+            else None
+        )
+        return invoice
+
+
+AGGREGATE_TYPES: dict[str, type[Aggregate]] = {
+    cls.type_name: cls for cls in (Issuer, Investor, Invoice)
+}

@@ -1,0 +1,58 @@
+"""Exact money.
+
+Amounts are `decimal.Decimal` everywhere inside the service; floats exist only
+at the gRPC and JSON edges, where a double is read through its shortest decimal
+form (so 0.1 is exactly 0.1, never 0.1000000000000000055...).
+"""
+
+from __future__ import annotations
+
+import math
+from decimal import Decimal, InvalidOperation
+
+ZERO = Decimal(0)
+
+# Money is kept in cents at most; anything finer is rejected at the edge.
+MAX_DECIMAL_PLACES = 2
+# Large enough for any invoice, small enough that every amount and every sum of
+# amounts survives the trip through a JSON number (a double) unchanged.
+MAX_AMOUNT = Decimal("999999999999.99")
+
+
+class InvalidAmount(ValueError):
+    """An amount that cannot be money: not finite, not positive, too precise, too large."""
+
+
+def from_double(value: float) -> Decimal:
+    """The exact decimal a double stands for in its shortest form (0.1 -> Decimal('0.1'))."""
+    if not math.isfinite(value):
+        raise InvalidAmount("must be a finite number")
+    return Decimal(repr(value))
+
+
+def to_double(amount: Decimal) -> float:
+    """The double whose shortest form is `amount` (exact for amounts up to MAX_AMOUNT)."""
+    return float(amount)
+
+
+def decimal_places(amount: Decimal) -> int:
+    exponent = amount.normalize().as_tuple().exponent
+    assert isinstance(exponent, int)
+    return max(0, -exponent)
+
+
+def positive_amount(value: float | Decimal) -> Decimal:
+    """Validate a money amount supplied by a client: finite, > 0, at most 2 decimals."""
+    try:
+        amount = from_double(value) if isinstance(value, float) else Decimal(value)
+    except InvalidOperation as exc:
+        raise InvalidAmount("must be a number") from exc
+    if not amount.is_finite():
+        raise InvalidAmount("must be a finite number")
+    if amount <= ZERO:
+        raise InvalidAmount(f"must be greater than 0, got {amount}")
+    if decimal_places(amount) > MAX_DECIMAL_PLACES:
+        raise InvalidAmount(f"must have at most {MAX_DECIMAL_PLACES} decimal places, got {amount}")
+    if amount > MAX_AMOUNT:
+        raise InvalidAmount(f"must be at most {MAX_AMOUNT}, got {amount}")
+    return amount
