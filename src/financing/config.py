@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 DEFAULT_COMMAND_DB = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_QUERY_DB = "postgresql://postgres@127.0.0.1:5432/queries"
@@ -65,7 +65,9 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        env = os.environ if env is None else env
+        source = os.environ if env is None else env
+        # As in the reference (Go's os.Getenv), a variable set to "" counts as unset.
+        env = {key: value for key, value in source.items() if value != ""}
         level = env.get("LOGGER_LEVEL", "INFO").upper()
         if level == "WARN":
             level = "WARNING"
@@ -74,11 +76,9 @@ class Settings:
         return cls(
             command_address=parse_address(env.get("COMMAND_SERVER_ADDRESS", "0.0.0.0:8080")),
             query_address=parse_address(env.get("QUERY_SERVER_ADDRESS", "0.0.0.0:8081")),
-            command_db=parse_database(
-                env.get("COMMAND_DB_CONNECTION_STRING") or DEFAULT_COMMAND_DB
-            ),
-            query_db=parse_database(env.get("QUERY_DB_CONNECTION_STRING") or DEFAULT_QUERY_DB),
-            amqp_url=env.get("AMQP_ADDRESS") or DEFAULT_AMQP,
+            command_db=parse_database(env.get("COMMAND_DB_CONNECTION_STRING", DEFAULT_COMMAND_DB)),
+            query_db=parse_database(env.get("QUERY_DB_CONNECTION_STRING", DEFAULT_QUERY_DB)),
+            amqp_url=env.get("AMQP_ADDRESS", DEFAULT_AMQP),
             log_level=level,
             snapshot_interval=_positive_int(env, "FINANCING_SNAPSHOT_INTERVAL", 100),
             redeliver_times=_positive_int(env, "FINANCING_TEST_REDELIVER_TIMES", 1),
@@ -87,7 +87,7 @@ class Settings:
 
 def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
     raw = env.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
     try:
         value = int(raw)
@@ -101,7 +101,7 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
 def parse_address(address: str) -> tuple[str, int]:
     """`host:port`, `:port` (all interfaces) or `[v6]:port`."""
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ConfigError(f"listen address must be host:port, got {address!r}")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)
@@ -136,13 +136,19 @@ def parse_database(value: str) -> Database:
 
 def _parse_url(url: str) -> Database:
     parts = urlsplit(url)
-    query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
-    pool_size = int(query.pop("pool_max_conns", "10"))
+    query = dict(parse_qsl(parts.query))
+    pool_size = _pool_size(query.pop("pool_max_conns", None))
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError("connection string: the port must be a number") from None
+    user = unquote(parts.username or "postgres")
     kwargs: dict[str, Any] = {
         "host": parts.hostname or "127.0.0.1",
-        "port": parts.port or 5432,
-        "user": unquote(parts.username or "postgres"),
-        "database": unquote(parts.path.lstrip("/")) or "postgres",
+        "port": port or 5432,
+        "user": user,
+        # libpq: the database defaults to the user's name
+        "database": unquote(parts.path.lstrip("/")) or user,
     }
     if parts.password:
         kwargs["password"] = unquote(parts.password)
@@ -161,12 +167,13 @@ def _parse_keywords(text: str) -> Database:
             continue
         match = _KEYWORD.match(text, pos)
         if not match:
-            raise ConfigError(f"connection string: expected key=value at {text[pos : pos + 20]!r}")
+            # No excerpt of the text: it may be part of a password.
+            raise ConfigError(f"connection string: expected key=value at character {pos}")
         key = match.group(1)
         pos = match.end()
         value, pos = _libpq_value(text, pos)
         pairs[key] = value
-    pool_size = int(pairs.pop("pool_max_conns", "10"))
+    pool_size = _pool_size(pairs.pop("pool_max_conns", None))
     kwargs: dict[str, Any] = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
     for key, raw in pairs.items():
         if key in _LIBPQ_TO_ASYNCPG:
@@ -201,11 +208,22 @@ def _libpq_value(text: str, pos: int) -> tuple[str, int]:
     return "".join(out), pos
 
 
+def _pool_size(raw: str | None) -> int:
+    if raw is None:
+        return 10
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
+        raise ConfigError(f"pool_max_conns must be a positive integer, got {raw!r}")
+    return int(raw)
+
+
 def _typed(key: str, raw: str) -> Any:
-    if key == "port":
-        return int(raw)
-    if key == "connect_timeout":
-        return float(raw)
+    try:
+        if key == "port":
+            return int(raw)
+        if key == "connect_timeout":
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"connection string: {key} must be a number, got {raw!r}") from None
     if key == "sslmode":
         return {"disable": False}.get(raw, raw)
     return raw

@@ -133,6 +133,9 @@ REGISTRY: dict[str, MessageType] = {
 
 # Bodies bigger than this are hostile or broken; nothing legitimate comes close.
 MAX_BODY_BYTES = 64 * 1024
+# A double's shortest form has at most 17 significant digits, so money of at
+# least 1e-15 written by any float-based producer has at most 31 decimals.
+MAX_MONEY_PLACES = 31
 
 
 def name_of(message: Message) -> str:
@@ -180,7 +183,9 @@ def decode(name: str, body: bytes, aggregate_id: str | None = None) -> Message:
     if len(body) > MAX_BODY_BYTES:
         raise PoisonMessage(f"{name}: body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
     try:
-        data = json.loads(body, parse_float=Decimal, parse_int=Decimal, parse_constant=_reject)
+        # NaN and Infinity become non-finite decimals, refused by the field that holds them
+        # so that the reason names it.
+        data = json.loads(body, parse_float=Decimal, parse_int=Decimal, parse_constant=Decimal)
     except (ValueError, RecursionError) as exc:
         raise PoisonMessage(f"{name}: body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
@@ -196,10 +201,6 @@ def decode(name: str, body: bytes, aggregate_id: str | None = None) -> Message:
             raise PoisonMessage(f"{name}: missing field {field.key}")
         values[field.attr] = _decode_value(data[field.key], field.kind, f"{name}.{field.key}")
     return spec.cls(**values)  # type: ignore[no-any-return]
-
-
-def _reject(constant: str) -> None:
-    raise ValueError(f"{constant} is not a number")
 
 
 def _decode_value(value: Any, kind: Kind, where: str) -> Any:
@@ -236,4 +237,10 @@ def _money(value: Any, where: str) -> Decimal:
         raise PoisonMessage(f"{where}: must be a finite JSON number")
     if value.adjusted() > 15 or (value != 0 and value.adjusted() < -15):
         raise PoisonMessage(f"{where}: {value} is out of range for money")
+    # A zero's exponent is unbounded by the check above: 0e-99999999 would be
+    # written back as a hundred million digits.
+    exponent = value.as_tuple().exponent
+    assert isinstance(exponent, int)
+    if exponent < -MAX_MONEY_PLACES:
+        raise PoisonMessage(f"{where}: more than {MAX_MONEY_PLACES} decimal places")
     return value

@@ -216,6 +216,8 @@ class Invoice(Aggregate):
     def bid(self, bid: Bid) -> list[DomainEvent]:
         """Finance the invoice with a bid covering its price, or reject the bid."""
         self._must_exist()
+        if bid.amount <= ZERO:
+            return []
         if self.status is InvoiceStatus.AVAILABLE and bid.amount >= self.asking_price:
             return self._raise(
                 InvoiceFinancedEvent(invoice_id=self.id, asking_price=self.asking_price, bid=bid)

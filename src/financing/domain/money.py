@@ -36,9 +36,14 @@ def to_double(amount: Decimal) -> float:
 
 
 def decimal_places(amount: Decimal) -> int:
-    exponent = amount.normalize().as_tuple().exponent
+    """Significant decimal places (1.50 has 1). Exact: `normalize()` would round
+    to the context's 28 digits and hide a long tail of decimals."""
+    _, digits, exponent = amount.as_tuple()
     assert isinstance(exponent, int)
-    return max(0, -exponent)
+    significant = "".join(map(str, digits)).rstrip("0")
+    if not significant:
+        return 0
+    return max(0, -exponent - (len(digits) - len(significant)))
 
 
 def positive_amount(value: float | Decimal) -> Decimal:

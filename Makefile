@@ -1,0 +1,46 @@
+# The two commands a newcomer needs are `make demo` and `make test`; the rest are helpers.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: venv serve test unit integration acceptance lint proto demo bench populate clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Run every component of the service in one process (configuration: environment, see README).
+serve: $(STAMP)
+	$(BIN)/financing serve
+
+## Every test: unit, integration (real PostgreSQL and RabbitMQ) and acceptance (the running service).
+test: $(STAMP)
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+unit: $(STAMP)
+	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
+
+integration: $(STAMP)
+	$(BIN)/pytest -q tests/integration $(PYTEST_ARGS)
+
+## Acceptance tests; `make acceptance TARGET=external` runs them against an already running deployment.
+acceptance: $(STAMP)
+	FINANCING_ACCEPTANCE_TARGET=$(TARGET) $(BIN)/pytest -q -m acceptance tests/acceptance $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy
+
+## Regenerate the gRPC messages and stubs from protos/ into src/financing/generated.
+proto: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -I protos \
+		--python_betterproto_out=src/financing/generated protos/financing.proto
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+from financing.entrypoints.cli import main
+
+main()

@@ -1,0 +1,181 @@
+"""The read models in the query database (tables created by sql/queries.sql).
+
+Money is NUMERIC, so sums are exact. Each batch is one transaction that first
+records its message ids in `processed_messages` and then projects only the
+events whose id was not there yet: the record and the effect commit together.
+The ordering rules for events that arrive out of order are those of
+`financing.application.read_models`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from decimal import Decimal
+from uuid import UUID
+
+import asyncpg
+
+from financing.adapters.postgres.connection import INFRASTRUCTURE_ERRORS
+from financing.application.read_models import (
+    ADVANCES_FROM,
+    AVAILABLE,
+    InvestorRow,
+    InvoiceRow,
+    IssuerRow,
+    ReadModelsUnavailable,
+    investor_change,
+    invoice_advance,
+)
+from financing.domain import events as ev
+from financing.domain.events import Bid, DomainEvent
+
+DEFAULT_SCHEMA = "read_models"
+
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+def quoted_schema(schema: str) -> str:
+    """`schema` as a quoted SQL identifier; only plain lowercase names are accepted."""
+    if not _SCHEMA_NAME.fullmatch(schema):
+        raise ValueError(f"invalid schema name {schema!r}")
+    return f'"{schema}"'
+
+
+async def create_tables(conn: asyncpg.Connection, schema: str) -> None:
+    """Create the read-model tables in `schema` (the function sql/queries.sql defines)."""
+    quoted_schema(schema)
+    await conn.execute("SELECT public.financing_create_read_models($1)", schema)
+
+
+class PostgresReadModels:
+    """`ReadModelStore` on PostgreSQL; `schema` must have been created (migrate "queries")."""
+
+    def __init__(self, pool: asyncpg.Pool, schema: str = DEFAULT_SCHEMA) -> None:
+        self._pool = pool
+        self.schema = schema
+        s = quoted_schema(schema)
+        self._record_sql = (
+            f"INSERT INTO {s}.processed_messages (message_id) SELECT unnest($1::text[])"
+            " ON CONFLICT DO NOTHING RETURNING message_id"
+        )
+        self._issuer_sql = f"INSERT INTO {s}.issuers (id) VALUES ($1) ON CONFLICT DO NOTHING"
+        self._investor_sql = f"INSERT INTO {s}.investors (id) VALUES ($1) ON CONFLICT DO NOTHING"
+        self._investor_change_sql = (
+            f"INSERT INTO {s}.investors AS i (id, balance, reserved, committed)"
+            " VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO UPDATE SET"
+            " balance = i.balance + excluded.balance,"
+            " reserved = i.reserved + excluded.reserved,"
+            " committed = i.committed + excluded.committed"
+        )
+        self._invoice_sql = (
+            f"INSERT INTO {s}.invoices AS i (id, issuer_id, asking_price, status)"
+            f" VALUES ($1, $2, $3, '{AVAILABLE}') ON CONFLICT (id) DO UPDATE SET"
+            " issuer_id = excluded.issuer_id, asking_price = excluded.asking_price"
+            " WHERE i.issuer_id IS NULL"
+        )
+        self._invoice_advance_sql = (
+            f"INSERT INTO {s}.invoices AS i"
+            " (id, asking_price, status, winning_investor_id, winning_amount)"
+            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO UPDATE SET"
+            " status = excluded.status,"
+            " winning_investor_id = coalesce(i.winning_investor_id, excluded.winning_investor_id),"
+            " winning_amount = coalesce(i.winning_amount, excluded.winning_amount)"
+            " WHERE i.status = ANY($6::text[])"
+        )
+        self._investors_sql = (
+            f"SELECT id, balance, reserved, committed FROM {s}.investors ORDER BY created"
+        )
+        self._invoices_sql = (
+            "SELECT id, issuer_id, asking_price, status, winning_investor_id, winning_amount"
+            f" FROM {s}.invoices WHERE issuer_id IS NOT NULL ORDER BY created"
+        )
+        self._issuers_sql = f"SELECT id FROM {s}.issuers ORDER BY created"
+
+    async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> None:
+        if not batch:
+            return
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                # Recorded first: a concurrent writer of the same ids waits here
+                # until this transaction ends, then skips them.
+                fresh = {
+                    row["message_id"]
+                    for row in await conn.fetch(
+                        self._record_sql, [message_id for message_id, _ in batch]
+                    )
+                }
+                for message_id, event in batch:
+                    if message_id in fresh:
+                        fresh.discard(message_id)  # a duplicate later in the batch is skipped
+                        await self._project(conn, event)
+        except INFRASTRUCTURE_ERRORS as exc:
+            raise ReadModelsUnavailable(f"query database: {exc!r}") from exc
+
+    async def _project(self, conn: asyncpg.Connection, event: DomainEvent) -> None:
+        match event:
+            case ev.IssuerCreatedEvent(issuer_id=issuer):
+                await conn.execute(self._issuer_sql, issuer)
+            case ev.InvestorCreatedEvent(investor_id=investor):
+                await conn.execute(self._investor_sql, investor)
+            case ev.InvoiceCreatedEvent(invoice_id=invoice, issuer_id=issuer, asking_price=price):
+                await conn.execute(self._invoice_sql, invoice, issuer, price)
+            case _:
+                if (change := investor_change(event)) is not None:
+                    await conn.execute(
+                        self._investor_change_sql,
+                        change.investor_id,
+                        change.balance,
+                        change.reserved,
+                        change.committed,
+                    )
+                elif (advance := invoice_advance(event)) is not None:
+                    await conn.execute(
+                        self._invoice_advance_sql,
+                        advance.invoice_id,
+                        advance.price,
+                        advance.status,
+                        advance.bid.investor_id,
+                        advance.bid.amount,
+                        sorted(ADVANCES_FROM[advance.status]),
+                    )
+
+    async def investors(self) -> list[InvestorRow]:
+        return [
+            InvestorRow(_uuid(r["id"]), r["balance"], r["reserved"], r["committed"])
+            for r in await self._fetch(self._investors_sql)
+        ]
+
+    async def invoices(self) -> list[InvoiceRow]:
+        return [
+            InvoiceRow(
+                id=_uuid(r["id"]),
+                issuer_id=_uuid(r["issuer_id"]),
+                asking_price=r["asking_price"],
+                status=r["status"],
+                winning_bid=_bid(r["winning_investor_id"], r["winning_amount"]),
+            )
+            for r in await self._fetch(self._invoices_sql)
+        ]
+
+    async def issuers(self) -> list[IssuerRow]:
+        return [IssuerRow(_uuid(r["id"])) for r in await self._fetch(self._issuers_sql)]
+
+    async def _fetch(self, sql: str) -> list[asyncpg.Record]:
+        try:
+            async with self._pool.acquire() as conn:
+                rows: list[asyncpg.Record] = await conn.fetch(sql)
+                return rows
+        except INFRASTRUCTURE_ERRORS as exc:
+            raise ReadModelsUnavailable(f"query database: {exc!r}") from exc
+
+
+def _uuid(value: UUID) -> UUID:
+    # asyncpg returns its own UUID subclass; rows hold plain uuid.UUID values.
+    return UUID(bytes=value.bytes)
+
+
+def _bid(investor_id: UUID | None, amount: Decimal | None) -> Bid | None:
+    if investor_id is None or amount is None:
+        return None
+    return Bid(investor_id=_uuid(investor_id), amount=amount)

@@ -1,0 +1,86 @@
+"""Schema migrations: each `sql/<name>.sql` file is applied at start-up, once per version.
+
+A file is divided into sections headed `-- version: N` (N increasing). Each
+section runs once, in order, and is recorded in `schema_migrations(name,
+version)` in the same transaction; a file without headers is one section,
+version 1. The schema changes by appending a section, never by editing an
+applied one.
+
+Several instances may start at once: the whole migration runs in one
+transaction under a transaction-scoped advisory lock, so the others wait, then
+see the recorded versions and apply nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+
+import asyncpg
+
+from financing.adapters.postgres.connection import Connection
+
+# Advisory lock key serialising migrations within one database ("fin-schm").
+MIGRATION_LOCK = 0x66696E2D7363686D
+
+_NAME = re.compile(r"[a-z][a-z0-9_]*")
+_HEADER = re.compile(r"^--[ \t]*version:[ \t]*(\d+)[ \t]*$", re.MULTILINE)
+
+
+def sections(name: str) -> list[tuple[int, str]]:
+    """The versioned sections of `sql/<name>.sql`, read from the installed package."""
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"invalid migration name {name!r}")
+    text = (
+        resources.files("financing.adapters.postgres")
+        .joinpath("sql", f"{name}.sql")
+        .read_text(encoding="utf-8")
+    )
+    parts = _HEADER.split(text)
+    if len(parts) == 1:
+        return [(1, text)]
+    found = [(int(version), sql) for version, sql in zip(parts[1::2], parts[2::2], strict=True)]
+    versions = [version for version, _ in found]
+    if versions != sorted(set(versions)):
+        raise ValueError(f"sql/{name}.sql: versions must increase, got {versions}")
+    return found
+
+
+async def migrate(pool_or_conn: asyncpg.Pool | Connection, name: str) -> None:
+    """Bring the schema of `sql/<name>.sql` up to date; safe to run concurrently."""
+    pending = sections(name)
+    if isinstance(pool_or_conn, asyncpg.Pool):
+        async with pool_or_conn.acquire() as conn:
+            await _apply(conn, name, pending)
+    else:
+        await _apply(pool_or_conn, name, pending)
+
+
+async def _apply(conn: Connection, name: str, pending: list[tuple[int, str]]) -> None:
+    async with conn.transaction():
+        # First statement of the transaction: under READ COMMITTED every later
+        # statement sees what the previous lock holder committed.
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        await conn.execute(
+            """
+            CREATE TABLE IF NOT EXISTS schema_migrations (
+                name       text        NOT NULL,
+                version    integer     NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now(),
+                PRIMARY KEY (name, version)
+            )
+            """
+        )
+        applied = {
+            row["version"]
+            for row in await conn.fetch(
+                "SELECT version FROM schema_migrations WHERE name = $1", name
+            )
+        }
+        for version, sql in pending:
+            if version in applied:
+                continue
+            await conn.execute(sql)  # no arguments: simple protocol, several statements
+            await conn.execute(
+                "INSERT INTO schema_migrations (name, version) VALUES ($1, $2)", name, version
+            )

@@ -1,0 +1,50 @@
+-- Event store of the command side (see schema.py for how sections are applied).
+
+-- version: 1
+
+-- Every event ever recorded. `position` is handed out at insert time, so it
+-- may become visible out of commit order; `transaction_id`, the inserting
+-- transaction's id, lets readers wait for transactions still in flight and
+-- orders events so that causes come before effects (event_store.py, outbox.py).
+CREATE TABLE events (
+    position       bigserial   PRIMARY KEY,
+    transaction_id xid8        NOT NULL DEFAULT pg_current_xact_id(),
+    aggregate_type text        NOT NULL,
+    aggregate_id   uuid        NOT NULL,
+    version        integer     NOT NULL CHECK (version > 0),
+    name           text        NOT NULL,
+    -- json, not jsonb: keeps the exact text that was encoded, which is what is relayed.
+    body           json        NOT NULL,
+    recorded_at    timestamptz NOT NULL DEFAULT now(),
+    -- Optimistic concurrency: two writers appending the same version cannot both commit.
+    CONSTRAINT events_stream_version UNIQUE (aggregate_id, version)
+);
+
+CREATE INDEX events_commit_order ON events (transaction_id, position);
+
+-- The state of an aggregate after `version` events, so that loading replays
+-- only the events after it. Money is stored as strings: exact.
+CREATE TABLE snapshots (
+    aggregate_id   uuid        PRIMARY KEY,
+    aggregate_type text        NOT NULL,
+    version        integer     NOT NULL CHECK (version > 0),
+    state          jsonb       NOT NULL,
+    taken_at       timestamptz NOT NULL DEFAULT now()
+);
+
+-- Messages whose effects are committed, per consumer: recorded in the same
+-- transaction as the effects, so a redelivered message changes nothing.
+CREATE TABLE processed_messages (
+    consumer     text        NOT NULL,
+    message_id   text        NOT NULL,
+    processed_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (consumer, message_id)
+);
+
+-- How far each relayer has published, in (transaction_id, position) order.
+CREATE TABLE relay_checkpoints (
+    name           text        PRIMARY KEY,
+    transaction_id xid8        NOT NULL,
+    position       bigint      NOT NULL,
+    updated_at     timestamptz NOT NULL DEFAULT now()
+);

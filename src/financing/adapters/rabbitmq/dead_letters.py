@@ -1,0 +1,167 @@
+"""Dead letters: messages that cannot be processed, kept with their reason.
+
+A message is dead-lettered by publishing a copy (confirmed) to our own durable
+queue with the reason and the source queue as string headers, and only then
+acking the original (contract.md section 2, "Queue arguments"): no queue
+arguments are needed on the reference's queues, and the reason is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+
+from financing.adapters.rabbitmq.envelopes import MESSAGE_UUID_HEADER, NAME_HEADER, header_text
+from financing.adapters.rabbitmq.publisher import Publisher
+from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE, declare_dead_letter_queue
+
+REASON_HEADER = "x-death-reason"
+SOURCE_QUEUE_HEADER = "x-source-queue"
+DEAD_LETTERED_AT_HEADER = "x-dead-lettered-at"
+DEAD_LETTER_HEADERS = frozenset({REASON_HEADER, SOURCE_QUEUE_HEADER, DEAD_LETTERED_AT_HEADER})
+
+# Headers must fit in one frame; an exception text can be arbitrarily long.
+MAX_REASON_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    message_id: str
+    name: str
+    source_queue: str
+    reason: str
+    headers: Mapping[str, str]  # the original headers, as strings
+    body: bytes
+    dead_lettered_at: str = field(default="")
+
+
+class DeadLetters:
+    def __init__(self, publisher: Publisher) -> None:
+        self._publisher = publisher
+        self._declared = False
+
+    async def send(
+        self, message: AbstractIncomingMessage, *, reason: str, source_queue: str
+    ) -> None:
+        """Keep a copy of `message` with its reason; raises PublishFailed if not confirmed.
+
+        The caller acks the original only after this returned.
+        """
+        if not self._declared:
+            await declare_dead_letter_queue(self._publisher.channel)
+            self._declared = True
+        headers: dict[str, str] = {
+            key: header_text(value)
+            for key, value in (message.headers or {}).items()
+            if key not in DEAD_LETTER_HEADERS
+        }
+        if len(reason) > MAX_REASON_CHARS:
+            reason = reason[: MAX_REASON_CHARS - 3] + "..."
+        headers[REASON_HEADER] = reason
+        headers[SOURCE_QUEUE_HEADER] = source_queue
+        headers[DEAD_LETTERED_AT_HEADER] = datetime.now(UTC).isoformat()
+        copy = aio_pika.Message(
+            body=bytes(message.body),
+            headers=dict(headers),
+            message_id=message.message_id or headers.get(MESSAGE_UUID_HEADER),
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            correlation_id=message.correlation_id,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        await self._publisher.send_message_to_queue(DEAD_LETTER_QUEUE, copy)
+
+
+def _is_dead_letter_header(key: str) -> bool:
+    # `x-death` (and any `x-death-*`) is the broker's own dead-lettering record.
+    return key in DEAD_LETTER_HEADERS or key == "x-death" or key.startswith("x-death-")
+
+
+def _dead_letter(message: AbstractIncomingMessage) -> DeadLetter:
+    raw = message.headers or {}
+    headers = {
+        key: header_text(value) for key, value in raw.items() if not _is_dead_letter_header(key)
+    }
+    return DeadLetter(
+        message_id=headers.get(MESSAGE_UUID_HEADER) or message.message_id or "",
+        name=headers.get(NAME_HEADER, ""),
+        source_queue=header_text(raw.get(SOURCE_QUEUE_HEADER, "")),
+        reason=header_text(raw.get(REASON_HEADER, "")),
+        headers=headers,
+        body=bytes(message.body),
+        dead_lettered_at=header_text(raw.get(DEAD_LETTERED_AT_HEADER, "")),
+    )
+
+
+async def list_dead_letters(
+    connection: AbstractRobustConnection, limit: int = 100
+) -> list[DeadLetter]:
+    """The oldest `limit` dead letters, oldest first; the queue is left unchanged.
+
+    Each is fetched without being acked; closing the channel returns every
+    one of them to the queue in its original position.
+    """
+    letters: list[DeadLetter] = []
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        queue = await declare_dead_letter_queue(channel)
+        while len(letters) < limit:
+            message = await queue.get(no_ack=False, fail=False)
+            if message is None:
+                break
+            letters.append(_dead_letter(message))
+    finally:
+        await channel.close()
+    return letters
+
+
+async def requeue_dead_letters(
+    connection: AbstractRobustConnection,
+    *,
+    source_queue: str | None = None,
+    message_id: str | None = None,
+) -> int:
+    """Send matching dead letters back to their source queue; returns how many.
+
+    Each is republished (confirmed) with its original headers, then acked in
+    the dead-letter queue; the ones that do not match stay where they are.
+    """
+    requeued = 0
+    publisher = await Publisher.open(connection)
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        queue = await declare_dead_letter_queue(channel)
+        # Only what is there now: letters added meanwhile wait for the next run.
+        waiting = queue.declaration_result.message_count or 0
+        for _ in range(waiting):
+            message = await queue.get(no_ack=False, fail=False)
+            if message is None:
+                break
+            letter = _dead_letter(message)
+            if not letter.source_queue:
+                continue
+            if source_queue is not None and letter.source_queue != source_queue:
+                continue
+            if message_id is not None and letter.message_id != message_id:
+                continue
+            original = aio_pika.Message(
+                body=letter.body,
+                headers=dict(letter.headers),
+                message_id=message.message_id,
+                content_type=message.content_type,
+                content_encoding=message.content_encoding,
+                correlation_id=message.correlation_id,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            )
+            await publisher.send_message_to_queue(letter.source_queue, original)
+            await message.ack()
+            requeued += 1
+    finally:
+        # Letters fetched but not requeued go back to the queue, in place.
+        await channel.close()
+        await publisher.close()
+    return requeued

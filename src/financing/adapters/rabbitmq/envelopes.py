@@ -1,0 +1,105 @@
+"""Envelope <-> AMQP message, watermill-compatible (contract.md section 2).
+
+Every header value on the wire is a string. pamqp decodes an AMQP long string
+('S') to `str` when it is valid UTF-8 and leaves it as `bytes` otherwise; any
+other field type (integers, booleans, tables, arrays, byte arrays 'x',
+timestamps, decimals, void) arrives as a non-string Python value and makes the
+message poison, as it does for the reference's consumers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+
+from financing.application.errors import PoisonMessage
+from financing.application.ports import Envelope
+
+MESSAGE_UUID_HEADER = "_watermill_message_uuid"
+NAME_HEADER = "name"
+AGGREGATE_ID_HEADER = "aggregateID"
+CORE_HEADERS = (MESSAGE_UUID_HEADER, NAME_HEADER, AGGREGATE_ID_HEADER)
+CONTENT_TYPE = "application/json"
+
+
+def to_amqp(envelope: Envelope) -> aio_pika.Message:
+    headers: dict[str, str] = {}
+    for key, value in envelope.headers.items():
+        if not isinstance(value, str):
+            raise TypeError(f"header {key!r} must be a string, got {type(value).__name__}")
+        headers[key] = value
+    # The envelope's own fields are authoritative over same-named extra headers.
+    headers[MESSAGE_UUID_HEADER] = envelope.message_id
+    headers[NAME_HEADER] = envelope.name
+    if envelope.aggregate_id:
+        headers[AGGREGATE_ID_HEADER] = envelope.aggregate_id
+    else:
+        headers.pop(AGGREGATE_ID_HEADER, None)
+    return aio_pika.Message(
+        body=envelope.body,
+        headers=dict(headers),
+        message_id=envelope.message_id,
+        content_type=CONTENT_TYPE,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+
+
+def from_amqp(message: AbstractIncomingMessage) -> Envelope:
+    """The envelope of a delivered message; PoisonMessage names what is wrong."""
+    headers = string_headers(message.headers)
+    message_id = headers.pop(MESSAGE_UUID_HEADER, "")
+    if not message_id:
+        raise PoisonMessage(f"missing or empty header {MESSAGE_UUID_HEADER}")
+    name = headers.pop(NAME_HEADER, "")
+    if not name:
+        raise PoisonMessage(f"missing or empty header {NAME_HEADER}")
+    aggregate_id = headers.pop(AGGREGATE_ID_HEADER, "") or None
+    return Envelope(
+        message_id=message_id,
+        name=name,
+        body=bytes(message.body),
+        aggregate_id=aggregate_id,
+        headers=headers,
+    )
+
+
+def string_headers(headers: Mapping[str, Any] | None) -> dict[str, str]:
+    """The headers as strings; PoisonMessage when any value is not a string."""
+    result: dict[str, str] = {}
+    for key, value in (headers or {}).items():
+        if isinstance(value, str):
+            result[key] = value
+        elif isinstance(value, bytes):
+            try:
+                result[key] = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise PoisonMessage(f"header {key!r} is not valid UTF-8") from None
+        else:
+            raise PoisonMessage(
+                f"header {key!r} is not a string but {type(value).__name__}: {_preview(value)}"
+            )
+    return result
+
+
+def header_text(value: Any) -> str:
+    """Any header value as a string, for copies kept for inspection (dead letters)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", errors="replace")
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return ""
+    if isinstance(value, Mapping | list):
+        return json.dumps(value, default=header_text)
+    return str(value)
+
+
+def _preview(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

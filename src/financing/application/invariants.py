@@ -1,0 +1,205 @@
+"""The invariant checker: recompute every investor and invoice from the events alone.
+
+Checks what must hold whatever failed and whenever:
+- no investor's balance or reserved is ever negative, and funds are conserved
+  (balance + reserved + committed = funds added);
+- each invoice has at most one winning bid, which covers its asking price;
+- every placed bid got exactly one answer from its invoice (financed or rejected);
+- every saga step happened exactly once: each rejection released the whole bid,
+  each financing released the excess, each approval committed the sold price,
+  each reversal released it (compared as multisets of amounts per investor);
+- an investor's reserved funds equal the asking prices of the invoices it won
+  and that are still financed.
+Saga steps still under way are reported as "in flight"; a settled system has none.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from uuid import UUID
+
+from financing.domain import events as ev
+from financing.domain.aggregates import Investor, Invoice, InvoiceStatus
+from financing.domain.money import ZERO
+
+
+@dataclass
+class Report:
+    events: int = 0
+    investors: int = 0
+    invoices: int = 0
+    violations: list[str] = field(default_factory=list)
+    in_flight: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations and not self.in_flight
+
+    def lines(self) -> list[str]:
+        out = [
+            f"events checked: {self.events}",
+            f"investors: {self.investors}, invoices: {self.invoices}",
+            f"violations: {len(self.violations)}",
+        ]
+        out += [f"  VIOLATION {line}" for line in self.violations]
+        out.append(f"saga steps in flight: {len(self.in_flight)}")
+        out += [f"  in flight {line}" for line in self.in_flight]
+        return out
+
+
+@dataclass
+class _Expected:
+    """What the saga owes one investor, as multisets of amounts."""
+
+    releases: Counter[Decimal] = field(default_factory=Counter)
+    commits: Counter[Decimal] = field(default_factory=Counter)
+
+
+def check(events: Iterable[ev.DomainEvent]) -> Report:
+    """Check the invariants over every event of the store, in commit order."""
+    report = Report()
+    investors: dict[UUID, Investor] = {}
+    invoices: dict[UUID, Invoice] = {}
+    funds_added: defaultdict[UUID, Decimal] = defaultdict(Decimal)
+    bids_placed: Counter[tuple[UUID, UUID, Decimal]] = Counter()
+    bids_answered: Counter[tuple[UUID, UUID, Decimal]] = Counter()
+    releases: dict[UUID, Counter[Decimal]] = {}
+    commits: dict[UUID, Counter[Decimal]] = {}
+    owed: dict[UUID, _Expected] = {}
+    wins: Counter[UUID] = Counter()
+
+    for event in events:
+        report.events += 1
+        if isinstance(event, ev.InvestorEvent):
+            investor = investors.setdefault(event.investor_id, Investor(event.investor_id))
+            investor.apply(event)
+            if investor.balance < ZERO or investor.reserved < ZERO:
+                report.violations.append(
+                    f"investor {investor.id} went negative at version {investor.version}: "
+                    f"balance {investor.balance}, reserved {investor.reserved}"
+                )
+            match event:
+                case ev.InvestorFundsAddedEvent(amount=amount) if amount > ZERO:
+                    funds_added[event.investor_id] += amount
+                case ev.BidOnInvoicePlacedEvent(invoice_id=invoice_id, bid_amount=amount):
+                    bids_placed[(event.investor_id, invoice_id, amount)] += 1
+                case ev.InvestorFundsReleasedEvent(amount=amount) if amount > ZERO:
+                    releases.setdefault(event.investor_id, Counter())[amount] += 1
+                case ev.InvestorFundsCommittedEvent(amount=amount) if amount > ZERO:
+                    commits.setdefault(event.investor_id, Counter())[amount] += 1
+        elif isinstance(event, ev.InvoiceEvent):
+            invoice = invoices.setdefault(event.invoice_id, Invoice(event.invoice_id))
+            invoice.apply(event)
+            _owe(event, invoice, owed, bids_answered, wins, report)
+
+    report.investors = len(investors)
+    report.invoices = len(invoices)
+    for invoice_id, count in wins.items():
+        if count > 1:
+            report.violations.append(f"invoice {invoice_id} has {count} winning bids")
+    for bid, placed in bids_placed.items():
+        answered = bids_answered[bid]
+        if answered > placed:
+            report.violations.append(f"bid {_bid(bid)} answered {answered} times, placed {placed}")
+        elif answered < placed:
+            report.in_flight.append(f"bid {_bid(bid)} not yet answered by its invoice")
+    for bid, answered in bids_answered.items():
+        if bid not in bids_placed:
+            report.violations.append(f"bid {_bid(bid)} answered {answered} times, never placed")
+    for investor_id, investor in investors.items():
+        _check_investor(investor, funds_added[investor_id], report)
+        expected = owed.get(investor_id, _Expected())
+        released = releases.get(investor_id, Counter())
+        committed = commits.get(investor_id, Counter())
+        _compare(investor_id, "released", expected.releases, released, report)
+        _compare(investor_id, "committed", expected.commits, committed, report)
+    for investor_id in owed.keys() - investors.keys():
+        report.violations.append(f"investor {investor_id} is owed saga steps but has no events")
+    if not report.in_flight:
+        _check_reservations(investors, invoices, report)
+    return report
+
+
+def _owe(
+    event: ev.InvoiceEvent,
+    invoice: Invoice,
+    owed: dict[UUID, _Expected],
+    bids_answered: Counter[tuple[UUID, UUID, Decimal]],
+    wins: Counter[UUID],
+    report: Report,
+) -> None:
+    match event:
+        case ev.InvoiceFinancedEvent(asking_price=price, bid=bid):
+            bids_answered[(bid.investor_id, event.invoice_id, bid.amount)] += 1
+            wins[event.invoice_id] += 1
+            if bid.amount < price:
+                report.violations.append(
+                    f"invoice {event.invoice_id} financed by bid {bid.amount} "
+                    f"below its price {price}"
+                )
+            excess = bid.amount - price
+            if excess > ZERO:
+                owed.setdefault(bid.investor_id, _Expected()).releases[excess] += 1
+        case ev.BidOnInvoiceRejectedEvent(bid=bid):
+            bids_answered[(bid.investor_id, event.invoice_id, bid.amount)] += 1
+            owed.setdefault(bid.investor_id, _Expected()).releases[bid.amount] += 1
+        case ev.InvoiceApprovedEvent(sold_price=price, bid=bid):
+            owed.setdefault(bid.investor_id, _Expected()).commits[price] += 1
+        case ev.InvoiceReversedEvent(sold_price=price, bid=bid):
+            owed.setdefault(bid.investor_id, _Expected()).releases[price] += 1
+    if invoice.status is not InvoiceStatus.AVAILABLE and invoice.winning_bid is None:
+        report.violations.append(f"invoice {invoice.id} is {invoice.status.value} without a winner")
+
+
+def _check_investor(investor: Investor, added: Decimal, report: Report) -> None:
+    total = investor.balance + investor.reserved + investor.committed
+    if total != added:
+        report.violations.append(
+            f"investor {investor.id} holds {total} (balance {investor.balance}, reserved "
+            f"{investor.reserved}, committed {investor.committed}) but was given {added}"
+        )
+
+
+def _compare(
+    investor_id: UUID,
+    what: str,
+    expected: Counter[Decimal],
+    actual: Counter[Decimal],
+    report: Report,
+) -> None:
+    missing = expected - actual
+    extra = actual - expected
+    if extra:
+        report.violations.append(
+            f"investor {investor_id} {what} more than the saga owes: {_amounts(extra)}"
+        )
+    if missing:
+        report.in_flight.append(f"investor {investor_id} not yet {what}: {_amounts(missing)}")
+
+
+def _check_reservations(
+    investors: dict[UUID, Investor], invoices: dict[UUID, Invoice], report: Report
+) -> None:
+    expected: defaultdict[UUID, Decimal] = defaultdict(Decimal)
+    for invoice in invoices.values():
+        if invoice.status is InvoiceStatus.FINANCED and invoice.winning_bid is not None:
+            expected[invoice.winning_bid.investor_id] += invoice.asking_price
+    for investor in investors.values():
+        want = expected[investor.id]
+        if investor.reserved != want:
+            report.violations.append(
+                f"investor {investor.id} reserves {investor.reserved} but its open winning "
+                f"bids come to {want}"
+            )
+
+
+def _bid(bid: tuple[UUID, UUID, Decimal]) -> str:
+    investor, invoice, amount = bid
+    return f"of {amount} by investor {investor} on invoice {invoice}"
+
+
+def _amounts(amounts: Counter[Decimal]) -> str:
+    return ", ".join(f"{amount} x{count}" for amount, count in sorted(amounts.items()))

@@ -1,0 +1,226 @@
+"""The read side: what the Queries server lists, and the port that keeps it.
+
+The projector folds domain events into three read models (investors, invoices,
+issuers). Every implementation of `ReadModelStore` follows the same rules,
+checked by one contract test suite:
+
+- A batch is applied atomically, and a message id already applied changes
+  nothing, so redelivered events are harmless.
+- Amounts <= 0 change nothing; `BidOnInvoiceRejectedEvent` changes no row.
+- Lists come in creation order: the order in which rows were first projected.
+
+Events normally arrive in commit order, but a foreign publisher on the
+`events` exchange may deliver them out of order. Rather than crash or drop
+information, the projection does not depend on order:
+
+- An investor event for an unknown investor creates the row at zero before
+  applying its amounts (additions commute, so the balances end up right);
+  a late `InvestorCreatedEvent` then changes nothing.
+- An invoice event for an unknown invoice creates a row from what the event
+  carries (its price, status and bid). The issuer is only known from
+  `InvoiceCreatedEvent`, so the invoice is not listed until that arrives,
+  and a late `InvoiceCreatedEvent` fills in the issuer without resetting the
+  status. Status only moves forward (AVAILABLE -> FINANCED -> APPROVED or
+  REVERSED), so a stale event never undoes a later one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from decimal import Decimal
+from typing import Protocol
+from uuid import UUID
+
+from financing.domain import events as ev
+from financing.domain.events import Bid, DomainEvent
+from financing.domain.money import ZERO
+
+AVAILABLE = "AVAILABLE"
+FINANCED = "FINANCED"
+APPROVED = "APPROVED"
+REVERSED = "REVERSED"
+INVOICE_STATUSES = (AVAILABLE, FINANCED, APPROVED, REVERSED)
+
+# Which statuses each invoice event may move an invoice out of (forward only).
+ADVANCES_FROM: dict[str, frozenset[str]] = {
+    FINANCED: frozenset({AVAILABLE}),
+    APPROVED: frozenset({AVAILABLE, FINANCED}),
+    REVERSED: frozenset({AVAILABLE, FINANCED}),
+}
+
+# The events the read models are built from; any other message is ignored.
+PROJECTED_EVENTS: frozenset[str] = frozenset(cls.name() for cls in ev.EVENT_TYPES)
+
+
+@dataclass(frozen=True)
+class InvestorRow:
+    id: UUID
+    balance: Decimal
+    reserved: Decimal
+    committed: Decimal
+
+
+@dataclass(frozen=True)
+class InvoiceRow:
+    id: UUID
+    issuer_id: UUID
+    asking_price: Decimal
+    status: str  # one of INVOICE_STATUSES
+    winning_bid: Bid | None
+
+
+@dataclass(frozen=True)
+class IssuerRow:
+    id: UUID
+
+
+class ReadModelsUnavailable(Exception):
+    """The read-model storage cannot be reached: transient, retry later."""
+
+
+class ReadModelStore(Protocol):
+    async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> None:
+        """Project (message id, event) pairs in order, all in one transaction.
+
+        A message id already applied, in an earlier batch or earlier in this
+        one, changes nothing. Raises ReadModelsUnavailable when the storage
+        is down; nothing of the batch is applied then.
+        """
+        ...
+
+    async def investors(self) -> list[InvestorRow]:
+        """Every investor, in creation order."""
+        ...
+
+    async def invoices(self) -> list[InvoiceRow]:
+        """Every invoice whose creation was projected, in creation order."""
+        ...
+
+    async def issuers(self) -> list[IssuerRow]:
+        """Every issuer, in creation order."""
+        ...
+
+
+@dataclass(frozen=True)
+class InvestorChange:
+    """What an investor event does to the investor's amounts."""
+
+    investor_id: UUID
+    balance: Decimal
+    reserved: Decimal
+    committed: Decimal
+
+
+def investor_change(event: DomainEvent) -> InvestorChange | None:
+    """The amounts an investor event moves; None when it moves nothing."""
+    match event:
+        case ev.InvestorFundsAddedEvent(investor_id=investor, amount=a) if a > ZERO:
+            return InvestorChange(investor, a, ZERO, ZERO)
+        case ev.BidOnInvoicePlacedEvent(investor_id=investor, bid_amount=a) if a > ZERO:
+            return InvestorChange(investor, -a, a, ZERO)
+        case ev.InvestorFundsReleasedEvent(investor_id=investor, amount=a) if a > ZERO:
+            return InvestorChange(investor, a, -a, ZERO)
+        case ev.InvestorFundsCommittedEvent(investor_id=investor, amount=a) if a > ZERO:
+            return InvestorChange(investor, ZERO, -a, a)
+    return None
+
+
+@dataclass(frozen=True)
+class InvoiceAdvance:
+    """An invoice event that moves the invoice's status forward."""
+
+    invoice_id: UUID
+    status: str
+    price: Decimal  # the price the event carries, for an invoice not seen yet
+    bid: Bid
+
+
+def invoice_advance(event: DomainEvent) -> InvoiceAdvance | None:
+    match event:
+        case ev.InvoiceFinancedEvent(invoice_id=invoice, asking_price=price, bid=bid):
+            return InvoiceAdvance(invoice, FINANCED, price, bid)
+        case ev.InvoiceApprovedEvent(invoice_id=invoice, sold_price=price, bid=bid):
+            return InvoiceAdvance(invoice, APPROVED, price, bid)
+        case ev.InvoiceReversedEvent(invoice_id=invoice, sold_price=price, bid=bid):
+            return InvoiceAdvance(invoice, REVERSED, price, bid)
+    return None
+
+
+@dataclass(frozen=True)
+class _Invoice:
+    id: UUID
+    issuer_id: UUID | None  # None until InvoiceCreatedEvent is projected
+    asking_price: Decimal
+    status: str
+    winning_bid: Bid | None
+
+
+class InMemoryReadModels:
+    """The read models in dictionaries (insertion order is creation order)."""
+
+    def __init__(self) -> None:
+        self._investors: dict[UUID, InvestorRow] = {}
+        self._invoices: dict[UUID, _Invoice] = {}
+        self._issuers: dict[UUID, IssuerRow] = {}
+        self._processed: set[str] = set()
+
+    async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> None:
+        for message_id, event in batch:
+            if message_id in self._processed:
+                continue
+            self._processed.add(message_id)
+            self._project(event)
+
+    def _project(self, event: DomainEvent) -> None:
+        match event:
+            case ev.IssuerCreatedEvent(issuer_id=issuer):
+                self._issuers.setdefault(issuer, IssuerRow(issuer))
+            case ev.InvestorCreatedEvent(investor_id=investor):
+                self._investors.setdefault(investor, InvestorRow(investor, ZERO, ZERO, ZERO))
+            case ev.InvoiceCreatedEvent(invoice_id=invoice, issuer_id=issuer, asking_price=price):
+                known = self._invoices.get(invoice)
+                if known is None:
+                    self._invoices[invoice] = _Invoice(invoice, issuer, price, AVAILABLE, None)
+                elif known.issuer_id is None:
+                    self._invoices[invoice] = replace(known, issuer_id=issuer, asking_price=price)
+            case _:
+                if (change := investor_change(event)) is not None:
+                    self._change_investor(change)
+                elif (advance := invoice_advance(event)) is not None:
+                    self._advance_invoice(advance)
+
+    def _change_investor(self, change: InvestorChange) -> None:
+        row = self._investors.get(change.investor_id) or InvestorRow(
+            change.investor_id, ZERO, ZERO, ZERO
+        )
+        self._investors[change.investor_id] = InvestorRow(
+            row.id,
+            row.balance + change.balance,
+            row.reserved + change.reserved,
+            row.committed + change.committed,
+        )
+
+    def _advance_invoice(self, advance: InvoiceAdvance) -> None:
+        known = self._invoices.get(advance.invoice_id)
+        if known is None:
+            self._invoices[advance.invoice_id] = _Invoice(
+                advance.invoice_id, None, advance.price, advance.status, advance.bid
+            )
+        elif known.status in ADVANCES_FROM[advance.status]:
+            self._invoices[advance.invoice_id] = replace(
+                known, status=advance.status, winning_bid=known.winning_bid or advance.bid
+            )
+
+    async def investors(self) -> list[InvestorRow]:
+        return list(self._investors.values())
+
+    async def invoices(self) -> list[InvoiceRow]:
+        return [
+            InvoiceRow(i.id, i.issuer_id, i.asking_price, i.status, i.winning_bid)
+            for i in self._invoices.values()
+            if i.issuer_id is not None
+        ]
+
+    async def issuers(self) -> list[IssuerRow]:
+        return list(self._issuers.values())

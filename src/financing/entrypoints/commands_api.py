@@ -1,0 +1,156 @@
+"""The Commands gRPC listener: validate, assign ids, enqueue, answer once confirmed.
+
+OK means the command is durably queued (the broker confirmed it), not that it
+was applied: outcomes are learnt from events and read models. Invalid input is
+answered INVALID_ARGUMENT naming the field and nothing is enqueued; when the
+broker cannot take the command, the answer is UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from decimal import Decimal
+from uuid import UUID, uuid4
+
+import betterproto
+from betterproto.lib.google.protobuf import Empty
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from financing.application.messages import (
+    ApproveFinancing,
+    BidOnInvoice,
+    Command,
+    ReverseFinancing,
+    SellInvoice,
+)
+from financing.application.ports import CommandSender
+from financing.domain.money import InvalidAmount, positive_amount
+from financing.generated import (
+    ApproveFinancingCommand,
+    BidOnInvoiceCommand,
+    CommandsBase,
+    Money,
+    ReverseFinancingCommand,
+    SellInvoiceCommand,
+    Uuid,
+)
+from financing.logging import get_logger
+
+log = get_logger(__name__)
+
+# How long a call may keep trying to enqueue before it answers UNAVAILABLE.
+ENQUEUE_BUDGET_SECONDS = 5.0
+
+
+def invalid(field: str, problem: str) -> GRPCError:
+    return GRPCError(Status.INVALID_ARGUMENT, f"{field}: {problem}")
+
+
+def parse_uuid(value: Uuid, field: str) -> UUID:
+    if not betterproto.serialized_on_wire(value) or not value.value:
+        raise invalid(field, "is required")
+    try:
+        return UUID(value.value)
+    except ValueError:
+        raise invalid(field, f"{value.value[:64]!r} is not a UUID") from None
+
+
+def parse_money(value: Money, field: str) -> Decimal:
+    if not betterproto.serialized_on_wire(value):
+        raise invalid(field, "is required")
+    try:
+        return positive_amount(value.amount)
+    except InvalidAmount as exc:
+        raise invalid(field, f"amount {exc}") from None
+
+
+class CommandsService(CommandsBase):
+    def __init__(
+        self,
+        sender: CommandSender,
+        *,
+        new_id: Callable[[], UUID] = uuid4,
+        budget: float = ENQUEUE_BUDGET_SECONDS,
+    ) -> None:
+        self._sender = sender
+        self._new_id = new_id
+        self._budget = budget
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._draining = False
+
+    async def drain(self, grace: float) -> None:
+        """Refuse new calls and wait (bounded) for the ones in flight to finish."""
+        self._draining = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self._idle.wait()
+
+    async def sell_invoice(self, sell_invoice_command: SellInvoiceCommand) -> Uuid:
+        issuer_id = parse_uuid(sell_invoice_command.issuer_id, "issuer_id")
+        asking_price = parse_money(sell_invoice_command.asking_price, "asking_price")
+        invoice_id = self._new_id()
+        await self._enqueue(SellInvoice(invoice_id, issuer_id, asking_price))
+        return Uuid(value=str(invoice_id))
+
+    async def bid_on_invoice(self, bid_on_invoice_command: BidOnInvoiceCommand) -> Empty:
+        investor_id = parse_uuid(bid_on_invoice_command.investor_id, "investor_id")
+        invoice_id = parse_uuid(bid_on_invoice_command.invoice_id, "invoice_id")
+        bid = parse_money(bid_on_invoice_command.bid, "bid")
+        await self._enqueue(BidOnInvoice(investor_id, invoice_id, bid))
+        return Empty()
+
+    async def approve_financing(self, approve_financing_command: ApproveFinancingCommand) -> Empty:
+        invoice_id = parse_uuid(approve_financing_command.invoice_id, "invoice_id")
+        await self._enqueue(ApproveFinancing(invoice_id))
+        return Empty()
+
+    async def reverse_financing(self, reverse_financing_command: ReverseFinancingCommand) -> Empty:
+        invoice_id = parse_uuid(reverse_financing_command.invoice_id, "invoice_id")
+        await self._enqueue(ReverseFinancing(invoice_id))
+        return Empty()
+
+    async def _enqueue(self, command: Command) -> None:
+        if self._draining:
+            raise GRPCError(Status.UNAVAILABLE, "the service is shutting down")
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            await self._send(command)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def _send(self, command: Command) -> None:
+        """Send with retries; the message id is fixed first, so a retry that
+        duplicates an enqueue that did go through is deduplicated downstream."""
+        message_id = uuid4()
+        delay = 0.05
+        attempt = 0
+        try:
+            async with asyncio.timeout(self._budget):
+                while True:
+                    attempt += 1
+                    try:
+                        await self._sender.send(command, message_id)
+                        return
+                    except Exception as exc:
+                        log.warning(
+                            "enqueue failed, retrying",
+                            name=command.name(),
+                            message_id=str(message_id),
+                            attempt=attempt,
+                            error=repr(exc),
+                        )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+        except TimeoutError:
+            log.error("enqueue gave up", name=command.name(), message_id=str(message_id))
+            raise GRPCError(
+                Status.UNAVAILABLE, f"{command.name()} could not be queued: broker unavailable"
+            ) from None

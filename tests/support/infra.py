@@ -1,0 +1,90 @@
+"""Per-run PostgreSQL databases and RabbitMQ vhosts, and waiting with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import asyncpg
+
+from financing.config import Database
+
+T = TypeVar("T")
+
+PG_HOST = os.environ.get("FINANCING_TEST_PG_HOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("FINANCING_TEST_PG_PORT", "5432"))
+PG_USER = os.environ.get("FINANCING_TEST_PG_USER", "postgres")
+AMQP_HOST = os.environ.get("FINANCING_TEST_AMQP_HOST", "127.0.0.1")
+AMQP_PORT = int(os.environ.get("FINANCING_TEST_AMQP_PORT", "5672"))
+
+
+def unique_name(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+
+def database(name: str) -> Database:
+    return Database({"host": PG_HOST, "port": PG_PORT, "user": PG_USER, "database": name}, 10)
+
+
+async def _admin() -> asyncpg.Connection:
+    return await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database="postgres")
+
+
+async def create_database(name: str) -> Database:
+    conn = await _admin()
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return database(name)
+
+
+async def drop_database(name: str) -> None:
+    conn = await _admin()
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+def create_vhost(name: str) -> str:
+    """Create a vhost for guest and return its AMQP URL."""
+    _rabbitmqctl("add_vhost", name)
+    _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    return amqp_url(name)
+
+
+def amqp_url(vhost: str) -> str:
+    return f"amqp://guest:guest@{AMQP_HOST}:{AMQP_PORT}/{vhost}"
+
+
+def delete_vhost(name: str) -> None:
+    _rabbitmqctl("delete_vhost", name)
+
+
+async def wait_until(
+    probe: Callable[[], Awaitable[T]],
+    *,
+    timeout: float = 15.0,
+    interval: float = 0.05,
+    what: str = "condition",
+) -> T:
+    """Poll `probe` until it returns a truthy value; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while True:
+        last = await probe()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+        await asyncio.sleep(interval)

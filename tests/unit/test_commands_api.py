@@ -1,0 +1,181 @@
+"""The Commands listener validates, enqueues and answers with the right gRPC status."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from uuid import UUID, uuid4
+
+import pytest
+from grpclib.client import Channel
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+from grpclib.server import Server
+
+from financing.application.messages import (
+    ApproveFinancing,
+    BidOnInvoice,
+    Command,
+    ReverseFinancing,
+    SellInvoice,
+)
+from financing.application.memory import InMemoryCommandSender
+from financing.entrypoints.commands_api import CommandsService
+from financing.generated import (
+    ApproveFinancingCommand,
+    BidOnInvoiceCommand,
+    CommandsStub,
+    Money,
+    ReverseFinancingCommand,
+    SellInvoiceCommand,
+    Uuid,
+)
+
+
+class FlakySender(InMemoryCommandSender):
+    """Fails the first `failures` sends, like a broker that is briefly away."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+        self.attempts: list[UUID] = []
+
+    async def send(self, command: Command, message_id: UUID) -> None:
+        self.attempts.append(message_id)
+        if len(self.attempts) <= self.failures:
+            raise ConnectionError("broker unreachable")
+        await super().send(command, message_id)
+
+
+async def _serve(service: CommandsService) -> tuple[Server, Channel]:
+    server = Server([service])
+    await server.start("127.0.0.1", 0)
+    port = server._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return server, Channel("127.0.0.1", port)
+
+
+@pytest.fixture
+async def sender() -> InMemoryCommandSender:
+    return InMemoryCommandSender()
+
+
+@pytest.fixture
+async def commands(sender: InMemoryCommandSender) -> AsyncIterator[CommandsStub]:
+    server, channel = await _serve(CommandsService(sender, budget=0.5))
+    yield CommandsStub(channel)
+    channel.close()
+    server.close()
+    await server.wait_closed()
+
+
+def _id(value: UUID | str | None = None) -> Uuid:
+    return Uuid(value=str(value or uuid4()))
+
+
+async def test_sell_invoice_enqueues_command_with_the_returned_invoice_id(
+    commands: CommandsStub, sender: InMemoryCommandSender
+) -> None:
+    issuer = uuid4()
+    reply = await commands.sell_invoice(
+        SellInvoiceCommand(issuer_id=_id(issuer), asking_price=Money(amount=20.0))
+    )
+    [(command, _)] = sender.sent
+    assert command == SellInvoice(UUID(reply.value), issuer, Decimal("20"))
+
+
+async def test_money_is_read_through_its_shortest_decimal_form(
+    commands: CommandsStub, sender: InMemoryCommandSender
+) -> None:
+    investor, invoice = uuid4(), uuid4()
+    await commands.bid_on_invoice(
+        BidOnInvoiceCommand(investor_id=_id(investor), invoice_id=_id(invoice), bid=Money(amount=0.1))
+    )
+    [(command, _)] = sender.sent
+    assert command == BidOnInvoice(investor, invoice, Decimal("0.1"))
+
+
+async def test_approve_and_reverse_enqueue_their_commands(
+    commands: CommandsStub, sender: InMemoryCommandSender
+) -> None:
+    invoice = uuid4()
+    await commands.approve_financing(ApproveFinancingCommand(invoice_id=_id(invoice)))
+    await commands.reverse_financing(ReverseFinancingCommand(invoice_id=_id(invoice)))
+    assert [c for c, _ in sender.sent] == [ApproveFinancing(invoice), ReverseFinancing(invoice)]
+
+
+INVALID_SELLS = [
+    (SellInvoiceCommand(asking_price=Money(amount=10.0)), "issuer_id"),
+    (SellInvoiceCommand(issuer_id=Uuid(value=""), asking_price=Money(amount=10.0)), "issuer_id"),
+    (SellInvoiceCommand(issuer_id=Uuid(value="not-a-uuid"), asking_price=Money(amount=1)), "issuer_id"),
+    (SellInvoiceCommand(issuer_id=_id()), "asking_price"),
+    (SellInvoiceCommand(issuer_id=_id(), asking_price=Money(amount=0.0)), "asking_price"),
+    (SellInvoiceCommand(issuer_id=_id(), asking_price=Money(amount=-5.0)), "asking_price"),
+    (SellInvoiceCommand(issuer_id=_id(), asking_price=Money(amount=math.nan)), "asking_price"),
+    (SellInvoiceCommand(issuer_id=_id(), asking_price=Money(amount=math.inf)), "asking_price"),
+    (SellInvoiceCommand(issuer_id=_id(), asking_price=Money(amount=10.001)), "asking_price"),
+    (SellInvoiceCommand(issuer_id=_id(), asking_price=Money(amount=1e300)), "asking_price"),
+]
+
+
+@pytest.mark.parametrize(("request_", "field"), INVALID_SELLS)
+async def test_invalid_sell_is_answered_invalid_argument_naming_the_field_and_enqueues_nothing(
+    commands: CommandsStub, sender: InMemoryCommandSender, request_: SellInvoiceCommand, field: str
+) -> None:
+    # Reference defect 12: the reference answers UNKNOWN.
+    with pytest.raises(GRPCError) as error:
+        await commands.sell_invoice(request_)
+    assert error.value.status is Status.INVALID_ARGUMENT
+    assert error.value.message is not None and error.value.message.startswith(f"{field}:")
+    assert sender.sent == []
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (BidOnInvoiceCommand(invoice_id=_id(), bid=Money(amount=1)), "investor_id"),
+        (BidOnInvoiceCommand(investor_id=_id(), bid=Money(amount=1)), "invoice_id"),
+        (BidOnInvoiceCommand(investor_id=_id(), invoice_id=_id()), "bid"),
+        (BidOnInvoiceCommand(investor_id=_id(), invoice_id=_id(), bid=Money(amount=0.005)), "bid"),
+    ],
+)
+async def test_invalid_bid_names_the_field(
+    commands: CommandsStub, sender: InMemoryCommandSender, request_: BidOnInvoiceCommand, field: str
+) -> None:
+    with pytest.raises(GRPCError) as error:
+        await commands.bid_on_invoice(request_)
+    assert error.value.status is Status.INVALID_ARGUMENT
+    assert error.value.message is not None and error.value.message.startswith(f"{field}:")
+    assert sender.sent == []
+
+
+async def test_approve_without_invoice_id_is_invalid_argument(commands: CommandsStub) -> None:
+    with pytest.raises(GRPCError) as error:
+        await commands.approve_financing(ApproveFinancingCommand())
+    assert error.value.status is Status.INVALID_ARGUMENT
+    assert "invoice_id" in (error.value.message or "")
+
+
+async def test_a_briefly_failing_broker_is_retried_with_the_same_message_id() -> None:
+    flaky = FlakySender(failures=2)
+    server, channel = await _serve(CommandsService(flaky, budget=5.0))
+    try:
+        await CommandsStub(channel).approve_financing(ApproveFinancingCommand(invoice_id=_id()))
+    finally:
+        channel.close()
+        server.close()
+    assert len(flaky.attempts) == 3 and len(set(flaky.attempts)) == 1
+    assert len(flaky.sent) == 1
+
+
+async def test_an_unreachable_broker_is_answered_unavailable() -> None:
+    down = FlakySender(failures=10**6)
+    server, channel = await _serve(CommandsService(down, budget=0.3))
+    try:
+        with pytest.raises(GRPCError) as error:
+            await CommandsStub(channel).approve_financing(ApproveFinancingCommand(invoice_id=_id()))
+    finally:
+        channel.close()
+        server.close()
+    assert error.value.status is Status.UNAVAILABLE
+    assert down.sent == []

@@ -1,0 +1,112 @@
+"""The invariant checker finds every broken saga and passes a settled, correct history."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from uuid import UUID, uuid4
+
+from financing.application.invariants import check
+from financing.domain import events as ev
+
+D = Decimal
+
+
+def _financed_story(investor: UUID, invoice: UUID, issuer: UUID) -> list[ev.DomainEvent]:
+    bid = ev.Bid(investor, D(20))
+    return [
+        ev.InvestorCreatedEvent(investor),
+        ev.InvestorFundsAddedEvent(investor, D(100)),
+        ev.IssuerCreatedEvent(issuer),
+        ev.InvoiceCreatedEvent(invoice, issuer, D(10)),
+        ev.BidOnInvoicePlacedEvent(investor, invoice, D(20)),
+        ev.InvoiceFinancedEvent(invoice, D(10), bid),
+        ev.InvestorFundsReleasedEvent(investor, D(10)),
+    ]
+
+
+def test_a_settled_financing_saga_passes() -> None:
+    report = check(_financed_story(uuid4(), uuid4(), uuid4()))
+    assert report.ok, report.lines()
+    assert report.investors == 1 and report.invoices == 1
+
+
+def test_approval_and_reversal_settle_the_reservations() -> None:
+    investor, a, b, issuer = uuid4(), uuid4(), uuid4(), uuid4()
+    history = _financed_story(investor, a, issuer)
+    bid = ev.Bid(investor, D(20))
+    history += [
+        ev.InvoiceApprovedEvent(a, D(10), bid),
+        ev.InvestorFundsCommittedEvent(investor, D(10)),
+        ev.InvoiceCreatedEvent(b, issuer, D(10)),
+        ev.BidOnInvoicePlacedEvent(investor, b, D(20)),
+        ev.InvoiceFinancedEvent(b, D(10), bid),
+        ev.InvestorFundsReleasedEvent(investor, D(10)),
+        ev.InvoiceReversedEvent(b, D(10), bid),
+        ev.InvestorFundsReleasedEvent(investor, D(10)),
+    ]
+    report = check(history)
+    assert report.ok, report.lines()
+
+
+def test_a_release_applied_twice_is_a_violation() -> None:
+    # What the reference's non-idempotent saga handlers produce (domain.md defect 6).
+    investor = uuid4()
+    history = _financed_story(investor, uuid4(), uuid4())
+    history.append(ev.InvestorFundsReleasedEvent(investor, D(10)))
+    report = check(history)
+    assert any("released more than the saga owes" in v for v in report.violations), report.lines()
+
+
+def test_a_missing_release_is_reported_in_flight() -> None:
+    history = _financed_story(uuid4(), uuid4(), uuid4())[:-1]
+    report = check(history)
+    assert not report.violations
+    assert any("not yet released: 10" in line for line in report.in_flight)
+    assert not report.ok
+
+
+def test_two_winning_bids_on_one_invoice_are_a_violation() -> None:
+    first, second, invoice, issuer = uuid4(), uuid4(), uuid4(), uuid4()
+    history = _financed_story(first, invoice, issuer)
+    history += [
+        ev.InvestorCreatedEvent(second),
+        ev.InvestorFundsAddedEvent(second, D(100)),
+        ev.BidOnInvoicePlacedEvent(second, invoice, D(10)),
+        ev.InvoiceFinancedEvent(invoice, D(10), ev.Bid(second, D(10))),
+    ]
+    report = check(history)
+    assert any("2 winning bids" in v for v in report.violations), report.lines()
+
+
+def test_an_unplaced_bid_answered_by_an_invoice_is_a_violation() -> None:
+    investor, invoice, issuer = uuid4(), uuid4(), uuid4()
+    history: list[ev.DomainEvent] = [
+        ev.InvestorCreatedEvent(investor),
+        ev.InvoiceCreatedEvent(invoice, issuer, D(10)),
+        ev.BidOnInvoiceRejectedEvent(invoice, ev.Bid(investor, D(5))),
+    ]
+    report = check(history)
+    assert any("never placed" in v for v in report.violations), report.lines()
+
+
+def test_a_negative_reservation_is_a_violation() -> None:
+    investor = uuid4()
+    history: list[ev.DomainEvent] = [
+        ev.InvestorCreatedEvent(investor),
+        ev.InvestorFundsAddedEvent(investor, D(5)),
+        ev.InvestorFundsReleasedEvent(investor, D(5)),
+    ]
+    report = check(history)
+    assert any("went negative" in v for v in report.violations), report.lines()
+
+
+def test_a_bid_answered_by_another_invoice_is_both_unanswered_and_unplaced() -> None:
+    investor, invoice, issuer = uuid4(), uuid4(), uuid4()
+    history = _financed_story(investor, invoice, issuer)
+    history += [
+        ev.BidOnInvoicePlacedEvent(investor, uuid4(), D(7)),
+        ev.BidOnInvoiceRejectedEvent(invoice, ev.Bid(investor, D(7))),
+    ]
+    report = check(history)
+    assert any("never placed" in v for v in report.violations), report.lines()
+    assert any("not yet answered" in line for line in report.in_flight), report.lines()

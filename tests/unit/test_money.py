@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from financing.domain.money import (
+    MAX_AMOUNT,
+    InvalidAmount,
+    decimal_places,
+    from_double,
+    positive_amount,
+    to_double,
+)
+
+
+def test_a_double_reads_as_its_shortest_decimal_form() -> None:
+    assert from_double(0.1) == Decimal("0.1")
+    assert str(from_double(0.1)) == "0.1"
+    assert from_double(20.0) == Decimal(20)
+
+
+def test_point_one_plus_point_two_is_exactly_point_three() -> None:
+    # domain.md defect 1: float64 money drifts (0.1 + 0.2 != 0.3)
+    assert from_double(0.1) + from_double(0.2) == Decimal("0.3")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_double_is_not_money(value: float) -> None:
+    with pytest.raises(InvalidAmount, match="finite"):
+        from_double(value)
+
+
+@pytest.mark.parametrize(
+    ("amount", "places"),
+    [
+        ("1", 0),
+        ("100", 0),
+        ("1E+2", 0),
+        ("1.50", 1),
+        ("0.1", 1),
+        ("10.25", 2),
+        ("10.001", 3),
+        ("0.00", 0),
+        ("-1.25", 2),
+    ],
+)
+def test_decimal_places_count_only_significant_decimals(amount: str, places: int) -> None:
+    assert decimal_places(Decimal(amount)) == places
+
+
+def test_decimal_places_are_counted_beyond_the_context_precision() -> None:
+    # 29 decimals: rounding to 28 digits would make this look like a whole number.
+    assert decimal_places(Decimal("1.00000000000000000000000000001")) == 29
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (0.1, Decimal("0.1")),
+        (10.0, Decimal("10")),
+        (20.25, Decimal("20.25")),
+        (999999999999.99, MAX_AMOUNT),
+        (Decimal("0.01"), Decimal("0.01")),
+        (Decimal("1.50"), Decimal("1.5")),
+    ],
+)
+def test_a_positive_amount_with_at_most_two_decimals_is_accepted(
+    value: float | Decimal, expected: Decimal
+) -> None:
+    assert positive_amount(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (0.0, "greater than 0"),
+        (-0.0, "greater than 0"),
+        (-5.0, "greater than 0"),
+        (Decimal(0), "greater than 0"),
+        (10.001, "at most 2 decimal places"),
+        (Decimal("0.001"), "at most 2 decimal places"),
+        (Decimal("1.00000000000000000000000000001"), "at most 2 decimal places"),
+        (1e13, "at most"),
+        (float("nan"), "finite"),
+        (float("inf"), "finite"),
+        (Decimal("NaN"), "finite"),
+        (Decimal("-Infinity"), "finite"),
+    ],
+)
+def test_an_amount_that_cannot_be_money_is_refused(value: float | Decimal, reason: str) -> None:
+    with pytest.raises(InvalidAmount, match=reason):
+        positive_amount(value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(cents=st.integers(min_value=1, max_value=int(MAX_AMOUNT * 100)))
+def test_every_amount_in_cents_survives_the_trip_through_a_double(cents: int) -> None:
+    amount = Decimal(cents).scaleb(-2)
+    assert from_double(to_double(amount)) == amount
+    assert positive_amount(to_double(amount)) == amount
