@@ -13,6 +13,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
+from financing.application.memory import InMemoryCommandSender
 from financing.application.messages import (
     ApproveFinancing,
     BidOnInvoice,
@@ -20,7 +21,6 @@ from financing.application.messages import (
     ReverseFinancing,
     SellInvoice,
 )
-from financing.application.memory import InMemoryCommandSender
 from financing.entrypoints.commands_api import CommandsService
 from financing.generated import (
     ApproveFinancingCommand,
@@ -89,7 +89,9 @@ async def test_money_is_read_through_its_shortest_decimal_form(
 ) -> None:
     investor, invoice = uuid4(), uuid4()
     await commands.bid_on_invoice(
-        BidOnInvoiceCommand(investor_id=_id(investor), invoice_id=_id(invoice), bid=Money(amount=0.1))
+        BidOnInvoiceCommand(
+            investor_id=_id(investor), invoice_id=_id(invoice), bid=Money(amount=0.1)
+        )
     )
     [(command, _)] = sender.sent
     assert command == BidOnInvoice(investor, invoice, Decimal("0.1"))
@@ -107,7 +109,10 @@ async def test_approve_and_reverse_enqueue_their_commands(
 INVALID_SELLS = [
     (SellInvoiceCommand(asking_price=Money(amount=10.0)), "issuer_id"),
     (SellInvoiceCommand(issuer_id=Uuid(value=""), asking_price=Money(amount=10.0)), "issuer_id"),
-    (SellInvoiceCommand(issuer_id=Uuid(value="not-a-uuid"), asking_price=Money(amount=1)), "issuer_id"),
+    (
+        SellInvoiceCommand(issuer_id=Uuid(value="not-a-uuid"), asking_price=Money(amount=1)),
+        "issuer_id",
+    ),
     (SellInvoiceCommand(issuer_id=_id()), "asking_price"),
     (SellInvoiceCommand(issuer_id=_id(), asking_price=Money(amount=0.0)), "asking_price"),
     (SellInvoiceCommand(issuer_id=_id(), asking_price=Money(amount=-5.0)), "asking_price"),

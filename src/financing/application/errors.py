@@ -8,6 +8,7 @@ __all__ = [
     "ConcurrencyConflict",
     "MissingAggregate",
     "PoisonMessage",
+    "ReadAfterWrite",
     "RuleViolation",
 ]
 
@@ -26,3 +27,12 @@ class MissingAggregate(RuleViolation):
 
 class ConcurrencyConflict(Exception):
     """Another transaction appended to the stream first: reload and retry."""
+
+
+class ReadAfterWrite(RuntimeError):
+    """A unit of work read after it wrote: a bug in the handler, never retried into success.
+
+    Events are ordered by the id of the transaction that appended them, which
+    keeps causes before effects only if everything a transaction read was
+    read before its first write.
+    """

@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from uuid import UUID
 
 from financing.application import codec
-from financing.application.errors import ConcurrencyConflict
+from financing.application.errors import ConcurrencyConflict, ReadAfterWrite
 from financing.application.messages import Command
 from financing.application.ports import A, StoredEvent
 from financing.domain.aggregates import Aggregate
@@ -19,10 +19,17 @@ class InMemoryUnitOfWork:
         self._appends: list[tuple[Aggregate, int]] = []
         self._records: list[tuple[str, str]] = []
 
+    def _reading(self, what: str) -> None:
+        # Same rule as the PostgreSQL store, so handler tests catch a violation.
+        if self._appends or self._records:
+            raise ReadAfterWrite(f"{what} after a write in the same unit of work")
+
     async def seen(self, consumer: str, message_id: str) -> bool:
+        self._reading("seen")
         return (consumer, message_id) in self._store.processed
 
     async def load(self, cls: type[A], aggregate_id: UUID) -> A:
+        self._reading("load")
         aggregate = cls(aggregate_id)
         for stored in await self._store.stream(aggregate_id):
             aggregate.apply(stored.event)

@@ -1,0 +1,256 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from financing.config import (
+    DEFAULT_AMQP,
+    ConfigError,
+    Database,
+    Settings,
+    parse_address,
+    parse_database,
+)
+
+SECRET = "s3cr3t-Pa55"
+
+
+def kwargs(value: str) -> dict[str, Any]:
+    return dict(parse_database(value).connect_kwargs)
+
+
+# Defaults (contract.md section 3)
+
+
+def test_defaults_match_the_reference() -> None:
+    settings = Settings.from_env({})
+    assert settings.command_address == ("0.0.0.0", 8080)
+    assert settings.query_address == ("0.0.0.0", 8081)
+    assert settings.amqp_url == DEFAULT_AMQP == "amqp://guest:guest@localhost:5672/"
+    assert settings.log_level == "INFO"
+    assert settings.command_db.connect_kwargs["database"] == "postgres"
+    assert settings.query_db.connect_kwargs["database"] == "queries"
+    for db in (settings.command_db, settings.query_db):
+        assert db.connect_kwargs["port"] == 5432
+        assert db.connect_kwargs["host"] in ("127.0.0.1", "localhost")
+
+
+def test_variables_set_to_the_empty_string_count_as_unset() -> None:
+    names = [
+        "COMMAND_SERVER_ADDRESS",
+        "QUERY_SERVER_ADDRESS",
+        "COMMAND_DB_CONNECTION_STRING",
+        "QUERY_DB_CONNECTION_STRING",
+        "AMQP_ADDRESS",
+        "LOGGER_LEVEL",
+    ]
+    assert Settings.from_env(dict.fromkeys(names, "")) == Settings.from_env({})
+
+
+def test_every_variable_is_read() -> None:
+    settings = Settings.from_env(
+        {
+            "COMMAND_SERVER_ADDRESS": "127.0.0.1:9080",
+            "QUERY_SERVER_ADDRESS": ":9081",
+            "COMMAND_DB_CONNECTION_STRING": "postgresql://app@db:6432/commands",
+            "QUERY_DB_CONNECTION_STRING": "host=db dbname=reads user=app",
+            "AMQP_ADDRESS": "amqp://u:p@rabbit:5672/financing",
+            "LOGGER_LEVEL": "debug",
+        }
+    )
+    assert settings.command_address == ("127.0.0.1", 9080)
+    assert settings.query_address == ("0.0.0.0", 9081)
+    assert settings.command_db.connect_kwargs["database"] == "commands"
+    assert settings.query_db.connect_kwargs["database"] == "reads"
+    assert settings.amqp_url == "amqp://u:p@rabbit:5672/financing"
+    assert settings.log_level == "DEBUG"
+
+
+@pytest.mark.parametrize("level", ["DEBUG", "INFO", "WARNING", "ERROR", "warning", "WARN"])
+def test_a_known_logger_level_is_accepted(level: str) -> None:
+    accepted = Settings.from_env({"LOGGER_LEVEL": level}).log_level
+    assert accepted == {"WARN": "WARNING"}.get(level, level.upper())
+
+
+@pytest.mark.parametrize("level", ["VERBOSE", "TRACE", "5"])
+def test_an_unknown_logger_level_is_a_config_error(level: str) -> None:
+    with pytest.raises(ConfigError, match="LOGGER_LEVEL"):
+        Settings.from_env({"LOGGER_LEVEL": level})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("FINANCING_SNAPSHOT_INTERVAL", "0"), ("FINANCING_TEST_REDELIVER_TIMES", "many")],
+)
+def test_a_bad_tuning_variable_is_a_config_error(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({name: value})
+
+
+# Listen addresses
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("0.0.0.0:8080", ("0.0.0.0", 8080)),
+        ("localhost:1", ("localhost", 1)),
+        (":8081", ("0.0.0.0", 8081)),
+        ("[::1]:50051", ("::1", 50051)),
+        ("127.0.0.1:0", ("127.0.0.1", 0)),
+    ],
+)
+def test_a_listen_address_is_host_and_port(address: str, expected: tuple[str, int]) -> None:
+    assert parse_address(address) == expected
+
+
+@pytest.mark.parametrize("address", ["8080", "host:", "host:http", "host:65536", "host:-1", ""])
+def test_a_listen_address_without_a_valid_port_is_a_config_error(address: str) -> None:
+    with pytest.raises(ConfigError, match="host:port"):
+        parse_address(address)
+
+
+# Connection strings: URLs
+
+
+def test_a_url_gives_the_driver_its_keywords() -> None:
+    db = parse_database(f"postgresql://app:{SECRET}@db.example:6432/financing")
+    assert dict(db.connect_kwargs) == {
+        "host": "db.example",
+        "port": 6432,
+        "user": "app",
+        "password": SECRET,
+        "database": "financing",
+    }
+    assert db.pool_max_size == 10
+
+
+def test_a_url_password_is_percent_decoded() -> None:
+    assert kwargs("postgres://app:p%40ss%20w%3Ard@db/x")["password"] == "p@ss w:rd"
+
+
+def test_a_url_sizes_the_pool_with_pool_max_conns() -> None:
+    db = parse_database("postgresql://app@db/x?pool_max_conns=3&sslmode=disable")
+    assert db.pool_max_size == 3
+    assert "pool_max_conns" not in db.connect_kwargs
+    assert db.connect_kwargs["ssl"] is False
+
+
+def test_url_query_values_are_percent_decoded() -> None:
+    assert kwargs("postgresql://app@/x?host=%2Fvar%2Frun%2Fpostgresql")["host"] == (
+        "/var/run/postgresql"
+    )
+
+
+def test_a_url_without_a_database_names_the_user_database_as_libpq_does() -> None:
+    assert kwargs("postgresql://alice@db")["database"] == "alice"
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["postgresql://app@db:port/x", "postgresql://app@db/x?pool_max_conns=0"],
+)
+def test_a_malformed_url_is_a_config_error(value: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_database(value)
+
+
+# Connection strings: libpq keywords
+
+
+def test_the_reference_compose_connection_string_is_understood() -> None:
+    db = parse_database(
+        "user=postgres password=postgres host=postgres port=5432 dbname=postgres pool_max_conns=10"
+    )
+    assert dict(db.connect_kwargs) == {
+        "host": "postgres",
+        "port": 5432,
+        "user": "postgres",
+        "password": "postgres",
+        "database": "postgres",
+    }
+    assert db.pool_max_size == 10
+
+
+def test_pool_max_conns_sizes_the_pool() -> None:
+    assert parse_database("host=db pool_max_conns=25").pool_max_size == 25
+
+
+def test_a_quoted_value_may_hold_spaces_and_escaped_quotes() -> None:
+    assert kwargs(r"password='my pa\'ss \\ word' host=db")["password"] == r"my pa'ss \ word"
+
+
+def test_a_bare_value_honours_backslash_escapes() -> None:
+    assert kwargs(r"password=a\ b\\c")["password"] == "a b\\c"
+
+
+def test_an_empty_quoted_value_is_empty() -> None:
+    assert kwargs("password='' host=db")["password"] == ""
+
+
+def test_spaces_around_the_equals_sign_are_allowed() -> None:
+    assert kwargs("host = db  port= 6432 dbname =x")["port"] == 6432
+
+
+def test_keywords_default_as_libpq_does() -> None:
+    assert kwargs("user=alice") == {
+        "host": "127.0.0.1",
+        "port": 5432,
+        "user": "alice",
+        "database": "alice",
+    }
+
+
+def test_libpq_keywords_the_driver_does_not_know_are_ignored() -> None:
+    assert "application_name" not in kwargs("host=db application_name=financing")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "host=db password='unterminated",
+        "host=db port=abc",
+        "host=db pool_max_conns=zero",
+        "host=db pool_max_conns=0",
+        "host=db =value",
+    ],
+)
+def test_a_malformed_keyword_string_is_a_config_error(value: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_database(value)
+
+
+def test_a_malformed_keyword_string_error_quotes_no_part_of_the_password() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_database(f"host=db password={SECRET[:4]} {SECRET[4:]}")
+    assert SECRET[4:] not in str(caught.value)
+
+
+# Passwords never appear in logs
+
+
+def test_the_password_never_appears_in_the_representation_of_the_settings() -> None:
+    settings = Settings.from_env(
+        {
+            "COMMAND_DB_CONNECTION_STRING": f"postgresql://app:{SECRET}@db/commands",
+            "QUERY_DB_CONNECTION_STRING": f"host=db user=app password='{SECRET}' dbname=q",
+            "AMQP_ADDRESS": f"amqp://app:{SECRET}@rabbit:5672/",
+        }
+    )
+    for text in (repr(settings), str(settings), repr(settings.command_db), str(settings.query_db)):
+        assert SECRET not in text
+    assert settings.command_db.connect_kwargs["password"] == SECRET
+    assert settings.query_db.connect_kwargs["password"] == SECRET
+    assert "app@db:5432/commands" in settings.command_db.describe()
+
+
+def test_a_database_turns_back_into_a_url_with_its_password() -> None:
+    db = parse_database(f"host=db port=6432 user=app password='{SECRET} x' dbname=financing")
+    assert parse_database(db.dsn()) == db
+
+
+def test_another_database_on_the_same_server_keeps_everything_else() -> None:
+    db = parse_database(f"postgresql://app:{SECRET}@db:6432/a?pool_max_conns=4")
+    other = db.with_database("b")
+    assert other == Database({**db.connect_kwargs, "database": "b"}, 4)

@@ -1,0 +1,132 @@
+"""Integration handlers: Registering's events become our commands, sent once per event."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from uuid import UUID, uuid4
+
+import pytest
+
+from financing.application import codec
+from financing.application.memory import InMemoryCommandSender
+from financing.application.messages import (
+    Command,
+    CreateInvestor,
+    CreateIssuer,
+    InvestorRegistered,
+    IssuerRegistered,
+)
+from financing.application.ports import Envelope, derived_message_id
+from financing.application.processing import Subscription, integration_subscriptions
+
+D = Decimal
+
+
+class BrokerDown(Exception):
+    pass
+
+
+class FailingSender:
+    """A sender whose broker refuses every command."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    async def send(self, command: Command, message_id: UUID) -> None:
+        self.attempts += 1
+        raise BrokerDown("connection refused")
+
+
+def subscription(sender: InMemoryCommandSender | FailingSender, name: str) -> Subscription:
+    return {s.message_name: s for s in integration_subscriptions(sender)}[name]
+
+
+async def deliver(
+    sender: InMemoryCommandSender | FailingSender,
+    event: IssuerRegistered | InvestorRegistered,
+    message_id: str,
+) -> None:
+    # As it arrives from Registering: no aggregateID header.
+    envelope = Envelope(message_id=message_id, name=event.name(), body=codec.encode(event))
+    message = codec.decode(envelope.name, envelope.body, envelope.aggregate_id)
+    await subscription(sender, event.name()).process(envelope, message)
+
+
+def test_each_integration_event_has_its_own_queue_on_the_events_exchange() -> None:
+    subscriptions = integration_subscriptions(InMemoryCommandSender())
+    assert sorted((s.queue, s.message_name, s.from_events) for s in subscriptions) == [
+        ("events_InvestorRegistered", "InvestorRegistered", True),
+        ("events_IssuerRegistered", "IssuerRegistered", True),
+    ]
+
+
+async def test_a_registered_issuer_is_sent_create_issuer() -> None:
+    sender = InMemoryCommandSender()
+    issuer = uuid4()
+    await deliver(sender, IssuerRegistered(issuer, "ACME"), "msg-1")
+    assert sender.sent == [(CreateIssuer(issuer), derived_message_id("msg-1", "CreateIssuer"))]
+
+
+async def test_a_registered_investor_is_sent_create_investor_with_its_balance() -> None:
+    sender = InMemoryCommandSender()
+    investor = uuid4()
+    await deliver(sender, InvestorRegistered(investor, "Zoë", D("100.1")), "msg-2")
+    assert sender.sent == [
+        (CreateInvestor(investor, D("100.1")), derived_message_id("msg-2", "CreateInvestor"))
+    ]
+
+
+def test_a_balance_from_registering_reaches_the_command_body_exactly() -> None:
+    registered = codec.decode(
+        "InvestorRegistered", f'{{"ID":"{uuid4()}","Name":"Z","Balance":0.1}}'.encode()
+    )
+    assert isinstance(registered, InvestorRegistered)
+    body = codec.encode(CreateInvestor(registered.id, registered.balance))
+    assert json.loads(body, parse_float=Decimal)["Balance"] == D("0.1")
+
+
+@pytest.mark.parametrize(
+    "event",
+    [IssuerRegistered(uuid4(), "ACME"), InvestorRegistered(uuid4(), "Zoë", D("5"))],
+    ids=["issuer", "investor"],
+)
+async def test_a_redelivered_integration_event_sends_the_command_with_the_same_id(
+    event: IssuerRegistered | InvestorRegistered,
+) -> None:
+    # The command handler deduplicates by this id, so a redelivery is harmless.
+    sender = InMemoryCommandSender()
+    message_id = str(uuid4())
+    await deliver(sender, event, message_id)
+    await deliver(sender, event, message_id)
+    assert len(sender.sent) == 2
+    assert sender.sent[0] == sender.sent[1]
+
+
+async def test_two_integration_messages_send_commands_with_different_ids() -> None:
+    sender = InMemoryCommandSender()
+    event = IssuerRegistered(uuid4(), "ACME")
+    await deliver(sender, event, "first")
+    await deliver(sender, event, "second")
+    assert sender.sent[0][1] != sender.sent[1][1]
+
+
+def test_the_derived_command_id_depends_on_the_message_id_and_the_command() -> None:
+    assert derived_message_id("m", "CreateIssuer") == derived_message_id("m", "CreateIssuer")
+    assert derived_message_id("m", "CreateIssuer") != derived_message_id("m", "CreateInvestor")
+    assert derived_message_id("m", "CreateIssuer") != derived_message_id("n", "CreateIssuer")
+
+
+@pytest.mark.parametrize(
+    "event",
+    [IssuerRegistered(uuid4(), "ACME"), InvestorRegistered(uuid4(), "Zoë", D("5"))],
+    ids=["issuer", "investor"],
+)
+async def test_an_error_sending_the_command_propagates(
+    event: IssuerRegistered | InvestorRegistered,
+) -> None:
+    # domain.md defect 11: the reference ignored the error and acked the event
+    sender = FailingSender()
+    with pytest.raises(BrokerDown):
+        await deliver(sender, event, "msg-3")
+    assert sender.attempts == 1
