@@ -16,7 +16,7 @@ from uuid import UUID
 
 import asyncpg
 
-from financing.adapters.postgres.connection import INFRASTRUCTURE_ERRORS
+from financing.adapters.postgres.connection import INFRASTRUCTURE_ERRORS, Connection
 from financing.application.read_models import (
     ADVANCES_FROM,
     AVAILABLE,
@@ -42,7 +42,7 @@ def quoted_schema(schema: str) -> str:
     return f'"{schema}"'
 
 
-async def create_tables(conn: asyncpg.Connection, schema: str) -> None:
+async def create_tables(conn: Connection, schema: str) -> None:
     """Create the read-model tables in `schema` (the function sql/queries.sql defines)."""
     quoted_schema(schema)
     await conn.execute("SELECT public.financing_create_read_models($1)", schema)
@@ -112,7 +112,7 @@ class PostgresReadModels:
         except INFRASTRUCTURE_ERRORS as exc:
             raise ReadModelsUnavailable(f"query database: {exc!r}") from exc
 
-    async def _project(self, conn: asyncpg.Connection, event: DomainEvent) -> None:
+    async def _project(self, conn: Connection, event: DomainEvent) -> None:
         match event:
             case ev.IssuerCreatedEvent(issuer_id=issuer):
                 await conn.execute(self._issuer_sql, issuer)

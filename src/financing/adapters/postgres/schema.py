@@ -36,19 +36,32 @@ def sections(name: str) -> list[tuple[int, str]]:
         .joinpath("sql", f"{name}.sql")
         .read_text(encoding="utf-8")
     )
+    return parse_sections(text, f"sql/{name}.sql")
+
+
+def parse_sections(text: str, where: str) -> list[tuple[int, str]]:
+    """`(version, sql)` pairs of a migration file's `-- version: N` sections."""
     parts = _HEADER.split(text)
     if len(parts) == 1:
         return [(1, text)]
+    if any(line.strip() and not line.lstrip().startswith("--") for line in parts[0].splitlines()):
+        raise ValueError(f"{where}: statements before the first '-- version: N' header")
     found = [(int(version), sql) for version, sql in zip(parts[1::2], parts[2::2], strict=True)]
     versions = [version for version, _ in found]
     if versions != sorted(set(versions)):
-        raise ValueError(f"sql/{name}.sql: versions must increase, got {versions}")
+        raise ValueError(f"{where}: versions must increase, got {versions}")
     return found
 
 
 async def migrate(pool_or_conn: asyncpg.Pool | Connection, name: str) -> None:
     """Bring the schema of `sql/<name>.sql` up to date; safe to run concurrently."""
-    pending = sections(name)
+    await apply(pool_or_conn, name, sections(name))
+
+
+async def apply(
+    pool_or_conn: asyncpg.Pool | Connection, name: str, pending: list[tuple[int, str]]
+) -> None:
+    """Apply the sections of migration `name` not yet recorded, in one locked transaction."""
     if isinstance(pool_or_conn, asyncpg.Pool):
         async with pool_or_conn.acquire() as conn:
             await _apply(conn, name, pending)

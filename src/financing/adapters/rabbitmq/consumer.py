@@ -73,7 +73,7 @@ class RetryPolicy:
 
     def backoff(self, attempt: int) -> float:
         """Capped exponential delay before retry number `attempt` (from 1), jittered."""
-        delay = min(self.max_delay, self.base_delay * 2 ** min(attempt - 1, 30))
+        delay = min(self.max_delay, self.base_delay * 2.0 ** min(attempt - 1, 30))
         return delay / 2 + random.uniform(0, delay / 2)
 
     def conflict_delay(self) -> float:
@@ -105,11 +105,16 @@ async def run_subscription(
     dead_letters: DeadLetters,
     *,
     prefetch: int = 32,
-    retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - frozen, hence shared safely
+    retry: RetryPolicy = RetryPolicy(),  # frozen, hence safely shared
     redeliver_times: int = 1,
     infrastructure_errors: tuple[type[BaseException], ...] = (),
+    shutdown_grace: float = SHUTDOWN_GRACE,
 ) -> None:
     """Consume `subscription.queue` until cancelled.
+
+    On cancellation it stops consuming, gives in-flight messages
+    `shutdown_grace` seconds to finish, then returns; unacked messages go
+    back to the queue.
 
     `redeliver_times` > 1 (for tests) processes every message that many
     times, to prove that processing is idempotent under redelivery storms.
@@ -131,7 +136,7 @@ async def run_subscription(
         try:
             await asyncio.Event().wait()
         finally:
-            await consumer.stop(queue, tag)
+            await consumer.stop(queue, tag, shutdown_grace)
     finally:
         with suppress(*BROKER_ERRORS):
             if not channel.is_closed:
@@ -164,12 +169,12 @@ class _Consumer:
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
 
-    async def stop(self, queue: AbstractQueue, tag: ConsumerTag) -> None:
+    async def stop(self, queue: AbstractQueue, tag: ConsumerTag, grace: float) -> None:
         self._stopping = True
         with suppress(*BROKER_ERRORS):
             await asyncio.wait_for(queue.cancel(tag), timeout=1.0)
         if self._in_flight:
-            await asyncio.wait(set(self._in_flight), timeout=SHUTDOWN_GRACE)
+            await asyncio.wait(set(self._in_flight), timeout=grace)
         pending = set(self._in_flight)
         for task in pending:
             task.cancel()
@@ -310,10 +315,14 @@ class _Consumer:
         except BROKER_ERRORS:
             # The channel died after processing: the broker redelivers the
             # message and the consumer's deduplication absorbs it.
-            log.info("ack lost with its channel; expecting a redelivery",
-                     **self._fields(message, envelope))
+            log.info(
+                "ack lost with its channel; expecting a redelivery",
+                **self._fields(message, envelope),
+            )
 
-    def _fields(self, message: AbstractIncomingMessage, envelope: Envelope | None) -> dict[str, Any]:
+    def _fields(
+        self, message: AbstractIncomingMessage, envelope: Envelope | None
+    ) -> dict[str, Any]:
         if envelope is not None:
             return {
                 "name": envelope.name,

@@ -19,12 +19,11 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from financing.adapters.rabbitmq.envelopes import to_amqp
+from financing.adapters.rabbitmq.envelopes import header_text, to_amqp
 from financing.adapters.rabbitmq.topology import declare_command_queue, declare_events_exchange
 from financing.application import codec
 from financing.application.messages import Command
 from financing.application.ports import Envelope
-
 
 # What the broker or the connection to it can raise.
 BROKER_ERRORS: tuple[type[Exception], ...] = (
@@ -87,7 +86,7 @@ class Publisher:
         await self.send_message_to_queue(queue, to_amqp(envelope))
 
     async def send_message_to_queue(self, queue: str, message: AbstractMessage) -> None:
-        what = f"{message.headers.get('name', 'message')} to queue {queue!r}"
+        what = f"{header_text(message.headers.get('name', 'message'))} to queue {queue!r}"
         await self._confirmed(what, [(self._channel.default_exchange, message, queue)])
 
     async def _confirmed(
@@ -103,9 +102,7 @@ class Publisher:
                     return_exceptions=True,
                 )
         except TimeoutError:
-            raise PublishFailed(
-                f"{what}: not confirmed within {self._confirm_timeout} s"
-            ) from None
+            raise PublishFailed(f"{what}: not confirmed within {self._confirm_timeout} s") from None
         for result in results:
             if isinstance(result, BaseException):
                 if isinstance(result, asyncio.CancelledError):
@@ -121,7 +118,7 @@ class Publisher:
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, aiormq.exceptions.PublishError):
-        return f"returned as unroutable ({exc.frame.reply_text})"
+        return f"returned as unroutable ({getattr(exc.frame, 'reply_text', '')})"
     if isinstance(exc, aiormq.exceptions.DeliveryError):
         return "rejected (nack) by the broker"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

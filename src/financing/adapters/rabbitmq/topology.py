@@ -69,9 +69,13 @@ async def connect(url: str) -> AbstractRobustConnection:
     """
     log.info("connecting to broker", broker=describe_url(url))
     # Options given in the URL's query (reconnect_interval=...) take precedence.
-    options = {} if "reconnect_interval" in parse_qs(urlsplit(url).query) else {
-        "reconnect_interval": RECONNECT_INTERVAL
-    }
-    connection = await aio_pika.connect_robust(url, timeout=CONNECT_TIMEOUT, **options)
+    options: dict[str, Any] = (
+        {}
+        if "reconnect_interval" in parse_qs(urlsplit(url).query)
+        else {"reconnect_interval": RECONNECT_INTERVAL}
+    )
+    connection: AbstractRobustConnection = await aio_pika.connect_robust(
+        url, timeout=CONNECT_TIMEOUT, **options
+    )
     log.info("connected to broker", broker=describe_url(url))
     return connection

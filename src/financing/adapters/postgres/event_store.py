@@ -1,0 +1,226 @@
+"""The event store on PostgreSQL: one stream per aggregate, appended in units of work.
+
+Commit order. Each event row carries the id of the transaction that inserted
+it (`transaction_id`, assigned by PostgreSQL at the transaction's first
+write). Readers order events by `(transaction_id, position)`. That order puts
+causes before effects only if a transaction's id is greater than the ids of
+all transactions whose effects it read, which holds when every read happens
+before the first write: a transaction that committed before we read it had
+its id already, and ids are handed out in increasing order. So a unit of work
+refuses a read after a write (`ReadAfterWrite`), and performs no write of its
+own before the first `save`/`record`.
+
+Conflicts. UNIQUE(aggregate_id, version) on events and the primary key of
+processed_messages make two transactions that append the same version, or
+record the same message, unable to both commit: the loser gets
+`ConcurrencyConflict`, its whole unit of work is rolled back, and its retry
+reloads (or finds the message processed).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from financing.adapters.postgres.connection import Connection
+from financing.application import codec
+from financing.application.errors import ConcurrencyConflict, ReadAfterWrite
+from financing.application.ports import A, StoredEvent
+from financing.domain.aggregates import Aggregate
+
+# Notified inside every transaction that appends events; PostgreSQL delivers
+# it at commit, so a listener never hears of events it cannot read yet.
+NOTIFY_CHANNEL = "financing_events"
+
+EVENT_COLUMNS = "position, transaction_id, aggregate_type, aggregate_id, version, name, body"
+
+# Errors by which PostgreSQL tells one of two racing writers to retry.
+_RACE_ERRORS = (
+    asyncpg.UniqueViolationError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+)
+
+
+def stored_event(row: asyncpg.Record) -> StoredEvent:
+    return StoredEvent(
+        position=row["position"],
+        aggregate_type=row["aggregate_type"],
+        aggregate_id=UUID(int=row["aggregate_id"].int),
+        version=row["version"],
+        name=row["name"],
+        body=row["body"].encode(),
+    )
+
+
+@contextmanager
+def _conflicts(what: str) -> Iterator[None]:
+    try:
+        yield
+    except _RACE_ERRORS as exc:
+        raise ConcurrencyConflict(f"{what}: {exc}") from exc
+
+
+class PostgresUnitOfWork:
+    """One transaction: reads (`seen`, `load`) first, then writes (`save`, `record`)."""
+
+    def __init__(self, conn: Connection, snapshot_interval: int) -> None:
+        self._conn = conn
+        self._snapshot_interval = snapshot_interval
+        self._wrote = False
+        self._notified = False
+        # Aggregates saved so far, by identity, with how many of their changes are stored.
+        self._saved: dict[int, tuple[Aggregate, int]] = {}
+
+    def _reading(self, what: str) -> None:
+        if self._wrote:
+            raise ReadAfterWrite(f"{what} after a write in the same unit of work")
+
+    async def seen(self, consumer: str, message_id: str) -> bool:
+        self._reading("seen")
+        found: bool = await self._conn.fetchval(
+            "SELECT EXISTS (SELECT FROM processed_messages"
+            " WHERE consumer = $1 AND message_id = $2)",
+            consumer,
+            message_id,
+        )
+        return found
+
+    async def load(self, cls: type[A], aggregate_id: UUID) -> A:
+        self._reading("load")
+        snapshot = await self._conn.fetchrow(
+            "SELECT version, state FROM snapshots WHERE aggregate_id = $1 AND aggregate_type = $2",
+            aggregate_id,
+            cls.type_name,
+        )
+        if snapshot is None:
+            aggregate, after = cls(aggregate_id), 0
+        else:
+            after = snapshot["version"]
+            aggregate = cls.restore(aggregate_id, after, json.loads(snapshot["state"]))
+        # Only the events the snapshot does not already include.
+        rows = await self._conn.fetch(
+            f"SELECT {EVENT_COLUMNS} FROM events"
+            " WHERE aggregate_id = $1 AND version > $2 ORDER BY version",
+            aggregate_id,
+            after,
+        )
+        for row in rows:
+            aggregate.apply(stored_event(row).event)
+        return aggregate
+
+    async def save(self, aggregate: Aggregate) -> None:
+        _, stored = self._saved.get(id(aggregate), (aggregate, 0))
+        new = aggregate.changes[stored:]
+        if not new:
+            return
+        self._wrote = True
+        before = aggregate.stored_version + stored
+        rows = [
+            (
+                aggregate.type_name,
+                aggregate.id,
+                before + offset,
+                codec.name_of(event),
+                codec.encode(event).decode(),
+            )
+            for offset, event in enumerate(new, start=1)
+        ]
+        with _conflicts(f"{aggregate.type_name} {aggregate.id} moved past version {before}"):
+            await self._conn.executemany(
+                "INSERT INTO events (aggregate_type, aggregate_id, version, name, body)"
+                " VALUES ($1, $2, $3, $4, $5)",
+                rows,
+            )
+        self._saved[id(aggregate)] = (aggregate, stored + len(new))
+        after = before + len(new)
+        if after // self._snapshot_interval > before // self._snapshot_interval:
+            await self._snapshot(aggregate)
+        if not self._notified:
+            await self._conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+            self._notified = True
+
+    async def _snapshot(self, aggregate: Aggregate) -> None:
+        with _conflicts(f"snapshot of {aggregate.type_name} {aggregate.id}"):
+            await self._conn.execute(
+                "INSERT INTO snapshots (aggregate_id, aggregate_type, version, state)"
+                " VALUES ($1, $2, $3, $4::jsonb)"
+                " ON CONFLICT (aggregate_id) DO UPDATE"
+                " SET aggregate_type = EXCLUDED.aggregate_type, version = EXCLUDED.version,"
+                " state = EXCLUDED.state, taken_at = now()"
+                " WHERE snapshots.version < EXCLUDED.version",
+                aggregate.id,
+                aggregate.type_name,
+                aggregate.version,
+                json.dumps(aggregate.snapshot()),
+            )
+
+    async def record(self, consumer: str, message_id: str) -> None:
+        self._wrote = True
+        with _conflicts(f"message {message_id} already processed by {consumer}"):
+            await self._conn.execute(
+                "INSERT INTO processed_messages (consumer, message_id) VALUES ($1, $2)",
+                consumer,
+                message_id,
+            )
+
+    def committed(self) -> None:
+        """The saved aggregates' changes are now stored: they are changes no more."""
+        for aggregate, _ in self._saved.values():
+            aggregate.changes.clear()
+
+
+class PostgresEventStore:
+    def __init__(self, pool: asyncpg.Pool, *, snapshot_interval: int = 100) -> None:
+        if snapshot_interval < 1:
+            raise ValueError(f"snapshot_interval must be >= 1, got {snapshot_interval}")
+        self._pool = pool
+        self._snapshot_interval = snapshot_interval
+
+    @asynccontextmanager
+    async def unit_of_work(self) -> AsyncIterator[PostgresUnitOfWork]:
+        async with self._pool.acquire() as conn:
+            uow = PostgresUnitOfWork(conn, self._snapshot_interval)
+            async with conn.transaction():
+                yield uow
+            uow.committed()
+
+    async def stream(self, aggregate_id: UUID) -> list[StoredEvent]:
+        rows = await self._pool.fetch(
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE aggregate_id = $1 ORDER BY version",
+            aggregate_id,
+        )
+        return [stored_event(row) for row in rows]
+
+    async def read_all(self, batch_size: int = 500) -> AsyncIterator[StoredEvent]:
+        """Every event committed when the first batch is read, in commit order.
+
+        One read-only REPEATABLE READ transaction gives every batch the same
+        snapshot, so an event committed meanwhile with a smaller order key
+        cannot slip in behind the pagination key.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        after: tuple[Any, int] = (0, 0)
+        async with (
+            self._pool.acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            while True:
+                rows = await conn.fetch(
+                    f"SELECT {EVENT_COLUMNS} FROM events"
+                    " WHERE (transaction_id, position) > ($1::xid8, $2)"
+                    " ORDER BY transaction_id, position LIMIT $3",
+                    *after,
+                    batch_size,
+                )
+                for row in rows:
+                    yield stored_event(row)
+                if len(rows) < batch_size:
+                    return
+                after = (rows[-1]["transaction_id"], rows[-1]["position"])

@@ -1,0 +1,214 @@
+"""The outbox: committed events not yet relayed, read in commit order without gaps.
+
+`position` comes from a sequence at insert time, so position 10 may commit
+after 11; a reader that moved past 11 would never see 10. Instead events are
+read in `(transaction_id, position)` order and only from transactions below
+`pg_snapshot_xmin(pg_current_snapshot())`: every transaction under that
+horizon has finished, so no event can later appear before one already read.
+The checkpoint, the order key of the last relayed event, is stored per relayer
+name in `relay_checkpoints`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import asyncpg
+
+from financing.adapters.postgres.connection import INFRASTRUCTURE_ERRORS, connect
+from financing.adapters.postgres.event_store import EVENT_COLUMNS, NOTIFY_CHANNEL, stored_event
+from financing.application.ports import StoredEvent
+from financing.config import Database
+from financing.logging import get_logger
+
+__all__ = ["NOTIFY_CHANNEL", "Outbox", "RelayerLock", "listen"]
+
+log = get_logger(__name__)
+
+# Advisory lock key electing the one relayer of a database ("fin-rela").
+RELAYER_LOCK = 0x66696E2D72656C61
+# How long a round trip on the lock connection may take before it counts as lost.
+HEALTH_CHECK_TIMEOUT = 5.0
+
+_CHECKPOINT = (
+    "(coalesce((SELECT transaction_id FROM relay_checkpoints WHERE name = $1), '0'::xid8),"
+    " coalesce((SELECT position FROM relay_checkpoints WHERE name = $1), 0))"
+)
+
+_PENDING = (
+    f"SELECT {EVENT_COLUMNS} FROM events"
+    f" WHERE (transaction_id, position) > {_CHECKPOINT}"
+    " AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())"
+    " ORDER BY transaction_id, position LIMIT $2"
+)
+
+
+class Outbox:
+    def __init__(self, pool: asyncpg.Pool, name: str = "relayer") -> None:
+        self._pool = pool
+        self._name = name
+
+    async def pending(self, limit: int) -> list[StoredEvent]:
+        """Up to `limit` committed events after the checkpoint, in commit order."""
+        rows = await self._pool.fetch(_PENDING, self._name, limit)
+        return [stored_event(row) for row in rows]
+
+    async def mark_relayed(self, events: Sequence[StoredEvent]) -> None:
+        """Move the checkpoint past `events`, which must be the next ones `pending` gives.
+
+        Events already behind the checkpoint are ignored. Raises ValueError
+        rather than move past an event that is not among them.
+        """
+        positions = sorted({event.position for event in events})
+        if not positions:
+            return
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT transaction_id, position FROM relay_checkpoints WHERE name = $1 FOR UPDATE",
+                self._name,
+            )
+            checkpoint: tuple[Any, int] = (0, 0) if row is None else (row[0], row[1])
+            marked = await conn.fetch(
+                "SELECT transaction_id, position FROM events WHERE position = ANY($1::bigint[])"
+                " ORDER BY transaction_id, position",
+                positions,
+            )
+            if len(marked) != len(positions):
+                known = {r["position"] for r in marked}
+                raise ValueError(f"no such events: {sorted(set(positions) - known)}")
+            new = [(r[0], r[1]) for r in marked if (r[0], r[1]) > checkpoint]
+            if not new:
+                return
+            following = await conn.fetch(
+                "SELECT transaction_id, position FROM events"
+                " WHERE (transaction_id, position) > ($1::xid8, $2)"
+                " ORDER BY transaction_id, position LIMIT $3",
+                *checkpoint,
+                len(new),
+            )
+            if [(r[0], r[1]) for r in following] != new:
+                skipped = [r[1] for r in following if (r[0], r[1]) not in new]
+                raise ValueError(
+                    f"relayer {self._name!r}: marking {[p for _, p in new]} relayed would skip"
+                    f" events at positions {skipped}"
+                )
+            await conn.execute(
+                "INSERT INTO relay_checkpoints (name, transaction_id, position)"
+                " VALUES ($1, $2, $3) ON CONFLICT (name) DO UPDATE"
+                " SET transaction_id = EXCLUDED.transaction_id, position = EXCLUDED.position,"
+                " updated_at = now()",
+                self._name,
+                *new[-1],
+            )
+
+
+class RelayerLock:
+    """Only one relayer per database: a session advisory lock on a dedicated connection.
+
+    The lock lives as long as the connection: if the connection is lost, so
+    is the lock, and another instance may take over. `lost()` reports it.
+    """
+
+    def __init__(
+        self, db: Database, *, poll_interval: float = 0.1, check_interval: float = 1.0
+    ) -> None:
+        self._db = db
+        self._poll_interval = poll_interval
+        self._check_interval = check_interval
+        self._conn: asyncpg.Connection | None = None
+        self._gone = asyncio.Event()
+        # One statement at a time on the lock connection (health check, unlock).
+        self._busy = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        """Wait until this instance holds the lock; retries while the database is unreachable."""
+        try:
+            while True:
+                try:
+                    conn = await self._connection()
+                    if await conn.fetchval("SELECT pg_try_advisory_lock($1)", RELAYER_LOCK):
+                        return
+                except INFRASTRUCTURE_ERRORS as exc:
+                    log.warning("relayer lock: database unreachable", error=repr(exc))
+                    self._discard()
+                await asyncio.sleep(self._poll_interval)
+        except BaseException:
+            self._discard()  # cancelled while waiting: leave no connection behind
+            raise
+
+    async def _connection(self) -> asyncpg.Connection:
+        if self._conn is not None and not self._conn.is_closed():
+            return self._conn
+        conn = await connect(self._db)
+        gone = asyncio.Event()
+        conn.add_termination_listener(lambda _: gone.set())
+        self._conn, self._gone = conn, gone
+        return conn
+
+    def _discard(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()
+
+    async def lost(self) -> None:
+        """Return once the lock is no longer held: connection lost, broken or released.
+
+        A closed socket is noticed at once; a silent one (half-open TCP) by a
+        periodic round trip that fails or times out.
+        """
+        conn, gone = self._conn, self._gone
+        if conn is None:
+            return
+        while not gone.is_set():
+            try:
+                await asyncio.wait_for(gone.wait(), self._check_interval)
+                return
+            except TimeoutError:
+                pass
+            try:
+                async with self._busy:
+                    if conn.is_closed():
+                        return
+                    await conn.fetchval("SELECT 1", timeout=HEALTH_CHECK_TIMEOUT)
+            except INFRASTRUCTURE_ERRORS:
+                return
+
+    async def release(self) -> None:
+        """Give the lock up and close its connection; safe to call when not held."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            if not conn.is_closed():
+                async with self._busy:
+                    await conn.fetchval(
+                        "SELECT pg_advisory_unlock($1)", RELAYER_LOCK, timeout=HEALTH_CHECK_TIMEOUT
+                    )
+                await conn.close(timeout=HEALTH_CHECK_TIMEOUT)
+        except INFRASTRUCTURE_ERRORS:
+            pass
+        finally:
+            if not conn.is_closed():
+                # Closing failed: end the session anyway; the server then drops the lock.
+                conn.terminate()
+
+
+async def listen(db: Database, on_notify: Callable[[], None]) -> asyncpg.Connection:
+    """A dedicated connection calling `on_notify` whenever events are committed.
+
+    The caller owns the connection: it closes it, and reconnects if it is lost
+    (`add_termination_listener`).
+    """
+    conn = await connect(db)
+
+    def notified(*_: object) -> None:
+        on_notify()
+
+    try:
+        await conn.add_listener(NOTIFY_CHANNEL, notified)
+    except BaseException:
+        conn.terminate()
+        raise
+    return conn

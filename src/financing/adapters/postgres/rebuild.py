@@ -1,0 +1,112 @@
+"""Rebuilding the read models from the event store (`financing projections rebuild`).
+
+The whole event store is replayed, in commit order, into a fresh schema, with
+each event recorded as processed under the message id the relayer publishes
+it with; then the fresh schema replaces the live one in one transaction. Until
+that commit, queries read the old read models; after it, the new ones: never
+a half-built state.
+
+The live projector may keep running meanwhile. The swap first locks the live
+`processed_messages` against writes (reads go on), so the projector pauses;
+if it projected anything the replay did not cover, the replay is run again
+(events already applied are skipped by message id) before the swap. Events
+that never were in the event store (from a foreign publisher) are not kept.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import asyncpg
+
+from financing.adapters.postgres.event_store import PostgresEventStore
+from financing.adapters.postgres.read_models import (
+    DEFAULT_SCHEMA,
+    PostgresReadModels,
+    create_tables,
+    quoted_schema,
+)
+from financing.adapters.postgres.schema import migrate
+from financing.application.ports import EventStore
+from financing.application.read_models import ReadModelStore
+from financing.domain.events import DomainEvent
+from financing.logging import get_logger
+
+log = get_logger(__name__)
+
+BATCH_SIZE = 500
+
+
+@dataclass(frozen=True)
+class RebuildReport:
+    events: int  # events replayed from the event store
+    investors: int
+    invoices: int  # listed invoices
+    issuers: int
+
+
+async def rebuild(
+    event_store_pool: asyncpg.Pool, query_pool: asyncpg.Pool, *, batch_size: int = BATCH_SIZE
+) -> RebuildReport:
+    """Replace the read models with a fresh projection of the whole event store."""
+    await migrate(query_pool, "queries")
+    suffix = uuid.uuid4().hex[:12]
+    fresh = f"{DEFAULT_SCHEMA}_rebuild_{suffix}"
+    retired = f"{DEFAULT_SCHEMA}_retired_{suffix}"
+    live_sql, fresh_sql, retired_sql = (quoted_schema(s) for s in (DEFAULT_SCHEMA, fresh, retired))
+    store = PostgresEventStore(event_store_pool)
+    target = PostgresReadModels(query_pool, fresh)
+    log.info("rebuilding read models", schema=fresh)
+    try:
+        async with query_pool.acquire() as conn:
+            await create_tables(conn, fresh)
+        events = await _replay(store, target, batch_size)
+        async with query_pool.acquire() as conn, conn.transaction():
+            await conn.execute(f"LOCK TABLE {live_sql}.processed_messages IN EXCLUSIVE MODE")
+            behind = await conn.fetchval(
+                f"SELECT EXISTS (SELECT FROM {live_sql}.processed_messages AS live"
+                f" WHERE NOT EXISTS (SELECT FROM {fresh_sql}.processed_messages AS fresh"
+                " WHERE fresh.message_id = live.message_id))"
+            )
+            if behind:
+                log.info("live projection moved on during the rebuild, catching up")
+                events = await _replay(store, target, batch_size)
+            await conn.execute(f"ALTER SCHEMA {live_sql} RENAME TO {retired_sql}")
+            await conn.execute(f"ALTER SCHEMA {fresh_sql} RENAME TO {live_sql}")
+            await conn.execute(f"DROP SCHEMA {retired_sql} CASCADE")
+    except BaseException:
+        await _discard(query_pool, fresh_sql)
+        raise
+    rebuilt = PostgresReadModels(query_pool)
+    report = RebuildReport(
+        events=events,
+        investors=len(await rebuilt.investors()),
+        invoices=len(await rebuilt.invoices()),
+        issuers=len(await rebuilt.issuers()),
+    )
+    log.info("read models rebuilt", **vars(report))
+    return report
+
+
+async def _replay(store: EventStore, target: ReadModelStore, batch_size: int) -> int:
+    count = 0
+    batch: list[tuple[str, DomainEvent]] = []
+    async for stored in store.read_all(batch_size):
+        batch.append((str(stored.message_id), stored.event))
+        if len(batch) >= batch_size:
+            await target.apply(batch)
+            count += len(batch)
+            batch = []
+    if batch:
+        await target.apply(batch)
+        count += len(batch)
+    return count
+
+
+async def _discard(query_pool: asyncpg.Pool, schema_sql: str) -> None:
+    try:
+        async with query_pool.acquire() as conn:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema_sql} CASCADE")
+    except Exception as exc:
+        log.warning("could not drop the unfinished rebuild schema", error=repr(exc))

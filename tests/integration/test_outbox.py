@@ -1,0 +1,324 @@
+"""The outbox gives committed events in commit order, never skipping a slow transaction.
+
+Also: the checkpoint, commit notifications and the relayer's election lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from uuid import UUID, uuid4
+
+import asyncpg
+import pytest
+
+from financing.adapters.postgres.connection import create_pool
+from financing.adapters.postgres.event_store import PostgresEventStore
+from financing.adapters.postgres.outbox import Outbox, RelayerLock, listen
+from financing.adapters.postgres.schema import migrate
+from financing.application.ports import StoredEvent
+from financing.config import Database
+from financing.domain.aggregates import Investor
+from tests.support import infra
+from tests.support.infra import wait_until
+
+
+@pytest.fixture(scope="module")
+async def database() -> AsyncIterator[Database]:
+    name = infra.unique_name("fin_outbox")
+    yield await infra.create_database(name)
+    await infra.drop_database(name)
+
+
+@pytest.fixture(scope="module")
+async def module_pool(database: Database) -> AsyncIterator[asyncpg.Pool]:
+    pool = await create_pool(database)
+    try:
+        await migrate(pool, "commands")
+        yield pool
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
+async def pool(module_pool: asyncpg.Pool) -> asyncpg.Pool:
+    await module_pool.execute(
+        "TRUNCATE events, snapshots, processed_messages, relay_checkpoints RESTART IDENTITY"
+    )
+    return module_pool
+
+
+def keys(events: list[StoredEvent]) -> list[tuple[UUID, int]]:
+    return [(event.aggregate_id, event.version) for event in events]
+
+
+def new_investor(balance: str = "10") -> Investor:
+    investor = Investor(uuid4())
+    investor.create(Decimal(balance))  # two events: created, funds added
+    return investor
+
+
+async def pending_count(outbox: Outbox, count: int) -> list[StoredEvent]:
+    """The pending events once there are `count` of them, else none (a transaction
+    elsewhere on the server may hold the horizon back for a moment)."""
+    events = await outbox.pending(100)
+    return events if len(events) >= count else []
+
+
+async def test_an_earlier_transaction_committing_last_holds_back_the_later_one(
+    pool: asyncpg.Pool,
+) -> None:
+    store, outbox = PostgresEventStore(pool), Outbox(pool)
+    slow, fast = new_investor(), new_investor()
+
+    async with store.unit_of_work() as slow_uow:
+        await slow_uow.save(slow)  # takes the lower positions, then stays open
+        async with store.unit_of_work() as fast_uow:
+            await fast_uow.save(fast)
+        # The later transaction is committed and readable ...
+        assert [e.position for e in await store.stream(fast.id)] == [3, 4]
+        # ... but relaying it now would let the slow one's events appear behind it.
+        assert await outbox.pending(100) == []
+
+    relayed = await wait_until(lambda: pending_count(outbox, 4), what="both transactions")
+    assert keys(relayed) == [(slow.id, 1), (slow.id, 2), (fast.id, 1), (fast.id, 2)]
+    assert [e.position for e in relayed] == [1, 2, 3, 4]
+
+
+async def test_slow_concurrent_writers_are_relayed_exactly_once_in_commit_order(
+    pool: asyncpg.Pool,
+) -> None:
+    store, outbox = PostgresEventStore(pool), Outbox(pool)
+    writers = 8
+    inserted = [asyncio.Event() for _ in range(writers)]
+    may_commit = [asyncio.Event() for _ in range(writers)]
+    investors = [new_investor() for _ in range(writers)]
+    relayed: list[StoredEvent] = []
+
+    async def write(i: int) -> None:
+        async with store.unit_of_work() as uow:
+            await uow.save(investors[i])
+            inserted[i].set()
+            await may_commit[i].wait()
+
+    async def relay_some() -> None:
+        batch = await outbox.pending(3)
+        relayed.extend(batch)
+        await outbox.mark_relayed(batch)
+
+    def insertion_order() -> list[tuple[UUID, int]]:
+        return [(investor.id, v) for investor in investors for v in (1, 2)]
+
+    tasks = []
+    for i in range(writers):  # transaction i takes lower positions than i + 1
+        tasks.append(asyncio.create_task(write(i)))
+        await inserted[i].wait()
+    order = list(range(writers))
+    random.Random(7).shuffle(order)
+    for i in order:  # commit in an order unrelated to the positions
+        may_commit[i].set()
+        await tasks[i]
+        await relay_some()
+        # Whatever has been relayed so far is a prefix of the final order.
+        assert keys(relayed) == insertion_order()[: len(relayed)]
+
+    async def relayed_everything() -> bool:
+        await relay_some()
+        return len(relayed) >= 2 * writers
+
+    await wait_until(relayed_everything, what="every event relayed")
+    assert keys(relayed) == insertion_order()
+    assert await outbox.pending(100) == []
+
+
+async def test_relayed_events_are_no_longer_pending_even_for_a_new_outbox(
+    pool: asyncpg.Pool,
+) -> None:
+    store = PostgresEventStore(pool)
+    first, second = new_investor(), new_investor()
+    for investor in (first, second):
+        async with store.unit_of_work() as uow:
+            await uow.save(investor)
+    outbox = Outbox(pool)
+    batch = await wait_until(lambda: pending_count(outbox, 4), what="events pending")
+
+    await outbox.mark_relayed(batch[:3])
+
+    assert keys(await outbox.pending(100)) == [(second.id, 2)]
+    assert keys(await Outbox(pool).pending(100)) == [(second.id, 2)]
+    assert keys(await Outbox(pool, "another-relayer").pending(100)) == keys(batch)
+
+
+async def test_marking_events_already_relayed_again_changes_nothing(pool: asyncpg.Pool) -> None:
+    store, outbox = PostgresEventStore(pool), Outbox(pool)
+    async with store.unit_of_work() as uow:
+        await uow.save(new_investor())
+    batch = await wait_until(lambda: pending_count(outbox, 2), what="events pending")
+    await outbox.mark_relayed(batch[:1])
+
+    await outbox.mark_relayed(batch)
+    await outbox.mark_relayed(batch[:1])
+
+    assert await outbox.pending(100) == []
+
+
+async def test_marking_relayed_past_an_unrelayed_event_is_refused(pool: asyncpg.Pool) -> None:
+    store, outbox = PostgresEventStore(pool), Outbox(pool)
+    async with store.unit_of_work() as uow:
+        await uow.save(new_investor())
+    batch = await wait_until(lambda: pending_count(outbox, 2), what="events pending")
+
+    with pytest.raises(ValueError, match="would skip events at positions"):
+        await outbox.mark_relayed(batch[1:])
+
+    assert await outbox.pending(100) == batch
+
+
+async def test_pending_gives_at_most_the_limit_in_commit_order(pool: asyncpg.Pool) -> None:
+    store, outbox = PostgresEventStore(pool), Outbox(pool)
+    investors = [new_investor() for _ in range(3)]
+    for investor in investors:
+        async with store.unit_of_work() as uow:
+            await uow.save(investor)
+    await wait_until(lambda: pending_count(outbox, 6), what="events pending")
+
+    first = await outbox.pending(4)
+    await outbox.mark_relayed(first)
+    rest = await outbox.pending(4)
+
+    assert keys(first + rest) == [(i.id, v) for i in investors for v in (1, 2)]
+    assert len(first) == 4
+
+
+async def test_listeners_are_notified_when_events_commit_and_not_before(
+    pool: asyncpg.Pool, database: Database
+) -> None:
+    store = PostgresEventStore(pool)
+    notified = asyncio.Event()
+    listener = await listen(database, notified.set)
+    try:
+        async with store.unit_of_work() as uow:
+            await uow.save(new_investor())
+            # A round trip on the listening connection delivers anything already sent.
+            await listener.execute("SELECT 1")
+            assert not notified.is_set()
+
+        await asyncio.wait_for(notified.wait(), timeout=5)
+    finally:
+        await listener.close()
+
+
+async def test_a_unit_of_work_without_events_notifies_nobody(
+    pool: asyncpg.Pool, database: Database
+) -> None:
+    store = PostgresEventStore(pool)
+    notifications: list[None] = []
+    listener = await listen(database, lambda: notifications.append(None))
+    try:
+        async with store.unit_of_work() as uow:
+            await uow.record("consumer", "message-1")
+        async with store.unit_of_work() as uow:
+            await uow.save(new_investor())
+
+        await wait_until(lambda: _true(bool(notifications)), what="a notification")
+        await listener.execute("SELECT 1")
+        assert len(notifications) == 1
+    finally:
+        await listener.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def lock_holders(pool: asyncpg.Pool) -> list[int]:
+    rows = await pool.fetch(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+    return [row["pid"] for row in rows]
+
+
+async def waiting_for_lock(pool: asyncpg.Pool, holder: int) -> bool:
+    """Whether a backend other than the holder has tried to take the lock."""
+    found: bool = await pool.fetchval(
+        "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE datname = current_database()"
+        " AND pid <> $1 AND query LIKE 'SELECT pg_try_advisory_lock(%')",
+        holder,
+    )
+    return found
+
+
+async def test_a_second_relayer_waits_for_the_lock_until_the_first_releases_it(
+    pool: asyncpg.Pool, database: Database
+) -> None:
+    first, second = RelayerLock(database), RelayerLock(database, poll_interval=0.02)
+    await first.acquire()
+    try:
+        [holder] = await lock_holders(pool)
+        waiting = asyncio.create_task(second.acquire())
+        await wait_until(lambda: waiting_for_lock(pool, holder), what="second relayer trying")
+
+        done, _ = await asyncio.wait({waiting}, timeout=0.2)  # several polls, all refused
+        assert not done
+        assert await lock_holders(pool) == [holder]
+
+        await first.release()
+        await asyncio.wait_for(waiting, timeout=5)
+        assert len(await lock_holders(pool)) == 1
+        assert await lock_holders(pool) != [holder]
+    finally:
+        await first.release()
+        await second.release()
+    assert await lock_holders(pool) == []
+
+
+async def test_a_relayer_learns_when_its_lock_connection_is_lost(
+    pool: asyncpg.Pool, database: Database
+) -> None:
+    lock, successor = RelayerLock(database), RelayerLock(database)
+    await lock.acquire()
+    try:
+        [holder] = await lock_holders(pool)
+        lost = asyncio.create_task(lock.lost())
+        await pool.execute("SELECT pg_terminate_backend($1)", holder)
+
+        await asyncio.wait_for(lost, timeout=5)
+        await asyncio.wait_for(successor.acquire(), timeout=5)
+    finally:
+        await lock.release()
+        await successor.release()
+
+
+async def test_releasing_the_lock_ends_the_wait_for_its_loss(database: Database) -> None:
+    lock = RelayerLock(database)
+    await lock.acquire()
+    lost = asyncio.create_task(lock.lost())
+
+    await lock.release()
+
+    await asyncio.wait_for(lost, timeout=5)
+
+
+async def test_a_relayer_cancelled_while_waiting_for_the_lock_leaves_no_connection(
+    pool: asyncpg.Pool, database: Database
+) -> None:
+    holder_lock, waiter = RelayerLock(database), RelayerLock(database, poll_interval=0.02)
+    await holder_lock.acquire()
+    try:
+        [holder] = await lock_holders(pool)
+        waiting = asyncio.create_task(waiter.acquire())
+        await wait_until(lambda: waiting_for_lock(pool, holder), what="second relayer trying")
+
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+        async def waiter_gone() -> bool:
+            return not await waiting_for_lock(pool, holder)
+
+        await wait_until(waiter_gone, what="the waiting connection closed")
+    finally:
+        await holder_lock.release()

@@ -1,0 +1,146 @@
+"""Envelopes on the wire: string headers, exact bodies, and what makes a message poison."""
+
+from __future__ import annotations
+
+import datetime
+import uuid
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+
+from financing.adapters.rabbitmq import Publisher, connect, declare_command_queue, from_amqp
+from financing.adapters.rabbitmq.envelopes import string_headers
+from financing.application.errors import PoisonMessage
+from financing.application.ports import Envelope
+from tests.support import rabbitmq
+from tests.support.infra import unique_name
+
+
+@pytest.fixture
+async def connection(amqp_url: str) -> AsyncIterator[AbstractRobustConnection]:
+    connection = await connect(amqp_url)
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture
+async def queue(connection: AbstractRobustConnection) -> str:
+    name = unique_name("envelopes")
+    channel = await connection.channel()
+    await declare_command_queue(channel, name)
+    await channel.close()
+    return name
+
+
+async def delivered(connection: AbstractRobustConnection, queue: str) -> AbstractIncomingMessage:
+    [message] = await rabbitmq.drain(connection, queue, expected=1)
+    return message
+
+
+async def test_envelope_round_trip_keeps_string_headers_and_exact_body(
+    connection: AbstractRobustConnection, queue: str
+) -> None:
+    aggregate_id = str(uuid.uuid4())
+    body = '{"InvoiceID":"x",  "Note": "fün €",\n"Amount": 10.50}'.encode()
+    sent = Envelope(
+        message_id=str(uuid.uuid4()),
+        name="InvoiceFinancedEvent",
+        body=body,
+        aggregate_id=aggregate_id,
+        headers={"aggregateVersion": "7", "correlation": "ünïcode"},
+    )
+    publisher = await Publisher.open(connection)
+    try:
+        await publisher.send_to_queue(queue, sent)
+    finally:
+        await publisher.close()
+
+    message = await delivered(connection, queue)
+    assert message.headers == {
+        "_watermill_message_uuid": sent.message_id,
+        "name": "InvoiceFinancedEvent",
+        "aggregateID": aggregate_id,
+        "aggregateVersion": "7",
+        "correlation": "ünïcode",
+    }
+    assert all(isinstance(value, str) for value in message.headers.values())
+    assert message.body == body
+    assert message.message_id == sent.message_id
+    assert message.content_type == "application/json"
+    assert message.delivery_mode == 2
+    assert from_amqp(message) == sent
+
+
+async def test_message_with_only_the_watermill_headers_is_accepted(
+    connection: AbstractRobustConnection, queue: str
+) -> None:
+    message_id = str(uuid.uuid4())
+    await rabbitmq.publish_raw(
+        connection,
+        queue,
+        b'{"ID":"1b4e28ba-2fa1-11d2-883f-0016d3cca427"}',
+        {"_watermill_message_uuid": message_id, "name": "CreateIssuer"},
+    )
+    envelope = from_amqp(await delivered(connection, queue))
+    assert envelope == Envelope(
+        message_id=message_id,
+        name="CreateIssuer",
+        body=b'{"ID":"1b4e28ba-2fa1-11d2-883f-0016d3cca427"}',
+    )
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        3,
+        True,
+        1.5,
+        Decimal("1.50"),
+        {"nested": "table"},
+        ["array"],
+        bytearray(b"byte array"),
+        datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC),
+        None,
+    ],
+    ids=lambda value: type(value).__name__,
+)
+async def test_non_string_header_makes_the_message_poison(
+    connection: AbstractRobustConnection, queue: str, value: Any
+) -> None:
+    await rabbitmq.publish_raw(
+        connection,
+        queue,
+        b"{}",
+        {"_watermill_message_uuid": str(uuid.uuid4()), "name": "CreateIssuer", "extra": value},
+    )
+    message = await delivered(connection, queue)
+    with pytest.raises(PoisonMessage, match="header 'extra' is not a string"):
+        from_amqp(message)
+
+
+@pytest.mark.parametrize(
+    ("headers", "missing"),
+    [
+        ({"name": "CreateIssuer"}, "_watermill_message_uuid"),
+        ({"_watermill_message_uuid": "", "name": "CreateIssuer"}, "_watermill_message_uuid"),
+        ({"_watermill_message_uuid": "id-1"}, "name"),
+        ({"_watermill_message_uuid": "id-1", "name": ""}, "name"),
+    ],
+)
+async def test_message_without_id_or_name_is_poison(
+    connection: AbstractRobustConnection, queue: str, headers: dict[str, str], missing: str
+) -> None:
+    await rabbitmq.publish_raw(connection, queue, b"{}", headers)
+    message = await delivered(connection, queue)
+    with pytest.raises(PoisonMessage, match=f"header {missing}"):
+        from_amqp(message)
+
+
+def test_long_string_header_is_a_string_only_when_it_is_utf8() -> None:
+    # pamqp hands an AMQP long string over as bytes when it is not valid UTF-8.
+    assert string_headers({"k": "text", "u": "ü".encode()}) == {"k": "text", "u": "ü"}
+    with pytest.raises(PoisonMessage, match="header 'k' is not valid UTF-8"):
+        string_headers({"k": b"\xff\xfe"})

@@ -1,0 +1,148 @@
+"""Schema migrations: idempotent, safe when several instances start at once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from financing.adapters.postgres.connection import connect, create_pool
+from financing.adapters.postgres.schema import apply, migrate, parse_sections, sections
+from financing.config import Database
+from tests.support import infra
+
+EVENT_STORE_TABLES = ["events", "processed_messages", "relay_checkpoints", "snapshots"]
+
+
+@pytest.fixture
+async def empty_database() -> AsyncIterator[Database]:
+    name = infra.unique_name("fin_schema")
+    yield await infra.create_database(name)
+    await infra.drop_database(name)
+
+
+async def tables(conn: asyncpg.Connection) -> list[str]:
+    rows = await conn.fetch(
+        "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY tablename"
+    )
+    return [row["tablename"] for row in rows]
+
+
+async def recorded(conn: asyncpg.Connection) -> list[tuple[str, int]]:
+    rows = await conn.fetch("SELECT name, version FROM schema_migrations ORDER BY name, version")
+    return [(row["name"], row["version"]) for row in rows]
+
+
+async def test_migrating_twice_changes_nothing_the_second_time(empty_database: Database) -> None:
+    conn = await connect(empty_database)
+    try:
+        await migrate(conn, "commands")
+        await conn.execute(
+            "INSERT INTO events (aggregate_type, aggregate_id, version, name, body)"
+            " VALUES ('Issuer', gen_random_uuid(), 1, 'IssuerCreatedEvent', '{}')"
+        )
+        await migrate(conn, "commands")
+
+        assert await tables(conn) == sorted([*EVENT_STORE_TABLES, "schema_migrations"])
+        assert await recorded(conn) == [("commands", v) for v, _ in sections("commands")]
+        assert await conn.fetchval("SELECT count(*) FROM events") == 1
+    finally:
+        await conn.close()
+
+
+async def test_instances_migrating_at_once_all_succeed_and_apply_it_once(
+    empty_database: Database,
+) -> None:
+    connections = [await connect(empty_database) for _ in range(6)]
+    try:
+        await asyncio.gather(*(migrate(conn, "commands") for conn in connections))
+
+        assert await tables(connections[0]) == sorted([*EVENT_STORE_TABLES, "schema_migrations"])
+        assert await recorded(connections[0]) == [("commands", v) for v, _ in sections("commands")]
+    finally:
+        for conn in connections:
+            await conn.close()
+
+
+async def test_migrating_through_a_pool_works_like_through_a_connection(
+    empty_database: Database,
+) -> None:
+    pool = await create_pool(empty_database)
+    try:
+        await asyncio.gather(migrate(pool, "commands"), migrate(pool, "commands"))
+
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == len(
+                sections("commands")
+            )
+    finally:
+        await pool.close()
+
+
+async def test_a_later_section_is_applied_alone_and_earlier_ones_are_not_rerun(
+    empty_database: Database,
+) -> None:
+    first = (1, "CREATE TABLE first_table (id int)")
+    second = (2, "CREATE TABLE second_table (id int); CREATE INDEX ON second_table (id)")
+    conn = await connect(empty_database)
+    try:
+        await apply(conn, "demo", [first])
+        # Rerunning version 1 would fail: its table exists.
+        await apply(conn, "demo", [first, second])
+
+        assert await tables(conn) == ["first_table", "schema_migrations", "second_table"]
+        assert await recorded(conn) == [("demo", 1), ("demo", 2)]
+    finally:
+        await conn.close()
+
+
+async def test_a_failing_section_leaves_no_trace(empty_database: Database) -> None:
+    good = (1, "CREATE TABLE good_table (id int)")
+    bad = (2, "CREATE TABLE no_such_schema.bad_table (id int)")
+    conn = await connect(empty_database)
+    try:
+        with pytest.raises(asyncpg.InvalidSchemaNameError):
+            await apply(conn, "demo", [good, bad])
+
+        assert await conn.fetchval("SELECT to_regclass('good_table')") is None
+        assert await conn.fetchval("SELECT to_regclass('schema_migrations')") is None
+    finally:
+        await conn.close()
+
+
+def test_migration_files_are_split_at_version_headers() -> None:
+    text = "-- about this file\n\n-- version: 1\nCREATE TABLE a ();\n-- version: 2\nDROP TABLE a;\n"
+
+    assert parse_sections(text, "demo.sql") == [
+        (1, "\nCREATE TABLE a ();\n"),
+        (2, "\nDROP TABLE a;\n"),
+    ]
+    assert parse_sections("CREATE TABLE a ();", "demo.sql") == [(1, "CREATE TABLE a ();")]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "-- version: 2\nSELECT 1;\n-- version: 1\nSELECT 1;\n",
+        "-- version: 1\nSELECT 1;\n-- version: 1\nSELECT 1;\n",
+        "CREATE TABLE lost ();\n-- version: 1\nSELECT 1;\n",
+    ],
+    ids=["decreasing", "repeated", "statement-before-first-header"],
+)
+def test_malformed_migration_files_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match=r"demo\.sql"):
+        parse_sections(text, "demo.sql")
+
+
+def test_migration_names_cannot_leave_the_sql_folder() -> None:
+    with pytest.raises(ValueError, match="invalid migration name"):
+        sections("../../config")
+
+
+def test_the_event_store_schema_ships_with_the_package() -> None:
+    versions = [version for version, _ in sections("commands")]
+
+    assert versions[0] == 1
+    assert "CREATE TABLE events" in sections("commands")[0][1]

@@ -1,0 +1,158 @@
+"""Broker-side helpers for tests: private vhosts, queue inspection, raw publishing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+from aio_pika.exceptions import ChannelNotFoundEntity
+
+from tests.support import infra
+
+
+@dataclass(frozen=True)
+class Vhost:
+    name: str
+    url: str
+
+
+@asynccontextmanager
+async def private_vhost(prefix: str = "fin_rmq") -> AsyncIterator[Vhost]:
+    """A vhost of one's own: for tests that inspect or disturb the whole vhost."""
+    name = infra.unique_name(prefix)
+    url = await asyncio.to_thread(infra.create_vhost, name)
+    try:
+        yield Vhost(name, url)
+    finally:
+        await asyncio.to_thread(infra.delete_vhost, name)
+
+
+def _rabbitmqctl_json(*args: str) -> list[dict[str, Any]]:
+    done = subprocess.run(
+        ["rabbitmqctl", "-q", *args, "--formatter", "json"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    rows: list[dict[str, Any]] = json.loads(done.stdout or "[]")
+    return rows
+
+
+async def list_queues(vhost: str) -> dict[str, dict[str, Any]]:
+    """Every queue of `vhost` as the broker reports it, by name."""
+    rows = await asyncio.to_thread(
+        _rabbitmqctl_json,
+        "list_queues",
+        "-p",
+        vhost,
+        "name",
+        "durable",
+        "arguments",
+        "messages_ready",
+        "messages_unacknowledged",
+        "consumers",
+    )
+    return {row["name"]: row for row in rows}
+
+
+async def list_exchanges(vhost: str) -> dict[str, dict[str, Any]]:
+    rows = await asyncio.to_thread(
+        _rabbitmqctl_json, "list_exchanges", "-p", vhost, "name", "type", "durable"
+    )
+    return {row["name"]: row for row in rows}
+
+
+async def list_bindings(vhost: str) -> list[tuple[str, str, str]]:
+    """(exchange, queue, routing key) of every binding except the default exchange's."""
+    rows = await asyncio.to_thread(
+        _rabbitmqctl_json,
+        "list_bindings",
+        "-p",
+        vhost,
+        "source_name",
+        "destination_name",
+        "routing_key",
+    )
+    return [
+        (row["source_name"], row["destination_name"], row["routing_key"])
+        for row in rows
+        if row["source_name"]
+    ]
+
+
+async def queue_state(connection: AbstractConnection, queue: str) -> tuple[int, int] | None:
+    """(ready messages, consumers) of a queue, by passive declaration; None if it does not exist."""
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        declared = await channel.declare_queue(queue, passive=True)
+    except ChannelNotFoundEntity:
+        return None  # the broker closed the channel
+    result = declared.declaration_result
+    await channel.close()
+    return result.message_count or 0, result.consumer_count or 0
+
+
+async def publish_raw(
+    connection: AbstractConnection,
+    queue: str,
+    body: bytes,
+    headers: Mapping[str, Any],
+    *,
+    message_id: str | None = None,
+) -> None:
+    """Publish exactly these headers (of any AMQP type) to `queue`, confirmed."""
+    channel = await connection.channel()
+    try:
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                body,
+                headers=dict(headers),
+                message_id=message_id,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            routing_key=queue,
+        )
+    finally:
+        await channel.close()
+
+
+async def drain(
+    connection: AbstractConnection, queue: str, *, expected: int
+) -> list[AbstractIncomingMessage]:
+    """Take (and ack) `expected` messages from `queue`, in queue order."""
+    channel = await connection.channel(publisher_confirms=False)
+    taken: list[AbstractIncomingMessage] = []
+    try:
+        declared = await channel.declare_queue(queue, passive=True)
+
+        async def take() -> bool:
+            while len(taken) < expected:
+                message = await declared.get(no_ack=True, fail=False)
+                if message is None:
+                    return False
+                taken.append(message)
+            return True
+
+        await infra.wait_until(take, what=f"{expected} messages on {queue}")
+    finally:
+        await channel.close()
+    return taken
+
+
+async def close_connections(vhost: str) -> None:
+    """Make the broker drop every client connection of `vhost`, as a restart would."""
+    await asyncio.to_thread(
+        subprocess.run,
+        ["rabbitmqctl", "-q", "close_all_connections", "-p", vhost, "closed by a test"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
