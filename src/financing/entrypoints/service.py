@@ -39,7 +39,7 @@ from financing.application.processing import (
 )
 from financing.config import Settings
 from financing.entrypoints.commands_api import CommandsService
-from financing.entrypoints.projector import PROJECTOR_QUEUE, run_projector
+from financing.entrypoints.projector import PROJECTOR_QUEUE, QUEUE_ARGUMENTS, run_projector
 from financing.entrypoints.queries_api import QueriesService
 from financing.entrypoints.relayer import run_relayer
 from financing.logging import get_logger
@@ -98,9 +98,7 @@ async def declare_topology(
             if subscription.from_events:
                 await topology.declare_event_queue(channel, subscription.queue)
         if with_projector:
-            await topology.declare_event_queue(
-                channel, PROJECTOR_QUEUE, arguments={"x-single-active-consumer": True}
-            )
+            await topology.declare_event_queue(channel, PROJECTOR_QUEUE, arguments=QUEUE_ARGUMENTS)
 
 
 async def serve(

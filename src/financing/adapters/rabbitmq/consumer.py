@@ -30,6 +30,7 @@ from financing.adapters.rabbitmq.envelopes import (
     from_amqp,
     header_text,
 )
+from financing.adapters.rabbitmq.publisher import BROKER_ERRORS as PUBLISH_ERRORS
 from financing.adapters.rabbitmq.publisher import PublishFailed
 from financing.adapters.rabbitmq.topology import (
     declare_command_queue,
@@ -51,13 +52,7 @@ from financing.logging import get_logger
 log = get_logger(__name__)
 
 # Errors of the broker connection: transient, retried for as long as the service runs.
-BROKER_ERRORS: tuple[type[BaseException], ...] = (
-    PublishFailed,
-    aiormq.exceptions.AMQPError,
-    aiormq.exceptions.ChannelInvalidStateError,
-    ConnectionError,
-    TimeoutError,
-)
+BROKER_ERRORS: tuple[type[BaseException], ...] = (PublishFailed, *PUBLISH_ERRORS)
 
 # On cancellation, how long in-flight messages may take to finish.
 SHUTDOWN_GRACE = 3.0
@@ -138,10 +133,10 @@ async def run_subscription(
         finally:
             await consumer.stop(queue, tag, shutdown_grace)
     finally:
+        # Closing returns every unacked message to the queue; closing it even
+        # while disconnected keeps the robust connection from restoring it.
         with suppress(*BROKER_ERRORS):
-            if not channel.is_closed:
-                # Closing returns every unacked message to the queue.
-                await asyncio.wait_for(channel.close(), timeout=2.0)
+            await asyncio.wait_for(channel.close(), timeout=2.0)
 
 
 class _Consumer:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from contextlib import suppress
 from uuid import UUID
 
 import aiormq
@@ -30,6 +31,7 @@ BROKER_ERRORS: tuple[type[Exception], ...] = (
     aiormq.exceptions.AMQPError,
     aiormq.exceptions.ChannelInvalidStateError,
     ConnectionError,
+    TimeoutError,
 )
 
 
@@ -112,8 +114,9 @@ class Publisher:
                 raise PublishFailed(f"{what}: not acknowledged by the broker ({result!r})")
 
     async def close(self) -> None:
-        if not self._channel.is_closed:
-            await self._channel.close()
+        # Also while disconnected: a closed robust channel is not restored later.
+        with suppress(*BROKER_ERRORS):
+            await asyncio.wait_for(self._channel.close(), timeout=self._confirm_timeout)
 
 
 def _describe(exc: BaseException) -> str:
