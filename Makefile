@@ -44,3 +44,11 @@ proto: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+## A complete financing story on a throwaway deployment: events next to read models.
+demo: $(STAMP)
+	$(BIN)/python -m scripts.demo
+
+## Concurrent financing sagas through the public API: sagas per second and latency percentiles.
+bench: $(STAMP)
+	$(BIN)/python -m scripts.bench $(BENCH_ARGS)

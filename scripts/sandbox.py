@@ -43,7 +43,11 @@ async def preflight() -> None:
     problems = []
     try:
         conn = await asyncpg.connect(
-            host=infra.PG_HOST, port=infra.PG_PORT, user=infra.PG_USER, database="postgres", timeout=3
+            host=infra.PG_HOST,
+            port=infra.PG_PORT,
+            user=infra.PG_USER,
+            database="postgres",
+            timeout=3,
         )
         await conn.close()
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:

@@ -168,7 +168,11 @@ def _encode_value(value: Any, kind: Kind) -> str:
 
 
 def _number(amount: Decimal) -> str:
-    return format(amount, "f")
+    """Plain decimal notation without trailing zeros (15.0 -> 15), exactly: no rounding."""
+    text = format(amount, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text in ("", "-0") else text
 
 
 def decode(name: str, body: bytes, aggregate_id: str | None = None) -> Message:
