@@ -86,6 +86,9 @@ def pytest_runtest_makereport(
         for service in SERVICES:
             since = offsets.get(id(service), 0)
             report.sections.append(
-                (f"financing serve log ({service.log_path})", service.log_tail(since))
+                (
+                    f"financing serve log ({service.log_path})",
+                    f"service {service.state()}\n{service.log_tail(since)}",
+                )
             )
     return report
