@@ -3,7 +3,17 @@
 By default the session starts `financing serve` on databases and a vhost of
 its own. With FINANCING_ACCEPTANCE_TARGET=external it drives the deployment
 that COMMAND_SERVER_ADDRESS, QUERY_SERVER_ADDRESS and AMQP_ADDRESS point at,
-starts nothing, and only looks at events of aggregates its tests created.
+starts nothing, and only looks at events of aggregates its tests created;
+tests marked own_service (restarts, a second service) are skipped there.
+
+    pytest -m acceptance                                        # a service of its own
+    FINANCING_ACCEPTANCE_TARGET=external pytest -m acceptance   # a running deployment
+
+Other knobs: FINANCING_ACCEPTANCE_START_TIMEOUT (seconds to "service ready",
+default 40), FINANCING_ACCEPTANCE_LOG_LEVEL (the service's LOGGER_LEVEL), and
+any FINANCING_* variable of the service itself, which is passed through (for
+example FINANCING_TEST_REDELIVER_TIMES=3 runs the suite under a redelivery storm).
+A failing test shows the service log written while it ran.
 """
 
 from __future__ import annotations

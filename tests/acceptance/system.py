@@ -9,15 +9,10 @@ at and starts nothing.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
 import os
-import signal
-import socket
-import sys
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,11 +20,12 @@ from aio_pika.abc import AbstractChannel
 
 from tests.acceptance.bus import Broker, EventLog, MessageLog
 from tests.support import infra
+from tests.support.service import (
+    ServiceProcess,
+    free_port,
+)
 
 TARGET_VARIABLE = "FINANCING_ACCEPTANCE_TARGET"
-READY_EVENT = "service ready"
-START_TIMEOUT = float(os.environ.get("FINANCING_ACCEPTANCE_START_TIMEOUT", "40"))
-STOP_TIMEOUT = 10.0
 
 # A small interval makes ordinary scenarios load aggregates from snapshots too.
 SNAPSHOT_INTERVAL = "3"
@@ -57,129 +53,6 @@ class Address:
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def service_command() -> list[str]:
-    """The venv's console script when installed, else the module."""
-    script = Path(sys.executable).with_name("financing")
-    if script.exists():
-        return [str(script), "serve"]
-    return [sys.executable, "-m", "financing", "serve"]
-
-
-class ServiceProcess:
-    """One `financing serve` child process; every start appends to the same log file."""
-
-    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
-        self.env = dict(env)
-        self.log_path = log_path
-        self._process: asyncio.subprocess.Process | None = None
-        self._log_offset = 0
-        self._stopped_by_suite = False
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.returncode is None
-
-    async def start(self, within: float = START_TIMEOUT) -> None:
-        """Start and wait (at most `within` seconds) for its "service ready" log line."""
-        assert not self.running, "the service is already running"
-        self._stopped_by_suite = False
-        self._log_offset = self.log_size()
-        with self.log_path.open("ab") as log:
-            process = await asyncio.create_subprocess_exec(
-                *service_command(),
-                env=self.env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                # Its own session: a Ctrl-C in the terminal reaches pytest, whose
-                # teardown then stops the service the orderly way.
-                start_new_session=True,
-            )
-        self._process = process
-
-        async def ready() -> bool:
-            if process.returncode is not None:
-                raise AssertionError(
-                    f"financing serve exited with {process.returncode} before it was ready"
-                )
-            return any(line.get("event") == READY_EVENT for line in self.log_lines())
-
-        try:
-            await infra.wait_until(ready, timeout=within, interval=0.1, what="'service ready'")
-        except AssertionError as exc:
-            await self.kill()
-            raise AssertionError(
-                f"{exc}\nservice log:\n{self.log_tail(self._log_offset)}"
-            ) from None
-
-    async def stop(self, within: float = STOP_TIMEOUT) -> int:
-        """SIGTERM; the exit code, or AssertionError when it does not exit within the deadline."""
-        process = self._process
-        assert process is not None, "the service was never started"
-        if process.returncode is None:
-            self._stopped_by_suite = True
-            process.send_signal(signal.SIGTERM)
-        try:
-            return await asyncio.wait_for(process.wait(), within)
-        except TimeoutError:
-            await self.kill()
-            raise AssertionError(
-                f"financing serve did not exit within {within}s of SIGTERM;"
-                f" log:\n{self.log_tail(self._log_offset)}"
-            ) from None
-
-    def state(self) -> str:
-        process = self._process
-        if process is None:
-            return "never started"
-        if process.returncode is None:
-            return f"running (pid {process.pid})"
-        if self._stopped_by_suite:
-            return f"stopped by the suite, exit code {process.returncode}"
-        return (
-            f"exited with code {process.returncode} on its own: it crashed, or a signal"
-            " from outside this suite stopped it"
-        )
-
-    async def kill(self) -> None:
-        if self._process is not None and self._process.returncode is None:
-            self._process.kill()
-            await self._process.wait()
-
-    def log_lines(self) -> list[dict[str, object]]:
-        """The JSON log lines written since the last start."""
-        lines: list[dict[str, object]] = []
-        for raw in self._read_log(self._log_offset).splitlines():
-            with contextlib.suppress(ValueError):
-                line = json.loads(raw)
-                if isinstance(line, dict):
-                    lines.append(line)
-        return lines
-
-    def log_size(self) -> int:
-        return self.log_path.stat().st_size if self.log_path.exists() else 0
-
-    def log_tail(self, since: int = 0, max_lines: int = 200) -> str:
-        lines = self._read_log(since).splitlines()
-        skipped = len(lines) - max_lines
-        text = "\n".join(lines[-max_lines:])
-        return f"[{skipped} earlier lines in {self.log_path}]\n{text}" if skipped > 0 else text
-
-    def _read_log(self, offset: int) -> str:
-        if not self.log_path.exists():
-            return ""
-        with self.log_path.open("rb") as log:
-            log.seek(offset)
-            return log.read().decode("utf-8", "replace")
 
 
 # Every service this run started, so a failing test can show their logs.

@@ -24,9 +24,10 @@ async def test_sagas_interrupted_by_a_restart_complete_exactly_once(
     since = financing.events.mark()
     copies_since = len(financing.events.messages)
 
-    # Several bids in flight make it likely that SIGTERM lands in the middle of a saga.
     for invoice_id, investor_id in parties:
         await financing.bid(investor_id, invoice_id, 20)
+    # Stop once a saga has taken its first step: the sagas are caught half way.
+    await financing.events.wait_for(lambda e: e.name == "BidOnInvoicePlacedEvent", since=since)
     assert await service.stop() == 0, "the service did not exit cleanly on SIGTERM"
     # Registering keeps publishing while the service is down.
     absent_investor = new_id()

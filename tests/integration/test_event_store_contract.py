@@ -108,7 +108,8 @@ async def test_event_bodies_are_stored_exactly_as_encoded(store: EventStore) -> 
 
     assert added.name == "InvestorFundsAddedEvent"
     assert added.aggregate_type == "Investor"
-    assert added.body == b'{"Amount":100.10}'
+    # Money is written exactly, in its shortest plain form.
+    assert added.body == b'{"Amount":100.1}'
     assert added.event == InvestorFundsAddedEvent(investor_id, Decimal("100.10"))
 
 

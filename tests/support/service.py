@@ -42,6 +42,7 @@ class ServiceProcess:
         self.log_path = log_path
         self._process: asyncio.subprocess.Process | None = None
         self._log_offset = 0
+        self._stopped_by_suite = False
 
     @property
     def running(self) -> bool:
@@ -50,6 +51,7 @@ class ServiceProcess:
     async def start(self, within: float = START_TIMEOUT) -> None:
         """Start and wait (at most `within` seconds) for its "service ready" log line."""
         assert not self.running, "the service is already running"
+        self._stopped_by_suite = False
         self._log_offset = self.log_size()
         with self.log_path.open("ab") as log:
             process = await asyncio.create_subprocess_exec(
@@ -84,6 +86,7 @@ class ServiceProcess:
         process = self._process
         assert process is not None, "the service was never started"
         if process.returncode is None:
+            self._stopped_by_suite = True
             process.send_signal(signal.SIGTERM)
         try:
             return await asyncio.wait_for(process.wait(), within)
@@ -93,6 +96,19 @@ class ServiceProcess:
                 f"financing serve did not exit within {within}s of SIGTERM;"
                 f" log:\n{self.log_tail(self._log_offset)}"
             ) from None
+
+    def state(self) -> str:
+        process = self._process
+        if process is None:
+            return "never started"
+        if process.returncode is None:
+            return f"running (pid {process.pid})"
+        if self._stopped_by_suite:
+            return f"stopped by the suite, exit code {process.returncode}"
+        return (
+            f"exited with code {process.returncode} on its own: it crashed, or a signal"
+            " from outside this suite stopped it"
+        )
 
     async def kill(self) -> None:
         if self._process is not None and self._process.returncode is None:

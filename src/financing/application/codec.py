@@ -27,6 +27,7 @@ from financing.application.messages import (
     SellInvoice,
 )
 from financing.domain import events as ev
+from financing.domain.money import canonical
 
 Kind = Literal["uuid", "money", "text", "bid"]
 
@@ -160,19 +161,13 @@ def _encode_value(value: Any, kind: Kind) -> str:
     if kind == "uuid":
         return json.dumps(str(value))
     if kind == "money":
-        return _number(value)
+        return canonical(value)
     if kind == "text":
         return json.dumps(value)
     bid: ev.Bid = value
-    return f'{{"InvestorID":{json.dumps(str(bid.investor_id))},"Amount":{_number(bid.amount)}}}'
+    return f'{{"InvestorID":{json.dumps(str(bid.investor_id))},"Amount":{canonical(bid.amount)}}}'
 
 
-def _number(amount: Decimal) -> str:
-    """Plain decimal notation without trailing zeros (15.0 -> 15), exactly: no rounding."""
-    text = format(amount, "f")
-    if "." in text:
-        text = text.rstrip("0").rstrip(".")
-    return "0" if text in ("", "-0") else text
 
 
 def decode(name: str, body: bytes, aggregate_id: str | None = None) -> Message:

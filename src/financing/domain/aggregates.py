@@ -29,7 +29,7 @@ from financing.domain.events import (
     InvoiceReversedEvent,
     IssuerCreatedEvent,
 )
-from financing.domain.money import ZERO
+from financing.domain.money import ZERO, canonical
 
 
 class RuleViolation(Exception):
@@ -174,9 +174,9 @@ class Investor(Aggregate):
 
     def snapshot(self) -> dict[str, Any]:
         return {
-            "balance": str(self.balance),
-            "reserved": str(self.reserved),
-            "committed": str(self.committed),
+            "balance": canonical(self.balance),
+            "reserved": canonical(self.reserved),
+            "committed": canonical(self.committed),
         }
 
     @classmethod
@@ -266,10 +266,12 @@ class Invoice(Aggregate):
         bid = self.winning_bid
         return {
             "issuer_id": str(self.issuer_id) if self.issuer_id else None,
-            "asking_price": str(self.asking_price),
+            "asking_price": canonical(self.asking_price),
             "status": self.status.value,
             "winning_bid": (
-                {"investor_id": str(bid.investor_id), "amount": str(bid.amount)} if bid else None
+                {"investor_id": str(bid.investor_id), "amount": canonical(bid.amount)}
+                if bid
+                else None
             ),
         }
 

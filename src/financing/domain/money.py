@@ -61,3 +61,11 @@ def positive_amount(value: float | Decimal) -> Decimal:
     if amount > MAX_AMOUNT:
         raise InvalidAmount(f"must be at most {MAX_AMOUNT}, got {amount}")
     return amount
+
+
+def canonical(amount: Decimal) -> str:
+    """Plain decimal notation without trailing zeros (15.0 -> 15), exactly: no rounding."""
+    text = format(amount, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text in ("", "-0") else text

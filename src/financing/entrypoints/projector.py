@@ -31,6 +31,7 @@ from financing.adapters.rabbitmq.envelopes import (
     NAME_HEADER,
     from_amqp,
     header_text,
+    readable_name,
 )
 from financing.adapters.rabbitmq.publisher import BROKER_ERRORS, PublishFailed
 from financing.adapters.rabbitmq.topology import declare_event_queue
@@ -124,6 +125,9 @@ async def run_projector(
 
 
 def _classify(message: AbstractIncomingMessage) -> _Delivery:
+    name = readable_name(message)
+    if name is not None and name not in PROJECTED_EVENTS:
+        return _Ignored(message, name)
     try:
         envelope = from_amqp(message)
         if envelope.name not in PROJECTED_EVENTS:

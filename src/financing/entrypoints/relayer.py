@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Coroutine
+from typing import Any
 
 import asyncpg
 
 from financing.adapters.postgres.connection import INFRASTRUCTURE_ERRORS
 from financing.adapters.postgres.outbox import Outbox, RelayerLock, listen
 from financing.adapters.rabbitmq.publisher import Publisher
+from financing.application.ports import StoredEvent
 from financing.config import Database
 from financing.logging import get_logger
 
@@ -25,6 +28,7 @@ log = get_logger(__name__)
 POLL_INTERVAL = 0.1
 BATCH_SIZE = 256
 MAX_BACKOFF = 5.0
+SHUTDOWN_GRACE = 5.0
 
 
 async def run_relayer(
@@ -79,9 +83,7 @@ async def _relay(
             try:
                 events = await outbox.pending(batch_size)
                 if events:
-                    await publisher.publish_events([event.envelope() for event in events])
-                    await outbox.mark_relayed(events)
-                    log.debug("relayed", count=len(events), last_position=events[-1].position)
+                    await _finish_on_cancel(_relay_batch(outbox, publisher, events))
                     backoff = 0.05
                     continue
             except Exception as exc:
@@ -98,6 +100,25 @@ async def _relay(
         if listener is not None and not listener.is_closed():
             with contextlib.suppress(*INFRASTRUCTURE_ERRORS):
                 await listener.close()
+
+
+async def _relay_batch(outbox: Outbox, publisher: Publisher, events: list[StoredEvent]) -> None:
+    await publisher.publish_events([event.envelope() for event in events])
+    await outbox.mark_relayed(events)
+    log.debug("relayed", count=len(events), last_position=events[-1].position)
+
+
+async def _finish_on_cancel(step: Coroutine[Any, Any, None]) -> None:
+    """Let a publish-and-mark step finish when the relayer is stopped mid-way, so
+    a clean shutdown does not leave confirmed events to be published again."""
+    task = asyncio.ensure_future(step)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            async with asyncio.timeout(SHUTDOWN_GRACE):
+                await task
+        raise
 
 
 async def _listen(db: Database, wake: asyncio.Event) -> asyncpg.Connection | None:

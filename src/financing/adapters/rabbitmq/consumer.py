@@ -29,6 +29,7 @@ from financing.adapters.rabbitmq.envelopes import (
     NAME_HEADER,
     from_amqp,
     header_text,
+    readable_name,
 )
 from financing.adapters.rabbitmq.publisher import BROKER_ERRORS as PUBLISH_ERRORS
 from financing.adapters.rabbitmq.publisher import PublishFailed
@@ -185,14 +186,15 @@ class _Consumer:
             log.exception("message handling failed", **self._fields(message, None))
 
     async def _handle_message(self, message: AbstractIncomingMessage) -> None:
+        name = readable_name(message)
+        if name is not None and name != self._subscription.message_name:
+            log.debug("ignoring message of another name", **self._fields(message, None))
+            await self._ack(message, None)
+            return
         try:
             envelope = from_amqp(message)
         except PoisonMessage as exc:
             await self._dead_letter(message, None, str(exc))
-            return
-        if envelope.name != self._subscription.message_name:
-            log.debug("ignoring message of another name", **self._fields(message, envelope))
-            await self._ack(message, envelope)
             return
         try:
             decoded = codec.decode(envelope.name, envelope.body, envelope.aggregate_id)

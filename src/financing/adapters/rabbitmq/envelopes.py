@@ -85,6 +85,22 @@ def string_headers(headers: Mapping[str, Any] | None) -> dict[str, str]:
     return result
 
 
+def readable_name(message: AbstractIncomingMessage) -> str | None:
+    """The `name` header when it is a string, else None.
+
+    A consumer reads the name first: a message it does not handle is acked and
+    ignored whatever its other headers, so a malformed message is dead-lettered
+    once, by the consumer of its name, not by every queue bound to `events`.
+    """
+    value = (message.headers or {}).get(NAME_HEADER)
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return value if isinstance(value, str) and value else None
+
+
 def header_text(value: Any) -> str:
     """Any header value as a string, for copies kept for inspection (dead letters)."""
     if isinstance(value, str):

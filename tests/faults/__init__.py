@@ -1,0 +1,1 @@
+"""Fault injection: the service under kills, outages, redelivery storms and hostile input."""

@@ -1,0 +1,66 @@
+"""Fixtures of the fault-injection suite, and the figures it reports.
+
+`FIGURES` is one dict shared by every test of `tests/faults`: a test adds what
+it survived or measured (`add_figure`, `set_figure`, or the `fault_figures`
+fixture). At the end of the session the figures are printed in pytest's
+terminal summary and written to `build/reliability-faults.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.faults.workload import Deployment, deployment
+
+FIGURES: dict[str, Any] = {}
+FIGURES_FILE = Path("build") / "reliability-faults.json"
+
+Deploy = Callable[..., Awaitable[Deployment]]
+
+
+def add_figure(name: str, amount: int | float = 1) -> None:
+    """Add `amount` to the counter `name` (created at zero)."""
+    FIGURES[name] = FIGURES.get(name, 0) + amount
+
+
+def set_figure(name: str, value: Any) -> None:
+    FIGURES[name] = value
+
+
+@pytest.fixture(scope="session")
+def fault_figures() -> dict[str, Any]:
+    return FIGURES
+
+
+@pytest.fixture
+async def deploy() -> AsyncIterator[Deploy]:
+    """Start deployments of the service, each on databases and a vhost of its own.
+
+    `await deploy("kill", {"FINANCING_TEST_REDELIVER_TIMES": "3"})`; every
+    deployment is stopped (SIGTERM, exit code 0 expected) and removed after
+    the test.
+    """
+    async with AsyncExitStack() as stack:
+
+        async def start(prefix: str, extra_env: Mapping[str, str] | None = None) -> Deployment:
+            return await stack.enter_async_context(deployment(prefix, extra_env))
+
+        yield start
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    if not FIGURES:
+        return
+    path = config.rootpath / FIGURES_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(FIGURES, indent=2, sort_keys=True, default=str) + "\n")
+    terminalreporter.section("fault-injection figures")
+    for name, value in sorted(FIGURES.items()):
+        terminalreporter.write_line(f"{name}: {value}")
+    terminalreporter.write_line(f"(written to {path})")
