@@ -60,6 +60,8 @@ class Settings:
     amqp_url: str = field(default=DEFAULT_AMQP, repr=False)
     log_level: str = "INFO"
     snapshot_interval: int = 100
+    # How long start-up waits for PostgreSQL and RabbitMQ before giving up.
+    startup_timeout: float = 30.0
     # Test-only: process every consumed message this many times (redelivery storm).
     redeliver_times: int = 1
 
@@ -81,6 +83,7 @@ class Settings:
             amqp_url=env.get("AMQP_ADDRESS", DEFAULT_AMQP),
             log_level=level,
             snapshot_interval=_positive_int(env, "FINANCING_SNAPSHOT_INTERVAL", 100),
+            startup_timeout=_positive_int(env, "FINANCING_STARTUP_TIMEOUT", 30),
             redeliver_times=_positive_int(env, "FINANCING_TEST_REDELIVER_TIMES", 1),
         )
 

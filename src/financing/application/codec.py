@@ -168,8 +168,6 @@ def _encode_value(value: Any, kind: Kind) -> str:
     return f'{{"InvestorID":{json.dumps(str(bid.investor_id))},"Amount":{canonical(bid.amount)}}}'
 
 
-
-
 def decode(name: str, body: bytes, aggregate_id: str | None = None) -> Message:
     """Rebuild a message from its name, JSON body and aggregateID header.
 

@@ -61,7 +61,6 @@ NEEDS_COMMAND_DB = frozenset({"commands", "policies", "relayer"})
 NEEDS_QUERY_DB = frozenset({"queries-api", "projector"})
 NEEDS_BROKER = frozenset(COMPONENTS) - {"queries-api"}
 
-STARTUP_TIMEOUT = 30.0
 SHUTDOWN_GRACE = 5.0
 
 
@@ -105,7 +104,7 @@ async def serve(
     settings: Settings,
     components: Iterable[str] = COMPONENTS,
     *,
-    startup_timeout: float = STARTUP_TIMEOUT,
+    startup_timeout: float | None = None,
 ) -> int:
     """Run the selected components until a signal (exit 0) or a crash (exit 1)."""
     selected = frozenset(components)
@@ -118,7 +117,8 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     try:
         async with AsyncExitStack() as stack:
-            return await _run(settings, selected, stack, stop, time.monotonic() + startup_timeout)
+            budget = settings.startup_timeout if startup_timeout is None else startup_timeout
+            return await _run(settings, selected, stack, stop, time.monotonic() + budget)
     except StartupError as exc:
         log.error("start-up failed", error=str(exc))
         return 2

@@ -11,11 +11,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from financing.adapters.rabbitmq.envelopes import MESSAGE_UUID_HEADER, NAME_HEADER, header_text
+from financing.adapters.rabbitmq.envelopes import (
+    CORE_HEADERS,
+    MESSAGE_UUID_HEADER,
+    NAME_HEADER,
+    header_text,
+)
 from financing.adapters.rabbitmq.publisher import Publisher
 from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE, declare_dead_letter_queue
 
@@ -26,6 +32,14 @@ DEAD_LETTER_HEADERS = frozenset({REASON_HEADER, SOURCE_QUEUE_HEADER, DEAD_LETTER
 
 # Headers must fit in one frame; an exception text can be arbitrarily long.
 MAX_REASON_CHARS = 2000
+# The copy's headers are the original ones as text, which can be several times
+# larger (a boolean becomes "true", a byte that is not UTF-8 three bytes): a copy
+# whose header frame exceeds the broker's frame size makes it close the whole
+# connection. Far below RabbitMQ's default frame size of 128 KiB.
+MAX_HEADER_CHARS = 1024
+MAX_COPIED_HEADERS_BYTES = 32 * 1024
+# The AMQP message-id property is a short string.
+MAX_MESSAGE_ID_BYTES = 255
 
 
 @dataclass(frozen=True)
@@ -54,26 +68,53 @@ class DeadLetters:
         if not self._declared:
             await declare_dead_letter_queue(self._publisher.channel)
             self._declared = True
-        headers: dict[str, str] = {
-            key: header_text(value)
-            for key, value in (message.headers or {}).items()
-            if key not in DEAD_LETTER_HEADERS
-        }
-        if len(reason) > MAX_REASON_CHARS:
-            reason = reason[: MAX_REASON_CHARS - 3] + "..."
-        headers[REASON_HEADER] = reason
+        headers, left_out = _copied_headers(message.headers or {})
+        if left_out:
+            reason = f"{reason} [{left_out} header(s) too large to keep were left out]"
+        headers[REASON_HEADER] = _shortened(reason, MAX_REASON_CHARS)
         headers[SOURCE_QUEUE_HEADER] = source_queue
         headers[DEAD_LETTERED_AT_HEADER] = datetime.now(UTC).isoformat()
+        message_id = message.message_id or headers.get(MESSAGE_UUID_HEADER)
+        if message_id and len(message_id.encode()) > MAX_MESSAGE_ID_BYTES:
+            message_id = None
         copy = aio_pika.Message(
             body=bytes(message.body),
             headers=dict(headers),
-            message_id=message.message_id or headers.get(MESSAGE_UUID_HEADER),
+            message_id=message_id,
             content_type=message.content_type,
             content_encoding=message.content_encoding,
             correlation_id=message.correlation_id,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         await self._publisher.send_message_to_queue(DEAD_LETTER_QUEUE, copy)
+
+
+def _copied_headers(original: Mapping[str, Any]) -> tuple[dict[str, str], int]:
+    """The original headers as strings, bounded in size; and how many were left out.
+
+    The headers that identify the message come first, so they are the last to go.
+    """
+    keys = [key for key in CORE_HEADERS if key in original]
+    keys += [key for key in original if key not in CORE_HEADERS]
+    copied: dict[str, str] = {}
+    size = 0
+    left_out = 0
+    for key in keys:
+        if key in DEAD_LETTER_HEADERS:
+            continue
+        text = _shortened(header_text(original[key]), MAX_HEADER_CHARS)
+        # key (short string) + type octet + length + UTF-8 text
+        entry = 1 + len(key.encode()) + 1 + 4 + len(text.encode())
+        if size + entry > MAX_COPIED_HEADERS_BYTES:
+            left_out += 1
+            continue
+        copied[key] = text
+        size += entry
+    return copied, left_out
+
+
+def _shortened(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_dead_letter_header(key: str) -> bool:

@@ -54,6 +54,7 @@ def from_amqp(message: AbstractIncomingMessage) -> Envelope:
     message_id = headers.pop(MESSAGE_UUID_HEADER, "")
     if not message_id:
         raise PoisonMessage(f"missing or empty header {MESSAGE_UUID_HEADER}")
+    _check_message_id(message_id)
     name = headers.pop(NAME_HEADER, "")
     if not name:
         raise PoisonMessage(f"missing or empty header {NAME_HEADER}")
@@ -65,6 +66,22 @@ def from_amqp(message: AbstractIncomingMessage) -> Envelope:
         aggregate_id=aggregate_id,
         headers=headers,
     )
+
+
+# Consumers record every message id in PostgreSQL (a text primary key): an id
+# it cannot store, or index, would fail that message's processing for ever.
+# 255 bytes is also the most an AMQP message-id property can hold.
+MAX_MESSAGE_ID_BYTES = 255
+
+
+def _check_message_id(message_id: str) -> None:
+    if "\x00" in message_id:
+        raise PoisonMessage(f"header {MESSAGE_UUID_HEADER} contains a NUL character")
+    if len(message_id.encode("utf-8", "surrogatepass")) > MAX_MESSAGE_ID_BYTES:
+        raise PoisonMessage(
+            f"header {MESSAGE_UUID_HEADER} is longer than {MAX_MESSAGE_ID_BYTES} bytes:"
+            f" {_preview(message_id)}"
+        )
 
 
 def string_headers(headers: Mapping[str, Any] | None) -> dict[str, str]:

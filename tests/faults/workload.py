@@ -1,0 +1,832 @@
+"""A deterministic financing workload, a deployment to run it against, and the checks after it.
+
+`deployment()` starts `financing serve` on databases and a vhost of its own.
+`Workload` drives dozens of concurrent financing sagas the way real clients
+would: Registering's integration events on `events`, commands through the
+Commands gRPC API, each retried only while the call fails for want of the
+service (UNAVAILABLE, connection refused or reset, deadline exceeded). A
+retried call may duplicate a command that did get through (a second invoice,
+a second bid): that is what a real client causes too, and the sagas are built
+so that duplicates cannot change the final state of anything they know.
+
+Each saga (seeded, so the same seed gives the same sagas):
+  register an issuer and two or three investors -> sell an invoice ->
+  a bid below the asking price (rejected) -> the winning bid (financed, maybe
+  with an excess to release) -> sometimes a late bid (rejected) and a bid the
+  investor cannot afford (dead-lettered) -> approve, reverse, or leave it.
+A step waits until the event store shows the previous step's outcome, so the
+invoice sees the bids in the saga's order and the final state is known in
+advance (`Workload.expected()`).
+
+After the faults: `settle()` waits until `financing check` passes (no
+violation, no saga step in flight, read models equal to a replay) and
+`verify_effects()` compares the read models with what the sagas must have
+produced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import random
+import tempfile
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TypeVar
+from uuid import UUID
+
+import aio_pika
+import aiormq
+import asyncpg
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
+from grpclib.client import Channel
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+
+from financing.adapters.postgres.event_store import EVENT_COLUMNS, stored_event
+from financing.adapters.postgres.read_models import PostgresReadModels
+from financing.adapters.rabbitmq.envelopes import to_amqp
+from financing.adapters.rabbitmq.topology import declare_events_exchange
+from financing.application import codec
+from financing.application.messages import InvestorRegistered, IssuerRegistered
+from financing.application.ports import Envelope
+from financing.config import Database
+from financing.domain import events as ev
+from financing.entrypoints.check import CheckResult, run_check
+from financing.generated import (
+    ApproveFinancingCommand,
+    BidOnInvoiceCommand,
+    CommandsStub,
+    Money,
+    ReverseFinancingCommand,
+    SellInvoiceCommand,
+    Uuid,
+)
+from tests.support import infra
+from tests.support.service import ServiceProcess, free_port
+
+T = TypeVar("T")
+
+# The suite's own database sessions carry this name, so that a fault aimed at
+# the service's sessions (pg_terminate_backend) spares the observers.
+OBSERVER_APPLICATION = "financing_faults_observer"
+# Small, so that aggregates are also loaded from snapshots while faults strike.
+SNAPSHOT_INTERVAL = "3"
+# How long one RPC may take before the client gives up on that attempt: more
+# than the listener's own budget for enqueueing (5 s), so that its UNAVAILABLE
+# answer arrives before the client's deadline.
+RPC_TIMEOUT = 8.0
+POLL_INTERVAL = 0.05
+CENT = Decimal("0.01")
+
+# Statuses a client retries: the service is not there or could not take the command.
+RETRYABLE_STATUSES = frozenset({Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED})
+# What the client library raises when the connection is refused, reset or times out.
+TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    StreamTerminatedError,
+    ProtocolError,
+)
+BROKER_ERRORS: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    aio_pika.exceptions.AMQPException,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+    RuntimeError,  # aio-pika: "connection closed" on a channel of a dead connection
+)
+
+
+class WorkloadError(AssertionError):
+    """The service answered something a correct service never answers, or a saga got stuck."""
+
+
+# -- deployment --------------------------------------------------------------------------------
+
+
+@dataclass
+class Deployment:
+    """One `financing serve` process on databases and a vhost of its own."""
+
+    name: str
+    vhost: str
+    amqp_url: str
+    command_db: Database
+    query_db: Database
+    command_address: tuple[str, int]
+    query_address: tuple[str, int]
+    service: ServiceProcess
+    # The suite's own pools (application name OBSERVER_APPLICATION).
+    event_pool: asyncpg.Pool
+    query_pool: asyncpg.Pool
+
+    @property
+    def databases(self) -> tuple[str, str]:
+        return (
+            str(self.command_db.connect_kwargs["database"]),
+            str(self.query_db.connect_kwargs["database"]),
+        )
+
+    def log_tail(self, max_lines: int = 80) -> str:
+        return self.service.log_tail(max_lines=max_lines)
+
+    def log_events(self) -> Counter[str]:
+        """How many log lines of each event the service wrote, over all its starts."""
+        counts: Counter[str] = Counter()
+        path = self.service.log_path
+        text = path.read_text("utf-8", "replace") if path.exists() else ""
+        for raw in text.splitlines():
+            with contextlib.suppress(ValueError):
+                line = json.loads(raw)
+                if isinstance(line, dict) and isinstance(line.get("event"), str):
+                    counts[line["event"]] += 1
+        return counts
+
+
+async def observer_pool(db: Database) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        **db.connect_kwargs,
+        min_size=1,
+        max_size=3,
+        server_settings={"application_name": OBSERVER_APPLICATION},
+    )
+    assert pool is not None
+    return pool
+
+
+def service_env(
+    command_db: str, query_db: str, amqp_url: str, ports: tuple[int, int]
+) -> dict[str, str]:
+    return {
+        **os.environ,
+        "COMMAND_SERVER_ADDRESS": f"127.0.0.1:{ports[0]}",
+        "QUERY_SERVER_ADDRESS": f"127.0.0.1:{ports[1]}",
+        "COMMAND_DB_CONNECTION_STRING": (
+            f"host={infra.PG_HOST} port={infra.PG_PORT} user={infra.PG_USER}"
+            f" dbname={command_db} pool_max_conns=8"
+        ),
+        "QUERY_DB_CONNECTION_STRING": (
+            f"postgresql://{infra.PG_USER}@{infra.PG_HOST}:{infra.PG_PORT}/{query_db}"
+        ),
+        "AMQP_ADDRESS": amqp_url,
+        "LOGGER_LEVEL": "INFO",
+        "FINANCING_SNAPSHOT_INTERVAL": SNAPSHOT_INTERVAL,
+    }
+
+
+@contextlib.asynccontextmanager
+async def deployment(
+    prefix: str, extra_env: Mapping[str, str] | None = None
+) -> AsyncIterator[Deployment]:
+    """A started service; on exit it must stop with exit code 0 on SIGTERM, then all is removed."""
+    name = infra.unique_name(f"fin_fault_{prefix}")
+    command_name, query_name = f"{name}_commands", f"{name}_queries"
+    async with contextlib.AsyncExitStack() as stack:
+        command_db = await infra.create_database(command_name)
+        stack.push_async_callback(infra.drop_database, command_name)
+        query_db = await infra.create_database(query_name)
+        stack.push_async_callback(infra.drop_database, query_name)
+        amqp_url = await asyncio.to_thread(infra.create_vhost, name)
+        stack.push_async_callback(asyncio.to_thread, infra.delete_vhost, name)
+
+        ports = (free_port(), free_port())
+        env = {**service_env(command_name, query_name, amqp_url, ports), **(extra_env or {})}
+        log_path = Path(tempfile.gettempdir()) / f"{name}.service.log"
+        service = ServiceProcess(env, log_path)
+        stack.push_async_callback(service.kill)  # acts only when the orderly stop did not run
+        await service.start()
+
+        event_pool = await observer_pool(command_db)
+        stack.push_async_callback(event_pool.close)
+        query_pool = await observer_pool(query_db)
+        stack.push_async_callback(query_pool.close)
+        yield Deployment(
+            name=name,
+            vhost=name,
+            amqp_url=amqp_url,
+            command_db=command_db,
+            query_db=query_db,
+            command_address=("127.0.0.1", ports[0]),
+            query_address=("127.0.0.1", ports[1]),
+            service=service,
+            event_pool=event_pool,
+            query_pool=query_pool,
+        )
+        if service.running:
+            code = await service.stop()
+            assert code == 0, (
+                f"financing serve exited with {code} on SIGTERM:\n{service.log_tail()}"
+            )
+
+
+# -- the sagas --------------------------------------------------------------------------------
+
+
+def money(cents: int) -> Decimal:
+    return (Decimal(cents) * CENT).quantize(CENT)
+
+
+def seeded_uuid(rng: random.Random) -> UUID:
+    return UUID(int=rng.getrandbits(128), version=4)
+
+
+@dataclass(frozen=True)
+class PlannedInvestor:
+    role: str  # "loser", "winner" or "poor"
+    id: UUID
+    balance: Decimal
+
+
+@dataclass(frozen=True)
+class PlannedBid:
+    role: str
+    amount: Decimal
+    outcome: str  # "rejected", "financed" or "refused" (cannot afford it: dead-lettered)
+
+
+@dataclass(frozen=True)
+class SagaPlan:
+    index: int
+    issuer: UUID
+    asking_price: Decimal
+    investors: dict[str, PlannedInvestor]
+    bids: tuple[PlannedBid, ...]
+    ending: str | None  # "approve", "reverse" or None (stays financed)
+    registration_ids: tuple[str, ...]  # message ids of the integration events
+
+    @property
+    def winning_bid(self) -> PlannedBid:
+        return next(bid for bid in self.bids if bid.outcome == "financed")
+
+
+def plan_saga(seed: int, index: int) -> SagaPlan:
+    """Saga `index` of the workload seeded `seed`: the same pair always gives the same plan."""
+    rng = random.Random(f"financing-faults/{seed}/{index}")
+    asking = rng.randint(1_000, 50_000)
+    below = rng.randint(100, asking - 1)
+    winning = asking + (0 if rng.random() < 0.3 else rng.randint(1, 5_000))
+    bids = [
+        PlannedBid("loser", money(below), "rejected"),
+        PlannedBid("winner", money(winning), "financed"),
+    ]
+    loser_total = below
+    if rng.random() < 0.5:
+        late = asking + rng.randint(0, 2_000)
+        bids.append(PlannedBid("loser", money(late), "rejected"))
+        loser_total += late
+    # Balances cover every bid of the saga more than twice over, so a bid
+    # duplicated by a client's retry is always affordable and every outcome
+    # stays what the plan says, in whatever order duplicates arrive.
+    investors = {
+        "loser": PlannedInvestor(
+            "loser", seeded_uuid(rng), money(3 * loser_total + rng.randint(0, 10_000))
+        ),
+        "winner": PlannedInvestor(
+            "winner", seeded_uuid(rng), money(3 * winning + rng.randint(0, 10_000))
+        ),
+    }
+    if rng.random() < 0.3:
+        poor = rng.randint(100, asking - 1)
+        investors["poor"] = PlannedInvestor("poor", seeded_uuid(rng), money(poor))
+        bids.append(PlannedBid("poor", money(asking), "refused"))
+    ending_roll = rng.random()
+    ending = "approve" if ending_roll < 0.45 else "reverse" if ending_roll < 0.8 else None
+    issuer = seeded_uuid(rng)
+    registration_ids = tuple(str(seeded_uuid(rng)) for _ in range(1 + len(investors)))
+    return SagaPlan(
+        index=index,
+        issuer=issuer,
+        asking_price=money(asking),
+        investors=investors,
+        bids=tuple(bids),
+        ending=ending,
+        registration_ids=registration_ids,
+    )
+
+
+# -- what the event store shows ---------------------------------------------------------------
+
+_PENDING_EVENTS = (
+    f"SELECT {EVENT_COLUMNS} FROM events"
+    " WHERE (transaction_id, position) > ($1::xid8, $2)"
+    " AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())"
+    " ORDER BY transaction_id, position LIMIT 1000"
+)
+
+
+@dataclass
+class EventStoreView:
+    """The facts the sagas wait for, folded from the event store in commit order."""
+
+    events: int = 0
+    issuers: set[UUID] = field(default_factory=set)
+    investors: set[UUID] = field(default_factory=set)
+    invoices: dict[UUID, tuple[UUID, Decimal]] = field(default_factory=dict)
+    # (invoice, investor, amount) -> how many times the invoice answered such a bid
+    answered: Counter[tuple[UUID, UUID, Decimal]] = field(default_factory=Counter)
+    placed: Counter[tuple[UUID, UUID, Decimal]] = field(default_factory=Counter)
+    approved: set[UUID] = field(default_factory=set)
+    reversed: set[UUID] = field(default_factory=set)
+
+    def apply(self, event: ev.DomainEvent) -> None:
+        self.events += 1
+        match event:
+            case ev.IssuerCreatedEvent(issuer_id=issuer):
+                self.issuers.add(issuer)
+            case ev.InvestorCreatedEvent(investor_id=investor):
+                self.investors.add(investor)
+            case ev.InvoiceCreatedEvent(invoice_id=invoice, issuer_id=issuer, asking_price=price):
+                self.invoices[invoice] = (issuer, price)
+            case ev.BidOnInvoicePlacedEvent(investor_id=investor, invoice_id=invoice):
+                self.placed[(invoice, investor, event.bid_amount)] += 1
+            case (
+                ev.InvoiceFinancedEvent(invoice_id=invoice, bid=bid)
+                | ev.BidOnInvoiceRejectedEvent(invoice_id=invoice, bid=bid)
+            ):
+                self.answered[(invoice, bid.investor_id, bid.amount)] += 1
+            case ev.InvoiceApprovedEvent(invoice_id=invoice):
+                self.approved.add(invoice)
+            case ev.InvoiceReversedEvent(invoice_id=invoice):
+                self.reversed.add(invoice)
+
+
+class EventStoreWatch:
+    """Polls the event store (gap-safe, like the relayer) and wakes the waiting sagas."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self.view = EventStoreView()
+        self._changed = asyncio.Condition()
+        self._after: tuple[Any, int] = (0, 0)
+
+    async def run(self) -> None:
+        while True:
+            rows = await self._pool.fetch(_PENDING_EVENTS, *self._after)
+            if rows:
+                for row in rows:
+                    self.view.apply(stored_event(row).event)
+                self._after = (rows[-1]["transaction_id"], rows[-1]["position"])
+                async with self._changed:
+                    self._changed.notify_all()
+            if len(rows) < 1000:
+                await asyncio.sleep(POLL_INTERVAL)
+
+    async def wait_for(self, predicate: Callable[[EventStoreView], bool], within: float) -> bool:
+        """Whether `predicate` became true within `within` seconds."""
+        try:
+            async with asyncio.timeout(max(within, 0.0)), self._changed:
+                await self._changed.wait_for(lambda: predicate(self.view))
+        except TimeoutError:
+            return False
+        return True
+
+
+# -- Registering's integration events ---------------------------------------------------------
+
+
+class IntegrationPublisher:
+    """Publishes to `events` with confirms, reconnecting after any broker trouble."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._connection: AbstractConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._lock = asyncio.Lock()
+
+    async def _open(self) -> AbstractExchange:
+        async with self._lock:
+            if self._exchange is None or self._channel is None or self._channel.is_closed:
+                await self._drop()
+                self._connection = await aio_pika.connect(self._url, timeout=5)
+                self._channel = await self._connection.channel(publisher_confirms=True)
+                self._exchange = await declare_events_exchange(self._channel)
+            return self._exchange
+
+    async def _drop(self) -> None:
+        connection, self._connection, self._channel, self._exchange = (
+            self._connection,
+            None,
+            None,
+            None,
+        )
+        if connection is not None:
+            with contextlib.suppress(*BROKER_ERRORS):
+                await asyncio.wait_for(connection.close(), 2)
+
+    async def publish(self, envelope: Envelope) -> None:
+        """One attempt: raises a BROKER_ERRORS error when it is not confirmed."""
+        try:
+            async with asyncio.timeout(5):
+                exchange = await self._open()
+                await exchange.publish(to_amqp(envelope), routing_key="")
+        except BROKER_ERRORS:
+            async with self._lock:
+                await self._drop()
+            raise
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._drop()
+
+
+# -- the workload -----------------------------------------------------------------------------
+
+
+@dataclass
+class WorkloadStats:
+    sagas_started: int = 0
+    sagas_completed: int = 0
+    commands_accepted: int = 0
+    integration_events: int = 0
+    # commands that needed more than one call: each may have been enqueued twice
+    commands_retried: Counter[str] = field(default_factory=Counter)
+    # why calls failed and were retried: gRPC status or exception type
+    failures: Counter[str] = field(default_factory=Counter)
+    # when calls failed with UNAVAILABLE (time.monotonic())
+    unavailable_at: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ExpectedInvestor:
+    balance: Decimal
+    reserved: Decimal
+    committed: Decimal
+
+
+@dataclass(frozen=True)
+class ExpectedInvoice:
+    issuer_id: UUID
+    asking_price: Decimal
+    status: str
+    winner: UUID
+    winning_amount: Decimal
+
+
+@dataclass
+class Expected:
+    issuers: set[UUID] = field(default_factory=set)
+    investors: dict[UUID, ExpectedInvestor] = field(default_factory=dict)
+    invoices: dict[UUID, ExpectedInvoice] = field(default_factory=dict)
+    labels: dict[UUID, str] = field(default_factory=dict)
+
+
+class Workload:
+    """Concurrent financing sagas against one deployment; see the module docstring."""
+
+    def __init__(
+        self,
+        target: Deployment,
+        *,
+        seed: int,
+        concurrency: int = 16,
+        within: float = 90.0,
+    ) -> None:
+        self.target = target
+        self.seed = seed
+        self.concurrency = concurrency
+        self.within = within
+        self.stats = WorkloadStats()
+        self.plans: dict[int, SagaPlan] = {}
+        self.invoices: dict[int, UUID] = {}  # saga index -> the invoice id the client was given
+        self.watch = EventStoreWatch(target.event_pool)
+        self._jitter = random.Random(seed)
+        self._deadline = 0.0
+
+    async def run(self, *, sagas: int | None = None, until: asyncio.Event | None = None) -> None:
+        """Run `sagas` sagas, or keep starting new ones until `until` is set; then finish them."""
+        if sagas is None and until is None:
+            raise ValueError("give a number of sagas or an event that ends the workload")
+        self._deadline = time.monotonic() + self.within
+        next_index = 0
+
+        async def worker() -> None:
+            nonlocal next_index
+            while (sagas is None or next_index < sagas) and not (until and until.is_set()):
+                index, next_index = next_index, next_index + 1
+                await self._saga(plan_saga(self.seed, index), commands, publisher)
+
+        channel = Channel(*self.target.command_address)
+        commands = CommandsStub(channel)
+        publisher = IntegrationPublisher(self.target.amqp_url)
+        watching = asyncio.create_task(self.watch.run(), name="event store watch")
+        workers = [asyncio.create_task(worker()) for _ in range(self.concurrency)]
+        try:
+            done, _ = await asyncio.wait([*workers, watching], return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()  # the first failure, as itself
+        finally:
+            for task in (*workers, watching):
+                task.cancel()
+            await asyncio.gather(*workers, watching, return_exceptions=True)
+            await publisher.close()
+            channel.close()
+
+    # -- one saga
+
+    async def _saga(
+        self, plan: SagaPlan, commands: CommandsStub, publisher: IntegrationPublisher
+    ) -> None:
+        self.plans[plan.index] = plan
+        self.stats.sagas_started += 1
+        where = f"saga {plan.index}"
+        await self._register(plan, publisher)
+        investor_ids = {investor.id for investor in plan.investors.values()}
+        await self._wait(
+            lambda v: plan.issuer in v.issuers and investor_ids <= v.investors,
+            f"{where}: issuer and investors created",
+        )
+        reply = await self._call(
+            "SellInvoice",
+            lambda: commands.sell_invoice(
+                SellInvoiceCommand(
+                    issuer_id=Uuid(str(plan.issuer)),
+                    asking_price=Money(float(plan.asking_price)),
+                ),
+                timeout=RPC_TIMEOUT,
+            ),
+        )
+        invoice = UUID(reply.value)
+        self.invoices[plan.index] = invoice
+        await self._wait(lambda v: invoice in v.invoices, f"{where}: invoice {invoice} created")
+        for bid in plan.bids:
+            await self._bid(commands, plan, invoice, bid)
+        if plan.ending == "approve":
+            await self._call(
+                "ApproveFinancing",
+                lambda: commands.approve_financing(
+                    ApproveFinancingCommand(invoice_id=Uuid(str(invoice))), timeout=RPC_TIMEOUT
+                ),
+            )
+            await self._wait(lambda v: invoice in v.approved, f"{where}: invoice approved")
+        elif plan.ending == "reverse":
+            await self._call(
+                "ReverseFinancing",
+                lambda: commands.reverse_financing(
+                    ReverseFinancingCommand(invoice_id=Uuid(str(invoice))), timeout=RPC_TIMEOUT
+                ),
+            )
+            await self._wait(lambda v: invoice in v.reversed, f"{where}: invoice reversed")
+        self.stats.sagas_completed += 1
+
+    async def _bid(
+        self, commands: CommandsStub, plan: SagaPlan, invoice: UUID, bid: PlannedBid
+    ) -> None:
+        investor = plan.investors[bid.role].id
+        command = BidOnInvoiceCommand(
+            investor_id=Uuid(str(investor)),
+            invoice_id=Uuid(str(invoice)),
+            bid=Money(float(bid.amount)),
+        )
+        await self._call(
+            "BidOnInvoice", lambda: commands.bid_on_invoice(command, timeout=RPC_TIMEOUT)
+        )
+        if bid.outcome == "refused":
+            return  # nothing is ever stored for it: it is dead-lettered
+        key = (invoice, investor, bid.amount)
+        await self._wait(
+            lambda v: v.answered[key] > 0,
+            f"saga {plan.index}: bid {bid.amount} of the {bid.role} answered by invoice {invoice}",
+        )
+
+    async def _register(self, plan: SagaPlan, publisher: IntegrationPublisher) -> None:
+        events: list[IssuerRegistered | InvestorRegistered] = [
+            IssuerRegistered(id=plan.issuer, name_=f"issuer {plan.index}")
+        ]
+        events += [
+            InvestorRegistered(
+                id=investor.id, name_=f"{investor.role} {plan.index}", balance=investor.balance
+            )
+            for investor in plan.investors.values()
+        ]
+        for message_id, event in zip(plan.registration_ids, events, strict=True):
+            envelope = Envelope(message_id=message_id, name=event.name(), body=codec.encode(event))
+            # Published again with the same message id after a failure, as a
+            # well-behaved publisher does: the service deduplicates it.
+            await self._retry(event.name(), functools.partial(publisher.publish, envelope))
+            self.stats.integration_events += 1
+
+    # -- calling and waiting
+
+    async def _call(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        result = await self._retry(what, call)
+        self.stats.commands_accepted += 1
+        return result
+
+    async def _retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                result = await call()
+            except GRPCError as exc:
+                if exc.status not in RETRYABLE_STATUSES:
+                    raise WorkloadError(
+                        f"{what} answered {exc.status.name}: {exc.message}"
+                    ) from exc
+                reason = exc.status.name
+                if exc.status is Status.UNAVAILABLE:
+                    self.stats.unavailable_at.append(time.monotonic())
+            except (*TRANSPORT_ERRORS, *BROKER_ERRORS) as exc:
+                reason = type(exc).__name__
+            else:
+                if attempts > 1:
+                    self.stats.commands_retried[what] += 1
+                return result
+            self.stats.failures[reason] += 1
+            if time.monotonic() > self._deadline:
+                raise WorkloadError(f"{what} still failing ({reason}) at the workload's deadline")
+            # Client backoff, jittered so that retries do not arrive in lockstep.
+            await asyncio.sleep(
+                min(0.05 * 2 ** min(attempts, 4), 0.5) * self._jitter.uniform(0.5, 1)
+            )
+
+    async def _wait(self, predicate: Callable[[EventStoreView], bool], what: str) -> None:
+        if not await self.watch.wait_for(predicate, self._deadline - time.monotonic()):
+            raise WorkloadError(
+                f"timed out after {self.within}s waiting for {what}\n"
+                f"service log tail:\n{self.target.log_tail()}"
+            )
+
+    # -- the outcome
+
+    def expected(self) -> Expected:
+        """The final state of everything the completed sagas know of."""
+        out = Expected()
+        for index, plan in self.plans.items():
+            invoice = self.invoices.get(index)
+            out.issuers.add(plan.issuer)
+            out.labels[plan.issuer] = f"saga {index} issuer"
+            for investor in plan.investors.values():
+                out.labels[investor.id] = f"saga {index} {investor.role}"
+                out.investors[investor.id] = ExpectedInvestor(
+                    investor.balance, Decimal(0), Decimal(0)
+                )
+            if invoice is None:
+                continue
+            out.labels[invoice] = f"saga {index} invoice"
+            winner = plan.investors["winner"]
+            price = plan.asking_price
+            status = {"approve": "APPROVED", "reverse": "REVERSED", None: "FINANCED"}[plan.ending]
+            out.invoices[invoice] = ExpectedInvoice(
+                plan.issuer, price, status, winner.id, plan.winning_bid.amount
+            )
+            if status == "APPROVED":
+                winner_state = ExpectedInvestor(winner.balance - price, Decimal(0), price)
+            elif status == "FINANCED":
+                winner_state = ExpectedInvestor(winner.balance - price, price, Decimal(0))
+            else:
+                winner_state = ExpectedInvestor(winner.balance, Decimal(0), Decimal(0))
+            out.investors[winner.id] = winner_state
+        return out
+
+
+# -- after the faults -------------------------------------------------------------------------
+
+
+async def settle(target: Deployment, *, within: float = 60.0) -> CheckResult:
+    """Wait until `financing check` passes; fail with its report and the service log if not.
+
+    An invariant violation fails at once: it can only get worse, unlike a saga
+    step in flight or a read model that has not caught up yet.
+    """
+    last: CheckResult | None = None
+    deadline = time.monotonic() + within
+    while True:
+        if not target.service.running:
+            raise AssertionError(f"the service is not running:\n{target.log_tail()}")
+        last = await run_check(target.event_pool, target.query_pool)
+        if last.ok:
+            return last
+        if last.invariants.violations or time.monotonic() > deadline:
+            why = (
+                "invariants violated"
+                if last.invariants.violations
+                else f"not settled after {within}s"
+            )
+            report = "\n".join(last.lines())
+            raise AssertionError(
+                f"financing check: {why}\n{report}\nservice log tail:\n{target.log_tail()}"
+            )
+        await asyncio.sleep(0.25)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The read models of the workload's entities, named by their role in the sagas."""
+
+    investors: dict[str, ExpectedInvestor]
+    invoices: dict[str, tuple[str, Decimal, str, str, Decimal]]
+    issuers: frozenset[str]
+    unknown_invoices: list[str]  # created by retried SellInvoice calls the client never heard of
+
+
+async def outcome(target: Deployment, workload: Workload) -> Outcome:
+    expected = workload.expected()
+    label = expected.labels
+    read = PostgresReadModels(target.query_pool)
+    investors = {
+        label[row.id]: ExpectedInvestor(row.balance, row.reserved, row.committed)
+        for row in await read.investors()
+        if row.id in label
+    }
+    invoices: dict[str, tuple[str, Decimal, str, str, Decimal]] = {}
+    unknown: list[str] = []
+    for row in await read.invoices():
+        winner = row.winning_bid
+        if row.id not in label:
+            unknown.append(f"{row.status} invoice of {label.get(row.issuer_id, row.issuer_id)}")
+            continue
+        invoices[label[row.id]] = (
+            label.get(row.issuer_id, str(row.issuer_id)),
+            row.asking_price,
+            row.status,
+            label.get(winner.investor_id, str(winner.investor_id)) if winner else "",
+            winner.amount if winner else Decimal(0),
+        )
+    issuers = frozenset(label[row.id] for row in await read.issuers() if row.id in label)
+    return Outcome(investors, invoices, issuers, sorted(unknown))
+
+
+def expected_outcome(workload: Workload) -> Outcome:
+    expected = workload.expected()
+    label = expected.labels
+    return Outcome(
+        investors={label[i]: state for i, state in expected.investors.items()},
+        invoices={
+            label[i]: (
+                label[inv.issuer_id],
+                inv.asking_price,
+                inv.status,
+                label[inv.winner],
+                inv.winning_amount,
+            )
+            for i, inv in expected.invoices.items()
+        },
+        issuers=frozenset(label[i] for i in expected.issuers),
+        unknown_invoices=[],
+    )
+
+
+def differences(got: Outcome, want: Outcome) -> list[str]:
+    out: list[str] = []
+    for key in sorted(set(got.investors) | set(want.investors)):
+        if got.investors.get(key) != want.investors.get(key):
+            out.append(f"{key}: {got.investors.get(key)} != expected {want.investors.get(key)}")
+    for key in sorted(set(got.invoices) | set(want.invoices)):
+        if got.invoices.get(key) != want.invoices.get(key):
+            out.append(f"{key}: {got.invoices.get(key)} != expected {want.invoices.get(key)}")
+    for key in sorted(got.issuers ^ want.issuers):
+        out.append(f"issuer {key}: {'unexpected' if key in got.issuers else 'missing'}")
+    return out
+
+
+async def verify_effects(target: Deployment, workload: Workload) -> Outcome:
+    """Every accepted command's effect is in the read models, exactly as the sagas planned.
+
+    Invoices nobody knows of may exist only if a SellInvoice call was retried,
+    at most one per retried call, and must still be on sale.
+    """
+    got = await outcome(target, workload)
+    problems = differences(got, expected_outcome(workload))
+    retried_sells = workload.stats.commands_retried["SellInvoice"]
+    if len(got.unknown_invoices) > retried_sells:
+        problems.append(
+            f"{len(got.unknown_invoices)} invoices nobody asked for, but only"
+            f" {retried_sells} SellInvoice calls were retried: {got.unknown_invoices}"
+        )
+    problems += [
+        f"unknown invoice not on sale: {line}"
+        for line in got.unknown_invoices
+        if not line.startswith("AVAILABLE")
+    ]
+    assert not problems, "effects differ from the plan:\n" + "\n".join(problems)
+    return got
+
+
+__all__ = [
+    "OBSERVER_APPLICATION",
+    "Deployment",
+    "EventStoreView",
+    "EventStoreWatch",
+    "Outcome",
+    "SagaPlan",
+    "Workload",
+    "WorkloadError",
+    "deployment",
+    "differences",
+    "expected_outcome",
+    "outcome",
+    "plan_saga",
+    "settle",
+    "verify_effects",
+]

@@ -1,0 +1,125 @@
+"""The supervisor: one process, all components; a crash stops it, secrets never reach the logs."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from financing.config import Database, Settings
+from financing.entrypoints import service
+from tests.support import infra
+from tests.support.service import ServiceProcess, free_port
+
+
+@pytest.fixture
+async def databases() -> AsyncIterator[tuple[Database, Database]]:
+    name = infra.unique_name("fin_service")
+    commands = await infra.create_database(f"{name}_c")
+    queries = await infra.create_database(f"{name}_q")
+    yield commands, queries
+    await infra.drop_database(f"{name}_c")
+    await infra.drop_database(f"{name}_q")
+
+
+def _settings(databases: tuple[Database, Database], amqp_url: str) -> Settings:
+    return Settings(
+        command_address=("127.0.0.1", free_port()),
+        query_address=("127.0.0.1", free_port()),
+        command_db=databases[0],
+        query_db=databases[1],
+        amqp_url=amqp_url,
+    )
+
+
+async def test_a_crashed_component_stops_the_whole_service_with_a_failure_code(
+    databases: tuple[Database, Database], amqp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def crashing_relayer(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("relayer bug")
+
+    monkeypatch.setattr(service, "run_relayer", crashing_relayer)
+    async with asyncio.timeout(30):
+        code = await service.serve(_settings(databases, amqp_url))
+    assert code == 1
+
+
+async def test_an_unreachable_broker_fails_start_up_within_its_budget(
+    databases: tuple[Database, Database],
+) -> None:
+    settings = _settings(databases, f"amqp://guest:guest@127.0.0.1:{free_port()}/")
+    async with asyncio.timeout(15):
+        code = await service.serve(settings, startup_timeout=1.0)
+    assert code == 2
+
+
+async def _run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "financing", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def _rabbitmqctl(*args: str) -> None:
+    await asyncio.to_thread(
+        subprocess.run, ["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60
+    )
+
+
+async def test_passwords_never_appear_in_the_logs(
+    databases: tuple[Database, Database], tmp_path: Path
+) -> None:
+    vhost = infra.unique_name("fin_secret")
+    amqp_secret = f"amqp-{uuid.uuid4().hex}"
+    pg_secret = f"pg-{uuid.uuid4().hex}"
+    user = infra.unique_name("fin_user")
+    await asyncio.to_thread(infra.create_vhost, vhost)
+    await _rabbitmqctl("add_user", user, amqp_secret)
+    await _rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+    commands, queries = databases
+    # Trust authentication ignores the password, so the service starts with it set.
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "COMMAND_SERVER_ADDRESS": f"127.0.0.1:{free_port()}",
+        "QUERY_SERVER_ADDRESS": f"127.0.0.1:{free_port()}",
+        "COMMAND_DB_CONNECTION_STRING": (
+            f"user=postgres password='{pg_secret}' host={infra.PG_HOST} port={infra.PG_PORT} "
+            f"dbname={commands.connect_kwargs['database']} pool_max_conns=4"
+        ),
+        "QUERY_DB_CONNECTION_STRING": (
+            f"postgresql://postgres:{pg_secret}@{infra.PG_HOST}:{infra.PG_PORT}/"
+            f"{queries.connect_kwargs['database']}"
+        ),
+        "AMQP_ADDRESS": f"amqp://{user}:{amqp_secret}@{infra.AMQP_HOST}:{infra.AMQP_PORT}/{vhost}",
+        "LOGGER_LEVEL": "DEBUG",
+    }
+    try:
+        running = ServiceProcess(env, tmp_path / "service.log")
+        await running.start()
+        assert await running.stop() == 0
+        # A wrong broker password must not be echoed by the start-up failure either.
+        refused = await _run_cli(
+            {
+                **env,
+                "AMQP_ADDRESS": env["AMQP_ADDRESS"].replace(amqp_secret, amqp_secret + "x"),
+                "FINANCING_STARTUP_TIMEOUT": "1",
+            },
+            "serve",
+        )
+    finally:
+        await _rabbitmqctl("delete_user", user)
+        await asyncio.to_thread(infra.delete_vhost, vhost)
+    logs = running.log_tail(0, max_lines=100_000) + refused.stdout + refused.stderr
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "start-up failed" in refused.stderr
+    assert amqp_secret not in logs
+    assert pg_secret not in logs
