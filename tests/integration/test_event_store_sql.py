@@ -1,0 +1,61 @@
+"""Text from the bus reaches SQL only as parameters.
+
+Reference defect 9: its outbox built SQL by string concatenation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from uuid import uuid4
+
+import asyncpg
+import pytest
+
+from financing.adapters.postgres.connection import create_pool
+from financing.adapters.postgres.event_store import PostgresEventStore
+from financing.adapters.postgres.schema import migrate
+from financing.domain.aggregates import Issuer
+from tests.support import infra
+
+HOSTILE = [
+    "x'); DROP TABLE events; --",
+    "'; UPDATE relay_checkpoints SET position = 1000000; --",
+    "$1 $2 \\' \" ; -- /* */",
+    "ünïcødé ☃ " + "'" * 50,
+]
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[asyncpg.Pool]:
+    name = infra.unique_name("fin_sql")
+    db = await infra.create_database(name)
+    pool = await create_pool(db)
+    await migrate(pool, "commands")
+    yield pool
+    await pool.close()
+    await infra.drop_database(name)
+
+
+@pytest.mark.parametrize("hostile", HOSTILE)
+async def test_hostile_message_ids_and_consumer_names_are_stored_verbatim(
+    pool: asyncpg.Pool, hostile: str
+) -> None:
+    store = PostgresEventStore(pool)
+    issuer_id = uuid4()
+    async with store.unit_of_work() as uow:
+        assert not await uow.seen(hostile, hostile)
+        issuer = await uow.load(Issuer, issuer_id)
+        issuer.create()
+        await uow.save(issuer)
+        await uow.record(hostile, hostile)
+
+    async with store.unit_of_work() as uow:
+        assert await uow.seen(hostile, hostile)
+    stored = await store.stream(issuer_id)
+    assert [event.name for event in stored] == ["IssuerCreatedEvent"]
+    tables = {
+        row["tablename"]
+        for row in await pool.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+    }
+    assert {"events", "processed_messages", "relay_checkpoints"} <= tables
+    assert await pool.fetchval("SELECT count(*) FROM relay_checkpoints") == 0
