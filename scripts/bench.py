@@ -13,63 +13,79 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import statistics
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from uuid import uuid4
+from uuid import UUID, uuid4
 
-from betterproto.lib.google.protobuf import Empty
+import asyncpg
 from grpclib.client import Channel
 
+from financing.adapters.postgres.connection import create_pool
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.publisher import Publisher
 from financing.application import codec
 from financing.application.messages import InvestorRegistered, IssuerRegistered
 from financing.application.ports import Envelope
-from financing.config import parse_address
+from financing.config import Database, Settings
 from financing.generated import (
     BidOnInvoiceCommand,
     CommandsStub,
-    InvoiceStatus,
     Money,
-    QueriesStub,
     SellInvoiceCommand,
     Uuid,
 )
 from scripts.sandbox import sandbox
 
-POLL_INTERVAL = 0.02
+POLL_INTERVAL = 0.01
 
 
 @dataclass
 class Observed:
-    """What the read models showed, and when it was first seen."""
+    """What the read models showed, and when it was first seen.
 
-    issuers: set[str] = field(default_factory=set)
-    investors: set[str] = field(default_factory=set)
-    available: set[str] = field(default_factory=set)
-    financed_at: dict[str, float] = field(default_factory=dict)
+    The watcher reads the read-model tables directly, for just the ids still
+    awaited: polling the Queries API for whole lists would load the service
+    with the measurement itself.
+    """
+
+    awaited_issuers: set[UUID] = field(default_factory=set)
+    awaited_investors: set[UUID] = field(default_factory=set)
+    awaited_invoices: set[UUID] = field(default_factory=set)
+    registered: set[UUID] = field(default_factory=set)
+    available: set[UUID] = field(default_factory=set)
+    financed_at: dict[UUID, float] = field(default_factory=dict)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
 
-async def watch(queries: QueriesStub, seen: Observed) -> None:
-    """Poll the Queries API; latency figures carry up to POLL_INTERVAL of this sampling."""
+async def watch(pool: asyncpg.Pool, seen: Observed) -> None:
+    """Latency figures carry up to POLL_INTERVAL of this sampling."""
     while True:
-        invoices, investors, issuers = await asyncio.gather(
-            queries.all_invoices(Empty()),
-            queries.all_investors(Empty()),
-            queries.all_issuers(Empty()),
-        )
-        now = time.perf_counter()
-        seen.issuers.update(i.id.value for i in issuers.issuers)
-        seen.investors.update(i.id.value for i in investors.investors)
-        for invoice in invoices.invoices:
-            seen.available.add(invoice.id.value)
-            if invoice.status == InvoiceStatus.FINANCED:
-                seen.financed_at.setdefault(invoice.id.value, now)
+        for table, awaited in (
+            ("issuers", seen.awaited_issuers),
+            ("investors", seen.awaited_investors),
+        ):
+            if awaited:
+                rows = await pool.fetch(
+                    f"SELECT id FROM read_models.{table} WHERE id = ANY($1::uuid[])", list(awaited)
+                )
+                found = {row["id"] for row in rows}
+                seen.registered |= found
+                awaited -= found
+        if seen.awaited_invoices:
+            rows = await pool.fetch(
+                "SELECT id, status FROM read_models.invoices"
+                " WHERE id = ANY($1::uuid[]) AND issuer_id IS NOT NULL",
+                list(seen.awaited_invoices),
+            )
+            now = time.perf_counter()
+            for row in rows:
+                seen.available.add(row["id"])
+                if row["status"] == "FINANCED":
+                    seen.financed_at[row["id"]] = now
+                    seen.awaited_invoices.discard(row["id"])
         async with seen.changed:
             seen.changed.notify_all()
         await asyncio.sleep(POLL_INTERVAL)
@@ -84,6 +100,8 @@ async def saga(
     commands: CommandsStub, publisher: Publisher, seen: Observed, within: float
 ) -> float:
     issuer, investor = uuid4(), uuid4()
+    seen.awaited_issuers.add(issuer)
+    seen.awaited_investors.add(investor)
     await publisher.publish_events(
         [
             _envelope(IssuerRegistered(id=issuer, name_="bench issuer")),
@@ -92,19 +110,19 @@ async def saga(
             ),
         ]
     )
-    await until(
-        seen, lambda: str(issuer) in seen.issuers and str(investor) in seen.investors, within
-    )
-    invoice = await commands.sell_invoice(
+    await until(seen, lambda: {issuer, investor} <= seen.registered, within)
+    reply = await commands.sell_invoice(
         SellInvoiceCommand(issuer_id=Uuid(str(issuer)), asking_price=Money(10))
     )
-    await until(seen, lambda: invoice.value in seen.available, within)
+    invoice = UUID(reply.value)
+    seen.awaited_invoices.add(invoice)
+    await until(seen, lambda: invoice in seen.available, within)
     await commands.bid_on_invoice(
-        BidOnInvoiceCommand(investor_id=Uuid(str(investor)), invoice_id=invoice, bid=Money(10))
+        BidOnInvoiceCommand(investor_id=Uuid(str(investor)), invoice_id=reply, bid=Money(10))
     )
     replied = time.perf_counter()
-    await until(seen, lambda: invoice.value in seen.financed_at, within)
-    return seen.financed_at[invoice.value] - replied
+    await until(seen, lambda: invoice in seen.financed_at, within)
+    return seen.financed_at[invoice] - replied
 
 
 def _envelope(event: IssuerRegistered | InvestorRegistered) -> Envelope:
@@ -112,15 +130,14 @@ def _envelope(event: IssuerRegistered | InvestorRegistered) -> Envelope:
 
 
 @contextlib.asynccontextmanager
-async def target(external: bool) -> AsyncIterator[tuple[tuple[str, int], tuple[str, int], str]]:
+async def target(external: bool) -> AsyncIterator[tuple[tuple[str, int], Database, str]]:
+    """The Commands address, the read-model database and the broker to drive."""
     if external:
-        command = parse_address(os.environ.get("COMMAND_SERVER_ADDRESS", "127.0.0.1:8080"))
-        query = parse_address(os.environ.get("QUERY_SERVER_ADDRESS", "127.0.0.1:8081"))
-        amqp = os.environ.get("AMQP_ADDRESS", "amqp://guest:guest@localhost:5672/")
-        yield _reachable(command), _reachable(query), amqp
+        settings = Settings.from_env()
+        yield _reachable(settings.command_address), settings.query_db, settings.amqp_url
         return
     async with sandbox("financing_bench") as box:
-        yield box.command_address, box.query_address, box.amqp_url
+        yield box.command_address, box.query_db, box.amqp_url
 
 
 def _reachable(address: tuple[str, int]) -> tuple[str, int]:
@@ -129,12 +146,13 @@ def _reachable(address: tuple[str, int]) -> tuple[str, int]:
 
 
 async def main(args: argparse.Namespace) -> None:
-    async with target(args.external) as (command_address, query_address, amqp_url):
-        commands_channel, queries_channel = Channel(*command_address), Channel(*query_address)
+    async with target(args.external) as (command_address, query_db, amqp_url):
+        commands_channel = Channel(*command_address)
         connection = await topology.connect(amqp_url)
         publisher = await Publisher.open(connection)
+        pool = await create_pool(query_db)
         seen = Observed()
-        watcher = asyncio.create_task(watch(QueriesStub(queries_channel), seen))
+        watcher = asyncio.create_task(watch(pool, seen))
         limit = asyncio.Semaphore(args.concurrency)
         commands = CommandsStub(commands_channel)
 
@@ -150,8 +168,8 @@ async def main(args: argparse.Namespace) -> None:
             await watcher
         await publisher.close()
         await connection.close()
+        await pool.close()
         commands_channel.close()
-        queries_channel.close()
 
     latencies = sorted(o * 1000 for o in outcomes if isinstance(o, float))
     failures = [o for o in outcomes if not isinstance(o, float)]

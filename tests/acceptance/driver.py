@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 from betterproto.lib.google.protobuf import Empty
@@ -40,13 +40,45 @@ from tests.acceptance.bus import (
     MessageLog,
     Observed,
 )
-from tests.acceptance.expected import Amount
+from tests.acceptance.expected import Amount, Expected
 from tests.acceptance.system import System
 from tests.support import infra
 
 
 def new_id() -> UUID:
     return uuid.uuid4()
+
+
+class ListedInvestor(NamedTuple):
+    id: str
+    balance: Decimal
+    reserved: Decimal
+
+
+class ListedInvoice(NamedTuple):
+    id: str
+    issuer_id: str
+    asking_price: Decimal
+    status: str
+    winning_bid: tuple[str, Decimal] | None  # (investor id, amount); None while absent
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The three Queries lists, in the order the service returned them; money exact."""
+
+    investors: tuple[ListedInvestor, ...]
+    invoices: tuple[ListedInvoice, ...]
+    issuers: tuple[str, ...]
+
+    def only(self, ids: Iterable[UUID | str]) -> Listing:
+        """The rows of these ids only, order kept (a shared deployment lists others' rows too)."""
+        wanted = {str(i) for i in ids}
+        return Listing(
+            investors=tuple(i for i in self.investors if i.id in wanted),
+            invoices=tuple(i for i in self.invoices if i.id in wanted),
+            issuers=tuple(i for i in self.issuers if i in wanted),
+        )
 
 
 def grpc_money(amount: Amount | float) -> Money:
@@ -212,7 +244,35 @@ class Financing:
         assert not not_strings, f"dead letter headers that are not strings: {not_strings}"
         return letter
 
+    # -- Domain events of another publisher -------------------------------------------------
+
+    async def publish_domain_events(self, *events: Expected) -> list[str]:
+        """Domain events on `events` as a reference relayer puts them there; their message ids.
+
+        Only the three watermill headers (`_watermill_message_uuid`, random;
+        `name`; `aggregateID`), the body as the contract spells it. Such events
+        exist only on the bus, never in this service's event store.
+        """
+        return [
+            await self.broker.publish_event(e.name, e.body, aggregate_id=e.aggregate_id)
+            for e in events
+        ]
+
     # -- Read models ------------------------------------------------------------------------
+
+    async def listing(self) -> Listing:
+        """AllInvestors, AllInvoices and AllIssuers, read one after the other."""
+        investors = await self.queries.all_investors(Empty())
+        invoices = await self.queries.all_invoices(Empty())
+        issuers = await self.queries.all_issuers(Empty())
+        return Listing(
+            investors=tuple(
+                ListedInvestor(i.id.value, _exact(i.balance.amount), _exact(i.reserved.amount))
+                for i in investors.investors
+            ),
+            invoices=tuple(_listed_invoice(i) for i in invoices.invoices),
+            issuers=tuple(i.id.value for i in issuers.issuers),
+        )
 
     async def investor_view(self, investor_id: UUID) -> Investor | None:
         reply = await self.queries.all_investors(Empty())
@@ -241,6 +301,17 @@ class Financing:
         if bid is None:
             return status, None, None
         return status, bid.investor_id.value, _exact(bid.amount.amount)
+
+
+def _listed_invoice(view: Invoice) -> ListedInvoice:
+    bid = view.winning_bid
+    return ListedInvoice(
+        view.id.value,
+        view.issuer_id.value,
+        _exact(view.asking_price.amount),
+        InvoiceStatus(view.status).name or "",
+        None if bid is None else (bid.investor_id.value, _exact(bid.amount.amount)),
+    )
 
 
 def _exact(amount: float) -> Decimal:

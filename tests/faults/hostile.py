@@ -1,41 +1,46 @@
-"""Support for the hostile-input, concurrency and dead-letter tests.
+"""Hostile messages, and watching what the service does with them.
 
-A `Deployment` is one `financing serve` child process on databases and a vhost
-of its own. `Observer` watches that vhost: every event on `events` (through a
-queue bound before the service starts) and every dead letter (taken from
-`financing_dead_letters` and acked, so the test vhost's queue stays short).
-`FIGURES` counts what the tests tried, for the suite's summary.
+`Hostile` is one message as a misbehaving publisher could send it (any body,
+headers of any AMQP type) together with what the service must do with it:
+the queues whose consumers must dead-letter it, or none when every consumer
+acks and ignores it (an unknown name on `events`, contract.md section 2).
+`Observer` watches a deployment's vhost: every event on `events` and every
+dead letter, which it takes from `financing_dead_letters` and acks so that the
+queue stays short.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import tempfile
+import json
 import uuid
-from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
+from financing.application import codec
 from financing.application.messages import COMMAND_TYPES
 from financing.application.processing import INTEGRATION_HANDLERS, POLICIES, event_queue
 from financing.application.read_models import PROJECTED_EVENTS
-from financing.config import Database
 from financing.entrypoints.projector import PROJECTOR_QUEUE
-from tests.acceptance.bus import Broker, EventLog, MessageLog
+from tests.acceptance.bus import Broker, EventLog, MessageLog, Observed
 from tests.acceptance.driver import Financing, financing_for
 from tests.acceptance.system import Address, System
+from tests.faults.workload import Deployment
 from tests.support import infra
 from tests.support.rabbitmq import list_queues
-from tests.support.service import ServiceProcess, free_port
 
+EVENTS_EXCHANGE = "events"
 DEAD_LETTER_QUEUE = "financing_dead_letters"
+MESSAGE_UUID = "_watermill_message_uuid"
+NAME = "name"
+AGGREGATE_ID = "aggregateID"
+REASON = "x-death-reason"
+SOURCE_QUEUE = "x-source-queue"
+
 COMMAND_QUEUES: tuple[str, ...] = tuple(command.name() for command in COMMAND_TYPES)
 # The queue of each consumer of `events` other than the projector, by the name it handles.
 HANDLER_QUEUES: dict[str, str] = {
@@ -43,17 +48,79 @@ HANDLER_QUEUES: dict[str, str] = {
 }
 EVENT_QUEUES: tuple[str, ...] = (*HANDLER_QUEUES.values(), PROJECTOR_QUEUE)
 CONSUMED_QUEUES: tuple[str, ...] = (*COMMAND_QUEUES, *EVENT_QUEUES)
+# Every name an event consumer decodes.
+EVENT_NAMES: tuple[str, ...] = tuple(sorted(set(HANDLER_QUEUES) | PROJECTED_EVENTS))
 
-# A hostile message carries this string header so that its dead letters can be found
-# even when its own message id is missing or mangled.
+# Every hostile message carries this string header, so that its dead letters can
+# be found even when its own message id is missing or mangled.
 CASE_HEADER = "x-hostile-case"
 
-# What the hostile-input tests tried, for the suite's summary (see report_figures).
-FIGURES: Counter[str] = Counter()
+
+class RawText(str):
+    """A header value that goes on the wire as a long string of exactly these bytes.
+
+    pamqp encodes a `str` header through `.encode("utf-8")`; overriding it is
+    the only way to send a long string that is not UTF-8, as a foreign
+    publisher can.
+    """
+
+    raw: bytes
+
+    def __new__(cls, raw: bytes) -> RawText:
+        text = super().__new__(cls, raw.decode("latin-1"))
+        text.raw = raw
+        return text
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return self.raw
+
+
+@dataclass
+class Hostile:
+    """One hostile message, where it goes, and the queues that must dead-letter it."""
+
+    label: str
+    body: bytes
+    headers: dict[str, Any]
+    queue: str | None = None  # a command queue; None: the `events` exchange
+    case: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    @property
+    def name(self) -> Any:
+        return self.headers.get(NAME)
+
+    def expected_dead_letters(self) -> frozenset[str]:
+        """The source queues of the dead letters this message must produce."""
+        if self.queue is not None:
+            # A command queue dead-letters anything it cannot process, its own
+            # command malformed or another name misrouted to it.
+            return frozenset({self.queue})
+        name = readable(self.name)
+        if name is None:
+            # Without a name no consumer can tell it is not its own.
+            return frozenset(EVENT_QUEUES)
+        return event_consumers_of(name)
+
+    def describe(self) -> str:
+        body = self.body[:120].decode("utf-8", "replace")
+        more = f"... ({len(self.body)} bytes)" if len(self.body) > 120 else ""
+        headers = {k: _preview(v) for k, v in self.headers.items() if k != CASE_HEADER}
+        target = f"queue {self.queue}" if self.queue else "exchange events"
+        return f"[{self.label}] to {target}, headers {headers}, body {body!r}{more}"
+
+
+def readable(value: Any) -> str | None:
+    """The name a consumer reads from a `name` header value, None if it cannot read one."""
+    if isinstance(value, RawText):
+        try:
+            value = value.raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return value if isinstance(value, str) and value else None
 
 
 def event_consumers_of(name: str) -> frozenset[str]:
-    """The queues whose consumers handle (and so must decode) an event of this name."""
+    """The queues whose consumers handle (and so decode) events of this name."""
     queues = set()
     if name in HANDLER_QUEUES:
         queues.add(HANDLER_QUEUES[name])
@@ -62,80 +129,41 @@ def event_consumers_of(name: str) -> frozenset[str]:
     return frozenset(queues)
 
 
-@dataclass
-class Deployment:
-    """A running service and everything needed to reach it."""
-
-    name: str
-    amqp_url: str
-    command_db: Database
-    query_db: Database
-    command_address: Address
-    query_address: Address
-    env: dict[str, str]
-    service: ServiceProcess
-
-    @property
-    def vhost(self) -> str:
-        return self.name
+def headers_for(name: Any, *, aggregate_id: str | None = None) -> dict[str, Any]:
+    headers: dict[str, Any] = {MESSAGE_UUID: str(uuid.uuid4()), NAME: name}
+    if aggregate_id is not None:
+        headers[AGGREGATE_ID] = aggregate_id
+    return headers
 
 
-@contextlib.asynccontextmanager
-async def deployment(
-    prefix: str = "fin_hostile",
-    *,
-    extra_env: Mapping[str, str] | None = None,
-    before_start: Iterable[Any] = (),
-    prepare: Any = None,
-) -> AsyncIterator[Deployment]:
-    """Fresh databases and vhost, and `financing serve` on them until the block ends.
+def valid_body(name: str) -> dict[str, Any]:
+    """A well-formed JSON body for a message of this name (ids fresh, amounts 10)."""
+    spec = codec.REGISTRY[name]
+    body: dict[str, Any] = {}
+    for spec_field in spec.fields:
+        if spec_field.key is None:
+            continue
+        if spec_field.kind == "uuid":
+            body[spec_field.key] = str(uuid.uuid4())
+        elif spec_field.kind == "money":
+            body[spec_field.key] = 10
+        elif spec_field.kind == "text":
+            body[spec_field.key] = "hostile"
+        else:
+            body[spec_field.key] = {"InvestorID": str(uuid.uuid4()), "Amount": 10}
+    return body
 
-    `prepare(amqp_url)` (a coroutine function) runs on the empty vhost before
-    the service starts. On exit the service must stop with exit code 0, which
-    also proves that it was still running: a crash shows as another code.
-    """
-    del before_start
-    name = infra.unique_name(prefix)
-    command_name, query_name = f"{name}_commands", f"{name}_queries"
-    async with contextlib.AsyncExitStack() as cleanup:
-        command_db = await infra.create_database(command_name)
-        cleanup.push_async_callback(infra.drop_database, command_name)
-        query_db = await infra.create_database(query_name)
-        cleanup.push_async_callback(infra.drop_database, query_name)
-        amqp_url = await asyncio.to_thread(infra.create_vhost, name)
-        cleanup.push_async_callback(asyncio.to_thread, infra.delete_vhost, name)
-        if prepare is not None:
-            await prepare(amqp_url)
 
-        command_address = Address("127.0.0.1", free_port())
-        query_address = Address("127.0.0.1", free_port())
-        env = {
-            **os.environ,
-            "COMMAND_SERVER_ADDRESS": str(command_address),
-            "QUERY_SERVER_ADDRESS": str(query_address),
-            "COMMAND_DB_CONNECTION_STRING": command_db.dsn(),
-            "QUERY_DB_CONNECTION_STRING": query_db.dsn(),
-            "AMQP_ADDRESS": amqp_url,
-            "LOGGER_LEVEL": "INFO",
-            "FINANCING_SNAPSHOT_INTERVAL": "3",
-            **(extra_env or {}),
-        }
-        service = ServiceProcess(env, Path(tempfile.gettempdir()) / f"{name}.service.log")
-        cleanup.push_async_callback(service.kill)  # only if the orderly stop never ran
-        await service.start()
-        yield Deployment(
-            name=name,
-            amqp_url=amqp_url,
-            command_db=command_db,
-            query_db=query_db,
-            command_address=command_address,
-            query_address=query_address,
-            env=env,
-            service=service,
-        )
-        assert service.running, f"the service died:\n{service.log_tail()}"
-        code = await service.stop()
-        assert code == 0, f"financing serve exited with {code}; log:\n{service.log_tail()}"
+def needs_aggregate_id(name: str) -> bool:
+    return any(f.key is None for f in codec.REGISTRY[name].fields)
+
+
+def money_keys(name: str) -> list[str]:
+    return [f.key for f in codec.REGISTRY[name].fields if f.key and f.kind in ("money", "bid")]
+
+
+def to_json(body: Mapping[str, Any]) -> bytes:
+    return json.dumps(body).encode()
 
 
 @dataclass
@@ -146,110 +174,150 @@ class Observer:
     events: EventLog
     dead_letters: MessageLog
 
-    def system(self, running: Deployment) -> System:
+    def system(self, target: Deployment) -> System:
         return System(
-            command_address=running.command_address,
-            query_address=running.query_address,
-            amqp_url=running.amqp_url,
+            command_address=Address(*target.command_address),
+            query_address=Address(*target.query_address),
+            amqp_url=target.amqp_url,
             broker=self.broker,
             events=self.events,
             dead_letters=self.dead_letters,
             service=None,
-            env=running.env,
+            env=target.service.env,
         )
 
-
-async def bind_observer(amqp_url: str) -> Observer:
-    """Listen to `events` and take every dead letter; call it before the service starts."""
-    broker = await Broker.connect(amqp_url)
-    await broker.declare_events_exchange()
-    events = await broker.listen_to_events(infra.unique_name("observed_events"))
-    dead_letters = MessageLog("dead letters")
-    channel = await broker.connection.channel()
-    queue = await channel.declare_queue(DEAD_LETTER_QUEUE, durable=True)
-
-    async def on_dead_letter(message: AbstractIncomingMessage) -> None:
-        dead_letters.record(message, DEAD_LETTER_QUEUE)
-        await message.ack()
-
-    await queue.consume(on_dead_letter)
-    return Observer(broker, events, dead_letters)
+    def letters_of(self, case: str, since: int = 0) -> list[Observed]:
+        return [m for m in self.dead_letters.view(since) if m.headers.get(CASE_HEADER) == case]
 
 
 @contextlib.asynccontextmanager
-async def observed_deployment(
-    prefix: str, *, extra_env: Mapping[str, str] | None = None
-) -> AsyncIterator[tuple[Deployment, Observer]]:
-    observers: list[Observer] = []
+async def observing(target: Deployment) -> AsyncIterator[Observer]:
+    """Listen to `events` and take every dead letter of the deployment, until the block ends."""
+    broker = await Broker.connect(target.amqp_url)
+    try:
+        await broker.declare_events_exchange()
+        events = await broker.listen_to_events(infra.unique_name("observed_events"))
+        dead_letters = MessageLog("dead letters")
+        channel = await broker.connection.channel()
+        queue = await channel.declare_queue(DEAD_LETTER_QUEUE, durable=True)
 
-    async def prepare(amqp_url: str) -> None:
-        observers.append(await bind_observer(amqp_url))
+        async def on_dead_letter(message: AbstractIncomingMessage) -> None:
+            dead_letters.record(message, DEAD_LETTER_QUEUE)
+            await message.ack()
 
-    async with deployment(prefix, extra_env=extra_env, prepare=prepare) as running:
-        [observer] = observers
-        try:
-            yield running, observer
-        finally:
-            await observer.broker.close()
+        await queue.consume(on_dead_letter)
+        yield Observer(broker, events, dead_letters)
+    finally:
+        await broker.close()
 
 
 @contextlib.asynccontextmanager
-async def driver(running: Deployment, observer: Observer) -> AsyncIterator[Financing]:
+async def driving(target: Deployment, observer: Observer) -> AsyncIterator[Financing]:
     """The acceptance suite's scenario driver, on this deployment."""
-    async with financing_for(observer.system(running)) as financing:
+    async with financing_for(observer.system(target)) as financing:
         yield financing
 
 
-async def publish_raw(
-    broker: Broker,
-    *,
-    exchange: str,
-    routing_key: str,
-    body: bytes,
-    headers: Mapping[str, Any],
-) -> None:
-    """Exactly these headers, of any AMQP type, confirmed by the broker."""
-    await broker.publish(exchange, routing_key, body, headers)
+async def publish(broker: Broker, hostile: Hostile) -> None:
+    """The message exactly as described, confirmed by the broker."""
+    headers = {**hostile.headers, CASE_HEADER: hostile.case}
+    if hostile.queue is None:
+        await broker.publish(EVENTS_EXCHANGE, "", hostile.body, headers)
+    else:
+        await broker.publish("", hostile.queue, hostile.body, headers)
 
 
-async def queues_settled(vhost: str, queues: Iterable[str]) -> bool:
-    """Whether every one of `queues` holds no message, ready or unacknowledged."""
+async def expect_dead_letters(
+    observer: Observer, hostiles: Sequence[Hostile], *, since: int = 0, within: float = 30.0
+) -> dict[str, list[Observed]]:
+    """Wait until every message was dead-lettered by exactly the queues it must be.
+
+    Returns the dead letters of each case. Fails, describing the messages, when
+    one is missing after `within` seconds or a queue dead-lettered a message it
+    should have ignored.
+    """
+    by_case: dict[str, list[Observed]] = {}
+
+    def missing() -> list[str]:
+        by_case.clear()
+        for letter in observer.dead_letters.view(since):
+            case = letter.headers.get(CASE_HEADER)
+            if isinstance(case, str):
+                by_case.setdefault(case, []).append(letter)
+        problems = []
+        for hostile in hostiles:
+            got = sorted(str(m.source_queue) for m in by_case.get(hostile.case, []))
+            want = sorted(hostile.expected_dead_letters())
+            if got != want:
+                problems.append(
+                    f"{hostile.describe()}\n    dead-lettered by {got}, expected {want}"
+                )
+        return problems
+
+    async def complete() -> bool:
+        return not missing()
+
+    try:
+        await infra.wait_until(complete, timeout=within, interval=0.1, what="dead letters")
+    except AssertionError:
+        problems = missing()
+        raise AssertionError(
+            f"{len(problems)} of {len(hostiles)} hostile messages not dead-lettered as expected:\n"
+            + "\n".join(problems[:20])
+        ) from None
+    return dict(by_case)
+
+
+def assert_well_formed(letter: Observed) -> None:
+    """A dead letter says why and where from, and all its headers are strings."""
+    assert letter.reason, f"dead letter without a reason: {letter.headers}"
+    assert letter.source_queue, f"dead letter without its source queue: {letter.headers}"
+    not_strings = {k: type(v).__name__ for k, v in letter.headers.items() if not isinstance(v, str)}
+    assert not not_strings, f"dead letter headers that are not strings: {not_strings}"
+
+
+async def queue_backlog(vhost: str, queues: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """(ready, unacknowledged) of each of `queues` that still holds a message."""
     state = await list_queues(vhost)
-    return all(
-        state[q]["messages_ready"] == 0 and state[q]["messages_unacknowledged"] == 0
-        for q in queues
-    )
+    backlog = {}
+    for queue in queues:
+        row = state.get(queue)
+        if row is None:
+            continue
+        counts = (int(row["messages_ready"]), int(row["messages_unacknowledged"]))
+        if counts != (0, 0):
+            backlog[queue] = counts
+    return backlog
 
 
-def case_id() -> str:
-    return str(uuid.uuid4())
+async def wait_drained(vhost: str, queues: Iterable[str], *, within: float = 20.0) -> None:
+    """Every one of `queues` empty: nothing waiting, nothing held unacknowledged."""
+    names = list(queues)
+    last: dict[str, tuple[int, int]] = {}
+
+    async def drained() -> bool:
+        last.clear()
+        last.update(await queue_backlog(vhost, names))
+        return not last
+
+    try:
+        await infra.wait_until(drained, timeout=within, interval=0.3, what="queues drained")
+    except AssertionError:
+        raise AssertionError(
+            f"queues still holding messages after {within}s (ready, unacked): {last}"
+        ) from None
 
 
-def report_figures(figures: Mapping[str, int]) -> None:
-    """Add this module's counts to a shared figures mapping (the suite's summary)."""
-    target: Any = figures
-    for key, value in FIGURES.items():
-        target[key] = target.get(key, 0) + value
+async def publish_all(broker: Broker, hostiles: Iterable[Hostile], *, parallel: int = 16) -> None:
+    """Publish every message, a few in flight at a time."""
+    pending = list(hostiles)
+    for start in range(0, len(pending), parallel):
+        await asyncio.gather(*(publish(broker, h) for h in pending[start : start + parallel]))
 
 
-__all__ = [
-    "CASE_HEADER",
-    "COMMAND_QUEUES",
-    "CONSUMED_QUEUES",
-    "DEAD_LETTER_QUEUE",
-    "EVENT_QUEUES",
-    "FIGURES",
-    "HANDLER_QUEUES",
-    "Deployment",
-    "Observer",
-    "aio_pika",
-    "bind_observer",
-    "case_id",
-    "deployment",
-    "driver",
-    "event_consumers_of",
-    "observed_deployment",
-    "publish_raw",
-    "queues_settled",
-    "report_figures",
-]
+def _preview(value: Any) -> str:
+    if isinstance(value, RawText):
+        text = f"RawText({value.raw[:24]!r}{'...' if len(value.raw) > 24 else ''})"
+    else:
+        text = f"{type(value).__name__}:{value!r}"
+    return text if len(text) <= 60 else text[:57] + "..."

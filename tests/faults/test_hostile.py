@@ -1,0 +1,495 @@
+"""Hostile input on every queue the service consumes: dead-lettered with a reason, never a crash,
+never a blocked queue.
+
+Every message goes to the six command queues directly, or to the `events`
+exchange, which reaches the seven `events_*` queues of the policies and
+integration handlers and the projector's queue at once. Each one must be
+dead-lettered by exactly the consumers that handle its name (all of them when
+it has no readable name), with a reason and its source queue; a well-formed
+message of a name nobody handles is acked and ignored. Afterwards the same
+process is still running, every consumed queue is empty (nothing held
+unacknowledged), and an ordinary financing story still completes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import random
+import string
+import uuid
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from financing.application import codec
+from tests.acceptance import expected as ex
+from tests.faults.hostile import (
+    AGGREGATE_ID,
+    COMMAND_QUEUES,
+    CONSUMED_QUEUES,
+    EVENT_NAMES,
+    HANDLER_QUEUES,
+    MESSAGE_UUID,
+    NAME,
+    PROJECTOR_QUEUE,
+    Hostile,
+    Observer,
+    RawText,
+    assert_well_formed,
+    driving,
+    expect_dead_letters,
+    headers_for,
+    money_keys,
+    needs_aggregate_id,
+    observing,
+    publish,
+    publish_all,
+    to_json,
+    valid_body,
+    wait_drained,
+)
+from tests.faults.workload import Deployment, deployment, settle
+
+MEGABYTE = 1024 * 1024
+# Amounts that no money can be: beyond any range, too precise, or not numbers at all.
+ABSURD_AMOUNTS = (
+    "1e16",
+    "-1e300",
+    "1e400",
+    "1e-40",
+    "123456789012345678",
+    "-0.00000000000000001",
+    "0.1234567890123456789012345678901234",
+    "0e-99999",
+    "NaN",
+    "Infinity",
+    "-Infinity",
+)
+HYPOTHESIS_EXAMPLES = 150
+
+
+@pytest.fixture(scope="module")
+async def hostile_target() -> AsyncIterator[tuple[Deployment, Observer]]:
+    async with deployment("hostile") as target, observing(target) as observer:
+        yield target, observer
+
+
+# -- the catalogue: every kind of hostility on every consumed queue ---------------------------
+
+
+def _with_raw_money(name: str, literal: str) -> bytes:
+    """A valid body of `name` whose first amount is the JSON text `literal` (NaN, 1e400...)."""
+    body = valid_body(name)
+    key = money_keys(name)[0]
+    marker = "__amount__"
+    if isinstance(body[key], dict):
+        body[key]["Amount"] = marker
+    else:
+        body[key] = marker
+    return to_json(body).replace(json.dumps(marker).encode(), literal.encode())
+
+
+def _header_variants(name: str) -> dict[str, dict[str, Any]]:
+    """Headers that break the contract (every value a non-empty string, id and name present)."""
+    aggregate = str(uuid.uuid4()) if name in codec.REGISTRY and needs_aggregate_id(name) else None
+    good = headers_for(name, aggregate_id=aggregate)
+    without_id = {k: v for k, v in good.items() if k != MESSAGE_UUID}
+    without_name = {k: v for k, v in good.items() if k != NAME}
+    return {
+        "no message id": without_id,
+        "no name": without_name,
+        "empty message id": {**good, MESSAGE_UUID: ""},
+        "empty name": {**good, NAME: ""},
+        "int name": {**good, NAME: 7},
+        "bool message id": {**good, MESSAGE_UUID: True},
+        "table header": {**good, "attempt": {"count": 1, "nested": {"deep": [1, 2]}}},
+        "array header": {**good, "path": ["a", 1, False]},
+        "float header": {**good, "ratio": 0.5},
+        "decimal header": {**good, "amount": Decimal("10.25")},
+        "timestamp header": {**good, "at": datetime.datetime(2020, 1, 1)},
+        "void header": {**good, "nothing": None},
+        "byte-array header": {**good, "blob": bytearray(b"\x00\x01\xff")},
+        "non-UTF-8 header": {**good, "junk": RawText(b"caf\xe9 \xff\xfe")},
+        "non-UTF-8 name": {**good, NAME: RawText(b"\xc3\x28" + name.encode())},
+        "message id of 300 bytes": {**good, MESSAGE_UUID: "m" * 300},
+        "message id with NUL": {**good, MESSAGE_UUID: "id\x00with-nul"},
+    }
+
+
+def _body_variants(name: str) -> dict[str, bytes]:
+    """Bodies that no consumer of `name` can decode (headers left good)."""
+    body = valid_body(name)
+    full = to_json(body)
+    first = next(iter(body))
+    variants = {
+        "random bytes": random.randbytes(64),
+        "truncated JSON": full[: len(full) // 2],
+        "empty body": b"",
+        "JSON array": b"[]",
+        "JSON string": b'"hello"',
+        "huge body (1 MB)": to_json({**body, "padding": "x" * MEGABYTE}),
+        "deeply nested": b"[" * 30_000 + b"]" * 30_000,
+        "missing field": to_json({k: v for k, v in body.items() if k != first}),
+        "no fields": b"{}",
+        "wrong type (number)": to_json({**body, first: 12345}),
+        "wrong type (list)": to_json({**body, first: [body[first]]}),
+        "wrong type (null)": to_json({**body, first: None}),
+        "wrong type (bool)": to_json({**body, first: True}),
+        "not a UUID": to_json({**body, first: "not-a-uuid"}) if "ID" in first else b"{",
+        "invalid UTF-8 body": b'{"ID": "\xff\xfe"}',
+    }
+    for literal in ABSURD_AMOUNTS if money_keys(name) else ():
+        variants[f"amount {literal}"] = _with_raw_money(name, literal)
+    if money_keys(name):
+        key = money_keys(name)[0]
+        if not isinstance(body[key], dict):
+            variants["amount as a string"] = to_json({**body, key: "100"})
+    return variants
+
+
+def catalogue() -> list[Hostile]:
+    hostiles: list[Hostile] = []
+    for queue in COMMAND_QUEUES:
+        for label, body in _body_variants(queue).items():
+            hostiles.append(Hostile(f"{queue}: {label}", body, headers_for(queue), queue))
+        for label, headers in _header_variants(queue).items():
+            hostiles.append(
+                Hostile(f"{queue}: {label}", to_json(valid_body(queue)), headers, queue)
+            )
+        other = next(name for name in COMMAND_QUEUES if name != queue)
+        hostiles.append(
+            Hostile(
+                f"{queue}: a valid {other} misrouted here",
+                to_json(valid_body(other)),
+                headers_for(other),
+                queue,
+            )
+        )
+        hostiles.append(
+            Hostile(f"{queue}: unknown name", b"{}", headers_for("NoSuchCommand"), queue)
+        )
+    hostiles.append(
+        Hostile(
+            "CreateInvestor: negative balance",
+            to_json({"ID": str(uuid.uuid4()), "Balance": -5}),
+            headers_for("CreateInvestor"),
+            "CreateInvestor",
+        )
+    )
+    for name in EVENT_NAMES:
+        aggregate = str(uuid.uuid4()) if needs_aggregate_id(name) else None
+        for label, body in _body_variants(name).items():
+            headers = headers_for(name, aggregate_id=aggregate)
+            hostiles.append(Hostile(f"{name}: {label}", body, headers))
+        if aggregate is not None:
+            hostiles.append(
+                Hostile(
+                    f"{name}: no aggregateID",
+                    to_json(valid_body(name)),
+                    headers_for(name),
+                )
+            )
+            hostiles.append(
+                Hostile(
+                    f"{name}: aggregateID not a UUID",
+                    to_json(valid_body(name)),
+                    headers_for(name, aggregate_id="nope"),
+                )
+            )
+    # Header faults on events, once per consumer kind (policy, integration, projected only).
+    for name in ("BidOnInvoicePlacedEvent", "IssuerRegistered", "InvestorCreatedEvent"):
+        for label, headers in _header_variants(name).items():
+            hostiles.append(Hostile(f"{name}: {label}", to_json(valid_body(name)), headers))
+    # Names no consumer of `events` handles: acked and ignored, whatever the body.
+    for name, body in (
+        ("UnknownEvent", b"not json at all"),
+        ("SellInvoice", to_json(valid_body("SellInvoice"))),
+        ("InvoiceCreated", b"{}"),
+        ("x" * 1000, b"[]"),
+    ):
+        hostiles.append(Hostile(f"events: unhandled name {name[:20]}", body, headers_for(name)))
+    return hostiles
+
+
+# -- generated with hypothesis --------------------------------------------------------------
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner),
+    max_leaves=6,
+)
+_NON_STRING_HEADER = st.one_of(
+    st.integers(-(2**63), 2**63 - 1),
+    st.booleans(),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.dictionaries(
+        st.text(string.ascii_letters, min_size=1, max_size=8), st.integers(), max_size=3
+    ),
+    st.lists(st.integers(0, 100), max_size=3),
+    st.binary(max_size=16).map(bytearray),
+    st.binary(min_size=1, max_size=32).map(lambda raw: RawText(b"\xff" + raw)),
+    st.none(),
+)
+_UNKNOWN_NAME = st.text(min_size=1, max_size=30).filter(lambda n: n not in codec.REGISTRY)
+
+
+def _is_uuid(value: Any) -> bool:
+    try:
+        uuid.UUID(value)
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return True
+
+
+def _wrong_value(kind: str) -> st.SearchStrategy[Any]:
+    if kind == "uuid":
+        return _JSON.filter(lambda v: not _is_uuid(v))
+    if kind == "text":
+        return _JSON.filter(lambda v: not isinstance(v, str))
+    if kind == "money":
+        return _JSON.filter(lambda v: isinstance(v, bool) or not isinstance(v, int | float))
+    return _JSON.filter(lambda v: not isinstance(v, dict))
+
+
+@st.composite
+def _broken_body(draw: st.DrawFn, name: str) -> tuple[str, bytes]:
+    body = valid_body(name)
+    full = to_json(body)
+    how = draw(
+        st.sampled_from(
+            ["random bytes", "truncated", "wrong type", "missing fields", "absurd amount", "array"]
+        )
+    )
+    if how == "random bytes":
+        return how, draw(st.binary(max_size=200))
+    if how == "truncated":
+        return how, full[: draw(st.integers(0, len(full) - 1))]
+    if how == "array":
+        return how, json.dumps(draw(st.lists(_JSON, max_size=4))).encode()
+    spec = [f for f in codec.REGISTRY[name].fields if f.key is not None]
+    if how == "missing fields":
+        keys = [f.key for f in spec]
+        dropped = draw(st.sets(st.sampled_from(keys), min_size=1))
+        return how, to_json({k: v for k, v in body.items() if k not in dropped})
+    if how == "absurd amount" and money_keys(name):
+        return how, _with_raw_money(name, draw(st.sampled_from(ABSURD_AMOUNTS)))
+    target = draw(st.sampled_from(spec))
+    body[str(target.key)] = draw(_wrong_value(target.kind))
+    return "wrong type", to_json(body)
+
+
+@st.composite
+def _hostile(draw: st.DrawFn) -> Hostile:
+    queue = draw(st.sampled_from([None, *COMMAND_QUEUES]))
+    if queue is None:
+        name = draw(st.one_of(st.sampled_from(EVENT_NAMES), _UNKNOWN_NAME))
+    else:
+        name = draw(st.one_of(st.just(queue), st.sampled_from(COMMAND_QUEUES), _UNKNOWN_NAME))
+    shape = name if name in codec.REGISTRY else draw(st.sampled_from(sorted(codec.REGISTRY)))
+    how, body = draw(_broken_body(shape))
+    aggregate = str(uuid.uuid4()) if needs_aggregate_id(shape) else None
+    headers = headers_for(name, aggregate_id=aggregate)
+    fault = draw(st.sampled_from(["none", "non-string", "no id", "no name"]))
+    if fault == "non-string":
+        key = draw(st.sampled_from([NAME, MESSAGE_UUID, AGGREGATE_ID, "x-extra"]))
+        headers[key] = draw(_NON_STRING_HEADER)
+    elif fault == "no id":
+        del headers[MESSAGE_UUID]
+    elif fault == "no name":
+        del headers[NAME]
+    return Hostile(f"generated: {how}, header fault {fault}", body, headers, queue)
+
+
+def generated(count: int) -> list[Hostile]:
+    """`count` hostile messages drawn by hypothesis (generation only: no I/O in the loop)."""
+    drawn: list[Hostile] = []
+
+    @settings(
+        max_examples=count,
+        deadline=None,
+        database=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(_hostile())
+    def draw(hostile: Hostile) -> None:
+        drawn.append(hostile)
+
+    draw()
+    return drawn
+
+
+# -- the tests ----------------------------------------------------------------------------------
+
+
+async def _story_still_completes(target: Deployment, observer: Observer) -> None:
+    """Scenario 5 then 8: the queues hostile messages went through still serve valid ones."""
+    async with driving(target, observer) as financing:
+        financed = await financing.finance_invoice(asking_price=10, bid=20)
+        since = financing.events.mark()
+        await financing.approve(financed.invoice_id)
+        await ex.expect_events(
+            financing.events,
+            [
+                ex.invoice_approved(financed.invoice_id, 10, financed.investor_id, 20),
+                ex.investor_funds_committed(financed.investor_id, 10),
+            ],
+            since=since,
+        )
+
+
+async def test_hostile_messages_on_every_consumed_queue_are_dead_lettered_without_harm(
+    hostile_target: tuple[Deployment, Observer], fault_figures: dict[str, Any]
+) -> None:
+    target, observer = hostile_target
+    hostiles = catalogue() + generated(HYPOTHESIS_EXAMPLES)
+    since = observer.dead_letters.mark()
+
+    await publish_all(observer.broker, hostiles)
+    letters = await expect_dead_letters(observer, hostiles, since=since, within=60)
+
+    await wait_drained(target.vhost, CONSUMED_QUEUES)
+    # Drained means every message was settled: nothing more can be dead-lettered.
+    letters = await expect_dead_letters(observer, hostiles, since=since, within=5)
+    for case_letters in letters.values():
+        for letter in case_letters:
+            assert_well_formed(letter)
+    assert target.service.running, f"the service died:\n{target.log_tail()}"
+    await _story_still_completes(target, observer)
+    await settle(target)
+
+    ignored = [h for h in hostiles if not h.expected_dead_letters()]
+    queues = {q for h in hostiles for q in h.expected_dead_letters()}
+    assert queues == set(CONSUMED_QUEUES), f"queues never tried: {set(CONSUMED_QUEUES) - queues}"
+    _add(fault_figures, "hostile inputs tried", len(hostiles))
+    _add(fault_figures, "hostile inputs generated by hypothesis", HYPOTHESIS_EXAMPLES)
+    _add(fault_figures, "hostile inputs dead-lettered", len(hostiles) - len(ignored))
+    _add(fault_figures, "hostile inputs acked and ignored (unhandled names)", len(ignored))
+    _add(fault_figures, "dead letters from hostile inputs", sum(map(len, letters.values())))
+
+
+# -- regressions: each of these once broke the service ------------------------------------------
+
+
+async def test_a_header_too_large_to_copy_as_text_is_dead_lettered_without_dropping_the_connection(
+    hostile_target: tuple[Deployment, Observer],
+) -> None:
+    # Copied as text, 50 kB of bytes that are not UTF-8 become 150 kB of U+FFFD and
+    # 12 000 booleans 170 kB of "true": past the broker's frame size, which made it
+    # close the service's connection and the service stop.
+    target, observer = hostile_target
+    booleans: dict[str, Any] = {f"b{i}": True for i in range(12_000)}
+    hostiles = [
+        Hostile(
+            "50 kB header not UTF-8",
+            to_json(valid_body("CreateIssuer")),
+            {**headers_for("CreateIssuer"), "junk": RawText(b"\xff" * 50_000)},
+            "CreateIssuer",
+        ),
+        Hostile(
+            "12 000 boolean headers",
+            to_json(valid_body("BidOnInvoicePlacedEvent")),
+            {**headers_for("BidOnInvoicePlacedEvent", aggregate_id=str(uuid.uuid4())), **booleans},
+        ),
+    ]
+    since = observer.dead_letters.mark()
+
+    await publish_all(observer.broker, hostiles)
+
+    letters = await expect_dead_letters(observer, hostiles, since=since)
+    for hostile in hostiles:
+        for letter in letters[hostile.case]:
+            assert_well_formed(letter)
+            assert letter.message_id == hostile.headers[MESSAGE_UUID]
+            assert letter.name == hostile.name
+    assert target.service.running, f"the service died:\n{target.log_tail()}"
+    await _story_still_completes(target, observer)
+
+
+async def test_a_message_id_the_database_cannot_store_is_dead_lettered_not_retried_for_ever(
+    hostile_target: tuple[Deployment, Observer],
+) -> None:
+    # A NUL character or a 3000-character id fails the INSERT of the processed
+    # message id: the projector retried such an event for ever, blocking its queue.
+    target, observer = hostile_target
+    issuer = str(uuid.uuid4())
+    unstorable = ["nul\x00inside", "".join(random.choices(string.ascii_letters, k=3000))]
+    hostiles = [
+        Hostile(
+            f"IssuerCreatedEvent with message id {message_id[:12]!r}",
+            to_json({"IssuerID": issuer}),
+            {MESSAGE_UUID: message_id, NAME: "IssuerCreatedEvent", AGGREGATE_ID: issuer},
+        )
+        for message_id in unstorable
+    ] + [
+        Hostile(
+            f"CreateIssuer with message id {message_id[:12]!r}",
+            to_json({"ID": issuer}),
+            {MESSAGE_UUID: message_id, NAME: "CreateIssuer"},
+            "CreateIssuer",
+        )
+        for message_id in unstorable
+    ]
+    since = observer.dead_letters.mark()
+
+    await publish_all(observer.broker, hostiles)
+
+    letters = await expect_dead_letters(observer, hostiles, since=since, within=10)
+    assert all("_watermill_message_uuid" in str(ls[0].reason) for ls in letters.values())
+    assert [h.expected_dead_letters() for h in hostiles[:2]] == [frozenset({PROJECTOR_QUEUE})] * 2
+    await wait_drained(target.vhost, [PROJECTOR_QUEUE, "CreateIssuer"], within=10)
+    await _story_still_completes(target, observer)
+
+
+async def test_a_valid_command_misrouted_to_another_command_queue_is_dead_lettered(
+    hostile_target: tuple[Deployment, Observer],
+) -> None:
+    # It used to be acked and ignored: a command lost without a trace.
+    target, observer = hostile_target
+    issuer = uuid.uuid4()
+    misrouted = Hostile(
+        "CreateIssuer on the SellInvoice queue",
+        to_json({"ID": str(issuer)}),
+        headers_for("CreateIssuer"),
+        "SellInvoice",
+    )
+    since = observer.dead_letters.mark()
+
+    await publish(observer.broker, misrouted)
+
+    [letter] = (await expect_dead_letters(observer, [misrouted], since=since))[misrouted.case]
+    assert_well_formed(letter)
+    assert "CreateIssuer" in str(letter.reason) and "SellInvoice" in str(letter.reason)
+    assert letter.body == misrouted.body
+    assert observer.events.concerning([str(issuer)]) == []
+    assert target.service.running
+
+
+async def test_unhandled_event_names_are_acked_and_ignored_by_every_consumer(
+    hostile_target: tuple[Deployment, Observer],
+) -> None:
+    target, observer = hostile_target
+    unhandled = [
+        Hostile("unknown event, bad body", b"\x00\x01", headers_for("SomethingElseHappened")),
+        Hostile(
+            "a command name on events",
+            to_json(valid_body("CreateIssuer")),
+            headers_for("CreateIssuer"),
+        ),
+    ]
+    since = observer.dead_letters.mark()
+
+    await publish_all(observer.broker, unhandled)
+
+    await wait_drained(target.vhost, [*HANDLER_QUEUES.values(), PROJECTOR_QUEUE])
+    await expect_dead_letters(observer, unhandled, since=since, within=1)
+    assert target.service.running
+
+
+def _add(figures: dict[str, Any], name: str, amount: int) -> None:
+    figures[name] = figures.get(name, 0) + amount
