@@ -69,6 +69,23 @@ async def test_funds_added_twice_add_up(financing: Financing) -> None:
     await investors_listed(financing, [investor(investor_id, 50)], what="20 + 30 added")
 
 
+async def test_amounts_not_above_zero_change_nothing(financing: Financing) -> None:
+    investor_id = new_id()
+
+    await financing.publish_domain_events(
+        ex.investor_created(investor_id),
+        ex.investor_funds_added(investor_id, 10),
+        ex.investor_funds_added(investor_id, 0),
+        ex.investor_funds_added(investor_id, -5),
+        ex.bid_on_invoice_placed(investor_id, new_id(), -3),
+        ex.investor_funds_released(investor_id, -2),
+        ex.investor_funds_committed(investor_id, -1),
+        ex.investor_funds_added(investor_id, 1),
+    )
+
+    await investors_listed(financing, [investor(investor_id, 11)], what="10, then only 1 more")
+
+
 async def test_placed_bid_reserves_funds_and_released_excess_returns_to_the_balance(
     financing: Financing,
 ) -> None:
@@ -116,9 +133,7 @@ async def test_reversal_gives_the_sold_price_back_to_the_balance(financing: Fina
         ex.investor_funds_released(investor_id, 10),
     )
 
-    await investors_listed(
-        financing, [investor(investor_id, 100, 0)], what="the balance restored"
-    )
+    await investors_listed(financing, [investor(investor_id, 100, 0)], what="the balance restored")
 
 
 async def test_rejected_bid_releases_the_whole_bid(financing: Financing) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.acceptance import expected as ex
-from tests.acceptance.bus import EVENTS_EXCHANGE, MESSAGE_UUID, NAME, AGGREGATE_ID
+from tests.acceptance.bus import AGGREGATE_ID, EVENTS_EXCHANGE, MESSAGE_UUID, NAME
 from tests.acceptance.driver import Financing, ListedInvestor, eventually_equal, new_id
 from tests.acceptance.expected import money
 
