@@ -7,10 +7,9 @@ the bus, the dead letters and the Queries gRPC API.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, NamedTuple
@@ -44,7 +43,6 @@ from tests.acceptance.bus import (
 from tests.acceptance.expected import Amount, Expected
 from tests.acceptance.system import System
 from tests.support import infra
-from tests.support.service import service_command
 
 
 def new_id() -> UUID:
@@ -343,50 +341,6 @@ async def eventually_equal(
             f"timed out after {within}s waiting for {what}:"
             f" expected {expected!r}, last read {shown}"
         ) from None
-
-
-@dataclass(frozen=True)
-class CommandLineRun:
-    args: tuple[str, ...]
-    exit_code: int
-    stdout: str
-    stderr: str
-
-    def describe(self) -> str:
-        return (
-            f"financing {' '.join(self.args)} exited with {self.exit_code}\n"
-            f"stdout:\n{self.stdout}\nstderr:\n{self.stderr}"
-        )
-
-
-async def run_command_line(
-    env: Mapping[str, str],
-    *args: str,
-    within: float = 60.0,
-) -> CommandLineRun:
-    """`financing ARGS` as an operator runs it beside a deployment (with its environment)."""
-    process = await asyncio.create_subprocess_exec(
-        *service_command()[:-1],  # the same executable as `financing serve`, without "serve"
-        *args,
-        env=dict(env),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), within)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        command = " ".join(args)
-        raise AssertionError(f"financing {command} did not finish within {within}s") from None
-    assert process.returncode is not None
-    return CommandLineRun(
-        args,
-        process.returncode,
-        stdout.decode("utf-8", "replace"),
-        stderr.decode("utf-8", "replace"),
-    )
 
 
 @contextlib.asynccontextmanager

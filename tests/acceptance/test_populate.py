@@ -19,9 +19,9 @@ from tests.acceptance.driver import (
     Listing,
     eventually_equal,
     financing_for,
-    run_command_line,
 )
 from tests.acceptance.system import System, local_system
+from tests.support.service import run_cli
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.own_service]
 
@@ -56,7 +56,7 @@ async def populate_and_expect(
     system, financing = deployment
     before = await financing.listing()
 
-    run = await run_command_line(system.env, "populate", *args)
+    run = await run_cli(system.env, "populate", *args)
 
     assert run.exit_code == 0, run.describe()
     issuer_ids = ISSUER_LINE.findall(run.stdout)

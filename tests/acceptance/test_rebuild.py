@@ -36,11 +36,11 @@ from tests.acceptance.driver import (
     eventually_equal,
     financing_for,
     new_id,
-    run_command_line,
 )
 from tests.acceptance.expected import money
 from tests.acceptance.system import System, local_system
 from tests.support import infra
+from tests.support.service import run_cli
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.own_service]
 
@@ -222,7 +222,7 @@ class RebuildCounts(NamedTuple):
 
 async def rebuild(system: System) -> RebuildCounts:
     """`financing projections rebuild` beside the running service; the rows it reports."""
-    run = await run_command_line(system.env, "projections", "rebuild")
+    run = await run_cli(system.env, "projections", "rebuild")
     assert run.exit_code == 0, run.describe()
     counts = REBUILT.search(run.stdout)
     assert counts is not None, run.describe()
@@ -259,7 +259,7 @@ async def test_rebuild_on_a_running_service_yields_exactly_the_live_read_models(
     assert counts == RebuildCounts(len(live.investors), len(live.invoices), len(live.issuers))
     rebuilt = await financing.listing()
     assert rebuilt == live, differences(live, rebuilt)
-    check = await run_command_line(system.env, "check")
+    check = await run_cli(system.env, "check")
     assert check.exit_code == 0, check.describe()
 
     # The running projector goes on projecting into the rebuilt read models.
@@ -305,7 +305,7 @@ async def test_rebuild_while_sagas_run_settles_on_what_a_replay_of_the_event_sto
         for f in financed
     )
     assert sorted(listing.issuers) == sorted(str(f.issuer_id) for f in financed)
-    check = await run_command_line(system.env, "check")
+    check = await run_cli(system.env, "check")
     assert check.exit_code == 0, check.describe()
 
 

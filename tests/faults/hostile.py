@@ -6,7 +6,9 @@ the queues whose consumers must dead-letter it, or none when every consumer
 acks and ignores it (an unknown name on `events`, contract.md section 2).
 `Observer` watches a deployment's vhost: every event on `events` and every
 dead letter, which it takes from `financing_dead_letters` and acks so that the
-queue stays short.
+queue stays short (or leaves there, for the operator's tools).
+`publish_without_properties` speaks AMQP frame by frame, as a publisher that
+sets no message-id property does; `tests.support.service.run_cli` runs the operator's CLI.
 """
 
 from __future__ import annotations
@@ -19,6 +21,12 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import pamqp.body
+import pamqp.commands
+import pamqp.exceptions
+import pamqp.frame
+import pamqp.header
+import pamqp.heartbeat
 from aio_pika.abc import AbstractIncomingMessage
 
 from financing.application import codec
@@ -38,8 +46,6 @@ DEAD_LETTER_QUEUE = "financing_dead_letters"
 MESSAGE_UUID = "_watermill_message_uuid"
 NAME = "name"
 AGGREGATE_ID = "aggregateID"
-REASON = "x-death-reason"
-SOURCE_QUEUE = "x-source-queue"
 
 COMMAND_QUEUES: tuple[str, ...] = tuple(command.name() for command in COMMAND_TYPES)
 # The queue of each consumer of `events` other than the projector, by the name it handles.
@@ -52,8 +58,10 @@ CONSUMED_QUEUES: tuple[str, ...] = (*COMMAND_QUEUES, *EVENT_QUEUES)
 EVENT_NAMES: tuple[str, ...] = tuple(sorted(set(HANDLER_QUEUES) | PROJECTED_EVENTS))
 
 # Every hostile message carries this string header, so that its dead letters can
-# be found even when its own message id is missing or mangled.
-CASE_HEADER = "x-hostile-case"
+# be found even when its own message id is missing or mangled. Tables go on the
+# wire sorted by key and a dead letter that cannot keep every header keeps the
+# first ones: this name sorts before any lowercase one.
+CASE_HEADER = "_hostile_case"
 
 
 class RawText(str):
@@ -104,7 +112,10 @@ class Hostile:
     def describe(self) -> str:
         body = self.body[:120].decode("utf-8", "replace")
         more = f"... ({len(self.body)} bytes)" if len(self.body) > 120 else ""
-        headers = {k: _preview(v) for k, v in self.headers.items() if k != CASE_HEADER}
+        shown = [k for k in self.headers if k != CASE_HEADER]
+        headers = {k: _preview(self.headers[k]) for k in shown[:8]}
+        if len(shown) > 8:
+            headers["..."] = f"{len(shown) - 8} more"
         target = f"queue {self.queue}" if self.queue else "exchange events"
         return f"[{self.label}] to {target}, headers {headers}, body {body!r}{more}"
 
@@ -186,26 +197,79 @@ class Observer:
             env=target.service.env,
         )
 
-    def letters_of(self, case: str, since: int = 0) -> list[Observed]:
-        return [m for m in self.dead_letters.view(since) if m.headers.get(CASE_HEADER) == case]
+
+def _record_unparsed(log: MessageLog, message: AbstractIncomingMessage, queue: str) -> Observed:
+    observed = Observed(
+        seq=len(log.messages),
+        queue=queue,
+        headers=dict(message.headers or {}),
+        body=bytes(message.body),
+        data=None,
+        delivery_mode=int(message.delivery_mode) if message.delivery_mode else None,
+        redelivered=bool(message.redelivered),
+    )
+    log.messages.append(observed)
+    return observed
+
+
+class _DeadLetterLog(MessageLog):
+    """Also records bodies nested too deeply for the JSON parser, unparsed."""
+
+    def record(self, message: AbstractIncomingMessage, queue: str) -> Observed:
+        try:
+            return super().record(message, queue)
+        except RecursionError:
+            return _record_unparsed(self, message, queue)
+
+
+class _EventLog(EventLog):
+    """Also records bodies nested too deeply for the JSON parser, unparsed."""
+
+    def record(self, message: AbstractIncomingMessage, queue: str) -> Observed:
+        try:
+            return super().record(message, queue)
+        except RecursionError:
+            return _record_unparsed(self, message, queue)
+
+
+async def _listen_to_events(broker: Broker) -> EventLog:
+    """Every message on `events`, through a queue of the observer's own."""
+    log = _EventLog("events")
+    name = infra.unique_name("observed_events")
+    queue = await broker.channel.declare_queue(name, exclusive=True)
+    await queue.bind(EVENTS_EXCHANGE, routing_key="")
+
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        log.record(message, name)
+        await message.ack()
+
+    await queue.consume(on_message)
+    return log
 
 
 @contextlib.asynccontextmanager
-async def observing(target: Deployment) -> AsyncIterator[Observer]:
-    """Listen to `events` and take every dead letter of the deployment, until the block ends."""
+async def observing(
+    target: Deployment, *, take_dead_letters: bool = True
+) -> AsyncIterator[Observer]:
+    """Listen to `events` and take every dead letter of the deployment, until the block ends.
+
+    With `take_dead_letters=False` the dead letters stay in their queue, for
+    the operator's tools to find.
+    """
     broker = await Broker.connect(target.amqp_url)
     try:
         await broker.declare_events_exchange()
-        events = await broker.listen_to_events(infra.unique_name("observed_events"))
-        dead_letters = MessageLog("dead letters")
-        channel = await broker.connection.channel()
-        queue = await channel.declare_queue(DEAD_LETTER_QUEUE, durable=True)
+        events = await _listen_to_events(broker)
+        dead_letters = _DeadLetterLog("dead letters")
+        if take_dead_letters:
+            channel = await broker.connection.channel()
+            queue = await channel.declare_queue(DEAD_LETTER_QUEUE, durable=True)
 
-        async def on_dead_letter(message: AbstractIncomingMessage) -> None:
-            dead_letters.record(message, DEAD_LETTER_QUEUE)
-            await message.ack()
+            async def on_dead_letter(message: AbstractIncomingMessage) -> None:
+                dead_letters.record(message, DEAD_LETTER_QUEUE)
+                await message.ack()
 
-        await queue.consume(on_dead_letter)
+            await queue.consume(on_dead_letter)
         yield Observer(broker, events, dead_letters)
     finally:
         await broker.close()
@@ -321,3 +385,69 @@ def _preview(value: Any) -> str:
     else:
         text = f"{type(value).__name__}:{value!r}"
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+async def publish_without_properties(
+    host: str,
+    port: int,
+    vhost: str,
+    *,
+    exchange: str,
+    routing_key: str,
+    body: bytes,
+    headers: Mapping[str, Any],
+) -> None:
+    """Publish with no AMQP property but the headers, confirmed, as Go's amqp client can.
+
+    aio-pika always fills in a message-id property; a publisher that sets none
+    is spoken to here directly, frame by frame.
+    """
+    reader, writer = await asyncio.open_connection(host, port)
+    buffer = b""
+
+    async def expect(kind: type[Any]) -> Any:
+        nonlocal buffer
+        while True:
+            if buffer:
+                try:
+                    used, _, frame = pamqp.frame.unmarshal(buffer)
+                except pamqp.exceptions.UnmarshalingException:
+                    used = 0
+                if used:
+                    buffer = buffer[used:]
+                    if isinstance(frame, kind):
+                        return frame
+                    if not isinstance(frame, pamqp.heartbeat.Heartbeat):
+                        raise AssertionError(f"expected {kind.__name__}, the broker sent {frame!r}")
+                    continue
+            chunk = await asyncio.wait_for(reader.read(65536), 10)
+            if not chunk:
+                raise AssertionError(f"the broker closed the connection before {kind.__name__}")
+            buffer += chunk
+
+    def send(frame: Any, channel: int) -> None:
+        writer.write(pamqp.frame.marshal(frame, channel))
+
+    try:
+        writer.write(pamqp.header.ProtocolHeader().marshal())
+        await expect(pamqp.commands.Connection.Start)
+        send(pamqp.commands.Connection.StartOk(response="\0guest\0guest"), 0)
+        tune = await expect(pamqp.commands.Connection.Tune)
+        send(pamqp.commands.Connection.TuneOk(tune.channel_max, tune.frame_max, 0), 0)
+        send(pamqp.commands.Connection.Open(virtual_host=vhost), 0)
+        await expect(pamqp.commands.Connection.OpenOk)
+        send(pamqp.commands.Channel.Open(), 1)
+        await expect(pamqp.commands.Channel.OpenOk)
+        send(pamqp.commands.Confirm.Select(), 1)
+        await expect(pamqp.commands.Confirm.SelectOk)
+        properties = pamqp.commands.Basic.Properties(headers=dict(headers), delivery_mode=2)
+        send(pamqp.commands.Basic.Publish(exchange=exchange, routing_key=routing_key), 1)
+        send(pamqp.header.ContentHeader(0, len(body), properties), 1)
+        send(pamqp.body.ContentBody(body), 1)
+        await expect(pamqp.commands.Basic.Ack)
+        send(pamqp.commands.Connection.Close(200, "done", 0, 0), 0)
+        await expect(pamqp.commands.Connection.CloseOk)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()

@@ -14,9 +14,7 @@ from uuid import UUID, uuid4
 import asyncpg
 import pytest
 
-from financing.adapters.postgres.connection import create_pool
 from financing.adapters.postgres.event_store import PostgresEventStore
-from financing.adapters.postgres.schema import migrate
 from financing.application.errors import ConcurrencyConflict, ReadAfterWrite
 from financing.application.memory import InMemoryEventStore
 from financing.application.ports import EventStore, StoredEvent, event_message_id
@@ -32,17 +30,8 @@ from tests.support import infra
 
 @pytest.fixture(scope="module")
 async def pool() -> AsyncIterator[asyncpg.Pool]:
-    name = infra.unique_name("fin_store")
-    db = await infra.create_database(name)
-    try:
-        pool = await create_pool(db)
-        try:
-            await migrate(pool, "commands")
-            yield pool
-        finally:
-            await pool.close()
-    finally:
-        await infra.drop_database(name)
+    async with infra.migrated_pool("fin_store", "commands") as pool:
+        yield pool
 
 
 async def _truncate(pool: asyncpg.Pool) -> None:

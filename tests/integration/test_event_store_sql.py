@@ -11,9 +11,7 @@ from uuid import uuid4
 import asyncpg
 import pytest
 
-from financing.adapters.postgres.connection import create_pool
 from financing.adapters.postgres.event_store import PostgresEventStore
-from financing.adapters.postgres.schema import migrate
 from financing.domain.aggregates import Issuer
 from tests.support import infra
 
@@ -27,13 +25,8 @@ HOSTILE = [
 
 @pytest.fixture
 async def pool() -> AsyncIterator[asyncpg.Pool]:
-    name = infra.unique_name("fin_sql")
-    db = await infra.create_database(name)
-    pool = await create_pool(db)
-    await migrate(pool, "commands")
-    yield pool
-    await pool.close()
-    await infra.drop_database(name)
+    async with infra.migrated_pool("fin_sql", "commands") as pool:
+        yield pool
 
 
 @pytest.mark.parametrize("hostile", HOSTILE)

@@ -27,9 +27,8 @@ from tests.support.infra import wait_until
 
 @pytest.fixture(scope="module")
 async def database() -> AsyncIterator[Database]:
-    name = infra.unique_name("fin_outbox")
-    yield await infra.create_database(name)
-    await infra.drop_database(name)
+    async with infra.fresh_database("fin_outbox") as db:
+        yield db
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,7 @@ import asyncpg
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
-from financing.adapters.postgres.connection import create_pool
 from financing.adapters.postgres.read_models import PostgresReadModels, create_tables
-from financing.adapters.postgres.schema import migrate
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.dead_letters import DeadLetters, list_dead_letters
 from financing.adapters.rabbitmq.publisher import Publisher
@@ -42,13 +40,8 @@ D = Decimal
 
 @pytest.fixture(scope="module")
 async def pool() -> AsyncIterator[asyncpg.Pool]:
-    name = infra.unique_name("fin_projector")
-    db = await infra.create_database(name)
-    pool = await create_pool(db)
-    await migrate(pool, "queries")
-    yield pool
-    await pool.close()
-    await infra.drop_database(name)
+    async with infra.migrated_pool("fin_projector", "queries") as pool:
+        yield pool
 
 
 @pytest.fixture(scope="module")

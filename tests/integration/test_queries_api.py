@@ -16,9 +16,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
-from financing.adapters.postgres.connection import create_pool
 from financing.adapters.postgres.read_models import PostgresReadModels, create_tables
-from financing.adapters.postgres.schema import migrate
 from financing.application.read_models import ReadModelStore
 from financing.domain import events as ev
 from financing.domain.events import Bid, DomainEvent
@@ -33,13 +31,8 @@ Serve = Callable[[ReadModelStore], AbstractAsyncContextManager[QueriesStub]]
 
 @pytest.fixture(scope="module")
 async def pool() -> AsyncIterator[asyncpg.Pool]:
-    name = infra.unique_name("fin_queries_api")
-    db = await infra.create_database(name)
-    pool = await create_pool(db)
-    await migrate(pool, "queries")
-    yield pool
-    await pool.close()
-    await infra.drop_database(name)
+    async with infra.migrated_pool("fin_queries_api", "queries") as pool:
+        yield pool
 
 
 @pytest.fixture

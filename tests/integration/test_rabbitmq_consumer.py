@@ -411,7 +411,8 @@ async def test_messages_of_other_names_are_acked_and_ignored(
     store = InMemoryEventStore()
     issuer = uuid.uuid4()
     process = Counting(exactly_once(store, queue, handlers.create_issuer))
-    subscription = Subscription(queue, "CreateIssuer", False, process)
+    # An events queue: a command queue dead-letters other names (a misrouted command).
+    subscription = Subscription(queue, "CreateIssuer", True, process)
     other = envelope(CreateInvestor(uuid.uuid4(), Decimal("5")))
     async with consuming(connection, subscription, dead_letters, prefetch=1):
         await publisher.send_to_queue(queue, other)

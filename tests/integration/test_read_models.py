@@ -10,9 +10,7 @@ from uuid import UUID, uuid4
 import asyncpg
 import pytest
 
-from financing.adapters.postgres.connection import create_pool
 from financing.adapters.postgres.read_models import PostgresReadModels, create_tables
-from financing.adapters.postgres.schema import migrate
 from financing.application.read_models import (
     InMemoryReadModels,
     InvestorRow,
@@ -30,13 +28,8 @@ D = Decimal
 
 @pytest.fixture(scope="module")
 async def pool() -> AsyncIterator[asyncpg.Pool]:
-    name = infra.unique_name("fin_read_models")
-    db = await infra.create_database(name)
-    pool = await create_pool(db)
-    await migrate(pool, "queries")
-    yield pool
-    await pool.close()
-    await infra.drop_database(name)
+    async with infra.migrated_pool("fin_read_models", "queries") as pool:
+        yield pool
 
 
 @pytest.fixture(params=["memory", "postgres"])

@@ -12,11 +12,9 @@ from uuid import UUID, uuid4
 import asyncpg
 import pytest
 
-from financing.adapters.postgres.connection import create_pool
 from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.adapters.postgres.read_models import PostgresReadModels
 from financing.adapters.postgres.rebuild import RebuildReport, rebuild
-from financing.adapters.postgres.schema import migrate
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.dead_letters import DeadLetters
 from financing.adapters.rabbitmq.publisher import Publisher
@@ -94,23 +92,15 @@ async def expected(events: list[StoredEvent]) -> Snapshot:
 
 @pytest.fixture(scope="module")
 async def event_store_pool() -> AsyncIterator[asyncpg.Pool]:
-    name = infra.unique_name("fin_rebuild_events")
-    pool = await create_pool(await infra.create_database(name))
-    await migrate(pool, "commands")
-    await append_scenarios(PostgresEventStore(pool))
-    yield pool
-    await pool.close()
-    await infra.drop_database(name)
+    async with infra.migrated_pool("fin_rebuild_events", "commands") as pool:
+        await append_scenarios(PostgresEventStore(pool))
+        yield pool
 
 
 @pytest.fixture
 async def query_pool() -> AsyncIterator[asyncpg.Pool]:
-    name = infra.unique_name("fin_rebuild_queries")
-    pool = await create_pool(await infra.create_database(name))
-    await migrate(pool, "queries")
-    yield pool
-    await pool.close()
-    await infra.drop_database(name)
+    async with infra.migrated_pool("fin_rebuild_queries", "queries") as pool:
+        yield pool
 
 
 async def test_rebuild_yields_exactly_what_the_live_projector_built(
@@ -192,25 +182,16 @@ async def test_rebuild_leaves_only_the_live_schema_behind(
 async def test_rebuild_of_an_empty_event_store_empties_the_read_models(
     query_pool: asyncpg.Pool,
 ) -> None:
-    name = infra.unique_name("fin_rebuild_empty")
-    empty = await create_pool(await infra.create_database(name))
-    try:
-        await migrate(empty, "commands")
+    async with infra.migrated_pool("fin_rebuild_empty", "commands") as empty:
         read_models = PostgresReadModels(query_pool)
         await read_models.apply([(str(uuid4()), IssuerCreatedEvent(uuid4()))])
         report = await rebuild(empty, query_pool)
-    finally:
-        await empty.close()
-        await infra.drop_database(name)
     assert report == RebuildReport(events=0, investors=0, invoices=0, issuers=0)
     assert await snapshot(read_models) == ([], [], [])
 
 
 async def test_events_projected_live_during_a_rebuild_are_kept(query_pool: asyncpg.Pool) -> None:
-    name = infra.unique_name("fin_rebuild_busy")
-    pool = await create_pool(await infra.create_database(name))
-    try:
-        await migrate(pool, "commands")
+    async with infra.migrated_pool("fin_rebuild_busy", "commands") as pool:
         store = PostgresEventStore(pool)
         await append_scenarios(store)
         live = PostgresReadModels(query_pool)
@@ -225,6 +206,3 @@ async def test_events_projected_live_during_a_rebuild_are_kept(query_pool: async
             projected_after += rebuilding.done()
         await rebuilding
         assert await snapshot(live) == await expected(await all_events(store))
-    finally:
-        await pool.close()
-        await infra.drop_database(name)

@@ -33,10 +33,8 @@ from tests.support import infra
 
 @pytest.fixture
 async def database() -> AsyncIterator[Database]:
-    name = infra.unique_name("fin_relayer")
-    db = await infra.create_database(name)
-    yield db
-    await infra.drop_database(name)
+    async with infra.fresh_database("fin_relayer") as db:
+        yield db
 
 
 @pytest.fixture

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import asyncpg
 
+from financing.adapters.postgres.connection import create_pool
+from financing.adapters.postgres.schema import migrate
 from financing.config import Database
 
 T = TypeVar("T")
@@ -50,6 +53,29 @@ async def drop_database(name: str) -> None:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def fresh_database(prefix: str) -> AsyncIterator[Database]:
+    """A database of its own, dropped afterwards."""
+    name = unique_name(prefix)
+    db = await create_database(name)
+    try:
+        yield db
+    finally:
+        await drop_database(name)
+
+
+@contextlib.asynccontextmanager
+async def migrated_pool(prefix: str, schema: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on a fresh database holding the service's `schema` ("commands" or "queries")."""
+    async with fresh_database(prefix) as db:
+        pool = await create_pool(db)
+        try:
+            await migrate(pool, schema)
+            yield pool
+        finally:
+            await pool.close()
 
 
 def _rabbitmqctl(*args: str) -> None:

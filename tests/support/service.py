@@ -9,7 +9,8 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support import infra
@@ -26,19 +27,65 @@ def free_port() -> int:
         return port
 
 
-def service_command() -> list[str]:
-    """The venv's console script when installed, else the module."""
+def financing_command() -> list[str]:
+    """The venv's `financing` console script when installed, else the module."""
     script = Path(sys.executable).with_name("financing")
     if script.exists():
-        return [str(script), "serve"]
-    return [sys.executable, "-m", "financing", "serve"]
+        return [str(script)]
+    return [sys.executable, "-m", "financing"]
+
+
+@dataclass(frozen=True)
+class CommandLine:
+    """One finished run of the `financing` command line."""
+
+    args: tuple[str, ...]
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    def describe(self) -> str:
+        return (
+            f"financing {' '.join(self.args)} exited with {self.exit_code}\n"
+            f"stdout:\n{self.stdout}\nstderr:\n{self.stderr}"
+        )
+
+
+async def run_cli(env: Mapping[str, str], *args: str, within: float = 60.0) -> CommandLine:
+    """`financing ARGS` as an operator runs it beside a deployment, with its environment."""
+    process = await asyncio.create_subprocess_exec(
+        *financing_command(),
+        *args,
+        env=dict(env),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), within)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise AssertionError(
+            f"financing {' '.join(args)} did not finish within {within}s"
+        ) from None
+    assert process.returncode is not None
+    return CommandLine(
+        args,
+        process.returncode,
+        stdout.decode("utf-8", "replace"),
+        stderr.decode("utf-8", "replace"),
+    )
 
 
 class ServiceProcess:
     """One `financing serve` child process; every start appends to the same log file."""
 
-    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+    def __init__(
+        self, env: Mapping[str, str], log_path: Path, args: Sequence[str] = ("serve",)
+    ) -> None:
         self.env = dict(env)
+        self.args = tuple(args)
         self.log_path = log_path
         self._process: asyncio.subprocess.Process | None = None
         self._log_offset = 0
@@ -55,7 +102,8 @@ class ServiceProcess:
         self._log_offset = self.log_size()
         with self.log_path.open("ab") as log:
             process = await asyncio.create_subprocess_exec(
-                *service_command(),
+                *financing_command(),
+                *self.args,
                 env=self.env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,

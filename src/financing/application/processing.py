@@ -64,8 +64,9 @@ class Subscription:
     """One consumer: the queue it owns and the single message name it handles.
 
     `from_events` queues are bound to the `events` exchange; the others are
-    command queues on the default exchange. Messages of other names are acked
-    and ignored.
+    command queues on the default exchange. On an events queue, messages of
+    other names are acked and ignored; on a command queue they were misrouted
+    and are dead-lettered.
     """
 
     queue: str

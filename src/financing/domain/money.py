@@ -7,10 +7,20 @@ form (so 0.1 is exactly 0.1, never 0.1000000000000000055...).
 
 from __future__ import annotations
 
+import decimal
 import math
 from decimal import Decimal, InvalidOperation
 
 ZERO = Decimal(0)
+
+# Amounts on the bus may have up to 47 significant digits (up to 1e16, with
+# up to 31 decimals: codec.py) and balances are sums of them. Decimal
+# arithmetic rounds to the context's precision, 28 digits by default, which
+# would make balances drift; this precision keeps every sum exact. Set for
+# the current context and for every context created later (threads, tasks).
+MONEY_PRECISION = 100
+decimal.DefaultContext.prec = MONEY_PRECISION
+decimal.getcontext().prec = MONEY_PRECISION
 
 # Money is kept in cents at most; anything finer is rejected at the edge.
 MAX_DECIMAL_PLACES = 2

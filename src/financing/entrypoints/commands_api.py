@@ -50,6 +50,9 @@ def invalid(field: str, problem: str) -> GRPCError:
 
 
 def parse_uuid(value: Uuid, field: str) -> UUID:
+    # A field sent with the wrong wire type decodes to a value of another type.
+    if not isinstance(value, Uuid) or not isinstance(value.value, str):
+        raise invalid(field, "is malformed")
     if not betterproto.serialized_on_wire(value) or not value.value:
         raise invalid(field, "is required")
     try:
@@ -59,6 +62,8 @@ def parse_uuid(value: Uuid, field: str) -> UUID:
 
 
 def parse_money(value: Money, field: str) -> Decimal:
+    if not isinstance(value, Money) or not isinstance(value.amount, float):
+        raise invalid(field, "is malformed")
     if not betterproto.serialized_on_wire(value):
         raise invalid(field, "is required")
     try:

@@ -39,6 +39,7 @@ from financing.application.processing import (
 )
 from financing.config import Settings
 from financing.entrypoints.commands_api import CommandsService
+from financing.entrypoints.grpc_codec import RequestCodec
 from financing.entrypoints.projector import PROJECTOR_QUEUE, QUEUE_ARGUMENTS, run_projector
 from financing.entrypoints.queries_api import QueriesService
 from financing.entrypoints.relayer import run_relayer
@@ -185,11 +186,14 @@ async def _run(
             )
         if "commands-api" in selected:
             commands_service = CommandsService(AmqpCommandSender(publisher))
-            servers.append(("commands-api", Server([commands_service]), settings.command_address))
+            server = Server([commands_service], codec=RequestCodec())
+            servers.append(("commands-api", server, settings.command_address))
 
     if "queries-api" in selected and query_pool is not None:
         queries = QueriesService(PostgresReadModels(query_pool))
-        servers.append(("queries-api", Server([queries]), settings.query_address))
+        servers.append(
+            ("queries-api", Server([queries], codec=RequestCodec()), settings.query_address)
+        )
 
     for name, server, (host, port) in servers:
         try:

@@ -24,6 +24,10 @@ INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.CrashShutdownError,
     asyncpg.exceptions.CannotConnectNowError,  # server starting up or in recovery
     asyncpg.exceptions.TooManyConnectionsError,
+    # The first use of a pooled session the server ended while it sat idle
+    # often fails with "cannot switch to state N; another operation (2) is in
+    # progress" before the pool notices the session is gone.
+    asyncpg.exceptions.InternalClientError,
 )
 
 

@@ -186,7 +186,10 @@ class PostgresEventStore:
     async def unit_of_work(self) -> AsyncIterator[PostgresUnitOfWork]:
         async with self._pool.acquire() as conn:
             uow = PostgresUnitOfWork(conn, self._snapshot_interval)
-            async with conn.transaction():
+            # One snapshot for every read: a copy of a message that found it new
+            # must not then load what another copy committed meanwhile (it would
+            # break a rule, releasing funds twice, instead of conflicting).
+            async with conn.transaction(isolation="repeatable_read"):
                 yield uow
             uow.committed()
 

@@ -188,6 +188,12 @@ class _Consumer:
     async def _handle_message(self, message: AbstractIncomingMessage) -> None:
         name = readable_name(message)
         if name is not None and name != self._subscription.message_name:
+            if not self._subscription.from_events:
+                # A command queue holds its one command: anything else was
+                # misrouted, and acking it would lose it without a trace.
+                reason = f"a {name!r} message on the {self._queue!r} command queue"
+                await self._dead_letter(message, None, reason)
+                return
             log.debug("ignoring message of another name", **self._fields(message, None))
             await self._ack(message, None)
             return

@@ -18,6 +18,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from financing.adapters.rabbitmq.envelopes import (
     CORE_HEADERS,
+    MAX_MESSAGE_ID_BYTES,
     MESSAGE_UUID_HEADER,
     NAME_HEADER,
     header_text,
@@ -38,8 +39,6 @@ MAX_REASON_CHARS = 2000
 # connection. Far below RabbitMQ's default frame size of 128 KiB.
 MAX_HEADER_CHARS = 1024
 MAX_COPIED_HEADERS_BYTES = 32 * 1024
-# The AMQP message-id property is a short string.
-MAX_MESSAGE_ID_BYTES = 255
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,7 @@ class DeadLetters:
         headers[DEAD_LETTERED_AT_HEADER] = datetime.now(UTC).isoformat()
         message_id = message.message_id or headers.get(MESSAGE_UUID_HEADER)
         if message_id and len(message_id.encode()) > MAX_MESSAGE_ID_BYTES:
-            message_id = None
+            message_id = None  # too long for the AMQP message-id property: the header keeps it
         copy = aio_pika.Message(
             body=bytes(message.body),
             headers=dict(headers),

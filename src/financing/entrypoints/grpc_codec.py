@@ -1,0 +1,26 @@
+"""The protobuf codec of both gRPC servers."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from grpclib.const import Status
+from grpclib.encoding.proto import ProtoCodec
+from grpclib.exceptions import GRPCError
+
+if TYPE_CHECKING:
+    from grpclib._typing import IProtoMessage
+
+
+class RequestCodec(ProtoCodec):
+    """Protobuf as grpclib decodes it, but a request that cannot be decoded is
+    malformed input (INVALID_ARGUMENT), not an internal error (UNKNOWN)."""
+
+    def decode(self, data: bytes, message_type: type[IProtoMessage]) -> IProtoMessage:
+        try:
+            return super().decode(data, message_type)
+        except Exception as exc:  # the parser raises anything on bytes it cannot read
+            raise GRPCError(
+                Status.INVALID_ARGUMENT,
+                f"the request is not a valid {message_type.__name__}: {type(exc).__name__}",
+            ) from None
