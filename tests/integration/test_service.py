@@ -123,3 +123,12 @@ async def test_passwords_never_appear_in_the_logs(
     assert "start-up failed" in refused.stderr
     assert amqp_secret not in logs
     assert pg_secret not in logs
+
+
+async def test_a_missing_database_fails_start_up_at_once_naming_it(amqp_url: str) -> None:
+    missing = infra.database(infra.unique_name("fin_missing"))
+    settings = _settings((missing, missing), amqp_url)
+    async with asyncio.timeout(10):
+        # Far below the 30 s budget: waiting cannot create a database.
+        code = await service.serve(settings, startup_timeout=30.0)
+    assert code == 2

@@ -19,6 +19,7 @@ from contextlib import AsyncExitStack
 from typing import Any, TypeVar
 
 import aio_pika
+import aiormq
 import asyncpg
 from grpclib.server import Server
 
@@ -69,11 +70,22 @@ class StartupError(Exception):
     """A dependency stayed unreachable for the whole start-up budget."""
 
 
+# Start-up errors that waiting cannot cure: refused credentials, a missing
+# database. They fail start-up at once instead of after the whole budget.
+HOPELESS_STARTUP_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.InvalidAuthorizationSpecificationError,
+    aiormq.exceptions.ProbableAuthenticationError,
+)
+
+
 async def _with_retries(what: str, attempt: Callable[[], Awaitable[T]], deadline: float) -> T:
     delay = 0.2
     while True:
         try:
             return await attempt()
+        except HOPELESS_STARTUP_ERRORS as exc:
+            raise StartupError(f"{what} refused the service: {exc}") from exc
         except Exception as exc:
             if time.monotonic() + delay > deadline:
                 raise StartupError(f"{what} is unreachable: {exc}") from exc
