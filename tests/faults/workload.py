@@ -52,8 +52,9 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from financing.adapters.postgres.event_store import EVENT_COLUMNS, stored_event
 from financing.adapters.postgres.read_models import PostgresReadModels
+from financing.adapters.rabbitmq.dead_letters import REASON_HEADER, SOURCE_QUEUE_HEADER
 from financing.adapters.rabbitmq.envelopes import to_amqp
-from financing.adapters.rabbitmq.topology import declare_events_exchange
+from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE, declare_events_exchange
 from financing.application import codec
 from financing.application.messages import InvestorRegistered, IssuerRegistered
 from financing.application.ports import Envelope
@@ -106,6 +107,11 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def suite_seed() -> int:
+    """The seed of the workloads and fault schedules; FINANCING_FAULTS_SEED replays another run."""
+    return int(os.environ.get("FINANCING_FAULTS_SEED", "1"))
+
+
 class WorkloadError(AssertionError):
     """The service answered something a correct service never answers, or a saga got stuck."""
 
@@ -138,6 +144,10 @@ class Deployment:
 
     def log_tail(self, max_lines: int = 80) -> str:
         return self.service.log_tail(max_lines=max_lines)
+
+    def starts(self) -> int:
+        """How many times the service became ready: 1 means it never had to be restarted."""
+        return self.log_events()["service ready"]
 
     def log_events(self) -> Counter[str]:
         """How many log lines of each event the service wrote, over all its starts."""
@@ -521,9 +531,11 @@ class Workload:
         watching = asyncio.create_task(self.watch.run(), name="event store watch")
         workers = [asyncio.create_task(worker()) for _ in range(self.concurrency)]
         try:
-            done, _ = await asyncio.wait([*workers, watching], return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                task.result()  # the first failure, as itself
+            pending: set[asyncio.Task[None]] = {*workers, watching}
+            while pending - {watching}:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()  # the first failure, as itself
         finally:
             for task in (*workers, watching):
                 task.cancel()
@@ -720,6 +732,21 @@ async def settle(target: Deployment, *, within: float = 60.0) -> CheckResult:
         await asyncio.sleep(0.25)
 
 
+async def events_by_name(target: Deployment) -> Counter[str]:
+    """How many events of each name the event store holds."""
+    rows = await target.event_pool.fetch("SELECT name, count(*) AS n FROM events GROUP BY name")
+    return Counter({row["name"]: row["n"] for row in rows})
+
+
+async def messages_processed(target: Deployment) -> int:
+    """Messages whose effect was committed once: by the command and saga handlers, and projected."""
+    handled: int = await target.event_pool.fetchval("SELECT count(*) FROM processed_messages")
+    projected: int = await target.query_pool.fetchval(
+        "SELECT count(*) FROM read_models.processed_messages"
+    )
+    return handled + projected
+
+
 @dataclass(frozen=True)
 class Outcome:
     """The read models of the workload's entities, named by their role in the sagas."""
@@ -790,14 +817,74 @@ def differences(got: Outcome, want: Outcome) -> list[str]:
     return out
 
 
-async def verify_effects(target: Deployment, workload: Workload) -> Outcome:
-    """Every accepted command's effect is in the read models, exactly as the sagas planned.
+@dataclass(frozen=True)
+class DeadLetter:
+    source_queue: str
+    reason: str
+    body: dict[str, Any]
 
+
+async def take_dead_letters(target: Deployment) -> list[DeadLetter]:
+    """Empty the service's dead-letter queue and return what it held."""
+    taken: list[DeadLetter] = []
+    connection = await aio_pika.connect(target.amqp_url, timeout=10)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(DEAD_LETTER_QUEUE, durable=True)
+        while (message := await queue.get(no_ack=True, fail=False)) is not None:
+            headers = message.headers or {}
+            taken.append(
+                DeadLetter(
+                    source_queue=_text(headers.get(SOURCE_QUEUE_HEADER)),
+                    reason=_text(headers.get(REASON_HEADER)),
+                    body=json.loads(message.body),
+                )
+            )
+    finally:
+        await connection.close()
+    return taken
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def dead_letter_problems(workload: Workload, letters: list[DeadLetter]) -> list[str]:
+    """Only the bids the sagas' investors could not afford are dead letters, each at least once."""
+    refused = {
+        (str(plan.investors[bid.role].id), str(workload.invoices[index]))
+        for index, plan in workload.plans.items()
+        for bid in plan.bids
+        if bid.outcome == "refused"
+    }
+    seen: set[tuple[str, str]] = set()
+    problems: list[str] = []
+    for letter in letters:
+        key = (str(letter.body.get("InvestorID")), str(letter.body.get("InvoiceID")))
+        if (
+            letter.source_queue == "BidOnInvoice"
+            and "RuleViolation" in letter.reason
+            and key in refused
+        ):
+            seen.add(key)
+        else:
+            problems.append(f"unexpected dead letter from {letter.source_queue}: {letter.reason}")
+    problems += [f"bid of {i} on {inv} was never dead-lettered" for i, inv in refused - seen]
+    return problems
+
+
+async def verify_effects(target: Deployment, workload: Workload) -> Outcome:
+    """Every accepted command's effect is there, exactly as the sagas planned.
+
+    The read models hold the planned state of every entity the sagas know of.
     Invoices nobody knows of may exist only if a SellInvoice call was retried,
-    at most one per retried call, and must still be on sale.
+    at most one per retried call, and must still be on sale. The dead letters
+    are the bids investors could not afford, each at least once (a kill between
+    dead-lettering and the ack dead-letters it again), and nothing else.
     """
     got = await outcome(target, workload)
     problems = differences(got, expected_outcome(workload))
+    problems += dead_letter_problems(workload, await take_dead_letters(target))
     retried_sells = workload.stats.commands_retried["SellInvoice"]
     if len(got.unknown_invoices) > retried_sells:
         problems.append(
@@ -815,6 +902,7 @@ async def verify_effects(target: Deployment, workload: Workload) -> Outcome:
 
 __all__ = [
     "OBSERVER_APPLICATION",
+    "DeadLetter",
     "Deployment",
     "EventStoreView",
     "EventStoreWatch",
@@ -824,9 +912,13 @@ __all__ = [
     "WorkloadError",
     "deployment",
     "differences",
+    "events_by_name",
     "expected_outcome",
+    "messages_processed",
     "outcome",
     "plan_saga",
     "settle",
+    "suite_seed",
+    "take_dead_letters",
     "verify_effects",
 ]

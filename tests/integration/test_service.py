@@ -125,7 +125,7 @@ async def test_passwords_never_appear_in_the_logs(
     assert pg_secret not in logs
 
 
-async def test_a_missing_database_fails_start_up_at_once_naming_it(amqp_url: str) -> None:
+async def test_a_missing_database_fails_start_up_at_once(amqp_url: str) -> None:
     missing = infra.database(infra.unique_name("fin_missing"))
     settings = _settings((missing, missing), amqp_url)
     async with asyncio.timeout(10):
