@@ -17,6 +17,7 @@ venv: $(STAMP)
 
 ## Run every component of the service in one process (configuration: environment, see README).
 serve: $(STAMP)
+	$(BIN)/python -m scripts.local_databases
 	$(BIN)/financing serve
 
 ## Every test: unit, integration (real PostgreSQL and RabbitMQ) and acceptance (the running service).
