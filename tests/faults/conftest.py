@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from tests.faults.workload import Deployment, deployment
+from tests.faults import workload as workloads
+from tests.faults.workload import Deployment, Workload, deployment
 
 FIGURES: dict[str, Any] = {}
 FIGURES_FILE = Path("build") / "reliability-faults.json"
@@ -31,6 +32,13 @@ def add_figure(name: str, amount: int | float = 1) -> None:
 
 def set_figure(name: str, value: Any) -> None:
     FIGURES[name] = value
+
+
+def record_workload(workload: Workload) -> None:
+    """Count what a workload that ran under faults went through."""
+    add_figure("sagas completed under faults", workload.stats.sagas_completed)
+    add_figure("client calls retried after failures", sum(workload.stats.failures.values()))
+    set_figure("workload seed", workload.seed)
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +63,9 @@ async def deploy() -> AsyncIterator[Deploy]:
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    for name, count in workloads.CHECKS.items():
+        add_figure(name, count)
+    workloads.CHECKS.clear()
     if not FIGURES:
         return
     path = config.rootpath / FIGURES_FILE

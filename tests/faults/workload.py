@@ -89,13 +89,14 @@ CENT = Decimal("0.01")
 
 # Statuses a client retries: the service is not there or could not take the command.
 RETRYABLE_STATUSES = frozenset({Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED})
-# What the client library raises when the connection is refused, reset or times out.
+# What the gRPC client raises when the connection is refused or lost, or the deadline passes.
 TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
     StreamTerminatedError,
     ProtocolError,
 )
+# What publishing an integration event raises while the broker is out of reach.
 BROKER_ERRORS: tuple[type[BaseException], ...] = (
     aiormq.exceptions.AMQPError,
     aiormq.exceptions.ChannelInvalidStateError,
@@ -236,6 +237,7 @@ async def deployment(
             assert code == 0, (
                 f"financing serve exited with {code} on SIGTERM:\n{service.log_tail()}"
             )
+        log_path.unlink(missing_ok=True)  # kept only when something failed
 
 
 # -- the sagas --------------------------------------------------------------------------------
@@ -343,7 +345,6 @@ class EventStoreView:
     invoices: dict[UUID, tuple[UUID, Decimal]] = field(default_factory=dict)
     # (invoice, investor, amount) -> how many times the invoice answered such a bid
     answered: Counter[tuple[UUID, UUID, Decimal]] = field(default_factory=Counter)
-    placed: Counter[tuple[UUID, UUID, Decimal]] = field(default_factory=Counter)
     approved: set[UUID] = field(default_factory=set)
     reversed: set[UUID] = field(default_factory=set)
 
@@ -356,8 +357,6 @@ class EventStoreView:
                 self.investors.add(investor)
             case ev.InvoiceCreatedEvent(invoice_id=invoice, issuer_id=issuer, asking_price=price):
                 self.invoices[invoice] = (issuer, price)
-            case ev.BidOnInvoicePlacedEvent(investor_id=investor, invoice_id=invoice):
-                self.placed[(invoice, investor, event.bid_amount)] += 1
             case (
                 ev.InvoiceFinancedEvent(invoice_id=invoice, bid=bid)
                 | ev.BidOnInvoiceRejectedEvent(invoice_id=invoice, bid=bid)
@@ -624,17 +623,24 @@ class Workload:
             envelope = Envelope(message_id=message_id, name=event.name(), body=codec.encode(event))
             # Published again with the same message id after a failure, as a
             # well-behaved publisher does: the service deduplicates it.
-            await self._retry(event.name(), functools.partial(publisher.publish, envelope))
+            publish = functools.partial(publisher.publish, envelope)
+            await self._retry(event.name(), publish, BROKER_ERRORS)
             self.stats.integration_events += 1
 
     # -- calling and waiting
 
     async def _call(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        result = await self._retry(what, call)
+        """A gRPC call, retried only while the service is not there to take it."""
+        result = await self._retry(what, call, TRANSPORT_ERRORS)
         self.stats.commands_accepted += 1
         return result
 
-    async def _retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+    async def _retry(
+        self,
+        what: str,
+        call: Callable[[], Awaitable[T]],
+        retryable: tuple[type[BaseException], ...],
+    ) -> T:
         attempts = 0
         while True:
             attempts += 1
@@ -648,7 +654,7 @@ class Workload:
                 reason = exc.status.name
                 if exc.status is Status.UNAVAILABLE:
                     self.stats.unavailable_at.append(time.monotonic())
-            except (*TRANSPORT_ERRORS, *BROKER_ERRORS) as exc:
+            except retryable as exc:
                 reason = type(exc).__name__
             else:
                 if attempts > 1:
@@ -705,6 +711,10 @@ class Workload:
 # -- after the faults -------------------------------------------------------------------------
 
 
+# What the final checks found over the session, reported with the suite's figures.
+CHECKS: Counter[str] = Counter()
+
+
 async def settle(target: Deployment, *, within: float = 60.0) -> CheckResult:
     """Wait until `financing check` passes; fail with its report and the service log if not.
 
@@ -718,8 +728,15 @@ async def settle(target: Deployment, *, within: float = 60.0) -> CheckResult:
             raise AssertionError(f"the service is not running:\n{target.log_tail()}")
         last = await run_check(target.event_pool, target.query_pool)
         if last.ok:
+            CHECKS.update({"final checks passed": 1, "invariant violations found": 0})
             return last
         if last.invariants.violations or time.monotonic() > deadline:
+            CHECKS.update(
+                {
+                    "final checks failed": 1,
+                    "invariant violations found": len(last.invariants.violations),
+                }
+            )
             why = (
                 "invariants violated"
                 if last.invariants.violations
@@ -901,6 +918,7 @@ async def verify_effects(target: Deployment, workload: Workload) -> Outcome:
 
 
 __all__ = [
+    "CHECKS",
     "OBSERVER_APPLICATION",
     "DeadLetter",
     "Deployment",

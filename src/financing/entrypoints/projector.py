@@ -56,6 +56,9 @@ _DEAD_LETTER_ERRORS: tuple[type[Exception], ...] = (PublishFailed, *BROKER_ERROR
 
 RETRY_INITIAL_DELAY = 0.1
 RETRY_MAX_DELAY = 5.0
+# An ack is one frame to write, but on a connection that has just died aiormq
+# can wait forever for room in its write buffer, which would stop projecting.
+ACK_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -184,13 +187,15 @@ async def _apply(
 
 async def _settle(batch: Sequence[_Delivery], dead_letters: DeadLetters) -> None:
     """Dead-letter the poison messages, then ack the whole batch."""
+    settled: list[AbstractIncomingMessage] = []
     for delivery in batch:
         if isinstance(delivery, _Poison):
             if not await _dead_letter(delivery, dead_letters):
                 continue
         elif isinstance(delivery, _Ignored):
             log.debug("message not projected, ignored", name=delivery.name)
-        await _ack(delivery.message)
+        settled.append(delivery.message)
+    await _ack(settled)
 
 
 async def _dead_letter(poison: _Poison, dead_letters: DeadLetters) -> bool:
@@ -227,10 +232,22 @@ def _channel_closed(message: AbstractIncomingMessage) -> bool:
         return True
 
 
-async def _ack(message: AbstractIncomingMessage) -> None:
+async def _ack(messages: Sequence[AbstractIncomingMessage]) -> None:
+    """Ack in delivery order, all within ACK_TIMEOUT.
+
+    When an ack fails, the channel died after the work was done: the broker
+    delivers the message again and the read models skip it by its message id.
+    """
     try:
-        await message.ack()
-    except BROKER_ERRORS as exc:
-        # The channel died after the work was done; the broker delivers the
-        # message again and the read models skip it by its message id.
-        log.warning("ack failed, message will be redelivered", error=str(exc))
+        async with asyncio.timeout(ACK_TIMEOUT):
+            results = await asyncio.gather(
+                *(message.ack() for message in messages), return_exceptions=True
+            )
+    except TimeoutError:
+        log.warning("acks not written in time, messages will be redelivered", count=len(messages))
+        return
+    for result in results:
+        if isinstance(result, BROKER_ERRORS):
+            log.warning("ack failed, message will be redelivered", error=repr(result))
+        elif isinstance(result, BaseException):
+            raise result

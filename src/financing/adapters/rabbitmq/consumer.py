@@ -57,6 +57,9 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (PublishFailed, *PUBLISH_ERRORS
 
 # On cancellation, how long in-flight messages may take to finish.
 SHUTDOWN_GRACE = 3.0
+# An ack is one frame to write, but on a connection that has just died aiormq
+# can wait forever for room in its write buffer.
+ACK_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -314,7 +317,8 @@ class _Consumer:
 
     async def _ack(self, message: AbstractIncomingMessage, envelope: Envelope | None) -> None:
         try:
-            await message.ack()
+            async with asyncio.timeout(ACK_TIMEOUT):
+                await message.ack()
         except BROKER_ERRORS:
             # The channel died after processing: the broker redelivers the
             # message and the consumer's deduplication absorbs it.

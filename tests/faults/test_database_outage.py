@@ -1,0 +1,190 @@
+"""The service's database sessions are cut under load: it survives and loses nothing.
+
+Every session the service holds on its two databases (pool connections, the
+relayer's LISTEN connection and its advisory-lock connection) is terminated
+with pg_terminate_backend, several times at seeded random moments while
+concurrent sagas run. Sessions of other databases and the suite's own
+observers are left alone. The service must reconnect by itself, without a
+restart, and end in the state the sagas planned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from betterproto.lib.google.protobuf import Empty
+from grpclib.client import Channel
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from financing.adapters.postgres.connection import INFRASTRUCTURE_ERRORS, create_pool
+from financing.adapters.postgres.event_store import PostgresEventStore
+from financing.adapters.postgres.read_models import PostgresReadModels
+from financing.adapters.postgres.schema import migrate
+from financing.application.read_models import ReadModelsUnavailable
+from financing.generated import QueriesStub
+from tests.faults.conftest import Deploy, add_figure, record_workload
+from tests.faults.workload import (
+    OBSERVER_APPLICATION,
+    Deployment,
+    Workload,
+    settle,
+    suite_seed,
+    verify_effects,
+)
+from tests.support import infra
+
+ROUNDS = 4
+ROUNDS_OF_IDLE_CUTS = 25
+
+
+async def terminate_sessions(databases: list[str], *, wait: bool = False) -> int:
+    """Terminate every session on `databases` but the suite's observers; how many there were.
+
+    With `wait`, return only once those server processes are gone, so that the
+    client side finds its sessions dead when it next uses them.
+    """
+    conn = await asyncpg.connect(
+        host=infra.PG_HOST, port=infra.PG_PORT, user=infra.PG_USER, database="postgres"
+    )
+    try:
+        # The aggregate's FILTER runs only on rows the WHERE clause kept.
+        pids: list[int] = (
+            await conn.fetchval(
+                "SELECT array_agg(pid) FILTER (WHERE pg_terminate_backend(pid))"
+                " FROM pg_stat_activity"
+                " WHERE datname = ANY($1::text[]) AND backend_type = 'client backend'"
+                " AND pid <> pg_backend_pid() AND coalesce(application_name, '') <> $2",
+                databases,
+                OBSERVER_APPLICATION,
+            )
+            or []
+        )
+        if wait:
+
+            async def gone() -> bool:
+                left: int = await conn.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1::int[])", pids
+                )
+                return left == 0
+
+            await infra.wait_until(gone, timeout=10, what=f"sessions {pids} to end")
+    finally:
+        await conn.close()
+    return len(pids)
+
+
+async def terminate_service_sessions(target: Deployment, *, wait: bool = False) -> int:
+    return await terminate_sessions(list(target.databases), wait=wait)
+
+
+@pytest.fixture
+async def scratch_databases() -> AsyncIterator[tuple[str, str]]:
+    """An event store and a read-model database, migrated, with nothing running on them."""
+    names = (
+        infra.unique_name("fin_fault_idle_commands"),
+        infra.unique_name("fin_fault_idle_queries"),
+    )
+    for name, schema in zip(names, ("commands", "queries"), strict=True):
+        db = await infra.create_database(name)
+        pool = await create_pool(db)
+        try:
+            await migrate(pool, schema)
+        finally:
+            await pool.close()
+    yield names
+    for name in names:
+        await infra.drop_database(name)
+
+
+async def test_a_pooled_session_terminated_while_idle_counts_as_the_database_being_unavailable(
+    scratch_databases: tuple[str, str],
+) -> None:
+    """Regression: the first use of such a session often fails with asyncpg's
+    InternalClientError ("cannot switch to state 15"), which the service took for a bug:
+    consumers counted it towards dead-lettering the message being processed, the
+    projector logged it as unexpected and the Queries API answered UNKNOWN."""
+    commands, queries = scratch_databases
+    command_pool = await create_pool(infra.database(commands))
+    query_pool = await create_pool(infra.database(queries))
+    store = PostgresEventStore(command_pool)
+    read_models = PostgresReadModels(query_pool)
+    outcomes: Counter[str] = Counter()
+    try:
+        # The pool notices some dead sessions in time and some not: try often enough.
+        for _ in range(ROUNDS_OF_IDLE_CUTS):
+            await read_models.investors()  # each pool now holds an idle session
+            async with store.unit_of_work() as uow:
+                await uow.seen("consumer", "message")
+            await terminate_sessions([commands, queries], wait=True)
+            try:
+                await read_models.investors()
+                outcomes["read models: answered"] += 1
+            except ReadModelsUnavailable:
+                outcomes["read models: unavailable"] += 1
+            try:
+                async with store.unit_of_work() as uow:
+                    await uow.seen("consumer", "message")
+                outcomes["event store: answered"] += 1
+            except INFRASTRUCTURE_ERRORS:
+                outcomes["event store: unavailable"] += 1
+    finally:
+        await command_pool.close()
+        await query_pool.close()
+    assert sum(outcomes.values()) == 2 * ROUNDS_OF_IDLE_CUTS, outcomes
+
+
+async def test_queries_api_answers_unavailable_never_unknown_when_its_sessions_are_cut(
+    deploy: Deploy,
+) -> None:
+    target = await deploy("queries_cut")
+    channel = Channel(*target.query_address)
+    queries = QueriesStub(channel)
+    statuses: Counter[str] = Counter()
+    try:
+        for _ in range(ROUNDS_OF_IDLE_CUTS):
+            await queries.all_investors(Empty(), timeout=5)  # the pool holds an idle session
+            await terminate_service_sessions(target, wait=True)
+            try:
+                await queries.all_investors(Empty(), timeout=5)
+                statuses["OK"] += 1
+            except GRPCError as exc:
+                statuses[exc.status.name] += 1
+    finally:
+        channel.close()
+    assert set(statuses) <= {"OK", Status.UNAVAILABLE.name}, statuses
+    assert target.service.running, target.log_tail()
+
+
+async def test_service_survives_its_database_sessions_being_terminated(deploy: Deploy) -> None:
+    seed = suite_seed()
+    schedule = random.Random(f"database/{seed}")
+    target = await deploy("database")
+    workload = Workload(target, seed=seed, concurrency=12)
+    enough = asyncio.Event()
+    running = asyncio.create_task(workload.run(until=enough))
+    terminated: list[int] = []
+    try:
+        for _ in range(ROUNDS):
+            await asyncio.sleep(schedule.uniform(0.3, 1.2))
+            assert not running.done(), running.result()
+            terminated.append(await terminate_service_sessions(target))
+        enough.set()
+        await running
+    finally:
+        running.cancel()
+    assert all(terminated), f"some rounds found no session of the service: {terminated}"
+    assert target.service.running and target.starts() == 1, (
+        f"the service did not survive on its own:\n{target.log_tail()}"
+    )
+
+    await settle(target)
+    await verify_effects(target, workload)
+    add_figure("database connection cuts survived", len(terminated))
+    add_figure("database sessions terminated", sum(terminated))
+    record_workload(workload)

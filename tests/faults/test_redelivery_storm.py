@@ -1,0 +1,173 @@
+"""A redelivery storm changes nothing: every message processed 2 or 3 times gives one effect.
+
+FINANCING_TEST_REDELIVER_TIMES=N makes every consumer (command handlers,
+saga policies, integration handlers, the projector) process each message N
+times, concurrently and after its commit, as a broker redelivering under
+failures would. The same seeded workload runs against a normal deployment and
+against storms; the events stored, the read models and the checker's verdict
+must be the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from decimal import Decimal
+from uuid import UUID, uuid4
+
+import asyncpg
+import pytest
+
+from financing.adapters.postgres.event_store import PostgresEventStore
+from financing.application import policies
+from financing.application.errors import ConcurrencyConflict
+from financing.application.ports import A, Envelope, UnitOfWork
+from financing.application.processing import exactly_once
+from financing.domain.aggregates import Aggregate, Investor
+from financing.domain.events import Bid, InvoiceReversedEvent
+from tests.faults.conftest import Deploy, add_figure
+from tests.faults.workload import (
+    Deployment,
+    Outcome,
+    Workload,
+    deployment,
+    differences,
+    events_by_name,
+    messages_processed,
+    settle,
+    suite_seed,
+    verify_effects,
+)
+from tests.support import infra
+
+SAGAS = 30
+
+
+@dataclass(frozen=True)
+class Run:
+    outcome: Outcome
+    events: Counter[str]
+    processed: int  # messages whose effect was recorded: commands, saga steps, projections
+    integration_events: int  # processed too, by handlers that record nothing
+
+
+async def run_workload(target: Deployment) -> Run:
+    workload = Workload(target, seed=suite_seed(), concurrency=SAGAS)
+    await workload.run(sagas=SAGAS)
+    await settle(target)
+    outcome = await verify_effects(target, workload)
+    assert not outcome.unknown_invoices, "no call failed, yet unknown invoices exist"
+    return Run(
+        outcome,
+        await events_by_name(target),
+        await messages_processed(target),
+        workload.stats.integration_events,
+    )
+
+
+@pytest.fixture(scope="module")
+async def normal_run() -> Run:
+    async with deployment("normal") as target:
+        return await run_workload(target)
+
+
+@pytest.mark.parametrize("times", [2, 3])
+async def test_redelivery_storm_ends_in_the_same_state_as_a_normal_run(
+    times: int, normal_run: Run, deploy: Deploy
+) -> None:
+    target = await deploy(f"storm{times}", {"FINANCING_TEST_REDELIVER_TIMES": str(times)})
+    storm = await run_workload(target)
+
+    assert differences(storm.outcome, normal_run.outcome) == []
+    assert storm.events == normal_run.events, "the storm stored other events"
+    assert storm.processed == normal_run.processed
+    # Every message was processed `times` times: all but one are redeliveries.
+    add_figure(
+        "messages redelivered (storms)", (storm.processed + storm.integration_events) * (times - 1)
+    )
+
+
+# -- the race behind a storm's spurious dead letters ------------------------------------------
+
+
+class _PausedAfterSeen:
+    """A unit of work that, once it has checked the message is new, waits for `resume`."""
+
+    def __init__(self, uow: UnitOfWork, checked: asyncio.Event, resume: asyncio.Event) -> None:
+        self._uow, self._checked, self._resume = uow, checked, resume
+
+    async def seen(self, consumer: str, message_id: str) -> bool:
+        seen = await self._uow.seen(consumer, message_id)
+        self._checked.set()
+        await self._resume.wait()
+        return seen
+
+    async def load(self, cls: type[A], aggregate_id: UUID) -> A:
+        return await self._uow.load(cls, aggregate_id)
+
+    async def save(self, aggregate: Aggregate) -> None:
+        await self._uow.save(aggregate)
+
+    async def record(self, consumer: str, message_id: str) -> None:
+        await self._uow.record(consumer, message_id)
+
+
+class _PausingStore(PostgresEventStore):
+    def __init__(self, pool: asyncpg.Pool, checked: asyncio.Event, resume: asyncio.Event) -> None:
+        super().__init__(pool)
+        self._checked, self._resume = checked, resume
+
+    @contextlib.asynccontextmanager
+    async def unit_of_work(self) -> AsyncIterator[_PausedAfterSeen]:  # type: ignore[override]
+        async with super().unit_of_work() as uow:
+            yield _PausedAfterSeen(uow, self._checked, self._resume)
+
+
+@pytest.fixture
+async def event_store_pool() -> AsyncIterator[asyncpg.Pool]:
+    async with infra.migrated_pool("fin_fault_race", "commands") as pool:
+        yield pool
+
+
+async def test_a_copy_processed_while_another_copy_commits_is_absorbed_not_dead_lettered(
+    event_store_pool: asyncpg.Pool,
+) -> None:
+    """Regression: a copy that found the message new, then read the aggregate after the
+    other copy committed, broke a domain rule (releasing funds already released) and was
+    dead-lettered. A broker redelivering a message whose first delivery is still being
+    processed (after a connection cut) does this; so did every redelivery storm."""
+    store = PostgresEventStore(event_store_pool)
+    investor = Investor(uuid4())
+    investor.create(Decimal(100))
+    investor.place_bid(uuid4(), Decimal(40))
+    async with store.unit_of_work() as uow:
+        await uow.save(investor)
+    reversal = InvoiceReversedEvent(uuid4(), Decimal(40), Bid(investor.id, Decimal(40)))
+    envelope = Envelope(message_id=str(uuid4()), name=reversal.name(), body=b"{}")
+    consumer = "events_InvoiceReversedEvent"
+
+    checked, resume = asyncio.Event(), asyncio.Event()
+    late_copy = exactly_once(
+        _PausingStore(event_store_pool, checked, resume),
+        consumer,
+        policies.reversal_releases_funds,
+    )
+
+    async def process_late_copy() -> None:
+        await late_copy(envelope, reversal)
+
+    late = asyncio.create_task(process_late_copy())
+    await asyncio.wait_for(checked.wait(), 10)
+    # Meanwhile another copy of the same message is processed and committed.
+    await exactly_once(store, consumer, policies.reversal_releases_funds)(envelope, reversal)
+    resume.set()
+    # Absorbed, or a conflict that the consumer retries (and then finds the message seen).
+    with contextlib.suppress(ConcurrencyConflict):
+        await asyncio.wait_for(late, 10)
+    await exactly_once(store, consumer, policies.reversal_releases_funds)(envelope, reversal)
+
+    names = [stored.name for stored in await store.stream(investor.id)]
+    assert names.count("InvestorFundsReleasedEvent") == 1, names
