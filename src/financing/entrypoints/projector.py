@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aio_pika.exceptions import ChannelInvalidStateError
 
+from financing.adapters.rabbitmq.consumer import ACK_TIMEOUT
 from financing.adapters.rabbitmq.dead_letters import DeadLetters
 from financing.adapters.rabbitmq.envelopes import (
     AGGREGATE_ID_HEADER,
@@ -56,9 +57,6 @@ _DEAD_LETTER_ERRORS: tuple[type[Exception], ...] = (PublishFailed, *BROKER_ERROR
 
 RETRY_INITIAL_DELAY = 0.1
 RETRY_MAX_DELAY = 5.0
-# An ack is one frame to write, but on a connection that has just died aiormq
-# can wait forever for room in its write buffer, which would stop projecting.
-ACK_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
