@@ -38,7 +38,7 @@ from scripts.sandbox import Sandbox, sandbox
 from tests.support.infra import wait_until
 
 T = TypeVar("T")
-WIDTH = 84
+WIDTH = 92
 
 
 def step(text: str) -> None:
