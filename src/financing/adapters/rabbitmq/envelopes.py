@@ -51,9 +51,14 @@ def to_amqp(envelope: Envelope) -> aio_pika.Message:
 def from_amqp(message: AbstractIncomingMessage) -> Envelope:
     """The envelope of a delivered message; PoisonMessage names what is wrong."""
     headers = string_headers(message.headers)
-    message_id = headers.pop(MESSAGE_UUID_HEADER, "")
+    # watermill's header first; a publisher that is not watermill usually sets
+    # the AMQP message-id property instead. Without either, duplicates could
+    # not be told apart, so the message cannot be processed exactly once.
+    message_id = headers.pop(MESSAGE_UUID_HEADER, "") or (message.message_id or "")
     if not message_id:
-        raise PoisonMessage(f"missing or empty header {MESSAGE_UUID_HEADER}")
+        raise PoisonMessage(
+            f"missing or empty header {MESSAGE_UUID_HEADER} and no message-id property"
+        )
     _check_message_id(message_id)
     name = headers.pop(NAME_HEADER, "")
     if not name:
