@@ -34,7 +34,8 @@ from financing.generated import (
     SellInvoiceCommand,
     Uuid,
 )
-from scripts.sandbox import Sandbox, sandbox
+from scripts.sandbox import sandbox
+from tests.support.deployment import LocalDeployment
 from tests.support.infra import wait_until
 
 T = TypeVar("T")
@@ -46,7 +47,7 @@ def step(text: str) -> None:
 
 
 class Story:
-    def __init__(self, box: Sandbox) -> None:
+    def __init__(self, box: LocalDeployment) -> None:
         self.box = box
         self.commands_channel = Channel(*box.command_address)
         self.queries_channel = Channel(*box.query_address)

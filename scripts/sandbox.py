@@ -1,41 +1,26 @@
-"""A throwaway local deployment for the demo and the benchmark.
+"""The demo's and the benchmark's deployment: checked dependencies, then a throwaway one.
 
 Fresh databases and a vhost of their own on the local PostgreSQL and
 RabbitMQ, `financing serve` as a child process on free ports, all removed
-afterwards.
+afterwards (tests/support/deployment.py, shared with the test suites).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
-import tempfile
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import aio_pika
 import asyncpg
 
-from financing.config import Database
 from tests.support import infra
-from tests.support.service import ServiceProcess, free_port
+from tests.support.deployment import LocalDeployment, local_deployment
 
 HOW_TO_START = {
     "PostgreSQL": "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
     "RabbitMQ": "rabbitmq-server -detached",
 }
-
-
-@dataclass(frozen=True)
-class Sandbox:
-    command_db: Database
-    query_db: Database
-    amqp_url: str
-    command_address: tuple[str, int]
-    query_address: tuple[str, int]
-    service: ServiceProcess
 
 
 async def preflight() -> None:
@@ -65,34 +50,8 @@ async def preflight() -> None:
 
 
 @contextlib.asynccontextmanager
-async def sandbox(prefix: str, extra_env: dict[str, str] | None = None) -> AsyncIterator[Sandbox]:
+async def sandbox(prefix: str) -> AsyncIterator[LocalDeployment]:
+    """A deployment of the service on the local PostgreSQL and RabbitMQ, removed afterwards."""
     await preflight()
-    name = infra.unique_name(prefix)
-    command_db = await infra.create_database(f"{name}_events")
-    query_db = await infra.create_database(f"{name}_queries")
-    amqp_url = infra.create_vhost(name)
-    command_address = ("127.0.0.1", free_port())
-    query_address = ("127.0.0.1", free_port())
-    env = {
-        **os.environ,
-        "COMMAND_SERVER_ADDRESS": f"{command_address[0]}:{command_address[1]}",
-        "QUERY_SERVER_ADDRESS": f"{query_address[0]}:{query_address[1]}",
-        "COMMAND_DB_CONNECTION_STRING": command_db.dsn(),
-        "QUERY_DB_CONNECTION_STRING": query_db.dsn(),
-        "AMQP_ADDRESS": amqp_url,
-        "LOGGER_LEVEL": "INFO",
-        **(extra_env or {}),
-    }
-    log_dir = Path(tempfile.mkdtemp(prefix=f"{name}_"))
-    service = ServiceProcess(env, log_dir / "service.log")
-    try:
-        await service.start()
-        yield Sandbox(command_db, query_db, amqp_url, command_address, query_address, service)
-        code = await service.stop()
-        if code != 0:
-            raise SystemExit(f"financing serve exited with {code}; log: {service.log_path}")
-    finally:
-        await service.kill()
-        await infra.drop_database(command_db.connect_kwargs["database"])
-        await infra.drop_database(query_db.connect_kwargs["database"])
-        infra.delete_vhost(name)
+    async with local_deployment(prefix) as deployment:
+        yield deployment

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from aio_pika.abc import AbstractChannel
 
 from tests.acceptance.bus import Broker, EventLog, MessageLog
 from tests.support import infra
+from tests.support.deployment import LocalDeployment, local_deployment
 from tests.support.service import (
     ServiceProcess,
-    free_port,
 )
 
 TARGET_VARIABLE = "FINANCING_ACCEPTANCE_TARGET"
@@ -104,68 +102,46 @@ async def local_system(
 ) -> AsyncIterator[System]:
     """A service of its own: fresh databases and vhost, started and, on exit, stopped.
 
-    `prepare` runs on the fresh vhost before the service starts. On exit the
-    service must leave with exit code 0 within a few seconds of SIGTERM.
+    The suite's listening queue is bound to `events` before the service
+    starts, so no event is missed; `prepare` runs on the fresh vhost before
+    the service starts. On exit the service must leave with exit code 0.
     """
-    name = name or infra.unique_name("fin_acc")
-    command_db, query_db = f"{name}_commands", f"{name}_queries"
-    cleanup = contextlib.AsyncExitStack()
-    async with cleanup:
-        await infra.create_database(command_db)
-        cleanup.push_async_callback(infra.drop_database, command_db)
-        await infra.create_database(query_db)
-        cleanup.push_async_callback(infra.drop_database, query_db)
-        amqp_url = infra.create_vhost(name)
-        cleanup.callback(infra.delete_vhost, name)
+    opened: list[tuple[Broker, EventLog]] = []
 
-        broker = await Broker.connect(amqp_url)
-        cleanup.push_async_callback(broker.close)
-        events = await _listen(broker)
+    async def before_start(deployment: LocalDeployment) -> None:
+        broker = await Broker.connect(deployment.amqp_url)
+        opened.append((broker, await _listen(broker)))
         if prepare is not None:
             await prepare(broker.channel)
 
-        command_address = Address("127.0.0.1", free_port())
-        query_address = Address("127.0.0.1", free_port())
-        env = {
-            **os.environ,
-            "COMMAND_SERVER_ADDRESS": str(command_address),
-            "QUERY_SERVER_ADDRESS": str(query_address),
-            # The event store in libpq keyword form, the read models as a URL:
-            # the contract accepts both.
-            "COMMAND_DB_CONNECTION_STRING": (
-                f"host={infra.PG_HOST} port={infra.PG_PORT} user={infra.PG_USER}"
-                f" dbname={command_db} pool_max_conns=8"
-            ),
-            "QUERY_DB_CONNECTION_STRING": (
-                f"postgresql://{infra.PG_USER}@{infra.PG_HOST}:{infra.PG_PORT}/{query_db}"
-            ),
-            "AMQP_ADDRESS": amqp_url,
-            "LOGGER_LEVEL": os.environ.get("FINANCING_ACCEPTANCE_LOG_LEVEL", "INFO"),
-            "FINANCING_SNAPSHOT_INTERVAL": SNAPSHOT_INTERVAL,
-        }
-        log_path = Path(tempfile.gettempdir()) / f"{name}.service.log"
-        service = ServiceProcess(env, log_path)
-        SERVICES.append(service)
-        cleanup.callback(SERVICES.remove, service)
-        cleanup.push_async_callback(service.kill)  # acts only if the orderly stop never ran
-        await service.start()
-
-        dead_letters = await broker.watch_dead_letters()
-        yield System(
-            command_address=command_address,
-            query_address=query_address,
-            amqp_url=amqp_url,
-            broker=broker,
-            events=events,
-            dead_letters=dead_letters,
-            service=service,
-            env=env,
-        )
-        # A component that crashed earlier shows here as a non-zero exit code.
-        code = await service.stop()
-        assert code == 0, (
-            f"financing serve exited with {code} after SIGTERM; log:\n{service.log_tail()}"
-        )
+    extra_env = {
+        "LOGGER_LEVEL": os.environ.get("FINANCING_ACCEPTANCE_LOG_LEVEL", "INFO"),
+        "FINANCING_SNAPSHOT_INTERVAL": SNAPSHOT_INTERVAL,
+    }
+    try:
+        async with local_deployment(
+            "fin_acc", name=name, extra_env=extra_env, before_start=before_start
+        ) as deployment:
+            [(broker, events)] = opened
+            SERVICES.append(deployment.service)
+            try:
+                yield System(
+                    command_address=Address(*deployment.command_address),
+                    query_address=Address(*deployment.query_address),
+                    amqp_url=deployment.amqp_url,
+                    broker=broker,
+                    events=events,
+                    dead_letters=await broker.watch_dead_letters(),
+                    service=deployment.service,
+                    env=deployment.env,
+                )
+            finally:
+                SERVICES.remove(deployment.service)
+                opened.clear()
+                await broker.close()  # before the vhost goes
+    finally:
+        for broker, _ in opened:  # only when the service never started
+            await broker.close()
 
 
 __all__ = [

@@ -32,13 +32,11 @@ import functools
 import json
 import os
 import random
-import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from pathlib import Path
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -70,8 +68,8 @@ from financing.generated import (
     SellInvoiceCommand,
     Uuid,
 )
-from tests.support import infra
-from tests.support.service import ServiceProcess, free_port
+from tests.support.deployment import local_deployment
+from tests.support.service import ServiceProcess
 
 T = TypeVar("T")
 
@@ -174,70 +172,32 @@ async def observer_pool(db: Database) -> asyncpg.Pool:
     return pool
 
 
-def service_env(
-    command_db: str, query_db: str, amqp_url: str, ports: tuple[int, int]
-) -> dict[str, str]:
-    return {
-        **os.environ,
-        "COMMAND_SERVER_ADDRESS": f"127.0.0.1:{ports[0]}",
-        "QUERY_SERVER_ADDRESS": f"127.0.0.1:{ports[1]}",
-        "COMMAND_DB_CONNECTION_STRING": (
-            f"host={infra.PG_HOST} port={infra.PG_PORT} user={infra.PG_USER}"
-            f" dbname={command_db} pool_max_conns=8"
-        ),
-        "QUERY_DB_CONNECTION_STRING": (
-            f"postgresql://{infra.PG_USER}@{infra.PG_HOST}:{infra.PG_PORT}/{query_db}"
-        ),
-        "AMQP_ADDRESS": amqp_url,
-        "LOGGER_LEVEL": "INFO",
-        "FINANCING_SNAPSHOT_INTERVAL": SNAPSHOT_INTERVAL,
-    }
-
-
 @contextlib.asynccontextmanager
 async def deployment(
     prefix: str, extra_env: Mapping[str, str] | None = None
 ) -> AsyncIterator[Deployment]:
     """A started service; on exit it must stop with exit code 0 on SIGTERM, then all is removed."""
-    name = infra.unique_name(f"fin_fault_{prefix}")
-    command_name, query_name = f"{name}_commands", f"{name}_queries"
-    async with contextlib.AsyncExitStack() as stack:
-        command_db = await infra.create_database(command_name)
-        stack.push_async_callback(infra.drop_database, command_name)
-        query_db = await infra.create_database(query_name)
-        stack.push_async_callback(infra.drop_database, query_name)
-        amqp_url = await asyncio.to_thread(infra.create_vhost, name)
-        stack.push_async_callback(asyncio.to_thread, infra.delete_vhost, name)
-
-        ports = (free_port(), free_port())
-        env = {**service_env(command_name, query_name, amqp_url, ports), **(extra_env or {})}
-        log_path = Path(tempfile.gettempdir()) / f"{name}.service.log"
-        service = ServiceProcess(env, log_path)
-        stack.push_async_callback(service.kill)  # acts only when the orderly stop did not run
-        await service.start()
-
-        event_pool = await observer_pool(command_db)
+    env = {"FINANCING_SNAPSHOT_INTERVAL": SNAPSHOT_INTERVAL, **(extra_env or {})}
+    async with (
+        local_deployment(f"fin_fault_{prefix}", extra_env=env) as local,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        event_pool = await observer_pool(local.command_db)
         stack.push_async_callback(event_pool.close)
-        query_pool = await observer_pool(query_db)
+        query_pool = await observer_pool(local.query_db)
         stack.push_async_callback(query_pool.close)
         yield Deployment(
-            name=name,
-            vhost=name,
-            amqp_url=amqp_url,
-            command_db=command_db,
-            query_db=query_db,
-            command_address=("127.0.0.1", ports[0]),
-            query_address=("127.0.0.1", ports[1]),
-            service=service,
+            name=local.name,
+            vhost=local.name,
+            amqp_url=local.amqp_url,
+            command_db=local.command_db,
+            query_db=local.query_db,
+            command_address=local.command_address,
+            query_address=local.query_address,
+            service=local.service,
             event_pool=event_pool,
             query_pool=query_pool,
         )
-        if service.running:
-            code = await service.stop()
-            assert code == 0, (
-                f"financing serve exited with {code} on SIGTERM:\n{service.log_tail()}"
-            )
-        log_path.unlink(missing_ok=True)  # kept only when something failed
 
 
 # -- the sagas --------------------------------------------------------------------------------

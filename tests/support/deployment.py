@@ -1,0 +1,108 @@
+"""A throwaway local deployment: fresh databases and vhost, `financing serve` on free ports.
+
+The one way the acceptance suite, the fault suite, the demo and the
+benchmark stand the service up, and take it down again: SIGTERM, exit code 0
+expected, databases and vhost removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from financing.config import Database
+from tests.support import infra
+from tests.support.service import ServiceProcess, free_port
+
+
+@dataclass(frozen=True)
+class LocalDeployment:
+    name: str  # also the name of its vhost
+    command_db: Database
+    query_db: Database
+    amqp_url: str
+    command_address: tuple[str, int]
+    query_address: tuple[str, int]
+    env: dict[str, str]
+    service: ServiceProcess
+
+
+BeforeStart = Callable[[LocalDeployment], Awaitable[None]]
+
+
+def service_env(
+    command_db: Database,
+    query_db: Database,
+    amqp_url: str,
+    command_address: tuple[str, int],
+    query_address: tuple[str, int],
+) -> dict[str, str]:
+    """The contract's environment for a deployment (and for CLI runs beside it)."""
+    commands, queries = command_db.connect_kwargs, query_db.connect_kwargs
+    return {
+        **os.environ,
+        "COMMAND_SERVER_ADDRESS": f"{command_address[0]}:{command_address[1]}",
+        "QUERY_SERVER_ADDRESS": f"{query_address[0]}:{query_address[1]}",
+        # The event store in libpq keyword form, the read models as a URL:
+        # the contract accepts both, so both are exercised.
+        "COMMAND_DB_CONNECTION_STRING": (
+            f"host={commands['host']} port={commands['port']} user={commands['user']}"
+            f" dbname={commands['database']} pool_max_conns=8"
+        ),
+        "QUERY_DB_CONNECTION_STRING": query_db.dsn(),
+        "AMQP_ADDRESS": amqp_url,
+        "LOGGER_LEVEL": "INFO",
+    }
+
+
+@contextlib.asynccontextmanager
+async def local_deployment(
+    prefix: str,
+    *,
+    extra_env: Mapping[str, str] | None = None,
+    before_start: BeforeStart | None = None,
+    name: str | None = None,
+) -> AsyncIterator[LocalDeployment]:
+    """A started service of its own; on exit it must stop with exit code 0 on SIGTERM.
+
+    `before_start` runs once the databases and vhost exist, before the
+    service starts (to bind a listening queue, or declare legacy queues).
+    The service log is deleted when the block ends without an error.
+    """
+    name = name or infra.unique_name(prefix)
+    async with contextlib.AsyncExitStack() as stack:
+        command_db = await infra.create_database(f"{name}_commands")
+        stack.push_async_callback(infra.drop_database, f"{name}_commands")
+        query_db = await infra.create_database(f"{name}_queries")
+        stack.push_async_callback(infra.drop_database, f"{name}_queries")
+        amqp_url = await asyncio.to_thread(infra.create_vhost, name)
+        stack.push_async_callback(asyncio.to_thread, infra.delete_vhost, name)
+
+        command_address = ("127.0.0.1", free_port())
+        query_address = ("127.0.0.1", free_port())
+        env = {
+            **service_env(command_db, query_db, amqp_url, command_address, query_address),
+            **(extra_env or {}),
+        }
+        log_path = Path(tempfile.gettempdir()) / f"{name}.service.log"
+        service = ServiceProcess(env, log_path)
+        stack.push_async_callback(service.kill)  # acts only when the orderly stop did not run
+        deployment = LocalDeployment(
+            name, command_db, query_db, amqp_url, command_address, query_address, env, service
+        )
+        if before_start is not None:
+            await before_start(deployment)
+        await service.start()
+        yield deployment
+        if service.running:
+            # A component that crashed earlier shows here as a non-zero exit code.
+            code = await service.stop()
+            assert code == 0, (
+                f"financing serve exited with {code} on SIGTERM; log:\n{service.log_tail()}"
+            )
+        log_path.unlink(missing_ok=True)  # kept only when something failed
