@@ -630,4 +630,3 @@ async def test_a_message_without_any_id_is_dead_lettered_and_the_property_stands
         observer.events, [ex.issuer_created(property_issuer)], since=events_since
     )
     assert target.service.running
-

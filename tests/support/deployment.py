@@ -43,7 +43,7 @@ def service_env(
     query_address: tuple[str, int],
 ) -> dict[str, str]:
     """The contract's environment for a deployment (and for CLI runs beside it)."""
-    commands, queries = command_db.connect_kwargs, query_db.connect_kwargs
+    commands = command_db.connect_kwargs
     return {
         **os.environ,
         "COMMAND_SERVER_ADDRESS": f"{command_address[0]}:{command_address[1]}",

@@ -89,8 +89,9 @@ async def run_projector(
     batch_size: int = 100,
     redeliver_times: int = 1,
     infrastructure_errors: tuple[type[BaseException], ...] = (),
+    consuming: asyncio.Event | None = None,
 ) -> None:
-    """Project until cancelled.
+    """Project until cancelled; `consuming` is set once the queue delivers to it.
 
     `redeliver_times` (tests only) applies every batch that many times, as a
     redelivery storm would: the read models must come out the same.
@@ -113,6 +114,8 @@ async def run_projector(
         # A robust channel restores this consumer after a reconnection.
         await queue.consume(on_message)
         log.info("projector started", queue=PROJECTOR_QUEUE, batch_size=batch_size)
+        if consuming is not None:
+            consuming.set()
         while True:
             messages = [await delivered.get()]
             while len(messages) < batch_size and not delivered.empty():

@@ -155,6 +155,13 @@ async def _run(
         query_pool = await _open_pool(stack, "query database", settings, "queries", deadline)
 
     workers: dict[str, Coroutine[Any, Any, None]] = {}
+    # Set by each consumer once the broker delivers to it: "service ready" waits for all.
+    consuming: list[asyncio.Event] = []
+
+    def started() -> asyncio.Event:
+        consuming.append(asyncio.Event())
+        return consuming[-1]
+
     servers: list[tuple[str, Server, tuple[str, int]]] = []
     commands_service: CommandsService | None = None
 
@@ -185,6 +192,7 @@ async def _run(
                 dead_letters,
                 redeliver_times=settings.redeliver_times,
                 infrastructure_errors=INFRASTRUCTURE_ERRORS,
+                consuming=started(),
             )
         if "relayer" in selected and command_pool is not None:
             workers["relayer"] = run_relayer(settings.command_db, command_pool, publisher)
@@ -195,6 +203,7 @@ async def _run(
                 dead_letters,
                 redeliver_times=settings.redeliver_times,
                 infrastructure_errors=INFRASTRUCTURE_ERRORS,
+                consuming=started(),
             )
         if "commands-api" in selected:
             commands_service = CommandsService(AmqpCommandSender(publisher))
@@ -216,12 +225,19 @@ async def _run(
 
     tasks = {asyncio.create_task(coro, name=name) for name, coro in workers.items()}
     stopping = asyncio.create_task(stop.wait(), name="signal")
-    log.info(
-        "service ready",
-        components=sorted(selected),
-        command_address=f"{settings.command_address[0]}:{settings.command_address[1]}",
-        query_address=f"{settings.query_address[0]}:{settings.query_address[1]}",
-    )
+    # Ready once every consumer consumes; a crash or a signal ends the wait first.
+    all_consuming = asyncio.ensure_future(asyncio.gather(*(e.wait() for e in consuming)))
+    first: set[asyncio.Future[Any]] = {*tasks, stopping, all_consuming}
+    await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+    if not all_consuming.done():
+        all_consuming.cancel()
+    else:
+        log.info(
+            "service ready",
+            components=sorted(selected),
+            command_address=f"{settings.command_address[0]}:{settings.command_address[1]}",
+            query_address=f"{settings.query_address[0]}:{settings.query_address[1]}",
+        )
     done, _ = await asyncio.wait(tasks | {stopping}, return_when=asyncio.FIRST_COMPLETED)
 
     exit_code = 0

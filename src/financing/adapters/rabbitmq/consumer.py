@@ -108,8 +108,9 @@ async def run_subscription(
     redeliver_times: int = 1,
     infrastructure_errors: tuple[type[BaseException], ...] = (),
     shutdown_grace: float = SHUTDOWN_GRACE,
+    consuming: asyncio.Event | None = None,
 ) -> None:
-    """Consume `subscription.queue` until cancelled.
+    """Consume `subscription.queue` until cancelled; `consuming` is set once it consumes.
 
     On cancellation it stops consuming, gives in-flight messages
     `shutdown_grace` seconds to finish, then returns; unacked messages go
@@ -132,6 +133,8 @@ async def run_subscription(
         # A robust queue re-registers this consumer after a reconnection.
         tag = await queue.consume(consumer.on_message)
         log.info("consuming", queue=subscription.queue, handles=subscription.message_name)
+        if consuming is not None:
+            consuming.set()
         try:
             await asyncio.Event().wait()
         finally:
