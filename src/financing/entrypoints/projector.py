@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
-from aio_pika.exceptions import ChannelInvalidStateError
 
 from financing.adapters.rabbitmq.consumer import ACK_TIMEOUT
 from financing.adapters.rabbitmq.dead_letters import DeadLetters
@@ -34,7 +33,7 @@ from financing.adapters.rabbitmq.envelopes import (
     header_text,
     readable_name,
 )
-from financing.adapters.rabbitmq.publisher import BROKER_ERRORS, PublishFailed
+from financing.adapters.rabbitmq.publisher import BROKER_ERRORS
 from financing.adapters.rabbitmq.topology import declare_event_queue
 from financing.application import codec
 from financing.application.errors import PoisonMessage
@@ -53,7 +52,6 @@ log = get_logger(__name__)
 PROJECTOR_QUEUE = "events_financing_projector"
 QUEUE_ARGUMENTS = {"x-single-active-consumer": True}
 
-_DEAD_LETTER_ERRORS: tuple[type[Exception], ...] = (PublishFailed, *BROKER_ERRORS)
 
 RETRY_INITIAL_DELAY = 0.1
 RETRY_MAX_DELAY = 5.0
@@ -211,26 +209,10 @@ async def _dead_letter(poison: _Poison, dead_letters: DeadLetters) -> bool:
         aggregate_id=header_text(headers.get(AGGREGATE_ID_HEADER)),
         queue=PROJECTOR_QUEUE,
     )
-    delay = RETRY_INITIAL_DELAY
-    while True:
-        try:
-            await dead_letters.send(message, reason=poison.reason, source_queue=PROJECTOR_QUEUE)
-            return True
-        except _DEAD_LETTER_ERRORS as exc:
-            if _channel_closed(message):
-                # Left unacked on a dead channel: the broker delivers it again.
-                log.warning("cannot dead-letter, left for redelivery", error=str(exc))
-                return False
-            log.warning("cannot dead-letter yet, retrying", error=str(exc), retry_in=delay)
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, RETRY_MAX_DELAY)
-
-
-def _channel_closed(message: AbstractIncomingMessage) -> bool:
-    try:
-        return message.channel.is_closed
-    except ChannelInvalidStateError:  # what aio-pika raises for a closed channel
+    if await dead_letters.keep(message, reason=poison.reason, source_queue=PROJECTOR_QUEUE):
         return True
+    log.warning("cannot dead-letter, left for redelivery", queue=PROJECTOR_QUEUE)
+    return False
 
 
 async def _ack(messages: Sequence[AbstractIncomingMessage]) -> None:

@@ -14,7 +14,6 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
-import aiormq
 from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractQueue,
@@ -27,6 +26,7 @@ from financing.adapters.rabbitmq.envelopes import (
     AGGREGATE_ID_HEADER,
     MESSAGE_UUID_HEADER,
     NAME_HEADER,
+    delivery_channel_open,
     from_amqp,
     header_text,
     readable_name,
@@ -287,34 +287,19 @@ class _Consumer:
                     exc_info=True,
                     **self._fields(message, envelope),
                 )
-            if not _channel_open(message):
+            if not delivery_channel_open(message):
                 return _Abandon()
             await asyncio.sleep(delay)
-            if not _channel_open(message):
+            if not delivery_channel_open(message):
                 return _Abandon()
 
     async def _dead_letter(
         self, message: AbstractIncomingMessage, envelope: Envelope | None, reason: str
     ) -> None:
         fields = self._fields(message, envelope)
-        attempt = 0
-        while True:
-            if not _channel_open(message):
-                # The redelivered message will be dead-lettered then.
-                log.info("delivery channel closed before dead-lettering", **fields)
-                return
-            try:
-                await self._dead_letters.send(message, reason=reason, source_queue=self._queue)
-                break
-            except BROKER_ERRORS as exc:
-                attempt += 1
-                log.warning(
-                    "dead-lettering failed; retrying",
-                    error=f"{type(exc).__name__}: {exc}",
-                    attempt=attempt,
-                    **fields,
-                )
-                await asyncio.sleep(self._retry.backoff(attempt))
+        if not await self._dead_letters.keep(message, reason=reason, source_queue=self._queue):
+            log.info("delivery channel closed before dead-lettering", **fields)
+            return
         log.error("message dead-lettered", reason=reason, **fields)
         await self._ack(message, envelope)
 
@@ -347,10 +332,3 @@ class _Consumer:
             "aggregate_id": header_text(headers.get(AGGREGATE_ID_HEADER)) or None,
             "queue": self._queue,
         }
-
-
-def _channel_open(message: AbstractIncomingMessage) -> bool:
-    try:
-        return not message.channel.is_closed
-    except aiormq.exceptions.ChannelInvalidStateError:
-        return False

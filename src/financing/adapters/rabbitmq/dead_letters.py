@@ -8,6 +8,7 @@ arguments are needed on the reference's queues, and the reason is kept.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,10 +22,14 @@ from financing.adapters.rabbitmq.envelopes import (
     MAX_MESSAGE_ID_BYTES,
     MESSAGE_UUID_HEADER,
     NAME_HEADER,
+    delivery_channel_open,
     header_text,
 )
-from financing.adapters.rabbitmq.publisher import Publisher
+from financing.adapters.rabbitmq.publisher import BROKER_ERRORS, Publisher, PublishFailed
 from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE, declare_dead_letter_queue
+from financing.logging import get_logger
+
+log = get_logger(__name__)
 
 REASON_HEADER = "x-death-reason"
 SOURCE_QUEUE_HEADER = "x-source-queue"
@@ -33,6 +38,9 @@ DEAD_LETTER_HEADERS = frozenset({REASON_HEADER, SOURCE_QUEUE_HEADER, DEAD_LETTER
 
 # Headers must fit in one frame; an exception text can be arbitrarily long.
 MAX_REASON_CHARS = 2000
+RETRY_INITIAL_DELAY = 0.05
+RETRY_MAX_DELAY = 5.0
+_SEND_ERRORS: tuple[type[BaseException], ...] = (PublishFailed, *BROKER_ERRORS)
 # The copy's headers are the original ones as text, which can be several times
 # larger (a boolean becomes "true", a byte that is not UTF-8 three bytes): a copy
 # whose header frame exceeds the broker's frame size makes it close the whole
@@ -86,6 +94,31 @@ class DeadLetters:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         await self._publisher.send_message_to_queue(DEAD_LETTER_QUEUE, copy)
+
+    async def keep(
+        self, message: AbstractIncomingMessage, *, reason: str, source_queue: str
+    ) -> bool:
+        """`send`, retried with backoff while the broker fails; whether the copy is kept.
+
+        True: confirmed, the caller acks the original. False: the original's
+        channel closed first, so it cannot be acked; the broker delivers it
+        again and it is dead-lettered then.
+        """
+        delay = RETRY_INITIAL_DELAY
+        while delivery_channel_open(message):
+            try:
+                await self.send(message, reason=reason, source_queue=source_queue)
+                return True
+            except _SEND_ERRORS as exc:
+                log.warning(
+                    "dead-lettering failed; retrying",
+                    error=f"{type(exc).__name__}: {exc}",
+                    source_queue=source_queue,
+                    retry_in=delay,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_DELAY)
+        return False
 
 
 def _copied_headers(original: Mapping[str, Any]) -> tuple[dict[str, str], int]:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 
 from financing.application.errors import PoisonMessage
@@ -105,6 +106,14 @@ def string_headers(headers: Mapping[str, Any] | None) -> dict[str, str]:
                 f"header {key!r} is not a string but {type(value).__name__}: {_preview(value)}"
             )
     return result
+
+
+def delivery_channel_open(message: AbstractIncomingMessage) -> bool:
+    """Whether `message` can still be acked: once its channel closed, the broker redelivers it."""
+    try:
+        return not message.channel.is_closed
+    except aiormq.exceptions.ChannelInvalidStateError:  # what aio-pika raises for a closed one
+        return False
 
 
 def readable_name(message: AbstractIncomingMessage) -> str | None:
