@@ -38,7 +38,7 @@ from financing.application.processing import (
     integration_subscriptions,
     policy_subscriptions,
 )
-from financing.config import Settings
+from financing.config import Database, Settings
 from financing.entrypoints.commands_api import CommandsService
 from financing.entrypoints.grpc_codec import RequestCodec
 from financing.entrypoints.projector import PROJECTOR_QUEUE, QUEUE_ARGUMENTS, run_projector
@@ -150,9 +150,9 @@ async def _run(
     command_pool: asyncpg.Pool | None = None
     query_pool: asyncpg.Pool | None = None
     if selected & NEEDS_COMMAND_DB:
-        command_pool = await _open_pool(stack, "command database", settings, "commands", deadline)
+        command_pool = await _open_pool(stack, "command", settings.command_db, "commands", deadline)
     if selected & NEEDS_QUERY_DB:
-        query_pool = await _open_pool(stack, "query database", settings, "queries", deadline)
+        query_pool = await _open_pool(stack, "query", settings.query_db, "queries", deadline)
 
     workers: dict[str, Coroutine[Any, Any, None]] = {}
     # Set by each consumer once the broker delivers to it: "service ready" waits for all.
@@ -270,10 +270,11 @@ async def _run(
 
 
 async def _open_pool(
-    stack: AsyncExitStack, what: str, settings: Settings, schema: str, deadline: float
+    stack: AsyncExitStack, role: str, db: Database, schema: str, deadline: float
 ) -> asyncpg.Pool:
-    db = settings.command_db if schema == "commands" else settings.query_db
-    pool = await _with_retries(f"{what} {db.describe()}", lambda: create_pool(db), deadline)
+    pool = await _with_retries(
+        f"{role} database {db.describe()}", lambda: create_pool(db), deadline
+    )
     stack.push_async_callback(pool.close)
     await migrate(pool, schema)
     return pool
