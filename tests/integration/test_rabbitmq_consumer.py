@@ -123,6 +123,17 @@ async def dead_letters_of(connection: AbstractRobustConnection, queue: str) -> l
     return [d for d in await list_dead_letters(connection, limit=1000) if d.source_queue == queue]
 
 
+async def first_dead_letters(
+    connection: AbstractRobustConnection, queue: str, what: str
+) -> list[DeadLetter]:
+    """The dead letters of `queue`, once there is at least one."""
+
+    async def dead_lettered() -> list[DeadLetter]:
+        return await dead_letters_of(connection, queue)
+
+    return await wait_until(dead_lettered, what=what)
+
+
 def events_of(store: InMemoryEventStore, aggregate_id: uuid.UUID) -> list[str]:
     return [e.name for e in store.events if e.aggregate_id == aggregate_id]
 
@@ -310,10 +321,7 @@ async def test_rule_violation_is_dead_lettered_at_once(
     async with consuming(connection, subscription, dead_letters, retry=FAST):
         await publisher.send_to_queue(queue, message)
 
-        async def dead_lettered() -> list[DeadLetter]:
-            return await dead_letters_of(connection, queue)
-
-        [letter] = await wait_until(dead_lettered, what="the refused command dead-lettered")
+        [letter] = await first_dead_letters(connection, queue, "the refused command dead-lettered")
     assert process.calls == 1
     assert letter.message_id == message.message_id
     assert letter.name == "CreateInvestor"
@@ -336,10 +344,7 @@ async def test_missing_aggregate_is_retried_then_dead_lettered(
     async with consuming(connection, subscription, dead_letters, retry=FAST):
         await publisher.send_to_queue(queue, message)
 
-        async def dead_lettered() -> list[DeadLetter]:
-            return await dead_letters_of(connection, queue)
-
-        [letter] = await wait_until(dead_lettered, what="the orphan command dead-lettered")
+        [letter] = await first_dead_letters(connection, queue, "the orphan command dead-lettered")
     assert process.calls == FAST.missing_attempts
     assert f"issuer {issuer} is not registered" in letter.reason
     assert letter.message_id == message.message_id
@@ -389,10 +394,7 @@ async def test_unexpected_error_is_dead_lettered_after_max_attempts(
     async with consuming(connection, subscription, dead_letters, retry=FAST):
         await publisher.send_to_queue(queue, envelope(CreateIssuer(uuid.uuid4())))
 
-        async def dead_lettered() -> list[DeadLetter]:
-            return await dead_letters_of(connection, queue)
-
-        [letter] = await wait_until(dead_lettered, what="the failing message dead-lettered")
+        [letter] = await first_dead_letters(connection, queue, "the failing message dead-lettered")
     assert process.calls == FAST.max_attempts
     assert "ValueError: handler bug" in letter.reason
     assert await rabbitmq.queue_state(connection, queue) == (0, 0)
