@@ -1,4 +1,4 @@
-"""Settings, read once at start-up from the environment (contract.md section 3)."""
+"""Settings, read once at start-up from the environment (docs/contract.md section 3)."""
 
 from __future__ import annotations
 
@@ -62,8 +62,11 @@ class Settings:
     snapshot_interval: int = 100
     # How long start-up waits for PostgreSQL and RabbitMQ before giving up.
     startup_timeout: float = 30.0
-    # Test-only: process every consumed message this many times (redelivery storm).
-    redeliver_times: int = 1
+
+    @property
+    def amqp_urls(self) -> list[str]:
+        """AMQP_ADDRESS may list several brokers, comma-separated: the first that answers."""
+        return [url.strip() for url in self.amqp_url.split(",") if url.strip()]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -84,7 +87,6 @@ class Settings:
             log_level=level,
             snapshot_interval=_positive_int(env, "FINANCING_SNAPSHOT_INTERVAL", 100),
             startup_timeout=_positive_int(env, "FINANCING_STARTUP_TIMEOUT", 30),
-            redeliver_times=_positive_int(env, "FINANCING_TEST_REDELIVER_TIMES", 1),
         )
 
 

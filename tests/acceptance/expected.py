@@ -1,4 +1,4 @@
-"""Domain events as contract.md says they look on the bus, and the checks against them.
+"""Domain events as docs/contract.md says they look on the bus, and the checks against them.
 
 Bodies use the Go field names; fields marked † in the contract travel only in
 the `aggregateID` header, so they are absent here. Money is compared exactly

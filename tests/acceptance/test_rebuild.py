@@ -1,6 +1,6 @@
 """`financing projections rebuild` on a running deployment yields what the live projector built.
 
-Every scenario of domain.md runs on a deployment of this module's own, through
+Every scenario of docs/domain.md runs on a deployment of this module's own, through
 gRPC and Registering's integration events. Once everything is settled the
 three lists are read, the read models are rebuilt from the event store while
 the service keeps running, and the lists must come back identical: same rows,

@@ -3,7 +3,7 @@
 `Hostile` is one message as a misbehaving publisher could send it (any body,
 headers of any AMQP type) together with what the service must do with it:
 the queues whose consumers must dead-letter it, or none when every consumer
-acks and ignores it (an unknown name on `events`, contract.md section 2).
+acks and ignores it (an unknown name on `events`, docs/contract.md section 2).
 `Observer` watches a deployment's vhost: every event on `events` and every
 dead letter, which it takes from `financing_dead_letters` and acks so that the
 queue stays short (or leaves there, for the operator's tools).

@@ -4,7 +4,7 @@ and a command is enqueued exactly when the answer is OK.
 The service runs as `financing serve --components commands-api` on a vhost of
 its own: nothing consumes the command queues, so after every call they hold
 exactly what that call enqueued. The expected answer of each well-formed
-request is computed here from contract.md section 1 (an id must parse as a
+request is computed here from docs/contract.md section 1 (an id must parse as a
 UUID; an amount must be finite, > 0, at most 999999999999.99 and have at most
 2 decimals in its shortest form), and must be the service's answer.
 """

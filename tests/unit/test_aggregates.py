@@ -148,7 +148,7 @@ def test_creating_an_existing_investor_again_changes_nothing() -> None:
 
 
 def test_three_additions_of_a_tenth_give_exactly_three_tenths() -> None:
-    # domain.md defect 1: float64 balances drift (0.1 + 0.1 + 0.1 != 0.3)
+    # docs/domain.md defect 1: float64 balances drift (0.1 + 0.1 + 0.1 != 0.3)
     added = Investor(INVESTOR).replay(
         [InvestorCreatedEvent(INVESTOR)] + [InvestorFundsAddedEvent(INVESTOR, D("0.1"))] * 3
     )
@@ -156,7 +156,7 @@ def test_three_additions_of_a_tenth_give_exactly_three_tenths() -> None:
 
 
 def test_a_tenth_plus_two_tenths_is_exactly_three_tenths_on_an_investor() -> None:
-    # domain.md defect 1: float64 balances drift (0.1 + 0.2 != 0.3)
+    # docs/domain.md defect 1: float64 balances drift (0.1 + 0.2 != 0.3)
     added = Investor(INVESTOR).replay(
         [
             InvestorCreatedEvent(INVESTOR),

@@ -45,7 +45,7 @@ class Case:
         self.header = header
 
 
-# Every message of contract.md section 2. Fields marked † are absent from the
+# Every message of docs/contract.md section 2. Fields marked † are absent from the
 # body: they travel in the aggregateID header.
 CASES: dict[str, Case] = {
     "IssuerCreatedEvent": Case(ev.IssuerCreatedEvent(ISSUER), {"IssuerID": ISS}, ISS),

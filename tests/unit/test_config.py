@@ -20,7 +20,7 @@ def kwargs(value: str) -> dict[str, Any]:
     return dict(parse_database(value).connect_kwargs)
 
 
-# Defaults (contract.md section 3)
+# Defaults (docs/contract.md section 3)
 
 
 def test_defaults_match_the_reference() -> None:

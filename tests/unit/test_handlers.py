@@ -146,7 +146,7 @@ async def test_bid_above_the_balance_appends_nothing(bus: InMemoryBus) -> None:
 
 
 async def test_bid_on_an_invoice_that_does_not_exist_reserves_nothing(bus: InMemoryBus) -> None:
-    # domain.md defect 7: the reference reserved the funds forever
+    # docs/domain.md defect 7: the reference reserved the funds forever
     _, investor = await registered(bus, "100")
     before = list(bus.store.events)
     with pytest.raises(MissingAggregate, match="invoice"):

@@ -125,7 +125,7 @@ def test_the_derived_command_id_depends_on_the_message_id_and_the_command() -> N
 async def test_an_error_sending_the_command_propagates(
     event: IssuerRegistered | InvestorRegistered,
 ) -> None:
-    # domain.md defect 11: the reference ignored the error and acked the event
+    # docs/domain.md defect 11: the reference ignored the error and acked the event
     sender = FailingSender()
     with pytest.raises(BrokerDown):
         await deliver(sender, event, "msg-3")

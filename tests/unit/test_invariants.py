@@ -49,7 +49,7 @@ def test_approval_and_reversal_settle_the_reservations() -> None:
 
 
 def test_a_release_applied_twice_is_a_violation() -> None:
-    # What the reference's non-idempotent saga handlers produce (domain.md defect 6).
+    # What the reference's non-idempotent saga handlers produce (docs/domain.md defect 6).
     investor = uuid4()
     history = _financed_story(investor, uuid4(), uuid4())
     history.append(ev.InvestorFundsReleasedEvent(investor, D(10)))

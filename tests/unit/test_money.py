@@ -23,7 +23,7 @@ def test_a_double_reads_as_its_shortest_decimal_form() -> None:
 
 
 def test_point_one_plus_point_two_is_exactly_point_three() -> None:
-    # domain.md defect 1: float64 money drifts (0.1 + 0.2 != 0.3)
+    # docs/domain.md defect 1: float64 money drifts (0.1 + 0.2 != 0.3)
     assert from_double(0.1) + from_double(0.2) == Decimal("0.3")
 
 

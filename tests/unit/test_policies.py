@@ -222,7 +222,7 @@ async def test_reversing_a_financed_invoice_restores_the_balance(bus: InMemoryBu
 async def test_a_second_bid_on_a_financed_invoice_is_rejected_and_released(
     bus: InMemoryBus,
 ) -> None:
-    # Scenario 10; domain.md defect 6: a different bid message must still be rejected
+    # Scenario 10; docs/domain.md defect 6: a different bid message must still be rejected
     first = await investor_with(bus, "100")
     second = await investor_with(bus, "50")
     invoice = await invoice_asking(bus, "10")
@@ -240,7 +240,7 @@ async def test_a_second_bid_on_a_financed_invoice_is_rejected_and_released(
 async def test_a_second_bid_by_the_same_investor_on_a_financed_invoice_is_rejected(
     bus: InMemoryBus,
 ) -> None:
-    # domain.md defect 6: an identical bid in a new message is a new bid, not a redelivery
+    # docs/domain.md defect 6: an identical bid in a new message is a new bid, not a redelivery
     investor = await investor_with(bus, "100")
     invoice = await invoice_asking(bus, "10")
     await bus.run(BidOnInvoice(investor, invoice, D("20")))
@@ -253,13 +253,14 @@ async def test_a_second_bid_by_the_same_investor_on_a_financed_invoice_is_reject
     assert await funds(bus, investor) == (D("90"), D("10"), D("0"))
 
 
-# Redelivery (domain.md defects 4 and 6)
+# Redelivery (docs/domain.md defects 4 and 6)
 
 
 async def test_a_redelivered_bid_placed_event_on_a_financed_invoice_changes_nothing(
     bus: InMemoryBus,
 ) -> None:
-    # domain.md defect 6: the reference rejected the redelivered winning bid and released its funds
+    # docs/domain.md defect 6: the reference rejected the redelivered winning bid
+    # and released its funds
     investor = await investor_with(bus, "100")
     invoice = await invoice_asking(bus, "10")
     await bus.run(BidOnInvoice(investor, invoice, D("20")))
@@ -274,7 +275,7 @@ async def test_a_redelivered_bid_placed_event_on_a_financed_invoice_changes_noth
 async def test_a_relayed_event_has_the_same_message_id_every_time_it_is_read(
     bus: InMemoryBus,
 ) -> None:
-    # domain.md defect 4: a fresh random id per publish made duplicates undetectable
+    # docs/domain.md defect 4: a fresh random id per publish made duplicates undetectable
     investor = await investor_with(bus, "100")
     invoice = await invoice_asking(bus, "10")
     await bus.send(BidOnInvoice(investor, invoice, D("20")))

@@ -25,7 +25,7 @@ def stored(event: ev.DomainEvent, version: int, position: int = 1) -> StoredEven
 
 
 def test_an_event_message_id_is_the_same_every_time_it_is_derived() -> None:
-    # domain.md defect 4: a fresh random UUID per publish made duplicates undetectable
+    # docs/domain.md defect 4: a fresh random UUID per publish made duplicates undetectable
     assert event_message_id(INVESTOR, 3) == event_message_id(INVESTOR, 3)
     added = ev.InvestorFundsAddedEvent(INVESTOR, Decimal("10"))
     assert stored(added, 3, position=7).message_id == stored(added, 3, position=9).message_id

@@ -1,32 +1,92 @@
-"""How a failed message is treated: each error says whether retrying can help."""
+"""The one classification of failures: what each error says, and whether retrying can help.
+
+Every loop that retries anything (a delivery, the relayer, the projector, an
+enqueue from the Commands API, start-up) asks `classify` and treats the four
+faults the same way:
+
+- UNAVAILABLE: a dependency (database, broker) cannot be reached now. Retried
+  without limit, with capped backoff and quietly: one warning when the outage
+  starts, one info line when it is over (`retry.Outages`).
+- CONFLICT: the work lost a race (another writer appended first) or ran ahead
+  of what it needs (the aggregate does not exist yet). Retried soon, a bounded
+  number of times.
+- PERMANENT: the message can never succeed (undecodable, a domain rule says
+  no). Dead-lettered with its reason at once.
+- BUG: anything else, a programming error. Logged with its traceback, retried
+  a few times (it may depend on a race), then dead-lettered; never reported as
+  an outage.
+
+Adapters translate their drivers' errors into these types at their boundary,
+so nothing above them needs to know asyncpg's or aiormq's exceptions.
+"""
 
 from __future__ import annotations
+
+import enum
+import traceback
+from typing import ClassVar
 
 from financing.domain.aggregates import RuleViolation
 
 __all__ = [
     "ConcurrencyConflict",
+    "Fault",
     "MissingAggregate",
     "PoisonMessage",
     "ReadAfterWrite",
+    "Refused",
     "RuleViolation",
+    "Unavailable",
+    "classify",
+    "summary",
 ]
+
+
+class Fault(enum.Enum):
+    UNAVAILABLE = "unavailable"
+    CONFLICT = "conflict"
+    PERMANENT = "permanent"
+    BUG = "bug"
+
+
+class Unavailable(Exception):
+    """A dependency cannot be reached now; the same work succeeds once it is back."""
+
+    def __init__(self, dependency: str, detail: str) -> None:
+        super().__init__(f"{dependency} unavailable: {detail}")
+        self.dependency = dependency
+        self.detail = detail
+
+
+class Refused(Exception):
+    """A dependency answered but refuses the service (credentials, missing database).
+
+    Waiting does not cure it, so start-up fails at once instead of after its
+    whole budget.
+    """
+
+    def __init__(self, dependency: str, detail: str) -> None:
+        super().__init__(f"{dependency} refused the service: {detail}")
+        self.dependency = dependency
 
 
 class PoisonMessage(Exception):
     """A message that cannot be decoded: retrying cannot help; dead-letter it."""
 
 
-class MissingAggregate(RuleViolation):
-    """A command names an aggregate that does not exist (yet).
-
-    The command that creates it may still be in flight on another queue, so the
-    message is retried for a bounded time before it is dead-lettered.
-    """
-
-
 class ConcurrencyConflict(Exception):
     """Another transaction appended to the stream first: reload and retry."""
+
+
+class MissingAggregate(RuleViolation):
+    """A message names an aggregate that does not exist (yet).
+
+    The command that creates it may still be in flight on another queue, so
+    the message is retried as a conflict, for a few seconds only, before it
+    is dead-lettered.
+    """
+
+    retry_attempts: ClassVar[int] = 8
 
 
 class ReadAfterWrite(RuntimeError):
@@ -34,5 +94,36 @@ class ReadAfterWrite(RuntimeError):
 
     Events are ordered by the id of the transaction that appended them, which
     keeps causes before effects only if everything a transaction read was
-    read before its first write.
+    read before its first write. Retrying runs the same code again, so a
+    delivery that raises it is dead-lettered at once.
     """
+
+    retry_attempts: ClassVar[int] = 1
+
+
+def classify(error: BaseException) -> Fault:
+    if isinstance(error, Unavailable):
+        return Fault.UNAVAILABLE
+    if isinstance(error, ConcurrencyConflict | MissingAggregate):
+        return Fault.CONFLICT
+    if isinstance(error, PoisonMessage | RuleViolation | Refused):
+        return Fault.PERMANENT
+    return Fault.BUG
+
+
+def attempts_allowed(error: BaseException) -> int | None:
+    """The attempts an error type allows itself, when fewer than its fault's default."""
+    allowed = getattr(type(error), "retry_attempts", None)
+    return allowed if isinstance(allowed, int) else None
+
+
+def summary(error: BaseException) -> str:
+    """One line: the error and, for a bug, where it was raised (for dead-letter reasons)."""
+    text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    if classify(error) is not Fault.BUG:
+        return text
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return text
+    last = frames[-1]
+    return f"{text} (at {last.filename.rsplit('/', 1)[-1]}:{last.lineno} in {last.name})"

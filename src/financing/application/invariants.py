@@ -23,7 +23,7 @@ from uuid import UUID
 
 from financing.domain import events as ev
 from financing.domain.aggregates import Investor, Invoice, InvoiceStatus
-from financing.domain.money import ZERO
+from financing.domain.money import ZERO, add
 
 
 @dataclass
@@ -83,7 +83,7 @@ def check(events: Iterable[ev.DomainEvent]) -> Report:
                 )
             match event:
                 case ev.InvestorFundsAddedEvent(amount=amount) if amount > ZERO:
-                    funds_added[event.investor_id] += amount
+                    funds_added[event.investor_id] = add(funds_added[event.investor_id], amount)
                 case ev.BidOnInvoicePlacedEvent(invoice_id=invoice_id, bid_amount=amount):
                     bids_placed[(event.investor_id, invoice_id, amount)] += 1
                 case ev.InvestorFundsReleasedEvent(amount=amount) if amount > ZERO:
@@ -186,7 +186,8 @@ def _check_reservations(
     expected: defaultdict[UUID, Decimal] = defaultdict(Decimal)
     for invoice in invoices.values():
         if invoice.status is InvoiceStatus.FINANCED and invoice.winning_bid is not None:
-            expected[invoice.winning_bid.investor_id] += invoice.asking_price
+            investor_id = invoice.winning_bid.investor_id
+            expected[investor_id] = add(expected[investor_id], invoice.asking_price)
     for investor in investors.values():
         want = expected[investor.id]
         if investor.reserved != want:

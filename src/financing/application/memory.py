@@ -47,7 +47,7 @@ class InMemoryUnitOfWork:
         for aggregate, expected in self._appends:
             if store.version(aggregate.id) != expected:
                 raise ConcurrencyConflict(
-                    f"{aggregate.type_name} {aggregate.id} moved past {expected}"
+                    f"{aggregate.aggregate_type} {aggregate.id} moved past {expected}"
                 )
         for record in self._records:
             if record in store.processed:
@@ -57,7 +57,7 @@ class InMemoryUnitOfWork:
                 store.events.append(
                     StoredEvent(
                         position=len(store.events) + 1,
-                        aggregate_type=aggregate.type_name,
+                        aggregate_type=aggregate.aggregate_type,
                         aggregate_id=aggregate.id,
                         version=expected + offset,
                         name=codec.name_of(event),

@@ -17,6 +17,7 @@ from financing.domain.events import (
     InvoiceFinancedEvent,
     InvoiceReversedEvent,
 )
+from financing.domain.money import subtract
 
 
 async def bid_placed_offers_bid_to_invoice(uow: UnitOfWork, event: BidOnInvoicePlacedEvent) -> None:
@@ -35,7 +36,7 @@ async def rejected_bid_releases_funds(uow: UnitOfWork, event: BidOnInvoiceReject
 
 async def financing_releases_excess_bid(uow: UnitOfWork, event: InvoiceFinancedEvent) -> None:
     investor = await _investor(uow, event.bid)
-    investor.release_funds(event.bid.amount - event.asking_price)
+    investor.release_funds(subtract(event.bid.amount, event.asking_price))
     await uow.save(investor)
 
 

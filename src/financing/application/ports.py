@@ -7,7 +7,7 @@ implements them in memory for fast tests of the domain and handlers.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -120,4 +120,54 @@ class EventStore(Protocol):
 class CommandSender(Protocol):
     async def send(self, command: Command, message_id: UUID) -> None:
         """Enqueue `command`; returns once the broker holds it durably."""
+        ...
+
+
+class EventPublisher(Protocol):
+    async def publish_events(self, envelopes: Sequence[Envelope]) -> None:
+        """Publish to every consumer of events, in order; returns once the broker holds all.
+
+        Raises Unavailable (nothing is known to be published) when it cannot.
+        """
+        ...
+
+
+class Outbox(Protocol):
+    """Committed events not yet relayed, in commit order, without gaps."""
+
+    async def pending(self, limit: int) -> list[StoredEvent]:
+        """Up to `limit` events after the checkpoint, in commit order."""
+        ...
+
+    async def mark_relayed(self, events: Sequence[StoredEvent]) -> None:
+        """Move the checkpoint past `events`, which must be the next ones `pending` gave.
+
+        Raises ValueError rather than move past an event that is not among them.
+        """
+        ...
+
+
+class RelayerLock(Protocol):
+    """Elects the one relayer among every instance sharing an event store."""
+
+    async def acquire(self) -> None:
+        """Return once this instance holds the lock; Unavailable if the store is unreachable."""
+        ...
+
+    async def lost(self) -> None:
+        """Return once the lock is no longer held (connection lost or released)."""
+        ...
+
+    async def release(self) -> None:
+        """Give the lock up; safe to call when it is not held."""
+        ...
+
+
+class WakeUp(Protocol):
+    """A signal that events were committed, so the relayer need not wait for its next poll."""
+
+    def clear(self) -> None: ...
+
+    async def wait(self, timeout: float) -> None:  # noqa: ASYNC109 - a poll interval, not a deadline
+        """Return when woken, or after `timeout` seconds."""
         ...

@@ -33,17 +33,17 @@ from typing import Protocol
 from uuid import UUID
 
 from financing.domain import events as ev
+from financing.domain.aggregates import InvoiceStatus
 from financing.domain.events import Bid, DomainEvent
-from financing.domain.money import ZERO
+from financing.domain.money import ZERO, add, negate
 
-AVAILABLE = "AVAILABLE"
-FINANCED = "FINANCED"
-APPROVED = "APPROVED"
-REVERSED = "REVERSED"
-INVOICE_STATUSES = (AVAILABLE, FINANCED, APPROVED, REVERSED)
+AVAILABLE = InvoiceStatus.AVAILABLE
+FINANCED = InvoiceStatus.FINANCED
+APPROVED = InvoiceStatus.APPROVED
+REVERSED = InvoiceStatus.REVERSED
 
 # Which statuses each invoice event may move an invoice out of (forward only).
-ADVANCES_FROM: dict[str, frozenset[str]] = {
+ADVANCES_FROM: dict[InvoiceStatus, frozenset[InvoiceStatus]] = {
     FINANCED: frozenset({AVAILABLE}),
     APPROVED: frozenset({AVAILABLE, FINANCED}),
     REVERSED: frozenset({AVAILABLE, FINANCED}),
@@ -66,7 +66,7 @@ class InvoiceRow:
     id: UUID
     issuer_id: UUID
     asking_price: Decimal
-    status: str  # one of INVOICE_STATUSES
+    status: InvoiceStatus
     winning_bid: Bid | None
 
 
@@ -75,17 +75,13 @@ class IssuerRow:
     id: UUID
 
 
-class ReadModelsUnavailable(Exception):
-    """The read-model storage cannot be reached: transient, retry later."""
-
-
 class ReadModelStore(Protocol):
     async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> None:
         """Project (message id, event) pairs in order, all in one transaction.
 
         A message id already applied, in an earlier batch or earlier in this
-        one, changes nothing. Raises ReadModelsUnavailable when the storage
-        is down; nothing of the batch is applied then.
+        one, changes nothing. Raises Unavailable when the storage is down;
+        nothing of the batch is applied then.
         """
         ...
 
@@ -118,11 +114,11 @@ def investor_change(event: DomainEvent) -> InvestorChange | None:
         case ev.InvestorFundsAddedEvent(investor_id=investor, amount=a) if a > ZERO:
             return InvestorChange(investor, a, ZERO, ZERO)
         case ev.BidOnInvoicePlacedEvent(investor_id=investor, bid_amount=a) if a > ZERO:
-            return InvestorChange(investor, -a, a, ZERO)
+            return InvestorChange(investor, negate(a), a, ZERO)
         case ev.InvestorFundsReleasedEvent(investor_id=investor, amount=a) if a > ZERO:
-            return InvestorChange(investor, a, -a, ZERO)
+            return InvestorChange(investor, a, negate(a), ZERO)
         case ev.InvestorFundsCommittedEvent(investor_id=investor, amount=a) if a > ZERO:
-            return InvestorChange(investor, ZERO, -a, a)
+            return InvestorChange(investor, ZERO, negate(a), a)
     return None
 
 
@@ -131,7 +127,7 @@ class InvoiceAdvance:
     """An invoice event that moves the invoice's status forward."""
 
     invoice_id: UUID
-    status: str
+    status: InvoiceStatus
     price: Decimal  # the price the event carries, for an invoice not seen yet
     bid: Bid
 
@@ -152,7 +148,7 @@ class _Invoice:
     id: UUID
     issuer_id: UUID | None  # None until InvoiceCreatedEvent is projected
     asking_price: Decimal
-    status: str
+    status: InvoiceStatus
     winning_bid: Bid | None
 
 
@@ -196,9 +192,9 @@ class InMemoryReadModels:
         )
         self._investors[change.investor_id] = InvestorRow(
             row.id,
-            row.balance + change.balance,
-            row.reserved + change.reserved,
-            row.committed + change.committed,
+            add(row.balance, change.balance),
+            add(row.reserved, change.reserved),
+            add(row.committed, change.committed),
         )
 
     def _advance_invoice(self, advance: InvoiceAdvance) -> None:

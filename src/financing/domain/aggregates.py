@@ -2,8 +2,9 @@
 
 Each aggregate is rebuilt by applying its past events (`apply`), decides with
 command methods that return the new events (already applied to itself) and
-never performs I/O. A rule that forbids a command raises `RuleViolation`;
-amounts <= 0 change nothing and produce no event.
+never performs I/O. A rule that forbids a command raises `RuleViolation`.
+A command that has nothing to do (amounts <= 0, approving an invoice that is
+not financed) produces no event and notes why in `unchanged`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from financing.domain.events import (
     InvoiceReversedEvent,
     IssuerCreatedEvent,
 )
-from financing.domain.money import ZERO, canonical
+from financing.domain.money import ZERO, add, canonical, subtract
 
 
 class RuleViolation(Exception):
@@ -39,12 +40,13 @@ class RuleViolation(Exception):
 class Aggregate:
     """An event-sourced entity: its state is the fold of its events."""
 
-    type_name: ClassVar[str]
+    aggregate_type: ClassVar[str]
 
     def __init__(self, aggregate_id: UUID) -> None:
         self.id = aggregate_id
         self.version = 0  # number of events applied, new ones included
         self.changes: list[DomainEvent] = []  # raised since load, not yet stored
+        self.unchanged: list[str] = []  # why commands since load changed nothing
 
     @property
     def exists(self) -> bool:
@@ -70,6 +72,10 @@ class Aggregate:
             self.changes.append(event)
         return list(events)
 
+    def _nothing_to_do(self, reason: str) -> list[DomainEvent]:
+        self.unchanged.append(f"{self.aggregate_type} {self.id}: {reason}")
+        return []
+
     def when(self, event: DomainEvent) -> None:
         raise NotImplementedError
 
@@ -83,11 +89,11 @@ class Aggregate:
 
 
 class Issuer(Aggregate):
-    type_name = "Issuer"
+    aggregate_type = "Issuer"
 
     def create(self) -> list[DomainEvent]:
         if self.exists:
-            return []
+            return self._nothing_to_do("already exists")
         return self._raise(IssuerCreatedEvent(issuer_id=self.id))
 
     def when(self, event: DomainEvent) -> None:
@@ -104,7 +110,7 @@ class Issuer(Aggregate):
 
 
 class Investor(Aggregate):
-    type_name = "Investor"
+    aggregate_type = "Investor"
 
     def __init__(self, aggregate_id: UUID) -> None:
         super().__init__(aggregate_id)
@@ -114,7 +120,7 @@ class Investor(Aggregate):
 
     def create(self, balance: Decimal) -> list[DomainEvent]:
         if self.exists:
-            return []
+            return self._nothing_to_do("already exists")
         if balance < ZERO:
             raise RuleViolation(f"investor {self.id}: initial balance must be >= 0, got {balance}")
         created = InvestorCreatedEvent(investor_id=self.id)
@@ -125,7 +131,7 @@ class Investor(Aggregate):
     def place_bid(self, invoice_id: UUID, amount: Decimal) -> list[DomainEvent]:
         self._must_exist()
         if amount <= ZERO:
-            return []
+            return self._nothing_to_do(f"a bid of {amount} is not a positive amount")
         if self.balance < amount:
             raise RuleViolation(
                 f"investor {self.id}: balance {self.balance} is less than the bid {amount}"
@@ -137,7 +143,7 @@ class Investor(Aggregate):
     def release_funds(self, amount: Decimal) -> list[DomainEvent]:
         self._must_exist()
         if amount <= ZERO:
-            return []
+            return self._nothing_to_do(f"releasing {amount} is not a positive amount")
         if self.reserved < amount:
             raise RuleViolation(
                 f"investor {self.id}: cannot release {amount}, only {self.reserved} reserved"
@@ -147,7 +153,7 @@ class Investor(Aggregate):
     def commit_funds(self, amount: Decimal) -> list[DomainEvent]:
         self._must_exist()
         if amount <= ZERO:
-            return []
+            return self._nothing_to_do(f"committing {amount} is not a positive amount")
         if self.reserved < amount:
             raise RuleViolation(
                 f"investor {self.id}: cannot commit {amount}, only {self.reserved} reserved"
@@ -161,16 +167,16 @@ class Investor(Aggregate):
     def when(self, event: DomainEvent) -> None:
         match event:
             case InvestorFundsAddedEvent(amount=amount) if amount > ZERO:
-                self.balance += amount
+                self.balance = add(self.balance, amount)
             case BidOnInvoicePlacedEvent(bid_amount=amount) if amount > ZERO:
-                self.balance -= amount
-                self.reserved += amount
+                self.balance = subtract(self.balance, amount)
+                self.reserved = add(self.reserved, amount)
             case InvestorFundsReleasedEvent(amount=amount) if amount > ZERO:
-                self.balance += amount
-                self.reserved -= amount
+                self.balance = add(self.balance, amount)
+                self.reserved = subtract(self.reserved, amount)
             case InvestorFundsCommittedEvent(amount=amount) if amount > ZERO:
-                self.reserved -= amount
-                self.committed += amount
+                self.reserved = subtract(self.reserved, amount)
+                self.committed = add(self.committed, amount)
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -197,7 +203,7 @@ class InvoiceStatus(enum.Enum):
 
 
 class Invoice(Aggregate):
-    type_name = "Invoice"
+    aggregate_type = "Invoice"
 
     def __init__(self, aggregate_id: UUID) -> None:
         super().__init__(aggregate_id)
@@ -207,8 +213,10 @@ class Invoice(Aggregate):
         self.winning_bid: Bid | None = None
 
     def create(self, issuer_id: UUID, asking_price: Decimal) -> list[DomainEvent]:
-        if self.exists or asking_price <= ZERO:
-            return []
+        if self.exists:
+            return self._nothing_to_do("already exists")
+        if asking_price <= ZERO:
+            return self._nothing_to_do(f"an asking price of {asking_price} is not positive")
         return self._raise(
             InvoiceCreatedEvent(invoice_id=self.id, issuer_id=issuer_id, asking_price=asking_price)
         )
@@ -217,7 +225,7 @@ class Invoice(Aggregate):
         """Finance the invoice with a bid covering its price, or reject the bid."""
         self._must_exist()
         if bid.amount <= ZERO:
-            return []
+            return self._nothing_to_do(f"a bid of {bid.amount} is not a positive amount")
         if self.status is InvoiceStatus.AVAILABLE and bid.amount >= self.asking_price:
             return self._raise(
                 InvoiceFinancedEvent(invoice_id=self.id, asking_price=self.asking_price, bid=bid)
@@ -227,7 +235,7 @@ class Invoice(Aggregate):
     def approve(self) -> list[DomainEvent]:
         self._must_exist()
         if self.status is not InvoiceStatus.FINANCED or self.winning_bid is None:
-            return []
+            return self._not_financed("approved")
         return self._raise(
             InvoiceApprovedEvent(
                 invoice_id=self.id, sold_price=self.asking_price, bid=self.winning_bid
@@ -237,7 +245,7 @@ class Invoice(Aggregate):
     def reverse(self) -> list[DomainEvent]:
         self._must_exist()
         if self.status is not InvoiceStatus.FINANCED or self.winning_bid is None:
-            return []
+            return self._not_financed("reversed")
         return self._raise(
             InvoiceReversedEvent(
                 invoice_id=self.id, sold_price=self.asking_price, bid=self.winning_bid
@@ -247,6 +255,11 @@ class Invoice(Aggregate):
     def _must_exist(self) -> None:
         if not self.exists:
             raise RuleViolation(f"invoice {self.id} does not exist")
+
+    def _not_financed(self, action: str) -> list[DomainEvent]:
+        return self._nothing_to_do(
+            f"is {self.status.value}; only a FINANCED invoice can be {action}"
+        )
 
     def when(self, event: DomainEvent) -> None:
         match event:
@@ -292,5 +305,5 @@ class Invoice(Aggregate):
 
 
 AGGREGATE_TYPES: dict[str, type[Aggregate]] = {
-    cls.type_name: cls for cls in (Issuer, Investor, Invoice)
+    cls.aggregate_type: cls for cls in (Issuer, Investor, Invoice)
 }

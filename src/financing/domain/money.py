@@ -15,18 +15,33 @@ ZERO = Decimal(0)
 
 # Amounts on the bus may have up to 47 significant digits (up to 1e16, with
 # up to 31 decimals: codec.py) and balances are sums of them. Decimal
-# arithmetic rounds to the context's precision, 28 digits by default, which
-# would make balances drift; this precision keeps every sum exact. Set for
-# the current context and for every context created later (threads, tasks).
+# arithmetic rounds to its context's precision, 28 digits by default, which
+# would make balances drift. Money arithmetic goes through this context of its
+# own (add, subtract, negate), whose precision keeps every sum exact; the
+# process-wide decimal context is left as it is.
 MONEY_PRECISION = 100
-decimal.DefaultContext.prec = MONEY_PRECISION
-decimal.getcontext().prec = MONEY_PRECISION
+EXACT = decimal.Context(
+    prec=MONEY_PRECISION,
+    traps=[decimal.InvalidOperation, decimal.DivisionByZero, decimal.Overflow],
+)
 
 # Money is kept in cents at most; anything finer is rejected at the edge.
 MAX_DECIMAL_PLACES = 2
 # Large enough for any invoice, small enough that every amount and every sum of
 # amounts survives the trip through a JSON number (a double) unchanged.
 MAX_AMOUNT = Decimal("999999999999.99")
+
+
+def add(a: Decimal, b: Decimal) -> Decimal:
+    return EXACT.add(a, b)
+
+
+def subtract(a: Decimal, b: Decimal) -> Decimal:
+    return EXACT.subtract(a, b)
+
+
+def negate(a: Decimal) -> Decimal:
+    return EXACT.minus(a)
 
 
 class InvalidAmount(ValueError):

@@ -14,12 +14,13 @@ import asyncpg
 from financing import logging as service_logging
 from financing.adapters.postgres.connection import create_pool
 from financing.adapters.postgres.rebuild import rebuild
-from financing.adapters.rabbitmq import topology
+from financing.adapters.rabbitmq.connection import connected
 from financing.adapters.rabbitmq.dead_letters import list_dead_letters, requeue_dead_letters
 from financing.config import ConfigError, Database, Settings
+from financing.entrypoints.bootstrap import COMPONENTS
 from financing.entrypoints.check import run_check
 from financing.entrypoints.populate import populate
-from financing.entrypoints.service import COMPONENTS, serve
+from financing.entrypoints.service import serve
 
 
 def _components(value: str) -> list[str]:
@@ -107,7 +108,7 @@ def _balance(value: str) -> Decimal:
 
 async def _populate(settings: Settings, args: argparse.Namespace) -> None:
     population = await populate(
-        settings.amqp_url, issuers=args.issuers, investors=args.investors, balance=args.balance
+        settings.amqp_urls, issuers=args.issuers, investors=args.investors, balance=args.balance
     )
     for issuer in population.issuers:
         print(f"issuer    {issuer}")
@@ -136,10 +137,9 @@ async def _check(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _dead_letters(settings: Settings, args: argparse.Namespace) -> None:
-    connection = await topology.connect(settings.amqp_url)
-    try:
+    async with connected(settings.amqp_urls) as broker:
         if args.dead_letters_command == "list":
-            letters = await list_dead_letters(connection, args.limit)
+            letters = await list_dead_letters(broker, args.limit)
             for letter in letters:
                 print(
                     f"{letter.dead_lettered_at}  {letter.source_queue}  {letter.name}  "
@@ -150,16 +150,14 @@ async def _dead_letters(settings: Settings, args: argparse.Namespace) -> None:
             print(f"{len(letters)} dead letter(s)")
         else:
             count = await requeue_dead_letters(
-                connection, source_queue=args.queue, message_id=args.message_id
+                broker, source_queue=args.queue, message_id=args.message_id
             )
             print(f"requeued {count} dead letter(s)")
-    finally:
-        await connection.close()
 
 
 @contextlib.asynccontextmanager
 async def _pool(db: Database) -> AsyncIterator[asyncpg.Pool]:
-    pool = await create_pool(db)
+    pool = await create_pool(db, db.describe())
     try:
         yield pool
     finally:

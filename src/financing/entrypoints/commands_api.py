@@ -3,13 +3,15 @@
 OK means the command is durably queued (the broker confirmed it), not that it
 was applied: outcomes are learnt from events and read models. Invalid input is
 answered INVALID_ARGUMENT naming the field and nothing is enqueued; when the
-broker cannot take the command, the answer is UNAVAILABLE.
+broker cannot take the command within the enqueue budget, the answer is
+UNAVAILABLE; a bug is logged with its traceback and answered INTERNAL.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from decimal import Decimal
 from uuid import UUID, uuid4
@@ -19,6 +21,7 @@ from betterproto.lib.google.protobuf import Empty
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
+from financing.application.errors import Fault
 from financing.application.messages import (
     ApproveFinancing,
     BidOnInvoice,
@@ -27,6 +30,7 @@ from financing.application.messages import (
     SellInvoice,
 )
 from financing.application.ports import CommandSender
+from financing.application.retry import NO_BUG_RETRIES, GaveUp, Outages, retry
 from financing.domain.money import InvalidAmount, positive_amount
 from financing.generated import (
     ApproveFinancingCommand,
@@ -76,11 +80,13 @@ class CommandsService(CommandsBase):
     def __init__(
         self,
         sender: CommandSender,
+        outages: Outages,
         *,
         new_id: Callable[[], UUID] = uuid4,
         budget: float = ENQUEUE_BUDGET_SECONDS,
     ) -> None:
         self._sender = sender
+        self._outages = outages
         self._new_id = new_id
         self._budget = budget
         self._in_flight = 0
@@ -132,30 +138,36 @@ class CommandsService(CommandsBase):
                 self._idle.set()
 
     async def _send(self, command: Command) -> None:
-        """Send with retries; the message id is fixed first, so a retry that
-        duplicates an enqueue that did go through is deduplicated downstream."""
+        """Send while the broker is unavailable, within the budget; the message id is
+        fixed first, so a retry that duplicates an enqueue that did go through is
+        deduplicated downstream."""
         message_id = uuid4()
-        delay = 0.05
-        attempt = 0
         try:
             async with asyncio.timeout(self._budget):
-                while True:
-                    attempt += 1
-                    try:
-                        await self._sender.send(command, message_id)
-                        return
-                    except Exception as exc:
-                        log.warning(
-                            "enqueue failed, retrying",
-                            name=command.name(),
-                            message_id=str(message_id),
-                            attempt=attempt,
-                            error=repr(exc),
-                        )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 1.0)
+                await retry(
+                    lambda: self._sender.send(command, message_id),
+                    policy=NO_BUG_RETRIES,
+                    outages=self._outages,
+                    what=f"enqueueing {command.name()}",
+                    deadline=time.monotonic() + self._budget,
+                )
         except TimeoutError:
-            log.error("enqueue gave up", name=command.name(), message_id=str(message_id))
+            raise self._unavailable(command, "no broker confirm within the budget") from None
+        except GaveUp as gave_up:
+            if gave_up.fault is Fault.UNAVAILABLE:
+                raise self._unavailable(command, str(gave_up.error)) from None
+            log.error(
+                "enqueue failed with a bug",
+                name=command.name(),
+                message_id=str(message_id),
+                exc_info=gave_up.error,
+            )
             raise GRPCError(
-                Status.UNAVAILABLE, f"{command.name()} could not be queued: broker unavailable"
+                Status.INTERNAL, f"{command.name()} could not be queued: internal error"
             ) from None
+
+    def _unavailable(self, command: Command, why: str) -> GRPCError:
+        log.debug("command not queued", name=command.name(), reason=why)
+        return GRPCError(
+            Status.UNAVAILABLE, f"{command.name()} could not be queued: broker unavailable"
+        )

@@ -12,11 +12,11 @@ from decimal import Decimal
 from uuid import UUID, uuid4
 
 from financing.adapters.rabbitmq import topology
+from financing.adapters.rabbitmq.connection import Broker, close_channel, connected
 from financing.adapters.rabbitmq.publisher import Publisher
-from financing.application import codec
+from financing.application import codec, routes
 from financing.application.messages import IntegrationEvent, InvestorRegistered, IssuerRegistered
 from financing.application.ports import Envelope
-from financing.application.processing import INTEGRATION_HANDLERS, event_queue
 
 
 @dataclass(frozen=True)
@@ -29,14 +29,12 @@ def _envelope(event: IntegrationEvent) -> Envelope:
     return Envelope(message_id=str(uuid4()), name=event.name(), body=codec.encode(event))
 
 
-async def populate(amqp_url: str, *, issuers: int, investors: int, balance: Decimal) -> Population:
-    connection = await topology.connect(amqp_url)
-    try:
-        async with connection.channel() as channel:
-            await topology.declare_events_exchange(channel)
-            for name in INTEGRATION_HANDLERS:
-                await topology.declare_event_queue(channel, event_queue(name))
-        publisher = await Publisher.open(connection)
+async def populate(
+    amqp_urls: list[str], *, issuers: int, investors: int, balance: Decimal
+) -> Population:
+    async with connected(amqp_urls) as broker:
+        await _declare_integration_queues(broker)
+        publisher = Publisher(broker)
         try:
             population = Population(
                 issuers=[uuid4() for _ in range(issuers)],
@@ -54,5 +52,14 @@ async def populate(amqp_url: str, *, issuers: int, investors: int, balance: Deci
             return population
         finally:
             await publisher.close()
+
+
+async def _declare_integration_queues(broker: Broker) -> None:
+    channel = await broker.channel()
+    try:
+        await topology.declare(
+            channel,
+            [topology.subscription(route.message_name).queue for route in routes.INTEGRATION],
+        )
     finally:
-        await connection.close()
+        await close_channel(channel)

@@ -1,7 +1,9 @@
-"""The Queries gRPC service (contract.md section 1): the read models as replies.
+"""The Queries gRPC service (docs/contract.md section 1): the read models as replies.
 
 Money leaves as a double here, at the edge; inside it is an exact Decimal.
-Lists come in creation order, as the read models keep them.
+Lists come in creation order, as the read models keep them. While the query
+database cannot be reached the answer is UNAVAILABLE with the reason; a bug
+is logged with its traceback and answered INTERNAL.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from financing import generated as pb
+from financing.application.errors import Unavailable
 from financing.application.read_models import (
     InvestorRow,
     InvoiceRow,
     IssuerRow,
     ReadModelStore,
-    ReadModelsUnavailable,
 )
+from financing.application.retry import Outages
 from financing.domain.events import Bid
 from financing.domain.money import to_double
 from financing.logging import get_logger
@@ -32,28 +35,38 @@ T = TypeVar("T")
 
 
 class QueriesService(pb.QueriesBase):
-    def __init__(self, read_models: ReadModelStore) -> None:
+    def __init__(self, read_models: ReadModelStore, outages: Outages) -> None:
         self._read_models = read_models
+        self._outages = outages
+        self._failed: set[str] = set()  # dependencies down at the last failed read
 
     async def all_investors(self, _: Empty) -> pb.AllInvestorsReply:
-        rows = await _read("investors", self._read_models.investors())
+        rows = await self._read("investors", self._read_models.investors())
         return pb.AllInvestorsReply(investors=[investor(row) for row in rows])
 
     async def all_invoices(self, _: Empty) -> pb.AllInvoicesReply:
-        rows = await _read("invoices", self._read_models.invoices())
+        rows = await self._read("invoices", self._read_models.invoices())
         return pb.AllInvoicesReply(invoices=[invoice(row) for row in rows])
 
     async def all_issuers(self, _: Empty) -> pb.AllIssuersReply:
-        rows = await _read("issuers", self._read_models.issuers())
+        rows = await self._read("issuers", self._read_models.issuers())
         return pb.AllIssuersReply(issuers=[issuer(row) for row in rows])
 
-
-async def _read(what: str, rows: Awaitable[T]) -> T:
-    try:
-        return await rows
-    except ReadModelsUnavailable as exc:
-        log.warning("read models unavailable", read_model=what, error=str(exc))
-        raise GRPCError(Status.UNAVAILABLE, "query database unavailable, try again") from exc
+    async def _read(self, what: str, rows: Awaitable[T]) -> T:
+        try:
+            result = await rows
+        except Unavailable as error:
+            self._failed.add(error.dependency)
+            self._outages.failed(error)
+            raise GRPCError(
+                Status.UNAVAILABLE, f"{error.dependency} unavailable, try again: {error.detail}"
+            ) from None
+        except Exception:
+            log.exception("reading the read models failed with a bug", read_model=what)
+            raise GRPCError(Status.INTERNAL, f"reading {what} failed: internal error") from None
+        while self._failed:
+            self._outages.recovered(self._failed.pop())
+        return result
 
 
 def uuid(value: UUID) -> pb.Uuid:
@@ -79,7 +92,7 @@ def invoice(row: InvoiceRow) -> pb.Invoice:
         id=uuid(row.id),
         issuer_id=uuid(row.issuer_id),
         asking_price=pb.Money(amount=to_double(row.asking_price)),
-        status=pb.InvoiceStatus.from_string(row.status),
+        status=pb.InvoiceStatus.from_string(row.status.value),
         # Left None (absent on the wire) until the invoice is financed.
         winning_bid=bid(row.winning_bid) if row.winning_bid is not None else None,
     )

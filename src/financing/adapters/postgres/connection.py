@@ -1,47 +1,129 @@
-"""Connections to PostgreSQL, and which of its errors mean "the database is unreachable"."""
+"""Connections to PostgreSQL, and the translation of its errors at this adapter's boundary.
+
+Nothing above the adapter sees asyncpg's exceptions: a database that cannot
+be reached becomes `Unavailable`, two writers racing becomes
+`ConcurrencyConflict`, credentials or a database the server does not know
+become `Refused` when opening a pool. Anything else is left as it is: a bug.
+"""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import TypeAlias
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from financing.application.errors import ConcurrencyConflict, Refused, Unavailable
 from financing.config import Database
 
 # A connection that statements can run on: a dedicated one or one borrowed from a pool.
 Connection: TypeAlias = asyncpg.Connection | PoolConnectionProxy
 
-# Errors that say nothing about the message being processed, only that the
-# database cannot be reached right now (down, restarting, connection cut,
-# too busy). Consumers retry these forever, with backoff, and never ack.
-INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,  # refused, reset, unreachable; includes ConnectionError
-    TimeoutError,  # connect or command timeout (asyncio.TimeoutError is the same class)
-    asyncpg.PostgresConnectionError,  # SQLSTATE class 08, ConnectionDoesNotExistError
-    asyncpg.InterfaceError,  # "connection is closed" and similar client-side states
-    asyncpg.exceptions.AdminShutdownError,  # server shutting down or backend terminated
-    asyncpg.exceptions.CrashShutdownError,
-    asyncpg.exceptions.CannotConnectNowError,  # server starting up or in recovery
-    asyncpg.exceptions.TooManyConnectionsError,
-    # The first use of a pooled session the server ended while it sat idle
-    # often fails with "cannot switch to state N; another operation (2) is in
-    # progress" before the pool notices the session is gone.
-    asyncpg.exceptions.InternalClientError,
+COMMAND_DATABASE = "command database"
+QUERY_DATABASE = "query database"
+
+# SQLSTATE classes that say the server cannot serve now, not that the statement is wrong:
+# 08 connection exception, 53 insufficient resources (too many connections, disk full),
+# 57 operator intervention (shutdown, backend terminated, server starting, query
+# cancelled), 58 system error (I/O).
+_UNAVAILABLE_CLASSES = frozenset({"08", "53", "57", "58"})
+# 25006: read-only transaction, as on a standby that has not been promoted yet.
+_UNAVAILABLE_STATES = frozenset({"25006"})
+
+# Errors by which PostgreSQL tells one of two racing writers to retry.
+RACE_ERRORS: tuple[type[Exception], ...] = (
+    asyncpg.UniqueViolationError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+)
+
+# Refusals that waiting does not cure: fail start-up at once.
+_REFUSALS: tuple[type[Exception], ...] = (
+    asyncpg.InvalidCatalogNameError,  # no such database
+    asyncpg.InvalidAuthorizationSpecificationError,  # unknown role, wrong password
 )
 
 
-async def create_pool(db: Database, *, min_size: int = 1) -> asyncpg.Pool:
+def is_unavailable(error: BaseException) -> bool:
+    """Whether `error` says the database cannot be reached now (rather than a bug)."""
+    if isinstance(
+        error,
+        OSError  # refused, reset, unreachable; includes ConnectionError
+        | TimeoutError  # connect or command timeout
+        | asyncpg.InterfaceError  # "connection is closed" and other client-side states
+        # The first use of a pooled session the server ended while it sat idle
+        # can fail with "cannot switch to state N" before the pool notices.
+        | asyncpg.exceptions.InternalClientError,
+    ):
+        return True
+    if isinstance(error, asyncpg.PostgresError):
+        state = str(getattr(error, "sqlstate", "") or "")
+        return state[:2] in _UNAVAILABLE_CLASSES or state in _UNAVAILABLE_STATES
+    return False
+
+
+def describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+@contextmanager
+def translated(dependency: str) -> Iterator[None]:
+    """Driver errors raised inside the block, as the application's error types."""
+    try:
+        yield
+    except RACE_ERRORS as error:
+        raise ConcurrencyConflict(f"{dependency}: {describe(error)}") from error
+    except Exception as error:
+        if is_unavailable(error):
+            raise Unavailable(dependency, describe(error)) from error
+        raise
+
+
+@contextmanager
+def opening(dependency: str) -> Iterator[None]:
+    """What a failure to open a connection means: a refusal, an outage, or a bug."""
+    try:
+        yield
+    except _REFUSALS as error:
+        raise Refused(dependency, describe(error)) from error
+    except Exception as error:
+        if is_unavailable(error) or isinstance(error, asyncpg.PostgresError):
+            # Any server error while connecting (a database not accepting
+            # connections, or being dropped or renamed) ends once the operator is done.
+            raise Unavailable(dependency, describe(error)) from error
+        raise
+
+
+@asynccontextmanager
+async def acquired(pool: asyncpg.Pool, dependency: str) -> AsyncIterator[Connection]:
+    """A pooled connection, errors translated, from opening it to the last statement."""
+    with opening(dependency):
+        conn = await pool.acquire()
+    try:
+        with translated(dependency):
+            yield conn
+    finally:
+        with translated(dependency):
+            await pool.release(conn)
+
+
+async def create_pool(
+    db: Database, dependency: str = "database", *, min_size: int = 1
+) -> asyncpg.Pool:
     """A pool of at most `db.pool_max_size` connections, `min_size` opened up front."""
-    pool = await asyncpg.create_pool(
-        **db.connect_kwargs,
-        min_size=min(min_size, db.pool_max_size),
-        max_size=db.pool_max_size,
-    )
+    with opening(dependency):
+        pool = await asyncpg.create_pool(
+            **db.connect_kwargs,
+            min_size=min(min_size, db.pool_max_size),
+            max_size=db.pool_max_size,
+        )
     assert pool is not None  # only None when created without awaiting
     return pool
 
 
-async def connect(db: Database) -> asyncpg.Connection:
+async def connect(db: Database, dependency: str = "database") -> asyncpg.Connection:
     """One dedicated connection, outside any pool (locks, LISTEN)."""
-    return await asyncpg.connect(**db.connect_kwargs)
+    with opening(dependency):
+        return await asyncpg.connect(**db.connect_kwargs)

@@ -27,7 +27,12 @@ from uuid import UUID
 
 import asyncpg
 
-from financing.adapters.postgres.connection import Connection
+from financing.adapters.postgres.connection import (
+    COMMAND_DATABASE,
+    RACE_ERRORS,
+    Connection,
+    acquired,
+)
 from financing.application import codec
 from financing.application.errors import ConcurrencyConflict, ReadAfterWrite
 from financing.application.ports import A, StoredEvent
@@ -38,13 +43,6 @@ from financing.domain.aggregates import Aggregate
 NOTIFY_CHANNEL = "financing_events"
 
 EVENT_COLUMNS = "position, transaction_id, aggregate_type, aggregate_id, version, name, body"
-
-# Errors by which PostgreSQL tells one of two racing writers to retry.
-_RACE_ERRORS = (
-    asyncpg.UniqueViolationError,
-    asyncpg.DeadlockDetectedError,
-    asyncpg.SerializationError,
-)
 
 
 def stored_event(row: asyncpg.Record) -> StoredEvent:
@@ -62,7 +60,7 @@ def stored_event(row: asyncpg.Record) -> StoredEvent:
 def _conflicts(what: str) -> Iterator[None]:
     try:
         yield
-    except _RACE_ERRORS as exc:
+    except RACE_ERRORS as exc:
         raise ConcurrencyConflict(f"{what}: {exc}") from exc
 
 
@@ -96,7 +94,7 @@ class PostgresUnitOfWork:
         snapshot = await self._conn.fetchrow(
             "SELECT version, state FROM snapshots WHERE aggregate_id = $1 AND aggregate_type = $2",
             aggregate_id,
-            cls.type_name,
+            cls.aggregate_type,
         )
         if snapshot is None:
             aggregate, after = cls(aggregate_id), 0
@@ -123,7 +121,7 @@ class PostgresUnitOfWork:
         before = aggregate.stored_version + stored
         rows = [
             (
-                aggregate.type_name,
+                aggregate.aggregate_type,
                 aggregate.id,
                 before + offset,
                 codec.name_of(event),
@@ -131,7 +129,7 @@ class PostgresUnitOfWork:
             )
             for offset, event in enumerate(new, start=1)
         ]
-        with _conflicts(f"{aggregate.type_name} {aggregate.id} moved past version {before}"):
+        with _conflicts(f"{aggregate.aggregate_type} {aggregate.id} moved past version {before}"):
             await self._conn.executemany(
                 "INSERT INTO events (aggregate_type, aggregate_id, version, name, body)"
                 " VALUES ($1, $2, $3, $4, $5)",
@@ -146,7 +144,7 @@ class PostgresUnitOfWork:
             self._notified = True
 
     async def _snapshot(self, aggregate: Aggregate) -> None:
-        with _conflicts(f"snapshot of {aggregate.type_name} {aggregate.id}"):
+        with _conflicts(f"snapshot of {aggregate.aggregate_type} {aggregate.id}"):
             await self._conn.execute(
                 "INSERT INTO snapshots (aggregate_id, aggregate_type, version, state)"
                 " VALUES ($1, $2, $3, $4::jsonb)"
@@ -155,7 +153,7 @@ class PostgresUnitOfWork:
                 " state = EXCLUDED.state, taken_at = now()"
                 " WHERE snapshots.version < EXCLUDED.version",
                 aggregate.id,
-                aggregate.type_name,
+                aggregate.aggregate_type,
                 aggregate.version,
                 json.dumps(aggregate.snapshot()),
             )
@@ -176,6 +174,8 @@ class PostgresUnitOfWork:
 
 
 class PostgresEventStore:
+    """The event store; PostgreSQL's errors leave it as Unavailable or ConcurrencyConflict."""
+
     def __init__(self, pool: asyncpg.Pool, *, snapshot_interval: int = 100) -> None:
         if snapshot_interval < 1:
             raise ValueError(f"snapshot_interval must be >= 1, got {snapshot_interval}")
@@ -184,7 +184,7 @@ class PostgresEventStore:
 
     @asynccontextmanager
     async def unit_of_work(self) -> AsyncIterator[PostgresUnitOfWork]:
-        async with self._pool.acquire() as conn:
+        async with acquired(self._pool, COMMAND_DATABASE) as conn:
             uow = PostgresUnitOfWork(conn, self._snapshot_interval)
             # One snapshot for every read: a copy of a message that found it new
             # must not then load what another copy committed meanwhile (it would
@@ -194,10 +194,11 @@ class PostgresEventStore:
             uow.committed()
 
     async def stream(self, aggregate_id: UUID) -> list[StoredEvent]:
-        rows = await self._pool.fetch(
-            f"SELECT {EVENT_COLUMNS} FROM events WHERE aggregate_id = $1 ORDER BY version",
-            aggregate_id,
-        )
+        async with acquired(self._pool, COMMAND_DATABASE) as conn:
+            rows = await conn.fetch(
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE aggregate_id = $1 ORDER BY version",
+                aggregate_id,
+            )
         return [stored_event(row) for row in rows]
 
     async def read_all(self, batch_size: int = 500) -> AsyncIterator[StoredEvent]:
@@ -211,7 +212,7 @@ class PostgresEventStore:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         after: tuple[Any, int] = (0, 0)
         async with (
-            self._pool.acquire() as conn,
+            acquired(self._pool, COMMAND_DATABASE) as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
             while True:

@@ -12,18 +12,26 @@ name in `relay_checkpoints`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
 
-from financing.adapters.postgres.connection import INFRASTRUCTURE_ERRORS, connect
+from financing.adapters.postgres.connection import (
+    COMMAND_DATABASE,
+    acquired,
+    connect,
+    is_unavailable,
+    translated,
+)
 from financing.adapters.postgres.event_store import EVENT_COLUMNS, NOTIFY_CHANNEL, stored_event
+from financing.application.errors import Unavailable
 from financing.application.ports import StoredEvent
 from financing.config import Database
 from financing.logging import get_logger
 
-__all__ = ["NOTIFY_CHANNEL", "Outbox", "RelayerLock", "listen"]
+__all__ = ["NOTIFY_CHANNEL", "CommitListener", "PostgresOutbox", "PostgresRelayerLock"]
 
 log = get_logger(__name__)
 
@@ -45,14 +53,15 @@ _PENDING = (
 )
 
 
-class Outbox:
+class PostgresOutbox:
     def __init__(self, pool: asyncpg.Pool, name: str = "relayer") -> None:
         self._pool = pool
         self._name = name
 
     async def pending(self, limit: int) -> list[StoredEvent]:
         """Up to `limit` committed events after the checkpoint, in commit order."""
-        rows = await self._pool.fetch(_PENDING, self._name, limit)
+        async with acquired(self._pool, COMMAND_DATABASE) as conn:
+            rows = await conn.fetch(_PENDING, self._name, limit)
         return [stored_event(row) for row in rows]
 
     async def mark_relayed(self, events: Sequence[StoredEvent]) -> None:
@@ -64,7 +73,7 @@ class Outbox:
         positions = sorted({event.position for event in events})
         if not positions:
             return
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with acquired(self._pool, COMMAND_DATABASE) as conn, conn.transaction():
             row = await conn.fetchrow(
                 "SELECT transaction_id, position FROM relay_checkpoints WHERE name = $1 FOR UPDATE",
                 self._name,
@@ -104,7 +113,7 @@ class Outbox:
             )
 
 
-class RelayerLock:
+class PostgresRelayerLock:
     """Only one relayer per database: a session advisory lock on a dedicated connection.
 
     The lock lives as long as the connection: if the connection is lost, so
@@ -123,25 +132,23 @@ class RelayerLock:
         self._busy = asyncio.Lock()
 
     async def acquire(self) -> None:
-        """Wait until this instance holds the lock; retries while the database is unreachable."""
+        """Wait while another instance holds the lock; Unavailable when the database is not
+        reachable (the connection is then dropped, and the caller retries)."""
         try:
             while True:
-                try:
-                    conn = await self._connection()
+                conn = await self._connection()
+                with translated(COMMAND_DATABASE):
                     if await conn.fetchval("SELECT pg_try_advisory_lock($1)", RELAYER_LOCK):
                         return
-                except INFRASTRUCTURE_ERRORS as exc:
-                    log.warning("relayer lock: database unreachable", error=repr(exc))
-                    self._discard()
                 await asyncio.sleep(self._poll_interval)
         except BaseException:
-            self._discard()  # cancelled while waiting: leave no connection behind
+            self._discard()  # failed or cancelled: leave no connection behind
             raise
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is not None and not self._conn.is_closed():
             return self._conn
-        conn = await connect(self._db)
+        conn = await connect(self._db, COMMAND_DATABASE)
         gone = asyncio.Event()
         conn.add_termination_listener(lambda _: gone.set())
         self._conn, self._gone = conn, gone
@@ -162,24 +169,25 @@ class RelayerLock:
         if conn is None:
             return
         while not gone.is_set():
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(gone.wait(), self._check_interval)
                 return
-            except TimeoutError:
-                pass
             try:
                 async with self._busy:
                     if conn.is_closed():
                         return
                     await conn.fetchval("SELECT 1", timeout=HEALTH_CHECK_TIMEOUT)
-            except INFRASTRUCTURE_ERRORS:
-                return
+            except Exception as error:
+                if is_unavailable(error):
+                    return
+                raise
 
     async def release(self) -> None:
         """Give the lock up and close its connection; safe to call when not held."""
         conn, self._conn = self._conn, None
         if conn is None:
             return
+        self._gone.set()  # whoever waits in lost() learns of it now
         try:
             if not conn.is_closed():
                 async with self._busy:
@@ -187,28 +195,64 @@ class RelayerLock:
                         "SELECT pg_advisory_unlock($1)", RELAYER_LOCK, timeout=HEALTH_CHECK_TIMEOUT
                     )
                 await conn.close(timeout=HEALTH_CHECK_TIMEOUT)
-        except INFRASTRUCTURE_ERRORS:
-            pass
+        except Exception as error:
+            if not is_unavailable(error):
+                raise
         finally:
             if not conn.is_closed():
                 # Closing failed: end the session anyway; the server then drops the lock.
                 conn.terminate()
 
 
-async def listen(db: Database, on_notify: Callable[[], None]) -> asyncpg.Connection:
-    """A dedicated connection calling `on_notify` whenever events are committed.
+class CommitListener:
+    """Wakes the relayer when events commit: LISTEN on a dedicated connection.
 
-    The caller owns the connection: it closes it, and reconnects if it is lost
-    (`add_termination_listener`).
+    Only a shortcut past the relayer's poll: while the connection cannot be
+    had, `wait` simply times out, and the next `wait` tries to listen again.
     """
-    conn = await connect(db)
 
-    def notified(*_: object) -> None:
-        on_notify()
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._conn: asyncpg.Connection | None = None
+        self._woken = asyncio.Event()
 
-    try:
-        await conn.add_listener(NOTIFY_CHANNEL, notified)
-    except BaseException:
-        conn.terminate()
-        raise
-    return conn
+    def clear(self) -> None:
+        self._woken.clear()
+
+    async def wait(self, timeout: float) -> None:  # noqa: ASYNC109 - a poll interval
+        await self._listen()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._woken.wait()
+
+    async def _listen(self) -> None:
+        if self._conn is not None and not self._conn.is_closed():
+            return
+        self._conn = None
+        try:
+            conn = await connect(self._db, COMMAND_DATABASE)
+        except Unavailable as error:
+            log.debug("cannot listen for commits; polling", error=error.detail)
+            return
+        try:
+            with translated(COMMAND_DATABASE):
+                await conn.add_listener(NOTIFY_CHANNEL, self._notified)
+        except Unavailable as error:
+            conn.terminate()
+            log.debug("cannot listen for commits; polling", error=error.detail)
+            return
+        self._conn = conn
+        self._woken.set()  # events committed while nobody listened are relayed at once
+
+    def _notified(self, *_: object) -> None:
+        self._woken.set()
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            try:
+                await conn.close(timeout=HEALTH_CHECK_TIMEOUT)
+            except Exception as error:
+                conn.terminate()
+                if not is_unavailable(error):
+                    raise

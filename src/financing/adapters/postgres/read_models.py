@@ -16,18 +16,18 @@ from uuid import UUID
 
 import asyncpg
 
-from financing.adapters.postgres.connection import INFRASTRUCTURE_ERRORS, Connection
+from financing.adapters.postgres.connection import QUERY_DATABASE, Connection, acquired
 from financing.application.read_models import (
     ADVANCES_FROM,
     AVAILABLE,
     InvestorRow,
     InvoiceRow,
     IssuerRow,
-    ReadModelsUnavailable,
     investor_change,
     invoice_advance,
 )
 from financing.domain import events as ev
+from financing.domain.aggregates import InvoiceStatus
 from financing.domain.events import Bid, DomainEvent
 
 DEFAULT_SCHEMA = "read_models"
@@ -53,6 +53,7 @@ class PostgresReadModels:
 
     def __init__(self, pool: asyncpg.Pool, schema: str = DEFAULT_SCHEMA) -> None:
         self._pool = pool
+        self._dependency = QUERY_DATABASE
         self.schema = schema
         s = quoted_schema(schema)
         self._record_sql = (
@@ -70,7 +71,7 @@ class PostgresReadModels:
         )
         self._invoice_sql = (
             f"INSERT INTO {s}.invoices AS i (id, issuer_id, asking_price, status)"
-            f" VALUES ($1, $2, $3, '{AVAILABLE}') ON CONFLICT (id) DO UPDATE SET"
+            f" VALUES ($1, $2, $3, '{AVAILABLE.value}') ON CONFLICT (id) DO UPDATE SET"
             " issuer_id = excluded.issuer_id, asking_price = excluded.asking_price"
             " WHERE i.issuer_id IS NULL"
         )
@@ -95,22 +96,19 @@ class PostgresReadModels:
     async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> None:
         if not batch:
             return
-        try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                # Recorded first: a concurrent writer of the same ids waits here
-                # until this transaction ends, then skips them.
-                fresh = {
-                    row["message_id"]
-                    for row in await conn.fetch(
-                        self._record_sql, [message_id for message_id, _ in batch]
-                    )
-                }
-                for message_id, event in batch:
-                    if message_id in fresh:
-                        fresh.discard(message_id)  # a duplicate later in the batch is skipped
-                        await self._project(conn, event)
-        except INFRASTRUCTURE_ERRORS as exc:
-            raise ReadModelsUnavailable(f"query database: {exc!r}") from exc
+        async with acquired(self._pool, self._dependency) as conn, conn.transaction():
+            # Recorded first: a concurrent writer of the same ids waits here
+            # until this transaction ends, then skips them.
+            fresh = {
+                row["message_id"]
+                for row in await conn.fetch(
+                    self._record_sql, [message_id for message_id, _ in batch]
+                )
+            }
+            for message_id, event in batch:
+                if message_id in fresh:
+                    fresh.discard(message_id)  # a duplicate later in the batch is skipped
+                    await self._project(conn, event)
 
     async def _project(self, conn: Connection, event: DomainEvent) -> None:
         match event:
@@ -134,10 +132,10 @@ class PostgresReadModels:
                         self._invoice_advance_sql,
                         advance.invoice_id,
                         advance.price,
-                        advance.status,
+                        advance.status.value,
                         advance.bid.investor_id,
                         advance.bid.amount,
-                        sorted(ADVANCES_FROM[advance.status]),
+                        sorted(status.value for status in ADVANCES_FROM[advance.status]),
                     )
 
     async def investors(self) -> list[InvestorRow]:
@@ -152,7 +150,7 @@ class PostgresReadModels:
                 id=_uuid(r["id"]),
                 issuer_id=_uuid(r["issuer_id"]),
                 asking_price=r["asking_price"],
-                status=r["status"],
+                status=InvoiceStatus(r["status"]),
                 winning_bid=_bid(r["winning_investor_id"], r["winning_amount"]),
             )
             for r in await self._fetch(self._invoices_sql)
@@ -162,12 +160,9 @@ class PostgresReadModels:
         return [IssuerRow(_uuid(r["id"])) for r in await self._fetch(self._issuers_sql)]
 
     async def _fetch(self, sql: str) -> list[asyncpg.Record]:
-        try:
-            async with self._pool.acquire() as conn:
-                rows: list[asyncpg.Record] = await conn.fetch(sql)
-                return rows
-        except INFRASTRUCTURE_ERRORS as exc:
-            raise ReadModelsUnavailable(f"query database: {exc!r}") from exc
+        async with acquired(self._pool, self._dependency) as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(sql)
+            return rows
 
 
 def _uuid(value: UUID) -> UUID:

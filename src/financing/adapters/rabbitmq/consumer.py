@@ -1,334 +1,252 @@
-"""Consuming one queue: decode, process with retries, ack only after the commit.
+"""Consuming a queue: the channel kept open, and each delivery settled by its outcome.
 
-A message is acked only after `Subscription.process` returned (its
-transaction committed) or after its dead-letter copy was confirmed, so
-nothing is lost: anything else leaves it unacked and the broker redelivers
-it, where the exactly-once wrapper absorbs the duplicate.
+`QueueConsumer` keeps one queue consumed for as long as it runs. When its
+channel closes (the connection dropped, the broker closed the channel) it
+opens a new one through the `Broker` and consumes again; unacked messages of
+the old channel go back to the queue and are delivered again.
+
+`AmqpDelivery` is a delivery as the application's pipeline sees it; its
+`settle` is the one place where a message is acked or dead-lettered: acked
+only after its outcome is final (the handler's transaction committed, or its
+dead-letter copy was confirmed). Anything else leaves it unacked and the
+broker delivers it again, where the exactly-once records absorb the duplicate.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
-from contextlib import suppress
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Callable
 from typing import Any
 
-from aio_pika.abc import (
-    AbstractIncomingMessage,
-    AbstractQueue,
-    AbstractRobustConnection,
-    ConsumerTag,
-)
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, ConsumerTag
 
+from financing.adapters.rabbitmq.connection import (
+    BROKER_ERRORS,
+    Broker,
+    close_channel,
+    describe,
+    translated,
+)
 from financing.adapters.rabbitmq.dead_letters import DeadLetters
 from financing.adapters.rabbitmq.envelopes import (
     AGGREGATE_ID_HEADER,
     MESSAGE_UUID_HEADER,
-    NAME_HEADER,
     delivery_channel_open,
     from_amqp,
     header_text,
     readable_name,
 )
-from financing.adapters.rabbitmq.publisher import BROKER_ERRORS as PUBLISH_ERRORS
-from financing.adapters.rabbitmq.publisher import PublishFailed
-from financing.adapters.rabbitmq.topology import (
-    declare_command_queue,
-    declare_dead_letter_queue,
-    declare_event_queue,
-)
-from financing.application import codec
-from financing.application.errors import (
-    ConcurrencyConflict,
-    MissingAggregate,
-    PoisonMessage,
-    RuleViolation,
-)
-from financing.application.messages import Message
+from financing.adapters.rabbitmq.topology import QueueSpec
+from financing.application.pipeline import Outcome, OutcomeKind, Step
 from financing.application.ports import Envelope
-from financing.application.processing import Subscription
+from financing.application.retry import NO_BUG_RETRIES, GaveUp, Outages, retry
 from financing.logging import get_logger
 
 log = get_logger(__name__)
 
-# Errors of the broker connection: transient, retried for as long as the service runs.
-BROKER_ERRORS: tuple[type[BaseException], ...] = (PublishFailed, *PUBLISH_ERRORS)
-
-# On cancellation, how long in-flight messages may take to finish.
-SHUTDOWN_GRACE = 3.0
 # An ack is one frame to write, but on a connection that has just died aiormq
 # can wait forever for room in its write buffer.
 ACK_TIMEOUT = 5.0
+# On cancellation, how long in-flight messages may take to finish.
+SHUTDOWN_GRACE = 3.0
+
+SETTLED_BY_ACK = frozenset(
+    {OutcomeKind.PROCESSED, OutcomeKind.UNCHANGED, OutcomeKind.DUPLICATE, OutcomeKind.IGNORED}
+)
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    base_delay: float = 0.05  # first backoff; doubles on each attempt
-    max_delay: float = 5.0
-    max_attempts: int = 5  # unexpected errors, then dead-letter
-    missing_attempts: int = 7  # MissingAggregate: about 3 s of backoff, then dead-letter
-    conflict_attempts: int = 100  # ConcurrencyConflict: retried soon, almost unbounded
+class AmqpDelivery:
+    """One delivered AMQP message, as the pipeline's `Delivery`."""
 
-    def backoff(self, attempt: int) -> float:
-        """Capped exponential delay before retry number `attempt` (from 1), jittered."""
-        delay = min(self.max_delay, self.base_delay * 2.0 ** min(attempt - 1, 30))
-        return delay / 2 + random.uniform(0, delay / 2)
+    def __init__(
+        self, message: AbstractIncomingMessage, source: str, dead_letters: DeadLetters
+    ) -> None:
+        self._message = message
+        self._source = source
+        self._dead_letters = dead_letters
 
-    def conflict_delay(self) -> float:
-        # Spread competing writers apart; the winner has already committed.
-        return random.uniform(0, self.base_delay)
+    @property
+    def source(self) -> str:
+        return self._source
 
+    @property
+    def name(self) -> str | None:
+        return readable_name(self._message)
 
-@dataclass(frozen=True)
-class _Done:
-    pass
+    def envelope(self) -> Envelope:
+        return from_amqp(self._message)
 
+    def deliverable(self) -> bool:
+        return delivery_channel_open(self._message)
 
-@dataclass(frozen=True)
-class _Reject:
-    reason: str
+    def log_fields(self) -> dict[str, Any]:
+        """What identifies the message in every log line about it, read leniently."""
+        headers = self._message.headers or {}
+        return {
+            "queue": self._source,
+            "name": self.name,
+            "message_id": header_text(headers.get(MESSAGE_UUID_HEADER)) or self._message.message_id,
+            "aggregate_id": header_text(headers.get(AGGREGATE_ID_HEADER)) or None,
+        }
 
-
-@dataclass(frozen=True)
-class _Abandon:
-    """The delivery channel closed: the broker redelivers the message."""
-
-
-_Outcome = _Done | _Reject | _Abandon
-
-
-async def run_subscription(
-    connection: AbstractRobustConnection,
-    subscription: Subscription,
-    dead_letters: DeadLetters,
-    *,
-    prefetch: int = 32,
-    retry: RetryPolicy = RetryPolicy(),  # frozen, hence safely shared
-    redeliver_times: int = 1,
-    infrastructure_errors: tuple[type[BaseException], ...] = (),
-    shutdown_grace: float = SHUTDOWN_GRACE,
-    consuming: asyncio.Event | None = None,
-) -> None:
-    """Consume `subscription.queue` until cancelled; `consuming` is set once it consumes.
-
-    On cancellation it stops consuming, gives in-flight messages
-    `shutdown_grace` seconds to finish, then returns; unacked messages go
-    back to the queue.
-
-    `redeliver_times` > 1 (for tests) processes every message that many
-    times, to prove that processing is idempotent under redelivery storms.
-    """
-    consumer = _Consumer(
-        subscription, dead_letters, retry, redeliver_times, BROKER_ERRORS + infrastructure_errors
-    )
-    channel = await connection.channel(publisher_confirms=False)
-    try:
-        await channel.set_qos(prefetch_count=prefetch)
-        if subscription.from_events:
-            queue = await declare_event_queue(channel, subscription.queue)
+    async def settle(self, outcome: Outcome) -> None:
+        if outcome.kind in SETTLED_BY_ACK:
+            await self._ack()
+        elif outcome.kind is OutcomeKind.DEAD_LETTERED:
+            if await self._dead_letters.keep(
+                self._message, reason=outcome.detail, source_queue=self._source
+            ):
+                log.error("message dead-lettered", reason=outcome.detail)
+                await self._ack()
+            else:
+                log.info("delivery channel closed before dead-lettering; expecting a redelivery")
         else:
-            queue = await declare_command_queue(channel, subscription.queue)
-        await declare_dead_letter_queue(channel)
-        # A robust queue re-registers this consumer after a reconnection.
-        tag = await queue.consume(consumer.on_message)
-        log.info("consuming", queue=subscription.queue, handles=subscription.message_name)
-        if consuming is not None:
-            consuming.set()
+            log.info("delivery channel closed; expecting a redelivery")
+
+    async def _ack(self) -> None:
         try:
-            await asyncio.Event().wait()
-        finally:
-            await consumer.stop(queue, tag, shutdown_grace)
-    finally:
-        # Closing returns every unacked message to the queue; closing it even
-        # while disconnected keeps the robust connection from restoring it.
-        with suppress(*BROKER_ERRORS):
-            await asyncio.wait_for(channel.close(), timeout=2.0)
+            async with asyncio.timeout(ACK_TIMEOUT):
+                await self._message.ack()
+        except BROKER_ERRORS:
+            # The channel died after the work was done: the broker delivers the
+            # message again and the consumer's deduplication absorbs it.
+            log.info("ack lost with its channel; expecting a redelivery")
+
+    async def release(self) -> None:
+        """Hand the message back to the broker for another delivery."""
+        with contextlib.suppress(*BROKER_ERRORS):
+            async with asyncio.timeout(ACK_TIMEOUT):
+                await self._message.nack(requeue=True)
 
 
-class _Consumer:
+OnDelivery = Callable[[AmqpDelivery], None]
+
+
+class QueueConsumer:
+    """Keeps `queue` consumed, reopening its channel whenever it closes.
+
+    `on_delivery` is called synchronously for every message, in delivery order.
+    """
+
     def __init__(
         self,
-        subscription: Subscription,
+        broker: Broker,
+        queue: QueueSpec,
         dead_letters: DeadLetters,
-        retry: RetryPolicy,
-        redeliver_times: int,
-        infrastructure_errors: tuple[type[BaseException], ...],
+        outages: Outages,
+        on_delivery: OnDelivery,
+        *,
+        prefetch: int,
     ) -> None:
-        self._subscription = subscription
-        self._queue = subscription.queue
+        self._broker = broker
+        self._queue = queue
         self._dead_letters = dead_letters
-        self._retry = retry
-        self._redeliver_times = max(1, redeliver_times)
-        self._infrastructure = infrastructure_errors
+        self._outages = outages
+        self._on_delivery = on_delivery
+        self._prefetch = prefetch
+        self._channel: AbstractChannel | None = None
+        self.consuming = asyncio.Event()
+
+    @property
+    def spec(self) -> QueueSpec:
+        return self._queue
+
+    async def run(self) -> None:
+        """Consume until cancelled; `consuming` is set once the broker delivers to it."""
+        while True:
+            channel, queue, tag = await self._retry_open()
+            closed = asyncio.Event()
+            channel.close_callbacks.add(lambda *_, closed=closed: closed.set())
+            if channel.is_closed:
+                closed.set()
+            log.info("consuming", queue=self._queue.name)
+            self.consuming.set()
+            try:
+                await closed.wait()
+                log.debug("consumer channel closed; opening another", queue=self._queue.name)
+            finally:
+                if not channel.is_closed:
+                    with contextlib.suppress(*BROKER_ERRORS):
+                        await asyncio.wait_for(queue.cancel(tag), timeout=1.0)
+
+    async def _retry_open(self) -> tuple[AbstractChannel, AbstractQueue, ConsumerTag]:
+        try:
+            return await retry(
+                self._open,
+                policy=NO_BUG_RETRIES,
+                outages=self._outages,
+                what=f"consuming {self._queue.name}",
+            )
+        except GaveUp as gave_up:
+            raise gave_up.error from gave_up
+
+    async def _open(self) -> tuple[AbstractChannel, AbstractQueue, ConsumerTag]:
+        channel = await self._broker.channel(prefetch=self._prefetch)
+        try:
+            queue = await self._queue.declare(channel)
+            with translated():
+                tag = await queue.consume(self._received)
+        except BaseException:
+            await close_channel(channel)
+            raise
+        self._channel = channel
+        return channel, queue, tag
+
+    async def _received(self, message: AbstractIncomingMessage) -> None:
+        self._on_delivery(AmqpDelivery(message, self._queue.name, self._dead_letters))
+
+    async def close(self) -> None:
+        """Close the current channel: every message not yet acked goes back to the queue."""
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            await close_channel(channel)
+
+
+class Deliveries:
+    """Runs `step` on each delivery of a queue, concurrently up to the prefetch, and
+    settles it by its outcome."""
+
+    def __init__(self, step: Step, *, shutdown_grace: float = SHUTDOWN_GRACE) -> None:
+        self._step = step
+        self._shutdown_grace = shutdown_grace
         self._in_flight: set[asyncio.Task[None]] = set()
         self._stopping = False
 
-    async def on_message(self, message: AbstractIncomingMessage) -> None:
+    def receive(self, delivery: AmqpDelivery) -> None:
         if self._stopping:
             return  # left unacked: back to the queue when the channel closes
-        task = asyncio.create_task(self._handle(message))
+        task = asyncio.create_task(self._deliver(delivery))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
 
-    async def stop(self, queue: AbstractQueue, tag: ConsumerTag, grace: float) -> None:
+    async def _deliver(self, delivery: AmqpDelivery) -> None:
+        with structlog.contextvars.bound_contextvars(**delivery.log_fields()):
+            try:
+                outcome = await self._step(delivery)
+                await delivery.settle(outcome)
+            except Exception as error:
+                # Only a bug in settling itself gets here (the step classifies
+                # everything it raises): give the message back, freeing its slot.
+                log.error("settling a delivery failed", error=describe(error), exc_info=error)
+                await delivery.release()
+
+    async def stop(self) -> None:
+        """Take no more deliveries; give the ones in flight a grace period, then cancel them."""
         self._stopping = True
-        with suppress(*BROKER_ERRORS):
-            await asyncio.wait_for(queue.cancel(tag), timeout=1.0)
         if self._in_flight:
-            await asyncio.wait(set(self._in_flight), timeout=grace)
+            await asyncio.wait(set(self._in_flight), timeout=self._shutdown_grace)
         pending = set(self._in_flight)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
 
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
-        try:
-            await self._handle_message(message)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            # A bug here must not kill the consumer; the message stays unacked.
-            log.exception("message handling failed", **self._fields(message, None))
 
-    async def _handle_message(self, message: AbstractIncomingMessage) -> None:
-        name = readable_name(message)
-        if name is not None and name != self._subscription.message_name:
-            if not self._subscription.from_events:
-                # A command queue holds its one command: anything else was
-                # misrouted, and acking it would lose it without a trace.
-                reason = f"a {name!r} message on the {self._queue!r} command queue"
-                await self._dead_letter(message, None, reason)
-                return
-            log.debug("ignoring message of another name", **self._fields(message, None))
-            await self._ack(message, None)
-            return
-        try:
-            envelope = from_amqp(message)
-        except PoisonMessage as exc:
-            await self._dead_letter(message, None, str(exc))
-            return
-        try:
-            decoded = codec.decode(envelope.name, envelope.body, envelope.aggregate_id)
-        except PoisonMessage as exc:
-            await self._dead_letter(message, envelope, str(exc))
-            return
-        outcome = await self._process_times(message, envelope, decoded)
-        if isinstance(outcome, _Done):
-            await self._ack(message, envelope)
-        elif isinstance(outcome, _Reject):
-            await self._dead_letter(message, envelope, outcome.reason)
-        else:
-            log.info(
-                "delivery channel closed; the message will be redelivered",
-                **self._fields(message, envelope),
-            )
-
-    async def _process_times(
-        self, message: AbstractIncomingMessage, envelope: Envelope, decoded: Message
-    ) -> _Outcome:
-        outcomes: list[_Outcome] = []
-        if self._redeliver_times > 1:
-            outcomes += await asyncio.gather(
-                *(
-                    self._process(message, envelope, decoded)
-                    for _ in range(self._redeliver_times - 1)
-                )
-            )
-        outcomes.append(await self._process(message, envelope, decoded))
-        for outcome in outcomes:
-            if isinstance(outcome, _Abandon):
-                return outcome
-        for outcome in outcomes:
-            if isinstance(outcome, _Reject):
-                return outcome
-        return _Done()
-
-    async def _process(
-        self, message: AbstractIncomingMessage, envelope: Envelope, decoded: Message
-    ) -> _Outcome:
-        retry = self._retry
-        missing = conflicts = failures = outages = 0
-        while True:
-            try:
-                await self._subscription.process(envelope, decoded)
-                return _Done()
-            except MissingAggregate as exc:
-                missing += 1
-                if missing >= retry.missing_attempts:
-                    return _Reject(f"{exc} (still missing after {missing} attempts)")
-                delay = retry.backoff(missing)
-                log.debug("aggregate missing; retrying", **self._fields(message, envelope))
-            except (PoisonMessage, RuleViolation) as exc:
-                return _Reject(f"{type(exc).__name__}: {exc}")
-            except ConcurrencyConflict:
-                conflicts += 1
-                if conflicts >= retry.conflict_attempts:
-                    return _Reject(f"concurrency conflict persisted over {conflicts} attempts")
-                delay = retry.conflict_delay()
-            except self._infrastructure as exc:
-                outages += 1
-                delay = retry.backoff(outages)
-                if outages == 1 or outages % 10 == 0:
-                    log.warning(
-                        "infrastructure unavailable; retrying",
-                        error=f"{type(exc).__name__}: {exc}",
-                        attempt=outages,
-                        **self._fields(message, envelope),
-                    )
-            except Exception as exc:
-                failures += 1
-                if failures >= retry.max_attempts:
-                    return _Reject(f"{type(exc).__name__}: {exc} (after {failures} attempts)")
-                delay = retry.backoff(failures)
-                log.warning(
-                    "processing failed; retrying",
-                    attempt=failures,
-                    exc_info=True,
-                    **self._fields(message, envelope),
-                )
-            if not delivery_channel_open(message):
-                return _Abandon()
-            await asyncio.sleep(delay)
-            if not delivery_channel_open(message):
-                return _Abandon()
-
-    async def _dead_letter(
-        self, message: AbstractIncomingMessage, envelope: Envelope | None, reason: str
-    ) -> None:
-        fields = self._fields(message, envelope)
-        if not await self._dead_letters.keep(message, reason=reason, source_queue=self._queue):
-            log.info("delivery channel closed before dead-lettering", **fields)
-            return
-        log.error("message dead-lettered", reason=reason, **fields)
-        await self._ack(message, envelope)
-
-    async def _ack(self, message: AbstractIncomingMessage, envelope: Envelope | None) -> None:
-        try:
-            async with asyncio.timeout(ACK_TIMEOUT):
-                await message.ack()
-        except BROKER_ERRORS:
-            # The channel died after processing: the broker redelivers the
-            # message and the consumer's deduplication absorbs it.
-            log.info(
-                "ack lost with its channel; expecting a redelivery",
-                **self._fields(message, envelope),
-            )
-
-    def _fields(
-        self, message: AbstractIncomingMessage, envelope: Envelope | None
-    ) -> dict[str, Any]:
-        if envelope is not None:
-            return {
-                "name": envelope.name,
-                "message_id": envelope.message_id,
-                "aggregate_id": envelope.aggregate_id,
-                "queue": self._queue,
-            }
-        headers = message.headers or {}
-        return {
-            "name": header_text(headers.get(NAME_HEADER)),
-            "message_id": header_text(headers.get(MESSAGE_UUID_HEADER)) or message.message_id,
-            "aggregate_id": header_text(headers.get(AGGREGATE_ID_HEADER)) or None,
-            "queue": self._queue,
-        }
+async def consume(consumer: QueueConsumer, deliveries: Deliveries) -> None:
+    """Run a consumer whose deliveries go through `deliveries`, until cancelled."""
+    try:
+        await consumer.run()
+    finally:
+        await deliveries.stop()
+        await consumer.close()

@@ -2,21 +2,21 @@
 
 A message is dead-lettered by publishing a copy (confirmed) to our own durable
 queue with the reason and the source queue as string headers, and only then
-acking the original (contract.md section 2, "Queue arguments"): no queue
+acking the original (docs/contract.md section 2, "Queue arguments"): no queue
 arguments are needed on the reference's queues, and the reason is kept.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractIncomingMessage
 
+from financing.adapters.rabbitmq.connection import Broker, close_channel, translated
 from financing.adapters.rabbitmq.envelopes import (
     CORE_HEADERS,
     MAX_MESSAGE_ID_BYTES,
@@ -25,8 +25,9 @@ from financing.adapters.rabbitmq.envelopes import (
     delivery_channel_open,
     header_text,
 )
-from financing.adapters.rabbitmq.publisher import BROKER_ERRORS, Publisher, PublishFailed
-from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE, declare_dead_letter_queue
+from financing.adapters.rabbitmq.publisher import Publisher
+from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE, DEAD_LETTERS
+from financing.application.retry import Abandoned, Outages, RetryPolicy, retry
 from financing.logging import get_logger
 
 log = get_logger(__name__)
@@ -38,9 +39,6 @@ DEAD_LETTER_HEADERS = frozenset({REASON_HEADER, SOURCE_QUEUE_HEADER, DEAD_LETTER
 
 # Headers must fit in one frame; an exception text can be arbitrarily long.
 MAX_REASON_CHARS = 2000
-RETRY_INITIAL_DELAY = 0.05
-RETRY_MAX_DELAY = 5.0
-_SEND_ERRORS: tuple[type[BaseException], ...] = (PublishFailed, *BROKER_ERRORS)
 # The copy's headers are the original ones as text, which can be several times
 # larger (a boolean becomes "true", a byte that is not UTF-8 three bytes): a copy
 # whose header frame exceeds the broker's frame size makes it close the whole
@@ -61,8 +59,10 @@ class DeadLetter:
 
 
 class DeadLetters:
-    def __init__(self, publisher: Publisher) -> None:
+    def __init__(self, publisher: Publisher, outages: Outages, policy: RetryPolicy) -> None:
         self._publisher = publisher
+        self._outages = outages
+        self._policy = policy
         self._declared = False
 
     async def send(
@@ -73,7 +73,7 @@ class DeadLetters:
         The caller acks the original only after this returned.
         """
         if not self._declared:
-            await declare_dead_letter_queue(self._publisher.channel)
+            await self._publisher.declare_command_queue(DEAD_LETTER_QUEUE)
             self._declared = True
         headers, left_out = _copied_headers(message.headers or {})
         if left_out:
@@ -98,27 +98,23 @@ class DeadLetters:
     async def keep(
         self, message: AbstractIncomingMessage, *, reason: str, source_queue: str
     ) -> bool:
-        """`send`, retried with backoff while the broker fails; whether the copy is kept.
+        """`send`, retried while the broker cannot take it; whether the copy is kept.
 
         True: confirmed, the caller acks the original. False: the original's
         channel closed first, so it cannot be acked; the broker delivers it
-        again and it is dead-lettered then.
+        again and it is dead-lettered then. A bug gives up (GaveUp).
         """
-        delay = RETRY_INITIAL_DELAY
-        while delivery_channel_open(message):
-            try:
-                await self.send(message, reason=reason, source_queue=source_queue)
-                return True
-            except _SEND_ERRORS as exc:
-                log.warning(
-                    "dead-lettering failed; retrying",
-                    error=f"{type(exc).__name__}: {exc}",
-                    source_queue=source_queue,
-                    retry_in=delay,
-                )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX_DELAY)
-        return False
+        try:
+            await retry(
+                lambda: self.send(message, reason=reason, source_queue=source_queue),
+                policy=self._policy,
+                outages=self._outages,
+                what="dead-lettering",
+                wanted=lambda: delivery_channel_open(message),
+            )
+        except Abandoned:
+            return False
+        return True
 
 
 def _copied_headers(original: Mapping[str, Any]) -> tuple[dict[str, str], int]:
@@ -170,30 +166,29 @@ def _dead_letter(message: AbstractIncomingMessage) -> DeadLetter:
     )
 
 
-async def list_dead_letters(
-    connection: AbstractRobustConnection, limit: int = 100
-) -> list[DeadLetter]:
+async def list_dead_letters(broker: Broker, limit: int = 100) -> list[DeadLetter]:
     """The oldest `limit` dead letters, oldest first; the queue is left unchanged.
 
     Each is fetched without being acked; closing the channel returns every
     one of them to the queue in its original position.
     """
     letters: list[DeadLetter] = []
-    channel = await connection.channel(publisher_confirms=False)
+    channel = await broker.channel()
     try:
-        queue = await declare_dead_letter_queue(channel)
+        queue = await DEAD_LETTERS.declare(channel)
         while len(letters) < limit:
-            message = await queue.get(no_ack=False, fail=False)
+            with translated():
+                message = await queue.get(no_ack=False, fail=False)
             if message is None:
                 break
             letters.append(_dead_letter(message))
     finally:
-        await channel.close()
+        await close_channel(channel)
     return letters
 
 
 async def requeue_dead_letters(
-    connection: AbstractRobustConnection,
+    broker: Broker,
     *,
     source_queue: str | None = None,
     message_id: str | None = None,
@@ -204,14 +199,15 @@ async def requeue_dead_letters(
     the dead-letter queue; the ones that do not match stay where they are.
     """
     requeued = 0
-    publisher = await Publisher.open(connection)
-    channel = await connection.channel(publisher_confirms=False)
+    publisher = Publisher(broker)
+    channel = await broker.channel()
     try:
-        queue = await declare_dead_letter_queue(channel)
+        queue = await DEAD_LETTERS.declare(channel)
         # Only what is there now: letters added meanwhile wait for the next run.
         waiting = queue.declaration_result.message_count or 0
         for _ in range(waiting):
-            message = await queue.get(no_ack=False, fail=False)
+            with translated():
+                message = await queue.get(no_ack=False, fail=False)
             if message is None:
                 break
             letter = _dead_letter(message)
@@ -231,10 +227,11 @@ async def requeue_dead_letters(
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             )
             await publisher.send_message_to_queue(letter.source_queue, original)
-            await message.ack()
+            with translated():
+                await message.ack()
             requeued += 1
     finally:
         # Letters fetched but not requeued go back to the queue, in place.
-        await channel.close()
+        await close_channel(channel)
         await publisher.close()
     return requeued

@@ -2,72 +2,73 @@
 
 Every publish is bounded by `confirm_timeout`, so a caller (a gRPC request,
 a consumer dead-lettering a message) fails fast while the broker is down
-instead of waiting for the robust connection to come back.
+instead of waiting for it to come back. The publisher's channel is its own:
+when the broker closes it (the connection dropped, permissions were revoked
+for a moment), the next publish opens a new one.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from contextlib import suppress
 from uuid import UUID
 
 import aiormq
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractExchange,
-    AbstractMessage,
-    AbstractRobustConnection,
-)
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractMessage
 
+from financing.adapters.rabbitmq.connection import (
+    BROKER,
+    BROKER_ERRORS,
+    Broker,
+    close_channel,
+    describe,
+)
 from financing.adapters.rabbitmq.envelopes import header_text, to_amqp
-from financing.adapters.rabbitmq.topology import declare_command_queue, declare_events_exchange
+from financing.adapters.rabbitmq.topology import command_queue, declare_events_exchange
 from financing.application import codec
+from financing.application.errors import Unavailable
 from financing.application.messages import Command
 from financing.application.ports import Envelope
 
-# What the broker or the connection to it can raise.
-BROKER_ERRORS: tuple[type[Exception], ...] = (
-    aiormq.exceptions.AMQPError,
-    aiormq.exceptions.ChannelInvalidStateError,
-    ConnectionError,
-    TimeoutError,
-)
 
-
-class PublishFailed(Exception):
+class PublishFailed(Unavailable):
     """The broker did not confirm a publish: nacked, unroutable, timed out or disconnected.
 
     The message may or may not have reached the broker; publishing it again
     is safe because every consumer deduplicates by message id.
     """
 
+    def __init__(self, detail: str) -> None:
+        super().__init__(BROKER, detail)
+
 
 class Publisher:
-    """One channel with publisher confirms, shared by concurrent callers."""
+    """One confirming channel of its own, shared by concurrent callers."""
 
-    def __init__(
-        self, channel: AbstractChannel, events: AbstractExchange, confirm_timeout: float
-    ) -> None:
-        self._channel = channel
-        self._events = events
+    def __init__(self, broker: Broker, *, confirm_timeout: float = 5.0) -> None:
+        self._broker = broker
         self._confirm_timeout = confirm_timeout
-
-    @classmethod
-    async def open(
-        cls, connection: AbstractRobustConnection, *, confirm_timeout: float = 5.0
-    ) -> Publisher:
-        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        events = await declare_events_exchange(channel)
-        return cls(channel, events, confirm_timeout)
-
-    @property
-    def channel(self) -> AbstractChannel:
-        return self._channel
+        self._channel: AbstractChannel | None = None
+        self._events: AbstractExchange | None = None
+        self._opening = asyncio.Lock()
 
     @property
     def confirm_timeout(self) -> float:
         return self._confirm_timeout
+
+    async def channel(self) -> tuple[AbstractChannel, AbstractExchange]:
+        """The publishing channel and the `events` exchange, reopened if the channel closed."""
+        async with self._opening:
+            if self._channel is None or self._channel.is_closed or self._events is None:
+                async with asyncio.timeout(self._confirm_timeout):
+                    channel = await self._broker.channel(publisher_confirms=True)
+                    try:
+                        self._events = await declare_events_exchange(channel)
+                    except BaseException:
+                        await close_channel(channel)
+                        raise
+                self._channel = channel
+            return self._channel, self._events
 
     async def publish_events(self, envelopes: Sequence[Envelope]) -> None:
         """Publish to the `events` exchange, in order; returns when all are confirmed.
@@ -78,10 +79,8 @@ class Publisher:
         """
         if not envelopes:
             return
-        what = f"{len(envelopes)} event(s) to {self._events.name!r}"
-        await self._confirmed(
-            what, [(self._events, to_amqp(envelope), "") for envelope in envelopes]
-        )
+        what = f"{len(envelopes)} event(s)"
+        await self._confirmed(what, [(envelope, None) for envelope in envelopes])
 
     async def send_to_queue(self, queue: str, envelope: Envelope) -> None:
         """Publish to `queue` through the default exchange; unroutable means failure."""
@@ -89,46 +88,70 @@ class Publisher:
 
     async def send_message_to_queue(self, queue: str, message: AbstractMessage) -> None:
         what = f"{header_text(message.headers.get('name', 'message'))} to queue {queue!r}"
-        await self._confirmed(what, [(self._channel.default_exchange, message, queue)])
+        await self._confirmed(what, [(message, queue)])
+
+    async def declare_command_queue(self, name: str) -> None:
+        channel, _ = await self._opened(f"declaring queue {name!r}")
+        try:
+            async with asyncio.timeout(self._confirm_timeout):
+                await command_queue(name).declare(channel)
+        except TimeoutError:
+            raise PublishFailed(f"queue {name!r} not declared within the timeout") from None
+
+    async def _opened(self, what: str) -> tuple[AbstractChannel, AbstractExchange]:
+        try:
+            return await self.channel()
+        except TimeoutError:
+            raise PublishFailed(f"{what}: no channel within {self._confirm_timeout} s") from None
+        except Unavailable as error:
+            raise PublishFailed(f"{what}: {error.detail}") from error
 
     async def _confirmed(
-        self, what: str, publishes: Sequence[tuple[AbstractExchange, AbstractMessage, str]]
+        self, what: str, publishes: Sequence[tuple[Envelope | AbstractMessage, str | None]]
     ) -> None:
+        """Publish each (message, queue): to `events` when queue is None, else to the queue."""
+        channel, events = await self._opened(what)
         try:
             async with asyncio.timeout(self._confirm_timeout):
                 results = await asyncio.gather(
                     *(
-                        exchange.publish(message, routing_key, mandatory=True)
-                        for exchange, message, routing_key in publishes
+                        (channel.default_exchange if queue else events).publish(
+                            to_amqp(message) if isinstance(message, Envelope) else message,
+                            queue or "",
+                            mandatory=True,
+                        )
+                        for message, queue in publishes
                     ),
                     return_exceptions=True,
                 )
         except TimeoutError:
             raise PublishFailed(f"{what}: not confirmed within {self._confirm_timeout} s") from None
         for result in results:
-            if isinstance(result, BaseException):
-                if isinstance(result, asyncio.CancelledError):
-                    raise result
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            if isinstance(result, BROKER_ERRORS):
                 raise PublishFailed(f"{what}: {_describe(result)}") from result
+            if isinstance(result, BaseException):
+                raise result  # not the broker's doing: a bug
             if not isinstance(result, aiormq.spec.Basic.Ack):
                 raise PublishFailed(f"{what}: not acknowledged by the broker ({result!r})")
 
     async def close(self) -> None:
-        # Also while disconnected: a closed robust channel is not restored later.
-        with suppress(*BROKER_ERRORS):
-            await asyncio.wait_for(self._channel.close(), timeout=self._confirm_timeout)
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            await close_channel(channel)
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, aiormq.exceptions.PublishError):
-        return f"returned as unroutable ({getattr(exc.frame, 'reply_text', '')})"
-    if isinstance(exc, aiormq.exceptions.DeliveryError):
+def _describe(error: BaseException) -> str:
+    if isinstance(error, aiormq.exceptions.PublishError):
+        return f"returned as unroutable ({getattr(error.frame, 'reply_text', '')})"
+    if isinstance(error, aiormq.exceptions.DeliveryError):
         return "rejected (nack) by the broker"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return describe(error)
 
 
 class AmqpCommandSender:
-    """Sends a command to the queue named after it (contract.md section 2).
+    """Sends a command to the queue named after it (docs/contract.md section 2).
 
     The queue is declared (durable, no arguments, like the reference) before
     the first send, so a command accepted before its handler ever started is
@@ -142,13 +165,7 @@ class AmqpCommandSender:
     async def send(self, command: Command, message_id: UUID) -> None:
         queue = command.name()
         if queue not in self._declared:
-            try:
-                async with asyncio.timeout(self._publisher.confirm_timeout):
-                    await declare_command_queue(self._publisher.channel, queue)
-            except TimeoutError:
-                raise PublishFailed(f"{queue}: queue not declared within the timeout") from None
-            except BROKER_ERRORS as exc:
-                raise PublishFailed(f"{queue}: cannot declare its queue: {_describe(exc)}") from exc
+            await self._publisher.declare_command_queue(queue)
             self._declared.add(queue)
         envelope = Envelope(message_id=str(message_id), name=queue, body=codec.encode(command))
         try:

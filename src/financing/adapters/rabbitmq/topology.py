@@ -1,81 +1,107 @@
-"""The broker topology of contract.md section 2, and the connection to it.
+"""The broker topology of docs/contract.md section 2: which queue feeds each consumer.
 
-Every queue the reference also declares (command queues, `events_<handler>`)
-is declared durable with no arguments: re-declaring an existing queue with
-other arguments fails with PRECONDITION_FAILED. Queues that need an
-x-argument must have a name of our own.
+Commands travel on a durable queue named exactly after the command, through
+the default exchange. Events, domain and integration alike, go to the fanout
+exchange `events`; every consumer of events owns a durable queue
+`events_<name>` bound to it, named after the message it handles, as the
+reference names them.
+
+Every queue the reference also declares is declared durable with no
+arguments: re-declaring an existing queue with other arguments fails with
+PRECONDITION_FAILED. A queue that needs an x-argument gets a name of our own
+(the projector's `events_financing_projector`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
-from financing.logging import get_logger
+from financing.adapters.rabbitmq.connection import translated
+from financing.application.messages import COMMAND_TYPES
+from financing.application.pipeline import OutcomeKind
+from financing.application.read_models import PROJECTED_EVENTS
 
 EVENTS_EXCHANGE = "events"
 DEAD_LETTER_QUEUE = "financing_dead_letters"
+PROJECTOR_QUEUE = "events_financing_projector"
+COMMAND_NAMES = frozenset(command.name() for command in COMMAND_TYPES)
 
-# How long to wait before reconnecting after the broker went away.
-RECONNECT_INTERVAL = 1.0
-CONNECT_TIMEOUT = 10.0
 
-log = get_logger(__name__)
+@dataclass(frozen=True)
+class QueueSpec:
+    """A durable queue, bound to `events` or not, with its arguments."""
+
+    name: str
+    bound_to_events: bool
+    arguments: Mapping[str, Any] = field(default_factory=dict)
+
+    async def declare(self, channel: AbstractChannel) -> AbstractQueue:
+        with translated():
+            queue = await channel.declare_queue(
+                self.name, durable=True, arguments=dict(self.arguments) or None
+            )
+            if self.bound_to_events:
+                await queue.bind(await declare_events_exchange(channel), routing_key="")
+            return queue
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """What one consumer reads: its queue, the names it handles, and what becomes of others.
+
+    On a command queue every message should be its one command: any other was
+    misrouted and is dead-lettered, since acking it would lose it. A queue bound
+    to `events` receives every event: the ones of other names are ignored.
+    """
+
+    queue: QueueSpec
+    names: frozenset[str]
+
+    @property
+    def others(self) -> OutcomeKind:
+        return OutcomeKind.IGNORED if self.queue.bound_to_events else OutcomeKind.DEAD_LETTERED
+
+
+def subscription(message_name: str) -> Subscription:
+    """The queue of the consumer that handles `message_name`."""
+    if message_name in COMMAND_NAMES:
+        queue = QueueSpec(message_name, bound_to_events=False)
+    else:
+        queue = QueueSpec(f"events_{message_name}", bound_to_events=True)
+    return Subscription(queue, frozenset({message_name}))
+
+
+PROJECTOR = Subscription(
+    # One active consumer at a time: events are projected in the order they arrive.
+    QueueSpec(PROJECTOR_QUEUE, bound_to_events=True, arguments={"x-single-active-consumer": True}),
+    PROJECTED_EVENTS,
+)
+DEAD_LETTERS = QueueSpec(DEAD_LETTER_QUEUE, bound_to_events=False)
+
+
+def command_queue(name: str) -> QueueSpec:
+    return QueueSpec(name, bound_to_events=False)
 
 
 async def declare_events_exchange(channel: AbstractChannel) -> AbstractExchange:
-    return await channel.declare_exchange(
-        EVENTS_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
-    )
+    with translated():
+        return await channel.declare_exchange(
+            EVENTS_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
+        )
 
 
-async def declare_command_queue(channel: AbstractChannel, name: str) -> AbstractQueue:
-    return await channel.declare_queue(name, durable=True)
-
-
-async def declare_event_queue(
-    channel: AbstractChannel, name: str, *, arguments: dict[str, Any] | None = None
-) -> AbstractQueue:
-    """A durable queue bound to the `events` exchange.
-
-    Pass `arguments` only for a queue of our own name (see the module docstring).
-    """
-    exchange = await declare_events_exchange(channel)
-    queue = await channel.declare_queue(name, durable=True, arguments=arguments or None)
-    await queue.bind(exchange, routing_key="")
-    return queue
-
-
-async def declare_dead_letter_queue(channel: AbstractChannel) -> AbstractQueue:
-    return await channel.declare_queue(DEAD_LETTER_QUEUE, durable=True)
-
-
-def describe_url(url: str) -> str:
-    """The broker URL without credentials: safe to log."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path or '/'}"
-
-
-async def connect(url: str) -> AbstractRobustConnection:
-    """A connection that reconnects by itself and restores channels and consumers.
-
-    The first attempt fails fast (raises) when the broker is unreachable, so
-    the caller decides whether to retry at start-up.
-    """
-    log.info("connecting to broker", broker=describe_url(url))
-    # Options given in the URL's query (reconnect_interval=...) take precedence.
-    options: dict[str, Any] = (
-        {}
-        if "reconnect_interval" in parse_qs(urlsplit(url).query)
-        else {"reconnect_interval": RECONNECT_INTERVAL}
-    )
-    connection: AbstractRobustConnection = await aio_pika.connect_robust(
-        url, timeout=CONNECT_TIMEOUT, **options
-    )
-    log.info("connected to broker", broker=describe_url(url))
-    return connection
+async def declare(channel: AbstractChannel, queues: Iterable[QueueSpec]) -> None:
+    """The exchange, the dead-letter queue, every command queue and `queues`, before
+    anything is published or consumed: no message published after start-up can
+    then fall on an exchange with no queue bound."""
+    await declare_events_exchange(channel)
+    await DEAD_LETTERS.declare(channel)
+    for name in sorted(COMMAND_NAMES):
+        await command_queue(name).declare(channel)
+    for queue in queues:
+        await queue.declare(channel)

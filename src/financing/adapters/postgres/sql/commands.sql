@@ -48,3 +48,24 @@ CREATE TABLE relay_checkpoints (
     position       bigint      NOT NULL,
     updated_at     timestamptz NOT NULL DEFAULT now()
 );
+
+-- version: 2
+
+-- Consumers are named after their handler, not after the queue that feeds it
+-- (queues belong to the broker's topology and may change).
+UPDATE processed_messages AS p
+SET consumer = renamed.handler
+FROM (VALUES
+    ('CreateIssuer', 'create_issuer'),
+    ('CreateInvestor', 'create_investor'),
+    ('SellInvoice', 'sell_invoice'),
+    ('BidOnInvoice', 'bid_on_invoice'),
+    ('ApproveFinancing', 'approve_financing'),
+    ('ReverseFinancing', 'reverse_financing'),
+    ('events_BidOnInvoicePlacedEvent', 'bid_placed_offers_bid_to_invoice'),
+    ('events_BidOnInvoiceRejectedEvent', 'rejected_bid_releases_funds'),
+    ('events_InvoiceFinancedEvent', 'financing_releases_excess_bid'),
+    ('events_InvoiceApprovedEvent', 'approval_commits_funds'),
+    ('events_InvoiceReversedEvent', 'reversal_releases_funds')
+) AS renamed (queue, handler)
+WHERE p.consumer = renamed.queue;

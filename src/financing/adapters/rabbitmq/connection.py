@@ -1,0 +1,163 @@
+"""The connection to the broker, opened again whenever it is lost, and its errors translated.
+
+aio-pika's robust connection restores channels by itself, but a channel the
+broker closed while restoring it (permissions revoked for a moment, a queue
+declared differently) stays closed for good. So this adapter manages
+reconnection itself: `Broker` holds one plain connection and opens a new one
+on demand when it is gone; every consumer and the publisher reopen their
+channel through it when theirs closes. The outage is logged once when the
+connection is lost and once when it is back (`retry.Outages`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection
+
+from financing.application.errors import Refused, Unavailable
+from financing.application.retry import Outages
+from financing.logging import get_logger
+
+log = get_logger(__name__)
+
+BROKER = "broker"
+CONNECT_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 2.0
+
+# What the broker or the connection to it can raise.
+BROKER_ERRORS: tuple[type[Exception], ...] = (
+    aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+)
+
+
+def describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def describe_url(url: str) -> str:
+    """The broker URL without credentials: safe to log."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path or '/'}"
+
+
+@contextlib.contextmanager
+def translated() -> Iterator[None]:
+    """Broker errors raised inside the block, as the application's error types.
+
+    A declaration the broker refuses because the entity exists with other
+    arguments (PRECONDITION_FAILED) does not cure itself: it is `Refused`.
+    """
+    try:
+        yield
+    except aiormq.exceptions.ChannelPreconditionFailed as error:
+        raise Refused(BROKER, describe(error)) from error
+    except BROKER_ERRORS as error:
+        raise Unavailable(BROKER, describe(error)) from error
+
+
+class Broker:
+    """One connection to the first broker of `urls` that answers, reopened on demand."""
+
+    def __init__(self, urls: Sequence[str], outages: Outages) -> None:
+        if not urls:
+            raise ValueError("at least one broker URL is needed")
+        self._urls = tuple(urls)
+        self._outages = outages
+        self._connection: AbstractConnection | None = None
+        self._connecting = asyncio.Lock()
+        self._accepted_once = False
+        self._closing = False
+
+    @property
+    def connected(self) -> bool:
+        return self._connection is not None and not self._connection.is_closed
+
+    async def connection(self) -> AbstractConnection:
+        """The open connection, or a new one; Unavailable when no broker answers.
+
+        Before the broker ever accepted the service, refused credentials are
+        `Refused` (a misconfiguration); afterwards they are an outage, as when
+        an operator changes permissions.
+        """
+        async with self._connecting:
+            if self._connection is not None and not self._connection.is_closed:
+                return self._connection
+            if self._closing:
+                raise Unavailable(BROKER, "the connection is closing")
+            connection = await self._connect()
+            connection.close_callbacks.add(self._on_close)
+            self._connection = connection
+            self._accepted_once = True
+            self._outages.recovered(BROKER)
+            return connection
+
+    async def _connect(self) -> AbstractConnection:
+        failures: list[str] = []
+        for url in self._urls:
+            try:
+                connection = await aio_pika.connect(url, timeout=CONNECT_TIMEOUT)
+            except aiormq.exceptions.ProbableAuthenticationError as error:
+                if not self._accepted_once:
+                    raise Refused(BROKER, f"{describe_url(url)}: {describe(error)}") from error
+                failures.append(f"{describe_url(url)}: {describe(error)}")
+            except BROKER_ERRORS as error:
+                failures.append(f"{describe_url(url)}: {describe(error)}")
+            else:
+                log.info("connected to broker", broker=describe_url(url))
+                return connection
+        raise Unavailable(BROKER, "; ".join(failures))
+
+    def _on_close(self, _: Any, error: BaseException | None = None) -> None:
+        if self._closing:
+            return
+        self._outages.failed(Unavailable(BROKER, describe(error) if error else "connection closed"))
+
+    async def channel(
+        self, *, publisher_confirms: bool = False, prefetch: int | None = None
+    ) -> AbstractChannel:
+        """A new channel on the connection (reopened first if it was lost)."""
+        connection = await self.connection()
+        with translated():
+            channel = await connection.channel(
+                publisher_confirms=publisher_confirms, on_return_raises=publisher_confirms
+            )
+            if prefetch is not None:
+                await channel.set_qos(prefetch_count=prefetch)
+            return channel
+
+    async def close(self) -> None:
+        self._closing = True
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(*BROKER_ERRORS):
+                await asyncio.wait_for(connection.close(), CLOSE_TIMEOUT)
+
+
+@contextlib.asynccontextmanager
+async def connected(urls: Sequence[str]) -> AsyncIterator[Broker]:
+    """A broker connection for one command-line task, closed afterwards."""
+    broker = Broker(urls, Outages())
+    try:
+        await broker.connection()
+        yield broker
+    finally:
+        await broker.close()
+
+
+async def close_channel(channel: AbstractChannel) -> None:
+    """Close a channel, also while disconnected; unacked messages go back to their queue."""
+    with contextlib.suppress(*BROKER_ERRORS):
+        await asyncio.wait_for(channel.close(), CLOSE_TIMEOUT)

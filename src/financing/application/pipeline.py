@@ -1,0 +1,243 @@
+"""The path of every delivery, built from small parts that each wrap the next.
+
+    settle (adapter: ack, dead-letter, or leave for redelivery)
+      └ retried      classify a failure: retry with backoff, or give up into a dead letter
+          └ selected     ignore (or dead-letter) messages of names this consumer does not handle
+              └ decoded      headers and body into a message; undecodable is permanent
+                  └ exactly_once / sending   the handler; the former in a unit of work
+                                             that records the message id
+
+A part is a function from the step it wraps to a new step, as middleware
+wraps a handler in a message router: each has one concern, and the order in
+which `compose` stacks them is the only place that says how they combine.
+Parts before `decoded` see a raw `Delivery`; parts after it see a `Decoded`
+message. Transport details (acks, channels, queues) stay in the adapter that
+implements `Delivery`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from financing.application import codec
+from financing.application.messages import Message
+from financing.application.ports import CommandSender, Envelope, EventStore, UnitOfWork
+from financing.application.retry import Abandoned, GaveUp, Outages, RetryPolicy, retry
+from financing.domain.aggregates import Aggregate
+from financing.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class OutcomeKind(enum.Enum):
+    PROCESSED = "processed"  # applied, with the events it appended
+    UNCHANGED = "unchanged"  # applied, but a rule said there was nothing to do
+    DUPLICATE = "duplicate"  # processed before: nothing done again
+    IGNORED = "ignored"  # not for this consumer
+    DEAD_LETTERED = "dead_lettered"  # kept aside with its reason
+    ABANDONED = "abandoned"  # cannot be settled any more: the broker delivers it again
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: OutcomeKind
+    detail: str = ""  # the reason of a dead letter, the rule behind an unchanged outcome
+    events: int = 0  # events appended
+
+    @classmethod
+    def processed(cls, events: int = 0) -> Outcome:
+        return cls(OutcomeKind.PROCESSED, events=events)
+
+    @classmethod
+    def dead_letter(cls, reason: str) -> Outcome:
+        return cls(OutcomeKind.DEAD_LETTERED, reason)
+
+
+IGNORED = Outcome(OutcomeKind.IGNORED)
+DUPLICATE = Outcome(OutcomeKind.DUPLICATE)
+ABANDONED = Outcome(OutcomeKind.ABANDONED)
+
+
+class Delivery(Protocol):
+    """A message as a consumer receives it, before anything is checked."""
+
+    @property
+    def source(self) -> str:
+        """Where it was consumed from (a queue): for logs and dead letters."""
+        ...
+
+    @property
+    def name(self) -> str | None:
+        """The message name, when it can be read without validating anything else."""
+        ...
+
+    def envelope(self) -> Envelope:
+        """Id, name, aggregate id and string headers; raises PoisonMessage when malformed."""
+        ...
+
+    def deliverable(self) -> bool:
+        """Whether it can still be settled (acked or dead-lettered)."""
+        ...
+
+    def log_fields(self) -> dict[str, Any]:
+        """What identifies it in log lines (queue, name, message and aggregate ids)."""
+        ...
+
+    async def settle(self, outcome: Outcome) -> None:
+        """Ack it, or dead-letter then ack it, or leave it to be delivered again."""
+        ...
+
+
+@dataclass(frozen=True)
+class Decoded:
+    delivery: Delivery
+    envelope: Envelope
+    message: Message
+
+
+Step = Callable[[Delivery], Awaitable[Outcome]]
+Handler = Callable[[Decoded], Awaitable[Outcome]]
+StepPart = Callable[[Step], Step]
+HandlerPart = Callable[[Handler], Handler]
+
+# What handlers are written as: functions of (dependencies, message).
+StoreHandler = Callable[[UnitOfWork, Any], Awaitable[None]]
+SendingHandler = Callable[[CommandSender, Any, str], Awaitable[None]]
+
+
+def compose(
+    handler: Handler,
+    *,
+    names: frozenset[str],
+    others: OutcomeKind,
+    policy: RetryPolicy,
+    outages: Outages,
+    handler_parts: Iterable[HandlerPart] = (),
+) -> Step:
+    """The whole path of one consumer, from a raw delivery to its outcome."""
+    for part in handler_parts:
+        handler = part(handler)
+    return retried(policy, outages)(selected(names, others)(decoded(handler)))
+
+
+def retried(policy: RetryPolicy, outages: Outages) -> StepPart:
+    """Retries the inner step as the failure's class says; a failure it gives up on
+    becomes a dead letter with its reason, and a delivery that can no longer be
+    settled is abandoned to the broker's redelivery."""
+
+    def part(inner: Step) -> Step:
+        async def step(delivery: Delivery) -> Outcome:
+            try:
+                return await retry(
+                    lambda: inner(delivery),
+                    policy=policy,
+                    outages=outages,
+                    what="processing",
+                    wanted=delivery.deliverable,
+                )
+            except GaveUp as gave_up:
+                return Outcome.dead_letter(str(gave_up))
+            except Abandoned:
+                return ABANDONED
+
+        return step
+
+    return part
+
+
+def selected(names: frozenset[str], others: OutcomeKind) -> StepPart:
+    """Passes on the messages named in `names`; any other gets `others` (IGNORED on a
+    feed shared with other consumers, DEAD_LETTERED on a queue of their own, where
+    another name means the message was misrouted and acking it would lose it)."""
+
+    def part(inner: Step) -> Step:
+        async def step(delivery: Delivery) -> Outcome:
+            outcome = not_handled(delivery, names, others)
+            return await inner(delivery) if outcome is None else outcome
+
+        return step
+
+    return part
+
+
+def not_handled(delivery: Delivery, names: frozenset[str], others: OutcomeKind) -> Outcome | None:
+    """The outcome of a delivery whose readable name is not in `names`; None to handle it.
+
+    A delivery whose name cannot be read is handled: decoding it names the problem.
+    """
+    name = delivery.name
+    if name is None or name in names:
+        return None
+    if others is OutcomeKind.DEAD_LETTERED:
+        return Outcome.dead_letter(f"a {name!r} message on {delivery.source!r}")
+    return IGNORED
+
+
+def decode(delivery: Delivery) -> Decoded:
+    """The delivery's message; raises PoisonMessage naming what is wrong."""
+    envelope = delivery.envelope()
+    message = codec.decode(envelope.name, envelope.body, envelope.aggregate_id)
+    return Decoded(delivery, envelope, message)
+
+
+def decoded(handler: Handler) -> Step:
+    async def step(delivery: Delivery) -> Outcome:
+        return await handler(decode(delivery))
+
+    return step
+
+
+def exactly_once(store: EventStore, consumer: str, handler: StoreHandler) -> Handler:
+    """Runs `handler` in one unit of work that first checks, and then records, that
+    `consumer` processed the message: the effect and the record commit together,
+    so a redelivered message changes nothing."""
+
+    async def run(decoded: Decoded) -> Outcome:
+        message_id = decoded.envelope.message_id
+        async with store.unit_of_work() as uow:
+            if await uow.seen(consumer, message_id):
+                return DUPLICATE
+            noting = _Noting(uow)
+            await handler(noting, decoded.message)
+            await uow.record(consumer, message_id)
+            appended, unchanged = noting.result()
+        if appended:
+            return Outcome.processed(appended)
+        reason = "; ".join(unchanged) or "the handler appended no event"
+        log.info("message changed nothing", consumer=consumer, reason=reason)
+        return Outcome(OutcomeKind.UNCHANGED, reason)
+
+    return run
+
+
+def sending(sender: CommandSender, handler: SendingHandler) -> Handler:
+    async def run(decoded: Decoded) -> Outcome:
+        await handler(sender, decoded.message, decoded.envelope.message_id)
+        return Outcome.processed()
+
+    return run
+
+
+class _Noting:
+    """A unit of work that notes what the handler saved: how many events, and
+    which rules said there was nothing to do."""
+
+    def __init__(self, uow: UnitOfWork) -> None:
+        self._uow = uow
+        self._saved: dict[int, Aggregate] = {}
+        self.seen = uow.seen
+        self.load = uow.load
+        self.record = uow.record
+
+    async def save(self, aggregate: Aggregate) -> None:
+        self._saved[id(aggregate)] = aggregate
+        await self._uow.save(aggregate)
+
+    def result(self) -> tuple[int, list[str]]:
+        """Events appended, and the reasons of the aggregates that changed nothing."""
+        appended = sum(len(aggregate.changes) for aggregate in self._saved.values())
+        unchanged = [note for aggregate in self._saved.values() for note in aggregate.unchanged]
+        return appended, unchanged

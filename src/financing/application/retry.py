@@ -1,0 +1,183 @@
+"""The one retry primitive, and the outage log every retrying loop shares.
+
+`retry` runs an operation until it succeeds or its failure is not worth
+another attempt, sleeping a capped, jittered exponential backoff in between.
+What is worth retrying, and how often, follows the classification of
+`errors.classify` and a `RetryPolicy`. Every loop in the service that tries
+again (deliveries, relayer, projector, Commands API, dead-lettering, start-up)
+uses it, so "transient" means the same thing everywhere.
+
+`Outages` keeps the log of a dependency's outage to two lines however many
+loops are retrying: a warning when the first failure is seen and one info line,
+with how long it lasted, when an operation on it succeeds again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
+
+from financing.application.errors import (
+    Fault,
+    Unavailable,
+    attempts_allowed,
+    classify,
+    summary,
+)
+from financing.logging import get_logger
+
+T = TypeVar("T")
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential delays from `first`, doubling, capped at `cap`, jittered in [d/2, d]."""
+
+    first: float
+    cap: float
+
+    def delay(self, attempt: int) -> float:
+        """The pause before retry number `attempt` (from 1)."""
+        ceiling = min(self.cap, self.first * 2.0 ** min(attempt - 1, 30))
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+@dataclass(frozen=True)
+class Limit:
+    """How a fault is retried: its backoff, and at most how many attempts (None: no limit)."""
+
+    backoff: Backoff
+    attempts: int | None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """A limit per fault; a fault without one (PERMANENT by default) is not retried."""
+
+    unavailable: Limit | None = Limit(Backoff(0.1, 2.0), None)
+    conflict: Limit | None = Limit(Backoff(0.01, 0.5), 50)
+    permanent: Limit | None = None
+    bug: Limit | None = Limit(Backoff(0.2, 2.0), 3)
+
+    def limit(self, fault: Fault) -> Limit | None:
+        limit: Limit | None = getattr(self, fault.value)
+        return limit
+
+    def without(self, *faults: Fault) -> RetryPolicy:
+        """This policy, retrying none of `faults`."""
+        return replace(self, **{fault.value: None for fault in faults})
+
+
+# Deliveries: every fault as classified.
+DELIVERIES = RetryPolicy()
+# Work that must stop loudly on a bug rather than try again (relayer, API calls, start-up).
+NO_BUG_RETRIES = RetryPolicy().without(Fault.BUG)
+
+
+class GaveUp(Exception):
+    """`retry` stopped: the error's fault is not retried, or its limit or deadline is reached."""
+
+    def __init__(self, error: Exception, fault: Fault, attempts: int) -> None:
+        super().__init__(f"{summary(error)} ({fault.value}, after {attempts} attempt(s))")
+        self.error = error
+        self.fault = fault
+        self.attempts = attempts
+
+
+class Abandoned(Exception):
+    """`retry` stopped because the work is no longer wanted (its delivery channel closed)."""
+
+
+@dataclass
+class Outages:
+    """Which dependencies are down since when; logs the start and the end of each outage."""
+
+    _since: dict[str, float] = field(default_factory=dict)
+
+    def failed(self, error: Unavailable) -> None:
+        if error.dependency in self._since:
+            return
+        self._since[error.dependency] = time.monotonic()
+        log.warning(
+            f"{error.dependency} unavailable", dependency=error.dependency, error=error.detail
+        )
+
+    def recovered(self, dependency: str) -> None:
+        since = self._since.pop(dependency, None)
+        if since is None:
+            return
+        word = "reconnected" if dependency == "broker" else "recovered"
+        log.info(
+            f"{dependency} {word}",
+            dependency=dependency,
+            outage_seconds=round(time.monotonic() - since, 3),
+        )
+
+    def down(self) -> frozenset[str]:
+        return frozenset(self._since)
+
+
+def _always() -> bool:
+    return True
+
+
+async def retry(
+    operation: Callable[[], Awaitable[T]],
+    *,
+    policy: RetryPolicy,
+    outages: Outages,
+    what: str,
+    wanted: Callable[[], bool] = _always,
+    deadline: float | None = None,
+) -> T:
+    """`await operation()` until it succeeds; raises GaveUp or Abandoned when it stops.
+
+    `wanted` is asked before each pause and after it: once it says no, the
+    work is abandoned. `deadline` (time.monotonic()) bounds the whole loop.
+    """
+    attempts: Counter[Fault] = Counter()
+    down: set[str] = set()
+    while True:
+        try:
+            result = await operation()
+        except Exception as error:  # classified below; cancellation is not an Exception
+            fault = classify(error)
+            attempts[fault] += 1
+            count = attempts[fault]
+            limit = policy.limit(fault)
+            if isinstance(error, Unavailable):
+                down.add(error.dependency)
+                outages.failed(error)
+            allowed = None if limit is None else limit.attempts
+            if (own := attempts_allowed(error)) is not None:
+                allowed = own if allowed is None else min(own, allowed)
+            if limit is None or (allowed is not None and count >= allowed):
+                raise GaveUp(error, fault, count) from error  # the caller reports it
+            pause = limit.backoff.delay(count)
+            if deadline is not None and time.monotonic() + pause > deadline:
+                raise GaveUp(error, fault, count) from error
+            if fault is Fault.BUG:
+                log.error(f"{what} failed with a bug; retrying", attempt=count, exc_info=error)
+            elif fault is not Fault.UNAVAILABLE:
+                log.debug(
+                    f"{what} failed; retrying",
+                    fault=fault.value,
+                    attempt=count,
+                    error=summary(error),
+                )
+            if not wanted():
+                raise Abandoned(what) from error
+            await asyncio.sleep(pause)
+            if not wanted():
+                raise Abandoned(what) from error
+        else:
+            for dependency in down:
+                outages.recovered(dependency)
+            return result

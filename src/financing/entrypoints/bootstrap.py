@@ -1,0 +1,299 @@
+"""The composition root: from settings to named, wired components.
+
+Opens the shared resources (one asyncpg pool per database, one broker
+connection, one confirming publisher), declares the broker topology, and wires
+each handler to its queue through the delivery pipeline. What it returns is
+run by the supervisor. Tests replace parts through `Overrides`, as fakes are
+injected into a bootstrap function.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import asyncpg
+from grpclib.server import Server
+
+from financing.adapters.postgres.connection import (
+    COMMAND_DATABASE,
+    QUERY_DATABASE,
+    create_pool,
+    translated,
+)
+from financing.adapters.postgres.event_store import PostgresEventStore
+from financing.adapters.postgres.outbox import CommitListener, PostgresOutbox, PostgresRelayerLock
+from financing.adapters.postgres.read_models import PostgresReadModels
+from financing.adapters.postgres.schema import migrate
+from financing.adapters.rabbitmq import topology
+from financing.adapters.rabbitmq.connection import BROKER, Broker, close_channel
+from financing.adapters.rabbitmq.consumer import Deliveries, QueueConsumer, consume
+from financing.adapters.rabbitmq.dead_letters import DeadLetters
+from financing.adapters.rabbitmq.publisher import AmqpCommandSender, Publisher
+from financing.application import routes
+from financing.application.errors import Fault
+from financing.application.pipeline import (
+    Handler,
+    HandlerPart,
+    SendingHandler,
+    StoreHandler,
+    compose,
+    exactly_once,
+    sending,
+)
+from financing.application.ports import CommandSender, EventStore
+from financing.application.read_models import ReadModelStore
+from financing.application.retry import DELIVERIES, NO_BUG_RETRIES, GaveUp, Outages, retry
+from financing.config import Database, Settings
+from financing.entrypoints.commands_api import CommandsService
+from financing.entrypoints.grpc_codec import RequestCodec
+from financing.entrypoints.queries_api import QueriesService
+from financing.workers.projector import Projector
+from financing.workers.relayer import Relayer
+
+T = TypeVar("T")
+
+COMPONENTS = (
+    "commands-api",
+    "queries-api",
+    "commands",
+    "integration",
+    "policies",
+    "relayer",
+    "projector",
+)
+NEEDS_COMMAND_DB = frozenset({"commands", "policies", "relayer"})
+NEEDS_QUERY_DB = frozenset({"queries-api", "projector"})
+NEEDS_BROKER = frozenset(COMPONENTS) - {"queries-api"}
+
+# Deliveries a command or policy consumer works on at once.
+PREFETCH = 32
+
+
+class StartupError(Exception):
+    """A dependency refused the service, or stayed unreachable for the whole start-up budget."""
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """What tests change in the wiring: parts around every handler, a read-model wrapper."""
+
+    handler_parts: Sequence[HandlerPart] = ()
+    read_models: Callable[[ReadModelStore], ReadModelStore] = lambda store: store
+
+
+NO_OVERRIDES = Overrides()
+
+
+@dataclass(frozen=True)
+class Listener:
+    name: str
+    server: Server
+    address: tuple[str, int]
+
+
+@dataclass
+class Service:
+    """The wired components, ready to be run by the supervisor."""
+
+    components: frozenset[str]
+    workers: dict[str, Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=dict)
+    listeners: list[Listener] = field(default_factory=list)
+    # Set by each consumer once the broker delivers to it: the service is ready when all are.
+    consuming: list[asyncio.Event] = field(default_factory=list)
+    commands: CommandsService | None = None
+
+
+async def bootstrap(
+    settings: Settings,
+    components: Iterable[str],
+    stack: AsyncExitStack,
+    *,
+    deadline: float,
+    overrides: Overrides = NO_OVERRIDES,
+) -> Service:
+    """Open what the selected components need (retrying until `deadline`) and wire them."""
+    service = Service(frozenset(components))
+    unknown = service.components - set(COMPONENTS)
+    if unknown:
+        raise ValueError(f"unknown components: {', '.join(sorted(unknown))}")
+    selected = service.components
+    outages = Outages()
+    command_pool = query_pool = None
+    if selected & NEEDS_COMMAND_DB:
+        command_pool = await _pool(
+            stack, settings.command_db, COMMAND_DATABASE, "commands", outages, deadline
+        )
+    if selected & NEEDS_QUERY_DB:
+        query_pool = await _pool(
+            stack, settings.query_db, QUERY_DATABASE, "queries", outages, deadline
+        )
+
+    if selected & NEEDS_BROKER:
+        broker = Broker(settings.amqp_urls, outages)
+        stack.push_async_callback(broker.close)
+        await _started(BROKER, broker.connection, outages, deadline)
+        publisher = Publisher(broker)
+        stack.push_async_callback(publisher.close)
+        wiring = _Wiring(broker, publisher, outages, overrides, service)
+        if command_pool is not None:
+            store = PostgresEventStore(command_pool, snapshot_interval=settings.snapshot_interval)
+            if "commands" in selected:
+                wiring.store_routes(routes.COMMANDS, store)
+            if "policies" in selected:
+                wiring.store_routes(routes.POLICIES, store)
+            if "relayer" in selected:
+                wiring.relayer(command_pool, settings.command_db, stack)
+        if "integration" in selected:
+            wiring.sending_routes(routes.INTEGRATION, AmqpCommandSender(publisher))
+        if query_pool is not None and "projector" in selected:
+            wiring.projector(PostgresReadModels(query_pool))
+        await _started("declaring the broker topology", wiring.declare, outages, deadline)
+        if "commands-api" in selected:
+            service.commands = CommandsService(AmqpCommandSender(publisher), outages)
+            server = Server([service.commands], codec=RequestCodec())
+            service.listeners.append(Listener("commands-api", server, settings.command_address))
+
+    if query_pool is not None and "queries-api" in selected:
+        queries = QueriesService(PostgresReadModels(query_pool), outages)
+        server = Server([queries], codec=RequestCodec())
+        service.listeners.append(Listener("queries-api", server, settings.query_address))
+    return service
+
+
+class _Wiring:
+    """Builds the broker-fed components of one service."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        publisher: Publisher,
+        outages: Outages,
+        overrides: Overrides,
+        service: Service,
+    ) -> None:
+        self._broker = broker
+        self._publisher = publisher
+        self._outages = outages
+        self._overrides = overrides
+        self._service = service
+        self._dead_letters = DeadLetters(publisher, outages, DELIVERIES)
+        self._queues: list[topology.QueueSpec] = []
+
+    def store_routes(self, table: Iterable[routes.Route[StoreHandler]], store: EventStore) -> None:
+        for route in table:
+            self._consumer(route.message_name, exactly_once(store, route.consumer, route.handler))
+
+    def sending_routes(
+        self, table: Iterable[routes.Route[SendingHandler]], sender: CommandSender
+    ) -> None:
+        for route in table:
+            self._consumer(route.message_name, sending(sender, route.handler))
+
+    def _consumer(self, message_name: str, handler: Handler) -> None:
+        subscription = topology.subscription(message_name)
+        step = compose(
+            handler,
+            names=subscription.names,
+            others=subscription.others,
+            policy=DELIVERIES,
+            outages=self._outages,
+            handler_parts=self._overrides.handler_parts,
+        )
+        deliveries = Deliveries(step)
+        consumer = QueueConsumer(
+            self._broker,
+            subscription.queue,
+            self._dead_letters,
+            self._outages,
+            deliveries.receive,
+            prefetch=PREFETCH,
+        )
+        self._add(f"consumer:{consumer.spec.name}", lambda: consume(consumer, deliveries), consumer)
+
+    def projector(self, read_models: ReadModelStore) -> None:
+        projector = Projector(self._overrides.read_models(read_models), self._outages)
+        consumer = QueueConsumer(
+            self._broker,
+            topology.PROJECTOR.queue,
+            self._dead_letters,
+            self._outages,
+            projector.receive,
+            prefetch=projector.batch_size,  # the broker delivers at most one batch ahead
+        )
+
+        async def run() -> None:
+            try:
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(consumer.run())
+                    group.create_task(projector.run())
+            finally:
+                await consumer.close()
+
+        self._add("projector", run, consumer)
+
+    def relayer(self, pool: asyncpg.Pool, db: Database, stack: AsyncExitStack) -> None:
+        wake_up = CommitListener(db)
+        stack.push_async_callback(wake_up.close)
+        relayer = Relayer(
+            PostgresOutbox(pool), self._publisher, PostgresRelayerLock(db), wake_up, self._outages
+        )
+        self._service.workers["relayer"] = relayer.run
+
+    def _add(
+        self, name: str, run: Callable[[], Coroutine[Any, Any, None]], consumer: QueueConsumer
+    ) -> None:
+        self._service.workers[name] = run
+        self._service.consuming.append(consumer.consuming)
+        self._queues.append(consumer.spec)
+
+    async def declare(self) -> None:
+        channel = await self._broker.channel()
+        try:
+            await topology.declare(channel, self._queues)
+        finally:
+            await close_channel(channel)
+
+
+async def _started(
+    what: str, operation: Callable[[], Awaitable[T]], outages: Outages, deadline: float
+) -> T:
+    """`operation`, retried while its dependency is unavailable, until `deadline`."""
+    try:
+        return await retry(
+            operation, policy=NO_BUG_RETRIES, outages=outages, what=what, deadline=deadline
+        )
+    except GaveUp as gave_up:
+        if gave_up.fault is Fault.UNAVAILABLE:
+            raise StartupError(f"{what} is unreachable: {gave_up.error}") from gave_up.error
+        if gave_up.fault is Fault.PERMANENT:
+            raise StartupError(str(gave_up.error)) from gave_up.error
+        raise gave_up.error from None  # a bug: the supervisor reports it with its traceback
+
+
+async def _pool(
+    stack: AsyncExitStack,
+    db: Database,
+    dependency: str,
+    schema: str,
+    outages: Outages,
+    deadline: float,
+) -> asyncpg.Pool:
+    """A pool on `db`, its schema migrated."""
+    pool = await _started(
+        f"{dependency} {db.describe()}", lambda: create_pool(db, dependency), outages, deadline
+    )
+    stack.push_async_callback(pool.close)
+
+    async def migrated() -> None:
+        with translated(dependency):
+            await migrate(pool, schema)
+
+    await _started(f"migrating the {dependency}", migrated, outages, deadline)
+    return pool
+
+
+__all__ = ["COMPONENTS", "Listener", "Overrides", "Service", "StartupError", "bootstrap"]

@@ -1,0 +1,94 @@
+"""The supervisor: runs the wired components, says when the service is ready, shuts it down.
+
+Every component runs as a task. A component that stops (it crashed: none
+returns normally) stops the whole process with exit code 1 rather than leave
+it half alive; SIGINT/SIGTERM stop it cleanly with exit code 0. Shutdown
+refuses new commands first, lets the ones in flight finish, stops the gRPC
+listeners, then cancels the components, which finish what they hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from financing.entrypoints.bootstrap import Service, StartupError
+from financing.logging import get_logger
+
+log = get_logger(__name__)
+
+SHUTDOWN_GRACE = 5.0
+
+
+async def supervise(service: Service, stop: asyncio.Event) -> int:
+    """Run `service` until `stop` is set (exit code 0) or a component stops (1)."""
+    for listener in service.listeners:
+        host, port = listener.address
+        try:
+            await listener.server.start(host, port)
+        except OSError as error:
+            raise StartupError(
+                f"{listener.name} cannot listen on {host}:{port}: {error}"
+            ) from error
+    tasks: set[asyncio.Task[Any]] = {
+        asyncio.create_task(run(), name=name) for name, run in service.workers.items()
+    }
+    stopping = asyncio.create_task(stop.wait(), name="signal")
+    try:
+        await _ready(service, tasks, stopping)
+        done, _ = await asyncio.wait(tasks | {stopping}, return_when=asyncio.FIRST_COMPLETED)
+        exit_code = _report(done - {stopping})
+        log.info("shutting down", exit_code=exit_code)
+    finally:
+        await _shut_down(service, tasks, stopping)
+    log.info("service stopped", exit_code=exit_code)
+    return exit_code
+
+
+async def _ready(
+    service: Service, tasks: set[asyncio.Task[Any]], stopping: asyncio.Task[Any]
+) -> None:
+    """Log "service ready" once every consumer consumes, unless a crash or a signal comes first."""
+    consuming = asyncio.ensure_future(asyncio.gather(*(e.wait() for e in service.consuming)))
+    await asyncio.wait({*tasks, stopping, consuming}, return_when=asyncio.FIRST_COMPLETED)
+    if not consuming.done():
+        consuming.cancel()
+        return
+    log.info(
+        "service ready",
+        components=sorted(service.components),
+        listening={
+            listener.name: f"{listener.address[0]}:{listener.address[1]}"
+            for listener in service.listeners
+        },
+    )
+
+
+def _report(crashed: set[asyncio.Task[Any]]) -> int:
+    for task in crashed:
+        error = task.exception() if not task.cancelled() else None
+        log.error(
+            "component stopped, shutting the service down",
+            component=task.get_name(),
+            error=repr(error),
+            exc_info=error,
+        )
+    return 1 if crashed else 0
+
+
+async def _shut_down(
+    service: Service, tasks: set[asyncio.Task[Any]], stopping: asyncio.Task[Any]
+) -> None:
+    if service.commands is not None:
+        await service.commands.drain(SHUTDOWN_GRACE)
+    for listener in service.listeners:
+        listener.server.close()
+    stopping.cancel()
+    for task in tasks:
+        task.cancel()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(SHUTDOWN_GRACE * 2):
+            await asyncio.gather(*tasks, stopping, return_exceptions=True)
+            for listener in service.listeners:
+                await listener.server.wait_closed()

@@ -1,0 +1,142 @@
+"""The projector: folds the events of the bus into the read models.
+
+It takes the deliveries of one queue in order (the broker adapter gives that
+queue a single active consumer, so one instance projects at a time). When it
+falls behind it takes everything already delivered, up to `batch_size`,
+applies the batch in one transaction and only then settles it, through the
+same parts every consumer uses:
+
+- a message it does not project (an integration event, a command) is ignored
+  (acked);
+- a poison message (bad headers, bad JSON) is dead-lettered with its reason;
+  the messages around it are projected as usual;
+- a batch that cannot be applied is retried as its failure's class says: an
+  unavailable database without limit (nothing is acked meanwhile), a bug a
+  few times; then the batch is applied one event at a time, so that only the
+  event at fault is dead-lettered, with its reason, and the rest are
+  projected. Rebuilding the read models after a fix takes it into account.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import structlog
+
+from financing.application.errors import PoisonMessage, summary
+from financing.application.pipeline import (
+    Decoded,
+    Delivery,
+    Outcome,
+    OutcomeKind,
+    decode,
+    not_handled,
+    retried,
+)
+from financing.application.read_models import PROJECTED_EVENTS, ReadModelStore
+from financing.application.retry import (
+    DELIVERIES,
+    Abandoned,
+    GaveUp,
+    Outages,
+    RetryPolicy,
+    retry,
+)
+from financing.domain.events import DomainEvent
+from financing.logging import get_logger
+
+log = get_logger(__name__)
+
+BATCH_SIZE = 100
+
+
+class Projector:
+    def __init__(
+        self,
+        read_models: ReadModelStore,
+        outages: Outages,
+        *,
+        batch_size: int = BATCH_SIZE,
+        policy: RetryPolicy = DELIVERIES,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self._read_models = read_models
+        self._outages = outages
+        self._policy = policy
+        self.batch_size = batch_size
+        self._delivered: asyncio.Queue[Delivery] = asyncio.Queue()
+
+    def receive(self, delivery: Delivery) -> None:
+        """Take a delivery, in delivery order (called synchronously by the consumer)."""
+        self._delivered.put_nowait(delivery)
+
+    async def run(self) -> None:
+        """Project until cancelled."""
+        while True:
+            batch = [await self._delivered.get()]
+            while len(batch) < self.batch_size and not self._delivered.empty():
+                batch.append(self._delivered.get_nowait())
+            await self.project(batch)
+
+    async def project(self, batch: Sequence[Delivery]) -> None:
+        triaged = [_triage(delivery) for delivery in batch]
+        events = [item for item in triaged if isinstance(item, Decoded)]
+        outcomes = await self._apply(events)
+        for delivery, item in zip(batch, triaged, strict=True):
+            outcome = outcomes[id(item)] if isinstance(item, Decoded) else item
+            with structlog.contextvars.bound_contextvars(**delivery.log_fields()):
+                await delivery.settle(outcome)
+
+    async def _apply(self, events: Sequence[Decoded]) -> dict[int, Outcome]:
+        """The outcome of each event (by id of its Decoded)."""
+        if not events:
+            return {}
+        try:
+            await retry(
+                lambda: self._read_models.apply([_pair(event) for event in events]),
+                policy=self._policy,
+                outages=self._outages,
+                what="projecting a batch",
+                wanted=lambda: any(event.delivery.deliverable() for event in events),
+            )
+        except GaveUp as gave_up:
+            log.error(
+                "projecting a batch failed; projecting its events one at a time",
+                events=len(events),
+                error=str(gave_up),
+            )
+            return {id(event): await self._apply_one(event) for event in events}
+        except Abandoned:  # the channel closed: every message is delivered again
+            return {id(event): Outcome(OutcomeKind.ABANDONED) for event in events}
+        for event in events:
+            log.debug("event projected", name=event.envelope.name)
+        return {id(event): Outcome.processed() for event in events}
+
+    async def _apply_one(self, event: Decoded) -> Outcome:
+        async def apply(delivery: Delivery) -> Outcome:
+            await self._read_models.apply([_pair(event)])
+            return Outcome.processed()
+
+        return await retried(self._policy, self._outages)(apply)(event.delivery)
+
+
+def _triage(delivery: Delivery) -> Outcome | Decoded:
+    """The delivery's decoded event, or its outcome when there is nothing to project."""
+    outcome = not_handled(delivery, PROJECTED_EVENTS, OutcomeKind.IGNORED)
+    if outcome is not None:
+        return outcome
+    try:
+        return decode(delivery)
+    except PoisonMessage as error:
+        return Outcome.dead_letter(str(error))
+    except Exception as error:  # a bug in decoding: the same on every attempt
+        log.error("decoding failed with a bug", exc_info=error)
+        return Outcome.dead_letter(summary(error))
+
+
+def _pair(event: Decoded) -> tuple[str, DomainEvent]:
+    message = event.message
+    assert isinstance(message, DomainEvent)  # PROJECTED_EVENTS names domain events only
+    return event.envelope.message_id, message

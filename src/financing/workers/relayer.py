@@ -1,0 +1,111 @@
+"""The relayer: publishes committed events from the event store to every consumer of events.
+
+In commit order, with publisher confirms, advancing its checkpoint only past
+events the broker confirmed (never past an unpublished one). It wakes when
+events commit and polls as a fallback. Only the holder of the relayer lock
+relays, so one relayer runs per event store however many instances start.
+
+Its dependencies are ports (outbox, publisher, lock, wake-up signal): the
+relayer knows nothing of PostgreSQL or RabbitMQ. An outage of either is
+retried without limit; anything else, such as the outbox refusing to skip an
+event, is a broken invariant and stops the relayer, and with it the service,
+loudly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from financing.application.ports import EventPublisher, Outbox, RelayerLock, StoredEvent, WakeUp
+from financing.application.retry import NO_BUG_RETRIES, GaveUp, Outages, RetryPolicy, retry
+from financing.logging import get_logger
+
+log = get_logger(__name__)
+
+T = TypeVar("T")
+
+POLL_INTERVAL = 0.1
+BATCH_SIZE = 256
+SHUTDOWN_GRACE = 5.0
+
+
+class Relayer:
+    def __init__(
+        self,
+        outbox: Outbox,
+        publisher: EventPublisher,
+        lock: RelayerLock,
+        wake_up: WakeUp,
+        outages: Outages,
+        *,
+        batch_size: int = BATCH_SIZE,
+        poll_interval: float = POLL_INTERVAL,
+        policy: RetryPolicy = NO_BUG_RETRIES,
+    ) -> None:
+        self._outbox = outbox
+        self._publisher = publisher
+        self._lock = lock
+        self._wake_up = wake_up
+        self._outages = outages
+        self._batch_size = batch_size
+        self._poll_interval = poll_interval
+        self._policy = policy
+
+    async def run(self) -> None:
+        """Relay until cancelled; stands for election again whenever the lock is lost."""
+        while True:
+            await self._retry(self._lock.acquire, "taking the relayer lock")
+            log.info("relayer elected")
+            relaying = asyncio.create_task(self._relay())
+            lost = asyncio.create_task(self._lock.lost())
+            try:
+                done, _ = await asyncio.wait({relaying, lost}, return_when=asyncio.FIRST_COMPLETED)
+                if relaying in done:
+                    relaying.result()  # a broken invariant propagates to the supervisor
+                log.warning("relayer lost its lock, standing for election again")
+            finally:
+                for task in (relaying, lost):
+                    task.cancel()
+                await asyncio.gather(relaying, lost, return_exceptions=True)
+                with contextlib.suppress(Exception):
+                    await self._lock.release()
+
+    async def _relay(self) -> None:
+        while True:
+            self._wake_up.clear()
+            relayed = await self._retry(self._relay_batch, "relaying")
+            if relayed < self._batch_size:
+                await self._wake_up.wait(self._poll_interval)
+
+    async def _relay_batch(self) -> int:
+        events = await self._outbox.pending(self._batch_size)
+        if events:
+            await _finish_on_cancel(self._publish_and_mark(events))
+        return len(events)
+
+    async def _publish_and_mark(self, events: list[StoredEvent]) -> None:
+        await self._publisher.publish_events([event.envelope() for event in events])
+        await self._outbox.mark_relayed(events)
+        log.debug("relayed", count=len(events), last_position=events[-1].position)
+
+    async def _retry(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
+        try:
+            return await retry(operation, policy=self._policy, outages=self._outages, what=what)
+        except GaveUp as gave_up:
+            raise gave_up.error from gave_up
+
+
+async def _finish_on_cancel(step: Awaitable[None]) -> None:
+    """Let a publish-and-mark step finish when the relayer is stopped mid-way, so
+    a clean shutdown does not leave confirmed events to be published again."""
+    task = asyncio.ensure_future(step)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            async with asyncio.timeout(SHUTDOWN_GRACE):
+                await task
+        raise
