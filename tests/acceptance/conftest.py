@@ -10,9 +10,10 @@ tests marked own_service (restarts, a second service) are skipped there.
     FINANCING_ACCEPTANCE_TARGET=external pytest -m acceptance   # a running deployment
 
 Other knobs: FINANCING_ACCEPTANCE_START_TIMEOUT (seconds to "service ready",
-default 40), FINANCING_ACCEPTANCE_LOG_LEVEL (the service's LOGGER_LEVEL), and
-any FINANCING_* variable of the service itself, which is passed through (for
-example FINANCING_TEST_REDELIVER_TIMES=3 runs the suite under a redelivery storm).
+default 40), FINANCING_ACCEPTANCE_LOG_LEVEL (the service's LOGGER_LEVEL),
+FINANCING_ACCEPTANCE_REDELIVERIES=N (every delivery handled N times at once: a
+redelivery storm, tests.support.storm), and any FINANCING_* variable of the
+service itself, which is passed through.
 A failing test shows the service log written while it ran.
 """
 

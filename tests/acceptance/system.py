@@ -120,7 +120,11 @@ async def local_system(
     }
     try:
         async with local_deployment(
-            "fin_acc", name=name, extra_env=extra_env, before_start=before_start
+            "fin_acc",
+            name=name,
+            extra_env=extra_env,
+            before_start=before_start,
+            redeliveries=int(os.environ.get("FINANCING_ACCEPTANCE_REDELIVERIES", "1")),
         ) as deployment:
             [(broker, events)] = opened
             SERVICES.append(deployment.service)

@@ -50,14 +50,18 @@ def fault_figures() -> dict[str, Any]:
 async def deploy() -> AsyncIterator[Deploy]:
     """Start deployments of the service, each on databases and a vhost of its own.
 
-    `await deploy("kill", {"FINANCING_TEST_REDELIVER_TIMES": "3"})`; every
+    `await deploy("kill", {"LOGGER_LEVEL": "DEBUG"}, redeliveries=3)`; every
     deployment is stopped (SIGTERM, exit code 0 expected) and removed after
     the test.
     """
     async with AsyncExitStack() as stack:
 
-        async def start(prefix: str, extra_env: Mapping[str, str] | None = None) -> Deployment:
-            return await stack.enter_async_context(deployment(prefix, extra_env))
+        async def start(
+            prefix: str, extra_env: Mapping[str, str] | None = None, *, redeliveries: int = 1
+        ) -> Deployment:
+            return await stack.enter_async_context(
+                deployment(prefix, extra_env, redeliveries=redeliveries)
+            )
 
         yield start
 

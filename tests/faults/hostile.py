@@ -29,11 +29,11 @@ import pamqp.header
 import pamqp.heartbeat
 from aio_pika.abc import AbstractIncomingMessage
 
+from financing.adapters.rabbitmq.topology import PROJECTOR_QUEUE, subscription
 from financing.application import codec
 from financing.application.messages import COMMAND_TYPES
-from financing.application.processing import INTEGRATION_HANDLERS, POLICIES, event_queue
 from financing.application.read_models import PROJECTED_EVENTS
-from financing.entrypoints.projector import PROJECTOR_QUEUE
+from financing.application.routes import INTEGRATION, POLICIES
 from tests.acceptance.bus import Broker, EventLog, MessageLog, Observed
 from tests.acceptance.driver import Financing, financing_for
 from tests.acceptance.system import Address, System
@@ -50,7 +50,8 @@ AGGREGATE_ID = "aggregateID"
 COMMAND_QUEUES: tuple[str, ...] = tuple(command.name() for command in COMMAND_TYPES)
 # The queue of each consumer of `events` other than the projector, by the name it handles.
 HANDLER_QUEUES: dict[str, str] = {
-    name: event_queue(name) for name in (*POLICIES, *INTEGRATION_HANDLERS)
+    route.message_name: subscription(route.message_name).queue.name
+    for route in (*POLICIES, *INTEGRATION)
 }
 EVENT_QUEUES: tuple[str, ...] = (*HANDLER_QUEUES.values(), PROJECTOR_QUEUE)
 CONSUMED_QUEUES: tuple[str, ...] = (*COMMAND_QUEUES, *EVENT_QUEUES)

@@ -21,24 +21,42 @@ from typing import Any
 
 import aio_pika
 import pytest
-from aio_pika.abc import AbstractRobustConnection
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
+from financing.adapters.postgres.read_models import PostgresReadModels
 from financing.adapters.rabbitmq import consumer, topology
+from financing.adapters.rabbitmq.connection import Broker
+from financing.adapters.rabbitmq.consumer import Deliveries, QueueConsumer, consume
 from financing.adapters.rabbitmq.dead_letters import DeadLetters
 from financing.adapters.rabbitmq.publisher import AmqpCommandSender, Publisher
 from financing.application import codec
-from financing.application.messages import CreateIssuer, Message
+from financing.application.messages import CreateIssuer, IssuerRegistered
+from financing.application.pipeline import Decoded, Outcome, OutcomeKind, compose
 from financing.application.ports import Envelope
-from financing.application.processing import Subscription
 from financing.application.read_models import InMemoryReadModels, IssuerRow
+from financing.application.retry import DELIVERIES, Outages
 from financing.domain.events import IssuerCreatedEvent
-from financing.entrypoints import projector
-from financing.generated import ApproveFinancingCommand, CommandsStub, Uuid
-from tests.faults.conftest import Deploy, add_figure, record_workload
-from tests.faults.workload import Deployment, Workload, settle, suite_seed, verify_effects
+from financing.generated import (
+    ApproveFinancingCommand,
+    CommandsStub,
+    Money,
+    SellInvoiceCommand,
+    Uuid,
+)
+from financing.workers.projector import Projector
+from tests.faults.conftest import Deploy, add_figure, record_workload, set_figure
+from tests.faults.workload import (
+    Deployment,
+    IntegrationPublisher,
+    Workload,
+    assert_outages_logged_once,
+    errors_logged,
+    settle,
+    suite_seed,
+    verify_effects,
+)
 from tests.support import infra
 from tests.support.rabbitmq import private_vhost
 
@@ -46,6 +64,10 @@ from tests.support.rabbitmq import private_vhost
 PROBE_TIMEOUT = 15.0
 # Brief cuts in quick succession: the connections drop while acks are being written.
 FLAPS = 10
+
+
+# Once the broker lets the service in again, commands must be taken and applied within this.
+HEALING_DEADLINE = 10.0
 
 
 def rabbitmqctl(*args: str) -> None:
@@ -119,6 +141,7 @@ async def test_service_cut_off_the_broker_answers_unavailable_then_recovers_by_i
 
     await settle(target)
     await verify_effects(target, workload)
+    assert_outages_logged_once(target, "broker", ["broker unavailable", "broker reconnected"])
     add_figure("broker connection cuts survived", 2)
     add_figure("client calls answered UNAVAILABLE without a broker", len(unavailable) + 1)
     record_workload(workload)
@@ -148,8 +171,116 @@ async def test_service_keeps_projecting_and_handling_through_a_flapping_broker(
 
     await settle(target, within=30)
     await verify_effects(target, workload)
+    assert not errors_logged(target), errors_logged(target)
     add_figure("broker connection cuts survived", FLAPS)
     record_workload(workload)
+
+
+@dataclass(frozen=True)
+class OtherUser:
+    """A broker user of the test's own, so that the test keeps publishing while guest is refused."""
+
+    name: str
+    url: str
+
+
+@pytest.fixture
+async def other_user(deploy: Deploy) -> AsyncIterator[OtherUser]:
+    name = infra.unique_name("fin_fault_user")
+    await asyncio.to_thread(rabbitmqctl, "add_user", name, name)
+    try:
+        yield OtherUser(name, f"amqp://{name}:{name}@{infra.AMQP_HOST}:{infra.AMQP_PORT}/")
+    finally:
+        await asyncio.to_thread(rabbitmqctl, "delete_user", name)
+
+
+async def sell(target: Deployment, issuer: uuid.UUID, *, timeout: float) -> uuid.UUID | Status:  # noqa: ASYNC109
+    """SellInvoice through the Commands API: the new invoice's id, or the status of the failure."""
+    channel = Channel(*target.command_address)
+    try:
+        command = SellInvoiceCommand(issuer_id=Uuid(str(issuer)), asking_price=Money(10.0))
+        reply = await CommandsStub(channel).sell_invoice(command, timeout=timeout)
+        return uuid.UUID(reply.value)
+    except GRPCError as exc:
+        return exc.status
+    finally:
+        channel.close()
+
+
+async def test_a_short_permission_outage_heals_by_itself_within_ten_seconds(
+    deploy: Deploy, other_user: OtherUser
+) -> None:
+    """Guest's permissions on the vhost are revoked for a few seconds, without closing any
+    connection: the broker closes the channels it refuses. Regression: the publisher's
+    channel stayed closed for good, every SellInvoice then answered UNAVAILABLE and the
+    integration event being handled stayed unacked, until the process was restarted."""
+    target = await deploy("permissions")
+    vhost = target.vhost
+    await asyncio.to_thread(
+        rabbitmqctl, "set_permissions", "--vhost", vhost, other_user.name, ".*", ".*", ".*"
+    )
+    registering = IntegrationPublisher(other_user.url.rstrip("/") + "/" + vhost)
+    read_models = PostgresReadModels(target.query_pool)
+    first, second = uuid.uuid4(), uuid.uuid4()
+
+    async def registered(issuer: uuid.UUID) -> bool:
+        return IssuerRow(issuer) in await read_models.issuers()
+
+    async def published(issuer: uuid.UUID) -> None:
+        event = IssuerRegistered(id=issuer, name_="outage")
+        await registering.publish(
+            Envelope(message_id=str(uuid.uuid4()), name=event.name(), body=codec.encode(event))
+        )
+
+    schedule = random.Random(f"permissions/{suite_seed()}")
+    try:
+        await published(first)
+        await infra.wait_until(lambda: registered(first), what="the first issuer")
+        await revoke(vhost)
+        try:
+            in_flight = asyncio.create_task(sell(target, first, timeout=PROBE_TIMEOUT))
+            await published(second)  # handled while the service cannot send CreateIssuer
+            outage = schedule.uniform(3, 6)
+            await asyncio.sleep(outage)  # the outage itself, not a wait for a condition
+        finally:
+            await grant(vhost)
+        restored_at = time.monotonic()
+
+        async def accepted() -> uuid.UUID | None:
+            answer = await sell(target, first, timeout=2)
+            return answer if isinstance(answer, uuid.UUID) else None
+
+        invoice = await infra.wait_until(
+            accepted, timeout=HEALING_DEADLINE, interval=0.2, what="a SellInvoice answered OK"
+        )
+        accepted_after = time.monotonic() - restored_at
+
+        async def applied() -> bool:
+            return any(row.id == invoice for row in await read_models.invoices())
+
+        await infra.wait_until(applied, timeout=HEALING_DEADLINE, what="the invoice to be stored")
+        await infra.wait_until(
+            lambda: registered(second),
+            timeout=HEALING_DEADLINE,
+            what="the issuer registered during the outage",
+        )
+        healed_after = time.monotonic() - restored_at
+        answer = await in_flight
+        if isinstance(answer, uuid.UUID):  # accepted before the refusal: it must not be lost
+
+            async def kept() -> bool:
+                return any(row.id == answer for row in await read_models.invoices())
+
+            await infra.wait_until(kept, what="the invoice accepted as the outage began")
+        else:
+            assert answer is Status.UNAVAILABLE, answer
+    finally:
+        await registering.close()
+    assert target.service.running and target.starts() == 1, target.log_tail()
+    assert_outages_logged_once(target, "broker", ["broker unavailable", "broker reconnected"])
+    add_figure("broker permission outages healed", 1)
+    set_figure("permission outage: seconds to first SellInvoice OK", round(accepted_after, 2))
+    set_figure("permission outage: seconds until everything applied", round(healed_after, 2))
 
 
 def issuer_created(issuer: uuid.UUID) -> Envelope:
@@ -166,7 +297,6 @@ def issuer_created(issuer: uuid.UUID) -> Envelope:
 def stuck_ack(monkeypatch: pytest.MonkeyPatch) -> list[aio_pika.IncomingMessage]:
     """The first ack never completes, as aiormq does when the connection dies under it;
     the list receives that message."""
-    monkeypatch.setattr(projector, "ACK_TIMEOUT", 0.2, raising=False)
     monkeypatch.setattr(consumer, "ACK_TIMEOUT", 0.2, raising=False)
     original_ack = aio_pika.IncomingMessage.ack
     stuck: list[aio_pika.IncomingMessage] = []
@@ -182,80 +312,108 @@ def stuck_ack(monkeypatch: pytest.MonkeyPatch) -> list[aio_pika.IncomingMessage]
 
 
 @dataclass(frozen=True)
-class Broker:
-    connection: AbstractRobustConnection
+class BrokerSide:
+    broker: Broker
     publisher: Publisher
+    dead_letters: DeadLetters
+    outages: Outages
 
 
 @pytest.fixture
-async def broker() -> AsyncIterator[Broker]:
+async def broker_side() -> AsyncIterator[BrokerSide]:
     """A connection and a publisher on a vhost of the test's own."""
     async with private_vhost("fin_fault_ack") as vhost:
-        connection = await topology.connect(vhost.url)
+        outages = Outages()
+        broker = Broker([vhost.url], outages)
+        publisher = Publisher(broker)
         try:
-            publisher = await Publisher.open(connection)
-            yield Broker(connection, publisher)
-            await publisher.close()
+            yield BrokerSide(
+                broker, publisher, DeadLetters(publisher, outages, DELIVERIES), outages
+            )
         finally:
-            await connection.close()
+            await publisher.close()
+            await broker.close()
+
+
+async def ack_stuck(stuck: list[aio_pika.IncomingMessage]) -> None:
+    async def stuck_yet() -> bool:
+        return bool(stuck)
+
+    await infra.wait_until(stuck_yet, timeout=10, what="an ack to get stuck")
 
 
 async def test_projector_goes_on_when_an_ack_never_completes(
-    stuck_ack: list[aio_pika.IncomingMessage], broker: Broker
+    stuck_ack: list[aio_pika.IncomingMessage], broker_side: BrokerSide
 ) -> None:
     """The stuck ack of the flapping broker, made certain."""
-    publisher = broker.publisher
-    await topology.declare_event_queue(
-        publisher.channel, projector.PROJECTOR_QUEUE, arguments=projector.QUEUE_ARGUMENTS
-    )
     read_models = InMemoryReadModels()
-    projecting = asyncio.create_task(
-        projector.run_projector(broker.connection, read_models, DeadLetters(publisher))
+    projector = Projector(read_models, broker_side.outages)
+    queue = QueueConsumer(
+        broker_side.broker,
+        topology.PROJECTOR.queue,
+        broker_side.dead_letters,
+        broker_side.outages,
+        projector.receive,
+        prefetch=projector.batch_size,
     )
+    projecting = [asyncio.create_task(queue.run()), asyncio.create_task(projector.run())]
     try:
+        await infra.wait_until(lambda: _set(queue.consuming), what="the projector to consume")
         first, second = uuid.uuid4(), uuid.uuid4()
-        await publisher.publish_events([issuer_created(first)])
-
-        async def ack_stuck() -> bool:
-            return bool(stuck_ack)
-
-        await infra.wait_until(ack_stuck, timeout=10, what="an ack to get stuck")
+        await broker_side.publisher.publish_events([issuer_created(first)])
+        await ack_stuck(stuck_ack)
         # Projected, but its ack hangs; the next event must be projected all the same.
-        await publisher.publish_events([issuer_created(second)])
+        await broker_side.publisher.publish_events([issuer_created(second)])
 
         async def both_projected() -> bool:
             return await read_models.issuers() == [IssuerRow(first), IssuerRow(second)]
 
         await infra.wait_until(both_projected, timeout=10, what="the second issuer")
     finally:
-        projecting.cancel()
-        await asyncio.gather(projecting, return_exceptions=True)
+        for task in projecting:
+            task.cancel()
+        await asyncio.gather(*projecting, return_exceptions=True)
+        await queue.close()
+
+
+async def _set(event: asyncio.Event) -> bool:
+    return event.is_set()
 
 
 async def test_command_handler_stops_promptly_though_an_ack_never_completed(
-    stuck_ack: list[aio_pika.IncomingMessage], broker: Broker
+    stuck_ack: list[aio_pika.IncomingMessage], broker_side: BrokerSide
 ) -> None:
     """Regression: the message's task waited forever for its ack, and shutting the
     consumer down took its whole grace period."""
     processed = asyncio.Event()
 
-    async def process(envelope: Envelope, message: Message) -> None:
+    async def handler(message: Decoded) -> Outcome:
         processed.set()
+        return Outcome(OutcomeKind.PROCESSED)
 
-    subscription = Subscription("CreateIssuer", "CreateIssuer", False, process)
-    consuming = asyncio.create_task(
-        consumer.run_subscription(
-            broker.connection, subscription, DeadLetters(broker.publisher), shutdown_grace=30
-        )
+    subscription = topology.subscription(CreateIssuer.name())
+    step = compose(
+        handler,
+        names=subscription.names,
+        others=subscription.others,
+        policy=DELIVERIES,
+        outages=broker_side.outages,
     )
+    deliveries = Deliveries(step, shutdown_grace=30)
+    queue = QueueConsumer(
+        broker_side.broker,
+        subscription.queue,
+        broker_side.dead_letters,
+        broker_side.outages,
+        deliveries.receive,
+        prefetch=8,
+    )
+    consuming = asyncio.create_task(consume(queue, deliveries))
     try:
-        await AmqpCommandSender(broker.publisher).send(CreateIssuer(id=uuid.uuid4()), uuid.uuid4())
+        sender = AmqpCommandSender(broker_side.publisher)
+        await sender.send(CreateIssuer(id=uuid.uuid4()), uuid.uuid4())
         await asyncio.wait_for(processed.wait(), 10)
-
-        async def ack_stuck() -> bool:
-            return bool(stuck_ack)
-
-        await infra.wait_until(ack_stuck, timeout=10, what="an ack to get stuck")
+        await ack_stuck(stuck_ack)
     finally:
         consuming.cancel()
         started = time.monotonic()

@@ -22,17 +22,18 @@ from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from financing.adapters.postgres.connection import INFRASTRUCTURE_ERRORS, create_pool
+from financing.adapters.postgres.connection import create_pool
 from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.adapters.postgres.read_models import PostgresReadModels
 from financing.adapters.postgres.schema import migrate
-from financing.application.read_models import ReadModelsUnavailable
+from financing.application.errors import Unavailable
 from financing.generated import QueriesStub
 from tests.faults.conftest import Deploy, add_figure, record_workload
 from tests.faults.workload import (
     OBSERVER_APPLICATION,
     Deployment,
     Workload,
+    assert_outages_logged_once,
     settle,
     suite_seed,
     verify_effects,
@@ -125,13 +126,13 @@ async def test_a_pooled_session_terminated_while_idle_counts_as_the_database_bei
             try:
                 await read_models.investors()
                 outcomes["read models: answered"] += 1
-            except ReadModelsUnavailable:
+            except Unavailable:
                 outcomes["read models: unavailable"] += 1
             try:
                 async with store.unit_of_work() as uow:
                     await uow.seen("consumer", "message")
                 outcomes["event store: answered"] += 1
-            except INFRASTRUCTURE_ERRORS:
+            except Unavailable:
                 outcomes["event store: unavailable"] += 1
     finally:
         await command_pool.close()
@@ -185,6 +186,69 @@ async def test_service_survives_its_database_sessions_being_terminated(deploy: D
 
     await settle(target)
     await verify_effects(target, workload)
+    for database in ("command database", "query database"):
+        # A pool may replace a terminated session before using it: no outage then.
+        assert_outages_logged_once(
+            target,
+            database,
+            [f"{database} unavailable", f"{database} recovered"],
+            required=False,
+        )
     add_figure("database connection cuts survived", len(terminated))
     add_figure("database sessions terminated", sum(terminated))
     record_workload(workload)
+
+
+async def set_connections_allowed(database: str, allowed: bool) -> None:
+    conn = await asyncpg.connect(
+        host=infra.PG_HOST, port=infra.PG_PORT, user=infra.PG_USER, database="postgres"
+    )
+    try:
+        await conn.execute(
+            f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS {"true" if allowed else "false"}'
+        )
+    finally:
+        await conn.close()
+
+
+async def test_the_query_database_refusing_connections_is_unavailable_then_heals(
+    deploy: Deploy,
+) -> None:
+    """Regression: a database that refuses new connections (ALLOW_CONNECTIONS false) fails
+    with an error the service did not count as an outage: Queries answered UNKNOWN."""
+    target = await deploy("queries_refused")
+    _, queries_db = target.databases
+    channel = Channel(*target.query_address)
+    queries = QueriesStub(channel)
+    workload = Workload(target, seed=suite_seed(), concurrency=4)
+    try:
+        await queries.all_investors(Empty(), timeout=5)
+        await set_connections_allowed(queries_db, False)
+        try:
+            await terminate_sessions([queries_db], wait=True)
+            with pytest.raises(GRPCError) as refused:
+                await queries.all_investors(Empty(), timeout=5)
+            # Meanwhile sagas go on; their events wait to be projected.
+            await workload.run(sagas=4)
+        finally:
+            await set_connections_allowed(queries_db, True)
+
+        async def answered() -> bool:
+            try:
+                await queries.all_investors(Empty(), timeout=5)
+            except GRPCError:
+                return False
+            return True
+
+        await infra.wait_until(answered, timeout=10, what="the Queries API to answer again")
+    finally:
+        channel.close()
+    assert refused.value.status is Status.UNAVAILABLE, refused.value
+    assert "query database" in (refused.value.message or ""), refused.value.message
+    await target.query_pool.expire_connections()
+    await settle(target)
+    await verify_effects(target, workload)
+    assert_outages_logged_once(
+        target, "query database", ["query database unavailable", "query database recovered"]
+    )
+    add_figure("query database refusals survived", 1)

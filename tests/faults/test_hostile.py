@@ -26,8 +26,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from financing.adapters.rabbitmq.topology import PROJECTOR_QUEUE
 from financing.application import codec
-from financing.entrypoints.projector import PROJECTOR_QUEUE
 from tests.acceptance import expected as ex
 from tests.faults.hostile import (
     AGGREGATE_ID,

@@ -1,8 +1,8 @@
 """A redelivery storm changes nothing: every message processed 2 or 3 times gives one effect.
 
-FINANCING_TEST_REDELIVER_TIMES=N makes every consumer (command handlers,
-saga policies, integration handlers, the projector) process each message N
-times, concurrently and after its commit, as a broker redelivering under
+The service runs under `tests.support.storm`, which makes every consumer
+(command handlers, saga policies, integration handlers, the projector)
+process each message N times, concurrently, as a broker redelivering under
 failures would. The same seeded workload runs against a normal deployment and
 against storms; the events stored, the read models and the checker's verdict
 must be the same.
@@ -24,8 +24,8 @@ import pytest
 from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.application import policies
 from financing.application.errors import ConcurrencyConflict
-from financing.application.ports import A, Envelope, UnitOfWork
-from financing.application.processing import exactly_once
+from financing.application.pipeline import exactly_once
+from financing.application.ports import A, UnitOfWork
 from financing.domain.aggregates import Aggregate, Investor
 from financing.domain.events import Bid, InvoiceReversedEvent
 from tests.faults.conftest import Deploy, add_figure
@@ -42,6 +42,7 @@ from tests.faults.workload import (
     verify_effects,
 )
 from tests.support import infra
+from tests.support.deliveries import decoded
 
 SAGAS = 30
 
@@ -78,7 +79,7 @@ async def normal_run() -> Run:
 async def test_redelivery_storm_ends_in_the_same_state_as_a_normal_run(
     times: int, normal_run: Run, deploy: Deploy
 ) -> None:
-    target = await deploy(f"storm{times}", {"FINANCING_TEST_REDELIVER_TIMES": str(times)})
+    target = await deploy(f"storm{times}", redeliveries=times)
     storm = await run_workload(target)
 
     assert differences(storm.outcome, normal_run.outcome) == []
@@ -146,8 +147,8 @@ async def test_a_copy_processed_while_another_copy_commits_is_absorbed_not_dead_
     async with store.unit_of_work() as uow:
         await uow.save(investor)
     reversal = InvoiceReversedEvent(uuid4(), Decimal(40), Bid(investor.id, Decimal(40)))
-    envelope = Envelope(message_id=str(uuid4()), name=reversal.name(), body=b"{}")
-    consumer = "events_InvoiceReversedEvent"
+    message = decoded(reversal, str(uuid4()), str(reversal.invoice_id))
+    consumer = "reversal_releases_funds"
 
     checked, resume = asyncio.Event(), asyncio.Event()
     late_copy = exactly_once(
@@ -157,17 +158,17 @@ async def test_a_copy_processed_while_another_copy_commits_is_absorbed_not_dead_
     )
 
     async def process_late_copy() -> None:
-        await late_copy(envelope, reversal)
+        await late_copy(message)
 
     late = asyncio.create_task(process_late_copy())
     await asyncio.wait_for(checked.wait(), 10)
     # Meanwhile another copy of the same message is processed and committed.
-    await exactly_once(store, consumer, policies.reversal_releases_funds)(envelope, reversal)
+    await exactly_once(store, consumer, policies.reversal_releases_funds)(message)
     resume.set()
     # Absorbed, or a conflict that the consumer retries (and then finds the message seen).
     with contextlib.suppress(ConcurrencyConflict):
         await asyncio.wait_for(late, 10)
-    await exactly_once(store, consumer, policies.reversal_releases_funds)(envelope, reversal)
+    await exactly_once(store, consumer, policies.reversal_releases_funds)(message)
 
     names = [stored.name for stored in await store.stream(investor.id)]
     assert names.count("InvestorFundsReleasedEvent") == 1, names

@@ -48,12 +48,14 @@ from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
+from financing.adapters.postgres.connection import is_unavailable
 from financing.adapters.postgres.event_store import EVENT_COLUMNS, stored_event
 from financing.adapters.postgres.read_models import PostgresReadModels
 from financing.adapters.rabbitmq.dead_letters import REASON_HEADER, SOURCE_QUEUE_HEADER
 from financing.adapters.rabbitmq.envelopes import to_amqp
 from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE, declare_events_exchange
 from financing.application import codec
+from financing.application.errors import Unavailable
 from financing.application.messages import InvestorRegistered, IssuerRegistered
 from financing.application.ports import Envelope
 from financing.config import Database
@@ -148,6 +150,31 @@ class Deployment:
         """How many times the service became ready: 1 means it never had to be restarted."""
         return self.log_events()["service ready"]
 
+    def json_log(self) -> list[dict[str, Any]]:
+        """Every line the service wrote, over all its starts; each must be one JSON object."""
+        path = self.service.log_path
+        text = path.read_text("utf-8", "replace") if path.exists() else ""
+        lines: list[dict[str, Any]] = []
+        for number, raw in enumerate(text.splitlines(), start=1):
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                line = None
+            if not isinstance(line, dict):
+                raise AssertionError(
+                    f"line {number} of the service log is not a JSON object: {raw}"
+                )
+            lines.append(line)
+        return lines
+
+    def outage_lines(self, dependency: str) -> list[tuple[str, str]]:
+        """(level, event) of the lines that say an outage of `dependency` began or ended."""
+        return [
+            (str(line.get("level")), str(line["event"]))
+            for line in self.json_log()
+            if line.get("dependency") == dependency
+        ]
+
     def log_events(self) -> Counter[str]:
         """How many log lines of each event the service wrote, over all its starts."""
         counts: Counter[str] = Counter()
@@ -174,12 +201,12 @@ async def observer_pool(db: Database) -> asyncpg.Pool:
 
 @contextlib.asynccontextmanager
 async def deployment(
-    prefix: str, extra_env: Mapping[str, str] | None = None
+    prefix: str, extra_env: Mapping[str, str] | None = None, *, redeliveries: int = 1
 ) -> AsyncIterator[Deployment]:
     """A started service; on exit it must stop with exit code 0 on SIGTERM, then all is removed."""
     env = {"FINANCING_SNAPSHOT_INTERVAL": SNAPSHOT_INTERVAL, **(extra_env or {})}
     async with (
-        local_deployment(f"fin_fault_{prefix}", extra_env=env) as local,
+        local_deployment(f"fin_fault_{prefix}", extra_env=env, redeliveries=redeliveries) as local,
         contextlib.AsyncExitStack() as stack,
     ):
         event_pool = await observer_pool(local.command_db)
@@ -339,7 +366,13 @@ class EventStoreWatch:
 
     async def run(self) -> None:
         while True:
-            rows = await self._pool.fetch(_PENDING_EVENTS, *self._after)
+            try:
+                rows = await self._pool.fetch(_PENDING_EVENTS, *self._after)
+            except Exception as error:
+                if not is_unavailable(error):
+                    raise
+                await asyncio.sleep(POLL_INTERVAL)  # the server is restarting: poll again
+                continue
             if rows:
                 for row in rows:
                     self.view.apply(stored_event(row).event)
@@ -686,7 +719,13 @@ async def settle(target: Deployment, *, within: float = 60.0) -> CheckResult:
     while True:
         if not target.service.running:
             raise AssertionError(f"the service is not running:\n{target.log_tail()}")
-        last = await run_check(target.event_pool, target.query_pool)
+        try:
+            last = await run_check(target.event_pool, target.query_pool)
+        except Unavailable:  # the suite's own sessions, after a server restart
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.25)
+            continue
         if last.ok:
             CHECKS.update({"final checks passed": 1, "invariant violations found": 0})
             return last
@@ -707,6 +746,23 @@ async def settle(target: Deployment, *, within: float = 60.0) -> CheckResult:
                 f"financing check: {why}\n{report}\nservice log tail:\n{target.log_tail()}"
             )
         await asyncio.sleep(0.25)
+
+
+def errors_logged(target: Deployment) -> list[dict[str, object]]:
+    """ERROR lines of the service log (every line must be JSON)."""
+    return [line for line in target.json_log() if line.get("level") in ("error", "critical")]
+
+
+def assert_outages_logged_once(
+    target: Deployment, dependency: str, expected: list[str], *, required: bool = True
+) -> None:
+    """The outages of `dependency` (at least one if `required`) were logged as alternating
+    begin and end lines, no error line was written, and every line of the log is JSON."""
+    lines = target.outage_lines(dependency)
+    assert lines or not required, f"no outage of {dependency} was logged:\n{target.log_tail()}"
+    events = [event for _, event in lines]
+    assert events == expected * (len(events) // len(expected)), events
+    assert not errors_logged(target), errors_logged(target)
 
 
 async def events_by_name(target: Deployment) -> Counter[str]:
@@ -748,12 +804,14 @@ async def outcome(target: Deployment, workload: Workload) -> Outcome:
     for row in await read.invoices():
         winner = row.winning_bid
         if row.id not in label:
-            unknown.append(f"{row.status} invoice of {label.get(row.issuer_id, row.issuer_id)}")
+            unknown.append(
+                f"{row.status.value} invoice of {label.get(row.issuer_id, row.issuer_id)}"
+            )
             continue
         invoices[label[row.id]] = (
             label.get(row.issuer_id, str(row.issuer_id)),
             row.asking_price,
-            row.status,
+            row.status.value,
             label.get(winner.investor_id, str(winner.investor_id)) if winner else "",
             winner.amount if winner else Decimal(0),
         )

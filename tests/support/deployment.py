@@ -17,7 +17,7 @@ from pathlib import Path
 
 from financing.config import Database
 from tests.support import infra
-from tests.support.service import ServiceProcess, free_port
+from tests.support.service import ServiceProcess, free_port, storm_command
 
 
 @dataclass(frozen=True)
@@ -67,11 +67,14 @@ async def local_deployment(
     extra_env: Mapping[str, str] | None = None,
     before_start: BeforeStart | None = None,
     name: str | None = None,
+    redeliveries: int = 1,
 ) -> AsyncIterator[LocalDeployment]:
     """A started service of its own; on exit it must stop with exit code 0 on SIGTERM.
 
     `before_start` runs once the databases and vhost exist, before the
     service starts (to bind a listening queue, or declare legacy queues).
+    `redeliveries` > 1 runs the service under a redelivery storm
+    (tests.support.storm).
     The service log is deleted when the block ends without an error.
     """
     name = name or infra.unique_name(prefix)
@@ -90,7 +93,8 @@ async def local_deployment(
             **(extra_env or {}),
         }
         log_path = Path(tempfile.gettempdir()) / f"{name}.service.log"
-        service = ServiceProcess(env, log_path)
+        command = storm_command(redeliveries) if redeliveries > 1 else None
+        service = ServiceProcess(env, log_path, command=command)
         stack.push_async_callback(service.kill)  # acts only when the orderly stop did not run
         deployment = LocalDeployment(
             name, command_db, query_db, amqp_url, command_address, query_address, env, service

@@ -55,6 +55,42 @@ async def drop_database(name: str) -> None:
         await conn.close()
 
 
+async def terminate_sessions(db: Database, *, sparing: int | None = None) -> None:
+    """End every session on `db` (but the backend `sparing`), waiting until each has ended."""
+    conn = await _admin()
+    try:
+        await _terminate(conn, db.connect_kwargs["database"], sparing)
+    finally:
+        await conn.close()
+
+
+async def _terminate(conn: asyncpg.Connection, name: str, sparing: int | None) -> None:
+    ended = await conn.fetch(
+        "SELECT pg_terminate_backend(pid, 10000) AS ended FROM pg_stat_activity"
+        " WHERE datname = $1 AND pid <> pg_backend_pid() AND pid IS DISTINCT FROM $2",
+        name,
+        sparing,
+    )
+    assert all(row["ended"] for row in ended), f"sessions on {name} still running"
+
+
+@contextlib.asynccontextmanager
+async def refusing_connections(db: Database) -> AsyncIterator[None]:
+    """Inside the block `db` accepts no connection and its sessions are ended; it
+    accepts connections again afterwards, however the block ends."""
+    name = db.connect_kwargs["database"]
+    conn = await _admin()
+    try:
+        await conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        try:
+            await _terminate(conn, name, None)
+            yield
+        finally:
+            await conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    finally:
+        await conn.close()
+
+
 @contextlib.asynccontextmanager
 async def fresh_database(prefix: str) -> AsyncIterator[Database]:
     """A database of its own, dropped afterwards."""

@@ -27,12 +27,20 @@ def free_port() -> int:
         return port
 
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
 def financing_command() -> list[str]:
     """The venv's `financing` console script when installed, else the module."""
     script = Path(sys.executable).with_name("financing")
     if script.exists():
         return [str(script)]
     return [sys.executable, "-m", "financing"]
+
+
+def storm_command(times: int) -> list[str]:
+    """`financing` with every delivery handled `times` times (tests.support.storm)."""
+    return [sys.executable, "-m", "tests.support.storm", str(times)]
 
 
 @dataclass(frozen=True)
@@ -82,10 +90,15 @@ class ServiceProcess:
     """One `financing serve` child process; every start appends to the same log file."""
 
     def __init__(
-        self, env: Mapping[str, str], log_path: Path, args: Sequence[str] = ("serve",)
+        self,
+        env: Mapping[str, str],
+        log_path: Path,
+        args: Sequence[str] = ("serve",),
+        command: Sequence[str] | None = None,
     ) -> None:
         self.env = dict(env)
         self.args = tuple(args)
+        self.command = tuple(command or financing_command())
         self.log_path = log_path
         self._process: asyncio.subprocess.Process | None = None
         self._log_offset = 0
@@ -102,9 +115,10 @@ class ServiceProcess:
         self._log_offset = self.log_size()
         with self.log_path.open("ab") as log:
             process = await asyncio.create_subprocess_exec(
-                *financing_command(),
+                *self.command,
                 *self.args,
                 env=self.env,
+                cwd=ROOT,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

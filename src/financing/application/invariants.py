@@ -23,7 +23,7 @@ from uuid import UUID
 
 from financing.domain import events as ev
 from financing.domain.aggregates import Investor, Invoice, InvoiceStatus
-from financing.domain.money import ZERO, add
+from financing.domain.money import ZERO, add, subtract
 
 
 @dataclass
@@ -140,7 +140,7 @@ def _owe(
                     f"invoice {event.invoice_id} financed by bid {bid.amount} "
                     f"below its price {price}"
                 )
-            excess = bid.amount - price
+            excess = subtract(bid.amount, price)
             if excess > ZERO:
                 owed.setdefault(bid.investor_id, _Expected()).releases[excess] += 1
         case ev.BidOnInvoiceRejectedEvent(bid=bid):
@@ -155,7 +155,7 @@ def _owe(
 
 
 def _check_investor(investor: Investor, added: Decimal, report: Report) -> None:
-    total = investor.balance + investor.reserved + investor.committed
+    total = add(add(investor.balance, investor.reserved), investor.committed)
     if total != added:
         report.violations.append(
             f"investor {investor.id} holds {total} (balance {investor.balance}, reserved "

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from financing.application import codec
+from financing.application.errors import Fault
 from financing.application.messages import Message
 from financing.application.ports import CommandSender, Envelope, EventStore, UnitOfWork
 from financing.application.retry import Abandoned, GaveUp, Outages, RetryPolicy, retry
@@ -139,6 +140,8 @@ def retried(policy: RetryPolicy, outages: Outages) -> StepPart:
                     wanted=delivery.deliverable,
                 )
             except GaveUp as gave_up:
+                if gave_up.fault is Fault.BUG:
+                    log.error("processing failed with a bug", exc_info=gave_up.error)
                 return Outcome.dead_letter(str(gave_up))
             except Abandoned:
                 return ABANDONED

@@ -17,7 +17,7 @@ from financing.adapters.postgres.rebuild import rebuild
 from financing.adapters.rabbitmq.connection import connected
 from financing.adapters.rabbitmq.dead_letters import list_dead_letters, requeue_dead_letters
 from financing.config import ConfigError, Database, Settings
-from financing.entrypoints.bootstrap import COMPONENTS
+from financing.entrypoints.bootstrap import COMPONENTS, NO_OVERRIDES, Overrides
 from financing.entrypoints.check import run_check
 from financing.entrypoints.populate import populate
 from financing.entrypoints.service import serve
@@ -164,7 +164,8 @@ async def _pool(db: Database) -> AsyncIterator[asyncpg.Pool]:
         await pool.close()
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, *, overrides: Overrides = NO_OVERRIDES) -> None:
+    """The command line; `overrides` changes the service's wiring (tests only)."""
     args = build_parser().parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -173,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(2)
     service_logging.configure(settings.log_level)
     if args.command == "serve":
-        sys.exit(asyncio.run(serve(settings, args.components)))
+        sys.exit(asyncio.run(serve(settings, args.components, overrides=overrides)))
     elif args.command == "populate":
         asyncio.run(_populate(settings, args))
     elif args.command == "projections":

@@ -83,7 +83,7 @@ class Broker:
 
     @property
     def connected(self) -> bool:
-        return self._connection is not None and not self._connection.is_closed
+        return self._connection is not None and _open(self._connection)
 
     async def connection(self) -> AbstractConnection:
         """The open connection, or a new one; Unavailable when no broker answers.
@@ -93,7 +93,7 @@ class Broker:
         an operator changes permissions.
         """
         async with self._connecting:
-            if self._connection is not None and not self._connection.is_closed:
+            if self._connection is not None and _open(self._connection):
                 return self._connection
             if self._closing:
                 raise Unavailable(BROKER, "the connection is closing")
@@ -116,11 +116,16 @@ class Broker:
             except BROKER_ERRORS as error:
                 failures.append(f"{describe_url(url)}: {describe(error)}")
             else:
-                log.info("connected to broker", broker=describe_url(url))
+                # Said once; a reconnection is logged by the outage it ends.
+                (log.debug if self._accepted_once else log.info)(
+                    "connected to broker", broker=describe_url(url)
+                )
                 return connection
         raise Unavailable(BROKER, "; ".join(failures))
 
-    def _on_close(self, _: Any, error: BaseException | None = None) -> None:
+    def _on_close(self, connection: Any, error: BaseException | None = None) -> None:
+        if connection is self._connection:
+            self._connection = None  # the next caller opens a new one
         if self._closing:
             return
         self._outages.failed(Unavailable(BROKER, describe(error) if error else "connection closed"))
@@ -130,13 +135,23 @@ class Broker:
     ) -> AbstractChannel:
         """A new channel on the connection (reopened first if it was lost)."""
         connection = await self.connection()
-        with translated():
-            channel = await connection.channel(
-                publisher_confirms=publisher_confirms, on_return_raises=publisher_confirms
-            )
-            if prefetch is not None:
-                await channel.set_qos(prefetch_count=prefetch)
-            return channel
+        try:
+            with translated():
+                channel = await connection.channel(
+                    publisher_confirms=publisher_confirms, on_return_raises=publisher_confirms
+                )
+        except RuntimeError as error:  # aiormq's word for a connection that has just closed
+            if _open(connection):
+                raise
+            raise Unavailable(BROKER, describe(error)) from error
+        if prefetch is not None:
+            try:
+                with translated():
+                    await channel.set_qos(prefetch_count=prefetch)
+            except BaseException:
+                await close_channel(channel)
+                raise
+        return channel
 
     async def close(self) -> None:
         self._closing = True
@@ -144,6 +159,14 @@ class Broker:
         if connection is not None:
             with contextlib.suppress(*BROKER_ERRORS):
                 await asyncio.wait_for(connection.close(), CLOSE_TIMEOUT)
+
+
+def _open(connection: AbstractConnection) -> bool:
+    """Whether the connection can still carry channels (aio-pika may not know it is lost)."""
+    transport = getattr(connection, "transport", None)  # aio-pika's UnderlayConnection
+    if connection.is_closed or transport is None:
+        return False
+    return not transport.connection.is_closed
 
 
 @contextlib.asynccontextmanager

@@ -98,7 +98,9 @@ class AmqpDelivery:
             if await self._dead_letters.keep(
                 self._message, reason=outcome.detail, source_queue=self._source
             ):
-                log.error("message dead-lettered", reason=outcome.detail)
+                # At WARNING: most dead letters are refused commands (a domain rule);
+                # a bug was logged as an error, with its traceback, when it gave up.
+                log.warning("message dead-lettered", reason=outcome.detail)
                 await self._ack()
             else:
                 log.info("delivery channel closed before dead-lettering; expecting a redelivery")

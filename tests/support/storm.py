@@ -1,0 +1,90 @@
+"""`financing` under a redelivery storm: every delivery is handled N times at once.
+
+    python -m tests.support.storm N serve [--components ...]
+
+As a broker redelivering under failures would, every consumer (command
+handlers, saga policies, integration handlers) runs each message N times
+concurrently, and the projector applies each batch N times. Processing must
+be idempotent: the outcome has to be the same as a normal run's. This lives
+with the tests, not in the service: the storm is wired in through the
+composition root's overrides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from financing.application.pipeline import Decoded, Handler, HandlerPart, Outcome, OutcomeKind
+from financing.application.read_models import InvestorRow, InvoiceRow, IssuerRow, ReadModelStore
+from financing.domain.events import DomainEvent
+from financing.entrypoints import cli
+from financing.entrypoints.bootstrap import Overrides
+
+# When copies end differently, the outcome that says the most about what was done.
+_PREFERRED = (OutcomeKind.PROCESSED, OutcomeKind.UNCHANGED, OutcomeKind.DUPLICATE)
+
+
+def duplicated(times: int) -> HandlerPart:
+    """Runs the handler `times` times concurrently; any copy's failure fails the delivery
+    (which is then retried as a whole, finding the message processed)."""
+
+    def part(inner: Handler) -> Handler:
+        async def handler(message: Decoded) -> Outcome:
+            results = await asyncio.gather(
+                *(inner(message) for _ in range(times)), return_exceptions=True
+            )
+            outcomes: list[Outcome] = []
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+                outcomes.append(result)
+            for kind in _PREFERRED:
+                for outcome in outcomes:
+                    if outcome.kind is kind:
+                        return outcome
+            return outcomes[0]
+
+        return handler
+
+    return part
+
+
+class Repeated:
+    """A read-model store that applies every batch `times` times."""
+
+    def __init__(self, store: ReadModelStore, times: int) -> None:
+        self._store = store
+        self._times = times
+
+    async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> None:
+        for _ in range(self._times):
+            await self._store.apply(batch)
+
+    async def investors(self) -> list[InvestorRow]:
+        return await self._store.investors()
+
+    async def invoices(self) -> list[InvoiceRow]:
+        return await self._store.invoices()
+
+    async def issuers(self) -> list[IssuerRow]:
+        return await self._store.issuers()
+
+
+def overrides(times: int) -> Overrides:
+    return Overrides(
+        handler_parts=(duplicated(times),),
+        read_models=lambda store: Repeated(store, times),
+    )
+
+
+def main(argv: Sequence[str]) -> None:
+    times = int(argv[0])
+    if times < 1:
+        raise SystemExit("N must be >= 1")
+    cli.main(argv[1:], overrides=overrides(times))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
