@@ -24,7 +24,7 @@ import asyncpg
 from grpclib.client import Channel
 
 from financing.adapters.postgres.connection import create_pool
-from financing.adapters.rabbitmq import topology
+from financing.adapters.rabbitmq.connection import connected
 from financing.adapters.rabbitmq.publisher import Publisher
 from financing.application import codec
 from financing.application.messages import InvestorRegistered, IssuerRegistered
@@ -146,10 +146,13 @@ def _reachable(address: tuple[str, int]) -> tuple[str, int]:
 
 
 async def main(args: argparse.Namespace) -> None:
-    async with target(args.external) as (command_address, query_db, amqp_url):
+    async with (
+        target(args.external) as (command_address, query_db, amqp_url),
+        contextlib.AsyncExitStack() as stack,
+    ):
         commands_channel = Channel(*command_address)
-        connection = await topology.connect(amqp_url)
-        publisher = await Publisher.open(connection)
+        broker = await stack.enter_async_context(connected([amqp_url]))
+        publisher = Publisher(broker)
         pool = await create_pool(query_db)
         seen = Observed()
         watcher = asyncio.create_task(watch(pool, seen))
@@ -167,7 +170,6 @@ async def main(args: argparse.Namespace) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
         await publisher.close()
-        await connection.close()
         await pool.close()
         commands_channel.close()
 

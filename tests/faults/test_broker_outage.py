@@ -33,7 +33,7 @@ from financing.adapters.rabbitmq.dead_letters import DeadLetters
 from financing.adapters.rabbitmq.publisher import AmqpCommandSender, Publisher
 from financing.application import codec
 from financing.application.messages import CreateIssuer, IssuerRegistered
-from financing.application.pipeline import Decoded, Outcome, OutcomeKind, compose
+from financing.application.pipeline import Decoded, Outcome, OutcomeKind
 from financing.application.ports import Envelope
 from financing.application.read_models import InMemoryReadModels, IssuerRow
 from financing.application.retry import DELIVERIES, Outages
@@ -392,10 +392,8 @@ async def test_command_handler_stops_promptly_though_an_ack_never_completed(
         return Outcome(OutcomeKind.PROCESSED)
 
     subscription = topology.subscription(CreateIssuer.name())
-    step = compose(
+    step = subscription.step(
         handler,
-        names=subscription.names,
-        others=subscription.others,
         policy=DELIVERIES,
         outages=broker_side.outages,
     )

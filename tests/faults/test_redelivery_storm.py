@@ -147,7 +147,7 @@ async def test_a_copy_processed_while_another_copy_commits_is_absorbed_not_dead_
     async with store.unit_of_work() as uow:
         await uow.save(investor)
     reversal = InvoiceReversedEvent(uuid4(), Decimal(40), Bid(investor.id, Decimal(40)))
-    message = decoded(reversal, str(uuid4()), str(reversal.invoice_id))
+    message = decoded(reversal)
     consumer = "reversal_releases_funds"
 
     checked, resume = asyncio.Event(), asyncio.Event()

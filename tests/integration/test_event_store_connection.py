@@ -1,33 +1,48 @@
-"""Losing the database shows as an infrastructure error (retried), and the store recovers."""
+"""The event store leaves no driver error behind: an outage is Unavailable, a race a conflict.
+
+Losing the database shows as `Unavailable` naming the command database (the
+callers retry it), the store recovers once the database is back, and the loser
+of two writers racing on one stream gets `ConcurrencyConflict`.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator
 from decimal import Decimal
-from uuid import uuid4
+from uuid import UUID, uuid4
 
+import asyncpg
 import pytest
 
-from financing.adapters.postgres.connection import INFRASTRUCTURE_ERRORS, connect, create_pool
+from financing.adapters.postgres.connection import COMMAND_DATABASE, connect, create_pool
 from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.adapters.postgres.schema import migrate
+from financing.application.errors import ConcurrencyConflict, Unavailable
 from financing.config import Database
 from financing.domain.aggregates import Investor
+from financing.domain.events import BidOnInvoicePlacedEvent
 from tests.support import infra
+from tests.support.infra import wait_until
 
 
 @pytest.fixture(scope="module")
 async def database() -> AsyncIterator[Database]:
-    name = infra.unique_name("fin_conn")
-    db = await infra.create_database(name)
-    conn = await connect(db)
-    try:
-        await migrate(conn, "commands")
-    finally:
-        await conn.close()
-    yield db
-    await infra.drop_database(name)
+    async with infra.fresh_database("fin_conn") as db:
+        conn = await connect(db)
+        try:
+            await migrate(conn, "commands")
+        finally:
+            await conn.close()
+        yield db
+
+
+@pytest.fixture
+async def pool(database: Database) -> AsyncIterator[asyncpg.Pool]:
+    pool = await create_pool(database, COMMAND_DATABASE)
+    yield pool
+    await pool.close()
 
 
 def unused_port() -> int:
@@ -37,31 +52,43 @@ def unused_port() -> int:
     return port
 
 
-async def test_an_unreachable_database_is_an_infrastructure_error() -> None:
+async def create_investor(store: PostgresEventStore, investor_id: UUID) -> None:
+    async with store.unit_of_work() as uow:
+        investor = await uow.load(Investor, investor_id)
+        investor.create(Decimal("100"))
+        await uow.save(investor)
+
+
+async def test_an_unreachable_database_is_unavailable_when_connecting_or_opening_a_pool() -> None:
     nowhere = Database({**infra.database("postgres").connect_kwargs, "port": unused_port()})
 
-    with pytest.raises(INFRASTRUCTURE_ERRORS):
-        await connect(nowhere)
+    with pytest.raises(Unavailable) as connecting:
+        await connect(nowhere, COMMAND_DATABASE)
+    with pytest.raises(Unavailable) as pooling:
+        await create_pool(nowhere, COMMAND_DATABASE)
+
+    assert connecting.value.dependency == pooling.value.dependency == COMMAND_DATABASE
 
 
-async def test_a_killed_connection_fails_as_infrastructure_and_the_store_recovers(
+async def test_a_killed_connection_fails_as_unavailable_and_the_store_recovers(
     database: Database,
 ) -> None:
-    pool = await create_pool(Database(database.connect_kwargs, pool_max_size=1))
+    pool = await create_pool(Database(database.connect_kwargs, pool_max_size=1), COMMAND_DATABASE)
     admin = await connect(database)
     try:
         store = PostgresEventStore(pool)
         investor_id = uuid4()
 
-        with pytest.raises(INFRASTRUCTURE_ERRORS):
+        with pytest.raises(Unavailable) as raised:
             async with store.unit_of_work() as uow:
                 investor = await uow.load(Investor, investor_id)
                 await admin.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity"
                     " WHERE datname = current_database() AND pid <> pg_backend_pid()"
                 )
                 investor.create(Decimal("10"))
                 await uow.save(investor)
+        assert raised.value.dependency == COMMAND_DATABASE
 
         async with store.unit_of_work() as uow:
             investor = await uow.load(Investor, investor_id)
@@ -72,3 +99,78 @@ async def test_a_killed_connection_fails_as_infrastructure_and_the_store_recover
     finally:
         await admin.close()
         await pool.close()
+
+
+async def test_a_database_refusing_connections_is_unavailable_until_it_accepts_them(
+    database: Database, pool: asyncpg.Pool
+) -> None:
+    store = PostgresEventStore(pool)
+    investor_id = uuid4()
+    await create_investor(store, investor_id)  # the pool holds a session from now on
+
+    async with infra.refusing_connections(database):
+        # First the pooled session the server ended, then a refused reconnection.
+        for _ in range(3):
+            with pytest.raises(Unavailable) as raised:
+                async with store.unit_of_work() as uow:
+                    await uow.load(Investor, investor_id)
+            assert raised.value.dependency == COMMAND_DATABASE
+            assert not isinstance(raised.value, asyncpg.PostgresError | asyncpg.InterfaceError)
+        with pytest.raises(Unavailable):
+            await store.stream(investor_id)
+        with pytest.raises(Unavailable):
+            await create_investor(store, uuid4())
+
+    async with store.unit_of_work() as uow:
+        investor = await uow.load(Investor, investor_id)
+        investor.place_bid(uuid4(), Decimal("10"))
+        await uow.save(investor)
+    assert [e.version for e in await store.stream(investor_id)] == [1, 2, 3]
+
+
+async def waiting_on_a_lock(pool: asyncpg.Pool) -> bool:
+    found: bool = await pool.fetchval(
+        "SELECT EXISTS (SELECT FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock')"
+    )
+    return found
+
+
+async def test_of_two_writers_racing_on_one_stream_the_loser_gets_a_concurrency_conflict(
+    pool: asyncpg.Pool,
+) -> None:
+    store = PostgresEventStore(pool)
+    investor_id = uuid4()
+    await create_investor(store, investor_id)
+    first_saved, first_may_commit = asyncio.Event(), asyncio.Event()
+
+    async def first() -> None:
+        async with store.unit_of_work() as uow:
+            investor = await uow.load(Investor, investor_id)
+            investor.place_bid(uuid4(), Decimal("10"))
+            await uow.save(investor)  # version 3, not committed yet
+            first_saved.set()
+            await first_may_commit.wait()
+
+    async def second() -> None:
+        await first_saved.wait()
+        async with store.unit_of_work() as uow:
+            investor = await uow.load(Investor, investor_id)  # still at version 2
+            investor.place_bid(uuid4(), Decimal("20"))
+            await uow.save(investor)  # version 3 too: waits for the first to end
+
+    winner, loser = asyncio.create_task(first()), asyncio.create_task(second())
+    try:
+        await wait_until(lambda: waiting_on_a_lock(pool), what="the second writer blocked")
+    finally:
+        first_may_commit.set()
+    await winner
+    with pytest.raises(ConcurrencyConflict) as raised:
+        await loser
+
+    assert isinstance(raised.value.__cause__, asyncpg.UniqueViolationError)
+    stream = await store.stream(investor_id)
+    assert [e.version for e in stream] == [1, 2, 3]
+    placed = stream[2].event
+    assert isinstance(placed, BidOnInvoicePlacedEvent)
+    assert placed.bid_amount == Decimal("10")

@@ -1,6 +1,9 @@
 """One contract for every event store: in memory and on PostgreSQL.
 
-The PostgreSQL-only tests at the end cover snapshots.
+`EventStoreContract` holds the tests; each implementation subclasses it and
+provides the `store` fixture, so only the PostgreSQL suite asks for a
+database (the in-memory one runs without any server). The PostgreSQL suite
+adds the tests of snapshots.
 """
 
 from __future__ import annotations
@@ -38,14 +41,6 @@ async def _truncate(pool: asyncpg.Pool) -> None:
     await pool.execute("TRUNCATE events, snapshots, processed_messages RESTART IDENTITY")
 
 
-@pytest.fixture(params=["memory", "postgres"])
-async def store(request: pytest.FixtureRequest, pool: asyncpg.Pool) -> EventStore:
-    if request.param == "memory":
-        return InMemoryEventStore()
-    await _truncate(pool)
-    return PostgresEventStore(pool)
-
-
 class Boom(Exception):
     pass
 
@@ -72,361 +67,378 @@ def keys(events: list[StoredEvent]) -> list[tuple[UUID, int]]:
     return [(event.aggregate_id, event.version) for event in events]
 
 
-async def test_saved_events_are_loaded_back_into_the_aggregate(store: EventStore) -> None:
-    investor_id = uuid4()
-    await create_investor(store, investor_id, "100.10")
-
-    async with store.unit_of_work() as uow:
-        investor = await uow.load(Investor, investor_id)
-
-    assert investor.exists
-    assert investor.version == 2
-    assert investor.stored_version == 2
-    assert investor.balance == Decimal("100.10")
-    assert [e.event for e in await store.stream(investor_id)] == [
-        InvestorCreatedEvent(investor_id=investor_id),
-        InvestorFundsAddedEvent(investor_id=investor_id, amount=Decimal("100.10")),
-    ]
-
-
-async def test_event_bodies_are_stored_exactly_as_encoded(store: EventStore) -> None:
-    investor_id = uuid4()
-    await create_investor(store, investor_id, "100.10")
-
-    added = (await store.stream(investor_id))[1]
-
-    assert added.name == "InvestorFundsAddedEvent"
-    assert added.aggregate_type == "Investor"
-    # Money is written exactly, in its shortest plain form.
-    assert added.body == b'{"Amount":100.1}'
-    assert added.event == InvestorFundsAddedEvent(investor_id, Decimal("100.10"))
-
-
-async def test_loading_a_missing_aggregate_gives_an_empty_one_at_version_zero(
-    store: EventStore,
-) -> None:
-    async with store.unit_of_work() as uow:
-        investor = await uow.load(Investor, uuid4())
-
-    assert not investor.exists
-    assert investor.version == 0
-    assert investor.balance == Decimal(0)
-    assert investor.changes == []
-
-
-async def test_two_writers_of_one_stream_conflict_and_the_loser_retries_without_loss(
-    store: EventStore,
-) -> None:
-    investor_id = uuid4()
-    await create_investor(store, investor_id, "100")
-    both_loaded = asyncio.Barrier(2)
-
-    async def bid(amount: str) -> None:
-        async with store.unit_of_work() as uow:
-            investor = await uow.load(Investor, investor_id)
-            await both_loaded.wait()
-            investor.place_bid(uuid4(), Decimal(amount))
-            await uow.save(investor)
-
-    results = await asyncio.gather(bid("30"), bid("40"), return_exceptions=True)
-
-    assert sorted(type(r).__name__ for r in results) == ["ConcurrencyConflict", "NoneType"]
-    winner, loser = ("30", "40") if results[0] is None else ("40", "30")
-    stream = await store.stream(investor_id)
-    assert [e.version for e in stream] == [1, 2, 3]
-    placed = stream[2].event
-    assert isinstance(placed, BidOnInvoicePlacedEvent)
-    assert placed.bid_amount == Decimal(winner)
-
-    await place_bid(store, investor_id, loser)  # the retry reloads, then succeeds
-
-    amounts = [
-        e.event.bid_amount
-        for e in await store.stream(investor_id)
-        if isinstance(e.event, BidOnInvoicePlacedEvent)
-    ]
-    assert amounts == [Decimal(winner), Decimal(loser)]
-
-
-async def test_a_conflict_on_one_stream_discards_the_whole_unit_of_work(
-    store: EventStore,
-) -> None:
-    contested, bystander = uuid4(), uuid4()
-    await create_investor(store, contested, "100")
-
-    with pytest.raises(ConcurrencyConflict):
-        async with store.unit_of_work() as uow:
-            stale = await uow.load(Investor, contested)
-            fresh = await uow.load(Investor, bystander)
-            await place_bid(store, contested, "10")  # another writer commits first
-            fresh.create(Decimal("5"))
-            stale.place_bid(uuid4(), Decimal("20"))
-            await uow.save(fresh)
-            await uow.save(stale)
-            await uow.record("consumer", "message-1")
-
-    assert await store.stream(bystander) == []
-    assert [e.version for e in await store.stream(contested)] == [1, 2, 3]
-    async with store.unit_of_work() as uow:
-        assert not await uow.seen("consumer", "message-1")
-
-
-async def test_a_recorded_message_is_seen_by_its_consumer_only(store: EventStore) -> None:
-    async with store.unit_of_work() as uow:
-        assert not await uow.seen("projector", "m-1")
-        await uow.record("projector", "m-1")
-
-    async with store.unit_of_work() as uow:
-        assert await uow.seen("projector", "m-1")
-        assert not await uow.seen("relayer", "m-1")
-        assert not await uow.seen("projector", "m-2")
-
-
-async def test_recording_a_processed_message_again_conflicts(store: EventStore) -> None:
-    async with store.unit_of_work() as uow:
-        await uow.record("projector", "m-1")
-
-    with pytest.raises(ConcurrencyConflict):
-        async with store.unit_of_work() as uow:
-            await uow.record("projector", "m-1")
-
-
-async def test_a_message_processed_twice_at_once_takes_effect_once(store: EventStore) -> None:
-    investor_id = uuid4()
-    await create_investor(store, investor_id, "100")
-    both_checked = asyncio.Barrier(2)
-
-    async def process_bid_message() -> None:
-        async with store.unit_of_work() as uow:
-            assert not await uow.seen("bids", "message-7")
-            investor = await uow.load(Investor, investor_id)
-            await both_checked.wait()
-            investor.place_bid(uuid4(), Decimal("10"))
-            await uow.save(investor)
-            await uow.record("bids", "message-7")
-
-    results = await asyncio.gather(
-        process_bid_message(), process_bid_message(), return_exceptions=True
-    )
-
-    assert sorted(type(r).__name__ for r in results) == ["ConcurrencyConflict", "NoneType"]
-    assert [e.version for e in await store.stream(investor_id)] == [1, 2, 3]
-    async with store.unit_of_work() as uow:
-        assert await uow.seen("bids", "message-7")
-
-
-async def test_an_exception_inside_the_unit_of_work_leaves_nothing_behind(
-    store: EventStore,
-) -> None:
-    investor_id = uuid4()
-
-    with pytest.raises(Boom):
-        async with store.unit_of_work() as uow:
-            investor = await uow.load(Investor, investor_id)
-            investor.create(Decimal("50"))
-            await uow.save(investor)
-            await uow.record("investors", "message-1")
-            raise Boom
-
-    assert await store.stream(investor_id) == []
-    assert await all_events(store) == []
-    async with store.unit_of_work() as uow:
-        assert not await uow.seen("investors", "message-1")
-        assert not (await uow.load(Investor, investor_id)).exists
-
-
-async def test_reading_after_a_write_in_one_unit_of_work_is_refused(store: EventStore) -> None:
-    investor_id = uuid4()
-
-    with pytest.raises(ReadAfterWrite):
-        async with store.unit_of_work() as uow:
-            investor = await uow.load(Investor, investor_id)
-            investor.create(Decimal("50"))
-            await uow.save(investor)
-            await uow.load(Invoice, uuid4())
-
-    with pytest.raises(ReadAfterWrite):
-        async with store.unit_of_work() as uow:
-            await uow.record("investors", "message-1")
-            await uow.seen("investors", "message-2")
-
-    assert await all_events(store) == []
-
-
-async def test_saving_an_unchanged_aggregate_is_not_a_write(store: EventStore) -> None:
-    async with store.unit_of_work() as uow:
-        investor = await uow.load(Investor, uuid4())
-        await uow.save(investor)
-        assert not (await uow.load(Invoice, uuid4())).exists
-
-    assert await all_events(store) == []
-
-
-async def test_an_aggregate_saved_again_appends_only_its_new_events(store: EventStore) -> None:
-    investor_id = uuid4()
-    async with store.unit_of_work() as uow:
-        investor = await uow.load(Investor, investor_id)
-        investor.create(Decimal("100"))
-        await uow.save(investor)
-        investor.place_bid(uuid4(), Decimal("10"))
-        await uow.save(investor)
-    assert investor.changes == []
-
-    async with store.unit_of_work() as uow:
-        investor.place_bid(uuid4(), Decimal("20"))
-        await uow.save(investor)
-
-    stream = await store.stream(investor_id)
-    assert [e.version for e in stream] == [1, 2, 3, 4]
-    assert [e.name for e in stream] == [
-        "InvestorCreatedEvent",
-        "InvestorFundsAddedEvent",
-        "BidOnInvoicePlacedEvent",
-        "BidOnInvoicePlacedEvent",
-    ]
-
-
-async def test_stream_gives_one_aggregate_s_events_in_version_order(store: EventStore) -> None:
-    first, second = uuid4(), uuid4()
-    await create_investor(store, first, "100")
-    await create_investor(store, second, "100")
-    for amount in ("1", "2", "3"):
-        await place_bid(store, first, amount)
-        await place_bid(store, second, amount)
-
-    stream = await store.stream(first)
-
-    assert [(e.aggregate_id, e.version) for e in stream] == [(first, v) for v in range(1, 6)]
-    assert [
-        e.event.bid_amount for e in stream[2:] if isinstance(e.event, BidOnInvoicePlacedEvent)
-    ] == [
-        Decimal("1"),
-        Decimal("2"),
-        Decimal("3"),
-    ]
-
-
-async def test_read_all_gives_every_committed_event_once_in_commit_order(
-    store: EventStore,
-) -> None:
-    first, second, third = uuid4(), uuid4(), uuid4()
-    await create_investor(store, first, "100")
-    await create_investor(store, second, "0")
-    await place_bid(store, first, "10")
-    await create_investor(store, third, "7")
-    await place_bid(store, first, "20")
-    expected = [
-        (first, 1),
-        (first, 2),
-        (second, 1),
-        (first, 3),
-        (third, 1),
-        (third, 2),
-        (first, 4),
-    ]
-
-    for batch_size in (1, 2, 3, 500):
-        assert keys(await all_events(store, batch_size)) == expected
-
-
-async def test_event_message_ids_derive_from_aggregate_and_version(store: EventStore) -> None:
-    investor_id = uuid4()
-    await create_investor(store, investor_id, "100")
-
-    stream = await store.stream(investor_id)
-    everything = await all_events(store)
-
-    expected = [event_message_id(investor_id, 1), event_message_id(investor_id, 2)]
-    assert [e.message_id for e in stream] == expected
-    assert [e.message_id for e in everything] == expected
-    assert [e.envelope().message_id for e in stream] == [str(i) for i in expected]
-    assert len(set(expected)) == 2
-
-
-# PostgreSQL only: snapshots
-
-
 def investor_state(investor: Investor) -> tuple[int, Decimal, Decimal, Decimal]:
     return investor.version, investor.balance, investor.reserved, investor.committed
 
 
-async def test_loading_from_snapshots_matches_a_full_replay(pool: asyncpg.Pool) -> None:
-    await _truncate(pool)
-    store = PostgresEventStore(pool, snapshot_interval=2)
-    investor_id = uuid4()
-    steps: list[Callable[[Investor], object]] = [
-        lambda i: i.create(Decimal("100")),  # versions 1-2: snapshot at 2
-        lambda i: i.place_bid(uuid4(), Decimal("30")),  # 3
-        lambda i: i.place_bid(uuid4(), Decimal("20")),  # 4: snapshot
-        lambda i: i.release_funds(Decimal("20")),  # 5
-        lambda i: i.commit_funds(Decimal("30")),  # 6: snapshot
-        lambda i: i.place_bid(uuid4(), Decimal("50")),  # 7
-    ]
-    for step in steps:
+class EventStoreContract:
+    """What every EventStore does; a subclass per implementation provides `store`."""
+
+    @pytest.fixture
+    def store(self) -> EventStore:
+        raise NotImplementedError("a subclass provides the store under test")
+
+    async def test_saved_events_are_loaded_back_into_the_aggregate(self, store: EventStore) -> None:
+        investor_id = uuid4()
+        await create_investor(store, investor_id, "100.10")
+
         async with store.unit_of_work() as uow:
             investor = await uow.load(Investor, investor_id)
-            step(investor)
+
+        assert investor.exists
+        assert investor.version == 2
+        assert investor.stored_version == 2
+        assert investor.balance == Decimal("100.10")
+        assert [e.event for e in await store.stream(investor_id)] == [
+            InvestorCreatedEvent(investor_id=investor_id),
+            InvestorFundsAddedEvent(investor_id=investor_id, amount=Decimal("100.10")),
+        ]
+
+    async def test_event_bodies_are_stored_exactly_as_encoded(self, store: EventStore) -> None:
+        investor_id = uuid4()
+        await create_investor(store, investor_id, "100.10")
+
+        added = (await store.stream(investor_id))[1]
+
+        assert added.name == "InvestorFundsAddedEvent"
+        assert added.aggregate_type == "Investor"
+        # Money is written exactly, in its shortest plain form.
+        assert added.body == b'{"Amount":100.1}'
+        assert added.event == InvestorFundsAddedEvent(investor_id, Decimal("100.10"))
+
+    async def test_loading_a_missing_aggregate_gives_an_empty_one_at_version_zero(
+        self,
+        store: EventStore,
+    ) -> None:
+        async with store.unit_of_work() as uow:
+            investor = await uow.load(Investor, uuid4())
+
+        assert not investor.exists
+        assert investor.version == 0
+        assert investor.balance == Decimal(0)
+        assert investor.changes == []
+
+    async def test_two_writers_of_one_stream_conflict_and_the_loser_retries_without_loss(
+        self,
+        store: EventStore,
+    ) -> None:
+        investor_id = uuid4()
+        await create_investor(store, investor_id, "100")
+        both_loaded = asyncio.Barrier(2)
+
+        async def bid(amount: str) -> None:
+            async with store.unit_of_work() as uow:
+                investor = await uow.load(Investor, investor_id)
+                await both_loaded.wait()
+                investor.place_bid(uuid4(), Decimal(amount))
+                await uow.save(investor)
+
+        results = await asyncio.gather(bid("30"), bid("40"), return_exceptions=True)
+
+        assert sorted(type(r).__name__ for r in results) == ["ConcurrencyConflict", "NoneType"]
+        winner, loser = ("30", "40") if results[0] is None else ("40", "30")
+        stream = await store.stream(investor_id)
+        assert [e.version for e in stream] == [1, 2, 3]
+        placed = stream[2].event
+        assert isinstance(placed, BidOnInvoicePlacedEvent)
+        assert placed.bid_amount == Decimal(winner)
+
+        await place_bid(store, investor_id, loser)  # the retry reloads, then succeeds
+
+        amounts = [
+            e.event.bid_amount
+            for e in await store.stream(investor_id)
+            if isinstance(e.event, BidOnInvoicePlacedEvent)
+        ]
+        assert amounts == [Decimal(winner), Decimal(loser)]
+
+    async def test_a_conflict_on_one_stream_discards_the_whole_unit_of_work(
+        self,
+        store: EventStore,
+    ) -> None:
+        contested, bystander = uuid4(), uuid4()
+        await create_investor(store, contested, "100")
+
+        with pytest.raises(ConcurrencyConflict):
+            async with store.unit_of_work() as uow:
+                stale = await uow.load(Investor, contested)
+                fresh = await uow.load(Investor, bystander)
+                await place_bid(store, contested, "10")  # another writer commits first
+                fresh.create(Decimal("5"))
+                stale.place_bid(uuid4(), Decimal("20"))
+                await uow.save(fresh)
+                await uow.save(stale)
+                await uow.record("consumer", "message-1")
+
+        assert await store.stream(bystander) == []
+        assert [e.version for e in await store.stream(contested)] == [1, 2, 3]
+        async with store.unit_of_work() as uow:
+            assert not await uow.seen("consumer", "message-1")
+
+    async def test_a_recorded_message_is_seen_by_its_consumer_only(self, store: EventStore) -> None:
+        async with store.unit_of_work() as uow:
+            assert not await uow.seen("projector", "m-1")
+            await uow.record("projector", "m-1")
+
+        async with store.unit_of_work() as uow:
+            assert await uow.seen("projector", "m-1")
+            assert not await uow.seen("relayer", "m-1")
+            assert not await uow.seen("projector", "m-2")
+
+    async def test_recording_a_processed_message_again_conflicts(self, store: EventStore) -> None:
+        async with store.unit_of_work() as uow:
+            await uow.record("projector", "m-1")
+
+        with pytest.raises(ConcurrencyConflict):
+            async with store.unit_of_work() as uow:
+                await uow.record("projector", "m-1")
+
+    async def test_a_message_processed_twice_at_once_takes_effect_once(
+        self, store: EventStore
+    ) -> None:
+        investor_id = uuid4()
+        await create_investor(store, investor_id, "100")
+        both_checked = asyncio.Barrier(2)
+
+        async def process_bid_message() -> None:
+            async with store.unit_of_work() as uow:
+                assert not await uow.seen("bids", "message-7")
+                investor = await uow.load(Investor, investor_id)
+                await both_checked.wait()
+                investor.place_bid(uuid4(), Decimal("10"))
+                await uow.save(investor)
+                await uow.record("bids", "message-7")
+
+        results = await asyncio.gather(
+            process_bid_message(), process_bid_message(), return_exceptions=True
+        )
+
+        assert sorted(type(r).__name__ for r in results) == ["ConcurrencyConflict", "NoneType"]
+        assert [e.version for e in await store.stream(investor_id)] == [1, 2, 3]
+        async with store.unit_of_work() as uow:
+            assert await uow.seen("bids", "message-7")
+
+    async def test_an_exception_inside_the_unit_of_work_leaves_nothing_behind(
+        self,
+        store: EventStore,
+    ) -> None:
+        investor_id = uuid4()
+
+        with pytest.raises(Boom):
+            async with store.unit_of_work() as uow:
+                investor = await uow.load(Investor, investor_id)
+                investor.create(Decimal("50"))
+                await uow.save(investor)
+                await uow.record("investors", "message-1")
+                raise Boom
+
+        assert await store.stream(investor_id) == []
+        assert await all_events(store) == []
+        async with store.unit_of_work() as uow:
+            assert not await uow.seen("investors", "message-1")
+            assert not (await uow.load(Investor, investor_id)).exists
+
+    async def test_reading_after_a_write_in_one_unit_of_work_is_refused(
+        self, store: EventStore
+    ) -> None:
+        investor_id = uuid4()
+
+        with pytest.raises(ReadAfterWrite):
+            async with store.unit_of_work() as uow:
+                investor = await uow.load(Investor, investor_id)
+                investor.create(Decimal("50"))
+                await uow.save(investor)
+                await uow.load(Invoice, uuid4())
+
+        with pytest.raises(ReadAfterWrite):
+            async with store.unit_of_work() as uow:
+                await uow.record("investors", "message-1")
+                await uow.seen("investors", "message-2")
+
+        assert await all_events(store) == []
+
+    async def test_saving_an_unchanged_aggregate_is_not_a_write(self, store: EventStore) -> None:
+        async with store.unit_of_work() as uow:
+            investor = await uow.load(Investor, uuid4())
+            await uow.save(investor)
+            assert not (await uow.load(Invoice, uuid4())).exists
+
+        assert await all_events(store) == []
+
+    async def test_an_aggregate_saved_again_appends_only_its_new_events(
+        self, store: EventStore
+    ) -> None:
+        investor_id = uuid4()
+        async with store.unit_of_work() as uow:
+            investor = await uow.load(Investor, investor_id)
+            investor.create(Decimal("100"))
+            await uow.save(investor)
+            investor.place_bid(uuid4(), Decimal("10"))
+            await uow.save(investor)
+        assert investor.changes == []
+
+        async with store.unit_of_work() as uow:
+            investor.place_bid(uuid4(), Decimal("20"))
             await uow.save(investor)
 
-    async with store.unit_of_work() as uow:
-        loaded = await uow.load(Investor, investor_id)
-    replayed = Investor(investor_id).replay(e.event for e in await store.stream(investor_id))
+        stream = await store.stream(investor_id)
+        assert [e.version for e in stream] == [1, 2, 3, 4]
+        assert [e.name for e in stream] == [
+            "InvestorCreatedEvent",
+            "InvestorFundsAddedEvent",
+            "BidOnInvoicePlacedEvent",
+            "BidOnInvoicePlacedEvent",
+        ]
 
-    assert investor_state(loaded) == investor_state(replayed)
-    assert investor_state(loaded) == (7, Decimal("20"), Decimal("50"), Decimal("30"))
-    assert loaded.changes == []
-    snapshot = await pool.fetchrow(
-        "SELECT version, aggregate_type FROM snapshots WHERE aggregate_id = $1", investor_id
-    )
-    assert snapshot is not None
-    assert (snapshot["version"], snapshot["aggregate_type"]) == (6, "Investor")
+    async def test_stream_gives_one_aggregate_s_events_in_version_order(
+        self, store: EventStore
+    ) -> None:
+        first, second = uuid4(), uuid4()
+        await create_investor(store, first, "100")
+        await create_investor(store, second, "100")
+        for amount in ("1", "2", "3"):
+            await place_bid(store, first, amount)
+            await place_bid(store, second, amount)
+
+        stream = await store.stream(first)
+
+        assert [(e.aggregate_id, e.version) for e in stream] == [(first, v) for v in range(1, 6)]
+        assert [
+            e.event.bid_amount for e in stream[2:] if isinstance(e.event, BidOnInvoicePlacedEvent)
+        ] == [
+            Decimal("1"),
+            Decimal("2"),
+            Decimal("3"),
+        ]
+
+    async def test_read_all_gives_every_committed_event_once_in_commit_order(
+        self,
+        store: EventStore,
+    ) -> None:
+        first, second, third = uuid4(), uuid4(), uuid4()
+        await create_investor(store, first, "100")
+        await create_investor(store, second, "0")
+        await place_bid(store, first, "10")
+        await create_investor(store, third, "7")
+        await place_bid(store, first, "20")
+        expected = [
+            (first, 1),
+            (first, 2),
+            (second, 1),
+            (first, 3),
+            (third, 1),
+            (third, 2),
+            (first, 4),
+        ]
+
+        for batch_size in (1, 2, 3, 500):
+            assert keys(await all_events(store, batch_size)) == expected
+
+    async def test_event_message_ids_derive_from_aggregate_and_version(
+        self, store: EventStore
+    ) -> None:
+        investor_id = uuid4()
+        await create_investor(store, investor_id, "100")
+
+        stream = await store.stream(investor_id)
+        everything = await all_events(store)
+
+        expected = [event_message_id(investor_id, 1), event_message_id(investor_id, 2)]
+        assert [e.message_id for e in stream] == expected
+        assert [e.message_id for e in everything] == expected
+        assert [e.envelope().message_id for e in stream] == [str(i) for i in expected]
+        assert len(set(expected)) == 2
 
 
-async def test_loading_starts_from_the_snapshot_and_replays_only_later_events(
-    pool: asyncpg.Pool,
-) -> None:
-    await _truncate(pool)
-    store = PostgresEventStore(pool, snapshot_interval=2)
-    investor_id = uuid4()
-    await create_investor(store, investor_id, "100")  # snapshot at version 2
-    await place_bid(store, investor_id, "10")  # version 3, after the snapshot
-    # Mark the snapshot: a load that ignores it, or replays events it covers, shows.
-    marked = {"balance": "1000", "reserved": "0", "committed": "0"}
-    await pool.execute(
-        "UPDATE snapshots SET state = $2::jsonb WHERE aggregate_id = $1",
-        investor_id,
-        json.dumps(marked),
-    )
-
-    async with store.unit_of_work() as uow:
-        loaded = await uow.load(Investor, investor_id)
-
-    assert investor_state(loaded) == (3, Decimal("990"), Decimal("10"), Decimal("0"))
+class TestInMemoryEventStore(EventStoreContract):
+    @pytest.fixture
+    def store(self) -> EventStore:
+        return InMemoryEventStore()
 
 
-async def test_an_invoice_restored_from_a_snapshot_keeps_its_winning_bid(
-    pool: asyncpg.Pool,
-) -> None:
-    await _truncate(pool)
-    store = PostgresEventStore(pool, snapshot_interval=2)
-    invoice_id, issuer_id, investor_id = uuid4(), uuid4(), uuid4()
-    bid = Bid(investor_id=investor_id, amount=Decimal("120.50"))
-    invoice_steps: list[Callable[[Invoice], object]] = [
-        lambda i: i.create(issuer_id, Decimal("100.25")),
-        lambda i: i.bid(bid),  # version 2: snapshot
-        lambda i: i.approve(),
-    ]
-    for step in invoice_steps:
+class TestPostgresEventStore(EventStoreContract):
+    @pytest.fixture
+    async def store(self, pool: asyncpg.Pool) -> EventStore:
+        await _truncate(pool)
+        return PostgresEventStore(pool)
+
+    # Snapshots
+
+    async def test_loading_from_snapshots_matches_a_full_replay(self, pool: asyncpg.Pool) -> None:
+        await _truncate(pool)
+        store = PostgresEventStore(pool, snapshot_interval=2)
+        investor_id = uuid4()
+        steps: list[Callable[[Investor], object]] = [
+            lambda i: i.create(Decimal("100")),  # versions 1-2: snapshot at 2
+            lambda i: i.place_bid(uuid4(), Decimal("30")),  # 3
+            lambda i: i.place_bid(uuid4(), Decimal("20")),  # 4: snapshot
+            lambda i: i.release_funds(Decimal("20")),  # 5
+            lambda i: i.commit_funds(Decimal("30")),  # 6: snapshot
+            lambda i: i.place_bid(uuid4(), Decimal("50")),  # 7
+        ]
+        for step in steps:
+            async with store.unit_of_work() as uow:
+                investor = await uow.load(Investor, investor_id)
+                step(investor)
+                await uow.save(investor)
+
         async with store.unit_of_work() as uow:
-            invoice = await uow.load(Invoice, invoice_id)
-            step(invoice)
-            await uow.save(invoice)
+            loaded = await uow.load(Investor, investor_id)
+        replayed = Investor(investor_id).replay(e.event for e in await store.stream(investor_id))
 
-    async with store.unit_of_work() as uow:
-        loaded = await uow.load(Invoice, invoice_id)
-    replayed = Invoice(invoice_id).replay(e.event for e in await store.stream(invoice_id))
+        assert investor_state(loaded) == investor_state(replayed)
+        assert investor_state(loaded) == (7, Decimal("20"), Decimal("50"), Decimal("30"))
+        assert loaded.changes == []
+        snapshot = await pool.fetchrow(
+            "SELECT version, aggregate_type FROM snapshots WHERE aggregate_id = $1", investor_id
+        )
+        assert snapshot is not None
+        assert (snapshot["version"], snapshot["aggregate_type"]) == (6, "Investor")
 
-    assert loaded.snapshot() == replayed.snapshot()
-    assert loaded.version == replayed.version == 3
-    assert loaded.winning_bid == bid
-    assert loaded.asking_price == Decimal("100.25")
+    async def test_loading_starts_from_the_snapshot_and_replays_only_later_events(
+        self, pool: asyncpg.Pool
+    ) -> None:
+        await _truncate(pool)
+        store = PostgresEventStore(pool, snapshot_interval=2)
+        investor_id = uuid4()
+        await create_investor(store, investor_id, "100")  # snapshot at version 2
+        await place_bid(store, investor_id, "10")  # version 3, after the snapshot
+        # Mark the snapshot: a load that ignores it, or replays events it covers, shows.
+        marked = {"balance": "1000", "reserved": "0", "committed": "0"}
+        await pool.execute(
+            "UPDATE snapshots SET state = $2::jsonb WHERE aggregate_id = $1",
+            investor_id,
+            json.dumps(marked),
+        )
+
+        async with store.unit_of_work() as uow:
+            loaded = await uow.load(Investor, investor_id)
+
+        assert investor_state(loaded) == (3, Decimal("990"), Decimal("10"), Decimal("0"))
+
+    async def test_an_invoice_restored_from_a_snapshot_keeps_its_winning_bid(
+        self, pool: asyncpg.Pool
+    ) -> None:
+        await _truncate(pool)
+        store = PostgresEventStore(pool, snapshot_interval=2)
+        invoice_id, issuer_id, investor_id = uuid4(), uuid4(), uuid4()
+        bid = Bid(investor_id=investor_id, amount=Decimal("120.50"))
+        invoice_steps: list[Callable[[Invoice], object]] = [
+            lambda i: i.create(issuer_id, Decimal("100.25")),
+            lambda i: i.bid(bid),  # version 2: snapshot
+            lambda i: i.approve(),
+        ]
+        for step in invoice_steps:
+            async with store.unit_of_work() as uow:
+                invoice = await uow.load(Invoice, invoice_id)
+                step(invoice)
+                await uow.save(invoice)
+
+        async with store.unit_of_work() as uow:
+            loaded = await uow.load(Invoice, invoice_id)
+        replayed = Invoice(invoice_id).replay(e.event for e in await store.stream(invoice_id))
+
+        assert loaded.snapshot() == replayed.snapshot()
+        assert loaded.version == replayed.version == 3
+        assert loaded.winning_bid == bid
+        assert loaded.asking_price == Decimal("100.25")

@@ -6,18 +6,25 @@ Also: the checkpoint, commit notifications and the relayer's election lock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from uuid import UUID, uuid4
 
 import asyncpg
 import pytest
 
-from financing.adapters.postgres.connection import create_pool
+from financing.adapters.postgres.connection import COMMAND_DATABASE, connect, create_pool
 from financing.adapters.postgres.event_store import PostgresEventStore
-from financing.adapters.postgres.outbox import Outbox, RelayerLock, listen
+from financing.adapters.postgres.outbox import (
+    NOTIFY_CHANNEL,
+    CommitListener,
+    PostgresOutbox,
+    PostgresRelayerLock,
+)
 from financing.adapters.postgres.schema import migrate
+from financing.application.errors import Unavailable
 from financing.application.ports import StoredEvent
 from financing.config import Database
 from financing.domain.aggregates import Investor
@@ -33,7 +40,7 @@ async def database() -> AsyncIterator[Database]:
 
 @pytest.fixture(scope="module")
 async def module_pool(database: Database) -> AsyncIterator[asyncpg.Pool]:
-    pool = await create_pool(database)
+    pool = await create_pool(database, COMMAND_DATABASE)
     try:
         await migrate(pool, "commands")
         yield pool
@@ -59,7 +66,7 @@ def new_investor(balance: str = "10") -> Investor:
     return investor
 
 
-async def pending_count(outbox: Outbox, count: int) -> list[StoredEvent]:
+async def pending_count(outbox: PostgresOutbox, count: int) -> list[StoredEvent]:
     """The pending events once there are `count` of them, else none (a transaction
     elsewhere on the server may hold the horizon back for a moment)."""
     events = await outbox.pending(100)
@@ -69,7 +76,7 @@ async def pending_count(outbox: Outbox, count: int) -> list[StoredEvent]:
 async def test_an_earlier_transaction_committing_last_holds_back_the_later_one(
     pool: asyncpg.Pool,
 ) -> None:
-    store, outbox = PostgresEventStore(pool), Outbox(pool)
+    store, outbox = PostgresEventStore(pool), PostgresOutbox(pool)
     slow, fast = new_investor(), new_investor()
 
     async with store.unit_of_work() as slow_uow:
@@ -89,7 +96,7 @@ async def test_an_earlier_transaction_committing_last_holds_back_the_later_one(
 async def test_slow_concurrent_writers_are_relayed_exactly_once_in_commit_order(
     pool: asyncpg.Pool,
 ) -> None:
-    store, outbox = PostgresEventStore(pool), Outbox(pool)
+    store, outbox = PostgresEventStore(pool), PostgresOutbox(pool)
     writers = 8
     inserted = [asyncio.Event() for _ in range(writers)]
     may_commit = [asyncio.Event() for _ in range(writers)]
@@ -140,18 +147,18 @@ async def test_relayed_events_are_no_longer_pending_even_for_a_new_outbox(
     for investor in (first, second):
         async with store.unit_of_work() as uow:
             await uow.save(investor)
-    outbox = Outbox(pool)
+    outbox = PostgresOutbox(pool)
     batch = await wait_until(lambda: pending_count(outbox, 4), what="events pending")
 
     await outbox.mark_relayed(batch[:3])
 
     assert keys(await outbox.pending(100)) == [(second.id, 2)]
-    assert keys(await Outbox(pool).pending(100)) == [(second.id, 2)]
-    assert keys(await Outbox(pool, "another-relayer").pending(100)) == keys(batch)
+    assert keys(await PostgresOutbox(pool).pending(100)) == [(second.id, 2)]
+    assert keys(await PostgresOutbox(pool, "another-relayer").pending(100)) == keys(batch)
 
 
 async def test_marking_events_already_relayed_again_changes_nothing(pool: asyncpg.Pool) -> None:
-    store, outbox = PostgresEventStore(pool), Outbox(pool)
+    store, outbox = PostgresEventStore(pool), PostgresOutbox(pool)
     async with store.unit_of_work() as uow:
         await uow.save(new_investor())
     batch = await wait_until(lambda: pending_count(outbox, 2), what="events pending")
@@ -164,7 +171,7 @@ async def test_marking_events_already_relayed_again_changes_nothing(pool: asyncp
 
 
 async def test_marking_relayed_past_an_unrelayed_event_is_refused(pool: asyncpg.Pool) -> None:
-    store, outbox = PostgresEventStore(pool), Outbox(pool)
+    store, outbox = PostgresEventStore(pool), PostgresOutbox(pool)
     async with store.unit_of_work() as uow:
         await uow.save(new_investor())
     batch = await wait_until(lambda: pending_count(outbox, 2), what="events pending")
@@ -176,7 +183,7 @@ async def test_marking_relayed_past_an_unrelayed_event_is_refused(pool: asyncpg.
 
 
 async def test_pending_gives_at_most_the_limit_in_commit_order(pool: asyncpg.Pool) -> None:
-    store, outbox = PostgresEventStore(pool), Outbox(pool)
+    store, outbox = PostgresEventStore(pool), PostgresOutbox(pool)
     investors = [new_investor() for _ in range(3)]
     for investor in investors:
         async with store.unit_of_work() as uow:
@@ -191,13 +198,25 @@ async def test_pending_gives_at_most_the_limit_in_commit_order(pool: asyncpg.Poo
     assert len(first) == 4
 
 
+@contextlib.asynccontextmanager
+async def listening(
+    database: Database, on_notify: Callable[[], None]
+) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of the test's own listening on the channel the event store notifies."""
+    conn = await connect(database)
+    try:
+        await conn.add_listener(NOTIFY_CHANNEL, lambda *_: on_notify())
+        yield conn
+    finally:
+        await conn.close()
+
+
 async def test_listeners_are_notified_when_events_commit_and_not_before(
     pool: asyncpg.Pool, database: Database
 ) -> None:
     store = PostgresEventStore(pool)
     notified = asyncio.Event()
-    listener = await listen(database, notified.set)
-    try:
+    async with listening(database, notified.set) as listener:
         async with store.unit_of_work() as uow:
             await uow.save(new_investor())
             # A round trip on the listening connection delivers anything already sent.
@@ -205,8 +224,6 @@ async def test_listeners_are_notified_when_events_commit_and_not_before(
             assert not notified.is_set()
 
         await asyncio.wait_for(notified.wait(), timeout=5)
-    finally:
-        await listener.close()
 
 
 async def test_a_unit_of_work_without_events_notifies_nobody(
@@ -214,8 +231,7 @@ async def test_a_unit_of_work_without_events_notifies_nobody(
 ) -> None:
     store = PostgresEventStore(pool)
     notifications: list[None] = []
-    listener = await listen(database, lambda: notifications.append(None))
-    try:
+    async with listening(database, lambda: notifications.append(None)) as listener:
         async with store.unit_of_work() as uow:
             await uow.record("consumer", "message-1")
         async with store.unit_of_work() as uow:
@@ -224,12 +240,65 @@ async def test_a_unit_of_work_without_events_notifies_nobody(
         await wait_until(lambda: _true(bool(notifications)), what="a notification")
         await listener.execute("SELECT 1")
         assert len(notifications) == 1
-    finally:
-        await listener.close()
 
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_the_commit_listener_wakes_when_events_commit_not_before(
+    pool: asyncpg.Pool, database: Database
+) -> None:
+    store = PostgresEventStore(pool)
+    listener = CommitListener(database)
+    try:
+        # Once listening it wakes at once: events may have committed while nobody listened.
+        await asyncio.wait_for(listener.wait(60), timeout=5)
+        listener.clear()
+        woken = asyncio.create_task(listener.wait(60))
+        async with store.unit_of_work() as uow:
+            await uow.save(new_investor())
+            done, _ = await asyncio.wait({woken}, timeout=0.2)
+            assert not done
+
+        await asyncio.wait_for(woken, timeout=5)
+    finally:
+        await listener.close()
+
+
+async def listening_sessions(pool: asyncpg.Pool) -> set[int]:
+    rows = await pool.fetch(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+        " AND query LIKE 'LISTEN %'"
+    )
+    return {row["pid"] for row in rows}
+
+
+async def test_the_commit_listener_listens_again_after_its_session_is_ended(
+    pool: asyncpg.Pool, database: Database
+) -> None:
+    store = PostgresEventStore(pool)
+    listener = CommitListener(database)
+    try:
+        await asyncio.wait_for(listener.wait(60), timeout=5)
+        [ended] = await listening_sessions(pool)
+        await pool.execute("SELECT pg_terminate_backend($1, 10000)", ended)
+
+        async def listening_again() -> set[int]:
+            await listener.wait(0.01)  # listens again once it has noticed the loss
+            return await listening_sessions(pool) - {ended}
+
+        await wait_until(listening_again, what="the listener on a new session")
+        listener.clear()
+        woken = asyncio.create_task(listener.wait(60))
+        done, _ = await asyncio.wait({woken}, timeout=0.2)
+        assert not done
+        async with store.unit_of_work() as uow:
+            await uow.save(new_investor())
+
+        await asyncio.wait_for(woken, timeout=5)
+    finally:
+        await listener.close()
 
 
 async def lock_holders(pool: asyncpg.Pool) -> list[int]:
@@ -253,7 +322,7 @@ async def waiting_for_lock(pool: asyncpg.Pool, holder: int) -> bool:
 async def test_a_second_relayer_waits_for_the_lock_until_the_first_releases_it(
     pool: asyncpg.Pool, database: Database
 ) -> None:
-    first, second = RelayerLock(database), RelayerLock(database, poll_interval=0.02)
+    first, second = PostgresRelayerLock(database), PostgresRelayerLock(database, poll_interval=0.02)
     await first.acquire()
     try:
         [holder] = await lock_holders(pool)
@@ -277,7 +346,7 @@ async def test_a_second_relayer_waits_for_the_lock_until_the_first_releases_it(
 async def test_a_relayer_learns_when_its_lock_connection_is_lost(
     pool: asyncpg.Pool, database: Database
 ) -> None:
-    lock, successor = RelayerLock(database), RelayerLock(database)
+    lock, successor = PostgresRelayerLock(database), PostgresRelayerLock(database)
     await lock.acquire()
     try:
         [holder] = await lock_holders(pool)
@@ -291,20 +360,45 @@ async def test_a_relayer_learns_when_its_lock_connection_is_lost(
         await successor.release()
 
 
-async def test_releasing_the_lock_ends_the_wait_for_its_loss(database: Database) -> None:
-    lock = RelayerLock(database)
+async def test_releasing_the_lock_ends_the_wait_for_its_loss(
+    pool: asyncpg.Pool, database: Database
+) -> None:
+    # Far longer than the test's deadline: only release() itself can end the wait.
+    lock = PostgresRelayerLock(database, check_interval=60.0)
     await lock.acquire()
-    lost = asyncio.create_task(lock.lost())
+    try:
+        lost = asyncio.create_task(lock.lost())
+        done, _ = await asyncio.wait({lost}, timeout=0.2)
+        assert not done  # lost() is waiting while the lock is held
 
-    await lock.release()
+        await lock.release()
 
-    await asyncio.wait_for(lost, timeout=5)
+        await asyncio.wait_for(lost, timeout=2)
+    finally:
+        await lock.release()
+    assert await lock_holders(pool) == []
+
+
+async def test_taking_the_lock_of_an_unreachable_database_is_unavailable(
+    database: Database,
+) -> None:
+    nowhere = Database({**database.connect_kwargs, "port": 1})
+    lock = PostgresRelayerLock(nowhere)
+
+    with pytest.raises(Unavailable) as raised:
+        await lock.acquire()
+
+    assert raised.value.dependency == COMMAND_DATABASE
+    await asyncio.wait_for(lock.lost(), timeout=1)  # nothing held, nothing to wait for
 
 
 async def test_a_relayer_cancelled_while_waiting_for_the_lock_leaves_no_connection(
     pool: asyncpg.Pool, database: Database
 ) -> None:
-    holder_lock, waiter = RelayerLock(database), RelayerLock(database, poll_interval=0.02)
+    holder_lock, waiter = (
+        PostgresRelayerLock(database),
+        PostgresRelayerLock(database, poll_interval=0.02),
+    )
     await holder_lock.acquire()
     try:
         [holder] = await lock_holders(pool)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -18,22 +18,28 @@ from uuid import UUID, uuid4
 import aio_pika
 import asyncpg
 import pytest
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from financing.adapters.postgres.read_models import PostgresReadModels, create_tables
 from financing.adapters.rabbitmq import topology
+from financing.adapters.rabbitmq.connection import Broker
+from financing.adapters.rabbitmq.consumer import AmqpDelivery, QueueConsumer
 from financing.adapters.rabbitmq.dead_letters import DeadLetters, list_dead_letters
 from financing.adapters.rabbitmq.publisher import Publisher
+from financing.adapters.rabbitmq.topology import PROJECTOR_QUEUE
+from financing.application.errors import Unavailable
 from financing.application.read_models import (
     InvestorRow,
     InvoiceRow,
     IssuerRow,
     ReadModelStore,
-    ReadModelsUnavailable,
 )
+from financing.application.retry import DELIVERIES, Outages
+from financing.domain.aggregates import InvoiceStatus
 from financing.domain.events import Bid, DomainEvent
-from financing.entrypoints.projector import PROJECTOR_QUEUE, QUEUE_ARGUMENTS, run_projector
-from tests.support import infra
+from financing.workers.projector import Projector
+from tests.support import infra, rabbitmq
+from tests.support.storm import Repeated, WrappedReadModels
 
 D = Decimal
 
@@ -45,31 +51,37 @@ async def pool() -> AsyncIterator[asyncpg.Pool]:
 
 
 @pytest.fixture(scope="module")
-def broker_url() -> Iterator[str]:
+async def vhost() -> AsyncIterator[rabbitmq.Vhost]:
     # A vhost of this module's own: no other projector competes for its queue.
-    name = infra.unique_name("fin_projector")
-    yield infra.create_vhost(name)
-    infra.delete_vhost(name)
+    async with rabbitmq.private_vhost("fin_projector") as vhost:
+        yield vhost
 
 
 @pytest.fixture(scope="module")
-async def connection(broker_url: str) -> AsyncIterator[AbstractRobustConnection]:
-    connection = await topology.connect(broker_url)
-    yield connection
-    await connection.close()
+def outages() -> Outages:
+    return Outages()
 
 
 @pytest.fixture(scope="module")
-async def dead_letters(connection: AbstractRobustConnection) -> DeadLetters:
-    return DeadLetters(await Publisher.open(connection))
+async def broker(vhost: rabbitmq.Vhost, outages: Outages) -> AsyncIterator[Broker]:
+    broker = Broker([vhost.url], outages)
+    yield broker
+    await broker.close()
+
+
+@pytest.fixture(scope="module")
+async def dead_letters(broker: Broker, outages: Outages) -> AsyncIterator[DeadLetters]:
+    publisher = Publisher(broker)
+    yield DeadLetters(publisher, outages, DELIVERIES)
+    await publisher.close()
 
 
 @pytest.fixture
-async def channel(connection: AbstractRobustConnection) -> AsyncIterator[AbstractChannel]:
+async def channel(broker: Broker) -> AsyncIterator[AbstractChannel]:
     """A channel for the test's own publishing; the projector queue is declared
     and empty, so nothing published before the projector starts is lost."""
-    channel = await connection.channel(publisher_confirms=True)
-    queue = await topology.declare_event_queue(channel, PROJECTOR_QUEUE, arguments=QUEUE_ARGUMENTS)
+    channel = await broker.channel(publisher_confirms=True)
+    queue = await topology.PROJECTOR.queue.declare(channel)
     await queue.purge()
     yield channel
     await channel.close()
@@ -85,13 +97,51 @@ async def read_models(pool: asyncpg.Pool) -> PostgresReadModels:
 
 @contextlib.asynccontextmanager
 async def projecting(
-    connection: AbstractRobustConnection,
+    broker: Broker,
     read_models: ReadModelStore,
     dead_letters: DeadLetters,
-    **options: Any,
+    *,
+    batch_size: int = 100,
+    received: list[AmqpDelivery] | None = None,
 ) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(run_projector(connection, read_models, dead_letters, **options))
+    """The projector wired as the service wires it, until the block ends.
+
+    Every delivery handed to the projector is appended to `received`, if given.
+    """
+    outages = Outages()
+    projector = Projector(read_models, outages, batch_size=batch_size)
+
+    def receive(delivery: AmqpDelivery) -> None:
+        if received is not None:
+            received.append(delivery)
+        projector.receive(delivery)
+
+    consumer = QueueConsumer(
+        broker,
+        topology.PROJECTOR.queue,
+        dead_letters,
+        outages,
+        receive,
+        prefetch=projector.batch_size,
+    )
+
+    async def run() -> None:
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(consumer.run())
+                group.create_task(projector.run())
+        finally:
+            await consumer.close()
+
+    task = asyncio.create_task(run())
+
+    async def started() -> bool:
+        if task.done():
+            task.result()  # surface a start-up failure
+        return consumer.consuming.is_set()
+
     try:
+        await infra.wait_until(started, what="the projector consuming")
         yield task
     finally:
         task.cancel()
@@ -153,17 +203,24 @@ async def has_issuer(read_models: ReadModelStore, issuer_id: UUID) -> bool:
     return IssuerRow(issuer_id) in await read_models.issuers()
 
 
-async def queued_messages(connection: AbstractRobustConnection) -> int:
+async def wait_settled(vhost: rabbitmq.Vhost) -> None:
+    """Until the projector queue holds nothing, neither ready nor delivered and unacked."""
+    await infra.wait_until(
+        lambda: rabbitmq.queue_settled(vhost.name, PROJECTOR_QUEUE),
+        what="every delivery of the projector queue settled",
+    )
+
+
+async def queued_messages(broker: Broker) -> int:
     """Messages waiting in the projector queue (unacked ones are back there once
     the projector has stopped)."""
-    # A fresh channel: a robust channel answers a passive declaration from its cache.
-    async with connection.channel() as channel:
-        queue = await channel.declare_queue(PROJECTOR_QUEUE, passive=True)
-        return queue.declaration_result.message_count or 0
+    state = await rabbitmq.queue_state(await broker.connection(), PROJECTOR_QUEUE)
+    assert state is not None
+    return state[0]
 
 
 async def test_events_carrying_only_watermill_headers_are_projected(
-    connection: AbstractRobustConnection,
+    broker: Broker,
     channel: AbstractChannel,
     read_models: PostgresReadModels,
     dead_letters: DeadLetters,
@@ -192,13 +249,15 @@ async def test_events_carrying_only_watermill_headers_are_projected(
     )
     await publish(channel, "InvestorFundsReleasedEvent", {"Amount": 10}, aggregate_id=investor_id)
 
-    async with projecting(connection, read_models, dead_letters):
+    async with projecting(broker, read_models, dead_letters):
 
         async def projected() -> bool:
             return await read_models.investors() == [
                 InvestorRow(investor_id, D(90), D(10), D(0))
             ] and await read_models.invoices() == [
-                InvoiceRow(invoice_id, issuer_id, D(10), "FINANCED", Bid(investor_id, D(20)))
+                InvoiceRow(
+                    invoice_id, issuer_id, D(10), InvoiceStatus.FINANCED, Bid(investor_id, D(20))
+                )
             ]
 
         await infra.wait_until(projected, what="scenario 5 in the read models")
@@ -206,7 +265,7 @@ async def test_events_carrying_only_watermill_headers_are_projected(
 
 
 async def test_redelivered_event_changes_nothing(
-    connection: AbstractRobustConnection,
+    broker: Broker,
     channel: AbstractChannel,
     read_models: PostgresReadModels,
     dead_letters: DeadLetters,
@@ -215,7 +274,7 @@ async def test_redelivered_event_changes_nothing(
     await investor_created(channel, investor_id)
     message_id = await funds_added(channel, investor_id, 100)
     await funds_added(channel, investor_id, 100, message_id=message_id)
-    async with projecting(connection, read_models, dead_letters):
+    async with projecting(broker, read_models, dead_letters):
         await funds_added(channel, investor_id, 100, message_id=message_id)
         await issuer_created(channel, marker)  # projected after the duplicates: order is kept
         await infra.wait_until(lambda: has_issuer(read_models, marker), what="marker issuer")
@@ -223,7 +282,8 @@ async def test_redelivered_event_changes_nothing(
 
 
 async def test_poison_message_is_dead_lettered_with_its_reason_and_the_next_event_projects(
-    connection: AbstractRobustConnection,
+    vhost: rabbitmq.Vhost,
+    broker: Broker,
     channel: AbstractChannel,
     read_models: PostgresReadModels,
     dead_letters: DeadLetters,
@@ -240,19 +300,22 @@ async def test_poison_message_is_dead_lettered_with_its_reason_and_the_next_even
         headers={"aggregateVersion": 1},
     )
     await issuer_created(channel, marker)
-    async with projecting(connection, read_models, dead_letters):
+    async with projecting(broker, read_models, dead_letters):
         await infra.wait_until(lambda: has_issuer(read_models, marker), what="marker issuer")
+        # A batch is settled (acked, dead-lettered) once its events are projected.
+        await wait_settled(vhost)
 
-    letters = {letter.message_id: letter for letter in await list_dead_letters(connection)}
+    letters = {letter.message_id: letter for letter in await list_dead_letters(broker)}
     assert "not valid JSON" in letters[bad_json].reason
     assert "aggregateVersion" in letters[bad_header].reason
     assert {letters[bad_json].source_queue, letters[bad_header].source_queue} == {PROJECTOR_QUEUE}
     assert await read_models.investors() == []
-    assert await queued_messages(connection) == 0  # dead-lettered messages were acked
+    assert await queued_messages(broker) == 0  # dead-lettered messages were acked
 
 
 async def test_messages_it_does_not_project_are_acked_and_ignored(
-    connection: AbstractRobustConnection,
+    vhost: rabbitmq.Vhost,
+    broker: Broker,
     channel: AbstractChannel,
     read_models: PostgresReadModels,
     dead_letters: DeadLetters,
@@ -263,88 +326,64 @@ async def test_messages_it_does_not_project_are_acked_and_ignored(
     )
     await publish(channel, "CreateIssuer", {"ID": str(registered)})
     await issuer_created(channel, marker)
-    dead_before = len(await list_dead_letters(connection))
-    async with projecting(connection, read_models, dead_letters):
+    dead_before = len(await list_dead_letters(broker))
+    async with projecting(broker, read_models, dead_letters):
         await infra.wait_until(lambda: has_issuer(read_models, marker), what="marker issuer")
-    assert await queued_messages(connection) == 0
-    assert len(await list_dead_letters(connection)) == dead_before
+        await wait_settled(vhost)
+    assert await queued_messages(broker) == 0
+    assert len(await list_dead_letters(broker)) == dead_before
     assert await read_models.investors() == []
     assert await read_models.issuers() == [IssuerRow(marker)]
 
 
 @dataclass
-class FailingReadModels:
+class FailingReadModels(WrappedReadModels):
     """Read models whose updates fail, as while the database is down."""
 
-    inner: ReadModelStore
-    error: Callable[[], Exception]
+    error: Callable[[], Exception] = lambda: Unavailable("query database", "down")
     attempts: int = 0
 
     async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> None:
         self.attempts += 1
         raise self.error()
 
-    async def investors(self) -> list[InvestorRow]:
-        return await self.inner.investors()
 
-    async def invoices(self) -> list[InvoiceRow]:
-        return await self.inner.invoices()
-
-    async def issuers(self) -> list[IssuerRow]:
-        return await self.inner.issuers()
-
-
-@pytest.mark.parametrize(
-    "error",
-    [lambda: ReadModelsUnavailable("query database down"), lambda: RuntimeError("unexpected")],
-    ids=["database-down", "unexpected-error"],
-)
-async def test_failed_update_is_retried_and_never_acked(
-    connection: AbstractRobustConnection,
+async def test_update_while_the_database_is_down_is_retried_and_never_acked(
+    broker: Broker,
     channel: AbstractChannel,
     read_models: PostgresReadModels,
     dead_letters: DeadLetters,
-    error: Callable[[], Exception],
 ) -> None:
     issuer_id = uuid4()
     message_id = await issuer_created(channel, issuer_id)
-    failing = FailingReadModels(read_models, error)
-    async with projecting(connection, failing, dead_letters):
+    failing = FailingReadModels(read_models)
+    async with projecting(broker, failing, dead_letters):
 
         async def retried() -> bool:
-            return failing.attempts >= 3
+            # Beyond the attempts a bug gets: an unavailable database is waited for.
+            return failing.attempts >= 6
 
         await infra.wait_until(retried, what="the update to be retried")
-    assert await queued_messages(connection) == 1  # back in the queue: never acked
-    assert message_id not in {letter.message_id for letter in await list_dead_letters(connection)}
+    assert await queued_messages(broker) == 1  # back in the queue: never acked
+    assert message_id not in {letter.message_id for letter in await list_dead_letters(broker)}
 
-    async with projecting(connection, read_models, dead_letters):
+    async with projecting(broker, read_models, dead_letters):
         await infra.wait_until(lambda: has_issuer(read_models, issuer_id), what="the issuer")
 
 
 @dataclass
-class RecordingReadModels:
+class RecordingReadModels(WrappedReadModels):
     """Read models that remember the size of every batch applied."""
 
-    inner: ReadModelStore
     batches: list[int] = field(default_factory=list)
 
     async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> None:
         self.batches.append(len(batch))
         await self.inner.apply(batch)
 
-    async def investors(self) -> list[InvestorRow]:
-        return await self.inner.investors()
-
-    async def invoices(self) -> list[InvoiceRow]:
-        return await self.inner.invoices()
-
-    async def issuers(self) -> list[IssuerRow]:
-        return await self.inner.issuers()
-
 
 async def test_projector_behind_catches_up_in_batches_and_keeps_the_order(
-    connection: AbstractRobustConnection,
+    broker: Broker,
     channel: AbstractChannel,
     read_models: PostgresReadModels,
     dead_letters: DeadLetters,
@@ -353,7 +392,7 @@ async def test_projector_behind_catches_up_in_batches_and_keeps_the_order(
     for issuer_id in issuers:
         await issuer_created(channel, issuer_id)
     recording = RecordingReadModels(read_models)
-    async with projecting(connection, recording, dead_letters, batch_size=20):
+    async with projecting(broker, recording, dead_letters, batch_size=20):
 
         async def all_projected() -> bool:
             return len(await read_models.issuers()) == len(issuers)
@@ -366,7 +405,7 @@ async def test_projector_behind_catches_up_in_batches_and_keeps_the_order(
 
 
 async def test_each_batch_applied_repeatedly_gives_the_same_read_models(
-    connection: AbstractRobustConnection,
+    broker: Broker,
     channel: AbstractChannel,
     read_models: PostgresReadModels,
     dead_letters: DeadLetters,
@@ -377,7 +416,68 @@ async def test_each_batch_applied_repeatedly_gives_the_same_read_models(
     await funds_added(channel, investor_id, 0.2)
     await issuer_created(channel, marker)
     recording = RecordingReadModels(read_models)
-    async with projecting(connection, recording, dead_letters, redeliver_times=3):
+    async with projecting(broker, Repeated(recording, times=3), dead_letters):
         await infra.wait_until(lambda: has_issuer(read_models, marker), what="marker issuer")
     assert sum(recording.batches) == 4 * 3
     assert await read_models.investors() == [InvestorRow(investor_id, D("0.3"), D(0), D(0))]
+
+
+@dataclass
+class BuggyReadModels(WrappedReadModels):
+    """Read models with a bug that one message triggers, whatever batch it comes in.
+
+    The first batch is held until every expected delivery reached the projector,
+    so the events after it are applied together, in one batch.
+    """
+
+    bug_for: str = ""
+    received: list[AmqpDelivery] = field(default_factory=list)
+    expected: int = 0
+    batches: list[list[str]] = field(default_factory=list)
+
+    async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> None:
+        message_ids = [message_id for message_id, _ in batch]
+        self.batches.append(message_ids)
+        if len(self.batches) == 1:
+
+            async def all_delivered() -> bool:
+                return len(self.received) >= self.expected
+
+            await infra.wait_until(all_delivered, what="every event delivered")
+        if self.bug_for in message_ids:
+            raise TypeError(f"cannot project {self.bug_for}")
+        await self.inner.apply(batch)
+
+
+async def test_an_event_whose_projection_has_a_bug_is_dead_lettered_and_the_rest_projected(
+    vhost: rabbitmq.Vhost,
+    broker: Broker,
+    channel: AbstractChannel,
+    read_models: PostgresReadModels,
+    dead_letters: DeadLetters,
+) -> None:
+    issuers = [uuid4() for _ in range(8)]
+    message_ids = [await issuer_created(channel, issuer_id) for issuer_id in issuers]
+    at_fault = 4
+    buggy = BuggyReadModels(read_models, bug_for=message_ids[at_fault], expected=len(issuers))
+    async with projecting(broker, buggy, dead_letters, received=buggy.received):
+
+        async def dead_lettered() -> list[str]:
+            letters = await list_dead_letters(broker, limit=1000)
+            return [letter.reason for letter in letters if letter.message_id in message_ids]
+
+        [reason] = await infra.wait_until(dead_lettered, what="the event at fault dead-lettered")
+        await wait_settled(vhost)
+    assert any(message_ids[at_fault] in batch and len(batch) > 1 for batch in buggy.batches)
+    assert [row.id for row in await read_models.issuers()] == [
+        issuer_id for index, issuer_id in enumerate(issuers) if index != at_fault
+    ]
+    assert f"TypeError: cannot project {message_ids[at_fault]}" in reason
+    assert "(at test_projector.py:" in reason and "in apply)" in reason
+    [letter] = [
+        letter
+        for letter in await list_dead_letters(broker, limit=1000)
+        if letter.message_id in message_ids
+    ]
+    assert letter.message_id == message_ids[at_fault]
+    assert letter.source_queue == PROJECTOR_QUEUE

@@ -1,10 +1,14 @@
-"""The Queries gRPC service, through a real server and the generated client."""
+"""The Queries gRPC service, through a real server and the generated client.
+
+While the query database cannot be reached the answer is UNAVAILABLE, naming
+it; once the database is back, the answers are too.
+"""
 
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from decimal import Decimal
 from uuid import uuid4
 
@@ -16,17 +20,19 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
+from financing.adapters.postgres.connection import QUERY_DATABASE, create_pool
 from financing.adapters.postgres.read_models import PostgresReadModels, create_tables
+from financing.adapters.postgres.schema import migrate
 from financing.application.read_models import ReadModelStore
+from financing.application.retry import Outages
 from financing.domain import events as ev
 from financing.domain.events import Bid, DomainEvent
+from financing.entrypoints.grpc_codec import RequestCodec
 from financing.entrypoints.queries_api import QueriesService
 from financing.generated import InvoiceStatus, QueriesStub
 from tests.support import infra
 
 D = Decimal
-
-Serve = Callable[[ReadModelStore], AbstractAsyncContextManager[QueriesStub]]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +52,7 @@ async def read_models(pool: asyncpg.Pool) -> PostgresReadModels:
 @asynccontextmanager
 async def serving(read_models: ReadModelStore) -> AsyncIterator[QueriesStub]:
     """A Queries server on a free local port, and a client connected to it."""
-    server = Server([QueriesService(read_models)])
+    server = Server([QueriesService(read_models, Outages())], codec=RequestCodec())
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     await server.start(sock=sock)
@@ -146,7 +152,7 @@ async def test_empty_read_models_answer_empty_lists(client: QueriesStub) -> None
     assert (await client.all_issuers(Empty())).issuers == []
 
 
-async def test_unreachable_database_is_answered_unavailable() -> None:
+async def test_unreachable_database_is_answered_unavailable_naming_it() -> None:
     unreachable = await asyncpg.create_pool(
         host="127.0.0.1", port=1, user="postgres", database="postgres", min_size=0
     )
@@ -156,5 +162,47 @@ async def test_unreachable_database_is_answered_unavailable() -> None:
                 with pytest.raises(GRPCError) as raised:
                     await query(Empty())
                 assert raised.value.status is Status.UNAVAILABLE
+                assert str(raised.value.message).startswith(f"{QUERY_DATABASE} unavailable")
     finally:
         await unreachable.close()
+
+
+async def answers(stub: QueriesStub) -> list[Status]:
+    """The status of each query, as the client sees it."""
+    statuses = []
+    for query in (stub.all_investors, stub.all_invoices, stub.all_issuers):
+        try:
+            await query(Empty())
+        except GRPCError as error:
+            assert error.status is Status.UNAVAILABLE, (error.status, error.message)
+            assert QUERY_DATABASE in str(error.message), error.message
+            statuses.append(error.status)
+        else:
+            statuses.append(Status.OK)
+    return statuses
+
+
+async def test_a_query_database_refusing_connections_is_answered_unavailable_until_back() -> None:
+    async with infra.fresh_database("fin_queries_outage") as db:
+        pool = await create_pool(db, QUERY_DATABASE)
+        try:
+            await migrate(pool, "queries")
+            read_models = PostgresReadModels(pool)
+            issuer_id = uuid4()
+            await apply(read_models, ev.IssuerCreatedEvent(issuer_id))
+            async with serving(read_models) as stub:
+                assert await answers(stub) == [Status.OK] * 3
+
+                async with infra.refusing_connections(db):
+                    # The pooled session was ended; every reconnection is refused.
+                    for _ in range(2):
+                        assert await answers(stub) == [Status.UNAVAILABLE] * 3
+
+                async def answered_again() -> bool:
+                    return await answers(stub) == [Status.OK] * 3
+
+                await infra.wait_until(answered_again, timeout=10.0, what="answers again")
+                reply = await stub.all_issuers(Empty())
+                assert [i.id.value for i in reply.issuers] == [str(issuer_id)]
+        finally:
+            await pool.close()

@@ -1,37 +1,63 @@
-"""run_subscription against a real broker: ack after commit, retries, dead letters, redelivery."""
+"""A queue consumer against a real broker: ack after commit, retries, dead letters, redelivery,
+and consumption that survives the broker closing its channel, its connection or its permissions."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
 
 import pytest
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractChannel
 
-from financing.adapters.rabbitmq import (
-    DeadLetter,
-    DeadLetters,
-    Publisher,
-    RetryPolicy,
-    connect,
-    declare_command_queue,
-    list_dead_letters,
-    run_subscription,
+from financing.adapters.rabbitmq.connection import Broker
+from financing.adapters.rabbitmq.consumer import (
+    SHUTDOWN_GRACE,
+    Deliveries,
+    QueueConsumer,
+    consume,
 )
-from financing.application import codec, handlers
+from financing.adapters.rabbitmq.dead_letters import DeadLetter, DeadLetters, list_dead_letters
+from financing.adapters.rabbitmq.envelopes import from_amqp
+from financing.adapters.rabbitmq.publisher import AmqpCommandSender, Publisher, PublishFailed
+from financing.adapters.rabbitmq.topology import QueueSpec, Subscription, command_queue
+from financing.application import codec, handlers, integration
+from financing.application.errors import MissingAggregate, ReadAfterWrite, Unavailable
 from financing.application.memory import InMemoryEventStore
-from financing.application.messages import CreateInvestor, CreateIssuer, Message, SellInvoice
-from financing.application.ports import Envelope
-from financing.application.processing import Process, Subscription, exactly_once
+from financing.application.messages import (
+    CreateInvestor,
+    CreateIssuer,
+    IssuerRegistered,
+    Message,
+    SellInvoice,
+)
+from financing.application.pipeline import (
+    Decoded,
+    Handler,
+    HandlerPart,
+    Outcome,
+    exactly_once,
+    sending,
+)
+from financing.application.ports import Envelope, UnitOfWork, derived_message_id
+from financing.application.retry import DELIVERIES, Backoff, Limit, Outages, RetryPolicy
 from financing.domain import events as ev
+from financing.domain.aggregates import Issuer
 from tests.support import rabbitmq
 from tests.support.infra import unique_name, wait_until
+from tests.support.storm import duplicated
 
-FAST = RetryPolicy(base_delay=0.01, max_delay=0.05, max_attempts=3, missing_attempts=3)
+BUG_ATTEMPTS = 3
+# Every fault as DELIVERIES classifies it, with short pauses.
+FAST = RetryPolicy(
+    unavailable=Limit(Backoff(0.01, 0.05), None),
+    conflict=Limit(Backoff(0.01, 0.05), 50),
+    bug=Limit(Backoff(0.01, 0.05), BUG_ATTEMPTS),
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,32 +67,71 @@ async def vhost() -> AsyncIterator[rabbitmq.Vhost]:
         yield vhost
 
 
-@pytest.fixture
-async def connection(vhost: rabbitmq.Vhost) -> AsyncIterator[AbstractRobustConnection]:
-    connection = await connect(vhost.url)
-    yield connection
-    await connection.close()
+class RecordingBroker(Broker):
+    """A broker connection that remembers the consumers' channels (opened with a prefetch)."""
+
+    def __init__(self, url: str, outages: Outages) -> None:
+        super().__init__([url], outages)
+        self.consumer_channels: list[AbstractChannel] = []
+
+    async def channel(
+        self, *, publisher_confirms: bool = False, prefetch: int | None = None
+    ) -> AbstractChannel:
+        channel = await super().channel(publisher_confirms=publisher_confirms, prefetch=prefetch)
+        if prefetch is not None:
+            self.consumer_channels.append(channel)
+        return channel
+
+
+@dataclass
+class Bus:
+    """What a consumer runs on: one connection, one publisher, dead letters, one outage log."""
+
+    vhost: rabbitmq.Vhost
+    broker: RecordingBroker
+    publisher: Publisher
+    dead_letters: DeadLetters
+    outages: Outages
+
+    async def queue_state(self, queue: str) -> tuple[int, int] | None:
+        """(ready messages, consumers) of `queue`."""
+        return await rabbitmq.queue_state(await self.broker.connection(), queue)
+
+    async def dead_letters_of(self, queue: str) -> list[DeadLetter]:
+        letters = await list_dead_letters(self.broker, limit=1000)
+        return [letter for letter in letters if letter.source_queue == queue]
+
+    async def first_dead_letters(self, queue: str, what: str) -> list[DeadLetter]:
+        """The dead letters of `queue`, once there is at least one."""
+
+        async def dead_lettered() -> list[DeadLetter]:
+            return await self.dead_letters_of(queue)
+
+        return await wait_until(dead_lettered, what=what)
+
+    async def wait_settled(self, queue: str) -> None:
+        """Until `queue` holds nothing, neither ready nor delivered and left unacked."""
+        await wait_until(
+            lambda: rabbitmq.queue_settled(self.vhost.name, queue),
+            what=f"{queue} empty, nothing unacked",
+        )
 
 
 @pytest.fixture
-async def publisher(connection: AbstractRobustConnection) -> AsyncIterator[Publisher]:
-    publisher = await Publisher.open(connection)
-    yield publisher
+async def bus(vhost: rabbitmq.Vhost) -> AsyncIterator[Bus]:
+    outages = Outages()
+    broker = RecordingBroker(vhost.url, outages)
+    publisher = Publisher(broker)
+    yield Bus(vhost, broker, publisher, DeadLetters(publisher, outages, FAST), outages)
     await publisher.close()
+    await broker.close()
 
 
 @pytest.fixture
-def dead_letters(publisher: Publisher) -> DeadLetters:
-    return DeadLetters(publisher)
-
-
-@pytest.fixture
-async def queue(connection: AbstractRobustConnection) -> str:
+async def queue(bus: Bus) -> str:
     """A fresh command queue, declared so that publishing to it is routable at once."""
     name = unique_name("cmd")
-    channel = await connection.channel()
-    await declare_command_queue(channel, name)
-    await channel.close()
+    await bus.publisher.declare_command_queue(name)
     return name
 
 
@@ -78,116 +143,117 @@ def envelope(message: Message, message_id: str | None = None) -> Envelope:
     )
 
 
+def on_command_queue(queue: str, name: str) -> Subscription:
+    return Subscription(command_queue(queue), frozenset({name}))
+
+
 class Counting:
-    """Wraps a process, counting calls; `before` runs first on each call."""
+    """Wraps a handler, counting calls; `before` runs first on each call."""
 
     def __init__(
-        self, process: Process, before: Callable[[int], Awaitable[None]] | None = None
+        self, handler: Handler, before: Callable[[int], Awaitable[None]] | None = None
     ) -> None:
         self.calls = 0
-        self._process = process
+        self._handler = handler
         self._before = before
 
-    async def __call__(self, envelope: Envelope, message: Message) -> None:
+    async def __call__(self, decoded: Decoded) -> Outcome:
         self.calls += 1
         if self._before is not None:
             await self._before(self.calls)
-        await self._process(envelope, message)
+        return await self._handler(decoded)
+
+
+@dataclass
+class Consuming:
+    consumer: QueueConsumer
+    task: asyncio.Task[None]
 
 
 @asynccontextmanager
 async def consuming(
-    connection: AbstractRobustConnection,
+    bus: Bus,
     subscription: Subscription,
-    dead_letters: DeadLetters,
-    **options: Any,
-) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(run_subscription(connection, subscription, dead_letters, **options))
+    handler: Handler,
+    *,
+    policy: RetryPolicy = FAST,
+    handler_parts: tuple[HandlerPart, ...] = (),
+    prefetch: int = 32,
+    shutdown_grace: float = SHUTDOWN_GRACE,
+) -> AsyncIterator[Consuming]:
+    """A consumer of `subscription` wired as the service wires one, until the block ends."""
+    step = subscription.step(
+        handler,
+        policy=policy,
+        outages=bus.outages,
+        handler_parts=handler_parts,
+    )
+    deliveries = Deliveries(step, shutdown_grace=shutdown_grace)
+    consumer = QueueConsumer(
+        bus.broker,
+        subscription.queue,
+        bus.dead_letters,
+        bus.outages,
+        deliveries.receive,
+        prefetch=prefetch,
+    )
+    task = asyncio.create_task(consume(consumer, deliveries))
 
-    async def registered() -> bool:
+    async def started() -> bool:
         if task.done():
             task.result()  # surface a start-up failure
-        state = await rabbitmq.queue_state(connection, subscription.queue)
-        return state is not None and state[1] == 1
+        return consumer.consuming.is_set()
 
     try:
-        await wait_until(registered, what=f"a consumer on {subscription.queue}")
-        yield task
+        await wait_until(started, what=f"a consumer on {subscription.queue.name}")
+        yield Consuming(consumer, task)
     finally:
         task.cancel()
         with suppress(asyncio.CancelledError):
             await task
 
 
-async def dead_letters_of(connection: AbstractRobustConnection, queue: str) -> list[DeadLetter]:
-    return [d for d in await list_dead_letters(connection, limit=1000) if d.source_queue == queue]
-
-
-async def first_dead_letters(
-    connection: AbstractRobustConnection, queue: str, what: str
-) -> list[DeadLetter]:
-    """The dead letters of `queue`, once there is at least one."""
-
-    async def dead_lettered() -> list[DeadLetter]:
-        return await dead_letters_of(connection, queue)
-
-    return await wait_until(dead_lettered, what=what)
-
-
 def events_of(store: InMemoryEventStore, aggregate_id: uuid.UUID) -> list[str]:
     return [e.name for e in store.events if e.aggregate_id == aggregate_id]
 
 
-async def test_command_is_processed_and_acked(
-    connection: AbstractRobustConnection,
-    publisher: Publisher,
-    dead_letters: DeadLetters,
-    queue: str,
-) -> None:
+async def test_command_is_processed_and_acked(bus: Bus, queue: str) -> None:
     store = InMemoryEventStore()
     issuer = uuid.uuid4()
-    subscription = Subscription(
-        queue, "CreateIssuer", False, exactly_once(store, queue, handlers.create_issuer)
-    )
-    async with consuming(connection, subscription, dead_letters):
-        await publisher.send_to_queue(queue, envelope(CreateIssuer(issuer)))
+    handler = exactly_once(store, "create_issuer", handlers.create_issuer)
+    async with consuming(bus, on_command_queue(queue, "CreateIssuer"), handler):
+        await bus.publisher.send_to_queue(queue, envelope(CreateIssuer(issuer)))
 
         async def processed() -> bool:
             return events_of(store, issuer) == ["IssuerCreatedEvent"]
 
         await wait_until(processed, what="the issuer to be created")
     # Stopped: an unacked message would be back in the queue now.
-    assert await rabbitmq.queue_state(connection, queue) == (0, 0)
+    assert await bus.queue_state(queue) == (0, 0)
 
 
-async def test_message_is_not_acked_before_process_returns(
-    connection: AbstractRobustConnection,
-    publisher: Publisher,
-    dead_letters: DeadLetters,
-    queue: str,
-) -> None:
+async def test_message_is_not_acked_before_the_handler_returns(bus: Bus, queue: str) -> None:
     entered = asyncio.Event()
 
-    async def never_returns(envelope: Envelope, message: Message) -> None:
+    async def never_returns(decoded: Decoded) -> Outcome:
         entered.set()
         await asyncio.Event().wait()
+        raise AssertionError("unreachable")
 
-    blocked = Subscription(queue, "CreateIssuer", False, never_returns)
-    async with consuming(connection, blocked, dead_letters, shutdown_grace=0.1):
-        await publisher.send_to_queue(queue, envelope(CreateIssuer(uuid.uuid4())))
+    subscription = on_command_queue(queue, "CreateIssuer")
+    async with consuming(bus, subscription, never_returns, shutdown_grace=0.1):
+        await bus.publisher.send_to_queue(queue, envelope(CreateIssuer(uuid.uuid4())))
         await asyncio.wait_for(entered.wait(), timeout=10)
-        assert await rabbitmq.queue_state(connection, queue) == (0, 1)  # delivered, in process
+        assert await bus.queue_state(queue) == (0, 1)  # delivered, in process
 
     async def returned() -> bool:
-        return await rabbitmq.queue_state(connection, queue) == (1, 0)
+        return await bus.queue_state(queue) == (1, 0)
 
     await wait_until(returned, what="the unacked message back in the queue")
 
     store = InMemoryEventStore()
-    working = Subscription(
-        queue, "CreateIssuer", False, exactly_once(store, queue, handlers.create_issuer)
-    )
-    async with consuming(connection, working, dead_letters):
+    working = exactly_once(store, "create_issuer", handlers.create_issuer)
+    async with consuming(bus, subscription, working):
 
         async def processed() -> bool:
             return [e.name for e in store.events] == ["IssuerCreatedEvent"]
@@ -195,78 +261,63 @@ async def test_message_is_not_acked_before_process_returns(
         await wait_until(processed, what="the returned message to be processed")
 
 
-async def test_transient_failures_are_retried_until_processed_once(
-    connection: AbstractRobustConnection,
-    publisher: Publisher,
-    dead_letters: DeadLetters,
-    queue: str,
-) -> None:
+async def test_transient_failures_are_retried_until_processed_once(bus: Bus, queue: str) -> None:
     store = InMemoryEventStore()
     issuer = uuid.uuid4()
 
     async def fail_twice(call: int) -> None:
         if call == 1:
-            raise ConnectionRefusedError("database is restarting")
+            raise Unavailable("database", "the database is restarting")
         if call == 2:
             raise RuntimeError("something odd, once")
 
-    process = Counting(exactly_once(store, queue, handlers.create_issuer), fail_twice)
-    subscription = Subscription(queue, "CreateIssuer", False, process)
-    async with consuming(connection, subscription, dead_letters, retry=FAST):
-        await publisher.send_to_queue(queue, envelope(CreateIssuer(issuer)))
+    handler = Counting(exactly_once(store, "create_issuer", handlers.create_issuer), fail_twice)
+    async with consuming(bus, on_command_queue(queue, "CreateIssuer"), handler):
+        await bus.publisher.send_to_queue(queue, envelope(CreateIssuer(issuer)))
 
         async def processed() -> bool:
             return events_of(store, issuer) == ["IssuerCreatedEvent"]
 
         await wait_until(processed, what="the issuer to be created")
-    assert process.calls == 3
-    assert await rabbitmq.queue_state(connection, queue) == (0, 0)
-    assert await dead_letters_of(connection, queue) == []
+    assert handler.calls == 3
+    assert await bus.queue_state(queue) == (0, 0)
+    assert await bus.dead_letters_of(queue) == []
 
 
-async def test_infrastructure_errors_are_retried_beyond_max_attempts(
-    connection: AbstractRobustConnection,
-    publisher: Publisher,
-    dead_letters: DeadLetters,
-    queue: str,
+async def test_an_unavailable_dependency_is_retried_beyond_the_bug_attempts(
+    bus: Bus, queue: str
 ) -> None:
-    class DatabaseDown(Exception):
-        pass
-
     store = InMemoryEventStore()
     issuer = uuid.uuid4()
-    outage = FAST.max_attempts * 3
+    outage = BUG_ATTEMPTS * 3
 
     async def down_for_a_while(call: int) -> None:
         if call <= outage:
-            raise DatabaseDown("connection refused")
+            raise Unavailable("database", "connection refused")
 
-    process = Counting(exactly_once(store, queue, handlers.create_issuer), down_for_a_while)
-    subscription = Subscription(queue, "CreateIssuer", False, process)
-    async with consuming(
-        connection, subscription, dead_letters, retry=FAST, infrastructure_errors=(DatabaseDown,)
-    ):
-        await publisher.send_to_queue(queue, envelope(CreateIssuer(issuer)))
+    handler = Counting(
+        exactly_once(store, "create_issuer", handlers.create_issuer), down_for_a_while
+    )
+    async with consuming(bus, on_command_queue(queue, "CreateIssuer"), handler):
+        await bus.publisher.send_to_queue(queue, envelope(CreateIssuer(issuer)))
 
         async def processed() -> bool:
             return events_of(store, issuer) == ["IssuerCreatedEvent"]
 
         await wait_until(processed, what="the issuer to be created after the outage")
-    assert process.calls == outage + 1
-    assert await dead_letters_of(connection, queue) == []
+    assert handler.calls == outage + 1
+    assert await bus.dead_letters_of(queue) == []
+    assert bus.outages.down() == frozenset()  # the outage is over
 
 
 async def test_poison_messages_are_dead_lettered_without_blocking_the_queue(
-    connection: AbstractRobustConnection,
-    publisher: Publisher,
-    dead_letters: DeadLetters,
-    queue: str,
+    bus: Bus, queue: str
 ) -> None:
     store = InMemoryEventStore()
     first, last = uuid.uuid4(), uuid.uuid4()
     good_body = codec.encode(CreateIssuer(uuid.uuid4()))
 
-    def headers(message_id: str, **extra: Any) -> dict[str, Any]:
+    def headers(message_id: str, **extra: object) -> dict[str, object]:
         return {"_watermill_message_uuid": message_id, "name": "CreateIssuer", **extra}
 
     poison = {
@@ -275,15 +326,14 @@ async def test_poison_messages_are_dead_lettered_without_blocking_the_queue(
         "wrong_field_names": (b'{"IssuerId": "%s"}' % str(uuid.uuid4()).encode(), headers("m-f")),
         "bad_uuid": (b'{"ID": "not-a-uuid"}', headers("m-uuid")),
     }
-    subscription = Subscription(
-        queue, "CreateIssuer", False, exactly_once(store, queue, handlers.create_issuer)
-    )
+    handler = exactly_once(store, "create_issuer", handlers.create_issuer)
     # One message at a time: a poison message that blocked would stall the last one.
-    async with consuming(connection, subscription, dead_letters, prefetch=1):
-        await publisher.send_to_queue(queue, envelope(CreateIssuer(first)))
+    async with consuming(bus, on_command_queue(queue, "CreateIssuer"), handler, prefetch=1):
+        await bus.publisher.send_to_queue(queue, envelope(CreateIssuer(first)))
+        connection = await bus.broker.connection()
         for body, raw_headers in poison.values():
             await rabbitmq.publish_raw(connection, queue, body, raw_headers)
-        await publisher.send_to_queue(queue, envelope(CreateIssuer(last)))
+        await bus.publisher.send_to_queue(queue, envelope(CreateIssuer(last)))
 
         async def processed() -> bool:
             return bool(events_of(store, last))
@@ -291,7 +341,7 @@ async def test_poison_messages_are_dead_lettered_without_blocking_the_queue(
         await wait_until(processed, what="the message behind the poison ones")
 
         async def all_dead_lettered() -> list[DeadLetter]:
-            letters = await dead_letters_of(connection, queue)
+            letters = await bus.dead_letters_of(queue)
             return letters if len(letters) == len(poison) else []
 
         letters = await wait_until(all_dead_lettered, what="the poison messages dead-lettered")
@@ -305,57 +355,42 @@ async def test_poison_messages_are_dead_lettered_without_blocking_the_queue(
     non_string = next(letter for letter in letters if letter.message_id == "m-int")
     assert non_string.headers["aggregateVersion"] == "3"
     assert non_string.body == good_body
-    assert await rabbitmq.queue_state(connection, queue) == (0, 0)
+    assert await bus.queue_state(queue) == (0, 0)
 
 
-async def test_rule_violation_is_dead_lettered_at_once(
-    connection: AbstractRobustConnection,
-    publisher: Publisher,
-    dead_letters: DeadLetters,
-    queue: str,
-) -> None:
+async def test_rule_violation_is_dead_lettered_at_once(bus: Bus, queue: str) -> None:
     store = InMemoryEventStore()
-    process = Counting(exactly_once(store, queue, handlers.create_investor))
-    subscription = Subscription(queue, "CreateInvestor", False, process)
+    handler = Counting(exactly_once(store, "create_investor", handlers.create_investor))
     message = envelope(CreateInvestor(uuid.uuid4(), Decimal("-1")))
-    async with consuming(connection, subscription, dead_letters, retry=FAST):
-        await publisher.send_to_queue(queue, message)
+    async with consuming(bus, on_command_queue(queue, "CreateInvestor"), handler):
+        await bus.publisher.send_to_queue(queue, message)
 
-        [letter] = await first_dead_letters(connection, queue, "the refused command dead-lettered")
-    assert process.calls == 1
+        [letter] = await bus.first_dead_letters(queue, "the refused command dead-lettered")
+    assert handler.calls == 1
     assert letter.message_id == message.message_id
     assert letter.name == "CreateInvestor"
     assert "RuleViolation" in letter.reason and "balance" in letter.reason
     assert store.events == []
-    assert await rabbitmq.queue_state(connection, queue) == (0, 0)
+    assert await bus.queue_state(queue) == (0, 0)
 
 
-async def test_missing_aggregate_is_retried_then_dead_lettered(
-    connection: AbstractRobustConnection,
-    publisher: Publisher,
-    dead_letters: DeadLetters,
-    queue: str,
-) -> None:
+async def test_missing_aggregate_is_retried_then_dead_lettered(bus: Bus, queue: str) -> None:
     store = InMemoryEventStore()
     issuer = uuid.uuid4()
-    process = Counting(exactly_once(store, queue, handlers.sell_invoice))
-    subscription = Subscription(queue, "SellInvoice", False, process)
+    handler = Counting(exactly_once(store, "sell_invoice", handlers.sell_invoice))
     message = envelope(SellInvoice(uuid.uuid4(), issuer, Decimal("100.00")))
-    async with consuming(connection, subscription, dead_letters, retry=FAST):
-        await publisher.send_to_queue(queue, message)
+    async with consuming(bus, on_command_queue(queue, "SellInvoice"), handler):
+        await bus.publisher.send_to_queue(queue, message)
 
-        [letter] = await first_dead_letters(connection, queue, "the orphan command dead-lettered")
-    assert process.calls == FAST.missing_attempts
+        [letter] = await bus.first_dead_letters(queue, "the orphan command dead-lettered")
+    assert handler.calls == MissingAggregate.retry_attempts
     assert f"issuer {issuer} is not registered" in letter.reason
     assert letter.message_id == message.message_id
     assert store.events == []
 
 
 async def test_command_waiting_for_its_aggregate_is_processed_once_it_exists(
-    connection: AbstractRobustConnection,
-    publisher: Publisher,
-    dead_letters: DeadLetters,
-    queue: str,
+    bus: Bus, queue: str
 ) -> None:
     store = InMemoryEventStore()
     issuer, invoice = uuid.uuid4(), uuid.uuid4()
@@ -365,113 +400,174 @@ async def test_command_waiting_for_its_aggregate_is_processed_once_it_exists(
             async with store.unit_of_work() as uow:
                 await handlers.create_issuer(uow, CreateIssuer(issuer))
 
-    process = Counting(
-        exactly_once(store, queue, handlers.sell_invoice), issuer_arrives_after_first_attempt
+    handler = Counting(
+        exactly_once(store, "sell_invoice", handlers.sell_invoice),
+        issuer_arrives_after_first_attempt,
     )
-    subscription = Subscription(queue, "SellInvoice", False, process)
-    async with consuming(connection, subscription, dead_letters, retry=FAST):
-        await publisher.send_to_queue(queue, envelope(SellInvoice(invoice, issuer, Decimal("10"))))
+    async with consuming(bus, on_command_queue(queue, "SellInvoice"), handler):
+        message = envelope(SellInvoice(invoice, issuer, Decimal("10")))
+        await bus.publisher.send_to_queue(queue, message)
 
         async def created() -> bool:
             return events_of(store, invoice) == ["InvoiceCreatedEvent"]
 
         await wait_until(created, what="the invoice to be created")
-    assert process.calls == 2
-    assert await dead_letters_of(connection, queue) == []
+    assert handler.calls == 2
+    assert await bus.dead_letters_of(queue) == []
 
 
-async def test_unexpected_error_is_dead_lettered_after_max_attempts(
-    connection: AbstractRobustConnection,
-    publisher: Publisher,
-    dead_letters: DeadLetters,
-    queue: str,
+async def test_unexpected_error_is_dead_lettered_after_the_bug_attempts(
+    bus: Bus, queue: str
 ) -> None:
-    async def broken(envelope: Envelope, message: Message) -> None:
+    async def broken(decoded: Decoded) -> Outcome:
         raise ValueError("handler bug")
 
-    process = Counting(broken)
-    subscription = Subscription(queue, "CreateIssuer", False, process)
-    async with consuming(connection, subscription, dead_letters, retry=FAST):
-        await publisher.send_to_queue(queue, envelope(CreateIssuer(uuid.uuid4())))
+    handler = Counting(broken)
+    async with consuming(bus, on_command_queue(queue, "CreateIssuer"), handler):
+        await bus.publisher.send_to_queue(queue, envelope(CreateIssuer(uuid.uuid4())))
 
-        [letter] = await first_dead_letters(connection, queue, "the failing message dead-lettered")
-    assert process.calls == FAST.max_attempts
+        [letter] = await bus.first_dead_letters(queue, "the failing message dead-lettered")
+    assert handler.calls == BUG_ATTEMPTS
     assert "ValueError: handler bug" in letter.reason
-    assert await rabbitmq.queue_state(connection, queue) == (0, 0)
+    assert await bus.queue_state(queue) == (0, 0)
 
 
-async def test_messages_of_other_names_are_acked_and_ignored(
-    connection: AbstractRobustConnection,
-    publisher: Publisher,
-    dead_letters: DeadLetters,
-    queue: str,
+async def test_a_type_error_is_retried_a_few_times_then_dead_lettered_with_where_it_was_raised(
+    bus: Bus, queue: str
+) -> None:
+    async def misuses_a_value(decoded: Decoded) -> Outcome:
+        raise TypeError("unsupported operand")
+
+    handler = Counting(misuses_a_value)
+    message = envelope(CreateIssuer(uuid.uuid4()))
+    # The policy every consumer of the service uses.
+    async with consuming(bus, on_command_queue(queue, "CreateIssuer"), handler, policy=DELIVERIES):
+        await bus.publisher.send_to_queue(queue, message)
+
+        [letter] = await bus.first_dead_letters(queue, "the failing message dead-lettered")
+        # Nothing held unacked by the consumer, which is still running.
+        await bus.wait_settled(queue)
+    assert DELIVERIES.bug is not None
+    assert handler.calls == DELIVERIES.bug.attempts
+    assert letter.message_id == message.message_id
+    assert "TypeError: unsupported operand" in letter.reason
+    assert "(at test_rabbitmq_consumer.py:" in letter.reason
+    assert "in misuses_a_value)" in letter.reason
+
+
+async def test_a_read_after_write_is_dead_lettered_without_a_retry(bus: Bus, queue: str) -> None:
+    store = InMemoryEventStore()
+
+    async def reads_after_writing(uow: UnitOfWork, command: CreateIssuer) -> None:
+        issuer = await uow.load(Issuer, command.id)
+        issuer.create()
+        await uow.save(issuer)
+        await uow.load(Issuer, command.id)  # the unit of work refuses: ReadAfterWrite
+
+    handler = Counting(exactly_once(store, "reads_after_writing", reads_after_writing))
+    message = envelope(CreateIssuer(uuid.uuid4()))
+    async with consuming(bus, on_command_queue(queue, "CreateIssuer"), handler, policy=DELIVERIES):
+        await bus.publisher.send_to_queue(queue, message)
+
+        [letter] = await bus.first_dead_letters(queue, "the message dead-lettered")
+        await bus.wait_settled(queue)
+    assert handler.calls == 1
+    assert letter.message_id == message.message_id
+    assert f"{ReadAfterWrite.__name__}: load after a write" in letter.reason
+    assert store.events == []
+
+
+async def test_messages_of_other_names_are_acked_and_ignored_on_an_events_queue(
+    bus: Bus,
 ) -> None:
     store = InMemoryEventStore()
     issuer = uuid.uuid4()
-    process = Counting(exactly_once(store, queue, handlers.create_issuer))
-    # An events queue: a command queue dead-letters other names (a misrouted command).
-    subscription = Subscription(queue, "CreateIssuer", True, process)
+    handler = Counting(exactly_once(store, "create_issuer", handlers.create_issuer))
+    # A queue bound to `events` receives every event: other names are not for it.
+    queue = f"events_{unique_name('other_names')}"
+    subscription = Subscription(QueueSpec(queue, bound_to_events=True), frozenset({"CreateIssuer"}))
     other = envelope(CreateInvestor(uuid.uuid4(), Decimal("5")))
-    async with consuming(connection, subscription, dead_letters, prefetch=1):
-        await publisher.send_to_queue(queue, other)
-        await publisher.send_to_queue(queue, envelope(CreateIssuer(issuer)))
+    async with consuming(bus, subscription, handler, prefetch=1):
+        await bus.publisher.send_to_queue(queue, other)
+        await bus.publisher.send_to_queue(queue, envelope(CreateIssuer(issuer)))
 
         async def processed() -> bool:
             return bool(events_of(store, issuer))
 
         await wait_until(processed, what="the handled message after the ignored one")
-    assert process.calls == 1
+    assert handler.calls == 1
     assert [e.name for e in store.events] == ["IssuerCreatedEvent"]
-    assert await rabbitmq.queue_state(connection, queue) == (0, 0)
-    assert await dead_letters_of(connection, queue) == []
+    assert await bus.queue_state(queue) == (0, 0)
+    assert await bus.dead_letters_of(queue) == []
 
 
-async def test_redelivery_storm_has_a_single_effect(
-    connection: AbstractRobustConnection,
-    publisher: Publisher,
-    dead_letters: DeadLetters,
-    queue: str,
+async def test_a_message_of_another_name_on_a_command_queue_is_dead_lettered(
+    bus: Bus, queue: str
 ) -> None:
     store = InMemoryEventStore()
+    handler = Counting(exactly_once(store, "create_issuer", handlers.create_issuer))
+    misrouted = envelope(CreateInvestor(uuid.uuid4(), Decimal("5")))
+    async with consuming(bus, on_command_queue(queue, "CreateIssuer"), handler):
+        await bus.publisher.send_to_queue(queue, misrouted)
+
+        [letter] = await bus.first_dead_letters(queue, "the misrouted command dead-lettered")
+    assert handler.calls == 0
+    assert letter.message_id == misrouted.message_id
+    assert f"a 'CreateInvestor' message on '{queue}'" in letter.reason
+    assert await bus.queue_state(queue) == (0, 0)
+
+
+async def test_redelivery_storm_has_a_single_effect(bus: Bus, queue: str) -> None:
+    store = InMemoryEventStore()
     investors = [uuid.uuid4() for _ in range(5)]
-    process = Counting(exactly_once(store, queue, handlers.create_investor))
-    subscription = Subscription(queue, "CreateInvestor", False, process)
-    async with consuming(connection, subscription, dead_letters, redeliver_times=3):
+
+    async def interleave(call: int) -> None:
+        await asyncio.sleep(0)  # let the concurrent runs of one delivery overlap
+
+    handler = Counting(exactly_once(store, "create_investor", handlers.create_investor), interleave)
+    async with consuming(
+        bus,
+        on_command_queue(queue, "CreateInvestor"),
+        handler,
+        handler_parts=(duplicated(3),),
+    ):
         for investor in investors:
-            await publisher.send_to_queue(queue, envelope(CreateInvestor(investor, Decimal("50"))))
+            message = envelope(CreateInvestor(investor, Decimal("50")))
+            await bus.publisher.send_to_queue(queue, message)
 
         async def all_created() -> bool:
             return len(store.processed) == len(investors)
 
         await wait_until(all_created, what="every investor to be created")
-    assert process.calls >= 3 * len(investors)
+        await bus.wait_settled(queue)
+    assert handler.calls >= 3 * len(investors)
     for investor in investors:
         assert events_of(store, investor) == ["InvestorCreatedEvent", "InvestorFundsAddedEvent"]
-    assert await rabbitmq.queue_state(connection, queue) == (0, 0)
-    assert await dead_letters_of(connection, queue) == []
+    assert await bus.queue_state(queue) == (0, 0)
+    assert await bus.dead_letters_of(queue) == []
 
 
-async def test_event_subscription_consumes_the_events_exchange(
-    connection: AbstractRobustConnection, publisher: Publisher, dead_letters: DeadLetters
-) -> None:
+async def test_event_subscription_consumes_the_events_exchange(bus: Bus) -> None:
     received: list[Envelope] = []
 
-    async def record(envelope: Envelope, message: Message) -> None:
-        received.append(envelope)
+    async def record(decoded: Decoded) -> Outcome:
+        received.append(decoded.envelope)
+        return Outcome.processed()
 
     queue = f"events_{unique_name('policy')}"
-    subscription = Subscription(queue, "IssuerCreatedEvent", True, record)
+    subscription = Subscription(
+        QueueSpec(queue, bound_to_events=True), frozenset({"IssuerCreatedEvent"})
+    )
     issuer = uuid.uuid4()
-    event = ev.IssuerCreatedEvent(issuer_id=issuer)
     published = Envelope(
         message_id=str(uuid.uuid4()),
         name="IssuerCreatedEvent",
-        body=codec.encode(event),
+        body=codec.encode(ev.IssuerCreatedEvent(issuer_id=issuer)),
         aggregate_id=str(issuer),
         headers={"aggregateVersion": "1"},
     )
-    async with consuming(connection, subscription, dead_letters):
-        await publisher.publish_events([published])
+    async with consuming(bus, subscription, record):
+        await bus.publisher.publish_events([published])
 
         async def arrived() -> list[Envelope]:
             return received
@@ -480,12 +576,7 @@ async def test_event_subscription_consumes_the_events_exchange(
     assert received == [published]
 
 
-async def test_cancellation_lets_in_flight_messages_finish(
-    connection: AbstractRobustConnection,
-    publisher: Publisher,
-    dead_letters: DeadLetters,
-    queue: str,
-) -> None:
+async def test_cancellation_lets_in_flight_messages_finish(bus: Bus, queue: str) -> None:
     store = InMemoryEventStore()
     issuer = uuid.uuid4()
     entered, release = asyncio.Event(), asyncio.Event()
@@ -494,26 +585,19 @@ async def test_cancellation_lets_in_flight_messages_finish(
         entered.set()
         await release.wait()
 
-    process = Counting(exactly_once(store, queue, handlers.create_issuer), slow)
-    subscription = Subscription(queue, "CreateIssuer", False, process)
-    async with consuming(connection, subscription, dead_letters) as task:
-        await publisher.send_to_queue(queue, envelope(CreateIssuer(issuer)))
+    handler = Counting(exactly_once(store, "create_issuer", handlers.create_issuer), slow)
+    async with consuming(bus, on_command_queue(queue, "CreateIssuer"), handler) as running:
+        await bus.publisher.send_to_queue(queue, envelope(CreateIssuer(issuer)))
         await asyncio.wait_for(entered.wait(), timeout=10)
-        task.cancel()
+        running.task.cancel()
         release.set()
         with suppress(asyncio.CancelledError):
-            await task
+            await running.task
     assert events_of(store, issuer) == ["IssuerCreatedEvent"]
-    assert await rabbitmq.queue_state(connection, queue) == (0, 0)
+    assert await bus.queue_state(queue) == (0, 0)
 
 
-async def test_consumption_resumes_after_the_broker_drops_connections(
-    vhost: rabbitmq.Vhost,
-    connection: AbstractRobustConnection,
-    publisher: Publisher,
-    dead_letters: DeadLetters,
-    queue: str,
-) -> None:
+async def test_consumption_resumes_after_the_broker_drops_connections(bus: Bus, queue: str) -> None:
     store = InMemoryEventStore()
     before, after = uuid.uuid4(), uuid.uuid4()
     entered, release = asyncio.Event(), asyncio.Event()
@@ -523,30 +607,163 @@ async def test_consumption_resumes_after_the_broker_drops_connections(
             entered.set()
             await release.wait()
 
-    process = Counting(exactly_once(store, queue, handlers.create_issuer), first_call_waits)
-    subscription = Subscription(queue, "CreateIssuer", False, process)
-    async with consuming(connection, subscription, dead_letters) as task:
-        await publisher.send_to_queue(queue, envelope(CreateIssuer(before)))
+    handler = Counting(
+        exactly_once(store, "create_issuer", handlers.create_issuer), first_call_waits
+    )
+    async with consuming(bus, on_command_queue(queue, "CreateIssuer"), handler) as running:
+        await bus.publisher.send_to_queue(queue, envelope(CreateIssuer(before)))
         await asyncio.wait_for(entered.wait(), timeout=10)
-        await rabbitmq.close_connections(vhost.name)
+        await rabbitmq.close_connections(bus.vhost.name)
         # The commit happens after the delivery channel died: its ack cannot
         # reach the broker, which redelivers; deduplication absorbs it.
         release.set()
 
         async def resent() -> bool:
             try:
-                await publisher.send_to_queue(queue, envelope(CreateIssuer(after)))
-            except Exception:
+                await bus.publisher.send_to_queue(queue, envelope(CreateIssuer(after)))
+            except Unavailable:
                 return False
             return True
 
         await wait_until(resent, timeout=30, what="publishing after the reconnection")
 
         async def both_processed() -> bool:
-            return bool(events_of(store, after)) and process.calls >= 3
+            return bool(events_of(store, after)) and handler.calls >= 3
 
         await wait_until(both_processed, timeout=30, what="consumption to resume")
-        assert not task.done()
+        assert not running.task.done()
     assert events_of(store, before) == ["IssuerCreatedEvent"]
     assert events_of(store, after) == ["IssuerCreatedEvent"]
-    assert await rabbitmq.queue_state(connection, queue) == (0, 0)
+    assert await bus.queue_state(queue) == (0, 0)
+
+
+async def close_consumer_channel(bus: Bus) -> None:
+    """Make the broker close the consumer's channel: an ack of a delivery it never made
+    is a channel error (PRECONDITION_FAILED, unknown delivery tag)."""
+    channel = bus.broker.consumer_channels[-1]
+    underlay = await channel.get_underlay_channel()
+    await underlay.basic_ack(delivery_tag=1_000_000)
+
+    async def closed() -> bool:
+        return channel.is_closed
+
+    await wait_until(closed, what="the broker to close the consumer's channel")
+
+
+async def close_connections(bus: Bus) -> None:
+    await rabbitmq.close_connections(bus.vhost.name)
+
+
+@pytest.mark.parametrize(
+    "broker_closes",
+    [close_consumer_channel, close_connections],
+    ids=["its-channel", "its-connection"],
+)
+async def test_consumer_keeps_consuming_after_the_broker_closes(
+    bus: Bus, queue: str, broker_closes: Callable[[Bus], Awaitable[None]]
+) -> None:
+    store = InMemoryEventStore()
+    before, after = uuid.uuid4(), uuid.uuid4()
+    handler = exactly_once(store, "create_issuer", handlers.create_issuer)
+    async with consuming(bus, on_command_queue(queue, "CreateIssuer"), handler) as running:
+        await bus.publisher.send_to_queue(queue, envelope(CreateIssuer(before)))
+
+        async def first_processed() -> bool:
+            return bool(events_of(store, before))
+
+        await wait_until(first_processed, what="the message before the closure")
+        await broker_closes(bus)
+        closed_at = time.monotonic()
+
+        # The test's own publishing is not what is checked: let it reconnect first.
+        async def sent() -> bool:
+            try:
+                await bus.publisher.send_to_queue(queue, envelope(CreateIssuer(after)))
+            except Unavailable:
+                return False
+            return True
+
+        await wait_until(sent, what="publishing after the closure")
+
+        async def processed() -> bool:
+            return bool(events_of(store, after))
+
+        await wait_until(processed, timeout=10, what="a message published after the closure")
+        assert time.monotonic() - closed_at < 10
+        assert not running.task.done()
+        assert await bus.queue_state(queue) == (0, 1)  # one consumer again, nothing left
+    assert events_of(store, before) == ["IssuerCreatedEvent"]
+    assert events_of(store, after) == ["IssuerCreatedEvent"]
+
+
+async def refused_by_the_broker(publisher: Publisher, queue: str) -> None:
+    """Until `publisher` is refused by the broker (a channel hears of a permission
+    change a moment after it is made)."""
+
+    async def refused() -> bool:
+        probe = Envelope(message_id=str(uuid.uuid4()), name="probe", body=b"{}")
+        try:
+            await publisher.send_to_queue(queue, probe)
+        except PublishFailed as failure:
+            return "ACCESS_REFUSED" in str(failure)
+        return False
+
+    await wait_until(refused, timeout=10, what="the broker to refuse publishing")
+
+
+async def test_a_message_handled_during_a_permission_outage_sends_its_command_once_it_is_over(
+    bus: Bus,
+) -> None:
+    queue = f"events_{unique_name('registered')}"
+    subscription = Subscription(
+        QueueSpec(queue, bound_to_events=True), frozenset({IssuerRegistered.name()})
+    )
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def first_call_waits(call: int) -> None:
+        if call == 1:
+            entered.set()
+            await release.wait()
+
+    handler = Counting(
+        sending(AmqpCommandSender(bus.publisher), integration.issuer_registered_creates_issuer),
+        first_call_waits,
+    )
+    registered = IssuerRegistered(uuid.uuid4(), "Issuer Ltd")
+    event = Envelope(
+        message_id=str(uuid.uuid4()),
+        name=IssuerRegistered.name(),
+        body=codec.encode(registered),
+    )
+    command_id = str(derived_message_id(event.message_id, CreateIssuer.name()))
+    async with consuming(bus, subscription, handler, policy=DELIVERIES) as running:
+        await bus.publisher.publish_events([event])
+        await asyncio.wait_for(entered.wait(), timeout=10)
+        await rabbitmq.revoke_permissions(bus.vhost.name)
+        try:
+            await refused_by_the_broker(bus.publisher, queue)
+            release.set()
+
+            async def refused_a_few_times() -> bool:
+                return handler.calls >= 5 and "broker" in bus.outages.down()
+
+            await wait_until(refused_a_few_times, what="sending the command to be refused")
+            assert await rabbitmq.queue_settled(bus.vhost.name, queue) is False  # still unacked
+        finally:
+            await rabbitmq.grant_permissions(bus.vhost.name)
+
+        await wait_until(
+            lambda: rabbitmq.queue_settled(bus.vhost.name, queue),
+            timeout=10,
+            what="the event acked once the command is sent",
+        )
+        assert not running.task.done()
+    [command] = await rabbitmq.drain(await bus.broker.connection(), "CreateIssuer", expected=1)
+    assert from_amqp(command) == Envelope(
+        message_id=command_id,
+        name=CreateIssuer.name(),
+        body=codec.encode(CreateIssuer(registered.id)),
+    )
+    assert await bus.queue_state("CreateIssuer") == (0, 0)
+    assert await bus.dead_letters_of(queue) == []
+    assert bus.outages.down() == frozenset()

@@ -10,39 +10,47 @@ from decimal import Decimal
 from typing import Any, cast
 
 import pytest
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
-from financing.adapters.rabbitmq import Publisher, connect, declare_command_queue, from_amqp
-from financing.adapters.rabbitmq.envelopes import string_headers
+from financing.adapters.rabbitmq.connection import Broker
+from financing.adapters.rabbitmq.envelopes import from_amqp, string_headers
+from financing.adapters.rabbitmq.publisher import Publisher
+from financing.adapters.rabbitmq.topology import command_queue
 from financing.application.errors import PoisonMessage
 from financing.application.ports import Envelope
+from financing.application.retry import Outages
 from tests.support import rabbitmq
 from tests.support.infra import unique_name
 
 
 @pytest.fixture
-async def connection(amqp_url: str) -> AsyncIterator[AbstractRobustConnection]:
-    connection = await connect(amqp_url)
-    yield connection
-    await connection.close()
+async def broker(amqp_url: str) -> AsyncIterator[Broker]:
+    broker = Broker([amqp_url], Outages())
+    yield broker
+    await broker.close()
 
 
 @pytest.fixture
-async def queue(connection: AbstractRobustConnection) -> str:
+async def connection(broker: Broker) -> AbstractConnection:
+    return await broker.connection()
+
+
+@pytest.fixture
+async def queue(broker: Broker) -> str:
     name = unique_name("envelopes")
-    channel = await connection.channel()
-    await declare_command_queue(channel, name)
+    channel = await broker.channel()
+    await command_queue(name).declare(channel)
     await channel.close()
     return name
 
 
-async def delivered(connection: AbstractRobustConnection, queue: str) -> AbstractIncomingMessage:
+async def delivered(connection: AbstractConnection, queue: str) -> AbstractIncomingMessage:
     [message] = await rabbitmq.drain(connection, queue, expected=1)
     return message
 
 
 async def test_envelope_round_trip_keeps_string_headers_and_exact_body(
-    connection: AbstractRobustConnection, queue: str
+    broker: Broker, connection: AbstractConnection, queue: str
 ) -> None:
     aggregate_id = str(uuid.uuid4())
     body = '{"InvoiceID":"x",  "Note": "fün €",\n"Amount": 10.50}'.encode()
@@ -53,7 +61,7 @@ async def test_envelope_round_trip_keeps_string_headers_and_exact_body(
         aggregate_id=aggregate_id,
         headers={"aggregateVersion": "7", "correlation": "ünïcode"},
     )
-    publisher = await Publisher.open(connection)
+    publisher = Publisher(broker)
     try:
         await publisher.send_to_queue(queue, sent)
     finally:
@@ -76,7 +84,7 @@ async def test_envelope_round_trip_keeps_string_headers_and_exact_body(
 
 
 async def test_message_with_only_the_watermill_headers_is_accepted(
-    connection: AbstractRobustConnection, queue: str
+    connection: AbstractConnection, queue: str
 ) -> None:
     message_id = str(uuid.uuid4())
     await rabbitmq.publish_raw(
@@ -94,7 +102,7 @@ async def test_message_with_only_the_watermill_headers_is_accepted(
 
 
 async def test_the_amqp_message_id_property_stands_in_for_a_missing_watermill_header(
-    connection: AbstractRobustConnection, queue: str
+    connection: AbstractConnection, queue: str
 ) -> None:
     # A publisher that is not watermill sets the standard property, not the header.
     message_id = str(uuid.uuid4())
@@ -126,7 +134,7 @@ async def test_the_amqp_message_id_property_stands_in_for_a_missing_watermill_he
     ids=lambda value: type(value).__name__,
 )
 async def test_non_string_header_makes_the_message_poison(
-    connection: AbstractRobustConnection, queue: str, value: Any
+    connection: AbstractConnection, queue: str, value: Any
 ) -> None:
     await rabbitmq.publish_raw(
         connection,
@@ -144,7 +152,7 @@ async def test_non_string_header_makes_the_message_poison(
     [{"_watermill_message_uuid": "id-1"}, {"_watermill_message_uuid": "id-1", "name": ""}],
 )
 async def test_message_without_a_name_is_poison(
-    connection: AbstractRobustConnection, queue: str, headers: dict[str, str]
+    connection: AbstractConnection, queue: str, headers: dict[str, str]
 ) -> None:
     await rabbitmq.publish_raw(connection, queue, b"{}", headers)
     message = await delivered(connection, queue)

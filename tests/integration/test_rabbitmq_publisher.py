@@ -1,4 +1,4 @@
-"""Publishing with confirms: order, unroutable messages, failing fast, sending commands."""
+"""Publishing with confirms: order, unroutable messages, failing fast, healing, sending commands."""
 
 from __future__ import annotations
 
@@ -8,19 +8,16 @@ from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import pytest
-from aio_pika.abc import AbstractRobustConnection
 
-from financing.adapters.rabbitmq import (
-    AmqpCommandSender,
-    Publisher,
-    PublishFailed,
-    connect,
-    declare_event_queue,
-    from_amqp,
-)
+from financing.adapters.rabbitmq.connection import Broker
+from financing.adapters.rabbitmq.envelopes import from_amqp
+from financing.adapters.rabbitmq.publisher import AmqpCommandSender, Publisher, PublishFailed
+from financing.adapters.rabbitmq.topology import QueueSpec
 from financing.application import codec
+from financing.application.errors import Unavailable
 from financing.application.messages import CreateIssuer
 from financing.application.ports import Envelope
+from financing.application.retry import Outages
 from financing.domain import events as ev
 from tests.support import rabbitmq
 from tests.support.infra import unique_name, wait_until
@@ -40,15 +37,15 @@ async def empty_vhost() -> AsyncIterator[rabbitmq.Vhost]:
 
 
 @pytest.fixture
-async def connection(vhost: rabbitmq.Vhost) -> AsyncIterator[AbstractRobustConnection]:
-    connection = await connect(vhost.url)
-    yield connection
-    await connection.close()
+async def broker(vhost: rabbitmq.Vhost) -> AsyncIterator[Broker]:
+    broker = Broker([vhost.url], Outages())
+    yield broker
+    await broker.close()
 
 
 @pytest.fixture
-async def publisher(connection: AbstractRobustConnection) -> AsyncIterator[Publisher]:
-    publisher = await Publisher.open(connection, confirm_timeout=2.0)
+async def publisher(broker: Broker) -> AsyncIterator[Publisher]:
+    publisher = Publisher(broker, confirm_timeout=2.0)
     yield publisher
     await publisher.close()
 
@@ -66,18 +63,19 @@ def event_envelope(version: int, aggregate_id: uuid.UUID) -> Envelope:
 
 
 async def test_published_events_reach_every_bound_queue_in_order(
-    connection: AbstractRobustConnection, publisher: Publisher
+    broker: Broker, publisher: Publisher
 ) -> None:
-    channel = await connection.channel()
+    channel = await broker.channel()
     queues = [unique_name("events_a"), unique_name("events_b")]
     for name in queues:
-        await declare_event_queue(channel, name)
+        await QueueSpec(name, bound_to_events=True).declare(channel)
     await channel.close()
     investor = uuid.uuid4()
     sent = [event_envelope(version, investor) for version in range(1, 201)]
 
     await publisher.publish_events(sent)
 
+    connection = await broker.connection()
     for name in queues:
         received = [from_amqp(m) for m in await rabbitmq.drain(connection, name, expected=200)]
         assert received == sent
@@ -87,13 +85,14 @@ async def test_events_with_no_queue_bound_are_reported_unroutable(
     empty_vhost: rabbitmq.Vhost,
 ) -> None:
     # An event no queue receives would be lost: the relayer must not advance past it.
-    connection = await connect(empty_vhost.url)
+    broker = Broker([empty_vhost.url], Outages())
+    publisher = Publisher(broker)
     try:
-        publisher = await Publisher.open(connection)
         with pytest.raises(PublishFailed, match="unroutable"):
             await publisher.publish_events([event_envelope(1, uuid.uuid4())])
     finally:
-        await connection.close()
+        await publisher.close()
+        await broker.close()
 
 
 async def test_sending_to_a_missing_queue_fails(publisher: Publisher) -> None:
@@ -103,7 +102,7 @@ async def test_sending_to_a_missing_queue_fails(publisher: Publisher) -> None:
 
 
 async def test_command_sender_declares_the_command_queue_and_sends_the_command(
-    vhost: rabbitmq.Vhost, connection: AbstractRobustConnection, publisher: Publisher
+    vhost: rabbitmq.Vhost, broker: Broker, publisher: Publisher
 ) -> None:
     command = CreateIssuer(uuid.uuid4())
     message_id = uuid.uuid4()
@@ -113,7 +112,7 @@ async def test_command_sender_declares_the_command_queue_and_sends_the_command(
     queues = await rabbitmq.list_queues(vhost.name)
     assert queues["CreateIssuer"]["durable"] is True
     assert queues["CreateIssuer"]["arguments"] == []
-    [message] = await rabbitmq.drain(connection, "CreateIssuer", expected=1)
+    [message] = await rabbitmq.drain(await broker.connection(), "CreateIssuer", expected=1)
     assert message.headers == {"_watermill_message_uuid": str(message_id), "name": "CreateIssuer"}
     assert message.body == codec.encode(command)
     assert message.message_id == str(message_id)
@@ -123,23 +122,78 @@ async def test_command_sender_declares_the_command_queue_and_sends_the_command(
 async def test_publishing_fails_fast_while_the_broker_is_unreachable(
     empty_vhost: rabbitmq.Vhost,
 ) -> None:
-    # Reconnection far away: the broker stays unreachable for this test's duration.
-    connection = await connect(empty_vhost.url + "?reconnect_interval=60")
+    # Through a relay cut as a network partition would: reconnecting hangs unanswered.
+    proxy = rabbitmq.BrokerProxy()
+    await proxy.start()
+    broker = Broker([proxy.url(empty_vhost.name)], Outages())
+    publisher = Publisher(broker, confirm_timeout=1.0)
     try:
-        publisher = await Publisher.open(connection, confirm_timeout=1.0)
         sender = AmqpCommandSender(publisher)
         await sender.send(CreateIssuer(uuid.uuid4()), uuid.uuid4())
-        await rabbitmq.close_connections(empty_vhost.name)
+        await proxy.cut()
 
-        async def disconnected() -> bool:
-            return publisher.channel.is_closed
-
-        await wait_until(disconnected, what="the client to notice the lost connection")
         started = time.monotonic()
         with pytest.raises(PublishFailed):
             await sender.send(CreateIssuer(uuid.uuid4()), uuid.uuid4())
+        assert time.monotonic() - started < 1.0 + 0.5
+        started = time.monotonic()
         with pytest.raises(PublishFailed):
             await publisher.publish_events([event_envelope(1, uuid.uuid4())])
-        assert time.monotonic() - started < 2.5
+        assert time.monotonic() - started < 1.0 + 0.5
     finally:
-        await connection.close()
+        await publisher.close()
+        await broker.close()
+        await proxy.close()
+
+
+async def test_publisher_heals_after_the_broker_refused_its_channel(
+    empty_vhost: rabbitmq.Vhost,
+) -> None:
+    broker = Broker([empty_vhost.url], Outages())
+    publisher = Publisher(broker, confirm_timeout=2.0)
+    try:
+        connection = await broker.connection()
+        channel = await broker.channel()
+        await QueueSpec(unique_name("events_probe"), bound_to_events=True).declare(channel)
+        await channel.close()
+        await publisher.declare_command_queue("CreateIssuer")
+        first = Envelope(message_id=str(uuid.uuid4()), name="CreateIssuer", body=b"{}")
+        await publisher.send_to_queue("CreateIssuer", first)
+
+        # The connection stays open; the broker refuses what the channel does next.
+        # (A channel caches the permission checks it made: publishing to `events`,
+        # which it has not done yet, is checked again.)
+        await rabbitmq.revoke_permissions(empty_vhost.name)
+        try:
+            refusals: list[PublishFailed] = []
+
+            async def refused() -> bool:
+                try:
+                    await publisher.publish_events([event_envelope(1, uuid.uuid4())])
+                except PublishFailed as failure:
+                    refusals.append(failure)
+                    return True
+                return False
+
+            await wait_until(refused, timeout=10, what="the broker to refuse a publish")
+            assert isinstance(refusals[0], Unavailable)
+            assert "ACCESS_REFUSED" in str(refusals[0])
+        finally:
+            await rabbitmq.grant_permissions(empty_vhost.name)
+
+        healed = Envelope(message_id=str(uuid.uuid4()), name="CreateIssuer", body=b"{}")
+
+        async def sent() -> bool:
+            try:
+                await publisher.send_to_queue("CreateIssuer", healed)
+            except PublishFailed:
+                return False
+            return True
+
+        await wait_until(sent, timeout=10, what="a publish through the same publisher")
+        assert await broker.connection() is connection  # healed on the same connection
+        messages = await rabbitmq.drain(connection, "CreateIssuer", expected=2)
+        assert [m.message_id for m in messages] == [first.message_id, healed.message_id]
+    finally:
+        await publisher.close()
+        await broker.close()

@@ -7,27 +7,19 @@ import uuid
 from contextlib import suppress
 
 import aio_pika
-from aio_pika.abc import AbstractRobustConnection
 
-from financing.adapters.rabbitmq import (
-    DEAD_LETTER_QUEUE,
-    EVENTS_EXCHANGE,
-    AmqpCommandSender,
-    DeadLetters,
-    Publisher,
-    connect,
-    declare_event_queue,
-    run_subscription,
-)
-from financing.application import codec
+from financing.adapters.rabbitmq import topology
+from financing.adapters.rabbitmq.connection import Broker
+from financing.adapters.rabbitmq.consumer import Deliveries, QueueConsumer, consume
+from financing.adapters.rabbitmq.dead_letters import DeadLetters
+from financing.adapters.rabbitmq.publisher import AmqpCommandSender, Publisher
+from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE, EVENTS_EXCHANGE
+from financing.application import codec, routes
 from financing.application.memory import InMemoryEventStore
 from financing.application.messages import CreateIssuer
-from financing.application.processing import (
-    Subscription,
-    command_subscriptions,
-    integration_subscriptions,
-    policy_subscriptions,
-)
+from financing.application.pipeline import Handler, exactly_once, sending
+from financing.application.ports import CommandSender, EventStore
+from financing.application.retry import DELIVERIES, Outages
 from tests.support import rabbitmq
 from tests.support.infra import wait_until
 
@@ -50,34 +42,52 @@ EVENT_QUEUES = {
 }
 
 
-def every_subscription(store: InMemoryEventStore, sender: AmqpCommandSender) -> list[Subscription]:
+def every_handler(store: EventStore, sender: CommandSender) -> list[tuple[str, Handler]]:
+    """(message name, handler) of every consumer the service runs but the projector."""
     return [
-        *command_subscriptions(store),
-        *policy_subscriptions(store),
-        *integration_subscriptions(sender),
+        *((r.message_name, exactly_once(store, r.consumer, r.handler)) for r in routes.COMMANDS),
+        *((r.message_name, exactly_once(store, r.consumer, r.handler)) for r in routes.POLICIES),
+        *((r.message_name, sending(sender, r.handler)) for r in routes.INTEGRATION),
     ]
 
 
 async def start(
-    connection: AbstractRobustConnection, subscriptions: list[Subscription]
+    broker: Broker, outages: Outages, handlers: list[tuple[str, Handler]]
 ) -> tuple[list[asyncio.Task[None]], Publisher]:
-    publisher = await Publisher.open(connection)
-    dead_letters = DeadLetters(publisher)
-    tasks = [
-        asyncio.create_task(run_subscription(connection, s, dead_letters)) for s in subscriptions
-    ]
+    """Every handler on the queue the topology gives its message, wired as the service
+    wires them: the whole topology declared first, then each queue consumed."""
+    publisher = Publisher(broker)
+    dead_letters = DeadLetters(publisher, outages, DELIVERIES)
+    consumers: list[tuple[QueueConsumer, Deliveries]] = []
+    for name, handler in handlers:
+        subscription = topology.subscription(name)
+        step = subscription.step(
+            handler,
+            policy=DELIVERIES,
+            outages=outages,
+        )
+        deliveries = Deliveries(step)
+        consumer = QueueConsumer(
+            broker, subscription.queue, dead_letters, outages, deliveries.receive, prefetch=32
+        )
+        consumers.append((consumer, deliveries))
+    channel = await broker.channel()
+    await topology.declare(channel, [consumer.spec for consumer, _ in consumers])
+    await channel.close()
+    tasks = [asyncio.create_task(consume(*pair)) for pair in consumers]
 
     async def all_consuming() -> bool:
         for task in tasks:
             if task.done():
                 task.result()  # surface a start-up failure such as PRECONDITION_FAILED
-        for subscription in subscriptions:
-            state = await rabbitmq.queue_state(connection, subscription.queue)
+        connection = await broker.connection()
+        for consumer, _ in consumers:
+            state = await rabbitmq.queue_state(connection, consumer.spec.name)
             if state is None or state[1] != 1:
                 return False
-        return True
+        return all(consumer.consuming.is_set() for consumer, _ in consumers)
 
-    await wait_until(all_consuming, what="every subscription consuming")
+    await wait_until(all_consuming, what="every consumer consuming")
     return tasks, publisher
 
 
@@ -92,15 +102,16 @@ async def stop(tasks: list[asyncio.Task[None]], publisher: Publisher) -> None:
 
 async def test_service_topology_is_durable_and_matches_the_reference() -> None:
     async with rabbitmq.private_vhost("fin_topology") as vhost:
-        connection = await connect(vhost.url)
+        outages = Outages()
+        broker = Broker([vhost.url], outages)
         try:
-            publisher = await Publisher.open(connection)
-            subscriptions = every_subscription(InMemoryEventStore(), AmqpCommandSender(publisher))
-            tasks, consumers_publisher = await start(connection, subscriptions)
+            publisher = Publisher(broker)
+            handlers = every_handler(InMemoryEventStore(), AmqpCommandSender(publisher))
+            tasks, consumers_publisher = await start(broker, outages, handlers)
             await stop(tasks, consumers_publisher)
             await publisher.close()
         finally:
-            await connection.close()
+            await broker.close()
 
         queues = await rabbitmq.list_queues(vhost.name)
         assert set(queues) == COMMAND_QUEUES | EVENT_QUEUES | {DEAD_LETTER_QUEUE}
@@ -141,17 +152,16 @@ async def test_start_up_on_a_broker_holding_the_reference_queues_succeeds() -> N
         await plain.close()
 
         store = InMemoryEventStore()
-        connection = await connect(vhost.url)
+        outages = Outages()
+        broker = Broker([vhost.url], outages)
         try:
-            publisher = await Publisher.open(connection)
-            subscriptions = every_subscription(store, AmqpCommandSender(publisher))
+            publisher = Publisher(broker)
+            handlers = every_handler(store, AmqpCommandSender(publisher))
             # Our own consumer that needs an argument gets a queue of its own name.
-            channel = await connection.channel()
-            await declare_event_queue(
-                channel, "events_financing_query", arguments={"x-single-active-consumer": True}
-            )
+            channel = await broker.channel()
+            await topology.PROJECTOR.queue.declare(channel)
             await channel.close()
-            tasks, consumers_publisher = await start(connection, subscriptions)
+            tasks, consumers_publisher = await start(broker, outages, handlers)
 
             async def waiting_command_processed() -> bool:
                 return [e.aggregate_id for e in store.events] == [issuer]
@@ -160,14 +170,14 @@ async def test_start_up_on_a_broker_holding_the_reference_queues_succeeds() -> N
             await stop(tasks, consumers_publisher)
             await publisher.close()
         finally:
-            await connection.close()
+            await broker.close()
 
         queues = await rabbitmq.list_queues(vhost.name)
         for name in COMMAND_QUEUES | EVENT_QUEUES:
             assert queues[name]["arguments"] == [], name
-        assert queues["events_financing_query"]["arguments"] == [
+        assert queues[topology.PROJECTOR_QUEUE]["arguments"] == [
             ["x-single-active-consumer", "bool", True]
         ]
-        assert (EVENTS_EXCHANGE, "events_financing_query", "") in await rabbitmq.list_bindings(
+        assert (EVENTS_EXCHANGE, topology.PROJECTOR_QUEUE, "") in await rabbitmq.list_bindings(
             vhost.name
         )

@@ -1,8 +1,12 @@
-"""Contract of ReadModelStore, run against the in-memory and the PostgreSQL read models."""
+"""Contract of ReadModelStore, run against the in-memory and the PostgreSQL read models.
+
+`ReadModelContract` holds the tests; each implementation subclasses it and
+provides the `store` fixture, so only the PostgreSQL suite asks for a
+database (the in-memory one runs without any server).
+"""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from uuid import UUID, uuid4
@@ -10,20 +14,26 @@ from uuid import UUID, uuid4
 import asyncpg
 import pytest
 
+from financing.adapters.postgres.connection import QUERY_DATABASE
 from financing.adapters.postgres.read_models import PostgresReadModels, create_tables
+from financing.application.errors import Unavailable
 from financing.application.read_models import (
     InMemoryReadModels,
     InvestorRow,
     InvoiceRow,
     IssuerRow,
     ReadModelStore,
-    ReadModelsUnavailable,
 )
 from financing.domain import events as ev
+from financing.domain.aggregates import InvoiceStatus
 from financing.domain.events import Bid, DomainEvent
 from tests.support import infra
 
 D = Decimal
+AVAILABLE = InvoiceStatus.AVAILABLE
+FINANCED = InvoiceStatus.FINANCED
+APPROVED = InvoiceStatus.APPROVED
+REVERSED = InvoiceStatus.REVERSED
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +42,9 @@ async def pool() -> AsyncIterator[asyncpg.Pool]:
         yield pool
 
 
-@pytest.fixture(params=["memory", "postgres"])
-async def store(request: pytest.FixtureRequest, pool: asyncpg.Pool) -> ReadModelStore:
-    if request.param == "memory":
-        return InMemoryReadModels()
-    schema = f"read_models_{uuid4().hex[:12]}"  # a fresh, empty schema per test
+async def fresh_read_models(pool: asyncpg.Pool) -> PostgresReadModels:
+    """Read models in a fresh, empty schema of their own."""
+    schema = f"read_models_{uuid4().hex[:12]}"
     async with pool.acquire() as conn:
         await create_tables(conn, schema)
     return PostgresReadModels(pool, schema)
@@ -64,255 +72,268 @@ def created_investor(investor_id: UUID, balance: str = "0") -> list[DomainEvent]
     return events
 
 
-# Investors
+class ReadModelContract:
+    """What every ReadModelStore does; a subclass per implementation provides `store`."""
 
+    @pytest.fixture
+    def store(self) -> ReadModelStore:
+        raise NotImplementedError("a subclass provides the store under test")
 
-async def test_new_investor_has_nothing_in_balance_reserved_or_committed(
-    store: ReadModelStore,
-) -> None:
-    investor_id = uuid4()
-    await apply(store, ev.InvestorCreatedEvent(investor_id))
-    assert await store.investors() == [InvestorRow(investor_id, D(0), D(0), D(0))]
+    # Investors
 
+    async def test_new_investor_has_nothing_in_balance_reserved_or_committed(
+        self,
+        store: ReadModelStore,
+    ) -> None:
+        investor_id = uuid4()
+        await apply(store, ev.InvestorCreatedEvent(investor_id))
+        assert await store.investors() == [InvestorRow(investor_id, D(0), D(0), D(0))]
 
-async def test_added_funds_increase_the_balance(store: ReadModelStore) -> None:
-    investor_id = uuid4()
-    await apply(store, *created_investor(investor_id, "100"))
-    assert await investor(store, investor_id) == InvestorRow(investor_id, D(100), D(0), D(0))
+    async def test_added_funds_increase_the_balance(self, store: ReadModelStore) -> None:
+        investor_id = uuid4()
+        await apply(store, *created_investor(investor_id, "100"))
+        assert await investor(store, investor_id) == InvestorRow(investor_id, D(100), D(0), D(0))
 
+    async def test_placed_bid_moves_funds_from_balance_to_reserved(
+        self, store: ReadModelStore
+    ) -> None:
+        investor_id = uuid4()
+        await apply(store, *created_investor(investor_id, "100"))
+        await apply(store, ev.BidOnInvoicePlacedEvent(investor_id, uuid4(), D(30)))
+        assert await investor(store, investor_id) == InvestorRow(investor_id, D(70), D(30), D(0))
 
-async def test_placed_bid_moves_funds_from_balance_to_reserved(store: ReadModelStore) -> None:
-    investor_id = uuid4()
-    await apply(store, *created_investor(investor_id, "100"))
-    await apply(store, ev.BidOnInvoicePlacedEvent(investor_id, uuid4(), D(30)))
-    assert await investor(store, investor_id) == InvestorRow(investor_id, D(70), D(30), D(0))
+    async def test_released_funds_move_back_from_reserved_to_balance(
+        self, store: ReadModelStore
+    ) -> None:
+        investor_id = uuid4()
+        await apply(store, *created_investor(investor_id, "100"))
+        await apply(store, ev.BidOnInvoicePlacedEvent(investor_id, uuid4(), D(30)))
+        await apply(store, ev.InvestorFundsReleasedEvent(investor_id, D(10)))
+        assert await investor(store, investor_id) == InvestorRow(investor_id, D(80), D(20), D(0))
 
+    async def test_committed_funds_move_from_reserved_to_committed(
+        self, store: ReadModelStore
+    ) -> None:
+        investor_id = uuid4()
+        await apply(store, *created_investor(investor_id, "100"))
+        await apply(store, ev.BidOnInvoicePlacedEvent(investor_id, uuid4(), D(30)))
+        await apply(store, ev.InvestorFundsCommittedEvent(investor_id, D(20)))
+        assert await investor(store, investor_id) == InvestorRow(investor_id, D(70), D(10), D(20))
 
-async def test_released_funds_move_back_from_reserved_to_balance(store: ReadModelStore) -> None:
-    investor_id = uuid4()
-    await apply(store, *created_investor(investor_id, "100"))
-    await apply(store, ev.BidOnInvoicePlacedEvent(investor_id, uuid4(), D(30)))
-    await apply(store, ev.InvestorFundsReleasedEvent(investor_id, D(10)))
-    assert await investor(store, investor_id) == InvestorRow(investor_id, D(80), D(20), D(0))
+    @pytest.mark.parametrize("amount", ["0", "-5"])
+    async def test_amounts_of_zero_or_less_change_nothing(
+        self, store: ReadModelStore, amount: str
+    ) -> None:
+        investor_id, stranger = uuid4(), uuid4()
+        await apply(store, *created_investor(investor_id, "100"))
+        await apply(store, ev.BidOnInvoicePlacedEvent(investor_id, uuid4(), D(30)))
+        for who in (investor_id, stranger):
+            await apply(
+                store,
+                ev.InvestorFundsAddedEvent(who, D(amount)),
+                ev.BidOnInvoicePlacedEvent(who, uuid4(), D(amount)),
+                ev.InvestorFundsReleasedEvent(who, D(amount)),
+                ev.InvestorFundsCommittedEvent(who, D(amount)),
+            )
+        assert await store.investors() == [InvestorRow(investor_id, D(70), D(30), D(0))]
 
+    async def test_three_additions_of_a_tenth_read_back_exactly_three_tenths(
+        self,
+        store: ReadModelStore,
+    ) -> None:
+        investor_id = uuid4()
+        await apply(store, ev.InvestorCreatedEvent(investor_id))
+        for _ in range(3):
+            await apply(store, ev.InvestorFundsAddedEvent(investor_id, D("0.1")))
+        row = await investor(store, investor_id)
+        assert row.balance == D("0.3")
+        assert float(row.balance) == 0.3
 
-async def test_committed_funds_move_from_reserved_to_committed(store: ReadModelStore) -> None:
-    investor_id = uuid4()
-    await apply(store, *created_investor(investor_id, "100"))
-    await apply(store, ev.BidOnInvoicePlacedEvent(investor_id, uuid4(), D(30)))
-    await apply(store, ev.InvestorFundsCommittedEvent(investor_id, D(20)))
-    assert await investor(store, investor_id) == InvestorRow(investor_id, D(70), D(10), D(20))
+    # Invoices
 
+    async def test_created_invoice_is_available_without_a_winning_bid(
+        self, store: ReadModelStore
+    ) -> None:
+        invoice_id, issuer_id = uuid4(), uuid4()
+        await apply(store, ev.InvoiceCreatedEvent(invoice_id, issuer_id, D("20.50")))
+        assert await store.invoices() == [
+            InvoiceRow(invoice_id, issuer_id, D("20.50"), AVAILABLE, None)
+        ]
 
-@pytest.mark.parametrize("amount", ["0", "-5"])
-async def test_amounts_of_zero_or_less_change_nothing(store: ReadModelStore, amount: str) -> None:
-    investor_id, stranger = uuid4(), uuid4()
-    await apply(store, *created_investor(investor_id, "100"))
-    await apply(store, ev.BidOnInvoicePlacedEvent(investor_id, uuid4(), D(30)))
-    for who in (investor_id, stranger):
+    async def test_financed_invoice_records_the_winning_bid(self, store: ReadModelStore) -> None:
+        invoice_id, issuer_id, bid = uuid4(), uuid4(), Bid(uuid4(), D(20))
+        await apply(store, ev.InvoiceCreatedEvent(invoice_id, issuer_id, D(10)))
+        await apply(store, ev.InvoiceFinancedEvent(invoice_id, D(10), bid))
+        assert await invoice(store, invoice_id) == InvoiceRow(
+            invoice_id, issuer_id, D(10), FINANCED, bid
+        )
+
+    @pytest.mark.parametrize(
+        ("event_type", "status"),
+        [(ev.InvoiceApprovedEvent, APPROVED), (ev.InvoiceReversedEvent, REVERSED)],
+    )
+    async def test_approved_or_reversed_invoice_keeps_its_winning_bid(
+        self,
+        store: ReadModelStore,
+        event_type: type[ev.InvoiceApprovedEvent] | type[ev.InvoiceReversedEvent],
+        status: InvoiceStatus,
+    ) -> None:
+        invoice_id, issuer_id, bid = uuid4(), uuid4(), Bid(uuid4(), D(20))
+        await apply(store, ev.InvoiceCreatedEvent(invoice_id, issuer_id, D(10)))
+        await apply(store, ev.InvoiceFinancedEvent(invoice_id, D(10), bid))
+        await apply(store, event_type(invoice_id, D(10), bid))
+        assert await invoice(store, invoice_id) == InvoiceRow(
+            invoice_id, issuer_id, D(10), status, bid
+        )
+
+    async def test_rejected_bid_changes_no_invoice(self, store: ReadModelStore) -> None:
+        invoice_id, issuer_id = uuid4(), uuid4()
+        await apply(store, ev.InvoiceCreatedEvent(invoice_id, issuer_id, D(10)))
+        await apply(store, ev.BidOnInvoiceRejectedEvent(invoice_id, Bid(uuid4(), D(5))))
+        await apply(store, ev.BidOnInvoiceRejectedEvent(uuid4(), Bid(uuid4(), D(5))))
+        assert await store.invoices() == [InvoiceRow(invoice_id, issuer_id, D(10), AVAILABLE, None)]
+
+    # Issuers and lists
+
+    async def test_created_issuer_is_listed(self, store: ReadModelStore) -> None:
+        issuer_id = uuid4()
+        await apply(store, ev.IssuerCreatedEvent(issuer_id))
+        assert await store.issuers() == [IssuerRow(issuer_id)]
+
+    async def test_lists_are_empty_before_any_event(self, store: ReadModelStore) -> None:
+        assert await store.investors() == []
+        assert await store.invoices() == []
+        assert await store.issuers() == []
+
+    async def test_lists_keep_creation_order_whatever_is_updated_later(
+        self,
+        store: ReadModelStore,
+    ) -> None:
+        # Ids sorted in reverse, so neither id order nor update order can pass for creation order.
+        investors = sorted((uuid4() for _ in range(3)), reverse=True)
+        invoices = sorted((uuid4() for _ in range(3)), reverse=True)
+        issuers = sorted((uuid4() for _ in range(3)), reverse=True)
+        for i in range(3):
+            await apply(store, ev.IssuerCreatedEvent(issuers[i]))
+            await apply(store, ev.InvestorCreatedEvent(investors[i]))
+            await apply(store, ev.InvoiceCreatedEvent(invoices[i], issuers[i], D(10)))
         await apply(
             store,
-            ev.InvestorFundsAddedEvent(who, D(amount)),
-            ev.BidOnInvoicePlacedEvent(who, uuid4(), D(amount)),
-            ev.InvestorFundsReleasedEvent(who, D(amount)),
-            ev.InvestorFundsCommittedEvent(who, D(amount)),
+            ev.InvestorFundsAddedEvent(investors[0], D(5)),
+            ev.InvoiceFinancedEvent(invoices[0], D(10), Bid(investors[0], D(10))),
         )
-    assert await store.investors() == [InvestorRow(investor_id, D(70), D(30), D(0))]
+        assert [row.id for row in await store.investors()] == investors
+        assert [row.id for row in await store.invoices()] == invoices
+        assert [row.id for row in await store.issuers()] == issuers
+
+    # Idempotency
+
+    async def test_message_applied_again_changes_nothing(self, store: ReadModelStore) -> None:
+        investor_id = uuid4()
+        batch: list[tuple[str, DomainEvent]] = [
+            (str(uuid4()), ev.InvestorCreatedEvent(investor_id)),
+            (str(uuid4()), ev.InvestorFundsAddedEvent(investor_id, D(100))),
+            (str(uuid4()), ev.BidOnInvoicePlacedEvent(investor_id, uuid4(), D(30))),
+        ]
+        await store.apply(batch)
+        await store.apply(batch)
+        await store.apply(batch[1:2])
+        assert await store.investors() == [InvestorRow(investor_id, D(70), D(30), D(0))]
+
+    async def test_message_repeated_within_one_batch_is_applied_once(
+        self, store: ReadModelStore
+    ) -> None:
+        investor_id = uuid4()
+        added = (str(uuid4()), ev.InvestorFundsAddedEvent(investor_id, D(100)))
+        await store.apply([(str(uuid4()), ev.InvestorCreatedEvent(investor_id)), added, added])
+        assert await store.investors() == [InvestorRow(investor_id, D(100), D(0), D(0))]
+
+    async def test_creation_seen_again_under_another_id_resets_nothing(
+        self, store: ReadModelStore
+    ) -> None:
+        investor_id, invoice_id, issuer_id = uuid4(), uuid4(), uuid4()
+        bid = Bid(investor_id, D(10))
+        await apply(store, *created_investor(investor_id, "100"))
+        await apply(store, ev.InvoiceCreatedEvent(invoice_id, issuer_id, D(10)))
+        await apply(store, ev.InvoiceFinancedEvent(invoice_id, D(10), bid))
+        await apply(
+            store,
+            ev.InvestorCreatedEvent(investor_id),
+            ev.InvoiceCreatedEvent(invoice_id, uuid4(), D(99)),
+        )
+        assert await store.investors() == [InvestorRow(investor_id, D(100), D(0), D(0))]
+        assert await store.invoices() == [InvoiceRow(invoice_id, issuer_id, D(10), FINANCED, bid)]
+
+    # Events out of order (a foreign publisher)
+
+    async def test_investor_event_before_its_creation_starts_the_investor_at_zero(
+        self,
+        store: ReadModelStore,
+    ) -> None:
+        investor_id = uuid4()
+        await apply(store, ev.InvestorFundsAddedEvent(investor_id, D(100)))
+        await apply(store, ev.BidOnInvoicePlacedEvent(investor_id, uuid4(), D(40)))
+        await apply(store, ev.InvestorCreatedEvent(investor_id))
+        assert await store.investors() == [InvestorRow(investor_id, D(60), D(40), D(0))]
+
+    async def test_invoice_is_listed_once_its_creation_arrives_with_its_latest_status(
+        self,
+        store: ReadModelStore,
+    ) -> None:
+        invoice_id, issuer_id, bid = uuid4(), uuid4(), Bid(uuid4(), D(12))
+        await apply(store, ev.InvoiceFinancedEvent(invoice_id, D(10), bid))
+        await apply(store, ev.InvoiceApprovedEvent(invoice_id, D(10), bid))
+        assert await store.invoices() == []  # its issuer is not known yet
+        await apply(store, ev.InvoiceCreatedEvent(invoice_id, issuer_id, D(10)))
+        assert await store.invoices() == [InvoiceRow(invoice_id, issuer_id, D(10), APPROVED, bid)]
+
+    async def test_stale_invoice_event_does_not_undo_a_later_status(
+        self, store: ReadModelStore
+    ) -> None:
+        invoice_id, issuer_id, bid = uuid4(), uuid4(), Bid(uuid4(), D(10))
+        await apply(store, ev.InvoiceCreatedEvent(invoice_id, issuer_id, D(10)))
+        await apply(store, ev.InvoiceReversedEvent(invoice_id, D(10), bid))
+        await apply(store, ev.InvoiceFinancedEvent(invoice_id, D(10), Bid(uuid4(), D(11))))
+        await apply(store, ev.InvoiceApprovedEvent(invoice_id, D(10), bid))
+        assert await store.invoices() == [InvoiceRow(invoice_id, issuer_id, D(10), REVERSED, bid)]
 
 
-async def test_three_additions_of_a_tenth_read_back_exactly_three_tenths(
-    store: ReadModelStore,
-) -> None:
-    investor_id = uuid4()
-    await apply(store, ev.InvestorCreatedEvent(investor_id))
-    for _ in range(3):
-        await apply(store, ev.InvestorFundsAddedEvent(investor_id, D("0.1")))
-    row = await investor(store, investor_id)
-    assert row.balance == D("0.3")
-    assert float(row.balance) == 0.3
+class TestInMemoryReadModels(ReadModelContract):
+    @pytest.fixture
+    def store(self) -> ReadModelStore:
+        return InMemoryReadModels()
 
 
-# Invoices
+class TestPostgresReadModels(ReadModelContract):
+    @pytest.fixture
+    async def store(self, pool: asyncpg.Pool) -> ReadModelStore:
+        return await fresh_read_models(pool)
 
+    async def test_batch_that_fails_half_way_applies_nothing(self, store: ReadModelStore) -> None:
+        investor_id = uuid4()
+        created = (str(uuid4()), ev.InvestorCreatedEvent(investor_id))
+        # Twice this overflows NUMERIC: the last update fails after the others succeeded.
+        huge = D("9e131071")
+        added = [(str(uuid4()), ev.InvestorFundsAddedEvent(investor_id, huge)) for _ in range(2)]
+        with pytest.raises(asyncpg.DataError):
+            await store.apply([created, *added])
+        assert await store.investors() == []
+        await store.apply([created])  # its message id was not recorded either
+        assert await store.investors() == [InvestorRow(investor_id, D(0), D(0), D(0))]
 
-async def test_created_invoice_is_available_without_a_winning_bid(store: ReadModelStore) -> None:
-    invoice_id, issuer_id = uuid4(), uuid4()
-    await apply(store, ev.InvoiceCreatedEvent(invoice_id, issuer_id, D("20.50")))
-    assert await store.invoices() == [
-        InvoiceRow(invoice_id, issuer_id, D("20.50"), "AVAILABLE", None)
-    ]
-
-
-async def test_financed_invoice_records_the_winning_bid(store: ReadModelStore) -> None:
-    invoice_id, issuer_id, bid = uuid4(), uuid4(), Bid(uuid4(), D(20))
-    await apply(store, ev.InvoiceCreatedEvent(invoice_id, issuer_id, D(10)))
-    await apply(store, ev.InvoiceFinancedEvent(invoice_id, D(10), bid))
-    assert await invoice(store, invoice_id) == InvoiceRow(
-        invoice_id, issuer_id, D(10), "FINANCED", bid
-    )
-
-
-@pytest.mark.parametrize(
-    ("event_type", "status"),
-    [(ev.InvoiceApprovedEvent, "APPROVED"), (ev.InvoiceReversedEvent, "REVERSED")],
-)
-async def test_approved_or_reversed_invoice_keeps_its_winning_bid(
-    store: ReadModelStore,
-    event_type: type[ev.InvoiceApprovedEvent] | type[ev.InvoiceReversedEvent],
-    status: str,
-) -> None:
-    invoice_id, issuer_id, bid = uuid4(), uuid4(), Bid(uuid4(), D(20))
-    await apply(store, ev.InvoiceCreatedEvent(invoice_id, issuer_id, D(10)))
-    await apply(store, ev.InvoiceFinancedEvent(invoice_id, D(10), bid))
-    await apply(store, event_type(invoice_id, D(10), bid))
-    assert await invoice(store, invoice_id) == InvoiceRow(invoice_id, issuer_id, D(10), status, bid)
-
-
-async def test_rejected_bid_changes_no_invoice(store: ReadModelStore) -> None:
-    invoice_id, issuer_id = uuid4(), uuid4()
-    await apply(store, ev.InvoiceCreatedEvent(invoice_id, issuer_id, D(10)))
-    await apply(store, ev.BidOnInvoiceRejectedEvent(invoice_id, Bid(uuid4(), D(5))))
-    await apply(store, ev.BidOnInvoiceRejectedEvent(uuid4(), Bid(uuid4(), D(5))))
-    assert await store.invoices() == [InvoiceRow(invoice_id, issuer_id, D(10), "AVAILABLE", None)]
-
-
-# Issuers and lists
-
-
-async def test_created_issuer_is_listed(store: ReadModelStore) -> None:
-    issuer_id = uuid4()
-    await apply(store, ev.IssuerCreatedEvent(issuer_id))
-    assert await store.issuers() == [IssuerRow(issuer_id)]
-
-
-async def test_lists_are_empty_before_any_event(store: ReadModelStore) -> None:
-    assert await store.investors() == []
-    assert await store.invoices() == []
-    assert await store.issuers() == []
-
-
-async def test_lists_keep_creation_order_whatever_is_updated_later(
-    store: ReadModelStore,
-) -> None:
-    # Ids sorted in reverse, so neither id order nor update order can pass for creation order.
-    investors = sorted((uuid4() for _ in range(3)), reverse=True)
-    invoices = sorted((uuid4() for _ in range(3)), reverse=True)
-    issuers = sorted((uuid4() for _ in range(3)), reverse=True)
-    for i in range(3):
-        await apply(store, ev.IssuerCreatedEvent(issuers[i]))
-        await apply(store, ev.InvestorCreatedEvent(investors[i]))
-        await apply(store, ev.InvoiceCreatedEvent(invoices[i], issuers[i], D(10)))
-    await apply(
-        store,
-        ev.InvestorFundsAddedEvent(investors[0], D(5)),
-        ev.InvoiceFinancedEvent(invoices[0], D(10), Bid(investors[0], D(10))),
-    )
-    assert [row.id for row in await store.investors()] == investors
-    assert [row.id for row in await store.invoices()] == invoices
-    assert [row.id for row in await store.issuers()] == issuers
-
-
-# Idempotency
-
-
-async def test_message_applied_again_changes_nothing(store: ReadModelStore) -> None:
-    investor_id = uuid4()
-    batch: list[tuple[str, DomainEvent]] = [
-        (str(uuid4()), ev.InvestorCreatedEvent(investor_id)),
-        (str(uuid4()), ev.InvestorFundsAddedEvent(investor_id, D(100))),
-        (str(uuid4()), ev.BidOnInvoicePlacedEvent(investor_id, uuid4(), D(30))),
-    ]
-    await store.apply(batch)
-    await store.apply(batch)
-    await store.apply(batch[1:2])
-    assert await store.investors() == [InvestorRow(investor_id, D(70), D(30), D(0))]
-
-
-async def test_message_repeated_within_one_batch_is_applied_once(store: ReadModelStore) -> None:
-    investor_id = uuid4()
-    added = (str(uuid4()), ev.InvestorFundsAddedEvent(investor_id, D(100)))
-    await store.apply([(str(uuid4()), ev.InvestorCreatedEvent(investor_id)), added, added])
-    assert await store.investors() == [InvestorRow(investor_id, D(100), D(0), D(0))]
-
-
-async def test_creation_seen_again_under_another_id_resets_nothing(store: ReadModelStore) -> None:
-    investor_id, invoice_id, issuer_id = uuid4(), uuid4(), uuid4()
-    bid = Bid(investor_id, D(10))
-    await apply(store, *created_investor(investor_id, "100"))
-    await apply(store, ev.InvoiceCreatedEvent(invoice_id, issuer_id, D(10)))
-    await apply(store, ev.InvoiceFinancedEvent(invoice_id, D(10), bid))
-    await apply(
-        store,
-        ev.InvestorCreatedEvent(investor_id),
-        ev.InvoiceCreatedEvent(invoice_id, uuid4(), D(99)),
-    )
-    assert await store.investors() == [InvestorRow(investor_id, D(100), D(0), D(0))]
-    assert await store.invoices() == [InvoiceRow(invoice_id, issuer_id, D(10), "FINANCED", bid)]
-
-
-# Events out of order (a foreign publisher)
-
-
-async def test_investor_event_before_its_creation_starts_the_investor_at_zero(
-    store: ReadModelStore,
-) -> None:
-    investor_id = uuid4()
-    await apply(store, ev.InvestorFundsAddedEvent(investor_id, D(100)))
-    await apply(store, ev.BidOnInvoicePlacedEvent(investor_id, uuid4(), D(40)))
-    await apply(store, ev.InvestorCreatedEvent(investor_id))
-    assert await store.investors() == [InvestorRow(investor_id, D(60), D(40), D(0))]
-
-
-async def test_invoice_is_listed_once_its_creation_arrives_with_its_latest_status(
-    store: ReadModelStore,
-) -> None:
-    invoice_id, issuer_id, bid = uuid4(), uuid4(), Bid(uuid4(), D(12))
-    await apply(store, ev.InvoiceFinancedEvent(invoice_id, D(10), bid))
-    await apply(store, ev.InvoiceApprovedEvent(invoice_id, D(10), bid))
-    assert await store.invoices() == []  # its issuer is not known yet
-    await apply(store, ev.InvoiceCreatedEvent(invoice_id, issuer_id, D(10)))
-    assert await store.invoices() == [InvoiceRow(invoice_id, issuer_id, D(10), "APPROVED", bid)]
-
-
-async def test_stale_invoice_event_does_not_undo_a_later_status(store: ReadModelStore) -> None:
-    invoice_id, issuer_id, bid = uuid4(), uuid4(), Bid(uuid4(), D(10))
-    await apply(store, ev.InvoiceCreatedEvent(invoice_id, issuer_id, D(10)))
-    await apply(store, ev.InvoiceReversedEvent(invoice_id, D(10), bid))
-    await apply(store, ev.InvoiceFinancedEvent(invoice_id, D(10), Bid(uuid4(), D(11))))
-    await apply(store, ev.InvoiceApprovedEvent(invoice_id, D(10), bid))
-    assert await store.invoices() == [InvoiceRow(invoice_id, issuer_id, D(10), "REVERSED", bid)]
-
-
-# PostgreSQL only
-
-
-async def test_batch_that_fails_half_way_applies_nothing(pool: asyncpg.Pool) -> None:
-    schema = f"read_models_{uuid4().hex[:12]}"
-    async with pool.acquire() as conn:
-        await create_tables(conn, schema)
-    store = PostgresReadModels(pool, schema)
-    investor_id = uuid4()
-    created = (str(uuid4()), ev.InvestorCreatedEvent(investor_id))
-    # Twice this overflows NUMERIC: the last update fails after the others succeeded.
-    huge = D("9e131071")
-    added = [(str(uuid4()), ev.InvestorFundsAddedEvent(investor_id, huge)) for _ in range(2)]
-    with pytest.raises(asyncpg.DataError):
-        await store.apply([created, *added])
-    assert await store.investors() == []
-    await store.apply([created])  # its message id was not recorded either
-    assert await store.investors() == [InvestorRow(investor_id, D(0), D(0), D(0))]
-
-
-async def test_unreachable_database_raises_read_models_unavailable() -> None:
-    # A pool that connects lazily to a port nothing listens on.
-    unreachable = await asyncpg.create_pool(
-        host="127.0.0.1", port=1, user="postgres", database="postgres", min_size=0
-    )
-    store = PostgresReadModels(unreachable)
-    try:
-        with pytest.raises(ReadModelsUnavailable):
-            await store.investors()
-        with pytest.raises(ReadModelsUnavailable):
-            await apply(store, ev.IssuerCreatedEvent(uuid.uuid4()))
-    finally:
-        await unreachable.close()
+    async def test_unreachable_database_raises_unavailable_naming_the_query_database(
+        self,
+    ) -> None:
+        # A pool that connects lazily to a port nothing listens on.
+        unreachable = await asyncpg.create_pool(
+            host="127.0.0.1", port=1, user="postgres", database="postgres", min_size=0
+        )
+        store = PostgresReadModels(unreachable)
+        try:
+            with pytest.raises(Unavailable) as reading:
+                await store.investors()
+            with pytest.raises(Unavailable) as applying:
+                await apply(store, ev.IssuerCreatedEvent(uuid4()))
+            assert reading.value.dependency == applying.value.dependency == QUERY_DATABASE
+        finally:
+            await unreachable.close()

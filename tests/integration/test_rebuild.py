@@ -16,14 +16,18 @@ from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.adapters.postgres.read_models import PostgresReadModels
 from financing.adapters.postgres.rebuild import RebuildReport, rebuild
 from financing.adapters.rabbitmq import topology
+from financing.adapters.rabbitmq.connection import Broker, close_channel
+from financing.adapters.rabbitmq.consumer import QueueConsumer
 from financing.adapters.rabbitmq.dead_letters import DeadLetters
 from financing.adapters.rabbitmq.publisher import Publisher
 from financing.application.ports import StoredEvent
 from financing.application.read_models import InMemoryReadModels, ReadModelStore
+from financing.application.retry import DELIVERIES, Outages
 from financing.domain.aggregates import Aggregate, Investor, Invoice, Issuer
 from financing.domain.events import Bid, DomainEvent, IssuerCreatedEvent
-from financing.entrypoints.projector import PROJECTOR_QUEUE, QUEUE_ARGUMENTS, run_projector
+from financing.workers.projector import Projector
 from tests.support import infra
+from tests.support.rabbitmq import private_vhost
 
 D = Decimal
 A = TypeVar("A", bound=Aggregate)
@@ -108,30 +112,46 @@ async def test_rebuild_yields_exactly_what_the_live_projector_built(
 ) -> None:
     events = await all_events(PostgresEventStore(event_store_pool))
     live = PostgresReadModels(query_pool)
-    vhost = infra.unique_name("fin_rebuild")
-    connection = await topology.connect(infra.create_vhost(vhost))
-    try:
-        async with connection.channel() as channel:
-            await topology.declare_event_queue(channel, PROJECTOR_QUEUE, arguments=QUEUE_ARGUMENTS)
-        publisher = await Publisher.open(connection)
-        await publisher.publish_events([stored.envelope() for stored in events])
-        projector = asyncio.create_task(run_projector(connection, live, DeadLetters(publisher)))
+    async with private_vhost("fin_rebuild") as vhost:
+        outages = Outages()
+        broker = Broker([vhost.url], outages)
+        publisher = Publisher(broker)
         try:
+            channel = await broker.channel()
+            try:
+                await topology.PROJECTOR.queue.declare(channel)
+            finally:
+                await close_channel(channel)
+            await publisher.publish_events([stored.envelope() for stored in events])
+            projector = Projector(live, outages)
+            consumer = QueueConsumer(
+                broker,
+                topology.PROJECTOR.queue,
+                DeadLetters(publisher, outages, DELIVERIES),
+                outages,
+                projector.receive,
+                prefetch=projector.batch_size,
+            )
+            running = [asyncio.create_task(consumer.run()), asyncio.create_task(projector.run())]
+            try:
 
-            async def all_projected() -> bool:
-                count = await query_pool.fetchval(
-                    "SELECT count(*) FROM read_models.processed_messages"
-                )
-                return bool(count == len(events))
+                async def all_projected() -> bool:
+                    count = await query_pool.fetchval(
+                        "SELECT count(*) FROM read_models.processed_messages"
+                    )
+                    return bool(count == len(events))
 
-            await infra.wait_until(all_projected, what="every event projected")
+                await infra.wait_until(all_projected, what="every event projected")
+            finally:
+                for task in running:
+                    task.cancel()
+                for task in running:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                await consumer.close()
         finally:
-            projector.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await projector
-    finally:
-        await connection.close()
-        infra.delete_vhost(vhost)
+            await publisher.close()
+            await broker.close()
     built_live = await snapshot(live)
     assert built_live == await expected(events)
 

@@ -2,13 +2,15 @@
 
 Against the real PostgreSQL and RabbitMQ: events are appended through the
 event store, the relayer runs as it does in the service, and a queue of the
-test's own bound to `events` shows what went out.
+test's own bound to `events` shows what went out. An outage is waited out; a
+broken invariant stops the relayer loudly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Sequence
 from decimal import Decimal
 from uuid import UUID, uuid4
@@ -16,19 +18,28 @@ from uuid import UUID, uuid4
 import aio_pika
 import asyncpg
 import pytest
-from aio_pika.abc import AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import AbstractQueue
 
-from financing.adapters.postgres.connection import create_pool
+from financing.adapters.postgres.connection import COMMAND_DATABASE, connect, create_pool
 from financing.adapters.postgres.event_store import PostgresEventStore
-from financing.adapters.postgres.outbox import Outbox
+from financing.adapters.postgres.outbox import CommitListener, PostgresOutbox, PostgresRelayerLock
 from financing.adapters.postgres.schema import migrate
 from financing.adapters.rabbitmq import topology
+from financing.adapters.rabbitmq.connection import Broker, close_channel
 from financing.adapters.rabbitmq.publisher import Publisher, PublishFailed
-from financing.application.ports import Envelope, event_message_id
+from financing.application.ports import (
+    Envelope,
+    EventPublisher,
+    Outbox,
+    StoredEvent,
+    event_message_id,
+)
+from financing.application.retry import Outages
 from financing.config import Database
 from financing.domain.aggregates import Investor
-from financing.entrypoints.relayer import run_relayer
+from financing.workers.relayer import Relayer
 from tests.support import infra
+from tests.support.infra import wait_until
 
 
 @pytest.fixture
@@ -39,33 +50,34 @@ async def database() -> AsyncIterator[Database]:
 
 @pytest.fixture
 async def pool(database: Database) -> AsyncIterator[asyncpg.Pool]:
-    pool = await create_pool(database)
+    pool = await create_pool(database, COMMAND_DATABASE)
     await migrate(pool, "commands")
     yield pool
     await pool.close()
 
 
 @pytest.fixture
-async def connection(amqp_url: str) -> AsyncIterator[AbstractRobustConnection]:
-    connection = await topology.connect(amqp_url)
-    yield connection
-    await connection.close()
+async def broker(amqp_url: str) -> AsyncIterator[Broker]:
+    broker = Broker([amqp_url], Outages())
+    await broker.connection()
+    yield broker
+    await broker.close()
 
 
 @pytest.fixture
-async def observed(connection: AbstractRobustConnection) -> AsyncIterator[AbstractQueue]:
+async def observed(broker: Broker) -> AsyncIterator[AbstractQueue]:
     """A queue of the test's own, bound to `events` before anything is relayed."""
-    channel = await connection.channel()
-    await topology.declare_events_exchange(channel)
+    channel = await broker.channel()
+    events = await topology.declare_events_exchange(channel)
     queue = await channel.declare_queue(infra.unique_name("relayed"), exclusive=True)
-    await queue.bind(topology.EVENTS_EXCHANGE)
+    await queue.bind(events)
     yield queue
-    await channel.close()
+    await close_channel(channel)
 
 
 @pytest.fixture
-async def publisher(connection: AbstractRobustConnection) -> AsyncIterator[Publisher]:
-    publisher = await Publisher.open(connection)
+async def publisher(broker: Broker) -> AsyncIterator[Publisher]:
+    publisher = Publisher(broker)
     yield publisher
     await publisher.close()
 
@@ -124,19 +136,40 @@ async def receive(
     return got
 
 
+def relayer(
+    database: Database,
+    outbox: Outbox,
+    publisher: EventPublisher,
+    poll_interval: float = 0.1,
+) -> tuple[Relayer, CommitListener]:
+    """A relayer wired as the service wires it, and its commit listener (to close)."""
+    wake_up = CommitListener(database)
+    lock = PostgresRelayerLock(database)
+    return Relayer(
+        outbox, publisher, lock, wake_up, Outages(), poll_interval=poll_interval
+    ), wake_up
+
+
 @contextlib.asynccontextmanager
 async def relaying(
-    database: Database, pool: asyncpg.Pool, publisher: object, poll_interval: float = 0.1
+    database: Database,
+    pool: asyncpg.Pool,
+    publisher: EventPublisher,
+    poll_interval: float = 0.1,
+    outbox: Outbox | None = None,
 ) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(
-        run_relayer(database, pool, publisher, poll_interval=poll_interval)  # type: ignore[arg-type]
-    )
+    outbox = PostgresOutbox(pool) if outbox is None else outbox
+    running, wake_up = relayer(database, outbox, publisher, poll_interval)
+    task = asyncio.create_task(running.run())
     try:
         yield task
     finally:
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        try:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task  # anything but the cancellation fails the test
+        finally:
+            await wake_up.close()
 
 
 async def test_events_are_published_in_commit_order_with_deterministic_ids(
@@ -181,17 +214,50 @@ async def test_an_event_whose_publish_failed_is_published_again_never_skipped(
     assert sorted(set(versions)) == [1, 2, 3, 4]
     assert versions[-2:] == [3, 4]
     assert len({message_id for message_id, _, _ in got}) == 4
-    assert await Outbox(pool).pending(10) == []
+    assert await PostgresOutbox(pool).pending(10) == []
+
+
+class WatchedOutbox:
+    """The real outbox, noting when the relayer looked for events and how many it found."""
+
+    def __init__(self, real: PostgresOutbox) -> None:
+        self.real = real
+        self.looks: list[tuple[float, int]] = []
+
+    async def pending(self, limit: int) -> list[StoredEvent]:
+        started = time.monotonic()
+        events = await self.real.pending(limit)
+        self.looks.append((started, len(events)))
+        return events
+
+    async def mark_relayed(self, events: Sequence[StoredEvent]) -> None:
+        await self.real.mark_relayed(events)
 
 
 async def test_a_commit_wakes_the_relayer_without_waiting_for_its_poll(
     database: Database, pool: asyncpg.Pool, publisher: Publisher, observed: AbstractQueue
 ) -> None:
     store = PostgresEventStore(pool)
-    async with relaying(database, pool, publisher, poll_interval=60.0):
+    outbox = WatchedOutbox(PostgresOutbox(pool))
+    async with relaying(database, pool, publisher, poll_interval=30.0, outbox=outbox):
+
+        async def idle() -> bool:
+            # Its first look, and the one it makes once it listens, found nothing:
+            # from now on it waits for a commit, or for its poll 30 s later.
+            return len(outbox.looks) >= 2 and outbox.looks[-1][1] == 0
+
+        await wait_until(idle, what="the relayer idle")
         await append_investor_story(store, uuid4())
-        # Far below the 60 s poll: only the NOTIFY sent at commit can explain it.
-        got = await receive(observed, 4, within=5.0)
+        committed = time.monotonic()
+
+        async def looked_again() -> bool:
+            return any(started > committed for started, _ in outbox.looks)
+
+        # Far below the 30 s poll: only the NOTIFY sent at commit can explain it.
+        await wait_until(looked_again, timeout=5.0, what="the relayer woken by the commit")
+        # What a transaction elsewhere on the server still held behind the commit
+        # horizon then would come with the next poll (pending_count in test_outbox.py).
+        got = await receive(observed, 4, within=40.0)
     assert [version for _, _, version in got] == [1, 2, 3, 4]
 
 
@@ -209,3 +275,106 @@ async def test_two_relayers_on_one_database_publish_each_event_once(
         extra = await observed.get(no_ack=True, fail=False)
     assert extra is None
     assert len({message_id for message_id, _, _ in got}) == 20
+
+
+class SkippingOutbox:
+    """The real outbox, but `pending` leaves out the first event: what a bug in the
+    reading query would do. The real `mark_relayed` must then refuse to skip it."""
+
+    def __init__(self, real: PostgresOutbox) -> None:
+        self.real = real
+
+    async def pending(self, limit: int) -> list[StoredEvent]:
+        return (await self.real.pending(limit))[1:]
+
+    async def mark_relayed(self, events: Sequence[StoredEvent]) -> None:
+        await self.real.mark_relayed(events)
+
+
+async def lock_holders(pool: asyncpg.Pool) -> list[int]:
+    rows = await pool.fetch(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+    return [row["pid"] for row in rows]
+
+
+async def test_a_broken_invariant_stops_the_relayer_loudly_instead_of_retrying(
+    database: Database, pool: asyncpg.Pool, publisher: Publisher, observed: AbstractQueue
+) -> None:
+    await append_investor_story(PostgresEventStore(pool), uuid4())
+
+    async def all_pending() -> bool:  # a transaction elsewhere may hold the horizon back
+        return len(await PostgresOutbox(pool).pending(10)) == 4
+
+    await wait_until(all_pending, what="the events pending")
+    running, wake_up = relayer(database, SkippingOutbox(PostgresOutbox(pool)), publisher)
+    try:
+        async with asyncio.timeout(5):  # not retried: it stops at once
+            with pytest.raises(ValueError, match="would skip events"):
+                await running.run()
+    finally:
+        await wake_up.close()
+
+    assert len(await PostgresOutbox(pool).pending(10)) == 4  # the checkpoint did not move
+    assert await lock_holders(pool) == []  # and it gave its lock up on the way out
+
+
+async def checkpoint_at_the_last_event(observer: asyncpg.Connection) -> bool:
+    done: bool = await observer.fetchval(
+        "SELECT EXISTS (SELECT FROM relay_checkpoints WHERE name = 'relayer'"
+        " AND position = (SELECT max(position) FROM events))"
+    )
+    return done
+
+
+async def lock_holder(observer: asyncpg.Connection) -> int | None:
+    holder: int | None = await observer.fetchval(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+    return holder
+
+
+async def test_the_relayer_keeps_relaying_after_its_database_sessions_are_ended(
+    database: Database, pool: asyncpg.Pool, publisher: Publisher, observed: AbstractQueue
+) -> None:
+    before, after = uuid4(), uuid4()
+    await append_investor_story(PostgresEventStore(pool), before)
+    observer = await connect(database)
+    try:
+        async with relaying(database, pool, publisher):
+            got = await receive(observed, 4)
+            await infra.wait_until(
+                lambda: checkpoint_at_the_last_event(observer), what="the first events marked"
+            )
+            first_holder = await lock_holder(observer)
+            # Its pool, its lock and its commit listener lose their sessions at once.
+            await infra.terminate_sessions(
+                database, sparing=await observer.fetchval("SELECT pg_backend_pid()")
+            )
+            writer = await create_pool(database, COMMAND_DATABASE)
+            try:
+                store = PostgresEventStore(writer)
+                await append_investor_story(store, after)
+                got += await receive(observed, 4, within=20.0)
+                holder = await lock_holder(observer)
+                expected = [
+                    (
+                        str(event_message_id(stored.aggregate_id, stored.version)),
+                        str(stored.aggregate_id),
+                        stored.version,
+                    )
+                    async for stored in store.read_all()
+                ]
+            finally:
+                await writer.close()
+    finally:
+        await observer.close()
+
+    assert got == expected  # in commit order, none skipped, none twice
+    # It took the lock again, on a new session.
+    assert first_holder is not None
+    assert holder is not None
+    assert holder != first_holder
+    assert [aggregate for _, aggregate, _ in got] == [str(before)] * 4 + [str(after)] * 4

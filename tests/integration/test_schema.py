@@ -10,6 +10,8 @@ import pytest
 
 from financing.adapters.postgres.connection import connect, create_pool
 from financing.adapters.postgres.schema import apply, migrate, parse_sections, sections
+from financing.adapters.rabbitmq import topology
+from financing.application import routes
 from financing.config import Database
 from tests.support import infra
 
@@ -146,3 +148,39 @@ def test_the_event_store_schema_ships_with_the_package() -> None:
 
     assert versions[0] == 1
     assert "CREATE TABLE events" in sections("commands")[0][1]
+
+
+async def consumers(conn: asyncpg.Connection) -> dict[str, str]:
+    rows = await conn.fetch("SELECT message_id, consumer FROM processed_messages")
+    return {row["message_id"]: row["consumer"] for row in rows}
+
+
+async def test_version_2_renames_queue_named_consumers_after_their_handlers(
+    empty_database: Database,
+) -> None:
+    # Before version 2 every consumer was recorded under the name of the queue feeding it.
+    by_queue = {
+        topology.subscription(route.message_name).queue.name: route.consumer
+        for route in (*routes.COMMANDS, *routes.POLICIES)
+    }
+    assert by_queue["events_BidOnInvoicePlacedEvent"] == "bid_placed_offers_bid_to_invoice"
+    assert by_queue["SellInvoice"] == "sell_invoice"
+    conn = await connect(empty_database)
+    try:
+        await apply(conn, "commands", sections("commands")[:1])
+        old = [(queue, f"message-{n}") for n, queue in enumerate(sorted(by_queue))]
+        # Neither an unknown consumer nor one already named after its handler is touched.
+        kept = [("someone_else", "message-other"), ("sell_invoice", "message-new")]
+        await conn.executemany(
+            "INSERT INTO processed_messages (consumer, message_id) VALUES ($1, $2)", old + kept
+        )
+
+        await migrate(conn, "commands")
+
+        assert await consumers(conn) == {
+            **{message_id: by_queue[queue] for queue, message_id in old},
+            **{message_id: consumer for consumer, message_id in kept},
+        }
+        assert await recorded(conn) == [("commands", v) for v, _ in sections("commands")]
+    finally:
+        await conn.close()

@@ -1,18 +1,23 @@
-"""The supervisor: one process, all components; a crash stops it, secrets never reach the logs."""
+"""The service: one process, all components; a crash stops it, secrets never reach the logs."""
 
 from __future__ import annotations
 
 import asyncio
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from financing.config import Database, Settings
 from financing.entrypoints import service
+from financing.entrypoints.bootstrap import COMPONENTS, bootstrap
+from financing.entrypoints.supervisor import supervise
 from tests.support import infra
 from tests.support.service import ServiceProcess, free_port
 
@@ -37,16 +42,41 @@ def _settings(databases: tuple[Database, Database], amqp_url: str) -> Settings:
     )
 
 
-async def test_a_crashed_component_stops_the_whole_service_with_a_failure_code(
-    databases: tuple[Database, Database], amqp_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    async def crashing_relayer(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("relayer bug")
+Worker = Callable[[], Coroutine[Any, Any, None]]
 
-    monkeypatch.setattr(service, "run_relayer", crashing_relayer)
-    async with asyncio.timeout(30):
-        code = await service.serve(_settings(databases, amqp_url))
+
+async def test_a_crashed_component_stops_the_whole_service_with_a_failure_code(
+    databases: tuple[Database, Database], amqp_url: str
+) -> None:
+    stopped: set[str] = set()
+
+    def watched(name: str, run: Worker) -> Worker:
+        async def running() -> None:
+            try:
+                await run()
+            finally:
+                stopped.add(name)
+
+        return running
+
+    async with AsyncExitStack() as stack:
+        wired = await bootstrap(
+            _settings(databases, amqp_url), COMPONENTS, stack, deadline=time.monotonic() + 30
+        )
+        others = set(wired.workers) - {"relayer"}
+        wired.workers = {name: watched(name, run) for name, run in wired.workers.items()}
+
+        async def crashing_relayer() -> None:
+            # Once the whole service is up, so that every other component has work to stop.
+            await asyncio.gather(*(consuming.wait() for consuming in wired.consuming))
+            raise RuntimeError("relayer bug")
+
+        wired.workers["relayer"] = crashing_relayer
+        async with asyncio.timeout(30):
+            code = await supervise(wired, asyncio.Event())
+
     assert code == 1
+    assert stopped == others
 
 
 async def test_an_unreachable_broker_fails_start_up_within_its_budget(

@@ -4,45 +4,58 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+from uuid import UUID, uuid4
 
 from financing.application import codec
 from financing.application.messages import Message
 from financing.application.pipeline import Decoded, Outcome
 from financing.application.ports import Envelope
+from financing.domain.events import DomainEvent
 
 
 @dataclass
 class MemoryDelivery:
-    """A `Delivery` whose settled outcomes are kept in `outcomes`."""
+    """A `Delivery` held in memory: what a queue would deliver, and how it was settled."""
 
-    envelope_: Envelope
+    message: Envelope
     source: str = "memory"
-    open: bool = True
-    outcomes: list[Outcome] = field(default_factory=list)
+    open: bool = True  # False: its channel closed, it can no longer be settled
+    settled: list[Outcome] = field(default_factory=list)
 
     @property
     def name(self) -> str | None:
-        return self.envelope_.name
+        return self.message.name
 
     def envelope(self) -> Envelope:
-        return self.envelope_
+        return self.message
 
     def deliverable(self) -> bool:
         return self.open
 
     def log_fields(self) -> dict[str, Any]:
-        return {"queue": self.source, "message_id": self.envelope_.message_id}
+        return {
+            "queue": self.source,
+            "name": self.message.name,
+            "message_id": self.message.message_id,
+            "aggregate_id": self.message.aggregate_id,
+        }
 
     async def settle(self, outcome: Outcome) -> None:
-        self.outcomes.append(outcome)
+        self.settled.append(outcome)
 
 
-def decoded(message: Message, message_id: str, aggregate_id: str | None = None) -> Decoded:
-    """`message` as the pipeline hands it to a handler."""
-    envelope = Envelope(
-        message_id=message_id,
+def envelope_of(message: Message, message_id: UUID | str | None = None) -> Envelope:
+    """`message` as it travels: a domain event carries its aggregate id in a header."""
+    aggregate_id = str(message.aggregate_id) if isinstance(message, DomainEvent) else None
+    return Envelope(
+        message_id=str(message_id or uuid4()),
         name=codec.name_of(message),
         body=codec.encode(message),
         aggregate_id=aggregate_id,
     )
+
+
+def decoded(message: Message, message_id: UUID | str | None = None) -> Decoded:
+    """`message` as the pipeline hands it to a handler."""
+    envelope = envelope_of(message, message_id)
     return Decoded(MemoryDelivery(envelope), envelope, message)

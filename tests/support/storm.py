@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from financing.application.pipeline import Decoded, Handler, HandlerPart, Outcome, OutcomeKind
 from financing.application.read_models import InvestorRow, InvoiceRow, IssuerRow, ReadModelStore
@@ -51,25 +52,34 @@ def duplicated(times: int) -> HandlerPart:
     return part
 
 
-class Repeated:
-    """A read-model store that applies every batch `times` times."""
+@dataclass
+class WrappedReadModels:
+    """A read-model store passed through to `inner`; subclasses change how batches apply."""
 
-    def __init__(self, store: ReadModelStore, times: int) -> None:
-        self._store = store
-        self._times = times
+    inner: ReadModelStore
 
     async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> None:
-        for _ in range(self._times):
-            await self._store.apply(batch)
+        await self.inner.apply(batch)
 
     async def investors(self) -> list[InvestorRow]:
-        return await self._store.investors()
+        return await self.inner.investors()
 
     async def invoices(self) -> list[InvoiceRow]:
-        return await self._store.invoices()
+        return await self.inner.invoices()
 
     async def issuers(self) -> list[IssuerRow]:
-        return await self._store.issuers()
+        return await self.inner.issuers()
+
+
+@dataclass
+class Repeated(WrappedReadModels):
+    """Applies every batch `times` times, as a redelivery storm would."""
+
+    times: int = 2
+
+    async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> None:
+        for _ in range(self.times):
+            await self.inner.apply(batch)
 
 
 def overrides(times: int) -> Overrides:

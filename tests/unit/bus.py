@@ -1,52 +1,96 @@
 """The command handlers and saga policies over an in-memory event store, wired as
 the broker wires them: every message travels encoded (name, JSON body,
-aggregateID header) and is decoded by the consumer, as it would be off a queue.
+aggregateID header) in a `MemoryDelivery`, and goes through the pipeline's own
+parts (`selected`, `decoded`, `exactly_once`) for the consumer of each route,
+with the consumer names and the other-name outcomes production uses.
+
+What the bus leaves out is `retried`: a failure propagates, so a test sees the
+handler's error itself (the retrying is tested in test_pipeline.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
-from uuid import UUID, uuid4
+from uuid import UUID
 
-from financing.application import codec
+from financing.adapters.rabbitmq import topology
+from financing.application import routes
 from financing.application.memory import InMemoryEventStore
 from financing.application.messages import Command
-from financing.application.ports import Envelope, StoredEvent
-from financing.application.processing import (
-    Subscription,
-    command_subscriptions,
-    policy_subscriptions,
+from financing.application.pipeline import (
+    HandlerPart,
+    Outcome,
+    Step,
+    StoreHandler,
+    decoded,
+    exactly_once,
+    selected,
 )
+from financing.application.ports import Envelope, StoredEvent
 from financing.domain.aggregates import Aggregate, Investor, Invoice
 from financing.domain.events import DomainEvent
+from tests.support.deliveries import MemoryDelivery, envelope_of
 
 A = TypeVar("A", bound=Aggregate)
 
+__all__ = ["InMemoryBus", "MemoryDelivery", "envelope_of"]
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """One route's consumer: the queue it reads and the step each delivery goes through."""
+
+    route: routes.Route[StoreHandler]
+    queue: str
+    step: Step
+
+    @classmethod
+    def of(
+        cls,
+        route: routes.Route[StoreHandler],
+        store: InMemoryEventStore,
+        handler_parts: Iterable[HandlerPart] = (),
+    ) -> Consumer:
+        """The step production composes for `route`, without `retried`."""
+        subscription = topology.subscription(route.message_name)
+        handler = exactly_once(store, route.consumer, route.handler)
+        for part in handler_parts:
+            handler = part(handler)
+        step = selected(subscription.names, subscription.others)(decoded(handler))
+        return cls(route, subscription.queue.name, step)
+
+    async def deliver(self, envelope: Envelope) -> Outcome:
+        return await self.step(MemoryDelivery(envelope, source=self.queue))
+
 
 class InMemoryBus:
-    def __init__(self) -> None:
+    def __init__(self, handler_parts: Sequence[HandlerPart] = ()) -> None:
         self.store = InMemoryEventStore()
-        self.commands = {s.message_name: s for s in command_subscriptions(self.store)}
-        self.policies = {s.message_name: s for s in policy_subscriptions(self.store)}
+        self.commands = {
+            r.message_name: Consumer.of(r, self.store, handler_parts) for r in routes.COMMANDS
+        }
+        self.policies = {
+            r.message_name: Consumer.of(r, self.store, handler_parts) for r in routes.POLICIES
+        }
+        # The outcome of every delivery, in order (a published event has one per policy).
+        self.outcomes: list[Outcome] = []
 
     async def send(self, command: Command, message_id: UUID | None = None) -> list[DomainEvent]:
-        """Deliver `command` to its handler; the events that handler appended."""
-        envelope = Envelope(
-            message_id=str(message_id or uuid4()), name=command.name(), body=codec.encode(command)
-        )
-        return await self._deliver(self.commands[command.name()], envelope)
+        """Deliver `command` to its queue's consumer; the events that consumer appended."""
+        consumer = self.commands[command.name()]
+        return await self._deliver([consumer], envelope_of(command, message_id))
 
     async def publish(self, stored: StoredEvent) -> list[DomainEvent]:
-        """Deliver a relayed event to the policy consuming it; the events it appended."""
-        policy = self.policies.get(stored.name)
-        if policy is None:
-            return []
-        return await self._deliver(policy, stored.envelope())
+        """Deliver a relayed event to every policy consumer, as the `events` fanout
+        exchange does (each ignores the names it does not handle); the events appended."""
+        return await self._deliver(self.policies.values(), stored.envelope())
 
     async def run(self, command: Command, message_id: UUID | None = None) -> list[DomainEvent]:
         """Send `command`, then relay every event appended, in commit order, to
-        the policy consuming it until the saga comes to rest; every event
-        appended, in the order the relayer would publish them."""
+        the policies until the saga comes to rest; every event appended, in the
+        order the relayer would publish them."""
         start = len(self.store.events)
         await self.send(command, message_id)
         relayed = start
@@ -55,10 +99,12 @@ class InMemoryBus:
             relayed += 1
         return [stored.event for stored in self.store.events[start:]]
 
-    async def _deliver(self, subscription: Subscription, envelope: Envelope) -> list[DomainEvent]:
-        message = codec.decode(envelope.name, envelope.body, envelope.aggregate_id)
+    async def _deliver(
+        self, consumers: Iterable[Consumer], envelope: Envelope
+    ) -> list[DomainEvent]:
         start = len(self.store.events)
-        await subscription.process(envelope, message)
+        for consumer in consumers:
+            self.outcomes.append(await consumer.deliver(envelope))
         return [stored.event for stored in self.store.events[start:]]
 
     def stored(self, event_name: str) -> list[StoredEvent]:

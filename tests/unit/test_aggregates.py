@@ -106,12 +106,14 @@ def test_creating_an_issuer_raises_issuer_created() -> None:
     issuer = Issuer(ISSUER)
     assert issuer.create() == [IssuerCreatedEvent(ISSUER)]
     assert issuer.exists
+    assert issuer.unchanged == []
 
 
 def test_creating_an_existing_issuer_again_changes_nothing() -> None:
     issuer = Issuer(ISSUER).replay([IssuerCreatedEvent(ISSUER)])
     assert issuer.create() == []
     assert issuer.version == 1
+    assert issuer.unchanged == [f"Issuer {ISSUER}: already exists"]
 
 
 # Investor: creation
@@ -260,6 +262,8 @@ def test_an_investor_command_for_an_amount_not_above_zero_changes_nothing(
     assert INVESTOR_COMMANDS[command](holder, amount) == []
     assert funds(holder) == (D("80"), D("20"), D("0"))
     assert holder.changes == []
+    [note] = holder.unchanged
+    assert note.startswith(f"Investor {INVESTOR}: ") and "not a positive amount" in note
 
 
 INVESTOR_EVENTS: dict[str, Callable[[Decimal], DomainEvent]] = {
@@ -398,6 +402,10 @@ def test_approving_or_reversing_an_invoice_that_is_not_financed_changes_nothing(
     assert getattr(current, command)() == []
     assert current.status is status
     assert current.changes == []
+    action = {"approve": "approved", "reverse": "reversed"}[command]
+    assert current.unchanged == [
+        f"Invoice {INVOICE}: is {status.value}; only a FINANCED invoice can be {action}"
+    ]
 
 
 @pytest.mark.parametrize("command", ["approve", "reverse"])

@@ -13,6 +13,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
+from financing.application.errors import Unavailable
 from financing.application.memory import InMemoryCommandSender
 from financing.application.messages import (
     ApproveFinancing,
@@ -21,6 +22,7 @@ from financing.application.messages import (
     ReverseFinancing,
     SellInvoice,
 )
+from financing.application.retry import Outages
 from financing.entrypoints.commands_api import CommandsService
 from financing.generated import (
     ApproveFinancingCommand,
@@ -31,6 +33,18 @@ from financing.generated import (
     SellInvoiceCommand,
     Uuid,
 )
+
+
+class BuggySender(InMemoryCommandSender):
+    """A sender with a programming error: every send raises TypeError."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attempts = 0
+
+    async def send(self, command: Command, message_id: UUID) -> None:
+        self.attempts += 1
+        raise TypeError("unsupported operand")
 
 
 class FlakySender(InMemoryCommandSender):
@@ -44,7 +58,7 @@ class FlakySender(InMemoryCommandSender):
     async def send(self, command: Command, message_id: UUID) -> None:
         self.attempts.append(message_id)
         if len(self.attempts) <= self.failures:
-            raise ConnectionError("broker unreachable")
+            raise Unavailable("broker", "connection refused")
         await super().send(command, message_id)
 
 
@@ -62,7 +76,7 @@ async def sender() -> InMemoryCommandSender:
 
 @pytest.fixture
 async def commands(sender: InMemoryCommandSender) -> AsyncIterator[CommandsStub]:
-    server, channel = await _serve(CommandsService(sender, budget=0.5))
+    server, channel = await _serve(CommandsService(sender, Outages(), budget=0.5))
     yield CommandsStub(channel)
     channel.close()
     server.close()
@@ -163,24 +177,40 @@ async def test_approve_without_invoice_id_is_invalid_argument(commands: Commands
 
 async def test_a_briefly_failing_broker_is_retried_with_the_same_message_id() -> None:
     flaky = FlakySender(failures=2)
-    server, channel = await _serve(CommandsService(flaky, budget=5.0))
+    server, channel = await _serve(CommandsService(flaky, Outages(), budget=5.0))
     try:
         await CommandsStub(channel).approve_financing(ApproveFinancingCommand(invoice_id=_id()))
     finally:
         channel.close()
         server.close()
+        await server.wait_closed()
     assert len(flaky.attempts) == 3 and len(set(flaky.attempts)) == 1
     assert len(flaky.sent) == 1
 
 
 async def test_an_unreachable_broker_is_answered_unavailable() -> None:
     down = FlakySender(failures=10**6)
-    server, channel = await _serve(CommandsService(down, budget=0.3))
+    server, channel = await _serve(CommandsService(down, Outages(), budget=0.3))
     try:
         with pytest.raises(GRPCError) as error:
             await CommandsStub(channel).approve_financing(ApproveFinancingCommand(invoice_id=_id()))
     finally:
         channel.close()
         server.close()
+        await server.wait_closed()
     assert error.value.status is Status.UNAVAILABLE
     assert down.sent == []
+
+
+async def test_a_bug_sending_a_command_is_answered_internal_without_a_retry() -> None:
+    buggy = BuggySender()
+    server, channel = await _serve(CommandsService(buggy, Outages(), budget=5.0))
+    try:
+        with pytest.raises(GRPCError) as error:
+            await CommandsStub(channel).approve_financing(ApproveFinancingCommand(invoice_id=_id()))
+    finally:
+        channel.close()
+        server.close()
+        await server.wait_closed()
+    assert error.value.status is Status.INTERNAL
+    assert buggy.attempts == 1

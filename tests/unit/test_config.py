@@ -81,11 +81,25 @@ def test_an_unknown_logger_level_is_a_config_error(level: str) -> None:
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("FINANCING_SNAPSHOT_INTERVAL", "0"), ("FINANCING_TEST_REDELIVER_TIMES", "many")],
+    [
+        ("FINANCING_SNAPSHOT_INTERVAL", "0"),
+        ("FINANCING_SNAPSHOT_INTERVAL", "often"),
+        ("FINANCING_STARTUP_TIMEOUT", "0"),
+        ("FINANCING_STARTUP_TIMEOUT", "soon"),
+    ],
 )
 def test_a_bad_tuning_variable_is_a_config_error(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):
         Settings.from_env({name: value})
+
+
+def test_the_amqp_address_may_list_several_brokers_separated_by_commas() -> None:
+    settings = Settings.from_env({"AMQP_ADDRESS": "amqp://a:5672/, amqp://b:5672/,"})
+    assert settings.amqp_urls == ["amqp://a:5672/", "amqp://b:5672/"]
+
+
+def test_one_amqp_address_is_one_broker() -> None:
+    assert Settings.from_env({}).amqp_urls == [DEFAULT_AMQP]
 
 
 # Listen addresses

@@ -7,8 +7,9 @@ from uuid import UUID, uuid4
 
 import pytest
 
+from financing.adapters.rabbitmq import topology
+from financing.application import routes
 from financing.application.errors import MissingAggregate, RuleViolation
-from financing.application.memory import InMemoryEventStore
 from financing.application.messages import (
     COMMAND_TYPES,
     ApproveFinancing,
@@ -18,7 +19,7 @@ from financing.application.messages import (
     ReverseFinancing,
     SellInvoice,
 )
-from financing.application.processing import command_subscriptions
+from financing.application.pipeline import OutcomeKind
 from financing.domain import events as ev
 from financing.domain.aggregates import InvoiceStatus
 from tests.unit.bus import InMemoryBus
@@ -46,11 +47,27 @@ async def on_sale(bus: InMemoryBus, issuer: UUID, asking: str = "10") -> UUID:
 
 
 def test_each_command_has_a_queue_named_exactly_after_it() -> None:
-    subscriptions = command_subscriptions(InMemoryEventStore())
-    assert sorted((s.queue, s.message_name) for s in subscriptions) == sorted(
-        (t.name(), t.name()) for t in COMMAND_TYPES
-    )
-    assert not any(s.from_events for s in subscriptions)
+    queues = [topology.subscription(route.message_name).queue for route in routes.COMMANDS]
+    assert sorted(queue.name for queue in queues) == sorted(t.name() for t in COMMAND_TYPES)
+    assert not any(queue.bound_to_events for queue in queues)
+
+
+def test_a_misrouted_message_on_a_command_queue_is_dead_lettered() -> None:
+    for route in routes.COMMANDS:
+        assert topology.subscription(route.message_name).others is OutcomeKind.DEAD_LETTERED
+
+
+def test_each_command_consumer_is_named_after_its_handler() -> None:
+    # The consumer name keys the processed-message records: renaming one would
+    # make every message it already processed look new.
+    assert {route.message_name: route.consumer for route in routes.COMMANDS} == {
+        "CreateIssuer": "create_issuer",
+        "CreateInvestor": "create_investor",
+        "SellInvoice": "sell_invoice",
+        "BidOnInvoice": "bid_on_invoice",
+        "ApproveFinancing": "approve_financing",
+        "ReverseFinancing": "reverse_financing",
+    }
 
 
 # Scenario 1
@@ -65,6 +82,8 @@ async def test_creating_a_registered_issuer_again_appends_nothing(bus: InMemoryB
     issuer = uuid4()
     await bus.send(CreateIssuer(issuer))
     assert await bus.send(CreateIssuer(issuer)) == []
+    assert bus.outcomes[-1].kind is OutcomeKind.UNCHANGED
+    assert bus.outcomes[-1].detail == f"Issuer {issuer}: already exists"
 
 
 # Scenario 2
@@ -172,6 +191,7 @@ async def test_a_redelivered_bid_reserves_the_funds_once(bus: InMemoryBus) -> No
     command = BidOnInvoice(investor, invoice, D("20"))
     assert len(await bus.send(command, message_id)) == 1
     assert await bus.send(command, message_id) == []
+    assert bus.outcomes[-1].kind is OutcomeKind.DUPLICATE
     assert (await bus.investor(investor)).reserved == D("20")
 
 
@@ -222,8 +242,11 @@ async def test_approving_or_reversing_an_invoice_not_financed_appends_nothing(
     invoice = await on_sale(bus, issuer)
     message_id = uuid4()
     assert await bus.send(command(invoice), message_id) == []
+    assert bus.outcomes[-1].kind is OutcomeKind.UNCHANGED
+    assert "is AVAILABLE; only a FINANCED invoice can be" in bus.outcomes[-1].detail
     # A no-op is still an answer: the message is done with.
-    assert (command.name(), str(message_id)) in bus.store.processed
+    consumer = bus.commands[command.name()].route.consumer
+    assert (consumer, str(message_id)) in bus.store.processed
 
 
 @pytest.mark.parametrize("command", [ApproveFinancing, ReverseFinancing])

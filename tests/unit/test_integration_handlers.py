@@ -8,7 +8,9 @@ from uuid import UUID, uuid4
 
 import pytest
 
-from financing.application import codec
+from financing.adapters.rabbitmq import topology
+from financing.application import codec, routes
+from financing.application.errors import Unavailable
 from financing.application.memory import InMemoryCommandSender
 from financing.application.messages import (
     Command,
@@ -17,14 +19,11 @@ from financing.application.messages import (
     InvestorRegistered,
     IssuerRegistered,
 )
+from financing.application.pipeline import Outcome, OutcomeKind, decoded, selected, sending
 from financing.application.ports import Envelope, derived_message_id
-from financing.application.processing import Subscription, integration_subscriptions
+from tests.unit.bus import MemoryDelivery
 
 D = Decimal
-
-
-class BrokerDown(Exception):
-    pass
 
 
 class FailingSender:
@@ -35,36 +34,36 @@ class FailingSender:
 
     async def send(self, command: Command, message_id: UUID) -> None:
         self.attempts += 1
-        raise BrokerDown("connection refused")
-
-
-def subscription(sender: InMemoryCommandSender | FailingSender, name: str) -> Subscription:
-    return {s.message_name: s for s in integration_subscriptions(sender)}[name]
+        raise Unavailable("broker", "connection refused")
 
 
 async def deliver(
     sender: InMemoryCommandSender | FailingSender,
     event: IssuerRegistered | InvestorRegistered,
     message_id: str,
-) -> None:
+) -> Outcome:
+    """Through the parts production composes for the event's route (but `retried`)."""
+    [route] = [r for r in routes.INTEGRATION if r.message_name == event.name()]
+    feed = topology.subscription(route.message_name)
+    step = selected(feed.names, feed.others)(decoded(sending(sender, route.handler)))
     # As it arrives from Registering: no aggregateID header.
     envelope = Envelope(message_id=message_id, name=event.name(), body=codec.encode(event))
-    message = codec.decode(envelope.name, envelope.body, envelope.aggregate_id)
-    await subscription(sender, event.name()).process(envelope, message)
+    return await step(MemoryDelivery(envelope, source=feed.queue.name))
 
 
 def test_each_integration_event_has_its_own_queue_on_the_events_exchange() -> None:
-    subscriptions = integration_subscriptions(InMemoryCommandSender())
-    assert sorted((s.queue, s.message_name, s.from_events) for s in subscriptions) == [
+    subscriptions = [topology.subscription(r.message_name) for r in routes.INTEGRATION]
+    assert sorted((s.queue.name, *s.names, s.queue.bound_to_events) for s in subscriptions) == [
         ("events_InvestorRegistered", "InvestorRegistered", True),
         ("events_IssuerRegistered", "IssuerRegistered", True),
     ]
+    assert all(s.others is OutcomeKind.IGNORED for s in subscriptions)
 
 
 async def test_a_registered_issuer_is_sent_create_issuer() -> None:
     sender = InMemoryCommandSender()
     issuer = uuid4()
-    await deliver(sender, IssuerRegistered(issuer, "ACME"), "msg-1")
+    assert await deliver(sender, IssuerRegistered(issuer, "ACME"), "msg-1") == Outcome.processed()
     assert sender.sent == [(CreateIssuer(issuer), derived_message_id("msg-1", "CreateIssuer"))]
 
 
@@ -127,6 +126,6 @@ async def test_an_error_sending_the_command_propagates(
 ) -> None:
     # docs/domain.md defect 11: the reference ignored the error and acked the event
     sender = FailingSender()
-    with pytest.raises(BrokerDown):
+    with pytest.raises(Unavailable, match="connection refused"):
         await deliver(sender, event, "msg-3")
     assert sender.attempts == 1

@@ -1,17 +1,32 @@
 from __future__ import annotations
 
+import decimal
+import subprocess
+import sys
 from decimal import Decimal
+from uuid import uuid4
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from financing.domain.aggregates import Investor
+from financing.domain.events import (
+    BidOnInvoicePlacedEvent,
+    InvestorCreatedEvent,
+    InvestorFundsAddedEvent,
+    InvestorFundsCommittedEvent,
+    InvestorFundsReleasedEvent,
+)
 from financing.domain.money import (
     MAX_AMOUNT,
     InvalidAmount,
+    add,
     decimal_places,
     from_double,
+    negate,
     positive_amount,
+    subtract,
     to_double,
 )
 
@@ -101,3 +116,52 @@ def test_every_amount_in_cents_survives_the_trip_through_a_double(cents: int) ->
     amount = Decimal(cents).scaleb(-2)
     assert from_double(to_double(amount)) == amount
     assert positive_amount(to_double(amount)) == amount
+
+
+# Exact arithmetic without touching the process-wide decimal context
+
+
+def test_importing_the_domain_leaves_the_process_wide_decimal_context_as_it_is() -> None:
+    # In a fresh interpreter: this one has imported the domain long ago.
+    script = (
+        "import decimal\n"
+        "import financing.domain.money, financing.domain.aggregates\n"
+        "print(decimal.getcontext().prec, decimal.DefaultContext.prec)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.split() == ["28", "28"]
+
+
+def test_money_arithmetic_is_exact_whatever_the_callers_decimal_context() -> None:
+    big, tiny = Decimal("1e15"), Decimal("1e-30")
+    with decimal.localcontext(decimal.Context(prec=5)):
+        assert add(big, tiny) == Decimal("1000000000000000.000000000000000000000000000001")
+        assert subtract(big, tiny) == Decimal("999999999999999.999999999999999999999999999999")
+        assert negate(add(big, tiny)) == Decimal("-1000000000000000.000000000000000000000000000001")
+
+
+def test_an_investors_balances_stay_exact_to_46_digits_under_a_five_digit_context() -> None:
+    investor_id, invoice_id = uuid4(), uuid4()
+    big, tiny = Decimal("1e15"), Decimal("1e-30")
+    with decimal.localcontext(decimal.Context(prec=5)):
+        investor = Investor(investor_id).replay(
+            [
+                InvestorCreatedEvent(investor_id),
+                InvestorFundsAddedEvent(investor_id, big),
+                InvestorFundsAddedEvent(investor_id, tiny),
+                BidOnInvoicePlacedEvent(investor_id, invoice_id, Decimal("3e-30")),
+            ]
+        )
+        investor.place_bid(invoice_id, Decimal("123456789.000000000000000000000000000007"))
+        investor.release_funds(tiny)
+        investor.commit_funds(Decimal("2e-30"))
+    assert investor.balance == Decimal("999999876543210.999999999999999999999999999992")
+    assert investor.reserved == Decimal("123456789.000000000000000000000000000007")
+    assert investor.committed == Decimal("2e-30")
+    assert [type(event) for event in investor.changes] == [
+        BidOnInvoicePlacedEvent,
+        InvestorFundsReleasedEvent,
+        InvestorFundsCommittedEvent,
+    ]

@@ -11,9 +11,9 @@ from uuid import UUID, uuid4
 
 import pytest
 
-from financing.application import codec
+from financing.adapters.rabbitmq import topology
+from financing.application import codec, routes
 from financing.application.errors import MissingAggregate
-from financing.application.memory import InMemoryEventStore
 from financing.application.messages import (
     ApproveFinancing,
     BidOnInvoice,
@@ -22,8 +22,8 @@ from financing.application.messages import (
     ReverseFinancing,
     SellInvoice,
 )
+from financing.application.pipeline import OutcomeKind
 from financing.application.ports import StoredEvent
-from financing.application.processing import policy_subscriptions
 from financing.domain import events as ev
 from financing.domain.aggregates import InvoiceStatus
 from tests.unit.bus import InMemoryBus
@@ -59,8 +59,8 @@ def last(bus: InMemoryBus, event_name: str) -> StoredEvent:
 
 
 def test_each_policy_owns_a_queue_on_the_events_exchange_named_after_its_event() -> None:
-    subscriptions = policy_subscriptions(InMemoryEventStore())
-    assert sorted((s.queue, s.message_name) for s in subscriptions) == [
+    subscriptions = [topology.subscription(route.message_name) for route in routes.POLICIES]
+    assert sorted((s.queue.name, *s.names) for s in subscriptions) == [
         (f"events_{name}", name)
         for name in sorted(
             [
@@ -72,7 +72,20 @@ def test_each_policy_owns_a_queue_on_the_events_exchange_named_after_its_event()
             ]
         )
     ]
-    assert all(s.from_events for s in subscriptions)
+    assert all(s.queue.bound_to_events for s in subscriptions)
+    # The events exchange delivers every event to every queue: other names are ignored.
+    assert all(s.others is OutcomeKind.IGNORED for s in subscriptions)
+
+
+def test_each_policy_consumer_is_named_after_its_handler() -> None:
+    # The consumer name keys the processed-message records.
+    assert {route.message_name: route.consumer for route in routes.POLICIES} == {
+        "BidOnInvoicePlacedEvent": "bid_placed_offers_bid_to_invoice",
+        "BidOnInvoiceRejectedEvent": "rejected_bid_releases_funds",
+        "InvoiceFinancedEvent": "financing_releases_excess_bid",
+        "InvoiceApprovedEvent": "approval_commits_funds",
+        "InvoiceReversedEvent": "reversal_releases_funds",
+    }
 
 
 # One policy at a time
@@ -144,19 +157,22 @@ async def test_a_release_for_an_investor_that_does_not_exist_is_refused(bus: InM
     invoice = await invoice_asking(bus, "10")
     stranger = uuid4()
     rejection = ev.BidOnInvoiceRejectedEvent(invoice, ev.Bid(stranger, D("5")))
-    subscription = bus.policies["BidOnInvoiceRejectedEvent"]
     stored = StoredEvent(99, "Invoice", invoice, 2, rejection.name(), codec.encode(rejection))
     before = list(bus.store.events)
     with pytest.raises(MissingAggregate, match="investor"):
-        await subscription.process(stored.envelope(), rejection)
+        await bus.publish(stored)
     assert bus.store.events == before
 
 
 async def test_events_a_policy_does_not_consume_are_left_alone(bus: InMemoryBus) -> None:
     investor = await investor_with(bus, "100")
+    delivered = len(bus.outcomes)
     for stored in list(bus.store.events):
         assert await bus.publish(stored) == []
     assert await funds(bus, investor) == (D("100"), D("0"), D("0"))
+    published = bus.outcomes[delivered:]
+    assert len(published) == 2 * len(routes.POLICIES)
+    assert all(outcome.kind is OutcomeKind.IGNORED for outcome in published)
 
 
 # Scenarios 5, 6, 8, 9 and 10: the whole saga, events in bus order
@@ -268,6 +284,8 @@ async def test_a_redelivered_bid_placed_event_on_a_financed_invoice_changes_noth
     before = list(bus.store.events)
     assert await bus.publish(placed) == []
     assert bus.store.events == before
+    kinds = [outcome.kind for outcome in bus.outcomes[-len(routes.POLICIES) :]]
+    assert sorted(kind.value for kind in kinds) == ["duplicate"] + ["ignored"] * 4
     assert bus.stored("BidOnInvoiceRejectedEvent") == []
     assert await funds(bus, investor) == (D("90"), D("10"), D("0"))
 

@@ -1,4 +1,4 @@
-"""The message registry: name <-> type <-> JSON body (contract.md section 2).
+"""The message registry: name <-> type <-> JSON body (docs/contract.md section 2).
 
 Bodies use the Go field names of the reference. Fields marked † in the
 contract are not in the body: they travel in the `aggregateID` header. Money

@@ -128,6 +128,17 @@ def _always() -> bool:
     return True
 
 
+async def persist(
+    operation: Callable[[], Awaitable[T]], *, policy: RetryPolicy, outages: Outages, what: str
+) -> T:
+    """`retry` for work that has nothing to give up into: once it stops retrying, the
+    last error itself is raised (a bug, with NO_BUG_RETRIES, at its first occurrence)."""
+    try:
+        return await retry(operation, policy=policy, outages=outages, what=what)
+    except GaveUp as gave_up:
+        raise gave_up.error from None
+
+
 async def retry(
     operation: Callable[[], Awaitable[T]],
     *,

@@ -1,6 +1,6 @@
 """Domain events of the financing context.
 
-Class names are the event names on the wire (contract.md section 2) and field
+Class names are the event names on the wire (docs/contract.md section 2) and field
 names map one-to-one onto the Go field names of the JSON bodies.
 """
 

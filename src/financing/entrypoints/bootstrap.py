@@ -40,7 +40,6 @@ from financing.application.pipeline import (
     HandlerPart,
     SendingHandler,
     StoreHandler,
-    compose,
     exactly_once,
     sending,
 )
@@ -135,7 +134,7 @@ async def bootstrap(
     if selected & NEEDS_BROKER:
         broker = Broker(settings.amqp_urls, outages)
         stack.push_async_callback(broker.close)
-        await _started(BROKER, broker.connection, outages, deadline)
+        await started(BROKER, broker.connection, outages, deadline)
         publisher = Publisher(broker)
         stack.push_async_callback(publisher.close)
         wiring = _Wiring(broker, publisher, outages, overrides, service)
@@ -151,7 +150,7 @@ async def bootstrap(
             wiring.sending_routes(routes.INTEGRATION, AmqpCommandSender(publisher))
         if query_pool is not None and "projector" in selected:
             wiring.projector(PostgresReadModels(query_pool))
-        await _started("declaring the broker topology", wiring.declare, outages, deadline)
+        await started("declaring the broker topology", wiring.declare, outages, deadline)
         if "commands-api" in selected:
             service.commands = CommandsService(AmqpCommandSender(publisher), outages)
             server = Server([service.commands], codec=RequestCodec())
@@ -195,10 +194,8 @@ class _Wiring:
 
     def _consumer(self, message_name: str, handler: Handler) -> None:
         subscription = topology.subscription(message_name)
-        step = compose(
+        step = subscription.step(
             handler,
-            names=subscription.names,
-            others=subscription.others,
             policy=DELIVERIES,
             outages=self._outages,
             handler_parts=self._overrides.handler_parts,
@@ -258,7 +255,7 @@ class _Wiring:
             await close_channel(channel)
 
 
-async def _started(
+async def started(
     what: str, operation: Callable[[], Awaitable[T]], outages: Outages, deadline: float
 ) -> T:
     """`operation`, retried while its dependency is unavailable, until `deadline`."""
@@ -283,7 +280,7 @@ async def _pool(
     deadline: float,
 ) -> asyncpg.Pool:
     """A pool on `db`, its schema migrated."""
-    pool = await _started(
+    pool = await started(
         f"{dependency} {db.describe()}", lambda: create_pool(db, dependency), outages, deadline
     )
     stack.push_async_callback(pool.close)
@@ -292,7 +289,7 @@ async def _pool(
         with translated(dependency):
             await migrate(pool, schema)
 
-    await _started(f"migrating the {dependency}", migrated, outages, deadline)
+    await started(f"migrating the {dependency}", migrated, outages, deadline)
     return pool
 
 

@@ -45,6 +45,7 @@ from financing.application.retry import (
 )
 from financing.domain.events import DomainEvent
 from financing.logging import get_logger
+from financing.workers.grace import finish_on_cancel
 
 log = get_logger(__name__)
 
@@ -78,7 +79,7 @@ class Projector:
             batch = [await self._delivered.get()]
             while len(batch) < self.batch_size and not self._delivered.empty():
                 batch.append(self._delivered.get_nowait())
-            await self.project(batch)
+            await finish_on_cancel(self.project(batch))
 
     async def project(self, batch: Sequence[Delivery]) -> None:
         triaged = [_triage(delivery) for delivery in batch]

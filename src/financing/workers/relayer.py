@@ -20,8 +20,9 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from financing.application.ports import EventPublisher, Outbox, RelayerLock, StoredEvent, WakeUp
-from financing.application.retry import NO_BUG_RETRIES, GaveUp, Outages, RetryPolicy, retry
+from financing.application.retry import NO_BUG_RETRIES, Outages, RetryPolicy, persist
 from financing.logging import get_logger
+from financing.workers.grace import finish_on_cancel
 
 log = get_logger(__name__)
 
@@ -29,7 +30,6 @@ T = TypeVar("T")
 
 POLL_INTERVAL = 0.1
 BATCH_SIZE = 256
-SHUTDOWN_GRACE = 5.0
 
 
 class Relayer:
@@ -83,7 +83,7 @@ class Relayer:
     async def _relay_batch(self) -> int:
         events = await self._outbox.pending(self._batch_size)
         if events:
-            await _finish_on_cancel(self._publish_and_mark(events))
+            await finish_on_cancel(self._publish_and_mark(events))
         return len(events)
 
     async def _publish_and_mark(self, events: list[StoredEvent]) -> None:
@@ -92,20 +92,4 @@ class Relayer:
         log.debug("relayed", count=len(events), last_position=events[-1].position)
 
     async def _retry(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
-        try:
-            return await retry(operation, policy=self._policy, outages=self._outages, what=what)
-        except GaveUp as gave_up:
-            raise gave_up.error from gave_up
-
-
-async def _finish_on_cancel(step: Awaitable[None]) -> None:
-    """Let a publish-and-mark step finish when the relayer is stopped mid-way, so
-    a clean shutdown does not leave confirmed events to be published again."""
-    task = asyncio.ensure_future(step)
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            async with asyncio.timeout(SHUTDOWN_GRACE):
-                await task
-        raise
+        return await persist(operation, policy=self._policy, outages=self._outages, what=what)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from financing.adapters.postgres.connection import QUERY_DATABASE, acquired
 from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.adapters.postgres.read_models import (
     DEFAULT_SCHEMA,
@@ -59,10 +60,10 @@ async def rebuild(
     target = PostgresReadModels(query_pool, fresh)
     log.info("rebuilding read models", schema=fresh)
     try:
-        async with query_pool.acquire() as conn:
+        async with acquired(query_pool, QUERY_DATABASE) as conn:
             await create_tables(conn, fresh)
         events = await _replay(store, target, batch_size)
-        async with query_pool.acquire() as conn, conn.transaction():
+        async with acquired(query_pool, QUERY_DATABASE) as conn, conn.transaction():
             await conn.execute(f"LOCK TABLE {live_sql}.processed_messages IN EXCLUSIVE MODE")
             behind = await conn.fetchval(
                 f"SELECT EXISTS (SELECT FROM {live_sql}.processed_messages AS live"
@@ -106,7 +107,7 @@ async def _replay(store: EventStore, target: ReadModelStore, batch_size: int) ->
 
 async def _discard(query_pool: asyncpg.Pool, schema_sql: str) -> None:
     try:
-        async with query_pool.acquire() as conn:
+        async with acquired(query_pool, QUERY_DATABASE) as conn:
             await conn.execute(f"DROP SCHEMA IF EXISTS {schema_sql} CASCADE")
     except Exception as exc:
         log.warning("could not drop the unfinished rebuild schema", error=repr(exc))

@@ -41,7 +41,7 @@ from financing.adapters.rabbitmq.envelopes import (
 from financing.adapters.rabbitmq.topology import QueueSpec
 from financing.application.pipeline import Outcome, OutcomeKind, Step
 from financing.application.ports import Envelope
-from financing.application.retry import NO_BUG_RETRIES, GaveUp, Outages, retry
+from financing.application.retry import NO_BUG_RETRIES, Outages, persist
 from financing.logging import get_logger
 
 log = get_logger(__name__)
@@ -174,15 +174,12 @@ class QueueConsumer:
                         await asyncio.wait_for(queue.cancel(tag), timeout=1.0)
 
     async def _retry_open(self) -> tuple[AbstractChannel, AbstractQueue, ConsumerTag]:
-        try:
-            return await retry(
-                self._open,
-                policy=NO_BUG_RETRIES,
-                outages=self._outages,
-                what=f"consuming {self._queue.name}",
-            )
-        except GaveUp as gave_up:
-            raise gave_up.error from gave_up
+        return await persist(
+            self._open,
+            policy=NO_BUG_RETRIES,
+            outages=self._outages,
+            what=f"consuming {self._queue.name}",
+        )
 
     async def _open(self) -> tuple[AbstractChannel, AbstractQueue, ConsumerTag]:
         channel = await self._broker.channel(prefetch=self._prefetch)

@@ -1,4 +1,4 @@
-"""Envelope <-> AMQP message, watermill-compatible (contract.md section 2).
+"""Envelope <-> AMQP message, watermill-compatible (docs/contract.md section 2).
 
 Every header value on the wire is a string. pamqp decodes an AMQP long string
 ('S') to `str` when it is valid UTF-8 and leaves it as `bytes` otherwise; any

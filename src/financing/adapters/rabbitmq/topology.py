@@ -23,8 +23,9 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
 from financing.adapters.rabbitmq.connection import translated
 from financing.application.messages import COMMAND_TYPES
-from financing.application.pipeline import OutcomeKind
+from financing.application.pipeline import Handler, HandlerPart, OutcomeKind, Step, compose
 from financing.application.read_models import PROJECTED_EVENTS
+from financing.application.retry import Outages, RetryPolicy
 
 EVENTS_EXCHANGE = "events"
 DEAD_LETTER_QUEUE = "financing_dead_letters"
@@ -65,6 +66,24 @@ class Subscription:
     @property
     def others(self) -> OutcomeKind:
         return OutcomeKind.IGNORED if self.queue.bound_to_events else OutcomeKind.DEAD_LETTERED
+
+    def step(
+        self,
+        handler: Handler,
+        *,
+        policy: RetryPolicy,
+        outages: Outages,
+        handler_parts: Iterable[HandlerPart] = (),
+    ) -> Step:
+        """The whole path of this consumer's deliveries to `handler` (pipeline.compose)."""
+        return compose(
+            handler,
+            names=self.names,
+            others=self.others,
+            policy=policy,
+            outages=outages,
+            handler_parts=handler_parts,
+        )
 
 
 def subscription(message_name: str) -> Subscription:

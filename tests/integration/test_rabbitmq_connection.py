@@ -1,0 +1,131 @@
+"""The broker connection: lost and reopened, and each outage logged once when it starts
+and once when it is over, however many consumers and publishers notice it."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import suppress
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from financing.adapters.rabbitmq.connection import Broker
+from financing.adapters.rabbitmq.consumer import Deliveries, QueueConsumer, consume
+from financing.adapters.rabbitmq.dead_letters import DeadLetters
+from financing.adapters.rabbitmq.publisher import Publisher
+from financing.adapters.rabbitmq.topology import command_queue
+from financing.application import codec
+from financing.application.errors import Unavailable
+from financing.application.messages import CreateIssuer
+from financing.application.pipeline import Decoded, Outcome, OutcomeKind, compose
+from financing.application.ports import Envelope
+from financing.application.retry import DELIVERIES, Outages
+from tests.support import rabbitmq
+from tests.support.infra import unique_name, wait_until
+
+
+@pytest.fixture
+async def vhost() -> AsyncIterator[rabbitmq.Vhost]:
+    # Its own vhost: the test closes every connection of it.
+    async with rabbitmq.private_vhost("fin_connection") as vhost:
+        yield vhost
+
+
+def command() -> Envelope:
+    return Envelope(
+        message_id=str(uuid.uuid4()),
+        name=CreateIssuer.name(),
+        body=codec.encode(CreateIssuer(uuid.uuid4())),
+    )
+
+
+def lines(logs: list[dict[str, Any]], event: str) -> list[tuple[int, dict[str, Any]]]:
+    return [(index, line) for index, line in enumerate(logs) if line["event"] == event]
+
+
+async def test_a_dropped_connection_is_logged_once_as_unavailable_and_once_as_reconnected(
+    vhost: rabbitmq.Vhost,
+) -> None:
+    outages = Outages()
+    broker = Broker([vhost.url], outages)
+    publisher = Publisher(broker)
+    dead_letters = DeadLetters(publisher, outages, DELIVERIES)
+    queue = unique_name("cmd")
+    await publisher.declare_command_queue(queue)
+    handled: list[str] = []
+
+    async def record(decoded: Decoded) -> Outcome:
+        handled.append(decoded.envelope.message_id)
+        return Outcome.processed()
+
+    step = compose(
+        record,
+        names=frozenset({CreateIssuer.name()}),
+        others=OutcomeKind.DEAD_LETTERED,
+        policy=DELIVERIES,
+        outages=outages,
+    )
+    # Two consumers and a publisher on the one connection: all notice the loss.
+    consumers: list[QueueConsumer] = []
+    tasks: list[asyncio.Task[None]] = []
+    for _ in range(2):
+        deliveries = Deliveries(step)
+        consumer = QueueConsumer(
+            broker, command_queue(queue), dead_letters, outages, deliveries.receive, prefetch=8
+        )
+        consumers.append(consumer)
+        tasks.append(asyncio.create_task(consume(consumer, deliveries)))
+    try:
+
+        async def consuming() -> bool:
+            for task in tasks:
+                if task.done():
+                    task.result()
+            return all(consumer.consuming.is_set() for consumer in consumers)
+
+        await wait_until(consuming, what="both consumers consuming")
+        with capture_logs() as logs:
+            await rabbitmq.close_connections(vhost.name)
+
+            async def reconnected() -> bool:
+                return bool(lines(logs, "broker reconnected"))
+
+            await wait_until(reconnected, timeout=10, what="the reconnection logged")
+            after = command()
+
+            async def sent() -> bool:
+                try:
+                    await publisher.send_to_queue(queue, after)
+                except Unavailable:
+                    return False
+                return True
+
+            await wait_until(sent, timeout=10, what="publishing after the reconnection")
+
+            async def processed() -> bool:
+                return after.message_id in handled
+
+            await wait_until(processed, timeout=10, what="a message after the reconnection")
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with suppress(asyncio.CancelledError):
+                await task
+        await publisher.close()
+        await broker.close()
+
+    [(lost_at, lost)] = lines(logs, "broker unavailable")
+    [(back_at, back)] = lines(logs, "broker reconnected")
+    assert lost_at < back_at
+    assert lost["log_level"] == "warning"
+    assert lost["dependency"] == "broker"
+    assert "CONNECTION_FORCED" in lost["error"]
+    assert back["log_level"] == "info"
+    assert back["dependency"] == "broker"
+    assert isinstance(back["outage_seconds"], float)
+    assert 0 <= back["outage_seconds"] < 10
+    assert outages.down() == frozenset()

@@ -1,0 +1,59 @@
+"""Start-up waits only for dependencies that are unavailable; a bug is a bug, not an outage."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from financing.application.errors import Refused, Unavailable
+from financing.application.retry import Outages
+from financing.entrypoints.bootstrap import StartupError, started
+
+
+async def test_a_dependency_unavailable_past_the_deadline_fails_start_up_as_unreachable() -> None:
+    attempts = 0
+
+    async def connect() -> None:
+        nonlocal attempts
+        attempts += 1
+        raise Unavailable("broker", "connection refused")
+
+    with pytest.raises(StartupError, match="broker is unreachable"):
+        await started("broker", connect, Outages(), time.monotonic() + 0.5)
+    assert attempts > 1
+
+
+async def test_a_dependency_that_comes_back_within_the_deadline_lets_start_up_go_on() -> None:
+    attempts = 0
+
+    async def connect() -> str:
+        nonlocal attempts
+        attempts += 1
+        if attempts < 3:
+            raise Unavailable("command database", "starting up")
+        return "pool"
+
+    assert await started("command database", connect, Outages(), time.monotonic() + 10) == "pool"
+
+
+async def test_a_refusal_fails_start_up_at_once() -> None:
+    attempts = 0
+
+    async def connect() -> None:
+        nonlocal attempts
+        attempts += 1
+        raise Refused("command database", "password authentication failed")
+
+    began = time.monotonic()
+    with pytest.raises(StartupError, match="refused the service"):
+        await started("command database", connect, Outages(), time.monotonic() + 30)
+    assert attempts == 1 and time.monotonic() - began < 1
+
+
+async def test_a_bug_at_start_up_is_raised_as_itself_not_reported_as_unreachable() -> None:
+    async def connect() -> None:
+        raise TypeError("a bug")
+
+    with pytest.raises(TypeError, match="a bug"):
+        await started("broker", connect, Outages(), time.monotonic() + 30)

@@ -1,0 +1,60 @@
+"""Every line the process writes is one JSON object, library records and tracebacks included."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+SCRIPT = """
+import logging, warnings
+from financing import logging as service_logging
+service_logging.configure({level!r})
+service_logging.get_logger("financing.test").info("own line", answer=42)
+try:
+    raise ValueError("boom")
+except ValueError:
+    logging.getLogger("grpclib.server").exception("Application error")
+logging.getLogger("aiormq.connection").error("Unexpected connection close from remote")
+logging.getLogger("asyncpg.pool").warning("Failed to restore the pool connection floor")
+warnings.warn("a library's warning")
+raise RuntimeError("nobody caught this")
+"""
+
+
+def run(level: str) -> tuple[int, list[dict[str, Any]]]:
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT.format(level=level)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = []
+    for raw in (done.stdout + done.stderr).splitlines():
+        line = json.loads(raw)  # fails the test for any line that is not JSON
+        assert isinstance(line, dict), raw
+        lines.append(line)
+    return done.returncode, lines
+
+
+def test_every_line_is_one_json_object_with_tracebacks_as_a_field() -> None:
+    code, lines = run("INFO")
+    events = {line["event"]: line for line in lines}
+    assert code != 0
+    assert events["own line"]["answer"] == 42
+    library = events["Application error"]
+    assert library["level"] == "error" and library["logger"] == "grpclib.server"
+    assert "Traceback" in library["exception"] and "ValueError: boom" in library["exception"]
+    assert any("a library's warning" in line["event"] for line in lines)
+    uncaught = events["uncaught exception"]
+    assert uncaught["level"] == "critical"
+    assert "RuntimeError: nobody caught this" in uncaught["exception"]
+
+
+def test_transport_libraries_connection_chatter_is_demoted_to_debug() -> None:
+    _, quiet = run("INFO")
+    assert not [line for line in quiet if line.get("logger", "").startswith(("aiormq", "asyncpg"))]
+    _, verbose = run("DEBUG")
+    chatter = [line for line in verbose if line.get("logger", "").startswith(("aiormq", "asyncpg"))]
+    assert len(chatter) == 2 and {line["level"] for line in chatter} == {"debug"}, chatter

@@ -1,0 +1,391 @@
+"""The delivery pipeline, composed as production composes it, over in-memory fakes:
+what becomes of each delivery (its outcome), and how often the handler runs."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+from uuid import UUID, uuid4
+
+from structlog.testing import capture_logs
+
+from financing.application import handlers, routes
+from financing.application.errors import PoisonMessage, Unavailable
+from financing.application.memory import InMemoryEventStore
+from financing.application.messages import (
+    ApproveFinancing,
+    BidOnInvoice,
+    CreateInvestor,
+    CreateIssuer,
+    Message,
+    ReverseFinancing,
+    SellInvoice,
+)
+from financing.application.pipeline import (
+    Decoded,
+    Handler,
+    Outcome,
+    OutcomeKind,
+    Step,
+    StoreHandler,
+    compose,
+    exactly_once,
+)
+from financing.application.ports import Envelope, UnitOfWork
+from financing.application.retry import Backoff, Limit, Outages, RetryPolicy
+from financing.domain import events as ev
+from financing.domain.aggregates import Issuer
+from tests.unit.bus import InMemoryBus, MemoryDelivery, envelope_of
+
+D = Decimal
+
+# The default limits (bug: 3 attempts, conflict: 50, unavailable: unlimited),
+# with pauses of a few milliseconds so the tests are fast.
+FAST = Backoff(0.001, 0.004)
+POLICY = RetryPolicy(
+    unavailable=Limit(FAST, None),
+    conflict=Limit(FAST, 50),
+    permanent=None,
+    bug=Limit(FAST, 3),
+)
+
+
+def step_of(
+    handler: Handler,
+    name: str,
+    others: OutcomeKind = OutcomeKind.DEAD_LETTERED,
+    outages: Outages | None = None,
+) -> Step:
+    return compose(
+        handler,
+        names=frozenset({name}),
+        others=others,
+        policy=POLICY,
+        outages=outages or Outages(),
+    )
+
+
+def store_step(store: InMemoryEventStore, name: str, handler: StoreHandler) -> Step:
+    return step_of(exactly_once(store, handler.__name__, handler), name)
+
+
+def delivery(message: Message, message_id: UUID | str | None = None) -> MemoryDelivery:
+    return MemoryDelivery(envelope_of(message, message_id), source="test_queue")
+
+
+class Counting:
+    """A handler that counts its calls and finds every message processed."""
+
+    def __init__(self) -> None:
+        self.calls: list[Message] = []
+
+    async def __call__(self, decoded: Decoded) -> Outcome:
+        self.calls.append(decoded.message)
+        return Outcome.processed()
+
+
+class Malformed(MemoryDelivery):
+    """A delivery whose headers cannot be read (no message id)."""
+
+    @property
+    def name(self) -> str | None:
+        return None
+
+    def envelope(self) -> Envelope:
+        raise PoisonMessage("missing message id")
+
+
+# Selection
+
+
+async def test_a_message_of_another_name_on_a_shared_feed_is_ignored() -> None:
+    handler = Counting()
+    step = step_of(handler, "InvoiceFinancedEvent", others=OutcomeKind.IGNORED)
+    outcome = await step(delivery(ev.IssuerCreatedEvent(uuid4())))
+    assert outcome.kind is OutcomeKind.IGNORED
+    assert handler.calls == []
+
+
+async def test_a_message_of_another_name_on_its_own_queue_is_dead_lettered() -> None:
+    handler = Counting()
+    step = step_of(handler, "SellInvoice", others=OutcomeKind.DEAD_LETTERED)
+    outcome = await step(delivery(CreateIssuer(uuid4())))
+    assert outcome == Outcome.dead_letter("a 'CreateIssuer' message on 'test_queue'")
+    assert handler.calls == []
+
+
+async def test_a_message_of_its_own_name_reaches_the_handler_decoded() -> None:
+    handler = Counting()
+    issuer = uuid4()
+    outcome = await step_of(handler, "CreateIssuer")(delivery(CreateIssuer(issuer)))
+    assert outcome.kind is OutcomeKind.PROCESSED
+    assert handler.calls == [CreateIssuer(issuer)]
+
+
+# Decoding
+
+
+async def test_an_undecodable_body_is_dead_lettered_at_once_with_the_codecs_reason() -> None:
+    handler = Counting()
+    broken = Envelope(message_id=str(uuid4()), name="CreateIssuer", body=b"{not json")
+    outcome = await step_of(handler, "CreateIssuer")(MemoryDelivery(broken))
+    assert outcome.kind is OutcomeKind.DEAD_LETTERED
+    assert "PoisonMessage: CreateIssuer: body is not valid JSON" in outcome.detail
+    assert "after 1 attempt(s)" in outcome.detail
+    assert handler.calls == []
+
+
+async def test_a_body_missing_a_field_is_dead_lettered_naming_the_field() -> None:
+    handler = Counting()
+    partial = Envelope(message_id=str(uuid4()), name="CreateInvestor", body=b'{"Balance":1}')
+    outcome = await step_of(handler, "CreateInvestor")(MemoryDelivery(partial))
+    assert outcome.kind is OutcomeKind.DEAD_LETTERED
+    assert "CreateInvestor: missing field ID" in outcome.detail
+    assert handler.calls == []
+
+
+async def test_a_delivery_with_unreadable_headers_is_dead_lettered_with_the_reason() -> None:
+    handler = Counting()
+    malformed = Malformed(envelope_of(CreateIssuer(uuid4())))
+    outcome = await step_of(handler, "CreateIssuer")(malformed)
+    assert outcome.kind is OutcomeKind.DEAD_LETTERED
+    assert "missing message id" in outcome.detail
+    assert handler.calls == []
+
+
+# Failures of the handler
+
+
+async def buggy(uow: UnitOfWork, command: CreateIssuer) -> None:
+    raise TypeError("boom")
+
+
+async def test_a_handler_with_a_bug_is_retried_a_few_times_then_dead_lettered_with_its_place() -> (
+    None
+):
+    store = InMemoryEventStore()
+    calls = 0
+
+    async def counted(uow: UnitOfWork, command: CreateIssuer) -> None:
+        nonlocal calls
+        calls += 1
+        await buggy(uow, command)
+
+    step = step_of(exactly_once(store, "buggy", counted), "CreateIssuer")
+    outcome = await step(delivery(CreateIssuer(uuid4())))
+    assert calls == 3
+    assert outcome.kind is OutcomeKind.DEAD_LETTERED
+    line = buggy.__code__.co_firstlineno + 1
+    assert outcome.detail.startswith(f"TypeError: boom (at test_pipeline.py:{line} in buggy)")
+    assert store.events == [] and store.processed == set()
+
+
+async def reads_after_writing(uow: UnitOfWork, command: CreateIssuer) -> None:
+    issuer = await uow.load(Issuer, command.id)
+    issuer.create()
+    await uow.save(issuer)
+    await uow.load(Issuer, command.id)
+
+
+async def test_a_handler_that_reads_after_writing_is_called_once_and_dead_lettered() -> None:
+    store = InMemoryEventStore()
+    calls = 0
+
+    async def counted(uow: UnitOfWork, command: CreateIssuer) -> None:
+        nonlocal calls
+        calls += 1
+        await reads_after_writing(uow, command)
+
+    step = step_of(exactly_once(store, "reads_after_writing", counted), "CreateIssuer")
+    outcome = await step(delivery(CreateIssuer(uuid4())))
+    assert calls == 1
+    assert outcome.kind is OutcomeKind.DEAD_LETTERED
+    assert outcome.detail.startswith("ReadAfterWrite: load after a write in the same unit of work")
+    assert store.events == [] and store.processed == set()
+
+
+async def test_an_unavailable_dependency_is_retried_until_it_is_back_then_processed() -> None:
+    store = InMemoryEventStore()
+    failures = 60  # beyond every attempt limit of the policy
+    calls = 0
+
+    async def flaky_create_issuer(uow: UnitOfWork, command: CreateIssuer) -> None:
+        nonlocal calls
+        calls += 1
+        if calls <= failures:
+            raise Unavailable("database", "connection refused")
+        await handlers.create_issuer(uow, command)
+
+    issuer = uuid4()
+    with capture_logs() as logs:
+        outcome = await store_step(store, "CreateIssuer", flaky_create_issuer)(
+            delivery(CreateIssuer(issuer))
+        )
+    assert outcome == Outcome.processed(1)
+    assert calls == failures + 1
+    assert [stored.event for stored in store.events] == [ev.IssuerCreatedEvent(issuer)]
+    assert [line["event"] for line in logs] == ["database unavailable", "database recovered"]
+
+
+async def test_a_delivery_that_can_no_longer_be_settled_while_retrying_is_abandoned() -> None:
+    calls = 0
+    target = delivery(CreateIssuer(uuid4()))
+
+    async def channel_closes(decoded: Decoded) -> Outcome:
+        nonlocal calls
+        calls += 1
+        target.open = False  # the channel it came on closed
+        raise Unavailable("database", "connection refused")
+
+    async with asyncio.timeout(5):  # fails, rather than hangs, if it kept retrying
+        outcome = await step_of(channel_closes, "CreateIssuer")(target)
+    assert outcome.kind is OutcomeKind.ABANDONED
+    assert calls == 1
+
+
+async def test_a_conflict_is_retried_until_the_handler_succeeds() -> None:
+    store = InMemoryEventStore()
+    issuer = uuid4()
+    interfered = False
+
+    async def raced_create_issuer(uow: UnitOfWork, command: CreateIssuer) -> None:
+        nonlocal interfered
+        await handlers.create_issuer(uow, command)
+        if not interfered:
+            interfered = True  # another writer creates it first
+            async with store.unit_of_work() as other:
+                await handlers.create_issuer(other, command)
+
+    outcome = await store_step(store, "CreateIssuer", raced_create_issuer)(
+        delivery(CreateIssuer(issuer))
+    )
+    # The retry found the issuer created: nothing to do, nothing appended twice.
+    assert outcome.kind is OutcomeKind.UNCHANGED
+    assert outcome.detail == f"Issuer {issuer}: already exists"
+    assert [stored.event for stored in store.events] == [ev.IssuerCreatedEvent(issuer)]
+
+
+# Exactly once
+
+
+async def test_a_redelivered_message_is_a_duplicate_and_appends_nothing_twice() -> None:
+    store = InMemoryEventStore()
+    step = store_step(store, "CreateInvestor", handlers.create_investor)
+    message_id = uuid4()
+    command = CreateInvestor(uuid4(), D("100"))
+    first = await step(delivery(command, message_id))
+    events = list(store.events)
+    again = await step(delivery(command, message_id))
+    assert first == Outcome.processed(2)
+    assert again.kind is OutcomeKind.DUPLICATE
+    assert store.events == events and len(events) == 2
+    assert store.processed == {("create_investor", str(message_id))}
+
+
+async def test_the_same_message_for_two_consumers_is_processed_by_each() -> None:
+    store = InMemoryEventStore()
+    message_id = uuid4()
+    command = CreateIssuer(uuid4())
+    first = exactly_once(store, "first", handlers.create_issuer)
+    second = exactly_once(store, "second", handlers.create_issuer)
+    assert (await step_of(first, "CreateIssuer")(delivery(command, message_id))).events == 1
+    outcome = await step_of(second, "CreateIssuer")(delivery(command, message_id))
+    assert outcome.kind is OutcomeKind.UNCHANGED  # not DUPLICATE: a consumer of its own
+    assert store.processed == {("first", str(message_id)), ("second", str(message_id))}
+
+
+async def test_handler_parts_wrap_the_handler_inside_the_retry() -> None:
+    store = InMemoryEventStore()
+    seen: list[OutcomeKind] = []
+
+    def twice(handler: Handler) -> Handler:
+        async def run(decoded: Decoded) -> Outcome:
+            outcomes = [await handler(decoded), await handler(decoded)]
+            seen.extend(outcome.kind for outcome in outcomes)
+            return outcomes[0]
+
+        return run
+
+    step = compose(
+        exactly_once(store, "create_issuer", handlers.create_issuer),
+        names=frozenset({"CreateIssuer"}),
+        others=OutcomeKind.DEAD_LETTERED,
+        policy=POLICY,
+        outages=Outages(),
+        handler_parts=[twice],
+    )
+    assert (await step(delivery(CreateIssuer(uuid4())))).kind is OutcomeKind.PROCESSED
+    assert seen == [OutcomeKind.PROCESSED, OutcomeKind.DUPLICATE]
+    assert len(store.events) == 1
+
+
+# Commands that change nothing
+
+
+async def _financed_invoice(bus: InMemoryBus) -> UUID:
+    issuer, investor, invoice = uuid4(), uuid4(), uuid4()
+    await bus.run(CreateIssuer(issuer))
+    await bus.run(CreateInvestor(investor, D("100")))
+    await bus.run(SellInvoice(invoice, issuer, D("10")))
+    await bus.run(BidOnInvoice(investor, invoice, D("20")))
+    return invoice
+
+
+def command_step(bus: InMemoryBus, name: str) -> Step:
+    [route] = [route for route in routes.COMMANDS if route.message_name == name]
+    return store_step(bus.store, name, route.handler)
+
+
+async def test_approving_an_available_invoice_is_unchanged_naming_the_rule_and_logged() -> None:
+    bus = InMemoryBus()
+    issuer, invoice = uuid4(), uuid4()
+    await bus.run(CreateIssuer(issuer))
+    await bus.run(SellInvoice(invoice, issuer, D("10")))
+    events = list(bus.store.events)
+    with capture_logs() as logs:
+        outcome = await command_step(bus, "ApproveFinancing")(delivery(ApproveFinancing(invoice)))
+    assert outcome.kind is OutcomeKind.UNCHANGED
+    assert "only a FINANCED invoice can be approved" in outcome.detail
+    assert f"Invoice {invoice}: is AVAILABLE" in outcome.detail
+    assert bus.store.events == events
+    [line] = [line for line in logs if line["event"] == "message changed nothing"]
+    assert line["log_level"] == "info"
+    assert line["reason"] == outcome.detail
+    assert line["consumer"] == "approve_financing"
+
+
+async def test_reversing_an_approved_invoice_is_unchanged_naming_the_rule_and_logged() -> None:
+    bus = InMemoryBus()
+    invoice = await _financed_invoice(bus)
+    await bus.run(ApproveFinancing(invoice))
+    events = list(bus.store.events)
+    with capture_logs() as logs:
+        outcome = await command_step(bus, "ReverseFinancing")(delivery(ReverseFinancing(invoice)))
+    assert outcome.kind is OutcomeKind.UNCHANGED
+    assert "is APPROVED; only a FINANCED invoice can be reversed" in outcome.detail
+    assert bus.store.events == events
+    [line] = [line for line in logs if line["event"] == "message changed nothing"]
+    assert (line["log_level"], line["reason"]) == ("info", outcome.detail)
+
+
+async def test_an_unchanged_message_is_still_recorded_as_processed() -> None:
+    bus = InMemoryBus()
+    invoice = await _financed_invoice(bus)
+    await bus.run(ApproveFinancing(invoice))
+    message_id = uuid4()
+    step = command_step(bus, "ApproveFinancing")
+    assert (await step(delivery(ApproveFinancing(invoice), message_id))).kind is (
+        OutcomeKind.UNCHANGED
+    )
+    assert (await step(delivery(ApproveFinancing(invoice), message_id))).kind is (
+        OutcomeKind.DUPLICATE
+    )
+
+
+async def test_a_command_that_appends_events_is_processed_and_logs_no_unchanged_line() -> None:
+    bus = InMemoryBus()
+    invoice = await _financed_invoice(bus)
+    with capture_logs() as logs:
+        outcome = await command_step(bus, "ApproveFinancing")(delivery(ApproveFinancing(invoice)))
+    assert outcome == Outcome.processed(1)
+    assert not [line for line in logs if line["event"] == "message changed nothing"]

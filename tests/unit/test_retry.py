@@ -1,0 +1,275 @@
+"""The one retry primitive: what is retried, how often, and what an outage logs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from financing.application.errors import (
+    ConcurrencyConflict,
+    Fault,
+    MissingAggregate,
+    PoisonMessage,
+    ReadAfterWrite,
+    Refused,
+    RuleViolation,
+    Unavailable,
+)
+from financing.application.retry import (
+    DELIVERIES,
+    NO_BUG_RETRIES,
+    Abandoned,
+    Backoff,
+    GaveUp,
+    Limit,
+    Outages,
+    RetryPolicy,
+    retry,
+)
+
+# The default limits, with pauses of a few milliseconds so the tests are fast.
+FAST = Backoff(0.001, 0.004)
+POLICY = RetryPolicy(
+    unavailable=Limit(FAST, None),
+    conflict=Limit(FAST, 50),
+    permanent=None,
+    bug=Limit(FAST, 3),
+)
+
+
+class Failing:
+    """An operation that raises `error()` for its first `failures` calls, then returns "done"."""
+
+    def __init__(self, error: Callable[[], BaseException], failures: int) -> None:
+        self.error = error
+        self.failures = failures
+        self.calls = 0
+
+    async def __call__(self) -> str:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error()
+        return "done"
+
+
+def database_down() -> Unavailable:
+    return Unavailable("database", "connection refused")
+
+
+async def retried(operation: Callable[[], Awaitable[Any]], **kwargs: Any) -> Any:
+    options: dict[str, Any] = {"policy": POLICY, "outages": Outages(), "what": "testing"}
+    return await retry(operation, **(options | kwargs))
+
+
+async def test_retry_returns_the_result_of_the_operation() -> None:
+    operation = Failing(database_down, failures=0)
+    assert await retried(operation) == "done"
+    assert operation.calls == 1
+
+
+async def test_an_unavailable_dependency_is_retried_beyond_any_attempt_limit_until_it_is_back() -> (
+    None
+):
+    failures = 60  # more than the conflict (50) and bug (3) limits
+    operation = Failing(database_down, failures)
+    assert await retried(operation) == "done"
+    assert operation.calls == failures + 1
+
+
+async def test_an_outage_logs_one_warning_when_it_starts_and_one_info_line_when_it_ends() -> None:
+    with capture_logs() as logs:
+        await retried(Failing(database_down, failures=20))
+    assert [(line["log_level"], line["event"]) for line in logs] == [
+        ("warning", "database unavailable"),
+        ("info", "database recovered"),
+    ]
+    assert logs[0]["error"] == "connection refused"
+    assert isinstance(logs[1]["outage_seconds"], float) and logs[1]["outage_seconds"] >= 0
+
+
+async def test_the_end_of_a_broker_outage_is_logged_as_a_reconnection() -> None:
+    with capture_logs() as logs:
+        await retried(Failing(lambda: Unavailable("broker", "connection reset"), failures=2))
+    assert [line["event"] for line in logs] == ["broker unavailable", "broker reconnected"]
+    assert "outage_seconds" in logs[1]
+
+
+async def test_an_outage_seen_by_several_loops_is_logged_once() -> None:
+    outages = Outages()
+    down = True
+    calls = 0
+
+    async def operation() -> str:
+        nonlocal down, calls
+        calls += 1
+        if calls >= 30:
+            down = False
+        if down:
+            raise database_down()
+        return "done"
+
+    with capture_logs() as logs:
+        results = await asyncio.gather(
+            *(retried(operation, outages=outages, what=f"loop {n}") for n in range(3))
+        )
+    assert results == ["done"] * 3
+    assert [(line["log_level"], line["event"]) for line in logs] == [
+        ("warning", "database unavailable"),
+        ("info", "database recovered"),
+    ]
+    assert outages.down() == frozenset()
+
+
+async def test_a_dependency_stays_down_in_the_outage_log_until_an_operation_succeeds() -> None:
+    outages = Outages()
+    with pytest.raises(GaveUp):
+        await retried(Failing(database_down, failures=99), outages=outages, deadline=0)
+    assert outages.down() == frozenset({"database"})
+    await retried(Failing(database_down, failures=1), outages=outages)
+    assert outages.down() == frozenset()
+
+
+async def test_a_bug_is_retried_at_most_its_limit_then_given_up_as_a_bug() -> None:
+    assert POLICY.bug is not None
+    operation = Failing(lambda: TypeError("unsupported operand"), failures=99)
+    with pytest.raises(GaveUp) as gave_up:
+        await retried(operation)
+    assert operation.calls == POLICY.bug.attempts == 3
+    assert gave_up.value.fault is Fault.BUG
+    assert gave_up.value.attempts == 3
+    assert isinstance(gave_up.value.error, TypeError)
+
+
+async def test_a_bug_that_goes_away_on_a_retry_succeeds() -> None:
+    operation = Failing(lambda: ValueError("raced"), failures=2)
+    assert await retried(operation) == "done"
+    assert operation.calls == 3
+
+
+async def test_each_retry_of_a_bug_is_logged_as_an_error_with_its_traceback() -> None:
+    with capture_logs() as logs, pytest.raises(GaveUp):
+        await retried(Failing(lambda: TypeError("boom"), failures=99))
+    errors = [line for line in logs if line["log_level"] == "error"]
+    assert [line["event"] for line in errors] == ["testing failed with a bug; retrying"] * 2
+    assert all(isinstance(line["exc_info"], TypeError) for line in errors)
+
+
+async def test_without_bug_retries_a_bug_is_attempted_once() -> None:
+    operation = Failing(lambda: TypeError("boom"), failures=99)
+    with pytest.raises(GaveUp) as gave_up:
+        await retried(operation, policy=NO_BUG_RETRIES)
+    assert (operation.calls, gave_up.value.fault) == (1, Fault.BUG)
+
+
+async def test_a_read_after_write_is_attempted_exactly_once() -> None:
+    operation = Failing(lambda: ReadAfterWrite("load after a write"), failures=99)
+    with pytest.raises(GaveUp) as gave_up:
+        await retried(operation)
+    assert operation.calls == 1
+    assert (gave_up.value.fault, gave_up.value.attempts) == (Fault.BUG, 1)
+
+
+async def test_a_missing_aggregate_is_attempted_at_most_eight_times() -> None:
+    operation = Failing(lambda: MissingAggregate("invoice 1 does not exist"), failures=99)
+    with pytest.raises(GaveUp) as gave_up:
+        await retried(operation)
+    assert operation.calls == 8
+    assert (gave_up.value.fault, gave_up.value.attempts) == (Fault.CONFLICT, 8)
+
+
+async def test_a_missing_aggregate_created_meanwhile_succeeds() -> None:
+    operation = Failing(lambda: MissingAggregate("issuer 1 is not registered"), failures=5)
+    assert await retried(operation) == "done"
+
+
+async def test_a_concurrency_conflict_is_retried_up_to_the_conflict_limit() -> None:
+    policy = RetryPolicy(conflict=Limit(FAST, 5))
+    operation = Failing(lambda: ConcurrencyConflict("moved past version 1"), failures=99)
+    with pytest.raises(GaveUp) as gave_up:
+        await retried(operation, policy=policy)
+    assert operation.calls == 5
+    assert gave_up.value.fault is Fault.CONFLICT
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuleViolation("balance 5 is less than the bid 10"),
+        PoisonMessage("body is not valid JSON"),
+        Refused("database", "password authentication failed"),
+    ],
+    ids=lambda error: type(error).__name__,
+)
+async def test_a_permanent_error_is_not_retried(error: Exception) -> None:
+    operation = Failing(lambda: error, failures=99)
+    with pytest.raises(GaveUp) as gave_up:
+        await retried(operation)
+    assert operation.calls == 1
+    assert (gave_up.value.fault, gave_up.value.error) == (Fault.PERMANENT, error)
+
+
+async def test_work_no_longer_wanted_is_abandoned() -> None:
+    operation = Failing(database_down, failures=99)
+    with pytest.raises(Abandoned):
+        async with asyncio.timeout(5):  # fails, rather than hangs, if it kept retrying
+            await retried(operation, wanted=lambda: False)
+    assert operation.calls == 1
+
+
+async def test_work_that_stops_being_wanted_during_a_pause_is_abandoned() -> None:
+    answers = iter([True, False])
+    operation = Failing(database_down, failures=99)
+    with pytest.raises(Abandoned):
+        async with asyncio.timeout(5):  # fails, rather than hangs, if it kept retrying
+            await retried(operation, wanted=lambda: next(answers))
+    assert operation.calls == 1
+
+
+async def test_a_deadline_gives_up_on_an_outage() -> None:
+    operation = Failing(database_down, failures=10**9)
+    started = time.monotonic()
+    with pytest.raises(GaveUp) as gave_up:
+        async with asyncio.timeout(5):  # fails, rather than hangs, without the deadline
+            await retried(operation, deadline=started + 0.05)
+    assert gave_up.value.fault is Fault.UNAVAILABLE
+    assert time.monotonic() - started < 1.0
+    assert operation.calls > 1
+
+
+async def test_a_cancelled_operation_is_not_retried() -> None:
+    operation = Failing(asyncio.CancelledError, failures=99)
+    with pytest.raises(asyncio.CancelledError):
+        await retried(operation)
+    assert operation.calls == 1
+
+
+def test_deliveries_retry_every_fault_as_classified() -> None:
+    assert DELIVERIES.unavailable is not None and DELIVERIES.unavailable.attempts is None
+    assert DELIVERIES.conflict is not None and DELIVERIES.conflict.attempts == 50
+    assert DELIVERIES.bug is not None and DELIVERIES.bug.attempts == 3
+    assert DELIVERIES.permanent is None
+    assert NO_BUG_RETRIES.bug is None
+    assert NO_BUG_RETRIES.unavailable == DELIVERIES.unavailable
+
+
+def test_a_backoff_delay_is_between_half_and_all_of_its_doubling_ceiling() -> None:
+    backoff = Backoff(0.1, 2.0)
+    for attempt in range(1, 12):
+        ceiling = min(2.0, 0.1 * 2 ** (attempt - 1))
+        delays = [backoff.delay(attempt) for _ in range(200)]
+        assert all(ceiling / 2 <= delay <= ceiling for delay in delays), attempt
+
+
+def test_a_backoff_delay_is_capped_however_many_attempts() -> None:
+    backoff = Backoff(0.1, 2.0)
+    for attempt in (6, 10, 31, 1000, 10**6):
+        assert 1.0 <= backoff.delay(attempt) <= 2.0
+
+
+def test_a_backoff_delay_is_jittered() -> None:
+    assert len({Backoff(0.1, 2.0).delay(3) for _ in range(20)}) > 1
