@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,6 +30,9 @@ log = get_logger(__name__)
 
 BROKER = "broker"
 CONNECT_TIMEOUT = 10.0
+# Callers arriving this soon after a failed attempt share its failure rather than
+# each waiting for an attempt of its own.
+RECONNECT_INTERVAL = 0.5
 CLOSE_TIMEOUT = 2.0
 
 # What the broker or the connection to it can raise.
@@ -80,6 +84,7 @@ class Broker:
         self._connecting = asyncio.Lock()
         self._accepted_once = False
         self._closing = False
+        self._failed: tuple[float, str] | None = None  # when the last attempt failed, and why
 
     @property
     def connected(self) -> bool:
@@ -97,7 +102,14 @@ class Broker:
                 return self._connection
             if self._closing:
                 raise Unavailable(BROKER, "the connection is closing")
-            connection = await self._connect()
+            if self._failed is not None and time.monotonic() - self._failed[0] < RECONNECT_INTERVAL:
+                raise Unavailable(BROKER, self._failed[1])
+            try:
+                connection = await self._connect()
+            except Unavailable as error:
+                self._failed = (time.monotonic(), error.detail)
+                raise
+            self._failed = None
             connection.close_callbacks.add(self._on_close)
             self._connection = connection
             self._accepted_once = True

@@ -103,9 +103,9 @@ class AmqpDelivery:
                 log.warning("message dead-lettered", reason=outcome.detail)
                 await self._ack()
             else:
-                log.info("delivery channel closed before dead-lettering; expecting a redelivery")
+                log.debug("delivery channel closed before dead-lettering; expecting a redelivery")
         else:
-            log.info("delivery channel closed; expecting a redelivery")
+            log.debug("delivery channel closed; expecting a redelivery")
 
     async def _ack(self) -> None:
         try:
@@ -114,7 +114,7 @@ class AmqpDelivery:
         except BROKER_ERRORS:
             # The channel died after the work was done: the broker delivers the
             # message again and the consumer's deduplication absorbs it.
-            log.info("ack lost with its channel; expecting a redelivery")
+            log.debug("ack lost with its channel; expecting a redelivery")
 
     async def release(self) -> None:
         """Hand the message back to the broker for another delivery."""
