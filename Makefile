@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv serve test unit integration acceptance lint proto demo bench populate clean
+.PHONY: venv serve test unit integration acceptance lint proto demo bench populate clean compose-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,10 +38,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy
 
-## Regenerate the gRPC messages and stubs from protos/ into src/financing/generated.
+## Regenerate the gRPC messages and stubs, and the descriptors reflection serves, from protos/.
 proto: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -I protos \
 		--python_betterproto_out=src/financing/generated protos/financing.proto
+	$(BIN)/python -m grpc_tools.protoc -I protos --include_imports \
+		--descriptor_set_out=src/financing/generated/financing.binpb protos/financing.proto
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
@@ -53,3 +55,9 @@ demo: $(STAMP)
 ## Concurrent financing sagas through the public API: sagas per second and latency percentiles.
 bench: $(STAMP)
 	$(BIN)/python -m scripts.bench $(BENCH_ARGS)
+
+## The container deployment, run for real (needs Docker; not part of `make test`): from `down -v`,
+## up --build, every healthcheck, the acceptance suite against it, service and broker restarts,
+## `financing status` in the container, down -v (docs/deployment.md).
+compose-check: $(STAMP)
+	$(BIN)/python -m scripts.compose_check

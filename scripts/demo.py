@@ -92,7 +92,9 @@ class Story:
 
     async def run(self) -> None:
         print("Registering (integration events on the bus):")
-        population = await populate([self.box.amqp_url], issuers=2, investors=3, balance=Decimal(100))
+        population = await populate(
+            [self.box.amqp_url], issuers=2, investors=3, balance=Decimal(100)
+        )
         for n, issuer in enumerate(population.issuers, start=1):
             self.names[issuer] = f"issuer {n}"
         for n, investor in enumerate(population.investors, start=1):

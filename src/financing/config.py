@@ -6,6 +6,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
@@ -13,10 +14,76 @@ DEFAULT_COMMAND_DB = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_QUERY_DB = "postgresql://postgres@127.0.0.1:5432/queries"
 DEFAULT_AMQP = "amqp://guest:guest@localhost:5672/"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# What `financing serve` can run, alone or together (docs/architecture.md).
+COMPONENTS = (
+    "commands-api",
+    "queries-api",
+    "commands",
+    "integration",
+    "policies",
+    "relayer",
+    "projector",
+)
 
 
 class ConfigError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class Variable:
+    """An environment variable, its default and what it sets (for --help and errors)."""
+
+    name: str
+    default: str
+    meaning: str
+
+
+COMMAND_SERVER_ADDRESS = Variable(
+    "COMMAND_SERVER_ADDRESS", "0.0.0.0:8080", "gRPC Commands listen address"
+)
+QUERY_SERVER_ADDRESS = Variable(
+    "QUERY_SERVER_ADDRESS", "0.0.0.0:8081", "gRPC Queries listen address"
+)
+COMMAND_DB = Variable("COMMAND_DB_CONNECTION_STRING", DEFAULT_COMMAND_DB, "event store database")
+QUERY_DB = Variable("QUERY_DB_CONNECTION_STRING", DEFAULT_QUERY_DB, "read-model database")
+AMQP_ADDRESS = Variable(
+    "AMQP_ADDRESS", DEFAULT_AMQP, "broker URL, vhost included (several: comma-separated)"
+)
+LOGGER_LEVEL = Variable("LOGGER_LEVEL", "INFO", "log level: " + ", ".join(LOG_LEVELS))
+SNAPSHOT_INTERVAL = Variable(
+    "FINANCING_SNAPSHOT_INTERVAL", "100", "events between aggregate snapshots"
+)
+STARTUP_TIMEOUT = Variable(
+    "FINANCING_STARTUP_TIMEOUT", "30", "seconds start-up waits for PostgreSQL and RabbitMQ"
+)
+DEDUP_RETENTION = Variable(
+    "FINANCING_DEDUP_RETENTION",
+    "7d",
+    "how long processed message ids are kept to deduplicate redeliveries"
+    " (7d, 12h, 30m, or seconds)",
+)
+COMPONENTS_VARIABLE = Variable(
+    "FINANCING_COMPONENTS",
+    ",".join(COMPONENTS),
+    "the components `serve` runs, comma-separated (--components overrides it)",
+)
+METRICS_ADDRESS = Variable(
+    "METRICS_ADDRESS", "0.0.0.0:8082", "Prometheus /metrics listen address (set empty: none)"
+)
+VARIABLES = (
+    COMMAND_SERVER_ADDRESS,
+    QUERY_SERVER_ADDRESS,
+    COMMAND_DB,
+    QUERY_DB,
+    AMQP_ADDRESS,
+    LOGGER_LEVEL,
+    SNAPSHOT_INTERVAL,
+    STARTUP_TIMEOUT,
+    DEDUP_RETENTION,
+    METRICS_ADDRESS,
+    COMPONENTS_VARIABLE,
+)
 
 
 @dataclass(frozen=True)
@@ -62,6 +129,11 @@ class Settings:
     snapshot_interval: int = 100
     # How long start-up waits for PostgreSQL and RabbitMQ before giving up.
     startup_timeout: float = 30.0
+    # How long a consumer remembers a message id, so that a redelivery changes nothing.
+    dedup_retention: timedelta = timedelta(days=7)
+    # Where /metrics is served; None: nowhere.
+    metrics_address: tuple[str, int] | None = ("0.0.0.0", 8082)
+    components: tuple[str, ...] = COMPONENTS
 
     @property
     def amqp_urls(self) -> list[str]:
@@ -73,27 +145,48 @@ class Settings:
         source = os.environ if env is None else env
         # As in the reference (Go's os.Getenv), a variable set to "" counts as unset.
         env = {key: value for key, value in source.items() if value != ""}
-        level = env.get("LOGGER_LEVEL", "INFO").upper()
+
+        def value(variable: Variable) -> str:
+            return env.get(variable.name, variable.default)
+
+        level = value(LOGGER_LEVEL).upper()
         if level == "WARN":
             level = "WARNING"
         if level not in LOG_LEVELS:
             raise ConfigError(f"LOGGER_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
         return cls(
-            command_address=parse_address(env.get("COMMAND_SERVER_ADDRESS", "0.0.0.0:8080")),
-            query_address=parse_address(env.get("QUERY_SERVER_ADDRESS", "0.0.0.0:8081")),
-            command_db=parse_database(env.get("COMMAND_DB_CONNECTION_STRING", DEFAULT_COMMAND_DB)),
-            query_db=parse_database(env.get("QUERY_DB_CONNECTION_STRING", DEFAULT_QUERY_DB)),
-            amqp_url=env.get("AMQP_ADDRESS", DEFAULT_AMQP),
+            command_address=parse_address(value(COMMAND_SERVER_ADDRESS)),
+            query_address=parse_address(value(QUERY_SERVER_ADDRESS)),
+            command_db=parse_database(value(COMMAND_DB)),
+            query_db=parse_database(value(QUERY_DB)),
+            amqp_url=value(AMQP_ADDRESS),
             log_level=level,
-            snapshot_interval=_positive_int(env, "FINANCING_SNAPSHOT_INTERVAL", 100),
-            startup_timeout=_positive_int(env, "FINANCING_STARTUP_TIMEOUT", 30),
+            snapshot_interval=_positive_int(SNAPSHOT_INTERVAL.name, value(SNAPSHOT_INTERVAL)),
+            startup_timeout=_positive_int(STARTUP_TIMEOUT.name, value(STARTUP_TIMEOUT)),
+            dedup_retention=parse_duration(DEDUP_RETENTION.name, value(DEDUP_RETENTION)),
+            # Unlike the other variables, an empty METRICS_ADDRESS means something: no endpoint.
+            metrics_address=(
+                None
+                if source.get(METRICS_ADDRESS.name) == ""
+                else parse_address(value(METRICS_ADDRESS))
+            ),
+            components=parse_components(value(COMPONENTS_VARIABLE)),
         )
 
 
-def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if raw is None:
-        return default
+def parse_components(value: str) -> tuple[str, ...]:
+    """A comma-separated list of component names; ConfigError names any unknown one."""
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    unknown = [name for name in names if name not in COMPONENTS]
+    if unknown or not names:
+        raise ConfigError(
+            f"unknown component(s) {', '.join(unknown) or '(none given)'};"
+            f" choose from {', '.join(COMPONENTS)}"
+        )
+    return names
+
+
+def _positive_int(name: str, raw: str) -> int:
     try:
         value = int(raw)
     except ValueError as exc:
@@ -101,6 +194,20 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
     if value < 1:
         raise ConfigError(f"{name} must be >= 1, got {value}")
     return value
+
+
+_DURATION = re.compile(r"([0-9]+)\s*([smhd]?)")
+_SECONDS_PER_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(name: str, raw: str) -> timedelta:
+    """`7d`, `12h`, `30m`, `45s` or a bare number of seconds; at least one second."""
+    match = _DURATION.fullmatch(raw.strip().lower())
+    if match is None or int(match[1]) < 1:
+        raise ConfigError(
+            f"{name} must be a duration such as 7d, 12h, 30m or 3600 (seconds), got {raw!r}"
+        )
+    return timedelta(seconds=int(match[1]) * _SECONDS_PER_UNIT[match[2]])
 
 
 def parse_address(address: str) -> tuple[str, int]:

@@ -297,10 +297,12 @@ class Broker:
         body: Mapping[str, Any] | bytes,
         *,
         message_id: str | None = None,
+        extra_headers: Mapping[str, Any] | None = None,
     ) -> str:
         """A command on its queue (default exchange, routing key = queue name); its message id."""
         message_id = message_id or str(uuid.uuid4())
-        await self.publish("", name, _body(body), {MESSAGE_UUID: message_id, NAME: name})
+        headers: dict[str, Any] = {MESSAGE_UUID: message_id, NAME: name, **(extra_headers or {})}
+        await self.publish("", name, _body(body), headers)
         return message_id
 
     async def republish(self, observed: Observed) -> None:

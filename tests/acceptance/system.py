@@ -63,6 +63,7 @@ class System:
 
     command_address: Address
     query_address: Address
+    metrics_address: Address
     amqp_url: str
     broker: Broker
     events: EventLog
@@ -87,6 +88,7 @@ async def external_system() -> AsyncIterator[System]:
         yield System(
             command_address=Address.parse(env.get("COMMAND_SERVER_ADDRESS") or "127.0.0.1:8080"),
             query_address=Address.parse(env.get("QUERY_SERVER_ADDRESS") or "127.0.0.1:8081"),
+            metrics_address=Address.parse(env.get("METRICS_ADDRESS") or "127.0.0.1:8082"),
             amqp_url=amqp_url,
             broker=broker,
             events=events,
@@ -132,6 +134,7 @@ async def local_system(
                 yield System(
                     command_address=Address(*deployment.command_address),
                     query_address=Address(*deployment.query_address),
+                    metrics_address=Address(*deployment.metrics_address),
                     amqp_url=deployment.amqp_url,
                     broker=broker,
                     events=events,

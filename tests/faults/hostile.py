@@ -190,6 +190,7 @@ class Observer:
         return System(
             command_address=Address(*target.command_address),
             query_address=Address(*target.query_address),
+            metrics_address=Address(*target.metrics_address),
             amqp_url=target.amqp_url,
             broker=self.broker,
             events=self.events,

@@ -34,7 +34,7 @@ from financing.adapters.rabbitmq.publisher import AmqpCommandSender, Publisher
 from financing.application import codec
 from financing.application.messages import CreateIssuer, IssuerRegistered
 from financing.application.pipeline import Decoded, Outcome, OutcomeKind
-from financing.application.ports import Envelope
+from financing.application.ports import Cause, Envelope
 from financing.application.read_models import InMemoryReadModels, IssuerRow
 from financing.application.retry import DELIVERIES, Outages
 from financing.domain.events import IssuerCreatedEvent
@@ -409,7 +409,10 @@ async def test_command_handler_stops_promptly_though_an_ack_never_completed(
     consuming = asyncio.create_task(consume(queue, deliveries))
     try:
         sender = AmqpCommandSender(broker_side.publisher)
-        await sender.send(CreateIssuer(id=uuid.uuid4()), uuid.uuid4())
+        message_id = uuid.uuid4()
+        await sender.send(
+            CreateIssuer(id=uuid.uuid4()), message_id, Cause(str(message_id), str(message_id))
+        )
         await asyncio.wait_for(processed.wait(), 10)
         await ack_stuck(stuck_ack)
     finally:

@@ -25,7 +25,7 @@ from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.application import policies
 from financing.application.errors import ConcurrencyConflict
 from financing.application.pipeline import exactly_once
-from financing.application.ports import A, UnitOfWork
+from financing.application.ports import A, Cause, UnitOfWork
 from financing.domain.aggregates import Aggregate, Investor
 from financing.domain.events import Bid, InvoiceReversedEvent
 from tests.faults.conftest import Deploy, add_figure
@@ -112,8 +112,19 @@ class _PausedAfterSeen:
     async def save(self, aggregate: Aggregate) -> None:
         await self._uow.save(aggregate)
 
-    async def record(self, consumer: str, message_id: str) -> None:
-        await self._uow.record(consumer, message_id)
+    async def record(
+        self,
+        consumer: str,
+        message_id: str,
+        *,
+        name: str = "",
+        outcome: str = "processed",
+        detail: str = "",
+        events: int = 0,
+    ) -> None:
+        await self._uow.record(
+            consumer, message_id, name=name, outcome=outcome, detail=detail, events=events
+        )
 
 
 class _PausingStore(PostgresEventStore):
@@ -122,8 +133,10 @@ class _PausingStore(PostgresEventStore):
         self._checked, self._resume = checked, resume
 
     @contextlib.asynccontextmanager
-    async def unit_of_work(self) -> AsyncIterator[_PausedAfterSeen]:  # type: ignore[override]
-        async with super().unit_of_work() as uow:
+    async def unit_of_work(  # type: ignore[override]
+        self, cause: Cause | None = None
+    ) -> AsyncIterator[_PausedAfterSeen]:
+        async with super().unit_of_work(cause) as uow:
             yield _PausedAfterSeen(uow, self._checked, self._resume)
 
 

@@ -131,6 +131,7 @@ class Deployment:
     query_db: Database
     command_address: tuple[str, int]
     query_address: tuple[str, int]
+    metrics_address: tuple[str, int]
     service: ServiceProcess
     # The suite's own pools (application name OBSERVER_APPLICATION).
     event_pool: asyncpg.Pool
@@ -221,6 +222,7 @@ async def deployment(
             query_db=local.query_db,
             command_address=local.command_address,
             query_address=local.query_address,
+            metrics_address=local.metrics_address,
             service=local.service,
             event_pool=event_pool,
             query_pool=query_pool,

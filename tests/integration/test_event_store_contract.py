@@ -3,12 +3,14 @@
 `EventStoreContract` holds the tests; each implementation subclasses it and
 provides the `store` fixture, so only the PostgreSQL suite asks for a
 database (the in-memory one runs without any server). The PostgreSQL suite
-adds the tests of snapshots.
+adds the tests of snapshots, of recording times and of what a processed message
+leaves behind in processed_messages.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
@@ -18,9 +20,18 @@ import asyncpg
 import pytest
 
 from financing.adapters.postgres.event_store import PostgresEventStore
+from financing.application import handlers
 from financing.application.errors import ConcurrencyConflict, ReadAfterWrite
 from financing.application.memory import InMemoryEventStore
-from financing.application.ports import EventStore, StoredEvent, event_message_id
+from financing.application.messages import CreateInvestor, CreateIssuer
+from financing.application.pipeline import (
+    Outcome,
+    OutcomeKind,
+    decoded,
+    exactly_once,
+    selected,
+)
+from financing.application.ports import Cause, EventStore, StoredEvent, event_message_id
 from financing.domain.aggregates import Investor, Invoice
 from financing.domain.events import (
     Bid,
@@ -29,6 +40,7 @@ from financing.domain.events import (
     InvestorFundsAddedEvent,
 )
 from tests.support import infra
+from tests.support.deliveries import MemoryDelivery, envelope_of
 
 
 @pytest.fixture(scope="module")
@@ -349,6 +361,53 @@ class EventStoreContract:
         assert [e.envelope().message_id for e in stream] == [str(i) for i in expected]
         assert len(set(expected)) == 2
 
+    # Correlation and causation
+
+    async def test_appended_events_keep_the_cause_of_their_unit_of_work(
+        self, store: EventStore
+    ) -> None:
+        investor_id, other = uuid4(), uuid4()
+        cause = Cause(correlation_id="saga-1", causation_id="message-1")
+        async with store.unit_of_work(cause) as uow:
+            investor = await uow.load(Investor, investor_id)
+            investor.create(Decimal("100"))
+            await uow.save(investor)
+        await create_investor(store, other, "5")  # no cause: another unit of work
+
+        stream = await store.stream(investor_id)
+        everything = await all_events(store)
+
+        assert [(e.correlation_id, e.causation_id) for e in stream] == [
+            ("saga-1", "message-1"),
+            ("saga-1", "message-1"),
+        ]
+        assert [(e.aggregate_id, e.correlation_id, e.causation_id) for e in everything] == [
+            (investor_id, "saga-1", "message-1"),
+            (investor_id, "saga-1", "message-1"),
+            (other, None, None),
+            (other, None, None),
+        ]
+
+    async def test_each_unit_of_work_gives_its_events_its_own_cause(
+        self, store: EventStore
+    ) -> None:
+        investor_id = uuid4()
+        await create_investor(store, investor_id, "100")
+        for n in (1, 2):
+            async with store.unit_of_work(Cause(f"saga-{n}", f"bid-{n}")) as uow:
+                investor = await uow.load(Investor, investor_id)
+                investor.place_bid(uuid4(), Decimal(n))
+                await uow.save(investor)
+
+        stream = await store.stream(investor_id)
+
+        assert [(e.version, e.correlation_id, e.causation_id) for e in stream] == [
+            (1, None, None),
+            (2, None, None),
+            (3, "saga-1", "bid-1"),
+            (4, "saga-2", "bid-2"),
+        ]
+
 
 class TestInMemoryEventStore(EventStoreContract):
     @pytest.fixture
@@ -442,3 +501,113 @@ class TestPostgresEventStore(EventStoreContract):
         assert loaded.version == replayed.version == 3
         assert loaded.winning_bid == bid
         assert loaded.asking_price == Decimal("100.25")
+
+    # What a processed message leaves behind
+
+    async def test_stored_events_are_read_back_with_the_time_their_transaction_recorded_them(
+        self, pool: asyncpg.Pool
+    ) -> None:
+        await _truncate(pool)
+        store = PostgresEventStore(pool)
+        investor_id = uuid4()
+        before = await pool.fetchval("SELECT clock_timestamp()")
+        await create_investor(store, investor_id, "100")
+        after = await pool.fetchval("SELECT clock_timestamp()")
+
+        stream = await store.stream(investor_id)
+        everything = await all_events(store)
+
+        [first, second] = [e.recorded_at for e in stream]
+        assert first is not None and first.utcoffset() is not None  # a point in time
+        assert before <= first <= after
+        assert first == second  # one transaction, one time
+        assert [e.recorded_at for e in everything] == [first, second]
+
+    async def test_a_processed_message_is_recorded_with_its_name_correlation_and_outcome(
+        self, pool: asyncpg.Pool
+    ) -> None:
+        await _truncate(pool)
+        store = PostgresEventStore(pool)
+        async with store.unit_of_work(Cause("saga-1", "message-1")) as uow:
+            await uow.record(
+                "approve_financing",
+                "message-1",
+                name="ApproveFinancing",
+                outcome="unchanged",
+                detail="Invoice 1: is AVAILABLE",
+                events=0,
+            )
+        async with store.unit_of_work(Cause("saga-1", "message-2")) as uow:
+            await uow.record("create_investor", "message-2", name="CreateInvestor", events=2)
+
+        assert await processed_messages(pool) == [
+            ("approve_financing", "message-1", "ApproveFinancing", "saga-1", "unchanged",
+             "Invoice 1: is AVAILABLE", 0),
+            ("create_investor", "message-2", "CreateInvestor", "saga-1", "processed", None, 2),
+        ]  # fmt: skip
+
+    async def test_a_message_recorded_without_details_is_processed_with_nothing_else_known(
+        self, pool: asyncpg.Pool
+    ) -> None:
+        await _truncate(pool)
+        store = PostgresEventStore(pool)
+        async with store.unit_of_work() as uow:
+            await uow.record("projector", "m-1")
+
+        assert await processed_messages(pool) == [
+            ("projector", "m-1", None, None, "processed", None, 0)
+        ]
+
+    @pytest.mark.parametrize("correlation_id", ["saga-9", None], ids=["correlated", "foreign"])
+    async def test_a_delivered_command_leaves_its_cause_on_its_events_and_its_outcome_recorded(
+        self, pool: asyncpg.Pool, correlation_id: str | None
+    ) -> None:
+        # Through the pipeline's parts, as a command consumer runs them (but `retried`).
+        await _truncate(pool)
+        store = PostgresEventStore(pool)
+        step = selected(frozenset({"CreateInvestor"}), OutcomeKind.DEAD_LETTERED)(
+            decoded(exactly_once(store, "create_investor", handlers.create_investor))
+        )
+        investor_id, message_id = uuid4(), str(uuid4())
+        envelope = envelope_of(CreateInvestor(investor_id, Decimal("10")), message_id)
+        if correlation_id is not None:
+            envelope = dataclasses.replace(envelope, headers={"correlation_id": correlation_id})
+        correlation = correlation_id or message_id  # a foreign message starts its own
+
+        assert await step(MemoryDelivery(envelope)) == Outcome.processed(2)
+
+        assert [(e.correlation_id, e.causation_id) for e in await store.stream(investor_id)] == [
+            (correlation, message_id),
+            (correlation, message_id),
+        ]
+        assert await processed_messages(pool) == [
+            ("create_investor", message_id, "CreateInvestor", correlation, "processed", None, 2)
+        ]
+
+    async def test_a_delivered_command_that_changed_nothing_is_recorded_unchanged_and_why(
+        self, pool: asyncpg.Pool
+    ) -> None:
+        await _truncate(pool)
+        store = PostgresEventStore(pool)
+        step = selected(frozenset({"CreateIssuer"}), OutcomeKind.DEAD_LETTERED)(
+            decoded(exactly_once(store, "create_issuer", handlers.create_issuer))
+        )
+        issuer_id, first, again = uuid4(), str(uuid4()), str(uuid4())
+        await step(MemoryDelivery(envelope_of(CreateIssuer(issuer_id), first)))
+
+        outcome = await step(MemoryDelivery(envelope_of(CreateIssuer(issuer_id), again)))
+
+        assert outcome == Outcome(OutcomeKind.UNCHANGED, f"Issuer {issuer_id}: already exists")
+        assert await processed_messages(pool) == [
+            ("create_issuer", first, "CreateIssuer", first, "processed", None, 1),
+            ("create_issuer", again, "CreateIssuer", again, "unchanged", outcome.detail, 0),
+        ]
+
+
+async def processed_messages(pool: asyncpg.Pool) -> list[tuple[object, ...]]:
+    """Every processed message as recorded, oldest first."""
+    rows = await pool.fetch(
+        "SELECT consumer, message_id, name, correlation_id, outcome, detail, events"
+        " FROM processed_messages ORDER BY processed_at, consumer, message_id"
+    )
+    return [tuple(row.values()) for row in rows]

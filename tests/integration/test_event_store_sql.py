@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 
 from financing.adapters.postgres.event_store import PostgresEventStore
+from financing.application.ports import Cause
 from financing.domain.aggregates import Issuer
 from tests.support import infra
 
@@ -30,22 +31,29 @@ async def pool() -> AsyncIterator[asyncpg.Pool]:
 
 
 @pytest.mark.parametrize("hostile", HOSTILE)
-async def test_hostile_message_ids_and_consumer_names_are_stored_verbatim(
+async def test_hostile_message_ids_consumer_names_and_correlation_ids_are_stored_verbatim(
     pool: asyncpg.Pool, hostile: str
 ) -> None:
     store = PostgresEventStore(pool)
     issuer_id = uuid4()
-    async with store.unit_of_work() as uow:
+    async with store.unit_of_work(Cause(correlation_id=hostile, causation_id=hostile)) as uow:
         assert not await uow.seen(hostile, hostile)
         issuer = await uow.load(Issuer, issuer_id)
         issuer.create()
         await uow.save(issuer)
-        await uow.record(hostile, hostile)
+        await uow.record(hostile, hostile, name=hostile, outcome="unchanged", detail=hostile)
 
     async with store.unit_of_work() as uow:
         assert await uow.seen(hostile, hostile)
     stored = await store.stream(issuer_id)
-    assert [event.name for event in stored] == ["IssuerCreatedEvent"]
+    assert [(e.name, e.correlation_id, e.causation_id) for e in stored] == [
+        ("IssuerCreatedEvent", hostile, hostile)
+    ]
+    record = await pool.fetchrow(
+        "SELECT name, correlation_id, detail FROM processed_messages WHERE message_id = $1",
+        hostile,
+    )
+    assert record is not None and tuple(record.values()) == (hostile, hostile, hostile)
     tables = {
         row["tablename"]
         for row in await pool.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")

@@ -4,6 +4,7 @@ and consumption that survives the broker closing its channel, its connection or 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 import pytest
+import structlog
 from aio_pika.abc import AbstractChannel
 
 from financing.adapters.rabbitmq.connection import Broker
@@ -230,6 +232,61 @@ async def test_command_is_processed_and_acked(bus: Bus, queue: str) -> None:
         await wait_until(processed, what="the issuer to be created")
     # Stopped: an unacked message would be back in the queue now.
     assert await bus.queue_state(queue) == (0, 0)
+
+
+async def test_every_log_line_about_a_delivery_names_its_correlation_and_causation(
+    bus: Bus, queue: str
+) -> None:
+    # What the consumer binds for the delivery is in every line logged while it is handled.
+    bound: dict[str, dict[str, object]] = {}
+
+    async def remembers_the_log_context(decoded: Decoded) -> Outcome:
+        bound[decoded.envelope.message_id] = structlog.contextvars.get_contextvars()
+        return Outcome.processed()
+
+    correlated = dataclasses.replace(
+        envelope(CreateIssuer(uuid.uuid4())),
+        headers={"correlation_id": "saga-1", "causation_id": "cause-1"},
+    )
+    foreign = envelope(CreateIssuer(uuid.uuid4()))
+    async with consuming(bus, on_command_queue(queue, "CreateIssuer"), remembers_the_log_context):
+        await bus.publisher.send_to_queue(queue, correlated)
+        await bus.publisher.send_to_queue(queue, foreign)
+
+        async def both_handled() -> bool:
+            return len(bound) == 2
+
+        await wait_until(both_handled, what="both messages handled")
+
+    assert bound[correlated.message_id]["message_id"] == correlated.message_id
+    assert bound[correlated.message_id]["correlation_id"] == "saga-1"
+    assert bound[correlated.message_id]["causation_id"] == "cause-1"
+    # A message without them is logged without them (not as nulls).
+    assert bound[foreign.message_id]["message_id"] == foreign.message_id
+    assert not {"correlation_id", "causation_id"} & set(bound[foreign.message_id])
+
+
+async def test_a_delivered_command_appends_its_events_under_its_correlation_and_id(
+    bus: Bus, queue: str
+) -> None:
+    store = InMemoryEventStore()
+    issuer = uuid.uuid4()
+    handler = exactly_once(store, "create_issuer", handlers.create_issuer)
+    command = dataclasses.replace(
+        envelope(CreateIssuer(issuer)), headers={"correlation_id": "saga-2"}
+    )
+    async with consuming(bus, on_command_queue(queue, "CreateIssuer"), handler):
+        await bus.publisher.send_to_queue(queue, command)
+
+        async def created() -> list[str]:
+            return events_of(store, issuer)
+
+        await wait_until(created, what="the issuer to be created")
+
+    assert [(e.correlation_id, e.causation_id) for e in store.events] == [
+        ("saga-2", command.message_id)
+    ]
+    assert store.outcomes == {("create_issuer", command.message_id): ("processed", "", 1)}
 
 
 async def test_message_is_not_acked_before_the_handler_returns(bus: Bus, queue: str) -> None:
@@ -763,6 +820,8 @@ async def test_a_message_handled_during_a_permission_outage_sends_its_command_on
         message_id=command_id,
         name=CreateIssuer.name(),
         body=codec.encode(CreateIssuer(registered.id)),
+        # Registering sent no correlation id: the event starts one of its own.
+        headers={"correlation_id": event.message_id, "causation_id": event.message_id},
     )
     assert await bus.queue_state("CreateIssuer") == (0, 0)
     assert await bus.dead_letters_of(queue) == []

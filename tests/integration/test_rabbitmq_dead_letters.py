@@ -9,6 +9,7 @@ import pytest
 from financing.adapters.rabbitmq.connection import Broker
 from financing.adapters.rabbitmq.dead_letters import (
     DeadLetters,
+    Selection,
     list_dead_letters,
     requeue_dead_letters,
 )
@@ -124,7 +125,7 @@ async def test_requeue_sends_matching_dead_letters_back_to_their_source_queue(
     await dead_letter(broker, queue_a, "a-2", "reason a2")
     await dead_letter(broker, queue_b, "b-2", "reason b2")
 
-    assert await requeue_dead_letters(broker, source_queue=queue_a) == 2
+    assert await requeue_dead_letters(broker, selection=Selection(source_queue=queue_a)) == 2
 
     requeued = await rabbitmq.drain(await broker.connection(), queue_a, expected=2)
     assert [m.message_id for m in requeued] == ["a-1", "a-2"]
@@ -136,7 +137,7 @@ async def test_requeue_sends_matching_dead_letters_back_to_their_source_queue(
     assert requeued[0].body == b'{"ID": "a-1"}'
     assert [d.message_id for d in await list_dead_letters(broker)] == ["b-1", "b-2"]
 
-    assert await requeue_dead_letters(broker, message_id="b-2") == 1
+    assert await requeue_dead_letters(broker, selection=Selection(message_id="b-2")) == 1
     [requeued_b] = await rabbitmq.drain(await broker.connection(), queue_b, expected=1)
     assert requeued_b.message_id == "b-2"
     assert [d.message_id for d in await list_dead_letters(broker)] == ["b-1"]

@@ -16,11 +16,13 @@ from financing.adapters.rabbitmq.topology import QueueSpec
 from financing.application import codec
 from financing.application.errors import Unavailable
 from financing.application.messages import CreateIssuer
-from financing.application.ports import Envelope
+from financing.application.ports import Cause, Envelope
 from financing.application.retry import Outages
 from financing.domain import events as ev
 from tests.support import rabbitmq
 from tests.support.infra import unique_name, wait_until
+
+CAUSE = Cause(correlation_id=str(uuid.uuid4()), causation_id=str(uuid.uuid4()))
 
 
 @pytest.fixture(scope="module")
@@ -106,14 +108,20 @@ async def test_command_sender_declares_the_command_queue_and_sends_the_command(
 ) -> None:
     command = CreateIssuer(uuid.uuid4())
     message_id = uuid.uuid4()
+    cause = Cause(correlation_id="saga-1", causation_id="event-7")
 
-    await AmqpCommandSender(publisher).send(command, message_id)
+    await AmqpCommandSender(publisher).send(command, message_id, cause)
 
     queues = await rabbitmq.list_queues(vhost.name)
     assert queues["CreateIssuer"]["durable"] is True
     assert queues["CreateIssuer"]["arguments"] == []
     [message] = await rabbitmq.drain(await broker.connection(), "CreateIssuer", expected=1)
-    assert message.headers == {"_watermill_message_uuid": str(message_id), "name": "CreateIssuer"}
+    assert message.headers == {
+        "_watermill_message_uuid": str(message_id),
+        "name": "CreateIssuer",
+        "correlation_id": "saga-1",
+        "causation_id": "event-7",
+    }
     assert message.body == codec.encode(command)
     assert message.message_id == str(message_id)
     assert message.delivery_mode == 2
@@ -129,12 +137,12 @@ async def test_publishing_fails_fast_while_the_broker_is_unreachable(
     publisher = Publisher(broker, confirm_timeout=1.0)
     try:
         sender = AmqpCommandSender(publisher)
-        await sender.send(CreateIssuer(uuid.uuid4()), uuid.uuid4())
+        await sender.send(CreateIssuer(uuid.uuid4()), uuid.uuid4(), CAUSE)
         await proxy.cut()
 
         started = time.monotonic()
         with pytest.raises(PublishFailed):
-            await sender.send(CreateIssuer(uuid.uuid4()), uuid.uuid4())
+            await sender.send(CreateIssuer(uuid.uuid4()), uuid.uuid4(), CAUSE)
         assert time.monotonic() - started < 1.0 + 0.5
         started = time.monotonic()
         with pytest.raises(PublishFailed):

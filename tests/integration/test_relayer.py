@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
 from decimal import Decimal
 from uuid import UUID, uuid4
 
@@ -28,6 +29,7 @@ from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import Broker, close_channel
 from financing.adapters.rabbitmq.publisher import Publisher, PublishFailed
 from financing.application.ports import (
+    Cause,
     Envelope,
     EventPublisher,
     Outbox,
@@ -193,6 +195,55 @@ async def test_events_are_published_in_commit_order_with_deterministic_ids(
     ]
     assert got == expected
     assert [version for _, aggregate, version in got if aggregate == str(first)] == [1, 2, 3, 4]
+
+
+async def receive_headers(
+    queue: AbstractQueue, count: int, within: float = 10.0
+) -> list[dict[str, object]]:
+    """The headers of the next `count` messages, exactly as they arrived."""
+    got: list[dict[str, object]] = []
+    async with asyncio.timeout(within), queue.iterator() as messages:
+        async for message in messages:
+            got.append(dict(message.headers))
+            await message.ack()
+            if len(got) == count:
+                break
+    return got
+
+
+async def test_events_are_relayed_with_correlation_causation_and_recording_time_as_string_headers(
+    database: Database, pool: asyncpg.Pool, publisher: Publisher, observed: AbstractQueue
+) -> None:
+    store = PostgresEventStore(pool)
+    correlated, uncorrelated = uuid4(), uuid4()
+    async with store.unit_of_work(Cause(correlation_id="saga-5", causation_id="message-5")) as uow:
+        investor = await uow.load(Investor, correlated)
+        investor.create(Decimal(100))
+        await uow.save(investor)
+    async with store.unit_of_work() as uow:  # appended by no message (e.g. a tool)
+        investor = await uow.load(Investor, uncorrelated)
+        investor.create(Decimal(0))
+        await uow.save(investor)
+    stored = [event async for event in store.read_all()]
+
+    async with relaying(database, pool, publisher):
+        got = await receive_headers(observed, len(stored))
+
+    assert all(isinstance(value, str) for headers in got for value in headers.values()), got
+    assert [headers["_watermill_message_uuid"] for headers in got] == [
+        str(event.message_id) for event in stored
+    ]
+    assert [
+        (headers["aggregateID"], headers.get("correlation_id"), headers.get("causation_id"))
+        for headers in got
+    ] == [
+        (str(correlated), "saga-5", "message-5"),
+        (str(correlated), "saga-5", "message-5"),
+        (str(uncorrelated), None, None),
+    ]
+    recorded = [datetime.fromisoformat(str(headers["recorded_at"])) for headers in got]
+    assert recorded == [event.recorded_at for event in stored]
+    assert all(at is not None and at.utcoffset() is not None for at in recorded)
 
 
 async def test_an_event_whose_publish_failed_is_published_again_never_skipped(

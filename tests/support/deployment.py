@@ -28,6 +28,7 @@ class LocalDeployment:
     amqp_url: str
     command_address: tuple[str, int]
     query_address: tuple[str, int]
+    metrics_address: tuple[str, int]
     env: dict[str, str]
     service: ServiceProcess
 
@@ -41,6 +42,7 @@ def service_env(
     amqp_url: str,
     command_address: tuple[str, int],
     query_address: tuple[str, int],
+    metrics_address: tuple[str, int],
 ) -> dict[str, str]:
     """The contract's environment for a deployment (and for CLI runs beside it)."""
     commands = command_db.connect_kwargs
@@ -48,6 +50,7 @@ def service_env(
         **os.environ,
         "COMMAND_SERVER_ADDRESS": f"{command_address[0]}:{command_address[1]}",
         "QUERY_SERVER_ADDRESS": f"{query_address[0]}:{query_address[1]}",
+        "METRICS_ADDRESS": f"{metrics_address[0]}:{metrics_address[1]}",
         # The event store in libpq keyword form, the read models as a URL:
         # the contract accepts both, so both are exercised.
         "COMMAND_DB_CONNECTION_STRING": (
@@ -88,8 +91,11 @@ async def local_deployment(
 
         command_address = ("127.0.0.1", free_port())
         query_address = ("127.0.0.1", free_port())
+        metrics_address = ("127.0.0.1", free_port())
         env = {
-            **service_env(command_db, query_db, amqp_url, command_address, query_address),
+            **service_env(
+                command_db, query_db, amqp_url, command_address, query_address, metrics_address
+            ),
             **(extra_env or {}),
         }
         log_path = Path(tempfile.gettempdir()) / f"{name}.service.log"
@@ -97,7 +103,15 @@ async def local_deployment(
         service = ServiceProcess(env, log_path, command=command)
         stack.push_async_callback(service.kill)  # acts only when the orderly stop did not run
         deployment = LocalDeployment(
-            name, command_db, query_db, amqp_url, command_address, query_address, env, service
+            name,
+            command_db,
+            query_db,
+            amqp_url,
+            command_address,
+            query_address,
+            metrics_address,
+            env,
+            service,
         )
         if before_start is not None:
             await before_start(deployment)

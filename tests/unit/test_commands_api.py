@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from uuid import UUID, uuid4
 
+import betterproto
 import pytest
+from betterproto.lib.google.protobuf import Empty
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
@@ -22,8 +25,9 @@ from financing.application.messages import (
     ReverseFinancing,
     SellInvoice,
 )
+from financing.application.ports import Cause
 from financing.application.retry import Outages
-from financing.entrypoints.commands_api import CommandsService
+from financing.entrypoints.commands_api import CommandsService, correlate
 from financing.generated import (
     ApproveFinancingCommand,
     BidOnInvoiceCommand,
@@ -33,6 +37,7 @@ from financing.generated import (
     SellInvoiceCommand,
     Uuid,
 )
+from tests.support.answers import CORRELATION_METADATA, call, call_with_grpcio, correlation_of
 
 
 class BuggySender(InMemoryCommandSender):
@@ -42,7 +47,7 @@ class BuggySender(InMemoryCommandSender):
         super().__init__()
         self.attempts = 0
 
-    async def send(self, command: Command, message_id: UUID) -> None:
+    async def send(self, command: Command, message_id: UUID, cause: Cause) -> None:
         self.attempts += 1
         raise TypeError("unsupported operand")
 
@@ -55,15 +60,17 @@ class FlakySender(InMemoryCommandSender):
         self.failures = failures
         self.attempts: list[UUID] = []
 
-    async def send(self, command: Command, message_id: UUID) -> None:
+    async def send(self, command: Command, message_id: UUID, cause: Cause) -> None:
         self.attempts.append(message_id)
         if len(self.attempts) <= self.failures:
             raise Unavailable("broker", "connection refused")
-        await super().send(command, message_id)
+        await super().send(command, message_id, cause)
 
 
-async def _serve(service: CommandsService) -> tuple[Server, Channel]:
+async def _serve(service: CommandsService, *, correlated: bool = False) -> tuple[Server, Channel]:
     server = Server([service])
+    if correlated:
+        correlate(server)  # as bootstrap serves it
     await server.start("127.0.0.1", 0)
     port = server._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     return server, Channel("127.0.0.1", port)
@@ -214,3 +221,131 @@ async def test_a_bug_sending_a_command_is_answered_internal_without_a_retry() ->
         await server.wait_closed()
     assert error.value.status is Status.INTERNAL
     assert buggy.attempts == 1
+
+
+# Correlation ids
+
+
+@pytest.fixture
+async def correlated(sender: InMemoryCommandSender) -> AsyncIterator[CommandsStub]:
+    server, channel = await _serve(CommandsService(sender, Outages(), budget=0.5), correlated=True)
+    yield CommandsStub(channel, timeout=5)
+    channel.close()
+    server.close()
+    await server.wait_closed()
+
+
+def _target(stub: CommandsStub) -> str:
+    return f"{stub.channel._host}:{stub.channel._port}"
+
+
+def _is_uuid4(value: str) -> bool:
+    try:
+        return UUID(value).version == 4
+    except ValueError:
+        return False
+
+
+async def _sell(
+    stub: CommandsStub, metadata: dict[str, str] | None = None
+) -> tuple[Uuid, dict[str, str]]:
+    request = SellInvoiceCommand(issuer_id=_id(), asking_price=Money(amount=20.0))
+    return await call(stub, "/Commands/SellInvoice", request, Uuid, metadata=metadata)
+
+
+async def test_a_command_without_a_correlation_id_starts_one_and_the_answer_carries_it(
+    correlated: CommandsStub, sender: InMemoryCommandSender
+) -> None:
+    reply, metadata = await _sell(correlated)
+    correlation_id = correlation_of(metadata)
+    assert _is_uuid4(correlation_id)
+    assert correlation_id != reply.value
+    # The command starts its saga: the correlation is also its cause.
+    assert sender.causes == [Cause(correlation_id=correlation_id, causation_id=correlation_id)]
+
+
+async def test_a_client_correlation_id_is_used_for_the_command_and_answered_back(
+    correlated: CommandsStub, sender: InMemoryCommandSender
+) -> None:
+    chosen = f"saga-{uuid4()}"
+    _, metadata = await _sell(correlated, {CORRELATION_METADATA: chosen})
+    assert correlation_of(metadata) == chosen
+    assert sender.causes == [Cause(correlation_id=chosen, causation_id=chosen)]
+
+
+@pytest.mark.parametrize(
+    ("route", "request_", "reply_type"),
+    [
+        ("/Commands/BidOnInvoice", BidOnInvoiceCommand(_id(), _id(), Money(amount=1)), Empty),
+        ("/Commands/ApproveFinancing", ApproveFinancingCommand(invoice_id=_id()), Empty),
+        ("/Commands/ReverseFinancing", ReverseFinancingCommand(invoice_id=_id()), Empty),
+    ],
+    ids=["bid", "approve", "reverse"],
+)
+async def test_every_command_is_sent_and_answered_with_the_clients_correlation_id(
+    correlated: CommandsStub,
+    sender: InMemoryCommandSender,
+    route: str,
+    request_: betterproto.Message,
+    reply_type: type[betterproto.Message],
+) -> None:
+    chosen = f"saga-{uuid4()}"
+    _, metadata = await call(
+        correlated, route, request_, reply_type, metadata={CORRELATION_METADATA: chosen}
+    )
+    assert correlation_of(metadata) == chosen
+    assert sender.causes == [Cause(correlation_id=chosen, causation_id=chosen)]
+
+
+def test_the_longest_correlation_id_a_client_may_choose_is_255_characters() -> None:
+    assert len(LONGEST_CORRELATION_ID) == 255
+
+
+LONGEST_CORRELATION_ID = "c" * 255
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [(LONGEST_CORRELATION_ID, True), ("c" * 256, False), ("", False), ("saga 1 ~!", True)],
+    ids=["255-chars", "256-chars", "empty", "printable-ascii"],
+)
+async def test_a_client_correlation_id_is_kept_only_when_printable_and_at_most_255_chars(
+    correlated: CommandsStub, sender: InMemoryCommandSender, sent: str, kept: bool
+) -> None:
+    # grpcio: grpclib refuses to send an empty value.
+    request = SellInvoiceCommand(issuer_id=_id(), asking_price=Money(amount=20.0))
+    _, metadata = await call_with_grpcio(
+        _target(correlated),
+        "/Commands/SellInvoice",
+        request,
+        Uuid,
+        metadata={CORRELATION_METADATA: sent},
+    )
+    correlation_id = correlation_of(metadata)
+    if kept:
+        assert correlation_id == sent
+    else:
+        assert _is_uuid4(correlation_id), correlation_id  # replaced by one of its own
+    assert sender.causes == [Cause(correlation_id=correlation_id, causation_id=correlation_id)]
+
+
+async def test_calls_on_one_connection_never_share_a_correlation_id(
+    correlated: CommandsStub, sender: InMemoryCommandSender
+) -> None:
+    chosen = f"saga-{uuid4()}"
+    _, first = await _sell(correlated, {CORRELATION_METADATA: chosen})
+    _, second = await _sell(correlated)
+    _, third = await _sell(correlated)
+    ids = [correlation_of(m) for m in (first, second, third)]
+    assert ids[0] == chosen
+    assert len(set(ids)) == 3 and all(_is_uuid4(i) for i in ids[1:])
+    assert [cause.correlation_id for cause in sender.causes] == ids
+
+
+async def test_concurrent_calls_each_answer_their_own_correlation_id(
+    correlated: CommandsStub, sender: InMemoryCommandSender
+) -> None:
+    chosen = [f"saga-{n}-{uuid4()}" for n in range(20)]
+    answers = await asyncio.gather(*(_sell(correlated, {CORRELATION_METADATA: c}) for c in chosen))
+    assert [correlation_of(metadata) for _, metadata in answers] == chosen
+    assert sorted(cause.correlation_id for cause in sender.causes) == sorted(chosen)

@@ -20,7 +20,7 @@ from financing.application.messages import (
     IssuerRegistered,
 )
 from financing.application.pipeline import Outcome, OutcomeKind, decoded, selected, sending
-from financing.application.ports import Envelope, derived_message_id
+from financing.application.ports import Cause, Envelope, derived_message_id
 from tests.unit.bus import MemoryDelivery
 
 D = Decimal
@@ -32,7 +32,7 @@ class FailingSender:
     def __init__(self) -> None:
         self.attempts = 0
 
-    async def send(self, command: Command, message_id: UUID) -> None:
+    async def send(self, command: Command, message_id: UUID, cause: Cause) -> None:
         self.attempts += 1
         raise Unavailable("broker", "connection refused")
 
@@ -41,13 +41,16 @@ async def deliver(
     sender: InMemoryCommandSender | FailingSender,
     event: IssuerRegistered | InvestorRegistered,
     message_id: str,
+    headers: dict[str, str] | None = None,
 ) -> Outcome:
     """Through the parts production composes for the event's route (but `retried`)."""
     [route] = [r for r in routes.INTEGRATION if r.message_name == event.name()]
     feed = topology.subscription(route.message_name)
     step = selected(feed.names, feed.others)(decoded(sending(sender, route.handler)))
     # As it arrives from Registering: no aggregateID header.
-    envelope = Envelope(message_id=message_id, name=event.name(), body=codec.encode(event))
+    envelope = Envelope(
+        message_id=message_id, name=event.name(), body=codec.encode(event), headers=headers or {}
+    )
     return await step(MemoryDelivery(envelope, source=feed.queue.name))
 
 
@@ -129,3 +132,29 @@ async def test_an_error_sending_the_command_propagates(
     with pytest.raises(Unavailable, match="connection refused"):
         await deliver(sender, event, "msg-3")
     assert sender.attempts == 1
+
+
+EVENTS = [IssuerRegistered(uuid4(), "ACME"), InvestorRegistered(uuid4(), "Zoë", D("5"))]
+
+
+@pytest.mark.parametrize("event", EVENTS, ids=["issuer", "investor"])
+async def test_the_command_is_sent_in_the_events_correlation_caused_by_the_event(
+    event: IssuerRegistered | InvestorRegistered,
+) -> None:
+    sender = InMemoryCommandSender()
+    message_id = str(uuid4())
+    await deliver(sender, event, message_id, headers={"correlation_id": "saga-3"})
+    assert sender.causes == [Cause(correlation_id="saga-3", causation_id=message_id)]
+    [(command, command_id)] = sender.sent
+    assert command_id == derived_message_id(message_id, command.name())
+
+
+@pytest.mark.parametrize("event", EVENTS, ids=["issuer", "investor"])
+async def test_an_event_without_a_correlation_id_sends_the_command_in_a_correlation_of_its_own(
+    event: IssuerRegistered | InvestorRegistered,
+) -> None:
+    # Registering (a foreign publisher) sends none: the event starts the saga.
+    sender = InMemoryCommandSender()
+    message_id = str(uuid4())
+    await deliver(sender, event, message_id)
+    assert sender.causes == [Cause(correlation_id=message_id, causation_id=message_id)]

@@ -14,18 +14,18 @@ from financing.application.messages import (
     InvestorRegistered,
     IssuerRegistered,
 )
-from financing.application.ports import CommandSender, derived_message_id
+from financing.application.ports import Cause, CommandSender, derived_message_id
 
 
 async def issuer_registered_creates_issuer(
-    sender: CommandSender, event: IssuerRegistered, message_id: str
+    sender: CommandSender, event: IssuerRegistered, cause: Cause
 ) -> None:
     command = CreateIssuer(id=event.id)
-    await sender.send(command, derived_message_id(message_id, command.name()))
+    await sender.send(command, derived_message_id(cause.causation_id, command.name()), cause)
 
 
 async def investor_registered_creates_investor(
-    sender: CommandSender, event: InvestorRegistered, message_id: str
+    sender: CommandSender, event: InvestorRegistered, cause: Cause
 ) -> None:
     command = CreateInvestor(id=event.id, balance=event.balance)
-    await sender.send(command, derived_message_id(message_id, command.name()))
+    await sender.send(command, derived_message_id(cause.causation_id, command.name()), cause)

@@ -9,15 +9,17 @@ from uuid import UUID
 from financing.application import codec
 from financing.application.errors import ConcurrencyConflict, ReadAfterWrite
 from financing.application.messages import Command
-from financing.application.ports import A, StoredEvent
+from financing.application.ports import A, Cause, StoredEvent
 from financing.domain.aggregates import Aggregate
 
 
 class InMemoryUnitOfWork:
-    def __init__(self, store: InMemoryEventStore) -> None:
+    def __init__(self, store: InMemoryEventStore, cause: Cause | None) -> None:
         self._store = store
+        self._cause = cause
         self._appends: list[tuple[Aggregate, int]] = []
         self._records: list[tuple[str, str]] = []
+        self._outcomes: dict[tuple[str, str], tuple[str, str, int]] = {}
 
     def _reading(self, what: str) -> None:
         # Same rule as the PostgreSQL store, so handler tests catch a violation.
@@ -39,8 +41,18 @@ class InMemoryUnitOfWork:
         if aggregate.changes:
             self._appends.append((aggregate, aggregate.stored_version))
 
-    async def record(self, consumer: str, message_id: str) -> None:
+    async def record(
+        self,
+        consumer: str,
+        message_id: str,
+        *,
+        name: str = "",
+        outcome: str = "processed",
+        detail: str = "",
+        events: int = 0,
+    ) -> None:
         self._records.append((consumer, message_id))
+        self._outcomes[(consumer, message_id)] = (outcome, detail, events)
 
     def commit(self) -> None:
         store = self._store
@@ -62,20 +74,25 @@ class InMemoryUnitOfWork:
                         version=expected + offset,
                         name=codec.name_of(event),
                         body=codec.encode(event),
+                        correlation_id=self._cause.correlation_id if self._cause else None,
+                        causation_id=self._cause.causation_id if self._cause else None,
                     )
                 )
             aggregate.changes.clear()
         store.processed.update(self._records)
+        store.outcomes.update(self._outcomes)
 
 
 class InMemoryEventStore:
     def __init__(self) -> None:
         self.events: list[StoredEvent] = []
         self.processed: set[tuple[str, str]] = set()
+        # (consumer, message id) -> (outcome, detail, events appended)
+        self.outcomes: dict[tuple[str, str], tuple[str, str, int]] = {}
 
     @asynccontextmanager
-    async def unit_of_work(self) -> AsyncIterator[InMemoryUnitOfWork]:
-        uow = InMemoryUnitOfWork(self)
+    async def unit_of_work(self, cause: Cause | None = None) -> AsyncIterator[InMemoryUnitOfWork]:
+        uow = InMemoryUnitOfWork(self, cause)
         yield uow
         uow.commit()
 
@@ -93,6 +110,8 @@ class InMemoryEventStore:
 class InMemoryCommandSender:
     def __init__(self) -> None:
         self.sent: list[tuple[Command, UUID]] = []
+        self.causes: list[Cause] = []
 
-    async def send(self, command: Command, message_id: UUID) -> None:
+    async def send(self, command: Command, message_id: UUID, cause: Cause) -> None:
         self.sent.append((command, message_id))
+        self.causes.append(cause)

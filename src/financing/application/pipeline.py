@@ -22,10 +22,11 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from financing import metrics
 from financing.application import codec
 from financing.application.errors import Fault
 from financing.application.messages import Message
-from financing.application.ports import CommandSender, Envelope, EventStore, UnitOfWork
+from financing.application.ports import Cause, CommandSender, Envelope, EventStore, UnitOfWork
 from financing.application.retry import Abandoned, GaveUp, Outages, RetryPolicy, retry
 from financing.domain.aggregates import Aggregate
 from financing.logging import get_logger
@@ -106,7 +107,7 @@ HandlerPart = Callable[[Handler], Handler]
 
 # What handlers are written as: functions of (dependencies, message).
 StoreHandler = Callable[[UnitOfWork, Any], Awaitable[None]]
-SendingHandler = Callable[[CommandSender, Any, str], Awaitable[None]]
+SendingHandler = Callable[[CommandSender, Any, Cause], Awaitable[None]]
 
 
 def compose(
@@ -138,6 +139,7 @@ def retried(policy: RetryPolicy, outages: Outages) -> StepPart:
                     outages=outages,
                     what="processing",
                     wanted=delivery.deliverable,
+                    on_retry=lambda _: metrics.MESSAGES.labels(delivery.source, "retried").inc(),
                 )
             except GaveUp as gave_up:
                 if gave_up.fault is Fault.BUG:
@@ -199,26 +201,38 @@ def exactly_once(store: EventStore, consumer: str, handler: StoreHandler) -> Han
     so a redelivered message changes nothing."""
 
     async def run(decoded: Decoded) -> Outcome:
-        message_id = decoded.envelope.message_id
-        async with store.unit_of_work() as uow:
-            if await uow.seen(consumer, message_id):
+        envelope = decoded.envelope
+        async with store.unit_of_work(Cause.of(envelope)) as uow:
+            if await uow.seen(consumer, envelope.message_id):
                 return DUPLICATE
             noting = _Noting(uow)
             await handler(noting, decoded.message)
-            await uow.record(consumer, message_id)
             appended, unchanged = noting.result()
-        if appended:
-            return Outcome.processed(appended)
-        reason = "; ".join(unchanged) or "the handler appended no event"
-        log.info("message changed nothing", consumer=consumer, reason=reason)
-        return Outcome(OutcomeKind.UNCHANGED, reason)
+            outcome = (
+                Outcome.processed(appended)
+                if appended
+                else Outcome(
+                    OutcomeKind.UNCHANGED, "; ".join(unchanged) or "the handler appended no event"
+                )
+            )
+            await uow.record(
+                consumer,
+                envelope.message_id,
+                name=envelope.name,
+                outcome=outcome.kind.value,
+                detail=outcome.detail,
+                events=appended,
+            )
+        if outcome.kind is OutcomeKind.UNCHANGED:
+            log.info("message changed nothing", consumer=consumer, reason=outcome.detail)
+        return outcome
 
     return run
 
 
 def sending(sender: CommandSender, handler: SendingHandler) -> Handler:
     async def run(decoded: Decoded) -> Outcome:
-        await handler(sender, decoded.message, decoded.envelope.message_id)
+        await handler(sender, decoded.message, Cause.of(decoded.envelope))
         return Outcome.processed()
 
     return run

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Protocol, TypeVar
 from uuid import UUID
 
@@ -34,6 +35,43 @@ def derived_message_id(source_message_id: str, command_name: str) -> UUID:
     return uuid.uuid5(MESSAGE_NAMESPACE, f"command/{source_message_id}/{command_name}")
 
 
+# Message metadata of every message the service publishes (string headers, as
+# watermill's CorrelationID middleware names the first).
+CORRELATION_HEADER = "correlation_id"
+CAUSATION_HEADER = "causation_id"
+RECORDED_AT_HEADER = "recorded_at"
+# A correlation id is stored and indexed with every event and record it causes.
+MAX_CORRELATION_ID_BYTES = 255
+
+
+def usable_correlation_id(value: object) -> bool:
+    """Whether a correlation id from outside (a header, gRPC metadata) can be kept as it is:
+    text, printable, at most MAX_CORRELATION_ID_BYTES; otherwise a new correlation starts."""
+    return (
+        isinstance(value, str)
+        and value.isprintable()
+        and 0 < len(value.encode("utf-8", "surrogatepass")) <= MAX_CORRELATION_ID_BYTES
+    )
+
+
+@dataclass(frozen=True)
+class Cause:
+    """Why some work happens: the correlation (the saga of one command) it belongs to,
+    and the message that caused it."""
+
+    correlation_id: str
+    causation_id: str
+
+    @classmethod
+    def of(cls, envelope: Envelope) -> Cause:
+        """The cause of whatever handling `envelope` produces. A message without a
+        correlation id (from a foreign publisher) starts a correlation of its own."""
+        return cls(envelope.correlation_id, envelope.message_id)
+
+    def headers(self) -> dict[str, str]:
+        return {CORRELATION_HEADER: self.correlation_id, CAUSATION_HEADER: self.causation_id}
+
+
 @dataclass(frozen=True)
 class Envelope:
     """A message as it travels: id, name, string headers and the JSON body."""
@@ -43,6 +81,12 @@ class Envelope:
     body: bytes
     aggregate_id: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def correlation_id(self) -> str:
+        """The correlation the message belongs to; its own id when it carries none."""
+        value = self.headers.get(CORRELATION_HEADER)
+        return value if value is not None and usable_correlation_id(value) else self.message_id
 
 
 @dataclass(frozen=True)
@@ -55,6 +99,9 @@ class StoredEvent:
     version: int
     name: str
     body: bytes
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    recorded_at: datetime | None = None
 
     @property
     def message_id(self) -> UUID:
@@ -67,12 +114,19 @@ class StoredEvent:
         return event
 
     def envelope(self) -> Envelope:
+        headers = {"aggregateVersion": str(self.version), "aggregateType": self.aggregate_type}
+        if self.correlation_id:
+            headers[CORRELATION_HEADER] = self.correlation_id
+        if self.causation_id:
+            headers[CAUSATION_HEADER] = self.causation_id
+        if self.recorded_at is not None:
+            headers[RECORDED_AT_HEADER] = self.recorded_at.isoformat()
         return Envelope(
             message_id=str(self.message_id),
             name=self.name,
             body=self.body,
             aggregate_id=str(self.aggregate_id),
-            headers={"aggregateVersion": str(self.version), "aggregateType": self.aggregate_type},
+            headers=headers,
         )
 
 
@@ -98,14 +152,28 @@ class UnitOfWork(Protocol):
         """
         ...
 
-    async def record(self, consumer: str, message_id: str) -> None:
-        """Mark `message_id` processed by `consumer`, committed with the appends."""
+    async def record(
+        self,
+        consumer: str,
+        message_id: str,
+        *,
+        name: str = "",
+        outcome: str = "processed",
+        detail: str = "",
+        events: int = 0,
+    ) -> None:
+        """Mark `message_id` processed by `consumer`, committed with the appends, with
+        what became of it (processed with `events` appended, or unchanged and why)."""
         ...
 
 
 class EventStore(Protocol):
-    def unit_of_work(self) -> AbstractAsyncContextManager[UnitOfWork]:
-        """A transaction: committed when the block exits normally, rolled back otherwise."""
+    def unit_of_work(self, cause: Cause | None = None) -> AbstractAsyncContextManager[UnitOfWork]:
+        """A transaction: committed when the block exits normally, rolled back otherwise.
+
+        The events it appends, and the record of the message it processes, keep
+        `cause` (correlation and causation ids).
+        """
         ...
 
     async def stream(self, aggregate_id: UUID) -> list[StoredEvent]:
@@ -118,8 +186,8 @@ class EventStore(Protocol):
 
 
 class CommandSender(Protocol):
-    async def send(self, command: Command, message_id: UUID) -> None:
-        """Enqueue `command`; returns once the broker holds it durably."""
+    async def send(self, command: Command, message_id: UUID, cause: Cause) -> None:
+        """Enqueue `command`, carrying `cause`; returns once the broker holds it durably."""
         ...
 
 
@@ -137,6 +205,10 @@ class Outbox(Protocol):
 
     async def pending(self, limit: int) -> list[StoredEvent]:
         """Up to `limit` events after the checkpoint, in commit order."""
+        ...
+
+    async def lag(self) -> tuple[int, float]:
+        """How many events are not relayed yet, and how old the oldest of them is (seconds)."""
         ...
 
     async def mark_relayed(self, events: Sequence[StoredEvent]) -> None:

@@ -147,11 +147,13 @@ async def retry(
     what: str,
     wanted: Callable[[], bool] = _always,
     deadline: float | None = None,
+    on_retry: Callable[[Fault], None] | None = None,
 ) -> T:
     """`await operation()` until it succeeds; raises GaveUp or Abandoned when it stops.
 
     `wanted` is asked before each pause and after it: once it says no, the
     work is abandoned. `deadline` (time.monotonic()) bounds the whole loop.
+    `on_retry` is told of every retry (for metrics).
     """
     attempts: Counter[Fault] = Counter()
     down: set[str] = set()
@@ -185,6 +187,8 @@ async def retry(
                 )
             if not wanted():
                 raise Abandoned(what) from error
+            if on_retry is not None:
+                on_retry(fault)
             await asyncio.sleep(pause)
             if not wanted():
                 raise Abandoned(what) from error

@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 from grpclib.server import Server
@@ -22,11 +22,13 @@ from financing.adapters.postgres.connection import (
     COMMAND_DATABASE,
     QUERY_DATABASE,
     create_pool,
+    ping,
     translated,
 )
 from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.adapters.postgres.outbox import CommitListener, PostgresOutbox, PostgresRelayerLock
 from financing.adapters.postgres.read_models import PostgresReadModels
+from financing.adapters.postgres.retention import deduplication_records
 from financing.adapters.postgres.schema import migrate
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import BROKER, Broker, close_channel
@@ -46,24 +48,19 @@ from financing.application.pipeline import (
 from financing.application.ports import CommandSender, EventStore
 from financing.application.read_models import ReadModelStore
 from financing.application.retry import DELIVERIES, NO_BUG_RETRIES, GaveUp, Outages, retry
-from financing.config import Database, Settings
-from financing.entrypoints.commands_api import CommandsService
+from financing.config import COMPONENTS, Database, Settings
+from financing.entrypoints.commands_api import CommandsService, correlate
 from financing.entrypoints.grpc_codec import RequestCodec
+from financing.entrypoints.health import HealthWatch, Probe, Readiness, health_service
+from financing.entrypoints.observability import MetricsEndpoint, observe_grpc, observe_pool
 from financing.entrypoints.queries_api import QueriesService
+from financing.entrypoints.reflection import with_reflection
 from financing.workers.projector import Projector
 from financing.workers.relayer import Relayer
+from financing.workers.retention import Retention
 
 T = TypeVar("T")
 
-COMPONENTS = (
-    "commands-api",
-    "queries-api",
-    "commands",
-    "integration",
-    "policies",
-    "relayer",
-    "projector",
-)
 NEEDS_COMMAND_DB = frozenset({"commands", "policies", "relayer"})
 NEEDS_QUERY_DB = frozenset({"queries-api", "projector"})
 NEEDS_BROKER = frozenset(COMPONENTS) - {"queries-api"}
@@ -87,10 +84,20 @@ class Overrides:
 NO_OVERRIDES = Overrides()
 
 
+class Listening(Protocol):
+    """A server on a port: the gRPC servers, the metrics endpoint."""
+
+    async def start(self, host: str, port: int) -> None: ...
+
+    def close(self) -> None: ...
+
+    async def wait_closed(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class Listener:
     name: str
-    server: Server
+    server: Listening
     address: tuple[str, int]
 
 
@@ -104,6 +111,7 @@ class Service:
     # Set by each consumer once the broker delivers to it: the service is ready when all are.
     consuming: list[asyncio.Event] = field(default_factory=list)
     commands: CommandsService | None = None
+    health: HealthWatch | None = None
 
 
 async def bootstrap(
@@ -153,14 +161,44 @@ async def bootstrap(
         await started("declaring the broker topology", wiring.declare, outages, deadline)
         if "commands-api" in selected:
             service.commands = CommandsService(AmqpCommandSender(publisher), outages)
-            server = Server([service.commands], codec=RequestCodec())
+            server = _grpc_server(
+                service, outages, service.commands, "Commands", Probe(BROKER, publisher.probe)
+            )
+            correlate(server)
             service.listeners.append(Listener("commands-api", server, settings.command_address))
 
     if query_pool is not None and "queries-api" in selected:
         queries = QueriesService(PostgresReadModels(query_pool), outages)
-        server = Server([queries], codec=RequestCodec())
+        probe = Probe(QUERY_DATABASE, lambda: ping(query_pool, QUERY_DATABASE))
+        server = _grpc_server(service, outages, queries, "Queries", probe)
         service.listeners.append(Listener("queries-api", server, settings.query_address))
+    if command_pool is not None or query_pool is not None:
+        records = deduplication_records(command_pool, query_pool)
+        retention = Retention(records, outages, keep=settings.dedup_retention)
+        service.workers["retention"] = retention.run
+    if settings.metrics_address is not None:
+        endpoint = MetricsEndpoint(healthy=lambda: _healthy(service, outages))
+        service.listeners.append(Listener("metrics", endpoint, settings.metrics_address))
     return service
+
+
+def _healthy(service: Service, outages: Outages) -> bool:
+    """Every consumer consumes and no dependency is down (the metrics endpoint's /health)."""
+    return not outages.down() and all(event.is_set() for event in service.consuming)
+
+
+def _grpc_server(
+    service: Service, outages: Outages, api: object, name: str, probe: Probe
+) -> Server:
+    """A gRPC server for `api`, with health checking and reflection beside it."""
+    if service.health is None:
+        service.health = HealthWatch(outages)
+        service.workers["health"] = service.health.run
+    readiness = Readiness(name)
+    service.health.watch(readiness, [probe])
+    server = Server(with_reflection([api, health_service(api, readiness)]), codec=RequestCodec())
+    observe_grpc(server)
+    return server
 
 
 class _Wiring:
@@ -239,6 +277,7 @@ class _Wiring:
             PostgresOutbox(pool), self._publisher, PostgresRelayerLock(db), wake_up, self._outages
         )
         self._service.workers["relayer"] = relayer.run
+        self._service.workers["relayer-lag"] = relayer.report_lag
 
     def _add(
         self, name: str, run: Callable[[], Coroutine[Any, Any, None]], consumer: QueueConsumer
@@ -284,6 +323,7 @@ async def _pool(
         f"{dependency} {db.describe()}", lambda: create_pool(db, dependency), outages, deadline
     )
     stack.push_async_callback(pool.close)
+    observe_pool(pool, dependency)
 
     async def migrated() -> None:
         with translated(dependency):

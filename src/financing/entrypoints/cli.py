@@ -1,92 +1,68 @@
-"""The `financing` command line."""
+"""The `financing` command line: the service, and the operator's tools beside it.
+
+Each subcommand's --help names the environment variables it reads. A
+dependency that cannot be reached is one line on stderr and exit code 1, not
+a traceback; a configuration error is exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal, InvalidOperation
-
-import asyncpg
+from importlib import metadata
+from typing import TypeVar
+from uuid import UUID
 
 from financing import logging as service_logging
-from financing.adapters.postgres.connection import create_pool
+from financing.adapters.postgres.connection import COMMAND_DATABASE, QUERY_DATABASE
 from financing.adapters.postgres.rebuild import rebuild
-from financing.adapters.rabbitmq.connection import connected
-from financing.adapters.rabbitmq.dead_letters import list_dead_letters, requeue_dead_letters
-from financing.config import ConfigError, Database, Settings
-from financing.entrypoints.bootstrap import COMPONENTS, NO_OVERRIDES, Overrides
+from financing.adapters.rabbitmq.dead_letters import Selection
+from financing.application.errors import Refused, Unavailable
+from financing.config import (
+    AMQP_ADDRESS,
+    COMMAND_DB,
+    COMMAND_SERVER_ADDRESS,
+    COMPONENTS,
+    COMPONENTS_VARIABLE,
+    LOGGER_LEVEL,
+    METRICS_ADDRESS,
+    QUERY_DB,
+    QUERY_SERVER_ADDRESS,
+    VARIABLES,
+    ConfigError,
+    Settings,
+    Variable,
+    parse_components,
+)
+from financing.entrypoints import dead_letter_commands
+from financing.entrypoints.bootstrap import NO_OVERRIDES, Overrides
 from financing.entrypoints.check import run_check
+from financing.entrypoints.console import database, environment
+from financing.entrypoints.history import run_events
 from financing.entrypoints.populate import populate
+from financing.entrypoints.probe import health_check
 from financing.entrypoints.service import serve
+from financing.entrypoints.status import HEALTHY, MAX_RELAY_LAG, TIMEOUT, run_status
+from financing.entrypoints.tail import run_tail
+from financing.entrypoints.trace import run_trace
+
+T = TypeVar("T")
+
+# What an operator's subcommand does with the settings and its arguments: an exit code.
+Run = Callable[[Settings, argparse.Namespace], Awaitable[int]]
+
+# Exit code of a command stopped by Ctrl-C before it could stop by itself (128 + SIGINT).
+INTERRUPTED = 130
 
 
-def _components(value: str) -> list[str]:
-    names = [name.strip() for name in value.split(",") if name.strip()]
-    unknown = [name for name in names if name not in COMPONENTS]
-    if unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}"
-        )
-    return names
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="financing",
-        description="Event-sourced invoice financing: issuers sell invoices, investors bid.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve_cmd = commands.add_parser(
-        "serve",
-        help="run the service (every component by default)",
-        description="Run the service. Configuration comes from the environment "
-        "(COMMAND_SERVER_ADDRESS, QUERY_SERVER_ADDRESS, COMMAND_DB_CONNECTION_STRING, "
-        "QUERY_DB_CONNECTION_STRING, AMQP_ADDRESS, LOGGER_LEVEL).",
-    )
-    serve_cmd.add_argument(
-        "--components",
-        type=_components,
-        default=list(COMPONENTS),
-        help=f"comma-separated subset of: {', '.join(COMPONENTS)} (default: all)",
-    )
-    populate_cmd = commands.add_parser(
-        "populate",
-        help="publish IssuerRegistered and InvestorRegistered integration events",
-    )
-    populate_cmd.add_argument("--issuers", type=_count, default=5, help="how many issuers (5)")
-    populate_cmd.add_argument("--investors", type=_count, default=5, help="how many investors (5)")
-    populate_cmd.add_argument(
-        "--balance", type=_balance, default=Decimal(100), help="each investor's balance (100)"
-    )
-    projections = commands.add_parser("projections", help="manage the read models")
-    projections_cmd = projections.add_subparsers(dest="projections_command", required=True)
-    projections_cmd.add_parser(
-        "rebuild",
-        help="replay the event store into fresh read models, then swap them in",
-    )
-
-    check_cmd = commands.add_parser(
-        "check",
-        help="verify the invariants from the event store and the read models against a replay",
-    )
-    check_cmd.add_argument(
-        "--skip-read-models", action="store_true", help="check the event store only"
-    )
-
-    dead = commands.add_parser("dead-letters", help="inspect and requeue dead-lettered messages")
-    dead_cmd = dead.add_subparsers(dest="dead_letters_command", required=True)
-    dead_list = dead_cmd.add_parser(
-        "list", help="show dead letters with their reason (kept queued)"
-    )
-    dead_list.add_argument("--limit", type=_count, default=100)
-    dead_list.add_argument("--bodies", action="store_true", help="print each message body too")
-    requeue = dead_cmd.add_parser("requeue", help="send dead letters back to their source queue")
-    requeue.add_argument("--queue", help="only those that came from this queue")
-    requeue.add_argument("--message-id", help="only the one with this message id")
-    return parser
+def _components(value: str) -> tuple[str, ...]:
+    try:
+        return parse_components(value)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _count(value: str) -> int:
@@ -96,17 +72,218 @@ def _count(value: str) -> int:
     return count
 
 
+def _seconds(value: str) -> float:
+    seconds = _parsed(value, float, "a number of seconds")
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return seconds
+
+
 def _balance(value: str) -> Decimal:
-    try:
-        amount = Decimal(value)
-    except InvalidOperation:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    amount = _parsed(value, Decimal, "a number")
     if not amount.is_finite() or amount < 0:
         raise argparse.ArgumentTypeError("must be a finite number >= 0")
     return amount
 
 
-async def _populate(settings: Settings, args: argparse.Namespace) -> None:
+def _uuid(value: str) -> UUID:
+    return _parsed(value, UUID, "a UUID")
+
+
+def _parsed(value: str, parse: Callable[[str], T], what: str) -> T:
+    try:
+        return parse(value)
+    except (ValueError, InvalidOperation):
+        raise argparse.ArgumentTypeError(f"{value!r} is not {what}") from None
+
+
+def _version() -> str:
+    try:
+        return metadata.version("financing")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+class _Commands:
+    """Adds subcommands, each with the environment variables it reads in its --help."""
+
+    def __init__(self, parser: argparse.ArgumentParser, dest: str) -> None:
+        self._group = parser.add_subparsers(dest=dest, required=True)
+
+    def add(
+        self,
+        name: str,
+        help: str,
+        *variables: Variable,
+        run: Run | None = None,
+        description: str | None = None,
+    ) -> argparse.ArgumentParser:
+        parser = self._group.add_parser(
+            name,
+            help=help,
+            description=description or help[:1].upper() + help[1:] + ".",
+            epilog=environment(*variables, LOGGER_LEVEL),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        if run is not None:
+            parser.set_defaults(run=run)
+        return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="financing",
+        description="Event-sourced invoice financing: issuers sell invoices, investors bid.",
+    )
+    parser.add_argument("--version", action="version", version=f"financing {_version()}")
+    commands = _Commands(parser, "command")
+    _add_serve(commands)
+    _add_populate(commands)
+    projections = commands.add("projections", "manage the read models", COMMAND_DB, QUERY_DB)
+    _Commands(projections, "projections_command").add(
+        "rebuild",
+        "replay the event store into fresh read models, then swap them in",
+        COMMAND_DB,
+        QUERY_DB,
+        run=_rebuild,
+    )
+    _add_check(commands)
+    _add_dead_letters(commands)
+    _add_inspection(commands)
+    commands.add(
+        "health-check",
+        "exit 0 when the components this environment runs are healthy (a container probe)",
+        COMPONENTS_VARIABLE,
+        COMMAND_SERVER_ADDRESS,
+        QUERY_SERVER_ADDRESS,
+        METRICS_ADDRESS,
+        run=_health_check,
+        description="Exit 0 when the components this environment runs are healthy: the gRPC"
+        " health (Commands, Queries) of the gRPC components among FINANCING_COMPONENTS at"
+        " their addresses, and the /health of the metrics endpoint, which covers every"
+        " component (consumers consuming, no dependency down). A container probe.",
+    )
+    return parser
+
+
+def _add_serve(commands: _Commands) -> None:
+    serve_cmd = commands.add("serve", "run the service (every component by default)", *VARIABLES)
+    serve_cmd.add_argument(
+        "--components",
+        type=_components,
+        default=None,
+        help=f"comma-separated subset of: {', '.join(COMPONENTS)}"
+        " (default: FINANCING_COMPONENTS, else all)",
+    )
+
+
+def _add_populate(commands: _Commands) -> None:
+    populate_cmd = commands.add(
+        "populate",
+        "publish IssuerRegistered and InvestorRegistered integration events",
+        AMQP_ADDRESS,
+        run=_populate,
+    )
+    populate_cmd.add_argument("--issuers", type=_count, default=5, help="how many issuers (5)")
+    populate_cmd.add_argument("--investors", type=_count, default=5, help="how many investors (5)")
+    populate_cmd.add_argument(
+        "--balance", type=_balance, default=Decimal(100), help="each investor's balance (100)"
+    )
+
+
+def _add_check(commands: _Commands) -> None:
+    check_cmd = commands.add(
+        "check",
+        "verify the invariants from the event store and the read models against a replay",
+        COMMAND_DB,
+        QUERY_DB,
+        run=_check,
+    )
+    check_cmd.add_argument(
+        "--skip-read-models", action="store_true", help="check the event store only"
+    )
+
+
+def _add_dead_letters(commands: _Commands) -> None:
+    dead = commands.add("dead-letters", "inspect, requeue or discard dead letters", AMQP_ADDRESS)
+    letters = _Commands(dead, "dead_letters_command")
+    listing = letters.add(
+        "list", "show dead letters with their reason (they stay queued)", AMQP_ADDRESS, run=_list
+    )
+    listing.add_argument("--limit", type=_count, default=100, help="at most this many (100)")
+    listing.add_argument("--bodies", action="store_true", help="print each message body too")
+    _selection_arguments(listing, message_id=False)
+    requeue = letters.add(
+        "requeue", "send dead letters back to their source queue", AMQP_ADDRESS, run=_requeue
+    )
+    _selection_arguments(requeue)
+    discard = letters.add(
+        "discard",
+        "remove dead letters for good (say --all for every one)",
+        AMQP_ADDRESS,
+        run=_discard,
+    )
+    _selection_arguments(discard)
+    discard.add_argument("--all", action="store_true", help="every dead letter")
+
+
+def _selection_arguments(parser: argparse.ArgumentParser, *, message_id: bool = True) -> None:
+    parser.add_argument("--queue", help="only those dead-lettered from this queue")
+    if message_id:
+        parser.add_argument("--message-id", help="only the one with this message id")
+    parser.add_argument("--aggregate", help="only those concerning this aggregate id")
+
+
+def _add_inspection(commands: _Commands) -> None:
+    trace = commands.add(
+        "trace",
+        "every message and event a command caused, and what became of each",
+        COMMAND_DB,
+        AMQP_ADDRESS,
+        run=_trace,
+    )
+    trace.add_argument(
+        "correlation_id", help="the command's id: the correlation-id metadata of its answer"
+    )
+    events = commands.add(
+        "events",
+        "an aggregate's event stream and its row in the read models",
+        COMMAND_DB,
+        QUERY_DB,
+        run=_events,
+    )
+    events.add_argument("aggregate_id", type=_uuid, help="an investor, invoice or issuer id")
+    commands.add(
+        "tail",
+        "print every event published on `events`, live, until Ctrl-C",
+        AMQP_ADDRESS,
+        run=_tail,
+    )
+    status = commands.add(
+        "status",
+        "whether the deployment is healthy, and how far behind each part is",
+        COMMAND_DB,
+        QUERY_DB,
+        AMQP_ADDRESS,
+        run=_status,
+        description="Whether the deployment is healthy, and how far behind each part is.\n\n"
+        + HEALTHY,
+    )
+    status.add_argument(
+        "--max-relay-lag",
+        type=_seconds,
+        default=MAX_RELAY_LAG,
+        help=f"seconds an event may wait to be relayed in a healthy deployment ({MAX_RELAY_LAG:g})",
+    )
+    status.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=TIMEOUT,
+        help=f"seconds each of the databases and the broker has to answer ({TIMEOUT:g})",
+    )
+
+
+async def _populate(settings: Settings, args: argparse.Namespace) -> int:
     population = await populate(
         settings.amqp_urls, issuers=args.issuers, investors=args.investors, balance=args.balance
     )
@@ -114,72 +291,112 @@ async def _populate(settings: Settings, args: argparse.Namespace) -> None:
         print(f"issuer    {issuer}")
     for investor in population.investors:
         print(f"investor  {investor}  balance {args.balance}")
+    return 0
 
 
-async def _rebuild(settings: Settings) -> None:
-    async with _pool(settings.command_db) as events, _pool(settings.query_db) as queries:
+async def _rebuild(settings: Settings, args: argparse.Namespace) -> int:
+    async with (
+        database(settings.command_db, COMMAND_DATABASE, "projections") as events,
+        database(settings.query_db, QUERY_DATABASE, "projections") as queries,
+    ):
         report = await rebuild(events, queries)
     print(
         f"rebuilt read models from {report.events} events: {report.investors} investors, "
         f"{report.invoices} invoices, {report.issuers} issuers"
     )
+    return 0
 
 
 async def _check(settings: Settings, args: argparse.Namespace) -> int:
-    async with _pool(settings.command_db) as events:
+    async with database(settings.command_db, COMMAND_DATABASE, "check") as events:
         if args.skip_read_models:
             result = await run_check(events)
         else:
-            async with _pool(settings.query_db) as queries:
+            async with database(settings.query_db, QUERY_DATABASE, "check") as queries:
                 result = await run_check(events, queries)
     print("\n".join(result.lines()))
     return 0 if result.ok else 1
 
 
-async def _dead_letters(settings: Settings, args: argparse.Namespace) -> None:
-    async with connected(settings.amqp_urls) as broker:
-        if args.dead_letters_command == "list":
-            letters = await list_dead_letters(broker, args.limit)
-            for letter in letters:
-                print(
-                    f"{letter.dead_lettered_at}  {letter.source_queue}  {letter.name}  "
-                    f"{letter.message_id}\n    reason: {letter.reason}"
-                )
-                if args.bodies:
-                    print(f"    body: {letter.body.decode('utf-8', 'replace')}")
-            print(f"{len(letters)} dead letter(s)")
-        else:
-            count = await requeue_dead_letters(
-                broker, source_queue=args.queue, message_id=args.message_id
-            )
-            print(f"requeued {count} dead letter(s)")
+def _selection(args: argparse.Namespace) -> Selection:
+    return Selection(
+        source_queue=args.queue,
+        message_id=getattr(args, "message_id", None),
+        aggregate_id=args.aggregate,
+    )
 
 
-@contextlib.asynccontextmanager
-async def _pool(db: Database) -> AsyncIterator[asyncpg.Pool]:
-    pool = await create_pool(db, db.describe())
+async def _list(settings: Settings, args: argparse.Namespace) -> int:
+    return await dead_letter_commands.list_letters(
+        settings, _selection(args), args.limit, args.bodies
+    )
+
+
+async def _requeue(settings: Settings, args: argparse.Namespace) -> int:
+    return await dead_letter_commands.requeue(settings, _selection(args))
+
+
+async def _discard(settings: Settings, args: argparse.Namespace) -> int:
+    return await dead_letter_commands.discard(settings, _selection(args))
+
+
+async def _trace(settings: Settings, args: argparse.Namespace) -> int:
+    return await run_trace(settings, args.correlation_id)
+
+
+async def _events(settings: Settings, args: argparse.Namespace) -> int:
+    return await run_events(settings, args.aggregate_id)
+
+
+async def _tail(settings: Settings, args: argparse.Namespace) -> int:
+    return await run_tail(settings)
+
+
+async def _health_check(settings: Settings, args: argparse.Namespace) -> int:
+    problems = await health_check(settings, settings.components)
+    for problem in problems:
+        print(f"not healthy: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+async def _status(settings: Settings, args: argparse.Namespace) -> int:
+    return await run_status(settings, max_relay_lag=args.max_relay_lag, answer_within=args.timeout)
+
+
+def _refuse_ambiguous_discard(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Discarding is for good: every dead letter only when asked for in so many words."""
+    if args.command != "dead-letters" or args.dead_letters_command != "discard":
+        return
+    if args.all == any((args.queue, args.message_id, args.aggregate)):
+        parser.error(
+            "dead-letters discard: say which (--queue, --message-id, --aggregate) or --all"
+        )
+
+
+async def _operate(run: Run, settings: Settings, args: argparse.Namespace) -> int:
+    """An operator's command: an unreachable dependency is one line on stderr, exit code 1."""
     try:
-        yield pool
-    finally:
-        await pool.close()
+        return await run(settings, args)
+    except (Unavailable, Refused) as error:
+        print(f"financing {args.command}: {error}", file=sys.stderr)
+        return 1
 
 
 def main(argv: Sequence[str] | None = None, *, overrides: Overrides = NO_OVERRIDES) -> None:
     """The command line; `overrides` changes the service's wiring (tests only)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _refuse_ambiguous_discard(parser, args)
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
         print(f"financing: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
     service_logging.configure(settings.log_level)
-    if args.command == "serve":
-        sys.exit(asyncio.run(serve(settings, args.components, overrides=overrides)))
-    elif args.command == "populate":
-        asyncio.run(_populate(settings, args))
-    elif args.command == "projections":
-        asyncio.run(_rebuild(settings))
-    elif args.command == "check":
-        sys.exit(asyncio.run(_check(settings, args)))
-    elif args.command == "dead-letters":
-        asyncio.run(_dead_letters(settings, args))
+    try:
+        if args.command == "serve":
+            components = args.components or settings.components
+            sys.exit(asyncio.run(serve(settings, components, overrides=overrides)))
+        sys.exit(asyncio.run(_operate(args.run, settings, args)))
+    except KeyboardInterrupt:
+        sys.exit(INTERRUPTED)

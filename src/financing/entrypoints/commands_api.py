@@ -5,6 +5,11 @@ was applied: outcomes are learnt from events and read models. Invalid input is
 answered INVALID_ARGUMENT naming the field and nothing is enqueued; when the
 broker cannot take the command within the enqueue budget, the answer is
 UNAVAILABLE; a bug is logged with its traceback and answered INTERNAL.
+
+Every command starts a correlation: its id travels with the command and with
+every message and event the command causes, and the answer carries it in its
+`correlation-id` metadata (`financing trace` tells the story from it). A client
+that sends a `correlation-id` of its own has it used instead.
 """
 
 from __future__ import annotations
@@ -13,13 +18,17 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from decimal import Decimal
 from uuid import UUID, uuid4
 
 import betterproto
+import structlog
 from betterproto.lib.google.protobuf import Empty
 from grpclib.const import Status
+from grpclib.events import RecvRequest, SendInitialMetadata, listen
 from grpclib.exceptions import GRPCError
+from grpclib.server import Server
 
 from financing.application.errors import Fault
 from financing.application.messages import (
@@ -29,7 +38,7 @@ from financing.application.messages import (
     ReverseFinancing,
     SellInvoice,
 )
-from financing.application.ports import CommandSender
+from financing.application.ports import Cause, CommandSender, usable_correlation_id
 from financing.application.retry import NO_BUG_RETRIES, GaveUp, Outages, retry
 from financing.domain.money import InvalidAmount, positive_amount
 from financing.generated import (
@@ -47,6 +56,29 @@ log = get_logger(__name__)
 
 # How long a call may keep trying to enqueue before it answers UNAVAILABLE.
 ENQUEUE_BUDGET_SECONDS = 5.0
+
+CORRELATION_METADATA = "correlation-id"
+
+# The correlation of the call being handled (each call runs in a task of its own).
+_requested: ContextVar[str | None] = ContextVar("requested_correlation_id", default=None)
+_correlation: ContextVar[str | None] = ContextVar("correlation_id", default=None)
+
+
+def correlate(server: Server) -> None:
+    """Take a client's `correlation-id` metadata in, and send each call's back."""
+
+    async def received(event: RecvRequest) -> None:
+        value = event.metadata.get(CORRELATION_METADATA)
+        if usable_correlation_id(value):
+            _requested.set(str(value))
+
+    async def answering(event: SendInitialMetadata) -> None:
+        correlation_id = _correlation.get()
+        if correlation_id is not None:
+            event.metadata[CORRELATION_METADATA] = correlation_id
+
+    listen(server, RecvRequest, received)
+    listen(server, SendInitialMetadata, answering)
 
 
 def invalid(field: str, problem: str) -> GRPCError:
@@ -142,10 +174,16 @@ class CommandsService(CommandsBase):
         fixed first, so a retry that duplicates an enqueue that did go through is
         deduplicated downstream."""
         message_id = uuid4()
+        correlation_id = _requested.get() or str(uuid4())
+        _correlation.set(correlation_id)
+        structlog.contextvars.bind_contextvars(
+            correlation_id=correlation_id, name=command.name(), message_id=str(message_id)
+        )
+        cause = Cause(correlation_id=correlation_id, causation_id=correlation_id)
         try:
             async with asyncio.timeout(self._budget):
                 await retry(
-                    lambda: self._sender.send(command, message_id),
+                    lambda: self._sender.send(command, message_id, cause),
                     policy=NO_BUG_RETRIES,
                     outages=self._outages,
                     what=f"enqueueing {command.name()}",

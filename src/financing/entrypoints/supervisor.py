@@ -80,6 +80,8 @@ def _report(crashed: set[asyncio.Task[Any]]) -> int:
 async def _shut_down(
     service: Service, tasks: set[asyncio.Task[Any]], stopping: asyncio.Task[Any]
 ) -> None:
+    if service.health is not None:
+        await service.health.drain()
     if service.commands is not None:
         await service.commands.drain(SHUTDOWN_GRACE)
     for listener in service.listeners:

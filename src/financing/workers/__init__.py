@@ -1,1 +1,2 @@
-"""Long-running workers: the relayer (event store to bus) and the projector (bus to read models)."""
+"""Long-running workers: the relayer (event store to bus), the projector (bus to read models)
+and retention (pruning old deduplication records)."""

@@ -20,10 +20,13 @@ same parts every consumer uses:
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 import structlog
 
+from financing import metrics
 from financing.application.errors import PoisonMessage, summary
 from financing.application.pipeline import (
     Decoded,
@@ -34,6 +37,7 @@ from financing.application.pipeline import (
     not_handled,
     retried,
 )
+from financing.application.ports import RECORDED_AT_HEADER
 from financing.application.read_models import PROJECTED_EVENTS, ReadModelStore
 from financing.application.retry import (
     DELIVERIES,
@@ -82,6 +86,7 @@ class Projector:
             await finish_on_cancel(self.project(batch))
 
     async def project(self, batch: Sequence[Delivery]) -> None:
+        started = time.perf_counter()
         triaged = [_triage(delivery) for delivery in batch]
         events = [item for item in triaged if isinstance(item, Decoded)]
         outcomes = await self._apply(events)
@@ -89,6 +94,9 @@ class Projector:
             outcome = outcomes[id(item)] if isinstance(item, Decoded) else item
             with structlog.contextvars.bound_contextvars(**delivery.log_fields()):
                 await delivery.settle(outcome)
+            metrics.settled(delivery.source, outcome.kind.value, time.perf_counter() - started)
+            if isinstance(item, Decoded) and outcome.kind is OutcomeKind.PROCESSED:
+                _observe_delay(item)
 
     async def _apply(self, events: Sequence[Decoded]) -> dict[int, Outcome]:
         """The outcome of each event (by id of its Decoded)."""
@@ -135,6 +143,19 @@ def _triage(delivery: Delivery) -> Outcome | Decoded:
     except Exception as error:  # a bug in decoding: the same on every attempt
         log.error("decoding failed with a bug", exc_info=error)
         return Outcome.dead_letter(summary(error))
+
+
+def _observe_delay(event: Decoded) -> None:
+    """From the event's commit (the relayer's `recorded_at` header) to now."""
+    recorded_at = event.envelope.headers.get(RECORDED_AT_HEADER)
+    if not recorded_at:
+        return  # from a publisher other than the relayer
+    try:
+        committed = datetime.fromisoformat(recorded_at)
+    except ValueError:
+        return
+    if committed.tzinfo is not None:
+        metrics.PROJECTION_DELAY.observe(max(0.0, (datetime.now(UTC) - committed).total_seconds()))
 
 
 def _pair(event: Decoded) -> tuple[str, DomainEvent]:

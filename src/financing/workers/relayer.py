@@ -19,6 +19,8 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from financing import metrics
+from financing.application.errors import Unavailable
 from financing.application.ports import EventPublisher, Outbox, RelayerLock, StoredEvent, WakeUp
 from financing.application.retry import NO_BUG_RETRIES, Outages, RetryPolicy, persist
 from financing.logging import get_logger
@@ -30,6 +32,7 @@ T = TypeVar("T")
 
 POLL_INTERVAL = 0.1
 BATCH_SIZE = 256
+LAG_INTERVAL = 5.0
 
 
 class Relayer:
@@ -89,7 +92,20 @@ class Relayer:
     async def _publish_and_mark(self, events: list[StoredEvent]) -> None:
         await self._publisher.publish_events([event.envelope() for event in events])
         await self._outbox.mark_relayed(events)
+        metrics.EVENTS_RELAYED.inc(len(events))
         log.debug("relayed", count=len(events), last_position=events[-1].position)
+
+    async def report_lag(self, interval: float = LAG_INTERVAL) -> None:
+        """Keep the lag metrics current, on every instance (a standby too), until cancelled."""
+        while True:
+            try:
+                count, age = await self._outbox.lag()
+            except Unavailable:
+                pass  # the outage is logged by whoever relays; the gauges keep their last value
+            else:
+                metrics.RELAYER_LAG_EVENTS.set(count)
+                metrics.RELAYER_LAG_SECONDS.set(age)
+            await asyncio.sleep(interval)  # the reporting period
 
     async def _retry(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
         return await persist(operation, policy=self._policy, outages=self._outages, what=what)

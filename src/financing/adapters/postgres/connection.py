@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -22,6 +22,8 @@ from financing.config import Database
 Connection: TypeAlias = asyncpg.Connection | PoolConnectionProxy
 
 COMMAND_DATABASE = "command database"
+# The application_name of the service's sessions; the command line names its own.
+SERVICE_APPLICATION = "financing"
 QUERY_DATABASE = "query database"
 
 # SQLSTATE classes that say the server cannot serve now, not that the statement is wrong:
@@ -109,13 +111,23 @@ async def acquired(pool: asyncpg.Pool, dependency: str) -> AsyncIterator[Connect
             await pool.release(conn)
 
 
+async def ping(pool: asyncpg.Pool, dependency: str) -> None:
+    """Return if the database answers a statement now; Unavailable if not."""
+    async with acquired(pool, dependency) as conn:
+        await conn.fetchval("SELECT 1")
+
+
 async def create_pool(
-    db: Database, dependency: str = "database", *, min_size: int = 1
+    db: Database,
+    dependency: str = "database",
+    *,
+    min_size: int = 1,
+    application_name: str = SERVICE_APPLICATION,
 ) -> asyncpg.Pool:
     """A pool of at most `db.pool_max_size` connections, `min_size` opened up front."""
     with opening(dependency):
         pool = await asyncpg.create_pool(
-            **db.connect_kwargs,
+            **_session(db, application_name),
             min_size=min(min_size, db.pool_max_size),
             max_size=db.pool_max_size,
         )
@@ -123,7 +135,19 @@ async def create_pool(
     return pool
 
 
-async def connect(db: Database, dependency: str = "database") -> asyncpg.Connection:
+async def connect(
+    db: Database, dependency: str = "database", *, application_name: str = SERVICE_APPLICATION
+) -> asyncpg.Connection:
     """One dedicated connection, outside any pool (locks, LISTEN)."""
     with opening(dependency):
-        return await asyncpg.connect(**db.connect_kwargs)
+        return await asyncpg.connect(**_session(db, application_name))
+
+
+def _session(db: Database, application_name: str) -> dict[str, Any]:
+    """Connection arguments naming the session, so that an operator looking at
+    pg_stat_activity (or a lock it waits on) can tell who holds it."""
+    settings = {
+        **db.connect_kwargs.get("server_settings", {}),
+        "application_name": application_name,
+    }
+    return {**db.connect_kwargs, "server_settings": settings}

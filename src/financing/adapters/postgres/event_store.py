@@ -35,14 +35,17 @@ from financing.adapters.postgres.connection import (
 )
 from financing.application import codec
 from financing.application.errors import ConcurrencyConflict, ReadAfterWrite
-from financing.application.ports import A, StoredEvent
+from financing.application.ports import A, Cause, StoredEvent
 from financing.domain.aggregates import Aggregate
 
 # Notified inside every transaction that appends events; PostgreSQL delivers
 # it at commit, so a listener never hears of events it cannot read yet.
 NOTIFY_CHANNEL = "financing_events"
 
-EVENT_COLUMNS = "position, transaction_id, aggregate_type, aggregate_id, version, name, body"
+EVENT_COLUMNS = (
+    "position, transaction_id, aggregate_type, aggregate_id, version, name, body,"
+    " correlation_id, causation_id, recorded_at"
+)
 
 
 def stored_event(row: asyncpg.Record) -> StoredEvent:
@@ -53,6 +56,9 @@ def stored_event(row: asyncpg.Record) -> StoredEvent:
         version=row["version"],
         name=row["name"],
         body=row["body"].encode(),
+        correlation_id=row["correlation_id"],
+        causation_id=row["causation_id"],
+        recorded_at=row["recorded_at"],
     )
 
 
@@ -67,9 +73,10 @@ def _conflicts(what: str) -> Iterator[None]:
 class PostgresUnitOfWork:
     """One transaction: reads (`seen`, `load`) first, then writes (`save`, `record`)."""
 
-    def __init__(self, conn: Connection, snapshot_interval: int) -> None:
+    def __init__(self, conn: Connection, snapshot_interval: int, cause: Cause | None) -> None:
         self._conn = conn
         self._snapshot_interval = snapshot_interval
+        self._cause = cause
         self._wrote = False
         self._notified = False
         # Aggregates saved so far, by identity, with how many of their changes are stored.
@@ -119,6 +126,7 @@ class PostgresUnitOfWork:
             return
         self._wrote = True
         before = aggregate.stored_version + stored
+        cause = self._cause
         rows = [
             (
                 aggregate.aggregate_type,
@@ -126,13 +134,15 @@ class PostgresUnitOfWork:
                 before + offset,
                 codec.name_of(event),
                 codec.encode(event).decode(),
+                cause.correlation_id if cause else None,
+                cause.causation_id if cause else None,
             )
             for offset, event in enumerate(new, start=1)
         ]
         with _conflicts(f"{aggregate.aggregate_type} {aggregate.id} moved past version {before}"):
             await self._conn.executemany(
-                "INSERT INTO events (aggregate_type, aggregate_id, version, name, body)"
-                " VALUES ($1, $2, $3, $4, $5)",
+                "INSERT INTO events (aggregate_type, aggregate_id, version, name, body,"
+                " correlation_id, causation_id) VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 rows,
             )
         self._saved[id(aggregate)] = (aggregate, stored + len(new))
@@ -158,13 +168,29 @@ class PostgresUnitOfWork:
                 json.dumps(aggregate.snapshot()),
             )
 
-    async def record(self, consumer: str, message_id: str) -> None:
+    async def record(
+        self,
+        consumer: str,
+        message_id: str,
+        *,
+        name: str = "",
+        outcome: str = "processed",
+        detail: str = "",
+        events: int = 0,
+    ) -> None:
         self._wrote = True
         with _conflicts(f"message {message_id} already processed by {consumer}"):
             await self._conn.execute(
-                "INSERT INTO processed_messages (consumer, message_id) VALUES ($1, $2)",
+                "INSERT INTO processed_messages"
+                " (consumer, message_id, name, correlation_id, outcome, detail, events)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 consumer,
                 message_id,
+                name or None,
+                self._cause.correlation_id if self._cause else None,
+                outcome,
+                detail or None,
+                events,
             )
 
     def committed(self) -> None:
@@ -183,9 +209,9 @@ class PostgresEventStore:
         self._snapshot_interval = snapshot_interval
 
     @asynccontextmanager
-    async def unit_of_work(self) -> AsyncIterator[PostgresUnitOfWork]:
+    async def unit_of_work(self, cause: Cause | None = None) -> AsyncIterator[PostgresUnitOfWork]:
         async with acquired(self._pool, COMMAND_DATABASE) as conn:
-            uow = PostgresUnitOfWork(conn, self._snapshot_interval)
+            uow = PostgresUnitOfWork(conn, self._snapshot_interval, cause)
             # One snapshot for every read: a copy of a message that found it new
             # must not then load what another copy committed meanwhile (it would
             # break a rule, releasing funds twice, instead of conflicting).

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -31,7 +33,13 @@ from financing.application.ports import StoredEvent
 from financing.config import Database
 from financing.logging import get_logger
 
-__all__ = ["NOTIFY_CHANNEL", "CommitListener", "PostgresOutbox", "PostgresRelayerLock"]
+__all__ = [
+    "NOTIFY_CHANNEL",
+    "CommitListener",
+    "PostgresOutbox",
+    "PostgresRelayerLock",
+    "RelayBacklog",
+]
 
 log = get_logger(__name__)
 
@@ -53,6 +61,23 @@ _PENDING = (
 )
 
 
+@dataclass(frozen=True)
+class RelayBacklog:
+    """How far a relayer is behind: its checkpoint, and the events after it (`lag`)."""
+
+    checkpoint: int | None  # the position of the last event relayed; None before the first
+    moved_at: datetime | None  # when the checkpoint last moved
+    waiting: int  # events not relayed yet
+    oldest_age: float  # seconds since the oldest of them was recorded; 0 when none
+
+
+# Every event after the checkpoint, committed or about to be, with the age of the oldest.
+_LAG = (
+    "SELECT count(*), extract(epoch FROM now() - min(recorded_at))::float8 FROM events"
+    f" WHERE (transaction_id, position) > {_CHECKPOINT}"
+)
+
+
 class PostgresOutbox:
     def __init__(self, pool: asyncpg.Pool, name: str = "relayer") -> None:
         self._pool = pool
@@ -63,6 +88,28 @@ class PostgresOutbox:
         async with acquired(self._pool, COMMAND_DATABASE) as conn:
             rows = await conn.fetch(_PENDING, self._name, limit)
         return [stored_event(row) for row in rows]
+
+    async def lag(self) -> tuple[int, float]:
+        """How many events are not relayed yet, and how old the oldest of them is (seconds)."""
+        async with acquired(self._pool, COMMAND_DATABASE) as conn:
+            row = await conn.fetchrow(_LAG, self._name)
+        assert row is not None  # an aggregate always gives one row
+        count, age = row
+        return int(count), max(0.0, float(age or 0.0))
+
+    async def backlog(self) -> RelayBacklog:
+        """The checkpoint and what is waiting behind it (`financing status`)."""
+        async with acquired(self._pool, COMMAND_DATABASE) as conn:
+            checkpoint = await conn.fetchrow(
+                "SELECT position, updated_at FROM relay_checkpoints WHERE name = $1", self._name
+            )
+        waiting, oldest_age = await self.lag()
+        return RelayBacklog(
+            checkpoint=None if checkpoint is None else checkpoint["position"],
+            moved_at=None if checkpoint is None else checkpoint["updated_at"],
+            waiting=waiting,
+            oldest_age=oldest_age,
+        )
 
     async def mark_relayed(self, events: Sequence[StoredEvent]) -> None:
         """Move the checkpoint past `events`, which must be the next ones `pending` gives.

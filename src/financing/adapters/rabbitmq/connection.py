@@ -22,6 +22,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
+from financing import metrics
 from financing.application.errors import Refused, Unavailable
 from financing.application.retry import Outages
 from financing.logging import get_logger
@@ -112,6 +113,7 @@ class Broker:
             self._failed = None
             connection.close_callbacks.add(self._on_close)
             self._connection = connection
+            metrics.BROKER_CONNECTED.set(1)
             self._accepted_once = True
             self._outages.recovered(BROKER)
             return connection
@@ -138,6 +140,7 @@ class Broker:
     def _on_close(self, connection: Any, error: BaseException | None = None) -> None:
         if connection is self._connection:
             self._connection = None  # the next caller opens a new one
+            metrics.BROKER_CONNECTED.set(0)
         if self._closing:
             return
         self._outages.failed(Unavailable(BROKER, describe(error) if error else "connection closed"))

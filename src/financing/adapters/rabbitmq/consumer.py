@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from typing import Any
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, ConsumerTag
 
+from financing import metrics
 from financing.adapters.rabbitmq.connection import (
     BROKER_ERRORS,
     Broker,
@@ -40,7 +42,7 @@ from financing.adapters.rabbitmq.envelopes import (
 )
 from financing.adapters.rabbitmq.topology import QueueSpec
 from financing.application.pipeline import Outcome, OutcomeKind, Step
-from financing.application.ports import Envelope
+from financing.application.ports import CAUSATION_HEADER, CORRELATION_HEADER, Envelope
 from financing.application.retry import NO_BUG_RETRIES, Outages, persist
 from financing.logging import get_logger
 
@@ -84,12 +86,16 @@ class AmqpDelivery:
     def log_fields(self) -> dict[str, Any]:
         """What identifies the message in every log line about it, read leniently."""
         headers = self._message.headers or {}
-        return {
+        fields = {
             "queue": self._source,
             "name": self.name,
             "message_id": header_text(headers.get(MESSAGE_UUID_HEADER)) or self._message.message_id,
             "aggregate_id": header_text(headers.get(AGGREGATE_ID_HEADER)) or None,
         }
+        for header in (CORRELATION_HEADER, CAUSATION_HEADER):
+            if headers.get(header) is not None:
+                fields[header] = header_text(headers.get(header))
+        return fields
 
     async def settle(self, outcome: Outcome) -> None:
         if outcome.kind in SETTLED_BY_ACK:
@@ -221,10 +227,17 @@ class Deliveries:
         task.add_done_callback(self._in_flight.discard)
 
     async def _deliver(self, delivery: AmqpDelivery) -> None:
+        started = time.perf_counter()
         with structlog.contextvars.bound_contextvars(**delivery.log_fields()):
             try:
                 outcome = await self._step(delivery)
                 await delivery.settle(outcome)
+                metrics.settled(
+                    delivery.source,
+                    outcome.kind.value,
+                    time.perf_counter() - started,
+                    outcome.events,
+                )
             except Exception as error:
                 # Only a bug in settling itself gets here (the step classifies
                 # everything it raises): give the message back, freeing its slot.

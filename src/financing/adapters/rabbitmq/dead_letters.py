@@ -8,16 +8,19 @@ arguments are needed on the reference's queues, and the reason is kept.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
+from financing import metrics
 from financing.adapters.rabbitmq.connection import Broker, close_channel, translated
 from financing.adapters.rabbitmq.envelopes import (
+    AGGREGATE_ID_HEADER,
     CORE_HEADERS,
     MAX_MESSAGE_ID_BYTES,
     MESSAGE_UUID_HEADER,
@@ -27,6 +30,7 @@ from financing.adapters.rabbitmq.envelopes import (
 )
 from financing.adapters.rabbitmq.publisher import Publisher
 from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE, DEAD_LETTERS
+from financing.application.ports import CORRELATION_HEADER
 from financing.application.retry import Abandoned, Outages, RetryPolicy, retry
 from financing.logging import get_logger
 
@@ -56,6 +60,44 @@ class DeadLetter:
     headers: Mapping[str, str]  # the original headers, as strings
     body: bytes
     dead_lettered_at: str = field(default="")
+
+    @property
+    def dead_lettered(self) -> datetime | None:
+        """When it was dead-lettered; None when the header does not say."""
+        try:
+            return datetime.fromisoformat(self.dead_lettered_at)
+        except ValueError:
+            return None
+
+    @property
+    def aggregate_id(self) -> str:
+        return self.headers.get(AGGREGATE_ID_HEADER, "")
+
+    @property
+    def correlation_id(self) -> str:
+        return self.headers.get(CORRELATION_HEADER, "")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which dead letters an operation applies to: those matching every criterion given."""
+
+    source_queue: str | None = None
+    message_id: str | None = None
+    aggregate_id: str | None = None
+    correlation_id: str | None = None
+
+    def matches(self, letter: DeadLetter) -> bool:
+        criteria = (
+            (self.source_queue, letter.source_queue),
+            (self.message_id, letter.message_id),
+            (self.aggregate_id, letter.aggregate_id),
+            (self.correlation_id, letter.correlation_id),
+        )
+        return all(wanted is None or wanted == actual for wanted, actual in criteria)
+
+
+EVERY = Selection()
 
 
 class DeadLetters:
@@ -94,6 +136,7 @@ class DeadLetters:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         await self._publisher.send_message_to_queue(DEAD_LETTER_QUEUE, copy)
+        metrics.DEAD_LETTERS.labels(source_queue).inc()
 
     async def keep(
         self, message: AbstractIncomingMessage, *, reason: str, source_queue: str
@@ -166,72 +209,102 @@ def _dead_letter(message: AbstractIncomingMessage) -> DeadLetter:
     )
 
 
-async def list_dead_letters(broker: Broker, limit: int = 100) -> list[DeadLetter]:
-    """The oldest `limit` dead letters, oldest first; the queue is left unchanged.
-
-    Each is fetched without being acked; closing the channel returns every
-    one of them to the queue in its original position.
-    """
-    letters: list[DeadLetter] = []
+@contextlib.asynccontextmanager
+async def _dead_letter_queue(broker: Broker) -> AsyncIterator[AbstractQueue]:
+    """The dead-letter queue on a channel of its own; closing the channel returns every
+    letter fetched and not acked to the queue, in its original position."""
     channel = await broker.channel()
     try:
-        queue = await DEAD_LETTERS.declare(channel)
-        while len(letters) < limit:
-            with translated():
-                message = await queue.get(no_ack=False, fail=False)
-            if message is None:
-                break
-            letters.append(_dead_letter(message))
+        yield await DEAD_LETTERS.declare(channel)
     finally:
         await close_channel(channel)
+
+
+async def _fetched(
+    queue: AbstractQueue, at_most: int | None = None
+) -> AsyncGenerator[tuple[AbstractIncomingMessage, DeadLetter], None]:
+    """The letters of `queue`, oldest first, each fetched without being acked."""
+    fetched = 0
+    while at_most is None or fetched < at_most:
+        with translated():
+            message = await queue.get(no_ack=False, fail=False)
+        if message is None:
+            return
+        fetched += 1
+        yield message, _dead_letter(message)
+
+
+async def list_dead_letters(
+    broker: Broker, limit: int = 100, *, selection: Selection = EVERY
+) -> list[DeadLetter]:
+    """The oldest `limit` dead letters `selection` matches; the queue is left unchanged."""
+    letters: list[DeadLetter] = []
+    async with _dead_letter_queue(broker) as queue, contextlib.aclosing(_fetched(queue)) as found:
+        async for _, letter in found:
+            if len(letters) >= limit:
+                break
+            if selection.matches(letter):
+                letters.append(letter)
     return letters
 
 
-async def requeue_dead_letters(
-    broker: Broker,
-    *,
-    source_queue: str | None = None,
-    message_id: str | None = None,
-) -> int:
-    """Send matching dead letters back to their source queue; returns how many.
+async def requeue_dead_letters(broker: Broker, *, selection: Selection = EVERY) -> int:
+    """Send the dead letters `selection` matches back to their source queue; how many.
 
     Each is republished (confirmed) with its original headers, then acked in
     the dead-letter queue; the ones that do not match stay where they are.
     """
-    requeued = 0
     publisher = Publisher(broker)
-    channel = await broker.channel()
+
+    async def requeue(message: AbstractIncomingMessage, letter: DeadLetter) -> None:
+        original = aio_pika.Message(
+            body=letter.body,
+            headers=dict(letter.headers),
+            message_id=message.message_id,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            correlation_id=message.correlation_id,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        await publisher.send_message_to_queue(letter.source_queue, original)
+
+    def requeueable(letter: DeadLetter) -> bool:
+        return bool(letter.source_queue) and selection.matches(letter)
+
     try:
-        queue = await DEAD_LETTERS.declare(channel)
-        # Only what is there now: letters added meanwhile wait for the next run.
-        waiting = queue.declaration_result.message_count or 0
-        for _ in range(waiting):
-            with translated():
-                message = await queue.get(no_ack=False, fail=False)
-            if message is None:
-                break
-            letter = _dead_letter(message)
-            if not letter.source_queue:
-                continue
-            if source_queue is not None and letter.source_queue != source_queue:
-                continue
-            if message_id is not None and letter.message_id != message_id:
-                continue
-            original = aio_pika.Message(
-                body=letter.body,
-                headers=dict(letter.headers),
-                message_id=message.message_id,
-                content_type=message.content_type,
-                content_encoding=message.content_encoding,
-                correlation_id=message.correlation_id,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            )
-            await publisher.send_message_to_queue(letter.source_queue, original)
-            with translated():
-                await message.ack()
-            requeued += 1
+        return await _take(broker, requeueable, requeue)
     finally:
-        # Letters fetched but not requeued go back to the queue, in place.
-        await close_channel(channel)
         await publisher.close()
-    return requeued
+
+
+async def discard_dead_letters(broker: Broker, *, selection: Selection = EVERY) -> int:
+    """Remove the dead letters `selection` matches for good; how many."""
+
+    async def discard(message: AbstractIncomingMessage, letter: DeadLetter) -> None:
+        pass  # acking it is all
+
+    return await _take(broker, selection.matches, discard)
+
+
+async def _take(
+    broker: Broker,
+    wanted: Callable[[DeadLetter], bool],
+    act: Callable[[AbstractIncomingMessage, DeadLetter], Awaitable[None]],
+) -> int:
+    """`act` on every wanted letter, then ack it; how many were taken.
+
+    Only the letters there when it starts: ones dead-lettered meanwhile (a
+    requeued message failing again) wait for the next run.
+    """
+    taken = 0
+    async with _dead_letter_queue(broker) as queue:
+        waiting = queue.declaration_result.message_count or 0
+        async with contextlib.aclosing(_fetched(queue, waiting)) as found:
+            async for message, letter in found:
+                if not wanted(letter):
+                    continue
+                await act(message, letter)
+                with translated():
+                    await message.ack()
+                taken += 1
+    return taken

@@ -28,7 +28,7 @@ from financing.adapters.rabbitmq.topology import command_queue, declare_events_e
 from financing.application import codec
 from financing.application.errors import Unavailable
 from financing.application.messages import Command
-from financing.application.ports import Envelope
+from financing.application.ports import Cause, Envelope
 
 
 class PublishFailed(Unavailable):
@@ -89,6 +89,16 @@ class Publisher:
     async def send_message_to_queue(self, queue: str, message: AbstractMessage) -> None:
         what = f"{header_text(message.headers.get('name', 'message'))} to queue {queue!r}"
         await self._confirmed(what, [(message, queue)])
+
+    async def probe(self) -> None:
+        """Return if publishing can work now: the publishing channel is open and the broker
+        takes its declarations (it refuses them, and closes the channel, without permissions)."""
+        channel, _ = await self._opened("probing the broker")
+        try:
+            async with asyncio.timeout(self._confirm_timeout):
+                await declare_events_exchange(channel)
+        except TimeoutError:
+            raise PublishFailed("no answer to a declaration within the timeout") from None
 
     async def declare_command_queue(self, name: str) -> None:
         channel, _ = await self._opened(f"declaring queue {name!r}")
@@ -162,12 +172,17 @@ class AmqpCommandSender:
         self._publisher = publisher
         self._declared: set[str] = set()
 
-    async def send(self, command: Command, message_id: UUID) -> None:
+    async def send(self, command: Command, message_id: UUID, cause: Cause) -> None:
         queue = command.name()
         if queue not in self._declared:
             await self._publisher.declare_command_queue(queue)
             self._declared.add(queue)
-        envelope = Envelope(message_id=str(message_id), name=queue, body=codec.encode(command))
+        envelope = Envelope(
+            message_id=str(message_id),
+            name=queue,
+            body=codec.encode(command),
+            headers=cause.headers(),
+        )
         try:
             await self._publisher.send_to_queue(queue, envelope)
         except PublishFailed:

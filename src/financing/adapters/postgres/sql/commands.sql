@@ -69,3 +69,25 @@ FROM (VALUES
     ('events_InvoiceReversedEvent', 'reversal_releases_funds')
 ) AS renamed (queue, handler)
 WHERE p.consumer = renamed.queue;
+
+-- version: 3
+
+-- Correlation: every event keeps the correlation id of the command whose saga it
+-- belongs to, and the id of the message that caused it; every processed message
+-- keeps what became of it, so `financing trace` can tell a command's whole story
+-- from what committed (a crash loses none of it).
+ALTER TABLE events
+    ADD COLUMN correlation_id text,
+    ADD COLUMN causation_id   text;
+CREATE INDEX events_correlation ON events (correlation_id) WHERE correlation_id IS NOT NULL;
+
+ALTER TABLE processed_messages
+    ADD COLUMN name           text,
+    ADD COLUMN correlation_id text,
+    ADD COLUMN outcome        text,
+    ADD COLUMN detail         text,
+    ADD COLUMN events         integer;
+CREATE INDEX processed_messages_correlation ON processed_messages (correlation_id)
+    WHERE correlation_id IS NOT NULL;
+-- Pruning of deduplication records goes by age.
+CREATE INDEX processed_messages_age ON processed_messages (processed_at);

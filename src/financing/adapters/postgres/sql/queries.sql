@@ -54,3 +54,27 @@ END
 $fn$;
 
 SELECT public.financing_create_read_models('read_models');
+
+-- version: 2
+
+-- Deduplication records are pruned by age (financing.workers.retention), so
+-- each keeps when it was recorded. The version 1 tables are created as before
+-- and then given that column: the live schema now, a rebuilt one when built.
+ALTER FUNCTION public.financing_create_read_models(text) RENAME TO financing_create_read_models_1;
+
+CREATE FUNCTION public.financing_create_read_models(target text)
+RETURNS void
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    PERFORM public.financing_create_read_models_1(target);
+    EXECUTE format(
+        'ALTER TABLE %I.processed_messages'
+        ' ADD COLUMN IF NOT EXISTS processed_at timestamptz NOT NULL DEFAULT now()', target);
+    EXECUTE format(
+        'CREATE INDEX IF NOT EXISTS processed_messages_age'
+        ' ON %I.processed_messages (processed_at)', target);
+END
+$fn$;
+
+SELECT public.financing_create_read_models('read_models');

@@ -1,0 +1,114 @@
+"""The story of one correlation: every message a command caused, and what became of each.
+
+A command starts a correlation. Every event appended while handling it, and
+every message those events cause in turn, carries the correlation id; each
+event also names the message that caused it. This module arranges what the
+stores know of a correlation (its events, the records of the messages
+consumers processed, its dead letters) into a tree by causation, each level
+in time order. Pure: adapters fetch, the command line renders.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from financing.application.ports import StoredEvent
+
+
+class Fate(enum.Enum):
+    APPLIED = "applied"
+    UNCHANGED = "changed nothing"
+    DEAD_LETTERED = "dead-lettered"
+
+
+@dataclass(frozen=True)
+class Handling:
+    """What became of one message at one consumer, or in the dead-letter queue."""
+
+    message_id: str
+    message_name: str
+    fate: Fate
+    by: str  # the consumer (handler) that processed it, or the queue it was dead-lettered from
+    at: datetime | None
+    detail: str = ""  # the rule behind an unchanged outcome; the reason of a dead letter
+    events: int = 0  # events appended, when applied
+
+
+@dataclass
+class Step:
+    """One message of the correlation: an event (`event` set) or a command."""
+
+    message_id: str
+    name: str  # "" when nothing but its id is known: the record of it was pruned
+    at: datetime | None
+    event: StoredEvent | None = None
+    handlings: list[Handling] = field(default_factory=list)
+    caused: list[Step] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Trace:
+    correlation_id: str
+    steps: list[Step]  # those no other step of the correlation caused, in time order
+
+    def walk(self) -> Iterator[Step]:
+        """Every step, depth first."""
+        pending = list(reversed(self.steps))
+        while pending:
+            step = pending.pop()
+            yield step
+            pending.extend(reversed(step.caused))
+
+    def handlings(self) -> list[Handling]:
+        return [handling for step in self.walk() for handling in step.handlings]
+
+
+def trace(
+    correlation_id: str, events: Iterable[StoredEvent], handlings: Iterable[Handling]
+) -> Trace:
+    """The causation tree of a correlation's events and the handlings of its messages."""
+    steps: dict[str, Step] = {}
+    for event in events:
+        message_id = str(event.message_id)
+        steps[message_id] = Step(message_id, event.name, event.recorded_at, event)
+    for handling in sorted(handlings, key=lambda h: _instant(h.at)):
+        step = steps.get(handling.message_id)
+        if step is None:  # a command: known only from what became of it
+            step = Step(handling.message_id, handling.message_name, handling.at)
+            steps[handling.message_id] = step
+        step.handlings.append(handling)
+    roots = [step for step in steps.values() if _cause(step, correlation_id) is None]
+    for step in list(steps.values()):
+        cause = _cause(step, correlation_id)
+        if cause is None:
+            continue
+        if cause not in steps:
+            # Its record is gone (pruned after the retention window): only its id is known.
+            steps[cause] = Step(cause, "", step.at)
+            roots.append(steps[cause])
+        steps[cause].caused.append(step)
+    for step in steps.values():
+        step.caused.sort(key=_order)
+    return Trace(correlation_id, sorted(roots, key=_order))
+
+
+def _cause(step: Step, correlation_id: str) -> str | None:
+    """The id of the message that caused `step`, when it is a message of the correlation.
+
+    Commands do not say what caused them; the first command's cause is the
+    correlation itself (the request that started it).
+    """
+    if step.event is None or step.event.causation_id in (None, "", correlation_id):
+        return None
+    return step.event.causation_id
+
+
+def _instant(at: datetime | None) -> datetime:
+    return at or datetime.max.replace(tzinfo=UTC)  # what has no time goes last
+
+
+def _order(step: Step) -> tuple[datetime, int]:
+    return _instant(step.at), step.event.position if step.event else 0

@@ -1,0 +1,54 @@
+"""What the operator's commands share: database sessions named after the command, and
+one way of printing times and tables."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+
+import asyncpg
+
+from financing.adapters.postgres.connection import create_pool
+from financing.config import Database, Variable
+
+
+@asynccontextmanager
+async def database(db: Database, dependency: str, command: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool whose sessions say which command opened them (pg_stat_activity)."""
+    pool = await create_pool(db, dependency, application_name=f"financing {command}")
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+def moment(at: datetime | None) -> str:
+    """A time in UTC to the millisecond, as every command prints it."""
+    if at is None:
+        return "-"
+    return at.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def table(headings: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
+    """Aligned columns under their headings, two spaces apart; numbers to the right."""
+    cells = [list(headings), *([str(cell) for cell in row] for row in rows)]
+    widths = [max(len(row[column]) for row in cells) for column in range(len(headings))]
+    numeric = [
+        all(row[c].isdigit() for row in cells[1:]) and len(cells) > 1 for c in range(len(widths))
+    ]
+    return [
+        "  ".join(
+            cell.rjust(width) if right else cell.ljust(width)
+            for cell, width, right in zip(row, widths, numeric, strict=True)
+        ).rstrip()
+        for row in cells
+    ]
+
+
+def environment(*variables: Variable) -> str:
+    """The --help paragraph naming the environment variables a command reads."""
+    listed = list(dict.fromkeys(variables))  # each once, in the order given
+    width = max(len(variable.name) for variable in listed)
+    lines = [f"  {v.name:<{width}}  {v.meaning} (default: {v.default})" for v in listed]
+    return "environment variables read:\n" + "\n".join(lines)

@@ -1,0 +1,90 @@
+"""`financing dead-letters list | requeue | discard`: the operator's hands on dead letters.
+
+`list` leaves them queued; `requeue` sends them back to their source queue
+(after the cause is fixed, such as registering the issuer an invoice was
+refused for); `discard` removes them for good. Asked for a queue the broker
+does not have, or a message id no dead letter carries, a command says so and
+exits 1 rather than report "0" as if all were well.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from financing.adapters.rabbitmq.connection import Broker, connected
+from financing.adapters.rabbitmq.dead_letters import (
+    DeadLetter,
+    Selection,
+    discard_dead_letters,
+    list_dead_letters,
+    requeue_dead_letters,
+)
+from financing.adapters.rabbitmq.queues import queue_depth
+from financing.config import Settings
+from financing.entrypoints.console import moment, table
+
+HEADINGS = ("DEAD-LETTERED AT", "SOURCE QUEUE", "NAME", "MESSAGE ID")
+
+
+async def list_letters(settings: Settings, selection: Selection, limit: int, bodies: bool) -> int:
+    async with connected(settings.amqp_urls) as broker:
+        letters = await list_dead_letters(broker, limit, selection=selection)
+    rows = table(HEADINGS, (_columns(letter) for letter in letters))
+    print(rows[0])
+    for row, letter in zip(rows[1:], letters, strict=True):
+        print(row)
+        print("\n".join(f"    {detail}" for detail in _details(letter, bodies)))
+    print(f"{len(letters)} dead letter(s)")
+    return 0
+
+
+def _columns(letter: DeadLetter) -> tuple[str, ...]:
+    at = moment(letter.dead_lettered) if letter.dead_lettered else letter.dead_lettered_at
+    return at or "-", letter.source_queue or "-", letter.name or "-", letter.message_id or "-"
+
+
+def _details(letter: DeadLetter, bodies: bool) -> list[str]:
+    details = [f"reason: {letter.reason}"]
+    if bodies:
+        details.append(f"body: {letter.body.decode('utf-8', 'replace')}")
+    details.append(
+        f"aggregate {letter.aggregate_id or '-'}, correlation {letter.correlation_id or '-'}"
+    )
+    return details
+
+
+async def requeue(settings: Settings, selection: Selection) -> int:
+    async with connected(settings.amqp_urls) as broker:
+        if not await _queue_known(broker, selection):
+            return 1
+        count = await requeue_dead_letters(broker, selection=selection)
+    print(f"requeued {count} dead letter(s)")
+    return _found(count, selection)
+
+
+async def discard(settings: Settings, selection: Selection) -> int:
+    async with connected(settings.amqp_urls) as broker:
+        count = await discard_dead_letters(broker, selection=selection)
+    print(f"discarded {count} dead letter(s)")
+    return _found(count, selection)
+
+
+async def _queue_known(broker: Broker, selection: Selection) -> bool:
+    """Whether the queue letters are to be requeued to exists (none named: each letter's)."""
+    queue = selection.source_queue
+    if queue is None or await queue_depth(broker, queue) is not None:
+        return True
+    print(f"financing dead-letters: the broker has no queue named {queue!r}", file=sys.stderr)
+    return False
+
+
+def _found(count: int, selection: Selection) -> int:
+    """Exit code 1 when a message id was asked for and no dead letter carries it."""
+    if count or selection.message_id is None:
+        return 0
+    print(
+        f"financing dead-letters: no dead letter with message id {selection.message_id!r}"
+        + (f" from queue {selection.source_queue!r}" if selection.source_queue else ""),
+        file=sys.stderr,
+    )
+    return 1

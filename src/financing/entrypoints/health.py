@@ -1,0 +1,149 @@
+"""Readiness of each side of the service, for the gRPC Health Checking Protocol.
+
+Each gRPC port serves `grpc.health.v1.Health`: the service names are `""`
+(the whole port) and the port's own service (`Commands` or `Queries`); any
+other name answers NOT_FOUND. A side is SERVING only while it can do its job:
+`Commands` while commands can be durably queued (the broker takes the
+publisher's declarations), `Queries` while the read-model database answers.
+
+`HealthWatch` probes those dependencies every second, so a lost dependency
+shows as NOT_SERVING within a couple of seconds and SERVING again once it is
+back, with or without traffic; the probes report to the outage log too, so an
+outage is also logged as over when nobody was using the dependency. While the
+service drains at shutdown every side is NOT_SERVING.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from grpclib.health.check import CheckBase
+from grpclib.health.service import Health
+
+from financing.application.errors import Unavailable
+from financing.application.retry import Outages
+from financing.logging import get_logger
+
+log = get_logger(__name__)
+
+PROBE_INTERVAL = 1.0
+PROBE_TIMEOUT = 2.0
+# At shutdown, how long clients watching the health get to receive NOT_SERVING
+# before the listeners close.
+WATCHERS_GRACE = 0.25
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A check of one dependency: `check` returns when it answers, raises Unavailable if not."""
+
+    dependency: str
+    check: Callable[[], Awaitable[None]]
+
+
+class Readiness(CheckBase):
+    """Whether one side of the service can do its job now (a grpclib health check)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._serving = False
+        self._watchers: set[asyncio.Event] = set()
+
+    @property
+    def serving(self) -> bool:
+        return self._serving
+
+    @property
+    def watched(self) -> bool:
+        return bool(self._watchers)
+
+    def set(self, serving: bool) -> None:
+        if serving == self._serving:
+            return
+        self._serving = serving
+        log.info("health changed", service=self.name, serving=serving)
+        for watcher in self._watchers:
+            watcher.set()
+
+    def __status__(self) -> bool:
+        return self._serving
+
+    async def __check__(self) -> bool:
+        return self._serving
+
+    async def __subscribe__(self) -> asyncio.Event:
+        watcher = asyncio.Event()
+        self._watchers.add(watcher)
+        return watcher
+
+    async def __unsubscribe__(self, event: asyncio.Event) -> None:
+        self._watchers.discard(event)
+
+
+@dataclass(frozen=True)
+class _Watched:
+    readiness: Readiness
+    probes: Sequence[Probe]
+
+
+class HealthWatch:
+    """Probes each side's dependencies and sets its readiness (a worker of the service)."""
+
+    def __init__(
+        self,
+        outages: Outages,
+        *,
+        interval: float = PROBE_INTERVAL,
+        timeout: float = PROBE_TIMEOUT,
+    ) -> None:
+        self._outages = outages
+        self._interval = interval
+        self._timeout = timeout
+        self._watched: list[_Watched] = []
+        self._draining = False
+
+    def watch(self, readiness: Readiness, probes: Sequence[Probe]) -> None:
+        self._watched.append(_Watched(readiness, probes))
+
+    async def drain(self) -> None:
+        """The service is shutting down: nothing is SERVING any more. Returns once the
+        clients watching the health had a moment to hear it."""
+        self._draining = True
+        for watched in self._watched:
+            watched.readiness.set(False)
+        if any(watched.readiness.watched for watched in self._watched):
+            await asyncio.sleep(WATCHERS_GRACE)
+
+    async def run(self) -> None:
+        while True:
+            await self.probe_once()
+            await asyncio.sleep(self._interval)  # the probing period
+
+    async def probe_once(self) -> None:
+        for watched in self._watched:
+            results = [await self._probe(probe) for probe in watched.probes]
+            watched.readiness.set(all(results) and not self._draining)
+
+    async def _probe(self, probe: Probe) -> bool:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await probe.check()
+        except Unavailable as error:
+            self._outages.failed(error)
+            return False
+        except TimeoutError:
+            self._outages.failed(Unavailable(probe.dependency, "no answer to a health probe"))
+            return False
+        except Exception:
+            log.exception("a health probe failed with a bug", dependency=probe.dependency)
+            return False
+        self._outages.recovered(probe.dependency)
+        return True
+
+
+def health_service(service: Any, readiness: Readiness) -> Health:
+    """The health service of one port: `""` and the port's service name."""
+    return Health({service: [readiness]})

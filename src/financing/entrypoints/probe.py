@@ -1,0 +1,74 @@
+"""`financing health-check`: whether the components running here are healthy (a container probe).
+
+It asks what an orchestrator would: the gRPC Health Checking Protocol of each
+gRPC component selected (`Commands` on COMMAND_SERVER_ADDRESS, `Queries` on
+QUERY_SERVER_ADDRESS), and the `/health` of the metrics endpoint
+(METRICS_ADDRESS), which covers every component: every consumer consumes and
+no dependency is down. The components are those `financing serve` runs with
+the same environment (FINANCING_COMPONENTS, all by default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+from grpclib.client import Channel
+from grpclib.health.v1.health_grpc import HealthStub
+from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+
+from financing.config import Settings
+
+TIMEOUT = 3.0
+
+
+async def health_check(settings: Settings, components: Iterable[str]) -> list[str]:
+    """What is not healthy: empty when every check passed."""
+    selected = set(components)
+    checks = []
+    if "commands-api" in selected:
+        checks.append(_grpc_health(settings.command_address, "Commands"))
+    if "queries-api" in selected:
+        checks.append(_grpc_health(settings.query_address, "Queries"))
+    if settings.metrics_address is not None:
+        checks.append(_http_health(settings.metrics_address))
+    return [problem for problem in await asyncio.gather(*checks) if problem]
+
+
+def _reachable(address: tuple[str, int]) -> tuple[str, int]:
+    host, port = address
+    return ("127.0.0.1" if host in ("0.0.0.0", "::", "") else host), port
+
+
+async def _grpc_health(address: tuple[str, int], service: str) -> str:
+    host, port = _reachable(address)
+    channel = Channel(host, port)
+    try:
+        reply = await HealthStub(channel).Check(
+            HealthCheckRequest(service=service), timeout=TIMEOUT
+        )
+    except Exception as error:  # any failure to answer is unhealthy, whatever it is
+        return f"{service} at {host}:{port}: {type(error).__name__}: {error}"
+    finally:
+        channel.close()
+    if reply.status != HealthCheckResponse.SERVING:
+        name = HealthCheckResponse.ServingStatus.Name(reply.status)
+        return f"{service} at {host}:{port}: {name}"
+    return ""
+
+
+async def _http_health(address: tuple[str, int]) -> str:
+    host, port = _reachable(address)
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            await writer.drain()
+            status_line = await reader.readline()
+            writer.close()
+    except (OSError, TimeoutError) as error:
+        return f"metrics endpoint at {host}:{port}: {type(error).__name__}: {error}"
+    words = status_line.split()
+    if len(words) < 2 or words[1] != b"200":
+        return f"metrics endpoint at {host}:{port}: {status_line.decode(errors='replace').strip()}"
+    return ""

@@ -1,0 +1,41 @@
+"""gRPC server reflection, so generic tools (grpcurl) list, describe and call the services.
+
+The messages and stubs are betterproto's, which register no protobuf
+descriptors; reflection needs them. They come from the descriptor set that
+`make proto` writes beside the generated code (`generated/financing.binpb`,
+shipped in the package), plus the health and reflection protocols' own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from importlib import resources
+from typing import Any
+
+from google.protobuf.descriptor_pb2 import FileDescriptorProto, FileDescriptorSet
+from google.protobuf.descriptor_pool import DescriptorPool
+from grpclib.health.v1 import health_pb2
+from grpclib.reflection.service import ServerReflection
+from grpclib.reflection.v1 import reflection_pb2
+from grpclib.reflection.v1alpha import reflection_pb2 as reflection_v1alpha_pb2
+
+DESCRIPTORS = "financing.binpb"
+
+
+def descriptor_pool() -> DescriptorPool:
+    """Every file a client may ask about: financing.proto with its imports, health, reflection."""
+    pool = DescriptorPool()
+    data = resources.files("financing.generated").joinpath(DESCRIPTORS).read_bytes()
+    for file in FileDescriptorSet.FromString(data).file:
+        pool.Add(file)
+    for module in (health_pb2, reflection_pb2, reflection_v1alpha_pb2):
+        proto = FileDescriptorProto()
+        module.DESCRIPTOR.CopyToProto(proto)
+        pool.Add(proto)
+    return pool
+
+
+def with_reflection(services: Collection[Any]) -> list[Any]:
+    """`services` and the reflection services (v1 and v1alpha) that describe them."""
+    extended: list[Any] = ServerReflection.extend(services, pool=descriptor_pool())
+    return extended

@@ -1,0 +1,160 @@
+"""`financing status`: is the deployment healthy, and how far behind is each part?
+
+Reported: whether each database and the broker answer, the relayer's
+checkpoint and the events waiting behind it, the projector's backlog, the
+depth and consumers of every queue of the topology, the dead letters waiting.
+The exit code says whether the deployment is healthy (HEALTHY), so the
+command serves as a probe. Each inquiry is bounded by a timeout: a probe that
+hangs is no probe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from financing.adapters.postgres.connection import COMMAND_DATABASE, QUERY_DATABASE, ping
+from financing.adapters.postgres.outbox import PostgresOutbox, RelayBacklog
+from financing.adapters.rabbitmq import topology
+from financing.adapters.rabbitmq.connection import connected, describe_url
+from financing.adapters.rabbitmq.queues import QueueDepth, queue_depth
+from financing.application import routes
+from financing.application.errors import Refused, Unavailable, summary
+from financing.config import Settings
+from financing.entrypoints.console import database, moment, table
+
+HEALTHY = """\
+Healthy (exit code 0; otherwise 1) means:
+  - the command database, the query database and the broker answer;
+  - every queue the service consumes exists and has at least one consumer;
+  - no event has waited longer than --max-relay-lag seconds to be relayed.
+Dead letters and the projector's backlog are reported, not judged."""
+MAX_RELAY_LAG = 10.0
+TIMEOUT = 5.0
+
+
+@dataclass
+class Findings:
+    lines: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def report(self, part: str, state: str) -> None:
+        self.lines.append(f"{part:<17} {state}")
+
+
+def consumed_queues() -> list[topology.QueueSpec]:
+    """Every queue a component of the service consumes."""
+    tables: tuple[Sequence[routes.Route[Any]], ...] = (
+        routes.COMMANDS,
+        routes.POLICIES,
+        routes.INTEGRATION,
+    )
+    queues = [topology.subscription(r.message_name).queue for table in tables for r in table]
+    return [*queues, topology.PROJECTOR.queue]
+
+
+async def run_status(
+    settings: Settings, *, max_relay_lag: float = MAX_RELAY_LAG, answer_within: float = TIMEOUT
+) -> int:
+    """Print the status; exit code 0 when healthy, 1 otherwise."""
+    findings = Findings()
+    await _inquire(
+        findings,
+        f"command database {settings.command_db.describe()}",
+        lambda: _event_store(settings, findings, max_relay_lag),
+        answer_within,
+    )
+    await _inquire(
+        findings,
+        f"query database {settings.query_db.describe()}",
+        lambda: _read_models(settings, findings),
+        answer_within,
+    )
+    brokers = ", ".join(describe_url(url) for url in settings.amqp_urls)
+    await _inquire(
+        findings, f"broker {brokers}", lambda: _broker(settings, findings), answer_within
+    )
+    print("\n".join(findings.lines))
+    if findings.problems:
+        print("UNHEALTHY:\n" + "\n".join(f"  - {problem}" for problem in findings.problems))
+        return 1
+    print("healthy")
+    return 0
+
+
+async def _inquire(
+    findings: Findings,
+    what: str,
+    inquiry: Callable[[], Awaitable[None]],
+    within: float,
+) -> None:
+    try:
+        async with asyncio.timeout(within):
+            await inquiry()
+    except (Unavailable, Refused) as error:
+        findings.report(what, f"UNREACHABLE: {error}")
+        findings.problems.append(f"{what} is unreachable")
+    except TimeoutError:
+        findings.report(what, f"UNREACHABLE: no answer within {within:g} s")
+        findings.problems.append(f"{what} is unreachable")
+    except Exception as error:  # a probe reports what it cannot tell rather than crash
+        findings.report(what, f"FAILED: {summary(error)}")
+        findings.problems.append(f"{what} could not be inquired into")
+
+
+async def _event_store(settings: Settings, findings: Findings, max_relay_lag: float) -> None:
+    async with database(settings.command_db, COMMAND_DATABASE, "status") as pool:
+        backlog = await PostgresOutbox(pool).backlog()
+    findings.report("command database", f"{settings.command_db.describe()}: reachable")
+    findings.report("relayer", _relaying(backlog))
+    if backlog.waiting and backlog.oldest_age > max_relay_lag:
+        findings.problems.append(
+            f"an event has waited {backlog.oldest_age:.1f} s to be relayed"
+            f" (at most {max_relay_lag:g} s is healthy)"
+        )
+
+
+def _relaying(backlog: RelayBacklog) -> str:
+    if backlog.checkpoint is None:
+        checkpoint = "nothing relayed yet"
+    else:
+        checkpoint = f"relayed up to position {backlog.checkpoint} at {moment(backlog.moved_at)}"
+    if not backlog.waiting:
+        return f"{checkpoint}; no event waiting"
+    return (
+        f"{checkpoint}; {backlog.waiting} event(s) waiting,"
+        f" the oldest for {backlog.oldest_age:.1f} s"
+    )
+
+
+async def _read_models(settings: Settings, findings: Findings) -> None:
+    async with database(settings.query_db, QUERY_DATABASE, "status") as pool:
+        await ping(pool, QUERY_DATABASE)
+    findings.report("query database", f"{settings.query_db.describe()}: reachable")
+
+
+async def _broker(settings: Settings, findings: Findings) -> None:
+    async with connected(settings.amqp_urls) as broker:
+        consumed = {spec.name: await queue_depth(broker, spec.name) for spec in consumed_queues()}
+        dead = await queue_depth(broker, topology.DEAD_LETTER_QUEUE)
+    brokers = ", ".join(describe_url(url) for url in settings.amqp_urls)
+    findings.report("broker", f"{brokers}: reachable")
+    projector = consumed[topology.PROJECTOR_QUEUE]
+    findings.report("projector", f"{_waiting(projector)} in {topology.PROJECTOR_QUEUE}")
+    findings.report("dead letters", f"{_waiting(dead)} in {topology.DEAD_LETTER_QUEUE}")
+    rows = [
+        (name, "missing", "-") if depth is None else (name, depth.waiting, depth.consumers)
+        for name, depth in sorted(consumed.items())
+    ]
+    findings.lines += ["", *table(("QUEUE", "WAITING", "CONSUMERS"), rows), ""]
+    for name, depth in sorted(consumed.items()):
+        if depth is None:
+            findings.problems.append(f"queue {name} does not exist")
+        elif not depth.consumers:
+            findings.problems.append(f"queue {name} has no consumer")
+
+
+def _waiting(depth: QueueDepth | None) -> str:
+    return "queue missing" if depth is None else f"{depth.waiting} message(s) waiting"

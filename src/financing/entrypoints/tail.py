@@ -1,0 +1,95 @@
+"""`financing tail`: every event published on `events`, live, one line each, until Ctrl-C.
+
+    2025-06-01T12:00:01.123Z  InvoiceFinancedEvent  221ffa83-…  correlation 7f0c…  {"AskingPrice":…}
+
+The time is when the event was recorded in the event store (when it says so),
+else when it arrived. SIGINT or SIGTERM end it with exit code 0; losing the
+broker ends it with exit code 1, since what is published meanwhile cannot be
+followed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from financing.adapters.rabbitmq.connection import connected, describe_url
+from financing.adapters.rabbitmq.envelopes import from_amqp
+from financing.adapters.rabbitmq.follow import follow_events
+from financing.application.errors import PoisonMessage
+from financing.application.ports import CORRELATION_HEADER, RECORDED_AT_HEADER
+from financing.config import Settings
+from financing.entrypoints.console import moment
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+async def run_tail(settings: Settings) -> int:
+    """Follow until a signal (exit code 0); Unavailable when the broker goes away."""
+    async with connected(settings.amqp_urls) as broker:
+        follow = asyncio.create_task(
+            follow_events(broker, _print, lambda: _announce(settings.amqp_urls))
+        )
+        with _stopping_on_signal(follow) as signalled:
+            try:
+                await follow
+            except asyncio.CancelledError:
+                if not signalled.is_set():
+                    raise
+    return 0
+
+
+@contextlib.contextmanager
+def _stopping_on_signal(task: asyncio.Task[None]) -> Iterator[asyncio.Event]:
+    """Cancel `task` on SIGINT or SIGTERM; the event says a signal did it."""
+    loop = asyncio.get_running_loop()
+    signalled = asyncio.Event()
+
+    def stop() -> None:
+        signalled.set()
+        task.cancel()
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop)
+    try:
+        yield signalled
+    finally:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+
+
+def _announce(amqp_urls: list[str]) -> None:
+    brokers = ", ".join(describe_url(url) for url in amqp_urls)
+    print(f"following events on {brokers} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+
+
+def _print(message: AbstractIncomingMessage) -> None:
+    print(line(message), flush=True)
+
+
+def line(message: AbstractIncomingMessage) -> str:
+    """One readable line: time, name, aggregate id, correlation, body."""
+    body = bytes(message.body).decode("utf-8", "replace")
+    try:
+        envelope = from_amqp(message)
+    except PoisonMessage as error:
+        return f"{moment(datetime.now(UTC))}  (unreadable message: {error})  {body}"
+    recorded = envelope.headers.get(RECORDED_AT_HEADER)
+    correlation = envelope.headers.get(CORRELATION_HEADER, "-")
+    return (
+        f"{moment(_time(recorded))}  {envelope.name}  {envelope.aggregate_id or '-'}"
+        f"  correlation {correlation}  {body}"
+    )
+
+
+def _time(recorded: str | None) -> datetime:
+    try:
+        return datetime.fromisoformat(recorded or "")
+    except ValueError:
+        return datetime.now(UTC)

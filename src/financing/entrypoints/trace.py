@@ -1,0 +1,119 @@
+"""`financing trace CORRELATION_ID`: everything a command caused, and what became of it.
+
+The command's correlation id is in the `correlation-id` metadata of the
+Commands API's answer. The event store gives the events and the records of
+processed messages; the dead-letter queue, browsed without taking anything,
+gives the messages refused. Printed as a tree by causation:
+
+    correlation 7f0c…
+    └─ BidOnInvoice  command 5e2a…
+       │ 2025-06-01T12:00:01.123Z  applied by bid_on_invoice: 1 event
+       └─ BidOnInvoicePlacedEvent  Investor 1b9d… v3  2025-06-01T12:00:01.123Z
+            {"InvoiceID":"…","BidAmount":15}
+            2025-06-01T12:00:01.201Z  applied by bid_placed_offers_bid_to_invoice: 1 event
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from collections.abc import Sequence
+
+from financing.adapters.postgres.connection import COMMAND_DATABASE
+from financing.adapters.postgres.correlation import correlated
+from financing.adapters.rabbitmq.connection import connected
+from financing.adapters.rabbitmq.dead_letters import DeadLetter, Selection, list_dead_letters
+from financing.application.errors import Refused, Unavailable
+from financing.application.trace import Fate, Handling, Step, Trace, trace
+from financing.config import Settings
+from financing.entrypoints.console import database, moment
+
+# Every dead letter of the correlation, however many there are.
+ALL_OF_THEM = sys.maxsize
+
+
+async def run_trace(settings: Settings, correlation_id: str) -> int:
+    """Print the trace; exit code 1 when nothing is known of the correlation."""
+    async with database(settings.command_db, COMMAND_DATABASE, "trace") as pool:
+        events, handlings = await correlated(pool, correlation_id)
+    handlings += await _dead_lettered(settings.amqp_urls, correlation_id)
+    story = trace(correlation_id, events, handlings)
+    if not story.steps:
+        print(
+            f"financing trace: nothing is known of correlation id {correlation_id!r}:"
+            " no event, processed message or dead letter carries it (a command still"
+            " waiting in its queue, or being retried, shows once it is handled)",
+            file=sys.stderr,
+        )
+        return 1
+    print("\n".join(render(story)))
+    return 0
+
+
+async def _dead_lettered(amqp_urls: list[str], correlation_id: str) -> list[Handling]:
+    """The correlation's dead letters; none, said on stderr, when the broker cannot tell."""
+    try:
+        async with connected(amqp_urls) as broker:
+            letters = await list_dead_letters(
+                broker, ALL_OF_THEM, selection=Selection(correlation_id=correlation_id)
+            )
+    except (Unavailable, Refused) as error:
+        print(f"financing trace: dead letters not searched: {error}", file=sys.stderr)
+        return []
+    return [_handling(letter) for letter in letters]
+
+
+def _handling(letter: DeadLetter) -> Handling:
+    return Handling(
+        letter.message_id,
+        letter.name,
+        Fate.DEAD_LETTERED,
+        letter.source_queue,
+        letter.dead_lettered,
+        letter.reason,
+    )
+
+
+def render(story: Trace) -> list[str]:
+    lines = [f"correlation {story.correlation_id}"]
+    _branch(story.steps, "", lines)
+    fates = Counter(handling.fate for handling in story.handlings())
+    lines.append(", ".join(f"{fates[fate]} {fate.value}" for fate in Fate))
+    return lines
+
+
+def _branch(steps: Sequence[Step], prefix: str, lines: list[str]) -> None:
+    for index, step in enumerate(steps):
+        last = index == len(steps) - 1
+        lines.append(prefix + ("└─ " if last else "├─ ") + _heading(step))
+        inner = prefix + ("   " if last else "│  ")
+        rail = inner + ("│ " if step.caused else "  ")
+        lines.extend(rail + detail for detail in _details(step))
+        _branch(step.caused, inner, lines)
+
+
+def _heading(step: Step) -> str:
+    event = step.event
+    if event is not None:
+        where = f"{event.aggregate_type} {event.aggregate_id} v{event.version}"
+        return f"{event.name}  {where}  {moment(event.recorded_at)}"
+    if not step.name:
+        return f"message {step.message_id} (no record of it is left)"
+    return f"{step.name}  command {step.message_id}"
+
+
+def _details(step: Step) -> list[str]:
+    details = [] if step.event is None else [step.event.body.decode("utf-8", "replace")]
+    return details + [f"{moment(h.at)}  {_fate(h)}" for h in step.handlings]
+
+
+def _fate(handling: Handling) -> str:
+    if handling.fate is Fate.APPLIED:
+        return f"applied by {handling.by}: {_events(handling.events)}"
+    if handling.fate is Fate.UNCHANGED:
+        return f"changed nothing at {handling.by}: {handling.detail}"
+    return f"dead-lettered from {handling.by}: {handling.detail}"
+
+
+def _events(count: int) -> str:
+    return "1 event" if count == 1 else f"{count} events"

@@ -1,0 +1,69 @@
+"""Prometheus metrics: what the service counts and measures.
+
+The gRPC metrics carry the names and labels of the gRPC ecosystem's Prometheus
+interceptors, so existing dashboards work; the others are the service's own
+(`financing_*`). `entrypoints/observability.py` feeds the gRPC and pool
+metrics and serves them all at `/metrics` on `METRICS_ADDRESS`. The README
+lists every metric with its labels.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# Seconds: from a millisecond to a minute.
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0)
+
+GRPC_HANDLED = Counter(
+    "grpc_server_handled_total",
+    "RPCs completed on the server, regardless of success or failure.",
+    ["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
+)
+GRPC_HANDLING = Histogram(
+    "grpc_server_handling_seconds",
+    "Response latency of RPCs handled by the server.",
+    ["grpc_type", "grpc_service", "grpc_method"],
+    buckets=_LATENCY,
+)
+MESSAGES = Counter(
+    "financing_messages_total",
+    "Deliveries by queue and outcome: processed, duplicate, ignored, dead_lettered, abandoned"
+    " (left for redelivery), and retried (one per retry of a delivery).",
+    ["queue", "outcome"],
+)
+HANDLING = Histogram(
+    "financing_message_handling_seconds",
+    "From a delivery's arrival to its settlement, by queue.",
+    ["queue"],
+    buckets=_LATENCY,
+)
+EVENTS_APPENDED = Counter("financing_events_appended_total", "Events appended to the event store.")
+EVENTS_RELAYED = Counter(
+    "financing_events_relayed_total", "Events published to `events` by the relayer, confirmed."
+)
+RELAYER_LAG_EVENTS = Gauge("financing_relayer_lag_events", "Events committed and not yet relayed.")
+RELAYER_LAG_SECONDS = Gauge(
+    "financing_relayer_lag_seconds", "Age of the oldest event committed and not yet relayed."
+)
+PROJECTION_DELAY = Histogram(
+    "financing_projection_delay_seconds",
+    "From an event's commit in the event store to its projection in the read models.",
+    buckets=_LATENCY,
+)
+BROKER_CONNECTED = Gauge("financing_broker_connected", "1 while the broker connection is open.")
+POOL_CONNECTIONS = Gauge(
+    "financing_pool_connections", "Connections of each database pool.", ["database", "state"]
+)
+DEAD_LETTERS = Counter(
+    "financing_dead_letters_published_total",
+    "Messages dead-lettered to financing_dead_letters, by source queue.",
+    ["queue"],
+)
+
+
+def settled(queue: str, outcome: str, seconds: float, events: int = 0) -> None:
+    """One delivery of `queue` settled with `outcome` after `seconds`, having appended `events`."""
+    MESSAGES.labels(queue, outcome).inc()
+    HANDLING.labels(queue).observe(seconds)
+    if events:
+        EVENTS_APPENDED.inc(events)

@@ -1,0 +1,126 @@
+"""What generic gRPC and Prometheus tools see: health checking, reflection, metrics.
+
+Driven with foreign clients: grpcio's health-checking and reflection clients
+(tests.support.foreign_grpc), and a plain HTTP scrape parsed by
+prometheus_client's parser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.acceptance.driver import Financing
+from tests.acceptance.system import Address, System
+from tests.support import foreign_grpc, infra
+
+
+async def check(address: Address, service: str) -> dict[str, object]:
+    return await foreign_grpc.run("check", str(address), service)
+
+
+@pytest.mark.parametrize(
+    ("port", "service"),
+    [("command", ""), ("command", "Commands"), ("query", ""), ("query", "Queries")],
+)
+async def test_each_port_reports_its_service_and_itself_serving(
+    system: System, port: str, service: str
+) -> None:
+    address = system.command_address if port == "command" else system.query_address
+    assert await check(address, service) == {"code": "OK", "status": "SERVING"}
+
+
+@pytest.mark.parametrize("service", ["Queries", "Nope", "grpc.health.v1.Health"])
+async def test_a_service_the_commands_port_does_not_serve_is_not_found(
+    system: System, service: str
+) -> None:
+    assert await check(system.command_address, service) == {"code": "NOT_FOUND"}
+
+
+async def test_reflection_describes_the_commands_service(system: System) -> None:
+    described = await foreign_grpc.run("describe", str(system.command_address), "Commands")
+    assert {"Commands", "grpc.health.v1.Health"} <= set(described["services"])  # type: ignore[call-overload]
+    assert described["methods"] == [
+        "ApproveFinancing",
+        "BidOnInvoice",
+        "ReverseFinancing",
+        "SellInvoice",
+    ]
+
+
+async def test_reflection_describes_the_queries_service_and_its_messages(system: System) -> None:
+    described = await foreign_grpc.run("describe", str(system.query_address), "Queries", "Invoice")
+    assert described["methods"] == ["AllInvestors", "AllInvoices", "AllIssuers"]
+    assert described["fields"] == ["id", "issuer_id", "asking_price", "status", "winning_bid"]
+
+
+def scrape(address: Address) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Every sample of the metrics endpoint: name -> [(labels, value)]."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
+    return samples
+
+
+def value(
+    samples: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: str
+) -> float:
+    """The sum of the samples of `name` whose labels include `labels`."""
+    return sum(
+        amount
+        for found, amount in samples.get(name, [])
+        if all(found.get(key) == wanted for key, wanted in labels.items())
+    )
+
+
+async def test_a_financing_saga_shows_in_the_metrics(system: System, financing: Financing) -> None:
+    await financing.finance_invoice(asking_price=10, bid=15)
+
+    async def projected() -> dict[str, list[tuple[dict[str, str], float]]] | None:
+        samples = await asyncio.to_thread(scrape, system.metrics_address)
+        return samples if value(samples, "financing_projection_delay_seconds_count") >= 4 else None
+
+    samples = await infra.wait_until(projected, what="the saga's events to be projected")
+    assert (
+        value(
+            samples,
+            "grpc_server_handled_total",
+            grpc_service="Commands",
+            grpc_method="BidOnInvoice",
+            grpc_code="OK",
+        )
+        >= 1
+    )
+    assert (
+        value(samples, "grpc_server_handling_seconds_count", grpc_service="Commands") >= 2
+    )  # SellInvoice and BidOnInvoice at least
+    assert value(samples, "financing_messages_total", queue="BidOnInvoice", outcome="processed")
+    assert value(
+        samples,
+        "financing_messages_total",
+        queue="events_BidOnInvoicePlacedEvent",
+        outcome="processed",
+    )
+    assert value(samples, "financing_messages_total", outcome="ignored")
+    assert value(samples, "financing_message_handling_seconds_count", queue="BidOnInvoice")
+    assert value(samples, "financing_events_appended_total") >= 4
+    assert value(samples, "financing_events_relayed_total") >= 4
+    assert value(samples, "financing_projection_delay_seconds_count") >= 4
+    assert value(samples, "financing_broker_connected") == 1
+    assert value(samples, "financing_pool_connections", state="max") > 0
+    for gauge in ("financing_relayer_lag_events", "financing_relayer_lag_seconds"):
+        assert gauge in samples, f"{gauge} is not exported"
+
+
+async def test_the_health_endpoint_beside_the_metrics_answers_healthy(system: System) -> None:
+    def health() -> int:
+        with urllib.request.urlopen(f"http://{system.metrics_address}/health", timeout=5) as reply:
+            return int(reply.status)
+
+    assert await asyncio.to_thread(health) == 200

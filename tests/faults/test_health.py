@@ -1,0 +1,118 @@
+"""Health follows the dependencies: NOT_SERVING within seconds of losing one, SERVING once back.
+
+Checked with grpcio's health-checking client (tests.support.foreign_grpc), as a
+load balancer or an orchestrator would, while the broker refuses the service,
+while the query database refuses connections, and while the service drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+from tests.faults.conftest import Deploy, add_figure, set_figure
+from tests.faults.test_broker_outage import close_connections, grant, revoke
+from tests.faults.test_database_outage import set_connections_allowed, terminate_sessions
+from tests.support import foreign_grpc, infra
+from tests.support.service import ROOT, run_cli
+
+# "Within a few seconds": the probes run every second and time out after two.
+NOTICED_WITHIN = 6.0
+BACK_WITHIN = 10.0
+
+
+async def status(address: tuple[str, int], service: str) -> object:
+    answer = await foreign_grpc.run("check", f"{address[0]}:{address[1]}", service)
+    return answer.get("status")
+
+
+async def becomes(address: tuple[str, int], service: str, wanted: str, within: float) -> float:
+    """Seconds until `service` on `address` reports `wanted`."""
+    began = time.monotonic()
+
+    async def reached() -> bool:
+        return await status(address, service) == wanted
+
+    await infra.wait_until(reached, timeout=within, interval=0.2, what=f"{service} {wanted}")
+    return time.monotonic() - began
+
+
+async def test_commands_is_not_serving_while_the_broker_refuses_the_service(
+    deploy: Deploy,
+) -> None:
+    target = await deploy("health_broker")
+    address = target.command_address
+    assert await status(address, "Commands") == "SERVING"
+    await revoke(target.vhost)
+    try:
+        await close_connections(target.vhost)
+        noticed = await becomes(address, "Commands", "NOT_SERVING", NOTICED_WITHIN)
+        assert await status(address, "") == "NOT_SERVING"
+        assert await status(target.query_address, "Queries") == "SERVING"  # needs no broker
+    finally:
+        await grant(target.vhost)
+    back = await becomes(address, "Commands", "SERVING", BACK_WITHIN)
+    add_figure("health outages seen and ended", 1)
+    set_figure("health: seconds to NOT_SERVING after the broker went", round(noticed, 1))
+    set_figure("health: seconds to SERVING after the broker came back", round(back, 1))
+
+
+async def test_queries_is_not_serving_while_its_database_refuses_connections(
+    deploy: Deploy,
+) -> None:
+    target = await deploy("health_queries")
+    _, queries_db = target.databases
+    address = target.query_address
+    assert await status(address, "Queries") == "SERVING"
+    await set_connections_allowed(queries_db, False)
+    try:
+        await terminate_sessions([queries_db], wait=True)
+        await becomes(address, "Queries", "NOT_SERVING", NOTICED_WITHIN)
+        assert await status(target.command_address, "Commands") == "SERVING"
+    finally:
+        await set_connections_allowed(queries_db, True)
+    await becomes(address, "Queries", "SERVING", BACK_WITHIN)
+    await target.query_pool.expire_connections()
+    add_figure("health outages seen and ended", 1)
+
+
+async def test_a_watcher_sees_not_serving_when_the_service_drains_at_shutdown(
+    deploy: Deploy,
+) -> None:
+    target = await deploy("health_drain")
+    host, port = target.command_address
+    watcher = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.support.foreign_grpc",
+        "watch",
+        f"{host}:{port}",
+        "Commands",
+        stdout=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    assert watcher.stdout is not None
+    try:
+        first = await asyncio.wait_for(watcher.stdout.readline(), 10)
+        assert first.decode().strip() == "SERVING"
+        assert await target.service.stop() == 0
+        rest, _ = await asyncio.wait_for(watcher.communicate(), 30)
+    finally:
+        if watcher.returncode is None:
+            watcher.kill()
+            await watcher.wait()
+    statuses = rest.decode().split()
+    assert "NOT_SERVING" in statuses, statuses
+
+
+async def test_the_container_probe_passes_while_healthy_and_fails_once_the_service_is_gone(
+    deploy: Deploy,
+) -> None:
+    target = await deploy("health_probe")
+    healthy = await run_cli(target.service.env, "health-check")
+    assert healthy.exit_code == 0, healthy.describe()
+    assert await target.service.stop() == 0
+    gone = await run_cli(target.service.env, "health-check")
+    assert gone.exit_code == 1, gone.describe()
+    assert "Commands" in gone.stderr and "metrics endpoint" in gone.stderr, gone.describe()

@@ -1,0 +1,156 @@
+"""`financing dead-letters list | requeue | discard` as an operator runs them, on a vhost.
+
+The dead letters are made as a consumer makes them (a message delivered on its
+queue, then copied to the dead-letter queue with its reason); the commands run
+as subprocesses with AMQP_ADDRESS naming the vhost.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+from financing.adapters.rabbitmq.connection import Broker
+from financing.adapters.rabbitmq.dead_letters import list_dead_letters
+from financing.application.retry import Outages
+from tests.integration.test_rabbitmq_dead_letters import dead_letter, source_queues
+from tests.support import rabbitmq
+from tests.support.infra import unique_name
+from tests.support.service import CommandLine, run_cli
+
+HEADINGS = ("DEAD-LETTERED AT", "SOURCE QUEUE", "NAME", "MESSAGE ID")
+
+
+@dataclass(frozen=True)
+class Seeded:
+    """A vhost of its own with dead letters from two source queues: a-1 and a-2 from
+    `queue_a`, b-1 from `queue_b`; a-1 concerns aggregate agg-1, the others agg-2."""
+
+    vhost: rabbitmq.Vhost
+    broker: Broker
+    queue_a: str
+    queue_b: str
+
+    async def financing(self, *args: str) -> CommandLine:
+        """`financing dead-letters ARGS` with AMQP_ADDRESS naming the vhost."""
+        return await run_cli({**os.environ, "AMQP_ADDRESS": self.vhost.url}, "dead-letters", *args)
+
+    async def remaining(self) -> list[str]:
+        return [letter.message_id for letter in await list_dead_letters(self.broker)]
+
+
+@pytest.fixture
+async def seeded() -> AsyncIterator[Seeded]:
+    async with rabbitmq.private_vhost("fin_cli_dead") as vhost:
+        broker = Broker([vhost.url], Outages())
+        try:
+            queue_a, queue_b = unique_name("source_a"), unique_name("source_b")
+            await source_queues(broker, queue_a, queue_b)
+            await dead_letter(broker, queue_a, "a-1", "reason a1", {"aggregateID": "agg-1"})
+            await dead_letter(broker, queue_b, "b-1", "reason b1", {"aggregateID": "agg-2"})
+            await dead_letter(
+                broker, queue_a, "a-2", "why a2", {"aggregateID": "agg-2", "correlation_id": "s-9"}
+            )
+            yield Seeded(vhost, broker, queue_a, queue_b)
+        finally:
+            await broker.close()
+
+
+def shown_ids(run: CommandLine) -> list[str]:
+    """The message ids of a listing, in order: the last column of each letter's line."""
+    letters = run.stdout.splitlines()[1:-1]  # between the headings and the count
+    return [line.split()[-1] for line in letters if not line.startswith(" ")]
+
+
+async def test_the_listing_has_column_headings_and_each_letters_reason_and_ids(
+    seeded: Seeded,
+) -> None:
+    run = await seeded.financing("list")
+
+    assert run.exit_code == 0, run.describe()
+    lines = run.stdout.splitlines()
+    assert lines[0].split("  ")[0] == HEADINGS[0]
+    assert [h in lines[0] for h in HEADINGS] == [True] * 4
+    assert lines[1].split()[-3:] == [seeded.queue_a, "CreateIssuer", "a-1"]
+    assert lines[2] == "    reason: reason a1"
+    assert lines[3] == "    aggregate agg-1, correlation -"
+    assert "    aggregate agg-2, correlation s-9" in lines
+    assert lines[-1] == "3 dead letter(s)"
+
+
+@pytest.mark.parametrize(
+    ("filters", "expected"),
+    [
+        (("--queue", "A"), ["a-1", "a-2"]),
+        (("--aggregate", "agg-2"), ["b-1", "a-2"]),
+        (("--queue", "A", "--aggregate", "agg-2"), ["a-2"]),
+        (("--queue", "no-such-queue"), []),
+    ],
+    ids=["by queue", "by aggregate", "by both", "none match"],
+)
+async def test_the_listing_shows_only_the_letters_matching_every_filter(
+    seeded: Seeded, filters: tuple[str, ...], expected: list[str]
+) -> None:
+    named = tuple(seeded.queue_a if value == "A" else value for value in filters)
+
+    run = await seeded.financing("list", *named)
+
+    assert run.exit_code == 0, run.describe()
+    assert shown_ids(run) == expected, run.describe()
+    assert run.stdout.splitlines()[-1] == f"{len(expected)} dead letter(s)"
+
+
+async def test_discard_removes_the_matching_letters_for_good_and_says_how_many(
+    seeded: Seeded,
+) -> None:
+    run = await seeded.financing("discard", "--queue", seeded.queue_a)
+
+    assert run.exit_code == 0, run.describe()
+    assert run.stdout.strip() == "discarded 2 dead letter(s)"
+    assert await seeded.remaining() == ["b-1"]
+    assert await rabbitmq.queue_state(await seeded.broker.connection(), seeded.queue_a) == (0, 0)
+
+
+async def test_discard_all_empties_the_dead_letter_queue(seeded: Seeded) -> None:
+    run = await seeded.financing("discard", "--all")
+
+    assert run.exit_code == 0, run.describe()
+    assert run.stdout.strip() == "discarded 3 dead letter(s)"
+    assert await seeded.remaining() == []
+
+
+@pytest.mark.parametrize("command", ["discard", "requeue"])
+async def test_an_unknown_message_id_is_said_and_exits_non_zero_leaving_every_letter(
+    seeded: Seeded, command: str
+) -> None:
+    run = await seeded.financing(command, "--message-id", "no-such-id")
+
+    assert run.exit_code == 1, run.describe()
+    assert "no dead letter with message id 'no-such-id'" in run.stderr
+    assert await seeded.remaining() == ["a-1", "b-1", "a-2"]
+
+
+async def test_requeue_to_a_queue_the_broker_does_not_have_is_said_and_exits_non_zero(
+    seeded: Seeded,
+) -> None:
+    run = await seeded.financing("requeue", "--queue", "NoSuchQueue")
+
+    assert run.exit_code == 1, run.describe()
+    assert "the broker has no queue named 'NoSuchQueue'" in run.stderr
+    assert await seeded.remaining() == ["a-1", "b-1", "a-2"]
+
+
+async def test_requeue_by_message_id_sends_that_letter_back_to_its_queue(
+    seeded: Seeded,
+) -> None:
+    run = await seeded.financing("requeue", "--queue", seeded.queue_a, "--message-id", "a-2")
+
+    assert run.exit_code == 0, run.describe()
+    assert run.stdout.strip() == "requeued 1 dead letter(s)"
+    assert await seeded.remaining() == ["a-1", "b-1"]
+    connection = await seeded.broker.connection()
+    [requeued] = await rabbitmq.drain(connection, seeded.queue_a, expected=1)
+    assert requeued.message_id == "a-2"

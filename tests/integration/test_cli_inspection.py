@@ -1,0 +1,397 @@
+"""`financing trace`, `financing events` and `financing tail` beside a running service.
+
+One `financing serve` for the module, on databases and a vhost of its own.
+Commands go through the Commands API, whose answers carry the correlation id;
+registrations are published on `events` as Registering publishes them. The
+operator's commands run as subprocesses with the deployment's environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from uuid import UUID, uuid4
+
+import asyncpg
+import pytest
+from betterproto.lib.google.protobuf import Empty
+from grpclib.client import Channel
+
+from financing.adapters.postgres.connection import COMMAND_DATABASE, create_pool
+from financing.adapters.postgres.event_store import PostgresEventStore
+from financing.adapters.rabbitmq.connection import Broker
+from financing.adapters.rabbitmq.dead_letters import Selection, list_dead_letters
+from financing.application.retry import Outages
+from financing.entrypoints.console import database
+from financing.entrypoints.populate import populate
+from financing.generated import BidOnInvoiceCommand, CommandsStub, Money, SellInvoiceCommand, Uuid
+from tests.support import infra, rabbitmq
+from tests.support.answers import call, correlation_of
+from tests.support.deployment import LocalDeployment, local_deployment
+from tests.support.service import CommandLine, financing_command, run_cli
+
+# A SellInvoice waits about 3 s for its issuer before it is dead-lettered.
+DEAD_LETTER_WITHIN = 20.0
+# The name of this module's own database sessions.
+TESTS = "financing tests"
+
+
+@dataclass
+class Operated:
+    """The deployment, and what the tests drive and inspect it with."""
+
+    deployment: LocalDeployment
+    commands: CommandsStub
+    events: asyncpg.Pool
+    queries: asyncpg.Pool
+    broker: Broker
+
+    async def cli(self, *args: str) -> CommandLine:
+        return await run_cli(self.deployment.env, *args)
+
+    async def traced(self, correlation_id: str) -> list[str]:
+        """The lines `financing trace` prints, which must succeed."""
+        run = await self.cli("trace", correlation_id)
+        assert run.exit_code == 0, run.describe()
+        return run.stdout.splitlines()
+
+    async def register(self, balance: int = 100) -> tuple[UUID, UUID]:
+        """A registered issuer and investor: (issuer id, investor id)."""
+        population = await populate(
+            [self.deployment.amqp_url], issuers=1, investors=1, balance=Decimal(balance)
+        )
+        [issuer], [investor] = population.issuers, population.investors
+        await self.stream_reaches(issuer, "IssuerCreatedEvent")
+        await self.stream_reaches(investor, "InvestorFundsAddedEvent")
+        return issuer, investor
+
+    async def sell(self, issuer: UUID, price: int) -> tuple[UUID, str]:
+        """(invoice id, the command's correlation id)."""
+        request = SellInvoiceCommand(issuer_id=Uuid(str(issuer)), asking_price=Money(price))
+        reply, answered = await call(self.commands, "/Commands/SellInvoice", request, Uuid)
+        return UUID(reply.value), correlation_of(answered)
+
+    async def bid(self, investor: UUID, invoice: UUID, amount: int) -> str:
+        """The command's correlation id."""
+        request = BidOnInvoiceCommand(
+            investor_id=Uuid(str(investor)), invoice_id=Uuid(str(invoice)), bid=Money(amount)
+        )
+        _, answered = await call(self.commands, "/Commands/BidOnInvoice", request, Empty)
+        return correlation_of(answered)
+
+    async def invoice_on_sale(self, price: int = 10) -> tuple[UUID, UUID]:
+        """(invoice id, investor id with 100): an invoice created, an investor to bid."""
+        issuer, investor = await self.register()
+        invoice, _ = await self.sell(issuer, price)
+        await self.stream_reaches(invoice, "InvoiceCreatedEvent")
+        return invoice, investor
+
+    async def stream_reaches(self, aggregate_id: UUID, name: str) -> None:
+        store = PostgresEventStore(self.events)
+
+        async def reached() -> bool:
+            return name in [event.name for event in await store.stream(aggregate_id)]
+
+        await infra.wait_until(reached, what=f"{name} in the stream of {aggregate_id}")
+
+    async def outcome_recorded(self, correlation_id: str, consumer: str) -> None:
+        async def recorded() -> bool:
+            found: bool = await self.events.fetchval(
+                "SELECT EXISTS (SELECT FROM processed_messages"
+                " WHERE correlation_id = $1 AND consumer = $2)",
+                correlation_id,
+                consumer,
+            )
+            return found
+
+        await infra.wait_until(recorded, what=f"{consumer}'s record in {correlation_id}")
+
+    async def dead_lettered(self, correlation_id: str) -> None:
+        async def arrived() -> bool:
+            selection = Selection(correlation_id=correlation_id)
+            return bool(await list_dead_letters(self.broker, selection=selection))
+
+        await infra.wait_until(
+            arrived, timeout=DEAD_LETTER_WITHIN, what=f"the dead letter of {correlation_id}"
+        )
+
+
+@pytest.fixture(scope="module")
+async def operated() -> AsyncIterator[Operated]:
+    async with local_deployment("fin_cli_inspect") as deployment:
+        channel = Channel(*deployment.command_address)
+        events = await create_pool(deployment.command_db, COMMAND_DATABASE, application_name=TESTS)
+        queries = await create_pool(deployment.query_db, application_name=TESTS)
+        broker = Broker([deployment.amqp_url], Outages())
+        try:
+            yield Operated(deployment, CommandsStub(channel, timeout=10), events, queries, broker)
+        finally:
+            await broker.close()
+            await queries.close()
+            await events.close()
+            channel.close()
+
+
+def in_order(lines: list[str], *wanted: str) -> list[int]:
+    """The index of the first line containing each of `wanted`, each after the previous."""
+    found: list[int] = []
+    for text in wanted:
+        start = found[-1] + 1 if found else 0
+        hits = [i for i, line in enumerate(lines) if i >= start and text in line]
+        assert hits, f"{text!r} not found after line {start} in:\n" + "\n".join(lines)
+        found.append(hits[0])
+    return found
+
+
+def depth(line: str) -> int:
+    """How deep in the tree a step's line is: where its branch starts."""
+    return max(line.find("└─ "), line.find("├─ "))
+
+
+# financing trace
+
+
+async def test_trace_of_a_bid_saga_shows_each_step_applied_under_the_message_causing_it(
+    operated: Operated,
+) -> None:
+    invoice, investor = await operated.invoice_on_sale(price=10)
+    correlation = await operated.bid(investor, invoice, 15)
+    await operated.stream_reaches(investor, "InvestorFundsReleasedEvent")
+
+    lines = await operated.traced(correlation)
+
+    assert lines[0] == f"correlation {correlation}"
+    steps = in_order(
+        lines,
+        "BidOnInvoice  command ",
+        "applied by bid_on_invoice: 1 event",
+        f"BidOnInvoicePlacedEvent  Investor {investor} v3",
+        "applied by bid_placed_offers_bid_to_invoice: 1 event",
+        f"InvoiceFinancedEvent  Invoice {invoice} v2",
+        "applied by financing_releases_excess_bid: 1 event",
+        f"InvestorFundsReleasedEvent  Investor {investor} v4",
+    )
+    headings = [lines[i] for i in steps[::2]]
+    assert [depth(line) for line in headings] == [0, 3, 6, 9], "\n".join(lines)
+    assert lines[-1] == "3 applied, 0 changed nothing, 0 dead-lettered"
+
+
+async def test_trace_says_which_step_changed_nothing_and_by_which_rule(
+    operated: Operated,
+) -> None:
+    invoice, investor = await operated.invoice_on_sale(price=10)
+    # The exact price: the financing leaves no excess to release.
+    correlation = await operated.bid(investor, invoice, 10)
+    await operated.outcome_recorded(correlation, "financing_releases_excess_bid")
+
+    lines = await operated.traced(correlation)
+
+    in_order(
+        lines,
+        f"InvoiceFinancedEvent  Invoice {invoice} v2",
+        "changed nothing at financing_releases_excess_bid:"
+        f" Investor {investor}: releasing 0 is not a positive amount",
+    )
+    assert lines[-1] == "2 applied, 1 changed nothing, 0 dead-lettered"
+
+
+async def test_trace_of_a_bid_over_the_investors_balance_shows_it_dead_lettered_with_the_rule(
+    operated: Operated,
+) -> None:
+    invoice, investor = await operated.invoice_on_sale(price=10)
+    correlation = await operated.bid(investor, invoice, 500)
+    await operated.dead_lettered(correlation)
+
+    lines = await operated.traced(correlation)
+
+    in_order(
+        lines,
+        "BidOnInvoice  command ",
+        f"dead-lettered from BidOnInvoice: RuleViolation: investor {investor}:"
+        " balance 100 is less than the bid 500",
+    )
+    assert lines[-1] == "0 applied, 0 changed nothing, 1 dead-lettered"
+
+
+async def test_trace_of_a_sale_by_an_unregistered_issuer_shows_it_dead_lettered_after_retries(
+    operated: Operated,
+) -> None:
+    stranger = uuid4()
+    _, correlation = await operated.sell(stranger, 25)
+    await operated.dead_lettered(correlation)
+
+    lines = await operated.traced(correlation)
+
+    in_order(
+        lines,
+        "SellInvoice  command ",
+        f"dead-lettered from SellInvoice: MissingAggregate: issuer {stranger} is not registered",
+    )
+
+
+async def test_trace_of_an_unknown_correlation_id_says_nothing_is_known_and_exits_non_zero(
+    operated: Operated,
+) -> None:
+    unknown = str(uuid4())
+
+    run = await operated.cli("trace", unknown)
+
+    assert run.exit_code == 1, run.describe()
+    assert run.stdout == ""
+    assert f"nothing is known of correlation id '{unknown}'" in run.stderr
+
+
+# financing events
+
+
+async def test_events_shows_the_stream_with_its_correlations_and_the_read_model_row(
+    operated: Operated,
+) -> None:
+    invoice, investor = await operated.invoice_on_sale(price=10)
+    correlation = await operated.bid(investor, invoice, 15)
+
+    async def projected() -> bool:
+        row = await operated.queries.fetchrow(
+            "SELECT balance, reserved FROM read_models.investors WHERE id = $1", investor
+        )
+        return row is not None and (row["balance"], row["reserved"]) == (90, 10)
+
+    await infra.wait_until(projected, what="the investor's row after the saga")
+
+    run = await operated.cli("events", str(investor))
+
+    assert run.exit_code == 0, run.describe()
+    lines = run.stdout.splitlines()
+    assert lines[0] == f"Investor {investor}: 4 event(s)"
+    assert lines[1].split() == ["VERSION", "RECORDED", "AT", "NAME", "CORRELATION", "BODY"]
+    names = [line.split()[2] for line in lines[2:6]]
+    assert names == [
+        "InvestorCreatedEvent",
+        "InvestorFundsAddedEvent",
+        "BidOnInvoicePlacedEvent",
+        "InvestorFundsReleasedEvent",
+    ]
+    assert [line.split()[3] for line in lines[4:6]] == [correlation, correlation]
+    assert f'"InvoiceID":"{invoice}"' in lines[4]
+    row = lines[lines.index("read model (investors):") + 1 :]
+    assert [line.split() for line in row] == [
+        ["balance", "90"],
+        ["reserved", "10"],
+        ["committed", "0"],
+    ]
+
+
+async def test_events_of_an_unknown_aggregate_says_so_and_exits_non_zero(
+    operated: Operated,
+) -> None:
+    unknown = uuid4()
+
+    run = await operated.cli("events", str(unknown))
+
+    assert run.exit_code == 1, run.describe()
+    assert f"nothing is known of aggregate {unknown}" in run.stderr
+
+
+# financing tail
+
+
+async def read_until(stream: asyncio.StreamReader, wanted: Callable[[str], bool]) -> list[str]:
+    """Lines read until one is `wanted` (it included), within a deadline."""
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(15):
+            while not lines or not wanted(lines[-1]):
+                line = await stream.readline()
+                if not line:
+                    raise AssertionError(f"the output ended first: {lines}")
+                lines.append(line.decode().rstrip("\n"))
+    except TimeoutError:
+        raise AssertionError(f"no wanted line within 15 s: {lines}") from None
+    return lines
+
+
+@contextlib.asynccontextmanager
+async def tailing(env: Mapping[str, str]) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`financing tail` as a subprocess, once it says it follows the events; killed on exit
+    if it is still running."""
+    tail = await asyncio.create_subprocess_exec(
+        *financing_command(),
+        "tail",
+        env=dict(env),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert tail.stderr is not None
+        await read_until(tail.stderr, lambda line: "following events on" in line)
+        yield tail
+    finally:
+        if tail.returncode is None:
+            tail.kill()
+            await tail.wait()
+
+
+async def test_tail_prints_each_event_live_until_ctrl_c_then_leaves_no_queue_behind(
+    operated: Operated,
+) -> None:
+    async with tailing(operated.deployment.env) as tail:
+        assert tail.stdout is not None
+        issuer, _ = await operated.register()
+        printed = await read_until(tail.stdout, lambda line: "IssuerCreatedEvent" in line)
+
+        tail.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(tail.wait(), 10)
+
+    assert code == 0
+    at, name, aggregate, label, correlation, body = printed[-1].split(maxsplit=5)
+    assert (name, aggregate, label) == ("IssuerCreatedEvent", str(issuer), "correlation")
+    assert at.endswith("Z") and correlation != "-"
+    assert body == f'{{"IssuerID":"{issuer}"}}'
+    assert any(line.split()[1] == "IssuerRegistered" for line in printed[:-1]), printed
+    queues = await rabbitmq.list_queues(operated.deployment.name)
+    assert not [name for name in queues if name.startswith("financing_tail_")]
+
+
+async def test_tail_losing_the_broker_says_so_and_exits_with_a_failure_code() -> None:
+    async with (
+        rabbitmq.private_vhost("fin_cli_tail") as vhost,
+        tailing({**os.environ, "AMQP_ADDRESS": vhost.url}) as tail,
+    ):
+        assert tail.stderr is not None
+        await rabbitmq.close_connections(vhost.name)
+        code = await asyncio.wait_for(tail.wait(), 15)
+        said = (await tail.stderr.read()).decode()
+
+    assert code == 1
+    assert "financing tail: broker unavailable: the connection to the broker was lost" in said
+
+
+# Database sessions
+
+
+async def test_the_services_database_sessions_are_named_financing(operated: Operated) -> None:
+    names = await operated.events.fetch(
+        "SELECT DISTINCT application_name FROM pg_stat_activity"
+        " WHERE datname = $1 AND application_name <> $2",
+        operated.deployment.command_db.connect_kwargs["database"],
+        TESTS,
+    )
+
+    assert [row["application_name"] for row in names] == ["financing"]
+
+
+async def test_an_operator_commands_database_sessions_are_named_after_it(
+    operated: Operated,
+) -> None:
+    async with database(operated.deployment.command_db, COMMAND_DATABASE, "trace") as pool:
+        session = await pool.fetchval("SELECT pg_backend_pid()")
+        named = await operated.events.fetchval(
+            "SELECT application_name FROM pg_stat_activity WHERE pid = $1", session
+        )
+
+    assert named == "financing trace"

@@ -1,0 +1,154 @@
+"""`financing status` as a probe: exit code 0 only when the deployment is healthy.
+
+Healthy: both databases and the broker answer, every consumed queue has a
+consumer, and no event has waited longer than --max-relay-lag to be relayed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import asyncpg
+import pytest
+
+from financing.adapters.postgres.connection import create_pool
+from financing.adapters.postgres.schema import migrate
+from financing.config import Database
+from financing.entrypoints.status import consumed_queues
+from tests.support import infra, rabbitmq
+from tests.support.deployment import local_deployment
+from tests.support.service import CommandLine, free_port, run_cli
+
+CONSUMED = sorted(queue.name for queue in consumed_queues())
+
+
+def problems(run: CommandLine) -> list[str]:
+    lines = run.stdout.splitlines()
+    if "UNHEALTHY:" not in lines:
+        return []
+    return [line.removeprefix("  - ") for line in lines[lines.index("UNHEALTHY:") + 1 :]]
+
+
+def queue_rows(run: CommandLine) -> dict[str, list[str]]:
+    """The queue table: waiting messages and consumers, by queue."""
+    lines = run.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:1] == ["QUEUE"])
+    rows = {}
+    for line in lines[start + 1 :]:
+        if not line:
+            break
+        name, *counts = line.split()
+        rows[name] = counts
+    return rows
+
+
+async def test_a_running_service_is_healthy_and_a_stopped_one_is_not() -> None:
+    async with local_deployment("fin_cli_status") as deployment:
+        healthy = await run_cli(deployment.env, "status")
+
+        await deployment.service.stop()
+        stopped = await run_cli(deployment.env, "status")
+
+    assert healthy.exit_code == 0, healthy.describe()
+    assert healthy.stdout.splitlines()[-1] == "healthy"
+    assert {name: row[1] for name, row in queue_rows(healthy).items()} == dict.fromkeys(
+        CONSUMED, "1"
+    )
+    assert "no event waiting" in healthy.stdout
+    assert stopped.exit_code == 1, stopped.describe()
+    assert problems(stopped) == [f"queue {name} has no consumer" for name in CONSUMED]
+
+
+@dataclass(frozen=True)
+class Bare:
+    """Databases with the service's schemas and a vhost, and no service running."""
+
+    env: dict[str, str]
+    events: asyncpg.Pool
+
+
+@pytest.fixture
+async def bare() -> AsyncIterator[Bare]:
+    async with (
+        infra.fresh_database("fin_status_commands") as commands,
+        infra.fresh_database("fin_status_queries") as queries,
+        rabbitmq.private_vhost("fin_status") as vhost,
+    ):
+        events = await _migrated(commands, "commands")
+        await (await _migrated(queries, "queries")).close()
+        env = {
+            **os.environ,
+            "COMMAND_DB_CONNECTION_STRING": commands.dsn(),
+            "QUERY_DB_CONNECTION_STRING": queries.dsn(),
+            "AMQP_ADDRESS": vhost.url,
+        }
+        try:
+            yield Bare(env, events)
+        finally:
+            await events.close()
+
+
+async def _migrated(db: Database, schema: str) -> asyncpg.Pool:
+    pool = await create_pool(db)
+    await migrate(pool, schema)
+    return pool
+
+
+async def test_queues_nobody_declared_make_the_deployment_unhealthy(bare: Bare) -> None:
+    run = await run_cli(bare.env, "status")
+
+    assert run.exit_code == 1, run.describe()
+    assert problems(run) == [f"queue {name} does not exist" for name in CONSUMED]
+    assert "relayer           nothing relayed yet; no event waiting" in run.stdout
+
+
+async def test_an_event_waiting_longer_than_the_relay_lag_makes_the_deployment_unhealthy(
+    bare: Bare,
+) -> None:
+    await bare.events.execute(
+        "INSERT INTO events (aggregate_type, aggregate_id, version, name, body, recorded_at)"
+        " VALUES ('Issuer', gen_random_uuid(), 1, 'IssuerCreatedEvent', '{}',"
+        " now() - interval '5 minutes')"
+    )
+
+    late = await run_cli(bare.env, "status", "--max-relay-lag", "200")
+    patient = await run_cli(bare.env, "status", "--max-relay-lag", "600")
+
+    assert re.search(r"1 event\(s\) waiting, the oldest for 3\d\d\.\d s", late.stdout), late.stdout
+    [lag] = [p for p in problems(late) if "relayed" in p]
+    waited = re.fullmatch(
+        r"an event has waited (\d+\.\d) s to be relayed \(at most 200 s is healthy\)", lag
+    )
+    assert waited is not None and 300 <= float(waited[1]) < 360, lag
+    assert not [p for p in problems(patient) if "relayed" in p], patient.describe()
+
+
+async def test_a_command_database_without_the_schema_is_reported_rather_than_crashed_on(
+    bare: Bare,
+) -> None:
+    async with infra.fresh_database("fin_status_empty") as empty:
+        env = {**bare.env, "COMMAND_DB_CONNECTION_STRING": empty.dsn()}
+        run = await run_cli(env, "status")
+
+    assert run.exit_code == 1, run.describe()
+    [line] = [line for line in run.stdout.splitlines() if line.startswith("command database ")]
+    assert "FAILED: UndefinedTableError" in line, line
+    assert problems(run)[0].endswith("could not be inquired into")
+    assert "Traceback" not in run.stderr
+
+
+async def test_an_unreachable_broker_makes_the_deployment_unhealthy_within_the_timeout(
+    bare: Bare,
+) -> None:
+    nowhere = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+
+    run = await run_cli({**bare.env, "AMQP_ADDRESS": nowhere}, "status", "--timeout", "2")
+
+    assert run.exit_code == 1, run.describe()
+    [broker] = [line for line in run.stdout.splitlines() if line.startswith("broker ")]
+    assert "UNREACHABLE" in broker
+    assert problems(run)[-1].startswith("broker amqp://127.0.0.1:")
+    assert problems(run)[-1].endswith("is unreachable")

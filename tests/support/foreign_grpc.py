@@ -1,0 +1,98 @@
+"""grpcio's own health-checking and reflection clients, run in a process of their own.
+
+    python -m tests.support.foreign_grpc check HOST:PORT SERVICE
+    python -m tests.support.foreign_grpc watch HOST:PORT SERVICE     (one status per line)
+    python -m tests.support.foreign_grpc describe HOST:PORT SERVICE [MESSAGE]
+
+They are the clients a load balancer or grpcurl-like tool uses. A process of
+their own, because their generated modules register the same protobuf symbols
+(grpc.health.v1, grpc.reflection) as grpclib's, which the service's modules
+import: both cannot live in one descriptor pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+
+import grpc
+
+from tests.support.service import ROOT
+
+
+def check(address: str, service: str) -> dict[str, object]:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        except grpc.RpcError as error:
+            return {"code": error.code().name}
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        return {"code": "OK", "status": status}
+
+
+def watch(address: str, service: str) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            for reply in stub.Watch(health_pb2.HealthCheckRequest(service=service), timeout=60):
+                name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+                print(name, flush=True)
+        except grpc.RpcError as error:
+            print(f"ended {error.code().name}", flush=True)
+
+
+def describe(address: str, service: str, message: str | None) -> dict[str, object]:
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with grpc.insecure_channel(address) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        pool = DescriptorPool(database)
+        described: dict[str, object] = {
+            "services": sorted(database.get_services()),
+            "methods": sorted(m.name for m in pool.FindServiceByName(service).methods),
+        }
+        if message:
+            described["fields"] = [f.name for f in pool.FindMessageTypeByName(message).fields]
+        return described
+
+
+def main(argv: Sequence[str]) -> None:
+    verb, address, service, *rest = argv
+    if verb == "watch":
+        watch(address, service)
+    elif verb == "check":
+        print(json.dumps(check(address, service)))
+    else:
+        print(json.dumps(describe(address, service, rest[0] if rest else None)))
+
+
+async def run(*args: str, within: float = 30.0) -> dict[str, object]:
+    """One `check` or `describe`, from a test: its JSON answer."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.support.foreign_grpc",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), within)
+    if process.returncode != 0:
+        raise AssertionError(f"foreign_grpc {' '.join(args)} failed:\n{stderr.decode()}")
+    answer: dict[str, object] = json.loads(stdout)
+    return answer
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,102 @@
+"""The command line's own answers: its version, what each subcommand reads, refused arguments."""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+import pytest
+
+from financing.config import (
+    AMQP_ADDRESS,
+    COMMAND_DB,
+    DEDUP_RETENTION,
+    LOGGER_LEVEL,
+    QUERY_DB,
+    VARIABLES,
+    Variable,
+)
+from financing.entrypoints.cli import main
+
+# Each subcommand and the environment variables it reads.
+READS: dict[tuple[str, ...], tuple[Variable, ...]] = {
+    ("serve",): VARIABLES,
+    ("populate",): (AMQP_ADDRESS,),
+    ("projections", "rebuild"): (COMMAND_DB, QUERY_DB),
+    ("check",): (COMMAND_DB, QUERY_DB),
+    ("dead-letters", "list"): (AMQP_ADDRESS,),
+    ("dead-letters", "requeue"): (AMQP_ADDRESS,),
+    ("dead-letters", "discard"): (AMQP_ADDRESS,),
+    ("trace",): (COMMAND_DB, AMQP_ADDRESS),
+    ("events",): (COMMAND_DB, QUERY_DB),
+    ("tail",): (AMQP_ADDRESS,),
+    ("status",): (COMMAND_DB, QUERY_DB, AMQP_ADDRESS),
+}
+
+
+def answer(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exited:
+        main(list(args))
+    out, err = capsys.readouterr()
+    code = exited.value.code
+    return code if isinstance(code, int) else 1, out, err
+
+
+def test_version_is_the_installed_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = answer(capsys, "--version")
+
+    assert code == 0
+    assert out.strip() == f"financing {metadata.version('financing')}"
+
+
+@pytest.mark.parametrize("command", list(READS), ids=" ".join)
+def test_every_subcommand_help_lists_the_variables_it_reads_with_their_defaults(
+    capsys: pytest.CaptureFixture[str], command: tuple[str, ...]
+) -> None:
+    code, out, _ = answer(capsys, *command, "--help")
+
+    assert code == 0
+    listed = out.split("environment variables read:", 1)[1]
+    for variable in (*READS[command], LOGGER_LEVEL):
+        [line] = [line for line in listed.splitlines() if line.split()[:1] == [variable.name]]
+        assert f"(default: {variable.default})" in line, line
+    unread = {v.name for v in VARIABLES} - {v.name for v in (*READS[command], LOGGER_LEVEL)}
+    assert not [name for name in unread if name in listed], listed
+
+
+def test_serve_help_names_the_retention_window(capsys: pytest.CaptureFixture[str]) -> None:
+    _, out, _ = answer(capsys, "serve", "--help")
+
+    assert f"{DEDUP_RETENTION.name}  " in out
+    assert "(default: 7d)" in out
+
+
+def test_status_help_says_what_healthy_means(capsys: pytest.CaptureFixture[str]) -> None:
+    _, out, _ = answer(capsys, "status", "--help")
+
+    assert "Healthy (exit code 0; otherwise 1) means:" in out
+    assert "has at least one consumer" in out
+    assert "--max-relay-lag" in out
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("dead-letters", "discard"),
+        ("dead-letters", "discard", "--all", "--queue", "SellInvoice"),
+    ],
+    ids=["nothing said", "all and a filter"],
+)
+def test_discarding_needs_a_filter_or_all_but_not_both(
+    capsys: pytest.CaptureFixture[str], args: tuple[str, ...]
+) -> None:
+    code, _, err = answer(capsys, *args)
+
+    assert code == 2
+    assert "say which" in err and "--all" in err
+
+
+def test_an_aggregate_id_that_is_not_a_uuid_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = answer(capsys, "events", "not-a-uuid")
+
+    assert code == 2
+    assert "'not-a-uuid' is not a UUID" in err

@@ -1,0 +1,85 @@
+"""Readiness follows the probes of each side's dependencies, and drains at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+
+from structlog.testing import capture_logs
+
+from financing.application.errors import Unavailable
+from financing.application.retry import Outages
+from financing.entrypoints.health import HealthWatch, Probe, Readiness
+
+
+class Dependency:
+    def __init__(self) -> None:
+        self.up = True
+
+    async def check(self) -> None:
+        if not self.up:
+            raise Unavailable("broker", "connection refused")
+
+
+async def test_a_side_serves_while_its_probes_succeed_and_stops_when_one_fails() -> None:
+    broker = Dependency()
+    watch = HealthWatch(Outages())
+    commands = Readiness("Commands")
+    watch.watch(commands, [Probe("broker", broker.check)])
+    assert not commands.serving  # not before the first probe
+    await watch.probe_once()
+    assert commands.serving
+    broker.up = False
+    await watch.probe_once()
+    assert not commands.serving
+    broker.up = True
+    await watch.probe_once()
+    assert commands.serving
+
+
+async def test_probes_log_the_outage_once_and_its_end_even_without_traffic() -> None:
+    broker = Dependency()
+    watch = HealthWatch(Outages())
+    watch.watch(Readiness("Commands"), [Probe("broker", broker.check)])
+    with capture_logs() as logs:
+        broker.up = False
+        for _ in range(3):
+            await watch.probe_once()
+        broker.up = True
+        await watch.probe_once()
+    events = [log["event"] for log in logs if log.get("dependency") == "broker"]
+    assert events == ["broker unavailable", "broker reconnected"]
+
+
+async def test_a_probe_that_hangs_counts_as_a_failure() -> None:
+    async def hangs() -> None:
+        await asyncio.Event().wait()
+
+    watch = HealthWatch(Outages(), timeout=0.05)
+    queries = Readiness("Queries")
+    watch.watch(queries, [Probe("query database", hangs)])
+    await watch.probe_once()
+    assert not queries.serving
+
+
+async def test_draining_stops_serving_for_good_whatever_the_probes_say() -> None:
+    watch = HealthWatch(Outages())
+    commands = Readiness("Commands")
+    watch.watch(commands, [Probe("broker", Dependency().check)])
+    await watch.probe_once()
+    await watch.drain()
+    assert not commands.serving
+    await watch.probe_once()
+    assert not commands.serving
+
+
+async def test_watchers_are_told_of_every_change() -> None:
+    readiness = Readiness("Commands")
+    watcher = await readiness.__subscribe__()
+    readiness.set(True)
+    assert watcher.is_set()
+    watcher.clear()
+    readiness.set(True)  # no change: no news
+    assert not watcher.is_set()
+    readiness.set(False)
+    assert watcher.is_set()
+    await readiness.__unsubscribe__(watcher)
