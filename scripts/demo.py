@@ -20,8 +20,8 @@ from grpclib.client import Channel
 
 from financing.adapters.postgres.connection import create_pool
 from financing.adapters.postgres.event_store import PostgresEventStore
-from financing.entrypoints.check import run_check
-from financing.entrypoints.populate import populate
+from financing.entrypoints.cli.check import run_check
+from financing.entrypoints.cli.populate import populate
 from financing.generated import (
     ApproveFinancingCommand,
     BidOnInvoiceCommand,

@@ -25,7 +25,7 @@ import pytest
 
 from financing.adapters.postgres.connection import create_pool
 from financing.config import Settings
-from financing.entrypoints.check import CheckResult, run_check
+from financing.entrypoints.cli.check import CheckResult, run_check
 from tests.acceptance import expected as ex
 from tests.acceptance.driver import (
     FinancedInvoice,

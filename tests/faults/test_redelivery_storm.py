@@ -25,7 +25,7 @@ from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.application import policies
 from financing.application.errors import ConcurrencyConflict
 from financing.application.pipeline import exactly_once
-from financing.application.ports import A, Cause, UnitOfWork
+from financing.application.ports import PROCESSED, A, Cause, Processed, UnitOfWork
 from financing.domain.aggregates import Aggregate, Investor
 from financing.domain.events import Bid, InvoiceReversedEvent
 from tests.faults.conftest import Deploy, add_figure
@@ -112,19 +112,8 @@ class _PausedAfterSeen:
     async def save(self, aggregate: Aggregate) -> None:
         await self._uow.save(aggregate)
 
-    async def record(
-        self,
-        consumer: str,
-        message_id: str,
-        *,
-        name: str = "",
-        outcome: str = "processed",
-        detail: str = "",
-        events: int = 0,
-    ) -> None:
-        await self._uow.record(
-            consumer, message_id, name=name, outcome=outcome, detail=detail, events=events
-        )
+    async def record(self, consumer: str, message_id: str, what: Processed = PROCESSED) -> None:
+        await self._uow.record(consumer, message_id, what)
 
 
 class _PausingStore(PostgresEventStore):

@@ -60,7 +60,7 @@ from financing.application.messages import InvestorRegistered, IssuerRegistered
 from financing.application.ports import Envelope
 from financing.config import Database
 from financing.domain import events as ev
-from financing.entrypoints.check import CheckResult, run_check
+from financing.entrypoints.cli.check import CheckResult, run_check
 from financing.generated import (
     ApproveFinancingCommand,
     BidOnInvoiceCommand,

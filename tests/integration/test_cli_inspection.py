@@ -27,8 +27,8 @@ from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.adapters.rabbitmq.connection import Broker
 from financing.adapters.rabbitmq.dead_letters import Selection, list_dead_letters
 from financing.application.retry import Outages
-from financing.entrypoints.console import database
-from financing.entrypoints.populate import populate
+from financing.entrypoints.cli.console import database
+from financing.entrypoints.cli.populate import populate
 from financing.generated import BidOnInvoiceCommand, CommandsStub, Money, SellInvoiceCommand, Uuid
 from tests.support import infra, rabbitmq
 from tests.support.answers import call, correlation_of

@@ -17,7 +17,7 @@ import pytest
 from financing.adapters.postgres.connection import create_pool
 from financing.adapters.postgres.schema import migrate
 from financing.config import Database
-from financing.entrypoints.status import consumed_queues
+from financing.entrypoints.cli.status import consumed_queues
 from tests.support import infra, rabbitmq
 from tests.support.deployment import local_deployment
 from tests.support.service import CommandLine, free_port, run_cli

@@ -31,7 +31,7 @@ from financing.application.pipeline import (
     exactly_once,
     selected,
 )
-from financing.application.ports import Cause, EventStore, StoredEvent, event_message_id
+from financing.application.ports import Cause, EventStore, Processed, StoredEvent, event_message_id
 from financing.domain.aggregates import Investor, Invoice
 from financing.domain.events import (
     Bid,
@@ -532,13 +532,10 @@ class TestPostgresEventStore(EventStoreContract):
             await uow.record(
                 "approve_financing",
                 "message-1",
-                name="ApproveFinancing",
-                outcome="unchanged",
-                detail="Invoice 1: is AVAILABLE",
-                events=0,
+                Processed("ApproveFinancing", "unchanged", "Invoice 1: is AVAILABLE", 0),
             )
         async with store.unit_of_work(Cause("saga-1", "message-2")) as uow:
-            await uow.record("create_investor", "message-2", name="CreateInvestor", events=2)
+            await uow.record("create_investor", "message-2", Processed("CreateInvestor", events=2))
 
         assert await processed_messages(pool) == [
             ("approve_financing", "message-1", "ApproveFinancing", "saga-1", "unchanged",

@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from financing.adapters.postgres.event_store import PostgresEventStore
-from financing.application.ports import Cause
+from financing.application.ports import Cause, Processed
 from financing.domain.aggregates import Issuer
 from tests.support import infra
 
@@ -41,7 +41,7 @@ async def test_hostile_message_ids_consumer_names_and_correlation_ids_are_stored
         issuer = await uow.load(Issuer, issuer_id)
         issuer.create()
         await uow.save(issuer)
-        await uow.record(hostile, hostile, name=hostile, outcome="unchanged", detail=hostile)
+        await uow.record(hostile, hostile, Processed(hostile, "unchanged", hostile))
 
     async with store.unit_of_work() as uow:
         assert await uow.seen(hostile, hostile)

@@ -27,8 +27,8 @@ from financing.application.read_models import ReadModelStore
 from financing.application.retry import Outages
 from financing.domain import events as ev
 from financing.domain.events import Bid, DomainEvent
-from financing.entrypoints.grpc_codec import RequestCodec
-from financing.entrypoints.queries_api import QueriesService
+from financing.entrypoints.grpc.codec import RequestCodec
+from financing.entrypoints.grpc.queries import QueriesService
 from financing.generated import InvoiceStatus, QueriesStub
 from tests.support import infra
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from financing.application.pipeline import Decoded, Handler, HandlerPart, Outcome, OutcomeKind
 from financing.application.read_models import InvestorRow, InvoiceRow, IssuerRow, ReadModelStore
 from financing.domain.events import DomainEvent
-from financing.entrypoints import cli
 from financing.entrypoints.bootstrap import Overrides
+from financing.entrypoints.cli import main as cli_main
 
 # When copies end differently, the outcome that says the most about what was done.
 _PREFERRED = (OutcomeKind.PROCESSED, OutcomeKind.UNCHANGED, OutcomeKind.DUPLICATE)
@@ -93,7 +93,7 @@ def main(argv: Sequence[str]) -> None:
     times = int(argv[0])
     if times < 1:
         raise SystemExit("N must be >= 1")
-    cli.main(argv[1:], overrides=overrides(times))
+    cli_main(argv[1:], overrides=overrides(times))
 
 
 if __name__ == "__main__":

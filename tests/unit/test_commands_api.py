@@ -27,7 +27,7 @@ from financing.application.messages import (
 )
 from financing.application.ports import Cause
 from financing.application.retry import Outages
-from financing.entrypoints.commands_api import CommandsService, correlate
+from financing.entrypoints.grpc.commands import CommandsService, correlate
 from financing.generated import (
     ApproveFinancingCommand,
     BidOnInvoiceCommand,

@@ -8,7 +8,7 @@ from structlog.testing import capture_logs
 
 from financing.application.errors import Unavailable
 from financing.application.retry import Outages
-from financing.entrypoints.health import HealthWatch, Probe, Readiness
+from financing.entrypoints.grpc.health import HealthWatch, Probe, Readiness
 
 
 class Dependency:

@@ -7,7 +7,7 @@ from uuid import UUID, uuid4
 
 from financing.application.ports import StoredEvent
 from financing.application.trace import Fate, Handling, Step, trace
-from financing.entrypoints.trace import render
+from financing.entrypoints.cli.trace import render
 
 CORRELATION = "saga-1"
 START = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)

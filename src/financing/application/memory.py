@@ -9,7 +9,7 @@ from uuid import UUID
 from financing.application import codec
 from financing.application.errors import ConcurrencyConflict, ReadAfterWrite
 from financing.application.messages import Command
-from financing.application.ports import A, Cause, StoredEvent
+from financing.application.ports import PROCESSED, A, Cause, Processed, StoredEvent
 from financing.domain.aggregates import Aggregate
 
 
@@ -41,18 +41,9 @@ class InMemoryUnitOfWork:
         if aggregate.changes:
             self._appends.append((aggregate, aggregate.stored_version))
 
-    async def record(
-        self,
-        consumer: str,
-        message_id: str,
-        *,
-        name: str = "",
-        outcome: str = "processed",
-        detail: str = "",
-        events: int = 0,
-    ) -> None:
+    async def record(self, consumer: str, message_id: str, what: Processed = PROCESSED) -> None:
         self._records.append((consumer, message_id))
-        self._outcomes[(consumer, message_id)] = (outcome, detail, events)
+        self._outcomes[(consumer, message_id)] = (what.outcome, what.detail, what.events)
 
     def commit(self) -> None:
         store = self._store

@@ -26,7 +26,14 @@ from financing import metrics
 from financing.application import codec
 from financing.application.errors import Fault
 from financing.application.messages import Message
-from financing.application.ports import Cause, CommandSender, Envelope, EventStore, UnitOfWork
+from financing.application.ports import (
+    Cause,
+    CommandSender,
+    Envelope,
+    EventStore,
+    Processed,
+    UnitOfWork,
+)
 from financing.application.retry import Abandoned, GaveUp, Outages, RetryPolicy, retry
 from financing.domain.aggregates import Aggregate
 from financing.logging import get_logger
@@ -218,10 +225,7 @@ def exactly_once(store: EventStore, consumer: str, handler: StoreHandler) -> Han
             await uow.record(
                 consumer,
                 envelope.message_id,
-                name=envelope.name,
-                outcome=outcome.kind.value,
-                detail=outcome.detail,
-                events=appended,
+                Processed(envelope.name, outcome.kind.value, outcome.detail, appended),
             )
         if outcome.kind is OutcomeKind.UNCHANGED:
             log.info("message changed nothing", consumer=consumer, reason=outcome.detail)

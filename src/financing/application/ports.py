@@ -130,6 +130,19 @@ class StoredEvent:
         )
 
 
+@dataclass(frozen=True)
+class Processed:
+    """What became of a processed message, kept with the record that deduplicates it."""
+
+    name: str = ""  # the message's name
+    outcome: str = "processed"  # or "unchanged": a rule said there was nothing to do
+    detail: str = ""  # the rule, for an unchanged outcome
+    events: int = 0  # events appended
+
+
+PROCESSED = Processed()
+
+
 class UnitOfWork(Protocol):
     """One atomic change: reads first, then the appends and the processed mark.
 
@@ -152,18 +165,9 @@ class UnitOfWork(Protocol):
         """
         ...
 
-    async def record(
-        self,
-        consumer: str,
-        message_id: str,
-        *,
-        name: str = "",
-        outcome: str = "processed",
-        detail: str = "",
-        events: int = 0,
-    ) -> None:
+    async def record(self, consumer: str, message_id: str, what: Processed = PROCESSED) -> None:
         """Mark `message_id` processed by `consumer`, committed with the appends, with
-        what became of it (processed with `events` appended, or unchanged and why)."""
+        what became of it."""
         ...
 
 

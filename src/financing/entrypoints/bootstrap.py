@@ -49,12 +49,12 @@ from financing.application.ports import CommandSender, EventStore
 from financing.application.read_models import ReadModelStore
 from financing.application.retry import DELIVERIES, NO_BUG_RETRIES, GaveUp, Outages, retry
 from financing.config import COMPONENTS, Database, Settings
-from financing.entrypoints.commands_api import CommandsService, correlate
-from financing.entrypoints.grpc_codec import RequestCodec
-from financing.entrypoints.health import HealthWatch, Probe, Readiness, health_service
+from financing.entrypoints.grpc.codec import RequestCodec
+from financing.entrypoints.grpc.commands import CommandsService, correlate
+from financing.entrypoints.grpc.health import HealthWatch, Probe, Readiness, health_service
+from financing.entrypoints.grpc.queries import QueriesService
+from financing.entrypoints.grpc.reflection import with_reflection
 from financing.entrypoints.observability import MetricsEndpoint, observe_grpc, observe_pool
-from financing.entrypoints.queries_api import QueriesService
-from financing.entrypoints.reflection import with_reflection
 from financing.workers.projector import Projector
 from financing.workers.relayer import Relayer
 from financing.workers.retention import Retention

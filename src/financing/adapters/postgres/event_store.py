@@ -35,7 +35,7 @@ from financing.adapters.postgres.connection import (
 )
 from financing.application import codec
 from financing.application.errors import ConcurrencyConflict, ReadAfterWrite
-from financing.application.ports import A, Cause, StoredEvent
+from financing.application.ports import PROCESSED, A, Cause, Processed, StoredEvent
 from financing.domain.aggregates import Aggregate
 
 # Notified inside every transaction that appends events; PostgreSQL delivers
@@ -168,16 +168,7 @@ class PostgresUnitOfWork:
                 json.dumps(aggregate.snapshot()),
             )
 
-    async def record(
-        self,
-        consumer: str,
-        message_id: str,
-        *,
-        name: str = "",
-        outcome: str = "processed",
-        detail: str = "",
-        events: int = 0,
-    ) -> None:
+    async def record(self, consumer: str, message_id: str, what: Processed = PROCESSED) -> None:
         self._wrote = True
         with _conflicts(f"message {message_id} already processed by {consumer}"):
             await self._conn.execute(
@@ -186,11 +177,11 @@ class PostgresUnitOfWork:
                 " VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 consumer,
                 message_id,
-                name or None,
+                what.name or None,
                 self._cause.correlation_id if self._cause else None,
-                outcome,
-                detail or None,
-                events,
+                what.outcome,
+                what.detail or None,
+                what.events,
             )
 
     def committed(self) -> None:

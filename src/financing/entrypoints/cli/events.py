@@ -18,7 +18,7 @@ from financing.adapters.postgres.read_model_rows import read_model_row
 from financing.application.errors import Refused, Unavailable
 from financing.application.ports import StoredEvent
 from financing.config import Settings
-from financing.entrypoints.console import database, moment, table
+from financing.entrypoints.cli.console import database, moment, table
 
 
 async def run_events(settings: Settings, aggregate_id: UUID) -> int:

@@ -21,7 +21,7 @@ from financing.adapters.rabbitmq.dead_letters import (
 )
 from financing.adapters.rabbitmq.queues import queue_depth
 from financing.config import Settings
-from financing.entrypoints.console import moment, table
+from financing.entrypoints.cli.console import moment, table
 
 HEADINGS = ("DEAD-LETTERED AT", "SOURCE QUEUE", "NAME", "MESSAGE ID")
 

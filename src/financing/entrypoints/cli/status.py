@@ -23,7 +23,7 @@ from financing.adapters.rabbitmq.queues import QueueDepth, queue_depth
 from financing.application import routes
 from financing.application.errors import Refused, Unavailable, summary
 from financing.config import Settings
-from financing.entrypoints.console import database, moment, table
+from financing.entrypoints.cli.console import database, moment, table
 
 HEALTHY = """\
 Healthy (exit code 0; otherwise 1) means:

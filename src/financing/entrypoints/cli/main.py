@@ -37,17 +37,17 @@ from financing.config import (
     Variable,
     parse_components,
 )
-from financing.entrypoints import dead_letter_commands
 from financing.entrypoints.bootstrap import NO_OVERRIDES, Overrides
-from financing.entrypoints.check import run_check
-from financing.entrypoints.console import database, environment
-from financing.entrypoints.history import run_events
-from financing.entrypoints.populate import populate
-from financing.entrypoints.probe import health_check
+from financing.entrypoints.cli import dead_letters as dead_letter_commands
+from financing.entrypoints.cli.check import run_check
+from financing.entrypoints.cli.console import database, environment
+from financing.entrypoints.cli.events import run_events
+from financing.entrypoints.cli.health_check import health_check
+from financing.entrypoints.cli.populate import populate
+from financing.entrypoints.cli.status import HEALTHY, MAX_RELAY_LAG, TIMEOUT, run_status
+from financing.entrypoints.cli.tail import run_tail
+from financing.entrypoints.cli.trace import run_trace
 from financing.entrypoints.service import serve
-from financing.entrypoints.status import HEALTHY, MAX_RELAY_LAG, TIMEOUT, run_status
-from financing.entrypoints.tail import run_tail
-from financing.entrypoints.trace import run_trace
 
 T = TypeVar("T")
 

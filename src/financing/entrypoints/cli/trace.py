@@ -26,7 +26,7 @@ from financing.adapters.rabbitmq.dead_letters import DeadLetter, Selection, list
 from financing.application.errors import Refused, Unavailable
 from financing.application.trace import Fate, Handling, Step, Trace, trace
 from financing.config import Settings
-from financing.entrypoints.console import database, moment
+from financing.entrypoints.cli.console import database, moment
 
 # Every dead letter of the correlation, however many there are.
 ALL_OF_THEM = sys.maxsize

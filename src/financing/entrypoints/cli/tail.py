@@ -25,7 +25,7 @@ from financing.adapters.rabbitmq.follow import follow_events
 from financing.application.errors import PoisonMessage
 from financing.application.ports import CORRELATION_HEADER, RECORDED_AT_HEADER
 from financing.config import Settings
-from financing.entrypoints.console import moment
+from financing.entrypoints.cli.console import moment
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
