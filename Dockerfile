@@ -46,8 +46,9 @@ EXPOSE 8080 8081 8082
 # default) answers SERVING on the gRPC health protocol and the metrics endpoint's /health
 # answers 200: every consumer consumes and PostgreSQL and RabbitMQ are reachable. It reads
 # the same variables as `financing serve`, so moved ports and a subset of components
-# (a projector alone has no gRPC port) are probed right.
-HEALTHCHECK --interval=10s --timeout=10s --start-period=60s --retries=3 \
-  CMD ["financing", "health-check"]
+# (a projector alone has no gRPC port) are probed right. The module form of
+# `financing health-check` imports only what the probe needs (0.3 s of CPU, not 0.9).
+HEALTHCHECK --interval=5s --timeout=5s --start-period=60s --retries=3 \
+  CMD ["python", "-m", "financing.entrypoints.cli.health_check"]
 ENTRYPOINT ["financing"]
 CMD ["serve"]

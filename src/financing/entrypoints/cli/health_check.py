@@ -1,5 +1,8 @@
 """`financing health-check`: whether the components running here are healthy (a container probe).
 
+`python -m financing.entrypoints.cli.health_check` does the same while
+importing only what it needs: the container runs it every few seconds.
+
 It asks what an orchestrator would: the gRPC Health Checking Protocol of each
 gRPC component selected (`Commands` on COMMAND_SERVER_ADDRESS, `Queries` on
 QUERY_SERVER_ADDRESS), and the `/health` of the metrics endpoint
@@ -11,13 +14,14 @@ the same environment (FINANCING_COMPONENTS, all by default).
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Iterable
 
 from grpclib.client import Channel
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
-from financing.config import Settings
+from financing.config import ConfigError, Settings
 
 TIMEOUT = 3.0
 
@@ -33,6 +37,14 @@ async def health_check(settings: Settings, components: Iterable[str]) -> list[st
     if settings.metrics_address is not None:
         checks.append(_http_health(settings.metrics_address))
     return [problem for problem in await asyncio.gather(*checks) if problem]
+
+
+async def probe(settings: Settings) -> int:
+    """Say what is not healthy on stderr; the exit code: 0 when everything is."""
+    problems = await health_check(settings, settings.components)
+    for problem in problems:
+        print(f"not healthy: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def _reachable(address: tuple[str, int]) -> tuple[str, int]:
@@ -72,3 +84,16 @@ async def _http_health(address: tuple[str, int]) -> str:
     if len(words) < 2 or words[1] != b"200":
         return f"metrics endpoint at {host}:{port}: {status_line.decode(errors='replace').strip()}"
     return ""
+
+
+def main() -> None:
+    try:
+        settings = Settings.from_env()
+    except ConfigError as error:
+        print(f"financing health-check: configuration error: {error}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(asyncio.run(probe(settings)))
+
+
+if __name__ == "__main__":
+    main()

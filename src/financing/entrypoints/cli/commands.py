@@ -42,7 +42,7 @@ from financing.entrypoints.cli import dead_letters as dead_letter_commands
 from financing.entrypoints.cli.check import run_check
 from financing.entrypoints.cli.console import database, environment
 from financing.entrypoints.cli.events import run_events
-from financing.entrypoints.cli.health_check import health_check
+from financing.entrypoints.cli.health_check import probe
 from financing.entrypoints.cli.populate import populate
 from financing.entrypoints.cli.status import HEALTHY, MAX_RELAY_LAG, TIMEOUT, run_status
 from financing.entrypoints.cli.tail import run_tail
@@ -353,10 +353,7 @@ async def _tail(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _health_check(settings: Settings, args: argparse.Namespace) -> int:
-    problems = await health_check(settings, settings.components)
-    for problem in problems:
-        print(f"not healthy: {problem}", file=sys.stderr)
-    return 1 if problems else 0
+    return await probe(settings)
 
 
 async def _status(settings: Settings, args: argparse.Namespace) -> int:
@@ -382,7 +379,7 @@ async def _operate(run: Run, settings: Settings, args: argparse.Namespace) -> in
         return 1
 
 
-def main(argv: Sequence[str] | None = None, *, overrides: Overrides = NO_OVERRIDES) -> None:
+def run(argv: Sequence[str] | None = None, *, overrides: Overrides | None = None) -> None:
     """The command line; `overrides` changes the service's wiring (tests only)."""
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -396,7 +393,8 @@ def main(argv: Sequence[str] | None = None, *, overrides: Overrides = NO_OVERRID
     try:
         if args.command == "serve":
             components = args.components or settings.components
-            sys.exit(asyncio.run(serve(settings, components, overrides=overrides)))
+            wiring = overrides or NO_OVERRIDES
+            sys.exit(asyncio.run(serve(settings, components, overrides=wiring)))
         sys.exit(asyncio.run(_operate(args.run, settings, args)))
     except KeyboardInterrupt:
         sys.exit(INTERRUPTED)
