@@ -29,7 +29,7 @@ import pamqp.header
 import pamqp.heartbeat
 from aio_pika.abc import AbstractIncomingMessage
 
-from financing.adapters.rabbitmq.topology import PROJECTOR_QUEUE, subscription
+from financing.adapters.rabbitmq.topology import PROJECTOR_QUEUE, UNROUTED, subscription
 from financing.application import codec
 from financing.application.messages import COMMAND_TYPES
 from financing.application.read_models import PROJECTED_EVENTS
@@ -53,7 +53,7 @@ HANDLER_QUEUES: dict[str, str] = {
     route.message_name: subscription(route.message_name).queue.name
     for route in (*POLICIES, *INTEGRATION)
 }
-EVENT_QUEUES: tuple[str, ...] = (*HANDLER_QUEUES.values(), PROJECTOR_QUEUE)
+EVENT_QUEUES: tuple[str, ...] = (*HANDLER_QUEUES.values(), PROJECTOR_QUEUE, UNROUTED)
 CONSUMED_QUEUES: tuple[str, ...] = (*COMMAND_QUEUES, *EVENT_QUEUES)
 # Every name an event consumer decodes.
 EVENT_NAMES: tuple[str, ...] = tuple(sorted(set(HANDLER_QUEUES) | PROJECTED_EVENTS))
@@ -106,8 +106,9 @@ class Hostile:
             return frozenset({self.queue})
         name = readable(self.name)
         if name is None:
-            # Without a name no consumer can tell it is not its own.
-            return frozenset(EVENT_QUEUES)
+            # A name that is missing, empty or not a string routes to no consumer's queue:
+            # the consumer of what routes nowhere dead-letters it, once.
+            return frozenset({UNROUTED})
         return event_consumers_of(name)
 
     def describe(self) -> str:

@@ -19,6 +19,7 @@ from financing.application.memory import InMemoryEventStore
 from financing.application.messages import CreateIssuer
 from financing.application.pipeline import Handler, exactly_once, sending
 from financing.application.ports import CommandSender, EventStore
+from financing.application.read_models import PROJECTED_EVENTS
 from financing.application.retry import DELIVERIES, Outages
 from tests.support import rabbitmq
 from tests.support.infra import wait_until
@@ -31,15 +32,31 @@ COMMAND_QUEUES = {
     "CreateInvestor",
     "CreateIssuer",
 }
-EVENT_QUEUES = {
-    "events_BidOnInvoicePlacedEvent",
-    "events_BidOnInvoiceRejectedEvent",
-    "events_InvoiceFinancedEvent",
-    "events_InvoiceApprovedEvent",
-    "events_InvoiceReversedEvent",
-    "events_IssuerRegistered",
-    "events_InvestorRegistered",
-}
+EVENT_NAMES = (
+    "BidOnInvoicePlacedEvent",
+    "BidOnInvoiceRejectedEvent",
+    "InvoiceFinancedEvent",
+    "InvoiceApprovedEvent",
+    "InvoiceReversedEvent",
+    "IssuerRegistered",
+    "InvestorRegistered",
+)
+EVENT_QUEUES = {f"events_{name}" for name in EVENT_NAMES}
+
+
+def expected_bindings() -> list[tuple[str, str, str, str]]:
+    """`events` feeds `financing_events`, which routes each event queue its one name and the
+    projector every projected name; what it routes nowhere goes to `financing_unrouted`."""
+    bindings = [
+        (EVENTS_EXCHANGE, topology.EVENTS_ROUTER, "", ""),
+        (topology.UNROUTED, topology.UNROUTED, "", ""),
+    ]
+    bindings += [(topology.EVENTS_ROUTER, f"events_{name}", "", name) for name in EVENT_NAMES]
+    bindings += [
+        (topology.EVENTS_ROUTER, topology.PROJECTOR_QUEUE, "", name)
+        for name in sorted(PROJECTED_EVENTS)
+    ]
+    return sorted(bindings)
 
 
 def every_handler(store: EventStore, sender: CommandSender) -> list[tuple[str, Handler]]:
@@ -72,7 +89,7 @@ async def start(
         )
         consumers.append((consumer, deliveries))
     channel = await broker.channel()
-    await topology.declare(channel, [consumer.spec for consumer, _ in consumers])
+    await topology.declare(channel)
     await channel.close()
     tasks = [asyncio.create_task(consume(*pair)) for pair in consumers]
 
@@ -114,15 +131,18 @@ async def test_service_topology_is_durable_and_matches_the_reference() -> None:
             await broker.close()
 
         queues = await rabbitmq.list_queues(vhost.name)
-        assert set(queues) == COMMAND_QUEUES | EVENT_QUEUES | {DEAD_LETTER_QUEUE}
+        ours = {DEAD_LETTER_QUEUE, topology.PROJECTOR_QUEUE, topology.UNROUTED}
+        assert set(queues) == COMMAND_QUEUES | EVENT_QUEUES | ours
         for name, queue in queues.items():
             assert queue["durable"] is True, name
-            assert queue["arguments"] == [], name
+            if name != topology.PROJECTOR_QUEUE:
+                assert queue["arguments"] == [], name
         exchanges = await rabbitmq.list_exchanges(vhost.name)
         assert exchanges[EVENTS_EXCHANGE]["type"] == "fanout"
         assert exchanges[EVENTS_EXCHANGE]["durable"] is True
-        assert sorted(await rabbitmq.list_bindings(vhost.name)) == sorted(
-            (EVENTS_EXCHANGE, name, "") for name in EVENT_QUEUES
+        assert exchanges[topology.EVENTS_ROUTER]["type"] == "headers"
+        assert (
+            sorted(await rabbitmq.list_bindings_with_arguments(vhost.name)) == expected_bindings()
         )
 
 
@@ -178,6 +198,49 @@ async def test_start_up_on_a_broker_holding_the_reference_queues_succeeds() -> N
         assert queues[topology.PROJECTOR_QUEUE]["arguments"] == [
             ["x-single-active-consumer", "bool", True]
         ]
-        assert (EVENTS_EXCHANGE, topology.PROJECTOR_QUEUE, "") in await rabbitmq.list_bindings(
-            vhost.name
+        # The reference bound its queues to `events` directly: they now receive only their names.
+        assert (
+            sorted(await rabbitmq.list_bindings_with_arguments(vhost.name)) == expected_bindings()
         )
+
+
+async def test_an_event_reaches_only_the_queues_of_its_consumers_and_foreign_queues() -> None:
+    """Each consumer receives only the names it handles (not every event, as a fanout to
+    every queue would do); a foreign consumer's queue bound to `events` still receives
+    everything; what no consumer handles lands in `financing_unrouted`."""
+    async with rabbitmq.private_vhost("fin_routing") as vhost:
+        connection = await aio_pika.connect(vhost.url)
+        try:
+            channel = await connection.channel()
+            await topology.declare(channel)
+            events = await topology.declare_events_exchange(channel)
+            foreign = await channel.declare_queue("foreign_listener", durable=True)
+            await foreign.bind(events, routing_key="")
+            for name in ("BidOnInvoicePlacedEvent", "IssuerRegistered", "SomethingElse", None):
+                headers = {"_watermill_message_uuid": str(uuid.uuid4())}
+                if name is not None:
+                    headers["name"] = name
+                await events.publish(aio_pika.Message(b"{}", headers=headers), routing_key="")
+
+            async def ready() -> dict[str, int]:
+                queues = await rabbitmq.list_queues(vhost.name)
+                return {name: row["messages_ready"] for name, row in queues.items()}
+
+            expected = {
+                "events_BidOnInvoicePlacedEvent": 1,
+                topology.PROJECTOR_QUEUE: 1,
+                "events_IssuerRegistered": 1,
+                topology.UNROUTED: 2,  # no name, and a name nobody handles
+                "foreign_listener": 4,
+            }
+
+            async def routed() -> bool:
+                counts = await ready()
+                return all(counts.get(queue) == count for queue, count in expected.items())
+
+            await wait_until(routed, what="every message in the queues of its consumers")
+            counts = await ready()
+            others = {queue: n for queue, n in counts.items() if queue not in expected}
+            assert not any(others.values()), others
+        finally:
+            await connection.close()

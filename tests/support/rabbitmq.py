@@ -70,6 +70,31 @@ async def list_exchanges(vhost: str) -> dict[str, dict[str, Any]]:
     return {row["name"]: row for row in rows}
 
 
+async def list_bindings_with_arguments(vhost: str) -> list[tuple[str, str, str, str]]:
+    """(source, destination, routing key, the `name` a headers binding matches or "") of
+    every binding except the default exchange's."""
+    rows = await asyncio.to_thread(
+        _rabbitmqctl_json,
+        "list_bindings",
+        "-p",
+        vhost,
+        "source_name",
+        "destination_name",
+        "routing_key",
+        "arguments",
+    )
+    return [
+        (
+            row["source_name"],
+            row["destination_name"],
+            row["routing_key"],
+            next((arg[2] for arg in row["arguments"] if arg[0] == "name"), ""),
+        )
+        for row in rows
+        if row["source_name"]
+    ]
+
+
 async def list_bindings(vhost: str) -> list[tuple[str, str, str]]:
     """(exchange, queue, routing key) of every binding except the default exchange's."""
     rows = await asyncio.to_thread(

@@ -41,8 +41,10 @@ from financing.application.pipeline import (
     Handler,
     HandlerPart,
     SendingHandler,
+    Step,
     StoreHandler,
     exactly_once,
+    retried,
     sending,
 )
 from financing.application.ports import CommandSender, EventStore
@@ -64,6 +66,7 @@ T = TypeVar("T")
 NEEDS_COMMAND_DB = frozenset({"commands", "policies", "relayer"})
 NEEDS_QUERY_DB = frozenset({"queries-api", "projector"})
 NEEDS_BROKER = frozenset(COMPONENTS) - {"queries-api"}
+CONSUMES_EVENTS = frozenset({"integration", "policies", "projector"})
 
 # Deliveries a command or policy consumer works on at once.
 PREFETCH = 32
@@ -158,6 +161,8 @@ async def bootstrap(
             wiring.sending_routes(routes.INTEGRATION, AmqpCommandSender(publisher))
         if query_pool is not None and "projector" in selected:
             wiring.projector(PostgresReadModels(query_pool))
+        if selected & CONSUMES_EVENTS:
+            wiring.unrouted()
         await started("declaring the broker topology", wiring.declare, outages, deadline)
         if "commands-api" in selected:
             service.commands = CommandsService(AmqpCommandSender(publisher), outages)
@@ -218,7 +223,6 @@ class _Wiring:
         self._overrides = overrides
         self._service = service
         self._dead_letters = DeadLetters(publisher, outages, DELIVERIES)
-        self._queues: list[topology.QueueSpec] = []
 
     def store_routes(self, table: Iterable[routes.Route[StoreHandler]], store: EventStore) -> None:
         for route in table:
@@ -230,6 +234,11 @@ class _Wiring:
         for route in table:
             self._consumer(route.message_name, sending(sender, route.handler))
 
+    def unrouted(self) -> None:
+        """The consumer of what `financing_events` routes to no other consumer."""
+        step = retried(DELIVERIES, self._outages)(topology.unrouted)
+        self._deliveries(topology.UNROUTED_QUEUE, step)
+
     def _consumer(self, message_name: str, handler: Handler) -> None:
         subscription = topology.subscription(message_name)
         step = subscription.step(
@@ -238,16 +247,19 @@ class _Wiring:
             outages=self._outages,
             handler_parts=self._overrides.handler_parts,
         )
+        self._deliveries(subscription.queue, step)
+
+    def _deliveries(self, queue: topology.QueueSpec, step: Step) -> None:
         deliveries = Deliveries(step)
         consumer = QueueConsumer(
             self._broker,
-            subscription.queue,
+            queue,
             self._dead_letters,
             self._outages,
             deliveries.receive,
             prefetch=PREFETCH,
         )
-        self._add(f"consumer:{consumer.spec.name}", lambda: consume(consumer, deliveries), consumer)
+        self._add(f"consumer:{queue.name}", lambda: consume(consumer, deliveries), consumer)
 
     def projector(self, read_models: ReadModelStore) -> None:
         projector = Projector(self._overrides.read_models(read_models), self._outages)
@@ -284,12 +296,11 @@ class _Wiring:
     ) -> None:
         self._service.workers[name] = run
         self._service.consuming.append(consumer.consuming)
-        self._queues.append(consumer.spec)
 
     async def declare(self) -> None:
         channel = await self._broker.channel()
         try:
-            await topology.declare(channel, self._queues)
+            await topology.declare(channel)
         finally:
             await close_channel(channel)
 

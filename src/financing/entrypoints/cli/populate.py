@@ -14,7 +14,7 @@ from uuid import UUID, uuid4
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import Broker, close_channel, connected
 from financing.adapters.rabbitmq.publisher import Publisher
-from financing.application import codec, routes
+from financing.application import codec
 from financing.application.messages import IntegrationEvent, InvestorRegistered, IssuerRegistered
 from financing.application.ports import Envelope
 
@@ -57,9 +57,6 @@ async def populate(
 async def _declare_integration_queues(broker: Broker) -> None:
     channel = await broker.channel()
     try:
-        await topology.declare(
-            channel,
-            [topology.subscription(route.message_name).queue for route in routes.INTEGRATION],
-        )
+        await topology.declare(channel)
     finally:
         await close_channel(channel)

@@ -11,16 +11,14 @@ hangs is no probe.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from financing.adapters.postgres.connection import COMMAND_DATABASE, QUERY_DATABASE, ping
 from financing.adapters.postgres.outbox import PostgresOutbox, RelayBacklog
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import connected, describe_url
 from financing.adapters.rabbitmq.queues import QueueDepth, queue_depth
-from financing.application import routes
 from financing.application.errors import Refused, Unavailable, summary
 from financing.config import Settings
 from financing.entrypoints.cli.console import database, moment, table
@@ -46,13 +44,7 @@ class Findings:
 
 def consumed_queues() -> list[topology.QueueSpec]:
     """Every queue a component of the service consumes."""
-    tables: tuple[Sequence[routes.Route[Any]], ...] = (
-        routes.COMMANDS,
-        routes.POLICIES,
-        routes.INTEGRATION,
-    )
-    queues = [topology.subscription(r.message_name).queue for table in tables for r in table]
-    return [*queues, topology.PROJECTOR.queue]
+    return list(topology.CONSUMED_QUEUES)
 
 
 async def run_status(
