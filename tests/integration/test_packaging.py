@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -39,3 +41,19 @@ def test_the_wheel_ships_sql_generated_code_and_the_console_script(tmp_path: Pat
     assert "financing/py.typed" in names
     assert "financing = financing.entrypoints.cli:main" in scripts
     assert not any(name.startswith(("tests/", "scripts/")) for name in names)
+    assert "financing/generated/financing.binpb" in names
+
+
+def _distribution(requirement: str) -> str:
+    name = re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0]
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_the_image_lock_pins_every_dependency_of_the_project() -> None:
+    """The image installs only what deploy/requirements.lock pins (--no-deps): a dependency
+    added to pyproject.toml without running deploy/lock.sh would be missing at run time."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lock = (ROOT / "deploy" / "requirements.lock").read_text()
+    pinned = {_distribution(line) for line in lock.splitlines() if "==" in line}
+    missing = {_distribution(r) for r in project["dependencies"]} - pinned
+    assert not missing, f"run deploy/lock.sh: {sorted(missing)} not in deploy/requirements.lock"

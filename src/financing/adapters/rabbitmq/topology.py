@@ -209,9 +209,11 @@ async def declare(channel: AbstractChannel) -> None:
 
 async def unrouted(delivery: Delivery) -> Outcome:
     """What becomes of a message `financing_events` routed to no consumer: one whose name
-    nobody handles is ignored, as every consumer of `events` would; one that cannot be
-    read (no name, malformed headers: PoisonMessage) or whose handled name could not
-    be routed (not a string) is dead-lettered, once."""
+    nobody handles is ignored, whatever its other headers, as every consumer of `events`
+    would; one without a readable name (PoisonMessage) or whose handled name could not be
+    routed (it is not a string) is dead-lettered, once."""
+    if delivery.name is not None and delivery.name not in ROUTED_NAMES:
+        return IGNORED
     envelope = delivery.envelope()
     if envelope.name in ROUTED_NAMES:
         return Outcome.dead_letter(

@@ -16,6 +16,8 @@ from importlib import metadata
 from typing import TypeVar
 from uuid import UUID
 
+import uvloop
+
 from financing import logging as service_logging
 from financing.adapters.postgres.connection import COMMAND_DATABASE, QUERY_DATABASE
 from financing.adapters.postgres.rebuild import rebuild
@@ -394,7 +396,8 @@ def run(argv: Sequence[str] | None = None, *, overrides: Overrides | None = None
         if args.command == "serve":
             components = args.components or settings.components
             wiring = overrides or NO_OVERRIDES
-            sys.exit(asyncio.run(serve(settings, components, overrides=wiring)))
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                sys.exit(runner.run(serve(settings, components, overrides=wiring)))
         sys.exit(asyncio.run(_operate(args.run, settings, args)))
     except KeyboardInterrupt:
         sys.exit(INTERRUPTED)
