@@ -312,6 +312,41 @@ async def test_a_commit_wakes_the_relayer_without_waiting_for_its_poll(
     assert [version for _, _, version in got] == [1, 2, 3, 4]
 
 
+async def test_events_held_behind_a_transaction_elsewhere_are_relayed_as_soon_as_it_ends(
+    database: Database, pool: asyncpg.Pool, publisher: Publisher, observed: AbstractQueue
+) -> None:
+    """The commit wakes the relayer while a transaction in another database of the server
+    holds the commit horizon back: nothing is relayable yet. Regression: the relayer then
+    waited for its next poll (here 30 s); it now looks again within milliseconds."""
+    store = PostgresEventStore(pool)
+    outbox = WatchedOutbox(PostgresOutbox(pool))
+    elsewhere = await asyncpg.connect(
+        host=infra.PG_HOST, port=infra.PG_PORT, user=infra.PG_USER, database="postgres"
+    )
+    try:
+        async with relaying(database, pool, publisher, poll_interval=30.0, outbox=outbox):
+
+            async def idle() -> bool:
+                return len(outbox.looks) >= 2 and outbox.looks[-1][1] == 0
+
+            await wait_until(idle, what="the relayer idle")
+            holding = elsewhere.transaction()
+            await holding.start()
+            await elsewhere.fetchval("SELECT pg_current_xact_id()")  # holds the horizon
+            await append_investor_story(store, uuid4())
+            committed = time.monotonic()
+
+            async def woken_and_found_nothing() -> bool:
+                return any(at > committed and found == 0 for at, found in outbox.looks)
+
+            await wait_until(woken_and_found_nothing, timeout=5.0, what="a look in vain")
+            await holding.rollback()
+            got = await receive(observed, 4, within=5.0)
+    finally:
+        await elsewhere.close()
+    assert [version for _, _, version in got] == [1, 2, 3, 4]
+
+
 async def test_two_relayers_on_one_database_publish_each_event_once(
     database: Database, pool: asyncpg.Pool, publisher: Publisher, observed: AbstractQueue
 ) -> None:

@@ -244,6 +244,6 @@ class WakeUp(Protocol):
 
     def clear(self) -> None: ...
 
-    async def wait(self, timeout: float) -> None:  # noqa: ASYNC109 - a poll interval, not a deadline
-        """Return when woken, or after `timeout` seconds."""
+    async def wait(self, timeout: float) -> bool:  # noqa: ASYNC109 - a poll interval, not a deadline
+        """Return when woken (True), or after `timeout` seconds (False)."""
         ...

@@ -33,6 +33,7 @@ T = TypeVar("T")
 POLL_INTERVAL = 0.1
 BATCH_SIZE = 256
 LAG_INTERVAL = 5.0
+RECHECK_FIRST = 0.002
 
 
 class Relayer:
@@ -77,11 +78,22 @@ class Relayer:
                     await self._lock.release()
 
     async def _relay(self) -> None:
+        recheck = 0.0  # after a wake-up that found nothing: how soon to look again
         while True:
             self._wake_up.clear()
             relayed = await self._retry(self._relay_batch, "relaying")
-            if relayed < self._batch_size:
-                await self._wake_up.wait(self._poll_interval)
+            if relayed >= self._batch_size:
+                continue
+            if relayed == 0 and recheck:
+                # Events committed (we were woken) but are not relayable yet: a transaction
+                # still running, in any database of the server, holds the commit horizon
+                # back. It ends within milliseconds; waiting for the next poll would add
+                # up to a whole poll interval to every hop of a saga.
+                await asyncio.sleep(recheck)
+                recheck = recheck * 2 if recheck * 2 < self._poll_interval else 0.0
+                continue
+            woken = await self._wake_up.wait(self._poll_interval)
+            recheck = RECHECK_FIRST if woken else 0.0
 
     async def _relay_batch(self) -> int:
         events = await self._outbox.pending(self._batch_size)

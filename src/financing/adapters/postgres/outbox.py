@@ -266,11 +266,14 @@ class CommitListener:
     def clear(self) -> None:
         self._woken.clear()
 
-    async def wait(self, timeout: float) -> None:  # noqa: ASYNC109 - a poll interval
+    async def wait(self, timeout: float) -> bool:  # noqa: ASYNC109 - a poll interval
         await self._listen()
-        with contextlib.suppress(TimeoutError):
+        try:
             async with asyncio.timeout(timeout):
                 await self._woken.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def _listen(self) -> None:
         if self._conn is not None and not self._conn.is_closed():
