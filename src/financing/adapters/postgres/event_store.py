@@ -37,6 +37,7 @@ from financing.application import codec
 from financing.application.errors import ConcurrencyConflict, ReadAfterWrite
 from financing.application.ports import PROCESSED, A, Cause, Processed, StoredEvent
 from financing.domain.aggregates import Aggregate
+from financing.domain.events import DomainEvent
 
 # Notified inside every transaction that appends events; PostgreSQL delivers
 # it at commit, so a listener never hears of events it cannot read yet.
@@ -62,6 +63,35 @@ def stored_event(row: asyncpg.Record) -> StoredEvent:
     )
 
 
+# Events numbered from $3 on, in the order of the arrays.
+_APPEND = (
+    "WITH appended AS ("
+    " INSERT INTO events (aggregate_type, aggregate_id, version, name, body,"
+    " correlation_id, causation_id)"
+    " SELECT $1, $2, $3 + ordinality - 1, name, body::json, $6, $7"
+    " FROM unnest($4::text[], $5::text[]) WITH ORDINALITY AS new (name, body, ordinality)"
+    " RETURNING 1)"
+    " SELECT pg_notify($8, '') FROM (SELECT 1 FROM appended LIMIT 1) AS any_appended"
+)
+
+# A snapshot row has no name; event rows follow it in version order.
+_LOAD = (
+    "WITH snapshot AS (SELECT version, state FROM snapshots"
+    " WHERE aggregate_id = $1 AND aggregate_type = $2)"
+    " SELECT version, NULL AS name, state::text AS body, 0 AS part FROM snapshot"
+    " UNION ALL"
+    " SELECT version, name, body::text, 1 FROM events"
+    " WHERE aggregate_id = $1 AND version > coalesce((SELECT version FROM snapshot), 0)"
+    " ORDER BY part, version"
+)
+
+
+def _event(name: str, body: str, aggregate_id: UUID) -> DomainEvent:
+    event = codec.decode(name, body.encode(), str(aggregate_id))
+    assert isinstance(event, DomainEvent)  # the event store holds domain events only
+    return event
+
+
 @contextmanager
 def _conflicts(what: str) -> Iterator[None]:
     try:
@@ -78,7 +108,6 @@ class PostgresUnitOfWork:
         self._snapshot_interval = snapshot_interval
         self._cause = cause
         self._wrote = False
-        self._notified = False
         # Aggregates saved so far, by identity, with how many of their changes are stored.
         self._saved: dict[int, tuple[Aggregate, int]] = {}
 
@@ -98,25 +127,15 @@ class PostgresUnitOfWork:
 
     async def load(self, cls: type[A], aggregate_id: UUID) -> A:
         self._reading("load")
-        snapshot = await self._conn.fetchrow(
-            "SELECT version, state FROM snapshots WHERE aggregate_id = $1 AND aggregate_type = $2",
-            aggregate_id,
-            cls.aggregate_type,
-        )
-        if snapshot is None:
-            aggregate, after = cls(aggregate_id), 0
-        else:
-            after = snapshot["version"]
-            aggregate = cls.restore(aggregate_id, after, json.loads(snapshot["state"]))
-        # Only the events the snapshot does not already include.
-        rows = await self._conn.fetch(
-            f"SELECT {EVENT_COLUMNS} FROM events"
-            " WHERE aggregate_id = $1 AND version > $2 ORDER BY version",
-            aggregate_id,
-            after,
-        )
+        # One round trip: the snapshot (if any) first, then only the events it does not
+        # already include.
+        rows = await self._conn.fetch(_LOAD, aggregate_id, cls.aggregate_type)
+        aggregate = cls(aggregate_id)
         for row in rows:
-            aggregate.apply(stored_event(row).event)
+            if row["name"] is None:
+                aggregate = cls.restore(aggregate_id, row["version"], json.loads(row["body"]))
+            else:
+                aggregate.apply(_event(row["name"], row["body"], aggregate_id))
         return aggregate
 
     async def save(self, aggregate: Aggregate) -> None:
@@ -127,31 +146,24 @@ class PostgresUnitOfWork:
         self._wrote = True
         before = aggregate.stored_version + stored
         cause = self._cause
-        rows = [
-            (
+        with _conflicts(f"{aggregate.aggregate_type} {aggregate.id} moved past version {before}"):
+            # One round trip: the new events, and the NOTIFY delivered at commit (several
+            # in one transaction reach listeners as one).
+            await self._conn.execute(
+                _APPEND,
                 aggregate.aggregate_type,
                 aggregate.id,
-                before + offset,
-                codec.name_of(event),
-                codec.encode(event).decode(),
+                before + 1,
+                [codec.name_of(event) for event in new],
+                [codec.encode(event).decode() for event in new],
                 cause.correlation_id if cause else None,
                 cause.causation_id if cause else None,
-            )
-            for offset, event in enumerate(new, start=1)
-        ]
-        with _conflicts(f"{aggregate.aggregate_type} {aggregate.id} moved past version {before}"):
-            await self._conn.executemany(
-                "INSERT INTO events (aggregate_type, aggregate_id, version, name, body,"
-                " correlation_id, causation_id) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                rows,
+                NOTIFY_CHANNEL,
             )
         self._saved[id(aggregate)] = (aggregate, stored + len(new))
         after = before + len(new)
         if after // self._snapshot_interval > before // self._snapshot_interval:
             await self._snapshot(aggregate)
-        if not self._notified:
-            await self._conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
-            self._notified = True
 
     async def _snapshot(self, aggregate: Aggregate) -> None:
         with _conflicts(f"snapshot of {aggregate.aggregate_type} {aggregate.id}"):
