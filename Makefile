@@ -3,6 +3,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 PYTEST_ARGS ?=
 
 .PHONY: venv serve test unit integration acceptance lint proto demo bench populate clean compose-check
@@ -52,8 +53,13 @@ clean:
 demo: $(STAMP)
 	$(BIN)/python -m scripts.demo
 
-## Concurrent financing sagas through the public API: sagas per second and latency percentiles.
-bench: $(STAMP)
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/pip install --quiet -e ".[dev,bench]"
+	touch $(BENCH_STAMP)
+
+## Performance figures, each beside a baseline of the same run (docs/performance.md);
+## BENCH_ARGS=--quick for a 2-minute version, --help for the options.
+bench: $(BENCH_STAMP)
 	$(BIN)/python -m scripts.bench $(BENCH_ARGS)
 
 ## The container deployment, run for real (needs Docker; not part of `make test`): from `down -v`,

@@ -1,0 +1,472 @@
+"""Figures of the running service, driven from outside as its clients drive it.
+
+The service runs as `financing serve` on a throwaway deployment (its own
+databases and vhost, tests/support/deployment.py). The bench talks to it
+only through its public surfaces, with foreign clients:
+
+- Registering's integration events (`IssuerRegistered`, `InvestorRegistered`)
+  published on `events` with aio-pika, headers and JSON written by hand as the
+  contract describes them;
+- the Commands API through grpcio (scripts/bench_grpc.py);
+- the `events` exchange, through a queue of the bench's own bound to it;
+- the read-model tables of the query database, polled for the awaited ids;
+- the Prometheus endpoint (METRICS_ADDRESS) and /proc/PID of the process.
+
+A saga is SellInvoice (asking 10) then, once the invoice is listed, BidOnInvoice
+(15) by an investor of its own registered beforehand (balance 100), until
+the read model shows the invoice FINANCED; the policies then release the
+excess 5. One investor per saga, so that no two sagas write the same stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import resource
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import aio_pika
+import asyncpg
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+
+from scripts.bench_common import (
+    Percentiles,
+    Samples,
+    child_pid,
+    delta,
+    machine_cpu_seconds,
+    process_cpu_seconds,
+    process_rss_bytes,
+    say,
+    scrape,
+)
+from scripts.bench_grpc import ForeignCommands
+from tests.support.deployment import LocalDeployment
+
+ASKING_PRICE = 10.0
+BID = 15.0
+BALANCE = 100
+# The read model shows an invoice as FINANCED from then on (status only moves forward).
+FINANCED_OR_LATER = ("FINANCED", "APPROVED", "REVERSED")
+
+
+# ---------------------------------------------------------------- Registering, foreign publisher
+
+
+async def register(
+    connection: AbstractRobustConnection, issuers: Iterable[str], investors: Iterable[str]
+) -> None:
+    """Publish IssuerRegistered and InvestorRegistered, persistent and confirmed."""
+    channel = await connection.channel(publisher_confirms=True)
+    events = await channel.declare_exchange("events", aio_pika.ExchangeType.FANOUT, durable=True)
+    bodies: list[tuple[str, dict[str, object]]] = []
+    bodies += [("IssuerRegistered", {"ID": i, "Name": "bench issuer"}) for i in issuers]
+    bodies += [
+        ("InvestorRegistered", {"ID": i, "Name": "bench investor", "Balance": BALANCE})
+        for i in investors
+    ]
+    limit = asyncio.Semaphore(128)
+
+    async def publish(name: str, body: dict[str, object]) -> None:
+        message_id = str(uuid.uuid4())
+        async with limit:
+            await events.publish(
+                aio_pika.Message(
+                    json.dumps(body).encode(),
+                    headers={"_watermill_message_uuid": message_id, "name": name},
+                    content_type="application/json",
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                ),
+                routing_key="",
+            )
+
+    await asyncio.gather(*(publish(name, body) for name, body in bodies))
+    await channel.close()
+
+
+# ---------------------------------------------------------------- the read models, polled
+
+
+class ReadModelWatch:
+    """Polls the read-model tables every `interval` for the invoices awaited, and
+    notes when each was first seen listed, and first seen FINANCED.
+
+    Times carry up to `interval` plus one query of sampling error; the interval
+    may be changed between runs.
+    """
+
+    def __init__(self, conn: asyncpg.Connection, interval: float) -> None:
+        self._conn = conn
+        self.interval = interval
+        self._listed: dict[str, asyncio.Future[float]] = {}
+        self._financed: dict[str, asyncio.Future[float]] = {}
+
+    def listed(self, invoice_id: str) -> asyncio.Future[float]:
+        return self._listed.setdefault(invoice_id, asyncio.get_running_loop().create_future())
+
+    def financed(self, invoice_id: str) -> asyncio.Future[float]:
+        return self._financed.setdefault(invoice_id, asyncio.get_running_loop().create_future())
+
+    async def run(self) -> None:
+        while True:
+            awaited = [i for i, f in self._listed.items() if not f.done()]
+            awaited += [i for i, f in self._financed.items() if not f.done()]
+            if awaited:
+                rows = await self._conn.fetch(
+                    "SELECT id::text AS id, status FROM read_models.invoices"
+                    " WHERE id = ANY($1::uuid[]) AND issuer_id IS NOT NULL",
+                    awaited,
+                )
+                now = time.perf_counter()
+                for row in rows:
+                    listed = self._listed.get(row["id"])
+                    if listed is not None and not listed.done():
+                        listed.set_result(now)
+                    financed = self._financed.get(row["id"])
+                    if (
+                        financed is not None
+                        and not financed.done()
+                        and row["status"] in FINANCED_OR_LATER
+                    ):
+                        financed.set_result(now)
+                self._forget_settled()
+            await asyncio.sleep(self.interval)
+
+    def _forget_settled(self) -> None:
+        for awaited in (self._listed, self._financed):
+            if len(awaited) > 4096:
+                for key in [k for k, f in awaited.items() if f.done()]:
+                    del awaited[key]
+
+
+async def wait_registered(
+    conn: asyncpg.Connection, issuers: list[str], investors: list[str], within: float
+) -> None:
+    """Until every issuer and investor is in the read models."""
+    deadline = time.monotonic() + within
+    while True:
+        found = await conn.fetchval(
+            "SELECT (SELECT count(*) FROM read_models.issuers WHERE id = ANY($1::uuid[]))"
+            " + (SELECT count(*) FROM read_models.investors WHERE id = ANY($2::uuid[]))",
+            issuers,
+            investors,
+        )
+        if found == len(issuers) + len(investors):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{found} of {len(issuers) + len(investors)} registered")
+        await asyncio.sleep(0.2)
+
+
+# ---------------------------------------------------------------- the bus, seen by our own queue
+
+
+class BusWatch:
+    """An exclusive queue of the bench's own bound to `events`: when each domain event of
+    a saga was delivered to it, by (event name, the saga's invoice or investor id)."""
+
+    KEYS: ClassVar[dict[str, Callable[[str, dict[str, object]], str]]] = {
+        "InvoiceCreatedEvent": lambda aggregate, body: aggregate,
+        "BidOnInvoicePlacedEvent": lambda aggregate, body: str(body["InvoiceID"]),
+        "InvoiceFinancedEvent": lambda aggregate, body: aggregate,
+        "InvestorFundsReleasedEvent": lambda aggregate, body: aggregate,
+    }
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, str], asyncio.Future[float]] = {}
+
+    def seen(self, name: str, key: str) -> asyncio.Future[float]:
+        return self._seen.setdefault((name, key), asyncio.get_running_loop().create_future())
+
+    async def deliver(self, message: AbstractIncomingMessage) -> None:
+        now = time.perf_counter()
+        headers = message.headers or {}
+        name = str(headers.get("name", ""))
+        key_of = self.KEYS.get(name)
+        if key_of is None:
+            return
+        body = json.loads(message.body)
+        future = self.seen(name, key_of(str(headers.get("aggregateID", "")), body))
+        if not future.done():
+            future.set_result(now)
+
+    @contextlib.asynccontextmanager
+    async def bound(self, connection: AbstractRobustConnection) -> AsyncIterator[None]:
+        channel: AbstractChannel = await connection.channel()
+        events = await channel.declare_exchange(
+            "events", aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(events, routing_key="")
+        tag = await queue.consume(self.deliver, no_ack=True)
+        try:
+            yield
+        finally:
+            await queue.cancel(tag)
+            await channel.close()
+
+
+# ---------------------------------------------------------------- the figures
+
+
+@dataclass
+class Deployment:
+    """The running service and the bench's clients of it."""
+
+    box: LocalDeployment
+    commands: ForeignCommands
+    amqp: AbstractRobustConnection
+    read_models: ReadModelWatch
+    read_conn: asyncpg.Connection
+    pid: int
+    issuers: list[str]
+    investors: list[str] = field(default_factory=list)
+    _next_investor: int = 0
+
+    def investor(self) -> str:
+        investor = self.investors[self._next_investor]
+        self._next_investor += 1
+        return investor
+
+    def issuer(self, index: int) -> str:
+        return self.issuers[index % len(self.issuers)]
+
+
+@contextlib.asynccontextmanager
+async def driving(
+    box: LocalDeployment, *, issuers: int, investors: int, poll_interval: float
+) -> AsyncIterator[Deployment]:
+    """The bench's clients of `box`, with its issuers and investors registered."""
+    pid = child_pid(lambda argv: "serve" in argv)
+    amqp = await aio_pika.connect_robust(box.amqp_url)
+    read_conn = await asyncpg.connect(**box.query_db.connect_kwargs)
+    poll_conn = await asyncpg.connect(**box.query_db.connect_kwargs)
+    watch = ReadModelWatch(poll_conn, poll_interval)
+    poller = asyncio.create_task(watch.run())
+    commands = ForeignCommands(box.command_address)
+    deployment = Deployment(
+        box,
+        commands,
+        amqp,
+        watch,
+        read_conn,
+        pid,
+        [str(uuid.uuid4()) for _ in range(issuers)],
+        [str(uuid.uuid4()) for _ in range(investors)],
+    )
+    try:
+        yield deployment
+    finally:
+        poller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await poller
+        await commands.close()
+        await poll_conn.close()
+        await read_conn.close()
+        await amqp.close()
+
+
+async def register_all(deployment: Deployment) -> float:
+    """Register every issuer and investor; the seconds until all are in the read models."""
+    started = time.perf_counter()
+    await register(deployment.amqp, deployment.issuers, deployment.investors)
+    await wait_registered(
+        deployment.read_conn,
+        deployment.issuers,
+        deployment.investors,
+        within=60 + len(deployment.investors) / 10,
+    )
+    return time.perf_counter() - started
+
+
+async def _within(awaitable: Awaitable[float], seconds: float = 30.0) -> float:
+    return await asyncio.wait_for(awaitable, seconds)
+
+
+@dataclass(frozen=True)
+class LatencyFigures:
+    end_to_end: Percentiles  # BidOnInvoice accepted -> read model FINANCED
+    accepted_to_placed: Percentiles  # accepted -> BidOnInvoicePlacedEvent on the bus
+    placed_to_financed: Percentiles  # BidOnInvoicePlacedEvent -> InvoiceFinancedEvent
+    financed_to_released: Percentiles  # InvoiceFinancedEvent -> InvestorFundsReleasedEvent
+    read_model_trailing: Percentiles  # InvoiceFinancedEvent on the bus -> read model FINANCED
+    bid_rpc: Percentiles  # the BidOnInvoice call itself
+    failed: int  # sagas that did not finish within 30 s a step
+
+
+async def latency(deployment: Deployment, samples: int) -> LatencyFigures:
+    """One saga at a time; each bid placed once the invoice is listed (the service idle)."""
+    bus = BusWatch()
+    series: dict[str, list[float]] = {
+        name: [] for name in LatencyFigures.__dataclass_fields__ if name != "failed"
+    }
+    failed = 0
+    async with bus.bound(deployment.amqp):
+        for index in range(samples):
+            try:
+                one = await _one_saga(deployment, bus, index)
+            except TimeoutError:
+                failed += 1
+                continue
+            for name, value in one.items():
+                series[name].append(value)
+    return LatencyFigures(
+        **{name: Percentiles.of_seconds(values) for name, values in series.items()},
+        failed=failed,
+    )
+
+
+async def _one_saga(deployment: Deployment, bus: BusWatch, index: int) -> dict[str, float]:
+    investor = deployment.investor()
+    invoice = await deployment.commands.sell_invoice(deployment.issuer(index), ASKING_PRICE)
+    await _within(deployment.read_models.listed(invoice))
+    sent = time.perf_counter()
+    await deployment.commands.bid_on_invoice(investor, invoice, BID)
+    accepted = time.perf_counter()
+    placed = await _within(bus.seen("BidOnInvoicePlacedEvent", invoice))
+    financed = await _within(bus.seen("InvoiceFinancedEvent", invoice))
+    released = await _within(bus.seen("InvestorFundsReleasedEvent", investor))
+    shown = await _within(deployment.read_models.financed(invoice))
+    return {
+        "end_to_end": shown - accepted,
+        "accepted_to_placed": placed - accepted,
+        "placed_to_financed": financed - placed,
+        "financed_to_released": released - financed,
+        "read_model_trailing": shown - financed,
+        "bid_rpc": accepted - sent,
+    }
+
+
+@dataclass(frozen=True)
+class Level:
+    in_flight: int
+    sagas: int
+    failed: int
+    seconds: float  # from the first SellInvoice to the last FINANCED seen
+    saga: Percentiles  # SellInvoice sent -> read model FINANCED
+    accepted_to_financed: Percentiles  # BidOnInvoice accepted -> read model FINANCED
+
+    @property
+    def per_second(self) -> float:
+        return (self.sagas - self.failed) / self.seconds
+
+
+async def throughput(deployment: Deployment, in_flight: int, sagas: int) -> Level:
+    """`sagas` sagas, `in_flight` at a time; the bid once the read model lists the invoice."""
+    limit = asyncio.Semaphore(in_flight)
+    investors = [deployment.investor() for _ in range(sagas)]
+
+    async def saga(index: int) -> tuple[float, float]:
+        async with limit:
+            started = time.perf_counter()
+            commands = deployment.commands
+            invoice = await commands.sell_invoice(deployment.issuer(index), ASKING_PRICE)
+            await _within(deployment.read_models.listed(invoice), 60)
+            await commands.bid_on_invoice(investors[index], invoice, BID)
+            accepted = time.perf_counter()
+            shown = await _within(deployment.read_models.financed(invoice), 60)
+            return shown - started, shown - accepted
+
+    started = time.perf_counter()
+    outcomes = await asyncio.gather(*(saga(i) for i in range(sagas)), return_exceptions=True)
+    elapsed = time.perf_counter() - started
+    done = [o for o in outcomes if isinstance(o, tuple)]
+    for failure in [o for o in outcomes if not isinstance(o, tuple)][:3]:
+        say(f"saga failed: {failure!r}")
+    return Level(
+        in_flight,
+        sagas,
+        sagas - len(done),
+        elapsed,
+        Percentiles.of_seconds([d[0] for d in done]),
+        Percentiles.of_seconds([d[1] for d in done]),
+    )
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What the service spent on a throughput run, counted until it was quiet again."""
+
+    sagas: int
+    service_cpu: float  # seconds, utime + stime of `financing serve`
+    machine_cpu: float  # seconds, every process of the machine (PostgreSQL, RabbitMQ, bench)
+    bench_cpu: float  # seconds, this process (the load generator)
+    rss_end: int  # bytes, `financing serve` at the end of the run
+    received: dict[str, float]  # deliveries the service's consumers received, by queue
+    used: dict[str, float]  # of which processed or unchanged (an effect, or a rule said no)
+    publishes: float  # commands queued + events relayed + dead letters published
+
+    @property
+    def received_per_saga(self) -> float:
+        return sum(self.received.values()) / self.sagas
+
+    @property
+    def used_per_saga(self) -> float:
+        return sum(self.used.values()) / self.sagas
+
+
+def _bench_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def quiet(deployment: Deployment, within: float = 20.0) -> Samples:
+    """Scrape until the service's counters stop moving (the last sagas' trailing steps
+    done); the last scrape."""
+    deadline = time.monotonic() + within
+    last = await scrape(deployment.box.metrics_address)
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.3)
+        now = await scrape(deployment.box.metrics_address)
+        if _activity(now) == _activity(last):
+            return now
+        last = now
+    return last
+
+
+def _activity(samples: Samples) -> float:
+    return sum(
+        value
+        for (name, _), value in samples.items()
+        if name in ("financing_messages_total", "financing_events_relayed_total")
+    )
+
+
+async def measured_throughput(
+    deployment: Deployment, in_flight: int, sagas: int
+) -> tuple[Level, Costs]:
+    """A throughput run with what it cost the service: CPU, memory, deliveries."""
+    before = await quiet(deployment)
+    cpu, machine, bench = process_cpu_seconds(deployment.pid), machine_cpu_seconds(), _bench_cpu()
+    level = await throughput(deployment, in_flight, sagas)
+    rss = process_rss_bytes(deployment.pid)
+    after = await quiet(deployment)
+    cpu = process_cpu_seconds(deployment.pid) - cpu
+    machine, bench = machine_cpu_seconds() - machine, _bench_cpu() - bench
+    received: dict[str, float] = {}
+    used: dict[str, float] = {}
+    for labels, increase in delta(before, after, "financing_messages_total").items():
+        queue, outcome = dict(labels)["queue"], dict(labels)["outcome"]
+        if outcome != "retried":
+            received[queue] = received.get(queue, 0.0) + increase
+        if outcome in ("processed", "unchanged"):
+            used[queue] = used.get(queue, 0.0) + increase
+    commands = sum(
+        increase
+        for labels, increase in delta(before, after, "grpc_server_handled_total").items()
+        if dict(labels).get("grpc_service") == "Commands" and dict(labels).get("grpc_code") == "OK"
+    )
+    relayed = sum(delta(before, after, "financing_events_relayed_total").values())
+    dead = sum(delta(before, after, "financing_dead_letters_published_total").values())
+    done = level.sagas - level.failed
+    costs = Costs(done, cpu, machine, bench, rss, received, used, commands + relayed + dead)
+    return level, costs
+
+
+def rss(deployment: Deployment) -> int:
+    return process_rss_bytes(deployment.pid)
