@@ -9,8 +9,9 @@ concurrent writers for the same number of seconds:
   service's own code, on uvloop as `financing serve` runs it, with a pool of
   `writers` connections;
 - pgbench with our statements: one unit of work is run first with asyncpg's
-  query logger on its connection, and exactly the statements it sent (BEGIN
-  to COMMIT, the rows of an executemany pipelined as asyncpg pipelines them)
+  query logger on its connection, and exactly the statements it sent (until
+  the pool's reset on release; the rows of an executemany pipelined as asyncpg
+  pipelines them)
   become a pgbench script, run prepared (`-M prepared`, as asyncpg prepares
   them), with a fresh aggregate id and message id per transaction;
 - pgbench's simple one-row insert: one INSERT per transaction (autocommit),
@@ -137,11 +138,12 @@ async def capture(db: Database) -> Captured:
 
 
 def _transaction(records: list[LoggedQuery]) -> list[LoggedQuery]:
-    """From BEGIN to COMMIT: the pool's reset query on release is left out (it is one
-    multi-statement query, which pgbench cannot send prepared)."""
-    words = [record.query.split(None, 1)[0].rstrip(";").upper() for record in records]
-    begin, commit = words.index("BEGIN"), words.index("COMMIT")
-    return records[begin : commit + 1]
+    """The unit of work's statements: the pool's reset query on release is left out (it
+    is one multi-statement query, which pgbench cannot send prepared)."""
+    for index, record in enumerate(records):
+        if "RESET ALL" in record.query.upper():
+            return records[:index]
+    return records
 
 
 _PARAMETER = re.compile(r"\$(\d+)")
@@ -175,6 +177,11 @@ def pgbench_script(captured: Captured) -> PgbenchScript:
             variable = captured.fresh[value]
             expression = f"md5(:{variable}::text)::uuid"
             return expression if isinstance(value, uuid.UUID) else f"({expression}::text)"
+        if isinstance(value, list) and any(
+            isinstance(v, uuid.UUID | str) and v in captured.fresh for v in value
+        ):
+            # An array holding a per-unit value: built element by element.
+            return "ARRAY[" + ", ".join(argument(v) for v in value) + "]"
         name = f"c{len(constants) + 1}"
         constants[name] = _text(value)
         return f":{name}"

@@ -19,6 +19,7 @@ import pytest
 from financing.adapters.postgres.connection import COMMAND_DATABASE, connect, create_pool
 from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.adapters.postgres.schema import migrate
+from financing.application import codec
 from financing.application.errors import ConcurrencyConflict, Unavailable
 from financing.config import Database
 from financing.domain.aggregates import Investor
@@ -145,10 +146,17 @@ async def test_of_two_writers_racing_on_one_stream_the_loser_gets_a_concurrency_
     first_saved, first_may_commit = asyncio.Event(), asyncio.Event()
 
     async def first() -> None:
-        async with store.unit_of_work() as uow:
-            investor = await uow.load(Investor, investor_id)
-            investor.place_bid(uuid4(), Decimal("10"))
-            await uow.save(investor)  # version 3, not committed yet
+        # Another writer, holding its transaction open after appending version 3 (a
+        # unit of work's own writing statement is too short to hold it open).
+        placed = BidOnInvoicePlacedEvent(investor_id, uuid4(), Decimal("10"))
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO events (aggregate_type, aggregate_id, version, name, body)"
+                " VALUES ('Investor', $1, 3, $2, $3::json)",
+                investor_id,
+                codec.name_of(placed),
+                codec.encode(placed).decode(),
+            )
             first_saved.set()
             await first_may_commit.wait()
 
@@ -174,3 +182,25 @@ async def test_of_two_writers_racing_on_one_stream_the_loser_gets_a_concurrency_
     placed = stream[2].event
     assert isinstance(placed, BidOnInvoicePlacedEvent)
     assert placed.bid_amount == Decimal("10")
+
+
+async def test_a_pooled_connection_is_released_without_a_round_trip_unless_a_transaction_is_open(
+    database: Database,
+) -> None:
+    pool = await create_pool(database, COMMAND_DATABASE, min_size=1)
+    sent: list[str] = []
+    try:
+        conn = await pool.acquire()
+        conn.add_query_logger(lambda query: sent.append(query.query))
+        await conn.fetchval("SELECT 1")
+        await pool.release(conn)
+        assert sent == ["SELECT 1"]  # the driver's reset query is not sent
+
+        conn = await pool.acquire()
+        await conn.execute("BEGIN")  # as a statement cancelled mid-transaction leaves it
+        await pool.release(conn)
+        assert sent[-1] == "ROLLBACK"
+        async with pool.acquire() as again:
+            assert not again.is_in_transaction()
+    finally:
+        await pool.close()

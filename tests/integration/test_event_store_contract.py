@@ -14,6 +14,7 @@ import dataclasses
 import json
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
+from typing import Any
 from uuid import UUID, uuid4
 
 import asyncpg
@@ -421,6 +422,69 @@ class TestPostgresEventStore(EventStoreContract):
         await _truncate(pool)
         return PostgresEventStore(pool)
 
+    # Round trips and transactions
+
+    async def test_a_unit_of_work_sends_one_statement_per_read_and_one_for_all_its_writes(
+        self, pool: asyncpg.Pool
+    ) -> None:
+        await _truncate(pool)
+        store = PostgresEventStore(pool, snapshot_interval=2)
+        investor_id = uuid4()
+        sent: list[str] = []
+
+        def note(query: object) -> None:
+            sent.append(getattr(query, "query", ""))
+
+        async def create(single: Any, investor_id: UUID, message_id: str) -> None:
+            async with PostgresEventStore(single, snapshot_interval=2).unit_of_work(
+                Cause("saga-1", message_id)
+            ) as uow:
+                assert not await uow.seen("create_investor", message_id)
+                investor = await uow.load(Investor, investor_id)
+                investor.create(Decimal("10"))  # versions 1-2: a snapshot is due
+                await uow.save(investor)
+                await uow.record("create_investor", message_id)
+
+        async with pool.acquire() as conn:
+            single = _OneConnectionPool(conn)
+            # Once first: the driver's first use of a statement on a connection may
+            # look up the types it uses.
+            await create(single, uuid4(), "message-0")
+            conn.add_query_logger(note)
+            await create(single, investor_id, "message-1")
+            conn.remove_query_logger(note)
+
+        assert len(sent) == 3, sent  # seen, load, then one write: no BEGIN, no COMMIT
+        assert sent[2].startswith("WITH appended AS")
+        assert [e.version for e in await store.stream(investor_id)] == [1, 2]
+        assert (
+            await pool.fetchval(
+                "SELECT version FROM snapshots WHERE aggregate_id = $1", investor_id
+            )
+            == 2
+        )
+        async with store.unit_of_work() as uow:
+            assert await uow.seen("create_investor", "message-1")
+
+    async def test_an_open_unit_of_work_holds_no_transaction_while_its_handler_decides(
+        self, pool: asyncpg.Pool
+    ) -> None:
+        await _truncate(pool)
+        store = PostgresEventStore(pool)
+        async with store.unit_of_work() as uow:
+            investor = await uow.load(Investor, uuid4())
+            investor.create(Decimal("10"))
+            await uow.save(investor)
+            # Nothing is written yet, and nothing of ours holds the server's horizon:
+            # events committed meanwhile by others are relayable at once.
+            assert await store.stream(investor.id) == []
+            in_transaction = await pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND backend_xid IS NOT NULL"
+            )
+            assert in_transaction == 0
+        assert [e.version for e in await store.stream(investor.id)] == [1, 2]
+
     # Snapshots
 
     async def test_loading_from_snapshots_matches_a_full_replay(self, pool: asyncpg.Pool) -> None:
@@ -608,3 +672,17 @@ async def processed_messages(pool: asyncpg.Pool) -> list[tuple[object, ...]]:
         " FROM processed_messages ORDER BY processed_at, consumer, message_id"
     )
     return [tuple(row.values()) for row in rows]
+
+
+class _OneConnectionPool:
+    """A pool of one connection, lent to the event store so that a test sees every
+    statement it sends on it."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    async def acquire(self) -> Any:
+        return self._conn
+
+    async def release(self, conn: Any) -> None:
+        pass

@@ -226,6 +226,41 @@ class ReadModelContract:
         assert [row.id for row in await store.invoices()] == invoices
         assert [row.id for row in await store.issuers()] == issuers
 
+    async def test_one_batch_lists_rows_in_the_order_of_their_first_events(
+        self, store: ReadModelStore
+    ) -> None:
+        # As the relayer delivers a saga's events: an update of an older row first, then
+        # rows created and updated in between. A batch projects them as one by one would.
+        old_investor, old_invoice, issuer = uuid4(), uuid4(), uuid4()
+        await apply(store, *created_investor(old_investor, "100"))
+        await apply(store, ev.InvoiceCreatedEvent(old_invoice, issuer, D(10)))
+        first, second = uuid4(), uuid4()
+        first_invoice, second_invoice = uuid4(), uuid4()
+        await apply(
+            store,
+            ev.InvestorFundsAddedEvent(old_investor, D(5)),
+            ev.InvoiceFinancedEvent(old_invoice, D(10), Bid(old_investor, D(10))),
+            ev.InvestorCreatedEvent(first),
+            ev.InvoiceCreatedEvent(first_invoice, issuer, D(20)),
+            ev.InvestorCreatedEvent(second),
+            ev.InvestorFundsAddedEvent(second, D(50)),
+            ev.InvoiceCreatedEvent(second_invoice, issuer, D(30)),
+            ev.InvoiceFinancedEvent(second_invoice, D(30), Bid(second, D(30))),
+            ev.InvestorFundsAddedEvent(first, D(7)),
+            ev.InvoiceApprovedEvent(second_invoice, D(30), Bid(second, D(30))),
+        )
+
+        assert await store.investors() == [
+            InvestorRow(old_investor, D(105), D(0), D(0)),
+            InvestorRow(first, D(7), D(0), D(0)),
+            InvestorRow(second, D(50), D(0), D(0)),
+        ]
+        assert [(row.id, row.status) for row in await store.invoices()] == [
+            (old_invoice, FINANCED),
+            (first_invoice, AVAILABLE),
+            (second_invoice, APPROVED),
+        ]
+
     # Idempotency
 
     async def test_message_applied_again_changes_nothing(self, store: ReadModelStore) -> None:

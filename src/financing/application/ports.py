@@ -146,8 +146,10 @@ PROCESSED = Processed()
 class UnitOfWork(Protocol):
     """One atomic change: reads first, then the appends and the processed mark.
 
-    Implementations must perform no write before the first `save`/`record`, so
-    that a transaction's commit-order key is taken after everything it read.
+    The writes take effect together when the unit of work ends, or not at all;
+    implementations perform none of them before then, so that their commit-order
+    key is taken after everything the unit of work read. Reads see what was
+    committed when each runs.
     """
 
     async def seen(self, consumer: str, message_id: str) -> bool:
@@ -161,7 +163,8 @@ class UnitOfWork(Protocol):
     async def save(self, aggregate: Aggregate) -> None:
         """Append `aggregate.changes`, expecting the stream at `aggregate.stored_version`.
 
-        Raises ConcurrencyConflict when another writer appended first.
+        The unit of work raises ConcurrencyConflict as it ends if another writer
+        appended first.
         """
         ...
 
@@ -173,7 +176,8 @@ class UnitOfWork(Protocol):
 
 class EventStore(Protocol):
     def unit_of_work(self, cause: Cause | None = None) -> AbstractAsyncContextManager[UnitOfWork]:
-        """A transaction: committed when the block exits normally, rolled back otherwise.
+        """An atomic change: its writes take effect when the block exits normally,
+        none of them otherwise.
 
         The events it appends, and the record of the message it processes, keep
         `cause` (correlation and causation ids).

@@ -1,20 +1,31 @@
 """The event store on PostgreSQL: one stream per aggregate, appended in units of work.
 
+A unit of work costs one round trip per read and one for all its writes. Its
+reads (`seen`, `load`) run as they come, each a statement of its own; its
+writes (`save`, `record`) are kept until the block ends and then go to the
+server as one statement, which appends every event, takes the snapshots due,
+records the processed message and notifies the relayer: one statement is one
+transaction, so they all commit or none does, and no transaction is held open
+while the handler decides.
+
 Commit order. Each event row carries the id of the transaction that inserted
 it (`transaction_id`, assigned by PostgreSQL at the transaction's first
 write). Readers order events by `(transaction_id, position)`. That order puts
 causes before effects only if a transaction's id is greater than the ids of
 all transactions whose effects it read, which holds when every read happens
 before the first write: a transaction that committed before we read it had
-its id already, and ids are handed out in increasing order. So a unit of work
-refuses a read after a write (`ReadAfterWrite`), and performs no write of its
-own before the first `save`/`record`.
+its id already, and ids are handed out in increasing order. The writing
+statement comes after every read of its unit of work, which refuses a read
+after a write (`ReadAfterWrite`) so that no handler expects otherwise.
 
 Conflicts. UNIQUE(aggregate_id, version) on events and the primary key of
-processed_messages make two transactions that append the same version, or
+processed_messages make two units of work that append the same version, or
 record the same message, unable to both commit: the loser gets
-`ConcurrencyConflict`, its whole unit of work is rolled back, and its retry
-reloads (or finds the message processed).
+`ConcurrencyConflict`, none of its writes take effect, and its retry reloads
+(or finds the message processed). Reads are not one snapshot: a copy of a
+message that found it new may load what another copy committed meanwhile; its
+record of the message then conflicts, and `pipeline.exactly_once` looks again
+before it lets a broken rule dead-letter the message.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
@@ -63,15 +75,37 @@ def stored_event(row: asyncpg.Record) -> StoredEvent:
     )
 
 
-# Events numbered from $3 on, in the order of the arrays.
-_APPEND = (
+# Every write of a unit of work, in one statement: the events (in the order of the
+# arrays), the snapshots, the processed records, and the NOTIFY that PostgreSQL
+# delivers at commit (only when events were appended). Data-modifying WITH
+# clauses all run to completion whether or not the final SELECT reads them.
+_WRITE = (
     "WITH appended AS ("
     " INSERT INTO events (aggregate_type, aggregate_id, version, name, body,"
     " correlation_id, causation_id)"
-    " SELECT $1, $2, $3 + ordinality - 1, name, body::json, $6, $7"
-    " FROM unnest($4::text[], $5::text[]) WITH ORDINALITY AS new (name, body, ordinality)"
+    " SELECT type, id, version, name, body::json, $6, $7"
+    " FROM unnest($1::text[], $2::uuid[], $3::int[], $4::text[], $5::text[])"
+    " WITH ORDINALITY AS new (type, id, version, name, body, ordinality)"
+    " ORDER BY ordinality"
+    " RETURNING 1),"
+    " snapshot AS ("
+    " INSERT INTO snapshots (aggregate_id, aggregate_type, version, state)"
+    " SELECT id, type, version, state::jsonb"
+    " FROM unnest($8::uuid[], $9::text[], $10::int[], $11::text[])"
+    " AS new (id, type, version, state)"
+    " ON CONFLICT (aggregate_id) DO UPDATE"
+    " SET aggregate_type = EXCLUDED.aggregate_type, version = EXCLUDED.version,"
+    " state = EXCLUDED.state, taken_at = now()"
+    " WHERE snapshots.version < EXCLUDED.version"
+    " RETURNING 1),"
+    " recorded AS ("
+    " INSERT INTO processed_messages"
+    " (consumer, message_id, name, correlation_id, outcome, detail, events)"
+    " SELECT consumer, message_id, name, $6, outcome, detail, events"
+    " FROM unnest($12::text[], $13::text[], $14::text[], $15::text[], $16::text[], $17::int[])"
+    " AS new (consumer, message_id, name, outcome, detail, events)"
     " RETURNING 1)"
-    " SELECT pg_notify($8, '') FROM (SELECT 1 FROM appended LIMIT 1) AS any_appended"
+    " SELECT pg_notify($18, '') FROM (SELECT 1 FROM appended LIMIT 1) AS any_appended"
 )
 
 # A snapshot row has no name; event rows follow it in version order.
@@ -92,27 +126,47 @@ def _event(name: str, body: str, aggregate_id: UUID) -> DomainEvent:
     return event
 
 
+# Which rule a unique violation of the writing statement broke.
+_CONFLICTS = {
+    "events_stream_version": "an aggregate moved past the version it was loaded at",
+    "processed_messages_pkey": "the message was already processed",
+}
+
+
 @contextmanager
-def _conflicts(what: str) -> Iterator[None]:
+def _conflicts() -> Iterator[None]:
     try:
         yield
     except RACE_ERRORS as exc:
-        raise ConcurrencyConflict(f"{what}: {exc}") from exc
+        constraint = getattr(exc, "constraint_name", None) or ""
+        what = _CONFLICTS.get(constraint, "another writer came first")
+        detail = getattr(exc, "detail", None) or str(exc)
+        raise ConcurrencyConflict(f"{what}: {detail}") from exc
+
+
+@dataclass
+class _Saved:
+    """An aggregate saved in a unit of work: how many of its changes to store, and the
+    snapshot (version, state) due once they are stored, if any."""
+
+    aggregate: Aggregate
+    changes: int
+    snapshot: tuple[int, str] | None
 
 
 class PostgresUnitOfWork:
-    """One transaction: reads (`seen`, `load`) first, then writes (`save`, `record`)."""
+    """Reads (`seen`, `load`) run at once; writes (`save`, `record`) wait for `commit`."""
 
     def __init__(self, conn: Connection, snapshot_interval: int, cause: Cause | None) -> None:
         self._conn = conn
         self._snapshot_interval = snapshot_interval
         self._cause = cause
-        self._wrote = False
-        # Aggregates saved so far, by identity, with how many of their changes are stored.
-        self._saved: dict[int, tuple[Aggregate, int]] = {}
+        # Aggregates saved so far, by identity, in the order they were first saved.
+        self._saved: dict[int, _Saved] = {}
+        self._records: list[tuple[str, str, Processed]] = []
 
     def _reading(self, what: str) -> None:
-        if self._wrote:
+        if self._saved or self._records:
             raise ReadAfterWrite(f"{what} after a write in the same unit of work")
 
     async def seen(self, consumer: str, message_id: str) -> bool:
@@ -139,67 +193,60 @@ class PostgresUnitOfWork:
         return aggregate
 
     async def save(self, aggregate: Aggregate) -> None:
-        _, stored = self._saved.get(id(aggregate), (aggregate, 0))
-        new = aggregate.changes[stored:]
-        if not new:
+        count = len(aggregate.changes)
+        saved = self._saved.get(id(aggregate))
+        if count == (saved.changes if saved else 0):
             return
-        self._wrote = True
-        before = aggregate.stored_version + stored
-        cause = self._cause
-        with _conflicts(f"{aggregate.aggregate_type} {aggregate.id} moved past version {before}"):
-            # One round trip: the new events, and the NOTIFY delivered at commit (several
-            # in one transaction reach listeners as one).
-            await self._conn.execute(
-                _APPEND,
-                aggregate.aggregate_type,
-                aggregate.id,
-                before + 1,
-                [codec.name_of(event) for event in new],
-                [codec.encode(event).decode() for event in new],
-                cause.correlation_id if cause else None,
-                cause.causation_id if cause else None,
-                NOTIFY_CHANNEL,
-            )
-        self._saved[id(aggregate)] = (aggregate, stored + len(new))
-        after = before + len(new)
+        before = aggregate.stored_version
+        after = before + count
+        snapshot = saved.snapshot if saved else None
         if after // self._snapshot_interval > before // self._snapshot_interval:
-            await self._snapshot(aggregate)
-
-    async def _snapshot(self, aggregate: Aggregate) -> None:
-        with _conflicts(f"snapshot of {aggregate.aggregate_type} {aggregate.id}"):
-            await self._conn.execute(
-                "INSERT INTO snapshots (aggregate_id, aggregate_type, version, state)"
-                " VALUES ($1, $2, $3, $4::jsonb)"
-                " ON CONFLICT (aggregate_id) DO UPDATE"
-                " SET aggregate_type = EXCLUDED.aggregate_type, version = EXCLUDED.version,"
-                " state = EXCLUDED.state, taken_at = now()"
-                " WHERE snapshots.version < EXCLUDED.version",
-                aggregate.id,
-                aggregate.aggregate_type,
-                aggregate.version,
-                json.dumps(aggregate.snapshot()),
-            )
+            snapshot = (aggregate.version, json.dumps(aggregate.snapshot()))
+        self._saved[id(aggregate)] = _Saved(aggregate, count, snapshot)
 
     async def record(self, consumer: str, message_id: str, what: Processed = PROCESSED) -> None:
-        self._wrote = True
-        with _conflicts(f"message {message_id} already processed by {consumer}"):
-            await self._conn.execute(
-                "INSERT INTO processed_messages"
-                " (consumer, message_id, name, correlation_id, outcome, detail, events)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                consumer,
-                message_id,
-                what.name or None,
-                self._cause.correlation_id if self._cause else None,
-                what.outcome,
-                what.detail or None,
-                what.events,
-            )
+        self._records.append((consumer, message_id, what))
 
-    def committed(self) -> None:
-        """The saved aggregates' changes are now stored: they are changes no more."""
-        for aggregate, _ in self._saved.values():
-            aggregate.changes.clear()
+    async def commit(self) -> None:
+        """Every write kept so far, in one statement (nothing when there is none)."""
+        if not self._saved and not self._records:
+            return
+        events = [
+            (saved.aggregate, saved.aggregate.stored_version + offset, event)
+            for saved in self._saved.values()
+            for offset, event in enumerate(saved.aggregate.changes[: saved.changes], start=1)
+        ]
+        snapshots = [
+            (saved.aggregate, *saved.snapshot)
+            for saved in self._saved.values()
+            if saved.snapshot is not None
+        ]
+        cause = self._cause
+        with _conflicts():
+            await self._conn.execute(
+                _WRITE,
+                [aggregate.aggregate_type for aggregate, _, _ in events],
+                [aggregate.id for aggregate, _, _ in events],
+                [version for _, version, _ in events],
+                [codec.name_of(event) for _, _, event in events],
+                [codec.encode(event).decode() for _, _, event in events],
+                cause.correlation_id if cause else None,
+                cause.causation_id if cause else None,
+                [aggregate.id for aggregate, _, _ in snapshots],
+                [aggregate.aggregate_type for aggregate, _, _ in snapshots],
+                [version for _, version, _ in snapshots],
+                [state for _, _, state in snapshots],
+                [consumer for consumer, _, _ in self._records],
+                [message_id for _, message_id, _ in self._records],
+                [what.name or None for _, _, what in self._records],
+                [what.outcome for _, _, what in self._records],
+                [what.detail or None for _, _, what in self._records],
+                [what.events for _, _, what in self._records],
+                NOTIFY_CHANNEL,
+            )
+        # The saved changes are now stored: they are changes no more.
+        for saved in self._saved.values():
+            del saved.aggregate.changes[: saved.changes]
 
 
 class PostgresEventStore:
@@ -215,12 +262,8 @@ class PostgresEventStore:
     async def unit_of_work(self, cause: Cause | None = None) -> AsyncIterator[PostgresUnitOfWork]:
         async with acquired(self._pool, COMMAND_DATABASE) as conn:
             uow = PostgresUnitOfWork(conn, self._snapshot_interval, cause)
-            # One snapshot for every read: a copy of a message that found it new
-            # must not then load what another copy committed meanwhile (it would
-            # break a rule, releasing funds twice, instead of conflicting).
-            async with conn.transaction(isolation="repeatable_read"):
-                yield uow
-            uow.committed()
+            yield uow
+            await uow.commit()
 
     async def stream(self, aggregate_id: UUID) -> list[StoredEvent]:
         async with acquired(self._pool, COMMAND_DATABASE) as conn:

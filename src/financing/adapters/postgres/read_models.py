@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from decimal import Decimal
+from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -29,6 +30,7 @@ from financing.application.read_models import (
 from financing.domain import events as ev
 from financing.domain.aggregates import InvoiceStatus
 from financing.domain.events import Bid, DomainEvent
+from financing.domain.money import ZERO
 
 DEFAULT_SCHEMA = "read_models"
 
@@ -60,29 +62,32 @@ class PostgresReadModels:
             f"INSERT INTO {s}.processed_messages (message_id) SELECT unnest($1::text[])"
             " ON CONFLICT DO NOTHING RETURNING message_id"
         )
+        # One statement per table, so that a batch applied table by table, each in
+        # event order, creates rows in the order one-by-one projection would.
         self._issuer_sql = f"INSERT INTO {s}.issuers (id) VALUES ($1) ON CONFLICT DO NOTHING"
-        self._investor_sql = f"INSERT INTO {s}.investors (id) VALUES ($1) ON CONFLICT DO NOTHING"
-        self._investor_change_sql = (
+        # An investor's creation is a change of nothing: it only makes the row.
+        self._investor_sql = (
             f"INSERT INTO {s}.investors AS i (id, balance, reserved, committed)"
             " VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO UPDATE SET"
             " balance = i.balance + excluded.balance,"
             " reserved = i.reserved + excluded.reserved,"
             " committed = i.committed + excluded.committed"
         )
+        # $7: whether the event is the invoice's creation (which fills in the issuer
+        # and the asking price of a row that later events made first); otherwise it
+        # advances the status from one of $8, keeping the first winning bid.
         self._invoice_sql = (
-            f"INSERT INTO {s}.invoices AS i (id, issuer_id, asking_price, status)"
-            f" VALUES ($1, $2, $3, '{AVAILABLE.value}') ON CONFLICT (id) DO UPDATE SET"
-            " issuer_id = excluded.issuer_id, asking_price = excluded.asking_price"
-            " WHERE i.issuer_id IS NULL"
-        )
-        self._invoice_advance_sql = (
             f"INSERT INTO {s}.invoices AS i"
-            " (id, asking_price, status, winning_investor_id, winning_amount)"
-            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO UPDATE SET"
-            " status = excluded.status,"
-            " winning_investor_id = coalesce(i.winning_investor_id, excluded.winning_investor_id),"
-            " winning_amount = coalesce(i.winning_amount, excluded.winning_amount)"
-            " WHERE i.status = ANY($6::text[])"
+            " (id, issuer_id, asking_price, status, winning_investor_id, winning_amount)"
+            " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET"
+            " issuer_id = CASE WHEN $7 THEN excluded.issuer_id ELSE i.issuer_id END,"
+            " asking_price = CASE WHEN $7 THEN excluded.asking_price ELSE i.asking_price END,"
+            " status = CASE WHEN $7 THEN i.status ELSE excluded.status END,"
+            " winning_investor_id = CASE WHEN $7 THEN i.winning_investor_id"
+            " ELSE coalesce(i.winning_investor_id, excluded.winning_investor_id) END,"
+            " winning_amount = CASE WHEN $7 THEN i.winning_amount"
+            " ELSE coalesce(i.winning_amount, excluded.winning_amount) END"
+            " WHERE CASE WHEN $7 THEN i.issuer_id IS NULL ELSE i.status = ANY($8::text[]) END"
         )
         self._investors_sql = (
             f"SELECT id, balance, reserved, committed FROM {s}.investors ORDER BY created"
@@ -105,38 +110,56 @@ class PostgresReadModels:
                     self._record_sql, [message_id for message_id, _ in batch]
                 )
             }
+            # One pipelined statement per table, each in event order: the tables are
+            # independent, so this is what projecting event by event would do.
+            changes: dict[str, list[tuple[Any, ...]]] = {}
             for message_id, event in batch:
                 if message_id in fresh:
                     fresh.discard(message_id)  # a duplicate later in the batch is skipped
-                    await self._project(conn, event)
+                    if (change := self._change(event)) is not None:
+                        sql, args = change
+                        changes.setdefault(sql, []).append(args)
+            for sql, rows in changes.items():
+                await conn.executemany(sql, rows)
 
-    async def _project(self, conn: Connection, event: DomainEvent) -> None:
+    def _change(self, event: DomainEvent) -> tuple[str, tuple[Any, ...]] | None:
+        """The statement that projects `event`, with its arguments; None if it changes
+        no read model."""
         match event:
             case ev.IssuerCreatedEvent(issuer_id=issuer):
-                await conn.execute(self._issuer_sql, issuer)
+                return self._issuer_sql, (issuer,)
             case ev.InvestorCreatedEvent(investor_id=investor):
-                await conn.execute(self._investor_sql, investor)
+                return self._investor_sql, (investor, ZERO, ZERO, ZERO)
             case ev.InvoiceCreatedEvent(invoice_id=invoice, issuer_id=issuer, asking_price=price):
-                await conn.execute(self._invoice_sql, invoice, issuer, price)
-            case _:
-                if (change := investor_change(event)) is not None:
-                    await conn.execute(
-                        self._investor_change_sql,
-                        change.investor_id,
-                        change.balance,
-                        change.reserved,
-                        change.committed,
-                    )
-                elif (advance := invoice_advance(event)) is not None:
-                    await conn.execute(
-                        self._invoice_advance_sql,
-                        advance.invoice_id,
-                        advance.price,
-                        advance.status.value,
-                        advance.bid.investor_id,
-                        advance.bid.amount,
-                        sorted(status.value for status in ADVANCES_FROM[advance.status]),
-                    )
+                return self._invoice_sql, (
+                    invoice,
+                    issuer,
+                    price,
+                    AVAILABLE.value,
+                    None,
+                    None,
+                    True,
+                    [],
+                )
+        if (change := investor_change(event)) is not None:
+            return self._investor_sql, (
+                change.investor_id,
+                change.balance,
+                change.reserved,
+                change.committed,
+            )
+        if (advance := invoice_advance(event)) is not None:
+            return self._invoice_sql, (
+                advance.invoice_id,
+                None,
+                advance.price,
+                advance.status.value,
+                advance.bid.investor_id,
+                advance.bid.amount,
+                False,
+                sorted(status.value for status in ADVANCES_FROM[advance.status]),
+            )
+        return None
 
     async def investors(self) -> list[InvestorRow]:
         return [
