@@ -112,6 +112,26 @@ async def test_an_earlier_transaction_committing_last_holds_back_the_later_one(
     assert [e.position for e in relayed] == [1, 2, 3, 4]
 
 
+async def test_a_transaction_open_in_another_database_does_not_hold_the_relayer_back(
+    pool: asyncpg.Pool,
+) -> None:
+    # Transaction ids are the server's: a transaction of the query database (the
+    # projector's) or of another application would hold back a server-wide horizon.
+    store, outbox = PostgresEventStore(pool), PostgresOutbox(pool)
+    investor = new_investor()
+    async with infra.fresh_database("fin_outbox_elsewhere") as elsewhere:
+        conn = await connect(elsewhere)
+        try:
+            async with conn.transaction():
+                await conn.fetchval("SELECT pg_current_xact_id()")  # it has an id now
+                async with store.unit_of_work() as uow:
+                    await uow.save(investor)
+
+                assert keys(await outbox.pending(100)) == [(investor.id, 1), (investor.id, 2)]
+        finally:
+            await conn.close()
+
+
 async def test_slow_concurrent_writers_are_relayed_exactly_once_in_commit_order(
     pool: asyncpg.Pool,
 ) -> None:

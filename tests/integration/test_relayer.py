@@ -312,17 +312,16 @@ async def test_a_commit_wakes_the_relayer_without_waiting_for_its_poll(
     assert [version for _, _, version in got] == [1, 2, 3, 4]
 
 
-async def test_events_held_behind_a_transaction_elsewhere_are_relayed_as_soon_as_it_ends(
+async def test_events_held_behind_an_earlier_transaction_are_relayed_as_soon_as_it_ends(
     database: Database, pool: asyncpg.Pool, publisher: Publisher, observed: AbstractQueue
 ) -> None:
-    """The commit wakes the relayer while a transaction in another database of the server
-    holds the commit horizon back: nothing is relayable yet. Regression: the relayer then
-    waited for its next poll (here 30 s); it now looks again within milliseconds."""
+    """The commit wakes the relayer while another transaction writing to the event store
+    (begun earlier, still running) holds the commit horizon back: nothing is relayable
+    yet. Regression: the relayer then waited for its next poll (here 30 s); it now looks
+    again within milliseconds."""
     store = PostgresEventStore(pool)
     outbox = WatchedOutbox(PostgresOutbox(pool))
-    elsewhere = await asyncpg.connect(
-        host=infra.PG_HOST, port=infra.PG_PORT, user=infra.PG_USER, database="postgres"
-    )
+    elsewhere = await asyncpg.connect(**database.connect_kwargs)
     try:
         async with relaying(database, pool, publisher, poll_interval=30.0, outbox=outbox):
 

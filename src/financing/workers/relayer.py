@@ -86,9 +86,9 @@ class Relayer:
                 continue
             if relayed == 0 and recheck:
                 # Events committed (we were woken) but are not relayable yet: a transaction
-                # still running, in any database of the server, holds the commit horizon
-                # back. It ends within milliseconds; waiting for the next poll would add
-                # up to a whole poll interval to every hop of a saga.
+                # that may write events, still running, holds the commit horizon back. It
+                # ends within milliseconds; waiting for the next poll would add up to a
+                # whole poll interval to every hop of a saga.
                 await asyncio.sleep(recheck)
                 recheck = recheck * 2 if recheck * 2 < self._poll_interval else 0.0
                 continue
