@@ -68,6 +68,13 @@ COMPONENTS_VARIABLE = Variable(
     ",".join(COMPONENTS),
     "the components `serve` runs, comma-separated (--components overrides it)",
 )
+QUEUE_TYPES = ("classic", "quorum")
+QUEUE_TYPE = Variable(
+    "FINANCING_QUEUE_TYPE",
+    "classic",
+    "type of the queues the service declares: classic (as the reference's), or quorum"
+    " (replicated across a RabbitMQ cluster)",
+)
 METRICS_ADDRESS = Variable(
     "METRICS_ADDRESS", "0.0.0.0:8082", "Prometheus /metrics listen address (set empty: none)"
 )
@@ -83,6 +90,7 @@ VARIABLES = (
     DEDUP_RETENTION,
     METRICS_ADDRESS,
     COMPONENTS_VARIABLE,
+    QUEUE_TYPE,
 )
 
 
@@ -134,6 +142,8 @@ class Settings:
     # Where /metrics is served; None: nowhere.
     metrics_address: tuple[str, int] | None = ("0.0.0.0", 8082)
     components: tuple[str, ...] = COMPONENTS
+    # The type of every queue the service declares (QUEUE_TYPES).
+    queue_type: str = "classic"
 
     @property
     def amqp_urls(self) -> list[str]:
@@ -171,7 +181,17 @@ class Settings:
                 else parse_address(value(METRICS_ADDRESS))
             ),
             components=parse_components(value(COMPONENTS_VARIABLE)),
+            queue_type=parse_queue_type(value(QUEUE_TYPE)),
         )
+
+
+def parse_queue_type(value: str) -> str:
+    queue_type = value.strip().lower()
+    if queue_type not in QUEUE_TYPES:
+        raise ConfigError(
+            f"{QUEUE_TYPE.name} must be one of {', '.join(QUEUE_TYPES)}, got {value!r}"
+        )
+    return queue_type
 
 
 def parse_components(value: str) -> tuple[str, ...]:

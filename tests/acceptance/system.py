@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from aio_pika.abc import AbstractChannel
@@ -100,13 +100,17 @@ async def external_system() -> AsyncIterator[System]:
 
 @contextlib.asynccontextmanager
 async def local_system(
-    name: str | None = None, *, prepare: Prepare | None = None
+    name: str | None = None,
+    *,
+    prepare: Prepare | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[System]:
     """A service of its own: fresh databases and vhost, started and, on exit, stopped.
 
     The suite's listening queue is bound to `events` before the service
     starts, so no event is missed; `prepare` runs on the fresh vhost before
-    the service starts. On exit the service must leave with exit code 0.
+    the service starts; `env` adds to the service's environment. On exit the
+    service must leave with exit code 0.
     """
     opened: list[tuple[Broker, EventLog]] = []
 
@@ -119,6 +123,7 @@ async def local_system(
     extra_env = {
         "LOGGER_LEVEL": os.environ.get("FINANCING_ACCEPTANCE_LOG_LEVEL", "INFO"),
         "FINANCING_SNAPSHOT_INTERVAL": SNAPSHOT_INTERVAL,
+        **(env or {}),
     }
     try:
         async with local_deployment(

@@ -8,7 +8,7 @@ from aio_pika.abc import AbstractChannel
 
 from tests.acceptance import expected as ex
 from tests.acceptance.bus import EVENTS_EXCHANGE
-from tests.acceptance.driver import financing_for
+from tests.acceptance.driver import Financing, financing_for
 from tests.acceptance.system import local_system
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.own_service]
@@ -46,21 +46,26 @@ async def declare_reference_queues(channel: AbstractChannel) -> None:
         await queue.bind(exchange, routing_key="")
 
 
+async def finance_and_reverse(financing: Financing) -> None:
+    """A whole saga, financed then reversed, awaited on the bus."""
+    financed = await financing.finance_invoice(asking_price=10, bid=20)
+    since = financing.events.mark()
+
+    await financing.reverse(financed.invoice_id)
+
+    await ex.expect_events(
+        financing.events,
+        [
+            ex.invoice_reversed(financed.invoice_id, 10, financed.investor_id, 20),
+            ex.investor_funds_released(financed.investor_id, 10),
+        ],
+        since=since,
+    )
+
+
 async def test_service_works_on_a_vhost_with_the_reference_queues() -> None:
     async with (
         local_system(prepare=declare_reference_queues) as system,
         financing_for(system) as financing,
     ):
-        financed = await financing.finance_invoice(asking_price=10, bid=20)
-        since = financing.events.mark()
-
-        await financing.reverse(financed.invoice_id)
-
-        await ex.expect_events(
-            financing.events,
-            [
-                ex.invoice_reversed(financed.invoice_id, 10, financed.investor_id, 20),
-                ex.investor_funds_released(financed.investor_id, 10),
-            ],
-            since=since,
-        )
+        await finance_and_reverse(financing)

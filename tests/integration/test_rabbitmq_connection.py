@@ -129,3 +129,38 @@ async def test_a_dropped_connection_is_logged_once_as_unavailable_and_once_as_re
     assert isinstance(back["outage_seconds"], float)
     assert 0 <= back["outage_seconds"] < 10
     assert outages.down() == frozenset()
+
+
+async def test_with_several_addresses_the_connection_moves_to_another_when_its_node_goes_away(
+    vhost: rabbitmq.Vhost,
+) -> None:
+    # Two ways to the broker, as two nodes of a cluster would be.
+    first, second = rabbitmq.BrokerProxy(), rabbitmq.BrokerProxy()
+    await first.start()
+    await second.start()
+    broker = Broker([first.url(vhost.name), second.url(vhost.name)], Outages())
+    publisher = Publisher(broker)
+    queue = unique_name("fin_nodes")
+    try:
+        await publisher.declare_command_queue(queue)
+        await publisher.send_to_queue(queue, command())  # through the first
+        await first.close()  # that node is gone: refused from now on
+
+        async def sent() -> bool:
+            try:
+                await publisher.send_to_queue(queue, command())
+            except Unavailable:  # PublishFailed included
+                return False
+            return True
+
+        await wait_until(sent, timeout=30.0, interval=0.2, what="a send through the other node")
+
+        async def both_queued() -> bool:
+            ready: int = (await rabbitmq.list_queues(vhost.name))[queue]["messages_ready"]
+            return ready == 2
+
+        await wait_until(both_queued, what="both messages in the queue")
+    finally:
+        await publisher.close()
+        await broker.close()
+        await second.close()

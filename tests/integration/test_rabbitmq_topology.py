@@ -7,6 +7,7 @@ import uuid
 from contextlib import suppress
 
 import aio_pika
+import pytest
 
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import Broker
@@ -15,6 +16,7 @@ from financing.adapters.rabbitmq.dead_letters import DeadLetters
 from financing.adapters.rabbitmq.publisher import AmqpCommandSender, Publisher
 from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE, EVENTS_EXCHANGE
 from financing.application import codec, routes
+from financing.application.errors import Refused
 from financing.application.memory import InMemoryEventStore
 from financing.application.messages import CreateIssuer
 from financing.application.pipeline import Handler, exactly_once, sending
@@ -244,3 +246,33 @@ async def test_an_event_reaches_only_the_queues_of_its_consumers_and_foreign_que
             assert not any(others.values()), others
         finally:
             await connection.close()
+
+
+async def test_a_queue_that_exists_with_the_other_type_is_refused_naming_it_and_the_way_out() -> (
+    None
+):
+    async with rabbitmq.private_vhost() as vhost:
+        quorum = Broker([vhost.url], Outages(), queue_type="quorum")
+        try:
+            await topology.declare_on(quorum)
+            await topology.declare_on(quorum)  # declaring again with the same type is fine
+        finally:
+            await quorum.close()
+        classic = Broker([vhost.url], Outages())
+        try:
+            with pytest.raises(Refused) as refused:
+                await topology.declare_on(classic)
+        finally:
+            await classic.close()
+        types = {
+            name: row["type"] for name, row in (await rabbitmq.list_queues(vhost.name)).items()
+        }
+
+    assert set(types.values()) == {"quorum"}
+    assert str(refused.value) == (
+        "broker refused the service: queue 'financing_unrouted' exists as a quorum (or another"
+        " type) queue, and FINANCING_QUEUE_TYPE asks for classic. Either set"
+        " FINANCING_QUEUE_TYPE to the type it has, or move it to classic: stop what consumes"
+        " it, let it drain, delete it (rabbitmqctl delete_queue -p VHOST financing_unrouted)"
+        " and start the service again, which declares it anew"
+    )

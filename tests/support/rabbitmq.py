@@ -55,6 +55,7 @@ async def list_queues(vhost: str) -> dict[str, dict[str, Any]]:
         vhost,
         "name",
         "durable",
+        "type",
         "arguments",
         "messages_ready",
         "messages_unacknowledged",

@@ -12,6 +12,7 @@ from financing.config import (
     DEDUP_RETENTION,
     LOGGER_LEVEL,
     QUERY_DB,
+    QUEUE_TYPE,
     VARIABLES,
     Variable,
 )
@@ -20,12 +21,12 @@ from financing.entrypoints.cli import main
 # Each subcommand and the environment variables it reads.
 READS: dict[tuple[str, ...], tuple[Variable, ...]] = {
     ("serve",): VARIABLES,
-    ("populate",): (AMQP_ADDRESS,),
+    ("populate",): (AMQP_ADDRESS, QUEUE_TYPE),
     ("projections", "rebuild"): (COMMAND_DB, QUERY_DB),
     ("check",): (COMMAND_DB, QUERY_DB),
-    ("dead-letters", "list"): (AMQP_ADDRESS,),
-    ("dead-letters", "requeue"): (AMQP_ADDRESS,),
-    ("dead-letters", "discard"): (AMQP_ADDRESS,),
+    ("dead-letters", "list"): (AMQP_ADDRESS, QUEUE_TYPE),
+    ("dead-letters", "requeue"): (AMQP_ADDRESS, QUEUE_TYPE),
+    ("dead-letters", "discard"): (AMQP_ADDRESS, QUEUE_TYPE),
     ("trace",): (COMMAND_DB, AMQP_ADDRESS),
     ("events",): (COMMAND_DB, QUERY_DB),
     ("tail",): (AMQP_ADDRESS,),

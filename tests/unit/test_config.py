@@ -268,3 +268,18 @@ def test_another_database_on_the_same_server_keeps_everything_else() -> None:
     db = parse_database(f"postgresql://app:{SECRET}@db:6432/a?pool_max_conns=4")
     other = db.with_database("b")
     assert other == Database({**db.connect_kwargs, "database": "b"}, 4)
+
+
+# Queue type (quorum queues for a clustered broker)
+
+
+def test_queues_are_classic_unless_quorum_is_asked_for() -> None:
+    assert Settings.from_env({}).queue_type == "classic"
+    assert Settings.from_env({"FINANCING_QUEUE_TYPE": "quorum"}).queue_type == "quorum"
+    assert Settings.from_env({"FINANCING_QUEUE_TYPE": " Quorum "}).queue_type == "quorum"
+
+
+@pytest.mark.parametrize("value", ["stream", "quorum,classic", "mirrored"])
+def test_an_unknown_queue_type_is_a_config_error_naming_the_choices(value: str) -> None:
+    with pytest.raises(ConfigError, match="FINANCING_QUEUE_TYPE must be one of classic, quorum"):
+        Settings.from_env({"FINANCING_QUEUE_TYPE": value})

@@ -68,6 +68,7 @@ class Refused(Exception):
     def __init__(self, dependency: str, detail: str) -> None:
         super().__init__(f"{dependency} refused the service: {detail}")
         self.dependency = dependency
+        self.detail = detail
 
 
 class PoisonMessage(Exception):

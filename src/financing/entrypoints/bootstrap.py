@@ -31,7 +31,7 @@ from financing.adapters.postgres.read_models import PostgresReadModels
 from financing.adapters.postgres.retention import deduplication_records
 from financing.adapters.postgres.schema import migrate
 from financing.adapters.rabbitmq import topology
-from financing.adapters.rabbitmq.connection import BROKER, Broker, close_channel
+from financing.adapters.rabbitmq.connection import BROKER, Broker
 from financing.adapters.rabbitmq.consumer import Deliveries, QueueConsumer, consume
 from financing.adapters.rabbitmq.dead_letters import DeadLetters
 from financing.adapters.rabbitmq.publisher import AmqpCommandSender, Publisher
@@ -143,7 +143,7 @@ async def bootstrap(
         )
 
     if selected & NEEDS_BROKER:
-        broker = Broker(settings.amqp_urls, outages)
+        broker = Broker(settings.amqp_urls, outages, queue_type=settings.queue_type)
         stack.push_async_callback(broker.close)
         await started(BROKER, broker.connection, outages, deadline)
         publisher = Publisher(broker)
@@ -253,7 +253,7 @@ class _Wiring:
         deliveries = Deliveries(step)
         consumer = QueueConsumer(
             self._broker,
-            queue,
+            queue.of_type(self._broker.queue_type),
             self._dead_letters,
             self._outages,
             deliveries.receive,
@@ -265,7 +265,7 @@ class _Wiring:
         projector = Projector(self._overrides.read_models(read_models), self._outages)
         consumer = QueueConsumer(
             self._broker,
-            topology.PROJECTOR.queue,
+            topology.PROJECTOR.queue.of_type(self._broker.queue_type),
             self._dead_letters,
             self._outages,
             projector.receive,
@@ -298,11 +298,7 @@ class _Wiring:
         self._service.consuming.append(consumer.consuming)
 
     async def declare(self) -> None:
-        channel = await self._broker.channel()
-        try:
-            await topology.declare(channel)
-        finally:
-            await close_channel(channel)
+        await topology.declare_on(self._broker)
 
 
 async def started(

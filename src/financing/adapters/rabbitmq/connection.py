@@ -76,10 +76,14 @@ def translated() -> Iterator[None]:
 class Broker:
     """One connection to the first broker of `urls` that answers, reopened on demand."""
 
-    def __init__(self, urls: Sequence[str], outages: Outages) -> None:
+    def __init__(
+        self, urls: Sequence[str], outages: Outages, *, queue_type: str = "classic"
+    ) -> None:
         if not urls:
             raise ValueError("at least one broker URL is needed")
         self._urls = tuple(urls)
+        # The type of the queues declared on this broker (FINANCING_QUEUE_TYPE).
+        self.queue_type = queue_type
         self._outages = outages
         self._connection: AbstractConnection | None = None
         self._connecting = asyncio.Lock()
@@ -185,9 +189,9 @@ def _open(connection: AbstractConnection) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def connected(urls: Sequence[str]) -> AsyncIterator[Broker]:
+async def connected(urls: Sequence[str], queue_type: str = "classic") -> AsyncIterator[Broker]:
     """A broker connection for one command-line task, closed afterwards."""
-    broker = Broker(urls, Outages())
+    broker = Broker(urls, Outages(), queue_type=queue_type)
     try:
         await broker.connection()
         yield broker

@@ -215,7 +215,7 @@ async def _dead_letter_queue(broker: Broker) -> AsyncIterator[AbstractQueue]:
     letter fetched and not acked to the queue, in its original position."""
     channel = await broker.channel()
     try:
-        yield await DEAD_LETTERS.declare(channel)
+        yield await DEAD_LETTERS.of_type(broker.queue_type).declare(channel)
     finally:
         await close_channel(channel)
 

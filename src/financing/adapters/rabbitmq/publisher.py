@@ -104,7 +104,7 @@ class Publisher:
         channel, _ = await self._opened(f"declaring queue {name!r}")
         try:
             async with asyncio.timeout(self._confirm_timeout):
-                await command_queue(name).declare(channel)
+                await command_queue(name).of_type(self._broker.queue_type).declare(channel)
         except TimeoutError:
             raise PublishFailed(f"queue {name!r} not declared within the timeout") from None
 

@@ -11,6 +11,11 @@ arguments: re-declaring an existing queue with other arguments fails with
 PRECONDITION_FAILED. A queue that needs an x-argument gets a name of our own
 (the projector's `events_financing_projector`).
 
+FINANCING_QUEUE_TYPE=quorum declares every queue as a quorum queue (replicated
+across a cluster's nodes), the reference-named ones included; a queue that
+already exists with the other type (the reference's classic queues) stops
+start-up with a message naming it and saying what to do.
+
 Each consumer of events receives only the names it handles. `events` (a
 fanout, as the reference declares it) feeds an exchange of our own,
 `financing_events`, of type headers; each of our event queues is bound there
@@ -28,14 +33,15 @@ poison message is dead-lettered once, not by every consumer.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
-from financing.adapters.rabbitmq.connection import translated
+from financing.adapters.rabbitmq.connection import BROKER, Broker, close_channel, translated
 from financing.application import routes
+from financing.application.errors import Refused
 from financing.application.messages import COMMAND_TYPES
 from financing.application.pipeline import (
     IGNORED,
@@ -56,6 +62,8 @@ UNROUTED = "financing_unrouted"
 DEAD_LETTER_QUEUE = "financing_dead_letters"
 PROJECTOR_QUEUE = "events_financing_projector"
 COMMAND_NAMES = frozenset(command.name() for command in COMMAND_TYPES)
+CLASSIC = "classic"
+QUEUE_TYPE_ARGUMENT = "x-queue-type"
 
 
 @dataclass(frozen=True)
@@ -73,22 +81,50 @@ class QueueSpec:
     arguments: Mapping[str, Any] = field(default_factory=dict)
     routed_names: frozenset[str] = frozenset()
 
+    @property
+    def queue_type(self) -> str:
+        return str(self.arguments.get(QUEUE_TYPE_ARGUMENT, CLASSIC))
+
+    def of_type(self, queue_type: str) -> QueueSpec:
+        """This queue, declared as a `queue_type` queue (config.QUEUE_TYPES)."""
+        arguments = {k: v for k, v in self.arguments.items() if k != QUEUE_TYPE_ARGUMENT}
+        if queue_type != CLASSIC:
+            arguments[QUEUE_TYPE_ARGUMENT] = queue_type
+        return replace(self, arguments=arguments)
+
     async def declare(self, channel: AbstractChannel) -> AbstractQueue:
+        try:
+            with translated():
+                queue = await channel.declare_queue(
+                    self.name, durable=True, arguments=dict(self.arguments) or None
+                )
+        except Refused as refused:
+            if QUEUE_TYPE_ARGUMENT not in refused.detail:
+                raise
+            raise Refused(BROKER, self._type_conflict()) from refused
         with translated():
-            queue = await channel.declare_queue(
-                self.name, durable=True, arguments=dict(self.arguments) or None
-            )
             if not self.bound_to_events:
                 return queue
             events = await declare_events_exchange(channel)
             if not self.routed_names:
                 await queue.bind(events, routing_key="")
                 return queue
-            router = await declare_events_router(channel)
+            router = await declare_events_router(channel, self.queue_type)
             for name in sorted(self.routed_names):
                 await queue.bind(router, routing_key="", arguments=_by_name(name))
             await queue.unbind(events, routing_key="")
             return queue
+
+    def _type_conflict(self) -> str:
+        wanted = self.queue_type
+        existing = CLASSIC if wanted != CLASSIC else "quorum (or another type)"
+        return (
+            f"queue {self.name!r} exists as a {existing} queue, and FINANCING_QUEUE_TYPE"
+            f" asks for {wanted}. Either set FINANCING_QUEUE_TYPE to the type it has, or"
+            f" move it to {wanted}: stop what consumes it, let it drain, delete it"
+            f" (rabbitmqctl delete_queue -p VHOST {self.name}) and start the service"
+            " again, which declares it anew"
+        )
 
 
 def _by_name(name: str) -> dict[str, Any]:
@@ -166,13 +202,16 @@ async def declare_events_exchange(channel: AbstractChannel) -> AbstractExchange:
         )
 
 
-async def declare_events_router(channel: AbstractChannel) -> AbstractExchange:
+async def declare_events_router(
+    channel: AbstractChannel, queue_type: str = CLASSIC
+) -> AbstractExchange:
     """`financing_events`, fed by `events`; what it routes nowhere goes to `financing_unrouted`."""
     with translated():
         unrouted = await channel.declare_exchange(
             UNROUTED, aio_pika.ExchangeType.FANOUT, durable=True
         )
-        queue = await channel.declare_queue(UNROUTED, durable=True)
+    queue = await UNROUTED_QUEUE.of_type(queue_type).declare(channel)
+    with translated():
         await queue.bind(unrouted, routing_key="")
         router = await channel.declare_exchange(
             EVENTS_ROUTER,
@@ -196,15 +235,24 @@ CONSUMED_QUEUES: tuple[QueueSpec, ...] = (
 ROUTED_NAMES = frozenset(name for queue in CONSUMED_QUEUES for name in queue.routed_names)
 
 
-async def declare(channel: AbstractChannel) -> None:
+async def declare(channel: AbstractChannel, queue_type: str = CLASSIC) -> None:
     """The exchanges, the dead-letter queue and every queue a consumer of the service
     reads, before anything is published or consumed: a message published after
     start-up then waits in its queue even if its consumer runs elsewhere or later."""
     await declare_events_exchange(channel)
-    await declare_events_router(channel)
-    await DEAD_LETTERS.declare(channel)
+    await declare_events_router(channel, queue_type)
+    await DEAD_LETTERS.of_type(queue_type).declare(channel)
     for queue in CONSUMED_QUEUES:
-        await queue.declare(channel)
+        await queue.of_type(queue_type).declare(channel)
+
+
+async def declare_on(broker: Broker) -> None:
+    """`declare` on a channel of its own, with the broker's queue type."""
+    channel = await broker.channel()
+    try:
+        await declare(channel, broker.queue_type)
+    finally:
+        await close_channel(channel)
 
 
 async def unrouted(delivery: Delivery) -> Outcome:

@@ -33,6 +33,7 @@ from financing.config import (
     METRICS_ADDRESS,
     QUERY_DB,
     QUERY_SERVER_ADDRESS,
+    QUEUE_TYPE,
     VARIABLES,
     ConfigError,
     Settings,
@@ -184,6 +185,7 @@ def _add_populate(commands: _Commands) -> None:
         "populate",
         "publish IssuerRegistered and InvestorRegistered integration events",
         AMQP_ADDRESS,
+        QUEUE_TYPE,
         run=_populate,
     )
     populate_cmd.add_argument("--issuers", type=_count, default=5, help="how many issuers (5)")
@@ -207,22 +209,33 @@ def _add_check(commands: _Commands) -> None:
 
 
 def _add_dead_letters(commands: _Commands) -> None:
-    dead = commands.add("dead-letters", "inspect, requeue or discard dead letters", AMQP_ADDRESS)
+    dead = commands.add(
+        "dead-letters", "inspect, requeue or discard dead letters", AMQP_ADDRESS, QUEUE_TYPE
+    )
     letters = _Commands(dead, "dead_letters_command")
     listing = letters.add(
-        "list", "show dead letters with their reason (they stay queued)", AMQP_ADDRESS, run=_list
+        "list",
+        "show dead letters with their reason (they stay queued)",
+        AMQP_ADDRESS,
+        QUEUE_TYPE,
+        run=_list,
     )
     listing.add_argument("--limit", type=_count, default=100, help="at most this many (100)")
     listing.add_argument("--bodies", action="store_true", help="print each message body too")
     _selection_arguments(listing, message_id=False)
     requeue = letters.add(
-        "requeue", "send dead letters back to their source queue", AMQP_ADDRESS, run=_requeue
+        "requeue",
+        "send dead letters back to their source queue",
+        AMQP_ADDRESS,
+        QUEUE_TYPE,
+        run=_requeue,
     )
     _selection_arguments(requeue)
     discard = letters.add(
         "discard",
         "remove dead letters for good (say --all for every one)",
         AMQP_ADDRESS,
+        QUEUE_TYPE,
         run=_discard,
     )
     _selection_arguments(discard)
@@ -287,7 +300,11 @@ def _add_inspection(commands: _Commands) -> None:
 
 async def _populate(settings: Settings, args: argparse.Namespace) -> int:
     population = await populate(
-        settings.amqp_urls, issuers=args.issuers, investors=args.investors, balance=args.balance
+        settings.amqp_urls,
+        issuers=args.issuers,
+        investors=args.investors,
+        balance=args.balance,
+        queue_type=settings.queue_type,
     )
     for issuer in population.issuers:
         print(f"issuer    {issuer}")

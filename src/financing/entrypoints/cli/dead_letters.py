@@ -27,7 +27,7 @@ HEADINGS = ("DEAD-LETTERED AT", "SOURCE QUEUE", "NAME", "MESSAGE ID")
 
 
 async def list_letters(settings: Settings, selection: Selection, limit: int, bodies: bool) -> int:
-    async with connected(settings.amqp_urls) as broker:
+    async with connected(settings.amqp_urls, settings.queue_type) as broker:
         letters = await list_dead_letters(broker, limit, selection=selection)
     rows = table(HEADINGS, (_columns(letter) for letter in letters))
     print(rows[0])
@@ -54,7 +54,7 @@ def _details(letter: DeadLetter, bodies: bool) -> list[str]:
 
 
 async def requeue(settings: Settings, selection: Selection) -> int:
-    async with connected(settings.amqp_urls) as broker:
+    async with connected(settings.amqp_urls, settings.queue_type) as broker:
         if not await _queue_known(broker, selection):
             return 1
         count = await requeue_dead_letters(broker, selection=selection)
@@ -63,7 +63,7 @@ async def requeue(settings: Settings, selection: Selection) -> int:
 
 
 async def discard(settings: Settings, selection: Selection) -> int:
-    async with connected(settings.amqp_urls) as broker:
+    async with connected(settings.amqp_urls, settings.queue_type) as broker:
         count = await discard_dead_letters(broker, selection=selection)
     print(f"discarded {count} dead letter(s)")
     return _found(count, selection)

@@ -12,7 +12,7 @@ from decimal import Decimal
 from uuid import UUID, uuid4
 
 from financing.adapters.rabbitmq import topology
-from financing.adapters.rabbitmq.connection import Broker, close_channel, connected
+from financing.adapters.rabbitmq.connection import connected
 from financing.adapters.rabbitmq.publisher import Publisher
 from financing.application import codec
 from financing.application.messages import IntegrationEvent, InvestorRegistered, IssuerRegistered
@@ -30,10 +30,15 @@ def _envelope(event: IntegrationEvent) -> Envelope:
 
 
 async def populate(
-    amqp_urls: list[str], *, issuers: int, investors: int, balance: Decimal
+    amqp_urls: list[str],
+    *,
+    issuers: int,
+    investors: int,
+    balance: Decimal,
+    queue_type: str = "classic",
 ) -> Population:
-    async with connected(amqp_urls) as broker:
-        await _declare_integration_queues(broker)
+    async with connected(amqp_urls, queue_type) as broker:
+        await topology.declare_on(broker)
         publisher = Publisher(broker)
         try:
             population = Population(
@@ -52,11 +57,3 @@ async def populate(
             return population
         finally:
             await publisher.close()
-
-
-async def _declare_integration_queues(broker: Broker) -> None:
-    channel = await broker.channel()
-    try:
-        await topology.declare(channel)
-    finally:
-        await close_channel(channel)
