@@ -21,9 +21,11 @@ serve: $(STAMP)
 	$(BIN)/python -m scripts.local_databases
 	$(BIN)/financing serve
 
-## Every test: unit, integration (real PostgreSQL and RabbitMQ) and acceptance (the running service).
+## Every test: unit, integration (real PostgreSQL and RabbitMQ), acceptance (the running service),
+## faults; then the acceptance suite again against a split deployment (each component twice).
 test: $(STAMP)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
+	FINANCING_ACCEPTANCE_TARGET=split $(BIN)/pytest -q -m acceptance tests/acceptance $(PYTEST_ARGS)
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)

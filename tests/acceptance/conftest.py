@@ -8,6 +8,8 @@ tests marked own_service (restarts, a second service) are skipped there.
 
     pytest -m acceptance                                        # a service of its own
     FINANCING_ACCEPTANCE_TARGET=external pytest -m acceptance   # a running deployment
+    FINANCING_ACCEPTANCE_TARGET=split pytest -m acceptance      # every component twice,
+                                                                # each in a process of its own
 
 Other knobs: FINANCING_ACCEPTANCE_START_TIMEOUT (seconds to "service ready",
 default 40), FINANCING_ACCEPTANCE_LOG_LEVEL (the service's LOGGER_LEVEL),
@@ -32,6 +34,7 @@ from tests.acceptance.system import (
     external_system,
     external_target,
     local_system,
+    split_target,
 )
 
 OWN_SERVICE_MARKER = "own_service"
@@ -46,12 +49,19 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not external_target():
+    if external_target():
+        reason = (
+            f"{TARGET_VARIABLE}=external: this test stops, restarts or starts a service itself,"
+            " which an already running deployment does not allow"
+        )
+    elif split_target():
+        reason = (
+            f"{TARGET_VARIABLE}=split: this test stops, restarts or starts a service itself;"
+            " the split deployment is ten processes, not one service"
+        )
+    else:
         return
-    skip = pytest.mark.skip(
-        reason=f"{TARGET_VARIABLE}=external: this test stops, restarts or starts a service itself,"
-        " which an already running deployment does not allow"
-    )
+    skip = pytest.mark.skip(reason=reason)
     for item in items:
         if item.get_closest_marker(OWN_SERVICE_MARKER):
             item.add_marker(skip)
@@ -59,7 +69,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 async def system() -> AsyncIterator[System]:
-    context = external_system() if external_target() else local_system()
+    context = external_system() if external_target() else local_system(split=split_target())
     async with context as running:
         yield running
 

@@ -4,7 +4,8 @@
 suite's event listener to `events` *before* the service starts (so no event is
 missed), starts the service and waits for its "service ready" log line.
 `external_system()` drives whatever the contract's environment variables point
-at and starts nothing.
+at and starts nothing. `split_system()` runs every component twice, each in a
+process of its own.
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ from aio_pika.abc import AbstractChannel
 from tests.acceptance.bus import Broker, EventLog, MessageLog
 from tests.support import infra
 from tests.support.deployment import LocalDeployment, local_deployment
-from tests.support.service import (
-    ServiceProcess,
-)
+from tests.support.service import ServiceProcess, free_port
 
 TARGET_VARIABLE = "FINANCING_ACCEPTANCE_TARGET"
 
@@ -33,6 +32,20 @@ Prepare = Callable[[AbstractChannel], Awaitable[None]]
 
 def external_target() -> bool:
     return os.environ.get(TARGET_VARIABLE, "").lower() == "external"
+
+
+def split_target() -> bool:
+    return os.environ.get(TARGET_VARIABLE, "").lower() == "split"
+
+
+# A split deployment: each group of components in two processes of its own.
+SPLIT = (
+    ("commands-api",),
+    ("queries-api",),
+    ("commands", "integration", "policies"),
+    ("relayer",),
+    ("projector",),
+)
 
 
 @dataclass(frozen=True)
@@ -104,13 +117,16 @@ async def local_system(
     *,
     prepare: Prepare | None = None,
     env: Mapping[str, str] | None = None,
+    split: bool = False,
 ) -> AsyncIterator[System]:
     """A service of its own: fresh databases and vhost, started and, on exit, stopped.
 
     The suite's listening queue is bound to `events` before the service
     starts, so no event is missed; `prepare` runs on the fresh vhost before
     the service starts; `env` adds to the service's environment. On exit the
-    service must leave with exit code 0.
+    service must leave with exit code 0. `split` runs each group of SPLIT in
+    two processes instead of one process running everything (the system then
+    has no one service to restart).
     """
     opened: list[tuple[Broker, EventLog]] = []
 
@@ -125,6 +141,9 @@ async def local_system(
         "FINANCING_SNAPSHOT_INTERVAL": SNAPSHOT_INTERVAL,
         **(env or {}),
     }
+    groups = [group for group in SPLIT for _ in range(2)] if split else []
+    if groups:
+        extra_env["FINANCING_COMPONENTS"] = ",".join(groups[0])
     try:
         async with local_deployment(
             "fin_acc",
@@ -134,26 +153,59 @@ async def local_system(
             redeliveries=int(os.environ.get("FINANCING_ACCEPTANCE_REDELIVERIES", "1")),
         ) as deployment:
             [(broker, events)] = opened
+            services = [deployment.service]
             SERVICES.append(deployment.service)
             try:
+                for number, group in enumerate(groups[1:], start=2):
+                    process = _another_process(deployment, number, group)
+                    services.append(process)
+                    SERVICES.append(process)
+                    await process.start()
+                queries = (
+                    next(
+                        (s for s, g in zip(services, groups, strict=True) if "queries-api" in g),
+                        deployment.service,
+                    )
+                    if split
+                    else deployment.service
+                )
                 yield System(
                     command_address=Address(*deployment.command_address),
-                    query_address=Address(*deployment.query_address),
+                    query_address=Address.parse(queries.env["QUERY_SERVER_ADDRESS"]),
                     metrics_address=Address(*deployment.metrics_address),
                     amqp_url=deployment.amqp_url,
                     broker=broker,
                     events=events,
                     dead_letters=await broker.watch_dead_letters(),
-                    service=deployment.service,
+                    service=None if split else deployment.service,
                     env=deployment.env,
                 )
+                for process in services[1:]:
+                    code = await process.stop()
+                    assert code == 0, f"exit code {code} on SIGTERM:\n{process.log_tail()}"
+                    process.log_path.unlink(missing_ok=True)
             finally:
-                SERVICES.remove(deployment.service)
+                for process in services[1:]:
+                    await process.kill()  # acts only when the orderly stop did not run
+                for process in services:
+                    SERVICES.remove(process)
                 opened.clear()
                 await broker.close()  # before the vhost goes
     finally:
         for broker, _ in opened:  # only when the service never started
             await broker.close()
+
+
+def _another_process(
+    deployment: LocalDeployment, number: int, components: tuple[str, ...]
+) -> ServiceProcess:
+    """One more `financing serve` of the deployment running `components`, ports of its own."""
+    env = dict(deployment.env)
+    for variable in ("COMMAND_SERVER_ADDRESS", "QUERY_SERVER_ADDRESS", "METRICS_ADDRESS"):
+        env[variable] = f"127.0.0.1:{free_port()}"
+    env["FINANCING_COMPONENTS"] = ",".join(components)
+    log_path = deployment.service.log_path.with_suffix(f".{number}.log")
+    return ServiceProcess(env, log_path)
 
 
 __all__ = [
@@ -163,4 +215,5 @@ __all__ = [
     "external_system",
     "external_target",
     "local_system",
+    "split_target",
 ]

@@ -29,7 +29,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from financing.adapters.rabbitmq.topology import EVENTS_EXCHANGE, PROJECTOR_QUEUE
 from tests.faults.conftest import Deploy, add_figure, record_workload, set_figure
-from tests.faults.workload import Deployment, Workload, settle, suite_seed, verify_effects
+from tests.faults.workload import (
+    Deployment,
+    Workload,
+    more_sagas,
+    settle,
+    suite_seed,
+    under_load,
+    verify_effects,
+)
 from tests.support import rabbitmq
 from tests.support.infra import unique_name, wait_until
 from tests.support.service import ServiceProcess, free_port
@@ -121,14 +129,12 @@ async def test_instances_share_the_work_and_take_over_from_killed_ones(deploy: D
             await instance.start()
             stack.push_async_callback(stopped_cleanly, instance)
         workload = Workload(target, seed=seed, concurrency=24)
-        enough = asyncio.Event()
-        running = asyncio.create_task(workload.run(until=enough))
-        try:
+        async with under_load(workload) as running:
             # 1. The relayer leader: another instance is elected.
             [leader] = await wait_until(
                 lambda: _only([i for i in instances if elected(i)]), what="one relayer leader"
             )
-            await _progress(workload, running, sagas=10)
+            await more_sagas(workload, running, 10)
             killed = time.monotonic()
             await leader.kill()
             await wait_until(
@@ -141,7 +147,7 @@ async def test_instances_share_the_work_and_take_over_from_killed_ones(deploy: D
             await leader.start()
 
             # 1b. The leader loses its PostgreSQL session: the lock goes with it.
-            await _progress(workload, running, sagas=5)
+            await more_sagas(workload, running, 5)
             elections = _elections(instances)
             terminated = time.monotonic()
             assert await target.event_pool.fetchval(
@@ -160,7 +166,7 @@ async def test_instances_share_the_work_and_take_over_from_killed_ones(deploy: D
             )
 
             # 2. The active projector: another instance's projector takes the events.
-            await _progress(workload, running, sagas=10)
+            await more_sagas(workload, running, 10)
             active = await _active_projector(instances)
             before = await projecting(instances)
             killed = time.monotonic()
@@ -170,7 +176,7 @@ async def test_instances_share_the_work_and_take_over_from_killed_ones(deploy: D
             await instances[active].start()
 
             # 2b. Every instance loses its broker connection: a projector projects again.
-            await _progress(workload, running, sagas=5)
+            await more_sagas(workload, running, 5)
             before = await projecting(instances)
             cut = time.monotonic()
             await rabbitmq.close_connections(target.vhost)
@@ -178,16 +184,12 @@ async def test_instances_share_the_work_and_take_over_from_killed_ones(deploy: D
             take_overs["every broker connection closed, projector"] = time.monotonic() - cut
 
             # 3. Any instance.
-            await _progress(workload, running, sagas=10)
+            await more_sagas(workload, running, 10)
             victim = rng.choice(instances)
             await victim.kill()
-            await _progress(workload, running, sagas=5)
+            await more_sagas(workload, running, 5)
             await victim.start()
-            await _progress(workload, running, sagas=5)
-            enough.set()
-            await running
-        finally:
-            running.cancel()
+            await more_sagas(workload, running, 5)
         await settle(target)
         await verify_effects(target, workload)
         stored = {
@@ -210,6 +212,7 @@ async def test_instances_share_the_work_and_take_over_from_killed_ones(deploy: D
 async def stopped_cleanly(instance: ServiceProcess) -> None:
     if instance.running:
         assert await instance.stop() == 0, instance.log_tail()
+    instance.log_path.unlink(missing_ok=True)
 
 
 def _elections(instances: list[ServiceProcess]) -> int:
@@ -228,19 +231,6 @@ async def _ready(value: bool) -> bool:
 
 async def _only(found: list[ServiceProcess]) -> list[ServiceProcess]:
     return found if len(found) == 1 else []
-
-
-async def _progress(workload: Workload, running: asyncio.Task[None], *, sagas: int) -> None:
-    """Wait until `sagas` more sagas completed (the workload goes on meanwhile)."""
-    goal = workload.stats.sagas_completed + sagas
-
-    async def reached() -> bool:
-        if running.done():
-            running.result()  # a failed workload shows its error
-            raise AssertionError("the workload ended early")
-        return workload.stats.sagas_completed >= goal
-
-    await wait_until(reached, timeout=90.0, what=f"{sagas} more sagas")
 
 
 async def _projecting_again(

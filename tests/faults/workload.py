@@ -71,6 +71,7 @@ from financing.generated import (
     Uuid,
 )
 from tests.support.deployment import local_deployment
+from tests.support.infra import wait_until
 from tests.support.service import ServiceProcess
 
 T = TypeVar("T")
@@ -710,6 +711,36 @@ class Workload:
 CHECKS: Counter[str] = Counter()
 
 
+@contextlib.asynccontextmanager
+async def under_load(workload: Workload) -> AsyncIterator[asyncio.Task[None]]:
+    """The workload running while the block injects faults; when the block ends, no new
+    saga starts and those under way are finished."""
+    enough = asyncio.Event()
+    running = asyncio.create_task(workload.run(until=enough))
+    try:
+        yield running
+        enough.set()
+        await running
+    finally:
+        running.cancel()
+
+
+async def more_sagas(
+    workload: Workload, running: asyncio.Task[None], sagas: int, *, within: float = 120.0
+) -> None:
+    """Wait until `sagas` more sagas completed while the workload goes on (faults are
+    injected meanwhile); a workload that failed shows its error."""
+    goal = workload.stats.sagas_completed + sagas
+
+    async def reached() -> bool:
+        if running.done():
+            running.result()
+            raise AssertionError("the workload ended early")
+        return workload.stats.sagas_completed >= goal
+
+    await wait_until(reached, timeout=within, what=f"{sagas} more sagas")
+
+
 async def settle(target: Deployment, *, within: float = 60.0) -> CheckResult:
     """Wait until `financing check` passes; fail with its report and the service log if not.
 
@@ -867,7 +898,8 @@ async def take_dead_letters(target: Deployment) -> list[DeadLetter]:
     connection = await aio_pika.connect(target.amqp_url, timeout=10)
     try:
         channel = await connection.channel()
-        queue = await channel.declare_queue(DEAD_LETTER_QUEUE, durable=True)
+        # Passive: the service declared it, classic or quorum.
+        queue = await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
         while (message := await queue.get(no_ack=True, fail=False)) is not None:
             headers = message.headers or {}
             taken.append(
@@ -953,10 +985,12 @@ __all__ = [
     "events_by_name",
     "expected_outcome",
     "messages_processed",
+    "more_sagas",
     "outcome",
     "plan_saga",
     "settle",
     "suite_seed",
     "take_dead_letters",
+    "under_load",
     "verify_effects",
 ]

@@ -188,3 +188,32 @@ def test_long_string_header_is_a_string_only_when_it_is_utf8() -> None:
     assert string_headers({"k": "text", "u": "ü".encode()}) == {"k": "text", "u": "ü"}
     with pytest.raises(PoisonMessage, match="header 'k' is not valid UTF-8"):
         string_headers({"k": b"\xff\xfe"})
+
+
+async def test_a_redelivery_from_a_quorum_queue_is_read_without_the_broker_s_count(
+    broker: Broker, connection: AbstractConnection
+) -> None:
+    # A quorum queue adds `x-delivery-count` (an integer) to every redelivery: the
+    # broker's header, not the publisher's, so it does not make the message poison.
+    name = unique_name("envelopes_quorum")
+    channel = await broker.channel()
+    await command_queue(name).of_type("quorum").declare(channel)
+    await channel.close()
+    sent = Envelope(message_id=str(uuid.uuid4()), name="CreateIssuer", body=b"{}")
+    publisher = Publisher(broker)
+    try:
+        await publisher.send_to_queue(name, sent)
+    finally:
+        await publisher.close()
+    reading = await connection.channel()
+    queue = await reading.get_queue(name, ensure=False)
+    first = await queue.get(no_ack=False, timeout=5)
+    await first.reject(requeue=True)
+    again = await queue.get(no_ack=False, timeout=5)
+    try:
+        assert (again.headers or {}).get("x-delivery-count") == 1
+        assert from_amqp(again) == sent
+    finally:
+        await again.ack()
+        await reading.queue_delete(name)
+        await reading.close()

@@ -90,10 +90,34 @@ def _check_message_id(message_id: str) -> None:
         )
 
 
+# Headers the broker itself adds to a delivery: a quorum queue counts redeliveries,
+# dead-lettering records deaths, shovels and federation note where a message came
+# from. They are not the publisher's (whose headers are all strings by contract), so
+# they are neither checked nor carried.
+BROKER_HEADERS = frozenset(
+    {
+        "x-delivery-count",
+        "x-death",
+        "x-first-death-exchange",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-last-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+        "x-received-from",
+        "x-shovelled",
+        "x-shovelled-timestamp",
+    }
+)
+
+
 def string_headers(headers: Mapping[str, Any] | None) -> dict[str, str]:
-    """The headers as strings; PoisonMessage when any value is not a string."""
+    """The publisher's headers as strings (BROKER_HEADERS left out); PoisonMessage when any
+    value is not a string."""
     result: dict[str, str] = {}
     for key, value in (headers or {}).items():
+        if key in BROKER_HEADERS:
+            continue
         if isinstance(value, str):
             result[key] = value
         elif isinstance(value, bytes):
