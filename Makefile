@@ -66,6 +66,7 @@ bench: $(BENCH_STAMP)
 
 ## The container deployment, run for real (needs Docker; not part of `make test`): from `down -v`,
 ## up --build, every healthcheck, the acceptance suite against it, service and broker restarts,
-## `financing status` in the container, down -v (docs/deployment.md).
+## `financing status` in the container, down -v (docs/deployment.md). PROFILE=scale checks three
+## instances on a three-node RabbitMQ cluster with quorum queues instead (docs/scaling.md).
 compose-check: $(STAMP)
-	$(BIN)/python -m scripts.compose_check
+	COMPOSE_CHECK_PROFILE=$(PROFILE) $(BIN)/python -m scripts.compose_check

@@ -18,6 +18,13 @@ and the venv (`make compose-check` builds it). Variables: COMPOSE_PROJECT_NAME
 (default financing-check), the port variables of compose.yaml (FINANCING_*_PORT,
 FINANCING_PUBLISH_ADDRESS), FINANCING_POSTGRES_PASSWORD, PYTEST_ARGS (passed to
 the acceptance run), COMPOSE_CHECK_KEEP=1 (leave the deployment running at the end).
+
+COMPOSE_CHECK_PROFILE=scale (`make compose-check PROFILE=scale`) checks the scale
+profile instead: three service instances on a three-node RabbitMQ cluster with
+quorum queues (FINANCING_QUEUE_TYPE=quorum, every node in the first instance's
+AMQP_ADDRESS); it also checks that the cluster has three running nodes and that
+every queue the service declares is a quorum queue, and the broker restart
+restarts the first node while the instances carry on through the others.
 """
 
 from __future__ import annotations
@@ -47,7 +54,20 @@ DOCKER = os.environ.get("DOCKER") or (
 COMPOSE = shlex.split(os.environ.get("DOCKER_COMPOSE", "docker-compose"))
 PROJECT = os.environ.get("COMPOSE_PROJECT_NAME") or "financing-check"
 FILES = ("compose.yaml", "deploy/compose.postgres.yaml")
-SERVICES = ("postgres", "rabbitmq", "financing")
+PROFILE = os.environ.get("COMPOSE_CHECK_PROFILE", "")
+NODES = ("rabbitmq", "rabbitmq-2", "rabbitmq-3") if PROFILE == "scale" else ("rabbitmq",)
+SERVICES = ("postgres", *NODES, "financing") + (
+    ("financing-2", "financing-3") if PROFILE == "scale" else ()
+)
+# What the scale profile sets: quorum queues, every node known to the first instance.
+PROFILE_ENV = (
+    {
+        "FINANCING_QUEUE_TYPE": "quorum",
+        "FINANCING_AMQP_ADDRESS": ",".join(f"amqp://guest:guest@{n}:5672/" for n in NODES),
+    }
+    if PROFILE == "scale"
+    else {}
+)
 
 HEALTHY_TIMEOUT = 240.0  # first start: PostgreSQL init, RabbitMQ boot, the service's start-up
 RECOVERY_TIMEOUT = 120.0
@@ -136,7 +156,15 @@ class Report:
 
 
 def compose(*args: str, check: bool = True, capture: bool = False, timeout: float = 900) -> str:
-    command = [*COMPOSE, "-p", PROJECT, *(a for f in FILES for a in ("-f", f)), *args]
+    profile = ("--profile", PROFILE) if PROFILE else ()
+    command = [
+        *COMPOSE,
+        "-p",
+        PROJECT,
+        *(a for f in FILES for a in ("-f", f)),
+        *profile,
+        *args,
+    ]
     print(
         "$ " + " ".join(command[len(COMPOSE) :]) if capture else "$ " + shlex.join(command),
         flush=True,
@@ -144,6 +172,7 @@ def compose(*args: str, check: bool = True, capture: bool = False, timeout: floa
     result = subprocess.run(
         command,
         cwd=ROOT,
+        env={**os.environ, **PROFILE_ENV},
         text=True,
         stdout=subprocess.PIPE if capture else None,
         stderr=subprocess.STDOUT if capture else None,
@@ -401,6 +430,43 @@ def restart(service: str) -> str:
     return detail
 
 
+def cluster() -> str:
+    """Three running nodes, and every queue of the service a quorum queue."""
+    report = compose(
+        "exec",
+        "-T",
+        "rabbitmq",
+        "rabbitmqctl",
+        "-q",
+        "cluster_status",
+        "--formatter",
+        "json",
+        capture=True,
+    )
+    running = json.loads(report[report.index("{") :]).get("running_nodes", [])
+    if len(running) != len(NODES):
+        raise Failed(f"running nodes: {running}, expected {len(NODES)}")
+    listed = compose(
+        "exec",
+        "-T",
+        "rabbitmq",
+        "rabbitmqctl",
+        "-q",
+        "list_queues",
+        "name",
+        "type",
+        "--formatter",
+        "json",
+        capture=True,
+    )
+    rows = json.loads(listed[listed.index("[") :])
+    types = {row["name"]: row["type"] for row in rows}
+    classic = sorted(name for name, kind in types.items() if kind != "quorum")
+    if not types or classic:
+        raise Failed(f"not quorum queues: {classic or 'no queue at all'}")
+    return f"nodes {', '.join(running)}; {len(types)} quorum queues"
+
+
 def status() -> str:
     deadline = time.monotonic() + STATUS_TIMEOUT
     while True:
@@ -424,6 +490,8 @@ def main(argv: Sequence[str]) -> int:
         report.run("published ports free", ports_free)
         report.run("up -d --build", up)
         report.run("every healthcheck passes", wait_all_healthy)
+        if PROFILE == "scale":
+            report.run("a cluster of three nodes, quorum queues", cluster)
         report.run("acceptance suite (TARGET=external)", acceptance)
         report.run("restart the service container", lambda: restart("financing"))
         report.run("story after the service restart", story)
