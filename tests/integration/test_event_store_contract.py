@@ -446,7 +446,7 @@ class TestPostgresEventStore(EventStoreContract):
                 await uow.record("create_investor", message_id)
 
         async with pool.acquire() as conn:
-            single = _OneConnectionPool(conn)
+            single = infra.OneConnectionPool(conn)
             # Once first: the driver's first use of a statement on a connection may
             # look up the types it uses.
             await create(single, uuid4(), "message-0")
@@ -672,17 +672,3 @@ async def processed_messages(pool: asyncpg.Pool) -> list[tuple[object, ...]]:
         " FROM processed_messages ORDER BY processed_at, consumer, message_id"
     )
     return [tuple(row.values()) for row in rows]
-
-
-class _OneConnectionPool:
-    """A pool of one connection, lent to the event store so that a test sees every
-    statement it sends on it."""
-
-    def __init__(self, conn: Any) -> None:
-        self._conn = conn
-
-    async def acquire(self) -> Any:
-        return self._conn
-
-    async def release(self, conn: Any) -> None:
-        pass

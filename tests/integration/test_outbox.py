@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
+from typing import Any
 from uuid import UUID, uuid4
 
 import asyncpg
@@ -218,6 +220,41 @@ async def test_marking_relayed_past_an_unrelayed_event_is_refused(pool: asyncpg.
         await outbox.mark_relayed(batch[1:])
 
     assert await outbox.pending(100) == batch
+
+
+async def test_marking_an_event_that_does_not_exist_is_refused_and_moves_nothing(
+    pool: asyncpg.Pool,
+) -> None:
+    store, outbox = PostgresEventStore(pool), PostgresOutbox(pool)
+    async with store.unit_of_work() as uow:
+        await uow.save(new_investor())
+    batch = await wait_until(lambda: pending_count(outbox, 2), what="events pending")
+    ghost = dataclasses.replace(batch[1], position=batch[1].position + 1000)
+
+    with pytest.raises(ValueError, match=f"no such events: \\[{ghost.position}\\]"):
+        await outbox.mark_relayed([batch[0], ghost])
+
+    assert await outbox.pending(100) == batch
+
+
+async def test_moving_the_checkpoint_is_one_statement(pool: asyncpg.Pool) -> None:
+    store = PostgresEventStore(pool)
+    async with store.unit_of_work() as uow:
+        await uow.save(new_investor())
+    sent: list[str] = []
+    async with pool.acquire() as conn:
+        outbox = PostgresOutbox(infra.OneConnectionPool(conn))  # type: ignore[arg-type]
+        batch = await wait_until(lambda: pending_count(outbox, 2), what="events pending")
+
+        def note(query: Any) -> None:
+            sent.append(query.query)
+
+        conn.add_query_logger(note)
+        await outbox.mark_relayed(batch)
+        conn.remove_query_logger(note)
+
+    assert len(sent) == 1, sent  # no BEGIN, no COMMIT, no separate checks
+    assert await PostgresOutbox(pool).pending(100) == []
 
 
 async def test_pending_gives_at_most_the_limit_in_commit_order(pool: asyncpg.Pool) -> None:

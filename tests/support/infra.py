@@ -9,7 +9,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -152,3 +152,17 @@ async def wait_until(
                 f"timed out after {timeout}s waiting for {what}; last value: {last!r}"
             )
         await asyncio.sleep(interval)
+
+
+class OneConnectionPool:
+    """A pool of one connection, lent to code under test so that a test sees every
+    statement it sends on it (asyncpg's query logger on that connection)."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    async def acquire(self) -> Any:
+        return self._conn
+
+    async def release(self, conn: Any) -> None:
+        pass

@@ -16,7 +16,6 @@ import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import asyncpg
 
@@ -73,6 +72,44 @@ _PENDING = (
     f" WHERE (transaction_id, position) > {_CHECKPOINT}"
     f" AND transaction_id < {_HORIZON}"
     " ORDER BY transaction_id, position LIMIT $2"
+)
+
+
+# Moving the checkpoint, in one statement: past the newest of the events at positions $2
+# that are not behind it yet (`new`), only if those are exactly the events that follow
+# it (`skipped` names any that would be jumped over) and every position exists. The
+# checkpoint row is locked first, so two relayers in a take-over cannot interleave; it
+# never moves backwards.
+_MARK_RELAYED = (
+    "WITH locked AS (SELECT transaction_id, position FROM relay_checkpoints"
+    " WHERE name = $1 FOR UPDATE),"
+    " checkpoint AS (SELECT coalesce((SELECT transaction_id FROM locked), '0'::xid8) AS xid,"
+    " coalesce((SELECT position FROM locked), 0) AS pos),"
+    " marked AS (SELECT transaction_id, position FROM events"
+    " WHERE position = ANY($2::bigint[])),"
+    " new AS (SELECT m.transaction_id, m.position FROM marked AS m, checkpoint AS c"
+    " WHERE (m.transaction_id, m.position) > (c.xid, c.pos)),"
+    " following AS (SELECT e.transaction_id, e.position FROM events AS e, checkpoint AS c"
+    " WHERE (e.transaction_id, e.position) > (c.xid, c.pos)"
+    " ORDER BY e.transaction_id, e.position LIMIT (SELECT count(*) FROM new)),"
+    " skipped AS (SELECT position FROM following"
+    " WHERE (transaction_id, position) NOT IN (SELECT transaction_id, position FROM new)),"
+    " last AS (SELECT transaction_id, position FROM new"
+    " ORDER BY transaction_id DESC, position DESC LIMIT 1),"
+    " moved AS (INSERT INTO relay_checkpoints (name, transaction_id, position)"
+    " SELECT $1, transaction_id, position FROM last"
+    " WHERE (SELECT count(*) FROM marked) = cardinality($2::bigint[])"
+    " AND NOT EXISTS (SELECT FROM skipped)"
+    " ON CONFLICT (name) DO UPDATE"
+    " SET transaction_id = EXCLUDED.transaction_id, position = EXCLUDED.position,"
+    " updated_at = now()"
+    " WHERE (relay_checkpoints.transaction_id, relay_checkpoints.position)"
+    " < (EXCLUDED.transaction_id, EXCLUDED.position)"
+    " RETURNING 1)"
+    " SELECT (SELECT array_agg(position) FROM marked) AS known,"
+    " (SELECT array_agg(position ORDER BY transaction_id, position) FROM new) AS new,"
+    " (SELECT array_agg(position ORDER BY position) FROM skipped) AS skipped,"
+    " (SELECT count(*) FROM moved) AS moved"
 )
 
 
@@ -135,43 +172,16 @@ class PostgresOutbox:
         positions = sorted({event.position for event in events})
         if not positions:
             return
-        async with acquired(self._pool, COMMAND_DATABASE) as conn, conn.transaction():
-            row = await conn.fetchrow(
-                "SELECT transaction_id, position FROM relay_checkpoints WHERE name = $1 FOR UPDATE",
-                self._name,
-            )
-            checkpoint: tuple[Any, int] = (0, 0) if row is None else (row[0], row[1])
-            marked = await conn.fetch(
-                "SELECT transaction_id, position FROM events WHERE position = ANY($1::bigint[])"
-                " ORDER BY transaction_id, position",
-                positions,
-            )
-            if len(marked) != len(positions):
-                known = {r["position"] for r in marked}
-                raise ValueError(f"no such events: {sorted(set(positions) - known)}")
-            new = [(r[0], r[1]) for r in marked if (r[0], r[1]) > checkpoint]
-            if not new:
-                return
-            following = await conn.fetch(
-                "SELECT transaction_id, position FROM events"
-                " WHERE (transaction_id, position) > ($1::xid8, $2)"
-                " ORDER BY transaction_id, position LIMIT $3",
-                *checkpoint,
-                len(new),
-            )
-            if [(r[0], r[1]) for r in following] != new:
-                skipped = [r[1] for r in following if (r[0], r[1]) not in new]
-                raise ValueError(
-                    f"relayer {self._name!r}: marking {[p for _, p in new]} relayed would skip"
-                    f" events at positions {skipped}"
-                )
-            await conn.execute(
-                "INSERT INTO relay_checkpoints (name, transaction_id, position)"
-                " VALUES ($1, $2, $3) ON CONFLICT (name) DO UPDATE"
-                " SET transaction_id = EXCLUDED.transaction_id, position = EXCLUDED.position,"
-                " updated_at = now()",
-                self._name,
-                *new[-1],
+        async with acquired(self._pool, COMMAND_DATABASE) as conn:
+            row = await conn.fetchrow(_MARK_RELAYED, self._name, positions)
+        assert row is not None  # the final SELECT always gives one row
+        known = set(row["known"] or ())
+        if len(known) != len(positions):
+            raise ValueError(f"no such events: {sorted(set(positions) - known)}")
+        if row["skipped"]:
+            raise ValueError(
+                f"relayer {self._name!r}: marking {row['new']} relayed would skip"
+                f" events at positions {row['skipped']}"
             )
 
 
