@@ -20,7 +20,7 @@ from aio_pika.abc import AbstractChannel
 from tests.acceptance.bus import Broker, EventLog, MessageLog
 from tests.support import infra
 from tests.support.deployment import LocalDeployment, local_deployment
-from tests.support.service import ServiceProcess, free_port
+from tests.support.service import ServiceProcess, another_service
 
 TARGET_VARIABLE = "FINANCING_ACCEPTANCE_TARGET"
 
@@ -200,12 +200,8 @@ def _another_process(
     deployment: LocalDeployment, number: int, components: tuple[str, ...]
 ) -> ServiceProcess:
     """One more `financing serve` of the deployment running `components`, ports of its own."""
-    env = dict(deployment.env)
-    for variable in ("COMMAND_SERVER_ADDRESS", "QUERY_SERVER_ADDRESS", "METRICS_ADDRESS"):
-        env[variable] = f"127.0.0.1:{free_port()}"
-    env["FINANCING_COMPONENTS"] = ",".join(components)
     log_path = deployment.service.log_path.with_suffix(f".{number}.log")
-    return ServiceProcess(env, log_path)
+    return another_service(deployment.env, log_path, {"FINANCING_COMPONENTS": ",".join(components)})
 
 
 __all__ = [

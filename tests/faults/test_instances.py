@@ -40,7 +40,7 @@ from tests.faults.workload import (
 )
 from tests.support import rabbitmq
 from tests.support.infra import unique_name, wait_until
-from tests.support.service import ServiceProcess, free_port
+from tests.support.service import ServiceProcess, another_service
 
 # Each take-over must happen within this (a deadline on a condition, not a figure).
 TAKE_OVER_WITHIN = 15.0
@@ -48,11 +48,8 @@ TAKE_OVER_WITHIN = 15.0
 
 def another_instance(target: Deployment, number: int) -> ServiceProcess:
     """One more `financing serve` on the deployment's databases and vhost, ports of its own."""
-    env = dict(target.service.env)
-    for variable in ("COMMAND_SERVER_ADDRESS", "QUERY_SERVER_ADDRESS", "METRICS_ADDRESS"):
-        env[variable] = f"127.0.0.1:{free_port()}"
     log_path = Path(tempfile.gettempdir()) / f"{target.name}.instance{number}.log"
-    return ServiceProcess(env, log_path)
+    return another_service(target.service.env, log_path)
 
 
 def elected(instance: ServiceProcess) -> bool:

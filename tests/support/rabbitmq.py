@@ -96,24 +96,6 @@ async def list_bindings_with_arguments(vhost: str) -> list[tuple[str, str, str, 
     ]
 
 
-async def list_bindings(vhost: str) -> list[tuple[str, str, str]]:
-    """(exchange, queue, routing key) of every binding except the default exchange's."""
-    rows = await asyncio.to_thread(
-        _rabbitmqctl_json,
-        "list_bindings",
-        "-p",
-        vhost,
-        "source_name",
-        "destination_name",
-        "routing_key",
-    )
-    return [
-        (row["source_name"], row["destination_name"], row["routing_key"])
-        for row in rows
-        if row["source_name"]
-    ]
-
-
 async def queue_state(connection: AbstractConnection, queue: str) -> tuple[int, int] | None:
     """(ready messages, consumers) of a queue, by passive declaration; None if it does not exist."""
     channel = await connection.channel(publisher_confirms=False)

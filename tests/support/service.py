@@ -202,3 +202,15 @@ class ServiceProcess:
         with self.log_path.open("rb") as log:
             log.seek(offset)
             return log.read().decode("utf-8", "replace")
+
+
+ADDRESS_VARIABLES = ("COMMAND_SERVER_ADDRESS", "QUERY_SERVER_ADDRESS", "METRICS_ADDRESS")
+
+
+def another_service(
+    env: Mapping[str, str], log_path: Path, extra_env: Mapping[str, str] | None = None
+) -> ServiceProcess:
+    """One more `financing serve` with `env` (a running one's: same databases and broker),
+    listening on free ports of its own."""
+    own = {**env, **{variable: f"127.0.0.1:{free_port()}" for variable in ADDRESS_VARIABLES}}
+    return ServiceProcess({**own, **(extra_env or {})}, log_path)

@@ -253,7 +253,7 @@ class _Wiring:
         deliveries = Deliveries(step)
         consumer = QueueConsumer(
             self._broker,
-            queue.of_type(self._broker.queue_type),
+            queue,
             self._dead_letters,
             self._outages,
             deliveries.receive,
@@ -265,7 +265,7 @@ class _Wiring:
         projector = Projector(self._overrides.read_models(read_models), self._outages)
         consumer = QueueConsumer(
             self._broker,
-            topology.PROJECTOR.queue.of_type(self._broker.queue_type),
+            topology.PROJECTOR.queue,
             self._dead_letters,
             self._outages,
             projector.receive,

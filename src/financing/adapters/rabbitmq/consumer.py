@@ -149,7 +149,8 @@ class QueueConsumer:
         prefetch: int,
     ) -> None:
         self._broker = broker
-        self._queue = queue
+        # Declared with the broker's queue type, as everything declared on it is.
+        self._queue = queue.of_type(broker.queue_type)
         self._dead_letters = dead_letters
         self._outages = outages
         self._on_delivery = on_delivery

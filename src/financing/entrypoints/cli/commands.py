@@ -180,12 +180,15 @@ def _add_serve(commands: _Commands) -> None:
     )
 
 
+# What a command that declares queues on the broker reads.
+BROKER_VARIABLES = (AMQP_ADDRESS, QUEUE_TYPE)
+
+
 def _add_populate(commands: _Commands) -> None:
     populate_cmd = commands.add(
         "populate",
         "publish IssuerRegistered and InvestorRegistered integration events",
-        AMQP_ADDRESS,
-        QUEUE_TYPE,
+        *BROKER_VARIABLES,
         run=_populate,
     )
     populate_cmd.add_argument("--issuers", type=_count, default=5, help="how many issuers (5)")
@@ -210,14 +213,13 @@ def _add_check(commands: _Commands) -> None:
 
 def _add_dead_letters(commands: _Commands) -> None:
     dead = commands.add(
-        "dead-letters", "inspect, requeue or discard dead letters", AMQP_ADDRESS, QUEUE_TYPE
+        "dead-letters", "inspect, requeue or discard dead letters", *BROKER_VARIABLES
     )
     letters = _Commands(dead, "dead_letters_command")
     listing = letters.add(
         "list",
         "show dead letters with their reason (they stay queued)",
-        AMQP_ADDRESS,
-        QUEUE_TYPE,
+        *BROKER_VARIABLES,
         run=_list,
     )
     listing.add_argument("--limit", type=_count, default=100, help="at most this many (100)")
@@ -226,16 +228,14 @@ def _add_dead_letters(commands: _Commands) -> None:
     requeue = letters.add(
         "requeue",
         "send dead letters back to their source queue",
-        AMQP_ADDRESS,
-        QUEUE_TYPE,
+        *BROKER_VARIABLES,
         run=_requeue,
     )
     _selection_arguments(requeue)
     discard = letters.add(
         "discard",
         "remove dead letters for good (say --all for every one)",
-        AMQP_ADDRESS,
-        QUEUE_TYPE,
+        *BROKER_VARIABLES,
         run=_discard,
     )
     _selection_arguments(discard)
