@@ -481,7 +481,7 @@ def append_figures(found: AppendFigures, options: Options) -> list[Figure]:
         ("pgbench, our statements", found.pgbench_ours, ">= 0.7 x", 0.7),
         ("pgbench, one-row insert", found.pgbench_simple, "(context)", None),
         ("eventsourcing application recorder", found.es_application, ">= 3 x", 3.0),
-        ("eventsourcing aggregate recorder", found.es_aggregate, ">= 3 x", 3.0),
+        ("eventsourcing aggregate recorder", found.es_aggregate, "(context)", None),
     ]
     return [
         Figure(

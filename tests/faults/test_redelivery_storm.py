@@ -23,8 +23,7 @@ import pytest
 
 from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.application import policies
-from financing.application.errors import ConcurrencyConflict
-from financing.application.pipeline import exactly_once
+from financing.application.pipeline import OutcomeKind, exactly_once
 from financing.application.ports import PROCESSED, A, Cause, Processed, UnitOfWork
 from financing.domain.aggregates import Aggregate, Investor
 from financing.domain.events import Bid, InvoiceReversedEvent
@@ -94,19 +93,19 @@ async def test_redelivery_storm_ends_in_the_same_state_as_a_normal_run(
 # -- the race behind a storm's spurious dead letters ------------------------------------------
 
 
-class _PausedAfterSeen:
-    """A unit of work that, once it has checked the message is new, waits for `resume`."""
+class _PausedBeforeLoad:
+    """A unit of work that, before its first load, says so (`started`) and waits for `resume`."""
 
-    def __init__(self, uow: UnitOfWork, checked: asyncio.Event, resume: asyncio.Event) -> None:
-        self._uow, self._checked, self._resume = uow, checked, resume
+    def __init__(self, uow: UnitOfWork, started: asyncio.Event, resume: asyncio.Event) -> None:
+        self._uow, self._started, self._resume = uow, started, resume
 
     async def seen(self, consumer: str, message_id: str) -> bool:
-        seen = await self._uow.seen(consumer, message_id)
-        self._checked.set()
-        await self._resume.wait()
-        return seen
+        return await self._uow.seen(consumer, message_id)
 
     async def load(self, cls: type[A], aggregate_id: UUID) -> A:
+        if not self._started.is_set():
+            self._started.set()
+            await self._resume.wait()
         return await self._uow.load(cls, aggregate_id)
 
     async def save(self, aggregate: Aggregate) -> None:
@@ -117,16 +116,16 @@ class _PausedAfterSeen:
 
 
 class _PausingStore(PostgresEventStore):
-    def __init__(self, pool: asyncpg.Pool, checked: asyncio.Event, resume: asyncio.Event) -> None:
+    def __init__(self, pool: asyncpg.Pool, started: asyncio.Event, resume: asyncio.Event) -> None:
         super().__init__(pool)
-        self._checked, self._resume = checked, resume
+        self._started, self._resume = started, resume
 
     @contextlib.asynccontextmanager
     async def unit_of_work(  # type: ignore[override]
         self, cause: Cause | None = None
-    ) -> AsyncIterator[_PausedAfterSeen]:
+    ) -> AsyncIterator[_PausedBeforeLoad]:
         async with super().unit_of_work(cause) as uow:
-            yield _PausedAfterSeen(uow, self._checked, self._resume)
+            yield _PausedBeforeLoad(uow, self._started, self._resume)
 
 
 @pytest.fixture
@@ -138,8 +137,8 @@ async def event_store_pool() -> AsyncIterator[asyncpg.Pool]:
 async def test_a_copy_processed_while_another_copy_commits_is_absorbed_not_dead_lettered(
     event_store_pool: asyncpg.Pool,
 ) -> None:
-    """Regression: a copy that found the message new, then read the aggregate after the
-    other copy committed, broke a domain rule (releasing funds already released) and was
+    """Regression: a copy that started before the other copy committed, then read the
+    aggregate after it, broke a domain rule (releasing funds already released) and was
     dead-lettered. A broker redelivering a message whose first delivery is still being
     processed (after a connection cut) does this; so did every redelivery storm."""
     store = PostgresEventStore(event_store_pool)
@@ -152,25 +151,22 @@ async def test_a_copy_processed_while_another_copy_commits_is_absorbed_not_dead_
     message = decoded(reversal)
     consumer = "reversal_releases_funds"
 
-    checked, resume = asyncio.Event(), asyncio.Event()
+    started, resume = asyncio.Event(), asyncio.Event()
     late_copy = exactly_once(
-        _PausingStore(event_store_pool, checked, resume),
+        _PausingStore(event_store_pool, started, resume),
         consumer,
         policies.reversal_releases_funds,
     )
 
-    async def process_late_copy() -> None:
-        await late_copy(message)
-
-    late = asyncio.create_task(process_late_copy())
-    await asyncio.wait_for(checked.wait(), 10)
+    late = asyncio.create_task(late_copy(message))
+    await asyncio.wait_for(started.wait(), 10)
     # Meanwhile another copy of the same message is processed and committed.
-    await exactly_once(store, consumer, policies.reversal_releases_funds)(message)
+    first = await exactly_once(store, consumer, policies.reversal_releases_funds)(message)
     resume.set()
-    # Absorbed, or a conflict that the consumer retries (and then finds the message seen).
-    with contextlib.suppress(ConcurrencyConflict):
-        await asyncio.wait_for(late, 10)
-    await exactly_once(store, consumer, policies.reversal_releases_funds)(message)
+    assert first.kind is OutcomeKind.PROCESSED
+    assert (await asyncio.wait_for(late, 10)).kind is OutcomeKind.DUPLICATE
+    again = await exactly_once(store, consumer, policies.reversal_releases_funds)(message)
+    assert again.kind is OutcomeKind.DUPLICATE
 
     names = [stored.name for stored in await store.stream(investor.id)]
     assert names.count("InvestorFundsReleasedEvent") == 1, names

@@ -22,7 +22,7 @@ import pytest
 
 from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.application import handlers
-from financing.application.errors import ConcurrencyConflict, ReadAfterWrite
+from financing.application.errors import AlreadyProcessed, ConcurrencyConflict, ReadAfterWrite
 from financing.application.memory import InMemoryEventStore
 from financing.application.messages import CreateInvestor, CreateIssuer
 from financing.application.pipeline import (
@@ -202,9 +202,26 @@ class EventStoreContract:
         async with store.unit_of_work() as uow:
             await uow.record("projector", "m-1")
 
-        with pytest.raises(ConcurrencyConflict):
+        with pytest.raises(AlreadyProcessed):
             async with store.unit_of_work() as uow:
                 await uow.record("projector", "m-1")
+
+    async def test_a_copy_of_a_processed_message_appends_nothing(self, store: EventStore) -> None:
+        investor_id = uuid4()
+        await create_investor(store, investor_id, "100")
+
+        async def process_bid_message() -> None:
+            async with store.unit_of_work() as uow:
+                investor = await uow.load(Investor, investor_id)
+                investor.place_bid(uuid4(), Decimal("10"))
+                await uow.save(investor)
+                await uow.record("bids", "message-7")
+
+        await process_bid_message()
+        with pytest.raises(AlreadyProcessed):
+            await process_bid_message()  # breaks no rule: only its record says it is a copy
+
+        assert [e.version for e in await store.stream(investor_id)] == [1, 2, 3]
 
     async def test_a_message_processed_twice_at_once_takes_effect_once(
         self, store: EventStore

@@ -321,6 +321,35 @@ async def _true(value: bool) -> bool:
     return value
 
 
+async def test_a_burst_of_commits_ends_with_a_notification_after_the_last_of_them(
+    pool: asyncpg.Pool, database: Database
+) -> None:
+    """Notifications coalesce, yet whoever reads the outbox on each one sees every event."""
+    store, outbox = PostgresEventStore(pool), PostgresOutbox(pool)
+    notified = asyncio.Event()
+    relayable: list[int] = []  # events the outbox gave, on each notification
+
+    async def read_on_each_notification() -> None:
+        while True:
+            await notified.wait()
+            notified.clear()
+            relayable.append(len(await outbox.pending(1000)))
+
+    async def append() -> None:
+        async with store.unit_of_work() as uow:
+            await uow.save(new_investor())
+
+    async with listening(database, notified.set), asyncio.TaskGroup() as group:
+        reader = group.create_task(read_on_each_notification())
+        await asyncio.gather(*(append() for _ in range(40)))
+        expected = len([event async for event in store.read_all()])
+        await wait_until(
+            lambda: _true(bool(relayable) and relayable[-1] == expected),
+            what=f"a read after a notification to see all {expected} events",
+        )
+        reader.cancel()
+
+
 async def test_the_commit_listener_wakes_when_events_commit_not_before(
     pool: asyncpg.Pool, database: Database
 ) -> None:

@@ -282,6 +282,23 @@ async def test_a_redelivered_message_is_a_duplicate_and_appends_nothing_twice() 
     assert store.processed == {("create_investor", str(message_id))}
 
 
+async def test_a_redelivered_message_that_breaks_no_rule_is_a_duplicate_too() -> None:
+    store = InMemoryEventStore()
+    investor_id, issuer_id, invoice_id = uuid4(), uuid4(), uuid4()
+    for name, handler, message in [
+        ("CreateInvestor", handlers.create_investor, CreateInvestor(investor_id, D("100"))),
+        ("CreateIssuer", handlers.create_issuer, CreateIssuer(issuer_id)),
+        ("SellInvoice", handlers.sell_invoice, SellInvoice(invoice_id, issuer_id, D("50"))),
+    ]:
+        await store_step(store, name, handler)(delivery(message))
+    step = store_step(store, "BidOnInvoice", handlers.bid_on_invoice)
+    bid, message_id = BidOnInvoice(investor_id, invoice_id, D("10")), uuid4()
+    assert await step(delivery(bid, message_id)) == Outcome.processed(1)
+    again = await step(delivery(bid, message_id))  # the balance would allow a second bid
+    assert again.kind is OutcomeKind.DUPLICATE
+    assert [stored.name for stored in store.events].count("BidOnInvoicePlacedEvent") == 1
+
+
 async def test_the_same_message_for_two_consumers_is_processed_by_each() -> None:
     store = InMemoryEventStore()
     message_id = uuid4()

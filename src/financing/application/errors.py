@@ -79,6 +79,14 @@ class ConcurrencyConflict(Exception):
     """Another transaction appended to the stream first: reload and retry."""
 
 
+class AlreadyProcessed(ConcurrencyConflict):
+    """The unit of work records a message its consumer has already processed.
+
+    Raised as the unit of work ends, when none of its writes took effect: the
+    message is a duplicate, and there is nothing to retry.
+    """
+
+
 class MissingAggregate(RuleViolation):
     """A message names an aggregate that does not exist (yet).
 

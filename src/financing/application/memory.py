@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from uuid import UUID
 
 from financing.application import codec
-from financing.application.errors import ConcurrencyConflict, ReadAfterWrite
+from financing.application.errors import AlreadyProcessed, ConcurrencyConflict, ReadAfterWrite
 from financing.application.messages import Command
 from financing.application.ports import PROCESSED, A, Cause, Processed, StoredEvent
 from financing.domain.aggregates import Aggregate
@@ -54,7 +54,7 @@ class InMemoryUnitOfWork:
                 )
         for record in self._records:
             if record in store.processed:
-                raise ConcurrencyConflict(f"message {record[1]} already processed by {record[0]}")
+                raise AlreadyProcessed(f"message {record[1]} already processed by {record[0]}")
         for aggregate, expected in self._appends:
             for offset, event in enumerate(aggregate.changes, start=1):
                 store.events.append(

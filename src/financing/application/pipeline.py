@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from financing import metrics
 from financing.application import codec
-from financing.application.errors import Fault
+from financing.application.errors import AlreadyProcessed, Fault
 from financing.application.messages import Message
 from financing.application.ports import (
     Cause,
@@ -203,17 +203,25 @@ def decoded(handler: Handler) -> Step:
 
 
 def exactly_once(store: EventStore, consumer: str, handler: StoreHandler) -> Handler:
-    """Runs `handler` in one unit of work that first checks, and then records, that
-    `consumer` processed the message: the effect and the record commit together,
-    so a redelivered message changes nothing."""
+    """Runs `handler` in one unit of work that records that `consumer` processed the
+    message: the effect and the record commit together, or neither does, so a
+    redelivered message changes nothing.
+
+    The message is not looked up first: a copy processed before runs the handler
+    again, and its unit of work then fails to record it (`AlreadyProcessed`) with
+    none of its writes taking effect. Copies are rare; the look-up would cost
+    every message a round trip.
+    """
 
     async def run(decoded: Decoded) -> Outcome:
         envelope = decoded.envelope
         try:
             return await once(decoded)
+        except AlreadyProcessed:
+            return DUPLICATE
         except RuleViolation:
-            # Another copy of the message may have committed after this one found it
-            # new, and this one then read its effects (funds already released): that
+            # A copy of a message already processed reads its effects (funds already
+            # released) and may break a rule before it gets to record anything: that
             # is a duplicate, not a broken rule.
             async with store.unit_of_work() as uow:
                 if await uow.seen(consumer, envelope.message_id):
@@ -223,8 +231,6 @@ def exactly_once(store: EventStore, consumer: str, handler: StoreHandler) -> Han
     async def once(decoded: Decoded) -> Outcome:
         envelope = decoded.envelope
         async with store.unit_of_work(Cause.of(envelope)) as uow:
-            if await uow.seen(consumer, envelope.message_id):
-                return DUPLICATE
             noting = _Noting(uow)
             await handler(noting, decoded.message)
             appended, unchanged = noting.result()

@@ -151,6 +151,7 @@ async def bootstrap(
         wiring = _Wiring(broker, publisher, outages, overrides, service)
         if command_pool is not None:
             store = PostgresEventStore(command_pool, snapshot_interval=settings.snapshot_interval)
+            stack.push_async_callback(store.close)
             if "commands" in selected:
                 wiring.store_routes(routes.COMMANDS, store)
             if "policies" in selected:

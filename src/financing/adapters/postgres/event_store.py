@@ -3,10 +3,16 @@
 A unit of work costs one round trip per read and one for all its writes. Its
 reads (`seen`, `load`) run as they come, each a statement of its own; its
 writes (`save`, `record`) are kept until the block ends and then go to the
-server as one statement, which appends every event, takes the snapshots due,
-records the processed message and notifies the relayer: one statement is one
-transaction, so they all commit or none does, and no transaction is held open
-while the handler decides.
+server as one statement, which appends every event, takes the snapshots due
+and records the processed message: one statement is one transaction, so they
+all commit or none does, and no transaction is held open while the handler
+decides. Once events are committed, the commit bell tells the relayer.
+
+The bell is a NOTIFY in a transaction of its own, after the commit, not in the
+writing transaction: PostgreSQL serialises the commits of notifying
+transactions (a lock taken before the commit record and held until it is
+flushed), so units of work that notified as they committed would commit one at
+a time, one disk flush each, instead of sharing flushes.
 
 Commit order. Each event row carries the id of the transaction that inserted
 it (`transaction_id`, assigned by PostgreSQL at the transaction's first
@@ -30,7 +36,11 @@ before it lets a broken rule dead-letter the message.
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import itertools
 import json
+import re
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -46,14 +56,27 @@ from financing.adapters.postgres.connection import (
     acquired,
 )
 from financing.application import codec
-from financing.application.errors import ConcurrencyConflict, ReadAfterWrite
+from financing.application.errors import (
+    AlreadyProcessed,
+    ConcurrencyConflict,
+    ReadAfterWrite,
+    Unavailable,
+)
 from financing.application.ports import PROCESSED, A, Cause, Processed, StoredEvent
 from financing.domain.aggregates import Aggregate
 from financing.domain.events import DomainEvent
+from financing.logging import get_logger
 
-# Notified inside every transaction that appends events; PostgreSQL delivers
-# it at commit, so a listener never hears of events it cannot read yet.
+log = get_logger(__name__)
+
+# Notified after events are committed (`CommitBell`), so a listener never hears
+# of events it cannot read yet.
 NOTIFY_CHANNEL = "financing_events"
+
+# The bell's transaction writes nothing worth a disk flush: its commit is not
+# waited for (`synchronous_commit` off for this transaction only), which keeps the
+# lock that serialises notifying commits held for microseconds.
+_RING = "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, '')"
 
 EVENT_COLUMNS = (
     "position, transaction_id, aggregate_type, aggregate_id, version, name, body,"
@@ -76,37 +99,54 @@ def stored_event(row: asyncpg.Record) -> StoredEvent:
 
 
 # Every write of a unit of work, in one statement: the events (in the order of the
-# arrays), the snapshots, the processed records, and the NOTIFY that PostgreSQL
-# delivers at commit (only when events were appended). Data-modifying WITH
-# clauses all run to completion whether or not the final SELECT reads them.
-_WRITE = (
-    "WITH appended AS ("
+# arrays), the snapshots and the processed records, each part only when the unit of
+# work has some (a statement per combination, each prepared once per connection).
+# Data-modifying WITH clauses all run to completion whether or not the final SELECT
+# reads them. `$?` are the part's arguments, in order (`_write` numbers them).
+_APPEND = (
+    "appended AS ("
     " INSERT INTO events (aggregate_type, aggregate_id, version, name, body,"
     " correlation_id, causation_id)"
-    " SELECT type, id, version, name, body::json, $6, $7"
-    " FROM unnest($1::text[], $2::uuid[], $3::int[], $4::text[], $5::text[])"
+    " SELECT type, id, version, name, body::json, $?, $?"
+    " FROM unnest($?::text[], $?::uuid[], $?::int[], $?::text[], $?::text[])"
     " WITH ORDINALITY AS new (type, id, version, name, body, ordinality)"
     " ORDER BY ordinality"
-    " RETURNING 1),"
-    " snapshot AS ("
+    " RETURNING 1)"
+)
+_SNAPSHOT = (
+    "snapshot AS ("
     " INSERT INTO snapshots (aggregate_id, aggregate_type, version, state)"
     " SELECT id, type, version, state::jsonb"
-    " FROM unnest($8::uuid[], $9::text[], $10::int[], $11::text[])"
+    " FROM unnest($?::uuid[], $?::text[], $?::int[], $?::text[])"
     " AS new (id, type, version, state)"
     " ON CONFLICT (aggregate_id) DO UPDATE"
     " SET aggregate_type = EXCLUDED.aggregate_type, version = EXCLUDED.version,"
     " state = EXCLUDED.state, taken_at = now()"
     " WHERE snapshots.version < EXCLUDED.version"
-    " RETURNING 1),"
-    " recorded AS ("
+    " RETURNING 1)"
+)
+_RECORD = (
+    "recorded AS ("
     " INSERT INTO processed_messages"
     " (consumer, message_id, name, correlation_id, outcome, detail, events)"
-    " SELECT consumer, message_id, name, $6, outcome, detail, events"
-    " FROM unnest($12::text[], $13::text[], $14::text[], $15::text[], $16::text[], $17::int[])"
+    " SELECT consumer, message_id, name, $?, outcome, detail, events"
+    " FROM unnest($?::text[], $?::text[], $?::text[], $?::text[], $?::text[], $?::int[])"
     " AS new (consumer, message_id, name, outcome, detail, events)"
     " RETURNING 1)"
-    " SELECT pg_notify($18, '') FROM (SELECT 1 FROM appended LIMIT 1) AS any_appended"
 )
+
+
+@functools.cache
+def _write(events: bool, snapshots: bool, records: bool) -> str:
+    """The writing statement for the parts a unit of work has; it gives the number of
+    events appended."""
+    present = (
+        part for part, has in ((_APPEND, events), (_SNAPSHOT, snapshots), (_RECORD, records)) if has
+    )
+    numbers = itertools.count(1)
+    clauses = re.sub(r"\$\?", lambda _: f"${next(numbers)}", ", ".join(present))
+    return f"WITH {clauses} SELECT " + ("count(*) FROM appended" if events else "0")
+
 
 # A snapshot row has no name; event rows follow it in version order.
 _LOAD = (
@@ -127,9 +167,10 @@ def _event(name: str, body: str, aggregate_id: UUID) -> DomainEvent:
 
 
 # Which rule a unique violation of the writing statement broke.
+_PROCESSED = "processed_messages_pkey"
 _CONFLICTS = {
     "events_stream_version": "an aggregate moved past the version it was loaded at",
-    "processed_messages_pkey": "the message was already processed",
+    _PROCESSED: "the message was already processed",
 }
 
 
@@ -141,7 +182,8 @@ def _conflicts() -> Iterator[None]:
         constraint = getattr(exc, "constraint_name", None) or ""
         what = _CONFLICTS.get(constraint, "another writer came first")
         detail = getattr(exc, "detail", None) or str(exc)
-        raise ConcurrencyConflict(f"{what}: {detail}") from exc
+        conflict = AlreadyProcessed if constraint == _PROCESSED else ConcurrencyConflict
+        raise conflict(f"{what}: {detail}") from exc
 
 
 @dataclass
@@ -207,10 +249,11 @@ class PostgresUnitOfWork:
     async def record(self, consumer: str, message_id: str, what: Processed = PROCESSED) -> None:
         self._records.append((consumer, message_id, what))
 
-    async def commit(self) -> None:
-        """Every write kept so far, in one statement (nothing when there is none)."""
+    async def commit(self) -> int:
+        """Every write kept so far, in one statement (nothing when there is none); the
+        number of events appended."""
         if not self._saved and not self._records:
-            return
+            return 0
         events = [
             (saved.aggregate, saved.aggregate.stored_version + offset, event)
             for saved in self._saved.values()
@@ -222,31 +265,82 @@ class PostgresUnitOfWork:
             if saved.snapshot is not None
         ]
         cause = self._cause
-        with _conflicts():
-            await self._conn.execute(
-                _WRITE,
+        records = self._records
+        correlation_id = cause.correlation_id if cause else None
+        arguments: list[object] = []
+        if events:
+            arguments += [
+                correlation_id,
+                cause.causation_id if cause else None,
                 [aggregate.aggregate_type for aggregate, _, _ in events],
                 [aggregate.id for aggregate, _, _ in events],
                 [version for _, version, _ in events],
                 [codec.name_of(event) for _, _, event in events],
                 [codec.encode(event).decode() for _, _, event in events],
-                cause.correlation_id if cause else None,
-                cause.causation_id if cause else None,
+            ]
+        if snapshots:
+            arguments += [
                 [aggregate.id for aggregate, _, _ in snapshots],
                 [aggregate.aggregate_type for aggregate, _, _ in snapshots],
                 [version for _, version, _ in snapshots],
                 [state for _, _, state in snapshots],
-                [consumer for consumer, _, _ in self._records],
-                [message_id for _, message_id, _ in self._records],
-                [what.name or None for _, _, what in self._records],
-                [what.outcome for _, _, what in self._records],
-                [what.detail or None for _, _, what in self._records],
-                [what.events for _, _, what in self._records],
-                NOTIFY_CHANNEL,
-            )
+            ]
+        if records:
+            arguments += [
+                correlation_id,
+                [consumer for consumer, _, _ in records],
+                [message_id for _, message_id, _ in records],
+                [what.name or None for _, _, what in records],
+                [what.outcome for _, _, what in records],
+                [what.detail or None for _, _, what in records],
+                [what.events for _, _, what in records],
+            ]
+        statement = _write(bool(events), bool(snapshots), bool(records))
+        with _conflicts():
+            appended: int = await self._conn.fetchval(statement, *arguments)
         # The saved changes are now stored: they are changes no more.
         for saved in self._saved.values():
             del saved.aggregate.changes[: saved.changes]
+        return appended
+
+
+class CommitBell:
+    """Tells listeners (the relayer) that events were committed, after the commit.
+
+    Rings coalesce: a ring asked for while one is being sent is sent once that
+    one is done, so every commit is followed by a notification sent after it,
+    and a burst of commits costs two. A ring that cannot be sent is dropped
+    (the database is unreachable, or the pool closing): the relayer polls.
+    """
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._sending: asyncio.Task[None] | None = None
+        self._again = False
+
+    def ring(self) -> None:
+        if self._sending is not None:
+            self._again = True
+            return
+        self._sending = asyncio.get_running_loop().create_task(self._send())
+
+    async def _send(self) -> None:
+        try:
+            while not self._pool.is_closing():
+                self._again = False
+                async with acquired(self._pool, COMMAND_DATABASE) as conn:
+                    await conn.execute(_RING, NOTIFY_CHANNEL)
+                if not self._again:
+                    return
+        except (Unavailable, asyncpg.InterfaceError) as error:
+            log.debug("commit bell not rung; the relayer polls", error=str(error))
+        finally:
+            self._sending = None
+
+    async def quiet(self) -> None:
+        """Wait until the ring being sent, if any, is done."""
+        if self._sending is not None:
+            await asyncio.wait({self._sending})
 
 
 class PostgresEventStore:
@@ -257,13 +351,20 @@ class PostgresEventStore:
             raise ValueError(f"snapshot_interval must be >= 1, got {snapshot_interval}")
         self._pool = pool
         self._snapshot_interval = snapshot_interval
+        self._bell = CommitBell(pool)
 
     @asynccontextmanager
     async def unit_of_work(self, cause: Cause | None = None) -> AsyncIterator[PostgresUnitOfWork]:
         async with acquired(self._pool, COMMAND_DATABASE) as conn:
             uow = PostgresUnitOfWork(conn, self._snapshot_interval, cause)
             yield uow
-            await uow.commit()
+            appended = await uow.commit()
+        if appended:
+            self._bell.ring()
+
+    async def close(self) -> None:
+        """Let the last ring of the commit bell go out (before the pool closes)."""
+        await self._bell.quiet()
 
     async def stream(self, aggregate_id: UUID) -> list[StoredEvent]:
         async with acquired(self._pool, COMMAND_DATABASE) as conn:
