@@ -415,6 +415,7 @@ def level_table(found: ServiceFigures) -> str:
 class AppendFigures:
     ours: float
     pgbench_ours: float
+    asyncpg_ours: float
     pgbench_simple: float
     es_application: float
     es_aggregate: float
@@ -428,9 +429,11 @@ def _mean(values: list[float]) -> float:
 async def run_append(options: Options) -> AppendFigures:
     heading(f"5. appends, {options.writers} concurrent writers, fresh aggregates")
     writers, seconds = options.writers, options.append_seconds
-    results: dict[str, list[float]] = {k: [] for k in ("ours", "pg", "simple", "app", "agg")}
+    kinds = ("ours", "pg", "asyncpg", "simple", "app", "agg")
+    results: dict[str, list[float]] = {k: [] for k in kinds}
     async with bench_append.event_store_database("financing_bench_capture") as db:
-        script = bench_append.pgbench_script(await bench_append.capture(db))
+        captured = await bench_append.capture(db)
+        script = bench_append.pgbench_script(captured)
     say(
         f"our unit of work sends {script.statements} statements per transaction;"
         " the pgbench script made of them:"
@@ -443,6 +446,9 @@ async def run_append(options: Options) -> AppendFigures:
         async with bench_append.event_store_database("financing_bench_pgbench") as db:
             run = await asyncio.to_thread(bench_append.pgbench, db, script, writers, seconds)
             results["pg"].append(run.tps)
+        async with bench_append.event_store_database("financing_bench_asyncpg") as db:
+            rate = await bench_append.replayed_per_second(db, captured, writers, seconds)
+            results["asyncpg"].append(rate)
         async with infra.fresh_database("financing_bench_simple") as db:
             await bench_append.prepare_simple_insert(db)
             simple = bench_append.SIMPLE_INSERT
@@ -460,13 +466,15 @@ async def run_append(options: Options) -> AppendFigures:
                 results[key].append(rate)
         say(
             f"round {round_number}: ours {results['ours'][-1]:.0f}/s, pgbench with our"
-            f" statements {results['pg'][-1]:.0f}/s ({run.failed} failed), pgbench one-row insert"
+            f" statements {results['pg'][-1]:.0f}/s ({run.failed} failed), asyncpg alone with our"
+            f" statements {results['asyncpg'][-1]:.0f}/s, pgbench one-row insert"
             f" {results['simple'][-1]:.0f}/s, eventsourcing application recorder"
             f" {results['app'][-1]:.0f}/s, aggregate recorder {results['agg'][-1]:.0f}/s"
         )
     return AppendFigures(
         _mean(results["ours"]),
         _mean(results["pg"]),
+        _mean(results["asyncpg"]),
         _mean(results["simple"]),
         _mean(results["app"]),
         _mean(results["agg"]),
@@ -479,6 +487,7 @@ def append_figures(found: AppendFigures, options: Options) -> list[Figure]:
     value = f"{found.ours:.0f}/s"
     rows = [
         ("pgbench, our statements", found.pgbench_ours, ">= 0.7 x", 0.7),
+        ("asyncpg alone, our statements", found.asyncpg_ours, "(context)", None),
         ("pgbench, one-row insert", found.pgbench_simple, "(context)", None),
         ("eventsourcing application recorder", found.es_application, ">= 3 x", 3.0),
         ("eventsourcing aggregate recorder", found.es_aggregate, "(context)", None),

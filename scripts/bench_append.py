@@ -14,6 +14,9 @@ concurrent writers for the same number of seconds:
   pipelines them)
   become a pgbench script, run prepared (`-M prepared`, as asyncpg prepares
   them), with a fresh aggregate id and message id per transaction;
+- asyncpg alone with our statements: the captured statements sent again by
+  asyncpg on a pool like the service's, with fresh ids, and no event store code
+  around them: what the driver itself costs;
 - pgbench's simple one-row insert: one INSERT per transaction (autocommit),
   the cost of a commit on this server;
 - the eventsourcing library's PostgreSQL recorders (psycopg 3, synchronous, so
@@ -32,7 +35,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from glob import glob
@@ -88,22 +91,27 @@ async def units_per_second(db: Database, writers: int, seconds: float) -> float:
     pool = await create_pool(Database(db.connect_kwargs, writers), min_size=writers)
     store = PostgresEventStore(pool)
     try:
-        await asyncio.gather(*(one_unit(store) for _ in range(writers)))  # warm
-        done = 0
-        deadline = time.perf_counter() + seconds
-
-        async def writer() -> None:
-            nonlocal done
-            while time.perf_counter() < deadline:
-                await one_unit(store)
-                done += 1
-
-        started = time.perf_counter()
-        await asyncio.gather(*(writer() for _ in range(writers)))
-        return done / (time.perf_counter() - started)
+        return await _rate(lambda: one_unit(store), writers, seconds)
     finally:
         await store.close()
         await pool.close()
+
+
+async def _rate(unit: Callable[[], Awaitable[object]], writers: int, seconds: float) -> float:
+    """How many `unit`s per second `writers` concurrent loops complete, after a warm-up."""
+    await asyncio.gather(*(unit() for _ in range(writers)))
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def writer() -> None:
+        nonlocal done
+        while time.perf_counter() < deadline:
+            await unit()
+            done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(writer() for _ in range(writers)))
+    return done / (time.perf_counter() - started)
 
 
 # ---------------------------------------------------------------- our statements, captured
@@ -144,6 +152,38 @@ def _transaction(records: list[LoggedQuery]) -> list[LoggedQuery]:
         if "RESET ALL" in record.query.upper():
             return records[:index]
     return records
+
+
+async def replayed_per_second(
+    db: Database, captured: Captured, writers: int, seconds: float
+) -> float:
+    """Units per second when asyncpg alone sends the captured statements, with fresh ids
+    each time, on a pool like the service's: the driver's share without the event store's."""
+    pool = await create_pool(Database(db.connect_kwargs, writers), min_size=writers)
+
+    def renewed(args: Sequence[object], new: dict[object, object]) -> list[object]:
+        return [
+            renewed(value, new) if isinstance(value, list) else new.get(value, value)
+            for value in args
+        ]
+
+    async def unit() -> None:
+        new: dict[object, object] = {}
+        for old in captured.fresh:
+            fresh = uuid.uuid4()
+            new[old] = fresh if isinstance(old, uuid.UUID) else str(fresh)
+        async with pool.acquire() as conn:
+            for record in captured.statements:
+                args: Any = record.args
+                if isinstance(args, list):
+                    await conn.executemany(record.query, [renewed(row, new) for row in args])
+                else:
+                    await conn.execute(record.query, *renewed(args or (), new))
+
+    try:
+        return await _rate(unit, writers, seconds)
+    finally:
+        await pool.close()
 
 
 _PARAMETER = re.compile(r"\$(\d+)")

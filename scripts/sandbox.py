@@ -25,7 +25,7 @@ HOW_TO_START = {
 
 async def preflight() -> None:
     """Fail fast, saying how to start what is missing."""
-    problems = []
+    problems: list[tuple[str, str, Exception]] = []
     try:
         conn = await asyncpg.connect(
             host=infra.PG_HOST,
@@ -42,8 +42,8 @@ async def preflight() -> None:
         await amqp.close()
     except Exception as exc:
         problems.append(("RabbitMQ", f"{infra.AMQP_HOST}:{infra.AMQP_PORT}", exc))
-    for name, where, exc in problems:
-        print(f"{name} is not reachable at {where}: {exc}", file=sys.stderr)
+    for name, where, error in problems:
+        print(f"{name} is not reachable at {where}: {error}", file=sys.stderr)
         print(f"  start it with: {HOW_TO_START[name]}", file=sys.stderr)
     if problems:
         raise SystemExit(1)
