@@ -73,5 +73,18 @@ async def test_no_ring_once_the_pool_is_closing() -> None:
     assert pool.started == 0
 
 
+async def test_a_ring_that_gets_no_answer_is_given_up_when_closing() -> None:
+    pool = _Pool()  # its gate never opens: a database that does not answer
+    bell = bell_on(pool)
+    bell.ring()
+    await infra.wait_until(lambda: _now(pool.started == 1), what="the ring to start")
+    await asyncio.wait_for(bell.quiet(grace=0.05), timeout=5)
+    assert pool.sent == 0
+    pool.gate.set()
+    bell.ring()  # the bell works again afterwards
+    await bell.quiet()
+    assert pool.sent == 1
+
+
 async def _now(value: bool) -> bool:
     return value

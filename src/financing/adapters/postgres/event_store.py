@@ -77,6 +77,8 @@ NOTIFY_CHANNEL = "financing_events"
 # waited for (`synchronous_commit` off for this transaction only), which keeps the
 # lock that serialises notifying commits held for microseconds.
 _RING = "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, '')"
+# How long closing the event store waits for a ring on its way.
+BELL_GRACE = 1.0
 
 EVENT_COLUMNS = (
     "position, transaction_id, aggregate_type, aggregate_id, version, name, body,"
@@ -337,10 +339,16 @@ class CommitBell:
         finally:
             self._sending = None
 
-    async def quiet(self) -> None:
-        """Wait until the ring being sent, if any, is done."""
-        if self._sending is not None:
-            await asyncio.wait({self._sending})
+    async def quiet(self, grace: float = BELL_GRACE) -> None:
+        """Wait until the ring being sent, if any, is done; give it up after `grace`
+        seconds (a database that does not answer must not hold a shutdown)."""
+        sending = self._sending
+        if sending is None:
+            return
+        done, _ = await asyncio.wait({sending}, timeout=grace)
+        if not done:
+            sending.cancel()
+            await asyncio.wait({sending})
 
 
 class PostgresEventStore:
