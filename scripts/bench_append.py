@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from glob import glob
@@ -47,7 +47,6 @@ from asyncpg.connection import LoggedQuery
 
 from financing.adapters.postgres.connection import create_pool
 from financing.adapters.postgres.event_store import PostgresEventStore
-from financing.adapters.postgres.schema import migrate
 from financing.application.ports import Cause, Processed
 from financing.config import Database
 from financing.domain.aggregates import Investor
@@ -57,16 +56,9 @@ CONSUMER = "create_investor"  # the command handler whose unit of work this is
 BALANCE = Decimal(100)
 
 
-@contextlib.asynccontextmanager
-async def event_store_database(prefix: str) -> AsyncIterator[Database]:
+def event_store_database(prefix: str) -> contextlib.AbstractAsyncContextManager[Database]:
     """A fresh database holding the service's event store schema, dropped afterwards."""
-    async with infra.fresh_database(prefix) as db:
-        pool = await create_pool(db)
-        try:
-            await migrate(pool, "commands")
-        finally:
-            await pool.close()
-        yield db
+    return infra.migrated_database(prefix, "commands")
 
 
 # ---------------------------------------------------------------- ours

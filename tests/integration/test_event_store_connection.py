@@ -18,7 +18,6 @@ import pytest
 
 from financing.adapters.postgres.connection import COMMAND_DATABASE, connect, create_pool
 from financing.adapters.postgres.event_store import PostgresEventStore
-from financing.adapters.postgres.schema import migrate
 from financing.application import codec
 from financing.application.errors import ConcurrencyConflict, Unavailable
 from financing.config import Database
@@ -30,12 +29,7 @@ from tests.support.infra import wait_until
 
 @pytest.fixture(scope="module")
 async def database() -> AsyncIterator[Database]:
-    async with infra.fresh_database("fin_conn") as db:
-        conn = await connect(db)
-        try:
-            await migrate(conn, "commands")
-        finally:
-            await conn.close()
+    async with infra.migrated_database("fin_conn", "commands") as db:
         yield db
 
 

@@ -103,12 +103,23 @@ async def fresh_database(prefix: str) -> AsyncIterator[Database]:
 
 
 @contextlib.asynccontextmanager
-async def migrated_pool(prefix: str, schema: str) -> AsyncIterator[asyncpg.Pool]:
-    """A pool on a fresh database holding the service's `schema` ("commands" or "queries")."""
+async def migrated_database(prefix: str, schema: str) -> AsyncIterator[Database]:
+    """A fresh database holding the service's `schema` ("commands" or "queries")."""
     async with fresh_database(prefix) as db:
         pool = await create_pool(db)
         try:
             await migrate(pool, schema)
+        finally:
+            await pool.close()
+        yield db
+
+
+@contextlib.asynccontextmanager
+async def migrated_pool(prefix: str, schema: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on a fresh database holding the service's `schema`."""
+    async with migrated_database(prefix, schema) as db:
+        pool = await create_pool(db)
+        try:
             yield pool
         finally:
             await pool.close()
