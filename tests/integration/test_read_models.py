@@ -332,6 +332,30 @@ class ReadModelContract:
         await apply(store, ev.InvoiceApprovedEvent(invoice_id, D(10), bid))
         assert await store.invoices() == [InvoiceRow(invoice_id, issuer_id, D(10), REVERSED, bid)]
 
+    async def test_out_of_order_events_within_one_batch_project_as_one_by_one(
+        self, store: ReadModelStore
+    ) -> None:
+        late, stale, issuer_id = uuid4(), uuid4(), uuid4()
+        investor_id, bid = uuid4(), Bid(uuid4(), D(10))
+        await apply(
+            store,
+            ev.InvoiceFinancedEvent(late, D(10), bid),
+            ev.InvoiceCreatedEvent(stale, issuer_id, D(20)),
+            ev.InvestorFundsAddedEvent(investor_id, D(100)),
+            ev.InvoiceApprovedEvent(late, D(10), bid),
+            ev.InvoiceReversedEvent(stale, D(20), bid),
+            ev.BidOnInvoicePlacedEvent(investor_id, stale, D(40)),
+            ev.InvoiceCreatedEvent(late, issuer_id, D(10)),
+            ev.InvoiceFinancedEvent(stale, D(20), Bid(uuid4(), D(11))),
+            ev.InvestorCreatedEvent(investor_id),
+            ev.InvoiceApprovedEvent(stale, D(20), bid),
+        )
+        assert await store.invoices() == [
+            InvoiceRow(late, issuer_id, D(10), APPROVED, bid),
+            InvoiceRow(stale, issuer_id, D(20), REVERSED, bid),
+        ]
+        assert await store.investors() == [InvestorRow(investor_id, D(60), D(40), D(0))]
+
 
 class TestInMemoryReadModels(ReadModelContract):
     @pytest.fixture
@@ -345,16 +369,18 @@ class TestPostgresReadModels(ReadModelContract):
         return await fresh_read_models(pool)
 
     async def test_batch_that_fails_half_way_applies_nothing(self, store: ReadModelStore) -> None:
-        investor_id = uuid4()
-        created = (str(uuid4()), ev.InvestorCreatedEvent(investor_id))
-        # Twice this overflows NUMERIC: the last update fails after the others succeeded.
+        investor_id, issuer_id = uuid4(), uuid4()
         huge = D("9e131071")
-        added = [(str(uuid4()), ev.InvestorFundsAddedEvent(investor_id, huge)) for _ in range(2)]
+        await store.apply([(str(uuid4()), ev.InvestorFundsAddedEvent(investor_id, huge))])
+        # The issuer's row is written first; adding `huge` again then overflows NUMERIC.
+        created = (str(uuid4()), ev.IssuerCreatedEvent(issuer_id))
+        added = (str(uuid4()), ev.InvestorFundsAddedEvent(investor_id, huge))
         with pytest.raises(asyncpg.DataError):
-            await store.apply([created, *added])
-        assert await store.investors() == []
+            await store.apply([created, added])
+        assert await store.issuers() == []
+        assert await store.investors() == [InvestorRow(investor_id, huge, D(0), D(0))]
         await store.apply([created])  # its message id was not recorded either
-        assert await store.investors() == [InvestorRow(investor_id, D(0), D(0), D(0))]
+        assert await store.issuers() == [IssuerRow(issuer_id)]
 
     async def test_unreachable_database_raises_unavailable_naming_the_query_database(
         self,

@@ -31,6 +31,9 @@ from financing.domain.money import canonical
 
 Kind = Literal["uuid", "money", "text", "bid"]
 
+# What json.loads(body, parse_float=Decimal, ...) builds on every call, built once.
+_JSON = json.JSONDecoder(parse_float=Decimal, parse_int=Decimal, parse_constant=Decimal)
+
 
 @dataclass(frozen=True)
 class Field:
@@ -182,7 +185,7 @@ def decode(name: str, body: bytes, aggregate_id: str | None = None) -> Message:
     try:
         # NaN and Infinity become non-finite decimals, refused by the field that holds them
         # so that the reason names it.
-        data = json.loads(body, parse_float=Decimal, parse_int=Decimal, parse_constant=Decimal)
+        data = _JSON.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
     except (ValueError, RecursionError) as exc:
         raise PoisonMessage(f"{name}: body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):

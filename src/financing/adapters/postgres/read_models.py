@@ -10,7 +10,7 @@ The ordering rules for events that arrive out of order are those of
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
@@ -30,7 +30,7 @@ from financing.application.read_models import (
 from financing.domain import events as ev
 from financing.domain.aggregates import InvoiceStatus
 from financing.domain.events import Bid, DomainEvent
-from financing.domain.money import ZERO
+from financing.domain.money import ZERO, add
 
 DEFAULT_SCHEMA = "read_models"
 
@@ -62,32 +62,54 @@ class PostgresReadModels:
             f"INSERT INTO {s}.processed_messages (message_id) SELECT unnest($1::text[])"
             " ON CONFLICT DO NOTHING RETURNING message_id"
         )
-        # One statement per table, so that a batch applied table by table, each in
-        # event order, creates rows in the order one-by-one projection would.
-        self._issuer_sql = f"INSERT INTO {s}.issuers (id) VALUES ($1) ON CONFLICT DO NOTHING"
-        # An investor's creation is a change of nothing: it only makes the row.
-        self._investor_sql = (
+        # One statement per table for a whole batch (per round, for invoices),
+        # each inserting in the order of the rows' first events, so rows are
+        # created in the order one-by-one projection would create them.
+        self._project_issuers_sql = (
+            f"INSERT INTO {s}.issuers (id) SELECT id FROM unnest($1::uuid[])"
+            " WITH ORDINALITY AS new (id, ordinality) ORDER BY ordinality"
+            " ON CONFLICT DO NOTHING"
+        )
+        # Each investor once, with the sum of its batch's changes (additions
+        # commute); an investor's creation is a change of nothing: it only makes the row.
+        self._project_investors_sql = (
             f"INSERT INTO {s}.investors AS i (id, balance, reserved, committed)"
-            " VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO UPDATE SET"
+            " SELECT id, balance, reserved, committed"
+            " FROM unnest($1::uuid[], $2::numeric[], $3::numeric[], $4::numeric[])"
+            " WITH ORDINALITY AS new (id, balance, reserved, committed, ordinality)"
+            " ORDER BY ordinality ON CONFLICT (id) DO UPDATE SET"
             " balance = i.balance + excluded.balance,"
             " reserved = i.reserved + excluded.reserved,"
             " committed = i.committed + excluded.committed"
+            " WHERE (excluded.balance, excluded.reserved, excluded.committed) <> (0, 0, 0)"
         )
-        # $7: whether the event is the invoice's creation (which fills in the issuer
-        # and the asking price of a row that later events made first); otherwise it
-        # advances the status from one of $8, keeping the first winning bid.
-        self._invoice_sql = (
+        # Each invoice once per round. A row with an issuer is the invoice's
+        # creation, which fills in the issuer and the asking price of a row that
+        # later events made first; any other advances the status, forward only
+        # (ADVANCES_FROM), keeping the first winning bid.
+        advances = " ".join(
+            f"WHEN '{status.value}' THEN i.status IN ("
+            + ", ".join(f"'{before.value}'" for before in sorted(froms, key=_value))
+            + ")"
+            for status, froms in ADVANCES_FROM.items()
+        )
+        self._project_invoices_sql = (
             f"INSERT INTO {s}.invoices AS i"
             " (id, issuer_id, asking_price, status, winning_investor_id, winning_amount)"
-            " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET"
-            " issuer_id = CASE WHEN $7 THEN excluded.issuer_id ELSE i.issuer_id END,"
-            " asking_price = CASE WHEN $7 THEN excluded.asking_price ELSE i.asking_price END,"
-            " status = CASE WHEN $7 THEN i.status ELSE excluded.status END,"
-            " winning_investor_id = CASE WHEN $7 THEN i.winning_investor_id"
-            " ELSE coalesce(i.winning_investor_id, excluded.winning_investor_id) END,"
-            " winning_amount = CASE WHEN $7 THEN i.winning_amount"
-            " ELSE coalesce(i.winning_amount, excluded.winning_amount) END"
-            " WHERE CASE WHEN $7 THEN i.issuer_id IS NULL ELSE i.status = ANY($8::text[]) END"
+            " SELECT id, issuer_id, asking_price, status, winning_investor_id, winning_amount"
+            " FROM unnest($1::uuid[], $2::uuid[], $3::numeric[], $4::text[], $5::uuid[],"
+            " $6::numeric[]) WITH ORDINALITY AS new (id, issuer_id, asking_price, status,"
+            " winning_investor_id, winning_amount, ordinality)"
+            " ORDER BY ordinality ON CONFLICT (id) DO UPDATE SET"
+            " issuer_id = coalesce(excluded.issuer_id, i.issuer_id),"
+            " asking_price = CASE WHEN excluded.issuer_id IS NULL THEN i.asking_price"
+            " ELSE excluded.asking_price END,"
+            " status = CASE WHEN excluded.issuer_id IS NULL THEN excluded.status"
+            " ELSE i.status END,"
+            " winning_investor_id = coalesce(i.winning_investor_id, excluded.winning_investor_id),"
+            " winning_amount = coalesce(i.winning_amount, excluded.winning_amount)"
+            " WHERE CASE WHEN excluded.issuer_id IS NOT NULL THEN i.issuer_id IS NULL"
+            f" ELSE CASE excluded.status {advances} ELSE false END END"
         )
         self._investors_sql = (
             f"SELECT id, balance, reserved, committed FROM {s}.investors ORDER BY created"
@@ -110,56 +132,17 @@ class PostgresReadModels:
                     self._record_sql, [message_id for message_id, _ in batch]
                 )
             }
-            # One pipelined statement per table, each in event order: the tables are
-            # independent, so this is what projecting event by event would do.
-            changes: dict[str, list[tuple[Any, ...]]] = {}
+            changes = _Changes()
             for message_id, event in batch:
                 if message_id in fresh:
                     fresh.discard(message_id)  # a duplicate later in the batch is skipped
-                    if (change := self._change(event)) is not None:
-                        sql, args = change
-                        changes.setdefault(sql, []).append(args)
-            for sql, rows in changes.items():
-                await conn.executemany(sql, rows)
-
-    def _change(self, event: DomainEvent) -> tuple[str, tuple[Any, ...]] | None:
-        """The statement that projects `event`, with its arguments; None if it changes
-        no read model."""
-        match event:
-            case ev.IssuerCreatedEvent(issuer_id=issuer):
-                return self._issuer_sql, (issuer,)
-            case ev.InvestorCreatedEvent(investor_id=investor):
-                return self._investor_sql, (investor, ZERO, ZERO, ZERO)
-            case ev.InvoiceCreatedEvent(invoice_id=invoice, issuer_id=issuer, asking_price=price):
-                return self._invoice_sql, (
-                    invoice,
-                    issuer,
-                    price,
-                    AVAILABLE.value,
-                    None,
-                    None,
-                    True,
-                    [],
-                )
-        if (change := investor_change(event)) is not None:
-            return self._investor_sql, (
-                change.investor_id,
-                change.balance,
-                change.reserved,
-                change.committed,
-            )
-        if (advance := invoice_advance(event)) is not None:
-            return self._invoice_sql, (
-                advance.invoice_id,
-                None,
-                advance.price,
-                advance.status.value,
-                advance.bid.investor_id,
-                advance.bid.amount,
-                False,
-                sorted(status.value for status in ADVANCES_FROM[advance.status]),
-            )
-        return None
+                    changes.add(event)
+            if changes.issuers:
+                await conn.execute(self._project_issuers_sql, list(changes.issuers))
+            if changes.investors:
+                await conn.execute(self._project_investors_sql, *_columns(changes.investor_rows()))
+            for rows in changes.invoice_rounds():
+                await conn.execute(self._project_invoices_sql, *_columns(rows))
 
     async def investors(self) -> list[InvestorRow]:
         return [
@@ -197,3 +180,68 @@ def _bid(investor_id: UUID | None, amount: Decimal | None) -> Bid | None:
     if investor_id is None or amount is None:
         return None
     return Bid(investor_id=_uuid(investor_id), amount=amount)
+
+
+_InvoiceRow = tuple[UUID, UUID | None, Decimal, str, UUID | None, Decimal | None]
+
+
+class _Changes:
+    """What a batch does to each table, gathered so that each table takes one
+    statement: issuers in order of first sight, investors with the sum of their
+    changes, and invoices in rounds, round k holding the k-th event of every
+    invoice that has one (within a round each invoice appears once, in order of
+    first sight; applying the rounds in turn is applying the events in turn,
+    since rows do not depend on each other)."""
+
+    def __init__(self) -> None:
+        self.issuers: dict[UUID, None] = {}
+        self.investors: dict[UUID, tuple[Decimal, Decimal, Decimal]] = {}
+        self.invoices: dict[UUID, list[_InvoiceRow]] = {}
+
+    def add(self, event: DomainEvent) -> None:
+        match event:
+            case ev.IssuerCreatedEvent(issuer_id=issuer):
+                self.issuers[issuer] = None
+            case ev.InvestorCreatedEvent(investor_id=investor):
+                self.investors.setdefault(investor, (ZERO, ZERO, ZERO))
+            case ev.InvoiceCreatedEvent(invoice_id=invoice, issuer_id=issuer, asking_price=price):
+                created: _InvoiceRow = (invoice, issuer, price, AVAILABLE.value, None, None)
+                self.invoices.setdefault(invoice, []).append(created)
+            case _:
+                if (change := investor_change(event)) is not None:
+                    balance, reserved, committed = self.investors.get(
+                        change.investor_id, (ZERO, ZERO, ZERO)
+                    )
+                    self.investors[change.investor_id] = (
+                        add(balance, change.balance),
+                        add(reserved, change.reserved),
+                        add(committed, change.committed),
+                    )
+                elif (advance := invoice_advance(event)) is not None:
+                    invoice, bid = advance.invoice_id, advance.bid
+                    advanced: _InvoiceRow = (
+                        invoice,
+                        None,
+                        advance.price,
+                        advance.status.value,
+                        bid.investor_id,
+                        bid.amount,
+                    )
+                    self.invoices.setdefault(invoice, []).append(advanced)
+
+    def investor_rows(self) -> list[tuple[UUID, Decimal, Decimal, Decimal]]:
+        return [(investor, *amounts) for investor, amounts in self.investors.items()]
+
+    def invoice_rounds(self) -> Iterator[list[_InvoiceRow]]:
+        rounds = max(map(len, self.invoices.values()), default=0)
+        for k in range(rounds):
+            yield [events[k] for events in self.invoices.values() if len(events) > k]
+
+
+def _columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
+    """Rows (at least one) as one list per column: the arrays a statement unnests."""
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
+def _value(status: InvoiceStatus) -> str:
+    return status.value
