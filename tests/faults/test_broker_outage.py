@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import aio_pika
+import aiormq
 import pytest
 from grpclib.client import Channel
 from grpclib.const import Status
@@ -294,20 +294,20 @@ def issuer_created(issuer: uuid.UUID) -> Envelope:
 
 
 @pytest.fixture
-def stuck_ack(monkeypatch: pytest.MonkeyPatch) -> list[aio_pika.IncomingMessage]:
-    """The first ack never completes, as aiormq does when the connection dies under it;
-    the list receives that message."""
+def stuck_ack(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The first ack frame never completes, as aiormq's does when the connection dies
+    under it; the list receives its delivery tag."""
     monkeypatch.setattr(consumer, "ACK_TIMEOUT", 0.2, raising=False)
-    original_ack = aio_pika.IncomingMessage.ack
-    stuck: list[aio_pika.IncomingMessage] = []
+    original_ack = aiormq.Channel.basic_ack
+    stuck: list[int] = []
 
-    async def ack(message: aio_pika.IncomingMessage, *args: Any, **kwargs: Any) -> None:
+    async def basic_ack(channel: aiormq.Channel, delivery_tag: int, *args: Any, **kw: Any) -> None:
         if not stuck:
-            stuck.append(message)
+            stuck.append(delivery_tag)
             await asyncio.Event().wait()
-        await original_ack(message, *args, **kwargs)
+        await original_ack(channel, delivery_tag, *args, **kw)
 
-    monkeypatch.setattr(aio_pika.IncomingMessage, "ack", ack)
+    monkeypatch.setattr(aiormq.Channel, "basic_ack", basic_ack)
     return stuck
 
 
@@ -335,7 +335,7 @@ async def broker_side() -> AsyncIterator[BrokerSide]:
             await broker.close()
 
 
-async def ack_stuck(stuck: list[aio_pika.IncomingMessage]) -> None:
+async def ack_stuck(stuck: list[int]) -> None:
     async def stuck_yet() -> bool:
         return bool(stuck)
 
@@ -343,7 +343,7 @@ async def ack_stuck(stuck: list[aio_pika.IncomingMessage]) -> None:
 
 
 async def test_projector_goes_on_when_an_ack_never_completes(
-    stuck_ack: list[aio_pika.IncomingMessage], broker_side: BrokerSide
+    stuck_ack: list[int], broker_side: BrokerSide
 ) -> None:
     """The stuck ack of the flapping broker, made certain."""
     read_models = InMemoryReadModels()
@@ -381,7 +381,7 @@ async def _set(event: asyncio.Event) -> bool:
 
 
 async def test_command_handler_stops_promptly_though_an_ack_never_completed(
-    stuck_ack: list[aio_pika.IncomingMessage], broker_side: BrokerSide
+    stuck_ack: list[int], broker_side: BrokerSide
 ) -> None:
     """Regression: the message's task waited forever for its ack, and shutting the
     consumer down took its whole grace period."""

@@ -10,12 +10,15 @@ the old channel go back to the queue and are delivered again.
 only after its outcome is final (the handler's transaction committed, or its
 dead-letter copy was confirmed). Anything else leaves it unacked and the
 broker delivers it again, where the exactly-once records absorb the duplicate.
+The acks of a channel go out through its `ChannelAcks`, which writes the acks
+asked for together in as few frames as their order allows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +27,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, ConsumerTag
 
 from financing import metrics
+from financing.adapters.rabbitmq.acks import ChannelAcks
 from financing.adapters.rabbitmq.connection import (
     BROKER_ERRORS,
     Broker,
@@ -63,11 +67,17 @@ class AmqpDelivery:
     """One delivered AMQP message, as the pipeline's `Delivery`."""
 
     def __init__(
-        self, message: AbstractIncomingMessage, source: str, dead_letters: DeadLetters
+        self,
+        message: AbstractIncomingMessage,
+        source: str,
+        dead_letters: DeadLetters,
+        acks: ChannelAcks,
     ) -> None:
         self._message = message
         self._source = source
         self._dead_letters = dead_letters
+        self._acks = acks
+        self._tag = message.delivery_tag or 0
 
     @property
     def source(self) -> str:
@@ -116,7 +126,7 @@ class AmqpDelivery:
     async def _ack(self) -> None:
         try:
             async with asyncio.timeout(ACK_TIMEOUT):
-                await self._message.ack()
+                await self._acks.ack(self._tag)
         except BROKER_ERRORS:
             # The channel died after the work was done: the broker delivers the
             # message again and the consumer's deduplication absorbs it.
@@ -126,7 +136,7 @@ class AmqpDelivery:
         """Hand the message back to the broker for another delivery."""
         with contextlib.suppress(*BROKER_ERRORS):
             async with asyncio.timeout(ACK_TIMEOUT):
-                await self._message.nack(requeue=True)
+                await self._acks.settle_otherwise(self._tag, self._message.nack(requeue=True))
 
 
 OnDelivery = Callable[[AmqpDelivery], None]
@@ -191,17 +201,22 @@ class QueueConsumer:
     async def _open(self) -> tuple[AbstractChannel, AbstractQueue, ConsumerTag]:
         channel = await self._broker.channel(prefetch=self._prefetch)
         try:
+            with translated():
+                underlay = await channel.get_underlay_channel()
+            acks = ChannelAcks(lambda tag, multiple: underlay.basic_ack(tag, multiple=multiple))
             queue = await self._queue.declare(channel)
             with translated():
-                tag = await queue.consume(self._received)
+                tag = await queue.consume(functools.partial(self._received, acks))
         except BaseException:
             await close_channel(channel)
             raise
         self._channel = channel
         return channel, queue, tag
 
-    async def _received(self, message: AbstractIncomingMessage) -> None:
-        self._on_delivery(AmqpDelivery(message, self._queue.name, self._dead_letters))
+    async def _received(self, acks: ChannelAcks, message: AbstractIncomingMessage) -> None:
+        if message.delivery_tag is not None:
+            acks.delivered(message.delivery_tag)
+        self._on_delivery(AmqpDelivery(message, self._queue.name, self._dead_letters, acks))
 
     async def close(self) -> None:
         """Close the current channel: every message not yet acked goes back to the queue."""

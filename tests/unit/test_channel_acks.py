@@ -1,0 +1,181 @@
+"""Acks of a channel coalesced into few frames, never acking what is not settled."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+
+import pytest
+
+from financing.adapters.rabbitmq.acks import ChannelAcks
+
+
+class Broker:
+    """The broker's side of one channel, written to as aiormq does: a frame is put on
+    a queue and its sender waits until a writer task has written it."""
+
+    def __init__(self) -> None:
+        self.unacked: set[int] = set()
+        self.requested: set[int] = set()  # acks the consumer asked for
+        self.frames: list[tuple[int, bool]] = []
+        self.gate = asyncio.Event()  # frames are written while it is set
+        self.gate.set()
+        self.writing = asyncio.Event()  # a frame was queued
+        self.failure: Exception | None = None
+        self._queue: asyncio.Queue[tuple[tuple[int, bool] | int, asyncio.Future[None]]] = (
+            asyncio.Queue()
+        )
+        self._writer = asyncio.create_task(self._write())
+
+    def deliver(self, acks: ChannelAcks, *tags: int) -> None:
+        for tag in tags:
+            self.unacked.add(tag)
+            acks.delivered(tag)
+
+    async def ack(self, acks: ChannelAcks, tag: int) -> None:
+        self.requested.add(tag)
+        await acks.ack(tag)
+
+    async def send_ack(self, tag: int, multiple: bool) -> None:
+        await self._send((tag, multiple))
+
+    async def send_nack(self, tag: int) -> None:
+        await self._send(tag)
+
+    async def _send(self, frame: tuple[int, bool] | int) -> None:
+        written = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((frame, written))
+        self.writing.set()
+        await written
+
+    async def _write(self) -> None:
+        while True:
+            frame, written = await self._queue.get()
+            await self.gate.wait()
+            try:
+                self._apply(frame)
+            except Exception as error:  # a failed check fails the sender, not the writer
+                written.set_exception(error)
+            else:
+                written.set_result(None)
+
+    def _apply(self, frame: tuple[int, bool] | int) -> None:
+        if self.failure is not None:
+            raise self.failure
+        if isinstance(frame, int):  # a nack
+            self.unacked.discard(frame)
+            return
+        self.frames.append(frame)
+        tag, multiple = frame
+        settled = {t for t in self.unacked if t <= tag} if multiple else {tag}
+        assert settled <= self.unacked, f"ack of {tag} settles nothing"
+        assert settled <= self.requested, f"{frame} acks {settled - self.requested}"
+        self.unacked -= settled
+
+    async def close(self) -> None:
+        self._writer.cancel()
+        await asyncio.gather(self._writer, return_exceptions=True)
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[Broker]:
+    broker = Broker()
+    yield broker
+    await broker.close()
+
+
+@pytest.fixture
+def acks(broker: Broker) -> ChannelAcks:
+    return ChannelAcks(broker.send_ack)
+
+
+async def test_acks_asked_while_one_is_written_go_in_one_frame(
+    broker: Broker, acks: ChannelAcks
+) -> None:
+    broker.deliver(acks, 1, 2, 3, 4, 5)
+    await asyncio.gather(*(broker.ack(acks, tag) for tag in (1, 3, 5, 2, 4)))
+    assert broker.frames == [(1, False), (5, True)]
+    assert acks.frames == 2
+    assert broker.unacked == set()
+
+
+async def test_an_unsettled_delivery_is_never_covered_and_holds_back_no_other(
+    broker: Broker, acks: ChannelAcks
+) -> None:
+    broker.deliver(acks, 1, 2, 3, 4)
+    await asyncio.gather(*(broker.ack(acks, tag) for tag in (2, 3, 4)))
+    assert broker.frames == [(2, False), (3, False), (4, False)]
+    assert broker.unacked == {1}
+    await broker.ack(acks, 1)
+    assert broker.frames[-1] == (1, False)
+    assert broker.unacked == set()
+
+
+async def test_a_nack_on_its_way_is_not_covered_by_a_later_multiple_ack(
+    broker: Broker, acks: ChannelAcks
+) -> None:
+    broker.deliver(acks, 1, 2, 3)
+    nack_may_go = asyncio.Event()
+
+    async def slow_nack() -> None:
+        await nack_may_go.wait()
+        await broker.send_nack(2)
+
+    nack = asyncio.create_task(acks.settle_otherwise(2, slow_nack()))
+    await asyncio.gather(broker.ack(acks, 1), broker.ack(acks, 3))
+    assert broker.frames == [(1, False), (3, False)]
+    nack_may_go.set()
+    await nack
+    broker.deliver(acks, 4, 5, 6)
+    await asyncio.gather(*(broker.ack(acks, tag) for tag in (4, 5, 6)))
+    assert broker.frames[-2:] == [(4, False), (6, True)]
+    assert broker.unacked == set()
+
+
+async def test_acks_asked_while_a_slow_frame_is_written_wait_for_it_then_go_together(
+    broker: Broker, acks: ChannelAcks
+) -> None:
+    broker.deliver(acks, 1, 2, 3)
+    broker.gate.clear()
+    first = asyncio.create_task(broker.ack(acks, 1))
+    async with asyncio.timeout(5):
+        await broker.writing.wait()
+    later = asyncio.gather(broker.ack(acks, 2), broker.ack(acks, 3))
+    broker.gate.set()
+    await asyncio.gather(first, later)
+    assert broker.frames == [(1, False), (3, True)]
+
+
+async def test_a_failed_frame_fails_the_acks_it_carried_and_not_the_next(
+    broker: Broker, acks: ChannelAcks
+) -> None:
+    broker.deliver(acks, 1, 2, 3)
+    broker.failure = ConnectionError("channel closed")
+    results = await asyncio.gather(broker.ack(acks, 1), broker.ack(acks, 2), return_exceptions=True)
+    assert [type(result) for result in results] == [ConnectionError, ConnectionError]
+    broker.failure = None
+    await broker.ack(acks, 3)
+    assert broker.frames == [(3, False)]
+
+
+@pytest.mark.parametrize("seed", range(20))
+async def test_acks_in_any_order_settle_exactly_the_deliveries_acked(
+    broker: Broker, acks: ChannelAcks, seed: int
+) -> None:
+    rng = random.Random(seed)
+    tags = list(range(1, 61))
+    broker.deliver(acks, *tags)
+    given_back = set(rng.sample(tags, 6))
+    order = [tag for tag in tags if tag not in given_back]
+    rng.shuffle(order)
+    while order:
+        size = rng.randint(1, 8)
+        group, order = order[:size], order[size:]
+        await asyncio.gather(*(broker.ack(acks, tag) for tag in group))
+        if given_back and rng.random() < 0.3:
+            tag = given_back.pop()
+            await acks.settle_otherwise(tag, broker.send_nack(tag))
+    for tag in given_back:
+        await acks.settle_otherwise(tag, broker.send_nack(tag))
+    assert broker.unacked == set()
