@@ -283,6 +283,19 @@ class ReadModelContract:
         await store.apply([(str(uuid4()), ev.InvestorCreatedEvent(investor_id)), added, added])
         assert await store.investors() == [InvestorRow(investor_id, D(100), D(0), D(0))]
 
+    async def test_a_batch_of_projected_and_fresh_messages_projects_the_fresh_ones_once(
+        self, store: ReadModelStore
+    ) -> None:
+        investor_id, issuer_id = uuid4(), uuid4()
+        created = (str(uuid4()), ev.InvestorCreatedEvent(investor_id))
+        added = (str(uuid4()), ev.InvestorFundsAddedEvent(investor_id, D(100)))
+        await store.apply([created, added])
+        more = (str(uuid4()), ev.InvestorFundsAddedEvent(investor_id, D(5)))
+        issuer = (str(uuid4()), ev.IssuerCreatedEvent(issuer_id))
+        await store.apply([added, more, created, issuer, more])
+        assert await store.investors() == [InvestorRow(investor_id, D(105), D(0), D(0))]
+        assert await store.issuers() == [IssuerRow(issuer_id)]
+
     async def test_creation_seen_again_under_another_id_resets_nothing(
         self, store: ReadModelStore
     ) -> None:

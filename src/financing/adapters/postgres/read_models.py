@@ -35,6 +35,7 @@ from financing.domain.money import ZERO, add
 DEFAULT_SCHEMA = "read_models"
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_PARAMETER = re.compile(r"\$(\d+)")
 
 
 def quoted_schema(schema: str) -> str:
@@ -57,7 +58,7 @@ class PostgresReadModels:
         self._pool = pool
         self._dependency = QUERY_DATABASE
         self.schema = schema
-        s = quoted_schema(schema)
+        self._s = s = quoted_schema(schema)
         self._record_sql = (
             f"INSERT INTO {s}.processed_messages (message_id) SELECT unnest($1::text[])"
             " ON CONFLICT DO NOTHING RETURNING message_id"
@@ -123,26 +124,59 @@ class PostgresReadModels:
     async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> None:
         if not batch:
             return
-        async with acquired(self._pool, self._dependency) as conn, conn.transaction():
-            # Recorded first: a concurrent writer of the same ids waits here
-            # until this transaction ends, then skips them.
-            fresh = {
-                row["message_id"]
-                for row in await conn.fetch(
-                    self._record_sql, [message_id for message_id, _ in batch]
-                )
-            }
-            changes = _Changes()
-            for message_id, event in batch:
-                if message_id in fresh:
-                    fresh.discard(message_id)  # a duplicate later in the batch is skipped
-                    changes.add(event)
-            if changes.issuers:
-                await conn.execute(self._project_issuers_sql, list(changes.issuers))
-            if changes.investors:
-                await conn.execute(self._project_investors_sql, *_columns(changes.investor_rows()))
-            for rows in changes.invoice_rounds():
-                await conn.execute(self._project_invoices_sql, *_columns(rows))
+        changes = _Changes()
+        message_ids: dict[str, None] = {}
+        for message_id, event in batch:
+            if message_id not in message_ids:  # a copy later in the batch is skipped
+                message_ids[message_id] = None
+                changes.add(event)
+        async with acquired(self._pool, self._dependency) as conn:
+            if changes.rounds() <= 1:
+                # Usually no message of a batch was projected before: then one
+                # statement records them all and projects the batch, one round trip.
+                try:
+                    await conn.execute(*self._at_once(list(message_ids), changes))
+                    return
+                except asyncpg.UniqueViolationError as error:
+                    if error.constraint_name != "processed_messages_pkey":
+                        raise
+            # Some were (or are being) projected by another transaction: record
+            # first, in a transaction of its own, and project only the fresh ones.
+            async with conn.transaction():
+                # A concurrent writer of the same ids waits here until this
+                # transaction ends, then skips them.
+                fresh = {
+                    row["message_id"]
+                    for row in await conn.fetch(self._record_sql, list(message_ids))
+                }
+                changes = _Changes()
+                for message_id, event in batch:
+                    if message_id in fresh:
+                        fresh.discard(message_id)
+                        changes.add(event)
+                for sql, args in self._statements(changes):
+                    await conn.execute(sql, *args)
+
+    def _statements(self, changes: _Changes) -> Iterator[tuple[str, list[list[Any]]]]:
+        """The statements that project `changes`, one per table (per round for invoices)."""
+        if changes.issuers:
+            yield self._project_issuers_sql, [list(changes.issuers)]
+        if changes.investors:
+            yield self._project_investors_sql, _columns(changes.investor_rows())
+        for rows in changes.invoice_rounds():
+            yield self._project_invoices_sql, _columns(rows)
+
+    def _at_once(self, message_ids: list[str], changes: _Changes) -> tuple[Any, ...]:
+        """One statement (with its arguments) that records `message_ids` and projects
+        `changes` (at most one round): each part a data-modifying WITH query of its own
+        table, its parameters numbered after those before it."""
+        parts = [f"INSERT INTO {self._s}.processed_messages (message_id) SELECT unnest($1::text[])"]
+        args: list[Any] = [message_ids]
+        for sql, columns in self._statements(changes):
+            parts.append(_PARAMETER.sub(lambda m: f"${int(m[1]) + len(args)}", sql))
+            args.extend(columns)
+        queries = ", ".join(f"part{i} AS ({part})" for i, part in enumerate(parts))
+        return (f"WITH {queries} SELECT", *args)
 
     async def investors(self) -> list[InvestorRow]:
         return [
@@ -232,9 +266,12 @@ class _Changes:
     def investor_rows(self) -> list[tuple[UUID, Decimal, Decimal, Decimal]]:
         return [(investor, *amounts) for investor, amounts in self.investors.items()]
 
+    def rounds(self) -> int:
+        """How many statements the invoices take: the most events of one invoice."""
+        return max(map(len, self.invoices.values()), default=0)
+
     def invoice_rounds(self) -> Iterator[list[_InvoiceRow]]:
-        rounds = max(map(len, self.invoices.values()), default=0)
-        for k in range(rounds):
+        for k in range(self.rounds()):
             yield [events[k] for events in self.invoices.values() if len(events) > k]
 
 
