@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import subprocess
 import time
 
@@ -21,16 +20,14 @@ import uvloop
 from aio_pika.abc import AbstractIncomingMessage
 
 from financing.adapters.rabbitmq.acks import ChannelAcks
+from scripts.bench_common import process_cpu_seconds
 from tests.support import rabbitmq
 
 PREFETCH = 64
 
 
 def broker_cpu_seconds() -> float:
-    pid = subprocess.check_output(["pgrep", "-o", "beam.smp"], text=True).split()[0]
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return process_cpu_seconds(int(subprocess.check_output(["pgrep", "-o", "beam.smp"], text=True)))
 
 
 async def consume(url: str, messages: int, coalesced: bool) -> str:

@@ -58,11 +58,17 @@ class PostgresReadModels:
         self._pool = pool
         self._dependency = QUERY_DATABASE
         self.schema = schema
-        self._s = s = quoted_schema(schema)
+        s = quoted_schema(schema)
         self._record_sql = (
             f"INSERT INTO {s}.processed_messages (message_id) SELECT unnest($1::text[])"
             " ON CONFLICT DO NOTHING RETURNING message_id"
         )
+        # Fails on the key when a message id was recorded before.
+        self._record_all_sql = (
+            f"INSERT INTO {s}.processed_messages (message_id) SELECT unnest($1::text[])"
+        )
+        # Statements of _at_once, by the projecting statements they combine.
+        self._combined: dict[tuple[str, ...], str] = {}
         # One statement per table for a whole batch (per round, for invoices),
         # each inserting in the order of the rows' first events, so rows are
         # created in the order one-by-one projection would create them.
@@ -90,7 +96,7 @@ class PostgresReadModels:
         # (ADVANCES_FROM), keeping the first winning bid.
         advances = " ".join(
             f"WHEN '{status.value}' THEN i.status IN ("
-            + ", ".join(f"'{before.value}'" for before in sorted(froms, key=_value))
+            + ", ".join(sorted(f"'{before.value}'" for before in froms))
             + ")"
             for status, froms in ADVANCES_FROM.items()
         )
@@ -124,18 +130,14 @@ class PostgresReadModels:
     async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> None:
         if not batch:
             return
-        changes = _Changes()
-        message_ids: dict[str, None] = {}
-        for message_id, event in batch:
-            if message_id not in message_ids:  # a copy later in the batch is skipped
-                message_ids[message_id] = None
-                changes.add(event)
+        message_ids = list(dict.fromkeys(message_id for message_id, _ in batch))
+        changes = _Changes.of(batch, set(message_ids))
         async with acquired(self._pool, self._dependency) as conn:
             if changes.rounds() <= 1:
                 # Usually no message of a batch was projected before: then one
                 # statement records them all and projects the batch, one round trip.
                 try:
-                    await conn.execute(*self._at_once(list(message_ids), changes))
+                    await conn.execute(*self._at_once(message_ids, changes))
                     return
                 except asyncpg.UniqueViolationError as error:
                     if error.constraint_name != "processed_messages_pkey":
@@ -146,15 +148,9 @@ class PostgresReadModels:
                 # A concurrent writer of the same ids waits here until this
                 # transaction ends, then skips them.
                 fresh = {
-                    row["message_id"]
-                    for row in await conn.fetch(self._record_sql, list(message_ids))
+                    row["message_id"] for row in await conn.fetch(self._record_sql, message_ids)
                 }
-                changes = _Changes()
-                for message_id, event in batch:
-                    if message_id in fresh:
-                        fresh.discard(message_id)
-                        changes.add(event)
-                for sql, args in self._statements(changes):
+                for sql, args in self._statements(_Changes.of(batch, fresh)):
                     await conn.execute(sql, *args)
 
     def _statements(self, changes: _Changes) -> Iterator[tuple[str, list[list[Any]]]]:
@@ -170,13 +166,20 @@ class PostgresReadModels:
         """One statement (with its arguments) that records `message_ids` and projects
         `changes` (at most one round): each part a data-modifying WITH query of its own
         table, its parameters numbered after those before it."""
-        parts = [f"INSERT INTO {self._s}.processed_messages (message_id) SELECT unnest($1::text[])"]
+        statements = list(self._statements(changes))
         args: list[Any] = [message_ids]
-        for sql, columns in self._statements(changes):
-            parts.append(_PARAMETER.sub(lambda m: f"${int(m[1]) + len(args)}", sql))
+        for _, columns in statements:
             args.extend(columns)
-        queries = ", ".join(f"part{i} AS ({part})" for i, part in enumerate(parts))
-        return (f"WITH {queries} SELECT", *args)
+        key = tuple(sql for sql, _ in statements)
+        combined = self._combined.get(key)
+        if combined is None:
+            parts, count = [self._record_all_sql], 1
+            for sql, columns in statements:
+                parts.append(_renumbered(sql, count))
+                count += len(columns)
+            queries = ", ".join(f"part{i} AS ({part})" for i, part in enumerate(parts))
+            combined = self._combined[key] = f"WITH {queries} SELECT"
+        return (combined, *args)
 
     async def investors(self) -> list[InvestorRow]:
         return [
@@ -232,6 +235,17 @@ class _Changes:
         self.investors: dict[UUID, tuple[Decimal, Decimal, Decimal]] = {}
         self.invoices: dict[UUID, list[_InvoiceRow]] = {}
 
+    @classmethod
+    def of(cls, batch: Sequence[tuple[str, DomainEvent]], wanted: set[str]) -> _Changes:
+        """The changes of the events in `batch` whose message id is in `wanted`, each
+        id once: a copy later in the batch is skipped (`wanted` is used up)."""
+        changes = cls()
+        for message_id, event in batch:
+            if message_id in wanted:
+                wanted.discard(message_id)
+                changes.add(event)
+        return changes
+
     def add(self, event: DomainEvent) -> None:
         match event:
             case ev.IssuerCreatedEvent(issuer_id=issuer):
@@ -280,5 +294,6 @@ def _columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
     return [list(column) for column in zip(*rows, strict=True)]
 
 
-def _value(status: InvoiceStatus) -> str:
-    return status.value
+def _renumbered(sql: str, offset: int) -> str:
+    """`sql` with its parameters $n numbered from offset + 1."""
+    return _PARAMETER.sub(lambda m: f"${int(m[1]) + offset}", sql)
