@@ -24,7 +24,7 @@ import pytest
 from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.application import policies
 from financing.application.pipeline import OutcomeKind, exactly_once
-from financing.application.ports import PROCESSED, A, Cause, Processed, UnitOfWork
+from financing.application.ports import PROCESSED, A, B, Cause, Processed, UnitOfWork
 from financing.domain.aggregates import Aggregate, Investor
 from financing.domain.events import Bid, InvoiceReversedEvent
 from tests.faults.conftest import Deploy, add_figure
@@ -102,11 +102,20 @@ class _PausedBeforeLoad:
     async def seen(self, consumer: str, message_id: str) -> bool:
         return await self._uow.seen(consumer, message_id)
 
-    async def load(self, cls: type[A], aggregate_id: UUID) -> A:
+    async def _first_load(self) -> None:
         if not self._started.is_set():
             self._started.set()
             await self._resume.wait()
+
+    async def load(self, cls: type[A], aggregate_id: UUID) -> A:
+        await self._first_load()
         return await self._uow.load(cls, aggregate_id)
+
+    async def load_both(
+        self, first: type[A], first_id: UUID, second: type[B], second_id: UUID
+    ) -> tuple[A, B]:
+        await self._first_load()
+        return await self._uow.load_both(first, first_id, second, second_id)
 
     async def save(self, aggregate: Aggregate) -> None:
         await self._uow.save(aggregate)

@@ -131,6 +131,44 @@ class EventStoreContract:
         assert investor.balance == Decimal(0)
         assert investor.changes == []
 
+    async def test_two_aggregates_loaded_together_are_each_what_load_gives(
+        self, store: EventStore
+    ) -> None:
+        investor_id, other_id, issuer_id, invoice_id = uuid4(), uuid4(), uuid4(), uuid4()
+        await create_investor(store, investor_id, "100")
+        await place_bid(store, investor_id, "30")
+        await create_investor(store, other_id, "7")
+        async with store.unit_of_work() as uow:
+            invoice = await uow.load(Invoice, invoice_id)
+            invoice.create(issuer_id, Decimal("10"))
+            await uow.save(invoice)
+
+        async with store.unit_of_work() as uow:
+            investor, listed = await uow.load_both(Investor, investor_id, Invoice, invoice_id)
+            missing, other = await uow.load_both(Investor, uuid4(), Investor, other_id)
+            same, again = await uow.load_both(Investor, other_id, Investor, other_id)
+        async with store.unit_of_work() as uow:
+            alone = await uow.load(Investor, investor_id)
+
+        assert (
+            investor_state(investor)
+            == investor_state(alone)
+            == (
+                3,
+                Decimal("70"),
+                Decimal("30"),
+                Decimal("0"),
+            )
+        )
+        assert (listed.version, listed.asking_price, listed.issuer_id) == (
+            1,
+            Decimal("10"),
+            issuer_id,
+        )
+        assert (missing.exists, missing.version) == (False, 0)
+        assert investor_state(other) == investor_state(same) == investor_state(again)
+        assert investor_state(other) == (2, Decimal("7"), Decimal("0"), Decimal("0"))
+
     async def test_two_writers_of_one_stream_conflict_and_the_loser_retries_without_loss(
         self,
         store: EventStore,
@@ -555,6 +593,37 @@ class TestPostgresEventStore(EventStoreContract):
             loaded = await uow.load(Investor, investor_id)
 
         assert investor_state(loaded) == (3, Decimal("990"), Decimal("10"), Decimal("0"))
+
+    async def test_two_aggregates_loaded_together_take_one_statement_from_their_snapshots(
+        self, pool: asyncpg.Pool
+    ) -> None:
+        await _truncate(pool)
+        store = PostgresEventStore(pool, snapshot_interval=2)
+        first, second = uuid4(), uuid4()
+        for investor_id, balance in ((first, "1000"), (second, "2000")):
+            await create_investor(store, investor_id, "100")  # snapshot at version 2
+            await place_bid(store, investor_id, "10")  # version 3, after the snapshot
+            # Mark each snapshot: a load that ignores it, or replays events it covers, shows.
+            await pool.execute(
+                "UPDATE snapshots SET state = $2::jsonb WHERE aggregate_id = $1",
+                investor_id,
+                json.dumps({"balance": balance, "reserved": "0", "committed": "0"}),
+            )
+        sent: list[str] = []
+
+        def note(query: object) -> None:
+            sent.append(getattr(query, "query", ""))
+
+        async with pool.acquire() as conn:
+            single = infra.OneConnectionPool(conn)
+            conn.add_query_logger(note)
+            async with PostgresEventStore(single).unit_of_work() as uow:  # type: ignore[arg-type]
+                one, two = await uow.load_both(Investor, first, Investor, second)
+            conn.remove_query_logger(note)
+
+        assert len(sent) == 1, sent
+        assert investor_state(one) == (3, Decimal("990"), Decimal("10"), Decimal("0"))
+        assert investor_state(two) == (3, Decimal("1990"), Decimal("10"), Decimal("0"))
 
     async def test_an_invoice_restored_from_a_snapshot_keeps_its_winning_bid(
         self, pool: asyncpg.Pool

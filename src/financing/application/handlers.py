@@ -34,20 +34,20 @@ async def create_investor(uow: UnitOfWork, command: CreateInvestor) -> None:
 
 
 async def sell_invoice(uow: UnitOfWork, command: SellInvoice) -> None:
-    issuer = await uow.load(Issuer, command.issuer_id)
+    issuer, invoice = await uow.load_both(Issuer, command.issuer_id, Invoice, command.invoice_id)
     if not issuer.exists:
         raise MissingAggregate(f"issuer {command.issuer_id} is not registered")
-    invoice = await uow.load(Invoice, command.invoice_id)
     invoice.create(command.issuer_id, command.asking_price)
     await uow.save(invoice)
 
 
 async def bid_on_invoice(uow: UnitOfWork, command: BidOnInvoice) -> None:
     # Reserving funds for an invoice that does not exist would lock them forever.
-    invoice = await uow.load(Invoice, command.invoice_id)
+    invoice, investor = await uow.load_both(
+        Invoice, command.invoice_id, Investor, command.investor_id
+    )
     if not invoice.exists:
         raise MissingAggregate(f"invoice {command.invoice_id} does not exist")
-    investor = await uow.load(Investor, command.investor_id)
     if not investor.exists:
         raise MissingAggregate(f"investor {command.investor_id} does not exist")
     investor.place_bid(command.invoice_id, command.bid_amount)

@@ -9,7 +9,7 @@ from uuid import UUID
 from financing.application import codec
 from financing.application.errors import AlreadyProcessed, ConcurrencyConflict, ReadAfterWrite
 from financing.application.messages import Command
-from financing.application.ports import PROCESSED, A, Cause, Processed, StoredEvent
+from financing.application.ports import PROCESSED, A, B, Cause, Processed, StoredEvent
 from financing.domain.aggregates import Aggregate
 
 
@@ -36,6 +36,11 @@ class InMemoryUnitOfWork:
         for stored in await self._store.stream(aggregate_id):
             aggregate.apply(stored.event)
         return aggregate
+
+    async def load_both(
+        self, first: type[A], first_id: UUID, second: type[B], second_id: UUID
+    ) -> tuple[A, B]:
+        return await self.load(first, first_id), await self.load(second, second_id)
 
     async def save(self, aggregate: Aggregate) -> None:
         if aggregate.changes:

@@ -270,6 +270,7 @@ class _Noting:
         self._saved: dict[int, Aggregate] = {}
         self.seen = uow.seen
         self.load = uow.load
+        self.load_both = uow.load_both
         self.record = uow.record
 
     async def save(self, aggregate: Aggregate) -> None:

@@ -20,6 +20,7 @@ from financing.domain.aggregates import Aggregate
 from financing.domain.events import DomainEvent
 
 A = TypeVar("A", bound=Aggregate)
+B = TypeVar("B", bound=Aggregate)
 
 # Namespace of the deterministic message ids this service derives.
 MESSAGE_NAMESPACE = UUID("5d1a6c2e-8f0b-4f4e-9a51-6f1f7d0e2b3c")
@@ -158,6 +159,13 @@ class UnitOfWork(Protocol):
 
     async def load(self, cls: type[A], aggregate_id: UUID) -> A:
         """The aggregate's current state; a new, empty one (version 0) if none."""
+        ...
+
+    async def load_both(
+        self, first: type[A], first_id: UUID, second: type[B], second_id: UUID
+    ) -> tuple[A, B]:
+        """Two aggregates' current states, as `load` gives each, read together (a handler
+        that checks one exists before it changes the other)."""
         ...
 
     async def save(self, aggregate: Aggregate) -> None:

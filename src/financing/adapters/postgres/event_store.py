@@ -62,7 +62,7 @@ from financing.application.errors import (
     ReadAfterWrite,
     Unavailable,
 )
-from financing.application.ports import PROCESSED, A, Cause, Processed, StoredEvent
+from financing.application.ports import PROCESSED, A, B, Cause, Processed, StoredEvent
 from financing.domain.aggregates import Aggregate
 from financing.domain.events import DomainEvent
 from financing.logging import get_logger
@@ -162,6 +162,31 @@ _LOAD = (
 )
 
 
+# `_LOAD` for two aggregates at once, each one's rows in the same order.
+_LOAD_BOTH = (
+    "WITH wanted (aggregate_id, aggregate_type) AS (VALUES ($1::uuid, $2::text), ($3, $4)),"
+    " snapshot AS (SELECT aggregate_id, version, state FROM snapshots"
+    " JOIN wanted USING (aggregate_id, aggregate_type))"
+    " SELECT aggregate_id, version, NULL AS name, state::text AS body, 0 AS part FROM snapshot"
+    " UNION ALL"
+    " SELECT aggregate_id, version, name, body::text, 1 FROM events AS e"
+    " WHERE aggregate_id IN ($1, $3) AND version > coalesce("
+    "(SELECT version FROM snapshot WHERE snapshot.aggregate_id = e.aggregate_id), 0)"
+    " ORDER BY aggregate_id, part, version"
+)
+
+
+def _folded(cls: type[A], aggregate_id: UUID, rows: list[asyncpg.Record]) -> A:
+    """The aggregate rebuilt from its load's rows: a snapshot, then the events after it."""
+    aggregate = cls(aggregate_id)
+    for row in rows:
+        if row["name"] is None:
+            aggregate = cls.restore(aggregate_id, row["version"], json.loads(row["body"]))
+        else:
+            aggregate.apply(_event(row["name"], row["body"], aggregate_id))
+    return aggregate
+
+
 def _event(name: str, body: str, aggregate_id: UUID) -> DomainEvent:
     event = codec.decode(name, body.encode(), str(aggregate_id))
     assert isinstance(event, DomainEvent)  # the event store holds domain events only
@@ -228,13 +253,21 @@ class PostgresUnitOfWork:
         # One round trip: the snapshot (if any) first, then only the events it does not
         # already include.
         rows = await self._conn.fetch(_LOAD, aggregate_id, cls.aggregate_type)
-        aggregate = cls(aggregate_id)
-        for row in rows:
-            if row["name"] is None:
-                aggregate = cls.restore(aggregate_id, row["version"], json.loads(row["body"]))
-            else:
-                aggregate.apply(_event(row["name"], row["body"], aggregate_id))
-        return aggregate
+        return _folded(cls, aggregate_id, rows)
+
+    async def load_both(
+        self, first: type[A], first_id: UUID, second: type[B], second_id: UUID
+    ) -> tuple[A, B]:
+        if first_id == second_id:  # one stream: each type reads all of it, as `load` does
+            return await self.load(first, first_id), await self.load(second, second_id)
+        self._reading("load")
+        rows = await self._conn.fetch(
+            _LOAD_BOTH, first_id, first.aggregate_type, second_id, second.aggregate_type
+        )
+        return (
+            _folded(first, first_id, [row for row in rows if row["aggregate_id"] == first_id]),
+            _folded(second, second_id, [row for row in rows if row["aggregate_id"] == second_id]),
+        )
 
     async def save(self, aggregate: Aggregate) -> None:
         count = len(aggregate.changes)
