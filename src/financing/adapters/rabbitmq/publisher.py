@@ -10,7 +10,7 @@ for a moment), the next publish opens a new one.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from uuid import UUID
 
 import aiormq
@@ -123,17 +123,19 @@ class Publisher:
         channel, events = await self._opened(what)
         try:
             async with asyncio.timeout(self._confirm_timeout):
-                results = await asyncio.gather(
-                    *(
-                        (channel.default_exchange if queue else events).publish(
-                            to_amqp(message) if isinstance(message, Envelope) else message,
-                            queue or "",
-                            mandatory=True,
-                        )
-                        for message, queue in publishes
-                    ),
-                    return_exceptions=True,
-                )
+                sending = [
+                    (channel.default_exchange if queue else events).publish(
+                        to_amqp(message) if isinstance(message, Envelope) else message,
+                        queue or "",
+                        mandatory=True,
+                    )
+                    for message, queue in publishes
+                ]
+                if len(sending) == 1:
+                    # Awaited where it is: a task of its own would cost the loop a turn.
+                    results = [await _settled(sending[0])]
+                else:
+                    results = await asyncio.gather(*sending, return_exceptions=True)
         except TimeoutError:
             raise PublishFailed(f"{what}: not confirmed within {self._confirm_timeout} s") from None
         for result in results:
@@ -150,6 +152,14 @@ class Publisher:
         channel, self._channel = self._channel, None
         if channel is not None:
             await close_channel(channel)
+
+
+async def _settled(publish: Awaitable[object]) -> object:
+    """What `publish` returned or raised, as `gather(..., return_exceptions=True)` gives it."""
+    try:
+        return await publish
+    except Exception as error:
+        return error
 
 
 def _describe(error: BaseException) -> str:
