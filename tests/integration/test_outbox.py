@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from typing import Any
 from uuid import UUID, uuid4
@@ -112,6 +112,37 @@ async def test_an_earlier_transaction_committing_last_holds_back_the_later_one(
     relayed = await wait_until(lambda: pending_count(outbox, 4), what="both transactions")
     assert keys(relayed) == [(slow.id, 1), (slow.id, 2), (fast.id, 1), (fast.id, 2)]
     assert [e.position for e in relayed] == [1, 2, 3, 4]
+
+
+async def test_pending_after_an_event_reads_on_from_it_under_the_same_horizon(
+    pool: asyncpg.Pool,
+) -> None:
+    # The relayer reads on from the last event it published, before the checkpoint moves.
+    store, outbox = PostgresEventStore(pool), PostgresOutbox(pool)
+    first, second, slow, third = (new_investor() for _ in range(4))
+    for investor in (first, second):
+        async with store.unit_of_work() as uow:
+            await uow.save(investor)
+    everything = await wait_until(lambda: pending_count(outbox, 4), what="both investors")
+    after_first = everything[1]
+    assert keys(await outbox.pending(100, after_first)) == [(second.id, 1), (second.id, 2)]
+    assert keys(await outbox.pending(1, after_first)) == [(second.id, 1)]
+    assert await outbox.pending(100, everything[-1]) == []
+
+    async with open_transaction(pool, slow):  # an earlier transaction, still open
+        async with store.unit_of_work() as uow:
+            await uow.save(third)
+        assert await outbox.pending(100, everything[-1]) == []  # held back as from the checkpoint
+    relayed = await wait_until(
+        lambda: _at_least(outbox.pending(100, everything[-1]), 4), what="the later two"
+    )
+    assert keys(relayed) == [(slow.id, 1), (slow.id, 2), (third.id, 1), (third.id, 2)]
+    assert keys(await outbox.pending(100)) == keys(everything + relayed)  # checkpoint: none
+
+
+async def _at_least(reading: Awaitable[list[StoredEvent]], count: int) -> list[StoredEvent]:
+    events = await reading
+    return events if len(events) >= count else []
 
 
 async def test_a_transaction_open_in_another_database_does_not_hold_the_relayer_back(

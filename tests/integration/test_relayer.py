@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 from uuid import UUID, uuid4
 
 import aio_pika
@@ -28,6 +29,7 @@ from financing.adapters.postgres.schema import migrate
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import Broker, close_channel
 from financing.adapters.rabbitmq.publisher import Publisher, PublishFailed
+from financing.application.errors import Unavailable
 from financing.application.ports import (
     Cause,
     Envelope,
@@ -143,12 +145,13 @@ def relayer(
     outbox: Outbox,
     publisher: EventPublisher,
     poll_interval: float = 0.1,
+    **marking: Any,
 ) -> tuple[Relayer, CommitListener]:
     """A relayer wired as the service wires it, and its commit listener (to close)."""
     wake_up = CommitListener(database)
     lock = PostgresRelayerLock(database)
     return Relayer(
-        outbox, publisher, lock, wake_up, Outages(), poll_interval=poll_interval
+        outbox, publisher, lock, wake_up, Outages(), poll_interval=poll_interval, **marking
     ), wake_up
 
 
@@ -159,9 +162,12 @@ async def relaying(
     publisher: EventPublisher,
     poll_interval: float = 0.1,
     outbox: Outbox | None = None,
+    **marking: Any,
 ) -> AsyncIterator[asyncio.Task[None]]:
+    """A relayer running until the block ends. `marking`: when it moves its checkpoint
+    (`mark_every`, `mark_after`)."""
     outbox = PostgresOutbox(pool) if outbox is None else outbox
-    running, wake_up = relayer(database, outbox, publisher, poll_interval)
+    running, wake_up = relayer(database, outbox, publisher, poll_interval, **marking)
     task = asyncio.create_task(running.run())
     try:
         yield task
@@ -274,15 +280,17 @@ class WatchedOutbox:
     def __init__(self, real: PostgresOutbox) -> None:
         self.real = real
         self.looks: list[tuple[float, int]] = []
+        self.marks: list[list[int]] = []  # the positions of each move of the checkpoint
 
-    async def pending(self, limit: int) -> list[StoredEvent]:
+    async def pending(self, limit: int, after: StoredEvent | None = None) -> list[StoredEvent]:
         started = time.monotonic()
-        events = await self.real.pending(limit)
+        events = await self.real.pending(limit, after)
         self.looks.append((started, len(events)))
         return events
 
     async def mark_relayed(self, events: Sequence[StoredEvent]) -> None:
         await self.real.mark_relayed(events)
+        self.marks.append([event.position for event in events])
 
 
 async def test_a_commit_wakes_the_relayer_without_waiting_for_its_poll(
@@ -346,6 +354,76 @@ async def test_events_held_behind_an_earlier_transaction_are_relayed_as_soon_as_
     assert [version for _, _, version in got] == [1, 2, 3, 4]
 
 
+async def all_behind_the_checkpoint(pool: asyncpg.Pool, count: int) -> bool:
+    return len(await PostgresOutbox(pool).pending(100)) == count
+
+
+async def test_the_checkpoint_moves_once_for_many_relayed_batches_and_when_the_relayer_stops(
+    database: Database, pool: asyncpg.Pool, publisher: Publisher, observed: AbstractQueue
+) -> None:
+    store = PostgresEventStore(pool)
+    outbox = WatchedOutbox(PostgresOutbox(pool))
+    async with relaying(database, pool, publisher, outbox=outbox, mark_after=60.0):
+        for _ in range(3):
+            await append_investor_story(store, uuid4())  # three transactions each
+        got = await receive(observed, 12)
+        assert len([found for _, found in outbox.looks if found]) >= 2  # several batches
+        assert outbox.marks == []
+        # Still behind the checkpoint, yet each went out once: the relayer reads on from
+        # the last event it relayed, not from the checkpoint.
+        await wait_until(lambda: all_behind_the_checkpoint(pool, 12), what="12 unmarked")
+    assert len(outbox.marks) == 1 and len(outbox.marks[0]) == 12  # moved as it stopped
+    assert await PostgresOutbox(pool).pending(100) == []
+    assert len({message_id for message_id, _, _ in got}) == 12
+
+
+async def test_the_checkpoint_follows_the_relayed_events_within_a_time_or_a_count(
+    database: Database, pool: asyncpg.Pool, publisher: Publisher, observed: AbstractQueue
+) -> None:
+    store = PostgresEventStore(pool)
+    by_time = WatchedOutbox(PostgresOutbox(pool))
+    async with relaying(database, pool, publisher, outbox=by_time, mark_after=0.2):
+        await append_investor_story(store, uuid4())
+        await receive(observed, 4)
+        await wait_until(lambda: all_behind_the_checkpoint(pool, 0), what="the checkpoint moved")
+        assert by_time.marks  # while it ran, with nothing more to relay
+
+    by_count = WatchedOutbox(PostgresOutbox(pool))
+    async with relaying(database, pool, publisher, outbox=by_count, mark_after=60.0, mark_every=4):
+        await append_investor_story(store, uuid4())
+        await receive(observed, 4)
+        await append_investor_story(store, uuid4())  # the next batch finds four unmarked
+        await receive(observed, 4)
+        await wait_until(lambda: _true(bool(by_count.marks)), what="the checkpoint moved")
+        assert len(by_count.marks[0]) >= 4
+
+
+class UnmarkableOutbox(WatchedOutbox):
+    """The real outbox, but the checkpoint cannot be moved: a database lost at that moment."""
+
+    async def mark_relayed(self, events: Sequence[StoredEvent]) -> None:
+        raise Unavailable(COMMAND_DATABASE, "connection lost")
+
+
+async def test_events_relayed_but_never_marked_are_relayed_again_by_the_next_relayer(
+    database: Database, pool: asyncpg.Pool, publisher: Publisher, observed: AbstractQueue
+) -> None:
+    await append_investor_story(PostgresEventStore(pool), uuid4())
+    unmarkable = UnmarkableOutbox(PostgresOutbox(pool))
+    async with relaying(database, pool, publisher, outbox=unmarkable, mark_after=60.0):
+        got = await receive(observed, 4)
+    # It stopped without moving the checkpoint: the next relayer sends them again, under
+    # the same message ids, which consumers recognise as copies. None is lost.
+    async with relaying(database, pool, publisher):
+        again = await receive(observed, 4)
+        await wait_until(lambda: all_behind_the_checkpoint(pool, 0), what="the checkpoint moved")
+    assert again == got
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
 async def test_two_relayers_on_one_database_publish_each_event_once(
     database: Database, pool: asyncpg.Pool, publisher: Publisher, observed: AbstractQueue
 ) -> None:
@@ -369,8 +447,8 @@ class SkippingOutbox:
     def __init__(self, real: PostgresOutbox) -> None:
         self.real = real
 
-    async def pending(self, limit: int) -> list[StoredEvent]:
-        return (await self.real.pending(limit))[1:]
+    async def pending(self, limit: int, after: StoredEvent | None = None) -> list[StoredEvent]:
+        return (await self.real.pending(limit, after))[1:]
 
     async def mark_relayed(self, events: Sequence[StoredEvent]) -> None:
         await self.real.mark_relayed(events)

@@ -103,6 +103,8 @@ class StoredEvent:
     correlation_id: str | None = None
     causation_id: str | None = None
     recorded_at: datetime | None = None
+    # The id of the transaction that recorded it: with `position`, its place in commit order.
+    transaction_id: int = 0
 
     @property
     def message_id(self) -> UUID:
@@ -219,8 +221,10 @@ class EventPublisher(Protocol):
 class Outbox(Protocol):
     """Committed events not yet relayed, in commit order, without gaps."""
 
-    async def pending(self, limit: int) -> list[StoredEvent]:
-        """Up to `limit` events after the checkpoint, in commit order."""
+    async def pending(self, limit: int, after: StoredEvent | None = None) -> list[StoredEvent]:
+        """Up to `limit` events after the checkpoint, in commit order; after `after`, an
+        event it gave before, when given (the relayer reads on from the events it
+        relayed before it moves the checkpoint past them)."""
         ...
 
     async def lag(self) -> tuple[int, float]:

@@ -1,7 +1,11 @@
 """The relayer: publishes committed events from the event store to every consumer of events.
 
 In commit order, with publisher confirms, advancing its checkpoint only past
-events the broker confirmed (never past an unpublished one). It wakes when
+events the broker confirmed (never past an unpublished one). It reads on from
+the last event it relayed and moves the checkpoint past what it relayed once
+that is `MARK_EVERY` events or `MARK_AFTER` seconds old, and as it stops, not
+after every batch: a statement less between an event's commit and its
+publish whenever the event before it was relayed just before. It wakes when
 events commit and polls as a fallback. Only the holder of the relayer lock
 relays, so one relayer runs per event store however many instances start.
 
@@ -16,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from financing import metrics
@@ -24,7 +30,7 @@ from financing.application.errors import Unavailable
 from financing.application.ports import EventPublisher, Outbox, RelayerLock, StoredEvent, WakeUp
 from financing.application.retry import NO_BUG_RETRIES, Outages, RetryPolicy, persist
 from financing.logging import get_logger
-from financing.workers.grace import finish_on_cancel
+from financing.workers.grace import SHUTDOWN_GRACE, finish_on_cancel
 
 log = get_logger(__name__)
 
@@ -34,6 +40,36 @@ POLL_INTERVAL = 0.1
 BATCH_SIZE = 256
 LAG_INTERVAL = 5.0
 RECHECK_FIRST = 0.002
+# The checkpoint moves once this many events were relayed past it, or once the oldest of
+# them was relayed this many seconds ago, not after every batch: a relayer that stops
+# without moving it (a crash, its lock lost) leaves those to be relayed again.
+MARK_EVERY = 1024
+MARK_AFTER = 0.5
+
+
+@dataclass
+class _Relayed:
+    """What the relayer of one term published and the broker confirmed: the last of it,
+    which the next read starts after, and what the checkpoint has not moved past yet."""
+
+    last: StoredEvent | None = None
+    unmarked: list[StoredEvent] = field(default_factory=list)
+    since: float = 0.0  # when the oldest of `unmarked` was confirmed (time.monotonic())
+
+    def add(self, events: list[StoredEvent]) -> None:
+        if not self.unmarked:
+            self.since = time.monotonic()
+        self.unmarked += events
+        self.last = events[-1]
+
+    def due(self, every: int, after: float) -> bool:
+        """Whether the checkpoint should move now."""
+        return len(self.unmarked) >= every or bool(
+            self.unmarked and time.monotonic() - self.since >= after
+        )
+
+    def marked(self) -> None:
+        self.unmarked = []
 
 
 class Relayer:
@@ -46,6 +82,8 @@ class Relayer:
         outages: Outages,
         *,
         batch_size: int = BATCH_SIZE,
+        mark_every: int = MARK_EVERY,
+        mark_after: float = MARK_AFTER,
         poll_interval: float = POLL_INTERVAL,
         policy: RetryPolicy = NO_BUG_RETRIES,
     ) -> None:
@@ -55,6 +93,8 @@ class Relayer:
         self._wake_up = wake_up
         self._outages = outages
         self._batch_size = batch_size
+        self._mark_every = mark_every
+        self._mark_after = mark_after
         self._poll_interval = poll_interval
         self._policy = policy
 
@@ -78,34 +118,53 @@ class Relayer:
                     await self._lock.release()
 
     async def _relay(self) -> None:
+        relayed = _Relayed()
         recheck = 0.0  # after a wake-up that found nothing: how soon to look again
-        while True:
-            self._wake_up.clear()
-            relayed = await self._retry(self._relay_batch, "relaying")
-            if relayed >= self._batch_size:
-                continue
-            if relayed == 0 and recheck:
-                # Events committed (we were woken) but are not relayable yet: a transaction
-                # that may write events, still running, holds the commit horizon back. It
-                # ends within milliseconds; waiting for the next poll would add up to a
-                # whole poll interval to every hop of a saga.
-                await asyncio.sleep(recheck)
-                recheck = recheck * 2 if recheck * 2 < self._poll_interval else 0.0
-                continue
-            woken = await self._wake_up.wait(self._poll_interval)
-            recheck = RECHECK_FIRST if woken else 0.0
+        try:
+            while True:
+                self._wake_up.clear()
+                count = await self._retry(lambda: self._relay_batch(relayed), "relaying")
+                if count >= self._batch_size:
+                    continue
+                if count == 0 and recheck:
+                    # Events committed (we were woken) but are not relayable yet: a
+                    # transaction that may write events, still running, holds the commit
+                    # horizon back. It ends within milliseconds; waiting for the next
+                    # poll would add up to a whole poll interval to every hop of a saga.
+                    await asyncio.sleep(recheck)
+                    recheck = recheck * 2 if recheck * 2 < self._poll_interval else 0.0
+                    continue
+                woken = await self._wake_up.wait(self._poll_interval)
+                recheck = RECHECK_FIRST if woken else 0.0
+        except asyncio.CancelledError:
+            # Stopped, or the lock lost: what was relayed is marked, so that whoever
+            # relays next does not relay it again (if this fails, it does).
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(SHUTDOWN_GRACE):
+                    await self._mark(relayed)
+            raise
 
-    async def _relay_batch(self) -> int:
-        events = await self._outbox.pending(self._batch_size)
+    async def _relay_batch(self, relayed: _Relayed) -> int:
+        """Move the checkpoint if it is due, then relay the events that follow the last
+        relayed; how many it read."""
+        if relayed.due(self._mark_every, self._mark_after):
+            await self._mark(relayed)
+        events = await self._outbox.pending(self._batch_size, relayed.last)
         if events:
-            await finish_on_cancel(self._publish_and_mark(events))
+            await finish_on_cancel(self._publish(events, relayed))
         return len(events)
 
-    async def _publish_and_mark(self, events: list[StoredEvent]) -> None:
+    async def _publish(self, events: list[StoredEvent], relayed: _Relayed) -> None:
         await self._publisher.publish_events([event.envelope() for event in events])
-        await self._outbox.mark_relayed(events)
+        relayed.add(events)
         metrics.EVENTS_RELAYED.inc(len(events))
         log.debug("relayed", count=len(events), last_position=events[-1].position)
+
+    async def _mark(self, relayed: _Relayed) -> None:
+        """Move the checkpoint past every event relayed so far."""
+        if relayed.unmarked:
+            await self._outbox.mark_relayed(relayed.unmarked)
+            relayed.marked()
 
     async def report_lag(self, interval: float = LAG_INTERVAL) -> None:
         """Keep the lag metrics current, on every instance (a standby too), until cancelled."""

@@ -97,6 +97,7 @@ def stored_event(row: asyncpg.Record) -> StoredEvent:
         correlation_id=row["correlation_id"],
         causation_id=row["causation_id"],
         recorded_at=row["recorded_at"],
+        transaction_id=row["transaction_id"],
     )
 
 

@@ -73,6 +73,13 @@ _PENDING = (
     f" AND transaction_id < {_HORIZON}"
     " ORDER BY transaction_id, position LIMIT $2"
 )
+# The same after a given event ($1, $2) instead of the checkpoint.
+_PENDING_AFTER = (
+    f"SELECT {EVENT_COLUMNS} FROM events"
+    " WHERE (transaction_id, position) > ($1::xid8, $2)"
+    f" AND transaction_id < {_HORIZON}"
+    " ORDER BY transaction_id, position LIMIT $3"
+)
 
 
 # Moving the checkpoint, in one statement: past the newest of the events at positions $2
@@ -142,10 +149,14 @@ class PostgresOutbox:
         self._pool = pool
         self._name = name
 
-    async def pending(self, limit: int) -> list[StoredEvent]:
-        """Up to `limit` committed events after the checkpoint, in commit order."""
+    async def pending(self, limit: int, after: StoredEvent | None = None) -> list[StoredEvent]:
+        """Up to `limit` committed events after the checkpoint, or after `after` when
+        given, in commit order."""
         async with acquired(self._pool, COMMAND_DATABASE) as conn:
-            rows = await conn.fetch(_PENDING, self._name, limit)
+            if after is None:
+                rows = await conn.fetch(_PENDING, self._name, limit)
+            else:
+                rows = await conn.fetch(_PENDING_AFTER, after.transaction_id, after.position, limit)
         return [stored_event(row) for row in rows]
 
     async def lag(self) -> tuple[int, float]:
