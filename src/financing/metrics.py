@@ -41,9 +41,14 @@ EVENTS_APPENDED = Counter("financing_events_appended_total", "Events appended to
 EVENTS_RELAYED = Counter(
     "financing_events_relayed_total", "Events published to `events` by the relayer, confirmed."
 )
-RELAYER_LAG_EVENTS = Gauge("financing_relayer_lag_events", "Events committed and not yet relayed.")
+RELAYER_LAG_EVENTS = Gauge(
+    "financing_relayer_lag_events",
+    "Events committed and not yet behind the relayer's checkpoint (which trails its"
+    " confirmed publishes by at most 0.5 s or 1,024 events).",
+)
 RELAYER_LAG_SECONDS = Gauge(
-    "financing_relayer_lag_seconds", "Age of the oldest event committed and not yet relayed."
+    "financing_relayer_lag_seconds",
+    "Age of the oldest event committed and not yet behind the relayer's checkpoint.",
 )
 PROJECTION_DELAY = Histogram(
     "financing_projection_delay_seconds",
