@@ -5,8 +5,9 @@ after 11; a reader that moved past 11 would never see 10. Instead events are
 read in `(transaction_id, position)` order and only from transactions below a
 horizon under which every transaction that could write here has finished
 (`_HORIZON`), so no event can later appear before one already read.
-The checkpoint, the order key of the last relayed event, is stored per relayer
-name in `relay_checkpoints`.
+The checkpoint, the order key of the last event marked relayed, is stored per
+relayer name in `relay_checkpoints`; the relayer reads on from the last event
+it relayed (`pending(limit, after)`, under the same horizon) between two marks.
 """
 
 from __future__ import annotations
