@@ -309,7 +309,7 @@ async def latency(deployment: Deployment, samples: int) -> LatencyFigures:
     async with bus.bound(deployment.amqp):
         for index in range(samples):
             try:
-                one = await _one_saga(deployment, bus, index)
+                one = await one_saga(deployment, bus, index)
             except TimeoutError:
                 failed += 1
                 continue
@@ -321,7 +321,7 @@ async def latency(deployment: Deployment, samples: int) -> LatencyFigures:
     )
 
 
-async def _one_saga(deployment: Deployment, bus: BusWatch, index: int) -> dict[str, float]:
+async def one_saga(deployment: Deployment, bus: BusWatch, index: int) -> dict[str, float]:
     investor = deployment.investor()
     invoice = await deployment.commands.sell_invoice(deployment.issuer(index), ASKING_PRICE)
     await _within(deployment.read_models.listed(invoice))

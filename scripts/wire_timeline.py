@@ -207,7 +207,7 @@ async def sagas(warm: int, count: int) -> list[tuple[float, float, dict[str, flo
         async with bus.bound(driven.amqp):
             for index in range(warm + count):
                 started = time.time()
-                figures = await bench_saga._one_saga(driven, bus, index)
+                figures = await bench_saga.one_saga(driven, bus, index)
                 if index >= warm:
                     spans.append((started, time.time(), figures))
                 await asyncio.sleep(0.05)  # the service quiet again before the next

@@ -43,8 +43,8 @@ EVENTS_RELAYED = Counter(
 )
 RELAYER_LAG_EVENTS = Gauge(
     "financing_relayer_lag_events",
-    "Events committed and not yet behind the relayer's checkpoint (which trails its"
-    " confirmed publishes by at most 0.5 s or 1,024 events).",
+    "Events committed and not yet behind the relayer's checkpoint, which moves past"
+    " confirmed publishes a batch of them at a time.",
 )
 RELAYER_LAG_SECONDS = Gauge(
     "financing_relayer_lag_seconds",

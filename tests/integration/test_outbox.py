@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from typing import Any
 from uuid import UUID, uuid4
@@ -88,10 +88,12 @@ async def open_transaction(pool: asyncpg.Pool, investor: Investor) -> AsyncItera
         yield
 
 
-async def pending_count(outbox: PostgresOutbox, count: int) -> list[StoredEvent]:
-    """The pending events once there are `count` of them, else none (a transaction
-    elsewhere on the server may hold the horizon back for a moment)."""
-    events = await outbox.pending(100)
+async def pending_count(
+    outbox: PostgresOutbox, count: int, after: StoredEvent | None = None
+) -> list[StoredEvent]:
+    """The pending events (after `after`, if given) once there are `count` of them, else
+    none (a transaction elsewhere on the server may hold the horizon back for a moment)."""
+    events = await outbox.pending(100, after)
     return events if len(events) >= count else []
 
 
@@ -134,15 +136,10 @@ async def test_pending_after_an_event_reads_on_from_it_under_the_same_horizon(
             await uow.save(third)
         assert await outbox.pending(100, everything[-1]) == []  # held back as from the checkpoint
     relayed = await wait_until(
-        lambda: _at_least(outbox.pending(100, everything[-1]), 4), what="the later two"
+        lambda: pending_count(outbox, 4, everything[-1]), what="the later two"
     )
     assert keys(relayed) == [(slow.id, 1), (slow.id, 2), (third.id, 1), (third.id, 2)]
     assert keys(await outbox.pending(100)) == keys(everything + relayed)  # checkpoint: none
-
-
-async def _at_least(reading: Awaitable[list[StoredEvent]], count: int) -> list[StoredEvent]:
-    events = await reading
-    return events if len(events) >= count else []
 
 
 async def test_a_transaction_open_in_another_database_does_not_hold_the_relayer_back(
@@ -343,13 +340,9 @@ async def test_a_unit_of_work_without_events_notifies_nobody(
         async with store.unit_of_work() as uow:
             await uow.save(new_investor())
 
-        await wait_until(lambda: _true(bool(notifications)), what="a notification")
+        await wait_until(lambda: infra.holds(bool(notifications)), what="a notification")
         await listener.execute("SELECT 1")
         assert len(notifications) == 1
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def test_a_burst_of_commits_ends_with_a_notification_after_the_last_of_them(
@@ -375,7 +368,7 @@ async def test_a_burst_of_commits_ends_with_a_notification_after_the_last_of_the
         await asyncio.gather(*(append() for _ in range(40)))
         expected = len([event async for event in store.read_all()])
         await wait_until(
-            lambda: _true(bool(relayable) and relayable[-1] == expected),
+            lambda: infra.holds(bool(relayable) and relayable[-1] == expected),
             what=f"a read after a notification to see all {expected} events",
         )
         reader.cancel()

@@ -394,7 +394,7 @@ async def test_the_checkpoint_follows_the_relayed_events_within_a_time_or_a_coun
         await receive(observed, 4)
         await append_investor_story(store, uuid4())  # the next batch finds four unmarked
         await receive(observed, 4)
-        await wait_until(lambda: _true(bool(by_count.marks)), what="the checkpoint moved")
+        await wait_until(lambda: infra.holds(bool(by_count.marks)), what="the checkpoint moved")
         assert len(by_count.marks[0]) >= 4
 
 
@@ -418,10 +418,6 @@ async def test_events_relayed_but_never_marked_are_relayed_again_by_the_next_rel
         again = await receive(observed, 4)
         await wait_until(lambda: all_behind_the_checkpoint(pool, 0), what="the checkpoint moved")
     assert again == got
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def test_two_relayers_on_one_database_publish_each_event_once(

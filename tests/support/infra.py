@@ -144,6 +144,11 @@ def delete_vhost(name: str) -> None:
     _rabbitmqctl("delete_vhost", name)
 
 
+async def holds(value: T) -> T:
+    """`value` as a `wait_until` probe, for a condition read without I/O."""
+    return value
+
+
 async def wait_until(
     probe: Callable[[], Awaitable[T]],
     *,
