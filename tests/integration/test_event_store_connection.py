@@ -8,7 +8,6 @@ of two writers racing on one stream gets `ConcurrencyConflict`.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from uuid import UUID, uuid4
@@ -25,6 +24,7 @@ from financing.domain.aggregates import Investor
 from financing.domain.events import BidOnInvoicePlacedEvent
 from tests.support import infra
 from tests.support.infra import wait_until
+from tests.support.service import free_port
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +40,6 @@ async def pool(database: Database) -> AsyncIterator[asyncpg.Pool]:
     await pool.close()
 
 
-def unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 async def create_investor(store: PostgresEventStore, investor_id: UUID) -> None:
     async with store.unit_of_work() as uow:
         investor = await uow.load(Investor, investor_id)
@@ -55,7 +48,7 @@ async def create_investor(store: PostgresEventStore, investor_id: UUID) -> None:
 
 
 async def test_an_unreachable_database_is_unavailable_when_connecting_or_opening_a_pool() -> None:
-    nowhere = Database({**infra.database("postgres").connect_kwargs, "port": unused_port()})
+    nowhere = Database({**infra.database("postgres").connect_kwargs, "port": free_port()})
 
     with pytest.raises(Unavailable) as connecting:
         await connect(nowhere, COMMAND_DATABASE)

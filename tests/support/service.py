@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
+import random
 import signal
 import socket
 import sys
@@ -20,11 +22,45 @@ START_TIMEOUT = float(os.environ.get("FINANCING_ACCEPTANCE_START_TIMEOUT", "40")
 STOP_TIMEOUT = 10.0
 
 
+# The machine's servers' own ports (PostgreSQL; the broker's AMQP, management and
+# distribution ports; epmd): the fault suite stops those servers, and a port handed out
+# while one is down would keep it from starting again.
+SERVER_PORTS = frozenset({4369, 5432, 5672, 15672, 25672})
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def _ports_outside_the_ephemeral_range() -> list[int]:
+    """Up to 10,000 ports the kernel never picks for an outgoing connection."""
+    try:
+        low, high = map(int, EPHEMERAL_RANGE.read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    below, above = range(max(1024, low - 10_000), low), range(high + 1, 65536)
+    return [port for port in max(below, above, key=len) if port not in SERVER_PORTS]
+
+
+_CANDIDATES = _ports_outside_the_ephemeral_range()
+_next_candidate = itertools.count(random.randrange(len(_CANDIDATES)))
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+    """A local port that nothing listens on, for a listener the suite starts later.
+
+    It comes from outside the kernel's ephemeral range: a port that `bind(0)` hands out
+    comes from inside it, and once released, any process's next outgoing connection (to
+    PostgreSQL, to the broker) may take it before the listener binds it. Outside the range
+    only another listener can take a port, and the probe skips those that one holds. This
+    process hands the ports out in turn, so it repeats one only after all the others.
+    """
+    for _ in range(len(_CANDIDATES)):
+        port = _CANDIDATES[next(_next_candidate) % len(_CANDIDATES)]
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
         return port
+    raise AssertionError(f"no free local port from {_CANDIDATES[0]} to {_CANDIDATES[-1]}")
 
 
 ROOT = Path(__file__).resolve().parents[2]
