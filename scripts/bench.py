@@ -21,16 +21,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import os
 import platform
 import subprocess
-from collections.abc import Sequence
+import tempfile
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import asyncpg
 import uvloop
 
+from financing.config import COMPONENTS, COMPONENTS_VARIABLE, ConfigError, parse_components
 from financing.logging import configure
 from scripts import bench_append, bench_broker, bench_rebuild, bench_saga
 from scripts.bench_common import (
@@ -46,6 +50,8 @@ from scripts.bench_common import (
 )
 from scripts.sandbox import sandbox
 from tests.support import infra
+from tests.support.deployment import LocalDeployment
+from tests.support.service import ServiceProcess, another_service
 
 PUBLISHES_PER_SAGA = 7  # the issue's count of the publishes a bid saga costs
 RAW_QUEUES = 2  # queues our topology delivers an event to: its handler's and the projector's
@@ -71,6 +77,7 @@ class Options:
     append_rounds: int
     rebuild_events: int
     sections: tuple[str, ...]
+    apart: tuple[str, ...]  # components run by a second `financing serve` process
 
     def sagas(self, in_flight: int) -> int:
         return max(self.min_sagas, min(self.max_sagas, in_flight * self.rounds))
@@ -121,6 +128,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         default=",".join(SECTIONS),
         help=f"which families to run, of {','.join(SECTIONS)} (all)",
     )
+    parser.add_argument(
+        "--apart",
+        default="",
+        help="components to run in a second `financing serve` process, comma-separated"
+        f" (of {','.join(COMPONENTS)}); the first runs the rest (none: one process)",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
 
@@ -131,6 +144,14 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose among {SECTIONS}")
+    try:
+        apart = parse_components(args.apart) if args.apart else ()
+    except ConfigError as error:
+        parser.error(f"--apart: {error}")
+    if set(apart) >= set(COMPONENTS):
+        parser.error("--apart must leave some components to the first process")
+    if set(apart) & {"commands-api", "queries-api"}:
+        parser.error("--apart: the bench drives the first process's APIs; keep them there")
     levels = tuple(int(level) for level in args.levels.split(","))
     if args.main_level not in levels:
         parser.error(f"--main-level {args.main_level} is not among --levels {args.levels}")
@@ -151,6 +172,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         append_rounds=int(pick(args.append_rounds, 3, 1)),
         rebuild_events=args.rebuild_events,
         sections=sections,
+        apart=apart,
     )
 
 
@@ -169,16 +191,51 @@ class ServiceFigures:
     final_rss: int  # after every level
 
 
+@contextlib.asynccontextmanager
+async def started_apart(
+    box: LocalDeployment, components: tuple[str, ...]
+) -> AsyncIterator[tuple[ServiceProcess, ...]]:
+    """A second `financing serve` on `box`'s databases and vhost running `components`
+    (none: no second process), stopped afterwards."""
+    if not components:
+        yield ()
+        return
+    log_path = Path(tempfile.gettempdir()) / f"{box.name}.apart.log"
+    process = another_service(box.env, log_path, {COMPONENTS_VARIABLE.name: ",".join(components)})
+    await process.start()
+    try:
+        yield (process,)
+    finally:
+        code = await process.stop()
+    if code != 0:
+        raise RuntimeError(f"the second process exited with {code}; log in {log_path}")
+    log_path.unlink()
+
+
 async def run_service(options: Options) -> ServiceFigures:
     heading("starting a throwaway deployment: financing serve, its databases and vhost")
-    async with sandbox("financing_bench") as box, bench_broker.own_vhost() as broker_url:
+    first = tuple(component for component in COMPONENTS if component not in options.apart)
+    async with (
+        sandbox("financing_bench", {COMPONENTS_VARIABLE.name: ",".join(first)}) as box,
+        started_apart(box, options.apart) as apart,
+        bench_broker.own_vhost() as broker_url,
+    ):
         investors = options.latency_samples + 16 + sum(options.sagas(n) for n in options.levels)
         async with bench_saga.driving(
-            box, issuers=16, investors=investors, poll_interval=options.poll_latency
+            box,
+            issuers=16,
+            investors=investors,
+            poll_interval=options.poll_latency,
+            apart=apart,
         ) as deployment:
             await asyncio.sleep(1)
-            idle_rss = bench_saga.rss(deployment)
-            say(f"financing serve is pid {deployment.pid}, RSS {idle_rss / MB:.0f} MB when idle")
+            idle_rss = deployment.rss()
+            say(
+                f"financing serve is pid {', '.join(map(str, deployment.pids))},"
+                f" RSS {idle_rss / MB:.0f} MB when idle"
+            )
+            if apart:
+                say(f"the second process runs {', '.join(options.apart)}; the first the rest")
             seconds = await bench_saga.register_all(deployment)
             say(
                 f"registered {len(deployment.issuers)} issuers and {investors} investors"
@@ -235,7 +292,7 @@ async def run_service(options: Options) -> ServiceFigures:
                     f" accepted -> FINANCED {level.accepted_to_financed.text()}"
                 )
             assert costs is not None
-            final_rss = bench_saga.rss(deployment)
+            final_rss = deployment.rss()
     return ServiceFigures(raw, latency, rate, rate_topology, levels, costs, idle_rss, final_rss)
 
 

@@ -7,7 +7,7 @@ import asyncio
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,23 +140,6 @@ def machine_cpu_seconds() -> float:
     first = Path("/proc/stat").read_text().splitlines()[0].split()
     user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in first[1:9])
     return (user + nice + system + irq + softirq + steal) / _TICKS
-
-
-def child_pid(matching: Callable[[list[str]], bool]) -> int:
-    """The pid of this process's child whose command line satisfies `matching`."""
-    me = os.getpid()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        if ppid == me and matching([part.decode() for part in cmdline if part]):
-            return int(entry.name)
-    raise RuntimeError("no such child process")
 
 
 # ---------------------------------------------------------------- /metrics

@@ -10,7 +10,8 @@ only through its public surfaces, with foreign clients:
 - the Commands API through grpcio (scripts/bench_grpc.py);
 - the `events` exchange, through a queue of the bench's own bound to it;
 - the read-model tables of the query database, polled for the awaited ids;
-- the Prometheus endpoint (METRICS_ADDRESS) and /proc/PID of the process.
+- the Prometheus endpoints (METRICS_ADDRESS) and /proc/PID of its processes: one, or
+  more when components run apart (`--components`).
 
 A saga is SellInvoice (asking 10) then, once the invoice is listed, BidOnInvoice
 (15) by an investor of its own registered beforehand (balance 100), until
@@ -26,7 +27,7 @@ import json
 import resource
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -37,7 +38,6 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from scripts.bench_common import (
     Percentiles,
     Samples,
-    child_pid,
     delta,
     machine_cpu_seconds,
     process_cpu_seconds,
@@ -47,6 +47,7 @@ from scripts.bench_common import (
 )
 from scripts.bench_grpc import ForeignCommands
 from tests.support.deployment import LocalDeployment
+from tests.support.service import ServiceProcess
 
 ASKING_PRICE = 10.0
 BID = 15.0
@@ -223,7 +224,8 @@ class Deployment:
     amqp: AbstractRobustConnection
     read_models: ReadModelWatch
     read_conn: asyncpg.Connection
-    pid: int
+    # `financing serve` processes: the deployment's own, then any running components apart.
+    processes: tuple[ServiceProcess, ...]
     issuers: list[str]
     investors: list[str] = field(default_factory=list)
     _next_investor: int = 0
@@ -236,13 +238,36 @@ class Deployment:
     def issuer(self, index: int) -> str:
         return self.issuers[index % len(self.issuers)]
 
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for process in self.processes]
+
+    def cpu_seconds(self) -> float:
+        return sum(process_cpu_seconds(pid) for pid in self.pids)
+
+    def rss(self) -> int:
+        return sum(process_rss_bytes(pid) for pid in self.pids)
+
+    async def scrape(self) -> Samples:
+        """Every process's samples, each one's summed over the processes."""
+        samples: Samples = {}
+        for process in self.processes:
+            for key, value in (await scrape(process.metrics_address)).items():
+                samples[key] = samples.get(key, 0.0) + value
+        return samples
+
 
 @contextlib.asynccontextmanager
 async def driving(
-    box: LocalDeployment, *, issuers: int, investors: int, poll_interval: float
+    box: LocalDeployment,
+    *,
+    issuers: int,
+    investors: int,
+    poll_interval: float,
+    apart: Sequence[ServiceProcess] = (),
 ) -> AsyncIterator[Deployment]:
-    """The bench's clients of `box`, with its issuers and investors registered."""
-    pid = child_pid(lambda argv: "serve" in argv)
+    """The bench's clients of `box` (and of the processes running components `apart`
+    from it, on its databases and vhost), with issuers and investors to register."""
     amqp = await aio_pika.connect_robust(box.amqp_url)
     read_conn = await asyncpg.connect(**box.query_db.connect_kwargs)
     poll_conn = await asyncpg.connect(**box.query_db.connect_kwargs)
@@ -255,7 +280,7 @@ async def driving(
         amqp,
         watch,
         read_conn,
-        pid,
+        (box.service, *apart),
         [str(uuid.uuid4()) for _ in range(issuers)],
         [str(uuid.uuid4()) for _ in range(investors)],
     )
@@ -396,10 +421,10 @@ class Costs:
     """What the service spent on a throughput run, counted until it was quiet again."""
 
     sagas: int
-    service_cpu: float  # seconds, utime + stime of `financing serve`
+    service_cpu: float  # seconds, utime + stime of `financing serve` (its processes together)
     machine_cpu: float  # seconds, every process of the machine (PostgreSQL, RabbitMQ, bench)
     bench_cpu: float  # seconds, this process (the load generator)
-    rss_end: int  # bytes, `financing serve` at the end of the run
+    rss_end: int  # bytes, `financing serve` (its processes together) at the end of the run
     received: dict[str, float]  # deliveries the service's consumers received, by queue
     used: dict[str, float]  # of which processed or unchanged (an effect, or a rule said no)
     publishes: float  # commands queued + events relayed + dead letters published
@@ -422,10 +447,10 @@ async def quiet(deployment: Deployment, within: float = 20.0) -> Samples:
     """Scrape until the service's counters stop moving (the last sagas' trailing steps
     done); the last scrape."""
     deadline = time.monotonic() + within
-    last = await scrape(deployment.box.metrics_address)
+    last = await deployment.scrape()
     while time.monotonic() < deadline:
         await asyncio.sleep(0.3)
-        now = await scrape(deployment.box.metrics_address)
+        now = await deployment.scrape()
         if _activity(now) == _activity(last):
             return now
         last = now
@@ -445,11 +470,11 @@ async def measured_throughput(
 ) -> tuple[Level, Costs]:
     """A throughput run with what it cost the service: CPU, memory, deliveries."""
     before = await quiet(deployment)
-    cpu, machine, bench = process_cpu_seconds(deployment.pid), machine_cpu_seconds(), _bench_cpu()
+    cpu, machine, bench = deployment.cpu_seconds(), machine_cpu_seconds(), _bench_cpu()
     level = await throughput(deployment, in_flight, sagas)
-    rss = process_rss_bytes(deployment.pid)
+    rss = deployment.rss()
     after = await quiet(deployment)
-    cpu = process_cpu_seconds(deployment.pid) - cpu
+    cpu = deployment.cpu_seconds() - cpu
     machine, bench = machine_cpu_seconds() - machine, _bench_cpu() - bench
     received: dict[str, float] = {}
     used: dict[str, float] = {}
@@ -469,7 +494,3 @@ async def measured_throughput(
     done = level.sagas - level.failed
     costs = Costs(done, cpu, machine, bench, rss, received, used, commands + relayed + dead)
     return level, costs
-
-
-def rss(deployment: Deployment) -> int:
-    return process_rss_bytes(deployment.pid)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import aio_pika
 import asyncpg
@@ -50,8 +50,10 @@ async def preflight() -> None:
 
 
 @contextlib.asynccontextmanager
-async def sandbox(prefix: str) -> AsyncIterator[LocalDeployment]:
+async def sandbox(
+    prefix: str, extra_env: Mapping[str, str] | None = None
+) -> AsyncIterator[LocalDeployment]:
     """A deployment of the service on the local PostgreSQL and RabbitMQ, removed afterwards."""
     await preflight()
-    async with local_deployment(prefix) as deployment:
+    async with local_deployment(prefix, extra_env=extra_env) as deployment:
         yield deployment

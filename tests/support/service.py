@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from financing.config import parse_address
 from tests.support import infra
 
 READY_EVENT = "service ready"
@@ -143,6 +144,15 @@ class ServiceProcess:
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.returncode is None
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None, "the service was never started"
+        return self._process.pid
+
+    @property
+    def metrics_address(self) -> tuple[str, int]:
+        return parse_address(self.env["METRICS_ADDRESS"])
 
     async def start(self, within: float = START_TIMEOUT) -> None:
         """Start and wait (at most `within` seconds) for its "service ready" log line."""
