@@ -10,8 +10,8 @@ only through its public surfaces, with foreign clients:
 - the Commands API through grpcio (scripts/bench_grpc.py);
 - the `events` exchange, through a queue of the bench's own bound to it;
 - the read-model tables of the query database, polled for the awaited ids;
-- the Prometheus endpoints (METRICS_ADDRESS) and /proc/PID of its processes: one, or
-  more when components run apart (`--components`).
+- the Prometheus endpoints (METRICS_ADDRESS) and /proc/PID of its processes: one,
+  or two when scripts/bench.py runs some components apart (`--apart`).
 
 A saga is SellInvoice (asking 10) then, once the invoice is listed, BidOnInvoice
 (15) by an investor of its own registered beforehand (balance 100), until
