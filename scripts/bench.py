@@ -633,13 +633,13 @@ def main(options: Options) -> None:
         service = asyncio.run(run_service(options))
         print_service_details(service, options)
         figures += service_figures(service, options)
-    if "append" in options.sections:
-        # On uvloop, as `financing serve` runs the unit of work.
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+    # On uvloop, as `financing serve` runs the unit of work and `financing projections
+    # rebuild` the rebuild.
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        if "append" in options.sections:
             figures += append_figures(runner.run(run_append(options)), options)
-    if "rebuild" in options.sections:
-        # On asyncio, as `financing projections rebuild` runs.
-        figures += rebuild_figures(asyncio.run(run_rebuild(options)))
+        if "rebuild" in options.sections:
+            figures += rebuild_figures(runner.run(run_rebuild(options)))
 
     heading("figures, each beside a baseline of this run (ratio = figure / baseline)")
     print(

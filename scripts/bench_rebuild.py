@@ -6,7 +6,7 @@ financed bid: IssuerCreated, InvestorCreated, InvestorFundsAdded,
 InvoiceCreated, BidOnInvoicePlaced, InvoiceFinanced, InvestorFundsReleased.
 Then `financing.adapters.postgres.rebuild.rebuild` (what the command runs,
 without the process start) replays it into an empty query database, on
-asyncio as the command line runs it. The baseline is reading the same store
+uvloop as the command line runs it. The baseline is reading the same store
 alone (`read_all`, decoded), the floor under any replay.
 """
 

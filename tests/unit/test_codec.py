@@ -156,6 +156,19 @@ def test_header_borne_ids_are_taken_from_the_aggregate_id_header(name: str) -> N
     assert decoded.aggregate_id == UUID(case.header)
 
 
+@pytest.mark.parametrize("name", DAGGER_NAMES)
+def test_an_aggregate_id_given_as_a_uuid_is_taken_as_it_is(name: str) -> None:
+    case = CASES[name]
+    assert case.header is not None
+    aggregate_id = UUID(case.header)
+
+    decoded = codec.decode(name, json.dumps(case.body).encode(), aggregate_id)
+
+    assert decoded == case.message
+    assert isinstance(decoded, ev.DomainEvent)
+    assert decoded.aggregate_id is aggregate_id
+
+
 def test_money_is_written_as_a_json_number_in_plain_decimal_form() -> None:
     body = codec.encode(ev.BidOnInvoicePlacedEvent(INVESTOR, INVOICE, D("0.1")))
     assert re.search(rb'"BidAmount":0\.1[,}]', body)

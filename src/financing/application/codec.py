@@ -171,8 +171,9 @@ def _encode_value(value: Any, kind: Kind) -> str:
     return f'{{"InvestorID":{json.dumps(str(bid.investor_id))},"Amount":{canonical(bid.amount)}}}'
 
 
-def decode(name: str, body: bytes, aggregate_id: str | None = None) -> Message:
-    """Rebuild a message from its name, JSON body and aggregateID header.
+def decode(name: str, body: bytes, aggregate_id: str | UUID | None = None) -> Message:
+    """Rebuild a message from its name, JSON body and aggregateID header (as the header's
+    text, or as the UUID an event store row holds).
 
     Raises PoisonMessage, naming what is wrong, for anything that is not a
     well-formed message of a known type.
@@ -195,7 +196,11 @@ def decode(name: str, body: bytes, aggregate_id: str | None = None) -> Message:
         if field.key is None:
             if aggregate_id is None:
                 raise PoisonMessage(f"{name}: missing aggregateID header")
-            values[field.attr] = _uuid(aggregate_id, f"{name}: aggregateID header")
+            values[field.attr] = (
+                aggregate_id
+                if isinstance(aggregate_id, UUID)
+                else _uuid(aggregate_id, f"{name}: aggregateID header")
+            )
             continue
         if field.key not in data:
             raise PoisonMessage(f"{name}: missing field {field.key}")

@@ -112,7 +112,7 @@ class StoredEvent:
 
     @property
     def event(self) -> DomainEvent:
-        event = codec.decode(self.name, self.body, str(self.aggregate_id))
+        event = codec.decode(self.name, self.body, self.aggregate_id)
         assert isinstance(event, DomainEvent)
         return event
 

@@ -189,7 +189,7 @@ def _folded(cls: type[A], aggregate_id: UUID, rows: list[asyncpg.Record]) -> A:
 
 
 def _event(name: str, body: str, aggregate_id: UUID) -> DomainEvent:
-    event = codec.decode(name, body.encode(), str(aggregate_id))
+    event = codec.decode(name, body.encode(), aggregate_id)
     assert isinstance(event, DomainEvent)  # the event store holds domain events only
     return event
 

@@ -410,11 +410,13 @@ def run(argv: Sequence[str] | None = None, *, overrides: Overrides | None = None
         sys.exit(2)
     service_logging.configure(settings.log_level)
     try:
-        if args.command == "serve":
-            components = args.components or settings.components
-            wiring = overrides or NO_OVERRIDES
-            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        # Every command on the loop the service runs on (uvloop), so that an operator's
+        # command (a rebuild, a replay) runs the adapters as the service runs them.
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            if args.command == "serve":
+                components = args.components or settings.components
+                wiring = overrides or NO_OVERRIDES
                 sys.exit(runner.run(serve(settings, components, overrides=wiring)))
-        sys.exit(asyncio.run(_operate(args.run, settings, args)))
+            sys.exit(runner.run(_operate(args.run, settings, args)))
     except KeyboardInterrupt:
         sys.exit(INTERRUPTED)
