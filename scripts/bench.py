@@ -257,6 +257,12 @@ async def run_service(options: Options) -> ServiceFigures:
                 say(f"{label}: {getattr(latency, name).text()}")
             if latency.failed:
                 say(f"{latency.failed} sagas did not finish within 30 s a step: left out")
+            say(
+                f"the service's CPU over the last {latency.sagas_measured} of them:"
+                f" {latency.service_cpu:.2f} s in {latency.seconds:.1f} s"
+                f" ({latency.busy:.0%} busy),"
+                f" {_per_saga_ms(latency.service_cpu, latency.sagas_measured)} per saga"
+            )
 
             heading("2-4. throughput, costs, deliveries")
             await bench_saga.throughput(deployment, 8, 16)  # warm: every path taken once
@@ -345,10 +351,24 @@ def service_figures(found: ServiceFigures, options: Options) -> list[Figure]:
         )
     )
     costs = found.costs
+    latency = found.latency
+    done = latency.sagas_measured
     figures.append(
         Figure(
             "3 costs",
-            "service CPU-s per saga",
+            "service CPU-s per saga, one at a time",
+            _per_saga_ms(latency.service_cpu, done),
+            f"the same at {options.main_level} in flight",
+            _per_saga_ms(costs.service_cpu, costs.sagas),
+            ratio(latency.service_cpu / max(1, done), costs.service_cpu / costs.sagas),
+            f"(context: busy {latency.busy:.0%})",
+            None,
+        )
+    )
+    figures.append(
+        Figure(
+            "3 costs",
+            f"service CPU-s per saga, {options.main_level} in flight",
             f"{costs.service_cpu / costs.sagas * 1000:.1f} ms",
             "machine CPU-s per saga, every process",
             f"{costs.machine_cpu / costs.sagas * 1000:.1f} ms",
@@ -404,6 +424,10 @@ def _hop(
             )
         )
     return figures
+
+
+def _per_saga_ms(seconds: float, sagas: int) -> str:
+    return f"{seconds / max(1, sagas) * 1000:.1f} ms"
 
 
 def print_service_details(found: ServiceFigures, options: Options) -> None:
