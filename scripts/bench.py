@@ -253,7 +253,7 @@ async def run_service(options: Options) -> ServiceFigures:
                     f" {raw[queues].text()}"
                 )
             latency = await bench_saga.latency(deployment, options.latency_samples)
-            for name, label in LATENCY_LABELS.items():
+            for name, label in bench_saga.LATENCY_LABELS.items():
                 say(f"{label}: {getattr(latency, name).text()}")
             if latency.failed:
                 say(f"{latency.failed} sagas did not finish within 30 s a step: left out")
@@ -302,16 +302,6 @@ async def run_service(options: Options) -> ServiceFigures:
     return ServiceFigures(raw, latency, rate, rate_topology, levels, costs, idle_rss, final_rss)
 
 
-LATENCY_LABELS = {
-    "end_to_end": "BidOnInvoice accepted -> read model FINANCED",
-    "accepted_to_placed": "hop: accepted -> BidOnInvoicePlacedEvent on the bus",
-    "placed_to_financed": "hop: BidOnInvoicePlacedEvent -> InvoiceFinancedEvent",
-    "financed_to_released": "hop: InvoiceFinancedEvent -> InvestorFundsReleasedEvent",
-    "read_model_trailing": "hop: InvoiceFinancedEvent on the bus -> read model FINANCED",
-    "bid_rpc": "(the BidOnInvoice RPC itself, sent -> OK)",
-}
-
-
 def service_figures(found: ServiceFigures, options: Options) -> list[Figure]:
     figures = []
     raw = found.raw[RAW_QUEUES]
@@ -332,7 +322,8 @@ def service_figures(found: ServiceFigures, options: Options) -> list[Figure]:
             )
         )
     for name in ("accepted_to_placed", "placed_to_financed", "financed_to_released"):
-        figures += _hop(name, LATENCY_LABELS[name].removeprefix("hop: "), found, raw, raw_name)
+        label = bench_saga.LATENCY_LABELS[name].removeprefix("hop: ")
+        figures += _hop(name, label, found, raw, raw_name)
     figures += _hop("read_model_trailing", "read model trailing the bus", found, raw, raw_name)
 
     main = next(level for level in found.levels if level.in_flight == options.main_level)

@@ -37,14 +37,6 @@ from scripts.bench_common import Percentiles, Stopwatch, heading, ms, number, sa
 from scripts.sandbox import sandbox
 
 SIDES = ("before", "after")
-# The saga's figures one at a time, as bench_saga.one_saga names them.
-FIGURES = {
-    "end_to_end": "accepted -> read model FINANCED",
-    "accepted_to_placed": "hop: accepted -> BidOnInvoicePlacedEvent",
-    "placed_to_financed": "hop: -> InvoiceFinancedEvent",
-    "financed_to_released": "hop: -> InvestorFundsReleasedEvent",
-    "read_model_trailing": "read model trailing the bus",
-}
 
 
 @dataclass(frozen=True)
@@ -99,35 +91,29 @@ class Side:
     name: str
     deployment: bench_saga.Deployment
     bus: bench_saga.BusWatch
-    series: dict[str, list[float]] = field(default_factory=lambda: {n: [] for n in FIGURES})
-    block_medians: list[float] = field(default_factory=list)  # accepted -> FINANCED
-    latency_cpu: float = 0.0  # seconds of the service's CPU over the sagas one at a time
-    failed: int = 0
+    blocks: list[bench_saga.OneAtATime] = field(default_factory=list)
     rates: list[float] = field(default_factory=list)  # sagas/s, one per round
     cpu_per_saga: list[float] = field(default_factory=list)  # seconds, one per round
-    _next_saga: int = 0
+    failed_in_rounds: int = 0
 
     async def latency_block(self, sagas: int) -> None:
-        done: list[float] = []
-        cpu = self.deployment.cpu_seconds()
-        for _ in range(sagas):
-            self._next_saga += 1
-            try:
-                one = await bench_saga.one_saga(self.deployment, self.bus, self._next_saga)
-            except TimeoutError:
-                self.failed += 1
-                continue
-            for name in FIGURES:
-                self.series[name].append(one[name])
-            done.append(one["end_to_end"])
-        self.latency_cpu += self.deployment.cpu_seconds() - cpu
-        if done:
-            self.block_medians.append(statistics.median(done))
+        first = sum(block.done + block.failed for block in self.blocks)
+        indexes = range(first, first + sagas)
+        self.blocks.append(await bench_saga.one_at_a_time(self.deployment, self.bus, indexes))
+
+    def one_at_a_time(self) -> bench_saga.OneAtATime:
+        return bench_saga.OneAtATime.joined(self.blocks)
+
+    def block_medians(self) -> list[float]:
+        """accepted -> FINANCED, the median of each block."""
+        return [
+            statistics.median(block.series["end_to_end"]) for block in self.blocks if block.done
+        ]
 
     async def throughput_round(self, in_flight: int, sagas: int) -> None:
         level, costs = await bench_saga.measured_throughput(self.deployment, in_flight, sagas)
         self.rates.append(level.per_second)
-        self.failed += level.failed
+        self.failed_in_rounds += level.failed
         if costs.sagas:
             self.cpu_per_saga.append(costs.service_cpu / costs.sagas)
 
@@ -185,10 +171,11 @@ def _ratio(after: float, before: float) -> str:
 
 def report(sides: dict[str, Side], options: Options) -> None:
     before, after = sides["before"], sides["after"]
+    measured = {name: one.one_at_a_time() for name, one in sides.items()}
     heading(f"before: {options.before}; after: this checkout")
     rows = []
-    for name, label in FIGURES.items():
-        b, a = (Percentiles.of_seconds(s.series[name]) for s in (before, after))
+    for name, label in bench_saga.LATENCY_LABELS.items():
+        b, a = (Percentiles.of_seconds(measured[s].series[name]) for s in SIDES)
         rows.append(
             [
                 label,
@@ -207,7 +194,7 @@ def report(sides: dict[str, Side], options: Options) -> None:
 
     row(
         "service CPU per saga, one at a time",
-        lambda s: s.latency_cpu / max(1, len(s.series["end_to_end"])),
+        lambda s: measured[s.name].service_cpu / max(1, measured[s.name].done),
         cpu_ms,
     )
     if options.rounds:
@@ -222,7 +209,7 @@ def report(sides: dict[str, Side], options: Options) -> None:
             cpu_ms,
         )
     print(table(["figure (p50 / p99)", "before", "after", "after / before"], rows))
-    lower, pairs = after_lower(before.block_medians, after.block_medians)
+    lower, pairs = after_lower(before.block_medians(), after.block_medians())
     say(
         f"accepted -> FINANCED: the after side's block median was the lower one in"
         f" {lower} of {pairs} pairs of neighbouring blocks"
@@ -234,7 +221,9 @@ def report(sides: dict[str, Side], options: Options) -> None:
             + "; after "
             + ", ".join(f"{r:.1f}" for r in after.rates)
         )
-    failed = before.failed + after.failed
+    failed = sum(m.failed for m in measured.values()) + sum(
+        s.failed_in_rounds for s in sides.values()
+    )
     if failed:
         say(f"{failed} sagas did not finish in time: left out")
 

@@ -354,7 +354,8 @@ async def test_events_held_behind_an_earlier_transaction_are_relayed_as_soon_as_
     assert [version for _, _, version in got] == [1, 2, 3, 4]
 
 
-async def all_behind_the_checkpoint(pool: asyncpg.Pool, count: int) -> bool:
+async def pending_exactly(pool: asyncpg.Pool, count: int) -> bool:
+    """Whether exactly `count` events are after the relayer's checkpoint."""
     return len(await PostgresOutbox(pool).pending(100)) == count
 
 
@@ -371,7 +372,7 @@ async def test_the_checkpoint_moves_once_for_many_relayed_batches_and_when_the_r
         assert outbox.marks == []
         # Still behind the checkpoint, yet each went out once: the relayer reads on from
         # the last event it relayed, not from the checkpoint.
-        await wait_until(lambda: all_behind_the_checkpoint(pool, 12), what="12 unmarked")
+        await wait_until(lambda: pending_exactly(pool, 12), what="12 unmarked")
     assert len(outbox.marks) == 1 and len(outbox.marks[0]) == 12  # moved as it stopped
     assert await PostgresOutbox(pool).pending(100) == []
     assert len({message_id for message_id, _, _ in got}) == 12
@@ -385,7 +386,7 @@ async def test_the_checkpoint_follows_the_relayed_events_within_a_time_or_a_coun
     async with relaying(database, pool, publisher, outbox=by_time, mark_after=0.2):
         await append_investor_story(store, uuid4())
         await receive(observed, 4)
-        await wait_until(lambda: all_behind_the_checkpoint(pool, 0), what="the checkpoint moved")
+        await wait_until(lambda: pending_exactly(pool, 0), what="the checkpoint moved")
         assert by_time.marks  # while it ran, with nothing more to relay
 
     by_count = WatchedOutbox(PostgresOutbox(pool))
@@ -416,7 +417,7 @@ async def test_events_relayed_but_never_marked_are_relayed_again_by_the_next_rel
     # the same message ids, which consumers recognise as copies. None is lost.
     async with relaying(database, pool, publisher):
         again = await receive(observed, 4)
-        await wait_until(lambda: all_behind_the_checkpoint(pool, 0), what="the checkpoint moved")
+        await wait_until(lambda: pending_exactly(pool, 0), what="the checkpoint moved")
     assert again == got
 
 
