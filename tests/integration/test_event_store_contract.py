@@ -509,8 +509,11 @@ class TestPostgresEventStore(EventStoreContract):
             await create(single, investor_id, "message-1")
             conn.remove_query_logger(note)
 
-        assert len(sent) == 3, sent  # seen, load, then one write: no BEGIN, no COMMIT
+        # seen, load, then one write (no BEGIN, no COMMIT), then the commit bell's ring
+        # on the same connection, once the write has committed
+        assert len(sent) == 4, sent
         assert sent[2].startswith("WITH appended AS")
+        assert "pg_notify" in sent[3] and "appended" not in sent[3]
         assert [e.version for e in await store.stream(investor_id)] == [1, 2]
         assert (
             await pool.fetchval(

@@ -54,6 +54,8 @@ from financing.adapters.postgres.connection import (
     RACE_ERRORS,
     Connection,
     acquired,
+    describe,
+    is_unavailable,
 )
 from financing.application import codec
 from financing.application.errors import (
@@ -343,46 +345,70 @@ class PostgresUnitOfWork:
 class CommitBell:
     """Tells listeners (the relayer) that events were committed, after the commit.
 
-    Rings coalesce: a ring asked for while one is being sent is sent once that
-    one is done, so every commit is followed by a notification sent after it,
-    and a burst of commits costs two. A ring that cannot be sent is dropped
-    (the database is unreachable, or the pool closing): the relayer polls.
+    The unit of work that committed rings on its own connection, as soon as its
+    writing statement has returned and before it gives the connection back: no
+    task to start and no connection to borrow stand between a commit and its
+    ring. Rings coalesce: a ring asked for while one is being sent is not sent
+    on its own; once the one being sent is done, a task sends one more on a
+    pooled connection (and again for those asked for meanwhile), so every
+    commit is followed by a notification sent after it, and a burst of commits
+    costs two. A ring that cannot be sent is dropped (the database is
+    unreachable, or the pool closing): the relayer polls.
     """
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
-        self._sending: asyncio.Task[None] | None = None
-        self._again = False
+        self._busy = False  # a ring is being sent, by a unit of work or by the task
+        self._again = False  # a ring was asked for meanwhile
+        self._follow_up: asyncio.Task[None] | None = None
 
-    def ring(self) -> None:
-        if self._sending is not None:
+    async def ring(self, conn: Connection) -> None:
+        """Ring after a commit made on `conn`, which the caller still holds."""
+        if self._busy:
             self._again = True
             return
-        self._sending = asyncio.get_running_loop().create_task(self._send())
-
-    async def _send(self) -> None:
+        self._busy = True
+        self._again = False
         try:
-            while not self._pool.is_closing():
+            await _rung(conn)
+        finally:
+            if self._again and not self._pool.is_closing():
+                self._follow_up = asyncio.get_running_loop().create_task(self._ring_again())
+            else:
+                self._busy = False
+
+    async def _ring_again(self) -> None:
+        try:
+            while self._again and not self._pool.is_closing():
                 self._again = False
                 async with acquired(self._pool, COMMAND_DATABASE) as conn:
-                    await conn.execute(_RING, NOTIFY_CHANNEL)
-                if not self._again:
-                    return
-        except (Unavailable, asyncpg.InterfaceError) as error:
+                    await _rung(conn)
+        except Unavailable as error:
             log.debug("commit bell not rung; the relayer polls", error=str(error))
         finally:
-            self._sending = None
+            self._busy = False
+            self._follow_up = None
 
     async def quiet(self, grace: float = BELL_GRACE) -> None:
-        """Wait until the ring being sent, if any, is done; give it up after `grace`
-        seconds (a database that does not answer must not hold a shutdown)."""
-        sending = self._sending
+        """Wait until the ring the task is sending, if any, is done; give it up after
+        `grace` seconds (a database that does not answer must not hold a shutdown)."""
+        sending = self._follow_up
         if sending is None:
             return
         done, _ = await asyncio.wait({sending}, timeout=grace)
         if not done:
             sending.cancel()
             await asyncio.wait({sending})
+
+
+async def _rung(conn: Connection) -> None:
+    """One ring on `conn`; one the database cannot take now is dropped."""
+    try:
+        await conn.execute(_RING, NOTIFY_CHANNEL)
+    except Exception as error:
+        if not is_unavailable(error):
+            raise
+        log.debug("commit bell not rung; the relayer polls", error=describe(error))
 
 
 class PostgresEventStore:
@@ -400,9 +426,8 @@ class PostgresEventStore:
         async with acquired(self._pool, COMMAND_DATABASE) as conn:
             uow = PostgresUnitOfWork(conn, self._snapshot_interval, cause)
             yield uow
-            appended = await uow.commit()
-        if appended:
-            self._bell.ring()
+            if await uow.commit():
+                await self._bell.ring(conn)
 
     async def close(self) -> None:
         """Let the last ring of the commit bell go out (before the pool closes)."""
