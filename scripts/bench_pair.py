@@ -107,7 +107,9 @@ class Side:
     def block_medians(self) -> list[float]:
         """accepted -> FINANCED, the median of each block."""
         return [
-            statistics.median(block.series["end_to_end"]) for block in self.blocks if block.done
+            statistics.median(block.series["end_to_end"])
+            for block in self.blocks
+            if block.series["end_to_end"]
         ]
 
     async def throughput_round(self, in_flight: int, sagas: int) -> None:
