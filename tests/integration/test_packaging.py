@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import subprocess
 import sys
@@ -45,15 +46,49 @@ def test_the_wheel_ships_sql_generated_code_and_the_console_script(tmp_path: Pat
 
 
 def _distribution(requirement: str) -> str:
-    name = re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0]
+    name = re.split(r"[<>=!~\[; (]", requirement, maxsplit=1)[0]
     return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _with_extras(requirement: str) -> set[str]:
+    """The distribution `requirement` names, and those its extras add (read from the
+    installed distribution's metadata)."""
+    name = _distribution(requirement)
+    extras = (
+        re.findall(r"[\w-]+", requirement.split("[", 1)[1].split("]")[0])
+        if "[" in requirement
+        else []
+    )
+    added = {
+        _distribution(dependency)
+        for dependency in importlib.metadata.requires(name) or []
+        for extra in extras
+        if re.search(rf"extra\s*==\s*['\"]{re.escape(extra)}['\"]", dependency)
+    }
+    return {name, *added}
 
 
 def test_the_image_lock_pins_every_dependency_of_the_project() -> None:
     """The image installs only what deploy/requirements.lock pins (--no-deps): a dependency
-    added to pyproject.toml without running deploy/lock.sh would be missing at run time."""
+    added to pyproject.toml without running deploy/lock.sh would be missing at run time,
+    and so would one that an extra of a dependency adds."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     lock = (ROOT / "deploy" / "requirements.lock").read_text()
     pinned = {_distribution(line) for line in lock.splitlines() if "==" in line}
-    missing = {_distribution(r) for r in project["dependencies"]} - pinned
+    wanted = {name for requirement in project["dependencies"] for name in _with_extras(requirement)}
+    missing = wanted - pinned
     assert not missing, f"run deploy/lock.sh: {sorted(missing)} not in deploy/requirements.lock"
+    assert "betterproto-rust-codec" in wanted  # the extras are read
+
+
+def test_protobuf_messages_are_parsed_and_serialised_by_the_compiled_codec() -> None:
+    """betterproto's `rust-codec` extra replaces its pure-Python wire codec (about 150 µs
+    to parse a request, 100 µs to serialise one) when `betterproto_rust_codec` imports."""
+    import betterproto
+    import betterproto_rust_codec  # noqa: F401 - installed by the extra
+
+    from financing.generated import BidOnInvoiceCommand, Money, Uuid
+
+    assert betterproto.Message.parse.__name__ == "__parse_patch"
+    command = BidOnInvoiceCommand(Uuid("investor"), Uuid("invoice"), Money(15.0))
+    assert BidOnInvoiceCommand().parse(bytes(command)) == command
