@@ -111,7 +111,6 @@ class ReadModelWatch:
         self._financed: dict[str, asyncio.Future[float]] = {}
         self._due: set[str] = set()
         self._woken = asyncio.Event()
-        self.polls = 0
 
     def listed(self, invoice_id: str) -> asyncio.Future[float]:
         return self._listed.setdefault(invoice_id, asyncio.get_running_loop().create_future())
@@ -135,7 +134,6 @@ class ReadModelWatch:
                     " WHERE id = ANY($1::uuid[]) AND issuer_id IS NOT NULL",
                     awaited,
                 )
-                self.polls += 1
                 now = time.perf_counter()
                 for row in rows:
                     listed = self._listed.get(row["id"])
