@@ -141,7 +141,7 @@ async def test_service_cut_off_the_broker_answers_unavailable_then_recovers_by_i
 
     await settle(target)
     await verify_effects(target, workload)
-    assert_outages_logged_once(target, "broker", ["broker unavailable", "broker reconnected"])
+    await assert_outages_logged_once(target, "broker", ["broker unavailable", "broker reconnected"])
     add_figure("broker connection cuts survived", 2)
     add_figure("client calls answered UNAVAILABLE without a broker", len(unavailable) + 1)
     record_workload(workload)
@@ -277,7 +277,7 @@ async def test_a_short_permission_outage_heals_by_itself_within_ten_seconds(
     finally:
         await registering.close()
     assert target.service.running and target.starts() == 1, target.log_tail()
-    assert_outages_logged_once(target, "broker", ["broker unavailable", "broker reconnected"])
+    await assert_outages_logged_once(target, "broker", ["broker unavailable", "broker reconnected"])
     add_figure("broker permission outages healed", 1)
     set_figure("permission outage: seconds to first SellInvoice OK", round(accepted_after, 2))
     set_figure("permission outage: seconds until everything applied", round(healed_after, 2))

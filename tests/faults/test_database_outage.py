@@ -188,7 +188,7 @@ async def test_service_survives_its_database_sessions_being_terminated(deploy: D
     await verify_effects(target, workload)
     for database in ("command database", "query database"):
         # A pool may replace a terminated session before using it: no outage then.
-        assert_outages_logged_once(
+        await assert_outages_logged_once(
             target,
             database,
             [f"{database} unavailable", f"{database} recovered"],
@@ -248,7 +248,7 @@ async def test_the_query_database_refusing_connections_is_unavailable_then_heals
     await target.query_pool.expire_connections()
     await settle(target)
     await verify_effects(target, workload)
-    assert_outages_logged_once(
+    await assert_outages_logged_once(
         target, "query database", ["query database unavailable", "query database recovered"]
     )
     add_figure("query database refusals survived", 1)

@@ -137,7 +137,7 @@ async def test_sagas_complete_across_a_broker_restart(
 ) -> None:
     target = await deploy("broker_restart")
     down = await sagas_through(target, "broker restart", restart_broker)
-    assert_outages_logged_once(target, "broker", ["broker unavailable", "broker reconnected"])
+    await assert_outages_logged_once(target, "broker", ["broker unavailable", "broker reconnected"])
     add_figure("whole broker restarts survived", 1)
     set_figure("broker restart: seconds from stop_app to start_app done", round(down, 1))
 
@@ -148,7 +148,7 @@ async def test_sagas_complete_across_a_postgres_restart(
     target = await deploy("postgres_restart")
     down = await sagas_through(target, "postgres restart", restart_postgres)
     for database in ("command database", "query database"):
-        assert_outages_logged_once(
+        await assert_outages_logged_once(
             target, database, [f"{database} unavailable", f"{database} recovered"]
         )
     add_figure("whole PostgreSQL restarts survived", 1)
