@@ -31,6 +31,7 @@ from financing.application.retry import (
     RetryPolicy,
     retry,
 )
+from tests.support.infra import wait_until
 
 # The default limits, with pauses of a few milliseconds so the tests are fast.
 FAST = Backoff(0.001, 0.004)
@@ -273,3 +274,61 @@ def test_a_backoff_delay_is_capped_however_many_attempts() -> None:
 
 def test_a_backoff_delay_is_jittered() -> None:
     assert len({Backoff(0.1, 2.0).delay(3) for _ in range(20)}) > 1
+
+
+async def test_an_outage_whose_loop_was_abandoned_ends_once_the_dependency_checks_out() -> None:
+    outages = Outages()
+    answers = iter([False, False, True])  # the dependency is back at the third check
+
+    async def check() -> None:
+        if not next(answers):
+            raise Unavailable("database", "connection refused")
+
+    outages.check_with("database", check)
+    channel_open = True
+
+    async def handling() -> None:
+        nonlocal channel_open
+        channel_open = False  # the delivery's channel closes during the pause
+        raise Unavailable("database", "connection reset")
+
+    with capture_logs() as logs:
+        with pytest.raises(Abandoned):
+            await retry(
+                handling,
+                policy=RetryPolicy(),
+                outages=outages,
+                what="handling",
+                wanted=lambda: channel_open,
+            )
+        assert outages.down() == {"database"}  # nobody is left to succeed
+        watching = asyncio.get_running_loop().create_task(outages.watch(interval=0.01))
+        try:
+            await wait_until(lambda: _now(not outages.down()), what="the outage to end")
+        finally:
+            watching.cancel()
+    assert [line["event"] for line in logs] == ["database unavailable", "database recovered"]
+
+
+async def test_the_watch_leaves_alone_an_outage_it_has_no_check_for() -> None:
+    outages = Outages()
+    outages.failed(Unavailable("broker", "connection reset"))
+    outages.failed(Unavailable("database", "connection refused"))
+    checks = 0
+
+    async def database_check() -> None:
+        nonlocal checks
+        checks += 1
+        raise Unavailable("database", "connection refused")  # still down
+
+    outages.check_with("database", database_check)
+    watching = asyncio.get_running_loop().create_task(outages.watch(interval=0.01))
+    try:
+        await wait_until(lambda: _now(checks >= 3), what="three periods of the watch")
+    finally:
+        watching.cancel()
+    assert outages.down() == {"broker", "database"}
+
+
+async def _now(value: bool) -> bool:
+    return value

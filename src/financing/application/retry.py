@@ -9,7 +9,11 @@ uses it, so "transient" means the same thing everywhere.
 
 `Outages` keeps the log of a dependency's outage to two lines however many
 loops are retrying: a warning when the first failure is seen and one info line,
-with how long it lasted, when an operation on it succeeds again.
+with how long it lasted, when an operation on it succeeds again. The loop that
+met an outage may end without succeeding (its delivery given back when the
+broker's channel closed, or its caller's deadline passed), so `Outages.watch`
+also checks every dependency that is down and has a check, and ends its outage
+once the check passes.
 """
 
 from __future__ import annotations
@@ -95,11 +99,40 @@ class Abandoned(Exception):
     """`retry` stopped because the work is no longer wanted (its delivery channel closed)."""
 
 
+# How often `Outages.watch` checks the dependencies that are down.
+OUTAGE_CHECK_INTERVAL = 1.0
+
+
 @dataclass
 class Outages:
     """Which dependencies are down since when; logs the start and the end of each outage."""
 
     _since: dict[str, float] = field(default_factory=dict)
+    # How to tell that a dependency is back: returns if it is, raises Unavailable if not.
+    _checks: dict[str, Callable[[], Awaitable[object]]] = field(default_factory=dict)
+
+    def check_with(self, dependency: str, check: Callable[[], Awaitable[object]]) -> None:
+        self._checks[dependency] = check
+
+    async def watch(self, interval: float = OUTAGE_CHECK_INTERVAL) -> None:
+        """Until cancelled, every `interval` seconds: end the outage of each dependency
+        that is down and whose check passes, whether or not a loop that met the outage
+        is still there to succeed."""
+        while True:
+            await asyncio.sleep(interval)  # the checking period
+            for dependency in list(self._since):
+                check = self._checks.get(dependency)
+                if check is None:
+                    continue
+                try:
+                    async with asyncio.timeout(interval):
+                        await check()
+                except (Unavailable, TimeoutError):
+                    continue  # still down
+                except Exception:
+                    log.exception("checking a dependency failed with a bug", dependency=dependency)
+                    continue
+                self.recovered(dependency)
 
     def failed(self, error: Unavailable) -> None:
         if error.dependency in self._since:

@@ -10,6 +10,7 @@ injected into a bootstrap function.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -141,11 +142,16 @@ async def bootstrap(
         query_pool = await _pool(
             stack, settings.query_db, QUERY_DATABASE, "queries", outages, deadline
         )
+    for pool, database in ((command_pool, COMMAND_DATABASE), (query_pool, QUERY_DATABASE)):
+        if pool is not None:
+            outages.check_with(database, functools.partial(ping, pool, database))
+    service.workers["outages"] = outages.watch
 
     if selected & NEEDS_BROKER:
         broker = Broker(settings.amqp_urls, outages, queue_type=settings.queue_type)
         stack.push_async_callback(broker.close)
         await started(BROKER, broker.connection, outages, deadline)
+        outages.check_with(BROKER, broker.connection)
         publisher = Publisher(broker)
         stack.push_async_callback(publisher.close)
         wiring = _Wiring(broker, publisher, outages, overrides, service)
