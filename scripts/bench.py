@@ -360,9 +360,9 @@ def service_figures(found: ServiceFigures, options: Options) -> list[Figure]:
         Figure(
             "3 costs",
             f"service CPU-s per saga, {options.main_level} in flight",
-            f"{costs.service_cpu / costs.sagas * 1000:.1f} ms",
+            _per_saga_ms(costs.service_cpu, costs.sagas),
             "machine CPU-s per saga, every process",
-            f"{costs.machine_cpu / costs.sagas * 1000:.1f} ms",
+            _per_saga_ms(costs.machine_cpu, costs.sagas),
             ratio(costs.service_cpu, costs.machine_cpu),
             "(context)",
             None,

@@ -118,6 +118,11 @@ class ReadModelWatch:
     def financed(self, invoice_id: str) -> asyncio.Future[float]:
         return self._financed.setdefault(invoice_id, asyncio.get_running_loop().create_future())
 
+    @property
+    def hurried(self) -> frozenset[str]:
+        """The invoices polled back to back now (`due`, not yet seen FINANCED)."""
+        return frozenset(self._due)
+
     def due(self, invoice_id: str) -> None:
         """Poll back to back until `invoice_id` is seen FINANCED, from now on."""
         if not self.financed(invoice_id).done():

@@ -79,6 +79,8 @@ NOTIFY_CHANNEL = "financing_events"
 # waited for (`synchronous_commit` off for this transaction only), which keeps the
 # lock that serialises notifying commits held for microseconds.
 _RING = "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, '')"
+# Said (at debug level) of a ring the database cannot take now.
+_NOT_RUNG = "commit bell not rung; the relayer polls"
 # How long closing the event store waits for a ring on its way.
 BELL_GRACE = 1.0
 
@@ -384,7 +386,7 @@ class CommitBell:
                 async with acquired(self._pool, COMMAND_DATABASE) as conn:
                     await _rung(conn)
         except Unavailable as error:
-            log.debug("commit bell not rung; the relayer polls", error=str(error))
+            log.debug(_NOT_RUNG, error=str(error))
         finally:
             self._busy = False
             self._follow_up = None
@@ -408,7 +410,7 @@ async def _rung(conn: Connection) -> None:
     except Exception as error:
         if not is_unavailable(error):
             raise
-        log.debug("commit bell not rung; the relayer polls", error=describe(error))
+        log.debug(_NOT_RUNG, error=describe(error))
 
 
 class PostgresEventStore:
