@@ -8,8 +8,8 @@ become `Refused` when opening a pool. Anything else is left as it is: a bug.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, TypeAlias
 
 import asyncpg
@@ -70,45 +70,86 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
-@contextmanager
-def translated(dependency: str) -> Iterator[None]:
-    """Driver errors raised inside the block, as the application's error types."""
-    try:
-        yield
-    except RACE_ERRORS as error:
+def _translate(error: BaseException, dependency: str) -> None:
+    """Raise what a driver error raised while using a connection means to the
+    application (ConcurrencyConflict, Unavailable); return for a bug, left as it is."""
+    if isinstance(error, RACE_ERRORS):
         raise ConcurrencyConflict(f"{dependency}: {describe(error)}") from error
-    except Exception as error:
-        if is_unavailable(error):
-            raise Unavailable(dependency, describe(error)) from error
-        raise
+    if isinstance(error, Exception) and is_unavailable(error):
+        raise Unavailable(dependency, describe(error)) from error
 
 
-@contextmanager
-def opening(dependency: str) -> Iterator[None]:
-    """What a failure to open a connection means: a refusal, an outage, or a bug."""
-    try:
-        yield
-    except _REFUSALS as error:
+def _translate_opening(error: BaseException, dependency: str) -> None:
+    """Raise what a failure to open a connection means: a refusal or an outage; return
+    for a bug."""
+    if isinstance(error, _REFUSALS):
         raise Refused(dependency, describe(error)) from error
-    except Exception as error:
-        if is_unavailable(error) or isinstance(error, asyncpg.PostgresError):
-            # Any server error while connecting (a database not accepting
-            # connections, or being dropped or renamed) ends once the operator is done.
-            raise Unavailable(dependency, describe(error)) from error
-        raise
+    if isinstance(error, Exception) and (
+        is_unavailable(error) or isinstance(error, asyncpg.PostgresError)
+    ):
+        # Any server error while connecting (a database not accepting
+        # connections, or being dropped or renamed) ends once the operator is done.
+        raise Unavailable(dependency, describe(error)) from error
 
 
-@asynccontextmanager
-async def acquired(pool: asyncpg.Pool, dependency: str) -> AsyncIterator[Connection]:
-    """A pooled connection, errors translated, from opening it to the last statement."""
-    with opening(dependency):
-        conn = await pool.acquire()
-    try:
-        with translated(dependency):
-            yield conn
-    finally:
-        with translated(dependency):
-            await pool.release(conn)
+class _Translating:
+    """A block whose error leaves it as `translate` says (a class, not a generator:
+    it is entered on every statement's way)."""
+
+    __slots__ = ("_dependency", "_translate")
+
+    def __init__(self, translate: Callable[[BaseException, str], None], dependency: str) -> None:
+        self._translate = translate
+        self._dependency = dependency
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: Any
+    ) -> None:
+        if error is not None:
+            self._translate(error, self._dependency)
+
+
+def translated(dependency: str) -> AbstractContextManager[None]:
+    """Driver errors raised inside the block, as the application's error types."""
+    return _Translating(_translate, dependency)
+
+
+def opening(dependency: str) -> AbstractContextManager[None]:
+    """What a failure to open a connection means: a refusal, an outage, or a bug."""
+    return _Translating(_translate_opening, dependency)
+
+
+class acquired:
+    """A pooled connection, errors translated, from opening it to the last statement.
+
+    A class rather than a generator-based context manager: every unit of work, read
+    and ring goes through it, and a generator's frame and its wrappers cost more than
+    the work it does.
+    """
+
+    __slots__ = ("_conn", "_dependency", "_pool")
+
+    def __init__(self, pool: asyncpg.Pool, dependency: str) -> None:
+        self._pool = pool
+        self._dependency = dependency
+
+    async def __aenter__(self) -> Connection:
+        with opening(self._dependency):
+            self._conn: PoolConnectionProxy = await self._pool.acquire()
+        return self._conn
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: Any
+    ) -> None:
+        try:
+            if error is not None:
+                _translate(error, self._dependency)
+        finally:
+            with translated(self._dependency):
+                await self._pool.release(self._conn)
 
 
 async def ping(pool: asyncpg.Pool, dependency: str) -> None:

@@ -41,8 +41,7 @@ import functools
 import itertools
 import json
 import re
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -206,16 +205,13 @@ _CONFLICTS = {
 }
 
 
-@contextmanager
-def _conflicts() -> Iterator[None]:
-    try:
-        yield
-    except RACE_ERRORS as exc:
-        constraint = getattr(exc, "constraint_name", None) or ""
-        what = _CONFLICTS.get(constraint, "another writer came first")
-        detail = getattr(exc, "detail", None) or str(exc)
-        conflict = AlreadyProcessed if constraint == _PROCESSED else ConcurrencyConflict
-        raise conflict(f"{what}: {detail}") from exc
+def _conflict(error: Exception) -> ConcurrencyConflict:
+    """What a race lost by the writing statement means: which rule it broke."""
+    constraint = getattr(error, "constraint_name", None) or ""
+    what = _CONFLICTS.get(constraint, "another writer came first")
+    detail = getattr(error, "detail", None) or str(error)
+    conflict = AlreadyProcessed if constraint == _PROCESSED else ConcurrencyConflict
+    return conflict(f"{what}: {detail}")
 
 
 @dataclass
@@ -336,8 +332,10 @@ class PostgresUnitOfWork:
                 [what.events for _, _, what in records],
             ]
         statement = _write(bool(events), bool(snapshots), bool(records))
-        with _conflicts():
+        try:
             appended: int = await self._conn.fetchval(statement, *arguments)
+        except RACE_ERRORS as error:
+            raise _conflict(error) from error
         # The saved changes are now stored: they are changes no more.
         for saved in self._saved.values():
             del saved.aggregate.changes[: saved.changes]
@@ -413,6 +411,42 @@ async def _rung(conn: Connection) -> None:
         log.debug(_NOT_RUNG, error=describe(error))
 
 
+class _UnitOfWorkScope:
+    """`async with store.unit_of_work(cause) as uow:` a unit of work on a pooled
+    connection; when the block ends without an error, its writes are committed and,
+    if it appended events, the commit bell rings on the same connection before the
+    connection goes back to the pool.
+
+    A class rather than a generator-based context manager: every message a handler
+    processes goes through it, and a generator's frame and wrappers cost more than
+    the rest of its work."""
+
+    __slots__ = ("_acquired", "_cause", "_conn", "_store", "_uow")
+
+    def __init__(self, store: PostgresEventStore, cause: Cause | None) -> None:
+        self._store = store
+        self._cause = cause
+
+    async def __aenter__(self) -> PostgresUnitOfWork:
+        self._acquired = acquired(self._store._pool, COMMAND_DATABASE)
+        self._conn = await self._acquired.__aenter__()
+        self._uow = PostgresUnitOfWork(self._conn, self._store._snapshot_interval, self._cause)
+        return self._uow
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: Any
+    ) -> None:
+        if error is None:
+            try:
+                if await self._uow.commit():
+                    await self._store._bell.ring(self._conn)
+            except BaseException as failure:
+                # Translated, and the connection released, as a failure of the block is.
+                await self._acquired.__aexit__(type(failure), failure, failure.__traceback__)
+                raise
+        await self._acquired.__aexit__(kind, error, tb)
+
+
 class PostgresEventStore:
     """The event store; PostgreSQL's errors leave it as Unavailable or ConcurrencyConflict."""
 
@@ -423,13 +457,8 @@ class PostgresEventStore:
         self._snapshot_interval = snapshot_interval
         self._bell = CommitBell(pool)
 
-    @asynccontextmanager
-    async def unit_of_work(self, cause: Cause | None = None) -> AsyncIterator[PostgresUnitOfWork]:
-        async with acquired(self._pool, COMMAND_DATABASE) as conn:
-            uow = PostgresUnitOfWork(conn, self._snapshot_interval, cause)
-            yield uow
-            if await uow.commit():
-                await self._bell.ring(conn)
+    def unit_of_work(self, cause: Cause | None = None) -> _UnitOfWorkScope:
+        return _UnitOfWorkScope(self, cause)
 
     async def close(self) -> None:
         """Let the last ring of the commit bell go out (before the pool closes)."""

@@ -1,0 +1,165 @@
+"""A pooled connection goes back to its pool whatever ends the block, and the driver's
+errors leave `acquired` and the event store's unit of work translated: a race as
+ConcurrencyConflict, an outage as Unavailable, anything else (a bug, a cancellation)
+as it is."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import pytest
+
+from financing.adapters.postgres.connection import COMMAND_DATABASE, acquired, opening
+from financing.adapters.postgres.event_store import PostgresEventStore
+from financing.application.errors import (
+    AlreadyProcessed,
+    ConcurrencyConflict,
+    Refused,
+    Unavailable,
+)
+
+
+class FakeConnection:
+    def __init__(self, write_error: BaseException | None = None) -> None:
+        self.write_error = write_error
+        self.statements: list[str] = []
+
+    async def fetchval(self, query: str, *args: Any) -> object:
+        self.statements.append(query)
+        if self.write_error is not None:
+            raise self.write_error
+        return 0
+
+
+class FakePool:
+    """Hands out one connection; counts what was taken and given back."""
+
+    def __init__(
+        self,
+        conn: FakeConnection | None = None,
+        *,
+        acquire_error: BaseException | None = None,
+        release_error: BaseException | None = None,
+    ) -> None:
+        self.conn = conn or FakeConnection()
+        self.acquire_error = acquire_error
+        self.release_error = release_error
+        self.out = 0
+        self.released = 0
+
+    async def acquire(self) -> FakeConnection:
+        if self.acquire_error is not None:
+            raise self.acquire_error
+        self.out += 1
+        return self.conn
+
+    async def release(self, conn: FakeConnection) -> None:
+        assert conn is self.conn
+        self.out -= 1
+        self.released += 1
+        if self.release_error is not None:
+            raise self.release_error
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def race() -> asyncpg.UniqueViolationError:
+    return asyncpg.UniqueViolationError("duplicate key value violates unique constraint")
+
+
+async def test_the_connection_is_given_back_after_a_block_that_ends_well() -> None:
+    pool = FakePool()
+    async with acquired(pool, COMMAND_DATABASE) as conn:  # type: ignore[arg-type]
+        assert conn is pool.conn
+        assert pool.out == 1
+    assert (pool.out, pool.released) == (0, 1)
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (race(), ConcurrencyConflict),
+        (ConnectionResetError("reset by peer"), Unavailable),
+        (asyncpg.AdminShutdownError("terminating connection"), Unavailable),
+    ],
+)
+async def test_a_driver_error_in_the_block_is_translated_and_the_connection_given_back(
+    error: Exception, expected: type[Exception]
+) -> None:
+    pool = FakePool()
+    with pytest.raises(expected) as raised:
+        async with acquired(pool, COMMAND_DATABASE):  # type: ignore[arg-type]
+            raise error
+    assert raised.value.__cause__ is error
+    assert (pool.out, pool.released) == (0, 1)
+    if isinstance(raised.value, Unavailable):
+        assert raised.value.dependency == COMMAND_DATABASE
+
+
+@pytest.mark.parametrize("error", [ValueError("a bug"), asyncio.CancelledError()])
+async def test_a_bug_or_a_cancellation_leaves_as_it_is_and_the_connection_is_given_back(
+    error: BaseException,
+) -> None:
+    pool = FakePool()
+    with pytest.raises(type(error)) as raised:
+        async with acquired(pool, COMMAND_DATABASE):  # type: ignore[arg-type]
+            raise error
+    assert raised.value is error
+    assert (pool.out, pool.released) == (0, 1)
+
+
+async def test_a_release_the_database_cannot_take_is_unavailable() -> None:
+    lost = ConnectionResetError("reset by peer")
+    pool = FakePool(release_error=lost)
+    with pytest.raises(Unavailable) as raised:
+        async with acquired(pool, COMMAND_DATABASE):  # type: ignore[arg-type]
+            pass
+    assert raised.value.__cause__ is lost
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (ConnectionRefusedError("refused"), Unavailable),
+        (asyncpg.CannotConnectNowError("the database system is starting up"), Unavailable),
+        (asyncpg.InvalidCatalogNameError('database "x" does not exist'), Refused),
+    ],
+)
+async def test_a_connection_that_cannot_be_opened_is_an_outage_or_a_refusal(
+    error: Exception, expected: type[Exception]
+) -> None:
+    pool = FakePool(acquire_error=error)
+    with pytest.raises(expected) as raised:
+        async with acquired(pool, COMMAND_DATABASE):  # type: ignore[arg-type]
+            pytest.fail("the block ran without a connection")
+    assert raised.value.__cause__ is error
+    assert pool.released == 0
+    with pytest.raises(expected), opening(COMMAND_DATABASE):
+        raise error
+
+
+async def test_a_write_that_loses_a_race_is_a_conflict_and_the_connection_given_back() -> None:
+    lost = race()
+    pool = FakePool(FakeConnection(write_error=lost))
+    store = PostgresEventStore(pool)  # type: ignore[arg-type]
+    with pytest.raises(ConcurrencyConflict) as raised:
+        async with store.unit_of_work() as uow:
+            await uow.record("consumer", "message-1")
+    assert not isinstance(raised.value, AlreadyProcessed)
+    assert raised.value.__cause__ is lost
+    assert len(pool.conn.statements) == 1
+    assert (pool.out, pool.released) == (0, 1)
+
+
+async def test_a_unit_of_work_that_fails_writes_nothing_and_gives_its_connection_back() -> None:
+    pool = FakePool()
+    store = PostgresEventStore(pool)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="the handler failed"):
+        async with store.unit_of_work() as uow:
+            await uow.record("consumer", "message-1")
+            raise ValueError("the handler failed")
+    assert pool.conn.statements == []
+    assert (pool.out, pool.released) == (0, 1)
