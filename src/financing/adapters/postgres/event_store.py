@@ -421,16 +421,19 @@ class _UnitOfWorkScope:
     processes goes through it, and a generator's frame and wrappers cost more than
     the rest of its work."""
 
-    __slots__ = ("_acquired", "_cause", "_conn", "_store", "_uow")
+    __slots__ = ("_acquired", "_bell", "_cause", "_conn", "_snapshot_interval", "_uow")
 
-    def __init__(self, store: PostgresEventStore, cause: Cause | None) -> None:
-        self._store = store
+    def __init__(
+        self, pool: asyncpg.Pool, snapshot_interval: int, bell: CommitBell, cause: Cause | None
+    ) -> None:
+        self._acquired = acquired(pool, COMMAND_DATABASE)
+        self._snapshot_interval = snapshot_interval
+        self._bell = bell
         self._cause = cause
 
     async def __aenter__(self) -> PostgresUnitOfWork:
-        self._acquired = acquired(self._store._pool, COMMAND_DATABASE)
         self._conn = await self._acquired.__aenter__()
-        self._uow = PostgresUnitOfWork(self._conn, self._store._snapshot_interval, self._cause)
+        self._uow = PostgresUnitOfWork(self._conn, self._snapshot_interval, self._cause)
         return self._uow
 
     async def __aexit__(
@@ -439,7 +442,7 @@ class _UnitOfWorkScope:
         if error is None:
             try:
                 if await self._uow.commit():
-                    await self._store._bell.ring(self._conn)
+                    await self._bell.ring(self._conn)
             except BaseException as failure:
                 # Translated, and the connection released, as a failure of the block is.
                 await self._acquired.__aexit__(type(failure), failure, failure.__traceback__)
@@ -458,7 +461,7 @@ class PostgresEventStore:
         self._bell = CommitBell(pool)
 
     def unit_of_work(self, cause: Cause | None = None) -> _UnitOfWorkScope:
-        return _UnitOfWorkScope(self, cause)
+        return _UnitOfWorkScope(self._pool, self._snapshot_interval, self._bell, cause)
 
     async def close(self) -> None:
         """Let the last ring of the commit bell go out (before the pool closes)."""
