@@ -381,6 +381,23 @@ class TestPostgresReadModels(ReadModelContract):
     async def store(self, pool: asyncpg.Pool) -> ReadModelStore:
         return await fresh_read_models(pool)
 
+    async def test_counts_are_the_lengths_of_the_lists_an_unlisted_invoice_left_out(
+        self, pool: asyncpg.Pool
+    ) -> None:
+        store = await fresh_read_models(pool)
+        assert await store.counts() == (0, 0, 0)
+        listed, unlisted, issuer_id, bid = uuid4(), uuid4(), uuid4(), Bid(uuid4(), D(12))
+        await apply(
+            store,
+            ev.IssuerCreatedEvent(issuer_id),
+            *created_investor(uuid4(), "50"),
+            *created_investor(uuid4()),
+            ev.InvoiceCreatedEvent(listed, issuer_id, D(10)),
+            ev.InvoiceFinancedEvent(unlisted, D(10), bid),  # its creation not seen yet
+        )
+        lists = await store.investors(), await store.invoices(), await store.issuers()
+        assert await store.counts() == (2, 1, 1) == tuple(len(rows) for rows in lists)
+
     async def test_batch_that_fails_half_way_applies_nothing(self, store: ReadModelStore) -> None:
         investor_id, issuer_id = uuid4(), uuid4()
         huge = D("9e131071")

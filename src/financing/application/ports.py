@@ -6,11 +6,11 @@ implements them in memory for fast tests of the domain and handlers.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
+from hashlib import sha1
 from typing import Protocol, TypeVar
 from uuid import UUID
 
@@ -26,14 +26,28 @@ B = TypeVar("B", bound=Aggregate)
 MESSAGE_NAMESPACE = UUID("5d1a6c2e-8f0b-4f4e-9a51-6f1f7d0e2b3c")
 
 
-def event_message_id(aggregate_id: UUID, version: int) -> UUID:
+def event_message_id(aggregate_id: UUID, version: int) -> str:
     """The message id of a stored event: the same event always gets the same id."""
-    return uuid.uuid5(MESSAGE_NAMESPACE, f"event/{aggregate_id}/{version}")
+    return _name_based(f"event/{aggregate_id}/{version}")
 
 
 def derived_message_id(source_message_id: str, command_name: str) -> UUID:
     """The id of a command sent in reaction to a message: a redelivery sends the same id."""
-    return uuid.uuid5(MESSAGE_NAMESPACE, f"command/{source_message_id}/{command_name}")
+    return UUID(_name_based(f"command/{source_message_id}/{command_name}"))
+
+
+def _name_based(name: str) -> str:
+    """The name-based (version 5) UUID of `name` in MESSAGE_NAMESPACE, as text: what
+    `str(uuid.uuid5(MESSAGE_NAMESPACE, name))` gives, at half its cost (the relayer and
+    a replay derive one per event)."""
+    digest = bytearray(sha1(_NAMESPACE_BYTES + name.encode()).digest()[:16])
+    digest[6] = digest[6] & 0x0F | 0x50  # version 5
+    digest[8] = digest[8] & 0x3F | 0x80  # the RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_NAMESPACE_BYTES = MESSAGE_NAMESPACE.bytes
 
 
 # Message metadata of every message the service publishes (string headers, as
@@ -107,7 +121,7 @@ class StoredEvent:
     transaction_id: int = 0
 
     @property
-    def message_id(self) -> UUID:
+    def message_id(self) -> str:
         return event_message_id(self.aggregate_id, self.version)
 
     @property
@@ -125,7 +139,7 @@ class StoredEvent:
         if self.recorded_at is not None:
             headers[RECORDED_AT_HEADER] = self.recorded_at.isoformat()
         return Envelope(
-            message_id=str(self.message_id),
+            message_id=self.message_id,
             name=self.name,
             body=self.body,
             aggregate_id=str(self.aggregate_id),

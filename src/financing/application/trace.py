@@ -72,7 +72,7 @@ def trace(
     """The causation tree of a correlation's events and the handlings of its messages."""
     steps: dict[str, Step] = {}
     for event in events:
-        message_id = str(event.message_id)
+        message_id = event.message_id
         steps[message_id] = Step(message_id, event.name, event.recorded_at, event)
     for handling in sorted(handlings, key=lambda h: _instant(h.at)):
         step = steps.get(handling.message_id)

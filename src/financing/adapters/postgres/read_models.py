@@ -126,6 +126,11 @@ class PostgresReadModels:
             f" FROM {s}.invoices WHERE issuer_id IS NOT NULL ORDER BY created"
         )
         self._issuers_sql = f"SELECT id FROM {s}.issuers ORDER BY created"
+        self._counts_sql = (
+            f"SELECT (SELECT count(*) FROM {s}.investors),"
+            f" (SELECT count(*) FROM {s}.invoices WHERE issuer_id IS NOT NULL),"
+            f" (SELECT count(*) FROM {s}.issuers)"
+        )
 
     async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> None:
         if not batch:
@@ -201,6 +206,14 @@ class PostgresReadModels:
 
     async def issuers(self) -> list[IssuerRow]:
         return [IssuerRow(_uuid(r["id"])) for r in await self._fetch(self._issuers_sql)]
+
+    async def counts(self) -> tuple[int, int, int]:
+        """How many investors, listed invoices and issuers there are, without reading
+        the rows (what `investors()`, `invoices()` and `issuers()` would list)."""
+        async with acquired(self._pool, self._dependency) as conn:
+            row = await conn.fetchrow(self._counts_sql)
+        assert row is not None  # a SELECT without FROM returns one row
+        return row[0], row[1], row[2]
 
     async def _fetch(self, sql: str) -> list[asyncpg.Record]:
         async with acquired(self._pool, self._dependency) as conn:

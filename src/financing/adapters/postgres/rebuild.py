@@ -79,13 +79,8 @@ async def rebuild(
     except BaseException:
         await _discard(query_pool, fresh_sql)
         raise
-    rebuilt = PostgresReadModels(query_pool)
-    report = RebuildReport(
-        events=events,
-        investors=len(await rebuilt.investors()),
-        invoices=len(await rebuilt.invoices()),
-        issuers=len(await rebuilt.issuers()),
-    )
+    investors, invoices, issuers = await PostgresReadModels(query_pool).counts()
+    report = RebuildReport(events, investors, invoices, issuers)
     log.info("read models rebuilt", **vars(report))
     return report
 
@@ -94,7 +89,7 @@ async def _replay(store: EventStore, target: ReadModelStore, batch_size: int) ->
     count = 0
     batch: list[tuple[str, DomainEvent]] = []
     async for stored in store.read_all(batch_size):
-        batch.append((str(stored.message_id), stored.event))
+        batch.append((stored.message_id, stored.event))
         if len(batch) >= batch_size:
             await target.apply(batch)
             count += len(batch)

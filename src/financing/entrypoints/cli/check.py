@@ -47,7 +47,7 @@ async def run_check(
     async for stored in store.read_all():
         event = stored.event
         events.append(event)
-        batch.append((str(stored.message_id), event))
+        batch.append((stored.message_id, event))
     await replay.apply(batch)
     result = CheckResult(invariants=check(events))
     if query_pool is not None:
