@@ -8,7 +8,6 @@ is a JSON number, read exactly (`Decimal`) and written in plain decimal form.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
@@ -40,6 +39,7 @@ class Field:
     attr: str
     key: str | None  # None: taken from the aggregateID header, not the body
     kind: Kind
+    where: str  # how a PoisonMessage names the field
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,14 @@ class MessageType:
 
 
 def _type(cls: type[Any], *fields: tuple[str, str | None, Kind]) -> MessageType:
-    return MessageType(cls, tuple(Field(*f) for f in fields))
+    name = cls.name()
+    return MessageType(
+        cls,
+        tuple(
+            Field(attr, key, kind, f"{name}.{key}" if key else f"{name}: aggregateID header")
+            for attr, key, kind in fields
+        ),
+    )
 
 
 REGISTRY: dict[str, MessageType] = {
@@ -197,14 +204,12 @@ def decode(name: str, body: bytes, aggregate_id: str | UUID | None = None) -> Me
             if aggregate_id is None:
                 raise PoisonMessage(f"{name}: missing aggregateID header")
             values[field.attr] = (
-                aggregate_id
-                if isinstance(aggregate_id, UUID)
-                else _uuid(aggregate_id, f"{name}: aggregateID header")
+                aggregate_id if isinstance(aggregate_id, UUID) else _uuid(aggregate_id, field.where)
             )
             continue
         if field.key not in data:
             raise PoisonMessage(f"{name}: missing field {field.key}")
-        values[field.attr] = _decode_value(data[field.key], field.kind, f"{name}.{field.key}")
+        values[field.attr] = _decode_value(data[field.key], field.kind, field.where)
     return spec.cls(**values)  # type: ignore[no-any-return]
 
 
@@ -217,35 +222,39 @@ def _decode_value(value: Any, kind: Kind, where: str) -> Any:
         if not isinstance(value, str):
             raise PoisonMessage(f"{where}: must be a string")
         return value
-    if not isinstance(value, Mapping):
+    if not isinstance(value, dict):  # what the JSON decoder makes of an object
         raise PoisonMessage(f"{where}: must be an object")
     for key in ("InvestorID", "Amount"):
         if key not in value:
             raise PoisonMessage(f"{where}: missing field {key}")
     return ev.Bid(
-        investor_id=_uuid(value["InvestorID"], f"{where}.InvestorID"),
-        amount=_money(value["Amount"], f"{where}.Amount"),
+        investor_id=_uuid(value["InvestorID"], where, ".InvestorID"),
+        amount=_money(value["Amount"], where, ".Amount"),
     )
 
 
-def _uuid(value: Any, where: str) -> UUID:
+# `where` and `part` name the field in a PoisonMessage; they are joined only for one.
+
+
+def _uuid(value: Any, where: str, part: str = "") -> UUID:
     if not isinstance(value, str):
-        raise PoisonMessage(f"{where}: must be a UUID string")
+        raise PoisonMessage(f"{where}{part}: must be a UUID string")
     try:
         return UUID(value)
     except ValueError as exc:
-        raise PoisonMessage(f"{where}: {value[:64]!r} is not a UUID") from exc
+        raise PoisonMessage(f"{where}{part}: {value[:64]!r} is not a UUID") from exc
 
 
-def _money(value: Any, where: str) -> Decimal:
+def _money(value: Any, where: str, part: str = "") -> Decimal:
     if not isinstance(value, Decimal) or not value.is_finite():
-        raise PoisonMessage(f"{where}: must be a finite JSON number")
-    if value.adjusted() > 15 or (value != 0 and value.adjusted() < -15):
-        raise PoisonMessage(f"{where}: {value} is out of range for money")
+        raise PoisonMessage(f"{where}{part}: must be a finite JSON number")
+    adjusted = value.adjusted()
+    if adjusted > 15 or (adjusted < -15 and value != 0):
+        raise PoisonMessage(f"{where}{part}: {value} is out of range for money")
     # A zero's exponent is unbounded by the check above: 0e-99999999 would be
     # written back as a hundred million digits.
     exponent = value.as_tuple().exponent
     assert isinstance(exponent, int)
     if exponent < -MAX_MONEY_PLACES:
-        raise PoisonMessage(f"{where}: more than {MAX_MONEY_PLACES} decimal places")
+        raise PoisonMessage(f"{where}{part}: more than {MAX_MONEY_PLACES} decimal places")
     return value
