@@ -58,6 +58,20 @@ class Boom(Exception):
     pass
 
 
+class LentInTurn(infra.OneConnectionPool):
+    """A pool lending its connections in turn, so that a test sees each one's statements."""
+
+    def __init__(self, conns: list[Any]) -> None:
+        super().__init__(conns[0])
+        self._conns = list(conns)
+
+    async def acquire(self) -> Any:
+        return self._conns.pop(0)
+
+    def is_closing(self) -> bool:
+        return False
+
+
 async def create_investor(store: EventStore, investor_id: UUID, balance: str) -> None:
     async with store.unit_of_work() as uow:
         investor = await uow.load(Investor, investor_id)
@@ -509,11 +523,10 @@ class TestPostgresEventStore(EventStoreContract):
             await create(single, investor_id, "message-1")
             conn.remove_query_logger(note)
 
-        # seen, load, then one write (no BEGIN, no COMMIT), then the commit bell's ring
-        # on the same connection, once the write has committed
-        assert len(sent) == 4, sent
-        assert sent[2].startswith("WITH appended AS")
-        assert "pg_notify" in sent[3] and "appended" not in sent[3]
+        # seen, load, then one write (no BEGIN, no COMMIT), which notifies the relayer
+        # itself at its commit: no other unit of work was committing
+        assert len(sent) == 3, sent
+        assert sent[2].startswith("WITH appended AS") and "pg_notify" in sent[2]
         assert [e.version for e in await store.stream(investor_id)] == [1, 2]
         assert (
             await pool.fetchval(
@@ -523,6 +536,57 @@ class TestPostgresEventStore(EventStoreContract):
         )
         async with store.unit_of_work() as uow:
             assert await uow.seen("create_investor", "message-1")
+
+    async def test_a_unit_of_work_committing_beside_another_rings_the_bell_after_its_commit(
+        self, pool: asyncpg.Pool
+    ) -> None:
+        await _truncate(pool)
+        async with pool.acquire() as first, pool.acquire() as second, pool.acquire() as locker:
+            sent: dict[int, list[str]] = {id(first): [], id(second): []}
+            for conn in (first, second):
+                conn.add_query_logger(
+                    lambda query, conn=conn: sent[id(conn)].append(getattr(query, "query", ""))
+                )
+            store = PostgresEventStore(LentInTurn([first, second]))
+            held, beside = uuid4(), uuid4()
+
+            async def create(investor_id: UUID, message_id: str | None) -> None:
+                async with store.unit_of_work() as uow:
+                    investor = Investor(investor_id)
+                    investor.create(Decimal("10"))
+                    await uow.save(investor)
+                    if message_id is not None:
+                        await uow.record("create_investor", message_id)
+
+            async with locker.transaction():
+                # The first unit of work's write records a message: it waits for the lock.
+                await locker.execute("LOCK TABLE processed_messages IN EXCLUSIVE MODE")
+                waiting = asyncio.create_task(create(held, "message-1"))
+                await infra.wait_until(
+                    lambda: locker.fetchval(
+                        "SELECT count(*) > 0 FROM pg_stat_activity"
+                        " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                    ),
+                    what="the first write waiting for the lock",
+                )
+                await create(beside, None)
+            await asyncio.wait_for(waiting, timeout=15)
+
+        writes = {
+            conn: [q for q in queries if q.startswith("WITH appended AS")]
+            for conn, queries in sent.items()
+        }
+        rings = {
+            conn: [q for q in queries if q.startswith("SELECT set_config")]
+            for conn, queries in sent.items()
+        }
+        # The first began its commit alone: its write notifies, and it rings no bell.
+        assert len(writes[id(first)]) == 1 and "pg_notify" in writes[id(first)][0]
+        assert rings[id(first)] == []
+        # The second committed while the first's write was on its way: it rings after.
+        assert len(writes[id(second)]) == 1 and "pg_notify" not in writes[id(second)][0]
+        assert len(rings[id(second)]) == 1
+        assert [len(await PostgresEventStore(pool).stream(i)) for i in (held, beside)] == [2, 2]
 
     async def test_an_open_unit_of_work_holds_no_transaction_while_its_handler_decides(
         self, pool: asyncpg.Pool
