@@ -298,7 +298,7 @@ class PostgresUnitOfWork:
     async def commit(self, notify: bool = False) -> int:
         """Every write kept so far, in one statement (nothing when there is none); the
         number of events appended. With `notify`, a commit that appends events notifies
-        NOTIFY_CHANNEL itself (`CommitBell.alone`)."""
+        NOTIFY_CHANNEL itself (`CommitBell.committing`)."""
         if not self._saved and not self._records:
             return 0
         events = [
