@@ -133,6 +133,14 @@ def test_the_body_has_exactly_the_go_field_names(name: str) -> None:
     assert json.loads(codec.encode(case.message)) == case.body
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_the_body_is_written_as_go_writes_it_compact_in_field_order(name: str) -> None:
+    case = CASES[name]
+    written = json.dumps(case.body, separators=(",", ":"))
+    assert codec.encode(case.message) == written.encode()
+    assert codec.encode_text(case.message) == written
+
+
 @pytest.mark.parametrize("name", DAGGER_NAMES)
 def test_header_borne_ids_are_left_out_of_the_body(name: str) -> None:
     message = CASES[name].message

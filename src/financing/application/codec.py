@@ -40,12 +40,14 @@ class Field:
     key: str | None  # None: taken from the aggregateID header, not the body
     kind: Kind
     where: str  # how a PoisonMessage names the field
+    member: str  # how the field's member of the body begins: its key in JSON and a colon
 
 
 @dataclass(frozen=True)
 class MessageType:
     cls: type[Any]
     fields: tuple[Field, ...]
+    body: tuple[Field, ...]  # the fields the body holds (not the header-borne ones)
 
     @property
     def name(self) -> str:
@@ -55,13 +57,13 @@ class MessageType:
 
 def _type(cls: type[Any], *fields: tuple[str, str | None, Kind]) -> MessageType:
     name = cls.name()
-    return MessageType(
-        cls,
-        tuple(
-            Field(attr, key, kind, f"{name}.{key}" if key else f"{name}: aggregateID header")
-            for attr, key, kind in fields
-        ),
+    made = tuple(
+        Field(attr, key, kind, f"{name}.{key}", f"{json.dumps(key)}:")
+        if key
+        else Field(attr, key, kind, f"{name}: aggregateID header", "")
+        for attr, key, kind in fields
     )
+    return MessageType(cls, made, tuple(field for field in made if field.key))
 
 
 REGISTRY: dict[str, MessageType] = {
@@ -156,26 +158,28 @@ def name_of(message: Message) -> str:
 
 def encode(message: Message) -> bytes:
     """The JSON body of `message` (header-borne fields left out)."""
-    spec = REGISTRY[name_of(message)]
-    parts = []
-    for field in spec.fields:
-        if field.key is None:
-            continue
-        parts.append(
-            f"{json.dumps(field.key)}:{_encode_value(getattr(message, field.attr), field.kind)}"
-        )
-    return ("{" + ",".join(parts) + "}").encode()
+    return encode_text(message).encode()
+
+
+def encode_text(message: Message) -> str:
+    """`encode`, as text (what the event store keeps)."""
+    members = ",".join(
+        field.member + _encode_value(getattr(message, field.attr), field.kind)
+        for field in REGISTRY[name_of(message)].body
+    )
+    return "{" + members + "}"
 
 
 def _encode_value(value: Any, kind: Kind) -> str:
+    # A UUID's text is hex digits and hyphens: quoted, it is its JSON string.
     if kind == "uuid":
-        return json.dumps(str(value))
+        return f'"{value}"'
     if kind == "money":
         return canonical(value)
     if kind == "text":
         return json.dumps(value)
     bid: ev.Bid = value
-    return f'{{"InvestorID":{json.dumps(str(bid.investor_id))},"Amount":{canonical(bid.amount)}}}'
+    return f'{{"InvestorID":"{bid.investor_id}","Amount":{canonical(bid.amount)}}}'
 
 
 def decode(name: str, body: bytes, aggregate_id: str | UUID | None = None) -> Message:

@@ -323,7 +323,7 @@ class PostgresUnitOfWork:
                 [aggregate.id for aggregate, _, _ in events],
                 [version for _, version, _ in events],
                 [codec.name_of(event) for _, _, event in events],
-                [codec.encode(event).decode() for _, _, event in events],
+                [codec.encode_text(event) for _, _, event in events],
             ]
         if snapshots:
             arguments += [
