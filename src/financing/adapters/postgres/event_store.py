@@ -372,7 +372,8 @@ class CommitBell:
     A unit of work that commits alone, while no other of the event store is
     committing, rings no bell: its writing statement notifies, and the relayer
     hears of its events as they commit, a round trip sooner. Nothing of this
-    process waits behind its commit for the lock that notifying commits take.
+    process waits behind its commit for the lock that notifying commits take;
+    of other processes (instances), at most their own one such commit each.
     """
 
     def __init__(self, pool: asyncpg.Pool) -> None:
