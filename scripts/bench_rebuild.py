@@ -20,7 +20,7 @@ from decimal import Decimal
 
 from financing.adapters.postgres.connection import create_pool
 from financing.adapters.postgres.event_store import PostgresEventStore
-from financing.adapters.postgres.rebuild import rebuild
+from financing.adapters.postgres.rebuild import BATCH_SIZE, rebuild
 from financing.config import Database
 from financing.domain.aggregates import Aggregate, Investor, Invoice, Issuer
 from financing.domain.events import Bid
@@ -83,7 +83,7 @@ async def read_all_seconds(pool: object, expected: int) -> float:
     store = PostgresEventStore(pool)  # type: ignore[arg-type]
     started = time.perf_counter()
     count = 0
-    async for stored in store.read_all():
+    async for stored in store.read_all(BATCH_SIZE):  # as the rebuild reads
         stored.event  # noqa: B018 - decoding is part of any replay
         count += 1
     elapsed = time.perf_counter() - started
