@@ -58,15 +58,18 @@ class Boom(Exception):
     pass
 
 
-class LentInTurn(infra.OneConnectionPool):
-    """A pool lending its connections in turn, so that a test sees each one's statements."""
+class LentInTurn:
+    """A pool lending each of its connections once, in turn, so that a test sees each
+    one's statements (asyncpg's query logger on it)."""
 
     def __init__(self, conns: list[Any]) -> None:
-        super().__init__(conns[0])
         self._conns = list(conns)
 
     async def acquire(self) -> Any:
         return self._conns.pop(0)
+
+    async def release(self, conn: Any) -> None:
+        pass
 
     def is_closing(self) -> bool:
         return False
