@@ -342,6 +342,21 @@ def service_figures(found: ServiceFigures, options: Options) -> list[Figure]:
         )
     )
     costs = found.costs
+    servers = sum(costs.servers_cpu.values())
+    cores = os.cpu_count() or 1
+    carried = cores * costs.sagas / servers if servers else float("inf")
+    figures.append(
+        Figure(
+            "2 throughput",
+            f"PostgreSQL + RabbitMQ CPU-s per saga, {main.in_flight} in flight",
+            _per_saga_ms(servers, costs.sagas),
+            f"sagas/s {cores} cores could carry at that cost alone, the service's own left out",
+            f"{carried:.1f}/s",
+            ratio(carried, ceiling),
+            "(context: x ceiling)",
+            None,
+        )
+    )
     latency = found.latency
     done = latency.sagas_measured
     figures.append(
@@ -427,6 +442,11 @@ def print_service_details(found: ServiceFigures, options: Options) -> None:
     say(
         f"CPU-seconds: financing serve {costs.service_cpu:.2f}, the whole machine"
         f" {costs.machine_cpu:.2f}, this bench {costs.bench_cpu:.2f}, for {costs.sagas} sagas"
+    )
+    say(
+        "of the machine's: "
+        + ", ".join(f"{server} {seconds:.2f}" for server, seconds in costs.servers_cpu.items())
+        + " (their processes alive from start to end of the run)"
     )
     say(
         f"RSS of financing serve: {found.idle_rss / MB:.0f} MB idle after start-up,"

@@ -135,6 +135,40 @@ def process_rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
+SERVERS = {
+    "PostgreSQL": frozenset({"postgres"}),
+    "RabbitMQ": frozenset({"beam.smp", "erl_child_setup", "inet_gethost", "epmd"}),
+}
+
+
+def servers_cpu_seconds() -> dict[int, tuple[str, float]]:
+    """The server each PostgreSQL and RabbitMQ process belongs to, and its CPU-seconds, by pid."""
+    found: dict[int, tuple[str, float]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # the process ended while the list was read
+            continue
+        program = text[text.index("(") + 1 : text.rindex(")")]
+        server = next((name for name, programs in SERVERS.items() if program in programs), None)
+        if server is not None:
+            fields = text[text.rindex(")") + 2 :].split()
+            found[int(stat.parent.name)] = (server, (int(fields[11]) + int(fields[12])) / _TICKS)
+    return found
+
+
+def servers_cpu_spent(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]
+) -> dict[str, float]:
+    """CPU-seconds each server spent between two readings, counting the processes alive at
+    both (a PostgreSQL backend that came and went in between is left out)."""
+    spent = dict.fromkeys(SERVERS, 0.0)
+    for pid, (server, seconds) in after.items():
+        if pid in before:
+            spent[server] += seconds - before[pid][1]
+    return spent
+
+
 def machine_cpu_seconds() -> float:
     """CPU-seconds the whole machine spent busy (every process, every core): /proc/stat."""
     first = Path("/proc/stat").read_text().splitlines()[0].split()

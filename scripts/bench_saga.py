@@ -44,6 +44,8 @@ from scripts.bench_common import (
     process_rss_bytes,
     say,
     scrape,
+    servers_cpu_seconds,
+    servers_cpu_spent,
 )
 from scripts.bench_grpc import ForeignCommands
 from tests.support.deployment import LocalDeployment
@@ -522,6 +524,7 @@ class Costs:
     service_cpu: float  # seconds, utime + stime of `financing serve` (its processes together)
     machine_cpu: float  # seconds, every process of the machine (PostgreSQL, RabbitMQ, bench)
     bench_cpu: float  # seconds, this process (the load generator)
+    servers_cpu: dict[str, float]  # seconds, PostgreSQL's and RabbitMQ's processes
     rss_end: int  # bytes, `financing serve` (its processes together) at the end of the run
     received: dict[str, float]  # deliveries the service's consumers received, by queue
     used: dict[str, float]  # of which processed or unchanged (an effect, or a rule said no)
@@ -569,11 +572,13 @@ async def measured_throughput(
     """A throughput run with what it cost the service: CPU, memory, deliveries."""
     before = await quiet(deployment)
     cpu, machine, bench = deployment.cpu_seconds(), machine_cpu_seconds(), _bench_cpu()
+    servers = servers_cpu_seconds()
     level = await throughput(deployment, in_flight, sagas)
     rss = deployment.rss()
     after = await quiet(deployment)
     cpu = deployment.cpu_seconds() - cpu
     machine, bench = machine_cpu_seconds() - machine, _bench_cpu() - bench
+    servers_spent = servers_cpu_spent(servers, servers_cpu_seconds())
     received: dict[str, float] = {}
     used: dict[str, float] = {}
     for labels, increase in delta(before, after, "financing_messages_total").items():
@@ -590,5 +595,7 @@ async def measured_throughput(
     relayed = sum(delta(before, after, "financing_events_relayed_total").values())
     dead = sum(delta(before, after, "financing_dead_letters_published_total").values())
     done = level.sagas - level.failed
-    costs = Costs(done, cpu, machine, bench, rss, received, used, commands + relayed + dead)
+    costs = Costs(
+        done, cpu, machine, bench, servers_spent, rss, received, used, commands + relayed + dead
+    )
     return level, costs
