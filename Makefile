@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv serve test unit integration acceptance lint proto demo bench populate clean compose-check
+.PHONY: venv serve test unit integration acceptance lint proto demo bench clean compose-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

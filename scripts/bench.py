@@ -53,7 +53,7 @@ from tests.support import infra
 from tests.support.deployment import LocalDeployment
 from tests.support.service import ServiceProcess, another_service
 
-PUBLISHES_PER_SAGA = 7  # the count of the publishes a bid saga costs
+PUBLISHES_PER_SAGA = 7  # publishes per bid saga the ceiling divides by (the service makes 6)
 RAW_QUEUES = 2  # queues our topology delivers an event to: its handler's and the projector's
 SECTIONS = ("service", "append", "rebuild")
 MB = 1024 * 1024
