@@ -1,0 +1,62 @@
+"""Every file and test the documentation names is in the repository."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCUMENTS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
+TEST_REFERENCE = re.compile(r"(tests/[\w/]+\.py)|::(test_\w+)")
+PATH_REFERENCE = re.compile(r"`((?:src|tests|scripts|docs|deploy|protos)/[\w./-]*[\w/])`")
+
+
+def _tests_in(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    return {
+        node.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith("test")
+    }
+
+
+def _references() -> list[tuple[str, str, str]]:
+    """(where, file, test) for each `::test`, with the test file named last before it on its
+    line."""
+    found = []
+    for document in DOCUMENTS:
+        for number, line in enumerate(document.read_text().splitlines(), 1):
+            current = None
+            for match in TEST_REFERENCE.finditer(line):
+                if match.group(1):
+                    current = match.group(1)
+                    continue
+                where = f"{document.name}:{number}"
+                assert current is not None, f"{where}: {match.group(0)} names no file"
+                found.append((where, current, match.group(2)))
+    return found
+
+
+def test_the_documents_name_tests() -> None:
+    assert len(_references()) >= 10
+
+
+def test_every_test_the_documents_name_exists_in_the_file_they_name() -> None:
+    missing = [
+        f"{where}: {file}::{test}"
+        for where, file, test in _references()
+        if not (ROOT / file).is_file() or test not in _tests_in(ROOT / file)
+    ]
+    assert missing == []
+
+
+def test_every_path_the_documents_name_exists() -> None:
+    missing = [
+        f"{document.name}:{number}: {match.group(1)}"
+        for document in DOCUMENTS
+        for number, line in enumerate(document.read_text().splitlines(), 1)
+        for match in PATH_REFERENCE.finditer(line)
+        if not (ROOT / match.group(1)).exists()
+    ]
+    assert missing == []
