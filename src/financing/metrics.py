@@ -9,7 +9,10 @@ lists every metric with its labels.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from collections.abc import Iterator
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 # Seconds: from a millisecond to a minute.
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0)
@@ -55,7 +58,30 @@ PROJECTION_DELAY = Histogram(
     "From an event's commit in the event store to its projection in the read models.",
     buckets=_LATENCY,
 )
-BROKER_CONNECTED = Gauge("financing_broker_connected", "1 while the broker connection is open.")
+
+
+class BrokerConnected:
+    """`financing_broker_connected`: 1 while the broker connection is open, 0 while it is
+    not. Exported only by a process that uses the broker (not by one that serves queries
+    alone), so that an alert on 0 means a connection lost."""
+
+    NAME = "financing_broker_connected"
+
+    def __init__(self) -> None:
+        self._value: float | None = None
+
+    def set(self, value: float) -> None:
+        self._value = value
+
+    def collect(self) -> Iterator[Metric]:
+        if self._value is not None:
+            yield GaugeMetricFamily(
+                self.NAME, "1 while the broker connection is open.", value=self._value
+            )
+
+
+BROKER_CONNECTED = BrokerConnected()
+REGISTRY.register(BROKER_CONNECTED)
 POOL_CONNECTIONS = Gauge(
     "financing_pool_connections", "Connections of each database pool.", ["database", "state"]
 )

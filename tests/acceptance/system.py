@@ -83,6 +83,13 @@ class System:
     dead_letters: MessageLog
     service: ServiceProcess | None = None  # None against an external deployment
     env: dict[str, str] = field(default_factory=dict)
+    # The metrics endpoints of a split deployment's other processes.
+    more_metrics_addresses: tuple[Address, ...] = ()
+
+    @property
+    def metrics_addresses(self) -> tuple[Address, ...]:
+        """Every process's metrics endpoint, the first process's first."""
+        return (self.metrics_address, *self.more_metrics_addresses)
 
 
 async def _listen(broker: Broker) -> EventLog:
@@ -179,6 +186,9 @@ async def local_system(
                     dead_letters=await broker.watch_dead_letters(),
                     service=None if split else deployment.service,
                     env=deployment.env,
+                    more_metrics_addresses=tuple(
+                        Address.parse(process.env["METRICS_ADDRESS"]) for process in services[1:]
+                    ),
                 )
                 for process in services[1:]:
                     code = await process.stop()

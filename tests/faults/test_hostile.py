@@ -13,6 +13,7 @@ unacknowledged), and an ordinary financing story still completes.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import random
@@ -26,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from financing.adapters.rabbitmq.topology import PROJECTOR_QUEUE
+from financing.adapters.rabbitmq.topology import PROJECTOR_QUEUE, UNROUTED
 from financing.application import codec
 from financing.domain.money import subtract
 from tests.acceptance import expected as ex
@@ -37,7 +38,7 @@ from tests.faults.hostile import (
     CONSUMED_QUEUES,
     DEAD_LETTER_QUEUE,
     EVENT_NAMES,
-    HANDLER_QUEUES,
+    EVENT_QUEUES,
     MESSAGE_UUID,
     NAME,
     Hostile,
@@ -59,6 +60,7 @@ from tests.faults.hostile import (
 )
 from tests.faults.workload import Deployment, deployment, settle
 from tests.support import infra
+from tests.support.metrics import scrape, value
 
 MEGABYTE = 1024 * 1024
 # Amounts that no money can be: beyond any range, too precise, or not numbers at all.
@@ -496,10 +498,19 @@ async def test_unhandled_event_names_are_acked_and_ignored_by_every_consumer(
         ),
     ]
     since = observer.dead_letters.mark()
+    address = "{}:{}".format(*target.metrics_address)
+    labels = {"queue": UNROUTED, "outcome": "ignored"}
+    ignored = value(await asyncio.to_thread(scrape, address), "financing_messages_total", **labels)
 
     await publish_all(observer.broker, unhandled)
 
-    await wait_drained(target.vhost, [*HANDLER_QUEUES.values(), PROJECTOR_QUEUE])
+    # Routed by no name of ours, both reach the unrouted queue's consumer, which ignores them.
+    async def both_ignored() -> bool:
+        samples = await asyncio.to_thread(scrape, address)
+        return value(samples, "financing_messages_total", **labels) == ignored + len(unhandled)
+
+    await infra.wait_until(both_ignored, what="the unrouted consumer to ignore both")
+    await wait_drained(target.vhost, EVENT_QUEUES)
     await wait_drained(target.vhost, [DEAD_LETTER_QUEUE])
     await expect_dead_letters(observer, unhandled, since=since, within=0)
     assert target.service.running

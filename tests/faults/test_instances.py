@@ -18,14 +18,12 @@ import contextlib
 import random
 import tempfile
 import time
-import urllib.request
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
-from prometheus_client.parser import text_string_to_metric_families
 
 from financing.adapters.rabbitmq.topology import EVENTS_EXCHANGE, PROJECTOR_QUEUE
 from tests.faults.conftest import Deploy, add_figure, record_workload, set_figure
@@ -40,6 +38,7 @@ from tests.faults.workload import (
 )
 from tests.support import rabbitmq
 from tests.support.infra import unique_name, wait_until
+from tests.support.metrics import scrape, value
 from tests.support.service import ServiceProcess, another_service
 
 # Each take-over must happen within this (a deadline on a condition, not a figure).
@@ -61,18 +60,8 @@ def elected(instance: ServiceProcess) -> bool:
 
 def projected(instance: ServiceProcess) -> float:
     """Events the instance's projector processed since it started (its /metrics)."""
-    address = instance.env["METRICS_ADDRESS"]
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if (
-                sample.name == "financing_messages_total"
-                and sample.labels.get("queue") == PROJECTOR_QUEUE
-                and sample.labels.get("outcome") == "processed"
-            ):
-                return sample.value
-    return 0.0
+    samples = scrape(instance.env["METRICS_ADDRESS"])
+    return value(samples, "financing_messages_total", queue=PROJECTOR_QUEUE, outcome="processed")
 
 
 async def projecting(instances: list[ServiceProcess]) -> dict[int, float]:

@@ -140,7 +140,28 @@ async def test_a_command_database_without_the_schema_is_reported_rather_than_cra
     assert "Traceback" not in run.stderr
 
 
-async def test_an_unreachable_broker_makes_the_deployment_unhealthy_within_the_timeout(
+async def test_a_broker_that_never_answers_makes_the_deployment_unhealthy_within_the_timeout(
+    bare: Bare,
+) -> None:
+    proxy = rabbitmq.BrokerProxy()
+    await proxy.start()
+    await proxy.cut()  # connections are accepted and never answered
+    try:
+        # The command line's own start-up takes about a second; without the timeout the
+        # probe would wait on the broker for as long as `within` lets it.
+        run = await run_cli(
+            {**bare.env, "AMQP_ADDRESS": proxy.url("")}, "status", "--timeout", "2", within=10
+        )
+    finally:
+        await proxy.close()
+
+    assert run.exit_code == 1, run.describe()
+    [broker] = [line for line in run.stdout.splitlines() if line.startswith("broker ")]
+    assert "UNREACHABLE" in broker, broker
+    assert problems(run)[-1].endswith("is unreachable")
+
+
+async def test_a_broker_refusing_connections_makes_the_deployment_unhealthy(
     bare: Bare,
 ) -> None:
     nowhere = f"amqp://guest:guest@127.0.0.1:{free_port()}/"

@@ -90,6 +90,7 @@ class Broker:
         self._accepted_once = False
         self._closing = False
         self._failed: tuple[float, str] | None = None  # when the last attempt failed, and why
+        metrics.BROKER_CONNECTED.set(0)
 
     @property
     def connected(self) -> bool:

@@ -1,0 +1,30 @@
+"""The service's Prometheus endpoint as a plain HTTP client sees it, parsed by
+prometheus_client's parser."""
+
+from __future__ import annotations
+
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
+def scrape(address: object) -> Samples:
+    """Every sample of the metrics endpoint at `address` (host:port): name -> [(labels, value)]."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` whose labels include `labels`."""
+    return sum(
+        amount
+        for found, amount in samples.get(name, [])
+        if all(found.get(key) == wanted for key, wanted in labels.items())
+    )
