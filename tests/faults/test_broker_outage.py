@@ -39,7 +39,6 @@ from financing.application.read_models import InMemoryReadModels, IssuerRow
 from financing.application.retry import DELIVERIES, Outages
 from financing.domain.events import IssuerCreatedEvent
 from financing.generated import (
-    ApproveFinancingCommand,
     CommandsStub,
     Money,
     SellInvoiceCommand,
@@ -52,6 +51,7 @@ from tests.faults.workload import (
     IntegrationPublisher,
     Workload,
     assert_outages_logged_once,
+    enqueue_one,
     errors_logged,
     settle,
     suite_seed,
@@ -90,19 +90,6 @@ async def grant(vhost: str) -> None:
     )
 
 
-async def probe_enqueue(target: Deployment) -> Status | str:
-    """What the Commands API answers to a command while the broker is out of reach."""
-    channel = Channel(*target.command_address)
-    try:
-        command = ApproveFinancingCommand(invoice_id=Uuid(str(uuid.uuid4())))
-        await CommandsStub(channel).approve_financing(command, timeout=PROBE_TIMEOUT)
-        return "OK"
-    except GRPCError as exc:
-        return exc.status
-    finally:
-        channel.close()
-
-
 async def test_service_cut_off_the_broker_answers_unavailable_then_recovers_by_itself(
     deploy: Deploy,
 ) -> None:
@@ -124,7 +111,7 @@ async def test_service_cut_off_the_broker_answers_unavailable_then_recovers_by_i
         try:
             await close_connections(target.vhost)
             cut_at = time.monotonic()
-            answer = await probe_enqueue(target)
+            answer = await enqueue_one(target, timeout=PROBE_TIMEOUT)
         finally:
             await grant(target.vhost)
         restored_at = time.monotonic()

@@ -40,6 +40,7 @@ from tests.faults.workload import (
     verify_effects,
 )
 from tests.support import infra
+from tests.support.metrics import scrape, value
 
 ROUNDS = 4
 ROUNDS_OF_IDLE_CUTS = 25
@@ -250,3 +251,55 @@ async def test_the_query_database_refusing_connections_is_unavailable_then_heals
         target, "query database", ["query database unavailable", "query database recovered"]
     )
     add_figure("query database refusals survived", 1)
+
+
+async def set_read_only(database: str, read_only: bool) -> None:
+    """New sessions of `database` take no writes (as a standby's), or take them again."""
+    conn = await asyncpg.connect(
+        host=infra.PG_HOST, port=infra.PG_PORT, user=infra.PG_USER, database="postgres"
+    )
+    try:
+        setting = "SET default_transaction_read_only = on" if read_only else "RESET"
+        if not read_only:
+            setting += " default_transaction_read_only"
+        await conn.execute(f'ALTER DATABASE "{database}" {setting}')
+    finally:
+        await conn.close()
+
+
+async def test_a_command_database_that_takes_no_writes_is_one_outage_until_it_takes_them(
+    deploy: Deploy,
+) -> None:
+    """Regression: the outage's end was checked with a `SELECT 1`, which a database that
+    refuses every write (25006) still answers: "command database recovered" was logged
+    about every second, each time followed by "unavailable" again at the next write."""
+    target = await deploy("commands_read_only")
+    commands_db, _ = target.databases
+    address = "{}:{}".format(*target.metrics_address)
+    retried = {"queue": "CreateIssuer", "outcome": "retried"}
+    workload = Workload(target, seed=suite_seed(), concurrency=1)
+    await set_read_only(commands_db, True)
+    try:
+        await terminate_sessions([commands_db], wait=True)  # they come back read-only
+        running = asyncio.create_task(workload.run(sagas=1))
+
+        # The saga's CreateIssuer is refused and retried. Six retries take at least 2.5 s
+        # of backoff, in which the outage's end was checked at least twice.
+        async def retried_six_times() -> bool:
+            samples = await asyncio.to_thread(scrape, address)
+            return value(samples, "financing_messages_total", **retried) >= 6
+
+        await infra.wait_until(retried_six_times, timeout=30, what="six retries")
+        lines = [event for _, event in target.outage_lines("command database")]
+        assert lines == ["command database unavailable"], lines
+        assert not running.done()
+    finally:
+        await set_read_only(commands_db, False)
+    await terminate_sessions([commands_db], wait=True)  # they come back writable
+    await running
+    await settle(target)
+    await verify_effects(target, workload)
+    await assert_outages_logged_once(
+        target, "command database", ["command database unavailable", "command database recovered"]
+    )
+    assert target.service.running and target.starts() == 1

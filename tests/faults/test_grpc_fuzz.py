@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
@@ -108,14 +109,14 @@ async def commands_api() -> AsyncIterator[CommandsApi]:
 # -- the oracle ---------------------------------------------------------------------------------
 
 
+# The forms docs/contract.md section 1 accepts (those of Go's uuid.Parse), ASCII hex only.
+_HEX = "[0-9a-fA-F]"
+_DASHED = f"{_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}}"
+_ID_FORMS = re.compile(f"{_DASHED}|(?i:urn:uuid:){_DASHED}|\\{{{_DASHED}\\}}|{_HEX}{{32}}")
+
+
 def uuid_problem(value: Uuid | None) -> bool:
-    if value is None or not value.value:
-        return True
-    try:
-        uuid.UUID(value.value)
-    except ValueError:
-        return True
-    return False
+    return value is None or _ID_FORMS.fullmatch(value.value) is None
 
 
 def money_problem(value: Money | None) -> bool:
@@ -148,6 +149,11 @@ _UUID_TEXT = st.one_of(
     _VALID_UUID.map(lambda u: u[:-1]),
     _VALID_UUID.map(lambda u: u + "0"),
     _VALID_UUID.map(lambda u: " " + u),
+    # What int(..., 16) would read: a prefix, a sign, an underscore, whitespace.
+    _VALID_UUID.map(lambda u: "0x" + u.replace("-", "")[2:]),
+    _VALID_UUID.map(lambda u: "+" + u.replace("-", "")[1:]),
+    _VALID_UUID.map(lambda u: u.replace("-", "")[:5] + "_" + u.replace("-", "")[6:]),
+    _VALID_UUID.map(lambda u: " " + u.replace("-", "")[1:]),
     st.just(""),
     st.just("not-a-uuid"),
     st.text(max_size=40),

@@ -1,12 +1,14 @@
-"""Whole servers restarted under load: the RabbitMQ broker, then the PostgreSQL server.
+"""Whole servers restarted under load: the RabbitMQ broker, then the PostgreSQL server;
+and the broker's memory alarm, which blocks every publishing connection of the server.
 
 Unlike the other fault tests, which touch only a vhost or databases of their
-own, these stop the machine's shared servers: while they run they own them.
-The suite runs its tests one at a time, and each of these waits until its
-server answers again and leaves it running, also when the test fails.
-Concurrent sagas run throughout; every saga must complete, `financing check`
-must pass and the read models must equal a replay, without the service being
-restarted.
+own, these stop (or alarm) the machine's shared servers: while they run they
+own them. The suite runs its tests one at a time, and each of these waits until
+its server answers again and leaves it running, without an alarm, also when the
+test fails. Across a restart concurrent sagas run throughout; every saga must
+complete, `financing check` must pass and the read models must equal a replay,
+without the service being restarted. Across the alarm the Commands API must
+answer UNAVAILABLE, log the outage once, and take commands again once it clears.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from grpclib.const import Status
 
 from tests.faults.conftest import Deploy, add_figure, record_workload, set_figure
 from tests.faults.workload import (
     Deployment,
     Workload,
     assert_outages_logged_once,
+    enqueue_one,
     settle,
     suite_seed,
     verify_effects,
@@ -87,10 +91,25 @@ async def restart_postgres(down_for: float) -> None:
         await infra.wait_until(postgres_answers, timeout=BACK_WITHIN, what="PostgreSQL to be back")
 
 
+def memory_watermark() -> str:
+    """The broker's memory high watermark, as `set_vm_memory_high_watermark` takes it."""
+    found = subprocess.run(
+        ["rabbitmqctl", "-q", "eval", "vm_memory_monitor:get_vm_memory_high_watermark()."],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=BACK_WITHIN,
+    )
+    return found.stdout.strip()
+
+
 @pytest.fixture
 async def servers_left_running() -> AsyncIterator[None]:
-    """Whatever happens, the servers are running again after the test."""
+    """Whatever happens, the servers are running again after the test, without an alarm."""
+    watermark = await asyncio.to_thread(memory_watermark)
     yield
+    if await asyncio.to_thread(memory_watermark) != watermark:
+        await asyncio.to_thread(run, "rabbitmqctl", "-q", "set_vm_memory_high_watermark", watermark)
     if not await broker_answers():
         await asyncio.to_thread(run, "rabbitmqctl", "-q", "start_app")
         await infra.wait_until(broker_answers, timeout=BACK_WITHIN, what="RabbitMQ to be back")
@@ -153,3 +172,31 @@ async def test_sagas_complete_across_a_postgres_restart(
         )
     add_figure("whole PostgreSQL restarts survived", 1)
     set_figure("PostgreSQL restart: seconds from stop to start done", round(down, 1))
+
+
+async def test_a_broker_memory_alarm_is_one_outage_that_ends_when_the_alarm_clears(
+    deploy: Deploy, servers_left_running: None
+) -> None:
+    """Regression: the end of a broker outage was checked by the connection being open,
+    which it stays while the alarm blocks publishing: "broker reconnected" was logged
+    about every second, each time followed by "broker unavailable" again."""
+    target = await deploy("memory_alarm")
+    assert await enqueue_one(target, timeout=30) is Status.OK
+    watermark = await asyncio.to_thread(memory_watermark)
+    await asyncio.to_thread(run, "rabbitmqctl", "-q", "set_vm_memory_high_watermark", "0.0001")
+    try:
+        # The publish is never confirmed; the listener gives up after its budget of 5 s,
+        # in which the outage's end was checked about five times.
+        assert await enqueue_one(target, timeout=30) is Status.UNAVAILABLE
+        lines = [event for _, event in target.outage_lines("broker")]
+        assert lines == ["broker unavailable"], lines
+    finally:
+        await asyncio.to_thread(run, "rabbitmqctl", "-q", "set_vm_memory_high_watermark", watermark)
+
+    async def accepted() -> bool:
+        return await enqueue_one(target, timeout=30) is Status.OK
+
+    await infra.wait_until(accepted, timeout=30, what="a command accepted again")
+    await assert_outages_logged_once(target, "broker", ["broker unavailable", "broker reconnected"])
+    assert target.service.running and target.starts() == 1, target.log_tail()
+    add_figure("broker memory alarms survived", 1)

@@ -33,6 +33,7 @@ import json
 import os
 import random
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -739,6 +740,20 @@ async def more_sagas(
         return workload.stats.sagas_completed >= goal
 
     await wait_until(reached, timeout=within, what=f"{sagas} more sagas")
+
+
+async def enqueue_one(target: Deployment, *, timeout: float) -> Status:  # noqa: ASYNC109
+    """What the Commands API answers to one command: an approval of an invoice nobody has,
+    which the service enqueues (and later dead-letters, the invoice being unknown)."""
+    channel = Channel(*target.command_address)
+    try:
+        command = ApproveFinancingCommand(invoice_id=Uuid(str(uuid.uuid4())))
+        await CommandsStub(channel).approve_financing(command, timeout=timeout)
+        return Status.OK
+    except GRPCError as exc:
+        return exc.status
+    finally:
+        channel.close()
 
 
 async def settle(target: Deployment, *, within: float = 60.0) -> CheckResult:

@@ -15,7 +15,13 @@ from uuid import UUID, uuid4
 import asyncpg
 import pytest
 
-from financing.adapters.postgres.connection import COMMAND_DATABASE, connect, create_pool
+from financing.adapters.postgres.connection import (
+    COMMAND_DATABASE,
+    connect,
+    create_pool,
+    ping,
+    writable,
+)
 from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.application import codec
 from financing.application.errors import ConcurrencyConflict, Unavailable
@@ -191,3 +197,27 @@ async def test_a_pooled_connection_is_released_without_a_round_trip_unless_a_tra
             assert not again.is_in_transaction()
     finally:
         await pool.close()
+
+
+async def test_a_database_that_answers_but_takes_no_writes_is_not_back_for_the_service() -> None:
+    # As a standby not yet promoted answers: every write refused with 25006.
+    async with infra.fresh_database("fin_readonly") as db:
+        name = db.connect_kwargs["database"]
+        admin = await asyncpg.connect(**infra.database("postgres").connect_kwargs)
+        try:
+            await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+            pool = await create_pool(db, COMMAND_DATABASE)
+            try:
+                await ping(pool, COMMAND_DATABASE)  # it answers
+                with pytest.raises(Unavailable, match="takes no writes"):
+                    await writable(pool, COMMAND_DATABASE)
+            finally:
+                await pool.close()
+            await admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+            pool = await create_pool(db, COMMAND_DATABASE)
+            try:
+                await writable(pool, COMMAND_DATABASE)
+            finally:
+                await pool.close()
+        finally:
+            await admin.close()

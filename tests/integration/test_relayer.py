@@ -480,6 +480,29 @@ async def test_a_broken_invariant_stops_the_relayer_loudly_instead_of_retrying(
     assert await lock_holders(pool) == []  # and it gave its lock up on the way out
 
 
+class BrokenWatchLock(PostgresRelayerLock):
+    """The real lock, but watching it fails with a bug."""
+
+    async def lost(self) -> None:
+        raise RuntimeError("the lock's watch is broken")
+
+
+async def test_a_bug_in_watching_the_lock_stops_the_relayer_loudly_instead_of_reelecting(
+    database: Database, pool: asyncpg.Pool, publisher: Publisher
+) -> None:
+    wake_up = CommitListener(database)
+    lock = BrokenWatchLock(database)
+    running = Relayer(PostgresOutbox(pool), publisher, lock, wake_up, Outages())
+    try:
+        async with asyncio.timeout(5):  # not taken for a lost lock: it stops at once
+            with pytest.raises(RuntimeError, match="watch is broken"):
+                await running.run()
+    finally:
+        await wake_up.close()
+
+    assert await lock_holders(pool) == []  # it gave its lock up on the way out
+
+
 async def checkpoint_at_the_last_event(observer: asyncpg.Connection) -> bool:
     done: bool = await observer.fetchval(
         "SELECT EXISTS (SELECT FROM relay_checkpoints WHERE name = 'relayer'"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from importlib import metadata
 
 import pytest
@@ -17,6 +19,7 @@ from financing.config import (
     Variable,
 )
 from financing.entrypoints.cli import main
+from tests.support.service import run_cli
 
 # Each subcommand and the environment variables it reads.
 READS: dict[tuple[str, ...], tuple[Variable, ...]] = {
@@ -101,3 +104,21 @@ def test_an_aggregate_id_that_is_not_a_uuid_is_refused(capsys: pytest.CaptureFix
 
     assert code == 2
     assert "'not-a-uuid' is not a UUID" in err
+
+
+async def test_the_service_reports_a_configuration_error_as_one_json_line_and_exits_2() -> None:
+    run = await run_cli({"PATH": os.environ["PATH"], "LOGGER_LEVEL": "LOUD"}, "serve")
+
+    assert run.exit_code == 2, run.describe()
+    [line] = run.stderr.splitlines()
+    logged = json.loads(line)
+    assert logged["event"] == "configuration error"
+    assert logged["level"] == "error"
+    assert "LOGGER_LEVEL" in logged["error"]
+
+
+async def test_an_operators_command_reports_a_configuration_error_as_text() -> None:
+    run = await run_cli({"PATH": os.environ["PATH"], "LOGGER_LEVEL": "LOUD"}, "check")
+
+    assert run.exit_code == 2, run.describe()
+    assert run.stderr.startswith("financing: configuration error: LOGGER_LEVEL"), run.stderr

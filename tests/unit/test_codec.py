@@ -340,7 +340,14 @@ def test_a_zero_with_a_huge_exponent_is_poison_rather_than_a_huge_body() -> None
 
 
 @pytest.mark.parametrize(
-    "value", ["", "not-a-uuid", "11111111-1111-4111-8111-11111111111", "z" * 10_000]
+    "value",
+    [
+        "",
+        "not-a-uuid",
+        "11111111-1111-4111-8111-11111111111",
+        "z" * 10_000,
+        " 1111111-1111-4111-8111-111111111111",  # Python's UUID() would read this one
+    ],
 )
 def test_a_bad_uuid_is_poison_naming_the_field(value: str) -> None:
     reason = poison(

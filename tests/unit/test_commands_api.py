@@ -27,6 +27,7 @@ from financing.application.messages import (
 )
 from financing.application.ports import Cause
 from financing.application.retry import Outages
+from financing.entrypoints.grpc.codec import RequestCodec
 from financing.entrypoints.grpc.commands import CommandsService, correlate
 from financing.generated import (
     ApproveFinancingCommand,
@@ -132,6 +133,10 @@ INVALID_SELLS = [
     (SellInvoiceCommand(issuer_id=Uuid(value=""), asking_price=Money(amount=10.0)), "issuer_id"),
     (
         SellInvoiceCommand(issuer_id=Uuid(value="not-a-uuid"), asking_price=Money(amount=1)),
+        "issuer_id",
+    ),
+    (  # Python's UUID() would read it: int() takes the 0x
+        SellInvoiceCommand(issuer_id=Uuid(value="0x" + "a" * 30), asking_price=Money(amount=1)),
         "issuer_id",
     ),
     (SellInvoiceCommand(issuer_id=_id()), "asking_price"),
@@ -345,3 +350,13 @@ async def test_concurrent_calls_each_answer_their_own_correlation_id(
     answers = await asyncio.gather(*(_sell(correlated, {CORRELATION_METADATA: c}) for c in chosen))
     assert [correlation_of(metadata) for _, metadata in answers] == chosen
     assert sorted(cause.correlation_id for cause in sender.causes) == sorted(chosen)
+
+
+def test_bytes_the_parser_cannot_read_are_invalid_argument_with_what_the_parser_said() -> None:
+    # issuer_id's value is not UTF-8.
+    with pytest.raises(GRPCError) as error:
+        RequestCodec().decode(b"\x0a\x03\x0a\x01\xff", SellInvoiceCommand)
+    assert error.value.status is Status.INVALID_ARGUMENT
+    message = error.value.message or ""
+    assert message.startswith("the request is not a valid SellInvoiceCommand: ")
+    assert message.count(":") >= 2, message  # the error's class, then its own words

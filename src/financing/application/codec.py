@@ -26,6 +26,7 @@ from financing.application.messages import (
     SellInvoice,
 )
 from financing.domain import events as ev
+from financing.domain.ids import parse_id
 from financing.domain.money import canonical
 
 Kind = Literal["uuid", "money", "text", "bid"]
@@ -244,7 +245,7 @@ def _uuid(value: Any, where: str, part: str = "") -> UUID:
     if not isinstance(value, str):
         raise PoisonMessage(f"{where}{part}: must be a UUID string")
     try:
-        return UUID(value)
+        return parse_id(value)
     except ValueError as exc:
         raise PoisonMessage(f"{where}{part}: {value[:64]!r} is not a UUID") from exc
 

@@ -25,6 +25,7 @@ from financing.adapters.postgres.connection import (
     create_pool,
     ping,
     translated,
+    writable,
 )
 from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.adapters.postgres.outbox import CommitListener, PostgresOutbox, PostgresRelayerLock
@@ -144,16 +145,18 @@ async def bootstrap(
         )
     for pool, database in ((command_pool, COMMAND_DATABASE), (query_pool, QUERY_DATABASE)):
         if pool is not None:
-            outages.check_with(database, functools.partial(ping, pool, database))
+            outages.check_with(database, functools.partial(writable, pool, database))
     service.workers["outages"] = outages.watch
 
     if selected & NEEDS_BROKER:
         broker = Broker(settings.amqp_urls, outages, queue_type=settings.queue_type)
         stack.push_async_callback(broker.close)
         await started(BROKER, broker.connection, outages, deadline)
-        outages.check_with(BROKER, broker.connection)
         publisher = Publisher(broker)
         stack.push_async_callback(publisher.close)
+        # An outage ends when the broker takes a declaration again, not merely a connection
+        # (one whose permissions were taken away still connects).
+        outages.check_with(BROKER, publisher.probe)
         wiring = _Wiring(broker, publisher, outages, overrides, service)
         if command_pool is not None:
             store = PostgresEventStore(command_pool, snapshot_interval=settings.snapshot_interval)

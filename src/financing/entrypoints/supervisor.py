@@ -87,10 +87,21 @@ async def _shut_down(
     for listener in service.listeners:
         listener.server.close()
     stopping.cancel()
-    for task in tasks:
+    running = {task for task in tasks if not task.done()}  # the crashed are reported already
+    for task in running:
         task.cancel()
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(SHUTDOWN_GRACE * 2):
-            await asyncio.gather(*tasks, stopping, return_exceptions=True)
+            await asyncio.gather(*running, stopping, return_exceptions=True)
             for listener in service.listeners:
                 await listener.server.wait_closed()
+    for task in running:
+        if not task.done():
+            log.error("component did not stop in time", component=task.get_name())
+        elif not task.cancelled() and (error := task.exception()) is not None:
+            log.error(
+                "component failed while stopping",
+                component=task.get_name(),
+                error=repr(error),
+                exc_info=error,
+            )

@@ -19,14 +19,13 @@ loudly.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from financing import metrics
-from financing.application.errors import Unavailable
+from financing.application.errors import Unavailable, summary
 from financing.application.ports import EventPublisher, Outbox, RelayerLock, StoredEvent, WakeUp
 from financing.application.retry import NO_BUG_RETRIES, Outages, RetryPolicy, persist
 from financing.logging import get_logger
@@ -107,15 +106,16 @@ class Relayer:
             lost = asyncio.create_task(self._lock.lost())
             try:
                 done, _ = await asyncio.wait({relaying, lost}, return_when=asyncio.FIRST_COMPLETED)
-                if relaying in done:
-                    relaying.result()  # a broken invariant propagates to the supervisor
+                # A broken invariant in either, or a bug in watching the lock, propagates
+                # to the supervisor.
+                for task in done:
+                    task.result()
                 log.warning("relayer lost its lock, standing for election again")
             finally:
                 for task in (relaying, lost):
                     task.cancel()
                 await asyncio.gather(relaying, lost, return_exceptions=True)
-                with contextlib.suppress(Exception):
-                    await self._lock.release()
+                await self._lock.release()  # an outage is let go of there; a bug is raised
 
     async def _relay(self) -> None:
         relayed = _Relayed()
@@ -139,9 +139,14 @@ class Relayer:
         except asyncio.CancelledError:
             # Stopped, or the lock lost: what was relayed is marked, so that whoever
             # relays next does not relay it again (if this fails, it does).
-            with contextlib.suppress(Exception):
+            try:
                 async with asyncio.timeout(SHUTDOWN_GRACE):
                     await self._mark(relayed)
+            except Exception as error:
+                log.warning(
+                    "relayer could not mark what it relayed; it will be relayed again",
+                    error=summary(error),
+                )
             raise
 
     async def _relay_batch(self, relayed: _Relayed) -> int:

@@ -158,6 +158,16 @@ async def ping(pool: asyncpg.Pool, dependency: str) -> None:
         await conn.fetchval("SELECT 1")
 
 
+async def writable(pool: asyncpg.Pool, dependency: str) -> None:
+    """Return if the database answers and takes writes now; Unavailable if not. A server
+    that answers but takes no writes (a standby not yet promoted, one read-only by
+    default: 25006 to every write) is still out for the service, which writes."""
+    async with acquired(pool, dependency) as conn:
+        read_only = await conn.fetchval("SELECT current_setting('transaction_read_only')")
+    if read_only != "off":
+        raise Unavailable(dependency, "the server takes no writes (read-only)")
+
+
 async def create_pool(
     db: Database,
     dependency: str = "database",

@@ -40,6 +40,7 @@ from financing.config import (
     Variable,
     parse_components,
 )
+from financing.domain.ids import parse_id
 from financing.entrypoints.bootstrap import NO_OVERRIDES, Overrides
 from financing.entrypoints.cli import dead_letters as dead_letter_commands
 from financing.entrypoints.cli.check import run_check
@@ -90,7 +91,7 @@ def _balance(value: str) -> Decimal:
 
 
 def _uuid(value: str) -> UUID:
-    return _parsed(value, UUID, "a UUID")
+    return _parsed(value, parse_id, "a UUID")
 
 
 def _parsed(value: str, parse: Callable[[str], T], what: str) -> T:
@@ -406,7 +407,11 @@ def run(argv: Sequence[str] | None = None, *, overrides: Overrides | None = None
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
-        print(f"financing: configuration error: {exc}", file=sys.stderr)
+        if args.command == "serve":  # the service's lines are JSON off a terminal, this one too
+            service_logging.configure("INFO")
+            service_logging.get_logger(__name__).error("configuration error", error=str(exc))
+        else:
+            print(f"financing: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
     service_logging.configure(settings.log_level)
     try:

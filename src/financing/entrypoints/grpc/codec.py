@@ -20,7 +20,10 @@ class RequestCodec(ProtoCodec):
         try:
             return super().decode(data, message_type)
         except Exception as exc:  # the parser raises anything on bytes it cannot read
+            # The parser does not say which field it could not read; what it says, it says
+            # of the caller's own bytes.
             raise GRPCError(
                 Status.INVALID_ARGUMENT,
-                f"the request is not a valid {message_type.__name__}: {type(exc).__name__}",
+                f"the request is not a valid {message_type.__name__}:"
+                f" {type(exc).__name__}: {str(exc)[:200]}",
             ) from None

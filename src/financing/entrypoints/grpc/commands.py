@@ -40,6 +40,7 @@ from financing.application.messages import (
 )
 from financing.application.ports import Cause, CommandSender, usable_correlation_id
 from financing.application.retry import NO_BUG_RETRIES, GaveUp, Outages, retry
+from financing.domain.ids import parse_id
 from financing.domain.money import InvalidAmount, positive_amount
 from financing.generated import (
     ApproveFinancingCommand,
@@ -92,7 +93,7 @@ def parse_uuid(value: Uuid, field: str) -> UUID:
     if not betterproto.serialized_on_wire(value) or not value.value:
         raise invalid(field, "is required")
     try:
-        return UUID(value.value)
+        return parse_id(value.value)
     except ValueError:
         raise invalid(field, f"{value.value[:64]!r} is not a UUID") from None
 
