@@ -162,3 +162,25 @@ async def test_a_missing_database_fails_start_up_at_once(amqp_url: str) -> None:
         # Far below the 30 s budget: waiting cannot create a database.
         code = await service.serve(settings, startup_timeout=30.0)
     assert code == 2
+
+
+@pytest.mark.parametrize(
+    ("components", "prunes"),
+    [
+        (COMPONENTS, True),
+        (("commands",), True),
+        (("policies",), True),
+        (("projector",), True),
+        (("queries-api",), False),  # it writes nothing
+        (("relayer",), False),  # it records no processed message
+        (("commands-api",), False),  # it has no database
+    ],
+)
+async def test_only_a_process_that_records_processed_messages_prunes_them(
+    databases: tuple[Database, Database], amqp_url: str, components: tuple[str, ...], prunes: bool
+) -> None:
+    async with AsyncExitStack() as stack:
+        wired = await bootstrap(
+            _settings(databases, amqp_url), components, stack, deadline=time.monotonic() + 30
+        )
+    assert ("retention" in wired.workers) is prunes

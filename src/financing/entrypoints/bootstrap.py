@@ -67,6 +67,10 @@ T = TypeVar("T")
 
 NEEDS_COMMAND_DB = frozenset({"commands", "policies", "relayer"})
 NEEDS_QUERY_DB = frozenset({"queries-api", "projector"})
+# Who records processed message ids, in the command database and in the query database:
+# the processes that prune them (a process serving queries alone writes nothing).
+RECORDS_COMMANDS = frozenset({"commands", "policies"})
+RECORDS_PROJECTIONS = frozenset({"projector"})
 NEEDS_BROKER = frozenset(COMPONENTS) - {"queries-api"}
 CONSUMES_EVENTS = frozenset({"integration", "policies", "projector"})
 
@@ -143,9 +147,13 @@ async def bootstrap(
         query_pool = await _pool(
             stack, settings.query_db, QUERY_DATABASE, "queries", outages, deadline
         )
+    # An outage of a database this process writes ends when it takes writes again; of one
+    # it only reads, when it answers.
+    writes = {COMMAND_DATABASE: True, QUERY_DATABASE: bool(selected & RECORDS_PROJECTIONS)}
     for pool, database in ((command_pool, COMMAND_DATABASE), (query_pool, QUERY_DATABASE)):
         if pool is not None:
-            outages.check_with(database, functools.partial(writable, pool, database))
+            check = writable if writes[database] else ping
+            outages.check_with(database, functools.partial(check, pool, database))
     service.workers["outages"] = outages.watch
 
     if selected & NEEDS_BROKER:
@@ -187,8 +195,11 @@ async def bootstrap(
         probe = Probe(QUERY_DATABASE, lambda: ping(query_pool, QUERY_DATABASE))
         server = _grpc_server(service, outages, queries, "Queries", probe)
         service.listeners.append(Listener("queries-api", server, settings.query_address))
-    if command_pool is not None or query_pool is not None:
-        records = deduplication_records(command_pool, query_pool)
+    records = deduplication_records(
+        command_pool if selected & RECORDS_COMMANDS else None,
+        query_pool if selected & RECORDS_PROJECTIONS else None,
+    )
+    if records:
         retention = Retention(records, outages, keep=settings.dedup_retention)
         service.workers["retention"] = retention.run
     if settings.metrics_address is not None:
