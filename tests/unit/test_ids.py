@@ -3,6 +3,8 @@ would also let through."""
 
 from __future__ import annotations
 
+import copy
+import pickle
 from uuid import UUID
 
 import pytest
@@ -49,3 +51,13 @@ def test_the_forms_the_reference_accepts_are_read(text: str) -> None:
 def test_anything_else_is_not_an_id(text: str) -> None:
     with pytest.raises(ValueError, match="is not a UUID"):
         parse_id(text)
+
+
+def test_an_id_read_from_text_is_a_uuid_like_any_other() -> None:
+    read = parse_id(str(ID))
+
+    assert type(read) is UUID
+    assert read == ID and hash(read) == hash(ID) and str(read) == str(ID)
+    assert read.version == ID.version and read.is_safe is ID.is_safe
+    assert pickle.loads(pickle.dumps(read)) == ID
+    assert copy.deepcopy(read) == ID
