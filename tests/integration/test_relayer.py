@@ -302,7 +302,9 @@ async def test_a_commit_wakes_the_relayer_without_waiting_for_its_poll(
 
         async def idle() -> bool:
             # Its first look, and the one it makes once it listens, found nothing:
-            # from now on it waits for a commit, or for its poll 30 s later.
+            # from now on it waits for a commit, or for its poll 30 s later. (Woken
+            # once it listens, it looks again after pauses that double towards the
+            # poll interval, for a horizon held back; a commit ends each pause.)
             return len(outbox.looks) >= 2 and outbox.looks[-1][1] == 0
 
         await wait_until(idle, what="the relayer idle")

@@ -131,7 +131,8 @@ class Relayer:
                     # transaction that may write events, still running, holds the commit
                     # horizon back. It ends within milliseconds; waiting for the next
                     # poll would add up to a whole poll interval to every hop of a saga.
-                    await asyncio.sleep(recheck)
+                    # Another commit meanwhile ends the pause at once.
+                    await self._wake_up.wait(recheck)
                     recheck = recheck * 2 if recheck * 2 < self._poll_interval else 0.0
                     continue
                 woken = await self._wake_up.wait(self._poll_interval)

@@ -5,7 +5,8 @@ redelivery changes nothing; a record older than any redelivery the broker
 makes only takes space. A batch is one short statement deleting at most
 `limit` rows found through the `processed_at` index, so it holds few locks
 for little time. Rows another instance is pruning at the same moment are
-skipped rather than waited for (SKIP LOCKED): every instance runs the worker.
+skipped rather than waited for (SKIP LOCKED): every instance that records processed
+messages runs the worker.
 """
 
 from __future__ import annotations
