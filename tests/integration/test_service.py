@@ -12,12 +12,18 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
+from betterproto.lib.google.protobuf import Empty
+from grpclib.client import Channel
 
+from financing.adapters.postgres.connection import create_pool
+from financing.adapters.postgres.schema import migrate
 from financing.config import Database, Settings
 from financing.entrypoints import service
-from financing.entrypoints.bootstrap import COMPONENTS, bootstrap
+from financing.entrypoints.bootstrap import COMPONENTS, StartupError, bootstrap
 from financing.entrypoints.supervisor import supervise
+from financing.generated import QueriesStub
 from tests.support import infra
 from tests.support.service import ServiceProcess, free_port
 
@@ -184,3 +190,62 @@ async def test_only_a_process_that_records_processed_messages_prunes_them(
             _settings(databases, amqp_url), components, stack, deadline=time.monotonic() + 30
         )
     assert ("retention" in wired.workers) is prunes
+
+
+async def _read_only(database: Database, read_only: bool) -> None:
+    """The database takes no writes in new sessions, as a streaming replica takes none."""
+    name = database.connect_kwargs["database"]
+    admin = await asyncpg.connect(**infra.database("postgres").connect_kwargs)
+    try:
+        setting = "SET default_transaction_read_only = on" if read_only else "RESET ALL"
+        await admin.execute(f'ALTER DATABASE "{name}" {setting}')
+    finally:
+        await admin.close()
+
+
+async def test_a_queries_api_starts_on_a_read_only_copy_of_a_migrated_query_database(
+    databases: tuple[Database, Database], amqp_url: str
+) -> None:
+    _, queries = databases
+    pool = await create_pool(queries)
+    try:
+        await migrate(pool, "queries")  # on the primary, by its projector
+    finally:
+        await pool.close()
+    await _read_only(queries, True)
+    try:
+        settings = _settings(databases, amqp_url)
+        async with AsyncExitStack() as stack:
+            wired = await bootstrap(
+                settings, ("queries-api",), stack, deadline=time.monotonic() + 10
+            )
+            [listener] = [each for each in wired.listeners if each.name == "queries-api"]
+            await listener.server.start(*listener.address)
+            channel = Channel(*listener.address)
+            try:
+                answer = await QueriesStub(channel).all_investors(Empty(), timeout=5)
+            finally:
+                channel.close()
+                listener.server.close()
+                await listener.server.wait_closed()
+    finally:
+        await _read_only(queries, False)
+    assert answer.investors == []
+
+
+async def test_a_read_only_query_database_without_the_current_schema_fails_start_up(
+    databases: tuple[Database, Database], amqp_url: str
+) -> None:
+    _, queries = databases
+    await _read_only(queries, True)
+    try:
+        async with AsyncExitStack() as stack:
+            with pytest.raises(StartupError, match="takes no writes, and its queries schema"):
+                await bootstrap(
+                    _settings(databases, amqp_url),
+                    ("queries-api",),
+                    stack,
+                    deadline=time.monotonic() + 1,
+                )
+    finally:
+        await _read_only(queries, False)

@@ -31,14 +31,14 @@ from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.adapters.postgres.outbox import CommitListener, PostgresOutbox, PostgresRelayerLock
 from financing.adapters.postgres.read_models import PostgresReadModels
 from financing.adapters.postgres.retention import deduplication_records
-from financing.adapters.postgres.schema import migrate
+from financing.adapters.postgres.schema import migrate, missing
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import BROKER, Broker
 from financing.adapters.rabbitmq.consumer import Deliveries, QueueConsumer, consume
 from financing.adapters.rabbitmq.dead_letters import DeadLetters
 from financing.adapters.rabbitmq.publisher import AmqpCommandSender, Publisher
 from financing.application import routes
-from financing.application.errors import Fault
+from financing.application.errors import Fault, Unavailable
 from financing.application.pipeline import (
     Handler,
     HandlerPart,
@@ -355,7 +355,19 @@ async def _pool(
 
     async def migrated() -> None:
         with translated(dependency):
-            await migrate(pool, schema)
+            try:
+                await migrate(pool, schema)
+            except asyncpg.ReadOnlySQLTransactionError:
+                # A server that takes no writes (a replica of the query database for
+                # the Queries API, a standby): it carries its primary's schema, which
+                # must be current; a replica that lags behind a migration is waited for.
+                lacking = await missing(pool, schema)
+                if lacking:
+                    raise Unavailable(
+                        dependency,
+                        f"takes no writes, and its {schema} schema lacks version(s)"
+                        f" {', '.join(map(str, lacking))}",
+                    ) from None
 
     await started(f"migrating the {dependency}", migrated, outages, deadline)
     return pool

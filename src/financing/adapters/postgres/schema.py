@@ -8,7 +8,9 @@ applied one.
 
 Several instances may start at once: the whole migration runs in one
 transaction under a transaction-scoped advisory lock, so the others wait, then
-see the recorded versions and apply nothing.
+see the recorded versions and apply nothing. On a server that takes no writes
+(a replica, a standby) nothing is applied: `missing` tells whether the schema
+its primary migrated is current.
 """
 
 from __future__ import annotations
@@ -56,6 +58,19 @@ def parse_sections(text: str, where: str) -> list[tuple[int, str]]:
 async def migrate(pool_or_conn: asyncpg.Pool | Connection, name: str) -> None:
     """Bring the schema of `sql/<name>.sql` up to date; safe to run concurrently."""
     await apply(pool_or_conn, name, sections(name))
+
+
+async def missing(pool_or_conn: asyncpg.Pool | Connection, name: str) -> list[int]:
+    """The versions of `sql/<name>.sql` this database has not recorded (read only, for a
+    server that takes no writes: a replica carries the schema its primary migrated)."""
+    try:
+        rows = await pool_or_conn.fetch(
+            "SELECT version FROM schema_migrations WHERE name = $1", name
+        )
+    except asyncpg.UndefinedTableError:
+        rows = []
+    applied = {row["version"] for row in rows}
+    return [version for version, _ in sections(name) if version not in applied]
 
 
 async def apply(
