@@ -151,10 +151,12 @@ async def test_the_worker_prunes_every_open_database(pools: dict[str, asyncpg.Po
     assert await queries.fetchval("SELECT count(*) FROM read_models.processed_messages") == 3
 
 
-async def test_a_service_with_a_database_open_prunes_it_in_its_retention_worker() -> None:
+async def test_a_service_recording_projections_prunes_them_in_its_retention_worker(
+    amqp_url: str,
+) -> None:
     async with infra.fresh_database("fin_retention_service") as db, AsyncExitStack() as stack:
-        settings = Settings(query_db=db)
-        service = await bootstrap(settings, ["queries-api"], stack, deadline=time.monotonic() + 30)
+        settings = Settings(query_db=db, amqp_url=amqp_url)
+        service = await bootstrap(settings, ["projector"], stack, deadline=time.monotonic() + 30)
         pool = await create_pool(db)
         stack.push_async_callback(pool.close)
         old, recent = infra.unique_name("old"), infra.unique_name("recent")
