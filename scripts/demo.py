@@ -134,9 +134,8 @@ class Story:
         await self.status(c, InvoiceStatus.REVERSED)
         step("invoice C reversed: investor 3 gets its 40 back")
 
-    def readable(self, body: bytes) -> str:
+    def readable(self, text: str) -> str:
         """The JSON body as stored, with ids replaced by the story's names."""
-        text = body.decode()
         for aggregate_id, name in self.names.items():
             text = text.replace(f'"{aggregate_id}"', name.replace(" ", "_"))
         return text

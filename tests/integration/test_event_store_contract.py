@@ -133,7 +133,7 @@ class EventStoreContract:
         assert added.name == "InvestorFundsAddedEvent"
         assert added.aggregate_type == "Investor"
         # Money is written exactly, in its shortest plain form.
-        assert added.body == b'{"Amount":100.1}'
+        assert added.body == '{"Amount":100.1}'
         assert added.event == InvestorFundsAddedEvent(investor_id, Decimal("100.10"))
 
     async def test_loading_a_missing_aggregate_gives_an_empty_one_at_version_zero(

@@ -107,7 +107,7 @@ def test_a_stored_event_travels_with_its_correlation_causation_and_recording_tim
         aggregate_id=investor,
         version=1,
         name="InvestorCreatedEvent",
-        body=codec.encode(ev.InvestorCreatedEvent(investor)),
+        body=codec.encode_text(ev.InvestorCreatedEvent(investor)),
         correlation_id="saga-1",
         causation_id="message-2",
         recorded_at=recorded_at,
@@ -128,7 +128,7 @@ def test_a_stored_event_without_them_travels_without_those_headers() -> None:
         aggregate_id=investor,
         version=1,
         name="InvestorCreatedEvent",
-        body=codec.encode(ev.InvestorCreatedEvent(investor)),
+        body=codec.encode_text(ev.InvestorCreatedEvent(investor)),
     )
     headers = stored.envelope().headers
     assert not {CORRELATION_HEADER, CAUSATION_HEADER, RECORDED_AT_HEADER} & set(headers)

@@ -157,7 +157,7 @@ async def test_a_release_for_an_investor_that_does_not_exist_is_refused(bus: InM
     invoice = await invoice_asking(bus, "10")
     stranger = uuid4()
     rejection = ev.BidOnInvoiceRejectedEvent(invoice, ev.Bid(stranger, D("5")))
-    stored = StoredEvent(99, "Invoice", invoice, 2, rejection.name(), codec.encode(rejection))
+    stored = StoredEvent(99, "Invoice", invoice, 2, rejection.name(), codec.encode_text(rejection))
     before = list(bus.store.events)
     with pytest.raises(MissingAggregate, match="investor"):
         await bus.publish(stored)

@@ -26,7 +26,7 @@ def stored(event: ev.DomainEvent, version: int, position: int = 1) -> StoredEven
         aggregate_id=event.aggregate_id,
         version=version,
         name=event.name(),
-        body=codec.encode(event),
+        body=codec.encode_text(event),
     )
 
 

@@ -27,7 +27,7 @@ def event(
         aggregate_id=aggregate_id,
         version=version,
         name=name,
-        body=b'{"Amount":5}',
+        body='{"Amount":5}',
         correlation_id=CORRELATION,
         causation_id=caused_by,
         recorded_at=at(when),

@@ -183,9 +183,10 @@ def _encode_value(value: Any, kind: Kind) -> str:
     return f'{{"InvestorID":"{bid.investor_id}","Amount":{canonical(bid.amount)}}}'
 
 
-def decode(name: str, body: bytes, aggregate_id: str | UUID | None = None) -> Message:
-    """Rebuild a message from its name, JSON body and aggregateID header (as the header's
-    text, or as the UUID an event store row holds).
+def decode(name: str, body: bytes | str, aggregate_id: str | UUID | None = None) -> Message:
+    """Rebuild a message from its name, JSON body (as delivered, or as the text an event
+    store row holds) and aggregateID header (as the header's text, or as the UUID an
+    event store row holds).
 
     Raises PoisonMessage, naming what is wrong, for anything that is not a
     well-formed message of a known type.
@@ -198,7 +199,12 @@ def decode(name: str, body: bytes, aggregate_id: str | UUID | None = None) -> Me
     try:
         # NaN and Infinity become non-finite decimals, refused by the field that holds them
         # so that the reason names it.
-        data = _JSON.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
+        text = (
+            body
+            if isinstance(body, str)
+            else body.decode(json.detect_encoding(body), "surrogatepass")
+        )
+        data = _JSON.decode(text)
     except (ValueError, RecursionError) as exc:
         raise PoisonMessage(f"{name}: body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):

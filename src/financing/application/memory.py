@@ -69,7 +69,7 @@ class InMemoryUnitOfWork:
                         aggregate_id=aggregate.id,
                         version=expected + offset,
                         name=codec.name_of(event),
-                        body=codec.encode(event),
+                        body=codec.encode_text(event),
                         correlation_id=self._cause.correlation_id if self._cause else None,
                         causation_id=self._cause.causation_id if self._cause else None,
                     )

@@ -113,7 +113,7 @@ class StoredEvent:
     aggregate_id: UUID
     version: int
     name: str
-    body: bytes
+    body: str  # the JSON text as stored; encoded only to be published
     correlation_id: str | None = None
     causation_id: str | None = None
     recorded_at: datetime | None = None
@@ -141,7 +141,7 @@ class StoredEvent:
         return Envelope(
             message_id=self.message_id,
             name=self.name,
-            body=self.body,
+            body=self.body.encode(),
             aggregate_id=str(self.aggregate_id),
             headers=headers,
         )

@@ -101,7 +101,7 @@ def stored_event(row: asyncpg.Record) -> StoredEvent:
         aggregate_id=row["aggregate_id"],
         version=row["version"],
         name=row["name"],
-        body=row["body"].encode(),
+        body=row["body"],
         correlation_id=row["correlation_id"],
         causation_id=row["causation_id"],
         recorded_at=row["recorded_at"],

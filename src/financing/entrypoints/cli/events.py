@@ -59,7 +59,7 @@ def _stream_lines(aggregate_id: UUID, stream: list[StoredEvent]) -> list[str]:
             moment(event.recorded_at),
             event.name,
             event.correlation_id or "-",
-            event.body.decode("utf-8", "replace"),
+            event.body,
         )
         for event in stream
     ]

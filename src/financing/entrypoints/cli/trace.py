@@ -103,7 +103,7 @@ def _heading(step: Step) -> str:
 
 
 def _details(step: Step) -> list[str]:
-    details = [] if step.event is None else [step.event.body.decode("utf-8", "replace")]
+    details = [] if step.event is None else [step.event.body]
     return details + [f"{moment(h.at)}  {_fate(h)}" for h in step.handlings]
 
 
