@@ -52,6 +52,7 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from financing.adapters.postgres.connection import is_unavailable
 from financing.adapters.postgres.event_store import EVENT_COLUMNS, stored_event
 from financing.adapters.postgres.read_models import PostgresReadModels
+from financing.adapters.rabbitmq.connection import describe, is_broker_error
 from financing.adapters.rabbitmq.dead_letters import REASON_HEADER, SOURCE_QUEUE_HEADER
 from financing.adapters.rabbitmq.envelopes import to_amqp
 from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE, declare_events_exchange
@@ -439,6 +440,12 @@ class IntegrationPublisher:
             async with self._lock:
                 await self._drop()
             raise
+        except Exception as error:
+            if not is_broker_error(error):  # aiormq's bare failure of a publish pending
+                raise
+            async with self._lock:
+                await self._drop()
+            raise ConnectionError(describe(error)) from error
 
     async def close(self) -> None:
         async with self._lock:

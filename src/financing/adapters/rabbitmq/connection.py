@@ -46,7 +46,26 @@ BROKER_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+def is_broker_error(error: BaseException) -> bool:
+    """Whether `error` is the broker's or the connection's doing. Besides BROKER_ERRORS,
+    aiormq fails what a closing channel or connection leaves pending (a publish waiting
+    to be written, a confirm) with a bare `Exception`: no type of its own, no message."""
+    return isinstance(error, BROKER_ERRORS) or (type(error) is Exception and not error.args)
+
+
+@contextlib.contextmanager
+def broker_errors_ignored() -> Iterator[None]:
+    """Let a broker error inside the block go (closing, cancelling: nothing left to do)."""
+    try:
+        yield
+    except Exception as error:
+        if not is_broker_error(error):
+            raise
+
+
 def describe(error: BaseException) -> str:
+    if type(error) is Exception and not error.args:  # aiormq's failure of what was pending
+        return "the channel or its connection closed"
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
@@ -69,7 +88,9 @@ def translated() -> Iterator[None]:
         yield
     except aiormq.exceptions.ChannelPreconditionFailed as error:
         raise Refused(BROKER, describe(error)) from error
-    except BROKER_ERRORS as error:
+    except Exception as error:
+        if not is_broker_error(error):
+            raise
         raise Unavailable(BROKER, describe(error)) from error
 
 
@@ -177,7 +198,7 @@ class Broker:
         self._closing = True
         connection, self._connection = self._connection, None
         if connection is not None:
-            with contextlib.suppress(*BROKER_ERRORS):
+            with broker_errors_ignored():
                 await asyncio.wait_for(connection.close(), CLOSE_TIMEOUT)
 
 
@@ -202,5 +223,5 @@ async def connected(urls: Sequence[str], queue_type: str = "classic") -> AsyncIt
 
 async def close_channel(channel: AbstractChannel) -> None:
     """Close a channel, also while disconnected; unacked messages go back to their queue."""
-    with contextlib.suppress(*BROKER_ERRORS):
+    with broker_errors_ignored():
         await asyncio.wait_for(channel.close(), CLOSE_TIMEOUT)

@@ -17,7 +17,6 @@ asked for together in as few frames as their order allows.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import time
 from collections.abc import Callable
@@ -29,10 +28,11 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from financing import metrics
 from financing.adapters.rabbitmq.acks import ChannelAcks
 from financing.adapters.rabbitmq.connection import (
-    BROKER_ERRORS,
     Broker,
+    broker_errors_ignored,
     close_channel,
     describe,
+    is_broker_error,
     translated,
 )
 from financing.adapters.rabbitmq.dead_letters import DeadLetters
@@ -127,14 +127,16 @@ class AmqpDelivery:
         try:
             async with asyncio.timeout(ACK_TIMEOUT):
                 await self._acks.ack(self._tag)
-        except BROKER_ERRORS:
+        except Exception as error:
+            if not is_broker_error(error):
+                raise
             # The channel died after the work was done: the broker delivers the
             # message again and the consumer's deduplication absorbs it.
             log.debug("ack lost with its channel; expecting a redelivery")
 
     async def release(self) -> None:
         """Hand the message back to the broker for another delivery."""
-        with contextlib.suppress(*BROKER_ERRORS):
+        with broker_errors_ignored():
             async with asyncio.timeout(ACK_TIMEOUT):
                 await self._acks.settle_otherwise(self._tag, self._message.nack(requeue=True))
 
@@ -187,7 +189,7 @@ class QueueConsumer:
                 log.debug("consumer channel closed; opening another", queue=self._queue.name)
             finally:
                 if not channel.is_closed:
-                    with contextlib.suppress(*BROKER_ERRORS):
+                    with broker_errors_ignored():
                         await asyncio.wait_for(queue.cancel(tag), timeout=1.0)
 
     async def _retry_open(self) -> tuple[AbstractChannel, AbstractQueue, ConsumerTag]:

@@ -18,10 +18,10 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractMessage
 
 from financing.adapters.rabbitmq.connection import (
     BROKER,
-    BROKER_ERRORS,
     Broker,
     close_channel,
     describe,
+    is_broker_error,
 )
 from financing.adapters.rabbitmq.envelopes import header_text, to_amqp
 from financing.adapters.rabbitmq.topology import command_queue, declare_events_exchange
@@ -141,9 +141,9 @@ class Publisher:
         for result in results:
             if isinstance(result, asyncio.CancelledError):
                 raise result
-            if isinstance(result, BROKER_ERRORS):
-                raise PublishFailed(f"{what}: {_describe(result)}") from result
             if isinstance(result, BaseException):
+                if is_broker_error(result):
+                    raise PublishFailed(f"{what}: {_describe(result)}") from result
                 raise result  # not the broker's doing: a bug
             if not isinstance(result, aiormq.spec.Basic.Ack):
                 raise PublishFailed(f"{what}: not acknowledged by the broker ({result!r})")
