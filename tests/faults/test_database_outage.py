@@ -253,20 +253,6 @@ async def test_the_query_database_refusing_connections_is_unavailable_then_heals
     add_figure("query database refusals survived", 1)
 
 
-async def set_read_only(database: str, read_only: bool) -> None:
-    """New sessions of `database` take no writes (as a standby's), or take them again."""
-    conn = await asyncpg.connect(
-        host=infra.PG_HOST, port=infra.PG_PORT, user=infra.PG_USER, database="postgres"
-    )
-    try:
-        setting = "SET default_transaction_read_only = on" if read_only else "RESET"
-        if not read_only:
-            setting += " default_transaction_read_only"
-        await conn.execute(f'ALTER DATABASE "{database}" {setting}')
-    finally:
-        await conn.close()
-
-
 async def test_a_command_database_that_takes_no_writes_is_one_outage_until_it_takes_them(
     deploy: Deploy,
 ) -> None:
@@ -278,7 +264,7 @@ async def test_a_command_database_that_takes_no_writes_is_one_outage_until_it_ta
     address = "{}:{}".format(*target.metrics_address)
     retried = {"queue": "CreateIssuer", "outcome": "retried"}
     workload = Workload(target, seed=suite_seed(), concurrency=1)
-    await set_read_only(commands_db, True)
+    await infra.set_read_only(commands_db, True)
     try:
         await terminate_sessions([commands_db], wait=True)  # they come back read-only
         running = asyncio.create_task(workload.run(sagas=1))
@@ -294,7 +280,7 @@ async def test_a_command_database_that_takes_no_writes_is_one_outage_until_it_ta
         assert lines == ["command database unavailable"], lines
         assert not running.done()
     finally:
-        await set_read_only(commands_db, False)
+        await infra.set_read_only(commands_db, False)
     await terminate_sessions([commands_db], wait=True)  # they come back writable
     await running
     await settle(target)

@@ -203,21 +203,17 @@ async def test_a_database_that_answers_but_takes_no_writes_is_not_back_for_the_s
     # As a standby not yet promoted answers: every write refused with 25006.
     async with infra.fresh_database("fin_readonly") as db:
         name = db.connect_kwargs["database"]
-        admin = await asyncpg.connect(**infra.database("postgres").connect_kwargs)
+        await infra.set_read_only(name, True)
+        pool = await create_pool(db, COMMAND_DATABASE)
         try:
-            await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
-            pool = await create_pool(db, COMMAND_DATABASE)
-            try:
-                await ping(pool, COMMAND_DATABASE)  # it answers
-                with pytest.raises(Unavailable, match="takes no writes"):
-                    await writable(pool, COMMAND_DATABASE)
-            finally:
-                await pool.close()
-            await admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
-            pool = await create_pool(db, COMMAND_DATABASE)
-            try:
+            await ping(pool, COMMAND_DATABASE)  # it answers
+            with pytest.raises(Unavailable, match="takes no writes"):
                 await writable(pool, COMMAND_DATABASE)
-            finally:
-                await pool.close()
         finally:
-            await admin.close()
+            await pool.close()
+        await infra.set_read_only(name, False)
+        pool = await create_pool(db, COMMAND_DATABASE)
+        try:
+            await writable(pool, COMMAND_DATABASE)
+        finally:
+            await pool.close()

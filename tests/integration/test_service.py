@@ -12,7 +12,6 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 from betterproto.lib.google.protobuf import Empty
 from grpclib.client import Channel
@@ -192,17 +191,6 @@ async def test_only_a_process_that_records_processed_messages_prunes_them(
     assert ("retention" in wired.workers) is prunes
 
 
-async def _read_only(database: Database, read_only: bool) -> None:
-    """The database takes no writes in new sessions, as a streaming replica takes none."""
-    name = database.connect_kwargs["database"]
-    admin = await asyncpg.connect(**infra.database("postgres").connect_kwargs)
-    try:
-        setting = "SET default_transaction_read_only = on" if read_only else "RESET ALL"
-        await admin.execute(f'ALTER DATABASE "{name}" {setting}')
-    finally:
-        await admin.close()
-
-
 async def test_a_queries_api_starts_on_a_read_only_copy_of_a_migrated_query_database(
     databases: tuple[Database, Database], amqp_url: str
 ) -> None:
@@ -212,7 +200,7 @@ async def test_a_queries_api_starts_on_a_read_only_copy_of_a_migrated_query_data
         await migrate(pool, "queries")  # on the primary, by its projector
     finally:
         await pool.close()
-    await _read_only(queries, True)
+    await infra.set_read_only(queries.connect_kwargs["database"], True)
     try:
         settings = _settings(databases, amqp_url)
         async with AsyncExitStack() as stack:
@@ -229,7 +217,7 @@ async def test_a_queries_api_starts_on_a_read_only_copy_of_a_migrated_query_data
                 listener.server.close()
                 await listener.server.wait_closed()
     finally:
-        await _read_only(queries, False)
+        await infra.set_read_only(queries.connect_kwargs["database"], False)
     assert answer.investors == []
 
 
@@ -237,7 +225,7 @@ async def test_a_read_only_query_database_without_the_current_schema_fails_start
     databases: tuple[Database, Database], amqp_url: str
 ) -> None:
     _, queries = databases
-    await _read_only(queries, True)
+    await infra.set_read_only(queries.connect_kwargs["database"], True)
     try:
         async with AsyncExitStack() as stack:
             with pytest.raises(StartupError, match="takes no writes, and its queries schema"):
@@ -248,4 +236,4 @@ async def test_a_read_only_query_database_without_the_current_schema_fails_start
                     deadline=time.monotonic() + 1,
                 )
     finally:
-        await _read_only(queries, False)
+        await infra.set_read_only(queries.connect_kwargs["database"], False)

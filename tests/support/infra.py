@@ -47,6 +47,17 @@ async def create_database(name: str) -> Database:
     return database(name)
 
 
+async def set_read_only(name: str, read_only: bool) -> None:
+    """New sessions of database `name` take no writes, as a standby's or a streaming
+    replica's take none (every write refused with 25006), or take them again."""
+    setting = "SET default_transaction_read_only = on" if read_only else "RESET ALL"
+    conn = await _admin()
+    try:
+        await conn.execute(f'ALTER DATABASE "{name}" {setting}')
+    finally:
+        await conn.close()
+
+
 async def drop_database(name: str) -> None:
     conn = await _admin()
     try:

@@ -148,11 +148,13 @@ async def bootstrap(
             stack, settings.query_db, QUERY_DATABASE, "queries", outages, deadline
         )
     # An outage of a database this process writes ends when it takes writes again; of one
-    # it only reads, when it answers.
-    writes = {COMMAND_DATABASE: True, QUERY_DATABASE: bool(selected & RECORDS_PROJECTIONS)}
-    for pool, database in ((command_pool, COMMAND_DATABASE), (query_pool, QUERY_DATABASE)):
+    # it only reads, when it answers. Every component on the command database writes.
+    query_check = writable if selected & RECORDS_PROJECTIONS else ping
+    for pool, database, check in (
+        (command_pool, COMMAND_DATABASE, writable),
+        (query_pool, QUERY_DATABASE, query_check),
+    ):
         if pool is not None:
-            check = writable if writes[database] else ping
             outages.check_with(database, functools.partial(check, pool, database))
     service.workers["outages"] = outages.watch
 

@@ -46,11 +46,15 @@ BROKER_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
-def is_broker_error(error: BaseException) -> bool:
-    """Whether `error` is the broker's or the connection's doing. Besides BROKER_ERRORS,
-    aiormq fails what a closing channel or connection leaves pending (a publish waiting
+def _left_pending_at_a_close(error: BaseException) -> bool:
+    """aiormq fails what a closing channel or connection leaves pending (a publish waiting
     to be written, a confirm) with a bare `Exception`: no type of its own, no message."""
-    return isinstance(error, BROKER_ERRORS) or (type(error) is Exception and not error.args)
+    return type(error) is Exception and not error.args
+
+
+def is_broker_error(error: BaseException) -> bool:
+    """Whether `error` is the broker's or the connection's doing."""
+    return isinstance(error, BROKER_ERRORS) or _left_pending_at_a_close(error)
 
 
 @contextlib.contextmanager
@@ -64,7 +68,7 @@ def broker_errors_ignored() -> Iterator[None]:
 
 
 def describe(error: BaseException) -> str:
-    if type(error) is Exception and not error.args:  # aiormq's failure of what was pending
+    if _left_pending_at_a_close(error):
         return "the channel or its connection closed"
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
