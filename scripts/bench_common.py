@@ -121,11 +121,17 @@ class Stopwatch:
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def _program_and_cpu(stat: str) -> tuple[str, float]:
+    """The program of a /proc/PID/stat text, and its utime + stime in seconds (fields 14
+    and 15; the program's name, in parentheses, may hold spaces)."""
+    end = stat.rindex(")")
+    fields = stat[end + 2 :].split()
+    return stat[stat.index("(") + 1 : end], (int(fields[11]) + int(fields[12])) / _TICKS
+
+
 def process_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, in seconds (/proc/PID/stat fields 14 and 15)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
+    """utime + stime of a process, in seconds."""
+    return _program_and_cpu(Path(f"/proc/{pid}/stat").read_text())[1]
 
 
 def process_rss_bytes(pid: int) -> int:
@@ -149,11 +155,10 @@ def servers_cpu_seconds() -> dict[int, tuple[str, float]]:
             text = stat.read_text()
         except OSError:  # the process ended while the list was read
             continue
-        program = text[text.index("(") + 1 : text.rindex(")")]
+        program, seconds = _program_and_cpu(text)
         server = next((name for name, programs in SERVERS.items() if program in programs), None)
         if server is not None:
-            fields = text[text.rindex(")") + 2 :].split()
-            found[int(stat.parent.name)] = (server, (int(fields[11]) + int(fields[12])) / _TICKS)
+            found[int(stat.parent.name)] = (server, seconds)
     return found
 
 
