@@ -135,6 +135,34 @@ async def test_a_dependency_stays_down_in_the_outage_log_until_an_operation_succ
     assert outages.down() == frozenset()
 
 
+async def test_an_operation_that_succeeds_leaves_the_outage_to_the_dependency_check() -> None:
+    """Regression: a read that succeeded after a broken connection ended the outage of a
+    database that took no writes; the next write began it again ("unavailable",
+    "recovered", "unavailable"). Where a dependency has a check, the check decides."""
+    outages = Outages()
+    writable = False
+    checks = 0
+
+    async def check() -> None:
+        nonlocal checks
+        checks += 1
+        if not writable:
+            raise Unavailable("database", "the server takes no writes (read-only)")
+
+    outages.check_with("database", check)
+    with capture_logs() as logs:
+        await retried(Failing(database_down, failures=1), outages=outages, what="a read")
+        watching = asyncio.get_running_loop().create_task(outages.watch(interval=0.01))
+        try:
+            await wait_until(lambda: _now(checks >= 3), what="three failed checks")
+            assert outages.down() == {"database"}
+            writable = True
+            await wait_until(lambda: _now(not outages.down()), what="the check to end it")
+        finally:
+            watching.cancel()
+    assert [line["event"] for line in logs] == ["database unavailable", "database recovered"]
+
+
 async def test_a_bug_is_retried_at_most_its_limit_then_given_up_as_a_bug() -> None:
     assert POLICY.bug is not None
     operation = Failing(lambda: TypeError("unsupported operand"), failures=99)

@@ -9,11 +9,13 @@ uses it, so "transient" means the same thing everywhere.
 
 `Outages` keeps the log of a dependency's outage to two lines however many
 loops are retrying: a warning when the first failure is seen and one info line,
-with how long it lasted, when an operation on it succeeds again. The loop that
-met an outage may end without succeeding (its delivery given back when the
-broker's channel closed, or its caller's deadline passed), so `Outages.watch`
-also checks every dependency that is down and has a check, and ends its outage
-once the check passes.
+with how long it lasted, when it is over. `Outages.watch` checks every
+dependency that is down once a second and ends its outage when its check
+passes. A successful operation ends it only for a dependency without a check:
+it may succeed where other work still fails (a read on a database that takes
+no writes), and the loop that met an outage may end without succeeding at all
+(its delivery given back when the broker's channel closed, or its caller's
+deadline passed).
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ class Outages:
                 except Exception:
                     log.exception("checking a dependency failed with a bug", dependency=dependency)
                     continue
-                self.recovered(dependency)
+                self._ended(dependency)
 
     def failed(self, error: Unavailable) -> None:
         if error.dependency in self._since:
@@ -142,7 +144,15 @@ class Outages:
             f"{error.dependency} unavailable", dependency=error.dependency, error=error.detail
         )
 
-    def recovered(self, dependency: str) -> None:
+    def succeeded(self, dependency: str) -> None:
+        """An operation on `dependency` succeeded. That ends its outage only when nothing
+        better can tell: where the dependency has a check, the check decides (at the
+        watch's next round), for an operation can succeed on a dependency that is still
+        out for others, as a read does on a database that takes no writes."""
+        if dependency not in self._checks:
+            self._ended(dependency)
+
+    def _ended(self, dependency: str) -> None:
         since = self._since.pop(dependency, None)
         if since is None:
             return
@@ -227,5 +237,5 @@ async def retry(
                 raise Abandoned(what) from error
         else:
             for dependency in down:
-                outages.recovered(dependency)
+                outages.succeeded(dependency)
             return result

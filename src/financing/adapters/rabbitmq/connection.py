@@ -145,7 +145,7 @@ class Broker:
             self._connection = connection
             metrics.BROKER_CONNECTED.set(1)
             self._accepted_once = True
-            self._outages.recovered(BROKER)
+            self._outages.succeeded(BROKER)
             return connection
 
     async def _connect(self) -> AbstractConnection:

@@ -65,7 +65,7 @@ class QueriesService(pb.QueriesBase):
             log.exception("reading the read models failed with a bug", read_model=what)
             raise GRPCError(Status.INTERNAL, f"reading {what} failed: internal error") from None
         while self._failed:
-            self._outages.recovered(self._failed.pop())
+            self._outages.succeeded(self._failed.pop())
         return result
 
 
