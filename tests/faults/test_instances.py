@@ -1,7 +1,7 @@
 """Three instances on one PostgreSQL and one RabbitMQ share the work, and take over from
 each other: the relayer leader SIGKILLed, then its PostgreSQL session terminated; the
-active projector SIGKILLed, then every broker connection closed; then any instance
-SIGKILLed.
+active projector SIGKILLed, then every broker connection closed; then either instance
+the clients do not call SIGKILLed while sagas go on.
 
 Command and policy queues are consumed by all three (conflicts retried), one relayer
 publishes (an advisory lock elects it) and one projector projects (single active
@@ -25,6 +25,7 @@ from pathlib import Path
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
+from financing.adapters.rabbitmq.connection import broker_errors_ignored
 from financing.adapters.rabbitmq.topology import EVENTS_EXCHANGE, PROJECTOR_QUEUE
 from tests.faults.conftest import Deploy, add_figure, record_workload, set_figure
 from tests.faults.workload import (
@@ -94,8 +95,12 @@ async def message_ids_on_the_bus(amqp_url: str) -> AsyncIterator[dict[tuple[str,
             aggregate = headers.get("aggregateID")
             if version is not None and aggregate is not None:
                 seen[(str(aggregate), str(version))].add(str(message.message_id))
+            # Acked once noted: a message under way when the connections are closed is
+            # delivered again, where with automatic acks it was lost to the observer.
+            with broker_errors_ignored():
+                await message.ack()
 
-        await queue.consume(note, no_ack=True)
+        await queue.consume(note)
         yield seen
     finally:
         await connection.close()
@@ -169,9 +174,10 @@ async def test_instances_share_the_work_and_take_over_from_killed_ones(deploy: D
             await _projecting_again(instances, before)
             take_overs["every broker connection closed, projector"] = time.monotonic() - cut
 
-            # 3. Any instance.
+            # 3. Any instance but the one whose Commands API the workload calls (without it
+            # no saga can go on until it is back; steps 1 and 2 kill it when it leads).
             await more_sagas(workload, running, 10)
-            victim = rng.choice(instances)
+            victim = rng.choice(instances[1:])
             await victim.kill()
             await more_sagas(workload, running, 5)
             await victim.start()

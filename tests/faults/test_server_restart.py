@@ -185,8 +185,15 @@ async def test_a_broker_memory_alarm_is_one_outage_that_ends_when_the_alarm_clea
     watermark = await asyncio.to_thread(memory_watermark)
     await asyncio.to_thread(run, "rabbitmqctl", "-q", "set_vm_memory_high_watermark", "0.0001")
     try:
-        # The publish is never confirmed; the listener gives up after its budget of 5 s,
-        # in which the outage's end was checked about five times.
+        # The publish is never confirmed; the listener gives up after its budget of 5 s.
+        # The outage is logged by the health probe, whose declaration waits too.
+        assert await enqueue_one(target, timeout=30) is Status.UNAVAILABLE
+
+        async def outage_logged() -> bool:
+            return bool(target.outage_lines("broker"))
+
+        await infra.wait_until(outage_logged, timeout=10, what="the broker's outage logged")
+        # Another 5 s budget, in which the outage's end is checked about five times.
         assert await enqueue_one(target, timeout=30) is Status.UNAVAILABLE
         lines = [event for _, event in target.outage_lines("broker")]
         assert lines == ["broker unavailable"], lines

@@ -36,6 +36,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -493,6 +494,10 @@ class Expected:
     labels: dict[UUID, str] = field(default_factory=dict)
 
 
+# When the saga the current worker task runs must be done (time.monotonic()).
+_saga_deadline: ContextVar[float] = ContextVar("saga_deadline")
+
+
 class Workload:
     """Concurrent financing sagas against one deployment; see the module docstring."""
 
@@ -504,6 +509,7 @@ class Workload:
         concurrency: int = 16,
         within: float = 90.0,
     ) -> None:
+        """`within`: how long one saga may take, faults and restarts included."""
         self.target = target
         self.seed = seed
         self.concurrency = concurrency
@@ -513,13 +519,11 @@ class Workload:
         self.invoices: dict[int, UUID] = {}  # saga index -> the invoice id the client was given
         self.watch = EventStoreWatch(target.event_pool)
         self._jitter = random.Random(seed)
-        self._deadline = 0.0
 
     async def run(self, *, sagas: int | None = None, until: asyncio.Event | None = None) -> None:
         """Run `sagas` sagas, or keep starting new ones until `until` is set; then finish them."""
         if sagas is None and until is None:
             raise ValueError("give a number of sagas or an event that ends the workload")
-        self._deadline = time.monotonic() + self.within
         next_index = 0
 
         async def worker() -> None:
@@ -553,6 +557,9 @@ class Workload:
     ) -> None:
         self.plans[plan.index] = plan
         self.stats.sagas_started += 1
+        # Each worker is a task of its own, so this is the deadline of its saga alone: a
+        # workload that runs until the faults are over may last longer than one saga may.
+        _saga_deadline.set(time.monotonic() + self.within)
         where = f"saga {plan.index}"
         await self._register(plan, publisher)
         investor_ids = {investor.id for investor in plan.investors.values()}
@@ -665,15 +672,15 @@ class Workload:
                     self.stats.commands_retried[what] += 1
                 return result
             self.stats.failures[reason] += 1
-            if time.monotonic() > self._deadline:
-                raise WorkloadError(f"{what} still failing ({reason}) at the workload's deadline")
+            if time.monotonic() > _saga_deadline.get():
+                raise WorkloadError(f"{what} still failing ({reason}) at the saga's deadline")
             # Client backoff, jittered so that retries do not arrive in lockstep.
             await asyncio.sleep(
                 min(0.05 * 2 ** min(attempts, 4), 0.5) * self._jitter.uniform(0.5, 1)
             )
 
     async def _wait(self, predicate: Callable[[EventStoreView], bool], what: str) -> None:
-        if not await self.watch.wait_for(predicate, self._deadline - time.monotonic()):
+        if not await self.watch.wait_for(predicate, _saga_deadline.get() - time.monotonic()):
             raise WorkloadError(
                 f"timed out after {self.within}s waiting for {what}\n"
                 f"service log tail:\n{self.target.log_tail()}"
@@ -809,8 +816,9 @@ def errors_logged(target: Deployment) -> list[dict[str, object]]:
 
 
 # How long an outage may go on being logged as begun once its dependency is back: its
-# end is logged by the component that met it, when that one next succeeds, after a
-# retry pause of at most 2 s (RetryPolicy), or by the next health probe (every 1 s).
+# end is logged when the dependency's check next passes (`Outages.watch`, every 1 s; a
+# check waits for at most 1 s), with room for a loaded machine and the suite's own
+# sessions coming back.
 OUTAGE_END_WITHIN = 15.0
 
 
@@ -821,8 +829,7 @@ async def assert_outages_logged_once(
     begin and end lines, no error line was written, and every line of the log is JSON.
 
     An outage whose end is not logged yet is waited for (OUTAGE_END_WITHIN): the
-    dependency is back, but the component that met the outage may still be in the pause
-    before its next attempt."""
+    dependency is back, but its check may not have run since."""
 
     async def ended() -> bool:
         return len(target.outage_lines(dependency)) % len(expected) == 0
@@ -957,18 +964,27 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def dead_letter_problems(workload: Workload, letters: list[DeadLetter]) -> list[str]:
-    """Only the bids the sagas' investors could not afford are dead letters, each at least once."""
-    refused = {
+def refused_bids(workload: Workload) -> set[tuple[str, str]]:
+    """(investor id, invoice id) of every bid a saga's investor could not afford."""
+    return {
         (str(plan.investors[bid.role].id), str(workload.invoices[index]))
         for index, plan in workload.plans.items()
         for bid in plan.bids
         if bid.outcome == "refused"
     }
+
+
+def _bid_of(letter: DeadLetter) -> tuple[str, str]:
+    return (str(letter.body.get("InvestorID")), str(letter.body.get("InvoiceID")))
+
+
+def dead_letter_problems(workload: Workload, letters: list[DeadLetter]) -> list[str]:
+    """Only the bids the sagas' investors could not afford are dead letters, each at least once."""
+    refused = refused_bids(workload)
     seen: set[tuple[str, str]] = set()
     problems: list[str] = []
     for letter in letters:
-        key = (str(letter.body.get("InvestorID")), str(letter.body.get("InvoiceID")))
+        key = _bid_of(letter)
         if (
             letter.source_queue == "BidOnInvoice"
             and "RuleViolation" in letter.reason
@@ -979,6 +995,24 @@ def dead_letter_problems(workload: Workload, letters: list[DeadLetter]) -> list[
             problems.append(f"unexpected dead letter from {letter.source_queue}: {letter.reason}")
     problems += [f"bid of {i} on {inv} was never dead-lettered" for i, inv in refused - seen]
     return problems
+
+
+# How long the last refused bids may take to reach the dead-letter queue: nothing is stored
+# for them, so `settle()` cannot tell whether they were handled yet.
+DEAD_LETTERS_WITHIN = 30.0
+
+
+async def all_dead_letters(target: Deployment, workload: Workload) -> list[DeadLetter]:
+    """The dead letters, taken until every refused bid is among them or the time is up."""
+    refused = refused_bids(workload)
+    letters = await take_dead_letters(target)
+    deadline = time.monotonic() + DEAD_LETTERS_WITHIN
+    while time.monotonic() < deadline:
+        if refused <= {_bid_of(letter) for letter in letters}:
+            break
+        await asyncio.sleep(0.25)  # the polling period
+        letters += await take_dead_letters(target)
+    return letters
 
 
 async def verify_effects(target: Deployment, workload: Workload) -> Outcome:
@@ -992,7 +1026,7 @@ async def verify_effects(target: Deployment, workload: Workload) -> Outcome:
     """
     got = await outcome(target, workload)
     problems = differences(got, expected_outcome(workload))
-    problems += dead_letter_problems(workload, await take_dead_letters(target))
+    problems += dead_letter_problems(workload, await all_dead_letters(target, workload))
     retried_sells = workload.stats.commands_retried["SellInvoice"]
     if len(got.unknown_invoices) > retried_sells:
         problems.append(

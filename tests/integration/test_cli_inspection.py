@@ -377,7 +377,7 @@ async def test_tail_losing_the_broker_says_so_and_exits_with_a_failure_code() ->
 async def test_the_services_database_sessions_are_named_financing(operated: Operated) -> None:
     names = await operated.events.fetch(
         "SELECT DISTINCT application_name FROM pg_stat_activity"
-        " WHERE datname = $1 AND application_name <> $2",
+        " WHERE datname = $1 AND application_name <> $2 AND backend_type = 'client backend'",
         operated.deployment.command_db.connect_kwargs["database"],
         TESTS,
     )
