@@ -17,6 +17,7 @@ import pytest
 
 from financing.adapters.postgres.connection import (
     COMMAND_DATABASE,
+    acquired,
     connect,
     create_pool,
     ping,
@@ -24,7 +25,7 @@ from financing.adapters.postgres.connection import (
 )
 from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.application import codec
-from financing.application.errors import ConcurrencyConflict, Unavailable
+from financing.application.errors import ConcurrencyConflict, Refused, Unavailable
 from financing.config import Database
 from financing.domain.aggregates import Investor
 from financing.domain.events import BidOnInvoicePlacedEvent
@@ -120,6 +121,54 @@ async def test_a_database_refusing_connections_is_unavailable_until_it_accepts_t
         investor.place_bid(uuid4(), Decimal("10"))
         await uow.save(investor)
     assert [e.version for e in await store.stream(investor_id)] == [1, 2, 3]
+
+
+async def test_a_role_refused_after_start_up_is_an_outage_that_ends_when_it_may_log_in(
+    database: Database,
+) -> None:
+    """Regression: a refusal met once the pool was open (here a role no longer allowed to
+    log in; a rotated password is the same error) was `Refused`, a permanent fault."""
+    role = infra.unique_name("fin_role")
+    admin = await connect(database)
+    await admin.execute(f'CREATE ROLE "{role}" LOGIN')
+    as_role = Database({**database.connect_kwargs, "user": role})
+    try:
+        pool = await create_pool(as_role, COMMAND_DATABASE)
+        try:
+            await ping(pool, COMMAND_DATABASE)
+            await admin.execute(f'ALTER ROLE "{role}" NOLOGIN')
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
+            )
+            # First the session the server ended, then the refused reconnection.
+            details = []
+            for _ in range(2):
+                with pytest.raises(Unavailable) as raised:
+                    await ping(pool, COMMAND_DATABASE)
+                details.append(raised.value.detail)
+            assert "not permitted to log in" in details[-1], details
+            # A process starting now is refused at once.
+            with pytest.raises(Refused):
+                await create_pool(as_role, COMMAND_DATABASE)
+            await admin.execute(f'ALTER ROLE "{role}" LOGIN')
+            await ping(pool, COMMAND_DATABASE)
+        finally:
+            await pool.close()
+    finally:
+        await admin.execute(f'DROP ROLE "{role}"')
+        await admin.close()
+
+
+async def test_an_argument_the_driver_cannot_encode_is_a_bug_not_an_outage(
+    pool: asyncpg.Pool,
+) -> None:
+    """asyncpg raises it as a DataError (SQLSTATE class 22), left as it is: retrying it
+    as an outage would retry a bug forever, quietly."""
+    with pytest.raises(asyncpg.DataError) as raised:
+        async with acquired(pool, COMMAND_DATABASE) as conn:
+            await conn.fetchval("SELECT $1::int", "not a number")
+    assert "invalid input for query argument $1" in str(raised.value)
+    await ping(pool, COMMAND_DATABASE)  # the connection was fine all along
 
 
 async def waiting_on_a_lock(pool: asyncpg.Pool) -> bool:

@@ -11,7 +11,12 @@ from typing import Any
 import asyncpg
 import pytest
 
-from financing.adapters.postgres.connection import COMMAND_DATABASE, acquired, opening
+from financing.adapters.postgres.connection import (
+    COMMAND_DATABASE,
+    acquired,
+    opening,
+    reopening,
+)
 from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.application.errors import (
     AlreadyProcessed,
@@ -121,23 +126,30 @@ async def test_a_release_the_database_cannot_take_is_unavailable() -> None:
 
 
 @pytest.mark.parametrize(
-    ("error", "expected"),
+    ("error", "at_start_up"),
     [
         (ConnectionRefusedError("refused"), Unavailable),
         (asyncpg.CannotConnectNowError("the database system is starting up"), Unavailable),
         (asyncpg.InvalidCatalogNameError('database "x" does not exist'), Refused),
+        (asyncpg.InvalidAuthorizationSpecificationError('role "x" is not permitted'), Refused),
     ],
 )
-async def test_a_connection_that_cannot_be_opened_is_an_outage_or_a_refusal(
-    error: Exception, expected: type[Exception]
+async def test_a_connection_that_cannot_be_opened_is_an_outage_once_the_service_runs(
+    error: Exception, at_start_up: type[Exception]
 ) -> None:
+    """Regression: a refusal met by a pool that had been opened (a password rotated, a
+    role not allowed to log in for a while) was `Refused`, a permanent fault: every
+    delivery was dead-lettered and the Queries API answered INTERNAL, until a restart."""
     pool = FakePool(acquire_error=error)
-    with pytest.raises(expected) as raised:
+    with pytest.raises(Unavailable) as raised:
         async with acquired(pool, COMMAND_DATABASE):  # type: ignore[arg-type]
             pytest.fail("the block ran without a connection")
     assert raised.value.__cause__ is error
     assert pool.released == 0
-    with pytest.raises(expected), opening(COMMAND_DATABASE):
+    with pytest.raises(Unavailable), reopening(COMMAND_DATABASE):
+        raise error
+    # Opening the first connection, at start-up, a refusal fails at once.
+    with pytest.raises(at_start_up), opening(COMMAND_DATABASE):
         raise error
 
 

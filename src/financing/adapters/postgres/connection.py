@@ -3,7 +3,9 @@
 Nothing above the adapter sees asyncpg's exceptions: a database that cannot
 be reached becomes `Unavailable`, two writers racing becomes
 `ConcurrencyConflict`, credentials or a database the server does not know
-become `Refused` when opening a pool. Anything else is left as it is: a bug.
+become `Refused` when opening a pool, at start-up; once the database has
+accepted the service they are an outage like any other. Anything else is left
+as it is: a bug.
 """
 
 from __future__ import annotations
@@ -80,10 +82,18 @@ def _translate(error: BaseException, dependency: str) -> None:
 
 
 def _translate_opening(error: BaseException, dependency: str) -> None:
-    """Raise what a failure to open a connection means: a refusal or an outage; return
-    for a bug."""
+    """Raise what a failure to open the first connection means: a refusal or an outage;
+    return for a bug."""
     if isinstance(error, _REFUSALS):
         raise Refused(dependency, describe(error)) from error
+    _translate_reopening(error, dependency)
+
+
+def _translate_reopening(error: BaseException, dependency: str) -> None:
+    """Raise what a failure to open a connection means once the database has accepted
+    the service: an outage, refusals included (a password rotated, a role not allowed to
+    log in for a while, a database renamed), which ends once the operator is done, as
+    the broker's does; return for a bug."""
     if isinstance(error, Exception) and (
         is_unavailable(error) or isinstance(error, asyncpg.PostgresError)
     ):
@@ -118,8 +128,14 @@ def translated(dependency: str) -> AbstractContextManager[None]:
 
 
 def opening(dependency: str) -> AbstractContextManager[None]:
-    """What a failure to open a connection means: a refusal, an outage, or a bug."""
+    """What a failure to open the first connection means: a refusal, an outage, or a bug."""
     return _Translating(_translate_opening, dependency)
+
+
+def reopening(dependency: str) -> AbstractContextManager[None]:
+    """What a failure to open a connection means once the database accepted the service
+    (a pool made, `create_pool`): an outage, or a bug."""
+    return _Translating(_translate_reopening, dependency)
 
 
 class acquired:
@@ -137,7 +153,7 @@ class acquired:
         self._dependency = dependency
 
     async def __aenter__(self) -> Connection:
-        with opening(self._dependency):
+        with reopening(self._dependency):
             self._conn: PoolConnectionProxy = await self._pool.acquire()
         return self._conn
 
@@ -198,8 +214,9 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 async def connect(
     db: Database, dependency: str = "database", *, application_name: str = SERVICE_APPLICATION
 ) -> asyncpg.Connection:
-    """One dedicated connection, outside any pool (locks, LISTEN)."""
-    with opening(dependency):
+    """One dedicated connection, outside any pool (locks, LISTEN), opened while the
+    service runs: the pool of the same database was made first."""
+    with reopening(dependency):
         return await asyncpg.connect(**_session(db, application_name))
 
 
