@@ -694,7 +694,7 @@ async def test_consumption_resumes_after_the_broker_drops_connections(bus: Bus, 
     assert await bus.queue_state(queue) == (0, 0)
 
 
-async def close_consumer_channel(bus: Bus) -> None:
+async def close_consumer_channel(bus: Bus, queue: str) -> None:
     """Make the broker close the consumer's channel: an ack of a delivery it never made
     is a channel error (PRECONDITION_FAILED, unknown delivery tag)."""
     channel = bus.broker.consumer_channels[-1]
@@ -707,17 +707,27 @@ async def close_consumer_channel(bus: Bus) -> None:
     await wait_until(closed, what="the broker to close the consumer's channel")
 
 
-async def close_connections(bus: Bus) -> None:
+async def close_connections(bus: Bus, queue: str) -> None:
     await rabbitmq.close_connections(bus.vhost.name)
+
+
+async def delete_the_queue(bus: Bus, queue: str) -> None:
+    """Delete the consumer's queue: the broker cancels the consumer and leaves its channel
+    open (regression: the consumer waited for that channel to close, for ever)."""
+    channel = await bus.broker.channel()
+    try:
+        await channel.queue_delete(queue)
+    finally:
+        await channel.close()
 
 
 @pytest.mark.parametrize(
     "broker_closes",
-    [close_consumer_channel, close_connections],
-    ids=["its-channel", "its-connection"],
+    [close_consumer_channel, close_connections, delete_the_queue],
+    ids=["its-channel", "its-connection", "its-queue"],
 )
 async def test_consumer_keeps_consuming_after_the_broker_closes(
-    bus: Bus, queue: str, broker_closes: Callable[[Bus], Awaitable[None]]
+    bus: Bus, queue: str, broker_closes: Callable[[Bus, str], Awaitable[None]]
 ) -> None:
     store = InMemoryEventStore()
     before, after = uuid.uuid4(), uuid.uuid4()
@@ -729,7 +739,7 @@ async def test_consumer_keeps_consuming_after_the_broker_closes(
             return bool(events_of(store, before))
 
         await wait_until(first_processed, what="the message before the closure")
-        await broker_closes(bus)
+        await broker_closes(bus, queue)
         closed_at = time.monotonic()
 
         # The test's own publishing is not what is checked: let it reconnect first.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -40,8 +41,11 @@ async def dead_letter(
     message_id: str,
     reason: str,
     extra: dict[str, object] | None = None,
+    *,
+    dead_letters: DeadLetters | None = None,
 ) -> None:
-    """Deliver one message on `queue`, then dead-letter it as a consumer would."""
+    """Deliver one message on `queue`, then dead-letter it as a consumer would (with
+    `dead_letters`, or a `DeadLetters` of its own)."""
     headers = {"_watermill_message_uuid": message_id, "name": "CreateIssuer", **(extra or {})}
     body = f'{{"ID": "{message_id}"}}'.encode()
     connection = await broker.connection()
@@ -51,8 +55,8 @@ async def dead_letter(
     try:
         source = await channel.declare_queue(queue, passive=True)
         message = await source.get(no_ack=False)
-        dead_letters = DeadLetters(publisher, Outages(), DELIVERIES)
-        await dead_letters.send(message, reason=reason, source_queue=queue)
+        keeper = dead_letters or DeadLetters(publisher, Outages(), DELIVERIES)
+        assert await keeper.keep(message, reason=reason, source_queue=queue)
         await message.ack()
     finally:
         await publisher.close()
@@ -93,6 +97,26 @@ async def test_dead_letters_are_listed_in_order_without_being_consumed(
     assert await list_dead_letters(broker) == letters
     assert [d.message_id for d in await list_dead_letters(broker, limit=2)] == ["m-1", "m-2"]
     assert await rabbitmq.queue_state(await broker.connection(), DEAD_LETTER_QUEUE) == (3, 0)
+
+
+async def test_a_dead_letter_queue_deleted_meanwhile_is_declared_again(broker: Broker) -> None:
+    """Regression: the queue was declared once per process; a copy sent after an operator
+    deleted it came back unroutable, and dead-lettering was retried as an outage for ever."""
+    queue = unique_name("source")
+    await source_queues(broker, queue)
+    publisher = Publisher(broker)
+    dead_letters = DeadLetters(publisher, Outages(), DELIVERIES)
+    try:
+        await dead_letter(broker, queue, "m-1", "first", dead_letters=dead_letters)
+        channel = await broker.channel()
+        await channel.queue_delete(DEAD_LETTER_QUEUE)
+        await channel.close()
+        async with asyncio.timeout(10):
+            await dead_letter(broker, queue, "m-2", "second", dead_letters=dead_letters)
+    finally:
+        await publisher.close()
+
+    assert [d.message_id for d in await list_dead_letters(broker)] == ["m-2"]
 
 
 async def test_dead_letter_copy_has_only_string_headers(

@@ -177,22 +177,33 @@ class QueueConsumer:
     async def run(self) -> None:
         """Consume until cancelled; `consuming` is set once the broker delivers to it."""
         while True:
-            channel, queue, tag = await self._retry_open()
-            closed = asyncio.Event()
-            channel.close_callbacks.add(lambda *_, closed=closed: closed.set())
+            channel, queue, tag, ended = await self._retry_open()
+            channel.close_callbacks.add(lambda *_, ended=ended: ended.set())
             if channel.is_closed:
-                closed.set()
+                ended.set()
             log.info("consuming", queue=self._queue.name)
             self.consuming.set()
             try:
-                await closed.wait()
-                log.debug("consumer channel closed; opening another", queue=self._queue.name)
+                await ended.wait()
+                if channel.is_closed:
+                    log.debug("consumer channel closed; opening another", queue=self._queue.name)
+                else:
+                    # The broker cancelled the consumer and left the channel open: the
+                    # queue was deleted, or the cluster node holding it went down. What
+                    # the channel holds unacked goes back; the queue is declared again.
+                    log.warning(
+                        "the broker cancelled the consumer; consuming again",
+                        queue=self._queue.name,
+                    )
+                    await close_channel(channel)
             finally:
                 if not channel.is_closed:
                     with broker_errors_ignored():
                         await asyncio.wait_for(queue.cancel(tag), timeout=1.0)
 
-    async def _retry_open(self) -> tuple[AbstractChannel, AbstractQueue, ConsumerTag]:
+    async def _retry_open(
+        self,
+    ) -> tuple[AbstractChannel, AbstractQueue, ConsumerTag, asyncio.Event]:
         return await persist(
             self._open,
             policy=NO_BUG_RETRIES,
@@ -200,11 +211,15 @@ class QueueConsumer:
             what=f"consuming {self._queue.name}",
         )
 
-    async def _open(self) -> tuple[AbstractChannel, AbstractQueue, ConsumerTag]:
+    async def _open(self) -> tuple[AbstractChannel, AbstractQueue, ConsumerTag, asyncio.Event]:
+        """A channel consuming the queue, and an event set when the broker cancels the
+        consumer (the caller also sets it when the channel closes)."""
         channel = await self._broker.channel(prefetch=self._prefetch)
+        ended = asyncio.Event()
         try:
             with translated():
                 underlay = await channel.get_underlay_channel()
+            underlay.on_consumer_cancel_callbacks.add(lambda _: ended.set())
             acks = ChannelAcks(lambda tag, multiple: underlay.basic_ack(tag, multiple=multiple))
             queue = await self._queue.declare(channel)
             with translated():
@@ -213,7 +228,7 @@ class QueueConsumer:
             await close_channel(channel)
             raise
         self._channel = channel
-        return channel, queue, tag
+        return channel, queue, tag, ended
 
     async def _received(self, acks: ChannelAcks, message: AbstractIncomingMessage) -> None:
         if message.delivery_tag is not None:

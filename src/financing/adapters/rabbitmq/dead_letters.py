@@ -28,7 +28,7 @@ from financing.adapters.rabbitmq.envelopes import (
     delivery_channel_open,
     header_text,
 )
-from financing.adapters.rabbitmq.publisher import Publisher
+from financing.adapters.rabbitmq.publisher import Publisher, PublishFailed
 from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE, DEAD_LETTERS
 from financing.application.ports import CORRELATION_HEADER
 from financing.application.retry import Abandoned, Outages, RetryPolicy, retry
@@ -135,7 +135,13 @@ class DeadLetters:
             correlation_id=message.correlation_id,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
-        await self._publisher.send_message_to_queue(DEAD_LETTER_QUEUE, copy)
+        try:
+            await self._publisher.send_message_to_queue(DEAD_LETTER_QUEUE, copy)
+        except PublishFailed:
+            # Declare it again next time, in case the queue was deleted meanwhile (a copy
+            # to a queue that is gone comes back unroutable, for ever).
+            self._declared = False
+            raise
         metrics.DEAD_LETTERS.labels(source_queue).inc()
 
     async def keep(
