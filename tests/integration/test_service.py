@@ -93,6 +93,50 @@ async def test_an_unreachable_broker_fails_start_up_within_its_budget(
     assert code == 2
 
 
+async def test_a_signal_while_start_up_waits_for_a_dependency_stops_the_service_at_once(
+    databases: tuple[Database, Database], tmp_path: Path
+) -> None:
+    """Regression: start-up did not look at the signals, so SIGTERM while it waited for
+    a broker was ignored until its budget ran out (then exit 2, or a full start)."""
+    commands, queries = databases
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "COMMAND_SERVER_ADDRESS": f"127.0.0.1:{free_port()}",
+        "QUERY_SERVER_ADDRESS": f"127.0.0.1:{free_port()}",
+        "METRICS_ADDRESS": "",
+        **{
+            variable: f"postgresql://postgres@{infra.PG_HOST}:{infra.PG_PORT}/"
+            + str(db.connect_kwargs["database"])
+            for variable, db in (
+                ("COMMAND_DB_CONNECTION_STRING", commands),
+                ("QUERY_DB_CONNECTION_STRING", queries),
+            )
+        },
+        "AMQP_ADDRESS": f"amqp://guest:guest@127.0.0.1:{free_port()}/",
+        "FINANCING_STARTUP_TIMEOUT": "120",
+    }
+    log_path = tmp_path / "service.log"
+    with log_path.open("w") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "financing", "serve", env=env, stderr=log_file
+        )
+    try:
+
+        async def waiting_for_the_broker() -> bool:
+            return "broker unavailable" in log_path.read_text()
+
+        await infra.wait_until(waiting_for_the_broker, what="start-up waiting for the broker")
+        process.terminate()
+        async with asyncio.timeout(10):
+            code = await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert code == 0, log_path.read_text()[-2000:]
+    assert "stopped while starting" in log_path.read_text()
+
+
 async def _run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(
         subprocess.run,

@@ -1,6 +1,7 @@
 """`financing serve`: wire the selected components (bootstrap) and run them (supervisor).
 
-Exit codes: 0 after SIGINT/SIGTERM, 1 when a component crashed, 2 when
+Exit codes: 0 after SIGINT/SIGTERM (also while starting: start-up is abandoned,
+what it opened closed), 1 when a component crashed, 2 when
 start-up failed (a dependency refused the service or stayed unreachable for
 `FINANCING_STARTUP_TIMEOUT` seconds, or a port could not be listened on).
 """
@@ -8,6 +9,7 @@ start-up failed (a dependency refused the service or stayed unreachable for
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from collections.abc import Iterable
@@ -18,6 +20,7 @@ from financing.entrypoints.bootstrap import (
     COMPONENTS,
     NO_OVERRIDES,
     Overrides,
+    Service,
     StartupError,
     bootstrap,
 )
@@ -42,17 +45,42 @@ async def serve(
     budget = settings.startup_timeout if startup_timeout is None else startup_timeout
     try:
         async with AsyncExitStack() as stack:
-            service = await bootstrap(
-                settings,
-                components,
-                stack,
-                deadline=time.monotonic() + budget,
-                overrides=overrides,
+            starting = asyncio.create_task(
+                bootstrap(
+                    settings,
+                    components,
+                    stack,
+                    deadline=time.monotonic() + budget,
+                    overrides=overrides,
+                )
             )
-            return await supervise(service, stop)
+            if not await _started_unless_stopped(starting, stop):
+                # What start-up opened is closed as the stack unwinds.
+                log.info("stopped while starting")
+                return 0
+            return await supervise(starting.result(), stop)
     except StartupError as error:
         log.error("start-up failed", error=str(error))
         return 2
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+async def _started_unless_stopped(starting: asyncio.Task[Service], stop: asyncio.Event) -> bool:
+    """Wait for start-up to end; a signal meanwhile cancels it (start-up may be waiting
+    for a dependency for its whole budget). Whether it ended, successfully or not."""
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        starting.cancel()
+        raise
+    finally:
+        stopping.cancel()
+    if starting.done():
+        return True
+    starting.cancel()
+    with contextlib.suppress(asyncio.CancelledError, StartupError):
+        await starting
+    return False
