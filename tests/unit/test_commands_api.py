@@ -12,7 +12,7 @@ import betterproto
 import pytest
 from betterproto.lib.google.protobuf import Empty
 from grpclib.client import Channel
-from grpclib.const import Status
+from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
@@ -238,6 +238,33 @@ async def correlated(sender: InMemoryCommandSender) -> AsyncIterator[CommandsStu
     channel.close()
     server.close()
     await server.wait_closed()
+
+
+async def test_a_command_answered_unavailable_carries_its_correlation_id() -> None:
+    """Regression: an error is answered with trailers only, which carried no correlation
+    id; a command answered UNAVAILABLE may have been queued all the same."""
+    down = FlakySender(failures=10**6)
+    server, channel = await _serve(CommandsService(down, Outages(), budget=0.3), correlated=True)
+    chosen = f"saga-{uuid4()}"
+    try:
+        async with channel.request(
+            "/Commands/ApproveFinancing",
+            Cardinality.UNARY_UNARY,
+            ApproveFinancingCommand,
+            Empty,
+            timeout=5,
+            metadata={CORRELATION_METADATA: chosen},
+        ) as stream:
+            await stream.send_message(ApproveFinancingCommand(invoice_id=_id()), end=True)
+            with pytest.raises(GRPCError) as error:
+                await stream.recv_message()
+            trailing = stream.trailing_metadata
+    finally:
+        channel.close()
+        server.close()
+        await server.wait_closed()
+    assert error.value.status is Status.UNAVAILABLE
+    assert trailing is not None and trailing.get(CORRELATION_METADATA) == chosen
 
 
 def _target(stub: CommandsStub) -> str:

@@ -47,13 +47,16 @@ async def probe(settings: Settings) -> int:
     return 1 if problems else 0
 
 
-def _reachable(address: tuple[str, int]) -> tuple[str, int]:
+def reachable(address: tuple[str, int]) -> tuple[str, int]:
+    """Where a listener on `address` answers on this host: a wildcard address is reached
+    on the loopback of its family (asyncio and uvloop listen on `::` for IPv6 only)."""
     host, port = address
-    return ("127.0.0.1" if host in ("0.0.0.0", "::", "") else host), port
+    wildcards = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
+    return wildcards.get(host, host), port
 
 
 async def _grpc_health(address: tuple[str, int], service: str) -> str:
-    host, port = _reachable(address)
+    host, port = reachable(address)
     channel = Channel(host, port)
     try:
         reply = await HealthStub(channel).Check(
@@ -70,7 +73,7 @@ async def _grpc_health(address: tuple[str, int], service: str) -> str:
 
 
 async def _http_health(address: tuple[str, int]) -> str:
-    host, port = _reachable(address)
+    host, port = reachable(address)
     try:
         async with asyncio.timeout(TIMEOUT):
             reader, writer = await asyncio.open_connection(host, port)

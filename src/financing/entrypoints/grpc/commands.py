@@ -26,7 +26,7 @@ import betterproto
 import structlog
 from betterproto.lib.google.protobuf import Empty
 from grpclib.const import Status
-from grpclib.events import RecvRequest, SendInitialMetadata, listen
+from grpclib.events import RecvRequest, SendInitialMetadata, SendTrailingMetadata, listen
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
@@ -78,8 +78,17 @@ def correlate(server: Server) -> None:
         if correlation_id is not None:
             event.metadata[CORRELATION_METADATA] = correlation_id
 
+    async def failing(event: SendTrailingMetadata) -> None:
+        # An error is answered with trailers alone: no initial metadata is sent. A
+        # command answered UNAVAILABLE may still have been queued, so its correlation
+        # is what the client needs to trace it.
+        correlation_id = _correlation.get()
+        if correlation_id is not None and event.status is not Status.OK:
+            event.metadata[CORRELATION_METADATA] = correlation_id
+
     listen(server, RecvRequest, received)
     listen(server, SendInitialMetadata, answering)
+    listen(server, SendTrailingMetadata, failing)
 
 
 def invalid(field: str, problem: str) -> GRPCError:
