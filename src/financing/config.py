@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
-from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 DEFAULT_COMMAND_DB = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_QUERY_DB = "postgresql://postgres@127.0.0.1:5432/queries"
@@ -169,7 +169,7 @@ class Settings:
             query_address=parse_address(value(QUERY_SERVER_ADDRESS)),
             command_db=parse_database(value(COMMAND_DB)),
             query_db=parse_database(value(QUERY_DB)),
-            amqp_url=value(AMQP_ADDRESS),
+            amqp_url=parse_amqp_urls(value(AMQP_ADDRESS)),
             log_level=level,
             snapshot_interval=_positive_int(SNAPSHOT_INTERVAL.name, value(SNAPSHOT_INTERVAL)),
             startup_timeout=_positive_int(STARTUP_TIMEOUT.name, value(STARTUP_TIMEOUT)),
@@ -254,6 +254,43 @@ _LIBPQ_TO_ASYNCPG = {
 }
 
 
+AMQP_SCHEMES = ("amqp", "amqps")
+
+
+def parse_amqp_urls(value: str) -> str:
+    """AMQP_ADDRESS, each of its comma-separated URLs checked (the value never echoed:
+    it holds a password)."""
+    urls = [url.strip() for url in value.split(",") if url.strip()]
+    if not urls:
+        raise ConfigError("AMQP_ADDRESS: no broker URL")
+    for url in urls:
+        parts = split_url(url, "AMQP_ADDRESS")
+        if parts.scheme not in AMQP_SCHEMES:
+            raise ConfigError(
+                f"AMQP_ADDRESS: the scheme must be amqp or amqps, not {parts.scheme!r}"
+            )
+        if not parts.hostname:
+            raise ConfigError("AMQP_ADDRESS: a broker URL names no host")
+    return value
+
+
+def split_url(url: str, what: str) -> SplitResult:
+    """`url`'s parts; a ConfigError when it cannot be one URL as written. A password holding
+    `/`, `?`, `#` or `@` must be percent-encoded: unencoded, it ends the URL's credentials
+    early and the rest of it lands in the host, path or fragment, where it would be shown."""
+    parts = urlsplit(url)
+    if "@" in parts.path or "@" in parts.query or parts.fragment:
+        raise ConfigError(
+            f"{what}: the URL cannot be read as written; percent-encode a password that"
+            " holds '/', '?', '#' or '@'"
+        )
+    try:
+        parts.port  # noqa: B018 - parsed here so that a bad port fails now
+    except ValueError:
+        raise ConfigError(f"{what}: the port must be a number from 0 to 65535") from None
+    return parts
+
+
 def parse_database(value: str) -> Database:
     """A database from a `postgresql://` URL or a libpq `key=value` string.
 
@@ -267,13 +304,10 @@ def parse_database(value: str) -> Database:
 
 
 def _parse_url(url: str) -> Database:
-    parts = urlsplit(url)
+    parts = split_url(url, "connection string")
     query = dict(parse_qsl(parts.query))
     pool_size = _pool_size(query.pop("pool_max_conns", None))
-    try:
-        port = parts.port
-    except ValueError:
-        raise ConfigError("connection string: the port must be a number") from None
+    port = parts.port
     user = unquote(parts.username or "postgres")
     kwargs: dict[str, Any] = {
         "host": parts.hostname or "127.0.0.1",

@@ -4,6 +4,7 @@ from typing import Any
 
 import pytest
 
+from financing.adapters.rabbitmq.connection import describe_url
 from financing.config import (
     DEFAULT_AMQP,
     ConfigError,
@@ -283,3 +284,53 @@ def test_queues_are_classic_unless_quorum_is_asked_for() -> None:
 def test_an_unknown_queue_type_is_a_config_error_naming_the_choices(value: str) -> None:
     with pytest.raises(ConfigError, match="FINANCING_QUEUE_TYPE must be one of classic, quorum"):
         Settings.from_env({"FINANCING_QUEUE_TYPE": value})
+
+
+# Broker URLs
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        f"amqp://guest:{SECRET}@rabbit:99999/",  # a port out of range
+        f"amqp://guest:{SECRET}@rabbit:port/",
+        f"ampq://guest:{SECRET}@rabbit/",  # a misspelt scheme
+        f"amqp://guest:{SECRET}@/",  # no host
+        f"amqp://guest:12/{SECRET}@rabbit/",  # unencoded '/' in the password
+        f"amqp://guest:77#{SECRET}@rabbit:5672/",  # unencoded '#'
+        f"amqp://guest:{SECRET}#x@rabbit:5672/",
+        f"amqp://guest:a?{SECRET}@rabbit/",  # unencoded '?'
+        f"amqp://guest:guest@rabbit/, amqp://guest:{SECRET}@other:99999/",  # the second
+        " , ",
+    ],
+)
+def test_a_broker_url_that_cannot_be_read_as_written_is_a_config_error_that_hides_it(
+    address: str,
+) -> None:
+    """Regression: such a URL reached the broker client, which raised a bug (exit 1, a
+    traceback), and the password could be shown where the URL was described."""
+    with pytest.raises(ConfigError) as error:
+        Settings.from_env({"AMQP_ADDRESS": address})
+    assert "AMQP_ADDRESS" in str(error.value)
+    assert SECRET not in str(error.value)
+
+
+def test_broker_urls_with_an_encoded_password_or_several_brokers_are_taken() -> None:
+    address = "amqps://app:p%2F%23%3F%40ss@rabbit:5671/v, amqp://app:x@other/"
+    assert Settings.from_env({"AMQP_ADDRESS": address}).amqp_urls == [
+        "amqps://app:p%2F%23%3F%40ss@rabbit:5671/v",
+        "amqp://app:x@other/",
+    ]
+
+
+def test_a_database_url_with_an_unencoded_slash_in_its_password_is_refused_unshown() -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_database(f"postgresql://postgres:12/{SECRET}@db:5432/postgres")
+    assert SECRET not in str(error.value)
+
+
+def test_a_broker_url_that_cannot_be_read_is_never_described_with_its_parts() -> None:
+    assert describe_url(f"amqp://guest:{SECRET}#x@rabbit:5672/") == (
+        "(a broker URL that cannot be read)"
+    )
+    assert describe_url(f"amqp://guest:{SECRET}@rabbit:5672/v") == "amqp://rabbit:5672/v"

@@ -16,7 +16,6 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 import aio_pika
 import aiormq
@@ -25,6 +24,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from financing import metrics
 from financing.application.errors import Refused, Unavailable
 from financing.application.retry import Outages
+from financing.config import split_url
 from financing.logging import get_logger
 
 log = get_logger(__name__)
@@ -74,11 +74,14 @@ def describe(error: BaseException) -> str:
 
 
 def describe_url(url: str) -> str:
-    """The broker URL without credentials: safe to log."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path or '/'}"
+    """The broker URL without credentials: safe to log. Settings check the URLs they
+    give (`config.parse_amqp_urls`); one that cannot be read is not shown at all."""
+    try:
+        parts = split_url(url, "broker URL")
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "(a broker URL that cannot be read)"
+    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path or '/'}"
 
 
 @contextlib.contextmanager
