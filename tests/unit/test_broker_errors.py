@@ -68,3 +68,46 @@ async def test_a_publish_failed_by_a_closing_connection_is_an_unconfirmed_publis
         await publisher.publish_events([envelope])
     with pytest.raises(PublishFailed, match="closed"):
         await publisher.publish_events([envelope, envelope])
+
+
+async def rejected_as_aiormq_rejects_on_a_missed_heartbeat() -> BaseException:
+    """aiormq cancels its connection's reader when the broker misses its heartbeats, and
+    fails what is pending with that CancelledError."""
+    store = FutureStore(asyncio.get_running_loop())
+    pending = asyncio.get_running_loop().create_future()
+    store.add(pending)
+    await store.reject_all(asyncio.CancelledError())
+    return pending.exception() or AssertionError("not rejected")
+
+
+async def test_a_publish_failed_by_a_missed_heartbeat_is_an_unconfirmed_publish() -> None:
+    """Regression: the CancelledError came out of the publisher as if its task were being
+    cancelled; in the relayer that stopped the whole service."""
+    error = await rejected_as_aiormq_rejects_on_a_missed_heartbeat()
+    assert isinstance(error, asyncio.CancelledError)
+    publisher = OpenedOnce(ClosingExchange(error))
+    envelope = Envelope(message_id="m-1", name="CreateIssuer", body=b"{}")
+
+    with pytest.raises(PublishFailed, match="heartbeats"):
+        await publisher.publish_events([envelope])
+    with pytest.raises(PublishFailed, match="heartbeats"):
+        await publisher.publish_events([envelope, envelope])
+
+
+async def test_a_publisher_whose_task_is_cancelled_is_cancelled() -> None:
+    started = asyncio.Event()
+
+    class Hanging(ClosingExchange):
+        async def publish(self, *_: Any, **__: Any) -> None:
+            started.set()
+            await asyncio.Event().wait()
+
+    publisher = OpenedOnce(Hanging(RuntimeError()))
+    envelope = Envelope(message_id="m-1", name="CreateIssuer", body=b"{}")
+    for envelopes in ([envelope], [envelope, envelope]):
+        started.clear()
+        publishing = asyncio.create_task(publisher.publish_events(envelopes))
+        await asyncio.wait_for(started.wait(), 5)
+        publishing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await publishing

@@ -57,6 +57,14 @@ def is_broker_error(error: BaseException) -> bool:
     return isinstance(error, BROKER_ERRORS) or _left_pending_at_a_close(error)
 
 
+def failed_by_a_lost_connection(error: BaseException) -> bool:
+    """A CancelledError that nobody cancelling the current task raised: aiormq fails what
+    is pending with the error that ended its connection's reader, which is a
+    CancelledError when the broker missed its heartbeats (the reader was cancelled)."""
+    task = asyncio.current_task()
+    return isinstance(error, asyncio.CancelledError) and task is not None and not task.cancelling()
+
+
 @contextlib.contextmanager
 def broker_errors_ignored() -> Iterator[None]:
     """Let a broker error inside the block go (closing, cancelling: nothing left to do)."""

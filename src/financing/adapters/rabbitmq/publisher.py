@@ -21,6 +21,7 @@ from financing.adapters.rabbitmq.connection import (
     Broker,
     close_channel,
     describe,
+    failed_by_a_lost_connection,
     is_broker_error,
 )
 from financing.adapters.rabbitmq.envelopes import header_text, to_amqp
@@ -139,10 +140,8 @@ class Publisher:
         except TimeoutError:
             raise PublishFailed(f"{what}: not confirmed within {self._confirm_timeout} s") from None
         for result in results:
-            if isinstance(result, asyncio.CancelledError):
-                raise result
             if isinstance(result, BaseException):
-                if is_broker_error(result):
+                if is_broker_error(result) or failed_by_a_lost_connection(result):
                     raise PublishFailed(f"{what}: {_describe(result)}") from result
                 raise result  # not the broker's doing: a bug
             if not isinstance(result, aiormq.spec.Basic.Ack):
@@ -160,9 +159,15 @@ async def _settled(publish: Awaitable[object]) -> object:
         return await publish
     except Exception as error:
         return error
+    except asyncio.CancelledError as error:
+        if not failed_by_a_lost_connection(error):
+            raise  # this task is being cancelled
+        return error
 
 
 def _describe(error: BaseException) -> str:
+    if isinstance(error, asyncio.CancelledError):
+        return "the connection was lost (the broker missed its heartbeats)"
     if isinstance(error, aiormq.exceptions.PublishError):
         return f"returned as unroutable ({getattr(error.frame, 'reply_text', '')})"
     if isinstance(error, aiormq.exceptions.DeliveryError):
