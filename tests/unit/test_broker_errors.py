@@ -111,3 +111,47 @@ async def test_a_publisher_whose_task_is_cancelled_is_cancelled() -> None:
         publishing.cancel()
         with pytest.raises(asyncio.CancelledError):
             await publishing
+
+
+class SlowChannel:
+    """A publishing channel whose broker is slow to answer a declaration."""
+
+    def __init__(self) -> None:
+        self.answer = asyncio.Event()
+        self.declarations = 0
+        self.cancelled = 0
+
+    async def declare_exchange(self, *_: Any, **__: Any) -> object:
+        self.declarations += 1
+        try:
+            await self.answer.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1  # aiormq would close the channel here
+            raise
+        return object()
+
+
+class ProbedOn(Publisher):
+    def __init__(self, channel: SlowChannel) -> None:
+        super().__init__(Broker(["amqp://nowhere/"], Outages()))
+        self._slow = channel
+
+    async def _opened(self, what: str) -> tuple[Any, Any]:
+        return self._slow, object()
+
+
+async def test_a_probe_past_its_callers_deadline_is_not_cancelled_and_is_shared() -> None:
+    """Regression: the watch's one-second deadline cancelled the probe's declaration, and
+    aiormq closes a channel whose call is cancelled: the publishing channel every publish
+    uses was closed every second while the broker was slow."""
+    channel = SlowChannel()
+    publisher = ProbedOn(channel)
+    for _ in range(3):
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.01):
+                await publisher.probe()
+    assert (channel.declarations, channel.cancelled) == (1, 0)
+    channel.answer.set()
+    await asyncio.wait_for(publisher.probe(), 5)  # the first, answered, or a new one
+    assert channel.cancelled == 0
+    await publisher.close()

@@ -52,6 +52,7 @@ class Publisher:
         self._channel: AbstractChannel | None = None
         self._events: AbstractExchange | None = None
         self._opening = asyncio.Lock()
+        self._probing: asyncio.Task[None] | None = None
 
     @property
     def confirm_timeout(self) -> float:
@@ -93,7 +94,18 @@ class Publisher:
 
     async def probe(self) -> None:
         """Return if publishing can work now: the publishing channel is open and the broker
-        takes its declarations (it refuses them, and closes the channel, without permissions)."""
+        takes its declarations (it refuses them, and closes the channel, without permissions).
+
+        One declaration at a time, which a caller's own deadline does not cancel: aiormq
+        closes a channel whose call is cancelled, and this is the channel every publish
+        uses (a watch checking every second would close it every second while the broker
+        is slow to answer). Callers meanwhile wait for the same declaration."""
+        if self._probing is None or self._probing.done():
+            self._probing = asyncio.get_running_loop().create_task(self._probe_once())
+            self._probing.add_done_callback(_retrieved)
+        await asyncio.shield(self._probing)
+
+    async def _probe_once(self) -> None:
         channel, _ = await self._opened("probing the broker")
         try:
             async with asyncio.timeout(self._confirm_timeout):
@@ -148,9 +160,18 @@ class Publisher:
                 raise PublishFailed(f"{what}: not acknowledged by the broker ({result!r})")
 
     async def close(self) -> None:
+        if self._probing is not None:
+            self._probing.cancel()
         channel, self._channel = self._channel, None
         if channel is not None:
             await close_channel(channel)
+
+
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """A probe's failure is its callers' to raise; one left without callers is not logged
+    as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _settled(publish: Awaitable[object]) -> object:
