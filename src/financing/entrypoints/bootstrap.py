@@ -53,6 +53,7 @@ from financing.application.ports import CommandSender, EventStore
 from financing.application.read_models import ReadModelStore
 from financing.application.retry import DELIVERIES, NO_BUG_RETRIES, GaveUp, Outages, retry
 from financing.config import COMPONENTS, Database, Settings
+from financing.entrypoints.grpc.calls import CallsInFlight
 from financing.entrypoints.grpc.codec import RequestCodec
 from financing.entrypoints.grpc.commands import CommandsService, correlate
 from financing.entrypoints.grpc.health import HealthWatch, Probe, Readiness, health_service
@@ -119,7 +120,8 @@ class Service:
     listeners: list[Listener] = field(default_factory=list)
     # Set by each consumer once the broker delivers to it: the service is ready when all are.
     consuming: list[asyncio.Event] = field(default_factory=list)
-    commands: CommandsService | None = None
+    # The calls each gRPC service is answering: shutting down lets them finish first.
+    calls: list[CallsInFlight] = field(default_factory=list)
     health: HealthWatch | None = None
 
 
@@ -185,15 +187,17 @@ async def bootstrap(
             wiring.unrouted()
         await started("declaring the broker topology", wiring.declare, outages, deadline)
         if "commands-api" in selected:
-            service.commands = CommandsService(AmqpCommandSender(publisher), outages)
+            commands = CommandsService(AmqpCommandSender(publisher), outages)
+            service.calls.append(commands.calls)
             server = _grpc_server(
-                service, outages, service.commands, "Commands", Probe(BROKER, publisher.probe)
+                service, outages, commands, "Commands", Probe(BROKER, publisher.probe)
             )
             correlate(server)
             service.listeners.append(Listener("commands-api", server, settings.command_address))
 
     if query_pool is not None and "queries-api" in selected:
         queries = QueriesService(PostgresReadModels(query_pool), outages)
+        service.calls.append(queries.calls)
         probe = Probe(QUERY_DATABASE, lambda: ping(query_pool, QUERY_DATABASE))
         server = _grpc_server(service, outages, queries, "Queries", probe)
         service.listeners.append(Listener("queries-api", server, settings.query_address))

@@ -82,8 +82,9 @@ async def _shut_down(
 ) -> None:
     if service.health is not None:
         await service.health.drain()
-    if service.commands is not None:
-        await service.commands.drain(SHUTDOWN_GRACE)
+    # Calls in flight finish first (closing a listener cancels what it is answering),
+    # within one grace for all the services.
+    await asyncio.gather(*(calls.drain(SHUTDOWN_GRACE) for calls in service.calls))
     for listener in service.listeners:
         listener.server.close()
     stopping.cancel()

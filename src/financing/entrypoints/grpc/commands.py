@@ -15,7 +15,6 @@ that sends a `correlation-id` of its own has it used instead.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -42,6 +41,7 @@ from financing.application.ports import Cause, CommandSender, usable_correlation
 from financing.application.retry import NO_BUG_RETRIES, GaveUp, Outages, retry
 from financing.domain.ids import parse_id
 from financing.domain.money import InvalidAmount, positive_amount
+from financing.entrypoints.grpc.calls import CallsInFlight
 from financing.generated import (
     ApproveFinancingCommand,
     BidOnInvoiceCommand,
@@ -131,17 +131,7 @@ class CommandsService(CommandsBase):
         self._outages = outages
         self._new_id = new_id
         self._budget = budget
-        self._in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._draining = False
-
-    async def drain(self, grace: float) -> None:
-        """Refuse new calls and wait (bounded) for the ones in flight to finish."""
-        self._draining = True
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(grace):
-                await self._idle.wait()
+        self.calls = CallsInFlight()
 
     async def sell_invoice(self, sell_invoice_command: SellInvoiceCommand) -> Uuid:
         issuer_id = parse_uuid(sell_invoice_command.issuer_id, "issuer_id")
@@ -168,16 +158,8 @@ class CommandsService(CommandsBase):
         return Empty()
 
     async def _enqueue(self, command: Command) -> None:
-        if self._draining:
-            raise GRPCError(Status.UNAVAILABLE, "the service is shutting down")
-        self._in_flight += 1
-        self._idle.clear()
-        try:
+        with self.calls.call():
             await self._send(command)
-        finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
 
     async def _send(self, command: Command) -> None:
         """Send while the broker is unavailable, within the budget; the message id is

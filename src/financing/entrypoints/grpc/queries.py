@@ -8,7 +8,7 @@ is logged with its traceback and answered INTERNAL.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 from uuid import UUID
 
@@ -27,6 +27,7 @@ from financing.application.read_models import (
 from financing.application.retry import Outages
 from financing.domain.events import Bid
 from financing.domain.money import to_double
+from financing.entrypoints.grpc.calls import CallsInFlight
 from financing.logging import get_logger
 
 log = get_logger(__name__)
@@ -39,22 +40,26 @@ class QueriesService(pb.QueriesBase):
         self._read_models = read_models
         self._outages = outages
         self._failed: set[str] = set()  # dependencies down at the last failed read
+        self.calls = CallsInFlight()
 
     async def all_investors(self, _: Empty) -> pb.AllInvestorsReply:
-        rows = await self._read("investors", self._read_models.investors())
+        rows = await self._read("investors", self._read_models.investors)
         return pb.AllInvestorsReply(investors=[investor(row) for row in rows])
 
     async def all_invoices(self, _: Empty) -> pb.AllInvoicesReply:
-        rows = await self._read("invoices", self._read_models.invoices())
+        rows = await self._read("invoices", self._read_models.invoices)
         return pb.AllInvoicesReply(invoices=[invoice(row) for row in rows])
 
     async def all_issuers(self, _: Empty) -> pb.AllIssuersReply:
-        rows = await self._read("issuers", self._read_models.issuers())
+        rows = await self._read("issuers", self._read_models.issuers)
         return pb.AllIssuersReply(issuers=[issuer(row) for row in rows])
 
-    async def _read(self, what: str, rows: Awaitable[T]) -> T:
+    async def _read(self, what: str, rows: Callable[[], Awaitable[T]]) -> T:
         try:
-            result = await rows
+            with self.calls.call():
+                result = await rows()
+        except GRPCError:
+            raise  # the service is shutting down
         except Unavailable as error:
             self._failed.add(error.dependency)
             self._outages.failed(error)

@@ -1,0 +1,44 @@
+"""The calls a gRPC service is answering, so that shutting down lets them finish."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+
+class CallsInFlight:
+    """Counts the calls being answered; once draining, a new call is answered UNAVAILABLE.
+
+    The listener's own close cancels the calls it is still answering, so the supervisor
+    drains each service first (docs/reliability.md, "Clean shutdown").
+    """
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._draining = False
+
+    @contextlib.contextmanager
+    def call(self) -> Iterator[None]:
+        if self._draining:
+            raise GRPCError(Status.UNAVAILABLE, "the service is shutting down")
+        self._count += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._count -= 1
+            if self._count == 0:
+                self._idle.set()
+
+    async def drain(self, grace: float) -> None:
+        """Refuse new calls and wait (at most `grace` seconds) for those in flight."""
+        self._draining = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self._idle.wait()

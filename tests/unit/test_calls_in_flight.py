@@ -1,0 +1,62 @@
+"""Shutting down lets the calls in flight finish: each gRPC service drains before its
+listener closes (closing a grpclib server cancels the calls it is still answering)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from betterproto.lib.google.protobuf import Empty
+from grpclib.client import Channel
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+from grpclib.server import Server
+
+from financing.application.read_models import InMemoryReadModels, InvestorRow
+from financing.application.retry import Outages
+from financing.entrypoints.grpc.queries import QueriesService
+from financing.generated import QueriesStub
+
+
+class SlowReadModels(InMemoryReadModels):
+    """Read models whose investors are read once `answer` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = asyncio.Event()
+        self.answer = asyncio.Event()
+
+    async def investors(self) -> list[InvestorRow]:
+        self.reading.set()
+        await self.answer.wait()
+        return await super().investors()
+
+
+async def test_a_query_in_flight_finishes_while_new_ones_are_refused() -> None:
+    """Regression: only the Commands API was drained; a query in flight was cancelled by
+    the listener's close, and its client got a broken stream instead of its answer."""
+    read_models = SlowReadModels()
+    queries = QueriesService(read_models, Outages())
+    server = Server([queries])
+    await server.start("127.0.0.1", 0)
+    port = server._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    channel = Channel("127.0.0.1", port)
+    stub = QueriesStub(channel, timeout=10)
+    try:
+        in_flight = asyncio.create_task(stub.all_investors(Empty()))
+        await asyncio.wait_for(read_models.reading.wait(), 5)
+        draining = asyncio.create_task(queries.calls.drain(grace=10))
+        with pytest.raises(GRPCError) as refused:
+            await stub.all_investors(Empty())
+        assert not draining.done()
+        read_models.answer.set()
+        await asyncio.wait_for(draining, 5)
+        server.close()
+        reply = await asyncio.wait_for(in_flight, 5)
+    finally:
+        channel.close()
+        server.close()
+        await server.wait_closed()
+    assert reply.investors == []
+    assert refused.value.status is Status.UNAVAILABLE
+    assert "shutting down" in (refused.value.message or "")
