@@ -187,6 +187,36 @@ async def test_approve_without_invoice_id_is_invalid_argument(commands: Commands
     assert "invoice_id" in (error.value.message or "")
 
 
+@pytest.mark.parametrize(
+    ("route", "request_type"),
+    [
+        ("/Commands/SellInvoice", SellInvoiceCommand),
+        ("/Commands/BidOnInvoice", BidOnInvoiceCommand),
+        ("/Commands/ApproveFinancing", ApproveFinancingCommand),
+        ("/Commands/ReverseFinancing", ReverseFinancingCommand),
+    ],
+)
+async def test_a_call_that_sends_no_message_is_invalid_argument(
+    commands: CommandsStub,
+    sender: InMemoryCommandSender,
+    route: str,
+    request_type: type[betterproto.Message],
+) -> None:
+    """Regression: the handler was given None and failed with an AttributeError, answered
+    UNKNOWN with an error logged."""
+    # A client-streaming call to the unary method: grpclib's unary client insists on a
+    # message, other clients do not.
+    async with commands.channel.request(
+        route, Cardinality.STREAM_UNARY, request_type, Empty, timeout=5
+    ) as stream:
+        await stream.send_request(end=True)
+        with pytest.raises(GRPCError) as error:
+            await stream.recv_message()
+    assert error.value.status is Status.INVALID_ARGUMENT
+    assert (error.value.message or "").startswith("request: a message is required")
+    assert sender.sent == []
+
+
 async def test_a_briefly_failing_broker_is_retried_with_the_same_message_id() -> None:
     flaky = FlakySender(failures=2)
     server, channel = await _serve(CommandsService(flaky, Outages(), budget=5.0))
