@@ -207,6 +207,30 @@ async def test_slow_concurrent_writers_are_relayed_exactly_once_in_commit_order(
     assert await outbox.pending(100) == []
 
 
+async def test_an_event_store_restored_from_another_server_is_refused_not_left_unrelayed(
+    pool: asyncpg.Pool,
+) -> None:
+    """Regression: ids written by another server (a restored dump) were compared with
+    this server's; every new event sorted before the checkpoint, and nothing was ever
+    relayed, without a word."""
+    investor = new_investor()
+    async with pool.acquire() as conn:
+        ahead = await conn.fetchval(
+            "SELECT (pg_snapshot_xmax(pg_current_snapshot())::text::numeric"
+            " + 4294967296 * 3)::text::xid8"
+        )
+        await conn.execute(
+            "INSERT INTO events (aggregate_type, aggregate_id, version, name, body,"
+            " transaction_id) VALUES ($1, $2, 1, $3, '{}'::json, $4)",
+            investor.aggregate_type,
+            investor.id,
+            codec.name_of(investor.changes[0]),
+            ahead,
+        )
+    with pytest.raises(ValueError, match="restored from another server"):
+        await PostgresOutbox(pool).pending(100)
+
+
 async def test_relayed_events_are_no_longer_pending_even_for_a_new_outbox(
     pool: asyncpg.Pool,
 ) -> None:

@@ -145,15 +145,40 @@ _LAG = (
 )
 
 
+# Whether the stored transaction ids are ahead of the server's: every committed
+# transaction of this server is below its next one (the snapshot's xmax), so an event or
+# a checkpoint at or above it was written on another server, its database restored here
+# (pg_dump, logical replication). Relay order, the checkpoint and the lag compare those
+# ids with this server's: every new event would sort before the checkpoint, and none
+# would ever be relayed.
+_IDS_AHEAD = (
+    "SELECT greatest((SELECT max(transaction_id) FROM events),"
+    " (SELECT max(transaction_id) FROM relay_checkpoints))"
+    " >= pg_snapshot_xmax(pg_current_snapshot())"
+)
+
+
 class PostgresOutbox:
     def __init__(self, pool: asyncpg.Pool, name: str = "relayer") -> None:
         self._pool = pool
         self._name = name
+        self._ids_checked = False
 
     async def pending(self, limit: int, after: StoredEvent | None = None) -> list[StoredEvent]:
         """Up to `limit` committed events after the checkpoint, or after `after` when
-        given, in commit order."""
+        given, in commit order. The first call checks that the stored transaction ids
+        are this server's (ValueError if not)."""
         async with acquired(self._pool, COMMAND_DATABASE) as conn:
+            if not self._ids_checked:
+                if await conn.fetchval(_IDS_AHEAD):
+                    raise ValueError(
+                        "the event store's transaction ids are ahead of this server's: the"
+                        " database was restored from another server, and no new event"
+                        " would ever be relayed. Before the service starts on it, raise"
+                        " the server's transaction id epoch above the old server's"
+                        ' (pg_resetwal -e; docs/deployment.md, "Moving the command database")'
+                    )
+                self._ids_checked = True
             if after is None:
                 rows = await conn.fetch(_PENDING, self._name, limit)
             else:
