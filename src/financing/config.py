@@ -227,7 +227,10 @@ def parse_duration(name: str, raw: str) -> timedelta:
         raise ConfigError(
             f"{name} must be a duration such as 7d, 12h, 30m or 3600 (seconds), got {raw!r}"
         )
-    return timedelta(seconds=int(match[1]) * _SECONDS_PER_UNIT[match[2]])
+    try:
+        return timedelta(seconds=int(match[1]) * _SECONDS_PER_UNIT[match[2]])
+    except OverflowError:
+        raise ConfigError(f"{name} is too long a duration, got {raw!r}") from None
 
 
 def parse_address(address: str) -> tuple[str, int]:

@@ -1,4 +1,4 @@
-"""`financing health-check` reaches a listener on a wildcard address through the loopback."""
+"""`financing health-check`: what it probes, and where."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from financing.entrypoints.cli.health_check import reachable
+from financing.config import Settings
+from financing.entrypoints.cli.health_check import health_check, reachable
 
 
 @pytest.mark.parametrize("wildcard", ["0.0.0.0", "::"])
@@ -30,3 +31,11 @@ async def test_a_listener_on_every_address_is_reached_on_the_loopback_of_its_fam
 def test_a_named_address_is_probed_as_it_is_and_no_host_on_the_ipv4_loopback() -> None:
     assert reachable(("10.1.2.3", 8080)) == ("10.1.2.3", 8080)
     assert reachable(("", 8080)) == ("127.0.0.1", 8080)  # every address of both families
+
+
+async def test_a_process_with_nothing_to_check_is_not_reported_healthy() -> None:
+    """Regression: with no gRPC component and no metrics endpoint, no check ran and the
+    process was reported healthy whatever its state."""
+    settings = Settings.from_env({"METRICS_ADDRESS": "", "FINANCING_COMPONENTS": "projector"})
+    problems = await health_check(settings, settings.components)
+    assert problems and problems[0].startswith("nothing to check"), problems

@@ -68,7 +68,9 @@ def test_deduplication_records_are_kept_a_week_by_default() -> None:
 
 
 # The last is a full-width 7.
-@pytest.mark.parametrize("raw", ["0", "0d", "-1d", "7w", "d", "1.5h", "seven days", "\uff17d"])
+@pytest.mark.parametrize(
+    "raw", ["0", "0d", "-1d", "7w", "d", "1.5h", "seven days", "\uff17d", "1000000000d", "9" * 30]
+)
 def test_a_retention_window_that_is_not_a_positive_duration_is_a_configuration_error(
     raw: str,
 ) -> None:

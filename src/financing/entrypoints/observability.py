@@ -68,13 +68,17 @@ class MetricsEndpoint:
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            async with asyncio.timeout(10):
-                request = await reader.readline()
-                while (await reader.readline()).strip():
-                    pass  # the headers: nothing in them matters here
-            words = request.split()
-            path = words[1].decode("ascii", "replace").split("?", 1)[0] if len(words) > 1 else ""
-            status, content_type, body = _response(path, self._healthy)
+            try:
+                async with asyncio.timeout(10):
+                    request = await reader.readline()
+                    while (await reader.readline()).strip():
+                        pass  # the headers: nothing in them matters here
+            except ValueError:  # a line longer than the reader's limit (64 KiB)
+                status, content_type, body = "400 Bad Request", "text/plain", b"line too long\n"
+            else:
+                words = request.split()
+                path = words[1].decode("ascii", "replace").split("?", 1)[0] if words[1:] else ""
+                status, content_type, body = _response(path, self._healthy)
             writer.write(
                 f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()

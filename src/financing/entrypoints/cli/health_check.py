@@ -36,6 +36,9 @@ async def health_check(settings: Settings, components: Iterable[str]) -> list[st
         checks.append(_grpc_health(settings.query_address, "Queries"))
     if settings.metrics_address is not None:
         checks.append(_http_health(settings.metrics_address))
+    if not checks:
+        # Passing would say a process is healthy that nothing was asked of.
+        return ["nothing to check: no gRPC component is selected and METRICS_ADDRESS is empty"]
     return [problem for problem in await asyncio.gather(*checks) if problem]
 
 
