@@ -7,7 +7,7 @@ import asyncio
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from decimal import Decimal
@@ -16,6 +16,8 @@ import pytest
 import structlog
 from aio_pika.abc import AbstractChannel
 
+from financing.adapters.rabbitmq import consumer as consumer_module
+from financing.adapters.rabbitmq.acks import ChannelAcks
 from financing.adapters.rabbitmq.connection import Broker
 from financing.adapters.rabbitmq.consumer import (
     SHUTDOWN_GRACE,
@@ -761,6 +763,40 @@ async def test_consumer_keeps_consuming_after_the_broker_closes(
         assert await bus.queue_state(queue) == (0, 1)  # one consumer again, nothing left
     assert events_of(store, before) == ["IssuerCreatedEvent"]
     assert events_of(store, after) == ["IssuerCreatedEvent"]
+
+
+async def test_an_ack_not_written_on_an_open_channel_gives_the_channel_up_for_a_redelivery(
+    bus: Bus, queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: an ack whose frame could not be written in time (the connection blocked
+    by a broker alarm) was taken for one lost with its channel; the channel stayed open,
+    so the broker held the message unacked, and its prefetch slot, until it closed."""
+    monkeypatch.setattr(consumer_module, "ACK_TIMEOUT", 0.2)
+    write = ChannelAcks._write
+    blocked = True
+
+    async def first_write_blocks(acks: ChannelAcks, ready: Mapping[int, object]) -> None:
+        nonlocal blocked
+        if blocked:
+            blocked = False
+            await asyncio.Event().wait()  # as a write to a blocked connection waits
+        await write(acks, ready)
+
+    monkeypatch.setattr(ChannelAcks, "_write", first_write_blocks)
+    store = InMemoryEventStore()
+    issuer = uuid.uuid4()
+    handler = Counting(exactly_once(store, "create_issuer", handlers.create_issuer))
+    async with consuming(bus, on_command_queue(queue, "CreateIssuer"), handler) as running:
+        await bus.publisher.send_to_queue(queue, envelope(CreateIssuer(issuer)))
+        await wait_until(
+            lambda: rabbitmq.queue_settled(bus.vhost.name, queue),
+            timeout=10,
+            what="the message delivered again on a new channel, and acked",
+        )
+        assert handler.calls == 2  # the second found it processed: a duplicate
+        assert not running.task.done()
+        assert await bus.queue_state(queue) == (0, 1)
+    assert events_of(store, issuer) == ["IssuerCreatedEvent"]
 
 
 async def refused_by_the_broker(publisher: Publisher, queue: str) -> None:

@@ -72,11 +72,13 @@ class AmqpDelivery:
         source: str,
         dead_letters: DeadLetters,
         acks: ChannelAcks,
+        abandon: Callable[[str], None],
     ) -> None:
         self._message = message
         self._source = source
         self._dead_letters = dead_letters
         self._acks = acks
+        self._abandon = abandon  # give up the channel, so that the broker delivers again
         self._tag = message.delivery_tag or 0
 
     @property
@@ -130,9 +132,13 @@ class AmqpDelivery:
         except Exception as error:
             if not is_broker_error(error):
                 raise
-            # The channel died after the work was done: the broker delivers the
-            # message again and the consumer's deduplication absorbs it.
-            log.debug("ack lost with its channel; expecting a redelivery")
+            if delivery_channel_open(self._message):
+                # The frame was not written (the connection blocked by a broker alarm
+                # past the timeout): on a channel still open the broker would hold the
+                # message unacked, and its prefetch slot, until the channel closes.
+                self._abandon("an ack could not be written on the open channel")
+            # The broker delivers the message again; deduplication absorbs the copy.
+            log.debug("ack lost; expecting a redelivery")
 
     async def release(self) -> None:
         """Hand the message back to the broker for another delivery."""
@@ -142,6 +148,17 @@ class AmqpDelivery:
 
 
 OnDelivery = Callable[[AmqpDelivery], None]
+
+
+class _Ended(asyncio.Event):
+    """Set once a consuming channel is to be given up; why, when it is still open."""
+
+    reason = ""
+
+    def end(self, reason: str) -> None:
+        if not self.is_set():
+            self.reason = reason
+            self.set()
 
 
 class QueueConsumer:
@@ -188,12 +205,12 @@ class QueueConsumer:
                 if channel.is_closed:
                     log.debug("consumer channel closed; opening another", queue=self._queue.name)
                 else:
-                    # The broker cancelled the consumer and left the channel open: the
-                    # queue was deleted, or the cluster node holding it went down. What
-                    # the channel holds unacked goes back; the queue is declared again.
+                    # Given up while open (`_Ended`): what the channel holds unacked goes
+                    # back to the queue, which is declared again.
                     log.warning(
-                        "the broker cancelled the consumer; consuming again",
+                        "consuming again on a new channel",
                         queue=self._queue.name,
+                        reason=ended.reason,
                     )
                     await close_channel(channel)
             finally:
@@ -203,7 +220,7 @@ class QueueConsumer:
 
     async def _retry_open(
         self,
-    ) -> tuple[AbstractChannel, AbstractQueue, ConsumerTag, asyncio.Event]:
+    ) -> tuple[AbstractChannel, AbstractQueue, ConsumerTag, _Ended]:
         return await persist(
             self._open,
             policy=NO_BUG_RETRIES,
@@ -211,29 +228,41 @@ class QueueConsumer:
             what=f"consuming {self._queue.name}",
         )
 
-    async def _open(self) -> tuple[AbstractChannel, AbstractQueue, ConsumerTag, asyncio.Event]:
-        """A channel consuming the queue, and an event set when the broker cancels the
-        consumer (the caller also sets it when the channel closes)."""
+    async def _open(self) -> tuple[AbstractChannel, AbstractQueue, ConsumerTag, _Ended]:
+        """A channel consuming the queue, and what is set once it is to be given up (the
+        caller also sets it when the channel closes)."""
         channel = await self._broker.channel(prefetch=self._prefetch)
-        ended = asyncio.Event()
+        ended = _Ended()
         try:
             with translated():
                 underlay = await channel.get_underlay_channel()
-            underlay.on_consumer_cancel_callbacks.add(lambda _: ended.set())
+            underlay.on_consumer_cancel_callbacks.add(
+                lambda _: ended.end(
+                    "the broker cancelled the consumer (its queue deleted, or the cluster"
+                    " node holding it down)"
+                )
+            )
             acks = ChannelAcks(lambda tag, multiple: underlay.basic_ack(tag, multiple=multiple))
             queue = await self._queue.declare(channel)
             with translated():
-                tag = await queue.consume(functools.partial(self._received, acks))
+                tag = await queue.consume(functools.partial(self._received, acks, ended.end))
         except BaseException:
             await close_channel(channel)
             raise
         self._channel = channel
         return channel, queue, tag, ended
 
-    async def _received(self, acks: ChannelAcks, message: AbstractIncomingMessage) -> None:
+    async def _received(
+        self,
+        acks: ChannelAcks,
+        abandon: Callable[[str], None],
+        message: AbstractIncomingMessage,
+    ) -> None:
         if message.delivery_tag is not None:
             acks.delivered(message.delivery_tag)
-        self._on_delivery(AmqpDelivery(message, self._queue.name, self._dead_letters, acks))
+        self._on_delivery(
+            AmqpDelivery(message, self._queue.name, self._dead_letters, acks, abandon)
+        )
 
     async def close(self) -> None:
         """Close the current channel: every message not yet acked goes back to the queue."""
