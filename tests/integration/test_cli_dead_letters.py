@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -18,7 +19,7 @@ from financing.adapters.rabbitmq.dead_letters import list_dead_letters
 from financing.application.retry import Outages
 from tests.integration.test_rabbitmq_dead_letters import dead_letter, source_queues
 from tests.support import rabbitmq
-from tests.support.infra import unique_name
+from tests.support.infra import unique_name, wait_until
 from tests.support.service import CommandLine, run_cli
 
 HEADINGS = ("DEAD-LETTERED AT", "SOURCE QUEUE", "NAME", "MESSAGE ID")
@@ -34,9 +35,11 @@ class Seeded:
     queue_a: str
     queue_b: str
 
-    async def financing(self, *args: str) -> CommandLine:
+    async def financing(self, *args: str, env: dict[str, str] | None = None) -> CommandLine:
         """`financing dead-letters ARGS` with AMQP_ADDRESS naming the vhost."""
-        return await run_cli({**os.environ, "AMQP_ADDRESS": self.vhost.url}, "dead-letters", *args)
+        return await run_cli(
+            {**os.environ, "AMQP_ADDRESS": self.vhost.url, **(env or {})}, "dead-letters", *args
+        )
 
     async def remaining(self) -> list[str]:
         return [letter.message_id for letter in await list_dead_letters(self.broker)]
@@ -154,3 +157,28 @@ async def test_requeue_by_message_id_sends_that_letter_back_to_its_queue(
     connection = await seeded.broker.connection()
     [requeued] = await rabbitmq.drain(connection, seeded.queue_a, expected=1)
     assert requeued.message_id == "a-2"
+
+
+async def test_requeue_leaves_letters_older_than_the_retention_unless_told_any_age(
+    seeded: Seeded,
+) -> None:
+    """An older letter's message may have been applied since (a rebuild, another copy)
+    and its deduplication record pruned: requeued, it could apply twice."""
+    letters = await list_dead_letters(seeded.broker)
+    newest = max(letter.dead_lettered or datetime.now(UTC) for letter in letters)
+
+    async def older_than_a_second() -> bool:
+        return datetime.now(UTC) - newest > timedelta(seconds=1.2)
+
+    await wait_until(older_than_a_second, what="the letters older than the retention of 1 s")
+    short = {"FINANCING_DEDUP_RETENTION": "1s"}
+
+    kept = await seeded.financing("requeue", "--queue", seeded.queue_a, env=short)
+    assert kept.exit_code == 0, kept.describe()
+    assert kept.stdout.splitlines()[0] == "requeued 0 dead letter(s)"
+    assert "left 2 dead letter(s) older than FINANCING_DEDUP_RETENTION" in kept.stdout
+    assert sorted(await seeded.remaining()) == ["a-1", "a-2", "b-1"]
+
+    forced = await seeded.financing("requeue", "--queue", seeded.queue_a, "--any-age", env=short)
+    assert forced.stdout.strip() == "requeued 2 dead letter(s)", forced.describe()
+    assert await seeded.remaining() == ["b-1"]

@@ -116,6 +116,22 @@ async def test_an_earlier_transaction_committing_last_holds_back_the_later_one(
     assert [e.position for e in relayed] == [1, 2, 3, 4]
 
 
+async def test_reading_the_whole_store_stops_where_the_relayer_would(pool: asyncpg.Pool) -> None:
+    """Regression: a rebuild read every committed event, so one committed behind a
+    transaction still running was projected before that transaction's events, which the
+    relayer publishes first: the rebuilt lists were in another order than the live ones."""
+    store = PostgresEventStore(pool)
+    slow, fast = new_investor(), new_investor()
+
+    async with open_transaction(pool, slow):
+        async with store.unit_of_work() as fast_uow:
+            await fast_uow.save(fast)
+        assert [stored async for stored in store.read_all()] == []
+
+    read = [stored async for stored in store.read_all()]
+    assert keys(read) == [(slow.id, 1), (slow.id, 2), (fast.id, 1), (fast.id, 2)]
+
+
 async def test_pending_after_an_event_reads_on_from_it_under_the_same_horizon(
     pool: asyncpg.Pool,
 ) -> None:

@@ -28,7 +28,7 @@ READS: dict[tuple[str, ...], tuple[Variable, ...]] = {
     ("projections", "rebuild"): (COMMAND_DB, QUERY_DB),
     ("check",): (COMMAND_DB, QUERY_DB),
     ("dead-letters", "list"): (AMQP_ADDRESS, QUEUE_TYPE),
-    ("dead-letters", "requeue"): (AMQP_ADDRESS, QUEUE_TYPE),
+    ("dead-letters", "requeue"): (AMQP_ADDRESS, QUEUE_TYPE, DEDUP_RETENTION),
     ("dead-letters", "discard"): (AMQP_ADDRESS, QUEUE_TYPE),
     ("trace",): (COMMAND_DB, AMQP_ADDRESS),
     ("events",): (COMMAND_DB, QUERY_DB),

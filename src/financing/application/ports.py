@@ -213,7 +213,8 @@ class EventStore(Protocol):
         ...
 
     def read_all(self, batch_size: int = 500) -> AsyncIterator[StoredEvent]:
-        """Every committed event, in commit order."""
+        """Every committed event that the relayer could relay now, in commit order (the
+        order of relaying): a transaction still running holds back the later ones."""
         ...
 
 

@@ -486,6 +486,22 @@ class _UnitOfWorkScope:
         await self._acquired.__aexit__(kind, error, tb)
 
 
+# The relaying horizon: the oldest transaction of the statement's snapshot still in
+# progress that may be writing to this database, or the snapshot's xmax when none
+# is. Transaction ids are the server's, so pg_snapshot_xmin counts every database on
+# it (the query database's projector, another application): those that
+# pg_stat_activity shows in another database cannot write events here and are left
+# out. One that ended between the snapshot and that look is not shown, so it counts:
+# the horizon can only be too low (relaying waits), never too high.
+RELAYING_HORIZON = (
+    "coalesce("
+    "(SELECT min(running) FROM pg_snapshot_xip(pg_current_snapshot()) AS running"
+    " WHERE running::xid NOT IN (SELECT backend_xid FROM pg_stat_activity"
+    " WHERE backend_xid IS NOT NULL AND datname <> current_database())),"
+    " pg_snapshot_xmax(pg_current_snapshot()))"
+)
+
+
 class PostgresEventStore:
     """The event store; PostgreSQL's errors leave it as Unavailable or ConcurrencyConflict."""
 
@@ -512,11 +528,16 @@ class PostgresEventStore:
         return [stored_event(row) for row in rows]
 
     async def read_all(self, batch_size: int = 500) -> AsyncIterator[StoredEvent]:
-        """Every event committed when the first batch is read, in commit order.
+        """Every event the relayer could relay when the first batch is read (those of
+        transactions below the relaying horizon), in commit order: what is read is a
+        prefix of the order in which the relayer publishes, so a projection rebuilt
+        from it lists rows as the live projector does. A transaction still running
+        with a smaller id than a committed one holds that one back, as it holds back
+        the relayer.
 
         One read-only REPEATABLE READ transaction gives every batch the same
-        snapshot, so an event committed meanwhile with a smaller order key
-        cannot slip in behind the pagination key.
+        snapshot and horizon, so an event committed meanwhile with a smaller order
+        key cannot slip in behind the pagination key.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -525,13 +546,16 @@ class PostgresEventStore:
             acquired(self._pool, COMMAND_DATABASE) as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
+            horizon = await conn.fetchval(f"SELECT {RELAYING_HORIZON}")
             while True:
                 rows = await conn.fetch(
                     f"SELECT {EVENT_COLUMNS} FROM events"
                     " WHERE (transaction_id, position) > ($1::xid8, $2)"
+                    " AND transaction_id < $4::xid8"
                     " ORDER BY transaction_id, position LIMIT $3",
                     *after,
                     batch_size,
+                    horizon,
                 )
                 for row in rows:
                     yield stored_event(row)

@@ -4,7 +4,7 @@
 after 11; a reader that moved past 11 would never see 10. Instead events are
 read in `(transaction_id, position)` order and only from transactions below a
 horizon under which every transaction that could write here has finished
-(`_HORIZON`), so no event can later appear before one already read.
+(`event_store.RELAYING_HORIZON`), so no event can later appear before one already read.
 The checkpoint, the order key of the last event marked relayed, is stored per
 relayer name in `relay_checkpoints`; the relayer reads on from the last event
 it relayed (`pending(limit, after)`, under the same horizon) between two marks.
@@ -27,7 +27,12 @@ from financing.adapters.postgres.connection import (
     is_unavailable,
     translated,
 )
-from financing.adapters.postgres.event_store import EVENT_COLUMNS, NOTIFY_CHANNEL, stored_event
+from financing.adapters.postgres.event_store import (
+    EVENT_COLUMNS,
+    NOTIFY_CHANNEL,
+    RELAYING_HORIZON,
+    stored_event,
+)
 from financing.application.errors import Unavailable
 from financing.application.ports import StoredEvent
 from financing.config import Database
@@ -53,32 +58,17 @@ _CHECKPOINT = (
     " coalesce((SELECT position FROM relay_checkpoints WHERE name = $1), 0))"
 )
 
-# The relaying horizon: the oldest transaction of the statement's snapshot still in
-# progress that may be writing to this database, or the snapshot's xmax when none
-# is. Transaction ids are the server's, so pg_snapshot_xmin counts every database on
-# it (the query database's projector, another application): those that
-# pg_stat_activity shows in another database cannot write events here and are left
-# out. One that ended between the snapshot and that look is not shown, so it counts:
-# the horizon can only be too low (relaying waits), never too high.
-_HORIZON = (
-    "coalesce("
-    "(SELECT min(running) FROM pg_snapshot_xip(pg_current_snapshot()) AS running"
-    " WHERE running::xid NOT IN (SELECT backend_xid FROM pg_stat_activity"
-    " WHERE backend_xid IS NOT NULL AND datname <> current_database())),"
-    " pg_snapshot_xmax(pg_current_snapshot()))"
-)
-
 _PENDING = (
     f"SELECT {EVENT_COLUMNS} FROM events"
     f" WHERE (transaction_id, position) > {_CHECKPOINT}"
-    f" AND transaction_id < {_HORIZON}"
+    f" AND transaction_id < {RELAYING_HORIZON}"
     " ORDER BY transaction_id, position LIMIT $2"
 )
 # The same after a given event ($1, $2) instead of the checkpoint.
 _PENDING_AFTER = (
     f"SELECT {EVENT_COLUMNS} FROM events"
     " WHERE (transaction_id, position) > ($1::xid8, $2)"
-    f" AND transaction_id < {_HORIZON}"
+    f" AND transaction_id < {RELAYING_HORIZON}"
     " ORDER BY transaction_id, position LIMIT $3"
 )
 

@@ -1,8 +1,10 @@
 """Rebuilding the read models from the event store (`financing projections rebuild`).
 
-The whole event store is replayed, in commit order, into a fresh schema, with
-each event recorded as processed under the message id the relayer publishes
-it with; then the fresh schema replaces the live one in one transaction. Until
+The whole event store is replayed, in the order the relayer publishes it (up
+to the relaying horizon: `PostgresEventStore.read_all`), into a fresh schema,
+with each event recorded as processed under the message id the relayer
+publishes it with; then the fresh schema replaces the live one in one
+transaction. Until
 that commit, queries read the old read models; after it, the new ones: never
 a half-built state.
 

@@ -86,6 +86,8 @@ class Selection:
     message_id: str | None = None
     aggregate_id: str | None = None
     correlation_id: str | None = None
+    # Dead-lettered at or after this time (a letter that does not say when matches).
+    since: datetime | None = None
 
     def matches(self, letter: DeadLetter) -> bool:
         criteria = (
@@ -94,6 +96,9 @@ class Selection:
             (self.aggregate_id, letter.aggregate_id),
             (self.correlation_id, letter.correlation_id),
         )
+        when = letter.dead_lettered
+        if self.since is not None and when is not None and when < self.since:
+            return False
         return all(wanted is None or wanted == actual for wanted, actual in criteria)
 
 

@@ -29,6 +29,7 @@ from financing.config import (
     COMMAND_SERVER_ADDRESS,
     COMPONENTS,
     COMPONENTS_VARIABLE,
+    DEDUP_RETENTION,
     LOGGER_LEVEL,
     METRICS_ADDRESS,
     QUERY_DB,
@@ -230,9 +231,16 @@ def _add_dead_letters(commands: _Commands) -> None:
         "requeue",
         "send dead letters back to their source queue",
         *BROKER_VARIABLES,
+        DEDUP_RETENTION,
         run=_requeue,
     )
     _selection_arguments(requeue)
+    requeue.add_argument(
+        "--any-age",
+        action="store_true",
+        help="also letters older than FINANCING_DEDUP_RETENTION (their messages'"
+        " deduplication records may be pruned: one could apply twice)",
+    )
     discard = letters.add(
         "discard",
         "remove dead letters for good (say --all for every one)",
@@ -353,7 +361,7 @@ async def _list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _requeue(settings: Settings, args: argparse.Namespace) -> int:
-    return await dead_letter_commands.requeue(settings, _selection(args))
+    return await dead_letter_commands.requeue(settings, _selection(args), any_age=args.any_age)
 
 
 async def _discard(settings: Settings, args: argparse.Namespace) -> int:

@@ -10,6 +10,8 @@ exits 1 rather than report "0" as if all were well.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
+from datetime import UTC, datetime
 
 from financing.adapters.rabbitmq.connection import Broker, connected
 from financing.adapters.rabbitmq.dead_letters import (
@@ -53,13 +55,31 @@ def _details(letter: DeadLetter, bodies: bool) -> list[str]:
     return details
 
 
-async def requeue(settings: Settings, selection: Selection) -> int:
+async def requeue(settings: Settings, selection: Selection, *, any_age: bool = False) -> int:
+    """Requeue the letters `selection` matches; unless `any_age`, only those younger than
+    the deduplication records' retention: an older one's message may have been applied
+    since (a rebuild, another copy) and its record pruned, so it could apply twice."""
+    kept_since = datetime.now(UTC) - settings.dedup_retention
     async with connected(settings.amqp_urls, settings.queue_type) as broker:
         if not await _queue_known(broker, selection):
             return 1
-        count = await requeue_dead_letters(broker, selection=selection)
+        young = selection if any_age else replace(selection, since=kept_since)
+        count = await requeue_dead_letters(broker, selection=young)
+        left = [
+            letter
+            for letter in (
+                [] if any_age else await list_dead_letters(broker, 1_000_000, selection=selection)
+            )
+            if (when := letter.dead_lettered) is not None and when < kept_since
+        ]
     print(f"requeued {count} dead letter(s)")
-    return _found(count, selection)
+    if left:
+        print(
+            f"left {len(left)} dead letter(s) older than FINANCING_DEDUP_RETENTION"
+            f" ({settings.dedup_retention}): the records that would stop a second effect of"
+            " their messages may be pruned; --any-age requeues them as well"
+        )
+    return _found(count + len(left), selection)
 
 
 async def discard(settings: Settings, selection: Selection) -> int:
