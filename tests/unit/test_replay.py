@@ -12,7 +12,7 @@ import pytest
 
 from financing.adapters.postgres.rebuild import replay
 from financing.application.errors import Unavailable
-from financing.application.memory import InMemoryEventStore
+from financing.application.memory import InMemoryEventStore, following
 from financing.application.ports import StoredEvent
 from financing.application.read_models import InMemoryReadModels
 from financing.domain.aggregates import Issuer
@@ -40,8 +40,10 @@ class ReadInBatches(InMemoryEventStore):
         self.fail_after = fail_after
         self.gave_more = asyncio.Event()  # set at each event given
 
-    async def read_all(self, batch_size: int = 500) -> AsyncIterator[StoredEvent]:
-        for index, stored in enumerate(list(self.events)):
+    async def read_all(
+        self, batch_size: int = 500, after: StoredEvent | None = None
+    ) -> AsyncIterator[StoredEvent]:
+        for index, stored in enumerate(following(list(self.events), after)):
             if index % batch_size == 0:
                 await round_trip()  # the one that reads the next batch
             if index == self.fail_after:
@@ -94,7 +96,7 @@ async def test_every_event_is_applied_once_in_commit_order_one_batch_at_a_time()
     store, target = ReadInBatches(), Recorded()
     ids = await issuers(store, 10)
 
-    assert await replay(store, target, batch_size=3) == 10
+    assert await replay(store, target, batch_size=3) == (10, store.events[-1])
 
     assert target.batches == [ids[0:3], ids[3:6], ids[6:9], ids[9:]]
     assert target.most_at_once == 1
@@ -118,7 +120,7 @@ async def test_the_next_batch_is_read_while_one_is_applied() -> None:
                         await store.gave_more.wait()
 
     target = WaitsForTheNextBatch()
-    assert await replay(store, target, batch_size=3) == 6
+    assert await replay(store, target, batch_size=3) == (6, store.events[-1])
     assert len(target.batches) == 2
 
 
@@ -158,3 +160,16 @@ async def test_a_read_that_fails_while_a_batch_is_applied_cancels_it() -> None:
     assert target.cancelled == 1
     assert target.applying == 0
     assert asyncio.all_tasks() == before
+
+
+async def test_a_replay_after_an_event_applies_only_those_that_follow_it() -> None:
+    """The rebuild's catch-up goes on from the last event its replay read, rather than
+    reading the whole store again while the live projector waits."""
+    store, target = ReadInBatches(), Recorded()
+    ids = await issuers(store, 7)
+
+    count, last = await replay(store, target, batch_size=3, after=store.events[3])
+
+    assert (count, last) == (3, store.events[-1])
+    assert target.batches == [ids[4:7]]
+    assert await replay(store, Recorded(), batch_size=3, after=last) == (0, last)

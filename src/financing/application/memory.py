@@ -98,8 +98,10 @@ class InMemoryEventStore:
     async def stream(self, aggregate_id: UUID) -> list[StoredEvent]:
         return [e for e in self.events if e.aggregate_id == aggregate_id]
 
-    async def read_all(self, batch_size: int = 500) -> AsyncIterator[StoredEvent]:
-        for event in list(self.events):
+    async def read_all(
+        self, batch_size: int = 500, after: StoredEvent | None = None
+    ) -> AsyncIterator[StoredEvent]:
+        for event in following(list(self.events), after):
             yield event
 
 
@@ -111,3 +113,11 @@ class InMemoryCommandSender:
     async def send(self, command: Command, message_id: UUID, cause: Cause) -> None:
         self.sent.append((command, message_id))
         self.causes.append(cause)
+
+
+def following(events: list[StoredEvent], after: StoredEvent | None) -> list[StoredEvent]:
+    """The events after `after` (all of them without it), in their order."""
+    if after is None:
+        return events
+    positions = [event.position for event in events]
+    return events[positions.index(after.position) + 1 :] if after.position in positions else []

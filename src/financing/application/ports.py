@@ -212,9 +212,12 @@ class EventStore(Protocol):
         """Every event of one aggregate, in version order."""
         ...
 
-    def read_all(self, batch_size: int = 500) -> AsyncIterator[StoredEvent]:
+    def read_all(
+        self, batch_size: int = 500, after: StoredEvent | None = None
+    ) -> AsyncIterator[StoredEvent]:
         """Every committed event that the relayer could relay now, in commit order (the
-        order of relaying): a transaction still running holds back the later ones."""
+        order of relaying): a transaction still running holds back the later ones. With
+        `after` (an event it gave before), the events that follow it."""
         ...
 
 

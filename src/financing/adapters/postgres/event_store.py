@@ -527,7 +527,9 @@ class PostgresEventStore:
             )
         return [stored_event(row) for row in rows]
 
-    async def read_all(self, batch_size: int = 500) -> AsyncIterator[StoredEvent]:
+    async def read_all(
+        self, batch_size: int = 500, after: StoredEvent | None = None
+    ) -> AsyncIterator[StoredEvent]:
         """Every event the relayer could relay when the first batch is read (those of
         transactions below the relaying horizon), in commit order: what is read is a
         prefix of the order in which the relayer publishes, so a projection rebuilt
@@ -537,11 +539,12 @@ class PostgresEventStore:
 
         One read-only REPEATABLE READ transaction gives every batch the same
         snapshot and horizon, so an event committed meanwhile with a smaller order
-        key cannot slip in behind the pagination key.
+        key cannot slip in behind the pagination key. With `after`, the events that
+        follow it.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        after: tuple[Any, int] = (0, 0)
+        key: tuple[Any, int] = (0, 0) if after is None else (after.transaction_id, after.position)
         async with (
             acquired(self._pool, COMMAND_DATABASE) as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
@@ -553,7 +556,7 @@ class PostgresEventStore:
                     " WHERE (transaction_id, position) > ($1::xid8, $2)"
                     " AND transaction_id < $4::xid8"
                     " ORDER BY transaction_id, position LIMIT $3",
-                    *after,
+                    *key,
                     batch_size,
                     horizon,
                 )
@@ -561,4 +564,4 @@ class PostgresEventStore:
                     yield stored_event(row)
                 if len(rows) < batch_size:
                     return
-                after = (rows[-1]["transaction_id"], rows[-1]["position"])
+                key = (rows[-1]["transaction_id"], rows[-1]["position"])

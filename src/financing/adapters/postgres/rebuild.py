@@ -10,8 +10,9 @@ a half-built state.
 
 The live projector may keep running meanwhile. The swap first locks the live
 `processed_messages` against writes (reads go on), so the projector pauses;
-if it projected anything the replay did not cover, the replay is run again
-(events already applied are skipped by message id) before the swap. Events
+if it projected anything the replay did not cover, the replay goes on from the
+last event it read (events already applied are skipped by message id) before
+the swap. Events
 that never were in the event store (from a foreign publisher) are not kept.
 """
 
@@ -32,7 +33,7 @@ from financing.adapters.postgres.read_models import (
     quoted_schema,
 )
 from financing.adapters.postgres.schema import migrate
-from financing.application.ports import EventStore
+from financing.application.ports import EventStore, StoredEvent
 from financing.application.read_models import ReadModelStore
 from financing.domain.events import DomainEvent
 from financing.logging import get_logger
@@ -70,7 +71,7 @@ async def rebuild(
     try:
         async with acquired(query_pool, QUERY_DATABASE) as conn:
             await create_tables(conn, fresh)
-        events = await replay(store, target, batch_size)
+        events, last = await replay(store, target, batch_size)
         async with acquired(query_pool, QUERY_DATABASE) as conn, conn.transaction():
             await conn.execute(f"LOCK TABLE {live_sql}.processed_messages IN EXCLUSIVE MODE")
             behind = await conn.fetchval(
@@ -79,8 +80,10 @@ async def rebuild(
                 " WHERE fresh.message_id = live.message_id))"
             )
             if behind:
+                # The projector waits meanwhile: only what followed the replay is read.
                 log.info("live projection moved on during the rebuild, catching up")
-                events = await replay(store, target, batch_size)
+                more, _ = await replay(store, target, batch_size, after=last)
+                events += more
             await conn.execute(f"ALTER SCHEMA {live_sql} RENAME TO {retired_sql}")
             await conn.execute(f"ALTER SCHEMA {fresh_sql} RENAME TO {live_sql}")
             await conn.execute(f"DROP SCHEMA {retired_sql} CASCADE")
@@ -93,8 +96,15 @@ async def rebuild(
     return report
 
 
-async def replay(store: EventStore, target: ReadModelStore, batch_size: int) -> int:
-    """Apply every event of `store` to `target` in batches, in commit order; how many.
+async def replay(
+    store: EventStore,
+    target: ReadModelStore,
+    batch_size: int,
+    *,
+    after: StoredEvent | None = None,
+) -> tuple[int, StoredEvent | None]:
+    """Apply every event of `store` (after `after`, when given) to `target` in batches,
+    in commit order; how many, and the last (`after` when there were none).
 
     Reading and decoding a batch is this process's work, applying one mostly the
     database's: a batch is applied while the next one is read and decoded, so that
@@ -104,10 +114,12 @@ async def replay(store: EventStore, target: ReadModelStore, batch_size: int) -> 
     rather than once the whole batch is decoded.
     """
     count = 0
+    last = after
     batch: list[tuple[str, DomainEvent]] = []
     applying: asyncio.Task[None] | None = None
     try:
-        async for stored in store.read_all(batch_size):
+        async for stored in store.read_all(batch_size, after):
+            last = stored
             batch.append((stored.message_id, stored.event))
             if len(batch) % TURN == 0 and applying is not None:
                 await asyncio.sleep(0)
@@ -132,7 +144,7 @@ async def replay(store: EventStore, target: ReadModelStore, batch_size: int) -> 
                 # Taken as seen: a failure of it was raised by `await applying` above,
                 # or came beside the one being raised (the same outage, as a rule).
                 applying.exception()
-    return count
+    return count, last
 
 
 async def _discard(query_pool: asyncpg.Pool, schema_sql: str) -> None:
