@@ -336,6 +336,37 @@ async def tailing(env: Mapping[str, str]) -> AsyncIterator[asyncio.subprocess.Pr
             await tail.wait()
 
 
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+async def test_tail_stopped_while_it_connects_exits_zero(stop: signal.Signals) -> None:
+    """Regression: the signals were handled only once connected; while a broker did not
+    answer, Ctrl-C gave 130 and SIGTERM killed it (143)."""
+    proxy = rabbitmq.BrokerProxy()
+    await proxy.start()
+    await proxy.cut()  # connections are accepted and never answered
+    tail = await asyncio.create_subprocess_exec(
+        *financing_command(),
+        "tail",
+        env={**os.environ, "AMQP_ADDRESS": proxy.url("/")},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+
+        async def connecting() -> bool:
+            return proxy.connections > 0
+
+        await infra.wait_until(connecting, what="financing tail connecting")
+        tail.send_signal(stop)
+        async with asyncio.timeout(10):
+            _, stderr = await tail.communicate()
+    finally:
+        if tail.returncode is None:
+            tail.kill()
+            await tail.wait()
+        await proxy.close()
+    assert tail.returncode == 0, stderr.decode()[-2000:]
+
+
 async def test_tail_prints_each_event_live_until_ctrl_c_then_leaves_no_queue_behind(
     operated: Operated,
 ) -> None:

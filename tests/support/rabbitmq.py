@@ -213,6 +213,11 @@ class BrokerProxy:
         port = self._server.sockets[0].getsockname()[1]
         return f"amqp://guest:guest@127.0.0.1:{port}/{vhost}"
 
+    @property
+    def connections(self) -> int:
+        """Client connections open through it (answered or, once cut, left hanging)."""
+        return len(self._sockets)
+
     async def cut(self) -> None:
         """Drop every relayed connection; from now on connections hang unanswered."""
         self._cut = True

@@ -31,17 +31,20 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 async def run_tail(settings: Settings) -> int:
-    """Follow until a signal (exit code 0); Unavailable when the broker goes away."""
-    async with connected(settings.amqp_urls) as broker:
-        follow = asyncio.create_task(
-            follow_events(broker, _print, lambda: _announce(settings.amqp_urls))
-        )
-        with _stopping_on_signal(follow) as signalled:
-            try:
-                await follow
-            except asyncio.CancelledError:
-                if not signalled.is_set():
-                    raise
+    """Follow until a signal (exit code 0), connecting included; Unavailable when the
+    broker goes away."""
+
+    async def tailing() -> None:
+        async with connected(settings.amqp_urls) as broker:
+            await follow_events(broker, _print, lambda: _announce(settings.amqp_urls))
+
+    follow = asyncio.create_task(tailing())
+    with _stopping_on_signal(follow) as signalled:
+        try:
+            await follow
+        except asyncio.CancelledError:
+            if not signalled.is_set():
+                raise
     return 0
 
 
