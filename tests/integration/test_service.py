@@ -24,6 +24,7 @@ from financing.entrypoints.bootstrap import COMPONENTS, StartupError, bootstrap
 from financing.entrypoints.supervisor import supervise
 from financing.generated import QueriesStub
 from tests.support import infra
+from tests.support.deployment import service_env
 from tests.support.service import ServiceProcess, free_port
 
 
@@ -98,21 +99,14 @@ async def test_a_signal_while_start_up_waits_for_a_dependency_stops_the_service_
 ) -> None:
     """Regression: start-up did not look at the signals, so SIGTERM while it waited for
     a broker was ignored until its budget ran out (then exit 2, or a full start)."""
-    commands, queries = databases
     env = {
-        "PATH": "/usr/bin:/bin",
-        "COMMAND_SERVER_ADDRESS": f"127.0.0.1:{free_port()}",
-        "QUERY_SERVER_ADDRESS": f"127.0.0.1:{free_port()}",
-        "METRICS_ADDRESS": "",
-        **{
-            variable: f"postgresql://postgres@{infra.PG_HOST}:{infra.PG_PORT}/"
-            + str(db.connect_kwargs["database"])
-            for variable, db in (
-                ("COMMAND_DB_CONNECTION_STRING", commands),
-                ("QUERY_DB_CONNECTION_STRING", queries),
-            )
-        },
-        "AMQP_ADDRESS": f"amqp://guest:guest@127.0.0.1:{free_port()}/",
+        **service_env(
+            *databases,
+            f"amqp://guest:guest@127.0.0.1:{free_port()}/",  # nothing listens there
+            command_address=("127.0.0.1", free_port()),
+            query_address=("127.0.0.1", free_port()),
+            metrics_address=("127.0.0.1", free_port()),
+        ),
         "FINANCING_STARTUP_TIMEOUT": "120",
     }
     log_path = tmp_path / "service.log"

@@ -16,19 +16,21 @@ from financing.application.ports import Envelope
 from financing.application.retry import Outages
 
 
-async def rejected_as_aiormq_rejects_on_close() -> BaseException:
-    """The exception a pending future of a closing aiormq channel is failed with."""
+async def rejected_as_aiormq_rejects(reason: BaseException | None = None) -> BaseException:
+    """The exception a pending future of aiormq's is failed with as its channel or
+    connection closes: a bare Exception, or what ended the connection's reader (a
+    CancelledError when the broker missed its heartbeats)."""
     store = FutureStore(asyncio.get_running_loop())
     pending = asyncio.get_running_loop().create_future()
     store.add(pending)
-    await store.reject_all(None)
+    await store.reject_all(reason)
     error = pending.exception()
     assert error is not None
     return error
 
 
 async def test_aiormqs_failure_of_what_a_closing_channel_left_pending_is_a_broker_error() -> None:
-    error = await rejected_as_aiormq_rejects_on_close()
+    error = await rejected_as_aiormq_rejects()
 
     assert is_broker_error(error)
     with pytest.raises(Unavailable, match="closed"), translated():
@@ -51,17 +53,19 @@ class ClosingExchange:
         raise self.error
 
 
-class OpenedOnce(Publisher):
-    def __init__(self, exchange: ClosingExchange) -> None:
+class OpenedOn(Publisher):
+    """A publisher whose channel and `events` exchange are the test's."""
+
+    def __init__(self, *, channel: Any = None, exchange: Any = None) -> None:
         super().__init__(Broker(["amqp://nowhere/"], Outages()))
-        self._exchange = exchange
+        self._given = (channel, exchange)
 
     async def _opened(self, what: str) -> tuple[Any, Any]:
-        return object(), self._exchange
+        return self._given
 
 
 async def test_a_publish_failed_by_a_closing_connection_is_an_unconfirmed_publish() -> None:
-    publisher = OpenedOnce(ClosingExchange(await rejected_as_aiormq_rejects_on_close()))
+    publisher = OpenedOn(exchange=ClosingExchange(await rejected_as_aiormq_rejects()))
     envelope = Envelope(message_id="m-1", name="CreateIssuer", body=b"{}")
 
     with pytest.raises(PublishFailed, match="closed"):
@@ -70,22 +74,12 @@ async def test_a_publish_failed_by_a_closing_connection_is_an_unconfirmed_publis
         await publisher.publish_events([envelope, envelope])
 
 
-async def rejected_as_aiormq_rejects_on_a_missed_heartbeat() -> BaseException:
-    """aiormq cancels its connection's reader when the broker misses its heartbeats, and
-    fails what is pending with that CancelledError."""
-    store = FutureStore(asyncio.get_running_loop())
-    pending = asyncio.get_running_loop().create_future()
-    store.add(pending)
-    await store.reject_all(asyncio.CancelledError())
-    return pending.exception() or AssertionError("not rejected")
-
-
 async def test_a_publish_failed_by_a_missed_heartbeat_is_an_unconfirmed_publish() -> None:
     """Regression: the CancelledError came out of the publisher as if its task were being
     cancelled; in the relayer that stopped the whole service."""
-    error = await rejected_as_aiormq_rejects_on_a_missed_heartbeat()
+    error = await rejected_as_aiormq_rejects(asyncio.CancelledError())
     assert isinstance(error, asyncio.CancelledError)
-    publisher = OpenedOnce(ClosingExchange(error))
+    publisher = OpenedOn(exchange=ClosingExchange(error))
     envelope = Envelope(message_id="m-1", name="CreateIssuer", body=b"{}")
 
     with pytest.raises(PublishFailed, match="heartbeats"):
@@ -102,7 +96,7 @@ async def test_a_publisher_whose_task_is_cancelled_is_cancelled() -> None:
             started.set()
             await asyncio.Event().wait()
 
-    publisher = OpenedOnce(Hanging(RuntimeError()))
+    publisher = OpenedOn(exchange=Hanging(RuntimeError()))
     envelope = Envelope(message_id="m-1", name="CreateIssuer", body=b"{}")
     for envelopes in ([envelope], [envelope, envelope]):
         started.clear()
@@ -131,21 +125,12 @@ class SlowChannel:
         return object()
 
 
-class ProbedOn(Publisher):
-    def __init__(self, channel: SlowChannel) -> None:
-        super().__init__(Broker(["amqp://nowhere/"], Outages()))
-        self._slow = channel
-
-    async def _opened(self, what: str) -> tuple[Any, Any]:
-        return self._slow, object()
-
-
 async def test_a_probe_past_its_callers_deadline_is_not_cancelled_and_is_shared() -> None:
     """Regression: the watch's one-second deadline cancelled the probe's declaration, and
     aiormq closes a channel whose call is cancelled: the publishing channel every publish
     uses was closed every second while the broker was slow."""
     channel = SlowChannel()
-    publisher = ProbedOn(channel)
+    publisher = OpenedOn(channel=channel)
     for _ in range(3):
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.01):

@@ -188,7 +188,6 @@ async def bootstrap(
         await started("declaring the broker topology", wiring.declare, outages, deadline)
         if "commands-api" in selected:
             commands = CommandsService(AmqpCommandSender(publisher), outages)
-            service.calls.append(commands.calls)
             server = _grpc_server(
                 service, outages, commands, "Commands", Probe(BROKER, publisher.probe)
             )
@@ -197,7 +196,6 @@ async def bootstrap(
 
     if query_pool is not None and "queries-api" in selected:
         queries = QueriesService(PostgresReadModels(query_pool), outages)
-        service.calls.append(queries.calls)
         probe = Probe(QUERY_DATABASE, lambda: ping(query_pool, QUERY_DATABASE))
         server = _grpc_server(service, outages, queries, "Queries", probe)
         service.listeners.append(Listener("queries-api", server, settings.query_address))
@@ -220,9 +218,15 @@ def _healthy(service: Service, outages: Outages) -> bool:
 
 
 def _grpc_server(
-    service: Service, outages: Outages, api: object, name: str, probe: Probe
+    service: Service,
+    outages: Outages,
+    api: CommandsService | QueriesService,
+    name: str,
+    probe: Probe,
 ) -> Server:
-    """A gRPC server for `api`, with health checking and reflection beside it."""
+    """A gRPC server for `api`, with health checking and reflection beside it; its calls
+    in flight are let finish when the service shuts down."""
+    service.calls.append(api.calls)
     if service.health is None:
         service.health = HealthWatch(outages)
         service.workers["health"] = service.health.run
