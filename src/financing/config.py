@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 from urllib.parse import SplitResult, parse_qsl, quote, unquote, urlsplit, urlunsplit
@@ -75,6 +75,12 @@ QUEUE_TYPE = Variable(
     "type of the queues the service declares: classic (as the reference's), or quorum"
     " (replicated across a RabbitMQ cluster)",
 )
+DB_TIMEOUT = Variable(
+    "FINANCING_DB_TIMEOUT",
+    "10",
+    "how long PostgreSQL may take to answer a statement or a new connection before the"
+    " database counts as unavailable (30s, 1m, or seconds)",
+)
 METRICS_ADDRESS = Variable(
     "METRICS_ADDRESS", "0.0.0.0:8082", "Prometheus /metrics listen address (set empty: none)"
 )
@@ -88,6 +94,7 @@ VARIABLES = (
     SNAPSHOT_INTERVAL,
     STARTUP_TIMEOUT,
     DEDUP_RETENTION,
+    DB_TIMEOUT,
     METRICS_ADDRESS,
     COMPONENTS_VARIABLE,
     QUEUE_TYPE,
@@ -96,10 +103,13 @@ VARIABLES = (
 
 @dataclass(frozen=True)
 class Database:
-    """A PostgreSQL connection: asyncpg keyword arguments and the pool size."""
+    """A PostgreSQL connection: asyncpg keyword arguments, the pool size, and how long
+    the server may take to answer (a statement, or a connection attempt unless the
+    connection string sets its own `connect_timeout`)."""
 
     connect_kwargs: Mapping[str, Any]
     pool_max_size: int = 10
+    answer_timeout: float = 10.0
 
     def dsn(self) -> str:
         """A `postgresql://` URL (with the password) for tools that want one."""
@@ -114,7 +124,10 @@ class Database:
         )
 
     def __repr__(self) -> str:
-        return f"Database({self.describe()}, pool_max_size={self.pool_max_size})"
+        return (
+            f"Database({self.describe()}, pool_max_size={self.pool_max_size},"
+            f" answer_timeout={self.answer_timeout})"
+        )
 
     def describe(self) -> str:
         """Where the database is, without the password: safe to log."""
@@ -123,7 +136,7 @@ class Database:
         return f"{kw.get('user', '')}@{where}"
 
     def with_database(self, name: str) -> Database:
-        return Database({**self.connect_kwargs, "database": name}, self.pool_max_size)
+        return replace(self, connect_kwargs={**self.connect_kwargs, "database": name})
 
 
 @dataclass(frozen=True)
@@ -164,11 +177,12 @@ class Settings:
             level = "WARNING"
         if level not in LOG_LEVELS:
             raise ConfigError(f"LOGGER_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+        answer_timeout = parse_duration(DB_TIMEOUT.name, value(DB_TIMEOUT)).total_seconds()
         return cls(
             command_address=parse_address(value(COMMAND_SERVER_ADDRESS)),
             query_address=parse_address(value(QUERY_SERVER_ADDRESS)),
-            command_db=parse_database(value(COMMAND_DB)),
-            query_db=parse_database(value(QUERY_DB)),
+            command_db=replace(parse_database(value(COMMAND_DB)), answer_timeout=answer_timeout),
+            query_db=replace(parse_database(value(QUERY_DB)), answer_timeout=answer_timeout),
             amqp_url=parse_amqp_urls(value(AMQP_ADDRESS)),
             log_level=level,
             snapshot_interval=_positive_int(SNAPSHOT_INTERVAL.name, value(SNAPSHOT_INTERVAL)),

@@ -57,10 +57,14 @@ async def deploy() -> AsyncIterator[Deploy]:
     async with AsyncExitStack() as stack:
 
         async def start(
-            prefix: str, extra_env: Mapping[str, str] | None = None, *, redeliveries: int = 1
+            prefix: str,
+            extra_env: Mapping[str, str] | None = None,
+            *,
+            redeliveries: int = 1,
+            database_via: tuple[str, int] | None = None,
         ) -> Deployment:
             return await stack.enter_async_context(
-                deployment(prefix, extra_env, redeliveries=redeliveries)
+                deployment(prefix, extra_env, redeliveries=redeliveries, database_via=database_via)
             )
 
         yield start

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 
@@ -29,7 +30,7 @@ from financing.adapters.postgres.read_models import PostgresReadModels
 from financing.adapters.postgres.schema import migrate
 from financing.application.errors import Unavailable
 from financing.generated import QueriesStub
-from tests.faults.conftest import Deploy, add_figure, record_workload
+from tests.faults.conftest import Deploy, add_figure, record_workload, set_figure
 from tests.faults.workload import (
     OBSERVER_APPLICATION,
     Deployment,
@@ -41,9 +42,12 @@ from tests.faults.workload import (
 )
 from tests.support import infra
 from tests.support.metrics import scrape, value
+from tests.support.relay import Relay
 
 ROUNDS = 4
 ROUNDS_OF_IDLE_CUTS = 25
+# A SIGTERM's shutdown: the calls' drain, the components' grace, the pools' close, the broker's.
+STOPS_WITHIN = 30.0
 
 
 async def terminate_sessions(databases: list[str], *, wait: bool = False) -> int:
@@ -289,3 +293,114 @@ async def test_a_command_database_that_takes_no_writes_is_one_outage_until_it_ta
         target, "command database", ["command database unavailable", "command database recovered"]
     )
     assert target.service.running and target.starts() == 1
+
+
+# How long the service waits for PostgreSQL in the silent-server tests (FINANCING_DB_TIMEOUT).
+ANSWER_TIMEOUT = 2.0
+# What a loaded machine adds to it before a call is answered.
+ANSWER_MARGIN = 5.0
+DATABASES = ("command database", "query database")
+
+
+@pytest.fixture
+async def postgres_relay() -> AsyncIterator[Relay]:
+    """A relay to PostgreSQL the test can silence; asked for before `deploy`, it outlives
+    the deployment, which then stops with its databases in reach."""
+    relay = Relay(infra.PG_HOST, infra.PG_PORT)
+    await relay.start()
+    yield relay
+    await relay.close()
+
+
+async def deploy_behind(relay: Relay, deploy: Deploy, prefix: str) -> Deployment:
+    return await deploy(
+        prefix,
+        {"FINANCING_DB_TIMEOUT": str(int(ANSWER_TIMEOUT))},
+        database_via=("127.0.0.1", relay.port),
+    )
+
+
+async def test_a_database_that_stops_answering_is_one_outage_that_ends_when_it_answers(
+    postgres_relay: Relay, deploy: Deploy
+) -> None:
+    """Regression: a PostgreSQL that stops answering without closing its sockets (a frozen
+    server, a partition that drops packets) held every statement sent to it without end.
+    No outage was seen, Queries calls ran into their callers' deadlines, and nothing
+    would have healed on a connection the server had lost."""
+    relay = postgres_relay
+    target = await deploy_behind(relay, deploy, "silent_database")
+    workload = Workload(target, seed=suite_seed(), concurrency=4)
+    enough = asyncio.Event()
+    running = asyncio.create_task(workload.run(until=enough))
+    channel = Channel(*target.query_address)
+    try:
+
+        async def two_sagas_done() -> bool:
+            return workload.stats.sagas_completed >= 2
+
+        await infra.wait_until(two_sagas_done, timeout=60, what="two sagas")
+        relay.silence()
+        started = time.monotonic()
+        with pytest.raises(GRPCError) as silent:
+            await QueriesStub(channel).all_investors(Empty(), timeout=60)
+        answered_in = time.monotonic() - started
+
+        async def both_out() -> bool:
+            events = target.log_events()
+            return all(f"{db} unavailable" in events for db in DATABASES)
+
+        await infra.wait_until(both_out, timeout=30, what="both databases' outages logged")
+        assert not running.done(), running
+        relay.restore()
+        enough.set()
+        await running
+    finally:
+        relay.restore()
+        running.cancel()
+        channel.close()
+    await settle(target)
+    await verify_effects(target, workload)
+    assert silent.value.status is Status.UNAVAILABLE, silent.value
+    assert "query database" in (silent.value.message or ""), silent.value.message
+    assert answered_in < ANSWER_TIMEOUT + ANSWER_MARGIN, answered_in
+    for database in DATABASES:
+        await assert_outages_logged_once(
+            target, database, [f"{database} unavailable", f"{database} recovered"]
+        )
+    assert target.service.running and target.starts() == 1
+    record_workload(workload)
+    add_figure("silent database outages survived", 1)
+    set_figure("silent database: seconds until Queries answered UNAVAILABLE", round(answered_in, 1))
+
+
+async def test_the_service_stops_on_sigterm_while_its_database_is_silent(
+    postgres_relay: Relay, deploy: Deploy
+) -> None:
+    """Regression: closing its pools waited for a server that no longer answered, so a
+    SIGTERM never ended the process."""
+    relay = postgres_relay
+    target = await deploy_behind(relay, deploy, "silent_database_stop")
+    workload = Workload(target, seed=suite_seed(), concurrency=2)
+    await workload.run(sagas=2)
+    enough = asyncio.Event()
+    running = asyncio.create_task(workload.run(until=enough))  # statements in flight
+    try:
+        relay.silence()
+
+        async def commands_out() -> bool:
+            return "command database unavailable" in target.log_events()
+
+        await infra.wait_until(
+            commands_out, timeout=30, what="the command database's outage logged"
+        )
+        started = time.monotonic()
+        code = await target.service.stop(within=STOPS_WITHIN)
+        stopped_in = time.monotonic() - started
+    finally:
+        enough.set()
+        running.cancel()
+        relay.restore()
+    await asyncio.gather(running, return_exceptions=True)
+    assert code == 0, target.log_tail()
+    assert "service stopped" in target.log_events(), target.log_tail()
+    set_figure("silent database: seconds from SIGTERM to exit", round(stopped_in, 1))

@@ -206,12 +206,21 @@ async def observer_pool(db: Database) -> asyncpg.Pool:
 
 @contextlib.asynccontextmanager
 async def deployment(
-    prefix: str, extra_env: Mapping[str, str] | None = None, *, redeliveries: int = 1
+    prefix: str,
+    extra_env: Mapping[str, str] | None = None,
+    *,
+    redeliveries: int = 1,
+    database_via: tuple[str, int] | None = None,
 ) -> AsyncIterator[Deployment]:
     """A started service; on exit it must stop with exit code 0 on SIGTERM, then all is removed."""
     env = {"FINANCING_SNAPSHOT_INTERVAL": SNAPSHOT_INTERVAL, **(extra_env or {})}
     async with (
-        local_deployment(f"fin_fault_{prefix}", extra_env=env, redeliveries=redeliveries) as local,
+        local_deployment(
+            f"fin_fault_{prefix}",
+            extra_env=env,
+            redeliveries=redeliveries,
+            database_via=database_via,
+        ) as local,
         contextlib.AsyncExitStack() as stack,
     ):
         event_pool = await observer_pool(local.command_db)

@@ -8,22 +8,29 @@ of two writers racing on one stream gets `ConcurrencyConflict`.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from decimal import Decimal
+from typing import Any
 from uuid import UUID, uuid4
 
 import asyncpg
 import pytest
 
 from financing.adapters.postgres.connection import (
+    CLOSE_TIMEOUT,
     COMMAND_DATABASE,
     acquired,
+    close_connection,
+    close_pool,
     connect,
     create_pool,
     ping,
     writable,
 )
 from financing.adapters.postgres.event_store import PostgresEventStore
+from financing.adapters.postgres.schema import MIGRATION_LOCK, migrate
 from financing.application import codec
 from financing.application.errors import ConcurrencyConflict, Refused, Unavailable
 from financing.config import Database
@@ -31,6 +38,7 @@ from financing.domain.aggregates import Investor
 from financing.domain.events import BidOnInvoicePlacedEvent
 from tests.support import infra
 from tests.support.infra import wait_until
+from tests.support.relay import Relay
 from tests.support.service import free_port
 
 
@@ -266,3 +274,106 @@ async def test_a_database_that_answers_but_takes_no_writes_is_not_back_for_the_s
             await writable(pool, COMMAND_DATABASE)
         finally:
             await pool.close()
+
+
+# How long the server may take to answer in the silent-server tests (FINANCING_DB_TIMEOUT).
+ANSWER_TIMEOUT = 1.0
+# What a loaded machine may add to a bound before it is seen to hold.
+MARGIN = 3.0
+
+
+@pytest.fixture
+async def relay() -> AsyncIterator[Relay]:
+    relay = Relay(infra.PG_HOST, infra.PG_PORT)
+    await relay.start()
+    yield relay
+    await relay.close()
+
+
+def through(relay: Relay, database: Database, **changes: Any) -> Database:
+    kwargs = {**database.connect_kwargs, "host": "127.0.0.1", "port": relay.port}
+    return replace(database, connect_kwargs=kwargs, answer_timeout=ANSWER_TIMEOUT, **changes)
+
+
+async def test_a_server_that_stops_answering_is_unavailable_in_time_and_its_session_dropped(
+    database: Database, relay: Relay
+) -> None:
+    """Regression: a statement sent to a server that stopped answering without closing its
+    socket (frozen, or behind a partition that drops packets) waited without end."""
+    pool = await create_pool(through(relay, database, pool_max_size=1), COMMAND_DATABASE)
+    store = PostgresEventStore(pool)
+    try:
+        investor_id = uuid4()
+        await create_investor(store, investor_id)
+        relay.silence()
+        started = time.monotonic()
+        with pytest.raises(Unavailable) as silent:
+            await store.stream(investor_id)
+        answered_in = time.monotonic() - started
+        relay.restore()
+        # The one session was dropped, not left waiting for its statement's cancellation:
+        # the next statement gets a new one at once.
+        started = time.monotonic()
+        assert [e.version for e in await store.stream(investor_id)] == [1, 2]
+        reopened_in = time.monotonic() - started
+    finally:
+        relay.restore()
+        await close_pool(pool)
+    assert silent.value.dependency == COMMAND_DATABASE
+    assert silent.value.detail == "no answer in time (FINANCING_DB_TIMEOUT)"
+    assert ANSWER_TIMEOUT <= answered_in < ANSWER_TIMEOUT + MARGIN, answered_in
+    assert reopened_in < MARGIN, reopened_in
+
+
+async def test_a_server_that_does_not_answer_a_new_connection_is_unavailable_in_time(
+    database: Database, relay: Relay
+) -> None:
+    relay.silence()
+    started = time.monotonic()
+    with pytest.raises(Unavailable) as silent:
+        await connect(through(relay, database), COMMAND_DATABASE)
+    assert silent.value.dependency == COMMAND_DATABASE
+    assert time.monotonic() - started < ANSWER_TIMEOUT + MARGIN
+
+
+async def test_pools_and_sessions_close_in_time_though_their_server_no_longer_answers(
+    database: Database, relay: Relay
+) -> None:
+    """Regression: closing a pool waited on a server that no longer answered, so a
+    SIGTERM never ended the service."""
+    silent = through(relay, database, pool_max_size=2)
+    pool = await create_pool(silent, COMMAND_DATABASE, min_size=2)
+    session = await connect(silent, COMMAND_DATABASE)
+    relay.silence()
+    started = time.monotonic()
+    await close_pool(pool)
+    await close_connection(session)
+    assert time.monotonic() - started < 2 * CLOSE_TIMEOUT + MARGIN
+    assert pool.is_closing()
+    assert session.is_closed()
+
+
+async def test_a_migration_waits_longer_than_a_statement_may_for_another_instances_lock(
+    database: Database,
+) -> None:
+    """A migration's lock wait and statements are bounded by start-up's budget, not by the
+    answer timeout: another instance may be migrating a large table."""
+    pool = await create_pool(replace(database, answer_timeout=ANSWER_TIMEOUT), COMMAND_DATABASE)
+    holder = await connect(database)
+    try:
+        transaction = holder.transaction()
+        await transaction.start()
+        await holder.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        started = time.monotonic()
+        migrating = asyncio.create_task(migrate(pool, "commands", statement_timeout=60))
+
+        async def waited_past_a_statements_bound() -> bool:
+            assert not migrating.done(), migrating
+            return time.monotonic() - started > 2 * ANSWER_TIMEOUT
+
+        await wait_until(waited_past_a_statements_bound, what="the migration to wait")
+        await transaction.rollback()
+        await asyncio.wait_for(migrating, MARGIN)
+    finally:
+        await holder.close()
+        await close_pool(pool)

@@ -12,7 +12,7 @@ import contextlib
 import os
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from financing.config import Database
@@ -71,13 +71,16 @@ async def local_deployment(
     before_start: BeforeStart | None = None,
     name: str | None = None,
     redeliveries: int = 1,
+    database_via: tuple[str, int] | None = None,
 ) -> AsyncIterator[LocalDeployment]:
     """A started service of its own; on exit it must stop with exit code 0 on SIGTERM.
 
     `before_start` runs once the databases and vhost exist, before the
     service starts (to bind a listening queue, or declare legacy queues).
     `redeliveries` > 1 runs the service under a redelivery storm
-    (tests.support.storm).
+    (tests.support.storm). `database_via` is where the service reaches PostgreSQL
+    when not directly (a relay, tests.support.relay); the suite's own connections
+    go straight to the server.
     The service log is deleted when the block ends without an error.
     """
     name = name or infra.unique_name(prefix)
@@ -92,9 +95,21 @@ async def local_deployment(
         command_address = ("127.0.0.1", free_port())
         query_address = ("127.0.0.1", free_port())
         metrics_address = ("127.0.0.1", free_port())
+
+        def reached(db: Database) -> Database:
+            if database_via is None:
+                return db
+            host, port = database_via
+            return replace(db, connect_kwargs={**db.connect_kwargs, "host": host, "port": port})
+
         env = {
             **service_env(
-                command_db, query_db, amqp_url, command_address, query_address, metrics_address
+                reached(command_db),
+                reached(query_db),
+                amqp_url,
+                command_address,
+                query_address,
+                metrics_address,
             ),
             **(extra_env or {}),
         }

@@ -6,7 +6,7 @@ import asyncio
 import json
 import subprocess
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +15,7 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from aio_pika.exceptions import ChannelNotFoundEntity
 
 from tests.support import infra
+from tests.support.relay import Relay
 
 
 @dataclass(frozen=True)
@@ -195,73 +196,11 @@ async def queue_settled(vhost: str, queue: str) -> bool:
     return row is not None and row["messages_ready"] == 0 and row["messages_unacknowledged"] == 0
 
 
-class BrokerProxy:
-    """A TCP relay to the broker that a test can cut, as a network partition would:
-    the connections through it drop, and new ones are accepted but never answered."""
+class BrokerProxy(Relay):
+    """A relay to the broker (tests.support.relay), with the URL of a vhost through it."""
 
     def __init__(self) -> None:
-        self._server: asyncio.Server | None = None
-        self._cut = False
-        self._sockets: set[asyncio.StreamWriter] = set()
-        self._pipes: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        super().__init__(infra.AMQP_HOST, infra.AMQP_PORT)
 
     def url(self, vhost: str) -> str:
-        assert self._server is not None, "start() first"
-        port = self._server.sockets[0].getsockname()[1]
-        return f"amqp://guest:guest@127.0.0.1:{port}/{vhost}"
-
-    @property
-    def connections(self) -> int:
-        """Client connections open through it (answered or, once cut, left hanging)."""
-        return len(self._sockets)
-
-    async def cut(self) -> None:
-        """Drop every relayed connection; from now on connections hang unanswered."""
-        self._cut = True
-        for writer in list(self._sockets):
-            writer.close()
-        for pipe in list(self._pipes):
-            pipe.cancel()
-
-    async def close(self) -> None:
-        await self.cut()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-        await asyncio.gather(*self._pipes, return_exceptions=True)
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._sockets.add(writer)
-        try:
-            if self._cut:
-                while await reader.read(65536):
-                    pass  # swallowed: the client waits for an answer that never comes
-                return
-            up_reader, up_writer = await asyncio.open_connection(infra.AMQP_HOST, infra.AMQP_PORT)
-            self._sockets.add(up_writer)
-            pipes = [
-                asyncio.create_task(self._pipe(reader, up_writer)),
-                asyncio.create_task(self._pipe(up_reader, writer)),
-            ]
-            self._pipes.update(pipes)
-            await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
-            for pipe in pipes:
-                pipe.cancel()
-                self._pipes.discard(pipe)
-            up_writer.close()
-            self._sockets.discard(up_writer)
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.close()
-            self._sockets.discard(writer)
-
-    @staticmethod
-    async def _pipe(source: asyncio.StreamReader, target: asyncio.StreamWriter) -> None:
-        with suppress(ConnectionError, OSError):
-            while data := await source.read(65536):
-                target.write(data)
-                await target.drain()
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/{vhost}"

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -87,6 +88,9 @@ def test_an_unknown_logger_level_is_a_config_error(level: str) -> None:
         ("FINANCING_SNAPSHOT_INTERVAL", "often"),
         ("FINANCING_STARTUP_TIMEOUT", "0"),
         ("FINANCING_STARTUP_TIMEOUT", "soon"),
+        ("FINANCING_DB_TIMEOUT", "0"),
+        ("FINANCING_DB_TIMEOUT", "-5"),
+        ("FINANCING_DB_TIMEOUT", "a while"),
     ],
 )
 def test_a_bad_tuning_variable_is_a_config_error(name: str, value: str) -> None:
@@ -266,9 +270,19 @@ def test_a_database_turns_back_into_a_url_with_its_password() -> None:
 
 
 def test_another_database_on_the_same_server_keeps_everything_else() -> None:
-    db = parse_database(f"postgresql://app:{SECRET}@db:6432/a?pool_max_conns=4")
+    db = replace(
+        parse_database(f"postgresql://app:{SECRET}@db:6432/a?pool_max_conns=4"), answer_timeout=3
+    )
     other = db.with_database("b")
-    assert other == Database({**db.connect_kwargs, "database": "b"}, 4)
+    assert other == Database({**db.connect_kwargs, "database": "b"}, 4, 3)
+
+
+def test_both_databases_get_ten_seconds_to_answer_unless_told_otherwise() -> None:
+    default = Settings.from_env({})
+    assert default.command_db.answer_timeout == default.query_db.answer_timeout == 10
+    told = Settings.from_env({"FINANCING_DB_TIMEOUT": "1m"})
+    assert told.command_db.answer_timeout == told.query_db.answer_timeout == 60
+    assert Settings.from_env({"FINANCING_DB_TIMEOUT": "3"}).query_db.answer_timeout == 3
 
 
 # Queue type (quorum queues for a clustered broker)

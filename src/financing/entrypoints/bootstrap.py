@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from grpclib.server import Server
 from financing.adapters.postgres.connection import (
     COMMAND_DATABASE,
     QUERY_DATABASE,
+    close_pool,
     create_pool,
     ping,
     translated,
@@ -360,13 +362,14 @@ async def _pool(
     pool = await started(
         f"{dependency} {db.describe()}", lambda: create_pool(db, dependency), outages, deadline
     )
-    stack.push_async_callback(pool.close)
+    stack.push_async_callback(close_pool, pool)
     observe_pool(pool, dependency)
 
     async def migrated() -> None:
         with translated(dependency):
             try:
-                await migrate(pool, schema)
+                # Bounded by what is left of start-up's budget, not by a statement's.
+                await migrate(pool, schema, statement_timeout=max(deadline - time.monotonic(), 1.0))
             except asyncpg.ReadOnlySQLTransactionError:
                 # A server that takes no writes (a replica of the query database for
                 # the Queries API, a standby): it carries its primary's schema, which

@@ -10,6 +10,7 @@ as it is: a bug.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, TypeAlias
@@ -69,6 +70,8 @@ def is_unavailable(error: BaseException) -> bool:
 
 
 def describe(error: BaseException) -> str:
+    if isinstance(error, TimeoutError) and not str(error):
+        return "no answer in time (FINANCING_DB_TIMEOUT)"
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
@@ -162,6 +165,11 @@ class acquired:
     ) -> None:
         try:
             if error is not None:
+                if isinstance(error, TimeoutError):
+                    # The server did not answer in time: the session is dropped at once
+                    # rather than released, which would wait as long again for the
+                    # server to acknowledge the statement's cancellation.
+                    self._conn.terminate()
                 _translate(error, self._dependency)
         finally:
             with translated(self._dependency):
@@ -203,6 +211,32 @@ async def create_pool(
     return pool
 
 
+# How long closing a pool or a session waits for the server to see it out; then the
+# sessions are dropped: a server that stops answering must not hold a shutdown.
+CLOSE_TIMEOUT = 2.0
+
+
+async def close_pool(pool: asyncpg.Pool) -> None:
+    """Close `pool`'s sessions in order, or drop them after CLOSE_TIMEOUT."""
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await pool.close()
+    except Exception as error:
+        pool.terminate()
+        if not is_unavailable(error):
+            raise
+
+
+async def close_connection(conn: asyncpg.Connection) -> None:
+    """Close a dedicated session in order, or drop it after CLOSE_TIMEOUT."""
+    try:
+        await conn.close(timeout=CLOSE_TIMEOUT)
+    except Exception as error:
+        conn.terminate()
+        if not is_unavailable(error):
+            raise
+
+
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """What a pooled connection needs on release besides the rollback of a transaction
     left open (which the pool always does): nothing. Pooled sessions never SET, LISTEN,
@@ -222,9 +256,23 @@ async def connect(
 
 def _session(db: Database, application_name: str) -> dict[str, Any]:
     """Connection arguments naming the session, so that an operator looking at
-    pg_stat_activity (or a lock it waits on) can tell who holds it."""
+    pg_stat_activity (or a lock it waits on) can tell who holds it, and bounding how
+    long the server may take to answer.
+
+    A server that stops answering without closing its sockets (frozen, or behind a
+    partition that drops packets) would otherwise hold every statement sent to it,
+    and the connection with it, for as long as the kernel keeps the socket: no
+    outage would be seen, and nothing would heal once the server was back. With
+    `command_timeout`, a statement not answered in time fails with TimeoutError (an
+    outage, retried like any other); the driver then asks the server to cancel it,
+    and closes the connection when that goes unanswered as long."""
     settings = {
         **db.connect_kwargs.get("server_settings", {}),
         "application_name": application_name,
     }
-    return {**db.connect_kwargs, "server_settings": settings}
+    return {
+        "timeout": db.answer_timeout,  # connecting; a connection string's connect_timeout wins
+        **db.connect_kwargs,
+        "server_settings": settings,
+        "command_timeout": db.answer_timeout,
+    }

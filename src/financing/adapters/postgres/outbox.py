@@ -21,8 +21,10 @@ from datetime import datetime
 import asyncpg
 
 from financing.adapters.postgres.connection import (
+    CLOSE_TIMEOUT,
     COMMAND_DATABASE,
     acquired,
+    close_connection,
     connect,
     is_unavailable,
     translated,
@@ -298,9 +300,9 @@ class PostgresRelayerLock:
             if not conn.is_closed():
                 async with self._busy:
                     await conn.fetchval(
-                        "SELECT pg_advisory_unlock($1)", RELAYER_LOCK, timeout=HEALTH_CHECK_TIMEOUT
+                        "SELECT pg_advisory_unlock($1)", RELAYER_LOCK, timeout=CLOSE_TIMEOUT
                     )
-                await conn.close(timeout=HEALTH_CHECK_TIMEOUT)
+                await close_connection(conn)
         except Exception as error:
             if not is_unavailable(error):
                 raise
@@ -359,9 +361,4 @@ class CommitListener:
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None and not conn.is_closed():
-            try:
-                await conn.close(timeout=HEALTH_CHECK_TIMEOUT)
-            except Exception as error:
-                conn.terminate()
-                if not is_unavailable(error):
-                    raise
+            await close_connection(conn)

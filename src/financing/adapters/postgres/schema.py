@@ -55,9 +55,15 @@ def parse_sections(text: str, where: str) -> list[tuple[int, str]]:
     return found
 
 
-async def migrate(pool_or_conn: asyncpg.Pool | Connection, name: str) -> None:
-    """Bring the schema of `sql/<name>.sql` up to date; safe to run concurrently."""
-    await apply(pool_or_conn, name, sections(name))
+async def migrate(
+    pool_or_conn: asyncpg.Pool | Connection, name: str, *, statement_timeout: float | None = None
+) -> None:
+    """Bring the schema of `sql/<name>.sql` up to date; safe to run concurrently.
+
+    `statement_timeout` bounds the wait for another migrating instance's lock and each
+    migration's statements, which may take longer than a statement of the running
+    service is given (an index built on a large table); None: the connection's own."""
+    await apply(pool_or_conn, name, sections(name), statement_timeout=statement_timeout)
 
 
 async def missing(pool_or_conn: asyncpg.Pool | Connection, name: str) -> list[int]:
@@ -74,21 +80,29 @@ async def missing(pool_or_conn: asyncpg.Pool | Connection, name: str) -> list[in
 
 
 async def apply(
-    pool_or_conn: asyncpg.Pool | Connection, name: str, pending: list[tuple[int, str]]
+    pool_or_conn: asyncpg.Pool | Connection,
+    name: str,
+    pending: list[tuple[int, str]],
+    *,
+    statement_timeout: float | None = None,
 ) -> None:
     """Apply the sections of migration `name` not yet recorded, in one locked transaction."""
     if isinstance(pool_or_conn, asyncpg.Pool):
         async with pool_or_conn.acquire() as conn:
-            await _apply(conn, name, pending)
+            await _apply(conn, name, pending, statement_timeout)
     else:
-        await _apply(pool_or_conn, name, pending)
+        await _apply(pool_or_conn, name, pending, statement_timeout)
 
 
-async def _apply(conn: Connection, name: str, pending: list[tuple[int, str]]) -> None:
+async def _apply(
+    conn: Connection, name: str, pending: list[tuple[int, str]], statement_timeout: float | None
+) -> None:
     async with conn.transaction():
         # First statement of the transaction: under READ COMMITTED every later
         # statement sees what the previous lock holder committed.
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK, timeout=statement_timeout
+        )
         await conn.execute(
             """
             CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -108,7 +122,8 @@ async def _apply(conn: Connection, name: str, pending: list[tuple[int, str]]) ->
         for version, sql in pending:
             if version in applied:
                 continue
-            await conn.execute(sql)  # no arguments: simple protocol, several statements
+            # No arguments: the simple protocol, several statements.
+            await conn.execute(sql, timeout=statement_timeout)
             await conn.execute(
                 "INSERT INTO schema_migrations (name, version) VALUES ($1, $2)", name, version
             )

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from financing.adapters.postgres.connection import create_pool
+from financing.adapters.postgres.connection import close_pool, create_pool
 from financing.config import Database, Variable
 
 
@@ -20,7 +20,7 @@ async def database(db: Database, dependency: str, command: str) -> AsyncIterator
     try:
         yield pool
     finally:
-        await pool.close()
+        await close_pool(pool)
 
 
 def moment(at: datetime | None) -> str:
