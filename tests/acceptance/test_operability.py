@@ -53,6 +53,24 @@ async def test_reflection_describes_the_commands_service(system: System) -> None
     ]
 
 
+async def test_a_streaming_call_is_counted_under_its_kind(system: System) -> None:
+    """Regression: every call was counted as `unary`, reflection's bidirectional stream
+    and health's Watch included."""
+    await foreign_grpc.run("describe", str(system.command_address), "Commands")
+
+    async def counted() -> float:
+        samples = await asyncio.to_thread(scrape_every_process, system)
+        return value(
+            samples,
+            "grpc_server_handled_total",
+            grpc_type="bidi_stream",
+            grpc_method="ServerReflectionInfo",
+            grpc_code="OK",
+        )
+
+    await infra.wait_until(counted, what="the reflection call counted as a bidi_stream")
+
+
 async def test_reflection_describes_the_queries_service_and_its_messages(system: System) -> None:
     described = await foreign_grpc.run("describe", str(system.query_address), "Queries", "Invoice")
     assert described["methods"] == ["AllInvestors", "AllInvoices", "AllIssuers"]
@@ -81,6 +99,7 @@ async def test_a_financing_saga_shows_in_the_metrics(system: System, financing: 
         value(
             samples,
             "grpc_server_handled_total",
+            grpc_type="unary",
             grpc_service="Commands",
             grpc_method="BidOnInvoice",
             grpc_code="OK",

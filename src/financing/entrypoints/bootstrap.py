@@ -234,8 +234,9 @@ def _grpc_server(
         service.workers["health"] = service.health.run
     readiness = Readiness(name)
     service.health.watch(readiness, [probe])
-    server = Server(with_reflection([api, health_service(api, readiness)]), codec=RequestCodec())
-    observe_grpc(server)
+    handlers = with_reflection([api, health_service(api, readiness)])
+    server = Server(handlers, codec=RequestCodec())
+    observe_grpc(server, handlers)
     return server
 
 

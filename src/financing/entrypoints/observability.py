@@ -6,33 +6,57 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
+from typing import Protocol
 
 import asyncpg
+from grpclib.const import Cardinality, Handler
 from grpclib.events import RecvRequest, SendTrailingMetadata, listen
 from grpclib.server import Server
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from financing.metrics import GRPC_HANDLED, GRPC_HANDLING, POOL_CONNECTIONS
 
-_call: ContextVar[tuple[str, str, float] | None] = ContextVar("grpc_call", default=None)
+_call: ContextVar[tuple[str, str, str, float] | None] = ContextVar("grpc_call", default=None)
 
 
-def observe_grpc(server: Server) -> None:
-    """Count and time every RPC of `server` (grpclib events run in the call's own task)."""
+# grpc_type as go-grpc-prometheus names each kind of RPC.
+GRPC_TYPES = {
+    Cardinality.UNARY_UNARY: "unary",
+    Cardinality.UNARY_STREAM: "server_stream",
+    Cardinality.STREAM_UNARY: "client_stream",
+    Cardinality.STREAM_STREAM: "bidi_stream",
+}
+
+
+class Servable(Protocol):
+    """What grpclib serves: a mapping of method paths to their handlers."""
+
+    def __mapping__(self) -> Mapping[str, Handler]: ...
+
+
+def observe_grpc(server: Server, handlers: Iterable[Servable]) -> None:
+    """Count and time every RPC of `server`, which serves `handlers` (grpclib events run
+    in the call's own task)."""
+    types = {
+        path: GRPC_TYPES[method.cardinality]
+        for handler in handlers
+        for path, method in handler.__mapping__().items()
+    }
 
     async def received(event: RecvRequest) -> None:
         _, service, method = event.method_name.split("/", 2)
-        _call.set((service, method, time.perf_counter()))
+        kind = types.get(event.method_name, "unary")  # an unknown method: answered at once
+        _call.set((kind, service, method, time.perf_counter()))
 
     async def answered(event: SendTrailingMetadata) -> None:
         call = _call.get()
         if call is None:
             return
-        service, method, started = call
-        GRPC_HANDLED.labels("unary", service, method, event.status.name).inc()
-        GRPC_HANDLING.labels("unary", service, method).observe(time.perf_counter() - started)
+        kind, service, method, started = call
+        GRPC_HANDLED.labels(kind, service, method, event.status.name).inc()
+        GRPC_HANDLING.labels(kind, service, method).observe(time.perf_counter() - started)
 
     listen(server, RecvRequest, received)
     listen(server, SendTrailingMetadata, answered)
