@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import struct
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
@@ -378,3 +379,46 @@ async def test_a_request_that_is_not_valid_protobuf_is_answered_invalid_argument
     finally:
         grpc.close()
     assert commands_api.service.running
+
+
+def frame(flag: int, length: int, body: bytes) -> bytes:
+    """A gRPC message frame: its compressed flag, its length prefix, then `body`."""
+    return bytes([flag]) + struct.pack(">I", length) + body
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "says"),
+    [
+        (frame(1, 2, b"\x0a\x00"), Status.UNIMPLEMENTED, "compressed messages"),
+        (frame(7, 0, b""), Status.UNIMPLEMENTED, "compressed messages"),
+        (frame(0, 100, b"\x0a\x00"), Status.INVALID_ARGUMENT, "the stream ended inside"),
+        (b"\x00\x00\x00", Status.INVALID_ARGUMENT, "the stream ended inside"),
+    ],
+    ids=["compressed", "flag-7", "length-beyond-the-data", "prefix-cut-short"],
+)
+async def test_a_request_frame_that_cannot_be_read_is_answered_with_what_is_wrong(
+    commands_api: CommandsApi, data: bytes, status: Status, says: str
+) -> None:
+    """Regression: grpclib's own framing errors were answered UNKNOWN ("Internal Server
+    Error"), with a traceback logged as an error."""
+    logged = commands_api.service.log_size()
+    grpc = Channel(*commands_api.address)
+    try:
+        for method in METHODS:
+            async with grpc.request(
+                f"/Commands/{method}", Cardinality.UNARY_UNARY, RawRequest, Empty, timeout=10
+            ) as stream:
+                await stream.send_request()
+                # The bytes as they are, ending the request, below grpclib's own framing
+                # (which is then told that the request was ended).
+                await stream._stream.send_data(data, end_stream=True)
+                stream._end_done = True
+                with pytest.raises(GRPCError) as answered:
+                    await stream.recv_message()
+            assert answered.value.status is status, f"{method}: {answered.value}"
+            assert says in (answered.value.message or ""), f"{method}: {answered.value}"
+    finally:
+        grpc.close()
+    assert commands_api.service.running
+    written = commands_api.service.log_tail(since=logged)
+    assert '"level": "error"' not in written, written

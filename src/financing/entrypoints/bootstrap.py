@@ -56,7 +56,7 @@ from financing.application.read_models import ReadModelStore
 from financing.application.retry import DELIVERIES, NO_BUG_RETRIES, GaveUp, Outages, retry
 from financing.config import COMPONENTS, Database, Settings
 from financing.entrypoints.grpc.calls import CallsInFlight
-from financing.entrypoints.grpc.codec import RequestCodec
+from financing.entrypoints.grpc.codec import FramingChecked, RequestCodec
 from financing.entrypoints.grpc.commands import CommandsService, correlate
 from financing.entrypoints.grpc.health import HealthWatch, Probe, Readiness, health_service
 from financing.entrypoints.grpc.queries import QueriesService
@@ -234,7 +234,10 @@ def _grpc_server(
         service.workers["health"] = service.health.run
     readiness = Readiness(name)
     service.health.watch(readiness, [probe])
-    handlers = with_reflection([api, health_service(api, readiness)])
+    handlers = [
+        FramingChecked(servable)
+        for servable in with_reflection([api, health_service(api, readiness)])
+    ]
     server = Server(handlers, codec=RequestCodec())
     observe_grpc(server, handlers)
     return server

@@ -6,16 +6,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from contextvars import ContextVar
-from typing import Protocol
 
 import asyncpg
-from grpclib.const import Cardinality, Handler
+from grpclib.const import Cardinality
 from grpclib.events import RecvRequest, SendTrailingMetadata, listen
 from grpclib.server import Server
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from financing.entrypoints.grpc.codec import Servable
 from financing.metrics import GRPC_HANDLED, GRPC_HANDLING, POOL_CONNECTIONS
 
 _call: ContextVar[tuple[str, str, str, float] | None] = ContextVar("grpc_call", default=None)
@@ -28,12 +28,6 @@ GRPC_TYPES = {
     Cardinality.STREAM_UNARY: "client_stream",
     Cardinality.STREAM_STREAM: "bidi_stream",
 }
-
-
-class Servable(Protocol):
-    """What grpclib serves: a mapping of method paths to their handlers."""
-
-    def __mapping__(self) -> Mapping[str, Handler]: ...
 
 
 def observe_grpc(server: Server, handlers: Iterable[Servable]) -> None:

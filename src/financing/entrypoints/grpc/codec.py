@@ -1,15 +1,18 @@
-"""The protobuf codec of both gRPC servers."""
+"""How both gRPC servers read requests: their frames, and the protobuf in them."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import struct
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
-from grpclib.const import Status
+from grpclib.const import Handler, Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
 
 if TYPE_CHECKING:
     from grpclib._typing import IProtoMessage
+    from grpclib.server import Stream
 
 
 class RequestCodec(ProtoCodec):
@@ -27,3 +30,67 @@ class RequestCodec(ProtoCodec):
                 f"the request is not a valid {message_type.__name__}:"
                 f" {type(exc).__name__}: {str(exc)[:200]}",
             ) from None
+
+
+class _FramedStream:
+    """A server stream whose request frames, when grpclib cannot read them, are the
+    caller's error with a clear status rather than a bug of the service (UNKNOWN, with a
+    traceback logged)."""
+
+    __slots__ = ("_stream",)
+
+    def __init__(self, stream: Stream[Any, Any]) -> None:
+        self._stream = stream
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def __aiter__(self) -> _FramedStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        message = await self.recv_message()
+        if message is None:
+            raise StopAsyncIteration
+        return message
+
+    async def recv_message(self) -> Any:
+        try:
+            return await self._stream.recv_message()
+        except NotImplementedError:  # the frame's compressed flag is set
+            raise GRPCError(
+                Status.UNIMPLEMENTED,
+                "request: compressed messages are not supported; send messages uncompressed",
+            ) from None
+        except (AssertionError, struct.error):  # fewer bytes than the frame announced
+            raise GRPCError(
+                Status.INVALID_ARGUMENT,
+                "request: the stream ended inside a message frame (fewer bytes than its"
+                " length prefix announced)",
+            ) from None
+
+
+def _framed(func: Callable[[Stream[Any, Any]], Awaitable[None]]) -> Callable[..., Any]:
+    async def handle(stream: Stream[Any, Any]) -> None:
+        await func(_FramedStream(stream))  # type: ignore[arg-type]
+
+    return handle
+
+
+class FramingChecked:
+    """`servable`'s methods, each reading its request frames through `_FramedStream`."""
+
+    def __init__(self, servable: Servable) -> None:
+        self._servable = servable
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return {
+            path: handler._replace(func=_framed(handler.func))
+            for path, handler in self._servable.__mapping__().items()
+        }
+
+
+class Servable(Protocol):
+    """What grpclib serves: a mapping of method paths to their handlers."""
+
+    def __mapping__(self) -> Mapping[str, Handler]: ...
