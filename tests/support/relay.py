@@ -85,6 +85,10 @@ class Relay:
             self._sockets.discard(up_writer)
         except (ConnectionError, OSError):
             pass
+        except asyncio.CancelledError:
+            # Closed, or the loop is shutting down: end quietly, for asyncio (3.11) reports
+            # a connection handler that ends cancelled as an unhandled exception.
+            pass
         finally:
             writer.close()
             self._sockets.discard(writer)
