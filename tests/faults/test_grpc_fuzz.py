@@ -31,9 +31,11 @@ from betterproto.lib.google.protobuf import Empty
 from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
+from h2.exceptions import StreamClosedError
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from financing.entrypoints.grpc.codec import MAX_REQUEST_BYTES
 from financing.generated import (
     ApproveFinancingCommand,
     BidOnInvoiceCommand,
@@ -42,6 +44,7 @@ from financing.generated import (
     SellInvoiceCommand,
     Uuid,
 )
+from scripts.bench_common import process_rss_bytes
 from tests.support import infra
 from tests.support.service import ServiceProcess, free_port
 
@@ -381,6 +384,9 @@ async def test_a_request_that_is_not_valid_protobuf_is_answered_invalid_argument
     assert commands_api.service.running
 
 
+MiB = 1024 * 1024
+
+
 def frame(flag: int, length: int, body: bytes) -> bytes:
     """A gRPC message frame: its compressed flag, its length prefix, then `body`."""
     return bytes([flag]) + struct.pack(">I", length) + body
@@ -422,3 +428,34 @@ async def test_a_request_frame_that_cannot_be_read_is_answered_with_what_is_wron
     assert commands_api.service.running
     written = commands_api.service.log_tail(since=logged)
     assert '"level": "error"' not in written, written
+
+
+async def test_a_request_message_over_the_size_limit_is_refused_before_it_is_taken_in(
+    commands_api: CommandsApi,
+) -> None:
+    """Regression: grpclib reads a message of any announced length into memory; a call
+    announcing 200 MiB and sending them grew the service by twice as much."""
+    announced, sent = 200 * MiB, 32 * MiB
+    rss_before = process_rss_bytes(commands_api.service.pid)
+    grpc = Channel(*commands_api.address)
+    try:
+        with pytest.raises(GRPCError) as answered:
+            async with grpc.request(
+                "/Commands/SellInvoice", Cardinality.UNARY_UNARY, RawRequest, Empty, timeout=30
+            ) as stream:
+                await stream.send_request()
+                try:
+                    await stream._stream.send_data(frame(0, announced, b""))
+                    for _ in range(sent // MiB):
+                        await stream._stream.send_data(b"\x0a" * MiB)
+                except StreamClosedError:
+                    pass  # answered and closed before all of it was sent
+                stream._end_done = True  # the rest will never be sent
+                await stream.recv_message()
+    finally:
+        grpc.close()
+    grown = process_rss_bytes(commands_api.service.pid) - rss_before
+    assert answered.value.status is Status.RESOURCE_EXHAUSTED, answered.value
+    assert str(MAX_REQUEST_BYTES) in (answered.value.message or ""), answered.value
+    assert grown < sent // 2, f"the service grew by {grown} bytes"
+    assert commands_api.service.running

@@ -32,15 +32,36 @@ class RequestCodec(ProtoCodec):
             ) from None
 
 
+# The largest request message a call may send, as gRPC's own servers bound it by default.
+# grpclib reads a message of any announced length into memory: one call could exhaust it.
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
+
+
 class _FramedStream:
     """A server stream whose request frames, when grpclib cannot read them, are the
     caller's error with a clear status rather than a bug of the service (UNKNOWN, with a
-    traceback logged)."""
+    traceback logged), and whose request messages are at most MAX_REQUEST_BYTES long."""
 
     __slots__ = ("_stream",)
 
     def __init__(self, stream: Stream[Any, Any]) -> None:
         self._stream = stream
+        # grpclib reads a message as two reads of the request's data: its 5-byte prefix,
+        # then as many bytes as the prefix announces. The second is refused before a byte
+        # of an oversized message is taken in (grpclib 0.4.9, pinned; tested).
+        data = stream._stream
+        read = data.recv_data
+
+        async def bounded(size: int) -> bytes:
+            if size > MAX_REQUEST_BYTES:
+                raise GRPCError(
+                    Status.RESOURCE_EXHAUSTED,
+                    f"request: a message of {size} bytes, more than the {MAX_REQUEST_BYTES}"
+                    " a request may hold",
+                )
+            return await read(size)
+
+        data.recv_data = bounded  # type: ignore[method-assign]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
