@@ -33,6 +33,7 @@ from financing.config import Database
 from financing.domain.aggregates import Investor
 from tests.support import infra
 from tests.support.infra import wait_until
+from tests.support.relay import Relay
 
 
 @pytest.fixture(scope="module")
@@ -467,6 +468,40 @@ async def test_the_commit_listener_listens_again_after_its_session_is_ended(
         await asyncio.wait_for(woken, timeout=5)
     finally:
         await listener.close()
+
+
+async def test_the_commit_listener_listens_again_when_its_session_goes_silent_for_good(
+    pool: asyncpg.Pool, database: Database
+) -> None:
+    """Regression: a listening session whose server was replaced behind the same address
+    (or lost behind a partition) is never told so while it only listens: the relayer was
+    left to its poll for good."""
+    relay = Relay(infra.PG_HOST, infra.PG_PORT)
+    await relay.start()
+    through = {**database.connect_kwargs, "host": "127.0.0.1", "port": relay.port}
+    store = PostgresEventStore(pool)
+    listener = CommitListener(
+        dataclasses.replace(database, connect_kwargs=through, answer_timeout=0.5),
+        check_interval=0.2,
+    )
+    try:
+        await asyncio.wait_for(listener.wait(60), timeout=5)
+        [stranded] = await listening_sessions(pool)
+        relay.strand()  # the session stays open on both ends; nothing goes through it
+
+        async def listening_again() -> set[int]:
+            await listener.wait(0.05)
+            return await listening_sessions(pool) - {stranded}
+
+        await wait_until(listening_again, what="the listener on a new session")
+        listener.clear()
+        async with store.unit_of_work() as uow:
+            await uow.save(new_investor())
+
+        assert await listener.wait(5), "a commit did not wake the listener"
+    finally:
+        await listener.close()
+        await relay.close()
 
 
 async def lock_holders(pool: asyncpg.Pool) -> list[int]:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from financing.adapters.rabbitmq.connection import Broker
+from financing.adapters.rabbitmq.connection import HEARTBEAT, Broker
 from financing.adapters.rabbitmq.consumer import Deliveries, QueueConsumer, consume
 from financing.adapters.rabbitmq.dead_letters import DeadLetters
 from financing.adapters.rabbitmq.publisher import Publisher
@@ -40,6 +40,15 @@ def command() -> Envelope:
         name=CreateIssuer.name(),
         body=codec.encode(CreateIssuer(uuid.uuid4())),
     )
+
+
+async def sends(publisher: Publisher, queue: str) -> bool:
+    """Whether a command sent to `queue` now is confirmed."""
+    try:
+        await publisher.send_to_queue(queue, command())
+    except Unavailable:  # PublishFailed included
+        return False
+    return True
 
 
 def lines(logs: list[dict[str, Any]], event: str) -> list[tuple[int, dict[str, Any]]]:
@@ -146,14 +155,12 @@ async def test_with_several_addresses_the_connection_moves_to_another_when_its_n
         await publisher.send_to_queue(queue, command())  # through the first
         await first.close()  # that node is gone: refused from now on
 
-        async def sent() -> bool:
-            try:
-                await publisher.send_to_queue(queue, command())
-            except Unavailable:  # PublishFailed included
-                return False
-            return True
-
-        await wait_until(sent, timeout=30.0, interval=0.2, what="a send through the other node")
+        await wait_until(
+            lambda: sends(publisher, queue),
+            timeout=30.0,
+            interval=0.2,
+            what="a send through the other node",
+        )
 
         async def both_queued() -> bool:
             ready: int = (await rabbitmq.list_queues(vhost.name))[queue]["messages_ready"]
@@ -164,3 +171,58 @@ async def test_with_several_addresses_the_connection_moves_to_another_when_its_n
         await publisher.close()
         await broker.close()
         await second.close()
+
+
+async def test_a_connection_asks_for_a_ten_second_heartbeat_unless_its_url_sets_one(
+    vhost: rabbitmq.Vhost,
+) -> None:
+    """Regression: the client library's default of 60 s left a connection the broker would
+    never answer again in place for three minutes."""
+    negotiated = []
+    for url in (vhost.url, f"{vhost.url}?heartbeat=3"):
+        broker = Broker([url], Outages())
+        try:
+            underlay = (await broker.connection()).transport
+            assert underlay is not None
+            negotiated.append(getattr(underlay.connection, "heartbeat_timeout", None))
+        finally:
+            await broker.close()
+    assert negotiated == [HEARTBEAT, 3] == [10, 3]
+
+
+async def test_a_connection_the_broker_never_answers_again_is_given_up_and_reopened(
+    vhost: rabbitmq.Vhost,
+) -> None:
+    """A connection whose node was replaced behind the same address (or is behind a
+    partition that drops its packets) is given up once its heartbeats stop, and the next
+    use opens a new one, the outage logged once. With the library's default heartbeat that
+    took three minutes; the service's own (HEARTBEAT) takes about 33 s, this test's 6 s."""
+    proxy = rabbitmq.BrokerProxy()
+    await proxy.start()
+    outages = Outages()
+    # A one-second heartbeat: given up after (1 + 1) x 3 s without a frame.
+    broker = Broker([f"{proxy.url(vhost.name)}?heartbeat=1"], outages)
+    publisher = Publisher(broker, confirm_timeout=1.0)
+    queue = unique_name("fin_stranded")
+    try:
+        await publisher.declare_command_queue(queue)
+        await publisher.send_to_queue(queue, command())
+        stranded = await broker.connection()
+        proxy.strand()  # the connection stays open at both ends; nothing goes through it
+
+        with capture_logs() as logs:
+            await wait_until(
+                lambda: sends(publisher, queue),
+                timeout=30.0,
+                interval=0.2,
+                what="a send on a new connection",
+            )
+        assert await broker.connection() is not stranded
+        assert [line["event"] for line in logs if line["event"].startswith("broker ")] == [
+            "broker unavailable",
+            "broker reconnected",
+        ]
+    finally:
+        await publisher.close()
+        await broker.close()
+        await proxy.close()

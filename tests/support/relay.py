@@ -5,7 +5,10 @@
 - `silence()`: nothing goes through any more, in either direction, yet every
   connection stays open and new ones are accepted (a server that stops
   answering: frozen, or behind a partition that drops packets); `restore()`
-  lets the held bytes through and relays again.
+  lets the held bytes through and relays again;
+- `strand()`: the connections open now go silent for good, while new ones
+  are relayed (a server replaced behind the same address, which never heard
+  of the old connections: the client is not told they are dead).
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ class Relay:
         self._upstream = (host, port)
         self._server: asyncio.Server | None = None
         self._cut = False
-        self._flowing = asyncio.Event()
-        self._flowing.set()
+        self._silent = False
+        # Per connection: set while its bytes may go through.
+        self._flows: set[asyncio.Event] = set()
         self._sockets: set[asyncio.StreamWriter] = set()
-        self._pipes: set[asyncio.Task[None]] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
@@ -41,61 +45,87 @@ class Relay:
     async def cut(self) -> None:
         """Drop every relayed connection; from now on connections hang unanswered."""
         self._cut = True
-        for writer in list(self._sockets):
-            writer.close()
-        for pipe in list(self._pipes):
-            pipe.cancel()
+        await self._end_handlers()
 
     def silence(self) -> None:
         """Hold every byte from now on, both ways, keeping every connection open."""
-        self._flowing.clear()
+        self._silent = True
+        for flow in self._flows:
+            flow.clear()
 
     def restore(self) -> None:
         """Let what was held through, and relay again."""
-        self._flowing.set()
+        self._silent = False
+        for flow in self._flows:
+            flow.set()
+
+    def strand(self) -> None:
+        """Hold every byte of the connections open now, for good; relay new ones."""
+        for flow in self._flows:
+            flow.clear()
+        self._flows.clear()
 
     async def close(self) -> None:
-        self.restore()
-        await self.cut()
+        self._cut = True
         if self._server is not None:
             self._server.close()
+        await self._end_handlers()
+        if self._server is not None:
             await self._server.wait_closed()
-        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+    async def _end_handlers(self) -> None:
+        handlers = set(self._handlers)
+        for handler in handlers:
+            handler.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._handlers.add(handler)
         self._sockets.add(writer)
+        flow = asyncio.Event()
+        pipes: list[asyncio.Task[None]] = []
+        up_writer: asyncio.StreamWriter | None = None
         try:
             if self._cut:
                 while await reader.read(65536):
                     pass  # swallowed: the client waits for an answer that never comes
                 return
-            await self._flowing.wait()  # a silenced server does not even accept
+            if not self._silent:
+                flow.set()
+            self._flows.add(flow)
+            await flow.wait()  # a silenced server does not even accept
             up_reader, up_writer = await asyncio.open_connection(*self._upstream)
             self._sockets.add(up_writer)
             pipes = [
-                asyncio.create_task(self._pipe(reader, up_writer)),
-                asyncio.create_task(self._pipe(up_reader, writer)),
+                asyncio.create_task(self._pipe(reader, up_writer, flow)),
+                asyncio.create_task(self._pipe(up_reader, writer, flow)),
             ]
-            self._pipes.update(pipes)
             await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
-            for pipe in pipes:
-                pipe.cancel()
-                self._pipes.discard(pipe)
-            up_writer.close()
-            self._sockets.discard(up_writer)
         except (ConnectionError, OSError):
             pass
         except asyncio.CancelledError:
-            # Closed, or the loop is shutting down: end quietly, for asyncio (3.11) reports
-            # a connection handler that ends cancelled as an unhandled exception.
+            # Cut, closed, or the loop is shutting down: end quietly, for asyncio (3.11)
+            # reports a connection handler that ends cancelled as an unhandled exception.
             pass
         finally:
-            writer.close()
-            self._sockets.discard(writer)
+            for pipe in pipes:
+                pipe.cancel()
+            await asyncio.gather(*pipes, return_exceptions=True)
+            for socket in (writer, up_writer):
+                if socket is not None:
+                    socket.close()
+                    self._sockets.discard(socket)
+            self._flows.discard(flow)
+            self._handlers.discard(handler)
 
-    async def _pipe(self, source: asyncio.StreamReader, target: asyncio.StreamWriter) -> None:
+    @staticmethod
+    async def _pipe(
+        source: asyncio.StreamReader, target: asyncio.StreamWriter, flow: asyncio.Event
+    ) -> None:
         with suppress(ConnectionError, OSError):
             while data := await source.read(65536):
-                await self._flowing.wait()
+                await flow.wait()
                 target.write(data)
                 await target.drain()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -312,23 +313,36 @@ class PostgresRelayerLock:
                 conn.terminate()
 
 
+# How often the listening session must answer a round trip: one whose server was
+# replaced behind the same address, or lost behind a partition, is never told so
+# while it only listens, and would leave the relayer to its poll for good.
+LISTEN_CHECK_INTERVAL = 5.0
+
+
 class CommitListener:
     """Wakes the relayer when events commit: LISTEN on a dedicated connection.
 
     Only a shortcut past the relayer's poll: while the connection cannot be
     had, `wait` simply times out, and the next `wait` tries to listen again.
+    Every `check_interval` seconds the session is asked to answer (within the
+    database's answer timeout) beside the wait; one that does not is dropped,
+    and the next `wait` listens on a new one.
     """
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, check_interval: float = LISTEN_CHECK_INTERVAL) -> None:
         self._db = db
         self._conn: asyncpg.Connection | None = None
         self._woken = asyncio.Event()
+        self._check_interval = check_interval
+        self._next_check = 0.0
+        self._checking: asyncio.Task[None] | None = None
 
     def clear(self) -> None:
         self._woken.clear()
 
     async def wait(self, timeout: float) -> bool:  # noqa: ASYNC109 - a poll interval
         await self._listen()
+        self._check_when_due()
         try:
             async with asyncio.timeout(timeout):
                 await self._woken.wait()
@@ -353,12 +367,34 @@ class CommitListener:
             log.debug("cannot listen for commits; polling", error=error.detail)
             return
         self._conn = conn
+        self._next_check = time.monotonic() + self._check_interval
         self._woken.set()  # events committed while nobody listened are relayed at once
+
+    def _check_when_due(self) -> None:
+        conn = self._conn
+        if conn is None or self._checking is not None or time.monotonic() < self._next_check:
+            return
+        self._next_check = time.monotonic() + self._check_interval
+        self._checking = asyncio.create_task(self._check(conn))
+
+    async def _check(self, conn: asyncpg.Connection) -> None:
+        try:
+            await conn.fetchval("SELECT 1")
+        except Exception as error:
+            # Not answered in time, or lost: listen on a new session from the next wait.
+            log.debug("the listening session did not answer; listening again", error=repr(error))
+            conn.terminate()
+        finally:
+            self._checking = None
 
     def _notified(self, *_: object) -> None:
         self._woken.set()
 
     async def close(self) -> None:
+        if self._checking is not None:
+            self._checking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checking
         conn, self._conn = self._conn, None
         if conn is not None and not conn.is_closed():
             await close_connection(conn)
