@@ -8,7 +8,9 @@ from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import pytest
+from structlog.testing import capture_logs
 
+from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import Broker
 from financing.adapters.rabbitmq.envelopes import from_amqp
 from financing.adapters.rabbitmq.publisher import AmqpCommandSender, Publisher, PublishFailed
@@ -210,3 +212,43 @@ async def test_publisher_heals_after_the_broker_refused_its_channel(
     finally:
         await publisher.close()
         await broker.close()
+
+
+async def test_events_are_routed_again_once_the_topology_deleted_under_the_service_is_declared(
+    empty_vhost: rabbitmq.Vhost,
+) -> None:
+    """Regression: with `events` and the service's router deleted by an operator, the
+    publisher declared `events` again but nothing bound to it, and every publish came back
+    unroutable: the relayer retried the same batch without end."""
+    broker = Broker([empty_vhost.url], Outages())
+    publisher = Publisher(broker, confirm_timeout=2.0)
+    try:
+        await topology.declare_on(broker)
+        await publisher.publish_events([event_envelope(1, uuid.uuid4())])
+        channel = await broker.channel()
+        for exchange in (topology.EVENTS_EXCHANGE, topology.EVENTS_ROUTER):
+            await channel.exchange_delete(exchange)
+        await channel.close()
+
+        failures: list[PublishFailed] = []
+
+        async def published() -> bool:  # as the relayer tries its batch again
+            try:
+                await publisher.publish_events([event_envelope(2, uuid.uuid4())])
+            except PublishFailed as failed:
+                failures.append(failed)
+                return False
+            return True
+
+        with capture_logs() as logs:
+            await wait_until(published, timeout=15, what="an event routed again")
+
+        queues = await rabbitmq.list_queues(empty_vhost.name)
+    finally:
+        await publisher.close()
+        await broker.close()
+    assert [failed.unroutable for failed in failures][-1:] == [True]
+    assert queues[topology.PROJECTOR_QUEUE]["messages_ready"] == 2  # before, and after
+    assert [line["event"] for line in logs if line["log_level"] == "warning"] == [
+        "events were returned as unroutable; declaring the topology again"
+    ]

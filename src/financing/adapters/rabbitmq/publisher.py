@@ -26,10 +26,14 @@ from financing.adapters.rabbitmq.connection import (
 )
 from financing.adapters.rabbitmq.envelopes import header_text, to_amqp
 from financing.adapters.rabbitmq.topology import command_queue, declare_events_exchange
+from financing.adapters.rabbitmq.topology import declare as declare_topology
 from financing.application import codec
 from financing.application.errors import Unavailable
 from financing.application.messages import Command
 from financing.application.ports import Cause, Envelope
+from financing.logging import get_logger
+
+log = get_logger(__name__)
 
 
 class PublishFailed(Unavailable):
@@ -39,8 +43,10 @@ class PublishFailed(Unavailable):
     is safe because every consumer deduplicates by message id.
     """
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, *, unroutable: bool = False) -> None:
         super().__init__(BROKER, detail)
+        # Returned by the broker: no queue, and no alternate exchange, took it.
+        self.unroutable = unroutable
 
 
 class Publisher:
@@ -82,7 +88,25 @@ class Publisher:
         if not envelopes:
             return
         what = f"{len(envelopes)} event(s)"
-        await self._confirmed(what, [(envelope, None) for envelope in envelopes])
+        try:
+            await self._confirmed(what, [(envelope, None) for envelope in envelopes])
+        except PublishFailed as failed:
+            if failed.unroutable:
+                await self._declare_topology_again()
+            raise
+
+    async def _declare_topology_again(self) -> None:
+        """`events` feeds an exchange whose alternate exchange takes whatever no queue
+        does, so an event returned as unroutable means that part of the topology was
+        deleted under the service (an exchange, a binding), which no consumer notices.
+        It is declared again, so that the caller's next attempt is routed."""
+        log.warning("events were returned as unroutable; declaring the topology again")
+        channel, _ = await self._opened("declaring the topology again")
+        try:
+            async with asyncio.timeout(self._confirm_timeout):
+                await declare_topology(channel, self._broker.queue_type)
+        except (TimeoutError, Unavailable) as error:
+            log.debug("declaring the topology again failed", error=repr(error))
 
     async def send_to_queue(self, queue: str, envelope: Envelope) -> None:
         """Publish to `queue` through the default exchange; unroutable means failure."""
@@ -152,6 +176,8 @@ class Publisher:
         except TimeoutError:
             raise PublishFailed(f"{what}: not confirmed within {self._confirm_timeout} s") from None
         for result in results:
+            if isinstance(result, aiormq.exceptions.PublishError):
+                raise PublishFailed(f"{what}: {_describe(result)}", unroutable=True) from result
             if isinstance(result, BaseException):
                 if is_broker_error(result) or failed_by_a_lost_connection(result):
                     raise PublishFailed(f"{what}: {_describe(result)}") from result
