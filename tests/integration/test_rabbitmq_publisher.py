@@ -66,6 +66,16 @@ def event_envelope(version: int, aggregate_id: uuid.UUID) -> Envelope:
     )
 
 
+async def published(publisher: Publisher, failures: list[PublishFailed]) -> bool:
+    """Whether an event published now was confirmed; a failure is kept in `failures`."""
+    try:
+        await publisher.publish_events([event_envelope(1, uuid.uuid4())])
+    except PublishFailed as failed:
+        failures.append(failed)
+        return False
+    return True
+
+
 async def test_published_events_reach_every_bound_queue_in_order(
     broker: Broker, publisher: Publisher
 ) -> None:
@@ -183,12 +193,7 @@ async def test_publisher_heals_after_the_broker_refused_its_channel(
             refusals: list[PublishFailed] = []
 
             async def refused() -> bool:
-                try:
-                    await publisher.publish_events([event_envelope(1, uuid.uuid4())])
-                except PublishFailed as failure:
-                    refusals.append(failure)
-                    return True
-                return False
+                return not await published(publisher, refusals)
 
             await wait_until(refused, timeout=10, what="the broker to refuse a publish")
             assert isinstance(refusals[0], Unavailable)
@@ -231,17 +236,10 @@ async def test_events_are_routed_again_once_the_topology_deleted_under_the_servi
         await channel.close()
 
         failures: list[PublishFailed] = []
-
-        async def published() -> bool:  # as the relayer tries its batch again
-            try:
-                await publisher.publish_events([event_envelope(2, uuid.uuid4())])
-            except PublishFailed as failed:
-                failures.append(failed)
-                return False
-            return True
-
-        with capture_logs() as logs:
-            await wait_until(published, timeout=15, what="an event routed again")
+        with capture_logs() as logs:  # tried again as the relayer tries its batch again
+            await wait_until(
+                lambda: published(publisher, failures), timeout=15, what="an event routed again"
+            )
 
         queues = await rabbitmq.list_queues(empty_vhost.name)
     finally:
