@@ -36,6 +36,7 @@ from financing.application.errors import ConcurrencyConflict, Refused, Unavailab
 from financing.config import Database
 from financing.domain.aggregates import Investor
 from financing.domain.events import BidOnInvoicePlacedEvent
+from financing.entrypoints.cli import console
 from tests.support import infra
 from tests.support.infra import wait_until
 from tests.support.relay import Relay
@@ -377,3 +378,26 @@ async def test_a_migration_waits_longer_than_a_statement_may_for_another_instanc
     finally:
         await holder.close()
         await close_pool(pool)
+
+
+async def test_a_command_that_scans_whole_tables_may_run_statements_longer_but_not_connect_longer(
+    database: Database, relay: Relay
+) -> None:
+    """`financing check` and `projections rebuild` read or rewrite whole tables: their
+    statements get at least SCAN_TIMEOUT, not the service's answer timeout; connecting is
+    still bounded by it."""
+    short = replace(database, answer_timeout=ANSWER_TIMEOUT)
+    long_statement = f"SELECT 1 FROM pg_sleep({2 * ANSWER_TIMEOUT})"
+    async with console.database(short, COMMAND_DATABASE, "check") as pool:
+        with pytest.raises(TimeoutError):
+            await pool.fetchval(long_statement)
+    async with console.database(short, COMMAND_DATABASE, "check", scans=True) as pool:
+        assert await pool.fetchval(long_statement) == 1
+    relay.silence()
+    started = time.monotonic()
+    with pytest.raises(Unavailable):
+        async with console.database(
+            through(relay, database), COMMAND_DATABASE, "check", scans=True
+        ):
+            pass
+    assert time.monotonic() - started < ANSWER_TIMEOUT + MARGIN

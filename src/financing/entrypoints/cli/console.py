@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import asyncpg
@@ -12,10 +13,24 @@ import asyncpg
 from financing.adapters.postgres.connection import close_pool, create_pool
 from financing.config import Database, Variable
 
+# What a statement of a command that scans whole tables may take at least: a replay's
+# or a check's reads, a rebuild's swap, on a large store.
+SCAN_TIMEOUT = 600.0
+
 
 @asynccontextmanager
-async def database(db: Database, dependency: str, command: str) -> AsyncIterator[asyncpg.Pool]:
-    """A pool whose sessions say which command opened them (pg_stat_activity)."""
+async def database(
+    db: Database, dependency: str, command: str, *, scans: bool = False
+) -> AsyncIterator[asyncpg.Pool]:
+    """A pool whose sessions say which command opened them (pg_stat_activity). A command
+    that `scans` whole tables gives each statement at least SCAN_TIMEOUT rather than the
+    service's answer timeout (FINANCING_DB_TIMEOUT), which still bounds connecting."""
+    if scans:
+        db = replace(
+            db,
+            connect_kwargs={"timeout": db.answer_timeout, **db.connect_kwargs},
+            answer_timeout=max(db.answer_timeout, SCAN_TIMEOUT),
+        )
     pool = await create_pool(db, dependency, application_name=f"financing {command}")
     try:
         yield pool
