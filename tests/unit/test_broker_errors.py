@@ -64,14 +64,16 @@ class OpenedOn(Publisher):
         return self._given
 
 
+async def assert_unconfirmed_alone_and_in_a_batch(publisher: Publisher, says: str) -> None:
+    envelope = Envelope(message_id="m-1", name="CreateIssuer", body=b"{}")
+    for batch in ([envelope], [envelope, envelope]):
+        with pytest.raises(PublishFailed, match=says):
+            await publisher.publish_events(batch)
+
+
 async def test_a_publish_failed_by_a_closing_connection_is_an_unconfirmed_publish() -> None:
     publisher = OpenedOn(exchange=ClosingExchange(await rejected_as_aiormq_rejects()))
-    envelope = Envelope(message_id="m-1", name="CreateIssuer", body=b"{}")
-
-    with pytest.raises(PublishFailed, match="closed"):
-        await publisher.publish_events([envelope])
-    with pytest.raises(PublishFailed, match="closed"):
-        await publisher.publish_events([envelope, envelope])
+    await assert_unconfirmed_alone_and_in_a_batch(publisher, "closed")
 
 
 async def test_a_publish_failed_by_a_missed_heartbeat_is_an_unconfirmed_publish() -> None:
@@ -80,12 +82,7 @@ async def test_a_publish_failed_by_a_missed_heartbeat_is_an_unconfirmed_publish(
     error = await rejected_as_aiormq_rejects(asyncio.CancelledError())
     assert isinstance(error, asyncio.CancelledError)
     publisher = OpenedOn(exchange=ClosingExchange(error))
-    envelope = Envelope(message_id="m-1", name="CreateIssuer", body=b"{}")
-
-    with pytest.raises(PublishFailed, match="heartbeats"):
-        await publisher.publish_events([envelope])
-    with pytest.raises(PublishFailed, match="heartbeats"):
-        await publisher.publish_events([envelope, envelope])
+    await assert_unconfirmed_alone_and_in_a_batch(publisher, "heartbeats")
 
 
 async def test_a_publisher_whose_task_is_cancelled_is_cancelled() -> None:

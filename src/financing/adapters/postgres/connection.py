@@ -218,21 +218,20 @@ CLOSE_TIMEOUT = 2.0
 
 async def close_pool(pool: asyncpg.Pool) -> None:
     """Close `pool`'s sessions in order, or drop them after CLOSE_TIMEOUT."""
-    try:
-        async with asyncio.timeout(CLOSE_TIMEOUT):
-            await pool.close()
-    except Exception as error:
-        pool.terminate()
-        if not is_unavailable(error):
-            raise
+    await _closed_in_time(pool)
 
 
 async def close_connection(conn: asyncpg.Connection) -> None:
     """Close a dedicated session in order, or drop it after CLOSE_TIMEOUT."""
+    await _closed_in_time(conn)
+
+
+async def _closed_in_time(closable: asyncpg.Pool | asyncpg.Connection) -> None:
     try:
-        await conn.close(timeout=CLOSE_TIMEOUT)
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await closable.close()
     except Exception as error:
-        conn.terminate()
+        closable.terminate()
         if not is_unavailable(error):
             raise
 
