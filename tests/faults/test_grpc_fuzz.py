@@ -33,6 +33,7 @@ from betterproto.lib.google.protobuf import Empty
 from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
+from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from h2.exceptions import StreamClosedError
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -463,3 +464,60 @@ async def test_a_request_message_over_the_size_limit_is_refused_before_it_is_tak
     assert str(MAX_REQUEST_BYTES) in (answered.value.message or ""), answered.value
     assert grown < sent // 2, f"the service grew by {grown} bytes"
     assert commands_api.service.running
+
+
+def valid_request(method: str) -> betterproto.Message:
+    """A request of `method` that the service accepts and enqueues when it comes alone."""
+    return Structured(
+        method,
+        {
+            name: Money(amount=100.0)
+            if name in ("asking_price", "bid")
+            else Uuid(str(uuid.uuid4()))
+            for name in METHODS[method][2]
+        },
+    ).request()
+
+
+@pytest.mark.parametrize("count", [0, 2, 3])
+async def test_a_unary_call_without_exactly_one_request_message_is_refused_and_runs_nothing(
+    commands_api: CommandsApi, count: int
+) -> None:
+    """Regression: grpclib ignored every request message after the first, which it carried
+    out. (It hands a call that sends none `None`, which each method once had to check.)"""
+    logged = commands_api.service.log_size()
+    says = "a message is required" if count == 0 else "one message is allowed"
+    grpc = Channel(*commands_api.address)
+    connection = await aio_pika.connect(commands_api.amqp_url)
+    try:
+        broker = await connection.channel()
+        assert await take_enqueued(broker) == {}
+        # The Commands methods, and the health check served beside them.
+        calls = [
+            (f"/Commands/{method}", valid_request(method), REPLY_TYPES[method])
+            for method in METHODS
+        ]
+        calls.append(("/grpc.health.v1.Health/Check", HealthCheckRequest(), HealthCheckResponse))
+        for path, request, reply in calls:
+            # A client-streaming call on the client's side lets it send any number of them.
+            async with grpc.request(
+                path, Cardinality.STREAM_UNARY, type(request), reply, timeout=10
+            ) as stream:
+                await stream.send_request(end=count == 0)
+                for sent in range(count):
+                    await stream.send_message(request, end=sent == count - 1)
+                with pytest.raises(GRPCError) as answered:
+                    await stream.recv_message()
+            assert answered.value.status is Status.INVALID_ARGUMENT, f"{path}: {answered.value}"
+            assert says in (answered.value.message or ""), f"{path}: {answered.value}"
+        assert await take_enqueued(broker) == {}
+        # The same call with one message is carried out (the refusal is not the method's).
+        for method in METHODS:
+            assert await call(grpc, method, valid_request(method)) == (Status.OK, "")
+        assert sorted(await take_enqueued(broker)) == sorted(METHODS)
+    finally:
+        grpc.close()
+        await connection.close()
+    assert commands_api.service.running
+    written = commands_api.service.log_tail(since=logged)
+    assert '"level": "error"' not in written, written

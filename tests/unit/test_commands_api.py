@@ -27,7 +27,7 @@ from financing.application.messages import (
 )
 from financing.application.ports import Cause
 from financing.application.retry import Outages
-from financing.entrypoints.grpc.codec import RequestCodec
+from financing.entrypoints.grpc.codec import FramingChecked, RequestCodec
 from financing.entrypoints.grpc.commands import CommandsService, correlate
 from financing.generated import (
     ApproveFinancingCommand,
@@ -69,7 +69,7 @@ class FlakySender(InMemoryCommandSender):
 
 
 async def _serve(service: CommandsService, *, correlated: bool = False) -> tuple[Server, Channel]:
-    server = Server([service])
+    server = Server([FramingChecked(service)])  # as bootstrap serves it
     if correlated:
         correlate(server)  # as bootstrap serves it
     await server.start("127.0.0.1", 0)

@@ -40,12 +40,17 @@ MAX_REQUEST_BYTES = 4 * 1024 * 1024
 class _FramedStream:
     """A server stream whose request frames, when grpclib cannot read them, are the
     caller's error with a clear status rather than a bug of the service (UNKNOWN, with a
-    traceback logged), and whose request messages are at most MAX_REQUEST_BYTES long."""
+    traceback logged), and whose request messages are at most MAX_REQUEST_BYTES long.
 
-    __slots__ = ("_stream",)
+    A method that takes one request (`unary`) gets it once the caller has ended its side
+    of the call, and only if the call held exactly one: grpclib would hand the method
+    `None` for none, and ignore any beyond the first after carrying the first out."""
 
-    def __init__(self, stream: Stream[Any, Any]) -> None:
+    __slots__ = ("_stream", "_unary")
+
+    def __init__(self, stream: Stream[Any, Any], *, unary: bool) -> None:
         self._stream = stream
+        self._unary = unary
         # grpclib reads a message as two reads of the request's data: its 5-byte prefix,
         # then as many bytes as the prefix announces. The second is refused before a byte
         # of an oversized message is taken in (grpclib 0.4.9, pinned; tested).
@@ -77,7 +82,20 @@ class _FramedStream:
 
     async def recv_message(self) -> Any:
         try:
-            return await self._stream.recv_message()
+            message = await self._stream.recv_message()
+            if self._unary:
+                if message is None:
+                    raise GRPCError(
+                        Status.INVALID_ARGUMENT,
+                        "request: a message is required (the call sent none)",
+                    )
+                # What follows the message must be the end of the caller's side.
+                if await self._stream._stream.recv_data(1):
+                    raise GRPCError(
+                        Status.INVALID_ARGUMENT,
+                        "request: one message is allowed (the call sent more)",
+                    )
+            return message
         except NotImplementedError:  # the frame's compressed flag is set
             raise GRPCError(
                 Status.UNIMPLEMENTED,
@@ -91,11 +109,14 @@ class _FramedStream:
             ) from None
 
 
-def _framed(func: Callable[[Stream[Any, Any]], Awaitable[None]]) -> Callable[..., Any]:
-    async def handle(stream: Stream[Any, Any]) -> None:
-        await func(_FramedStream(stream))  # type: ignore[arg-type]
+def _framed(handler: Handler) -> Handler:
+    func: Callable[[Stream[Any, Any]], Awaitable[None]] = handler.func
+    unary = not handler.cardinality.client_streaming
 
-    return handle
+    async def handle(stream: Stream[Any, Any]) -> None:
+        await func(_FramedStream(stream, unary=unary))  # type: ignore[arg-type]
+
+    return handler._replace(func=handle)
 
 
 class FramingChecked:
@@ -105,10 +126,7 @@ class FramingChecked:
         self._servable = servable
 
     def __mapping__(self) -> dict[str, Handler]:
-        return {
-            path: handler._replace(func=_framed(handler.func))
-            for path, handler in self._servable.__mapping__().items()
-        }
+        return {path: _framed(handler) for path, handler in self._servable.__mapping__().items()}
 
 
 class Servable(Protocol):

@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from decimal import Decimal
-from typing import TypeVar
 from uuid import UUID, uuid4
 
 import betterproto
@@ -65,8 +64,6 @@ CORRELATION_METADATA = "correlation-id"
 _requested: ContextVar[str | None] = ContextVar("requested_correlation_id", default=None)
 _correlation: ContextVar[str | None] = ContextVar("correlation_id", default=None)
 
-M = TypeVar("M", bound=betterproto.Message)
-
 
 def correlate(server: Server) -> None:
     """Take a client's `correlation-id` metadata in, and send each call's back."""
@@ -110,14 +107,6 @@ def parse_uuid(value: Uuid, field: str) -> UUID:
         raise invalid(field, f"{value.value[:64]!r} is not a UUID") from None
 
 
-def required(request: M | None) -> M:
-    """The request a client sent; a call that ended its stream without sending one hands
-    the handler None (grpclib), which is no command at all."""
-    if request is None:
-        raise invalid("request", "a message is required (the call sent none)")
-    return request
-
-
 def parse_money(value: Money, field: str) -> Decimal:
     if not isinstance(value, Money) or not isinstance(value.amount, float):
         raise invalid(field, "is malformed")
@@ -145,7 +134,6 @@ class CommandsService(CommandsBase):
         self.calls = CallsInFlight()
 
     async def sell_invoice(self, sell_invoice_command: SellInvoiceCommand) -> Uuid:
-        sell_invoice_command = required(sell_invoice_command)
         issuer_id = parse_uuid(sell_invoice_command.issuer_id, "issuer_id")
         asking_price = parse_money(sell_invoice_command.asking_price, "asking_price")
         invoice_id = self._new_id()
@@ -153,7 +141,6 @@ class CommandsService(CommandsBase):
         return Uuid(value=str(invoice_id))
 
     async def bid_on_invoice(self, bid_on_invoice_command: BidOnInvoiceCommand) -> Empty:
-        bid_on_invoice_command = required(bid_on_invoice_command)
         investor_id = parse_uuid(bid_on_invoice_command.investor_id, "investor_id")
         invoice_id = parse_uuid(bid_on_invoice_command.invoice_id, "invoice_id")
         bid = parse_money(bid_on_invoice_command.bid, "bid")
@@ -161,13 +148,11 @@ class CommandsService(CommandsBase):
         return Empty()
 
     async def approve_financing(self, approve_financing_command: ApproveFinancingCommand) -> Empty:
-        approve_financing_command = required(approve_financing_command)
         invoice_id = parse_uuid(approve_financing_command.invoice_id, "invoice_id")
         await self._enqueue(ApproveFinancing(invoice_id))
         return Empty()
 
     async def reverse_financing(self, reverse_financing_command: ReverseFinancingCommand) -> Empty:
-        reverse_financing_command = required(reverse_financing_command)
         invoice_id = parse_uuid(reverse_financing_command.invoice_id, "invoice_id")
         await self._enqueue(ReverseFinancing(invoice_id))
         return Empty()
