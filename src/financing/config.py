@@ -295,7 +295,14 @@ def split_url(url: str, what: str) -> SplitResult:
     """`url`'s parts; a ConfigError when it cannot be one URL as written. A password holding
     `/`, `?`, `#` or `@` must be percent-encoded: unencoded, it ends the URL's credentials
     early and the rest of it lands in the host, path or fragment, where it would be shown."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unclosed "[", or a character NFKC turns into one of "/?#@:"
+        raise ConfigError(
+            f"{what}: the URL cannot be read as written; percent-encode a password that"
+            " holds characters other than letters, digits and '-._~', and close an IPv6"
+            " address's '['"
+        ) from None
     if "@" in parts.path or "@" in parts.query or parts.fragment:
         raise ConfigError(
             f"{what}: the URL cannot be read as written; percent-encode a password that"

@@ -314,6 +314,8 @@ def test_an_unknown_queue_type_is_a_config_error_naming_the_choices(value: str) 
         f"amqp://guest:77#{SECRET}@rabbit:5672/",  # unencoded '#'
         f"amqp://guest:{SECRET}#x@rabbit:5672/",
         f"amqp://guest:a?{SECRET}@rabbit/",  # unencoded '?'
+        f"amqp://guest:{SECRET}\uff20x@rabbit:5672/v",  # a character NFKC makes '@'
+        f"amqp://guest:{SECRET}@[::1:5672/",  # an IPv6 address left open
         f"amqp://guest:guest@rabbit/, amqp://guest:{SECRET}@other:99999/",  # the second
         " , ",
     ],
@@ -337,9 +339,19 @@ def test_broker_urls_with_an_encoded_password_or_several_brokers_are_taken() -> 
     ]
 
 
-def test_a_database_url_with_an_unencoded_slash_in_its_password_is_refused_unshown() -> None:
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://postgres:12/{SECRET}@db:5432/postgres",  # an unencoded '/'
+        f"postgresql://postgres:12\uff0f{SECRET}@db:5432/postgres",  # NFKC makes it '/'
+        f"postgresql://postgres:{SECRET}@[::1:5432/postgres",  # an IPv6 address left open
+    ],
+)
+def test_a_database_url_that_cannot_be_read_as_written_is_refused_unshown(url: str) -> None:
+    """Regression: the last two raised urllib's ValueError, a bug (exit 1, a traceback
+    that could show the password)."""
     with pytest.raises(ConfigError) as error:
-        parse_database(f"postgresql://postgres:12/{SECRET}@db:5432/postgres")
+        parse_database(url)
     assert SECRET not in str(error.value)
 
 
