@@ -11,13 +11,18 @@ attempts at WARNING and ERROR, many lines per outage. The service logs each
 outage itself, once when it starts and once when it is over (`retry.Outages`),
 so their records are demoted to DEBUG: visible with LOGGER_LEVEL=DEBUG, quiet
 otherwise.
+
+A line that cannot be written (a full disk, a log reader gone) is dropped: the
+log never stops the service, nor changes how it exits.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import sys
 import types
+from typing import TextIO
 
 import structlog
 
@@ -33,6 +38,7 @@ _SHARED: list[structlog.typing.Processor] = [
 
 def configure(level: str = "INFO") -> None:
     threshold = getattr(logging, level)
+    lines = Lines(sys.stderr)
     renderer: structlog.typing.Processor
     if sys.stderr.isatty():
         renderer = structlog.dev.ConsoleRenderer()
@@ -41,11 +47,11 @@ def configure(level: str = "INFO") -> None:
     structlog.configure(
         processors=[*_SHARED, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(threshold),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=lambda *_: lines,
         cache_logger_on_first_use=True,
     )
 
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _LineHandler(lines)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*_SHARED, structlog.stdlib.add_logger_name],
@@ -64,6 +70,53 @@ def configure(level: str = "INFO") -> None:
     root.setLevel(threshold)
     logging.captureWarnings(True)
     sys.excepthook = _log_uncaught
+
+
+class Lines:
+    """Where every line of the log goes: written whole, straight to the file's descriptor
+    when it has one (nothing is left in a buffer to fail again at exit), or dropped when
+    it cannot be written. structlog's logger interface: each level is `msg`."""
+
+    def __init__(self, file: TextIO) -> None:
+        raw = getattr(getattr(file, "buffer", None), "raw", None)
+        self._raw = raw if isinstance(raw, io.FileIO) else None
+        self._file = file
+        self._encoding = getattr(file, "encoding", None) or "utf-8"
+
+    def msg(self, message: str) -> None:
+        line = message + "\n"
+        try:
+            if self._raw is None:
+                self._file.write(line)
+                self._file.flush()
+                return
+            data = memoryview(line.encode(self._encoding, "backslashreplace"))
+            while data:
+                written = self._raw.write(data)
+                if not written:  # a descriptor that takes nothing now: the line is dropped
+                    return
+                data = data[written:]
+        except (OSError, ValueError):  # ValueError: the file was closed
+            return
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+class _LineHandler(logging.Handler):
+    """Standard-library records, formatted, written as the service's own lines."""
+
+    def __init__(self, lines: Lines) -> None:
+        super().__init__()
+        self._lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        self._lines.msg(line)
 
 
 class _Demote(logging.Filter):
