@@ -4,6 +4,7 @@ service serves, stops on SIGTERM and exits 0, its lines dropped."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import uuid
@@ -46,8 +47,11 @@ async def listener() -> AsyncIterator[Listener]:
         infra.delete_vhost(name)
 
 
-async def start(listener: Listener, stderr: int) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
+@contextlib.asynccontextmanager
+async def serving(listener: Listener, stderr: int) -> AsyncIterator[asyncio.subprocess.Process]:
+    """The listener's process, its log written to `stderr`; killed at the end if the test
+    left it running."""
+    process = await asyncio.create_subprocess_exec(
         *financing_command(),
         "serve",
         "--components",
@@ -57,6 +61,12 @@ async def start(listener: Listener, stderr: int) -> asyncio.subprocess.Process:
         stdout=asyncio.subprocess.DEVNULL,
         stderr=stderr,
     )
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 async def sells(listener: Listener) -> bool:
@@ -87,24 +97,20 @@ async def test_a_log_on_a_full_disk_stops_nothing(listener: Listener) -> None:
     and the service exited 1 while it started."""
     full = os.open("/dev/full", os.O_WRONLY)  # every write fails: no space left on device
     try:
-        process = await start(listener, full)
+        async with serving(listener, full) as process:
+            await infra.wait_until(
+                lambda: sells(listener), timeout=WITHIN, what="an OK SellInvoice"
+            )
+            assert process.returncode is None
+            assert await stopped(process) == 0
     finally:
         os.close(full)
-    try:
-        await infra.wait_until(lambda: sells(listener), timeout=WITHIN, what="an OK SellInvoice")
-        assert process.returncode is None
-        assert await stopped(process) == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 async def test_a_log_reader_gone_stops_nothing(listener: Listener) -> None:
     """Regression: once the reader of its log had gone, the service went on serving, but a
     SIGTERM made it exit 1, where it exits 0."""
-    process = await start(listener, asyncio.subprocess.PIPE)
-    try:
+    async with serving(listener, asyncio.subprocess.PIPE) as process:
         assert process.stderr is not None
 
         async with asyncio.timeout(WITHIN):
@@ -116,7 +122,3 @@ async def test_a_log_reader_gone_stops_nothing(listener: Listener) -> None:
         assert await sells(listener)
         assert process.returncode is None
         assert await stopped(process) == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
