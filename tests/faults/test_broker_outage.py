@@ -84,9 +84,10 @@ async def revoke(vhost: str) -> None:
     await asyncio.to_thread(rabbitmqctl, "clear_permissions", "--vhost", vhost, "guest")
 
 
-async def grant(vhost: str) -> None:
+async def grant(vhost: str, *, read: str = ".*") -> None:
+    """Permissions for guest on `vhost`: all, or reading only the queues `read` matches."""
     await asyncio.to_thread(
-        rabbitmqctl, "set_permissions", "--vhost", vhost, "guest", ".*", ".*", ".*"
+        rabbitmqctl, "set_permissions", "--vhost", vhost, "guest", ".*", ".*", read
     )
 
 

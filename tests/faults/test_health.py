@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+import urllib.error
+import urllib.request
 
 from tests.faults.conftest import Deploy, add_figure, set_figure
 from tests.faults.test_broker_outage import close_connections, grant, revoke
@@ -75,6 +77,57 @@ async def test_queries_is_not_serving_while_its_database_refuses_connections(
     await becomes(address, "Queries", "SERVING", BACK_WITHIN)
     await target.query_pool.expire_connections()
     add_figure("health outages seen and ended", 1)
+
+
+def health_code(address: tuple[str, int]) -> int:
+    """What the metrics endpoint's /health answers: 200 or 503."""
+    try:
+        with urllib.request.urlopen(f"http://{address[0]}:{address[1]}/health", timeout=5) as reply:
+            return int(reply.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+async def test_a_queue_the_broker_will_not_let_be_consumed_is_one_steady_outage(
+    deploy: Deploy,
+) -> None:
+    """Regression: the consumer's refusal was taken for the broker's outage, which the
+    broker's own check ended every second: /health flapped between 200 and 503, and the
+    log said "broker unavailable" and "broker reconnected" about once a second."""
+    target = await deploy("health_queue")
+    address = target.metrics_address
+    assert await asyncio.to_thread(health_code, address) == 200
+    await grant(target.vhost, read="^(?!SellInvoice$).*")  # SellInvoice cannot be consumed
+    try:
+        await close_connections(target.vhost)  # so that every consumer consumes again
+
+        async def down() -> bool:
+            return await asyncio.to_thread(health_code, address) == 503
+
+        await infra.wait_until(down, timeout=NOTICED_WITHIN, interval=0.2, what="/health 503")
+        # Steady over several rounds of the outage check (every second).
+        answers: list[int] = []
+        watched_until = time.monotonic() + 4.0
+
+        async def watched() -> bool:
+            answers.append(await asyncio.to_thread(health_code, address))
+            return time.monotonic() > watched_until
+
+        await infra.wait_until(watched, timeout=10.0, interval=0.2, what="4 s of /health")
+        assert set(answers) == {503}, answers
+    finally:
+        await grant(target.vhost)
+
+    async def up() -> bool:
+        return await asyncio.to_thread(health_code, address) == 200
+
+    await infra.wait_until(up, timeout=BACK_WITHIN, interval=0.2, what="/health 200")
+    events = [str(line.get("event")) for line in target.service.log_lines()]
+    assert events.count("queue SellInvoice unavailable") == 1, target.log_tail()
+    assert events.count("queue SellInvoice recovered") == 1, target.log_tail()
+    # The connections closed above: one outage of the broker at most, not one a second.
+    assert events.count("broker unavailable") <= 1, target.log_tail()
+    assert events.count("broker reconnected") <= 1, target.log_tail()
 
 
 async def test_a_watcher_sees_not_serving_when_the_service_drains_at_shutdown(

@@ -54,6 +54,8 @@ async def _ready(
     await asyncio.wait({*tasks, stopping, consuming}, return_when=asyncio.FIRST_COMPLETED)
     if not consuming.done():
         consuming.cancel()
+        # Its outcome taken, so that asyncio does not log it as never retrieved.
+        await asyncio.gather(consuming, return_exceptions=True)
         return
     log.info(
         "service ready",

@@ -24,6 +24,7 @@ from typing import Any
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, ConsumerTag
+from aiormq.exceptions import ChannelClosed
 
 from financing import metrics
 from financing.adapters.rabbitmq.acks import ChannelAcks
@@ -45,6 +46,7 @@ from financing.adapters.rabbitmq.envelopes import (
     readable_name,
 )
 from financing.adapters.rabbitmq.topology import QueueSpec
+from financing.application.errors import Unavailable
 from financing.application.pipeline import Outcome, OutcomeKind, Step
 from financing.application.ports import CAUSATION_HEADER, CORRELATION_HEADER, Envelope
 from financing.application.retry import NO_BUG_RETRIES, Outages, persist
@@ -192,16 +194,20 @@ class QueueConsumer:
         return self._queue
 
     async def run(self) -> None:
-        """Consume until cancelled; `consuming` is set once the broker delivers to it."""
+        """Consume until cancelled; `consuming` is set while the broker delivers to it."""
+        opened = 0
         while True:
             channel, queue, tag, ended = await self._retry_open()
             channel.close_callbacks.add(lambda *_, ended=ended: ended.set())
             if channel.is_closed:
                 ended.set()
-            log.info("consuming", queue=self._queue.name)
+            # Said once; consuming again after an outage is said by the outage's end.
+            (log.info if not opened else log.debug)("consuming", queue=self._queue.name)
+            opened += 1
             self.consuming.set()
             try:
                 await ended.wait()
+                self.consuming.clear()
                 if channel.is_closed:
                     log.debug("consumer channel closed; opening another", queue=self._queue.name)
                 else:
@@ -243,9 +249,17 @@ class QueueConsumer:
                 )
             )
             acks = ChannelAcks(lambda tag, multiple: underlay.basic_ack(tag, multiple=multiple))
-            queue = await self._queue.declare(channel)
-            with translated():
-                tag = await queue.consume(functools.partial(self._received, acks, ended.end))
+            try:
+                queue = await self._queue.declare(channel)
+                with translated():
+                    tag = await queue.consume(functools.partial(self._received, acks, ended.end))
+            except Unavailable as error:
+                if isinstance(error.__cause__, ChannelClosed) and self._broker.connected:
+                    # The broker is there but will not let this queue be consumed (its
+                    # permissions, an exclusive consumer elsewhere): an outage of the
+                    # queue alone, which the broker's own check must not end.
+                    raise Unavailable(f"queue {self._queue.name}", error.detail) from error
+                raise
         except BaseException:
             await close_channel(channel)
             raise
