@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
+import pytest
 from structlog.testing import capture_logs
 
 from financing.entrypoints.bootstrap import Service
@@ -36,3 +38,30 @@ async def test_a_component_failing_while_it_stops_is_logged_and_the_stop_stays_c
     failed = [line for line in logs if line["event"] == "component failed while stopping"]
     assert [line["component"] for line in failed] == ["leaky"]
     assert "could not let go" in failed[0]["error"]
+
+
+async def test_a_stop_before_the_service_is_ready_leaves_nothing_unretrieved(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression: asyncio logged the cancelled wait for the consumers as an exception
+    never retrieved, with a traceback, at the error level."""
+    started = asyncio.Event()
+
+    async def waiting() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    never = asyncio.Event()  # a consumer that never consumes
+    service = Service(frozenset(), workers={"waiting": waiting}, consuming=[never])
+    stop = asyncio.Event()
+    with capture_logs() as logs:
+        supervising = asyncio.create_task(supervise(service, stop))
+        await started.wait()
+        stop.set()
+        async with asyncio.timeout(10):
+            code = await supervising
+    gc.collect()  # asyncio reports a future never retrieved when it is collected
+
+    assert code == 0
+    assert "service ready" not in [line["event"] for line in logs]
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()], caplog.text
