@@ -18,6 +18,7 @@ from grpclib.client import Channel
 
 from financing.adapters.postgres.connection import create_pool
 from financing.adapters.postgres.schema import migrate
+from financing.adapters.rabbitmq.connection import CONNECT_TIMEOUT
 from financing.config import Database, Settings
 from financing.entrypoints import service
 from financing.entrypoints.bootstrap import COMPONENTS, StartupError, bootstrap
@@ -91,6 +92,28 @@ async def test_an_unreachable_broker_fails_start_up_within_its_budget(
     settings = _settings(databases, f"amqp://guest:guest@127.0.0.1:{free_port()}/")
     async with asyncio.timeout(15):
         code = await service.serve(settings, startup_timeout=1.0)
+    assert code == 2
+
+
+async def test_a_broker_that_never_answers_fails_start_up_within_its_budget(
+    databases: tuple[Database, Database],
+) -> None:
+    """Regression: an attempt to connect was bounded by its own 10 s, not by what was left
+    of the start-up budget: a budget of 1 s ran for 10."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # takes the connection, never answers
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        settings = _settings(databases, f"amqp://guest:guest@127.0.0.1:{port}/")
+        # The connection attempt alone would take 10 s (CONNECT_TIMEOUT).
+        async with asyncio.timeout(CONNECT_TIMEOUT / 2):
+            code = await service.serve(settings, startup_timeout=1.0)
+    finally:
+        server.close()
     assert code == 2
 
 

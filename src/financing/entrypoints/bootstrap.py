@@ -341,11 +341,17 @@ class _Wiring:
 async def started(
     what: str, operation: Callable[[], Awaitable[T]], outages: Outages, deadline: float
 ) -> T:
-    """`operation`, retried while its dependency is unavailable, until `deadline`."""
+    """`operation`, retried while its dependency is unavailable, until `deadline`: an
+    attempt still waiting on a dependency that does not answer is given up there too."""
     try:
-        return await retry(
-            operation, policy=NO_BUG_RETRIES, outages=outages, what=what, deadline=deadline
-        )
+        async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+            return await retry(
+                operation, policy=NO_BUG_RETRIES, outages=outages, what=what, deadline=deadline
+            )
+    except TimeoutError:
+        raise StartupError(
+            f"{what} is unreachable: no answer within FINANCING_STARTUP_TIMEOUT"
+        ) from None
     except GaveUp as gave_up:
         if gave_up.fault is Fault.UNAVAILABLE:
             raise StartupError(f"{what} is unreachable: {gave_up.error}") from gave_up.error
