@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import gzip
 import time
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
+from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import asyncpg
 from grpclib.const import Cardinality
 from grpclib.events import RecvRequest, SendTrailingMetadata, listen
 from grpclib.server import Server
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import REGISTRY
+from prometheus_client.exposition import choose_encoder
 
 from financing.entrypoints.grpc.codec import Servable
 from financing.metrics import GRPC_HANDLED, GRPC_HANDLING, POOL_CONNECTIONS
@@ -89,19 +94,15 @@ class MetricsEndpoint:
             try:
                 async with asyncio.timeout(10):
                     request = await reader.readline()
-                    while (await reader.readline()).strip():
-                        pass  # the headers: nothing in them matters here
+                    headers: dict[str, str] = {}
+                    while (line := (await reader.readline()).strip()) and len(headers) < 100:
+                        name, _, value = line.decode("latin-1").partition(":")
+                        headers[name.strip().lower()] = value.strip()
             except ValueError:  # a line longer than the reader's limit (64 KiB)
-                status, content_type, body = "400 Bad Request", "text/plain", b"line too long\n"
+                answer = _Answer("400 Bad Request", body=b"line too long\n")
             else:
-                words = request.split()
-                path = words[1].decode("ascii", "replace").split("?", 1)[0] if words[1:] else ""
-                status, content_type, body = _response(path, self._healthy)
-            writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                + body
-            )
+                answer = _answer(request, headers, self._healthy)
+            writer.write(answer.encode())
             await writer.drain()
         except (OSError, TimeoutError):
             pass  # a client that went away, or never finished its request
@@ -111,11 +112,52 @@ class MetricsEndpoint:
                 await writer.wait_closed()
 
 
-def _response(path: str, healthy: Callable[[], bool]) -> tuple[str, str, bytes]:
+@dataclass(frozen=True)
+class _Answer:
+    status: str
+    content_type: str = "text/plain; charset=utf-8"
+    body: bytes = b""
+    headers: tuple[tuple[str, str], ...] = ()
+    head_only: bool = False  # a HEAD request: the headers GET would get, no body
+
+    def encode(self) -> bytes:
+        lines = [
+            f"HTTP/1.1 {self.status}",
+            f"Content-Type: {self.content_type}",
+            f"Content-Length: {len(self.body)}",
+            *(f"{name}: {value}" for name, value in self.headers),
+            "Connection: close",
+        ]
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode()
+        return head if self.head_only else head + self.body
+
+
+def _answer(request: bytes, headers: dict[str, str], healthy: Callable[[], bool]) -> _Answer:
+    words = request.decode("latin-1").split()
+    if len(words) < 2:
+        return _Answer("400 Bad Request", body=b"not an HTTP request line\n")
+    method, target = words[0], words[1]
+    if method not in ("GET", "HEAD"):
+        return _Answer(
+            "405 Method Not Allowed",
+            body=b"only GET and HEAD are served\n",
+            headers=(("Allow", "GET, HEAD"),),
+        )
+    path = urlsplit(target).path  # an origin-form or an absolute-form target
     if path == "/metrics":
-        return "200 OK", CONTENT_TYPE_LATEST, generate_latest()
-    if path == "/health":
+        # The format the scraper asks for (OpenMetrics or text), compressed if it takes gzip,
+        # as prometheus_client's own server answers.
+        encoder, content_type = choose_encoder(headers.get("accept", ""))
+        body = encoder(REGISTRY)
+        extra: tuple[tuple[str, str], ...] = ()
+        if "gzip" in headers.get("accept-encoding", ""):
+            body, extra = gzip.compress(body), (("Content-Encoding", "gzip"),)
+        answer = _Answer("200 OK", content_type, body, extra)
+    elif path == "/health":
         if healthy():
-            return "200 OK", "text/plain", b"healthy\n"
-        return "503 Service Unavailable", "text/plain", b"not healthy\n"
-    return "404 Not Found", "text/plain", b"not found: /metrics and /health are served\n"
+            answer = _Answer("200 OK", body=b"healthy\n")
+        else:
+            answer = _Answer("503 Service Unavailable", body=b"not healthy\n")
+    else:
+        answer = _Answer("404 Not Found", body=b"not found: /metrics and /health are served\n")
+    return dataclasses.replace(answer, head_only=method == "HEAD")
