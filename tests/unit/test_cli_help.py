@@ -11,6 +11,7 @@ import pytest
 from financing.config import (
     AMQP_ADDRESS,
     COMMAND_DB,
+    DB_TIMEOUT,
     DEDUP_RETENTION,
     LOGGER_LEVEL,
     QUERY_DB,
@@ -25,13 +26,13 @@ from tests.support.service import run_cli
 READS: dict[tuple[str, ...], tuple[Variable, ...]] = {
     ("serve",): VARIABLES,
     ("populate",): (AMQP_ADDRESS, QUEUE_TYPE),
-    ("projections", "rebuild"): (COMMAND_DB, QUERY_DB),
-    ("check",): (COMMAND_DB, QUERY_DB),
+    ("projections", "rebuild"): (COMMAND_DB, QUERY_DB, DB_TIMEOUT),
+    ("check",): (COMMAND_DB, QUERY_DB, DB_TIMEOUT),
     ("dead-letters", "list"): (AMQP_ADDRESS, QUEUE_TYPE),
     ("dead-letters", "requeue"): (AMQP_ADDRESS, QUEUE_TYPE, DEDUP_RETENTION),
     ("dead-letters", "discard"): (AMQP_ADDRESS, QUEUE_TYPE),
-    ("trace",): (COMMAND_DB, AMQP_ADDRESS),
-    ("events",): (COMMAND_DB, QUERY_DB),
+    ("trace",): (COMMAND_DB, DB_TIMEOUT, AMQP_ADDRESS),
+    ("events",): (COMMAND_DB, QUERY_DB, DB_TIMEOUT),
     ("tail",): (AMQP_ADDRESS,),
     ("status",): (COMMAND_DB, QUERY_DB, AMQP_ADDRESS),
 }
@@ -104,6 +105,28 @@ def test_an_aggregate_id_that_is_not_a_uuid_is_refused(capsys: pytest.CaptureFix
 
     assert code == 2
     assert "'not-a-uuid' is not a UUID" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("populate", "--balance", "1e20"), "from 0 to 999999999999.99"),
+        (("populate", "--balance", "-1"), "from 0 to 999999999999.99"),
+        (("populate", "--balance", "nan"), "from 0 to 999999999999.99"),
+        (("populate", "--balance", "10.001"), "at most 2 decimal places"),
+        (("trace", ""), "must not be empty"),
+        (("trace", "  "), "must not be empty"),
+    ],
+)
+def test_an_argument_the_service_would_not_take_is_refused(
+    capsys: pytest.CaptureFixture[str], args: tuple[str, ...], says: str
+) -> None:
+    """Regression: `populate --balance 1e20` said it had registered investors whose events
+    the service then dead-lettered; `trace ''` listed every letter without a correlation."""
+    code, _, err = answer(capsys, *args)
+
+    assert code == 2
+    assert says in err, err
 
 
 async def test_the_service_reports_a_configuration_error_as_one_json_line_and_exits_2() -> None:

@@ -29,6 +29,7 @@ from financing.config import (
     COMMAND_SERVER_ADDRESS,
     COMPONENTS,
     COMPONENTS_VARIABLE,
+    DB_TIMEOUT,
     DEDUP_RETENTION,
     LOGGER_LEVEL,
     METRICS_ADDRESS,
@@ -42,6 +43,7 @@ from financing.config import (
     parse_components,
 )
 from financing.domain.ids import parse_id
+from financing.domain.money import MAX_AMOUNT, MAX_DECIMAL_PLACES, decimal_places
 from financing.entrypoints.bootstrap import NO_OVERRIDES, Overrides
 from financing.entrypoints.cli import dead_letters as dead_letter_commands
 from financing.entrypoints.cli.check import run_check
@@ -85,10 +87,19 @@ def _seconds(value: str) -> float:
 
 
 def _balance(value: str) -> Decimal:
+    """An investor's balance as the service takes it: from 0 to MAX_AMOUNT, in cents."""
     amount = _parsed(value, Decimal, "a number")
-    if not amount.is_finite() or amount < 0:
-        raise argparse.ArgumentTypeError("must be a finite number >= 0")
+    if not amount.is_finite() or amount < 0 or amount > MAX_AMOUNT:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to {MAX_AMOUNT}")
+    if decimal_places(amount) > MAX_DECIMAL_PLACES:
+        raise argparse.ArgumentTypeError(f"must have at most {MAX_DECIMAL_PLACES} decimal places")
     return amount
+
+
+def _correlation_id(value: str) -> str:
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
 
 
 def _uuid(value: str) -> UUID:
@@ -144,12 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = _Commands(parser, "command")
     _add_serve(commands)
     _add_populate(commands)
-    projections = commands.add("projections", "manage the read models", COMMAND_DB, QUERY_DB)
+    projections = commands.add("projections", "manage the read models", *DATABASE_VARIABLES)
     _Commands(projections, "projections_command").add(
         "rebuild",
         "replay the event store into fresh read models, then swap them in",
-        COMMAND_DB,
-        QUERY_DB,
+        *DATABASE_VARIABLES,
         run=_rebuild,
     )
     _add_check(commands)
@@ -184,6 +194,8 @@ def _add_serve(commands: _Commands) -> None:
 
 # What a command that declares queues on the broker reads.
 BROKER_VARIABLES = (AMQP_ADDRESS, QUEUE_TYPE)
+# What a command that reads both databases reads (connecting is bounded by DB_TIMEOUT).
+DATABASE_VARIABLES = (COMMAND_DB, QUERY_DB, DB_TIMEOUT)
 
 
 def _add_populate(commands: _Commands) -> None:
@@ -204,8 +216,7 @@ def _add_check(commands: _Commands) -> None:
     check_cmd = commands.add(
         "check",
         "verify the invariants from the event store and the read models against a replay",
-        COMMAND_DB,
-        QUERY_DB,
+        *DATABASE_VARIABLES,
         run=_check,
     )
     check_cmd.add_argument(
@@ -263,17 +274,19 @@ def _add_inspection(commands: _Commands) -> None:
         "trace",
         "every message and event a command caused, and what became of each",
         COMMAND_DB,
+        DB_TIMEOUT,
         AMQP_ADDRESS,
         run=_trace,
     )
     trace.add_argument(
-        "correlation_id", help="the command's id: the correlation-id metadata of its answer"
+        "correlation_id",
+        type=_correlation_id,
+        help="the command's id: the correlation-id metadata of its answer",
     )
     events = commands.add(
         "events",
         "an aggregate's event stream and its row in the read models",
-        COMMAND_DB,
-        QUERY_DB,
+        *DATABASE_VARIABLES,
         run=_events,
     )
     events.add_argument("aggregate_id", type=_uuid, help="an investor, invoice or issuer id")
