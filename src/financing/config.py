@@ -179,8 +179,10 @@ class Settings:
             raise ConfigError(f"LOGGER_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
         answer_timeout = parse_duration(DB_TIMEOUT.name, value(DB_TIMEOUT)).total_seconds()
         return cls(
-            command_address=parse_address(value(COMMAND_SERVER_ADDRESS)),
-            query_address=parse_address(value(QUERY_SERVER_ADDRESS)),
+            command_address=parse_address(
+                value(COMMAND_SERVER_ADDRESS), COMMAND_SERVER_ADDRESS.name
+            ),
+            query_address=parse_address(value(QUERY_SERVER_ADDRESS), QUERY_SERVER_ADDRESS.name),
             command_db=replace(parse_database(value(COMMAND_DB)), answer_timeout=answer_timeout),
             query_db=replace(parse_database(value(QUERY_DB)), answer_timeout=answer_timeout),
             amqp_url=parse_amqp_urls(value(AMQP_ADDRESS)),
@@ -192,7 +194,7 @@ class Settings:
             metrics_address=(
                 None
                 if source.get(METRICS_ADDRESS.name) == ""
-                else parse_address(value(METRICS_ADDRESS))
+                else parse_address(value(METRICS_ADDRESS), METRICS_ADDRESS.name)
             ),
             components=parse_components(value(COMPONENTS_VARIABLE)),
             queue_type=parse_queue_type(value(QUEUE_TYPE)),
@@ -247,11 +249,11 @@ def parse_duration(name: str, raw: str) -> timedelta:
         raise ConfigError(f"{name} is too long a duration, got {raw!r}") from None
 
 
-def parse_address(address: str) -> tuple[str, int]:
-    """`host:port`, `:port` (all interfaces) or `[v6]:port`."""
+def parse_address(address: str, name: str = "a listen address") -> tuple[str, int]:
+    """`host:port`, `:port` (all interfaces) or `[v6]:port`; `name` says whose, in errors."""
     host, sep, port = address.rpartition(":")
     if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
-        raise ConfigError(f"listen address must be host:port, got {address!r}")
+        raise ConfigError(f"{name} must be host:port, got {address!r}")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)
 

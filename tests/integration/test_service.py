@@ -19,7 +19,7 @@ from grpclib.client import Channel
 from financing.adapters.postgres.connection import create_pool
 from financing.adapters.postgres.schema import migrate
 from financing.adapters.rabbitmq.connection import CONNECT_TIMEOUT
-from financing.config import Database, Settings
+from financing.config import Database, Settings, parse_database
 from financing.entrypoints import service
 from financing.entrypoints.bootstrap import COMPONENTS, StartupError, bootstrap
 from financing.entrypoints.supervisor import supervise
@@ -226,6 +226,19 @@ async def test_a_missing_database_fails_start_up_at_once(amqp_url: str) -> None:
     settings = _settings((missing, missing), amqp_url)
     async with asyncio.timeout(10):
         # Far below the 30 s budget: waiting cannot create a database.
+        code = await service.serve(settings, startup_timeout=30.0)
+    assert code == 2
+
+
+async def test_a_connection_option_the_driver_refuses_fails_start_up_at_once(
+    databases: tuple[Database, Database], amqp_url: str
+) -> None:
+    """Regression: `sslmode=bogus` was taken for an outage and retried for the whole
+    start-up budget, then reported as an unreachable database."""
+    commands, queries = databases
+    bogus = parse_database(f"{commands.dsn()}?sslmode=bogus")
+    settings = _settings((bogus, queries), amqp_url)
+    async with asyncio.timeout(10):
         code = await service.serve(settings, startup_timeout=30.0)
     assert code == 2
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from importlib import metadata
 
 import pytest
@@ -20,7 +21,7 @@ from financing.config import (
     Variable,
 )
 from financing.entrypoints.cli import main
-from tests.support.service import run_cli
+from tests.support.service import free_port, run_cli
 
 # Each subcommand and the environment variables it reads.
 READS: dict[tuple[str, ...], tuple[Variable, ...]] = {
@@ -34,7 +35,7 @@ READS: dict[tuple[str, ...], tuple[Variable, ...]] = {
     ("trace",): (COMMAND_DB, DB_TIMEOUT, AMQP_ADDRESS),
     ("events",): (COMMAND_DB, QUERY_DB, DB_TIMEOUT),
     ("tail",): (AMQP_ADDRESS,),
-    ("status",): (COMMAND_DB, QUERY_DB, AMQP_ADDRESS),
+    ("status",): (COMMAND_DB, QUERY_DB, DB_TIMEOUT, AMQP_ADDRESS),
 }
 
 
@@ -145,3 +146,23 @@ async def test_an_operators_command_reports_a_configuration_error_as_text() -> N
 
     assert run.exit_code == 2, run.describe()
     assert run.stderr.startswith("financing: configuration error: LOGGER_LEVEL"), run.stderr
+
+
+def test_a_variable_a_command_does_not_read_does_not_stop_it(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: every command parsed every variable of the service, so a listen address
+    set for `serve` alone, and wrong, made `events` exit 2."""
+    monkeypatch.setenv("METRICS_ADDRESS", "bad")
+    monkeypatch.setenv("FINANCING_SNAPSHOT_INTERVAL", "often")
+    # Nothing listens there: the command runs, and fails to reach its database.
+    nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    monkeypatch.setenv("COMMAND_DB_CONNECTION_STRING", nowhere)
+    code, _, err = answer(capsys, "events", str(uuid.uuid4()))
+    assert code == 1, err
+    assert "configuration error" not in err, err
+
+    monkeypatch.setenv("FINANCING_DB_TIMEOUT", "soon")  # one it reads
+    code, _, err = answer(capsys, "events", str(uuid.uuid4()))
+    assert code == 2, err
+    assert "FINANCING_DB_TIMEOUT" in err, err

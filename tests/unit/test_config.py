@@ -130,6 +130,14 @@ def test_a_listen_address_without_a_valid_port_is_a_config_error(address: str) -
         parse_address(address)
 
 
+@pytest.mark.parametrize(
+    "variable", ["COMMAND_SERVER_ADDRESS", "QUERY_SERVER_ADDRESS", "METRICS_ADDRESS"]
+)
+def test_a_bad_listen_address_is_named_by_its_variable(variable: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{variable} must be host:port, got 'bad'"):
+        Settings.from_env({variable: "bad"})
+
+
 # Connection strings: URLs
 
 

@@ -48,11 +48,15 @@ RACE_ERRORS: tuple[type[Exception], ...] = (
 _REFUSALS: tuple[type[Exception], ...] = (
     asyncpg.InvalidCatalogNameError,  # no such database
     asyncpg.InvalidAuthorizationSpecificationError,  # unknown role, wrong password
+    # The connection string's own options (an sslmode the driver does not know).
+    asyncpg.exceptions.ClientConfigurationError,
 )
 
 
 def is_unavailable(error: BaseException) -> bool:
     """Whether `error` says the database cannot be reached now (rather than a bug)."""
+    if isinstance(error, asyncpg.exceptions.ClientConfigurationError):
+        return False  # an InterfaceError, but the configuration's: waiting does not cure it
     if isinstance(
         error,
         OSError  # refused, reset, unreachable; includes ConnectionError

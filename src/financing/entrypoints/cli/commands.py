@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal, InvalidOperation
@@ -141,6 +142,9 @@ class _Commands:
             epilog=environment(*variables, LOGGER_LEVEL),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        # What it reads, and no other of the service's variables: one set for another
+        # command (a listen address, say) does not stop this one.
+        parser.set_defaults(reads=frozenset(v.name for v in (*variables, LOGGER_LEVEL)))
         if run is not None:
             parser.set_defaults(run=run)
         return parser
@@ -299,8 +303,7 @@ def _add_inspection(commands: _Commands) -> None:
     status = commands.add(
         "status",
         "whether the deployment is healthy, and how far behind each part is",
-        COMMAND_DB,
-        QUERY_DB,
+        *DATABASE_VARIABLES,
         AMQP_ADDRESS,
         run=_status,
         description="Whether the deployment is healthy, and how far behind each part is.\n\n"
@@ -420,13 +423,22 @@ async def _operate(run: Run, settings: Settings, args: argparse.Namespace) -> in
         return 1
 
 
+_SERVICE_VARIABLES = frozenset(v.name for v in VARIABLES)
+
+
 def run(argv: Sequence[str] | None = None, *, overrides: Overrides | None = None) -> None:
     """The command line; `overrides` changes the service's wiring (tests only)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _refuse_ambiguous_discard(parser, args)
     try:
-        settings = Settings.from_env()
+        settings = Settings.from_env(
+            {
+                name: value
+                for name, value in os.environ.items()
+                if name in args.reads or name not in _SERVICE_VARIABLES
+            }
+        )
     except ConfigError as exc:
         if args.command == "serve":  # the service's lines are JSON off a terminal, this one too
             service_logging.configure("INFO")
