@@ -9,8 +9,11 @@ terminal summary and written to `build/reliability-faults.json`.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,8 @@ import pytest
 
 from tests.faults import workload as workloads
 from tests.faults.workload import Deployment, Workload, deployment
+from tests.support import infra
+from tests.support.service import ServiceProcess, free_port
 
 FIGURES: dict[str, Any] = {}
 FIGURES_FILE = Path("build") / "reliability-faults.json"
@@ -68,6 +73,43 @@ async def deploy() -> AsyncIterator[Deploy]:
             )
 
         yield start
+
+
+@dataclass(frozen=True)
+class CommandsApi:
+    address: tuple[str, int]
+    amqp_url: str
+    service: ServiceProcess
+
+
+@pytest.fixture(scope="module")
+async def commands_api() -> AsyncIterator[CommandsApi]:
+    name = infra.unique_name("fin_fault_grpc")
+    amqp_url = infra.create_vhost(name)
+    try:
+        port = free_port()
+        env = {
+            **os.environ,
+            "COMMAND_SERVER_ADDRESS": f"127.0.0.1:{port}",
+            "QUERY_SERVER_ADDRESS": f"127.0.0.1:{free_port()}",
+            "AMQP_ADDRESS": amqp_url,
+            "LOGGER_LEVEL": "INFO",
+        }
+        # Only the listener runs: nothing consumes, so queue depths show what was enqueued.
+        service = ServiceProcess(
+            env,
+            Path(tempfile.gettempdir()) / f"{name}.service.log",
+            args=("serve", "--components", "commands-api"),
+        )
+        try:
+            await service.start()
+            yield CommandsApi(("127.0.0.1", port), amqp_url, service)
+            assert service.running, f"the service died:\n{service.log_tail()}"
+            assert await service.stop() == 0
+        finally:
+            await service.kill()
+    finally:
+        infra.delete_vhost(name)
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:

@@ -15,15 +15,11 @@ import asyncio
 import contextlib
 import json
 import math
-import os
 import re
 import struct
-import tempfile
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -48,8 +44,7 @@ from financing.generated import (
     Uuid,
 )
 from scripts.bench_common import process_rss_bytes
-from tests.support import infra
-from tests.support.service import ServiceProcess, free_port
+from tests.faults.conftest import CommandsApi
 
 MAX_AMOUNT = Decimal("999999999999.99")
 STRUCTURED_EXAMPLES = 300
@@ -74,43 +69,6 @@ BODY_KEYS = {
     "ApproveFinancing": {"invoice_id": "InvoiceID"},
     "ReverseFinancing": {"invoice_id": "InvoiceID"},
 }
-
-
-@dataclass(frozen=True)
-class CommandsApi:
-    address: tuple[str, int]
-    amqp_url: str
-    service: ServiceProcess
-
-
-@pytest.fixture(scope="module")
-async def commands_api() -> AsyncIterator[CommandsApi]:
-    name = infra.unique_name("fin_fault_grpc")
-    amqp_url = infra.create_vhost(name)
-    try:
-        port = free_port()
-        env = {
-            **os.environ,
-            "COMMAND_SERVER_ADDRESS": f"127.0.0.1:{port}",
-            "QUERY_SERVER_ADDRESS": f"127.0.0.1:{free_port()}",
-            "AMQP_ADDRESS": amqp_url,
-            "LOGGER_LEVEL": "INFO",
-        }
-        # Only the listener runs: nothing consumes, so queue depths show what was enqueued.
-        service = ServiceProcess(
-            env,
-            Path(tempfile.gettempdir()) / f"{name}.service.log",
-            args=("serve", "--components", "commands-api"),
-        )
-        try:
-            await service.start()
-            yield CommandsApi(("127.0.0.1", port), amqp_url, service)
-            assert service.running, f"the service died:\n{service.log_tail()}"
-            assert await service.stop() == 0
-        finally:
-            await service.kill()
-    finally:
-        infra.delete_vhost(name)
 
 
 # -- the oracle ---------------------------------------------------------------------------------

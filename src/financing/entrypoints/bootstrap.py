@@ -58,6 +58,7 @@ from financing.config import COMPONENTS, Database, Settings
 from financing.entrypoints.grpc.calls import CallsInFlight
 from financing.entrypoints.grpc.codec import FramingChecked, RequestCodec
 from financing.entrypoints.grpc.commands import CommandsService, correlate
+from financing.entrypoints.grpc.edge import GrpcServer
 from financing.entrypoints.grpc.health import HealthWatch, Probe, Readiness, health_service
 from financing.entrypoints.grpc.queries import QueriesService
 from financing.entrypoints.grpc.reflection import with_reflection
@@ -238,7 +239,7 @@ def _grpc_server(
         FramingChecked(servable)
         for servable in with_reflection([api, health_service(api, readiness)])
     ]
-    server = Server(handlers, codec=RequestCodec())
+    server = GrpcServer(handlers, codec=RequestCodec())
     observe_grpc(server, handlers)
     return server
 

@@ -70,7 +70,8 @@ def correlate(server: Server) -> None:
 
     async def received(event: RecvRequest) -> None:
         value = event.metadata.get(CORRELATION_METADATA)
-        if usable_correlation_id(value):
+        # ASCII only, as gRPC metadata is: other bytes arrive as Latin-1 (`edge`).
+        if usable_correlation_id(value) and str(value).isascii():
             _requested.set(str(value))
 
     async def answering(event: SendInitialMetadata) -> None:

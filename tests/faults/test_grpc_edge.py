@@ -1,0 +1,291 @@
+"""The HTTP/2 edge of the gRPC servers (src/financing/entrypoints/grpc/edge.py): what one
+connection can send, frame by frame, and what it gets, while other callers are served.
+
+The service runs as `financing serve --components commands-api` (the `commands_api`
+fixture); calls go to its health check, which needs nothing behind the listener, and to
+SellInvoice where a command's correlation matters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import h2.events
+import pytest
+from grpclib.client import Channel
+from grpclib.const import Status
+from grpclib.health.v1.health_grpc import HealthStub
+from grpclib.health.v1.health_pb2 import HealthCheckRequest
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+
+from financing.entrypoints.grpc.edge import CONTROL_FRAMES_BURST, PREFACE_TIMEOUT
+from financing.generated import Money, SellInvoiceCommand, Uuid
+from tests.faults.conftest import CommandsApi
+
+WITHIN = 10.0
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+# An empty HealthCheckRequest in its gRPC frame: not compressed, 0 bytes long.
+EMPTY_MESSAGE = b"\x00\x00\x00\x00\x00"
+
+
+def framed(message: bytes) -> bytes:
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+class RawConnection:
+    """An HTTP/2 connection driven frame by frame, as a foreign or hostile client would."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader, self._writer = reader, writer
+        self.h2 = H2Connection(
+            H2Configuration(
+                client_side=True,
+                header_encoding=None,  # header values as bytes, both ways
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
+                validate_inbound_headers=False,
+            )
+        )
+        self.events: list[h2.events.Event] = []
+        self.closed = False
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, address: tuple[str, int]) -> AsyncIterator[RawConnection]:
+        reader, writer = await asyncio.open_connection(*address)
+        connection = cls(reader, writer)
+        connection.h2.initiate_connection()
+        connection.flush()
+        try:
+            yield connection
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    def flush(self) -> None:
+        self._writer.write(self.h2.data_to_send())
+
+    def call(
+        self, path: bytes | None, body: bytes, *, metadata: Sequence[tuple[bytes, bytes]] = ()
+    ) -> int:
+        """Send a request (without `:path` when `path` is None); its stream id."""
+        stream_id: int = self.h2.get_next_available_stream_id()
+        headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x")]
+        if path is not None:
+            headers.append((b":path", path))
+        headers += [(b"content-type", b"application/grpc"), (b"te", b"trailers"), *metadata]
+        self.h2.send_headers(stream_id, headers)
+        self.h2.send_data(stream_id, body, end_stream=True)
+        self.flush()
+        return stream_id
+
+    async def until(self, done: Callable[[], bool], within: float = WITHIN) -> None:
+        """Take in what the server sends until `done()` or the server closes."""
+        async with asyncio.timeout(within):
+            while not done() and not self.closed:
+                try:
+                    data = await self._reader.read(65536)
+                except ConnectionResetError:
+                    data = b""
+                if not data:
+                    self.closed = True
+                    return
+                self.events += self.h2.receive_data(data)
+                self.flush()  # acks of its settings and pings, window updates
+
+    def answer(self, stream_id: int) -> dict[bytes, bytes] | None:
+        """The headers and trailers the server ended `stream_id` with, once it has."""
+        fields: dict[bytes, bytes] = {}
+        ended = False
+        for event in self.events:
+            if getattr(event, "stream_id", None) != stream_id:
+                continue
+            if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                fields.update(event.headers)
+            ended = ended or isinstance(event, h2.events.StreamEnded)
+        return fields if ended else None
+
+    def reset(self, stream_id: int) -> ErrorCodes | None:
+        for event in self.events:
+            if isinstance(event, h2.events.StreamReset) and event.stream_id == stream_id:
+                return ErrorCodes(event.error_code)
+        return None
+
+    def acks(self) -> int:
+        return sum(isinstance(e, h2.events.PingAckReceived) for e in self.events)
+
+    def goaway(self) -> h2.events.ConnectionTerminated | None:
+        found = [e for e in self.events if isinstance(e, h2.events.ConnectionTerminated)]
+        return found[0] if found else None
+
+    async def was_reset(self, stream_id: int) -> ErrorCodes:
+        await self.until(lambda: self.reset(stream_id) is not None)
+        reset = self.reset(stream_id)
+        assert reset is not None, f"stream {stream_id} was not reset: {self.events[-5:]}"
+        return reset
+
+    async def answered(self, stream_id: int) -> dict[bytes, bytes]:
+        await self.until(lambda: self.answer(stream_id) is not None)
+        answer = self.answer(stream_id)
+        assert answer is not None, f"stream {stream_id} was not answered: {self.events[-5:]}"
+        return answer
+
+
+async def serving(address: tuple[str, int]) -> bool:
+    """Whether another client's health check is answered now."""
+    channel = Channel(*address)
+    try:
+        await HealthStub(channel).Check(HealthCheckRequest(), timeout=5)
+    finally:
+        channel.close()
+    return True
+
+
+@pytest.fixture
+def no_errors_logged(commands_api: CommandsApi) -> Callable[[], None]:
+    logged = commands_api.service.log_size()
+
+    def check() -> None:
+        written = commands_api.service.log_tail(since=logged)
+        assert '"level": "error"' not in written, written
+        assert commands_api.service.running
+
+    return check
+
+
+@pytest.mark.parametrize("grpc_timeout", [b"0n", b"1n", b"1u", b"0S"])
+async def test_a_call_whose_deadline_passed_before_it_arrived_is_answered_deadline_exceeded(
+    commands_api: CommandsApi, no_errors_logged: Callable[[], None], grpc_timeout: bytes
+) -> None:
+    """Regression: answered UNKNOWN, with "Timeout occurred" and a traceback logged."""
+    async with RawConnection.open(commands_api.address) as connection:
+        answer = await connection.answered(
+            connection.call(
+                HEALTH_CHECK.encode(), EMPTY_MESSAGE, metadata=[(b"grpc-timeout", grpc_timeout)]
+            )
+        )
+        assert answer[b"grpc-status"] == str(Status.DEADLINE_EXCEEDED.value).encode(), answer
+        # The same connection serves the next call.
+        answer = await connection.answered(connection.call(HEALTH_CHECK.encode(), EMPTY_MESSAGE))
+        assert answer[b"grpc-status"] == b"0", answer
+    no_errors_logged()
+
+
+async def test_requests_without_a_path_are_reset_and_give_their_streams_back(
+    commands_api: CommandsApi, no_errors_logged: Callable[[], None]
+) -> None:
+    """Regression: each logged a traceback (KeyError ':path') and kept its stream open, so
+    that after 100 of them the connection could carry no call."""
+    async with RawConnection.open(commands_api.address) as connection:
+        for _ in range(150):  # more than the 100 streams a connection may have open
+            reset = await connection.was_reset(connection.call(None, EMPTY_MESSAGE))
+            assert reset is ErrorCodes.PROTOCOL_ERROR
+        for _ in range(3):
+            answer = await connection.answered(
+                connection.call(HEALTH_CHECK.encode(), EMPTY_MESSAGE)
+            )
+            assert answer[b"grpc-status"] == b"0", answer
+    no_errors_logged()
+
+
+async def test_header_values_beyond_ascii_are_served_and_never_taken_as_a_correlation_id(
+    commands_api: CommandsApi, no_errors_logged: Callable[[], None]
+) -> None:
+    """Regression: the first byte beyond ASCII in a header value closed the connection,
+    every call on it unanswered, with "Fatal error on transport" logged."""
+    correlation = "été".encode()
+    command = SellInvoiceCommand(issuer_id=Uuid("8d7b6a3e-9a43-4a2c-8f5e-0b1c2d3e4f50"))
+    command.asking_price = Money(amount=10.0)
+    async with RawConnection.open(commands_api.address) as connection:
+        checked = connection.call(
+            HEALTH_CHECK.encode(), EMPTY_MESSAGE, metadata=[(b"x-note", "café".encode())]
+        )
+        sold = connection.call(
+            b"/Commands/SellInvoice",
+            framed(bytes(command)),
+            metadata=[(b"correlation-id", correlation), (b"x-raw", b"\xff\xfe")],
+        )
+        assert (await connection.answered(checked))[b"grpc-status"] == b"0"
+        answer = await connection.answered(sold)
+        assert answer[b"grpc-status"] == b"0", answer
+        # A correlation of the service's own: gRPC metadata values are ASCII.
+        assert answer[b"correlation-id"].isascii(), answer
+    no_errors_logged()
+
+
+async def test_a_bin_metadata_value_that_is_not_base64_is_answered_invalid_argument(
+    commands_api: CommandsApi, no_errors_logged: Callable[[], None]
+) -> None:
+    """Regression: logged a traceback ("Server error") and left the call unanswered."""
+    async with RawConnection.open(commands_api.address) as connection:
+        answer = await connection.answered(
+            connection.call(
+                HEALTH_CHECK.encode(), EMPTY_MESSAGE, metadata=[(b"trace-bin", b"*not base64*")]
+            )
+        )
+    assert answer[b"grpc-status"] == str(Status.INVALID_ARGUMENT.value).encode(), answer
+    assert b"trace-bin" in answer[b"grpc-message"], answer
+    no_errors_logged()
+
+
+async def test_a_connection_flooding_pings_is_sent_away_and_others_are_served(
+    commands_api: CommandsApi, no_errors_logged: Callable[[], None]
+) -> None:
+    """Regression: one connection sending PINGs as fast as it could kept the process busy:
+    other callers' calls timed out, and it grew by the acks the flooder never read."""
+    async with RawConnection.open(commands_api.address) as flooder:
+        # Batches of pings, each sent once the one before is answered: nothing of the
+        # flooder's is left unread when the service closes the connection.
+        for batch in range(20):
+            for n in range(CONTROL_FRAMES_BURST // 2):
+                flooder.h2.ping((batch * 1000 + n).to_bytes(8, "big"))
+            flooder.flush()
+            acked = (batch + 1) * (CONTROL_FRAMES_BURST // 2)
+            await flooder.until(
+                lambda acked=acked: flooder.goaway() is not None or flooder.acks() >= acked
+            )
+            if flooder.goaway() is not None:
+                break
+        goaway = flooder.goaway()
+        assert goaway is not None and goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+        assert goaway.additional_data == b"too_many_pings"
+        await flooder.until(lambda: False)  # and the connection is closed
+        assert flooder.closed
+    assert await serving(commands_api.address)
+    no_errors_logged()
+
+
+async def test_a_client_pinging_as_keepalive_does_is_served(
+    commands_api: CommandsApi, no_errors_logged: Callable[[], None]
+) -> None:
+    async with RawConnection.open(commands_api.address) as connection:
+        for round_ in range(5):
+            for n in range(CONTROL_FRAMES_BURST // 10):
+                connection.h2.ping((round_ * 100 + n).to_bytes(8, "big"))
+            answer = await connection.answered(
+                connection.call(HEALTH_CHECK.encode(), EMPTY_MESSAGE)
+            )
+            assert answer[b"grpc-status"] == b"0", answer
+        assert connection.goaway() is None
+    no_errors_logged()
+
+
+async def test_a_connection_that_never_sends_anything_is_closed(
+    commands_api: CommandsApi,
+) -> None:
+    """Regression: held open for good, one file descriptor and memory each."""
+    reader, writer = await asyncio.open_connection(*commands_api.address)
+    try:
+        async with asyncio.timeout(PREFACE_TIMEOUT + WITHIN):
+            while await reader.read(65536):  # the server's SETTINGS, then its end
+                pass
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    assert await serving(commands_api.address)
