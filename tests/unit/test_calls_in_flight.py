@@ -8,14 +8,16 @@ import asyncio
 import pytest
 from betterproto.lib.google.protobuf import Empty
 from grpclib.client import Channel
-from grpclib.const import Status
+from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
 from financing.application.read_models import InMemoryReadModels, InvestorRow
 from financing.application.retry import Outages
+from financing.entrypoints.grpc.codec import FramingChecked
 from financing.entrypoints.grpc.queries import QueriesService
-from financing.generated import QueriesStub
+from financing.generated import AllInvestorsReply, QueriesStub
+from tests.support import infra
 
 
 class SlowReadModels(InMemoryReadModels):
@@ -37,7 +39,7 @@ async def test_a_query_in_flight_finishes_while_new_ones_are_refused() -> None:
     the listener's close, and its client got a broken stream instead of its answer."""
     read_models = SlowReadModels()
     queries = QueriesService(read_models, Outages())
-    server = Server([queries])
+    server = Server([FramingChecked(queries, calls=queries.calls)])  # as bootstrap serves it
     await server.start("127.0.0.1", 0)
     port = server._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     channel = Channel("127.0.0.1", port)
@@ -60,3 +62,31 @@ async def test_a_query_in_flight_finishes_while_new_ones_are_refused() -> None:
     assert reply.investors == []
     assert refused.value.status is Status.UNAVAILABLE
     assert "shutting down" in (refused.value.message or "")
+
+
+async def test_a_call_whose_request_is_still_arriving_when_draining_begins_is_answered() -> None:
+    """Regression: a call was counted once its method enqueued or read; one whose request
+    had not all arrived when the service began to drain was cancelled by the listener's
+    close, its client left without an answer."""
+    queries = QueriesService(InMemoryReadModels(), Outages())
+    server = Server([FramingChecked(queries, calls=queries.calls)])
+    await server.start("127.0.0.1", 0)
+    port = server._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    channel = Channel("127.0.0.1", port)
+    try:
+        async with channel.request(
+            "/Queries/AllInvestors", Cardinality.UNARY_UNARY, Empty, AllInvestorsReply, timeout=10
+        ) as stream:
+            await stream.send_request()
+            await stream._stream.send_data(b"\x00\x00\x00\x00\x00")  # its message, not its end
+            await infra.wait_until(lambda: infra.holds(queries.calls.in_flight == 1), timeout=5)
+            draining = asyncio.create_task(queries.calls.drain(grace=10))
+            await stream._stream.end()  # the request's end arrives while the service drains
+            stream._end_done = True
+            reply = await asyncio.wait_for(stream.recv_message(), 5)
+            await asyncio.wait_for(draining, 5)
+    finally:
+        channel.close()
+        server.close()
+        await server.wait_closed()
+    assert reply is not None and reply.investors == []

@@ -69,7 +69,7 @@ class FlakySender(InMemoryCommandSender):
 
 
 async def _serve(service: CommandsService, *, correlated: bool = False) -> tuple[Server, Channel]:
-    server = Server([FramingChecked(service)])  # as bootstrap serves it
+    server = Server([FramingChecked(service, calls=service.calls)])  # as bootstrap serves it
     if correlated:
         correlate(server)  # as bootstrap serves it
     await server.start("127.0.0.1", 0)

@@ -235,8 +235,9 @@ def _grpc_server(
         service.workers["health"] = service.health.run
     readiness = Readiness(name)
     service.health.watch(readiness, [probe])
+    # The API's calls are drained at shutdown; health's and reflection's are not waited for.
     handlers = [
-        FramingChecked(servable)
+        FramingChecked(servable, calls=api.calls if servable is api else None)
         for servable in with_reflection([api, health_service(api, readiness)])
     ]
     server = GrpcServer(handlers, codec=RequestCodec())

@@ -23,6 +23,10 @@ class CallsInFlight:
         self._idle.set()
         self._draining = False
 
+    @property
+    def in_flight(self) -> int:
+        return self._count
+
     @contextlib.contextmanager
     def call(self) -> Iterator[None]:
         if self._draining:

@@ -10,6 +10,8 @@ from grpclib.const import Handler, Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
 
+from financing.entrypoints.grpc.calls import CallsInFlight
+
 if TYPE_CHECKING:
     from grpclib._typing import IProtoMessage
     from grpclib.server import Stream
@@ -109,24 +111,34 @@ class _FramedStream:
             ) from None
 
 
-def _framed(handler: Handler) -> Handler:
+def _framed(handler: Handler, calls: CallsInFlight | None) -> Handler:
     func: Callable[[Stream[Any, Any]], Awaitable[None]] = handler.func
     unary = not handler.cardinality.client_streaming
 
     async def handle(stream: Stream[Any, Any]) -> None:
-        await func(_FramedStream(stream, unary=unary))  # type: ignore[arg-type]
+        if calls is None:
+            await func(_FramedStream(stream, unary=unary))  # type: ignore[arg-type]
+            return
+        with calls.call():
+            await func(_FramedStream(stream, unary=unary))  # type: ignore[arg-type]
 
     return handler._replace(func=handle)
 
 
 class FramingChecked:
-    """`servable`'s methods, each reading its request frames through `_FramedStream`."""
+    """`servable`'s methods, each reading its request frames through `_FramedStream`, and
+    each call counted in `calls` from its headers on (a request still arriving when the
+    service drains is in flight too)."""
 
-    def __init__(self, servable: Servable) -> None:
+    def __init__(self, servable: Servable, *, calls: CallsInFlight | None = None) -> None:
         self._servable = servable
+        self._calls = calls
 
     def __mapping__(self) -> dict[str, Handler]:
-        return {path: _framed(handler) for path, handler in self._servable.__mapping__().items()}
+        return {
+            path: _framed(handler, self._calls)
+            for path, handler in self._servable.__mapping__().items()
+        }
 
 
 class Servable(Protocol):

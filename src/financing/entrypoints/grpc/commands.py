@@ -159,10 +159,6 @@ class CommandsService(CommandsBase):
         return Empty()
 
     async def _enqueue(self, command: Command) -> None:
-        with self.calls.call():
-            await self._send(command)
-
-    async def _send(self, command: Command) -> None:
         """Send while the broker is unavailable, within the budget; the message id is
         fixed first, so a retry that duplicates an enqueue that did go through is
         deduplicated downstream."""

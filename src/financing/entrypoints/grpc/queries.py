@@ -56,10 +56,7 @@ class QueriesService(pb.QueriesBase):
 
     async def _read(self, what: str, rows: Callable[[], Awaitable[T]]) -> T:
         try:
-            with self.calls.call():
-                result = await rows()
-        except GRPCError:
-            raise  # the service is shutting down
+            result = await rows()
         except Unavailable as error:
             self._failed.add(error.dependency)
             self._outages.failed(error)
