@@ -210,11 +210,20 @@ async def test_header_values_beyond_ascii_are_served_and_never_taken_as_a_correl
             framed(bytes(command)),
             metadata=[(b"correlation-id", correlation), (b"x-raw", b"\xff\xfe")],
         )
+        keyed = connection.call(
+            b"/Commands/SellInvoice",
+            framed(bytes(command)),
+            metadata=[(b"idempotency-key", "clé".encode())],
+        )
         assert (await connection.answered(checked))[b"grpc-status"] == b"0"
         answer = await connection.answered(sold)
         assert answer[b"grpc-status"] == b"0", answer
         # A correlation of the service's own: gRPC metadata values are ASCII.
         assert answer[b"correlation-id"].isascii(), answer
+        # A key must be ASCII too, and is refused rather than ignored.
+        answer = await connection.answered(keyed)
+        assert answer[b"grpc-status"] == str(Status.INVALID_ARGUMENT.value).encode(), answer
+        assert answer[b"grpc-message"].startswith(b"idempotency-key"), answer
     no_errors_logged()
 
 

@@ -417,3 +417,61 @@ def test_bytes_the_parser_cannot_read_are_invalid_argument_with_what_the_parser_
     message = error.value.message or ""
     assert message.startswith("the request is not a valid SellInvoiceCommand: ")
     assert message.count(":") >= 2, message  # the error's class, then its own words
+
+
+async def test_a_retry_with_the_same_idempotency_key_sends_the_same_command_again(
+    correlated: CommandsStub, sender: InMemoryCommandSender
+) -> None:
+    """A call whose answer was lost, retried with its key: the same message id (a duplicate
+    downstream, dropped) and the same invoice id, so that the answer names the invoice
+    the first call created."""
+    request = SellInvoiceCommand(issuer_id=_id(), asking_price=Money(amount=20.0))
+    first, _ = await call(
+        correlated, "/Commands/SellInvoice", request, Uuid, metadata={"idempotency-key": "k-1"}
+    )
+    again, _ = await call(
+        correlated, "/Commands/SellInvoice", request, Uuid, metadata={"idempotency-key": "k-1"}
+    )
+    other, _ = await call(
+        correlated, "/Commands/SellInvoice", request, Uuid, metadata={"idempotency-key": "k-2"}
+    )
+    unkeyed, _ = await call(correlated, "/Commands/SellInvoice", request, Uuid)
+    assert first.value == again.value
+    assert len({first.value, other.value, unkeyed.value}) == 3
+    [(sent_first, id_first), (sent_again, id_again), (_, id_other), (_, id_unkeyed)] = sender.sent
+    assert sent_first == sent_again and id_first == id_again
+    assert len({id_first, id_other, id_unkeyed}) == 3
+    assert isinstance(sent_first, SellInvoice) and str(sent_first.invoice_id) == first.value
+
+
+async def test_one_key_names_a_command_per_method(
+    correlated: CommandsStub, sender: InMemoryCommandSender
+) -> None:
+    invoice = _id()
+    for route, request in [
+        ("/Commands/ApproveFinancing", ApproveFinancingCommand(invoice_id=invoice)),
+        ("/Commands/ReverseFinancing", ReverseFinancingCommand(invoice_id=invoice)),
+    ]:
+        await call(correlated, route, request, Empty, metadata={"idempotency-key": "same"})
+    [(_, approved), (_, reversed_)] = sender.sent
+    assert approved != reversed_
+
+
+async def test_an_idempotency_key_that_cannot_be_one_is_invalid_argument(
+    correlated: CommandsStub, sender: InMemoryCommandSender
+) -> None:
+    """Ignored, it would have made the client's retries unsafe without telling it. (Keys
+    beyond ASCII, which grpclib's client refuses to send: tests/faults/test_grpc_edge.py.)"""
+    key = "x" * 256
+    request = SellInvoiceCommand(issuer_id=_id(), asking_price=Money(amount=20.0))
+    with pytest.raises(GRPCError) as error:
+        await call(
+            correlated,
+            "/Commands/SellInvoice",
+            request,
+            Uuid,
+            metadata={"idempotency-key": key},
+        )
+    assert error.value.status is Status.INVALID_ARGUMENT
+    assert (error.value.message or "").startswith("idempotency-key: must be printable ASCII")
+    assert sender.sent == []

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from decimal import Decimal
-from uuid import UUID, uuid4
+from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
 
 import betterproto
 import structlog
@@ -37,7 +37,12 @@ from financing.application.messages import (
     ReverseFinancing,
     SellInvoice,
 )
-from financing.application.ports import Cause, CommandSender, usable_correlation_id
+from financing.application.ports import (
+    MAX_CORRELATION_ID_BYTES,
+    Cause,
+    CommandSender,
+    usable_correlation_id,
+)
 from financing.application.retry import NO_BUG_RETRIES, GaveUp, Outages, retry
 from financing.domain.ids import parse_id
 from financing.domain.money import InvalidAmount, positive_amount
@@ -59,10 +64,16 @@ log = get_logger(__name__)
 ENQUEUE_BUDGET_SECONDS = 5.0
 
 CORRELATION_METADATA = "correlation-id"
+# A client's name for one command, kept across its retries: the command's message id (and
+# SellInvoice's invoice id) derive from it, so that a retry of a call whose answer was lost
+# is a duplicate downstream, dropped, rather than a second command.
+IDEMPOTENCY_METADATA = "idempotency-key"
+_IDEMPOTENCY_NAMESPACE = uuid5(NAMESPACE_URL, "financing/idempotency-key")
 
 # The correlation of the call being handled (each call runs in a task of its own).
 _requested: ContextVar[str | None] = ContextVar("requested_correlation_id", default=None)
 _correlation: ContextVar[str | None] = ContextVar("correlation_id", default=None)
+_idempotency: ContextVar[object] = ContextVar("idempotency_key", default=None)
 
 
 def correlate(server: Server) -> None:
@@ -73,6 +84,7 @@ def correlate(server: Server) -> None:
         # ASCII only, as gRPC metadata is: other bytes arrive as Latin-1 (`edge`).
         if usable_correlation_id(value) and str(value).isascii():
             _requested.set(str(value))
+        _idempotency.set(event.metadata.get(IDEMPOTENCY_METADATA))
 
     async def answering(event: SendInitialMetadata) -> None:
         correlation_id = _correlation.get()
@@ -90,6 +102,20 @@ def correlate(server: Server) -> None:
     listen(server, RecvRequest, received)
     listen(server, SendInitialMetadata, answering)
     listen(server, SendTrailingMetadata, failing)
+
+
+def idempotency_key() -> str | None:
+    """The call's `idempotency-key`, if it sent one; INVALID_ARGUMENT if it cannot be one
+    (ignoring it would make a client's retries unsafe without telling it)."""
+    value = _idempotency.get()
+    if value is None:
+        return None
+    if not (usable_correlation_id(value) and str(value).isascii()):
+        raise invalid(
+            IDEMPOTENCY_METADATA,
+            f"must be printable ASCII of 1 to {MAX_CORRELATION_ID_BYTES} characters",
+        )
+    return str(value)
 
 
 def invalid(field: str, problem: str) -> GRPCError:
@@ -137,7 +163,10 @@ class CommandsService(CommandsBase):
     async def sell_invoice(self, sell_invoice_command: SellInvoiceCommand) -> Uuid:
         issuer_id = parse_uuid(sell_invoice_command.issuer_id, "issuer_id")
         asking_price = parse_money(sell_invoice_command.asking_price, "asking_price")
-        invoice_id = self._new_id()
+        key = idempotency_key()
+        invoice_id = (
+            self._new_id() if key is None else uuid5(_IDEMPOTENCY_NAMESPACE, f"invoice:{key}")
+        )
         await self._enqueue(SellInvoice(invoice_id, issuer_id, asking_price))
         return Uuid(value=str(invoice_id))
 
@@ -162,7 +191,10 @@ class CommandsService(CommandsBase):
         """Send while the broker is unavailable, within the budget; the message id is
         fixed first, so a retry that duplicates an enqueue that did go through is
         deduplicated downstream."""
-        message_id = uuid4()
+        key = idempotency_key()
+        message_id = (
+            uuid4() if key is None else uuid5(_IDEMPOTENCY_NAMESPACE, f"{command.name()}:{key}")
+        )
         correlation_id = _requested.get() or str(uuid4())
         _correlation.set(correlation_id)
         structlog.contextvars.bind_contextvars(
