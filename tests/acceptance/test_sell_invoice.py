@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from uuid import UUID
 
 import pytest
 
+from financing.generated import Money, SellInvoiceCommand, Uuid
 from tests.acceptance import expected as ex
 from tests.acceptance.driver import Financing, new_id
+from tests.acceptance.system import System
+from tests.acceptance.test_operability import scrape_every_process
+from tests.support import infra
+from tests.support.metrics import value
 
 pytestmark = pytest.mark.acceptance
 
@@ -60,3 +66,33 @@ async def test_unregistered_issuer_cannot_sell_an_invoice(financing: Financing) 
     assert letter.name == "SellInvoice"
     assert financing.events.concerning([str(invoice_id), str(issuer_id)], since) == []
     assert await financing.invoice_view(invoice_id) is None
+
+
+async def test_a_sale_retried_with_its_idempotency_key_creates_one_invoice(
+    financing: Financing, system: System
+) -> None:
+    """A client that lost the first answer retries with the same key: the same invoice id
+    comes back, and the second command is dropped as a duplicate."""
+    issuer_id = await financing.register_issuer()
+    since = financing.events.mark()
+
+    def duplicates() -> float:
+        samples = scrape_every_process(system)
+        return value(samples, "financing_messages_total", queue="SellInvoice", outcome="duplicate")
+
+    before = await asyncio.to_thread(duplicates)
+    request = SellInvoiceCommand(issuer_id=Uuid(str(issuer_id)), asking_price=Money(amount=20))
+    key = {"idempotency-key": f"sale-{new_id()}"}
+    first = await financing.commands.sell_invoice(request, metadata=key)
+    again = await financing.commands.sell_invoice(request, metadata=key)
+
+    assert first.value == again.value
+    invoice_id = UUID(first.value)
+
+    async def dropped() -> bool:
+        return await asyncio.to_thread(duplicates) >= before + 1
+
+    await infra.wait_until(dropped, timeout=30, interval=0.2, what="the duplicate dropped")
+    await ex.expect_events(
+        financing.events, [ex.invoice_created(invoice_id, issuer_id, 20)], since=since
+    )

@@ -187,10 +187,13 @@ class _Protocol(grpclib.protocol.H2Protocol):
                 control += 1
         if not self._control.allows(control, calls):
             log.warning("gRPC connection closed: it sent PING or SETTINGS frames too fast")
-            self.connection._connection.close_connection(
-                ErrorCodes.ENHANCE_YOUR_CALM, additional_data=b"too_many_pings"
-            )
-            self.connection.flush()
+            try:
+                self.connection._connection.close_connection(
+                    ErrorCodes.ENHANCE_YOUR_CALM, additional_data=b"too_many_pings"
+                )
+                self.connection.flush()
+            except H2Error:
+                pass  # the connection was closing already: nothing more to tell it
             self.processor.close("too many control frames")
             return
         self.connection.flush()
