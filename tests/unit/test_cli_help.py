@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import uuid
 from importlib import metadata
 
@@ -21,7 +23,7 @@ from financing.config import (
     Variable,
 )
 from financing.entrypoints.cli import main
-from tests.support.service import free_port, run_cli
+from tests.support.service import ROOT, free_port, run_cli
 
 # Each subcommand and the environment variables it reads.
 READS: dict[tuple[str, ...], tuple[Variable, ...]] = {
@@ -166,3 +168,43 @@ def test_a_variable_a_command_does_not_read_does_not_stop_it(
     code, _, err = answer(capsys, "events", str(uuid.uuid4()))
     assert code == 2, err
     assert "FINANCING_DB_TIMEOUT" in err, err
+
+
+# Runs `financing ARGS` in a process that sends itself SIGNAL while the command's modules
+# are imported (as an orchestrator's stop right after a start would land).
+SIGNALLED_WHILE_IMPORTING = """
+import importlib.abc, os, signal, sys
+
+class SignalOnImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "financing.entrypoints.cli.commands":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+        return None
+
+sys.meta_path.insert(0, SignalOnImport())
+from financing.entrypoints.cli import main
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize(
+    ("sent", "command", "code"),
+    [("SIGTERM", "serve", 0), ("SIGINT", "serve", 0), ("SIGINT", "status", 130)],
+)
+def test_a_signal_while_the_command_is_imported_stops_it_with_one_line(
+    sent: str, command: str, code: int
+) -> None:
+    """Regression: a SIGINT printed Python's KeyboardInterrupt traceback, and a SIGTERM
+    killed the process without a word (exit -15)."""
+    run = subprocess.run(
+        [sys.executable, "-c", SIGNALLED_WHILE_IMPORTING, sent, command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    assert run.returncode == code, run.stderr
+    [line] = run.stderr.splitlines()
+    logged = json.loads(line)
+    assert (logged["event"], logged["signal"]) == ("stopped while starting", sent), logged
