@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
@@ -164,10 +164,20 @@ class Settings:
         return [url.strip() for url in self.amqp_url.split(",") if url.strip()]
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, *, reads: Iterable[Variable] | None = None
+    ) -> Settings:
+        """The settings the environment gives; with `reads`, only those variables are read
+        and the others keep their defaults (an operator's command reads what its --help
+        lists: a variable set for another one, even wrong, does not stop it)."""
         source = os.environ if env is None else env
+        read = None if reads is None else {variable.name for variable in (*reads, LOGGER_LEVEL)}
         # As in the reference (Go's os.Getenv), a variable set to "" counts as unset.
-        env = {key: value for key, value in source.items() if value != ""}
+        env = {
+            key: value
+            for key, value in source.items()
+            if value != "" and (read is None or key in read)
+        }
 
         def value(variable: Variable) -> str:
             return env.get(variable.name, variable.default)

@@ -208,3 +208,23 @@ def test_a_signal_while_the_command_is_imported_stops_it_with_one_line(
     [line] = run.stderr.splitlines()
     logged = json.loads(line)
     assert (logged["event"], logged["signal"]) == ("stopped while starting", sent), logged
+
+
+def test_the_probe_in_its_module_form_reads_only_its_own_variables() -> None:
+    """The container's HEALTHCHECK runs the probe as a module: a wrong variable that only
+    `serve` reads must not make it a configuration error (exit 2) rather than a probe."""
+    run = subprocess.run(
+        [sys.executable, "-m", "financing.entrypoints.cli.health_check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            **os.environ,
+            "PYTHONPATH": str(ROOT / "src"),
+            "FINANCING_SNAPSHOT_INTERVAL": "often",  # wrong, and not the probe's
+            "FINANCING_COMPONENTS": "relayer",  # checked at its metrics endpoint alone
+            "METRICS_ADDRESS": f"127.0.0.1:{free_port()}",  # where nothing listens
+        },
+    )
+    assert run.returncode == 1, run.stderr
+    assert "configuration error" not in run.stderr, run.stderr

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal, InvalidOperation
@@ -27,15 +26,11 @@ from financing.application.errors import Refused, Unavailable
 from financing.config import (
     AMQP_ADDRESS,
     COMMAND_DB,
-    COMMAND_SERVER_ADDRESS,
     COMPONENTS,
-    COMPONENTS_VARIABLE,
     DB_TIMEOUT,
     DEDUP_RETENTION,
     LOGGER_LEVEL,
-    METRICS_ADDRESS,
     QUERY_DB,
-    QUERY_SERVER_ADDRESS,
     QUEUE_TYPE,
     VARIABLES,
     ConfigError,
@@ -50,7 +45,7 @@ from financing.entrypoints.cli import dead_letters as dead_letter_commands
 from financing.entrypoints.cli.check import run_check
 from financing.entrypoints.cli.console import database, environment
 from financing.entrypoints.cli.events import run_events
-from financing.entrypoints.cli.health_check import probe
+from financing.entrypoints.cli.health_check import HEALTH_CHECK_VARIABLES, probe
 from financing.entrypoints.cli.populate import populate
 from financing.entrypoints.cli.status import HEALTHY, MAX_RELAY_LAG, TIMEOUT, run_status
 from financing.entrypoints.cli.tail import run_tail
@@ -144,7 +139,7 @@ class _Commands:
         )
         # What it reads, and no other of the service's variables: one set for another
         # command (a listen address, say) does not stop this one.
-        parser.set_defaults(reads=frozenset(v.name for v in (*variables, LOGGER_LEVEL)))
+        parser.set_defaults(reads=variables)
         if run is not None:
             parser.set_defaults(run=run)
         return parser
@@ -172,10 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add(
         "health-check",
         "exit 0 when the components this environment runs are healthy (a container probe)",
-        COMPONENTS_VARIABLE,
-        COMMAND_SERVER_ADDRESS,
-        QUERY_SERVER_ADDRESS,
-        METRICS_ADDRESS,
+        *HEALTH_CHECK_VARIABLES,
         run=_health_check,
         description="Exit 0 when the components this environment runs are healthy: the gRPC"
         " health (Commands, Queries) of the gRPC components among FINANCING_COMPONENTS at"
@@ -423,22 +415,13 @@ async def _operate(run: Run, settings: Settings, args: argparse.Namespace) -> in
         return 1
 
 
-_SERVICE_VARIABLES = frozenset(v.name for v in VARIABLES)
-
-
 def run(argv: Sequence[str] | None = None, *, overrides: Overrides | None = None) -> None:
     """The command line; `overrides` changes the service's wiring (tests only)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _refuse_ambiguous_discard(parser, args)
     try:
-        settings = Settings.from_env(
-            {
-                name: value
-                for name, value in os.environ.items()
-                if name in args.reads or name not in _SERVICE_VARIABLES
-            }
-        )
+        settings = Settings.from_env(reads=args.reads)
     except ConfigError as exc:
         if args.command == "serve":  # the service's lines are JSON off a terminal, this one too
             service_logging.configure("INFO")

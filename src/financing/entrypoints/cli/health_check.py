@@ -21,9 +21,23 @@ from grpclib.client import Channel
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
-from financing.config import ConfigError, Settings
+from financing.config import (
+    COMMAND_SERVER_ADDRESS,
+    COMPONENTS_VARIABLE,
+    METRICS_ADDRESS,
+    QUERY_SERVER_ADDRESS,
+    ConfigError,
+    Settings,
+)
 
 TIMEOUT = 3.0
+# What the probe reads (in either form: `financing health-check`, or this module run).
+HEALTH_CHECK_VARIABLES = (
+    COMPONENTS_VARIABLE,
+    COMMAND_SERVER_ADDRESS,
+    QUERY_SERVER_ADDRESS,
+    METRICS_ADDRESS,
+)
 
 
 async def health_check(settings: Settings, components: Iterable[str]) -> list[str]:
@@ -94,7 +108,7 @@ async def _http_health(address: tuple[str, int]) -> str:
 
 def main() -> None:
     try:
-        settings = Settings.from_env()
+        settings = Settings.from_env(reads=HEALTH_CHECK_VARIABLES)
     except ConfigError as error:
         print(f"financing health-check: configuration error: {error}", file=sys.stderr)
         sys.exit(2)
