@@ -4,12 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from collections.abc import MutableMapping
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
 from financing.entrypoints.bootstrap import Service
 from financing.entrypoints.supervisor import supervise
+
+
+async def stopped_once(
+    started: asyncio.Event, service: Service
+) -> tuple[int, list[MutableMapping[str, Any]]]:
+    """Supervise `service`, stop it once `started` is set: its exit code and its lines."""
+    stop = asyncio.Event()
+    with capture_logs() as logs:
+        supervising = asyncio.create_task(supervise(service, stop))
+        await started.wait()
+        stop.set()
+        async with asyncio.timeout(10):
+            code = await supervising
+    return code, logs
 
 
 async def test_a_component_failing_while_it_stops_is_logged_and_the_stop_stays_clean() -> None:
@@ -26,13 +42,7 @@ async def test_a_component_failing_while_it_stops_is_logged_and_the_stop_stays_c
         await asyncio.Event().wait()
 
     service = Service(frozenset(), workers={"leaky": failing_on_the_way_out, "quiet": quiet})
-    stop = asyncio.Event()
-    with capture_logs() as logs:
-        supervising = asyncio.create_task(supervise(service, stop))
-        await started.wait()
-        stop.set()
-        async with asyncio.timeout(10):
-            code = await supervising
+    code, logs = await stopped_once(started, service)
 
     assert code == 0
     failed = [line for line in logs if line["event"] == "component failed while stopping"]
@@ -53,13 +63,7 @@ async def test_a_stop_before_the_service_is_ready_leaves_nothing_unretrieved(
 
     never = asyncio.Event()  # a consumer that never consumes
     service = Service(frozenset(), workers={"waiting": waiting}, consuming=[never])
-    stop = asyncio.Event()
-    with capture_logs() as logs:
-        supervising = asyncio.create_task(supervise(service, stop))
-        await started.wait()
-        stop.set()
-        async with asyncio.timeout(10):
-            code = await supervising
+    code, logs = await stopped_once(started, service)
     gc.collect()  # asyncio reports a future never retrieved when it is collected
 
     assert code == 0
