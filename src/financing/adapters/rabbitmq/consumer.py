@@ -195,15 +195,15 @@ class QueueConsumer:
 
     async def run(self) -> None:
         """Consume until cancelled; `consuming` is set while the broker delivers to it."""
-        opened = 0
+        first = True
         while True:
             channel, queue, tag, ended = await self._retry_open()
             channel.close_callbacks.add(lambda *_, ended=ended: ended.set())
             if channel.is_closed:
                 ended.set()
             # Said once; consuming again after an outage is said by the outage's end.
-            (log.info if not opened else log.debug)("consuming", queue=self._queue.name)
-            opened += 1
+            (log.info if first else log.debug)("consuming", queue=self._queue.name)
+            first = False
             self.consuming.set()
             try:
                 await ended.wait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
@@ -116,10 +117,7 @@ def _framed(handler: Handler, calls: CallsInFlight | None) -> Handler:
     unary = not handler.cardinality.client_streaming
 
     async def handle(stream: Stream[Any, Any]) -> None:
-        if calls is None:
-            await func(_FramedStream(stream, unary=unary))  # type: ignore[arg-type]
-            return
-        with calls.call():
+        with contextlib.nullcontext() if calls is None else calls.call():
             await func(_FramedStream(stream, unary=unary))  # type: ignore[arg-type]
 
     return handler._replace(func=handle)

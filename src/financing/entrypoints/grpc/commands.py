@@ -81,8 +81,7 @@ def correlate(server: Server) -> None:
 
     async def received(event: RecvRequest) -> None:
         value = event.metadata.get(CORRELATION_METADATA)
-        # ASCII only, as gRPC metadata is: other bytes arrive as Latin-1 (`edge`).
-        if usable_correlation_id(value) and str(value).isascii():
+        if _usable_metadata_id(value):
             _requested.set(str(value))
         _idempotency.set(event.metadata.get(IDEMPOTENCY_METADATA))
 
@@ -104,13 +103,19 @@ def correlate(server: Server) -> None:
     listen(server, SendTrailingMetadata, failing)
 
 
+def _usable_metadata_id(value: object) -> bool:
+    """Whether a correlation id or an idempotency key from metadata can be kept: ASCII, as
+    gRPC metadata is (other bytes arrive as Latin-1: `edge`), and a usable id."""
+    return usable_correlation_id(value) and str(value).isascii()
+
+
 def idempotency_key() -> str | None:
     """The call's `idempotency-key`, if it sent one; INVALID_ARGUMENT if it cannot be one
     (ignoring it would make a client's retries unsafe without telling it)."""
     value = _idempotency.get()
     if value is None:
         return None
-    if not (usable_correlation_id(value) and str(value).isascii()):
+    if not _usable_metadata_id(value):
         raise invalid(
             IDEMPOTENCY_METADATA,
             f"must be printable ASCII of 1 to {MAX_CORRELATION_ID_BYTES} characters",
