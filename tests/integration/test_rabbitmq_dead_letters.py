@@ -119,6 +119,40 @@ async def test_a_dead_letter_queue_deleted_meanwhile_is_declared_again(broker: B
     assert [d.message_id for d in await list_dead_letters(broker)] == ["m-2"]
 
 
+async def test_reading_dead_letters_creates_no_queue_where_the_broker_has_none(
+    vhost: rabbitmq.Vhost, broker: Broker
+) -> None:
+    """Regression: `financing trace` (and the dead-letter commands) declared the queue to
+    read it, as a classic queue: run before a quorum deployment's first start, they made
+    that start fail on a queue of the other type."""
+    assert await list_dead_letters(broker) == []
+    assert await requeue_dead_letters(broker) == 0
+
+    assert DEAD_LETTER_QUEUE not in await rabbitmq.list_queues(vhost.name)
+
+
+async def test_dead_letters_of_a_quorum_queue_are_read_whatever_type_the_reader_declares(
+    vhost: rabbitmq.Vhost, broker: Broker
+) -> None:
+    quorum = Broker([vhost.url], Outages(), queue_type="quorum")
+    try:
+        queue = unique_name("source")
+        await source_queues(quorum, queue)
+        publisher = Publisher(quorum)
+        try:
+            keeper = DeadLetters(publisher, Outages(), DELIVERIES)
+            await dead_letter(quorum, queue, "m-1", "first", dead_letters=keeper)
+        finally:
+            await publisher.close()
+        assert (await rabbitmq.list_queues(vhost.name))[DEAD_LETTER_QUEUE]["type"] == "quorum"
+
+        letters = await list_dead_letters(broker)  # a reader that would declare it classic
+    finally:
+        await quorum.close()
+
+    assert [(letter.message_id, letter.reason) for letter in letters] == [("m-1", "first")]
+
+
 async def test_dead_letter_copy_has_only_string_headers(
     vhost: rabbitmq.Vhost, broker: Broker
 ) -> None:

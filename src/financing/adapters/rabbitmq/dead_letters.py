@@ -9,7 +9,8 @@ arguments are needed on the reference's queues, and the reason is kept.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -18,7 +19,7 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from financing import metrics
-from financing.adapters.rabbitmq.connection import Broker, close_channel, translated
+from financing.adapters.rabbitmq.connection import Broker, translated
 from financing.adapters.rabbitmq.envelopes import (
     AGGREGATE_ID_HEADER,
     CORE_HEADERS,
@@ -29,7 +30,8 @@ from financing.adapters.rabbitmq.envelopes import (
     header_text,
 )
 from financing.adapters.rabbitmq.publisher import Publisher, PublishFailed
-from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE, DEAD_LETTERS
+from financing.adapters.rabbitmq.queues import existing_queue
+from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE
 from financing.application.ports import CORRELATION_HEADER
 from financing.application.retry import Abandoned, Outages, RetryPolicy, retry
 from financing.logging import get_logger
@@ -220,23 +222,20 @@ def _dead_letter(message: AbstractIncomingMessage) -> DeadLetter:
     )
 
 
-@contextlib.asynccontextmanager
-async def _dead_letter_queue(broker: Broker) -> AsyncIterator[AbstractQueue]:
-    """The dead-letter queue on a channel of its own; closing the channel returns every
-    letter fetched and not acked to the queue, in its original position."""
-    channel = await broker.channel()
-    try:
-        yield await DEAD_LETTERS.of_type(broker.queue_type).declare(channel)
-    finally:
-        await close_channel(channel)
+def _dead_letter_queue(broker: Broker) -> AbstractAsyncContextManager[AbstractQueue | None]:
+    """The dead-letter queue, None when the broker has none yet. Declared passively:
+    reading the letters creates nothing, so an operator's command run before the
+    service's first start cannot give the queue a type the service's
+    FINANCING_QUEUE_TYPE would then refuse, and needs no queue type of its own."""
+    return existing_queue(broker, DEAD_LETTER_QUEUE)
 
 
 async def _fetched(
-    queue: AbstractQueue, at_most: int | None = None
+    queue: AbstractQueue | None, at_most: int | None = None
 ) -> AsyncGenerator[tuple[AbstractIncomingMessage, DeadLetter], None]:
     """The letters of `queue`, oldest first, each fetched without being acked."""
     fetched = 0
-    while at_most is None or fetched < at_most:
+    while queue is not None and (at_most is None or fetched < at_most):
         with translated():
             message = await queue.get(no_ack=False, fail=False)
         if message is None:
@@ -309,7 +308,7 @@ async def _take(
     """
     taken = 0
     async with _dead_letter_queue(broker) as queue:
-        waiting = queue.declaration_result.message_count or 0
+        waiting = 0 if queue is None else queue.declaration_result.message_count or 0
         async with contextlib.aclosing(_fetched(queue, waiting)) as found:
             async for message, letter in found:
                 if not wanted(letter):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiormq
+from aio_pika.abc import AbstractQueue
 
 from financing.adapters.rabbitmq.connection import Broker, close_channel, translated
 
@@ -16,11 +19,14 @@ class QueueDepth:
     consumers: int
 
 
-async def queue_depth(broker: Broker, name: str) -> QueueDepth | None:
-    """The queue's depth by passive declaration; None when the broker has no such queue.
+@contextlib.asynccontextmanager
+async def existing_queue(broker: Broker, name: str) -> AsyncIterator[AbstractQueue | None]:
+    """The queue `name` on a channel of its own, declared passively (nothing is created);
+    None when the broker has no such queue.
 
-    A passive declaration of a missing queue closes the channel, so each
-    inquiry has a channel of its own.
+    A passive declaration of a missing queue closes the channel, so each inquiry has
+    a channel of its own; closing it returns every message fetched and not acked to
+    the queue, in its original position.
     """
     channel = await broker.channel()
     try:
@@ -28,8 +34,16 @@ async def queue_depth(broker: Broker, name: str) -> QueueDepth | None:
             try:
                 queue = await channel.declare_queue(name, passive=True)
             except aiormq.exceptions.ChannelNotFoundEntity:
-                return None
-        declared = queue.declaration_result
-        return QueueDepth(name, declared.message_count or 0, declared.consumer_count or 0)
+                queue = None
+        yield queue
     finally:
         await close_channel(channel)
+
+
+async def queue_depth(broker: Broker, name: str) -> QueueDepth | None:
+    """The queue's depth; None when the broker has no such queue."""
+    async with existing_queue(broker, name) as queue:
+        if queue is None:
+            return None
+        declared = queue.declaration_result
+        return QueueDepth(name, declared.message_count or 0, declared.consumer_count or 0)
