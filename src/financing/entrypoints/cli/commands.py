@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from decimal import Decimal, InvalidOperation
 from importlib import metadata
-from typing import TypeVar
+from typing import Any, TypeVar
 from uuid import UUID
 
 import uvloop
@@ -43,7 +43,7 @@ from financing.domain.money import MAX_AMOUNT, MAX_DECIMAL_PLACES, decimal_place
 from financing.entrypoints.bootstrap import NO_OVERRIDES, Overrides
 from financing.entrypoints.cli import dead_letters as dead_letter_commands
 from financing.entrypoints.cli.check import run_check
-from financing.entrypoints.cli.console import database, environment
+from financing.entrypoints.cli.console import cancelled_by_signals, database, environment
 from financing.entrypoints.cli.events import run_events
 from financing.entrypoints.cli.health_check import HEALTH_CHECK_VARIABLES, probe
 from financing.entrypoints.cli.populate import populate
@@ -55,7 +55,7 @@ from financing.entrypoints.service import serve
 T = TypeVar("T")
 
 # What an operator's subcommand does with the settings and its arguments: an exit code.
-Run = Callable[[Settings, argparse.Namespace], Awaitable[int]]
+Run = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
 # Exit code of a command stopped by Ctrl-C before it could stop by itself (128 + SIGINT).
 INTERRUPTED = 130
@@ -407,12 +407,26 @@ def _refuse_ambiguous_discard(parser: argparse.ArgumentParser, args: argparse.Na
 
 
 async def _operate(run: Run, settings: Settings, args: argparse.Namespace) -> int:
-    """An operator's command: an unreachable dependency is one line on stderr, exit code 1."""
-    try:
-        return await run(settings, args)
-    except (Unavailable, Refused) as error:
-        print(f"financing {args.command}: {error}", file=sys.stderr)
-        return 1
+    """An operator's command: an unreachable dependency is one line on stderr, exit code 1.
+
+    SIGINT and SIGTERM cancel it, so that what it opened is closed and what it made is
+    undone (a rebuild's schema) either way, and it exits 128 + the signal with one line
+    saying so; `tail`, which runs until stopped, exits 0."""
+    work = asyncio.create_task(run(settings, args))
+    with cancelled_by_signals(work) as signalled:
+        try:
+            return await work
+        except (Unavailable, Refused) as error:
+            print(f"financing {args.command}: {error}", file=sys.stderr)
+            return 1
+        except asyncio.CancelledError:
+            if not signalled:
+                raise
+    if args.command == "tail":
+        return 0
+    [signum] = signalled
+    print(f"financing {args.command}: stopped by {signum.name}", file=sys.stderr)
+    return 128 + signum
 
 
 def run(argv: Sequence[str] | None = None, *, overrides: Overrides | None = None) -> None:

@@ -3,8 +3,10 @@ one way of printing times and tables."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -16,6 +18,27 @@ from financing.config import Database, Variable
 # What a statement of a command that scans whole tables may take at least: a replay's
 # or a check's reads, a rebuild's swap, on a large store.
 SCAN_TIMEOUT = 600.0
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def cancelled_by_signals(task: asyncio.Task[int]) -> Iterator[list[signal.Signals]]:
+    """Cancel `task` on SIGINT or SIGTERM; the list holds the signal that did it."""
+    loop = asyncio.get_running_loop()
+    signalled: list[signal.Signals] = []
+
+    def stop(signum: signal.Signals) -> None:
+        if not signalled:
+            signalled.append(signum)
+            task.cancel()
+
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop, signum)
+    try:
+        yield signalled
+    finally:
+        for signum in STOP_SIGNALS:
+            loop.remove_signal_handler(signum)
 
 
 @asynccontextmanager

@@ -10,11 +10,7 @@ followed.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import signal
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -27,44 +23,13 @@ from financing.application.ports import CORRELATION_HEADER, RECORDED_AT_HEADER
 from financing.config import Settings
 from financing.entrypoints.cli.console import moment
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
 
 async def run_tail(settings: Settings) -> int:
-    """Follow until a signal (exit code 0), connecting included; Unavailable when the
-    broker goes away."""
-
-    async def tailing() -> None:
-        async with connected(settings.amqp_urls) as broker:
-            await follow_events(broker, _print, lambda: _announce(settings.amqp_urls))
-
-    follow = asyncio.create_task(tailing())
-    with _stopping_on_signal(follow) as signalled:
-        try:
-            await follow
-        except asyncio.CancelledError:
-            if not signalled.is_set():
-                raise
+    """Follow until cancelled (a signal: exit code 0), connecting included; Unavailable
+    when the broker goes away."""
+    async with connected(settings.amqp_urls) as broker:
+        await follow_events(broker, _print, lambda: _announce(settings.amqp_urls))
     return 0
-
-
-@contextlib.contextmanager
-def _stopping_on_signal(task: asyncio.Task[None]) -> Iterator[asyncio.Event]:
-    """Cancel `task` on SIGINT or SIGTERM; the event says a signal did it."""
-    loop = asyncio.get_running_loop()
-    signalled = asyncio.Event()
-
-    def stop() -> None:
-        signalled.set()
-        task.cancel()
-
-    for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, stop)
-    try:
-        yield signalled
-    finally:
-        for sig in STOP_SIGNALS:
-            loop.remove_signal_handler(sig)
 
 
 def _announce(amqp_urls: list[str]) -> None:
