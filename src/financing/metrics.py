@@ -45,15 +45,6 @@ EVENTS_APPENDED = Counter("financing_events_appended_total", "Events appended to
 EVENTS_RELAYED = Counter(
     "financing_events_relayed_total", "Events published to `events` by the relayer, confirmed."
 )
-RELAYER_LAG_EVENTS = Gauge(
-    "financing_relayer_lag_events",
-    "Events committed and not yet behind the relayer's checkpoint, which moves past"
-    " confirmed publishes a batch of them at a time.",
-)
-RELAYER_LAG_SECONDS = Gauge(
-    "financing_relayer_lag_seconds",
-    "Age of the oldest event committed and not yet behind the relayer's checkpoint.",
-)
 PROJECTION_DELAY = Histogram(
     "financing_projection_delay_seconds",
     "From an event's commit in the event store to its projection in the read models.",
@@ -61,14 +52,14 @@ PROJECTION_DELAY = Histogram(
 )
 
 
-class BrokerConnected:
-    """`financing_broker_connected`: 1 while the broker connection is open, 0 while it is
-    not. Exported only by a process that uses the broker (not by one that serves queries
-    alone), so that an alert on 0 means a connection lost."""
+class SetGauge:
+    """A gauge exported only once the process sets it: a process without the part that
+    sets it (one serving queries alone has no broker, one without the relayer no lag)
+    exports none, so that an alert on its value never reads a 0 nothing measured."""
 
-    NAME = "financing_broker_connected"
-
-    def __init__(self) -> None:
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name = name
+        self._documentation = documentation
         self._value: float | None = None
 
     def set(self, value: float) -> None:
@@ -76,13 +67,30 @@ class BrokerConnected:
 
     def collect(self) -> Iterator[Metric]:
         if self._value is not None:
-            yield GaugeMetricFamily(
-                self.NAME, "1 while the broker connection is open.", value=self._value
-            )
+            yield GaugeMetricFamily(self.name, self._documentation, value=self._value)
 
 
-BROKER_CONNECTED = BrokerConnected()
-REGISTRY.register(BROKER_CONNECTED)
+def _registered(gauge: SetGauge) -> SetGauge:
+    REGISTRY.register(gauge)
+    return gauge
+
+
+BROKER_CONNECTED = _registered(
+    SetGauge("financing_broker_connected", "1 while the broker connection is open.")
+)
+RELAYER_LAG_EVENTS = _registered(
+    SetGauge(
+        "financing_relayer_lag_events",
+        "Events committed and not yet behind the relayer's checkpoint, which moves past"
+        " confirmed publishes a batch of them at a time.",
+    )
+)
+RELAYER_LAG_SECONDS = _registered(
+    SetGauge(
+        "financing_relayer_lag_seconds",
+        "Age of the oldest event committed and not yet behind the relayer's checkpoint.",
+    )
+)
 POOL_CONNECTIONS = Gauge(
     "financing_pool_connections", "Connections of each database pool.", ["database", "state"]
 )
