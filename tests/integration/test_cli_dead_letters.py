@@ -79,8 +79,8 @@ async def test_the_listing_has_column_headings_and_each_letters_reason_and_ids(
     assert [h in lines[0] for h in HEADINGS] == [True] * 4
     assert lines[1].split()[-3:] == [seeded.queue_a, "CreateIssuer", "a-1"]
     assert lines[2] == "    reason: reason a1"
-    assert lines[3] == "    aggregate agg-1, correlation -"
-    assert "    aggregate agg-2, correlation s-9" in lines
+    assert lines[3] == "    concerns agg-1, correlation -"
+    assert "    concerns agg-2, correlation s-9" in lines
     assert lines[-1] == "3 dead letter(s)"
 
 

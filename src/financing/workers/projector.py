@@ -124,7 +124,7 @@ class Projector:
         except Abandoned:  # the channel closed: every message is delivered again
             return {id(event): Outcome(OutcomeKind.ABANDONED) for event in events}
         for event in events:
-            log.debug("event projected", name=event.envelope.name)
+            log.debug("event projected", **event.delivery.log_fields())
         return {id(event): Outcome.processed() for event in events}
 
     async def _apply_one(self, event: Decoded) -> Outcome:

@@ -9,6 +9,7 @@ arguments are needed on the reference's queues, and the reason is kept.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from financing.adapters.rabbitmq.queues import existing_queue
 from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE
 from financing.application.ports import CORRELATION_HEADER
 from financing.application.retry import Abandoned, Outages, RetryPolicy, retry
+from financing.domain.ids import parse_id
 from financing.logging import get_logger
 
 log = get_logger(__name__)
@@ -76,6 +78,15 @@ class DeadLetter:
         return self.headers.get(AGGREGATE_ID_HEADER, "")
 
     @property
+    def concerned(self) -> tuple[str, ...]:
+        """The aggregates the letter concerns: its `aggregateID` header (an event's) and
+        every id its body names. A command carries no such header; its body names the
+        aggregates it is about (a SellInvoice its invoice and its issuer)."""
+        named = _ids_named(self.body)
+        header = self.aggregate_id
+        return named if not header or header in named else (header, *named)
+
+    @property
     def correlation_id(self) -> str:
         return self.headers.get(CORRELATION_HEADER, "")
 
@@ -95,16 +106,45 @@ class Selection:
         criteria = (
             (self.source_queue, letter.source_queue),
             (self.message_id, letter.message_id),
-            (self.aggregate_id, letter.aggregate_id),
             (self.correlation_id, letter.correlation_id),
         )
         when = letter.dead_lettered
         if self.since is not None and when is not None and when < self.since:
             return False
+        if self.aggregate_id is not None and _as_id(self.aggregate_id) not in letter.concerned:
+            return False
         return all(wanted is None or wanted == actual for wanted, actual in criteria)
 
 
 EVERY = Selection()
+
+
+def _as_id(text: str) -> str:
+    """An id as the service writes it (lower-case, hyphenated) when it is a UUID."""
+    try:
+        return str(parse_id(text))
+    except ValueError:
+        return text
+
+
+def _ids_named(body: bytes) -> tuple[str, ...]:
+    """Every UUID among the strings of a JSON body, at any depth, in order, once each."""
+    try:
+        document = json.loads(body)
+    except ValueError:  # not JSON, or not UTF-8
+        return ()
+    found: dict[str, None] = {}
+    values = [document]
+    while values:
+        value = values.pop()
+        if isinstance(value, dict):
+            values.extend(reversed(list(value.values())))
+        elif isinstance(value, list):
+            values.extend(reversed(value))
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                found[str(parse_id(value))] = None
+    return tuple(found)
 
 
 class DeadLetters:

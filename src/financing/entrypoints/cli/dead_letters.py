@@ -50,7 +50,7 @@ def _details(letter: DeadLetter, bodies: bool) -> list[str]:
     if bodies:
         details.append(f"body: {letter.body.decode('utf-8', 'replace')}")
     details.append(
-        f"aggregate {letter.aggregate_id or '-'}, correlation {letter.correlation_id or '-'}"
+        f"concerns {', '.join(letter.concerned) or '-'}, correlation {letter.correlation_id or '-'}"
     )
     return details
 

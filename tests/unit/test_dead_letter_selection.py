@@ -1,0 +1,47 @@
+"""Which dead letters `--aggregate ID` selects: those concerning the aggregate, whether a
+header says so (an event's `aggregateID`) or the body names it (a command's)."""
+
+from __future__ import annotations
+
+import json
+from uuid import uuid4
+
+import pytest
+
+from financing.adapters.rabbitmq.dead_letters import DeadLetter, Selection
+
+
+def letter(body: object, headers: dict[str, str] | None = None) -> DeadLetter:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return DeadLetter("m-1", "SellInvoice", "SellInvoice", "why", headers or {}, raw)
+
+
+def test_a_command_concerns_every_aggregate_its_body_names() -> None:
+    """Regression: commands carry no `aggregateID` header, so `--aggregate` matched no
+    dead-lettered command (the README's own example: requeue the invoices refused for
+    an issuer once it is registered)."""
+    invoice, issuer = uuid4(), uuid4()
+    sale = letter({"InvoiceID": str(invoice), "IssuerID": str(issuer), "AskingPrice": 10})
+
+    assert sale.concerned == (str(invoice), str(issuer))
+    assert Selection(aggregate_id=str(issuer)).matches(sale)
+    assert Selection(aggregate_id=str(invoice).upper()).matches(sale)
+    assert not Selection(aggregate_id=str(uuid4())).matches(sale)
+
+
+def test_an_event_concerns_its_header_aggregate_and_the_ids_nested_in_its_body() -> None:
+    invoice, investor = uuid4(), uuid4()
+    financed = letter(
+        {"AskingPrice": 10, "Bid": {"InvestorID": str(investor), "Amount": 20}},
+        {"aggregateID": str(invoice)},
+    )
+
+    assert financed.concerned == (str(invoice), str(investor))
+    assert Selection(aggregate_id=str(investor)).matches(financed)
+
+
+@pytest.mark.parametrize("body", [b"not json", b"\xff\xfe", b"[1, 2]", b'"text"'])
+def test_a_body_that_names_no_id_concerns_only_the_header_aggregate(body: bytes) -> None:
+    assert letter(body, {"aggregateID": "agg-1"}).concerned == ("agg-1",)
+    assert letter(body).concerned == ()
+    assert not Selection(aggregate_id="agg-1").matches(letter(body))
