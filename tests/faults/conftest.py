@@ -80,6 +80,7 @@ class CommandsApi:
     address: tuple[str, int]
     amqp_url: str
     service: ServiceProcess
+    metrics_address: str
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +89,12 @@ async def commands_api() -> AsyncIterator[CommandsApi]:
     amqp_url = infra.create_vhost(name)
     try:
         port = free_port()
+        metrics_address = f"127.0.0.1:{free_port()}"
         env = {
             **os.environ,
             "COMMAND_SERVER_ADDRESS": f"127.0.0.1:{port}",
             "QUERY_SERVER_ADDRESS": f"127.0.0.1:{free_port()}",
+            "METRICS_ADDRESS": metrics_address,
             "AMQP_ADDRESS": amqp_url,
             "LOGGER_LEVEL": "INFO",
         }
@@ -103,7 +106,7 @@ async def commands_api() -> AsyncIterator[CommandsApi]:
         )
         try:
             await service.start()
-            yield CommandsApi(("127.0.0.1", port), amqp_url, service)
+            yield CommandsApi(("127.0.0.1", port), amqp_url, service, metrics_address)
             assert service.running, f"the service died:\n{service.log_tail()}"
             assert await service.stop() == 0
         finally:

@@ -25,6 +25,8 @@ from h2.errors import ErrorCodes
 from financing.entrypoints.grpc.edge import CONTROL_FRAMES_BURST, PREFACE_TIMEOUT
 from financing.generated import Money, SellInvoiceCommand, Uuid
 from tests.faults.conftest import CommandsApi
+from tests.support.infra import wait_until
+from tests.support.metrics import scrape, value
 
 WITHIN = 10.0
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
@@ -71,18 +73,29 @@ class RawConnection:
         self._writer.write(self.h2.data_to_send())
 
     def call(
-        self, path: bytes | None, body: bytes, *, metadata: Sequence[tuple[bytes, bytes]] = ()
+        self,
+        path: bytes | None,
+        body: bytes,
+        *,
+        metadata: Sequence[tuple[bytes, bytes]] = (),
+        end: bool = True,
     ) -> int:
-        """Send a request (without `:path` when `path` is None); its stream id."""
+        """Send a request (without `:path` when `path` is None; its side left open unless
+        `end`); its stream id."""
         stream_id: int = self.h2.get_next_available_stream_id()
         headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x")]
         if path is not None:
             headers.append((b":path", path))
         headers += [(b"content-type", b"application/grpc"), (b"te", b"trailers"), *metadata]
         self.h2.send_headers(stream_id, headers)
-        self.h2.send_data(stream_id, body, end_stream=True)
+        self.h2.send_data(stream_id, body, end_stream=end)
         self.flush()
         return stream_id
+
+    def cancel(self, stream_id: int) -> None:
+        """Reset `stream_id` as a client cancelling its call does."""
+        self.h2.reset_stream(stream_id, ErrorCodes.CANCEL)
+        self.flush()
 
     async def until(self, done: Callable[[], bool], within: float = WITHIN) -> None:
         """Take in what the server sends until `done()` or the server closes."""
@@ -298,3 +311,45 @@ async def test_a_connection_that_never_sends_anything_is_closed(
         with contextlib.suppress(OSError):
             await writer.wait_closed()
     assert await serving(commands_api.address)
+
+
+async def test_a_call_its_caller_cancels_is_counted_cancelled_not_unknown(
+    commands_api: CommandsApi, no_errors_logged: Callable[[], None]
+) -> None:
+    """Regression: grpclib counts a call whose stream the caller reset as UNKNOWN, an
+    error of the service's, which set off error-rate alerts for every cancelled call."""
+
+    def handled(method: str, code: str) -> float:
+        samples = scrape(commands_api.metrics_address)
+        return value(samples, "grpc_server_handled_total", grpc_method=method, grpc_code=code)
+
+    before = {
+        (method, code): handled(method, code)
+        for method in ("Watch", "SellInvoice")
+        for code in ("CANCELLED", "UNKNOWN")
+    }
+    async with RawConnection.open(commands_api.address) as connection:
+        # A SellInvoice waits for the rest of its request; a Watch answers once, then
+        # stays open. The server takes a connection's calls in order: once the Watch has
+        # answered, the SellInvoice is running too.
+        sale = connection.call(b"/Commands/SellInvoice", b"\x00\x00", end=False)
+        watch = connection.call(b"/grpc.health.v1.Health/Watch", EMPTY_MESSAGE)
+        await connection.until(
+            lambda: any(
+                isinstance(event, h2.events.DataReceived) and event.stream_id == watch
+                for event in connection.events
+            )
+        )
+        connection.cancel(watch)
+        connection.cancel(sale)
+
+        async def counted() -> bool:
+            return all(
+                handled(method, "CANCELLED") == before[method, "CANCELLED"] + 1
+                for method in ("Watch", "SellInvoice")
+            )
+
+        await wait_until(counted, what="both calls counted CANCELLED")
+    for method in ("Watch", "SellInvoice"):
+        assert handled(method, "UNKNOWN") == before[method, "UNKNOWN"]
+    no_errors_logged()

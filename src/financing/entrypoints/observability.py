@@ -20,7 +20,7 @@ from grpclib.server import Server
 from prometheus_client import REGISTRY
 from prometheus_client.exposition import choose_encoder
 
-from financing.entrypoints.grpc.codec import Servable
+from financing.entrypoints.grpc.codec import Servable, caller_gone
 from financing.metrics import GRPC_HANDLED, GRPC_HANDLING, POOL_CONNECTIONS
 
 _call: ContextVar[tuple[str, str, str, float] | None] = ContextVar("grpc_call", default=None)
@@ -54,7 +54,8 @@ def observe_grpc(server: Server, handlers: Iterable[Servable]) -> None:
         if call is None:
             return
         kind, service, method, started = call
-        GRPC_HANDLED.labels(kind, service, method, event.status.name).inc()
+        code = "CANCELLED" if caller_gone() else event.status.name
+        GRPC_HANDLED.labels(kind, service, method, code).inc()
         GRPC_HANDLING.labels(kind, service, method).observe(time.perf_counter() - started)
 
     listen(server, RecvRequest, received)
