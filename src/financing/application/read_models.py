@@ -26,10 +26,11 @@ information, the projection does not depend on order:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from decimal import Decimal
-from typing import Protocol
+from typing import Protocol, TypeVar
 from uuid import UUID
 
 from financing.domain import events as ev
@@ -51,6 +52,24 @@ ADVANCES_FROM: dict[InvoiceStatus, frozenset[InvoiceStatus]] = {
 
 # The events the read models are built from; any other message is ignored.
 PROJECTED_EVENTS: frozenset[str] = frozenset(cls.name() for cls in ev.EVENT_TYPES)
+
+# Rows of a list converted between two turns of the event loop (about a millisecond), so
+# that listing a large read model does not hold up the rest of the process.
+ROWS_PER_TURN = 500
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+
+async def in_turns(items: Sequence[T], convert: Callable[[T], U]) -> list[U]:
+    """`convert` applied to each of `items`, in order; the loop gets a turn every
+    ROWS_PER_TURN items (and a call whose caller went away is cancelled there)."""
+    converted: list[U] = []
+    for start in range(0, len(items), ROWS_PER_TURN):
+        if start:
+            await asyncio.sleep(0)
+        converted += [convert(item) for item in items[start : start + ROWS_PER_TURN]]
+    return converted
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from financing.application.read_models import (
     InvestorRow,
     InvoiceRow,
     IssuerRow,
+    in_turns,
     investor_change,
     invoice_advance,
 )
@@ -187,25 +188,13 @@ class PostgresReadModels:
         return (combined, *args)
 
     async def investors(self) -> list[InvestorRow]:
-        return [
-            InvestorRow(_uuid(r["id"]), r["balance"], r["reserved"], r["committed"])
-            for r in await self._fetch(self._investors_sql)
-        ]
+        return await in_turns(await self._fetch(self._investors_sql), _investor)
 
     async def invoices(self) -> list[InvoiceRow]:
-        return [
-            InvoiceRow(
-                id=_uuid(r["id"]),
-                issuer_id=_uuid(r["issuer_id"]),
-                asking_price=r["asking_price"],
-                status=InvoiceStatus(r["status"]),
-                winning_bid=_bid(r["winning_investor_id"], r["winning_amount"]),
-            )
-            for r in await self._fetch(self._invoices_sql)
-        ]
+        return await in_turns(await self._fetch(self._invoices_sql), _invoice)
 
     async def issuers(self) -> list[IssuerRow]:
-        return [IssuerRow(_uuid(r["id"])) for r in await self._fetch(self._issuers_sql)]
+        return await in_turns(await self._fetch(self._issuers_sql), _issuer)
 
     async def counts(self) -> tuple[int, int, int]:
         """How many investors, listed invoices and issuers there are, without reading
@@ -219,6 +208,24 @@ class PostgresReadModels:
         async with acquired(self._pool, self._dependency) as conn:
             rows: list[asyncpg.Record] = await conn.fetch(sql)
             return rows
+
+
+def _investor(r: asyncpg.Record) -> InvestorRow:
+    return InvestorRow(_uuid(r["id"]), r["balance"], r["reserved"], r["committed"])
+
+
+def _invoice(r: asyncpg.Record) -> InvoiceRow:
+    return InvoiceRow(
+        id=_uuid(r["id"]),
+        issuer_id=_uuid(r["issuer_id"]),
+        asking_price=r["asking_price"],
+        status=InvoiceStatus(r["status"]),
+        winning_bid=_bid(r["winning_investor_id"], r["winning_amount"]),
+    )
+
+
+def _issuer(r: asyncpg.Record) -> IssuerRow:
+    return IssuerRow(_uuid(r["id"]))
 
 
 def _uuid(value: UUID) -> UUID:

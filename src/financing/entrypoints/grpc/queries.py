@@ -8,51 +8,68 @@ is logged with its traceback and answered INTERNAL.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
-from uuid import UUID
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
-from betterproto.lib.google.protobuf import Empty
-from grpclib.const import Status
+from grpclib.const import Handler, Status
 from grpclib.exceptions import GRPCError
+from grpclib.server import Stream
 
 from financing import generated as pb
 from financing.application.errors import Unavailable
-from financing.application.read_models import (
-    InvestorRow,
-    InvoiceRow,
-    IssuerRow,
-    ReadModelStore,
-)
+from financing.application.read_models import ReadModelStore
 from financing.application.retry import Outages
-from financing.domain.events import Bid
-from financing.domain.money import to_double
+from financing.entrypoints.grpc import replies
 from financing.entrypoints.grpc.calls import CallsInFlight
 from financing.logging import get_logger
 
 log = get_logger(__name__)
 
 T = TypeVar("T")
+Row = TypeVar("Row")
 
 
 class QueriesService(pb.QueriesBase):
+    """Each list is read, then written in protobuf's wire format by `replies`, which
+    gives the loop a turn as it goes, rather than built as betterproto objects."""
+
     def __init__(self, read_models: ReadModelStore, outages: Outages) -> None:
         self._read_models = read_models
         self._outages = outages
         self._failed: set[str] = set()  # dependencies down at the last failed read
         self.calls = CallsInFlight()
 
-    async def all_investors(self, _: Empty) -> pb.AllInvestorsReply:
-        rows = await self._read("investors", self._read_models.investors)
-        return pb.AllInvestorsReply(investors=[investor(row) for row in rows])
+    def __mapping__(self) -> dict[str, Handler]:
+        lists: dict[str, Callable[[Stream[Any, Any]], Awaitable[None]]] = {
+            "/Queries/AllInvestors": self._lister(
+                "investors", self._read_models.investors, replies.investor
+            ),
+            "/Queries/AllInvoices": self._lister(
+                "invoices", self._read_models.invoices, replies.invoice
+            ),
+            "/Queries/AllIssuers": self._lister(
+                "issuers", self._read_models.issuers, replies.issuer
+            ),
+        }
+        generated = super().__mapping__()
+        assert generated.keys() == lists.keys(), "a Queries method without its lister"
+        return {
+            path: handler._replace(func=lists[path], reply_type=replies.Encoded)
+            for path, handler in generated.items()
+        }
 
-    async def all_invoices(self, _: Empty) -> pb.AllInvoicesReply:
-        rows = await self._read("invoices", self._read_models.invoices)
-        return pb.AllInvoicesReply(invoices=[invoice(row) for row in rows])
+    def _lister(
+        self,
+        what: str,
+        read: Callable[[], Awaitable[Sequence[Row]]],
+        item: Callable[[Row], bytes],
+    ) -> Callable[[Stream[Any, Any]], Awaitable[None]]:
+        async def answer(stream: Stream[Any, Any]) -> None:
+            await stream.recv_message()  # Empty
+            rows = await self._read(what, read)
+            await stream.send_message(await replies.listed(rows, item))
 
-    async def all_issuers(self, _: Empty) -> pb.AllIssuersReply:
-        rows = await self._read("issuers", self._read_models.issuers)
-        return pb.AllIssuersReply(issuers=[issuer(row) for row in rows])
+        return answer
 
     async def _read(self, what: str, rows: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -69,36 +86,3 @@ class QueriesService(pb.QueriesBase):
         while self._failed:
             self._outages.succeeded(self._failed.pop())
         return result
-
-
-def uuid(value: UUID) -> pb.Uuid:
-    return pb.Uuid(value=str(value))
-
-
-def investor(row: InvestorRow) -> pb.Investor:
-    return pb.Investor(
-        id=uuid(row.id),
-        balance=pb.Money(amount=to_double(row.balance)),
-        reserved=pb.Money(amount=to_double(row.reserved)),
-    )
-
-
-def bid(value: Bid) -> pb.Bid:
-    return pb.Bid(
-        investor_id=uuid(value.investor_id), amount=pb.Money(amount=to_double(value.amount))
-    )
-
-
-def invoice(row: InvoiceRow) -> pb.Invoice:
-    return pb.Invoice(
-        id=uuid(row.id),
-        issuer_id=uuid(row.issuer_id),
-        asking_price=pb.Money(amount=to_double(row.asking_price)),
-        status=pb.InvoiceStatus.from_string(row.status.value),
-        # Left None (absent on the wire) until the invoice is financed.
-        winning_bid=bid(row.winning_bid) if row.winning_bid is not None else None,
-    )
-
-
-def issuer(row: IssuerRow) -> pb.Issuer:
-    return pb.Issuer(id=uuid(row.id))
