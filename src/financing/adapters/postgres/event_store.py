@@ -176,16 +176,19 @@ _LOAD = (
 )
 
 
-# `_LOAD` for two aggregates at once, each one's rows in the same order.
+# `_LOAD` for two aggregates at once, each one's rows in the same order. Each stream is
+# read through its own index range (`version >` its snapshot's, a value of the outer row),
+# so a load reads only the events after the snapshot however long the stream grows.
 _LOAD_BOTH = (
-    "WITH wanted (aggregate_id, aggregate_type) AS (VALUES ($1::uuid, $2::text), ($3, $4)),"
-    " snapshot AS (SELECT aggregate_id, version, state FROM snapshots"
-    " JOIN wanted USING (aggregate_id, aggregate_type))"
-    " SELECT aggregate_id, version, NULL AS name, state::text AS body, 0 AS part FROM snapshot"
+    "WITH wanted AS (SELECT w.aggregate_id, s.version AS since, s.state"
+    " FROM (VALUES ($1::uuid, $2::text), ($3, $4)) AS w (aggregate_id, aggregate_type)"
+    " LEFT JOIN snapshots AS s USING (aggregate_id, aggregate_type))"
+    " SELECT aggregate_id, since AS version, NULL AS name, state::text AS body, 0 AS part"
+    " FROM wanted WHERE since IS NOT NULL"
     " UNION ALL"
-    " SELECT aggregate_id, version, name, body::text, 1 FROM events AS e"
-    " WHERE aggregate_id IN ($1, $3) AND version > coalesce("
-    "(SELECT version FROM snapshot WHERE snapshot.aggregate_id = e.aggregate_id), 0)"
+    " SELECT w.aggregate_id, e.version, e.name, e.body::text, 1 FROM wanted AS w"
+    " CROSS JOIN LATERAL (SELECT version, name, body FROM events"
+    " WHERE events.aggregate_id = w.aggregate_id AND version > coalesce(w.since, 0)) AS e"
     " ORDER BY aggregate_id, part, version"
 )
 

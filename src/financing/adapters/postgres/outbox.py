@@ -132,9 +132,16 @@ class RelayBacklog:
 
 
 # Every event after the checkpoint, committed or about to be, with the age of the oldest.
+# The checkpoint is given as values, read first: compared with a subquery's values,
+# unknown when the statement is planned, the planner took a third of the table to match
+# and scanned all of it, every LAG_INTERVAL on every relayer, however small the lag.
 _LAG = (
     "SELECT count(*), extract(epoch FROM now() - min(recorded_at))::float8 FROM events"
-    f" WHERE (transaction_id, position) > {_CHECKPOINT}"
+    " WHERE (transaction_id, position) > ($1::xid8, $2)"
+)
+_CHECKPOINT_VALUES = (
+    "SELECT coalesce((SELECT transaction_id FROM relay_checkpoints WHERE name = $1), '0'::xid8),"
+    " coalesce((SELECT position FROM relay_checkpoints WHERE name = $1), 0)"
 )
 
 
@@ -181,7 +188,9 @@ class PostgresOutbox:
     async def lag(self) -> tuple[int, float]:
         """How many events are not relayed yet, and how old the oldest of them is (seconds)."""
         async with acquired(self._pool, COMMAND_DATABASE) as conn:
-            row = await conn.fetchrow(_LAG, self._name)
+            checkpoint = await conn.fetchrow(_CHECKPOINT_VALUES, self._name)
+            assert checkpoint is not None  # a SELECT without FROM returns one row
+            row = await conn.fetchrow(_LAG, *checkpoint)
         assert row is not None  # an aggregate always gives one row
         count, age = row
         return int(count), max(0.0, float(age or 0.0))
