@@ -23,6 +23,7 @@ from financing.adapters.postgres.connection import COMMAND_DATABASE, QUERY_DATAB
 from financing.adapters.postgres.rebuild import rebuild
 from financing.adapters.rabbitmq.dead_letters import Selection
 from financing.application.errors import Refused, Unavailable
+from financing.application.messages import InvestorRegistered
 from financing.config import (
     AMQP_ADDRESS,
     COMMAND_DB,
@@ -46,7 +47,7 @@ from financing.entrypoints.cli.check import run_check
 from financing.entrypoints.cli.console import cancelled_by_signals, database, environment
 from financing.entrypoints.cli.events import run_events
 from financing.entrypoints.cli.health_check import HEALTH_CHECK_VARIABLES, probe
-from financing.entrypoints.cli.populate import populate
+from financing.entrypoints.cli.populate import registrations
 from financing.entrypoints.cli.status import HEALTHY, MAX_RELAY_LAG, TIMEOUT, run_status
 from financing.entrypoints.cli.tail import run_tail
 from financing.entrypoints.cli.trace import run_trace
@@ -316,17 +317,31 @@ def _add_inspection(commands: _Commands) -> None:
 
 
 async def _populate(settings: Settings, args: argparse.Namespace) -> int:
-    population = await populate(
-        settings.amqp_urls,
-        issuers=args.issuers,
-        investors=args.investors,
-        balance=args.balance,
-        queue_type=settings.queue_type,
-    )
-    for issuer in population.issuers:
-        print(f"issuer    {issuer}")
-    for investor in population.investors:
-        print(f"investor  {investor}  balance {args.balance}")
+    """Each registration's line once the broker confirmed it; when it fails part way, the
+    lines printed are the registrations published, and stderr says how many."""
+    published = 0
+    try:
+        async for batch in registrations(
+            settings.amqp_urls,
+            issuers=args.issuers,
+            investors=args.investors,
+            balance=args.balance,
+            queue_type=settings.queue_type,
+        ):
+            for event in batch:
+                if isinstance(event, InvestorRegistered):
+                    print(f"investor  {event.id}  balance {args.balance}")
+                else:
+                    print(f"issuer    {event.id}")
+            published += len(batch)
+    except (Unavailable, Refused) as error:
+        asked = args.issuers + args.investors
+        print(
+            f"financing populate: {published} of {asked} registration(s) published (printed"
+            f" above) before: {error}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

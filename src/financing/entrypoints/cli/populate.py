@@ -7,6 +7,7 @@ there even if the service is not running yet.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from decimal import Decimal
 from uuid import UUID, uuid4
@@ -17,6 +18,12 @@ from financing.adapters.rabbitmq.publisher import Publisher
 from financing.application import codec
 from financing.application.messages import IntegrationEvent, InvestorRegistered, IssuerRegistered
 from financing.application.ports import Envelope
+
+Registration = IssuerRegistered | InvestorRegistered
+
+# Registrations published and confirmed together: a batch's confirms come back well
+# within the publisher's timeout, however many registrations are asked for.
+BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,35 @@ def _envelope(event: IntegrationEvent) -> Envelope:
     return Envelope(message_id=str(uuid4()), name=event.name(), body=codec.encode(event))
 
 
+async def registrations(
+    amqp_urls: list[str],
+    *,
+    issuers: int,
+    investors: int,
+    balance: Decimal,
+    queue_type: str = "classic",
+) -> AsyncIterator[list[Registration]]:
+    """Publish the registrations (issuers first), yielding each batch once confirmed: when
+    the broker fails part way, what was yielded is what was published."""
+    async with connected(amqp_urls, queue_type) as broker:
+        await topology.declare_on(broker)
+        publisher = Publisher(broker)
+        try:
+            events: list[Registration] = [
+                IssuerRegistered(id=uuid4(), name_=f"Issuer {n}") for n in range(1, issuers + 1)
+            ]
+            events += [
+                InvestorRegistered(id=uuid4(), name_=f"Investor {n}", balance=balance)
+                for n in range(1, investors + 1)
+            ]
+            for start in range(0, len(events), BATCH):
+                batch = events[start : start + BATCH]
+                await publisher.publish_events([_envelope(event) for event in batch])
+                yield batch
+        finally:
+            await publisher.close()
+
+
 async def populate(
     amqp_urls: list[str],
     *,
@@ -37,23 +73,12 @@ async def populate(
     balance: Decimal,
     queue_type: str = "classic",
 ) -> Population:
-    async with connected(amqp_urls, queue_type) as broker:
-        await topology.declare_on(broker)
-        publisher = Publisher(broker)
-        try:
-            population = Population(
-                issuers=[uuid4() for _ in range(issuers)],
-                investors=[uuid4() for _ in range(investors)],
-            )
-            events: list[IntegrationEvent] = [
-                IssuerRegistered(id=issuer, name_=f"Issuer {n}")
-                for n, issuer in enumerate(population.issuers, start=1)
-            ]
-            events += [
-                InvestorRegistered(id=investor, name_=f"Investor {n}", balance=balance)
-                for n, investor in enumerate(population.investors, start=1)
-            ]
-            await publisher.publish_events([_envelope(event) for event in events])
-            return population
-        finally:
-            await publisher.close()
+    """Every registration published; their ids."""
+    population = Population([], [])
+    async for batch in registrations(
+        amqp_urls, issuers=issuers, investors=investors, balance=balance, queue_type=queue_type
+    ):
+        for event in batch:
+            registered = isinstance(event, IssuerRegistered)
+            (population.issuers if registered else population.investors).append(event.id)
+    return population

@@ -1,0 +1,53 @@
+"""`financing populate` publishes its registrations a confirmed batch at a time, so that
+however many are asked for, each batch is confirmed within the publisher's timeout, and
+what it reports as published is what the broker holds."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from aio_pika.abc import AbstractConnection
+
+from financing.adapters.rabbitmq.connection import Broker
+from financing.adapters.rabbitmq.topology import subscription
+from financing.application.messages import InvestorRegistered, IssuerRegistered
+from financing.application.retry import Outages
+from financing.entrypoints.cli.populate import BATCH, registrations
+from tests.support import rabbitmq
+
+
+async def ready(connection: AbstractConnection, queue: str) -> int:
+    state = await rabbitmq.queue_state(connection, queue)
+    assert state is not None, f"no queue {queue}"
+    return state[0]
+
+
+async def test_each_batch_is_yielded_once_the_broker_holds_it() -> None:
+    """Regression: every registration went in one publish with one 5 s timeout: 40,000
+    of them failed with "broker unavailable", after half had been published, and no id
+    was printed (a run again registered duplicates under new ids)."""
+    async with rabbitmq.private_vhost("fin_populate") as vhost:
+        broker = Broker([vhost.url], Outages())
+        try:
+            connection = await broker.connection()
+            queues = {
+                kind: subscription(kind.name()).queue.name
+                for kind in (IssuerRegistered, InvestorRegistered)
+            }
+            sizes: list[int] = []
+            held: list[tuple[int, int]] = []
+            async for batch in registrations(
+                [vhost.url], issuers=BATCH + 1, investors=BATCH, balance=Decimal(1)
+            ):
+                sizes.append(len(batch))
+                held.append(
+                    (
+                        await ready(connection, queues[IssuerRegistered]),
+                        await ready(connection, queues[InvestorRegistered]),
+                    )
+                )
+        finally:
+            await broker.close()
+
+    assert sizes == [BATCH, BATCH, 1]
+    assert held == [(BATCH, 0), (BATCH + 1, BATCH - 1), (BATCH + 1, BATCH)]
