@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
@@ -193,8 +193,8 @@ class Settings:
                 value(COMMAND_SERVER_ADDRESS), COMMAND_SERVER_ADDRESS.name
             ),
             query_address=parse_address(value(QUERY_SERVER_ADDRESS), QUERY_SERVER_ADDRESS.name),
-            command_db=replace(parse_database(value(COMMAND_DB)), answer_timeout=answer_timeout),
-            query_db=replace(parse_database(value(QUERY_DB)), answer_timeout=answer_timeout),
+            command_db=replace(_database(COMMAND_DB, value), answer_timeout=answer_timeout),
+            query_db=replace(_database(QUERY_DB, value), answer_timeout=answer_timeout),
             amqp_url=parse_amqp_urls(value(AMQP_ADDRESS)),
             log_level=level,
             snapshot_interval=_positive_int(SNAPSHOT_INTERVAL.name, value(SNAPSHOT_INTERVAL)),
@@ -325,6 +325,14 @@ def split_url(url: str, what: str) -> SplitResult:
     except ValueError:
         raise ConfigError(f"{what}: the port must be a number from 0 to 65535") from None
     return parts
+
+
+def _database(variable: Variable, value: Callable[[Variable], str]) -> Database:
+    """The database `variable` names; its errors say which variable they are about."""
+    try:
+        return parse_database(value(variable))
+    except ConfigError as error:
+        raise ConfigError(f"{variable.name}: {error}") from None
 
 
 def parse_database(value: str) -> Database:

@@ -10,7 +10,9 @@ The transport libraries log a connection's loss and their reconnection
 attempts at WARNING and ERROR, many lines per outage. The service logs each
 outage itself, once when it starts and once when it is over (`retry.Outages`),
 so their records are demoted to DEBUG: visible with LOGGER_LEVEL=DEBUG, quiet
-otherwise.
+otherwise. So are grpclib's INFO records, each about what one caller did (a call
+it cancelled, or whose deadline passed): thousands a minute from impatient
+clients, counted in `grpc_server_handled_total` by their status.
 
 A line that cannot be written (a full disk, a log reader gone) is dropped: the
 log never stops the service, nor changes how it exits.
@@ -120,14 +122,17 @@ class _LineHandler(logging.Handler):
 
 
 class _Demote(logging.Filter):
-    """Lowers the records of DEMOTED_LIBRARIES to DEBUG, and applies the service's level."""
+    """Lowers the records of DEMOTED_LIBRARIES, and grpclib's INFO ones, to DEBUG; applies
+    the service's level."""
 
     def __init__(self, threshold: int) -> None:
         super().__init__()
         self._threshold = threshold
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name.split(".", 1)[0] in DEMOTED_LIBRARIES:
+        library = record.name.split(".", 1)[0]
+        callers = library == "grpclib" and record.levelno < logging.WARNING
+        if library in DEMOTED_LIBRARIES or callers:
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return record.levelno >= self._threshold
 

@@ -143,6 +143,26 @@ async def test_the_service_reports_a_configuration_error_as_one_json_line_and_ex
     assert "LOGGER_LEVEL" in logged["error"]
 
 
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("serve", "--components", "bogus"), "unknown component(s) bogus"),
+        (("serve", "--nope"), "unrecognized arguments: --nope"),
+    ],
+)
+async def test_the_services_usage_errors_are_one_json_line_too(
+    args: tuple[str, ...], says: str
+) -> None:
+    """Regression: argparse wrote them as two plain-text lines among the service's JSON."""
+    run = await run_cli({"PATH": os.environ["PATH"]}, *args)
+
+    assert run.exit_code == 2, run.describe()
+    [line] = run.stderr.splitlines()
+    logged = json.loads(line)
+    assert (logged["event"], logged["level"]) == ("configuration error", "error")
+    assert says in logged["error"], logged
+
+
 async def test_an_operators_command_reports_a_configuration_error_as_text() -> None:
     run = await run_cli({"PATH": os.environ["PATH"], "LOGGER_LEVEL": "LOUD"}, "check")
 

@@ -138,6 +138,17 @@ def test_a_bad_listen_address_is_named_by_its_variable(variable: str) -> None:
         Settings.from_env({variable: "bad"})
 
 
+@pytest.mark.parametrize("variable", ["COMMAND_DB_CONNECTION_STRING", "QUERY_DB_CONNECTION_STRING"])
+@pytest.mark.parametrize(
+    "value", ["postgresql://db:port/x", "host=db port=x", "host=db pool_max_conns=0", "host='db"]
+)
+def test_a_bad_connection_string_is_named_by_its_variable(variable: str, value: str) -> None:
+    """Regression: both databases' errors said "connection string", not which one."""
+    with pytest.raises(ConfigError, match=f"^{variable}: ") as raised:
+        Settings.from_env({variable: value})
+    assert "port=x" not in str(raised.value) and "'db" not in str(raised.value)
+
+
 # Connection strings: URLs
 
 

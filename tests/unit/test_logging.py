@@ -18,6 +18,7 @@ except ValueError:
     logging.getLogger("grpclib.server").exception("Application error")
 logging.getLogger("aiormq.connection").error("Unexpected connection close from remote")
 logging.getLogger("asyncpg.pool").warning("Failed to restore the pool connection floor")
+logging.getLogger("grpclib.server").info("Request was cancelled: %s", "Connection lost")
 warnings.warn("a library's warning")
 raise RuntimeError("nobody caught this")
 """
@@ -58,3 +59,15 @@ def test_transport_libraries_connection_chatter_is_demoted_to_debug() -> None:
     _, verbose = run("DEBUG")
     chatter = [line for line in verbose if line.get("logger", "").startswith(("aiormq", "asyncpg"))]
     assert len(chatter) == 2 and {line["level"] for line in chatter} == {"debug"}, chatter
+
+
+def test_grpclibs_lines_about_what_one_caller_did_are_debug() -> None:
+    """Regression: each call a client cancelled or let expire was an INFO line, 10,000
+    in ten minutes of impatient clients; the call's status counts them."""
+    _, quiet = run("INFO")
+    assert not [line for line in quiet if line["event"].startswith("Request was cancelled")]
+    _, verbose = run("DEBUG")
+    [cancelled] = [line for line in verbose if line["event"].startswith("Request was cancelled")]
+    assert cancelled["level"] == "debug"
+    # Its errors keep their level.
+    assert [line["level"] for line in quiet if line["event"] == "Application error"] == ["error"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import io
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from decimal import Decimal, InvalidOperation
@@ -70,7 +72,7 @@ def _components(value: str) -> tuple[str, ...]:
 
 
 def _count(value: str) -> int:
-    count = int(value)
+    count = _parsed(value, int, "a whole number")
     if count < 0:
         raise argparse.ArgumentTypeError("must be >= 0")
     return count
@@ -444,17 +446,39 @@ async def _operate(run: Run, settings: Settings, args: argparse.Namespace) -> in
     return 128 + signum
 
 
+def _service_configuration_error(error: str) -> None:
+    """The service's lines are JSON off a terminal: its configuration errors too."""
+    service_logging.configure("INFO")
+    service_logging.get_logger(__name__).error("configuration error", error=error)
+
+
+def _arguments(parser: argparse.ArgumentParser, words: list[str]) -> argparse.Namespace:
+    """The parsed command line; `serve`'s usage errors (`--components bogus`, an unknown
+    option) are one log line, as its configuration errors are, not argparse's text."""
+    if words[:1] != ["serve"]:
+        return parser.parse_args(words)
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            return parser.parse_args(words)
+    except SystemExit as exit:
+        if exit.code != 2:  # --help, which goes to stdout
+            raise
+        last = said.getvalue().strip().splitlines()[-1]  # "financing serve: error: MESSAGE"
+        _service_configuration_error(last.split("error: ", 1)[-1])
+        raise
+
+
 def run(argv: Sequence[str] | None = None, *, overrides: Overrides | None = None) -> None:
     """The command line; `overrides` changes the service's wiring (tests only)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _arguments(parser, list(sys.argv[1:] if argv is None else argv))
     _refuse_ambiguous_discard(parser, args)
     try:
         settings = Settings.from_env(reads=args.reads)
     except ConfigError as exc:
-        if args.command == "serve":  # the service's lines are JSON off a terminal, this one too
-            service_logging.configure("INFO")
-            service_logging.get_logger(__name__).error("configuration error", error=str(exc))
+        if args.command == "serve":
+            _service_configuration_error(str(exc))
         else:
             print(f"financing: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
