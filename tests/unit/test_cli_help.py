@@ -208,17 +208,46 @@ main(sys.argv[2:])
 """
 
 
+# The same, with SIGNAL sent once every module is imported, while the settings are read:
+# before the command hands the signals to its event loop.
+SIGNALLED_WHILE_CONFIGURING = """
+import os, signal, sys
+from financing.config import Settings
+
+read = Settings.from_env.__func__
+
+def signalled(cls, *args, **kwargs):
+    os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    return read(cls, *args, **kwargs)
+
+Settings.from_env = classmethod(signalled)
+from financing.entrypoints.cli import main
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize(
+    "script",
+    [SIGNALLED_WHILE_IMPORTING, SIGNALLED_WHILE_CONFIGURING],
+    ids=["importing", "configuring"],
+)
 @pytest.mark.parametrize(
     ("sent", "command", "code"),
-    [("SIGTERM", "serve", 0), ("SIGINT", "serve", 0), ("SIGINT", "status", 130)],
+    [
+        ("SIGTERM", "serve", 0),
+        ("SIGINT", "serve", 0),
+        ("SIGINT", "status", 130),
+        ("SIGTERM", "status", 143),
+    ],
 )
-def test_a_signal_while_the_command_is_imported_stops_it_with_one_line(
-    sent: str, command: str, code: int
+def test_a_signal_before_the_command_handles_signals_stops_it_with_one_line(
+    script: str, sent: str, command: str, code: int
 ) -> None:
     """Regression: a SIGINT printed Python's KeyboardInterrupt traceback, and a SIGTERM
-    killed the process without a word (exit -15)."""
+    killed the process without a word (exit -15), while the modules were imported and,
+    after that, until the event loop took the signals over."""
     run = subprocess.run(
-        [sys.executable, "-c", SIGNALLED_WHILE_IMPORTING, sent, command],
+        [sys.executable, "-c", script, sent, command],
         capture_output=True,
         text=True,
         timeout=60,

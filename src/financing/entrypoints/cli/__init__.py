@@ -1,14 +1,18 @@
 """The `financing` command line: `commands` parses it; one module per command that inspects
-or repairs a deployment."""
+or repairs a deployment.
+
+`main` stops the process cleanly on SIGTERM or SIGINT from its first line on, while
+the command's modules are imported and before the command's own handling of the
+signals (the service's, an operator command's) takes over; so this module imports
+nothing else before it is called.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import signal
 import sys
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
+from contextlib import contextmanager, suppress
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -19,22 +23,23 @@ if TYPE_CHECKING:
 def main(argv: Sequence[str] | None = None, *, overrides: Overrides | None = None) -> None:
     """Run `financing ARGS`. Every command's module is imported only now, so that importing
     one of them (the container's health probe) stays light."""
-    with _stopped_by_signals_while_importing(argv):
+    with _stopped_by_signals_until_handled(argv):
         from financing.entrypoints.cli.commands import run
 
-    run(argv, overrides=overrides)
+        run(argv, overrides=overrides)
 
 
 class _Signalled(BaseException):
-    """A SIGTERM or SIGINT that came while the command's modules were imported."""
+    """A SIGTERM or SIGINT that came before the command handled signals itself."""
 
 
-@contextlib.contextmanager
-def _stopped_by_signals_while_importing(argv: Sequence[str] | None) -> Iterator[None]:
-    """A SIGTERM or SIGINT in the half second the command's modules take to import stops
-    the process as one does once they run: `serve` says "stopped while starting" and exits
-    0, another command exits 128 + the signal; never Python's traceback, nor a death by
-    the signal without a word."""
+@contextmanager
+def _stopped_by_signals_until_handled(argv: Sequence[str] | None) -> Iterator[None]:
+    """A SIGTERM or SIGINT in the half second the command's modules take to import, or
+    before the command hands the signals to its event loop (which replaces this
+    handler), stops the process as one does once it runs: `serve` says "stopped while
+    starting" and exits 0, another command exits 128 + the signal; never Python's
+    traceback, nor a death by the signal without a word."""
 
     def signalled(signum: int, frame: FrameType | None) -> None:
         raise _Signalled(signum)
@@ -43,20 +48,27 @@ def _stopped_by_signals_while_importing(argv: Sequence[str] | None) -> Iterator[
     try:
         yield
     except _Signalled as stop:
-        signum = int(stop.args[0])
-        args = list(sys.argv[1:] if argv is None else argv)
-        line = {
-            "event": "stopped while starting",
-            "signal": signal.Signals(signum).name,
-            "level": "info",
-            "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-        }
-        with contextlib.suppress(OSError, ValueError):
-            print(json.dumps(line), file=sys.stderr, flush=True)
-        sys.exit(0 if args[:1] == ["serve"] else 128 + signum)
+        _stopped_while_starting(argv, int(stop.args[0]))
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            if signal.getsignal(sig) is signalled:
+                signal.signal(sig, handler)
+
+
+def _stopped_while_starting(argv: Sequence[str] | None, signum: int) -> None:
+    import json
+    from datetime import UTC, datetime
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    line = {
+        "event": "stopped while starting",
+        "signal": signal.Signals(signum).name,
+        "level": "info",
+        "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+    }
+    with suppress(OSError, ValueError):  # a line that cannot be written is dropped
+        print(json.dumps(line), file=sys.stderr, flush=True)
+    sys.exit(0 if args[:1] == ["serve"] else 128 + signum)
 
 
 __all__ = ["main"]
