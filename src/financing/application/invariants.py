@@ -60,21 +60,33 @@ class _Expected:
 
 def check(events: Iterable[ev.DomainEvent]) -> Report:
     """Check the invariants over every event of the store, in commit order."""
-    report = Report()
-    investors: dict[UUID, Investor] = {}
-    invoices: dict[UUID, Invoice] = {}
-    funds_added: defaultdict[UUID, Decimal] = defaultdict(Decimal)
-    bids_placed: Counter[tuple[UUID, UUID, Decimal]] = Counter()
-    bids_answered: Counter[tuple[UUID, UUID, Decimal]] = Counter()
-    releases: dict[UUID, Counter[Decimal]] = {}
-    commits: dict[UUID, Counter[Decimal]] = {}
-    owed: dict[UUID, _Expected] = {}
-    wins: Counter[UUID] = Counter()
-
+    checker = Checker()
     for event in events:
+        checker.add(event)
+    return checker.report()
+
+
+class Checker:
+    """`check`, fed one event at a time (in commit order), so that a store read in
+    batches is checked without holding every event."""
+
+    def __init__(self) -> None:
+        self._report = Report()
+        self._investors: dict[UUID, Investor] = {}
+        self._invoices: dict[UUID, Invoice] = {}
+        self._funds_added: defaultdict[UUID, Decimal] = defaultdict(Decimal)
+        self._bids_placed: Counter[tuple[UUID, UUID, Decimal]] = Counter()
+        self._bids_answered: Counter[tuple[UUID, UUID, Decimal]] = Counter()
+        self._releases: dict[UUID, Counter[Decimal]] = {}
+        self._commits: dict[UUID, Counter[Decimal]] = {}
+        self._owed: dict[UUID, _Expected] = {}
+        self._wins: Counter[UUID] = Counter()
+
+    def add(self, event: ev.DomainEvent) -> None:
+        report = self._report
         report.events += 1
         if isinstance(event, ev.InvestorEvent):
-            investor = investors.setdefault(event.investor_id, Investor(event.investor_id))
+            investor = self._investors.setdefault(event.investor_id, Investor(event.investor_id))
             investor.apply(event)
             if investor.balance < ZERO or investor.reserved < ZERO:
                 report.violations.append(
@@ -83,44 +95,51 @@ def check(events: Iterable[ev.DomainEvent]) -> Report:
                 )
             match event:
                 case ev.InvestorFundsAddedEvent(amount=amount) if amount > ZERO:
-                    funds_added[event.investor_id] = add(funds_added[event.investor_id], amount)
+                    added = self._funds_added
+                    added[event.investor_id] = add(added[event.investor_id], amount)
                 case ev.BidOnInvoicePlacedEvent(invoice_id=invoice_id, bid_amount=amount):
-                    bids_placed[(event.investor_id, invoice_id, amount)] += 1
+                    self._bids_placed[(event.investor_id, invoice_id, amount)] += 1
                 case ev.InvestorFundsReleasedEvent(amount=amount) if amount > ZERO:
-                    releases.setdefault(event.investor_id, Counter())[amount] += 1
+                    self._releases.setdefault(event.investor_id, Counter())[amount] += 1
                 case ev.InvestorFundsCommittedEvent(amount=amount) if amount > ZERO:
-                    commits.setdefault(event.investor_id, Counter())[amount] += 1
+                    self._commits.setdefault(event.investor_id, Counter())[amount] += 1
         elif isinstance(event, ev.InvoiceEvent):
-            invoice = invoices.setdefault(event.invoice_id, Invoice(event.invoice_id))
+            invoice = self._invoices.setdefault(event.invoice_id, Invoice(event.invoice_id))
             invoice.apply(event)
-            _owe(event, invoice, owed, bids_answered, wins, report)
+            _owe(event, invoice, self._owed, self._bids_answered, self._wins, report)
 
-    report.investors = len(investors)
-    report.invoices = len(invoices)
-    for invoice_id, count in wins.items():
-        if count > 1:
-            report.violations.append(f"invoice {invoice_id} has {count} winning bids")
-    for bid, placed in bids_placed.items():
-        answered = bids_answered[bid]
-        if answered > placed:
-            report.violations.append(f"bid {_bid(bid)} answered {answered} times, placed {placed}")
-        elif answered < placed:
-            report.in_flight.append(f"bid {_bid(bid)} not yet answered by its invoice")
-    for bid, answered in bids_answered.items():
-        if bid not in bids_placed:
-            report.violations.append(f"bid {_bid(bid)} answered {answered} times, never placed")
-    for investor_id, investor in investors.items():
-        _check_investor(investor, funds_added[investor_id], report)
-        expected = owed.get(investor_id, _Expected())
-        released = releases.get(investor_id, Counter())
-        committed = commits.get(investor_id, Counter())
-        _compare(investor_id, "released", expected.releases, released, report)
-        _compare(investor_id, "committed", expected.commits, committed, report)
-    for investor_id in owed.keys() - investors.keys():
-        report.violations.append(f"investor {investor_id} is owed saga steps but has no events")
-    if not report.in_flight:
-        _check_reservations(investors, invoices, report)
-    return report
+    def report(self) -> Report:
+        """What the events added so far say."""
+        report = self._report
+        investors, owed = self._investors, self._owed
+        report.investors = len(investors)
+        report.invoices = len(self._invoices)
+        for invoice_id, count in self._wins.items():
+            if count > 1:
+                report.violations.append(f"invoice {invoice_id} has {count} winning bids")
+        for bid, placed in self._bids_placed.items():
+            answered = self._bids_answered[bid]
+            if answered > placed:
+                report.violations.append(
+                    f"bid {_bid(bid)} answered {answered} times, placed {placed}"
+                )
+            elif answered < placed:
+                report.in_flight.append(f"bid {_bid(bid)} not yet answered by its invoice")
+        for bid, answered in self._bids_answered.items():
+            if bid not in self._bids_placed:
+                report.violations.append(f"bid {_bid(bid)} answered {answered} times, never placed")
+        for investor_id, investor in investors.items():
+            _check_investor(investor, self._funds_added[investor_id], report)
+            expected = owed.get(investor_id, _Expected())
+            released = self._releases.get(investor_id, Counter())
+            committed = self._commits.get(investor_id, Counter())
+            _compare(investor_id, "released", expected.releases, released, report)
+            _compare(investor_id, "committed", expected.commits, committed, report)
+        for investor_id in owed.keys() - investors.keys():
+            report.violations.append(f"investor {investor_id} is owed saga steps but has no events")
+        if not report.in_flight:
+            _check_reservations(investors, self._invoices, report)
+        return report
 
 
 def _owe(

@@ -13,7 +13,7 @@ import asyncpg
 
 from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.adapters.postgres.read_models import PostgresReadModels
-from financing.application.invariants import Report, check
+from financing.application.invariants import Checker, Report
 from financing.application.read_models import InMemoryReadModels, ReadModelStore
 from financing.domain.events import DomainEvent
 
@@ -37,19 +37,25 @@ class CheckResult:
         return out
 
 
+# Events checked and replayed together: the store is read in batches, never held whole.
+BATCH = 1_000
+
+
 async def run_check(
     event_store_pool: asyncpg.Pool, query_pool: asyncpg.Pool | None = None
 ) -> CheckResult:
     store = PostgresEventStore(event_store_pool)
-    events: list[DomainEvent] = []
+    checker = Checker()
     replay = InMemoryReadModels()
     batch: list[tuple[str, DomainEvent]] = []
     async for stored in store.read_all():
-        event = stored.event
-        events.append(event)
-        batch.append((stored.message_id, event))
+        checker.add(stored.event)
+        batch.append((stored.message_id, stored.event))
+        if len(batch) == BATCH:
+            await replay.apply(batch)
+            batch = []
     await replay.apply(batch)
-    result = CheckResult(invariants=check(events))
+    result = CheckResult(invariants=checker.report())
     if query_pool is not None:
         result.read_models_compared = True
         result.read_model_differences = await compare(PostgresReadModels(query_pool), replay)
