@@ -5,9 +5,8 @@ row, per id and per amount, then serialising them, took about 130 µs a row, sec
 for a large read model, in one stretch of the event loop that every other call, every
 delivery and every health probe of the process waits behind. Written here, a row
 costs a few microseconds, and the loop is given a turn every ROWS_PER_TURN rows
-(`read_models.in_turns`), so
-that a large reply delays others by milliseconds and a call whose caller went away
-stops being built.
+(`read_models.in_turns`), so that a large reply delays others by milliseconds and a
+call whose caller went away stops being built.
 
 The bytes are those betterproto writes for the same reply (fields in number order,
 proto3 defaults left out: an amount of 0, the status AVAILABLE, an absent winning
