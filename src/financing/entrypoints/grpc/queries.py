@@ -66,8 +66,11 @@ class QueriesService(pb.QueriesBase):
     ) -> Callable[[Stream[Any, Any]], Awaitable[None]]:
         async def answer(stream: Stream[Any, Any]) -> None:
             await stream.recv_message()  # Empty
-            rows = await self._read(what, read)
-            await stream.send_message(await replies.listed(rows, item))
+            # The rows are let go before the reply is sent: a caller that reads it slowly
+            # holds only its bytes (about 100 a row), not the rows' objects (several
+            # times that), for as long as it takes.
+            reply = await replies.listed(await self._read(what, read), item)
+            await stream.send_message(reply)
 
         return answer
 
