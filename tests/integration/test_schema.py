@@ -9,7 +9,15 @@ import asyncpg
 import pytest
 
 from financing.adapters.postgres.connection import connect, create_pool
-from financing.adapters.postgres.schema import apply, migrate, parse_sections, sections
+from financing.adapters.postgres.event_store import LEGACY_CONSUMERS, PostgresEventStore
+from financing.adapters.postgres.schema import (
+    SchemaAhead,
+    apply,
+    migrate,
+    missing,
+    parse_sections,
+    sections,
+)
 from financing.adapters.rabbitmq import topology
 from financing.application import routes
 from financing.config import Database
@@ -184,3 +192,52 @@ async def test_version_2_renames_queue_named_consumers_after_their_handlers(
         assert await recorded(conn) == [("commands", v) for v, _ in sections("commands")]
     finally:
         await conn.close()
+
+
+async def test_a_schema_a_newer_release_migrated_is_refused(empty_database: Database) -> None:
+    """Regression: a release started on a database a newer one had migrated (a rollback)
+    ran without a word; past a change of how processed messages are recorded, it
+    handled again what the newer release had handled, and released a winner's funds."""
+    conn = await connect(empty_database)
+    try:
+        await migrate(conn, "commands")
+        newer = sections("commands")[-1][0] + 1
+        await conn.execute(
+            "INSERT INTO schema_migrations (name, version) VALUES ('commands', $1)", newer
+        )
+
+        with pytest.raises(SchemaAhead, match=f"commands schema is at version {newer}, newer"):
+            await migrate(conn, "commands")
+        with pytest.raises(SchemaAhead):
+            await missing(conn, "commands")  # a server that takes no writes: the same
+        await migrate(conn, "queries")  # another schema's versions are its own
+    finally:
+        await conn.close()
+
+
+async def test_a_message_a_release_before_version_2_handled_is_seen_as_handled(
+    empty_database: Database,
+) -> None:
+    """Regression: a release before version 2, running beside this one in a rolling
+    upgrade or started again on its database, records what it handles under the queue's
+    name, after the migration renamed the records: its messages were handled again here,
+    and a winning bid offered twice was rejected and its funds released."""
+    by_queue = {
+        topology.subscription(route.message_name).queue.name: route.consumer
+        for route in (*routes.COMMANDS, *routes.POLICIES)
+    }
+    assert {legacy: consumer for consumer, legacy in LEGACY_CONSUMERS.items()} == by_queue
+    pool = await create_pool(empty_database)
+    try:
+        await migrate(pool, "commands")
+        await pool.executemany(
+            "INSERT INTO processed_messages (consumer, message_id) VALUES ($1, $2)",
+            [("events_BidOnInvoicePlacedEvent", "m-old"), ("bid_on_invoice", "m-new")],
+        )
+        async with PostgresEventStore(pool).unit_of_work() as uow:
+            assert await uow.seen("bid_placed_offers_bid_to_invoice", "m-old")
+            assert await uow.seen("bid_on_invoice", "m-new")
+            assert not await uow.seen("bid_on_invoice", "m-old")  # another consumer's
+            assert not await uow.seen("someone_else", "m-new")
+    finally:
+        await pool.close()

@@ -12,12 +12,13 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from betterproto.lib.google.protobuf import Empty
 from grpclib.client import Channel
 
 from financing.adapters.postgres.connection import create_pool
-from financing.adapters.postgres.schema import migrate
+from financing.adapters.postgres.schema import migrate, sections
 from financing.adapters.rabbitmq.connection import CONNECT_TIMEOUT
 from financing.config import Database, Settings, parse_database
 from financing.entrypoints import service
@@ -240,6 +241,24 @@ async def test_a_connection_option_the_driver_refuses_fails_start_up_at_once(
     settings = _settings((bogus, queries), amqp_url)
     async with asyncio.timeout(10):
         code = await service.serve(settings, startup_timeout=30.0)
+    assert code == 2
+
+
+async def test_a_database_a_newer_release_migrated_fails_start_up_at_once(
+    databases: tuple[Database, Database], amqp_url: str
+) -> None:
+    commands, _ = databases
+    conn = await asyncpg.connect(**commands.connect_kwargs)
+    try:
+        await migrate(conn, "commands")
+        await conn.execute(
+            "INSERT INTO schema_migrations (name, version) VALUES ('commands', $1)",
+            sections("commands")[-1][0] + 1,
+        )
+    finally:
+        await conn.close()
+    async with asyncio.timeout(10):
+        code = await service.serve(_settings(databases, amqp_url), startup_timeout=30.0)
     assert code == 2
 
 

@@ -33,14 +33,14 @@ from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.adapters.postgres.outbox import CommitListener, PostgresOutbox, PostgresRelayerLock
 from financing.adapters.postgres.read_models import PostgresReadModels
 from financing.adapters.postgres.retention import deduplication_records
-from financing.adapters.postgres.schema import migrate, missing
+from financing.adapters.postgres.schema import SchemaAhead, migrate, missing
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import BROKER, Broker
 from financing.adapters.rabbitmq.consumer import Deliveries, QueueConsumer, consume
 from financing.adapters.rabbitmq.dead_letters import DeadLetters
 from financing.adapters.rabbitmq.publisher import AmqpCommandSender, Publisher
 from financing.application import routes
-from financing.application.errors import Fault, Unavailable
+from financing.application.errors import Fault, Refused, Unavailable
 from financing.application.pipeline import (
     Handler,
     HandlerPart,
@@ -362,6 +362,23 @@ async def started(
         raise gave_up.error from None  # a bug: the supervisor reports it with its traceback
 
 
+async def _migrated(pool: asyncpg.Pool, schema: str, dependency: str, deadline: float) -> None:
+    try:
+        # Bounded by what is left of start-up's budget, not by a statement's.
+        await migrate(pool, schema, statement_timeout=max(deadline - time.monotonic(), 1.0))
+    except asyncpg.ReadOnlySQLTransactionError:
+        # A server that takes no writes (a replica of the query database for the Queries
+        # API, a standby): it carries its primary's schema, which must be current; a
+        # replica that lags behind a migration is waited for.
+        lacking = await missing(pool, schema)
+        if lacking:
+            raise Unavailable(
+                dependency,
+                f"takes no writes, and its {schema} schema lacks version(s)"
+                f" {', '.join(map(str, lacking))}",
+            ) from None
+
+
 async def _pool(
     stack: AsyncExitStack,
     db: Database,
@@ -380,19 +397,9 @@ async def _pool(
     async def migrated() -> None:
         with translated(dependency):
             try:
-                # Bounded by what is left of start-up's budget, not by a statement's.
-                await migrate(pool, schema, statement_timeout=max(deadline - time.monotonic(), 1.0))
-            except asyncpg.ReadOnlySQLTransactionError:
-                # A server that takes no writes (a replica of the query database for
-                # the Queries API, a standby): it carries its primary's schema, which
-                # must be current; a replica that lags behind a migration is waited for.
-                lacking = await missing(pool, schema)
-                if lacking:
-                    raise Unavailable(
-                        dependency,
-                        f"takes no writes, and its {schema} schema lacks version(s)"
-                        f" {', '.join(map(str, lacking))}",
-                    ) from None
+                await _migrated(pool, schema, dependency, deadline)
+            except SchemaAhead as ahead:
+                raise Refused(dependency, str(ahead)) from None
 
     await started(f"migrating the {dependency}", migrated, outages, deadline)
     return pool

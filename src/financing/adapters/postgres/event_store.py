@@ -212,6 +212,26 @@ def _event(name: str, body: str, aggregate_id: UUID) -> DomainEvent:
 
 # Which rule a unique violation of the writing statement broke.
 _PROCESSED = "processed_messages_pkey"
+
+# The names releases before version 2 of the event store's schema record a processed
+# message under: the queue that feeds its handler (commands.sql, version 2, renamed the
+# records there when it ran). Such a release running beside this one in a rolling
+# upgrade, or started again on this database, still records under them, and a message
+# it handled must be seen here too, or a redelivery is handled twice.
+LEGACY_CONSUMERS = {
+    "create_issuer": "CreateIssuer",
+    "create_investor": "CreateInvestor",
+    "sell_invoice": "SellInvoice",
+    "bid_on_invoice": "BidOnInvoice",
+    "approve_financing": "ApproveFinancing",
+    "reverse_financing": "ReverseFinancing",
+    "bid_placed_offers_bid_to_invoice": "events_BidOnInvoicePlacedEvent",
+    "rejected_bid_releases_funds": "events_BidOnInvoiceRejectedEvent",
+    "financing_releases_excess_bid": "events_InvoiceFinancedEvent",
+    "approval_commits_funds": "events_InvoiceApprovedEvent",
+    "reversal_releases_funds": "events_InvoiceReversedEvent",
+}
+_RECORDED_AS = {consumer: (consumer, legacy) for consumer, legacy in LEGACY_CONSUMERS.items()}
 _CONFLICTS = {
     "events_stream_version": "an aggregate moved past the version it was loaded at",
     _PROCESSED: "the message was already processed",
@@ -256,8 +276,8 @@ class PostgresUnitOfWork:
         self._reading("seen")
         found: bool = await self._conn.fetchval(
             "SELECT EXISTS (SELECT FROM processed_messages"
-            " WHERE consumer = $1 AND message_id = $2)",
-            consumer,
+            " WHERE consumer = ANY($1::text[]) AND message_id = $2)",
+            _RECORDED_AS.get(consumer, (consumer,)),
             message_id,
         )
         return found

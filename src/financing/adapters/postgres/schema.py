@@ -11,6 +11,9 @@ transaction under a transaction-scoped advisory lock, so the others wait, then
 see the recorded versions and apply nothing. On a server that takes no writes
 (a replica, a standby) nothing is applied: `missing` tells whether the schema
 its primary migrated is current.
+
+A database whose schema a newer release migrated (versions this one does not know)
+is refused (`SchemaAhead`): a rollback must go back to a release that knows it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,25 @@ MIGRATION_LOCK = 0x66696E2D7363686D
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 _HEADER = re.compile(r"^--[ \t]*version:[ \t]*(\d+)[ \t]*$", re.MULTILINE)
+
+
+class SchemaAhead(Exception):
+    """The database records versions of a schema this release does not know: a newer
+    release migrated it. Running on it could misread what that release writes (a rollback
+    past a change of how messages are recorded handles them twice), so it is refused."""
+
+    def __init__(self, name: str, ahead: list[int], known: int) -> None:
+        super().__init__(
+            f"its {name} schema is at version {max(ahead)}, newer than this release knows"
+            f" ({known}): a newer release migrated it; run that release, or a newer one"
+        )
+
+
+def _refuse_ahead(name: str, applied: set[int], known: list[tuple[int, str]]) -> None:
+    latest = max((version for version, _ in known), default=0)
+    ahead = sorted(version for version in applied if version > latest)
+    if ahead:
+        raise SchemaAhead(name, ahead, latest)
 
 
 def sections(name: str) -> list[tuple[int, str]]:
@@ -76,7 +98,9 @@ async def missing(pool_or_conn: asyncpg.Pool | Connection, name: str) -> list[in
     except asyncpg.UndefinedTableError:
         rows = []
     applied = {row["version"] for row in rows}
-    return [version for version, _ in sections(name) if version not in applied]
+    known = sections(name)
+    _refuse_ahead(name, applied, known)
+    return [version for version, _ in known if version not in applied]
 
 
 async def apply(
@@ -119,6 +143,7 @@ async def _apply(
                 "SELECT version FROM schema_migrations WHERE name = $1", name
             )
         }
+        _refuse_ahead(name, applied, pending)
         for version, sql in pending:
             if version in applied:
                 continue
