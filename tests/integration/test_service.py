@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ from financing.entrypoints.supervisor import supervise
 from financing.generated import QueriesStub
 from tests.support import infra
 from tests.support.deployment import service_env
-from tests.support.service import ServiceProcess, free_port
+from tests.support.service import ServiceProcess, free_port, run_cli
 
 
 @pytest.fixture
@@ -260,6 +261,36 @@ async def test_a_database_a_newer_release_migrated_fails_start_up_at_once(
     async with asyncio.timeout(10):
         code = await service.serve(_settings(databases, amqp_url), startup_timeout=30.0)
     assert code == 2
+
+
+async def test_a_rebuild_on_read_models_a_newer_release_migrated_is_refused_in_one_line(
+    databases: tuple[Database, Database],
+) -> None:
+    commands, queries = databases
+    conn = await asyncpg.connect(**queries.connect_kwargs)
+    try:
+        await migrate(conn, "queries")
+        newer = sections("queries")[-1][0] + 1
+        await conn.execute(
+            "INSERT INTO schema_migrations (name, version) VALUES ('queries', $1)", newer
+        )
+    finally:
+        await conn.close()
+    env = {
+        **os.environ,
+        "COMMAND_DB_CONNECTION_STRING": commands.dsn(),
+        "QUERY_DB_CONNECTION_STRING": queries.dsn(),
+    }
+
+    run = await run_cli(env, "projections", "rebuild")
+
+    assert run.exit_code == 1, run.describe()
+    said = [line for line in run.stderr.splitlines() if line.startswith("financing ")]
+    assert said == [
+        f"financing projections: query database refused the service: its queries schema is at"
+        f" version {newer}, newer than this release knows ({newer - 1}): a newer release"
+        " migrated it; run that release, or a newer one"
+    ], run.describe()
 
 
 @pytest.mark.parametrize(

@@ -33,14 +33,14 @@ from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.adapters.postgres.outbox import CommitListener, PostgresOutbox, PostgresRelayerLock
 from financing.adapters.postgres.read_models import PostgresReadModels
 from financing.adapters.postgres.retention import deduplication_records
-from financing.adapters.postgres.schema import SchemaAhead, migrate, missing
+from financing.adapters.postgres.schema import migrate, missing
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import BROKER, Broker
 from financing.adapters.rabbitmq.consumer import Deliveries, QueueConsumer, consume
 from financing.adapters.rabbitmq.dead_letters import DeadLetters
 from financing.adapters.rabbitmq.publisher import AmqpCommandSender, Publisher
 from financing.application import routes
-from financing.application.errors import Fault, Refused, Unavailable
+from financing.application.errors import Fault, Unavailable
 from financing.application.pipeline import (
     Handler,
     HandlerPart,
@@ -396,10 +396,7 @@ async def _pool(
 
     async def migrated() -> None:
         with translated(dependency):
-            try:
-                await _migrated(pool, schema, dependency, deadline)
-            except SchemaAhead as ahead:
-                raise Refused(dependency, str(ahead)) from None
+            await _migrated(pool, schema, dependency, deadline)
 
     await started(f"migrating the {dependency}", migrated, outages, deadline)
     return pool

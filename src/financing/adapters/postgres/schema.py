@@ -23,7 +23,8 @@ from importlib import resources
 
 import asyncpg
 
-from financing.adapters.postgres.connection import Connection
+from financing.adapters.postgres.connection import COMMAND_DATABASE, QUERY_DATABASE, Connection
+from financing.application.errors import Refused
 
 # Advisory lock key serialising migrations within one database ("fin-schm").
 MIGRATION_LOCK = 0x66696E2D7363686D
@@ -32,16 +33,22 @@ _NAME = re.compile(r"[a-z][a-z0-9_]*")
 _HEADER = re.compile(r"^--[ \t]*version:[ \t]*(\d+)[ \t]*$", re.MULTILINE)
 
 
-class SchemaAhead(Exception):
+class SchemaAhead(Refused):
     """The database records versions of a schema this release does not know: a newer
     release migrated it. Running on it could misread what that release writes (a rollback
-    past a change of how messages are recorded handles them twice), so it is refused."""
+    past a change of how messages are recorded handles them twice), so the database is
+    refused, as one whose credentials are wrong: start-up fails at once."""
 
     def __init__(self, name: str, ahead: list[int], known: int) -> None:
         super().__init__(
+            _DATABASES.get(name, f"{name} database"),
             f"its {name} schema is at version {max(ahead)}, newer than this release knows"
-            f" ({known}): a newer release migrated it; run that release, or a newer one"
+            f" ({known}): a newer release migrated it; run that release, or a newer one",
         )
+
+
+# The database each schema is the schema of, as errors name it.
+_DATABASES = {"commands": COMMAND_DATABASE, "queries": QUERY_DATABASE}
 
 
 def _refuse_ahead(name: str, applied: set[int], known: list[tuple[int, str]]) -> None:
