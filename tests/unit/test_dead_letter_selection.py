@@ -40,7 +40,9 @@ def test_an_event_concerns_its_header_aggregate_and_the_ids_nested_in_its_body()
     assert Selection(aggregate_id=str(investor)).matches(financed)
 
 
-@pytest.mark.parametrize("body", [b"not json", b"\xff\xfe", b"[1, 2]", b'"text"'])
+@pytest.mark.parametrize(
+    "body", [b"not json", b"\xff\xfe", b"[1, 2]", b'"text"', b"[" * 5000 + b"]" * 5000]
+)
 def test_a_body_that_names_no_id_concerns_only_the_header_aggregate(body: bytes) -> None:
     assert letter(body, {"aggregateID": "agg-1"}).concerned == ("agg-1",)
     assert letter(body).concerned == ()

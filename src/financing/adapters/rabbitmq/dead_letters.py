@@ -131,7 +131,7 @@ def _ids_named(body: bytes) -> tuple[str, ...]:
     """Every UUID among the strings of a JSON body, at any depth, in order, once each."""
     try:
         document = json.loads(body)
-    except ValueError:  # not JSON, or not UTF-8
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deep
         return ()
     found: dict[str, None] = {}
     values = [document]

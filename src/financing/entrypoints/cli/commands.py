@@ -49,7 +49,7 @@ from financing.entrypoints.cli.check import run_check
 from financing.entrypoints.cli.console import cancelled_by_signals, database, environment
 from financing.entrypoints.cli.events import run_events
 from financing.entrypoints.cli.health_check import HEALTH_CHECK_VARIABLES, probe
-from financing.entrypoints.cli.populate import registrations
+from financing.entrypoints.cli.populate import BATCH, registrations
 from financing.entrypoints.cli.status import HEALTHY, MAX_RELAY_LAG, TIMEOUT, run_status
 from financing.entrypoints.cli.tail import run_tail
 from financing.entrypoints.cli.trace import run_trace
@@ -339,8 +339,9 @@ async def _populate(settings: Settings, args: argparse.Namespace) -> int:
     except (Unavailable, Refused) as error:
         asked = args.issuers + args.investors
         print(
-            f"financing populate: {published} of {asked} registration(s) published (printed"
-            f" above) before: {error}",
+            f"financing populate: {published} of {asked} registration(s) confirmed (printed"
+            f" above), then: {error}; up to {min(BATCH, asked - published)} more, of the"
+            " batch not confirmed, may have been published too",
             file=sys.stderr,
         )
         return 1
@@ -435,7 +436,8 @@ async def _operate(run: Run, settings: Settings, args: argparse.Namespace) -> in
             return await work
         except (Unavailable, Refused) as error:
             print(f"financing {args.command}: {error}", file=sys.stderr)
-            return 1
+            if not signalled:
+                return 1
         except asyncio.CancelledError:
             if not signalled:
                 raise

@@ -4,9 +4,11 @@ one way of printing times and tables."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import sys
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -23,14 +25,19 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 @contextmanager
 def cancelled_by_signals(task: asyncio.Task[int]) -> Iterator[list[signal.Signals]]:
-    """Cancel `task` on SIGINT or SIGTERM; the list holds the signal that did it."""
+    """Cancel `task` on SIGINT or SIGTERM; the list holds the signal that did it. A
+    second signal, while what the task started is being undone, ends the process at
+    once (exit 128 + the signal), as a second Ctrl-C does."""
     loop = asyncio.get_running_loop()
     signalled: list[signal.Signals] = []
 
     def stop(signum: signal.Signals) -> None:
-        if not signalled:
-            signalled.append(signum)
-            task.cancel()
+        if signalled:
+            with suppress(OSError, ValueError):
+                print(f"{signum.name} again: stopping without undoing", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        signalled.append(signum)
+        task.cancel()
 
     for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stop, signum)
