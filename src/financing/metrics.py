@@ -17,6 +17,11 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 # Seconds: from a millisecond to a minute.
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0)
 
+GRPC_STARTED = Counter(
+    "grpc_server_started_total",
+    "Total number of RPCs started on the server.",
+    ["grpc_type", "grpc_service", "grpc_method"],
+)
 GRPC_HANDLED = Counter(
     "grpc_server_handled_total",
     "RPCs completed on the server, regardless of success or failure.",

@@ -353,3 +353,34 @@ async def test_a_call_its_caller_cancels_is_counted_cancelled_not_unknown(
     for method in ("Watch", "SellInvoice"):
         assert handled(method, "UNKNOWN") == before[method, "UNKNOWN"]
     no_errors_logged()
+
+
+async def test_a_call_whose_caller_closes_its_connection_is_counted_cancelled(
+    commands_api: CommandsApi, no_errors_logged: Callable[[], None]
+) -> None:
+    """Regression: grpclib sends no trailers on a closed connection, so a call whose
+    caller went away with its connection was never counted as handled, and
+    `grpc_server_started_total` (then missing) could not show it either."""
+
+    def counted(name: str, **labels: str) -> float:
+        samples = scrape(commands_api.metrics_address)
+        return value(samples, name, grpc_method="SellInvoice", **labels)
+
+    started = counted("grpc_server_started_total", grpc_type="unary")
+    cancelled = counted("grpc_server_handled_total", grpc_code="CANCELLED")
+    handled = counted("grpc_server_handled_total")
+    async with RawConnection.open(commands_api.address) as connection:
+        # A SellInvoice that waits for the rest of its request until its connection ends.
+        connection.call(b"/Commands/SellInvoice", b"\x00\x00", end=False)
+
+        async def running() -> bool:
+            return counted("grpc_server_started_total", grpc_type="unary") == started + 1
+
+        await wait_until(running, what="the call started")
+
+    async def ended() -> bool:
+        return counted("grpc_server_handled_total") == handled + 1
+
+    await wait_until(ended, what="the call counted as handled")
+    assert counted("grpc_server_handled_total", grpc_code="CANCELLED") == cancelled + 1
+    no_errors_logged()

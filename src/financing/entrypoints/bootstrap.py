@@ -62,7 +62,12 @@ from financing.entrypoints.grpc.edge import GrpcServer
 from financing.entrypoints.grpc.health import HealthWatch, Probe, Readiness, health_service
 from financing.entrypoints.grpc.queries import QueriesService
 from financing.entrypoints.grpc.reflection import with_reflection
-from financing.entrypoints.observability import MetricsEndpoint, observe_grpc, observe_pool
+from financing.entrypoints.observability import (
+    Metered,
+    MetricsEndpoint,
+    observe_grpc,
+    observe_pool,
+)
 from financing.workers.projector import Projector
 from financing.workers.relayer import Relayer
 from financing.workers.retention import Retention
@@ -237,7 +242,7 @@ def _grpc_server(
     service.health.watch(readiness, [probe])
     # The API's calls are drained at shutdown; health's and reflection's are not waited for.
     handlers = [
-        FramingChecked(servable, calls=api.calls if servable is api else None)
+        Metered(FramingChecked(servable, calls=api.calls if servable is api else None))
         for servable in with_reflection([api, health_service(api, readiness)])
     ]
     server = GrpcServer(handlers, codec=RequestCodec())

@@ -8,22 +8,45 @@ import contextlib
 import dataclasses
 import gzip
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
-from grpclib.const import Cardinality
+from grpclib.const import Cardinality, Handler
 from grpclib.events import RecvRequest, SendTrailingMetadata, listen
-from grpclib.server import Server
+from grpclib.server import Server, Stream
 from prometheus_client import REGISTRY
 from prometheus_client.exposition import choose_encoder
 
-from financing.entrypoints.grpc.codec import Servable, caller_gone
-from financing.metrics import GRPC_HANDLED, GRPC_HANDLING, POOL_CONNECTIONS
+from financing.entrypoints.grpc.codec import Servable
+from financing.metrics import GRPC_HANDLED, GRPC_HANDLING, GRPC_STARTED, POOL_CONNECTIONS
 
-_call: ContextVar[tuple[str, str, str, float] | None] = ContextVar("grpc_call", default=None)
+
+@dataclass(slots=True)
+class _Call:
+    """One RPC as the metrics see it, from its headers to its end."""
+
+    kind: str
+    service: str
+    method: str
+    started: float
+    caller_gone: bool = False
+    ended: bool = False
+
+    def end(self, code: str) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        GRPC_HANDLED.labels(self.kind, self.service, self.method, code).inc()
+        GRPC_HANDLING.labels(self.kind, self.service, self.method).observe(
+            time.perf_counter() - self.started
+        )
+
+
+_call: ContextVar[_Call | None] = ContextVar("grpc_call", default=None)
 
 
 # grpc_type as go-grpc-prometheus names each kind of RPC.
@@ -35,9 +58,41 @@ GRPC_TYPES = {
 }
 
 
+class Metered:
+    """`servable`'s methods, each call that its caller cancels counted `CANCELLED`, as
+    gRPC's own servers count it: grpclib cancels the call of a caller that reset its
+    stream or lost its connection, then ends it `UNKNOWN`, as if the service had failed,
+    or, on a closed connection, sends no trailers at all (`observe_grpc` counts the rest)."""
+
+    def __init__(self, servable: Servable) -> None:
+        self._servable = servable
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return {path: _metered(handler) for path, handler in self._servable.__mapping__().items()}
+
+
+def _metered(handler: Handler) -> Handler:
+    func: Callable[[Stream[Any, Any]], Awaitable[None]] = handler.func
+
+    async def handle(stream: Stream[Any, Any]) -> None:
+        try:
+            await func(stream)
+        except asyncio.CancelledError:
+            call = _call.get()
+            connection_closed = stream._stream._transport.is_closing()
+            if call is not None and (connection_closed or not stream._stream.closable):
+                call.caller_gone = True
+                if connection_closed:  # no trailers will be sent
+                    call.end("CANCELLED")
+            raise
+
+    return handler._replace(func=handle)
+
+
 def observe_grpc(server: Server, handlers: Iterable[Servable]) -> None:
-    """Count and time every RPC of `server`, which serves `handlers` (grpclib events run
-    in the call's own task)."""
+    """Count and time every RPC of `server`, which serves `handlers`, each `Metered`
+    (grpclib events run in the call's own task): started as its headers arrive, handled
+    with the status of its trailers."""
     types = {
         path: GRPC_TYPES[method.cardinality]
         for handler in handlers
@@ -47,16 +102,13 @@ def observe_grpc(server: Server, handlers: Iterable[Servable]) -> None:
     async def received(event: RecvRequest) -> None:
         _, service, method = event.method_name.split("/", 2)
         kind = types.get(event.method_name, "unary")  # an unknown method: answered at once
-        _call.set((kind, service, method, time.perf_counter()))
+        _call.set(_Call(kind, service, method, time.perf_counter()))
+        GRPC_STARTED.labels(kind, service, method).inc()
 
     async def answered(event: SendTrailingMetadata) -> None:
         call = _call.get()
-        if call is None:
-            return
-        kind, service, method, started = call
-        code = "CANCELLED" if caller_gone() else event.status.name
-        GRPC_HANDLED.labels(kind, service, method, code).inc()
-        GRPC_HANDLING.labels(kind, service, method).observe(time.perf_counter() - started)
+        if call is not None:
+            call.end("CANCELLED" if call.caller_gone else event.status.name)
 
     listen(server, RecvRequest, received)
     listen(server, SendTrailingMetadata, answered)

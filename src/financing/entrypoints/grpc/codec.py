@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import struct
 from collections.abc import Awaitable, Callable, Mapping
-from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Protocol
 
 from grpclib.const import Handler, Status
@@ -114,29 +112,13 @@ class _FramedStream:
             ) from None
 
 
-_caller_gone: ContextVar[bool] = ContextVar("grpc_caller_gone", default=False)
-
-
-def caller_gone() -> bool:
-    """Whether the call of this task was cancelled because its caller went away (reset its
-    stream, closed its connection): gRPC's own servers count such a call CANCELLED."""
-    return _caller_gone.get()
-
-
 def _framed(handler: Handler, calls: CallsInFlight | None) -> Handler:
     func: Callable[[Stream[Any, Any]], Awaitable[None]] = handler.func
     unary = not handler.cardinality.client_streaming
 
     async def handle(stream: Stream[Any, Any]) -> None:
-        try:
-            with contextlib.nullcontext() if calls is None else calls.call():
-                await func(_FramedStream(stream, unary=unary))  # type: ignore[arg-type]
-        except asyncio.CancelledError:
-            # grpclib cancels a call whose caller reset its stream or lost its connection,
-            # and then ends it UNKNOWN, as if the service had failed.
-            if not stream._stream.closable:
-                _caller_gone.set(True)
-            raise
+        with contextlib.nullcontext() if calls is None else calls.call():
+            await func(_FramedStream(stream, unary=unary))  # type: ignore[arg-type]
 
     return handler._replace(func=handle)
 
