@@ -168,3 +168,24 @@ async def test_funds_do_not_drift_when_amounts_have_decimals(financing: Financin
         (money(0), money("0.3")),
         what="the investor's (balance, reserved) in the read model",
     )
+
+
+async def test_a_bid_on_an_issuers_id_is_refused_and_reserves_nothing(
+    financing: Financing,
+) -> None:
+    """Regression: an issuer's stream passed for an invoice; the bid reserved funds, and
+    the invoice's saga appended invoice events to the issuer's stream."""
+    issuer_id = await financing.register_issuer()
+    investor_id = await financing.register_investor(100)
+    since = financing.events.mark()
+    letters_since = financing.dead_letters.mark()
+
+    await financing.bid(investor_id, issuer_id, 10)
+
+    letter = await financing.dead_letter(
+        since=letters_since,
+        source_queue="BidOnInvoice",
+        body={"InvestorID": str(investor_id), "InvoiceID": str(issuer_id)},
+    )
+    assert f"{issuer_id} is the id of an Issuer" in (letter.reason or ""), letter.reason
+    assert financing.events.concerning([str(investor_id), str(issuer_id)], since) == []

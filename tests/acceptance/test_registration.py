@@ -32,3 +32,20 @@ async def test_registered_investor_is_created_with_the_registered_balance(
         [ex.investor_created(investor_id), ex.investor_funds_added(investor_id, 100)],
         since=since,
     )
+
+
+async def test_an_investor_registered_under_an_issuers_id_is_dead_lettered(
+    financing: Financing,
+) -> None:
+    """Regression: it was taken for an investor that already existed, and dropped."""
+    issuer_id = await financing.register_issuer()
+    since = financing.events.mark()
+    letters_since = financing.dead_letters.mark()
+
+    await financing.publish_investor_registered(issuer_id, 100)
+
+    letter = await financing.dead_letter(
+        since=letters_since, source_queue="CreateInvestor", body={"ID": str(issuer_id)}
+    )
+    assert f"{issuer_id} is the id of an Issuer" in (letter.reason or ""), letter.reason
+    assert financing.events.concerning([str(issuer_id)], since) == []

@@ -21,7 +21,7 @@ from financing.application.messages import (
 )
 from financing.application.pipeline import OutcomeKind
 from financing.domain import events as ev
-from financing.domain.aggregates import InvoiceStatus
+from financing.domain.aggregates import ForeignId, InvoiceStatus
 from tests.unit.bus import InMemoryBus
 
 D = Decimal
@@ -272,3 +272,35 @@ async def test_approving_or_reversing_an_invoice_that_does_not_exist_is_refused(
     with pytest.raises(MissingAggregate, match="invoice"):
         await bus.send(command(uuid4()))
     assert bus.store.events == []
+
+
+# Ids are unique across aggregate types
+
+
+async def test_a_command_naming_another_types_id_is_refused_and_changes_nothing(
+    bus: InMemoryBus,
+) -> None:
+    """Regression: an aggregate was loaded by id alone, so an issuer's or an investor's
+    stream passed for an invoice (which existed, at version > 0): bids on it reserved
+    funds, and its approval appended invoice events to the issuer's stream."""
+    issuer, investor = await registered(bus, "100")
+    invoice = await on_sale(bus, issuer)
+    refused = {
+        "an issuer's id as the invoice's": BidOnInvoice(investor, issuer, D("20")),
+        "an investor's id as the invoice's": BidOnInvoice(investor, investor, D("20")),
+        "an invoice's id as the investor's": BidOnInvoice(invoice, invoice, D("20")),
+        "approving an issuer": ApproveFinancing(issuer),
+        "reversing an investor": ReverseFinancing(investor),
+        "an investor's id as the issuer's": SellInvoice(uuid4(), investor, D("20")),
+        "an issuer's id as the new invoice's": SellInvoice(issuer, issuer, D("20")),
+        "registering an issuer's id as an investor": CreateInvestor(issuer, D("50")),
+        "registering an invoice's id as an issuer": CreateIssuer(invoice),
+    }
+    before = list(bus.store.events)
+    for case, command in refused.items():
+        with pytest.raises(ForeignId, match="is the id of an") as raised:
+            await bus.send(command)
+        assert raised.type is ForeignId, case
+    assert bus.store.events == before
+    bidder = await bus.investor(investor)
+    assert (bidder.balance, bidder.reserved) == (D("100"), D("0"))

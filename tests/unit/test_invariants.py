@@ -110,3 +110,18 @@ def test_a_bid_answered_by_another_invoice_is_both_unanswered_and_unplaced() -> 
     report = check(history)
     assert any("never placed" in v for v in report.violations), report.lines()
     assert any("not yet answered" in line for line in report.in_flight), report.lines()
+
+
+def test_an_id_whose_stream_holds_two_types_events_is_a_violation() -> None:
+    # What a release that loaded aggregates by id alone wrote: invoice events appended to
+    # an issuer's stream when its id was given as an invoice's.
+    investor, invoice, issuer = uuid4(), uuid4(), uuid4()
+    history = _financed_story(investor, invoice, issuer)
+    history += [
+        ev.InvoiceCreatedEvent(issuer, issuer, D(10)),
+        ev.InvoiceReversedEvent(issuer, D(0), ev.Bid(investor, D(0))),
+    ]
+    report = check(history)
+    assert report.violations.count(f"id {issuer} names both an Issuer and an Invoice") == 1, (
+        report.lines()
+    )

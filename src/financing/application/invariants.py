@@ -81,10 +81,15 @@ class Checker:
         self._commits: dict[UUID, Counter[Decimal]] = {}
         self._owed: dict[UUID, _Expected] = {}
         self._wins: Counter[UUID] = Counter()
+        self._issuers: set[UUID] = set()
+        self._mixed: set[UUID] = set()
 
     def add(self, event: ev.DomainEvent) -> None:
         report = self._report
         report.events += 1
+        self._one_type_per_id(event)
+        if isinstance(event, ev.IssuerEvent):
+            self._issuers.add(event.issuer_id)
         if isinstance(event, ev.InvestorEvent):
             investor = self._investors.setdefault(event.investor_id, Investor(event.investor_id))
             investor.apply(event)
@@ -107,6 +112,25 @@ class Checker:
             invoice = self._invoices.setdefault(event.invoice_id, Invoice(event.invoice_id))
             invoice.apply(event)
             _owe(event, invoice, self._owed, self._bids_answered, self._wins, report)
+
+    def _one_type_per_id(self, event: ev.DomainEvent) -> None:
+        """An id names one aggregate: its stream holds the events of one type."""
+        streams = {
+            "Issuer": self._issuers,
+            "Investor": self._investors.keys(),
+            "Invoice": self._invoices.keys(),
+        }
+        aggregate_id = event.aggregate_id
+        others = [
+            kind
+            for kind, ids in streams.items()
+            if kind != event.aggregate_type and aggregate_id in ids
+        ]
+        if others and aggregate_id not in self._mixed:
+            self._mixed.add(aggregate_id)
+            self._report.violations.append(
+                f"id {aggregate_id} names both an {others[0]} and an {event.aggregate_type}"
+            )
 
     def report(self) -> Report:
         """What the events added so far say."""

@@ -37,6 +37,12 @@ class RuleViolation(Exception):
     """A command that the domain refuses; permanent, so its message is dead-lettered."""
 
 
+class ForeignId(RuleViolation):
+    """A command names an aggregate by an id whose stream is another type's: an issuer's
+    id given as an invoice's, say. Ids are unique across types, so the aggregate it asks
+    for cannot exist, nor be created under that id."""
+
+
 class Aggregate:
     """An event-sourced entity: its state is the fold of its events."""
 
@@ -58,6 +64,10 @@ class Aggregate:
         return self.version - len(self.changes)
 
     def apply(self, event: DomainEvent) -> None:
+        if event.aggregate_type != self.aggregate_type:
+            raise ForeignId(
+                f"{self.id} is the id of an {event.aggregate_type}, not of an {self.aggregate_type}"
+            )
         self.when(event)
         self.version += 1
 
