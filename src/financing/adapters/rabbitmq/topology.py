@@ -28,6 +28,11 @@ nowhere (no name, a name nobody handles, a name that is not a string) goes to
 `financing_unrouted` (the alternate exchange), whose consumer dead-letters
 what it cannot read and ignores the rest: nothing vanishes silently, and a
 poison message is dead-lettered once, not by every consumer.
+
+The reference's projector read `events_query`, bound to `events`; ours reads a
+queue of its own. On a broker the reference used, `events_query` is unbound
+from `events` once nothing reads it, so that it does not grow until the
+broker's alarms block every publisher, and deleted if it is empty.
 """
 
 from __future__ import annotations
@@ -37,9 +42,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
 from financing.adapters.rabbitmq.connection import BROKER, Broker, close_channel, translated
+from financing.adapters.rabbitmq.queues import existing_queue
 from financing.application import routes
 from financing.application.errors import Refused
 from financing.application.messages import COMMAND_TYPES
@@ -55,12 +62,16 @@ from financing.application.pipeline import (
 )
 from financing.application.read_models import PROJECTED_EVENTS
 from financing.application.retry import Outages, RetryPolicy
+from financing.logging import get_logger
+
+log = get_logger(__name__)
 
 EVENTS_EXCHANGE = "events"
 EVENTS_ROUTER = "financing_events"
 UNROUTED = "financing_unrouted"
 DEAD_LETTER_QUEUE = "financing_dead_letters"
 PROJECTOR_QUEUE = "events_financing_projector"
+REFERENCE_PROJECTOR_QUEUE = "events_query"
 COMMAND_NAMES = frozenset(command.name() for command in COMMAND_TYPES)
 CLASSIC = "classic"
 QUEUE_TYPE_ARGUMENT = "x-queue-type"
@@ -247,12 +258,45 @@ async def declare(channel: AbstractChannel, queue_type: str = CLASSIC) -> None:
 
 
 async def declare_on(broker: Broker) -> None:
-    """`declare` on a channel of its own, with the broker's queue type."""
+    """`declare` on a channel of its own, with the broker's queue type; then the
+    reference's projector queue retired."""
     channel = await broker.channel()
     try:
         await declare(channel, broker.queue_type)
     finally:
         await close_channel(channel)
+    await retire_reference_projector_queue(broker)
+
+
+async def retire_reference_projector_queue(broker: Broker) -> None:
+    """`events_query`, left by the reference and read by no one, unbound from `events`
+    and deleted if empty; what it still holds is the operator's to inspect (a warning
+    says how much). A queue someone reads is left alone."""
+    name = REFERENCE_PROJECTOR_QUEUE
+    async with existing_queue(broker, name) as queue:
+        if queue is None:
+            return
+        declared = queue.declaration_result
+        if declared.consumer_count:
+            return
+        waiting = declared.message_count or 0
+        with translated():
+            await queue.unbind(EVENTS_EXCHANGE, routing_key="")
+            if waiting == 0:
+                try:
+                    await queue.delete(if_unused=True, if_empty=True)
+                except aiormq.exceptions.ChannelPreconditionFailed:
+                    return  # read or fed since: left as it is
+                log.info(
+                    "the reference's projector queue, empty and unread, is deleted", queue=name
+                )
+                return
+    log.warning(
+        "the reference's projector queue is read by no one and no longer fed; delete it"
+        f" once what it holds is of no use (rabbitmqctl delete_queue -p VHOST {name})",
+        queue=name,
+        messages=waiting,
+    )
 
 
 async def unrouted(delivery: Delivery) -> Outcome:
