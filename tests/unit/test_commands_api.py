@@ -423,20 +423,27 @@ async def test_a_retry_with_the_same_idempotency_key_sends_the_same_command_agai
     correlated: CommandsStub, sender: InMemoryCommandSender
 ) -> None:
     """A call whose answer was lost, retried with its key: the same message id (a duplicate
-    downstream, dropped) and the same invoice id, so that the answer names the invoice
-    the first call created."""
+    downstream, dropped), the same invoice id and the same correlation id, so that the
+    answer names the invoice the first call created and the saga it started."""
     request = SellInvoiceCommand(issuer_id=_id(), asking_price=Money(amount=20.0))
-    first, _ = await call(
+    first, first_metadata = await call(
         correlated, "/Commands/SellInvoice", request, Uuid, metadata={"idempotency-key": "k-1"}
     )
-    again, _ = await call(
+    again, again_metadata = await call(
         correlated, "/Commands/SellInvoice", request, Uuid, metadata={"idempotency-key": "k-1"}
     )
-    other, _ = await call(
+    other, other_metadata = await call(
         correlated, "/Commands/SellInvoice", request, Uuid, metadata={"idempotency-key": "k-2"}
     )
-    unkeyed, _ = await call(correlated, "/Commands/SellInvoice", request, Uuid)
+    unkeyed, unkeyed_metadata = await call(correlated, "/Commands/SellInvoice", request, Uuid)
     assert first.value == again.value
+    correlations = [
+        correlation_of(metadata)
+        for metadata in (first_metadata, again_metadata, other_metadata, unkeyed_metadata)
+    ]
+    assert correlations[0] == correlations[1]
+    assert len(set(correlations)) == 3
+    assert [cause.correlation_id for cause in sender.causes] == correlations
     assert len({first.value, other.value, unkeyed.value}) == 3
     [(sent_first, id_first), (sent_again, id_again), (_, id_other), (_, id_unkeyed)] = sender.sent
     assert sent_first == sent_again and id_first == id_again

@@ -9,7 +9,9 @@ UNAVAILABLE; a bug is logged with its traceback and answered INTERNAL.
 Every command starts a correlation: its id travels with the command and with
 every message and event the command causes, and the answer carries it in its
 `correlation-id` metadata (`financing trace` tells the story from it). A client
-that sends a `correlation-id` of its own has it used instead.
+that sends a `correlation-id` of its own has it used instead; a call with an
+`idempotency-key` gets one derived from the key, so that a retry's answer names
+the saga the first call started.
 """
 
 from __future__ import annotations
@@ -197,10 +199,12 @@ class CommandsService(CommandsBase):
         fixed first, so a retry that duplicates an enqueue that did go through is
         deduplicated downstream."""
         key = idempotency_key()
-        message_id = (
-            uuid4() if key is None else uuid5(_IDEMPOTENCY_NAMESPACE, f"{command.name()}:{key}")
-        )
-        correlation_id = _requested.get() or str(uuid4())
+        if key is None:
+            message_id, correlation = uuid4(), uuid4()
+        else:  # a retry's answer names the saga the first call started
+            message_id = uuid5(_IDEMPOTENCY_NAMESPACE, f"{command.name()}:{key}")
+            correlation = uuid5(_IDEMPOTENCY_NAMESPACE, f"correlation:{command.name()}:{key}")
+        correlation_id = _requested.get() or str(correlation)
         _correlation.set(correlation_id)
         structlog.contextvars.bind_contextvars(
             correlation_id=correlation_id, name=command.name(), message_id=str(message_id)
