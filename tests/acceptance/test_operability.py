@@ -53,6 +53,27 @@ async def test_reflection_describes_the_commands_service(system: System) -> None
     ]
 
 
+@pytest.mark.parametrize(
+    ("port", "method", "types"),
+    [
+        ("command", "Commands.SellInvoice", ("SellInvoiceCommand", "UUID")),
+        ("query", "Queries.AllInvoices", ("google.protobuf.Empty", "AllInvoicesReply")),
+        ("command", "grpc.health.v1.Health.Check", ("grpc.health.v1.HealthCheckRequest",)),
+    ],
+)
+async def test_reflection_finds_a_method_by_its_full_name(
+    system: System, port: str, method: str, types: tuple[str, ...]
+) -> None:
+    """Regression: grpcurl's `describe Commands.SellInvoice` asks for the file containing
+    the method's name, which was answered NOT_FOUND."""
+    address = system.command_address if port == "command" else system.query_address
+    described = await foreign_grpc.run("method", str(address), method)
+    assert described["found"] is True, described
+    assert (described["input"], described["output"])[: len(types)] == types
+    missing = await foreign_grpc.run("method", str(address), "Commands.NoSuchMethod")
+    assert missing == {"found": False}
+
+
 async def test_a_streaming_call_is_counted_under_its_kind(system: System) -> None:
     """Regression: every call was counted as `unary`, reflection's bidirectional stream
     and health's Watch included."""

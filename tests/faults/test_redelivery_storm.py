@@ -157,7 +157,7 @@ async def test_a_copy_processed_while_another_copy_commits_is_absorbed_not_dead_
     async with store.unit_of_work() as uow:
         await uow.save(investor)
     reversal = InvoiceReversedEvent(uuid4(), Decimal(40), Bid(investor.id, Decimal(40)))
-    message = decoded(reversal)
+    message = decoded(reversal, version=3)  # as the relayer publishes it
     consumer = "reversal_releases_funds"
 
     started, resume = asyncio.Event(), asyncio.Event()

@@ -9,7 +9,7 @@ from uuid import UUID, uuid4
 from financing.application import codec
 from financing.application.messages import Message
 from financing.application.pipeline import Decoded, Outcome
-from financing.application.ports import Envelope
+from financing.application.ports import AGGREGATE_VERSION_HEADER, Envelope, event_message_id
 from financing.domain.events import DomainEvent
 
 
@@ -44,18 +44,28 @@ class MemoryDelivery:
         self.settled.append(outcome)
 
 
-def envelope_of(message: Message, message_id: UUID | str | None = None) -> Envelope:
-    """`message` as it travels: a domain event carries its aggregate id in a header."""
+def envelope_of(
+    message: Message, message_id: UUID | str | None = None, *, version: int | None = None
+) -> Envelope:
+    """`message` as it travels: a domain event carries its aggregate id in a header, and,
+    given the `version` it was stored at, its version and the id the relayer derives."""
     aggregate_id = str(message.aggregate_id) if isinstance(message, DomainEvent) else None
+    headers: dict[str, str] = {}
+    if isinstance(message, DomainEvent) and version is not None:
+        headers[AGGREGATE_VERSION_HEADER] = str(version)
+        message_id = message_id or event_message_id(message.aggregate_id, version)
     return Envelope(
         message_id=str(message_id or uuid4()),
         name=codec.name_of(message),
         body=codec.encode(message),
         aggregate_id=aggregate_id,
+        headers=headers,
     )
 
 
-def decoded(message: Message, message_id: UUID | str | None = None) -> Decoded:
+def decoded(
+    message: Message, message_id: UUID | str | None = None, *, version: int | None = None
+) -> Decoded:
     """`message` as the pipeline hands it to a handler."""
-    envelope = envelope_of(message, message_id)
+    envelope = envelope_of(message, message_id, version=version)
     return Decoded(MemoryDelivery(envelope), envelope, message)

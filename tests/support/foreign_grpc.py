@@ -3,6 +3,7 @@
     python -m tests.support.foreign_grpc check HOST:PORT SERVICE
     python -m tests.support.foreign_grpc watch HOST:PORT SERVICE     (one status per line)
     python -m tests.support.foreign_grpc describe HOST:PORT SERVICE [MESSAGE]
+    python -m tests.support.foreign_grpc method HOST:PORT SERVICE.METHOD
 
 They are the clients a load balancer or grpcurl-like tool uses. A process of
 their own, because their generated modules register the same protobuf symbols
@@ -66,12 +67,35 @@ def describe(address: str, service: str, message: str | None) -> dict[str, objec
         return described
 
 
+def method(address: str, full_name: str) -> dict[str, object]:
+    """A method looked up by its full name first, as grpcurl's `describe` does: the
+    server is asked for the file containing that symbol."""
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with grpc.insecure_channel(address) as channel:
+        pool = DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+        try:
+            found = pool.FindMethodByName(full_name)
+        except KeyError:
+            return {"found": False}
+        return {
+            "found": True,
+            "input": found.input_type.full_name,
+            "output": found.output_type.full_name,
+        }
+
+
 def main(argv: Sequence[str]) -> None:
     verb, address, service, *rest = argv
     if verb == "watch":
         watch(address, service)
     elif verb == "check":
         print(json.dumps(check(address, service)))
+    elif verb == "method":
+        print(json.dumps(method(address, service)))
     else:
         print(json.dumps(describe(address, service, rest[0] if rest else None)))
 

@@ -85,7 +85,11 @@ class InMemoryBus:
     async def publish(self, stored: StoredEvent) -> list[DomainEvent]:
         """Deliver a relayed event to every policy consumer, as the `events` fanout
         exchange does (each ignores the names it does not handle); the events appended."""
-        return await self._deliver(self.policies.values(), stored.envelope())
+        return await self.publish_envelope(stored.envelope())
+
+    async def publish_envelope(self, envelope: Envelope) -> list[DomainEvent]:
+        """`publish` of a message as some publisher wrote it: the events appended."""
+        return await self._deliver(self.policies.values(), envelope)
 
     async def run(self, command: Command, message_id: UUID | None = None) -> list[DomainEvent]:
         """Send `command`, then relay every event appended, in commit order, to

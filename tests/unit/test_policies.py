@@ -6,6 +6,7 @@ commit order, with their deterministic message id.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from decimal import Decimal
 from uuid import UUID, uuid4
 
@@ -13,7 +14,7 @@ import pytest
 
 from financing.adapters.rabbitmq import topology
 from financing.application import codec, routes
-from financing.application.errors import MissingAggregate
+from financing.application.errors import MissingAggregate, UnrelayedEvent
 from financing.application.messages import (
     ApproveFinancing,
     BidOnInvoice,
@@ -23,7 +24,7 @@ from financing.application.messages import (
     SellInvoice,
 )
 from financing.application.pipeline import OutcomeKind
-from financing.application.ports import StoredEvent
+from financing.application.ports import AGGREGATE_VERSION_HEADER, StoredEvent, event_message_id
 from financing.domain import events as ev
 from financing.domain.aggregates import InvoiceStatus
 from tests.unit.bus import InMemoryBus
@@ -287,6 +288,41 @@ async def test_a_redelivered_bid_placed_event_on_a_financed_invoice_changes_noth
     kinds = [outcome.kind for outcome in bus.outcomes[-len(routes.POLICIES) :]]
     assert sorted(kind.value for kind in kinds) == ["duplicate"] + ["ignored"] * 4
     assert bus.stored("BidOnInvoiceRejectedEvent") == []
+    assert await funds(bus, investor) == (D("90"), D("10"), D("0"))
+
+
+@pytest.mark.parametrize(
+    "copy",
+    [
+        "a new message id",
+        "no aggregateVersion header",
+        "another version's id",
+        "a version that is not a number",
+    ],
+)
+async def test_a_copy_of_a_bid_placed_event_under_another_id_is_refused(
+    bus: InMemoryBus, copy: str
+) -> None:
+    """Regression: a copy published again under a new id (as the reference's relayer
+    publishes, with a fresh id each time) passed for a new bid: the financed invoice
+    rejected it and the investor's reserved funds were released, so its approval could
+    no longer commit them."""
+    investor = await investor_with(bus, "100")
+    invoice = await invoice_asking(bus, "10")
+    await bus.run(BidOnInvoice(investor, invoice, D("20")))
+    envelope = last(bus, "BidOnInvoicePlacedEvent").envelope()
+    headers = dict(envelope.headers)
+    message_id = str(uuid4())
+    if copy == "no aggregateVersion header":
+        del headers[AGGREGATE_VERSION_HEADER]
+    elif copy == "another version's id":
+        message_id = event_message_id(investor, int(headers[AGGREGATE_VERSION_HEADER]) + 1)
+    elif copy == "a version that is not a number":
+        headers[AGGREGATE_VERSION_HEADER] = "²"
+    before = list(bus.store.events)
+    with pytest.raises(UnrelayedEvent, match="not an event of this service's event store"):
+        await bus.publish_envelope(replace(envelope, message_id=message_id, headers=headers))
+    assert bus.store.events == before
     assert await funds(bus, investor) == (D("90"), D("10"), D("0"))
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "Refused",
     "RuleViolation",
     "Unavailable",
+    "UnrelayedEvent",
     "classify",
     "summary",
 ]
@@ -73,6 +74,13 @@ class Refused(Exception):
 
 class PoisonMessage(Exception):
     """A message that cannot be decoded: retrying cannot help; dead-letter it."""
+
+
+class UnrelayedEvent(PoisonMessage):
+    """A domain event whose message id is not the one this service's event store derives
+    for it from its aggregate id and version: a copy published again under a new id, or
+    another store's event. Its copies cannot be told apart, so a saga policy acting on
+    it could apply one event twice (answer a bid twice, release its funds twice)."""
 
 
 class ConcurrencyConflict(Exception):

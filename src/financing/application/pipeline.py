@@ -24,18 +24,21 @@ from typing import Any, Protocol
 
 from financing import metrics
 from financing.application import codec
-from financing.application.errors import AlreadyProcessed, Fault
+from financing.application.errors import AlreadyProcessed, Fault, UnrelayedEvent
 from financing.application.messages import Message
 from financing.application.ports import (
+    AGGREGATE_VERSION_HEADER,
     Cause,
     CommandSender,
     Envelope,
     EventStore,
     Processed,
     UnitOfWork,
+    event_message_id,
 )
 from financing.application.retry import Abandoned, GaveUp, Outages, RetryPolicy, retry
 from financing.domain.aggregates import Aggregate, RuleViolation
+from financing.domain.events import DomainEvent
 from financing.logging import get_logger
 
 log = get_logger(__name__)
@@ -211,10 +214,15 @@ def exactly_once(store: EventStore, consumer: str, handler: StoreHandler) -> Han
     again, and its unit of work then fails to record it (`AlreadyProcessed`) with
     none of its writes taking effect. Copies are rare; the look-up would cost
     every message a round trip.
+
+    Copies are told apart by their message id only, so a domain event is handled
+    only with the id the event store derives for it (`UnrelayedEvent`).
     """
 
     async def run(decoded: Decoded) -> Outcome:
         envelope = decoded.envelope
+        if isinstance(decoded.message, DomainEvent):
+            _relayed_from_the_store(envelope, decoded.message)
         try:
             return await once(decoded)
         except AlreadyProcessed:
@@ -251,6 +259,26 @@ def exactly_once(store: EventStore, consumer: str, handler: StoreHandler) -> Han
         return outcome
 
     return run
+
+
+def _relayed_from_the_store(envelope: Envelope, event: DomainEvent) -> None:
+    """UnrelayedEvent unless the message id is the one the event store derives from the
+    event's aggregate id and version (the `aggregateVersion` header)."""
+    version = envelope.headers.get(AGGREGATE_VERSION_HEADER, "")
+    derived = (
+        event_message_id(event.aggregate_id, int(version))
+        if version.isascii() and version.isdigit()
+        else None
+    )
+    if envelope.message_id == derived:
+        return
+    raise UnrelayedEvent(
+        f"{envelope.name} {envelope.message_id} is not an event of this service's event store:"
+        f" its message id is not the one derived from its aggregateID and"
+        f" {AGGREGATE_VERSION_HEADER} headers (a copy published again under a new id, or"
+        " another store's event); its copies could not be told apart, so acting on it"
+        " could apply one event twice"
+    )
 
 
 def sending(sender: CommandSender, handler: SendingHandler) -> Handler:

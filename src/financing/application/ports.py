@@ -55,6 +55,7 @@ _NAMESPACE_BYTES = MESSAGE_NAMESPACE.bytes
 CORRELATION_HEADER = "correlation_id"
 CAUSATION_HEADER = "causation_id"
 RECORDED_AT_HEADER = "recorded_at"
+AGGREGATE_VERSION_HEADER = "aggregateVersion"
 # A correlation id is stored and indexed with every event and record it causes.
 MAX_CORRELATION_ID_BYTES = 255
 
@@ -131,7 +132,10 @@ class StoredEvent:
         return event
 
     def envelope(self) -> Envelope:
-        headers = {"aggregateVersion": str(self.version), "aggregateType": self.aggregate_type}
+        headers = {
+            AGGREGATE_VERSION_HEADER: str(self.version),
+            "aggregateType": self.aggregate_type,
+        }
         if self.correlation_id:
             headers[CORRELATION_HEADER] = self.correlation_id
         if self.causation_id:

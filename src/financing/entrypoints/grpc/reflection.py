@@ -12,6 +12,7 @@ from collections.abc import Collection
 from importlib import resources
 from typing import Any
 
+from google.protobuf.descriptor import FileDescriptor
 from google.protobuf.descriptor_pb2 import FileDescriptorProto, FileDescriptorSet
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpclib.health.v1 import health_pb2
@@ -35,7 +36,29 @@ def descriptor_pool() -> DescriptorPool:
     return pool
 
 
+class _MethodsFound:
+    """`pool`, which also finds the file of a method's full name (`Commands.SellInvoice`),
+    as grpcurl's `describe` asks and grpc-go's reflection answers; protobuf's own pool
+    finds only messages, fields, enums and services."""
+
+    def __init__(self, pool: DescriptorPool) -> None:
+        self._pool = pool
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+    def FindFileContainingSymbol(self, symbol: str) -> FileDescriptor:
+        try:
+            return self._pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            service, _, method = symbol.rpartition(".")
+            found = self._pool.FindServiceByName(service) if service else None
+            if found is None or method not in found.methods_by_name:
+                raise
+            return found.file
+
+
 def with_reflection(services: Collection[Any]) -> list[Any]:
     """`services` and the reflection services (v1 and v1alpha) that describe them."""
-    extended: list[Any] = ServerReflection.extend(services, pool=descriptor_pool())
+    extended: list[Any] = ServerReflection.extend(services, pool=_MethodsFound(descriptor_pool()))
     return extended
