@@ -338,8 +338,8 @@ def _database(variable: Variable, value: Callable[[Variable], str]) -> Database:
 def parse_database(value: str) -> Database:
     """A database from a `postgresql://` URL or a libpq `key=value` string.
 
-    `pool_max_conns` (in either form) sizes the pool; libpq-only keywords the
-    driver does not know are ignored.
+    `pool_max_conns` (in either form) sizes the pool; any other key than those of
+    `_LIBPQ_TO_ASYNCPG` is refused, as libpq refuses a keyword it does not know.
     """
     value = value.strip()
     if value.startswith(("postgres://", "postgresql://")):
@@ -362,9 +362,9 @@ def _parse_url(url: str) -> Database:
     }
     if parts.password:
         kwargs["password"] = unquote(parts.password)
+    _known_keys(query)
     for key, raw in query.items():
-        if key in _LIBPQ_TO_ASYNCPG:
-            kwargs[_LIBPQ_TO_ASYNCPG[key]] = _typed(key, raw)
+        kwargs[_LIBPQ_TO_ASYNCPG[key]] = _typed(key, raw)
     return Database(kwargs, pool_size)
 
 
@@ -384,12 +384,29 @@ def _parse_keywords(text: str) -> Database:
         value, pos = _libpq_value(text, pos)
         pairs[key] = value
     pool_size = _pool_size(pairs.pop("pool_max_conns", None))
+    _known_keys(pairs)
     kwargs: dict[str, Any] = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
     for key, raw in pairs.items():
-        if key in _LIBPQ_TO_ASYNCPG:
-            kwargs[_LIBPQ_TO_ASYNCPG[key]] = _typed(key, raw)
+        kwargs[_LIBPQ_TO_ASYNCPG[key]] = _typed(key, raw)
     kwargs.setdefault("database", kwargs["user"])
     return Database(kwargs, pool_size)
+
+
+def _known_keys(keys: Iterable[str]) -> None:
+    """ConfigError naming the keys the service does not read: a misspelt `dbname`
+    would otherwise leave the service on the user's default database."""
+    unknown = sorted(key for key in keys if key not in _LIBPQ_TO_ASYNCPG)
+    if not unknown:
+        return
+    # A key is named only when it is a keyword: nothing else of the text is echoed.
+    named = [
+        repr(key) if _KEYWORD.fullmatch(f"{key}=") else "a key that is no keyword"
+        for key in unknown
+    ]
+    raise ConfigError(
+        f"connection string: unknown or unsupported key(s) {', '.join(named)}; the keys"
+        f" read are {', '.join(sorted([*_LIBPQ_TO_ASYNCPG, 'pool_max_conns']))}"
+    )
 
 
 def _libpq_value(text: str, pos: int) -> tuple[str, int]:

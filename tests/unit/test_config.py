@@ -240,8 +240,22 @@ def test_keywords_default_as_libpq_does() -> None:
     }
 
 
-def test_libpq_keywords_the_driver_does_not_know_are_ignored() -> None:
-    assert "application_name" not in kwargs("host=db application_name=financing")
+@pytest.mark.parametrize(
+    "value",
+    [
+        "user=postgres host=db db_name=financing",  # misspelt: libpq refuses it too
+        "user=postgres host=db database=financing",  # the driver's name, not libpq's
+        "host=db dbname=financing sslmod=require",
+        "host=db dbname=financing sslrootcert=/ca.pem",  # libpq's, not read here
+        "postgresql://postgres@db/financing?sslmod=require",
+    ],
+)
+def test_a_key_the_service_does_not_read_is_refused_by_name(value: str) -> None:
+    """Regression: such keys were dropped without a word, so a misspelt `dbname` left
+    the service on the user's default database, where it created its tables."""
+    with pytest.raises(ConfigError, match="unknown or unsupported key") as raised:
+        parse_database(value)
+    assert repr(value.replace("?", " ").split()[-1].split("=")[0]) in str(raised.value)
 
 
 @pytest.mark.parametrize(
