@@ -47,6 +47,32 @@ class SchemaAhead(Refused):
         )
 
 
+class SchemaBehind(Refused):
+    """The database lacks versions of a schema this release needs: no `financing serve`
+    of this release has started on it yet (which creates and migrates it). An operator's
+    command, which migrates nothing, is refused: it would fail on what is missing."""
+
+    def __init__(self, name: str, behind: list[int]) -> None:
+        none_yet = len(behind) == len(sections(name))
+        state = (
+            f"has no {name} schema yet"
+            if none_yet
+            else f"has an older {name} schema than this release's"
+        )
+        super().__init__(
+            _DATABASES.get(name, f"{name} database"),
+            f"it {state}: start `financing serve` of this release on it once, which creates"
+            " or migrates it",
+        )
+
+
+async def require_current(pool_or_conn: asyncpg.Pool | Connection, name: str) -> None:
+    """SchemaBehind (or SchemaAhead) unless the database's `name` schema is this release's."""
+    behind = await missing(pool_or_conn, name)
+    if behind:
+        raise SchemaBehind(name, behind)
+
+
 # The database each schema is the schema of, as errors name it.
 _DATABASES = {"commands": COMMAND_DATABASE, "queries": QUERY_DATABASE}
 

@@ -350,7 +350,9 @@ async def _populate(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _rebuild(settings: Settings, args: argparse.Namespace) -> int:
     async with (
-        database(settings.command_db, COMMAND_DATABASE, "projections", scans=True) as events,
+        database(
+            settings.command_db, COMMAND_DATABASE, "projections", scans=True, schema="commands"
+        ) as events,
         database(settings.query_db, QUERY_DATABASE, "projections", scans=True) as queries,
     ):
         report = await rebuild(events, queries)
@@ -362,11 +364,15 @@ async def _rebuild(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _check(settings: Settings, args: argparse.Namespace) -> int:
-    async with database(settings.command_db, COMMAND_DATABASE, "check", scans=True) as events:
+    async with database(
+        settings.command_db, COMMAND_DATABASE, "check", scans=True, schema="commands"
+    ) as events:
         if args.skip_read_models:
             result = await run_check(events)
         else:
-            async with database(settings.query_db, QUERY_DATABASE, "check", scans=True) as queries:
+            async with database(
+                settings.query_db, QUERY_DATABASE, "check", scans=True, schema="queries"
+            ) as queries:
                 result = await run_check(events, queries)
     print("\n".join(result.lines()))
     return 0 if result.ok else 1

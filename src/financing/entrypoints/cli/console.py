@@ -14,7 +14,8 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from financing.adapters.postgres.connection import close_pool, create_pool
+from financing.adapters.postgres.connection import close_pool, create_pool, translated
+from financing.adapters.postgres.schema import require_current
 from financing.config import Database, Variable
 
 # What a statement of a command that scans whole tables may take at least: a replay's
@@ -50,11 +51,12 @@ def cancelled_by_signals(task: asyncio.Task[int]) -> Iterator[list[signal.Signal
 
 @asynccontextmanager
 async def database(
-    db: Database, dependency: str, command: str, *, scans: bool = False
+    db: Database, dependency: str, command: str, *, scans: bool = False, schema: str | None = None
 ) -> AsyncIterator[asyncpg.Pool]:
     """A pool whose sessions say which command opened them (pg_stat_activity). A command
     that `scans` whole tables gives each statement at least SCAN_TIMEOUT rather than the
-    service's answer timeout (FINANCING_DB_TIMEOUT), which still bounds connecting."""
+    service's answer timeout (FINANCING_DB_TIMEOUT), which still bounds connecting. With
+    `schema`, a database whose schema is not this release's is refused (one line)."""
     if scans:
         db = replace(
             db,
@@ -63,6 +65,9 @@ async def database(
         )
     pool = await create_pool(db, dependency, application_name=f"financing {command}")
     try:
+        if schema is not None:
+            with translated(dependency):
+                await require_current(pool, schema)
         yield pool
     finally:
         await close_pool(pool)

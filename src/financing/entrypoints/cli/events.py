@@ -23,7 +23,7 @@ from financing.entrypoints.cli.console import database, moment, table
 
 async def run_events(settings: Settings, aggregate_id: UUID) -> int:
     """Print the stream and the row; exit code 1 when neither exists."""
-    async with database(settings.command_db, COMMAND_DATABASE, "events") as pool:
+    async with database(settings.command_db, COMMAND_DATABASE, "events", schema="commands") as pool:
         stream = await PostgresEventStore(pool).stream(aggregate_id)
     aggregate_type = stream[0].aggregate_type if stream else None
     row = await _row(settings, aggregate_id, aggregate_type)
@@ -42,7 +42,7 @@ async def _row(
     settings: Settings, aggregate_id: UUID, aggregate_type: str | None
 ) -> tuple[str, dict[str, Any]] | None:
     try:
-        async with database(settings.query_db, QUERY_DATABASE, "events") as pool:
+        async with database(settings.query_db, QUERY_DATABASE, "events", schema="queries") as pool:
             return await read_model_row(pool, aggregate_id, aggregate_type)
     except (Unavailable, Refused) as error:
         print(f"financing events: read model not shown: {error}", file=sys.stderr)

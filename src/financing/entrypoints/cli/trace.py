@@ -34,7 +34,7 @@ ALL_OF_THEM = sys.maxsize
 
 async def run_trace(settings: Settings, correlation_id: str) -> int:
     """Print the trace; exit code 1 when nothing is known of the correlation."""
-    async with database(settings.command_db, COMMAND_DATABASE, "trace") as pool:
+    async with database(settings.command_db, COMMAND_DATABASE, "trace", schema="commands") as pool:
         events, handlings = await correlated(pool, correlation_id)
     handlings += await _dead_lettered(settings.amqp_urls, correlation_id)
     story = trace(correlation_id, events, handlings)
