@@ -12,18 +12,23 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from financing.adapters.rabbitmq.connection import HEARTBEAT, Broker
+from financing.adapters.rabbitmq.connection import (
+    HEARTBEAT,
+    VHOST_REFUSED,
+    Broker,
+    describe_url,
+)
 from financing.adapters.rabbitmq.consumer import Deliveries, QueueConsumer, consume
 from financing.adapters.rabbitmq.dead_letters import DeadLetters
 from financing.adapters.rabbitmq.publisher import Publisher
 from financing.adapters.rabbitmq.topology import command_queue
 from financing.application import codec
-from financing.application.errors import Unavailable
+from financing.application.errors import Refused, Unavailable
 from financing.application.messages import CreateIssuer
 from financing.application.pipeline import Decoded, Outcome, OutcomeKind, compose
 from financing.application.ports import Envelope
 from financing.application.retry import DELIVERIES, Outages
-from tests.support import rabbitmq
+from tests.support import infra, rabbitmq
 from tests.support.infra import unique_name, wait_until
 
 
@@ -226,3 +231,41 @@ async def test_a_connection_the_broker_never_answers_again_is_given_up_and_reope
         await publisher.close()
         await broker.close()
         await proxy.close()
+
+
+async def test_a_virtual_host_the_broker_will_not_open_is_refused_saying_so() -> None:
+    """Regression: the broker closing the connection in answer to the opening of a vhost
+    that does not exist was an outage, retried for the whole start-up, then reported as
+    `InvalidFrameError: Expected one of ['Connection.OpenOk'], got <Connection.Close
+    object at 0x...>`, which says nothing of the vhost."""
+    missing = unique_name("fin_no_such_vhost")
+    broker = Broker([infra.amqp_url(missing)], Outages())
+    with pytest.raises(Refused) as refused:
+        await broker.connection()
+    url = describe_url(infra.amqp_url(missing))
+    assert str(refused.value) == f"broker refused the service: {url}: {VHOST_REFUSED}"
+
+
+async def test_a_virtual_host_refused_after_the_broker_accepted_the_service_is_an_outage(
+    vhost: rabbitmq.Vhost,
+) -> None:
+    """Its permissions revoked, or the vhost deleted and made again, a reconnection
+    waits for it like for any outage, saying why."""
+    outages = Outages()
+    broker = Broker([vhost.url], outages)
+    await broker.connection()
+    await rabbitmq.revoke_permissions(vhost.name)
+    try:
+        await rabbitmq.close_connections(vhost.name)
+
+        async def refused_as_an_outage() -> bool:
+            try:
+                await broker.connection()
+            except Unavailable as error:
+                return VHOST_REFUSED in str(error)
+            return False
+
+        await wait_until(refused_as_an_outage, what="the reconnection refused as an outage")
+    finally:
+        await rabbitmq.grant_permissions(vhost.name)
+    await broker.close()

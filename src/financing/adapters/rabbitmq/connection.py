@@ -105,6 +105,20 @@ def describe_url(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path or '/'}"
 
 
+VHOST_REFUSED = (
+    "the broker would not open the URL's virtual host: it does not exist, or the user has"
+    " no permission on it (rabbitmqctl add_vhost, rabbitmqctl set_permissions)"
+)
+
+
+def _vhost_refused(error: aiormq.exceptions.InvalidFrameError) -> bool:
+    """Whether the broker answered the opening of the virtual host by closing the
+    connection (530 NOT_ALLOWED), which aiormq reports as an unexpected frame, its
+    reason left out."""
+    text = str(error)
+    return "Connection.OpenOk" in text and "Connection.Close " in text
+
+
 @contextlib.contextmanager
 def translated() -> Iterator[None]:
     """Broker errors raised inside the block, as the application's error types.
@@ -181,6 +195,14 @@ class Broker:
                 if not self._accepted_once:
                     raise Refused(BROKER, f"{describe_url(url)}: {describe(error)}") from error
                 failures.append(f"{describe_url(url)}: {describe(error)}")
+            except aiormq.exceptions.InvalidFrameError as error:
+                if not _vhost_refused(error):
+                    failures.append(f"{describe_url(url)}: {describe(error)}")
+                    continue
+                why = f"{describe_url(url)}: {VHOST_REFUSED}"
+                if not self._accepted_once:
+                    raise Refused(BROKER, why) from error
+                failures.append(why)
             except BROKER_ERRORS as error:
                 failures.append(f"{describe_url(url)}: {describe(error)}")
             else:
