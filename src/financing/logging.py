@@ -12,7 +12,9 @@ outage itself, once when it starts and once when it is over (`retry.Outages`),
 so their records are demoted to DEBUG: visible with LOGGER_LEVEL=DEBUG, quiet
 otherwise. So are grpclib's INFO records, each about what one caller did (a call
 it cancelled, or whose deadline passed): thousands a minute from impatient
-clients, counted in `grpc_server_handled_total` by their status.
+clients, counted in `grpc_server_handled_total` by their status. What the
+HTTP/2 and AMQP libraries log below WARNING, a dump of every header and frame
+(a caller's credentials included), is never written.
 
 A line that cannot be written (a full disk, a log reader gone) is dropped: the
 log never stops the service, nor changes how it exits.
@@ -30,6 +32,10 @@ import structlog
 
 # Libraries whose records repeat what the service's outage log already says.
 DEMOTED_LIBRARIES = ("aio_pika", "aiormq", "asyncpg")
+# Libraries whose records below WARNING dump what crosses the wire, frame by frame: every
+# header of every gRPC call (a caller's `authorization` included) and every AMQP frame
+# (message bodies included). Never written, at any level.
+WIRE_DUMPS = ("hpack", "h2", "aiormq")
 
 _SHARED: list[structlog.typing.Processor] = [
     structlog.contextvars.merge_contextvars,
@@ -122,8 +128,8 @@ class _LineHandler(logging.Handler):
 
 
 class _Demote(logging.Filter):
-    """Lowers the records of DEMOTED_LIBRARIES, and grpclib's INFO ones, to DEBUG; applies
-    the service's level."""
+    """Drops the wire dumps of WIRE_DUMPS; lowers the records of DEMOTED_LIBRARIES, and
+    grpclib's INFO ones, to DEBUG; applies the service's level."""
 
     def __init__(self, threshold: int) -> None:
         super().__init__()
@@ -131,6 +137,8 @@ class _Demote(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         library = record.name.split(".", 1)[0]
+        if library in WIRE_DUMPS and record.levelno < logging.WARNING:
+            return False
         callers = library == "grpclib" and record.levelno < logging.WARNING
         if library in DEMOTED_LIBRARIES or callers:
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"

@@ -19,6 +19,9 @@ except ValueError:
 logging.getLogger("aiormq.connection").error("Unexpected connection close from remote")
 logging.getLogger("asyncpg.pool").warning("Failed to restore the pool connection floor")
 logging.getLogger("grpclib.server").info("Request was cancelled: %s", "Connection lost")
+logging.getLogger("hpack.hpack").debug("Decoded %s", (b"authorization", b"Bearer SECRET-TOKEN"))
+logging.getLogger("h2.connection").debug("Process received frame %s", "HEADERS")
+logging.getLogger("aiormq.connection").debug("Sending %r", "Basic.Publish and its body")
 warnings.warn("a library's warning")
 raise RuntimeError("nobody caught this")
 """
@@ -71,3 +74,14 @@ def test_grpclibs_lines_about_what_one_caller_did_are_debug() -> None:
     assert cancelled["level"] == "debug"
     # Its errors keep their level.
     assert [line["level"] for line in quiet if line["event"] == "Application error"] == ["error"]
+
+
+def test_what_the_wire_libraries_dump_frame_by_frame_is_never_written() -> None:
+    """Regression: at DEBUG, hpack wrote every header of every call, a caller's
+    `authorization` included, and aiormq every AMQP frame."""
+    for level in ("INFO", "DEBUG"):
+        _, lines = run(level)
+        text = json.dumps(lines)
+        assert "SECRET-TOKEN" not in text
+        assert not [line for line in lines if line.get("logger", "").startswith(("hpack", "h2"))]
+        assert "Basic.Publish" not in text
