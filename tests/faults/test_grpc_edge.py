@@ -14,8 +14,10 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 import h2.events
 import pytest
+from betterproto.lib.google.protobuf import Empty
 from grpclib.client import Channel
 from grpclib.const import Status
+from grpclib.exceptions import GRPCError
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest
 from h2.config import H2Configuration
@@ -23,7 +25,7 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 
 from financing.entrypoints.grpc.edge import CONTROL_FRAMES_BURST, PREFACE_TIMEOUT
-from financing.generated import Money, SellInvoiceCommand, Uuid
+from financing.generated import Money, QueriesStub, SellInvoiceCommand, Uuid
 from tests.faults.conftest import CommandsApi
 from tests.support.infra import wait_until
 from tests.support.metrics import scrape, value
@@ -183,6 +185,7 @@ async def test_a_call_whose_deadline_passed_before_it_arrived_is_answered_deadli
             )
         )
         assert answer[b"grpc-status"] == str(Status.DEADLINE_EXCEEDED.value).encode(), answer
+        assert answer[b"content-type"] == b"application/grpc", answer
         # The same connection serves the next call.
         answer = await connection.answered(connection.call(HEALTH_CHECK.encode(), EMPTY_MESSAGE))
         assert answer[b"grpc-status"] == b"0", answer
@@ -252,6 +255,29 @@ async def test_a_bin_metadata_value_that_is_not_base64_is_answered_invalid_argum
         )
     assert answer[b"grpc-status"] == str(Status.INVALID_ARGUMENT.value).encode(), answer
     assert b"trace-bin" in answer[b"grpc-message"], answer
+    assert answer[b"content-type"] == b"application/grpc", answer
+    no_errors_logged()
+
+
+async def test_a_method_the_server_does_not_have_is_answered_unimplemented_to_any_client(
+    commands_api: CommandsApi, no_errors_logged: Callable[[], None]
+) -> None:
+    """Regression: grpclib answered without `content-type`, which gRPC asks of an answer
+    of trailers only, and grpclib's own clients then reported UNKNOWN ("Missing
+    content-type header") instead of UNIMPLEMENTED."""
+    async with RawConnection.open(commands_api.address) as connection:
+        answer = await connection.answered(connection.call(b"/Commands/Xyz", EMPTY_MESSAGE))
+    assert answer[b"grpc-status"] == str(Status.UNIMPLEMENTED.value).encode(), answer
+    assert answer[b"content-type"] == b"application/grpc", answer
+    assert answer[b"grpc-message"] == b"/Commands/Xyz: no such method", answer
+
+    channel = Channel(*commands_api.address)
+    try:
+        with pytest.raises(GRPCError) as raised:
+            await QueriesStub(channel).all_invoices(Empty())  # served on the other port
+    finally:
+        channel.close()
+    assert raised.value.status is Status.UNIMPLEMENTED, raised.value
     no_errors_logged()
 
 

@@ -19,6 +19,9 @@ to the whole process, and the answer that caller gets instead.
   held a file descriptor and memory for good.
 - A connection error (an HTTP/2 protocol violation) is told to the peer with the GOAWAY
   frame h2 writes for it, before the connection is closed.
+- A call to a method neither server has is answered UNIMPLEMENTED, and every answer
+  given here carries `content-type: application/grpc`, as gRPC asks of an answer of
+  trailers only; grpclib's lacked it, and its clients reported UNKNOWN.
 """
 
 from __future__ import annotations
@@ -26,13 +29,14 @@ from __future__ import annotations
 import asyncio
 import binascii
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpclib.protocol
 import grpclib.server
 from grpclib.const import Status
-from grpclib.metadata import Deadline, decode_bin_value
+from grpclib.encoding.base import GRPC_CONTENT_TYPE
+from grpclib.metadata import Deadline, decode_bin_value, encode_grpc_message
 from grpclib.server import request_handler
 from h2.config import H2Configuration
 from h2.errors import ErrorCodes
@@ -120,10 +124,10 @@ async def _request(
         finally:
             release_stream()
         return
-    answer = _refusal(headers)
+    answer = _refusal(headers, mapping)
     if answer is not None:
         try:
-            await grpclib.server._abort(stream, 200, *answer)
+            await _trailers_only(stream, *answer)
         except H2Error:
             pass
         finally:
@@ -134,8 +138,34 @@ async def _request(
     )
 
 
-def _refusal(headers: _Headers) -> tuple[Status, str] | None:
+async def _trailers_only(stream: grpclib.protocol.Stream, status: Status, message: str) -> None:
+    """A gRPC answer of its status alone (Trailers-Only), with the `content-type` the
+    protocol asks of it: grpclib's own left it out, and grpclib's clients then reported
+    a missing content-type (UNKNOWN) instead of the status."""
+    await stream.send_headers(
+        [
+            (":status", "200"),
+            ("content-type", GRPC_CONTENT_TYPE),
+            ("grpc-status", str(status.value)),
+            ("grpc-message", encode_grpc_message(message)),
+        ],
+        end_stream=True,
+    )
+    if stream.closable:
+        stream.reset_nowait()
+
+
+def _refusal(headers: _Headers, mapping: Mapping[str, Any]) -> tuple[Status, str] | None:
     """The status a request gets before any method sees it, if it gets one."""
+    fields = dict(headers)
+    if (
+        fields.get(":method") == "POST"
+        and fields.get("content-type", "").split("+")[0] == GRPC_CONTENT_TYPE
+        and fields[":path"] not in mapping
+    ):
+        path = fields[":path"]
+        shown = path if path.isascii() and path.isprintable() else "the method asked for"
+        return Status.UNIMPLEMENTED, f"{shown}: no such method"
     for name, value in headers:
         if name == "grpc-timeout":
             try:
