@@ -6,6 +6,7 @@ import importlib.metadata
 import re
 import subprocess
 import sys
+import tarfile
 import tomllib
 import zipfile
 from pathlib import Path
@@ -43,6 +44,28 @@ def test_the_wheel_ships_sql_generated_code_and_the_console_script(tmp_path: Pat
     assert "financing = financing.entrypoints.cli:main" in scripts
     assert not any(name.startswith(("tests/", "scripts/")) for name in names)
     assert "financing/generated/financing.binpb" in names
+    assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)
+
+
+def test_the_sdist_carries_the_license_and_the_protos_the_code_is_generated_from(
+    tmp_path: Path,
+) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from setuptools import build_meta; build_meta.build_sdist(sys.argv[1])",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
+    [sdist] = tmp_path.glob("financing-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    assert {"LICENSE", "protos/financing.proto", "pyproject.toml"} <= names
 
 
 def _distribution(requirement: str) -> str:
