@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -255,6 +256,9 @@ def test_a_signal_before_the_command_handles_signals_stops_it_with_one_line(
     )
     assert run.returncode == code, run.stderr
     [line] = run.stderr.splitlines()
+    if command != "serve":  # as an operator's command says it when stopped later
+        assert line == f"financing {command}: stopped by {sent}"
+        return
     logged = json.loads(line)
     assert (logged["event"], logged["signal"]) == ("stopped while starting", sent), logged
 
@@ -277,3 +281,34 @@ def test_the_probe_in_its_module_form_reads_only_its_own_variables() -> None:
     )
     assert run.returncode == 1, run.stderr
     assert "configuration error" not in run.stderr, run.stderr
+
+
+# A command whose output outgrows what a pipe holds, as a long listing does.
+WRITES_MORE_THAN_A_PIPE_HOLDS = """
+from financing.entrypoints.cli import commands
+def listing(argv, *, overrides):
+    for number in range(100_000):
+        print(f"dead letter {number}")
+commands._run = listing
+commands.run([])
+"""
+
+
+def test_output_whose_reader_has_gone_ends_the_command_quietly() -> None:
+    """Regression: `financing dead-letters list | head -3` ended with an "uncaught
+    exception" line and a BrokenPipeError traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    try:
+        run = subprocess.run(
+            [sys.executable, "-c", WRITES_MORE_THAN_A_PIPE_HOLDS],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        )
+    finally:
+        os.close(write_end)
+    assert run.returncode == 128 + signal.SIGPIPE, run.stderr
+    assert run.stderr == ""

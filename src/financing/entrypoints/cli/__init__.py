@@ -56,19 +56,27 @@ def _stopped_by_signals_until_handled(argv: Sequence[str] | None) -> Iterator[No
 
 
 def _stopped_while_starting(argv: Sequence[str] | None, signum: int) -> None:
+    """`serve` logs one JSON line and exits 0, as for a signal later in its start-up; an
+    operator's command says what it says when stopped later, and exits as it does then."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    name = signal.Signals(signum).name
+    if args[:1] != ["serve"]:
+        command = args[0] if args and not args[0].startswith("-") else ""
+        with suppress(OSError, ValueError):  # a line that cannot be written is dropped
+            print(f"financing {command}: stopped by {name}".replace(" :", ":"), file=sys.stderr)
+        sys.exit(0 if command == "tail" else 128 + signum)
     import json
     from datetime import UTC, datetime
 
-    args = list(sys.argv[1:] if argv is None else argv)
     line = {
         "event": "stopped while starting",
-        "signal": signal.Signals(signum).name,
+        "signal": name,
         "level": "info",
         "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
     }
-    with suppress(OSError, ValueError):  # a line that cannot be written is dropped
+    with suppress(OSError, ValueError):
         print(json.dumps(line), file=sys.stderr, flush=True)
-    sys.exit(0 if args[:1] == ["serve"] else 128 + signum)
+    sys.exit(0)
 
 
 __all__ = ["main"]

@@ -11,6 +11,8 @@ import argparse
 import asyncio
 import contextlib
 import io
+import os
+import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from decimal import Decimal, InvalidOperation
@@ -75,6 +77,13 @@ def _count(value: str) -> int:
     count = _parsed(value, int, "a whole number")
     if count < 0:
         raise argparse.ArgumentTypeError("must be >= 0")
+    return count
+
+
+def _positive(value: str) -> int:
+    count = _parsed(value, int, "a whole number")
+    if count < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
     return count
 
 
@@ -234,7 +243,7 @@ def _add_dead_letters(commands: _Commands) -> None:
         *BROKER_VARIABLES,
         run=_list,
     )
-    listing.add_argument("--limit", type=_count, default=100, help="at most this many (100)")
+    listing.add_argument("--limit", type=_positive, default=100, help="at most this many (100)")
     listing.add_argument("--bodies", action="store_true", help="print each message body too")
     _selection_arguments(listing, message_id=False)
     requeue = letters.add(
@@ -478,7 +487,18 @@ def _arguments(parser: argparse.ArgumentParser, words: list[str]) -> argparse.Na
 
 
 def run(argv: Sequence[str] | None = None, *, overrides: Overrides | None = None) -> None:
-    """The command line; `overrides` changes the service's wiring (tests only)."""
+    """The command line; `overrides` changes the service's wiring (tests only). Output
+    whose reader has gone (`financing dead-letters list | head`) ends the command as
+    it ends a shell tool: quietly, exit 128 + SIGPIPE."""
+    try:
+        _run(argv, overrides=overrides)
+    except BrokenPipeError:
+        # What is still buffered for the gone reader must not fail again at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + signal.SIGPIPE)
+
+
+def _run(argv: Sequence[str] | None, *, overrides: Overrides | None) -> None:
     parser = build_parser()
     args = _arguments(parser, list(sys.argv[1:] if argv is None else argv))
     _refuse_ambiguous_discard(parser, args)
