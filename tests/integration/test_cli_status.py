@@ -20,6 +20,7 @@ from financing.config import Database
 from financing.entrypoints.cli.status import consumed_queues
 from tests.support import infra, rabbitmq
 from tests.support.deployment import local_deployment
+from tests.support.relay import Relay
 from tests.support.service import CommandLine, free_port, run_cli
 
 CONSUMED = sorted(queue.name for queue in consumed_queues())
@@ -173,3 +174,31 @@ async def test_a_broker_refusing_connections_makes_the_deployment_unhealthy(
     assert "UNREACHABLE" in broker
     assert problems(run)[-1].startswith("broker amqp://127.0.0.1:")
     assert problems(run)[-1].endswith("is unreachable")
+
+
+async def test_silent_dependencies_are_inquired_into_side_by_side(bare: Bare) -> None:
+    """Regression: the databases and the broker were inquired into one after another, so
+    a probe of three silent dependencies took three timeouts (16 s with --timeout 5)."""
+    relays = [Relay(infra.PG_HOST, infra.PG_PORT) for _ in range(2)]
+    broker = rabbitmq.BrokerProxy()
+    for relay in [*relays, broker]:
+        await relay.start()
+        await relay.cut()  # connections are accepted and never answered
+    commands, queries = (f"postgresql://postgres@127.0.0.1:{r.port}/postgres" for r in relays)
+    env = {
+        **bare.env,
+        "COMMAND_DB_CONNECTION_STRING": commands,
+        "QUERY_DB_CONNECTION_STRING": queries,
+        "AMQP_ADDRESS": broker.url(""),
+    }
+    try:
+        # One after another, the three 4 s timeouts alone would outlast `within`.
+        run = await run_cli(env, "status", "--timeout", "4", within=10)
+    finally:
+        for relay in [*relays, broker]:
+            await relay.close()
+
+    assert run.exit_code == 1, run.describe()
+    reported = [line.split()[0] for line in run.stdout.splitlines()[:3]]
+    assert reported == ["command", "query", "broker"], run.stdout
+    assert len(problems(run)) == 3 and all(p.endswith("is unreachable") for p in problems(run))

@@ -50,23 +50,28 @@ def consumed_queues() -> list[topology.QueueSpec]:
 async def run_status(
     settings: Settings, *, max_relay_lag: float = MAX_RELAY_LAG, answer_within: float = TIMEOUT
 ) -> int:
-    """Print the status; exit code 0 when healthy, 1 otherwise."""
-    findings = Findings()
-    await _inquire(
-        findings,
-        f"command database {settings.command_db.describe()}",
-        lambda: _event_store(settings, findings, max_relay_lag),
-        answer_within,
-    )
-    await _inquire(
-        findings,
-        f"query database {settings.query_db.describe()}",
-        lambda: _read_models(settings, findings),
-        answer_within,
-    )
+    """Print the status; exit code 0 when healthy, 1 otherwise. The three inquiries run
+    side by side, so that a probe of silent dependencies answers within one timeout."""
+    event_store, read_models, broker = Findings(), Findings(), Findings()
     brokers = ", ".join(describe_url(url) for url in settings.amqp_urls)
-    await _inquire(
-        findings, f"broker {brokers}", lambda: _broker(settings, findings), answer_within
+    await asyncio.gather(
+        _inquire(
+            event_store,
+            f"command database {settings.command_db.describe()}",
+            lambda: _event_store(settings, event_store, max_relay_lag),
+            answer_within,
+        ),
+        _inquire(
+            read_models,
+            f"query database {settings.query_db.describe()}",
+            lambda: _read_models(settings, read_models),
+            answer_within,
+        ),
+        _inquire(broker, f"broker {brokers}", lambda: _broker(settings, broker), answer_within),
+    )
+    findings = Findings(
+        [*event_store.lines, *read_models.lines, *broker.lines],
+        [*event_store.problems, *read_models.problems, *broker.problems],
     )
     print("\n".join(findings.lines))
     if findings.problems:
