@@ -23,7 +23,7 @@ from financing.adapters.rabbitmq.dead_letters import DeadLetters
 from financing.adapters.rabbitmq.publisher import Publisher
 from financing.adapters.rabbitmq.topology import command_queue
 from financing.application import codec
-from financing.application.errors import Refused, Unavailable
+from financing.application.errors import Unavailable
 from financing.application.messages import CreateIssuer
 from financing.application.pipeline import Decoded, Outcome, OutcomeKind, compose
 from financing.application.ports import Envelope
@@ -233,17 +233,15 @@ async def test_a_connection_the_broker_never_answers_again_is_given_up_and_reope
         await proxy.close()
 
 
-async def test_a_virtual_host_the_broker_will_not_open_is_refused_saying_so() -> None:
-    """Regression: the broker closing the connection in answer to the opening of a vhost
-    that does not exist was an outage, retried for the whole start-up, then reported as
-    `InvalidFrameError: Expected one of ['Connection.OpenOk'], got <Connection.Close
-    object at 0x...>`, which says nothing of the vhost."""
+async def test_a_virtual_host_the_broker_will_not_open_is_an_outage_saying_why() -> None:
+    """Regression: reported as `InvalidFrameError: Expected one of ['Connection.OpenOk'],
+    got <Connection.Close object at 0x...>`, which says nothing of the vhost."""
     missing = unique_name("fin_no_such_vhost")
     broker = Broker([infra.amqp_url(missing)], Outages())
-    with pytest.raises(Refused) as refused:
+    with pytest.raises(Unavailable) as unavailable:
         await broker.connection()
     url = describe_url(infra.amqp_url(missing))
-    assert str(refused.value) == f"broker refused the service: {url}: {VHOST_REFUSED}"
+    assert str(unavailable.value) == f"broker unavailable: {url}: {VHOST_REFUSED}"
 
 
 async def test_a_virtual_host_refused_after_the_broker_accepted_the_service_is_an_outage(

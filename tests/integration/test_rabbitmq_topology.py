@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import uuid
 from contextlib import suppress
 
 import aio_pika
 import pytest
+from structlog.testing import capture_logs
 
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import Broker
@@ -276,3 +278,35 @@ async def test_a_queue_that_exists_with_the_other_type_is_refused_naming_it_and_
         " it, let it drain, delete it (rabbitmqctl delete_queue -p VHOST financing_unrouted)"
         " and start the service again, which declares it anew"
     )
+
+
+async def test_a_reference_projector_queue_the_user_may_not_touch_is_left_with_a_warning() -> None:
+    """Retiring `events_query` is a clean-up: a broker user without the rights to unbind
+    or delete it must not keep the service from starting."""
+    async with rabbitmq.private_vhost("fin_retire") as vhost:
+        plain = await aio_pika.connect(vhost.url)
+        channel = await plain.channel()
+        events = await channel.declare_exchange(
+            EVENTS_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        queue = await channel.declare_queue(topology.REFERENCE_PROJECTOR_QUEUE, durable=True)
+        await queue.bind(events, routing_key="")
+        await plain.close()
+        untouchable = f"^(?!{topology.REFERENCE_PROJECTOR_QUEUE}$).*"
+        permissions = [untouchable, untouchable, ".*"]  # configure, write, read
+        await asyncio.to_thread(
+            subprocess.run,
+            ["rabbitmqctl", "-q", "set_permissions", "-p", vhost.name, "guest", *permissions],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        broker = Broker([vhost.url], Outages())
+        try:
+            with capture_logs() as logs:
+                await topology.declare_on(broker)
+        finally:
+            await broker.close()
+        [warning] = [line for line in logs if "could not be retired" in line["event"]]
+        assert warning["log_level"] == "warning", warning
+        assert topology.REFERENCE_PROJECTOR_QUEUE in await rabbitmq.list_queues(vhost.name)

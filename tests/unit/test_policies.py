@@ -312,13 +312,15 @@ async def test_a_copy_of_a_bid_placed_event_under_another_id_is_refused(
     await bus.run(BidOnInvoice(investor, invoice, D("20")))
     envelope = last(bus, "BidOnInvoicePlacedEvent").envelope()
     headers = dict(envelope.headers)
-    message_id = str(uuid4())
-    if copy == "no aggregateVersion header":
+    message_id = envelope.message_id  # the derived one, but for "a new message id"
+    if copy == "a new message id":
+        message_id = str(uuid4())
+    elif copy == "no aggregateVersion header":
         del headers[AGGREGATE_VERSION_HEADER]
     elif copy == "another version's id":
         message_id = event_message_id(investor, int(headers[AGGREGATE_VERSION_HEADER]) + 1)
     elif copy == "a version that is not a number":
-        headers[AGGREGATE_VERSION_HEADER] = "²"
+        headers[AGGREGATE_VERSION_HEADER] = "²"  # a digit to str.isdigit, not to int()
     before = list(bus.store.events)
     with pytest.raises(UnrelayedEvent, match="not an event of this service's event store"):
         await bus.publish_envelope(replace(envelope, message_id=message_id, headers=headers))

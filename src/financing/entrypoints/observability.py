@@ -101,7 +101,8 @@ def observe_grpc(server: Server, handlers: Iterable[Servable]) -> None:
 
     async def received(event: RecvRequest) -> None:
         _, service, method = event.method_name.split("/", 2)
-        kind = types.get(event.method_name, "unary")  # an unknown method: answered at once
+        # Every method served is in `types`: an unknown one is answered at the edge.
+        kind = types.get(event.method_name, "unary")
         _call.set(_Call(kind, service, method, time.perf_counter()))
         GRPC_STARTED.labels(kind, service, method).inc()
 

@@ -106,15 +106,16 @@ def describe_url(url: str) -> str:
 
 
 VHOST_REFUSED = (
-    "the broker would not open the URL's virtual host: it does not exist, or the user has"
-    " no permission on it (rabbitmqctl add_vhost, rabbitmqctl set_permissions)"
+    "the broker would not open the URL's virtual host (530 NOT_ALLOWED): it does not exist,"
+    " the user has no permission on it, or a connection limit is reached (rabbitmqctl"
+    " list_vhosts, list_permissions, list_vhost_limits)"
 )
 
 
 def _vhost_refused(error: aiormq.exceptions.InvalidFrameError) -> bool:
     """Whether the broker answered the opening of the virtual host by closing the
-    connection (530 NOT_ALLOWED), which aiormq reports as an unexpected frame, its
-    reason left out."""
+    connection, which aiormq reports as an unexpected frame, its reason left out. Some
+    of the reasons clear by themselves (a connection limit), so it is an outage."""
     text = str(error)
     return "Connection.OpenOk" in text and "Connection.Close " in text
 
@@ -196,13 +197,8 @@ class Broker:
                     raise Refused(BROKER, f"{describe_url(url)}: {describe(error)}") from error
                 failures.append(f"{describe_url(url)}: {describe(error)}")
             except aiormq.exceptions.InvalidFrameError as error:
-                if not _vhost_refused(error):
-                    failures.append(f"{describe_url(url)}: {describe(error)}")
-                    continue
-                why = f"{describe_url(url)}: {VHOST_REFUSED}"
-                if not self._accepted_once:
-                    raise Refused(BROKER, why) from error
-                failures.append(why)
+                why = VHOST_REFUSED if _vhost_refused(error) else describe(error)
+                failures.append(f"{describe_url(url)}: {why}")
             except BROKER_ERRORS as error:
                 failures.append(f"{describe_url(url)}: {describe(error)}")
             else:

@@ -48,7 +48,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 from financing.adapters.rabbitmq.connection import BROKER, Broker, close_channel, translated
 from financing.adapters.rabbitmq.queues import existing_queue
 from financing.application import routes
-from financing.application.errors import Refused
+from financing.application.errors import Refused, Unavailable
 from financing.application.messages import COMMAND_TYPES
 from financing.application.pipeline import (
     IGNORED,
@@ -265,13 +265,22 @@ async def declare_on(broker: Broker) -> None:
         await declare(channel, broker.queue_type)
     finally:
         await close_channel(channel)
-    await retire_reference_projector_queue(broker)
+    try:
+        await retire_reference_projector_queue(broker)
+    except (Unavailable, Refused) as error:  # a clean-up, not what the service needs
+        log.warning(
+            "the reference's projector queue could not be retired",
+            queue=REFERENCE_PROJECTOR_QUEUE,
+            reason=str(error),
+        )
 
 
 async def retire_reference_projector_queue(broker: Broker) -> None:
     """`events_query`, left by the reference and read by no one, unbound from `events`
     and deleted if empty; what it still holds is the operator's to inspect (a warning
-    says how much). A queue someone reads is left alone."""
+    says how much). A queue someone reads is left alone: a reference projector still
+    running beside this service must be running when this service starts (one
+    reconnecting at that moment is taken for gone)."""
     name = REFERENCE_PROJECTOR_QUEUE
     async with existing_queue(broker, name) as queue:
         if queue is None:

@@ -62,9 +62,11 @@ def _stopped_while_starting(argv: Sequence[str] | None, signum: int) -> None:
     name = signal.Signals(signum).name
     if args[:1] != ["serve"]:
         command = args[0] if args and not args[0].startswith("-") else ""
+        if command == "tail":  # which runs until stopped
+            sys.exit(0)
         with suppress(OSError, ValueError):  # a line that cannot be written is dropped
             print(f"financing {command}: stopped by {name}".replace(" :", ":"), file=sys.stderr)
-        sys.exit(0 if command == "tail" else 128 + signum)
+        sys.exit(128 + signum)
     import json
     from datetime import UTC, datetime
 
