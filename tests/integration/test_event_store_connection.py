@@ -21,6 +21,7 @@ import pytest
 from financing.adapters.postgres.connection import (
     CLOSE_TIMEOUT,
     COMMAND_DATABASE,
+    IDLE_IN_TRANSACTION,
     acquired,
     close_connection,
     close_pool,
@@ -401,3 +402,24 @@ async def test_a_command_that_scans_whole_tables_may_run_statements_longer_but_n
         ):
             pass
     assert time.monotonic() - started < ANSWER_TIMEOUT + MARGIN
+
+
+async def test_a_session_idle_in_its_transaction_is_ended_and_its_locks_let_go(
+    database: Database,
+) -> None:
+    """Regression: a projector whose process was frozen in the middle of a transaction
+    held its row locks for the whole freeze, and the projector that took over waited
+    on them. The server now ends a session idle in a transaction for longer than
+    IDLE_IN_TRANSACTION."""
+    frozen, successor = await connect(database), await connect(database)
+    try:
+        await frozen.execute("BEGIN")
+        await frozen.execute("SELECT pg_advisory_xact_lock(4242)")  # held until its end
+        # ... and nothing more is sent on it, as from a frozen process.
+        await successor.execute(
+            "SELECT pg_advisory_xact_lock(4242)", timeout=IDLE_IN_TRANSACTION + 10
+        )
+        await wait_until(lambda: infra.holds(frozen.is_closed()), what="the idle session ended")
+    finally:
+        await close_connection(frozen)
+        await close_connection(successor)

@@ -618,3 +618,39 @@ async def test_a_relayer_cancelled_while_waiting_for_the_lock_leaves_no_connecti
         await wait_until(waiter_gone, what="the waiting connection closed")
     finally:
         await holder_lock.release()
+
+
+async def test_a_holder_that_stops_running_loses_the_lock_after_its_lease(
+    pool: asyncpg.Pool, database: Database
+) -> None:
+    """Regression: a relayer whose process was frozen (its socket left open) kept the
+    lock, and every saga waiting, for as long as the freeze lasted."""
+    frozen = PostgresRelayerLock(database, lease=1.0)
+    successor = PostgresRelayerLock(database, poll_interval=0.02)
+    await frozen.acquire()  # and no round trip from now on, as a frozen process sends
+    try:
+        await asyncio.wait_for(successor.acquire(), timeout=10)
+        await asyncio.wait_for(frozen.lost(), timeout=5)
+    finally:
+        await frozen.release()
+        await successor.release()
+
+
+async def test_a_holder_that_keeps_running_keeps_the_lock_past_its_lease(
+    pool: asyncpg.Pool, database: Database
+) -> None:
+    holder = PostgresRelayerLock(database, lease=1.0, check_interval=0.2)
+    successor = PostgresRelayerLock(database, poll_interval=0.02)
+    await holder.acquire()
+    lost = asyncio.create_task(holder.lost())
+    try:
+        taking = asyncio.create_task(successor.acquire())
+        done, _ = await asyncio.wait({taking, lost}, timeout=3.0)  # three leases
+        assert not done
+        taking.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await taking
+    finally:
+        await holder.release()
+        await successor.release()
+        await asyncio.gather(lost, return_exceptions=True)

@@ -196,6 +196,12 @@ async def writable(pool: asyncpg.Pool, dependency: str) -> None:
         raise Unavailable(dependency, "the server takes no writes (read-only)")
 
 
+# Seconds a session may sit in a transaction without sending anything before the server
+# ends it, its locks with it (`_session`): no transaction of the service waits that long
+# on its own client between two statements.
+IDLE_IN_TRANSACTION = 10.0
+
+
 async def create_pool(
     db: Database,
     dependency: str = "database",
@@ -268,10 +274,19 @@ def _session(db: Database, application_name: str) -> dict[str, Any]:
     outage would be seen, and nothing would heal once the server was back. With
     `command_timeout`, a statement not answered in time fails with TimeoutError (an
     outage, retried like any other); the driver then asks the server to cancel it,
-    and closes the connection when that goes unanswered as long."""
+    and closes the connection when that goes unanswered as long.
+
+    The other way round, a client that stops sending in the middle of a transaction
+    (its process frozen, or its host cut off, its socket left open) would hold the
+    transaction's locks for as long as the server keeps the socket: the projector
+    that took over from a frozen one waited on its row locks for the whole freeze.
+    The server ends such a session once it has been idle in a transaction for
+    IDLE_IN_TRANSACTION (or the answer timeout, when longer)."""
+    idle = max(IDLE_IN_TRANSACTION, db.answer_timeout)
     settings = {
         **db.connect_kwargs.get("server_settings", {}),
         "application_name": application_name,
+        "idle_in_transaction_session_timeout": str(round(idle * 1000)),
     }
     return {
         "timeout": db.answer_timeout,  # connecting; a connection string's connect_timeout wins

@@ -231,19 +231,36 @@ class PostgresOutbox:
             )
 
 
+# Seconds the relayer lock's session may stay idle before the server ends it, and the
+# lock with it: several of its holder's round trips (`check_interval`), so that only a
+# holder that has stopped running loses it.
+LOCK_LEASE = 5.0
+
+
 class PostgresRelayerLock:
     """Only one relayer per database: a session advisory lock on a dedicated connection.
 
     The lock lives as long as the connection: if the connection is lost, so
     is the lock, and another instance may take over. `lost()` reports it.
+
+    The holder sends a round trip every `check_interval`, and the server ends the
+    session once it has been idle for `lease` (PostgreSQL 14 and later): a holder
+    whose process is frozen, or whose host is cut off with its socket left open,
+    would otherwise keep the lock, and every saga waiting, for as long as it lasts.
     """
 
     def __init__(
-        self, db: Database, *, poll_interval: float = 0.1, check_interval: float = 1.0
+        self,
+        db: Database,
+        *,
+        poll_interval: float = 0.1,
+        check_interval: float = 1.0,
+        lease: float = LOCK_LEASE,
     ) -> None:
         self._db = db
         self._poll_interval = poll_interval
         self._check_interval = check_interval
+        self._lease = lease
         self._conn: asyncpg.Connection | None = None
         self._gone = asyncio.Event()
         # One statement at a time on the lock connection (health check, unlock).
@@ -267,6 +284,9 @@ class PostgresRelayerLock:
         if self._conn is not None and not self._conn.is_closed():
             return self._conn
         conn = await connect(self._db, COMMAND_DATABASE)
+        if conn.get_server_version() >= (14, 0):
+            with translated(COMMAND_DATABASE):
+                await conn.execute(f"SET idle_session_timeout = {round(self._lease * 1000)}")
         gone = asyncio.Event()
         conn.add_termination_listener(lambda _: gone.set())
         self._conn, self._gone = conn, gone
