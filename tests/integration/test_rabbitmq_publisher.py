@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -250,3 +252,55 @@ async def test_events_are_routed_again_once_the_topology_deleted_under_the_servi
     assert [line["event"] for line in logs if line["log_level"] == "warning"] == [
         "events were returned as unroutable; declaring the topology again"
     ]
+
+
+async def test_the_probe_fails_while_the_broker_does_not_let_the_service_publish(
+    empty_vhost: rabbitmq.Vhost,
+) -> None:
+    """Regression: the probe only declared, which needs the configure permission: with
+    the write permission alone revoked, every command failed while the probe passed, so
+    the broker outage ended and began again every second, and `Commands` health stayed
+    SERVING."""
+    broker = Broker([empty_vhost.url], Outages())
+    publisher = Publisher(broker, confirm_timeout=2.0)
+
+    async def probed() -> bool:
+        try:
+            await publisher.probe()
+        except Unavailable:
+            return False
+        return True
+
+    try:
+        assert await probed()
+        no_write = [".*", "", ".*"]  # configure, write, read
+        await asyncio.to_thread(
+            subprocess.run,
+            [
+                "rabbitmqctl",
+                "-q",
+                "set_permissions",
+                "-p",
+                empty_vhost.name,
+                "guest",
+                ".*",
+                "",
+                ".*",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        try:
+            await rabbitmq.close_connections(empty_vhost.name)  # channels keep their checks
+
+            async def refused() -> bool:
+                return not await probed()
+
+            await wait_until(refused, timeout=10, what="the probe to fail")
+        finally:
+            await rabbitmq.grant_permissions(empty_vhost.name)
+        await wait_until(probed, timeout=10, what="the probe to pass again")
+    finally:
+        await publisher.close()
+        await broker.close()

@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import Awaitable, Sequence
 from uuid import UUID
 
+import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractMessage
 
@@ -23,6 +24,7 @@ from financing.adapters.rabbitmq.connection import (
     describe,
     failed_by_a_lost_connection,
     is_broker_error,
+    translated,
 )
 from financing.adapters.rabbitmq.envelopes import header_text, to_amqp
 from financing.adapters.rabbitmq.topology import command_queue, declare_events_exchange
@@ -34,6 +36,11 @@ from financing.application.ports import Cause, Envelope
 from financing.logging import get_logger
 
 log = get_logger(__name__)
+
+
+# Where the probe's message goes: no queue can be named so (the broker reserves `amq.`
+# names), so it is routed nowhere and dropped.
+PROBE_ROUTING_KEY = "amq.financing.probe"
 
 
 class PublishFailed(Unavailable):
@@ -134,8 +141,16 @@ class Publisher:
         try:
             async with asyncio.timeout(self._confirm_timeout):
                 await declare_events_exchange(channel)
+                # Publishing needs the write permission, which a declaration does not: a
+                # message no queue can take, confirmed and dropped by the broker.
+                with translated():
+                    await channel.default_exchange.publish(
+                        aio_pika.Message(b"", delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT),
+                        PROBE_ROUTING_KEY,
+                        mandatory=False,
+                    )
         except TimeoutError:
-            raise PublishFailed("no answer to a declaration within the timeout") from None
+            raise PublishFailed("no answer to a probe within the timeout") from None
 
     async def declare_command_queue(self, name: str) -> None:
         channel, _ = await self._opened(f"declaring queue {name!r}")
