@@ -276,17 +276,7 @@ async def test_the_probe_fails_while_the_broker_does_not_let_the_service_publish
         no_write = [".*", "", ".*"]  # configure, write, read
         await asyncio.to_thread(
             subprocess.run,
-            [
-                "rabbitmqctl",
-                "-q",
-                "set_permissions",
-                "-p",
-                empty_vhost.name,
-                "guest",
-                ".*",
-                "",
-                ".*",
-            ],
+            ["rabbitmqctl", "-q", "set_permissions", "-p", empty_vhost.name, "guest", *no_write],
             check=True,
             capture_output=True,
             timeout=60,
