@@ -267,9 +267,14 @@ async def test_a_rebuild_on_read_models_a_newer_release_migrated_is_refused_in_o
     databases: tuple[Database, Database],
 ) -> None:
     commands, queries = databases
+    for database, name in ((commands, "commands"), (queries, "queries")):
+        conn = await asyncpg.connect(**database.connect_kwargs)
+        try:
+            await migrate(conn, name)
+        finally:
+            await conn.close()
     conn = await asyncpg.connect(**queries.connect_kwargs)
     try:
-        await migrate(conn, "queries")
         newer = sections("queries")[-1][0] + 1
         await conn.execute(
             "INSERT INTO schema_migrations (name, version) VALUES ('queries', $1)", newer

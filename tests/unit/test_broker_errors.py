@@ -104,6 +104,16 @@ async def test_a_publisher_whose_task_is_cancelled_is_cancelled() -> None:
             await publishing
 
 
+class RecordingExchange:
+    """The default exchange: it confirms every publish at once."""
+
+    def __init__(self) -> None:
+        self.published: list[str] = []
+
+    async def publish(self, _: Any, routing_key: str, **__: Any) -> None:
+        self.published.append(routing_key)
+
+
 class SlowChannel:
     """A publishing channel whose broker is slow to answer a declaration."""
 
@@ -111,6 +121,7 @@ class SlowChannel:
         self.answer = asyncio.Event()
         self.declarations = 0
         self.cancelled = 0
+        self.default_exchange = RecordingExchange()
 
     async def declare_exchange(self, *_: Any, **__: Any) -> object:
         self.declarations += 1
@@ -136,4 +147,5 @@ async def test_a_probe_past_its_callers_deadline_is_not_cancelled_and_is_shared(
     channel.answer.set()
     await asyncio.wait_for(publisher.probe(), 5)  # the first, answered, or a new one
     assert channel.cancelled == 0
+    assert channel.default_exchange.published  # the probe also needs the write permission
     await publisher.close()
