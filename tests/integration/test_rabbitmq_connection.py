@@ -138,7 +138,7 @@ async def test_a_dropped_connection_is_logged_once_as_unavailable_and_once_as_re
     assert lost["log_level"] == "warning"
     assert lost["dependency"] == "broker"
     assert "CONNECTION_FORCED" in lost["error"]
-    assert back["log_level"] == "info"
+    assert back["log_level"] == "warning"
     assert back["dependency"] == "broker"
     assert isinstance(back["outage_seconds"], float)
     assert 0 <= back["outage_seconds"] < 10

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -263,34 +261,82 @@ async def test_the_probe_fails_while_the_broker_does_not_let_the_service_publish
     SERVING."""
     broker = Broker([empty_vhost.url], Outages())
     publisher = Publisher(broker, confirm_timeout=2.0)
-
-    async def probed() -> bool:
-        try:
-            await publisher.probe()
-        except Unavailable:
-            return False
-        return True
-
     try:
-        assert await probed()
-        no_write = [".*", "", ".*"]  # configure, write, read
-        await asyncio.to_thread(
-            subprocess.run,
-            ["rabbitmqctl", "-q", "set_permissions", "-p", empty_vhost.name, "guest", *no_write],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
+        assert await probed(publisher)
+        await rabbitmq.grant_permissions(empty_vhost.name, write="")
         try:
             await rabbitmq.close_connections(empty_vhost.name)  # channels keep their checks
 
             async def refused() -> bool:
-                return not await probed()
+                return not await probed(publisher)
 
             await wait_until(refused, timeout=10, what="the probe to fail")
         finally:
             await rabbitmq.grant_permissions(empty_vhost.name)
-        await wait_until(probed, timeout=10, what="the probe to pass again")
+        await wait_until(lambda: probed(publisher), timeout=10, what="the probe to pass again")
     finally:
+        await publisher.close()
+        await broker.close()
+
+
+async def probed(publisher: Publisher) -> bool:
+    try:
+        await publisher.probe()
+    except Unavailable:
+        return False
+    return True
+
+
+async def test_the_probe_fails_from_a_refused_publish_to_events_until_one_is_confirmed(
+    empty_vhost: rabbitmq.Vhost,
+) -> None:
+    """Regression: with the write permission on `events` alone revoked, the relayer's
+    publishes were refused while the probe (which cannot publish to `events`) passed:
+    the broker outage ended and began again every second, and health flapped with it."""
+    broker = Broker([empty_vhost.url], Outages())
+    publisher = Publisher(broker, confirm_timeout=2.0)
+    failures: list[PublishFailed] = []
+    try:
+        channel = await broker.channel()
+        await QueueSpec(unique_name("events_probe"), bound_to_events=True).declare(channel)
+        await channel.close()
+        assert await published(publisher, failures)
+        await rabbitmq.grant_permissions(empty_vhost.name, write="^(?!events$).*")
+        try:
+            await rabbitmq.close_connections(empty_vhost.name)  # channels keep their checks
+
+            async def refused() -> bool:
+                return not await published(publisher, failures)
+
+            await wait_until(refused, timeout=10, what="a publish to events to be refused")
+            assert "ACCESS_REFUSED" in str(failures[-1])
+            assert not await probed(publisher)  # its own publish is allowed, but not enough
+        finally:
+            await rabbitmq.grant_permissions(empty_vhost.name)
+        assert not await probed(publisher)  # until a publish to `events` is confirmed
+        await wait_until(
+            lambda: published(publisher, failures), timeout=10, what="a confirmed publish"
+        )
+        assert await probed(publisher)
+    finally:
+        await publisher.close()
+        await broker.close()
+
+
+async def test_a_refused_probe_leaves_the_channel_publishes_share_open(
+    empty_vhost: rabbitmq.Vhost,
+) -> None:
+    """Regression: the probe published on the channel every publish shares, and the broker
+    closes a channel whose publish it refuses, taking the publishes in flight with it."""
+    broker = Broker([empty_vhost.url], Outages())
+    publisher = Publisher(broker, confirm_timeout=2.0)
+    try:
+        await rabbitmq.grant_permissions(empty_vhost.name, write="^(?!amq\\.default$).*")
+        shared, _ = await publisher.channel()
+        assert not await probed(publisher)  # the probe publishes to the default exchange
+        assert not shared.is_closed
+        assert (await publisher.channel())[0] is shared
+    finally:
+        await rabbitmq.grant_permissions(empty_vhost.name)
         await publisher.close()
         await broker.close()

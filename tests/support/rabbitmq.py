@@ -179,11 +179,11 @@ async def revoke_permissions(vhost: str) -> None:
     )
 
 
-async def grant_permissions(vhost: str) -> None:
-    """Give guest every permission on `vhost` (again)."""
+async def grant_permissions(vhost: str, *, write: str = ".*") -> None:
+    """Give guest every permission on `vhost` (again), writing only where `write` matches."""
     await asyncio.to_thread(
         subprocess.run,
-        ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+        ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", write, ".*"],
         check=True,
         capture_output=True,
         timeout=60,

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from aiormq.base import FutureStore
 
+from financing.adapters.rabbitmq import publisher as publisher_module
 from financing.adapters.rabbitmq.connection import Broker, is_broker_error, translated
 from financing.adapters.rabbitmq.publisher import Publisher, PublishFailed
 from financing.application.errors import Unavailable
@@ -62,6 +63,9 @@ class OpenedOn(Publisher):
 
     async def _opened(self, what: str) -> tuple[Any, Any]:
         return self._given
+
+    async def _probing_channel(self) -> Any:
+        return self._given[0]
 
 
 async def assert_unconfirmed_alone_and_in_a_batch(publisher: Publisher, says: str) -> None:
@@ -148,4 +152,25 @@ async def test_a_probe_past_its_callers_deadline_is_not_cancelled_and_is_shared(
     await asyncio.wait_for(publisher.probe(), 5)  # the first, answered, or a new one
     assert channel.cancelled == 0
     assert channel.default_exchange.published  # the probe also needs the write permission
+    await publisher.close()
+
+
+async def test_a_refused_publish_to_events_fails_the_probe_only_while_the_relayer_tries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A refused publish to `events` fails the probe until one is confirmed, but not for
+    good: an instance whose relayer stopped trying (a standby took over) must not stay
+    in an outage that only a publish it will never make could end."""
+    channel = SlowChannel()
+    channel.answer.set()
+    publisher = OpenedOn(
+        channel=channel, exchange=ClosingExchange(await rejected_as_aiormq_rejects())
+    )
+    envelope = Envelope(message_id="m-1", name="CreateIssuer", body=b"{}")
+    with pytest.raises(PublishFailed):
+        await publisher.publish_events([envelope])
+    with pytest.raises(PublishFailed, match="none has been confirmed since"):
+        await publisher.probe()
+    monkeypatch.setattr(publisher_module, "REFUSAL_REMEMBERED", 0.0)
+    await asyncio.wait_for(publisher.probe(), 5)
     await publisher.close()

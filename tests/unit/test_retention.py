@@ -128,7 +128,7 @@ async def test_an_outage_is_retried_quietly_until_the_database_is_back() -> None
     assert len(commands.calls) == 4
     levels = [(log["log_level"], log["event"]) for log in logs]
     assert levels[0] == ("warning", "command database unavailable")
-    assert levels[1][0] == "info" and levels[1][1] == "command database recovered"
+    assert levels[1][0] == "warning" and levels[1][1] == "command database recovered"
     assert not [level for level, _ in levels if level == "error"]
 
 

@@ -82,12 +82,12 @@ async def test_an_unavailable_dependency_is_retried_beyond_any_attempt_limit_unt
     assert operation.calls == failures + 1
 
 
-async def test_an_outage_logs_one_warning_when_it_starts_and_one_info_line_when_it_ends() -> None:
+async def test_an_outage_logs_one_warning_when_it_starts_and_one_when_it_ends() -> None:
     with capture_logs() as logs:
         await retried(Failing(database_down, failures=20))
     assert [(line["log_level"], line["event"]) for line in logs] == [
         ("warning", "database unavailable"),
-        ("info", "database recovered"),
+        ("warning", "database recovered"),
     ]
     assert logs[0]["error"] == "connection refused"
     assert isinstance(logs[1]["outage_seconds"], float) and logs[1]["outage_seconds"] >= 0
@@ -121,7 +121,7 @@ async def test_an_outage_seen_by_several_loops_is_logged_once() -> None:
     assert results == ["done"] * 3
     assert [(line["log_level"], line["event"]) for line in logs] == [
         ("warning", "database unavailable"),
-        ("info", "database recovered"),
+        ("warning", "database recovered"),
     ]
     assert outages.down() == frozenset()
 

@@ -157,7 +157,8 @@ class Outages:
         if since is None:
             return
         word = "reconnected" if dependency == "broker" else "recovered"
-        log.info(
+        # At the start's level: a log kept at WARNING must show where each outage ended.
+        log.warning(
             f"{dependency} {word}",
             dependency=dependency,
             outage_seconds=round(time.monotonic() - since, 3),

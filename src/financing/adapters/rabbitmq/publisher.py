@@ -10,6 +10,7 @@ for a moment), the next publish opens a new one.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Sequence
 from uuid import UUID
 
@@ -27,7 +28,11 @@ from financing.adapters.rabbitmq.connection import (
     translated,
 )
 from financing.adapters.rabbitmq.envelopes import header_text, to_amqp
-from financing.adapters.rabbitmq.topology import command_queue, declare_events_exchange
+from financing.adapters.rabbitmq.topology import (
+    EVENTS_EXCHANGE,
+    command_queue,
+    declare_events_exchange,
+)
 from financing.adapters.rabbitmq.topology import declare as declare_topology
 from financing.application import codec
 from financing.application.errors import Unavailable
@@ -41,6 +46,10 @@ log = get_logger(__name__)
 # Where the probe's message goes: no queue can be named so (the broker reserves `amq.`
 # names), so it is routed nowhere and dropped.
 PROBE_ROUTING_KEY = "amq.financing.probe"
+
+
+# How long a refused publish to `events` fails the probe when none is tried since.
+REFUSAL_REMEMBERED = 15.0
 
 
 class PublishFailed(Unavailable):
@@ -66,6 +75,11 @@ class Publisher:
         self._events: AbstractExchange | None = None
         self._opening = asyncio.Lock()
         self._probing: asyncio.Task[None] | None = None
+        # The probe's own channel: a refused probe closes it, never the one publishes share.
+        self._probe_channel: AbstractChannel | None = None
+        # Why and when (time.monotonic()) the last publish to `events` failed, until one
+        # is confirmed again.
+        self._events_refused: tuple[str, float] | None = None
 
     @property
     def confirm_timeout(self) -> float:
@@ -98,9 +112,11 @@ class Publisher:
         try:
             await self._confirmed(what, [(envelope, None) for envelope in envelopes])
         except PublishFailed as failed:
+            self._events_refused = (failed.detail, time.monotonic())
             if failed.unroutable:
                 await self._declare_topology_again()
             raise
+        self._events_refused = None
 
     async def _declare_topology_again(self) -> None:
         """`events` feeds an exchange whose alternate exchange takes whatever no queue
@@ -124,22 +140,42 @@ class Publisher:
         await self._confirmed(what, [(message, queue)])
 
     async def probe(self) -> None:
-        """Return if publishing can work now: the publishing channel is open and the broker
-        takes its declarations (it refuses them, and closes the channel, without permissions).
+        """Return if publishing can work now: the publishing channel is open, the broker
+        takes a declaration and a publish (it refuses them without the configure or the
+        write permission), and the last publish to `events`, if any failed, has been
+        confirmed since.
 
-        One declaration at a time, which a caller's own deadline does not cancel: aiormq
-        closes a channel whose call is cancelled, and this is the channel every publish
-        uses (a watch checking every second would close it every second while the broker
-        is slow to answer). Callers meanwhile wait for the same declaration."""
+        A publish to `events` can be refused where the probe's is not (the write
+        permission on `events` alone revoked, a bound queue full and rejecting
+        publishes), and the probe cannot publish to `events` itself without reaching
+        every queue bound to it. So an outage a refused publish to `events` started
+        ends only once the relayer, which retries by itself, has one confirmed; a probe
+        passing meanwhile would end it every second and the next refusal start it again.
+        The relayer tries again at least every few seconds (its backoff and confirm
+        timeout), so a refusal without a newer attempt for REFUSAL_REMEMBERED seconds
+        means it stopped relaying (a standby took over): that refusal no longer counts.
+
+        One probe at a time, which a caller's own deadline does not cancel (aiormq closes
+        a channel whose call is cancelled), on a channel of its own, so that neither a
+        cancelled nor a refused probe closes the channel every publish uses. Callers
+        meanwhile wait for the same probe."""
+        if self._events_refused is not None:
+            detail, at = self._events_refused
+            if time.monotonic() - at < REFUSAL_REMEMBERED:
+                raise PublishFailed(
+                    f"publishing to {EVENTS_EXCHANGE!r} failed ({detail}),"
+                    " and none has been confirmed since"
+                )
         if self._probing is None or self._probing.done():
             self._probing = asyncio.get_running_loop().create_task(self._probe_once())
             self._probing.add_done_callback(_retrieved)
         await asyncio.shield(self._probing)
 
     async def _probe_once(self) -> None:
-        channel, _ = await self._opened("probing the broker")
+        await self._opened("probing the broker")
         try:
             async with asyncio.timeout(self._confirm_timeout):
+                channel = await self._probing_channel()
                 await declare_events_exchange(channel)
                 # Publishing needs the write permission, which a declaration does not: a
                 # message no queue can take, confirmed and dropped by the broker.
@@ -151,6 +187,11 @@ class Publisher:
                     )
         except TimeoutError:
             raise PublishFailed("no answer to a probe within the timeout") from None
+
+    async def _probing_channel(self) -> AbstractChannel:
+        if self._probe_channel is None or self._probe_channel.is_closed:
+            self._probe_channel = await self._broker.channel(publisher_confirms=True)
+        return self._probe_channel
 
     async def declare_command_queue(self, name: str) -> None:
         channel, _ = await self._opened(f"declaring queue {name!r}")
@@ -203,9 +244,10 @@ class Publisher:
     async def close(self) -> None:
         if self._probing is not None:
             self._probing.cancel()
-        channel, self._channel = self._channel, None
-        if channel is not None:
-            await close_channel(channel)
+        for channel in (self._channel, self._probe_channel):
+            if channel is not None:
+                await close_channel(channel)
+        self._channel = self._probe_channel = None
 
 
 def _retrieved(task: asyncio.Task[None]) -> None:
