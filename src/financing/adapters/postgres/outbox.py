@@ -284,9 +284,13 @@ class PostgresRelayerLock:
         if self._conn is not None and not self._conn.is_closed():
             return self._conn
         conn = await connect(self._db, COMMAND_DATABASE)
-        if conn.get_server_version() >= (14, 0):
-            with translated(COMMAND_DATABASE):
-                await conn.execute(f"SET idle_session_timeout = {round(self._lease * 1000)}")
+        try:
+            if conn.get_server_version() >= (14, 0):
+                with translated(COMMAND_DATABASE):
+                    await conn.execute(f"SET idle_session_timeout = {round(self._lease * 1000)}")
+        except BaseException:
+            conn.terminate()  # not yet ours to discard: failed or cancelled, it goes here
+            raise
         gone = asyncio.Event()
         conn.add_termination_listener(lambda _: gone.set())
         self._conn, self._gone = conn, gone
