@@ -127,17 +127,22 @@ async def test_an_event_waiting_longer_than_the_relay_lag_makes_the_deployment_u
     assert not [p for p in problems(patient) if "relayed" in p], patient.describe()
 
 
-async def test_a_command_database_without_the_schema_is_reported_rather_than_crashed_on(
-    bare: Bare,
+@pytest.mark.parametrize("which", ["command", "query"])
+async def test_a_database_without_the_schema_is_reported_as_not_ready(
+    bare: Bare, which: str
 ) -> None:
+    """Regression: an empty command database was reported as a failure to inquire
+    (UndefinedTableError), and an empty query database as reachable and healthy: a
+    connection string naming the wrong database passed the probe."""
     async with infra.fresh_database("fin_status_empty") as empty:
-        env = {**bare.env, "COMMAND_DB_CONNECTION_STRING": empty.dsn()}
+        env = {**bare.env, f"{which.upper()}_DB_CONNECTION_STRING": empty.dsn()}
         run = await run_cli(env, "status")
 
     assert run.exit_code == 1, run.describe()
-    [line] = [line for line in run.stdout.splitlines() if line.startswith("command database ")]
-    assert "FAILED: UndefinedTableError" in line, line
-    assert problems(run)[0].endswith("could not be inquired into")
+    [line] = [line for line in run.stdout.splitlines() if line.startswith(f"{which} database ")]
+    schema = {"command": "commands", "query": "queries"}[which]
+    assert " NOT READY: " in line and f"has no {schema} schema yet" in line, line
+    assert problems(run)[0] == line.split(" NOT READY")[0] + ": its schema is not this release's"
     assert "Traceback" not in run.stderr
 
 

@@ -14,8 +14,9 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from financing.adapters.postgres.connection import COMMAND_DATABASE, QUERY_DATABASE, ping
+from financing.adapters.postgres.connection import COMMAND_DATABASE, QUERY_DATABASE
 from financing.adapters.postgres.outbox import PostgresOutbox, RelayBacklog
+from financing.adapters.postgres.schema import SchemaAhead, SchemaBehind
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import connected, describe_url
 from financing.adapters.rabbitmq.queues import QueueDepth, queue_depth
@@ -25,7 +26,8 @@ from financing.entrypoints.cli.console import database, moment, table
 
 HEALTHY = """\
 Healthy (exit code 0; otherwise 1) means:
-  - the command database, the query database and the broker answer;
+  - the command database, the query database and the broker answer, and each
+    database holds this release's schema;
   - every queue the service consumes exists and has at least one consumer;
   - no event has waited longer than --max-relay-lag seconds to be relayed.
 Dead letters and the projector's backlog are reported, not judged."""
@@ -90,6 +92,9 @@ async def _inquire(
     try:
         async with asyncio.timeout(within):
             await inquiry()
+    except (SchemaBehind, SchemaAhead) as error:
+        findings.report(what, f"NOT READY: {error}")
+        findings.problems.append(f"{what}: its schema is not this release's")
     except (Unavailable, Refused) as error:
         findings.report(what, f"UNREACHABLE: {error}")
         findings.problems.append(f"{what} is unreachable")
@@ -102,7 +107,7 @@ async def _inquire(
 
 
 async def _event_store(settings: Settings, findings: Findings, max_relay_lag: float) -> None:
-    async with database(settings.command_db, COMMAND_DATABASE, "status") as pool:
+    async with database(settings.command_db, COMMAND_DATABASE, "status", schema="commands") as pool:
         backlog = await PostgresOutbox(pool).backlog()
     findings.report("command database", f"{settings.command_db.describe()}: reachable")
     findings.report("relayer", _relaying(backlog))
@@ -127,8 +132,8 @@ def _relaying(backlog: RelayBacklog) -> str:
 
 
 async def _read_models(settings: Settings, findings: Findings) -> None:
-    async with database(settings.query_db, QUERY_DATABASE, "status") as pool:
-        await ping(pool, QUERY_DATABASE)
+    async with database(settings.query_db, QUERY_DATABASE, "status", schema="queries"):
+        pass  # reachable, and its schema is this release's
     findings.report("query database", f"{settings.query_db.describe()}: reachable")
 
 
