@@ -284,6 +284,12 @@ _LIBPQ_TO_ASYNCPG = {
 
 
 AMQP_SCHEMES = ("amqp", "amqps")
+# The numbers a broker URL's query may set, as the AMQP client reads them.
+AMQP_COUNTS = {
+    "heartbeat": "seconds; 0 turns heartbeats off",
+    "frame_max": "bytes",
+    "channel_max": "channels",
+}
 
 
 def parse_amqp_urls(value: str) -> str:
@@ -300,6 +306,12 @@ def parse_amqp_urls(value: str) -> str:
             )
         if not parts.hostname:
             raise ConfigError("AMQP_ADDRESS: a broker URL names no host")
+        for key, raw in parse_qsl(parts.query, keep_blank_values=True):
+            if key in AMQP_COUNTS and not (raw.isascii() and raw.isdigit()):
+                # The AMQP client reads what is not a number as 0: heartbeats off, silently.
+                raise ConfigError(
+                    f"AMQP_ADDRESS: {key} must be a whole number ({AMQP_COUNTS[key]}), got {raw!r}"
+                )
     return value
 
 

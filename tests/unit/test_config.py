@@ -393,3 +393,17 @@ def test_a_broker_url_that_cannot_be_read_is_never_described_with_its_parts() ->
         "(a broker URL that cannot be read)"
     )
     assert describe_url(f"amqp://guest:{SECRET}@rabbit:5672/v") == "amqp://rabbit:5672/v"
+
+
+@pytest.mark.parametrize("query", ["heartbeat=abc", "heartbeat=10s", "heartbeat=", "frame_max=-1"])
+def test_a_broker_url_setting_a_number_that_is_none_is_a_config_error(query: str) -> None:
+    """Regression: `heartbeat=abc` (or a typo such as `10s`) was read by the AMQP client
+    as 0, which turned heartbeats off without a word: a frozen broker went unnoticed."""
+    with pytest.raises(ConfigError, match=f"AMQP_ADDRESS: {query.split('=')[0]} must be"):
+        Settings.from_env({"AMQP_ADDRESS": f"amqp://app:{SECRET}@rabbit:5672/v?{query}"})
+
+
+def test_a_broker_url_may_set_its_heartbeat_and_turn_it_off() -> None:
+    for query in ("heartbeat=10", "heartbeat=0&frame_max=131072&name=financing"):
+        address = f"amqp://app:x@rabbit:5672/v?{query}"
+        assert Settings.from_env({"AMQP_ADDRESS": address}).amqp_urls == [address]
