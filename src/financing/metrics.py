@@ -96,6 +96,13 @@ RELAYER_LAG_SECONDS = _registered(
         "Age of the oldest event committed and not yet behind the relayer's checkpoint.",
     )
 )
+DEPENDENCY_UP = Gauge(
+    "financing_dependency_up",
+    "1 while a dependency works for this process, 0 during its outage (from the failure"
+    " that starts it to the check that ends it): the broker, each database, each queue"
+    " the process consumes, as the outage lines of the log name them.",
+    ["dependency"],
+)
 POOL_CONNECTIONS = Gauge(
     "financing_pool_connections", "Connections of each database pool.", ["database", "state"]
 )

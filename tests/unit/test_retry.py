@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from financing.application.errors import (
@@ -360,3 +362,32 @@ async def test_the_watch_leaves_alone_an_outage_it_has_no_check_for() -> None:
 
 async def _now(value: bool) -> bool:
     return value
+
+
+def up(dependency: str) -> float | None:
+    return REGISTRY.get_sample_value("financing_dependency_up", {"dependency": dependency})
+
+
+async def test_a_dependency_is_exported_up_from_its_check_and_down_for_its_outage() -> None:
+    """Regression: no metric showed a database's or a queue's outage (the broker's
+    connection gauge stays 1 while it refuses publishes): only the log and /health did."""
+    outages = Outages()
+    name = f"database {uuid.uuid4()}"
+    outages.check_with(name, lambda: asyncio.sleep(0))
+    assert up(name) == 1
+    outages.failed(Unavailable(name, "connection refused"))
+    assert up(name) == 0
+    watching = asyncio.create_task(outages.watch(interval=0.01))
+
+    async def back() -> bool:
+        return up(name) == 1
+
+    try:
+        await wait_until(back, timeout=5, what="the check to end the outage")
+    finally:
+        watching.cancel()
+    queue = f"queue {uuid.uuid4()}"  # no check: the next success ends its outage
+    outages.failed(Unavailable(queue, "access refused"))
+    assert up(queue) == 0
+    outages.succeeded(queue)
+    assert up(queue) == 1

@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
+from financing import metrics
 from financing.application.errors import (
     Fault,
     Unavailable,
@@ -115,6 +116,8 @@ class Outages:
 
     def check_with(self, dependency: str, check: Callable[[], Awaitable[object]]) -> None:
         self._checks[dependency] = check
+        if dependency not in self._since:
+            metrics.DEPENDENCY_UP.labels(dependency).set(1)
 
     async def watch(self, interval: float = OUTAGE_CHECK_INTERVAL) -> None:
         """Until cancelled, every `interval` seconds: end the outage of each dependency
@@ -140,6 +143,7 @@ class Outages:
         if error.dependency in self._since:
             return
         self._since[error.dependency] = time.monotonic()
+        metrics.DEPENDENCY_UP.labels(error.dependency).set(0)
         log.warning(
             f"{error.dependency} unavailable", dependency=error.dependency, error=error.detail
         )
@@ -156,6 +160,7 @@ class Outages:
         since = self._since.pop(dependency, None)
         if since is None:
             return
+        metrics.DEPENDENCY_UP.labels(dependency).set(1)
         word = "reconnected" if dependency == "broker" else "recovered"
         # At the start's level: a log kept at WARNING must show where each outage ended.
         log.warning(
