@@ -32,7 +32,8 @@ poison message is dead-lettered once, not by every consumer.
 The reference's projector read `events_query`, bound to `events`; ours reads a
 queue of its own. On a broker the reference used, `events_query` is unbound
 from `events` once nothing reads it, so that it does not grow until the
-broker's alarms block every publisher, and deleted if it is empty.
+broker's alarms block every publisher, and deleted if it is empty; wherever
+the topology is declared (start-up, `financing populate`).
 """
 
 from __future__ import annotations
