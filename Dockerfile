@@ -20,7 +20,7 @@ RUN python -m venv --without-pip /opt/build-tools \
  && pip --python /opt/build-tools/bin/python install --no-deps --require-hashes \
         --only-binary=:all: -r /lock/build-requirements.lock
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY src ./src
 RUN pip --python /opt/build-tools/bin/python wheel --no-deps --no-build-isolation \
         --wheel-dir /wheels . \

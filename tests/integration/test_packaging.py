@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -11,10 +12,43 @@ import tomllib
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_the_wheel_ships_sql_generated_code_and_the_console_script(tmp_path: Path) -> None:
+def image_build_context(into: Path) -> Path:
+    """The files `.dockerignore` lets into the image's build context: it shuts out
+    everything (`*`) but the paths it lists with `!`, and then the paths after them."""
+    lines = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert lines[0] == "*", "the context is an allow-list"
+    let_in = [line[1:] for line in lines if line.startswith("!")]
+    for path in let_in:
+        source = ROOT / path.rstrip("/")
+        if source.is_dir():
+            shutil.copytree(
+                source,
+                into / path,
+                ignore=shutil.ignore_patterns("*.egg-info", "__pycache__", "*.py[cod]"),
+            )
+        else:
+            (into / path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, into / path)
+    return into
+
+
+@pytest.mark.parametrize("source", ["checkout", "image build context"])
+def test_the_wheel_ships_sql_generated_code_and_the_console_script(
+    tmp_path: Path, source: str
+) -> None:
+    """Regression (image build context): `.dockerignore` left LICENSE out, so the image's
+    wheel, unlike the checkout's, carried no licence."""
+    root = ROOT if source == "checkout" else image_build_context(tmp_path / "context")
+    wheels = tmp_path / "wheels"
     subprocess.run(
         [
             sys.executable,
@@ -25,14 +59,14 @@ def test_the_wheel_ships_sql_generated_code_and_the_console_script(tmp_path: Pat
             "--no-deps",
             "--no-build-isolation",
             "--wheel-dir",
-            str(tmp_path),
-            str(ROOT),
+            str(wheels),
+            str(root),
         ],
         check=True,
         capture_output=True,
         timeout=180,
     )
-    [wheel] = tmp_path.glob("financing-*.whl")
+    [wheel] = wheels.glob("financing-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         entry_points = next(n for n in names if n.endswith("entry_points.txt"))
