@@ -29,7 +29,6 @@ from hypothesis import strategies as st
 
 from financing.adapters.rabbitmq.topology import PROJECTOR_QUEUE, UNROUTED
 from financing.application import codec
-from financing.domain.money import subtract
 from tests.acceptance import expected as ex
 from tests.faults.hostile import (
     AGGREGATE_ID,
@@ -520,46 +519,36 @@ def _add(figures: dict[str, Any], name: str, amount: int) -> None:
     figures[name] = figures.get(name, 0) + amount
 
 
-async def test_an_amount_with_thirty_one_digits_is_kept_exact_through_every_computation(
+async def test_amounts_money_cannot_be_are_dead_lettered_naming_their_field(
     hostile_target: tuple[Deployment, Observer],
 ) -> None:
-    # The codec takes amounts up to 1e16 with up to 31 decimals (what float-based
-    # producers write); the default decimal context keeps 28 digits, so sums
-    # of such amounts were rounded: the replay then disagreed with the read
-    # models, which PostgreSQL computes exactly.
+    # Amounts on the bus were taken up to 1e16 with up to 31 decimals (what float-based
+    # producers write): a registration balance of 9999999999999999.99 was projected as
+    # 1e+16 and one of 0.001 could never be spent. A message is held to the Commands
+    # API's rules: whole cents, at most 999,999,999,999.99.
     target, observer = hostile_target
-    balance = Decimal("999999999999999.9999999999999999")
-    async with driving(target, observer) as financing:
-        invoice_id, _ = await financing.put_invoice_on_sale(10)
-        investor_id = uuid.uuid4()
-        since = financing.events.mark()
-        body = to_json({"ID": str(investor_id), "Balance": "balance"})
-        await financing.broker.send_command(
-            "CreateInvestor", body.replace(b'"balance"', str(balance).encode())
+    amounts = ["999999999999999.9999999999999999", "9999999999999999.99", "0.001"]
+    hostiles = [
+        Hostile(
+            f"balance {amount}",
+            to_json({"ID": str(uuid.uuid4()), "Balance": "balance"}).replace(
+                b'"balance"', amount.encode()
+            ),
+            headers_for("CreateInvestor"),
+            "CreateInvestor",
         )
-        await ex.expect_events(
-            financing.events,
-            [ex.investor_created(investor_id), ex.investor_funds_added(investor_id, balance)],
-            since=since,
-        )
-        since = financing.events.mark()
-        await financing.bid(investor_id, invoice_id, 10)
-        await ex.expect_events(
-            financing.events,
-            [
-                ex.bid_on_invoice_placed(investor_id, invoice_id, 10),
-                ex.invoice_financed(invoice_id, 10, investor_id, 10),
-            ],
-            since=since,
-            among=[investor_id],
-        )
-    await settle(target)
-    row = await target.query_pool.fetchrow(
-        "SELECT balance, reserved FROM read_models.investors WHERE id = $1", investor_id
-    )
-    assert row is not None
-    # Computed in the service's exact money context: the default one would round it too.
-    assert (row["balance"], row["reserved"]) == (subtract(balance, Decimal(10)), Decimal(10))
+        for amount in amounts
+    ]
+    since = observer.dead_letters.mark()
+
+    await publish_all(observer.broker, hostiles)
+
+    letters = await expect_dead_letters(observer, hostiles, since=since)
+    for hostile in hostiles:
+        [letter] = letters[hostile.case]
+        assert "Balance" in str(letter.reason), letter.reason
+    assert target.service.running, f"the service died:\n{target.log_tail()}"
+    await _story_still_completes(target, observer)
 
 
 async def test_a_poison_message_without_amqp_properties_and_a_long_id_is_dead_lettered(

@@ -11,6 +11,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 from uuid import UUID, uuid4
@@ -28,6 +29,7 @@ from financing.adapters.rabbitmq.dead_letters import DeadLetters, list_dead_lett
 from financing.adapters.rabbitmq.publisher import Publisher
 from financing.adapters.rabbitmq.topology import PROJECTOR_QUEUE
 from financing.application.errors import Unavailable
+from financing.application.ports import StoredEvent
 from financing.application.read_models import (
     InvestorRow,
     InvoiceRow,
@@ -188,7 +190,11 @@ async def issuer_created(channel: AbstractChannel, issuer_id: UUID) -> str:
 
 
 async def funds_added(
-    channel: AbstractChannel, investor_id: UUID, amount: float, message_id: str | None = None
+    channel: AbstractChannel,
+    investor_id: UUID,
+    amount: float,
+    message_id: str | None = None,
+    headers: dict[str, Any] | None = None,
 ) -> str:
     return await publish(
         channel,
@@ -196,6 +202,7 @@ async def funds_added(
         {"Amount": amount},
         aggregate_id=investor_id,
         message_id=message_id,
+        headers=headers,
     )
 
 
@@ -481,3 +488,69 @@ async def test_an_event_whose_projection_has_a_bug_is_dead_lettered_and_the_rest
     ]
     assert letter.message_id == message_ids[at_fault]
     assert letter.source_queue == PROJECTOR_QUEUE
+
+
+def relayed_headers(aggregate_id: UUID, version: int) -> tuple[str, dict[str, Any]]:
+    """The message id and headers this service's relayer gives the event at `version`."""
+    stored = StoredEvent(
+        position=version,
+        aggregate_type="Investor",
+        aggregate_id=aggregate_id,
+        version=version,
+        name="",
+        body="",
+        correlation_id=str(uuid4()),
+        causation_id=str(uuid4()),
+        recorded_at=datetime.now(UTC),
+    )
+    envelope = stored.envelope()
+    return envelope.message_id, dict(envelope.headers)
+
+
+async def test_a_relayed_event_published_again_under_a_new_id_is_dead_lettered(
+    vhost: rabbitmq.Vhost,
+    broker: Broker,
+    channel: AbstractChannel,
+    read_models: PostgresReadModels,
+    dead_letters: DeadLetters,
+) -> None:
+    """Regression: a relayed InvestorFundsAddedEvent published again with every header
+    but a new message id was projected again (balance 1850 where the store had 850),
+    and foreign copies of relayed events made up invoices and negative balances."""
+    investor_id, invoice_id, marker = uuid4(), uuid4(), uuid4()
+    created_id, created = relayed_headers(investor_id, 1)
+    await publish(
+        channel,
+        "InvestorCreatedEvent",
+        {"InvestorID": str(investor_id)},
+        aggregate_id=investor_id,
+        message_id=created_id,
+        headers=created,
+    )
+    added_id, added = relayed_headers(investor_id, 2)
+    await funds_added(channel, investor_id, 1000, message_id=added_id, headers=added)
+    copies = [await funds_added(channel, investor_id, 1000, headers=added)]
+    _, bid = relayed_headers(investor_id, 3)
+    copies.append(
+        await publish(
+            channel,
+            "BidOnInvoicePlacedEvent",
+            {"InvoiceID": str(invoice_id), "BidAmount": 1005},
+            aggregate_id=investor_id,
+            headers=bid,
+        )
+    )
+    # A reference relayer's event (watermill's headers only) is projected, as before.
+    await funds_added(channel, investor_id, 7)
+    await issuer_created(channel, marker)
+    async with projecting(broker, read_models, dead_letters):
+        await infra.wait_until(lambda: has_issuer(read_models, marker), what="marker issuer")
+        await wait_settled(vhost)
+
+    assert await read_models.investors() == [InvestorRow(investor_id, D(1007), D(0), D(0))]
+    letters = {letter.message_id: letter for letter in await list_dead_letters(broker)}
+    for copy in copies:
+        assert "is not an event of this service's event store" in letters[copy].reason
+        assert letters[copy].source_queue == PROJECTOR_QUEUE
+    assert created_id not in letters and added_id not in letters
+    assert await queued_messages(broker) == 0  # dead-lettered messages were acked

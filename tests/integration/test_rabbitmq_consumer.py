@@ -12,9 +12,11 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from decimal import Decimal
 
+import aio_pika
 import pytest
 import structlog
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractConnection
+from structlog.testing import capture_logs
 
 from financing.adapters.rabbitmq import consumer as consumer_module
 from financing.adapters.rabbitmq.acks import ChannelAcks
@@ -27,6 +29,7 @@ from financing.adapters.rabbitmq.consumer import (
 )
 from financing.adapters.rabbitmq.dead_letters import DeadLetter, DeadLetters, list_dead_letters
 from financing.adapters.rabbitmq.envelopes import from_amqp
+from financing.adapters.rabbitmq.frames import OutOfRangeTimestamp
 from financing.adapters.rabbitmq.publisher import AmqpCommandSender, Publisher, PublishFailed
 from financing.adapters.rabbitmq.topology import QueueSpec, Subscription, command_queue
 from financing.application import codec, handlers, integration
@@ -414,6 +417,140 @@ async def test_poison_messages_are_dead_lettered_without_blocking_the_queue(
     non_string = next(letter for letter in letters if letter.message_id == "m-int")
     assert non_string.headers["aggregateVersion"] == "3"
     assert non_string.body == good_body
+    assert await bus.queue_state(queue) == (0, 0)
+
+
+class RawText(str):
+    """Text that pamqp encodes (it calls `encode`) to exactly `raw`, UTF-8 or not: what
+    a publisher in another language can put in a short string."""
+
+    raw: bytes
+
+    @classmethod
+    def of(cls, raw: bytes) -> RawText:
+        text = cls(raw.decode("latin-1"))
+        text.raw = raw
+        return text
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return self.raw
+
+    def __str__(self) -> str:
+        return self  # aio-pika passes message_id through str()
+
+
+async def publish_exactly(
+    connection: AbstractConnection,
+    queue: str,
+    body: bytes,
+    headers: Mapping[str, object],
+    **properties: object,
+) -> None:
+    """Publish a message with these headers and properties, whatever their bytes, confirmed."""
+    channel = await connection.channel()
+    try:
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                body,
+                headers=dict(headers),  # type: ignore[arg-type]
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                **properties,  # type: ignore[arg-type]
+            ),
+            routing_key=queue,
+        )
+    finally:
+        await channel.close()
+
+
+async def test_a_message_whose_content_header_pamqp_cannot_decode_is_dead_lettered(
+    bus: Bus, queue: str
+) -> None:
+    """Regression: pamqp raised decoding these content headers (which the broker accepts),
+    aiormq closed the connection as an invalid frame, and the broker redelivered the
+    message on the next connection: the connection dropped about once a second for ever,
+    and nothing on it made progress."""
+    store = InMemoryEventStore()
+    issuer = uuid.uuid4()
+    body = codec.encode(CreateIssuer(uuid.uuid4()))
+    latest, negative = 2**64 - 1, -(2**62) & (2**64 - 1)  # -2**62 as the 64 bits on the wire
+
+    def headers(message_id: str, **extra: object) -> dict[str, object]:
+        return {"_watermill_message_uuid": message_id, "name": "CreateIssuer", **extra}
+
+    # message id: (headers, properties, the reason it is dead-lettered with)
+    undecodable: dict[str, tuple[dict[str, object], dict[str, object], str]] = {
+        "m-ts": (
+            headers("m-ts", ts=OutOfRangeTimestamp.of(latest)),
+            {},
+            f"header 'ts' holds a timestamp out of range ({latest})",
+        ),
+        "m-negative-ts": (
+            headers("m-negative-ts", ts=OutOfRangeTimestamp.of(negative)),
+            {},
+            f"header 'ts' holds a timestamp out of range ({negative})",
+        ),
+        "m-key": (
+            {**headers("m-key"), RawText.of(b"k\xff\xfe"): "v"},
+            {},
+            r"header name b'k\xff\xfe' is not valid UTF-8",
+        ),
+        "m-content-type": (
+            headers("m-content-type"),
+            {"content_type": RawText.of(b"application/json\xff")},
+            "property content_type is not valid UTF-8",
+        ),
+        "m-message-id": (
+            headers("m-message-id"),
+            {"message_id": RawText.of(b"m-\xff\xfe")},
+            "property message_id is not valid UTF-8",
+        ),
+        "m-timestamp": (
+            headers("m-timestamp"),
+            {"timestamp": OutOfRangeTimestamp.of(latest)},
+            f"property timestamp holds a timestamp out of range ({latest})",
+        ),
+    }
+    handler = exactly_once(store, "create_issuer", handlers.create_issuer)
+    # Published from a connection of their own, as another service would.
+    elsewhere = Broker([bus.vhost.url], Outages())
+    sender = Publisher(elsewhere)
+    with capture_logs() as logs:
+        async with consuming(bus, on_command_queue(queue, "CreateIssuer"), handler, prefetch=1):
+            consumers = await bus.broker.connection()
+            try:
+                for message_headers, properties, _ in undecodable.values():
+                    await publish_exactly(
+                        await elsewhere.connection(), queue, body, message_headers, **properties
+                    )
+                await sender.send_to_queue(queue, envelope(CreateIssuer(issuer)))
+            finally:
+                await sender.close()
+                await elsewhere.close()
+
+            async def processed() -> bool:
+                return bool(events_of(store, issuer))
+
+            await wait_until(processed, what="the message behind the undecodable ones")
+
+            async def all_dead_lettered() -> list[DeadLetter]:
+                letters = await bus.dead_letters_of(queue)
+                return letters if len(letters) == len(undecodable) else []
+
+            letters = await wait_until(all_dead_lettered, what="the messages dead-lettered")
+            assert await bus.broker.connection() is consumers  # never lost
+    reasons = {letter.message_id: letter.reason for letter in letters}
+    assert reasons.keys() == undecodable.keys()
+    for message_id, (_, _, reason) in undecodable.items():
+        assert reasons[message_id].startswith(f"PoisonMessage: {reason} (permanent")
+    assert [e["event"] for e in logs if e["log_level"] in ("warning", "error")] == [
+        "message dead-lettered"
+    ] * len(undecodable)
+    copies = {letter.message_id: letter for letter in letters}
+    assert copies["m-ts"].headers["ts"] == str(latest)
+    assert copies["m-key"].headers["k\ufffd\ufffd"] == "v"
+    assert copies["m-key"].body == body
+    assert events_of(store, issuer) == ["IssuerCreatedEvent"]
+    assert len(store.events) == 1
     assert await bus.queue_state(queue) == (0, 0)
 
 

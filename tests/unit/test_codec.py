@@ -371,3 +371,141 @@ def test_a_creation_event_needs_no_aggregate_id_header(name: str) -> None:
 
 def test_a_bad_aggregate_id_header_is_poison_naming_the_header() -> None:
     assert "aggregateID" in poison("InvestorFundsAddedEvent", b'{"Amount":1}', "nope")
+
+
+# Money in a message: the Commands API's rule (money.within_limits), whatever the message.
+
+# Every money field of every message type, as (name, body with the amount at "__amount__",
+# aggregateID header, where the reason names it).
+MONEY_FIELDS = [
+    (name, {**case.body, key: "__amount__"}, case.header, f"{name}.{key}")
+    for name, case in CASES.items()
+    for field in codec.REGISTRY[name].body
+    if field.kind == "money"
+    for key in [field.key]
+    if key is not None
+] + [
+    (name, {**case.body, "Bid": {**BID_JSON, "Amount": "__amount__"}}, case.header, f"{name}.Bid")
+    for name, case in CASES.items()
+    if "Bid" in case.body
+]
+
+
+def with_amount(body: dict[str, Any], number: str) -> bytes:
+    return json.dumps(body).replace('"__amount__"', number).encode()
+
+
+def test_every_money_field_is_covered() -> None:
+    kinds = [f.kind for t in codec.REGISTRY.values() for f in t.fields]
+    assert len(MONEY_FIELDS) == kinds.count("money") + kinds.count("bid")
+
+
+@pytest.mark.parametrize(
+    ("number", "reason"),
+    [
+        ("9999999999999999.99", "must be at most 999999999999.99"),
+        ("1000000000000", "must be at most 999999999999.99"),
+        ("999999999999.991", "at most 2 decimal places"),
+        ("0.001", "at most 2 decimal places"),
+        ("0.30000000000000004", "at most 2 decimal places"),  # a float64 producer's 0.1 + 0.2
+    ],
+)
+@pytest.mark.parametrize(("name", "body", "header", "where"), MONEY_FIELDS)
+def test_a_delivered_amount_the_commands_api_refuses_is_poison_naming_the_field(
+    number: str, reason: str, name: str, body: dict[str, Any], header: str | None, where: str
+) -> None:
+    """Regression: an InvestorRegistered Balance of 9999999999999999.99 (read back as
+    1e+16) or 0.001 (unspendable) was taken, where the Commands API takes cents up to
+    999999999999.99."""
+    with pytest.raises(PoisonMessage) as caught:
+        codec.decode_message(name, with_amount(body, number), header)
+    assert str(caught.value).startswith(f"{where}")
+    assert reason in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("number", "reason"),
+    [
+        ("9999999999999999.99", "must be at most 999999999999.99, got 9999999999999999.99"),
+        ("0.001", "must have at most 2 decimal places, got 0.001"),
+        ("-1000000000000", "must be at least -999999999999.99"),
+        ("1e16", "must be at most 999999999999.99"),
+        ("1e-16", "must have at most 2 decimal places, got 1E-16"),
+        ("1e999999999", "must be at most"),
+        ("0e-99999999", "more than 31 decimal places"),
+        ("1" * 60_000, f"must be at most 999999999999.99, got {'1' * 37}..."),
+    ],
+)
+def test_a_registration_balance_that_is_not_money_is_poison_with_the_reason(
+    number: str, reason: str
+) -> None:
+    body = f'{{"ID":"{INV}","Name":"Ann","Balance":{number}}}'.encode()
+    with pytest.raises(PoisonMessage) as caught:
+        codec.decode_message("InvestorRegistered", body)
+    assert str(caught.value).startswith(f"InvestorRegistered.Balance: {reason}")
+    assert len(str(caught.value)) < 200
+
+
+@pytest.mark.parametrize(
+    "number", ["999999999999.99", "0", "0.00", "-5", "-999999999999.99", "10.5", "1.50000"]
+)
+def test_a_delivered_amount_in_cents_up_to_the_limit_is_read_exactly(number: str) -> None:
+    # Whether it may be zero or negative is the domain's rule (an initial balance >= 0;
+    # an amount <= 0 changes nothing), which names the aggregate it breaks.
+    body = f'{{"ID":"{INV}","Name":"Ann","Balance":{number}}}'.encode()
+    decoded = codec.decode_message("InvestorRegistered", body)
+    assert decoded == InvestorRegistered(INVESTOR, "Ann", D(number))
+
+
+def test_an_event_store_row_is_read_as_it_was_recorded() -> None:
+    # Events appended before messages were held to cents must stay readable.
+    body = '{"Amount":999999999999999.9999999999999999}'
+    decoded = codec.decode("InvestorFundsAddedEvent", body, INVESTOR)
+    assert decoded == ev.InvestorFundsAddedEvent(INVESTOR, D("999999999999999.9999999999999999"))
+    with pytest.raises(PoisonMessage, match="decimal places"):
+        codec.decode_message("InvestorFundsAddedEvent", body, INV)
+
+
+# Encodings: JSON on the bus is UTF-8 (docs/contract.md section 2).
+
+REGISTERED = f'{{"ID":"{INV}","Name":"Zoë","Balance":10}}'
+
+
+@pytest.mark.parametrize(
+    ("body", "found"),
+    [
+        (REGISTERED.encode("utf-16"), "UTF-16"),
+        (REGISTERED.encode("utf-16-le"), "UTF-16-LE"),
+        (REGISTERED.encode("utf-16-be"), "UTF-16-BE"),
+        (REGISTERED.encode("utf-32"), "UTF-32"),
+        (REGISTERED.encode("utf-8-sig"), "UTF-8 with a byte order mark"),
+    ],
+)
+@pytest.mark.parametrize("decode", [codec.decode_message, codec.decode])
+def test_a_body_in_another_encoding_than_utf8_is_poison_naming_it(
+    body: bytes, found: str, decode: Any
+) -> None:
+    """Regression: a UTF-16 JSON body was read (json.detect_encoding), where the
+    contract's JSON is UTF-8 and the reference's decoder refuses it."""
+    with pytest.raises(PoisonMessage) as caught:
+        decode("InvestorRegistered", body)
+    assert str(caught.value) == (
+        f"InvestorRegistered: body is not valid JSON: it must be UTF-8, not {found}"
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        REGISTERED.encode("latin-1"),
+        REGISTERED.encode().replace(b"Zo\xc3\xab", b"Zo\xed\xa0\x80"),  # a lone surrogate
+    ],
+)
+def test_a_body_that_is_not_valid_utf8_is_poison(body: bytes) -> None:
+    with pytest.raises(PoisonMessage, match="body is not valid JSON: it is not UTF-8"):
+        codec.decode_message("InvestorRegistered", body)
+
+
+def test_a_utf8_body_is_read() -> None:
+    decoded = codec.decode_message("InvestorRegistered", REGISTERED.encode())
+    assert decoded == InvestorRegistered(INVESTOR, "Zoë", D(10))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import decimal
+import re
 import subprocess
 import sys
 from decimal import Decimal
@@ -28,6 +29,7 @@ from financing.domain.money import (
     positive_amount,
     subtract,
     to_double,
+    within_limits,
 )
 
 
@@ -165,3 +167,36 @@ def test_an_investors_balances_stay_exact_to_46_digits_under_a_five_digit_contex
         InvestorFundsReleasedEvent,
         InvestorFundsCommittedEvent,
     ]
+
+
+@pytest.mark.parametrize(
+    "amount", ["0", "0.00", "-5", "10.5", "1.50000", "999999999999.99", "-999999999999.99"]
+)
+def test_an_amount_in_cents_up_to_the_limit_either_side_of_zero_is_within_limits(
+    amount: str,
+) -> None:
+    assert within_limits(Decimal(amount)) == Decimal(amount)
+
+
+@pytest.mark.parametrize(
+    ("amount", "reason"),
+    [
+        ("0.001", "must have at most 2 decimal places, got 0.001"),
+        ("0.30000000000000004", "must have at most 2 decimal places"),
+        ("1000000000000", "must be at most 999999999999.99, got 1000000000000"),
+        ("9999999999999999.99", "must be at most 999999999999.99"),
+        ("-1000000000000", "must be at least -999999999999.99, got -1000000000000"),
+        ("1e999999999", "must be at most 999999999999.99, got 1E+999999999"),
+        ("NaN", "finite"),
+        ("Infinity", "finite"),
+    ],
+)
+def test_an_amount_beyond_the_limits_is_refused_with_the_limit(amount: str, reason: str) -> None:
+    with pytest.raises(InvalidAmount, match=re.escape(reason)):
+        within_limits(Decimal(amount))
+
+
+def test_a_refused_amount_of_many_digits_is_shown_short() -> None:
+    with pytest.raises(InvalidAmount) as caught:
+        within_limits(Decimal("1" * 10_000))
+    assert str(caught.value) == f"must be at most {MAX_AMOUNT}, got {'1' * 37}..."

@@ -7,9 +7,10 @@ import asyncio
 from decimal import Decimal
 from uuid import UUID, uuid4
 
+import pytest
 from structlog.testing import capture_logs
 
-from financing.application import handlers, routes
+from financing.application import codec, handlers, routes
 from financing.application.errors import PoisonMessage, Unavailable
 from financing.application.memory import InMemoryEventStore
 from financing.application.messages import (
@@ -141,6 +142,40 @@ async def test_a_body_missing_a_field_is_dead_lettered_naming_the_field() -> Non
     outcome = await step_of(handler, "CreateInvestor")(MemoryDelivery(partial))
     assert outcome.kind is OutcomeKind.DEAD_LETTERED
     assert "CreateInvestor: missing field ID" in outcome.detail
+    assert handler.calls == []
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b'"Balance":0.001', "InvestorRegistered.Balance: must have at most 2 decimal places"),
+        (b'"Balance":9999999999999999.99', "InvestorRegistered.Balance: must be at most"),
+    ],
+)
+async def test_a_registration_balance_that_is_not_money_is_dead_lettered_naming_it(
+    body: bytes, reason: str
+) -> None:
+    """Regression: the bus took balances the Commands API refuses (0.001, 1e16 - 0.01)."""
+    handler = Counting()
+    registered = Envelope(
+        message_id=str(uuid4()),
+        name="InvestorRegistered",
+        body=b'{"ID":"%s","Name":"Ann",%s}' % (str(uuid4()).encode(), body),
+    )
+    outcome = await step_of(handler, "InvestorRegistered")(MemoryDelivery(registered))
+    assert outcome.kind is OutcomeKind.DEAD_LETTERED
+    assert f"PoisonMessage: {reason}" in outcome.detail
+    assert handler.calls == []
+
+
+async def test_a_body_that_is_not_utf8_is_dead_lettered_naming_its_encoding() -> None:
+    """Regression: a UTF-16 JSON body was processed."""
+    handler = Counting()
+    body = codec.encode(CreateIssuer(uuid4())).decode().encode("utf-16")
+    utf16 = Envelope(message_id=str(uuid4()), name="CreateIssuer", body=body)
+    outcome = await step_of(handler, "CreateIssuer")(MemoryDelivery(utf16))
+    assert outcome.kind is OutcomeKind.DEAD_LETTERED
+    assert "CreateIssuer: body is not valid JSON: it must be UTF-8, not UTF-16" in outcome.detail
     assert handler.calls == []
 
 

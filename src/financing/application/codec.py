@@ -3,6 +3,14 @@
 Bodies use the Go field names of the reference. Fields marked † in the
 contract are not in the body: they travel in the `aggregateID` header. Money
 is a JSON number, read exactly (`Decimal`) and written in plain decimal form.
+A body is UTF-8 JSON (docs/contract.md section 2), as the reference's decoder
+reads it: another encoding is poison.
+
+A message as delivered (`decode_message`) is held to the money rule of the
+Commands API (`money.within_limits`: cents, up to MAX_AMOUNT either side of
+zero). An event store's row (`decode`) is read as it was recorded: events
+appended before messages were held to that rule may hold amounts of up to
+1e16 with up to 31 decimals, and must stay readable.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from financing.application.messages import (
 )
 from financing.domain import events as ev
 from financing.domain.ids import parse_id
-from financing.domain.money import canonical
+from financing.domain.money import InvalidAmount, canonical, within_limits
 
 Kind = Literal["uuid", "money", "text", "bid"]
 
@@ -147,8 +155,9 @@ REGISTRY: dict[str, MessageType] = {
 
 # Bodies bigger than this are hostile or broken; nothing legitimate comes close.
 MAX_BODY_BYTES = 64 * 1024
-# A double's shortest form has at most 17 significant digits, so money of at
-# least 1e-15 written by any float-based producer has at most 31 decimals.
+# What an event store row's amount may be (`decode`): an amount of at least 1e-15
+# and less than 1e16, with at most 31 decimals (a double's shortest form has at most
+# 17 significant digits). A delivered message's are cents (`decode_message`).
 MAX_MONEY_PLACES = 31
 
 
@@ -183,14 +192,31 @@ def _encode_value(value: Any, kind: Kind) -> str:
     return f'{{"InvestorID":"{bid.investor_id}","Amount":{canonical(bid.amount)}}}'
 
 
-def decode(name: str, body: bytes | str, aggregate_id: str | UUID | None = None) -> Message:
-    """Rebuild a message from its name, JSON body (as delivered, or as the text an event
-    store row holds) and aggregateID header (as the header's text, or as the UUID an
-    event store row holds).
+def decode_message(name: str, body: bytes | str, aggregate_id: str | None = None) -> Message:
+    """Rebuild a message as delivered from its name, JSON body and aggregateID header.
 
+    Raises PoisonMessage, naming what is wrong, for anything that is not a
+    well-formed message of a known type, an amount that is not money as the Commands
+    API takes it (`money.within_limits`) included.
+    """
+    return _decode(name, body, aggregate_id, limited=True)
+
+
+def decode(name: str, body: bytes | str, aggregate_id: str | UUID | None = None) -> Message:
+    """Rebuild a message from an event store row: its name, JSON body (as bytes, or as
+    the text the row holds) and aggregate id (as text, or as the UUID the row holds).
+
+    Amounts are read as they were recorded, within the range a row may hold
+    (MAX_MONEY_PLACES); a delivered message goes through `decode_message`.
     Raises PoisonMessage, naming what is wrong, for anything that is not a
     well-formed message of a known type.
     """
+    return _decode(name, body, aggregate_id, limited=False)
+
+
+def _decode(
+    name: str, body: bytes | str, aggregate_id: str | UUID | None, *, limited: bool
+) -> Message:
     spec = REGISTRY.get(name)
     if spec is None:
         raise PoisonMessage(f"unknown message name {name!r}")
@@ -199,12 +225,7 @@ def decode(name: str, body: bytes | str, aggregate_id: str | UUID | None = None)
     try:
         # NaN and Infinity become non-finite decimals, refused by the field that holds them
         # so that the reason names it.
-        text = (
-            body
-            if isinstance(body, str)
-            else body.decode(json.detect_encoding(body), "surrogatepass")
-        )
-        data = _JSON.decode(text)
+        data = _JSON.decode(body if isinstance(body, str) else _utf8(name, body))
     except (ValueError, RecursionError) as exc:
         raise PoisonMessage(f"{name}: body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
@@ -220,15 +241,29 @@ def decode(name: str, body: bytes | str, aggregate_id: str | UUID | None = None)
             continue
         if field.key not in data:
             raise PoisonMessage(f"{name}: missing field {field.key}")
-        values[field.attr] = _decode_value(data[field.key], field.kind, field.where)
+        values[field.attr] = _decode_value(data[field.key], field.kind, field.where, limited)
     return spec.cls(**values)  # type: ignore[no-any-return]
 
 
-def _decode_value(value: Any, kind: Kind, where: str) -> Any:
+def _utf8(name: str, body: bytes) -> str:
+    """The body's text: JSON on the bus is UTF-8 (RFC 8259 section 8.1), without a byte
+    order mark, as the reference's Go decoder reads it. Python's `json.loads` would also
+    read UTF-16 and UTF-32 (telling them by their zero bytes) and skip a UTF-8 BOM."""
+    encoding = json.detect_encoding(body)
+    if encoding != "utf-8":
+        found = "UTF-8 with a byte order mark" if encoding == "utf-8-sig" else encoding.upper()
+        raise PoisonMessage(f"{name}: body is not valid JSON: it must be UTF-8, not {found}")
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PoisonMessage(f"{name}: body is not valid JSON: it is not UTF-8 ({exc})") from exc
+
+
+def _decode_value(value: Any, kind: Kind, where: str, limited: bool) -> Any:
     if kind == "uuid":
         return _uuid(value, where)
     if kind == "money":
-        return _money(value, where)
+        return _money(value, limited, where)
     if kind == "text":
         if not isinstance(value, str):
             raise PoisonMessage(f"{where}: must be a string")
@@ -240,7 +275,7 @@ def _decode_value(value: Any, kind: Kind, where: str) -> Any:
             raise PoisonMessage(f"{where}: missing field {key}")
     return ev.Bid(
         investor_id=_uuid(value["InvestorID"], where, ".InvestorID"),
-        amount=_money(value["Amount"], where, ".Amount"),
+        amount=_money(value["Amount"], limited, where, ".Amount"),
     )
 
 
@@ -256,12 +291,20 @@ def _uuid(value: Any, where: str, part: str = "") -> UUID:
         raise PoisonMessage(f"{where}{part}: {value[:64]!r} is not a UUID") from exc
 
 
-def _money(value: Any, where: str, part: str = "") -> Decimal:
+def _money(value: Any, limited: bool, where: str, part: str = "") -> Decimal:
+    """`value` as money; `limited`: held to the Commands API's rule, not just to what an
+    event store row may hold."""
     if not isinstance(value, Decimal) or not value.is_finite():
         raise PoisonMessage(f"{where}{part}: must be a finite JSON number")
-    adjusted = value.adjusted()
-    if adjusted > 15 or (adjusted < -15 and value != 0):
-        raise PoisonMessage(f"{where}{part}: {value} is out of range for money")
+    if limited:
+        try:
+            within_limits(value)
+        except InvalidAmount as exc:
+            raise PoisonMessage(f"{where}{part}: {exc}") from exc
+    else:
+        adjusted = value.adjusted()
+        if adjusted > 15 or (adjusted < -15 and value != 0):
+            raise PoisonMessage(f"{where}{part}: {value} is out of range for money")
     # A zero's exponent is unbounded by the check above: 0e-99999999 would be
     # written back as a hundred million digits.
     exponent = value.as_tuple().exponent

@@ -28,6 +28,7 @@ from financing.application.errors import AlreadyProcessed, Fault, UnrelayedEvent
 from financing.application.messages import Message
 from financing.application.ports import (
     AGGREGATE_VERSION_HEADER,
+    RECORDED_AT_HEADER,
     Cause,
     CommandSender,
     Envelope,
@@ -194,7 +195,7 @@ def not_handled(delivery: Delivery, names: frozenset[str], others: OutcomeKind) 
 def decode(delivery: Delivery) -> Decoded:
     """The delivery's message; raises PoisonMessage naming what is wrong."""
     envelope = delivery.envelope()
-    message = codec.decode(envelope.name, envelope.body, envelope.aggregate_id)
+    message = codec.decode_message(envelope.name, envelope.body, envelope.aggregate_id)
     return Decoded(delivery, envelope, message)
 
 
@@ -216,13 +217,13 @@ def exactly_once(store: EventStore, consumer: str, handler: StoreHandler) -> Han
     every message a round trip.
 
     Copies are told apart by their message id only, so a domain event is handled
-    only with the id the event store derives for it (`UnrelayedEvent`).
+    only with the id the event store derives for it (`relayed_from_the_store`).
     """
 
     async def run(decoded: Decoded) -> Outcome:
         envelope = decoded.envelope
         if isinstance(decoded.message, DomainEvent):
-            _relayed_from_the_store(envelope, decoded.message)
+            relayed_from_the_store(envelope, decoded.message)
         try:
             return await once(decoded)
         except AlreadyProcessed:
@@ -261,9 +262,27 @@ def exactly_once(store: EventStore, consumer: str, handler: StoreHandler) -> Han
     return run
 
 
-def _relayed_from_the_store(envelope: Envelope, event: DomainEvent) -> None:
+# The headers only this service's relayer puts on a domain event (with the message id
+# it derives): an event that carries any of them says it is one of this service's event
+# store. A reference relayer's carries watermill's three headers only.
+RELAYER_HEADERS = (AGGREGATE_VERSION_HEADER, "aggregateType", RECORDED_AT_HEADER)
+
+
+def relayed_from_the_store(
+    envelope: Envelope, event: DomainEvent, *, or_foreign: bool = False
+) -> None:
     """UnrelayedEvent unless the message id is the one the event store derives from the
-    event's aggregate id and version (the `aggregateVersion` header)."""
+    event's aggregate id and version (the `aggregateVersion` header): the one rule by
+    which every consumer of domain events tells an event of this service's store from
+    a copy published again under another id, which would be applied twice.
+
+    `or_foreign`: an event that carries none of RELAYER_HEADERS passes too, as the
+    event of another (a reference) relayer. The projector projects those
+    (docs/contract.md section 2); the saga's policies, which change this service's
+    aggregates, act on this store's events only.
+    """
+    if or_foreign and not any(header in envelope.headers for header in RELAYER_HEADERS):
+        return
     version = envelope.headers.get(AGGREGATE_VERSION_HEADER, "")
     derived = (
         event_message_id(event.aggregate_id, int(version))

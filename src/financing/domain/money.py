@@ -13,12 +13,13 @@ from decimal import Decimal, InvalidOperation
 
 ZERO = Decimal(0)
 
-# Amounts on the bus may have up to 47 significant digits (up to 1e16, with
-# up to 31 decimals: codec.py) and balances are sums of them. Decimal
-# arithmetic rounds to its context's precision, 28 digits by default, which
-# would make balances drift. Money arithmetic goes through this context of its
-# own (add, subtract, negate), whose precision keeps every sum exact; the
-# process-wide decimal context is left as it is.
+# Amounts are at most MAX_AMOUNT in cents, but an event store written before
+# messages were held to that (codec.py) may hold amounts of up to 47
+# significant digits (up to 1e16, with up to 31 decimals), and balances are
+# sums of them. Decimal arithmetic rounds to its context's precision, 28
+# digits by default, which would make balances drift. Money arithmetic goes
+# through this context of its own (add, subtract, negate), whose precision
+# keeps every sum exact; the process-wide decimal context is left as it is.
 MONEY_PRECISION = 100
 EXACT = decimal.Context(
     prec=MONEY_PRECISION,
@@ -81,11 +82,31 @@ def positive_amount(value: float | Decimal) -> Decimal:
         raise InvalidAmount("must be a finite number")
     if amount <= ZERO:
         raise InvalidAmount(f"must be greater than 0, got {amount}")
+    return within_limits(amount)
+
+
+def within_limits(amount: Decimal) -> Decimal:
+    """`amount`, if money can be it: finite, with at most MAX_DECIMAL_PLACES decimal
+    places, and at most MAX_AMOUNT either side of zero; InvalidAmount naming the limit
+    otherwise. The one rule for every amount that comes in, from a client (with
+    `positive_amount`) or in a message (codec.py). Whether an amount may be zero or
+    negative is for the caller (a client's must be > 0) or the domain to say."""
+    if not amount.is_finite():
+        raise InvalidAmount("must be a finite number")
     if decimal_places(amount) > MAX_DECIMAL_PLACES:
-        raise InvalidAmount(f"must have at most {MAX_DECIMAL_PLACES} decimal places, got {amount}")
-    if amount > MAX_AMOUNT:
-        raise InvalidAmount(f"must be at most {MAX_AMOUNT}, got {amount}")
+        raise InvalidAmount(
+            f"must have at most {MAX_DECIMAL_PLACES} decimal places, got {_shown(amount)}"
+        )
+    if amount.copy_abs() > MAX_AMOUNT:
+        limit = f"at least {-MAX_AMOUNT}" if amount < ZERO else f"at most {MAX_AMOUNT}"
+        raise InvalidAmount(f"must be {limit}, got {_shown(amount)}")
     return amount
+
+
+def _shown(amount: Decimal, most: int = 40) -> str:
+    """The amount as a reason shows it: a message's amount may have thousands of digits."""
+    text = str(amount)
+    return text if len(text) <= most else f"{text[: most - 3]}..."
 
 
 def canonical(amount: Decimal) -> str:

@@ -10,6 +10,11 @@ same parts every consumer uses:
   (acked);
 - a poison message (bad headers, bad JSON) is dead-lettered with its reason;
   the messages around it are projected as usual;
+- so is a domain event the saga's policies would refuse as not relayed from
+  this service's event store (`relayed_from_the_store`: a copy published
+  again under a new id would be projected twice, and the read models would
+  drift from the store); an event of another relayer, which carries none of
+  this service's relayer's headers, is projected (docs/contract.md section 2);
 - a batch that cannot be applied is retried as its failure's class says: an
   unavailable database without limit (nothing is acked meanwhile), a bug a
   few times; then the batch is applied one event at a time, so that only the
@@ -35,6 +40,7 @@ from financing.application.pipeline import (
     OutcomeKind,
     decode,
     not_handled,
+    relayed_from_the_store,
     retried,
 )
 from financing.application.ports import RECORDED_AT_HEADER
@@ -141,7 +147,9 @@ def _triage(delivery: Delivery) -> Outcome | Decoded:
     if outcome is not None:
         return outcome
     try:
-        return decode(delivery)
+        decoded = decode(delivery)
+        relayed_from_the_store(decoded.envelope, _event(decoded), or_foreign=True)
+        return decoded
     except PoisonMessage as error:
         return Outcome.dead_letter(str(error))
     except Exception as error:  # a bug in decoding: the same on every attempt
@@ -163,6 +171,10 @@ def _observe_delay(event: Decoded) -> None:
 
 
 def _pair(event: Decoded) -> tuple[str, DomainEvent]:
+    return event.envelope.message_id, _event(event)
+
+
+def _event(event: Decoded) -> DomainEvent:
     message = event.message
     assert isinstance(message, DomainEvent)  # PROJECTED_EVENTS names domain events only
-    return event.envelope.message_id, message
+    return message

@@ -4,7 +4,9 @@ Every header value on the wire is a string. pamqp decodes an AMQP long string
 ('S') to `str` when it is valid UTF-8 and leaves it as `bytes` otherwise; any
 other field type (integers, booleans, tables, arrays, byte arrays 'x',
 timestamps, decimals, void) arrives as a non-string Python value and makes the
-message poison, as it does for the reference's consumers.
+message poison, as it does for the reference's consumers. So does anything pamqp
+could not decode at all (`frames`): a header's name or a property that is not
+UTF-8, a timestamp out of range.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 
+from financing.adapters.rabbitmq.frames import NotUtf8, flaw
 from financing.application.errors import PoisonMessage
 from financing.application.ports import Envelope
 
@@ -51,6 +54,7 @@ def to_amqp(envelope: Envelope) -> aio_pika.Message:
 
 def from_amqp(message: AbstractIncomingMessage) -> Envelope:
     """The envelope of a delivered message; PoisonMessage names what is wrong."""
+    _check_decoded(message)
     headers = string_headers(message.headers)
     # watermill's header first; a publisher that is not watermill usually sets
     # the AMQP message-id property instead. Without either, duplicates could
@@ -72,6 +76,36 @@ def from_amqp(message: AbstractIncomingMessage) -> Envelope:
         aggregate_id=aggregate_id,
         headers=headers,
     )
+
+
+# The properties as aio-pika names them (`type` is AMQP's type, pamqp's message_type).
+PROPERTIES = (
+    "content_type",
+    "content_encoding",
+    "correlation_id",
+    "reply_to",
+    "message_id",
+    "timestamp",
+    "type",
+    "user_id",
+    "app_id",
+    "cluster_id",
+)
+
+
+def _check_decoded(message: AbstractIncomingMessage) -> None:
+    """PoisonMessage when a property or header (broker's included) holds a value pamqp
+    could not decode (`frames`)."""
+    for name in PROPERTIES:
+        found = flaw(getattr(message, name, None))
+        if found:
+            raise PoisonMessage(f"property {name} {found}")
+    for key, value in (message.headers or {}).items():
+        if isinstance(key, NotUtf8):
+            raise PoisonMessage(f"header name {key.raw!r} is not valid UTF-8")
+        found = flaw(value)
+        if found:
+            raise PoisonMessage(f"header {key!r} {found}")
 
 
 # Consumers record every message id in PostgreSQL (a text primary key): an id

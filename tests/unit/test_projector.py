@@ -1,0 +1,232 @@
+"""The projector's triage and settling over in-memory deliveries and read models: which
+deliveries of a batch it projects, and what becomes of the others."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
+from decimal import Decimal
+from uuid import UUID, uuid4
+
+import pytest
+
+from financing.application import codec
+from financing.application.errors import UnrelayedEvent
+from financing.application.memory import InMemoryEventStore
+from financing.application.messages import InvestorRegistered
+from financing.application.pipeline import Decoded, Outcome, OutcomeKind, exactly_once
+from financing.application.ports import (
+    AGGREGATE_VERSION_HEADER,
+    Envelope,
+    StoredEvent,
+    UnitOfWork,
+    event_message_id,
+)
+from financing.application.read_models import InvestorRow, InvoiceRow, IssuerRow
+from financing.application.retry import Outages
+from financing.domain import events as ev
+from financing.workers.projector import Projector
+from tests.support.deliveries import MemoryDelivery
+
+D = Decimal
+INVESTOR = UUID("11111111-1111-4111-8111-111111111111")
+RELAYED_AT = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+class RecordingReadModels:
+    """Read models that keep every batch applied to them."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[str, ev.DomainEvent]]] = []
+
+    async def apply(self, batch: Sequence[tuple[str, ev.DomainEvent]]) -> None:
+        self.batches.append(list(batch))
+
+    async def investors(self) -> list[InvestorRow]:
+        return []
+
+    async def invoices(self) -> list[InvoiceRow]:
+        return []
+
+    async def issuers(self) -> list[IssuerRow]:
+        return []
+
+    def applied(self) -> list[str]:
+        return [message_id for batch in self.batches for message_id, _ in batch]
+
+
+def relayed(event: ev.DomainEvent, version: int) -> Envelope:
+    """`event` as this service's relayer publishes it, from its event store row."""
+    return StoredEvent(
+        position=version,
+        aggregate_type="Investor",
+        aggregate_id=event.aggregate_id,
+        version=version,
+        name=codec.name_of(event),
+        body=codec.encode_text(event),
+        correlation_id="c-1",
+        causation_id="m-1",
+        recorded_at=RELAYED_AT,
+    ).envelope()
+
+
+def foreign(event: ev.DomainEvent) -> Envelope:
+    """`event` as a reference relayer publishes it: watermill's three headers only."""
+    return Envelope(
+        message_id=str(uuid4()),
+        name=codec.name_of(event),
+        body=codec.encode(event),
+        aggregate_id=str(event.aggregate_id),
+    )
+
+
+def added(amount: str = "1000") -> ev.InvestorFundsAddedEvent:
+    return ev.InvestorFundsAddedEvent(INVESTOR, D(amount))
+
+
+def copy_of(envelope: Envelope, how: str) -> Envelope:
+    """The relayed `envelope` published again, changed as `how` says."""
+    headers = dict(envelope.headers)
+    if how == "a new message id":
+        return replace(envelope, message_id=str(uuid4()))
+    if how == "a new message id, without aggregateVersion":
+        del headers[AGGREGATE_VERSION_HEADER]
+        return replace(envelope, message_id=str(uuid4()), headers=headers)
+    if how == "another version's id":
+        version = int(headers[AGGREGATE_VERSION_HEADER])
+        return replace(envelope, message_id=event_message_id(INVESTOR, version + 1))
+    assert how == "a version that is not a number"
+    headers[AGGREGATE_VERSION_HEADER] = "²"  # a digit to str.isdigit, not to int()
+    return replace(envelope, headers=headers)
+
+
+COPIES = [
+    "a new message id",
+    "a new message id, without aggregateVersion",
+    "another version's id",
+    "a version that is not a number",
+]
+
+
+async def project(*envelopes: Envelope) -> tuple[RecordingReadModels, list[Outcome]]:
+    """Project `envelopes` as one batch; the read models and each delivery's outcome."""
+    read_models = RecordingReadModels()
+    deliveries = [MemoryDelivery(envelope, source="projector") for envelope in envelopes]
+    await Projector(read_models, Outages()).project(deliveries)
+    outcomes = []
+    for delivery in deliveries:
+        [outcome] = delivery.settled
+        outcomes.append(outcome)
+    return read_models, outcomes
+
+
+async def policy_outcome(envelope: Envelope) -> str:
+    """What the saga's policies make of `envelope`: 'refused', or 'handled'."""
+
+    async def handler(uow: UnitOfWork, message: object) -> None:
+        return None
+
+    message = codec.decode_message(envelope.name, envelope.body, envelope.aggregate_id)
+    decoded = Decoded(MemoryDelivery(envelope), envelope, message)
+    try:
+        await exactly_once(InMemoryEventStore(), "policy", handler)(decoded)
+    except UnrelayedEvent:
+        return "refused"
+    return "handled"
+
+
+@pytest.mark.parametrize("how", COPIES)
+async def test_a_copy_of_a_relayed_event_in_the_middle_of_a_batch_is_dead_lettered(
+    how: str,
+) -> None:
+    """Regression: a relayed InvestorFundsAddedEvent published again under a new message
+    id, its other headers kept, was projected again (the read model showed 1850 where
+    the event store had 850), where the policies refuse it."""
+    before = relayed(ev.InvestorCreatedEvent(INVESTOR), 1)
+    original = relayed(added(), 2)
+    copy = copy_of(original, how)
+    after = relayed(added("5"), 3)
+
+    read_models, outcomes = await project(before, original, copy, after)
+
+    assert read_models.applied() == [before.message_id, original.message_id, after.message_id]
+    assert [outcome.kind for outcome in outcomes] == [
+        OutcomeKind.PROCESSED,
+        OutcomeKind.PROCESSED,
+        OutcomeKind.DEAD_LETTERED,
+        OutcomeKind.PROCESSED,
+    ]
+    assert "is not an event of this service's event store" in outcomes[2].detail
+    assert copy.message_id in outcomes[2].detail
+
+
+async def test_a_refused_event_is_dead_lettered_with_the_reason_the_policies_give() -> None:
+    copy = copy_of(relayed(added(), 2), "a new message id")
+    message = codec.decode_message(copy.name, copy.body, copy.aggregate_id)
+    decoded = Decoded(MemoryDelivery(copy), copy, message)
+
+    async def handler(uow: UnitOfWork, message: object) -> None:
+        return None
+
+    with pytest.raises(UnrelayedEvent) as refused:
+        await exactly_once(InMemoryEventStore(), "policy", handler)(decoded)
+    _, [outcome] = await project(copy)
+
+    assert outcome == Outcome.dead_letter(str(refused.value))
+
+
+@pytest.mark.parametrize(
+    ("how", "projector", "policies"),
+    [
+        ("as relayed", OutcomeKind.PROCESSED, "handled"),
+        *((copy, OutcomeKind.DEAD_LETTERED, "refused") for copy in COPIES),
+        # docs/contract.md section 2: the projector projects a reference relayer's events;
+        # the policies act on this service's store's events only.
+        ("with watermill's headers only", OutcomeKind.PROCESSED, "refused"),
+    ],
+)
+async def test_the_projector_refuses_what_the_policies_refuse_but_a_foreign_relayers_event(
+    how: str, projector: OutcomeKind, policies: str
+) -> None:
+    original = relayed(added(), 2)
+    if how == "as relayed":
+        envelope = original
+    elif how == "with watermill's headers only":
+        envelope = foreign(added())
+    else:
+        envelope = copy_of(original, how)
+
+    _, [outcome] = await project(envelope)
+
+    assert (outcome.kind, await policy_outcome(envelope)) == (projector, policies)
+
+
+async def test_a_batch_settles_each_delivery_with_its_own_outcome() -> None:
+    created = relayed(ev.InvestorCreatedEvent(INVESTOR), 1)
+    original = relayed(added(), 2)
+    registered = Envelope(
+        message_id=str(uuid4()),
+        name="InvestorRegistered",
+        body=codec.encode(InvestorRegistered(INVESTOR, "Ann", D(10))),
+    )
+    poison = replace(foreign(added()), body=b"{not json")
+    reference = foreign(added("7"))
+
+    read_models, outcomes = await project(
+        created, original, copy_of(original, "a new message id"), registered, poison, reference
+    )
+
+    assert [outcome.kind for outcome in outcomes] == [
+        OutcomeKind.PROCESSED,
+        OutcomeKind.PROCESSED,
+        OutcomeKind.DEAD_LETTERED,
+        OutcomeKind.IGNORED,
+        OutcomeKind.DEAD_LETTERED,
+        OutcomeKind.PROCESSED,
+    ]
+    assert "not valid JSON" in outcomes[4].detail
+    # One transaction for the batch, in delivery order, without what it refused.
+    assert [[message_id for message_id, _ in batch] for batch in read_models.batches] == [
+        [created.message_id, original.message_id, reference.message_id]
+    ]
