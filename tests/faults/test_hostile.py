@@ -519,15 +519,14 @@ def _add(figures: dict[str, Any], name: str, amount: int) -> None:
     figures[name] = figures.get(name, 0) + amount
 
 
-async def test_amounts_money_cannot_be_are_dead_lettered_naming_their_field(
+async def test_amounts_beyond_the_range_of_money_are_dead_lettered_naming_their_field(
     hostile_target: tuple[Deployment, Observer],
 ) -> None:
-    # Amounts on the bus were taken up to 1e16 with up to 31 decimals (what float-based
-    # producers write): a registration balance of 9999999999999999.99 was projected as
-    # 1e+16 and one of 0.001 could never be spent. A message is held to the Commands
-    # API's rules: whole cents, at most 999,999,999,999.99.
+    # Amounts on the bus were taken up to 1e16: a registration balance of
+    # 9999999999999999.99 was projected as 1e+16. A message is held to the Commands
+    # API's range, at most 999,999,999,999.99 either side of zero.
     target, observer = hostile_target
-    amounts = ["999999999999999.9999999999999999", "9999999999999999.99", "0.001"]
+    amounts = ["999999999999999.9999999999999999", "9999999999999999.99", "1000000000000"]
     hostiles = [
         Hostile(
             f"balance {amount}",

@@ -6,11 +6,12 @@ is a JSON number, read exactly (`Decimal`) and written in plain decimal form.
 A body is UTF-8 JSON (docs/contract.md section 2), as the reference's decoder
 reads it: another encoding is poison.
 
-A message as delivered (`decode_message`) is held to the money rule of the
-Commands API (`money.within_limits`: cents, up to MAX_AMOUNT either side of
-zero). An event store's row (`decode`) is read as it was recorded: events
-appended before messages were held to that rule may hold amounts of up to
-1e16 with up to 31 decimals, and must stay readable.
+A message as delivered (`decode_message`) is held to the range of the
+Commands API (`money.within_range`: up to MAX_AMOUNT either side of zero), not
+to its cents: float-based producers, the reference's among them, write sums
+such as 0.30000000000000004, kept exactly. An event store's row (`decode`) is
+read as it was recorded: events appended before messages were held to that
+range may hold amounts of up to 1e16, and must stay readable.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from financing.application.messages import (
 )
 from financing.domain import events as ev
 from financing.domain.ids import parse_id
-from financing.domain.money import InvalidAmount, canonical, within_limits
+from financing.domain.money import InvalidAmount, canonical, shown, within_range
 
 Kind = Literal["uuid", "money", "text", "bid"]
 
@@ -157,7 +158,8 @@ REGISTRY: dict[str, MessageType] = {
 MAX_BODY_BYTES = 64 * 1024
 # What an event store row's amount may be (`decode`): an amount of at least 1e-15
 # and less than 1e16, with at most 31 decimals (a double's shortest form has at most
-# 17 significant digits). A delivered message's are cents (`decode_message`).
+# 17 significant digits). A delivered message's are also at most MAX_AMOUNT
+# either side of zero (`decode_message`).
 MAX_MONEY_PLACES = 31
 
 
@@ -196,8 +198,8 @@ def decode_message(name: str, body: bytes | str, aggregate_id: str | None = None
     """Rebuild a message as delivered from its name, JSON body and aggregateID header.
 
     Raises PoisonMessage, naming what is wrong, for anything that is not a
-    well-formed message of a known type, an amount that is not money as the Commands
-    API takes it (`money.within_limits`) included.
+    well-formed message of a known type, an amount beyond the Commands API's range
+    (`money.within_range`) included.
     """
     return _decode(name, body, aggregate_id, limited=True)
 
@@ -292,19 +294,18 @@ def _uuid(value: Any, where: str, part: str = "") -> UUID:
 
 
 def _money(value: Any, limited: bool, where: str, part: str = "") -> Decimal:
-    """`value` as money; `limited`: held to the Commands API's rule, not just to what an
-    event store row may hold."""
+    """`value` as money; `limited`: held to the Commands API's range, not just to what
+    an event store row may hold."""
     if not isinstance(value, Decimal) or not value.is_finite():
         raise PoisonMessage(f"{where}{part}: must be a finite JSON number")
+    adjusted = value.adjusted()
+    if adjusted > 15 or (adjusted < -15 and value != 0):
+        raise PoisonMessage(f"{where}{part}: {shown(value)} is out of range for money")
     if limited:
         try:
-            within_limits(value)
+            within_range(value)
         except InvalidAmount as exc:
             raise PoisonMessage(f"{where}{part}: {exc}") from exc
-    else:
-        adjusted = value.adjusted()
-        if adjusted > 15 or (adjusted < -15 and value != 0):
-            raise PoisonMessage(f"{where}{part}: {value} is out of range for money")
     # A zero's exponent is unbounded by the check above: 0e-99999999 would be
     # written back as a hundred million digits.
     exponent = value.as_tuple().exponent

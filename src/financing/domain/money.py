@@ -88,22 +88,30 @@ def positive_amount(value: float | Decimal) -> Decimal:
 def within_limits(amount: Decimal) -> Decimal:
     """`amount`, if money can be it: finite, with at most MAX_DECIMAL_PLACES decimal
     places, and at most MAX_AMOUNT either side of zero; InvalidAmount naming the limit
-    otherwise. The one rule for every amount that comes in, from a client (with
-    `positive_amount`) or in a message (codec.py). Whether an amount may be zero or
-    negative is for the caller (a client's must be > 0) or the domain to say."""
+    otherwise: the rule for a client's amounts (with `positive_amount`). Whether an
+    amount may be zero or negative is for the caller (a client's must be > 0) or the
+    domain to say."""
     if not amount.is_finite():
         raise InvalidAmount("must be a finite number")
     if decimal_places(amount) > MAX_DECIMAL_PLACES:
         raise InvalidAmount(
-            f"must have at most {MAX_DECIMAL_PLACES} decimal places, got {_shown(amount)}"
+            f"must have at most {MAX_DECIMAL_PLACES} decimal places, got {shown(amount)}"
         )
+    return within_range(amount)
+
+
+def within_range(amount: Decimal) -> Decimal:
+    """`amount`, if at most MAX_AMOUNT either side of zero; InvalidAmount otherwise. The
+    rule for amounts in messages (codec.py), which float-based producers, the
+    reference's among them, write with more than cents (0.1 + 0.2 as
+    0.30000000000000004): those are kept exactly, as written."""
     if amount.copy_abs() > MAX_AMOUNT:
         limit = f"at least {-MAX_AMOUNT}" if amount < ZERO else f"at most {MAX_AMOUNT}"
-        raise InvalidAmount(f"must be {limit}, got {_shown(amount)}")
+        raise InvalidAmount(f"must be {limit}, got {shown(amount)}")
     return amount
 
 
-def _shown(amount: Decimal, most: int = 40) -> str:
+def shown(amount: Decimal, most: int = 40) -> str:
     """The amount as a reason shows it: a message's amount may have thousands of digits."""
     text = str(amount)
     return text if len(text) <= most else f"{text[: most - 3]}..."
