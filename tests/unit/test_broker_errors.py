@@ -170,7 +170,9 @@ async def test_a_refused_publish_to_events_fails_the_probe_only_while_the_relaye
     with pytest.raises(PublishFailed):
         await publisher.publish_events([envelope])
     with pytest.raises(PublishFailed, match="none has been confirmed since"):
-        await publisher.probe()
-    monkeypatch.setattr(publisher_module, "REFUSAL_REMEMBERED", 0.0)
+        await publisher.probe_events()
+    # Commands are still queued (through the default exchange): their readiness holds.
     await asyncio.wait_for(publisher.probe(), 5)
+    monkeypatch.setattr(publisher_module, "REFUSAL_REMEMBERED", 0.0)
+    await asyncio.wait_for(publisher.probe_events(), 5)
     await publisher.close()

@@ -376,11 +376,19 @@ def test_a_bad_aggregate_id_header_is_poison_naming_the_header() -> None:
 # Money in a message: the Commands API's range (money.within_range), whatever the message;
 # float-based producers' digits beyond cents are kept.
 
+
 # Every money field of every message type, as (name, body with the amount at "__amount__",
 # aggregateID header, where the reason names it).
+def checked(name: str) -> bool:
+    """Whether a message of this name is held to the range: commands and integration
+    events; a domain event is read as the event store row it was."""
+    return not issubclass(codec.REGISTRY[name].cls, ev.DomainEvent)
+
+
 MONEY_FIELDS = [
     (name, {**case.body, key: "__amount__"}, case.header, f"{name}.{key}")
     for name, case in CASES.items()
+    if checked(name)
     for field in codec.REGISTRY[name].body
     if field.kind == "money"
     for key in [field.key]
@@ -388,7 +396,7 @@ MONEY_FIELDS = [
 ] + [
     (name, {**case.body, "Bid": {**BID_JSON, "Amount": "__amount__"}}, case.header, f"{name}.Bid")
     for name, case in CASES.items()
-    if "Bid" in case.body
+    if checked(name) and "Bid" in case.body
 ]
 
 
@@ -397,8 +405,8 @@ def with_amount(body: dict[str, Any], number: str) -> bytes:
 
 
 def test_every_money_field_is_covered() -> None:
-    kinds = [f.kind for t in codec.REGISTRY.values() for f in t.fields]
-    assert len(MONEY_FIELDS) == kinds.count("money") + kinds.count("bid")
+    kinds = [f.kind for n, t in codec.REGISTRY.items() if checked(n) for f in t.fields]
+    assert len(MONEY_FIELDS) == kinds.count("money") + kinds.count("bid") > 0
 
 
 @pytest.mark.parametrize(
@@ -467,13 +475,13 @@ def test_a_delivered_amount_up_to_the_limit_is_read_exactly(number: str) -> None
     assert decoded == InvestorRegistered(INVESTOR, "Ann", D(number))
 
 
-def test_an_event_store_row_is_read_as_it_was_recorded() -> None:
-    # Events appended before messages were held to cents must stay readable.
+@pytest.mark.parametrize("decode", [codec.decode, codec.decode_message])
+def test_an_event_store_row_is_read_as_it_was_recorded(decode: Any) -> None:
+    # Events appended before messages were held to the range must stay readable, from
+    # the store (a rebuild) and on the bus (relayed after an upgrade, or requeued).
     body = '{"Amount":999999999999999.9999999999999999}'
-    decoded = codec.decode("InvestorFundsAddedEvent", body, INVESTOR)
+    decoded = decode("InvestorFundsAddedEvent", body, INV)
     assert decoded == ev.InvestorFundsAddedEvent(INVESTOR, D("999999999999999.9999999999999999"))
-    with pytest.raises(PoisonMessage, match=r"must be at most 999999999999\.99"):
-        codec.decode_message("InvestorFundsAddedEvent", body, INV)
 
 
 # Encodings: JSON on the bus is UTF-8 (docs/contract.md section 2).

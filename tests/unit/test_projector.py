@@ -96,6 +96,9 @@ def copy_of(envelope: Envelope, how: str) -> Envelope:
     if how == "another version's id":
         version = int(headers[AGGREGATE_VERSION_HEADER])
         return replace(envelope, message_id=event_message_id(INVESTOR, version + 1))
+    if how == "a version of thousands of digits":
+        headers[AGGREGATE_VERSION_HEADER] = "9" * 5_000  # int() refuses it: a ValueError
+        return replace(envelope, headers=headers)
     assert how == "a version that is not a number"
     headers[AGGREGATE_VERSION_HEADER] = "²"  # a digit to str.isdigit, not to int()
     return replace(envelope, headers=headers)
@@ -106,6 +109,7 @@ COPIES = [
     "a new message id, without aggregateVersion",
     "another version's id",
     "a version that is not a number",
+    "a version of thousands of digits",
 ]
 
 

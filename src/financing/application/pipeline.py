@@ -286,7 +286,9 @@ def relayed_from_the_store(
     version = envelope.headers.get(AGGREGATE_VERSION_HEADER, "")
     derived = (
         event_message_id(event.aggregate_id, int(version))
-        if version.isascii() and version.isdigit()
+        # A version is an int4 (the events table's column): a longer one is no version,
+        # and int() would refuse one of thousands of digits with a ValueError (a bug).
+        if version.isascii() and version.isdigit() and len(version) <= 10
         else None
     )
     if envelope.message_id == derived:

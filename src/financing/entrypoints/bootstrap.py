@@ -176,7 +176,7 @@ async def bootstrap(
         stack.push_async_callback(publisher.close)
         # An outage ends when the broker takes a declaration again, not merely a connection
         # (one whose permissions were taken away still connects).
-        outages.check_with(BROKER, publisher.probe)
+        outages.check_with(BROKER, publisher.probe_events)
         wiring = _Wiring(broker, publisher, outages, overrides, service)
         if command_pool is not None:
             store = PostgresEventStore(command_pool, snapshot_interval=settings.snapshot_interval)

@@ -140,25 +140,34 @@ class Publisher:
         await self._confirmed(what, [(message, queue)])
 
     async def probe(self) -> None:
-        """Return if publishing can work now: the publishing channel is open, the broker
-        takes a declaration and a publish (it refuses them without the configure or the
-        write permission), and the last publish to `events`, if any failed, has been
-        confirmed since.
-
-        A publish to `events` can be refused where the probe's is not (the write
-        permission on `events` alone revoked, a bound queue full and rejecting
-        publishes), and the probe cannot publish to `events` itself without reaching
-        every queue bound to it. So an outage a refused publish to `events` started
-        ends only once the relayer, which retries by itself, has one confirmed; a probe
-        passing meanwhile would end it every second and the next refusal start it again.
-        The relayer tries again at least every few seconds (its backoff and confirm
-        timeout), so a refusal without a newer attempt for REFUSAL_REMEMBERED seconds
-        means it stopped relaying (a standby took over): that refusal no longer counts.
+        """Return if publishing can work now: the publishing channel is open and the
+        broker takes a declaration and a publish (it refuses them without the configure
+        or the write permission). Whether a command can be queued: `Commands` readiness.
 
         One probe at a time, which a caller's own deadline does not cancel (aiormq closes
         a channel whose call is cancelled), on a channel of its own, so that neither a
         cancelled nor a refused probe closes the channel every publish uses. Callers
         meanwhile wait for the same probe."""
+        if self._probing is None or self._probing.done():
+            self._probing = asyncio.get_running_loop().create_task(self._probe_once())
+            self._probing.add_done_callback(_retrieved)
+        await asyncio.shield(self._probing)
+
+    async def probe_events(self) -> None:
+        """`probe`, and the last publish to `events`, if one failed, confirmed since: the
+        check that ends a broker outage.
+
+        A publish to `events` can be refused where the probe's is not (the write
+        permission on `events` alone revoked, a bound queue full and rejecting
+        publishes), and the probe cannot publish to `events` itself without reaching
+        every queue bound to it. So an outage a refused publish to `events` started
+        ends only once the relayer, which retries by itself, has one confirmed; a check
+        passing meanwhile would end it every second and the next refusal start it again.
+        The relayer tries again at least every few seconds (its backoff and confirm
+        timeout), so a refusal without a newer attempt for REFUSAL_REMEMBERED seconds
+        means it stopped relaying (a standby took over): that refusal no longer counts.
+        Commands are queued through the default exchange meanwhile, so `Commands`
+        readiness asks `probe` alone."""
         if self._events_refused is not None:
             detail, at = self._events_refused
             if time.monotonic() - at < REFUSAL_REMEMBERED:
@@ -166,10 +175,7 @@ class Publisher:
                     f"publishing to {EVENTS_EXCHANGE!r} failed ({detail}),"
                     " and none has been confirmed since"
                 )
-        if self._probing is None or self._probing.done():
-            self._probing = asyncio.get_running_loop().create_task(self._probe_once())
-            self._probing.add_done_callback(_retrieved)
-        await asyncio.shield(self._probing)
+        await self.probe()
 
     async def _probe_once(self) -> None:
         await self._opened("probing the broker")
