@@ -39,7 +39,7 @@ from tests.acceptance.driver import Financing, financing_for
 from tests.acceptance.system import Address, System
 from tests.faults.workload import Deployment
 from tests.support import infra
-from tests.support.rabbitmq import list_queues
+from tests.support.rabbitmq import RawText, list_queues
 
 EVENTS_EXCHANGE = "events"
 DEAD_LETTER_QUEUE = "financing_dead_letters"
@@ -63,25 +63,6 @@ EVENT_NAMES: tuple[str, ...] = tuple(sorted(set(HANDLER_QUEUES) | PROJECTED_EVEN
 # wire sorted by key and a dead letter that cannot keep every header keeps the
 # first ones: this name sorts before any lowercase one.
 CASE_HEADER = "_hostile_case"
-
-
-class RawText(str):
-    """A header value that goes on the wire as a long string of exactly these bytes.
-
-    pamqp encodes a `str` header through `.encode("utf-8")`; overriding it is
-    the only way to send a long string that is not UTF-8, as a foreign
-    publisher can.
-    """
-
-    raw: bytes
-
-    def __new__(cls, raw: bytes) -> RawText:
-        text = super().__new__(cls, raw.decode("latin-1"))
-        text.raw = raw
-        return text
-
-    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
-        return self.raw
 
 
 @dataclass

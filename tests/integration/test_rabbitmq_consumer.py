@@ -12,10 +12,9 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from decimal import Decimal
 
-import aio_pika
 import pytest
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractConnection
+from aio_pika.abc import AbstractChannel
 from structlog.testing import capture_logs
 
 from financing.adapters.rabbitmq import consumer as consumer_module
@@ -420,48 +419,6 @@ async def test_poison_messages_are_dead_lettered_without_blocking_the_queue(
     assert await bus.queue_state(queue) == (0, 0)
 
 
-class RawText(str):
-    """Text that pamqp encodes (it calls `encode`) to exactly `raw`, UTF-8 or not: what
-    a publisher in another language can put in a short string."""
-
-    raw: bytes
-
-    @classmethod
-    def of(cls, raw: bytes) -> RawText:
-        text = cls(raw.decode("latin-1"))
-        text.raw = raw
-        return text
-
-    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
-        return self.raw
-
-    def __str__(self) -> str:
-        return self  # aio-pika passes message_id through str()
-
-
-async def publish_exactly(
-    connection: AbstractConnection,
-    queue: str,
-    body: bytes,
-    headers: Mapping[str, object],
-    **properties: object,
-) -> None:
-    """Publish a message with these headers and properties, whatever their bytes, confirmed."""
-    channel = await connection.channel()
-    try:
-        await channel.default_exchange.publish(
-            aio_pika.Message(
-                body,
-                headers=dict(headers),  # type: ignore[arg-type]
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                **properties,  # type: ignore[arg-type]
-            ),
-            routing_key=queue,
-        )
-    finally:
-        await channel.close()
-
-
 async def test_a_message_whose_content_header_pamqp_cannot_decode_is_dead_lettered(
     bus: Bus, queue: str
 ) -> None:
@@ -490,18 +447,18 @@ async def test_a_message_whose_content_header_pamqp_cannot_decode_is_dead_letter
             f"header 'ts' holds a timestamp out of range ({negative})",
         ),
         "m-key": (
-            {**headers("m-key"), RawText.of(b"k\xff\xfe"): "v"},
+            {**headers("m-key"), rabbitmq.RawText(b"k\xff\xfe"): "v"},
             {},
             r"header name b'k\xff\xfe' is not valid UTF-8",
         ),
         "m-content-type": (
             headers("m-content-type"),
-            {"content_type": RawText.of(b"application/json\xff")},
+            {"content_type": rabbitmq.RawText(b"application/json\xff")},
             "property content_type is not valid UTF-8",
         ),
         "m-message-id": (
             headers("m-message-id"),
-            {"message_id": RawText.of(b"m-\xff\xfe")},
+            {"message_id": rabbitmq.RawText(b"m-\xff\xfe")},
             "property message_id is not valid UTF-8",
         ),
         "m-timestamp": (
@@ -519,7 +476,7 @@ async def test_a_message_whose_content_header_pamqp_cannot_decode_is_dead_letter
             consumers = await bus.broker.connection()
             try:
                 for message_headers, properties, _ in undecodable.values():
-                    await publish_exactly(
+                    await rabbitmq.publish_raw(
                         await elsewhere.connection(), queue, body, message_headers, **properties
                     )
                 await sender.send_to_queue(queue, envelope(CreateIssuer(issuer)))

@@ -109,23 +109,42 @@ async def queue_state(connection: AbstractConnection, queue: str) -> tuple[int, 
     return result.message_count or 0, result.consumer_count or 0
 
 
+class RawText(str):
+    """Text that goes on the wire as exactly these bytes, UTF-8 or not, as a foreign
+    publisher can send it: pamqp encodes a `str` (a header's value or name, a property)
+    through `.encode("utf-8")`, and aio-pika passes properties through `str()`."""
+
+    raw: bytes
+
+    def __new__(cls, raw: bytes) -> RawText:
+        text = super().__new__(cls, raw.decode("latin-1"))
+        text.raw = raw
+        return text
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return self.raw
+
+    def __str__(self) -> str:
+        return self
+
+
 async def publish_raw(
     connection: AbstractConnection,
     queue: str,
     body: bytes,
     headers: Mapping[str, Any],
-    *,
-    message_id: str | None = None,
+    **properties: Any,
 ) -> None:
-    """Publish exactly these headers (of any AMQP type) to `queue`, confirmed."""
+    """Publish exactly these headers and properties (of any AMQP type, or RawText) to
+    `queue`, confirmed."""
     channel = await connection.channel()
     try:
         await channel.default_exchange.publish(
             aio_pika.Message(
                 body,
                 headers=dict(headers),
-                message_id=message_id,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                **properties,
             ),
             routing_key=queue,
         )

@@ -14,27 +14,10 @@ from financing.adapters.rabbitmq import frames
 from financing.adapters.rabbitmq.envelopes import from_amqp
 from financing.adapters.rabbitmq.frames import NotUtf8, OutOfRangeTimestamp, flaw
 from financing.application.errors import PoisonMessage
+from tests.support.rabbitmq import RawText
 
 LATEST = 2**64 - 1
 NEGATIVE = -(2**62) & LATEST  # -2**62 written as the unsigned 64 bits AMQP carries
-
-
-class Raw(str):
-    """Text that encodes (pamqp calls `encode`) to exactly `raw`, UTF-8 or not."""
-
-    raw: bytes
-
-    @classmethod
-    def of(cls, raw: bytes) -> Raw:
-        text = cls(raw.decode("latin-1"))
-        text.raw = raw
-        return text
-
-    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
-        return self.raw
-
-    def __str__(self) -> str:
-        return self
 
 
 def content_header(**properties: Any) -> bytes:
@@ -85,9 +68,9 @@ def test_timestamps_in_range_decode_as_before() -> None:
 
 def test_text_that_is_not_utf8_decodes_with_replacement_characters_and_its_bytes() -> None:
     data = content_header(
-        content_type=Raw.of(b"application/json\xff"),
-        message_id=Raw.of(b"m-\xc3"),
-        headers={Raw.of(b"k\xff\xfe"): "value", "nested": {Raw.of(b"\xff"): 1}},
+        content_type=RawText(b"application/json\xff"),
+        message_id=RawText(b"m-\xc3"),
+        headers={RawText(b"k\xff\xfe"): "value", "nested": {RawText(b"\xff"): 1}},
     )
     properties = decoded(data)
 
@@ -113,7 +96,7 @@ def test_text_that_is_not_utf8_decodes_with_replacement_characters_and_its_bytes
 def test_valid_text_and_long_strings_decode_as_before() -> None:
     properties = decoded(
         content_header(
-            content_type="application/json", headers={"ünï": "cödé", "bytes": Raw.of(b"\xff")}
+            content_type="application/json", headers={"ünï": "cödé", "bytes": RawText(b"\xff")}
         )
     )
     assert type(properties.content_type) is str
@@ -158,19 +141,19 @@ GOOD_HEADERS = {"_watermill_message_uuid": "m-1", "name": "CreateIssuer"}
             f"header 'x-death' holds a timestamp out of range ({NEGATIVE})",
         ),
         (
-            {"headers": {**GOOD_HEADERS, Raw.of(b"k\xff\xfe"): "v"}},
+            {"headers": {**GOOD_HEADERS, RawText(b"k\xff\xfe"): "v"}},
             r"header name b'k\xff\xfe' is not valid UTF-8",
         ),
         (
-            {"headers": GOOD_HEADERS, "content_type": Raw.of(b"text/\xff")},
+            {"headers": GOOD_HEADERS, "content_type": RawText(b"text/\xff")},
             "property content_type is not valid UTF-8",
         ),
         (
-            {"headers": GOOD_HEADERS, "message_id": Raw.of(b"m-\xff")},
+            {"headers": GOOD_HEADERS, "message_id": RawText(b"m-\xff")},
             "property message_id is not valid UTF-8",
         ),
         (
-            {"headers": GOOD_HEADERS, "correlation_id": Raw.of(b"c-\xff")},
+            {"headers": GOOD_HEADERS, "correlation_id": RawText(b"c-\xff")},
             "property correlation_id is not valid UTF-8",
         ),
         (

@@ -148,6 +148,8 @@ def install() -> None:
 def flaw(value: object) -> str | None:
     """What in `value` (a property or header value, searched through its tables and
     arrays) pamqp could not decode, to follow its name; None when nothing."""
+    if value is None or type(value) is str:
+        return None  # nearly every value of every delivery: nothing to walk
     if isinstance(value, NotUtf8):
         return "is not valid UTF-8"
     return _nested_flaw(value)
