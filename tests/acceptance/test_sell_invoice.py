@@ -96,3 +96,39 @@ async def test_a_sale_retried_with_its_idempotency_key_creates_one_invoice(
     await ex.expect_events(
         financing.events, [ex.invoice_created(invoice_id, issuer_id, 20)], since=since
     )
+
+
+async def test_a_key_reused_for_another_sale_has_that_sale_dead_lettered_not_dropped(
+    financing: Financing,
+) -> None:
+    """The key names the invoice id and the command's message id: a second sale under it
+    (another asking price) is another message, kept aside with the reason, not lost."""
+    issuer_id = await financing.register_issuer()
+    since = financing.events.mark()
+    letters_since = financing.dead_letters.mark()
+    key = {"idempotency-key": f"sale-{new_id()}"}
+    first = await financing.commands.sell_invoice(
+        SellInvoiceCommand(issuer_id=Uuid(str(issuer_id)), asking_price=Money(amount=20)),
+        metadata=key,
+    )
+    await ex.expect_events(
+        financing.events, [ex.invoice_created(UUID(first.value), issuer_id, 20)], since=since
+    )
+
+    again = await financing.commands.sell_invoice(
+        SellInvoiceCommand(issuer_id=Uuid(str(issuer_id)), asking_price=Money(amount=30)),
+        metadata=key,
+    )
+
+    assert again.value == first.value
+    letter = await financing.dead_letter(
+        since=letters_since,
+        source_queue="SellInvoice",
+        body={"InvoiceID": first.value, "IssuerID": str(issuer_id)},
+    )
+    assert "ReusedMessageId" in (letter.reason or ""), letter.reason
+    assert "already processed a SellInvoice message" in (letter.reason or "")
+    # Refused before it appended anything: the invoice keeps its first sale only.
+    assert [event.name for event in financing.events.concerning([first.value], since)] == [
+        "InvoiceCreatedEvent"
+    ]

@@ -127,17 +127,17 @@ async def test_a_pooled_session_terminated_while_idle_counts_as_the_database_bei
         for _ in range(ROUNDS_OF_IDLE_CUTS):
             await read_models.investors()  # each pool now holds an idle session
             async with store.unit_of_work() as uow:
-                await uow.seen("consumer", "message")
+                await uow.recorded("consumer", "message")
             await terminate_sessions([commands, queries], wait=True)
             with contextlib.suppress(Unavailable):
                 await read_models.investors()
             with contextlib.suppress(Unavailable):
                 async with store.unit_of_work() as uow:
-                    await uow.seen("consumer", "message")
+                    await uow.recorded("consumer", "message")
         # Any other error has failed the test above. The pools now hold live sessions again.
         assert await read_models.investors() == []
         async with store.unit_of_work() as uow:
-            assert await uow.seen("consumer", "message") is False
+            assert await uow.recorded("consumer", "message") is None
     finally:
         await command_pool.close()
         await query_pool.close()

@@ -99,8 +99,8 @@ class _PausedBeforeLoad:
     def __init__(self, uow: UnitOfWork, started: asyncio.Event, resume: asyncio.Event) -> None:
         self._uow, self._started, self._resume = uow, started, resume
 
-    async def seen(self, consumer: str, message_id: str) -> bool:
-        return await self._uow.seen(consumer, message_id)
+    async def recorded(self, consumer: str, message_id: str) -> Processed | None:
+        return await self._uow.recorded(consumer, message_id)
 
     async def _first_load(self) -> None:
         if not self._started.is_set():

@@ -22,7 +22,12 @@ import pytest
 
 from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.application import handlers
-from financing.application.errors import AlreadyProcessed, ConcurrencyConflict, ReadAfterWrite
+from financing.application.errors import (
+    AlreadyProcessed,
+    ConcurrencyConflict,
+    ReadAfterWrite,
+    ReusedMessageId,
+)
 from financing.application.memory import InMemoryEventStore
 from financing.application.messages import CreateInvestor, CreateIssuer
 from financing.application.pipeline import (
@@ -32,7 +37,14 @@ from financing.application.pipeline import (
     exactly_once,
     selected,
 )
-from financing.application.ports import Cause, EventStore, Processed, StoredEvent, event_message_id
+from financing.application.ports import (
+    Cause,
+    EventStore,
+    Processed,
+    StoredEvent,
+    body_digest,
+    event_message_id,
+)
 from financing.domain.aggregates import Investor, Invoice
 from financing.domain.events import (
     Bid,
@@ -241,17 +253,17 @@ class EventStoreContract:
         assert await store.stream(bystander) == []
         assert [e.version for e in await store.stream(contested)] == [1, 2, 3]
         async with store.unit_of_work() as uow:
-            assert not await uow.seen("consumer", "message-1")
+            assert not await uow.recorded("consumer", "message-1")
 
     async def test_a_recorded_message_is_seen_by_its_consumer_only(self, store: EventStore) -> None:
         async with store.unit_of_work() as uow:
-            assert not await uow.seen("projector", "m-1")
+            assert not await uow.recorded("projector", "m-1")
             await uow.record("projector", "m-1")
 
         async with store.unit_of_work() as uow:
-            assert await uow.seen("projector", "m-1")
-            assert not await uow.seen("relayer", "m-1")
-            assert not await uow.seen("projector", "m-2")
+            assert await uow.recorded("projector", "m-1")
+            assert not await uow.recorded("relayer", "m-1")
+            assert not await uow.recorded("projector", "m-2")
 
     async def test_recording_a_processed_message_again_conflicts(self, store: EventStore) -> None:
         async with store.unit_of_work() as uow:
@@ -287,7 +299,7 @@ class EventStoreContract:
 
         async def process_bid_message() -> None:
             async with store.unit_of_work() as uow:
-                assert not await uow.seen("bids", "message-7")
+                assert not await uow.recorded("bids", "message-7")
                 investor = await uow.load(Investor, investor_id)
                 await both_checked.wait()
                 investor.place_bid(uuid4(), Decimal("10"))
@@ -301,7 +313,7 @@ class EventStoreContract:
         assert sorted(type(r).__name__ for r in results) == ["ConcurrencyConflict", "NoneType"]
         assert [e.version for e in await store.stream(investor_id)] == [1, 2, 3]
         async with store.unit_of_work() as uow:
-            assert await uow.seen("bids", "message-7")
+            assert await uow.recorded("bids", "message-7")
 
     async def test_an_exception_inside_the_unit_of_work_leaves_nothing_behind(
         self,
@@ -320,7 +332,7 @@ class EventStoreContract:
         assert await store.stream(investor_id) == []
         assert await all_events(store) == []
         async with store.unit_of_work() as uow:
-            assert not await uow.seen("investors", "message-1")
+            assert not await uow.recorded("investors", "message-1")
             assert not (await uow.load(Investor, investor_id)).exists
 
     async def test_reading_after_a_write_in_one_unit_of_work_is_refused(
@@ -338,7 +350,7 @@ class EventStoreContract:
         with pytest.raises(ReadAfterWrite):
             async with store.unit_of_work() as uow:
                 await uow.record("investors", "message-1")
-                await uow.seen("investors", "message-2")
+                await uow.recorded("investors", "message-2")
 
         assert await all_events(store) == []
 
@@ -511,7 +523,7 @@ class TestPostgresEventStore(EventStoreContract):
             async with PostgresEventStore(single, snapshot_interval=2).unit_of_work(
                 Cause("saga-1", message_id)
             ) as uow:
-                assert not await uow.seen("create_investor", message_id)
+                assert not await uow.recorded("create_investor", message_id)
                 investor = await uow.load(Investor, investor_id)
                 investor.create(Decimal("10"))  # versions 1-2: a snapshot is due
                 await uow.save(investor)
@@ -538,7 +550,7 @@ class TestPostgresEventStore(EventStoreContract):
             == 2
         )
         async with store.unit_of_work() as uow:
-            assert await uow.seen("create_investor", "message-1")
+            assert await uow.recorded("create_investor", "message-1")
 
     async def test_a_unit_of_work_committing_beside_another_rings_the_bell_after_its_commit(
         self, pool: asyncpg.Pool
@@ -800,6 +812,27 @@ class TestPostgresEventStore(EventStoreContract):
         assert await processed_messages(pool) == [
             ("create_investor", message_id, "CreateInvestor", correlation, "processed", None, 2)
         ]
+
+    async def test_a_copy_is_a_duplicate_and_another_message_under_its_id_is_refused(
+        self, pool: asyncpg.Pool
+    ) -> None:
+        await _truncate(pool)
+        store = PostgresEventStore(pool)
+        step = decoded(exactly_once(store, "create_investor", handlers.create_investor))
+        message_id = str(uuid4())
+        first = envelope_of(CreateInvestor(uuid4(), Decimal("10")), message_id)
+        reusing = CreateInvestor(uuid4(), Decimal("20"))
+        other = envelope_of(reusing, message_id)
+        assert await step(MemoryDelivery(first)) == Outcome.processed(2)
+
+        assert (await step(MemoryDelivery(first))).kind is OutcomeKind.DUPLICATE
+        with pytest.raises(ReusedMessageId, match="already processed a CreateInvestor message"):
+            await step(MemoryDelivery(other))
+
+        async with store.unit_of_work() as uow:
+            recorded = await uow.recorded("create_investor", message_id)
+        assert recorded == Processed("CreateInvestor", "processed", "", 2, body_digest(first.body))
+        assert await store.stream(reusing.id) == []
 
     async def test_a_delivered_command_that_changed_nothing_is_recorded_unchanged_and_why(
         self, pool: asyncpg.Pool

@@ -37,14 +37,14 @@ async def test_hostile_message_ids_consumer_names_and_correlation_ids_are_stored
     store = PostgresEventStore(pool)
     issuer_id = uuid4()
     async with store.unit_of_work(Cause(correlation_id=hostile, causation_id=hostile)) as uow:
-        assert not await uow.seen(hostile, hostile)
+        assert not await uow.recorded(hostile, hostile)
         issuer = await uow.load(Issuer, issuer_id)
         issuer.create()
         await uow.save(issuer)
         await uow.record(hostile, hostile, Processed(hostile, "unchanged", hostile))
 
     async with store.unit_of_work() as uow:
-        assert await uow.seen(hostile, hostile)
+        assert await uow.recorded(hostile, hostile)
     stored = await store.stream(issuer_id)
     assert [(e.name, e.correlation_id, e.causation_id) for e in stored] == [
         ("IssuerCreatedEvent", hostile, hostile)

@@ -49,7 +49,13 @@ from financing.application.pipeline import (
     exactly_once,
     sending,
 )
-from financing.application.ports import Envelope, UnitOfWork, derived_message_id
+from financing.application.ports import (
+    Envelope,
+    Processed,
+    UnitOfWork,
+    body_digest,
+    derived_message_id,
+)
 from financing.application.retry import DELIVERIES, Backoff, Limit, Outages, RetryPolicy
 from financing.domain import events as ev
 from financing.domain.aggregates import Issuer
@@ -290,7 +296,11 @@ async def test_a_delivered_command_appends_its_events_under_its_correlation_and_
     assert [(e.correlation_id, e.causation_id) for e in store.events] == [
         ("saga-2", command.message_id)
     ]
-    assert store.outcomes == {("create_issuer", command.message_id): ("processed", "", 1)}
+    assert store.outcomes == {
+        ("create_issuer", command.message_id): Processed(
+            "CreateIssuer", "processed", "", 1, body_digest(command.body)
+        )
+    }
 
 
 async def test_message_is_not_acked_before_the_handler_returns(bus: Bus, queue: str) -> None:

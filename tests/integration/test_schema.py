@@ -235,9 +235,9 @@ async def test_a_message_a_release_before_version_2_handled_is_seen_as_handled(
             [("events_BidOnInvoicePlacedEvent", "m-old"), ("bid_on_invoice", "m-new")],
         )
         async with PostgresEventStore(pool).unit_of_work() as uow:
-            assert await uow.seen("bid_placed_offers_bid_to_invoice", "m-old")
-            assert await uow.seen("bid_on_invoice", "m-new")
-            assert not await uow.seen("bid_on_invoice", "m-old")  # another consumer's
-            assert not await uow.seen("someone_else", "m-new")
+            assert await uow.recorded("bid_placed_offers_bid_to_invoice", "m-old")
+            assert await uow.recorded("bid_on_invoice", "m-new")
+            assert not await uow.recorded("bid_on_invoice", "m-old")  # another consumer's
+            assert not await uow.recorded("someone_else", "m-new")
     finally:
         await pool.close()

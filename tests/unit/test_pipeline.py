@@ -4,6 +4,7 @@ what becomes of each delivery (its outcome), and how often the handler runs."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from decimal import Decimal
 from uuid import UUID, uuid4
 
@@ -332,6 +333,49 @@ async def test_a_redelivered_message_that_breaks_no_rule_is_a_duplicate_too() ->
     again = await step(delivery(bid, message_id))  # the balance would allow a second bid
     assert again.kind is OutcomeKind.DUPLICATE
     assert [stored.name for stored in store.events].count("BidOnInvoicePlacedEvent") == 1
+
+
+async def test_another_message_under_a_processed_id_is_dead_lettered_not_dropped() -> None:
+    store = InMemoryEventStore()
+    step = store_step(store, "CreateInvestor", handlers.create_investor)
+    message_id = uuid4()
+    assert await step(delivery(CreateInvestor(uuid4(), D("100")), message_id)) == (
+        Outcome.processed(2)
+    )
+    other = CreateInvestor(uuid4(), D("250"))  # a producer reusing the id
+    outcome = await step(delivery(other, message_id))
+    assert outcome.kind is OutcomeKind.DEAD_LETTERED
+    assert "ReusedMessageId" in outcome.detail and str(message_id) in outcome.detail
+    assert "already processed a CreateInvestor message" in outcome.detail
+    assert [stored.aggregate_id for stored in store.events].count(other.id) == 0
+
+
+async def test_another_message_under_a_processed_id_is_dead_lettered_when_it_breaks_a_rule() -> (
+    None
+):
+    # The record is looked up when a rule says no, too: this one is not a copy either.
+    store = InMemoryEventStore()
+    issuer_id, message_id = uuid4(), uuid4()
+    await store_step(store, "CreateIssuer", handlers.create_issuer)(
+        delivery(CreateIssuer(issuer_id))
+    )
+    step = store_step(store, "SellInvoice", handlers.sell_invoice)
+    invoice = SellInvoice(uuid4(), issuer_id, D("50"))
+    assert await step(delivery(invoice, message_id)) == Outcome.processed(1)
+    again = await step(delivery(SellInvoice(invoice.invoice_id, issuer_id, D("70")), message_id))
+    assert again.kind is OutcomeKind.DEAD_LETTERED and "ReusedMessageId" in again.detail
+
+
+async def test_a_copy_is_a_duplicate_where_the_record_keeps_no_digest() -> None:
+    # Records of releases that kept no digest: a copy cannot be told from another message.
+    store = InMemoryEventStore()
+    step = store_step(store, "CreateInvestor", handlers.create_investor)
+    message_id = uuid4()
+    await step(delivery(CreateInvestor(uuid4(), D("100")), message_id))
+    key = ("create_investor", str(message_id))
+    store.outcomes[key] = replace(store.outcomes[key], digest="")
+    outcome = await step(delivery(CreateInvestor(uuid4(), D("250")), message_id))
+    assert outcome.kind is OutcomeKind.DUPLICATE
 
 
 async def test_the_same_message_for_two_consumers_is_processed_by_each() -> None:

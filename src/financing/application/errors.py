@@ -35,6 +35,7 @@ __all__ = [
     "PoisonMessage",
     "ReadAfterWrite",
     "Refused",
+    "ReusedMessageId",
     "RuleViolation",
     "Unavailable",
     "UnrelayedEvent",
@@ -81,6 +82,13 @@ class UnrelayedEvent(PoisonMessage):
     for it from its aggregate id and version: a copy published again under a new id, or
     another store's event. Its copies cannot be told apart, so a saga policy acting on
     it could apply one event twice (answer a bid twice, release its funds twice)."""
+
+
+class ReusedMessageId(PoisonMessage):
+    """A message whose id its consumer already processed for a different message (another
+    body). Dropping it as a copy would lose it unseen, and processing it would let its
+    copies through twice: it is dead-lettered, for its producer to send it again under
+    an id of its own."""
 
 
 class ConcurrencyConflict(Exception):

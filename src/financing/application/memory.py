@@ -19,16 +19,16 @@ class InMemoryUnitOfWork:
         self._cause = cause
         self._appends: list[tuple[Aggregate, int]] = []
         self._records: list[tuple[str, str]] = []
-        self._outcomes: dict[tuple[str, str], tuple[str, str, int]] = {}
+        self._outcomes: dict[tuple[str, str], Processed] = {}
 
     def _reading(self, what: str) -> None:
         # Same rule as the PostgreSQL store, so handler tests catch a violation.
         if self._appends or self._records:
             raise ReadAfterWrite(f"{what} after a write in the same unit of work")
 
-    async def seen(self, consumer: str, message_id: str) -> bool:
-        self._reading("seen")
-        return (consumer, message_id) in self._store.processed
+    async def recorded(self, consumer: str, message_id: str) -> Processed | None:
+        self._reading("recorded")
+        return self._store.outcomes.get((consumer, message_id))
 
     async def load(self, cls: type[A], aggregate_id: UUID) -> A:
         self._reading("load")
@@ -48,7 +48,7 @@ class InMemoryUnitOfWork:
 
     async def record(self, consumer: str, message_id: str, what: Processed = PROCESSED) -> None:
         self._records.append((consumer, message_id))
-        self._outcomes[(consumer, message_id)] = (what.outcome, what.detail, what.events)
+        self._outcomes[(consumer, message_id)] = what
 
     def commit(self) -> None:
         store = self._store
@@ -83,8 +83,8 @@ class InMemoryEventStore:
     def __init__(self) -> None:
         self.events: list[StoredEvent] = []
         self.processed: set[tuple[str, str]] = set()
-        # (consumer, message id) -> (outcome, detail, events appended)
-        self.outcomes: dict[tuple[str, str], tuple[str, str, int]] = {}
+        # (consumer, message id) -> what became of it
+        self.outcomes: dict[tuple[str, str], Processed] = {}
 
     @asynccontextmanager
     async def unit_of_work(self, cause: Cause | None = None) -> AsyncIterator[InMemoryUnitOfWork]:

@@ -24,7 +24,13 @@ from typing import Any, Protocol
 
 from financing import metrics
 from financing.application import codec
-from financing.application.errors import AlreadyProcessed, Fault, UnrelayedEvent
+from financing.application.errors import (
+    AlreadyProcessed,
+    ConcurrencyConflict,
+    Fault,
+    ReusedMessageId,
+    UnrelayedEvent,
+)
 from financing.application.messages import Message
 from financing.application.ports import (
     AGGREGATE_VERSION_HEADER,
@@ -35,6 +41,7 @@ from financing.application.ports import (
     EventStore,
     Processed,
     UnitOfWork,
+    body_digest,
     event_message_id,
 )
 from financing.application.retry import Abandoned, GaveUp, Outages, RetryPolicy, retry
@@ -216,28 +223,47 @@ def exactly_once(store: EventStore, consumer: str, handler: StoreHandler) -> Han
     none of its writes taking effect. Copies are rare; the look-up would cost
     every message a round trip.
 
-    Copies are told apart by their message id only, so a domain event is handled
-    only with the id the event store derives for it (`relayed_from_the_store`).
+    Copies are told apart by their message id, so a domain event is handled only
+    with the id the event store derives for it (`relayed_from_the_store`). The record
+    keeps the body's digest too: a different message that reuses a processed id is
+    dead-lettered (`ReusedMessageId`), not dropped unseen as a copy.
     """
 
     async def run(decoded: Decoded) -> Outcome:
         envelope = decoded.envelope
         if isinstance(decoded.message, DomainEvent):
             relayed_from_the_store(envelope, decoded.message)
+        digest = body_digest(envelope.body)
         try:
-            return await once(decoded)
+            return await once(decoded, digest)
         except AlreadyProcessed:
-            return DUPLICATE
-        except RuleViolation:
+            return await copy(envelope, digest, or_raise=None)
+        except RuleViolation as violation:
             # A copy of a message already processed reads its effects (funds already
             # released) and may break a rule before it gets to record anything: that
             # is a duplicate, not a broken rule.
-            async with store.unit_of_work() as uow:
-                if await uow.seen(consumer, envelope.message_id):
-                    return DUPLICATE
-            raise
+            return await copy(envelope, digest, or_raise=violation)
 
-    async def once(decoded: Decoded) -> Outcome:
+    async def copy(envelope: Envelope, digest: str, or_raise: Exception | None) -> Outcome:
+        """DUPLICATE if `consumer` processed this very message before. A message that
+        reuses the id of a different one it processed is dead-lettered (ReusedMessageId);
+        one it never processed raises `or_raise`."""
+        async with store.unit_of_work() as uow:
+            before = await uow.recorded(consumer, envelope.message_id)
+        if before is None:
+            if or_raise is None:  # the record that refused this one is gone (pruned)
+                raise ConcurrencyConflict(f"message {envelope.message_id} was recorded meanwhile")
+            raise or_raise
+        if before.digest and before.digest != digest:
+            was = f"a {before.name} message" if before.name else "another message"
+            raise ReusedMessageId(
+                f"{envelope.name} {envelope.message_id}: {consumer} already processed {was}"
+                " under this message id, with a different body; this one is not processed"
+                " (its producer must give it an id of its own)"
+            )
+        return DUPLICATE
+
+    async def once(decoded: Decoded, digest: str) -> Outcome:
         envelope = decoded.envelope
         async with store.unit_of_work(Cause.of(envelope)) as uow:
             noting = _Noting(uow)
@@ -253,7 +279,7 @@ def exactly_once(store: EventStore, consumer: str, handler: StoreHandler) -> Han
             await uow.record(
                 consumer,
                 envelope.message_id,
-                Processed(envelope.name, outcome.kind.value, outcome.detail, appended),
+                Processed(envelope.name, outcome.kind.value, outcome.detail, appended, digest),
             )
         if outcome.kind is OutcomeKind.UNCHANGED:
             log.info("message changed nothing", consumer=consumer, reason=outcome.detail)
@@ -317,7 +343,7 @@ class _Noting:
     def __init__(self, uow: UnitOfWork) -> None:
         self._uow = uow
         self._saved: dict[int, Aggregate] = {}
-        self.seen = uow.seen
+        self.recorded = uow.recorded
         self.load = uow.load
         self.load_both = uow.load_both
         self.record = uow.record

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
-from hashlib import sha1
+from hashlib import blake2b, sha1
 from typing import Protocol, TypeVar
 from uuid import UUID
 
@@ -159,9 +159,18 @@ class Processed:
     outcome: str = "processed"  # or "unchanged": a rule said there was nothing to do
     detail: str = ""  # the rule, for an unchanged outcome
     events: int = 0  # events appended
+    # The message's body digested (`body_digest`): a copy of the message has the same, a
+    # different message reusing its id does not. Empty where unknown (records of releases
+    # that kept none).
+    digest: str = ""
 
 
 PROCESSED = Processed()
+
+
+def body_digest(body: bytes) -> str:
+    """A message body's digest, as a processed record keeps it."""
+    return blake2b(body, digest_size=16).hexdigest()
 
 
 class UnitOfWork(Protocol):
@@ -173,8 +182,9 @@ class UnitOfWork(Protocol):
     committed when each runs.
     """
 
-    async def seen(self, consumer: str, message_id: str) -> bool:
-        """Whether `consumer` already processed `message_id` (committed)."""
+    async def recorded(self, consumer: str, message_id: str) -> Processed | None:
+        """What became of `message_id` when `consumer` processed it (committed); None if
+        it has not."""
         ...
 
     async def load(self, cls: type[A], aggregate_id: UUID) -> A:

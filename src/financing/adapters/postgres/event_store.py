@@ -1,7 +1,7 @@
 """The event store on PostgreSQL: one stream per aggregate, appended in units of work.
 
 A unit of work costs one round trip per read and one for all its writes. Its
-reads (`seen`, `load`) run as they come, each a statement of its own; its
+reads (`recorded`, `load`) run as they come, each a statement of its own; its
 writes (`save`, `record`) are kept until the block ends and then go to the
 server as one statement, which appends every event, takes the snapshots due
 and records the processed message: one statement is one transaction, so they
@@ -139,10 +139,11 @@ _SNAPSHOT = (
 _RECORD = (
     "recorded AS ("
     " INSERT INTO processed_messages"
-    " (consumer, message_id, name, correlation_id, outcome, detail, events)"
-    " SELECT consumer, message_id, name, $?, outcome, detail, events"
-    " FROM unnest($?::text[], $?::text[], $?::text[], $?::text[], $?::text[], $?::int[])"
-    " AS new (consumer, message_id, name, outcome, detail, events)"
+    " (consumer, message_id, name, correlation_id, outcome, detail, events, digest)"
+    " SELECT consumer, message_id, name, $?, outcome, detail, events, digest"
+    " FROM unnest($?::text[], $?::text[], $?::text[], $?::text[], $?::text[], $?::int[],"
+    " $?::text[])"
+    " AS new (consumer, message_id, name, outcome, detail, events, digest)"
     " RETURNING 1)"
 )
 
@@ -258,7 +259,7 @@ class _Saved:
 
 
 class PostgresUnitOfWork:
-    """Reads (`seen`, `load`) run at once; writes (`save`, `record`) wait for `commit`."""
+    """Reads (`recorded`, `load`) run at once; writes (`save`, `record`) wait for `commit`."""
 
     def __init__(self, conn: Connection, snapshot_interval: int, cause: Cause | None) -> None:
         self._conn = conn
@@ -272,15 +273,24 @@ class PostgresUnitOfWork:
         if self._saved or self._records:
             raise ReadAfterWrite(f"{what} after a write in the same unit of work")
 
-    async def seen(self, consumer: str, message_id: str) -> bool:
-        self._reading("seen")
-        found: bool = await self._conn.fetchval(
-            "SELECT EXISTS (SELECT FROM processed_messages"
-            " WHERE consumer = ANY($1::text[]) AND message_id = $2)",
+    async def recorded(self, consumer: str, message_id: str) -> Processed | None:
+        self._reading("recorded")
+        row = await self._conn.fetchrow(
+            "SELECT name, outcome, detail, events, digest FROM processed_messages"
+            " WHERE consumer = ANY($1::text[]) AND message_id = $2 LIMIT 1",
             _RECORDED_AS.get(consumer, (consumer,)),
             message_id,
         )
-        return found
+        if row is None:
+            return None
+        # Records of older releases lack some of these (schema versions 1 to 3).
+        return Processed(
+            row["name"] or "",
+            row["outcome"] or PROCESSED.outcome,
+            row["detail"] or "",
+            row["events"] or 0,
+            row["digest"] or "",
+        )
 
     async def load(self, cls: type[A], aggregate_id: UUID) -> A:
         self._reading("load")
@@ -364,6 +374,7 @@ class PostgresUnitOfWork:
                 [what.outcome for _, _, what in records],
                 [what.detail or None for _, _, what in records],
                 [what.events for _, _, what in records],
+                [what.digest or None for _, _, what in records],
             ]
         notify = notify and bool(events)
         if notify:

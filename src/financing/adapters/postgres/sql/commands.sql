@@ -91,3 +91,9 @@ CREATE INDEX processed_messages_correlation ON processed_messages (correlation_i
     WHERE correlation_id IS NOT NULL;
 -- Pruning of deduplication records goes by age.
 CREATE INDEX processed_messages_age ON processed_messages (processed_at);
+
+-- version: 4
+
+-- Each processed message keeps its body's digest, so that a different message reusing
+-- a processed message id is told from a copy (and dead-lettered, not dropped).
+ALTER TABLE processed_messages ADD COLUMN digest text;
