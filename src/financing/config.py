@@ -63,6 +63,13 @@ DEDUP_RETENTION = Variable(
     "how long processed message ids are kept to deduplicate redeliveries"
     " (7d, 12h, 30m, or seconds)",
 )
+AGGREGATE_WAIT = Variable(
+    "FINANCING_AGGREGATE_WAIT",
+    "1m",
+    "how long a message naming an aggregate that does not exist yet (a bid whose investor"
+    " is still being registered) waits for it, deferred, before it is dead-lettered"
+    " (1m, 30s, or seconds)",
+)
 COMPONENTS_VARIABLE = Variable(
     "FINANCING_COMPONENTS",
     ",".join(COMPONENTS),
@@ -94,6 +101,7 @@ VARIABLES = (
     SNAPSHOT_INTERVAL,
     STARTUP_TIMEOUT,
     DEDUP_RETENTION,
+    AGGREGATE_WAIT,
     DB_TIMEOUT,
     METRICS_ADDRESS,
     COMPONENTS_VARIABLE,
@@ -152,6 +160,8 @@ class Settings:
     startup_timeout: float = 30.0
     # How long a consumer remembers a message id, so that a redelivery changes nothing.
     dedup_retention: timedelta = timedelta(days=7)
+    # How long a delivery may wait for an aggregate another message creates (seconds).
+    aggregate_wait: float = 60.0
     # Where /metrics is served; None: nowhere.
     metrics_address: tuple[str, int] | None = ("0.0.0.0", 8082)
     components: tuple[str, ...] = COMPONENTS
@@ -200,6 +210,9 @@ class Settings:
             snapshot_interval=_positive_int(SNAPSHOT_INTERVAL.name, value(SNAPSHOT_INTERVAL)),
             startup_timeout=_positive_int(STARTUP_TIMEOUT.name, value(STARTUP_TIMEOUT)),
             dedup_retention=parse_duration(DEDUP_RETENTION.name, value(DEDUP_RETENTION)),
+            aggregate_wait=parse_duration(
+                AGGREGATE_WAIT.name, value(AGGREGATE_WAIT)
+            ).total_seconds(),
             # Unlike the other variables, an empty METRICS_ADDRESS means something: no endpoint.
             metrics_address=(
                 None

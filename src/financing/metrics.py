@@ -36,8 +36,8 @@ GRPC_HANDLING = Histogram(
 MESSAGES = Counter(
     "financing_messages_total",
     "Deliveries by queue and outcome: processed, unchanged (a rule said there was"
-    " nothing to do), duplicate, ignored, dead_lettered, abandoned (left for redelivery), and"
-    " retried (one per retry of a delivery).",
+    " nothing to do), duplicate, ignored, dead_lettered, deferred (put aside to wait for an"
+    " aggregate), abandoned (left for redelivery), and retried (one per retry of a delivery).",
     ["queue", "outcome"],
 )
 HANDLING = Histogram(

@@ -35,8 +35,10 @@ SOURCE_QUEUE = "x-source-queue"
 
 # Long enough for a saga of three hops on a slow machine; scenarios take well under a second.
 DEFAULT_TIMEOUT = 20.0
-# Domain rule failures are retried for a few seconds before they are dead-lettered.
-DEAD_LETTER_TIMEOUT = 30.0
+# A message naming an aggregate that does not exist waits FINANCING_AGGREGATE_WAIT for it
+# (2 s in the deployments the tests start, a minute by default in one they are pointed at)
+# before it is dead-lettered.
+DEAD_LETTER_TIMEOUT = 90.0
 
 
 def parse_json(body: bytes) -> Any:

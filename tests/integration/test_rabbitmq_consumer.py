@@ -26,11 +26,21 @@ from financing.adapters.rabbitmq.consumer import (
     QueueConsumer,
     consume,
 )
-from financing.adapters.rabbitmq.dead_letters import DeadLetter, DeadLetters, list_dead_letters
+from financing.adapters.rabbitmq.dead_letters import (
+    DEFERRED_AT_HEADER,
+    DeadLetter,
+    DeadLetters,
+    list_dead_letters,
+)
 from financing.adapters.rabbitmq.envelopes import from_amqp
 from financing.adapters.rabbitmq.frames import OutOfRangeTimestamp
 from financing.adapters.rabbitmq.publisher import AmqpCommandSender, Publisher, PublishFailed
-from financing.adapters.rabbitmq.topology import QueueSpec, Subscription, command_queue
+from financing.adapters.rabbitmq.topology import (
+    DEFERRALS,
+    QueueSpec,
+    Subscription,
+    command_queue,
+)
 from financing.application import codec, handlers, integration
 from financing.application.errors import MissingAggregate, ReadAfterWrite, Unavailable
 from financing.application.memory import InMemoryEventStore
@@ -69,6 +79,7 @@ FAST = RetryPolicy(
     unavailable=Limit(Backoff(0.01, 0.05), None),
     conflict=Limit(Backoff(0.01, 0.05), 50),
     bug=Limit(Backoff(0.01, 0.05), BUG_ATTEMPTS),
+    aggregate_wait=1.0,  # deferred for 0.25 s at a time
 )
 
 
@@ -537,7 +548,9 @@ async def test_rule_violation_is_dead_lettered_at_once(bus: Bus, queue: str) -> 
     assert await bus.queue_state(queue) == (0, 0)
 
 
-async def test_missing_aggregate_is_retried_then_dead_lettered(bus: Bus, queue: str) -> None:
+async def test_missing_aggregate_is_retried_deferred_then_dead_lettered(
+    bus: Bus, queue: str
+) -> None:
     store = InMemoryEventStore()
     issuer = uuid.uuid4()
     handler = Counting(exactly_once(store, "sell_invoice", handlers.sell_invoice))
@@ -546,10 +559,50 @@ async def test_missing_aggregate_is_retried_then_dead_lettered(bus: Bus, queue: 
         await bus.publisher.send_to_queue(queue, message)
 
         [letter] = await bus.first_dead_letters(queue, "the orphan command dead-lettered")
-    assert handler.calls == MissingAggregate.retry_attempts
+    # Its attempts, on each delivery: the first, then every return from the deferrals.
+    attempts = MissingAggregate.retry_attempts
+    assert handler.calls % attempts == 0 and handler.calls >= 2 * attempts
     assert f"issuer {issuer} is not registered" in letter.reason
+    waited = float(letter.reason.rsplit("waited ", 1)[1].split(" s ")[0])
+    assert FAST.aggregate_wait <= waited < FAST.aggregate_wait + 5
     assert letter.message_id == message.message_id
+    assert letter.body == message.body
     assert store.events == []
+    assert await bus.queue_state(DEFERRALS) == (0, 0)
+
+
+async def test_a_deferred_command_comes_back_and_is_processed_once_its_aggregate_exists(
+    bus: Bus, queue: str
+) -> None:
+    store = InMemoryEventStore()
+    issuer, invoice = uuid.uuid4(), uuid.uuid4()
+    deferred_at: list[str] = []
+
+    async def issuer_arrives_once_deferred(call: int) -> None:
+        if call == MissingAggregate.retry_attempts + 1:  # the first attempt after its return
+            async with store.unit_of_work() as uow:
+                await handlers.create_issuer(uow, CreateIssuer(issuer))
+
+    async def noting_the_deferral(decoded: Decoded) -> Outcome:
+        deferred_at.append(decoded.envelope.headers.get(DEFERRED_AT_HEADER, ""))
+        return await handler(decoded)
+
+    handler = Counting(
+        exactly_once(store, "sell_invoice", handlers.sell_invoice), issuer_arrives_once_deferred
+    )
+    message = envelope(SellInvoice(invoice, issuer, Decimal("10")), "sale-1")
+    async with consuming(bus, on_command_queue(queue, "SellInvoice"), noting_the_deferral):
+        await bus.publisher.send_to_queue(queue, message)
+
+        async def created() -> bool:
+            return events_of(store, invoice) == ["InvoiceCreatedEvent"]
+
+        await wait_until(created, what="the invoice to be created")
+    assert handler.calls == MissingAggregate.retry_attempts + 1
+    assert deferred_at[0] == "" and deferred_at[-1] != ""  # the copy says since when
+    assert store.outcomes[("sell_invoice", "sale-1")].digest == body_digest(message.body)
+    assert await bus.dead_letters_of(queue) == []
+    assert await bus.queue_state(DEFERRALS) == (0, 0)
 
 
 async def test_command_waiting_for_its_aggregate_is_processed_once_it_exists(

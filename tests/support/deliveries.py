@@ -21,6 +21,7 @@ class MemoryDelivery:
     source: str = "memory"
     open: bool = True  # False: its channel closed, it can no longer be settled
     settled: list[Outcome] = field(default_factory=list)
+    waited: float = 0.0  # seconds since it was first deferred
 
     @property
     def name(self) -> str | None:

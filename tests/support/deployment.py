@@ -60,6 +60,9 @@ def service_env(
         "QUERY_DB_CONNECTION_STRING": query_db.dsn(),
         "AMQP_ADDRESS": amqp_url,
         "LOGGER_LEVEL": "INFO",
+        # A command naming an aggregate nobody creates is dead-lettered after about 3 s
+        # (deferred twice), not the minute a deployment waits by default.
+        "FINANCING_AGGREGATE_WAIT": "2",
     }
 
 

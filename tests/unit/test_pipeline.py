@@ -57,12 +57,13 @@ def step_of(
     name: str,
     others: OutcomeKind = OutcomeKind.DEAD_LETTERED,
     outages: Outages | None = None,
+    policy: RetryPolicy = POLICY,
 ) -> Step:
     return compose(
         handler,
         names=frozenset({name}),
         others=others,
-        policy=POLICY,
+        policy=policy,
         outages=outages or Outages(),
     )
 
@@ -299,6 +300,65 @@ async def test_a_conflict_is_retried_until_the_handler_succeeds() -> None:
     assert outcome.kind is OutcomeKind.UNCHANGED
     assert outcome.detail == f"Issuer {issuer}: already exists"
     assert [stored.event for stored in store.events] == [ev.IssuerCreatedEvent(issuer)]
+
+
+# Waiting for an aggregate another message creates
+
+
+async def test_a_message_naming_an_aggregate_not_created_yet_is_deferred() -> None:
+    store = InMemoryEventStore()
+    step = store_step(store, "SellInvoice", handlers.sell_invoice)
+    issuer_id = uuid4()  # its CreateIssuer is still behind others on its queue
+
+    outcome = await step(delivery(SellInvoice(uuid4(), issuer_id, D("50"))))
+
+    assert outcome.kind is OutcomeKind.DEFERRED
+    assert "MissingAggregate" in outcome.detail and str(issuer_id) in outcome.detail
+    assert store.events == [] and store.processed == set()
+
+
+async def test_a_deferred_message_that_waited_long_enough_is_dead_lettered_saying_how_long() -> (
+    None
+):
+    store = InMemoryEventStore()
+    step = store_step(store, "SellInvoice", handlers.sell_invoice)
+    late = MemoryDelivery(
+        envelope_of(SellInvoice(uuid4(), uuid4(), D("50"))),
+        waited=POLICY.aggregate_wait + 0.5,
+    )
+
+    outcome = await step(late)
+
+    assert outcome.kind is OutcomeKind.DEAD_LETTERED
+    assert outcome.detail.endswith(
+        f"deferred, it waited {POLICY.aggregate_wait + 0.5:.1f} s for it"
+    )
+
+
+async def test_a_deferred_message_whose_aggregate_was_created_meanwhile_is_processed() -> None:
+    store = InMemoryEventStore()
+    issuer_id = uuid4()
+    await store_step(store, "CreateIssuer", handlers.create_issuer)(
+        delivery(CreateIssuer(issuer_id))
+    )
+    step = store_step(store, "SellInvoice", handlers.sell_invoice)
+    back = MemoryDelivery(envelope_of(SellInvoice(uuid4(), issuer_id, D("50"))), waited=12.0)
+
+    assert await step(back) == Outcome.processed(1)
+
+
+async def test_without_a_wait_a_missing_aggregate_is_dead_lettered_after_its_attempts() -> None:
+    store = InMemoryEventStore()
+    step = step_of(
+        exactly_once(store, "sell_invoice", handlers.sell_invoice),
+        "SellInvoice",
+        policy=replace(POLICY, aggregate_wait=0.0),
+    )
+
+    outcome = await step(delivery(SellInvoice(uuid4(), uuid4(), D("50"))))
+
+    assert outcome.kind is OutcomeKind.DEAD_LETTERED
+    assert "after 8 attempt(s)" in outcome.detail and "waited" not in outcome.detail
 
 
 # Exactly once

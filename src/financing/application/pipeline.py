@@ -28,6 +28,7 @@ from financing.application.errors import (
     AlreadyProcessed,
     ConcurrencyConflict,
     Fault,
+    MissingAggregate,
     ReusedMessageId,
     UnrelayedEvent,
 )
@@ -58,6 +59,9 @@ class OutcomeKind(enum.Enum):
     DUPLICATE = "duplicate"  # processed before: nothing done again
     IGNORED = "ignored"  # not for this consumer
     DEAD_LETTERED = "dead_lettered"  # kept aside with its reason
+    # Put aside for a while, to be delivered again: it names an aggregate that another
+    # message, not processed yet, creates (RetryPolicy.aggregate_wait).
+    DEFERRED = "deferred"
     ABANDONED = "abandoned"  # cannot be settled any more: the broker delivers it again
 
 
@@ -74,6 +78,10 @@ class Outcome:
     @classmethod
     def dead_letter(cls, reason: str) -> Outcome:
         return cls(OutcomeKind.DEAD_LETTERED, reason)
+
+    @classmethod
+    def deferred(cls, reason: str) -> Outcome:
+        return cls(OutcomeKind.DEFERRED, reason)
 
 
 IGNORED = Outcome(OutcomeKind.IGNORED)
@@ -102,12 +110,18 @@ class Delivery(Protocol):
         """Whether it can still be settled (acked or dead-lettered)."""
         ...
 
+    @property
+    def waited(self) -> float:
+        """Seconds since it was first deferred (0.0: never)."""
+        ...
+
     def log_fields(self) -> dict[str, Any]:
         """What identifies it in log lines (queue, name, message and aggregate ids)."""
         ...
 
     async def settle(self, outcome: Outcome) -> None:
-        """Ack it, or dead-letter then ack it, or leave it to be delivered again."""
+        """Ack it, or dead-letter or defer it then ack it, or leave it to be delivered
+        again."""
         ...
 
 
@@ -146,7 +160,12 @@ def compose(
 def retried(policy: RetryPolicy, outages: Outages) -> StepPart:
     """Retries the inner step as the failure's class says; a failure it gives up on
     becomes a dead letter with its reason, and a delivery that can no longer be
-    settled is abandoned to the broker's redelivery."""
+    settled is abandoned to the broker's redelivery.
+
+    A delivery that names an aggregate that does not exist yet (MissingAggregate) is
+    deferred instead, while it has waited less than `policy.aggregate_wait`: the
+    message that creates the aggregate may be behind others on its own queue (after
+    an outage, each queue's backlog drains at its own pace)."""
 
     def part(inner: Step) -> Step:
         async def step(delivery: Delivery) -> Outcome:
@@ -162,7 +181,13 @@ def retried(policy: RetryPolicy, outages: Outages) -> StepPart:
             except GaveUp as gave_up:
                 if gave_up.fault is Fault.BUG:
                     log.error("processing failed with a bug", exc_info=gave_up.error)
-                return Outcome.dead_letter(str(gave_up))
+                if not isinstance(gave_up.error, MissingAggregate):
+                    return Outcome.dead_letter(str(gave_up))
+                waited = delivery.waited
+                if waited < policy.aggregate_wait:
+                    return Outcome.deferred(str(gave_up))
+                since = f"; deferred, it waited {waited:.1f} s for it" if waited else ""
+                return Outcome.dead_letter(f"{gave_up}{since}")
             except Abandoned:
                 return ABANDONED
 

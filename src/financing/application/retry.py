@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from financing import metrics
 from financing.application.errors import (
@@ -64,6 +64,11 @@ class Limit:
     attempts: int | None
 
 
+# Bounds of the time a deferred delivery is put aside, each time it is.
+MIN_DEFERRAL_DELAY = 0.1
+MAX_DEFERRAL_DELAY = 5.0
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """A limit per fault; a fault without one (PERMANENT by default) is not retried."""
@@ -72,6 +77,16 @@ class RetryPolicy:
     conflict: Limit | None = Limit(Backoff(0.01, 0.5), 50)
     permanent: Limit | None = None
     bug: Limit | None = Limit(Backoff(0.2, 2.0), 3)
+    # How long in all a delivery may wait for an aggregate that another message creates
+    # (MissingAggregate): once its conflict attempts are spent it is deferred, put aside
+    # and delivered again `deferral_delay` later, until it has waited this long; then it
+    # is dead-lettered. 0: dead-lettered once its attempts are spent.
+    aggregate_wait: float = 60.0
+
+    @property
+    def deferral_delay(self) -> float:
+        """How long a deferred delivery is put aside each time (seconds)."""
+        return min(MAX_DEFERRAL_DELAY, max(self.aggregate_wait / 4, MIN_DEFERRAL_DELAY))
 
     def limit(self, fault: Fault) -> Limit | None:
         limit: Limit | None = getattr(self, fault.value)
@@ -79,7 +94,8 @@ class RetryPolicy:
 
     def without(self, *faults: Fault) -> RetryPolicy:
         """This policy, retrying none of `faults`."""
-        return replace(self, **{fault.value: None for fault in faults})
+        limits: dict[str, Any] = {fault.value: None for fault in faults}  # Limit fields
+        return replace(self, **limits)
 
 
 # Deliveries: every fault as classified.

@@ -14,7 +14,7 @@ import functools
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
@@ -53,7 +53,14 @@ from financing.application.pipeline import (
 )
 from financing.application.ports import CommandSender, EventStore
 from financing.application.read_models import ReadModelStore
-from financing.application.retry import DELIVERIES, NO_BUG_RETRIES, GaveUp, Outages, retry
+from financing.application.retry import (
+    DELIVERIES,
+    NO_BUG_RETRIES,
+    GaveUp,
+    Outages,
+    RetryPolicy,
+    retry,
+)
 from financing.config import COMPONENTS, Database, Settings
 from financing.entrypoints.grpc.calls import CallsInFlight
 from financing.entrypoints.grpc.codec import FramingChecked, RequestCodec
@@ -177,7 +184,8 @@ async def bootstrap(
         # An outage ends when the broker takes a declaration again, not merely a connection
         # (one whose permissions were taken away still connects).
         outages.check_with(BROKER, publisher.probe_events)
-        wiring = _Wiring(broker, publisher, outages, overrides, service)
+        deliveries = replace(DELIVERIES, aggregate_wait=settings.aggregate_wait)
+        wiring = _Wiring(broker, publisher, outages, deliveries, overrides, service)
         if command_pool is not None:
             store = PostgresEventStore(command_pool, snapshot_interval=settings.snapshot_interval)
             stack.push_async_callback(store.close)
@@ -258,15 +266,17 @@ class _Wiring:
         broker: Broker,
         publisher: Publisher,
         outages: Outages,
+        policy: RetryPolicy,
         overrides: Overrides,
         service: Service,
     ) -> None:
         self._broker = broker
         self._publisher = publisher
         self._outages = outages
+        self._policy = policy  # of every delivery
         self._overrides = overrides
         self._service = service
-        self._dead_letters = DeadLetters(publisher, outages, DELIVERIES)
+        self._dead_letters = DeadLetters(publisher, outages, policy)
 
     def store_routes(self, table: Iterable[routes.Route[StoreHandler]], store: EventStore) -> None:
         for route in table:
@@ -280,14 +290,14 @@ class _Wiring:
 
     def unrouted(self) -> None:
         """The consumer of what `financing_events` routes to no other consumer."""
-        step = retried(DELIVERIES, self._outages)(topology.unrouted)
+        step = retried(self._policy, self._outages)(topology.unrouted)
         self._deliveries(topology.UNROUTED_QUEUE, step)
 
     def _consumer(self, message_name: str, handler: Handler) -> None:
         subscription = topology.subscription(message_name)
         step = subscription.step(
             handler,
-            policy=DELIVERIES,
+            policy=self._policy,
             outages=self._outages,
             handler_parts=self._overrides.handler_parts,
         )

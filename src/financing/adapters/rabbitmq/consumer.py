@@ -36,7 +36,7 @@ from financing.adapters.rabbitmq.connection import (
     is_broker_error,
     translated,
 )
-from financing.adapters.rabbitmq.dead_letters import DeadLetters
+from financing.adapters.rabbitmq.dead_letters import DeadLetters, deferred_for
 from financing.adapters.rabbitmq.envelopes import (
     AGGREGATE_ID_HEADER,
     MESSAGE_UUID_HEADER,
@@ -97,6 +97,10 @@ class AmqpDelivery:
     def deliverable(self) -> bool:
         return delivery_channel_open(self._message)
 
+    @property
+    def waited(self) -> float:
+        return deferred_for(self._message)
+
     def log_fields(self) -> dict[str, Any]:
         """What identifies the message in every log line about it, read leniently."""
         headers = self._message.headers or {}
@@ -124,6 +128,12 @@ class AmqpDelivery:
                 await self._ack()
             else:
                 log.debug("delivery channel closed before dead-lettering; expecting a redelivery")
+        elif outcome.kind is OutcomeKind.DEFERRED:
+            if await self._dead_letters.defer(self._message, source_queue=self._source):
+                log.info("message deferred", reason=outcome.detail, waited=round(self.waited, 1))
+                await self._ack()
+            else:
+                log.debug("delivery channel closed before deferring; expecting a redelivery")
         else:
             log.debug("delivery channel closed; expecting a redelivery")
 

@@ -23,6 +23,7 @@ from financing import metrics
 from financing.adapters.rabbitmq.connection import Broker, translated
 from financing.adapters.rabbitmq.envelopes import (
     AGGREGATE_ID_HEADER,
+    BROKER_HEADERS,
     CORE_HEADERS,
     MAX_MESSAGE_ID_BYTES,
     MESSAGE_UUID_HEADER,
@@ -44,6 +45,8 @@ REASON_HEADER = "x-death-reason"
 SOURCE_QUEUE_HEADER = "x-source-queue"
 DEAD_LETTERED_AT_HEADER = "x-dead-lettered-at"
 DEAD_LETTER_HEADERS = frozenset({REASON_HEADER, SOURCE_QUEUE_HEADER, DEAD_LETTERED_AT_HEADER})
+# When a deferred delivery was first deferred (ISO 8601, with its offset).
+DEFERRED_AT_HEADER = "x-deferred-at"
 
 # Headers must fit in one frame; an exception text can be arbitrarily long.
 MAX_REASON_CHARS = 2000
@@ -200,17 +203,70 @@ class DeadLetters:
         channel closed first, so it cannot be acked; the broker delivers it
         again and it is dead-lettered then. A bug gives up (GaveUp).
         """
+        return await self._persisted(
+            message,
+            "dead-lettering",
+            lambda: self.send(message, reason=reason, source_queue=source_queue),
+        )
+
+    async def defer(self, message: AbstractIncomingMessage, *, source_queue: str) -> bool:
+        """Put a copy of `message` aside for the policy's `deferral_delay`, after which
+        the broker hands it back to `source_queue`; retried as `keep` is, and what it
+        returns means the same.
+
+        The copy keeps the original's headers and properties; DEFERRED_AT_HEADER says
+        when it was first deferred (`deferred_for`). The broker's own headers (its
+        records of the expirations among them) are left out."""
+        headers = {
+            key: value
+            for key, value in (message.headers or {}).items()
+            if key not in BROKER_HEADERS
+        }
+        if deferred_for(message) == 0.0:
+            headers[DEFERRED_AT_HEADER] = datetime.now(UTC).isoformat()
+        copy = aio_pika.Message(
+            body=bytes(message.body),
+            headers=headers,
+            message_id=message.message_id,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            correlation_id=message.correlation_id,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            expiration=self._policy.deferral_delay,
+        )
+        return await self._persisted(
+            message, "deferring", lambda: self._publisher.defer(copy, source_queue)
+        )
+
+    async def _persisted(
+        self,
+        message: AbstractIncomingMessage,
+        what: str,
+        publish: Callable[[], Awaitable[None]],
+    ) -> bool:
         try:
             await retry(
-                lambda: self.send(message, reason=reason, source_queue=source_queue),
+                publish,
                 policy=self._policy,
                 outages=self._outages,
-                what="dead-lettering",
+                what=what,
                 wanted=lambda: delivery_channel_open(message),
             )
         except Abandoned:
             return False
         return True
+
+
+def deferred_for(message: AbstractIncomingMessage) -> float:
+    """Seconds since `message` was first deferred (DEFERRED_AT_HEADER); 0.0 if it never
+    was, or if the header is not a time (a foreign one)."""
+    try:
+        since = datetime.fromisoformat(header_text((message.headers or {}).get(DEFERRED_AT_HEADER)))
+    except ValueError:
+        return 0.0
+    if since.tzinfo is None:
+        return 0.0
+    return max((datetime.now(UTC) - since).total_seconds(), 0.0)
 
 
 def _copied_headers(original: Mapping[str, Any]) -> tuple[dict[str, str], int]:
@@ -309,7 +365,8 @@ async def requeue_dead_letters(broker: Broker, *, selection: Selection = EVERY) 
     async def requeue(message: AbstractIncomingMessage, letter: DeadLetter) -> None:
         original = aio_pika.Message(
             body=letter.body,
-            headers=dict(letter.headers),
+            # Requeued, it may wait for its aggregate again as long as a new message may.
+            headers={k: v for k, v in letter.headers.items() if k != DEFERRED_AT_HEADER},
             message_id=message.message_id,
             content_type=message.content_type,
             content_encoding=message.content_encoding,

@@ -29,8 +29,10 @@ from financing.adapters.rabbitmq.connection import (
 )
 from financing.adapters.rabbitmq.envelopes import header_text, to_amqp
 from financing.adapters.rabbitmq.topology import (
+    DEFERRALS,
     EVENTS_EXCHANGE,
     command_queue,
+    declare_deferrals,
     declare_events_exchange,
 )
 from financing.adapters.rabbitmq.topology import declare as declare_topology
@@ -139,6 +141,19 @@ class Publisher:
         what = f"{header_text(message.headers.get('name', 'message'))} to queue {queue!r}"
         await self._confirmed(what, [(message, queue)])
 
+    async def defer(self, message: AbstractMessage, queue: str) -> None:
+        """Publish `message` (confirmed) to `financing_deferred`, whose queue hands it back
+        to `queue` once its expiration has passed. The exchange and its queue are declared
+        first, every time: deferrals are rare, and one deleted is there again."""
+        channel, _ = await self._opened(f"deferring to queue {queue!r}")
+        try:
+            async with asyncio.timeout(self._confirm_timeout):
+                deferrals = await declare_deferrals(channel, self._broker.queue_type)
+        except TimeoutError:
+            raise PublishFailed(f"{DEFERRALS!r} not declared within the timeout") from None
+        what = f"{header_text(message.headers.get('name', 'message'))} deferred to {queue!r}"
+        await self._confirmed(what, [(message, queue)], via=deferrals)
+
     async def probe(self) -> None:
         """Return if publishing can work now: the publishing channel is open and the
         broker takes a declaration and a publish (it refuses them without the configure
@@ -216,14 +231,18 @@ class Publisher:
             raise PublishFailed(f"{what}: {error.detail}") from error
 
     async def _confirmed(
-        self, what: str, publishes: Sequence[tuple[Envelope | AbstractMessage, str | None]]
+        self,
+        what: str,
+        publishes: Sequence[tuple[Envelope | AbstractMessage, str | None]],
+        via: AbstractExchange | None = None,
     ) -> None:
-        """Publish each (message, queue): to `events` when queue is None, else to the queue."""
+        """Publish each (message, queue): to `events` when queue is None, else to the queue;
+        `via` an exchange, under the queue's name as the routing key."""
         channel, events = await self._opened(what)
         try:
             async with asyncio.timeout(self._confirm_timeout):
                 sending = [
-                    (channel.default_exchange if queue else events).publish(
+                    (via or (channel.default_exchange if queue else events)).publish(
                         to_amqp(message) if isinstance(message, Envelope) else message,
                         queue or "",
                         mandatory=True,

@@ -29,6 +29,13 @@ nowhere (no name, a name nobody handles, a name that is not a string) goes to
 what it cannot read and ignores the rest: nothing vanishes silently, and a
 poison message is dead-lettered once, not by every consumer.
 
+A delivery that names an aggregate no message has created yet is deferred
+(pipeline.retried): published to `financing_deferred`, a fanout exchange of our
+own, under its queue's name as the routing key, with an expiration. Its one
+queue, also `financing_deferred`, has no consumer and dead-letters to the
+default exchange: an expired message goes back to the queue its routing key
+names, where it is delivered again.
+
 The reference's projector read `events_query`, bound to `events`; ours reads a
 queue of its own. On a broker the reference used, `events_query` is unbound
 from `events` once nothing reads it, so that it does not grow until the
@@ -71,6 +78,7 @@ EVENTS_EXCHANGE = "events"
 EVENTS_ROUTER = "financing_events"
 UNROUTED = "financing_unrouted"
 DEAD_LETTER_QUEUE = "financing_dead_letters"
+DEFERRALS = "financing_deferred"  # the exchange and the queue of deferred deliveries
 PROJECTOR_QUEUE = "events_financing_projector"
 REFERENCE_PROJECTOR_QUEUE = "events_query"
 COMMAND_NAMES = frozenset(command.name() for command in COMMAND_TYPES)
@@ -137,6 +145,20 @@ class QueueSpec:
             f" (rabbitmqctl delete_queue -p VHOST {self.name}) and start the service"
             " again, which declares it anew"
         )
+
+
+async def _fanout_into(
+    channel: AbstractChannel, exchange: str, queue: QueueSpec, queue_type: str
+) -> AbstractExchange:
+    """The durable fanout exchange `exchange`, with `queue` (of `queue_type`) bound to it."""
+    with translated():
+        fanout = await channel.declare_exchange(
+            exchange, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+    declared = await queue.of_type(queue_type).declare(channel)
+    with translated():
+        await declared.bind(fanout, routing_key="")
+    return fanout
 
 
 def _by_name(name: str) -> dict[str, Any]:
@@ -214,17 +236,26 @@ async def declare_events_exchange(channel: AbstractChannel) -> AbstractExchange:
         )
 
 
+# Deferred deliveries wait here, unconsumed, until their expiration: then the broker
+# dead-letters each to the default exchange under its routing key, its queue's name.
+DEFERRAL_QUEUE = QueueSpec(
+    DEFERRALS, bound_to_events=False, arguments={"x-dead-letter-exchange": ""}
+)
+
+
+async def declare_deferrals(
+    channel: AbstractChannel, queue_type: str = CLASSIC
+) -> AbstractExchange:
+    """`financing_deferred`, the exchange a deferred delivery is published to, and its queue."""
+    return await _fanout_into(channel, DEFERRALS, DEFERRAL_QUEUE, queue_type)
+
+
 async def declare_events_router(
     channel: AbstractChannel, queue_type: str = CLASSIC
 ) -> AbstractExchange:
     """`financing_events`, fed by `events`; what it routes nowhere goes to `financing_unrouted`."""
+    await _fanout_into(channel, UNROUTED, UNROUTED_QUEUE, queue_type)
     with translated():
-        unrouted = await channel.declare_exchange(
-            UNROUTED, aio_pika.ExchangeType.FANOUT, durable=True
-        )
-    queue = await UNROUTED_QUEUE.of_type(queue_type).declare(channel)
-    with translated():
-        await queue.bind(unrouted, routing_key="")
         router = await channel.declare_exchange(
             EVENTS_ROUTER,
             aio_pika.ExchangeType.HEADERS,
