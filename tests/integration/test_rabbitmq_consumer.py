@@ -282,9 +282,11 @@ async def test_every_log_line_about_a_delivery_names_its_correlation_and_causati
     assert bound[correlated.message_id]["message_id"] == correlated.message_id
     assert bound[correlated.message_id]["correlation_id"] == "saga-1"
     assert bound[correlated.message_id]["causation_id"] == "cause-1"
-    # A message without them is logged without them (not as nulls).
+    # A message without them starts a correlation of its own, its id, and has no cause
+    # (logged without one, not as null).
     assert bound[foreign.message_id]["message_id"] == foreign.message_id
-    assert not {"correlation_id", "causation_id"} & set(bound[foreign.message_id])
+    assert bound[foreign.message_id]["correlation_id"] == foreign.message_id
+    assert "causation_id" not in bound[foreign.message_id]
 
 
 async def test_a_delivered_command_appends_its_events_under_its_correlation_and_id(

@@ -47,3 +47,16 @@ def test_a_body_that_names_no_id_concerns_only_the_header_aggregate(body: bytes)
     assert letter(body, {"aggregateID": "agg-1"}).concerned == ("agg-1",)
     assert letter(body).concerned == ()
     assert not Selection(aggregate_id="agg-1").matches(letter(body))
+
+
+def test_a_letter_without_a_correlation_is_of_its_own_messages_correlation() -> None:
+    """Regression: a foreign message without a `correlation_id` header starts a correlation
+    of its own, its id, as its events and log lines say; its dead letter had none, so
+    `financing trace` of that id did not find it."""
+    foreign = letter({"ID": str(uuid4())})
+    correlated = letter({"ID": str(uuid4())}, {"correlation_id": "saga-1"})
+
+    assert foreign.correlation_id == "m-1"
+    assert Selection(correlation_id="m-1").matches(foreign)
+    assert correlated.correlation_id == "saga-1"
+    assert not Selection(correlation_id="m-1").matches(correlated)

@@ -110,9 +110,14 @@ class AmqpDelivery:
             "message_id": header_text(headers.get(MESSAGE_UUID_HEADER)) or self._message.message_id,
             "aggregate_id": header_text(headers.get(AGGREGATE_ID_HEADER)) or None,
         }
-        for header in (CORRELATION_HEADER, CAUSATION_HEADER):
-            if headers.get(header) is not None:
-                fields[header] = header_text(headers.get(header))
+        # A message without a correlation starts one of its own: its id (Envelope).
+        correlation = headers.get(CORRELATION_HEADER)
+        if correlation is not None or fields["message_id"]:
+            fields[CORRELATION_HEADER] = (
+                fields["message_id"] if correlation is None else header_text(correlation)
+            )
+        if headers.get(CAUSATION_HEADER) is not None:
+            fields[CAUSATION_HEADER] = header_text(headers.get(CAUSATION_HEADER))
         return fields
 
     async def settle(self, outcome: Outcome) -> None:

@@ -91,7 +91,8 @@ class DeadLetter:
 
     @property
     def correlation_id(self) -> str:
-        return self.headers.get(CORRELATION_HEADER, "")
+        """Its correlation: a message without one starts one of its own, its id (Envelope)."""
+        return self.headers.get(CORRELATION_HEADER) or self.message_id
 
 
 @dataclass(frozen=True)
