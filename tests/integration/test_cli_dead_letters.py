@@ -16,6 +16,7 @@ import pytest
 
 from financing.adapters.rabbitmq.connection import Broker
 from financing.adapters.rabbitmq.dead_letters import list_dead_letters
+from financing.adapters.rabbitmq.topology import UNROUTED
 from financing.application.retry import Outages
 from tests.integration.test_rabbitmq_dead_letters import dead_letter, source_queues
 from tests.support import rabbitmq
@@ -79,7 +80,7 @@ async def test_the_listing_has_column_headings_and_each_letters_reason_and_ids(
     assert [h in lines[0] for h in HEADINGS] == [True] * 4
     assert lines[1].split()[-3:] == [seeded.queue_a, "CreateIssuer", "a-1"]
     assert lines[2] == "    reason: reason a1"
-    assert lines[3] == "    concerns agg-1, correlation -"
+    assert lines[3] == "    concerns agg-1, correlation a-1"  # no header: its own id
     assert "    concerns agg-2, correlation s-9" in lines
     assert lines[-1] == "3 dead letter(s)"
 
@@ -143,6 +144,51 @@ async def test_requeue_to_a_queue_the_broker_does_not_have_is_said_and_exits_non
 
     assert run.exit_code == 1, run.describe()
     assert "the broker has no queue named 'NoSuchQueue'" in run.stderr
+    assert await seeded.remaining() == ["a-1", "b-1", "a-2"]
+
+
+async def test_requeue_leaves_the_letters_of_a_queue_gone_naming_it_and_requeues_the_rest(
+    seeded: Seeded,
+) -> None:
+    """Regression: it stopped at the first such letter (NO_ROUTE, exit 1) without saying
+    that the ones before were requeued, and every later run stopped there too."""
+    channel = await seeded.broker.channel()
+    await channel.queue_delete(seeded.queue_b)
+    await channel.close()
+
+    run = await seeded.financing("requeue")
+
+    assert run.exit_code == 0, run.describe()
+    assert run.stdout.splitlines() == [
+        "requeued 2 dead letter(s)",
+        f"left 1 dead letter(s): their queue {seeded.queue_b!r} does not exist",
+    ]
+    assert await seeded.remaining() == ["b-1"]
+
+
+async def test_requeue_leaves_the_letters_of_the_unrouted_messages(seeded: Seeded) -> None:
+    """Regression: a message dead-lettered because its `name` was no string came back
+    from a requeue with the name as text, which `financing_unrouted` ignores: lost."""
+    await source_queues(seeded.broker, UNROUTED)
+    await dead_letter(seeded.broker, UNROUTED, "u-1", "header 'name' is not a string")
+
+    run = await seeded.financing("requeue")
+
+    assert run.exit_code == 0, run.describe()
+    assert (
+        f"left 1 dead letter(s): from {UNROUTED!r}, which routes a requeued message nowhere"
+        in run.stdout
+    ), run.describe()
+    assert await seeded.remaining() == ["u-1"]
+
+
+@pytest.mark.parametrize("name", ["a" * 256, "tab\there"], ids=["too long", "a tab"])
+async def test_a_queue_name_no_queue_can_have_is_a_usage_error(seeded: Seeded, name: str) -> None:
+    """Regression: the AMQP client's ValueError ended the command with a traceback."""
+    run = await seeded.financing("requeue", "--queue", name)
+
+    assert run.exit_code == 2, run.describe()
+    assert "is not a queue name" in run.stderr and "Traceback" not in run.stderr
     assert await seeded.remaining() == ["a-1", "b-1", "a-2"]
 
 

@@ -15,6 +15,7 @@ import signal
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import cast
 from uuid import UUID, uuid4
 
 import asyncpg
@@ -386,6 +387,28 @@ async def test_tail_prints_each_event_live_until_ctrl_c_then_leaves_no_queue_beh
     assert any(line.split()[1] == "IssuerRegistered" for line in printed[:-1]), printed
     queues = await rabbitmq.list_queues(operated.deployment.name)
     assert not [name for name in queues if name.startswith("financing_tail_")]
+
+
+async def test_tail_whose_reader_is_gone_ends_quietly_as_a_shell_tool_does(
+    operated: Operated,
+) -> None:
+    """Regression: `financing tail | head` never ended, and logged a traceback for every
+    event after `head` had gone (the callback's BrokenPipeError went to asyncio)."""
+    async with tailing(operated.deployment.env) as tail:
+        assert tail.stdout is not None and tail.stderr is not None
+        await operated.register()
+        await read_until(tail.stdout, lambda line: "IssuerCreatedEvent" in line)
+        transport = cast(asyncio.SubprocessTransport, tail._transport)  # type: ignore[attr-defined]
+        reader = transport.get_pipe_transport(1)
+        assert reader is not None
+        reader.close()  # as `head` exits
+        await operated.register()
+
+        code = await asyncio.wait_for(tail.wait(), 15)
+        said = (await tail.stderr.read()).decode()
+
+    assert code == 128 + signal.SIGPIPE, said
+    assert "Traceback" not in said and "BrokenPipe" not in said, said
 
 
 async def test_tail_losing_the_broker_says_so_and_exits_with_a_failure_code() -> None:

@@ -6,11 +6,13 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from aio_pika.abc import AbstractMessage
 
 from financing.adapters.rabbitmq.connection import Broker
 from financing.adapters.rabbitmq.dead_letters import (
     DeadLetters,
     Selection,
+    Taken,
     list_dead_letters,
     requeue_dead_letters,
 )
@@ -126,7 +128,7 @@ async def test_reading_dead_letters_creates_no_queue_where_the_broker_has_none(
     read it, as a classic queue: run before a quorum deployment's first start, they made
     that start fail on a queue of the other type."""
     assert await list_dead_letters(broker) == []
-    assert await requeue_dead_letters(broker) == 0
+    assert (await requeue_dead_letters(broker)).count == 0
 
     assert DEAD_LETTER_QUEUE not in await rabbitmq.list_queues(vhost.name)
 
@@ -183,7 +185,9 @@ async def test_requeue_sends_matching_dead_letters_back_to_their_source_queue(
     await dead_letter(broker, queue_a, "a-2", "reason a2")
     await dead_letter(broker, queue_b, "b-2", "reason b2")
 
-    assert await requeue_dead_letters(broker, selection=Selection(source_queue=queue_a)) == 2
+    assert (
+        await requeue_dead_letters(broker, selection=Selection(source_queue=queue_a))
+    ).count == 2
 
     requeued = await rabbitmq.drain(await broker.connection(), queue_a, expected=2)
     assert [m.message_id for m in requeued] == ["a-1", "a-2"]
@@ -195,12 +199,45 @@ async def test_requeue_sends_matching_dead_letters_back_to_their_source_queue(
     assert requeued[0].body == b'{"ID": "a-1"}'
     assert [d.message_id for d in await list_dead_letters(broker)] == ["b-1", "b-2"]
 
-    assert await requeue_dead_letters(broker, selection=Selection(message_id="b-2")) == 1
+    assert (await requeue_dead_letters(broker, selection=Selection(message_id="b-2"))).count == 1
     [requeued_b] = await rabbitmq.drain(await broker.connection(), queue_b, expected=1)
     assert requeued_b.message_id == "b-2"
     assert [d.message_id for d in await list_dead_letters(broker)] == ["b-1"]
 
-    assert await requeue_dead_letters(broker) == 1
+    assert (await requeue_dead_letters(broker)).count == 1
     assert await list_dead_letters(broker) == []
     assert await rabbitmq.queue_state(await broker.connection(), queue_a) == (0, 0)
     assert await rabbitmq.queue_state(await broker.connection(), queue_b) == (1, 0)
+
+
+async def test_a_requeue_stopped_while_it_publishes_finishes_that_letter_first(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: Ctrl-C between a letter's confirmed copy and its ack left the message
+    both requeued and dead-lettered (a second copy at the next requeue)."""
+    queue = unique_name("source")
+    await source_queues(broker, queue)
+    await dead_letter(broker, queue, "m-1", "first reason")
+    await dead_letter(broker, queue, "m-2", "second reason")
+    publishing, go_on = asyncio.Event(), asyncio.Event()
+    publish = Publisher.send_message_to_queue
+
+    async def held(self: Publisher, queue: str, message: AbstractMessage) -> None:
+        publishing.set()
+        await go_on.wait()
+        await publish(self, queue, message)
+
+    monkeypatch.setattr(Publisher, "send_message_to_queue", held)
+    taken = Taken()
+    requeueing = asyncio.create_task(requeue_dead_letters(broker, taken=taken))
+    await publishing.wait()
+
+    requeueing.cancel()  # as a signal does
+    go_on.set()
+    with pytest.raises(asyncio.CancelledError):
+        await requeueing
+
+    assert taken.count == 1
+    assert [letter.message_id for letter in await list_dead_letters(broker)] == ["m-2"]
+    [requeued] = await rabbitmq.drain(await broker.connection(), queue, expected=1)
+    assert requeued.message_id == "m-1"

@@ -4,6 +4,8 @@ header says so (an event's `aggregateID`) or the body names it (a command's)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from datetime import UTC, datetime
 from uuid import uuid4
 
 import pytest
@@ -60,3 +62,14 @@ def test_a_letter_without_a_correlation_is_of_its_own_messages_correlation() -> 
     assert Selection(correlation_id="m-1").matches(foreign)
     assert correlated.correlation_id == "saga-1"
     assert not Selection(correlation_id="m-1").matches(correlated)
+
+
+def test_a_letter_whose_time_has_no_offset_says_no_moment() -> None:
+    """Regression: `requeue` stopped with a TypeError (naive and aware times compared) on
+    a letter whose `x-dead-lettered-at` had no offset to UTC."""
+    naive = replace(letter({}), dead_lettered_at="2026-01-01T10:00:00")
+    aware = replace(letter({}), dead_lettered_at="2026-01-01T10:00:00+00:00")
+
+    assert naive.dead_lettered is None
+    assert Selection(since=datetime(2026, 6, 1, tzinfo=UTC)).matches(naive)
+    assert not Selection(since=datetime(2026, 6, 1, tzinfo=UTC)).matches(aware)

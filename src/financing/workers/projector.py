@@ -33,6 +33,7 @@ import structlog
 
 from financing import metrics
 from financing.application.errors import PoisonMessage, summary
+from financing.application.grace import finish_on_cancel
 from financing.application.pipeline import (
     Decoded,
     Delivery,
@@ -55,7 +56,6 @@ from financing.application.retry import (
 )
 from financing.domain.events import DomainEvent
 from financing.logging import get_logger
-from financing.workers.grace import finish_on_cancel
 
 log = get_logger(__name__)
 

@@ -26,10 +26,10 @@ from typing import TypeVar
 
 from financing import metrics
 from financing.application.errors import Unavailable, summary
+from financing.application.grace import SHUTDOWN_GRACE, finish_on_cancel
 from financing.application.ports import EventPublisher, Outbox, RelayerLock, StoredEvent, WakeUp
 from financing.application.retry import NO_BUG_RETRIES, Outages, RetryPolicy, persist
 from financing.logging import get_logger
-from financing.workers.grace import SHUTDOWN_GRACE, finish_on_cancel
 
 log = get_logger(__name__)
 

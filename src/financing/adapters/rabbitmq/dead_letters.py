@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -32,8 +33,9 @@ from financing.adapters.rabbitmq.envelopes import (
     header_text,
 )
 from financing.adapters.rabbitmq.publisher import Publisher, PublishFailed
-from financing.adapters.rabbitmq.queues import existing_queue
-from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE
+from financing.adapters.rabbitmq.queues import existing_queue, queue_exists
+from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE, UNROUTED
+from financing.application.grace import finish_on_cancel
 from financing.application.ports import CORRELATION_HEADER
 from financing.application.retry import Abandoned, Outages, RetryPolicy, retry
 from financing.domain.ids import parse_id
@@ -70,11 +72,13 @@ class DeadLetter:
 
     @property
     def dead_lettered(self) -> datetime | None:
-        """When it was dead-lettered; None when the header does not say."""
+        """When it was dead-lettered; None when the header does not say (a time without
+        its offset to UTC, which no service writes, says no moment either)."""
         try:
-            return datetime.fromisoformat(self.dead_lettered_at)
+            at = datetime.fromisoformat(self.dead_lettered_at)
         except ValueError:
             return None
+        return at if at.tzinfo is not None else None
 
     @property
     def aggregate_id(self) -> str:
@@ -355,15 +359,47 @@ async def list_dead_letters(
     return letters
 
 
-async def requeue_dead_letters(broker: Broker, *, selection: Selection = EVERY) -> int:
-    """Send the dead letters `selection` matches back to their source queue; how many.
+@dataclass
+class Taken:
+    """What an operation on dead letters did so far: how many it took (requeued or
+    discarded), and how many it left, by reason. Kept up to date as it goes, so that
+    one stopped part way can say what it did."""
+
+    count: int = 0
+    left: Counter[str] = field(default_factory=Counter)
+
+
+# Where a message's dead letter cannot be requeued to: `financing_unrouted`'s consumer
+# dead-letters what it cannot read and ignores the rest, so a requeued copy (its headers
+# kept as text) would be ignored, lost.
+NOT_REQUEUEABLE = frozenset({UNROUTED})
+
+
+async def requeue_dead_letters(
+    broker: Broker, *, selection: Selection = EVERY, taken: Taken | None = None
+) -> Taken:
+    """Send the dead letters `selection` matches back to their source queue.
 
     Each is republished (confirmed) with its original headers, then acked in
-    the dead-letter queue; the ones that do not match stay where they are.
+    the dead-letter queue; the ones that do not match stay where they are, and
+    so do the ones whose source queue the broker no longer has (republished,
+    they would be unroutable and dropped) or that cannot be requeued at all
+    (NOT_REQUEUEABLE): `Taken.left` says how many, and why.
     """
+    taken = taken or Taken()
     publisher = Publisher(broker)
+    queues: dict[str, bool] = {}  # source queue: whether the broker has it
 
-    async def requeue(message: AbstractIncomingMessage, letter: DeadLetter) -> None:
+    async def requeue(message: AbstractIncomingMessage, letter: DeadLetter) -> str | None:
+        queue = letter.source_queue
+        if not queue:
+            return "no source queue is named"
+        if queue in NOT_REQUEUEABLE:
+            return f"from {queue!r}, which routes a requeued message nowhere"
+        if queue not in queues:
+            queues[queue] = await queue_exists(broker, queue)
+        if not queues[queue]:
+            return f"their queue {queue!r} does not exist"
         original = aio_pika.Message(
             body=letter.body,
             # Requeued, it may wait for its aggregate again as long as a new message may.
@@ -374,45 +410,61 @@ async def requeue_dead_letters(broker: Broker, *, selection: Selection = EVERY) 
             correlation_id=message.correlation_id,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
-        await publisher.send_message_to_queue(letter.source_queue, original)
-
-    def requeueable(letter: DeadLetter) -> bool:
-        return bool(letter.source_queue) and selection.matches(letter)
+        await publisher.send_message_to_queue(queue, original)
+        return None
 
     try:
-        return await _take(broker, requeueable, requeue)
+        await _take(broker, selection.matches, requeue, taken)
     finally:
         await publisher.close()
+    return taken
 
 
-async def discard_dead_letters(broker: Broker, *, selection: Selection = EVERY) -> int:
-    """Remove the dead letters `selection` matches for good; how many."""
+async def discard_dead_letters(
+    broker: Broker, *, selection: Selection = EVERY, taken: Taken | None = None
+) -> Taken:
+    """Remove the dead letters `selection` matches for good."""
+    taken = taken or Taken()
 
-    async def discard(message: AbstractIncomingMessage, letter: DeadLetter) -> None:
-        pass  # acking it is all
+    async def discard(message: AbstractIncomingMessage, letter: DeadLetter) -> str | None:
+        return None  # acking it is all
 
-    return await _take(broker, selection.matches, discard)
+    await _take(broker, selection.matches, discard, taken)
+    return taken
 
 
 async def _take(
     broker: Broker,
     wanted: Callable[[DeadLetter], bool],
-    act: Callable[[AbstractIncomingMessage, DeadLetter], Awaitable[None]],
-) -> int:
-    """`act` on every wanted letter, then ack it; how many were taken.
+    act: Callable[[AbstractIncomingMessage, DeadLetter], Awaitable[str | None]],
+    taken: Taken,
+) -> None:
+    """`act` on every wanted letter, then ack it, unless `act` gives a reason to leave it.
 
     Only the letters there when it starts: ones dead-lettered meanwhile (a
-    requeued message failing again) wait for the next run.
+    requeued message failing again) wait for the next run. Cancelled part way,
+    the letter in hand is finished first (`finish_on_cancel`): a requeued copy
+    whose letter stayed would be a second copy of the message.
     """
-    taken = 0
     async with _dead_letter_queue(broker) as queue:
         waiting = 0 if queue is None else queue.declaration_result.message_count or 0
         async with contextlib.aclosing(_fetched(queue, waiting)) as found:
             async for message, letter in found:
                 if not wanted(letter):
                     continue
-                await act(message, letter)
-                with translated():
-                    await message.ack()
-                taken += 1
-    return taken
+                await finish_on_cancel(_settled(message, letter, act, taken))
+
+
+async def _settled(
+    message: AbstractIncomingMessage,
+    letter: DeadLetter,
+    act: Callable[[AbstractIncomingMessage, DeadLetter], Awaitable[str | None]],
+    taken: Taken,
+) -> None:
+    left = await act(message, letter)
+    if left is not None:
+        taken.left[left] += 1
+        return
+    with translated():
+        await message.ack()
+    taken.count += 1

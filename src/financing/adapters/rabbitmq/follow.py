@@ -27,9 +27,12 @@ async def follow_events(
 ) -> None:
     """Call `on_event` with each message published on `events` from now on, until
     cancelled; `on_following` once the queue is bound. Unavailable when the
-    broker goes away: what was published meanwhile cannot be followed."""
+    broker goes away: what was published meanwhile cannot be followed. An error
+    `on_event` raises (its output gone: BrokenPipeError) ends the following, and
+    is raised here."""
     channel = await broker.channel()
     closed = asyncio.Event()
+    failed: list[Exception] = []
     channel.close_callbacks.add(lambda *_: closed.set())
     try:
         with translated():
@@ -39,11 +42,19 @@ async def follow_events(
             await queue.bind(await declare_events_exchange(channel), routing_key="")
 
             async def received(message: AbstractIncomingMessage) -> None:
-                on_event(message)
+                if failed:
+                    return
+                try:
+                    on_event(message)
+                except Exception as error:
+                    failed.append(error)
+                    closed.set()
 
             await queue.consume(received, no_ack=True)
         on_following()
         await closed.wait()
+        if failed:
+            raise failed[0]
         raise Unavailable(BROKER, "the connection to the broker was lost")
     finally:
         await close_channel(channel)

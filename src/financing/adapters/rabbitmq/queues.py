@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import aiormq
 from aio_pika.abc import AbstractQueue
+from pamqp.constants import DOMAIN_REGEX
 
 from financing.adapters.rabbitmq.connection import Broker, close_channel, translated
 
@@ -47,3 +48,17 @@ async def queue_depth(broker: Broker, name: str) -> QueueDepth | None:
             return None
         declared = queue.declaration_result
         return QueueDepth(name, declared.message_count or 0, declared.consumer_count or 0)
+
+
+# What a queue's name may be: the AMQP client refuses any other before asking the broker.
+QUEUE_NAME_RULE = "at most 255 bytes of letters, digits, spaces and -_.:@#,/+"
+
+
+def is_queue_name(name: str) -> bool:
+    """Whether `name` follows QUEUE_NAME_RULE."""
+    return len(name.encode()) <= 255 and bool(DOMAIN_REGEX["queue-name"].fullmatch(name))
+
+
+async def queue_exists(broker: Broker, name: str) -> bool:
+    """Whether the broker has the queue `name` (never one that is no queue name)."""
+    return is_queue_name(name) and await queue_depth(broker, name) is not None

@@ -26,6 +26,7 @@ from financing import logging as service_logging
 from financing.adapters.postgres.connection import COMMAND_DATABASE, QUERY_DATABASE
 from financing.adapters.postgres.rebuild import rebuild
 from financing.adapters.rabbitmq.dead_letters import Selection
+from financing.adapters.rabbitmq.queues import QUEUE_NAME_RULE, is_queue_name
 from financing.application.errors import Refused, Unavailable
 from financing.application.messages import InvestorRegistered
 from financing.config import (
@@ -107,6 +108,13 @@ def _balance(value: str) -> Decimal:
 def _correlation_id(value: str) -> str:
     if not value.strip():
         raise argparse.ArgumentTypeError("must not be empty")
+    return value
+
+
+def _queue_name(value: str) -> str:
+    """A name the broker can be asked about (the AMQP client refuses others)."""
+    if not is_queue_name(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a queue name: {QUEUE_NAME_RULE}")
     return value
 
 
@@ -271,7 +279,9 @@ def _add_dead_letters(commands: _Commands) -> None:
 
 
 def _selection_arguments(parser: argparse.ArgumentParser, *, message_id: bool = True) -> None:
-    parser.add_argument("--queue", help="only those dead-lettered from this queue")
+    parser.add_argument(
+        "--queue", type=_queue_name, help="only those dead-lettered from this queue"
+    )
     if message_id:
         parser.add_argument("--message-id", help="only the one with this message id")
     parser.add_argument("--aggregate", help="only those concerning this aggregate id")

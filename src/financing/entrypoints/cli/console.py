@@ -80,9 +80,19 @@ def moment(at: datetime | None) -> str:
     return at.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def shown(text: str) -> str:
+    """`text` with what a terminal would act on escaped (control characters, line and
+    paragraph separators: `\\n`, `\\x1b`, `\\u2028`), so that what a publisher wrote in a
+    message can neither forge lines of a command's output nor move the cursor."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def table(headings: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
-    """Aligned columns under their headings, two spaces apart; numbers to the right."""
-    cells = [list(headings), *([str(cell) for cell in row] for row in rows)]
+    """Aligned columns under their headings, two spaces apart; numbers to the right; each
+    cell `shown`."""
+    cells = [list(headings), *([shown(str(cell)) for cell in row] for row in rows)]
     widths = [max(len(row[column]) for row in cells) for column in range(len(headings))]
     numeric = [
         all(row[c].isdigit() for row in cells[1:]) and len(cells) > 1 for c in range(len(widths))

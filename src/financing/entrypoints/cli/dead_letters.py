@@ -9,7 +9,10 @@ exits 1 rather than report "0" as if all were well.
 
 from __future__ import annotations
 
+import asyncio
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -17,13 +20,14 @@ from financing.adapters.rabbitmq.connection import Broker, connected
 from financing.adapters.rabbitmq.dead_letters import (
     DeadLetter,
     Selection,
+    Taken,
     discard_dead_letters,
     list_dead_letters,
     requeue_dead_letters,
 )
-from financing.adapters.rabbitmq.queues import queue_depth
+from financing.adapters.rabbitmq.queues import queue_exists
 from financing.config import Settings
-from financing.entrypoints.cli.console import moment, table
+from financing.entrypoints.cli.console import moment, shown, table
 
 HEADINGS = ("DEAD-LETTERED AT", "SOURCE QUEUE", "NAME", "MESSAGE ID")
 
@@ -35,7 +39,7 @@ async def list_letters(settings: Settings, selection: Selection, limit: int, bod
     print(rows[0])
     for row, letter in zip(rows[1:], letters, strict=True):
         print(row)
-        print("\n".join(f"    {detail}" for detail in _details(letter, bodies)))
+        print("\n".join(f"    {shown(detail)}" for detail in _details(letter, bodies)))
     print(f"{len(letters)} dead letter(s)")
     return 0
 
@@ -60,39 +64,58 @@ async def requeue(settings: Settings, selection: Selection, *, any_age: bool = F
     the deduplication records' retention: an older one's message may have been applied
     since (a rebuild, another copy) and its record pruned, so it could apply twice."""
     kept_since = datetime.now(UTC) - settings.dedup_retention
+    taken = Taken()
     async with connected(settings.amqp_urls, settings.queue_type) as broker:
         if not await _queue_known(broker, selection):
             return 1
         young = selection if any_age else replace(selection, since=kept_since)
-        count = await requeue_dead_letters(broker, selection=young)
-        left = [
+        async with _saying_so_if_stopped("requeued", taken):
+            await requeue_dead_letters(broker, selection=young, taken=taken)
+        old = [
             letter
             for letter in (
                 [] if any_age else await list_dead_letters(broker, 1_000_000, selection=selection)
             )
             if (when := letter.dead_lettered) is not None and when < kept_since
         ]
-    print(f"requeued {count} dead letter(s)")
-    if left:
+    print(f"requeued {taken.count} dead letter(s)")
+    for reason, count in sorted(taken.left.items()):
+        print(f"left {count} dead letter(s): {reason}")
+    if old:
         print(
-            f"left {len(left)} dead letter(s) older than FINANCING_DEDUP_RETENTION"
+            f"left {len(old)} dead letter(s) older than FINANCING_DEDUP_RETENTION"
             f" ({settings.dedup_retention}): the records that would stop a second effect of"
             " their messages may be pruned; --any-age requeues them as well"
         )
-    return _found(count + len(left), selection)
+    return _found(taken.count + taken.left.total() + len(old), selection)
 
 
 async def discard(settings: Settings, selection: Selection) -> int:
-    async with connected(settings.amqp_urls, settings.queue_type) as broker:
-        count = await discard_dead_letters(broker, selection=selection)
-    print(f"discarded {count} dead letter(s)")
-    return _found(count, selection)
+    taken = Taken()
+    async with (
+        _saying_so_if_stopped("discarded", taken),
+        connected(settings.amqp_urls, settings.queue_type) as broker,
+    ):
+        await discard_dead_letters(broker, selection=selection, taken=taken)
+    print(f"discarded {taken.count} dead letter(s)")
+    return _found(taken.count, selection)
+
+
+@asynccontextmanager
+async def _saying_so_if_stopped(done: str, taken: Taken) -> AsyncIterator[None]:
+    """Stopped part way (a signal), the command says how far it got first."""
+    try:
+        yield
+    except asyncio.CancelledError:
+        with suppress(OSError, ValueError):
+            print(f"{done} {taken.count} dead letter(s) before being stopped", flush=True)
+        raise
 
 
 async def _queue_known(broker: Broker, selection: Selection) -> bool:
     """Whether the queue letters are to be requeued to exists (none named: each letter's)."""
     queue = selection.source_queue
-    if queue is None or await queue_depth(broker, queue) is not None:
+    if queue is None or await queue_exists(broker, queue):
         return True
     print(f"financing dead-letters: the broker has no queue named {queue!r}", file=sys.stderr)
     return False

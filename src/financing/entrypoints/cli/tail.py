@@ -21,7 +21,7 @@ from financing.adapters.rabbitmq.follow import follow_events
 from financing.application.errors import PoisonMessage
 from financing.application.ports import CORRELATION_HEADER, RECORDED_AT_HEADER
 from financing.config import Settings
-from financing.entrypoints.cli.console import moment
+from financing.entrypoints.cli.console import moment, shown
 
 
 async def run_tail(settings: Settings) -> int:
@@ -38,11 +38,12 @@ def _announce(amqp_urls: list[str]) -> None:
 
 
 def _print(message: AbstractIncomingMessage) -> None:
-    print(line(message), flush=True)
+    print(shown(line(message)), flush=True)
 
 
 def line(message: AbstractIncomingMessage) -> str:
-    """One readable line: time, name, aggregate id, correlation, body."""
+    """One readable line: time, name, aggregate id, correlation, body (`shown` escapes
+    what a publisher put there that would break it)."""
     body = bytes(message.body).decode("utf-8", "replace")
     try:
         envelope = from_amqp(message)

@@ -26,7 +26,7 @@ from financing.adapters.rabbitmq.dead_letters import DeadLetter, Selection, list
 from financing.application.errors import Refused, Unavailable
 from financing.application.trace import Fate, Handling, Step, Trace, trace
 from financing.config import Settings
-from financing.entrypoints.cli.console import database, moment
+from financing.entrypoints.cli.console import database, moment, shown
 
 # Every dead letter of the correlation, however many there are.
 ALL_OF_THEM = sys.maxsize
@@ -79,7 +79,7 @@ def render(story: Trace) -> list[str]:
     _branch(story.steps, "", lines)
     fates = Counter(handling.fate for handling in story.handlings())
     lines.append(", ".join(f"{fates[fate]} {fate.value}" for fate in Fate))
-    return lines
+    return [shown(line) for line in lines]
 
 
 def _branch(steps: Sequence[Step], prefix: str, lines: list[str]) -> None:

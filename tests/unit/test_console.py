@@ -1,0 +1,24 @@
+"""What the operator's commands print of what publishers wrote: one line stays one line."""
+
+from __future__ import annotations
+
+from financing.entrypoints.cli.console import shown, table
+
+
+def test_what_a_terminal_would_act_on_is_escaped() -> None:
+    """Regression: a message id with a newline and an escape sequence forged lines of
+    `dead-letters list`, and a body with `\\r` and `ESC[2K` overwrote `tail`'s line."""
+    assert shown("m-1\n2026-01-01  SellInvoice") == "m-1\\n2026-01-01  SellInvoice"
+    assert shown("\r\x1b[2Kfake") == "\\r\\x1b[2Kfake"
+    assert shown("a\tb\u2028c\x7f\x85") == "a\\tb\\u2028c\\x7f\\x85"
+
+
+def test_printable_text_is_kept_as_it_is() -> None:
+    text = 'InvoiceFinancedEvent  {"Name":"Société Générale ✓"}'
+    assert shown(text) is text
+
+
+def test_a_table_row_stays_one_line_whatever_its_cells_hold() -> None:
+    rows = table(("NAME", "MESSAGE ID"), [("SellInvoice", "m-1\nforged  row")])
+    assert len(rows) == 2
+    assert rows[1] == "SellInvoice  m-1\\nforged  row"
