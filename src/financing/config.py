@@ -477,5 +477,13 @@ def _typed(key: str, raw: str) -> Any:
     except ValueError:
         raise ConfigError(f"connection string: {key} must be a number, got {raw!r}") from None
     if key == "sslmode":
+        if raw not in SSL_MODES:
+            raise ConfigError(
+                f"connection string: sslmode must be one of {', '.join(SSL_MODES)}, got {raw!r}"
+            )
         return {"disable": False}.get(raw, raw)
     return raw
+
+
+# libpq's sslmode values, which asyncpg takes too.
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")

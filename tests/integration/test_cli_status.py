@@ -11,11 +11,17 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import aio_pika
 import asyncpg
 import pytest
 
 from financing.adapters.postgres.connection import create_pool
 from financing.adapters.postgres.schema import migrate
+from financing.adapters.rabbitmq.connection import Broker
+from financing.adapters.rabbitmq.dead_letters import READER
+from financing.adapters.rabbitmq.queues import queue_depth
+from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE, DEFERRALS, declare_deferrals
+from financing.application.retry import Outages
 from financing.config import Database
 from financing.entrypoints.cli.status import consumed_queues
 from tests.support import infra, rabbitmq
@@ -104,6 +110,42 @@ async def test_queues_nobody_declared_make_the_deployment_unhealthy(bare: Bare) 
     assert run.exit_code == 1, run.describe()
     assert problems(run) == [f"queue {name} does not exist" for name in CONSUMED]
     assert "relayer           nothing relayed yet; no event waiting" in run.stdout
+
+
+async def test_deferred_messages_and_dead_letters_being_read_are_said(bare: Bare) -> None:
+    """Regression: a bid waiting in `financing_deferred` for its invoice was shown nowhere
+    (every queue empty, "healthy"); and letters held by a `dead-letters list` running at
+    the same time were left out of the count without a word."""
+    broker = Broker([bare.env["AMQP_ADDRESS"]], Outages())
+    try:
+        channel = await broker.channel()
+        deferrals = await declare_deferrals(channel)
+        await deferrals.publish(
+            aio_pika.Message(b"{}", expiration=600, headers={"name": "BidOnInvoice"}),
+            "BidOnInvoice",
+        )
+        await channel.declare_queue(DEAD_LETTER_QUEUE, durable=True)
+        # Another command reading the dead letters holds the readers' queue.
+        await channel.declare_queue(READER, exclusive=True, auto_delete=True)
+        await channel.default_exchange.publish(aio_pika.Message(b"{}"), DEAD_LETTER_QUEUE)
+
+        async def declared() -> bool:
+            depth = await queue_depth(broker, DEFERRALS)
+            return depth is not None and depth.waiting == 1
+
+        await infra.wait_until(declared, what="the deferred message queued")
+        run = await run_cli(bare.env, "status")
+    finally:
+        await broker.close()
+
+    assert (
+        "deferred          1 message(s) waiting for an aggregate in financing_deferred"
+        in run.stdout
+    ), run.describe()
+    assert (
+        "dead letters      1 message(s) waiting (and those a command reading them now holds)"
+        in run.stdout
+    ), run.describe()
 
 
 async def test_an_event_waiting_longer_than_the_relay_lag_makes_the_deployment_unhealthy(

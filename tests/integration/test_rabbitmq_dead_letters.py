@@ -8,16 +8,19 @@ from collections.abc import AsyncIterator
 import pytest
 from aio_pika.abc import AbstractMessage
 
+from financing.adapters.rabbitmq import dead_letters
 from financing.adapters.rabbitmq.connection import Broker
 from financing.adapters.rabbitmq.dead_letters import (
     DeadLetters,
     Selection,
     Taken,
+    discard_dead_letters,
     list_dead_letters,
     requeue_dead_letters,
 )
 from financing.adapters.rabbitmq.publisher import Publisher
 from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE, command_queue
+from financing.application.errors import Unavailable
 from financing.application.retry import DELIVERIES, Outages
 from tests.support import rabbitmq
 from tests.support.infra import unique_name
@@ -241,3 +244,35 @@ async def test_a_requeue_stopped_while_it_publishes_finishes_that_letter_first(
     assert [letter.message_id for letter in await list_dead_letters(broker)] == ["m-2"]
     [requeued] = await rabbitmq.drain(await broker.connection(), queue, expected=1)
     assert requeued.message_id == "m-1"
+
+
+async def test_one_command_at_a_time_reads_the_dead_letters(
+    broker: Broker, vhost: rabbitmq.Vhost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a reader holds each letter it fetched until it is done, so a second
+    reader meanwhile missed them: `discard --all` said it discarded some and left the
+    rest, a `list` or `status` showed fewer. The second now waits for the first."""
+    queue = unique_name("source")
+    await source_queues(broker, queue)
+    for message_id in ("m-1", "m-2", "m-3"):
+        await dead_letter(broker, queue, message_id, "why")
+    monkeypatch.setattr(dead_letters, "READER_WAIT", 0.5)
+    other = Broker([vhost.url], Outages())
+    try:
+        async with dead_letters._read_alone(other):  # another command, reading
+            with pytest.raises(Unavailable, match=r"another command .* reading the dead letters"):
+                await discard_dead_letters(broker)
+            with pytest.raises(Unavailable, match="reading the dead letters"):
+                await list_dead_letters(broker)
+            assert await dead_letters.being_read(broker)
+        assert not await dead_letters.being_read(broker)
+
+        monkeypatch.setattr(dead_letters, "READER_WAIT", 30.0)
+        async with dead_letters._read_alone(other):
+            discarding = asyncio.create_task(discard_dead_letters(broker))
+            await asyncio.wait([discarding], timeout=dead_letters.READER_POLL * 3)
+            assert not discarding.done()
+        assert (await discarding).count == 3
+    finally:
+        await other.close()
+    assert await list_dead_letters(broker) == []

@@ -194,6 +194,22 @@ def test_a_malformed_url_is_a_config_error(value: str) -> None:
         parse_database(value)
 
 
+@pytest.mark.parametrize(
+    "value",
+    ["postgresql://app@db/x?sslmode=bogus", "host=db dbname=x sslmode=REQUIRE"],
+)
+def test_an_sslmode_libpq_does_not_have_is_a_config_error(value: str) -> None:
+    """Regression: the driver refused it only when connecting, an outage's exit code (1)
+    rather than a configuration error's (2)."""
+    with pytest.raises(ConfigError, match="sslmode must be one of disable, allow, prefer"):
+        parse_database(value)
+
+
+@pytest.mark.parametrize("mode", ["disable", "allow", "prefer", "require", "verify-ca"])
+def test_each_sslmode_of_libpq_is_taken(mode: str) -> None:
+    assert "ssl" in kwargs(f"host=db dbname=x sslmode={mode}")
+
+
 # Connection strings: libpq keywords
 
 

@@ -8,20 +8,22 @@ arguments are needed on the reference's queues, and the reason is kept.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import time
 from collections import Counter
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from financing import metrics
-from financing.adapters.rabbitmq.connection import Broker, translated
+from financing.adapters.rabbitmq.connection import BROKER, Broker, close_channel, translated
 from financing.adapters.rabbitmq.envelopes import (
     AGGREGATE_ID_HEADER,
     BROKER_HEADERS,
@@ -35,6 +37,7 @@ from financing.adapters.rabbitmq.envelopes import (
 from financing.adapters.rabbitmq.publisher import Publisher, PublishFailed
 from financing.adapters.rabbitmq.queues import existing_queue, queue_exists
 from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE, UNROUTED
+from financing.application.errors import Unavailable
 from financing.application.grace import finish_on_cancel
 from financing.application.ports import CORRELATION_HEADER
 from financing.application.retry import Abandoned, Outages, RetryPolicy, retry
@@ -323,12 +326,76 @@ def _dead_letter(message: AbstractIncomingMessage) -> DeadLetter:
     )
 
 
-def _dead_letter_queue(broker: Broker) -> AbstractAsyncContextManager[AbstractQueue | None]:
-    """The dead-letter queue, None when the broker has none yet. Declared passively:
-    reading the letters creates nothing, so an operator's command run before the
-    service's first start cannot give the queue a type the service's
-    FINANCING_QUEUE_TYPE would then refuse, and needs no queue type of its own."""
-    return existing_queue(broker, DEAD_LETTER_QUEUE)
+@contextlib.asynccontextmanager
+async def _dead_letter_queue(broker: Broker) -> AsyncIterator[AbstractQueue | None]:
+    """The dead-letter queue, None when the broker has none yet, read by this command
+    alone (`_read_alone`). Declared passively: reading the letters creates nothing, so
+    an operator's command run before the service's first start cannot give the queue a
+    type the service's FINANCING_QUEUE_TYPE would then refuse, and needs no queue type
+    of its own."""
+    async with _read_alone(broker), existing_queue(broker, DEAD_LETTER_QUEUE) as queue:
+        yield queue
+
+
+# An exclusive queue held while a command reads the dead letters: the broker lets one
+# connection at a time declare it, and deletes it when that connection goes.
+READER = "financing_dead_letters_reader"
+# How long a command waits for another one reading the dead letters to be done, asking
+# again every READER_POLL seconds.
+READER_WAIT = 30.0
+READER_POLL = 0.2
+
+
+@contextlib.asynccontextmanager
+async def _read_alone(broker: Broker) -> AsyncIterator[None]:
+    """While one command reads the dead letters, another cannot: a letter fetched is held
+    unacked by its reader until it is done, so a second reader would not see it (a
+    `discard --all` would leave it, a `list` or `status` miss it). Waits READER_WAIT for
+    another reader, then raises Unavailable."""
+    deadline = time.monotonic() + READER_WAIT
+    while True:
+        channel = await broker.channel()
+        try:
+            with translated():
+                try:
+                    await channel.declare_queue(READER, exclusive=True, auto_delete=True)
+                    break
+                except aiormq.exceptions.ChannelLockedResource:
+                    pass
+        except BaseException:
+            await close_channel(channel)
+            raise
+        await close_channel(channel)
+        if time.monotonic() > deadline:
+            raise Unavailable(
+                BROKER,
+                "another command (dead-letters list, requeue or discard, or trace) has been"
+                f" reading the dead letters for {READER_WAIT:.0f} s; try again once it is done",
+            )
+        await asyncio.sleep(READER_POLL)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):  # gone with the connection anyway
+            await channel.queue_delete(READER)
+        await close_channel(channel)
+
+
+async def being_read(broker: Broker) -> bool:
+    """Whether a command is reading the dead letters now: those it fetched are held by it,
+    and not counted in the queue's depth."""
+    channel = await broker.channel()
+    try:
+        with translated():
+            try:
+                await channel.declare_queue(READER, passive=True)
+            except aiormq.exceptions.ChannelLockedResource:
+                return True
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return False
+        return True
+    finally:
+        await close_channel(channel)
 
 
 async def _fetched(

@@ -7,7 +7,8 @@ there even if the service is not running yet.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import itertools
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from uuid import UUID, uuid4
@@ -49,16 +50,16 @@ async def registrations(
     async with connected(amqp_urls, queue_type) as broker:
         await topology.declare_on(broker)
         publisher = Publisher(broker)
-        try:
-            events: list[Registration] = [
-                IssuerRegistered(id=uuid4(), name_=f"Issuer {n}") for n in range(1, issuers + 1)
-            ]
-            events += [
+        # Made a batch at a time: millions asked for take no more memory than one batch.
+        events: Iterator[Registration] = itertools.chain(
+            (IssuerRegistered(id=uuid4(), name_=f"Issuer {n}") for n in range(1, issuers + 1)),
+            (
                 InvestorRegistered(id=uuid4(), name_=f"Investor {n}", balance=balance)
                 for n in range(1, investors + 1)
-            ]
-            for start in range(0, len(events), BATCH):
-                batch = events[start : start + BATCH]
+            ),
+        )
+        try:
+            while batch := list(itertools.islice(events, BATCH)):
                 await publisher.publish_events([_envelope(event) for event in batch])
                 yield batch
         finally:

@@ -2,7 +2,8 @@
 
 Reported: whether each database and the broker answer, the relayer's
 checkpoint and the events waiting behind it, the projector's backlog, the
-depth and consumers of every queue of the topology, the dead letters waiting.
+depth and consumers of every queue of the topology, the dead letters waiting,
+and the messages deferred to wait for an aggregate.
 The exit code says whether the deployment is healthy (HEALTHY), so the
 command serves as a probe. Each inquiry is bounded by a timeout: a probe that
 hangs is no probe.
@@ -19,6 +20,7 @@ from financing.adapters.postgres.outbox import PostgresOutbox, RelayBacklog
 from financing.adapters.postgres.schema import SchemaAhead, SchemaBehind
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import connected, describe_url
+from financing.adapters.rabbitmq.dead_letters import being_read
 from financing.adapters.rabbitmq.queues import QueueDepth, queue_depth
 from financing.application.errors import Refused, Unavailable, summary
 from financing.config import Settings
@@ -141,11 +143,21 @@ async def _broker(settings: Settings, findings: Findings) -> None:
     async with connected(settings.amqp_urls) as broker:
         consumed = {spec.name: await queue_depth(broker, spec.name) for spec in consumed_queues()}
         dead = await queue_depth(broker, topology.DEAD_LETTER_QUEUE)
+        read = await being_read(broker)
+        deferred = await queue_depth(broker, topology.DEFERRALS)
     brokers = ", ".join(describe_url(url) for url in settings.amqp_urls)
     findings.report("broker", f"{brokers}: reachable")
     projector = consumed[topology.PROJECTOR_QUEUE]
     findings.report("projector", f"{_waiting(projector)} in {topology.PROJECTOR_QUEUE}")
-    findings.report("dead letters", f"{_waiting(dead)} in {topology.DEAD_LETTER_QUEUE}")
+    reading = " (and those a command reading them now holds)" if read and dead else ""
+    findings.report("dead letters", f"{_waiting(dead)}{reading} in {topology.DEAD_LETTER_QUEUE}")
+    # Waiting for an aggregate another message creates, to be delivered again; none yet
+    # when no message was ever deferred (the queue is declared by the first).
+    findings.report(
+        "deferred",
+        f"{deferred.waiting if deferred else 0} message(s) waiting for an aggregate"
+        f" in {topology.DEFERRALS}",
+    )
     rows = [
         (name, "missing", "-") if depth is None else (name, depth.waiting, depth.consumers)
         for name, depth in sorted(consumed.items())
