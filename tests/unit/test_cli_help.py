@@ -102,6 +102,23 @@ def test_discarding_needs_a_filter_or_all_but_not_both(
 
     assert code == 2
     assert "say which" in err and "--all" in err
+    assert err.startswith("usage: financing dead-letters discard ")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("status", "--bogus"), ("dead-letters", "list", "--bogus"), ("check", "extra")],
+)
+def test_an_unknown_argument_is_refused_under_the_usage_of_its_command(
+    capsys: pytest.CaptureFixture[str], args: tuple[str, ...]
+) -> None:
+    """Regression: argparse left it to the top parser, which printed its own usage."""
+    code, _, err = answer(capsys, *args)
+
+    assert code == 2
+    command = " ".join(args[:-1])
+    assert err.startswith(f"usage: financing {command} "), err
+    assert f"financing {command}: error: unrecognized arguments: {args[-1]}" in err
 
 
 def test_an_aggregate_id_that_is_not_a_uuid_is_refused(capsys: pytest.CaptureFixture[str]) -> None:

@@ -276,8 +276,11 @@ def exactly_once(store: EventStore, consumer: str, handler: StoreHandler) -> Han
         async with store.unit_of_work() as uow:
             before = await uow.recorded(consumer, envelope.message_id)
         if before is None:
-            if or_raise is None:  # the record that refused this one is gone (pruned)
-                raise ConcurrencyConflict(f"message {envelope.message_id} was recorded meanwhile")
+            if or_raise is None:  # pruned since it refused this copy: processed again
+                raise ConcurrencyConflict(
+                    f"message {envelope.message_id}: the record that refused it as a copy is"
+                    " gone (pruned)"
+                )
             raise or_raise
         if before.digest and before.digest != digest:
             was = f"a {before.name} message" if before.name else "another message"

@@ -159,7 +159,7 @@ class _Commands:
         )
         # What it reads, and no other of the service's variables: one set for another
         # command (a listen address, say) does not stop this one.
-        parser.set_defaults(reads=variables)
+        parser.set_defaults(reads=variables, usage_of=parser)  # the innermost one's wins
         if run is not None:
             parser.set_defaults(run=run)
         return parser
@@ -444,9 +444,7 @@ def _refuse_ambiguous_discard(parser: argparse.ArgumentParser, args: argparse.Na
     if args.command != "dead-letters" or args.dead_letters_command != "discard":
         return
     if args.all == any((args.queue, args.message_id, args.aggregate)):
-        parser.error(
-            "dead-letters discard: say which (--queue, --message-id, --aggregate) or --all"
-        )
+        args.usage_of.error("say which (--queue, --message-id, --aggregate) or --all")
 
 
 async def _operate(run: Run, settings: Settings, args: argparse.Namespace) -> int:
@@ -483,17 +481,26 @@ def _arguments(parser: argparse.ArgumentParser, words: list[str]) -> argparse.Na
     """The parsed command line; `serve`'s usage errors (`--components bogus`, an unknown
     option) are one log line, as its configuration errors are, not argparse's text."""
     if words[:1] != ["serve"]:
-        return parser.parse_args(words)
+        return _command_line(parser, words)
     said = io.StringIO()
     try:
         with contextlib.redirect_stderr(said):
-            return parser.parse_args(words)
+            return _command_line(parser, words)
     except SystemExit as exit:
         if exit.code != 2:  # --help, which goes to stdout
             raise
         last = said.getvalue().strip().splitlines()[-1]  # "financing serve: error: MESSAGE"
         _service_configuration_error(last.split("error: ", 1)[-1])
         raise
+
+
+def _command_line(parser: argparse.ArgumentParser, words: list[str]) -> argparse.Namespace:
+    """`parser.parse_args`, with an unknown argument refused by the subcommand it was given
+    to, under that subcommand's usage (argparse leaves it to the top parser's)."""
+    args, unknown = parser.parse_known_args(words)
+    if unknown:
+        args.usage_of.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def run(argv: Sequence[str] | None = None, *, overrides: Overrides | None = None) -> None:
