@@ -14,10 +14,12 @@ import os
 import signal
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import cast
 from uuid import UUID, uuid4
 
+import aio_pika
 import asyncpg
 import pytest
 from betterproto.lib.google.protobuf import Empty
@@ -26,7 +28,15 @@ from grpclib.client import Channel
 from financing.adapters.postgres.connection import COMMAND_DATABASE, create_pool
 from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.adapters.rabbitmq.connection import Broker
-from financing.adapters.rabbitmq.dead_letters import Selection, list_dead_letters
+from financing.adapters.rabbitmq.dead_letters import (
+    DEFERRED_AT_HEADER,
+    Selection,
+    list_dead_letters,
+    list_deferred,
+)
+from financing.adapters.rabbitmq.topology import declare_deferrals
+from financing.application import codec
+from financing.application.messages import SellInvoice
 from financing.application.retry import Outages
 from financing.entrypoints.cli.console import database
 from financing.entrypoints.cli.populate import populate
@@ -179,7 +189,7 @@ async def test_trace_of_a_bid_saga_shows_each_step_applied_under_the_message_cau
     )
     headings = [lines[i] for i in steps[::2]]
     assert [depth(line) for line in headings] == [0, 3, 6, 9], "\n".join(lines)
-    assert lines[-1] == "3 applied, 0 changed nothing, 0 dead-lettered"
+    assert lines[-1] == "3 applied, 0 changed nothing, 0 dead-lettered, 0 deferred"
 
 
 async def test_trace_says_which_step_changed_nothing_and_by_which_rule(
@@ -198,7 +208,7 @@ async def test_trace_says_which_step_changed_nothing_and_by_which_rule(
         "changed nothing at financing_releases_excess_bid:"
         f" Investor {investor}: releasing 0 is not a positive amount",
     )
-    assert lines[-1] == "2 applied, 1 changed nothing, 0 dead-lettered"
+    assert lines[-1] == "2 applied, 1 changed nothing, 0 dead-lettered, 0 deferred"
 
 
 async def test_trace_of_a_bid_over_the_investors_balance_shows_it_dead_lettered_with_the_rule(
@@ -216,7 +226,7 @@ async def test_trace_of_a_bid_over_the_investors_balance_shows_it_dead_lettered_
         f"dead-lettered from BidOnInvoice: RuleViolation: investor {investor}:"
         " balance 100 is less than the bid 500",
     )
-    assert lines[-1] == "0 applied, 0 changed nothing, 1 dead-lettered"
+    assert lines[-1] == "0 applied, 0 changed nothing, 1 dead-lettered, 0 deferred"
 
 
 async def test_trace_of_a_sale_by_an_unregistered_issuer_shows_it_dead_lettered_after_retries(
@@ -233,6 +243,45 @@ async def test_trace_of_a_sale_by_an_unregistered_issuer_shows_it_dead_lettered_
         "SellInvoice  command ",
         f"dead-lettered from SellInvoice: MissingAggregate: issuer {stranger} is not registered",
     )
+
+
+async def test_trace_of_a_command_deferred_to_wait_for_its_aggregate_shows_it_waiting(
+    operated: Operated,
+) -> None:
+    """Regression: a command deferred (a sale whose issuer's registration is still on
+    its way) was nowhere in its trace: "nothing is known of correlation id"."""
+    correlation, stranger = f"saga-{uuid4()}", uuid4()
+    sale = SellInvoice(uuid4(), stranger, Decimal(25))
+    deferred_at = datetime.now(UTC).isoformat()
+    channel = await operated.broker.channel()
+    try:
+        deferrals = await declare_deferrals(channel)
+        await deferrals.publish(
+            aio_pika.Message(
+                codec.encode(sale),
+                message_id="sale-1",
+                expiration=600,  # it stays there while the test looks
+                headers={
+                    "_watermill_message_uuid": "sale-1",
+                    "name": "SellInvoice",
+                    "correlation_id": correlation,
+                    DEFERRED_AT_HEADER: deferred_at,
+                },
+            ),
+            "SellInvoice",
+        )
+    finally:
+        await channel.close()
+
+    lines = await operated.traced(correlation)
+
+    in_order(
+        lines,
+        "SellInvoice  command sale-1",
+        "deferred from SellInvoice: waiting for an aggregate it names",
+    )
+    assert lines[-1] == "0 applied, 0 changed nothing, 0 dead-lettered, 1 deferred"
+    assert await list_deferred(operated.broker) != []  # browsed, not taken
 
 
 async def test_trace_of_an_unknown_correlation_id_says_nothing_is_known_and_exits_non_zero(

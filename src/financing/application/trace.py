@@ -22,16 +22,20 @@ class Fate(enum.Enum):
     APPLIED = "applied"
     UNCHANGED = "changed nothing"
     DEAD_LETTERED = "dead-lettered"
+    DEFERRED = "deferred"  # waiting for an aggregate it names, to be delivered again
 
 
 @dataclass(frozen=True)
 class Handling:
-    """What became of one message at one consumer, or in the dead-letter queue."""
+    """What became of one message at one consumer, or in the dead-letter queue, or that
+    it waits, deferred."""
 
     message_id: str
     message_name: str
     fate: Fate
-    by: str  # the consumer (handler) that processed it, or the queue it was dead-lettered from
+    # The consumer (handler) that processed it, or the queue it was dead-lettered or
+    # deferred from.
+    by: str
     at: datetime | None
     detail: str = ""  # the rule behind an unchanged outcome; the reason of a dead letter
     events: int = 0  # events appended, when applied

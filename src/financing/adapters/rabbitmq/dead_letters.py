@@ -36,7 +36,7 @@ from financing.adapters.rabbitmq.envelopes import (
 )
 from financing.adapters.rabbitmq.publisher import Publisher, PublishFailed
 from financing.adapters.rabbitmq.queues import existing_queue, queue_exists
-from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE, UNROUTED
+from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE, DEFERRALS, UNROUTED
 from financing.application.errors import Unavailable
 from financing.application.grace import finish_on_cancel
 from financing.application.ports import CORRELATION_HEADER
@@ -399,9 +399,12 @@ async def being_read(broker: Broker) -> bool:
 
 
 async def _fetched(
-    queue: AbstractQueue | None, at_most: int | None = None
+    queue: AbstractQueue | None,
+    at_most: int | None = None,
+    read: Callable[[AbstractIncomingMessage], DeadLetter] | None = None,
 ) -> AsyncGenerator[tuple[AbstractIncomingMessage, DeadLetter], None]:
-    """The letters of `queue`, oldest first, each fetched without being acked."""
+    """The letters of `queue`, oldest first, each fetched without being acked (and `read`
+    as a dead letter, unless told otherwise)."""
     fetched = 0
     while queue is not None and (at_most is None or fetched < at_most):
         with translated():
@@ -409,7 +412,7 @@ async def _fetched(
         if message is None:
             return
         fetched += 1
-        yield message, _dead_letter(message)
+        yield message, (read or _dead_letter)(message)
 
 
 async def list_dead_letters(
@@ -440,6 +443,36 @@ class Taken:
 # dead-letters what it cannot read and ignores the rest, so a requeued copy (its headers
 # kept as text) would be ignored, lost.
 NOT_REQUEUEABLE = frozenset({UNROUTED})
+
+
+async def list_deferred(broker: Broker, *, selection: Selection = EVERY) -> list[DeadLetter]:
+    """The messages waiting in `financing_deferred` that `selection` matches, oldest first,
+    each as a DeadLetter whose source queue is the one it goes back to, whose time is
+    when it was first deferred, and whose reason is empty; the queue is left unchanged
+    (each is fetched without being acked, and returned when the channel closes)."""
+    deferred: list[DeadLetter] = []
+    async with (
+        existing_queue(broker, DEFERRALS) as queue,
+        contextlib.aclosing(_fetched(queue, read=_waiting_in_deferrals)) as found,
+    ):
+        async for _, message in found:
+            if selection.matches(message):
+                deferred.append(message)
+    return deferred
+
+
+def _waiting_in_deferrals(message: AbstractIncomingMessage) -> DeadLetter:
+    raw = message.headers or {}
+    headers = {key: header_text(value) for key, value in raw.items() if key not in BROKER_HEADERS}
+    return DeadLetter(
+        message_id=headers.get(MESSAGE_UUID_HEADER) or message.message_id or "",
+        name=headers.get(NAME_HEADER, ""),
+        source_queue=message.routing_key or "",
+        reason="",
+        headers=headers,
+        body=bytes(message.body),
+        dead_lettered_at=headers.get(DEFERRED_AT_HEADER, ""),
+    )
 
 
 async def requeue_dead_letters(

@@ -3,7 +3,8 @@
 The command's correlation id is in the `correlation-id` metadata of the
 Commands API's answer. The event store gives the events and the records of
 processed messages; the dead-letter queue, browsed without taking anything,
-gives the messages refused. Printed as a tree by causation:
+gives the messages refused, and `financing_deferred` those waiting for an
+aggregate they name. Printed as a tree by causation:
 
     correlation 7f0c…
     └─ BidOnInvoice  command 5e2a…
@@ -22,7 +23,12 @@ from collections.abc import Sequence
 from financing.adapters.postgres.connection import COMMAND_DATABASE
 from financing.adapters.postgres.correlation import correlated
 from financing.adapters.rabbitmq.connection import connected
-from financing.adapters.rabbitmq.dead_letters import DeadLetter, Selection, list_dead_letters
+from financing.adapters.rabbitmq.dead_letters import (
+    DeadLetter,
+    Selection,
+    list_dead_letters,
+    list_deferred,
+)
 from financing.application.errors import Refused, Unavailable
 from financing.application.trace import Fate, Handling, Step, Trace, trace
 from financing.config import Settings
@@ -36,13 +42,13 @@ async def run_trace(settings: Settings, correlation_id: str) -> int:
     """Print the trace; exit code 1 when nothing is known of the correlation."""
     async with database(settings.command_db, COMMAND_DATABASE, "trace", schema="commands") as pool:
         events, handlings = await correlated(pool, correlation_id)
-    handlings += await _dead_lettered(settings.amqp_urls, correlation_id)
+    handlings += await _kept_aside(settings.amqp_urls, correlation_id)
     story = trace(correlation_id, events, handlings)
     if not story.steps:
         print(
             f"financing trace: nothing is known of correlation id {correlation_id!r}:"
-            " no event, processed message or dead letter carries it (a command still"
-            " waiting in its queue, or being retried, shows once it is handled)",
+            " no event, processed message, dead letter or deferred message carries it (a"
+            " command still waiting in its queue, or being retried, shows once it is handled)",
             file=sys.stderr,
         )
         return 1
@@ -50,24 +56,27 @@ async def run_trace(settings: Settings, correlation_id: str) -> int:
     return 0
 
 
-async def _dead_lettered(amqp_urls: list[str], correlation_id: str) -> list[Handling]:
-    """The correlation's dead letters; none, said on stderr, when the broker cannot tell."""
+async def _kept_aside(amqp_urls: list[str], correlation_id: str) -> list[Handling]:
+    """The correlation's dead letters, and its messages deferred to wait for an aggregate;
+    none, said on stderr, when the broker cannot tell."""
+    selection = Selection(correlation_id=correlation_id)
     try:
         async with connected(amqp_urls) as broker:
-            letters = await list_dead_letters(
-                broker, ALL_OF_THEM, selection=Selection(correlation_id=correlation_id)
-            )
+            letters = await list_dead_letters(broker, ALL_OF_THEM, selection=selection)
+            deferred = await list_deferred(broker, selection=selection)
     except (Unavailable, Refused) as error:
         print(f"financing trace: dead letters not searched: {error}", file=sys.stderr)
         return []
-    return [_handling(letter) for letter in letters]
+    return [_handling(letter, Fate.DEAD_LETTERED) for letter in letters] + [
+        _handling(message, Fate.DEFERRED) for message in deferred
+    ]
 
 
-def _handling(letter: DeadLetter) -> Handling:
+def _handling(letter: DeadLetter, fate: Fate) -> Handling:
     return Handling(
         letter.message_id,
         letter.name,
-        Fate.DEAD_LETTERED,
+        fate,
         letter.source_queue,
         letter.dead_lettered,
         letter.reason,
@@ -112,6 +121,8 @@ def _fate(handling: Handling) -> str:
         return f"applied by {handling.by}: {_events(handling.events)}"
     if handling.fate is Fate.UNCHANGED:
         return f"changed nothing at {handling.by}: {handling.detail}"
+    if handling.fate is Fate.DEFERRED:
+        return f"deferred from {handling.by}: waiting for an aggregate it names (since then)"
     return f"dead-lettered from {handling.by}: {handling.detail}"
 
 
