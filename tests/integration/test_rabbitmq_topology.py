@@ -54,6 +54,7 @@ def expected_bindings() -> list[tuple[str, str, str, str]]:
     bindings = [
         (EVENTS_EXCHANGE, topology.EVENTS_ROUTER, "", ""),
         (topology.UNROUTED, topology.UNROUTED, "", ""),
+        (topology.DEFERRALS, topology.DEFERRALS, "", ""),  # where deferred messages wait
     ]
     bindings += [(topology.EVENTS_ROUTER, f"events_{name}", "", name) for name in EVENT_NAMES]
     bindings += [
@@ -135,11 +136,16 @@ async def test_service_topology_is_durable_and_matches_the_reference() -> None:
             await broker.close()
 
         queues = await rabbitmq.list_queues(vhost.name)
-        ours = {DEAD_LETTER_QUEUE, topology.PROJECTOR_QUEUE, topology.UNROUTED}
+        ours = {
+            DEAD_LETTER_QUEUE,
+            topology.PROJECTOR_QUEUE,
+            topology.UNROUTED,
+            topology.DEFERRALS,
+        }
         assert set(queues) == COMMAND_QUEUES | EVENT_QUEUES | ours
         for name, queue in queues.items():
             assert queue["durable"] is True, name
-            if name != topology.PROJECTOR_QUEUE:
+            if name not in {topology.PROJECTOR_QUEUE, topology.DEFERRALS}:
                 assert queue["arguments"] == [], name
         exchanges = await rabbitmq.list_exchanges(vhost.name)
         assert exchanges[EVENTS_EXCHANGE]["type"] == "fanout"
@@ -310,3 +316,35 @@ async def test_a_reference_projector_queue_the_user_may_not_touch_is_left_with_a
         [warning] = [line for line in logs if "could not be retired" in line["event"]]
         assert warning["log_level"] == "warning", warning
         assert topology.REFERENCE_PROJECTOR_QUEUE in await rabbitmq.list_queues(vhost.name)
+
+
+async def test_a_deferrals_queue_of_the_other_type_stops_start_up_not_the_first_deferral() -> None:
+    """Regression: `financing_deferred` was declared by the first deferral only, so one
+    left from a classic deployment let a quorum one start healthy, and its first message
+    waiting for an aggregate failed to settle about once a second, for ever."""
+    async with rabbitmq.private_vhost() as vhost:
+        classic = Broker([vhost.url], Outages())
+        try:
+            channel = await classic.channel()
+            await topology.declare_deferrals(channel)  # a classic deployment deferred once
+            await channel.close()
+        finally:
+            await classic.close()
+        quorum = Broker([vhost.url], Outages(), queue_type="quorum")
+        try:
+            with pytest.raises(Refused, match="queue 'financing_deferred' exists as a classic"):
+                await topology.declare_on(quorum)
+        finally:
+            await quorum.close()
+
+
+async def test_start_up_declares_where_deferred_messages_wait() -> None:
+    async with rabbitmq.private_vhost() as vhost:
+        broker = Broker([vhost.url], Outages())
+        try:
+            await topology.declare_on(broker)
+        finally:
+            await broker.close()
+        queues = await rabbitmq.list_queues(vhost.name)
+
+    assert topology.DEFERRALS in queues

@@ -279,12 +279,15 @@ ROUTED_NAMES = frozenset(name for queue in CONSUMED_QUEUES for name in queue.rou
 
 
 async def declare(channel: AbstractChannel, queue_type: str = CLASSIC) -> None:
-    """The exchanges, the dead-letter queue and every queue a consumer of the service
-    reads, before anything is published or consumed: a message published after
-    start-up then waits in its queue even if its consumer runs elsewhere or later."""
+    """The exchanges, the dead-letter queue, the deferrals' and every queue a consumer of
+    the service reads, before anything is published or consumed: a message published
+    after start-up then waits in its queue even if its consumer runs elsewhere or
+    later, and a queue of another type than FINANCING_QUEUE_TYPE stops start-up (where
+    a first dead letter or deferral would otherwise find it, and fail for ever)."""
     await declare_events_exchange(channel)
     await declare_events_router(channel, queue_type)
     await DEAD_LETTERS.of_type(queue_type).declare(channel)
+    await declare_deferrals(channel, queue_type)
     for queue in CONSUMED_QUEUES:
         await queue.of_type(queue_type).declare(channel)
 
