@@ -164,6 +164,9 @@ async def test_requeue_leaves_the_letters_of_a_queue_gone_naming_it_and_requeues
         f"left 1 dead letter(s): their queue {seeded.queue_b!r} does not exist",
     ]
     assert await seeded.remaining() == ["b-1"]
+    named = await seeded.financing("requeue", "--message-id", "b-1")
+    assert named.exit_code == 1, named.describe()  # the one named was not requeued
+    assert await seeded.remaining() == ["b-1"]
 
 
 async def test_requeue_leaves_the_letters_of_the_unrouted_messages(seeded: Seeded) -> None:

@@ -573,6 +573,52 @@ async def test_missing_aggregate_is_retried_deferred_then_dead_lettered(
     assert await bus.queue_state(DEFERRALS) == (0, 0)
 
 
+async def test_a_message_too_large_to_copy_whole_is_dead_lettered_rather_than_deferred(
+    bus: Bus, queue: str
+) -> None:
+    """Regression: its copy, headers and all, exceeded the broker's frame size: the broker
+    closed the service's whole connection, and the message came back, about once a
+    second, for ever."""
+    handler = Counting(exactly_once(InMemoryEventStore(), "sell_invoice", handlers.sell_invoice))
+    message = dataclasses.replace(
+        envelope(SellInvoice(uuid.uuid4(), uuid.uuid4(), Decimal("10"))),
+        headers={"pad": "x" * 40_000},
+    )
+    async with consuming(bus, on_command_queue(queue, "SellInvoice"), handler):
+        await bus.publisher.send_to_queue(queue, message)
+
+        [letter] = await bus.first_dead_letters(queue, "the large message dead-lettered")
+    assert handler.calls == MissingAggregate.retry_attempts  # delivered once
+    assert "MissingAggregate" in letter.reason
+    assert "it could not be deferred: its headers (40" in letter.reason
+
+
+async def test_a_message_the_deferrals_queue_refuses_is_dead_lettered_rather_than_redelivered(
+    bus: Bus, queue: str
+) -> None:
+    """Regression: with `financing_deferred` recreated under the service with other
+    arguments (another queue type, no dead-letter exchange), every deferral failed for
+    good and the message came back, about once a second, for ever."""
+    channel = await bus.broker.channel()
+    await channel.queue_delete(DEFERRALS)
+    await channel.declare_queue(DEFERRALS, durable=True, arguments={"x-queue-type": "quorum"})
+    await channel.close()
+    handler = Counting(exactly_once(InMemoryEventStore(), "sell_invoice", handlers.sell_invoice))
+    try:
+        async with consuming(bus, on_command_queue(queue, "SellInvoice"), handler):
+            message = envelope(SellInvoice(uuid.uuid4(), uuid.uuid4(), Decimal("10")))
+            await bus.publisher.send_to_queue(queue, message)
+
+            [letter] = await bus.first_dead_letters(queue, "the undeferrable message")
+    finally:
+        channel = await bus.broker.channel()
+        await channel.queue_delete(DEFERRALS)  # declared again, classic, by the next one
+        await channel.close()
+    assert handler.calls == MissingAggregate.retry_attempts
+    assert "it could not be deferred" in letter.reason
+    assert "PRECONDITION_FAILED" in letter.reason
+
+
 async def test_a_deferred_command_comes_back_and_is_processed_once_its_aggregate_exists(
     bus: Bus, queue: str
 ) -> None:

@@ -73,3 +73,12 @@ def test_a_letter_whose_time_has_no_offset_says_no_moment() -> None:
     assert naive.dead_lettered is None
     assert Selection(since=datetime(2026, 6, 1, tzinfo=UTC)).matches(naive)
     assert not Selection(since=datetime(2026, 6, 1, tzinfo=UTC)).matches(aware)
+
+
+@pytest.mark.parametrize("kept", ["", "line1\nline2", "x" * 300], ids=["empty", "newline", "long"])
+def test_a_letter_whose_correlation_cannot_be_kept_is_of_its_own_messages_correlation(
+    kept: str,
+) -> None:
+    """As the event store records it (Envelope.correlation_id): `trace` of the message id
+    finds the letter."""
+    assert letter({}, {"correlation_id": kept}).correlation_id == "m-1"

@@ -107,8 +107,9 @@ class MissingAggregate(RuleViolation):
     """A message names an aggregate that does not exist (yet).
 
     The command that creates it may still be in flight on another queue, so
-    the message is retried as a conflict, for 0.6 to 1.1 s (8 attempts), before
-    it is dead-lettered.
+    the message is retried as a conflict, for 0.6 to 1.1 s (8 attempts), then
+    deferred (pipeline.retried) until it has waited RetryPolicy.aggregate_wait,
+    and only then dead-lettered.
     """
 
     retry_attempts: ClassVar[int] = 8

@@ -36,7 +36,7 @@ from financing.adapters.rabbitmq.connection import (
     is_broker_error,
     translated,
 )
-from financing.adapters.rabbitmq.dead_letters import DeadLetters, deferred_for
+from financing.adapters.rabbitmq.dead_letters import DeadLetters, NotDeferrable, deferred_for
 from financing.adapters.rabbitmq.envelopes import (
     AGGREGATE_ID_HEADER,
     MESSAGE_UUID_HEADER,
@@ -48,8 +48,13 @@ from financing.adapters.rabbitmq.envelopes import (
 from financing.adapters.rabbitmq.topology import QueueSpec
 from financing.application.errors import Unavailable
 from financing.application.pipeline import Outcome, OutcomeKind, Step
-from financing.application.ports import CAUSATION_HEADER, CORRELATION_HEADER, Envelope
-from financing.application.retry import NO_BUG_RETRIES, Outages, persist
+from financing.application.ports import (
+    CAUSATION_HEADER,
+    CORRELATION_HEADER,
+    Envelope,
+    usable_correlation_id,
+)
+from financing.application.retry import NO_BUG_RETRIES, GaveUp, Outages, persist
 from financing.logging import get_logger
 
 log = get_logger(__name__)
@@ -110,11 +115,12 @@ class AmqpDelivery:
             "message_id": header_text(headers.get(MESSAGE_UUID_HEADER)) or self._message.message_id,
             "aggregate_id": header_text(headers.get(AGGREGATE_ID_HEADER)) or None,
         }
-        # A message without a correlation starts one of its own: its id (Envelope).
-        correlation = headers.get(CORRELATION_HEADER)
-        if correlation is not None or fields["message_id"]:
+        # A message without a correlation, or with one that cannot be kept, starts one of
+        # its own: its id (Envelope.correlation_id).
+        correlation = header_text(headers.get(CORRELATION_HEADER))
+        if usable_correlation_id(correlation) or fields["message_id"]:
             fields[CORRELATION_HEADER] = (
-                fields["message_id"] if correlation is None else header_text(correlation)
+                correlation if usable_correlation_id(correlation) else fields["message_id"]
             )
         if headers.get(CAUSATION_HEADER) is not None:
             fields[CAUSATION_HEADER] = header_text(headers.get(CAUSATION_HEADER))
@@ -134,7 +140,15 @@ class AmqpDelivery:
             else:
                 log.debug("delivery channel closed before dead-lettering; expecting a redelivery")
         elif outcome.kind is OutcomeKind.DEFERRED:
-            if await self._dead_letters.defer(self._message, source_queue=self._source):
+            try:
+                deferred = await self._dead_letters.defer(self._message, source_queue=self._source)
+            except (NotDeferrable, GaveUp) as refused:
+                # Not for waiting (its size), or the broker refuses the deferrals' queue
+                # for good (another queue type): kept aside, not redelivered for ever.
+                reason = f"{outcome.detail}; it could not be deferred: {refused}"
+                await self.settle(Outcome.dead_letter(reason))
+                return
+            if deferred:
                 log.info("message deferred", reason=outcome.detail, waited=round(self.waited, 1))
                 await self._ack()
             else:

@@ -39,7 +39,7 @@ from financing.adapters.rabbitmq.queues import existing_queue, queue_exists
 from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE, DEFERRALS, UNROUTED
 from financing.application.errors import Unavailable
 from financing.application.grace import finish_on_cancel
-from financing.application.ports import CORRELATION_HEADER
+from financing.application.ports import CORRELATION_HEADER, usable_correlation_id
 from financing.application.retry import Abandoned, Outages, RetryPolicy, retry
 from financing.domain.ids import parse_id
 from financing.logging import get_logger
@@ -61,6 +61,10 @@ MAX_REASON_CHARS = 2000
 # connection. Far below RabbitMQ's default frame size of 128 KiB.
 MAX_HEADER_CHARS = 1024
 MAX_COPIED_HEADERS_BYTES = 32 * 1024
+
+
+class NotDeferrable(Exception):
+    """A message that cannot be deferred (`DeadLetters.defer`), for the reason given."""
 
 
 @dataclass(frozen=True)
@@ -98,8 +102,10 @@ class DeadLetter:
 
     @property
     def correlation_id(self) -> str:
-        """Its correlation: a message without one starts one of its own, its id (Envelope)."""
-        return self.headers.get(CORRELATION_HEADER) or self.message_id
+        """Its correlation: a message without one, or with one that cannot be kept, starts
+        one of its own, its id (Envelope.correlation_id)."""
+        value = self.headers.get(CORRELATION_HEADER)
+        return value if usable_correlation_id(value) and value else self.message_id
 
 
 @dataclass(frozen=True)
@@ -224,12 +230,22 @@ class DeadLetters:
 
         The copy keeps the original's headers and properties; DEFERRED_AT_HEADER says
         when it was first deferred (`deferred_for`). The broker's own headers (its
-        records of the expirations among them) are left out."""
+        records of the expirations among them) are left out. NotDeferrable when the
+        headers are too large to be sure the copy fits in a frame (a copy that does not
+        makes the broker close the whole connection): dead-letter it instead."""
         headers = {
             key: value
             for key, value in (message.headers or {}).items()
             if key not in BROKER_HEADERS
         }
+        size = sum(
+            len(key.encode()) + len(header_text(value).encode()) for key, value in headers.items()
+        )
+        if size > MAX_COPIED_HEADERS_BYTES:
+            raise NotDeferrable(
+                f"its headers ({size} bytes) are too large to be copied whole"
+                f" (at most {MAX_COPIED_HEADERS_BYTES})"
+            )
         if deferred_for(message) == 0.0:
             headers[DEFERRED_AT_HEADER] = datetime.now(UTC).isoformat()
         copy = aio_pika.Message(

@@ -71,13 +71,15 @@ async def requeue(settings: Settings, selection: Selection, *, any_age: bool = F
         young = selection if any_age else replace(selection, since=kept_since)
         async with _saying_so_if_stopped("requeued", taken):
             await requeue_dead_letters(broker, selection=young, taken=taken)
-        old = [
-            letter
-            for letter in (
-                [] if any_age else await list_dead_letters(broker, 1_000_000, selection=selection)
-            )
-            if (when := letter.dead_lettered) is not None and when < kept_since
-        ]
+            old = [
+                letter
+                for letter in (
+                    []
+                    if any_age
+                    else await list_dead_letters(broker, 1_000_000, selection=selection)
+                )
+                if (when := letter.dead_lettered) is not None and when < kept_since
+            ]
     print(f"requeued {taken.count} dead letter(s)")
     for reason, count in sorted(taken.left.items()):
         print(f"left {count} dead letter(s): {reason}")
@@ -87,7 +89,9 @@ async def requeue(settings: Settings, selection: Selection, *, any_age: bool = F
             f" ({settings.dedup_retention}): the records that would stop a second effect of"
             " their messages may be pruned; --any-age requeues them as well"
         )
-    return _found(taken.count + taken.left.total() + len(old), selection)
+    if selection.message_id is not None and taken.left and not taken.count:
+        return 1  # the letter named is there, and left: the line above says why
+    return _found(taken.count + len(old), selection)
 
 
 async def discard(settings: Settings, selection: Selection) -> int:

@@ -151,8 +151,8 @@ async def _broker(settings: Settings, findings: Findings) -> None:
     findings.report("projector", f"{_waiting(projector)} in {topology.PROJECTOR_QUEUE}")
     reading = " (and those a command reading them now holds)" if read and dead else ""
     findings.report("dead letters", f"{_waiting(dead)}{reading} in {topology.DEAD_LETTER_QUEUE}")
-    # Waiting for an aggregate another message creates, to be delivered again; none yet
-    # when no message was ever deferred (the queue is declared by the first).
+    # Waiting for an aggregate another message creates, to be delivered again (the queue
+    # is declared at start-up: missing before the service's first start).
     findings.report(
         "deferred",
         f"{deferred.waiting if deferred else 0} message(s) waiting for an aggregate"
