@@ -317,6 +317,26 @@ async def test_a_message_naming_an_aggregate_not_created_yet_is_deferred() -> No
     assert store.events == [] and store.processed == set()
 
 
+async def test_a_message_back_from_a_deferral_gets_one_attempt_not_its_attempts_again() -> None:
+    """Regression: each return ran its 8 attempts again, holding a consumer's slot about a
+    second each time: 2,000 bids naming aggregates that never come held valid bids up
+    for a minute."""
+    calls = 0
+
+    async def counted(uow: UnitOfWork, command: SellInvoice) -> None:
+        nonlocal calls
+        calls += 1
+        await handlers.sell_invoice(uow, command)
+
+    step = step_of(exactly_once(InMemoryEventStore(), "sell_invoice", counted), "SellInvoice")
+    back = MemoryDelivery(envelope_of(SellInvoice(uuid4(), uuid4(), D("50"))), waited=5.0)
+
+    outcome = await step(back)
+
+    assert outcome.kind is OutcomeKind.DEFERRED
+    assert calls == 1 and "after 1 attempt(s)" in outcome.detail
+
+
 async def test_a_deferred_message_that_waited_long_enough_is_dead_lettered_saying_how_long() -> (
     None
 ):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from uuid import UUID, uuid4
 
@@ -69,6 +70,23 @@ def test_each_event_hangs_under_the_message_that_caused_it() -> None:
     [command] = story.steps
     assert [h.by for h in command.handlings] == ["bid_on_invoice"]
     assert command.caused[0].event == PLACED
+
+
+def test_a_command_that_came_without_a_correlation_is_the_cause_of_its_events() -> None:
+    """Regression: its correlation is its own id, and the events it caused (causation:
+    its id) were drawn beside it rather than under it."""
+    created = dataclasses.replace(
+        event(INVOICE, 1, "InvoiceCreatedEvent", COMMAND, 10), correlation_id=COMMAND
+    )
+    story = trace(COMMAND, [created], [applied(COMMAND, "SellInvoice", "sell_invoice", 10)])
+
+    assert shape(story.steps) == [(0, "SellInvoice"), (1, "InvoiceCreatedEvent")]
+
+
+def test_events_caused_by_the_correlation_itself_are_roots_not_under_an_unknown_message() -> None:
+    started = event(INVOICE, 1, "InvoiceCreatedEvent", CORRELATION, 10)
+
+    assert shape(trace(CORRELATION, [started], []).steps) == [(0, "InvoiceCreatedEvent")]
 
 
 def test_what_one_message_caused_is_in_time_order() -> None:

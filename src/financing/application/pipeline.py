@@ -31,6 +31,7 @@ from financing.application.errors import (
     MissingAggregate,
     ReusedMessageId,
     UnrelayedEvent,
+    attempts_allowed,
 )
 from financing.application.messages import Message
 from financing.application.ports import (
@@ -165,7 +166,9 @@ def retried(policy: RetryPolicy, outages: Outages) -> StepPart:
     A delivery that names an aggregate that does not exist yet (MissingAggregate) is
     deferred instead, while it has waited less than `policy.aggregate_wait`: the
     message that creates the aggregate may be behind others on its own queue (after
-    an outage, each queue's backlog drains at its own pace)."""
+    an outage, each queue's backlog drains at its own pace). Back from a deferral, it
+    gets one attempt, not its attempts again: a flood of commands naming aggregates
+    that never come must not hold the consumer's slots at every return."""
 
     def part(inner: Step) -> Step:
         async def step(delivery: Delivery) -> Outcome:
@@ -177,6 +180,7 @@ def retried(policy: RetryPolicy, outages: Outages) -> StepPart:
                     what="processing",
                     wanted=delivery.deliverable,
                     on_retry=lambda _: metrics.MESSAGES.labels(delivery.source, "retried").inc(),
+                    attempts_of=_once_when_missing if delivery.waited else attempts_allowed,
                 )
             except GaveUp as gave_up:
                 if gave_up.fault is Fault.BUG:
@@ -194,6 +198,11 @@ def retried(policy: RetryPolicy, outages: Outages) -> StepPart:
         return step
 
     return part
+
+
+def _once_when_missing(error: BaseException) -> int | None:
+    """The attempts of a delivery back from a deferral: one for a missing aggregate."""
+    return 1 if isinstance(error, MissingAggregate) else attempts_allowed(error)
 
 
 def selected(names: frozenset[str], others: OutcomeKind) -> StepPart:

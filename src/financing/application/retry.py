@@ -213,12 +213,14 @@ async def retry(
     wanted: Callable[[], bool] = _always,
     deadline: float | None = None,
     on_retry: Callable[[Fault], None] | None = None,
+    attempts_of: Callable[[BaseException], int | None] = attempts_allowed,
 ) -> T:
     """`await operation()` until it succeeds; raises GaveUp or Abandoned when it stops.
 
     `wanted` is asked before each pause and after it: once it says no, the
     work is abandoned. `deadline` (time.monotonic()) bounds the whole loop.
-    `on_retry` is told of every retry (for metrics).
+    `on_retry` is told of every retry (for metrics). `attempts_of` says how many
+    attempts an error allows itself, when fewer than its fault's limit.
     """
     attempts: Counter[Fault] = Counter()
     down: set[str] = set()
@@ -234,7 +236,7 @@ async def retry(
                 down.add(error.dependency)
                 outages.failed(error)
             allowed = None if limit is None else limit.attempts
-            if (own := attempts_allowed(error)) is not None:
+            if (own := attempts_of(error)) is not None:
                 allowed = own if allowed is None else min(own, allowed)
             if limit is None or (allowed is not None and count >= allowed):
                 raise GaveUp(error, fault, count) from error  # the caller reports it

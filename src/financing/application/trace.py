@@ -84,9 +84,10 @@ def trace(
             step = Step(handling.message_id, handling.message_name, handling.at)
             steps[handling.message_id] = step
         step.handlings.append(handling)
-    roots = [step for step in steps.values() if _cause(step, correlation_id) is None]
+    known = set(steps)
+    roots = [step for step in steps.values() if _cause(step, correlation_id, known) is None]
     for step in list(steps.values()):
-        cause = _cause(step, correlation_id)
+        cause = _cause(step, correlation_id, known)
         if cause is None:
             continue
         if cause not in steps:
@@ -99,15 +100,18 @@ def trace(
     return Trace(correlation_id, sorted(roots, key=_order))
 
 
-def _cause(step: Step, correlation_id: str) -> str | None:
+def _cause(step: Step, correlation_id: str, known: set[str]) -> str | None:
     """The id of the message that caused `step`, when it is a message of the correlation.
 
     Commands do not say what caused them; the first command's cause is the
-    correlation itself (the request that started it).
+    correlation itself (the request that started it), unless the correlation is
+    that command's own id (a message that came without one starts its own), and
+    then the command is the cause.
     """
-    if step.event is None or step.event.causation_id in (None, "", correlation_id):
+    cause = None if step.event is None else step.event.causation_id
+    if not cause or (cause == correlation_id and cause not in known):
         return None
-    return step.event.causation_id
+    return cause
 
 
 def _instant(at: datetime | None) -> datetime:

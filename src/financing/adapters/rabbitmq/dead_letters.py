@@ -248,6 +248,8 @@ class DeadLetters:
             )
         if deferred_for(message) == 0.0:
             headers[DEFERRED_AT_HEADER] = datetime.now(UTC).isoformat()
+        # Every property but `user_id`, which the broker checks against the publishing
+        # connection's user (a producer's other user would have the copy refused).
         copy = aio_pika.Message(
             body=bytes(message.body),
             headers=headers,
@@ -255,6 +257,11 @@ class DeadLetters:
             content_type=message.content_type,
             content_encoding=message.content_encoding,
             correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+            type=message.type,
+            app_id=message.app_id,
+            timestamp=message.timestamp,
+            priority=message.priority,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             expiration=self._policy.deferral_delay,
         )
