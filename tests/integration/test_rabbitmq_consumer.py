@@ -125,11 +125,14 @@ class Bus:
         letters = await list_dead_letters(self.broker, limit=1000)
         return [letter for letter in letters if letter.source_queue == queue]
 
-    async def first_dead_letters(self, queue: str, what: str) -> list[DeadLetter]:
-        """The dead letters of `queue`, once there is at least one."""
+    async def first_dead_letters(
+        self, queue: str, what: str, count: int | None = None
+    ) -> list[DeadLetter]:
+        """The dead letters of `queue`, once there is at least one (`count` of them)."""
 
         async def dead_lettered() -> list[DeadLetter]:
-            return await self.dead_letters_of(queue)
+            letters = await self.dead_letters_of(queue)
+            return letters if count is None or len(letters) == count else []
 
         return await wait_until(dead_lettered, what=what)
 
@@ -425,11 +428,9 @@ async def test_poison_messages_are_dead_lettered_without_blocking_the_queue(
 
         await wait_until(processed, what="the message behind the poison ones")
 
-        async def all_dead_lettered() -> list[DeadLetter]:
-            letters = await bus.dead_letters_of(queue)
-            return letters if len(letters) == len(poison) else []
-
-        letters = await wait_until(all_dead_lettered, what="the poison messages dead-lettered")
+        letters = await bus.first_dead_letters(
+            queue, "the poison messages dead-lettered", len(poison)
+        )
     assert events_of(store, first) == ["IssuerCreatedEvent"]
     assert len(store.events) == 2
     reasons = {letter.headers["_watermill_message_uuid"]: letter.reason for letter in letters}
@@ -513,11 +514,9 @@ async def test_a_message_whose_content_header_pamqp_cannot_decode_is_dead_letter
 
             await wait_until(processed, what="the message behind the undecodable ones")
 
-            async def all_dead_lettered() -> list[DeadLetter]:
-                letters = await bus.dead_letters_of(queue)
-                return letters if len(letters) == len(undecodable) else []
-
-            letters = await wait_until(all_dead_lettered, what="the messages dead-lettered")
+            letters = await bus.first_dead_letters(
+                queue, "the messages dead-lettered", len(undecodable)
+            )
             assert await bus.broker.connection() is consumers  # never lost
     reasons = {letter.message_id: letter.reason for letter in letters}
     assert reasons.keys() == undecodable.keys()

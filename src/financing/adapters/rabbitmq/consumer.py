@@ -118,10 +118,10 @@ class AmqpDelivery:
         # A message without a correlation, or with one that cannot be kept, starts one of
         # its own: its id (Envelope.correlation_id).
         correlation = header_text(headers.get(CORRELATION_HEADER))
-        if usable_correlation_id(correlation) or fields["message_id"]:
-            fields[CORRELATION_HEADER] = (
-                correlation if usable_correlation_id(correlation) else fields["message_id"]
-            )
+        if not usable_correlation_id(correlation):
+            correlation = fields["message_id"] or ""
+        if correlation:
+            fields[CORRELATION_HEADER] = correlation
         if headers.get(CAUSATION_HEADER) is not None:
             fields[CAUSATION_HEADER] = header_text(headers.get(CAUSATION_HEADER))
         return fields

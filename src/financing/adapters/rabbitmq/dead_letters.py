@@ -190,15 +190,7 @@ class DeadLetters:
         message_id = message.message_id or headers.get(MESSAGE_UUID_HEADER)
         if message_id and len(message_id.encode()) > MAX_MESSAGE_ID_BYTES:
             message_id = None  # too long for the AMQP message-id property: the header keeps it
-        copy = aio_pika.Message(
-            body=bytes(message.body),
-            headers=dict(headers),
-            message_id=message_id,
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            correlation_id=message.correlation_id,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        )
+        copy = _copy_of(message, headers, message_id=message_id)
         try:
             await self._publisher.send_message_to_queue(DEAD_LETTER_QUEUE, copy)
         except PublishFailed:
@@ -238,9 +230,7 @@ class DeadLetters:
             for key, value in (message.headers or {}).items()
             if key not in BROKER_HEADERS
         }
-        size = sum(
-            len(key.encode()) + len(header_text(value).encode()) for key, value in headers.items()
-        )
+        size = sum(_header_bytes(key, header_text(value)) for key, value in headers.items())
         if size > MAX_COPIED_HEADERS_BYTES:
             raise NotDeferrable(
                 f"its headers ({size} bytes) are too large to be copied whole"
@@ -250,19 +240,14 @@ class DeadLetters:
             headers[DEFERRED_AT_HEADER] = datetime.now(UTC).isoformat()
         # Every property but `user_id`, which the broker checks against the publishing
         # connection's user (a producer's other user would have the copy refused).
-        copy = aio_pika.Message(
-            body=bytes(message.body),
-            headers=headers,
-            message_id=message.message_id,
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            correlation_id=message.correlation_id,
+        copy = _copy_of(
+            message,
+            headers,
             reply_to=message.reply_to,
             type=message.type,
             app_id=message.app_id,
             timestamp=message.timestamp,
             priority=message.priority,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             expiration=self._policy.deferral_delay,
         )
         return await self._persisted(
@@ -291,13 +276,40 @@ class DeadLetters:
 def deferred_for(message: AbstractIncomingMessage) -> float:
     """Seconds since `message` was first deferred (DEFERRED_AT_HEADER); 0.0 if it never
     was, or if the header is not a time (a foreign one)."""
+    value = (message.headers or {}).get(DEFERRED_AT_HEADER)
+    if value is None:  # most deliveries: asked of each one
+        return 0.0
     try:
-        since = datetime.fromisoformat(header_text((message.headers or {}).get(DEFERRED_AT_HEADER)))
+        since = datetime.fromisoformat(header_text(value))
     except ValueError:
         return 0.0
     if since.tzinfo is None:
         return 0.0
     return max((datetime.now(UTC) - since).total_seconds(), 0.0)
+
+
+def _copy_of(
+    message: AbstractIncomingMessage, headers: Mapping[str, Any], **properties: Any
+) -> aio_pika.Message:
+    """A persistent copy of `message` under `headers`: its body, message id, content type
+    and encoding, and correlation id, with `properties` added or put instead."""
+    kept = {
+        "message_id": message.message_id,
+        "content_type": message.content_type,
+        "content_encoding": message.content_encoding,
+        "correlation_id": message.correlation_id,
+    }
+    return aio_pika.Message(
+        body=bytes(message.body),
+        headers=dict(headers),
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        **(kept | properties),
+    )
+
+
+def _header_bytes(key: str, text: str) -> int:
+    """What a string header takes in a frame: key (short string), type octet, length, text."""
+    return 1 + len(key.encode()) + 1 + 4 + len(text.encode())
 
 
 def _copied_headers(original: Mapping[str, Any]) -> tuple[dict[str, str], int]:
@@ -314,8 +326,7 @@ def _copied_headers(original: Mapping[str, Any]) -> tuple[dict[str, str], int]:
         if key in DEAD_LETTER_HEADERS:
             continue
         text = _shortened(header_text(original[key]), MAX_HEADER_CHARS)
-        # key (short string) + type octet + length + UTF-8 text
-        entry = 1 + len(key.encode()) + 1 + 4 + len(text.encode())
+        entry = _header_bytes(key, text)
         if size + entry > MAX_COPIED_HEADERS_BYTES:
             left_out += 1
             continue
@@ -523,15 +534,9 @@ async def requeue_dead_letters(
             queues[queue] = await queue_exists(broker, queue)
         if not queues[queue]:
             return f"their queue {queue!r} does not exist"
-        original = aio_pika.Message(
-            body=letter.body,
-            # Requeued, it may wait for its aggregate again as long as a new message may.
-            headers={k: v for k, v in letter.headers.items() if k != DEFERRED_AT_HEADER},
-            message_id=message.message_id,
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            correlation_id=message.correlation_id,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        # Requeued, it may wait for its aggregate again as long as a new message may.
+        original = _copy_of(
+            message, {k: v for k, v in letter.headers.items() if k != DEFERRED_AT_HEADER}
         )
         await publisher.send_message_to_queue(queue, original)
         return None
