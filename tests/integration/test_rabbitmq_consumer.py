@@ -80,7 +80,7 @@ FAST = RetryPolicy(
     unavailable=Limit(Backoff(0.01, 0.05), None),
     conflict=Limit(Backoff(0.01, 0.05), 50),
     bug=Limit(Backoff(0.01, 0.05), BUG_ATTEMPTS),
-    aggregate_wait=1.0,  # deferred for 0.25 s at a time
+    aggregate_wait=1.0,  # deferred for 0.25 s at a time (first_deferral, a quarter of it)
 )
 
 
@@ -579,7 +579,7 @@ async def test_a_deferred_copy_keeps_the_originals_properties(bus: Bus, queue: s
     original = to_amqp(message)
     for name, value in PROPERTIES.items():
         setattr(original, name, value)
-    slow = dataclasses.replace(FAST, aggregate_wait=60.0)  # waits 5 s each time
+    slow = dataclasses.replace(FAST, aggregate_wait=60.0, first_deferral=5.0)  # waits 5 s
     async with consuming(bus, on_command_queue(queue, "SellInvoice"), handler, policy=slow):
         await bus.publisher.send_message_to_queue(queue, original)
 
@@ -594,6 +594,7 @@ async def test_a_deferred_copy_keeps_the_originals_properties(bus: Bus, queue: s
             kept = {name: getattr(copy, name) for name in PROPERTIES}
             assert copy.routing_key == queue and copy.message_id == message.message_id
             assert copy.headers[DEFERRED_AT_HEADER]
+            assert copy.expiration == 5.0  # put aside for the policy's first deferral
         finally:
             await channel.close()
     assert kept == PROPERTIES

@@ -12,7 +12,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from financing.application import codec, handlers, routes
-from financing.application.errors import PoisonMessage, Unavailable
+from financing.application.errors import MissingAggregate, PoisonMessage, Unavailable
 from financing.application.memory import InMemoryEventStore
 from financing.application.messages import (
     ApproveFinancing,
@@ -314,11 +314,12 @@ async def test_a_message_naming_an_aggregate_not_created_yet_is_deferred() -> No
 
     assert outcome.kind is OutcomeKind.DEFERRED
     assert "MissingAggregate" in outcome.detail and str(issuer_id) in outcome.detail
+    assert outcome.delay == POLICY.first_deferral  # put aside briefly the first time
     assert store.events == [] and store.processed == set()
 
 
 async def test_a_message_back_from_a_deferral_gets_one_attempt_not_its_attempts_again() -> None:
-    """Regression: each return ran its 8 attempts again, holding a consumer's slot about a
+    """Regression: each return ran its 8 attempts again (now 3), holding a consumer's slot about a
     second each time: 2,000 bids naming aggregates that never come held valid bids up
     for a minute."""
     calls = 0
@@ -335,6 +336,7 @@ async def test_a_message_back_from_a_deferral_gets_one_attempt_not_its_attempts_
 
     assert outcome.kind is OutcomeKind.DEFERRED
     assert calls == 1 and "after 1 attempt(s)" in outcome.detail
+    assert outcome.delay == POLICY.deferral_delay(5.0) == 5.0  # as long as it waited
 
 
 async def test_a_deferred_message_that_waited_long_enough_is_dead_lettered_saying_how_long() -> (
@@ -378,7 +380,8 @@ async def test_without_a_wait_a_missing_aggregate_is_dead_lettered_after_its_att
     outcome = await step(delivery(SellInvoice(uuid4(), uuid4(), D("50"))))
 
     assert outcome.kind is OutcomeKind.DEAD_LETTERED
-    assert "after 8 attempt(s)" in outcome.detail and "waited" not in outcome.detail
+    attempts = MissingAggregate.retry_attempts
+    assert f"after {attempts} attempt(s)" in outcome.detail and "waited" not in outcome.detail
 
 
 # Exactly once

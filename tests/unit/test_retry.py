@@ -205,16 +205,16 @@ async def test_a_read_after_write_is_attempted_exactly_once() -> None:
     assert (gave_up.value.fault, gave_up.value.attempts) == (Fault.BUG, 1)
 
 
-async def test_a_missing_aggregate_is_attempted_at_most_eight_times() -> None:
+async def test_a_missing_aggregate_is_attempted_at_most_three_times() -> None:
     operation = Failing(lambda: MissingAggregate("invoice 1 does not exist"), failures=99)
     with pytest.raises(GaveUp) as gave_up:
         await retried(operation)
-    assert operation.calls == 8
-    assert (gave_up.value.fault, gave_up.value.attempts) == (Fault.CONFLICT, 8)
+    assert operation.calls == 3
+    assert (gave_up.value.fault, gave_up.value.attempts) == (Fault.CONFLICT, 3)
 
 
 async def test_a_missing_aggregate_created_meanwhile_succeeds() -> None:
-    operation = Failing(lambda: MissingAggregate("issuer 1 is not registered"), failures=5)
+    operation = Failing(lambda: MissingAggregate("issuer 1 is not registered"), failures=2)
     assert await retried(operation) == "done"
 
 
@@ -286,6 +286,26 @@ def test_deliveries_retry_every_fault_as_classified() -> None:
     assert DELIVERIES.permanent is None
     assert NO_BUG_RETRIES.bug is None
     assert NO_BUG_RETRIES.unavailable == DELIVERIES.unavailable
+
+
+def test_a_deferral_starts_short_and_about_doubles_up_to_its_ceiling() -> None:
+    """Regression: every deferral put a message aside for 5 s (a quarter of the wait, at
+    most 5 s), so a message deferred a moment before its aggregate was created waited 5 s
+    more, and its first delivery held a consumer's slot for about a second of attempts
+    (8, now 3) to make that rare."""
+    policy = RetryPolicy(aggregate_wait=60.0)
+    assert policy.deferral_delay(0.0) == policy.first_deferral == 0.25
+    assert [policy.deferral_delay(waited) for waited in (0.3, 0.7, 1.5, 3.1)] == [
+        0.3,
+        0.7,
+        1.5,
+        3.1,
+    ]
+    assert policy.deferral_delay(6.3) == policy.deferral_delay(59.0) == 5.0
+    short = RetryPolicy(aggregate_wait=2.0)  # a quarter of the wait, when less than 5 s
+    assert [short.deferral_delay(waited) for waited in (0.0, 0.3, 1.2)] == [0.25, 0.3, 0.5]
+    tiny = RetryPolicy(aggregate_wait=0.2)  # never less than 0.1 s
+    assert tiny.deferral_delay(0.0) == tiny.deferral_delay(0.15) == 0.1
 
 
 def test_a_backoff_delay_is_between_half_and_all_of_its_doubling_ceiling() -> None:

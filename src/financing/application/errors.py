@@ -107,12 +107,12 @@ class MissingAggregate(RuleViolation):
     """A message names an aggregate that does not exist (yet).
 
     The command that creates it may still be in flight on another queue, so
-    the message is retried as a conflict, for 0.6 to 1.1 s (8 attempts), then
-    deferred (pipeline.retried) until it has waited RetryPolicy.aggregate_wait,
-    and only then dead-lettered.
+    the message is retried as a conflict, for 15 to 30 ms (3 attempts), then
+    deferred (pipeline.retried), off the consumer's slot, until it has waited
+    RetryPolicy.aggregate_wait, and only then dead-lettered.
     """
 
-    retry_attempts: ClassVar[int] = 8
+    retry_attempts: ClassVar[int] = 3
 
 
 class ReadAfterWrite(RuntimeError):

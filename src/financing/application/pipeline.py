@@ -71,6 +71,7 @@ class Outcome:
     kind: OutcomeKind
     detail: str = ""  # the reason of a dead letter, the rule behind an unchanged outcome
     events: int = 0  # events appended
+    delay: float = 0.0  # how long a deferred message is put aside (seconds)
 
     @classmethod
     def processed(cls, events: int = 0) -> Outcome:
@@ -81,8 +82,8 @@ class Outcome:
         return cls(OutcomeKind.DEAD_LETTERED, reason)
 
     @classmethod
-    def deferred(cls, reason: str) -> Outcome:
-        return cls(OutcomeKind.DEFERRED, reason)
+    def deferred(cls, reason: str, delay: float) -> Outcome:
+        return cls(OutcomeKind.DEFERRED, reason, delay=delay)
 
 
 IGNORED = Outcome(OutcomeKind.IGNORED)
@@ -189,7 +190,7 @@ def retried(policy: RetryPolicy, outages: Outages) -> StepPart:
                     return Outcome.dead_letter(str(gave_up))
                 waited = delivery.waited
                 if waited < policy.aggregate_wait:
-                    return Outcome.deferred(str(gave_up))
+                    return Outcome.deferred(str(gave_up), policy.deferral_delay(waited))
                 since = f"; deferred, it waited {waited:.1f} s for it" if waited else ""
                 return Outcome.dead_letter(f"{gave_up}{since}")
             except Abandoned:

@@ -82,11 +82,18 @@ class RetryPolicy:
     # and delivered again `deferral_delay` later, until it has waited this long; then it
     # is dead-lettered. 0: dead-lettered once its attempts are spent.
     aggregate_wait: float = 60.0
+    # How long a delivery is put aside the first time it is deferred (seconds).
+    first_deferral: float = 0.25
 
-    @property
-    def deferral_delay(self) -> float:
-        """How long a deferred delivery is put aside each time (seconds)."""
-        return min(MAX_DEFERRAL_DELAY, max(self.aggregate_wait / 4, MIN_DEFERRAL_DELAY))
+    def deferral_delay(self, waited: float) -> float:
+        """How long a deferred delivery that has waited `waited` seconds since its first
+        deferral is put aside again: `first_deferral` at first, then as long as it has
+        waited, so that the delay about doubles each time, up to a quarter of
+        `aggregate_wait` and MAX_DEFERRAL_DELAY (a message that comes back soon finds
+        an aggregate created just after its first attempts; one that waits long costs
+        a deferral every few seconds only)."""
+        ceiling = min(MAX_DEFERRAL_DELAY, max(self.aggregate_wait / 4, MIN_DEFERRAL_DELAY))
+        return min(ceiling, max(self.first_deferral, waited))
 
     def limit(self, fault: Fault) -> Limit | None:
         limit: Limit | None = getattr(self, fault.value)

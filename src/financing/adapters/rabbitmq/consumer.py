@@ -141,7 +141,9 @@ class AmqpDelivery:
                 log.debug("delivery channel closed before dead-lettering; expecting a redelivery")
         elif outcome.kind is OutcomeKind.DEFERRED:
             try:
-                deferred = await self._dead_letters.defer(self._message, source_queue=self._source)
+                deferred = await self._dead_letters.defer(
+                    self._message, source_queue=self._source, delay=outcome.delay
+                )
             except (NotDeferrable, GaveUp) as refused:
                 # Not for waiting (its size), or the broker refuses the deferrals' queue
                 # for good (another queue type): kept aside, not redelivered for ever.
@@ -149,7 +151,12 @@ class AmqpDelivery:
                 await self.settle(Outcome.dead_letter(reason))
                 return
             if deferred:
-                log.info("message deferred", reason=outcome.detail, waited=round(self.waited, 1))
+                log.info(
+                    "message deferred",
+                    reason=outcome.detail,
+                    waited=round(self.waited, 1),
+                    delay=outcome.delay,
+                )
                 await self._ack()
             else:
                 log.debug("delivery channel closed before deferring; expecting a redelivery")

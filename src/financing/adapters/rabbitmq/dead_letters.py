@@ -215,10 +215,12 @@ class DeadLetters:
             lambda: self.send(message, reason=reason, source_queue=source_queue),
         )
 
-    async def defer(self, message: AbstractIncomingMessage, *, source_queue: str) -> bool:
-        """Put a copy of `message` aside for the policy's `deferral_delay`, after which
-        the broker hands it back to `source_queue`; retried as `keep` is, and what it
-        returns means the same.
+    async def defer(
+        self, message: AbstractIncomingMessage, *, source_queue: str, delay: float
+    ) -> bool:
+        """Put a copy of `message` aside for `delay` seconds, after which the broker
+        hands it back to `source_queue`; retried as `keep` is, and what it returns
+        means the same.
 
         The copy keeps the original's headers and properties; DEFERRED_AT_HEADER says
         when it was first deferred (`deferred_for`). The broker's own headers (its
@@ -248,7 +250,7 @@ class DeadLetters:
             app_id=message.app_id,
             timestamp=message.timestamp,
             priority=message.priority,
-            expiration=self._policy.deferral_delay,
+            expiration=delay,
         )
         return await self._persisted(
             message, "deferring", lambda: self._publisher.defer(copy, source_queue)
