@@ -12,6 +12,7 @@ from importlib import metadata
 
 import pytest
 
+from financing.adapters.postgres import schema
 from financing.config import (
     AMQP_ADDRESS,
     COMMAND_DB,
@@ -50,11 +51,20 @@ def answer(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, st
     return code if isinstance(code, int) else 1, out, err
 
 
-def test_version_is_the_installed_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+def test_version_is_the_installed_package_version_and_its_schema_versions(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Regression: two releases with different schemas both said `financing 0.1.0`, so an
+    operator rolling one out could not tell which an instance or a command was."""
     code, out, _ = answer(capsys, "--version")
 
     assert code == 0
-    assert out.strip() == f"financing {metadata.version('financing')}"
+    commands, queries = schema.latest("commands"), schema.latest("queries")
+    assert commands >= 4 and queries >= 1
+    assert out.strip() == (
+        f"financing {metadata.version('financing')}"
+        f" (commands schema {commands}, queries schema {queries})"
+    )
 
 
 @pytest.mark.parametrize("command", list(READS), ids=" ".join)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 from collections.abc import MutableMapping
+from importlib import metadata
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from structlog.testing import capture_logs
 
 from financing.entrypoints.bootstrap import Service
 from financing.entrypoints.supervisor import supervise
+from tests.support.infra import wait_until
 
 
 async def stopped_once(
@@ -69,3 +71,26 @@ async def test_a_stop_before_the_service_is_ready_leaves_nothing_unretrieved(
     assert code == 0
     assert "service ready" not in [line["event"] for line in logs]
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()], caplog.text
+
+
+async def test_the_ready_line_names_the_release() -> None:
+    """An operator rolling a release out tells its instances apart by their logs."""
+    consuming = asyncio.Event()
+
+    async def consumer() -> None:
+        consuming.set()
+        await asyncio.Event().wait()
+
+    service = Service(frozenset(), workers={"consumer": consumer}, consuming=[consuming])
+    stop = asyncio.Event()
+    with capture_logs() as logs:
+        supervising = asyncio.create_task(supervise(service, stop))
+
+        async def ready() -> list[MutableMapping[str, Any]]:
+            return [line for line in logs if line["event"] == "service ready"]
+
+        [line] = await wait_until(ready, what="the ready line")
+        stop.set()
+        async with asyncio.timeout(10):
+            assert await supervising == 0
+    assert line["release"] == metadata.version("financing")

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 from typing import Any
 
+from financing import release
 from financing.entrypoints.bootstrap import Service, StartupError
 from financing.logging import get_logger
 
@@ -59,6 +60,7 @@ async def _ready(
         return
     log.info(
         "service ready",
+        release=release(),
         components=sorted(service.components),
         listening={
             listener.name: f"{listener.address[0]}:{listener.address[1]}"

@@ -75,13 +75,24 @@ async def require_current(pool_or_conn: asyncpg.Pool | Connection, name: str) ->
 
 # The database each schema is the schema of, as errors name it.
 _DATABASES = {"commands": COMMAND_DATABASE, "queries": QUERY_DATABASE}
+# The schemas a release migrates, one per database.
+SCHEMAS = tuple(_DATABASES)
+
+
+def latest(name: str) -> int:
+    """The version this release migrates the `name` schema to."""
+    return _newest(sections(name))
+
+
+def _newest(known: list[tuple[int, str]]) -> int:
+    return max((version for version, _ in known), default=0)
 
 
 def _refuse_ahead(name: str, applied: set[int], known: list[tuple[int, str]]) -> None:
-    latest = max((version for version, _ in known), default=0)
-    ahead = sorted(version for version in applied if version > latest)
+    newest = _newest(known)
+    ahead = sorted(version for version in applied if version > newest)
     if ahead:
-        raise SchemaAhead(name, ahead, latest)
+        raise SchemaAhead(name, ahead, newest)
 
 
 def sections(name: str) -> list[tuple[int, str]]:

@@ -16,13 +16,14 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from decimal import Decimal, InvalidOperation
-from importlib import metadata
 from typing import Any, TypeVar
 from uuid import UUID
 
 import uvloop
 
 from financing import logging as service_logging
+from financing import release
+from financing.adapters.postgres import schema
 from financing.adapters.postgres.connection import COMMAND_DATABASE, QUERY_DATABASE
 from financing.adapters.postgres.rebuild import rebuild
 from financing.adapters.rabbitmq.dead_letters import Selection
@@ -130,10 +131,10 @@ def _parsed(value: str, parse: Callable[[str], T], what: str) -> T:
 
 
 def _version() -> str:
-    try:
-        return metadata.version("financing")
-    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown"
+    """The release and the schema versions it migrates its databases to: an operator
+    rolling releases out tells them apart by these (docs/deployment.md)."""
+    schemas = ", ".join(f"{name} schema {schema.latest(name)}" for name in schema.SCHEMAS)
+    return f"financing {release()} ({schemas})"
 
 
 class _Commands:
@@ -170,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="financing",
         description="Event-sourced invoice financing: issuers sell invoices, investors bid.",
     )
-    parser.add_argument("--version", action="version", version=f"financing {_version()}")
+    parser.add_argument("--version", action="version", version=_version())
     commands = _Commands(parser, "command")
     _add_serve(commands)
     _add_populate(commands)
