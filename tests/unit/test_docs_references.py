@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import ast
 import re
+import tomllib
 from pathlib import Path
 
+from financing.adapters.postgres import schema
+
 ROOT = Path(__file__).resolve().parents[2]
-DOCUMENTS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
+DOCUMENTS = sorted([ROOT / "README.md", ROOT / "CHANGELOG.md", *(ROOT / "docs").glob("*.md")])
 TEST_REFERENCE = re.compile(r"(tests/[\w/]+\.py)|::(test_\w+)")
 PATH_REFERENCE = re.compile(r"`((?:src|tests|scripts|docs|deploy|protos)/[\w./-]*[\w/])`")
 
@@ -60,3 +63,13 @@ def test_every_path_the_documents_name_exists() -> None:
         if not (ROOT / match.group(1)).exists()
     ]
     assert missing == []
+
+
+def test_the_changelog_begins_with_this_release_and_its_schema_versions() -> None:
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    [first, *_] = re.findall(r"^## (\S+)\n\n(.+)$", changelog, re.MULTILINE)
+    assert first == (
+        version,
+        f"Commands schema {schema.latest('commands')}, queries schema {schema.latest('queries')}.",
+    )
