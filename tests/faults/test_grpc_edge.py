@@ -24,7 +24,13 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 
-from financing.entrypoints.grpc.edge import CONTROL_FRAMES_BURST, PREFACE_TIMEOUT
+from financing.entrypoints.grpc.codec import REQUEST_TIMEOUT
+from financing.entrypoints.grpc.edge import (
+    CONTROL_FRAMES_BURST,
+    PREFACE_TIMEOUT,
+    RESETS_BURST,
+    SMALL_WINDOW_UPDATE,
+)
 from financing.generated import Money, QueriesStub, SellInvoiceCommand, Uuid
 from tests.faults.conftest import CommandsApi
 from tests.support.infra import wait_until
@@ -138,14 +144,21 @@ class RawConnection:
         found = [e for e in self.events if isinstance(e, h2.events.ConnectionTerminated)]
         return found[0] if found else None
 
+    async def sent_away(self) -> bytes:
+        """The debug data of the GOAWAY ENHANCE_YOUR_CALM the server sends it away with."""
+        await self.until(lambda: self.goaway() is not None)
+        goaway = self.goaway()
+        assert goaway is not None and goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM, goaway
+        return bytes(goaway.additional_data or b"")
+
     async def was_reset(self, stream_id: int) -> ErrorCodes:
         await self.until(lambda: self.reset(stream_id) is not None)
         reset = self.reset(stream_id)
         assert reset is not None, f"stream {stream_id} was not reset: {self.events[-5:]}"
         return reset
 
-    async def answered(self, stream_id: int) -> dict[bytes, bytes]:
-        await self.until(lambda: self.answer(stream_id) is not None)
+    async def answered(self, stream_id: int, within: float = WITHIN) -> dict[bytes, bytes]:
+        await self.until(lambda: self.answer(stream_id) is not None, within)
         answer = self.answer(stream_id)
         assert answer is not None, f"stream {stream_id} was not answered: {self.events[-5:]}"
         return answer
@@ -320,6 +333,70 @@ async def test_a_connection_flooding_pings_is_sent_away_and_others_are_served(
     no_errors_logged()
 
 
+def raw_frame(kind: int, stream_id: int, payload: bytes = b"", flags: int = 0) -> bytes:
+    """An HTTP/2 frame as bytes, whatever h2 would let a client send."""
+    return (
+        len(payload).to_bytes(3, "big")
+        + bytes((kind, flags))
+        + stream_id.to_bytes(4, "big")
+        + payload
+    )
+
+
+FLOODS: dict[str, Callable[[int, int], bytes]] = {
+    # PRIORITY on streams never opened (an idle stream may be given one)
+    "priority": lambda n, _: raw_frame(0x2, 1001 + 2 * n, b"\x00\x00\x00\x00\x10"),
+    "small window updates": lambda n, _: raw_frame(
+        0x8, 0, (SMALL_WINDOW_UPDATE - 1).to_bytes(4, "big")
+    ),
+    "empty data": lambda n, stream_id: raw_frame(0x0, stream_id),
+    "frames of no type": lambda n, _: raw_frame(0xFA, 0),
+}
+
+
+@pytest.mark.parametrize("flood", list(FLOODS))
+async def test_a_connection_flooding_frames_that_make_no_call_is_sent_away(
+    commands_api: CommandsApi, no_errors_logged: Callable[[], None], flood: str
+) -> None:
+    """Regression: PING and SETTINGS counted, these did not: 220,000 to 290,000 a second
+    on one connection held every other caller's calls up for 3 to 5 s."""
+    async with RawConnection.open(commands_api.address) as flooder:
+        open_call = flooder.call(HEALTH_CHECK.encode(), b"", end=False)
+        frames = b"".join(FLOODS[flood](n, open_call) for n in range(3 * CONTROL_FRAMES_BURST))
+        flooder._writer.write(frames)
+        assert await flooder.sent_away() == b"too_many_pings"
+    assert await serving(commands_api.address)
+    no_errors_logged()
+
+
+async def test_a_connection_resetting_its_calls_fast_is_sent_away_and_others_are_served(
+    commands_api: CommandsApi, no_errors_logged: Callable[[], None]
+) -> None:
+    """Regression (HTTP/2 "rapid reset", CVE-2023-44487): one connection opening and
+    resetting 14,000 calls a second froze the process for minutes (every call of every
+    caller timed out, the broker and the database were taken for gone) and grew it by
+    2 GB."""
+    async with RawConnection.open(commands_api.address) as attacker:
+        for _ in range(RESETS_BURST + 200):
+            stream_id = attacker.call(HEALTH_CHECK.encode(), EMPTY_MESSAGE, end=False)
+            attacker.cancel(stream_id)
+        assert await attacker.sent_away() == b"too_many_resets"
+    assert await serving(commands_api.address)
+    no_errors_logged()
+
+
+async def test_a_client_cancelling_some_of_its_calls_is_served(
+    commands_api: CommandsApi, no_errors_logged: Callable[[], None]
+) -> None:
+    async with RawConnection.open(commands_api.address) as connection:
+        for _ in range(RESETS_BURST // 2):
+            connection.cancel(connection.call(HEALTH_CHECK.encode(), EMPTY_MESSAGE, end=False))
+        answer = await connection.answered(connection.call(HEALTH_CHECK.encode(), EMPTY_MESSAGE))
+        assert answer[b"grpc-status"] == b"0", answer
+        assert connection.goaway() is None
+    no_errors_logged()
+
+
 async def test_a_client_pinging_as_keepalive_does_is_served(
     commands_api: CommandsApi, no_errors_logged: Callable[[], None]
 ) -> None:
@@ -335,12 +412,11 @@ async def test_a_client_pinging_as_keepalive_does_is_served(
     no_errors_logged()
 
 
-async def test_a_connection_that_never_sends_anything_is_closed(
-    commands_api: CommandsApi,
-) -> None:
-    """Regression: held open for good, one file descriptor and memory each."""
-    reader, writer = await asyncio.open_connection(*commands_api.address)
+async def closed_by_the_server(first: bytes, address: tuple[str, int]) -> None:
+    """Connect, send `first`, then nothing: returns once the server has closed."""
+    reader, writer = await asyncio.open_connection(*address)
     try:
+        writer.write(first)
         async with asyncio.timeout(PREFACE_TIMEOUT + WITHIN):
             while await reader.read(65536):  # the server's SETTINGS, then its end
                 pass
@@ -348,7 +424,36 @@ async def test_a_connection_that_never_sends_anything_is_closed(
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
+
+
+async def test_nothing_that_stalls_is_held(commands_api: CommandsApi) -> None:
+    """Regression: a connection that sent nothing was held open for good, one file
+    descriptor and memory each; then one that sent a single byte, or the preface
+    without its SETTINGS, was (20,000 such reached the descriptor limit: no call was
+    taken any more); and a call whose request never ended held its stream, and up to
+    4 MiB of it, for good (200 such held 858 MB)."""
+
+    async def unfinished_call() -> dict[bytes, bytes]:
+        async with RawConnection.open(commands_api.address) as connection:
+            # A request that announces more than it sends, and never ends.
+            stream_id = connection.call(
+                HEALTH_CHECK.encode(), framed(b"\x0a" * 100)[:50], end=False
+            )
+            return await connection.answered(stream_id, within=REQUEST_TIMEOUT + WITHIN)
+
+    async with asyncio.timeout(max(PREFACE_TIMEOUT, REQUEST_TIMEOUT) + 2 * WITHIN):
+        *_, answer = await asyncio.gather(
+            closed_by_the_server(b"", commands_api.address),
+            closed_by_the_server(b"P", commands_api.address),
+            closed_by_the_server(H2_PREFACE, commands_api.address),
+            unfinished_call(),
+        )
+    assert answer[b"grpc-status"] == str(Status.DEADLINE_EXCEEDED.value).encode(), answer
+    assert b"not sent whole" in answer[b"grpc-message"], answer
     assert await serving(commands_api.address)
+
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
 async def test_a_call_its_caller_cancels_is_counted_cancelled_not_unknown(

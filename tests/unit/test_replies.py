@@ -7,13 +7,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from uuid import uuid4
 
 import h2.config
 import h2.connection
+import h2.events
 import h2.settings
 import pytest
+from betterproto.lib.google.protobuf import Empty
+from grpclib.client import Channel
+from grpclib.const import Status
 from grpclib.server import Server
 
 from financing import generated as pb
@@ -28,9 +33,10 @@ from financing.application.retry import Outages
 from financing.domain.aggregates import InvoiceStatus
 from financing.domain.events import Bid
 from financing.domain.money import to_double
+from financing.entrypoints.grpc import queries as queries_module
 from financing.entrypoints.grpc import replies
 from financing.entrypoints.grpc.codec import FramingChecked, RequestCodec
-from financing.entrypoints.grpc.queries import QueriesService
+from financing.entrypoints.grpc.queries import LIST_BUILDS, QueriesService
 from financing.entrypoints.grpc.replies import listed
 from tests.support.infra import wait_until
 
@@ -156,38 +162,121 @@ async def test_a_caller_that_does_not_read_its_reply_holds_its_bytes_not_its_row
     several times the reply's size: 20 MB per stalled caller of a list of 30,000
     invoices, a gigabyte for 40 of them."""
     store = FreshRows()
-    queries = QueriesService(store, Outages())
-    server = Server([FramingChecked(queries, calls=queries.calls)], codec=RequestCodec())
-    await server.start("127.0.0.1", 0)
-    port = server._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    _, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        # A caller with a 1 kB window that never reads: the reply waits for it.
-        caller = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        caller.initiate_connection()
-        caller.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1024})
-        caller.send_headers(
-            1,
-            [
-                (":method", "POST"),
-                (":scheme", "http"),
-                (":authority", "x"),
-                (":path", "/Queries/AllIssuers"),
-                ("content-type", "application/grpc"),
-                ("te", "trailers"),
-            ],
-        )
-        caller.send_data(1, b"\x00\x00\x00\x00\x00", end_stream=True)
-        writer.write(caller.data_to_send())
+    async with queries_server(store) as (queries, port), never_reading(port):
 
         async def rows_let_go() -> bool:
             return bool(store.made) and all(row() is None for row in store.made)
 
         await wait_until(rows_let_go, what="the rows let go while the reply waits")
         assert queries.calls.in_flight == 1  # still sending
+
+
+Caller = h2.connection.H2Connection
+
+
+@contextlib.asynccontextmanager
+async def never_reading(
+    port: int,
+) -> AsyncIterator[tuple[asyncio.StreamReader, h2.connection.H2Connection]]:
+    """A caller of AllIssuers with a 1 kB window that it never grants more of: the reply
+    waits for it. Its socket's reader and its HTTP/2 side, until the block ends."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        caller = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        caller.initiate_connection()
+        caller.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1024})
+        caller.send_headers(1, ALL_ISSUERS)
+        caller.send_data(1, b"\x00\x00\x00\x00\x00", end_stream=True)
+        writer.write(caller.data_to_send())
+        yield reader, caller
     finally:
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def queries_server(store: InMemoryReadModels) -> AsyncIterator[tuple[QueriesService, int]]:
+    """A Queries server of its own on a free port, wired as the service wires one."""
+    queries = QueriesService(store, Outages())
+    server = Server([FramingChecked(queries, calls=queries.calls)], codec=RequestCodec())
+    await server.start("127.0.0.1", 0)
+    try:
+        yield queries, server._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_caller_that_never_takes_its_reply_in_is_answered_and_its_reply_let_go(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression: a caller that never granted a window held its reply, 17 MB for a list
+    of 60,000 invoices, for as long as it kept its connection (100 such: 1.7 GB)."""
+    monkeypatch.setattr(queries_module, "REPLY_TIMEOUT", 0.3)
+    async with queries_server(FreshRows()) as (queries, port):
+        async with never_reading(port) as (reader, caller):
+            status: bytes | None = None
+            async with asyncio.timeout(10):
+                while status is None and (data := await reader.read(65536)):
+                    for event in caller.receive_data(data):  # never a window granted
+                        if isinstance(event, h2.events.TrailersReceived):
+                            status = dict(event.headers)[b"grpc-status"]
+
+        async def let_go() -> bool:
+            return queries.calls.in_flight == 0
+
+        await wait_until(let_go, what="the call to end")
+    assert status == str(Status.DEADLINE_EXCEEDED.value).encode()
+
+
+ALL_ISSUERS = [
+    (":method", "POST"),
+    (":scheme", "http"),
+    (":authority", "x"),
+    (":path", "/Queries/AllIssuers"),
+    ("content-type", "application/grpc"),
+    ("te", "trailers"),
+]
+
+
+class GatedRows(InMemoryReadModels):
+    """Issuers read only once the gate opens; it notes how many reads run at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.reading = self.most = 0
+
+    async def issuers(self) -> list[IssuerRow]:
+        self.reading += 1
+        self.most = max(self.most, self.reading)
+        try:
+            await self.gate.wait()
+            return [IssuerRow(uuid4()) for _ in range(100)]
+        finally:
+            self.reading -= 1
+
+
+async def test_lists_are_read_and_written_a_few_at_a_time() -> None:
+    """Regression: 100 calls of a large list on one connection were built side by side:
+    every other caller waited seconds, and the process grew by 4 GB."""
+    store = GatedRows()
+    async with queries_server(store) as (queries, port):
+        channel = Channel("127.0.0.1", port)
+        try:
+            calls = [
+                asyncio.create_task(pb.QueriesStub(channel).all_issuers(Empty(), timeout=10))
+                for _ in range(LIST_BUILDS + 3)
+            ]
+
+            async def all_arrived() -> bool:
+                return queries.calls.in_flight == len(calls)
+
+            await wait_until(all_arrived, what="every call to arrive")
+            store.gate.set()
+            replies_ = await asyncio.gather(*calls)
+        finally:
+            channel.close()
+    assert [len(reply.issuers) for reply in replies_] == [100] * len(calls)
+    assert store.most == LIST_BUILDS

@@ -12,11 +12,20 @@ to the whole process, and the answer that caller gets instead.
   allows bytes 0x80-0xFF in them, and grpclib, reading ASCII, dropped the whole
   connection, every call on it, at the first such byte. A correlation id is taken in
   only when it is ASCII (`commands.correlate`).
-- A connection that sends PING and SETTINGS frames faster than it makes calls is sent
-  GOAWAY ENHANCE_YOUR_CALM and closed, as gRPC's own servers do with too many pings:
-  one connection flooding them kept the process busy and starved every other caller.
-- A connection that sends nothing within PREFACE_TIMEOUT is closed: each silent one
-  held a file descriptor and memory for good.
+- A connection that sends frames which make no call faster than it makes calls (PING,
+  SETTINGS, PRIORITY, frames of types HTTP/2 does not define, a WINDOW_UPDATE of less
+  than SMALL_WINDOW_UPDATE bytes, a DATA frame with nothing in it that does not end
+  its stream) is sent GOAWAY ENHANCE_YOUR_CALM and closed, as gRPC's own servers do
+  with too many pings: one connection flooding any of them kept the process busy and
+  starved every other caller.
+- A connection that resets the calls it opens faster than RESETS_PER_SECOND, after a
+  burst of RESETS_BURST (nghttp2's defaults), is sent GOAWAY ENHANCE_YOUR_CALM and
+  closed: the "rapid reset" of CVE-2023-44487, 14,000 calls opened and reset a second
+  on one connection, froze the process for minutes (every call of every caller timed
+  out, the broker and the database were taken for gone) and grew it by gigabytes.
+- A connection that has not sent the HTTP/2 preface and its SETTINGS within
+  PREFACE_TIMEOUT is closed: each silent one held a file descriptor and memory for
+  good, and so did one that sent a single byte.
 - A connection error (an HTTP/2 protocol violation) is told to the peer with the GOAWAY
   frame h2 writes for it, before the connection is closed.
 - A call to a method neither server has is answered UNIMPLEMENTED, and every answer
@@ -41,7 +50,7 @@ from grpclib.metadata import Deadline, encode_grpc_message
 from grpclib.server import request_handler
 from h2.config import H2Configuration
 from h2.errors import ErrorCodes
-from h2.events import PingReceived, RemoteSettingsChanged, RequestReceived
+from h2.events import RemoteSettingsChanged
 from h2.exceptions import H2Error, ProtocolError
 
 from financing.logging import get_logger
@@ -50,13 +59,21 @@ log = get_logger(__name__)
 
 # A call with less time than this left when it arrives cannot be answered in time.
 LEAST_TIME_LEFT = 0.001
-# Seconds a new connection has to send its first bytes (the HTTP/2 preface).
+# Seconds a new connection has to send the HTTP/2 preface and its SETTINGS frame.
 PREFACE_TIMEOUT = 10.0
-# PING and SETTINGS frames a connection may send: a burst, then so many a second, and
+# Frames that make no call a connection may send: a burst, then so many a second, and
 # so many more for each call it makes (clients measure a busy connection with pings).
 CONTROL_FRAMES_BURST = 100
 CONTROL_FRAMES_PER_SECOND = 10.0
 CONTROL_FRAMES_PER_CALL = 2
+# A WINDOW_UPDATE smaller than this makes no call: clients grant windows by the
+# kilobyte at least (half the window they keep, as a rule).
+SMALL_WINDOW_UPDATE = 1024
+# Seconds a connection sent away is read (and what it sends dropped) before it is closed.
+LINGER = 1.0
+# Calls a connection may reset: a burst, then so many a second.
+RESETS_BURST = 1000
+RESETS_PER_SECOND = 33.0
 
 _Headers = list[tuple[str, str]]
 
@@ -197,24 +214,37 @@ def _is_base64(value: str) -> bool:
 
 
 class _Protocol(grpclib.protocol.H2Protocol):
-    """A connection: closed when silent from the start, or when it floods control frames."""
+    """A connection: closed when it has not begun in time, or when it floods frames that
+    make no call or resets its calls too fast."""
 
     _silent: asyncio.TimerHandle | None = None
+    _gone: asyncio.TimerHandle | None = None  # sent away: what it sends is dropped
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._control = _Allowance()
+        self._transport = transport
+        self._frames = _FrameCounter()
+        self._control = _Allowance(CONTROL_FRAMES_BURST, CONTROL_FRAMES_PER_SECOND)
+        self._resets = _Allowance(RESETS_BURST, RESETS_PER_SECOND)
         self._silent = asyncio.get_running_loop().call_later(PREFACE_TIMEOUT, transport.close)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if self._silent is not None:
-            self._silent.cancel()
+        for timer in (self._silent, self._gone):
+            if timer is not None:
+                timer.cancel()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._silent is not None:
-            self._silent.cancel()
-            self._silent = None
+        if self._gone is not None:
+            return
+        # Counted before h2 parses them: a flood costs no more than its frames' headers.
+        calls, control, resets = self._frames.count(data)
+        if not self._control.allows(control, credit=calls * CONTROL_FRAMES_PER_CALL):
+            self._send_away("it sent frames that make no call too fast", b"too_many_pings")
+            return
+        if not self._resets.allows(resets):
+            self._send_away("it reset its calls too fast", b"too_many_resets")
+            return
         try:
             events = self.connection.feed(data)
         except ProtocolError:
@@ -222,47 +252,107 @@ class _Protocol(grpclib.protocol.H2Protocol):
             self.connection.flush()  # the GOAWAY h2 wrote for it
             self.processor.close("Protocol error")
             return
-        calls = control = 0
-        for event in events:
-            if isinstance(event, RequestReceived):
-                calls += 1
-            elif isinstance(event, PingReceived | RemoteSettingsChanged):
-                control += 1
-        if not self._control.allows(control, calls):
-            log.warning("gRPC connection closed: it sent PING or SETTINGS frames too fast")
-            try:
-                self.connection._connection.close_connection(
-                    ErrorCodes.ENHANCE_YOUR_CALM, additional_data=b"too_many_pings"
-                )
-                self.connection.flush()
-            except H2Error:
-                pass  # the connection was closing already: nothing more to tell it
-            self.processor.close("too many control frames")
-            return
+        if self._silent is not None and any(
+            isinstance(event, RemoteSettingsChanged) for event in events
+        ):
+            self._silent.cancel()  # the preface and the SETTINGS that must follow it
+            self._silent = None
         self.connection.flush()
         for event in events:
             self.processor.process(event)
         self.connection.flush()
 
+    def _send_away(self, why: str, debug: bytes) -> None:
+        """GOAWAY, the end of what it is sent, and the connection closed LINGER later.
+        Closed at once, with its frames still arriving, the kernel would answer them
+        with a reset that can destroy the GOAWAY before its client reads why."""
+        log.warning(f"gRPC connection closed: {why}")
+        try:
+            self.connection._connection.close_connection(
+                ErrorCodes.ENHANCE_YOUR_CALM, additional_data=debug
+            )
+            self.connection.flush()
+        except H2Error:
+            pass  # the connection was closing already: nothing more to tell it
+        transport = self._transport
+        if isinstance(transport, asyncio.WriteTransport) and transport.can_write_eof():
+            transport.write_eof()
+        self._gone = asyncio.get_running_loop().call_later(LINGER, self.processor.close, why)
 
-class _Allowance:
-    """How many control frames a connection may still send: a token bucket refilled with
-    time and with each call."""
 
-    __slots__ = ("_at", "_left")
+# Frame types (RFC 9113 section 6) and the flag that ends a stream.
+_DATA, _HEADERS, _RST_STREAM, _WINDOW_UPDATE, _CONTINUATION = 0x0, 0x1, 0x3, 0x8, 0x9
+_END_STREAM = 0x1
+_FRAME_HEADER = 9
+# The client's connection preface, before its first frame.
+_PREFACE = len(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+
+
+class _FrameCounter:
+    """A connection's frames counted by what they do, from their 9-byte headers alone
+    (RFC 9113 section 4.1), as its bytes arrive: calls (HEADERS), resets (RST_STREAM),
+    and frames that make no call (PING, SETTINGS, PRIORITY, GOAWAY, types HTTP/2 does
+    not define, a WINDOW_UPDATE of less than SMALL_WINDOW_UPDATE bytes, a DATA frame
+    with nothing in it that does not end its stream). Counted from the bytes rather
+    than from h2's events, for h2 says nothing of frames it drops (those of a stream it
+    has reset), and a flood of them costs as much to parse."""
+
+    __slots__ = ("_pending", "_skip")
 
     def __init__(self) -> None:
-        self._left = float(CONTROL_FRAMES_BURST)
+        self._skip = _PREFACE  # bytes to pass over: the preface, then frames' payloads
+        self._pending = b""  # the start of a frame header cut by the end of a read
+
+    def count(self, data: bytes) -> tuple[int, int, int]:
+        """(calls, frames that make no call, resets) of the frames that begin in `data`."""
+        calls = control = resets = 0
+        if self._pending:
+            data, self._pending = self._pending + data, b""
+        at, end = 0, len(data)
+        while at < end:
+            if self._skip:
+                step = min(self._skip, end - at)
+                at += step
+                self._skip -= step
+                continue
+            if end - at < _FRAME_HEADER:
+                self._pending = data[at:]
+                break
+            length = int.from_bytes(data[at : at + 3], "big")
+            kind, flags = data[at + 3], data[at + 4]
+            at += _FRAME_HEADER
+            if kind == _HEADERS:
+                calls += 1
+            elif kind == _RST_STREAM:
+                resets += 1
+            elif kind == _DATA:
+                control += length == 0 and not flags & _END_STREAM
+            elif kind == _WINDOW_UPDATE:
+                # Its increment when it arrived whole; one cut by a read passes.
+                increment = data[at : at + 4] if length == 4 else b""
+                small = int.from_bytes(increment, "big") & 0x7FFFFFFF < SMALL_WINDOW_UPDATE
+                control += len(increment) == 4 and small
+            elif kind != _CONTINUATION:  # h2 bounds those of a header block
+                control += 1
+            self._skip = length
+        return calls, control, resets
+
+
+class _Allowance:
+    """How many frames of a kind a connection may still send: a token bucket refilled
+    with time (and with credit, for the calls it makes)."""
+
+    __slots__ = ("_at", "_burst", "_left", "_per_second")
+
+    def __init__(self, burst: int, per_second: float) -> None:
+        self._burst = float(burst)
+        self._per_second = per_second
+        self._left = self._burst
         self._at = time.monotonic()
 
-    def allows(self, control: int, calls: int) -> bool:
+    def allows(self, spent: int, credit: float = 0.0) -> bool:
         now = time.monotonic()
-        self._left = min(
-            CONTROL_FRAMES_BURST,
-            self._left
-            + (now - self._at) * CONTROL_FRAMES_PER_SECOND
-            + calls * CONTROL_FRAMES_PER_CALL,
-        )
+        self._left = min(self._burst, self._left + (now - self._at) * self._per_second + credit)
         self._at = now
-        self._left -= control
+        self._left -= spent
         return self._left >= 0

@@ -4,10 +4,19 @@ Money leaves as a double here, at the edge; inside it is an exact Decimal.
 Lists come in creation order, as the read models keep them. While the query
 database cannot be reached the answer is UNAVAILABLE with the reason; a bug
 is logged with its traceback and answered INTERNAL.
+
+A list reply is as large as its read model: the process reads and writes at most
+LIST_BUILDS of them at a time, holds at most LIST_REPLIES (built or being sent), and
+gives a caller REPLY_TIMEOUT to take its reply in. 100 calls of a list of 60,000
+invoices on one connection (an ordinary client, or one that never granted a window)
+kept the process busy for over a minute, every other caller's calls timed out, the
+broker and the database were taken for gone, and it grew by 4 GB, 1.7 GB of which
+stayed for as long as the callers kept their connections.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -28,6 +37,13 @@ log = get_logger(__name__)
 T = TypeVar("T")
 Row = TypeVar("Row")
 
+# Lists read and written at once, by the whole process.
+LIST_BUILDS = 2
+# List replies held at once, built or being sent; a call waits for its turn.
+LIST_REPLIES = 16
+# Seconds a caller has to take its reply in once it is built.
+REPLY_TIMEOUT = 60.0
+
 
 class QueriesService(pb.QueriesBase):
     """Each list is read, then written in protobuf's wire format by `replies`, which
@@ -38,6 +54,8 @@ class QueriesService(pb.QueriesBase):
         self._outages = outages
         self._failed: set[str] = set()  # dependencies down at the last failed read
         self.calls = CallsInFlight()
+        self._building = asyncio.Semaphore(LIST_BUILDS)
+        self._holding = asyncio.Semaphore(LIST_REPLIES)
 
     def __mapping__(self) -> dict[str, Handler]:
         lists: dict[str, Callable[[Stream[Any, Any]], Awaitable[None]]] = {
@@ -66,11 +84,20 @@ class QueriesService(pb.QueriesBase):
     ) -> Callable[[Stream[Any, Any]], Awaitable[None]]:
         async def answer(stream: Stream[Any, Any]) -> None:
             await stream.recv_message()  # Empty
-            # The rows are let go before the reply is sent: a caller that reads it slowly
-            # holds only its bytes (about 100 a row), not the rows' objects (several
-            # times that), for as long as it takes.
-            reply = await replies.listed(await self._read(what, read), item)
-            await stream.send_message(reply)
+            async with self._holding:
+                # The rows are let go before the reply is sent: a caller that reads it
+                # slowly holds only its bytes (about 100 a row), not the rows' objects
+                # (several times that), for as long as it takes.
+                async with self._building:
+                    reply = await replies.listed(await self._read(what, read), item)
+                try:
+                    async with asyncio.timeout(REPLY_TIMEOUT):
+                        await stream.send_message(reply)
+                except TimeoutError:
+                    raise GRPCError(
+                        Status.DEADLINE_EXCEEDED,
+                        f"the reply was not taken in within {REPLY_TIMEOUT:.0f} s",
+                    ) from None
 
         return answer
 
