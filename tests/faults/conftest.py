@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import pytest
 from tests.faults import workload as workloads
 from tests.faults.workload import Deployment, Workload, deployment
 from tests.support import infra
-from tests.support.service import ServiceProcess, free_port
+from tests.support.service import ServiceProcess, financing_command, free_port
 
 FIGURES: dict[str, Any] = {}
 FIGURES_FILE = Path("build") / "reliability-faults.json"
@@ -85,6 +85,26 @@ class CommandsApi:
 
 @pytest.fixture(scope="module")
 async def commands_api() -> AsyncIterator[CommandsApi]:
+    async with running_commands_api() as api:
+        yield api
+
+
+# Descriptors the service of `few_connections` may open: each gRPC server holds a quarter.
+FEW_DESCRIPTORS = 256
+
+
+@pytest.fixture(scope="module")
+async def few_connections() -> AsyncIterator[CommandsApi]:
+    """The Commands API of a process that may open FEW_DESCRIPTORS file descriptors."""
+    limited = ("prlimit", f"--nofile={FEW_DESCRIPTORS}:{FEW_DESCRIPTORS}", *financing_command())
+    async with running_commands_api(limited) as api:
+        yield api
+
+
+@asynccontextmanager
+async def running_commands_api(
+    command: Sequence[str] | None = None,
+) -> AsyncIterator[CommandsApi]:
     name = infra.unique_name("fin_fault_grpc")
     amqp_url = infra.create_vhost(name)
     try:
@@ -103,6 +123,7 @@ async def commands_api() -> AsyncIterator[CommandsApi]:
             env,
             Path(tempfile.gettempdir()) / f"{name}.service.log",
             args=("serve", "--components", "commands-api"),
+            command=command,
         )
         try:
             await service.start()

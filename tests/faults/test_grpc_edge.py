@@ -32,7 +32,7 @@ from financing.entrypoints.grpc.edge import (
     SMALL_WINDOW_UPDATE,
 )
 from financing.generated import Money, QueriesStub, SellInvoiceCommand, Uuid
-from tests.faults.conftest import CommandsApi
+from tests.faults.conftest import FEW_DESCRIPTORS, CommandsApi
 from tests.support.infra import wait_until
 from tests.support.metrics import scrape, value
 
@@ -144,12 +144,16 @@ class RawConnection:
         found = [e for e in self.events if isinstance(e, h2.events.ConnectionTerminated)]
         return found[0] if found else None
 
-    async def sent_away(self) -> bytes:
-        """The debug data of the GOAWAY ENHANCE_YOUR_CALM the server sends it away with."""
+    async def sent_away(self, code: ErrorCodes = ErrorCodes.ENHANCE_YOUR_CALM) -> bytes:
+        """The debug data of the GOAWAY (of `code`) the server sends it away with."""
         await self.until(lambda: self.goaway() is not None)
         goaway = self.goaway()
-        assert goaway is not None and goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM, goaway
+        assert goaway is not None and goaway.error_code == code, goaway
         return bytes(goaway.additional_data or b"")
+
+    def settings_acked(self) -> bool:
+        """Whether the server has acknowledged its SETTINGS: it has taken the connection."""
+        return any(isinstance(e, h2.events.SettingsAcknowledged) for e in self.events)
 
     async def was_reset(self, stream_id: int) -> ErrorCodes:
         await self.until(lambda: self.reset(stream_id) is not None)
@@ -451,6 +455,44 @@ async def test_nothing_that_stalls_is_held(commands_api: CommandsApi) -> None:
     assert answer[b"grpc-status"] == str(Status.DEADLINE_EXCEEDED.value).encode(), answer
     assert b"not sent whole" in answer[b"grpc-message"], answer
     assert await serving(commands_api.address)
+
+
+async def test_a_server_holding_all_the_connections_it_may_closes_the_one_idle_longest(
+    few_connections: CommandsApi,
+) -> None:
+    """Regression: connections that sent their SETTINGS and then nothing were held until
+    the process reached its descriptor limit; then no call, no database session and no
+    broker connection could be opened any more."""
+    limit = FEW_DESCRIPTORS // 4
+    logged = few_connections.service.log_size()
+    async with contextlib.AsyncExitStack() as stack:
+        # A call open for good (a health watch): never closed to make room.
+        busy = await stack.enter_async_context(RawConnection.open(few_connections.address))
+        watch = busy.call(b"/grpc.health.v1.Health/Watch", EMPTY_MESSAGE)
+        await busy.until(lambda: any(getattr(e, "stream_id", 0) == watch for e in busy.events))
+        idle: list[RawConnection] = []
+        for _ in range(limit):  # one more than there is room for beside the busy one
+            connection = await stack.enter_async_context(
+                RawConnection.open(few_connections.address)
+            )
+            await connection.until(lambda c=connection: c.settings_acked())
+            idle.append(connection)
+        oldest, next_oldest = idle[0], idle[1]
+        assert await oldest.sent_away(ErrorCodes.NO_ERROR) == b""
+        assert await serving(few_connections.address)  # a new caller, served
+        assert await next_oldest.sent_away(ErrorCodes.NO_ERROR) == b""
+        assert busy.goaway() is None and busy.reset(watch) is None
+        assert all(connection.goaway() is None for connection in idle[2:])
+    written = few_connections.service.log_tail(since=logged)
+    assert written.count("gRPC connections at their limit") == 1, written
+    assert f'"limit": {limit}' in written, written
+
+    async def room_again() -> bool:
+        return "gRPC connections below their limit again" in few_connections.service.log_tail(
+            since=logged
+        )
+
+    await wait_until(room_again, what="room again, said once")
 
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"

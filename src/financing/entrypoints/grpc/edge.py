@@ -26,6 +26,12 @@ to the whole process, and the answer that caller gets instead.
 - A connection that has not sent the HTTP/2 preface and its SETTINGS within
   PREFACE_TIMEOUT is closed: each silent one held a file descriptor and memory for
   good, and so did one that sent a single byte.
+- A server holds at most `connection_limit()` connections (a quarter of the process's
+  file descriptors): a new one beyond them closes the one idle longest (no call open;
+  GOAWAY NO_ERROR, which clients take as "connect again"), or is closed itself when
+  every one has a call open. Connections that sent their SETTINGS and then nothing
+  reached the descriptor limit: then no call, no database session and no broker
+  connection could be opened any more.
 - A connection error (an HTTP/2 protocol violation) is told to the peer with the GOAWAY
   frame h2 writes for it, before the connection is closed.
 - A call to a method neither server has is answered UNIMPLEMENTED, and every answer
@@ -38,7 +44,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import resource
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -69,6 +77,9 @@ CONTROL_FRAMES_PER_CALL = 2
 # A WINDOW_UPDATE smaller than this makes no call: clients grant windows by the
 # kilobyte at least (half the window they keep, as a rule).
 SMALL_WINDOW_UPDATE = 1024
+# Bounds of the connections a server holds (`connection_limit`).
+MIN_CONNECTIONS = 16
+MAX_CONNECTIONS = 65536
 # Seconds a connection sent away is read (and what it sends dropped) before it is closed.
 LINGER = 1.0
 # Calls a connection may reset: a burst, then so many a second.
@@ -91,6 +102,7 @@ class GrpcServer(grpclib.server.Server):
             normalize_inbound_headers=False,
             normalize_outbound_headers=False,
         )
+        self._edge_connections = _Connections(connection_limit())
 
     def _protocol_factory(self) -> grpclib.protocol.H2Protocol:
         self.__gc_step__()
@@ -98,7 +110,18 @@ class GrpcServer(grpclib.server.Server):
             self._mapping, self._codec, self._status_details_codec, self.__dispatch__
         )
         self._handlers.add(handler)
-        return _Protocol(handler, self._config, self._h2_config)
+        protocol = _Protocol(handler, self._config, self._h2_config)
+        protocol.connections = self._edge_connections
+        return protocol
+
+
+def connection_limit() -> int:
+    """The connections a server holds at most: a quarter of the file descriptors the
+    process may open, the rest left to the other server, the databases, the broker."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(MIN_CONNECTIONS, min(MAX_CONNECTIONS, soft // 4))
 
 
 class _Handler(grpclib.server.Handler):
@@ -219,24 +242,39 @@ class _Protocol(grpclib.protocol.H2Protocol):
 
     _silent: asyncio.TimerHandle | None = None
     _gone: asyncio.TimerHandle | None = None  # sent away: what it sends is dropped
+    _refused = False  # closed as it came: beyond the server's connections
+    connections: _Connections
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
         self._transport = transport
+        if not self.connections.admit(self):
+            self._refused = True
+            transport.close()
+            return
+        super().connection_made(transport)
         self._frames = _FrameCounter()
         self._control = _Allowance(CONTROL_FRAMES_BURST, CONTROL_FRAMES_PER_SECOND)
         self._resets = _Allowance(RESETS_BURST, RESETS_PER_SECOND)
         self._silent = asyncio.get_running_loop().call_later(PREFACE_TIMEOUT, transport.close)
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if self._refused:
+            return
+        self.connections.left(self)
         for timer in (self._silent, self._gone):
             if timer is not None:
                 timer.cancel()
         super().connection_lost(exc)
 
+    @property
+    def idle(self) -> bool:
+        """Whether it has no call open, and is not being sent away already."""
+        return not self.processor.streams and self._gone is None
+
     def data_received(self, data: bytes) -> None:
-        if self._gone is not None:
+        if self._refused or self._gone is not None:
             return
+        self.connections.active(self)
         # Counted before h2 parses them: a flood costs no more than its frames' headers.
         calls, control, resets = self._frames.count(data)
         if not self._control.allows(control, credit=calls * CONTROL_FRAMES_PER_CALL):
@@ -262,14 +300,20 @@ class _Protocol(grpclib.protocol.H2Protocol):
             self.processor.process(event)
         self.connection.flush()
 
-    def _send_away(self, why: str, debug: bytes) -> None:
+    def make_room(self) -> None:
+        """Closed, idle, for a new connection (GOAWAY NO_ERROR: connect again)."""
+        self._send_away("idle while the server holds all the connections it may", b"", quiet=True)
+
+    def _send_away(self, why: str, debug: bytes, *, quiet: bool = False) -> None:
         """GOAWAY, the end of what it is sent, and the connection closed LINGER later.
         Closed at once, with its frames still arriving, the kernel would answer them
         with a reset that can destroy the GOAWAY before its client reads why."""
-        log.warning(f"gRPC connection closed: {why}")
+        if not quiet:
+            log.warning(f"gRPC connection closed: {why}")
         try:
             self.connection._connection.close_connection(
-                ErrorCodes.ENHANCE_YOUR_CALM, additional_data=debug
+                ErrorCodes.NO_ERROR if quiet else ErrorCodes.ENHANCE_YOUR_CALM,
+                additional_data=debug or None,
             )
             self.connection.flush()
         except H2Error:
@@ -336,6 +380,46 @@ class _FrameCounter:
                 control += 1
             self._skip = length
         return calls, control, resets
+
+
+class _Connections:
+    """The connections of one server, the one active last at the end: at most `limit`.
+
+    Its being full is logged once, with the limit, and its having room again once it
+    is three quarters full or less."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: OrderedDict[_Protocol, None] = OrderedDict()
+        self._full = False
+
+    def admit(self, new: _Protocol) -> bool:
+        """Whether `new` may be served, having closed the one idle longest if need be."""
+        if len(self._open) >= self.limit:
+            if not self._full:
+                self._full = True
+                log.warning(
+                    "gRPC connections at their limit: a new one closes the one idle"
+                    " longest, or is closed when every one has a call open",
+                    limit=self.limit,
+                )
+            idle = next((protocol for protocol in self._open if protocol.idle), None)
+            if idle is None:
+                return False
+            self._open.pop(idle)
+            idle.make_room()
+        self._open[new] = None
+        return True
+
+    def active(self, protocol: _Protocol) -> None:
+        if protocol in self._open:
+            self._open.move_to_end(protocol)
+
+    def left(self, protocol: _Protocol) -> None:
+        self._open.pop(protocol, None)
+        if self._full and len(self._open) <= self.limit * 3 // 4:
+            self._full = False
+            log.info("gRPC connections below their limit again", limit=self.limit)
 
 
 class _Allowance:
