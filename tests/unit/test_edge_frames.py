@@ -1,0 +1,59 @@
+"""The gRPC edge counts a connection's frames from their headers, however its bytes are
+cut by the reads (src/financing/entrypoints/grpc/edge.py)."""
+
+from __future__ import annotations
+
+from financing.entrypoints.grpc.edge import SMALL_WINDOW_UPDATE, _FrameCounter
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def frame(kind: int, payload: bytes = b"", flags: int = 0, stream_id: int = 1) -> bytes:
+    return (
+        len(payload).to_bytes(3, "big")
+        + bytes((kind, flags))
+        + stream_id.to_bytes(4, "big")
+        + payload
+    )
+
+
+SMALL_UPDATE = frame(0x8, (SMALL_WINDOW_UPDATE - 1).to_bytes(4, "big"))
+FRAMES = [
+    frame(0x4, b"\x00\x03\x00\x00\x00\x64", stream_id=0),  # SETTINGS: makes no call
+    frame(0x1, b"\x82" * 20, flags=0x4),  # HEADERS: a call
+    frame(0x9, b"\x86" * 5),  # CONTINUATION: part of a call's headers
+    frame(0x0, b"\x00" * 300),  # DATA with something in it
+    frame(0x0),  # empty DATA that does not end its stream: makes no call
+    frame(0x0, flags=0x1),  # empty DATA that ends its stream
+    SMALL_UPDATE,  # makes no call
+    frame(0x8, SMALL_WINDOW_UPDATE.to_bytes(4, "big")),
+    frame(0x3, b"\x00\x00\x00\x08"),  # RST_STREAM: a reset
+    frame(0x6, b"\x00" * 8, stream_id=0),  # PING: makes no call
+    frame(0x2, b"\x00\x00\x00\x00\x10", stream_id=3),  # PRIORITY: makes no call
+    frame(0xFA, b"\x01\x02"),  # a type HTTP/2 does not define: makes no call
+]
+STREAM = PREFACE + b"".join(FRAMES)
+
+
+def counted(*reads: bytes) -> tuple[int, int, int]:
+    counter = _FrameCounter()
+    totals = [counter.count(data) for data in reads]
+    calls, control, resets = (sum(column) for column in zip(*totals, strict=True))
+    return calls, control, resets
+
+
+def test_frames_are_counted_by_what_they_do() -> None:
+    assert counted(STREAM) == (1, 6, 1)
+
+
+def test_the_counts_do_not_depend_on_where_the_reads_cut_the_bytes() -> None:
+    small_update_payload = STREAM.index(SMALL_UPDATE) + 9
+    for cut in range(len(STREAM) + 1):
+        # A WINDOW_UPDATE whose increment is cut by a read passes uncounted.
+        cut_increment = small_update_payload <= cut < small_update_payload + 4
+        expected = (1, 5 if cut_increment else 6, 1)
+        assert counted(STREAM[:cut], STREAM[cut:]) == expected, cut
+
+
+def test_bytes_given_one_at_a_time_are_counted_as_whole_ones() -> None:
+    assert counted(*(STREAM[i : i + 1] for i in range(len(STREAM))))[0::2] == (1, 1)
