@@ -106,6 +106,11 @@ DEPENDENCY_UP = Gauge(
 POOL_CONNECTIONS = Gauge(
     "financing_pool_connections", "Connections of each database pool.", ["database", "state"]
 )
+GRPC_CONNECTIONS_CLOSED = Counter(
+    "financing_grpc_connections_closed_total",
+    "gRPC connections the service closed at the HTTP/2 edge, by reason.",
+    ["reason"],
+)
 DEAD_LETTERS = Counter(
     "financing_dead_letters_published_total",
     "Messages dead-lettered to financing_dead_letters, by source queue.",

@@ -380,11 +380,13 @@ async def test_a_connection_resetting_its_calls_fast_is_sent_away_and_others_are
     resetting 14,000 calls a second froze the process for minutes (every call of every
     caller timed out, the broker and the database were taken for gone) and grew it by
     2 GB."""
+    before = closed_for(commands_api, "too_many_resets")
     async with RawConnection.open(commands_api.address) as attacker:
         for _ in range(RESETS_BURST + 200):
             stream_id = attacker.call(HEALTH_CHECK.encode(), EMPTY_MESSAGE, end=False)
             attacker.cancel(stream_id)
         assert await attacker.sent_away() == b"too_many_resets"
+    assert closed_for(commands_api, "too_many_resets") == before + 1
     assert await serving(commands_api.address)
     no_errors_logged()
 
@@ -465,6 +467,7 @@ async def test_a_server_holding_all_the_connections_it_may_closes_the_one_idle_l
     broker connection could be opened any more."""
     limit = FEW_DESCRIPTORS // 4
     logged = few_connections.service.log_size()
+    made_room = closed_for(few_connections, "made_room")
     async with contextlib.AsyncExitStack() as stack:
         # A call open for good (a health watch): never closed to make room.
         busy = await stack.enter_async_context(RawConnection.open(few_connections.address))
@@ -483,6 +486,7 @@ async def test_a_server_holding_all_the_connections_it_may_closes_the_one_idle_l
         assert await next_oldest.sent_away(ErrorCodes.NO_ERROR) == b""
         assert busy.goaway() is None and busy.reset(watch) is None
         assert all(connection.goaway() is None for connection in idle[2:])
+    assert closed_for(few_connections, "made_room") == made_room + 2
     written = few_connections.service.log_tail(since=logged)
     assert written.count("gRPC connections at their limit") == 1, written
     assert f'"limit": {limit}' in written, written
@@ -493,6 +497,13 @@ async def test_a_server_holding_all_the_connections_it_may_closes_the_one_idle_l
         )
 
     await wait_until(room_again, what="room again, said once")
+
+
+def closed_for(api: CommandsApi, reason: str) -> float:
+    """The connections the service has closed at the edge for `reason`."""
+    return value(
+        scrape(api.metrics_address), "financing_grpc_connections_closed_total", reason=reason
+    )
 
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"

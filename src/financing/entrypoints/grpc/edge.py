@@ -61,6 +61,7 @@ from h2.errors import ErrorCodes
 from h2.events import RemoteSettingsChanged
 from h2.exceptions import H2Error, ProtocolError
 
+from financing import metrics
 from financing.logging import get_logger
 
 log = get_logger(__name__)
@@ -249,13 +250,18 @@ class _Protocol(grpclib.protocol.H2Protocol):
         self._transport = transport
         if not self.connections.admit(self):
             self._refused = True
+            metrics.GRPC_CONNECTIONS_CLOSED.labels("refused").inc()
             transport.close()
             return
         super().connection_made(transport)
         self._frames = _FrameCounter()
         self._control = _Allowance(CONTROL_FRAMES_BURST, CONTROL_FRAMES_PER_SECOND)
         self._resets = _Allowance(RESETS_BURST, RESETS_PER_SECOND)
-        self._silent = asyncio.get_running_loop().call_later(PREFACE_TIMEOUT, transport.close)
+        self._silent = asyncio.get_running_loop().call_later(PREFACE_TIMEOUT, self._not_begun)
+
+    def _not_begun(self) -> None:
+        metrics.GRPC_CONNECTIONS_CLOSED.labels("no_preface").inc()
+        self._transport.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._refused:
@@ -302,12 +308,14 @@ class _Protocol(grpclib.protocol.H2Protocol):
 
     def make_room(self) -> None:
         """Closed, idle, for a new connection (GOAWAY NO_ERROR: connect again)."""
-        self._send_away("idle while the server holds all the connections it may", b"", quiet=True)
+        self._send_away("made_room", b"", quiet=True)
 
     def _send_away(self, why: str, debug: bytes, *, quiet: bool = False) -> None:
         """GOAWAY, the end of what it is sent, and the connection closed LINGER later.
         Closed at once, with its frames still arriving, the kernel would answer them
-        with a reset that can destroy the GOAWAY before its client reads why."""
+        with a reset that can destroy the GOAWAY before its client reads why. Counted
+        under its debug data (`why` for a quiet one)."""
+        metrics.GRPC_CONNECTIONS_CLOSED.labels(debug.decode() or why).inc()
         if not quiet:
             log.warning(f"gRPC connection closed: {why}")
         try:
