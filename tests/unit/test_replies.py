@@ -36,7 +36,11 @@ from financing.domain.money import to_double
 from financing.entrypoints.grpc import queries as queries_module
 from financing.entrypoints.grpc import replies
 from financing.entrypoints.grpc.codec import FramingChecked, RequestCodec
-from financing.entrypoints.grpc.queries import LIST_BUILDS, QueriesService
+from financing.entrypoints.grpc.queries import (
+    LIST_BUILDS,
+    LIST_CALLS_PER_CONNECTION,
+    QueriesService,
+)
 from financing.entrypoints.grpc.replies import listed
 from tests.support.infra import wait_until
 
@@ -241,21 +245,31 @@ ALL_ISSUERS = [
 
 
 class GatedRows(InMemoryReadModels):
-    """Issuers read only once the gate opens; it notes how many reads run at once."""
+    """Issuers and investors read only once the gate opens; it notes how many reads run
+    at once, and which list each read was of, in order."""
 
     def __init__(self) -> None:
         super().__init__()
         self.gate = asyncio.Event()
         self.reading = self.most = 0
+        self.reads: list[str] = []
 
-    async def issuers(self) -> list[IssuerRow]:
+    async def _gated(self, what: str) -> None:
+        self.reads.append(what)
         self.reading += 1
         self.most = max(self.most, self.reading)
         try:
             await self.gate.wait()
-            return [IssuerRow(uuid4()) for _ in range(100)]
         finally:
             self.reading -= 1
+
+    async def issuers(self) -> list[IssuerRow]:
+        await self._gated("issuers")
+        return [IssuerRow(uuid4()) for _ in range(100)]
+
+    async def investors(self) -> list[InvestorRow]:
+        await self._gated("investors")
+        return []
 
 
 async def test_lists_are_read_and_written_a_few_at_a_time() -> None:
@@ -280,3 +294,31 @@ async def test_lists_are_read_and_written_a_few_at_a_time() -> None:
             channel.close()
     assert [len(reply.issuers) for reply in replies_] == [100] * len(calls)
     assert store.most == LIST_BUILDS
+
+
+async def test_one_connections_many_list_calls_do_not_hold_up_anothers() -> None:
+    """Regression: the lists of all callers waited their turn in one line: a caller with
+    100 calls of the invoices' list put another's list of 50 issuers behind them all
+    (it timed out)."""
+    store = GatedRows()
+    async with queries_server(store) as (queries, port):
+        greedy, other = Channel("127.0.0.1", port), Channel("127.0.0.1", port)
+        try:
+            many = [
+                asyncio.create_task(pb.QueriesStub(greedy).all_issuers(Empty(), timeout=10))
+                for _ in range(3 * LIST_CALLS_PER_CONNECTION)
+            ]
+
+            async def arrived(count: int) -> bool:
+                return queries.calls.in_flight == count
+
+            await wait_until(lambda: arrived(len(many)), what="the greedy calls")
+            one = asyncio.create_task(pb.QueriesStub(other).all_investors(Empty(), timeout=10))
+            await wait_until(lambda: arrived(len(many) + 1), what="the other call")
+            store.gate.set()
+            await asyncio.gather(*many, one)
+        finally:
+            greedy.close()
+            other.close()
+    # The other caller's list is read as soon as one of the greedy caller's is done.
+    assert store.reads.index("investors") == LIST_BUILDS

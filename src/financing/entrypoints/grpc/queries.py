@@ -6,7 +6,9 @@ database cannot be reached the answer is UNAVAILABLE with the reason; a bug
 is logged with its traceback and answered INTERNAL.
 
 A list reply is as large as its read model: the process reads and writes at most
-LIST_BUILDS of them at a time, holds at most LIST_REPLIES (built or being sent), and
+LIST_BUILDS of them at a time, holds at most LIST_REPLIES (built or being sent), at
+most LIST_CALLS_PER_CONNECTION of them for one connection (so that one caller's
+many calls, or its replies it does not read, do not hold up others' lists), and
 gives a caller REPLY_TIMEOUT to take its reply in. 100 calls of a list of 60,000
 invoices on one connection (an ordinary client, or one that never granted a window)
 kept the process busy for over a minute, every other caller's calls timed out, the
@@ -17,7 +19,9 @@ stayed for as long as the callers kept their connections.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from grpclib.const import Handler, Status
@@ -41,6 +45,8 @@ Row = TypeVar("Row")
 LIST_BUILDS = 2
 # List replies held at once, built or being sent; a call waits for its turn.
 LIST_REPLIES = 16
+# List calls of one connection past their turn at once (the others of it wait).
+LIST_CALLS_PER_CONNECTION = 2
 # Seconds a caller has to take its reply in once it is built.
 REPLY_TIMEOUT = 60.0
 
@@ -56,6 +62,7 @@ class QueriesService(pb.QueriesBase):
         self.calls = CallsInFlight()
         self._building = asyncio.Semaphore(LIST_BUILDS)
         self._holding = asyncio.Semaphore(LIST_REPLIES)
+        self._connections: dict[object, _Turns] = {}  # by peer address
 
     def __mapping__(self) -> dict[str, Handler]:
         lists: dict[str, Callable[[Stream[Any, Any]], Awaitable[None]]] = {
@@ -84,7 +91,7 @@ class QueriesService(pb.QueriesBase):
     ) -> Callable[[Stream[Any, Any]], Awaitable[None]]:
         async def answer(stream: Stream[Any, Any]) -> None:
             await stream.recv_message()  # Empty
-            async with self._holding:
+            async with self._turn(stream.peer.addr()), self._holding:
                 # The rows are let go before the reply is sent: a caller that reads it
                 # slowly holds only its bytes (about 100 a row), not the rows' objects
                 # (several times that), for as long as it takes.
@@ -101,6 +108,21 @@ class QueriesService(pb.QueriesBase):
 
         return answer
 
+    @contextlib.asynccontextmanager
+    async def _turn(self, connection: object) -> AsyncIterator[None]:
+        """One of the LIST_CALLS_PER_CONNECTION places of `connection`'s list calls."""
+        turns = self._connections.get(connection)
+        if turns is None:
+            turns = self._connections[connection] = _Turns()
+        turns.calls += 1
+        try:
+            async with turns.places:
+                yield
+        finally:
+            turns.calls -= 1
+            if not turns.calls:
+                del self._connections[connection]
+
     async def _read(self, what: str, rows: Callable[[], Awaitable[T]]) -> T:
         try:
             result = await rows()
@@ -116,3 +138,13 @@ class QueriesService(pb.QueriesBase):
         while self._failed:
             self._outages.succeeded(self._failed.pop())
         return result
+
+
+@dataclass
+class _Turns:
+    """The list calls of one connection: how many there are, and their places."""
+
+    calls: int = 0
+    places: asyncio.Semaphore = field(
+        default_factory=lambda: asyncio.Semaphore(LIST_CALLS_PER_CONNECTION)
+    )
