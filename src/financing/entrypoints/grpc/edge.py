@@ -317,7 +317,7 @@ class _Protocol(grpclib.protocol.H2Protocol):
         under its debug data (`why` for a quiet one)."""
         metrics.GRPC_CONNECTIONS_CLOSED.labels(debug.decode() or why).inc()
         if not quiet:
-            log.warning(f"gRPC connection closed: {why}")
+            _SENT_AWAY.warn(f"gRPC connection closed: {why}")
         try:
             self.connection._connection.close_connection(
                 ErrorCodes.NO_ERROR if quiet else ErrorCodes.ENHANCE_YOUR_CALM,
@@ -428,6 +428,33 @@ class _Connections:
         if self._full and len(self._open) <= self.limit * 3 // 4:
             self._full = False
             log.info("gRPC connections below their limit again", limit=self.limit)
+
+
+class _Warnings:
+    """A warning written at most once every `interval` seconds for each text, saying
+    how many like it were left out since: clients that connect again each time they are
+    sent away would otherwise write a line for every connection."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._next: dict[str, float] = {}
+        self._left_out: dict[str, int] = {}
+
+    def warn(self, text: str) -> None:
+        now = time.monotonic()
+        if now < self._next.get(text, 0.0):
+            self._left_out[text] = self._left_out.get(text, 0) + 1
+            return
+        self._next[text] = now + self._interval
+        left_out = self._left_out.pop(text, 0)
+        if left_out:
+            log.warning(text, more_since_the_last_line=left_out)
+        else:
+            log.warning(text)
+
+
+# The warnings of connections sent away, 10 s apart at most for each reason.
+_SENT_AWAY = _Warnings(10.0)
 
 
 class _Allowance:

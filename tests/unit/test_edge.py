@@ -1,9 +1,13 @@
 """The gRPC edge counts a connection's frames from their headers, however its bytes are
-cut by the reads (src/financing/entrypoints/grpc/edge.py)."""
+cut by the reads, and says so at a measured pace when it sends connections away
+(src/financing/entrypoints/grpc/edge.py)."""
 
 from __future__ import annotations
 
-from financing.entrypoints.grpc.edge import SMALL_WINDOW_UPDATE, _FrameCounter
+from structlog.testing import capture_logs
+
+from financing.entrypoints.grpc.edge import SMALL_WINDOW_UPDATE, _FrameCounter, _Warnings
+from tests.support.infra import wait_until
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -57,3 +61,26 @@ def test_the_counts_do_not_depend_on_where_the_reads_cut_the_bytes() -> None:
 
 def test_bytes_given_one_at_a_time_are_counted_as_whole_ones() -> None:
     assert counted(*(STREAM[i : i + 1] for i in range(len(STREAM))))[0::2] == (1, 1)
+
+
+async def test_a_warning_repeated_is_written_once_an_interval_saying_how_many_were_left_out() -> (
+    None
+):
+    """Regression: a client connecting again each time it was sent away wrote a warning
+    line for every connection, 13 a second."""
+    warnings = _Warnings(interval=0.2)
+    with capture_logs() as logs:
+        for _ in range(5):
+            warnings.warn("gRPC connection closed: it reset its calls too fast")
+        warnings.warn("gRPC connection closed: it sent frames that make no call too fast")
+        assert [line["event"] for line in logs] == [
+            "gRPC connection closed: it reset its calls too fast",
+            "gRPC connection closed: it sent frames that make no call too fast",
+        ]
+
+        async def written_again() -> bool:
+            warnings.warn("gRPC connection closed: it reset its calls too fast")
+            return len(logs) == 3
+
+        await wait_until(written_again, interval=0.05, what="the interval to pass")
+    assert logs[2]["more_since_the_last_line"] >= 4
