@@ -26,9 +26,9 @@ FRAMES = [
     frame(0x4, b"\x00\x03\x00\x00\x00\x64", stream_id=0),  # SETTINGS: makes no call
     frame(0x1, b"\x82" * 20, flags=0x4),  # HEADERS: a call
     frame(0x9, b"\x86" * 5),  # CONTINUATION: part of a call's headers
-    frame(0x0, b"\x00" * 300),  # DATA with something in it
-    frame(0x0),  # empty DATA that does not end its stream: makes no call
-    frame(0x0, flags=0x1),  # empty DATA that ends its stream
+    frame(0x0, b"\x00" * 2000),  # DATA with a request's bytes in it
+    frame(0x0),  # empty DATA: makes no call
+    frame(0x0, b"\x00", flags=0x1),  # a byte of DATA, even one that ends its stream
     SMALL_UPDATE,  # makes no call
     frame(0x8, SMALL_WINDOW_UPDATE.to_bytes(4, "big")),
     frame(0x3, b"\x00\x00\x00\x08"),  # RST_STREAM: a reset
@@ -47,7 +47,7 @@ def counted(*reads: bytes) -> tuple[int, int, int]:
 
 
 def test_frames_are_counted_by_what_they_do() -> None:
-    assert counted(STREAM) == (1, 6, 1)
+    assert counted(STREAM) == (1, 7, 1)
 
 
 def test_the_counts_do_not_depend_on_where_the_reads_cut_the_bytes() -> None:
@@ -55,7 +55,7 @@ def test_the_counts_do_not_depend_on_where_the_reads_cut_the_bytes() -> None:
     for cut in range(len(STREAM) + 1):
         # A WINDOW_UPDATE whose increment is cut by a read passes uncounted.
         cut_increment = small_update_payload <= cut < small_update_payload + 4
-        expected = (1, 5 if cut_increment else 6, 1)
+        expected = (1, 6 if cut_increment else 7, 1)
         assert counted(STREAM[:cut], STREAM[cut:]) == expected, cut
 
 

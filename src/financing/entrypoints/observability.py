@@ -18,6 +18,7 @@ import asyncpg
 from grpclib.const import Cardinality, Handler
 from grpclib.events import RecvRequest, SendTrailingMetadata, listen
 from grpclib.server import Server, Stream
+from h2.connection import ConnectionState
 from prometheus_client import REGISTRY
 from prometheus_client.exposition import choose_encoder
 
@@ -79,10 +80,15 @@ def _metered(handler: Handler) -> Handler:
             await func(stream)
         except asyncio.CancelledError:
             call = _call.get()
-            connection_closed = stream._stream._transport.is_closing()
-            if call is not None and (connection_closed or not stream._stream.closable):
+            # Closed, or ended by the service (sent away at the edge): no trailers will
+            # be sent.
+            connection_over = (
+                stream._stream._transport.is_closing()
+                or stream._stream._h2_connection.state_machine.state is ConnectionState.CLOSED
+            )
+            if call is not None and (connection_over or not stream._stream.closable):
                 call.caller_gone = True
-                if connection_closed:  # no trailers will be sent
+                if connection_over:
                     call.end("CANCELLED")
             raise
 

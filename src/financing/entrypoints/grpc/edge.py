@@ -14,10 +14,10 @@ to the whole process, and the answer that caller gets instead.
   only when it is ASCII (`commands.correlate`).
 - A connection that sends frames which make no call faster than it makes calls (PING,
   SETTINGS, PRIORITY, frames of types HTTP/2 does not define, a WINDOW_UPDATE of less
-  than SMALL_WINDOW_UPDATE bytes, a DATA frame with nothing in it that does not end
-  its stream) is sent GOAWAY ENHANCE_YOUR_CALM and closed, as gRPC's own servers do
-  with too many pings: one connection flooding any of them kept the process busy and
-  starved every other caller.
+  than SMALL_WINDOW_UPDATE bytes, a DATA frame of less than SMALL_DATA bytes) is sent
+  GOAWAY ENHANCE_YOUR_CALM and closed, as gRPC's own servers do with too many pings:
+  one connection flooding any of them kept the process busy and starved every other
+  caller.
 - A connection that resets the calls it opens faster than RESETS_PER_SECOND, after a
   burst of RESETS_BURST (nghttp2's defaults), is sent GOAWAY ENHANCE_YOUR_CALM and
   closed: the "rapid reset" of CVE-2023-44487, 14,000 calls opened and reset a second
@@ -74,7 +74,12 @@ PREFACE_TIMEOUT = 10.0
 # so many more for each call it makes (clients measure a busy connection with pings).
 CONTROL_FRAMES_BURST = 100
 CONTROL_FRAMES_PER_SECOND = 10.0
-CONTROL_FRAMES_PER_CALL = 2
+CONTROL_FRAMES_PER_CALL = 4
+# A DATA frame shorter than this counts among the frames that make no call: a call's
+# request comes in one or two of them, and its end in an empty one; a flood of them, a
+# byte or none each, costs the parser what a flood of PINGs does and grpclib 420 bytes
+# of memory each.
+SMALL_DATA = 1024
 # A WINDOW_UPDATE smaller than this makes no call: clients grant windows by the
 # kilobyte at least (half the window they keep, as a rule).
 SMALL_WINDOW_UPDATE = 1024
@@ -126,6 +131,10 @@ def connection_limit() -> int:
 
 
 class _Handler(grpclib.server.Handler):
+    """grpclib's calls of one connection, each let go as soon as it ends: grpclib kept an
+    ended call's task, and with it the stream and whatever its request had buffered
+    (27 MB for a request sent a byte a frame), until ten more calls came."""
+
     def accept(
         self,
         stream: grpclib.protocol.Stream,
@@ -133,7 +142,7 @@ class _Handler(grpclib.server.Handler):
         release_stream: Callable[[], Any],
     ) -> None:
         self.__gc_step__()
-        self._tasks[stream] = self.loop.create_task(
+        task = self.loop.create_task(
             _request(
                 self.mapping,
                 stream,
@@ -144,6 +153,13 @@ class _Handler(grpclib.server.Handler):
                 release_stream,
             )
         )
+        self._tasks[stream] = task
+        task.add_done_callback(lambda _: self._ended(stream))
+
+    def _ended(self, stream: grpclib.protocol.Stream) -> None:
+        task = self._tasks.pop(stream, None)
+        if task is not None:
+            self._cancelled.discard(task)
 
 
 async def _request(
@@ -242,7 +258,7 @@ class _Protocol(grpclib.protocol.H2Protocol):
     make no call or resets its calls too fast."""
 
     _silent: asyncio.TimerHandle | None = None
-    _gone: asyncio.TimerHandle | None = None  # sent away: what it sends is dropped
+    _gone: asyncio.Handle | None = None  # sent away: what it sends is dropped
     _refused = False  # closed as it came: beyond the server's connections
     connections: _Connections
 
@@ -251,6 +267,7 @@ class _Protocol(grpclib.protocol.H2Protocol):
         if not self.connections.admit(self):
             self._refused = True
             metrics.GRPC_CONNECTIONS_CLOSED.labels("refused").inc()
+            self.handler.close()  # so that the server lets it go
             transport.close()
             return
         super().connection_made(transport)
@@ -307,14 +324,16 @@ class _Protocol(grpclib.protocol.H2Protocol):
         self.connection.flush()
 
     def make_room(self) -> None:
-        """Closed, idle, for a new connection (GOAWAY NO_ERROR: connect again)."""
+        """Closed, idle, for a new connection (GOAWAY NO_ERROR: connect again), at once:
+        it sends nothing to be read first."""
         self._send_away("made_room", b"", quiet=True)
 
     def _send_away(self, why: str, debug: bytes, *, quiet: bool = False) -> None:
-        """GOAWAY, the end of what it is sent, and the connection closed LINGER later.
-        Closed at once, with its frames still arriving, the kernel would answer them
-        with a reset that can destroy the GOAWAY before its client reads why. Counted
-        under its debug data (`why` for a quiet one)."""
+        """GOAWAY, its calls ended, the end of what it is sent, and the connection
+        closed: LINGER later unless `quiet`. Closed at once, with its frames still
+        arriving, the kernel would answer them with a reset that can destroy the GOAWAY
+        before its client reads why. Counted under its debug data (`why` for a quiet
+        one)."""
         metrics.GRPC_CONNECTIONS_CLOSED.labels(debug.decode() or why).inc()
         if not quiet:
             _SENT_AWAY.warn(f"gRPC connection closed: {why}")
@@ -326,15 +345,21 @@ class _Protocol(grpclib.protocol.H2Protocol):
             self.connection.flush()
         except H2Error:
             pass  # the connection was closing already: nothing more to tell it
+        # Its calls are cancelled now: an answer could no longer be sent on it (and
+        # a call that tried would log the protocol's refusal as an error).
+        self.handler.close()
+        loop = asyncio.get_running_loop()
+        if quiet:
+            self._gone = loop.call_soon(self.processor.close, why)
+            return
         transport = self._transport
         if isinstance(transport, asyncio.WriteTransport) and transport.can_write_eof():
             transport.write_eof()
-        self._gone = asyncio.get_running_loop().call_later(LINGER, self.processor.close, why)
+        self._gone = loop.call_later(LINGER, self.processor.close, why)
 
 
 # Frame types (RFC 9113 section 6) and the flag that ends a stream.
 _DATA, _HEADERS, _RST_STREAM, _WINDOW_UPDATE, _CONTINUATION = 0x0, 0x1, 0x3, 0x8, 0x9
-_END_STREAM = 0x1
 _FRAME_HEADER = 9
 # The client's connection preface, before its first frame.
 _PREFACE = len(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
@@ -345,7 +370,7 @@ class _FrameCounter:
     (RFC 9113 section 4.1), as its bytes arrive: calls (HEADERS), resets (RST_STREAM),
     and frames that make no call (PING, SETTINGS, PRIORITY, GOAWAY, types HTTP/2 does
     not define, a WINDOW_UPDATE of less than SMALL_WINDOW_UPDATE bytes, a DATA frame
-    with nothing in it that does not end its stream). Counted from the bytes rather
+    of less than SMALL_DATA bytes). Counted from the bytes rather
     than from h2's events, for h2 says nothing of frames it drops (those of a stream it
     has reset), and a flood of them costs as much to parse."""
 
@@ -371,14 +396,14 @@ class _FrameCounter:
                 self._pending = data[at:]
                 break
             length = int.from_bytes(data[at : at + 3], "big")
-            kind, flags = data[at + 3], data[at + 4]
+            kind = data[at + 3]
             at += _FRAME_HEADER
             if kind == _HEADERS:
                 calls += 1
             elif kind == _RST_STREAM:
                 resets += 1
             elif kind == _DATA:
-                control += length == 0 and not flags & _END_STREAM
+                control += length < SMALL_DATA
             elif kind == _WINDOW_UPDATE:
                 # Its increment when it arrived whole; one cut by a read passes.
                 increment = data[at : at + 4] if length == 4 else b""
@@ -402,7 +427,11 @@ class _Connections:
         self._full = False
 
     def admit(self, new: _Protocol) -> bool:
-        """Whether `new` may be served, having closed the one idle longest if need be."""
+        """Whether `new` may be served, having closed the one idle longest if need be.
+
+        One closed to make room counts until it is gone (a moment, its socket's), so
+        that the descriptors held stay bounded however fast connections come: beyond a
+        quarter more than `limit`, a new one is refused until some are gone."""
         if len(self._open) >= self.limit:
             if not self._full:
                 self._full = True
@@ -411,10 +440,11 @@ class _Connections:
                     " longest, or is closed when every one has a call open",
                     limit=self.limit,
                 )
+            if len(self._open) >= self.limit + self.limit // 4:
+                return False
             idle = next((protocol for protocol in self._open if protocol.idle), None)
             if idle is None:
                 return False
-            self._open.pop(idle)
             idle.make_room()
         self._open[new] = None
         return True
@@ -470,8 +500,10 @@ class _Allowance:
         self._at = time.monotonic()
 
     def allows(self, spent: int, credit: float = 0.0) -> bool:
+        """Whether `spent` frames may come now, with `credit` for the calls that came
+        with them (one read can bring many calls and their frames together)."""
         now = time.monotonic()
-        self._left = min(self._burst, self._left + (now - self._at) * self._per_second + credit)
+        refilled = self._left + (now - self._at) * self._per_second
+        self._left = min(self._burst, refilled + credit - spent)
         self._at = now
-        self._left -= spent
         return self._left >= 0
