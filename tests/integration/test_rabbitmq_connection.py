@@ -4,6 +4,7 @@ and once when it is over, however many consumers and publishers notice it."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import suppress
@@ -266,4 +267,24 @@ async def test_a_virtual_host_refused_after_the_broker_accepted_the_service_is_a
         await wait_until(refused_as_an_outage, what="the reconnection refused as an outage")
     finally:
         await rabbitmq.grant_permissions(vhost.name)
+    await broker.close()
+
+
+async def test_a_connection_the_broker_refuses_is_closed_not_left_to_the_collector(
+    vhost: rabbitmq.Vhost,
+) -> None:
+    """Regression: aio-pika left a connection that failed to open to its finaliser, which
+    scheduled its close whenever the collector came by, and on a stopped loop warned that
+    the close was never awaited (the one warning of the whole suite)."""
+
+    def closes() -> set[asyncio.Task[Any]]:
+        gc.collect()  # a connection object left behind is finalised now
+        tasks = asyncio.all_tasks()
+        return {task for task in tasks if "Connection.close" in repr(task.get_coro())}
+
+    before = closes()  # those of what the tests before left
+    broker = Broker([vhost.url.rsplit("/", 1)[0] + "/" + unique_name("absent")], Outages())
+    with pytest.raises(Unavailable):
+        await broker.connection()
+    assert closes() - before == set()
     await broker.close()

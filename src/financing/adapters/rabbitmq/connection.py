@@ -137,6 +137,21 @@ def translated() -> Iterator[None]:
         raise Unavailable(BROKER, describe(error)) from error
 
 
+class _ClosedIfNotOpened(aio_pika.Connection):
+    """A connection that closes itself when it fails to open. aio-pika leaves that to
+    the connection's finaliser, which schedules the close on the loop whenever the
+    collector comes by (every refused attempt of an outage), and on a loop that has
+    stopped only warns that the close was never awaited."""
+
+    async def connect(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - aio-pika's signature
+        try:
+            await super().connect(timeout)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.close()
+            raise
+
+
 class Broker:
     """One connection to the first broker of `urls` that answers, reopened on demand."""
 
@@ -191,7 +206,11 @@ class Broker:
         failures: list[str] = []
         for url in self._urls:
             try:
-                connection = await aio_pika.connect(_with_heartbeat(url), timeout=CONNECT_TIMEOUT)
+                connection = await aio_pika.connect(
+                    _with_heartbeat(url),
+                    timeout=CONNECT_TIMEOUT,
+                    connection_class=_ClosedIfNotOpened,
+                )
             except aiormq.exceptions.ProbableAuthenticationError as error:
                 if not self._accepted_once:
                     raise Refused(BROKER, f"{describe_url(url)}: {describe(error)}") from error
