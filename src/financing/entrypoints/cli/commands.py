@@ -130,11 +130,19 @@ def _parsed(value: str, parse: Callable[[str], T], what: str) -> T:
         raise argparse.ArgumentTypeError(f"{value!r} is not {what}") from None
 
 
-def _version() -> str:
-    """The release and the schema versions it migrates its databases to: an operator
-    rolling releases out tells them apart by these (docs/deployment.md)."""
-    schemas = ", ".join(f"{name} schema {schema.latest(name)}" for name in schema.SCHEMAS)
-    return f"financing {release()} ({schemas})"
+class _Version(argparse.Action):
+    """`--version`: the release and the schema versions it migrates its databases to (an
+    operator rolling releases out tells them apart by these, docs/deployment.md), read
+    from the package's migrations only when asked for, not on every command line."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.setdefault("help", "show the release and its schema versions, then exit")
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        schemas = ", ".join(f"{name} schema {schema.latest(name)}" for name in schema.SCHEMAS)
+        print(f"financing {release()} ({schemas})")
+        parser.exit()
 
 
 class _Commands:
@@ -171,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="financing",
         description="Event-sourced invoice financing: issuers sell invoices, investors bid.",
     )
-    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--version", action=_Version)
     commands = _Commands(parser, "command")
     _add_serve(commands)
     _add_populate(commands)
