@@ -9,7 +9,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from financing.entrypoints.observability import MetricsEndpoint
+from financing.entrypoints.observability import (
+    REQUEST_HEAD_BYTES,
+    REQUEST_HEAD_TIMEOUT,
+    MetricsEndpoint,
+)
+from tests.support.infra import wait_until
 
 
 async def _ask(port: int, request: bytes) -> bytes:
@@ -111,3 +116,79 @@ async def test_a_scraper_gets_the_format_and_the_encoding_it_asks_for() -> None:
     assert open_metrics[1]["content-encoding"] == "gzip"
     body = gzip.decompress(open_metrics[2])
     assert body.endswith(b"# EOF\n") and b"# TYPE financing_" in body
+
+
+@pytest.mark.parametrize(
+    ("accept_encoding", "gzipped"),
+    [
+        ("gzip", True),
+        ("gzip, deflate, br", True),
+        ("GZIP;q=0.5", True),
+        ("*", True),
+        ("gzip;q=0, identity", False),
+        ("gzip; q=0.000", False),
+        ("*;q=0", False),
+        ("identity", False),
+        ("deflate, *;q=0", False),
+        ("gzip;q=0, *", False),
+    ],
+)
+async def test_gzip_is_given_only_to_a_scraper_that_takes_it(
+    accept_encoding: str, gzipped: bool
+) -> None:
+    """Regression: `gzip;q=0` (gzip refused, RFC 9110 section 12.5.3) was answered gzip."""
+    async with _endpoint() as port:
+        request = f"GET /metrics HTTP/1.1\r\nAccept-Encoding: {accept_encoding}\r\n\r\n"
+        _, headers, body = _parts(await _ask(port, request.encode()))
+    assert (headers.get("content-encoding") == "gzip") is gzipped
+    assert b"# TYPE financing_" in (gzip.decompress(body) if gzipped else body)
+
+
+async def test_a_request_head_beyond_its_bytes_is_refused() -> None:
+    """Regression: 100 headers of up to 64 KiB each were read and held, 6.4 MB for each
+    connection, for as long as it took to send the blank line (10 s)."""
+    header = b"X-Filler-%d: " + b"y" * 1000 + b"\r\n"
+    filler = b"".join(header % n for n in range(REQUEST_HEAD_BYTES // 1000 + 1))
+    some = b"".join(header % n for n in range(3))
+    async with _endpoint() as port:
+        status, _, _ = _parts(await _ask(port, b"GET /metrics HTTP/1.1\r\n" + filler + b"\r\n"))
+        small = _parts(await _ask(port, b"GET /health HTTP/1.1\r\n" + some + b"\r\n"))
+    assert status == "HTTP/1.1 431 Request Header Fields Too Large"
+    assert small[0] == "HTTP/1.1 200 OK"
+
+
+async def test_silent_connections_beyond_the_limit_make_room_and_health_is_answered() -> None:
+    """Regression: the endpoint held every connection that sent nothing for 10 s, however
+    many: a flood of them took the process's last file descriptors (no gRPC caller,
+    database session or broker connection could be opened), and /health went unanswered."""
+    endpoint = MetricsEndpoint(lambda: True)
+    await endpoint.start("127.0.0.1", 0)
+    assert endpoint._server is not None
+    port = endpoint._server.sockets[0].getsockname()[1]
+    limit = endpoint._connections.limit
+    flood: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        for _ in range(limit * 3):
+            flood.append(await asyncio.open_connection("127.0.0.1", port))
+
+        async def closed_by_the_server() -> bool:
+            gone = sum(reader.at_eof() for reader, _ in flood)
+            return gone >= limit * 2 and len(endpoint._connections) <= limit
+
+        for reader, _ in flood:  # each read sees the end of a connection closed to make room
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                await asyncio.wait_for(reader.read(1), 0.01)
+        # Closed as newer ones came, not when their time to send a request ran out.
+        await wait_until(
+            closed_by_the_server,
+            timeout=REQUEST_HEAD_TIMEOUT / 2,
+            what="the oldest silent connections closed",
+        )
+        status, _, body = _parts(await _ask(port, b"GET /health HTTP/1.1\r\n\r\n"))
+        assert (status, body) == ("HTTP/1.1 200 OK", b"healthy\n")
+        assert len(endpoint._connections) <= limit
+    finally:
+        for _, writer in flood:
+            writer.close()
+        endpoint.close()
+        await endpoint.wait_closed()

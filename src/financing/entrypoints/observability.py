@@ -22,6 +22,7 @@ from h2.connection import ConnectionState
 from prometheus_client import REGISTRY
 from prometheus_client.exposition import choose_encoder
 
+from financing.entrypoints.connections import Connections, descriptor_share
 from financing.entrypoints.grpc.codec import Servable
 from financing.metrics import GRPC_HANDLED, GRPC_HANDLING, GRPC_STARTED, POOL_CONNECTIONS
 
@@ -130,16 +131,39 @@ def observe_pool(pool: asyncpg.Pool, database: str) -> None:
     POOL_CONNECTIONS.labels(database, "max").set_function(pool.get_max_size)
 
 
+# The connections the metrics endpoint holds at most: a sixteenth of the process's file
+# descriptors, between these. A scraper or a health check asks one question a connection
+# and is answered at once; each silent connection held a descriptor for its 10 s, and a
+# flood of them took every descriptor of the process (no gRPC caller, database session or
+# broker connection could be opened).
+METRICS_CONNECTIONS_LEAST = 4
+METRICS_CONNECTIONS_MOST = 64
+# Seconds a connection has to send its request's head (its line and headers), and the
+# bytes that head may hold: a scraper's is a few hundred. 100 headers of 64 KiB each held
+# 6.4 MB a connection.
+REQUEST_HEAD_TIMEOUT = 10.0
+REQUEST_HEAD_BYTES = 16 * 1024
+
+
 class MetricsEndpoint:
     """`/metrics` (Prometheus text format) and `/health` (200 while `healthy()`, else 503)
-    over HTTP; started and closed like the gRPC servers."""
+    over HTTP, one request a connection; started and closed like the gRPC servers.
+
+    It holds at most `Connections.limit` connections: a new one beyond them closes the one
+    that has waited longest for its request, as the gRPC servers close their idle ones."""
 
     def __init__(self, healthy: Callable[[], bool]) -> None:
         self._healthy = healthy
         self._server: asyncio.Server | None = None
+        self._connections: Connections[_Exchange] = Connections(
+            "metrics endpoint",
+            descriptor_share(16, least=METRICS_CONNECTIONS_LEAST, most=METRICS_CONNECTIONS_MOST),
+        )
 
     async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._answer, host, port)
+        self._server = await asyncio.start_server(
+            self._answer, host, port, limit=REQUEST_HEAD_BYTES
+        )
 
     def close(self) -> None:
         if self._server is not None:
@@ -150,18 +174,26 @@ class MetricsEndpoint:
             await self._server.wait_closed()
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        exchange = _Exchange(writer)
+        if not self._connections.admit(exchange):
+            writer.transport.abort()
+            return
         try:
             try:
-                async with asyncio.timeout(10):
-                    request = await reader.readline()
-                    headers: dict[str, str] = {}
-                    while (line := (await reader.readline()).strip()) and len(headers) < 100:
-                        name, _, value = line.decode("latin-1").partition(":")
-                        headers[name.strip().lower()] = value.strip()
-            except ValueError:  # a line longer than the reader's limit (64 KiB)
+                async with asyncio.timeout(REQUEST_HEAD_TIMEOUT):
+                    request, headers = await _request_head(reader)
+            except ValueError:  # a line longer than the reader's limit
                 answer = _Answer("400 Bad Request", body=b"line too long\n")
+            except _HeadTooLarge:
+                answer = _Answer(
+                    "431 Request Header Fields Too Large",
+                    body=b"a request's head may hold %d bytes\n" % REQUEST_HEAD_BYTES,
+                )
             else:
                 answer = _answer(request, headers, self._healthy)
+            if writer.transport.is_closing():
+                return  # closed to make room for a newer connection
+            exchange.idle = False
             writer.write(answer.encode())
             await writer.drain()
         except (OSError, TimeoutError):
@@ -170,6 +202,37 @@ class MetricsEndpoint:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+            self._connections.left(exchange)
+
+
+@dataclass(eq=False)
+class _Exchange:
+    """One connection of the metrics endpoint: idle until its request has been read."""
+
+    writer: asyncio.StreamWriter
+    idle: bool = True
+
+    def make_room(self) -> None:
+        self.writer.transport.abort()
+
+
+class _HeadTooLarge(Exception):
+    """A request's head longer than REQUEST_HEAD_BYTES."""
+
+
+async def _request_head(reader: asyncio.StreamReader) -> tuple[bytes, dict[str, str]]:
+    """The request line and the headers (names lowercased, the first 100) of a request."""
+    request = await reader.readline()
+    size = len(request)
+    headers: dict[str, str] = {}
+    while line := (await reader.readline()).strip():
+        size += len(line)
+        if size > REQUEST_HEAD_BYTES:
+            raise _HeadTooLarge
+        if len(headers) < 100:
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+    return request, headers
 
 
 @dataclass(frozen=True)
@@ -210,7 +273,7 @@ def _answer(request: bytes, headers: dict[str, str], healthy: Callable[[], bool]
         encoder, content_type = choose_encoder(headers.get("accept", ""))
         body = encoder(REGISTRY)
         extra: tuple[tuple[str, str], ...] = ()
-        if "gzip" in headers.get("accept-encoding", ""):
+        if _accepts_gzip(headers.get("accept-encoding", "")):
             body, extra = gzip.compress(body), (("Content-Encoding", "gzip"),)
         answer = _Answer("200 OK", content_type, body, extra)
     elif path == "/health":
@@ -221,3 +284,22 @@ def _answer(request: bytes, headers: dict[str, str], healthy: Callable[[], bool]
     else:
         answer = _Answer("404 Not Found", body=b"not found: /metrics and /health are served\n")
     return dataclasses.replace(answer, head_only=method == "HEAD")
+
+
+def _accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an Accept-Encoding header takes gzip: named with a weight above 0, or not
+    named and `*` is (RFC 9110 section 12.5.3; `gzip;q=0` refuses it)."""
+    weights: dict[str, float] = {}
+    for item in accept_encoding.split(","):
+        coding, *parameters = (part.strip() for part in item.split(";"))
+        weight = 1.0
+        for parameter in parameters:
+            name, _, value = parameter.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+        weights.setdefault(coding.lower(), weight)
+    weight = weights.get("gzip", weights.get("x-gzip", weights.get("*", 0.0)))
+    return weight > 0

@@ -44,9 +44,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import resource
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -62,6 +60,7 @@ from h2.events import RemoteSettingsChanged
 from h2.exceptions import H2Error, ProtocolError
 
 from financing import metrics
+from financing.entrypoints.connections import Connections, descriptor_share
 from financing.logging import get_logger
 
 log = get_logger(__name__)
@@ -108,7 +107,7 @@ class GrpcServer(grpclib.server.Server):
             normalize_inbound_headers=False,
             normalize_outbound_headers=False,
         )
-        self._edge_connections = _Connections(connection_limit())
+        self._edge_connections: Connections[_Protocol] = Connections("gRPC", connection_limit())
 
     def _protocol_factory(self) -> grpclib.protocol.H2Protocol:
         self.__gc_step__()
@@ -123,11 +122,9 @@ class GrpcServer(grpclib.server.Server):
 
 def connection_limit() -> int:
     """The connections a server holds at most: a quarter of the file descriptors the
-    process may open, the rest left to the other server, the databases, the broker."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return MAX_CONNECTIONS
-    return max(MIN_CONNECTIONS, min(MAX_CONNECTIONS, soft // 4))
+    process may open, the rest left to the other server, the metrics endpoint, the
+    databases, the broker."""
+    return descriptor_share(4, least=MIN_CONNECTIONS, most=MAX_CONNECTIONS)
 
 
 class _Handler(grpclib.server.Handler):
@@ -260,7 +257,7 @@ class _Protocol(grpclib.protocol.H2Protocol):
     _silent: asyncio.TimerHandle | None = None
     _gone: asyncio.Handle | None = None  # sent away: what it sends is dropped
     _refused = False  # closed as it came: beyond the server's connections
-    connections: _Connections
+    connections: Connections[_Protocol]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
@@ -413,51 +410,6 @@ class _FrameCounter:
                 control += 1
             self._skip = length
         return calls, control, resets
-
-
-class _Connections:
-    """The connections of one server, the one active last at the end: at most `limit`.
-
-    Its being full is logged once, with the limit, and its having room again once it
-    is three quarters full or less."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._open: OrderedDict[_Protocol, None] = OrderedDict()
-        self._full = False
-
-    def admit(self, new: _Protocol) -> bool:
-        """Whether `new` may be served, having closed the one idle longest if need be.
-
-        One closed to make room counts until it is gone (a moment, its socket's), so
-        that the descriptors held stay bounded however fast connections come: beyond a
-        quarter more than `limit`, a new one is refused until some are gone."""
-        if len(self._open) >= self.limit:
-            if not self._full:
-                self._full = True
-                log.warning(
-                    "gRPC connections at their limit: a new one closes the one idle"
-                    " longest, or is closed when every one has a call open",
-                    limit=self.limit,
-                )
-            if len(self._open) >= self.limit + self.limit // 4:
-                return False
-            idle = next((protocol for protocol in self._open if protocol.idle), None)
-            if idle is None:
-                return False
-            idle.make_room()
-        self._open[new] = None
-        return True
-
-    def active(self, protocol: _Protocol) -> None:
-        if protocol in self._open:
-            self._open.move_to_end(protocol)
-
-    def left(self, protocol: _Protocol) -> None:
-        self._open.pop(protocol, None)
-        if self._full and len(self._open) <= self.limit * 3 // 4:
-            self._full = False
-            log.info("gRPC connections below their limit again", limit=self.limit)
 
 
 class _Warnings:

@@ -1,0 +1,87 @@
+"""The connections a listening server holds: at most a share of the process's file
+descriptors, so that no one server's callers can take the descriptors the others, the
+databases and the broker need."""
+
+from __future__ import annotations
+
+import resource
+from collections import OrderedDict
+from typing import Generic, Protocol, TypeVar
+
+from financing.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class Held(Protocol):
+    """One connection as its server's `Connections` sees it."""
+
+    @property
+    def idle(self) -> bool:
+        """Whether closing it now would cut nothing short (no call open, no answer
+        being written)."""
+        ...
+
+    def make_room(self) -> None:
+        """Close it, at once, for a new connection."""
+        ...
+
+
+H = TypeVar("H", bound=Held)
+
+
+def descriptor_share(part: int, *, least: int, most: int) -> int:
+    """`1/part` of the file descriptors the process may open, between `least` and `most`."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return most
+    return max(least, min(most, soft // part))
+
+
+class Connections(Generic[H]):
+    """The connections of one server, the one active last at the end: at most `limit`.
+
+    A new one beyond `limit` closes the one idle longest, or is refused when none is
+    idle. One closed to make room counts until it is gone (a moment, its socket's), so
+    that the descriptors held stay bounded however fast connections come: beyond a
+    quarter more than `limit`, a new one is refused until some are gone. Being full is
+    logged once, with the limit, and having room again once it is three quarters full
+    or less."""
+
+    def __init__(self, kind: str, limit: int) -> None:
+        self.kind = kind  # what the log lines call them: "gRPC", "metrics endpoint"
+        self.limit = limit
+        self._open: OrderedDict[H, None] = OrderedDict()
+        self._full = False
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def admit(self, new: H) -> bool:
+        """Whether `new` may be served, having closed the one idle longest if need be."""
+        if len(self._open) >= self.limit:
+            if not self._full:
+                self._full = True
+                log.warning(
+                    f"{self.kind} connections at their limit: a new one closes the one"
+                    " idle longest, or is closed when none is idle",
+                    limit=self.limit,
+                )
+            if len(self._open) >= self.limit + self.limit // 4:
+                return False
+            idle = next((held for held in self._open if held.idle), None)
+            if idle is None:
+                return False
+            idle.make_room()
+        self._open[new] = None
+        return True
+
+    def active(self, held: H) -> None:
+        if held in self._open:
+            self._open.move_to_end(held)
+
+    def left(self, held: H) -> None:
+        self._open.pop(held, None)
+        if self._full and len(self._open) <= self.limit * 3 // 4:
+            self._full = False
+            log.info(f"{self.kind} connections below their limit again", limit=self.limit)
