@@ -212,6 +212,22 @@ class Financing:
             balance=ex.money(balance),
         )
 
+    async def reverse_financed(self, financed: FinancedInvoice) -> None:
+        """Scenario 9 up to its events: the financing reversed, the price released to the
+        investor."""
+        since = self.events.mark()
+        await self.reverse(financed.invoice_id)
+        await ex.expect_events(
+            self.events,
+            [
+                ex.invoice_reversed(
+                    financed.invoice_id, financed.asking_price, financed.investor_id, financed.bid
+                ),
+                ex.investor_funds_released(financed.investor_id, financed.asking_price),
+            ],
+            since=since,
+        )
+
     # -- Dead letters -----------------------------------------------------------------------
 
     async def dead_letter(

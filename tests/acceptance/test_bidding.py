@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
+from financing.generated import BidOnInvoiceCommand, Uuid
 from tests.acceptance import expected as ex
-from tests.acceptance.driver import Financing, eventually_equal, new_id
+from tests.acceptance.bus import Observed
+from tests.acceptance.driver import Financing, eventually_equal, grpc_money, new_id
 from tests.acceptance.expected import money
+from tests.acceptance.system import System
+from tests.acceptance.test_operability import scrape_every_process
+from tests.support import infra
+from tests.support.metrics import value
 
 pytestmark = pytest.mark.acceptance
 
@@ -189,3 +197,43 @@ async def test_a_bid_on_an_issuers_id_is_refused_and_reserves_nothing(
     )
     assert f"{issuer_id} is the id of an Issuer" in (letter.reason or ""), letter.reason
     assert financing.events.concerning([str(investor_id), str(issuer_id)], since) == []
+
+
+async def test_a_refused_bid_retried_with_its_key_once_funds_are_back_stays_refused(
+    financing: Financing, system: System
+) -> None:
+    """Regression: a refusal was not recorded, so a client's retry under the same
+    idempotency key was judged again: dead-lettered a second time, or, once the investor's
+    funds were back, placed, while the first copy's dead letter said it was refused."""
+    financed = await financing.finance_invoice(asking_price=10, bid=10, balance=10)
+    investor_id = financed.investor_id
+    other, _ = await financing.put_invoice_on_sale(5)
+    letters_since = financing.dead_letters.mark()
+    request = BidOnInvoiceCommand(
+        investor_id=Uuid(str(investor_id)), invoice_id=Uuid(str(other)), bid=grpc_money(5)
+    )
+    key = {"idempotency-key": f"bid-{new_id()}"}
+    await financing.commands.bid_on_invoice(request, metadata=key)
+
+    def of_the_bid(letter: Observed) -> bool:
+        return isinstance(letter.data, dict) and letter.data.get("InvoiceID") == str(other)
+
+    [letter] = await financing.dead_letters.wait_for(of_the_bid, since=letters_since)
+    assert "balance 0 is less than the bid 5" in (letter.reason or ""), letter.reason
+    await financing.reverse_financed(financed)  # the investor's 10 come back
+    since = financing.events.mark()
+
+    def duplicates() -> float:
+        samples = scrape_every_process(system)
+        return value(samples, "financing_messages_total", queue="BidOnInvoice", outcome="duplicate")
+
+    before = await asyncio.to_thread(duplicates)
+    await financing.commands.bid_on_invoice(request, metadata=key)
+
+    async def dropped() -> bool:
+        return await asyncio.to_thread(duplicates) >= before + 1
+
+    await infra.wait_until(dropped, timeout=30, interval=0.2, what="the retry dropped")
+    assert financing.events.concerning([str(other)], since) == []
+    assert financing.events.select(of_the_bid, since) == []  # no BidOnInvoicePlacedEvent
+    assert len(financing.dead_letters.select(of_the_bid, letters_since)) == 1

@@ -8,7 +8,6 @@ import pytest
 from aio_pika.abc import AbstractChannel
 
 from financing.adapters.rabbitmq.topology import REFERENCE_PROJECTOR_QUEUE
-from tests.acceptance import expected as ex
 from tests.acceptance.bus import EVENTS_EXCHANGE
 from tests.acceptance.driver import Financing, financing_for
 from tests.acceptance.system import System, local_system
@@ -51,18 +50,7 @@ async def declare_reference_queues(channel: AbstractChannel) -> None:
 async def finance_and_reverse(financing: Financing) -> None:
     """A whole saga, financed then reversed, awaited on the bus."""
     financed = await financing.finance_invoice(asking_price=10, bid=20)
-    since = financing.events.mark()
-
-    await financing.reverse(financed.invoice_id)
-
-    await ex.expect_events(
-        financing.events,
-        [
-            ex.invoice_reversed(financed.invoice_id, 10, financed.investor_id, 20),
-            ex.investor_funds_released(financed.investor_id, 10),
-        ],
-        since=since,
-    )
+    await financing.reverse_financed(financed)
 
 
 async def waiting_in(system: System, name: str) -> int | None:

@@ -127,6 +127,40 @@ async def test_a_requeued_message_that_still_fails_is_dead_lettered_again_with_i
     assert target.service.running
 
 
+async def test_a_refused_bid_requeued_once_funds_are_back_is_judged_again_and_placed(
+    operated_target: tuple[Deployment, Observer],
+) -> None:
+    """A refusal is recorded, so that a copy is not judged again; a copy an operator
+    requeues is."""
+    target, observer = operated_target
+    async with driving(target, observer) as financing:
+        financed = await financing.finance_invoice(asking_price=10, bid=10, balance=10)
+        investor_id = financed.investor_id
+        other, _ = await financing.put_invoice_on_sale(5)
+        await financing.bid(investor_id, other, 5)
+
+        async def refused() -> bool:
+            listed = await cli(target, "dead-letters", "list", "--aggregate", str(other))
+            return "balance 0 is less than the bid 5" in listed.stdout
+
+        await infra.wait_until(refused, timeout=DEAD_LETTER_WITHIN, what="the bid refused")
+        await financing.reverse_financed(financed)
+        since = financing.events.mark()
+
+        requeued = await cli(target, "dead-letters", "requeue", "--aggregate", str(other))
+
+        assert "requeued 1 dead letter(s)" in requeued.stdout, requeued.describe()
+        await ex.expect_events(
+            financing.events,
+            [
+                ex.bid_on_invoice_placed(investor_id, other, 5),
+                ex.invoice_financed(other, 5, investor_id, 5),
+            ],
+            since=since,
+        )
+    assert target.service.running
+
+
 def _letters(stdout: str) -> list[list[str]]:
     """The listing's blocks: a heading line, then its `reason:` and `body:` lines."""
     blocks: list[list[str]] = []

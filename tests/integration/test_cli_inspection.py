@@ -189,7 +189,7 @@ async def test_trace_of_a_bid_saga_shows_each_step_applied_under_the_message_cau
     )
     headings = [lines[i] for i in steps[::2]]
     assert [depth(line) for line in headings] == [0, 3, 6, 9], "\n".join(lines)
-    assert lines[-1] == "3 applied, 0 changed nothing, 0 dead-lettered, 0 deferred"
+    assert lines[-1] == "3 applied, 0 changed nothing, 0 refused, 0 dead-lettered, 0 deferred"
 
 
 async def test_trace_says_which_step_changed_nothing_and_by_which_rule(
@@ -208,7 +208,7 @@ async def test_trace_says_which_step_changed_nothing_and_by_which_rule(
         "changed nothing at financing_releases_excess_bid:"
         f" Investor {investor}: releasing 0 is not a positive amount",
     )
-    assert lines[-1] == "2 applied, 1 changed nothing, 0 dead-lettered, 0 deferred"
+    assert lines[-1] == "2 applied, 1 changed nothing, 0 refused, 0 dead-lettered, 0 deferred"
 
 
 async def test_trace_of_a_bid_over_the_investors_balance_shows_it_dead_lettered_with_the_rule(
@@ -223,10 +223,11 @@ async def test_trace_of_a_bid_over_the_investors_balance_shows_it_dead_lettered_
     in_order(
         lines,
         "BidOnInvoice  command ",
+        f"refused by bid_on_invoice: investor {investor}: balance 100 is less than the bid 500",
         f"dead-lettered from BidOnInvoice: RuleViolation: investor {investor}:"
         " balance 100 is less than the bid 500",
     )
-    assert lines[-1] == "0 applied, 0 changed nothing, 1 dead-lettered, 0 deferred"
+    assert lines[-1] == "0 applied, 0 changed nothing, 1 refused, 1 dead-lettered, 0 deferred"
 
 
 async def test_trace_of_a_sale_by_an_unregistered_issuer_shows_it_dead_lettered_after_retries(
@@ -280,7 +281,7 @@ async def test_trace_of_a_command_deferred_to_wait_for_its_aggregate_shows_it_wa
         "SellInvoice  command sale-1",
         "deferred from SellInvoice: waiting for an aggregate it names",
     )
-    assert lines[-1] == "0 applied, 0 changed nothing, 0 dead-lettered, 1 deferred"
+    assert lines[-1] == "0 applied, 0 changed nothing, 0 refused, 0 dead-lettered, 1 deferred"
     assert await list_deferred(operated.broker) != []  # browsed, not taken
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from typing import Any
@@ -38,6 +39,7 @@ from financing.application.pipeline import (
     selected,
 )
 from financing.application.ports import (
+    REFUSED,
     Cause,
     EventStore,
     Processed,
@@ -45,7 +47,7 @@ from financing.application.ports import (
     body_digest,
     event_message_id,
 )
-from financing.domain.aggregates import Investor, Invoice
+from financing.domain.aggregates import Investor, Invoice, RuleViolation
 from financing.domain.events import (
     Bid,
     BidOnInvoicePlacedEvent,
@@ -272,6 +274,24 @@ class EventStoreContract:
         with pytest.raises(AlreadyProcessed):
             async with store.unit_of_work() as uow:
                 await uow.record("projector", "m-1")
+
+    async def test_forgetting_a_refusal_removes_that_record_and_no_other(
+        self, store: EventStore
+    ) -> None:
+        refused = Processed("BidOnInvoice", REFUSED, "balance 0 is less than the bid 5")
+        async with store.unit_of_work() as uow:
+            await uow.record("bids", "refused-1", refused)
+            await uow.record("bids", "applied-1")
+            await uow.record("other", "refused-1", refused)
+
+        await store.forget_refusal("bids", "refused-1")
+        await store.forget_refusal("bids", "applied-1")  # not a refusal: kept
+
+        async with store.unit_of_work() as uow:
+            assert await uow.recorded("bids", "refused-1") is None
+            assert await uow.recorded("bids", "applied-1") is not None
+            assert await uow.recorded("other", "refused-1") == refused
+            await uow.record("bids", "refused-1")  # judged again, it can be recorded again
 
     async def test_a_copy_of_a_processed_message_appends_nothing(self, store: EventStore) -> None:
         investor_id = uuid4()
@@ -851,6 +871,27 @@ class TestPostgresEventStore(EventStoreContract):
         assert await processed_messages(pool) == [
             ("create_issuer", first, "CreateIssuer", first, "processed", None, 1),
             ("create_issuer", again, "CreateIssuer", again, "unchanged", outcome.detail, 0),
+        ]
+
+    async def test_a_delivered_command_a_rule_refused_is_recorded_refused_and_why(
+        self, pool: asyncpg.Pool
+    ) -> None:
+        await _truncate(pool)
+        store = PostgresEventStore(pool)
+        step = selected(frozenset({"CreateInvestor"}), OutcomeKind.DEAD_LETTERED)(
+            decoded(exactly_once(store, "create_investor", handlers.create_investor))
+        )
+        message_id = str(uuid4())
+        command = CreateInvestor(uuid4(), Decimal("-1"))
+
+        rule = f"investor {command.id}: initial balance must be >= 0, got -1"
+        with pytest.raises(RuleViolation, match=re.escape(rule)):  # to be dead-lettered
+            await step(MemoryDelivery(envelope_of(command, message_id)))
+        again = await step(MemoryDelivery(envelope_of(command, message_id)))
+
+        assert again.kind is OutcomeKind.DUPLICATE
+        assert await processed_messages(pool) == [
+            ("create_investor", message_id, "CreateInvestor", message_id, "refused", rule, 0),
         ]
 
 

@@ -33,10 +33,10 @@ from financing.application.pipeline import (
     compose,
     exactly_once,
 )
-from financing.application.ports import Envelope, UnitOfWork
+from financing.application.ports import REQUEUED_AT_HEADER, Envelope, UnitOfWork
 from financing.application.retry import Backoff, Limit, Outages, RetryPolicy
 from financing.domain import events as ev
-from financing.domain.aggregates import Issuer
+from financing.domain.aggregates import Investor, Issuer
 from tests.unit.bus import InMemoryBus, MemoryDelivery, envelope_of
 
 D = Decimal
@@ -459,6 +459,82 @@ async def test_a_copy_is_a_duplicate_where_the_record_keeps_no_digest() -> None:
     store.outcomes[key] = replace(store.outcomes[key], digest="")
     outcome = await step(delivery(CreateInvestor(uuid4(), D("250")), message_id))
     assert outcome.kind is OutcomeKind.DUPLICATE
+
+
+async def _refused_bid(store: InMemoryEventStore) -> tuple[Step, BidOnInvoice, UUID, str]:
+    """A bid refused for want of funds, then those funds released: judged again, it would
+    be placed. The bid's step, the bid, its message id and the refusal's reason."""
+    investor_id, issuer_id, first, second = uuid4(), uuid4(), uuid4(), uuid4()
+    for name, handler, message in [
+        ("CreateInvestor", handlers.create_investor, CreateInvestor(investor_id, D("10"))),
+        ("CreateIssuer", handlers.create_issuer, CreateIssuer(issuer_id)),
+        ("SellInvoice", handlers.sell_invoice, SellInvoice(first, issuer_id, D("50"))),
+        ("SellInvoice", handlers.sell_invoice, SellInvoice(second, issuer_id, D("50"))),
+    ]:
+        await store_step(store, name, handler)(delivery(message))
+    step = store_step(store, "BidOnInvoice", handlers.bid_on_invoice)
+    assert await step(delivery(BidOnInvoice(investor_id, first, D("10")))) == Outcome.processed(1)
+    bid, message_id = BidOnInvoice(investor_id, second, D("5")), uuid4()
+    refused = await step(delivery(bid, message_id))
+    assert refused.kind is OutcomeKind.DEAD_LETTERED
+    assert "balance 0 is less than the bid 5" in refused.detail
+    async with store.unit_of_work() as uow:  # the first bid lost: its funds released
+        investor = await uow.load(Investor, investor_id)
+        investor.release_funds(D("10"))
+        await uow.save(investor)
+    return step, bid, message_id, refused.detail
+
+
+def _placed(store: InMemoryEventStore, bid: BidOnInvoice) -> int:
+    return sum(
+        stored.name == "BidOnInvoicePlacedEvent" and str(bid.invoice_id) in stored.body
+        for stored in store.events
+    )
+
+
+async def test_a_copy_of_a_refused_message_is_a_duplicate_not_judged_again() -> None:
+    """Regression: a refusal was not recorded, so a client's retry under the same
+    idempotency key was judged again: dead-lettered twice, or placed once the funds were
+    back, its first copy's dead letter saying it was refused."""
+    store = InMemoryEventStore()
+    step, bid, message_id, _ = await _refused_bid(store)
+    record = store.outcomes[("bid_on_invoice", str(message_id))]
+    assert (record.outcome, record.events) == ("refused", 0)
+    again = await step(delivery(bid, message_id))
+    assert again.kind is OutcomeKind.DUPLICATE
+    assert _placed(store, bid) == 0
+
+
+async def test_a_redelivered_refused_message_is_dead_lettered_again_with_its_rule() -> None:
+    """The delivery that refused it may have ended before its dead letter was kept: the
+    broker's copy is dead-lettered (nothing lost), for the rule recorded, not judged again."""
+    store = InMemoryEventStore()
+    step, bid, message_id, reason = await _refused_bid(store)
+    redelivered = replace(envelope_of(bid, message_id), redelivered=True)
+    again = await step(MemoryDelivery(redelivered, source="test_queue"))
+    assert again == Outcome.dead_letter(reason)
+    assert _placed(store, bid) == 0
+
+
+async def test_a_refused_message_requeued_by_an_operator_is_judged_again() -> None:
+    store = InMemoryEventStore()
+    step, bid, message_id, _ = await _refused_bid(store)
+    envelope = envelope_of(bid, message_id)
+    requeued = replace(envelope, headers={**envelope.headers, REQUEUED_AT_HEADER: "now"})
+    assert await step(MemoryDelivery(requeued, source="test_queue")) == Outcome.processed(1)
+    assert _placed(store, bid) == 1
+    assert store.outcomes[("bid_on_invoice", str(message_id))].outcome == "processed"
+    assert (await step(MemoryDelivery(requeued, source="test_queue"))).kind is (
+        OutcomeKind.DUPLICATE
+    )
+
+
+async def test_a_message_waiting_for_its_aggregate_is_not_recorded_as_refused() -> None:
+    store = InMemoryEventStore()
+    step = store_step(store, "BidOnInvoice", handlers.bid_on_invoice)
+    outcome = await step(delivery(BidOnInvoice(uuid4(), uuid4(), D("5"))))
+    assert outcome.kind is OutcomeKind.DEFERRED
+    assert store.outcomes == {} and store.processed == set()
 
 
 async def test_the_same_message_for_two_consumers_is_processed_by_each() -> None:

@@ -154,4 +154,4 @@ def test_the_rendering_draws_the_tree_and_says_what_became_of_each_message() -> 
     )
     assert lines[4] == '      │ {"Amount":5}'
     assert "changed nothing at p: why" in lines[-2]
-    assert lines[-1] == "3 applied, 1 changed nothing, 0 dead-lettered, 0 deferred"
+    assert lines[-1] == "3 applied, 1 changed nothing, 0 refused, 0 dead-lettered, 0 deferred"

@@ -9,7 +9,15 @@ from uuid import UUID
 from financing.application import codec
 from financing.application.errors import AlreadyProcessed, ConcurrencyConflict, ReadAfterWrite
 from financing.application.messages import Command
-from financing.application.ports import PROCESSED, A, B, Cause, Processed, StoredEvent
+from financing.application.ports import (
+    PROCESSED,
+    REFUSED,
+    A,
+    B,
+    Cause,
+    Processed,
+    StoredEvent,
+)
 from financing.domain.aggregates import Aggregate
 
 
@@ -97,6 +105,12 @@ class InMemoryEventStore:
 
     async def stream(self, aggregate_id: UUID) -> list[StoredEvent]:
         return [e for e in self.events if e.aggregate_id == aggregate_id]
+
+    async def forget_refusal(self, consumer: str, message_id: str) -> None:
+        key = (consumer, message_id)
+        if key in self.outcomes and self.outcomes[key].outcome == REFUSED:
+            del self.outcomes[key]
+            self.processed.discard(key)
 
     async def read_all(
         self, batch_size: int = 500, after: StoredEvent | None = None

@@ -37,6 +37,7 @@ from financing.application.messages import Message
 from financing.application.ports import (
     AGGREGATE_VERSION_HEADER,
     RECORDED_AT_HEADER,
+    REFUSED,
     Cause,
     CommandSender,
     Envelope,
@@ -262,6 +263,15 @@ def exactly_once(store: EventStore, consumer: str, handler: StoreHandler) -> Han
     with the id the event store derives for it (`relayed_from_the_store`). The record
     keeps the body's digest too: a different message that reuses a processed id is
     dead-lettered (`ReusedMessageId`), not dropped unseen as a copy.
+
+    A message a rule refuses is recorded as refused (REFUSED, with the rule), then
+    dead-lettered: it is judged once, as an applied one is. A copy of it is not judged
+    again against the state of its moment (refused for another reason, or applied after
+    it was dead-lettered as refused): a copy the broker redelivers (the delivery that
+    refused it may have ended before its dead letter was kept) is dead-lettered again
+    with the recorded rule, and any other copy (a client's retry under the same
+    idempotency key) is a duplicate. One an operator requeued from the dead letters
+    (`Envelope.requeued`) is judged again.
     """
 
     async def run(decoded: Decoded) -> Outcome:
@@ -272,26 +282,40 @@ def exactly_once(store: EventStore, consumer: str, handler: StoreHandler) -> Han
         try:
             return await once(decoded, digest)
         except AlreadyProcessed:
-            return await copy(envelope, digest, or_raise=None)
-        except RuleViolation as violation:
-            # A copy of a message already processed reads its effects (funds already
-            # released) and may break a rule before it gets to record anything: that
-            # is a duplicate, not a broken rule.
-            return await copy(envelope, digest, or_raise=violation)
-
-    async def copy(envelope: Envelope, digest: str, or_raise: Exception | None) -> Outcome:
-        """DUPLICATE if `consumer` processed this very message before. A message that
-        reuses the id of a different one it processed is dead-lettered (ReusedMessageId);
-        one it never processed raises `or_raise`."""
-        async with store.unit_of_work() as uow:
-            before = await uow.recorded(consumer, envelope.message_id)
-        if before is None:
-            if or_raise is None:  # pruned since it refused this copy: processed again
+            before = await recorded(envelope, digest)
+            if before is None:  # pruned since it refused this copy: processed again
                 raise ConcurrencyConflict(
                     f"message {envelope.message_id}: the record that refused it as a copy is"
                     " gone (pruned)"
-                )
-            raise or_raise
+                ) from None
+        except RuleViolation as violation:
+            # A copy of a message already processed reads its effects (funds already
+            # released) and may break a rule before it gets to record anything: that
+            # is a duplicate, not a broken rule. A refusal is final, and recorded; an
+            # aggregate that does not exist yet may come (the message waits for it).
+            final = None if isinstance(violation, MissingAggregate) else violation
+            before = await recorded(envelope, digest, refused_by=final)
+            if before is None:
+                raise
+        return await copy(decoded, digest, before)
+
+    async def recorded(
+        envelope: Envelope, digest: str, refused_by: RuleViolation | None = None
+    ) -> Processed | None:
+        """The record of `consumer` processing the message before; with `refused_by` and
+        none, the refusal recorded (and None)."""
+        async with store.unit_of_work(Cause.of(envelope)) as uow:
+            before = await uow.recorded(consumer, envelope.message_id)
+            if before is None and refused_by is not None:
+                refusal = Processed(envelope.name, REFUSED, str(refused_by), 0, digest)
+                await uow.record(consumer, envelope.message_id, refusal)
+        return before
+
+    async def copy(decoded: Decoded, digest: str, before: Processed) -> Outcome:
+        """What becomes of a copy of a message `consumer` processed (`before`): a
+        duplicate, or dead-lettered again if it was refused (see above). A message that
+        reuses the id of a different one it processed is dead-lettered (ReusedMessageId)."""
+        envelope = decoded.envelope
         if before.digest and before.digest != digest:
             was = f"a {before.name} message" if before.name else "another message"
             raise ReusedMessageId(
@@ -299,6 +323,12 @@ def exactly_once(store: EventStore, consumer: str, handler: StoreHandler) -> Han
                 " under this message id, with a different body; this one is not processed"
                 " (its producer must give it an id of its own)"
             )
+        if before.outcome == REFUSED:
+            if envelope.requeued:
+                await store.forget_refusal(consumer, envelope.message_id)
+                return await run(decoded)
+            if envelope.redelivered:
+                raise RuleViolation(before.detail)
         return DUPLICATE
 
     async def once(decoded: Decoded, digest: str) -> Outcome:

@@ -55,6 +55,9 @@ _NAMESPACE_BYTES = MESSAGE_NAMESPACE.bytes
 CORRELATION_HEADER = "correlation_id"
 CAUSATION_HEADER = "causation_id"
 RECORDED_AT_HEADER = "recorded_at"
+# When an operator sent the message back from the dead letters (`dead-letters requeue`):
+# a message a rule refused is judged again only then.
+REQUEUED_AT_HEADER = "x-requeued-at"
 AGGREGATE_VERSION_HEADER = "aggregateVersion"
 # A correlation id is stored and indexed with every event and record it causes.
 MAX_CORRELATION_ID_BYTES = 255
@@ -97,6 +100,14 @@ class Envelope:
     body: bytes
     aggregate_id: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
+    # Delivered before and not settled then (its consumer's channel or process ended
+    # first): what that delivery did may be half done.
+    redelivered: bool = False
+
+    @property
+    def requeued(self) -> bool:
+        """Whether an operator sent it back from the dead letters."""
+        return REQUEUED_AT_HEADER in self.headers
 
     @property
     def correlation_id(self) -> str:
@@ -156,8 +167,10 @@ class Processed:
     """What became of a processed message, kept with the record that deduplicates it."""
 
     name: str = ""  # the message's name
-    outcome: str = "processed"  # or "unchanged": a rule said there was nothing to do
-    detail: str = ""  # the rule, for an unchanged outcome
+    # Or "unchanged": a rule said there was nothing to do; or REFUSED: a rule refused it
+    # (it was dead-lettered).
+    outcome: str = "processed"
+    detail: str = ""  # the rule, for an unchanged or refused outcome
     events: int = 0  # events appended
     # The message's body digested (`body_digest`): a copy of the message has the same, a
     # different message reusing its id does not. Empty where unknown (records of releases
@@ -166,6 +179,7 @@ class Processed:
 
 
 PROCESSED = Processed()
+REFUSED = "refused"  # Processed.outcome of a message a rule refused
 
 
 def body_digest(body: bytes) -> str:
@@ -224,6 +238,11 @@ class EventStore(Protocol):
 
     async def stream(self, aggregate_id: UUID) -> list[StoredEvent]:
         """Every event of one aggregate, in version order."""
+        ...
+
+    async def forget_refusal(self, consumer: str, message_id: str) -> None:
+        """Remove the record of `consumer` refusing `message_id` (REFUSED), if there is
+        one, so that the message is judged again."""
         ...
 
     def read_all(

@@ -21,6 +21,7 @@ from financing.application.ports import StoredEvent
 class Fate(enum.Enum):
     APPLIED = "applied"
     UNCHANGED = "changed nothing"
+    REFUSED = "refused"  # by a rule, and dead-lettered
     DEAD_LETTERED = "dead-lettered"
     DEFERRED = "deferred"  # waiting for an aggregate it names, to be delivered again
 

@@ -11,7 +11,7 @@ import asyncpg
 from financing.adapters.postgres.connection import COMMAND_DATABASE, acquired
 from financing.adapters.postgres.event_store import EVENT_COLUMNS, stored_event
 from financing.application.pipeline import OutcomeKind
-from financing.application.ports import StoredEvent
+from financing.application.ports import REFUSED, StoredEvent
 from financing.application.trace import Fate, Handling
 
 _EVENTS = (
@@ -23,7 +23,11 @@ _PROCESSED = (
     " FROM processed_messages WHERE correlation_id = $1 ORDER BY processed_at"
 )
 # The outcome column of processed_messages, as the pipeline records it.
-_FATES = {OutcomeKind.PROCESSED.value: Fate.APPLIED, OutcomeKind.UNCHANGED.value: Fate.UNCHANGED}
+_FATES = {
+    OutcomeKind.PROCESSED.value: Fate.APPLIED,
+    OutcomeKind.UNCHANGED.value: Fate.UNCHANGED,
+    REFUSED: Fate.REFUSED,
+}
 
 
 async def correlated(

@@ -65,7 +65,15 @@ from financing.application.errors import (
     ReadAfterWrite,
     Unavailable,
 )
-from financing.application.ports import PROCESSED, A, B, Cause, Processed, StoredEvent
+from financing.application.ports import (
+    PROCESSED,
+    REFUSED,
+    A,
+    B,
+    Cause,
+    Processed,
+    StoredEvent,
+)
 from financing.domain.aggregates import Aggregate
 from financing.domain.events import DomainEvent
 from financing.logging import get_logger
@@ -560,6 +568,16 @@ class PostgresEventStore:
                 aggregate_id,
             )
         return [stored_event(row) for row in rows]
+
+    async def forget_refusal(self, consumer: str, message_id: str) -> None:
+        async with acquired(self._pool, COMMAND_DATABASE) as conn:
+            await conn.execute(
+                "DELETE FROM processed_messages"
+                " WHERE consumer = ANY($1::text[]) AND message_id = $2 AND outcome = $3",
+                _RECORDED_AS.get(consumer, (consumer,)),
+                message_id,
+                REFUSED,
+            )
 
     async def read_all(
         self, batch_size: int = 500, after: StoredEvent | None = None

@@ -39,7 +39,11 @@ from financing.adapters.rabbitmq.queues import existing_queue, queue_exists
 from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE, DEFERRALS, UNROUTED
 from financing.application.errors import Unavailable
 from financing.application.grace import finish_on_cancel
-from financing.application.ports import CORRELATION_HEADER, usable_correlation_id
+from financing.application.ports import (
+    CORRELATION_HEADER,
+    REQUEUED_AT_HEADER,
+    usable_correlation_id,
+)
 from financing.application.retry import Abandoned, Outages, RetryPolicy, retry
 from financing.domain.ids import parse_id
 from financing.logging import get_logger
@@ -536,10 +540,11 @@ async def requeue_dead_letters(
             queues[queue] = await queue_exists(broker, queue)
         if not queues[queue]:
             return f"their queue {queue!r} does not exist"
-        # Requeued, it may wait for its aggregate again as long as a new message may.
-        original = _copy_of(
-            message, {k: v for k, v in letter.headers.items() if k != DEFERRED_AT_HEADER}
-        )
+        # Requeued, it may wait for its aggregate again as long as a new message may, and
+        # a rule that refused it judges it again (REQUEUED_AT_HEADER).
+        headers = {k: v for k, v in letter.headers.items() if k != DEFERRED_AT_HEADER}
+        headers[REQUEUED_AT_HEADER] = datetime.now(UTC).isoformat()
+        original = _copy_of(message, headers)
         await publisher.send_message_to_queue(queue, original)
         return None
 

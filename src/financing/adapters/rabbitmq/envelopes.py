@@ -75,6 +75,7 @@ def from_amqp(message: AbstractIncomingMessage) -> Envelope:
         body=bytes(message.body),
         aggregate_id=aggregate_id,
         headers=headers,
+        redelivered=bool(message.redelivered),
     )
 
 

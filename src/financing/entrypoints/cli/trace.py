@@ -121,6 +121,8 @@ def _fate(handling: Handling) -> str:
         return f"applied by {handling.by}: {_events(handling.events)}"
     if handling.fate is Fate.UNCHANGED:
         return f"changed nothing at {handling.by}: {handling.detail}"
+    if handling.fate is Fate.REFUSED:
+        return f"refused by {handling.by}: {handling.detail}"
     if handling.fate is Fate.DEFERRED:
         return f"deferred from {handling.by}: waiting for an aggregate it names (since then)"
     return f"dead-lettered from {handling.by}: {handling.detail}"
