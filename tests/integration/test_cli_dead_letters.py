@@ -7,7 +7,9 @@ as subprocesses with AMQP_ADDRESS naming the vhost.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shlex
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -21,7 +23,7 @@ from financing.application.retry import Outages
 from tests.integration.test_rabbitmq_dead_letters import dead_letter, source_queues
 from tests.support import rabbitmq
 from tests.support.infra import unique_name, wait_until
-from tests.support.service import CommandLine, run_cli
+from tests.support.service import CommandLine, financing_command, run_cli
 
 HEADINGS = ("DEAD-LETTERED AT", "SOURCE QUEUE", "NAME", "MESSAGE ID")
 
@@ -231,3 +233,21 @@ async def test_requeue_leaves_letters_older_than_the_retention_unless_told_any_a
     forced = await seeded.financing("requeue", "--queue", seeded.queue_a, "--any-age", env=short)
     assert forced.stdout.strip() == "requeued 2 dead letter(s)", forced.describe()
     assert await seeded.remaining() == ["b-1"]
+
+
+@pytest.mark.parametrize("closed", [">&-", "2>&-", ">&- 2>&-"])
+async def test_a_command_started_with_its_output_closed_does_its_work_and_exits_0(
+    seeded: Seeded, closed: str
+) -> None:
+    """Regression: started with stdout closed (`>&-`), the command's first socket took
+    descriptor 1 and the event loop's library aborted the process as it closed it
+    (SIGABRT); started with stderr closed, every command exited 1 at once, unable to
+    log, whatever it was asked."""
+    args = [*financing_command(), "dead-letters", "discard", "--message-id", "a-1"]
+    process = await asyncio.create_subprocess_shell(
+        f"exec {shlex.join(args)} {closed}",
+        env={**os.environ, "AMQP_ADDRESS": seeded.vhost.url},
+        stdin=asyncio.subprocess.DEVNULL,
+    )
+    assert await asyncio.wait_for(process.wait(), 60) == 0
+    assert sorted(await seeded.remaining()) == ["a-2", "b-1"]

@@ -22,6 +22,7 @@ from financing.adapters.rabbitmq import consumer as consumer_module
 from financing.adapters.rabbitmq.acks import ChannelAcks
 from financing.adapters.rabbitmq.connection import Broker
 from financing.adapters.rabbitmq.consumer import (
+    LOGGED_HEADER_CHARS,
     SHUTDOWN_GRACE,
     Deliveries,
     QueueConsumer,
@@ -291,6 +292,37 @@ async def test_every_log_line_about_a_delivery_names_its_correlation_and_causati
     assert bound[foreign.message_id]["message_id"] == foreign.message_id
     assert bound[foreign.message_id]["correlation_id"] == foreign.message_id
     assert "causation_id" not in bound[foreign.message_id]
+
+
+async def test_a_log_line_shows_at_most_a_message_id_s_length_of_any_header(
+    bus: Bus, queue: str
+) -> None:
+    """Regression: headers of any length were copied whole into every line about their
+    message: 40,000-character headers made 160 KB lines, the log growing faster than what
+    was published."""
+    bound: list[dict[str, object]] = []
+
+    async def remembers_the_log_context(decoded: Decoded) -> Outcome:
+        bound.append(structlog.contextvars.get_contextvars())
+        return Outcome.processed()
+
+    huge = "x" * 40_000
+    sent = dataclasses.replace(
+        envelope(CreateIssuer(uuid.uuid4())),
+        headers={"correlation_id": huge, "causation_id": huge, "aggregateID": huge},
+    )
+    async with consuming(bus, on_command_queue(queue, "CreateIssuer"), remembers_the_log_context):
+        await bus.publisher.send_to_queue(queue, sent)
+
+        async def handled() -> bool:
+            return bool(bound)
+
+        await wait_until(handled, what="the message handled")
+
+    [fields] = bound
+    assert fields["correlation_id"] == sent.message_id  # too long to be kept: its own
+    assert fields["causation_id"] == "x" * (LOGGED_HEADER_CHARS - 3) + "..."
+    assert all(len(str(value)) <= LOGGED_HEADER_CHARS for value in fields.values()), fields
 
 
 async def test_a_delivered_command_appends_its_events_under_its_correlation_and_id(

@@ -39,11 +39,13 @@ from financing.adapters.rabbitmq.connection import (
 from financing.adapters.rabbitmq.dead_letters import DeadLetters, NotDeferrable, deferred_for
 from financing.adapters.rabbitmq.envelopes import (
     AGGREGATE_ID_HEADER,
+    MAX_MESSAGE_ID_BYTES,
     MESSAGE_UUID_HEADER,
     delivery_channel_open,
     from_amqp,
     header_text,
     readable_name,
+    shortened,
 )
 from financing.adapters.rabbitmq.topology import QueueSpec
 from financing.application.errors import Unavailable
@@ -58,6 +60,9 @@ from financing.application.retry import NO_BUG_RETRIES, GaveUp, Outages, persist
 from financing.logging import get_logger
 
 log = get_logger(__name__)
+
+# The characters of a header value a log line shows: as many as a message id may have.
+LOGGED_HEADER_CHARS = MAX_MESSAGE_ID_BYTES
 
 # An ack is one frame to write, but on a connection that has just died aiormq
 # can wait forever for room in its write buffer.
@@ -107,24 +112,31 @@ class AmqpDelivery:
         return deferred_for(self._message)
 
     def log_fields(self) -> dict[str, Any]:
-        """What identifies the message in every log line about it, read leniently."""
+        """What identifies the message in every log line about it, read leniently, each
+        value at most LOGGED_HEADER_CHARS long: a publisher's headers of any length were
+        copied whole into every line (250 KB lines, the log growing faster than what was
+        published)."""
         headers = self._message.headers or {}
+        message_id = header_text(headers.get(MESSAGE_UUID_HEADER)) or self._message.message_id
         fields = {
             "queue": self._source,
             "name": self.name,
-            "message_id": header_text(headers.get(MESSAGE_UUID_HEADER)) or self._message.message_id,
+            "message_id": message_id,
             "aggregate_id": header_text(headers.get(AGGREGATE_ID_HEADER)) or None,
         }
         # A message without a correlation, or with one that cannot be kept, starts one of
         # its own: its id (Envelope.correlation_id).
         correlation = header_text(headers.get(CORRELATION_HEADER))
         if not usable_correlation_id(correlation):
-            correlation = fields["message_id"] or ""
+            correlation = message_id or ""
         if correlation:
             fields[CORRELATION_HEADER] = correlation
         if headers.get(CAUSATION_HEADER) is not None:
             fields[CAUSATION_HEADER] = header_text(headers.get(CAUSATION_HEADER))
-        return fields
+        return {
+            key: shortened(value, LOGGED_HEADER_CHARS) if isinstance(value, str) else value
+            for key, value in fields.items()
+        }
 
     async def settle(self, outcome: Outcome) -> None:
         if outcome.kind in SETTLED_BY_ACK:

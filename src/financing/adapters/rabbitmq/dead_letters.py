@@ -33,6 +33,7 @@ from financing.adapters.rabbitmq.envelopes import (
     NAME_HEADER,
     delivery_channel_open,
     header_text,
+    shortened,
 )
 from financing.adapters.rabbitmq.publisher import Publisher, PublishFailed
 from financing.adapters.rabbitmq.queues import existing_queue, queue_exists
@@ -188,7 +189,7 @@ class DeadLetters:
         headers, left_out = _copied_headers(message.headers or {})
         if left_out:
             reason = f"{reason} [{left_out} header(s) too large to keep were left out]"
-        headers[REASON_HEADER] = _shortened(reason, MAX_REASON_CHARS)
+        headers[REASON_HEADER] = shortened(reason, MAX_REASON_CHARS)
         headers[SOURCE_QUEUE_HEADER] = source_queue
         headers[DEAD_LETTERED_AT_HEADER] = datetime.now(UTC).isoformat()
         message_id = message.message_id or headers.get(MESSAGE_UUID_HEADER)
@@ -331,7 +332,7 @@ def _copied_headers(original: Mapping[str, Any]) -> tuple[dict[str, str], int]:
     for key in keys:
         if key in DEAD_LETTER_HEADERS:
             continue
-        text = _shortened(header_text(original[key]), MAX_HEADER_CHARS)
+        text = shortened(header_text(original[key]), MAX_HEADER_CHARS)
         entry = _header_bytes(key, text)
         if size + entry > MAX_COPIED_HEADERS_BYTES:
             left_out += 1
@@ -339,10 +340,6 @@ def _copied_headers(original: Mapping[str, Any]) -> tuple[dict[str, str], int]:
         copied[key] = text
         size += entry
     return copied, left_out
-
-
-def _shortened(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_dead_letter_header(key: str) -> bool:

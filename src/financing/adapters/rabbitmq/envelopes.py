@@ -191,6 +191,11 @@ def readable_name(message: AbstractIncomingMessage) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def shortened(text: str, limit: int) -> str:
+    """`text`, cut to `limit` characters (the last three `...`) when it is longer."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def header_text(value: Any) -> str:
     """Any header value as a string, for copies kept for inspection (dead letters)."""
     if isinstance(value, str):

@@ -9,6 +9,7 @@ nothing else before it is called.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections.abc import Iterator, Sequence
@@ -23,10 +24,27 @@ if TYPE_CHECKING:
 def main(argv: Sequence[str] | None = None, *, overrides: Overrides | None = None) -> None:
     """Run `financing ARGS`. Every command's module is imported only now, so that importing
     one of them (the container's health probe) stays light."""
+    _standard_streams_open()
     with _stopped_by_signals_until_handled(argv):
         from financing.entrypoints.cli.commands import run
 
         run(argv, overrides=overrides)
+
+
+def _standard_streams_open() -> None:
+    """Descriptors 0, 1 and 2 open, on /dev/null where the process was started without
+    one (`financing serve >&-`), and `sys`'s streams on them. Started with stdout closed,
+    the first socket took descriptor 1, and the event loop's library aborted the process
+    (SIGABRT) when it closed it; started with stderr closed, there was no `sys.stderr` to
+    log to, and every command exited 1 at once without a word."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest descriptor free: this one
+    for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115 - kept for the process
 
 
 class _Signalled(BaseException):
