@@ -10,9 +10,10 @@ from decimal import Decimal
 import pytest
 from structlog.testing import capture_logs
 
+from financing.adapters.rabbitmq import publisher as publisher_module
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import Broker
-from financing.adapters.rabbitmq.envelopes import from_amqp
+from financing.adapters.rabbitmq.envelopes import from_amqp, to_amqp
 from financing.adapters.rabbitmq.publisher import AmqpCommandSender, Publisher, PublishFailed
 from financing.adapters.rabbitmq.topology import QueueSpec
 from financing.application import codec
@@ -344,3 +345,44 @@ async def test_a_refused_probe_leaves_the_channel_publishes_share_open(
         await rabbitmq.grant_permissions(empty_vhost.name)
         await publisher.close()
         await broker.close()
+
+
+async def test_deferrals_are_declared_once_on_a_channel_and_again_once_deleted(
+    empty_vhost: rabbitmq.Vhost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: `financing_deferred` was declared before every deferral, a declaration
+    that waited behind the channel's publishes: while a large backlog drained, it timed
+    out, the broker was taken for gone (`/health` 503) and the message deferred twice."""
+    declared: list[str] = []
+
+    async def counted(*args: object, **kwargs: object) -> object:
+        declared.append("financing_deferred")
+        return await topology.declare_deferrals(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(publisher_module, "declare_deferrals", counted)
+    broker = Broker([empty_vhost.url], Outages())
+    publisher = Publisher(broker, confirm_timeout=2.0)
+    queue = unique_name("deferred_back")
+
+    async def defer(n: int) -> None:
+        message = to_amqp(Envelope(f"m-{n}", "CreateIssuer", b"{}"))
+        message.expiration = 60
+        await publisher.defer(message, queue)
+
+    try:
+        for n in range(3):
+            await defer(n)
+        assert declared == ["financing_deferred"]
+        channel = await broker.channel()
+        await channel.queue_delete(topology.DEFERRALS)
+        await channel.close()
+        with pytest.raises(PublishFailed) as failed:  # returned: no queue takes it
+            await defer(3)
+        assert failed.value.unroutable
+        await defer(4)  # declared again first
+        queues = await rabbitmq.list_queues(empty_vhost.name)
+    finally:
+        await publisher.close()
+        await broker.close()
+    assert declared == ["financing_deferred"] * 2
+    assert queues[topology.DEFERRALS]["messages_ready"] == 1

@@ -82,6 +82,8 @@ class Publisher:
         # Why and when (time.monotonic()) the last publish to `events` failed, until one
         # is confirmed again.
         self._events_refused: tuple[str, float] | None = None
+        # `financing_deferred` as declared on the publishing channel (`defer`).
+        self._deferrals: tuple[AbstractChannel, AbstractExchange] | None = None
 
     @property
     def confirm_timeout(self) -> float:
@@ -143,16 +145,29 @@ class Publisher:
 
     async def defer(self, message: AbstractMessage, queue: str) -> None:
         """Publish `message` (confirmed) to `financing_deferred`, whose queue hands it back
-        to `queue` once its expiration has passed. The exchange and its queue are declared
-        first, every time: deferrals are rare, and one deleted is there again."""
+        to `queue` once its expiration has passed.
+
+        The exchange and its queue are declared on the publishing channel before its first
+        deferral, and again after a deferral failed (one deleted is there again for the
+        next attempt). Declared before every deferral, the declaration waited behind the
+        channel's publishes: while a large backlog drained, it timed out, and the broker
+        was taken for gone (a false outage, `/health` 503) and the message deferred
+        twice."""
         channel, _ = await self._opened(f"deferring to queue {queue!r}")
-        try:
-            async with asyncio.timeout(self._confirm_timeout):
-                deferrals = await declare_deferrals(channel, self._broker.queue_type)
-        except TimeoutError:
-            raise PublishFailed(f"{DEFERRALS!r} not declared within the timeout") from None
+        declared = self._deferrals
+        if declared is None or declared[0] is not channel:
+            try:
+                async with asyncio.timeout(self._confirm_timeout):
+                    exchange = await declare_deferrals(channel, self._broker.queue_type)
+            except TimeoutError:
+                raise PublishFailed(f"{DEFERRALS!r} not declared within the timeout") from None
+            declared = self._deferrals = (channel, exchange)
         what = f"{header_text(message.headers.get('name', 'message'))} deferred to {queue!r}"
-        await self._confirmed(what, [(message, queue)], via=deferrals)
+        try:
+            await self._confirmed(what, [(message, queue)], via=declared[1])
+        except PublishFailed:
+            self._deferrals = None
+            raise
 
     async def probe(self) -> None:
         """Return if publishing can work now: the publishing channel is open and the
