@@ -885,11 +885,10 @@ class TestPostgresEventStore(EventStoreContract):
         command = CreateInvestor(uuid4(), Decimal("-1"))
 
         rule = f"investor {command.id}: initial balance must be >= 0, got -1"
-        with pytest.raises(RuleViolation, match=re.escape(rule)):  # to be dead-lettered
-            await step(MemoryDelivery(envelope_of(command, message_id)))
-        again = await step(MemoryDelivery(envelope_of(command, message_id)))
+        for _ in range(2):  # a copy is dead-lettered again for the rule recorded
+            with pytest.raises(RuleViolation, match=re.escape(rule)):  # to be dead-lettered
+                await step(MemoryDelivery(envelope_of(command, message_id)))
 
-        assert again.kind is OutcomeKind.DUPLICATE
         assert await processed_messages(pool) == [
             ("create_investor", message_id, "CreateInvestor", message_id, "refused", rule, 0),
         ]

@@ -4,6 +4,8 @@ what becomes of each delivery (its outcome), and how often the handler runs."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from decimal import Decimal
 from uuid import UUID, uuid4
@@ -13,7 +15,7 @@ from structlog.testing import capture_logs
 
 from financing.application import codec, handlers, routes
 from financing.application.errors import MissingAggregate, PoisonMessage, Unavailable
-from financing.application.memory import InMemoryEventStore
+from financing.application.memory import InMemoryEventStore, InMemoryUnitOfWork
 from financing.application.messages import (
     ApproveFinancing,
     BidOnInvoice,
@@ -33,7 +35,7 @@ from financing.application.pipeline import (
     compose,
     exactly_once,
 )
-from financing.application.ports import REQUEUED_AT_HEADER, Envelope, UnitOfWork
+from financing.application.ports import REFUSED, REQUEUED_AT_HEADER, Cause, Envelope, UnitOfWork
 from financing.application.retry import Backoff, Limit, Outages, RetryPolicy
 from financing.domain import events as ev
 from financing.domain.aggregates import Investor, Issuer
@@ -492,28 +494,46 @@ def _placed(store: InMemoryEventStore, bid: BidOnInvoice) -> int:
     )
 
 
-async def test_a_copy_of_a_refused_message_is_a_duplicate_not_judged_again() -> None:
-    """Regression: a refusal was not recorded, so a client's retry under the same
-    idempotency key was judged again: dead-lettered twice, or placed once the funds were
-    back, its first copy's dead letter saying it was refused."""
-    store = InMemoryEventStore()
-    step, bid, message_id, _ = await _refused_bid(store)
-    record = store.outcomes[("bid_on_invoice", str(message_id))]
-    assert (record.outcome, record.events) == ("refused", 0)
-    again = await step(delivery(bid, message_id))
-    assert again.kind is OutcomeKind.DUPLICATE
-    assert _placed(store, bid) == 0
-
-
-async def test_a_redelivered_refused_message_is_dead_lettered_again_with_its_rule() -> None:
-    """The delivery that refused it may have ended before its dead letter was kept: the
-    broker's copy is dead-lettered (nothing lost), for the rule recorded, not judged again."""
+@pytest.mark.parametrize("redelivered", [False, True])
+async def test_a_copy_of_a_refused_message_is_dead_lettered_for_its_rule_not_judged_again(
+    redelivered: bool,
+) -> None:
+    """Regression: a refusal was not recorded, so each copy was judged again: a client's
+    retry under the same idempotency key, or the broker's redelivery, was dead-lettered
+    for another balance, or placed once the funds were back while the first copy's dead
+    letter said it was refused. A copy is dead-lettered again, for the rule recorded:
+    dropped, it could take the only dead letter with it (the broker's copy of a delivery
+    that ended before its dead letter was kept)."""
     store = InMemoryEventStore()
     step, bid, message_id, reason = await _refused_bid(store)
-    redelivered = replace(envelope_of(bid, message_id), redelivered=True)
-    again = await step(MemoryDelivery(redelivered, source="test_queue"))
-    assert again == Outcome.dead_letter(reason)
+    record = store.outcomes[("bid_on_invoice", str(message_id))]
+    assert (record.outcome, record.events) == ("refused", 0)
+    copy = replace(envelope_of(bid, message_id), redelivered=redelivered)
+    assert await step(MemoryDelivery(copy, source="test_queue")) == Outcome.dead_letter(reason)
     assert _placed(store, bid) == 0
+
+
+class _CommitAnswerLost(InMemoryEventStore):
+    """A store whose first unit of work recording a refusal commits, and then fails as
+    the database does when the answer to a commit is lost (its statement timed out)."""
+
+    lost = False
+
+    @asynccontextmanager
+    async def unit_of_work(self, cause: Cause | None = None) -> AsyncIterator[InMemoryUnitOfWork]:
+        async with super().unit_of_work(cause) as uow:
+            yield uow
+        if not self.lost and any(what.outcome == REFUSED for what in uow._outcomes.values()):
+            self.lost = True
+            raise Unavailable("command database", "the connection was lost after COMMIT")
+
+
+async def test_a_refusal_whose_commit_was_not_seen_is_dead_lettered_when_retried() -> None:
+    """The delivery's retry finds the refusal whose commit it saw fail: it is dead-lettered,
+    not taken for a copy of itself and dropped with no dead letter at all."""
+    store = _CommitAnswerLost()
+    await _refused_bid(store)  # which asserts that the refused bid was dead-lettered
+    assert store.lost  # after its first attempt saw the refusal's commit fail
 
 
 async def test_a_refused_message_requeued_by_an_operator_is_judged_again() -> None:
@@ -527,6 +547,22 @@ async def test_a_refused_message_requeued_by_an_operator_is_judged_again() -> No
     assert (await step(MemoryDelivery(requeued, source="test_queue"))).kind is (
         OutcomeKind.DUPLICATE
     )
+
+
+async def test_a_requeued_message_the_broker_redelivers_keeps_the_refusal_recorded() -> None:
+    """The delivery the broker gives again may have judged it already (refused again,
+    dead-lettered, its ack lost): judged once more, it could be placed beside that dead
+    letter. It is dead-lettered again for the rule recorded (requeue it again)."""
+    store = InMemoryEventStore()
+    step, bid, message_id, reason = await _refused_bid(store)
+    envelope = envelope_of(bid, message_id)
+    requeued = replace(
+        envelope, headers={**envelope.headers, REQUEUED_AT_HEADER: "now"}, redelivered=True
+    )
+    assert await step(MemoryDelivery(requeued, source="test_queue")) == (
+        Outcome.dead_letter(reason)
+    )
+    assert _placed(store, bid) == 0
 
 
 async def test_a_message_waiting_for_its_aggregate_is_not_recorded_as_refused() -> None:

@@ -267,11 +267,13 @@ def exactly_once(store: EventStore, consumer: str, handler: StoreHandler) -> Han
     A message a rule refuses is recorded as refused (REFUSED, with the rule), then
     dead-lettered: it is judged once, as an applied one is. A copy of it is not judged
     again against the state of its moment (refused for another reason, or applied after
-    it was dead-lettered as refused): a copy the broker redelivers (the delivery that
-    refused it may have ended before its dead letter was kept) is dead-lettered again
-    with the recorded rule, and any other copy (a client's retry under the same
-    idempotency key) is a duplicate. One an operator requeued from the dead letters
-    (`Envelope.requeued`) is judged again.
+    it was dead-lettered as refused): it is dead-lettered again, for the recorded rule.
+    Dropped as a duplicate, a copy could take the message's only dead letter with it:
+    the delivery that refused it may have ended before its dead letter was kept (and
+    the broker redelivers it), or its own retry may find the record whose commit it
+    saw fail. A copy an operator requeued from the dead letters (`Envelope.requeued`)
+    is judged again, unless the broker redelivers it: that delivery may have judged it
+    already, and its refusal is the one recorded.
     """
 
     async def run(decoded: Decoded) -> Outcome:
@@ -313,8 +315,9 @@ def exactly_once(store: EventStore, consumer: str, handler: StoreHandler) -> Han
 
     async def copy(decoded: Decoded, digest: str, before: Processed) -> Outcome:
         """What becomes of a copy of a message `consumer` processed (`before`): a
-        duplicate, or dead-lettered again if it was refused (see above). A message that
-        reuses the id of a different one it processed is dead-lettered (ReusedMessageId)."""
+        duplicate, or dead-lettered again if it was refused, or judged again if requeued
+        (see above). A message that reuses the id of a different one it processed is
+        dead-lettered (ReusedMessageId)."""
         envelope = decoded.envelope
         if before.digest and before.digest != digest:
             was = f"a {before.name} message" if before.name else "another message"
@@ -324,11 +327,10 @@ def exactly_once(store: EventStore, consumer: str, handler: StoreHandler) -> Han
                 " (its producer must give it an id of its own)"
             )
         if before.outcome == REFUSED:
-            if envelope.requeued:
+            if envelope.requeued and not envelope.redelivered:
                 await store.forget_refusal(consumer, envelope.message_id)
                 return await run(decoded)
-            if envelope.redelivered:
-                raise RuleViolation(before.detail)
+            raise RuleViolation(before.detail)
         return DUPLICATE
 
     async def once(decoded: Decoded, digest: str) -> Outcome:
