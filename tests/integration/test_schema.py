@@ -12,6 +12,7 @@ from financing.adapters.postgres.connection import connect, create_pool
 from financing.adapters.postgres.event_store import LEGACY_CONSUMERS, PostgresEventStore
 from financing.adapters.postgres.schema import (
     SchemaAhead,
+    SchemaElsewhere,
     apply,
     migrate,
     missing,
@@ -241,3 +242,30 @@ async def test_a_message_a_release_before_version_2_handled_is_seen_as_handled(
             assert not await uow.recorded("someone_else", "m-new")
     finally:
         await pool.close()
+
+
+async def test_a_search_path_that_would_create_the_schema_elsewhere_is_refused(
+    empty_database: Database,
+) -> None:
+    """Regression: a schema made for the service's role (which the default search_path,
+    `"$user", public`, puts first) made a restart migrate a new, empty event store there
+    and run on it, saying it was healthy, with every event in `public`; a search_path
+    naming no schema that exists stopped start-up with an uncaught exception."""
+    conn = await connect(empty_database)
+    try:
+        await migrate(conn, "commands")
+        await conn.execute("CREATE SCHEMA newcomer")
+        # Another application's record of its own migrations is none of the service's.
+        await conn.execute("CREATE TABLE newcomer.schema_migrations (id int)")
+        await conn.execute("SET search_path = newcomer, public")
+
+        with pytest.raises(SchemaElsewhere, match="schema 'newcomer', but schema 'public'"):
+            await migrate(conn, "commands")
+        await conn.execute("SET search_path = nowhere")
+        with pytest.raises(SchemaElsewhere, match="names no schema that exists"):
+            await migrate(conn, "commands")
+        await conn.execute("SET search_path = public, newcomer")
+        await migrate(conn, "commands")  # where its tables are: nothing to do
+        assert await conn.fetchval("SELECT to_regclass('newcomer.events')") is None
+    finally:
+        await conn.close()

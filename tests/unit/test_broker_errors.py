@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import aiormq
 import pytest
 from aiormq.base import FutureStore
 
 from financing.adapters.rabbitmq import publisher as publisher_module
 from financing.adapters.rabbitmq.connection import Broker, is_broker_error, translated
 from financing.adapters.rabbitmq.publisher import Publisher, PublishFailed
-from financing.application.errors import Unavailable
+from financing.application.errors import Refused, Unavailable
 from financing.application.ports import Envelope
 from financing.application.retry import Outages
 
@@ -176,3 +177,35 @@ async def test_a_refused_publish_to_events_fails_the_probe_only_while_the_relaye
     monkeypatch.setattr(publisher_module, "REFUSAL_REMEMBERED", 0.0)
     await asyncio.wait_for(publisher.probe_events(), 5)
     await publisher.close()
+
+
+def _precondition_failed(text: str) -> aiormq.exceptions.ChannelPreconditionFailed:
+    """What aiormq raises for the broker's Channel.Close with code 406 and `text`."""
+    return aiormq.exceptions.ChannelPreconditionFailed(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "PRECONDITION_FAILED - cannot declare queue 'financing_dead_letters': queue limit in"
+        " vhost 'v' (10) is reached",
+        "PRECONDITION_FAILED - cannot declare queue 'q': queue limit in cluster (100) is reached",
+    ],
+)
+def test_a_declaration_refused_for_a_limit_reached_is_an_outage(text: str) -> None:
+    """Regression: taken for a refusal (PRECONDITION_FAILED, as for other arguments), a dead
+    letter that could not be kept came back at once, hundreds of times a second, and every
+    command was answered INTERNAL, until the operator raised the limit."""
+    with pytest.raises(Unavailable) as raised, translated():
+        raise _precondition_failed(text)
+    assert not isinstance(raised.value, Refused)
+    assert "limit" in raised.value.detail
+
+
+def test_a_declaration_refused_for_other_arguments_is_a_refusal() -> None:
+    text = (
+        "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'q' in vhost 'v':"
+        " received none but current is the value 'quorum'"
+    )
+    with pytest.raises(Refused), translated():
+        raise _precondition_failed(text)

@@ -89,6 +89,12 @@ async def test_the_connection_is_given_back_after_a_block_that_ends_well() -> No
         (race(), ConcurrencyConflict),
         (ConnectionResetError("reset by peer"), Unavailable),
         (asyncpg.AdminShutdownError("terminating connection"), Unavailable),
+        # The server answers but will not serve the service until an operator is done
+        # (regressions: each was a bug, its messages dead-lettered, the relayer stopped):
+        # a lock held beyond `lock_timeout`, privileges revoked, tables out of sight.
+        (asyncpg.LockNotAvailableError("canceling statement due to lock timeout"), Unavailable),
+        (asyncpg.InsufficientPrivilegeError("permission denied for table events"), Unavailable),
+        (asyncpg.UndefinedTableError('relation "events" does not exist'), Unavailable),
     ],
 )
 async def test_a_driver_error_in_the_block_is_translated_and_the_connection_given_back(

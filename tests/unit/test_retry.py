@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -328,7 +329,7 @@ def test_a_backoff_delay_is_jittered() -> None:
 
 async def test_an_outage_whose_loop_was_abandoned_ends_once_the_dependency_checks_out() -> None:
     outages = Outages()
-    answers = iter([False, False, True])  # the dependency is back at the third check
+    answers = itertools.chain([False, False], itertools.repeat(True))  # back at the third
 
     async def check() -> None:
         if not next(answers):
@@ -352,12 +353,41 @@ async def test_an_outage_whose_loop_was_abandoned_ends_once_the_dependency_check
                 wanted=lambda: channel_open,
             )
         assert outages.down() == {"database"}  # nobody is left to succeed
-        watching = asyncio.get_running_loop().create_task(outages.watch(interval=0.01))
+        watching = asyncio.get_running_loop().create_task(outages.watch(interval=0.01, quiet=0.05))
         try:
             await wait_until(lambda: _now(not outages.down()), what="the outage to end")
         finally:
             watching.cancel()
     assert [line["event"] for line in logs] == ["database unavailable", "database recovered"]
+
+
+async def test_an_outage_does_not_end_while_its_operations_fail_though_its_check_passes() -> None:
+    """Regression: a database that refuses writes (privileges revoked, `statement_timeout`
+    under a write's time) still answers the check's read: its outage was logged as over,
+    then again as started, every second. It ends once one of the operations that failed
+    succeeds, or once none has failed for a while."""
+    outages = Outages()
+
+    async def passes() -> None:
+        return None
+
+    outages.check_with("database", passes)
+    with capture_logs() as logs:
+        outages.failed(Unavailable("database", "permission denied"))
+        await outages.check_once(within=1, quiet=60)
+        outages.succeeded("database", checked=True)  # the health probe's read
+        await outages.check_once(within=1, quiet=60)
+        assert outages.down() == {"database"}
+        outages.failed(Unavailable("database", "permission denied"))  # still down: no line
+        outages.succeeded("database")  # a write that had failed went through
+        await outages.check_once(within=1, quiet=60)
+        assert outages.down() == frozenset()
+        outages.failed(Unavailable("database", "permission denied"))
+        await outages.check_once(within=1, quiet=60)
+        assert outages.down() == {"database"}
+        await outages.check_once(within=1, quiet=0)  # nothing failed since: quiet long enough
+        assert outages.down() == frozenset()
+    assert [line["event"] for line in logs] == ["database unavailable", "database recovered"] * 2
 
 
 async def test_the_watch_leaves_alone_an_outage_it_has_no_check_for() -> None:

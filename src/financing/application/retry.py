@@ -127,6 +127,10 @@ class Abandoned(Exception):
 
 # How often `Outages.watch` checks the dependencies that are down.
 OUTAGE_CHECK_INTERVAL = 1.0
+# Seconds without an operation failing on a dependency after which its check passing ends
+# its outage, where none of its failed operations has succeeded since: longer than the
+# pause of a loop retrying it (at most 2 s).
+OUTAGE_QUIET = 5.0
 
 
 @dataclass
@@ -136,33 +140,56 @@ class Outages:
     _since: dict[str, float] = field(default_factory=dict)
     # How to tell that a dependency is back: returns if it is, raises Unavailable if not.
     _checks: dict[str, Callable[[], Awaitable[object]]] = field(default_factory=dict)
+    # When an operation on each dependency last failed, and when one that had failed
+    # last succeeded (time.monotonic()).
+    _failed_at: dict[str, float] = field(default_factory=dict)
+    _worked_at: dict[str, float] = field(default_factory=dict)
 
     def check_with(self, dependency: str, check: Callable[[], Awaitable[object]]) -> None:
         self._checks[dependency] = check
         if dependency not in self._since:
             metrics.DEPENDENCY_UP.labels(dependency).set(1)
 
-    async def watch(self, interval: float = OUTAGE_CHECK_INTERVAL) -> None:
-        """Until cancelled, every `interval` seconds: end the outage of each dependency
-        that is down and whose check passes, whether or not a loop that met the outage
-        is still there to succeed."""
+    async def watch(
+        self, interval: float = OUTAGE_CHECK_INTERVAL, quiet: float = OUTAGE_QUIET
+    ) -> None:
+        """Until cancelled, every `interval` seconds: `check_once`."""
         while True:
             await asyncio.sleep(interval)  # the checking period
-            for dependency in list(self._since):
-                check = self._checks.get(dependency)
-                if check is None:
-                    continue
-                try:
-                    async with asyncio.timeout(interval):
-                        await check()
-                except (Unavailable, TimeoutError):
-                    continue  # still down
-                except Exception:
-                    log.exception("checking a dependency failed with a bug", dependency=dependency)
-                    continue
+            await self.check_once(within=interval, quiet=quiet)
+
+    async def check_once(self, *, within: float, quiet: float = OUTAGE_QUIET) -> None:
+        """End the outage of each dependency that is down and whose check passes within
+        `within` seconds, whether or not a loop that met the outage is still there to
+        succeed; but not while its operations still fail (one failed within `quiet`
+        seconds) and none has succeeded since. A check cannot try everything the service does: a
+        database whose sessions time out every write (`statement_timeout`) or that
+        refuses the service's writes (its privileges revoked, a lock held beyond
+        `lock_timeout`), a broker that refuses publishes to one queue, pass it, and their
+        outages were logged as over and starting again every second."""
+        for dependency in list(self._since):
+            check = self._checks.get(dependency)
+            if check is None:
+                continue
+            try:
+                async with asyncio.timeout(within):
+                    await check()
+            except (Unavailable, TimeoutError):
+                continue  # still down
+            except Exception:
+                log.exception("checking a dependency failed with a bug", dependency=dependency)
+                continue
+            if not self._still_failing(dependency, quiet):
                 self._ended(dependency)
 
+    def _still_failing(self, dependency: str, quiet: float) -> bool:
+        failed_at = self._failed_at.get(dependency)
+        if failed_at is None or self._worked_at.get(dependency, failed_at - 1) > failed_at:
+            return False
+        return time.monotonic() - failed_at < quiet
+
     def failed(self, error: Unavailable) -> None:
+        self._failed_at[error.dependency] = time.monotonic()
         if error.dependency in self._since:
             return
         self._since[error.dependency] = time.monotonic()
@@ -171,11 +198,15 @@ class Outages:
             f"{error.dependency} unavailable", dependency=error.dependency, error=error.detail
         )
 
-    def succeeded(self, dependency: str) -> None:
-        """An operation on `dependency` succeeded. That ends its outage only when nothing
-        better can tell: where the dependency has a check, the check decides (at the
-        watch's next round), for an operation can succeed on a dependency that is still
-        out for others, as a read does on a database that takes no writes."""
+    def succeeded(self, dependency: str, *, checked: bool = False) -> None:
+        """An operation on `dependency` that had failed succeeded (`checked`: a check such
+        as the watch's own passed, which tells the watch nothing new). That ends its
+        outage only when nothing better can tell: where the dependency has a check, the
+        check decides (at the watch's next round), for an operation can succeed on a
+        dependency that is still out for others, as a read does on a database that takes
+        no writes."""
+        if not checked:
+            self._worked_at[dependency] = time.monotonic()
         if dependency not in self._checks:
             self._ended(dependency)
 

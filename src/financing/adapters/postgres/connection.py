@@ -34,8 +34,14 @@ QUERY_DATABASE = "query database"
 # 57 operator intervention (shutdown, backend terminated, server starting, query
 # cancelled), 58 system error (I/O).
 _UNAVAILABLE_CLASSES = frozenset({"08", "53", "57", "58"})
-# 25006: read-only transaction, as on a standby that has not been promoted yet.
-_UNAVAILABLE_STATES = frozenset({"25006"})
+# States that say the server will not serve the service now, though it answers, until an
+# operator is done: 25006 read-only transaction, as on a standby that has not been promoted
+# yet; 55P03 lock not available, a lock held (by maintenance: an index built) longer than
+# the session's `lock_timeout`; 42501 insufficient privilege, the service's privileges on
+# its tables revoked; 42P01 undefined table, its tables out of the session's sight (a
+# `search_path` changed to schemas that do not hold them). Taken for bugs, each
+# dead-lettered every message meanwhile, or stopped the service.
+_UNAVAILABLE_STATES = frozenset({"25006", "55P03", "42501", "42P01"})
 
 # Errors by which PostgreSQL tells one of two racing writers to retry.
 RACE_ERRORS: tuple[type[Exception], ...] = (

@@ -18,6 +18,7 @@ is refused (`SchemaAhead`): a rollback must go back to a release that knows it.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from importlib import resources
 
@@ -132,6 +133,62 @@ async def migrate(
     await apply(pool_or_conn, name, sections(name), statement_timeout=statement_timeout)
 
 
+class SchemaElsewhere(Refused):
+    """The session would create the schema's tables where they are not (`search_path`): in
+    no schema at all, or in a schema before the one that holds them. Migrated there, the
+    service would run on a new, empty event store beside the one it has (a schema made for
+    the service's role, which a default `search_path` puts first), saying it is healthy."""
+
+    def __init__(self, name: str, detail: str) -> None:
+        super().__init__(_DATABASES.get(name, f"{name} database"), detail)
+
+
+async def _refuse_misplaced(conn: Connection, name: str) -> None:
+    """SchemaElsewhere unless the session creates tables in a schema, and in the one that
+    holds the record of `name`'s migrations if a schema of the database holds one."""
+    row = await conn.fetchrow(
+        "SELECT current_schema() AS here, current_setting('search_path') AS path,"
+        " array(SELECT n.nspname FROM pg_class AS c"
+        " JOIN pg_namespace AS n ON n.oid = c.relnamespace"
+        " WHERE c.relname = 'schema_migrations' AND c.relkind = 'r'"
+        " AND has_table_privilege(c.oid, 'SELECT')"
+        " ORDER BY n.nspname) AS tables"
+    )
+    assert row is not None  # a SELECT without FROM: one row
+    here, path = row["here"], row["path"]
+    holders = []
+    for schema in row["tables"]:  # another application's schema_migrations is no record
+        # A savepoint each: a table without these columns fails its statement only.
+        with contextlib.suppress(asyncpg.UndefinedColumnError):
+            async with conn.transaction():
+                if await conn.fetchval(
+                    f"SELECT EXISTS (SELECT FROM {_identifier(schema)}.schema_migrations"
+                    " WHERE name = $1)",
+                    name,
+                ):
+                    holders.append(schema)
+    if here is None:
+        raise SchemaElsewhere(
+            name,
+            f"its search_path ({path}) names no schema that exists: set it (for the role, or"
+            " `options=-csearch_path=...` in the connection string) to the schema that holds"
+            " the service's tables",
+        )
+    if holders and here not in holders:
+        raise SchemaElsewhere(
+            name,
+            f"its search_path ({path}) would create the service's tables in schema {here!r},"
+            f" but schema {', '.join(map(repr, holders))} holds them: set search_path (for"
+            " the role, or `options=-csearch_path=...` in the connection string) to that"
+            " schema first, or move the tables",
+        )
+
+
+def _identifier(name: str) -> str:
+    """`name` as a quoted SQL identifier, whatever its characters."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 async def missing(pool_or_conn: asyncpg.Pool | Connection, name: str) -> list[int]:
     """The versions of `sql/<name>.sql` this database has not recorded (read only, for a
     server that takes no writes: a replica carries the schema its primary migrated)."""
@@ -171,6 +228,7 @@ async def _apply(
         await conn.execute(
             "SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK, timeout=statement_timeout
         )
+        await _refuse_misplaced(conn, name)
         await conn.execute(
             """
             CREATE TABLE IF NOT EXISTS schema_migrations (

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
@@ -120,16 +121,27 @@ def _vhost_refused(error: aiormq.exceptions.InvalidFrameError) -> bool:
     return "Connection.OpenOk" in text and "Connection.Close " in text
 
 
+# How RabbitMQ words a PRECONDITION_FAILED for a limit: "queue limit in vhost 'v' (10) is
+# reached", "queue limit in cluster (N) is reached".
+_LIMIT_REACHED = re.compile(r"limit in (vhost|cluster)\b.* is reached")
+
+
 @contextlib.contextmanager
 def translated() -> Iterator[None]:
     """Broker errors raised inside the block, as the application's error types.
 
     A declaration the broker refuses because the entity exists with other
-    arguments (PRECONDITION_FAILED) does not cure itself: it is `Refused`.
+    arguments (PRECONDITION_FAILED) does not cure itself: it is `Refused`. One it
+    refuses with the same code because a limit the operator set is reached (the
+    queues of a vhost) is an outage, which ends once the limit is raised: taken for a
+    refusal, a dead letter that could not be kept came back at once, hundreds of times
+    a second, and every command was answered INTERNAL.
     """
     try:
         yield
     except aiormq.exceptions.ChannelPreconditionFailed as error:
+        if _LIMIT_REACHED.search(str(error)):
+            raise Unavailable(BROKER, describe(error)) from error
         raise Refused(BROKER, describe(error)) from error
     except Exception as error:
         if not is_broker_error(error):

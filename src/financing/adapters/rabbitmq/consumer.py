@@ -67,6 +67,8 @@ LOGGED_HEADER_CHARS = MAX_MESSAGE_ID_BYTES
 # An ack is one frame to write, but on a connection that has just died aiormq
 # can wait forever for room in its write buffer.
 ACK_TIMEOUT = 5.0
+# Seconds a message whose settling failed is held before it is given back.
+RELEASE_PAUSE = 1.0
 # On cancellation, how long in-flight messages may take to finish.
 SHUTDOWN_GRACE = 3.0
 
@@ -364,8 +366,11 @@ class Deliveries:
                 )
             except Exception as error:
                 # Only a bug in settling itself gets here (the step classifies
-                # everything it raises): give the message back, freeing its slot.
+                # everything it raises): give the message back, freeing its slot, after
+                # a pause, so that a settlement that fails for good (a dead-letter
+                # queue the broker refuses) is not tried again hundreds of times a second.
                 log.error("settling a delivery failed", error=describe(error), exc_info=error)
+                await asyncio.sleep(RELEASE_PAUSE)  # the pause before the broker's next try
                 await delivery.release()
 
     async def stop(self) -> None:

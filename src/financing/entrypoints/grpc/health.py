@@ -140,7 +140,7 @@ class HealthWatch:
         except Exception:
             log.exception("a health probe failed with a bug", dependency=probe.dependency)
             return False
-        self._outages.succeeded(probe.dependency)
+        self._outages.succeeded(probe.dependency, checked=True)
         return True
 
 
