@@ -79,6 +79,7 @@ class Publisher:
         self._probing: asyncio.Task[None] | None = None
         # The probe's own channel: a refused probe closes it, never the one publishes share.
         self._probe_channel: AbstractChannel | None = None
+        self._probe_opening = asyncio.Lock()
         # Why and when (time.monotonic()) the last publish to `events` failed, until one
         # is confirmed again.
         self._events_refused: tuple[str, float] | None = None
@@ -147,18 +148,21 @@ class Publisher:
         """Publish `message` (confirmed) to `financing_deferred`, whose queue hands it back
         to `queue` once its expiration has passed.
 
-        The exchange and its queue are declared on the publishing channel before its first
+        The exchange and its queue are declared before the publishing channel's first
         deferral, and again after a deferral failed (one deleted is there again for the
-        next attempt). Declared before every deferral, the declaration waited behind the
-        channel's publishes: while a large backlog drained, it timed out, and the broker
-        was taken for gone (a false outage, `/health` 503) and the message deferred
-        twice."""
+        next attempt), on the probe's channel: a declaration the broker refuses closes
+        its channel, which would fail every publish in flight on the one they share.
+        Declared before every deferral, the declaration waited behind the channel's
+        publishes: while a large backlog drained, it timed out, and the broker was taken
+        for gone (a false outage, `/health` 503) and the message deferred twice."""
         channel, _ = await self._opened(f"deferring to queue {queue!r}")
         declared = self._deferrals
         if declared is None or declared[0] is not channel:
             try:
                 async with asyncio.timeout(self._confirm_timeout):
-                    exchange = await declare_deferrals(channel, self._broker.queue_type)
+                    await declare_deferrals(await self._probing_channel(), self._broker.queue_type)
+                    with translated():
+                        exchange = await channel.get_exchange(DEFERRALS, ensure=False)
             except TimeoutError:
                 raise PublishFailed(f"{DEFERRALS!r} not declared within the timeout") from None
             declared = self._deferrals = (channel, exchange)
@@ -225,9 +229,12 @@ class Publisher:
             raise PublishFailed("no answer to a probe within the timeout") from None
 
     async def _probing_channel(self) -> AbstractChannel:
-        if self._probe_channel is None or self._probe_channel.is_closed:
-            self._probe_channel = await self._broker.channel(publisher_confirms=True)
-        return self._probe_channel
+        """The probe's channel, where the broker may refuse (and close) without harm to
+        the publishes: its probes and the deferrals' declarations."""
+        async with self._probe_opening:  # one channel, however many ask at once
+            if self._probe_channel is None or self._probe_channel.is_closed:
+                self._probe_channel = await self._broker.channel(publisher_confirms=True)
+            return self._probe_channel
 
     async def declare_command_queue(self, name: str) -> None:
         channel, _ = await self._opened(f"declaring queue {name!r}")
