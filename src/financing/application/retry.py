@@ -162,11 +162,13 @@ class Outages:
         """End the outage of each dependency that is down and whose check passes within
         `within` seconds, whether or not a loop that met the outage is still there to
         succeed; but not while its operations still fail (one failed within `quiet`
-        seconds) and none has succeeded since. A check cannot try everything the service does: a
-        database whose sessions time out every write (`statement_timeout`) or that
-        refuses the service's writes (its privileges revoked, a lock held beyond
-        `lock_timeout`), a broker that refuses publishes to one queue, pass it, and their
-        outages were logged as over and starting again every second."""
+        seconds) and none has succeeded since.
+
+        A check cannot try everything the service does. A database whose sessions time
+        out every write (`statement_timeout`) or that refuses the service's writes (its
+        privileges revoked, a lock held beyond `lock_timeout`), or a broker that refuses
+        publishes to one queue, passes it: their outages were logged as over, and as
+        starting again, every second."""
         for dependency in list(self._since):
             check = self._checks.get(dependency)
             if check is None:
