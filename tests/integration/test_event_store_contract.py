@@ -34,6 +34,8 @@ from financing.application.messages import CreateInvestor, CreateIssuer
 from financing.application.pipeline import (
     Outcome,
     OutcomeKind,
+    Step,
+    StoreHandler,
     decoded,
     exactly_once,
     selected,
@@ -812,11 +814,7 @@ class TestPostgresEventStore(EventStoreContract):
         self, pool: asyncpg.Pool, correlation_id: str | None
     ) -> None:
         # Through the pipeline's parts, as a command consumer runs them (but `retried`).
-        await _truncate(pool)
-        store = PostgresEventStore(pool)
-        step = selected(frozenset({"CreateInvestor"}), OutcomeKind.DEAD_LETTERED)(
-            decoded(exactly_once(store, "create_investor", handlers.create_investor))
-        )
+        store, step = await _command_step(pool, "CreateInvestor", handlers.create_investor)
         investor_id, message_id = uuid4(), str(uuid4())
         envelope = envelope_of(CreateInvestor(investor_id, Decimal("10")), message_id)
         if correlation_id is not None:
@@ -857,11 +855,7 @@ class TestPostgresEventStore(EventStoreContract):
     async def test_a_delivered_command_that_changed_nothing_is_recorded_unchanged_and_why(
         self, pool: asyncpg.Pool
     ) -> None:
-        await _truncate(pool)
-        store = PostgresEventStore(pool)
-        step = selected(frozenset({"CreateIssuer"}), OutcomeKind.DEAD_LETTERED)(
-            decoded(exactly_once(store, "create_issuer", handlers.create_issuer))
-        )
+        _, step = await _command_step(pool, "CreateIssuer", handlers.create_issuer)
         issuer_id, first, again = uuid4(), str(uuid4()), str(uuid4())
         await step(MemoryDelivery(envelope_of(CreateIssuer(issuer_id), first)))
 
@@ -876,11 +870,7 @@ class TestPostgresEventStore(EventStoreContract):
     async def test_a_delivered_command_a_rule_refused_is_recorded_refused_and_why(
         self, pool: asyncpg.Pool
     ) -> None:
-        await _truncate(pool)
-        store = PostgresEventStore(pool)
-        step = selected(frozenset({"CreateInvestor"}), OutcomeKind.DEAD_LETTERED)(
-            decoded(exactly_once(store, "create_investor", handlers.create_investor))
-        )
+        _, step = await _command_step(pool, "CreateInvestor", handlers.create_investor)
         message_id = str(uuid4())
         command = CreateInvestor(uuid4(), Decimal("-1"))
 
@@ -892,6 +882,19 @@ class TestPostgresEventStore(EventStoreContract):
         assert await processed_messages(pool) == [
             ("create_investor", message_id, "CreateInvestor", message_id, "refused", rule, 0),
         ]
+
+
+async def _command_step(
+    pool: asyncpg.Pool, name: str, handler: StoreHandler
+) -> tuple[PostgresEventStore, Step]:
+    """An empty event store, and a command's delivery through the pipeline's parts as its
+    consumer runs them (but `retried`), under the handler's name."""
+    await _truncate(pool)
+    store = PostgresEventStore(pool)
+    step = selected(frozenset({name}), OutcomeKind.DEAD_LETTERED)(
+        decoded(exactly_once(store, handler.__name__, handler))
+    )
+    return store, step
 
 
 async def processed_messages(pool: asyncpg.Pool) -> list[tuple[object, ...]]:
