@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from uuid import UUID
 
 import aio_pika
@@ -77,7 +77,8 @@ class Publisher:
         self._events: AbstractExchange | None = None
         self._opening = asyncio.Lock()
         self._probing: asyncio.Task[None] | None = None
-        # The probe's own channel: a refused probe closes it, never the one publishes share.
+        # The probe's own channel, also the declarations': a refused probe or declaration
+        # closes it, never the one publishes share.
         self._probe_channel: AbstractChannel | None = None
         self._probe_opening = asyncio.Lock()
         # Why and when (time.monotonic()) the last publish to `events` failed, until one
@@ -148,23 +149,19 @@ class Publisher:
         """Publish `message` (confirmed) to `financing_deferred`, whose queue hands it back
         to `queue` once its expiration has passed.
 
-        The exchange and its queue are declared before the publishing channel's first
-        deferral, and again after a deferral failed (one deleted is there again for the
-        next attempt), on the probe's channel: a declaration the broker refuses closes
-        its channel, which would fail every publish in flight on the one they share.
-        Declared before every deferral, the declaration waited behind the channel's
-        publishes: while a large backlog drained, it timed out, and the broker was taken
-        for gone (a false outage, `/health` 503) and the message deferred twice."""
+        The exchange and its queue are declared (`_declared`) before the publishing
+        channel's first deferral, and again after a deferral failed (one deleted is there
+        again for the next attempt). Declared before every deferral, the declaration
+        waited behind the channel's publishes: while a large backlog drained, it timed
+        out, and the broker was taken for gone (a false outage, `/health` 503) and the
+        message deferred twice."""
         channel, _ = await self._opened(f"deferring to queue {queue!r}")
         declared = self._deferrals
         if declared is None or declared[0] is not channel:
-            try:
-                async with asyncio.timeout(self._confirm_timeout):
-                    await declare_deferrals(await self._probing_channel(), self._broker.queue_type)
-                    with translated():
-                        exchange = await channel.get_exchange(DEFERRALS, ensure=False)
-            except TimeoutError:
-                raise PublishFailed(f"{DEFERRALS!r} not declared within the timeout") from None
+            queue_type = self._broker.queue_type
+            await self._declared(repr(DEFERRALS), lambda side: declare_deferrals(side, queue_type))
+            with translated():
+                exchange = await channel.get_exchange(DEFERRALS, ensure=False)
             declared = self._deferrals = (channel, exchange)
         what = f"{header_text(message.headers.get('name', 'message'))} deferred to {queue!r}"
         try:
@@ -230,19 +227,33 @@ class Publisher:
 
     async def _probing_channel(self) -> AbstractChannel:
         """The probe's channel, where the broker may refuse (and close) without harm to
-        the publishes: its probes and the deferrals' declarations."""
+        the publishes: its probes and the publisher's declarations (`_declared`)."""
         async with self._probe_opening:  # one channel, however many ask at once
             if self._probe_channel is None or self._probe_channel.is_closed:
                 self._probe_channel = await self._broker.channel(publisher_confirms=True)
             return self._probe_channel
 
     async def declare_command_queue(self, name: str) -> None:
-        channel, _ = await self._opened(f"declaring queue {name!r}")
+        spec = command_queue(name).of_type(self._broker.queue_type)
+        await self._declared(f"queue {name!r}", spec.declare)
+
+    async def _declared(
+        self, what: str, declare: Callable[[AbstractChannel], Awaitable[object]]
+    ) -> None:
+        """`declare(channel)` within the confirm timeout, on the probe's channel: a
+        declaration the broker refuses (other arguments, a limit reached) closes its
+        channel, which would fail every publish in flight on the one they share, and on
+        that one it would wait behind them."""
         try:
             async with asyncio.timeout(self._confirm_timeout):
-                await command_queue(name).of_type(self._broker.queue_type).declare(channel)
+                channel = await self._probing_channel()
+                await declare(channel)
         except TimeoutError:
-            raise PublishFailed(f"queue {name!r} not declared within the timeout") from None
+            raise PublishFailed(f"{what} not declared within the timeout") from None
+        except PublishFailed:
+            raise
+        except Unavailable as error:
+            raise PublishFailed(f"declaring {what}: {error.detail}") from error
 
     async def _opened(self, what: str) -> tuple[AbstractChannel, AbstractExchange]:
         try:
