@@ -130,11 +130,10 @@ class Publisher:
         deleted under the service (an exchange, a binding), which no consumer notices.
         It is declared again, so that the caller's next attempt is routed."""
         log.warning("events were returned as unroutable; declaring the topology again")
-        channel, _ = await self._opened("declaring the topology again")
+        queue_type = self._broker.queue_type
         try:
-            async with asyncio.timeout(self._confirm_timeout):
-                await declare_topology(channel, self._broker.queue_type)
-        except (TimeoutError, Unavailable) as error:
+            await self._declared("the topology", lambda side: declare_topology(side, queue_type))
+        except Unavailable as error:
             log.debug("declaring the topology again failed", error=repr(error))
 
     async def send_to_queue(self, queue: str, envelope: Envelope) -> None:
