@@ -49,6 +49,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+from grpclib.protocol import Connection
 
 from financing.adapters.postgres.connection import is_unavailable
 from financing.adapters.postgres.event_store import EVENT_COLUMNS, stored_event
@@ -100,6 +101,28 @@ TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
     StreamTerminatedError,
     ProtocolError,
 )
+
+
+def lost_while_opening(error: BaseException) -> bool:
+    """Whether `error` is grpclib's client losing its connection as it opens a stream.
+
+    grpclib's channel hands out a connection that the server closed after it was made
+    and before the call's first stream (a service killed in that moment): its
+    `create_stream` then raises AttributeError for the transport the close removed. The
+    next call on the channel connects again, so this is a transport failure like any other.
+    """
+    return (
+        isinstance(error, AttributeError)
+        and error.name == "_transport"
+        and isinstance(error.obj, Connection)
+    )
+
+
+def transport_failure(error: BaseException) -> bool:
+    """Whether a gRPC call failed for want of the service, not for what it answered."""
+    return isinstance(error, TRANSPORT_ERRORS) or lost_while_opening(error)
+
+
 # What publishing an integration event raises while the broker is out of reach.
 BROKER_ERRORS: tuple[type[BaseException], ...] = (
     aiormq.exceptions.AMQPError,
@@ -110,6 +133,11 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
     RuntimeError,  # aio-pika: "connection closed" on a channel of a dead connection
 )
+
+
+def broker_failure(error: BaseException) -> bool:
+    """Whether publishing failed for want of the broker."""
+    return isinstance(error, BROKER_ERRORS)
 
 
 def suite_seed() -> int:
@@ -644,14 +672,14 @@ class Workload:
             # Published again with the same message id after a failure, as a
             # well-behaved publisher does: the service deduplicates it.
             publish = functools.partial(publisher.publish, envelope)
-            await self._retry(event.name(), publish, BROKER_ERRORS)
+            await self._retry(event.name(), publish, broker_failure)
             self.stats.integration_events += 1
 
     # -- calling and waiting
 
     async def _call(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """A gRPC call, retried only while the service is not there to take it."""
-        result = await self._retry(what, call, TRANSPORT_ERRORS)
+        result = await self._retry(what, call, transport_failure)
         self.stats.commands_accepted += 1
         return result
 
@@ -659,7 +687,7 @@ class Workload:
         self,
         what: str,
         call: Callable[[], Awaitable[T]],
-        retryable: tuple[type[BaseException], ...],
+        retryable: Callable[[BaseException], bool],
     ) -> T:
         attempts = 0
         while True:
@@ -674,7 +702,9 @@ class Workload:
                 reason = exc.status.name
                 if exc.status is Status.UNAVAILABLE:
                     self.stats.unavailable_at.append(time.monotonic())
-            except retryable as exc:
+            except Exception as exc:
+                if not retryable(exc):
+                    raise
                 reason = type(exc).__name__
             else:
                 if attempts > 1:
