@@ -470,6 +470,41 @@ async def test_the_commit_listener_listens_again_after_its_session_is_ended(
         await listener.close()
 
 
+async def test_a_commit_listener_cancelled_as_it_starts_listening_leaves_no_session(
+    pool: asyncpg.Pool, database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled in its LISTEN (the relayer's lock lost, the service stopping), the
+    listener closes the session it has just opened rather than leave it to the collector."""
+    listening = asyncio.Event()
+
+    async def unanswered(*_: object) -> None:
+        listening.set()
+        await asyncio.Event().wait()
+
+    async def sessions() -> int:
+        return int(
+            await pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            )
+        )
+
+    before = await sessions()
+    monkeypatch.setattr(asyncpg.Connection, "add_listener", unanswered)
+    listener = CommitListener(database)
+    waiting = asyncio.create_task(listener.wait(60))
+    await asyncio.wait_for(listening.wait(), 5)
+    assert await sessions() == before + 1
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+
+    async def closed() -> bool:
+        return await sessions() == before
+
+    await wait_until(closed, timeout=5, what="the listener's session closed")
+    await listener.close()
+
+
 async def test_the_commit_listener_listens_again_when_its_session_goes_silent_for_good(
     pool: asyncpg.Pool, database: Database
 ) -> None:

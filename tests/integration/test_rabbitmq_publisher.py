@@ -10,6 +10,7 @@ from decimal import Decimal
 import pytest
 from structlog.testing import capture_logs
 
+from financing.adapters.rabbitmq import connection as connection_module
 from financing.adapters.rabbitmq import publisher as publisher_module
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import Broker
@@ -170,6 +171,36 @@ async def test_publishing_fails_fast_while_the_broker_is_unreachable(
         await publisher.close()
         await broker.close()
         await proxy.close()
+
+
+async def test_a_publisher_connects_to_the_second_broker_while_the_first_hangs(
+    empty_vhost: rabbitmq.Vhost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: each publish cancelled the connection attempt at its own deadline,
+    before the first broker's connect timeout passed, so the second broker was never
+    tried: a process without consumers (the Commands API, the relayer) stayed
+    disconnected for as long as its first broker was unreachable."""
+    monkeypatch.setattr(connection_module, "CONNECT_TIMEOUT", 1.0)
+    unreachable = rabbitmq.BrokerProxy()
+    await unreachable.start()
+    await unreachable.cut()  # connections to it hang unanswered, as to a host that is down
+    broker = Broker([unreachable.url(empty_vhost.name), empty_vhost.url], Outages())
+    publisher = Publisher(broker, confirm_timeout=0.3)  # less than a connect timeout
+    sender = AmqpCommandSender(publisher)
+
+    async def sent() -> bool:
+        try:
+            await sender.send(CreateIssuer(uuid.uuid4()), uuid.uuid4(), CAUSE)
+        except PublishFailed:
+            return False
+        return True
+
+    try:
+        assert await wait_until(sent, timeout=10)
+    finally:
+        await publisher.close()
+        await broker.close()
+        await unreachable.close()
 
 
 async def test_publisher_heals_after_the_broker_refused_its_channel(

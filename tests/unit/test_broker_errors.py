@@ -16,6 +16,7 @@ from financing.adapters.rabbitmq.publisher import Publisher, PublishFailed
 from financing.application.errors import Refused, Unavailable
 from financing.application.ports import Envelope
 from financing.application.retry import Outages
+from tests.support.infra import wait_until
 
 
 async def rejected_as_aiormq_rejects(reason: BaseException | None = None) -> BaseException:
@@ -88,6 +89,69 @@ async def test_a_publish_failed_by_a_missed_heartbeat_is_an_unconfirmed_publish(
     assert isinstance(error, asyncio.CancelledError)
     publisher = OpenedOn(exchange=ClosingExchange(error))
     await assert_unconfirmed_alone_and_in_a_batch(publisher, "heartbeats")
+
+
+async def test_a_call_failed_by_a_missed_heartbeat_is_an_outage_and_a_cancel_a_cancel() -> None:
+    error = await rejected_as_aiormq_rejects(asyncio.CancelledError())
+    with pytest.raises(Unavailable, match="heartbeats"), translated():
+        raise error
+
+    started = asyncio.Event()
+
+    async def cancelled_inside() -> None:
+        with translated():
+            started.set()
+            await asyncio.Event().wait()
+
+    waiting = asyncio.create_task(cancelled_inside())
+    await asyncio.wait_for(started.wait(), 5)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+
+
+class DeclaringOnALostConnection:
+    """A channel whose declaration fails as aiormq fails it when the broker missed its
+    heartbeats."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    async def declare_exchange(self, *_: Any, **__: Any) -> object:
+        raise self.error
+
+    async def declare_queue(self, *_: Any, **__: Any) -> object:
+        raise self.error
+
+
+async def test_a_probe_failed_by_a_missed_heartbeat_is_a_failed_probe() -> None:
+    """Regression: the probe's declaration raised aiormq's CancelledError as it was, so
+    the probe's callers (the health probe every second, the outage watch) ended as if
+    they were being cancelled, and the supervisor stopped the service (exit 1) in the
+    outage it was meant to ride out."""
+    error = await rejected_as_aiormq_rejects(asyncio.CancelledError())
+    publisher = OpenedOn(channel=DeclaringOnALostConnection(error))
+    with pytest.raises(Unavailable, match="heartbeats"):
+        await asyncio.wait_for(publisher.probe(), 5)
+    with pytest.raises(PublishFailed, match="heartbeats"):
+        await asyncio.wait_for(publisher.declare_command_queue("CreateIssuer"), 5)
+    await publisher.close()
+
+
+async def test_a_probe_cancelled_under_its_callers_fails_them() -> None:
+    channel = SlowChannel()
+    publisher = OpenedOn(channel=channel)
+    probing = asyncio.create_task(publisher.probe())
+
+    async def declaring() -> bool:
+        return channel.declarations == 1
+
+    await wait_until(declaring, timeout=5, what="the probe's declaration")
+    assert publisher._probing is not None
+    publisher._probing.cancel()  # as the publisher's close() cancels it
+    with pytest.raises(PublishFailed, match="cancelled"):
+        await asyncio.wait_for(probing, 5)
+    await publisher.close()
 
 
 async def test_a_publisher_whose_task_is_cancelled_is_cancelled() -> None:

@@ -5,10 +5,15 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator
+from typing import cast
 
 import pytest
+from aio_pika.abc import AbstractIncomingMessage
 
+from financing.adapters.rabbitmq import consumer
 from financing.adapters.rabbitmq.acks import ChannelAcks
+from financing.adapters.rabbitmq.dead_letters import DeadLetters
+from tests.support.infra import wait_until
 
 
 class Broker:
@@ -133,6 +138,59 @@ async def test_a_nack_on_its_way_is_not_covered_by_a_later_multiple_ack(
     assert broker.unacked == set()
 
 
+async def test_a_nack_that_failed_is_never_covered_by_a_multiple_ack(
+    broker: Broker, acks: ChannelAcks
+) -> None:
+    """Regression: a nack that was never written (the connection blocked past the
+    timeout) forgot its delivery all the same, and the next `multiple` ack covered it:
+    the broker dropped a message that was to be delivered again."""
+    broker.deliver(acks, 1, 2, 3, 4)
+
+    async def nack_not_written() -> None:
+        raise ConnectionError("the frame could not be queued")
+
+    with pytest.raises(ConnectionError):
+        await acks.settle_otherwise(1, nack_not_written())
+    # 3 and 4 are asked for while 2's frame is written: one `multiple` frame would
+    # carry both, and cover 1 with them.
+    await asyncio.gather(*(broker.ack(acks, tag) for tag in (2, 3, 4)))
+    assert broker.unacked == {1}
+    assert broker.frames == [(2, False), (3, False), (4, False)]
+
+
+class _Channel:
+    is_closed = False
+
+
+class _Unanswered:
+    """A delivered message whose nack frame is never written."""
+
+    delivery_tag = 1
+    channel = _Channel()
+
+    async def nack(self, requeue: bool = True) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_a_delivery_that_could_not_be_given_back_gives_up_its_channel(
+    monkeypatch: pytest.MonkeyPatch, acks: ChannelAcks
+) -> None:
+    """On a channel still open, the broker holds a message whose nack was not written
+    until the channel closes: giving it up is what delivers the message again."""
+    monkeypatch.setattr(consumer, "ACK_TIMEOUT", 0.05)
+    acks.delivered(1)
+    abandoned: list[str] = []
+    delivery = consumer.AmqpDelivery(
+        cast(AbstractIncomingMessage, _Unanswered()),
+        "queue",
+        cast(DeadLetters, None),
+        acks,
+        abandoned.append,
+    )
+    await asyncio.wait_for(delivery.release(), 5)
+    assert abandoned == ["a delivery could not be given back on the open channel"]
+
+
 async def test_acks_asked_while_a_slow_frame_is_written_wait_for_it_then_go_together(
     broker: Broker, acks: ChannelAcks
 ) -> None:
@@ -179,3 +237,37 @@ async def test_acks_in_any_order_settle_exactly_the_deliveries_acked(
     for tag in given_back:
         await acks.settle_otherwise(tag, broker.send_nack(tag))
     assert broker.unacked == set()
+
+
+async def test_acks_carried_by_a_writer_that_is_cancelled_fail_at_once() -> None:
+    """Regression: the acks a writer carried in the frame it was writing when its own
+    deadline cancelled it were failed by no one: their callers waited for their own
+    deadlines."""
+    first_written = asyncio.Event()
+    first_may_go = asyncio.Event()
+    carrying = asyncio.Event()
+
+    async def send_ack(tag: int, multiple: bool) -> None:
+        if not first_written.is_set():
+            await first_may_go.wait()
+            first_written.set()
+            return
+        carrying.set()
+        await asyncio.Event().wait()  # the connection blocked
+
+    acks = ChannelAcks(send_ack)
+    for tag in (1, 2, 3):
+        acks.delivered(tag)
+    writer = asyncio.create_task(acks.ack(1))
+    carried = [asyncio.create_task(acks.ack(tag)) for tag in (2, 3)]
+
+    async def queued() -> bool:
+        return len(acks._ready) == 2
+
+    await wait_until(queued, timeout=5, what="acks waiting for the frame on its way")
+    first_may_go.set()
+    await asyncio.wait_for(carrying.wait(), 5)
+    writer.cancel()
+    for ack in carried:
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(ack, 1)

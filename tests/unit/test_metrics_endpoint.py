@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from prometheus_client import REGISTRY
+from prometheus_client.core import CounterMetricFamily, Metric
 
+from financing.entrypoints import observability
 from financing.entrypoints.observability import (
     REQUEST_HEAD_BYTES,
     REQUEST_HEAD_TIMEOUT,
@@ -192,3 +196,60 @@ async def test_silent_connections_beyond_the_limit_make_room_and_health_is_answe
             writer.close()
         endpoint.close()
         await endpoint.wait_closed()
+
+
+class _Padding:
+    """A collector making /metrics as large as a busy instance's (many labelled series)."""
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily("padding", "padding", labels=["n"])
+        for n in range(2000):
+            family.add_metric([str(n)], n)
+        yield family
+
+
+@contextlib.asynccontextmanager
+async def _never_read() -> AsyncIterator[asyncio.Task[None]]:
+    """A /metrics request answered on a connection whose client never reads."""
+    padding = _Padding()
+    REGISTRY.register(padding)
+    served, client = socket.socketpair()
+    try:
+        served.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        endpoint = MetricsEndpoint(lambda: True)
+        reader, writer = await asyncio.open_connection(sock=served)
+        client.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        answering = asyncio.create_task(endpoint._answer(reader, writer))
+        await wait_until(
+            lambda: _stuck(writer), timeout=5, what="the answer waiting for its client"
+        )
+        yield answering
+        assert len(endpoint._connections) == 0
+    finally:
+        REGISTRY.unregister(padding)
+        client.close()
+
+
+async def _stuck(writer: asyncio.StreamWriter) -> bool:
+    return writer.transport.get_write_buffer_size() > 0
+
+
+async def test_a_client_that_never_reads_its_answer_is_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression: the answer's write and the connection's close waited for the client
+    without a bound: one that never read held its connection (not idle, so no newer one
+    could close it to make room) for good; a few such took every place, /health included."""
+    monkeypatch.setattr(observability, "ANSWER_WRITE_TIMEOUT", 0.2)
+    async with _never_read() as answering:
+        await asyncio.wait_for(answering, 5)
+
+
+async def test_a_client_that_never_reads_does_not_hold_the_service_stopping() -> None:
+    """Regression: cancelled as the process stopped, the answer still waited for the
+    connection to close, which it never did: the process never exited."""
+    async with _never_read() as answering:
+        answering.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(answering, 5)

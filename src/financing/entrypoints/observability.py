@@ -4,7 +4,6 @@ and the HTTP endpoint serving `/metrics` and `/health`."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import gzip
 import time
@@ -143,6 +142,10 @@ METRICS_CONNECTIONS_MOST = 64
 # 6.4 MB a connection.
 REQUEST_HEAD_TIMEOUT = 10.0
 REQUEST_HEAD_BYTES = 16 * 1024
+# Seconds a client has to read its answer, and again for the connection to close: one
+# that stops reading holds a connection no longer (it is not idle: no newer one can close
+# it to make room).
+ANSWER_WRITE_TIMEOUT = 5.0
 
 
 class MetricsEndpoint:
@@ -195,14 +198,30 @@ class MetricsEndpoint:
                 return  # closed to make room for a newer connection
             exchange.idle = False
             writer.write(answer.encode())
-            await writer.drain()
+            async with asyncio.timeout(ANSWER_WRITE_TIMEOUT):
+                await writer.drain()
         except (OSError, TimeoutError):
-            pass  # a client that went away, or never finished its request
+            pass  # a client that went away, never finished its request or never read
         finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            self._connections.left(exchange)
+            try:
+                await _closed(writer)
+            finally:
+                self._connections.left(exchange)
+
+
+async def _closed(writer: asyncio.StreamWriter) -> None:
+    """Close `writer`, dropping what its client has not read within ANSWER_WRITE_TIMEOUT
+    (or at once when the service stops): a client that never reads would otherwise hold
+    its connection, and keep the process from exiting, for good."""
+    writer.close()
+    try:
+        async with asyncio.timeout(ANSWER_WRITE_TIMEOUT):
+            await writer.wait_closed()
+    except (OSError, TimeoutError):
+        writer.transport.abort()
+    except asyncio.CancelledError:
+        writer.transport.abort()
+        raise
 
 
 @dataclass(eq=False)

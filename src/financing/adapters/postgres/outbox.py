@@ -399,6 +399,9 @@ class CommitListener:
             conn.terminate()
             log.debug("cannot listen for commits; polling", error=error.detail)
             return
+        except BaseException:  # cancelled (the lock lost, the service stopping): not kept
+            conn.terminate()
+            raise
         self._conn = conn
         self._next_check = time.monotonic() + self._check_interval
         self._woken.set()  # events committed while nobody listened are relayed at once

@@ -11,7 +11,7 @@ each other one. A slow delivery never holds back the acks of later ones
 are acked one by one until it is settled.
 
 A delivery given back (`basic.nack` with requeue) stays unsettled until its
-frame is written, so no `multiple` ack written meanwhile can cover it.
+frame is written, and for good if it was not, so no `multiple` ack can cover it.
 Delivery tags count every delivery of the channel, so one `ChannelAcks` serves
 one channel that one consumer consumes from.
 """
@@ -51,6 +51,7 @@ class ChannelAcks:
             await done
             return
         self._writing = True
+        ready: dict[int, asyncio.Future[None]] = {}  # the acks of the frames on their way
         try:
             await self._write({tag: None})
             while self._ready:
@@ -67,19 +68,21 @@ class ChannelAcks:
                     if not done.done():
                         done.set_result(None)
         finally:
+            # Cancelled (its caller's deadline) or failed: the acks it was to write are
+            # failed at once, those of the frames on their way included.
             self._writing = False
-            ready, self._ready = self._ready, {}
-            for done in ready.values():
+            left, self._ready = {**ready, **self._ready}, {}
+            for done in left.values():
                 if not done.done():
                     done.set_exception(ConnectionError("the ack frame before it failed"))
 
     async def settle_otherwise(self, tag: int, send: Awaitable[None]) -> None:
-        """Write another settlement of `tag` (a nack), then forget it; until then no
-        `multiple` ack covers it."""
-        try:
-            await send
-        finally:
-            self._unsettled.pop(tag, None)
+        """Write another settlement of `tag` (a nack), then forget it; until then, and
+        for good if it failed, no `multiple` ack covers it (the message would be acked
+        unprocessed: a nack that failed leaves it for the broker to deliver again once
+        its channel is closed)."""
+        await send
+        self._unsettled.pop(tag, None)
 
     async def _write(self, ready: Mapping[int, object]) -> None:
         for tag, multiple in self._frames(ready):

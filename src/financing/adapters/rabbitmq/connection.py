@@ -79,6 +79,13 @@ def failed_by_a_lost_connection(error: BaseException) -> bool:
     return isinstance(error, asyncio.CancelledError) and task is not None and not task.cancelling()
 
 
+def retrieved(task: asyncio.Task[Any]) -> None:
+    """A shared attempt's failure is its callers' to raise; one left without callers is
+    not logged as never retrieved."""
+    if not task.cancelled():
+        task.exception()
+
+
 @contextlib.contextmanager
 def broker_errors_ignored() -> Iterator[None]:
     """Let a broker error inside the block go (closing, cancelling: nothing left to do)."""
@@ -90,6 +97,8 @@ def broker_errors_ignored() -> Iterator[None]:
 
 
 def describe(error: BaseException) -> str:
+    if isinstance(error, asyncio.CancelledError):  # `failed_by_a_lost_connection`
+        return "the connection was lost (the broker missed its heartbeats)"
     if _left_pending_at_a_close(error):
         return "the channel or its connection closed"
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
@@ -136,9 +145,18 @@ def translated() -> Iterator[None]:
     queues of a vhost) is an outage, which ends once the limit is raised: taken for a
     refusal, a dead letter that could not be kept came back at once, hundreds of times
     a second, and every command was answered INTERNAL.
+
+    The CancelledError aiormq fails a call with when the broker missed its heartbeats
+    (`failed_by_a_lost_connection`) is an outage too: raised as it is, it ended the loop
+    that made the call as if the loop were being cancelled (the health probe's, and with
+    it the service).
     """
     try:
         yield
+    except asyncio.CancelledError as error:
+        if not failed_by_a_lost_connection(error):
+            raise
+        raise Unavailable(BROKER, describe(error)) from error
     except aiormq.exceptions.ChannelPreconditionFailed as error:
         if _LIMIT_REACHED.search(str(error)):
             raise Unavailable(BROKER, describe(error)) from error
@@ -177,7 +195,7 @@ class Broker:
         self.queue_type = queue_type
         self._outages = outages
         self._connection: AbstractConnection | None = None
-        self._connecting = asyncio.Lock()
+        self._opening: asyncio.Task[AbstractConnection] | None = None  # the attempt under way
         self._accepted_once = False
         self._closing = False
         self._failed: tuple[float, str] | None = None  # when the last attempt failed, and why
@@ -193,26 +211,44 @@ class Broker:
         Before the broker ever accepted the service, refused credentials are
         `Refused` (a misconfiguration); afterwards they are an outage, as when
         an operator changes permissions.
+
+        One attempt at a time, shared by every caller, which a caller's own deadline does
+        not cancel: trying the URLs in turn takes up to CONNECT_TIMEOUT for each broker
+        that does not answer, longer than a publish waits, and an attempt each caller
+        cancelled at its deadline never reached the second URL (a process without
+        consumers stayed disconnected while its first broker was unreachable).
         """
-        async with self._connecting:
-            if self._connection is not None and _open(self._connection):
-                return self._connection
-            if self._closing:
-                raise Unavailable(BROKER, "the connection is closing")
-            if self._failed is not None and time.monotonic() - self._failed[0] < RECONNECT_INTERVAL:
-                raise Unavailable(BROKER, self._failed[1])
-            try:
-                connection = await self._connect()
-            except Unavailable as error:
-                self._failed = (time.monotonic(), error.detail)
-                raise
-            self._failed = None
-            connection.close_callbacks.add(self._on_close)
-            self._connection = connection
-            metrics.BROKER_CONNECTED.set(1)
-            self._accepted_once = True
-            self._outages.succeeded(BROKER)
-            return connection
+        if self._connection is not None and _open(self._connection):
+            return self._connection
+        if self._opening is None or self._opening.done():
+            self._opening = asyncio.get_running_loop().create_task(self._open_once())
+            self._opening.add_done_callback(retrieved)
+        try:
+            return await asyncio.shield(self._opening)
+        except asyncio.CancelledError as error:
+            if not failed_by_a_lost_connection(error):
+                raise  # the caller is cancelled
+            raise Unavailable(BROKER, "the connection is closing") from error
+
+    async def _open_once(self) -> AbstractConnection:
+        if self._connection is not None and _open(self._connection):
+            return self._connection
+        if self._closing:
+            raise Unavailable(BROKER, "the connection is closing")
+        if self._failed is not None and time.monotonic() - self._failed[0] < RECONNECT_INTERVAL:
+            raise Unavailable(BROKER, self._failed[1])
+        try:
+            connection = await self._connect()
+        except Unavailable as error:
+            self._failed = (time.monotonic(), error.detail)
+            raise
+        self._failed = None
+        connection.close_callbacks.add(self._on_close)
+        self._connection = connection
+        metrics.BROKER_CONNECTED.set(1)
+        self._accepted_once = True
+        self._outages.succeeded(BROKER)
+        return connection
 
     async def _connect(self) -> AbstractConnection:
         failures: list[str] = []
@@ -273,6 +309,9 @@ class Broker:
 
     async def close(self) -> None:
         self._closing = True
+        if self._opening is not None and not self._opening.done():
+            self._opening.cancel()  # an attempt under way closes what it opened
+            await asyncio.wait([self._opening], timeout=CLOSE_TIMEOUT)
         connection, self._connection = self._connection, None
         if connection is not None:
             with broker_errors_ignored():

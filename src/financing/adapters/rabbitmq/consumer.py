@@ -194,9 +194,16 @@ class AmqpDelivery:
 
     async def release(self) -> None:
         """Hand the message back to the broker for another delivery."""
-        with broker_errors_ignored():
+        try:
             async with asyncio.timeout(ACK_TIMEOUT):
                 await self._acks.settle_otherwise(self._tag, self._message.nack(requeue=True))
+        except Exception as error:
+            if not is_broker_error(error):
+                raise
+            if delivery_channel_open(self._message):
+                # As for an ack: the broker gives the message to another delivery only
+                # once the channel is closed.
+                self._abandon("a delivery could not be given back on the open channel")
 
 
 OnDelivery = Callable[[AmqpDelivery], None]

@@ -25,6 +25,7 @@ from financing.adapters.rabbitmq.connection import (
     describe,
     failed_by_a_lost_connection,
     is_broker_error,
+    retrieved,
     translated,
 )
 from financing.adapters.rabbitmq.envelopes import header_text, to_amqp
@@ -180,8 +181,13 @@ class Publisher:
         meanwhile wait for the same probe."""
         if self._probing is None or self._probing.done():
             self._probing = asyncio.get_running_loop().create_task(self._probe_once())
-            self._probing.add_done_callback(_retrieved)
-        await asyncio.shield(self._probing)
+            self._probing.add_done_callback(retrieved)
+        try:
+            await asyncio.shield(self._probing)
+        except asyncio.CancelledError as error:
+            if not failed_by_a_lost_connection(error):
+                raise  # the caller is cancelled
+            raise PublishFailed("the probe was cancelled before it was answered") from error
 
     async def probe_events(self) -> None:
         """`probe`, and the last publish to `events`, if one failed, confirmed since: the
@@ -212,10 +218,10 @@ class Publisher:
         try:
             async with asyncio.timeout(self._confirm_timeout):
                 channel = await self._probing_channel()
-                await declare_events_exchange(channel)
-                # Publishing needs the write permission, which a declaration does not: a
-                # message no queue can take, confirmed and dropped by the broker.
                 with translated():
+                    await declare_events_exchange(channel)
+                    # Publishing needs the write permission, which a declaration does
+                    # not: a message no queue can take, confirmed and dropped by the broker.
                     await channel.default_exchange.publish(
                         aio_pika.Message(b"", delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT),
                         PROBE_ROUTING_KEY,
@@ -246,7 +252,8 @@ class Publisher:
         try:
             async with asyncio.timeout(self._confirm_timeout):
                 channel = await self._probing_channel()
-                await declare(channel)
+                with translated():
+                    await declare(channel)
         except TimeoutError:
             raise PublishFailed(f"{what} not declared within the timeout") from None
         except PublishFailed:
@@ -307,13 +314,6 @@ class Publisher:
         self._channel = self._probe_channel = None
 
 
-def _retrieved(task: asyncio.Task[None]) -> None:
-    """A probe's failure is its callers' to raise; one left without callers is not logged
-    as never retrieved."""
-    if not task.cancelled():
-        task.exception()
-
-
 async def _settled(publish: Awaitable[object]) -> object:
     """What `publish` returned or raised, as `gather(..., return_exceptions=True)` gives it."""
     try:
@@ -327,8 +327,6 @@ async def _settled(publish: Awaitable[object]) -> object:
 
 
 def _describe(error: BaseException) -> str:
-    if isinstance(error, asyncio.CancelledError):
-        return "the connection was lost (the broker missed its heartbeats)"
     if isinstance(error, aiormq.exceptions.PublishError):
         return f"returned as unroutable ({getattr(error.frame, 'reply_text', '')})"
     if isinstance(error, aiormq.exceptions.DeliveryError):
