@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -197,7 +198,9 @@ class Settings:
             level = "WARNING"
         if level not in LOG_LEVELS:
             raise ConfigError(f"LOGGER_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
-        answer_timeout = parse_duration(DB_TIMEOUT.name, value(DB_TIMEOUT)).total_seconds()
+        answer_timeout = parse_duration(
+            DB_TIMEOUT.name, value(DB_TIMEOUT), most=POSTGRES_TIMEOUT_MOST
+        ).total_seconds()
         return cls(
             command_address=parse_address(
                 value(COMMAND_SERVER_ADDRESS), COMMAND_SERVER_ADDRESS.name
@@ -239,8 +242,8 @@ def parse_components(value: str) -> tuple[str, ...]:
     unknown = [name for name in names if name not in COMPONENTS]
     if unknown or not names:
         raise ConfigError(
-            f"unknown component(s) {', '.join(unknown) or '(none given)'};"
-            f" choose from {', '.join(COMPONENTS)}"
+            f"{COMPONENTS_VARIABLE.name}: unknown component(s)"
+            f" {', '.join(unknown) or '(none given)'}; choose from {', '.join(COMPONENTS)}"
         )
     return names
 
@@ -259,17 +262,27 @@ _DURATION = re.compile(r"([0-9]+)\s*([smhd]?)")
 _SECONDS_PER_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def parse_duration(name: str, raw: str) -> timedelta:
-    """`7d`, `12h`, `30m`, `45s` or a bare number of seconds; at least one second."""
+# The longest duration a variable may give: dates and intervals reckoned from it (a
+# retention's oldest record kept) must stay within what Python's and PostgreSQL's dates
+# hold, which a few million days do not.
+DURATION_MOST = timedelta(days=36500)
+# PostgreSQL's session timeouts are milliseconds in a 32-bit integer: a longer one makes
+# the server refuse every session.
+POSTGRES_TIMEOUT_MOST = timedelta(milliseconds=2**31 - 1)
+
+
+def parse_duration(name: str, raw: str, *, most: timedelta = DURATION_MOST) -> timedelta:
+    """`7d`, `12h`, `30m`, `45s` or a bare number of seconds; at least one second, at
+    most `most`."""
     match = _DURATION.fullmatch(raw.strip().lower())
     if match is None or int(match[1]) < 1:
         raise ConfigError(
             f"{name} must be a duration such as 7d, 12h, 30m or 3600 (seconds), got {raw!r}"
         )
-    try:
-        return timedelta(seconds=int(match[1]) * _SECONDS_PER_UNIT[match[2]])
-    except OverflowError:
-        raise ConfigError(f"{name} is too long a duration, got {raw!r}") from None
+    seconds = int(match[1]) * _SECONDS_PER_UNIT[match[2]]
+    if seconds > most.total_seconds():
+        raise ConfigError(f"{name} may be at most {int(most.total_seconds())} seconds, got {raw!r}")
+    return timedelta(seconds=seconds)
 
 
 def parse_address(address: str, name: str = "a listen address") -> tuple[str, int]:
@@ -303,6 +316,9 @@ AMQP_COUNTS = {
     "frame_max": "bytes",
     "channel_max": "channels",
 }
+# The largest each may be: AMQP carries them in 16 or 32 bits, and the AMQP client turns
+# a heartbeat of 65535 or more into none at all.
+AMQP_COUNTS_MOST = {"heartbeat": 65534, "frame_max": 2**32 - 1, "channel_max": 65535}
 
 
 def parse_amqp_urls(value: str) -> str:
@@ -320,10 +336,13 @@ def parse_amqp_urls(value: str) -> str:
         if not parts.hostname:
             raise ConfigError("AMQP_ADDRESS: a broker URL names no host")
         for key, raw in parse_qsl(parts.query, keep_blank_values=True):
-            if key in AMQP_COUNTS and not (raw.isascii() and raw.isdigit()):
-                # The AMQP client reads what is not a number as 0: heartbeats off, silently.
+            if key not in AMQP_COUNTS:
+                continue
+            # The AMQP client reads what is not a number as 0: heartbeats off, silently.
+            if not (raw.isascii() and raw.isdigit()) or int(raw) > AMQP_COUNTS_MOST[key]:
                 raise ConfigError(
-                    f"AMQP_ADDRESS: {key} must be a whole number ({AMQP_COUNTS[key]}), got {raw!r}"
+                    f"AMQP_ADDRESS: {key} must be a whole number from 0 to"
+                    f" {AMQP_COUNTS_MOST[key]} ({AMQP_COUNTS[key]}), got {raw!r}"
                 )
     return value
 
@@ -373,13 +392,22 @@ def parse_database(value: str) -> Database:
 
 
 def _parse_url(url: str) -> Database:
+    if "," in url.partition("://")[2].partition("/")[0]:
+        raise ConfigError(
+            "connection string: the URL names several servers; give one (a load"
+            " balancer's or a proxy's address for several)"
+        )
     parts = split_url(url, "connection string")
-    query = dict(parse_qsl(parts.query))
+    # As libpq reads a URL's query: percent-escapes decoded, a `+` kept (not a space).
+    query = {
+        unquote(key): unquote(raw)
+        for key, _, raw in (item.partition("=") for item in parts.query.split("&") if item)
+    }
     pool_size = _pool_size(query.pop("pool_max_conns", None))
     port = parts.port
     user = unquote(parts.username or "postgres")
     kwargs: dict[str, Any] = {
-        "host": parts.hostname or "127.0.0.1",
+        "host": _url_host(parts) or "127.0.0.1",
         "port": port or 5432,
         "user": user,
         # libpq: the database defaults to the user's name
@@ -388,9 +416,17 @@ def _parse_url(url: str) -> Database:
     if parts.password:
         kwargs["password"] = unquote(parts.password)
     _known_keys(query)
-    for key, raw in query.items():
-        kwargs[_LIBPQ_TO_ASYNCPG[key]] = _typed(key, raw)
+    kwargs.update(_asyncpg_keywords(query))
     return Database(kwargs, pool_size)
+
+
+def _url_host(parts: SplitResult) -> str:
+    """The host of a URL as written (a socket directory's case kept), percent-decoded:
+    `%2Fvar%2Frun%2Fpostgresql` is the directory of a Unix socket, as libpq reads it."""
+    host = parts.netloc.rpartition("@")[2]
+    if host.startswith("["):
+        return host[1 : host.find("]")]
+    return unquote(host.partition(":")[0])
 
 
 def _parse_keywords(text: str) -> Database:
@@ -411,10 +447,22 @@ def _parse_keywords(text: str) -> Database:
     pool_size = _pool_size(pairs.pop("pool_max_conns", None))
     _known_keys(pairs)
     kwargs: dict[str, Any] = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
-    for key, raw in pairs.items():
-        kwargs[_LIBPQ_TO_ASYNCPG[key]] = _typed(key, raw)
+    kwargs.update(_asyncpg_keywords(pairs))
     kwargs.setdefault("database", kwargs["user"])
     return Database(kwargs, pool_size)
+
+
+def _asyncpg_keywords(pairs: Mapping[str, str]) -> dict[str, Any]:
+    """asyncpg's keywords for libpq's: `hostaddr`, where given, is where to connect
+    whatever the order of the keys, as libpq connects to it rather than to `host`."""
+    ordered = sorted(pairs.items(), key=lambda pair: pair[0] == "hostaddr")
+    for key, raw in ordered:
+        if key in ("host", "hostaddr", "port") and "," in raw:
+            raise ConfigError(
+                f"connection string: {key} names several servers; give one (a"
+                " load balancer's or a proxy's address for several)"
+            )
+    return {_LIBPQ_TO_ASYNCPG[key]: _typed(key, raw) for key, raw in ordered}
 
 
 def _known_keys(keys: Iterable[str]) -> None:
@@ -460,22 +508,35 @@ def _libpq_value(text: str, pos: int) -> tuple[str, int]:
     return "".join(out), pos
 
 
+# The most sessions a pool may hold: asyncpg sets up every one of them at start-up, and
+# no PostgreSQL server takes more sessions than this from one client in earnest.
+POOL_MOST = 10_000
+
+
 def _pool_size(raw: str | None) -> int:
     if raw is None:
         return 10
-    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
-        raise ConfigError(f"pool_max_conns must be a positive integer, got {raw!r}")
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= POOL_MOST:
+        raise ConfigError(f"pool_max_conns must be an integer from 1 to {POOL_MOST}, got {raw!r}")
     return int(raw)
 
 
 def _typed(key: str, raw: str) -> Any:
-    try:
-        if key == "port":
-            return int(raw)
-        if key == "connect_timeout":
-            return float(raw)
-    except ValueError:
-        raise ConfigError(f"connection string: {key} must be a number, got {raw!r}") from None
+    if key == "port":
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 65535:
+            raise ConfigError(f"connection string: port must be from 1 to 65535, got {raw!r}")
+        return int(raw)
+    if key == "connect_timeout":
+        try:
+            seconds = float(raw)
+        except ValueError:
+            seconds = math.nan
+        if not (math.isfinite(seconds) and 0 < seconds <= POSTGRES_TIMEOUT_MOST.total_seconds()):
+            raise ConfigError(
+                f"connection string: connect_timeout must be a number of seconds above 0,"
+                f" got {raw!r}"
+            )
+        return seconds
     if key == "sslmode":
         if raw not in SSL_MODES:
             raise ConfigError(

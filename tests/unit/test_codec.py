@@ -527,3 +527,11 @@ def test_a_body_that_is_not_valid_utf8_is_poison(body: bytes) -> None:
 def test_a_utf8_body_is_read() -> None:
     decoded = codec.decode_message("InvestorRegistered", REGISTERED.encode())
     assert decoded == InvestorRegistered(INVESTOR, "Zoë", D(10))
+
+
+def test_a_null_name_is_read_as_an_empty_one_as_the_reference_reads_it() -> None:
+    """A producer with a nullable name (Java's, Go's with a pointer) writes `null`; the
+    reference reads it as an empty string, and the service never uses the name."""
+    body = json.dumps({"ID": INV, "Name": None, "Balance": 100}).encode()
+    decoded = codec.decode("InvestorRegistered", body, None)
+    assert decoded == InvestorRegistered(UUID(INV), "", Decimal(100))

@@ -91,6 +91,11 @@ def test_an_unknown_logger_level_is_a_config_error(level: str) -> None:
         ("FINANCING_DB_TIMEOUT", "0"),
         ("FINANCING_DB_TIMEOUT", "-5"),
         ("FINANCING_DB_TIMEOUT", "a while"),
+        # PostgreSQL refused every session given a timeout beyond its 32-bit milliseconds.
+        ("FINANCING_DB_TIMEOUT", "30d"),
+        # Dates reckoned from it overflowed: the retention stopped the service (exit 1).
+        ("FINANCING_DEDUP_RETENTION", "3000000d"),
+        ("FINANCING_AGGREGATE_WAIT", "99999999999d"),
     ],
 )
 def test_a_bad_tuning_variable_is_a_config_error(name: str, value: str) -> None:
@@ -181,6 +186,23 @@ def test_url_query_values_are_percent_decoded() -> None:
     )
 
 
+def test_a_url_host_may_be_a_percent_encoded_socket_directory_as_libpq_reads_it() -> None:
+    assert kwargs("postgresql://app@%2Fvar%2Frun%2FPostgreSQL/x")["host"] == ("/var/run/PostgreSQL")
+    assert kwargs("postgresql://app@[::1]:6432/x")["host"] == "::1"
+
+
+def test_a_plus_in_a_url_query_is_a_plus_as_libpq_reads_it() -> None:
+    assert kwargs("postgresql://app@db/x?password=a+b%2Bc")["password"] == "a+b+c"
+
+
+def test_hostaddr_is_where_to_connect_whatever_the_order_of_the_keys() -> None:
+    for value in (
+        "hostaddr=127.0.0.1 host=db.invalid dbname=x",
+        "host=db.invalid hostaddr=127.0.0.1 dbname=x",
+    ):
+        assert kwargs(value)["host"] == "127.0.0.1"
+
+
 def test_a_url_without_a_database_names_the_user_database_as_libpq_does() -> None:
     assert kwargs("postgresql://alice@db")["database"] == "alice"
 
@@ -192,6 +214,11 @@ def test_a_url_without_a_database_names_the_user_database_as_libpq_does() -> Non
 def test_a_malformed_url_is_a_config_error(value: str) -> None:
     with pytest.raises(ConfigError):
         parse_database(value)
+
+
+def test_a_url_naming_several_servers_is_refused_for_that() -> None:
+    with pytest.raises(ConfigError, match="several servers"):
+        parse_database("postgresql://app@db1:5432,db2:5432/x")
 
 
 @pytest.mark.parametrize(
@@ -281,7 +308,15 @@ def test_a_key_the_service_does_not_read_is_refused_by_name(value: str) -> None:
         "host=db port=abc",
         "host=db pool_max_conns=zero",
         "host=db pool_max_conns=0",
+        # asyncpg sets up every session of the pool at start-up: the process hung, growing.
+        "host=db pool_max_conns=99999999999999999999",
         "host=db =value",
+        "host=db port=65536",
+        "host=db port=-5",
+        "host=db connect_timeout=nan",
+        "host=db connect_timeout=-1",
+        "host=db connect_timeout=inf",
+        "host=db1,db2 dbname=x",
     ],
 )
 def test_a_malformed_keyword_string_is_a_config_error(value: str) -> None:
@@ -335,6 +370,11 @@ def test_both_databases_get_ten_seconds_to_answer_unless_told_otherwise() -> Non
 
 
 # Queue type (quorum queues for a clustered broker)
+
+
+def test_an_unknown_component_is_named_with_its_variable() -> None:
+    with pytest.raises(ConfigError, match=r"^FINANCING_COMPONENTS: unknown component"):
+        Settings.from_env({"FINANCING_COMPONENTS": "bogus"})
 
 
 def test_queues_are_classic_unless_quorum_is_asked_for() -> None:
@@ -411,7 +451,20 @@ def test_a_broker_url_that_cannot_be_read_is_never_described_with_its_parts() ->
     assert describe_url(f"amqp://guest:{SECRET}@rabbit:5672/v") == "amqp://rabbit:5672/v"
 
 
-@pytest.mark.parametrize("query", ["heartbeat=abc", "heartbeat=10s", "heartbeat=", "frame_max=-1"])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "heartbeat=abc",
+        "heartbeat=10s",
+        "heartbeat=",
+        "frame_max=-1",
+        # The AMQP client turns a heartbeat of 65535 or more into none at all.
+        "heartbeat=65535",
+        "heartbeat=99999999",
+        "channel_max=65536",
+        "frame_max=4294967296",
+    ],
+)
 def test_a_broker_url_setting_a_number_that_is_none_is_a_config_error(query: str) -> None:
     """Regression: `heartbeat=abc` (or a typo such as `10s`) was read by the AMQP client
     as 0, which turned heartbeats off without a word: a frozen broker went unnoticed."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from financing.entrypoints.cli.console import shown, table
+from datetime import UTC, datetime
+
+from financing.entrypoints.cli.console import moment, shown, table
 
 
 def test_what_a_terminal_would_act_on_is_escaped() -> None:
@@ -22,3 +24,11 @@ def test_a_table_row_stays_one_line_whatever_its_cells_hold() -> None:
     rows = table(("NAME", "MESSAGE ID"), [("SellInvoice", "m-1\nforged  row")])
     assert len(rows) == 2
     assert rows[1] == "SellInvoice  m-1\\nforged  row"
+
+
+def test_a_time_beyond_what_utc_holds_is_shown_as_written() -> None:
+    """Regression: a publisher's `recorded_at` of 9999-12-31T23:59:59-01:00 (a valid time,
+    after the last UTC date) ended `financing tail` with an OverflowError."""
+    late = datetime.fromisoformat("9999-12-31T23:59:59-01:00")
+    assert moment(late) == "9999-12-31T23:59:59.000-01:00"
+    assert moment(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)) == "2026-01-02T03:04:05.000Z"

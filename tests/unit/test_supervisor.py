@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from financing.entrypoints.bootstrap import Service
+from financing.entrypoints.bootstrap import Listener, Service
+from financing.entrypoints.observability import MetricsEndpoint
 from financing.entrypoints.supervisor import supervise
 from tests.support.infra import wait_until
 
@@ -94,3 +95,36 @@ async def test_the_ready_line_names_the_release() -> None:
         async with asyncio.timeout(10):
             assert await supervising == 0
     assert line["release"] == metadata.version("financing")
+
+
+async def test_the_ready_line_names_the_port_a_listener_was_given() -> None:
+    """Regression: a listen address with port 0 (the system picks a free one) was logged
+    as `:0`, leaving the operator no way to find the service."""
+    consuming = asyncio.Event()
+
+    async def consumer() -> None:
+        consuming.set()
+        await asyncio.Event().wait()
+
+    endpoint = MetricsEndpoint(lambda: True)
+    service = Service(
+        frozenset(),
+        workers={"consumer": consumer},
+        listeners=[Listener("metrics", endpoint, ("127.0.0.1", 0))],
+        consuming=[consuming],
+    )
+    stop = asyncio.Event()
+    with capture_logs() as logs:
+        supervising = asyncio.create_task(supervise(service, stop))
+
+        async def ready() -> list[MutableMapping[str, Any]]:
+            return [line for line in logs if line["event"] == "service ready"]
+
+        [line] = await wait_until(ready, what="the ready line")
+        assert endpoint._server is not None
+        port = endpoint._server.sockets[0].getsockname()[1]
+        stop.set()
+        async with asyncio.timeout(10):
+            assert await supervising == 0
+    assert port != 0
+    assert line["listening"] == {"metrics": f"127.0.0.1:{port}"}

@@ -273,6 +273,8 @@ def _decode_value(value: Any, kind: Kind, where: str, limited: bool) -> Any:
     if kind == "money":
         return _money(value, limited, where)
     if kind == "text":
+        if value is None:  # as the reference's decoder reads null into a string
+            return ""
         if not isinstance(value, str):
             raise PoisonMessage(f"{where}: must be a string")
         return value

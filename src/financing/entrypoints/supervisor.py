@@ -14,7 +14,7 @@ import contextlib
 from typing import Any
 
 from financing import release
-from financing.entrypoints.bootstrap import Service, StartupError
+from financing.entrypoints.bootstrap import Listener, Service, StartupError
 from financing.logging import get_logger
 
 log = get_logger(__name__)
@@ -62,11 +62,21 @@ async def _ready(
         "service ready",
         release=release(),
         components=sorted(service.components),
-        listening={
-            listener.name: f"{listener.address[0]}:{listener.address[1]}"
-            for listener in service.listeners
-        },
+        listening={listener.name: _bound(listener) for listener in service.listeners},
     )
+
+
+def _bound(listener: Listener) -> str:
+    """`host:port` where `listener` listens: port 0 asks the system for a free port,
+    which is what an operator must be told."""
+    host, port = listener.address
+    if port == 0:
+        # grpclib's server and the metrics endpoint both keep their asyncio server so.
+        server = getattr(listener.server, "_server", None)
+        for sock in getattr(server, "sockets", None) or ():
+            port = sock.getsockname()[1]
+            break
+    return f"{host}:{port}"
 
 
 def _report(crashed: set[asyncio.Task[Any]]) -> int:

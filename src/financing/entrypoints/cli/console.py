@@ -77,7 +77,11 @@ def moment(at: datetime | None) -> str:
     """A time in UTC to the millisecond, as every command prints it."""
     if at is None:
         return "-"
-    return at.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    try:
+        at = at.astimezone(UTC)
+    except OverflowError:  # a publisher's time at the end of the calendar: shown as written
+        return at.isoformat(timespec="milliseconds")
+    return at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def shown(text: str) -> str:
