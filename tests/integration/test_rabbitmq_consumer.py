@@ -72,7 +72,7 @@ from financing.application.retry import DELIVERIES, Backoff, Limit, Outages, Ret
 from financing.domain import events as ev
 from financing.domain.aggregates import Issuer
 from tests.support import rabbitmq
-from tests.support.infra import unique_name, wait_until
+from tests.support.infra import holds, unique_name, wait_until
 from tests.support.storm import duplicated
 
 BUG_ATTEMPTS = 3
@@ -1145,3 +1145,65 @@ async def test_a_message_handled_during_a_permission_outage_sends_its_command_on
     assert await bus.queue_state("CreateIssuer") == (0, 0)
     assert await bus.dead_letters_of(queue) == []
     assert bus.outages.down() == frozenset()
+
+
+async def test_a_single_active_consumer_stopping_hands_what_it_holds_over_in_order(
+    bus: Bus,
+) -> None:
+    """Regression: stopping, the active consumer of a single-active-consumer queue (the
+    projector's) cancelled its consumption first: the broker made the next consumer
+    active at once, which took the messages published meanwhile while the first still
+    held older ones unacked; those came back behind them when its channel closed (the
+    read models' rows out of their order after a rolling restart)."""
+    spec = QueueSpec(
+        unique_name("sac"), bound_to_events=False, arguments={"x-single-active-consumer": True}
+    )
+    held: list[consumer_module.AmqpDelivery] = []
+    taken: list[str] = []
+    stopping = QueueConsumer(
+        bus.broker, spec, bus.dead_letters, bus.outages, held.append, prefetch=5
+    )
+    taking = QueueConsumer(
+        bus.broker,
+        spec,
+        bus.dead_letters,
+        bus.outages,
+        lambda delivery: taken.append(delivery.envelope().message_id),
+        prefetch=50,
+    )
+    ids = [f"m-{number:02}" for number in range(25)]
+
+    async def published(some: list[str]) -> None:
+        for message_id in some:
+            await bus.publisher.send_to_queue(
+                spec.name, envelope(CreateIssuer(uuid.uuid4()), message_id)
+            )
+
+    first = asyncio.create_task(stopping.run())
+    await wait_until(lambda: holds(stopping.consuming.is_set()), what="the first consumer")
+    second = asyncio.create_task(taking.run())
+    try:
+        await wait_until(lambda: holds(taking.consuming.is_set()), what="the second consumer")
+        await published(ids[:20])
+        await wait_until(lambda: holds(len(held) == 5), what="the first consumer's prefetch")
+
+        first.cancel()  # the service stopping: what it holds goes back once it closes
+        with suppress(asyncio.CancelledError):
+            await first
+        await published(ids[20:])  # events keep coming while it stops
+
+        async def all_waiting() -> bool:
+            return await bus.queue_state(spec.name) == (20, 2)
+
+        # Nobody else takes them while the first consumer holds older ones.
+        await wait_until(all_waiting, timeout=5, what="the newer messages left in the queue")
+        await stopping.close()
+
+        await wait_until(lambda: holds(len(taken) >= len(ids)), what="every message taken over")
+        assert taken[: len(ids)] == ids
+    finally:
+        second.cancel()
+        with suppress(asyncio.CancelledError):
+            await second
+        await taking.close()
+        await stopping.close()

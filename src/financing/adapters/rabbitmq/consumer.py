@@ -277,7 +277,13 @@ class QueueConsumer:
                     )
                     await close_channel(channel)
             finally:
-                if not channel.is_closed:
+                # Stopping, the consumer stops taking deliveries, and those it holds go
+                # back to the queue when the channel is closed (`close`), after what is
+                # in flight. A queue's single active consumer keeps consuming until
+                # then: cancelled first, the broker made the next consumer active while
+                # this one still held deliveries, which came back behind newer ones
+                # (the projector's rows out of their order after a rolling restart).
+                if not channel.is_closed and not self._queue.single_active_consumer:
                     with broker_errors_ignored():
                         await asyncio.wait_for(queue.cancel(tag), timeout=1.0)
 

@@ -102,6 +102,10 @@ class QueueSpec:
     routed_names: frozenset[str] = frozenset()
 
     @property
+    def single_active_consumer(self) -> bool:
+        return bool(self.arguments.get("x-single-active-consumer"))
+
+    @property
     def queue_type(self) -> str:
         return str(self.arguments.get(QUEUE_TYPE_ARGUMENT, CLASSIC))
 
