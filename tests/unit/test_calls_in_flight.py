@@ -11,9 +11,11 @@ from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
+from structlog.testing import capture_logs
 
 from financing.application.read_models import InMemoryReadModels, InvestorRow
 from financing.application.retry import Outages
+from financing.entrypoints.grpc.calls import CallsInFlight
 from financing.entrypoints.grpc.codec import FramingChecked
 from financing.entrypoints.grpc.queries import QueriesService
 from financing.generated import AllInvestorsReply, QueriesStub
@@ -90,3 +92,13 @@ async def test_a_call_whose_request_is_still_arriving_when_draining_begins_is_an
         server.close()
         await server.wait_closed()
     assert reply is not None and reply.investors == []
+
+
+async def test_calls_still_in_flight_when_the_grace_ends_are_said_to_be_cut() -> None:
+    """Regression: calls that outlived the shutdown grace (a database holding their read)
+    were cut by the listener's close without a word in the log."""
+    calls = CallsInFlight()
+    with capture_logs() as logs, calls.call(), calls.call():
+        await calls.drain(grace=0.01)
+    [line] = [line for line in logs if line["event"].startswith("calls still in flight")]
+    assert (line["calls"], line["log_level"]) == (2, "warning")

@@ -9,6 +9,10 @@ from collections.abc import Iterator
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
+from financing.logging import get_logger
+
+log = get_logger(__name__)
+
 
 class CallsInFlight:
     """Counts the calls being answered; once draining, a new call is answered UNAVAILABLE.
@@ -41,8 +45,15 @@ class CallsInFlight:
                 self._idle.set()
 
     async def drain(self, grace: float) -> None:
-        """Refuse new calls and wait (at most `grace` seconds) for those in flight."""
+        """Refuse new calls and wait (at most `grace` seconds) for those in flight; say
+        how many are still in flight then (the listener's close cuts them)."""
         self._draining = True
-        with contextlib.suppress(TimeoutError):
+        try:
             async with asyncio.timeout(grace):
                 await self._idle.wait()
+        except TimeoutError:
+            log.warning(
+                "calls still in flight at the end of the shutdown grace are cut",
+                calls=self._count,
+                grace_seconds=grace,
+            )
