@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -120,11 +121,16 @@ async def test_a_broker_that_never_answers_fails_start_up_within_its_budget(
     assert code == 2
 
 
+@pytest.mark.parametrize(
+    "stop", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["sigterm", "ctrl-c", "hang-up"]
+)
 async def test_a_signal_while_start_up_waits_for_a_dependency_stops_the_service_at_once(
-    databases: tuple[Database, Database], tmp_path: Path
+    databases: tuple[Database, Database], tmp_path: Path, stop: signal.Signals
 ) -> None:
     """Regression: start-up did not look at the signals, so SIGTERM while it waited for
-    a broker was ignored until its budget ran out (then exit 2, or a full start)."""
+    a broker was ignored until its budget ran out (then exit 2, or a full start). A
+    hang-up (the terminal or session it was started from closed) killed it on the spot;
+    it stops it as SIGTERM does."""
     env = {
         **service_env(
             *databases,
@@ -146,7 +152,7 @@ async def test_a_signal_while_start_up_waits_for_a_dependency_stops_the_service_
             return "broker unavailable" in log_path.read_text()
 
         await infra.wait_until(waiting_for_the_broker, what="start-up waiting for the broker")
-        process.terminate()
+        process.send_signal(stop)
         async with asyncio.timeout(10):
             code = await process.wait()
     finally:

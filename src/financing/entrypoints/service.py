@@ -1,6 +1,6 @@
 """`financing serve`: wire the selected components (bootstrap) and run them (supervisor).
 
-Exit codes: 0 after SIGINT/SIGTERM (also while starting: start-up is abandoned,
+Exit codes: 0 after SIGINT/SIGTERM/SIGHUP (also while starting: start-up is abandoned,
 what it opened closed), 1 when a component crashed, 2 when
 start-up failed (a dependency refused the service or stayed unreachable for
 `FINANCING_STARTUP_TIMEOUT` seconds, or a port could not be listened on).
@@ -29,6 +29,11 @@ from financing.logging import get_logger
 
 log = get_logger(__name__)
 
+# What stops the service cleanly: a terminal's Ctrl-C, a supervisor's stop, and the
+# hang-up of the terminal or session it was started from (by default it killed the
+# process on the spot: no drain, every call in flight cut).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
 
 async def serve(
     settings: Settings,
@@ -40,7 +45,7 @@ async def serve(
     """Run the selected components until a signal (exit 0) or a crash (exit 1)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     budget = settings.startup_timeout if startup_timeout is None else startup_timeout
     try:
@@ -63,7 +68,7 @@ async def serve(
         log.error("start-up failed", error=str(error))
         return 2
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
 
 
