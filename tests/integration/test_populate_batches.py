@@ -78,3 +78,23 @@ async def test_a_batch_is_made_only_when_the_one_before_is_published(
 
     assert len(first) == BATCH
     assert made <= 2 * BATCH
+
+
+async def test_each_registration_names_its_correlation_and_cause() -> None:
+    """Regression: the registrations carried no `correlation_id` or `causation_id`,
+    which every message the service publishes carries (docs/contract.md)."""
+    async with rabbitmq.private_vhost("fin_populate_cause") as vhost:
+        broker = Broker([vhost.url], Outages())
+        try:
+            connection = await broker.connection()
+            queue = subscription(IssuerRegistered.name()).queue.name
+            async for _ in registrations([vhost.url], issuers=1, investors=0, balance=Decimal(1)):
+                pass
+            channel = await connection.channel()
+            message = await (await channel.get_queue(queue)).get(no_ack=True)
+            await channel.close()
+        finally:
+            await broker.close()
+    assert message is not None
+    headers = message.headers
+    assert headers["correlation_id"] == headers["causation_id"] == message.message_id

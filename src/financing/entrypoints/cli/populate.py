@@ -18,7 +18,7 @@ from financing.adapters.rabbitmq.connection import connected
 from financing.adapters.rabbitmq.publisher import Publisher
 from financing.application import codec
 from financing.application.messages import IntegrationEvent, InvestorRegistered, IssuerRegistered
-from financing.application.ports import Envelope
+from financing.application.ports import Cause, Envelope
 
 Registration = IssuerRegistered | InvestorRegistered
 
@@ -34,7 +34,15 @@ class Population:
 
 
 def _envelope(event: IntegrationEvent) -> Envelope:
-    return Envelope(message_id=str(uuid4()), name=event.name(), body=codec.encode(event))
+    """A registration as Registering would publish it, starting a correlation of its own
+    (as every message the service publishes, it names its correlation and cause)."""
+    message_id = str(uuid4())
+    return Envelope(
+        message_id=message_id,
+        name=event.name(),
+        body=codec.encode(event),
+        headers=Cause(correlation_id=message_id, causation_id=message_id).headers(),
+    )
 
 
 async def registrations(
