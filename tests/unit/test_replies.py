@@ -19,6 +19,7 @@ import pytest
 from betterproto.lib.google.protobuf import Empty
 from grpclib.client import Channel
 from grpclib.const import Status
+from grpclib.protocol import H2Protocol
 from grpclib.server import Server
 
 from financing import generated as pb
@@ -39,6 +40,8 @@ from financing.entrypoints.grpc.codec import FramingChecked, RequestCodec
 from financing.entrypoints.grpc.queries import (
     LIST_BUILDS,
     LIST_CALLS_PER_CONNECTION,
+    LIST_CALLS_PER_HOST,
+    LIST_REPLIES,
     QueriesService,
 )
 from financing.entrypoints.grpc.replies import listed
@@ -322,3 +325,47 @@ async def test_one_connections_many_list_calls_do_not_hold_up_anothers() -> None
             other.close()
     # The other caller's list is read as soon as one of the greedy caller's is done.
     assert store.reads.index("investors") == LIST_BUILDS
+
+
+class ChannelFrom(Channel):
+    """A channel whose connections leave from `source`, another address of the host's
+    loopback network: another host, as the server sees it."""
+
+    def __init__(self, source: str, host: str, port: int) -> None:
+        super().__init__(host, port)
+        self._source = source
+
+    async def _create_connection(self) -> H2Protocol:
+        _, protocol = await asyncio.get_running_loop().create_connection(
+            self._protocol_factory, self._host, self._port, local_addr=(self._source, 0)
+        )
+        return protocol
+
+
+async def test_one_hosts_many_connections_do_not_hold_up_another_hosts_lists() -> None:
+    """Regression: one host's 8 connections, each with 2 list calls whose replies it did
+    not read, held every list place for 60 s: every other caller's list waited."""
+    store = GatedRows()
+    async with queries_server(store) as (queries, port):
+        greedy = [ChannelFrom("127.0.0.2", "127.0.0.1", port) for _ in range(LIST_REPLIES // 2)]
+        other = Channel("127.0.0.1", port)
+        try:
+            many = [
+                asyncio.create_task(pb.QueriesStub(channel).all_issuers(Empty(), timeout=10))
+                for channel in greedy
+                for _ in range(LIST_CALLS_PER_CONNECTION)
+            ]
+
+            async def arrived(count: int) -> bool:
+                return queries.calls.in_flight == count
+
+            await wait_until(lambda: arrived(len(many)), what="the greedy host's calls")
+            one = asyncio.create_task(pb.QueriesStub(other).all_investors(Empty(), timeout=10))
+            await wait_until(lambda: arrived(len(many) + 1), what="the other host's call")
+            store.gate.set()
+            await asyncio.gather(*many, one)
+        finally:
+            for channel in [*greedy, other]:
+                channel.close()
+    # The other host's list is read as soon as one of the greedy host's places is free.
+    assert store.reads.index("investors") <= LIST_CALLS_PER_HOST

@@ -7,9 +7,10 @@ is logged with its traceback and answered INTERNAL.
 
 A list reply is as large as its read model: the process reads and writes at most
 LIST_BUILDS of them at a time, holds at most LIST_REPLIES (built or being sent), at
-most LIST_CALLS_PER_CONNECTION of them for one connection (so that one caller's
-many calls, or its replies it does not read, do not hold up others' lists), and
-gives a caller REPLY_TIMEOUT to take its reply in. 100 calls of a list of 60,000
+most LIST_CALLS_PER_CONNECTION of them for one connection and LIST_CALLS_PER_HOST for
+the connections of one host (so that one caller's many calls, or its replies it does
+not read, do not hold up others' lists), and gives a caller REPLY_TIMEOUT to take
+its reply in. 100 calls of a list of 60,000
 invoices on one connection (an ordinary client, or one that never granted a window)
 kept the process busy for over a minute, every other caller's calls timed out, the
 broker and the database were taken for gone, and it grew by 4 GB, 1.7 GB of which
@@ -21,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from grpclib.const import Handler, Status
@@ -47,6 +48,9 @@ LIST_BUILDS = 2
 LIST_REPLIES = 16
 # List calls of one connection past their turn at once (the others of it wait).
 LIST_CALLS_PER_CONNECTION = 2
+# And of all the connections of one host: 8 connections each holding 2 replies they
+# never read took every place, and every other caller's list waited 60 s.
+LIST_CALLS_PER_HOST = LIST_REPLIES // 4
 # Seconds a caller has to take its reply in once it is built.
 REPLY_TIMEOUT = 60.0
 
@@ -63,6 +67,7 @@ class QueriesService(pb.QueriesBase):
         self._building = asyncio.Semaphore(LIST_BUILDS)
         self._holding = asyncio.Semaphore(LIST_REPLIES)
         self._connections: dict[object, _Turns] = {}  # by peer address
+        self._hosts: dict[object, _Turns] = {}  # by peer host
 
     def __mapping__(self) -> dict[str, Handler]:
         lists: dict[str, Callable[[Stream[Any, Any]], Awaitable[None]]] = {
@@ -91,7 +96,13 @@ class QueriesService(pb.QueriesBase):
     ) -> Callable[[Stream[Any, Any]], Awaitable[None]]:
         async def answer(stream: Stream[Any, Any]) -> None:
             await stream.recv_message()  # Empty
-            async with self._turn(stream.peer.addr()), self._holding:
+            peer = stream.peer.addr()
+            host = peer[0] if isinstance(peer, tuple) else peer
+            async with (
+                _turn(self._connections, peer, LIST_CALLS_PER_CONNECTION),
+                _turn(self._hosts, host, LIST_CALLS_PER_HOST),
+                self._holding,
+            ):
                 # The rows are let go before the reply is sent: a caller that reads it
                 # slowly holds only its bytes (about 100 a row), not the rows' objects
                 # (several times that), for as long as it takes.
@@ -107,21 +118,6 @@ class QueriesService(pb.QueriesBase):
                     ) from None
 
         return answer
-
-    @contextlib.asynccontextmanager
-    async def _turn(self, connection: object) -> AsyncIterator[None]:
-        """One of the LIST_CALLS_PER_CONNECTION places of `connection`'s list calls."""
-        turns = self._connections.get(connection)
-        if turns is None:
-            turns = self._connections[connection] = _Turns()
-        turns.calls += 1
-        try:
-            async with turns.places:
-                yield
-        finally:
-            turns.calls -= 1
-            if not turns.calls:
-                del self._connections[connection]
 
     async def _read(self, what: str, rows: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -142,9 +138,23 @@ class QueriesService(pb.QueriesBase):
 
 @dataclass
 class _Turns:
-    """The list calls of one connection: how many there are, and their places."""
+    """The list calls of one connection or host: how many there are, and their places."""
 
+    places: asyncio.Semaphore
     calls: int = 0
-    places: asyncio.Semaphore = field(
-        default_factory=lambda: asyncio.Semaphore(LIST_CALLS_PER_CONNECTION)
-    )
+
+
+@contextlib.asynccontextmanager
+async def _turn(turns_of: dict[object, _Turns], whose: object, places: int) -> AsyncIterator[None]:
+    """One of the `places` of the list calls of `whose` (a connection, a host)."""
+    turns = turns_of.get(whose)
+    if turns is None:
+        turns = turns_of[whose] = _Turns(asyncio.Semaphore(places))
+    turns.calls += 1
+    try:
+        async with turns.places:
+            yield
+    finally:
+        turns.calls -= 1
+        if not turns.calls:
+            del turns_of[whose]
