@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -384,9 +385,9 @@ class RecordingReadModels(WrappedReadModels):
 
     batches: list[int] = field(default_factory=list)
 
-    async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> None:
+    async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> AbstractSet[str]:
         self.batches.append(len(batch))
-        await self.inner.apply(batch)
+        return await self.inner.apply(batch)
 
 
 async def test_projector_behind_catches_up_in_batches_and_keeps_the_order(
@@ -442,7 +443,7 @@ class BuggyReadModels(WrappedReadModels):
     expected: int = 0
     batches: list[list[str]] = field(default_factory=list)
 
-    async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> None:
+    async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> AbstractSet[str]:
         message_ids = [message_id for message_id, _ in batch]
         self.batches.append(message_ids)
         if len(self.batches) == 1:
@@ -453,7 +454,7 @@ class BuggyReadModels(WrappedReadModels):
             await infra.wait_until(all_delivered, what="every event delivered")
         if self.bug_for in message_ids:
             raise TypeError(f"cannot project {self.bug_for}")
-        await self.inner.apply(batch)
+        return await self.inner.apply(batch)
 
 
 async def test_an_event_whose_projection_has_a_bug_is_dead_lettered_and_the_rest_projected(

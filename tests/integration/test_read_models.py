@@ -79,6 +79,16 @@ class ReadModelContract:
     def store(self) -> ReadModelStore:
         raise NotImplementedError("a subclass provides the store under test")
 
+    async def test_apply_says_which_messages_it_projected_now(self, store: ReadModelStore) -> None:
+        investor_id = uuid4()
+        created = (str(uuid4()), ev.InvestorCreatedEvent(investor_id))
+        added = (str(uuid4()), ev.InvestorFundsAddedEvent(investor_id, D(5)))
+        assert await store.apply([created]) == {created[0]}
+        # One projected before, one new, and the new one's copy in the same batch.
+        assert await store.apply([created, added, added]) == {added[0]}
+        assert await store.apply([created, added]) == set()
+        assert await investor(store, investor_id) == InvestorRow(investor_id, D(5), D(0), D(0))
+
     # Investors
 
     async def test_new_investor_has_nothing_in_balance_reserved_or_committed(

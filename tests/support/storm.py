@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from financing.application.pipeline import Decoded, Handler, HandlerPart, Outcome, OutcomeKind
@@ -58,8 +59,8 @@ class WrappedReadModels:
 
     inner: ReadModelStore
 
-    async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> None:
-        await self.inner.apply(batch)
+    async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> AbstractSet[str]:
+        return await self.inner.apply(batch)
 
     async def investors(self) -> list[InvestorRow]:
         return await self.inner.investors()
@@ -77,9 +78,11 @@ class Repeated(WrappedReadModels):
 
     times: int = 2
 
-    async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> None:
-        for _ in range(self.times):
+    async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> AbstractSet[str]:
+        fresh = await self.inner.apply(batch)
+        for _ in range(self.times - 1):
             await self.inner.apply(batch)
+        return fresh
 
 
 def overrides(times: int) -> Overrides:

@@ -4,6 +4,7 @@ deliveries of a batch it projects, and what becomes of the others."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -23,7 +24,12 @@ from financing.application.ports import (
     UnitOfWork,
     event_message_id,
 )
-from financing.application.read_models import InvestorRow, InvoiceRow, IssuerRow
+from financing.application.read_models import (
+    InMemoryReadModels,
+    InvestorRow,
+    InvoiceRow,
+    IssuerRow,
+)
 from financing.application.retry import Outages
 from financing.domain import events as ev
 from financing.workers.projector import Projector
@@ -40,8 +46,9 @@ class RecordingReadModels:
     def __init__(self) -> None:
         self.batches: list[list[tuple[str, ev.DomainEvent]]] = []
 
-    async def apply(self, batch: Sequence[tuple[str, ev.DomainEvent]]) -> None:
+    async def apply(self, batch: Sequence[tuple[str, ev.DomainEvent]]) -> AbstractSet[str]:
         self.batches.append(list(batch))
+        return {message_id for message_id, _ in batch}
 
     async def investors(self) -> list[InvestorRow]:
         return []
@@ -233,4 +240,30 @@ async def test_a_batch_settles_each_delivery_with_its_own_outcome() -> None:
     # One transaction for the batch, in delivery order, without what it refused.
     assert [[message_id for message_id, _ in batch] for batch in read_models.batches] == [
         [created.message_id, original.message_id, reference.message_id]
+    ]
+
+
+async def test_an_event_projected_before_is_settled_as_a_duplicate_not_as_projected() -> None:
+    """Regression: every event of a batch was counted as projected, copies already
+    projected included: a redelivery storm looked like projection work, and each old copy
+    added its age to the projection delay (one added 536 s)."""
+    read_models = InMemoryReadModels()
+    created = relayed(ev.InvestorCreatedEvent(INVESTOR), 1)
+    original = relayed(added(), 2)
+    first = [MemoryDelivery(envelope, source="projector") for envelope in (created, original)]
+    await Projector(read_models, Outages()).project(first)
+    # Copies of it, in a batch of their own and twice in one batch with a new event.
+    again = [MemoryDelivery(original, source="projector")]
+    await Projector(read_models, Outages()).project(again)
+    later = relayed(added("3"), 3)
+    mixed = [MemoryDelivery(envelope, source="projector") for envelope in (later, later)]
+    await Projector(read_models, Outages()).project(mixed)
+
+    settled = [delivery.settled[0].kind for delivery in [*first, *again, *mixed]]
+    assert settled == [
+        OutcomeKind.PROCESSED,
+        OutcomeKind.PROCESSED,
+        OutcomeKind.DUPLICATE,
+        OutcomeKind.PROCESSED,
+        OutcomeKind.DUPLICATE,
     ]

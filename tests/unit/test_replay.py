@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from collections.abc import Set as AbstractSet
 from uuid import uuid4
 
 import pytest
@@ -63,13 +64,13 @@ class Recorded:
         self.most_at_once = 0
         self.cancelled = 0
 
-    async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> None:
+    async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> AbstractSet[str]:
         self.applying += 1
         self.most_at_once = max(self.most_at_once, self.applying)
         try:
             self.batches.append([message_id for message_id, _ in batch])
             await self.applied(len(self.batches))
-            await self.models.apply(batch)
+            return await self.models.apply(batch)
         except asyncio.CancelledError:
             self.cancelled += 1
             raise

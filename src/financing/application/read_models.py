@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Protocol, TypeVar
@@ -95,12 +96,13 @@ class IssuerRow:
 
 
 class ReadModelStore(Protocol):
-    async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> None:
-        """Project (message id, event) pairs in order, all in one transaction.
+    async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> AbstractSet[str]:
+        """Project (message id, event) pairs in order, all in one transaction; the
+        message ids projected now.
 
         A message id already applied, in an earlier batch or earlier in this
-        one, changes nothing. Raises Unavailable when the storage is down;
-        nothing of the batch is applied then.
+        one, changes nothing (and is not among those returned). Raises
+        Unavailable when the storage is down; nothing of the batch is applied then.
         """
         ...
 
@@ -180,12 +182,15 @@ class InMemoryReadModels:
         self._issuers: dict[UUID, IssuerRow] = {}
         self._processed: set[str] = set()
 
-    async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> None:
+    async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> AbstractSet[str]:
+        fresh: set[str] = set()
         for message_id, event in batch:
             if message_id in self._processed:
                 continue
             self._processed.add(message_id)
+            fresh.add(message_id)
             self._project(event)
+        return fresh
 
     def _project(self, event: DomainEvent) -> None:
         match event:

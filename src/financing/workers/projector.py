@@ -35,6 +35,7 @@ from financing import metrics
 from financing.application.errors import PoisonMessage, summary
 from financing.application.grace import finish_on_cancel
 from financing.application.pipeline import (
+    DUPLICATE,
     Decoded,
     Delivery,
     Outcome,
@@ -113,7 +114,7 @@ class Projector:
         if not events:
             return {}
         try:
-            await retry(
+            fresh = await retry(
                 lambda: self._read_models.apply([_pair(event) for event in events]),
                 policy=self._policy,
                 outages=self._outages,
@@ -129,14 +130,21 @@ class Projector:
             return {id(event): await self._apply_one(event) for event in events}
         except Abandoned:  # the channel closed: every message is delivered again
             return {id(event): Outcome(OutcomeKind.ABANDONED) for event in events}
+        outcomes: dict[int, Outcome] = {}
         for event in events:
-            log.debug("event projected", **event.delivery.log_fields())
-        return {id(event): Outcome.processed() for event in events}
+            message_id = event.envelope.message_id
+            if message_id in fresh:
+                fresh = fresh - {message_id}  # a second copy in the batch is a duplicate
+                log.debug("event projected", **event.delivery.log_fields())
+                outcomes[id(event)] = Outcome.processed()
+            else:
+                outcomes[id(event)] = DUPLICATE
+        return outcomes
 
     async def _apply_one(self, event: Decoded) -> Outcome:
         async def apply(delivery: Delivery) -> Outcome:
-            await self._read_models.apply([_pair(event)])
-            return Outcome.processed()
+            fresh = await self._read_models.apply([_pair(event)])
+            return Outcome.processed() if fresh else DUPLICATE
 
         return await retried(self._policy, self._outages)(apply)(event.delivery)
 

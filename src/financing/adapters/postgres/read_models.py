@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
@@ -133,9 +134,9 @@ class PostgresReadModels:
             f" (SELECT count(*) FROM {s}.issuers)"
         )
 
-    async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> None:
+    async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> AbstractSet[str]:
         if not batch:
-            return
+            return frozenset()
         message_ids = list(dict.fromkeys(message_id for message_id, _ in batch))
         changes = _Changes.of(batch, set(message_ids))
         async with acquired(self._pool, self._dependency) as conn:
@@ -144,7 +145,7 @@ class PostgresReadModels:
                 # statement records them all and projects the batch, one round trip.
                 try:
                     await conn.execute(*self._at_once(message_ids, changes))
-                    return
+                    return frozenset(message_ids)
                 except asyncpg.UniqueViolationError as error:
                     if error.constraint_name != "processed_messages_pkey":
                         raise
@@ -153,11 +154,12 @@ class PostgresReadModels:
             async with conn.transaction():
                 # A concurrent writer of the same ids waits here until this
                 # transaction ends, then skips them.
-                fresh = {
+                fresh = frozenset(
                     row["message_id"] for row in await conn.fetch(self._record_sql, message_ids)
-                }
-                for sql, args in self._statements(_Changes.of(batch, fresh)):
+                )
+                for sql, args in self._statements(_Changes.of(batch, set(fresh))):
                     await conn.execute(sql, *args)
+                return fresh
 
     def _statements(self, changes: _Changes) -> Iterator[tuple[str, list[list[Any]]]]:
         """The statements that project `changes`, one per table (per round for invoices)."""

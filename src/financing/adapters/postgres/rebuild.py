@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import asyncpg
@@ -116,7 +117,7 @@ async def replay(
     count = 0
     last = after
     batch: list[tuple[str, DomainEvent]] = []
-    applying: asyncio.Task[None] | None = None
+    applying: asyncio.Task[AbstractSet[str]] | None = None
     try:
         async for stored in store.read_all(batch_size, after):
             last = stored
