@@ -229,6 +229,11 @@ async def test_requeue_leaves_letters_older_than_the_retention_unless_told_any_a
     assert kept.stdout.splitlines()[0] == "requeued 0 dead letter(s)"
     assert "left 2 dead letter(s) older than FINANCING_DEDUP_RETENTION" in kept.stdout
     assert sorted(await seeded.remaining()) == ["a-1", "a-2", "b-1"]
+    # The letter named, left for its age: not requeued, and the exit code says so (it
+    # said 0, as if it had been requeued).
+    named = await seeded.financing("requeue", "--message-id", "a-1", env=short)
+    assert named.exit_code == 1, named.describe()
+    assert "left 1 dead letter(s) older than FINANCING_DEDUP_RETENTION" in named.stdout
 
     forced = await seeded.financing("requeue", "--queue", seeded.queue_a, "--any-age", env=short)
     assert forced.stdout.strip() == "requeued 2 dead letter(s)", forced.describe()

@@ -44,7 +44,7 @@ from financing.generated import BidOnInvoiceCommand, CommandsStub, Money, SellIn
 from tests.support import infra, rabbitmq
 from tests.support.answers import call, correlation_of
 from tests.support.deployment import LocalDeployment, local_deployment
-from tests.support.service import CommandLine, financing_command, run_cli
+from tests.support.service import CommandLine, financing_command, free_port, run_cli
 
 # A SellInvoice waits about 3 s for its issuer before it is dead-lettered.
 DEAD_LETTER_WITHIN = 20.0
@@ -346,6 +346,33 @@ async def test_events_of_an_unknown_aggregate_says_so_and_exits_non_zero(
 
     assert run.exit_code == 1, run.describe()
     assert f"nothing is known of aggregate {unknown}" in run.stderr
+
+
+async def test_trace_and_events_without_a_dependency_print_what_they_have_and_exit_1(
+    operated: Operated,
+) -> None:
+    """Regression: `trace` without the broker and `events` without the query database
+    printed what they found and exited 0, as if the story were whole: a script could
+    not tell a trace missing its dead letters from a complete one."""
+    invoice, investor = await operated.invoice_on_sale(price=10)
+    correlation = await operated.bid(investor, invoice, 15)
+    await operated.traced(correlation)  # the saga is there to trace
+    nowhere = f"127.0.0.1:{free_port()}"
+    no_broker = {**operated.deployment.env, "AMQP_ADDRESS": f"amqp://guest:guest@{nowhere}/"}
+    no_reads = {
+        **operated.deployment.env,
+        "QUERY_DB_CONNECTION_STRING": f"postgresql://postgres@{nowhere}/queries",
+    }
+
+    traced = await run_cli(no_broker, "trace", correlation)
+    shown_ = await run_cli(no_reads, "events", str(investor))
+
+    assert traced.exit_code == 1, traced.describe()
+    assert "BidOnInvoicePlacedEvent" in traced.stdout
+    assert "dead letters not searched" in traced.stderr
+    assert shown_.exit_code == 1, shown_.describe()
+    assert "InvestorCreatedEvent" in shown_.stdout
+    assert "read model not shown" in shown_.stderr
 
 
 # financing tail

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import datetime
 
@@ -103,6 +104,28 @@ async def test_dead_letters_are_listed_in_order_without_being_consumed(
     assert await list_dead_letters(broker) == letters
     assert [d.message_id for d in await list_dead_letters(broker, limit=2)] == ["m-1", "m-2"]
     assert await rabbitmq.queue_state(await broker.connection(), DEAD_LETTER_QUEUE) == (3, 0)
+
+
+async def test_a_reading_takes_the_letters_there_when_it_starts_not_those_arriving(
+    broker: Broker,
+) -> None:
+    """Regression: `dead-letters list` and `trace` read until the queue was empty: in a
+    storm of dead letters they ran as long as the storm (80 s for 2,569 letters),
+    holding every letter, and every other operator's command gave up after 30 s."""
+    queue = unique_name("source")
+    await source_queues(broker, queue)
+    await dead_letter(broker, queue, "m-1", "before")
+    await dead_letter(broker, queue, "m-2", "before")
+    async with dead_letters._dead_letter_queue(broker) as letters:
+        await dead_letter(broker, queue, "m-3", "while it reads")
+        async with contextlib.aclosing(dead_letters._fetched(letters)) as found:
+            read = [letter.message_id async for _, letter in found]
+    assert read == ["m-1", "m-2"]
+    assert [letter.message_id for letter in await list_dead_letters(broker)] == [
+        "m-1",
+        "m-2",
+        "m-3",
+    ]
 
 
 async def test_a_dead_letter_queue_deleted_meanwhile_is_declared_again(broker: Broker) -> None:

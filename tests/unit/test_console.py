@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal
 
 from financing.entrypoints.cli.console import moment, shown, table
+from financing.entrypoints.cli.events import _row_lines
 
 
 def test_what_a_terminal_would_act_on_is_escaped() -> None:
@@ -32,3 +34,10 @@ def test_a_time_beyond_what_utc_holds_is_shown_as_written() -> None:
     late = datetime.fromisoformat("9999-12-31T23:59:59-01:00")
     assert moment(late) == "9999-12-31T23:59:59.000-01:00"
     assert moment(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)) == "2026-01-02T03:04:05.000Z"
+
+
+def test_an_amount_of_a_read_model_row_is_shown_in_plain_notation() -> None:
+    """Regression: `financing events` showed a balance of 10000 as `1E+4` (the driver's
+    Decimal), beside `{"Amount":10000}` in the event's body."""
+    lines = _row_lines(("investors", {"balance": Decimal("1E+4"), "reserved": Decimal("0.50")}))
+    assert [line.split() for line in lines[1:]] == [["balance", "10000"], ["reserved", "0.5"]]

@@ -437,13 +437,17 @@ async def being_read(broker: Broker) -> bool:
 
 async def _fetched(
     queue: AbstractQueue | None,
-    at_most: int | None = None,
     read: Callable[[AbstractIncomingMessage], DeadLetter] | None = None,
 ) -> AsyncGenerator[tuple[AbstractIncomingMessage, DeadLetter], None]:
-    """The letters of `queue`, oldest first, each fetched without being acked (and `read`
-    as a dead letter, unless told otherwise)."""
+    """The letters of `queue` there when it was declared, oldest first, each fetched
+    without being acked (and `read` as a dead letter, unless told otherwise).
+
+    Those that arrive meanwhile wait for the next command: read too, a storm of dead
+    letters kept a command reading (holding every letter, the other operators locked
+    out) for as long as the storm lasted."""
+    at_most = 0 if queue is None else queue.declaration_result.message_count or 0
     fetched = 0
-    while queue is not None and (at_most is None or fetched < at_most):
+    while queue is not None and fetched < at_most:
         with translated():
             message = await queue.get(no_ack=False, fail=False)
         if message is None:
@@ -573,18 +577,19 @@ async def _take(
 ) -> None:
     """`act` on every wanted letter, then ack it, unless `act` gives a reason to leave it.
 
-    Only the letters there when it starts: ones dead-lettered meanwhile (a
+    Only the letters there when it starts (`_fetched`): ones dead-lettered meanwhile (a
     requeued message failing again) wait for the next run. Cancelled part way,
     the letter in hand is finished first (`finish_on_cancel`): a requeued copy
     whose letter stayed would be a second copy of the message.
     """
-    async with _dead_letter_queue(broker) as queue:
-        waiting = 0 if queue is None else queue.declaration_result.message_count or 0
-        async with contextlib.aclosing(_fetched(queue, waiting)) as found:
-            async for message, letter in found:
-                if not wanted(letter):
-                    continue
-                await finish_on_cancel(_settled(message, letter, act, taken))
+    async with (
+        _dead_letter_queue(broker) as queue,
+        contextlib.aclosing(_fetched(queue)) as found,
+    ):
+        async for message, letter in found:
+            if not wanted(letter):
+                continue
+            await finish_on_cancel(_settled(message, letter, act, taken))
 
 
 async def _settled(

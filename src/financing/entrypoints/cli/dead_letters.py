@@ -89,8 +89,8 @@ async def requeue(settings: Settings, selection: Selection, *, any_age: bool = F
             f" ({settings.dedup_retention}): the records that would stop a second effect of"
             " their messages may be pruned; --any-age requeues them as well"
         )
-    if selection.message_id is not None and taken.left and not taken.count:
-        return 1  # the letter named is there, and left: the line above says why
+    if selection.message_id is not None and (taken.left or old) and not taken.count:
+        return 1  # the letter named is there, and left: the lines above say why
     return _found(taken.count + len(old), selection)
 
 

@@ -9,6 +9,7 @@ database cannot be reached the stream is still shown.
 from __future__ import annotations
 
 import sys
+from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
@@ -18,15 +19,17 @@ from financing.adapters.postgres.read_model_rows import read_model_row
 from financing.application.errors import Refused, Unavailable
 from financing.application.ports import StoredEvent
 from financing.config import Settings
+from financing.domain.money import canonical
 from financing.entrypoints.cli.console import database, moment, table
 
 
 async def run_events(settings: Settings, aggregate_id: UUID) -> int:
-    """Print the stream and the row; exit code 1 when neither exists."""
+    """Print the stream and the row; exit code 1 when neither exists, or when the read
+    models could not be reached (the stream is printed all the same)."""
     async with database(settings.command_db, COMMAND_DATABASE, "events", schema="commands") as pool:
         stream = await PostgresEventStore(pool).stream(aggregate_id)
     aggregate_type = stream[0].aggregate_type if stream else None
-    row = await _row(settings, aggregate_id, aggregate_type)
+    row, reached = await _row(settings, aggregate_id, aggregate_type)
     if not stream and row is None:
         print(
             f"financing events: nothing is known of aggregate {aggregate_id}:"
@@ -35,18 +38,19 @@ async def run_events(settings: Settings, aggregate_id: UUID) -> int:
         )
         return 1
     print("\n".join([*_stream_lines(aggregate_id, stream), "", *_row_lines(row)]))
-    return 0
+    return 0 if reached else 1
 
 
 async def _row(
     settings: Settings, aggregate_id: UUID, aggregate_type: str | None
-) -> tuple[str, dict[str, Any]] | None:
+) -> tuple[tuple[str, dict[str, Any]] | None, bool]:
+    """The aggregate's read-model row, and whether the read models could be reached."""
     try:
         async with database(settings.query_db, QUERY_DATABASE, "events", schema="queries") as pool:
-            return await read_model_row(pool, aggregate_id, aggregate_type)
+            return await read_model_row(pool, aggregate_id, aggregate_type), True
     except (Unavailable, Refused) as error:
         print(f"financing events: read model not shown: {error}", file=sys.stderr)
-        return None
+        return None, False
 
 
 def _stream_lines(aggregate_id: UUID, stream: list[StoredEvent]) -> list[str]:
@@ -73,4 +77,13 @@ def _row_lines(row: tuple[str, dict[str, Any]] | None) -> list[str]:
     if not columns:
         return [f"read model ({name}): listed"]
     width = max(len(column) for column in columns)
-    return [f"read model ({name}):", *(f"  {c:<{width}}  {v}" for c, v in columns.items())]
+    return [
+        f"read model ({name}):",
+        *(f"  {c:<{width}}  {_value(v)}" for c, v in columns.items()),
+    ]
+
+
+def _value(value: Any) -> str:
+    """A column's value; an amount in plain notation, as the events' bodies show it (the
+    driver reads 10000 as Decimal('1E+4'))."""
+    return canonical(value) if isinstance(value, Decimal) else str(value)

@@ -39,10 +39,12 @@ ALL_OF_THEM = sys.maxsize
 
 
 async def run_trace(settings: Settings, correlation_id: str) -> int:
-    """Print the trace; exit code 1 when nothing is known of the correlation."""
+    """Print the trace; exit code 1 when nothing is known of the correlation, or when
+    the dead letters could not be searched (what was found is printed all the same)."""
     async with database(settings.command_db, COMMAND_DATABASE, "trace", schema="commands") as pool:
         events, handlings = await correlated(pool, correlation_id)
-    handlings += await _kept_aside(settings.amqp_urls, correlation_id)
+    kept_aside, searched = await _kept_aside(settings.amqp_urls, correlation_id)
+    handlings += kept_aside
     story = trace(correlation_id, events, handlings)
     if not story.steps:
         print(
@@ -53,12 +55,13 @@ async def run_trace(settings: Settings, correlation_id: str) -> int:
         )
         return 1
     print("\n".join(render(story)))
-    return 0
+    return 0 if searched else 1
 
 
-async def _kept_aside(amqp_urls: list[str], correlation_id: str) -> list[Handling]:
-    """The correlation's dead letters, and its messages deferred to wait for an aggregate;
-    none, said on stderr, when the broker cannot tell."""
+async def _kept_aside(amqp_urls: list[str], correlation_id: str) -> tuple[list[Handling], bool]:
+    """The correlation's dead letters, and its messages deferred to wait for an aggregate,
+    and whether they could be searched; none, said on stderr, when the broker cannot
+    tell."""
     selection = Selection(correlation_id=correlation_id)
     try:
         async with connected(amqp_urls) as broker:
@@ -66,10 +69,9 @@ async def _kept_aside(amqp_urls: list[str], correlation_id: str) -> list[Handlin
             deferred = await list_deferred(broker, selection=selection)
     except (Unavailable, Refused) as error:
         print(f"financing trace: dead letters not searched: {error}", file=sys.stderr)
-        return []
-    return [_handling(letter, Fate.DEAD_LETTERED) for letter in letters] + [
-        _handling(message, Fate.DEFERRED) for message in deferred
-    ]
+        return [], False
+    found = [_handling(letter, Fate.DEAD_LETTERED) for letter in letters]
+    return found + [_handling(message, Fate.DEFERRED) for message in deferred], True
 
 
 def _handling(letter: DeadLetter, fate: Fate) -> Handling:
