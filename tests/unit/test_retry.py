@@ -431,7 +431,9 @@ async def test_a_dependency_is_exported_up_from_its_check_and_down_for_its_outag
     assert up(name) == 1
     outages.failed(Unavailable(name, "connection refused"))
     assert up(name) == 0
-    watching = asyncio.create_task(outages.watch(interval=0.01))
+    # Its operations' last failure is the one above: the check ends the outage once
+    # none has failed for `quiet` seconds (5 by default, the wait's own deadline).
+    watching = asyncio.create_task(outages.watch(interval=0.01, quiet=0.1))
 
     async def back() -> bool:
         return up(name) == 1
