@@ -281,7 +281,9 @@ def parse_duration(name: str, raw: str, *, most: timedelta = DURATION_MOST) -> t
         )
     seconds = int(match[1]) * _SECONDS_PER_UNIT[match[2]]
     if seconds > most.total_seconds():
-        raise ConfigError(f"{name} may be at most {int(most.total_seconds())} seconds, got {raw!r}")
+        days, rest = divmod(int(most.total_seconds()), 86400)
+        longest = f"{days}d" if not rest else f"{int(most.total_seconds())}s"
+        raise ConfigError(f"{name} may be at most {longest}, got {raw!r}")
     return timedelta(seconds=seconds)
 
 
@@ -392,16 +394,19 @@ def parse_database(value: str) -> Database:
 
 
 def _parse_url(url: str) -> Database:
-    if "," in url.partition("://")[2].partition("/")[0]:
+    authority = re.split(r"[/?#]", url.partition("://")[2], maxsplit=1)[0]
+    if "," in authority.rpartition("@")[2]:  # hosts, not a password holding a comma
         raise ConfigError(
             "connection string: the URL names several servers; give one (a load"
             " balancer's or a proxy's address for several)"
         )
     parts = split_url(url, "connection string")
-    # As libpq reads a URL's query: percent-escapes decoded, a `+` kept (not a space).
+    # As libpq reads a URL's query: percent-escapes decoded, a `+` kept (not a space),
+    # an empty value the same as none.
     query = {
         unquote(key): unquote(raw)
         for key, _, raw in (item.partition("=") for item in parts.query.split("&") if item)
+        if raw
     }
     pool_size = _pool_size(query.pop("pool_max_conns", None))
     port = parts.port
@@ -462,7 +467,8 @@ def _asyncpg_keywords(pairs: Mapping[str, str]) -> dict[str, Any]:
                 f"connection string: {key} names several servers; give one (a"
                 " load balancer's or a proxy's address for several)"
             )
-    return {_LIBPQ_TO_ASYNCPG[key]: _typed(key, raw) for key, raw in ordered}
+    typed = {_LIBPQ_TO_ASYNCPG[key]: _typed(key, raw) for key, raw in ordered}
+    return {key: value for key, value in typed.items() if value is not None}
 
 
 def _known_keys(keys: Iterable[str]) -> None:
@@ -531,12 +537,12 @@ def _typed(key: str, raw: str) -> Any:
             seconds = float(raw)
         except ValueError:
             seconds = math.nan
-        if not (math.isfinite(seconds) and 0 < seconds <= POSTGRES_TIMEOUT_MOST.total_seconds()):
+        if not (math.isfinite(seconds) and 0 <= seconds <= POSTGRES_TIMEOUT_MOST.total_seconds()):
             raise ConfigError(
-                f"connection string: connect_timeout must be a number of seconds above 0,"
-                f" got {raw!r}"
+                f"connection string: connect_timeout must be a number of seconds, got {raw!r}"
             )
-        return seconds
+        # libpq's 0 is no timeout of its own: FINANCING_DB_TIMEOUT bounds the attempt.
+        return seconds or None
     if key == "sslmode":
         if raw not in SSL_MODES:
             raise ConfigError(

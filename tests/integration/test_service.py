@@ -163,6 +163,51 @@ async def test_a_signal_while_start_up_waits_for_a_dependency_stops_the_service_
     assert "stopped while starting" in log_path.read_text()
 
 
+async def test_a_service_started_to_ignore_hang_ups_keeps_ignoring_them(
+    databases: tuple[Database, Database], tmp_path: Path
+) -> None:
+    """Started under `nohup` (SIGHUP ignored), the service outlives the session it was
+    started from, as it did before a hang-up stopped it."""
+    env = {
+        **service_env(
+            *databases,
+            f"amqp://guest:guest@127.0.0.1:{free_port()}/",  # nothing listens there
+            command_address=("127.0.0.1", free_port()),
+            query_address=("127.0.0.1", free_port()),
+            metrics_address=("127.0.0.1", free_port()),
+        ),
+        # Ignoring the hang-up, it waits for the broker until this budget is spent (exit
+        # 2); stopped by it, it would exit 0 at once.
+        "FINANCING_STARTUP_TIMEOUT": "3",
+    }
+    log_path = tmp_path / "service.log"
+    with log_path.open("w") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "financing",
+            "serve",
+            env=env,
+            stderr=log_file,
+            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # as nohup does
+        )
+    try:
+
+        async def waiting_for_the_broker() -> bool:
+            return "broker unavailable" in log_path.read_text()
+
+        await infra.wait_until(waiting_for_the_broker, what="start-up waiting for the broker")
+        process.send_signal(signal.SIGHUP)
+        async with asyncio.timeout(10):
+            code = await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert code == 2, log_path.read_text()[-2000:]
+    assert "stopped while starting" not in log_path.read_text()
+
+
 async def _run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(
         subprocess.run,

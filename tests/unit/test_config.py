@@ -221,6 +221,21 @@ def test_a_url_naming_several_servers_is_refused_for_that() -> None:
         parse_database("postgresql://app@db1:5432,db2:5432/x")
 
 
+def test_a_comma_elsewhere_in_a_url_names_no_second_server() -> None:
+    assert kwargs("postgresql://app:pa,ss@db/x")["password"] == "pa,ss"
+    assert kwargs("postgresql://app@db?password=a,b&dbname=x")["password"] == "a,b"
+
+
+def test_an_empty_value_in_a_url_query_is_none_as_libpq_reads_it() -> None:
+    assert kwargs("postgresql://app@db/x?port=&sslmode=")["port"] == 5432
+
+
+def test_a_connect_timeout_of_0_leaves_the_attempt_to_the_database_timeout() -> None:
+    """libpq's 0 is no timeout of its own; asyncpg's 0 gave up at once."""
+    assert "timeout" not in kwargs("host=db dbname=x connect_timeout=0")
+    assert kwargs("host=db dbname=x connect_timeout=2.5")["timeout"] == 2.5
+
+
 @pytest.mark.parametrize(
     "value",
     ["postgresql://app@db/x?sslmode=bogus", "host=db dbname=x sslmode=REQUIRE"],
@@ -315,6 +330,7 @@ def test_a_key_the_service_does_not_read_is_refused_by_name(value: str) -> None:
         "host=db port=-5",
         "host=db connect_timeout=nan",
         "host=db connect_timeout=-1",
+        "host=db connect_timeout=soon",
         "host=db connect_timeout=inf",
         "host=db1,db2 dbname=x",
     ],

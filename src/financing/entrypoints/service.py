@@ -31,8 +31,17 @@ log = get_logger(__name__)
 
 # What stops the service cleanly: a terminal's Ctrl-C, a supervisor's stop, and the
 # hang-up of the terminal or session it was started from (by default it killed the
-# process on the spot: no drain, every call in flight cut).
+# process on the spot: no drain, every call in flight cut), unless the process was
+# started to ignore it (`nohup`): then it still ignores it.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _stop_signals() -> tuple[signal.Signals, ...]:
+    return tuple(
+        sig
+        for sig in STOP_SIGNALS
+        if sig is not signal.SIGHUP or signal.getsignal(sig) is not signal.SIG_IGN
+    )
 
 
 async def serve(
@@ -45,7 +54,8 @@ async def serve(
     """Run the selected components until a signal (exit 0) or a crash (exit 1)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in STOP_SIGNALS:
+    stopping_on = _stop_signals()
+    for sig in stopping_on:
         loop.add_signal_handler(sig, stop.set)
     budget = settings.startup_timeout if startup_timeout is None else startup_timeout
     try:
@@ -68,7 +78,7 @@ async def serve(
         log.error("start-up failed", error=str(error))
         return 2
     finally:
-        for sig in STOP_SIGNALS:
+        for sig in stopping_on:
             loop.remove_signal_handler(sig)
 
 

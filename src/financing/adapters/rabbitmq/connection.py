@@ -228,7 +228,8 @@ class Broker:
         except asyncio.CancelledError as error:
             if not failed_by_a_lost_connection(error):
                 raise  # the caller is cancelled
-            raise Unavailable(BROKER, "the connection is closing") from error
+            why = "the connection is closing" if self._closing else describe(error)
+            raise Unavailable(BROKER, why) from error
 
     async def _open_once(self) -> AbstractConnection:
         if self._connection is not None and _open(self._connection):

@@ -48,9 +48,11 @@ LIST_BUILDS = 2
 LIST_REPLIES = 16
 # List calls of one connection past their turn at once (the others of it wait).
 LIST_CALLS_PER_CONNECTION = 2
-# And of all the connections of one host: 8 connections each holding 2 replies they
-# never read took every place, and every other caller's list waited 60 s.
-LIST_CALLS_PER_HOST = LIST_REPLIES // 4
+# And of all the connections of one host (address: clients behind one NAT or proxy
+# share them): 8 connections each holding 2 replies they never read took every place,
+# and every other caller's list waited 60 s. Half the places, so that one host can
+# never hold up the others' lists, and the clients behind one address still have 8.
+LIST_CALLS_PER_HOST = LIST_REPLIES // 2
 # Seconds a caller has to take its reply in once it is built.
 REPLY_TIMEOUT = 60.0
 
