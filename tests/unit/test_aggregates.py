@@ -128,9 +128,14 @@ def test_creating_an_investor_raises_created_then_funds_added() -> None:
     assert funds(new) == (D("100"), D("0"), D("0"))
 
 
-def test_creating_an_investor_with_zero_balance_adds_no_funds() -> None:
+def test_creating_an_investor_with_zero_balance_adds_funds_of_zero_as_the_reference_does() -> None:
+    """Regression: an investor registered with 0 had no InvestorFundsAddedEvent, where
+    the domain's table and the reference give both events whatever the balance."""
     new = Investor(INVESTOR)
-    assert new.create(D("0")) == [InvestorCreatedEvent(INVESTOR)]
+    assert new.create(D("0")) == [
+        InvestorCreatedEvent(INVESTOR),
+        InvestorFundsAddedEvent(INVESTOR, D("0")),
+    ]
     assert new.exists
     assert new.balance == 0
 

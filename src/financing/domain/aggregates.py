@@ -133,9 +133,9 @@ class Investor(Aggregate):
             return self._nothing_to_do("already exists")
         if balance < ZERO:
             raise RuleViolation(f"investor {self.id}: initial balance must be >= 0, got {balance}")
+        # Both events, whatever the balance, as the reference raises them: a consumer of
+        # `events` sees every investor's first funds, 0 included.
         created = InvestorCreatedEvent(investor_id=self.id)
-        if balance == ZERO:
-            return self._raise(created)
         return self._raise(created, InvestorFundsAddedEvent(investor_id=self.id, amount=balance))
 
     def place_bid(self, invoice_id: UUID, amount: Decimal) -> list[DomainEvent]:
