@@ -444,6 +444,7 @@ class EventStoreContract:
             (first, 1),
             (first, 2),
             (second, 1),
+            (second, 2),  # funds of 0 added
             (first, 3),
             (third, 1),
             (third, 2),

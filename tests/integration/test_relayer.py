@@ -246,6 +246,7 @@ async def test_events_are_relayed_with_correlation_causation_and_recording_time_
         (str(correlated), "saga-5", "message-5"),
         (str(correlated), "saga-5", "message-5"),
         (str(uncorrelated), None, None),
+        (str(uncorrelated), None, None),
     ]
     recorded = [datetime.fromisoformat(str(headers["recorded_at"])) for headers in got]
     assert recorded == [event.recorded_at for event in stored]
