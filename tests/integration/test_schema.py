@@ -11,6 +11,7 @@ import pytest
 from financing.adapters.postgres.connection import connect, create_pool
 from financing.adapters.postgres.event_store import LEGACY_CONSUMERS, PostgresEventStore
 from financing.adapters.postgres.schema import (
+    MIGRATION_LOCK,
     SchemaAhead,
     SchemaElsewhere,
     apply,
@@ -114,7 +115,7 @@ async def test_a_failing_section_leaves_no_trace(empty_database: Database) -> No
     bad = (2, "CREATE TABLE no_such_schema.bad_table (id int)")
     conn = await connect(empty_database)
     try:
-        with pytest.raises(asyncpg.InvalidSchemaNameError):
+        with pytest.raises(SchemaElsewhere, match="no_such_schema"):
             await apply(conn, "demo", [good, bad])
 
         assert await conn.fetchval("SELECT to_regclass('good_table')") is None
@@ -267,5 +268,69 @@ async def test_a_search_path_that_would_create_the_schema_elsewhere_is_refused(
         await conn.execute("SET search_path = public, newcomer")
         await migrate(conn, "commands")  # where its tables are: nothing to do
         assert await conn.fetchval("SELECT to_regclass('newcomer.events')") is None
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("isolation", ["serializable", "repeatable read"])
+async def test_instances_migrating_at_once_succeed_whatever_isolation_the_database_sets(
+    empty_database: Database, isolation: str
+) -> None:
+    """Regression: under a database's default isolation of REPEATABLE READ or SERIALIZABLE,
+    an instance that waited for another's migration lock migrated again from the snapshot
+    it took while waiting, and crashed ("relation events already exists")."""
+    admin = await connect(empty_database)
+    name = empty_database.connect_kwargs["database"]
+    await admin.execute(f"ALTER DATABASE {name} SET default_transaction_isolation = '{isolation}'")
+    connections = [await connect(empty_database) for _ in range(3)]
+    try:
+        async with admin.transaction():  # holds the lock while all of them ask for it
+            await admin.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            migrating = [asyncio.create_task(migrate(conn, "commands")) for conn in connections]
+
+            async def all_waiting() -> bool:
+                waiting = await admin.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                )
+                return bool(waiting == len(connections))
+
+            await infra.wait_until(all_waiting, what="every instance waiting for the lock")
+        await asyncio.gather(*migrating)
+        assert await recorded(admin) == [("commands", v) for v, _ in sections("commands")]
+    finally:
+        for conn in [admin, *connections]:
+            await conn.close()
+
+
+async def test_another_applications_schema_migrations_is_refused_naming_it(
+    empty_database: Database,
+) -> None:
+    """Regression: golang-migrate's `schema_migrations` (version, dirty) where the service
+    looks for its own crashed `serve`, `check` and `status` (UndefinedColumnError)."""
+    conn = await connect(empty_database)
+    try:
+        await conn.execute(
+            "CREATE TABLE schema_migrations (version bigint PRIMARY KEY, dirty boolean NOT NULL)"
+        )
+        with pytest.raises(SchemaElsewhere, match="another application's"):
+            await migrate(conn, "commands")
+        with pytest.raises(SchemaElsewhere, match="another application's"):
+            await missing(conn, "commands")
+    finally:
+        await conn.close()
+
+
+async def test_a_query_database_without_the_schema_its_migration_needs_is_refused(
+    empty_database: Database,
+) -> None:
+    """Regression: a query database whose `public` schema was dropped crashed start-up
+    with an uncaught InvalidSchemaNameError, on every start."""
+    conn = await connect(empty_database)
+    try:
+        await conn.execute("DROP SCHEMA public CASCADE")
+        await conn.execute("CREATE SCHEMA app")
+        await conn.execute("SET search_path = app")
+        with pytest.raises(SchemaElsewhere, match="needs a schema the database does not have"):
+            await migrate(conn, "queries")
     finally:
         await conn.close()

@@ -184,6 +184,23 @@ async def _refuse_misplaced(conn: Connection, name: str) -> None:
         )
 
 
+async def _recorded(pool_or_conn: asyncpg.Pool | Connection, name: str) -> list[asyncpg.Record]:
+    """The recorded versions of `name`; SchemaElsewhere when the `schema_migrations`
+    the session finds is another application's (golang-migrate's, Rails', dbmate's)."""
+    try:
+        return await pool_or_conn.fetch(
+            "SELECT version FROM schema_migrations WHERE name = $1", name
+        )
+    except (asyncpg.UndefinedColumnError, asyncpg.DatatypeMismatchError):
+        raise SchemaElsewhere(
+            name,
+            "the table schema_migrations its search_path finds is another application's"
+            " (it has no name and version of migrations): give the service a schema of its"
+            " own (search_path, for the role or `options=-csearch_path=...` in the"
+            " connection string)",
+        ) from None
+
+
 def _identifier(name: str) -> str:
     """`name` as a quoted SQL identifier, whatever its characters."""
     return '"' + name.replace('"', '""') + '"'
@@ -193,9 +210,7 @@ async def missing(pool_or_conn: asyncpg.Pool | Connection, name: str) -> list[in
     """The versions of `sql/<name>.sql` this database has not recorded (read only, for a
     server that takes no writes: a replica carries the schema its primary migrated)."""
     try:
-        rows = await pool_or_conn.fetch(
-            "SELECT version FROM schema_migrations WHERE name = $1", name
-        )
+        rows = await _recorded(pool_or_conn, name)
     except asyncpg.UndefinedTableError:
         rows = []
     applied = {row["version"] for row in rows}
@@ -222,9 +237,11 @@ async def apply(
 async def _apply(
     conn: Connection, name: str, pending: list[tuple[int, str]], statement_timeout: float | None
 ) -> None:
-    async with conn.transaction():
-        # First statement of the transaction: under READ COMMITTED every later
-        # statement sees what the previous lock holder committed.
+    # READ COMMITTED whatever the database's default: the lock is the transaction's first
+    # statement, and every later one must see what the previous lock holder committed
+    # (under REPEATABLE READ or SERIALIZABLE the snapshot was taken while waiting for the
+    # lock: instances starting together created the tables twice, and one crashed).
+    async with conn.transaction(isolation="read_committed"):
         await conn.execute(
             "SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK, timeout=statement_timeout
         )
@@ -239,18 +256,20 @@ async def _apply(
             )
             """
         )
-        applied = {
-            row["version"]
-            for row in await conn.fetch(
-                "SELECT version FROM schema_migrations WHERE name = $1", name
-            )
-        }
+        applied = {row["version"] for row in await _recorded(conn, name)}
         _refuse_ahead(name, applied, pending)
         for version, sql in pending:
             if version in applied:
                 continue
-            # No arguments: the simple protocol, several statements.
-            await conn.execute(sql, timeout=statement_timeout)
+            try:
+                # No arguments: the simple protocol, several statements.
+                await conn.execute(sql, timeout=statement_timeout)
+            except asyncpg.InvalidSchemaNameError as error:
+                raise SchemaElsewhere(
+                    name,
+                    f"its migration {version} needs a schema the database does not have"
+                    f" ({error}): create it, or give the service a database that has it",
+                ) from None
             await conn.execute(
                 "INSERT INTO schema_migrations (name, version) VALUES ($1, $2)", name, version
             )
