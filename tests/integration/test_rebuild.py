@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from financing.adapters.postgres.event_store import PostgresEventStore
-from financing.adapters.postgres.read_models import PostgresReadModels
+from financing.adapters.postgres.read_models import PostgresReadModels, create_tables
 from financing.adapters.postgres.rebuild import RebuildReport, rebuild
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import Broker, close_channel
@@ -197,6 +197,29 @@ async def test_rebuild_leaves_only_the_live_schema_behind(
         "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'read_models%'"
     )
     assert [row["nspname"] for row in schemas] == ["read_models"]
+
+
+async def test_rebuild_drops_the_schema_a_killed_rebuild_left_not_one_being_built(
+    event_store_pool: asyncpg.Pool, query_pool: asyncpg.Pool
+) -> None:
+    """Regression: a rebuild killed (SIGKILL, out of memory) left its schema, a full copy
+    of the read models, for good: nothing reported or removed it."""
+    killed, building = "read_models_rebuild_00000000dead", "read_models_rebuild_0000000b0114"
+    async with query_pool.acquire() as conn:
+        await create_tables(conn, killed)
+        await create_tables(conn, building)
+    async with query_pool.acquire() as other:  # a rebuild under way holds its lock
+        await other.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", building)
+        try:
+            await rebuild(event_store_pool, query_pool)
+        finally:
+            await other.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", building)
+    schemas = await query_pool.fetch(
+        "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'read_models%' ORDER BY nspname"
+    )
+    assert [row["nspname"] for row in schemas] == ["read_models", building]
+    async with query_pool.acquire() as conn:
+        await conn.execute(f'DROP SCHEMA "{building}" CASCADE')
 
 
 async def test_rebuild_of_an_empty_event_store_empties_the_read_models(

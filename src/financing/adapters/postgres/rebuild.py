@@ -14,18 +14,23 @@ if it projected anything the replay did not cover, the replay goes on from the
 last event it read (events already applied are skipped by message id) before
 the swap. Events
 that never were in the event store (from a foreign publisher) are not kept.
+
+A rebuild holds a lock named after its schema for as long as it builds it, so that
+the next one tells the schema of a rebuild that was killed (its lock free) from one
+being built, and drops it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import asyncpg
 
-from financing.adapters.postgres.connection import QUERY_DATABASE, acquired
+from financing.adapters.postgres.connection import QUERY_DATABASE, Connection, acquired
 from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.adapters.postgres.read_models import (
     DEFAULT_SCHEMA,
@@ -62,12 +67,34 @@ async def rebuild(
 ) -> RebuildReport:
     """Replace the read models with a fresh projection of the whole event store."""
     await migrate(query_pool, "queries")
-    suffix = uuid.uuid4().hex[:12]
-    fresh = f"{DEFAULT_SCHEMA}_rebuild_{suffix}"
-    retired = f"{DEFAULT_SCHEMA}_retired_{suffix}"
-    live_sql, fresh_sql, retired_sql = (quoted_schema(s) for s in (DEFAULT_SCHEMA, fresh, retired))
+    fresh = f"{DEFAULT_SCHEMA}_rebuild_{uuid.uuid4().hex[:12]}"
     store = PostgresEventStore(event_store_pool)
     target = PostgresReadModels(query_pool, fresh)
+    async with acquired(query_pool, QUERY_DATABASE) as holder:
+        await holder.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", fresh)
+        try:
+            await _discard_abandoned(holder)
+            events = await _rebuilt(store, target, query_pool, batch_size, fresh)
+        finally:
+            with contextlib.suppress(Exception):  # gone with its session otherwise
+                await holder.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", fresh)
+    investors, invoices, issuers = await PostgresReadModels(query_pool).counts()
+    report = RebuildReport(events, investors, invoices, issuers)
+    log.info("read models rebuilt", **vars(report))
+    return report
+
+
+async def _rebuilt(
+    store: PostgresEventStore,
+    target: PostgresReadModels,
+    query_pool: asyncpg.Pool,
+    batch_size: int,
+    fresh: str,
+) -> int:
+    """Build `fresh`, then swap it for the live schema; the events replayed."""
+    suffix = fresh.rpartition("_")[2]
+    retired = f"{DEFAULT_SCHEMA}_retired_{suffix}"
+    live_sql, fresh_sql, retired_sql = (quoted_schema(s) for s in (DEFAULT_SCHEMA, fresh, retired))
     log.info("rebuilding read models", schema=fresh)
     try:
         async with acquired(query_pool, QUERY_DATABASE) as conn:
@@ -91,10 +118,25 @@ async def rebuild(
     except BaseException:
         await _discard(query_pool, fresh_sql)
         raise
-    investors, invoices, issuers = await PostgresReadModels(query_pool).counts()
-    report = RebuildReport(events, investors, invoices, issuers)
-    log.info("read models rebuilt", **vars(report))
-    return report
+    return events
+
+
+async def _discard_abandoned(conn: Connection) -> None:
+    """Drop the schemas of rebuilds that did not finish and whose process is gone (killed,
+    out of memory): each a full copy of the read models, which nothing else removes."""
+    rows = await conn.fetch(
+        "SELECT nspname FROM pg_namespace WHERE starts_with(nspname, $1)",
+        f"{DEFAULT_SCHEMA}_rebuild_",
+    )
+    for row in rows:
+        name = row["nspname"]
+        if not await conn.fetchval("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", name):
+            continue  # being built
+        try:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {quoted_schema(name)} CASCADE")
+            log.info("dropped the schema of a rebuild that did not finish", schema=name)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", name)
 
 
 async def replay(
