@@ -135,6 +135,12 @@ async def _discard_abandoned(conn: Connection) -> None:
         try:
             await conn.execute(f"DROP SCHEMA IF EXISTS {quoted_schema(name)} CASCADE")
             log.info("dropped the schema of a rebuild that did not finish", schema=name)
+        except asyncpg.PostgresError as error:  # not this rebuild's to fail for
+            log.warning(
+                "could not drop the schema of a rebuild that did not finish",
+                schema=name,
+                error=str(error),
+            )
         finally:
             await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", name)
 
