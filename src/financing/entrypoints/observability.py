@@ -202,6 +202,9 @@ class MetricsEndpoint:
                 await writer.drain()
         except (OSError, TimeoutError):
             pass  # a client that went away, never finished its request or never read
+        except asyncio.CancelledError:
+            writer.transport.abort()  # the service is stopping: what is unread is dropped
+            raise
         finally:
             try:
                 await _closed(writer)
