@@ -54,7 +54,11 @@ from grpclib.protocol import Connection
 from financing.adapters.postgres.connection import is_unavailable
 from financing.adapters.postgres.event_store import EVENT_COLUMNS, stored_event
 from financing.adapters.postgres.read_models import PostgresReadModels
-from financing.adapters.rabbitmq.connection import describe, is_broker_error
+from financing.adapters.rabbitmq.connection import (
+    ClosedIfNotOpened,
+    describe,
+    is_broker_error,
+)
 from financing.adapters.rabbitmq.dead_letters import REASON_HEADER, SOURCE_QUEUE_HEADER
 from financing.adapters.rabbitmq.envelopes import to_amqp
 from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE, declare_events_exchange
@@ -452,7 +456,11 @@ class IntegrationPublisher:
         async with self._lock:
             if self._exchange is None or self._channel is None or self._channel.is_closed:
                 await self._drop()
-                self._connection = await aio_pika.connect(self._url, timeout=5)
+                # A connection that fails to open closes itself, as the service's do:
+                # left to aio-pika's finaliser, it warned that its close was never awaited.
+                self._connection = await aio_pika.connect(
+                    self._url, timeout=5, connection_class=ClosedIfNotOpened
+                )
                 self._channel = await self._connection.channel(publisher_confirms=True)
                 self._exchange = await declare_events_exchange(self._channel)
             return self._exchange

@@ -167,7 +167,7 @@ def translated() -> Iterator[None]:
         raise Unavailable(BROKER, describe(error)) from error
 
 
-class _ClosedIfNotOpened(aio_pika.Connection):
+class ClosedIfNotOpened(aio_pika.Connection):
     """A connection that closes itself when it fails to open. aio-pika leaves that to
     the connection's finaliser, which schedules the close on the loop whenever the
     collector comes by (every refused attempt of an outage), and on a loop that has
@@ -258,7 +258,7 @@ class Broker:
                 connection = await aio_pika.connect(
                     _with_heartbeat(url),
                     timeout=CONNECT_TIMEOUT,
-                    connection_class=_ClosedIfNotOpened,
+                    connection_class=ClosedIfNotOpened,
                 )
             except aiormq.exceptions.ProbableAuthenticationError as error:
                 if not self._accepted_once:
