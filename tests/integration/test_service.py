@@ -121,16 +121,16 @@ async def test_a_broker_that_never_answers_fails_start_up_within_its_budget(
     assert code == 2
 
 
-@pytest.mark.parametrize(
-    "stop", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["sigterm", "ctrl-c", "hang-up"]
-)
-async def test_a_signal_while_start_up_waits_for_a_dependency_stops_the_service_at_once(
-    databases: tuple[Database, Database], tmp_path: Path, stop: signal.Signals
-) -> None:
-    """Regression: start-up did not look at the signals, so SIGTERM while it waited for
-    a broker was ignored until its budget ran out (then exit 2, or a full start). A
-    hang-up (the terminal or session it was started from closed) killed it on the spot;
-    it stops it as SIGTERM does."""
+async def _signalled_waiting_for_the_broker(
+    databases: tuple[Database, Database],
+    tmp_path: Path,
+    sig: signal.Signals,
+    *,
+    startup_timeout: int,
+    ignoring_hang_ups: bool = False,
+) -> tuple[int, str]:
+    """Start `financing serve` with no broker to reach, send `sig` once start-up waits for
+    it: the exit code, and the log."""
     env = {
         **service_env(
             *databases,
@@ -139,46 +139,7 @@ async def test_a_signal_while_start_up_waits_for_a_dependency_stops_the_service_
             query_address=("127.0.0.1", free_port()),
             metrics_address=("127.0.0.1", free_port()),
         ),
-        "FINANCING_STARTUP_TIMEOUT": "120",
-    }
-    log_path = tmp_path / "service.log"
-    with log_path.open("w") as log_file:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "financing", "serve", env=env, stderr=log_file
-        )
-    try:
-
-        async def waiting_for_the_broker() -> bool:
-            return "broker unavailable" in log_path.read_text()
-
-        await infra.wait_until(waiting_for_the_broker, what="start-up waiting for the broker")
-        process.send_signal(stop)
-        async with asyncio.timeout(10):
-            code = await process.wait()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert code == 0, log_path.read_text()[-2000:]
-    assert "stopped while starting" in log_path.read_text()
-
-
-async def test_a_service_started_to_ignore_hang_ups_keeps_ignoring_them(
-    databases: tuple[Database, Database], tmp_path: Path
-) -> None:
-    """Started under `nohup` (SIGHUP ignored), the service outlives the session it was
-    started from, as it did before a hang-up stopped it."""
-    env = {
-        **service_env(
-            *databases,
-            f"amqp://guest:guest@127.0.0.1:{free_port()}/",  # nothing listens there
-            command_address=("127.0.0.1", free_port()),
-            query_address=("127.0.0.1", free_port()),
-            metrics_address=("127.0.0.1", free_port()),
-        ),
-        # Ignoring the hang-up, it waits for the broker until this budget is spent (exit
-        # 2); stopped by it, it would exit 0 at once.
-        "FINANCING_STARTUP_TIMEOUT": "3",
+        "FINANCING_STARTUP_TIMEOUT": str(startup_timeout),
     }
     log_path = tmp_path / "service.log"
     with log_path.open("w") as log_file:
@@ -189,7 +150,10 @@ async def test_a_service_started_to_ignore_hang_ups_keeps_ignoring_them(
             "serve",
             env=env,
             stderr=log_file,
-            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # as nohup does
+            # As nohup does.
+            preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+            if ignoring_hang_ups
+            else None,
         )
     try:
 
@@ -197,15 +161,45 @@ async def test_a_service_started_to_ignore_hang_ups_keeps_ignoring_them(
             return "broker unavailable" in log_path.read_text()
 
         await infra.wait_until(waiting_for_the_broker, what="start-up waiting for the broker")
-        process.send_signal(signal.SIGHUP)
+        process.send_signal(sig)
         async with asyncio.timeout(10):
             code = await process.wait()
     finally:
         if process.returncode is None:
             process.kill()
             await process.wait()
-    assert code == 2, log_path.read_text()[-2000:]
-    assert "stopped while starting" not in log_path.read_text()
+    return code, log_path.read_text()
+
+
+@pytest.mark.parametrize(
+    "stop", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["sigterm", "ctrl-c", "hang-up"]
+)
+async def test_a_signal_while_start_up_waits_for_a_dependency_stops_the_service_at_once(
+    databases: tuple[Database, Database], tmp_path: Path, stop: signal.Signals
+) -> None:
+    """Regression: start-up did not look at the signals, so SIGTERM while it waited for
+    a broker was ignored until its budget ran out (then exit 2, or a full start). A
+    hang-up (the terminal or session it was started from closed) killed it on the spot;
+    it stops it as SIGTERM does."""
+    code, log = await _signalled_waiting_for_the_broker(
+        databases, tmp_path, stop, startup_timeout=120
+    )
+    assert code == 0, log[-2000:]
+    assert "stopped while starting" in log
+
+
+async def test_a_service_started_to_ignore_hang_ups_keeps_ignoring_them(
+    databases: tuple[Database, Database], tmp_path: Path
+) -> None:
+    """Started under `nohup` (SIGHUP ignored), the service outlives the session it was
+    started from, as it did before a hang-up stopped it."""
+    # Ignoring the hang-up, it waits for the broker until its budget is spent (exit 2);
+    # stopped by it, it would exit 0 at once.
+    code, log = await _signalled_waiting_for_the_broker(
+        databases, tmp_path, signal.SIGHUP, startup_timeout=3, ignoring_hang_ups=True
+    )
+    assert code == 2, log[-2000:]
+    assert "stopped while starting" not in log
 
 
 async def _run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
-from collections.abc import MutableMapping
+from collections.abc import AsyncIterator, MutableMapping
 from importlib import metadata
 from typing import Any
 
@@ -74,43 +75,20 @@ async def test_a_stop_before_the_service_is_ready_leaves_nothing_unretrieved(
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()], caplog.text
 
 
-async def test_the_ready_line_names_the_release() -> None:
-    """An operator rolling a release out tells its instances apart by their logs."""
+@contextlib.asynccontextmanager
+async def ready_line(*listeners: Listener) -> AsyncIterator[MutableMapping[str, Any]]:
+    """The "service ready" line of a service with one consumer and `listeners`, while it
+    runs; stopped (exit code 0) at the end of the block."""
     consuming = asyncio.Event()
 
     async def consumer() -> None:
         consuming.set()
         await asyncio.Event().wait()
 
-    service = Service(frozenset(), workers={"consumer": consumer}, consuming=[consuming])
-    stop = asyncio.Event()
-    with capture_logs() as logs:
-        supervising = asyncio.create_task(supervise(service, stop))
-
-        async def ready() -> list[MutableMapping[str, Any]]:
-            return [line for line in logs if line["event"] == "service ready"]
-
-        [line] = await wait_until(ready, what="the ready line")
-        stop.set()
-        async with asyncio.timeout(10):
-            assert await supervising == 0
-    assert line["release"] == metadata.version("financing")
-
-
-async def test_the_ready_line_names_the_port_a_listener_was_given() -> None:
-    """Regression: a listen address with port 0 (the system picks a free one) was logged
-    as `:0`, leaving the operator no way to find the service."""
-    consuming = asyncio.Event()
-
-    async def consumer() -> None:
-        consuming.set()
-        await asyncio.Event().wait()
-
-    endpoint = MetricsEndpoint(lambda: True)
     service = Service(
         frozenset(),
         workers={"consumer": consumer},
-        listeners=[Listener("metrics", endpoint, ("127.0.0.1", 0))],
+        listeners=list(listeners),
         consuming=[consuming],
     )
     stop = asyncio.Event()
@@ -121,10 +99,27 @@ async def test_the_ready_line_names_the_port_a_listener_was_given() -> None:
             return [line for line in logs if line["event"] == "service ready"]
 
         [line] = await wait_until(ready, what="the ready line")
+        try:
+            yield line
+        finally:
+            stop.set()
+            async with asyncio.timeout(10):
+                assert await supervising == 0
+
+
+async def test_the_ready_line_names_the_release() -> None:
+    """An operator rolling a release out tells its instances apart by their logs."""
+    async with ready_line() as line:
+        pass
+    assert line["release"] == metadata.version("financing")
+
+
+async def test_the_ready_line_names_the_port_a_listener_was_given() -> None:
+    """Regression: a listen address with port 0 (the system picks a free one) was logged
+    as `:0`, leaving the operator no way to find the service."""
+    endpoint = MetricsEndpoint(lambda: True)
+    async with ready_line(Listener("metrics", endpoint, ("127.0.0.1", 0))) as line:
         assert endpoint._server is not None
         port = endpoint._server.sockets[0].getsockname()[1]
-        stop.set()
-        async with asyncio.timeout(10):
-            assert await supervising == 0
     assert port != 0
     assert line["listening"] == {"metrics": f"127.0.0.1:{port}"}
