@@ -396,10 +396,7 @@ def parse_database(value: str) -> Database:
 def _parse_url(url: str) -> Database:
     authority = re.split(r"[/?#]", url.partition("://")[2], maxsplit=1)[0]
     if "," in authority.rpartition("@")[2]:  # hosts, not a password holding a comma
-        raise ConfigError(
-            "connection string: the URL names several servers; give one (a load"
-            " balancer's or a proxy's address for several)"
-        )
+        raise _several_servers("the URL")
     parts = split_url(url, "connection string")
     # As libpq reads a URL's query: percent-escapes decoded, a `+` kept (not a space),
     # an empty value the same as none.
@@ -463,12 +460,16 @@ def _asyncpg_keywords(pairs: Mapping[str, str]) -> dict[str, Any]:
     ordered = sorted(pairs.items(), key=lambda pair: pair[0] == "hostaddr")
     for key, raw in ordered:
         if key in ("host", "hostaddr", "port") and "," in raw:
-            raise ConfigError(
-                f"connection string: {key} names several servers; give one (a"
-                " load balancer's or a proxy's address for several)"
-            )
+            raise _several_servers(key)
     typed = {_LIBPQ_TO_ASYNCPG[key]: _typed(key, raw) for key, raw in ordered}
     return {key: value for key, value in typed.items() if value is not None}
+
+
+def _several_servers(what: str) -> ConfigError:
+    return ConfigError(
+        f"connection string: {what} names several servers; give one (a load balancer's or"
+        " a proxy's address for several)"
+    )
 
 
 def _known_keys(keys: Iterable[str]) -> None:

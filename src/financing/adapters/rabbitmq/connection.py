@@ -15,8 +15,8 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from typing import Any, Generic, TypeVar
 
 import aio_pika
 import aiormq
@@ -30,6 +30,8 @@ from financing.config import split_url
 from financing.logging import get_logger
 
 log = get_logger(__name__)
+
+T = TypeVar("T")
 
 BROKER = "broker"
 CONNECT_TIMEOUT = 10.0
@@ -79,7 +81,41 @@ def failed_by_a_lost_connection(error: BaseException) -> bool:
     return isinstance(error, asyncio.CancelledError) and task is not None and not task.cancelling()
 
 
-def retrieved(task: asyncio.Task[Any]) -> None:
+class SharedAttempt(Generic[T]):
+    """One run of `attempt` at a time, which every caller meanwhile awaits and no caller's
+    deadline or cancellation cancels. The run failed by a lost connection (aiormq's
+    CancelledError, `failed_by_a_lost_connection`), or cancelled under its callers, is
+    `lost(error)` for them."""
+
+    def __init__(
+        self,
+        attempt: Callable[[], Coroutine[Any, Any, T]],
+        lost: Callable[[BaseException], Unavailable],
+    ) -> None:
+        self._attempt = attempt
+        self._lost = lost
+        self._task: asyncio.Task[T] | None = None
+
+    async def __call__(self) -> T:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._attempt())
+            self._task.add_done_callback(_retrieved)
+        try:
+            return await asyncio.shield(self._task)
+        except asyncio.CancelledError as error:
+            if not failed_by_a_lost_connection(error):
+                raise  # the caller is cancelled
+            raise self._lost(error) from error
+
+    def cancel(self) -> asyncio.Task[T] | None:
+        """Cancel the run under way; the task to wait for, if there was one."""
+        if self._task is None or self._task.done():
+            return None
+        self._task.cancel()
+        return self._task
+
+
+def _retrieved(task: asyncio.Task[Any]) -> None:
     """A shared attempt's failure is its callers' to raise; one left without callers is
     not logged as never retrieved."""
     if not task.cancelled():
@@ -195,7 +231,7 @@ class Broker:
         self.queue_type = queue_type
         self._outages = outages
         self._connection: AbstractConnection | None = None
-        self._opening: asyncio.Task[AbstractConnection] | None = None  # the attempt under way
+        self._opening = SharedAttempt(self._open_once, self._cut_short)
         self._accepted_once = False
         self._closing = False
         self._failed: tuple[float, str] | None = None  # when the last attempt failed, and why
@@ -220,16 +256,11 @@ class Broker:
         """
         if self._connection is not None and _open(self._connection):
             return self._connection
-        if self._opening is None or self._opening.done():
-            self._opening = asyncio.get_running_loop().create_task(self._open_once())
-            self._opening.add_done_callback(retrieved)
-        try:
-            return await asyncio.shield(self._opening)
-        except asyncio.CancelledError as error:
-            if not failed_by_a_lost_connection(error):
-                raise  # the caller is cancelled
-            why = "the connection is closing" if self._closing else describe(error)
-            raise Unavailable(BROKER, why) from error
+        return await self._opening()
+
+    def _cut_short(self, error: BaseException) -> Unavailable:
+        why = "the connection is closing" if self._closing else describe(error)
+        return Unavailable(BROKER, why)
 
     async def _open_once(self) -> AbstractConnection:
         if self._connection is not None and _open(self._connection):
@@ -310,9 +341,9 @@ class Broker:
 
     async def close(self) -> None:
         self._closing = True
-        if self._opening is not None and not self._opening.done():
-            self._opening.cancel()  # an attempt under way closes what it opened
-            await asyncio.wait([self._opening], timeout=CLOSE_TIMEOUT)
+        opening = self._opening.cancel()  # an attempt under way closes what it opened
+        if opening is not None:
+            await asyncio.wait([opening], timeout=CLOSE_TIMEOUT)
         connection, self._connection = self._connection, None
         if connection is not None:
             with broker_errors_ignored():

@@ -21,11 +21,11 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractMessage
 from financing.adapters.rabbitmq.connection import (
     BROKER,
     Broker,
+    SharedAttempt,
     close_channel,
     describe,
     failed_by_a_lost_connection,
     is_broker_error,
-    retrieved,
     translated,
 )
 from financing.adapters.rabbitmq.envelopes import header_text, to_amqp
@@ -77,7 +77,10 @@ class Publisher:
         self._channel: AbstractChannel | None = None
         self._events: AbstractExchange | None = None
         self._opening = asyncio.Lock()
-        self._probing: asyncio.Task[None] | None = None
+        self._probing = SharedAttempt(
+            self._probe_once,
+            lambda _: PublishFailed("the probe was cancelled before it was answered"),
+        )
         # The probe's own channel, also the declarations': a refused probe or declaration
         # closes it, never the one publishes share.
         self._probe_channel: AbstractChannel | None = None
@@ -179,15 +182,7 @@ class Publisher:
         a channel whose call is cancelled), on a channel of its own, so that neither a
         cancelled nor a refused probe closes the channel every publish uses. Callers
         meanwhile wait for the same probe."""
-        if self._probing is None or self._probing.done():
-            self._probing = asyncio.get_running_loop().create_task(self._probe_once())
-            self._probing.add_done_callback(retrieved)
-        try:
-            await asyncio.shield(self._probing)
-        except asyncio.CancelledError as error:
-            if not failed_by_a_lost_connection(error):
-                raise  # the caller is cancelled
-            raise PublishFailed("the probe was cancelled before it was answered") from error
+        await self._probing()
 
     async def probe_events(self) -> None:
         """`probe`, and the last publish to `events`, if one failed, confirmed since: the
@@ -306,8 +301,7 @@ class Publisher:
                 raise PublishFailed(f"{what}: not acknowledged by the broker ({result!r})")
 
     async def close(self) -> None:
-        if self._probing is not None:
-            self._probing.cancel()
+        self._probing.cancel()
         for channel in (self._channel, self._probe_channel):
             if channel is not None:
                 await close_channel(channel)
