@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
+from structlog.testing import capture_logs
 
 from financing.adapters.postgres.connection import connect, create_pool
 from financing.adapters.postgres.event_store import LEGACY_CONSUMERS, PostgresEventStore
@@ -334,3 +335,31 @@ async def test_a_query_database_without_the_schema_its_migration_needs_is_refuse
             await migrate(conn, "queries")
     finally:
         await conn.close()
+
+
+async def test_a_migration_waiting_for_another_sessions_lock_names_that_session(
+    empty_database: Database,
+) -> None:
+    holder = await connect(empty_database)
+    waiter = await connect(empty_database)
+    try:
+        holding = holder.transaction()
+        await holding.start()
+        await holder.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        holder_pid = holder.get_server_pid()
+        with capture_logs() as logs:
+            migrating = asyncio.create_task(migrate(waiter, "commands"))
+            await infra.wait_until(
+                lambda: asyncio.sleep(0, [e for e in logs if "lock" in e["event"]]),
+                what="the line saying the migration waits",
+            )
+            assert not migrating.done()
+            await holding.commit()
+            await migrating
+        (line,) = [e for e in logs if "lock" in e["event"]]
+        assert line["log_level"] == "warning" and line["database"] == "command database"
+        assert line["holder_pid"] == holder_pid and line["holder_state"] == "idle in transaction"
+        assert await recorded(waiter) == [("commands", v) for v, _ in sections("commands")]
+    finally:
+        await holder.close()
+        await waiter.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -57,3 +58,17 @@ async def test_a_bug_at_start_up_is_raised_as_itself_not_reported_as_unreachable
 
     with pytest.raises(TypeError, match="a bug"):
         await started("broker", connect, Outages(), time.monotonic() + 30)
+
+
+async def test_an_attempt_still_waiting_at_the_deadline_is_not_called_unreachable() -> None:
+    # A migration waiting for another instance's lock gets no answer, but its database
+    # answers: start-up says what it was still waiting for, not that it is unreachable.
+    async def migrate() -> None:
+        await asyncio.Event().wait()
+
+    with pytest.raises(StartupError) as raised:
+        await started("migrating the command database", migrate, Outages(), time.monotonic() + 0.2)
+    assert str(raised.value) == (
+        "migrating the command database: still waiting for an answer when"
+        " FINANCING_STARTUP_TIMEOUT ran out"
+    )

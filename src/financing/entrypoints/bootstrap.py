@@ -366,8 +366,10 @@ async def started(
                 operation, policy=NO_BUG_RETRIES, outages=outages, what=what, deadline=deadline
             )
     except TimeoutError:
+        # Not "unreachable": the attempt may be waiting on another instance (a
+        # migration's lock, which `migrate` names in a line of its own).
         raise StartupError(
-            f"{what} is unreachable: no answer within FINANCING_STARTUP_TIMEOUT"
+            f"{what}: still waiting for an answer when FINANCING_STARTUP_TIMEOUT ran out"
         ) from None
     except GaveUp as gave_up:
         if gave_up.fault is Fault.UNAVAILABLE:

@@ -26,6 +26,9 @@ import asyncpg
 
 from financing.adapters.postgres.connection import COMMAND_DATABASE, QUERY_DATABASE, Connection
 from financing.application.errors import Refused
+from financing.logging import get_logger
+
+log = get_logger(__name__)
 
 # Advisory lock key serialising migrations within one database ("fin-schm").
 MIGRATION_LOCK = 0x66696E2D7363686D
@@ -184,6 +187,38 @@ async def _refuse_misplaced(conn: Connection, name: str) -> None:
         )
 
 
+async def _report_waiting(conn: Connection, name: str) -> None:
+    """One line naming the session that holds the migration lock this one waits for: a
+    start-up that waits for another instance's migration (an index built on a large
+    table) says so, rather than looking like a database that does not answer."""
+    holder = await conn.fetchrow(
+        "SELECT a.pid, a.application_name, host(a.client_addr) AS client, a.state,"
+        " a.xact_start FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid"
+        " WHERE l.locktype = 'advisory' AND l.granted AND l.database = ("
+        "SELECT oid FROM pg_database WHERE datname = current_database())"
+        " AND ((l.classid::bigint << 32) | l.objid::bigint) = $1 AND l.objsubid = 1"
+        " LIMIT 1",
+        MIGRATION_LOCK,
+    )
+    log.warning(
+        "migration waits for another session's migration lock",
+        database=_DATABASES.get(name, f"{name} database"),
+        **(
+            {
+                "holder_pid": holder["pid"],
+                "holder_application": holder["application_name"],
+                "holder_client": holder["client"] or "local socket",
+                "holder_state": holder["state"],
+                "holder_transaction_since": holder["xact_start"].isoformat()
+                if holder["xact_start"]
+                else None,
+            }
+            if holder
+            else {}
+        ),
+    )
+
+
 async def _recorded(pool_or_conn: asyncpg.Pool | Connection, name: str) -> list[asyncpg.Record]:
     """The recorded versions of `name`; SchemaElsewhere when the `schema_migrations`
     the session finds is another application's (golang-migrate's, Rails', dbmate's)."""
@@ -242,9 +277,11 @@ async def _apply(
     # (under REPEATABLE READ or SERIALIZABLE the snapshot was taken while waiting for the
     # lock: instances starting together created the tables twice, and one crashed).
     async with conn.transaction(isolation="read_committed"):
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK, timeout=statement_timeout
-        )
+        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", MIGRATION_LOCK):
+            await _report_waiting(conn, name)
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK, timeout=statement_timeout
+            )
         await _refuse_misplaced(conn, name)
         await conn.execute(
             """
