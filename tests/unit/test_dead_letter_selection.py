@@ -4,6 +4,7 @@ header says so (an event's `aggregateID`) or the body names it (a command's)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from uuid import uuid4
@@ -40,6 +41,23 @@ def test_an_event_concerns_its_header_aggregate_and_the_ids_nested_in_its_body()
 
     assert financed.concerned == (str(invoice), str(investor))
     assert Selection(aggregate_id=str(investor)).matches(financed)
+
+
+@pytest.mark.parametrize(
+    "written", [str.upper, lambda id_: "{" + id_ + "}", lambda id_: "urn:uuid:" + id_]
+)
+def test_an_event_whose_header_writes_its_aggregate_in_another_form_concerns_that_aggregate(
+    written: Callable[[str], str],
+) -> None:
+    """Regression: the service reads an `aggregateID` header written uppercase, braced or as
+    a URN as the id it is, but `--aggregate` compared the header as written: no form of
+    the id found the letter, and `discard --aggregate` discarded none of them."""
+    investor = str(uuid4())
+    poison = letter({"Amount": "ten"}, {"aggregateID": written(investor)})
+
+    assert poison.concerned == (investor,)
+    assert Selection(aggregate_id=investor).matches(poison)
+    assert Selection(aggregate_id=written(investor)).matches(poison)
 
 
 @pytest.mark.parametrize(

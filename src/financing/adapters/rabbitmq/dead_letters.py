@@ -102,7 +102,8 @@ class DeadLetter:
         every id its body names. A command carries no such header; its body names the
         aggregates it is about (a SellInvoice its invoice and its issuer)."""
         named = _ids_named(self.body)
-        header = self.aggregate_id
+        # As the service reads it (an uppercase, braced or `urn:uuid:` id is the same id).
+        header = _as_id(self.aggregate_id)
         return named if not header or header in named else (header, *named)
 
     @property
