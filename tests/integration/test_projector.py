@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,6 +32,7 @@ from financing.adapters.rabbitmq.topology import PROJECTOR_QUEUE
 from financing.application.errors import Unavailable
 from financing.application.ports import StoredEvent
 from financing.application.read_models import (
+    EMPTY,
     InvestorRow,
     InvoiceRow,
     IssuerRow,
@@ -351,7 +352,9 @@ class FailingReadModels(WrappedReadModels):
     error: Callable[[], Exception] = lambda: Unavailable("query database", "down")
     attempts: int = 0
 
-    async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> None:
+    async def apply(
+        self, batch: Sequence[tuple[str, DomainEvent]], digests: Mapping[str, str] = EMPTY
+    ) -> None:
         self.attempts += 1
         raise self.error()
 
@@ -385,9 +388,11 @@ class RecordingReadModels(WrappedReadModels):
 
     batches: list[int] = field(default_factory=list)
 
-    async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> AbstractSet[str]:
+    async def apply(
+        self, batch: Sequence[tuple[str, DomainEvent]], digests: Mapping[str, str] = EMPTY
+    ) -> AbstractSet[str]:
         self.batches.append(len(batch))
-        return await self.inner.apply(batch)
+        return await self.inner.apply(batch, digests)
 
 
 async def test_projector_behind_catches_up_in_batches_and_keeps_the_order(
@@ -443,7 +448,9 @@ class BuggyReadModels(WrappedReadModels):
     expected: int = 0
     batches: list[list[str]] = field(default_factory=list)
 
-    async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> AbstractSet[str]:
+    async def apply(
+        self, batch: Sequence[tuple[str, DomainEvent]], digests: Mapping[str, str] = EMPTY
+    ) -> AbstractSet[str]:
         message_ids = [message_id for message_id, _ in batch]
         self.batches.append(message_ids)
         if len(self.batches) == 1:
@@ -454,7 +461,7 @@ class BuggyReadModels(WrappedReadModels):
             await infra.wait_until(all_delivered, what="every event delivered")
         if self.bug_for in message_ids:
             raise TypeError(f"cannot project {self.bug_for}")
-        return await self.inner.apply(batch)
+        return await self.inner.apply(batch, digests)
 
 
 async def test_an_event_whose_projection_has_a_bug_is_dead_lettered_and_the_rest_projected(

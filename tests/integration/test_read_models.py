@@ -89,6 +89,18 @@ class ReadModelContract:
         assert await store.apply([created, added]) == set()
         assert await investor(store, investor_id) == InvestorRow(investor_id, D(5), D(0), D(0))
 
+    async def test_a_digest_given_with_a_message_is_recorded_with_its_id(
+        self, store: ReadModelStore
+    ) -> None:
+        issuer = (str(uuid4()), ev.IssuerCreatedEvent(uuid4()))
+        relayed = (str(uuid4()), ev.IssuerCreatedEvent(uuid4()))
+        # At once (nothing projected before), then one beside a copy (recorded first).
+        assert await store.apply([issuer, relayed], {issuer[0]: "d-1"}) == {issuer[0], relayed[0]}
+        later = (str(uuid4()), ev.IssuerCreatedEvent(uuid4()))
+        assert await store.apply([issuer, later], {issuer[0]: "d-2", later[0]: "d-3"}) == {later[0]}
+        wanted = [issuer[0], relayed[0], later[0], str(uuid4())]
+        assert await store.digests(wanted) == {issuer[0]: "d-1", later[0]: "d-3"}
+
     # Investors
 
     async def test_new_investor_has_nothing_in_balance_reserved_or_committed(

@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from financing.application.pipeline import Decoded, Handler, HandlerPart, Outcome, OutcomeKind
-from financing.application.read_models import InvestorRow, InvoiceRow, IssuerRow, ReadModelStore
+from financing.application.read_models import (
+    EMPTY,
+    InvestorRow,
+    InvoiceRow,
+    IssuerRow,
+    ReadModelStore,
+)
 from financing.domain.events import DomainEvent
 from financing.entrypoints.bootstrap import Overrides
 from financing.entrypoints.cli import main as cli_main
@@ -59,8 +65,13 @@ class WrappedReadModels:
 
     inner: ReadModelStore
 
-    async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> AbstractSet[str]:
-        return await self.inner.apply(batch)
+    async def apply(
+        self, batch: Sequence[tuple[str, DomainEvent]], digests: Mapping[str, str] = EMPTY
+    ) -> AbstractSet[str]:
+        return await self.inner.apply(batch, digests)
+
+    async def digests(self, message_ids: Sequence[str]) -> Mapping[str, str]:
+        return await self.inner.digests(message_ids)
 
     async def investors(self) -> list[InvestorRow]:
         return await self.inner.investors()
@@ -78,10 +89,12 @@ class Repeated(WrappedReadModels):
 
     times: int = 2
 
-    async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> AbstractSet[str]:
-        fresh = await self.inner.apply(batch)
+    async def apply(
+        self, batch: Sequence[tuple[str, DomainEvent]], digests: Mapping[str, str] = EMPTY
+    ) -> AbstractSet[str]:
+        fresh = await self.inner.apply(batch, digests)
         for _ in range(self.times - 1):
-            await self.inner.apply(batch)
+            await self.inner.apply(batch, digests)
         return fresh
 
 

@@ -3,7 +3,7 @@ deliveries of a batch it projects, and what becomes of the others."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -25,6 +25,7 @@ from financing.application.ports import (
     event_message_id,
 )
 from financing.application.read_models import (
+    EMPTY,
     InMemoryReadModels,
     InvestorRow,
     InvoiceRow,
@@ -46,9 +47,14 @@ class RecordingReadModels:
     def __init__(self) -> None:
         self.batches: list[list[tuple[str, ev.DomainEvent]]] = []
 
-    async def apply(self, batch: Sequence[tuple[str, ev.DomainEvent]]) -> AbstractSet[str]:
+    async def apply(
+        self, batch: Sequence[tuple[str, ev.DomainEvent]], digests: Mapping[str, str] = EMPTY
+    ) -> AbstractSet[str]:
         self.batches.append(list(batch))
         return {message_id for message_id, _ in batch}
+
+    async def digests(self, message_ids: Sequence[str]) -> Mapping[str, str]:
+        return {}
 
     async def investors(self) -> list[InvestorRow]:
         return []
@@ -267,3 +273,38 @@ async def test_an_event_projected_before_is_settled_as_a_duplicate_not_as_projec
         OutcomeKind.PROCESSED,
         OutcomeKind.DUPLICATE,
     ]
+
+
+async def test_a_different_foreign_event_reusing_a_projected_message_id_is_dead_lettered() -> None:
+    """Regression: a reference relayer's IssuerCreatedEvent published under the message id
+    of another one it published before (a producer's bug) was settled as a duplicate: the
+    second issuer never reached the read models, and nothing but a metric said so. As a
+    command reusing a processed id (defect 75), it is dead-lettered now; a copy of the
+    first is still a duplicate, in its own batch or in the same one."""
+    read_models = InMemoryReadModels()
+    issuer = uuid4()
+    first = foreign(ev.IssuerCreatedEvent(issuer))
+    other = replace(foreign(ev.IssuerCreatedEvent(uuid4())), message_id=first.message_id)
+    # The same body about another aggregate (the id is in the aggregateID header only).
+    elsewhere = replace(foreign(ev.InvestorFundsAddedEvent(uuid4(), D(5))), message_id=str(uuid4()))
+    moved = replace(elsewhere, aggregate_id=str(uuid4()))
+    batches = [[first], [other, first], [elsewhere, moved, elsewhere]]
+    deliveries = []
+    for batch in batches:
+        settled = [MemoryDelivery(envelope, source="projector") for envelope in batch]
+        await Projector(read_models, Outages()).project(settled)
+        deliveries.extend(settled)
+
+    outcomes = [delivery.settled[0] for delivery in deliveries]
+    assert [outcome.kind for outcome in outcomes] == [
+        OutcomeKind.PROCESSED,
+        OutcomeKind.DEAD_LETTERED,
+        OutcomeKind.DUPLICATE,
+        OutcomeKind.PROCESSED,
+        OutcomeKind.DEAD_LETTERED,
+        OutcomeKind.DUPLICATE,
+    ]
+    assert f"{other.message_id}: the projector already projected a different event" in (
+        outcomes[1].detail
+    )
+    assert [row.id for row in await read_models.issuers()] == [issuer]

@@ -5,7 +5,7 @@ meanwhile, and failures on either side."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from uuid import uuid4
 
@@ -15,7 +15,7 @@ from financing.adapters.postgres.rebuild import replay
 from financing.application.errors import Unavailable
 from financing.application.memory import InMemoryEventStore, following
 from financing.application.ports import StoredEvent
-from financing.application.read_models import InMemoryReadModels
+from financing.application.read_models import EMPTY, InMemoryReadModels
 from financing.domain.aggregates import Issuer
 from financing.domain.events import DomainEvent
 
@@ -64,13 +64,15 @@ class Recorded:
         self.most_at_once = 0
         self.cancelled = 0
 
-    async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> AbstractSet[str]:
+    async def apply(
+        self, batch: Sequence[tuple[str, DomainEvent]], digests: Mapping[str, str] = EMPTY
+    ) -> AbstractSet[str]:
         self.applying += 1
         self.most_at_once = max(self.most_at_once, self.applying)
         try:
             self.batches.append([message_id for message_id, _ in batch])
             await self.applied(len(self.batches))
-            return await self.models.apply(batch)
+            return await self.models.apply(batch, digests)
         except asyncio.CancelledError:
             self.cancelled += 1
             raise

@@ -377,7 +377,7 @@ def relayed_from_the_store(
     (docs/contract.md section 2); the saga's policies, which change this service's
     aggregates, act on this store's events only.
     """
-    if or_foreign and not any(header in envelope.headers for header in RELAYER_HEADERS):
+    if or_foreign and _foreign(envelope):
         return
     version = envelope.headers.get(AGGREGATE_VERSION_HEADER, "")
     derived = (
@@ -396,6 +396,21 @@ def relayed_from_the_store(
         " another store's event); its copies could not be told apart, so acting on it"
         " could apply one event twice"
     )
+
+
+def _foreign(envelope: Envelope) -> bool:
+    """Whether the message carries none of this service's relayer's headers."""
+    return not any(header in envelope.headers for header in RELAYER_HEADERS)
+
+
+def foreign_digest(envelope: Envelope, event: DomainEvent) -> str | None:
+    """What a domain event of another relayer says (its name, its aggregate, its body)
+    digested, to tell a copy of it from a different event under the same message id;
+    None for this service's relayed events, which their derived message id tells."""
+    if not _foreign(envelope):
+        return None
+    said = f"{envelope.name}\n{event.aggregate_id}\n".encode() + envelope.body
+    return body_digest(said)
 
 
 def sending(sender: CommandSender, handler: SendingHandler) -> Handler:

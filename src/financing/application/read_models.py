@@ -27,10 +27,11 @@ information, the projection does not depend on order:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from decimal import Decimal
+from types import MappingProxyType
 from typing import Protocol, TypeVar
 from uuid import UUID
 
@@ -95,15 +96,26 @@ class IssuerRow:
     id: UUID
 
 
+# No digests: the events of a batch are all of this service's store.
+EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
 class ReadModelStore(Protocol):
-    async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> AbstractSet[str]:
+    async def apply(
+        self, batch: Sequence[tuple[str, DomainEvent]], digests: Mapping[str, str] = EMPTY
+    ) -> AbstractSet[str]:
         """Project (message id, event) pairs in order, all in one transaction; the
-        message ids projected now.
+        message ids projected now. `digests` holds, by message id, the digest of an
+        event of another relayer, recorded with its id (`digests`).
 
         A message id already applied, in an earlier batch or earlier in this
         one, changes nothing (and is not among those returned). Raises
         Unavailable when the storage is down; nothing of the batch is applied then.
         """
+        ...
+
+    async def digests(self, message_ids: Sequence[str]) -> Mapping[str, str]:
+        """The digests recorded with those of `message_ids` that were applied with one."""
         ...
 
     async def investors(self) -> list[InvestorRow]:
@@ -180,17 +192,26 @@ class InMemoryReadModels:
         self._investors: dict[UUID, InvestorRow] = {}
         self._invoices: dict[UUID, _Invoice] = {}
         self._issuers: dict[UUID, IssuerRow] = {}
-        self._processed: set[str] = set()
+        self._processed: dict[str, str | None] = {}  # message id -> digest
 
-    async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> AbstractSet[str]:
+    async def apply(
+        self, batch: Sequence[tuple[str, DomainEvent]], digests: Mapping[str, str] = EMPTY
+    ) -> AbstractSet[str]:
         fresh: set[str] = set()
         for message_id, event in batch:
             if message_id in self._processed:
                 continue
-            self._processed.add(message_id)
+            self._processed[message_id] = digests.get(message_id)
             fresh.add(message_id)
             self._project(event)
         return fresh
+
+    async def digests(self, message_ids: Sequence[str]) -> Mapping[str, str]:
+        return {
+            message_id: digest
+            for message_id in message_ids
+            if (digest := self._processed.get(message_id)) is not None
+        }
 
     def _project(self, event: DomainEvent) -> None:
         match event:

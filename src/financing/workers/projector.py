@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime
 
 import structlog
@@ -41,12 +42,13 @@ from financing.application.pipeline import (
     Outcome,
     OutcomeKind,
     decode,
+    foreign_digest,
     not_handled,
     relayed_from_the_store,
     retried,
 )
 from financing.application.ports import RECORDED_AT_HEADER
-from financing.application.read_models import PROJECTED_EVENTS, ReadModelStore
+from financing.application.read_models import EMPTY, PROJECTED_EVENTS, ReadModelStore
 from financing.application.retry import (
     DELIVERIES,
     Abandoned,
@@ -113,9 +115,13 @@ class Projector:
         """The outcome of each event (by id of its Decoded)."""
         if not events:
             return {}
+        digests: dict[str, str] = {}  # the first of each message id, as recorded
+        for event in events:
+            if (digest := _digest(event)) is not None:
+                digests.setdefault(event.envelope.message_id, digest)
         try:
-            fresh = await retry(
-                lambda: self._read_models.apply([_pair(event) for event in events]),
+            fresh, before = await retry(
+                lambda: self._projected(events, digests),
                 policy=self._policy,
                 outages=self._outages,
                 what="projecting a batch",
@@ -131,6 +137,7 @@ class Projector:
         except Abandoned:  # the channel closed: every message is delivered again
             return {id(event): Outcome(OutcomeKind.ABANDONED) for event in events}
         outcomes: dict[int, Outcome] = {}
+        projected_now = fresh
         for event in events:
             message_id = event.envelope.message_id
             if message_id in fresh:
@@ -138,15 +145,48 @@ class Projector:
                 log.debug("event projected", **event.delivery.log_fields())
                 outcomes[id(event)] = Outcome.processed()
             else:
-                outcomes[id(event)] = DUPLICATE
+                recorded = (digests if message_id in projected_now else before).get(message_id)
+                outcomes[id(event)] = _copy(event, recorded)
         return outcomes
+
+    async def _projected(
+        self, events: Sequence[Decoded], digests: dict[str, str]
+    ) -> tuple[AbstractSet[str], Mapping[str, str]]:
+        """Apply `events`: the message ids projected now, and the digests recorded before
+        with those of the others that are another relayer's (`foreign_digest`)."""
+        fresh = await self._read_models.apply([_pair(event) for event in events], digests)
+        copies = [message_id for message_id in digests if message_id not in fresh]
+        return fresh, await self._read_models.digests(copies) if copies else EMPTY
 
     async def _apply_one(self, event: Decoded) -> Outcome:
         async def apply(delivery: Delivery) -> Outcome:
-            fresh = await self._read_models.apply([_pair(event)])
-            return Outcome.processed() if fresh else DUPLICATE
+            digest = _digest(event)
+            digests = {} if digest is None else {event.envelope.message_id: digest}
+            fresh, before = await self._projected([event], digests)
+            if fresh:
+                return Outcome.processed()
+            return _copy(event, before.get(event.envelope.message_id))
 
         return await retried(self._policy, self._outages)(apply)(event.delivery)
+
+
+def _copy(event: Decoded, recorded: str | None) -> Outcome:
+    """The outcome of an event whose message id was projected before, with `recorded`
+    (its digest, if another relayer's): a copy is a duplicate; a different event that
+    reuses the id is dead-lettered, not dropped unseen (docs/reliability.md, defect 101)."""
+    digest = _digest(event)
+    if digest is None or recorded is None or digest == recorded:
+        return DUPLICATE
+    envelope = event.envelope
+    return Outcome.dead_letter(
+        f"{envelope.name} {envelope.message_id}: the projector already projected a different"
+        " event under this message id; this one is not projected (its publisher must give"
+        " it an id of its own)"
+    )
+
+
+def _digest(event: Decoded) -> str | None:
+    return foreign_digest(event.envelope, _event(event))
 
 
 def _triage(delivery: Delivery) -> Outcome | Decoded:

@@ -10,7 +10,7 @@ The ordering rules for events that arrive out of order are those of
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from decimal import Decimal
 from typing import Any
@@ -22,6 +22,7 @@ from financing.adapters.postgres.connection import QUERY_DATABASE, Connection, a
 from financing.application.read_models import (
     ADVANCES_FROM,
     AVAILABLE,
+    EMPTY,
     InvestorRow,
     InvoiceRow,
     IssuerRow,
@@ -62,12 +63,18 @@ class PostgresReadModels:
         self.schema = schema
         s = quoted_schema(schema)
         self._record_sql = (
-            f"INSERT INTO {s}.processed_messages (message_id) SELECT unnest($1::text[])"
+            f"INSERT INTO {s}.processed_messages (message_id, digest)"
+            " SELECT * FROM unnest($1::text[], $2::text[])"
             " ON CONFLICT DO NOTHING RETURNING message_id"
         )
         # Fails on the key when a message id was recorded before.
         self._record_all_sql = (
-            f"INSERT INTO {s}.processed_messages (message_id) SELECT unnest($1::text[])"
+            f"INSERT INTO {s}.processed_messages (message_id, digest)"
+            " SELECT * FROM unnest($1::text[], $2::text[])"
+        )
+        self._digests_sql = (
+            f"SELECT message_id, digest FROM {s}.processed_messages"
+            " WHERE message_id = ANY($1::text[]) AND digest IS NOT NULL"
         )
         # Statements of _at_once, by the projecting statements they combine.
         self._combined: dict[tuple[str, ...], str] = {}
@@ -134,17 +141,20 @@ class PostgresReadModels:
             f" (SELECT count(*) FROM {s}.issuers)"
         )
 
-    async def apply(self, batch: Sequence[tuple[str, DomainEvent]]) -> AbstractSet[str]:
+    async def apply(
+        self, batch: Sequence[tuple[str, DomainEvent]], digests: Mapping[str, str] = EMPTY
+    ) -> AbstractSet[str]:
         if not batch:
             return frozenset()
         message_ids = list(dict.fromkeys(message_id for message_id, _ in batch))
+        recorded: list[list[Any]] = [message_ids, [digests.get(m) for m in message_ids]]
         changes = _Changes.of(batch, set(message_ids))
         async with acquired(self._pool, self._dependency) as conn:
             if changes.rounds() <= 1:
                 # Usually no message of a batch was projected before: then one
                 # statement records them all and projects the batch, one round trip.
                 try:
-                    await conn.execute(*self._at_once(message_ids, changes))
+                    await conn.execute(*self._at_once(recorded, changes))
                     return frozenset(message_ids)
                 except asyncpg.UniqueViolationError as error:
                     if error.constraint_name != "processed_messages_pkey":
@@ -155,7 +165,7 @@ class PostgresReadModels:
                 # A concurrent writer of the same ids waits here until this
                 # transaction ends, then skips them.
                 fresh = frozenset(
-                    row["message_id"] for row in await conn.fetch(self._record_sql, message_ids)
+                    row["message_id"] for row in await conn.fetch(self._record_sql, *recorded)
                 )
                 for sql, args in self._statements(_Changes.of(batch, set(fresh))):
                     await conn.execute(sql, *args)
@@ -170,24 +180,28 @@ class PostgresReadModels:
         for rows in changes.invoice_rounds():
             yield self._project_invoices_sql, _columns(rows)
 
-    def _at_once(self, message_ids: list[str], changes: _Changes) -> tuple[Any, ...]:
-        """One statement (with its arguments) that records `message_ids` and projects
-        `changes` (at most one round): each part a data-modifying WITH query of its own
-        table, its parameters numbered after those before it."""
+    def _at_once(self, recorded: list[list[Any]], changes: _Changes) -> tuple[Any, ...]:
+        """One statement (with its arguments) that records the message ids and digests of
+        `recorded` and projects `changes` (at most one round): each part a data-modifying
+        WITH query of its own table, its parameters numbered after those before it."""
         statements = list(self._statements(changes))
-        args: list[Any] = [message_ids]
+        args: list[Any] = list(recorded)
         for _, columns in statements:
             args.extend(columns)
         key = tuple(sql for sql, _ in statements)
         combined = self._combined.get(key)
         if combined is None:
-            parts, count = [self._record_all_sql], 1
+            parts, count = [self._record_all_sql], len(recorded)
             for sql, columns in statements:
                 parts.append(_renumbered(sql, count))
                 count += len(columns)
             queries = ", ".join(f"part{i} AS ({part})" for i, part in enumerate(parts))
             combined = self._combined[key] = f"WITH {queries} SELECT"
         return (combined, *args)
+
+    async def digests(self, message_ids: Sequence[str]) -> Mapping[str, str]:
+        rows = await self._fetch(self._digests_sql, list(message_ids))
+        return {row["message_id"]: row["digest"] for row in rows}
 
     async def investors(self) -> list[InvestorRow]:
         return await in_turns(await self._fetch(self._investors_sql), _investor)
@@ -206,9 +220,9 @@ class PostgresReadModels:
         assert row is not None  # a SELECT without FROM returns one row
         return row[0], row[1], row[2]
 
-    async def _fetch(self, sql: str) -> list[asyncpg.Record]:
+    async def _fetch(self, sql: str, *args: object) -> list[asyncpg.Record]:
         async with acquired(self._pool, self._dependency) as conn:
-            rows: list[asyncpg.Record] = await conn.fetch(sql)
+            rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
             return rows
 
 

@@ -78,3 +78,25 @@ END
 $fn$;
 
 SELECT public.financing_create_read_models('read_models');
+
+-- version: 3
+
+-- Each processed message of another relayer (a reference relayer's event, whose
+-- message id is its publisher's) keeps a digest of what it said, so that a
+-- different event reusing a projected id is dead-lettered, not dropped unseen as a
+-- copy. This service's relayed events are told by the id the event store derives
+-- from their aggregate and version: NULL.
+ALTER FUNCTION public.financing_create_read_models(text) RENAME TO financing_create_read_models_2;
+
+CREATE FUNCTION public.financing_create_read_models(target text)
+RETURNS void
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    PERFORM public.financing_create_read_models_2(target);
+    EXECUTE format(
+        'ALTER TABLE %I.processed_messages ADD COLUMN IF NOT EXISTS digest text', target);
+END
+$fn$;
+
+SELECT public.financing_create_read_models('read_models');
