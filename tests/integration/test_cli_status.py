@@ -40,7 +40,7 @@ def problems(run: CommandLine) -> list[str]:
 
 
 def queue_rows(run: CommandLine) -> dict[str, list[str]]:
-    """The queue table: waiting messages and consumers, by queue."""
+    """The queue table: messages ready for delivery and consumers, by queue."""
     lines = run.stdout.splitlines()
     start = next(i for i, line in enumerate(lines) if line.split()[:1] == ["QUEUE"])
     rows = {}
@@ -65,6 +65,15 @@ async def test_a_running_service_is_healthy_and_a_stopped_one_is_not() -> None:
         CONSUMED, "1"
     )
     assert "no event waiting" in healthy.stdout
+    # Regression: the broker's count of a queue leaves out the deliveries its consumers
+    # hold (the projector's batch), which the status called "waiting": 0 while the
+    # projector held 100 it could not project.
+    assert "READY: not yet delivered (those delivered and not settled are not counted)" in (
+        healthy.stdout
+    )
+    assert re.search(
+        r"projector +0 message\(s\) not yet delivered in \S+ \(and up to 100", (healthy.stdout)
+    )
     assert stopped.exit_code == 1, stopped.describe()
     assert problems(stopped) == [f"queue {name} has no consumer" for name in CONSUMED]
 

@@ -3,6 +3,7 @@ deliveries of a batch it projects, and what becomes of the others."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import replace
@@ -11,9 +12,10 @@ from decimal import Decimal
 from uuid import UUID, uuid4
 
 import pytest
+from prometheus_client import REGISTRY
 
 from financing.application import codec
-from financing.application.errors import UnrelayedEvent
+from financing.application.errors import Unavailable, UnrelayedEvent
 from financing.application.memory import InMemoryEventStore
 from financing.application.messages import InvestorRegistered
 from financing.application.pipeline import Decoded, Outcome, OutcomeKind, exactly_once
@@ -31,7 +33,7 @@ from financing.application.read_models import (
     InvoiceRow,
     IssuerRow,
 )
-from financing.application.retry import Outages
+from financing.application.retry import Backoff, Limit, Outages, RetryPolicy
 from financing.domain import events as ev
 from financing.workers.projector import Projector
 from tests.support.deliveries import MemoryDelivery
@@ -308,3 +310,42 @@ async def test_a_different_foreign_event_reusing_a_projected_message_id_is_dead_
         outcomes[1].detail
     )
     assert [row.id for row in await read_models.issuers()] == [issuer]
+
+
+class FlakyReadModels(InMemoryReadModels):
+    """Read models whose database is unavailable for the first `failures` batches."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def apply(
+        self, batch: Sequence[tuple[str, ev.DomainEvent]], digests: Mapping[str, str] = EMPTY
+    ) -> AbstractSet[str]:
+        if self.failures:
+            self.failures -= 1
+            raise Unavailable("query database", "no answer in time")
+        return await super().apply(batch, digests)
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_a_batch_tried_again_counts_a_retry_of_each_delivery_and_its_whole_wait() -> None:
+    """Regression: the projector's retries of a batch were counted nowhere (the metric
+    says one per retry of a delivery), and a delivery's handling was timed from the start
+    of its batch: those that waited behind a batch being retried through a database
+    outage showed under 0.1 s."""
+    source = f"projector-{uuid4()}"
+    envelopes = [relayed(ev.InvestorCreatedEvent(INVESTOR), 1), relayed(added(), 2)]
+    deliveries = [MemoryDelivery(envelope, source=source) for envelope in envelopes]
+    policy = RetryPolicy(unavailable=Limit(Backoff(0.001, 0.001), None))
+    projector = Projector(FlakyReadModels(failures=3), Outages(), policy=policy)
+
+    arrived = time.perf_counter() - 30  # waited 30 s behind the batch before
+    await projector.project(deliveries, [arrived, arrived])
+
+    assert [delivery.settled[0].kind for delivery in deliveries] == [OutcomeKind.PROCESSED] * 2
+    assert sample("financing_messages_total", queue=source, outcome="retried") == 6
+    assert sample("financing_message_handling_seconds_sum", queue=source) >= 60

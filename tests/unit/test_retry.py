@@ -447,3 +447,59 @@ async def test_a_dependency_is_exported_up_from_its_check_and_down_for_its_outag
     assert up(queue) == 0
     outages.succeeded(queue)
     assert up(queue) == 1
+
+
+async def test_an_outage_does_not_end_while_an_operation_that_failed_is_trying_again() -> None:
+    """Regression: a table locked for 60 s made each of the projector's attempts wait
+    FINANCING_DB_TIMEOUT (10 s) and fail; for 5 s of every 10 nothing had failed, the
+    check's read passed, and the outage was logged as over, and as starting again, five
+    times (`/health` and `financing_dependency_up` flapping with it)."""
+    outages = Outages()
+
+    async def passes() -> None:
+        return None
+
+    outages.check_with("database", passes, attempts_within=60)
+    released = asyncio.Event()
+    attempts = 0
+
+    async def write() -> str:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise Unavailable("database", "no answer in time")
+        await released.wait()  # the lock is held: the attempt waits
+        return "written"
+
+    with capture_logs() as logs:
+        writing = asyncio.create_task(
+            retry(write, policy=DELIVERIES, outages=outages, what="writing")
+        )
+        await wait_until(lambda: _now(attempts == 2), what="the second attempt")
+        await outages.check_once(within=1, quiet=0)  # nothing failed "lately"
+        assert outages.down() == {"database"}
+        released.set()
+        assert await writing == "written"
+        await outages.check_once(within=1, quiet=60)
+        assert outages.down() == frozenset()
+    assert [line["event"] for line in logs] == ["database unavailable", "database recovered"]
+
+
+async def test_an_operation_trying_again_for_longer_than_an_attempt_fails_in_ends_nothing() -> None:
+    """A standby relayer stands for election in one long attempt (it polls the lock until
+    the instance holding it goes): once that attempt has lasted longer than an attempt
+    on its database fails in, it holds the database's outage open no more."""
+    outages = Outages()
+
+    async def passes() -> None:
+        return None
+
+    outages.check_with("database", passes, attempts_within=0.05)
+    outages.failed(Unavailable("database", "connection refused"))
+    with outages.trying("database"):
+        await outages.check_once(within=1, quiet=0)
+        assert outages.down() == {"database"}
+        began = time.monotonic()
+        await wait_until(lambda: _now(time.monotonic() - began > 0.05), what="the bound")
+        await outages.check_once(within=1, quiet=0)
+        assert outages.down() == frozenset()

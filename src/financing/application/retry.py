@@ -21,10 +21,11 @@ deadline passed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -144,9 +145,24 @@ class Outages:
     # last succeeded (time.monotonic()).
     _failed_at: dict[str, float] = field(default_factory=dict)
     _worked_at: dict[str, float] = field(default_factory=dict)
+    # Attempts under way of operations whose last attempt failed on each dependency
+    # (each attempt's start), and how long an attempt on each may take to fail.
+    _trying: dict[str, dict[object, float]] = field(default_factory=dict)
+    _attempts_within: dict[str, float] = field(default_factory=dict)
 
-    def check_with(self, dependency: str, check: Callable[[], Awaitable[object]]) -> None:
+    def check_with(
+        self,
+        dependency: str,
+        check: Callable[[], Awaitable[object]],
+        *,
+        attempts_within: float | None = None,
+    ) -> None:
+        """`check` tells whether `dependency` is back. `attempts_within`: how long an
+        operation on it may take to fail (a statement's timeout); an operation that
+        failed on it and is trying again for less than that keeps its outage open."""
         self._checks[dependency] = check
+        if attempts_within is not None:
+            self._attempts_within[dependency] = attempts_within
         if dependency not in self._since:
             metrics.DEPENDENCY_UP.labels(dependency).set(1)
 
@@ -162,7 +178,7 @@ class Outages:
         """End the outage of each dependency that is down and whose check passes within
         `within` seconds, whether or not a loop that met the outage is still there to
         succeed; but not while its operations still fail (one failed within `quiet`
-        seconds) and none has succeeded since.
+        seconds, or one is trying again) and none has succeeded since.
 
         A check cannot try everything the service does. A database whose sessions time
         out every write (`statement_timeout`) or that refuses the service's writes (its
@@ -188,7 +204,31 @@ class Outages:
         failed_at = self._failed_at.get(dependency)
         if failed_at is None or self._worked_at.get(dependency, failed_at - 1) > failed_at:
             return False
-        return time.monotonic() - failed_at < quiet
+        now = time.monotonic()
+        # An operation trying again may take longer than `quiet` to fail (a statement
+        # waiting on a lock until FINANCING_DB_TIMEOUT): its outage is not over before its
+        # attempt says so, or has taken longer than an attempt fails in (one that waits
+        # for something else, as a standby relayer for the lock). The outage was logged
+        # as over, and starting again, every 10 s.
+        within = self._attempts_within.get(dependency, 0.0)
+        if any(now - began < within for began in self._trying.get(dependency, {}).values()):
+            return True
+        return now - failed_at < quiet
+
+    @contextlib.contextmanager
+    def trying(self, dependency: str | None) -> Iterator[None]:
+        """An attempt of an operation whose last attempt failed on `dependency` is
+        under way (None: there was no such failure)."""
+        if dependency is None:
+            yield
+            return
+        attempt = object()
+        under_way = self._trying.setdefault(dependency, {})
+        under_way[attempt] = time.monotonic()
+        try:
+            yield
+        finally:
+            del under_way[attempt]
 
     def failed(self, error: Unavailable) -> None:
         self._failed_at[error.dependency] = time.monotonic()
@@ -264,17 +304,21 @@ async def retry(
     """
     attempts: Counter[Fault] = Counter()
     down: set[str] = set()
+    failed_on: str | None = None  # the dependency the last attempt found unavailable
     while True:
         try:
-            result = await operation()
+            with outages.trying(failed_on):
+                result = await operation()
         except Exception as error:  # classified below; cancellation is not an Exception
             fault = classify(error)
             attempts[fault] += 1
             count = attempts[fault]
             limit = policy.limit(fault)
+            failed_on = None
             if isinstance(error, Unavailable):
                 down.add(error.dependency)
                 outages.failed(error)
+                failed_on = error.dependency
             allowed = None if limit is None else limit.attempts
             if (own := attempts_of(error)) is not None:
                 allowed = own if allowed is None else min(own, allowed)

@@ -56,6 +56,7 @@ from financing.application.read_models import ReadModelStore
 from financing.application.retry import (
     DELIVERIES,
     NO_BUG_RETRIES,
+    OUTAGE_CHECK_INTERVAL,
     GaveUp,
     Outages,
     RetryPolicy,
@@ -167,12 +168,17 @@ async def bootstrap(
     # An outage of a database this process writes ends when it takes writes again; of one
     # it only reads, when it answers. Every component on the command database writes.
     query_check = writable if selected & RECORDS_PROJECTIONS else ping
-    for pool, database, check in (
-        (command_pool, COMMAND_DATABASE, writable),
-        (query_pool, QUERY_DATABASE, query_check),
+    for pool, db, database, check in (
+        (command_pool, settings.command_db, COMMAND_DATABASE, writable),
+        (query_pool, settings.query_db, QUERY_DATABASE, query_check),
     ):
         if pool is not None:
-            outages.check_with(database, functools.partial(check, pool, database))
+            # A statement fails at FINANCING_DB_TIMEOUT at the latest (and the watch
+            # looks once a period).
+            within = db.answer_timeout + OUTAGE_CHECK_INTERVAL
+            outages.check_with(
+                database, functools.partial(check, pool, database), attempts_within=within
+            )
     service.workers["outages"] = outages.watch
 
     if selected & NEEDS_BROKER:

@@ -80,36 +80,43 @@ class Projector:
         self._outages = outages
         self._policy = policy
         self.batch_size = batch_size
-        self._delivered: asyncio.Queue[Delivery] = asyncio.Queue()
+        # Each delivery with its arrival (time.perf_counter()).
+        self._delivered: asyncio.Queue[tuple[Delivery, float]] = asyncio.Queue()
 
     def receive(self, delivery: Delivery) -> None:
         """Take a delivery, in delivery order (called synchronously by the consumer)."""
-        self._delivered.put_nowait(delivery)
+        self._delivered.put_nowait((delivery, time.perf_counter()))
 
     async def run(self) -> None:
         """Project until cancelled."""
         while True:
-            batch = [await self._delivered.get()]
-            while len(batch) < self.batch_size and not self._delivered.empty():
-                batch.append(self._delivered.get_nowait())
-            await finish_on_cancel(self.project(batch))
+            taken = [await self._delivered.get()]
+            while len(taken) < self.batch_size and not self._delivered.empty():
+                taken.append(self._delivered.get_nowait())
+            batch, arrivals = zip(*taken, strict=True)
+            await finish_on_cancel(self.project(batch, arrivals))
 
-    async def project(self, batch: Sequence[Delivery]) -> None:
-        started = time.perf_counter()
+    async def project(
+        self, batch: Sequence[Delivery], arrivals: Sequence[float] | None = None
+    ) -> None:
+        """Project `batch` and settle each delivery; its handling is timed from its
+        arrival (`arrivals`, time.perf_counter(); by default now): one that waited
+        behind a batch being retried waited as long."""
+        now = time.perf_counter()
         triaged = [_triage(delivery) for delivery in batch]
         events = [item for item in triaged if isinstance(item, Decoded)]
         outcomes = await self._apply(events)
 
-        async def settle(delivery: Delivery, item: Decoded | Outcome) -> None:
+        async def settle(delivery: Delivery, item: Decoded | Outcome, arrived: float) -> None:
             outcome = outcomes[id(item)] if isinstance(item, Decoded) else item
             with structlog.contextvars.bound_contextvars(**delivery.log_fields()):
                 await delivery.settle(outcome)
-            metrics.settled(delivery.source, outcome.kind.value, time.perf_counter() - started)
+            metrics.settled(delivery.source, outcome.kind.value, time.perf_counter() - arrived)
             if isinstance(item, Decoded) and outcome.kind is OutcomeKind.PROCESSED:
                 _observe_delay(item)
 
         # Settled together, so that their acks go out in as few frames as they allow.
-        await asyncio.gather(*map(settle, batch, triaged))
+        await asyncio.gather(*map(settle, batch, triaged, arrivals or [now] * len(batch)))
 
     async def _apply(self, events: Sequence[Decoded]) -> dict[int, Outcome]:
         """The outcome of each event (by id of its Decoded)."""
@@ -126,6 +133,7 @@ class Projector:
                 outages=self._outages,
                 what="projecting a batch",
                 wanted=lambda: any(event.delivery.deliverable() for event in events),
+                on_retry=lambda _: _retrying(events),
             )
         except GaveUp as gave_up:
             log.error(
@@ -168,6 +176,12 @@ class Projector:
             return _copy(event, before.get(event.envelope.message_id))
 
         return await retried(self._policy, self._outages)(apply)(event.delivery)
+
+
+def _retrying(events: Sequence[Decoded]) -> None:
+    """Count a retry of each delivery of a batch tried again."""
+    for event in events:
+        metrics.MESSAGES.labels(event.delivery.source, "retried").inc()
 
 
 def _copy(event: Decoded, recorded: str | None) -> Outcome:

@@ -25,6 +25,7 @@ from financing.adapters.rabbitmq.queues import QueueDepth, queue_depth
 from financing.application.errors import Refused, Unavailable, summary
 from financing.config import Settings
 from financing.entrypoints.cli.console import database, moment, table
+from financing.workers.projector import BATCH_SIZE
 
 HEALTHY = """\
 Healthy (exit code 0; otherwise 1) means:
@@ -148,7 +149,13 @@ async def _broker(settings: Settings, findings: Findings) -> None:
     brokers = ", ".join(describe_url(url) for url in settings.amqp_urls)
     findings.report("broker", f"{brokers}: reachable")
     projector = consumed[topology.PROJECTOR_QUEUE]
-    findings.report("projector", f"{_waiting(projector)} in {topology.PROJECTOR_QUEUE}")
+    findings.report(
+        "projector",
+        "queue missing"
+        if projector is None
+        else f"{projector.waiting} message(s) not yet delivered in {topology.PROJECTOR_QUEUE}"
+        f" (and up to {BATCH_SIZE} delivered, not yet projected)",
+    )
     reading = " (and those a command reading them now holds)" if read and dead else ""
     findings.report("dead letters", f"{_waiting(dead)}{reading} in {topology.DEAD_LETTER_QUEUE}")
     # Waiting for an aggregate another message creates, to be delivered again (the queue
@@ -162,7 +169,13 @@ async def _broker(settings: Settings, findings: Findings) -> None:
         (name, "missing", "-") if depth is None else (name, depth.waiting, depth.consumers)
         for name, depth in sorted(consumed.items())
     ]
-    findings.lines += ["", *table(("QUEUE", "WAITING", "CONSUMERS"), rows), ""]
+    findings.lines += ["", *table(("QUEUE", "READY", "CONSUMERS"), rows), ""]
+    # The broker tells a client only the messages ready for delivery: those its consumers
+    # hold unsettled (a prefetch window each, the projector's batch) are not among them.
+    findings.lines += [
+        "READY: not yet delivered (those delivered and not settled are not counted)",
+        "",
+    ]
     for name, depth in sorted(consumed.items()):
         if depth is None:
             findings.problems.append(f"queue {name} does not exist")
