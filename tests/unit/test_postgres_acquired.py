@@ -110,6 +110,22 @@ async def test_a_driver_error_in_the_block_is_translated_and_the_connection_give
         assert raised.value.dependency == COMMAND_DATABASE
 
 
+async def test_a_session_the_server_ended_while_idle_is_said_to_be_so() -> None:
+    """Regression: after pg_terminate_backend the outage's line said only "InternalClientError:
+    cannot switch to state 12; another operation (2) is in progress", the driver's words
+    for the first use of a pooled session the server ended while it sat idle."""
+    error = asyncpg.exceptions.InternalClientError(
+        "cannot switch to state 12; another operation (2) is in progress"
+    )
+    with pytest.raises(Unavailable) as raised:
+        async with acquired(FakePool(), COMMAND_DATABASE):  # type: ignore[arg-type]
+            raise error
+    assert raised.value.detail == (
+        "the server ended a session while it sat idle (InternalClientError: cannot switch to"
+        " state 12; another operation (2) is in progress)"
+    )
+
+
 @pytest.mark.parametrize("error", [ValueError("a bug"), asyncio.CancelledError()])
 async def test_a_bug_or_a_cancellation_leaves_as_it_is_and_the_connection_is_given_back(
     error: BaseException,

@@ -82,7 +82,14 @@ def is_unavailable(error: BaseException) -> bool:
 def describe(error: BaseException) -> str:
     if isinstance(error, TimeoutError) and not str(error):
         return "no answer in time (FINANCING_DB_TIMEOUT)"
-    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    said = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    if isinstance(error, asyncpg.exceptions.InternalClientError) and str(error).startswith(
+        "cannot switch to state"
+    ):
+        # What the driver says of a pooled session the server ended while it sat idle
+        # (pg_terminate_backend, a restart): the server's own message is not kept.
+        return f"the server ended a session while it sat idle ({said})"
+    return said
 
 
 def _translate(error: BaseException, dependency: str) -> None:
