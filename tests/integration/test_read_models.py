@@ -101,6 +101,22 @@ class ReadModelContract:
         wanted = [issuer[0], relayed[0], later[0], str(uuid4())]
         assert await store.digests(wanted) == {issuer[0]: "d-1", later[0]: "d-3"}
 
+    async def test_the_events_applied_with_a_digest_are_kept_in_the_order_applied(
+        self, store: ReadModelStore
+    ) -> None:
+        foreign = [(str(uuid4()), ev.IssuerCreatedEvent(uuid4())) for _ in range(3)]
+        relayed = (str(uuid4()), ev.IssuerCreatedEvent(uuid4()))
+        digests = {message_id: f"d-{message_id}" for message_id, _ in foreign}
+        await store.apply([foreign[0], relayed, foreign[1], foreign[0]], digests)
+        await store.apply([foreign[1], foreign[2]], digests)  # a copy, then a new one
+
+        kept = await store.foreign_events()
+        assert [(k.message_id, k.event, k.digest) for k in kept] == [
+            (message_id, event, digests[message_id]) for message_id, event in foreign
+        ]
+        assert await store.foreign_events(after=kept[0].position, limit=1) == [kept[1]]
+        assert await store.foreign_events(after=kept[-1].position) == []
+
     # Investors
 
     async def test_new_investor_has_nothing_in_balance_reserved_or_committed(

@@ -21,10 +21,11 @@ from financing.adapters.rabbitmq.consumer import QueueConsumer
 from financing.adapters.rabbitmq.dead_letters import DeadLetters
 from financing.adapters.rabbitmq.publisher import Publisher
 from financing.application.ports import StoredEvent
-from financing.application.read_models import InMemoryReadModels, ReadModelStore
+from financing.application.read_models import InMemoryReadModels, IssuerRow, ReadModelStore
 from financing.application.retry import DELIVERIES, Outages
 from financing.domain.aggregates import Aggregate, Investor, Invoice, Issuer
 from financing.domain.events import Bid, DomainEvent, IssuerCreatedEvent
+from financing.entrypoints.cli.check import run_check
 from financing.workers.projector import Projector
 from tests.support import infra
 from tests.support.rabbitmq import private_vhost
@@ -249,3 +250,42 @@ async def test_events_projected_live_during_a_rebuild_are_kept(query_pool: async
             projected_after += rebuilding.done()
         await rebuilding
         assert await snapshot(live) == await expected(await all_events(store))
+
+
+async def test_the_events_of_another_relayer_projected_live_survive_a_rebuild_and_check(
+    event_store_pool: asyncpg.Pool, query_pool: asyncpg.Pool
+) -> None:
+    """Regression: the projector projects a reference relayer's events (docs/contract.md),
+    which are in no event store of this service: `check` then failed for good ("issuers:
+    11 rows, a replay gives 9"), and a rebuild dropped their rows without a word. They are
+    kept as projected and replayed after the store's; `check` compares the rows each kind
+    of event made in its own order, as they came interleaved live."""
+    events = await all_events(PostgresEventStore(event_store_pool))
+    live = PostgresReadModels(query_pool)
+    foreign = [(str(uuid4()), IssuerCreatedEvent(uuid4())) for _ in range(3)]
+    digests = {message_id: f"digest-{message_id}" for message_id, _ in foreign}
+    # Interleaved: one before the store's events, one among them, one after.
+    middle = len(events) // 2
+    await live.apply(foreign[:1], digests)
+    await live.apply(relayed(events[:middle]))
+    await live.apply(foreign[1:2], digests)
+    await live.apply(relayed(events[middle:]))
+    await live.apply(foreign[2:], digests)
+    await live.apply(foreign[1:2], digests)  # a copy: kept once
+    before = await snapshot(live)
+    assert (await run_check(event_store_pool, query_pool)).read_model_differences == []
+
+    report = await rebuild(event_store_pool, query_pool)
+
+    assert report.foreign == 3
+    after = await snapshot(live)
+    assert [sorted(map(repr, rows)) for rows in after] == [
+        sorted(map(repr, rows)) for rows in before
+    ]
+    # The store's rows in the store's order, then the others in the order projected.
+    issuers = [event.issuer_id for _, event in foreign]
+    assert after[2][-3:] == [IssuerRow(issuer) for issuer in issuers]
+    assert [kept.message_id for kept in await live.foreign_events()] == [
+        message_id for message_id, _ in foreign
+    ]
+    assert (await run_check(event_store_pool, query_pool)).read_model_differences == []

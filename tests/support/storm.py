@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from financing.application.pipeline import Decoded, Handler, HandlerPart, Outcome, OutcomeKind
 from financing.application.read_models import (
     EMPTY,
+    ForeignEvent,
     InvestorRow,
     InvoiceRow,
     IssuerRow,
@@ -72,6 +73,9 @@ class WrappedReadModels:
 
     async def digests(self, message_ids: Sequence[str]) -> Mapping[str, str]:
         return await self.inner.digests(message_ids)
+
+    async def foreign_events(self, after: int = 0, limit: int = 1000) -> list[ForeignEvent]:
+        return await self.inner.foreign_events(after, limit)
 
     async def investors(self) -> list[InvestorRow]:
         return await self.inner.investors()

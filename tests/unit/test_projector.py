@@ -28,6 +28,7 @@ from financing.application.ports import (
 )
 from financing.application.read_models import (
     EMPTY,
+    ForeignEvent,
     InMemoryReadModels,
     InvestorRow,
     InvoiceRow,
@@ -57,6 +58,9 @@ class RecordingReadModels:
 
     async def digests(self, message_ids: Sequence[str]) -> Mapping[str, str]:
         return {}
+
+    async def foreign_events(self, after: int = 0, limit: int = 1000) -> list[ForeignEvent]:
+        return []
 
     async def investors(self) -> list[InvestorRow]:
         return []

@@ -100,6 +100,17 @@ class IssuerRow:
 EMPTY: Mapping[str, str] = MappingProxyType({})
 
 
+@dataclass(frozen=True)
+class ForeignEvent:
+    """An event of another relayer (in no event store of this service) that the read
+    models projected, kept so that a rebuild and a check replay it too."""
+
+    position: int  # in the order projected, from 1
+    message_id: str
+    event: DomainEvent
+    digest: str
+
+
 class ReadModelStore(Protocol):
     async def apply(
         self, batch: Sequence[tuple[str, DomainEvent]], digests: Mapping[str, str] = EMPTY
@@ -116,6 +127,11 @@ class ReadModelStore(Protocol):
 
     async def digests(self, message_ids: Sequence[str]) -> Mapping[str, str]:
         """The digests recorded with those of `message_ids` that were applied with one."""
+        ...
+
+    async def foreign_events(self, after: int = 0, limit: int = 1000) -> list[ForeignEvent]:
+        """The events applied with a digest (another relayer's), in the order applied,
+        from the one after position `after`, at most `limit`; kept for good."""
         ...
 
     async def investors(self) -> list[InvestorRow]:
@@ -193,6 +209,7 @@ class InMemoryReadModels:
         self._invoices: dict[UUID, _Invoice] = {}
         self._issuers: dict[UUID, IssuerRow] = {}
         self._processed: dict[str, str | None] = {}  # message id -> digest
+        self._foreign: list[ForeignEvent] = []
 
     async def apply(
         self, batch: Sequence[tuple[str, DomainEvent]], digests: Mapping[str, str] = EMPTY
@@ -201,10 +218,16 @@ class InMemoryReadModels:
         for message_id, event in batch:
             if message_id in self._processed:
                 continue
-            self._processed[message_id] = digests.get(message_id)
+            digest = self._processed[message_id] = digests.get(message_id)
+            if digest is not None:
+                position = len(self._foreign) + 1
+                self._foreign.append(ForeignEvent(position, message_id, event, digest))
             fresh.add(message_id)
             self._project(event)
         return fresh
+
+    async def foreign_events(self, after: int = 0, limit: int = 1000) -> list[ForeignEvent]:
+        return self._foreign[after : after + limit]
 
     async def digests(self, message_ids: Sequence[str]) -> Mapping[str, str]:
         return {
@@ -265,3 +288,20 @@ class InMemoryReadModels:
 
     async def issuers(self) -> list[IssuerRow]:
         return list(self._issuers.values())
+
+
+async def replay_foreign(
+    source: ReadModelStore, target: ReadModelStore, batch_size: int, *, after: int = 0
+) -> tuple[int, int]:
+    """Apply the events of another relayer that `source` keeps (after position `after`)
+    to `target`, in the order `source` projected them, each with its digest; how many,
+    and the position of the last (`after` when there were none)."""
+    count = 0
+    while kept := await source.foreign_events(after, batch_size):
+        await target.apply(
+            [(foreign.message_id, foreign.event) for foreign in kept],
+            {foreign.message_id: foreign.digest for foreign in kept},
+        )
+        count += len(kept)
+        after = kept[-1].position
+    return count, after

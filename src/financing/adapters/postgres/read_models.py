@@ -10,7 +10,7 @@ The ordering rules for events that arrive out of order are those of
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from decimal import Decimal
 from typing import Any
@@ -19,10 +19,12 @@ from uuid import UUID
 import asyncpg
 
 from financing.adapters.postgres.connection import QUERY_DATABASE, Connection, acquired
+from financing.application import codec
 from financing.application.read_models import (
     ADVANCES_FROM,
     AVAILABLE,
     EMPTY,
+    ForeignEvent,
     InvestorRow,
     InvoiceRow,
     IssuerRow,
@@ -71,6 +73,18 @@ class PostgresReadModels:
         self._record_all_sql = (
             f"INSERT INTO {s}.processed_messages (message_id, digest)"
             " SELECT * FROM unnest($1::text[], $2::text[])"
+        )
+        # Kept in the order projected (the batch's), each once.
+        self._journal_sql = (
+            "INSERT INTO foreign_events (message_id, name, aggregate_id, body, digest)"
+            " SELECT message_id, name, aggregate_id, body, digest"
+            " FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $5::text[])"
+            " WITH ORDINALITY AS new (message_id, name, aggregate_id, body, digest, ordinality)"
+            " ORDER BY ordinality ON CONFLICT (message_id) DO NOTHING"
+        )
+        self._foreign_sql = (
+            "SELECT position, message_id, name, aggregate_id, body, digest FROM foreign_events"
+            " WHERE position > $1 ORDER BY position LIMIT $2"
         )
         self._digests_sql = (
             f"SELECT message_id, digest FROM {s}.processed_messages"
@@ -154,7 +168,8 @@ class PostgresReadModels:
                 # Usually no message of a batch was projected before: then one
                 # statement records them all and projects the batch, one round trip.
                 try:
-                    await conn.execute(*self._at_once(recorded, changes))
+                    journal = _journal(batch, digests, message_ids)
+                    await conn.execute(*self._at_once(recorded, changes, journal))
                     return frozenset(message_ids)
                 except asyncpg.UniqueViolationError as error:
                     if error.constraint_name != "processed_messages_pkey":
@@ -167,12 +182,18 @@ class PostgresReadModels:
                 fresh = frozenset(
                     row["message_id"] for row in await conn.fetch(self._record_sql, *recorded)
                 )
-                for sql, args in self._statements(_Changes.of(batch, set(fresh))):
+                journal = _journal(batch, digests, fresh)
+                for sql, args in self._statements(_Changes.of(batch, set(fresh)), journal):
                     await conn.execute(sql, *args)
                 return fresh
 
-    def _statements(self, changes: _Changes) -> Iterator[tuple[str, list[list[Any]]]]:
-        """The statements that project `changes`, one per table (per round for invoices)."""
+    def _statements(
+        self, changes: _Changes, journal: list[list[Any]] | None
+    ) -> Iterator[tuple[str, list[list[Any]]]]:
+        """The statements that project `changes`, one per table (per round for invoices),
+        and keep the events of another relayer (`journal`, the columns of `_journal`)."""
+        if journal:
+            yield self._journal_sql, journal
         if changes.issuers:
             yield self._project_issuers_sql, [list(changes.issuers)]
         if changes.investors:
@@ -180,11 +201,13 @@ class PostgresReadModels:
         for rows in changes.invoice_rounds():
             yield self._project_invoices_sql, _columns(rows)
 
-    def _at_once(self, recorded: list[list[Any]], changes: _Changes) -> tuple[Any, ...]:
+    def _at_once(
+        self, recorded: list[list[Any]], changes: _Changes, journal: list[list[Any]] | None
+    ) -> tuple[Any, ...]:
         """One statement (with its arguments) that records the message ids and digests of
         `recorded` and projects `changes` (at most one round): each part a data-modifying
         WITH query of its own table, its parameters numbered after those before it."""
-        statements = list(self._statements(changes))
+        statements = list(self._statements(changes, journal))
         args: list[Any] = list(recorded)
         for _, columns in statements:
             args.extend(columns)
@@ -202,6 +225,18 @@ class PostgresReadModels:
     async def digests(self, message_ids: Sequence[str]) -> Mapping[str, str]:
         rows = await self._fetch(self._digests_sql, list(message_ids))
         return {row["message_id"]: row["digest"] for row in rows}
+
+    async def foreign_events(self, after: int = 0, limit: int = 1000) -> list[ForeignEvent]:
+        rows = await self._fetch(self._foreign_sql, after, limit)
+        return [
+            ForeignEvent(
+                row["position"],
+                row["message_id"],
+                _domain_event(row["name"], row["body"], row["aggregate_id"]),
+                row["digest"],
+            )
+            for row in rows
+        ]
 
     async def investors(self) -> list[InvestorRow]:
         return await in_turns(await self._fetch(self._investors_sql), _investor)
@@ -323,6 +358,28 @@ class _Changes:
     def invoice_rounds(self) -> Iterator[list[_InvoiceRow]]:
         for k in range(self.rounds()):
             yield [events[k] for events in self.invoices.values() if len(events) > k]
+
+
+def _journal(
+    batch: Sequence[tuple[str, DomainEvent]], digests: Mapping[str, str], fresh: Collection[str]
+) -> list[list[Any]] | None:
+    """The columns of `foreign_events` rows for the events of another relayer (those with
+    a digest) that `fresh` holds, the first of each message id, in the batch's order."""
+    if not digests:
+        return None
+    rows: dict[str, tuple[Any, ...]] = {}
+    for message_id, event in batch:
+        digest = digests.get(message_id)
+        if digest is not None and message_id in fresh and message_id not in rows:
+            name, body = codec.name_of(event), codec.encode_text(event)
+            rows[message_id] = (message_id, name, event.aggregate_id, body, digest)
+    return _columns(list(rows.values())) if rows else None
+
+
+def _domain_event(name: str, body: str, aggregate_id: UUID) -> DomainEvent:
+    event = codec.decode(name, body, aggregate_id)
+    assert isinstance(event, DomainEvent)  # kept as one (`_journal`)
+    return event
 
 
 def _columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:

@@ -12,8 +12,9 @@ The live projector may keep running meanwhile. The swap first locks the live
 `processed_messages` against writes (reads go on), so the projector pauses;
 if it projected anything the replay did not cover, the replay goes on from the
 last event it read (events already applied are skipped by message id) before
-the swap. Events
-that never were in the event store (from a foreign publisher) are not kept.
+the swap. The events of another relayer (a reference relayer's), which are in
+no event store of this service, are replayed after the store's, in the order the
+projector kept them (`foreign_events`): the rows they made stay.
 
 A rebuild holds a lock named after its schema for as long as it builds it, so that
 the next one tells the schema of a rebuild that was killed (its lock free) from one
@@ -40,7 +41,7 @@ from financing.adapters.postgres.read_models import (
 )
 from financing.adapters.postgres.schema import migrate
 from financing.application.ports import EventStore, StoredEvent
-from financing.application.read_models import ReadModelStore
+from financing.application.read_models import ReadModelStore, replay_foreign
 from financing.domain.events import DomainEvent
 from financing.logging import get_logger
 
@@ -60,6 +61,7 @@ class RebuildReport:
     investors: int
     invoices: int  # listed invoices
     issuers: int
+    foreign: int = 0  # events of another relayer replayed after them
 
 
 async def rebuild(
@@ -74,12 +76,12 @@ async def rebuild(
         await holder.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", fresh)
         try:
             await _discard_abandoned(holder)
-            events = await _rebuilt(store, target, query_pool, batch_size, fresh)
+            events, foreign = await _rebuilt(store, target, query_pool, batch_size, fresh)
         finally:
             with contextlib.suppress(Exception):  # gone with its session otherwise
                 await holder.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", fresh)
     investors, invoices, issuers = await PostgresReadModels(query_pool).counts()
-    report = RebuildReport(events, investors, invoices, issuers)
+    report = RebuildReport(events, investors, invoices, issuers, foreign)
     log.info("read models rebuilt", **vars(report))
     return report
 
@@ -90,8 +92,9 @@ async def _rebuilt(
     query_pool: asyncpg.Pool,
     batch_size: int,
     fresh: str,
-) -> int:
-    """Build `fresh`, then swap it for the live schema; the events replayed."""
+) -> tuple[int, int]:
+    """Build `fresh`, then swap it for the live schema; the events replayed, of the
+    store and of another relayer."""
     suffix = fresh.rpartition("_")[2]
     retired = f"{DEFAULT_SCHEMA}_retired_{suffix}"
     live_sql, fresh_sql, retired_sql = (quoted_schema(s) for s in (DEFAULT_SCHEMA, fresh, retired))
@@ -99,7 +102,9 @@ async def _rebuilt(
     try:
         async with acquired(query_pool, QUERY_DATABASE) as conn:
             await create_tables(conn, fresh)
+        live = PostgresReadModels(query_pool)
         events, last = await replay(store, target, batch_size)
+        foreign, kept = await replay_foreign(live, target, batch_size)
         async with acquired(query_pool, QUERY_DATABASE) as conn, conn.transaction():
             await conn.execute(f"LOCK TABLE {live_sql}.processed_messages IN EXCLUSIVE MODE")
             behind = await conn.fetchval(
@@ -112,13 +117,15 @@ async def _rebuilt(
                 log.info("live projection moved on during the rebuild, catching up")
                 more, _ = await replay(store, target, batch_size, after=last)
                 events += more
+                more, _ = await replay_foreign(live, target, batch_size, after=kept)
+                foreign += more
             await conn.execute(f"ALTER SCHEMA {live_sql} RENAME TO {retired_sql}")
             await conn.execute(f"ALTER SCHEMA {fresh_sql} RENAME TO {live_sql}")
             await conn.execute(f"DROP SCHEMA {retired_sql} CASCADE")
     except BaseException:
         await _discard(query_pool, fresh_sql)
         raise
-    return events
+    return events, foreign
 
 
 async def _discard_abandoned(conn: Connection) -> None:

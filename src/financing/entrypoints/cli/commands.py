@@ -384,9 +384,10 @@ async def _rebuild(settings: Settings, args: argparse.Namespace) -> int:
         database(settings.query_db, QUERY_DATABASE, "projections", scans=True) as queries,
     ):
         report = await rebuild(events, queries)
+    foreign = f" and {report.foreign} of another relayer" if report.foreign else ""
     print(
-        f"rebuilt read models from {report.events} events: {report.investors} investors, "
-        f"{report.invoices} invoices, {report.issuers} issuers"
+        f"rebuilt read models from {report.events} events{foreign}: {report.investors}"
+        f" investors, {report.invoices} invoices, {report.issuers} issuers"
     )
     return 0
 

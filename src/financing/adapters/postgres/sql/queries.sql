@@ -86,6 +86,21 @@ SELECT public.financing_create_read_models('read_models');
 -- different event reusing a projected id is dead-lettered, not dropped unseen as a
 -- copy. This service's relayed events are told by the id the event store derives
 -- from their aggregate and version: NULL.
+--
+-- The events of another relayer are in no event store of this service: the
+-- projector keeps each in `foreign_events`, in the order it projects them, so
+-- that `financing projections rebuild` and `financing check` replay them after
+-- the event store's. Outside the read models' schema, which a rebuild replaces,
+-- and never pruned: it is what the read models hold of them.
+CREATE TABLE IF NOT EXISTS foreign_events (
+    position     bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    message_id   text        NOT NULL UNIQUE,
+    name         text        NOT NULL,
+    aggregate_id uuid        NOT NULL,
+    body         text        NOT NULL,
+    digest       text        NOT NULL,
+    projected_at timestamptz NOT NULL DEFAULT now()
+);
 ALTER FUNCTION public.financing_create_read_models(text) RENAME TO financing_create_read_models_2;
 
 CREATE FUNCTION public.financing_create_read_models(target text)
