@@ -111,6 +111,12 @@ GRPC_CONNECTIONS_CLOSED = Counter(
     "gRPC connections the service closed at the HTTP/2 edge, by reason.",
     ["reason"],
 )
+EVENT_LOOP_LAG = Histogram(
+    "financing_event_loop_lag_seconds",
+    "How late the process's event loop ran a task due every half second: the time the"
+    " process was stopped (SIGSTOP, a paused VM), starved of CPU, or blocked.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
 DEAD_LETTERS = Counter(
     "financing_dead_letters_published_total",
     "Messages dead-lettered to financing_dead_letters, by source queue.",

@@ -75,6 +75,7 @@ from financing.entrypoints.observability import (
     MetricsEndpoint,
     observe_grpc,
     observe_pool,
+    watch_event_loop,
 )
 from financing.workers.projector import Projector
 from financing.workers.relayer import Relayer
@@ -180,6 +181,7 @@ async def bootstrap(
                 database, functools.partial(check, pool, database), attempts_within=within
             )
     service.workers["outages"] = outages.watch
+    service.workers["event-loop"] = watch_event_loop
 
     if selected & NEEDS_BROKER:
         broker = Broker(settings.amqp_urls, outages, queue_type=settings.queue_type)

@@ -23,7 +23,16 @@ from prometheus_client.exposition import choose_encoder
 
 from financing.entrypoints.connections import Connections, descriptor_share
 from financing.entrypoints.grpc.codec import Servable
-from financing.metrics import GRPC_HANDLED, GRPC_HANDLING, GRPC_STARTED, POOL_CONNECTIONS
+from financing.logging import get_logger
+from financing.metrics import (
+    EVENT_LOOP_LAG,
+    GRPC_HANDLED,
+    GRPC_HANDLING,
+    GRPC_STARTED,
+    POOL_CONNECTIONS,
+)
+
+log = get_logger(__name__)
 
 
 @dataclass(slots=True)
@@ -325,3 +334,29 @@ def _accepts_gzip(accept_encoding: str) -> bool:
         weights.setdefault(coding.lower(), weight)
     weight = weights.get("gzip", weights.get("x-gzip", weights.get("*", 0.0)))
     return weight > 0
+
+
+# The event loop's lag past which a line says the process did not run (seconds): beyond
+# what a busy loop shows, within the 5 s a publish's confirm or an ack is given.
+STALL_REPORTED = 2.0
+LAG_PERIOD = 0.5
+
+
+async def watch_event_loop(period: float = LAG_PERIOD, reported: float = STALL_REPORTED) -> None:
+    """Until cancelled: observe how late the event loop runs a task due every `period`
+    seconds, and log one line for a lag of `reported` seconds or more. A process that was
+    stopped (SIGSTOP, a paused VM) or starved finds, on resuming, deadlines that ran out
+    meanwhile (a statement's, a confirm's) and reports outages of dependencies that
+    answered all along; this line says that the process itself did not run."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + period
+        await asyncio.sleep(period)
+        lag = max(0.0, loop.time() - due)
+        EVENT_LOOP_LAG.observe(lag)
+        if lag >= reported:
+            log.warning(
+                "the process did not run for a while (stopped, starved of CPU, or blocked):"
+                " deadlines that ran out meanwhile may be reported as outages",
+                stalled_seconds=round(lag, 3),
+            )
