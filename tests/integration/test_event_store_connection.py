@@ -423,3 +423,29 @@ async def test_a_session_idle_in_its_transaction_is_ended_and_its_locks_let_go(
     finally:
         await close_connection(frozen)
         await close_connection(successor)
+
+
+async def test_a_statement_its_caller_gives_up_on_a_silent_server_ends_at_once(
+    database: Database, relay: Relay
+) -> None:
+    """Regression: a block cancelled by its caller (the health probe's 2 s timeout, a
+    Queries call past its deadline) while its statement waited on a silent server gave
+    its session back to the pool, which waited for the server to acknowledge the
+    statement's cancellation, up to FINANCING_DB_TIMEOUT: the probe reported a silent
+    query database 13 s late, and a 7 s silence only once it was over."""
+    slow = replace(through(relay, database, pool_max_size=1), answer_timeout=60.0)
+    pool = await create_pool(slow, COMMAND_DATABASE)
+    try:
+        await ping(pool, COMMAND_DATABASE)
+        relay.silence()
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await ping(pool, COMMAND_DATABASE)
+        gave_up_in = time.monotonic() - started
+        relay.restore()
+        await ping(pool, COMMAND_DATABASE)  # on a new session
+    finally:
+        relay.restore()
+        await close_pool(pool)
+    assert gave_up_in < 0.5 + MARGIN, gave_up_in

@@ -182,10 +182,14 @@ class acquired:
     ) -> None:
         try:
             if error is not None:
-                if isinstance(error, TimeoutError):
-                    # The server did not answer in time: the session is dropped at once
-                    # rather than released, which would wait as long again for the
-                    # server to acknowledge the statement's cancellation.
+                if isinstance(error, TimeoutError | asyncio.CancelledError):
+                    # The server did not answer in time, or the block was cancelled (its
+                    # caller's deadline, a probe's timeout), maybe with a statement in
+                    # flight: the session is dropped at once rather than released, which
+                    # would wait for the server to acknowledge the statement's
+                    # cancellation (as long again, or FINANCING_DB_TIMEOUT when it has
+                    # stopped answering: a health probe then saw a silent database 13 s
+                    # late, or only once it was back).
                     self._conn.terminate()
                 _translate(error, self._dependency)
         finally:
