@@ -366,6 +366,10 @@ async def test_trace_and_events_without_a_dependency_print_what_they_have_and_ex
 
     traced = await run_cli(no_broker, "trace", correlation)
     shown_ = await run_cli(no_reads, "events", str(investor))
+    # Regression: a correlation known only by its dead letter was said to be carried by
+    # "no event, processed message, dead letter or deferred message" when the dead
+    # letters could not be searched (the broker away, or busy with another reader).
+    unsearched = await run_cli(no_broker, "trace", str(uuid4()))
 
     assert traced.exit_code == 1, traced.describe()
     assert "BidOnInvoicePlacedEvent" in traced.stdout
@@ -373,6 +377,11 @@ async def test_trace_and_events_without_a_dependency_print_what_they_have_and_ex
     assert shown_.exit_code == 1, shown_.describe()
     assert "InvestorCreatedEvent" in shown_.stdout
     assert "read model not shown" in shown_.stderr
+    assert unsearched.exit_code == 1, unsearched.describe()
+    assert (
+        "no event or processed message (the dead letters and deferred messages were not"
+        " searched) carries it" in unsearched.stderr
+    ), unsearched.describe()
 
 
 # financing tail

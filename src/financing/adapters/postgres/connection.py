@@ -11,6 +11,7 @@ as it is: a bug.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, TypeAlias
@@ -83,8 +84,8 @@ def describe(error: BaseException) -> str:
     if isinstance(error, TimeoutError) and not str(error):
         return "no answer in time (FINANCING_DB_TIMEOUT)"
     said = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-    if isinstance(error, asyncpg.exceptions.InternalClientError) and str(error).startswith(
-        "cannot switch to state"
+    if isinstance(error, asyncpg.exceptions.InternalClientError) and str(error).endswith(
+        "another operation (2) is in progress"  # 2: consuming what follows a server's error
     ):
         # What the driver says of a pooled session the server ended while it sat idle
         # (pg_terminate_backend, a restart): the server's own message is not kept.
@@ -158,6 +159,11 @@ def reopening(dependency: str) -> AbstractContextManager[None]:
     return _Translating(_translate_reopening, dependency)
 
 
+# How long a cancelled block's session may take to be given back (the server to
+# acknowledge its statement's cancellation) before it is dropped (seconds).
+CANCELLED_RELEASE = 1.0
+
+
 class acquired:
     """A pooled connection, errors translated, from opening it to the last statement.
 
@@ -180,16 +186,22 @@ class acquired:
     async def __aexit__(
         self, kind: type[BaseException] | None, error: BaseException | None, tb: Any
     ) -> None:
+        if isinstance(error, asyncio.CancelledError):
+            # Cancelled (its caller's deadline, a probe's timeout), maybe with a statement
+            # in flight: the pool waits for the server to acknowledge the statement's
+            # cancellation, at most CANCELLED_RELEASE, then drops the session (a silent
+            # server kept a health probe waiting FINANCING_DB_TIMEOUT: it saw the
+            # database's outage 13 s late, or only once it was over). The cancellation
+            # goes on whatever the release meets.
+            with contextlib.suppress(Exception):
+                await self._pool.release(self._conn, timeout=CANCELLED_RELEASE)
+            return
         try:
             if error is not None:
-                if isinstance(error, TimeoutError | asyncio.CancelledError):
-                    # The server did not answer in time, or the block was cancelled (its
-                    # caller's deadline, a probe's timeout), maybe with a statement in
-                    # flight: the session is dropped at once rather than released, which
-                    # would wait for the server to acknowledge the statement's
-                    # cancellation (as long again, or FINANCING_DB_TIMEOUT when it has
-                    # stopped answering: a health probe then saw a silent database 13 s
-                    # late, or only once it was back).
+                if isinstance(error, TimeoutError):
+                    # The server did not answer in time: the session is dropped at once
+                    # rather than released, which would wait as long again for the
+                    # server to acknowledge the statement's cancellation.
                     self._conn.terminate()
                 _translate(error, self._dependency)
         finally:

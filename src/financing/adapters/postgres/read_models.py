@@ -39,6 +39,10 @@ from financing.domain.money import ZERO, add
 
 DEFAULT_SCHEMA = "read_models"
 
+# The keys a copy of a projected message fails on: its record, or (an event of another
+# relayer) its place in the journal.
+_COPIES = frozenset({"processed_messages_pkey", "foreign_events_message_id_key"})
+
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _PARAMETER = re.compile(r"\$(\d+)")
 
@@ -57,38 +61,43 @@ async def create_tables(conn: Connection, schema: str) -> None:
 
 
 class PostgresReadModels:
-    """`ReadModelStore` on PostgreSQL; `schema` must have been created (migrate "queries")."""
+    """`ReadModelStore` on PostgreSQL; `schema` must have been created (migrate "queries").
 
-    def __init__(self, pool: asyncpg.Pool, schema: str = DEFAULT_SCHEMA) -> None:
+    `journal`: keep the events of another relayer in `foreign_events` (the live read
+    models); a rebuild's target replays them from there and keeps none."""
+
+    def __init__(
+        self, pool: asyncpg.Pool, schema: str = DEFAULT_SCHEMA, *, journal: bool = True
+    ) -> None:
         self._pool = pool
         self._dependency = QUERY_DATABASE
         self.schema = schema
+        self._journal = journal
         s = quoted_schema(schema)
         self._record_sql = (
-            f"INSERT INTO {s}.processed_messages (message_id, digest)"
-            " SELECT * FROM unnest($1::text[], $2::text[])"
+            f"INSERT INTO {s}.processed_messages (message_id) SELECT unnest($1::text[])"
             " ON CONFLICT DO NOTHING RETURNING message_id"
         )
         # Fails on the key when a message id was recorded before.
         self._record_all_sql = (
-            f"INSERT INTO {s}.processed_messages (message_id, digest)"
-            " SELECT * FROM unnest($1::text[], $2::text[])"
+            f"INSERT INTO {s}.processed_messages (message_id) SELECT unnest($1::text[])"
         )
-        # Kept in the order projected (the batch's), each once.
+        # In the order projected (the batch's). Fails on the key when one was kept
+        # before, as `_record_all_sql` does: the journal, never pruned, tells copies of
+        # the events of another relayer after their records in processed_messages are.
         self._journal_sql = (
             "INSERT INTO foreign_events (message_id, name, aggregate_id, body, digest)"
             " SELECT message_id, name, aggregate_id, body, digest"
             " FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $5::text[])"
             " WITH ORDINALITY AS new (message_id, name, aggregate_id, body, digest, ordinality)"
-            " ORDER BY ordinality ON CONFLICT (message_id) DO NOTHING"
+            " ORDER BY ordinality"
         )
         self._foreign_sql = (
             "SELECT position, message_id, name, aggregate_id, body, digest FROM foreign_events"
             " WHERE position > $1 ORDER BY position LIMIT $2"
         )
         self._digests_sql = (
-            f"SELECT message_id, digest FROM {s}.processed_messages"
-            " WHERE message_id = ANY($1::text[]) AND digest IS NOT NULL"
+            "SELECT message_id, digest FROM foreign_events WHERE message_id = ANY($1::text[])"
         )
         # Statements of _at_once, by the projecting statements they combine.
         self._combined: dict[tuple[str, ...], str] = {}
@@ -161,7 +170,8 @@ class PostgresReadModels:
         if not batch:
             return frozenset()
         message_ids = list(dict.fromkeys(message_id for message_id, _ in batch))
-        recorded: list[list[Any]] = [message_ids, [digests.get(m) for m in message_ids]]
+        if not self._journal:
+            digests = EMPTY
         changes = _Changes.of(batch, set(message_ids))
         async with acquired(self._pool, self._dependency) as conn:
             if changes.rounds() <= 1:
@@ -169,10 +179,10 @@ class PostgresReadModels:
                 # statement records them all and projects the batch, one round trip.
                 try:
                     journal = _journal(batch, digests, message_ids)
-                    await conn.execute(*self._at_once(recorded, changes, journal))
+                    await conn.execute(*self._at_once(message_ids, changes, journal))
                     return frozenset(message_ids)
                 except asyncpg.UniqueViolationError as error:
-                    if error.constraint_name != "processed_messages_pkey":
+                    if error.constraint_name not in _COPIES:
                         raise
             # Some were (or are being) projected by another transaction: record
             # first, in a transaction of its own, and project only the fresh ones.
@@ -180,8 +190,13 @@ class PostgresReadModels:
                 # A concurrent writer of the same ids waits here until this
                 # transaction ends, then skips them.
                 fresh = frozenset(
-                    row["message_id"] for row in await conn.fetch(self._record_sql, *recorded)
+                    row["message_id"] for row in await conn.fetch(self._record_sql, message_ids)
                 )
+                if kept := [m for m in fresh if m in digests]:
+                    # Copies of events of another relayer whose records were pruned.
+                    fresh -= {
+                        row["message_id"] for row in await conn.fetch(self._digests_sql, kept)
+                    }
                 journal = _journal(batch, digests, fresh)
                 for sql, args in self._statements(_Changes.of(batch, set(fresh)), journal):
                     await conn.execute(sql, *args)
@@ -202,19 +217,19 @@ class PostgresReadModels:
             yield self._project_invoices_sql, _columns(rows)
 
     def _at_once(
-        self, recorded: list[list[Any]], changes: _Changes, journal: list[list[Any]] | None
+        self, message_ids: list[str], changes: _Changes, journal: list[list[Any]] | None
     ) -> tuple[Any, ...]:
-        """One statement (with its arguments) that records the message ids and digests of
-        `recorded` and projects `changes` (at most one round): each part a data-modifying
-        WITH query of its own table, its parameters numbered after those before it."""
+        """One statement (with its arguments) that records `message_ids` and projects
+        `changes` (at most one round): each part a data-modifying WITH query of its own
+        table, its parameters numbered after those before it."""
         statements = list(self._statements(changes, journal))
-        args: list[Any] = list(recorded)
+        args: list[Any] = [message_ids]
         for _, columns in statements:
             args.extend(columns)
         key = tuple(sql for sql, _ in statements)
         combined = self._combined.get(key)
         if combined is None:
-            parts, count = [self._record_all_sql], len(recorded)
+            parts, count = [self._record_all_sql], 1
             for sql, columns in statements:
                 parts.append(_renumbered(sql, count))
                 count += len(columns)

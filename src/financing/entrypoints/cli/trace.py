@@ -47,10 +47,16 @@ async def run_trace(settings: Settings, correlation_id: str) -> int:
     handlings += kept_aside
     story = trace(correlation_id, events, handlings)
     if not story.steps:
+        kinds = (
+            "event, processed message, dead letter or deferred message"
+            if searched
+            else "event or processed message (the dead letters and deferred messages were"
+            " not searched)"
+        )
         print(
             f"financing trace: nothing is known of correlation id {correlation_id!r}:"
-            " no event, processed message, dead letter or deferred message carries it (a"
-            " command still waiting in its queue, or being retried, shows once it is handled)",
+            f" no {kinds} carries it (a command still waiting in its queue, or being"
+            " retried, shows once it is handled)",
             file=sys.stderr,
         )
         return 1

@@ -81,17 +81,14 @@ SELECT public.financing_create_read_models('read_models');
 
 -- version: 3
 
--- Each processed message of another relayer (a reference relayer's event, whose
--- message id is its publisher's) keeps a digest of what it said, so that a
--- different event reusing a projected id is dead-lettered, not dropped unseen as a
--- copy. This service's relayed events are told by the id the event store derives
--- from their aggregate and version: NULL.
---
--- The events of another relayer are in no event store of this service: the
--- projector keeps each in `foreign_events`, in the order it projects them, so
--- that `financing projections rebuild` and `financing check` replay them after
--- the event store's. Outside the read models' schema, which a rebuild replaces,
--- and never pruned: it is what the read models hold of them.
+-- The events of another relayer (a reference relayer's event, whose message id
+-- is its publisher's) are in no event store of this service: the projector keeps
+-- each in `foreign_events` as it projects it, in that order, with a digest of
+-- what it said (its name, aggregate and body), so that `financing projections
+-- rebuild` and `financing check` replay them after the event store's, and a
+-- different event reusing one's message id is dead-lettered, not dropped unseen
+-- as a copy. Outside the read models' schema, which a rebuild replaces, and never
+-- pruned: it is what the read models hold of them.
 CREATE TABLE IF NOT EXISTS foreign_events (
     position     bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     message_id   text        NOT NULL UNIQUE,
@@ -101,17 +98,3 @@ CREATE TABLE IF NOT EXISTS foreign_events (
     digest       text        NOT NULL,
     projected_at timestamptz NOT NULL DEFAULT now()
 );
-ALTER FUNCTION public.financing_create_read_models(text) RENAME TO financing_create_read_models_2;
-
-CREATE FUNCTION public.financing_create_read_models(target text)
-RETURNS void
-LANGUAGE plpgsql
-AS $fn$
-BEGIN
-    PERFORM public.financing_create_read_models_2(target);
-    EXECUTE format(
-        'ALTER TABLE %I.processed_messages ADD COLUMN IF NOT EXISTS digest text', target);
-END
-$fn$;
-
-SELECT public.financing_create_read_models('read_models');
