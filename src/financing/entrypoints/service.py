@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import time
 from collections.abc import Iterable
@@ -42,6 +43,23 @@ def _stop_signals() -> tuple[signal.Signals, ...]:
         for sig in STOP_SIGNALS
         if sig is not signal.SIGHUP or signal.getsignal(sig) is not signal.SIG_IGN
     )
+
+
+# Garbage collection for a long-running process whose Queries lists build millions of
+# objects that live until their reply is written. With CPython's thresholds (700, 10,
+# 10), sixteen lists of 150,000 invoices side by side ran 60 full collections that found
+# almost nothing to free: 20 s of 57, up to 0.7 s each, holding the event loop (and the
+# health probes with it, which took that for outages). Young collections a fourteenth
+# as often, full ones a tenth: 0.24 s in all, the lists done in 37 s.
+GC_THRESHOLDS = (10_000, 10, 100)
+
+
+def collect_as_a_server() -> None:
+    """Garbage collection as `financing serve` runs it: what is loaded at start-up (the
+    modules, their classes and functions) is set aside for good, so that no full
+    collection walks it again, and collections run less often (GC_THRESHOLDS)."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 async def serve(

@@ -57,7 +57,7 @@ from financing.entrypoints.cli.populate import BATCH, registrations
 from financing.entrypoints.cli.status import HEALTHY, MAX_RELAY_LAG, TIMEOUT, run_status
 from financing.entrypoints.cli.tail import run_tail
 from financing.entrypoints.cli.trace import run_trace
-from financing.entrypoints.service import serve
+from financing.entrypoints.service import collect_as_a_server, serve
 
 T = TypeVar("T")
 
@@ -545,6 +545,7 @@ def _run(argv: Sequence[str] | None, *, overrides: Overrides | None) -> None:
             if args.command == "serve":
                 components = args.components or settings.components
                 wiring = overrides or NO_OVERRIDES
+                collect_as_a_server()
                 sys.exit(runner.run(serve(settings, components, overrides=wiring)))
             sys.exit(runner.run(_operate(args.run, settings, args)))
     except KeyboardInterrupt:
