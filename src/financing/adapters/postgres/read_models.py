@@ -243,15 +243,18 @@ class PostgresReadModels:
 
     async def foreign_events(self, after: int = 0, limit: int = 1000) -> list[ForeignEvent]:
         rows = await self._fetch(self._foreign_sql, after, limit)
-        return [
-            ForeignEvent(
-                row["position"],
-                row["message_id"],
-                _domain_event(row["name"], row["body"], row["aggregate_id"]),
-                row["digest"],
-            )
-            for row in rows
-        ]
+        return [_foreign(row) for row in rows]
+
+    async def foreign_events_missing_from(self, schema: str) -> list[ForeignEvent]:
+        """The events of another relayer kept and not recorded as processed in the read
+        models of `schema` (a rebuild's), in the order kept."""
+        rows = await self._fetch(
+            "SELECT position, message_id, name, aggregate_id, body, digest"
+            " FROM foreign_events AS kept WHERE NOT EXISTS (SELECT FROM"
+            f" {quoted_schema(schema)}.processed_messages AS done"
+            " WHERE done.message_id = kept.message_id) ORDER BY position"
+        )
+        return [_foreign(row) for row in rows]
 
     async def investors(self) -> list[InvestorRow]:
         return await in_turns(await self._fetch(self._investors_sql), _investor)
@@ -391,10 +394,10 @@ def _journal(
     return _columns(list(rows.values())) if rows else None
 
 
-def _domain_event(name: str, body: str, aggregate_id: UUID) -> DomainEvent:
-    event = codec.decode(name, body, aggregate_id)
+def _foreign(row: asyncpg.Record) -> ForeignEvent:
+    event = codec.decode(row["name"], row["body"], row["aggregate_id"])
     assert isinstance(event, DomainEvent)  # kept as one (`_journal`)
-    return event
+    return ForeignEvent(row["position"], row["message_id"], event, row["digest"])
 
 
 def _columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:

@@ -118,11 +118,15 @@ async def _rebuilt(
                 log.info("live projection moved on during the rebuild, catching up")
                 more, _ = await replay(store, target, batch_size, after=last)
                 events += more
-                # The journal again, whole: a position is taken when a row is written,
-                # not when it commits, so one committed late may lie before the last
-                # read; those replayed already are skipped (their message ids).
-                more, _ = await replay_foreign(live, target, batch_size)
-                foreign += more
+                # What the journal holds and the replay has not: a position is taken
+                # when a row is written, not when it commits, so one committed late may
+                # lie before the last one read.
+                missed = await live.foreign_events_missing_from(fresh)
+                applied = await target.apply(
+                    [(kept.message_id, kept.event) for kept in missed],
+                    {kept.message_id: kept.digest for kept in missed},
+                )
+                foreign += len(applied)
             await conn.execute(f"ALTER SCHEMA {live_sql} RENAME TO {retired_sql}")
             await conn.execute(f"ALTER SCHEMA {fresh_sql} RENAME TO {live_sql}")
             await conn.execute(f"DROP SCHEMA {retired_sql} CASCADE")
