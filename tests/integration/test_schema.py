@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -343,20 +344,19 @@ async def test_a_migration_waiting_for_another_sessions_lock_names_that_session(
     holder = await connect(empty_database)
     waiter = await connect(empty_database)
     try:
-        holding = holder.transaction()
-        await holding.start()
-        await holder.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-        holder_pid = holder.get_server_pid()
         with capture_logs() as logs:
-            migrating = asyncio.create_task(migrate(waiter, "commands"))
-            await infra.wait_until(
-                lambda: asyncio.sleep(0, [e for e in logs if "lock" in e["event"]]),
-                what="the line saying the migration waits",
-            )
-            assert not migrating.done()
-            await holding.commit()
+
+            async def waiting() -> list[dict[str, Any]]:
+                return [e for e in logs if "lock" in e["event"]]
+
+            async with holder.transaction():  # holds the lock until the line is written
+                await holder.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+                migrating = asyncio.create_task(migrate(waiter, "commands"))
+                await infra.wait_until(waiting, what="the line saying the migration waits")
+                assert not migrating.done()
             await migrating
-        (line,) = [e for e in logs if "lock" in e["event"]]
+        (line,) = await waiting()
+        holder_pid = holder.get_server_pid()
         assert line["log_level"] == "warning" and line["database"] == "command database"
         assert line["holder_pid"] == holder_pid and line["holder_state"] == "idle in transaction"
         assert await recorded(waiter) == [("commands", v) for v, _ in sections("commands")]

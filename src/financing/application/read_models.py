@@ -27,7 +27,7 @@ information, the projection does not depend on order:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from decimal import Decimal
@@ -222,7 +222,7 @@ class InMemoryReadModels:
     ) -> AbstractSet[str]:
         fresh: set[str] = set()
         for message_id, event in batch:
-            if message_id in self._processed or message_id in self._foreign:
+            if message_id in self._processed:  # the events kept are among them
                 continue
             if self._remember:
                 self._processed.add(message_id)
@@ -297,18 +297,21 @@ class InMemoryReadModels:
         return list(self._issuers.values())
 
 
-async def replay_foreign(
-    source: ReadModelStore, target: ReadModelStore, batch_size: int, *, after: int = 0
-) -> tuple[int, int]:
-    """Apply the events of another relayer that `source` keeps (after position `after`)
-    to `target`, in the order `source` projected them, each with its digest; how many
-    `target` projected, and the position of the last (`after` when there were none)."""
-    count = 0
+async def kept_foreign(
+    source: ReadModelStore, batch_size: int
+) -> AsyncIterator[list[ForeignEvent]]:
+    """The events of another relayer that `source` keeps, in the order it projected
+    them, `batch_size` at a time."""
+    after = 0
     while kept := await source.foreign_events(after, batch_size):
-        projected = await target.apply(
-            [(foreign.message_id, foreign.event) for foreign in kept],
-            {foreign.message_id: foreign.digest for foreign in kept},
-        )
-        count += len(projected)
+        yield kept
         after = kept[-1].position
-    return count, after
+
+
+async def apply_foreign(target: ReadModelStore, kept: Sequence[ForeignEvent]) -> AbstractSet[str]:
+    """Apply events of another relayer to `target`, each with its digest; the message
+    ids `target` projected."""
+    return await target.apply(
+        [(foreign.message_id, foreign.event) for foreign in kept],
+        {foreign.message_id: foreign.digest for foreign in kept},
+    )

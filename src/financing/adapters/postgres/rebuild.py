@@ -41,7 +41,7 @@ from financing.adapters.postgres.read_models import (
 )
 from financing.adapters.postgres.schema import migrate
 from financing.application.ports import EventStore, StoredEvent
-from financing.application.read_models import ReadModelStore, replay_foreign
+from financing.application.read_models import ReadModelStore, apply_foreign, kept_foreign
 from financing.domain.events import DomainEvent
 from financing.logging import get_logger
 
@@ -105,7 +105,9 @@ async def _rebuilt(
             await create_tables(conn, fresh)
         live = PostgresReadModels(query_pool)
         events, last = await replay(store, target, batch_size)
-        foreign, _ = await replay_foreign(live, target, batch_size)
+        foreign = 0
+        async for kept in kept_foreign(live, batch_size):
+            foreign += len(await apply_foreign(target, kept))
         async with acquired(query_pool, QUERY_DATABASE) as conn, conn.transaction():
             await conn.execute(f"LOCK TABLE {live_sql}.processed_messages IN EXCLUSIVE MODE")
             behind = await conn.fetchval(
@@ -122,11 +124,7 @@ async def _rebuilt(
                 # when a row is written, not when it commits, so one committed late may
                 # lie before the last one read.
                 missed = await live.foreign_events_missing_from(fresh)
-                applied = await target.apply(
-                    [(kept.message_id, kept.event) for kept in missed],
-                    {kept.message_id: kept.digest for kept in missed},
-                )
-                foreign += len(applied)
+                foreign += len(await apply_foreign(target, missed))
             await conn.execute(f"ALTER SCHEMA {live_sql} RENAME TO {retired_sql}")
             await conn.execute(f"ALTER SCHEMA {fresh_sql} RENAME TO {live_sql}")
             await conn.execute(f"DROP SCHEMA {retired_sql} CASCADE")

@@ -28,6 +28,8 @@ from financing.application.read_models import (
     InvoiceRow,
     IssuerRow,
     ReadModelStore,
+    apply_foreign,
+    kept_foreign,
 )
 from financing.domain.events import DomainEvent
 
@@ -88,12 +90,7 @@ async def run_check(
 
 
 async def _kept_ids(live: ReadModelStore) -> set[str]:
-    ids: set[str] = set()
-    after = 0
-    while kept := await live.foreign_events(after, BATCH):
-        ids.update(foreign.message_id for foreign in kept)
-        after = kept[-1].position
-    return ids
+    return {kept.message_id async for batch in kept_foreign(live, BATCH) for kept in batch}
 
 
 async def _replay_foreign(
@@ -102,13 +99,11 @@ async def _replay_foreign(
     """Apply the events of another relayer `live` keeps to `replay`, in the order kept,
     but those in `skip`; the ids of the rows they may make or change."""
     touched: set[UUID] = set()
-    after = 0
-    while kept := await live.foreign_events(after, BATCH):
-        fresh = [foreign for foreign in kept if foreign.message_id not in skip]
-        await replay.apply([(foreign.message_id, foreign.event) for foreign in fresh])
-        for foreign in fresh:
-            touched |= _named(foreign.event)
-        after = kept[-1].position
+    async for batch in kept_foreign(live, BATCH):
+        fresh = [kept for kept in batch if kept.message_id not in skip]
+        await apply_foreign(replay, fresh)
+        for kept in fresh:
+            touched |= _named(kept.event)
     return touched
 
 
