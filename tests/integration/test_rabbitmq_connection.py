@@ -270,6 +270,23 @@ async def test_a_virtual_host_refused_after_the_broker_accepted_the_service_is_a
     await broker.close()
 
 
+async def test_a_connection_the_broker_ends_is_closed_not_left_to_the_collector(
+    vhost: rabbitmq.Vhost,
+) -> None:
+    """Regression: a connection the broker closed stayed open in aio-pika's eyes; its
+    finaliser scheduled the close, and when it ran outside the event loop (the collector
+    in another thread, or between two tests) it warned that the close was never awaited."""
+    broker = Broker([vhost.url], Outages())
+    connection = await broker.connection()
+    await rabbitmq.close_connections(vhost.name)
+
+    async def closed() -> bool:
+        return connection.is_closed  # what aio-pika's finaliser checks
+
+    await wait_until(closed, what="the connection the broker ended closed")
+    await broker.close()
+
+
 async def test_a_connection_the_broker_refuses_is_closed_not_left_to_the_collector(
     vhost: rabbitmq.Vhost,
 ) -> None:

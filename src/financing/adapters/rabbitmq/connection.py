@@ -235,6 +235,7 @@ class Broker:
         self._accepted_once = False
         self._closing = False
         self._failed: tuple[float, str] | None = None  # when the last attempt failed, and why
+        self._lost: set[asyncio.Task[None]] = set()  # the closes of connections that ended
         metrics.BROKER_CONNECTED.set(0)
 
     @property
@@ -312,6 +313,13 @@ class Broker:
         if connection is self._connection:
             self._connection = None  # the next caller opens a new one
             metrics.BROKER_CONNECTED.set(0)
+        if not connection.close_called:
+            # The broker or the network ended it: aio-pika leaves its close to the
+            # finaliser, which outside a running loop only warns that the close was never
+            # awaited. Closed here, once this callback is over (the close waits for it).
+            closing = asyncio.ensure_future(_closed_quietly(connection))
+            self._lost.add(closing)
+            closing.add_done_callback(self._lost.discard)
         if self._closing:
             return
         self._outages.failed(Unavailable(BROKER, describe(error) if error else "connection closed"))
@@ -348,6 +356,13 @@ class Broker:
         if connection is not None:
             with broker_errors_ignored():
                 await asyncio.wait_for(connection.close(), CLOSE_TIMEOUT)
+        if self._lost:
+            await asyncio.wait(self._lost, timeout=CLOSE_TIMEOUT)
+
+
+async def _closed_quietly(connection: AbstractConnection) -> None:
+    with broker_errors_ignored():
+        await connection.close()
 
 
 def _open(connection: AbstractConnection) -> bool:
