@@ -384,6 +384,15 @@ READER_WAIT = 30.0
 READER_POLL = 0.2
 
 
+class ReaderBusy(Unavailable):
+    """The dead letters are being read by another command: the broker answers, and the
+    same command succeeds once that one is done (said as such, not as an outage)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(BROKER, detail)
+        self.args = (detail,)
+
+
 @contextlib.asynccontextmanager
 async def _read_alone(broker: Broker) -> AsyncIterator[None]:
     """While one command reads the dead letters, another cannot: a letter fetched is held
@@ -405,10 +414,9 @@ async def _read_alone(broker: Broker) -> AsyncIterator[None]:
             raise
         await close_channel(channel)
         if time.monotonic() > deadline:
-            raise Unavailable(
-                BROKER,
+            raise ReaderBusy(
                 "another command (dead-letters list, requeue or discard, or trace) has been"
-                f" reading the dead letters for {READER_WAIT:.0f} s; try again once it is done",
+                f" reading the dead letters for {READER_WAIT:.0f} s; try again once it is done"
             )
         await asyncio.sleep(READER_POLL)
     try:
