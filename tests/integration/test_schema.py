@@ -14,16 +14,19 @@ from financing.adapters.postgres.connection import connect, create_pool
 from financing.adapters.postgres.event_store import LEGACY_CONSUMERS, PostgresEventStore
 from financing.adapters.postgres.schema import (
     MIGRATION_LOCK,
+    NEEDED_TABLES,
     SchemaAhead,
     SchemaElsewhere,
     apply,
     migrate,
     missing,
     parse_sections,
+    require_tables,
     sections,
 )
 from financing.adapters.rabbitmq import topology
 from financing.application import routes
+from financing.application.errors import Unavailable
 from financing.config import Database
 from tests.support import infra
 
@@ -363,3 +366,34 @@ async def test_a_migration_waiting_for_another_sessions_lock_names_that_session(
     finally:
         await holder.close()
         await waiter.close()
+
+
+@pytest.mark.parametrize("name", ["commands", "queries"])
+async def test_the_tables_an_outage_check_requires_are_those_the_migration_creates(
+    empty_database: Database, name: str
+) -> None:
+    """Regression: a database dropped and created again under the service answered its
+    outage check (`SELECT 1`), so the outage was over while every statement failed."""
+    pool = await create_pool(empty_database)
+    try:
+        with pytest.raises(Unavailable, match="do not exist"):
+            await require_tables(pool, name)
+        await migrate(pool, name)
+        await require_tables(pool, name)
+        created = await pool.fetch(
+            "SELECT schemaname, tablename FROM pg_tables"
+            " WHERE schemaname NOT IN ('pg_catalog', 'information_schema')"
+            " AND tablename <> 'schema_migrations'"
+        )
+        named = {
+            row["tablename"] if row["schemaname"] == "public" else ".".join(row.values())
+            for row in created
+        }
+        assert named == set(NEEDED_TABLES[name])
+
+        await pool.execute(f"DROP TABLE {NEEDED_TABLES[name][0]} CASCADE")
+        with pytest.raises(Unavailable) as gone:
+            await require_tables(pool, name)
+        assert f"{NEEDED_TABLES[name][0]} do not exist" in str(gone.value)
+    finally:
+        await pool.close()

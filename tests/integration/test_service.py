@@ -19,6 +19,9 @@ import asyncpg
 import pytest
 from betterproto.lib.google.protobuf import Empty
 from grpclib.client import Channel
+from grpclib.health.v1.health_grpc import HealthStub
+from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+from structlog.testing import capture_logs
 
 from financing.adapters.postgres.connection import create_pool
 from financing.adapters.postgres.schema import migrate, sections
@@ -395,6 +398,48 @@ async def test_a_queries_api_starts_on_a_read_only_copy_of_a_migrated_query_data
     finally:
         await infra.set_read_only(queries.connect_kwargs["database"], False)
     assert answer.investors == []
+
+
+async def test_a_query_database_whose_read_models_are_gone_is_down_until_they_are_back(
+    databases: tuple[Database, Database], amqp_url: str
+) -> None:
+    """Regression: a query database dropped and created again under a running service
+    answered `SELECT 1`, so its outage was logged as over and Queries stayed SERVING,
+    while every call failed on the missing tables."""
+    _, queries = databases
+    async with AsyncExitStack() as stack:
+        wired = await bootstrap(
+            _settings(databases, amqp_url), ("queries-api",), stack, deadline=time.monotonic() + 10
+        )
+        assert wired.health is not None
+        [listener] = [each for each in wired.listeners if each.name == "queries-api"]
+        await listener.server.start(*listener.address)
+        stack.callback(listener.server.close)
+        channel = Channel(*listener.address)
+        stack.callback(channel.close)
+
+        async def serving() -> bool:
+            assert wired.health is not None
+            await wired.health.probe_once()
+            answer = await HealthStub(channel).Check(
+                HealthCheckRequest(service="Queries"), timeout=5
+            )
+            return bool(answer.status == HealthCheckResponse.SERVING)
+
+        assert await serving()
+        conn = await asyncpg.connect(**queries.connect_kwargs)
+        stack.push_async_callback(conn.close)
+        await conn.execute("DROP SCHEMA read_models CASCADE")
+        with capture_logs() as logs:
+            assert not await serving()
+            assert not await serving()  # and still not: its outage is not over
+        [down] = [line for line in logs if line["event"] == "query database unavailable"]
+        assert "read_models.investors" in down["error"], down
+        assert "financing projections rebuild" in down["error"], down
+        assert not [line for line in logs if line["event"] == "query database recovered"]
+
+        await conn.execute("SELECT public.financing_create_read_models('read_models')")
+        assert await serving()
 
 
 async def test_a_read_only_query_database_without_the_current_schema_fails_start_up(

@@ -10,7 +10,6 @@ injected into a bootstrap function.
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from contextlib import AsyncExitStack
@@ -33,7 +32,7 @@ from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.adapters.postgres.outbox import CommitListener, PostgresOutbox, PostgresRelayerLock
 from financing.adapters.postgres.read_models import PostgresReadModels
 from financing.adapters.postgres.retention import deduplication_records
-from financing.adapters.postgres.schema import migrate, missing
+from financing.adapters.postgres.schema import DATABASES, migrate, missing, require_tables
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import BROKER, Broker
 from financing.adapters.rabbitmq.consumer import Deliveries, QueueConsumer, consume
@@ -169,16 +168,16 @@ async def bootstrap(
     # An outage of a database this process writes ends when it takes writes again; of one
     # it only reads, when it answers. Every component on the command database writes.
     query_check = writable if selected & RECORDS_PROJECTIONS else ping
-    for pool, db, database, check in (
-        (command_pool, settings.command_db, COMMAND_DATABASE, writable),
-        (query_pool, settings.query_db, QUERY_DATABASE, query_check),
+    for pool, db, schema, check in (
+        (command_pool, settings.command_db, "commands", writable),
+        (query_pool, settings.query_db, "queries", query_check),
     ):
         if pool is not None:
             # A statement fails at FINANCING_DB_TIMEOUT at the latest (and the watch
             # looks once a period).
             within = db.answer_timeout + OUTAGE_CHECK_INTERVAL
             outages.check_with(
-                database, functools.partial(check, pool, database), attempts_within=within
+                DATABASES[schema], _answering(check, pool, schema), attempts_within=within
             )
     service.workers["outages"] = outages.watch
     service.workers["event-loop"] = watch_event_loop
@@ -220,7 +219,7 @@ async def bootstrap(
 
     if query_pool is not None and "queries-api" in selected:
         queries = QueriesService(PostgresReadModels(query_pool), outages)
-        probe = Probe(QUERY_DATABASE, lambda: ping(query_pool, QUERY_DATABASE))
+        probe = Probe(QUERY_DATABASE, _answering(ping, query_pool, "queries"))
         server = _grpc_server(service, outages, queries, "Queries", probe)
         service.listeners.append(Listener("queries-api", server, settings.query_address))
     records = deduplication_records(
@@ -234,6 +233,19 @@ async def bootstrap(
         endpoint = MetricsEndpoint(healthy=lambda: _healthy(service, outages))
         service.listeners.append(Listener("metrics", endpoint, settings.metrics_address))
     return service
+
+
+def _answering(
+    check: Callable[[asyncpg.Pool, str], Awaitable[None]], pool: asyncpg.Pool, schema: str
+) -> Callable[[], Awaitable[None]]:
+    """The check of the database of `schema`: it answers as `check` wants (it takes
+    writes, or it answers), and the tables its statements name are there."""
+
+    async def answering() -> None:
+        await check(pool, DATABASES[schema])
+        await require_tables(pool, schema)
+
+    return answering
 
 
 def _healthy(service: Service, outages: Outages) -> bool:

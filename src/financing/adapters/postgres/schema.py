@@ -24,8 +24,14 @@ from importlib import resources
 
 import asyncpg
 
-from financing.adapters.postgres.connection import COMMAND_DATABASE, QUERY_DATABASE, Connection
-from financing.application.errors import Refused
+from financing.adapters.postgres.connection import (
+    COMMAND_DATABASE,
+    QUERY_DATABASE,
+    Connection,
+    acquired,
+)
+from financing.adapters.postgres.read_models import DEFAULT_SCHEMA
+from financing.application.errors import Refused, Unavailable
 from financing.logging import get_logger
 
 log = get_logger(__name__)
@@ -45,7 +51,7 @@ class SchemaAhead(Refused):
 
     def __init__(self, name: str, ahead: list[int], known: int) -> None:
         super().__init__(
-            _DATABASES.get(name, f"{name} database"),
+            DATABASES.get(name, f"{name} database"),
             f"its {name} schema is at version {max(ahead)}, newer than this release knows"
             f" ({known}): a newer release migrated it; run that release, or a newer one",
         )
@@ -64,7 +70,7 @@ class SchemaBehind(Refused):
             else f"has an older {name} schema than this release's"
         )
         super().__init__(
-            _DATABASES.get(name, f"{name} database"),
+            DATABASES.get(name, f"{name} database"),
             f"it {state}: start `financing serve` of this release on it once, which creates"
             " or migrates it",
         )
@@ -78,9 +84,43 @@ async def require_current(pool_or_conn: asyncpg.Pool | Connection, name: str) ->
 
 
 # The database each schema is the schema of, as errors name it.
-_DATABASES = {"commands": COMMAND_DATABASE, "queries": QUERY_DATABASE}
+DATABASES = {"commands": COMMAND_DATABASE, "queries": QUERY_DATABASE}
 # The schemas a release migrates, one per database.
-SCHEMAS = tuple(_DATABASES)
+SCHEMAS = tuple(DATABASES)
+
+
+# The tables the statements of each schema name, as they name them. A database dropped
+# and created again, or restored without them, answers every statement that names no
+# table: its outage is over only once they are back (`require_tables`).
+NEEDED_TABLES = {
+    "commands": ("events", "snapshots", "processed_messages", "relay_checkpoints"),
+    "queries": (
+        *(
+            f"{DEFAULT_SCHEMA}.{table}"
+            for table in ("investors", "invoices", "issuers", "processed_messages")
+        ),
+        "foreign_events",
+    ),
+}
+_BRINGS_THEM_BACK = {
+    "commands": "restore it, or restart the service on it to start an empty event store",
+    "queries": "`financing projections rebuild` builds them again from the event store,"
+    " without a restart",
+}
+_ABSENT = "SELECT array_agg(name) FROM unnest($1::text[]) AS name WHERE to_regclass(name) IS NULL"
+
+
+async def require_tables(pool: asyncpg.Pool, name: str) -> None:
+    """Unavailable unless every table of `NEEDED_TABLES[name]` exists."""
+    database = DATABASES[name]
+    async with acquired(pool, database) as conn:
+        absent = await conn.fetchval(_ABSENT, list(NEEDED_TABLES[name]))
+    if absent:
+        raise Unavailable(
+            database,
+            f"its table(s) {', '.join(absent)} do not exist (the database was dropped and"
+            f" created again, or restored without them): {_BRINGS_THEM_BACK[name]}",
+        )
 
 
 def latest(name: str) -> int:
@@ -143,7 +183,7 @@ class SchemaElsewhere(Refused):
     the service's role, which a default `search_path` puts first), saying it is healthy."""
 
     def __init__(self, name: str, detail: str) -> None:
-        super().__init__(_DATABASES.get(name, f"{name} database"), detail)
+        super().__init__(DATABASES.get(name, f"{name} database"), detail)
 
 
 async def _refuse_misplaced(conn: Connection, name: str) -> None:
@@ -202,7 +242,7 @@ async def _report_waiting(conn: Connection, name: str) -> None:
     )
     log.warning(
         "migration waits for another session's migration lock",
-        database=_DATABASES.get(name, f"{name} database"),
+        database=DATABASES.get(name, f"{name} database"),
         **(
             {
                 "holder_pid": holder["pid"],
