@@ -8,6 +8,7 @@ database (the in-memory one runs without any server).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from uuid import UUID, uuid4
 
@@ -100,6 +101,22 @@ class ReadModelContract:
         assert await store.apply([issuer, later], {issuer[0]: "d-2", later[0]: "d-3"}) == {later[0]}
         wanted = [issuer[0], relayed[0], later[0], str(uuid4())]
         assert await store.digests(wanted) == {issuer[0]: "d-1", later[0]: "d-3"}
+
+    async def test_apply_records_when_it_projected_each_message(
+        self, store: ReadModelStore
+    ) -> None:
+        before = datetime.now(UTC) - timedelta(seconds=5)  # the database's clock may lag
+        first = (str(uuid4()), ev.IssuerCreatedEvent(uuid4()))
+        await store.apply([first])
+        second = (str(uuid4()), ev.IssuerCreatedEvent(uuid4()))
+        await store.apply([second, first])
+        after = datetime.now(UTC) + timedelta(seconds=5)
+
+        wanted = [first[0], second[0], str(uuid4())]
+        projected = await store.projected_at(wanted)
+        assert sorted(projected) == sorted(wanted[:2])
+        assert all(before <= at <= after for at in projected.values()), projected
+        assert projected[first[0]] <= projected[second[0]]
 
     async def test_the_events_applied_with_a_digest_are_kept_in_the_order_applied(
         self, store: ReadModelStore

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from datetime import datetime
 
 from financing.application.pipeline import Decoded, Handler, HandlerPart, Outcome, OutcomeKind
 from financing.application.read_models import (
@@ -73,6 +74,9 @@ class WrappedReadModels:
 
     async def digests(self, message_ids: Sequence[str]) -> Mapping[str, str]:
         return await self.inner.digests(message_ids)
+
+    async def projected_at(self, message_ids: Sequence[str]) -> Mapping[str, datetime]:
+        return await self.inner.projected_at(message_ids)
 
     async def foreign_events(self, after: int = 0, limit: int = 1000) -> list[ForeignEvent]:
         return await self.inner.foreign_events(after, limit)

@@ -36,7 +36,7 @@ from financing.application.read_models import (
 )
 from financing.application.retry import Backoff, Limit, Outages, RetryPolicy
 from financing.domain import events as ev
-from financing.workers.projector import Projector
+from financing.workers.projector import CLOCKS_APART, Projector
 from tests.support.deliveries import MemoryDelivery
 
 D = Decimal
@@ -59,6 +59,9 @@ class RecordingReadModels:
     async def digests(self, message_ids: Sequence[str]) -> Mapping[str, str]:
         return {}
 
+    async def projected_at(self, message_ids: Sequence[str]) -> Mapping[str, datetime]:
+        return {}
+
     async def foreign_events(self, after: int = 0, limit: int = 1000) -> list[ForeignEvent]:
         return []
 
@@ -75,7 +78,7 @@ class RecordingReadModels:
         return [message_id for batch in self.batches for message_id, _ in batch]
 
 
-def relayed(event: ev.DomainEvent, version: int) -> Envelope:
+def relayed(event: ev.DomainEvent, version: int, recorded_at: datetime = RELAYED_AT) -> Envelope:
     """`event` as this service's relayer publishes it, from its event store row."""
     return StoredEvent(
         position=version,
@@ -86,7 +89,7 @@ def relayed(event: ev.DomainEvent, version: int) -> Envelope:
         body=codec.encode_text(event),
         correlation_id="c-1",
         causation_id="m-1",
-        recorded_at=RELAYED_AT,
+        recorded_at=recorded_at,
     ).envelope()
 
 
@@ -314,6 +317,34 @@ async def test_a_different_foreign_event_reusing_a_projected_message_id_is_dead_
         outcomes[1].detail
     )
     assert [row.id for row in await read_models.issuers()] == [issuer]
+
+
+async def test_an_event_recorded_after_its_message_id_was_projected_is_dead_lettered() -> None:
+    """Regression: a command database restored from an older backup gave the stream
+    versions of the events it lost, and so their message ids, to new events; the
+    projector settled each as a copy of the lost one, and the read models drifted from
+    the store without a word. A copy was recorded before its id was first projected; an
+    event recorded later under that id (clocks a minute apart allowed) is another one."""
+    read_models = InMemoryReadModels()
+    created = relayed(ev.InvestorCreatedEvent(INVESTOR), 1)
+    lost = relayed(added(), 2)  # recorded before it is projected now
+    await Projector(read_models, Outages()).project([MemoryDelivery(created), MemoryDelivery(lost)])
+    projected = datetime.now(UTC)
+    skewed = relayed(added("7"), 2, recorded_at=projected + CLOCKS_APART / 2)
+    reused = relayed(added("3"), 2, recorded_at=projected + CLOCKS_APART * 2)
+    assert reused.message_id == lost.message_id == skewed.message_id
+    deliveries = [MemoryDelivery(envelope) for envelope in (lost, skewed, reused)]
+    await Projector(read_models, Outages()).project(deliveries)
+
+    outcomes = [delivery.settled[0] for delivery in deliveries]
+    assert [outcome.kind for outcome in outcomes] == [
+        OutcomeKind.DUPLICATE,
+        OutcomeKind.DUPLICATE,
+        OutcomeKind.DEAD_LETTERED,
+    ]
+    assert "after an event under this message id was projected" in outcomes[2].detail
+    assert "financing projections rebuild" in outcomes[2].detail
+    assert await read_models.investors() == [InvestorRow(INVESTOR, D(1000), D(0), D(0))]
 
 
 class FlakyReadModels(InMemoryReadModels):

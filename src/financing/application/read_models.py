@@ -30,6 +30,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from decimal import Decimal
 from types import MappingProxyType
 from typing import Protocol, TypeVar
@@ -130,6 +131,11 @@ class ReadModelStore(Protocol):
         """The digests of those of `message_ids` kept as events of another relayer."""
         ...
 
+    async def projected_at(self, message_ids: Sequence[str]) -> Mapping[str, datetime]:
+        """When each of `message_ids` still recorded as projected was projected (by the
+        storage's clock; records older than the retention may be gone)."""
+        ...
+
     async def foreign_events(self, after: int = 0, limit: int = 1000) -> list[ForeignEvent]:
         """The events applied with a digest (another relayer's), in the order applied,
         from the one after position `after`, at most `limit`; kept for good."""
@@ -214,7 +220,7 @@ class InMemoryReadModels:
         self._invoices: dict[UUID, _Invoice] = {}
         self._issuers: dict[UUID, IssuerRow] = {}
         self._remember = remember
-        self._processed: set[str] = set()
+        self._processed: dict[str, datetime] = {}  # when each message id was applied
         self._foreign: dict[str, ForeignEvent] = {}  # by message id, in the order kept
 
     async def apply(
@@ -225,7 +231,7 @@ class InMemoryReadModels:
             if message_id in self._processed:  # the events kept are among them
                 continue
             if self._remember:
-                self._processed.add(message_id)
+                self._processed[message_id] = datetime.now(UTC)
                 if (digest := digests.get(message_id)) is not None:
                     position = len(self._foreign) + 1
                     self._foreign[message_id] = ForeignEvent(position, message_id, event, digest)
@@ -241,6 +247,13 @@ class InMemoryReadModels:
             message_id: kept.digest
             for message_id in message_ids
             if (kept := self._foreign.get(message_id)) is not None
+        }
+
+    async def projected_at(self, message_ids: Sequence[str]) -> Mapping[str, datetime]:
+        return {
+            message_id: self._processed[message_id]
+            for message_id in message_ids
+            if message_id in self._processed
         }
 
     def _project(self, event: DomainEvent) -> None:

@@ -28,7 +28,9 @@ import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
 
 import structlog
 
@@ -63,6 +65,12 @@ from financing.logging import get_logger
 log = get_logger(__name__)
 
 BATCH_SIZE = 100
+# How far apart the clocks of the command and the query database servers may be: an
+# event of this service's store recorded later than this after an event under its
+# message id was projected is not a copy of that one (`_copy`).
+CLOCKS_APART = timedelta(minutes=1)
+# None of this service's events was projected before.
+NOT_PROJECTED: Mapping[str, datetime] = MappingProxyType({})
 
 
 class Projector:
@@ -153,18 +161,29 @@ class Projector:
                 log.debug("event projected", **event.delivery.log_fields())
                 outcomes[id(event)] = Outcome.processed()
             else:
-                recorded = (digests if message_id in projected_now else before).get(message_id)
-                outcomes[id(event)] = _copy(event, recorded)
+                earlier = (
+                    _Recorded(digests, NOT_PROJECTED) if message_id in projected_now else before
+                )
+                outcomes[id(event)] = _copy(event, earlier)
         return outcomes
 
     async def _projected(
         self, events: Sequence[Decoded], digests: dict[str, str]
-    ) -> tuple[AbstractSet[str], Mapping[str, str]]:
-        """Apply `events`: the message ids projected now, and the digests recorded before
-        with those of the others that are another relayer's (`foreign_digest`)."""
+    ) -> tuple[AbstractSet[str], _Recorded]:
+        """Apply `events`: the message ids projected now, and what was recorded of the
+        others when they were projected before: the digests of another relayer's
+        (`foreign_digest`), the times of this service's."""
         fresh = await self._read_models.apply([_pair(event) for event in events], digests)
         copies = [message_id for message_id in digests if message_id not in fresh]
-        return fresh, await self._read_models.digests(copies) if copies else EMPTY
+        own = [
+            message_id
+            for event in events
+            if (message_id := event.envelope.message_id) not in fresh and message_id not in digests
+        ]
+        return fresh, _Recorded(
+            await self._read_models.digests(copies) if copies else EMPTY,
+            await self._read_models.projected_at(own) if own else NOT_PROJECTED,
+        )
 
     async def _apply_one(self, event: Decoded) -> Outcome:
         async def apply(delivery: Delivery) -> Outcome:
@@ -173,7 +192,7 @@ class Projector:
             fresh, before = await self._projected([event], digests)
             if fresh:
                 return Outcome.processed()
-            return _copy(event, before.get(event.envelope.message_id))
+            return _copy(event, before)
 
         return await retried(self._policy, self._outages)(apply)(event.delivery)
 
@@ -184,18 +203,44 @@ def _retrying(events: Sequence[Decoded]) -> None:
         metrics.MESSAGES.labels(event.delivery.source, "retried").inc()
 
 
-def _copy(event: Decoded, recorded: str | None) -> Outcome:
-    """The outcome of an event whose message id was projected before, with `recorded`
-    (its digest, if another relayer's): a copy is a duplicate; a different event that
-    reuses the id is dead-lettered, not dropped unseen (docs/reliability.md, defect 101)."""
-    digest = _digest(event)
-    if digest is None or recorded is None or digest == recorded:
-        return DUPLICATE
+@dataclass(frozen=True)
+class _Recorded:
+    """What was recorded of the events a batch found projected before, by message id."""
+
+    digests: Mapping[str, str]  # another relayer's events: what each said
+    projected_at: Mapping[str, datetime]  # this service's: when
+
+
+def _copy(event: Decoded, earlier: _Recorded) -> Outcome:
+    """The outcome of an event whose message id was projected before: a copy is a
+    duplicate; a different event that reuses the id is dead-lettered, not dropped
+    unseen. Another relayer's event is told from a copy by its digest (docs/reliability.md,
+    defect 101); this service's by its recording time: a copy was recorded before its id
+    was first projected, while an event the store recorded later under the same id was
+    given it by an event store that lost the events it had relayed (restored from a
+    backup: defect 108)."""
     envelope = event.envelope
+    digest = _digest(event)
+    if digest is not None:
+        recorded = earlier.digests.get(envelope.message_id)
+        if recorded is None or digest == recorded:
+            return DUPLICATE
+        return Outcome.dead_letter(
+            f"{envelope.name} {envelope.message_id}: the projector already projected a"
+            " different event under this message id; this one is not projected (its"
+            " publisher must give it an id of its own)"
+        )
+    projected_at = earlier.projected_at.get(envelope.message_id)
+    recorded_at = _recorded_at(event)
+    if projected_at is None or recorded_at is None or recorded_at <= projected_at + CLOCKS_APART:
+        return DUPLICATE
     return Outcome.dead_letter(
-        f"{envelope.name} {envelope.message_id}: the projector already projected a different"
-        " event under this message id; this one is not projected (its publisher must give"
-        " it an id of its own)"
+        f"{envelope.name} {envelope.message_id}: recorded at {recorded_at.isoformat()}, after"
+        f" an event under this message id was projected (at {projected_at.isoformat()}):"
+        " the event store no longer holds events it relayed (restored from an older"
+        " backup?) and gave their ids to new ones; the read models hold events the store"
+        " lost: rebuild them (`financing projections rebuild`, docs/deployment.md,"
+        ' "Restoring a database")'
     )
 
 
@@ -221,15 +266,22 @@ def _triage(delivery: Delivery) -> Outcome | Decoded:
 
 def _observe_delay(event: Decoded) -> None:
     """From the event's commit (the relayer's `recorded_at` header) to now."""
+    committed = _recorded_at(event)
+    if committed is not None:
+        metrics.PROJECTION_DELAY.observe(max(0.0, (datetime.now(UTC) - committed).total_seconds()))
+
+
+def _recorded_at(event: Decoded) -> datetime | None:
+    """When the event store recorded the event (the relayer's `recorded_at` header);
+    None from a publisher other than the relayer."""
     recorded_at = event.envelope.headers.get(RECORDED_AT_HEADER)
     if not recorded_at:
-        return  # from a publisher other than the relayer
+        return None
     try:
         committed = datetime.fromisoformat(recorded_at)
     except ValueError:
-        return
-    if committed.tzinfo is not None:
-        metrics.PROJECTION_DELAY.observe(max(0.0, (datetime.now(UTC) - committed).total_seconds()))
+        return None
+    return committed if committed.tzinfo is not None else None
 
 
 def _pair(event: Decoded) -> tuple[str, DomainEvent]:

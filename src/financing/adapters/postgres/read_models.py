@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
@@ -98,6 +99,10 @@ class PostgresReadModels:
         )
         self._digests_sql = (
             "SELECT message_id, digest FROM foreign_events WHERE message_id = ANY($1::text[])"
+        )
+        self._projected_at_sql = (
+            f"SELECT message_id, processed_at FROM {s}.processed_messages"
+            " WHERE message_id = ANY($1::text[])"
         )
         # Statements of _at_once, by the projecting statements they combine.
         self._combined: dict[tuple[str, ...], str] = {}
@@ -240,6 +245,10 @@ class PostgresReadModels:
     async def digests(self, message_ids: Sequence[str]) -> Mapping[str, str]:
         rows = await self._fetch(self._digests_sql, list(message_ids))
         return {row["message_id"]: row["digest"] for row in rows}
+
+    async def projected_at(self, message_ids: Sequence[str]) -> Mapping[str, datetime]:
+        rows = await self._fetch(self._projected_at_sql, list(message_ids))
+        return {row["message_id"]: row["processed_at"] for row in rows}
 
     async def foreign_events(self, after: int = 0, limit: int = 1000) -> list[ForeignEvent]:
         rows = await self._fetch(self._foreign_sql, after, limit)
