@@ -20,6 +20,7 @@ COMMANDS = [
     ("projections", "rebuild"),
     ("trace", "some-correlation"),
     ("events", str(uuid4())),
+    ("relay", "rewind", "--since", "1h"),
 ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
@@ -44,6 +45,7 @@ from financing.domain.aggregates import Investor
 from financing.workers.relayer import Relayer
 from tests.support import infra
 from tests.support.infra import wait_until
+from tests.support.service import run_cli
 
 
 @pytest.fixture
@@ -568,3 +570,40 @@ async def test_the_relayer_keeps_relaying_after_its_database_sessions_are_ended(
     assert holder is not None
     assert holder != first_holder
     assert [aggregate for _, aggregate, _ in got] == [str(before)] * 4 + [str(after)] * 4
+
+
+async def test_events_a_broker_lost_after_confirming_them_are_relayed_again_once_rewound(
+    database: Database, pool: asyncpg.Pool, publisher: Publisher, observed: AbstractQueue
+) -> None:
+    """Regression: events the broker confirmed and then lost (their queues deleted, its
+    virtual host made again) left their sagas stopped half way, and nothing but an edit
+    of relay_checkpoints by hand relayed them again."""
+    store = PostgresEventStore(pool)
+    kept, lost = uuid4(), uuid4()
+    await append_investor_story(store, kept)
+    since = await pool.fetchval("SELECT clock_timestamp()")
+    await append_investor_story(store, lost)
+    env = {**os.environ, "COMMAND_DB_CONNECTION_STRING": database.dsn()}
+    rewinding = ("relay", "rewind", "--since", since.isoformat())
+
+    async with relaying(database, pool, publisher):
+        first = await receive(observed, 8)
+        running = await run_cli(env, *rewinding)
+    assert running.exit_code == 1, running.describe()
+    assert "a relayer is running" in running.stderr, running.describe()
+
+    too_old = await run_cli(env, "relay", "rewind", "--since", "30d")
+    assert too_old.exit_code == 2, too_old.describe()
+    assert "--any-age" in too_old.stderr, too_old.describe()
+
+    rewound = await run_cli(env, *rewinding)
+    assert rewound.exit_code == 0, rewound.describe()
+    assert "4 event(s) relayed before" in rewound.stdout, rewound.describe()
+    async with relaying(database, pool, publisher):
+        again = await receive(observed, 4)
+    assert again == [got for got in first if got[1] == str(lost)]
+    assert await PostgresOutbox(pool).pending(100) == []  # and the checkpoint past them
+
+    ahead = await run_cli(env, "relay", "rewind", "--since", "1s")
+    assert ahead.exit_code == 0, ahead.describe()
+    assert ahead.stdout.startswith("nothing to relay again"), ahead.describe()

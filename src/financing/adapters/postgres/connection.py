@@ -209,6 +209,21 @@ class acquired:
                 await self._pool.release(self._conn)
 
 
+async def advisory_lock_holder(conn: Connection, key: int) -> asyncpg.Record | None:
+    """The session holding the advisory lock `key` of this database, if any: its pid,
+    application_name, client (its address; None for a local socket), state and
+    xact_start (pg_stat_activity's)."""
+    return await conn.fetchrow(
+        "SELECT a.pid, a.application_name, host(a.client_addr) AS client, a.state,"
+        " a.xact_start FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid"
+        " WHERE l.locktype = 'advisory' AND l.granted AND l.database = ("
+        "SELECT oid FROM pg_database WHERE datname = current_database())"
+        " AND ((l.classid::bigint << 32) | l.objid::bigint) = $1 AND l.objsubid = 1"
+        " LIMIT 1",
+        key,
+    )
+
+
 async def ping(pool: asyncpg.Pool, dependency: str) -> None:
     """Return if the database answers a statement now; Unavailable if not."""
     async with acquired(pool, dependency) as conn:

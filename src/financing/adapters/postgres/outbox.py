@@ -25,6 +25,7 @@ from financing.adapters.postgres.connection import (
     CLOSE_TIMEOUT,
     COMMAND_DATABASE,
     acquired,
+    advisory_lock_holder,
     close_connection,
     connect,
     is_unavailable,
@@ -47,6 +48,9 @@ __all__ = [
     "PostgresOutbox",
     "PostgresRelayerLock",
     "RelayBacklog",
+    "RelayerRunning",
+    "Rewound",
+    "rewind",
 ]
 
 log = get_logger(__name__)
@@ -229,6 +233,75 @@ class PostgresOutbox:
                 f"relayer {self._name!r}: marking {row['new']} relayed would skip"
                 f" events at positions {row['skipped']}"
             )
+
+
+# Moves the checkpoint back to just before the first event, in relay order, recorded at
+# or after $2 (every event when $2 is NULL); never forward. How many relayed events it
+# gives back to the relayer, and when the first of them was recorded.
+_REWIND = (
+    "WITH current AS (SELECT"
+    " coalesce((SELECT transaction_id FROM relay_checkpoints WHERE name = $1), '0'::xid8)"
+    " AS xid, coalesce((SELECT position FROM relay_checkpoints WHERE name = $1), 0) AS pos),"
+    " first AS (SELECT transaction_id, position, recorded_at FROM events"
+    " WHERE $2::timestamptz IS NULL OR recorded_at >= $2::timestamptz"
+    " ORDER BY transaction_id, position LIMIT 1),"
+    " before AS (SELECT e.transaction_id, e.position FROM events AS e, first AS f"
+    " WHERE (e.transaction_id, e.position) < (f.transaction_id, f.position)"
+    " ORDER BY e.transaction_id DESC, e.position DESC LIMIT 1),"
+    " target AS (SELECT coalesce((SELECT transaction_id FROM before), '0'::xid8) AS xid,"
+    " coalesce((SELECT position FROM before), 0) AS pos FROM first),"
+    " again AS (SELECT e.recorded_at FROM events AS e, target AS t, current AS c"
+    " WHERE (e.transaction_id, e.position) > (t.xid, t.pos)"
+    " AND (e.transaction_id, e.position) <= (c.xid, c.pos)),"
+    " moved AS (UPDATE relay_checkpoints AS r SET transaction_id = t.xid,"
+    " position = t.pos, updated_at = now() FROM target AS t"
+    " WHERE r.name = $1 AND (r.transaction_id, r.position) > (t.xid, t.pos) RETURNING 1)"
+    " SELECT (SELECT count(*) FROM moved) AS moved, (SELECT count(*) FROM again) AS again,"
+    " (SELECT min(recorded_at) FROM again) AS first"
+)
+
+
+class RelayerRunning(Exception):
+    """A relayer holds the relayer lock: it reads on from the events it relayed, not from
+    the checkpoint, and would move a checkpoint moved back forward again."""
+
+
+@dataclass(frozen=True)
+class Rewound:
+    """What `rewind` gave back to the relayer."""
+
+    again: int  # relayed events the next relayer relays again
+    first: datetime | None  # the earliest time one of them was recorded
+
+
+async def rewind(pool: asyncpg.Pool, since: datetime | None, name: str = "relayer") -> Rewound:
+    """Move relayer `name`'s checkpoint back, so that the events recorded at or after
+    `since` (every event when None) are relayed again: events a broker lost after it had
+    confirmed them (its queues deleted, its definitions restored without their messages).
+    Never forward, which would skip events. The relayer lock is held meanwhile, so that
+    no relayer starts relaying from where it was; RelayerRunning while one holds it."""
+    async with acquired(pool, COMMAND_DATABASE) as conn:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", RELAYER_LOCK):
+            raise RelayerRunning(_running(await advisory_lock_holder(conn, RELAYER_LOCK)))
+        try:
+            row = await conn.fetchrow(_REWIND, name, since)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", RELAYER_LOCK)
+    assert row is not None  # the final SELECT always gives one row
+    return Rewound(again=row["again"] if row["moved"] else 0, first=row["first"])
+
+
+def _running(holder: asyncpg.Record | None) -> str:
+    who = (
+        f"session {holder['pid']} ({holder['application_name'] or 'no application name'},"
+        f" from {holder['client'] or 'a local socket'})"
+        if holder is not None
+        else "a session that has just ended"
+    )
+    return (
+        f"a relayer is running ({who} holds the relayer lock): stop every instance that"
+        " runs the relayer component, then rewind, then start them again"
+    )
 
 
 # Seconds the relayer lock's session may stay idle before the server ends it, and the

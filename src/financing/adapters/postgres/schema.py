@@ -29,6 +29,7 @@ from financing.adapters.postgres.connection import (
     QUERY_DATABASE,
     Connection,
     acquired,
+    advisory_lock_holder,
 )
 from financing.adapters.postgres.read_models import DEFAULT_SCHEMA
 from financing.application.errors import Refused, Unavailable
@@ -231,15 +232,7 @@ async def _report_waiting(conn: Connection, name: str) -> None:
     """One line naming the session that holds the migration lock this one waits for: a
     start-up that waits for another instance's migration (an index built on a large
     table) says so, rather than looking like a database that does not answer."""
-    holder = await conn.fetchrow(
-        "SELECT a.pid, a.application_name, host(a.client_addr) AS client, a.state,"
-        " a.xact_start FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid"
-        " WHERE l.locktype = 'advisory' AND l.granted AND l.database = ("
-        "SELECT oid FROM pg_database WHERE datname = current_database())"
-        " AND ((l.classid::bigint << 32) | l.objid::bigint) = $1 AND l.objsubid = 1"
-        " LIMIT 1",
-        MIGRATION_LOCK,
-    )
+    holder = await advisory_lock_holder(conn, MIGRATION_LOCK)
     log.warning(
         "migration waits for another session's migration lock",
         database=DATABASES.get(name, f"{name} database"),

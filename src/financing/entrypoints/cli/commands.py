@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, TypeVar
 from uuid import UUID
@@ -49,6 +50,7 @@ from financing.domain.ids import parse_id
 from financing.domain.money import MAX_AMOUNT, MAX_DECIMAL_PLACES, decimal_places
 from financing.entrypoints.bootstrap import NO_OVERRIDES, Overrides
 from financing.entrypoints.cli import dead_letters as dead_letter_commands
+from financing.entrypoints.cli import relay as relay_commands
 from financing.entrypoints.cli.check import run_check
 from financing.entrypoints.cli.console import cancelled_by_signals, database, environment
 from financing.entrypoints.cli.events import run_events
@@ -117,6 +119,13 @@ def _queue_name(value: str) -> str:
     if not is_queue_name(value):
         raise argparse.ArgumentTypeError(f"{value!r} is not a queue name: {QUEUE_NAME_RULE}")
     return value
+
+
+def _since(value: str) -> datetime:
+    try:
+        return relay_commands.parse_since(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _uuid(value: str) -> UUID:
@@ -191,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         run=_rebuild,
     )
     _add_check(commands)
+    _add_relay(commands)
     _add_dead_letters(commands)
     _add_inspection(commands)
     commands.add(
@@ -246,6 +256,31 @@ def _add_check(commands: _Commands) -> None:
     )
     check_cmd.add_argument(
         "--skip-read-models", action="store_true", help="check the event store only"
+    )
+
+
+def _add_relay(commands: _Commands) -> None:
+    variables = (COMMAND_DB, DB_TIMEOUT, DEDUP_RETENTION)
+    relay = commands.add("relay", "manage the relayer of events to the broker", *variables)
+    rewind = _Commands(relay, "relay_command").add(
+        "rewind",
+        "relay again the events recorded since a time (a broker that lost them)",
+        *variables,
+        run=_rewind,
+        description=relay_commands.__doc__,
+    )
+    rewind.add_argument(
+        "--since",
+        type=_since,
+        required=True,
+        metavar="WHEN",
+        help="a time with its offset (2026-12-05T10:00:00Z) or a duration before now (2h)",
+    )
+    rewind.add_argument(
+        "--any-age",
+        action="store_true",
+        help="also from before FINANCING_DEDUP_RETENTION (the records that tell consumers"
+        " a copy may be pruned: one could apply twice)",
     )
 
 
@@ -390,6 +425,10 @@ async def _rebuild(settings: Settings, args: argparse.Namespace) -> int:
         f" investors, {report.invoices} invoices, {report.issuers} issuers"
     )
     return 0
+
+
+async def _rewind(settings: Settings, args: argparse.Namespace) -> int:
+    return await relay_commands.run_rewind(settings, args.since, any_age=args.any_age)
 
 
 async def _check(settings: Settings, args: argparse.Namespace) -> int:

@@ -1,0 +1,68 @@
+"""`financing relay rewind --since WHEN`: relay again the events a broker lost.
+
+The relayer moves its checkpoint past the events the broker confirmed; a broker
+that loses them afterwards (its queues or its virtual host deleted, its data lost,
+its definitions restored without their messages) leaves sagas stopped half way,
+with nothing left to deliver. Rewinding moves the checkpoint back to just before
+the first event recorded at or after WHEN, and the next relayer publishes those
+events again, under the same message ids: a consumer takes those it processed as
+copies, as long as it keeps their records (FINANCING_DEDUP_RETENTION); older
+ones are refused unless `--any-age` says otherwise.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+
+from financing.adapters.postgres.connection import COMMAND_DATABASE
+from financing.adapters.postgres.outbox import RelayerRunning, rewind
+from financing.config import ConfigError, Settings, parse_duration
+from financing.entrypoints.cli.console import database, moment
+
+
+def parse_since(value: str, now: datetime | None = None) -> datetime:
+    """A time with its offset (ISO 8601: `2026-12-05T10:00:00Z`), or a duration before
+    now (`2h`, `30m`, `1d`, or seconds)."""
+    try:
+        at = datetime.fromisoformat(value.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        try:
+            ago = parse_duration("--since", value)
+        except ConfigError:
+            raise ValueError(
+                f"{value!r} is neither a time with its offset (2026-12-05T10:00:00Z) nor a"
+                " duration before now (2h, 30m, 1d, or seconds)"
+            ) from None
+        return (now or datetime.now(UTC)) - ago
+    if at.tzinfo is None:
+        raise ValueError(f"{value!r} has no offset: say which (Z for UTC, or +01:00)")
+    return at
+
+
+async def run_rewind(settings: Settings, since: datetime, *, any_age: bool) -> int:
+    kept_since = datetime.now(UTC) - settings.dedup_retention
+    if since < kept_since and not any_age:
+        print(
+            f"financing relay: {moment(since)} is before what consumers keep the records of"
+            f" (FINANCING_DEDUP_RETENTION, {settings.dedup_retention}: since"
+            f" {moment(kept_since)}): an event processed before then could be applied"
+            " twice; --any-age rewinds all the same",
+            file=sys.stderr,
+        )
+        return 2
+    async with database(settings.command_db, COMMAND_DATABASE, "relay", schema="commands") as pool:
+        try:
+            rewound = await rewind(pool, since)
+        except RelayerRunning as running:
+            print(f"financing relay: {running}", file=sys.stderr)
+            return 1
+    if not rewound.again:
+        print(f"nothing to relay again: no event relayed so far was recorded since {moment(since)}")
+        return 0
+    print(
+        f"the relayer's checkpoint moved back: {rewound.again} event(s) relayed before,"
+        f" recorded since {moment(rewound.first)}, are relayed again once a relayer starts"
+        " (consumers take those they processed as copies)"
+    )
+    return 0
