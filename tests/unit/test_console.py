@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from financing.entrypoints.cli.console import moment, shown, table
+from financing.application.moments import moment
+from financing.entrypoints.cli.console import shown, table
 from financing.entrypoints.cli.events import _row_lines
 
 

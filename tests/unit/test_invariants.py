@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from uuid import UUID, uuid4
 
-from financing.application.invariants import check
+from financing.application.invariants import Checker, check
 from financing.domain import events as ev
 
 D = Decimal
@@ -125,3 +126,16 @@ def test_an_id_whose_stream_holds_two_types_events_is_a_violation() -> None:
     assert report.violations.count(f"id {issuer} names both an Issuer and an Invoice") == 1, (
         report.lines()
     )
+
+
+def test_a_bid_in_flight_says_when_it_was_placed() -> None:
+    """Regression: a bid whose next event a broker lost, unanswered for hours, read as
+    one placed a moment ago: both were only "not yet answered by its invoice"."""
+    investor, invoice, issuer = uuid4(), uuid4(), uuid4()
+    checker = Checker()
+    placed_at = datetime(2026, 12, 5, 10, 0, 0, 123456, tzinfo=UTC)
+    for event in _financed_story(investor, invoice, issuer)[:4]:
+        checker.add(event, placed_at - timedelta(minutes=1))
+    checker.add(ev.BidOnInvoicePlacedEvent(investor, invoice, D(20)), placed_at)
+    [line] = checker.report().in_flight
+    assert line.endswith("not yet answered by its invoice (placed 2026-12-05T10:00:00.123Z)")

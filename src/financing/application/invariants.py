@@ -18,9 +18,11 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 from uuid import UUID
 
+from financing.application.moments import moment
 from financing.domain import events as ev
 from financing.domain.aggregates import Investor, Invoice, InvoiceStatus
 from financing.domain.money import ZERO, add, subtract
@@ -76,6 +78,8 @@ class Checker:
         self._invoices: dict[UUID, Invoice] = {}
         self._funds_added: defaultdict[UUID, Decimal] = defaultdict(Decimal)
         self._bids_placed: Counter[tuple[UUID, UUID, Decimal]] = Counter()
+        # When each bid was last placed, when the events say (the store's recording time).
+        self._placed_at: dict[tuple[UUID, UUID, Decimal], datetime] = {}
         self._bids_answered: Counter[tuple[UUID, UUID, Decimal]] = Counter()
         self._releases: dict[UUID, Counter[Decimal]] = {}
         self._commits: dict[UUID, Counter[Decimal]] = {}
@@ -84,7 +88,9 @@ class Checker:
         self._issuers: set[UUID] = set()
         self._mixed: set[UUID] = set()
 
-    def add(self, event: ev.DomainEvent) -> None:
+    def add(self, event: ev.DomainEvent, recorded_at: datetime | None = None) -> None:
+        """Check one more event; `recorded_at`, when it was recorded, dates the saga steps
+        it leaves in flight (one in flight for long has stopped half way)."""
         report = self._report
         report.events += 1
         self._one_type_per_id(event)
@@ -104,6 +110,8 @@ class Checker:
                     added[event.investor_id] = add(added[event.investor_id], amount)
                 case ev.BidOnInvoicePlacedEvent(invoice_id=invoice_id, bid_amount=amount):
                     self._bids_placed[(event.investor_id, invoice_id, amount)] += 1
+                    if recorded_at is not None:
+                        self._placed_at[(event.investor_id, invoice_id, amount)] = recorded_at
                 case ev.InvestorFundsReleasedEvent(amount=amount) if amount > ZERO:
                     self._releases.setdefault(event.investor_id, Counter())[amount] += 1
                 case ev.InvestorFundsCommittedEvent(amount=amount) if amount > ZERO:
@@ -148,7 +156,9 @@ class Checker:
                     f"bid {_bid(bid)} answered {answered} times, placed {placed}"
                 )
             elif answered < placed:
-                report.in_flight.append(f"bid {_bid(bid)} not yet answered by its invoice")
+                placed_at = self._placed_at.get(bid)
+                since = f" (placed {moment(placed_at)})" if placed_at is not None else ""
+                report.in_flight.append(f"bid {_bid(bid)} not yet answered by its invoice{since}")
         for bid, answered in self._bids_answered.items():
             if bid not in self._bids_placed:
                 report.violations.append(f"bid {_bid(bid)} answered {answered} times, never placed")

@@ -72,7 +72,7 @@ async def run_check(
     in_store: set[str] = set()
     batch: list[tuple[str, DomainEvent]] = []
     async for stored in store.read_all():
-        checker.add(stored.event)
+        checker.add(stored.event, stored.recorded_at)
         batch.append((stored.message_id, stored.event))
         if stored.message_id in journal:
             in_store.add(stored.message_id)

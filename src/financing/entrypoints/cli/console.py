@@ -1,5 +1,5 @@
 """What the operator's commands share: database sessions named after the command, and
-one way of printing times and tables."""
+one way of printing tables (times: `financing.application.moments`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import sys
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import replace
-from datetime import UTC, datetime
 
 import asyncpg
 
@@ -71,17 +70,6 @@ async def database(
         yield pool
     finally:
         await close_pool(pool)
-
-
-def moment(at: datetime | None) -> str:
-    """A time in UTC to the millisecond, as every command prints it."""
-    if at is None:
-        return "-"
-    try:
-        at = at.astimezone(UTC)
-    except OverflowError:  # a publisher's time at the end of the calendar: shown as written
-        return at.isoformat(timespec="milliseconds")
-    return at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def shown(text: str) -> str:

@@ -26,8 +26,9 @@ from financing.adapters.rabbitmq.dead_letters import (
     requeue_dead_letters,
 )
 from financing.adapters.rabbitmq.queues import queue_exists
+from financing.application.moments import moment
 from financing.config import Settings
-from financing.entrypoints.cli.console import moment, shown, table
+from financing.entrypoints.cli.console import shown, table
 
 HEADINGS = ("DEAD-LETTERED AT", "SOURCE QUEUE", "NAME", "MESSAGE ID")
 

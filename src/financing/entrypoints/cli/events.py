@@ -17,10 +17,11 @@ from financing.adapters.postgres.connection import COMMAND_DATABASE, QUERY_DATAB
 from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.adapters.postgres.read_model_rows import read_model_row
 from financing.application.errors import Refused, Unavailable
+from financing.application.moments import moment
 from financing.application.ports import StoredEvent
 from financing.config import Settings
 from financing.domain.money import canonical
-from financing.entrypoints.cli.console import database, moment, table
+from financing.entrypoints.cli.console import database, table
 
 
 async def run_events(settings: Settings, aggregate_id: UUID) -> int:

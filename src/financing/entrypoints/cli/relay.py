@@ -17,8 +17,9 @@ from datetime import UTC, datetime
 
 from financing.adapters.postgres.connection import COMMAND_DATABASE
 from financing.adapters.postgres.outbox import RelayerRunning, rewind
+from financing.application.moments import moment
 from financing.config import ConfigError, Settings, parse_duration
-from financing.entrypoints.cli.console import database, moment
+from financing.entrypoints.cli.console import database
 
 
 def parse_since(value: str, now: datetime | None = None) -> datetime:

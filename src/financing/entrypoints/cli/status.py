@@ -23,8 +23,9 @@ from financing.adapters.rabbitmq.connection import connected, describe_url
 from financing.adapters.rabbitmq.dead_letters import being_read
 from financing.adapters.rabbitmq.queues import QueueDepth, queue_depth
 from financing.application.errors import Refused, Unavailable, summary
+from financing.application.moments import moment
 from financing.config import Settings
-from financing.entrypoints.cli.console import database, moment, table
+from financing.entrypoints.cli.console import database, table
 from financing.workers.projector import BATCH_SIZE
 
 HEALTHY = """\

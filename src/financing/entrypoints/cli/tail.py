@@ -19,9 +19,10 @@ from financing.adapters.rabbitmq.connection import connected, describe_url
 from financing.adapters.rabbitmq.envelopes import from_amqp
 from financing.adapters.rabbitmq.follow import follow_events
 from financing.application.errors import PoisonMessage
+from financing.application.moments import moment
 from financing.application.ports import CORRELATION_HEADER, RECORDED_AT_HEADER
 from financing.config import Settings
-from financing.entrypoints.cli.console import moment, shown
+from financing.entrypoints.cli.console import shown
 
 
 async def run_tail(settings: Settings) -> int:

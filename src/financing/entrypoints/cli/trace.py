@@ -30,9 +30,10 @@ from financing.adapters.rabbitmq.dead_letters import (
     list_deferred,
 )
 from financing.application.errors import Refused, Unavailable
+from financing.application.moments import moment
 from financing.application.trace import Fate, Handling, Step, Trace, trace
 from financing.config import Settings
-from financing.entrypoints.cli.console import database, moment, shown
+from financing.entrypoints.cli.console import database, shown
 
 # Every dead letter of the correlation, however many there are.
 ALL_OF_THEM = sys.maxsize
