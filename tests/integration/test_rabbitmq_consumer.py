@@ -9,13 +9,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import cast
 
 import pytest
 import structlog
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from structlog.testing import capture_logs
 
 from financing.adapters.rabbitmq import consumer as consumer_module
@@ -55,6 +56,7 @@ from financing.application.messages import (
 )
 from financing.application.pipeline import (
     Decoded,
+    Delivery,
     Handler,
     HandlerPart,
     Outcome,
@@ -72,6 +74,7 @@ from financing.application.retry import DELIVERIES, Backoff, Limit, Outages, Ret
 from financing.domain import events as ev
 from financing.domain.aggregates import Issuer
 from tests.support import rabbitmq
+from tests.support.deliveries import MemoryDelivery
 from tests.support.infra import holds, unique_name, wait_until
 from tests.support.storm import duplicated
 
@@ -566,6 +569,37 @@ async def test_a_message_whose_content_header_pamqp_cannot_decode_is_dead_letter
     assert await bus.queue_state(queue) == (0, 0)
 
 
+async def test_a_refused_message_is_acked_only_once_its_dead_letter_is_confirmed(
+    bus: Bus, queue: str
+) -> None:
+    """The original goes only once the dead-letter queue holds its copy: a copy that is
+    never confirmed (the broker down, the process killed) leaves the original queued."""
+    sending = asyncio.Event()
+
+    class Unconfirmed(DeadLetters):
+        async def keep(
+            self, message: AbstractIncomingMessage, *, reason: str, source_queue: str
+        ) -> bool:
+            sending.set()
+            await asyncio.Event().wait()  # the broker never confirms the copy
+            raise AssertionError("unreachable")
+
+    unconfirmed = replace(bus, dead_letters=Unconfirmed(bus.publisher, bus.outages, FAST))
+    store = InMemoryEventStore()
+    handler = exactly_once(store, "create_investor", handlers.create_investor)
+    refused = envelope(CreateInvestor(uuid.uuid4(), Decimal("-1")))
+    subscription = on_command_queue(queue, "CreateInvestor")
+    async with consuming(unconfirmed, subscription, handler, shutdown_grace=0.1):
+        await bus.publisher.send_to_queue(queue, refused)
+        await asyncio.wait_for(sending.wait(), timeout=10)
+        assert await bus.queue_state(queue) == (0, 1)  # delivered, not acked
+
+    async def returned() -> bool:
+        return await bus.queue_state(queue) == (1, 0)
+
+    await wait_until(returned, what="the refused message back in its queue")
+
+
 async def test_rule_violation_is_dead_lettered_at_once(bus: Bus, queue: str) -> None:
     store = InMemoryEventStore()
     handler = Counting(exactly_once(store, "create_investor", handlers.create_investor))
@@ -906,6 +940,25 @@ async def test_event_subscription_consumes_the_events_exchange(bus: Bus) -> None
 
         await wait_until(arrived, what="the event on the policy's queue")
     assert received == [published]
+
+
+async def test_a_delivery_after_stop_is_left_for_the_broker_to_deliver_again() -> None:
+    """`stop` takes no more deliveries: one that arrives then (the queue of a single
+    active consumer is not cancelled first) starts no task that nothing waits for."""
+    started: list[Delivery] = []
+
+    async def step(delivery: Delivery) -> Outcome:
+        started.append(delivery)
+        return Outcome.processed()
+
+    deliveries = Deliveries(step)
+    await deliveries.stop()
+    tasks = asyncio.all_tasks()
+    deliveries.receive(
+        cast(consumer_module.AmqpDelivery, MemoryDelivery(envelope(CreateIssuer(uuid.uuid4()))))
+    )
+    assert asyncio.all_tasks() == tasks
+    assert started == []
 
 
 async def test_cancellation_lets_in_flight_messages_finish(bus: Bus, queue: str) -> None:

@@ -305,3 +305,18 @@ async def test_one_command_at_a_time_reads_the_dead_letters(
     finally:
         await other.close()
     assert await list_dead_letters(broker) == []
+
+
+async def test_a_reason_of_any_length_is_kept_shortened_to_fit_one_header_frame(
+    broker: Broker,
+) -> None:
+    """An exception's text can be of any length; a header frame over the broker's frame
+    size closes the whole connection, so the reason kept is at most MAX_REASON_CHARS."""
+    queue = unique_name("source")
+    await source_queues(broker, queue)
+    await dead_letter(broker, queue, "m-long", "why " * 50_000)  # 200,000 characters
+
+    [letter] = await list_dead_letters(broker)
+    assert letter.message_id == "m-long"
+    assert letter.reason.startswith("why why")
+    assert len(letter.reason) <= dead_letters.MAX_REASON_CHARS == 2000

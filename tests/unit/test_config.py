@@ -103,6 +103,24 @@ def test_a_bad_tuning_variable_is_a_config_error(name: str, value: str) -> None:
         Settings.from_env({name: value})
 
 
+@pytest.mark.parametrize(
+    ("name", "longest", "too_long"),
+    [
+        # README: durations are at most 36500d; the database's timeouts, PostgreSQL's own
+        # limit of 2,147,483 s (its 32-bit milliseconds).
+        ("FINANCING_DEDUP_RETENTION", "36500d", "36501d"),
+        ("FINANCING_AGGREGATE_WAIT", "36500d", "36501d"),
+        ("FINANCING_DB_TIMEOUT", "2147483", "2147484s"),
+    ],
+)
+def test_a_duration_is_taken_up_to_its_limit_and_refused_beyond(
+    name: str, longest: str, too_long: str
+) -> None:
+    Settings.from_env({name: longest})
+    with pytest.raises(ConfigError, match=f"{name} may be at most"):
+        Settings.from_env({name: too_long})
+
+
 def test_the_amqp_address_may_list_several_brokers_separated_by_commas() -> None:
     settings = Settings.from_env({"AMQP_ADDRESS": "amqp://a:5672/, amqp://b:5672/,"})
     assert settings.amqp_urls == ["amqp://a:5672/", "amqp://b:5672/"]

@@ -8,6 +8,7 @@ import tomllib
 from pathlib import Path
 
 from financing.adapters.postgres import schema
+from financing.entrypoints.grpc.codec import MAX_REQUEST_BYTES, REQUEST_TIMEOUT
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTS = sorted([ROOT / "README.md", ROOT / "CHANGELOG.md", *(ROOT / "docs").glob("*.md")])
@@ -72,4 +73,13 @@ def test_the_changelog_begins_with_this_release_and_its_schema_versions() -> Non
     assert first == (
         version,
         f"Commands schema {schema.latest('commands')}, queries schema {schema.latest('queries')}.",
+    )
+
+
+def test_the_request_limits_the_contract_states_are_the_services() -> None:
+    contract = " ".join((ROOT / "docs" / "contract.md").read_text().split())
+    assert MAX_REQUEST_BYTES % 1024 == 0
+    assert f"A request message longer than {MAX_REQUEST_BYTES // 1024} KiB" in contract
+    assert (
+        f"ended its side within {REQUEST_TIMEOUT:g} s is answered `DEADLINE_EXCEEDED`" in contract
     )

@@ -26,6 +26,7 @@ from financing.application.errors import (
 from financing.application.retry import (
     DELIVERIES,
     NO_BUG_RETRIES,
+    OUTAGE_QUIET,
     Abandoned,
     Backoff,
     GaveUp,
@@ -503,3 +504,20 @@ async def test_an_operation_trying_again_for_longer_than_an_attempt_fails_in_end
         await wait_until(lambda: _now(time.monotonic() - began > 0.05), what="the bound")
         await outages.check_once(within=1, quiet=0)
         assert outages.down() == frozenset()
+
+
+def test_the_pauses_between_attempts_are_those_the_documents_promise() -> None:
+    """README: an outage is retried with backoff capped at 2 s; a conflict soon, from
+    10 ms, doubling, capped at 0.5 s. An outage is over once nothing failed for
+    OUTAGE_QUIET, longer than a loop retrying it pauses."""
+    unavailable, conflict = DELIVERIES.unavailable, DELIVERIES.conflict
+    assert unavailable is not None and conflict is not None
+
+    def pauses(limit: Limit, attempt: int) -> list[float]:
+        return [limit.backoff.delay(attempt) for _ in range(200)]  # jittered in [d/2, d]
+
+    assert all(1.0 <= pause <= 2.0 for pause in pauses(unavailable, 30))
+    assert all(0.005 <= pause <= 0.01 for pause in pauses(conflict, 1))
+    assert all(0.01 <= pause <= 0.02 for pause in pauses(conflict, 2))
+    assert all(0.25 <= pause <= 0.5 for pause in pauses(conflict, 30))
+    assert max(pauses(unavailable, 30)) < OUTAGE_QUIET
