@@ -101,6 +101,10 @@ class RawConnection:
         self.flush()
         return stream_id
 
+    def send_raw(self, frame: bytes) -> None:
+        """Bytes written as they are, past h2 (a frame it would not write)."""
+        self._writer.write(frame)
+
     def cancel(self, stream_id: int) -> None:
         """Reset `stream_id` as a client cancelling its call does."""
         self.h2.reset_stream(stream_id, ErrorCodes.CANCEL)
@@ -207,6 +211,29 @@ async def test_a_call_whose_deadline_passed_before_it_arrived_is_answered_deadli
         # The same connection serves the next call.
         answer = await connection.answered(connection.call(HEALTH_CHECK.encode(), EMPTY_MESSAGE))
         assert answer[b"grpc-status"] == b"0", answer
+    no_errors_logged()
+
+
+async def test_frames_of_types_http2_does_not_define_are_ignored(
+    commands_api: CommandsApi, no_errors_logged: Callable[[], None]
+) -> None:
+    """Regression: grpclib raised on the event h2 makes of a frame of an undefined type
+    (which a receiver must ignore: RFC 9113 section 5.5; 0x10 is PRIORITY_UPDATE, which
+    h2 does not know either) or of an ALTSVC; the transport logged it as a
+    fatal error, with a traceback, and closed the connection, its calls with it: one
+    client made 63,000 such error lines a minute."""
+    async with RawConnection.open(commands_api.address) as connection:
+        answer = await connection.answered(connection.call(HEALTH_CHECK.encode(), EMPTY_MESSAGE))
+        assert answer[b"grpc-status"] == b"0", answer
+        altsvc = b"\x00\x01x" + b'h2=":443"'  # its origin's length, its origin, its value
+        for frame_type, payload in ((0x0B, b"abcd"), (0x0A, altsvc), (0x10, b""), (0xFF, b"a")):
+            # Length, type, no flags, stream 0, payload.
+            header = len(payload).to_bytes(3, "big") + bytes([frame_type]) + b"\x00" * 5
+            connection.send_raw(header + payload)
+            answer = await connection.answered(
+                connection.call(HEALTH_CHECK.encode(), EMPTY_MESSAGE)
+            )
+            assert answer[b"grpc-status"] == b"0", answer
     no_errors_logged()
 
 

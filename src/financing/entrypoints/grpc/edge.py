@@ -316,8 +316,14 @@ class _Protocol(grpclib.protocol.H2Protocol):
             self._silent.cancel()  # the preface and the SETTINGS that must follow it
             self._silent = None
         self.connection.flush()
+        # grpclib raises on an event it has no processor for, which the transport then
+        # logs as a fatal error, with a traceback, and closes: a frame of a type HTTP/2
+        # does not define (which a receiver must ignore, RFC 9113 section 5.5), an ALTSVC,
+        # a PRIORITY_UPDATE. Those are ignored; after a close it has none at all.
+        processed = getattr(self.processor, "processors", {})
         for event in events:
-            self.processor.process(event)
+            if type(event) in processed:
+                self.processor.process(event)
         self.connection.flush()
 
     def make_room(self) -> None:
