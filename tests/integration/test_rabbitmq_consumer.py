@@ -623,13 +623,17 @@ async def test_missing_aggregate_is_retried_deferred_then_dead_lettered(
     issuer = uuid.uuid4()
     handler = Counting(exactly_once(store, "sell_invoice", handlers.sell_invoice))
     message = envelope(SellInvoice(uuid.uuid4(), issuer, Decimal("100.00")))
-    async with consuming(bus, on_command_queue(queue, "SellInvoice"), handler):
-        await bus.publisher.send_to_queue(queue, message)
+    with capture_logs() as logs:
+        async with consuming(bus, on_command_queue(queue, "SellInvoice"), handler):
+            await bus.publisher.send_to_queue(queue, message)
 
-        [letter] = await bus.first_dead_letters(queue, "the orphan command dead-lettered")
+            [letter] = await bus.first_dead_letters(queue, "the orphan command dead-lettered")
     # Its attempts on its first delivery, then one on each return from a deferral.
     returns = handler.calls - MissingAggregate.retry_attempts
     assert returns >= 2, handler.calls
+    # One line at INFO when it is first deferred, however often it comes back.
+    deferred = [line["log_level"] for line in logs if line["event"] == "message deferred"]
+    assert deferred == ["info"] + ["debug"] * (returns - 1), deferred
     assert f"issuer {issuer} is not registered" in letter.reason
     waited = float(letter.reason.rsplit("waited ", 1)[1].split(" s ")[0])
     assert FAST.aggregate_wait <= waited < FAST.aggregate_wait + 5

@@ -165,7 +165,10 @@ class AmqpDelivery:
                 await self.settle(Outcome.dead_letter(reason))
                 return
             if deferred:
-                log.info(
+                # Said once, when it is first put aside (at most one line when it is
+                # dead-lettered too); each return is a line at DEBUG only: a message
+                # waiting a minute came back a dozen times.
+                (log.debug if self.waited else log.info)(
                     "message deferred",
                     reason=outcome.detail,
                     waited=round(self.waited, 1),
