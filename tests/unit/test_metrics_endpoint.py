@@ -32,20 +32,29 @@ async def _ask(port: int, request: bytes) -> bytes:
         await writer.wait_closed()
 
 
-async def test_a_request_line_longer_than_the_limit_is_answered_bad_request() -> None:
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /" + b"x" * 70_000 + b" HTTP/1.1\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nX-Long: " + b"y" * 17_000 + b"\r\n\r\n",
+    ],
+    ids=["request line", "one header"],
+)
+async def test_a_line_longer_than_the_heads_limit_is_answered_431(head: bytes) -> None:
     """Regression: the reader's ValueError went unhandled: no answer, and an error with a
-    traceback logged for each such request."""
+    traceback logged for each such request; then it was answered 400 where the contract
+    says a head over its limit is answered 431, as one of many headers was."""
     endpoint = MetricsEndpoint(lambda: True)
     await endpoint.start("127.0.0.1", 0)
     try:
         assert endpoint._server is not None
         port = endpoint._server.sockets[0].getsockname()[1]
-        answer = await _ask(port, b"GET /" + b"x" * 70_000 + b" HTTP/1.1\r\n\r\n")
+        answer = await _ask(port, head)
         healthy = await _ask(port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
     finally:
         endpoint.close()
         await endpoint.wait_closed()
-    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer[:100]
+    assert answer.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), answer[:100]
     assert healthy.startswith(b"HTTP/1.1 200 OK\r\n") and healthy.endswith(b"healthy\n")
 
 

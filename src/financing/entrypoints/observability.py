@@ -194,8 +194,6 @@ class MetricsEndpoint:
             try:
                 async with asyncio.timeout(REQUEST_HEAD_TIMEOUT):
                     request, headers = await _request_head(reader)
-            except ValueError:  # a line longer than the reader's limit
-                answer = _Answer("400 Bad Request", body=b"line too long\n")
             except _HeadTooLarge:
                 answer = _Answer(
                     "431 Request Header Fields Too Large",
@@ -252,11 +250,12 @@ class _HeadTooLarge(Exception):
 
 
 async def _request_head(reader: asyncio.StreamReader) -> tuple[bytes, dict[str, str]]:
-    """The request line and the headers (names lowercased, the first 100) of a request."""
-    request = await reader.readline()
+    """The request line and the headers (names lowercased, the first 100) of a request;
+    _HeadTooLarge beyond REQUEST_HEAD_BYTES, in one line or in many."""
+    request = await _line(reader)
     size = len(request)
     headers: dict[str, str] = {}
-    while line := (await reader.readline()).strip():
+    while line := (await _line(reader)).strip():
         size += len(line)
         if size > REQUEST_HEAD_BYTES:
             raise _HeadTooLarge
@@ -264,6 +263,13 @@ async def _request_head(reader: asyncio.StreamReader) -> tuple[bytes, dict[str, 
             name, _, value = line.decode("latin-1").partition(":")
             headers[name.strip().lower()] = value.strip()
     return request, headers
+
+
+async def _line(reader: asyncio.StreamReader) -> bytes:
+    try:
+        return await reader.readline()
+    except ValueError:  # longer than the reader's limit, REQUEST_HEAD_BYTES
+        raise _HeadTooLarge from None
 
 
 @dataclass(frozen=True)
