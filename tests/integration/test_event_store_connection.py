@@ -278,6 +278,51 @@ async def test_a_database_that_answers_but_takes_no_writes_is_not_back_for_the_s
             await pool.close()
 
 
+@pytest.mark.parametrize(
+    ("setting", "statement"),
+    [
+        ("default_transaction_read_only = on", "CREATE TEMPORARY TABLE t (x int)"),
+        ("statement_timeout = '1ms'", "SELECT pg_sleep(0.05)"),
+    ],
+)
+async def test_a_session_setting_set_back_by_the_operator_ends_the_outage(
+    setting: str, statement: str
+) -> None:
+    """Regression: a session keeps the settings it started with; the pool's sessions that
+    started under an `ALTER DATABASE ... SET` kept refusing the service after the operator
+    had set it back (145 s, until they were terminated by hand)."""
+    async with infra.fresh_database("fin_settings") as db:
+        name = db.connect_kwargs["database"]
+        pool = await create_pool(db, COMMAND_DATABASE, min_size=2)
+        try:
+            await infra.alter_database(name, f"SET {setting}")
+            await infra.terminate_sessions(db)  # the pool's sessions start again under it
+
+            async def refused() -> bool:
+                try:
+                    async with acquired(pool, COMMAND_DATABASE) as conn:
+                        await conn.execute(statement)
+                except Unavailable:
+                    return True
+                return False
+
+            await wait_until(refused, what="the statement refused under the setting")
+            await infra.alter_database(name, "RESET ALL")
+
+            async def served() -> bool:
+                try:
+                    async with acquired(pool, COMMAND_DATABASE) as conn:
+                        await conn.execute(statement)
+                    await writable(pool, COMMAND_DATABASE)
+                except Unavailable:
+                    return False
+                return True
+
+            await wait_until(served, what="the statement served once the setting is gone")
+        finally:
+            await pool.close()
+
+
 # How long the server may take to answer in the silent-server tests (FINANCING_DB_TIMEOUT).
 ANSWER_TIMEOUT = 1.0
 # What a loaded machine may add to a bound before it is seen to hold.

@@ -50,10 +50,17 @@ async def create_database(name: str) -> Database:
 async def set_read_only(name: str, read_only: bool) -> None:
     """New sessions of database `name` take no writes, as a standby's or a streaming
     replica's take none (every write refused with 25006), or take them again."""
-    setting = "SET default_transaction_read_only = on" if read_only else "RESET ALL"
+    await alter_database(
+        name, "SET default_transaction_read_only = on" if read_only else "RESET ALL"
+    )
+
+
+async def alter_database(name: str, change: str) -> None:
+    """`ALTER DATABASE name CHANGE` (`SET statement_timeout = '1ms'`, `RESET ALL`): what
+    sessions that start from then on take."""
     conn = await _admin()
     try:
-        await conn.execute(f'ALTER DATABASE "{name}" {setting}')
+        await conn.execute(f'ALTER DATABASE "{name}" {change}')
     finally:
         await conn.close()
 

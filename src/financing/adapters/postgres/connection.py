@@ -203,6 +203,8 @@ class acquired:
                     # rather than released, which would wait as long again for the
                     # server to acknowledge the statement's cancellation.
                     self._conn.terminate()
+                elif isinstance(error, asyncpg.PostgresError) and is_unavailable(error):
+                    _drop_stale(self._conn)
                 _translate(error, self._dependency)
         finally:
             with translated(self._dependency):
@@ -236,8 +238,19 @@ async def writable(pool: asyncpg.Pool, dependency: str) -> None:
     default: 25006 to every write) is still out for the service, which writes."""
     async with acquired(pool, dependency) as conn:
         read_only = await conn.fetchval("SELECT current_setting('transaction_read_only')")
+        if read_only != "off":
+            _drop_stale(conn)
     if read_only != "off":
         raise Unavailable(dependency, "the server takes no writes (read-only)")
+
+
+def _drop_stale(conn: Connection) -> None:
+    """Drop a session the server refuses for a state that may be its own: a session keeps
+    the settings it started with (`ALTER DATABASE` or `ALTER ROLE ... SET`: read-only by
+    default, a `statement_timeout`, a `lock_timeout`, a `search_path`), so a pooled one
+    kept the service down after the operator had set them back. The next attempt opens
+    a session with the settings of then."""
+    conn.terminate()
 
 
 # Seconds a session may sit in a transaction without sending anything before the server
