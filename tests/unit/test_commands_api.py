@@ -39,6 +39,7 @@ from financing.generated import (
     Uuid,
 )
 from tests.support.answers import CORRELATION_METADATA, call, call_with_grpcio, correlation_of
+from tests.support.infra import wait_until
 
 
 class BuggySender(InMemoryCommandSender):
@@ -242,6 +243,75 @@ async def test_an_unreachable_broker_is_answered_unavailable() -> None:
         await server.wait_closed()
     assert error.value.status is Status.UNAVAILABLE
     assert down.sent == []
+
+
+class SilentSender(InMemoryCommandSender):
+    """A broker that takes commands and never confirms them: each send waits for good."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = 0
+
+    async def send(self, command: Command, message_id: UUID, cause: Cause) -> None:
+        self.waiting += 1
+        await asyncio.Event().wait()
+
+
+async def test_a_command_not_confirmed_in_time_is_answered_unavailable_saying_it_may_be_queued() -> (
+    None
+):
+    """Regression: answered "broker unavailable" while the broker was up, and such a
+    command may have been queued all the same (224 of 2,651 so answered were applied)."""
+    silent = SilentSender()
+    server, channel = await _serve(CommandsService(silent, Outages(), budget=0.3))
+    try:
+        with pytest.raises(GRPCError) as error:
+            await CommandsStub(channel).approve_financing(ApproveFinancingCommand(invoice_id=_id()))
+    finally:
+        channel.close()
+        server.close()
+        await server.wait_closed()
+    assert error.value.status is Status.UNAVAILABLE
+    assert error.value.message == (
+        "ApproveFinancing not confirmed by the broker within 0.3 s: it may have been queued"
+        " (a retry with the same idempotency-key is not applied twice)"
+    )
+
+
+async def test_calls_beyond_the_commands_being_queued_at_once_are_answered_busy_at_once() -> None:
+    """Regression: every call waited its turn, however many: a burst of 5,000 ran past
+    its budget and was answered UNAVAILABLE after 5 s, some of those queued all the same."""
+    silent = SilentSender()
+    service = CommandsService(silent, Outages(), budget=30.0, most_enqueueing=3)
+    server, channel = await _serve(service)
+    commands = CommandsStub(channel, timeout=10)
+    try:
+        waiting = [
+            asyncio.create_task(
+                commands.approve_financing(ApproveFinancingCommand(invoice_id=_id()))
+            )
+            for _ in range(3)
+        ]
+
+        async def all_sending() -> bool:
+            return silent.waiting == 3
+
+        await wait_until(all_sending, what="three commands being queued")
+        with pytest.raises(GRPCError) as busy:
+            await commands.approve_financing(ApproveFinancingCommand(invoice_id=_id()))
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+    finally:
+        channel.close()
+        server.close()
+        await server.wait_closed()
+    assert busy.value.status is Status.UNAVAILABLE
+    assert busy.value.message == (
+        "ApproveFinancing not queued: the service is busy queueing 3 commands already;"
+        " try again shortly"
+    )
+    assert silent.waiting == 3  # the fourth was not sent
 
 
 async def test_a_bug_sending_a_command_is_answered_internal_without_a_retry() -> None:

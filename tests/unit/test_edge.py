@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from structlog.testing import capture_logs
 
-from financing.entrypoints.grpc.edge import SMALL_WINDOW_UPDATE, _FrameCounter, _Warnings
+from financing.entrypoints.grpc.edge import SMALL_WINDOW_UPDATE, Warnings, _FrameCounter
 from tests.support.infra import wait_until
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -68,7 +68,7 @@ async def test_a_warning_repeated_is_written_once_an_interval_saying_how_many_we
 ):
     """Regression: a client connecting again each time it was sent away wrote a warning
     line for every connection, 13 a second."""
-    warnings = _Warnings(interval=0.2)
+    warnings = Warnings(interval=0.2)
     with capture_logs() as logs:
         for _ in range(5):
             warnings.warn("gRPC connection closed: it reset its calls too fast")

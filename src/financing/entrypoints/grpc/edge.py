@@ -418,13 +418,14 @@ class _FrameCounter:
         return calls, control, resets
 
 
-class _Warnings:
+class Warnings:
     """A warning written at most once every `interval` seconds for each text, saying
     how many like it were left out since: clients that connect again each time they are
     sent away would otherwise write a line for every connection."""
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, logger: Any = None) -> None:
         self._interval = interval
+        self._log = log if logger is None else logger
         self._next: dict[str, float] = {}
         self._left_out: dict[str, int] = {}
 
@@ -436,13 +437,13 @@ class _Warnings:
         self._next[text] = now + self._interval
         left_out = self._left_out.pop(text, 0)
         if left_out:
-            log.warning(text, more_since_the_last_line=left_out)
+            self._log.warning(text, more_since_the_last_line=left_out)
         else:
-            log.warning(text)
+            self._log.warning(text)
 
 
 # The warnings of connections sent away, 10 s apart at most for each reason.
-_SENT_AWAY = _Warnings(10.0)
+_SENT_AWAY = Warnings(10.0)
 
 
 class _Allowance:
