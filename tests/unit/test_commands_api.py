@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -69,13 +70,21 @@ class FlakySender(InMemoryCommandSender):
         await super().send(command, message_id, cause)
 
 
-async def _serve(service: CommandsService, *, correlated: bool = False) -> tuple[Server, Channel]:
-    server = Server([FramingChecked(service, calls=service.calls)])  # as bootstrap serves it
+@contextlib.asynccontextmanager
+async def _serving(service: CommandsService, *, correlated: bool = False) -> AsyncIterator[Channel]:
+    """A channel to `service`, served as bootstrap serves it, until the block ends."""
+    server = Server([FramingChecked(service, calls=service.calls)])
     if correlated:
-        correlate(server)  # as bootstrap serves it
+        correlate(server)
     await server.start("127.0.0.1", 0)
     port = server._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return server, Channel("127.0.0.1", port)
+    channel = Channel("127.0.0.1", port)
+    try:
+        yield channel
+    finally:
+        channel.close()
+        server.close()
+        await server.wait_closed()
 
 
 @pytest.fixture
@@ -85,11 +94,8 @@ async def sender() -> InMemoryCommandSender:
 
 @pytest.fixture
 async def commands(sender: InMemoryCommandSender) -> AsyncIterator[CommandsStub]:
-    server, channel = await _serve(CommandsService(sender, Outages(), budget=0.5))
-    yield CommandsStub(channel)
-    channel.close()
-    server.close()
-    await server.wait_closed()
+    async with _serving(CommandsService(sender, Outages(), budget=0.5)) as channel:
+        yield CommandsStub(channel)
 
 
 def _id(value: UUID | str | None = None) -> Uuid:
@@ -220,27 +226,17 @@ async def test_a_call_that_sends_no_message_is_invalid_argument(
 
 async def test_a_briefly_failing_broker_is_retried_with_the_same_message_id() -> None:
     flaky = FlakySender(failures=2)
-    server, channel = await _serve(CommandsService(flaky, Outages(), budget=5.0))
-    try:
+    async with _serving(CommandsService(flaky, Outages(), budget=5.0)) as channel:
         await CommandsStub(channel).approve_financing(ApproveFinancingCommand(invoice_id=_id()))
-    finally:
-        channel.close()
-        server.close()
-        await server.wait_closed()
     assert len(flaky.attempts) == 3 and len(set(flaky.attempts)) == 1
     assert len(flaky.sent) == 1
 
 
 async def test_an_unreachable_broker_is_answered_unavailable() -> None:
     down = FlakySender(failures=10**6)
-    server, channel = await _serve(CommandsService(down, Outages(), budget=0.3))
-    try:
+    async with _serving(CommandsService(down, Outages(), budget=0.3)) as channel:
         with pytest.raises(GRPCError) as error:
             await CommandsStub(channel).approve_financing(ApproveFinancingCommand(invoice_id=_id()))
-    finally:
-        channel.close()
-        server.close()
-        await server.wait_closed()
     assert error.value.status is Status.UNAVAILABLE
     assert down.sent == []
 
@@ -257,20 +253,13 @@ class SilentSender(InMemoryCommandSender):
         await asyncio.Event().wait()
 
 
-async def test_a_command_not_confirmed_in_time_is_answered_unavailable_saying_it_may_be_queued() -> (
-    None
-):
+async def test_a_command_not_confirmed_in_time_is_answered_unavailable_maybe_queued() -> None:
     """Regression: answered "broker unavailable" while the broker was up, and such a
     command may have been queued all the same (224 of 2,651 so answered were applied)."""
     silent = SilentSender()
-    server, channel = await _serve(CommandsService(silent, Outages(), budget=0.3))
-    try:
+    async with _serving(CommandsService(silent, Outages(), budget=0.3)) as channel:
         with pytest.raises(GRPCError) as error:
             await CommandsStub(channel).approve_financing(ApproveFinancingCommand(invoice_id=_id()))
-    finally:
-        channel.close()
-        server.close()
-        await server.wait_closed()
     assert error.value.status is Status.UNAVAILABLE
     assert error.value.message == (
         "ApproveFinancing not confirmed by the broker within 0.3 s: it may have been queued"
@@ -283,9 +272,8 @@ async def test_calls_beyond_the_commands_being_queued_at_once_are_answered_busy_
     its budget and was answered UNAVAILABLE after 5 s, some of those queued all the same."""
     silent = SilentSender()
     service = CommandsService(silent, Outages(), budget=30.0, most_enqueueing=3)
-    server, channel = await _serve(service)
-    commands = CommandsStub(channel, timeout=10)
-    try:
+    async with _serving(service) as channel:
+        commands = CommandsStub(channel, timeout=10)
         waiting = [
             asyncio.create_task(
                 commands.approve_financing(ApproveFinancingCommand(invoice_id=_id()))
@@ -302,10 +290,6 @@ async def test_calls_beyond_the_commands_being_queued_at_once_are_answered_busy_
         for task in waiting:
             task.cancel()
         await asyncio.gather(*waiting, return_exceptions=True)
-    finally:
-        channel.close()
-        server.close()
-        await server.wait_closed()
     assert busy.value.status is Status.UNAVAILABLE
     assert busy.value.message == (
         "ApproveFinancing not queued: the service is busy queueing 3 commands already;"
@@ -316,14 +300,9 @@ async def test_calls_beyond_the_commands_being_queued_at_once_are_answered_busy_
 
 async def test_a_bug_sending_a_command_is_answered_internal_without_a_retry() -> None:
     buggy = BuggySender()
-    server, channel = await _serve(CommandsService(buggy, Outages(), budget=5.0))
-    try:
+    async with _serving(CommandsService(buggy, Outages(), budget=5.0)) as channel:
         with pytest.raises(GRPCError) as error:
             await CommandsStub(channel).approve_financing(ApproveFinancingCommand(invoice_id=_id()))
-    finally:
-        channel.close()
-        server.close()
-        await server.wait_closed()
     assert error.value.status is Status.INTERNAL
     assert buggy.attempts == 1
 
@@ -333,36 +312,32 @@ async def test_a_bug_sending_a_command_is_answered_internal_without_a_retry() ->
 
 @pytest.fixture
 async def correlated(sender: InMemoryCommandSender) -> AsyncIterator[CommandsStub]:
-    server, channel = await _serve(CommandsService(sender, Outages(), budget=0.5), correlated=True)
-    yield CommandsStub(channel, timeout=5)
-    channel.close()
-    server.close()
-    await server.wait_closed()
+    service = CommandsService(sender, Outages(), budget=0.5)
+    async with _serving(service, correlated=True) as channel:
+        yield CommandsStub(channel, timeout=5)
 
 
 async def test_a_command_answered_unavailable_carries_its_correlation_id() -> None:
     """Regression: an error is answered with trailers only, which carried no correlation
     id; a command answered UNAVAILABLE may have been queued all the same."""
     down = FlakySender(failures=10**6)
-    server, channel = await _serve(CommandsService(down, Outages(), budget=0.3), correlated=True)
     chosen = f"saga-{uuid4()}"
-    try:
-        async with channel.request(
+    service = CommandsService(down, Outages(), budget=0.3)
+    async with (
+        _serving(service, correlated=True) as channel,
+        channel.request(
             "/Commands/ApproveFinancing",
             Cardinality.UNARY_UNARY,
             ApproveFinancingCommand,
             Empty,
             timeout=5,
             metadata={CORRELATION_METADATA: chosen},
-        ) as stream:
-            await stream.send_message(ApproveFinancingCommand(invoice_id=_id()), end=True)
-            with pytest.raises(GRPCError) as error:
-                await stream.recv_message()
-            trailing = stream.trailing_metadata
-    finally:
-        channel.close()
-        server.close()
-        await server.wait_closed()
+        ) as stream,
+    ):
+        await stream.send_message(ApproveFinancingCommand(invoice_id=_id()), end=True)
+        with pytest.raises(GRPCError) as error:
+            await stream.recv_message()
+        trailing = stream.trailing_metadata
     assert error.value.status is Status.UNAVAILABLE
     assert trailing is not None and trailing.get(CORRELATION_METADATA) == chosen
 
