@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from structlog.testing import capture_logs
 
 from financing.application.errors import Unavailable
 from financing.application.retry import Outages
-from financing.entrypoints.grpc.health import HealthWatch, Probe, Readiness
+from financing.entrypoints.grpc.health import BUSY_TURN, HealthWatch, Probe, Readiness
 
 
 class Dependency:
@@ -83,3 +84,42 @@ async def test_watchers_are_told_of_every_change() -> None:
     readiness.set(False)
     assert watcher.is_set()
     await readiness.__unsubscribe__(watcher)
+
+
+async def test_a_probe_out_of_time_in_a_busy_process_says_nothing_of_its_dependency() -> None:
+    """Regression: a storm of calls on two cores kept the event loop so busy that the
+    probes ran out of time: a broker and a database that answered everyone else were
+    logged as down, `/health` answered 503 and Commands was NOT_SERVING, up to 104 s."""
+    answering = asyncio.Event()
+
+    async def slow_to_read() -> None:
+        await answering.wait()  # the answer is there; the process never reads it in time
+
+    async def busy(turn: float) -> None:
+        while True:  # the work of other calls: every turn of the loop takes `turn`
+            end = time.monotonic() + turn
+            while time.monotonic() < end:
+                pass
+            await asyncio.sleep(0)
+
+    outages = Outages()
+    watch = HealthWatch(outages, timeout=0.05)
+    commands = Readiness("Commands")
+    watch.watch(commands, [Probe("broker", slow_to_read)])
+    answering.set()
+    await watch.probe_once()
+    assert commands.serving
+    answering.clear()
+    hog = asyncio.create_task(busy(BUSY_TURN * 1.5))
+    try:
+        with capture_logs() as logs:
+            await watch.probe_once()
+    finally:
+        hog.cancel()
+        await asyncio.gather(hog, return_exceptions=True)
+    assert commands.serving  # nothing learnt: as it was
+    assert not outages.down()
+    assert [log["event"] for log in logs if log["log_level"] != "debug"] == []
+    await watch.probe_once()  # the process idle again: the probe's silence is the broker's
+    assert not commands.serving
+    assert outages.down()
