@@ -12,7 +12,7 @@ from financing.application.retry import Outages
 from financing.entrypoints.bootstrap import StartupError, started
 
 
-async def test_a_dependency_unavailable_past_the_deadline_fails_start_up_as_unreachable() -> None:
+async def test_a_dependency_unavailable_past_the_deadline_fails_start_up_saying_so() -> None:
     attempts = 0
 
     async def connect() -> None:
@@ -20,8 +20,13 @@ async def test_a_dependency_unavailable_past_the_deadline_fails_start_up_as_unre
         attempts += 1
         raise Unavailable("broker", "connection refused")
 
-    with pytest.raises(StartupError, match="broker is unreachable"):
-        await started("broker", connect, Outages(), time.monotonic() + 0.5)
+    with pytest.raises(StartupError) as raised:
+        await started("migrating the broker", connect, Outages(), time.monotonic() + 0.5)
+    # Regression: "migrating the query database is unreachable: ...".
+    assert str(raised.value) == (
+        "migrating the broker: gave up when FINANCING_STARTUP_TIMEOUT ran out:"
+        " broker unavailable: connection refused"
+    )
     assert attempts > 1
 
 

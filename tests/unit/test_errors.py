@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+from collections.abc import Callable
+
 import pytest
 
+from financing.adapters.postgres import connection as postgres
+from financing.adapters.rabbitmq import connection as rabbitmq
 from financing.application.errors import (
     ConcurrencyConflict,
     Fault,
@@ -77,3 +82,19 @@ def test_the_summary_of_an_expected_failure_does_not_say_where_it_was_raised() -
     with pytest.raises(Unavailable) as caught:
         unreachable()
     assert summary(caught.value) == "Unavailable: broker unavailable: connection refused"
+
+
+@pytest.mark.parametrize("describe", [postgres.describe, rabbitmq.describe])
+def test_a_connection_refused_for_the_process_own_file_limit_says_so(
+    describe: Callable[[BaseException], str],
+) -> None:
+    """Regression: a pool growing past the process's descriptor limit was logged as an
+    outage of the query database ("OSError: [Errno 24] Too many open files") alone."""
+    said = describe(OSError(errno.EMFILE, "Too many open files"))
+    assert said == (
+        "this process may open no more files or connections (its file descriptor limit,"
+        " ulimit -n): OSError: [Errno 24] Too many open files"
+    )
+    assert describe(ConnectionRefusedError(111, "Connection refused")).startswith(
+        "ConnectionRefusedError"
+    )

@@ -23,6 +23,7 @@ so nothing above them needs to know asyncpg's or aiormq's exceptions.
 from __future__ import annotations
 
 import enum
+import errno
 import traceback
 from typing import ClassVar
 
@@ -153,3 +154,15 @@ def summary(error: BaseException) -> str:
         return text
     last = frames[-1]
     return f"{text} (at {last.filename.rsplit('/', 1)[-1]}:{last.lineno} in {last.name})"
+
+
+def out_of_descriptors(error: BaseException) -> bool:
+    """Whether `error` is the process's own limit on open files (EMFILE, or the system's,
+    ENFILE) rather than anything the dependency it was opening a connection to did."""
+    return isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE)
+
+
+# What an outage line says first of a connection refused for the process's own limit.
+OUT_OF_DESCRIPTORS = (
+    "this process may open no more files or connections (its file descriptor limit, ulimit -n)"
+)

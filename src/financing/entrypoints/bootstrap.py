@@ -393,7 +393,11 @@ async def started(
         ) from None
     except GaveUp as gave_up:
         if gave_up.fault is Fault.UNAVAILABLE:
-            raise StartupError(f"{what} is unreachable: {gave_up.error}") from gave_up.error
+            # `what` names a dependency or a step of start-up ("migrating the query
+            # database"): the error names the dependency.
+            raise StartupError(
+                f"{what}: gave up when FINANCING_STARTUP_TIMEOUT ran out: {gave_up.error}"
+            ) from gave_up.error
         if gave_up.fault is Fault.PERMANENT:
             raise StartupError(str(gave_up.error)) from gave_up.error
         raise gave_up.error from None  # a bug: the supervisor reports it with its traceback

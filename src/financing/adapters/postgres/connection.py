@@ -19,7 +19,13 @@ from typing import Any, TypeAlias
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from financing.application.errors import ConcurrencyConflict, Refused, Unavailable
+from financing.application.errors import (
+    OUT_OF_DESCRIPTORS,
+    ConcurrencyConflict,
+    Refused,
+    Unavailable,
+    out_of_descriptors,
+)
 from financing.config import Database
 
 # A connection that statements can run on: a dedicated one or one borrowed from a pool.
@@ -84,6 +90,8 @@ def describe(error: BaseException) -> str:
     if isinstance(error, TimeoutError) and not str(error):
         return "no answer in time (FINANCING_DB_TIMEOUT)"
     said = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    if out_of_descriptors(error):
+        return f"{OUT_OF_DESCRIPTORS}: {said}"
     if isinstance(error, asyncpg.exceptions.InternalClientError) and str(error).endswith(
         "another operation (2) is in progress"  # 2: consuming what follows a server's error
     ):

@@ -24,7 +24,12 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from yarl import URL
 
 from financing import metrics
-from financing.application.errors import Refused, Unavailable
+from financing.application.errors import (
+    OUT_OF_DESCRIPTORS,
+    Refused,
+    Unavailable,
+    out_of_descriptors,
+)
 from financing.application.retry import Outages
 from financing.config import split_url
 from financing.logging import get_logger
@@ -137,7 +142,8 @@ def describe(error: BaseException) -> str:
         return "the connection was lost (the broker missed its heartbeats)"
     if _left_pending_at_a_close(error):
         return "the channel or its connection closed"
-    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    said = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return f"{OUT_OF_DESCRIPTORS}: {said}" if out_of_descriptors(error) else said
 
 
 def describe_url(url: str) -> str:
