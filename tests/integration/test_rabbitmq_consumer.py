@@ -631,9 +631,10 @@ async def test_missing_aggregate_is_retried_deferred_then_dead_lettered(
     # Its attempts on its first delivery, then one on each return from a deferral.
     returns = handler.calls - MissingAggregate.retry_attempts
     assert returns >= 2, handler.calls
-    # One line at INFO when it is first deferred, however often it comes back.
+    # One line at INFO when it is first deferred, however often it comes back (its
+    # returns at DEBUG, which a run configured at INFO does not even capture).
     deferred = [line["log_level"] for line in logs if line["event"] == "message deferred"]
-    assert deferred == ["info"] + ["debug"] * (returns - 1), deferred
+    assert [level for level in deferred if level != "debug"] == ["info"], deferred
     assert f"issuer {issuer} is not registered" in letter.reason
     waited = float(letter.reason.rsplit("waited ", 1)[1].split(" s ")[0])
     assert FAST.aggregate_wait <= waited < FAST.aggregate_wait + 5

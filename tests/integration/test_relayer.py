@@ -604,6 +604,11 @@ async def test_events_a_broker_lost_after_confirming_them_are_relayed_again_once
     assert again == [got for got in first if got[1] == str(lost)]
     assert await PostgresOutbox(pool).pending(100) == []  # and the checkpoint past them
 
-    ahead = await run_cli(env, "relay", "rewind", "--since", "1s")
+    # Never forward: a WHEN after events not relayed yet does not skip them.
+    await append_investor_story(store, uuid4())
+    later = await pool.fetchval("SELECT clock_timestamp()")
+    await append_investor_story(store, uuid4())
+    ahead = await run_cli(env, "relay", "rewind", "--since", later.isoformat())
     assert ahead.exit_code == 0, ahead.describe()
     assert ahead.stdout.startswith("nothing to relay again"), ahead.describe()
+    assert len(await PostgresOutbox(pool).pending(100)) == 8

@@ -117,9 +117,20 @@ async def test_a_probe_out_of_time_in_a_busy_process_says_nothing_of_its_depende
     finally:
         hog.cancel()
         await asyncio.gather(hog, return_exceptions=True)
-    assert commands.serving  # nothing learnt: as it was
+    assert commands.serving  # nothing learnt: the broker is as its users say
     assert not outages.down()
     assert [log["event"] for log in logs if log["log_level"] != "debug"] == []
+
+    outages.failed(Unavailable("broker", "a publish not confirmed"))  # its users say
+    hog = asyncio.create_task(busy(BUSY_TURN * 1.5))
+    try:
+        await watch.probe_once()
+    finally:
+        hog.cancel()
+        await asyncio.gather(hog, return_exceptions=True)
+    assert not commands.serving  # a real outage is not hidden by a busy process
+    outages.succeeded("broker")
+
     await watch.probe_once()  # the process idle again: the probe's silence is the broker's
     assert not commands.serving
     assert outages.down()

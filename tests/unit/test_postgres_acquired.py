@@ -31,6 +31,10 @@ class FakeConnection:
     def __init__(self, write_error: BaseException | None = None) -> None:
         self.write_error = write_error
         self.statements: list[str] = []
+        self.terminated = False
+
+    def terminate(self) -> None:
+        self.terminated = True
 
     async def fetchval(self, query: str, *args: Any) -> object:
         self.statements.append(query)
@@ -111,6 +115,10 @@ async def test_a_driver_error_in_the_block_is_translated_and_the_connection_give
     assert (pool.out, pool.released) == (0, 1)
     if isinstance(raised.value, Unavailable):
         assert raised.value.dependency == COMMAND_DATABASE
+    # A session refused for a setting it may hold from its start (lock_timeout,
+    # search_path) is dropped, not given back to be refused again; others are kept.
+    setting = isinstance(error, asyncpg.LockNotAvailableError | asyncpg.UndefinedTableError)
+    assert pool.conn.terminated is setting
 
 
 async def test_a_session_the_server_ended_while_idle_is_said_to_be_so() -> None:

@@ -156,13 +156,14 @@ def summary(error: BaseException) -> str:
     return f"{text} (at {last.filename.rsplit('/', 1)[-1]}:{last.lineno} in {last.name})"
 
 
-def out_of_descriptors(error: BaseException) -> bool:
-    """Whether `error` is the process's own limit on open files (EMFILE, or the system's,
-    ENFILE) rather than anything the dependency it was opening a connection to did."""
-    return isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE)
-
-
-# What an outage line says first of a connection refused for the process's own limit.
-OUT_OF_DESCRIPTORS = (
-    "this process may open no more files or connections (its file descriptor limit, ulimit -n)"
-)
+def said_of(error: BaseException) -> str:
+    """What an outage line says of a driver's `error`: its type and text, and first, when
+    it is the process's own limit on open files (EMFILE, or the system's, ENFILE) rather
+    than anything the dependency it was connecting to did, that it is."""
+    said = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE):
+        return (
+            "this process may open no more files or connections (its file descriptor"
+            f" limit, ulimit -n): {said}"
+        )
+    return said

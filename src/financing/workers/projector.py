@@ -37,6 +37,7 @@ import structlog
 from financing import metrics
 from financing.application.errors import PoisonMessage, summary
 from financing.application.grace import finish_on_cancel
+from financing.application.moments import moment
 from financing.application.pipeline import (
     DUPLICATE,
     Decoded,
@@ -235,8 +236,8 @@ def _copy(event: Decoded, earlier: _Recorded) -> Outcome:
     if projected_at is None or recorded_at is None or recorded_at <= projected_at + CLOCKS_APART:
         return DUPLICATE
     return Outcome.dead_letter(
-        f"{envelope.name} {envelope.message_id}: recorded at {recorded_at.isoformat()}, after"
-        f" an event under this message id was projected (at {projected_at.isoformat()}):"
+        f"{envelope.name} {envelope.message_id}: recorded at {moment(recorded_at)}, after"
+        f" an event under this message id was projected (at {moment(projected_at)}):"
         " the event store no longer holds events it relayed (restored from an older"
         " backup?) and gave their ids to new ones; the read models hold events the store"
         " lost: rebuild them (`financing projections rebuild`, docs/deployment.md,"

@@ -20,11 +20,10 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from financing.application.errors import (
-    OUT_OF_DESCRIPTORS,
     ConcurrencyConflict,
     Refused,
     Unavailable,
-    out_of_descriptors,
+    said_of,
 )
 from financing.config import Database
 
@@ -89,9 +88,7 @@ def is_unavailable(error: BaseException) -> bool:
 def describe(error: BaseException) -> str:
     if isinstance(error, TimeoutError) and not str(error):
         return "no answer in time (FINANCING_DB_TIMEOUT)"
-    said = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-    if out_of_descriptors(error):
-        return f"{OUT_OF_DESCRIPTORS}: {said}"
+    said = said_of(error)
     if isinstance(error, asyncpg.exceptions.InternalClientError) and str(error).endswith(
         "another operation (2) is in progress"  # 2: consuming what follows a server's error
     ):
@@ -211,7 +208,7 @@ class acquired:
                     # rather than released, which would wait as long again for the
                     # server to acknowledge the statement's cancellation.
                     self._conn.terminate()
-                elif isinstance(error, asyncpg.PostgresError) and is_unavailable(error):
+                elif getattr(error, "sqlstate", None) in _SESSION_STATES:
                     _drop_stale(self._conn)
                 _translate(error, self._dependency)
         finally:
@@ -252,13 +249,19 @@ async def writable(pool: asyncpg.Pool, dependency: str) -> None:
         raise Unavailable(dependency, "the server takes no writes (read-only)")
 
 
+# States by which the server refuses a session for a setting it may hold from its start
+# (`ALTER DATABASE` or `ALTER ROLE ... SET`): 25006 read-only by default, 57014 a
+# `statement_timeout`, 55P03 a `lock_timeout`, 42P01 a `search_path` without its tables.
+_SESSION_STATES = frozenset({"25006", "57014", "55P03", "42P01"})
+
+
 def _drop_stale(conn: Connection) -> None:
-    """Drop a session the server refuses for a state that may be its own: a session keeps
-    the settings it started with (`ALTER DATABASE` or `ALTER ROLE ... SET`: read-only by
-    default, a `statement_timeout`, a `lock_timeout`, a `search_path`), so a pooled one
+    """Drop a session the server refuses for a state that may be its own
+    (_SESSION_STATES): a session keeps the settings it started with, so a pooled one
     kept the service down after the operator had set them back. The next attempt opens
     a session with the settings of then."""
-    conn.terminate()
+    with contextlib.suppress(asyncpg.InterfaceError):  # already given back, closed
+        conn.terminate()
 
 
 # Seconds a session may sit in a transaction without sending anything before the server

@@ -236,23 +236,20 @@ class PostgresOutbox:
 
 
 # Moves the checkpoint back to just before the first event, in relay order, recorded at
-# or after $2 (every event when $2 is NULL); never forward. How many relayed events it
-# gives back to the relayer, and when the first of them was recorded.
+# or after $2; never forward. How many relayed events it gives back to the relayer, and
+# when the first of them was recorded. The scan of `events` in relay order stops at
+# that first event.
 _REWIND = (
-    "WITH current AS (SELECT"
-    " coalesce((SELECT transaction_id FROM relay_checkpoints WHERE name = $1), '0'::xid8)"
-    " AS xid, coalesce((SELECT position FROM relay_checkpoints WHERE name = $1), 0) AS pos),"
-    " first AS (SELECT transaction_id, position, recorded_at FROM events"
-    " WHERE $2::timestamptz IS NULL OR recorded_at >= $2::timestamptz"
-    " ORDER BY transaction_id, position LIMIT 1),"
+    "WITH first AS (SELECT transaction_id, position FROM events"
+    " WHERE recorded_at >= $2 ORDER BY transaction_id, position LIMIT 1),"
     " before AS (SELECT e.transaction_id, e.position FROM events AS e, first AS f"
     " WHERE (e.transaction_id, e.position) < (f.transaction_id, f.position)"
     " ORDER BY e.transaction_id DESC, e.position DESC LIMIT 1),"
     " target AS (SELECT coalesce((SELECT transaction_id FROM before), '0'::xid8) AS xid,"
     " coalesce((SELECT position FROM before), 0) AS pos FROM first),"
-    " again AS (SELECT e.recorded_at FROM events AS e, target AS t, current AS c"
+    " again AS (SELECT e.recorded_at FROM events AS e, target AS t"
     " WHERE (e.transaction_id, e.position) > (t.xid, t.pos)"
-    " AND (e.transaction_id, e.position) <= (c.xid, c.pos)),"
+    f" AND (e.transaction_id, e.position) <= {_CHECKPOINT}),"
     " moved AS (UPDATE relay_checkpoints AS r SET transaction_id = t.xid,"
     " position = t.pos, updated_at = now() FROM target AS t"
     " WHERE r.name = $1 AND (r.transaction_id, r.position) > (t.xid, t.pos) RETURNING 1)"
@@ -274,19 +271,17 @@ class Rewound:
     first: datetime | None  # the earliest time one of them was recorded
 
 
-async def rewind(pool: asyncpg.Pool, since: datetime | None, name: str = "relayer") -> Rewound:
+async def rewind(pool: asyncpg.Pool, since: datetime, name: str = "relayer") -> Rewound:
     """Move relayer `name`'s checkpoint back, so that the events recorded at or after
-    `since` (every event when None) are relayed again: events a broker lost after it had
-    confirmed them (its queues deleted, its definitions restored without their messages).
-    Never forward, which would skip events. The relayer lock is held meanwhile, so that
-    no relayer starts relaying from where it was; RelayerRunning while one holds it."""
-    async with acquired(pool, COMMAND_DATABASE) as conn:
-        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", RELAYER_LOCK):
+    `since` are relayed again: events a broker lost after it had confirmed them (its
+    queues deleted, its definitions restored without their messages). Never forward,
+    which would skip events. The relayer lock is held for the transaction that moves it,
+    so that no relayer relays meanwhile from where it was; RelayerRunning while one
+    holds it."""
+    async with acquired(pool, COMMAND_DATABASE) as conn, conn.transaction():
+        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", RELAYER_LOCK):
             raise RelayerRunning(_running(await advisory_lock_holder(conn, RELAYER_LOCK)))
-        try:
-            row = await conn.fetchrow(_REWIND, name, since)
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", RELAYER_LOCK)
+        row = await conn.fetchrow(_REWIND, name, since)
     assert row is not None  # the final SELECT always gives one row
     return Rewound(again=row["again"] if row["moved"] else 0, first=row["first"])
 

@@ -25,10 +25,9 @@ from yarl import URL
 
 from financing import metrics
 from financing.application.errors import (
-    OUT_OF_DESCRIPTORS,
     Refused,
     Unavailable,
-    out_of_descriptors,
+    said_of,
 )
 from financing.application.retry import Outages
 from financing.config import split_url
@@ -142,8 +141,7 @@ def describe(error: BaseException) -> str:
         return "the connection was lost (the broker missed its heartbeats)"
     if _left_pending_at_a_close(error):
         return "the channel or its connection closed"
-    said = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-    return f"{OUT_OF_DESCRIPTORS}: {said}" if out_of_descriptors(error) else said
+    return said_of(error)
 
 
 def describe_url(url: str) -> str:
@@ -368,7 +366,7 @@ class Broker:
 
 async def _closed_quietly(connection: AbstractConnection) -> None:
     with broker_errors_ignored():
-        await connection.close()
+        await asyncio.wait_for(connection.close(), CLOSE_TIMEOUT)
 
 
 def _open(connection: AbstractConnection) -> bool:

@@ -388,9 +388,8 @@ class ReaderBusy(Unavailable):
     """The dead letters are being read by another command: the broker answers, and the
     same command succeeds once that one is done (said as such, not as an outage)."""
 
-    def __init__(self, detail: str) -> None:
-        super().__init__(BROKER, detail)
-        self.args = (detail,)
+    def __str__(self) -> str:
+        return self.detail
 
 
 @contextlib.asynccontextmanager
@@ -415,8 +414,9 @@ async def _read_alone(broker: Broker) -> AsyncIterator[None]:
         await close_channel(channel)
         if time.monotonic() > deadline:
             raise ReaderBusy(
+                BROKER,
                 "another command (dead-letters list, requeue or discard, or trace) has been"
-                f" reading the dead letters for {READER_WAIT:.0f} s; try again once it is done"
+                f" reading the dead letters for {READER_WAIT:.0f} s; try again once it is done",
             )
         await asyncio.sleep(READER_POLL)
     try:

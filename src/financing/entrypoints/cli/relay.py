@@ -13,7 +13,7 @@ ones are refused unless `--any-age` says otherwise.
 from __future__ import annotations
 
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from financing.adapters.postgres.connection import COMMAND_DATABASE
 from financing.adapters.postgres.outbox import RelayerRunning, rewind
@@ -41,18 +41,26 @@ def parse_since(value: str, now: datetime | None = None) -> datetime:
     return at
 
 
+# How long before the deduplication records' retention runs out a rewind must start:
+# its events are relayed once a relayer starts again, perhaps an hour later.
+RETENTION_MARGIN = timedelta(hours=1)
+
+
 async def run_rewind(settings: Settings, since: datetime, *, any_age: bool) -> int:
-    kept_since = datetime.now(UTC) - settings.dedup_retention
+    kept_since = datetime.now(UTC) - settings.dedup_retention + RETENTION_MARGIN
     if since < kept_since and not any_age:
         print(
-            f"financing relay: {moment(since)} is before what consumers keep the records of"
-            f" (FINANCING_DEDUP_RETENTION, {settings.dedup_retention}: since"
+            f"financing relay: {moment(since)} is too close to the end of what consumers"
+            f" keep the records of (FINANCING_DEDUP_RETENTION, {settings.dedup_retention},"
+            " as the service has it; an hour spared: since"
             f" {moment(kept_since)}): an event processed before then could be applied"
             " twice; --any-age rewinds all the same",
             file=sys.stderr,
         )
         return 2
-    async with database(settings.command_db, COMMAND_DATABASE, "relay", schema="commands") as pool:
+    async with database(
+        settings.command_db, COMMAND_DATABASE, "relay", scans=True, schema="commands"
+    ) as pool:
         try:
             rewound = await rewind(pool, since)
         except RelayerRunning as running:

@@ -240,11 +240,15 @@ class CommandsService(CommandsBase):
                 )
         except TimeoutError:
             log.debug("command not confirmed in time", name=command.name())
+            retry_is = (
+                f"a retry with the same {IDEMPOTENCY_METADATA} is not applied twice"
+                if key is not None
+                else f"a retry without an {IDEMPOTENCY_METADATA} may apply it twice"
+            )
             raise GRPCError(
                 Status.UNAVAILABLE,
-                f"{command.name()} not confirmed by the broker within"
-                f" {self._budget:g} s: it may have been queued (a retry with the same"
-                f" {IDEMPOTENCY_METADATA} is not applied twice)",
+                f"{command.name()} not confirmed by the broker within {self._budget:g} s:"
+                f" it may have been queued ({retry_is})",
             ) from None
         except GaveUp as gave_up:
             if gave_up.fault is Fault.UNAVAILABLE:

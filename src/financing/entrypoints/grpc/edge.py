@@ -50,6 +50,7 @@ from typing import Any
 
 import grpclib.protocol
 import grpclib.server
+import structlog
 from grpclib.const import Status
 from grpclib.encoding.base import GRPC_CONTENT_TYPE
 from grpclib.metadata import Deadline, encode_grpc_message
@@ -423,7 +424,9 @@ class Warnings:
     how many like it were left out since: clients that connect again each time they are
     sent away would otherwise write a line for every connection."""
 
-    def __init__(self, interval: float, logger: Any = None) -> None:
+    def __init__(
+        self, interval: float, logger: structlog.typing.FilteringBoundLogger | None = None
+    ) -> None:
         self._interval = interval
         self._log = log if logger is None else logger
         self._next: dict[str, float] = {}

@@ -11,7 +11,8 @@ shows as NOT_SERVING within a couple of seconds and SERVING again once it is
 back, with or without traffic; the probes report to the outage log too, so an
 outage is also logged as over when nobody was using the dependency. A probe
 that runs out of time while the process is too busy to read an answer (a turn
-of its event loop takes BUSY_TURN or more) learns nothing, and changes nothing.
+of its event loop takes BUSY_TURN or more) learns nothing: its dependency is
+then as the operations that use it say (an outage they met, not yet over).
 While the service drains at shutdown every side is NOT_SERVING.
 """
 
@@ -132,14 +133,13 @@ class HealthWatch:
     async def probe_once(self) -> None:
         for watched in self._watched:
             results = [await self._probe(probe) for probe in watched.probes]
-            if None in results and False not in results:
-                continue  # nothing learnt: it stays as it was
             watched.readiness.set(all(results) and not self._draining)
 
-    async def _probe(self, probe: Probe) -> bool | None:
-        """Whether the dependency answered; None when the probe ran out of time while the
-        process itself was too busy to read an answer (an outage is then told by the
-        operations that fail, each within its own deadline)."""
+    async def _probe(self, probe: Probe) -> bool:
+        """Whether the dependency answered. A probe that ran out of time while the process
+        itself was too busy to read an answer learns nothing: the dependency counts as
+        what the operations that use it say (down while one of them failed on it, each
+        within its own deadline, and no later one succeeded)."""
         try:
             async with asyncio.timeout(self._timeout):
                 await probe.check()
@@ -152,7 +152,7 @@ class HealthWatch:
                     "a health probe ran out of time in a busy process",
                     dependency=probe.dependency,
                 )
-                return None
+                return probe.dependency not in self._outages.down()
             self._outages.failed(Unavailable(probe.dependency, "no answer to a health probe"))
             return False
         except Exception:
