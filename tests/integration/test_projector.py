@@ -33,6 +33,7 @@ from financing.application.errors import Unavailable
 from financing.application.ports import StoredEvent
 from financing.application.read_models import (
     EMPTY,
+    NOT_RECORDED,
     InvestorRow,
     InvoiceRow,
     IssuerRow,
@@ -353,8 +354,11 @@ class FailingReadModels(WrappedReadModels):
     attempts: int = 0
 
     async def apply(
-        self, batch: Sequence[tuple[str, DomainEvent]], digests: Mapping[str, str] = EMPTY
-    ) -> None:
+        self,
+        batch: Sequence[tuple[str, DomainEvent]],
+        digests: Mapping[str, str] = EMPTY,
+        recorded: Mapping[str, datetime] = NOT_RECORDED,
+    ) -> AbstractSet[str]:
         self.attempts += 1
         raise self.error()
 
@@ -389,10 +393,13 @@ class RecordingReadModels(WrappedReadModels):
     batches: list[int] = field(default_factory=list)
 
     async def apply(
-        self, batch: Sequence[tuple[str, DomainEvent]], digests: Mapping[str, str] = EMPTY
+        self,
+        batch: Sequence[tuple[str, DomainEvent]],
+        digests: Mapping[str, str] = EMPTY,
+        recorded: Mapping[str, datetime] = NOT_RECORDED,
     ) -> AbstractSet[str]:
         self.batches.append(len(batch))
-        return await self.inner.apply(batch, digests)
+        return await self.inner.apply(batch, digests, recorded)
 
 
 async def test_projector_behind_catches_up_in_batches_and_keeps_the_order(
@@ -449,7 +456,10 @@ class BuggyReadModels(WrappedReadModels):
     batches: list[list[str]] = field(default_factory=list)
 
     async def apply(
-        self, batch: Sequence[tuple[str, DomainEvent]], digests: Mapping[str, str] = EMPTY
+        self,
+        batch: Sequence[tuple[str, DomainEvent]],
+        digests: Mapping[str, str] = EMPTY,
+        recorded: Mapping[str, datetime] = NOT_RECORDED,
     ) -> AbstractSet[str]:
         message_ids = [message_id for message_id, _ in batch]
         self.batches.append(message_ids)
@@ -461,7 +471,7 @@ class BuggyReadModels(WrappedReadModels):
             await infra.wait_until(all_delivered, what="every event delivered")
         if self.bug_for in message_ids:
             raise TypeError(f"cannot project {self.bug_for}")
-        return await self.inner.apply(batch, digests)
+        return await self.inner.apply(batch, digests, recorded)
 
 
 async def test_an_event_whose_projection_has_a_bug_is_dead_lettered_and_the_rest_projected(

@@ -102,21 +102,18 @@ class ReadModelContract:
         wanted = [issuer[0], relayed[0], later[0], str(uuid4())]
         assert await store.digests(wanted) == {issuer[0]: "d-1", later[0]: "d-3"}
 
-    async def test_apply_records_when_it_projected_each_message(
+    async def test_apply_keeps_when_each_event_was_recorded_with_its_record(
         self, store: ReadModelStore
     ) -> None:
-        before = datetime.now(UTC) - timedelta(seconds=5)  # the database's clock may lag
+        at = datetime(2026, 12, 5, 10, 0, 0, 123456, tzinfo=UTC)
         first = (str(uuid4()), ev.IssuerCreatedEvent(uuid4()))
-        await store.apply([first])
-        second = (str(uuid4()), ev.IssuerCreatedEvent(uuid4()))
-        await store.apply([second, first])
-        after = datetime.now(UTC) + timedelta(seconds=5)
+        timeless = (str(uuid4()), ev.IssuerCreatedEvent(uuid4()))  # another relayer's
+        await store.apply([first, timeless], recorded={first[0]: at})
+        # A copy given another time changes nothing of what was kept.
+        await store.apply([first], recorded={first[0]: at + timedelta(seconds=1)})
 
-        wanted = [first[0], second[0], str(uuid4())]
-        projected = await store.projected_at(wanted)
-        assert sorted(projected) == sorted(wanted[:2])
-        assert all(before <= at <= after for at in projected.values()), projected
-        assert projected[first[0]] <= projected[second[0]]
+        wanted = [first[0], timeless[0], str(uuid4())]
+        assert await store.recorded_at(wanted) == {first[0]: at}
 
     async def test_the_events_applied_with_a_digest_are_kept_in_the_order_applied(
         self, store: ReadModelStore

@@ -187,6 +187,9 @@ async def test_relayed_events_seen_again_after_a_rebuild_change_nothing(
     read_models = PostgresReadModels(query_pool)
     await read_models.apply(relayed(events))
     assert await snapshot(read_models) == await expected(events)
+    # Each kept with when it was recorded, so that its copies are told as copies.
+    recorded = await read_models.recorded_at([event.message_id for event in events])
+    assert recorded == {event.message_id: event.recorded_at for event in events}
 
 
 async def test_rebuild_leaves_only_the_live_schema_behind(

@@ -397,3 +397,30 @@ async def test_the_tables_an_outage_check_requires_are_those_the_migration_creat
         assert f"{NEEDED_TABLES[name][0]} do not exist" in str(gone.value)
     finally:
         await pool.close()
+
+
+async def test_a_rebuild_under_way_when_the_queries_schema_gains_a_column_gets_it_too(
+    empty_database: Database,
+) -> None:
+    """A rebuild of the release before builds its schema with the function of then; the
+    migration that adds `processed_messages.recorded_at` adds it there too, or this
+    release's projector would fail on every batch once that schema is swapped in."""
+    pool = await create_pool(empty_database)
+    try:
+        before = [(version, sql) for version, sql in sections("queries") if version < 4]
+        await apply(pool, "queries", before)
+        await pool.execute("SELECT public.financing_create_read_models('read_models_rebuild')")
+        await migrate(pool, "queries")
+        await pool.execute("SELECT public.financing_create_read_models('read_models_later')")
+        having = await pool.fetch(
+            "SELECT table_schema FROM information_schema.columns"
+            " WHERE table_name = 'processed_messages' AND column_name = 'recorded_at'"
+            " ORDER BY table_schema"
+        )
+    finally:
+        await pool.close()
+    assert [row["table_schema"] for row in having] == [
+        "read_models",
+        "read_models_later",
+        "read_models_rebuild",
+    ]

@@ -22,6 +22,7 @@ from datetime import datetime
 from financing.application.pipeline import Decoded, Handler, HandlerPart, Outcome, OutcomeKind
 from financing.application.read_models import (
     EMPTY,
+    NOT_RECORDED,
     ForeignEvent,
     InvestorRow,
     InvoiceRow,
@@ -68,15 +69,18 @@ class WrappedReadModels:
     inner: ReadModelStore
 
     async def apply(
-        self, batch: Sequence[tuple[str, DomainEvent]], digests: Mapping[str, str] = EMPTY
+        self,
+        batch: Sequence[tuple[str, DomainEvent]],
+        digests: Mapping[str, str] = EMPTY,
+        recorded: Mapping[str, datetime] = NOT_RECORDED,
     ) -> AbstractSet[str]:
-        return await self.inner.apply(batch, digests)
+        return await self.inner.apply(batch, digests, recorded)
 
     async def digests(self, message_ids: Sequence[str]) -> Mapping[str, str]:
         return await self.inner.digests(message_ids)
 
-    async def projected_at(self, message_ids: Sequence[str]) -> Mapping[str, datetime]:
-        return await self.inner.projected_at(message_ids)
+    async def recorded_at(self, message_ids: Sequence[str]) -> Mapping[str, datetime]:
+        return await self.inner.recorded_at(message_ids)
 
     async def foreign_events(self, after: int = 0, limit: int = 1000) -> list[ForeignEvent]:
         return await self.inner.foreign_events(after, limit)
@@ -98,11 +102,14 @@ class Repeated(WrappedReadModels):
     times: int = 2
 
     async def apply(
-        self, batch: Sequence[tuple[str, DomainEvent]], digests: Mapping[str, str] = EMPTY
+        self,
+        batch: Sequence[tuple[str, DomainEvent]],
+        digests: Mapping[str, str] = EMPTY,
+        recorded: Mapping[str, datetime] = NOT_RECORDED,
     ) -> AbstractSet[str]:
-        fresh = await self.inner.apply(batch, digests)
+        fresh = await self.inner.apply(batch, digests, recorded)
         for _ in range(self.times - 1):
-            await self.inner.apply(batch, digests)
+            await self.inner.apply(batch, digests, recorded)
         return fresh
 
 

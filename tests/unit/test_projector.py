@@ -7,7 +7,7 @@ import time
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from uuid import UUID, uuid4
 
@@ -28,6 +28,7 @@ from financing.application.ports import (
 )
 from financing.application.read_models import (
     EMPTY,
+    NOT_RECORDED,
     ForeignEvent,
     InMemoryReadModels,
     InvestorRow,
@@ -36,7 +37,7 @@ from financing.application.read_models import (
 )
 from financing.application.retry import Backoff, Limit, Outages, RetryPolicy
 from financing.domain import events as ev
-from financing.workers.projector import CLOCKS_APART, Projector
+from financing.workers.projector import Projector
 from tests.support.deliveries import MemoryDelivery
 
 D = Decimal
@@ -51,7 +52,10 @@ class RecordingReadModels:
         self.batches: list[list[tuple[str, ev.DomainEvent]]] = []
 
     async def apply(
-        self, batch: Sequence[tuple[str, ev.DomainEvent]], digests: Mapping[str, str] = EMPTY
+        self,
+        batch: Sequence[tuple[str, ev.DomainEvent]],
+        digests: Mapping[str, str] = EMPTY,
+        recorded: Mapping[str, datetime] = NOT_RECORDED,
     ) -> AbstractSet[str]:
         self.batches.append(list(batch))
         return {message_id for message_id, _ in batch}
@@ -59,7 +63,7 @@ class RecordingReadModels:
     async def digests(self, message_ids: Sequence[str]) -> Mapping[str, str]:
         return {}
 
-    async def projected_at(self, message_ids: Sequence[str]) -> Mapping[str, datetime]:
+    async def recorded_at(self, message_ids: Sequence[str]) -> Mapping[str, datetime]:
         return {}
 
     async def foreign_events(self, after: int = 0, limit: int = 1000) -> list[ForeignEvent]:
@@ -319,32 +323,49 @@ async def test_a_different_foreign_event_reusing_a_projected_message_id_is_dead_
     assert [row.id for row in await read_models.issuers()] == [issuer]
 
 
-async def test_an_event_recorded_after_its_message_id_was_projected_is_dead_lettered() -> None:
-    """Regression: a command database restored from an older backup gave the stream
-    versions of the events it lost, and so their message ids, to new events; the
-    projector settled each as a copy of the lost one, and the read models drifted from
-    the store without a word. A copy was recorded before its id was first projected; an
-    event recorded later under that id (clocks a minute apart allowed) is another one."""
+async def test_an_event_recorded_at_another_time_under_a_projected_id_is_dead_lettered() -> None:
+    """Regression: a command database restored from an older backup (or failed over to a
+    standby that was behind) gave the stream versions of the events it lost, and so their
+    message ids, to new events; the projector settled each as a copy of the lost one,
+    and the read models drifted from the store without a word. A copy says when its
+    event was recorded as the one projected did; another event under the id says
+    another time, however close, and no clock is compared."""
     read_models = InMemoryReadModels()
     created = relayed(ev.InvestorCreatedEvent(INVESTOR), 1)
-    lost = relayed(added(), 2)  # recorded before it is projected now
+    lost = relayed(added(), 2)
     await Projector(read_models, Outages()).project([MemoryDelivery(created), MemoryDelivery(lost)])
-    projected = datetime.now(UTC)
-    skewed = relayed(added("7"), 2, recorded_at=projected + CLOCKS_APART / 2)
-    reused = relayed(added("3"), 2, recorded_at=projected + CLOCKS_APART * 2)
-    assert reused.message_id == lost.message_id == skewed.message_id
-    deliveries = [MemoryDelivery(envelope) for envelope in (lost, skewed, reused)]
+    reused = relayed(added("3"), 2, recorded_at=RELAYED_AT + timedelta(milliseconds=1))
+    assert reused.message_id == lost.message_id
+    # In one batch too: the first event of an id projected now tells the others.
+    fresh = relayed(added("5"), 3)
+    other = relayed(added("6"), 3, recorded_at=RELAYED_AT + timedelta(seconds=1))
+    batch = (lost, reused, fresh, fresh, other)
+    deliveries = [MemoryDelivery(envelope) for envelope in batch]
     await Projector(read_models, Outages()).project(deliveries)
 
     outcomes = [delivery.settled[0] for delivery in deliveries]
     assert [outcome.kind for outcome in outcomes] == [
         OutcomeKind.DUPLICATE,
+        OutcomeKind.DEAD_LETTERED,
+        OutcomeKind.PROCESSED,
         OutcomeKind.DUPLICATE,
         OutcomeKind.DEAD_LETTERED,
     ]
-    assert "after an event under this message id was projected" in outcomes[2].detail
-    assert "financing projections rebuild" in outcomes[2].detail
-    assert await read_models.investors() == [InvestorRow(INVESTOR, D(1000), D(0), D(0))]
+    assert "where the event projected under this message id was recorded at" in (outcomes[1].detail)
+    assert "financing projections rebuild" in outcomes[1].detail
+    assert await read_models.investors() == [InvestorRow(INVESTOR, D(1005), D(0), D(0))]
+
+
+async def test_an_id_recorded_without_its_time_tells_nothing_of_its_copies() -> None:
+    """Records of an earlier release keep no time: an event under such an id is settled
+    as a copy, as that release did."""
+    read_models = InMemoryReadModels()
+    lost = relayed(added(), 2)
+    await read_models.apply([(lost.message_id, added())])  # no time kept with it
+    reused = relayed(added("3"), 2, recorded_at=RELAYED_AT + timedelta(hours=1))
+    [delivery] = [MemoryDelivery(reused)]
+    await Projector(read_models, Outages()).project([delivery])
+    assert delivery.settled[0].kind is OutcomeKind.DUPLICATE
 
 
 class FlakyReadModels(InMemoryReadModels):
@@ -355,12 +376,15 @@ class FlakyReadModels(InMemoryReadModels):
         self.failures = failures
 
     async def apply(
-        self, batch: Sequence[tuple[str, ev.DomainEvent]], digests: Mapping[str, str] = EMPTY
+        self,
+        batch: Sequence[tuple[str, ev.DomainEvent]],
+        digests: Mapping[str, str] = EMPTY,
+        recorded: Mapping[str, datetime] = NOT_RECORDED,
     ) -> AbstractSet[str]:
         if self.failures:
             self.failures -= 1
             raise Unavailable("query database", "no answer in time")
-        return await super().apply(batch, digests)
+        return await super().apply(batch, digests, recorded)
 
 
 def sample(name: str, **labels: str) -> float:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
+from datetime import datetime
 from uuid import uuid4
 
 import pytest
@@ -15,7 +16,7 @@ from financing.adapters.postgres.rebuild import replay
 from financing.application.errors import Unavailable
 from financing.application.memory import InMemoryEventStore, following
 from financing.application.ports import StoredEvent
-from financing.application.read_models import EMPTY, InMemoryReadModels
+from financing.application.read_models import EMPTY, NOT_RECORDED, InMemoryReadModels
 from financing.domain.aggregates import Issuer
 from financing.domain.events import DomainEvent
 
@@ -65,14 +66,17 @@ class Recorded:
         self.cancelled = 0
 
     async def apply(
-        self, batch: Sequence[tuple[str, DomainEvent]], digests: Mapping[str, str] = EMPTY
+        self,
+        batch: Sequence[tuple[str, DomainEvent]],
+        digests: Mapping[str, str] = EMPTY,
+        recorded: Mapping[str, datetime] = NOT_RECORDED,
     ) -> AbstractSet[str]:
         self.applying += 1
         self.most_at_once = max(self.most_at_once, self.applying)
         try:
             self.batches.append([message_id for message_id, _ in batch])
             await self.applied(len(self.batches))
-            return await self.models.apply(batch, digests)
+            return await self.models.apply(batch, digests, recorded)
         except asyncio.CancelledError:
             self.cancelled += 1
             raise

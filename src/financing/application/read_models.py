@@ -30,7 +30,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from types import MappingProxyType
 from typing import Protocol, TypeVar
@@ -99,6 +99,8 @@ class IssuerRow:
 
 # No digests: the events of a batch are all of this service's store.
 EMPTY: Mapping[str, str] = MappingProxyType({})
+# No recording times: events of another relayer, or a replay that keeps none.
+NOT_RECORDED: Mapping[str, datetime] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -114,12 +116,17 @@ class ForeignEvent:
 
 class ReadModelStore(Protocol):
     async def apply(
-        self, batch: Sequence[tuple[str, DomainEvent]], digests: Mapping[str, str] = EMPTY
+        self,
+        batch: Sequence[tuple[str, DomainEvent]],
+        digests: Mapping[str, str] = EMPTY,
+        recorded: Mapping[str, datetime] = NOT_RECORDED,
     ) -> AbstractSet[str]:
         """Project (message id, event) pairs in order, all in one transaction; the
         message ids projected now. `digests` holds, by message id, the digest of each
         event of another relayer: such an event is kept (`foreign_events`), and a copy
-        of one kept is not projected again, however long ago it was.
+        of one kept is not projected again, however long ago it was. `recorded` holds,
+        by message id, when this service's event store recorded each of its events (the
+        relayer's `recorded_at`): kept with the id's record (`recorded_at`).
 
         A message id already applied, in an earlier batch or earlier in this
         one, changes nothing (and is not among those returned). Raises
@@ -131,9 +138,10 @@ class ReadModelStore(Protocol):
         """The digests of those of `message_ids` kept as events of another relayer."""
         ...
 
-    async def projected_at(self, message_ids: Sequence[str]) -> Mapping[str, datetime]:
-        """When each of `message_ids` still recorded as projected was projected (by the
-        storage's clock; records older than the retention may be gone)."""
+    async def recorded_at(self, message_ids: Sequence[str]) -> Mapping[str, datetime]:
+        """When the event store recorded the events of those of `message_ids` projected
+        with that time (`apply`'s `recorded`; none for another relayer's events, for
+        records of earlier releases, and for records pruned)."""
         ...
 
     async def foreign_events(self, after: int = 0, limit: int = 1000) -> list[ForeignEvent]:
@@ -220,18 +228,22 @@ class InMemoryReadModels:
         self._invoices: dict[UUID, _Invoice] = {}
         self._issuers: dict[UUID, IssuerRow] = {}
         self._remember = remember
-        self._processed: dict[str, datetime] = {}  # when each message id was applied
+        # Each message id applied, with when its event was recorded (`apply`'s `recorded`).
+        self._processed: dict[str, datetime | None] = {}
         self._foreign: dict[str, ForeignEvent] = {}  # by message id, in the order kept
 
     async def apply(
-        self, batch: Sequence[tuple[str, DomainEvent]], digests: Mapping[str, str] = EMPTY
+        self,
+        batch: Sequence[tuple[str, DomainEvent]],
+        digests: Mapping[str, str] = EMPTY,
+        recorded: Mapping[str, datetime] = NOT_RECORDED,
     ) -> AbstractSet[str]:
         fresh: set[str] = set()
         for message_id, event in batch:
             if message_id in self._processed:  # the events kept are among them
                 continue
             if self._remember:
-                self._processed[message_id] = datetime.now(UTC)
+                self._processed[message_id] = recorded.get(message_id)
                 if (digest := digests.get(message_id)) is not None:
                     position = len(self._foreign) + 1
                     self._foreign[message_id] = ForeignEvent(position, message_id, event, digest)
@@ -249,11 +261,11 @@ class InMemoryReadModels:
             if (kept := self._foreign.get(message_id)) is not None
         }
 
-    async def projected_at(self, message_ids: Sequence[str]) -> Mapping[str, datetime]:
+    async def recorded_at(self, message_ids: Sequence[str]) -> Mapping[str, datetime]:
         return {
-            message_id: self._processed[message_id]
+            message_id: at
             for message_id in message_ids
-            if message_id in self._processed
+            if (at := self._processed.get(message_id)) is not None
         }
 
     def _project(self, event: DomainEvent) -> None:

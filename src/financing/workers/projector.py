@@ -29,8 +29,7 @@ import time
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from types import MappingProxyType
+from datetime import UTC, datetime
 
 import structlog
 
@@ -51,7 +50,12 @@ from financing.application.pipeline import (
     retried,
 )
 from financing.application.ports import RECORDED_AT_HEADER
-from financing.application.read_models import EMPTY, PROJECTED_EVENTS, ReadModelStore
+from financing.application.read_models import (
+    EMPTY,
+    NOT_RECORDED,
+    PROJECTED_EVENTS,
+    ReadModelStore,
+)
 from financing.application.retry import (
     DELIVERIES,
     Abandoned,
@@ -66,12 +70,6 @@ from financing.logging import get_logger
 log = get_logger(__name__)
 
 BATCH_SIZE = 100
-# How far apart the clocks of the command and the query database servers may be: an
-# event of this service's store recorded later than this after an event under its
-# message id was projected is not a copy of that one (`_copy`).
-CLOCKS_APART = timedelta(minutes=1)
-# None of this service's events was projected before.
-NOT_PROJECTED: Mapping[str, datetime] = MappingProxyType({})
 
 
 class Projector:
@@ -131,13 +129,18 @@ class Projector:
         """The outcome of each event (by id of its Decoded)."""
         if not events:
             return {}
-        digests: dict[str, str] = {}  # the first of each message id, as recorded
+        # What the first event of each message id says of itself, as recorded with it.
+        digests: dict[str, str] = {}  # another relayer's
+        recorded: dict[str, datetime] = {}  # this service's store's
         for event in events:
             if (digest := _digest(event)) is not None:
                 digests.setdefault(event.envelope.message_id, digest)
+            elif (recorded_at := _recorded_at(event)) is not None:
+                recorded.setdefault(event.envelope.message_id, recorded_at)
+        said = _Recorded(digests, recorded)
         try:
             fresh, before = await retry(
-                lambda: self._projected(events, digests),
+                lambda: self._projected(events, said),
                 policy=self._policy,
                 outages=self._outages,
                 what="projecting a batch",
@@ -162,35 +165,35 @@ class Projector:
                 log.debug("event projected", **event.delivery.log_fields())
                 outcomes[id(event)] = Outcome.processed()
             else:
-                earlier = (
-                    _Recorded(digests, NOT_PROJECTED) if message_id in projected_now else before
-                )
-                outcomes[id(event)] = _copy(event, earlier)
+                outcomes[id(event)] = _copy(event, said if message_id in projected_now else before)
         return outcomes
 
     async def _projected(
-        self, events: Sequence[Decoded], digests: dict[str, str]
+        self, events: Sequence[Decoded], said: _Recorded
     ) -> tuple[AbstractSet[str], _Recorded]:
-        """Apply `events`: the message ids projected now, and what was recorded of the
-        others when they were projected before: the digests of another relayer's
-        (`foreign_digest`), the times of this service's."""
-        fresh = await self._read_models.apply([_pair(event) for event in events], digests)
-        copies = [message_id for message_id in digests if message_id not in fresh]
-        own = [
-            message_id
-            for event in events
-            if (message_id := event.envelope.message_id) not in fresh and message_id not in digests
-        ]
+        """Apply `events`, recording what `said` says of each: the message ids projected
+        now, and what was recorded of the others when they were projected before."""
+        fresh = await self._read_models.apply(
+            [_pair(event) for event in events], said.digests, said.recorded
+        )
+        foreign = [message_id for message_id in said.digests if message_id not in fresh]
+        own = [message_id for message_id in said.recorded if message_id not in fresh]
         return fresh, _Recorded(
-            await self._read_models.digests(copies) if copies else EMPTY,
-            await self._read_models.projected_at(own) if own else NOT_PROJECTED,
+            await self._read_models.digests(foreign) if foreign else EMPTY,
+            await self._read_models.recorded_at(own) if own else NOT_RECORDED,
         )
 
     async def _apply_one(self, event: Decoded) -> Outcome:
         async def apply(delivery: Delivery) -> Outcome:
-            digest = _digest(event)
-            digests = {} if digest is None else {event.envelope.message_id: digest}
-            fresh, before = await self._projected([event], digests)
+            message_id = event.envelope.message_id
+            digest, recorded_at = _digest(event), _recorded_at(event)
+            fresh, before = await self._projected(
+                [event],
+                _Recorded(
+                    {} if digest is None else {message_id: digest},
+                    {} if recorded_at is None else {message_id: recorded_at},
+                ),
+            )
             if fresh:
                 return Outcome.processed()
             return _copy(event, before)
@@ -209,17 +212,18 @@ class _Recorded:
     """What was recorded of the events a batch found projected before, by message id."""
 
     digests: Mapping[str, str]  # another relayer's events: what each said
-    projected_at: Mapping[str, datetime]  # this service's: when
+    recorded: Mapping[str, datetime]  # this service's store's: when each was recorded
 
 
 def _copy(event: Decoded, earlier: _Recorded) -> Outcome:
     """The outcome of an event whose message id was projected before: a copy is a
     duplicate; a different event that reuses the id is dead-lettered, not dropped
     unseen. Another relayer's event is told from a copy by its digest (docs/reliability.md,
-    defect 101); this service's by its recording time: a copy was recorded before its id
-    was first projected, while an event the store recorded later under the same id was
-    given it by an event store that lost the events it had relayed (restored from a
-    backup: defect 108)."""
+    defect 101); this service's by when its store recorded it: a copy says the time of
+    the event projected, while an event recorded at another time under the same id was
+    given it by an event store that lost the events it had relayed (restored from an
+    older backup, failed over to a standby that was behind: defect 108). An id recorded
+    without a time (by an earlier release) tells nothing: a duplicate."""
     envelope = event.envelope
     digest = _digest(event)
     if digest is not None:
@@ -231,17 +235,17 @@ def _copy(event: Decoded, earlier: _Recorded) -> Outcome:
             " different event under this message id; this one is not projected (its"
             " publisher must give it an id of its own)"
         )
-    projected_at = earlier.projected_at.get(envelope.message_id)
+    projected = earlier.recorded.get(envelope.message_id)
     recorded_at = _recorded_at(event)
-    if projected_at is None or recorded_at is None or recorded_at <= projected_at + CLOCKS_APART:
+    if projected is None or recorded_at is None or recorded_at == projected:
         return DUPLICATE
     return Outcome.dead_letter(
-        f"{envelope.name} {envelope.message_id}: recorded at {moment(recorded_at)}, after"
-        f" an event under this message id was projected (at {moment(projected_at)}):"
+        f"{envelope.name} {envelope.message_id}: recorded at {moment(recorded_at)}, where"
+        f" the event projected under this message id was recorded at {moment(projected)}:"
         " the event store no longer holds events it relayed (restored from an older"
-        " backup?) and gave their ids to new ones; the read models hold events the store"
-        " lost: rebuild them (`financing projections rebuild`, docs/deployment.md,"
-        ' "Restoring a database")'
+        " backup, failed over to a standby that was behind?) and gave their ids to new"
+        " ones; the read models hold events the store lost: rebuild them (`financing"
+        ' projections rebuild`, docs/deployment.md, "Restoring a database")'
     )
 
 

@@ -25,6 +25,7 @@ from financing.application.read_models import (
     ADVANCES_FROM,
     AVAILABLE,
     EMPTY,
+    NOT_RECORDED,
     ForeignEvent,
     InvestorRow,
     InvoiceRow,
@@ -75,14 +76,15 @@ class PostgresReadModels:
         self.schema = schema
         self._journal = journal
         s = quoted_schema(schema)
-        self._record_sql = (
-            f"INSERT INTO {s}.processed_messages (message_id) SELECT unnest($1::text[])"
-            " ON CONFLICT DO NOTHING RETURNING message_id"
+        # Each message id with when the event store recorded its event (NULL for another
+        # relayer's), `recorded`.
+        records = (
+            f"INSERT INTO {s}.processed_messages (message_id, recorded_at)"
+            " SELECT * FROM unnest($1::text[], $2::timestamptz[])"
         )
+        self._record_sql = f"{records} ON CONFLICT DO NOTHING RETURNING message_id"
         # Fails on the key when a message id was recorded before.
-        self._record_all_sql = (
-            f"INSERT INTO {s}.processed_messages (message_id) SELECT unnest($1::text[])"
-        )
+        self._record_all_sql = records
         # In the order projected (the batch's). Fails on the key when one was kept
         # before, as `_record_all_sql` does: the journal, never pruned, tells copies of
         # the events of another relayer after their records in processed_messages are.
@@ -100,9 +102,9 @@ class PostgresReadModels:
         self._digests_sql = (
             "SELECT message_id, digest FROM foreign_events WHERE message_id = ANY($1::text[])"
         )
-        self._projected_at_sql = (
-            f"SELECT message_id, processed_at FROM {s}.processed_messages"
-            " WHERE message_id = ANY($1::text[])"
+        self._recorded_at_sql = (
+            f"SELECT message_id, recorded_at FROM {s}.processed_messages"
+            " WHERE message_id = ANY($1::text[]) AND recorded_at IS NOT NULL"
         )
         # Statements of _at_once, by the projecting statements they combine.
         self._combined: dict[tuple[str, ...], str] = {}
@@ -170,11 +172,15 @@ class PostgresReadModels:
         )
 
     async def apply(
-        self, batch: Sequence[tuple[str, DomainEvent]], digests: Mapping[str, str] = EMPTY
+        self,
+        batch: Sequence[tuple[str, DomainEvent]],
+        digests: Mapping[str, str] = EMPTY,
+        recorded: Mapping[str, datetime] = NOT_RECORDED,
     ) -> AbstractSet[str]:
         if not batch:
             return frozenset()
         message_ids = list(dict.fromkeys(message_id for message_id, _ in batch))
+        times = [recorded.get(message_id) for message_id in message_ids]
         if not self._journal:
             digests = EMPTY
         changes = _Changes.of(batch, set(message_ids))
@@ -184,7 +190,7 @@ class PostgresReadModels:
                 # statement records them all and projects the batch, one round trip.
                 try:
                     journal = _journal(batch, digests, message_ids)
-                    await conn.execute(*self._at_once(message_ids, changes, journal))
+                    await conn.execute(*self._at_once(message_ids, times, changes, journal))
                     return frozenset(message_ids)
                 except asyncpg.UniqueViolationError as error:
                     if error.constraint_name not in _COPIES:
@@ -195,7 +201,8 @@ class PostgresReadModels:
                 # A concurrent writer of the same ids waits here until this
                 # transaction ends, then skips them.
                 fresh = frozenset(
-                    row["message_id"] for row in await conn.fetch(self._record_sql, message_ids)
+                    row["message_id"]
+                    for row in await conn.fetch(self._record_sql, message_ids, times)
                 )
                 if kept := [m for m in fresh if m in digests]:
                     # Copies of events of another relayer whose records were pruned.
@@ -222,19 +229,23 @@ class PostgresReadModels:
             yield self._project_invoices_sql, _columns(rows)
 
     def _at_once(
-        self, message_ids: list[str], changes: _Changes, journal: list[list[Any]] | None
+        self,
+        message_ids: list[str],
+        times: list[datetime | None],
+        changes: _Changes,
+        journal: list[list[Any]] | None,
     ) -> tuple[Any, ...]:
-        """One statement (with its arguments) that records `message_ids` and projects
-        `changes` (at most one round): each part a data-modifying WITH query of its own
-        table, its parameters numbered after those before it."""
+        """One statement (with its arguments) that records `message_ids` (with `times`)
+        and projects `changes` (at most one round): each part a data-modifying WITH query
+        of its own table, its parameters numbered after those before it."""
         statements = list(self._statements(changes, journal))
-        args: list[Any] = [message_ids]
+        args: list[Any] = [message_ids, times]
         for _, columns in statements:
             args.extend(columns)
         key = tuple(sql for sql, _ in statements)
         combined = self._combined.get(key)
         if combined is None:
-            parts, count = [self._record_all_sql], 1
+            parts, count = [self._record_all_sql], 2
             for sql, columns in statements:
                 parts.append(_renumbered(sql, count))
                 count += len(columns)
@@ -246,9 +257,9 @@ class PostgresReadModels:
         rows = await self._fetch(self._digests_sql, list(message_ids))
         return {row["message_id"]: row["digest"] for row in rows}
 
-    async def projected_at(self, message_ids: Sequence[str]) -> Mapping[str, datetime]:
-        rows = await self._fetch(self._projected_at_sql, list(message_ids))
-        return {row["message_id"]: row["processed_at"] for row in rows}
+    async def recorded_at(self, message_ids: Sequence[str]) -> Mapping[str, datetime]:
+        rows = await self._fetch(self._recorded_at_sql, list(message_ids))
+        return {row["message_id"]: row["recorded_at"] for row in rows}
 
     async def foreign_events(self, after: int = 0, limit: int = 1000) -> list[ForeignEvent]:
         rows = await self._fetch(self._foreign_sql, after, limit)

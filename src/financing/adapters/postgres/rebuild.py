@@ -28,6 +28,7 @@ import contextlib
 import uuid
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from datetime import datetime
 
 import asyncpg
 
@@ -178,23 +179,26 @@ async def replay(
     count = 0
     last = after
     batch: list[tuple[str, DomainEvent]] = []
+    recorded: dict[str, datetime] = {}  # when each was recorded, kept with its record
     applying: asyncio.Task[AbstractSet[str]] | None = None
     try:
         async for stored in store.read_all(batch_size, after):
             last = stored
             batch.append((stored.message_id, stored.event))
+            if stored.recorded_at is not None:
+                recorded[stored.message_id] = stored.recorded_at
             if len(batch) % TURN == 0 and applying is not None:
                 await asyncio.sleep(0)
             if len(batch) >= batch_size:
                 if applying is not None:
                     await applying
-                applying = asyncio.create_task(target.apply(batch))
+                applying = asyncio.create_task(target.apply(batch, recorded=recorded))
                 count += len(batch)
-                batch = []
+                batch, recorded = [], {}
         if applying is not None:
             await applying
         if batch:
-            await target.apply(batch)
+            await target.apply(batch, recorded=recorded)
             count += len(batch)
     finally:
         if applying is not None:

@@ -98,3 +98,45 @@ CREATE TABLE IF NOT EXISTS foreign_events (
     digest       text        NOT NULL,
     projected_at timestamptz NOT NULL DEFAULT now()
 );
+
+-- version: 4
+
+-- When the event store recorded each event of this service's store that the
+-- projector projected (the relayer's `recorded_at`), kept with its record: a
+-- copy says the same time, while a different event that a store which lost
+-- events (restored from an older backup, failed over to a standby that was
+-- behind) gave the same message id says another. No clock is compared. NULL for
+-- another relayer's events (their digests tell) and in the records of earlier
+-- releases. Tables made by the function of version 2 and still without the
+-- column (the live schema, a rebuild's under way) are given it here.
+ALTER FUNCTION public.financing_create_read_models(text) RENAME TO financing_create_read_models_2;
+
+CREATE FUNCTION public.financing_create_read_models(target text)
+RETURNS void
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    PERFORM public.financing_create_read_models_2(target);
+    EXECUTE format(
+        'ALTER TABLE %I.processed_messages ADD COLUMN IF NOT EXISTS recorded_at timestamptz',
+        target);
+END
+$fn$;
+
+DO $do$
+DECLARE
+    made record;
+BEGIN
+    FOR made IN
+        SELECT table_schema FROM information_schema.tables
+        WHERE table_name = 'processed_messages'
+          AND EXISTS (SELECT FROM information_schema.tables AS investors
+                      WHERE investors.table_schema = tables.table_schema
+                        AND investors.table_name = 'investors')
+    LOOP
+        EXECUTE format(
+            'ALTER TABLE %I.processed_messages ADD COLUMN IF NOT EXISTS recorded_at timestamptz',
+            made.table_schema);
+    END LOOP;
+END
+$do$;
