@@ -424,3 +424,34 @@ async def test_a_rebuild_under_way_when_the_queries_schema_gains_a_column_gets_i
         "read_models_later",
         "read_models_rebuild",
     ]
+
+
+async def test_tables_out_of_a_search_path_set_back_are_found_again(
+    empty_database: Database,
+) -> None:
+    """Regression: a `search_path` set on the database and set back left pooled sessions
+    that started under it: they found the tables missing, and kept the query database
+    down (113 s) until they were terminated by hand."""
+    name = empty_database.connect_kwargs["database"]
+    pool = await create_pool(empty_database, min_size=2)
+    try:
+        await migrate(pool, "queries")
+        await infra.alter_database(name, "SET search_path = 'nowhere'")
+        await infra.terminate_sessions(empty_database)  # they start again under it
+
+        async def missing() -> bool:
+            try:
+                await require_tables(pool, "queries")
+            except Unavailable:
+                return True
+            return False
+
+        await infra.wait_until(missing, what="the tables out of the sessions' search_path")
+        await infra.alter_database(name, "RESET ALL")
+
+        async def found() -> bool:
+            return not await missing()
+
+        await infra.wait_until(found, what="the tables found once the setting is gone")
+    finally:
+        await pool.close()

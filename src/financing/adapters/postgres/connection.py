@@ -209,7 +209,7 @@ class acquired:
                     # server to acknowledge the statement's cancellation.
                     self._conn.terminate()
                 elif getattr(error, "sqlstate", None) in _SESSION_STATES:
-                    _drop_stale(self._conn)
+                    drop_stale(self._conn)
                 _translate(error, self._dependency)
         finally:
             with translated(self._dependency):
@@ -244,7 +244,7 @@ async def writable(pool: asyncpg.Pool, dependency: str) -> None:
     async with acquired(pool, dependency) as conn:
         read_only = await conn.fetchval("SELECT current_setting('transaction_read_only')")
         if read_only != "off":
-            _drop_stale(conn)
+            drop_stale(conn)
     if read_only != "off":
         raise Unavailable(dependency, "the server takes no writes (read-only)")
 
@@ -255,11 +255,12 @@ async def writable(pool: asyncpg.Pool, dependency: str) -> None:
 _SESSION_STATES = frozenset({"25006", "57014", "55P03", "42P01"})
 
 
-def _drop_stale(conn: Connection) -> None:
-    """Drop a session the server refuses for a state that may be its own
-    (_SESSION_STATES): a session keeps the settings it started with, so a pooled one
-    kept the service down after the operator had set them back. The next attempt opens
-    a session with the settings of then."""
+def drop_stale(conn: Connection) -> None:
+    """Drop a session the server refuses, or that finds the database otherwise, for a
+    state that may be its own (_SESSION_STATES; tables out of its `search_path`): a
+    session keeps the settings it started with, so a pooled one kept the service down
+    after the operator had set them back. The next attempt opens a session with the
+    settings of then."""
     with contextlib.suppress(asyncpg.InterfaceError):  # already given back, closed
         conn.terminate()
 

@@ -30,6 +30,7 @@ from financing.adapters.postgres.connection import (
     Connection,
     acquired,
     advisory_lock_holder,
+    drop_stale,
 )
 from financing.adapters.postgres.read_models import DEFAULT_SCHEMA
 from financing.application.errors import Refused, Unavailable
@@ -116,11 +117,14 @@ async def require_tables(pool: asyncpg.Pool, name: str) -> None:
     database = DATABASES[name]
     async with acquired(pool, database) as conn:
         absent = await conn.fetchval(_ABSENT, list(NEEDED_TABLES[name]))
+        if absent:
+            drop_stale(conn)  # its search_path may be the setting of another time
     if absent:
         raise Unavailable(
             database,
-            f"its table(s) {', '.join(absent)} do not exist (the database was dropped and"
-            f" created again, or restored without them): {_BRINGS_THEM_BACK[name]}",
+            f"its table(s) {', '.join(absent)} do not exist, or not in its sessions'"
+            " search_path (the database was dropped and created again, or restored"
+            f" without them): {_BRINGS_THEM_BACK[name]}",
         )
 
 
