@@ -262,7 +262,7 @@ async def test_a_command_not_confirmed_in_time_is_answered_unavailable_maybe_que
             await CommandsStub(channel).approve_financing(ApproveFinancingCommand(invoice_id=_id()))
     assert error.value.status is Status.UNAVAILABLE
     assert error.value.message == (
-        "ApproveFinancing not confirmed by the broker within 0.3 s: it may have been queued"
+        "ApproveFinancing not confirmed within 0.3 s: it may have been queued"
         " (a retry without an idempotency-key may apply it twice)"
     )
 

@@ -247,7 +247,7 @@ class CommandsService(CommandsBase):
             )
             raise GRPCError(
                 Status.UNAVAILABLE,
-                f"{command.name()} not confirmed by the broker within {self._budget:g} s:"
+                f"{command.name()} not confirmed within {self._budget:g} s:"
                 f" it may have been queued ({retry_is})",
             ) from None
         except GaveUp as gave_up:

@@ -10,15 +10,17 @@ publisher's declarations), `Queries` while the read-model database answers.
 shows as NOT_SERVING within a couple of seconds and SERVING again once it is
 back, with or without traffic; the probes report to the outage log too, so an
 outage is also logged as over when nobody was using the dependency. A probe
-that runs out of time while the process is too busy to read an answer (a turn
-of its event loop takes BUSY_TURN or more) learns nothing: its dependency is
-then as the operations that use it say (an outage they met, not yet over).
+that runs out of time while the process is too busy to read an answer (it ran
+for BUSY_SHARE of the probe's time, or a turn of its event loop takes
+BUSY_TURN) learns nothing: its dependency is then as the operations that use
+it say (an outage they met, not yet over).
 While the service drains at shutdown every side is NOT_SERVING.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,10 +36,13 @@ log = get_logger(__name__)
 
 PROBE_INTERVAL = 1.0
 PROBE_TIMEOUT = 2.0
-# How long one turn of the event loop may take before a probe that ran out of time says
-# nothing of its dependency: the process was too busy to read the answer (a storm of
-# calls on two cores made a broker and a database that answered everyone else look down
-# for up to 104 s, `/health` 503 and the dependency gauges at 0).
+# A probe that ran out of time says nothing of its dependency when the process was too
+# busy to read the answer: it ran on the CPU for BUSY_SHARE of the probe's time or more
+# (a storm of calls on two cores made a broker and a database that answered everyone
+# else look down for up to 104 s, `/health` 503 and the dependency gauges at 0; each
+# turn of the loop was short, the probe's round trips many), or a turn of its event loop
+# takes BUSY_TURN or more (starved of the CPU by other processes).
+BUSY_SHARE = 0.5
 BUSY_TURN = 0.1
 # At shutdown, how long clients watching the health get to receive NOT_SERVING
 # before the listeners close.
@@ -140,6 +145,8 @@ class HealthWatch:
         itself was too busy to read an answer learns nothing: the dependency counts as
         what the operations that use it say (down while one of them failed on it, each
         within its own deadline, and no later one succeeded)."""
+        loop = asyncio.get_running_loop()
+        began, ran = loop.time(), time.process_time()
         try:
             async with asyncio.timeout(self._timeout):
                 await probe.check()
@@ -147,10 +154,12 @@ class HealthWatch:
             self._outages.failed(error)
             return False
         except TimeoutError:
-            if await _busy():
+            share = (time.process_time() - ran) / max(loop.time() - began, 1e-3)
+            if share >= BUSY_SHARE or await _busy():
                 log.debug(
                     "a health probe ran out of time in a busy process",
                     dependency=probe.dependency,
+                    cpu_share=round(share, 2),
                 )
                 return probe.dependency not in self._outages.down()
             self._outages.failed(Unavailable(probe.dependency, "no answer to a health probe"))
@@ -163,7 +172,8 @@ class HealthWatch:
 
 
 async def _busy() -> bool:
-    """Whether a turn of the event loop takes BUSY_TURN or more now."""
+    """Whether a turn of the event loop takes BUSY_TURN or more now (the process starved
+    of the CPU by others)."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     await asyncio.sleep(0)
