@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 from structlog.testing import capture_logs
 
 from financing.application.errors import Unavailable
 from financing.application.retry import Outages
-from financing.entrypoints.grpc.health import BUSY_TURN, HealthWatch, Probe, Readiness
+from financing.entrypoints.grpc.health import BUSY_EXCUSES, BUSY_TURN, HealthWatch, Probe, Readiness
 
 
 class Dependency:
@@ -87,6 +89,26 @@ async def test_watchers_are_told_of_every_change() -> None:
     await readiness.__unsubscribe__(watcher)
 
 
+@contextlib.asynccontextmanager
+async def busy(turn: float) -> AsyncIterator[None]:
+    """The event loop kept busy by the work of other calls: every turn takes `turn` of
+    the CPU, until the block ends."""
+
+    async def work() -> None:
+        while True:
+            end = time.monotonic() + turn
+            while time.monotonic() < end:
+                pass
+            await asyncio.sleep(0)
+
+    hog = asyncio.create_task(work())
+    try:
+        yield
+    finally:
+        hog.cancel()
+        await asyncio.gather(hog, return_exceptions=True)
+
+
 @pytest.mark.parametrize(
     "turn",
     [BUSY_TURN * 1.5, BUSY_TURN / 10],
@@ -104,13 +126,6 @@ async def test_a_probe_out_of_time_in_a_busy_process_says_nothing_of_its_depende
     async def slow_to_read() -> None:
         await answering.wait()  # the answer is there; the process never reads it in time
 
-    async def busy(turn: float) -> None:
-        while True:  # the work of other calls: every turn of the loop takes `turn`
-            end = time.monotonic() + turn
-            while time.monotonic() < end:
-                pass
-            await asyncio.sleep(0)
-
     outages = Outages()
     watch = HealthWatch(outages, timeout=0.05)
     commands = Readiness("Commands")
@@ -119,27 +134,40 @@ async def test_a_probe_out_of_time_in_a_busy_process_says_nothing_of_its_depende
     await watch.probe_once()
     assert commands.serving
     answering.clear()
-    hog = asyncio.create_task(busy(turn))
-    try:
+    async with busy(turn):
         with capture_logs() as logs:
             await watch.probe_once()
-    finally:
-        hog.cancel()
-        await asyncio.gather(hog, return_exceptions=True)
     assert commands.serving  # nothing learnt: the broker is as its users say
     assert not outages.down()
     assert [log["event"] for log in logs if log["log_level"] != "debug"] == []
 
     outages.failed(Unavailable("broker", "a publish not confirmed"))  # its users say
-    hog = asyncio.create_task(busy(turn))
-    try:
+    async with busy(turn):
         await watch.probe_once()
-    finally:
-        hog.cancel()
-        await asyncio.gather(hog, return_exceptions=True)
     assert not commands.serving  # a real outage is not hidden by a busy process
     outages.succeeded("broker")
 
     await watch.probe_once()  # the process idle again: the probe's silence is the broker's
     assert not commands.serving
     assert outages.down()
+
+
+async def test_a_busy_process_excuses_a_silent_dependency_only_a_few_probes_in_a_row() -> None:
+    """A broker that stops answering while the process stays busy, and that no operation
+    reports (a Commands API's publishes only time out), is not hidden for long."""
+
+    async def silent() -> None:
+        await asyncio.Event().wait()
+
+    outages = Outages()
+    watch = HealthWatch(outages, timeout=0.05)
+    commands = Readiness("Commands")
+    commands.set(True)
+    watch.watch(commands, [Probe("broker", silent)])
+    async with busy(BUSY_TURN / 10):
+        for _ in range(BUSY_EXCUSES):
+            await watch.probe_once()
+            assert commands.serving and not outages.down()
+        await watch.probe_once()
+    assert not commands.serving
+    assert outages.down() == {"broker"}

@@ -408,3 +408,15 @@ async def test_a_batch_tried_again_counts_a_retry_of_each_delivery_and_its_whole
     assert [delivery.settled[0].kind for delivery in deliveries] == [OutcomeKind.PROCESSED] * 2
     assert sample("financing_messages_total", queue=source, outcome="retried") == 6
     assert sample("financing_message_handling_seconds_sum", queue=source) >= 60
+
+
+async def test_the_time_kept_with_an_id_is_its_first_events_not_a_later_copys() -> None:
+    """The first event of an id in a batch is the one projected: when its recording time
+    cannot be read, none is kept, not that of a copy after it in the batch."""
+    read_models = InMemoryReadModels()
+    timed = relayed(added(), 2)
+    untimed = replace(timed, headers={k: v for k, v in timed.headers.items() if k != "recorded_at"})
+    await Projector(read_models, Outages()).project(
+        [MemoryDelivery(untimed), MemoryDelivery(timed)]
+    )
+    assert await read_models.recorded_at([timed.message_id]) == {}

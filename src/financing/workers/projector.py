@@ -132,11 +132,16 @@ class Projector:
         # What the first event of each message id says of itself, as recorded with it.
         digests: dict[str, str] = {}  # another relayer's
         recorded: dict[str, datetime] = {}  # this service's store's
+        first: set[str] = set()
         for event in events:
+            message_id = event.envelope.message_id
+            if message_id in first:
+                continue
+            first.add(message_id)
             if (digest := _digest(event)) is not None:
-                digests.setdefault(event.envelope.message_id, digest)
+                digests[message_id] = digest
             elif (recorded_at := _recorded_at(event)) is not None:
-                recorded.setdefault(event.envelope.message_id, recorded_at)
+                recorded[message_id] = recorded_at
         said = _Recorded(digests, recorded)
         try:
             fresh, before = await retry(

@@ -13,7 +13,7 @@ outage is also logged as over when nobody was using the dependency. A probe
 that runs out of time while the process is too busy to read an answer (it ran
 for BUSY_SHARE of the probe's time, or a turn of its event loop takes
 BUSY_TURN) learns nothing: its dependency is then as the operations that use
-it say (an outage they met, not yet over).
+it say (an outage they met, not yet over), BUSY_EXCUSES times in a row at most.
 While the service drains at shutdown every side is NOT_SERVING.
 """
 
@@ -44,6 +44,10 @@ PROBE_TIMEOUT = 2.0
 # takes BUSY_TURN or more (starved of the CPU by other processes).
 BUSY_SHARE = 0.5
 BUSY_TURN = 0.1
+# So many probes of a dependency in a row excused by a busy process, and the next one
+# out of time counts as the dependency's failure: an outage that no operation reports
+# (a broker that stops confirming while the process stays busy) is not hidden for long.
+BUSY_EXCUSES = 3
 # At shutdown, how long clients watching the health get to receive NOT_SERVING
 # before the listeners close.
 WATCHERS_GRACE = 0.25
@@ -117,6 +121,7 @@ class HealthWatch:
         self._timeout = timeout
         self._watched: list[_Watched] = []
         self._draining = False
+        self._excused: dict[str, int] = {}  # busy timeouts in a row, by dependency
 
     def watch(self, readiness: Readiness, probes: Sequence[Probe]) -> None:
         self._watched.append(_Watched(readiness, probes))
@@ -151,22 +156,27 @@ class HealthWatch:
             async with asyncio.timeout(self._timeout):
                 await probe.check()
         except Unavailable as error:
+            self._excused.pop(probe.dependency, None)
             self._outages.failed(error)
             return False
         except TimeoutError:
             share = (time.process_time() - ran) / max(loop.time() - began, 1e-3)
-            if share >= BUSY_SHARE or await _busy():
+            excused = self._excused.get(probe.dependency, 0)
+            if excused < BUSY_EXCUSES and (share >= BUSY_SHARE or await _busy()):
+                self._excused[probe.dependency] = excused + 1
                 log.debug(
                     "a health probe ran out of time in a busy process",
                     dependency=probe.dependency,
                     cpu_share=round(share, 2),
                 )
                 return probe.dependency not in self._outages.down()
+            self._excused.pop(probe.dependency, None)
             self._outages.failed(Unavailable(probe.dependency, "no answer to a health probe"))
             return False
         except Exception:
             log.exception("a health probe failed with a bug", dependency=probe.dependency)
             return False
+        self._excused.pop(probe.dependency, None)
         self._outages.succeeded(probe.dependency, checked=True)
         return True
 

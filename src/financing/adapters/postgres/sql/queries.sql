@@ -108,7 +108,11 @@ CREATE TABLE IF NOT EXISTS foreign_events (
 -- behind) gave the same message id says another. No clock is compared. NULL for
 -- another relayer's events (their digests tell) and in the records of earlier
 -- releases. Tables made by the function of version 2 and still without the
--- column (the live schema, a rebuild's under way) are given it here.
+-- column (the live schema, then a rebuild's under way, in the order a rebuild's
+-- swap locks them) are given it here; waiting 5 s at most for each lock, so
+-- that start-up tries again rather than queue behind a long holder.
+SET LOCAL lock_timeout = '5s';
+
 ALTER FUNCTION public.financing_create_read_models(text) RENAME TO financing_create_read_models_2;
 
 CREATE FUNCTION public.financing_create_read_models(target text)
@@ -129,13 +133,15 @@ DECLARE
 BEGIN
     FOR made IN
         SELECT table_schema FROM information_schema.tables
-        WHERE table_name = 'processed_messages'
-          AND EXISTS (SELECT FROM information_schema.tables AS investors
-                      WHERE investors.table_schema = tables.table_schema
-                        AND investors.table_name = 'investors')
+        WHERE table_name = 'processed_messages' AND table_type = 'BASE TABLE'
+          AND (table_schema = 'read_models'
+               OR starts_with(table_schema, 'read_models_rebuild_'))
+        ORDER BY table_schema <> 'read_models', table_schema
     LOOP
+        -- IF EXISTS: a rebuild may have swapped or dropped its schema meanwhile.
         EXECUTE format(
-            'ALTER TABLE %I.processed_messages ADD COLUMN IF NOT EXISTS recorded_at timestamptz',
+            'ALTER TABLE IF EXISTS %I.processed_messages'
+            ' ADD COLUMN IF NOT EXISTS recorded_at timestamptz',
             made.table_schema);
     END LOOP;
 END
