@@ -409,7 +409,8 @@ async def test_a_rebuild_under_way_when_the_queries_schema_gains_a_column_gets_i
     try:
         before = [(version, sql) for version, sql in sections("queries") if version < 4]
         await apply(pool, "queries", before)
-        await pool.execute("SELECT public.financing_create_read_models('read_models_rebuild')")
+        for schema in ("read_models_rebuild_0123", "elsewhere"):  # tables alike, another's
+            await pool.execute("SELECT public.financing_create_read_models($1)", schema)
         await migrate(pool, "queries")
         await pool.execute("SELECT public.financing_create_read_models('read_models_later')")
         having = await pool.fetch(
@@ -422,7 +423,7 @@ async def test_a_rebuild_under_way_when_the_queries_schema_gains_a_column_gets_i
     assert [row["table_schema"] for row in having] == [
         "read_models",
         "read_models_later",
-        "read_models_rebuild",
+        "read_models_rebuild_0123",
     ]
 
 
