@@ -94,19 +94,20 @@ async def busy(turn: float) -> AsyncIterator[None]:
     """The event loop kept busy by the work of other calls: every turn takes `turn` of
     the CPU, until the block ends."""
 
-    async def work() -> None:
-        while True:
-            end = time.monotonic() + turn
-            while time.monotonic() < end:
-                pass
-            await asyncio.sleep(0)
+    loop = asyncio.get_running_loop()
 
-    hog = asyncio.create_task(work())
+    def work() -> None:  # a callback of each turn, scheduled again for the next
+        nonlocal handle
+        end = time.monotonic() + turn
+        while time.monotonic() < end:
+            pass
+        handle = loop.call_soon(work)
+
+    handle = loop.call_soon(work)
     try:
         yield
     finally:
-        hog.cancel()
-        await asyncio.gather(hog, return_exceptions=True)
+        handle.cancel()
 
 
 @pytest.mark.parametrize(
