@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
-from collections.abc import AsyncIterator
 
 import pytest
 from structlog.testing import capture_logs
@@ -13,6 +10,7 @@ from structlog.testing import capture_logs
 from financing.application.errors import Unavailable
 from financing.application.retry import Outages
 from financing.entrypoints.grpc.health import BUSY_EXCUSES, BUSY_TURN, HealthWatch, Probe, Readiness
+from tests.support.busy import busy
 
 
 class Dependency:
@@ -87,27 +85,6 @@ async def test_watchers_are_told_of_every_change() -> None:
     readiness.set(False)
     assert watcher.is_set()
     await readiness.__unsubscribe__(watcher)
-
-
-@contextlib.asynccontextmanager
-async def busy(turn: float) -> AsyncIterator[None]:
-    """The event loop kept busy by the work of other calls: every turn takes `turn` of
-    the CPU, until the block ends."""
-
-    loop = asyncio.get_running_loop()
-
-    def work() -> None:  # a callback of each turn, scheduled again for the next
-        nonlocal handle
-        end = time.monotonic() + turn
-        while time.monotonic() < end:
-            pass
-        handle = loop.call_soon(work)
-
-    handle = loop.call_soon(work)
-    try:
-        yield
-    finally:
-        handle.cancel()
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,8 @@
 
 Every publish is bounded by `confirm_timeout`, so a caller (a gRPC request,
 a consumer dead-lettering a message) fails fast while the broker is down
-instead of waiting for it to come back. The publisher's channel is its own:
+instead of waiting for it to come back; once more when the process was too busy
+to read the confirm in time (`financing.cpu.patient_timeout`). The publisher's channel is its own:
 when the broker closes it (the connection dropped, permissions were revoked
 for a moment), the next publish opens a new one.
 """
@@ -41,6 +42,7 @@ from financing.application import codec
 from financing.application.errors import Unavailable
 from financing.application.messages import Command
 from financing.application.ports import Cause, Envelope
+from financing.cpu import patient_timeout
 from financing.logging import get_logger
 
 log = get_logger(__name__)
@@ -274,7 +276,7 @@ class Publisher:
         `via` an exchange, under the queue's name as the routing key."""
         channel, events = await self._opened(what)
         try:
-            async with asyncio.timeout(self._confirm_timeout):
+            async with patient_timeout(self._confirm_timeout):
                 sending = [
                     (via or (channel.default_exchange if queue else events)).publish(
                         to_amqp(message) if isinstance(message, Envelope) else message,

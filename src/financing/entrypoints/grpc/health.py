@@ -10,17 +10,17 @@ publisher's declarations), `Queries` while the read-model database answers.
 shows as NOT_SERVING within a couple of seconds and SERVING again once it is
 back, with or without traffic; the probes report to the outage log too, so an
 outage is also logged as over when nobody was using the dependency. A probe
-that runs out of time while the process is too busy to read an answer (it ran
-for BUSY_SHARE of the probe's time, or a turn of its event loop takes
-BUSY_TURN) learns nothing: its dependency is then as the operations that use
-it say (an outage they met, not yet over), BUSY_EXCUSES times in a row at most.
+that runs out of time while the process is too busy to read an answer (its event
+loop's thread ran, or waited for a core, for BUSY_SHARE of the probe's time, or a
+turn of its event loop takes BUSY_TURN) learns nothing: its dependency is then as
+the operations that use it say (an outage they met, not yet over), BUSY_EXCUSES
+times in a row at most.
 While the service drains at shutdown every side is NOT_SERVING.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +30,7 @@ from grpclib.health.service import Health
 
 from financing.application.errors import Unavailable
 from financing.application.retry import Outages
+from financing.cpu import BUSY_SHARE, Since
 from financing.logging import get_logger
 
 log = get_logger(__name__)
@@ -37,12 +38,12 @@ log = get_logger(__name__)
 PROBE_INTERVAL = 1.0
 PROBE_TIMEOUT = 2.0
 # A probe that ran out of time says nothing of its dependency when the process was too
-# busy to read the answer: it ran on the CPU for BUSY_SHARE of the probe's time or more
-# (a storm of calls on two cores made a broker and a database that answered everyone
-# else look down for up to 104 s, `/health` 503 and the dependency gauges at 0; each
-# turn of the loop was short, the probe's round trips many), or a turn of its event loop
-# takes BUSY_TURN or more (starved of the CPU by other processes).
-BUSY_SHARE = 0.5
+# busy to read the answer: its event loop's thread ran on a core, or waited runnable for
+# one, for BUSY_SHARE of the probe's time or more (a storm of calls on two cores made a
+# broker and a database that answered everyone else look down for up to 104 s, `/health`
+# 503 and the dependency gauges at 0; each turn of the loop was short, the probe's round
+# trips many; other processes on the host took the cores from the thread as well), or a
+# turn of its event loop takes BUSY_TURN or more.
 BUSY_TURN = 0.1
 # So many probes of a dependency in a row excused by a busy process, and the next one
 # out of time counts as the dependency's failure: an outage that no operation reports
@@ -150,8 +151,7 @@ class HealthWatch:
         itself was too busy to read an answer learns nothing: the dependency counts as
         what the operations that use it say (down while one of them failed on it, each
         within its own deadline, and no later one succeeded)."""
-        loop = asyncio.get_running_loop()
-        began, ran = loop.time(), time.process_time()
+        since = Since()
         try:
             async with asyncio.timeout(self._timeout):
                 await probe.check()
@@ -160,7 +160,7 @@ class HealthWatch:
             self._outages.failed(error)
             return False
         except TimeoutError:
-            share = (time.process_time() - ran) / max(loop.time() - began, 1e-3)
+            share = since.share()
             excused = self._excused.get(probe.dependency, 0)
             if excused < BUSY_EXCUSES and (share >= BUSY_SHARE or await _busy()):
                 self._excused[probe.dependency] = excused + 1

@@ -1,0 +1,83 @@
+"""How much the event loop's thread wanted a core, and deadlines that allow for it.
+
+What the thread wanted is the time it ran on a core and, where Linux tells it
+(`/proc/thread-self/schedstat`), the time it waited for one, runnable. A deadline
+that ran out while the thread ran or waited to run for BUSY_SHARE of it or more says
+more about this process and its host than about what it waited for: the answer may
+have been there, unread (a storm of calls on two cores, other processes holding the
+cores). Elsewhere only the time on a core is counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+BUSY_SHARE = 0.5
+
+_SCHEDSTAT = "/proc/thread-self/schedstat"
+
+
+_opened: dict[int, int] = {}  # the file of each thread that reads its own, kept open
+
+
+def _scheduled() -> float:
+    thread = threading.get_native_id()
+    stat = _opened.get(thread)
+    if stat is None:
+        stat = _opened[thread] = os.open(_SCHEDSTAT, os.O_RDONLY)
+    ran, waited = os.pread(stat, 128, 0).split()[:2]
+    return (int(ran) + int(waited)) / 1e9
+
+
+def _clock() -> Callable[[], float]:
+    try:
+        _scheduled()
+    except (OSError, ValueError):
+        return time.thread_time
+    return _scheduled
+
+
+# Seconds the calling thread has run on a core or waited, runnable, for one since it
+# started; only differences between two readings in the same thread mean anything.
+wanted: Callable[[], float] = _clock()
+
+
+class Since:
+    """From now on: the share of the wall time the event loop's thread wanted a core."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._began, self._wanted = self._loop.time(), wanted()
+
+    def share(self) -> float:
+        return (wanted() - self._wanted) / max(self._loop.time() - self._began, 1e-3)
+
+    def busy(self) -> bool:
+        return self.share() >= BUSY_SHARE
+
+
+@asynccontextmanager
+async def patient_timeout(seconds: float) -> AsyncIterator[None]:
+    """`asyncio.timeout(seconds)`, moved once by `seconds` more when it runs out while
+    the process was busy (`Since.busy`): what is awaited may be there, unread."""
+    loop = asyncio.get_running_loop()
+    since = Since()
+    async with asyncio.timeout(None) as timeout:
+        handles: list[asyncio.TimerHandle] = []
+
+        def expire(moved: bool) -> None:
+            if moved or not since.busy():
+                timeout.reschedule(loop.time())
+            else:
+                handles.append(loop.call_at(loop.time() + seconds, expire, True))
+
+        handles.append(loop.call_at(loop.time() + seconds, expire, False))
+        try:
+            yield
+        finally:
+            handles[-1].cancel()

@@ -1,0 +1,86 @@
+"""The event loop thread's want of a core counts the time it waited for one."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from financing.cpu import patient_timeout, wanted
+from tests.support.busy import busy
+
+# Pinned to one core beside a process that spins on it, a spinning thread gets about half
+# of the core; what it wanted is the whole wall time all the same.
+_STARVED = textwrap.dedent(
+    """
+    import os, sys, time
+    from financing.cpu import wanted
+
+    os.sched_setaffinity(0, {0})
+    rival = os.fork()
+    if rival == 0:
+        while True:
+            pass
+    try:
+        began, ran, want = time.monotonic(), time.thread_time(), wanted()
+        while time.monotonic() - began < 0.5:
+            pass
+        wall = time.monotonic() - began
+        print((time.thread_time() - ran) / wall, (wanted() - want) / wall)
+    finally:
+        os.kill(rival, 9)
+        os.waitpid(rival, 0)
+    """
+)
+
+
+def test_a_thread_that_spins_wants_a_core_for_the_wall_time_it_spins() -> None:
+    began, want = time.monotonic(), wanted()
+    while time.monotonic() - began < 0.2:
+        pass
+    spun, wall = wanted() - want, time.monotonic() - began
+    assert 0.9 * wall <= spun <= 1.05 * wall
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/proc/thread-self/schedstat"), reason="Linux counts waits for a core"
+)
+def test_the_time_a_thread_waits_for_a_core_other_processes_hold_counts_as_wanted() -> None:
+    """Regression: the health probes of a process starved by other processes on its host
+    timed out and counted as its dependencies' outages (the process's own CPU time was
+    half the probe's, the other half it waited for a core)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _STARVED], capture_output=True, text=True, timeout=30, check=True
+    )
+    ran, wanted_share = map(float, done.stdout.split())
+    assert ran < 0.8  # the rival did take the core half of the time
+    assert wanted_share > 0.95
+
+
+async def test_a_deadline_out_in_an_idle_process_is_out() -> None:
+    began = time.monotonic()
+    with pytest.raises(TimeoutError):
+        async with patient_timeout(0.1):
+            await asyncio.Event().wait()
+    assert time.monotonic() - began < 0.2
+
+
+async def test_a_deadline_out_in_a_busy_process_is_moved_once() -> None:
+    """Regression: the relayer's confirm wait ran out while large Queries lists kept the
+    event loop busy, the confirms unread: a broker outage was logged that was none."""
+    loop = asyncio.get_running_loop()
+    answered = asyncio.Event()
+    loop.call_later(0.15, answered.set)  # the answer comes after the first deadline
+    async with busy(0.01):
+        async with patient_timeout(0.1):
+            await answered.wait()
+        began = time.monotonic()
+        with pytest.raises(TimeoutError):
+            async with patient_timeout(0.1):
+                await asyncio.Event().wait()
+    assert 0.2 <= time.monotonic() - began < 0.4
