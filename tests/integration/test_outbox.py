@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import random
+import time
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from typing import Any
@@ -579,6 +580,49 @@ async def test_a_second_relayer_waits_for_the_lock_until_the_first_releases_it(
         await first.release()
         await second.release()
     assert await lock_holders(pool) == []
+
+
+async def polling_backends(pool: asyncpg.Pool, holder: int) -> set[int]:
+    """The backends other than the holder's that tried to take the lock."""
+    rows = await pool.fetch(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+        " AND pid <> $1 AND query LIKE 'SELECT pg_try_advisory_lock(%'",
+        holder,
+    )
+    return {row["pid"] for row in rows}
+
+
+async def test_a_standby_whose_session_ended_while_it_waited_takes_a_new_one_not_an_outage(
+    pool: asyncpg.Pool, database: Database
+) -> None:
+    """Regression: a standby relayer frozen past its lease found its session ended by the
+    server when it ran again, and its retries, refused the lock by the leader, never
+    told that the database answered: a command database outage and `/health` 503 for
+    12 s after the freeze."""
+    leader = PostgresRelayerLock(database)
+    standby = PostgresRelayerLock(database, poll_interval=0.05, lease=0.5)
+    await leader.acquire()
+    try:
+        [holder] = await lock_holders(pool)
+        waiting = asyncio.create_task(standby.acquire())
+        await wait_until(lambda: polling_backends(pool, holder), what="the standby polling")
+        [first] = await polling_backends(pool, holder)
+
+        frozen_until = time.monotonic() + 1.0  # the process frozen past the lease
+        while time.monotonic() < frozen_until:
+            pass
+
+        async def polling_again() -> bool:
+            return waiting.done() or bool(await polling_backends(pool, holder) - {first})
+
+        await wait_until(polling_again, what="the standby polling on a new session")
+        assert not waiting.done()  # no Unavailable: the database answered all along
+
+        await leader.release()
+        await asyncio.wait_for(waiting, timeout=5)
+    finally:
+        await leader.release()
+        await standby.release()
 
 
 async def test_a_relayer_learns_when_its_lock_connection_is_lost(
