@@ -13,10 +13,13 @@ import time
 import urllib.error
 import urllib.request
 
+from h2.errors import ErrorCodes
+
 from tests.faults.conftest import Deploy, add_figure, set_figure
 from tests.faults.test_broker_outage import close_connections, grant, revoke
 from tests.faults.test_database_outage import set_connections_allowed, terminate_sessions
 from tests.support import foreign_grpc, infra
+from tests.support.raw_h2 import EMPTY_MESSAGE, HEALTH_CHECK, RawConnection
 from tests.support.service import ROOT, run_cli
 
 # "Within a few seconds": the probes run every second and time out after two.
@@ -130,9 +133,12 @@ async def test_a_queue_the_broker_will_not_let_be_consumed_is_one_steady_outage(
     assert events.count("broker reconnected") <= 1, target.log_tail()
 
 
-async def test_a_watcher_sees_not_serving_when_the_service_drains_at_shutdown(
+async def test_at_shutdown_a_watcher_sees_not_serving_and_every_connection_is_sent_away(
     deploy: Deploy,
 ) -> None:
+    """Regression (the connections): grpclib closed its listeners alone; a client's
+    connection stayed open until the process ended, was then reset by the kernel instead
+    of told, and each left a ResourceWarning of a transport never closed."""
     target = await deploy("health_drain")
     host, port = target.command_address
     watcher = await asyncio.create_subprocess_exec(
@@ -147,9 +153,16 @@ async def test_a_watcher_sees_not_serving_when_the_service_drains_at_shutdown(
     )
     assert watcher.stdout is not None
     try:
-        first = await asyncio.wait_for(watcher.stdout.readline(), 10)
-        assert first.decode().strip() == "SERVING"
-        assert await target.service.stop() == 0
+        async with RawConnection.open(target.query_address) as idle:
+            answer = await idle.answered(idle.call(HEALTH_CHECK.encode(), EMPTY_MESSAGE))
+            assert answer.get(b"grpc-status") == b"0", answer
+            first = await asyncio.wait_for(watcher.stdout.readline(), 10)
+            assert first.decode().strip() == "SERVING"
+            stopping = asyncio.create_task(target.service.stop())
+            assert await idle.sent_away(ErrorCodes.NO_ERROR) == b""
+            await idle.until(lambda: False)  # until the server closes it
+            assert idle.closed
+            assert await stopping == 0
         rest, _ = await asyncio.wait_for(watcher.communicate(), 30)
     finally:
         if watcher.returncode is None:
@@ -157,6 +170,7 @@ async def test_a_watcher_sees_not_serving_when_the_service_drains_at_shutdown(
             await watcher.wait()
     statuses = rest.decode().split()
     assert "NOT_SERVING" in statuses, statuses
+    assert "ResourceWarning" not in target.service.log_tail(), target.service.log_tail()
 
 
 async def test_the_container_probe_passes_while_healthy_and_fails_once_the_service_is_gone(

@@ -4,6 +4,7 @@ listener closes (closing a grpclib server cancels the calls it is still answerin
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from betterproto.lib.google.protobuf import Empty
@@ -102,3 +103,24 @@ async def test_calls_still_in_flight_when_the_grace_ends_are_said_to_be_cut() ->
         await calls.drain(grace=0.01)
     [line] = [line for line in logs if line["event"].startswith("calls still in flight")]
     assert (line["calls"], line["log_level"]) == (2, "warning")
+
+
+async def test_a_call_ending_as_the_grace_runs_out_is_not_said_to_be_cut() -> None:
+    """Regression: on a loaded host the grace's end and the last call's came in the same
+    turn of the event loop: "calls still in flight ... are cut" was logged, calls 0."""
+    loop = asyncio.get_running_loop()
+    calls = CallsInFlight()
+    last = calls.call()
+    last.__enter__()
+    loop.call_later(0.01, last.__exit__, None, None, None)
+
+    def held_up() -> None:  # the loop runs late: both ends are due in its next turn
+        until = time.monotonic() + 0.05
+        while time.monotonic() < until:
+            pass
+
+    loop.call_soon(held_up)
+    with capture_logs() as logs:
+        await calls.drain(grace=0.02)
+    assert calls.in_flight == 0
+    assert [line["event"] for line in logs] == []

@@ -4,6 +4,7 @@ databases and the broker need."""
 
 from __future__ import annotations
 
+import asyncio
 import resource
 from collections import OrderedDict
 from typing import Generic, Protocol, TypeVar
@@ -53,6 +54,8 @@ class Connections(Generic[H]):
         self.limit = limit
         self._open: OrderedDict[H, None] = OrderedDict()
         self._full = False
+        self._none_open = asyncio.Event()
+        self._none_open.set()
 
     def __len__(self) -> int:
         return len(self._open)
@@ -74,7 +77,16 @@ class Connections(Generic[H]):
                 return False
             idle.make_room()
         self._open[new] = None
+        self._none_open.clear()
         return True
+
+    def held(self) -> list[H]:
+        """The connections open now."""
+        return list(self._open)
+
+    async def emptied(self) -> None:
+        """Return once no connection is open."""
+        await self._none_open.wait()
 
     def active(self, held: H) -> None:
         if held in self._open:
@@ -82,6 +94,8 @@ class Connections(Generic[H]):
 
     def left(self, held: H) -> None:
         self._open.pop(held, None)
+        if not self._open:
+            self._none_open.set()
         if self._full and len(self._open) <= self.limit * 3 // 4:
             self._full = False
             log.info(f"{self.kind} connections below their limit again", limit=self.limit)

@@ -52,6 +52,8 @@ class CallsInFlight:
             async with asyncio.timeout(grace):
                 await self._idle.wait()
         except TimeoutError:
+            if not self._count:
+                return  # the last ended as the grace ran out, in the same turn
             log.warning(
                 "calls still in flight at the end of the shutdown grace are cut",
                 calls=self._count,

@@ -1,0 +1,144 @@
+"""An HTTP/2 connection driven frame by frame, as a foreign or hostile client drives it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import h2.events
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+
+# How long a connection waits for what the server sends it.
+WITHIN = 10.0
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+# An empty HealthCheckRequest in its gRPC frame: not compressed, 0 bytes long.
+EMPTY_MESSAGE = b"\x00\x00\x00\x00\x00"
+
+
+class RawConnection:
+    """An HTTP/2 connection driven frame by frame, as a foreign or hostile client would."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader, self._writer = reader, writer
+        self.h2 = H2Connection(
+            H2Configuration(
+                client_side=True,
+                header_encoding=None,  # header values as bytes, both ways
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
+                validate_inbound_headers=False,
+            )
+        )
+        self.events: list[h2.events.Event] = []
+        self.closed = False
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, address: tuple[str, int]) -> AsyncIterator[RawConnection]:
+        reader, writer = await asyncio.open_connection(*address)
+        connection = cls(reader, writer)
+        connection.h2.initiate_connection()
+        connection.flush()
+        try:
+            yield connection
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    def flush(self) -> None:
+        self._writer.write(self.h2.data_to_send())
+
+    def call(
+        self,
+        path: bytes | None,
+        body: bytes,
+        *,
+        metadata: Sequence[tuple[bytes, bytes]] = (),
+        end: bool = True,
+    ) -> int:
+        """Send a request (without `:path` when `path` is None; its side left open unless
+        `end`); its stream id."""
+        stream_id: int = self.h2.get_next_available_stream_id()
+        headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x")]
+        if path is not None:
+            headers.append((b":path", path))
+        headers += [(b"content-type", b"application/grpc"), (b"te", b"trailers"), *metadata]
+        self.h2.send_headers(stream_id, headers)
+        self.h2.send_data(stream_id, body, end_stream=end)
+        self.flush()
+        return stream_id
+
+    def send_raw(self, frame: bytes) -> None:
+        """Bytes written as they are, past h2 (a frame it would not write)."""
+        self._writer.write(frame)
+
+    def cancel(self, stream_id: int) -> None:
+        """Reset `stream_id` as a client cancelling its call does."""
+        self.h2.reset_stream(stream_id, ErrorCodes.CANCEL)
+        self.flush()
+
+    async def until(self, done: Callable[[], bool], within: float = WITHIN) -> None:
+        """Take in what the server sends until `done()` or the server closes."""
+        async with asyncio.timeout(within):
+            while not done() and not self.closed:
+                try:
+                    data = await self._reader.read(65536)
+                except ConnectionResetError:
+                    data = b""
+                if not data:
+                    self.closed = True
+                    return
+                self.events += self.h2.receive_data(data)
+                self.flush()  # acks of its settings and pings, window updates
+
+    def answer(self, stream_id: int) -> dict[bytes, bytes] | None:
+        """The headers and trailers the server ended `stream_id` with, once it has."""
+        fields: dict[bytes, bytes] = {}
+        ended = False
+        for event in self.events:
+            if getattr(event, "stream_id", None) != stream_id:
+                continue
+            if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                fields.update(event.headers)
+            ended = ended or isinstance(event, h2.events.StreamEnded)
+        return fields if ended else None
+
+    def reset(self, stream_id: int) -> ErrorCodes | None:
+        for event in self.events:
+            if isinstance(event, h2.events.StreamReset) and event.stream_id == stream_id:
+                return ErrorCodes(event.error_code)
+        return None
+
+    def acks(self) -> int:
+        return sum(isinstance(e, h2.events.PingAckReceived) for e in self.events)
+
+    def goaway(self) -> h2.events.ConnectionTerminated | None:
+        found = [e for e in self.events if isinstance(e, h2.events.ConnectionTerminated)]
+        return found[0] if found else None
+
+    async def sent_away(self, code: ErrorCodes = ErrorCodes.ENHANCE_YOUR_CALM) -> bytes:
+        """The debug data of the GOAWAY (of `code`) the server sends it away with."""
+        await self.until(lambda: self.goaway() is not None)
+        goaway = self.goaway()
+        assert goaway is not None and goaway.error_code == code, goaway
+        return bytes(goaway.additional_data or b"")
+
+    def settings_acked(self) -> bool:
+        """Whether the server has acknowledged its SETTINGS: it has taken the connection."""
+        return any(isinstance(e, h2.events.SettingsAcknowledged) for e in self.events)
+
+    async def was_reset(self, stream_id: int) -> ErrorCodes:
+        await self.until(lambda: self.reset(stream_id) is not None)
+        reset = self.reset(stream_id)
+        assert reset is not None, f"stream {stream_id} was not reset: {self.events[-5:]}"
+        return reset
+
+    async def answered(self, stream_id: int, within: float = WITHIN) -> dict[bytes, bytes]:
+        await self.until(lambda: self.answer(stream_id) is not None, within)
+        answer = self.answer(stream_id)
+        assert answer is not None, f"stream {stream_id} was not answered: {self.events[-5:]}"
+        return answer
