@@ -10,6 +10,10 @@ from financing.config import Database
 from tests.support import infra
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    infra.delete_vhosts_left()
+
+
 @pytest.fixture(scope="session")
 def run_name() -> str:
     return infra.unique_name("fin_test")

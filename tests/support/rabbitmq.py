@@ -27,10 +27,9 @@ class Vhost:
 @asynccontextmanager
 async def private_vhost(prefix: str = "fin_rmq") -> AsyncIterator[Vhost]:
     """A vhost of one's own: for tests that inspect or disturb the whole vhost."""
-    name = infra.unique_name(prefix)
-    url = await asyncio.to_thread(infra.create_vhost, name)
+    name = await asyncio.to_thread(infra.made_vhost, prefix)
     try:
-        yield Vhost(name, url)
+        yield Vhost(name, infra.amqp_url(name))
     finally:
         await asyncio.to_thread(infra.delete_vhost, name)
 
