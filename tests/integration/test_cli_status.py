@@ -61,6 +61,9 @@ async def test_a_running_service_is_healthy_and_a_stopped_one_is_not() -> None:
 
     assert healthy.exit_code == 0, healthy.describe()
     assert healthy.stdout.splitlines()[-1] == "healthy"
+    # Regression: an operator's command logged its broker connection at INFO, a line on
+    # stderr for every run that went well.
+    assert "connected to broker" not in healthy.stderr, healthy.describe()
     assert {name: row[1] for name, row in queue_rows(healthy).items()} == dict.fromkeys(
         CONSUMED, "1"
     )

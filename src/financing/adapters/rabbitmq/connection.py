@@ -226,7 +226,12 @@ class Broker:
     """One connection to the first broker of `urls` that answers, reopened on demand."""
 
     def __init__(
-        self, urls: Sequence[str], outages: Outages, *, queue_type: str = "classic"
+        self,
+        urls: Sequence[str],
+        outages: Outages,
+        *,
+        queue_type: str = "classic",
+        announced: bool = True,
     ) -> None:
         if not urls:
             raise ValueError("at least one broker URL is needed")
@@ -237,6 +242,9 @@ class Broker:
         self._connection: AbstractConnection | None = None
         self._opening = SharedAttempt(self._open_once, self._cut_short)
         self._accepted_once = False
+        # Whether the first connection is logged at INFO (the service's); an operator's
+        # command says what it did on its own output.
+        self._announced = announced
         self._closing = False
         self._failed: tuple[float, str] | None = None  # when the last attempt failed, and why
         self._lost: set[asyncio.Task[None]] = set()  # the closes of connections that ended
@@ -307,7 +315,7 @@ class Broker:
                 failures.append(f"{describe_url(url)}: {describe(error)}")
             else:
                 # Said once; a reconnection is logged by the outage it ends.
-                (log.debug if self._accepted_once else log.info)(
+                (log.info if self._announced and not self._accepted_once else log.debug)(
                     "connected to broker", broker=describe_url(url)
                 )
                 return connection
@@ -380,7 +388,7 @@ def _open(connection: AbstractConnection) -> bool:
 @contextlib.asynccontextmanager
 async def connected(urls: Sequence[str], queue_type: str = "classic") -> AsyncIterator[Broker]:
     """A broker connection for one command-line task, closed afterwards."""
-    broker = Broker(urls, Outages(), queue_type=queue_type)
+    broker = Broker(urls, Outages(), queue_type=queue_type, announced=False)
     try:
         await broker.connection()
         yield broker
