@@ -22,15 +22,14 @@ BUSY_SHARE = 0.5
 _SCHEDSTAT = "/proc/thread-self/schedstat"
 
 
-_opened: dict[int, int] = {}  # the file of each thread that reads its own, kept open
+_opened = threading.local()  # the file of each thread that reads its own, kept open
 
 
 def _scheduled() -> float:
-    thread = threading.get_native_id()
-    stat = _opened.get(thread)
+    stat = getattr(_opened, "stat", None)
     if stat is None:
-        stat = _opened[thread] = os.open(_SCHEDSTAT, os.O_RDONLY)
-    ran, waited = os.pread(stat, 128, 0).split()[:2]
+        stat = _opened.stat = open(_SCHEDSTAT, "rb", buffering=0)  # noqa: SIM115 - kept
+    ran, waited = os.pread(stat.fileno(), 128, 0).split()[:2]
     return (int(ran) + int(waited)) / 1e9
 
 

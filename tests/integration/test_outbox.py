@@ -599,7 +599,7 @@ async def test_a_standby_whose_session_ended_while_it_waited_takes_a_new_one_not
     server when it ran again, and its retries, refused the lock by the leader, never
     told that the database answered: a command database outage and `/health` 503 for
     12 s after the freeze."""
-    leader = PostgresRelayerLock(database)
+    leader = PostgresRelayerLock(database, lease=60.0)  # idle meanwhile, and kept
     standby = PostgresRelayerLock(database, poll_interval=0.05, lease=0.5)
     await leader.acquire()
     try:

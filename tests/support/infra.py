@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
 import os
@@ -175,7 +176,11 @@ def made_vhost(prefix: str) -> str:
     with _deleting_lock:
         if not _made:
             names = [unique_name(prefix) for _ in range(DELETED_AT_ONCE)]
-            _create_vhosts(names)
+            try:
+                _create_vhosts(names)
+            except BaseException:
+                _deleting.extend(names)  # those made before the failure: at the end
+                raise
             _made.extend(names)
         return _made.pop()
 
@@ -211,8 +216,9 @@ def delete_vhost(name: str) -> None:
     _delete_vhosts(names)
 
 
+@atexit.register  # also for the scripts that make vhosts, and a run interrupted
 def delete_vhosts_left() -> None:
-    """Delete the vhosts `delete_vhost` has not deleted yet."""
+    """Delete the vhosts `delete_vhost` has not deleted yet, and those made untaken."""
     with _deleting_lock:
         names = _deleting + _made
         _deleting.clear()
@@ -233,7 +239,9 @@ def _delete_vhosts(names: list[str]) -> None:
     done = subprocess.run(
         ["rabbitmqctl", "-q", "eval", deleting], capture_output=True, text=True, timeout=60
     )
-    if done.returncode != 0 or done.stdout.strip() != "[]":
+    if done.returncode == 0 and done.stdout.strip() == "[]":
+        return
+    try:
         listed_now = subprocess.run(
             ["rabbitmqctl", "-q", "list_vhosts", "name"],
             check=True,
@@ -243,6 +251,10 @@ def _delete_vhosts(names: list[str]) -> None:
         ).stdout.split()
         for name in set(names) & set(listed_now):
             _rabbitmqctl("delete_vhost", name)
+    except BaseException:
+        with _deleting_lock:
+            _deleting.extend(names)  # tried again with the next ones, or at the end
+        raise
 
 
 async def holds(value: T) -> T:

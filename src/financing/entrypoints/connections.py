@@ -54,6 +54,7 @@ class Connections(Generic[H]):
         self.limit = limit
         self._open: OrderedDict[H, None] = OrderedDict()
         self._full = False
+        self._closed = False
         self._none_open = asyncio.Event()
         self._none_open.set()
 
@@ -62,6 +63,8 @@ class Connections(Generic[H]):
 
     def admit(self, new: H) -> bool:
         """Whether `new` may be served, having closed the one idle longest if need be."""
+        if self._closed:
+            return False
         if len(self._open) >= self.limit:
             if not self._full:
                 self._full = True
@@ -83,6 +86,11 @@ class Connections(Generic[H]):
     def held(self) -> list[H]:
         """The connections open now."""
         return list(self._open)
+
+    def close(self) -> list[H]:
+        """The server stops: a new connection is refused from now on. The ones open."""
+        self._closed = True
+        return self.held()
 
     async def emptied(self) -> None:
         """Return once no connection is open."""

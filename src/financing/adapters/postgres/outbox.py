@@ -338,8 +338,8 @@ class PostgresRelayerLock:
         """Wait while another instance holds the lock; Unavailable when the database is not
         reachable (the connection is then dropped, and the caller retries).
 
-        A session kept from an earlier poll that is found ended is replaced at once: the
-        server ends a standby's session whose process was frozen past the lease (or an
+        A session kept from an earlier poll that fails is replaced at once: the server
+        ends a standby's session whose process was frozen past the lease (or an
         operator ended it), and only a new session's failure says the database is out.
         Taken for an outage, it kept a standby's `/health` at 503 for 12 s after a
         freeze, over a database that answered all along."""
@@ -351,7 +351,7 @@ class PostgresRelayerLock:
                     with translated(COMMAND_DATABASE):
                         taken = await conn.fetchval("SELECT pg_try_advisory_lock($1)", RELAYER_LOCK)
                 except Unavailable:
-                    if not kept or not conn.is_closed():
+                    if not kept:
                         raise
                     self._discard()
                     continue

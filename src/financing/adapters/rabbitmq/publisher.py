@@ -275,6 +275,7 @@ class Publisher:
         """Publish each (message, queue): to `events` when queue is None, else to the queue;
         `via` an exchange, under the queue's name as the routing key."""
         channel, events = await self._opened(what)
+        began = time.monotonic()
         try:
             async with patient_timeout(self._confirm_timeout):
                 sending = [
@@ -291,7 +292,8 @@ class Publisher:
                 else:
                     results = await asyncio.gather(*sending, return_exceptions=True)
         except TimeoutError:
-            raise PublishFailed(f"{what}: not confirmed within {self._confirm_timeout} s") from None
+            waited = time.monotonic() - began
+            raise PublishFailed(f"{what}: not confirmed within {waited:.1f} s") from None
         for result in results:
             if isinstance(result, aiormq.exceptions.PublishError):
                 raise PublishFailed(f"{what}: {_describe(result)}", unroutable=True) from result

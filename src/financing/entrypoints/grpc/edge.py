@@ -88,6 +88,8 @@ MIN_CONNECTIONS = 16
 MAX_CONNECTIONS = 65536
 # Seconds a connection sent away is read (and what it sends dropped) before it is closed.
 LINGER = 1.0
+# Seconds the connections sent away at shutdown have to be gone before they are aborted.
+SHUT_DOWN_WAIT = LINGER + 1.0
 # Calls a connection may reset: a burst, then so many a second.
 RESETS_BURST = 1000
 RESETS_PER_SECOND = 33.0
@@ -112,16 +114,29 @@ class GrpcServer(grpclib.server.Server):
 
     def close(self) -> None:
         """grpclib's close (the listener closed, every call cancelled), and every
-        connection sent away (GOAWAY NO_ERROR: connect again) and closed: grpclib left
-        them open until the process ended, its clients then reset by the kernel, not
-        told, and each a ResourceWarning of a transport never closed."""
+        connection sent away (GOAWAY NO_ERROR: connect again) and closed, one accepted
+        meanwhile refused: grpclib left them open until the process ended, its clients
+        then reset by the kernel, not told, and each a ResourceWarning of a transport
+        never closed."""
         super().close()
-        for connection in self._edge_connections.held():
+        for connection in self._edge_connections.close():
             connection.shut_down()
 
     async def wait_closed(self) -> None:
+        """grpclib's, and the connections gone: those still open SHUT_DOWN_WAIT after
+        they were sent away (a client that reads nothing, its answers unwritten) are
+        aborted."""
         await super().wait_closed()
-        await self._edge_connections.emptied()
+        try:
+            async with asyncio.timeout(SHUT_DOWN_WAIT):
+                await self._edge_connections.emptied()
+        except TimeoutError:
+            held = self._edge_connections.held()
+            log.warning(
+                "gRPC connections still open at shutdown are aborted", connections=len(held)
+            )
+            for connection in held:
+                connection.abort()
 
     def _protocol_factory(self) -> grpclib.protocol.H2Protocol:
         self.__gc_step__()
@@ -341,29 +356,44 @@ class _Protocol(grpclib.protocol.H2Protocol):
         self.connection.flush()
 
     def shut_down(self) -> None:
-        """Closed as the server stops (GOAWAY NO_ERROR: connect again), at once."""
+        """Closed as the server stops (GOAWAY NO_ERROR: connect again), once the client
+        closed its side or LINGER later: it may still be sending (its calls were just
+        cut), and a close at once would have the kernel reset what it sends, the GOAWAY
+        lost."""
         if self._gone is None:
-            self._send_away("shutdown", b"", quiet=True)
+            self._send_away("shutdown", b"", code=ErrorCodes.NO_ERROR)
+
+    def abort(self) -> None:
+        if isinstance(self._transport, asyncio.Transport):
+            self._transport.abort()
+        else:
+            self._transport.close()
 
     def make_room(self) -> None:
         """Closed, idle, for a new connection (GOAWAY NO_ERROR: connect again), at once:
         it sends nothing to be read first."""
         self._send_away("made_room", b"", quiet=True)
 
-    def _send_away(self, why: str, debug: bytes, *, quiet: bool = False) -> None:
-        """GOAWAY, its calls ended, the end of what it is sent, and the connection
-        closed: LINGER later unless `quiet`. Closed at once, with its frames still
-        arriving, the kernel would answer them with a reset that can destroy the GOAWAY
-        before its client reads why. Counted under its debug data (`why` for a quiet
-        one)."""
+    def _send_away(
+        self,
+        why: str,
+        debug: bytes,
+        *,
+        quiet: bool = False,
+        code: ErrorCodes = ErrorCodes.ENHANCE_YOUR_CALM,
+    ) -> None:
+        """GOAWAY (`code`, NO_ERROR if `quiet`), its calls ended, the end of what it is
+        sent, and the connection closed: LINGER later unless `quiet`. Closed at once,
+        with its frames still arriving, the kernel would answer them with a reset that
+        can destroy the GOAWAY before its client reads why. Counted under its debug data
+        (`why` without any); a warning unless the code is NO_ERROR."""
         metrics.GRPC_CONNECTIONS_CLOSED.labels(debug.decode() or why).inc()
-        if not quiet:
+        if quiet:
+            code = ErrorCodes.NO_ERROR
+        if code != ErrorCodes.NO_ERROR:
             _SENT_AWAY.warn(f"gRPC connection closed: {why}")
         try:
-            self.connection._connection.close_connection(
-                ErrorCodes.NO_ERROR if quiet else ErrorCodes.ENHANCE_YOUR_CALM,
-                additional_data=debug or None,
-            )
+            self.connection._connection.close_connection(code, additional_data=debug or None)
             self.connection.flush()
         except H2Error:
             pass  # the connection was closing already: nothing more to tell it
