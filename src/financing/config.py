@@ -62,7 +62,7 @@ DEDUP_RETENTION = Variable(
     "FINANCING_DEDUP_RETENTION",
     "7d",
     "how long processed message ids are kept to deduplicate redeliveries"
-    " (7d, 12h, 30m, or seconds)",
+    " (7d, 12h, or seconds; at least 1h)",
 )
 AGGREGATE_WAIT = Variable(
     "FINANCING_AGGREGATE_WAIT",
@@ -211,8 +211,14 @@ class Settings:
             amqp_url=parse_amqp_urls(value(AMQP_ADDRESS)),
             log_level=level,
             snapshot_interval=_positive_int(SNAPSHOT_INTERVAL.name, value(SNAPSHOT_INTERVAL)),
-            startup_timeout=_positive_int(STARTUP_TIMEOUT.name, value(STARTUP_TIMEOUT)),
-            dedup_retention=parse_duration(DEDUP_RETENTION.name, value(DEDUP_RETENTION)),
+            startup_timeout=_positive_int(
+                STARTUP_TIMEOUT.name,
+                value(STARTUP_TIMEOUT),
+                most=int(DURATION_MOST.total_seconds()),
+            ),
+            dedup_retention=parse_duration(
+                DEDUP_RETENTION.name, value(DEDUP_RETENTION), least=RETENTION_LEAST
+            ),
             aggregate_wait=parse_duration(
                 AGGREGATE_WAIT.name, value(AGGREGATE_WAIT)
             ).total_seconds(),
@@ -248,13 +254,15 @@ def parse_components(value: str) -> tuple[str, ...]:
     return names
 
 
-def _positive_int(name: str, raw: str) -> int:
+def _positive_int(name: str, raw: str, *, most: int | None = None) -> int:
     try:
         value = int(raw)
     except ValueError as exc:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from exc
     if value < 1:
         raise ConfigError(f"{name} must be >= 1, got {value}")
+    if most is not None and value > most:
+        raise ConfigError(f"{name} may be at most {most}, got {value}")
     return value
 
 
@@ -266,14 +274,26 @@ _SECONDS_PER_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 # retention's oldest record kept) must stay within what Python's and PostgreSQL's dates
 # hold, which a few million days do not.
 DURATION_MOST = timedelta(days=36500)
+# The shortest deduplication retention: a redelivery comes within seconds to minutes
+# (a consumer's connection lost, a relayer taking over), and a record pruned before it
+# comes lets it apply twice. One second was accepted: a service killed under load and
+# restarted pruned the records of what it had just handled, and redeliveries and the
+# relayer's repeats released funds twice.
+RETENTION_LEAST = timedelta(hours=1)
 # PostgreSQL's session timeouts are milliseconds in a 32-bit integer: a longer one makes
 # the server refuse every session.
 POSTGRES_TIMEOUT_MOST = timedelta(milliseconds=2**31 - 1)
 
 
-def parse_duration(name: str, raw: str, *, most: timedelta = DURATION_MOST) -> timedelta:
-    """`7d`, `12h`, `30m`, `45s` or a bare number of seconds; at least one second, at
-    most `most`."""
+def parse_duration(
+    name: str,
+    raw: str,
+    *,
+    most: timedelta = DURATION_MOST,
+    least: timedelta = timedelta(seconds=1),
+) -> timedelta:
+    """`7d`, `12h`, `30m`, `45s` or a bare number of seconds; at least `least` (a second
+    unless said), at most `most`."""
     match = _DURATION.fullmatch(raw.strip().lower())
     if match is None or int(match[1]) < 1:
         raise ConfigError(
@@ -281,10 +301,18 @@ def parse_duration(name: str, raw: str, *, most: timedelta = DURATION_MOST) -> t
         )
     seconds = int(match[1]) * _SECONDS_PER_UNIT[match[2]]
     if seconds > most.total_seconds():
-        days, rest = divmod(int(most.total_seconds()), 86400)
-        longest = f"{days}d" if not rest else f"{int(most.total_seconds())}s"
-        raise ConfigError(f"{name} may be at most {longest}, got {raw!r}")
+        raise ConfigError(f"{name} may be at most {_said(most)}, got {raw!r}")
+    if seconds < least.total_seconds():
+        raise ConfigError(f"{name} must be at least {_said(least)}, got {raw!r}")
     return timedelta(seconds=seconds)
+
+
+def _said(duration: timedelta) -> str:
+    seconds = int(duration.total_seconds())
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % length == 0:
+            return f"{seconds // length}{unit}"
+    return f"{seconds}s"
 
 
 def parse_address(address: str, name: str = "a listen address") -> tuple[str, int]:

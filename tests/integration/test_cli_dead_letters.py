@@ -17,12 +17,17 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from financing.adapters.rabbitmq.connection import Broker
-from financing.adapters.rabbitmq.dead_letters import list_dead_letters
-from financing.adapters.rabbitmq.topology import UNROUTED
+from financing.adapters.rabbitmq.dead_letters import (
+    DEAD_LETTERED_AT_HEADER,
+    REASON_HEADER,
+    SOURCE_QUEUE_HEADER,
+    list_dead_letters,
+)
+from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE, UNROUTED
 from financing.application.retry import Outages
 from tests.integration.test_rabbitmq_dead_letters import dead_letter, source_queues
 from tests.support import rabbitmq
-from tests.support.infra import unique_name, wait_until
+from tests.support.infra import unique_name
 from tests.support.service import CommandLine, financing_command, run_cli
 
 HEADINGS = ("DEAD-LETTERED AT", "SOURCE QUEUE", "NAME", "MESSAGE ID")
@@ -215,28 +220,36 @@ async def test_requeue_leaves_letters_older_than_the_retention_unless_told_any_a
 ) -> None:
     """An older letter's message may have been applied since (a rebuild, another copy)
     and its deduplication record pruned: requeued, it could apply twice."""
-    letters = await list_dead_letters(seeded.broker)
-    newest = max(letter.dead_lettered or datetime.now(UTC) for letter in letters)
+    connection = await seeded.broker.connection()
+    two_hours_ago = (datetime.now(UTC) - timedelta(hours=2)).isoformat()
+    await rabbitmq.publish_raw(
+        connection,
+        DEAD_LETTER_QUEUE,
+        b'{"ID": "old-1"}',
+        {
+            "_watermill_message_uuid": "old-1",
+            "name": "CreateIssuer",
+            REASON_HEADER: "an old reason",
+            SOURCE_QUEUE_HEADER: seeded.queue_a,
+            DEAD_LETTERED_AT_HEADER: two_hours_ago,
+        },
+        message_id="old-1",
+    )
+    hour = {"FINANCING_DEDUP_RETENTION": "1h"}
 
-    async def older_than_a_second() -> bool:
-        return datetime.now(UTC) - newest > timedelta(seconds=1.2)
-
-    await wait_until(older_than_a_second, what="the letters older than the retention of 1 s")
-    short = {"FINANCING_DEDUP_RETENTION": "1s"}
-
-    kept = await seeded.financing("requeue", "--queue", seeded.queue_a, env=short)
+    kept = await seeded.financing("requeue", "--queue", seeded.queue_a, env=hour)
     assert kept.exit_code == 0, kept.describe()
-    assert kept.stdout.splitlines()[0] == "requeued 0 dead letter(s)"
-    assert "left 2 dead letter(s) older than FINANCING_DEDUP_RETENTION" in kept.stdout
-    assert sorted(await seeded.remaining()) == ["a-1", "a-2", "b-1"]
+    assert kept.stdout.splitlines()[0] == "requeued 2 dead letter(s)"
+    assert "left 1 dead letter(s) older than FINANCING_DEDUP_RETENTION" in kept.stdout
+    assert sorted(await seeded.remaining()) == ["b-1", "old-1"]
     # The letter named, left for its age: not requeued, and the exit code says so (it
     # said 0, as if it had been requeued).
-    named = await seeded.financing("requeue", "--message-id", "a-1", env=short)
+    named = await seeded.financing("requeue", "--message-id", "old-1", env=hour)
     assert named.exit_code == 1, named.describe()
     assert "left 1 dead letter(s) older than FINANCING_DEDUP_RETENTION" in named.stdout
 
-    forced = await seeded.financing("requeue", "--queue", seeded.queue_a, "--any-age", env=short)
-    assert forced.stdout.strip() == "requeued 2 dead letter(s)", forced.describe()
+    forced = await seeded.financing("requeue", "--queue", seeded.queue_a, "--any-age", env=hour)
+    assert forced.stdout.strip() == "requeued 1 dead letter(s)", forced.describe()
     assert await seeded.remaining() == ["b-1"]
 
 

@@ -111,6 +111,8 @@ def test_a_bad_tuning_variable_is_a_config_error(name: str, value: str) -> None:
         ("FINANCING_DEDUP_RETENTION", "36500d", "36501d"),
         ("FINANCING_AGGREGATE_WAIT", "36500d", "36501d"),
         ("FINANCING_DB_TIMEOUT", "2147483", "2147484s"),
+        # Regression: 400 digits overflowed the start-up's deadline (a traceback, exit 1).
+        ("FINANCING_STARTUP_TIMEOUT", str(36500 * 86400), "9" * 400),
     ],
 )
 def test_a_duration_is_taken_up_to_its_limit_and_refused_beyond(

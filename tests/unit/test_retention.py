@@ -50,8 +50,8 @@ def retention(*databases: tuple[str, Records], batch_size: int = 3) -> Retention
     [
         ("7d", timedelta(days=7)),
         ("12h", timedelta(hours=12)),
-        ("30m", timedelta(minutes=30)),
-        ("45s", timedelta(seconds=45)),
+        ("90m", timedelta(minutes=90)),
+        ("5400s", timedelta(minutes=90)),
         ("3600", timedelta(hours=1)),
         (" 2D ", timedelta(days=2)),
     ],
@@ -65,6 +65,15 @@ def test_the_retention_window_is_read_as_days_hours_minutes_or_seconds(
 def test_deduplication_records_are_kept_a_week_by_default() -> None:
     assert Settings.from_env({}).dedup_retention == WEEK
     assert Settings.from_env({"FINANCING_DEDUP_RETENTION": ""}).dedup_retention == WEEK
+
+
+@pytest.mark.parametrize("raw", ["1", "45s", "59m", "3599"])
+def test_a_retention_window_shorter_than_an_hour_is_a_configuration_error(raw: str) -> None:
+    """Regression: a retention of one second was accepted; a service killed under load
+    and restarted pruned the records of what it had just handled, and the redeliveries
+    and the relayer's repeats that followed were applied again (funds released twice)."""
+    with pytest.raises(ConfigError, match="FINANCING_DEDUP_RETENTION must be at least 1h"):
+        Settings.from_env({"FINANCING_DEDUP_RETENTION": raw})
 
 
 # The last is a full-width 7.
