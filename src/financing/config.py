@@ -56,13 +56,15 @@ SNAPSHOT_INTERVAL = Variable(
     "FINANCING_SNAPSHOT_INTERVAL", "100", "events between aggregate snapshots"
 )
 STARTUP_TIMEOUT = Variable(
-    "FINANCING_STARTUP_TIMEOUT", "30", "seconds start-up waits for PostgreSQL and RabbitMQ"
+    "FINANCING_STARTUP_TIMEOUT",
+    "30",
+    "seconds start-up waits for PostgreSQL and RabbitMQ (at most 3153600000, 36500d)",
 )
 DEDUP_RETENTION = Variable(
     "FINANCING_DEDUP_RETENTION",
     "7d",
     "how long processed message ids are kept to deduplicate redeliveries"
-    " (7d, 12h, or seconds; at least 1h)",
+    " (7d, 12h, 90m, or seconds; at least 1h)",
 )
 AGGREGATE_WAIT = Variable(
     "FINANCING_AGGREGATE_WAIT",
@@ -262,7 +264,8 @@ def _positive_int(name: str, raw: str, *, most: int | None = None) -> int:
     if value < 1:
         raise ConfigError(f"{name} must be >= 1, got {value}")
     if most is not None and value > most:
-        raise ConfigError(f"{name} may be at most {most}, got {value}")
+        shown = raw if len(raw) <= 24 else f"{raw[:20]}... ({len(raw)} digits)"
+        raise ConfigError(f"{name} may be at most {most}, got {shown}")
     return value
 
 
@@ -297,7 +300,7 @@ def parse_duration(
     match = _DURATION.fullmatch(raw.strip().lower())
     if match is None or int(match[1]) < 1:
         raise ConfigError(
-            f"{name} must be a duration such as 7d, 12h, 30m or 3600 (seconds), got {raw!r}"
+            f"{name} must be a duration such as 7d, 12h, 90m or 3600 (seconds), got {raw!r}"
         )
     seconds = int(match[1]) * _SECONDS_PER_UNIT[match[2]]
     if seconds > most.total_seconds():

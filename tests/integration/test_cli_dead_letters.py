@@ -220,6 +220,8 @@ async def test_requeue_leaves_letters_older_than_the_retention_unless_told_any_a
 ) -> None:
     """An older letter's message may have been applied since (a rebuild, another copy)
     and its deduplication record pruned: requeued, it could apply twice."""
+    # A letter kept two hours ago, older than the shortest retention: made by hand, for a
+    # consumer stamps its letters with the time it keeps them.
     connection = await seeded.broker.connection()
     two_hours_ago = (datetime.now(UTC) - timedelta(hours=2)).isoformat()
     await rabbitmq.publish_raw(

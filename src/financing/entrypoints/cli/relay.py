@@ -48,6 +48,15 @@ RETENTION_MARGIN = timedelta(hours=1)
 
 async def run_rewind(settings: Settings, since: datetime, *, any_age: bool) -> int:
     kept_since = datetime.now(UTC) - settings.dedup_retention + RETENTION_MARGIN
+    if settings.dedup_retention <= RETENTION_MARGIN and not any_age:
+        print(
+            "financing relay: FINANCING_DEDUP_RETENTION"
+            f" ({settings.dedup_retention}, as the service has it) leaves no hour to spare:"
+            " an event processed before the rewind could be applied twice; --any-age"
+            " rewinds all the same",
+            file=sys.stderr,
+        )
+        return 2
     if since < kept_since and not any_age:
         print(
             f"financing relay: {moment(since)} is too close to the end of what consumers"
