@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -54,6 +55,15 @@ def queue_rows(run: CommandLine) -> dict[str, list[str]]:
 
 async def test_a_running_service_is_healthy_and_a_stopped_one_is_not() -> None:
     async with local_deployment("fin_cli_status") as deployment:
+        # SIGUSR1 tells every task and where it waits, and the service goes on (the
+        # signal killed it on the spot).
+        logged = deployment.service.log_size()
+        os.kill(deployment.service.pid, signal.SIGUSR1)
+
+        async def told() -> bool:
+            return "tasks, and where each waits" in deployment.service.log_tail(since=logged)
+
+        await infra.wait_until(told, what="the tasks told")
         healthy = await run_cli(deployment.env, "status")
 
         await deployment.service.stop()

@@ -1,5 +1,7 @@
 """`financing serve`: wire the selected components (bootstrap) and run them (supervisor).
 
+SIGUSR1 logs every task and where it waits, and the service goes on.
+
 Exit codes: 0 after SIGINT/SIGTERM/SIGHUP (also while starting: start-up is abandoned,
 what it opened closed), 1 when a component crashed, 2 when
 start-up failed (a dependency refused the service or stayed unreachable for
@@ -79,6 +81,7 @@ async def serve(
     stopping_on = _stop_signals()
     for sig in stopping_on:
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, tell_tasks)
     budget = settings.startup_timeout if startup_timeout is None else startup_timeout
     try:
         async with AsyncExitStack() as stack:
@@ -100,8 +103,42 @@ async def serve(
         log.error("start-up failed", error=str(error))
         return 2
     finally:
-        for sig in stopping_on:
+        for sig in (*stopping_on, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
+
+
+# Frames of each task's chain of awaits that SIGUSR1's line names, the innermost last.
+TOLD_FRAMES = 12
+
+
+def tell_tasks() -> None:
+    """SIGUSR1: one line naming every task of the process and where each waits, the
+    innermost await last; the process goes on (by default the signal killed it on the
+    spot, as a log rotation's SIGUSR1 would)."""
+    tasks = sorted(asyncio.all_tasks(), key=lambda task: task.get_name())
+    log.info(
+        "tasks, and where each waits",
+        tasks=[{"task": task.get_name(), "waits": _awaits(task)} for task in tasks],
+    )
+
+
+def _awaits(task: asyncio.Task[object]) -> list[str]:
+    """Where `task` is, as `file:line function`, through its chain of awaits."""
+    places: list[str] = []
+    awaited: object = task.get_coro()
+    while awaited is not None:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+        frame = frame or getattr(awaited, "ag_frame", None)
+        if frame is None:
+            break
+        code = frame.f_code
+        places.append(f"{code.co_filename}:{frame.f_lineno} {code.co_name}")
+        awaited = (
+            getattr(awaited, "cr_await", None)
+            or getattr(awaited, "gi_yieldfrom", None)
+            or getattr(awaited, "ag_await", None)
+        )
+    return places[-TOLD_FRAMES:]
 
 
 async def _started_unless_stopped(starting: asyncio.Task[Service], stop: asyncio.Event) -> bool:
