@@ -161,7 +161,7 @@ DELETED_AT_ONCE = 8
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _deleting: list[str] = []
 _made: list[str] = []  # made and not yet taken (`made_vhost`)
-_deleting_lock = threading.Lock()
+_vhosts_lock = threading.Lock()
 
 
 def create_vhost(name: str) -> str:
@@ -173,7 +173,7 @@ def create_vhost(name: str) -> str:
 def made_vhost(prefix: str) -> str:
     """The name of a new vhost for guest, one of DELETED_AT_ONCE made at once (named
     after the prefix of the call that made them)."""
-    with _deleting_lock:
+    with _vhosts_lock:
         if not _made:
             names = [unique_name(prefix) for _ in range(DELETED_AT_ONCE)]
             try:
@@ -207,7 +207,7 @@ def amqp_url(vhost: str) -> str:
 
 def delete_vhost(name: str) -> None:
     """Delete the vhost `name`, now or with the next ones (DELETED_AT_ONCE)."""
-    with _deleting_lock:
+    with _vhosts_lock:
         _deleting.append(name)
         if len(_deleting) < DELETED_AT_ONCE:
             return
@@ -219,7 +219,7 @@ def delete_vhost(name: str) -> None:
 @atexit.register  # also for the scripts that make vhosts, and a run interrupted
 def delete_vhosts_left() -> None:
     """Delete the vhosts `delete_vhost` has not deleted yet, and those made untaken."""
-    with _deleting_lock:
+    with _vhosts_lock:
         names = _deleting + _made
         _deleting.clear()
         _made.clear()
@@ -252,7 +252,7 @@ def _delete_vhosts(names: list[str]) -> None:
         for name in set(names) & set(listed_now):
             _rabbitmqctl("delete_vhost", name)
     except BaseException:
-        with _deleting_lock:
+        with _vhosts_lock:
             _deleting.extend(names)  # tried again with the next ones, or at the end
         raise
 

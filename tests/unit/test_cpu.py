@@ -51,7 +51,8 @@ def test_a_thread_that_spins_wants_a_core_for_the_wall_time_it_spins() -> None:
 
 
 @pytest.mark.skipif(
-    not os.path.exists("/proc/thread-self/schedstat"), reason="Linux counts waits for a core"
+    not os.path.exists("/proc/thread-self/schedstat"),
+    reason="no /proc/thread-self/schedstat here: only a thread's time on a core is counted",
 )
 def test_the_time_a_thread_waits_for_a_core_other_processes_hold_counts_as_wanted() -> None:
     """Regression: the health probes of a process starved by other processes on its host

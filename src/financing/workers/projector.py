@@ -129,20 +129,7 @@ class Projector:
         """The outcome of each event (by id of its Decoded)."""
         if not events:
             return {}
-        # What the first event of each message id says of itself, as recorded with it.
-        digests: dict[str, str] = {}  # another relayer's
-        recorded: dict[str, datetime] = {}  # this service's store's
-        first: set[str] = set()
-        for event in events:
-            message_id = event.envelope.message_id
-            if message_id in first:
-                continue
-            first.add(message_id)
-            if (digest := _digest(event)) is not None:
-                digests[message_id] = digest
-            elif (recorded_at := _recorded_at(event)) is not None:
-                recorded[message_id] = recorded_at
-        said = _Recorded(digests, recorded)
+        said = _said(events)
         try:
             fresh, before = await retry(
                 lambda: self._projected(events, said),
@@ -190,15 +177,7 @@ class Projector:
 
     async def _apply_one(self, event: Decoded) -> Outcome:
         async def apply(delivery: Delivery) -> Outcome:
-            message_id = event.envelope.message_id
-            digest, recorded_at = _digest(event), _recorded_at(event)
-            fresh, before = await self._projected(
-                [event],
-                _Recorded(
-                    {} if digest is None else {message_id: digest},
-                    {} if recorded_at is None else {message_id: recorded_at},
-                ),
-            )
+            fresh, before = await self._projected([event], _said([event]))
             if fresh:
                 return Outcome.processed()
             return _copy(event, before)
@@ -218,6 +197,24 @@ class _Recorded:
 
     digests: Mapping[str, str]  # another relayer's events: what each said
     recorded: Mapping[str, datetime]  # this service's store's: when each was recorded
+
+
+def _said(events: Sequence[Decoded]) -> _Recorded:
+    """What the first event of each message id says of itself, to be recorded with it:
+    another relayer's its digest, this service's store's when it was recorded."""
+    digests: dict[str, str] = {}
+    recorded: dict[str, datetime] = {}
+    first: set[str] = set()
+    for event in events:
+        message_id = event.envelope.message_id
+        if message_id in first:
+            continue
+        first.add(message_id)
+        if (digest := _digest(event)) is not None:
+            digests[message_id] = digest
+        elif (recorded_at := _recorded_at(event)) is not None:
+            recorded[message_id] = recorded_at
+    return _Recorded(digests, recorded)
 
 
 def _copy(event: Decoded, earlier: _Recorded) -> Outcome:

@@ -361,7 +361,7 @@ class _Protocol(grpclib.protocol.H2Protocol):
         cut), and a close at once would have the kernel reset what it sends, the GOAWAY
         lost."""
         if self._gone is None:
-            self._send_away("shutdown", b"", code=ErrorCodes.NO_ERROR)
+            self._send_away("shutdown", b"", code=ErrorCodes.NO_ERROR, at_once=False)
 
     def abort(self) -> None:
         if isinstance(self._transport, asyncio.Transport):
@@ -372,24 +372,22 @@ class _Protocol(grpclib.protocol.H2Protocol):
     def make_room(self) -> None:
         """Closed, idle, for a new connection (GOAWAY NO_ERROR: connect again), at once:
         it sends nothing to be read first."""
-        self._send_away("made_room", b"", quiet=True)
+        self._send_away("made_room", b"", code=ErrorCodes.NO_ERROR, at_once=True)
 
     def _send_away(
         self,
         why: str,
         debug: bytes,
         *,
-        quiet: bool = False,
         code: ErrorCodes = ErrorCodes.ENHANCE_YOUR_CALM,
+        at_once: bool = False,
     ) -> None:
-        """GOAWAY (`code`, NO_ERROR if `quiet`), its calls ended, the end of what it is
-        sent, and the connection closed: LINGER later unless `quiet`. Closed at once,
-        with its frames still arriving, the kernel would answer them with a reset that
-        can destroy the GOAWAY before its client reads why. Counted under its debug data
-        (`why` without any); a warning unless the code is NO_ERROR."""
+        """GOAWAY (`code`), its calls ended, the end of what it is sent, and the
+        connection closed: LINGER later unless `at_once` (one that sends nothing). Closed
+        at once, with its frames still arriving, the kernel would answer them with a
+        reset that can destroy the GOAWAY before its client reads why. Counted under its
+        debug data (`why` without any); a warning unless the code is NO_ERROR."""
         metrics.GRPC_CONNECTIONS_CLOSED.labels(debug.decode() or why).inc()
-        if quiet:
-            code = ErrorCodes.NO_ERROR
         if code != ErrorCodes.NO_ERROR:
             _SENT_AWAY.warn(f"gRPC connection closed: {why}")
         try:
@@ -401,7 +399,7 @@ class _Protocol(grpclib.protocol.H2Protocol):
         # a call that tried would log the protocol's refusal as an error).
         self.handler.close()
         loop = asyncio.get_running_loop()
-        if quiet:
+        if at_once:
             self._gone = loop.call_soon(self.processor.close, why)
             return
         transport = self._transport
