@@ -1,7 +1,8 @@
 """grpcio's own health-checking and reflection clients, run in a process of their own.
 
     python -m tests.support.foreign_grpc check HOST:PORT SERVICE
-    python -m tests.support.foreign_grpc watch HOST:PORT SERVICE     (one status per line)
+    python -m tests.support.foreign_grpc watch HOST:PORT SERVICE     (one status per line,
+                                                              then how the call ended)
     python -m tests.support.foreign_grpc describe HOST:PORT SERVICE [MESSAGE]
     python -m tests.support.foreign_grpc method HOST:PORT SERVICE.METHOD
 
@@ -46,7 +47,7 @@ def watch(address: str, service: str) -> None:
                 name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
                 print(name, flush=True)
         except grpc.RpcError as error:
-            print(f"ended {error.code().name}", flush=True)
+            print(f"ended {error.code().name}: {error.details()}", flush=True)
 
 
 def describe(address: str, service: str, message: str | None) -> dict[str, object]:

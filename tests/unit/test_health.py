@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+from grpclib.health.v1.health_grpc import HealthStub
+from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+from grpclib.testing import ChannelFor
 from structlog.testing import capture_logs
 
 from financing.application.errors import Unavailable
 from financing.application.retry import Outages
-from financing.entrypoints.grpc.health import BUSY_EXCUSES, BUSY_TURN, HealthWatch, Probe, Readiness
+from financing.entrypoints.grpc.health import (
+    BUSY_EXCUSES,
+    BUSY_TURN,
+    SHUTTING_DOWN,
+    HealthWatch,
+    Probe,
+    Readiness,
+    health_service,
+)
 from tests.support.busy import busy
 
 
@@ -149,3 +164,45 @@ async def test_a_busy_process_excuses_a_silent_dependency_only_a_few_probes_in_a
         await watch.probe_once()
     assert not commands.serving
     assert outages.down() == {"broker"}
+
+
+@pytest.mark.parametrize("name", ["", "grpc.health.v1.Health.Unknown"], ids=["served", "unknown"])
+async def test_a_watch_call_is_told_not_serving_and_ends_when_the_service_drains(
+    name: str,
+) -> None:
+    """Regression: grpclib's Watch went on until the connection's close cut it, its
+    client never given a status."""
+    watch = HealthWatch(Outages())
+    commands = Readiness("Commands")
+    watch.watch(commands, [Probe("broker", Dependency().check)])
+    await watch.probe_once()
+    async with ChannelFor([health_service(_Commands(), commands)]) as channel:
+        async with HealthStub(channel).Watch.open() as call:
+            await call.send_message(HealthCheckRequest(service=name), end=True)
+            first = await call.recv_message()
+            assert first is not None
+            assert first.status == (
+                HealthCheckResponse.SERVING if name == "" else HealthCheckResponse.SERVICE_UNKNOWN
+            )
+            draining = asyncio.create_task(watch.drain())
+            async with asyncio.timeout(5):  # grpclib's Watch never ended
+                told = [reply.status async for reply in _replies(call)]
+                with pytest.raises(GRPCError) as ended:
+                    await call.recv_trailing_metadata()
+            assert ended.value.status == Status.UNAVAILABLE
+            assert ended.value.message == SHUTTING_DOWN
+            await draining
+    assert told == ([HealthCheckResponse.NOT_SERVING] if name == "" else [])
+    assert not commands.watched
+
+
+class _Commands:
+    """A servable named as the Commands service (what the port's health is named for)."""
+
+    def __mapping__(self) -> dict[str, Any]:
+        return {"/financing.v1.Commands/SellInvoice": None}
+
+
+async def _replies(call: Any) -> AsyncIterator[Any]:
+    while (reply := await call.recv_message()) is not None:
+        yield reply

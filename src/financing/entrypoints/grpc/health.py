@@ -15,18 +15,24 @@ loop's thread ran, or waited for a core, for BUSY_SHARE of the probe's time, or 
 turn of its event loop takes BUSY_TURN) learns nothing: its dependency is then as
 the operations that use it say (an outage they met, not yet over), BUSY_EXCUSES
 times in a row at most.
-While the service drains at shutdown every side is NOT_SERVING.
+While the service drains at shutdown every side is NOT_SERVING, and each Watch
+call, once its client was sent NOT_SERVING, ends with UNAVAILABLE "the service is
+shutting down" (grpclib's went on until the connection's close cut it, no status).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from grpclib.const import Status
 from grpclib.health.check import CheckBase
 from grpclib.health.service import Health
+from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+from grpclib.server import Stream
 
 from financing.application.errors import Unavailable
 from financing.application.retry import Outages
@@ -49,9 +55,10 @@ BUSY_TURN = 0.1
 # out of time counts as the dependency's failure: an outage that no operation reports
 # (a broker that stops confirming while the process stays busy) is not hidden for long.
 BUSY_EXCUSES = 3
-# At shutdown, how long clients watching the health get to receive NOT_SERVING
-# before the listeners close.
+# At shutdown, how long clients watching the health get to receive NOT_SERVING and
+# the end of their calls before the listeners close.
 WATCHERS_GRACE = 0.25
+SHUTTING_DOWN = "the service is shutting down"
 
 
 @dataclass(frozen=True)
@@ -68,7 +75,10 @@ class Readiness(CheckBase):
     def __init__(self, name: str) -> None:
         self.name = name
         self._serving = False
+        self._closed = False  # the service is shutting down
         self._watchers: set[asyncio.Event] = set()
+        self._unwatched = asyncio.Event()
+        self._unwatched.set()
 
     @property
     def serving(self) -> bool:
@@ -78,11 +88,28 @@ class Readiness(CheckBase):
     def watched(self) -> bool:
         return bool(self._watchers)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def set(self, serving: bool) -> None:
         if serving == self._serving:
             return
         self._serving = serving
         log.info("health changed", service=self.name, serving=serving)
+        self._wake()
+
+    def close(self) -> None:
+        """Not SERVING any more, for good: each watcher is told and its call ends."""
+        self._closed = True
+        self.set(False)
+        self._wake()
+
+    async def unwatched(self) -> None:
+        """Returns once no call watches this side."""
+        await self._unwatched.wait()
+
+    def _wake(self) -> None:
         for watcher in self._watchers:
             watcher.set()
 
@@ -95,10 +122,13 @@ class Readiness(CheckBase):
     async def __subscribe__(self) -> asyncio.Event:
         watcher = asyncio.Event()
         self._watchers.add(watcher)
+        self._unwatched.clear()
         return watcher
 
     async def __unsubscribe__(self, event: asyncio.Event) -> None:
         self._watchers.discard(event)
+        if not self._watchers:
+            self._unwatched.set()
 
 
 @dataclass(frozen=True)
@@ -128,13 +158,16 @@ class HealthWatch:
         self._watched.append(_Watched(readiness, probes))
 
     async def drain(self) -> None:
-        """The service is shutting down: nothing is SERVING any more. Returns once the
-        clients watching the health had a moment to hear it."""
+        """The service is shutting down: nothing is SERVING any more. Returns once every
+        call watching the health was told and ended, WATCHERS_GRACE at most (a client
+        that reads nothing)."""
         self._draining = True
         for watched in self._watched:
-            watched.readiness.set(False)
-        if any(watched.readiness.watched for watched in self._watched):
-            await asyncio.sleep(WATCHERS_GRACE)
+            watched.readiness.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(WATCHERS_GRACE):
+                for watched in self._watched:
+                    await watched.readiness.unwatched()
 
     async def run(self) -> None:
         while True:
@@ -190,6 +223,43 @@ async def _busy() -> bool:
     return loop.time() - started >= BUSY_TURN
 
 
+class _Health(Health):
+    """grpclib's health service of one port, its Watch calls ended at shutdown."""
+
+    def __init__(self, service: Any, readiness: Readiness) -> None:
+        super().__init__({service: [readiness]})
+        self._readiness = readiness
+
+    async def Watch(self, stream: Stream[HealthCheckRequest, HealthCheckResponse]) -> None:
+        """The side's status, and each change of it, until the service shuts down: then
+        NOT_SERVING and the call's end (UNAVAILABLE). A name the port does not serve is
+        SERVICE_UNKNOWN until then, as grpclib's."""
+        request = await stream.recv_message()
+        assert request is not None  # grpclib's request codec refuses a call without one
+        known = request.service in self._checks
+        watcher = await self._readiness.__subscribe__()
+        try:
+            sent = None
+            while True:
+                watcher.clear()
+                status = _status(self._readiness) if known else HealthCheckResponse.SERVICE_UNKNOWN
+                if status != sent:
+                    await stream.send_message(HealthCheckResponse(status=status))
+                    sent = status
+                if self._readiness.closed:
+                    break
+                await watcher.wait()
+        finally:
+            await self._readiness.__unsubscribe__(watcher)
+        await stream.send_trailing_metadata(status=Status.UNAVAILABLE, status_message=SHUTTING_DOWN)
+
+
+def _status(readiness: Readiness) -> HealthCheckResponse.ServingStatus.ValueType:
+    if readiness.serving:
+        return HealthCheckResponse.SERVING
+    return HealthCheckResponse.NOT_SERVING
+
+
 def health_service(service: Any, readiness: Readiness) -> Health:
     """The health service of one port: `""` and the port's service name."""
-    return Health({service: [readiness]})
+    return _Health(service, readiness)
