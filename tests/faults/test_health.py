@@ -133,7 +133,7 @@ async def test_a_queue_the_broker_will_not_let_be_consumed_is_one_steady_outage(
     assert events.count("broker reconnected") <= 1, target.log_tail()
 
 
-async def test_at_shutdown_a_watcher_sees_not_serving_its_call_ends_and_every_connection_is_sent_away(
+async def test_at_shutdown_a_watch_call_ends_and_every_connection_is_sent_away(
     deploy: Deploy,
 ) -> None:
     """Regression (the connections): grpclib closed its listeners alone; a client's
@@ -175,9 +175,7 @@ async def test_at_shutdown_a_watcher_sees_not_serving_its_call_ends_and_every_co
     statuses = rest.decode().splitlines()
     # Told, and then its call ended with a status (grpclib's went on until the
     # connection's close cut it).
-    assert statuses == ["NOT_SERVING", "ended UNAVAILABLE: the service is shutting down"], (
-        statuses
-    )
+    assert statuses == ["NOT_SERVING", "ended UNAVAILABLE: the service is shutting down"], statuses
     warned = [line for line in target.service.log_lines() if "ResourceWarning" in str(line)]
     assert warned == []
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import suppress
@@ -305,3 +306,35 @@ async def test_a_connection_the_broker_refuses_is_closed_not_left_to_the_collect
         await broker.connection()
     assert closes() - before == set()
     await broker.close()
+
+
+async def test_a_connection_the_broker_ends_as_channels_open_is_reopened_later_each_time(
+    vhost: rabbitmq.Vhost,
+) -> None:
+    """Regression: a user's channel limit below what the service opens: the broker ended
+    each connection as the channel past the limit opened (530 NOT_ALLOWED), and every
+    caller reopened it at once: 460 connections in 40 s, an outage and a reconnection
+    logged with each, the broker hammered."""
+    async with rabbitmq.limited_user(vhost.name, {"max-channels": 1}) as url:
+        broker = Broker([url], Outages())
+        refusals: list[str] = []
+        with capture_logs() as logs:
+            try:
+                # A caller trying every 20 ms for three seconds, as the service's consumers
+                # and health probe do together.
+                trying_until = time.monotonic() + 3.0
+                while time.monotonic() < trying_until:
+                    try:
+                        await broker.channel()
+                        await broker.channel()  # one past the limit: the connection ends
+                    except Unavailable as error:
+                        refusals.append(str(error))
+                    await asyncio.sleep(0.02)  # the caller's pace, not a wait for a condition
+            finally:
+                await broker.close()
+    opened = lines(logs, "connected to broker")
+    # Reopened 0.5, 1 and 2 s after connections that lasted an instant: 3 in 3 s
+    # (reopened at once, it was a connection each try).
+    assert 2 <= len(opened) <= 4, (len(opened), len(refusals))
+    assert len(refusals) > 3 * len(opened)
+    assert any("maximum allowed user limit" in refusal for refusal in refusals), refusals

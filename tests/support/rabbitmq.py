@@ -208,6 +208,28 @@ async def grant_permissions(vhost: str, *, write: str = ".*") -> None:
     )
 
 
+@asynccontextmanager
+async def limited_user(vhost: str, limits: Mapping[str, int]) -> AsyncIterator[str]:
+    """The URL of `vhost` for a user of one's own with every permission on it and the
+    broker's per-user `limits` (`max-channels`, `max-connections`); the user is deleted
+    afterwards."""
+    name = infra.unique_name("fin_limited")
+    for args in (
+        ["add_user", name, name],
+        ["set_permissions", "-p", vhost, name, ".*", ".*", ".*"],
+        ["set_user_limits", name, json.dumps(dict(limits))],
+    ):
+        await asyncio.to_thread(_rabbitmqctl, *args)
+    try:
+        yield f"amqp://{name}:{name}@{infra.AMQP_HOST}:{infra.AMQP_PORT}/{vhost}"
+    finally:
+        await asyncio.to_thread(_rabbitmqctl, "delete_user", name)
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
 async def queue_settled(vhost: str, queue: str) -> bool:
     """Whether `queue` holds no message, neither ready nor delivered and unacked."""
     row = (await list_queues(vhost)).get(queue)

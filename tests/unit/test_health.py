@@ -176,22 +176,24 @@ async def test_a_watch_call_is_told_not_serving_and_ends_when_the_service_drains
     commands = Readiness("Commands")
     watch.watch(commands, [Probe("broker", Dependency().check)])
     await watch.probe_once()
-    async with ChannelFor([health_service(_Commands(), commands)]) as channel:
-        async with HealthStub(channel).Watch.open() as call:
-            await call.send_message(HealthCheckRequest(service=name), end=True)
-            first = await call.recv_message()
-            assert first is not None
-            assert first.status == (
-                HealthCheckResponse.SERVING if name == "" else HealthCheckResponse.SERVICE_UNKNOWN
-            )
-            draining = asyncio.create_task(watch.drain())
-            async with asyncio.timeout(5):  # grpclib's Watch never ended
-                told = [reply.status async for reply in _replies(call)]
-                with pytest.raises(GRPCError) as ended:
-                    await call.recv_trailing_metadata()
-            assert ended.value.status == Status.UNAVAILABLE
-            assert ended.value.message == SHUTTING_DOWN
-            await draining
+    async with (
+        ChannelFor([health_service(_Commands(), commands)]) as channel,
+        HealthStub(channel).Watch.open() as call,
+    ):
+        await call.send_message(HealthCheckRequest(service=name), end=True)
+        first = await call.recv_message()
+        assert first is not None
+        assert first.status == (
+            HealthCheckResponse.SERVING if name == "" else HealthCheckResponse.SERVICE_UNKNOWN
+        )
+        draining = asyncio.create_task(watch.drain())
+        async with asyncio.timeout(5):  # grpclib's Watch never ended
+            told = [reply.status async for reply in _replies(call)]
+            with pytest.raises(GRPCError) as ended:
+                await call.recv_trailing_metadata()
+        assert ended.value.status == Status.UNAVAILABLE
+        assert ended.value.message == SHUTTING_DOWN
+        await draining
     assert told == ([HealthCheckResponse.NOT_SERVING] if name == "" else [])
     assert not commands.watched
 

@@ -42,6 +42,13 @@ CONNECT_TIMEOUT = 10.0
 # Callers arriving this soon after a failed attempt share its failure rather than
 # each waiting for an attempt of its own.
 RECONNECT_INTERVAL = 0.5
+# A connection lost sooner than this after it opened was no recovery (the broker closed
+# it as the service opened its channels: a user's or a virtual host's channel limit
+# reached): the next one is opened RECONNECT_INTERVAL later, twice as late after each
+# such connection in a row, MAX_RECONNECT_WAIT at most. Reopened at once, it made 460
+# connections in 40 s, every consumer's channel opened and closed again with each.
+SETTLED_AFTER = 10.0
+MAX_RECONNECT_WAIT = 10.0
 CLOSE_TIMEOUT = 2.0
 # Seconds between heartbeats unless a broker URL asks for its own (`?heartbeat=`). The
 # client library gives a connection up once no frame came for three times as long
@@ -246,7 +253,11 @@ class Broker:
         # command says what it did on its own output.
         self._announced = announced
         self._closing = False
-        self._failed: tuple[float, str] | None = None  # when the last attempt failed, and why
+        # Until when no new connection is tried, and why (the last attempt failed, or the
+        # last connection was lost too soon).
+        self._held_off: tuple[float, str] | None = None
+        self._opened_at = 0.0  # when the connection of the moment opened (monotonic)
+        self._unsettled = 0  # connections lost too soon, in a row (SETTLED_AFTER)
         self._lost: set[asyncio.Task[None]] = set()  # the closes of connections that ended
         metrics.BROKER_CONNECTED.set(0)
 
@@ -280,16 +291,17 @@ class Broker:
             return self._connection
         if self._closing:
             raise Unavailable(BROKER, "the connection is closing")
-        if self._failed is not None and time.monotonic() - self._failed[0] < RECONNECT_INTERVAL:
-            raise Unavailable(BROKER, self._failed[1])
+        if self._held_off is not None and time.monotonic() < self._held_off[0]:
+            raise Unavailable(BROKER, self._held_off[1])
         try:
             connection = await self._connect()
         except Unavailable as error:
-            self._failed = (time.monotonic(), error.detail)
+            self._held_off = (time.monotonic() + RECONNECT_INTERVAL, error.detail)
             raise
-        self._failed = None
+        self._held_off = None
         connection.close_callbacks.add(self._on_close)
         self._connection = connection
+        self._opened_at = time.monotonic()
         metrics.BROKER_CONNECTED.set(1)
         self._accepted_once = True
         self._outages.succeeded(BROKER)
@@ -322,9 +334,11 @@ class Broker:
         raise Unavailable(BROKER, "; ".join(failures))
 
     def _on_close(self, connection: Any, error: BaseException | None = None) -> None:
+        why = describe(error) if error else "connection closed"
         if connection is self._connection:
             self._connection = None  # the next caller opens a new one
             metrics.BROKER_CONNECTED.set(0)
+            self._hold_off_if_unsettled(why)
         if not connection.close_called:
             # The broker or the network ended it: aio-pika leaves its close to the
             # finaliser, which outside a running loop only warns that the close was never
@@ -334,7 +348,18 @@ class Broker:
             closing.add_done_callback(self._lost.discard)
         if self._closing:
             return
-        self._outages.failed(Unavailable(BROKER, describe(error) if error else "connection closed"))
+        self._outages.failed(Unavailable(BROKER, why))
+
+    def _hold_off_if_unsettled(self, why: str) -> None:
+        """The connection of the moment is lost: the next one waits if it was lost too
+        soon (SETTLED_AFTER), for longer the more such connections came in a row."""
+        now = time.monotonic()
+        if now - self._opened_at >= SETTLED_AFTER:
+            self._unsettled = 0
+            return
+        self._unsettled += 1
+        wait = min(RECONNECT_INTERVAL * 2 ** min(self._unsettled - 1, 16), MAX_RECONNECT_WAIT)
+        self._held_off = (now + wait, why)
 
     async def channel(
         self, *, publisher_confirms: bool = False, prefetch: int | None = None
