@@ -1096,6 +1096,46 @@ async def test_consumer_keeps_consuming_after_the_broker_closes(
     assert events_of(store, after) == ["IssuerCreatedEvent"]
 
 
+async def test_a_queue_made_again_with_other_arguments_is_an_outage_of_that_queue_alone(
+    bus: Bus, queue: str
+) -> None:
+    """Regression: an operator deleted a command queue and declared it again with an
+    argument (`x-max-length`): its consumer's declaration was refused (PRECONDITION_FAILED),
+    which stopped the whole service, and every start after that failed."""
+    store = InMemoryEventStore()
+    handler = exactly_once(store, "create_issuer", handlers.create_issuer)
+    with capture_logs() as logs:
+        async with consuming(bus, on_command_queue(queue, "CreateIssuer"), handler) as running:
+            operator = await bus.broker.channel()
+            await operator.queue_delete(queue)
+            await operator.declare_queue(queue, durable=True, arguments={"x-max-length": 10})
+
+            async def down() -> bool:
+                return f"queue {queue}" in bus.outages.down()
+
+            await wait_until(down, what="the queue's outage")
+            assert not running.task.done()
+            assert "broker" not in bus.outages.down()
+            await operator.queue_delete(queue)  # the operator's mend
+            await operator.close()
+
+            async def consuming_again() -> bool:
+                return running.consumer.consuming.is_set()
+
+            await wait_until(consuming_again, timeout=10, what="the queue declared anew")
+            issuer = uuid.uuid4()
+            await bus.publisher.send_to_queue(queue, envelope(CreateIssuer(issuer)))
+
+            async def processed() -> bool:
+                return bool(events_of(store, issuer))
+
+            await wait_until(processed, timeout=10, what="a command on the queue declared anew")
+    [said] = [line for line in logs if line["event"] == f"queue {queue} unavailable"]
+    assert "inequivalent arg 'x-max-length'" in said["error"], said
+    assert f"rabbitmqctl delete_queue -p VHOST {queue}" in said["error"], said
+    assert [line["event"] for line in logs].count(f"queue {queue} recovered") == 1
+
+
 async def test_an_ack_not_written_on_an_open_channel_gives_the_channel_up_for_a_redelivery(
     bus: Bus, queue: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -48,7 +48,7 @@ from financing.adapters.rabbitmq.envelopes import (
     shortened,
 )
 from financing.adapters.rabbitmq.topology import QueueSpec
-from financing.application.errors import Unavailable
+from financing.application.errors import Refused, Unavailable
 from financing.application.pipeline import Outcome, OutcomeKind, Step
 from financing.application.ports import (
     CAUSATION_HEADER,
@@ -319,6 +319,11 @@ class QueueConsumer:
                 queue = await self._queue.declare(channel)
                 with translated():
                     tag = await queue.consume(functools.partial(self._received, acks, ended.end))
+            except Refused as error:
+                # The queue made again under the service with other arguments or another
+                # type: an outage of this queue alone until the operator mends it (it
+                # stopped the whole service before, which could not start again).
+                raise Unavailable(f"queue {self._queue.name}", error.detail) from error
             except Unavailable as error:
                 if isinstance(error.__cause__, ChannelClosed) and self._broker.connected:
                     # The broker is there but will not let this queue be consumed (its

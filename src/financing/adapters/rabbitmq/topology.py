@@ -123,9 +123,9 @@ class QueueSpec:
                     self.name, durable=True, arguments=dict(self.arguments) or None
                 )
         except Refused as refused:
-            if QUEUE_TYPE_ARGUMENT not in refused.detail:
-                raise
-            raise Refused(BROKER, self._type_conflict()) from refused
+            if QUEUE_TYPE_ARGUMENT in refused.detail:
+                raise Refused(BROKER, self._type_conflict()) from refused
+            raise Refused(BROKER, self._arguments_conflict(refused.detail)) from refused
         with translated():
             if not self.bound_to_events:
                 return queue
@@ -138,6 +138,15 @@ class QueueSpec:
                 await queue.bind(router, routing_key="", arguments=_by_name(name))
             await queue.unbind(events, routing_key="")
             return queue
+
+    def _arguments_conflict(self, said: str) -> str:
+        return (
+            f"queue {self.name!r} exists with other arguments than the service declares"
+            f" ({said}). Move what it holds elsewhere (a shovel), delete it (rabbitmqctl"
+            f" delete_queue -p VHOST {self.name}) and the service declares it anew; set"
+            " lengths, lifetimes and limits with a policy (rabbitmqctl set_policy), not"
+            " queue arguments"
+        )
 
     def _type_conflict(self) -> str:
         wanted = self.queue_type
