@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import Broker
 from financing.adapters.rabbitmq.dead_letters import (
     DEAD_LETTERED_AT_HEADER,
@@ -190,6 +191,29 @@ async def test_requeue_leaves_the_letters_of_the_unrouted_messages(seeded: Seede
         in run.stdout
     ), run.describe()
     assert await seeded.remaining() == ["u-1"]
+
+
+async def test_requeue_routes_the_unrouted_letters_of_a_handled_name_again(seeded: Seeded) -> None:
+    """Regression: an event that reached no queue because the binding of its queue was
+    deleted under the service was dead-lettered from `financing_unrouted`, which a
+    requeue refused: only a `relay rewind` with the service stopped sent it again."""
+    await topology.declare_on(seeded.broker)  # the binding is there again
+    await dead_letter(
+        seeded.broker,
+        UNROUTED,
+        "u-2",
+        "the binding of its queue was missing",
+        {"name": "InvestorFundsReleasedEvent"},
+    )
+
+    run = await seeded.financing("requeue", "--queue", UNROUTED)
+
+    assert run.exit_code == 0, run.describe()
+    assert run.stdout.strip() == "requeued 1 dead letter(s)", run.describe()
+    connection = await seeded.broker.connection()
+    [routed] = await rabbitmq.drain(connection, topology.PROJECTOR_QUEUE, expected=1)
+    assert routed.message_id == "u-2"
+    assert await seeded.remaining() == ["a-1", "b-1", "a-2"]
 
 
 @pytest.mark.parametrize("name", ["a" * 256, "tab\there"], ids=["too long", "a tab"])

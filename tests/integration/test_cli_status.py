@@ -130,7 +130,12 @@ async def test_queues_nobody_declared_make_the_deployment_unhealthy(bare: Bare) 
     run = await run_cli(bare.env, "status")
 
     assert run.exit_code == 1, run.describe()
-    assert problems(run) == [f"queue {name} does not exist" for name in CONSUMED]
+    # Regression: the two queues nobody consumes were no problem when missing (a policy's
+    # `expires` deleted them with what they held), and the deferrals' was shown holding 0.
+    assert problems(run) == [
+        f"queue {name} does not exist" for name in (DEAD_LETTER_QUEUE, DEFERRALS, *CONSUMED)
+    ]
+    assert "deferred          queue missing" in run.stdout, run.describe()
     assert "relayer           nothing relayed yet; no event waiting" in run.stdout
 
 

@@ -38,6 +38,7 @@ from financing.adapters.rabbitmq.connection import BROKER, Broker
 from financing.adapters.rabbitmq.consumer import Deliveries, QueueConsumer, consume
 from financing.adapters.rabbitmq.dead_letters import DeadLetters
 from financing.adapters.rabbitmq.publisher import AmqpCommandSender, Publisher
+from financing.adapters.rabbitmq.topology_watch import TopologyWatch
 from financing.application import routes
 from financing.application.errors import Fault, Unavailable
 from financing.application.pipeline import (
@@ -206,8 +207,10 @@ async def bootstrap(
             wiring.sending_routes(routes.INTEGRATION, AmqpCommandSender(publisher))
         if query_pool is not None and "projector" in selected:
             wiring.projector(PostgresReadModels(query_pool))
+        watch = TopologyWatch(broker, publisher)
+        service.workers["topology"] = watch.run
         if selected & CONSUMES_EVENTS:
-            wiring.unrouted()
+            wiring.unrouted(watch)
         await started("declaring the broker topology", wiring.declare, outages, deadline)
         if "commands-api" in selected:
             commands = CommandsService(AmqpCommandSender(publisher), outages)
@@ -308,9 +311,9 @@ class _Wiring:
         for route in table:
             self._consumer(route.message_name, sending(sender, route.handler))
 
-    def unrouted(self) -> None:
+    def unrouted(self, watch: TopologyWatch) -> None:
         """The consumer of what `financing_events` routes to no other consumer."""
-        step = retried(self._policy, self._outages)(topology.unrouted)
+        step = retried(self._policy, self._outages)(topology.unrouted(watch.declare_soon))
         self._deliveries(topology.UNROUTED_QUEUE, step)
 
     def _consumer(self, message_name: str, handler: Handler) -> None:

@@ -37,7 +37,12 @@ from financing.adapters.rabbitmq.envelopes import (
 )
 from financing.adapters.rabbitmq.publisher import Publisher, PublishFailed
 from financing.adapters.rabbitmq.queues import existing_queue, queue_exists
-from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE, DEFERRALS, UNROUTED
+from financing.adapters.rabbitmq.topology import (
+    DEAD_LETTER_QUEUE,
+    DEFERRALS,
+    ROUTED_NAMES,
+    UNROUTED,
+)
 from financing.application.errors import Unavailable
 from financing.application.grace import finish_on_cancel
 from financing.application.ports import (
@@ -491,7 +496,8 @@ class Taken:
 
 # Where a message's dead letter cannot be requeued to: `financing_unrouted`'s consumer
 # dead-letters what it cannot read and ignores the rest, so a requeued copy (its headers
-# kept as text) would be ignored, lost.
+# kept as text) would be ignored, lost. One whose name the service routes is routed
+# again through `financing_events` instead (`Publisher.route_again`).
 NOT_REQUEUEABLE = frozenset({UNROUTED})
 
 
@@ -528,7 +534,8 @@ def _waiting_in_deferrals(message: AbstractIncomingMessage) -> DeadLetter:
 async def requeue_dead_letters(
     broker: Broker, *, selection: Selection = EVERY, taken: Taken | None = None
 ) -> Taken:
-    """Send the dead letters `selection` matches back to their source queue.
+    """Send the dead letters `selection` matches back to their source queue (those of
+    `financing_unrouted` whose name the service routes: through `financing_events`).
 
     Each is republished (confirmed) with its original headers, then acked in
     the dead-letter queue; the ones that do not match stay where they are, and
@@ -545,17 +552,15 @@ async def requeue_dead_letters(
         if not queue:
             return "no source queue is named"
         if queue in NOT_REQUEUEABLE:
-            return f"from {queue!r}, which routes a requeued message nowhere"
+            if letter.name not in ROUTED_NAMES:
+                return f"from {queue!r}, which routes a requeued message nowhere"
+            await publisher.route_again(_requeued(message, letter))
+            return None
         if queue not in queues:
             queues[queue] = await queue_exists(broker, queue)
         if not queues[queue]:
             return f"their queue {queue!r} does not exist"
-        # Requeued, it may wait for its aggregate again as long as a new message may, and
-        # a rule that refused it judges it again (REQUEUED_AT_HEADER).
-        headers = {k: v for k, v in letter.headers.items() if k != DEFERRED_AT_HEADER}
-        headers[REQUEUED_AT_HEADER] = datetime.now(UTC).isoformat()
-        original = _copy_of(message, headers)
-        await publisher.send_message_to_queue(queue, original)
+        await publisher.send_message_to_queue(queue, _requeued(message, letter))
         return None
 
     try:
@@ -563,6 +568,15 @@ async def requeue_dead_letters(
     finally:
         await publisher.close()
     return taken
+
+
+def _requeued(message: AbstractIncomingMessage, letter: DeadLetter) -> aio_pika.Message:
+    """The copy of a dead letter's message that is requeued: it may wait for its
+    aggregate again as long as a new message may, and a rule that refused it judges it
+    again (REQUEUED_AT_HEADER)."""
+    headers = {k: v for k, v in letter.headers.items() if k != DEFERRED_AT_HEADER}
+    headers[REQUEUED_AT_HEADER] = datetime.now(UTC).isoformat()
+    return _copy_of(message, headers)
 
 
 async def discard_dead_letters(

@@ -33,6 +33,7 @@ from financing.adapters.rabbitmq.envelopes import header_text, to_amqp
 from financing.adapters.rabbitmq.topology import (
     DEFERRALS,
     EVENTS_EXCHANGE,
+    EVENTS_ROUTER,
     command_queue,
     declare_deferrals,
     declare_events_exchange,
@@ -136,11 +137,16 @@ class Publisher:
         deleted under the service (an exchange, a binding), which no consumer notices.
         It is declared again, so that the caller's next attempt is routed."""
         log.warning("events were returned as unroutable; declaring the topology again")
-        queue_type = self._broker.queue_type
         try:
-            await self._declared("the topology", lambda side: declare_topology(side, queue_type))
+            await self.declare_topology()
         except Unavailable as error:
             log.debug("declaring the topology again failed", error=repr(error))
+
+    async def declare_topology(self) -> None:
+        """The whole topology declared (again), on the probe's channel (`_declared`): what
+        exists is left as it is, what was deleted is made again."""
+        queue_type = self._broker.queue_type
+        await self._declared("the topology", lambda side: declare_topology(side, queue_type))
 
     async def send_to_queue(self, queue: str, envelope: Envelope) -> None:
         """Publish to `queue` through the default exchange; unroutable means failure."""
@@ -174,6 +180,16 @@ class Publisher:
         except PublishFailed:
             self._deferrals = None
             raise
+
+    async def route_again(self, message: AbstractMessage) -> None:
+        """Publish `message` (confirmed) to `financing_events`, which routes it by its
+        `name` header to the queues bound for that name, and what it routes nowhere to
+        `financing_unrouted` again (a dead letter of that queue, requeued)."""
+        channel, _ = await self._opened("routing a message again")
+        with translated():
+            router = await channel.get_exchange(EVENTS_ROUTER, ensure=False)
+        what = f"{header_text(message.headers.get('name', 'message'))} routed again"
+        await self._confirmed(what, [(message, None)], via=router)
 
     async def probe(self) -> None:
         """Return if publishing can work now: the publishing channel is open and the

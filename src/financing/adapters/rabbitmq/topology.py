@@ -45,7 +45,7 @@ the topology is declared (start-up, `financing populate`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -356,16 +356,30 @@ async def retire_reference_projector_queue(broker: Broker) -> None:
     )
 
 
-async def unrouted(delivery: Delivery) -> Outcome:
+def unrouted(binding_missing: Callable[[], None]) -> Step:
     """What becomes of a message `financing_events` routed to no consumer: one whose name
     nobody handles is ignored, whatever its other headers, as every consumer of `events`
     would; one without a readable name (PoisonMessage) or whose handled name could not be
-    routed (it is not a string) is dead-lettered, once."""
-    if delivery.name is not None and delivery.name not in ROUTED_NAMES:
-        return IGNORED
-    envelope = delivery.envelope()
-    if envelope.name in ROUTED_NAMES:
+    routed (it is not a string) is dead-lettered, once. One whose name is handled, a
+    string, came here because the binding of its queue was deleted under the service:
+    `binding_missing` is called (the topology is declared again) and it is dead-lettered
+    saying so; `financing dead-letters requeue` routes it again."""
+
+    async def handle(delivery: Delivery) -> Outcome:
+        if delivery.name is not None and delivery.name not in ROUTED_NAMES:
+            return IGNORED
+        envelope = delivery.envelope()
+        if envelope.name not in ROUTED_NAMES:
+            return IGNORED
+        if delivery.name is None:
+            return Outcome.dead_letter(
+                f"a {envelope.name!r} routed to no consumer: its name header must be a string"
+            )
+        binding_missing()
         return Outcome.dead_letter(
-            f"a {envelope.name!r} routed to no consumer: its name header must be a string"
+            f"a {envelope.name!r} routed to no consumer: the binding of its queue to"
+            f" {EVENTS_ROUTER!r} was missing (deleted under the service), and the topology"
+            " is declared again; `financing dead-letters requeue` routes it again"
         )
-    return IGNORED
+
+    return handle

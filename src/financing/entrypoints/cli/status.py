@@ -159,12 +159,12 @@ async def _broker(settings: Settings, findings: Findings) -> None:
     )
     reading = " (and those a command reading them now holds)" if read and dead else ""
     findings.report("dead letters", f"{_waiting(dead)}{reading} in {topology.DEAD_LETTER_QUEUE}")
-    # Waiting for an aggregate another message creates, to be delivered again (the queue
-    # is declared at start-up: missing before the service's first start).
+    # Waiting for an aggregate another message creates, to be delivered again.
     findings.report(
         "deferred",
-        f"{deferred.waiting if deferred else 0} message(s) waiting for an aggregate"
-        f" in {topology.DEFERRALS}",
+        "queue missing"
+        if deferred is None
+        else f"{deferred.waiting} message(s) waiting for an aggregate in {topology.DEFERRALS}",
     )
     rows = [
         (name, "missing", "-") if depth is None else (name, depth.waiting, depth.consumers)
@@ -177,6 +177,11 @@ async def _broker(settings: Settings, findings: Findings) -> None:
         "READY: not yet delivered (those delivered and not settled are not counted)",
         "",
     ]
+    # The queues nobody consumes are declared at start-up and again while the service runs
+    # (a queue missing before its first start, or deleted under it: an `expires` policy).
+    for name, depth in ((topology.DEAD_LETTER_QUEUE, dead), (topology.DEFERRALS, deferred)):
+        if depth is None:
+            findings.problems.append(f"queue {name} does not exist")
     for name, depth in sorted(consumed.items()):
         if depth is None:
             findings.problems.append(f"queue {name} does not exist")
