@@ -31,6 +31,7 @@ from financing.adapters.rabbitmq.consumer import (
 )
 from financing.adapters.rabbitmq.dead_letters import (
     DEFERRED_AT_HEADER,
+    DEFERRED_FOR_HEADER,
     DeadLetter,
     DeadLetters,
     list_dead_letters,
@@ -666,6 +667,7 @@ async def test_a_deferred_copy_keeps_the_originals_properties(bus: Bus, queue: s
             assert copy.routing_key == queue and copy.message_id == message.message_id
             assert copy.headers[DEFERRED_AT_HEADER]
             assert copy.expiration == 5.0  # put aside for the policy's first deferral
+            assert copy.headers[DEFERRED_FOR_HEADER] == "5.000"  # and counted so
         finally:
             await channel.close()
     assert kept == PROPERTIES

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
@@ -60,8 +61,16 @@ REASON_HEADER = "x-death-reason"
 SOURCE_QUEUE_HEADER = "x-source-queue"
 DEAD_LETTERED_AT_HEADER = "x-dead-lettered-at"
 DEAD_LETTER_HEADERS = frozenset({REASON_HEADER, SOURCE_QUEUE_HEADER, DEAD_LETTERED_AT_HEADER})
-# When a deferred delivery was first deferred (ISO 8601, with its offset).
+# When a deferred delivery was first deferred (ISO 8601, with its offset): shown to
+# operators, and how long a copy of a release before 0.5.2 has waited.
 DEFERRED_AT_HEADER = "x-deferred-at"
+# The seconds a deferred delivery has been put aside in all (the sum of its copies'
+# expirations, in decimal): how long it has waited, by no clock. Waits measured from
+# DEFERRED_AT_HEADER took the clock of the process that deferred it for the one that
+# read it: a clock stepped forward 90 s (an NTP correction, a resumed virtual machine)
+# or another instance's clock ahead dead-lettered every deferred bid at once.
+DEFERRED_FOR_HEADER = "x-deferred-for"
+DEFERRAL_HEADERS = frozenset({DEFERRED_AT_HEADER, DEFERRED_FOR_HEADER})
 
 # Headers must fit in one frame; an exception text can be arbitrarily long.
 MAX_REASON_CHARS = 2000
@@ -234,7 +243,8 @@ class DeadLetters:
         means the same.
 
         The copy keeps the original's headers and properties; DEFERRED_AT_HEADER says
-        when it was first deferred (`deferred_for`). The broker's own headers (its
+        when it was first deferred, DEFERRED_FOR_HEADER how long it has been put aside
+        in all, this time included (`deferred_for`). The broker's own headers (its
         records of the expirations among them) are left out. NotDeferrable when the
         headers are too large to be sure the copy fits in a frame (a copy that does not
         makes the broker close the whole connection): dead-letter it instead."""
@@ -249,8 +259,10 @@ class DeadLetters:
                 f"its headers ({size} bytes) are too large to be copied whole"
                 f" (at most {MAX_COPIED_HEADERS_BYTES})"
             )
-        if deferred_for(message) == 0.0:
+        waited = deferred_for(message)
+        if waited == 0.0:
             headers[DEFERRED_AT_HEADER] = datetime.now(UTC).isoformat()
+        headers[DEFERRED_FOR_HEADER] = f"{waited + delay:.3f}"
         # Every property but `user_id`, which the broker checks against the publishing
         # connection's user (a producer's other user would have the copy refused).
         copy = _copy_of(
@@ -287,9 +299,17 @@ class DeadLetters:
 
 
 def deferred_for(message: AbstractIncomingMessage) -> float:
-    """Seconds since `message` was first deferred (DEFERRED_AT_HEADER); 0.0 if it never
-    was, or if the header is not a time (a foreign one)."""
-    value = (message.headers or {}).get(DEFERRED_AT_HEADER)
+    """Seconds `message` has been put aside, deferred (DEFERRED_FOR_HEADER; a copy of an
+    earlier release: since DEFERRED_AT_HEADER); 0.0 if it never was, or if the header is
+    not what the service writes (a foreign one)."""
+    headers = message.headers or {}
+    if DEFERRED_FOR_HEADER in headers:
+        try:
+            seconds = float(header_text(headers[DEFERRED_FOR_HEADER]))
+        except ValueError:
+            return 0.0
+        return seconds if math.isfinite(seconds) and seconds > 0.0 else 0.0
+    value = headers.get(DEFERRED_AT_HEADER)
     if value is None:  # most deliveries: asked of each one
         return 0.0
     try:
@@ -574,7 +594,7 @@ def _requeued(message: AbstractIncomingMessage, letter: DeadLetter) -> aio_pika.
     """The copy of a dead letter's message that is requeued: it may wait for its
     aggregate again as long as a new message may, and a rule that refused it judges it
     again (REQUEUED_AT_HEADER)."""
-    headers = {k: v for k, v in letter.headers.items() if k != DEFERRED_AT_HEADER}
+    headers = {k: v for k, v in letter.headers.items() if k not in DEFERRAL_HEADERS}
     headers[REQUEUED_AT_HEADER] = datetime.now(UTC).isoformat()
     return _copy_of(message, headers)
 
