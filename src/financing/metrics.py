@@ -117,6 +117,11 @@ EVENT_LOOP_LAG = Histogram(
     " process was stopped (SIGSTOP, a paused VM), starved of CPU, or blocked.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
 )
+DATABASE_CLOCK_OFFSET = Gauge(
+    "financing_database_clock_offset_seconds",
+    "The database server's clock minus this host's, as last measured (every minute).",
+    ["database"],
+)
 TOPOLOGY_RESTORED = Counter(
     "financing_topology_restored_total",
     "Queues nobody consumes (financing_dead_letters, financing_deferred) found deleted"

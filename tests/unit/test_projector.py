@@ -420,3 +420,18 @@ async def test_the_time_kept_with_an_id_is_its_first_events_not_a_later_copys() 
         [MemoryDelivery(untimed), MemoryDelivery(timed)]
     )
     assert await read_models.recorded_at([timed.message_id]) == {}
+
+
+async def test_the_projection_delay_is_measured_by_the_clock_that_stamped_the_event() -> None:
+    """Regression: measured by this host's clock from the event store's stamp: a host 30 s
+    ahead of the database server read every delay 30 s longer, one behind read 0."""
+    recorded = datetime.now(UTC) - timedelta(hours=1)  # by the server's clock
+    before = sample("financing_projection_delay_seconds_sum")
+    delivery = MemoryDelivery(relayed(added(), 1, recorded_at=recorded), source="projector")
+    server_clock = recorded + timedelta(seconds=2)
+
+    await Projector(RecordingReadModels(), Outages(), clock=lambda: server_clock).project(
+        [delivery]
+    )
+
+    assert sample("financing_projection_delay_seconds_sum") - before == pytest.approx(2.0)

@@ -14,11 +14,13 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
 from grpclib.server import Server
 
+from financing.adapters.postgres.clock import DatabaseClock
 from financing.adapters.postgres.connection import (
     COMMAND_DATABASE,
     QUERY_DATABASE,
@@ -206,7 +208,9 @@ async def bootstrap(
         if "integration" in selected:
             wiring.sending_routes(routes.INTEGRATION, AmqpCommandSender(publisher))
         if query_pool is not None and "projector" in selected:
-            wiring.projector(PostgresReadModels(query_pool))
+            clock = DatabaseClock(query_pool, QUERY_DATABASE)
+            service.workers["database-clock"] = clock.run
+            wiring.projector(PostgresReadModels(query_pool), clock.now)
         watch = TopologyWatch(broker, publisher)
         service.workers["topology"] = watch.run
         if selected & CONSUMES_EVENTS:
@@ -338,8 +342,8 @@ class _Wiring:
         )
         self._add(f"consumer:{queue.name}", lambda: consume(consumer, deliveries), consumer)
 
-    def projector(self, read_models: ReadModelStore) -> None:
-        projector = Projector(self._overrides.read_models(read_models), self._outages)
+    def projector(self, read_models: ReadModelStore, clock: Callable[[], datetime]) -> None:
+        projector = Projector(self._overrides.read_models(read_models), self._outages, clock=clock)
         consumer = QueueConsumer(
             self._broker,
             topology.PROJECTOR.queue,

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -80,10 +80,14 @@ class Projector:
         *,
         batch_size: int = BATCH_SIZE,
         policy: RetryPolicy = DELIVERIES,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self._read_models = read_models
+        # The time by the event store's clock, which stamps `recorded_at` (the database
+        # server's, `DatabaseClock`), for the projection delay.
+        self._clock = clock
         self._outages = outages
         self._policy = policy
         self.batch_size = batch_size
@@ -120,7 +124,7 @@ class Projector:
                 await delivery.settle(outcome)
             metrics.settled(delivery.source, outcome.kind.value, time.perf_counter() - arrived)
             if isinstance(item, Decoded) and outcome.kind is OutcomeKind.PROCESSED:
-                _observe_delay(item)
+                _observe_delay(item, self._clock())
 
         # Settled together, so that their acks go out in as few frames as they allow.
         await asyncio.gather(*map(settle, batch, triaged, arrivals or [now] * len(batch)))
@@ -271,11 +275,11 @@ def _triage(delivery: Delivery) -> Outcome | Decoded:
         return Outcome.dead_letter(summary(error))
 
 
-def _observe_delay(event: Decoded) -> None:
-    """From the event's commit (the relayer's `recorded_at` header) to now."""
+def _observe_delay(event: Decoded, now: datetime) -> None:
+    """From the event's commit (the relayer's `recorded_at` header) to `now`."""
     committed = _recorded_at(event)
     if committed is not None:
-        metrics.PROJECTION_DELAY.observe(max(0.0, (datetime.now(UTC) - committed).total_seconds()))
+        metrics.PROJECTION_DELAY.observe(max(0.0, (now - committed).total_seconds()))
 
 
 def _recorded_at(event: Decoded) -> datetime | None:
