@@ -22,10 +22,17 @@ import aio_pika
 import asyncpg
 import pytest
 from aio_pika.abc import AbstractQueue
+from structlog.testing import capture_logs
 
+from financing.adapters.postgres import outbox as outbox_module
 from financing.adapters.postgres.connection import COMMAND_DATABASE, connect, create_pool
 from financing.adapters.postgres.event_store import PostgresEventStore
-from financing.adapters.postgres.outbox import CommitListener, PostgresOutbox, PostgresRelayerLock
+from financing.adapters.postgres.outbox import (
+    RELAYER_LOCK,
+    CommitListener,
+    PostgresOutbox,
+    PostgresRelayerLock,
+)
 from financing.adapters.postgres.schema import migrate
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import Broker, close_channel
@@ -42,6 +49,7 @@ from financing.application.ports import (
 from financing.application.retry import Outages
 from financing.config import Database
 from financing.domain.aggregates import Investor
+from financing.workers import relayer as relayer_module
 from financing.workers.relayer import Relayer
 from tests.support import infra
 from tests.support.infra import wait_until
@@ -359,6 +367,92 @@ async def test_events_held_behind_an_earlier_transaction_are_relayed_as_soon_as_
     finally:
         await elsewhere.close()
     assert [version for _, _, version in got] == [1, 2, 3, 4]
+
+
+async def test_a_transaction_left_open_that_holds_relaying_back_is_named_and_its_end_said(
+    database: Database,
+    pool: asyncpg.Pool,
+    publisher: Publisher,
+    observed: AbstractQueue,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression: any session of the database left in a transaction that writes (a
+    psql, a foreign application, one without a right on the service's tables) held every
+    event back for as long as it stayed open, and not a line said so: `/health` 200,
+    every gauge but the lag's unchanged, `status` saying only how long events waited."""
+    monkeypatch.setattr(relayer_module, "HELD_BACK_SAID", 0.5)
+    store = PostgresEventStore(pool)
+    elsewhere = await asyncpg.connect(
+        **database.connect_kwargs, server_settings={"application_name": "reporting tool"}
+    )
+    running, wake_up = relayer(database, PostgresOutbox(pool), publisher)
+    tasks = [asyncio.create_task(running.run()), asyncio.create_task(running.report_lag(0.1))]
+    try:
+        with capture_logs() as logs:
+            holding = elsewhere.transaction()
+            await holding.start()
+            await elsewhere.fetchval("SELECT pg_current_xact_id()")  # holds the horizon
+            await append_investor_story(store, uuid4())
+
+            def said(event: str) -> list[dict[str, Any]]:
+                return [line for line in logs if line["event"].startswith(event)]
+
+            async def named() -> bool:
+                return bool(said("relaying waits for the transaction of another session"))
+
+            await wait_until(named, timeout=10, what="the holding transaction named")
+            backlog = await PostgresOutbox(pool).backlog()
+            await holding.rollback()
+            got = await receive(observed, 4, within=10.0)
+
+            async def over() -> bool:
+                return bool(said("relaying no longer waits"))
+
+            await wait_until(over, timeout=10, what="its end said")
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await wake_up.close()
+        await elsewhere.close()
+    [warning] = said("relaying waits for the transaction of another session")
+    pid = elsewhere.get_server_pid()
+    assert warning["log_level"] == "warning"
+    assert f"session {pid} (user 'postgres', application 'reporting tool'" in warning["holder"]
+    assert "idle in transaction" in warning["holder"]
+    assert backlog.held_back_by is not None and backlog.held_back_by.pid == pid
+    assert len(said("relaying no longer waits")) == 1
+    assert len(got) == 4
+
+
+async def test_a_standby_says_who_holds_the_relayer_lock(
+    database: Database, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a session that is no relayer (an operator's, a foreign application's
+    with the same key) holding the lock kept every event from being relayed, and the
+    service said nothing: not even that no relayer was elected."""
+    monkeypatch.setattr(outbox_module, "STANDBY_SAID", 0.2)
+    holder = await asyncpg.connect(
+        **database.connect_kwargs, server_settings={"application_name": "someone else"}
+    )
+    lock = PostgresRelayerLock(database, poll_interval=0.05)
+    try:
+        await holder.fetchval("SELECT pg_advisory_lock($1)", RELAYER_LOCK)
+        with capture_logs() as logs:
+            acquiring = asyncio.create_task(lock.acquire())
+
+            async def told() -> bool:
+                return any("relayer standing by" in line["event"] for line in logs)
+
+            await wait_until(told, timeout=10, what="the holder told")
+            await holder.fetchval("SELECT pg_advisory_unlock($1)", RELAYER_LOCK)
+            await asyncio.wait_for(acquiring, 10)
+    finally:
+        await lock.release()
+        await holder.close()
+    [line] = [line for line in logs if "relayer standing by" in line["event"]]
+    assert line["log_level"] == "warning", line
+    assert line["pid"] == holder.get_server_pid() and line["application"] == "someone else"
 
 
 async def pending_exactly(pool: asyncpg.Pool, count: int) -> bool:

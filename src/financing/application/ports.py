@@ -269,6 +269,26 @@ class EventPublisher(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class HoldingTransaction:
+    """A transaction of the event store's database that relaying waits for: events
+    committed after it began are relayed only once it ends (commit order, no gaps)."""
+
+    pid: int  # its session's server process
+    user: str
+    application: str  # the session's application_name
+    client: str  # the session's client address, "local" for a socket
+    state: str  # its session's state ("idle in transaction": left open)
+    open_for: float  # seconds since it began
+
+    def describe(self) -> str:
+        return (
+            f"session {self.pid} (user {self.user!r}, application {self.application!r},"
+            f" from {self.client}, {self.state}), its transaction open for"
+            f" {self.open_for:.0f} s"
+        )
+
+
 class Outbox(Protocol):
     """Committed events not yet relayed, in commit order, without gaps."""
 
@@ -280,6 +300,10 @@ class Outbox(Protocol):
 
     async def lag(self) -> tuple[int, float]:
         """How many events are not relayed yet, and how old the oldest of them is (seconds)."""
+        ...
+
+    async def held_back_by(self) -> HoldingTransaction | None:
+        """The transaction an event not relayed yet waits for, if one does."""
         ...
 
     async def mark_relayed(self, events: Sequence[StoredEvent]) -> None:

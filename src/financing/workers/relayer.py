@@ -38,6 +38,8 @@ T = TypeVar("T")
 POLL_INTERVAL = 0.1
 BATCH_SIZE = 256
 LAG_INTERVAL = 5.0
+# Seconds an event may wait to be relayed before the relayer says what it waits for.
+HELD_BACK_SAID = 10.0
 RECHECK_FIRST = 0.002
 # The checkpoint moves once this many events were relayed past it, or once the oldest of
 # them was relayed this many seconds ago, not after every batch: a relayer that stops
@@ -96,12 +98,15 @@ class Relayer:
         self._mark_after = mark_after
         self._poll_interval = poll_interval
         self._policy = policy
+        self._elected = False  # this instance holds the lock and relays
+        self._held_by: int | None = None  # the session said to hold relaying back
 
     async def run(self) -> None:
         """Relay until cancelled; stands for election again whenever the lock is lost."""
         while True:
             await self._retry(self._lock.acquire, "taking the relayer lock")
             log.info("relayer elected")
+            self._elected = True
             relaying = asyncio.create_task(self._relay())
             lost = asyncio.create_task(self._lock.lost())
             try:
@@ -112,6 +117,7 @@ class Relayer:
                     task.result()
                 log.warning("relayer lost its lock, standing for election again")
             finally:
+                self._elected = False
                 for task in (relaying, lost):
                     task.cancel()
                 await asyncio.gather(relaying, lost, return_exceptions=True)
@@ -182,7 +188,32 @@ class Relayer:
             else:
                 metrics.RELAYER_LAG_EVENTS.set(count)
                 metrics.RELAYER_LAG_SECONDS.set(age)
+                await self._tell_what_holds_back(age)
             await asyncio.sleep(interval)  # the reporting period
+
+    async def _tell_what_holds_back(self, age: float) -> None:
+        """While this instance relays and an event has waited HELD_BACK_SAID to be
+        relayed, the transaction it waits for (commit order: any session of the
+        database that writes, left open, holds every event committed after it began),
+        said once, and once more when it no longer does. Relaying waited silently
+        before, its health and every gauge but the lag's saying nothing was wrong."""
+        holder = None
+        if self._elected and age >= HELD_BACK_SAID:
+            try:
+                holder = await self._outbox.held_back_by()
+            except Unavailable:
+                return  # the outage is logged by whoever relays
+        if holder is not None and holder.pid != self._held_by:
+            log.warning(
+                "relaying waits for the transaction of another session: the events"
+                " committed after it began are relayed once it ends",
+                holder=holder.describe(),
+                waited_seconds=round(age, 1),
+            )
+            self._held_by = holder.pid
+        elif holder is None and self._held_by is not None:
+            log.info("relaying no longer waits for that transaction", pid=self._held_by)
+            self._held_by = None
 
     async def _retry(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
         return await persist(operation, policy=self._policy, outages=self._outages, what=what)

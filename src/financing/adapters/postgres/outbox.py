@@ -24,6 +24,7 @@ import asyncpg
 from financing.adapters.postgres.connection import (
     CLOSE_TIMEOUT,
     COMMAND_DATABASE,
+    SERVICE_APPLICATION,
     acquired,
     advisory_lock_holder,
     close_connection,
@@ -38,7 +39,7 @@ from financing.adapters.postgres.event_store import (
     stored_event,
 )
 from financing.application.errors import Unavailable
-from financing.application.ports import StoredEvent
+from financing.application.ports import HoldingTransaction, StoredEvent
 from financing.config import Database
 from financing.logging import get_logger
 
@@ -133,6 +134,22 @@ class RelayBacklog:
     moved_at: datetime | None  # when the checkpoint last moved
     waiting: int  # events not relayed yet
     oldest_age: float  # seconds since the oldest of them was recorded; 0 when none
+    held_back_by: HoldingTransaction | None = None  # `PostgresOutbox.held_back_by`
+
+
+# The session whose transaction is the relaying horizon (RELAYING_HORIZON), when an event
+# after the checkpoint waits behind it: relayed only once that transaction ends. Any
+# session of the database that writes holds it so (a foreign application's, a psql left
+# in a transaction), which a relayer cannot tell from one about to append events.
+_HELD_BACK_BY = (
+    f"WITH horizon AS (SELECT {RELAYING_HORIZON} AS xid)"
+    " SELECT a.pid, a.usename, a.application_name, a.client_addr::text AS client, a.state,"
+    " extract(epoch FROM now() - a.xact_start)::float8 AS open_for"
+    " FROM horizon h JOIN pg_stat_activity a"
+    " ON a.backend_xid = h.xid::xid AND a.datname = current_database()"
+    " WHERE EXISTS (SELECT 1 FROM events e"
+    " WHERE (e.transaction_id, e.position) > ($1::xid8, $2) AND e.transaction_id >= h.xid)"
+)
 
 
 # Every event after the checkpoint, committed or about to be, with the age of the oldest.
@@ -199,6 +216,24 @@ class PostgresOutbox:
         count, age = row
         return int(count), max(0.0, float(age or 0.0))
 
+    async def held_back_by(self) -> HoldingTransaction | None:
+        """The transaction an event after the checkpoint waits for, if one does: the
+        oldest still running in this database that may write events."""
+        async with acquired(self._pool, COMMAND_DATABASE) as conn:
+            checkpoint = await conn.fetchrow(_CHECKPOINT_VALUES, self._name)
+            assert checkpoint is not None  # a SELECT without FROM returns one row
+            row = await conn.fetchrow(_HELD_BACK_BY, *checkpoint)
+        if row is None:
+            return None
+        return HoldingTransaction(
+            pid=row["pid"],
+            user=row["usename"] or "",
+            application=row["application_name"] or "",
+            client=row["client"] or "local",
+            state=row["state"] or "",
+            open_for=max(0.0, float(row["open_for"] or 0.0)),
+        )
+
     async def backlog(self) -> RelayBacklog:
         """The checkpoint and what is waiting behind it (`financing status`)."""
         async with acquired(self._pool, COMMAND_DATABASE) as conn:
@@ -211,6 +246,7 @@ class PostgresOutbox:
             moved_at=None if checkpoint is None else checkpoint["updated_at"],
             waiting=waiting,
             oldest_age=oldest_age,
+            held_back_by=await self.held_back_by() if waiting else None,
         )
 
     async def mark_relayed(self, events: Sequence[StoredEvent]) -> None:
@@ -303,6 +339,29 @@ def _running(holder: asyncpg.Record | None) -> str:
 # lock with it: several of its holder's round trips (`check_interval`), so that only a
 # holder that has stopped running loses it.
 LOCK_LEASE = 5.0
+# Seconds a relayer stands by, the lock held by another session, before it says which.
+STANDBY_SAID = 10.0
+
+
+def _tell_holder(holder: asyncpg.Record | None) -> None:
+    """Who holds the relayer lock this instance has stood by for STANDBY_SAID: another
+    instance's relayer, said once; any other session (an operator's, a foreign
+    application's) keeps every event from being relayed, and a warning says so."""
+    if holder is None:
+        return  # let go of meanwhile
+    said = {
+        "pid": holder["pid"],
+        "application": holder["application_name"],
+        "client": holder["client"] or "local",
+    }
+    if holder["application_name"] == SERVICE_APPLICATION:
+        log.info("relayer standing by: another instance relays", **said)
+    else:
+        log.warning(
+            "relayer standing by: a session that is no relayer of the service holds its"
+            " lock, and no event is relayed until it lets go",
+            **said,
+        )
 
 
 class PostgresRelayerLock:
@@ -343,6 +402,8 @@ class PostgresRelayerLock:
         operator ended it), and only a new session's failure says the database is out.
         Taken for an outage, it kept a standby's `/health` at 503 for 12 s after a
         freeze, over a database that answered all along."""
+        standing_by = time.monotonic()
+        told = False
         try:
             while True:
                 kept = self._conn is not None and not self._conn.is_closed()
@@ -350,6 +411,10 @@ class PostgresRelayerLock:
                 try:
                     with translated(COMMAND_DATABASE):
                         taken = await conn.fetchval("SELECT pg_try_advisory_lock($1)", RELAYER_LOCK)
+                        if not taken and not told:
+                            told = time.monotonic() - standing_by >= STANDBY_SAID
+                            if told:
+                                _tell_holder(await advisory_lock_holder(conn, RELAYER_LOCK))
                 except Unavailable:
                     if not kept:
                         raise

@@ -116,9 +116,11 @@ async def _event_store(settings: Settings, findings: Findings, max_relay_lag: fl
     findings.report("command database", f"{settings.command_db.describe()}: reachable")
     findings.report("relayer", _relaying(backlog))
     if backlog.waiting and backlog.oldest_age > max_relay_lag:
+        holder = backlog.held_back_by
         findings.problems.append(
             f"an event has waited {backlog.oldest_age:.1f} s to be relayed"
             f" (at most {max_relay_lag:g} s is healthy)"
+            + ("" if holder is None else f", behind the open transaction of {holder.describe()}")
         )
 
 
