@@ -13,19 +13,24 @@ import shlex
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
+from financing.adapters.rabbitmq import dead_letters as dead_letters_module
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import Broker
 from financing.adapters.rabbitmq.dead_letters import (
     DEAD_LETTERED_AT_HEADER,
+    EVERY,
     REASON_HEADER,
     SOURCE_QUEUE_HEADER,
     list_dead_letters,
 )
 from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE, UNROUTED
 from financing.application.retry import Outages
+from financing.config import Settings
+from financing.entrypoints.cli import dead_letters as cli_dead_letters
 from tests.integration.test_rabbitmq_dead_letters import dead_letter, source_queues
 from tests.support import rabbitmq
 from tests.support.infra import unique_name
@@ -266,17 +271,38 @@ async def test_requeue_leaves_letters_older_than_the_retention_unless_told_any_a
     kept = await seeded.financing("requeue", "--queue", seeded.queue_a, env=hour)
     assert kept.exit_code == 0, kept.describe()
     assert kept.stdout.splitlines()[0] == "requeued 2 dead letter(s)"
-    assert "left 1 dead letter(s) older than FINANCING_DEDUP_RETENTION" in kept.stdout
+    assert "left 1 dead letter(s): older than FINANCING_DEDUP_RETENTION" in kept.stdout
     assert sorted(await seeded.remaining()) == ["b-1", "old-1"]
     # The letter named, left for its age: not requeued, and the exit code says so (it
     # said 0, as if it had been requeued).
     named = await seeded.financing("requeue", "--message-id", "old-1", env=hour)
     assert named.exit_code == 1, named.describe()
-    assert "left 1 dead letter(s) older than FINANCING_DEDUP_RETENTION" in named.stdout
+    assert "left 1 dead letter(s): older than FINANCING_DEDUP_RETENTION" in named.stdout
 
     forced = await seeded.financing("requeue", "--queue", seeded.queue_a, "--any-age", env=hour)
     assert forced.stdout.strip() == "requeued 1 dead letter(s)", forced.describe()
     assert await seeded.remaining() == ["b-1"]
+
+
+async def test_requeue_reads_the_letters_once_so_that_no_other_reader_can_fail_it_after(
+    seeded: Seeded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: after requeueing, a second pass browsed every letter to count those
+    older than the retention, taking the readers' lock again: another reader that took it
+    in between made the command exit 1, "try again", though every letter was requeued."""
+    readings: list[None] = []
+    reading = dead_letters_module._read_alone
+
+    def counted(broker: Broker) -> Any:
+        readings.append(None)
+        return reading(broker)
+
+    monkeypatch.setattr(dead_letters_module, "_read_alone", counted)
+    settings = Settings.from_env({"AMQP_ADDRESS": seeded.vhost.url})
+
+    assert await cli_dead_letters.requeue(settings, EVERY) == 0
+    assert len(readings) == 1
+    assert await seeded.remaining() == []
 
 
 @pytest.mark.parametrize("closed", [">&-", "2>&-", ">&- 2>&-"])

@@ -552,7 +552,11 @@ def _waiting_in_deferrals(message: AbstractIncomingMessage) -> DeadLetter:
 
 
 async def requeue_dead_letters(
-    broker: Broker, *, selection: Selection = EVERY, taken: Taken | None = None
+    broker: Broker,
+    *,
+    selection: Selection = EVERY,
+    taken: Taken | None = None,
+    too_old: Callable[[DeadLetter], str | None] = lambda letter: None,
 ) -> Taken:
     """Send the dead letters `selection` matches back to their source queue (those of
     `financing_unrouted` whose name the service routes: through `financing_events`).
@@ -560,8 +564,9 @@ async def requeue_dead_letters(
     Each is republished (confirmed) with its original headers, then acked in
     the dead-letter queue; the ones that do not match stay where they are, and
     so do the ones whose source queue the broker no longer has (republished,
-    they would be unroutable and dropped) or that cannot be requeued at all
-    (NOT_REQUEUEABLE): `Taken.left` says how many, and why.
+    they would be unroutable and dropped), that cannot be requeued at all
+    (NOT_REQUEUEABLE) or that `too_old` gives a reason to leave: `Taken.left` says how
+    many, and why.
     """
     taken = taken or Taken()
     publisher = Publisher(broker)
@@ -571,6 +576,8 @@ async def requeue_dead_letters(
         queue = letter.source_queue
         if not queue:
             return "no source queue is named"
+        if (old := too_old(letter)) is not None:
+            return old
         if queue in NOT_REQUEUEABLE:
             if letter.name not in ROUTED_NAMES:
                 return f"from {queue!r}, which routes a requeued message nowhere"

@@ -13,7 +13,6 @@ import asyncio
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
-from dataclasses import replace
 from datetime import UTC, datetime
 
 from financing.adapters.rabbitmq.connection import Broker, connected
@@ -65,34 +64,28 @@ async def requeue(settings: Settings, selection: Selection, *, any_age: bool = F
     the deduplication records' retention: an older one's message may have been applied
     since (a rebuild, another copy) and its record pruned, so it could apply twice."""
     kept_since = datetime.now(UTC) - settings.dedup_retention
+    old = (
+        f"older than FINANCING_DEDUP_RETENTION ({settings.dedup_retention}): the records that"
+        " would stop a second effect of their messages may be pruned; --any-age requeues"
+        " them as well"
+    )
+
+    def too_old(letter: DeadLetter) -> str | None:
+        when = letter.dead_lettered
+        return old if not any_age and when is not None and when < kept_since else None
+
     taken = Taken()
     async with connected(settings.amqp_urls, settings.queue_type) as broker:
         if not await _queue_known(broker, selection):
             return 1
-        young = selection if any_age else replace(selection, since=kept_since)
         async with _saying_so_if_stopped("requeued", taken):
-            await requeue_dead_letters(broker, selection=young, taken=taken)
-            old = [
-                letter
-                for letter in (
-                    []
-                    if any_age
-                    else await list_dead_letters(broker, 1_000_000, selection=selection)
-                )
-                if (when := letter.dead_lettered) is not None and when < kept_since
-            ]
+            await requeue_dead_letters(broker, selection=selection, taken=taken, too_old=too_old)
     print(f"requeued {taken.count} dead letter(s)")
     for reason, count in sorted(taken.left.items()):
         print(f"left {count} dead letter(s): {reason}")
-    if old:
-        print(
-            f"left {len(old)} dead letter(s) older than FINANCING_DEDUP_RETENTION"
-            f" ({settings.dedup_retention}): the records that would stop a second effect of"
-            " their messages may be pruned; --any-age requeues them as well"
-        )
-    if selection.message_id is not None and (taken.left or old) and not taken.count:
+    if selection.message_id is not None and taken.left and not taken.count:
         return 1  # the letter named is there, and left: the lines above say why
-    return _found(taken.count + len(old), selection)
+    return _found(taken.count + sum(taken.left.values()), selection)
 
 
 async def discard(settings: Settings, selection: Selection) -> int:
