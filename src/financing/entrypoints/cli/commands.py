@@ -400,15 +400,23 @@ async def _populate(settings: Settings, args: argparse.Namespace) -> int:
                     print(f"issuer    {event.id}")
             published += len(batch)
     except (Unavailable, Refused) as error:
-        asked = args.issuers + args.investors
-        print(
-            f"financing populate: {published} of {asked} registration(s) confirmed (printed"
-            f" above), then: {error}; up to {min(BATCH, asked - published)} more, of the"
-            " batch not confirmed, may have been published too",
-            file=sys.stderr,
-        )
+        _published_in_part(args, published, f"then: {error}")
         return 1
+    except asyncio.CancelledError:
+        # Stopped by a signal: what was published cannot be taken back, so it is said.
+        _published_in_part(args, published, "then stopped")
+        raise
     return 0
+
+
+def _published_in_part(args: argparse.Namespace, published: int, then: str) -> None:
+    asked = args.issuers + args.investors
+    print(
+        f"financing populate: {published} of {asked} registration(s) confirmed (printed"
+        f" above), {then}; up to {min(BATCH, asked - published)} more, of the batch not"
+        " confirmed, may have been published too",
+        file=sys.stderr,
+    )
 
 
 async def _rebuild(settings: Settings, args: argparse.Namespace) -> int:
