@@ -11,6 +11,7 @@ from uuid import UUID, uuid4
 
 import asyncpg
 import pytest
+from structlog.testing import capture_logs
 
 from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.adapters.postgres.read_models import PostgresReadModels, create_tables
@@ -292,3 +293,29 @@ async def test_the_events_of_another_relayer_projected_live_survive_a_rebuild_an
         message_id for message_id, _ in foreign
     ]
     assert (await run_check(event_store_pool, query_pool)).read_model_differences == []
+
+
+async def test_a_session_reading_the_read_models_holds_neither_the_swap_nor_other_readers(
+    event_store_pool: asyncpg.Pool, query_pool: asyncpg.Pool
+) -> None:
+    """Regression: the swap's transaction dropped the replaced read models, which waited
+    for a session reading them in a transaction (a report, a `pg_dump`), and every new
+    statement on the read models queued behind the drop: the Queries API and the
+    projector stood still until the reader ended."""
+    async with query_pool.acquire() as reader:
+        reading = reader.transaction()
+        await reading.start()
+        await reader.fetchval("SELECT count(*) FROM read_models.issuers")
+        with capture_logs() as logs:
+            async with asyncio.timeout(20):  # the reader stays for as long as the test wants
+                await rebuild(event_store_pool, query_pool)
+        async with asyncio.timeout(5):  # a new reader meanwhile reads the fresh read models
+            assert await query_pool.fetchval("SELECT count(*) FROM read_models.issuers") > 0
+        await reading.rollback()
+    [left] = [line for line in logs if "still read by another session" in line["event"]]
+    assert left["schema"].startswith("read_models_retired_")
+    await rebuild(event_store_pool, query_pool)  # the next one drops them
+    schemas = await query_pool.fetch(
+        "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'read_models%'"
+    )
+    assert [row["nspname"] for row in schemas] == ["read_models"]

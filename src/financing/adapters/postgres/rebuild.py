@@ -6,7 +6,8 @@ with each event recorded as processed under the message id the relayer
 publishes it with; then the fresh schema replaces the live one in one
 transaction. Until
 that commit, queries read the old read models; after it, the new ones: never
-a half-built state.
+a half-built state. The replaced ones are dropped afterwards, once their last
+readers are done (`_drop_retired`).
 
 The live projector may keep running meanwhile. The swap first locks the live
 `processed_messages` against writes (reads go on), so the projector pauses;
@@ -54,6 +55,8 @@ log = get_logger(__name__)
 BATCH_SIZE = 2000
 # Events decoded between two turns given to the batch being applied (`replay`).
 TURN = 64
+# Seconds the drop of the read models a rebuild replaced waits for their last readers.
+RETIRED_DROP_WAIT = 2.0
 
 
 @dataclass(frozen=True)
@@ -128,16 +131,51 @@ async def _rebuilt(
                 foreign += len(await apply_foreign(target, missed))
             await conn.execute(f"ALTER SCHEMA {live_sql} RENAME TO {retired_sql}")
             await conn.execute(f"ALTER SCHEMA {fresh_sql} RENAME TO {live_sql}")
-            await conn.execute(f"DROP SCHEMA {retired_sql} CASCADE")
     except BaseException:
         await _discard(query_pool, fresh_sql)
         raise
+    async with acquired(query_pool, QUERY_DATABASE) as conn:
+        await _drop_retired(conn, retired)
     return events, foreign
+
+
+async def _drop_retired(conn: Connection, retired: str) -> None:
+    """Drop the read models a swap retired, in a transaction of its own after the swap's.
+
+    A session still reading them (a transaction begun before the swap: a report, a
+    `pg_dump`) holds the drop back; it waits RETIRED_DROP_WAIT at most, then leaves
+    them for the next rebuild, saying so. Dropped in the swap's transaction, the drop
+    waited for such a reader with every new statement on the read models queued behind
+    it: the Queries API and the projector stood still until the reader ended (25 s of
+    a probe's, `/health` 503, Queries calls cut by their deadlines). After the swap
+    nobody else asks for the retired tables (the names are the fresh ones'), so the
+    wait holds up the rebuild alone."""
+    try:
+        async with conn.transaction():
+            await conn.execute(f"SET LOCAL lock_timeout = {round(RETIRED_DROP_WAIT * 1000)}")
+            await conn.execute(f"DROP SCHEMA IF EXISTS {quoted_schema(retired)} CASCADE")
+    except asyncpg.LockNotAvailableError:
+        log.warning(
+            "the read models the rebuild replaced are still read by another session;"
+            " the next rebuild drops them",
+            schema=retired,
+        )
+    except asyncpg.PostgresError as error:  # another rebuild's, dropped meanwhile
+        log.warning(
+            "could not drop the read models a rebuild replaced", schema=retired, error=str(error)
+        )
 
 
 async def _discard_abandoned(conn: Connection) -> None:
     """Drop the schemas of rebuilds that did not finish and whose process is gone (killed,
-    out of memory): each a full copy of the read models, which nothing else removes."""
+    out of memory), and the read models earlier rebuilds replaced and could not drop
+    (still read then): each a full copy of the read models, which nothing else removes."""
+    retired = await conn.fetch(
+        "SELECT nspname FROM pg_namespace WHERE starts_with(nspname, $1)",
+        f"{DEFAULT_SCHEMA}_retired_",
+    )
+    for row in retired:
+        await _drop_retired(conn, row["nspname"])
     rows = await conn.fetch(
         "SELECT nspname FROM pg_namespace WHERE starts_with(nspname, $1)",
         f"{DEFAULT_SCHEMA}_rebuild_",
