@@ -27,11 +27,13 @@ async def test_a_row_missing_beside_one_too_many_of_another_kind_is_a_difference
     live = await issuers(ours, stray)
     stores = await _rows(replay)
 
-    differences = await compare(live, replay, stores, touched=set())
+    differences = compare(await _rows(live), stores, stores, touched=set())
 
+    # Regression (a probe): with no event of another relayer, the stray row was said to
+    # be one "another relayer's events make or change".
     assert differences == [
         "issuers: 1 rows, a replay gives 2",
-        "issuers another relayer's events make or change: 1 rows, a replay gives 0",
+        "issuers no event of the store makes: 1 rows, a replay gives 0",
     ]
 
 
@@ -44,5 +46,6 @@ async def test_a_row_of_the_store_another_relayers_event_made_first_is_compared_
     replay = await issuers(first, early)
     stores = await _rows(replay)
 
-    assert await compare(live, replay, stores, touched={early}) == []
-    assert await compare(live, replay, stores, touched=set()) != []
+    live_rows = await _rows(live)
+    assert compare(live_rows, stores, stores, touched={early}) == []
+    assert compare(live_rows, stores, stores, touched=set()) != []

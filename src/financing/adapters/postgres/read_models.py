@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -165,6 +166,10 @@ class PostgresReadModels:
             f" FROM {s}.invoices WHERE issuer_id IS NOT NULL ORDER BY created"
         )
         self._issuers_sql = f"SELECT id FROM {s}.issuers ORDER BY created"
+        self._projected_since_sql = (
+            f"SELECT message_id FROM {s}.processed_messages"
+            " WHERE processed_at >= now() - make_interval(secs => $1)"
+        )
         self._counts_sql = (
             f"SELECT (SELECT count(*) FROM {s}.investors),"
             f" (SELECT count(*) FROM {s}.invoices WHERE issuer_id IS NOT NULL),"
@@ -285,6 +290,27 @@ class PostgresReadModels:
     async def issuers(self) -> list[IssuerRow]:
         return await in_turns(await self._fetch(self._issuers_sql), _issuer)
 
+    async def view(self, recent: float) -> ProjectedView:
+        """The rows, and the message ids projected in the last `recent` seconds (by the
+        server's clock), as one snapshot: what `financing check` compares with a replay
+        of the events projected by then."""
+        async with (
+            acquired(self._pool, self._dependency) as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            at: datetime = await conn.fetchval("SELECT now()")
+            investors = await conn.fetch(self._investors_sql)
+            invoices = await conn.fetch(self._invoices_sql)
+            issuers = await conn.fetch(self._issuers_sql)
+            projected = await conn.fetch(self._projected_since_sql, recent)
+        return ProjectedView(
+            investors=await in_turns(investors, _investor),
+            invoices=await in_turns(invoices, _invoice),
+            issuers=await in_turns(issuers, _issuer),
+            projected=frozenset(row["message_id"] for row in projected),
+            at=at,
+        )
+
     async def counts(self) -> tuple[int, int, int]:
         """How many investors, listed invoices and issuers there are, without reading
         the rows (what `investors()`, `invoices()` and `issuers()` would list)."""
@@ -297,6 +323,17 @@ class PostgresReadModels:
         async with acquired(self._pool, self._dependency) as conn:
             rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
             return rows
+
+
+@dataclass(frozen=True)
+class ProjectedView:
+    """The read models as of one moment (`PostgresReadModels.view`)."""
+
+    investors: list[InvestorRow]
+    invoices: list[InvoiceRow]
+    issuers: list[IssuerRow]
+    projected: AbstractSet[str]  # message ids projected recently
+    at: datetime  # the moment, by the query database's clock
 
 
 def _investor(r: asyncpg.Record) -> InvestorRow:
