@@ -49,4 +49,12 @@ def test_a_copy_of_an_earlier_release_has_waited_since_its_stamp() -> None:
 
 @pytest.mark.parametrize("value", ["soon", "nan", "inf", "-3", b"\xff"])
 def test_a_wait_the_service_does_not_write_is_no_wait(value: object) -> None:
-    assert waited(**{DEFERRED_FOR_HEADER: value}) == 0.0
+    stamp = stamped(timedelta(seconds=30))
+    assert waited(**{DEFERRED_AT_HEADER: stamp, DEFERRED_FOR_HEADER: value}) == 0.0
+
+
+def test_a_count_without_its_stamp_waits_anew() -> None:
+    """Regression (a fleet of 0.5.1 and 0.5.2): 0.5.1's `dead-letters requeue` leaves out
+    the stamp and keeps the count 0.5.2 wrote; the requeued bid, counted as having waited
+    already, was dead-lettered at once, 20 of 20, its investor registered seconds later."""
+    assert waited(**{DEFERRED_FOR_HEADER: "23.128"}) == 0.0

@@ -303,7 +303,9 @@ def deferred_for(message: AbstractIncomingMessage) -> float:
     earlier release: since DEFERRED_AT_HEADER); 0.0 if it never was, or if the header is
     not what the service writes (a foreign one)."""
     headers = message.headers or {}
-    if DEFERRED_FOR_HEADER in headers:
+    if DEFERRED_FOR_HEADER in headers and DEFERRED_AT_HEADER in headers:
+        # Written together, always: a count without its stamp is a requeued copy's that
+        # a release before 0.5.2 left (it leaves out the stamp alone), and it waits anew.
         try:
             seconds = float(header_text(headers[DEFERRED_FOR_HEADER]))
         except ValueError:
