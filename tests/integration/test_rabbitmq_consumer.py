@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -31,6 +32,8 @@ from financing.adapters.rabbitmq.consumer import (
 )
 from financing.adapters.rabbitmq.dead_letters import (
     DEFERRED_AT_HEADER,
+    DEFERRED_CLOCK_HEADER,
+    DEFERRED_DELAY_HEADER,
     DEFERRED_FOR_HEADER,
     DeadLetter,
     DeadLetters,
@@ -667,12 +670,17 @@ async def test_a_deferred_copy_keeps_the_originals_properties(bus: Bus, queue: s
             assert copy.routing_key == queue and copy.message_id == message.message_id
             assert copy.headers[DEFERRED_AT_HEADER]
             assert copy.expiration == 5.0  # put aside for the policy's first deferral
-            assert copy.headers[DEFERRED_FOR_HEADER] == "5.000"  # and counted so
+            # Counted so: nothing waited before, 5 s put aside, when by this host's clock.
+            assert copy.headers[DEFERRED_FOR_HEADER] == "0.000"
+            assert copy.headers[DEFERRED_DELAY_HEADER] == "5.000"
+            boot, _, _ = copy.headers[DEFERRED_CLOCK_HEADER].partition(" ")
+            assert boot == THIS_BOOT
         finally:
             await channel.close()
     assert kept == PROPERTIES
 
 
+THIS_BOOT = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 PROPERTIES = {
     "app_id": "registering",
     "type": "command",

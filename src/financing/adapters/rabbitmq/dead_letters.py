@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import time
@@ -64,13 +65,23 @@ DEAD_LETTER_HEADERS = frozenset({REASON_HEADER, SOURCE_QUEUE_HEADER, DEAD_LETTER
 # When a deferred delivery was first deferred (ISO 8601, with its offset): shown to
 # operators, and how long a copy of a release before 0.5.2 has waited.
 DEFERRED_AT_HEADER = "x-deferred-at"
-# The seconds a deferred delivery has been put aside in all (the sum of its copies'
-# expirations, in decimal): how long it has waited, by no clock. Waits measured from
-# DEFERRED_AT_HEADER took the clock of the process that deferred it for the one that
-# read it: a clock stepped forward 90 s (an NTP correction, a resumed virtual machine)
-# or another instance's clock ahead dead-lettered every deferred bid at once.
+# How long a deferred delivery has waited is counted, not read off clocks that may
+# disagree: measured from DEFERRED_AT_HEADER by the reading process's clock, a clock
+# stepped forward 90 s (an NTP correction, a resumed virtual machine) or another
+# instance's clock ahead dead-lettered every deferred bid at once. A copy carries the
+# seconds its delivery had waited before it was put aside (DEFERRED_FOR_HEADER), how
+# long it is put aside (DEFERRED_DELAY_HEADER), and when, by the host's monotonic clock
+# with the host's boot id (DEFERRED_CLOCK_HEADER): a process of the same host (the same
+# boot) measures how long the copy was really away, which is longer than its delay
+# when it waited in the deferrals' queue behind a copy put aside for longer (the broker
+# expires messages at the head of a queue only: counted by delays alone, bids deferred
+# one after another waited 60 s of a 40 s wait); another host counts the delay.
 DEFERRED_FOR_HEADER = "x-deferred-for"
-DEFERRAL_HEADERS = frozenset({DEFERRED_AT_HEADER, DEFERRED_FOR_HEADER})
+DEFERRED_DELAY_HEADER = "x-deferred-delay"
+DEFERRED_CLOCK_HEADER = "x-deferred-clock"
+DEFERRAL_HEADERS = frozenset(
+    {DEFERRED_AT_HEADER, DEFERRED_FOR_HEADER, DEFERRED_DELAY_HEADER, DEFERRED_CLOCK_HEADER}
+)
 
 # Headers must fit in one frame; an exception text can be arbitrarily long.
 MAX_REASON_CHARS = 2000
@@ -243,8 +254,8 @@ class DeadLetters:
         means the same.
 
         The copy keeps the original's headers and properties; DEFERRED_AT_HEADER says
-        when it was first deferred, DEFERRED_FOR_HEADER how long it has been put aside
-        in all, this time included (`deferred_for`). The broker's own headers (its
+        when it was first deferred, the other DEFERRAL_HEADERS how long it has waited
+        (`deferred_for`). The broker's own headers (its
         records of the expirations among them) are left out. NotDeferrable when the
         headers are too large to be sure the copy fits in a frame (a copy that does not
         makes the broker close the whole connection): dead-letter it instead."""
@@ -262,7 +273,11 @@ class DeadLetters:
         waited = deferred_for(message)
         if waited == 0.0:
             headers[DEFERRED_AT_HEADER] = datetime.now(UTC).isoformat()
-        headers[DEFERRED_FOR_HEADER] = f"{waited + delay:.3f}"
+        headers[DEFERRED_FOR_HEADER] = f"{waited:.3f}"
+        headers[DEFERRED_DELAY_HEADER] = f"{delay:.3f}"
+        headers.pop(DEFERRED_CLOCK_HEADER, None)  # an earlier copy's
+        if (clock := _host_clock()) is not None:
+            headers[DEFERRED_CLOCK_HEADER] = clock
         # Every property but `user_id`, which the broker checks against the publishing
         # connection's user (a producer's other user would have the copy refused).
         copy = _copy_of(
@@ -299,18 +314,20 @@ class DeadLetters:
 
 
 def deferred_for(message: AbstractIncomingMessage) -> float:
-    """Seconds `message` has been put aside, deferred (DEFERRED_FOR_HEADER; a copy of an
-    earlier release: since DEFERRED_AT_HEADER); 0.0 if it never was, or if the header is
-    not what the service writes (a foreign one)."""
+    """Seconds `message` has waited, deferred: what it had waited when its copy was put
+    aside, and how long the copy was away (measured on the same host, else its delay);
+    a copy of a release before 0.5.2: since DEFERRED_AT_HEADER. 0.0 if it never was
+    deferred, or if the headers are not what the service writes (a foreign one's)."""
     headers = message.headers or {}
     if DEFERRED_FOR_HEADER in headers and DEFERRED_AT_HEADER in headers:
         # Written together, always: a count without its stamp is a requeued copy's that
         # a release before 0.5.2 left (it leaves out the stamp alone), and it waits anew.
-        try:
-            seconds = float(header_text(headers[DEFERRED_FOR_HEADER]))
-        except ValueError:
+        before = _seconds(headers.get(DEFERRED_FOR_HEADER))
+        delay = _seconds(headers.get(DEFERRED_DELAY_HEADER))
+        if before is None or delay is None:
             return 0.0
-        return seconds if math.isfinite(seconds) and seconds > 0.0 else 0.0
+        away = _away_since(headers.get(DEFERRED_CLOCK_HEADER))
+        return before + (delay if away is None else away)
     value = headers.get(DEFERRED_AT_HEADER)
     if value is None:  # most deliveries: asked of each one
         return 0.0
@@ -321,6 +338,48 @@ def deferred_for(message: AbstractIncomingMessage) -> float:
     if since.tzinfo is None:
         return 0.0
     return max((datetime.now(UTC) - since).total_seconds(), 0.0)
+
+
+def _seconds(value: object) -> float | None:
+    """A count of seconds the service wrote (finite, not negative), else None."""
+    if value is None:
+        return None
+    try:
+        seconds = float(header_text(value))
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0.0 else None
+
+
+_BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+@functools.cache
+def _boot_id() -> str | None:
+    """This host's boot id: processes of the same boot share one monotonic clock."""
+    try:
+        with open(_BOOT_ID, encoding="ascii") as file:
+            return file.read().strip() or None
+    except OSError:
+        return None
+
+
+def _host_clock() -> str | None:
+    """DEFERRED_CLOCK_HEADER's value now: the boot id and the monotonic clock."""
+    boot = _boot_id()
+    return None if boot is None else f"{boot} {time.monotonic():.3f}"
+
+
+def _away_since(value: object) -> float | None:
+    """Seconds since DEFERRED_CLOCK_HEADER's `value` was written, if it was written on
+    this host since its boot; else None."""
+    if value is None:
+        return None
+    boot, _, then = header_text(value).partition(" ")
+    at = _seconds(then)
+    if at is None or boot != _boot_id():
+        return None
+    return max(time.monotonic() - at, 0.0)
 
 
 def _copy_of(
