@@ -49,3 +49,17 @@ async def test_a_host_clock_ahead_is_measured_said_once_and_its_end_said(
         ("info", "this host's clock and the database server's agree again"),
     ]
     assert logs[0]["offset_seconds"] == pytest.approx(-30.0, abs=0.5)
+
+
+async def test_a_step_of_the_host_clock_does_not_move_the_time_told_by_the_server_clock(
+    pool: asyncpg.Pool,
+) -> None:
+    """Regression: told as the host's wall clock plus the offset last measured, a step of
+    the host's clock went into every projection delay until the next reading (a minute at
+    most): a step of 90 s, a thousand delays of 90 s recorded where they took
+    milliseconds."""
+    ahead = [0.0]
+    clock = DatabaseClock(pool, "query database", host_clock=lambda: time.time() + ahead[0])
+    await clock.measure()
+    ahead[0] = 90.0  # stepped after the reading
+    assert abs((clock.now() - datetime.now(UTC)).total_seconds()) < 0.5

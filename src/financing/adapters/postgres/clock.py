@@ -4,8 +4,11 @@ The relayer stamps each event with the command database's time of its commit
 (`recorded_at`), and the projector measures an event's delay to its projection
 from that stamp: by this host's clock, a host 30 s ahead of the database server
 read every delay 30 s longer, and one behind read every delay 0. `DatabaseClock`
-measures how far the server's clock is from this host's (half a round trip's
-precision), every CLOCK_INTERVAL, and says when they differ by SKEW_SAID or more.
+reads the server's clock every CLOCK_INTERVAL (half a round trip's precision) and
+tells the time by it in between with this host's monotonic clock, which no step of
+the host's wall clock moves (an offset added to the wall clock read every delay
+90 s longer from a step of the host's clock until the next reading); it says when
+the two clocks differ by SKEW_SAID or more.
 """
 
 from __future__ import annotations
@@ -47,9 +50,13 @@ class DatabaseClock:
         self._interval = interval
         self.offset = 0.0  # the server's clock minus this host's, in seconds
         self._skewed = False
+        # The server's time, as last read (the host's until then), and the monotonic
+        # clock's then.
+        self._read = (host_clock(), time.monotonic())
 
     def now(self) -> datetime:
-        return datetime.fromtimestamp(self._host_clock() + self.offset, UTC)
+        theirs, then = self._read
+        return datetime.fromtimestamp(theirs + time.monotonic() - then, UTC)
 
     async def run(self) -> None:
         while True:
@@ -62,9 +69,10 @@ class DatabaseClock:
     async def measure(self) -> None:
         """Read the server's clock, taken to be read half way through the round trip."""
         async with acquired(self._pool, self._dependency) as conn:
-            sent = self._host_clock()
+            sent, sent_then = self._host_clock(), time.monotonic()
             theirs: datetime = await conn.fetchval("SELECT clock_timestamp()")
-            answered = self._host_clock()
+            answered, answered_then = self._host_clock(), time.monotonic()
+        self._read = (theirs.timestamp(), (sent_then + answered_then) / 2)
         self.offset = theirs.timestamp() - (sent + answered) / 2
         metrics.DATABASE_CLOCK_OFFSET.labels(self._dependency).set(self.offset)
         skewed = abs(self.offset) >= (SKEW_SAID / 2 if self._skewed else SKEW_SAID)
