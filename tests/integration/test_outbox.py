@@ -733,3 +733,32 @@ async def test_a_holder_that_keeps_running_keeps_the_lock_past_its_lease(
         await holder.release()
         await successor.release()
         await asyncio.gather(lost, return_exceptions=True)
+
+
+async def test_a_session_whose_details_the_role_is_not_shown_is_named_as_such(
+    database: Database, pool: asyncpg.Pool
+) -> None:
+    """Regression: a service role without pg_read_all_stats is not shown another role's
+    client, state and transaction: the session holding relaying back was said to be
+    "from local", in no state, "its transaction open for 0 s"."""
+    role = infra.unique_name("fin_unprivileged")
+    await pool.execute(f'CREATE ROLE "{role}" LOGIN')
+    await pool.execute(f'GRANT SELECT ON events, relay_checkpoints TO "{role}"')
+    as_role = Database({**database.connect_kwargs, "user": role})
+    unprivileged = await create_pool(as_role, COMMAND_DATABASE)
+    try:
+        async with open_transaction(pool, new_investor()):  # the superuser's, held open
+            async with open_transaction(pool, new_investor()):
+                pass  # committed behind it
+            held = await PostgresOutbox(unprivileged).held_back_by()
+            seen = await PostgresOutbox(pool).held_back_by()
+    finally:
+        await unprivileged.close()
+        await pool.execute(f'REVOKE ALL ON events, relay_checkpoints FROM "{role}"')
+        await pool.execute(f'DROP ROLE "{role}"')
+    assert held is not None and seen is not None and held.pid == seen.pid
+    assert held.describe() == (
+        f"session {held.pid} (user 'postgres', application 'financing', its client, state and"
+        " transaction are not shown to this role: grant it pg_read_all_stats)"
+    )
+    assert "idle in transaction, its transaction open for" in seen.describe()

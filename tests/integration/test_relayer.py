@@ -425,34 +425,63 @@ async def test_a_transaction_left_open_that_holds_relaying_back_is_named_and_its
     assert len(got) == 4
 
 
-async def test_a_standby_says_who_holds_the_relayer_lock(
+async def test_a_standby_says_who_holds_the_relayer_lock_and_each_new_holder(
     database: Database, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Regression: a session that is no relayer (an operator's, a foreign application's
     with the same key) holding the lock kept every event from being relayed, and the
-    service said nothing: not even that no relayer was elected."""
+    service said nothing: not even that no relayer was elected; and a standby that had
+    said once that another instance relays said nothing when a foreign session took the
+    lock after it."""
     monkeypatch.setattr(outbox_module, "STANDBY_SAID", 0.2)
-    holder = await asyncpg.connect(
-        **database.connect_kwargs, server_settings={"application_name": "someone else"}
-    )
+    leader, thief = [
+        await asyncpg.connect(
+            **database.connect_kwargs, server_settings={"application_name": application}
+        )
+        for application in ("financing", "someone else")
+    ]
     lock = PostgresRelayerLock(database, poll_interval=0.05)
     try:
-        await holder.fetchval("SELECT pg_advisory_lock($1)", RELAYER_LOCK)
+        await leader.fetchval("SELECT pg_advisory_lock($1)", RELAYER_LOCK)
         with capture_logs() as logs:
             acquiring = asyncio.create_task(lock.acquire())
 
-            async def told() -> bool:
-                return any("relayer standing by" in line["event"] for line in logs)
+            def said() -> list[dict[str, Any]]:
+                return [line for line in logs if "relayer standing by" in line["event"]]
 
-            await wait_until(told, timeout=10, what="the holder told")
-            await holder.fetchval("SELECT pg_advisory_unlock($1)", RELAYER_LOCK)
+            async def told(count: int) -> bool:
+                return len(said()) == count
+
+            await wait_until(lambda: told(1), timeout=10, what="the leader told")
+            # The thief waits for the lock first: it gets it as the leader lets go.
+            stealing = asyncio.create_task(
+                thief.fetchval("SELECT pg_advisory_lock($1)", RELAYER_LOCK)
+            )
+            await wait_until(lambda: lock_waiters(pool, 1), what="the thief waiting")
+            await leader.fetchval("SELECT pg_advisory_unlock($1)", RELAYER_LOCK)
+            await stealing
+            await wait_until(lambda: told(2), timeout=10, what="the thief told")
+            await thief.fetchval("SELECT pg_advisory_unlock($1)", RELAYER_LOCK)
             await asyncio.wait_for(acquiring, 10)
     finally:
         await lock.release()
-        await holder.close()
-    [line] = [line for line in logs if "relayer standing by" in line["event"]]
-    assert line["log_level"] == "warning", line
-    assert line["pid"] == holder.get_server_pid() and line["application"] == "someone else"
+        await leader.close()
+        await thief.close()
+    first, second = said()
+    assert first["log_level"] == "info", first
+    assert first["holder"].startswith(f"session {leader.get_server_pid()} (user 'postgres',")
+    assert second["log_level"] == "warning", second
+    assert second["holder"].startswith(
+        f"session {thief.get_server_pid()} (user 'postgres', application 'someone else'"
+    )
+
+
+async def lock_waiters(pool: asyncpg.Pool, count: int) -> bool:
+    waiting = await pool.fetchval(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+    return bool(waiting == count)
 
 
 async def pending_exactly(pool: asyncpg.Pool, count: int) -> bool:

@@ -270,23 +270,29 @@ class EventPublisher(Protocol):
 
 
 @dataclass(frozen=True)
-class HoldingTransaction:
-    """A transaction of the event store's database that relaying waits for: events
-    committed after it began are relayed only once it ends (commit order, no gaps)."""
+class OtherSession:
+    """Another session of a database, as the server shows it to the service's role: a
+    role without pg_read_all_stats is not shown the client, state and transaction of
+    another role's sessions (None then)."""
 
-    pid: int  # its session's server process
+    pid: int  # its server process
     user: str
-    application: str  # the session's application_name
-    client: str  # the session's client address, "local" for a socket
-    state: str  # its session's state ("idle in transaction": left open)
-    open_for: float  # seconds since it began
+    application: str  # its application_name
+    client: str | None  # its client's address, "local" for a socket
+    state: str | None  # "idle in transaction": a transaction left open
+    open_for: float | None  # seconds since its transaction began; None outside one
 
     def describe(self) -> str:
-        return (
-            f"session {self.pid} (user {self.user!r}, application {self.application!r},"
-            f" from {self.client}, {self.state}), its transaction open for"
-            f" {self.open_for:.0f} s"
-        )
+        if self.state is None:
+            seen = (
+                "its client, state and transaction are not shown to this role: grant it"
+                " pg_read_all_stats"
+            )
+        else:
+            seen = f"from {self.client}, {self.state}"
+            if self.open_for is not None:
+                seen += f", its transaction open for {self.open_for:.0f} s"
+        return f"session {self.pid} (user {self.user!r}, application {self.application!r}, {seen})"
 
 
 class Outbox(Protocol):
@@ -302,7 +308,7 @@ class Outbox(Protocol):
         """How many events are not relayed yet, and how old the oldest of them is (seconds)."""
         ...
 
-    async def held_back_by(self) -> HoldingTransaction | None:
+    async def held_back_by(self) -> OtherSession | None:
         """The transaction an event not relayed yet waits for, if one does."""
         ...
 

@@ -25,6 +25,7 @@ from financing.application.errors import (
     Unavailable,
     said_of,
 )
+from financing.application.ports import OtherSession
 from financing.config import Database
 
 # A connection that statements can run on: a dedicated one or one borrowed from a pool.
@@ -216,19 +217,37 @@ class acquired:
                 await self._pool.release(self._conn)
 
 
-async def advisory_lock_holder(conn: Connection, key: int) -> asyncpg.Record | None:
-    """The session holding the advisory lock `key` of this database, if any: its pid,
-    application_name, client (its address; None for a local socket), state and
-    xact_start (pg_stat_activity's)."""
-    return await conn.fetchrow(
-        "SELECT a.pid, a.application_name, host(a.client_addr) AS client, a.state,"
-        " a.xact_start FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid"
-        " WHERE l.locktype = 'advisory' AND l.granted AND l.database = ("
+# What `other_session` reads of a session, from pg_stat_activity as `a`.
+SESSION_COLUMNS = (
+    "a.pid, a.usename, a.application_name, host(a.client_addr) AS client, a.state,"
+    " extract(epoch FROM now() - a.xact_start)::float8 AS open_for"
+)
+
+
+def other_session(row: asyncpg.Record) -> OtherSession:
+    """The session a row of SESSION_COLUMNS shows."""
+    state = row["state"]
+    return OtherSession(
+        pid=row["pid"],
+        user=row["usename"] or "",
+        application=row["application_name"] or "",
+        client=None if state is None else row["client"] or "local",
+        state=state,
+        open_for=None if row["open_for"] is None else max(0.0, float(row["open_for"])),
+    )
+
+
+async def advisory_lock_holder(conn: Connection, key: int) -> OtherSession | None:
+    """The session holding the advisory lock `key` of this database, if any."""
+    row = await conn.fetchrow(
+        f"SELECT {SESSION_COLUMNS} FROM pg_locks AS l JOIN pg_stat_activity AS a"
+        " ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted AND l.database = ("
         "SELECT oid FROM pg_database WHERE datname = current_database())"
         " AND ((l.classid::bigint << 32) | l.objid::bigint) = $1 AND l.objsubid = 1"
         " LIMIT 1",
         key,
     )
+    return None if row is None else other_session(row)
 
 
 async def ping(pool: asyncpg.Pool, dependency: str) -> None:

@@ -25,11 +25,13 @@ from financing.adapters.postgres.connection import (
     CLOSE_TIMEOUT,
     COMMAND_DATABASE,
     SERVICE_APPLICATION,
+    SESSION_COLUMNS,
     acquired,
     advisory_lock_holder,
     close_connection,
     connect,
     is_unavailable,
+    other_session,
     translated,
 )
 from financing.adapters.postgres.event_store import (
@@ -39,7 +41,7 @@ from financing.adapters.postgres.event_store import (
     stored_event,
 )
 from financing.application.errors import Unavailable
-from financing.application.ports import HoldingTransaction, StoredEvent
+from financing.application.ports import OtherSession, StoredEvent
 from financing.config import Database
 from financing.logging import get_logger
 
@@ -134,7 +136,8 @@ class RelayBacklog:
     moved_at: datetime | None  # when the checkpoint last moved
     waiting: int  # events not relayed yet
     oldest_age: float  # seconds since the oldest of them was recorded; 0 when none
-    held_back_by: HoldingTransaction | None = None  # `PostgresOutbox.held_back_by`
+    held_back_by: OtherSession | None = None  # `PostgresOutbox.held_back_by`
+    relayer: OtherSession | None = None  # the relayer lock's holder, when events wait
 
 
 # The session whose transaction is the relaying horizon (RELAYING_HORIZON), when an event
@@ -143,9 +146,7 @@ class RelayBacklog:
 # in a transaction), which a relayer cannot tell from one about to append events.
 _HELD_BACK_BY = (
     f"WITH horizon AS (SELECT {RELAYING_HORIZON} AS xid)"
-    " SELECT a.pid, a.usename, a.application_name, a.client_addr::text AS client, a.state,"
-    " extract(epoch FROM now() - a.xact_start)::float8 AS open_for"
-    " FROM horizon h JOIN pg_stat_activity a"
+    f" SELECT {SESSION_COLUMNS} FROM horizon h JOIN pg_stat_activity a"
     " ON a.backend_xid = h.xid::xid AND a.datname = current_database()"
     " WHERE EXISTS (SELECT 1 FROM events e"
     " WHERE (e.transaction_id, e.position) > ($1::xid8, $2) AND e.transaction_id >= h.xid)"
@@ -216,23 +217,14 @@ class PostgresOutbox:
         count, age = row
         return int(count), max(0.0, float(age or 0.0))
 
-    async def held_back_by(self) -> HoldingTransaction | None:
+    async def held_back_by(self) -> OtherSession | None:
         """The transaction an event after the checkpoint waits for, if one does: the
         oldest still running in this database that may write events."""
         async with acquired(self._pool, COMMAND_DATABASE) as conn:
             checkpoint = await conn.fetchrow(_CHECKPOINT_VALUES, self._name)
             assert checkpoint is not None  # a SELECT without FROM returns one row
             row = await conn.fetchrow(_HELD_BACK_BY, *checkpoint)
-        if row is None:
-            return None
-        return HoldingTransaction(
-            pid=row["pid"],
-            user=row["usename"] or "",
-            application=row["application_name"] or "",
-            client=row["client"] or "local",
-            state=row["state"] or "",
-            open_for=max(0.0, float(row["open_for"] or 0.0)),
-        )
+        return None if row is None else other_session(row)
 
     async def backlog(self) -> RelayBacklog:
         """The checkpoint and what is waiting behind it (`financing status`)."""
@@ -247,7 +239,13 @@ class PostgresOutbox:
             waiting=waiting,
             oldest_age=oldest_age,
             held_back_by=await self.held_back_by() if waiting else None,
+            relayer=await self.relayer() if waiting else None,
         )
+
+    async def relayer(self) -> OtherSession | None:
+        """The session holding the relayer lock: the relayer, if one runs."""
+        async with acquired(self._pool, COMMAND_DATABASE) as conn:
+            return await advisory_lock_holder(conn, RELAYER_LOCK)
 
     async def mark_relayed(self, events: Sequence[StoredEvent]) -> None:
         """Move the checkpoint past `events`, which must be the next ones `pending` gives.
@@ -322,13 +320,8 @@ async def rewind(pool: asyncpg.Pool, since: datetime, name: str = "relayer") -> 
     return Rewound(again=row["again"] if row["moved"] else 0, first=row["first"])
 
 
-def _running(holder: asyncpg.Record | None) -> str:
-    who = (
-        f"session {holder['pid']} ({holder['application_name'] or 'no application name'},"
-        f" from {holder['client'] or 'a local socket'})"
-        if holder is not None
-        else "a session that has just ended"
-    )
+def _running(holder: OtherSession | None) -> str:
+    who = holder.describe() if holder is not None else "a session that has just ended"
     return (
         f"a relayer is running ({who} holds the relayer lock): stop every instance that"
         " runs the relayer component, then rewind, then start them again"
@@ -339,28 +332,22 @@ def _running(holder: asyncpg.Record | None) -> str:
 # lock with it: several of its holder's round trips (`check_interval`), so that only a
 # holder that has stopped running loses it.
 LOCK_LEASE = 5.0
-# Seconds a relayer stands by, the lock held by another session, before it says which.
+# Seconds a relayer stands by, the lock held by another session, before it says which;
+# it looks again as often, and says so whenever another session holds it.
 STANDBY_SAID = 10.0
 
 
-def _tell_holder(holder: asyncpg.Record | None) -> None:
-    """Who holds the relayer lock this instance has stood by for STANDBY_SAID: another
-    instance's relayer, said once; any other session (an operator's, a foreign
-    application's) keeps every event from being relayed, and a warning says so."""
-    if holder is None:
-        return  # let go of meanwhile
-    said = {
-        "pid": holder["pid"],
-        "application": holder["application_name"],
-        "client": holder["client"] or "local",
-    }
-    if holder["application_name"] == SERVICE_APPLICATION:
-        log.info("relayer standing by: another instance relays", **said)
+def _tell_holder(holder: OtherSession) -> None:
+    """Who holds the relayer lock this instance stands by for: another instance's
+    relayer; or a session that is no relayer of the service (an operator's, a foreign
+    application's), which keeps every event from being relayed, and a warning says so."""
+    if holder.application == SERVICE_APPLICATION:
+        log.info("relayer standing by: another instance relays", holder=holder.describe())
     else:
         log.warning(
             "relayer standing by: a session that is no relayer of the service holds its"
             " lock, and no event is relayed until it lets go",
-            **said,
+            holder=holder.describe(),
         )
 
 
@@ -402,8 +389,8 @@ class PostgresRelayerLock:
         operator ended it), and only a new session's failure says the database is out.
         Taken for an outage, it kept a standby's `/health` at 503 for 12 s after a
         freeze, over a database that answered all along."""
-        standing_by = time.monotonic()
-        told = False
+        look_at = time.monotonic() + STANDBY_SAID  # when to look who holds the lock
+        told: int | None = None  # the holder said last, by pid
         try:
             while True:
                 kept = self._conn is not None and not self._conn.is_closed()
@@ -411,10 +398,12 @@ class PostgresRelayerLock:
                 try:
                     with translated(COMMAND_DATABASE):
                         taken = await conn.fetchval("SELECT pg_try_advisory_lock($1)", RELAYER_LOCK)
-                        if not taken and not told:
-                            told = time.monotonic() - standing_by >= STANDBY_SAID
-                            if told:
-                                _tell_holder(await advisory_lock_holder(conn, RELAYER_LOCK))
+                        if not taken and time.monotonic() >= look_at:
+                            look_at = time.monotonic() + STANDBY_SAID
+                            holder = await advisory_lock_holder(conn, RELAYER_LOCK)
+                            if holder is not None and holder.pid != told:
+                                _tell_holder(holder)
+                                told = holder.pid
                 except Unavailable:
                     if not kept:
                         raise

@@ -240,19 +240,7 @@ async def _report_waiting(conn: Connection, name: str) -> None:
     log.warning(
         "migration waits for another session's migration lock",
         database=DATABASES.get(name, f"{name} database"),
-        **(
-            {
-                "holder_pid": holder["pid"],
-                "holder_application": holder["application_name"],
-                "holder_client": holder["client"] or "local socket",
-                "holder_state": holder["state"],
-                "holder_transaction_since": holder["xact_start"].isoformat()
-                if holder["xact_start"]
-                else None,
-            }
-            if holder
-            else {}
-        ),
+        **({"holder": holder.describe(), "holder_pid": holder.pid} if holder else {}),
     )
 
 

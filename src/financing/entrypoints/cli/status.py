@@ -15,7 +15,11 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from financing.adapters.postgres.connection import COMMAND_DATABASE, QUERY_DATABASE
+from financing.adapters.postgres.connection import (
+    COMMAND_DATABASE,
+    QUERY_DATABASE,
+    SERVICE_APPLICATION,
+)
 from financing.adapters.postgres.outbox import PostgresOutbox, RelayBacklog
 from financing.adapters.postgres.schema import SchemaAhead, SchemaBehind
 from financing.adapters.rabbitmq import topology
@@ -116,12 +120,21 @@ async def _event_store(settings: Settings, findings: Findings, max_relay_lag: fl
     findings.report("command database", f"{settings.command_db.describe()}: reachable")
     findings.report("relayer", _relaying(backlog))
     if backlog.waiting and backlog.oldest_age > max_relay_lag:
-        holder = backlog.held_back_by
         findings.problems.append(
             f"an event has waited {backlog.oldest_age:.1f} s to be relayed"
-            f" (at most {max_relay_lag:g} s is healthy)"
-            + ("" if holder is None else f", behind the open transaction of {holder.describe()}")
+            f" (at most {max_relay_lag:g} s is healthy){_why_waiting(backlog)}"
         )
+
+
+def _why_waiting(backlog: RelayBacklog) -> str:
+    """What an unhealthy relay lag waits for, as far as the database tells."""
+    if backlog.held_back_by is not None:
+        return f", behind the open transaction of {backlog.held_back_by.describe()}"
+    if backlog.relayer is None:
+        return ", and no session holds the relayer lock: no instance runs the relayer"
+    if backlog.relayer.application != SERVICE_APPLICATION:
+        return f", and the relayer lock is held by {backlog.relayer.describe()}, no relayer"
+    return ""
 
 
 def _relaying(backlog: RelayBacklog) -> str:
