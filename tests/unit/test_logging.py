@@ -22,6 +22,8 @@ logging.getLogger("grpclib.server").info("Request was cancelled: %s", "Connectio
 logging.getLogger("hpack.hpack").debug("Decoded %s", (b"authorization", b"Bearer SECRET-TOKEN"))
 logging.getLogger("h2.connection").debug("Process received frame %s", "HEADERS")
 logging.getLogger("aiormq.connection").debug("Sending %r", "Basic.Publish and its body")
+logging.getLogger("aio_pika.exchange").debug("Publishing message with routing key %r", "BODY")
+logging.getLogger("aio_pika.robust_connection").warning("Connection attempt failed")
 warnings.warn("a library's warning")
 raise RuntimeError("nobody caught this")
 """
@@ -58,10 +60,18 @@ def test_every_line_is_one_json_object_with_tracebacks_as_a_field() -> None:
 
 def test_transport_libraries_connection_chatter_is_demoted_to_debug() -> None:
     _, quiet = run("INFO")
-    assert not [line for line in quiet if line.get("logger", "").startswith(("aiormq", "asyncpg"))]
+    assert not [
+        line
+        for line in quiet
+        if line.get("logger", "").startswith(("aiormq", "asyncpg", "aio_pika"))
+    ]
     _, verbose = run("DEBUG")
-    chatter = [line for line in verbose if line.get("logger", "").startswith(("aiormq", "asyncpg"))]
-    assert len(chatter) == 2 and {line["level"] for line in chatter} == {"debug"}, chatter
+    chatter = [
+        line
+        for line in verbose
+        if line.get("logger", "").startswith(("aiormq", "asyncpg", "aio_pika"))
+    ]
+    assert len(chatter) == 3 and {line["level"] for line in chatter} == {"debug"}, chatter
 
 
 def test_grpclibs_lines_about_what_one_caller_did_are_debug() -> None:
@@ -78,10 +88,11 @@ def test_grpclibs_lines_about_what_one_caller_did_are_debug() -> None:
 
 def test_what_the_wire_libraries_dump_frame_by_frame_is_never_written() -> None:
     """Regression: at DEBUG, hpack wrote every header of every call, a caller's
-    `authorization` included, and aiormq every AMQP frame."""
+    `authorization` included, aiormq every AMQP frame, and aio-pika every message it
+    published and every entity it declared."""
     for level in ("INFO", "DEBUG"):
         _, lines = run(level)
         text = json.dumps(lines)
         assert "SECRET-TOKEN" not in text
         assert not [line for line in lines if line.get("logger", "").startswith(("hpack", "h2"))]
-        assert "Basic.Publish" not in text
+        assert "Basic.Publish" not in text and "Publishing message" not in text
