@@ -168,3 +168,20 @@ async def test_a_queue_nobody_consumes_deleted_meanwhile_is_made_again_as_it_is_
     assert [(line["log_level"], line.get("queue")) for line in logs] == [("warning", queue)]
     assert restored(queue) - before == 1.0
     assert (await rabbitmq.list_queues(vhost.name))[queue]["messages_ready"] == 1
+
+
+async def test_the_deferrals_binding_deleted_alone_is_declared_again_without_a_loss_said(
+    declared: tuple[rabbitmq.Vhost, Broker, Publisher],
+) -> None:
+    _, broker, publisher = declared
+    copy = aio_pika.Message(b"{}", headers={"name": "BidOnInvoice"}, expiration=600)
+    await publisher.defer(copy, "BidOnInvoice")
+    channel = await broker.channel()
+    queue = await channel.get_queue(topology.DEFERRALS, ensure=False)
+    await queue.unbind(topology.DEFERRALS)
+    await channel.close()
+
+    with capture_logs() as logs:
+        await publisher.defer(copy, "BidOnInvoice")  # returned, then bound and published again
+
+    assert [line for line in logs if line["log_level"] != "debug"] == []

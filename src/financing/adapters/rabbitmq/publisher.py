@@ -233,16 +233,19 @@ class Publisher:
         self, queue: str, declare: Declaration, publish: Callable[[], Awaitable[None]]
     ) -> None:
         """`publish` to `queue`, which nobody consumes; returned unroutable, it found the
-        queue deleted under the service (an operator, a policy's `expires`): the queue is
-        declared again, said (`topology.said_restored`), and `publish` tried once more.
-        It was a broker outage before, `/health` 503, and the loss went unsaid."""
+        queue deleted under the service (an operator, a policy's `expires`; or only its
+        binding, the deferrals'): the queue is declared again, a deletion said
+        (`topology.said_restored`), and `publish` tried once more. It was a broker
+        outage before, `/health` 503, and the loss went unsaid."""
         try:
             await publish()
         except PublishFailed as failed:
             if not failed.unroutable:
                 raise
+            gone = not await self.queue_exists(queue)
             await self._declared(f"queue {queue!r}", declare)
-            said_restored(queue)
+            if gone:
+                said_restored(queue)
             await publish()
 
     async def route_again(self, message: AbstractMessage) -> None:
