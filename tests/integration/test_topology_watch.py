@@ -15,14 +15,16 @@ from structlog.testing import capture_logs
 
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import Broker
-from financing.adapters.rabbitmq.publisher import Publisher, PublishFailed
-from financing.adapters.rabbitmq.topology_watch import UNCONSUMED, TopologyWatch
+from financing.adapters.rabbitmq.publisher import Publisher
+from financing.adapters.rabbitmq.topology_watch import TopologyWatch
 from financing.application.ports import Envelope
 from financing.application.retry import Outages
 from tests.support import rabbitmq
 from tests.support.infra import wait_until
 
 PLACED = "BidOnInvoicePlacedEvent"
+# The queues nobody consumes.
+UNCONSUMED = (topology.DEAD_LETTER_QUEUE, topology.DEFERRALS)
 
 
 @pytest.fixture
@@ -118,7 +120,9 @@ async def test_a_part_the_broker_refuses_keeps_no_other_from_being_declared(
     """Regression: a command queue declared again by someone else with other arguments
     stopped the declaration at that queue: the bindings after it stayed missing (events
     dead-lettered from financing_unrouted for as long), and, from the relayer's publish
-    returned unroutable, the refusal stopped the relayer and the service (exit 1)."""
+    returned unroutable, the refusal stopped the relayer and the service (exit 1); and a
+    publish returned unroutable, the topology once declared again, failed all the same: a
+    broker outage, `/health` 503, where the broker never went."""
     vhost, broker, publisher = declared
     expected = sorted(await rabbitmq.list_bindings_with_arguments(vhost.name))
     await conflicting(broker, "ReverseFinancing")  # a command queue, declared early
@@ -129,13 +133,11 @@ async def test_a_part_the_broker_refuses_keeps_no_other_from_being_declared(
     await channel.close()
     watch = TopologyWatch(publisher)
     with capture_logs() as logs:
-        with pytest.raises(PublishFailed) as returned:  # no queue took it: the caller retries
-            await publisher.publish_events([event()])
-        await publisher.publish_events([event()])  # routed again
+        # Returned (no queue took it): the topology declared again, and published again.
+        await publisher.publish_events([event()])
         await watch.declare_once()
         await watch.declare_once()
 
-    assert returned.value.unroutable
     assert sorted(await rabbitmq.list_bindings_with_arguments(vhost.name)) == expected
     refused = [line for line in logs if line["event"] == "the topology could not be declared again"]
     assert len(refused) == 1, logs  # said once while it lasts
@@ -185,3 +187,32 @@ async def test_the_deferrals_binding_deleted_alone_is_declared_again_without_a_l
         await publisher.defer(copy, "BidOnInvoice")  # returned, then bound and published again
 
     assert [line for line in logs if line["log_level"] != "debug"] == []
+
+
+async def test_a_deletion_met_by_many_publishes_and_the_watch_at_once_is_said_once(
+    declared: tuple[rabbitmq.Vhost, Broker, Publisher],
+) -> None:
+    """Regression: looked for on the probe's channel, which the broker closes for a queue
+    it does not have, the deletion failed the declarations and probes sharing it (a
+    broker outage, `/health` 503), and each publish that met it said and counted it."""
+    vhost, broker, publisher = declared
+    copy = aio_pika.Message(b"{}", headers={"name": "BidOnInvoice"}, expiration=600)
+    await publisher.defer(copy, "BidOnInvoice")
+    channel = await broker.channel()
+    await channel.queue_delete(topology.DEFERRALS)
+    await channel.close()
+    before = restored(topology.DEFERRALS)
+
+    with capture_logs() as logs:
+        await asyncio.gather(
+            *(publisher.defer(copy, "BidOnInvoice") for _ in range(8)),
+            TopologyWatch(publisher).declare_once(),
+            *(publisher.probe() for _ in range(4)),
+        )
+
+    said = [line for line in logs if line["log_level"] != "debug"]
+    assert [(line["log_level"], line.get("queue")) for line in said] == [
+        ("warning", topology.DEFERRALS)
+    ], said
+    assert restored(topology.DEFERRALS) - before == 1.0
+    assert (await rabbitmq.list_queues(vhost.name))[topology.DEFERRALS]["messages_ready"] == 8

@@ -102,6 +102,11 @@ class Publisher:
         self._deferrals: tuple[AbstractChannel, AbstractExchange] | None = None
         # The refusals `declare_topology` said, while they last.
         self._refusals: set[str] = set()
+        # The channel `queue_exists` asks on, one question at a time; `restore`, one
+        # queue at a time.
+        self._inquiry: AbstractChannel | None = None
+        self._inquiring = asyncio.Lock()
+        self._restoring_one = asyncio.Lock()
 
     @property
     def confirm_timeout(self) -> float:
@@ -131,25 +136,34 @@ class Publisher:
         if not envelopes:
             return
         what = f"{len(envelopes)} event(s)"
+        publishes: list[tuple[Envelope | AbstractMessage, str | None]] = [
+            (envelope, None) for envelope in envelopes
+        ]
         try:
-            await self._confirmed(what, [(envelope, None) for envelope in envelopes])
+            try:
+                await self._confirmed(what, publishes)
+            except PublishFailed as failed:
+                if not failed.unroutable or not await self._declared_topology_again():
+                    raise
+                await self._confirmed(what, publishes)  # routed now: the same ids again
         except PublishFailed as failed:
             self._events_refused = (failed.detail, time.monotonic())
-            if failed.unroutable:
-                await self._declare_topology_again()
             raise
         self._events_refused = None
 
-    async def _declare_topology_again(self) -> None:
+    async def _declared_topology_again(self) -> bool:
         """`events` feeds an exchange whose alternate exchange takes whatever no queue
         does, so an event returned as unroutable means that part of the topology was
         deleted under the service (an exchange, a binding), which no consumer notices.
-        It is declared again, so that the caller's next attempt is routed."""
+        It is declared again, so that the events are published again at once; whether
+        it was (else the caller's publish failed: a broker outage)."""
         log.warning("events were returned as unroutable; declaring the topology again")
         try:
             await self.declare_topology()
         except Unavailable as error:
             log.debug("declaring the topology again failed", error=repr(error))
+            return False
+        return True
 
     async def declare_topology(self) -> None:
         """The whole topology declared (again), a part at a time on the probe's channel
@@ -169,18 +183,47 @@ class Publisher:
         self._refusals = refused
 
     async def queue_exists(self, name: str) -> bool:
-        """Whether the broker has the queue `name`, asked on the probe's channel: a
-        channel of its own for each question, opened and closed, left aiormq's callbacks
-        on the connection for good (4 kB a channel, an idle service growing for ever)."""
-
-        async def passive(channel: AbstractChannel) -> bool:
+        """Whether the broker has the queue `name`: asked on a channel kept for such
+        questions, one at a time, and opened again only after a queue was found missing
+        (the broker closes the channel of a passive declaration it cannot answer).
+        Asked on a channel of its own each time, opened and closed, it left aiormq's
+        callbacks on the connection for good (4 kB a channel, an idle service growing for
+        ever); asked on the probe's, a missing queue closed the channel under the probes
+        and declarations sharing it (a broker outage that was none)."""
+        async with self._inquiring:
             try:
-                await channel.declare_queue(name, passive=True)
-            except aiormq.exceptions.ChannelNotFoundEntity:
-                return False  # and the channel is closed: the next question opens another
-            return True
+                async with asyncio.timeout(self._confirm_timeout):
+                    if self._inquiry is None or self._inquiry.is_closed:
+                        self._inquiry = await self._broker.channel()
+                    with translated():
+                        try:
+                            await self._inquiry.declare_queue(name, passive=True)
+                        except aiormq.exceptions.ChannelNotFoundEntity:
+                            return False
+                        return True
+            except TimeoutError:
+                raise PublishFailed(f"queue {name!r} not looked for within the timeout") from None
+            except PublishFailed:
+                raise
+            except Unavailable as error:
+                raise PublishFailed(f"looking for queue {name!r}: {error.detail}") from error
 
-        return await self._declared(f"queue {name!r}", passive)
+    async def restore_unconsumed(self) -> None:
+        """Declare the queues nobody consumes again (`restore`)."""
+        queue_type = self._broker.queue_type
+        await self.restore(DEAD_LETTER_QUEUE, DEAD_LETTERS.of_type(queue_type).declare)
+        await self.restore(DEFERRALS, lambda side: declare_deferrals(side, queue_type))
+
+    async def restore(self, queue: str, declare: Declaration) -> None:
+        """Declare `queue`, which nobody consumes, again (`declare`), and say so if it was
+        gone (`topology.said_restored`): deleted under the service by an operator or a
+        policy's `expires`, with what it held. One at a time, so that a deletion several
+        publishes and the topology watch meet at once is said and counted once."""
+        async with self._restoring_one:
+            gone = not await self.queue_exists(queue)
+            await self._declared(f"queue {queue!r}", declare)
+            if gone:
+                said_restored(queue)
 
     async def send_to_queue(self, queue: str, envelope: Envelope) -> None:
         """Publish to `queue` through the default exchange; unroutable means failure."""
@@ -242,10 +285,7 @@ class Publisher:
         except PublishFailed as failed:
             if not failed.unroutable:
                 raise
-            gone = not await self.queue_exists(queue)
-            await self._declared(f"queue {queue!r}", declare)
-            if gone:
-                said_restored(queue)
+            await self.restore(queue, declare)
             await publish()
 
     async def route_again(self, message: AbstractMessage) -> None:
@@ -387,10 +427,10 @@ class Publisher:
 
     async def close(self) -> None:
         self._probing.cancel()
-        for channel in (self._channel, self._probe_channel):
+        for channel in (self._channel, self._probe_channel, self._inquiry):
             if channel is not None:
                 await close_channel(channel)
-        self._channel = self._probe_channel = None
+        self._channel = self._probe_channel = self._inquiry = None
 
 
 async def _settled(publish: Awaitable[object]) -> object:

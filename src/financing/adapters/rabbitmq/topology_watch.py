@@ -9,8 +9,8 @@ good. So every process that consumes declares the whole topology again every
 TOPOLOGY_INTERVAL (a declaration leaves what exists as it is), and at once when an
 event arrives where only a missing binding can have sent it (`topology.unrouted`);
 the two queues nobody consumes are looked for first, and one gone (an operator, a
-policy's `expires`) is said once and counted (`topology.said_restored`). Everything
-runs on the publisher's probe channel: no channel is opened for it.
+policy's `expires`) is said once and counted (`topology.said_restored`). It runs on
+the publisher's channels: no channel is opened for it while nothing is missing.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.publisher import Publisher
 from financing.application.errors import Unavailable
 from financing.logging import get_logger
@@ -29,8 +28,6 @@ log = get_logger(__name__)
 # leave events of its names behind its queue (`financing relay rewind` sends them again).
 # Each costs about 60 frames to the broker, in each process that consumes.
 TOPOLOGY_INTERVAL = 30.0
-# The queues no consumer of the service reads, whose deletion nobody else hears of.
-UNCONSUMED = (topology.DEAD_LETTER_QUEUE, topology.DEFERRALS)
 
 
 class TopologyWatch:
@@ -58,10 +55,8 @@ class TopologyWatch:
                 log.debug("declaring the topology again failed", error=repr(error))
 
     async def declare_once(self) -> None:
-        """Look for the queues nobody consumes, declare the whole topology (each part the
-        broker refuses said, the others declared all the same), then say which of them
-        were gone (and made again, empty)."""
-        gone = [name for name in UNCONSUMED if not await self._publisher.queue_exists(name)]
+        """The queues nobody consumes, each said if it was gone (`Publisher.restore`), then
+        the whole topology (each part the broker refuses said, the others declared all the
+        same)."""
+        await self._publisher.restore_unconsumed()
         await self._publisher.declare_topology()
-        for name in gone:
-            topology.said_restored(name)
