@@ -191,22 +191,20 @@ class Publisher:
         ever); asked on the probe's, a missing queue closed the channel under the probes
         and declarations sharing it (a broker outage that was none)."""
         async with self._inquiring:
-            try:
-                async with asyncio.timeout(self._confirm_timeout):
-                    if self._inquiry is None or self._inquiry.is_closed:
-                        self._inquiry = await self._broker.channel()
-                    with translated():
-                        try:
-                            await self._inquiry.declare_queue(name, passive=True)
-                        except aiormq.exceptions.ChannelNotFoundEntity:
-                            return False
-                        return True
-            except TimeoutError:
-                raise PublishFailed(f"queue {name!r} not looked for within the timeout") from None
-            except PublishFailed:
-                raise
-            except Unavailable as error:
-                raise PublishFailed(f"looking for queue {name!r}: {error.detail}") from error
+
+            async def inquiring() -> AbstractChannel:
+                if self._inquiry is None or self._inquiry.is_closed:
+                    self._inquiry = await self._broker.channel()
+                return self._inquiry
+
+            async def passive(channel: AbstractChannel) -> bool:
+                try:
+                    await channel.declare_queue(name, passive=True)
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    return False
+                return True
+
+            return await self._timed(f"queue {name!r}", "looked for", inquiring, passive)
 
     async def restore_unconsumed(self) -> None:
         """Declare the queues nobody consumes again (`restore`)."""
@@ -367,17 +365,28 @@ class Publisher:
         declaration the broker refuses (other arguments, a limit reached) closes its
         channel, which would fail every publish in flight on the one they share, and on
         that one it would wait behind them."""
+        return await self._timed(what, "declared", self._probing_channel, declare)
+
+    async def _timed(
+        self,
+        what: str,
+        done: str,
+        channel: Callable[[], Awaitable[AbstractChannel]],
+        act: Callable[[AbstractChannel], Awaitable[T]],
+    ) -> T:
+        """`act` on `channel()` within the confirm timeout; the broker's failures, the
+        timeout's included, as PublishFailed saying what was not `done`."""
         try:
             async with asyncio.timeout(self._confirm_timeout):
-                channel = await self._probing_channel()
+                opened = await channel()
                 with translated():
-                    return await declare(channel)
+                    return await act(opened)
         except TimeoutError:
-            raise PublishFailed(f"{what} not declared within the timeout") from None
+            raise PublishFailed(f"{what} not {done} within the timeout") from None
         except PublishFailed:
             raise
         except Unavailable as error:
-            raise PublishFailed(f"declaring {what}: {error.detail}") from error
+            raise PublishFailed(f"{what} not {done}: {error.detail}") from error
 
     async def _opened(self, what: str) -> tuple[AbstractChannel, AbstractExchange]:
         try:
