@@ -33,8 +33,8 @@ SKEW_SAID = 1.0
 
 
 class DatabaseClock:
-    """The time by the database server's clock, from this host's clock and their offset
-    as last measured (0 until then)."""
+    """The time by the database server's clock: as last read (the host's until then),
+    and the host's monotonic clock since; and the offset of the two clocks as then."""
 
     def __init__(
         self,
