@@ -20,7 +20,7 @@ from tests.faults.test_broker_outage import close_connections, grant, revoke
 from tests.faults.test_database_outage import set_connections_allowed, terminate_sessions
 from tests.support import foreign_grpc, infra
 from tests.support.raw_h2 import EMPTY_MESSAGE, HEALTH_CHECK, RawConnection
-from tests.support.service import ROOT, run_cli
+from tests.support.service import ROOT, reap, run_cli
 
 # "Within a few seconds": the probes run every second and time out after two.
 NOTICED_WITHIN = 6.0
@@ -169,9 +169,7 @@ async def test_at_shutdown_a_watch_call_ends_and_every_connection_is_sent_away(
     finally:
         if stopping is not None:
             await asyncio.gather(stopping, return_exceptions=True)
-        if watcher.returncode is None:
-            watcher.kill()
-            await watcher.wait()
+        await reap(watcher)
     statuses = rest.decode().splitlines()
     # Told, and then its call ended with a status (grpclib's went on until the
     # connection's close cut it).

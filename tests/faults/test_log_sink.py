@@ -16,7 +16,7 @@ from grpclib.client import Channel
 
 from financing.generated import CommandsStub, Money, SellInvoiceCommand, Uuid
 from tests.support import infra
-from tests.support.service import READY_EVENT, financing_command, free_port
+from tests.support.service import READY_EVENT, financing_command, free_port, reap
 
 WITHIN = 30.0
 
@@ -64,9 +64,7 @@ async def serving(listener: Listener, stderr: int) -> AsyncIterator[asyncio.subp
     try:
         yield process
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await reap(process)
 
 
 async def sells(listener: Listener) -> bool:

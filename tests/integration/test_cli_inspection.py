@@ -44,7 +44,7 @@ from financing.generated import BidOnInvoiceCommand, CommandsStub, Money, SellIn
 from tests.support import infra, rabbitmq
 from tests.support.answers import call, correlation_of
 from tests.support.deployment import LocalDeployment, local_deployment
-from tests.support.service import CommandLine, financing_command, free_port, run_cli
+from tests.support.service import CommandLine, financing_command, free_port, reap, run_cli
 
 # A SellInvoice waits about 3 s for its issuer before it is dead-lettered.
 DEAD_LETTER_WITHIN = 20.0
@@ -418,9 +418,7 @@ async def tailing(env: Mapping[str, str]) -> AsyncIterator[asyncio.subprocess.Pr
         await read_until(tail.stderr, lambda line: "following events on" in line)
         yield tail
     finally:
-        if tail.returncode is None:
-            tail.kill()
-            await tail.wait()
+        await reap(tail)
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
@@ -447,9 +445,7 @@ async def test_tail_stopped_while_it_connects_exits_zero(stop: signal.Signals) -
         async with asyncio.timeout(10):
             _, stderr = await tail.communicate()
     finally:
-        if tail.returncode is None:
-            tail.kill()
-            await tail.wait()
+        await reap(tail)
         await proxy.close()
     assert tail.returncode == 0, stderr.decode()[-2000:]
 

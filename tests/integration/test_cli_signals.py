@@ -15,7 +15,7 @@ from financing.config import Database
 from financing.entrypoints.cli.populate import BATCH
 from tests.support import rabbitmq
 from tests.support.infra import migrated_database, wait_until
-from tests.support.service import financing_command
+from tests.support.service import financing_command, reap
 
 
 @pytest.fixture
@@ -81,9 +81,8 @@ async def test_a_rebuild_stopped_by_a_signal_drops_its_schema_and_says_so(
         assert said == [f"financing projections: stopped by {stop.name}"], stderr.decode()
         assert await rebuild_schemas(queries) == []
     finally:
-        if rebuild is not None and rebuild.returncode is None:
-            rebuild.kill()
-            await rebuild.wait()
+        if rebuild is not None:
+            await reap(rebuild)
         await holder.close()
         await queries.close()
 
@@ -114,9 +113,7 @@ async def test_populate_stopped_by_a_signal_says_how_many_it_published() -> None
             async with asyncio.timeout(15):
                 rest, stderr = await populate.communicate()
         finally:
-            if populate.returncode is None:
-                populate.kill()
-                await populate.wait()
+            await reap(populate)
     printed = len([first, *rest.splitlines()])
     said = stderr.decode().splitlines()
     assert populate.returncode == 143, said

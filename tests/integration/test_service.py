@@ -33,7 +33,7 @@ from financing.entrypoints.supervisor import supervise
 from financing.generated import QueriesStub
 from tests.support import infra
 from tests.support.deployment import service_env
-from tests.support.service import ServiceProcess, free_port, run_cli
+from tests.support.service import ServiceProcess, free_port, reap, run_cli
 
 
 @pytest.fixture
@@ -168,9 +168,7 @@ async def _signalled_waiting_for_the_broker(
         async with asyncio.timeout(10):
             code = await process.wait()
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await reap(process)
     return code, log_path.read_text()
 
 

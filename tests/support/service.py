@@ -96,6 +96,13 @@ class CommandLine:
         )
 
 
+async def reap(process: asyncio.subprocess.Process) -> None:
+    """Kill `process` and wait for it, if it still runs (a test that failed part way)."""
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+
+
 async def run_cli(env: Mapping[str, str], *args: str, within: float = 60.0) -> CommandLine:
     """`financing ARGS` as an operator runs it beside a deployment, with its environment."""
     process = await asyncio.create_subprocess_exec(

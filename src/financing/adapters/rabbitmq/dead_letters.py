@@ -37,7 +37,7 @@ from financing.adapters.rabbitmq.envelopes import (
     header_text,
     shortened,
 )
-from financing.adapters.rabbitmq.publisher import Publisher, PublishFailed
+from financing.adapters.rabbitmq.publisher import Publisher
 from financing.adapters.rabbitmq.queues import existing_queue, queue_exists
 from financing.adapters.rabbitmq.topology import (
     DEAD_LETTER_QUEUE,
@@ -222,13 +222,8 @@ class DeadLetters:
         if message_id and len(message_id.encode()) > MAX_MESSAGE_ID_BYTES:
             message_id = None  # too long for the AMQP message-id property: the header keeps it
         copy = _copy_of(message, headers, message_id=message_id)
-        try:
-            await self._publisher.keep_dead_letter(copy)
-        except PublishFailed:
-            # Declare it again next time, in case the queue was deleted meanwhile (a copy
-            # to a queue that is gone comes back unroutable, for ever).
-            self._declared = False
-            raise
+        # A queue deleted meanwhile is declared again as the publish meets it.
+        await self._publisher.keep_dead_letter(copy)
         metrics.DEAD_LETTERS.labels(source_queue).inc()
 
     async def keep(

@@ -236,30 +236,28 @@ class Publisher:
         to `queue` once its expiration has passed.
 
         The exchange and its queue are declared (`_declared`) before the publishing
-        channel's first deferral, and again after a deferral failed (one deleted is there
-        again for the next attempt). Declared before every deferral, the declaration
-        waited behind the channel's publishes: while a large backlog drained, it timed
-        out, and the broker was taken for gone (a false outage, `/health` 503) and the
-        message deferred twice."""
+        channel's first deferral, and again when a deferral finds them gone
+        (`_restoring`). Declared before every deferral, the declaration waited behind the
+        channel's publishes: while a large backlog drained, it timed out, and the broker
+        was taken for gone (a false outage, `/health` 503) and the message deferred
+        twice."""
         channel, _ = await self._opened(f"deferring to queue {queue!r}")
+        queue_type = self._broker.queue_type
+
+        def declare(side: AbstractChannel) -> Awaitable[AbstractExchange]:
+            return declare_deferrals(side, queue_type)
+
         declared = self._deferrals
         if declared is None or declared[0] is not channel:
-            queue_type = self._broker.queue_type
-            await self._declared(repr(DEFERRALS), lambda side: declare_deferrals(side, queue_type))
+            await self._declared(repr(DEFERRALS), declare)
             with translated():
                 exchange = await channel.get_exchange(DEFERRALS, ensure=False)
             declared = self._deferrals = (channel, exchange)
         what = f"{header_text(message.headers.get('name', 'message'))} deferred to {queue!r}"
-        exchange = declared[1]
-        try:
-            await self._restoring(
-                DEFERRALS,
-                lambda side: declare_deferrals(side, self._broker.queue_type),
-                lambda: self._confirmed(what, [(message, queue)], via=exchange),
-            )
-        except PublishFailed:
-            self._deferrals = None
-            raise
+        via = declared[1]
+        await self._restoring(
+            DEFERRALS, declare, lambda: self._confirmed(what, [(message, queue)], via=via)
+        )
 
     async def keep_dead_letter(self, message: AbstractMessage) -> None:
         """Publish `message` (confirmed) to `financing_dead_letters`."""
