@@ -204,6 +204,6 @@ async def test_a_broker_memory_alarm_is_one_outage_that_ends_when_the_alarm_clea
         return await enqueue_one(target, timeout=30) is Status.OK
 
     await infra.wait_until(accepted, timeout=30, what="a command accepted again")
-    await assert_outages_logged_once(target, "broker", ["broker unavailable", "broker reconnected"])
+    await assert_outages_logged_once(target, "broker", ["broker unavailable", "broker recovered"])
     assert target.service.running and target.starts() == 1, target.log_tail()
     add_figure("broker memory alarms survived", 1)

@@ -97,11 +97,36 @@ async def test_an_outage_logs_one_warning_when_it_starts_and_one_when_it_ends() 
     assert isinstance(logs[1]["outage_seconds"], float) and logs[1]["outage_seconds"] >= 0
 
 
-async def test_the_end_of_a_broker_outage_is_logged_as_a_reconnection() -> None:
+async def test_the_end_of_an_outage_that_lost_the_connection_is_logged_as_a_reconnection() -> None:
+    outages = Outages()
     with capture_logs() as logs:
-        await retried(Failing(lambda: Unavailable("broker", "connection reset"), failures=2))
+        outages.failed(Unavailable("broker", "connection reset"), connection_lost=True)
+        await retried(
+            Failing(lambda: Unavailable("broker", "no answer"), failures=2), outages=outages
+        )
     assert [line["event"] for line in logs] == ["broker unavailable", "broker reconnected"]
     assert "outage_seconds" in logs[1]
+
+
+async def test_the_end_of_an_outage_that_kept_the_connection_is_not_called_a_reconnection() -> None:
+    """Regression: a broker that refused publishes on a connection it kept open (a memory
+    alarm, a permission revoked) was said to have "reconnected" when it took them again."""
+    outages = Outages()
+    with capture_logs() as logs:
+        await retried(
+            Failing(lambda: Unavailable("broker", "publish refused"), failures=2), outages=outages
+        )
+        # The next outage starts with a lost connection; only its end is a reconnection.
+        outages.failed(Unavailable("broker", "connection reset"), connection_lost=True)
+        await retried(
+            Failing(lambda: Unavailable("broker", "no answer"), failures=1), outages=outages
+        )
+    assert [line["event"] for line in logs] == [
+        "broker unavailable",
+        "broker recovered",
+        "broker unavailable",
+        "broker reconnected",
+    ]
 
 
 async def test_an_outage_seen_by_several_loops_is_logged_once() -> None:

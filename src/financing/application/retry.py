@@ -149,6 +149,10 @@ class Outages:
     # (each attempt's start), and how long an attempt on each may take to fail.
     _trying: dict[str, dict[object, float]] = field(default_factory=dict)
     _attempts_within: dict[str, float] = field(default_factory=dict)
+    # The dependencies whose connection was lost during their outage of the moment: its
+    # end is a reconnection. An outage of a connection kept open (a broker's memory
+    # alarm, publishes refused) ends "recovered".
+    _disconnected: set[str] = field(default_factory=set)
 
     def check_with(
         self,
@@ -230,8 +234,10 @@ class Outages:
         finally:
             del under_way[attempt]
 
-    def failed(self, error: Unavailable) -> None:
+    def failed(self, error: Unavailable, *, connection_lost: bool = False) -> None:
         self._failed_at[error.dependency] = time.monotonic()
+        if connection_lost:
+            self._disconnected.add(error.dependency)
         if error.dependency in self._since:
             return
         self._since[error.dependency] = time.monotonic()
@@ -257,7 +263,9 @@ class Outages:
         if since is None:
             return
         metrics.DEPENDENCY_UP.labels(dependency).set(1)
-        word = "reconnected" if dependency == "broker" else "recovered"
+        reconnected = dependency in self._disconnected
+        self._disconnected.discard(dependency)
+        word = "reconnected" if reconnected else "recovered"
         # At the start's level: a log kept at WARNING must show where each outage ended.
         log.warning(
             f"{dependency} {word}",

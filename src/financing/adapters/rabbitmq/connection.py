@@ -361,7 +361,7 @@ class Broker:
             closing.add_done_callback(self._lost.discard)
         if self._closing:
             return
-        self._outages.failed(Unavailable(BROKER, why))
+        self._outages.failed(Unavailable(BROKER, why), connection_lost=True)
 
     def _hold_off_if_refused(self, why: str, *, refused: bool) -> None:
         """The connection of the moment is lost: the next one waits if the broker refused
