@@ -494,3 +494,34 @@ async def test_a_statement_its_caller_gives_up_on_a_silent_server_ends_at_once(
         relay.restore()
         await close_pool(pool)
     assert gave_up_in < 0.5 + MARGIN, gave_up_in
+
+
+async def test_a_statement_waiting_on_another_sessions_lock_is_not_said_to_be_unanswered(
+    database: Database,
+) -> None:
+    """Regression: a statement that waited on a lock another session held for longer than
+    FINANCING_DB_TIMEOUT was reported as "no answer in time", as if the server or the
+    network had gone silent; the session the server still answered on was dropped."""
+    pool = await create_pool(
+        replace(database, answer_timeout=ANSWER_TIMEOUT, pool_max_size=1), COMMAND_DATABASE
+    )
+    store = PostgresEventStore(pool)
+    holder = await asyncpg.connect(**database.connect_kwargs)
+    try:
+        investor_id = uuid4()
+        await create_investor(store, investor_id)
+        async with pool.acquire() as conn:
+            kept_pid = await conn.fetchval("SELECT pg_backend_pid()")
+        await holder.execute("BEGIN; LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(Unavailable) as waited:
+            await store.stream(investor_id)
+        await holder.execute("ROLLBACK")
+        async with pool.acquire() as conn:
+            # The session kept: the pool's only one, not a new one.
+            assert await conn.fetchval("SELECT pg_backend_pid()") == kept_pid
+    finally:
+        await holder.close()
+        await close_pool(pool)
+    assert waited.value.dependency == COMMAND_DATABASE
+    assert "waited longer than FINANCING_DB_TIMEOUT" in waited.value.detail
+    assert "lock another session holds" in waited.value.detail

@@ -205,16 +205,38 @@ class acquired:
         try:
             if error is not None:
                 if isinstance(error, TimeoutError):
-                    # The server did not answer in time: the session is dropped at once
-                    # rather than released, which would wait as long again for the
-                    # server to acknowledge the statement's cancellation.
-                    self._conn.terminate()
+                    if await _answers_after_a_timeout(self._conn):
+                        raise Unavailable(self._dependency, WAITED) from error
                 elif getattr(error, "sqlstate", None) in _SESSION_STATES:
                     drop_stale(self._conn)
                 _translate(error, self._dependency)
         finally:
             with translated(self._dependency):
                 await self._pool.release(self._conn)
+
+
+# What a statement's timeout means when the server answers at once afterwards.
+WAITED = (
+    "the server answers, but a statement waited longer than FINANCING_DB_TIMEOUT"
+    " (on a lock another session holds, or a statement that slow)"
+)
+
+
+async def _answers_after_a_timeout(conn: Connection) -> bool:
+    """Whether the server acknowledges the cancellation of the statement that timed out on
+    `conn` and answers within CANCELLED_RELEASE: the statement waited on something (a lock
+    another session holds), which "no answer in time" sent operators looking at the
+    network. A server that does not answer has its session dropped, rather than waited
+    on again for the cancellation's acknowledgement."""
+    try:
+        async with asyncio.timeout(CANCELLED_RELEASE):
+            await conn.fetchval("SELECT 1")
+    except (Exception, asyncio.CancelledError) as error:  # the timeout, the connection lost
+        drop_stale(conn)
+        if isinstance(error, asyncio.CancelledError):
+            raise
+        return False
+    return True
 
 
 # What `other_session` reads of a session, from pg_stat_activity as `a`.
