@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Set
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 from urllib.parse import SplitResult, parse_qsl, quote, unquote, urlsplit, urlunsplit
+
+from yarl import URL
 
 DEFAULT_COMMAND_DB = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_QUERY_DB = "postgresql://postgres@127.0.0.1:5432/queries"
@@ -362,6 +364,17 @@ def parse_amqp_urls(value: str) -> str:
         raise ConfigError("AMQP_ADDRESS: no broker URL")
     for url in urls:
         parts = split_url(url, "AMQP_ADDRESS")
+        try:
+            # As the AMQP client reads it, which refuses more than urlsplit does: read
+            # only when the service connects to that broker, a backslash in a password or a
+            # host IDNA cannot decode stopped the service at its first failover to it.
+            URL(url).host  # noqa: B018 - decoded here so that a bad host fails now
+        except (ValueError, UnicodeError):
+            raise ConfigError(
+                "AMQP_ADDRESS: a broker URL cannot be read as written; percent-encode a"
+                " password that holds characters other than letters, digits and '-._~',"
+                " and give a host that is a valid name or address"
+            ) from None
         if parts.scheme not in AMQP_SCHEMES:
             raise ConfigError(
                 f"AMQP_ADDRESS: the scheme must be amqp or amqps, not {parts.scheme!r}"
@@ -431,12 +444,15 @@ def _parse_url(url: str) -> Database:
     parts = split_url(url, "connection string")
     # As libpq reads a URL's query: percent-escapes decoded, a `+` kept (not a space),
     # an empty value the same as none.
-    query = {
-        unquote(key): unquote(raw)
-        for key, _, raw in (item.partition("=") for item in parts.query.split("&") if item)
-        if raw
-    }
-    pool_size = _pool_size(query.pop("pool_max_conns", None))
+    query: dict[str, str] = {}
+    unshown: set[str] = set()  # the keys after the password, which may be part of it
+    for key, _, raw in (item.partition("=") for item in parts.query.split("&") if item):
+        key = unquote(key)
+        if raw:
+            query[key] = unquote(raw)
+        if "password" in query and key != "password":
+            unshown.add(key)
+    pool_size = _pool_size(query.pop("pool_max_conns", None), shown="pool_max_conns" not in unshown)
     port = parts.port
     user = unquote(parts.username or "postgres")
     kwargs: dict[str, Any] = {
@@ -448,8 +464,8 @@ def _parse_url(url: str) -> Database:
     }
     if parts.password:
         kwargs["password"] = unquote(parts.password)
-    _known_keys(query)
-    kwargs.update(_asyncpg_keywords(query))
+    _known_keys(query, unshown)
+    kwargs.update(_asyncpg_keywords(query, unshown))
     return Database(kwargs, pool_size)
 
 
@@ -464,6 +480,8 @@ def _url_host(parts: SplitResult) -> str:
 
 def _parse_keywords(text: str) -> Database:
     pairs: dict[str, str] = {}
+    unshown: set[str] = set()  # the keys after a bare password, which may be part of it
+    bare_password = False
     pos = 0
     while pos < len(text):
         if text[pos].isspace():
@@ -475,24 +493,31 @@ def _parse_keywords(text: str) -> Database:
             raise ConfigError(f"connection string: expected key=value at character {pos}")
         key = match.group(1)
         pos = match.end()
+        if bare_password:
+            unshown.add(key)
+        quoted = text.startswith("'", pos)
         value, pos = _libpq_value(text, pos)
         pairs[key] = value
-    pool_size = _pool_size(pairs.pop("pool_max_conns", None))
-    _known_keys(pairs)
+        bare_password = bare_password or (key == "password" and not quoted)
+    pool_size = _pool_size(pairs.pop("pool_max_conns", None), shown="pool_max_conns" not in unshown)
+    _known_keys(pairs, unshown)
     kwargs: dict[str, Any] = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
-    kwargs.update(_asyncpg_keywords(pairs))
+    kwargs.update(_asyncpg_keywords(pairs, unshown))
     kwargs.setdefault("database", kwargs["user"])
     return Database(kwargs, pool_size)
 
 
-def _asyncpg_keywords(pairs: Mapping[str, str]) -> dict[str, Any]:
+def _asyncpg_keywords(pairs: Mapping[str, str], unshown: Set[str]) -> dict[str, Any]:
     """asyncpg's keywords for libpq's: `hostaddr`, where given, is where to connect
-    whatever the order of the keys, as libpq connects to it rather than to `host`."""
+    whatever the order of the keys, as libpq connects to it rather than to `host`. The
+    values of the keys in `unshown` are never echoed."""
     ordered = sorted(pairs.items(), key=lambda pair: pair[0] == "hostaddr")
     for key, raw in ordered:
         if key in ("host", "hostaddr", "port") and "," in raw:
             raise _several_servers(key)
-    typed = {_LIBPQ_TO_ASYNCPG[key]: _typed(key, raw) for key, raw in ordered}
+    typed = {
+        _LIBPQ_TO_ASYNCPG[key]: _typed(key, raw, shown=key not in unshown) for key, raw in ordered
+    }
     return {key: value for key, value in typed.items() if value is not None}
 
 
@@ -503,15 +528,21 @@ def _several_servers(what: str) -> ConfigError:
     )
 
 
-def _known_keys(keys: Iterable[str]) -> None:
+def _known_keys(keys: Iterable[str], unshown: Set[str]) -> None:
     """ConfigError naming the keys the service does not read: a misspelt `dbname`
-    would otherwise leave the service on the user's default database."""
+    would otherwise leave the service on the user's default database. The keys in
+    `unshown` are not named: they follow a password that may hold them (a bare one
+    holding a space, a URL's holding '&'), and their names were a part of it."""
     unknown = sorted(key for key in keys if key not in _LIBPQ_TO_ASYNCPG)
     if not unknown:
         return
     # A key is named only when it is a keyword: nothing else of the text is echoed.
     named = [
-        repr(key) if _KEYWORD.fullmatch(f"{key}=") else "a key that is no keyword"
+        AFTER_THE_PASSWORD
+        if key in unshown
+        else repr(key)
+        if _KEYWORD.fullmatch(f"{key}=")
+        else "a key that is no keyword"
         for key in unknown
     ]
     raise ConfigError(
@@ -551,18 +582,36 @@ def _libpq_value(text: str, pos: int) -> tuple[str, int]:
 POOL_MOST = 10_000
 
 
-def _pool_size(raw: str | None) -> int:
+# What is said of a key, or of its value, that follows a password in a connection
+# string, and so may be a part of it.
+AFTER_THE_PASSWORD = (
+    "a key after the password, not shown (it may be a part of the password: quote a"
+    " password that holds spaces, password='...', and percent-encode '&' and '=' in a"
+    " URL's)"
+)
+
+
+def _got(raw: str, shown: bool) -> str:
+    """How an error quotes a value it refuses."""
+    return repr(raw) if shown else f"the value of {AFTER_THE_PASSWORD}"
+
+
+def _pool_size(raw: str | None, *, shown: bool) -> int:
     if raw is None:
         return 10
     if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= POOL_MOST:
-        raise ConfigError(f"pool_max_conns must be an integer from 1 to {POOL_MOST}, got {raw!r}")
+        raise ConfigError(
+            f"pool_max_conns must be an integer from 1 to {POOL_MOST}, got {_got(raw, shown)}"
+        )
     return int(raw)
 
 
-def _typed(key: str, raw: str) -> Any:
+def _typed(key: str, raw: str, *, shown: bool) -> Any:
     if key == "port":
         if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 65535:
-            raise ConfigError(f"connection string: port must be from 1 to 65535, got {raw!r}")
+            raise ConfigError(
+                f"connection string: port must be from 1 to 65535, got {_got(raw, shown)}"
+            )
         return int(raw)
     if key == "connect_timeout":
         try:
@@ -571,14 +620,16 @@ def _typed(key: str, raw: str) -> Any:
             seconds = math.nan
         if not (math.isfinite(seconds) and 0 <= seconds <= POSTGRES_TIMEOUT_MOST.total_seconds()):
             raise ConfigError(
-                f"connection string: connect_timeout must be a number of seconds, got {raw!r}"
+                "connection string: connect_timeout must be a number of seconds, got"
+                f" {_got(raw, shown)}"
             )
         # libpq's 0 is no timeout of its own: FINANCING_DB_TIMEOUT bounds the attempt.
         return seconds or None
     if key == "sslmode":
         if raw not in SSL_MODES:
             raise ConfigError(
-                f"connection string: sslmode must be one of {', '.join(SSL_MODES)}, got {raw!r}"
+                f"connection string: sslmode must be one of {', '.join(SSL_MODES)}, got"
+                f" {_got(raw, shown)}"
             )
         return {"disable": False}.get(raw, raw)
     return raw

@@ -366,6 +366,39 @@ def test_a_malformed_keyword_string_error_quotes_no_part_of_the_password() -> No
     assert SECRET[4:] not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        # A bare password holding a space: libpq reads what follows as more keys.
+        "host=db user=app password=correct S3CRETfragment=battery dbname=x",
+        "host=db password=S3CRETa sslmode=S3CRETfragment",
+        "host=db password=S3CRETa port=S3CRETfragment",
+        "host=db password=S3CRETa connect_timeout=S3CRETfragment",
+        "host=db password=S3CRETa pool_max_conns=S3CRETfragment",
+        # A URL's password holding '&' and '=': the rest reads as more parameters.
+        "postgresql://app@db/x?password=Xy7pQ&S3CRETfragment=Lm2",
+        "postgresql://app@db/x?password=Xy7pQ&sslmode=S3CRETfragment",
+        "postgresql://app@db/x?password=Xy7pQ&pool_max_conns=S3CRETfragment",
+    ],
+)
+def test_a_refused_key_or_value_after_the_password_is_not_quoted(value: str) -> None:
+    """Regression: the part of a password after a space (or a URL's '&') was named as an
+    unknown key, or its value quoted, in the configuration error."""
+    with pytest.raises(ConfigError) as caught:
+        parse_database(value)
+    assert "S3CRET" not in str(caught.value)
+    assert "after the password" in str(caught.value)
+
+
+def test_a_refused_key_before_the_password_or_after_a_quoted_one_is_still_named() -> None:
+    with pytest.raises(ConfigError, match="'db_name'"):
+        parse_database("host=db db_name=x password=secret")
+    with pytest.raises(ConfigError, match="'db_name'"):
+        parse_database("host=db password='two words' db_name=x")
+    with pytest.raises(ConfigError, match="'sslmod'"):
+        parse_database("postgresql://app:secret@db/x?sslmod=require")
+
+
 # Passwords never appear in logs
 
 
@@ -443,6 +476,11 @@ def test_an_unknown_queue_type_is_a_config_error_naming_the_choices(value: str) 
         f"amqp://guest:{SECRET}@[::1:5672/",  # an IPv6 address left open
         f"amqp://guest:guest@rabbit/, amqp://guest:{SECRET}@other:99999/",  # the second
         " , ",
+        # What the AMQP client refuses where urlsplit does not: found only at the first
+        # failover to that broker, which stopped a running service (exit 1).
+        f"amqp://guest:{SECRET}\\x@rabbit:5672/v",  # an unencoded backslash
+        f"amqp://guest:guest@rabbit/, amqp://guest:{SECRET}\\x@standby/",
+        f"amqp://guest:{SECRET}@xn--a:5672/v",  # a host IDNA cannot decode
     ],
 )
 def test_a_broker_url_that_cannot_be_read_as_written_is_a_config_error_that_hides_it(
