@@ -22,6 +22,7 @@ log never stops the service, nor changes how it exits.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import sys
@@ -85,32 +86,49 @@ def configure(level: str = "INFO") -> None:
 class Lines:
     """Where every line of the log goes: written whole, straight to the file's descriptor
     when it has one (nothing is left in a buffer to fail again at exit), or dropped when
-    it cannot be written. structlog's logger interface: each level is `msg`."""
+    it cannot be written. structlog's logger interface: each level is `msg`.
+
+    A line the descriptor took only in part (a non-blocking pipe whose reader fell
+    behind) is finished before the next one is begun: left as it was, the next line
+    was written on after the fragment, and the two made one line that was no JSON."""
 
     def __init__(self, file: TextIO) -> None:
         raw = getattr(getattr(file, "buffer", None), "raw", None)
         self._raw = raw if isinstance(raw, io.FileIO) else None
         self._file = file
         self._encoding = getattr(file, "encoding", None) or "utf-8"
+        self._rest = b""  # what is still to be written of a line begun
 
     def msg(self, message: str) -> None:
         line = message + "\n"
-        try:
-            if self._raw is None:
+        if self._raw is None:
+            with contextlib.suppress(OSError, ValueError):  # ValueError: the file was closed
                 self._file.write(line)
                 self._file.flush()
-                return
-            data = memoryview(line.encode(self._encoding, "backslashreplace"))
-            while data:
-                written = self._raw.write(data)
-                if not written:  # a descriptor that takes nothing now: the line is dropped
-                    return
-                data = data[written:]
-        except (OSError, ValueError):  # ValueError: the file was closed
             return
+        pending = self._rest + line.encode(self._encoding, "backslashreplace")
+        written = _written(self._raw, pending)
+        if written >= len(self._rest):
+            # The line begun before is whole; this one is whole, begun, or dropped whole.
+            self._rest = pending[written:] if written > len(self._rest) else b""
+        else:
+            self._rest = self._rest[written:]  # this line dropped whole; the other waits
 
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg
+
+
+def _written(raw: io.FileIO, data: bytes) -> int:
+    """How much of `data` the descriptor takes now (0 when it takes nothing)."""
+    view = memoryview(data)
+    done = 0
+    with contextlib.suppress(OSError, ValueError):  # ValueError: the file was closed
+        while done < len(data):
+            written = raw.write(view[done:])
+            if not written:  # a descriptor that takes nothing now
+                break
+            done += written
+    return done
 
 
 class _LineHandler(logging.Handler):

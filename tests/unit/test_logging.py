@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import subprocess
 import sys
 from typing import Any
+
+from financing.logging import Lines
 
 SCRIPT = """
 import logging, warnings
@@ -96,3 +100,37 @@ def test_what_the_wire_libraries_dump_frame_by_frame_is_never_written() -> None:
         assert "SECRET-TOKEN" not in text
         assert not [line for line in lines if line.get("logger", "").startswith(("hpack", "h2"))]
         assert "Basic.Publish" not in text and "Publishing message" not in text
+
+
+def drained(reader: int) -> bytes:
+    """Whatever the pipe holds now."""
+    received = b""
+    while True:
+        try:
+            chunk = os.read(reader, 1 << 16)
+        except BlockingIOError:
+            return received
+        received += chunk
+
+
+def test_a_line_the_log_took_in_part_is_finished_before_the_next_begins() -> None:
+    """Regression: a line a non-blocking pipe took only in part (its reader behind) was
+    left as a fragment, and the next line was written on after it: one line, no JSON."""
+    reader, writer = os.pipe()
+    os.set_blocking(writer, False)
+    os.set_blocking(reader, False)
+    capacity = fcntl.fcntl(writer, fcntl.F_GETPIPE_SZ)
+    big = json.dumps({"event": "tasks", "stacks": "x" * (capacity + capacity // 2)})
+    try:
+        with open(writer, "w", encoding="utf-8", closefd=False) as file:
+            lines = Lines(file)
+            lines.msg(big)  # begun, not finished: the pipe is full
+            lines.msg(json.dumps({"event": "dropped while the pipe is full"}))
+            received = drained(reader)  # the reader catches up
+            lines.msg(json.dumps({"event": "after"}))
+            received += drained(reader)
+    finally:
+        os.close(reader)
+        os.close(writer)
+    written = [json.loads(line) for line in received.decode().splitlines()]
+    assert [line["event"] for line in written] == ["tasks", "after"]
