@@ -226,6 +226,29 @@ async def limited_user(vhost: str, limits: Mapping[str, int]) -> AsyncIterator[s
         await asyncio.to_thread(_rabbitmqctl, "delete_user", name)
 
 
+@asynccontextmanager
+async def publishes_refused(vhost: str, queue: str) -> AsyncIterator[None]:
+    """Every publish to `queue` of `vhost` refused (nacked) while in the block, by a policy
+    of the vhost: a command sent to it waits on its confirm and tries again."""
+    policy = f"refuse_{queue}"
+    definition = json.dumps({"max-length": 0, "overflow": "reject-publish"})
+    await asyncio.to_thread(
+        _rabbitmqctl,
+        "set_policy",
+        "-p",
+        vhost,
+        "--apply-to",
+        "queues",
+        policy,
+        f"^{queue}$",
+        definition,
+    )
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(_rabbitmqctl, "clear_policy", "-p", vhost, policy)
+
+
 def _rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
 

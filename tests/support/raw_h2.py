@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 import h2.events
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 
 # How long a connection waits for what the server sends it.
@@ -16,6 +16,10 @@ WITHIN = 10.0
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 # An empty HealthCheckRequest in its gRPC frame: not compressed, 0 bytes long.
 EMPTY_MESSAGE = b"\x00\x00\x00\x00\x00"
+
+
+def _graceful(event: h2.events.Event) -> bool:
+    return isinstance(event, h2.events.ConnectionTerminated) and event.error_code == 0
 
 
 class RawConnection:
@@ -92,7 +96,13 @@ class RawConnection:
                 if not data:
                     self.closed = True
                     return
-                self.events += self.h2.receive_data(data)
+                received = self.h2.receive_data(data)
+                self.events += received
+                if any(_graceful(event) for event in received):
+                    # The calls the server took go on after a GOAWAY NO_ERROR (RFC 9113
+                    # section 6.8), whose frames h2 refuses once it has read one; and a
+                    # call sent after it stands for one a client sent before reading it.
+                    self.h2.state_machine.state = ConnectionState.CLIENT_OPEN
                 self.flush()  # acks of its settings and pings, window updates
 
     def answer(self, stream_id: int) -> dict[bytes, bytes] | None:

@@ -18,7 +18,6 @@ from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
-from grpclib.server import Server
 
 from financing.adapters.postgres.clock import DatabaseClock
 from financing.adapters.postgres.connection import (
@@ -118,6 +117,9 @@ class Listening(Protocol):
     """A server on a port: the gRPC servers, the metrics endpoint."""
 
     async def start(self, host: str, port: int) -> None: ...
+
+    def go_away(self) -> None:
+        """Shutting down begins: tell clients to take new calls elsewhere."""
 
     def close(self) -> None: ...
 
@@ -269,7 +271,7 @@ def _grpc_server(
     api: CommandsService | QueriesService,
     name: str,
     probe: Probe,
-) -> Server:
+) -> GrpcServer:
     """A gRPC server for `api`, with health checking and reflection beside it; its calls
     in flight are let finish when the service shuts down."""
     service.calls.append(api.calls)

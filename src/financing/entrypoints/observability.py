@@ -177,6 +177,10 @@ class MetricsEndpoint:
             self._answer, host, port, limit=REQUEST_HEAD_BYTES
         )
 
+    def go_away(self) -> None:
+        """Nothing: `/health` and `/metrics` answer on while the calls in flight finish
+        (`/health` 503), for whatever watches the shutdown."""
+
     def close(self) -> None:
         if self._server is not None:
             self._server.close()

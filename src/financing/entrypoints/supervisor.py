@@ -96,8 +96,11 @@ async def _shut_down(
 ) -> None:
     if service.health is not None:
         await service.health.drain()
-    # Calls in flight finish first (closing a listener cancels what it is answering),
-    # within one grace for all the services.
+    # Clients are told to take their new calls elsewhere; the calls in flight finish
+    # first (closing a listener cancels what it is answering), within one grace for all
+    # the services.
+    for listener in service.listeners:
+        listener.server.go_away()
     await asyncio.gather(*(calls.drain(SHUTDOWN_GRACE) for calls in service.calls))
     for listener in service.listeners:
         listener.server.close()

@@ -44,9 +44,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import grpclib.protocol
 import grpclib.server
@@ -57,8 +58,9 @@ from grpclib.metadata import Deadline, encode_grpc_message
 from grpclib.server import request_handler
 from h2.config import H2Configuration
 from h2.errors import ErrorCodes
-from h2.events import RemoteSettingsChanged
+from h2.events import RemoteSettingsChanged, RequestReceived
 from h2.exceptions import H2Error, ProtocolError
+from hyperframe.frame import GoAwayFrame
 
 from financing import metrics
 from financing.entrypoints.connections import Connections, descriptor_share
@@ -111,6 +113,20 @@ class GrpcServer(grpclib.server.Server):
             normalize_outbound_headers=False,
         )
         self._edge_connections: Connections[_Protocol] = Connections("gRPC", connection_limit())
+
+    def go_away(self) -> None:
+        """The first step of shutting down, before the calls in flight are let finish:
+        the listener closed, and every connection told that it takes no new call
+        (GOAWAY NO_ERROR naming the last call it took), its calls in flight answered
+        on. Told only once those calls were over, clients went on sending new calls to
+        a server that answered each UNAVAILABLE, where they would have gone to
+        another instance: about a third of a client's calls failed for as long as the
+        longest call in flight lasted (up to 5 s)."""
+        listener = getattr(self, "_server", None)  # grpclib's asyncio server
+        if listener is not None:
+            listener.close()
+        for connection in self._edge_connections.held():
+            connection.go_away()
 
     def close(self) -> None:
         """grpclib's close (the listener closed, every call cancelled), and every
@@ -286,6 +302,8 @@ class _Protocol(grpclib.protocol.H2Protocol):
     _silent: asyncio.TimerHandle | None = None
     _gone: asyncio.Handle | None = None  # sent away: what it sends is dropped
     _refused = False  # closed as it came: beyond the server's connections
+    # Told that it takes no new call (`go_away`): the last call it took.
+    _last_call: int | None = None
     connections: Connections[_Protocol]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -351,9 +369,34 @@ class _Protocol(grpclib.protocol.H2Protocol):
         # a PRIORITY_UPDATE. Those are ignored; after a close it has none at all.
         processed = getattr(self.processor, "processors", {})
         for event in events:
+            if self._refused_call(event):
+                continue
             if type(event) in processed:
                 self.processor.process(event)
         self.connection.flush()
+
+    def go_away(self) -> None:
+        """Told that it takes no new call (GOAWAY NO_ERROR naming the last it took), its
+        calls in flight answered on: a call it opens after is refused (RST_STREAM
+        REFUSED_STREAM, which clients retry elsewhere by themselves). The frame is
+        written past h2, whose GOAWAY ends the connection at once."""
+        if self._refused or self._gone is not None or self._last_call is not None:
+            return
+        self._last_call = self.connection._connection.highest_inbound_stream_id
+        self.connection.flush()  # what h2 has to send first
+        frame = GoAwayFrame(stream_id=0, last_stream_id=self._last_call, error_code=0)
+        _stream(self._transport).write(frame.serialize())
+
+    def _refused_call(self, event: object) -> bool:
+        """Whether `event` belongs to a call opened after the connection was told to take
+        no new one; the call is refused the first time."""
+        stream_id = getattr(event, "stream_id", 0)
+        if self._last_call is None or stream_id <= self._last_call:
+            return False
+        if isinstance(event, RequestReceived):
+            with contextlib.suppress(H2Error):  # the client reset it first
+                self.connection._connection.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+        return True
 
     def shut_down(self) -> None:
         """Closed as the server stops (GOAWAY NO_ERROR: connect again), once the client
@@ -364,10 +407,7 @@ class _Protocol(grpclib.protocol.H2Protocol):
             self._send_away("shutdown", b"", code=ErrorCodes.NO_ERROR, at_once=False)
 
     def abort(self) -> None:
-        if isinstance(self._transport, asyncio.Transport):
-            self._transport.abort()
-        else:
-            self._transport.close()
+        _stream(self._transport).abort()
 
     def make_room(self) -> None:
         """Closed, idle, for a new connection (GOAWAY NO_ERROR: connect again), at once:
@@ -391,7 +431,9 @@ class _Protocol(grpclib.protocol.H2Protocol):
         if code != ErrorCodes.NO_ERROR:
             _SENT_AWAY.warn(f"gRPC connection closed: {why}")
         try:
-            self.connection._connection.close_connection(code, additional_data=debug or None)
+            self.connection._connection.close_connection(
+                code, additional_data=debug or None, last_stream_id=self._last_call
+            )
             self.connection.flush()
         except H2Error:
             pass  # the connection was closing already: nothing more to tell it
@@ -402,10 +444,17 @@ class _Protocol(grpclib.protocol.H2Protocol):
         if at_once:
             self._gone = loop.call_soon(self.processor.close, why)
             return
-        transport = self._transport
-        if isinstance(transport, asyncio.WriteTransport) and transport.can_write_eof():
+        transport = _stream(self._transport)
+        if transport.can_write_eof():
             transport.write_eof()
         self._gone = loop.call_later(LINGER, self.processor.close, why)
+
+
+def _stream(transport: asyncio.BaseTransport) -> asyncio.Transport:
+    """A connection's transport, which streams both ways: uvloop's transports do all that
+    asyncio's stream transport does, but are not its class (taken for a transport that
+    could not write, a connection sent away was never told why, nor aborted)."""
+    return cast(asyncio.Transport, transport)
 
 
 # Frame types (RFC 9113 section 6) and the flag that ends a stream.
