@@ -23,6 +23,7 @@ from prometheus_client.exposition import choose_encoder
 
 from financing.entrypoints.connections import Connections, descriptor_share
 from financing.entrypoints.grpc.codec import Servable
+from financing.entrypoints.listening import wildcard_socket
 from financing.logging import get_logger
 from financing.metrics import (
     EVENT_LOOP_LAG,
@@ -173,9 +174,16 @@ class MetricsEndpoint:
         )
 
     async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(
-            self._answer, host, port, limit=REQUEST_HEAD_BYTES
-        )
+        """Listening on `host:port`; an unspecified host takes IPv4 and IPv6 alike."""
+        sock = wildcard_socket(host, port)
+        if sock is None:
+            self._server = await asyncio.start_server(
+                self._answer, host, port, limit=REQUEST_HEAD_BYTES
+            )
+        else:
+            self._server = await asyncio.start_server(
+                self._answer, sock=sock, limit=REQUEST_HEAD_BYTES
+            )
 
     def go_away(self) -> None:
         """Nothing: `/health` and `/metrics` answer on while the calls in flight finish

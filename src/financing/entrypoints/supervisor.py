@@ -15,6 +15,7 @@ from typing import Any
 
 from financing import release
 from financing.entrypoints.bootstrap import Listener, Service, StartupError
+from financing.entrypoints.listening import shown
 from financing.logging import get_logger
 
 log = get_logger(__name__)
@@ -30,7 +31,7 @@ async def supervise(service: Service, stop: asyncio.Event) -> int:
             await listener.server.start(host, port)
         except OSError as error:
             raise StartupError(
-                f"{listener.name} cannot listen on {host}:{port}: {error}"
+                f"{listener.name} cannot listen on {shown(host, port)}: {error}"
             ) from error
     tasks: set[asyncio.Task[Any]] = {
         asyncio.create_task(run(), name=name) for name, run in service.workers.items()
@@ -76,7 +77,7 @@ def _bound(listener: Listener) -> str:
         for sock in getattr(server, "sockets", None) or ():
             port = sock.getsockname()[1]
             break
-    return f"{host}:{port}"
+    return shown(host, port)
 
 
 def _report(crashed: set[asyncio.Task[Any]]) -> int:

@@ -64,6 +64,7 @@ from hyperframe.frame import GoAwayFrame
 
 from financing import metrics
 from financing.entrypoints.connections import Connections, descriptor_share
+from financing.entrypoints.listening import wildcard_socket
 from financing.logging import get_logger
 
 log = get_logger(__name__)
@@ -113,6 +114,15 @@ class GrpcServer(grpclib.server.Server):
             normalize_outbound_headers=False,
         )
         self._edge_connections: Connections[_Protocol] = Connections("gRPC", connection_limit())
+
+    async def start(self, host: str, port: int) -> None:  # type: ignore[override]
+        """Listening on `host:port`; an unspecified host takes IPv4 and IPv6 alike
+        (`listening.wildcard_socket`)."""
+        sock = wildcard_socket(host, port)
+        if sock is None:
+            await super().start(host, port)
+        else:
+            await super().start(sock=sock)
 
     def go_away(self) -> None:
         """The first step of shutting down, before the calls in flight are let finish:

@@ -1,0 +1,48 @@
+"""Where the servers listen: an unspecified address takes IPv4 and IPv6 alike.
+
+The reference's Go listeners, on `0.0.0.0:8080`, `[::]:8080` or `:8080`, take
+connections on every address of the host, of both families. asyncio binds
+`::` to IPv6 alone and `0.0.0.0` to IPv4 alone: a deployment carried over
+with `[::]:8080` refused every IPv4 client (probes, proxies on 127.0.0.1),
+while `financing health-check`, which asks `::1`, said healthy.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+# The unspecified addresses: every address of the host (`:port` reads as the first).
+WILDCARDS = ("0.0.0.0", "::")
+# What a host without IPv6 says when asked for an IPv6 socket or its `::`.
+_NO_IPV6 = (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT)
+
+
+def wildcard_socket(host: str, port: int) -> socket.socket | None:
+    """For an unspecified `host`, one bound socket that takes IPv4 and IPv6 connections;
+    None for any other host, or where the host has no IPv6 (then IPv4 alone is
+    listened on, as asked). OSError when the port is taken."""
+    if host not in WILDCARDS or not socket.has_ipv6:
+        return None
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    except OSError as error:
+        if error.errno in _NO_IPV6:
+            return None
+        raise
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", port))
+    except OSError as error:
+        sock.close()
+        if error.errno in _NO_IPV6:
+            return None
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def shown(host: str, port: int) -> str:
+    """`host:port` as a client writes it (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
