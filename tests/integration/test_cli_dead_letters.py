@@ -98,6 +98,20 @@ async def test_the_listing_has_column_headings_and_each_letters_reason_and_ids(
     assert lines[-1] == "3 dead letter(s)"
 
 
+@pytest.mark.parametrize("encoding", ["PYTHONIOENCODING=ascii", "LC_ALL=C PYTHONUTF8=0"])
+async def test_a_reason_the_outputs_encoding_cannot_carry_is_listed_escaped(
+    seeded: Seeded, encoding: str
+) -> None:
+    """Regression: under a locale or an output encoding without it, a reason's character
+    beyond ASCII stopped the listing after its first row (exit 1, a traceback)."""
+    await dead_letter(seeded.broker, seeded.queue_b, "b-2", "Zoë 🚀 refused", {})
+    env = dict(setting.split("=") for setting in encoding.split())
+    run = await seeded.financing("list", env=env)
+    assert run.exit_code == 0, run.describe()
+    assert "    reason: Zo\\xeb \\U0001f680 refused" in run.stdout.splitlines(), run.describe()
+    assert run.stdout.splitlines()[-1] == "4 dead letter(s)"
+
+
 @pytest.mark.parametrize(
     ("filters", "expected"),
     [

@@ -25,6 +25,7 @@ def main(argv: Sequence[str] | None = None, *, overrides: Overrides | None = Non
     """Run `financing ARGS`. Every command's module is imported only now, so that importing
     one of them (the container's health probe) stays light."""
     _standard_streams_open()
+    _any_text_written()
     with _stopped_by_signals_until_handled(argv):
         from financing.entrypoints.cli.commands import run
 
@@ -45,6 +46,17 @@ def _standard_streams_open() -> None:
     for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
         if getattr(sys, name) is None:
             setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115 - kept for the process
+
+
+def _any_text_written() -> None:
+    """What the output's encoding cannot carry written escaped (`\\u00e9`), not raised:
+    where the locale is C or POSIX, or PYTHONIOENCODING asks for ASCII or Latin-1, a
+    dead letter's reason beyond ASCII stopped `dead-letters list` after its first row
+    (exit 1, a traceback), and an issuer's name `tail` at the first such event."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
 
 
 class _Signalled(BaseException):
