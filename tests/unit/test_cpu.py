@@ -120,3 +120,15 @@ async def test_a_deadline_left_early_leaves_no_timer_behind(ending: str) -> None
     expected = {"returns": None, "raises": ValueError, "is cancelled": asyncio.CancelledError}
     assert (type(done[0]) if done[0] is not None else None) is expected[ending]
     assert errors == []
+
+
+def test_reading_the_threads_schedule_leaves_nothing_to_warn_of_at_exit() -> None:
+    """Regression: the schedule's file was kept open for good, and a process run with its
+    warnings shown (`-X dev`) wrote a ResourceWarning as it exited: a line, no JSON."""
+    done = subprocess.run(
+        [sys.executable, "-X", "dev", "-c", "from financing import cpu; cpu.wanted()"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and done.stderr == "", done.stderr
