@@ -45,6 +45,7 @@ from financing.generated import (
 )
 from scripts.bench_common import process_rss_bytes
 from tests.faults.conftest import CommandsApi
+from tests.support.raw_h2 import HEALTH_CHECK, RawConnection
 
 MAX_AMOUNT = Decimal("999999999999.99")
 STRUCTURED_EXAMPLES = 300
@@ -382,6 +383,7 @@ async def test_a_request_frame_that_cannot_be_read_is_answered_with_what_is_wron
                 stream._end_done = True
                 with pytest.raises(GRPCError) as answered:
                     await stream.recv_message()
+                    await stream.recv_trailing_metadata()  # where it has headers of its own
             assert answered.value.status is status, f"{method}: {answered.value}"
             assert says in (answered.value.message or ""), f"{method}: {answered.value}"
     finally:
@@ -389,6 +391,18 @@ async def test_a_request_frame_that_cannot_be_read_is_answered_with_what_is_wron
     assert commands_api.service.running
     written = commands_api.service.log_tail(since=logged)
     assert '"level": "error"' not in written, written
+
+
+@pytest.mark.parametrize("path", [b"/Commands/SellInvoice", HEALTH_CHECK.encode()])
+async def test_a_compressed_request_is_told_which_encodings_the_server_takes(
+    commands_api: CommandsApi, path: bytes
+) -> None:
+    """Regression: the refusal of a compressed message did not say which encodings the
+    server takes (`grpc-accept-encoding`), which gRPC's compression protocol asks of it."""
+    async with RawConnection.open(commands_api.address) as connection:
+        answer = await connection.answered(connection.call(path, frame(1, 2, b"\x0a\x00")))
+    assert answer.get(b"grpc-status") == str(Status.UNIMPLEMENTED.value).encode(), answer
+    assert answer.get(b"grpc-accept-encoding") == b"identity", answer
 
 
 async def test_a_request_message_over_the_size_limit_is_refused_before_it_is_taken_in(

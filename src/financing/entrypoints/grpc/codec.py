@@ -100,6 +100,17 @@ class _FramedStream:
                 f"request: not sent whole within {REQUEST_TIMEOUT:.0f} s",
             ) from None
 
+    async def _accepted_encodings_told(self) -> None:
+        """The headers of the answer, saying which encodings the server takes, as gRPC's
+        compression protocol asks of an answer refusing a compressed message. grpclib
+        refuses `grpc-` metadata of a method's own: the headers are its, with that one."""
+        stream = self._stream
+        if stream._send_initial_metadata_done:
+            return
+        headers = [(":status", "200"), ("content-type", stream._content_type), ACCEPTED_ENCODING]
+        await stream._stream.send_headers(headers)
+        stream._send_initial_metadata_done = True
+
     async def _received(self) -> Any:
         try:
             message = await self._stream.recv_message()
@@ -117,6 +128,7 @@ class _FramedStream:
                     )
             return message
         except NotImplementedError:  # the frame's compressed flag is set
+            await self._accepted_encodings_told()
             raise GRPCError(
                 Status.UNIMPLEMENTED,
                 "request: compressed messages are not supported; send messages uncompressed",
@@ -127,6 +139,10 @@ class _FramedStream:
                 "request: the stream ended inside a message frame (fewer bytes than its"
                 " length prefix announced)",
             ) from None
+
+
+# The message encodings the servers take: none but the identity.
+ACCEPTED_ENCODING = ("grpc-accept-encoding", "identity")
 
 
 def _framed(handler: Handler, calls: CallsInFlight | None) -> Handler:
