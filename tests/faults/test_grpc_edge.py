@@ -233,6 +233,42 @@ async def test_a_connection_flooding_pings_is_sent_away_and_others_are_served(
     no_errors_logged()
 
 
+async def test_a_call_with_too_much_metadata_is_refused_alone(
+    commands_api: CommandsApi, no_errors_logged: Callable[[], None]
+) -> None:
+    """Regression: a call whose metadata went beyond the size the server advertises (which
+    clients send anyway) closed its connection, every other call on it cancelled, with
+    no line and no count."""
+    async with RawConnection.open(commands_api.address) as connection:
+        watch = connection.call(b"/grpc.health.v1.Health/Watch", EMPTY_MESSAGE)
+        await connection.until(
+            lambda: any(getattr(event, "stream_id", 0) == watch for event in connection.events)
+        )
+        for metadata in (
+            [(b"x-big", b"v" * 70_000)],
+            [(b"x-%d" % n, b"v" * 200) for n in range(300)],
+        ):
+            big = connection.call(HEALTH_CHECK.encode(), EMPTY_MESSAGE, metadata=metadata)
+            answer = await connection.answered(big)
+            assert answer.get(b"grpc-status") == b"8", answer  # RESOURCE_EXHAUSTED
+            assert b"request metadata" in answer.get(b"grpc-message", b""), answer
+        assert connection.goaway() is None and connection.answer(watch) is None
+        answer = await connection.answered(connection.call(HEALTH_CHECK.encode(), EMPTY_MESSAGE))
+        assert answer.get(b"grpc-status") == b"0", answer
+    no_errors_logged()
+
+
+async def test_a_call_with_metadata_beyond_what_is_read_closes_its_connection_said_and_counted(
+    commands_api: CommandsApi,
+) -> None:
+    before = closed_for(commands_api, "headers_too_large")
+    async with RawConnection.open(commands_api.address) as connection:
+        connection.call(HEALTH_CHECK.encode(), EMPTY_MESSAGE, metadata=[(b"x-big", b"v" * 300_000)])
+        await connection.sent_away(ErrorCodes.ENHANCE_YOUR_CALM)
+    assert closed_for(commands_api, "headers_too_large") == before + 1
+    assert "gRPC connection closed: it broke HTTP/2" in commands_api.service.log_tail()
+
+
 def raw_frame(kind: int, stream_id: int, payload: bytes = b"", flags: int = 0) -> bytes:
     """An HTTP/2 frame as bytes, whatever h2 would let a client send."""
     return (

@@ -51,15 +51,17 @@ from typing import Any, cast
 
 import grpclib.protocol
 import grpclib.server
+import hpack
 import structlog
 from grpclib.const import Status
 from grpclib.encoding.base import GRPC_CONTENT_TYPE
 from grpclib.metadata import Deadline, encode_grpc_message
 from grpclib.server import request_handler
 from h2.config import H2Configuration
+from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import RemoteSettingsChanged, RequestReceived
-from h2.exceptions import H2Error, ProtocolError
+from h2.exceptions import DenialOfServiceError, H2Error, ProtocolError
 from hyperframe.frame import GoAwayFrame
 
 from financing import metrics
@@ -86,6 +88,14 @@ SMALL_DATA = 1024
 # A WINDOW_UPDATE smaller than this makes no call: clients grant windows by the
 # kilobyte at least (half the window they keep, as a rule).
 SMALL_WINDOW_UPDATE = 1024
+# The metadata a call may send (bytes as HTTP/2 counts a header list), which the servers
+# advertise (SETTINGS_MAX_HEADER_LIST_SIZE), and what is read of a call's headers at
+# most: a call whose metadata lies between the two is answered RESOURCE_EXHAUSTED, its
+# connection's other calls untouched (clients send beyond the advertised size: cut off
+# there, the headers left the connection's header compression unreadable, and h2 closed
+# it, every call on it). Beyond the larger, the connection is closed.
+MAX_HEADER_LIST = H2Connection.DEFAULT_MAX_HEADER_LIST_SIZE
+HEADERS_READ_MOST = 4 * MAX_HEADER_LIST
 # Bounds of the connections a server holds (`connection_limit`).
 MIN_CONNECTIONS = 16
 MAX_CONNECTIONS = 65536
@@ -267,6 +277,12 @@ async def _trailers_only(stream: grpclib.protocol.Stream, status: Status, messag
 
 def _refusal(headers: _Headers, mapping: Mapping[str, Any]) -> tuple[Status, str] | None:
     """The status a request gets before any method sees it, if it gets one."""
+    size = sum(len(name) + len(value) + 32 for name, value in headers)  # RFC 9113 6.5.2
+    if size > MAX_HEADER_LIST:
+        return (
+            Status.RESOURCE_EXHAUSTED,
+            f"request metadata: {size:,} bytes, more than the {MAX_HEADER_LIST:,} taken",
+        )
     fields = dict(headers)
     if (
         fields.get(":method") == "POST"
@@ -305,6 +321,19 @@ def _is_base64(value: str) -> bool:
     return True
 
 
+class _HeaderDecoder(hpack.Decoder):
+    """h2's header decoder, reading header lists of up to HEADERS_READ_MOST whatever h2
+    sets (it sets the size it advertises, once the client has read it)."""
+
+    @property
+    def max_header_list_size(self) -> int:
+        return HEADERS_READ_MOST
+
+    @max_header_list_size.setter
+    def max_header_list_size(self, size: int) -> None:
+        pass
+
+
 class _Protocol(grpclib.protocol.H2Protocol):
     """A connection: closed when it has not begun in time, or when it floods frames that
     make no call or resets its calls too fast."""
@@ -325,6 +354,8 @@ class _Protocol(grpclib.protocol.H2Protocol):
             transport.close()
             return
         super().connection_made(transport)
+        # h2 advertises MAX_HEADER_LIST (its default) and reads up to HEADERS_READ_MOST.
+        self.connection._connection.decoder = _HeaderDecoder()
         self._frames = _FrameCounter()
         self._control = _Allowance(CONTROL_FRAMES_BURST, CONTROL_FRAMES_PER_SECOND)
         self._resets = _Allowance(RESETS_BURST, RESETS_PER_SECOND)
@@ -362,8 +393,11 @@ class _Protocol(grpclib.protocol.H2Protocol):
             return
         try:
             events = self.connection.feed(data)
-        except ProtocolError:
-            log.debug("gRPC connection closed on a protocol error", exc_info=True)
+        except ProtocolError as error:
+            # Said and counted, as every other connection the edge closes.
+            reason = "headers_too_large" if isinstance(error, DenialOfServiceError) else None
+            metrics.GRPC_CONNECTIONS_CLOSED.labels(reason or "protocol_error").inc()
+            _SENT_AWAY.warn(f"gRPC connection closed: it broke HTTP/2 ({error})")
             self.connection.flush()  # the GOAWAY h2 wrote for it
             self.processor.close("Protocol error")
             return
