@@ -29,6 +29,7 @@ from financing.entrypoints.grpc.edge import (
     PREFACE_TIMEOUT,
     RESETS_BURST,
     SMALL_WINDOW_UPDATE,
+    connection_limit,
 )
 from financing.generated import Money, QueriesStub, SellInvoiceCommand, Uuid
 from tests.faults.conftest import FEW_DESCRIPTORS, CommandsApi
@@ -401,7 +402,7 @@ async def test_a_server_holding_all_the_connections_it_may_closes_the_one_idle_l
     """Regression: connections that sent their SETTINGS and then nothing were held until
     the process reached its descriptor limit; then no call, no database session and no
     broker connection could be opened any more."""
-    limit = FEW_DESCRIPTORS // 4
+    limit = connection_limit(soft=FEW_DESCRIPTORS)  # its process opens no database pool
     logged = few_connections.service.log_size()
     made_room = closed_for(few_connections, "made_room")
     async with contextlib.AsyncExitStack() as stack:

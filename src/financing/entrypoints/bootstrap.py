@@ -64,10 +64,11 @@ from financing.application.retry import (
     retry,
 )
 from financing.config import COMPONENTS, Database, Settings
+from financing.entrypoints.connections import OWN_DESCRIPTORS
 from financing.entrypoints.grpc.calls import CallsInFlight
 from financing.entrypoints.grpc.codec import FramingChecked, RequestCodec
 from financing.entrypoints.grpc.commands import CommandsService, correlate
-from financing.entrypoints.grpc.edge import GrpcServer
+from financing.entrypoints.grpc.edge import GrpcServer, connection_limit
 from financing.entrypoints.grpc.health import HealthWatch, Probe, Readiness, health_service
 from financing.entrypoints.grpc.queries import QueriesService
 from financing.entrypoints.grpc.reflection import with_reflection
@@ -187,6 +188,10 @@ async def bootstrap(
             )
     service.workers["outages"] = outages.watch
     service.workers["event-loop"] = watch_event_loop
+    # The file descriptors the process needs itself, left to it by its servers' callers.
+    own = OWN_DESCRIPTORS + sum(
+        pool.get_max_size() for pool in (command_pool, query_pool) if pool is not None
+    )
 
     if selected & NEEDS_BROKER:
         broker = Broker(settings.amqp_urls, outages, queue_type=settings.queue_type)
@@ -224,7 +229,7 @@ async def bootstrap(
         if "commands-api" in selected:
             commands = CommandsService(AmqpCommandSender(publisher), outages)
             server = _grpc_server(
-                service, outages, commands, "Commands", Probe(BROKER, publisher.probe)
+                service, outages, commands, "Commands", Probe(BROKER, publisher.probe), own
             )
             correlate(server)
             service.listeners.append(Listener("commands-api", server, settings.command_address))
@@ -232,7 +237,7 @@ async def bootstrap(
     if query_pool is not None and "queries-api" in selected:
         queries = QueriesService(PostgresReadModels(query_pool), outages)
         probe = Probe(QUERY_DATABASE, _answering(ping, query_pool, "queries"))
-        server = _grpc_server(service, outages, queries, "Queries", probe)
+        server = _grpc_server(service, outages, queries, "Queries", probe, own)
         service.listeners.append(Listener("queries-api", server, settings.query_address))
     records = deduplication_records(
         command_pool if selected & RECORDS_COMMANDS else None,
@@ -242,7 +247,7 @@ async def bootstrap(
         retention = Retention(records, outages, keep=settings.dedup_retention)
         service.workers["retention"] = retention.run
     if settings.metrics_address is not None:
-        endpoint = MetricsEndpoint(healthy=lambda: _healthy(service, outages))
+        endpoint = MetricsEndpoint(healthy=lambda: _healthy(service, outages), own=own)
         service.listeners.append(Listener("metrics", endpoint, settings.metrics_address))
     return service
 
@@ -271,9 +276,11 @@ def _grpc_server(
     api: CommandsService | QueriesService,
     name: str,
     probe: Probe,
+    own: int,
 ) -> GrpcServer:
     """A gRPC server for `api`, with health checking and reflection beside it; its calls
-    in flight are let finish when the service shuts down."""
+    in flight are let finish when the service shuts down. `own`: the file descriptors
+    the process needs itself, which its callers' connections leave it."""
     service.calls.append(api.calls)
     if service.health is None:
         service.health = HealthWatch(outages)
@@ -285,7 +292,7 @@ def _grpc_server(
         Metered(FramingChecked(servable, calls=api.calls if servable is api else None))
         for servable in with_reflection([api, health_service(api, readiness)])
     ]
-    server = GrpcServer(handlers, codec=RequestCodec())
+    server = GrpcServer(handlers, codec=RequestCodec(), connections=connection_limit(own))
     observe_grpc(server, handlers)
     return server
 

@@ -31,12 +31,23 @@ class Held(Protocol):
 H = TypeVar("H", bound=Held)
 
 
-def descriptor_share(part: int, *, least: int, most: int) -> int:
-    """`1/part` of the file descriptors the process may open, between `least` and `most`."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+# The file descriptors the process needs besides its database pools' sessions and its
+# servers' connections: the broker's connection, its listeners, its dedicated database
+# sessions (the relayer's, the commit bell's), the event loop's and the runtime's own
+# (about 26 at rest, the pools' first sessions included), with room to spare.
+OWN_DESCRIPTORS = 32
+
+
+def descriptor_share(part: int, *, most: int, own: int, soft: int | None = None) -> int:
+    """`1/part` of the file descriptors the process may open (`soft`: its limit now) beyond
+    the `own` it needs itself, `most` at most and 1 at least. Shares of all it may open,
+    at least 16 connections for each gRPC server, took more than a process limited to 64
+    descriptors had: its busy callers took the last ones, and `/health` failed."""
+    if soft is None:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return most
-    return max(least, min(most, soft // part))
+    return max(1, min(most, (soft - own) // part))
 
 
 class Connections(Generic[H]):

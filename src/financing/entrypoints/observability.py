@@ -21,7 +21,7 @@ from h2.connection import ConnectionState
 from prometheus_client import REGISTRY
 from prometheus_client.exposition import choose_encoder
 
-from financing.entrypoints.connections import Connections, descriptor_share
+from financing.entrypoints.connections import OWN_DESCRIPTORS, Connections, descriptor_share
 from financing.entrypoints.grpc.codec import Servable
 from financing.entrypoints.listening import wildcard_socket
 from financing.logging import get_logger
@@ -140,12 +140,11 @@ def observe_pool(pool: asyncpg.Pool, database: str) -> None:
     POOL_CONNECTIONS.labels(database, "max").set_function(pool.get_max_size)
 
 
-# The connections the metrics endpoint holds at most: a sixteenth of the process's file
-# descriptors, between these. A scraper or a health check asks one question a connection
-# and is answered at once; each silent connection held a descriptor for its 10 s, and a
-# flood of them took every descriptor of the process (no gRPC caller, database session or
-# broker connection could be opened).
-METRICS_CONNECTIONS_LEAST = 4
+# The connections the metrics endpoint holds at most: a sixteenth of the file descriptors
+# the process may open beyond those it needs itself, this many at most. A scraper or a
+# health check asks one question a connection and is answered at once; each silent
+# connection held a descriptor for its 10 s, and a flood of them took every descriptor
+# of the process (no gRPC caller, database session or broker connection could be opened).
 METRICS_CONNECTIONS_MOST = 64
 # Seconds a connection has to send its request's head (its line and headers), and the
 # bytes that head may hold: a scraper's is a few hundred. 100 headers of 64 KiB each held
@@ -165,12 +164,12 @@ class MetricsEndpoint:
     It holds at most `Connections.limit` connections: a new one beyond them closes the one
     that has waited longest for its request, as the gRPC servers close their idle ones."""
 
-    def __init__(self, healthy: Callable[[], bool]) -> None:
+    def __init__(self, healthy: Callable[[], bool], *, own: int = OWN_DESCRIPTORS) -> None:
+        """`own`: the file descriptors the process needs itself (`descriptor_share`)."""
         self._healthy = healthy
         self._server: asyncio.Server | None = None
         self._connections: Connections[_Exchange] = Connections(
-            "metrics endpoint",
-            descriptor_share(16, least=METRICS_CONNECTIONS_LEAST, most=METRICS_CONNECTIONS_MOST),
+            "metrics endpoint", descriptor_share(16, most=METRICS_CONNECTIONS_MOST, own=own)
         )
 
     async def start(self, host: str, port: int) -> None:

@@ -26,12 +26,12 @@ to the whole process, and the answer that caller gets instead.
 - A connection that has not sent the HTTP/2 preface and its SETTINGS within
   PREFACE_TIMEOUT is closed: each silent one held a file descriptor and memory for
   good, and so did one that sent a single byte.
-- A server holds at most `connection_limit()` connections (a quarter of the process's
-  file descriptors): a new one beyond them closes the one idle longest (no call open;
-  GOAWAY NO_ERROR, which clients take as "connect again"), or is closed itself when
-  every one has a call open. Connections that sent their SETTINGS and then nothing
-  reached the descriptor limit: then no call, no database session and no broker
-  connection could be opened any more.
+- A server holds at most `connection_limit()` connections (a quarter of the file
+  descriptors the process may open beyond those it needs itself): a new one beyond
+  them closes the one idle longest (no call open; GOAWAY NO_ERROR, which clients take
+  as "connect again"), or is closed itself when every one has a call open.
+  Connections that sent their SETTINGS and then nothing reached the descriptor limit:
+  then no call, no database session and no broker connection could be opened any more.
 - A connection error (an HTTP/2 protocol violation) is told to the peer with the GOAWAY
   frame h2 writes for it, before the connection is closed.
 - A call to a method neither server has is answered UNIMPLEMENTED, and every answer
@@ -65,7 +65,7 @@ from h2.exceptions import DenialOfServiceError, H2Error, ProtocolError
 from hyperframe.frame import GoAwayFrame
 
 from financing import metrics
-from financing.entrypoints.connections import Connections, descriptor_share
+from financing.entrypoints.connections import OWN_DESCRIPTORS, Connections, descriptor_share
 from financing.entrypoints.listening import wildcard_socket
 from financing.logging import get_logger
 
@@ -96,8 +96,7 @@ SMALL_WINDOW_UPDATE = 1024
 # it, every call on it). Beyond the larger, the connection is closed.
 MAX_HEADER_LIST = H2Connection.DEFAULT_MAX_HEADER_LIST_SIZE
 HEADERS_READ_MOST = 4 * MAX_HEADER_LIST
-# Bounds of the connections a server holds (`connection_limit`).
-MIN_CONNECTIONS = 16
+# The most connections a server holds (`connection_limit`).
 MAX_CONNECTIONS = 65536
 # Seconds a connection sent away is read (and what it sends dropped) before it is closed.
 LINGER = 1.0
@@ -113,7 +112,9 @@ _Headers = list[tuple[str, str]]
 class GrpcServer(grpclib.server.Server):
     """grpclib's server, with its connections and requests kept at the edge above."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, connections: int | None = None, **kwargs: Any) -> None:
+        """grpclib's server, holding at most `connections` connections (by default the
+        share of a process that needs OWN_DESCRIPTORS)."""
         super().__init__(*args, **kwargs)
         self._h2_config = H2Configuration(
             client_side=False,
@@ -123,7 +124,9 @@ class GrpcServer(grpclib.server.Server):
             normalize_inbound_headers=False,
             normalize_outbound_headers=False,
         )
-        self._edge_connections: Connections[_Protocol] = Connections("gRPC", connection_limit())
+        self._edge_connections: Connections[_Protocol] = Connections(
+            "gRPC", connection_limit() if connections is None else connections
+        )
 
     async def start(self, host: str, port: int) -> None:  # type: ignore[override]
         """Listening on `host:port`; an unspecified host takes IPv4 and IPv6 alike
@@ -185,11 +188,11 @@ class GrpcServer(grpclib.server.Server):
         return protocol
 
 
-def connection_limit() -> int:
+def connection_limit(own: int = OWN_DESCRIPTORS, soft: int | None = None) -> int:
     """The connections a server holds at most: a quarter of the file descriptors the
-    process may open, the rest left to the other server, the metrics endpoint, the
-    databases, the broker."""
-    return descriptor_share(4, least=MIN_CONNECTIONS, most=MAX_CONNECTIONS)
+    process may open beyond the `own` it needs itself (its pools' sessions, the broker's
+    connection...), the rest left to the other server and the metrics endpoint."""
+    return descriptor_share(4, most=MAX_CONNECTIONS, own=own, soft=soft)
 
 
 class _Handler(grpclib.server.Handler):
