@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
@@ -535,3 +537,41 @@ def test_a_null_name_is_read_as_an_empty_one_as_the_reference_reads_it() -> None
     body = json.dumps({"ID": INV, "Name": None, "Balance": 100}).encode()
     decoded = codec.decode("InvestorRegistered", body, None)
     assert decoded == InvestorRegistered(UUID(INV), "", Decimal(100))
+
+
+def deeply_nested(depth: int) -> bytes:
+    return b'{"ID": ' + b"[" * depth + b"]" * depth + b', "Name": "x"}'
+
+
+def test_a_body_nested_deeper_than_any_message_is_poison_before_it_is_read() -> None:
+    with pytest.raises(PoisonMessage, match="nested deeper than"):
+        codec.decode_message("IssuerRegistered", deeply_nested(codec.MAX_NESTING + 1))
+
+
+def test_brackets_inside_strings_are_not_nesting() -> None:
+    body = json.dumps({"ID": "00000000-0000-4000-8000-000000000001", "Name": "[{" * 500})
+    message = codec.decode_message("IssuerRegistered", body.encode())
+    assert message.name_ == "[{" * 500  # type: ignore[attr-defined]
+
+
+def test_a_deeply_nested_body_is_refused_on_a_small_stack_without_crashing() -> None:
+    """Regression: on a process whose stack is small (`ulimit -s 128`), a message nested a
+    few thousand levels deep crashed it (SIGSEGV) as it was read, and again at every
+    start while the message waited in its queue."""
+    script = (
+        "from financing.application import codec\n"
+        "from financing.application.errors import PoisonMessage\n"
+        "from tests.unit.test_codec import deeply_nested\n"
+        "try:\n"
+        "    codec.decode_message('IssuerRegistered', deeply_nested(30_000))\n"
+        "except PoisonMessage as error:\n"
+        "    print(error)\n"
+    )
+    done = subprocess.run(
+        ["prlimit", "--stack=131072:131072", sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "nested deeper than" in done.stdout

@@ -230,10 +230,13 @@ def _decode(
         raise PoisonMessage(f"unknown message name {name!r}")
     if len(body) > MAX_BODY_BYTES:
         raise PoisonMessage(f"{name}: body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
+    text = body if isinstance(body, str) else _utf8(name, body)
+    if nested_too_deep(text):
+        raise PoisonMessage(f"{name}: body is not valid JSON: nested deeper than {MAX_NESTING}")
     try:
         # NaN and Infinity become non-finite decimals, refused by the field that holds them
         # so that the reason names it.
-        data = _JSON.decode(body if isinstance(body, str) else _utf8(name, body))
+        data = _JSON.decode(text)
     except (ValueError, RecursionError) as exc:
         raise PoisonMessage(f"{name}: body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
@@ -251,6 +254,39 @@ def _decode(
             raise PoisonMessage(f"{name}: missing field {field.key}")
         values[field.attr] = _decode_value(data[field.key], field.kind, field.where, limited)
     return spec.cls(**values)  # type: ignore[no-any-return]
+
+
+# How deep the JSON of a message may nest: the messages of the contract nest 2 deep (a bid
+# in an event). Deeper is refused before the JSON decoder reads it, whose recursion, on a
+# process whose stack is small (`ulimit -s 128`), crashed it (SIGSEGV) at a few thousand
+# levels, and again at every start while the message waited in its queue.
+MAX_NESTING = 32
+
+
+def nested_too_deep(text: str) -> bool:
+    """Whether the JSON `text` nests arrays or objects deeper than MAX_NESTING (brackets
+    within strings not counted); read only where it holds that many brackets at all."""
+    if text.count("[") + text.count("{") <= MAX_NESTING:
+        return False
+    depth = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
 
 
 def _utf8(name: str, body: bytes) -> str:

@@ -45,6 +45,7 @@ from financing.adapters.rabbitmq.topology import (
     ROUTED_NAMES,
     UNROUTED,
 )
+from financing.application.codec import nested_too_deep
 from financing.application.errors import Unavailable
 from financing.application.grace import finish_on_cancel
 from financing.application.ports import (
@@ -178,7 +179,10 @@ def _as_id(text: str) -> str:
 def _ids_named(body: bytes) -> tuple[str, ...]:
     """Every UUID among the strings of a JSON body, at any depth, in order, once each."""
     try:
-        document = json.loads(body)
+        text = body.decode()
+        if nested_too_deep(text):
+            return ()
+        document = json.loads(text)
     except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deep
         return ()
     found: dict[str, None] = {}
