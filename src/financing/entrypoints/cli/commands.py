@@ -14,10 +14,11 @@ import io
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 from uuid import UUID
 
 import uvloop
@@ -528,6 +529,40 @@ async def _operate(run: Run, settings: Settings, args: argparse.Namespace) -> in
     return 128 + signum
 
 
+def _configuration_error(args: argparse.Namespace, error: str) -> NoReturn:
+    """Say `error` as a configuration error (the service's as a log line), exit 2."""
+    if args.command == "serve":
+        _service_configuration_error(error)
+    else:
+        print(f"financing: configuration error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _loop_threads() -> int:
+    """The threads libuv starts for the event loop (UV_THREADPOOL_SIZE, 4 by default)."""
+    raw = os.environ.get("UV_THREADPOOL_SIZE", "")
+    return min(int(raw), 1024) if raw.isascii() and raw.isdigit() and int(raw) > 0 else 4
+
+
+def _threads_startable(count: int) -> bool:
+    """Whether `count` threads can run beside this one now. Where they cannot, libuv
+    aborts the process at its first name lookup (SIGABRT, exit 134, without a line)."""
+    release = threading.Event()
+    started: list[threading.Thread] = []
+    try:
+        for _ in range(count):
+            thread = threading.Thread(target=release.wait, daemon=True)
+            thread.start()
+            started.append(thread)
+    except RuntimeError:  # "can't start new thread"
+        return False
+    finally:
+        release.set()
+        for thread in started:
+            thread.join()
+    return True
+
+
 def _service_configuration_error(error: str) -> None:
     """The service's lines are JSON off a terminal: its configuration errors too."""
     service_logging.configure("INFO")
@@ -579,11 +614,16 @@ def _run(argv: Sequence[str] | None, *, overrides: Overrides | None) -> None:
     try:
         settings = Settings.from_env(reads=args.reads)
     except ConfigError as exc:
-        if args.command == "serve":
-            _service_configuration_error(str(exc))
-        else:
-            print(f"financing: configuration error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        _configuration_error(args, str(exc))
+    threads = _loop_threads()
+    if not _threads_startable(threads):
+        _configuration_error(
+            args,
+            f"this process may not start the {threads} threads its event loop needs beside"
+            " its own (libuv's, for name lookups): a limit on processes or threads is"
+            " reached (ulimit -u, a container's pids limit); raise it, or set"
+            " UV_THREADPOOL_SIZE lower",
+        )
     service_logging.configure(settings.log_level)
     try:
         # Every command on the loop the service runs on (uvloop), so that an operator's

@@ -1,0 +1,75 @@
+"""Limits the platform sets on the process, met at start-up with a line that says which."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.service import financing_command
+
+# Where a cgroup limiting the number of tasks (processes and threads) can be made: the
+# pids controller of cgroup v1, or cgroup v2's hierarchy.
+_PIDS_HIERARCHIES = (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup"))
+NO_DATABASE = "financing_test_no_such_database"
+
+
+def _pids_hierarchy() -> Path | None:
+    for root in _PIDS_HIERARCHIES:
+        controllers = root / "cgroup.controllers"  # v2 names its controllers
+        if controllers.exists() and "pids" not in controllers.read_text().split():
+            continue
+        if (root / "cgroup.procs").exists() and os.access(root, os.W_OK):
+            return root
+    return None
+
+
+@contextlib.contextmanager
+def tasks_limited(most: int) -> Iterator[Path]:
+    """A cgroup in which at most `most` tasks may run; its `cgroup.procs`."""
+    root = _pids_hierarchy()
+    if root is None:
+        pytest.skip("no cgroup limiting tasks can be made here (needs a writable pids controller)")
+    group = root / f"financing_test_{uuid.uuid4().hex[:12]}"
+    group.mkdir()
+    try:
+        (group / "pids.max").write_text(str(most))
+        yield group / "cgroup.procs"
+    finally:
+        group.rmdir()
+
+
+@pytest.mark.parametrize("command", ["serve", "status"])
+def test_a_limit_on_threads_that_leaves_the_event_loop_too_few_is_a_configuration_error(
+    command: str,
+) -> None:
+    """Regression: under a limit of tasks too low for the threads of the event loop's
+    library (4, beside the main one), the process aborted at its first name lookup
+    (SIGABRT, exit 134) without a line."""
+    with tasks_limited(3) as procs:
+        done = subprocess.run(
+            ["sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh", *financing_command(), command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            # Host names, to be looked up; nothing that could be reached or changed.
+            env={
+                **os.environ,
+                "COMMAND_DB_CONNECTION_STRING": f"postgresql://postgres@localhost/{NO_DATABASE}",
+                "QUERY_DB_CONNECTION_STRING": f"postgresql://postgres@localhost/{NO_DATABASE}",
+                "AMQP_ADDRESS": "amqp://guest:guest@localhost:1/",
+            },
+        )
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    said = done.stderr.strip().splitlines()[-1]
+    if command == "serve":  # the service's lines are JSON
+        line = json.loads(said)
+        assert line["event"] == "configuration error", line
+        said = line["error"]
+    assert "may not start the 4 threads its event loop needs" in said, said
