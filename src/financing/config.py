@@ -446,12 +446,25 @@ def _parse_url(url: str) -> Database:
     # an empty value the same as none.
     query: dict[str, str] = {}
     unshown: set[str] = set()  # the keys after the password, which may be part of it
+    # The keys the URL's own parts give (its user, host, port and database).
+    given = {
+        key
+        for key, part in (
+            ("user", parts.username),
+            ("host", parts.hostname),
+            ("port", parts.port),
+            ("dbname", parts.path.strip("/")),
+        )
+        if part
+    }
     for key, _, raw in (item.partition("=") for item in parts.query.split("&") if item):
         key = unquote(key)
+        if "password" in query and key != "password":
+            if key in given or key in query:
+                raise _given_again(key)
+            unshown.add(key)
         if raw:
             query[key] = unquote(raw)
-        if "password" in query and key != "password":
-            unshown.add(key)
     pool_size = _pool_size(query.pop("pool_max_conns", None), shown="pool_max_conns" not in unshown)
     port = parts.port
     user = unquote(parts.username or "postgres")
@@ -494,6 +507,8 @@ def _parse_keywords(text: str) -> Database:
         key = match.group(1)
         pos = match.end()
         if bare_password:
+            if key in pairs:
+                raise _given_again(key)
             unshown.add(key)
         quoted = text.startswith("'", pos)
         value, pos = _libpq_value(text, pos)
@@ -519,6 +534,17 @@ def _asyncpg_keywords(pairs: Mapping[str, str], unshown: Set[str]) -> dict[str, 
         _LIBPQ_TO_ASYNCPG[key]: _typed(key, raw, shown=key not in unshown) for key, raw in ordered
     }
     return {key: value for key, value in typed.items() if value is not None}
+
+
+def _given_again(key: str) -> ConfigError:
+    """A key given again after a password that may hold it: a bare password holding a
+    space (a URL's holding '&') read as a password and more keys, whose values then
+    named the role, the host or the database in every error and in `status`."""
+    return ConfigError(
+        f"connection string: {key!r} is given again after the password, which may hold"
+        " it: quote a password that holds spaces, password='...', and percent-encode '&'"
+        " and '=' in a URL's"
+    )
 
 
 def _several_servers(what: str) -> ConfigError:

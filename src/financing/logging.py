@@ -93,7 +93,10 @@ class Lines:
     was written on after the fragment, and the two made one line that was no JSON."""
 
     def __init__(self, file: TextIO) -> None:
-        raw = getattr(getattr(file, "buffer", None), "raw", None)
+        # Its buffer's raw file, or its buffer itself where that is the raw file (Python
+        # run unbuffered, PYTHONUNBUFFERED=1, as the image runs it).
+        buffer = getattr(file, "buffer", None)
+        raw = buffer if isinstance(buffer, io.FileIO) else getattr(buffer, "raw", None)
         self._raw = raw if isinstance(raw, io.FileIO) else None
         self._file = file
         self._encoding = getattr(file, "encoding", None) or "utf-8"

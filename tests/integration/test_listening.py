@@ -33,7 +33,7 @@ needs_ipv6 = pytest.mark.skipif(
 
 
 @needs_ipv6
-@pytest.mark.parametrize("host", ["::", "0.0.0.0"])
+@pytest.mark.parametrize("host", ["::", "0.0.0.0", "::0", "0:0:0:0:0:0:0:0"])
 async def test_an_unspecified_address_takes_ipv4_and_ipv6_clients(host: str) -> None:
     """Regression: `[::]:PORT` listened on IPv6 alone and `0.0.0.0:PORT` on IPv4 alone,
     where the reference takes both: carried over from it, `[::]:8080` refused every

@@ -390,6 +390,31 @@ def test_a_refused_key_or_value_after_the_password_is_not_quoted(value: str) -> 
     assert "after the password" in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        "host=127.0.0.1 user=u password=correct user=S3CRETfragment dbname=x",
+        "host=127.0.0.1 user=u password=correct host=S3CRETfragment dbname=x",
+        "host=127.0.0.1 user=u dbname=x password=correct dbname=S3CRETfragment",
+        "postgresql://u@127.0.0.1/db?password=Xy7pQ&dbname=S3CRETfragment",
+        "postgresql://u@127.0.0.1/db?password=Xy7pQ&user=S3CRETfragment",
+        "postgresql://u@127.0.0.1:5433/db?password=Xy7pQ&port=S3CRETfragment",
+    ],
+)
+def test_a_key_given_again_after_the_password_is_refused_without_its_value(value: str) -> None:
+    """Regression: the part of a password after a space that read as a key given before
+    (`user=`, `host=`, `dbname=`) replaced it, and its value named the role, the host or
+    the database in every error and in `status`."""
+    with pytest.raises(ConfigError, match="is given again after the password") as caught:
+        parse_database(value)
+    assert "S3CRET" not in str(caught.value)
+
+
+def test_a_key_after_the_password_that_was_not_given_before_is_taken() -> None:
+    assert kwargs("user=u password=secret host=db dbname=x")["host"] == "db"
+    assert kwargs("postgresql://db/x?password=secret&user=u")["user"] == "u"
+
+
 def test_a_refused_key_before_the_password_or_after_a_quoted_one_is_still_named() -> None:
     with pytest.raises(ConfigError, match="'db_name'"):
         parse_database("host=db db_name=x password=secret")

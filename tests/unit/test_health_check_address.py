@@ -8,18 +8,24 @@ import pytest
 
 from financing.config import Settings
 from financing.entrypoints.cli.health_check import health_check, reachable
+from financing.entrypoints.listening import wildcard_socket
 
 
-@pytest.mark.parametrize("wildcard", ["0.0.0.0", "::"])
-async def test_a_listener_on_every_address_is_reached_on_the_loopback_of_its_family(
+@pytest.mark.parametrize("wildcard", ["0.0.0.0", "::", "::0", "0:0:0:0:0:0:0:0"])
+async def test_a_listener_on_the_unspecified_address_however_written_is_reached(
     wildcard: str,
 ) -> None:
-    """Regression: `::` was probed on 127.0.0.1, which a listener on `::` does not serve
-    (asyncio and uvloop set IPV6_V6ONLY): the health check always failed."""
-    server = await asyncio.start_server(lambda _, writer: writer.close(), wildcard, 0)
+    """Regression: `::` was probed on 127.0.0.1, which a listener on `::` alone did not
+    serve (asyncio and uvloop set IPV6_V6ONLY): the health check always failed; then,
+    probed on `::1`, it said healthy while IPv4 clients were refused. The service's
+    listeners on the unspecified address take both, and are asked on IPv4."""
+    sock = wildcard_socket(wildcard, 0)
+    assert sock is not None
+    server = await asyncio.start_server(lambda _, writer: writer.close(), sock=sock)
     try:
         port = server.sockets[0].getsockname()[1]
         host, probed_port = reachable((wildcard, port))
+        assert host == "127.0.0.1"
         _, writer = await asyncio.wait_for(asyncio.open_connection(host, probed_port), 5)
         writer.close()
         await writer.wait_closed()

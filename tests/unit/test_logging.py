@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import subprocess
 import sys
 from typing import Any
+
+import pytest
 
 from financing.logging import Lines
 
@@ -113,16 +116,29 @@ def drained(reader: int) -> bytes:
         received += chunk
 
 
-def test_a_line_the_log_took_in_part_is_finished_before_the_next_begins() -> None:
+def stream_of(fd: int, *, unbuffered: bool) -> io.TextIOWrapper:
+    """A text stream on `fd` as Python makes stderr: over a buffer over the file, or,
+    run unbuffered (PYTHONUNBUFFERED=1, as the image runs it), over the file itself."""
+    raw = io.FileIO(fd, "w", closefd=False)
+    if unbuffered:
+        return io.TextIOWrapper(raw, encoding="utf-8", write_through=True)
+    return io.TextIOWrapper(io.BufferedWriter(raw), encoding="utf-8")
+
+
+@pytest.mark.parametrize("unbuffered", [False, True], ids=["buffered", "unbuffered"])
+def test_a_line_the_log_took_in_part_is_finished_before_the_next_begins(
+    unbuffered: bool,
+) -> None:
     """Regression: a line a non-blocking pipe took only in part (its reader behind) was
-    left as a fragment, and the next line was written on after it: one line, no JSON."""
+    left as a fragment, and the next line was written on after it: one line, no JSON
+    (mended at first only where the stream was buffered, as it is not in the image)."""
     reader, writer = os.pipe()
     os.set_blocking(writer, False)
     os.set_blocking(reader, False)
     capacity = fcntl.fcntl(writer, fcntl.F_GETPIPE_SZ)
     big = json.dumps({"event": "tasks", "stacks": "x" * (capacity + capacity // 2)})
     try:
-        with open(writer, "w", encoding="utf-8", closefd=False) as file:
+        with stream_of(writer, unbuffered=unbuffered) as file:
             lines = Lines(file)
             lines.msg(big)  # begun, not finished: the pipe is full
             lines.msg(json.dumps({"event": "dropped while the pipe is full"}))

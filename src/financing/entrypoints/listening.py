@@ -10,19 +10,27 @@ while `financing health-check`, which asks `::1`, said healthy.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
 
-# The unspecified addresses: every address of the host (`:port` reads as the first).
-WILDCARDS = ("0.0.0.0", "::")
 # What a host without IPv6 says when asked for an IPv6 socket or its `::`.
 _NO_IPV6 = (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT)
+
+
+def unspecified(host: str) -> bool:
+    """Whether `host` is the unspecified address, however written (`::`, `::0`,
+    `0:0:0:0:0:0:0:0`, `0.0.0.0`)."""
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:  # a name
+        return False
 
 
 def wildcard_socket(host: str, port: int) -> socket.socket | None:
     """For an unspecified `host`, one bound socket that takes IPv4 and IPv6 connections;
     None for any other host, or where the host has no IPv6 (then IPv4 alone is
     listened on, as asked). OSError when the port is taken."""
-    if host not in WILDCARDS or not socket.has_ipv6:
+    if not unspecified(host) or not socket.has_ipv6:
         return None
     try:
         sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)

@@ -29,6 +29,7 @@ from financing.config import (
     ConfigError,
     Settings,
 )
+from financing.entrypoints.listening import unspecified
 
 TIMEOUT = 3.0
 # What the probe reads (in either form: `financing health-check`, or this module run).
@@ -65,11 +66,11 @@ async def probe(settings: Settings) -> int:
 
 
 def reachable(address: tuple[str, int]) -> tuple[str, int]:
-    """Where a listener on `address` answers on this host: a wildcard address is reached
-    on the loopback of its family (asyncio and uvloop listen on `::` for IPv6 only)."""
+    """Where a listener on `address` answers on this host: one on the unspecified address,
+    however written, takes IPv4 and IPv6 alike (`listening.wildcard_socket`), and is
+    asked on IPv4's loopback, which a listener on IPv6 alone would have refused."""
     host, port = address
-    wildcards = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
-    return wildcards.get(host, host), port
+    return ("127.0.0.1" if not host or unspecified(host) else host), port
 
 
 async def _grpc_health(address: tuple[str, int], service: str) -> str:
