@@ -1,5 +1,5 @@
-"""Where the servers listen: an unspecified address takes IPv4 and IPv6 clients alike, as
-the reference's Go listeners do."""
+"""Where the servers listen (an unspecified address takes IPv4 and IPv6 clients alike, as
+the reference's Go listeners do), and what a connection they take holds."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import socket
 import pytest
 from grpclib.health.service import Health
 
-from financing.entrypoints.grpc.edge import GrpcServer
+from financing.entrypoints.grpc.edge import CLOSED_CALLS_KEPT, GrpcServer
 from financing.entrypoints.listening import shown
 from financing.entrypoints.observability import MetricsEndpoint
+from tests.support.raw_h2 import EMPTY_MESSAGE, HEALTH_CHECK, RawConnection
 from tests.support.service import free_port
 
 LOOPBACKS = ("127.0.0.1", "::1")
@@ -69,3 +70,25 @@ async def test_a_specified_address_is_listened_on_alone() -> None:
 def test_an_ipv6_address_is_shown_as_a_client_writes_it() -> None:
     assert shown("::", 8080) == "[::]:8080"
     assert shown("0.0.0.0", 8080) == "0.0.0.0:8080"
+
+
+async def test_a_long_lived_connection_remembers_a_bounded_number_of_ended_calls() -> None:
+    """Regression: h2 remembered the last 65,536 ended calls of each connection, 120
+    bytes each: a client's connection that lived long held 7.9 MB for them."""
+    server = GrpcServer([Health()])
+    port = free_port()
+    await server.start("127.0.0.1", port)
+    try:
+        async with RawConnection.open(("127.0.0.1", port)) as connection:
+            calls = CLOSED_CALLS_KEPT + 500
+            for _ in range(calls):
+                answer = await connection.answered(
+                    connection.call(HEALTH_CHECK.encode(), EMPTY_MESSAGE)
+                )
+                assert answer.get(b"grpc-status") == b"0", answer
+            [held] = server._edge_connections.held()
+            remembered = len(held.connection._connection._closed_streams)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert remembered <= CLOSED_CALLS_KEPT, remembered
