@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 from datetime import UTC, datetime, timedelta
 from uuid import UUID, uuid4
 
 from financing.application.ports import StoredEvent
 from financing.application.trace import Fate, Handling, Step, trace
-from financing.entrypoints.cli.trace import render
+from financing.entrypoints.cli.trace import drawing_for, render
 
 CORRELATION = "saga-1"
 START = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
@@ -155,3 +156,16 @@ def test_the_rendering_draws_the_tree_and_says_what_became_of_each_message() -> 
     assert lines[4] == '      │ {"Amount":5}'
     assert "changed nothing at p: why" in lines[-2]
     assert lines[-1] == "3 applied, 1 changed nothing, 0 refused, 0 dead-lettered, 0 deferred"
+
+
+def test_an_output_that_cannot_carry_the_boxes_gets_the_tree_in_ascii() -> None:
+    """Regression: under a C locale, or PYTHONIOENCODING=ascii, every branch of the tree
+    was written as escapes (`\\u2514\\u2500`)."""
+    story = trace(CORRELATION, [PLACED, FINANCED, RELEASED], SAGA_HANDLINGS)
+    ascii_output = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    lines = render(story, drawing=drawing_for(ascii_output))
+    assert all(line.isascii() for line in lines), lines
+    assert lines[1] == f"`- BidOnInvoice  command {COMMAND}"
+    assert lines[2] == "   | 2025-06-01T12:00:00.010Z  applied by bid_on_invoice: 1 event"
+    utf8_output = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+    assert render(story, drawing=drawing_for(utf8_output)) == render(story)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import sys
 from collections import Counter
 from collections.abc import Sequence
+from typing import TextIO
 
 from financing.adapters.postgres.connection import COMMAND_DATABASE
 from financing.adapters.postgres.correlation import correlated
@@ -61,7 +62,7 @@ async def run_trace(settings: Settings, correlation_id: str) -> int:
             file=sys.stderr,
         )
         return 1
-    print("\n".join(render(story)))
+    print("\n".join(render(story, drawing=drawing_for(sys.stdout))))
     return 0 if searched else 1
 
 
@@ -92,22 +93,40 @@ def _handling(letter: DeadLetter, fate: Fate) -> Handling:
     )
 
 
-def render(story: Trace) -> list[str]:
+# How the tree is drawn: its branches (the last one, another one) and the rail beside a
+# step's details; in ASCII where the output cannot carry the box-drawing characters.
+Drawing = tuple[str, str, str]
+BOXES: Drawing = ("└─ ", "├─ ", "│")
+ASCII: Drawing = ("`- ", "|- ", "|")
+
+
+def drawing_for(output: TextIO) -> Drawing:
+    """BOXES where `output`'s encoding carries them, else ASCII (a C locale, or
+    PYTHONIOENCODING=ascii, wrote every branch as escapes)."""
+    try:
+        "".join(BOXES).encode(getattr(output, "encoding", None) or "utf-8")
+    except (UnicodeEncodeError, LookupError):
+        return ASCII
+    return BOXES
+
+
+def render(story: Trace, drawing: Drawing = BOXES) -> list[str]:
     lines = [f"correlation {story.correlation_id}"]
-    _branch(story.steps, "", lines)
+    _branch(story.steps, "", lines, drawing)
     fates = Counter(handling.fate for handling in story.handlings())
     lines.append(", ".join(f"{fates[fate]} {fate.value}" for fate in Fate))
     return [shown(line) for line in lines]
 
 
-def _branch(steps: Sequence[Step], prefix: str, lines: list[str]) -> None:
+def _branch(steps: Sequence[Step], prefix: str, lines: list[str], drawing: Drawing) -> None:
+    last_branch, branch, rail_ = drawing
     for index, step in enumerate(steps):
         last = index == len(steps) - 1
-        lines.append(prefix + ("└─ " if last else "├─ ") + _heading(step))
-        inner = prefix + ("   " if last else "│  ")
-        rail = inner + ("│ " if step.caused else "  ")
+        lines.append(prefix + (last_branch if last else branch) + _heading(step))
+        inner = prefix + ("   " if last else rail_ + "  ")
+        rail = inner + (rail_ + " " if step.caused else "  ")
         lines.extend(rail + detail for detail in _details(step))
-        _branch(step.caused, inner, lines)
+        _branch(step.caused, inner, lines, drawing)
 
 
 def _heading(step: Step) -> str:
