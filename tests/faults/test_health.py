@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-import urllib.error
-import urllib.request
 
 from h2.errors import ErrorCodes
 
@@ -19,6 +17,7 @@ from tests.faults.conftest import Deploy, add_figure, set_figure
 from tests.faults.test_broker_outage import close_connections, grant, revoke
 from tests.faults.test_database_outage import set_connections_allowed, terminate_sessions
 from tests.support import foreign_grpc, infra
+from tests.support.metrics import health_code
 from tests.support.raw_h2 import EMPTY_MESSAGE, HEALTH_CHECK, RawConnection
 from tests.support.service import ROOT, reap, run_cli
 
@@ -80,15 +79,6 @@ async def test_queries_is_not_serving_while_its_database_refuses_connections(
     await becomes(address, "Queries", "SERVING", BACK_WITHIN)
     await target.query_pool.expire_connections()
     add_figure("health outages seen and ended", 1)
-
-
-def health_code(address: tuple[str, int]) -> int:
-    """What the metrics endpoint's /health answers: 200 or 503."""
-    try:
-        with urllib.request.urlopen(f"http://{address[0]}:{address[1]}/health", timeout=5) as reply:
-            return int(reply.status)
-    except urllib.error.HTTPError as error:
-        return error.code
 
 
 async def test_a_queue_the_broker_will_not_let_be_consumed_is_one_steady_outage(

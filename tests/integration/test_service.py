@@ -8,8 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AsyncExitStack
@@ -35,7 +33,7 @@ from financing.entrypoints.supervisor import supervise
 from financing.generated import QueriesStub
 from tests.support import infra
 from tests.support.deployment import service_env
-from tests.support.metrics import scrape, value
+from tests.support.metrics import health_code, scrape, value
 from tests.support.raw_h2 import EMPTY_MESSAGE, RawConnection
 from tests.support.service import ServiceProcess, financing_command, free_port, reap, run_cli
 
@@ -462,17 +460,6 @@ async def test_a_read_only_query_database_without_the_current_schema_fails_start
         await infra.set_read_only(queries.connect_kwargs["database"], False)
 
 
-def _health(address: tuple[str, int]) -> int:
-    """What the metrics endpoint's /health answers, 0 when it cannot be asked."""
-    try:
-        with urllib.request.urlopen(f"http://{address[0]}:{address[1]}/health", timeout=5) as reply:
-            return int(reply.status)
-    except urllib.error.HTTPError as error:
-        return error.code
-    except OSError:
-        return 0
-
-
 async def test_under_a_small_descriptor_limit_callers_leave_the_service_what_it_needs(
     databases: tuple[Database, Database], amqp_url: str, tmp_path: Path
 ) -> None:
@@ -494,7 +481,7 @@ async def test_under_a_small_descriptor_limit_callers_leave_the_service_what_it_
                 for _ in range(40):  # each with a call open: none is idle, to be closed
                     caller = await stack.enter_async_context(RawConnection.open(address))
                     caller.call(b"/grpc.health.v1.Health/Watch", EMPTY_MESSAGE)
-            answers = [await asyncio.to_thread(_health, metrics) for _ in range(20)]
+            answers = [await asyncio.to_thread(health_code, metrics) for _ in range(20)]
             descriptors = len(os.listdir(f"/proc/{service.pid}/fd"))
             samples = await asyncio.to_thread(scrape, f"{metrics[0]}:{metrics[1]}")
         assert answers == [200] * 20, (answers, service.log_tail())

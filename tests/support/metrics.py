@@ -3,6 +3,7 @@ prometheus_client's parser."""
 
 from __future__ import annotations
 
+import urllib.error
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -28,3 +29,15 @@ def value(samples: Samples, name: str, **labels: str) -> float:
         for found, amount in samples.get(name, [])
         if all(found.get(key) == wanted for key, wanted in labels.items())
     )
+
+
+def health_code(address: tuple[str, int]) -> int:
+    """What the metrics endpoint's /health at `address` answers: 200 or 503, 0 when it
+    cannot be asked (nothing listens, or the connection is refused)."""
+    try:
+        with urllib.request.urlopen(f"http://{address[0]}:{address[1]}/health", timeout=5) as reply:
+            return int(reply.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
+from typing import Any
 
 # What a host without IPv6 says when asked for an IPv6 socket or its `::`.
 _NO_IPV6 = (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT)
@@ -49,6 +50,13 @@ def wildcard_socket(host: str, port: int) -> socket.socket | None:
         raise
     sock.setblocking(False)
     return sock
+
+
+def listening_at(host: str, port: int) -> dict[str, Any]:
+    """What an asyncio (or grpclib) server is started with to listen on `host:port`: the
+    socket of `wildcard_socket` for an unspecified host, else the host and port."""
+    sock = wildcard_socket(host, port)
+    return {"host": host, "port": port} if sock is None else {"sock": sock}
 
 
 def shown(host: str, port: int) -> str:

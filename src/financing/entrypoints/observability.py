@@ -23,7 +23,7 @@ from prometheus_client.exposition import choose_encoder
 
 from financing.entrypoints.connections import OWN_DESCRIPTORS, Connections, descriptor_share
 from financing.entrypoints.grpc.codec import Servable
-from financing.entrypoints.listening import wildcard_socket
+from financing.entrypoints.listening import listening_at
 from financing.logging import get_logger
 from financing.metrics import (
     EVENT_LOOP_LAG,
@@ -174,15 +174,9 @@ class MetricsEndpoint:
 
     async def start(self, host: str, port: int) -> None:
         """Listening on `host:port`; an unspecified host takes IPv4 and IPv6 alike."""
-        sock = wildcard_socket(host, port)
-        if sock is None:
-            self._server = await asyncio.start_server(
-                self._answer, host, port, limit=REQUEST_HEAD_BYTES
-            )
-        else:
-            self._server = await asyncio.start_server(
-                self._answer, sock=sock, limit=REQUEST_HEAD_BYTES
-            )
+        self._server = await asyncio.start_server(
+            self._answer, limit=REQUEST_HEAD_BYTES, **listening_at(host, port)
+        )
 
     def go_away(self) -> None:
         """Nothing: `/health` and `/metrics` answer on while the calls in flight finish

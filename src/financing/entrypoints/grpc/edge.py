@@ -67,7 +67,7 @@ from hyperframe.frame import GoAwayFrame
 
 from financing import metrics
 from financing.entrypoints.connections import OWN_DESCRIPTORS, Connections, descriptor_share
-from financing.entrypoints.listening import wildcard_socket
+from financing.entrypoints.listening import listening_at
 from financing.logging import get_logger
 
 log = get_logger(__name__)
@@ -136,11 +136,7 @@ class GrpcServer(grpclib.server.Server):
     async def start(self, host: str, port: int) -> None:  # type: ignore[override]
         """Listening on `host:port`; an unspecified host takes IPv4 and IPv6 alike
         (`listening.wildcard_socket`)."""
-        sock = wildcard_socket(host, port)
-        if sock is None:
-            await super().start(host, port)
-        else:
-            await super().start(sock=sock)
+        await super().start(**listening_at(host, port))
 
     def go_away(self) -> None:
         """The first step of shutting down, before the calls in flight are let finish:
