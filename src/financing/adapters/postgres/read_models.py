@@ -166,9 +166,14 @@ class PostgresReadModels:
             f" FROM {s}.invoices WHERE issuer_id IS NOT NULL ORDER BY created"
         )
         self._issuers_sql = f"SELECT id FROM {s}.issuers ORDER BY created"
+        # Only records of events the store recorded as recently (by its own clock, kept
+        # with each record; NULL for another relayer's): `financing check` takes every
+        # older event for projected whatever the records say, and after a rebuild every
+        # record was made just now (700,000 ids held, +110 MB).
         self._projected_since_sql = (
             f"SELECT message_id FROM {s}.processed_messages"
             " WHERE processed_at >= now() - make_interval(secs => $1)"
+            " AND (recorded_at IS NULL OR recorded_at >= now() - make_interval(secs => $1))"
         )
         self._counts_sql = (
             f"SELECT (SELECT count(*) FROM {s}.investors),"
@@ -292,8 +297,8 @@ class PostgresReadModels:
 
     async def view(self, recent: float) -> ProjectedView:
         """The rows, and the message ids projected in the last `recent` seconds (by the
-        server's clock), as one snapshot: what `financing check` compares with a replay
-        of the events projected by then."""
+        server's clock) of events recorded in that time too, as one snapshot: what
+        `financing check` compares with a replay of the events projected by then."""
         async with (
             acquired(self._pool, self._dependency) as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
