@@ -6,7 +6,7 @@ stub's channel (grpclib) and keeps what the server sent before the reply.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
 import betterproto
@@ -24,16 +24,17 @@ async def call(
     request: betterproto.Message,
     reply_type: type[R],
     *,
-    metadata: Mapping[str, str] | None = None,
+    metadata: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
 ) -> tuple[R, dict[str, str]]:
-    """`route` (e.g. "/Commands/SellInvoice") called with `metadata`: (reply, initial metadata)."""
+    """`route` (e.g. "/Commands/SellInvoice") called with `metadata` (pairs, for a key sent
+    more than once): (reply, initial metadata)."""
     async with stub.channel.request(
         route,
         Cardinality.UNARY_UNARY,
         type(request),
         reply_type,
         timeout=stub.timeout,
-        metadata=dict(metadata or {}),
+        metadata=list(metadata.items() if isinstance(metadata, Mapping) else metadata or ()),
     ) as stream:
         await stream.send_message(request, end=True)
         reply = await stream.recv_message()

@@ -527,3 +527,22 @@ async def test_an_idempotency_key_that_cannot_be_one_is_invalid_argument(
     assert error.value.status is Status.INVALID_ARGUMENT
     assert (error.value.message or "").startswith("idempotency-key: must be printable ASCII")
     assert sender.sent == []
+
+
+async def test_an_idempotency_key_sent_twice_is_invalid_argument(
+    correlated: CommandsStub, sender: InMemoryCommandSender
+) -> None:
+    """Regression: of two keys in one call's metadata the first named the command and the
+    second was ignored without a word; which one the client meant is a guess."""
+    request = SellInvoiceCommand(issuer_id=_id(), asking_price=Money(amount=20.0))
+    with pytest.raises(GRPCError) as error:
+        await call(
+            correlated,
+            "/Commands/SellInvoice",
+            request,
+            Uuid,
+            metadata=[("idempotency-key", "one"), ("idempotency-key", "two")],
+        )
+    assert error.value.status is Status.INVALID_ARGUMENT
+    assert error.value.message == "idempotency-key: sent 2 times; send one key"
+    assert sender.sent == []

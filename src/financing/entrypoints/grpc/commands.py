@@ -20,6 +20,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
+from dataclasses import dataclass
 from decimal import Decimal
 from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
 
@@ -93,7 +94,8 @@ def correlate(server: Server) -> None:
         value = event.metadata.get(CORRELATION_METADATA)
         if _usable_metadata_id(value):
             _requested.set(str(value))
-        _idempotency.set(event.metadata.get(IDEMPOTENCY_METADATA))
+        keys = event.metadata.getall(IDEMPOTENCY_METADATA, [])
+        _idempotency.set(keys[0] if len(keys) == 1 else _GivenTimes(len(keys)) if keys else None)
 
     async def answering(event: SendInitialMetadata) -> None:
         correlation_id = _correlation.get()
@@ -119,12 +121,22 @@ def _usable_metadata_id(value: object) -> bool:
     return usable_correlation_id(value) and str(value).isascii()
 
 
+@dataclass(frozen=True)
+class _GivenTimes:
+    """An `idempotency-key` sent more than once in one call's metadata."""
+
+    times: int
+
+
 def idempotency_key() -> str | None:
     """The call's `idempotency-key`, if it sent one; INVALID_ARGUMENT if it cannot be one
-    (ignoring it would make a client's retries unsafe without telling it)."""
+    (ignoring it would make a client's retries unsafe without telling it), or if the call
+    sent several (which one names the command would be a guess)."""
     value = _idempotency.get()
     if value is None:
         return None
+    if isinstance(value, _GivenTimes):
+        raise invalid(IDEMPOTENCY_METADATA, f"sent {value.times} times; send one key")
     if not _usable_metadata_id(value):
         raise invalid(
             IDEMPOTENCY_METADATA,
