@@ -22,10 +22,11 @@ import asyncpg
 import pytest
 
 from financing.adapters.postgres.event_store import PostgresEventStore
-from financing.application import handlers
+from financing.application import handlers, policies
 from financing.application.errors import (
     AlreadyProcessed,
     ConcurrencyConflict,
+    EventNotInStore,
     ReadAfterWrite,
     ReusedMessageId,
 )
@@ -45,6 +46,7 @@ from financing.application.ports import (
     Cause,
     EventStore,
     Processed,
+    RelayedEvent,
     StoredEvent,
     body_digest,
     event_message_id,
@@ -55,6 +57,7 @@ from financing.domain.events import (
     BidOnInvoicePlacedEvent,
     InvestorCreatedEvent,
     InvestorFundsAddedEvent,
+    InvoiceFinancedEvent,
 )
 from tests.support import infra
 from tests.support.deliveries import MemoryDelivery, envelope_of
@@ -98,10 +101,12 @@ async def create_investor(store: EventStore, investor_id: UUID, balance: str) ->
         await uow.save(investor)
 
 
-async def place_bid(store: EventStore, investor_id: UUID, amount: str) -> None:
+async def place_bid(
+    store: EventStore, investor_id: UUID, amount: str, invoice_id: UUID | None = None
+) -> None:
     async with store.unit_of_work() as uow:
         investor = await uow.load(Investor, investor_id)
-        investor.place_bid(uuid4(), Decimal(amount))
+        investor.place_bid(invoice_id or uuid4(), Decimal(amount))
         await uow.save(investor)
 
 
@@ -311,6 +316,51 @@ class EventStoreContract:
             await process_bid_message()  # breaks no rule: only its record says it is a copy
 
         assert [e.version for e in await store.stream(investor_id)] == [1, 2, 3]
+
+    async def test_a_unit_of_work_acting_on_an_event_the_store_does_not_hold_writes_nothing(
+        self, store: EventStore
+    ) -> None:
+        """Regression: a policy took any event under the id the store derives for it for one
+        of the store's. Published by another under that id (at a version the stream has not
+        reached, or over an event it holds), it financed an invoice with a bid never
+        placed, and its record took the id of the event appended there later."""
+        investor_id, other_id = uuid4(), uuid4()
+        await create_investor(store, investor_id, "100")
+        [_, added] = await store.stream(investor_id)
+        held = RelayedEvent(investor_id, 2, added.name, added.body)
+        forged = [
+            dataclasses.replace(held, version=3),
+            dataclasses.replace(held, body=added.body.replace("100", "500")),
+            dataclasses.replace(held, name="InvestorFundsReleasedEvent"),
+            dataclasses.replace(held, aggregate_id=other_id),
+        ]
+        assert forged[1].body != held.body
+
+        async def act_on(event: RelayedEvent, message_id: str, save: bool) -> None:
+            async with store.unit_of_work() as uow:
+                await uow.acting_on(event)
+                if save:
+                    other = await uow.load(Investor, other_id)
+                    other.create(Decimal("1"))
+                    await uow.save(other)
+                await uow.record("policy", message_id)
+
+        for n, event in enumerate(forged):
+            for save in (True, False):
+                with pytest.raises(EventNotInStore, match="is not an event of this service"):
+                    await act_on(event, f"forged-{n}-{save}", save)
+        assert await store.stream(other_id) == []
+        async with store.unit_of_work() as uow:
+            assert [
+                await uow.recorded("policy", f"forged-{n}-{s}")
+                for n in range(4)
+                for s in (True, False)
+            ] == [None] * 8
+
+        await act_on(held, "held", save=True)
+        assert [e.version for e in await store.stream(other_id)] == [1, 2]
+        async with store.unit_of_work() as uow:
+            assert await uow.recorded("policy", "held") is not None
 
     async def test_a_message_processed_twice_at_once_takes_effect_once(
         self, store: EventStore
@@ -852,6 +902,36 @@ class TestPostgresEventStore(EventStoreContract):
             recorded = await uow.recorded("create_investor", message_id)
         assert recorded == Processed("CreateInvestor", "processed", "", 2, body_digest(first.body))
         assert await store.stream(reusing.id) == []
+
+    async def test_a_forged_bid_is_dead_lettered_and_the_bid_placed_at_its_version_offered(
+        self, pool: asyncpg.Pool
+    ) -> None:
+        """Regression: a BidOnInvoicePlacedEvent published by another under the id the store
+        derives for the investor's next version financed the invoice with a bid never
+        placed; the bid the investor placed next, at that version, was then dead-lettered
+        as reusing a processed id, its funds left reserved for good."""
+        store, step = await _command_step(
+            pool, "BidOnInvoicePlacedEvent", policies.bid_placed_offers_bid_to_invoice
+        )
+        investor_id, invoice_id = uuid4(), uuid4()
+        await create_investor(store, investor_id, "100")
+        async with store.unit_of_work() as uow:
+            invoice = await uow.load(Invoice, invoice_id)
+            invoice.create(uuid4(), Decimal("10"))
+            await uow.save(invoice)
+        forged = BidOnInvoicePlacedEvent(investor_id, invoice_id, Decimal("50"))
+
+        with pytest.raises(EventNotInStore):
+            await step(MemoryDelivery(envelope_of(forged, version=3)))
+
+        assert [e.name for e in await store.stream(invoice_id)] == ["InvoiceCreatedEvent"]
+        await place_bid(store, investor_id, "20", invoice_id)
+        [placed] = (await store.stream(investor_id))[2:]
+        assert await step(MemoryDelivery(placed.envelope())) == Outcome.processed(1)
+        [financed] = (await store.stream(invoice_id))[1:]
+        assert financed.event == InvoiceFinancedEvent(
+            invoice_id, Decimal("10"), Bid(investor_id, Decimal("20"))
+        )
 
     async def test_a_delivered_command_that_changed_nothing_is_recorded_unchanged_and_why(
         self, pool: asyncpg.Pool

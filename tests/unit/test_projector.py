@@ -84,6 +84,11 @@ class RecordingReadModels:
 
 def relayed(event: ev.DomainEvent, version: int, recorded_at: datetime = RELAYED_AT) -> Envelope:
     """`event` as this service's relayer publishes it, from its event store row."""
+    return stored(event, version, recorded_at).envelope()
+
+
+def stored(event: ev.DomainEvent, version: int, recorded_at: datetime = RELAYED_AT) -> StoredEvent:
+    """`event` as the event store's row of INVESTOR's `version`."""
     return StoredEvent(
         position=version,
         aggregate_type="Investor",
@@ -94,7 +99,7 @@ def relayed(event: ev.DomainEvent, version: int, recorded_at: datetime = RELAYED
         correlation_id="c-1",
         causation_id="m-1",
         recorded_at=recorded_at,
-    ).envelope()
+    )
 
 
 def foreign(event: ev.DomainEvent) -> Envelope:
@@ -151,8 +156,9 @@ async def project(*envelopes: Envelope) -> tuple[RecordingReadModels, list[Outco
     return read_models, outcomes
 
 
-async def policy_outcome(envelope: Envelope) -> str:
-    """What the saga's policies make of `envelope`: 'refused', or 'handled'."""
+async def policy_outcome(envelope: Envelope, *held: StoredEvent) -> str:
+    """What the saga's policies make of `envelope`, their store holding `held`: 'refused',
+    or 'handled'."""
 
     async def handler(uow: UnitOfWork, message: object) -> None:
         return None
@@ -160,7 +166,9 @@ async def policy_outcome(envelope: Envelope) -> str:
     message = codec.decode_message(envelope.name, envelope.body, envelope.aggregate_id)
     decoded = Decoded(MemoryDelivery(envelope), envelope, message)
     try:
-        await exactly_once(InMemoryEventStore(), "policy", handler)(decoded)
+        store = InMemoryEventStore()
+        store.events.extend(held)
+        await exactly_once(store, "policy", handler)(decoded)
     except UnrelayedEvent:
         return "refused"
     return "handled"
@@ -229,7 +237,10 @@ async def test_the_projector_refuses_what_the_policies_refuse_but_a_foreign_rela
 
     _, [outcome] = await project(envelope)
 
-    assert (outcome.kind, await policy_outcome(envelope)) == (projector, policies)
+    assert (outcome.kind, await policy_outcome(envelope, stored(added(), 2))) == (
+        projector,
+        policies,
+    )
 
 
 async def test_a_batch_settles_each_delivery_with_its_own_outcome() -> None:

@@ -31,6 +31,7 @@ from financing.domain.aggregates import RuleViolation
 
 __all__ = [
     "ConcurrencyConflict",
+    "EventNotInStore",
     "Fault",
     "MissingAggregate",
     "PoisonMessage",
@@ -83,6 +84,14 @@ class UnrelayedEvent(PoisonMessage):
     for it from its aggregate id and version: a copy published again under a new id, or
     another store's event. Its copies cannot be told apart, so a saga policy acting on
     it could apply one event twice (answer a bid twice, release its funds twice)."""
+
+
+class EventNotInStore(UnrelayedEvent):
+    """A domain event under the message id this service's event store derives for it,
+    which the store does not hold (no event at its version, or another one): published
+    by someone else under a computed id, or relayed by a store since restored without
+    it. Acted on, it would change this service's aggregates for an event that never
+    happened, and its record would take the id of the event the store appends there."""
 
 
 class ReusedMessageId(PoisonMessage):

@@ -7,7 +7,12 @@ from contextlib import asynccontextmanager
 from uuid import UUID
 
 from financing.application import codec
-from financing.application.errors import AlreadyProcessed, ConcurrencyConflict, ReadAfterWrite
+from financing.application.errors import (
+    AlreadyProcessed,
+    ConcurrencyConflict,
+    EventNotInStore,
+    ReadAfterWrite,
+)
 from financing.application.messages import Command
 from financing.application.ports import (
     PROCESSED,
@@ -16,6 +21,7 @@ from financing.application.ports import (
     B,
     Cause,
     Processed,
+    RelayedEvent,
     StoredEvent,
 )
 from financing.domain.aggregates import Aggregate
@@ -28,6 +34,7 @@ class InMemoryUnitOfWork:
         self._appends: list[tuple[Aggregate, int]] = []
         self._records: list[tuple[str, str]] = []
         self._outcomes: dict[tuple[str, str], Processed] = {}
+        self._acting_on: RelayedEvent | None = None
 
     def _reading(self, what: str) -> None:
         # Same rule as the PostgreSQL store, so handler tests catch a violation.
@@ -58,8 +65,13 @@ class InMemoryUnitOfWork:
         self._records.append((consumer, message_id))
         self._outcomes[(consumer, message_id)] = what
 
+    async def acting_on(self, event: RelayedEvent) -> None:
+        self._acting_on = event
+
     def commit(self) -> None:
         store = self._store
+        if (self._appends or self._records) and self._acting_on is not None:
+            store.holds(self._acting_on)
         for aggregate, expected in self._appends:
             if store.version(aggregate.id) != expected:
                 raise ConcurrencyConflict(
@@ -99,6 +111,16 @@ class InMemoryEventStore:
         uow = InMemoryUnitOfWork(self, cause)
         yield uow
         uow.commit()
+
+    def holds(self, event: RelayedEvent) -> None:
+        """EventNotInStore unless the store holds `event` (as the PostgreSQL store tells)."""
+        held = (
+            (e.name, e.body)
+            for e in self.events
+            if e.aggregate_id == event.aggregate_id and e.version == event.version
+        )
+        if next(held, None) != (event.name, event.body):
+            raise EventNotInStore(event.not_held())
 
     def version(self, aggregate_id: UUID) -> int:
         return sum(1 for e in self.events if e.aggregate_id == aggregate_id)

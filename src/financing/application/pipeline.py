@@ -43,6 +43,7 @@ from financing.application.ports import (
     Envelope,
     EventStore,
     Processed,
+    RelayedEvent,
     UnitOfWork,
     body_digest,
     event_message_id,
@@ -260,7 +261,10 @@ def exactly_once(store: EventStore, consumer: str, handler: StoreHandler) -> Han
     every message a round trip.
 
     Copies are told apart by their message id, so a domain event is handled only
-    with the id the event store derives for it (`relayed_from_the_store`). The record
+    with the id the event store derives for it (`relayed_from_the_store`), and only if
+    the store holds it: its unit of work takes effect only then (`acting_on`), so an
+    event published under a computed id by someone else changes nothing and takes no
+    id of the store's (it is dead-lettered, EventNotInStore). The record
     keeps the body's digest too: a different message that reuses a processed id is
     dead-lettered (`ReusedMessageId`), not dropped unseen as a copy.
 
@@ -278,11 +282,14 @@ def exactly_once(store: EventStore, consumer: str, handler: StoreHandler) -> Han
 
     async def run(decoded: Decoded) -> Outcome:
         envelope = decoded.envelope
-        if isinstance(decoded.message, DomainEvent):
+        relayed = (
             relayed_from_the_store(envelope, decoded.message)
+            if isinstance(decoded.message, DomainEvent)
+            else None
+        )
         digest = body_digest(envelope.body)
         try:
-            return await once(decoded, digest)
+            return await once(decoded, digest, relayed)
         except AlreadyProcessed:
             before = await recorded(envelope, digest)
             if before is None:  # pruned since it refused this copy: processed again
@@ -296,19 +303,24 @@ def exactly_once(store: EventStore, consumer: str, handler: StoreHandler) -> Han
             # is a duplicate, not a broken rule. A refusal is final, and recorded; an
             # aggregate that does not exist yet may come (the message waits for it).
             final = None if isinstance(violation, MissingAggregate) else violation
-            before = await recorded(envelope, digest, refused_by=final)
+            before = await recorded(envelope, digest, refused_by=final, relayed=relayed)
             if before is None:
                 raise
         return await copy(decoded, digest, before)
 
     async def recorded(
-        envelope: Envelope, digest: str, refused_by: RuleViolation | None = None
+        envelope: Envelope,
+        digest: str,
+        refused_by: RuleViolation | None = None,
+        relayed: RelayedEvent | None = None,
     ) -> Processed | None:
         """The record of `consumer` processing the message before; with `refused_by` and
         none, the refusal recorded (and None)."""
         async with store.unit_of_work(Cause.of(envelope)) as uow:
             before = await uow.recorded(consumer, envelope.message_id)
             if before is None and refused_by is not None:
+                if relayed is not None:
+                    await uow.acting_on(relayed)
                 refusal = Processed(envelope.name, REFUSED, str(refused_by), 0, digest)
                 await uow.record(consumer, envelope.message_id, refusal)
         return before
@@ -333,9 +345,11 @@ def exactly_once(store: EventStore, consumer: str, handler: StoreHandler) -> Han
             raise RuleViolation(before.detail)
         return DUPLICATE
 
-    async def once(decoded: Decoded, digest: str) -> Outcome:
+    async def once(decoded: Decoded, digest: str, relayed: RelayedEvent | None) -> Outcome:
         envelope = decoded.envelope
         async with store.unit_of_work(Cause.of(envelope)) as uow:
+            if relayed is not None:
+                await uow.acting_on(relayed)
             noting = _Noting(uow)
             await handler(noting, decoded.message)
             appended, unchanged = noting.result()
@@ -366,29 +380,28 @@ RELAYER_HEADERS = (AGGREGATE_VERSION_HEADER, "aggregateType", RECORDED_AT_HEADER
 
 def relayed_from_the_store(
     envelope: Envelope, event: DomainEvent, *, or_foreign: bool = False
-) -> None:
-    """UnrelayedEvent unless the message id is the one the event store derives from the
-    event's aggregate id and version (the `aggregateVersion` header): the one rule by
-    which every consumer of domain events tells an event of this service's store from
-    a copy published again under another id, which would be applied twice.
+) -> RelayedEvent | None:
+    """The event as this service's store would hold it; UnrelayedEvent unless the
+    message id is the one the event store derives from the event's aggregate id and
+    version (the `aggregateVersion` header): the one rule by which every consumer of
+    domain events tells an event of this service's store from a copy published again
+    under another id, which would be applied twice. Whether the store holds it is for
+    a unit of work to tell (`UnitOfWork.acting_on`): the id can be derived by anyone.
 
-    `or_foreign`: an event that carries none of RELAYER_HEADERS passes too, as the
-    event of another (a reference) relayer. The projector projects those
+    `or_foreign`: an event that carries none of RELAYER_HEADERS passes too (None), as
+    the event of another (a reference) relayer. The projector projects those
     (docs/contract.md section 2); the saga's policies, which change this service's
     aggregates, act on this store's events only.
     """
     if or_foreign and _foreign(envelope):
-        return
+        return None
     version = envelope.headers.get(AGGREGATE_VERSION_HEADER, "")
-    derived = (
-        event_message_id(event.aggregate_id, int(version))
-        # A version is an int4 (the events table's column): a longer one is no version,
-        # and int() would refuse one of thousands of digits with a ValueError (a bug).
-        if version.isascii() and version.isdigit() and len(version) <= 10
-        else None
-    )
-    if envelope.message_id == derived:
-        return
+    # A version is an int4 (the events table's column): a longer one is no version, and
+    # int() would refuse one of thousands of digits with a ValueError (a bug).
+    number = int(version) if version.isascii() and version.isdigit() and len(version) <= 10 else 0
+    if number and envelope.message_id == event_message_id(event.aggregate_id, number):
+        # The body is UTF-8: the codec decoded it.
+        return RelayedEvent(event.aggregate_id, number, envelope.name, envelope.body.decode())
     raise UnrelayedEvent(
         f"{envelope.name} {envelope.message_id} is not an event of this service's event store:"
         f" its message id is not the one derived from its aggregateID and"
@@ -434,6 +447,7 @@ class _Noting:
         self.load = uow.load
         self.load_both = uow.load_both
         self.record = uow.record
+        self.acting_on = uow.acting_on
 
     async def save(self, aggregate: Aggregate) -> None:
         self._saved[id(aggregate)] = aggregate

@@ -187,6 +187,27 @@ def body_digest(body: bytes) -> str:
     return blake2b(body, digest_size=16).hexdigest()
 
 
+@dataclass(frozen=True)
+class RelayedEvent:
+    """A domain event as its consumer received it from this service's relayer: what the
+    event store must hold for a unit of work acting on it to take effect."""
+
+    aggregate_id: UUID
+    version: int
+    name: str
+    body: str
+
+    def not_held(self) -> str:
+        """Why a unit of work acting on the event did nothing (EventNotInStore)."""
+        return (
+            f"{self.name} {event_message_id(self.aggregate_id, self.version)} is not an event"
+            f" of this service's event store: the store holds no such event at version"
+            f" {self.version} of {self.aggregate_id} (another publisher's under the id the"
+            " store would derive, or relayed by a store since restored without it); acting"
+            " on it would change aggregates for an event that never happened"
+        )
+
+
 class UnitOfWork(Protocol):
     """One atomic change: reads first, then the appends and the processed mark.
 
@@ -223,6 +244,12 @@ class UnitOfWork(Protocol):
     async def record(self, consumer: str, message_id: str, what: Processed = PROCESSED) -> None:
         """Mark `message_id` processed by `consumer`, committed with the appends, with
         what became of it."""
+        ...
+
+    async def acting_on(self, event: RelayedEvent) -> None:
+        """The unit of work acts on `event`: its writes take effect only if the store
+        holds that event (the same aggregate, version, name and body), checked as they
+        are committed; otherwise none does and the unit of work raises EventNotInStore."""
         ...
 
 

@@ -62,6 +62,7 @@ from financing.application import codec
 from financing.application.errors import (
     AlreadyProcessed,
     ConcurrencyConflict,
+    EventNotInStore,
     ReadAfterWrite,
     Unavailable,
 )
@@ -72,6 +73,7 @@ from financing.application.ports import (
     B,
     Cause,
     Processed,
+    RelayedEvent,
     StoredEvent,
 )
 from financing.domain.aggregates import Aggregate
@@ -129,7 +131,7 @@ _APPEND = (
     " SELECT type, id, version, name, body::json, $?, $?"
     " FROM unnest($?::text[], $?::uuid[], $?::int[], $?::text[], $?::text[])"
     " WITH ORDINALITY AS new (type, id, version, name, body, ordinality)"
-    " ORDER BY ordinality"
+    "{held} ORDER BY ordinality"
     " RETURNING 1)"
 )
 _SNAPSHOT = (
@@ -137,7 +139,7 @@ _SNAPSHOT = (
     " INSERT INTO snapshots (aggregate_id, aggregate_type, version, state)"
     " SELECT id, type, version, state::jsonb"
     " FROM unnest($?::uuid[], $?::text[], $?::int[], $?::text[])"
-    " AS new (id, type, version, state)"
+    " AS new (id, type, version, state){held}"
     " ON CONFLICT (aggregate_id) DO UPDATE"
     " SET aggregate_type = EXCLUDED.aggregate_type, version = EXCLUDED.version,"
     " state = EXCLUDED.state, taken_at = now()"
@@ -151,26 +153,45 @@ _RECORD = (
     " SELECT consumer, message_id, name, $?, outcome, detail, events, digest"
     " FROM unnest($?::text[], $?::text[], $?::text[], $?::text[], $?::text[], $?::int[],"
     " $?::text[])"
-    " AS new (consumer, message_id, name, outcome, detail, events, digest)"
+    " AS new (consumer, message_id, name, outcome, detail, events, digest){held}"
     " RETURNING 1)"
 )
+# A unit of work acting on an event of the store (`acting_on`) writes only if the store
+# holds it: every part is guarded by the same look-up (one snapshot, one index probe),
+# and the statement answers -1 where it wrote nothing for want of it.
+_CLAIM = (
+    "claim AS (SELECT EXISTS (SELECT FROM events"
+    " WHERE aggregate_id = $? AND version = $? AND name = $? AND body::text = $?) AS held)"
+)
+_HELD = " WHERE (SELECT held FROM claim)"
+NOT_HELD = -1
 
 
 @functools.cache
-def _write(events: bool, snapshots: bool, records: bool, notify: bool = False) -> str:
+def _write(
+    events: bool, snapshots: bool, records: bool, notify: bool = False, claimed: bool = False
+) -> str:
     """The writing statement for the parts a unit of work has; it gives the number of
     events appended. With `notify` (and events), its transaction also notifies
-    NOTIFY_CHANNEL, the last argument, at its commit."""
-    present = (
-        part for part, has in ((_APPEND, events), (_SNAPSHOT, snapshots), (_RECORD, records)) if has
-    )
+    NOTIFY_CHANNEL, the last argument, at its commit. With `claimed`, the first four
+    arguments name an event the store must hold (`_CLAIM`), or nothing is written and
+    the statement gives NOT_HELD."""
+    held = _HELD if claimed else ""
+    present = [
+        part.format(held=held)
+        for part, has in ((_APPEND, events), (_SNAPSHOT, snapshots), (_RECORD, records))
+        if has
+    ]
     numbers = itertools.count(1)
-    clauses = re.sub(r"\$\?", lambda _: f"${next(numbers)}", ", ".join(present))
-    if not events:
-        return f"WITH {clauses} SELECT 0"
-    if notify:
-        return f"WITH {clauses} SELECT count(*) FROM appended, pg_notify(${next(numbers)}, '')"
-    return f"WITH {clauses} SELECT count(*) FROM appended"
+    parts = [_CLAIM, *present] if claimed else present
+    clauses = re.sub(r"\$\?", lambda _: f"${next(numbers)}", ", ".join(parts))
+    count = "count(*)" if events else "0"
+    if claimed:
+        count = f"CASE WHEN (SELECT held FROM claim) THEN {count} ELSE {NOT_HELD} END"
+    sources = " FROM appended" if events else ""
+    if events and notify:
+        sources += f", pg_notify(${next(numbers)}, '')"
+    return f"WITH {clauses} SELECT {count}{sources}"
 
 
 # A snapshot row has no name; event rows follow it in version order.
@@ -276,6 +297,7 @@ class PostgresUnitOfWork:
         # Aggregates saved so far, by identity, in the order they were first saved.
         self._saved: dict[int, _Saved] = {}
         self._records: list[tuple[str, str, Processed]] = []
+        self._acting_on: RelayedEvent | None = None
 
     def _reading(self, what: str) -> None:
         if self._saved or self._records:
@@ -336,6 +358,9 @@ class PostgresUnitOfWork:
     async def record(self, consumer: str, message_id: str, what: Processed = PROCESSED) -> None:
         self._records.append((consumer, message_id, what))
 
+    async def acting_on(self, event: RelayedEvent) -> None:
+        self._acting_on = event
+
     async def commit(self, notify: bool = False) -> int:
         """Every write kept so far, in one statement (nothing when there is none); the
         number of events appended. With `notify`, a commit that appends events notifies
@@ -355,7 +380,10 @@ class PostgresUnitOfWork:
         cause = self._cause
         records = self._records
         correlation_id = cause.correlation_id if cause else None
+        claim = self._acting_on
         arguments: list[object] = []
+        if claim is not None:
+            arguments += [claim.aggregate_id, claim.version, claim.name, claim.body]
         if events:
             arguments += [
                 correlation_id,
@@ -387,11 +415,13 @@ class PostgresUnitOfWork:
         notify = notify and bool(events)
         if notify:
             arguments.append(NOTIFY_CHANNEL)
-        statement = _write(bool(events), bool(snapshots), bool(records), notify)
+        statement = _write(bool(events), bool(snapshots), bool(records), notify, bool(claim))
         try:
             appended: int = await self._conn.fetchval(statement, *arguments)
         except RACE_ERRORS as error:
             raise _conflict(error) from error
+        if appended == NOT_HELD and claim is not None:
+            raise EventNotInStore(claim.not_held())
         # The saved changes are now stored: they are changes no more.
         for saved in self._saved.values():
             del saved.aggregate.changes[: saved.changes]
