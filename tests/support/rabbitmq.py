@@ -267,3 +267,11 @@ class BrokerProxy(Relay):
 
     def url(self, vhost: str) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}/{vhost}"
+
+
+async def vhost_made_again(vhost: str) -> None:
+    """Delete `vhost`, with everything it holds, and make it again, empty, for guest: a
+    broker that lost its data."""
+    await asyncio.to_thread(_rabbitmqctl, "delete_vhost", vhost)
+    await asyncio.to_thread(_rabbitmqctl, "add_vhost", vhost)
+    await asyncio.to_thread(_rabbitmqctl, "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")

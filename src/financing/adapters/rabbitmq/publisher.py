@@ -113,9 +113,22 @@ class Publisher:
         return self._confirm_timeout
 
     async def channel(self) -> tuple[AbstractChannel, AbstractExchange]:
-        """The publishing channel and the `events` exchange, reopened if the channel closed."""
+        """The publishing channel and the `events` exchange, reopened if the channel closed.
+
+        Reopened, it is used only once the whole topology is declared again: a broker
+        that lost it (its virtual host deleted and made again, its definitions lost) took
+        the events published meanwhile and confirmed them, routed to the queues of the
+        consumers that came back first and to no other (nothing returned them as
+        unroutable): 8 and 9 sagas left half way in two such losses under load. A
+        declaration that fails does not keep the channel closed: publishes to queues it
+        does not concern (commands) go on, and an event routed nowhere is returned, and
+        declared for then (`publish_events`)."""
         async with self._opening:
             if self._channel is None or self._channel.is_closed or self._events is None:
+                try:
+                    await self.declare_topology()
+                except Unavailable as error:
+                    log.debug("declaring the topology on a new channel failed", error=repr(error))
                 async with asyncio.timeout(self._confirm_timeout):
                     channel = await self._broker.channel(publisher_confirms=True)
                     try:
