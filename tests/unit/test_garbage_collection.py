@@ -3,12 +3,15 @@ at once: fewer, cheaper collections, and nothing loaded at start-up walked again
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import weakref
 from collections.abc import Iterator
 
 import pytest
 
-from financing.entrypoints.service import GC_THRESHOLDS, collect_as_a_server
+from financing.entrypoints.garbage import GC_THRESHOLDS, collect_as_a_server, collect_in_full
+from tests.support.infra import wait_until
 
 
 @pytest.fixture
@@ -30,3 +33,33 @@ def test_what_is_loaded_is_set_aside_and_collections_run_less_often() -> None:
     assert gc.get_threshold() == GC_THRESHOLDS
     young, _, full = GC_THRESHOLDS
     assert young >= 10 * 700 and full > 10  # CPython's (700, 10, 10)
+
+
+class Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+@pytest.mark.usefixtures("restored")
+async def test_a_full_collection_runs_when_none_ran_for_a_period() -> None:
+    """Regression: with full collections waiting for 25 of the middle generation's, none
+    ran under a steady load, and the cycles each outage left in the oldest generation
+    piled up (64,000 unreachable objects and 45 MB more after four outages)."""
+    gc.unfreeze()
+    collect_as_a_server()
+    held = [Cycle()]
+    gone = weakref.ref(held[0])
+    gc.collect(1)
+    gc.collect(1)  # survived twice: in the oldest generation, which only a full one walks
+    held.clear()
+    full = gc.get_stats()[2]["collections"]
+    collecting = asyncio.create_task(collect_in_full(every=0.05))
+
+    async def collected() -> bool:
+        return gone() is None
+
+    try:
+        await wait_until(collected, timeout=5, what="the cycle collected")
+    finally:
+        collecting.cancel()
+    assert gc.get_stats()[2]["collections"] > full

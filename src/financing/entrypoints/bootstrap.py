@@ -65,6 +65,7 @@ from financing.application.retry import (
 )
 from financing.config import COMPONENTS, Database, Settings
 from financing.entrypoints.connections import OWN_DESCRIPTORS
+from financing.entrypoints.garbage import collect_in_full
 from financing.entrypoints.grpc.calls import CallsInFlight
 from financing.entrypoints.grpc.codec import FramingChecked, RequestCodec
 from financing.entrypoints.grpc.commands import CommandsService, correlate
@@ -188,6 +189,7 @@ async def bootstrap(
             )
     service.workers["outages"] = outages.watch
     service.workers["event-loop"] = watch_event_loop
+    service.workers["garbage"] = collect_in_full
     # The file descriptors the process needs itself, left to it by its servers' callers.
     own = OWN_DESCRIPTORS + sum(
         pool.get_max_size() for pool in (command_pool, query_pool) if pool is not None

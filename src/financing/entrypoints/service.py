@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import signal
 import time
 from collections.abc import Iterable
@@ -45,27 +44,6 @@ def _stop_signals() -> tuple[signal.Signals, ...]:
         for sig in STOP_SIGNALS
         if sig is not signal.SIGHUP or signal.getsignal(sig) is not signal.SIG_IGN
     )
-
-
-# Garbage collection for a long-running process whose Queries lists build millions of
-# objects that live until their reply is written. With CPython's thresholds (700, 10,
-# 10), sixteen lists of 150,000 invoices side by side ran 60 full collections that found
-# almost nothing to free: 20 s of 57, up to 0.7 s each, holding the event loop (and the
-# health probes with it, which took that for outages). Young collections a fourteenth
-# as often, full ones a thirty-fifth: 2 s in all, the lists done in 40 s. Rarer full
-# collections still (a threshold of 100: 0.3 s) let the cycles of cancelled lists live
-# on: 16 lists cut by their callers' deadlines, six times, took the process to 910 MB,
-# where this holds it near 400 MB (and CPython's own near 350 MB).
-GC_THRESHOLDS = (10_000, 10, 25)
-
-
-def collect_as_a_server() -> None:
-    """Garbage collection as `financing serve` runs it: what is loaded at start-up (the
-    modules, their classes and functions) is set aside for good, so that no full
-    collection walks it again, and collections run less often (GC_THRESHOLDS)."""
-    gc.collect()  # what start-up left to free goes now, not frozen with the rest
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 async def serve(

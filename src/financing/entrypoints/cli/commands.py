@@ -60,7 +60,8 @@ from financing.entrypoints.cli.populate import BATCH, registrations
 from financing.entrypoints.cli.status import HEALTHY, MAX_RELAY_LAG, TIMEOUT, run_status
 from financing.entrypoints.cli.tail import run_tail
 from financing.entrypoints.cli.trace import run_trace
-from financing.entrypoints.service import collect_as_a_server, serve
+from financing.entrypoints.garbage import collect_as_a_server
+from financing.entrypoints.service import serve
 
 T = TypeVar("T")
 
