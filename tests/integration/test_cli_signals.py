@@ -78,7 +78,7 @@ async def test_a_rebuild_stopped_by_a_signal_drops_its_schema_and_says_so(
 
         assert rebuild.returncode == code, stderr.decode()[-2000:]
         said = [line for line in stderr.decode().splitlines() if "stopped by" in line]
-        assert said == [f"financing projections: stopped by {stop.name}"], stderr.decode()
+        assert said == [f"financing projections rebuild: stopped by {stop.name}"], stderr.decode()
         assert await rebuild_schemas(queries) == []
     finally:
         if rebuild is not None:

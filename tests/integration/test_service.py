@@ -342,8 +342,8 @@ async def test_a_rebuild_on_read_models_a_newer_release_migrated_is_refused_in_o
     assert run.exit_code == 1, run.describe()
     said = [line for line in run.stderr.splitlines() if line.startswith("financing ")]
     assert said == [
-        f"financing projections: query database refused the service: its queries schema is at"
-        f" version {newer}, newer than this release knows ({newer - 1}): a newer release"
+        "financing projections rebuild: query database refused the service: its queries schema"
+        f" is at version {newer}, newer than this release knows ({newer - 1}): a newer release"
         " migrated it; run that release, or a newer one"
     ], run.describe()
 

@@ -24,7 +24,7 @@ from financing.config import (
     VARIABLES,
     Variable,
 )
-from financing.entrypoints.cli import main
+from financing.entrypoints.cli import COMMAND_GROUPS, main
 from tests.support.service import ROOT, free_port, run_cli
 
 # Each subcommand and the environment variables it reads.
@@ -40,6 +40,7 @@ READS: dict[tuple[str, ...], tuple[Variable, ...]] = {
     ("events",): (COMMAND_DB, QUERY_DB, DB_TIMEOUT),
     ("tail",): (AMQP_ADDRESS,),
     ("status",): (COMMAND_DB, QUERY_DB, DB_TIMEOUT, AMQP_ADDRESS),
+    ("relay", "rewind"): (COMMAND_DB, DB_TIMEOUT, DEDUP_RETENTION),
 }
 
 
@@ -266,6 +267,7 @@ main(sys.argv[2:])
         ("SIGINT", "serve", 0),
         ("SIGINT", "status", 130),
         ("SIGTERM", "status", 143),
+        ("SIGTERM", "projections rebuild", 143),
     ],
 )
 def test_a_signal_before_the_command_handles_signals_stops_it_with_one_line(
@@ -275,7 +277,7 @@ def test_a_signal_before_the_command_handles_signals_stops_it_with_one_line(
     killed the process without a word (exit -15), while the modules were imported and,
     after that, until the event loop took the signals over."""
     run = subprocess.run(
-        [sys.executable, "-c", script, sent, command],
+        [sys.executable, "-c", script, sent, *command.split()],
         capture_output=True,
         text=True,
         timeout=60,
@@ -339,3 +341,9 @@ def test_output_whose_reader_has_gone_ends_the_command_quietly() -> None:
         os.close(write_end)
     assert run.returncode == 128 + signal.SIGPIPE, run.stderr
     assert run.stderr == ""
+
+
+def test_the_commands_named_by_two_words_are_those_of_the_groups() -> None:
+    """A signal before the command line is parsed names the command as its two words
+    (`financing projections rebuild: stopped by SIGTERM`) for these groups alone."""
+    assert set(COMMAND_GROUPS) == {words[0] for words in READS if len(words) == 2}

@@ -20,6 +20,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from financing.entrypoints.bootstrap import Overrides
 
+# The commands whose second word names the command (`financing projections rebuild`).
+COMMAND_GROUPS = ("projections", "relay", "dead-letters")
+
 
 def main(argv: Sequence[str] | None = None, *, overrides: Overrides | None = None) -> None:
     """Run `financing ARGS`. Every command's module is imported only now, so that importing
@@ -91,7 +94,8 @@ def _stopped_while_starting(argv: Sequence[str] | None, signum: int) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     name = signal.Signals(signum).name
     if args[:1] != ["serve"]:
-        command = args[0] if args and not args[0].startswith("-") else ""
+        words = args[: 2 if args[:1] and args[0] in COMMAND_GROUPS else 1]
+        command = " ".join(word for word in words if not word.startswith("-"))
         if command == "tail":  # which runs until stopped
             sys.exit(0)
         with suppress(OSError, ValueError):  # a line that cannot be written is dropped

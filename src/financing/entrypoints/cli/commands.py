@@ -511,13 +511,14 @@ async def _operate(run: Run, settings: Settings, args: argparse.Namespace) -> in
 
     SIGINT and SIGTERM cancel it, so that what it opened is closed and what it made is
     undone (a rebuild's schema) either way, and it exits 128 + the signal with one line
-    saying so; `tail`, which runs until stopped, exits 0."""
+    saying so; `tail`, which runs until stopped, exits 0. Each line begins with the
+    command's whole name (`financing projections rebuild`)."""
     work = asyncio.create_task(run(settings, args))
     with cancelled_by_signals(work) as signalled:
         try:
             return await work
         except (Unavailable, Refused) as error:
-            print(f"financing {args.command}: {error}", file=sys.stderr)
+            print(f"{args.usage_of.prog}: {error}", file=sys.stderr)
             if not signalled:
                 return 1
         except asyncio.CancelledError:
@@ -526,7 +527,7 @@ async def _operate(run: Run, settings: Settings, args: argparse.Namespace) -> in
     if args.command == "tail":
         return 0
     [signum] = signalled
-    print(f"financing {args.command}: stopped by {signum.name}", file=sys.stderr)
+    print(f"{args.usage_of.prog}: stopped by {signum.name}", file=sys.stderr)
     return 128 + signum
 
 
