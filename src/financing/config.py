@@ -306,13 +306,14 @@ def parse_duration(
         )
     seconds = int(match[1]) * _SECONDS_PER_UNIT[match[2]]
     if seconds > most.total_seconds():
-        raise ConfigError(f"{name} may be at most {_said(most)}, got {raw!r}")
+        raise ConfigError(f"{name} may be at most {said(most)}, got {raw!r}")
     if seconds < least.total_seconds():
-        raise ConfigError(f"{name} must be at least {_said(least)}, got {raw!r}")
+        raise ConfigError(f"{name} must be at least {said(least)}, got {raw!r}")
     return timedelta(seconds=seconds)
 
 
-def _said(duration: timedelta) -> str:
+def said(duration: timedelta) -> str:
+    """`duration` as a duration variable is written (`7d`, `36h`, `90m`, `45s`)."""
     seconds = int(duration.total_seconds())
     for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds % length == 0:

@@ -17,7 +17,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 # No `*_created` series beside each counter and histogram (the client library's default
 # exports one per label set, with the family's help: 101 of 574 samples after a day's
 # traffic), which Prometheus ingests as gauges of their own and no dashboard reads.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # the library's, unannotated
 
 # Seconds: from a millisecond to a minute.
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0)

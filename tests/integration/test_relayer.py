@@ -718,6 +718,9 @@ async def test_events_a_broker_lost_after_confirming_them_are_relayed_again_once
     too_old = await run_cli(env, "relay", "rewind", "--since", "30d")
     assert too_old.exit_code == 2, too_old.describe()
     assert "--any-age" in too_old.stderr, too_old.describe()
+    # The retention as it is written (it was "7 days, 0:00:00"), the command named whole.
+    assert too_old.stderr.startswith("financing relay rewind: "), too_old.describe()
+    assert "(FINANCING_DEDUP_RETENTION, 7d," in too_old.stderr, too_old.describe()
     # The shortest retention leaves no hour to spare: any rewind needs --any-age.
     shortest = await run_cli({**env, "FINANCING_DEDUP_RETENTION": "1h"}, *rewinding)
     assert shortest.exit_code == 2, shortest.describe()

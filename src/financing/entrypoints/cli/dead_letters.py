@@ -26,7 +26,7 @@ from financing.adapters.rabbitmq.dead_letters import (
 )
 from financing.adapters.rabbitmq.queues import queue_exists
 from financing.application.moments import moment
-from financing.config import Settings
+from financing.config import Settings, said
 from financing.entrypoints.cli.console import shown, table
 
 HEADINGS = ("DEAD-LETTERED AT", "SOURCE QUEUE", "NAME", "MESSAGE ID")
@@ -65,7 +65,7 @@ async def requeue(settings: Settings, selection: Selection, *, any_age: bool = F
     since (a rebuild, another copy) and its record pruned, so it could apply twice."""
     kept_since = datetime.now(UTC) - settings.dedup_retention
     old = (
-        f"older than FINANCING_DEDUP_RETENTION ({settings.dedup_retention}): the records that"
+        f"older than FINANCING_DEDUP_RETENTION ({said(settings.dedup_retention)}): the records that"
         " would stop a second effect of their messages may be pruned; --any-age requeues"
         " them as well"
     )

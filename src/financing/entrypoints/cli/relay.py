@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from financing.adapters.postgres.connection import COMMAND_DATABASE
 from financing.adapters.postgres.outbox import RelayerRunning, rewind
 from financing.application.moments import moment
-from financing.config import ConfigError, Settings, parse_duration
+from financing.config import ConfigError, Settings, parse_duration, said
 from financing.entrypoints.cli.console import database
 
 
@@ -50,8 +50,8 @@ async def run_rewind(settings: Settings, since: datetime, *, any_age: bool) -> i
     kept_since = datetime.now(UTC) - settings.dedup_retention + RETENTION_MARGIN
     if settings.dedup_retention <= RETENTION_MARGIN and not any_age:
         print(
-            "financing relay: FINANCING_DEDUP_RETENTION"
-            f" ({settings.dedup_retention}, as the service has it) leaves no hour to spare:"
+            "financing relay rewind: FINANCING_DEDUP_RETENTION"
+            f" ({said(settings.dedup_retention)}, as the service has it) leaves no hour to spare:"
             " an event processed before the rewind could be applied twice; --any-age"
             " rewinds all the same",
             file=sys.stderr,
@@ -59,8 +59,8 @@ async def run_rewind(settings: Settings, since: datetime, *, any_age: bool) -> i
         return 2
     if since < kept_since and not any_age:
         print(
-            f"financing relay: {moment(since)} is too close to the end of what consumers"
-            f" keep the records of (FINANCING_DEDUP_RETENTION, {settings.dedup_retention},"
+            f"financing relay rewind: {moment(since)} is too close to the end of what consumers"
+            f" keep the records of (FINANCING_DEDUP_RETENTION, {said(settings.dedup_retention)},"
             " as the service has it; an hour spared: since"
             f" {moment(kept_since)}): an event processed before then could be applied"
             " twice; --any-age rewinds all the same",
@@ -73,7 +73,7 @@ async def run_rewind(settings: Settings, since: datetime, *, any_age: bool) -> i
         try:
             rewound = await rewind(pool, since)
         except RelayerRunning as running:
-            print(f"financing relay: {running}", file=sys.stderr)
+            print(f"financing relay rewind: {running}", file=sys.stderr)
             return 1
     if not rewound.again:
         print(f"nothing to relay again: no event relayed so far was recorded since {moment(since)}")
