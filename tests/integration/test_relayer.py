@@ -695,6 +695,29 @@ async def test_the_relayer_keeps_relaying_after_its_database_sessions_are_ended(
     assert [aggregate for _, aggregate, _ in got] == [str(before)] * 4 + [str(after)] * 4
 
 
+async def test_a_rewind_refused_for_a_lock_held_by_no_relayer_says_which_session_to_end(
+    database: Database, pool: asyncpg.Pool
+) -> None:
+    """Regression: with an operator's psql holding the relayer lock, the rewind said to stop
+    every instance that runs the relayer, which could not help."""
+    holder = await asyncpg.connect(database.dsn(), server_settings={"application_name": "psql"})
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", RELAYER_LOCK)
+        env = {**os.environ, "COMMAND_DB_CONNECTION_STRING": database.dsn()}
+
+        refused = await run_cli(env, "relay", "rewind", "--since", "1h", "--any-age")
+
+        pid = holder.get_server_pid()
+    finally:
+        await holder.close()
+    assert refused.exit_code == 1, refused.describe()
+    assert "a session that is no relayer of the service holds the relayer lock" in (
+        refused.stderr
+    ), refused.describe()
+    assert f"pg_terminate_backend({pid})" in refused.stderr, refused.describe()
+    assert "stop every instance" not in refused.stderr, refused.describe()
+
+
 async def test_events_a_broker_lost_after_confirming_them_are_relayed_again_once_rewound(
     database: Database, pool: asyncpg.Pool, publisher: Publisher, observed: AbstractQueue
 ) -> None:

@@ -321,6 +321,12 @@ async def rewind(pool: asyncpg.Pool, since: datetime, name: str = "relayer") -> 
 
 
 def _running(holder: OtherSession | None) -> str:
+    if holder is not None and holder.application != SERVICE_APPLICATION:
+        return (
+            f"a session that is no relayer of the service holds the relayer lock"
+            f" ({holder.describe()}): end it (pg_terminate_backend({holder.pid})), then"
+            " rewind"
+        )
     who = holder.describe() if holder is not None else "a session that has just ended"
     return (
         f"a relayer is running ({who} holds the relayer lock): stop every instance that"
