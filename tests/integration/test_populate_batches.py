@@ -5,6 +5,7 @@ what it reports as published is what the broker holds."""
 from __future__ import annotations
 
 import contextlib
+import os
 from decimal import Decimal
 from uuid import UUID
 
@@ -18,6 +19,7 @@ from financing.application.retry import Outages
 from financing.entrypoints.cli import populate
 from financing.entrypoints.cli.populate import BATCH, registrations
 from tests.support import rabbitmq
+from tests.support.service import free_port, run_cli
 
 
 async def ready(connection: AbstractConnection, queue: str) -> int:
@@ -98,3 +100,16 @@ async def test_each_registration_names_its_correlation_and_cause() -> None:
     assert message is not None
     headers = message.headers
     assert headers["correlation_id"] == headers["causation_id"] == message.message_id
+
+
+async def test_a_broker_never_reached_is_said_to_have_published_nothing() -> None:
+    """Regression: with the broker refusing the connection, populate said that up to a
+    batch more than the none it printed may have been published."""
+    env = {**os.environ, "AMQP_ADDRESS": f"amqp://guest:guest@127.0.0.1:{free_port()}/"}
+
+    run = await run_cli(env, "populate", "--issuers", "1", "--investors", "1")
+
+    assert run.exit_code == 1, run.describe()
+    assert "0 of 2 registration(s) confirmed" in run.stderr, run.describe()
+    assert "none was published" in run.stderr, run.describe()
+    assert "may have been published" not in run.stderr, run.describe()

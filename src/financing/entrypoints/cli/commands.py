@@ -56,7 +56,7 @@ from financing.entrypoints.cli.check import run_check
 from financing.entrypoints.cli.console import cancelled_by_signals, database, environment
 from financing.entrypoints.cli.events import run_events
 from financing.entrypoints.cli.health_check import HEALTH_CHECK_VARIABLES, probe
-from financing.entrypoints.cli.populate import BATCH, registrations
+from financing.entrypoints.cli.populate import BATCH, Progress, registrations
 from financing.entrypoints.cli.status import HEALTHY, MAX_RELAY_LAG, TIMEOUT, run_status
 from financing.entrypoints.cli.tail import run_tail
 from financing.entrypoints.cli.trace import run_trace
@@ -387,6 +387,7 @@ async def _populate(settings: Settings, args: argparse.Namespace) -> int:
     """Each registration's line once the broker confirmed it; when it fails part way, the
     lines printed are the registrations published, and stderr says how many."""
     published = 0
+    progress = Progress()
     try:
         async for batch in registrations(
             settings.amqp_urls,
@@ -394,6 +395,7 @@ async def _populate(settings: Settings, args: argparse.Namespace) -> int:
             investors=args.investors,
             balance=args.balance,
             queue_type=settings.queue_type,
+            progress=progress,
         ):
             for event in batch:
                 if isinstance(event, InvestorRegistered):
@@ -402,21 +404,28 @@ async def _populate(settings: Settings, args: argparse.Namespace) -> int:
                     print(f"issuer    {event.id}")
             published += len(batch)
     except (Unavailable, Refused) as error:
-        _published_in_part(args, published, f"then: {error}")
+        _published_in_part(args, published, f"then: {error}", progress.publishing)
         return 1
     except asyncio.CancelledError:
         # Stopped by a signal: what was published cannot be taken back, so it is said.
-        _published_in_part(args, published, "then stopped")
+        _published_in_part(args, published, "then stopped", progress.publishing)
         raise
     return 0
 
 
-def _published_in_part(args: argparse.Namespace, published: int, then: str) -> None:
+def _published_in_part(
+    args: argparse.Namespace, published: int, then: str, publishing: bool
+) -> None:
     asked = args.issuers + args.investors
+    more = (
+        f"up to {min(BATCH, asked - published)} more, of the batch not confirmed, may have"
+        " been published too"
+        if publishing
+        else "none was published (the broker was not reached, or refused the topology)"
+    )
     print(
         f"financing populate: {published} of {asked} registration(s) confirmed (printed"
-        f" above), {then}; up to {min(BATCH, asked - published)} more, of the batch not"
-        " confirmed, may have been published too",
+        f" above), {then}; {more}",
         file=sys.stderr,
     )
 

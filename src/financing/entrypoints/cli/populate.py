@@ -52,9 +52,12 @@ async def registrations(
     investors: int,
     balance: Decimal,
     queue_type: str = "classic",
+    progress: Progress | None = None,
 ) -> AsyncIterator[list[Registration]]:
     """Publish the registrations (issuers first), yielding each batch once confirmed: when
-    the broker fails part way, what was yielded is what was published."""
+    the broker fails part way, what was yielded is what was published, and a batch more
+    may have been if `progress` says publishing began."""
+    progress = progress or Progress()
     async with connected(amqp_urls, queue_type) as broker:
         await topology.declare_on(broker)
         publisher = Publisher(broker)
@@ -68,10 +71,19 @@ async def registrations(
         )
         try:
             while batch := list(itertools.islice(events, BATCH)):
+                progress.publishing = True
                 await publisher.publish_events([_envelope(event) for event in batch])
                 yield batch
         finally:
             await publisher.close()
+
+
+@dataclass
+class Progress:
+    """How far `registrations` got: whether it began publishing (before, a failure
+    connecting or declaring the topology published nothing)."""
+
+    publishing: bool = False
 
 
 async def populate(
