@@ -11,6 +11,7 @@ import pytest
 
 from financing.adapters.postgres.schema import migrate
 from financing.config import Database
+from financing.entrypoints.cli import COMMAND_GROUPS
 from tests.support import infra
 from tests.support.service import CommandLine, run_cli
 
@@ -42,11 +43,22 @@ async def run_on(commands: Database, queries: Database, *words: str) -> CommandL
     return await run_cli(env, *words)
 
 
-def refusal(command: str, database: str, schema: str) -> list[str]:
+MADE = {
+    "commands": "restore it if it held events, or start `financing serve` of this release"
+    " on it once to start an empty event store",
+    "queries": "`financing projections rebuild` builds it from the event store;"
+    " `financing serve` of this release creates it empty, which only a deployment without"
+    " events yet wants",
+}
+
+
+def refusal(words: tuple[str, ...], database: str, schema: str) -> list[str]:
+    """The line of `financing WORDS` refused for a database without its schema (the
+    command named whole: its options and arguments left out)."""
+    command = " ".join(words[: 2 if words[0] in COMMAND_GROUPS else 1])
     return [
         f"financing {command}: {database} refused the service: it has no {schema} schema"
-        " yet: start `financing serve` of this release on it once, which creates or"
-        " migrates it"
+        f" yet: {MADE[schema]}"
     ]
 
 
@@ -71,9 +83,7 @@ async def test_a_command_on_an_event_store_without_its_schema_says_so_in_one_lin
     commands, queries = empty_databases
     run = await run_on(commands, queries, *words)
     assert run.exit_code == 1, run.describe()
-    assert run.stderr.splitlines() == refusal(words[0], "command database", "commands"), (
-        run.describe()
-    )
+    assert run.stderr.splitlines() == refusal(words, "command database", "commands"), run.describe()
     assert await tables_of(commands) == 0
     assert await tables_of(queries) == 0
 
@@ -89,4 +99,6 @@ async def test_check_on_read_models_without_their_schema_says_so_in_one_line(
         await conn.close()
     run = await run_on(commands, queries, "check")
     assert run.exit_code == 1, run.describe()
-    assert run.stderr.splitlines() == refusal("check", "query database", "queries"), run.describe()
+    assert run.stderr.splitlines() == refusal(("check",), "query database", "queries"), (
+        run.describe()
+    )

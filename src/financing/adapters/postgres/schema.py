@@ -66,16 +66,24 @@ class SchemaBehind(Refused):
 
     def __init__(self, name: str, behind: list[int]) -> None:
         none_yet = len(behind) == len(sections(name))
-        state = (
-            f"has no {name} schema yet"
+        said = (
+            f"has no {name} schema yet: {_MADE.get(name, _SERVED)}"
             if none_yet
-            else f"has an older {name} schema than this release's"
+            else f"has an older {name} schema than this release's: start `financing serve`"
+            " of this release on it once, which migrates it"
         )
-        super().__init__(
-            DATABASES.get(name, f"{name} database"),
-            f"it {state}: start `financing serve` of this release on it once, which creates"
-            " or migrates it",
-        )
+        super().__init__(DATABASES.get(name, f"{name} database"), f"it {said}")
+
+
+# What makes a schema where there is none, by schema.
+_SERVED = "start `financing serve` of this release on it once, which creates it"
+_MADE = {
+    "commands": "restore it if it held events, or start `financing serve` of this release"
+    " on it once to start an empty event store",
+    "queries": "`financing projections rebuild` builds it from the event store;"
+    " `financing serve` of this release creates it empty, which only a deployment without"
+    " events yet wants",
+}
 
 
 async def require_current(pool_or_conn: asyncpg.Pool | Connection, name: str) -> None:
