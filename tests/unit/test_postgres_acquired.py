@@ -121,10 +121,11 @@ async def test_a_driver_error_in_the_block_is_translated_and_the_connection_give
     assert pool.conn.terminated is setting
 
 
-async def test_a_session_the_server_ended_while_idle_is_said_to_be_so() -> None:
+async def test_a_session_the_server_ended_is_said_to_be_so() -> None:
     """Regression: after pg_terminate_backend the outage's line said only "InternalClientError:
     cannot switch to state 12; another operation (2) is in progress", the driver's words
-    for the first use of a pooled session the server ended while it sat idle."""
+    for the first use of a session the server ended (idle, or mid-statement: it was said
+    to have sat idle where its database was dropped under a statement)."""
     error = asyncpg.exceptions.InternalClientError(
         "cannot switch to state 12; another operation (2) is in progress"
     )
@@ -132,8 +133,8 @@ async def test_a_session_the_server_ended_while_idle_is_said_to_be_so() -> None:
         async with acquired(FakePool(), COMMAND_DATABASE):  # type: ignore[arg-type]
             raise error
     assert raised.value.detail == (
-        "the server ended a session while it sat idle (InternalClientError: cannot switch to"
-        " state 12; another operation (2) is in progress)"
+        "the server ended the session; the driver kept none of its words (InternalClientError:"
+        " cannot switch to state 12; another operation (2) is in progress)"
     )
 
 

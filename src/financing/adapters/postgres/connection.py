@@ -93,9 +93,10 @@ def describe(error: BaseException) -> str:
     if isinstance(error, asyncpg.exceptions.InternalClientError) and str(error).endswith(
         "another operation (2) is in progress"  # 2: consuming what follows a server's error
     ):
-        # What the driver says of a pooled session the server ended while it sat idle
-        # (pg_terminate_backend, a restart): the server's own message is not kept.
-        return f"the server ended a session while it sat idle ({said})"
+        # What the driver says of a session the server ended (pg_terminate_backend, a
+        # restart, its database dropped), found on its next use: the server's own message
+        # is not kept. Not only an idle one: one mid-statement says the same.
+        return f"the server ended the session; the driver kept none of its words ({said})"
     return said
 
 
