@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import structlog
 
 from financing.config import Database
 from tests.support import infra
@@ -12,6 +14,24 @@ from tests.support import infra
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     infra.delete_vhosts_left()
+
+
+@pytest.fixture(autouse=True)
+def logging_as_it_was() -> Iterator[None]:
+    """The logging configuration each test found, given back after it. A test that has the
+    command line configure the service's logging in-process (a configuration error of
+    `serve`) left structlog filtering below INFO and caching its loggers for every later
+    test of the run: `capture_logs` then missed the DEBUG lines a later test waited for."""
+    structlog_config = {
+        key: list(value) if isinstance(value, list) else value
+        for key, value in structlog.get_config().items()
+    }
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    structlog.configure(**structlog_config)
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
