@@ -7,6 +7,9 @@ database (the in-memory one runs without any server).
 
 from __future__ import annotations
 
+import asyncio
+import os
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -29,6 +32,7 @@ from financing.domain import events as ev
 from financing.domain.aggregates import InvoiceStatus
 from financing.domain.events import Bid, DomainEvent
 from tests.support import infra
+from tests.support.service import ROOT
 
 D = Decimal
 AVAILABLE = InvoiceStatus.AVAILABLE
@@ -527,3 +531,49 @@ async def test_a_replay_that_remembers_nothing_holds_only_its_rows() -> None:
     assert await replay.investors() == [InvestorRow(investor_id, D(10), D(0), D(0))]
     assert await replay.foreign_events() == []
     assert await replay.digests([added[0]]) == {}
+
+
+# Batches applied in a process whose allocator leaves no slack past a block's end.
+UNDER_MALLOC = """
+import asyncio, sys
+from decimal import Decimal
+from uuid import uuid4
+import asyncpg
+from financing.adapters.postgres.read_models import PostgresReadModels
+from financing.domain import events as ev
+
+async def main():
+    pool = await asyncpg.create_pool(sys.argv[1], min_size=1, max_size=1)
+    read_models = PostgresReadModels(pool)
+    for _ in range(300):
+        investor = uuid4()
+        await read_models.apply([
+            (str(uuid4()), ev.InvestorCreatedEvent(investor)),
+            (str(uuid4()), ev.InvestorFundsAddedEvent(investor, Decimal(1))),
+        ])
+    await pool.close()
+    print("applied")
+
+asyncio.run(main())
+"""
+
+
+async def test_batches_applied_under_the_c_allocator_leave_its_heap_whole() -> None:
+    """Regression: each batch's statement answered a row of no columns, which asyncpg (0.31
+    and later) keeps on a free list by writing 8 bytes past the record's end; with
+    PYTHONMALLOC=malloc the service aborted (free(): invalid pointer) at its first
+    projected batches, 11 of 11 runs."""
+    async with infra.migrated_database("fin_read_models_malloc", "queries") as db:
+        applying = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            UNDER_MALLOC,
+            db.dsn(),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONMALLOC": "malloc", "PYTHONPATH": str(ROOT / "src")},
+        )
+        async with asyncio.timeout(120):
+            out, err = await applying.communicate()
+    assert applying.returncode == 0, err.decode()[-2000:]
+    assert out.decode().split() == ["applied"]
