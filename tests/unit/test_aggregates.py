@@ -148,10 +148,27 @@ def test_creating_an_investor_with_negative_balance_is_refused() -> None:
     assert new.changes == []
 
 
-def test_creating_an_existing_investor_again_changes_nothing() -> None:
+def test_creating_an_existing_investor_again_with_its_balance_changes_nothing() -> None:
     existing = investor("100")
-    assert existing.create(D("50")) == []
-    assert existing.balance == D("100")
+    existing.place_bid(uuid4(), D("30"))  # funds reserved, committed: still its 100
+    existing.commit_funds(D("10"))
+    assert existing.create(D("100.00")) == []
+    assert existing.unchanged == [f"Investor {INVESTOR}: already exists"]
+    assert (existing.balance, existing.reserved, existing.committed) == (70, 20, 10)
+
+
+def test_creating_an_existing_investor_again_with_another_balance_is_refused() -> None:
+    """Regression: registered again with another balance, the investor was said in an INFO
+    line to be unchanged, and the registration was lost with nothing to show for it; it is
+    refused (dead-lettered) now, saying both balances."""
+    existing = investor("100")
+    with pytest.raises(RuleViolation) as refused:
+        existing.create(D("500"))
+    assert str(refused.value) == (
+        f"investor {INVESTOR} already exists, registered with 100; registered again with 500,"
+        " which is not applied"
+    )
+    assert existing.changes == []
 
 
 def test_three_additions_of_a_tenth_give_exactly_three_tenths() -> None:

@@ -130,6 +130,13 @@ class Investor(Aggregate):
 
     def create(self, balance: Decimal) -> list[DomainEvent]:
         if self.exists:
+            # Funds are added once, at creation, and only move between the three after.
+            registered = add(add(self.balance, self.reserved), self.committed)
+            if balance != registered:
+                raise RuleViolation(
+                    f"investor {self.id} already exists, registered with {registered};"
+                    f" registered again with {balance}, which is not applied"
+                )
             return self._nothing_to_do("already exists")
         if balance < ZERO:
             raise RuleViolation(f"investor {self.id}: initial balance must be >= 0, got {balance}")
