@@ -24,9 +24,17 @@ import pytest
 from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.application import policies
 from financing.application.pipeline import OutcomeKind, exactly_once
-from financing.application.ports import PROCESSED, A, B, Cause, Processed, UnitOfWork
-from financing.domain.aggregates import Aggregate, Investor
-from financing.domain.events import Bid, InvoiceReversedEvent
+from financing.application.ports import (
+    PROCESSED,
+    A,
+    B,
+    Cause,
+    Processed,
+    RelayedEvent,
+    UnitOfWork,
+)
+from financing.domain.aggregates import Aggregate, Investor, Invoice
+from financing.domain.events import Bid
 from tests.faults.conftest import Deploy, add_figure
 from tests.faults.workload import (
     Deployment,
@@ -123,6 +131,9 @@ class _PausedBeforeLoad:
     async def record(self, consumer: str, message_id: str, what: Processed = PROCESSED) -> None:
         await self._uow.record(consumer, message_id, what)
 
+    async def acting_on(self, event: RelayedEvent) -> None:
+        await self._uow.acting_on(event)
+
 
 class _PausingStore(PostgresEventStore):
     def __init__(self, pool: asyncpg.Pool, started: asyncio.Event, resume: asyncio.Event) -> None:
@@ -151,13 +162,17 @@ async def test_a_copy_processed_while_another_copy_commits_is_absorbed_not_dead_
     dead-lettered. A broker redelivering a message whose first delivery is still being
     processed (after a connection cut) does this; so did every redelivery storm."""
     store = PostgresEventStore(event_store_pool)
-    investor = Investor(uuid4())
+    investor, invoice = Investor(uuid4()), Invoice(uuid4())
     investor.create(Decimal(100))
-    investor.place_bid(uuid4(), Decimal(40))
+    investor.place_bid(invoice.id, Decimal(40))
+    invoice.create(uuid4(), Decimal(40))
+    invoice.bid(Bid(investor.id, Decimal(40)))
+    invoice.reverse()  # its third event, which the policy releases the funds for
     async with store.unit_of_work() as uow:
         await uow.save(investor)
-    reversal = InvoiceReversedEvent(uuid4(), Decimal(40), Bid(investor.id, Decimal(40)))
-    message = decoded(reversal, version=3)  # as the relayer publishes it
+        await uow.save(invoice)
+    [reversal] = (await store.stream(invoice.id))[2:]
+    message = decoded(reversal.event, version=3)  # as the relayer publishes it
     consumer = "reversal_releases_funds"
 
     started, resume = asyncio.Event(), asyncio.Event()
