@@ -260,7 +260,9 @@ def _wrong_value(kind: str) -> st.SearchStrategy[Any]:
     if kind == "uuid":
         return _JSON.filter(lambda v: not _is_uuid(v))
     if kind == "text":
-        return _JSON.filter(lambda v: not isinstance(v, str))
+        # null is no wrong type for a text field: read as an empty name, as the
+        # reference's decoder reads it (docs/contract.md, section 2).
+        return _JSON.filter(lambda v: v is not None and not isinstance(v, str))
     if kind == "money":
         return _JSON.filter(lambda v: isinstance(v, bool) or not isinstance(v, int | float))
     return _JSON.filter(lambda v: not isinstance(v, dict))
