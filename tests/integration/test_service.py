@@ -442,6 +442,37 @@ async def test_a_query_database_whose_read_models_are_gone_is_down_until_they_ar
         assert await serving()
 
 
+async def test_read_models_gone_while_the_query_database_was_out_are_said_once_it_answers(
+    databases: tuple[Database, Database], amqp_url: str
+) -> None:
+    """Regression: a query database dropped after the service found it unreachable, then
+    made again empty, was said only not to exist (or not to answer): the line naming the
+    missing tables and what builds them again was never written."""
+    _, queries = databases
+    async with AsyncExitStack() as stack:
+        wired = await bootstrap(
+            _settings(databases, amqp_url), ("queries-api",), stack, deadline=time.monotonic() + 10
+        )
+        health = wired.health
+        assert health is not None
+        with capture_logs() as logs:
+            async with infra.refusing_connections(queries):
+                await health.probe_once()
+            conn = await asyncpg.connect(**queries.connect_kwargs)
+            stack.push_async_callback(conn.close)
+            await conn.execute("DROP SCHEMA read_models CASCADE")
+            for _ in range(3):
+                await health.probe_once()
+        said = [line for line in logs if line["event"].startswith("query database")]
+        assert [line["event"] for line in said] == [
+            "query database unavailable",
+            "query database still unavailable",
+        ], said
+        assert "read_models.investors" not in said[0]["error"], said
+        assert "financing projections rebuild" in said[1]["error"], said
+        await conn.execute("SELECT public.financing_create_read_models('read_models')")
+
+
 async def test_a_read_only_query_database_without_the_current_schema_fails_start_up(
     databases: tuple[Database, Database], amqp_url: str
 ) -> None:

@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from financing.application.errors import (
+    AwaitingOperator,
     ConcurrencyConflict,
     Fault,
     MissingAggregate,
@@ -546,3 +547,26 @@ def test_the_pauses_between_attempts_are_those_the_documents_promise() -> None:
     assert all(0.01 <= pause <= 0.02 for pause in pauses(conflict, 2))
     assert all(0.25 <= pause <= 0.5 for pause in pauses(conflict, 30))
     assert max(pauses(unavailable, 30)) < OUTAGE_QUIET
+
+
+async def test_an_outage_found_to_await_an_operator_says_what_ends_it_once() -> None:
+    """Regression: a database dropped after the service found it unreachable, then made
+    again empty, was said only not to exist: the line naming its missing tables and what
+    builds them again was never written."""
+    outages = Outages()
+    tables_gone = AwaitingOperator("query database", "its tables do not exist: rebuild")
+
+    async def check() -> None:
+        raise tables_gone
+
+    outages.check_with("query database", check)
+    with capture_logs() as logs:
+        outages.failed(Unavailable("query database", 'database "q" does not exist'))
+        for _ in range(3):  # the watch's rounds, and the operations failing meanwhile
+            await outages.check_once(within=1.0)
+            outages.failed(tables_gone)
+    assert [(line["event"], line["error"]) for line in logs] == [
+        ("query database unavailable", 'database "q" does not exist'),
+        ("query database still unavailable", "its tables do not exist: rebuild"),
+    ]
+    assert outages.down() == {"query database"}

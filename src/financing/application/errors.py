@@ -30,6 +30,7 @@ from typing import ClassVar
 from financing.domain.aggregates import RuleViolation
 
 __all__ = [
+    "AwaitingOperator",
     "ConcurrencyConflict",
     "EventNotInStore",
     "Fault",
@@ -60,6 +61,13 @@ class Unavailable(Exception):
         super().__init__(f"{dependency} unavailable: {detail}")
         self.dependency = dependency
         self.detail = detail
+
+
+class AwaitingOperator(Unavailable):
+    """An outage only an operator ends, whose detail says how (a database's tables gone:
+    what builds them again). Said as an outage begins, as any; and said once more when
+    an outage under way turns out to be one: a database dropped after the service found
+    it unreachable, then made again empty, was said only not to exist."""
 
 
 class Refused(Exception):

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 from financing import metrics
 from financing.application.errors import (
+    AwaitingOperator,
     Fault,
     Unavailable,
     attempts_allowed,
@@ -153,6 +154,8 @@ class Outages:
     # end is a reconnection. An outage of a connection kept open (a broker's memory
     # alarm, publishes refused) ends "recovered".
     _disconnected: set[str] = field(default_factory=set)
+    # The dependencies whose outage of the moment was said to await an operator.
+    _awaiting: set[str] = field(default_factory=set)
 
     def check_with(
         self,
@@ -196,7 +199,9 @@ class Outages:
             try:
                 async with asyncio.timeout(within):
                     await check()
-            except (Unavailable, TimeoutError):
+            except (Unavailable, TimeoutError) as error:
+                if isinstance(error, Unavailable):
+                    self._said_awaiting(error)
                 continue  # still down
             except Exception:
                 log.exception("checking a dependency failed with a bug", dependency=dependency)
@@ -239,12 +244,26 @@ class Outages:
         if connection_lost:
             self._disconnected.add(error.dependency)
         if error.dependency in self._since:
+            self._said_awaiting(error)
             return
+        if isinstance(error, AwaitingOperator):
+            self._awaiting.add(error.dependency)
         self._since[error.dependency] = time.monotonic()
         metrics.DEPENDENCY_UP.labels(error.dependency).set(0)
         log.warning(
             f"{error.dependency} unavailable", dependency=error.dependency, error=error.detail
         )
+
+    def _said_awaiting(self, error: Unavailable) -> None:
+        """An outage under way found to await an operator (AwaitingOperator), said once
+        with what ends it."""
+        if isinstance(error, AwaitingOperator) and error.dependency not in self._awaiting:
+            self._awaiting.add(error.dependency)
+            log.warning(
+                f"{error.dependency} still unavailable",
+                dependency=error.dependency,
+                error=error.detail,
+            )
 
     def succeeded(self, dependency: str, *, checked: bool = False) -> None:
         """An operation on `dependency` that had failed succeeded (`checked`: a check such
@@ -260,6 +279,7 @@ class Outages:
 
     def _ended(self, dependency: str) -> None:
         since = self._since.pop(dependency, None)
+        self._awaiting.discard(dependency)
         if since is None:
             return
         metrics.DEPENDENCY_UP.labels(dependency).set(1)

@@ -33,7 +33,7 @@ from financing.adapters.postgres.connection import (
     drop_stale,
 )
 from financing.adapters.postgres.read_models import DEFAULT_SCHEMA
-from financing.application.errors import Refused, Unavailable
+from financing.application.errors import AwaitingOperator, Refused
 from financing.logging import get_logger
 
 log = get_logger(__name__)
@@ -128,7 +128,7 @@ async def require_tables(pool: asyncpg.Pool, name: str) -> None:
         if absent:
             drop_stale(conn)  # its search_path may be the setting of another time
     if absent:
-        raise Unavailable(
+        raise AwaitingOperator(
             database,
             f"its table(s) {', '.join(absent)} do not exist, or not in its sessions'"
             " search_path (the database was dropped and created again, or restored"
