@@ -514,18 +514,9 @@ async def test_an_idempotency_key_that_cannot_be_one_is_invalid_argument(
 ) -> None:
     """Ignored, it would have made the client's retries unsafe without telling it. (Keys
     beyond ASCII, which grpclib's client refuses to send: tests/faults/test_grpc_edge.py.)"""
-    key = "x" * 256
-    request = SellInvoiceCommand(issuer_id=_id(), asking_price=Money(amount=20.0))
-    with pytest.raises(GRPCError) as error:
-        await call(
-            correlated,
-            "/Commands/SellInvoice",
-            request,
-            Uuid,
-            metadata={"idempotency-key": key},
-        )
-    assert error.value.status is Status.INVALID_ARGUMENT
-    assert (error.value.message or "").startswith("idempotency-key: must be printable ASCII")
+    error = await _sell_refused(correlated, [("idempotency-key", "x" * 256)])
+    assert error.status is Status.INVALID_ARGUMENT
+    assert (error.message or "").startswith("idempotency-key: must be printable ASCII")
     assert sender.sent == []
 
 
@@ -534,15 +525,17 @@ async def test_an_idempotency_key_sent_twice_is_invalid_argument(
 ) -> None:
     """Regression: of two keys in one call's metadata the first named the command and the
     second was ignored without a word; which one the client meant is a guess."""
+    error = await _sell_refused(
+        correlated, [("idempotency-key", "one"), ("idempotency-key", "two")]
+    )
+    assert error.status is Status.INVALID_ARGUMENT
+    assert error.message == "idempotency-key: sent 2 times; send one key"
+    assert sender.sent == []
+
+
+async def _sell_refused(stub: CommandsStub, metadata: list[tuple[str, str]]) -> GRPCError:
+    """The error a SellInvoice call sending `metadata` is answered with."""
     request = SellInvoiceCommand(issuer_id=_id(), asking_price=Money(amount=20.0))
     with pytest.raises(GRPCError) as error:
-        await call(
-            correlated,
-            "/Commands/SellInvoice",
-            request,
-            Uuid,
-            metadata=[("idempotency-key", "one"), ("idempotency-key", "two")],
-        )
-    assert error.value.status is Status.INVALID_ARGUMENT
-    assert error.value.message == "idempotency-key: sent 2 times; send one key"
-    assert sender.sent == []
+        await call(stub, "/Commands/SellInvoice", request, Uuid, metadata=metadata)
+    return error.value

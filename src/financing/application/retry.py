@@ -199,9 +199,10 @@ class Outages:
             try:
                 async with asyncio.timeout(within):
                     await check()
-            except (Unavailable, TimeoutError) as error:
-                if isinstance(error, Unavailable):
-                    self._said_awaiting(error)
+            except AwaitingOperator as error:
+                self._said_awaiting(error)
+                continue  # still down
+            except (Unavailable, TimeoutError):
                 continue  # still down
             except Exception:
                 log.exception("checking a dependency failed with a bug", dependency=dependency)
@@ -244,7 +245,8 @@ class Outages:
         if connection_lost:
             self._disconnected.add(error.dependency)
         if error.dependency in self._since:
-            self._said_awaiting(error)
+            if isinstance(error, AwaitingOperator):
+                self._said_awaiting(error)
             return
         if isinstance(error, AwaitingOperator):
             self._awaiting.add(error.dependency)
@@ -254,10 +256,10 @@ class Outages:
             f"{error.dependency} unavailable", dependency=error.dependency, error=error.detail
         )
 
-    def _said_awaiting(self, error: Unavailable) -> None:
+    def _said_awaiting(self, error: AwaitingOperator) -> None:
         """An outage under way found to await an operator (AwaitingOperator), said once
         with what ends it."""
-        if isinstance(error, AwaitingOperator) and error.dependency not in self._awaiting:
+        if error.dependency not in self._awaiting:
             self._awaiting.add(error.dependency)
             log.warning(
                 f"{error.dependency} still unavailable",

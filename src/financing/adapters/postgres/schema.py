@@ -67,7 +67,7 @@ class SchemaBehind(Refused):
     def __init__(self, name: str, behind: list[int]) -> None:
         none_yet = len(behind) == len(sections(name))
         said = (
-            f"has no {name} schema yet: {_MADE.get(name, _SERVED)}"
+            f"has no {name} schema yet: {_MADE[name]}"
             if none_yet
             else f"has an older {name} schema than this release's: start `financing serve`"
             " of this release on it once, which migrates it"
@@ -75,8 +75,7 @@ class SchemaBehind(Refused):
         super().__init__(DATABASES.get(name, f"{name} database"), f"it {said}")
 
 
-# What makes a schema where there is none, by schema.
-_SERVED = "start `financing serve` of this release on it once, which creates it"
+# What makes a schema where there is none, by schema (SCHEMAS).
 _MADE = {
     "commands": "restore it if it held events, or start `financing serve` of this release"
     " on it once to start an empty event store",
