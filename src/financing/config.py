@@ -342,7 +342,10 @@ _LIBPQ_TO_ASYNCPG = {
     "dbname": "database",
     "sslmode": "ssl",
     "connect_timeout": "timeout",
+    "options": "server_settings",
 }
+# A setting as `options` gives it: `-c name=value` (or `-cname=value`, `--name=value`).
+_SETTING = re.compile(r"(?:-c|--)([A-Za-z_][A-Za-z0-9_.-]*)=(.*)", re.DOTALL)
 
 
 AMQP_SCHEMES = ("amqp", "amqps")
@@ -652,6 +655,8 @@ def _typed(key: str, raw: str, *, shown: bool) -> Any:
             )
         # libpq's 0 is no timeout of its own: FINANCING_DB_TIMEOUT bounds the attempt.
         return seconds or None
+    if key == "options":
+        return _settings(raw, shown)
     if key == "sslmode":
         if raw not in SSL_MODES:
             raise ConfigError(
@@ -660,6 +665,36 @@ def _typed(key: str, raw: str, *, shown: bool) -> Any:
             )
         return {"disable": False}.get(raw, raw)
     return raw
+
+
+def _settings(raw: str, shown: bool) -> dict[str, str]:
+    """The server settings of libpq's `options` (`-c search_path=app -c work_mem=64MB`),
+    sent when a session starts: words split at whitespace, a backslash taking the next
+    character as it is (as the server splits them), a name's '-' read as '_'."""
+    words: list[str] = []
+    word: list[str] = []
+    escaped = False
+    for char in f"{raw} ":
+        if escaped or (char != "\\" and not char.isspace()):
+            word.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif word:
+            words.append("".join(word))
+            word = []
+    settings: dict[str, str] = {}
+    pending = iter(words)
+    for each in pending:
+        setting = f"-c{next(pending, '')}" if each == "-c" else each
+        match = _SETTING.fullmatch(setting)
+        if not match:
+            raise ConfigError(
+                "connection string: options holds something other than settings"
+                f" (-c name=value): {_got(setting, shown)}"
+            )
+        settings[match.group(1).replace("-", "_")] = match.group(2)
+    return settings
 
 
 # libpq's sslmode values, which asyncpg takes too.

@@ -27,7 +27,7 @@ from financing.adapters.postgres.schema import (
 from financing.adapters.rabbitmq import topology
 from financing.application import routes
 from financing.application.errors import Unavailable
-from financing.config import Database
+from financing.config import Database, parse_database
 from tests.support import infra
 
 EVENT_STORE_TABLES = ["events", "processed_messages", "relay_checkpoints", "snapshots"]
@@ -321,6 +321,74 @@ async def test_another_applications_schema_migrations_is_refused_naming_it(
             await migrate(conn, "commands")
         with pytest.raises(SchemaElsewhere, match="another application's"):
             await missing(conn, "commands")
+    finally:
+        await conn.close()
+
+
+# The Go reference service's event store, as its `create_tables.sql` makes it (triggers
+# and the pgcrypto default left out): a command database the reference ran on.
+REFERENCE_EVENT_STORE = """
+CREATE TABLE event_streams (id uuid PRIMARY KEY, type varchar(50) NOT NULL,
+    version int NOT NULL, created timestamp DEFAULT current_timestamp, modified timestamp);
+CREATE TABLE events (id serial PRIMARY KEY, name varchar(255) NOT NULL, version int NOT NULL,
+    event_source_id uuid NOT NULL REFERENCES event_streams (id), data varchar NOT NULL,
+    published boolean NOT NULL DEFAULT false, created timestamp DEFAULT current_timestamp,
+    modified timestamp);
+CREATE TABLE snapshots (event_source_id int NOT NULL, version int NOT NULL,
+    data varchar NOT NULL, created timestamp DEFAULT current_timestamp, modified timestamp);
+INSERT INTO event_streams (id, type, version)
+    VALUES ('6f1c1b9e-64a7-4a39-9d38-5d2a4e4f4a01', 'Issuer', 1);
+INSERT INTO events (name, version, event_source_id, data)
+    VALUES ('IssuerCreatedEvent', 1, '6f1c1b9e-64a7-4a39-9d38-5d2a4e4f4a01', '{}');
+"""
+
+
+async def test_the_reference_event_store_is_refused_and_a_schema_of_its_own_beside_it_serves(
+    empty_database: Database,
+) -> None:
+    """Regression: a command database the Go reference had run on (its `events` and
+    `snapshots` in `public`) crashed every start-up with an uncaught DuplicateTableError.
+    It is refused, naming the reference's tables and the remedy; the remedy, a schema of
+    the service's own set by the connection string's `options`, leaves them untouched."""
+    conn = await connect(empty_database)
+    try:
+        await conn.execute(REFERENCE_EVENT_STORE)
+        with pytest.raises(SchemaElsewhere, match=r"events, snapshots are the Go reference"):
+            await migrate(conn, "commands")
+        assert await tables(conn) == ["event_streams", "events", "snapshots"]
+        await conn.execute("CREATE SCHEMA financing")
+    finally:
+        await conn.close()
+    beside = parse_database(
+        f"host={infra.PG_HOST} port={infra.PG_PORT} user={infra.PG_USER}"
+        f" dbname={empty_database.connect_kwargs['database']} options=-csearch_path=financing"
+    )
+    conn = await connect(beside)
+    try:
+        await migrate(conn, "commands")
+        rows = await conn.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'financing' ORDER BY 1"
+        )
+        assert [row["tablename"] for row in rows] == sorted(
+            [*EVENT_STORE_TABLES, "schema_migrations"]
+        )
+        assert await conn.fetchval("SELECT count(*) FROM public.events") == 1
+        assert await conn.fetchval("SELECT count(*) FROM events") == 0
+    finally:
+        await conn.close()
+
+
+async def test_another_applications_table_where_a_migration_creates_one_is_refused(
+    empty_database: Database,
+) -> None:
+    """The query migration creates `foreign_events` only where it is absent: another
+    application's table of that name would have been taken for the service's."""
+    conn = await connect(empty_database)
+    try:
+        await conn.execute("CREATE TABLE foreign_events (id int)")
+        with pytest.raises(SchemaElsewhere, match="foreign_events are another application's"):
+            await migrate(conn, "queries")
+        assert await tables(conn) == ["foreign_events"]
     finally:
         await conn.close()
 

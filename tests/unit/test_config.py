@@ -272,6 +272,36 @@ def test_each_sslmode_of_libpq_is_taken(mode: str) -> None:
     assert "ssl" in kwargs(f"host=db dbname=x sslmode={mode}")
 
 
+@pytest.mark.parametrize(
+    ("value", "settings"),
+    [
+        ("host=db options=-csearch_path=financing", {"search_path": "financing"}),
+        (
+            "host=db options='-c search_path=app,public -c work_mem=64MB'",
+            {"search_path": "app,public", "work_mem": "64MB"},
+        ),
+        (
+            "postgresql://app@db/x?options=-c%20search_path%3Dfinancing",
+            {"search_path": "financing"},
+        ),
+        ("host=db options=--search-path=financing", {"search_path": "financing"}),
+        (r"host=db options='-c search_path=a\\ b'", {"search_path": "a b"}),
+    ],
+)
+def test_options_sets_server_settings_as_libpq_sends_them(
+    value: str, settings: dict[str, str]
+) -> None:
+    """Regression: `options` was refused as an unknown key, while the service's own
+    errors about a schema told the operator to set search_path with it."""
+    assert kwargs(value)["server_settings"] == settings
+
+
+@pytest.mark.parametrize("value", ["host=db options=-B", "host=db options='-c search_path'"])
+def test_options_other_than_settings_are_a_config_error(value: str) -> None:
+    with pytest.raises(ConfigError, match="options holds something other than settings"):
+        parse_database(value)
+
+
 # Connection strings: libpq keywords
 
 

@@ -117,6 +117,17 @@ _BRINGS_THEM_BACK = {
     " without a restart",
 }
 _ABSENT = "SELECT array_agg(name) FROM unnest($1::text[]) AS name WHERE to_regclass(name) IS NULL"
+# Of the tables named, those that exist: a bare name in the schema the session creates
+# tables in (not anywhere on its search_path), as CREATE TABLE would meet it.
+_PRESENT = (
+    "SELECT coalesce(array_agg(name ORDER BY name), '{}') FROM unnest($1::text[]) AS name"
+    " WHERE to_regclass(CASE WHEN strpos(name, '.') > 0 THEN name"
+    " ELSE quote_ident(current_schema()) || '.' || name END) IS NOT NULL"
+)
+# A table of the Go reference service's event store (esrc's), which keeps its own
+# `events` and `snapshots` where this service's would go: a command database the
+# reference ran on (by default, as this service's, the database `postgres`).
+_REFERENCE_STREAMS = "event_streams"
 
 
 async def require_tables(pool: asyncpg.Pool, name: str) -> None:
@@ -239,6 +250,30 @@ async def _refuse_misplaced(conn: Connection, name: str) -> None:
         )
 
 
+async def _refuse_occupied(conn: Connection, name: str) -> None:
+    """SchemaElsewhere when a database that records none of `name`'s migrations already
+    has tables they would create: another application's, which the first migration would
+    fail on (the reference's `events`: an uncaught error on every start) or, where it
+    creates tables only if absent, take for the service's."""
+    needed = NEEDED_TABLES.get(name, ())
+    present = await conn.fetchval(_PRESENT, [*needed, _REFERENCE_STREAMS])
+    taken = [table for table in present if table in needed]
+    if not taken:
+        return
+    whose = (
+        "the Go reference service's event store (beside its event_streams)"
+        if _REFERENCE_STREAMS in present
+        else "another application's"
+    )
+    raise SchemaElsewhere(
+        name,
+        f"its table(s) {', '.join(taken)} are {whose}, not the service's (it records none of"
+        " the service's migrations): give the service a database of its own, or a schema of"
+        " its own beside them (CREATE SCHEMA financing, then `options=-csearch_path=financing`"
+        " in the connection string)",
+    )
+
+
 async def _report_waiting(conn: Connection, name: str) -> None:
     """One line naming the session that holds the migration lock this one waits for: a
     start-up that waits for another instance's migration (an index built on a large
@@ -327,6 +362,8 @@ async def _apply(
         )
         applied = {row["version"] for row in await _recorded(conn, name)}
         _refuse_ahead(name, applied, pending)
+        if not applied:
+            await _refuse_occupied(conn, name)
         for version, sql in pending:
             if version in applied:
                 continue
