@@ -16,7 +16,7 @@ from yarl import URL
 DEFAULT_COMMAND_DB = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_QUERY_DB = "postgresql://postgres@127.0.0.1:5432/queries"
 DEFAULT_AMQP = "amqp://guest:guest@localhost:5672/"
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "FATAL")
 # What `financing serve` can run, alone or together (docs/architecture.md).
 COMPONENTS = (
     "commands-api",

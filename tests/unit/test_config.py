@@ -69,8 +69,11 @@ def test_every_variable_is_read() -> None:
     assert settings.log_level == "DEBUG"
 
 
-@pytest.mark.parametrize("level", ["DEBUG", "INFO", "WARNING", "ERROR", "warning", "WARN"])
+@pytest.mark.parametrize(
+    "level", ["DEBUG", "INFO", "WARNING", "ERROR", "warning", "WARN", "FATAL", "fatal"]
+)
 def test_a_known_logger_level_is_accepted(level: str) -> None:
+    """FATAL too: the reference takes it (only what stops the service is written)."""
     accepted = Settings.from_env({"LOGGER_LEVEL": level}).log_level
     assert accepted == {"WARN": "WARNING"}.get(level, level.upper())
 
