@@ -18,6 +18,7 @@ from uuid import UUID
 from betterproto.lib.google.protobuf import Empty
 from grpclib.client import Channel
 
+from financing import logging as service_logging
 from financing.adapters.postgres.connection import create_pool
 from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.entrypoints.cli.check import run_check
@@ -199,6 +200,10 @@ class Story:
 
 
 async def main() -> None:
+    # The story's own lines only: what the service's code says in this process (the
+    # broker connection of `populate`) only when it is a warning, as an operator's
+    # command says it.
+    service_logging.configure("WARNING")
     async with sandbox("financing_demo") as box:
         print(
             f"financing serve is running (commands {box.command_address[1]}, "

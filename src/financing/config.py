@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Set
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import SplitResult, parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 from yarl import URL
@@ -16,6 +16,7 @@ from yarl import URL
 DEFAULT_COMMAND_DB = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_QUERY_DB = "postgresql://postgres@127.0.0.1:5432/queries"
 DEFAULT_AMQP = "amqp://guest:guest@localhost:5672/"
+_Parsed = TypeVar("_Parsed")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "FATAL")
 # What `financing serve` can run, alone or together (docs/architecture.md).
 COMPONENTS = (
@@ -60,7 +61,8 @@ SNAPSHOT_INTERVAL = Variable(
 STARTUP_TIMEOUT = Variable(
     "FINANCING_STARTUP_TIMEOUT",
     "30",
-    "seconds start-up waits for PostgreSQL and RabbitMQ (at most 3153600000, 36500d)",
+    "seconds start-up waits for PostgreSQL and RabbitMQ (a whole number, at most"
+    " 3153600000: 36500 days)",
 )
 DEDUP_RETENTION = Variable(
     "FINANCING_DEDUP_RETENTION",
@@ -94,7 +96,9 @@ DB_TIMEOUT = Variable(
     " database counts as unavailable (30s, 1m, or seconds)",
 )
 METRICS_ADDRESS = Variable(
-    "METRICS_ADDRESS", "0.0.0.0:8082", "Prometheus /metrics listen address (set empty: none)"
+    "METRICS_ADDRESS",
+    "0.0.0.0:8082",
+    "Prometheus /metrics and /health listen address (set empty: none)",
 )
 VARIABLES = (
     COMMAND_SERVER_ADDRESS,
@@ -210,8 +214,12 @@ class Settings:
                 value(COMMAND_SERVER_ADDRESS), COMMAND_SERVER_ADDRESS.name
             ),
             query_address=parse_address(value(QUERY_SERVER_ADDRESS), QUERY_SERVER_ADDRESS.name),
-            command_db=replace(_database(COMMAND_DB, value), answer_timeout=answer_timeout),
-            query_db=replace(_database(QUERY_DB, value), answer_timeout=answer_timeout),
+            command_db=replace(
+                _named(COMMAND_DB, parse_database, value), answer_timeout=answer_timeout
+            ),
+            query_db=replace(
+                _named(QUERY_DB, parse_database, value), answer_timeout=answer_timeout
+            ),
             amqp_url=parse_amqp_urls(value(AMQP_ADDRESS)),
             log_level=level,
             snapshot_interval=_positive_int(SNAPSHOT_INTERVAL.name, value(SNAPSHOT_INTERVAL)),
@@ -232,7 +240,7 @@ class Settings:
                 if source.get(METRICS_ADDRESS.name) == ""
                 else parse_address(value(METRICS_ADDRESS), METRICS_ADDRESS.name)
             ),
-            components=parse_components(value(COMPONENTS_VARIABLE)),
+            components=_named(COMPONENTS_VARIABLE, parse_components, value),
             queue_type=parse_queue_type(value(QUEUE_TYPE)),
         )
 
@@ -247,13 +255,14 @@ def parse_queue_type(value: str) -> str:
 
 
 def parse_components(value: str) -> tuple[str, ...]:
-    """A comma-separated list of component names; ConfigError names any unknown one."""
+    """A comma-separated list of component names (FINANCING_COMPONENTS, `--components`);
+    ConfigError names any unknown one."""
     names = tuple(name.strip() for name in value.split(",") if name.strip())
     unknown = [name for name in names if name not in COMPONENTS]
     if unknown or not names:
         raise ConfigError(
-            f"{COMPONENTS_VARIABLE.name}: unknown component(s)"
-            f" {', '.join(unknown) or '(none given)'}; choose from {', '.join(COMPONENTS)}"
+            f"unknown component(s) {', '.join(unknown) or '(none given)'};"
+            f" choose from {', '.join(COMPONENTS)}"
         )
     return names
 
@@ -421,10 +430,12 @@ def split_url(url: str, what: str) -> SplitResult:
     return parts
 
 
-def _database(variable: Variable, value: Callable[[Variable], str]) -> Database:
-    """The database `variable` names; its errors say which variable they are about."""
+def _named(
+    variable: Variable, parse: Callable[[str], _Parsed], value: Callable[[Variable], str]
+) -> _Parsed:
+    """`variable`'s value parsed; its errors say which variable they are about."""
     try:
-        return parse_database(value(variable))
+        return parse(value(variable))
     except ConfigError as error:
         raise ConfigError(f"{variable.name}: {error}") from None
 

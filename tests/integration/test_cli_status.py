@@ -214,7 +214,11 @@ async def test_a_database_without_the_schema_is_reported_as_not_ready(
     [line] = [line for line in run.stdout.splitlines() if line.startswith(f"{which} database ")]
     schema = {"command": "commands", "query": "queries"}[which]
     assert " NOT READY: " in line and f"has no {schema} schema yet" in line, line
-    assert problems(run)[0] == line.split(" NOT READY")[0] + ": its schema is not this release's"
+    # The line's column of what is said lines up with a reachable database's.
+    assert line.startswith(f"{which} database  {empty.describe()}: NOT READY: "), line
+    assert (
+        problems(run)[0] == f"{which} database {empty.describe()}: its schema is not this release's"
+    )
     assert "Traceback" not in run.stderr
 
 

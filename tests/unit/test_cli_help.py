@@ -175,7 +175,8 @@ async def test_the_service_reports_a_configuration_error_as_one_json_line_and_ex
 @pytest.mark.parametrize(
     ("args", "says"),
     [
-        (("serve", "--components", "bogus"), "unknown component(s) bogus"),
+        # The flag's, not FINANCING_COMPONENTS's (which its error named).
+        (("serve", "--components", "bogus"), "argument --components: unknown component(s) bogus"),
         (("serve", "--nope"), "unrecognized arguments: --nope"),
     ],
 )

@@ -38,7 +38,7 @@ Healthy (exit code 0; otherwise 1) means:
     database holds this release's schema;
   - every queue the service consumes exists and has at least one consumer;
   - no event has waited longer than --max-relay-lag seconds to be relayed.
-Dead letters and the projector's backlog are reported, not judged."""
+Dead letters, deferred messages and the projector's backlog are reported, not judged."""
 MAX_RELAY_LAG = 10.0
 TIMEOUT = 5.0
 
@@ -67,17 +67,17 @@ async def run_status(
     await asyncio.gather(
         _inquire(
             event_store,
-            f"command database {settings.command_db.describe()}",
+            ("command database", settings.command_db.describe()),
             lambda: _event_store(settings, event_store, max_relay_lag),
             answer_within,
         ),
         _inquire(
             read_models,
-            f"query database {settings.query_db.describe()}",
+            ("query database", settings.query_db.describe()),
             lambda: _read_models(settings, read_models),
             answer_within,
         ),
-        _inquire(broker, f"broker {brokers}", lambda: _broker(settings, broker), answer_within),
+        _inquire(broker, ("broker", brokers), lambda: _broker(settings, broker), answer_within),
     )
     findings = Findings(
         [*event_store.lines, *read_models.lines, *broker.lines],
@@ -93,24 +93,28 @@ async def run_status(
 
 async def _inquire(
     findings: Findings,
-    what: str,
+    named: tuple[str, str],
     inquiry: Callable[[], Awaitable[None]],
     within: float,
 ) -> None:
+    """`inquiry` of the part `named` (its name, and where it is), within `within` s: what
+    it cannot tell is said on the part's line, in the column of what it tells."""
+    part, where = named
+    what = f"{part} {where}"
     try:
         async with asyncio.timeout(within):
             await inquiry()
     except (SchemaBehind, SchemaAhead) as error:
-        findings.report(what, f"NOT READY: {error}")
+        findings.report(part, f"{where}: NOT READY: {error}")
         findings.problems.append(f"{what}: its schema is not this release's")
     except (Unavailable, Refused) as error:
-        findings.report(what, f"UNREACHABLE: {error}")
+        findings.report(part, f"{where}: UNREACHABLE: {error}")
         findings.problems.append(f"{what} is unreachable")
     except TimeoutError:
-        findings.report(what, f"UNREACHABLE: no answer within {within:g} s")
+        findings.report(part, f"{where}: UNREACHABLE: no answer within {within:g} s")
         findings.problems.append(f"{what} is unreachable")
     except Exception as error:  # a probe reports what it cannot tell rather than crash
-        findings.report(what, f"FAILED: {summary(error)}")
+        findings.report(part, f"{where}: FAILED: {summary(error)}")
         findings.problems.append(f"{what} could not be inquired into")
 
 
