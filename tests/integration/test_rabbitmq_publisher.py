@@ -408,6 +408,40 @@ async def test_the_probe_fails_from_a_refused_publish_to_events_until_one_is_con
         await broker.close()
 
 
+async def test_publishes_refused_together_leave_the_connection_and_its_consumers_open(
+    empty_vhost: rabbitmq.Vhost,
+) -> None:
+    """Regression: with the write permission on `events` alone revoked, the publishes of
+    a batch waiting for the channel when the broker closed it wrote their frames after
+    the close was answered, an error of the whole connection ("expected
+    'channel.open'"): it closed with every consumer's channel, 9 times in 45 s, and
+    commands, which need only the default exchange, could not be queued meanwhile."""
+    broker = Broker([empty_vhost.url], Outages())
+    publisher = Publisher(broker, confirm_timeout=2.0)
+    command = unique_name("CreateIssuer")
+    try:
+        channel = await broker.channel()
+        await QueueSpec(unique_name("events_refused"), bound_to_events=True).declare(channel)
+        await QueueSpec(command, bound_to_events=False).declare(channel)
+        await channel.close()
+        await rabbitmq.grant_permissions(empty_vhost.name, write="^(?!events$).*")
+        await rabbitmq.close_connections(empty_vhost.name)  # channels keep their checks
+        opened = await broker.connection()
+        for batch in range(5):
+            with pytest.raises(PublishFailed, match=r"ACCESS_REFUSED|closed"):
+                await publisher.publish_events(
+                    [event_envelope(version, uuid.uuid4()) for version in range(1, 51)]
+                )
+            await publisher.send_to_queue(command, Envelope(f"c-{batch}", "CreateIssuer", b"{}"))
+        assert await broker.connection() is opened
+        assert not opened.is_closed
+        assert (await rabbitmq.list_queues(empty_vhost.name))[command]["messages_ready"] == 5
+    finally:
+        await rabbitmq.grant_permissions(empty_vhost.name)
+        await publisher.close()
+        await broker.close()
+
+
 async def test_a_refused_probe_leaves_the_channel_publishes_share_open(
     empty_vhost: rabbitmq.Vhost,
 ) -> None:

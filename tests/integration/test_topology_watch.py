@@ -10,6 +10,7 @@ from contextlib import suppress
 
 import aio_pika
 import pytest
+from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
@@ -71,7 +72,7 @@ async def test_a_deleted_binding_and_deleted_queues_nobody_consumes_are_made_aga
     assert sorted(await rabbitmq.list_bindings_with_arguments(vhost.name)) != expected
     before = {name: restored(name) for name in UNCONSUMED}
 
-    watch = TopologyWatch(publisher)
+    watch = TopologyWatch(publisher, broker)
     with capture_logs() as logs:
         await watch.declare_once()
         await watch.declare_once()  # nothing gone the second time: nothing said
@@ -90,7 +91,7 @@ async def test_asked_to_declare_soon_the_watch_does_not_wait_for_its_interval(
 ) -> None:
     vhost, broker, publisher = declared
     expected = sorted(await rabbitmq.list_bindings_with_arguments(vhost.name))
-    watch = TopologyWatch(publisher, interval=3600)
+    watch = TopologyWatch(publisher, broker, interval=3600)
     running = asyncio.create_task(watch.run())
     try:
         await unbind_placed(broker)
@@ -131,7 +132,7 @@ async def test_a_part_the_broker_refuses_keeps_no_other_from_being_declared(
     router = await channel.get_exchange(topology.EVENTS_ROUTER, ensure=False)
     await router.unbind(topology.EVENTS_EXCHANGE)  # every event now routed nowhere
     await channel.close()
-    watch = TopologyWatch(publisher)
+    watch = TopologyWatch(publisher, broker)
     with capture_logs() as logs:
         # Returned (no queue took it): the topology declared again, and published again.
         await publisher.publish_events([event()])
@@ -206,7 +207,7 @@ async def test_a_deletion_met_by_many_publishes_and_the_watch_at_once_is_said_on
     with capture_logs() as logs:
         await asyncio.gather(
             *(publisher.defer(copy, "BidOnInvoice") for _ in range(8)),
-            TopologyWatch(publisher).declare_once(),
+            TopologyWatch(publisher, broker).declare_once(),
             *(publisher.probe() for _ in range(4)),
         )
 
@@ -216,3 +217,52 @@ async def test_a_deletion_met_by_many_publishes_and_the_watch_at_once_is_said_on
     ], said
     assert restored(topology.DEFERRALS) - before == 1.0
     assert (await rabbitmq.list_queues(vhost.name))[topology.DEFERRALS]["messages_ready"] == 8
+
+
+async def test_the_reference_projectors_queue_is_retired_once_its_reader_is_gone_for_good(
+    declared: tuple[rabbitmq.Vhost, Broker, Publisher],
+) -> None:
+    """Regression: a reference projector still reading `events_query` when the service
+    started, stopped after it (a swap that starts the new before stopping the old), left
+    the queue bound to `events` and read by no one: it took every event until the
+    service's next start, towards the broker's alarms. The watch retires it once two
+    declarations in a row found it unread, and says so once."""
+    vhost, broker, publisher = declared
+    reference = await aio_pika.connect(vhost.url)
+    try:
+        channel = await reference.channel()
+        events = await channel.get_exchange(topology.EVENTS_EXCHANGE, ensure=False)
+        queue = await channel.declare_queue(topology.REFERENCE_PROJECTOR_QUEUE, durable=True)
+        await queue.bind(events, routing_key="")
+
+        async def projected(message: AbstractIncomingMessage) -> None:
+            await message.ack()
+
+        tag = await queue.consume(projected)
+        bound = (topology.EVENTS_EXCHANGE, topology.REFERENCE_PROJECTOR_QUEUE, "", "")
+        watch = TopologyWatch(publisher, broker)
+
+        async def declared_twice() -> list[str]:
+            with capture_logs() as logs:
+                await watch.declare_once()
+                await watch.declare_once()
+            return [line["event"] for line in logs if line["log_level"] != "debug"]
+
+        assert await declared_twice() == []  # read: left as it is
+        assert bound in await rabbitmq.list_bindings_with_arguments(vhost.name)
+
+        await queue.cancel(tag)  # the reference's projector stops
+        await events.publish(aio_pika.Message(b"{}", headers={"name": PLACED}), "")
+        said = await declared_twice()
+        assert said == [
+            "the reference's projector queue is read by no one and no longer fed; delete it"
+            f" once what it holds is of no use (rabbitmqctl delete_queue -p VHOST"
+            f" {topology.REFERENCE_PROJECTOR_QUEUE})"
+        ]
+        assert bound not in await rabbitmq.list_bindings_with_arguments(vhost.name)
+        assert await declared_twice() == []  # said once
+        await events.publish(aio_pika.Message(b"{}", headers={"name": PLACED}), "")
+        queues = await rabbitmq.list_queues(vhost.name)
+        assert queues[topology.REFERENCE_PROJECTOR_QUEUE]["messages_ready"] == 1
+    finally:
+        await reference.close()

@@ -223,7 +223,7 @@ async def bootstrap(
             wiring.projector(PostgresReadModels(query_pool), clock.now)
         if selected & CONSUMES:
             # Where queues are consumed, the topology is kept as declared.
-            watch = TopologyWatch(publisher)
+            watch = TopologyWatch(publisher, broker)
             service.workers["topology"] = watch.run
             if selected & CONSUMES_EVENTS:
                 wiring.unrouted(watch)

@@ -31,6 +31,7 @@ from financing.adapters.rabbitmq.connection import (
     translated,
 )
 from financing.adapters.rabbitmq.envelopes import header_text, to_amqp
+from financing.adapters.rabbitmq.queues import QueueDepth, depth_of
 from financing.adapters.rabbitmq.topology import (
     DEAD_LETTER_QUEUE,
     DEAD_LETTERS,
@@ -196,13 +197,18 @@ class Publisher:
         self._refusals = refused
 
     async def queue_exists(self, name: str) -> bool:
-        """Whether the broker has the queue `name`: asked on a channel kept for such
-        questions, one at a time, and opened again only after a queue was found missing
-        (the broker closes the channel of a passive declaration it cannot answer).
-        Asked on a channel of its own each time, opened and closed, it left aiormq's
-        callbacks on the connection for good (4 kB a channel, an idle service growing for
-        ever); asked on the probe's, a missing queue closed the channel under the probes
-        and declarations sharing it (a broker outage that was none)."""
+        """Whether the broker has the queue `name` (`queue_depth`)."""
+        return await self.queue_depth(name) is not None
+
+    async def queue_depth(self, name: str) -> QueueDepth | None:
+        """The queue `name`'s depth, None when the broker has no such queue: asked on a
+        channel kept for such questions, one at a time, and opened again only after a
+        queue was found missing (the broker closes the channel of a passive declaration
+        it cannot answer). Asked on a channel of its own each time, opened and closed, it
+        left aiormq's callbacks on the connection for good (4 kB a channel, an idle
+        service growing for ever); asked on the probe's, a missing queue closed the
+        channel under the probes and declarations sharing it (a broker outage that was
+        none)."""
         async with self._inquiring:
 
             async def inquiring() -> AbstractChannel:
@@ -210,12 +216,11 @@ class Publisher:
                     self._inquiry = await self._broker.channel()
                 return self._inquiry
 
-            async def passive(channel: AbstractChannel) -> bool:
+            async def passive(channel: AbstractChannel) -> QueueDepth | None:
                 try:
-                    await channel.declare_queue(name, passive=True)
+                    return depth_of(await channel.declare_queue(name, passive=True))
                 except aiormq.exceptions.ChannelNotFoundEntity:
-                    return False
-                return True
+                    return None
 
             return await self._timed(f"queue {name!r}", "looked for", inquiring, passive)
 

@@ -44,10 +44,13 @@ async def existing_queue(broker: Broker, name: str) -> AsyncIterator[AbstractQue
 async def queue_depth(broker: Broker, name: str) -> QueueDepth | None:
     """The queue's depth; None when the broker has no such queue."""
     async with existing_queue(broker, name) as queue:
-        if queue is None:
-            return None
-        declared = queue.declaration_result
-        return QueueDepth(name, declared.message_count or 0, declared.consumer_count or 0)
+        return None if queue is None else depth_of(queue)
+
+
+def depth_of(queue: AbstractQueue) -> QueueDepth:
+    """The depth the broker said of `queue` when it was declared."""
+    declared = queue.declaration_result
+    return QueueDepth(queue.name, declared.message_count or 0, declared.consumer_count or 0)
 
 
 # What a queue's name may be: the AMQP client refuses any other before asking the broker.

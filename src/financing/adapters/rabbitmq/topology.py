@@ -338,9 +338,15 @@ async def declare_on(broker: Broker) -> None:
         await declare(channel, broker.queue_type)
     finally:
         await close_channel(channel)
+    await retire_reference_projector(broker)
+
+
+async def retire_reference_projector(broker: Broker) -> None:
+    """`retire_reference_projector_queue`, a clean-up the service does not need: what
+    stops it (the broker user's rights, an outage) is said, and nothing else."""
     try:
         await retire_reference_projector_queue(broker)
-    except (Unavailable, Refused) as error:  # a clean-up, not what the service needs
+    except (Unavailable, Refused) as error:
         log.warning(
             "the reference's projector queue could not be retired",
             queue=REFERENCE_PROJECTOR_QUEUE,

@@ -11,6 +11,14 @@ event arrives where only a missing binding can have sent it (`topology.unrouted`
 the two queues nobody consumes are looked for first, and one gone (an operator, a
 policy's `expires`) is said once and counted (`topology.said_restored`). It runs on
 the publisher's channels: no channel is opened for it while nothing is missing.
+
+The reference projector's `events_query`, which start-up retires once no one reads
+it, is looked at too: a reference projector still reading it when the service
+started (its process stopped after the service's start, as a swap that starts the
+new before stopping the old goes) leaves it bound to `events`, read by no one, and
+growing until the broker's alarms block every publisher. Found unread by two
+declarations in a row (a reference projector reconnecting is back within one), it
+is retired as at start-up (`topology.retire_reference_projector`).
 """
 
 from __future__ import annotations
@@ -18,7 +26,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from financing.adapters.rabbitmq.connection import Broker
 from financing.adapters.rabbitmq.publisher import Publisher
+from financing.adapters.rabbitmq.topology import (
+    REFERENCE_PROJECTOR_QUEUE,
+    retire_reference_projector,
+)
 from financing.application.errors import Unavailable
 from financing.logging import get_logger
 
@@ -33,10 +46,17 @@ TOPOLOGY_INTERVAL = 30.0
 class TopologyWatch:
     """Declares the topology again, every TOPOLOGY_INTERVAL and when asked (a worker)."""
 
-    def __init__(self, publisher: Publisher, *, interval: float = TOPOLOGY_INTERVAL) -> None:
+    def __init__(
+        self, publisher: Publisher, broker: Broker, *, interval: float = TOPOLOGY_INTERVAL
+    ) -> None:
         self._publisher = publisher
+        self._broker = broker
         self._interval = interval
         self._asked = asyncio.Event()
+        # Declarations in a row that found `events_query` read by no one; and whether
+        # it was retired since it was last read (start-up retired one unread then).
+        self._unread = 0
+        self._retired = True
 
     def declare_soon(self) -> None:
         """Declare the topology now rather than at the next interval (a binding is missing)."""
@@ -60,3 +80,17 @@ class TopologyWatch:
         same)."""
         await self._publisher.restore_unconsumed()
         await self._publisher.declare_topology()
+        await self._watch_reference_projector_queue()
+
+    async def _watch_reference_projector_queue(self) -> None:
+        """`events_query` retired once found unread by two declarations in a row, and once
+        each time it was read again (a reference projector binds it again as it starts)."""
+        depth = await self._publisher.queue_depth(REFERENCE_PROJECTOR_QUEUE)
+        if depth is None or depth.consumers:
+            self._unread, self._retired = 0, False
+            return
+        self._unread += 1
+        if self._unread < 2 or self._retired:
+            return
+        await retire_reference_projector(self._broker)
+        self._retired = True

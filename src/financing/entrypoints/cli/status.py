@@ -166,6 +166,7 @@ async def _broker(settings: Settings, findings: Findings) -> None:
         dead = await queue_depth(broker, topology.DEAD_LETTER_QUEUE)
         read = await being_read(broker)
         deferred = await queue_depth(broker, topology.DEFERRALS)
+        reference = await queue_depth(broker, topology.REFERENCE_PROJECTOR_QUEUE)
     brokers = ", ".join(describe_url(url) for url in settings.amqp_urls)
     findings.report("broker", f"{brokers}: reachable")
     projector = consumed[topology.PROJECTOR_QUEUE]
@@ -185,6 +186,18 @@ async def _broker(settings: Settings, findings: Findings) -> None:
         if deferred is None
         else f"{deferred.waiting} message(s) waiting for an aggregate in {topology.DEFERRALS}",
     )
+    if reference is not None:  # left by the reference on a broker it used
+        findings.report(
+            "reference queue",
+            f"{reference.waiting} message(s) waiting in {topology.REFERENCE_PROJECTOR_QUEUE},"
+            f" the reference projector's, read by {reference.consumers} consumer(s)"
+            + (
+                ""
+                if reference.consumers
+                else " (no longer fed once the service found it unread: delete it once what"
+                " it holds is of no use)"
+            ),
+        )
     rows = [
         (name, "missing", "-") if depth is None else (name, depth.waiting, depth.consumers)
         for name, depth in sorted(consumed.items())
