@@ -41,6 +41,7 @@ READS: dict[tuple[str, ...], tuple[Variable, ...]] = {
     ("tail",): (AMQP_ADDRESS,),
     ("status",): (COMMAND_DB, QUERY_DB, DB_TIMEOUT, AMQP_ADDRESS),
     ("relay", "rewind"): (COMMAND_DB, DB_TIMEOUT, DEDUP_RETENTION),
+    ("broker", "hand-back"): (AMQP_ADDRESS,),
 }
 
 

@@ -225,7 +225,7 @@ class DeadLetters:
         message_id = message.message_id or headers.get(MESSAGE_UUID_HEADER)
         if message_id and len(message_id.encode()) > MAX_MESSAGE_ID_BYTES:
             message_id = None  # too long for the AMQP message-id property: the header keeps it
-        copy = _copy_of(message, headers, message_id=message_id)
+        copy = copy_of(message, headers, message_id=message_id)
         # A queue deleted meanwhile is declared again as the publish meets it.
         await self._publisher.keep_dead_letter(copy)
         metrics.DEAD_LETTERS.labels(source_queue).inc()
@@ -279,7 +279,7 @@ class DeadLetters:
             headers[DEFERRED_CLOCK_HEADER] = clock
         # Every property but `user_id`, which the broker checks against the publishing
         # connection's user (a producer's other user would have the copy refused).
-        copy = _copy_of(
+        copy = copy_of(
             message,
             headers,
             reply_to=message.reply_to,
@@ -381,7 +381,7 @@ def _away_since(value: object) -> float | None:
     return max(time.monotonic() - at, 0.0)
 
 
-def _copy_of(
+def copy_of(
     message: AbstractIncomingMessage, headers: Mapping[str, Any], **properties: Any
 ) -> aio_pika.Message:
     """A persistent copy of `message` under `headers`: its body, message id, content type
@@ -663,7 +663,7 @@ def _requeued(message: AbstractIncomingMessage, letter: DeadLetter) -> aio_pika.
     again (REQUEUED_AT_HEADER)."""
     headers = {k: v for k, v in letter.headers.items() if k not in DEFERRAL_HEADERS}
     headers[REQUEUED_AT_HEADER] = datetime.now(UTC).isoformat()
-    return _copy_of(message, headers)
+    return copy_of(message, headers)
 
 
 async def discard_dead_letters(

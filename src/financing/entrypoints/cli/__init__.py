@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from financing.entrypoints.bootstrap import Overrides
 
 # The commands whose second word names the command (`financing projections rebuild`).
-COMMAND_GROUPS = ("projections", "relay", "dead-letters")
+COMMAND_GROUPS = ("projections", "relay", "dead-letters", "broker")
 
 
 def main(argv: Sequence[str] | None = None, *, overrides: Overrides | None = None) -> None:

@@ -50,6 +50,7 @@ from financing.config import (
 from financing.domain.ids import parse_id
 from financing.domain.money import MAX_AMOUNT, MAX_DECIMAL_PLACES, decimal_places
 from financing.entrypoints.bootstrap import NO_OVERRIDES, Overrides
+from financing.entrypoints.cli import broker as broker_commands
 from financing.entrypoints.cli import dead_letters as dead_letter_commands
 from financing.entrypoints.cli import relay as relay_commands
 from financing.entrypoints.cli.check import run_check
@@ -204,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check(commands)
     _add_relay(commands)
     _add_dead_letters(commands)
+    _add_broker(commands)
     _add_inspection(commands)
     commands.add(
         "health-check",
@@ -283,6 +285,17 @@ def _add_relay(commands: _Commands) -> None:
         action="store_true",
         help="also from before FINANCING_DEDUP_RETENTION (the records that tell consumers"
         " a copy may be pruned: one could apply twice)",
+    )
+
+
+def _add_broker(commands: _Commands) -> None:
+    broker = commands.add("broker", "hand the broker back to the reference service", AMQP_ADDRESS)
+    _Commands(broker, "broker_command").add(
+        "hand-back",
+        "take away what the service added to a broker the reference used (every instance stopped)",
+        AMQP_ADDRESS,
+        run=_hand_back,
+        description=broker_commands.__doc__,
     )
 
 
@@ -444,6 +457,10 @@ async def _rebuild(settings: Settings, args: argparse.Namespace) -> int:
         f" investors, {report.invoices} invoices, {report.issuers} issuers"
     )
     return 0
+
+
+async def _hand_back(settings: Settings, args: argparse.Namespace) -> int:
+    return await broker_commands.run_hand_back(settings, args.usage_of.prog)
 
 
 async def _rewind(settings: Settings, args: argparse.Namespace) -> int:

@@ -1,0 +1,227 @@
+"""The broker handed back to the reference: what the service added to it, taken away.
+
+On a broker the reference used, the service keeps the reference's queues (the
+command queues, the `events_<Event>` queues of its handlers) and adds its own
+(docs/contract.md section 2): `events` feeds `financing_events`, a headers exchange
+that routes each name to the queues that handle it, and the reference's handler
+queues lose their plain binding to `events` for bindings there; its projector reads
+`events_financing_projector`; deferred deliveries wait in `financing_deferred`, and
+come back to their queue dead-lettered by the broker, with an `x-death` header that
+is no string. Stopped, the service leaves all of this: `events_financing_projector`
+takes a copy of every event for good, and the reference's consumers refuse a message
+with a header that is no string and take it again at once, for ever.
+
+`hand_back` undoes it, with every instance of the service stopped (and the
+reference's, while it runs): the reference's handler queues bound to `events` again,
+`financing_events` deleted (and with it every binding of the service's), the deferred
+deliveries and every message of the reference's queues sent again to their queue with
+string headers only (the broker's dead-lettering records left out), in order, and the
+service's queues and exchanges deleted, but `financing_dead_letters`, which is kept
+with what it holds for the operator. The reference projector's `events_query` is
+declared and bound again, as the reference declares it, so that it misses nothing
+published before the reference's projector starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+
+from financing.adapters.rabbitmq.connection import Broker, close_channel, translated
+from financing.adapters.rabbitmq.dead_letters import copy_of
+from financing.adapters.rabbitmq.envelopes import BROKER_HEADERS, header_text
+from financing.adapters.rabbitmq.queues import existing_queue, queue_depth
+from financing.adapters.rabbitmq.topology import (
+    COMMAND_NAMES,
+    DEAD_LETTER_QUEUE,
+    DEFERRALS,
+    EVENTS_EXCHANGE,
+    EVENTS_ROUTER,
+    PROJECTOR_QUEUE,
+    REFERENCE_PROJECTOR_QUEUE,
+    ROUTED_MESSAGES,
+    UNROUTED,
+    declare_events_exchange,
+    subscription,
+)
+from financing.application.grace import finish_on_cancel
+
+# The reference's queues the service reads: its handlers' queues, fed by `events`, and
+# its command queues.
+REFERENCE_EVENT_QUEUES = tuple(
+    sorted({subscription(name).queue.name for name in ROUTED_MESSAGES} - COMMAND_NAMES)
+)
+REFERENCE_COMMAND_QUEUES = tuple(sorted(COMMAND_NAMES))
+# The queues only the service reads.
+SERVICE_QUEUES = (PROJECTOR_QUEUE, UNROUTED)
+
+
+class StillConsumed(Exception):
+    """A queue the hand-back changes is being read: an instance of the service (or of
+    the reference) still runs."""
+
+
+@dataclass
+class HandedBack:
+    """What `hand_back` did, as the operator is told it."""
+
+    lines: list[str] = field(default_factory=list)
+
+
+async def hand_back(broker: Broker) -> HandedBack:
+    """Take away what the service added to the broker (this module's docstring)."""
+    done = HandedBack()
+    await _refuse_if_consumed(broker)
+    bound = []
+    for name in REFERENCE_EVENT_QUEUES:
+        async with existing_queue(broker, name) as queue:
+            if queue is not None:
+                with translated():
+                    await queue.bind(EVENTS_EXCHANGE, routing_key="")
+                bound.append(name)
+    await _on_a_channel(broker, lambda channel: channel.exchange_delete(EVENTS_ROUTER))
+    done.lines.append(
+        f"bound to {EVENTS_EXCHANGE!r} again, as the reference binds them:"
+        f" {', '.join(bound) or 'none (the broker has none of them)'}; exchange"
+        f" {EVENTS_ROUTER!r} deleted, and every binding of the service's with it"
+    )
+    await _sent_again(broker, done)
+    await _deleted(broker, done)
+    await _on_a_channel(broker, _reference_projector_queue)
+    done.lines.append(
+        f"queue {REFERENCE_PROJECTOR_QUEUE!r}, the reference projector's, declared and bound"
+        f" to {EVENTS_EXCHANGE!r}, as the reference declares it"
+    )
+    return done
+
+
+async def _on_a_channel(
+    broker: Broker, act: Callable[[AbstractChannel], Awaitable[object]]
+) -> None:
+    channel = await broker.channel()
+    try:
+        with translated():
+            await act(channel)
+    finally:
+        await close_channel(channel)
+
+
+async def _reference_projector_queue(channel: AbstractChannel) -> None:
+    queue = await channel.declare_queue(REFERENCE_PROJECTOR_QUEUE, durable=True)
+    await queue.bind(await declare_events_exchange(channel), routing_key="")
+
+
+async def _refuse_if_consumed(broker: Broker) -> None:
+    """StillConsumed when a queue the hand-back reads, moves or deletes has a consumer."""
+    names = (*SERVICE_QUEUES, DEFERRALS, *REFERENCE_COMMAND_QUEUES, *REFERENCE_EVENT_QUEUES)
+    read = [
+        f"{depth.name} ({depth.consumers})"
+        for depth in [await queue_depth(broker, name) for name in names]
+        if depth is not None and depth.consumers
+    ]
+    if read:
+        raise StillConsumed(
+            f"queues are being read (consumers): {', '.join(read)}; stop every instance of"
+            " the service, and the reference's processes, until the hand-back is done"
+        )
+
+
+async def _sent_again(broker: Broker, done: HandedBack) -> None:
+    """The deferred deliveries sent back to their queues, and every message of the
+    reference's queues to its own, with string headers only, in order. Published on a
+    confirming channel of its own: the service's publisher would declare the topology
+    this takes away."""
+    channel = await broker.channel(publisher_confirms=True)
+    try:
+        moved = 0
+        async with _taken(broker, DEFERRALS) as messages:
+            async for message in messages:
+                await finish_on_cancel(_moved(channel, message, message.routing_key or ""))
+                moved += 1
+        done.lines.append(
+            f"{moved} deferred message(s) sent back to their queues, to be handled by"
+            " the reference at once (it does not wait for an aggregate)"
+        )
+        resent, cleaned = 0, 0
+        for name in (*REFERENCE_COMMAND_QUEUES, *REFERENCE_EVENT_QUEUES):
+            async with _taken(broker, name) as messages:
+                async for message in messages:
+                    cleaned += any(key in BROKER_HEADERS for key in message.headers or {})
+                    await finish_on_cancel(_moved(channel, message, name))
+                    resent += 1
+        done.lines.append(
+            f"{resent} message(s) of the reference's queues sent again to their queue, in"
+            f" order, with string headers only ({cleaned} carried the broker's records of"
+            " a dead-lettering, which the reference's consumers refuse)"
+        )
+    finally:
+        await close_channel(channel)
+
+
+@contextlib.asynccontextmanager
+async def _taken(
+    broker: Broker, name: str
+) -> AsyncIterator[AsyncIterator[AbstractIncomingMessage]]:
+    """The messages of queue `name` there when it was looked at, each fetched unacked (an
+    empty iterator when the broker has no such queue)."""
+    async with existing_queue(broker, name) as queue:
+
+        async def messages() -> AsyncIterator[AbstractIncomingMessage]:
+            waiting = 0 if queue is None else queue.declaration_result.message_count or 0
+            for _ in range(waiting):
+                assert queue is not None
+                with translated():
+                    message = await queue.get(no_ack=False, fail=False)
+                if message is None:
+                    return
+                yield message
+
+        yield messages()
+
+
+async def _moved(channel: AbstractChannel, message: AbstractIncomingMessage, queue: str) -> None:
+    """`message` published (confirmed) to `queue` with string headers only, then acked."""
+    headers = {
+        key: header_text(value)
+        for key, value in (message.headers or {}).items()
+        if key not in BROKER_HEADERS
+    }
+    with translated():
+        await channel.default_exchange.publish(
+            copy_of(message, headers), routing_key=queue, mandatory=True
+        )
+        await message.ack()
+
+
+async def _deleted(broker: Broker, done: HandedBack) -> None:
+    """The service's queues and exchanges deleted; the dead letters kept."""
+    gone: list[str] = []
+    for name in (PROJECTOR_QUEUE, UNROUTED, DEFERRALS):
+        async with existing_queue(broker, name) as queue:
+            if queue is not None:
+                held = queue.declaration_result.message_count or 0
+                with translated():
+                    await queue.delete(if_unused=True, if_empty=False)
+                gone.append(f"{name} ({held} message(s))")
+
+    async def exchanges_deleted(channel: AbstractChannel) -> None:
+        for exchange in (UNROUTED, DEFERRALS):
+            await channel.exchange_delete(exchange)
+
+    await _on_a_channel(broker, exchanges_deleted)
+    letters = await queue_depth(broker, DEAD_LETTER_QUEUE)
+    done.lines.append(
+        f"queues deleted: {', '.join(gone) or 'none'}; exchanges {UNROUTED!r} and"
+        f" {DEFERRALS!r} deleted (what {PROJECTOR_QUEUE} held was of use to the service's"
+        " read models only)"
+    )
+    kept = (
+        "none"
+        if letters is None
+        else f"kept, with {letters.waiting} dead letter(s) (`financing dead-letters` reads"
+        " it; delete it once what it holds is of no use)"
+    )
+    done.lines.append(f"queue {DEAD_LETTER_QUEUE!r}: {kept}")

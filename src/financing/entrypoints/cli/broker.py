@@ -1,0 +1,33 @@
+"""`financing broker hand-back`: the broker given back to the reference service.
+
+Run with every instance of the service stopped, and the reference's processes too,
+to go back to the reference on a broker it used. Binds the reference's handler queues
+(`events_<Event>`) to `events` again; deletes `financing_events`, and every binding of
+the service's with it; sends the deferred deliveries back to their queues, and every
+message of the reference's queues again to its own with string headers only, in order;
+deletes `events_financing_projector`, `financing_unrouted` and `financing_deferred`;
+keeps `financing_dead_letters`; declares the reference projector's `events_query`
+again. When: docs/deployment.md, "Handing the broker back to the reference". Exit
+code 0 once done; 1 while a queue it changes is being read (nothing is changed), or
+when the broker cannot be reached.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from financing.adapters.rabbitmq.connection import connected
+from financing.adapters.rabbitmq.hand_back import StillConsumed, hand_back
+from financing.config import Settings
+
+
+async def run_hand_back(settings: Settings, command: str) -> int:
+    async with connected(settings.amqp_urls) as broker:
+        try:
+            done = await hand_back(broker)
+        except StillConsumed as consumed:
+            print(f"{command}: {consumed}", file=sys.stderr)
+            return 1
+    print("\n".join(done.lines))
+    print("the broker is the reference's again: start its processes")
+    return 0

@@ -1,0 +1,177 @@
+"""`financing broker hand-back`: a broker the reference used, given back to it as the
+reference left it, with nothing of the service's taking copies of events."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractIncomingMessage
+
+from financing.adapters.rabbitmq import topology
+from financing.adapters.rabbitmq.connection import Broker
+from financing.adapters.rabbitmq.hand_back import (
+    REFERENCE_COMMAND_QUEUES,
+    REFERENCE_EVENT_QUEUES,
+    StillConsumed,
+    hand_back,
+)
+from financing.adapters.rabbitmq.publisher import Publisher
+from financing.application.retry import Outages
+from tests.support import rabbitmq
+from tests.support.infra import wait_until
+from tests.support.service import run_cli
+
+PLACED = "BidOnInvoicePlacedEvent"
+
+
+@pytest.fixture
+async def taken_over() -> AsyncIterator[tuple[rabbitmq.Vhost, Broker]]:
+    """A broker the reference used (its queues, declared and bound as it declares them),
+    then the service's topology declared on it, as its start-up does."""
+    async with rabbitmq.private_vhost("fin_hand_back") as vhost:
+        reference = await aio_pika.connect(vhost.url)
+        channel = await reference.channel()
+        events = await channel.declare_exchange(
+            topology.EVENTS_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        for name in REFERENCE_COMMAND_QUEUES:
+            await channel.declare_queue(name, durable=True)
+        for name in (*REFERENCE_EVENT_QUEUES, topology.REFERENCE_PROJECTOR_QUEUE):
+            queue = await channel.declare_queue(name, durable=True)
+            await queue.bind(events, routing_key="")
+        await reference.close()
+        broker = Broker([vhost.url], Outages())
+        try:
+            await topology.declare_on(broker)
+            yield vhost, broker
+        finally:
+            await broker.close()
+
+
+async def publish_event(vhost: rabbitmq.Vhost, body: bytes) -> None:
+    connection = await aio_pika.connect(vhost.url)
+    try:
+        channel = await connection.channel()
+        events = await channel.get_exchange(topology.EVENTS_EXCHANGE, ensure=False)
+        await events.publish(aio_pika.Message(body, headers={"name": PLACED}), "")
+    finally:
+        await connection.close()
+
+
+async def taken_from(vhost: rabbitmq.Vhost, queue: str) -> list[AbstractIncomingMessage]:
+    """Every message of `queue`, taken, in order."""
+    connection = await aio_pika.connect(vhost.url)
+    taken = []
+    try:
+        channel = await connection.channel()
+        source = await channel.get_queue(queue, ensure=False)
+        while (message := await source.get(no_ack=True, fail=False)) is not None:
+            taken.append(message)
+    finally:
+        await connection.close()
+    return taken
+
+
+async def waiting(vhost: rabbitmq.Vhost, queue: str) -> int:
+    return int((await rabbitmq.list_queues(vhost.name))[queue]["messages_ready"])
+
+
+async def test_the_broker_is_handed_back_as_the_reference_left_it(
+    taken_over: tuple[rabbitmq.Vhost, Broker],
+) -> None:
+    """Regression: stopped for good (a rollback to the reference), the service left
+    `events` feeding its own exchange and queues: its projector's queue took a copy of
+    every event the reference published, for ever; and the deliveries it had deferred
+    came back to the reference's queues with the broker's `x-death`, a header that is no
+    string, which the reference's consumers refuse and take again at once, for ever."""
+    vhost, broker = taken_over
+    publisher = Publisher(broker)
+    try:
+        bid = aio_pika.Message(b'{"bid": 1}', headers={"name": "BidOnInvoice"})
+        await publisher.send_message_to_queue("BidOnInvoice", bid)
+        # Back at once, with the broker's x-death (first: the broker expires the head only).
+        back = aio_pika.Message(b'{"sell": 1}', headers={"name": "SellInvoice"}, expiration=0.01)
+        await publisher.defer(back, "SellInvoice")
+        later = aio_pika.Message(b'{"bid": 2}', headers={"name": "BidOnInvoice"}, expiration=60)
+        await publisher.defer(later, "BidOnInvoice")  # waits a minute in financing_deferred
+    finally:
+        await publisher.close()
+    await publish_event(vhost, b'{"placed": 1}')
+
+    async def came_back() -> bool:
+        return await waiting(vhost, "SellInvoice") == 1
+
+    await wait_until(came_back, timeout=10, what="the expired deferral back in its queue")
+
+    handed = await hand_back(broker)
+
+    said = "\n".join(handed.lines)
+    assert "1 deferred message(s) sent back to their queues" in said, said
+    # The bid, the deferred one moved back, the sell back with its x-death, the event.
+    assert "4 message(s) of the reference's queues sent again" in said, said
+    assert "(1 carried the broker's records of a dead-lettering" in said, said
+    assert "events_financing_projector (1 message(s))" in said, said
+    bindings = await rabbitmq.list_bindings_with_arguments(vhost.name)
+    assert sorted(bindings) == sorted(
+        (topology.EVENTS_EXCHANGE, name, "", "")
+        for name in (*REFERENCE_EVENT_QUEUES, topology.REFERENCE_PROJECTOR_QUEUE)
+    )
+    exchanges = await rabbitmq.list_exchanges(vhost.name)
+    assert not {topology.EVENTS_ROUTER, topology.UNROUTED, topology.DEFERRALS} & set(exchanges)
+    queues = set(await rabbitmq.list_queues(vhost.name))
+    assert queues == {
+        *REFERENCE_COMMAND_QUEUES,
+        *REFERENCE_EVENT_QUEUES,
+        topology.REFERENCE_PROJECTOR_QUEUE,
+        topology.DEAD_LETTER_QUEUE,
+    }
+    [sell] = await taken_from(vhost, "SellInvoice")
+    assert sell.body == b'{"sell": 1}'
+    assert all(isinstance(value, str) for value in sell.headers.values()), sell.headers
+    assert "x-death" not in sell.headers
+    bids = await taken_from(vhost, "BidOnInvoice")
+    assert [message.body for message in bids] == [b'{"bid": 1}', b'{"bid": 2}']
+    assert [message.expiration for message in bids] == [None, None]
+
+    # Each reference queue takes each event once, straight from `events`.
+    await publish_event(vhost, b'{"placed": 2}')
+    placed = await taken_from(vhost, f"events_{PLACED}")
+    assert [message.body for message in placed] == [b'{"placed": 1}', b'{"placed": 2}']
+    [projected] = await taken_from(vhost, topology.REFERENCE_PROJECTOR_QUEUE)
+    assert projected.body == b'{"placed": 2}'
+
+
+async def test_a_hand_back_while_the_service_still_runs_changes_nothing(
+    taken_over: tuple[rabbitmq.Vhost, Broker],
+) -> None:
+    vhost, broker = taken_over
+    before = sorted(await rabbitmq.list_bindings_with_arguments(vhost.name))
+    connection = await aio_pika.connect(vhost.url)
+    try:
+        channel = await connection.channel()
+        projector = await channel.get_queue(topology.PROJECTOR_QUEUE, ensure=False)
+
+        async def projected(message: AbstractIncomingMessage) -> None:
+            await message.ack()
+
+        await projector.consume(projected)
+        with pytest.raises(StillConsumed, match=r"events_financing_projector \(1\)"):
+            await hand_back(broker)
+        env = {**os.environ, "AMQP_ADDRESS": vhost.url}
+        refused = await run_cli(env, "broker", "hand-back")
+    finally:
+        await connection.close()
+    assert sorted(await rabbitmq.list_bindings_with_arguments(vhost.name)) == before
+    assert refused.exit_code == 1, refused.describe()
+    assert refused.stderr.startswith("financing broker hand-back: queues are being read")
+
+    handed = await run_cli(env, "broker", "hand-back")
+    assert handed.exit_code == 0, handed.describe()
+    assert handed.stdout.splitlines()[-1] == (
+        "the broker is the reference's again: start its processes"
+    )
+    again = await run_cli(env, "broker", "hand-back")  # nothing left to take away
+    assert again.exit_code == 0, again.describe()
