@@ -215,7 +215,8 @@ async def test_a_database_without_the_schema_is_reported_as_not_ready(
     schema = {"command": "commands", "query": "queries"}[which]
     assert " NOT READY: " in line and f"has no {schema} schema yet" in line, line
     # The line's column of what is said lines up with a reachable database's.
-    assert line.startswith(f"{which} database  {empty.describe()}: NOT READY: "), line
+    part = f"{which} database"
+    assert line.startswith(f"{part:<17} {empty.describe()}: NOT READY: "), line
     assert (
         problems(run)[0] == f"{which} database {empty.describe()}: its schema is not this release's"
     )
