@@ -14,12 +14,13 @@ with a header that is no string and take it again at once, for ever.
 `hand_back` undoes it, with every instance of the service stopped (and the
 reference's, while it runs): the reference's handler queues bound to `events` again,
 `financing_events` deleted (and with it every binding of the service's), the deferred
-deliveries and every message of the reference's queues sent again to their queue with
-string headers only (the broker's dead-lettering records left out), in order, and the
-service's queues and exchanges deleted, but `financing_dead_letters`, which is kept
-with what it holds for the operator. The reference projector's `events_query` is
-declared and bound again, as the reference declares it, so that it misses nothing
-published before the reference's projector starts.
+deliveries sent back to their queues and the messages of the reference's queues that
+its consumers refuse sent again with string headers only (the broker's dead-lettering
+records left out), the others left in their places, and the service's queues and
+exchanges deleted, but `financing_dead_letters`, which is kept with what it holds for
+the operator. The reference projector's `events_query` is declared and bound again,
+as the reference declares it, so that it misses nothing published before the
+reference's projector starts.
 """
 
 from __future__ import annotations
@@ -130,10 +131,12 @@ async def _refuse_if_consumed(broker: Broker) -> None:
 
 
 async def _sent_again(broker: Broker, done: HandedBack) -> None:
-    """The deferred deliveries sent back to their queues, and every message of the
-    reference's queues to its own, with string headers only, in order. Published on a
-    confirming channel of its own: the service's publisher would declare the topology
-    this takes away."""
+    """The deferred deliveries sent back to their queues; and each message of the
+    reference's queues that the reference's consumers refuse (a header that is no string:
+    the broker's records of a dead-lettering) sent again to its queue with string headers
+    only, the others left where they are (fetched unacked, they go back to their places
+    when the channel closes). Published on a confirming channel of its own: the service's
+    publisher would declare the topology this takes away."""
     channel = await broker.channel(publisher_confirms=True)
     try:
         moved = 0
@@ -145,20 +148,28 @@ async def _sent_again(broker: Broker, done: HandedBack) -> None:
             f"{moved} deferred message(s) sent back to their queues, to be handled by"
             " the reference at once (it does not wait for an aggregate)"
         )
-        resent, cleaned = 0, 0
+        cleaned = 0
         for name in (*REFERENCE_COMMAND_QUEUES, *REFERENCE_EVENT_QUEUES):
             async with _taken(broker, name) as messages:
                 async for message in messages:
-                    cleaned += any(key in BROKER_HEADERS for key in message.headers or {})
-                    await finish_on_cancel(_moved(channel, message, name))
-                    resent += 1
+                    if _refused_by_the_reference(message):
+                        await finish_on_cancel(_moved(channel, message, name))
+                        cleaned += 1
         done.lines.append(
-            f"{resent} message(s) of the reference's queues sent again to their queue, in"
-            f" order, with string headers only ({cleaned} carried the broker's records of"
-            " a dead-lettering, which the reference's consumers refuse)"
+            f"{cleaned} message(s) of the reference's queues with a header that is no string"
+            " (the broker's records of a dead-lettering), which the reference's consumers"
+            " refuse, sent again to their queue with string headers only; the others left"
+            " where they are"
         )
     finally:
         await close_channel(channel)
+
+
+def _refused_by_the_reference(message: AbstractIncomingMessage) -> bool:
+    return any(
+        key in BROKER_HEADERS or not isinstance(value, str)
+        for key, value in (message.headers or {}).items()
+    )
 
 
 @contextlib.asynccontextmanager

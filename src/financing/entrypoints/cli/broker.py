@@ -3,8 +3,9 @@
 Run with every instance of the service stopped, and the reference's processes too,
 to go back to the reference on a broker it used. Binds the reference's handler queues
 (`events_<Event>`) to `events` again; deletes `financing_events`, and every binding of
-the service's with it; sends the deferred deliveries back to their queues, and every
-message of the reference's queues again to its own with string headers only, in order;
+the service's with it; sends the deferred deliveries back to their queues, and the
+messages of the reference's queues its consumers refuse (a header that is no string,
+the broker's record of a dead-lettering) again with string headers only;
 deletes `events_financing_projector`, `financing_unrouted` and `financing_deferred`;
 keeps `financing_dead_letters`; declares the reference projector's `events_query`
 again. When: docs/deployment.md, "Handing the broker back to the reference". Exit
