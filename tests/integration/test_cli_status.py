@@ -223,6 +223,23 @@ async def test_a_database_without_the_schema_is_reported_as_not_ready(
     assert "Traceback" not in run.stderr
 
 
+async def test_a_database_the_service_would_not_start_on_is_reported_as_not_ready(
+    bare: Bare,
+) -> None:
+    """Regression: a schema named after the service's role, made after its tables (a
+    DBA's per-user schema, which a default search_path puts first), stops `serve` (it
+    would create a new event store there), while `status` said both databases were
+    reachable and gave no cause."""
+    await bare.events.execute(f'CREATE SCHEMA "{infra.PG_USER}"')
+
+    run = await run_cli(bare.env, "status")
+
+    assert run.exit_code == 1, run.describe()
+    [line] = [line for line in run.stdout.splitlines() if line.startswith("command database ")]
+    assert ": NOT READY: " in line and "search_path" in line, line
+    assert "the service would not start on it (search_path)" in problems(run)[0]
+
+
 async def test_a_broker_that_never_answers_makes_the_deployment_unhealthy_within_the_timeout(
     bare: Bare,
 ) -> None:

@@ -540,14 +540,6 @@ async def test_the_commit_listener_listens_again_when_its_session_goes_silent_fo
         await relay.close()
 
 
-async def lock_holders(pool: asyncpg.Pool) -> list[int]:
-    rows = await pool.fetch(
-        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
-        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-    )
-    return [row["pid"] for row in rows]
-
-
 async def waiting_for_lock(pool: asyncpg.Pool, holder: int) -> bool:
     """Whether a backend other than the holder has tried to take the lock."""
     found: bool = await pool.fetchval(
@@ -564,22 +556,22 @@ async def test_a_second_relayer_waits_for_the_lock_until_the_first_releases_it(
     first, second = PostgresRelayerLock(database), PostgresRelayerLock(database, poll_interval=0.02)
     await first.acquire()
     try:
-        [holder] = await lock_holders(pool)
+        [holder] = await infra.advisory_lock_holders(pool)
         waiting = asyncio.create_task(second.acquire())
         await wait_until(lambda: waiting_for_lock(pool, holder), what="second relayer trying")
 
         done, _ = await asyncio.wait({waiting}, timeout=0.2)  # several polls, all refused
         assert not done
-        assert await lock_holders(pool) == [holder]
+        assert await infra.advisory_lock_holders(pool) == [holder]
 
         await first.release()
         await asyncio.wait_for(waiting, timeout=5)
-        assert len(await lock_holders(pool)) == 1
-        assert await lock_holders(pool) != [holder]
+        assert len(await infra.advisory_lock_holders(pool)) == 1
+        assert await infra.advisory_lock_holders(pool) != [holder]
     finally:
         await first.release()
         await second.release()
-    assert await lock_holders(pool) == []
+    assert await infra.advisory_lock_holders(pool) == []
 
 
 async def polling_backends(pool: asyncpg.Pool, holder: int) -> set[int]:
@@ -603,7 +595,7 @@ async def test_a_standby_whose_session_ended_while_it_waited_takes_a_new_one_not
     standby = PostgresRelayerLock(database, poll_interval=0.05, lease=0.5)
     await leader.acquire()
     try:
-        [holder] = await lock_holders(pool)
+        [holder] = await infra.advisory_lock_holders(pool)
         waiting = asyncio.create_task(standby.acquire())
         await wait_until(lambda: polling_backends(pool, holder), what="the standby polling")
         [first] = await polling_backends(pool, holder)
@@ -631,7 +623,7 @@ async def test_a_relayer_learns_when_its_lock_connection_is_lost(
     lock, successor = PostgresRelayerLock(database), PostgresRelayerLock(database)
     await lock.acquire()
     try:
-        [holder] = await lock_holders(pool)
+        [holder] = await infra.advisory_lock_holders(pool)
         lost = asyncio.create_task(lock.lost())
         await pool.execute("SELECT pg_terminate_backend($1)", holder)
 
@@ -658,7 +650,7 @@ async def test_releasing_the_lock_ends_the_wait_for_its_loss(
         await asyncio.wait_for(lost, timeout=2)
     finally:
         await lock.release()
-    assert await lock_holders(pool) == []
+    assert await infra.advisory_lock_holders(pool) == []
 
 
 async def test_taking_the_lock_of_an_unreachable_database_is_unavailable(
@@ -683,7 +675,7 @@ async def test_a_relayer_cancelled_while_waiting_for_the_lock_leaves_no_connecti
     )
     await holder_lock.acquire()
     try:
-        [holder] = await lock_holders(pool)
+        [holder] = await infra.advisory_lock_holders(pool)
         waiting = asyncio.create_task(waiter.acquire())
         await wait_until(lambda: waiting_for_lock(pool, holder), what="second relayer trying")
 

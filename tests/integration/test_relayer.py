@@ -583,14 +583,6 @@ class SkippingOutbox:
         await self.real.mark_relayed(events)
 
 
-async def lock_holders(pool: asyncpg.Pool) -> list[int]:
-    rows = await pool.fetch(
-        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
-        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-    )
-    return [row["pid"] for row in rows]
-
-
 async def test_a_broken_invariant_stops_the_relayer_loudly_instead_of_retrying(
     database: Database, pool: asyncpg.Pool, publisher: Publisher, observed: AbstractQueue
 ) -> None:
@@ -609,7 +601,7 @@ async def test_a_broken_invariant_stops_the_relayer_loudly_instead_of_retrying(
         await wake_up.close()
 
     assert len(await PostgresOutbox(pool).pending(10)) == 4  # the checkpoint did not move
-    assert await lock_holders(pool) == []  # and it gave its lock up on the way out
+    assert await infra.advisory_lock_holders(pool) == []  # and it gave its lock up on the way out
 
 
 class BrokenWatchLock(PostgresRelayerLock):
@@ -632,7 +624,7 @@ async def test_a_bug_in_watching_the_lock_stops_the_relayer_loudly_instead_of_re
     finally:
         await wake_up.close()
 
-    assert await lock_holders(pool) == []  # it gave its lock up on the way out
+    assert await infra.advisory_lock_holders(pool) == []  # it gave its lock up on the way out
 
 
 async def checkpoint_at_the_last_event(observer: asyncpg.Connection) -> bool:
@@ -765,3 +757,53 @@ async def test_events_a_broker_lost_after_confirming_them_are_relayed_again_once
     assert ahead.exit_code == 0, ahead.describe()
     assert ahead.stdout.startswith("nothing to relay again"), ahead.describe()
     assert len(await PostgresOutbox(pool).pending(100)) == 8
+
+
+async def test_a_standby_tells_another_deployments_relayer_from_its_own(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a second deployment of the service in another schema of the same
+    command database (the relayer lock is the database's) never relayed, said healthy,
+    and its standing relayer said "another instance relays", as if all were well."""
+    monkeypatch.setattr(outbox_module, "STANDBY_SAID", 0.1)
+    admin = await connect(database)
+    for schema in ("first", "second"):
+        await admin.execute(f"CREATE SCHEMA {schema}")
+    await admin.close()
+    kwargs = dict(database.connect_kwargs)
+
+    def in_schema(schema: str) -> Database:
+        return Database({**kwargs, "server_settings": {"search_path": schema}}, 2)
+
+    relaying = PostgresRelayerLock(in_schema("first"), poll_interval=0.05)
+    beside, elsewhere = (
+        PostgresRelayerLock(in_schema(schema), poll_interval=0.05) for schema in ("first", "second")
+    )
+    await relaying.acquire()
+    try:
+        with capture_logs() as logs:
+            standing = [asyncio.create_task(lock.acquire()) for lock in (beside, elsewhere)]
+
+            async def both_said() -> bool:
+                return len([line for line in logs if "standing by" in line["event"]]) == 2
+
+            await wait_until(both_said, timeout=10, what="both standbys said who relays")
+        pool = await create_pool(in_schema("second"), COMMAND_DATABASE)
+        try:
+            await migrate(pool, "commands")
+            await append_investor_story(PostgresEventStore(pool), uuid4())
+            backlog = await PostgresOutbox(pool).backlog()
+        finally:
+            await pool.close()
+    finally:
+        for task in standing:
+            task.cancel()
+        await asyncio.gather(*standing, return_exceptions=True)
+        for lock in (relaying, beside, elsewhere):
+            await lock.release()
+    said = {line["log_level"]: line["event"] for line in logs if "standing by" in line["event"]}
+    assert said["info"] == "relayer standing by: another instance relays"
+    assert said["error"].startswith(
+        "relayer standing by: the relayer of another deployment of the service"
+    )
+    assert backlog.relayer_elsewhere and backlog.waiting

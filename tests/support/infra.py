@@ -114,6 +114,16 @@ async def refusing_connections(db: Database) -> AsyncIterator[None]:
         await conn.close()
 
 
+async def advisory_lock_holders(pool: asyncpg.Pool) -> list[int]:
+    """The sessions holding advisory locks of the pool's database (a relayer holds two:
+    the relayer lock and its schema's), each once."""
+    rows = await pool.fetch(
+        "SELECT DISTINCT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+    return [row["pid"] for row in rows]
+
+
 @contextlib.asynccontextmanager
 async def fresh_database(prefix: str) -> AsyncIterator[Database]:
     """A database of its own, dropped afterwards."""

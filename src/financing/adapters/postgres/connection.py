@@ -21,6 +21,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from financing.application.errors import (
     ConcurrencyConflict,
+    PoisonMessage,
     Refused,
     Unavailable,
     said_of,
@@ -100,9 +101,22 @@ def describe(error: BaseException) -> str:
     return said
 
 
+# Text the database's encoding cannot hold (a LATIN1 database, a `€` or an emoji in a
+# message id, a correlation id or a foreign event's body): what carries it is poison.
+_UNHELD_TEXT = (
+    asyncpg.exceptions.UntranslatableCharacterError,
+    asyncpg.exceptions.CharacterNotInRepertoireError,
+)
+
+
 def _translate(error: BaseException, dependency: str) -> None:
     """Raise what a driver error raised while using a connection means to the
-    application (ConcurrencyConflict, Unavailable); return for a bug, left as it is."""
+    application (ConcurrencyConflict, Unavailable, PoisonMessage); return for a bug,
+    left as it is."""
+    if isinstance(error, _UNHELD_TEXT):
+        raise PoisonMessage(
+            f"{dependency} cannot hold a character of it, in its encoding: {describe(error)}"
+        ) from error
     if isinstance(error, RACE_ERRORS):
         raise ConcurrencyConflict(f"{dependency}: {describe(error)}") from error
     if isinstance(error, Exception) and is_unavailable(error):

@@ -10,6 +10,7 @@ import asyncpg
 
 from financing.adapters.postgres.connection import COMMAND_DATABASE, acquired
 from financing.adapters.postgres.event_store import EVENT_COLUMNS, stored_event
+from financing.application.errors import PoisonMessage
 from financing.application.pipeline import OutcomeKind
 from financing.application.ports import REFUSED, StoredEvent
 from financing.application.trace import Fate, Handling
@@ -33,13 +34,18 @@ _FATES = {
 async def correlated(
     pool: asyncpg.Pool, correlation_id: str
 ) -> tuple[list[StoredEvent], list[Handling]]:
-    """The events of the correlation in commit order, and the processed messages' records."""
-    async with (
-        acquired(pool, COMMAND_DATABASE) as conn,
-        conn.transaction(isolation="repeatable_read", readonly=True),
-    ):
-        events = await conn.fetch(_EVENTS, correlation_id)
-        processed = await conn.fetch(_PROCESSED, correlation_id)
+    """The events of the correlation in commit order, and the processed messages' records;
+    none for a correlation id the database's encoding cannot hold, which nothing it holds
+    carries (a message carrying it was poison: its dead letter may)."""
+    try:
+        async with (
+            acquired(pool, COMMAND_DATABASE) as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            events = await conn.fetch(_EVENTS, correlation_id)
+            processed = await conn.fetch(_PROCESSED, correlation_id)
+    except PoisonMessage:
+        return [], []
     return [stored_event(row) for row in events], [_handling(row) for row in processed]
 
 

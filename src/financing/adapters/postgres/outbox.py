@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
@@ -26,6 +27,7 @@ from financing.adapters.postgres.connection import (
     COMMAND_DATABASE,
     SERVICE_APPLICATION,
     SESSION_COLUMNS,
+    Connection,
     acquired,
     advisory_lock_holder,
     close_connection,
@@ -138,6 +140,8 @@ class RelayBacklog:
     oldest_age: float  # seconds since the oldest of them was recorded; 0 when none
     held_back_by: OtherSession | None = None  # `PostgresOutbox.held_back_by`
     relayer: OtherSession | None = None  # the relayer lock's holder, when events wait
+    # Whether that holder relays another schema's event store (`relays_elsewhere`).
+    relayer_elsewhere: bool = False
 
 
 # The session whose transaction is the relaying horizon (RELAYING_HORIZON), when an event
@@ -239,8 +243,14 @@ class PostgresOutbox:
             waiting=waiting,
             oldest_age=oldest_age,
             held_back_by=await self.held_back_by() if waiting else None,
-            relayer=await self.relayer() if waiting else None,
+            **(await self._relayer() if waiting else {}),
         )
+
+    async def _relayer(self) -> dict[str, Any]:
+        async with acquired(self._pool, COMMAND_DATABASE) as conn:
+            holder = await advisory_lock_holder(conn, RELAYER_LOCK)
+            elsewhere = holder is not None and await relays_elsewhere(conn, holder)
+        return {"relayer": holder, "relayer_elsewhere": elsewhere}
 
     async def relayer(self) -> OtherSession | None:
         """The session holding the relayer lock: the relayer, if one runs."""
@@ -343,11 +353,43 @@ LOCK_LEASE = 5.0
 STANDBY_SAID = 10.0
 
 
-def _tell_holder(holder: OtherSession) -> None:
+# The advisory lock an elected relayer takes besides the relayer lock, on the same
+# session, for the schema of the event store it relays. The relayer lock is the
+# database's: two deployments of the service in two schemas of one database share it,
+# and only one of them relays. A relayer standing by tells the other deployment's
+# relayer from its own by this lock (a relayer before 0.5.5 takes none: taken for its
+# own, as it was).
+_SCHEMA_LOCK = "hashtextextended('financing relayer of schema ' || current_schema(), 0)"
+_RELAYS_ELSEWHERE = (
+    "SELECT EXISTS (SELECT FROM pg_locks AS l WHERE l.locktype = 'advisory' AND l.granted"
+    " AND l.pid = $1 AND l.objsubid = 1 AND l.database = ("
+    "SELECT oid FROM pg_database WHERE datname = current_database())"
+    f" AND ((l.classid::bigint << 32) | l.objid::bigint) NOT IN ($2, {_SCHEMA_LOCK}))"
+)
+
+
+async def relays_elsewhere(conn: Connection, holder: OtherSession) -> bool:
+    """Whether `holder`, holding the relayer lock, relays the event store of another
+    schema of this database than `conn`'s: another deployment's relayer."""
+    return bool(await conn.fetchval(_RELAYS_ELSEWHERE, holder.pid, RELAYER_LOCK))
+
+
+# What is said of another deployment's relayer holding the relayer lock.
+ANOTHER_DEPLOYMENT = (
+    "the relayer of another deployment of the service, on another schema of this database,"
+    " holds the relayer lock, which is the database's: no event of this event store is"
+    " relayed while it runs; give each deployment a database of its own"
+)
+
+
+def _tell_holder(holder: OtherSession, *, elsewhere: bool) -> None:
     """Who holds the relayer lock this instance stands by for: another instance's
-    relayer; or a session that is no relayer of the service (an operator's, a foreign
-    application's), which keeps every event from being relayed, and a warning says so."""
-    if holder.application == SERVICE_APPLICATION:
+    relayer; another deployment's, or a session that is no relayer of the service (an
+    operator's, a foreign application's), either of which keeps every event from being
+    relayed, and an error or a warning says so."""
+    if elsewhere:
+        log.error(f"relayer standing by: {ANOTHER_DEPLOYMENT}", holder=holder.describe())
+    elif holder.application == SERVICE_APPLICATION:
         log.info("relayer standing by: another instance relays", holder=holder.describe())
     else:
         log.warning(
@@ -396,7 +438,7 @@ class PostgresRelayerLock:
         Taken for an outage, it kept a standby's `/health` at 503 for 12 s after a
         freeze, over a database that answered all along."""
         look_at = time.monotonic() + STANDBY_SAID  # when to look who holds the lock
-        told: int | None = None  # the holder said last, by pid
+        told: tuple[int, bool] | None = None  # the holder said last: pid, elsewhere
         try:
             while True:
                 kept = self._conn is not None and not self._conn.is_closed()
@@ -404,12 +446,16 @@ class PostgresRelayerLock:
                 try:
                     with translated(COMMAND_DATABASE):
                         taken = await conn.fetchval("SELECT pg_try_advisory_lock($1)", RELAYER_LOCK)
-                        if not taken and time.monotonic() >= look_at:
+                        if taken:
+                            await conn.execute(f"SELECT pg_try_advisory_lock({_SCHEMA_LOCK})")
+                        elif time.monotonic() >= look_at:
                             look_at = time.monotonic() + STANDBY_SAID
                             holder = await advisory_lock_holder(conn, RELAYER_LOCK)
-                            if holder is not None and holder.pid != told:
-                                _tell_holder(holder)
-                                told = holder.pid
+                            if holder is not None:
+                                elsewhere = await relays_elsewhere(conn, holder)
+                                if (holder.pid, elsewhere) != told:
+                                    _tell_holder(holder, elsewhere=elsewhere)
+                                    told = holder.pid, elsewhere
                 except Unavailable:
                     if not kept:
                         raise

@@ -86,7 +86,16 @@ _MADE = {
 
 
 async def require_current(pool_or_conn: asyncpg.Pool | Connection, name: str) -> None:
-    """SchemaBehind (or SchemaAhead) unless the database's `name` schema is this release's."""
+    """SchemaBehind (or SchemaAhead) unless the database's `name` schema is this release's;
+    SchemaElsewhere where `financing serve` would refuse it so (a schema made for the
+    role after the service's tables, which a default `search_path` puts first): an
+    operator's command that went on would say all is well of a deployment that cannot
+    start."""
+    if isinstance(pool_or_conn, asyncpg.Pool):
+        async with pool_or_conn.acquire() as conn:
+            await _refuse_misplaced(conn, name)
+    else:
+        await _refuse_misplaced(pool_or_conn, name)
     behind = await missing(pool_or_conn, name)
     if behind:
         raise SchemaBehind(name, behind)
@@ -246,7 +255,8 @@ async def _refuse_misplaced(conn: Connection, name: str) -> None:
             f"its search_path ({path}) would create the service's tables in schema {here!r},"
             f" but schema {', '.join(map(repr, holders))} holds them: set search_path (for"
             " the role, or `options=-csearch_path=...` in the connection string) to that"
-            " schema first, or move the tables",
+            " schema first, or move the tables (another deployment of the service needs a"
+            " database of its own: the relayer's lock is the database's)",
         )
 
 

@@ -20,8 +20,8 @@ from financing.adapters.postgres.connection import (
     QUERY_DATABASE,
     SERVICE_APPLICATION,
 )
-from financing.adapters.postgres.outbox import PostgresOutbox, RelayBacklog
-from financing.adapters.postgres.schema import SchemaAhead, SchemaBehind
+from financing.adapters.postgres.outbox import ANOTHER_DEPLOYMENT, PostgresOutbox, RelayBacklog
+from financing.adapters.postgres.schema import SchemaAhead, SchemaBehind, SchemaElsewhere
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import connected, describe_url
 from financing.adapters.rabbitmq.dead_letters import being_read
@@ -107,6 +107,9 @@ async def _inquire(
     except (SchemaBehind, SchemaAhead) as error:
         findings.report(part, f"{where}: NOT READY: {error}")
         findings.problems.append(f"{what}: its schema is not this release's")
+    except SchemaElsewhere as error:
+        findings.report(part, f"{where}: NOT READY: {error}")
+        findings.problems.append(f"{what}: the service would not start on it (search_path)")
     except (Unavailable, Refused) as error:
         findings.report(part, f"{where}: UNREACHABLE: {error}")
         findings.problems.append(f"{what} is unreachable")
@@ -136,6 +139,8 @@ def _why_waiting(backlog: RelayBacklog) -> str:
         return f", behind the open transaction of {backlog.held_back_by.describe()}"
     if backlog.relayer is None:
         return ", and no session holds the relayer lock: no instance runs the relayer"
+    if backlog.relayer_elsewhere:
+        return f": {ANOTHER_DEPLOYMENT} ({backlog.relayer.describe()})"
     if backlog.relayer.application != SERVICE_APPLICATION:
         return f", and the relayer lock is held by {backlog.relayer.describe()}, no relayer"
     return ""
