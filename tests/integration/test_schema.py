@@ -21,6 +21,7 @@ from financing.adapters.postgres.schema import (
     migrate,
     missing,
     parse_sections,
+    require_current,
     require_tables,
     sections,
 )
@@ -355,6 +356,9 @@ async def test_the_reference_event_store_is_refused_and_a_schema_of_its_own_besi
         await conn.execute(REFERENCE_EVENT_STORE)
         with pytest.raises(SchemaElsewhere, match=r"events, snapshots are the Go reference"):
             await migrate(conn, "commands")
+        # An operator's command says the same, where it advised starting `serve` on it.
+        with pytest.raises(SchemaElsewhere, match=r"events, snapshots are the Go reference"):
+            await require_current(conn, "commands")
         assert await tables(conn) == ["event_streams", "events", "snapshots"]
         await conn.execute("CREATE SCHEMA financing")
     finally:

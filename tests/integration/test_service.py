@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -26,7 +27,7 @@ from structlog.testing import capture_logs
 from financing.adapters.postgres.connection import create_pool
 from financing.adapters.postgres.schema import migrate, sections
 from financing.adapters.rabbitmq.connection import CONNECT_TIMEOUT
-from financing.config import Database, Settings
+from financing.config import Database, Settings, parse_database
 from financing.entrypoints import service
 from financing.entrypoints.bootstrap import COMPONENTS, StartupError, bootstrap
 from financing.entrypoints.supervisor import supervise
@@ -281,6 +282,27 @@ async def test_a_missing_database_fails_start_up_at_once(amqp_url: str) -> None:
     assert code == 2
 
 
+async def test_at_logger_level_fatal_a_failed_start_up_still_says_why(amqp_url: str) -> None:
+    """Regression: with LOGGER_LEVEL=FATAL (the reference's level of what stops it), a
+    start-up that failed exited 2 without a word: its line was an error's."""
+    missing = infra.database(infra.unique_name("fin_missing")).dsn()
+    env = {
+        **os.environ,
+        "LOGGER_LEVEL": "FATAL",
+        "COMMAND_DB_CONNECTION_STRING": missing,
+        "QUERY_DB_CONNECTION_STRING": missing,
+        "AMQP_ADDRESS": amqp_url,
+        "COMMAND_SERVER_ADDRESS": "127.0.0.1:0",
+        "QUERY_SERVER_ADDRESS": "127.0.0.1:0",
+        "METRICS_ADDRESS": "",
+    }
+    run = await run_cli(env, "serve")
+    assert run.exit_code == 2, run.describe()
+    [line] = [json.loads(line) for line in run.stderr.splitlines()]
+    assert (line["event"], line["level"]) == ("start-up failed", "critical"), line
+    assert "does not exist" in line["error"]
+
+
 async def test_a_connection_option_the_driver_refuses_fails_start_up_at_once(
     databases: tuple[Database, Database], amqp_url: str
 ) -> None:
@@ -293,6 +315,24 @@ async def test_a_connection_option_the_driver_refuses_fails_start_up_at_once(
     async with asyncio.timeout(10):
         code = await service.serve(settings, startup_timeout=30.0)
     assert code == 2
+
+
+@pytest.mark.parametrize("setting", ["nosuch=1", "statement_timeout=abc"])
+async def test_a_setting_of_options_the_server_refuses_fails_start_up_at_once(
+    databases: tuple[Database, Database], amqp_url: str, setting: str
+) -> None:
+    """Regression: a setting the server does not have, or whose value it refuses, given by
+    the connection string's `options`, was taken for an outage and retried for the whole
+    start-up budget: waiting cannot cure it."""
+    commands, queries = databases
+    refused = parse_database(f"{commands.dsn()}?options=-c{setting}")
+    settings = _settings((refused, queries), amqp_url)
+    with capture_logs() as logs:
+        async with asyncio.timeout(10):
+            code = await service.serve(settings, startup_timeout=30.0)
+    assert code == 2
+    [failed] = [line for line in logs if line["event"] == "start-up failed"]
+    assert "refused the service" in failed["error"], failed
 
 
 async def test_a_database_a_newer_release_migrated_fails_start_up_at_once(

@@ -266,3 +266,33 @@ async def test_the_reference_projectors_queue_is_retired_once_its_reader_is_gone
         assert queues[topology.REFERENCE_PROJECTOR_QUEUE]["messages_ready"] == 1
     finally:
         await reference.close()
+
+
+async def test_the_reference_projectors_queue_read_at_start_is_retired_once_its_reader_left(
+    declared: tuple[rabbitmq.Vhost, Broker, Publisher],
+) -> None:
+    """Regression: a reference projector reading `events_query` when the service started,
+    and gone before the first declaration while it ran (30 s), left the queue bound for
+    good: the watch took it for retired at start-up."""
+    vhost, broker, publisher = declared
+    reference = await aio_pika.connect(vhost.url)
+    try:
+        channel = await reference.channel()
+        events = await channel.get_exchange(topology.EVENTS_EXCHANGE, ensure=False)
+        queue = await channel.declare_queue(topology.REFERENCE_PROJECTOR_QUEUE, durable=True)
+        await queue.bind(events, routing_key="")
+
+        async def projected(message: AbstractIncomingMessage) -> None:
+            await message.ack()
+
+        tag = await queue.consume(projected)
+        watch = TopologyWatch(publisher, broker)
+        watch.started(reference_queue_read=await topology.declare_on(broker))
+        await queue.cancel(tag)  # gone before the watch's first declaration
+        await events.publish(aio_pika.Message(b"{}", headers={"name": PLACED}), "")
+        await watch.declare_once()
+        await watch.declare_once()
+        bound = (topology.EVENTS_EXCHANGE, topology.REFERENCE_PROJECTOR_QUEUE, "", "")
+        assert bound not in await rabbitmq.list_bindings_with_arguments(vhost.name)
+    finally:
+        await reference.close()

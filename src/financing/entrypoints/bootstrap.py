@@ -221,13 +221,18 @@ async def bootstrap(
             clock = DatabaseClock(query_pool, QUERY_DATABASE)
             service.workers["database-clock"] = clock.run
             wiring.projector(PostgresReadModels(query_pool), clock.now)
+        watch: TopologyWatch | None = None
         if selected & CONSUMES:
             # Where queues are consumed, the topology is kept as declared.
             watch = TopologyWatch(publisher, broker)
             service.workers["topology"] = watch.run
             if selected & CONSUMES_EVENTS:
                 wiring.unrouted(watch)
-        await started("declaring the broker topology", wiring.declare, outages, deadline)
+        reference_queue_read = await started(
+            "declaring the broker topology", wiring.declare, outages, deadline
+        )
+        if watch is not None:
+            watch.started(reference_queue_read=reference_queue_read)
         if "commands-api" in selected:
             commands = CommandsService(AmqpCommandSender(publisher), outages)
             server = _grpc_server(
@@ -392,8 +397,9 @@ class _Wiring:
         self._service.workers[name] = run
         self._service.consuming.append(consumer.consuming)
 
-    async def declare(self) -> None:
-        await topology.declare_on(self._broker)
+    async def declare(self) -> bool:
+        """The topology declared; whether someone reads the reference's projector queue."""
+        return await topology.declare_on(self._broker)
 
 
 async def started(

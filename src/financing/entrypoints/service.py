@@ -78,7 +78,7 @@ async def serve(
                 return 0
             return await supervise(starting.result(), stop)
     except StartupError as error:
-        log.error("start-up failed", error=str(error))
+        log.critical("start-up failed", error=str(error))  # it stops the service
         return 2
     finally:
         for sig in (*stopping_on, signal.SIGUSR1):

@@ -83,7 +83,7 @@ def _bound(listener: Listener) -> str:
 def _report(crashed: set[asyncio.Task[Any]]) -> int:
     for task in crashed:
         error = task.exception() if not task.cancelled() else None
-        log.error(
+        log.critical(  # it stops the service: said at every LOGGER_LEVEL
             "component stopped, shutting the service down",
             component=task.get_name(),
             error=repr(error),

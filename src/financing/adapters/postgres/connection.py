@@ -64,6 +64,11 @@ _REFUSALS: tuple[type[Exception], ...] = (
     asyncpg.InvalidAuthorizationSpecificationError,  # unknown role, wrong password
     # The connection string's own options (an sslmode the driver does not know).
     asyncpg.exceptions.ClientConfigurationError,
+    # A setting its `options` gives that the server does not have, or refuses the value
+    # of, or the role may not set.
+    asyncpg.exceptions.UndefinedObjectError,
+    asyncpg.exceptions.InvalidParameterValueError,
+    asyncpg.exceptions.InsufficientPrivilegeError,
 )
 
 

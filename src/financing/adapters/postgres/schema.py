@@ -88,15 +88,22 @@ _MADE = {
 async def require_current(pool_or_conn: asyncpg.Pool | Connection, name: str) -> None:
     """SchemaBehind (or SchemaAhead) unless the database's `name` schema is this release's;
     SchemaElsewhere where `financing serve` would refuse it so (a schema made for the
-    role after the service's tables, which a default `search_path` puts first): an
+    role after the service's tables, which a default `search_path` puts first; another
+    application's tables where the service's would go, the reference's event store): an
     operator's command that went on would say all is well of a deployment that cannot
-    start."""
+    start, or advise starting one that refuses it."""
     if isinstance(pool_or_conn, asyncpg.Pool):
         async with pool_or_conn.acquire() as conn:
-            await _refuse_misplaced(conn, name)
+            await _require_current(conn, name)
     else:
-        await _refuse_misplaced(pool_or_conn, name)
-    behind = await missing(pool_or_conn, name)
+        await _require_current(pool_or_conn, name)
+
+
+async def _require_current(conn: Connection, name: str) -> None:
+    await _refuse_misplaced(conn, name)
+    behind = await missing(conn, name)
+    if len(behind) == len(sections(name)):
+        await _refuse_occupied(conn, name)  # another application's tables, none of ours
     if behind:
         raise SchemaBehind(name, behind)
 

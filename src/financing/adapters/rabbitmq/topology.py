@@ -330,43 +330,45 @@ def said_restored(queue: str) -> None:
     )
 
 
-async def declare_on(broker: Broker) -> None:
+async def declare_on(broker: Broker) -> bool:
     """`declare` on a channel of its own, with the broker's queue type; then the
-    reference's projector queue retired."""
+    reference's projector queue retired. Whether someone reads that queue, left alone."""
     channel = await broker.channel()
     try:
         await declare(channel, broker.queue_type)
     finally:
         await close_channel(channel)
-    await retire_reference_projector(broker)
+    return await retire_reference_projector(broker)
 
 
-async def retire_reference_projector(broker: Broker) -> None:
+async def retire_reference_projector(broker: Broker) -> bool:
     """`retire_reference_projector_queue`, a clean-up the service does not need: what
-    stops it (the broker user's rights, an outage) is said, and nothing else."""
+    stops it (the broker user's rights, an outage) is said, and nothing else (and the
+    queue is not said to be read)."""
     try:
-        await retire_reference_projector_queue(broker)
+        return await retire_reference_projector_queue(broker)
     except (Unavailable, Refused) as error:
         log.warning(
             "the reference's projector queue could not be retired",
             queue=REFERENCE_PROJECTOR_QUEUE,
             reason=str(error),
         )
+        return False
 
 
-async def retire_reference_projector_queue(broker: Broker) -> None:
+async def retire_reference_projector_queue(broker: Broker) -> bool:
     """`events_query`, left by the reference and read by no one, unbound from `events`
     and deleted if empty; what it still holds is the operator's to inspect (a warning
-    says how much). A queue someone reads is left alone: a reference projector still
-    running beside this service must be running when this service starts (one
-    reconnecting at that moment is taken for gone)."""
+    says how much). A queue someone reads is left alone, and True says so: a reference
+    projector still running beside this service must be running when this service
+    starts (one reconnecting at that moment is taken for gone)."""
     name = REFERENCE_PROJECTOR_QUEUE
     async with existing_queue(broker, name) as queue:
         if queue is None:
-            return
+            return False
         declared = queue.declaration_result
         if declared.consumer_count:
-            return
+            return True
         waiting = declared.message_count or 0
         with translated():
             await queue.unbind(EVENTS_EXCHANGE, routing_key="")
@@ -374,17 +376,18 @@ async def retire_reference_projector_queue(broker: Broker) -> None:
                 try:
                     await queue.delete(if_unused=True, if_empty=True)
                 except aiormq.exceptions.ChannelPreconditionFailed:
-                    return  # read or fed since: left as it is
+                    return False  # read or fed since: left as it is, unbound
                 log.info(
                     "the reference's projector queue, empty and unread, is deleted", queue=name
                 )
-                return
+                return False
     log.warning(
         "the reference's projector queue is read by no one and no longer fed; delete it"
         f" once what it holds is of no use (rabbitmqctl delete_queue -p VHOST {name})",
         queue=name,
         messages=waiting,
     )
+    return False
 
 
 def unrouted(binding_missing: Callable[[], None]) -> Step:

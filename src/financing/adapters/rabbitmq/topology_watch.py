@@ -54,9 +54,14 @@ class TopologyWatch:
         self._interval = interval
         self._asked = asyncio.Event()
         # Declarations in a row that found `events_query` read by no one; and whether
-        # it was retired since it was last read (start-up retired one unread then).
+        # it was retired since it was last read (`started`).
         self._unread = 0
         self._retired = True
+
+    def started(self, *, reference_queue_read: bool) -> None:
+        """What start-up's declaration (`topology.declare_on`) found of `events_query`:
+        read (left alone, to be retired once its reader is gone), or retired (or none)."""
+        self._retired = not reference_queue_read
 
     def declare_soon(self) -> None:
         """Declare the topology now rather than at the next interval (a binding is missing)."""
@@ -92,5 +97,4 @@ class TopologyWatch:
         self._unread += 1
         if self._unread < 2 or self._retired:
             return
-        await retire_reference_projector(self._broker)
-        self._retired = True
+        self._retired = not await retire_reference_projector(self._broker)

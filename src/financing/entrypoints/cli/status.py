@@ -199,8 +199,8 @@ async def _broker(settings: Settings, findings: Findings) -> None:
             + (
                 ""
                 if reference.consumers
-                else " (no longer fed once the service found it unread: delete it once what"
-                " it holds is of no use)"
+                else " (read by no one: a running service unbinds it from `events` once it"
+                " found it so twice, 30 s apart; delete it once what it holds is of no use)"
             ),
         )
     rows = [
