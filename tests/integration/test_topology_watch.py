@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import suppress
 
 import aio_pika
 import pytest
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractQueue
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
@@ -219,15 +220,12 @@ async def test_a_deletion_met_by_many_publishes_and_the_watch_at_once_is_said_on
     assert (await rabbitmq.list_queues(vhost.name))[topology.DEFERRALS]["messages_ready"] == 8
 
 
-async def test_the_reference_projectors_queue_is_retired_once_its_reader_is_gone_for_good(
-    declared: tuple[rabbitmq.Vhost, Broker, Publisher],
-) -> None:
-    """Regression: a reference projector still reading `events_query` when the service
-    started, stopped after it (a swap that starts the new before stopping the old), left
-    the queue bound to `events` and read by no one: it took every event until the
-    service's next start, towards the broker's alarms. The watch retires it once two
-    declarations in a row found it unread, and says so once."""
-    vhost, broker, publisher = declared
+@contextlib.asynccontextmanager
+async def reference_projector(
+    vhost: rabbitmq.Vhost,
+) -> AsyncIterator[tuple[AbstractExchange, AbstractQueue, str]]:
+    """The reference's projector, reading `events_query` bound to `events` as it binds it:
+    the exchange, the queue and the consumer's tag."""
     reference = await aio_pika.connect(vhost.url)
     try:
         channel = await reference.channel()
@@ -238,7 +236,21 @@ async def test_the_reference_projectors_queue_is_retired_once_its_reader_is_gone
         async def projected(message: AbstractIncomingMessage) -> None:
             await message.ack()
 
-        tag = await queue.consume(projected)
+        yield events, queue, await queue.consume(projected)
+    finally:
+        await reference.close()
+
+
+async def test_the_reference_projectors_queue_is_retired_once_its_reader_is_gone_for_good(
+    declared: tuple[rabbitmq.Vhost, Broker, Publisher],
+) -> None:
+    """Regression: a reference projector still reading `events_query` when the service
+    started, stopped after it (a swap that starts the new before stopping the old), left
+    the queue bound to `events` and read by no one: it took every event until the
+    service's next start, towards the broker's alarms. The watch retires it once two
+    declarations in a row found it unread, and says so once."""
+    vhost, broker, publisher = declared
+    async with reference_projector(vhost) as (events, queue, tag):
         bound = (topology.EVENTS_EXCHANGE, topology.REFERENCE_PROJECTOR_QUEUE, "", "")
         watch = TopologyWatch(publisher, broker)
 
@@ -264,8 +276,6 @@ async def test_the_reference_projectors_queue_is_retired_once_its_reader_is_gone
         await events.publish(aio_pika.Message(b"{}", headers={"name": PLACED}), "")
         queues = await rabbitmq.list_queues(vhost.name)
         assert queues[topology.REFERENCE_PROJECTOR_QUEUE]["messages_ready"] == 1
-    finally:
-        await reference.close()
 
 
 async def test_the_reference_projectors_queue_read_at_start_is_retired_once_its_reader_left(
@@ -275,17 +285,7 @@ async def test_the_reference_projectors_queue_read_at_start_is_retired_once_its_
     and gone before the first declaration while it ran (30 s), left the queue bound for
     good: the watch took it for retired at start-up."""
     vhost, broker, publisher = declared
-    reference = await aio_pika.connect(vhost.url)
-    try:
-        channel = await reference.channel()
-        events = await channel.get_exchange(topology.EVENTS_EXCHANGE, ensure=False)
-        queue = await channel.declare_queue(topology.REFERENCE_PROJECTOR_QUEUE, durable=True)
-        await queue.bind(events, routing_key="")
-
-        async def projected(message: AbstractIncomingMessage) -> None:
-            await message.ack()
-
-        tag = await queue.consume(projected)
+    async with reference_projector(vhost) as (events, queue, tag):
         watch = TopologyWatch(publisher, broker)
         watch.started(reference_queue_read=await topology.declare_on(broker))
         await queue.cancel(tag)  # gone before the watch's first declaration
@@ -294,5 +294,3 @@ async def test_the_reference_projectors_queue_read_at_start_is_retired_once_its_
         await watch.declare_once()
         bound = (topology.EVENTS_EXCHANGE, topology.REFERENCE_PROJECTOR_QUEUE, "", "")
         assert bound not in await rabbitmq.list_bindings_with_arguments(vhost.name)
-    finally:
-        await reference.close()
