@@ -354,6 +354,8 @@ _LIBPQ_TO_ASYNCPG = {
     "options": "server_settings",
 }
 # A setting as `options` gives it: `-c name=value` (or `-cname=value`, `--name=value`).
+# What the server splits `options` at (C's isspace in the C locale).
+_OPTIONS_WHITESPACE = frozenset(" \t\n\v\f\r")
 _SETTING = re.compile(r"(?:-c|--)([A-Za-z_][A-Za-z0-9_.-]*)=(.*)", re.DOTALL)
 
 
@@ -680,20 +682,26 @@ def _typed(key: str, raw: str, *, shown: bool) -> Any:
 
 def _settings(raw: str, shown: bool) -> dict[str, str]:
     """The server settings of libpq's `options` (`-c search_path=app -c work_mem=64MB`),
-    sent when a session starts: words split at whitespace, a backslash taking the next
-    character as it is (as the server splits them), a name's '-' read as '_'."""
+    sent when a session starts, split into words as the server splits them
+    (`pg_split_opts`): at ASCII whitespace, a backslash taking the next character as it
+    is (one at the end taken for nothing); a name's '-' read as '_'."""
     words: list[str] = []
     word: list[str] = []
     escaped = False
-    for char in f"{raw} ":
-        if escaped or (char != "\\" and not char.isspace()):
+    for char in raw:
+        if escaped:
             word.append(char)
             escaped = False
         elif char == "\\":
             escaped = True
-        elif word:
-            words.append("".join(word))
-            word = []
+        elif char in _OPTIONS_WHITESPACE:
+            if word:
+                words.append("".join(word))
+                word = []
+        else:
+            word.append(char)
+    if word:
+        words.append("".join(word))
     settings: dict[str, str] = {}
     pending = iter(words)
     for each in pending:

@@ -453,7 +453,9 @@ async def test_a_standby_says_who_holds_the_relayer_lock_and_each_new_holder(
                 return len(said()) == count
 
             await wait_until(lambda: told(1), timeout=10, what="the leader told")
-            # The thief waits for the lock first: it gets it as the leader lets go.
+            # The thief waits for the lock first: it gets it as the leader lets go. It holds
+            # another advisory lock too: no relayer of another deployment for all that.
+            await thief.fetchval("SELECT pg_advisory_lock(42)")
             stealing = asyncio.create_task(
                 thief.fetchval("SELECT pg_advisory_lock($1)", RELAYER_LOCK)
             )
@@ -807,3 +809,28 @@ async def test_a_standby_tells_another_deployments_relayer_from_its_own(
         "relayer standing by: the relayer of another deployment of the service"
     )
     assert backlog.relayer_elsewhere and backlog.waiting
+
+
+async def test_letting_the_relayer_lock_go_lets_its_schemas_go_with_it(
+    database: Database, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: the relayer lock was let go before its schema's, which the session
+    held until it closed: a standby elected in between held no schema lock for its
+    whole tenure, and another deployment's standbys took it for their own."""
+    held: list[int] = []
+
+    async def closing(conn: asyncpg.Connection) -> None:  # once the locks are let go
+        held.append(
+            await pool.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                " AND pid = $1",
+                conn.get_server_pid(),
+            )
+        )
+        await conn.close()
+
+    monkeypatch.setattr(outbox_module, "close_connection", closing)
+    lock = PostgresRelayerLock(database)
+    await lock.acquire()
+    await lock.release()
+    assert held == [0]

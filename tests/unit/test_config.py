@@ -289,6 +289,10 @@ def test_each_sslmode_of_libpq_is_taken(mode: str) -> None:
         ),
         ("host=db options=--search-path=financing", {"search_path": "financing"}),
         (r"host=db options='-c search_path=a\\ b'", {"search_path": "a b"}),
+        # A backslash at the end is taken for nothing, as the server takes it.
+        (r"host=db options='-csearch_path=fin\\'", {"search_path": "fin"}),
+        # Only ASCII whitespace splits, as the server splits.
+        ("host=db options='-csearch_path=a\u00a0b'", {"search_path": "a\u00a0b"}),
     ],
 )
 def test_options_sets_server_settings_as_libpq_sends_them(

@@ -370,7 +370,10 @@ _RELAYS_ELSEWHERE = (
 
 async def relays_elsewhere(conn: Connection, holder: OtherSession) -> bool:
     """Whether `holder`, holding the relayer lock, relays the event store of another
-    schema of this database than `conn`'s: another deployment's relayer."""
+    schema of this database than `conn`'s: another deployment's relayer (a session of
+    the service's; another's, whatever locks it holds, is no relayer at all)."""
+    if holder.application != SERVICE_APPLICATION:
+        return False
     return bool(await conn.fetchval(_RELAYS_ELSEWHERE, holder.pid, RELAYER_LOCK))
 
 
@@ -521,9 +524,9 @@ class PostgresRelayerLock:
         try:
             if not conn.is_closed():
                 async with self._busy:
-                    await conn.fetchval(
-                        "SELECT pg_advisory_unlock($1)", RELAYER_LOCK, timeout=CLOSE_TIMEOUT
-                    )
+                    # The relayer lock and its schema's at once: a relayer elected as the
+                    # first goes found the second still held, and held none for its tenure.
+                    await conn.fetchval("SELECT pg_advisory_unlock_all()", timeout=CLOSE_TIMEOUT)
                 await close_connection(conn)
         except Exception as error:
             if not is_unavailable(error):
