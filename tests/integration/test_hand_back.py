@@ -95,8 +95,21 @@ async def test_the_broker_is_handed_back_as_the_reference_left_it(
         # Back at once, with the broker's x-death (first: the broker expires the head only).
         back = aio_pika.Message(b'{"sell": 1}', headers={"name": "SellInvoice"}, expiration=0.01)
         await publisher.defer(back, "SellInvoice")
-        later = aio_pika.Message(b'{"bid": 2}', headers={"name": "BidOnInvoice"}, expiration=60)
+        later = aio_pika.Message(
+            b'{"bid": 2}',
+            headers={"name": "BidOnInvoice"},
+            expiration=60,
+            reply_to="replies",
+            type="bid",
+            app_id="bidder",
+        )
         await publisher.defer(later, "BidOnInvoice")  # waits a minute in financing_deferred
+        # Deferred for a queue deleted since: the broker would drop it as it expired.
+        await publisher.send_message_to_queue(
+            topology.DEAD_LETTER_QUEUE, aio_pika.Message(b"{}")
+        )  # a dead letter already there, kept
+        gone = aio_pika.Message(b'{"gone": 1}', headers={"name": "Gone"}, expiration=60)
+        await publisher.defer(gone, "Gone")
     finally:
         await publisher.close()
     await publish_event(vhost, b'{"placed": 1}')
@@ -110,6 +123,7 @@ async def test_the_broker_is_handed_back_as_the_reference_left_it(
 
     said = "\n".join(handed.lines)
     assert "1 deferred message(s) sent back to their queues" in said, said
+    assert "1 deferred for a queue the broker has no longer kept in" in said, said
     # The sell back with its x-death; the others left where they are.
     assert "1 message(s) of the reference's queues with a header that is no string" in said
     assert "events_financing_projector (1 message(s))" in said, said
@@ -134,6 +148,12 @@ async def test_the_broker_is_handed_back_as_the_reference_left_it(
     bids = await taken_from(vhost, "BidOnInvoice")
     assert [message.body for message in bids] == [b'{"bid": 1}', b'{"bid": 2}']
     assert [message.expiration for message in bids] == [None, None]
+    assert (bids[1].reply_to, bids[1].type, bids[1].app_id) == ("replies", "bid", "bidder")
+    earlier, letter = await taken_from(vhost, topology.DEAD_LETTER_QUEUE)
+    assert earlier.body == b"{}"  # kept where it was
+    assert letter.body == b'{"gone": 1}'
+    assert letter.headers["x-source-queue"] == "Gone"
+    assert "which the broker has no longer" in str(letter.headers["x-death-reason"])
 
     # Each reference queue takes each event once, straight from `events`.
     await publish_event(vhost, b'{"placed": 2}')
@@ -174,3 +194,23 @@ async def test_a_hand_back_while_the_service_still_runs_changes_nothing(
     )
     again = await run_cli(env, "broker", "hand-back")  # nothing left to take away
     assert again.exit_code == 0, again.describe()
+
+
+async def test_a_broker_without_events_is_handed_back_all_the_same(
+    taken_over: tuple[rabbitmq.Vhost, Broker],
+) -> None:
+    """Regression: the reference's queues were bound to `events` before it was declared:
+    a broker without it (deleted by an operator) failed every hand-back, "unavailable"."""
+    vhost, broker = taken_over
+    connection = await aio_pika.connect(vhost.url)
+    try:
+        channel = await connection.channel()
+        await channel.exchange_delete(topology.EVENTS_EXCHANGE)
+    finally:
+        await connection.close()
+
+    await hand_back(broker)
+
+    assert topology.EVENTS_EXCHANGE in await rabbitmq.list_exchanges(vhost.name)
+    bindings = await rabbitmq.list_bindings_with_arguments(vhost.name)
+    assert (topology.EVENTS_EXCHANGE, f"events_{PLACED}", "", "") in bindings

@@ -18,7 +18,9 @@ from structlog.testing import capture_logs
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import Broker
 from financing.adapters.rabbitmq.publisher import Publisher
+from financing.adapters.rabbitmq.queues import QueueDepth
 from financing.adapters.rabbitmq.topology_watch import TopologyWatch
+from financing.application.errors import Unavailable
 from financing.application.ports import Envelope
 from financing.application.retry import Outages
 from tests.support import rabbitmq
@@ -253,6 +255,7 @@ async def test_the_reference_projectors_queue_is_retired_once_its_reader_is_gone
     async with reference_projector(vhost) as (events, queue, tag):
         bound = (topology.EVENTS_EXCHANGE, topology.REFERENCE_PROJECTOR_QUEUE, "", "")
         watch = TopologyWatch(publisher, broker)
+        watch.started(await topology.declare_on(broker))  # read as the service starts
 
         async def declared_twice() -> list[str]:
             with capture_logs() as logs:
@@ -287,10 +290,58 @@ async def test_the_reference_projectors_queue_read_at_start_is_retired_once_its_
     vhost, broker, publisher = declared
     async with reference_projector(vhost) as (events, queue, tag):
         watch = TopologyWatch(publisher, broker)
-        watch.started(reference_queue_read=await topology.declare_on(broker))
+        watch.started(await topology.declare_on(broker))
         await queue.cancel(tag)  # gone before the watch's first declaration
         await events.publish(aio_pika.Message(b"{}", headers={"name": PLACED}), "")
         await watch.declare_once()
         await watch.declare_once()
         bound = (topology.EVENTS_EXCHANGE, topology.REFERENCE_PROJECTOR_QUEUE, "", "")
+        assert bound not in await rabbitmq.list_bindings_with_arguments(vhost.name)
+
+
+async def test_a_reference_projectors_queue_the_broker_has_not_is_not_looked_for(
+    declared: tuple[rabbitmq.Vhost, Broker, Publisher],
+) -> None:
+    """Regression: every declaration while the service ran (every 30 s, in each process
+    that consumes) looked for `events_query` on brokers without it, and the broker logged
+    each look as an error (`not_found`)."""
+    _, broker, publisher = declared
+    watch = TopologyWatch(publisher, broker)
+    watch.started(await topology.declare_on(broker))
+    looked: list[str] = []
+    queue_depth = publisher.queue_depth
+
+    async def counted(name: str) -> QueueDepth | None:
+        looked.append(name)
+        return await queue_depth(name)
+
+    publisher.queue_depth = counted  # type: ignore[method-assign]
+    for _ in range(3):
+        await watch.declare_once()
+    assert topology.REFERENCE_PROJECTOR_QUEUE not in looked
+
+
+async def test_a_retirement_that_failed_is_tried_again(
+    declared: tuple[rabbitmq.Vhost, Broker, Publisher], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a retirement of `events_query` that failed (an outage at that moment)
+    was taken for done: the queue stayed bound, and growing, for the life of the process."""
+    vhost, broker, publisher = declared
+    async with reference_projector(vhost) as (_, queue, tag):
+        watch = TopologyWatch(publisher, broker)
+        watch.started(await topology.declare_on(broker))
+        await queue.cancel(tag)
+        retire = topology.retire_reference_projector_queue
+        failures = [Unavailable("broker", "a moment's outage")]
+
+        async def failing_once(broker: Broker) -> topology.ReferenceQueue:
+            if failures:
+                raise failures.pop()
+            return await retire(broker)
+
+        monkeypatch.setattr(topology, "retire_reference_projector_queue", failing_once)
+        for _ in range(4):  # two to fail, two more to retire
+            await watch.declare_once()
+        bound = (topology.EVENTS_EXCHANGE, topology.REFERENCE_PROJECTOR_QUEUE, "", "")
+        assert not failures
         assert bound not in await rabbitmq.list_bindings_with_arguments(vhost.name)

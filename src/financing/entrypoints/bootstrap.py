@@ -228,11 +228,11 @@ async def bootstrap(
             service.workers["topology"] = watch.run
             if selected & CONSUMES_EVENTS:
                 wiring.unrouted(watch)
-        reference_queue_read = await started(
+        reference_queue = await started(
             "declaring the broker topology", wiring.declare, outages, deadline
         )
         if watch is not None:
-            watch.started(reference_queue_read=reference_queue_read)
+            watch.started(reference_queue)
         if "commands-api" in selected:
             commands = CommandsService(AmqpCommandSender(publisher), outages)
             server = _grpc_server(
@@ -397,8 +397,8 @@ class _Wiring:
         self._service.workers[name] = run
         self._service.consuming.append(consumer.consuming)
 
-    async def declare(self) -> bool:
-        """The topology declared; whether someone reads the reference's projector queue."""
+    async def declare(self) -> topology.ReferenceQueue:
+        """The topology declared; what became of the reference's projector queue."""
         return await topology.declare_on(self._broker)
 
 

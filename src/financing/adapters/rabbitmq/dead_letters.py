@@ -277,18 +277,7 @@ class DeadLetters:
         headers.pop(DEFERRED_CLOCK_HEADER, None)  # an earlier copy's
         if (clock := _host_clock()) is not None:
             headers[DEFERRED_CLOCK_HEADER] = clock
-        # Every property but `user_id`, which the broker checks against the publishing
-        # connection's user (a producer's other user would have the copy refused).
-        copy = copy_of(
-            message,
-            headers,
-            reply_to=message.reply_to,
-            type=message.type,
-            app_id=message.app_id,
-            timestamp=message.timestamp,
-            priority=message.priority,
-            expiration=delay,
-        )
+        copy = whole_copy_of(message, headers, expiration=delay)
         return await self._persisted(
             message, "deferring", lambda: self._publisher.defer(copy, source_queue)
         )
@@ -397,6 +386,26 @@ def copy_of(
         headers=dict(headers),
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         **(kept | properties),
+    )
+
+
+def whole_copy_of(
+    message: AbstractIncomingMessage, headers: Mapping[str, Any], **properties: Any
+) -> aio_pika.Message:
+    """`copy_of` with every property of `message` but `user_id`, which the broker checks
+    against the publishing connection's user (a producer's other user would have the
+    copy refused)."""
+    return copy_of(
+        message,
+        headers,
+        **{
+            "reply_to": message.reply_to,
+            "type": message.type,
+            "app_id": message.app_id,
+            "timestamp": message.timestamp,
+            "priority": message.priority,
+            **properties,
+        },
     )
 
 

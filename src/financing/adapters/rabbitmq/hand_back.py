@@ -28,16 +28,23 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from financing.adapters.rabbitmq.connection import Broker, close_channel, translated
-from financing.adapters.rabbitmq.dead_letters import copy_of
+from financing.adapters.rabbitmq.dead_letters import (
+    DEAD_LETTERED_AT_HEADER,
+    REASON_HEADER,
+    SOURCE_QUEUE_HEADER,
+    whole_copy_of,
+)
 from financing.adapters.rabbitmq.envelopes import BROKER_HEADERS, header_text
-from financing.adapters.rabbitmq.queues import existing_queue, queue_depth
+from financing.adapters.rabbitmq.queues import existing_queue, queue_depth, queue_exists
 from financing.adapters.rabbitmq.topology import (
     COMMAND_NAMES,
     DEAD_LETTER_QUEUE,
+    DEAD_LETTERS,
     DEFERRALS,
     EVENTS_EXCHANGE,
     EVENTS_ROUTER,
@@ -76,6 +83,7 @@ async def hand_back(broker: Broker) -> HandedBack:
     """Take away what the service added to the broker (this module's docstring)."""
     done = HandedBack()
     await _refuse_if_consumed(broker)
+    await _on_a_channel(broker, declare_events_exchange)  # as the reference declares it
     bound = []
     for name in REFERENCE_EVENT_QUEUES:
         async with existing_queue(broker, name) as queue:
@@ -139,14 +147,23 @@ async def _sent_again(broker: Broker, done: HandedBack) -> None:
     publisher would declare the topology this takes away."""
     channel = await broker.channel(publisher_confirms=True)
     try:
-        moved = 0
+        moved, kept = 0, 0
+        queues: dict[str, bool] = {}  # whether the broker has it
         async with _taken(broker, DEFERRALS) as messages:
             async for message in messages:
-                await finish_on_cancel(_moved(channel, message, message.routing_key or ""))
-                moved += 1
+                queue = message.routing_key or ""
+                if queue and queue not in queues:
+                    queues[queue] = await queue_exists(broker, queue)
+                if queues.get(queue, False):
+                    await finish_on_cancel(_moved(channel, message, queue))
+                    moved += 1
+                else:
+                    await finish_on_cancel(_kept_as_a_dead_letter(broker, channel, message))
+                    kept += 1
         done.lines.append(
             f"{moved} deferred message(s) sent back to their queues, to be handled by"
-            " the reference at once (it does not wait for an aggregate)"
+            f" the reference at once (it does not wait for an aggregate); {kept} deferred"
+            f" for a queue the broker has no longer kept in {DEAD_LETTER_QUEUE}"
         )
         cleaned = 0
         for name in (*REFERENCE_COMMAND_QUEUES, *REFERENCE_EVENT_QUEUES):
@@ -193,18 +210,45 @@ async def _taken(
         yield messages()
 
 
-async def _moved(channel: AbstractChannel, message: AbstractIncomingMessage, queue: str) -> None:
-    """`message` published (confirmed) to `queue` with string headers only, then acked."""
-    headers = {
+async def _moved(
+    channel: AbstractChannel,
+    message: AbstractIncomingMessage,
+    queue: str,
+    **headers: str,
+) -> None:
+    """`message` published (confirmed) to `queue` with string headers only (and
+    `headers`), every property kept but its expiration, then acked."""
+    strings = {
         key: header_text(value)
         for key, value in (message.headers or {}).items()
         if key not in BROKER_HEADERS
     }
     with translated():
         await channel.default_exchange.publish(
-            copy_of(message, headers), routing_key=queue, mandatory=True
+            whole_copy_of(message, strings | headers), routing_key=queue, mandatory=True
         )
         await message.ack()
+
+
+async def _kept_as_a_dead_letter(
+    broker: Broker, channel: AbstractChannel, message: AbstractIncomingMessage
+) -> None:
+    """A deferred `message` whose queue the broker has no longer (the broker would drop
+    it as it expired) put in the dead-letter queue, with the reason, rather than lost."""
+    if not await queue_exists(broker, DEAD_LETTER_QUEUE):
+        await _on_a_channel(broker, DEAD_LETTERS.of_type(broker.queue_type).declare)
+    queue = message.routing_key or ""
+    await _moved(
+        channel,
+        message,
+        DEAD_LETTER_QUEUE,
+        **{
+            REASON_HEADER: f"deferred for queue {queue!r}, which the broker has no longer"
+            " when the broker was handed back to the reference",
+            SOURCE_QUEUE_HEADER: queue,
+            DEAD_LETTERED_AT_HEADER: datetime.now(UTC).isoformat(),
+        },
+    )
 
 
 async def _deleted(broker: Broker, done: HandedBack) -> None:

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from typing import Any
 
 import aio_pika
@@ -330,9 +331,18 @@ def said_restored(queue: str) -> None:
     )
 
 
-async def declare_on(broker: Broker) -> bool:
+class ReferenceQueue(Enum):
+    """What became of the reference projector's `events_query` when it was looked at."""
+
+    ABSENT = "absent"  # the broker has none (or it was empty and unread: deleted)
+    READ = "read"  # someone reads it: left alone
+    RETIRED = "retired"  # unread: unbound from `events`, kept for what it holds
+    FAILED = "failed"  # it could not be looked at or retired (an outage, the rights)
+
+
+async def declare_on(broker: Broker) -> ReferenceQueue:
     """`declare` on a channel of its own, with the broker's queue type; then the
-    reference's projector queue retired. Whether someone reads that queue, left alone."""
+    reference's projector queue retired, and what became of it."""
     channel = await broker.channel()
     try:
         await declare(channel, broker.queue_type)
@@ -341,10 +351,9 @@ async def declare_on(broker: Broker) -> bool:
     return await retire_reference_projector(broker)
 
 
-async def retire_reference_projector(broker: Broker) -> bool:
+async def retire_reference_projector(broker: Broker) -> ReferenceQueue:
     """`retire_reference_projector_queue`, a clean-up the service does not need: what
-    stops it (the broker user's rights, an outage) is said, and nothing else (and the
-    queue is not said to be read)."""
+    stops it (the broker user's rights, an outage) is said, and nothing else."""
     try:
         return await retire_reference_projector_queue(broker)
     except (Unavailable, Refused) as error:
@@ -353,22 +362,22 @@ async def retire_reference_projector(broker: Broker) -> bool:
             queue=REFERENCE_PROJECTOR_QUEUE,
             reason=str(error),
         )
-        return False
+        return ReferenceQueue.FAILED
 
 
-async def retire_reference_projector_queue(broker: Broker) -> bool:
+async def retire_reference_projector_queue(broker: Broker) -> ReferenceQueue:
     """`events_query`, left by the reference and read by no one, unbound from `events`
     and deleted if empty; what it still holds is the operator's to inspect (a warning
-    says how much). A queue someone reads is left alone, and True says so: a reference
-    projector still running beside this service must be running when this service
-    starts (one reconnecting at that moment is taken for gone)."""
+    says how much). A queue someone reads is left alone: a reference projector still
+    running beside this service must be running when this service starts (one
+    reconnecting at that moment is taken for gone)."""
     name = REFERENCE_PROJECTOR_QUEUE
     async with existing_queue(broker, name) as queue:
         if queue is None:
-            return False
+            return ReferenceQueue.ABSENT
         declared = queue.declaration_result
         if declared.consumer_count:
-            return True
+            return ReferenceQueue.READ
         waiting = declared.message_count or 0
         with translated():
             await queue.unbind(EVENTS_EXCHANGE, routing_key="")
@@ -376,18 +385,18 @@ async def retire_reference_projector_queue(broker: Broker) -> bool:
                 try:
                     await queue.delete(if_unused=True, if_empty=True)
                 except aiormq.exceptions.ChannelPreconditionFailed:
-                    return False  # read or fed since: left as it is, unbound
+                    return ReferenceQueue.RETIRED  # read or fed since: left as it is, unbound
                 log.info(
                     "the reference's projector queue, empty and unread, is deleted", queue=name
                 )
-                return False
+                return ReferenceQueue.ABSENT
     log.warning(
         "the reference's projector queue is read by no one and no longer fed; delete it"
         f" once what it holds is of no use (rabbitmqctl delete_queue -p VHOST {name})",
         queue=name,
         messages=waiting,
     )
-    return False
+    return ReferenceQueue.RETIRED
 
 
 def unrouted(binding_missing: Callable[[], None]) -> Step:

@@ -30,6 +30,7 @@ from financing.adapters.rabbitmq.connection import Broker
 from financing.adapters.rabbitmq.publisher import Publisher
 from financing.adapters.rabbitmq.topology import (
     REFERENCE_PROJECTOR_QUEUE,
+    ReferenceQueue,
     retire_reference_projector,
 )
 from financing.application.errors import Unavailable
@@ -53,19 +54,10 @@ class TopologyWatch:
         self._broker = broker
         self._interval = interval
         self._asked = asyncio.Event()
-        # Declarations in a row that found `events_query` read by no one; and whether
-        # it was retired since it was last read (`started`).
+        # Declarations in a row that found `events_query` read by no one; what became of
+        # it when last looked at (`started`).
         self._unread = 0
-        self._retired = True
-
-    def started(self, *, reference_queue_read: bool) -> None:
-        """What start-up's declaration (`topology.declare_on`) found of `events_query`:
-        read (left alone, to be retired once its reader is gone), or retired (or none)."""
-        self._retired = not reference_queue_read
-
-    def declare_soon(self) -> None:
-        """Declare the topology now rather than at the next interval (a binding is missing)."""
-        self._asked.set()
+        self._reference_queue = ReferenceQueue.ABSENT
 
     async def run(self) -> None:
         while True:
@@ -79,6 +71,14 @@ class TopologyWatch:
                 # The broker's outage, which the consumers and the publisher report.
                 log.debug("declaring the topology again failed", error=repr(error))
 
+    def started(self, reference_queue: ReferenceQueue) -> None:
+        """What start-up's declaration (`topology.declare_on`) made of `events_query`."""
+        self._reference_queue = reference_queue
+
+    def declare_soon(self) -> None:
+        """Declare the topology now rather than at the next interval (a binding is missing)."""
+        self._asked.set()
+
     async def declare_once(self) -> None:
         """The queues nobody consumes, each said if it was gone (`Publisher.restore`), then
         the whole topology (each part the broker refuses said, the others declared all the
@@ -89,12 +89,22 @@ class TopologyWatch:
 
     async def _watch_reference_projector_queue(self) -> None:
         """`events_query` retired once found unread by two declarations in a row, and once
-        each time it was read again (a reference projector binds it again as it starts)."""
+        each time it was read again (a reference projector binds it again as it starts);
+        tried again two declarations after a retirement that failed. Not looked for once
+        found absent: each look for a queue the broker does not have is an error in the
+        broker's log."""
+        if self._reference_queue is ReferenceQueue.ABSENT:
+            return
         depth = await self._publisher.queue_depth(REFERENCE_PROJECTOR_QUEUE)
-        if depth is None or depth.consumers:
-            self._unread, self._retired = 0, False
+        if depth is None:
+            self._reference_queue = ReferenceQueue.ABSENT
+            return
+        if depth.consumers:
+            self._unread, self._reference_queue = 0, ReferenceQueue.READ
             return
         self._unread += 1
-        if self._unread < 2 or self._retired:
+        if self._unread < 2 or self._reference_queue is ReferenceQueue.RETIRED:
             return
-        self._retired = not await retire_reference_projector(self._broker)
+        self._reference_queue = await retire_reference_projector(self._broker)
+        if self._reference_queue is ReferenceQueue.FAILED:
+            self._unread = 0
