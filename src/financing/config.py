@@ -16,7 +16,6 @@ from yarl import URL
 DEFAULT_COMMAND_DB = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_QUERY_DB = "postgresql://postgres@127.0.0.1:5432/queries"
 DEFAULT_AMQP = "amqp://guest:guest@localhost:5672/"
-_Parsed = TypeVar("_Parsed")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "FATAL")
 # What `financing serve` can run, alone or together (docs/architecture.md).
 COMPONENTS = (
@@ -353,9 +352,9 @@ _LIBPQ_TO_ASYNCPG = {
     "connect_timeout": "timeout",
     "options": "server_settings",
 }
-# A setting as `options` gives it: `-c name=value` (or `-cname=value`, `--name=value`).
 # What the server splits `options` at (C's isspace in the C locale).
 _OPTIONS_WHITESPACE = frozenset(" \t\n\v\f\r")
+# A setting as `options` gives it: `-c name=value` (or `-cname=value`, `--name=value`).
 _SETTING = re.compile(r"(?:-c|--)([A-Za-z_][A-Za-z0-9_.-]*)=(.*)", re.DOTALL)
 
 
@@ -430,6 +429,9 @@ def split_url(url: str, what: str) -> SplitResult:
     except ValueError:
         raise ConfigError(f"{what}: the port must be a number from 0 to 65535") from None
     return parts
+
+
+_Parsed = TypeVar("_Parsed")
 
 
 def _named(

@@ -121,7 +121,7 @@ async def test_the_broker_is_handed_back_as_the_reference_left_it(
 
     handed = await hand_back(broker)
 
-    said = "\n".join(handed.lines)
+    said = "\n".join(handed)
     assert "1 deferred message(s) sent back to their queues" in said, said
     assert "1 deferred for a queue the broker has no longer kept in" in said, said
     # The sell back with its x-death; the others left where they are.

@@ -18,7 +18,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import asyncpg
 
@@ -237,20 +236,22 @@ class PostgresOutbox:
                 "SELECT position, updated_at FROM relay_checkpoints WHERE name = $1", self._name
             )
         waiting, oldest_age = await self.lag()
+        relayer, elsewhere = await self._relayer() if waiting else (None, False)
         return RelayBacklog(
             checkpoint=None if checkpoint is None else checkpoint["position"],
             moved_at=None if checkpoint is None else checkpoint["updated_at"],
             waiting=waiting,
             oldest_age=oldest_age,
             held_back_by=await self.held_back_by() if waiting else None,
-            **(await self._relayer() if waiting else {}),
+            relayer=relayer,
+            relayer_elsewhere=elsewhere,
         )
 
-    async def _relayer(self) -> dict[str, Any]:
+    async def _relayer(self) -> tuple[OtherSession | None, bool]:
+        """The relayer lock's holder, and whether it relays another schema's events."""
         async with acquired(self._pool, COMMAND_DATABASE) as conn:
             holder = await advisory_lock_holder(conn, RELAYER_LOCK)
-            elsewhere = holder is not None and await relays_elsewhere(conn, holder)
-        return {"relayer": holder, "relayer_elsewhere": elsewhere}
+            return holder, holder is not None and await relays_elsewhere(conn, holder)
 
     async def relayer(self) -> OtherSession | None:
         """The session holding the relayer lock: the relayer, if one runs."""

@@ -216,16 +216,7 @@ class DeadLetters:
         if not self._declared:
             await self._publisher.declare_command_queue(DEAD_LETTER_QUEUE)
             self._declared = True
-        headers, left_out = _copied_headers(message.headers or {})
-        if left_out:
-            reason = f"{reason} [{left_out} header(s) too large to keep were left out]"
-        headers[REASON_HEADER] = shortened(reason, MAX_REASON_CHARS)
-        headers[SOURCE_QUEUE_HEADER] = source_queue
-        headers[DEAD_LETTERED_AT_HEADER] = datetime.now(UTC).isoformat()
-        message_id = message.message_id or headers.get(MESSAGE_UUID_HEADER)
-        if message_id and len(message_id.encode()) > MAX_MESSAGE_ID_BYTES:
-            message_id = None  # too long for the AMQP message-id property: the header keeps it
-        copy = copy_of(message, headers, message_id=message_id)
+        copy = dead_letter_of(message, reason=reason, source_queue=source_queue)
         # A queue deleted meanwhile is declared again as the publish meets it.
         await self._publisher.keep_dead_letter(copy)
         metrics.DEAD_LETTERS.labels(source_queue).inc()
@@ -387,6 +378,23 @@ def copy_of(
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         **(kept | properties),
     )
+
+
+def dead_letter_of(
+    message: AbstractIncomingMessage, *, reason: str, source_queue: str
+) -> aio_pika.Message:
+    """The copy of `message` kept as its dead letter: its headers as strings, bounded,
+    with the reason, the queue it came from and when."""
+    headers, left_out = _copied_headers(message.headers or {})
+    if left_out:
+        reason = f"{reason} [{left_out} header(s) too large to keep were left out]"
+    headers[REASON_HEADER] = shortened(reason, MAX_REASON_CHARS)
+    headers[SOURCE_QUEUE_HEADER] = source_queue
+    headers[DEAD_LETTERED_AT_HEADER] = datetime.now(UTC).isoformat()
+    message_id = message.message_id or headers.get(MESSAGE_UUID_HEADER)
+    if message_id and len(message_id.encode()) > MAX_MESSAGE_ID_BYTES:
+        message_id = None  # too long for the AMQP message-id property: the header keeps it
+    return copy_of(message, headers, message_id=message_id)
 
 
 def whole_copy_of(

@@ -27,18 +27,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
+import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from financing.adapters.rabbitmq.connection import Broker, close_channel, translated
-from financing.adapters.rabbitmq.dead_letters import (
-    DEAD_LETTERED_AT_HEADER,
-    REASON_HEADER,
-    SOURCE_QUEUE_HEADER,
-    whole_copy_of,
-)
+from financing.adapters.rabbitmq.dead_letters import dead_letter_of, whole_copy_of
 from financing.adapters.rabbitmq.envelopes import BROKER_HEADERS, header_text
 from financing.adapters.rabbitmq.queues import existing_queue, queue_depth, queue_exists
 from financing.adapters.rabbitmq.topology import (
@@ -72,16 +66,10 @@ class StillConsumed(Exception):
     the reference) still runs."""
 
 
-@dataclass
-class HandedBack:
-    """What `hand_back` did, as the operator is told it."""
-
-    lines: list[str] = field(default_factory=list)
-
-
-async def hand_back(broker: Broker) -> HandedBack:
-    """Take away what the service added to the broker (this module's docstring)."""
-    done = HandedBack()
+async def hand_back(broker: Broker) -> list[str]:
+    """Take away what the service added to the broker (this module's docstring); what it
+    did, a line each, as the operator is told it."""
+    done: list[str] = []
     await _refuse_if_consumed(broker)
     await _on_a_channel(broker, declare_events_exchange)  # as the reference declares it
     bound = []
@@ -92,7 +80,7 @@ async def hand_back(broker: Broker) -> HandedBack:
                     await queue.bind(EVENTS_EXCHANGE, routing_key="")
                 bound.append(name)
     await _on_a_channel(broker, lambda channel: channel.exchange_delete(EVENTS_ROUTER))
-    done.lines.append(
+    done.append(
         f"bound to {EVENTS_EXCHANGE!r} again, as the reference binds them:"
         f" {', '.join(bound) or 'none (the broker has none of them)'}; exchange"
         f" {EVENTS_ROUTER!r} deleted, and every binding of the service's with it"
@@ -100,7 +88,7 @@ async def hand_back(broker: Broker) -> HandedBack:
     await _sent_again(broker, done)
     await _deleted(broker, done)
     await _on_a_channel(broker, _reference_projector_queue)
-    done.lines.append(
+    done.append(
         f"queue {REFERENCE_PROJECTOR_QUEUE!r}, the reference projector's, declared and bound"
         f" to {EVENTS_EXCHANGE!r}, as the reference declares it"
     )
@@ -138,7 +126,7 @@ async def _refuse_if_consumed(broker: Broker) -> None:
         )
 
 
-async def _sent_again(broker: Broker, done: HandedBack) -> None:
+async def _sent_again(broker: Broker, done: list[str]) -> None:
     """The deferred deliveries sent back to their queues; and each message of the
     reference's queues that the reference's consumers refuse (a header that is no string:
     the broker's records of a dead-lettering) sent again to its queue with string headers
@@ -160,7 +148,7 @@ async def _sent_again(broker: Broker, done: HandedBack) -> None:
                 else:
                     await finish_on_cancel(_kept_as_a_dead_letter(broker, channel, message))
                     kept += 1
-        done.lines.append(
+        done.append(
             f"{moved} deferred message(s) sent back to their queues, to be handled by"
             f" the reference at once (it does not wait for an aggregate); {kept} deferred"
             f" for a queue the broker has no longer kept in {DEAD_LETTER_QUEUE}"
@@ -172,7 +160,7 @@ async def _sent_again(broker: Broker, done: HandedBack) -> None:
                     if _refused_by_the_reference(message):
                         await finish_on_cancel(_moved(channel, message, name))
                         cleaned += 1
-        done.lines.append(
+        done.append(
             f"{cleaned} message(s) of the reference's queues with a header that is no string"
             " (the broker's records of a dead-lettering), which the reference's consumers"
             " refuse, sent again to their queue with string headers only; the others left"
@@ -210,24 +198,15 @@ async def _taken(
         yield messages()
 
 
-async def _moved(
-    channel: AbstractChannel,
-    message: AbstractIncomingMessage,
-    queue: str,
-    **headers: str,
-) -> None:
-    """`message` published (confirmed) to `queue` with string headers only (and
-    `headers`), every property kept but its expiration, then acked."""
+async def _moved(channel: AbstractChannel, message: AbstractIncomingMessage, queue: str) -> None:
+    """`message` sent again to `queue` with string headers only, every property kept but
+    its expiration (`_sent`)."""
     strings = {
         key: header_text(value)
         for key, value in (message.headers or {}).items()
         if key not in BROKER_HEADERS
     }
-    with translated():
-        await channel.default_exchange.publish(
-            whole_copy_of(message, strings | headers), routing_key=queue, mandatory=True
-        )
-        await message.ack()
+    await _sent(channel, message, whole_copy_of(message, strings), queue)
 
 
 async def _kept_as_a_dead_letter(
@@ -238,20 +217,27 @@ async def _kept_as_a_dead_letter(
     if not await queue_exists(broker, DEAD_LETTER_QUEUE):
         await _on_a_channel(broker, DEAD_LETTERS.of_type(broker.queue_type).declare)
     queue = message.routing_key or ""
-    await _moved(
-        channel,
-        message,
-        DEAD_LETTER_QUEUE,
-        **{
-            REASON_HEADER: f"deferred for queue {queue!r}, which the broker has no longer"
-            " when the broker was handed back to the reference",
-            SOURCE_QUEUE_HEADER: queue,
-            DEAD_LETTERED_AT_HEADER: datetime.now(UTC).isoformat(),
-        },
+    reason = (
+        f"deferred for queue {queue!r}, which the broker has no longer when the broker was"
+        " handed back to the reference"
     )
+    copy = dead_letter_of(message, reason=reason, source_queue=queue)
+    await _sent(channel, message, copy, DEAD_LETTER_QUEUE)
 
 
-async def _deleted(broker: Broker, done: HandedBack) -> None:
+async def _sent(
+    channel: AbstractChannel,
+    message: AbstractIncomingMessage,
+    copy: aio_pika.Message,
+    queue: str,
+) -> None:
+    """`copy` of `message` published (confirmed) to `queue`, then `message` acked."""
+    with translated():
+        await channel.default_exchange.publish(copy, routing_key=queue, mandatory=True)
+        await message.ack()
+
+
+async def _deleted(broker: Broker, done: list[str]) -> None:
     """The service's queues and exchanges deleted; the dead letters kept."""
     gone: list[str] = []
     for name in (PROJECTOR_QUEUE, UNROUTED, DEFERRALS):
@@ -268,7 +254,7 @@ async def _deleted(broker: Broker, done: HandedBack) -> None:
 
     await _on_a_channel(broker, exchanges_deleted)
     letters = await queue_depth(broker, DEAD_LETTER_QUEUE)
-    done.lines.append(
+    done.append(
         f"queues deleted: {', '.join(gone) or 'none'}; exchanges {UNROUTED!r} and"
         f" {DEFERRALS!r} deleted (what {PROJECTOR_QUEUE} held was of use to the service's"
         " read models only)"
@@ -279,4 +265,4 @@ async def _deleted(broker: Broker, done: HandedBack) -> None:
         else f"kept, with {letters.waiting} dead letter(s) (`financing dead-letters` reads"
         " it; delete it once what it holds is of no use)"
     )
-    done.lines.append(f"queue {DEAD_LETTER_QUEUE!r}: {kept}")
+    done.append(f"queue {DEAD_LETTER_QUEUE!r}: {kept}")

@@ -8,7 +8,7 @@ messages of the reference's queues its consumers refuse (a header that is no str
 the broker's record of a dead-lettering) again with string headers only;
 deletes `events_financing_projector`, `financing_unrouted` and `financing_deferred`;
 keeps `financing_dead_letters`; declares the reference projector's `events_query`
-again. When: docs/deployment.md, "Handing the broker back to the reference". Exit
+again. When: docs/deployment.md, "Taking over from the reference, and handing back". Exit
 code 0 once done; 1 while a queue it changes is being read (nothing is changed), or
 when the broker cannot be reached.
 """
@@ -29,6 +29,6 @@ async def run_hand_back(settings: Settings, command: str) -> int:
         except StillConsumed as consumed:
             print(f"{command}: {consumed}", file=sys.stderr)
             return 1
-    print("\n".join(done.lines))
+    print("\n".join(done))
     print("the broker is the reference's again: start its processes")
     return 0
