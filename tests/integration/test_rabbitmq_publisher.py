@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -408,6 +410,27 @@ async def test_the_probe_fails_from_a_refused_publish_to_events_until_one_is_con
         await broker.close()
 
 
+@contextlib.asynccontextmanager
+async def refusing_events(vhost: rabbitmq.Vhost) -> AsyncIterator[tuple[Broker, Publisher, str]]:
+    """A broker and a publisher on `vhost`, whose write permission on `events` alone is
+    revoked, and the name of a command queue; a queue bound to `events` too."""
+    broker = Broker([vhost.url], Outages())
+    publisher = Publisher(broker, confirm_timeout=2.0)
+    command = unique_name("CreateIssuer")
+    try:
+        channel = await broker.channel()
+        await QueueSpec(unique_name("events_refused"), bound_to_events=True).declare(channel)
+        await QueueSpec(command, bound_to_events=False).declare(channel)
+        await channel.close()
+        await rabbitmq.grant_permissions(vhost.name, write="^(?!events$).*")
+        await rabbitmq.close_connections(vhost.name)  # channels keep their checks
+        yield broker, publisher, command
+    finally:
+        await rabbitmq.grant_permissions(vhost.name)
+        await publisher.close()
+        await broker.close()
+
+
 async def test_publishes_refused_together_leave_the_connection_and_its_consumers_open(
     empty_vhost: rabbitmq.Vhost,
 ) -> None:
@@ -416,16 +439,7 @@ async def test_publishes_refused_together_leave_the_connection_and_its_consumers
     the close was answered, an error of the whole connection ("expected
     'channel.open'"): it closed with every consumer's channel, 9 times in 45 s, and
     commands, which need only the default exchange, could not be queued meanwhile."""
-    broker = Broker([empty_vhost.url], Outages())
-    publisher = Publisher(broker, confirm_timeout=2.0)
-    command = unique_name("CreateIssuer")
-    try:
-        channel = await broker.channel()
-        await QueueSpec(unique_name("events_refused"), bound_to_events=True).declare(channel)
-        await QueueSpec(command, bound_to_events=False).declare(channel)
-        await channel.close()
-        await rabbitmq.grant_permissions(empty_vhost.name, write="^(?!events$).*")
-        await rabbitmq.close_connections(empty_vhost.name)  # channels keep their checks
+    async with refusing_events(empty_vhost) as (broker, publisher, command):
         opened = await broker.connection()
         for batch in range(5):
             with pytest.raises(PublishFailed, match=r"ACCESS_REFUSED|closed"):
@@ -436,10 +450,32 @@ async def test_publishes_refused_together_leave_the_connection_and_its_consumers
         assert await broker.connection() is opened
         assert not opened.is_closed
         assert (await rabbitmq.list_queues(empty_vhost.name))[command]["messages_ready"] == 5
-    finally:
-        await rabbitmq.grant_permissions(empty_vhost.name)
-        await publisher.close()
-        await broker.close()
+
+
+async def test_commands_queued_while_a_publish_to_events_is_refused_are_all_confirmed(
+    empty_vhost: rabbitmq.Vhost,
+) -> None:
+    """Regression: events and commands shared one channel, which the broker closes when it
+    refuses a publish: with the write permission on `events` alone revoked, the commands
+    in flight beside the relayer's refused batch failed with it (retried, gRPC calls late
+    by seconds)."""
+    async with refusing_events(empty_vhost) as (_, publisher, command):
+        sent = 0
+        for batch in range(5):
+            events = asyncio.create_task(
+                publisher.publish_events(
+                    [event_envelope(version, uuid.uuid4()) for version in range(1, 51)]
+                )
+            )
+            commands = [
+                publisher.send_to_queue(command, Envelope(f"c-{batch}-{n}", "CreateIssuer", b"{}"))
+                for n in range(20)
+            ]
+            await asyncio.gather(*commands)  # none failed with the refused events
+            sent += len(commands)
+            with pytest.raises(PublishFailed, match=r"ACCESS_REFUSED|closed"):
+                await events
+        assert (await rabbitmq.list_queues(empty_vhost.name))[command]["messages_ready"] == sent
 
 
 async def test_a_refused_probe_leaves_the_channel_publishes_share_open(
@@ -451,10 +487,10 @@ async def test_a_refused_probe_leaves_the_channel_publishes_share_open(
     publisher = Publisher(broker, confirm_timeout=2.0)
     try:
         await rabbitmq.grant_permissions(empty_vhost.name, write="^(?!amq\\.default$).*")
-        shared, _ = await publisher.channel()
+        shared = await publisher.channel()
         assert not await probed(publisher)  # the probe publishes to the default exchange
         assert not shared.is_closed
-        assert (await publisher.channel())[0] is shared
+        assert await publisher.channel() is shared
     finally:
         await rabbitmq.grant_permissions(empty_vhost.name)
         await publisher.close()

@@ -63,7 +63,7 @@ class OpenedOn(Publisher):
         super().__init__(Broker(["amqp://nowhere/"], Outages()))
         self._given = (channel, exchange)
 
-    async def _opened(self, what: str) -> tuple[Any, Any]:
+    async def _opened(self, what: str, lane: Any) -> tuple[Any, Any]:
         return self._given
 
     async def _probing_channel(self) -> Any:

@@ -3,8 +3,8 @@
 Every publish is bounded by `confirm_timeout`, so a caller (a gRPC request,
 a consumer dead-lettering a message) fails fast while the broker is down
 instead of waiting for it to come back; once more when the process was too busy
-to read the confirm in time (`financing.cpu.patient_timeout`). The publisher's channel is its own:
-when the broker closes it (the connection dropped, permissions were revoked
+to read the confirm in time (`financing.cpu.patient_timeout`). The publisher's channels are
+its own: when the broker closes one (the connection dropped, permissions were revoked
 for a moment), the next publish opens a new one.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 from uuid import UUID
 
@@ -79,27 +80,46 @@ class PublishFailed(Unavailable):
         self.unroutable = unroutable
 
 
+@dataclass
+class _Lane:
+    """A confirming channel of the publisher's, opened again once the broker closed it,
+    and the exchange its publishes go to unless told otherwise."""
+
+    exchange_of: Callable[[AbstractChannel], Awaitable[AbstractExchange]]
+    channel: AbstractChannel | None = None
+    exchange: AbstractExchange | None = None
+
+
+async def _default_exchange(channel: AbstractChannel) -> AbstractExchange:
+    return channel.default_exchange
+
+
 class Publisher:
-    """One confirming channel of its own, shared by concurrent callers."""
+    """Two confirming channels of its own, each shared by concurrent callers: one for
+    `events`, one for every publish to a queue (commands, dead letters, deferrals, routing
+    again). The broker closes a channel whose publish it refuses, with every publish in
+    flight on it: on one channel, a refused publish to `events` (its write permission
+    alone revoked, a bound queue full) failed the commands gRPC calls were queueing at the
+    same moment, and a command's call waited seconds for the retries."""
 
     def __init__(self, broker: Broker, *, confirm_timeout: float = 5.0) -> None:
         self._broker = broker
         self._confirm_timeout = confirm_timeout
-        self._channel: AbstractChannel | None = None
-        self._events: AbstractExchange | None = None
-        self._opening = asyncio.Lock()
+        self._events = _Lane(declare_events_exchange)
+        self._queues = _Lane(_default_exchange)
+        self._opening = asyncio.Lock()  # one lane opened at a time: each declares the topology
         self._probing = SharedAttempt(
             self._probe_once,
             lambda _: PublishFailed("the probe was cancelled before it was answered"),
         )
         # The probe's own channel, also the declarations': a refused probe or declaration
-        # closes it, never the one publishes share.
+        # closes it, never those publishes share.
         self._probe_channel: AbstractChannel | None = None
         self._probe_opening = asyncio.Lock()
         # Why and when (time.monotonic()) the last publish to `events` failed, until one
         # is confirmed again.
         self._events_refused: tuple[str, float] | None = None
-        # `financing_deferred` as declared on the publishing channel (`defer`).
+        # `financing_deferred` as declared on the channel of publishes to queues (`defer`).
         self._deferrals: tuple[AbstractChannel, AbstractExchange] | None = None
         # The refusals `declare_topology` said, while they last.
         self._refusals: set[str] = set()
@@ -113,10 +133,15 @@ class Publisher:
     def confirm_timeout(self) -> float:
         return self._confirm_timeout
 
-    async def channel(self) -> tuple[AbstractChannel, AbstractExchange]:
-        """The publishing channel and the `events` exchange, reopened if the channel closed.
+    async def channel(self) -> AbstractChannel:
+        """The channel of publishes to queues (`_open`)."""
+        channel, _ = await self._open(self._queues)
+        return channel
 
-        Reopened, it is used only once the whole topology is declared again: a broker
+    async def _open(self, lane: _Lane) -> tuple[AbstractChannel, AbstractExchange]:
+        """`lane`'s channel and exchange, opened again if the channel closed.
+
+        Opened again, it is used only once the whole topology is declared again: a broker
         that lost it (its virtual host deleted and made again, its definitions lost) took
         the events published meanwhile and confirmed them, routed to the queues of the
         consumers that came back first and to no other (nothing returned them as
@@ -125,7 +150,7 @@ class Publisher:
         does not concern (commands) go on, and an event routed nowhere is returned, and
         declared for then (`publish_events`)."""
         async with self._opening:
-            if self._channel is None or self._channel.is_closed or self._events is None:
+            if lane.channel is None or lane.channel.is_closed or lane.exchange is None:
                 try:
                     await self.declare_topology()
                 except Unavailable as error:
@@ -133,12 +158,12 @@ class Publisher:
                 async with asyncio.timeout(self._confirm_timeout):
                     channel = await self._broker.channel(publisher_confirms=True)
                     try:
-                        self._events = await declare_events_exchange(channel)
+                        lane.exchange = await lane.exchange_of(channel)
                     except BaseException:
                         await close_channel(channel)
                         raise
-                self._channel = channel
-            return self._channel, self._events
+                lane.channel = channel
+            return lane.channel, lane.exchange
 
     async def publish_events(self, envelopes: Sequence[Envelope]) -> None:
         """Publish to the `events` exchange, in order; returns when all are confirmed.
@@ -150,16 +175,16 @@ class Publisher:
         if not envelopes:
             return
         what = f"{len(envelopes)} event(s)"
-        publishes: list[tuple[Envelope | AbstractMessage, str | None]] = [
-            (envelope, None) for envelope in envelopes
+        publishes: list[tuple[Envelope | AbstractMessage, str]] = [
+            (envelope, "") for envelope in envelopes
         ]
         try:
             try:
-                await self._confirmed(what, publishes)
+                await self._confirmed(what, self._events, publishes)
             except PublishFailed as failed:
                 if not failed.unroutable or not await self._declared_topology_again():
                     raise
-                await self._confirmed(what, publishes)  # routed now: the same ids again
+                await self._confirmed(what, self._events, publishes)  # the same ids again
         except PublishFailed as failed:
             self._events_refused = (failed.detail, time.monotonic())
             raise
@@ -247,7 +272,7 @@ class Publisher:
 
     async def send_message_to_queue(self, queue: str, message: AbstractMessage) -> None:
         what = f"{header_text(message.headers.get('name', 'message'))} to queue {queue!r}"
-        await self._confirmed(what, [(message, queue)])
+        await self._confirmed(what, self._queues, [(message, queue)])
 
     async def defer(self, message: AbstractMessage, queue: str) -> None:
         """Publish `message` (confirmed) to `financing_deferred`, whose queue hands it back
@@ -259,7 +284,7 @@ class Publisher:
         channel's publishes: while a large backlog drained, it timed out, and the broker
         was taken for gone (a false outage, `/health` 503) and the message deferred
         twice."""
-        channel, _ = await self._opened(f"deferring to queue {queue!r}")
+        channel, _ = await self._opened(f"deferring to queue {queue!r}", self._queues)
         queue_type = self._broker.queue_type
 
         def declare(side: AbstractChannel) -> Awaitable[AbstractExchange]:
@@ -274,7 +299,9 @@ class Publisher:
         what = f"{header_text(message.headers.get('name', 'message'))} deferred to {queue!r}"
         via = declared[1]
         await self._restoring(
-            DEFERRALS, declare, lambda: self._confirmed(what, [(message, queue)], via=via)
+            DEFERRALS,
+            declare,
+            lambda: self._confirmed(what, self._queues, [(message, queue)], via=via),
         )
 
     async def keep_dead_letter(self, message: AbstractMessage) -> None:
@@ -283,7 +310,7 @@ class Publisher:
         await self._restoring(
             DEAD_LETTER_QUEUE,
             DEAD_LETTERS.of_type(self._broker.queue_type).declare,
-            lambda: self._confirmed(what, [(message, DEAD_LETTER_QUEUE)]),
+            lambda: self._confirmed(what, self._queues, [(message, DEAD_LETTER_QUEUE)]),
         )
 
     async def _restoring(
@@ -306,20 +333,20 @@ class Publisher:
         """Publish `message` (confirmed) to `financing_events`, which routes it by its
         `name` header to the queues bound for that name, and what it routes nowhere to
         `financing_unrouted` again (a dead letter of that queue, requeued)."""
-        channel, _ = await self._opened("routing a message again")
+        channel, _ = await self._opened("routing a message again", self._queues)
         with translated():
             router = await channel.get_exchange(EVENTS_ROUTER, ensure=False)
         what = f"{header_text(message.headers.get('name', 'message'))} routed again"
-        await self._confirmed(what, [(message, None)], via=router)
+        await self._confirmed(what, self._queues, [(message, "")], via=router)
 
     async def probe(self) -> None:
-        """Return if publishing can work now: the publishing channel is open and the
+        """Return if publishing can work now: the channel of publishes to queues is open and the
         broker takes a declaration and a publish (it refuses them without the configure
         or the write permission). Whether a command can be queued: `Commands` readiness.
 
         One probe at a time, which a caller's own deadline does not cancel (aiormq closes
         a channel whose call is cancelled), on a channel of its own, so that neither a
-        cancelled nor a refused probe closes the channel every publish uses. Callers
+        cancelled nor a refused probe closes a channel publishes use. Callers
         meanwhile wait for the same probe."""
         await self._probing()
 
@@ -348,7 +375,7 @@ class Publisher:
         await self.probe()
 
     async def _probe_once(self) -> None:
-        await self._opened("probing the broker")
+        await self._opened("probing the broker", self._queues)
         try:
             async with asyncio.timeout(self._confirm_timeout):
                 channel = await self._probing_channel()
@@ -379,7 +406,7 @@ class Publisher:
     async def _declared(self, what: str, declare: Callable[[AbstractChannel], Awaitable[T]]) -> T:
         """`declare(channel)` within the confirm timeout, on the probe's channel: a
         declaration the broker refuses (other arguments, a limit reached) closes its
-        channel, which would fail every publish in flight on the one they share, and on
+        channel, which would fail every publish in flight on a channel they share, and on
         that one it would wait behind them."""
         return await self._timed(what, "declared", self._probing_channel, declare)
 
@@ -404,9 +431,9 @@ class Publisher:
         except Unavailable as error:
             raise PublishFailed(f"{what} not {done}: {error.detail}") from error
 
-    async def _opened(self, what: str) -> tuple[AbstractChannel, AbstractExchange]:
+    async def _opened(self, what: str, lane: _Lane) -> tuple[AbstractChannel, AbstractExchange]:
         try:
-            return await self.channel()
+            return await self._open(lane)
         except TimeoutError:
             raise PublishFailed(f"{what}: no channel within {self._confirm_timeout} s") from None
         except Unavailable as error:
@@ -415,22 +442,22 @@ class Publisher:
     async def _confirmed(
         self,
         what: str,
-        publishes: Sequence[tuple[Envelope | AbstractMessage, str | None]],
+        lane: _Lane,
+        publishes: Sequence[tuple[Envelope | AbstractMessage, str]],
         via: AbstractExchange | None = None,
     ) -> None:
-        """Publish each (message, queue): to `events` when queue is None, else to the queue;
-        `via` an exchange, under the queue's name as the routing key."""
-        channel, events = await self._opened(what)
+        """Publish each (message, routing key) on `lane`, to its exchange or `via`."""
+        _, exchange = await self._opened(what, lane)
         began = time.monotonic()
         try:
             async with patient_timeout(self._confirm_timeout):
                 sending = [
-                    (via or (channel.default_exchange if queue else events)).publish(
+                    (via or exchange).publish(
                         to_amqp(message) if isinstance(message, Envelope) else message,
-                        queue or "",
+                        routing_key,
                         mandatory=True,
                     )
-                    for message, queue in publishes
+                    for message, routing_key in publishes
                 ]
                 if len(sending) == 1:
                     # Awaited where it is: a task of its own would cost the loop a turn.
@@ -452,10 +479,15 @@ class Publisher:
 
     async def close(self) -> None:
         self._probing.cancel()
-        for channel in (self._channel, self._probe_channel, self._inquiry):
+        for channel in (
+            self._events.channel,
+            self._queues.channel,
+            self._probe_channel,
+            self._inquiry,
+        ):
             if channel is not None:
                 await close_channel(channel)
-        self._channel = self._probe_channel = self._inquiry = None
+        self._events.channel = self._queues.channel = self._probe_channel = self._inquiry = None
 
 
 async def _settled(publish: Awaitable[object]) -> object:
