@@ -9,10 +9,14 @@ from typing import cast
 
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
+from structlog.testing import capture_logs
 
 from financing.adapters.rabbitmq import consumer
 from financing.adapters.rabbitmq.acks import ChannelAcks
 from financing.adapters.rabbitmq.dead_letters import DeadLetters
+from financing.application.errors import Fault
+from financing.application.pipeline import Outcome
+from financing.application.retry import GaveUp
 from tests.support.infra import wait_until
 
 
@@ -271,3 +275,49 @@ async def test_acks_carried_by_a_writer_that_is_cancelled_fail_at_once() -> None
     for ack in carried:
         with pytest.raises(ConnectionError):
             await asyncio.wait_for(ack, 1)
+
+
+class _FailingDeadLetters:
+    """Dead letters whose keeping fails as a bug does once the retries gave up."""
+
+    async def keep(self, *_: object, **__: object) -> bool:
+        raise GaveUp(ValueError("a bug"), Fault.BUG, 3)
+
+
+class _Given:
+    """A delivered message that records being given back."""
+
+    delivery_tag = 1
+    channel = _Channel()
+    message_id = "m-1"
+
+    def __init__(self) -> None:
+        self.headers: dict[str, object] = {}
+        self.requeued: list[bool] = []
+
+    async def nack(self, requeue: bool = True) -> None:
+        self.requeued.append(requeue)
+
+
+async def test_a_delivery_whose_dead_lettering_fails_with_a_bug_is_given_back_not_raised(
+    monkeypatch: pytest.MonkeyPatch, acks: ChannelAcks
+) -> None:
+    """Regression: raised from settling, the bug stopped the projector (which settles a
+    batch together) and the service with it, again at each start, while every other
+    consumer gave the message back."""
+    monkeypatch.setattr(consumer, "RELEASE_PAUSE", 0.0)
+    acks.delivered(1)
+    message = _Given()
+    delivery = consumer.AmqpDelivery(
+        cast(AbstractIncomingMessage, message),
+        "queue",
+        cast(DeadLetters, _FailingDeadLetters()),
+        acks,
+        lambda why: pytest.fail(f"the channel was given up: {why}"),
+    )
+    with capture_logs() as logs:
+        await asyncio.wait_for(delivery.settle(Outcome.dead_letter("poison")), 5)
+    assert message.requeued == [True]
+    assert [line["event"] for line in logs if line["log_level"] == "error"] == [
+        "settling a delivery failed"
+    ]

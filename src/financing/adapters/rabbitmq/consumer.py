@@ -141,6 +141,23 @@ class AmqpDelivery:
         }
 
     async def settle(self, outcome: Outcome) -> None:
+        """`_settle`; a bug in settling (a dead letter the retries gave up on) is logged
+        and the message given back (`given_back_after`): raised, it stopped the projector,
+        which settles a batch at once, and with it the service, again at each start."""
+        try:
+            await self._settle(outcome)
+        except Exception as error:
+            await self.given_back_after(error, "settling a delivery failed")
+
+    async def given_back_after(self, error: Exception, what: str) -> None:
+        """After a bug: logged, then the message is given back after a pause, freeing its
+        slot, so that what fails for good (a dead-letter queue the broker refuses) is not
+        tried again hundreds of times a second."""
+        log.error(what, error=describe(error), exc_info=error)
+        await asyncio.sleep(RELEASE_PAUSE)  # the pause before the broker's next try
+        await self.release()
+
+    async def _settle(self, outcome: Outcome) -> None:
         if outcome.kind in SETTLED_BY_ACK:
             await self._ack()
         elif outcome.kind is OutcomeKind.DEAD_LETTERED:
@@ -162,7 +179,7 @@ class AmqpDelivery:
                 # Not for waiting (its size), or the broker refuses the deferrals' queue
                 # for good (another queue type): kept aside, not redelivered for ever.
                 reason = f"{outcome.detail}; it could not be deferred: {refused}"
-                await self.settle(Outcome.dead_letter(reason))
+                await self._settle(Outcome.dead_letter(reason))
                 return
             if deferred:
                 # Said once, when it is first put aside (at most one line when it is
@@ -391,21 +408,13 @@ class Deliveries:
         with structlog.contextvars.bound_contextvars(**delivery.log_fields()):
             try:
                 outcome = await self._step(delivery)
-                await delivery.settle(outcome)
-                metrics.settled(
-                    delivery.source,
-                    outcome.kind.value,
-                    time.perf_counter() - started,
-                    outcome.events,
-                )
-            except Exception as error:
-                # Only a bug in settling itself gets here (the step classifies
-                # everything it raises): give the message back, freeing its slot, after
-                # a pause, so that a settlement that fails for good (a dead-letter
-                # queue the broker refuses) is not tried again hundreds of times a second.
-                log.error("settling a delivery failed", error=describe(error), exc_info=error)
-                await asyncio.sleep(RELEASE_PAUSE)  # the pause before the broker's next try
-                await delivery.release()
+            except Exception as error:  # a bug of the step: it classifies what it raises
+                await delivery.given_back_after(error, "handling a delivery failed")
+                return
+            await delivery.settle(outcome)
+            metrics.settled(
+                delivery.source, outcome.kind.value, time.perf_counter() - started, outcome.events
+            )
 
     async def stop(self) -> None:
         """Take no more deliveries; give the ones in flight a grace period, then cancel them."""
