@@ -16,8 +16,9 @@ from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
+from structlog.testing import capture_logs
 
-from financing.application.errors import Unavailable
+from financing.application.errors import Refused, Unavailable
 from financing.application.memory import InMemoryCommandSender
 from financing.application.messages import (
     ApproveFinancing,
@@ -305,6 +306,40 @@ async def test_a_bug_sending_a_command_is_answered_internal_without_a_retry() ->
             await CommandsStub(channel).approve_financing(ApproveFinancingCommand(invoice_id=_id()))
     assert error.value.status is Status.INTERNAL
     assert buggy.attempts == 1
+
+
+class RefusingSender(InMemoryCommandSender):
+    """A broker that refuses the command's queue, declared again with other arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attempts = 0
+
+    async def send(self, command: Command, message_id: UUID, cause: Cause) -> None:
+        self.attempts += 1
+        raise Refused("broker", f"queue {command.name()!r} exists with other arguments")
+
+
+async def test_a_command_queue_the_broker_refuses_is_answered_unavailable_not_a_bug() -> None:
+    """Regression: answered INTERNAL and logged as a bug, with a traceback, at every call."""
+    refusing = RefusingSender()
+    async with _serving(CommandsService(refusing, Outages(), budget=5.0)) as channel:
+        with capture_logs() as logs:
+            for _ in range(2):
+                with pytest.raises(GRPCError) as error:
+                    await CommandsStub(channel).approve_financing(
+                        ApproveFinancingCommand(invoice_id=_id())
+                    )
+                assert error.value.status is Status.UNAVAILABLE
+                assert error.value.message == (
+                    "ApproveFinancing could not be queued: the broker refuses its queue"
+                )
+    assert refusing.attempts == 2
+    said = [line for line in logs if line["log_level"] in ("warning", "error")]
+    assert [line["event"] for line in said] == [
+        "commands could not be queued: broker refused the service:"
+        " queue 'ApproveFinancing' exists with other arguments"
+    ]
 
 
 # Correlation ids

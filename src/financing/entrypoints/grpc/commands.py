@@ -32,7 +32,7 @@ from grpclib.events import RecvRequest, SendInitialMetadata, SendTrailingMetadat
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
-from financing.application.errors import Fault
+from financing.application.errors import Fault, Refused
 from financing.application.messages import (
     ApproveFinancing,
     BidOnInvoice,
@@ -73,6 +73,7 @@ ENQUEUE_BUDGET_SECONDS = 5.0
 MOST_ENQUEUEING = 256
 # The line saying calls were answered busy, at most once every so many seconds.
 _BUSY = Warnings(10.0, log)
+_REFUSED = Warnings(10.0, log)
 
 CORRELATION_METADATA = "correlation-id"
 # A client's name for one command, kept across its retries: the command's message id (and
@@ -265,6 +266,14 @@ class CommandsService(CommandsBase):
         except GaveUp as gave_up:
             if gave_up.fault is Fault.UNAVAILABLE:
                 raise self._unavailable(command, str(gave_up.error)) from None
+            if isinstance(gave_up.error, Refused):
+                # The broker refuses the command's queue (declared again with other
+                # arguments, of another type): the operator's to mend, not a bug.
+                _REFUSED.warn(f"commands could not be queued: {gave_up.error}")
+                raise GRPCError(
+                    Status.UNAVAILABLE,
+                    f"{command.name()} could not be queued: the broker refuses its queue",
+                ) from None
             log.error(
                 "enqueue failed with a bug",
                 name=command.name(),
