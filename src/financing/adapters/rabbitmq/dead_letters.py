@@ -41,6 +41,7 @@ from financing.adapters.rabbitmq.publisher import Publisher
 from financing.adapters.rabbitmq.queues import existing_queue, queue_exists
 from financing.adapters.rabbitmq.topology import (
     DEAD_LETTER_QUEUE,
+    DEAD_LETTERS,
     DEFERRALS,
     ROUTED_NAMES,
     UNROUTED,
@@ -214,7 +215,7 @@ class DeadLetters:
         The caller acks the original only after this returned.
         """
         if not self._declared:
-            await self._publisher.declare_command_queue(DEAD_LETTER_QUEUE)
+            await self._publisher.declare_queue(DEAD_LETTERS)
             self._declared = True
         copy = dead_letter_of(message, reason=reason, source_queue=source_queue)
         # A queue deleted meanwhile is declared again as the publish meets it.

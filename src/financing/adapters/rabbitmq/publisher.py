@@ -40,6 +40,7 @@ from financing.adapters.rabbitmq.topology import (
     EVENTS_EXCHANGE,
     EVENTS_ROUTER,
     Declaration,
+    QueueSpec,
     command_queue,
     declarations,
     declare_deferrals,
@@ -400,8 +401,11 @@ class Publisher:
             return self._probe_channel
 
     async def declare_command_queue(self, name: str) -> None:
-        spec = command_queue(name).of_type(self._broker.queue_type)
-        await self._declared(f"queue {name!r}", spec.declare)
+        await self.declare_queue(command_queue(name))
+
+    async def declare_queue(self, spec: QueueSpec) -> None:
+        """`spec` declared, of the service's queue type (`_declared`)."""
+        await self._declared(f"queue {spec.name!r}", spec.of_type(self._broker.queue_type).declare)
 
     async def _declared(self, what: str, declare: Callable[[AbstractChannel], Awaitable[T]]) -> T:
         """`declare(channel)` within the confirm timeout, on the probe's channel: a
