@@ -149,10 +149,15 @@ class Relayer:
             try:
                 async with asyncio.timeout(SHUTDOWN_GRACE):
                     await self._mark(relayed)
-            except Exception as error:
+            except (TimeoutError, Unavailable) as error:
                 log.warning(
                     "relayer could not mark what it relayed; it will be relayed again",
                     error=summary(error),
+                )
+            except Exception as error:  # a broken invariant, as while relaying: said whole
+                log.error(
+                    "relayer could not mark what it relayed; it will be relayed again",
+                    exc_info=error,
                 )
             raise
 

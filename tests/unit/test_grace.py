@@ -1,0 +1,44 @@
+"""A step finished as its worker stops: given its grace, and said when it fails."""
+
+from __future__ import annotations
+
+import asyncio
+
+from structlog.testing import capture_logs
+
+from financing.application.grace import finish_on_cancel
+
+
+async def _stopped_while(step_fails: bool) -> tuple[list[str], list[str]]:
+    """Cancel a worker running a step, then let the step end (failing or not); what the
+    step did, and the warnings said."""
+    done: list[str] = []
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def step() -> None:
+        started.set()
+        await release.wait()
+        if step_fails:
+            raise ValueError("a bug in the step")
+        done.append("finished")
+
+    worker = asyncio.create_task(finish_on_cancel(step(), grace=5))
+    await asyncio.wait_for(started.wait(), 5)
+    with capture_logs() as logs:
+        worker.cancel()
+        release.set()
+        results = await asyncio.gather(worker, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError)
+    return done, [line["event"] for line in logs if line["log_level"] == "warning"]
+
+
+async def test_a_step_cancelled_with_its_worker_finishes_within_its_grace() -> None:
+    assert await _stopped_while(step_fails=False) == (["finished"], [])
+
+
+async def test_a_step_that_fails_within_its_grace_is_said() -> None:
+    """Regression: every failure of the step within the grace, bugs included, was silent."""
+    assert await _stopped_while(step_fails=True) == (
+        [],
+        ["a step being finished as its worker stopped failed"],
+    )
