@@ -24,8 +24,8 @@ from financing.adapters.rabbitmq import consumer as consumer_module
 from financing.adapters.rabbitmq.acks import ChannelAcks
 from financing.adapters.rabbitmq.connection import Broker
 from financing.adapters.rabbitmq.consumer import (
+    IN_FLIGHT_GRACE,
     LOGGED_HEADER_CHARS,
-    SHUTDOWN_GRACE,
     Deliveries,
     QueueConsumer,
     consume,
@@ -214,7 +214,7 @@ async def consuming(
     policy: RetryPolicy = FAST,
     handler_parts: tuple[HandlerPart, ...] = (),
     prefetch: int = 32,
-    shutdown_grace: float = SHUTDOWN_GRACE,
+    shutdown_grace: float = IN_FLIGHT_GRACE,
 ) -> AsyncIterator[Consuming]:
     """A consumer of `subscription` wired as the service wires one, until the block ends."""
     step = subscription.step(

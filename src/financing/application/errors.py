@@ -1,8 +1,8 @@
 """The one classification of failures: what each error says, and whether retrying can help.
 
 Every loop that retries anything (a delivery, the relayer, the projector, an
-enqueue from the Commands API, start-up) asks `classify` and treats the four
-faults the same way:
+enqueue from the Commands API, start-up) asks `classify`; what it does with each of
+the four faults is its `retry.RetryPolicy`. For deliveries (`retry.DELIVERIES`):
 
 - UNAVAILABLE: a dependency (database, broker) cannot be reached now. Retried
   without limit, with capped backoff and quietly: one warning when the outage
@@ -15,6 +15,11 @@ faults the same way:
 - BUG: anything else, a programming error. Logged with its traceback, retried
   a few times (it may depend on a race), then dead-lettered; never reported as
   an outage.
+
+The relayer, the Commands API, start-up, the consumers' opening of their queues and
+retention (`retry.NO_BUG_RETRIES`) wait out an outage the same way but give up on
+anything else at once: the relayer stops the service, the Commands API answers
+INTERNAL (UNAVAILABLE for a queue the broker refuses), start-up fails.
 
 Adapters translate their drivers' errors into these types at their boundary,
 so nothing above them needs to know asyncpg's or aiormq's exceptions.

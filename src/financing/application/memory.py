@@ -47,10 +47,9 @@ class InMemoryUnitOfWork:
 
     async def load(self, cls: type[A], aggregate_id: UUID) -> A:
         self._reading("load")
-        aggregate = cls(aggregate_id)
-        for stored in await self._store.stream(aggregate_id):
-            aggregate.apply(stored.event)
-        return aggregate
+        return cls(aggregate_id).replay(
+            stored.event for stored in await self._store.stream(aggregate_id)
+        )
 
     async def load_both(
         self, first: type[A], first_id: UUID, second: type[B], second_id: UUID

@@ -83,4 +83,3 @@ COMMAND_TYPES: tuple[type[Command], ...] = (
     CreateInvestor,
     CreateIssuer,
 )
-INTEGRATION_EVENT_TYPES: tuple[type[IntegrationEvent], ...] = (IssuerRegistered, InvestorRegistered)

@@ -303,7 +303,7 @@ def _always() -> bool:
     return True
 
 
-async def persist(
+async def retry_or_raise(
     operation: Callable[[], Awaitable[T]], *, policy: RetryPolicy, outages: Outages, what: str
 ) -> T:
     """`retry` for work that has nothing to give up into: once it stops retrying, the

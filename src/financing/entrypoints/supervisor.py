@@ -14,13 +14,18 @@ import contextlib
 from typing import Any
 
 from financing import release
+from financing.application.grace import SHUTDOWN_GRACE
 from financing.entrypoints.bootstrap import Listener, Service, StartupError
 from financing.entrypoints.listening import shown
 from financing.logging import get_logger
 
 log = get_logger(__name__)
 
-SHUTDOWN_GRACE = 5.0
+# How long the calls in flight may take to finish once clients are told to go elsewhere.
+CALLS_GRACE = 5.0
+# How long the components may take to stop: a worker's step finished within its grace,
+# then what it did recorded within as long again (the relayer's marking).
+COMPONENTS_GRACE = 2 * SHUTDOWN_GRACE
 
 
 async def supervise(service: Service, stop: asyncio.Event) -> int:
@@ -102,7 +107,7 @@ async def _shut_down(
     # the services.
     for listener in service.listeners:
         listener.server.go_away()
-    await asyncio.gather(*(calls.drain(SHUTDOWN_GRACE) for calls in service.calls))
+    await asyncio.gather(*(calls.drain(CALLS_GRACE) for calls in service.calls))
     for listener in service.listeners:
         listener.server.close()
     stopping.cancel()
@@ -110,7 +115,7 @@ async def _shut_down(
     for task in running:
         task.cancel()
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(SHUTDOWN_GRACE * 2):
+        async with asyncio.timeout(COMPONENTS_GRACE):
             await asyncio.gather(*running, stopping, return_exceptions=True)
             for listener in service.listeners:
                 await listener.server.wait_closed()

@@ -28,7 +28,7 @@ from financing import metrics
 from financing.application.errors import Unavailable, summary
 from financing.application.grace import SHUTDOWN_GRACE, finish_on_cancel
 from financing.application.ports import EventPublisher, Outbox, RelayerLock, StoredEvent, WakeUp
-from financing.application.retry import NO_BUG_RETRIES, Outages, RetryPolicy, persist
+from financing.application.retry import NO_BUG_RETRIES, Outages, RetryPolicy, retry_or_raise
 from financing.logging import get_logger
 
 log = get_logger(__name__)
@@ -221,4 +221,6 @@ class Relayer:
             self._held_by = None
 
     async def _retry(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
-        return await persist(operation, policy=self._policy, outages=self._outages, what=what)
+        return await retry_or_raise(
+            operation, policy=self._policy, outages=self._outages, what=what
+        )

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import Protocol
 
-from financing.application.retry import NO_BUG_RETRIES, Outages, RetryPolicy, persist
+from financing.application.retry import NO_BUG_RETRIES, Outages, RetryPolicy, retry_or_raise
 from financing.logging import get_logger
 
 log = get_logger(__name__)
@@ -65,7 +65,7 @@ class Retention:
     async def _prune(self, database: str, records: DeduplicationRecords) -> int:
         pruned = 0
         while True:
-            count = await persist(
+            count = await retry_or_raise(
                 lambda: records.prune(self._keep, self._batch_size),
                 policy=self._policy,
                 outages=self._outages,

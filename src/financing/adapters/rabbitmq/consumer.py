@@ -56,7 +56,7 @@ from financing.application.ports import (
     Envelope,
     usable_correlation_id,
 )
-from financing.application.retry import NO_BUG_RETRIES, GaveUp, Outages, persist
+from financing.application.retry import NO_BUG_RETRIES, GaveUp, Outages, retry_or_raise
 from financing.logging import get_logger
 
 log = get_logger(__name__)
@@ -69,8 +69,9 @@ LOGGED_HEADER_CHARS = MAX_MESSAGE_ID_BYTES
 ACK_TIMEOUT = 5.0
 # Seconds a message whose settling failed is held before it is given back.
 RELEASE_PAUSE = 1.0
-# On cancellation, how long in-flight messages may take to finish.
-SHUTDOWN_GRACE = 3.0
+# On cancellation, how long in-flight messages may take to finish: within the grace the
+# service gives its components (`grace.SHUTDOWN_GRACE`).
+IN_FLIGHT_GRACE = 3.0
 
 SETTLED_BY_ACK = frozenset(
     {OutcomeKind.PROCESSED, OutcomeKind.UNCHANGED, OutcomeKind.DUPLICATE, OutcomeKind.IGNORED}
@@ -318,7 +319,7 @@ class QueueConsumer:
     async def _retry_open(
         self,
     ) -> tuple[AbstractChannel, AbstractQueue, ConsumerTag, _Ended]:
-        return await persist(
+        return await retry_or_raise(
             self._open,
             policy=NO_BUG_RETRIES,
             outages=self._outages,
@@ -390,7 +391,7 @@ class Deliveries:
     """Runs `step` on each delivery of a queue, concurrently up to the prefetch, and
     settles it by its outcome."""
 
-    def __init__(self, step: Step, *, shutdown_grace: float = SHUTDOWN_GRACE) -> None:
+    def __init__(self, step: Step, *, shutdown_grace: float = IN_FLIGHT_GRACE) -> None:
         self._step = step
         self._shutdown_grace = shutdown_grace
         self._in_flight: set[asyncio.Task[None]] = set()

@@ -130,10 +130,6 @@ class Publisher:
         self._inquiring = asyncio.Lock()
         self._restoring_one = asyncio.Lock()
 
-    @property
-    def confirm_timeout(self) -> float:
-        return self._confirm_timeout
-
     async def channel(self) -> AbstractChannel:
         """The channel of publishes to queues (`_open`)."""
         channel, _ = await self._open(self._queues)
@@ -230,11 +226,12 @@ class Publisher:
         """The queue `name`'s depth, None when the broker has no such queue: asked on a
         channel kept for such questions, one at a time, and opened again only after a
         queue was found missing (the broker closes the channel of a passive declaration
-        it cannot answer). Asked on a channel of its own each time, opened and closed, it
-        left aiormq's callbacks on the connection for good (4 kB a channel, an idle
-        service growing for ever); asked on the probe's, a missing queue closed the
-        channel under the probes and declarations sharing it (a broker outage that was
-        none)."""
+        it cannot answer). A running service asks again and again (each restore, the
+        topology watch every 30 s): one request each, where a channel of its own
+        (`queues.queue_depth`, the operator's commands, which ask a few questions and
+        exit) costs two more and a channel opened and closed in the broker's log. Asked on
+        the probe's, a missing queue closed the channel under the probes and declarations
+        sharing it (a broker outage that was none)."""
         async with self._inquiring:
 
             async def inquiring() -> AbstractChannel:

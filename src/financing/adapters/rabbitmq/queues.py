@@ -27,7 +27,10 @@ async def existing_queue(broker: Broker, name: str) -> AsyncIterator[AbstractQue
 
     A passive declaration of a missing queue closes the channel, so each inquiry has
     a channel of its own; closing it returns every message fetched and not acked to
-    the queue, in its original position.
+    the queue, in its original position. For the operator's commands, which ask a few
+    questions and exit, and what a running service does once (retiring the reference's
+    projector queue); what it asks again and again it asks on a channel it keeps
+    (`Publisher.queue_depth`).
     """
     channel = await broker.channel()
     try:

@@ -185,8 +185,10 @@ class Subscription:
     """What one consumer reads: its queue, the names it handles, and what becomes of others.
 
     On a command queue every message should be its one command: any other was
-    misrouted and is dead-lettered, since acking it would lose it. A queue bound
-    to `events` receives every event: the ones of other names are ignored.
+    misrouted and is dead-lettered, since acking it would lose it. A queue fed by
+    `events` receives only its names (through `financing_events`); another name, which
+    a plain binding to `events` left by an earlier release or the reference brings
+    until it is removed, is ignored.
     """
 
     queue: QueueSpec

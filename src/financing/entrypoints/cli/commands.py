@@ -524,7 +524,7 @@ async def _status(settings: Settings, args: argparse.Namespace) -> int:
     return await run_status(settings, max_relay_lag=args.max_relay_lag, answer_within=args.timeout)
 
 
-def _refuse_ambiguous_discard(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def _refuse_ambiguous_discard(args: argparse.Namespace) -> None:
     """Discarding is for good: every dead letter only when asked for in so many words."""
     if args.command != "dead-letters" or args.dead_letters_command != "discard":
         return
@@ -638,7 +638,7 @@ def run(argv: Sequence[str] | None = None, *, overrides: Overrides | None = None
 def _run(argv: Sequence[str] | None, *, overrides: Overrides | None) -> None:
     parser = build_parser()
     args = _arguments(parser, list(sys.argv[1:] if argv is None else argv))
-    _refuse_ambiguous_discard(parser, args)
+    _refuse_ambiguous_discard(args)
     try:
         settings = Settings.from_env(reads=args.reads)
     except ConfigError as exc:
