@@ -164,6 +164,36 @@ async def bootstrap(
         raise ValueError(f"unknown components: {', '.join(sorted(unknown))}")
     selected = service.components
     outages = Outages()
+    command_pool, query_pool = await _databases(settings, selected, stack, outages, deadline)
+    service.workers["outages"] = outages.watch
+    service.workers["event-loop"] = watch_event_loop
+    service.workers["garbage"] = collect_in_full
+    # The file descriptors the process needs itself, left to it by its servers' callers.
+    own = OWN_DESCRIPTORS + sum(
+        pool.get_max_size() for pool in (command_pool, query_pool) if pool is not None
+    )
+    if selected & NEEDS_BROKER:
+        await _broker_components(
+            settings, service, stack, outages, deadline, overrides, command_pool, query_pool, own
+        )
+    if query_pool is not None and "queries-api" in selected:
+        queries = QueriesService(PostgresReadModels(query_pool), outages)
+        probe = Probe(QUERY_DATABASE, _answering(ping, query_pool, "queries"))
+        server = _grpc_server(service, outages, queries, "Queries", probe, own)
+        service.listeners.append(Listener("queries-api", server, settings.query_address))
+    _housekeeping(settings, service, outages, command_pool, query_pool, own)
+    return service
+
+
+async def _databases(
+    settings: Settings,
+    selected: frozenset[str],
+    stack: AsyncExitStack,
+    outages: Outages,
+    deadline: float,
+) -> tuple[asyncpg.Pool | None, asyncpg.Pool | None]:
+    """The pools of the command and query databases the components need (None: not
+    needed), each watched for its outages."""
     command_pool = query_pool = None
     if selected & NEEDS_COMMAND_DB:
         command_pool = await _pool(
@@ -187,65 +217,79 @@ async def bootstrap(
             outages.check_with(
                 DATABASES[schema], _answering(check, pool, schema), attempts_within=within
             )
-    service.workers["outages"] = outages.watch
-    service.workers["event-loop"] = watch_event_loop
-    service.workers["garbage"] = collect_in_full
-    # The file descriptors the process needs itself, left to it by its servers' callers.
-    own = OWN_DESCRIPTORS + sum(
-        pool.get_max_size() for pool in (command_pool, query_pool) if pool is not None
+    return command_pool, query_pool
+
+
+async def _broker_components(
+    settings: Settings,
+    service: Service,
+    stack: AsyncExitStack,
+    outages: Outages,
+    deadline: float,
+    overrides: Overrides,
+    command_pool: asyncpg.Pool | None,
+    query_pool: asyncpg.Pool | None,
+    own: int,
+) -> None:
+    """The broker's connection and publisher, the consumers, the relayer and the
+    Commands API, as far as they are selected; the topology declared."""
+    selected = service.components
+    broker = Broker(settings.amqp_urls, outages, queue_type=settings.queue_type)
+    stack.push_async_callback(broker.close)
+    await started(BROKER, broker.connection, outages, deadline)
+    publisher = Publisher(broker)
+    stack.push_async_callback(publisher.close)
+    # An outage ends when the broker takes a declaration again, not merely a connection
+    # (one whose permissions were taken away still connects).
+    outages.check_with(BROKER, publisher.probe_events)
+    deliveries = replace(DELIVERIES, aggregate_wait=settings.aggregate_wait)
+    wiring = _Wiring(broker, publisher, outages, deliveries, overrides, service)
+    if command_pool is not None:
+        store = PostgresEventStore(command_pool, snapshot_interval=settings.snapshot_interval)
+        stack.push_async_callback(store.close)
+        if "commands" in selected:
+            wiring.store_routes(routes.COMMANDS, store)
+        if "policies" in selected:
+            wiring.store_routes(routes.POLICIES, store)
+        if "relayer" in selected:
+            wiring.relayer(command_pool, settings.command_db, stack)
+    if "integration" in selected:
+        wiring.sending_routes(routes.INTEGRATION, AmqpCommandSender(publisher))
+    if query_pool is not None and "projector" in selected:
+        clock = DatabaseClock(query_pool, QUERY_DATABASE)
+        service.workers["database-clock"] = clock.run
+        wiring.projector(PostgresReadModels(query_pool), clock.now)
+    watch: TopologyWatch | None = None
+    if selected & CONSUMES:
+        # Where queues are consumed, the topology is kept as declared.
+        watch = TopologyWatch(publisher, broker)
+        service.workers["topology"] = watch.run
+        if selected & CONSUMES_EVENTS:
+            wiring.unrouted(watch)
+    reference_queue = await started(
+        "declaring the broker topology", wiring.declare, outages, deadline
     )
-
-    if selected & NEEDS_BROKER:
-        broker = Broker(settings.amqp_urls, outages, queue_type=settings.queue_type)
-        stack.push_async_callback(broker.close)
-        await started(BROKER, broker.connection, outages, deadline)
-        publisher = Publisher(broker)
-        stack.push_async_callback(publisher.close)
-        # An outage ends when the broker takes a declaration again, not merely a connection
-        # (one whose permissions were taken away still connects).
-        outages.check_with(BROKER, publisher.probe_events)
-        deliveries = replace(DELIVERIES, aggregate_wait=settings.aggregate_wait)
-        wiring = _Wiring(broker, publisher, outages, deliveries, overrides, service)
-        if command_pool is not None:
-            store = PostgresEventStore(command_pool, snapshot_interval=settings.snapshot_interval)
-            stack.push_async_callback(store.close)
-            if "commands" in selected:
-                wiring.store_routes(routes.COMMANDS, store)
-            if "policies" in selected:
-                wiring.store_routes(routes.POLICIES, store)
-            if "relayer" in selected:
-                wiring.relayer(command_pool, settings.command_db, stack)
-        if "integration" in selected:
-            wiring.sending_routes(routes.INTEGRATION, AmqpCommandSender(publisher))
-        if query_pool is not None and "projector" in selected:
-            clock = DatabaseClock(query_pool, QUERY_DATABASE)
-            service.workers["database-clock"] = clock.run
-            wiring.projector(PostgresReadModels(query_pool), clock.now)
-        watch: TopologyWatch | None = None
-        if selected & CONSUMES:
-            # Where queues are consumed, the topology is kept as declared.
-            watch = TopologyWatch(publisher, broker)
-            service.workers["topology"] = watch.run
-            if selected & CONSUMES_EVENTS:
-                wiring.unrouted(watch)
-        reference_queue = await started(
-            "declaring the broker topology", wiring.declare, outages, deadline
+    if watch is not None:
+        watch.started(reference_queue)
+    if "commands-api" in selected:
+        commands = CommandsService(AmqpCommandSender(publisher), outages)
+        server = _grpc_server(
+            service, outages, commands, "Commands", Probe(BROKER, publisher.probe), own
         )
-        if watch is not None:
-            watch.started(reference_queue)
-        if "commands-api" in selected:
-            commands = CommandsService(AmqpCommandSender(publisher), outages)
-            server = _grpc_server(
-                service, outages, commands, "Commands", Probe(BROKER, publisher.probe), own
-            )
-            correlate(server)
-            service.listeners.append(Listener("commands-api", server, settings.command_address))
+        correlate(server)
+        service.listeners.append(Listener("commands-api", server, settings.command_address))
 
-    if query_pool is not None and "queries-api" in selected:
-        queries = QueriesService(PostgresReadModels(query_pool), outages)
-        probe = Probe(QUERY_DATABASE, _answering(ping, query_pool, "queries"))
-        server = _grpc_server(service, outages, queries, "Queries", probe, own)
-        service.listeners.append(Listener("queries-api", server, settings.query_address))
+
+def _housekeeping(
+    settings: Settings,
+    service: Service,
+    outages: Outages,
+    command_pool: asyncpg.Pool | None,
+    query_pool: asyncpg.Pool | None,
+    own: int,
+) -> None:
+    """The pruning of deduplication records and the metrics endpoint."""
+    selected = service.components
     records = deduplication_records(
         command_pool if selected & RECORDS_COMMANDS else None,
         query_pool if selected & RECORDS_PROJECTIONS else None,
@@ -256,7 +300,6 @@ async def bootstrap(
     if settings.metrics_address is not None:
         endpoint = MetricsEndpoint(healthy=lambda: _healthy(service, outages), own=own)
         service.listeners.append(Listener("metrics", endpoint, settings.metrics_address))
-    return service
 
 
 def _answering(
