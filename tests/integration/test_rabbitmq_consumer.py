@@ -648,6 +648,44 @@ async def test_missing_aggregate_is_retried_deferred_then_dead_lettered(
     assert await bus.queue_state(DEFERRALS) == (0, 0)
 
 
+async def test_a_deferred_message_back_late_past_its_wait_waits_once_more_for_its_aggregate(
+    bus: Bus, queue: str
+) -> None:
+    """Regression: the service stopped longer than the wait (an upgrade), the registration
+    creating the aggregate waiting in its queue: the deferred message was dead-lettered
+    at its first attempt after the start, its aggregate created a moment later."""
+    store = InMemoryEventStore()
+    issuer = uuid.uuid4()
+
+    async def registered_after_the_first_attempt(calls: int) -> None:
+        if calls == 2:  # back from its deferral: the registration went through meanwhile
+            async with store.unit_of_work() as uow:
+                await handlers.create_issuer(uow, CreateIssuer(issuer))
+
+    handler = Counting(
+        exactly_once(store, "sell_invoice", handlers.sell_invoice),
+        before=registered_after_the_first_attempt,
+    )
+    message = to_amqp(envelope(SellInvoice(uuid.uuid4(), issuer, Decimal("100.00"))))
+    message.headers.update(  # put aside 70 s ago for 0.25 s, having waited 2 s then
+        {
+            DEFERRED_AT_HEADER: datetime.now(UTC).isoformat(),
+            DEFERRED_FOR_HEADER: "2.000",
+            DEFERRED_DELAY_HEADER: "0.250",
+            DEFERRED_CLOCK_HEADER: f"{THIS_BOOT} {time.monotonic() - 70:.3f}",
+        }
+    )
+    async with consuming(bus, on_command_queue(queue, "SellInvoice"), handler):
+        await bus.publisher.send_message_to_queue(queue, message)
+
+        async def created() -> bool:
+            return any(isinstance(stored.event, ev.InvoiceCreatedEvent) for stored in store.events)
+
+        await wait_until(created, what="the invoice created once its issuer was")
+    assert handler.calls == 2
+    assert await bus.dead_letters_of(queue) == []
+
+
 async def test_a_deferred_copy_keeps_the_originals_properties(bus: Bus, queue: str) -> None:
     handler = exactly_once(InMemoryEventStore(), "sell_invoice", handlers.sell_invoice)
     message = envelope(SellInvoice(uuid.uuid4(), uuid.uuid4(), Decimal("10")))

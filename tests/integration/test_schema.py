@@ -499,6 +499,62 @@ async def test_a_rebuild_under_way_when_the_queries_schema_gains_a_column_gets_i
     ]
 
 
+# The version 3 of the queries schema that release 0.4.0 shipped (0.4.1 shipped another).
+QUERIES_3_OF_0_4_0 = """
+CREATE TABLE IF NOT EXISTS foreign_events (
+    position     bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    message_id   text        NOT NULL UNIQUE,
+    name         text        NOT NULL,
+    aggregate_id uuid        NOT NULL,
+    body         text        NOT NULL,
+    digest       text        NOT NULL,
+    projected_at timestamptz NOT NULL DEFAULT now()
+);
+ALTER FUNCTION public.financing_create_read_models(text) RENAME TO financing_create_read_models_2;
+
+CREATE FUNCTION public.financing_create_read_models(target text)
+RETURNS void
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    PERFORM public.financing_create_read_models_2(target);
+    EXECUTE format(
+        'ALTER TABLE %I.processed_messages ADD COLUMN IF NOT EXISTS digest text', target);
+END
+$fn$;
+
+SELECT public.financing_create_read_models('read_models');
+"""
+
+
+async def test_a_query_database_release_0_4_0_migrated_is_migrated_and_rebuilds_alike(
+    empty_database: Database,
+) -> None:
+    """Regression: 0.4.0's version 3 had already renamed the tables' function, and version
+    4 renaming it again failed start-up with a DuplicateFunctionError (a traceback, exit
+    1), as did `check`'s remedy and `projections rebuild`."""
+    pool = await create_pool(empty_database)
+    try:
+        before = [(version, sql) for version, sql in sections("queries") if version < 3]
+        await apply(pool, "queries", [*before, (3, QUERIES_3_OF_0_4_0)])
+        await migrate(pool, "queries")
+        await require_current(pool, "queries")
+        await pool.execute("SELECT public.financing_create_read_models('read_models_later')")
+        columns = await pool.fetch(
+            "SELECT table_schema, column_name FROM information_schema.columns"
+            " WHERE table_name = 'processed_messages'"
+            " AND column_name IN ('digest', 'recorded_at') ORDER BY 1, 2"
+        )
+    finally:
+        await pool.close()
+    assert [(row["table_schema"], row["column_name"]) for row in columns] == [
+        ("read_models", "digest"),
+        ("read_models", "recorded_at"),
+        ("read_models_later", "digest"),
+        ("read_models_later", "recorded_at"),
+    ]
+
+
 async def test_tables_out_of_a_search_path_set_back_are_found_again(
     empty_database: Database,
 ) -> None:

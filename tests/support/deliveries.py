@@ -22,6 +22,7 @@ class MemoryDelivery:
     open: bool = True  # False: its channel closed, it can no longer be settled
     settled: list[Outcome] = field(default_factory=list)
     waited: float = 0.0  # seconds since it was first deferred
+    late: bool = False  # back from a deferral long after its delay
 
     @property
     def name(self) -> str | None:

@@ -17,6 +17,8 @@ from financing.adapters.rabbitmq.dead_letters import (
     DEFERRED_CLOCK_HEADER,
     DEFERRED_DELAY_HEADER,
     DEFERRED_FOR_HEADER,
+    LATE_BY,
+    came_back_late,
     deferred_for,
 )
 
@@ -93,3 +95,30 @@ def test_a_count_without_its_stamp_waits_anew() -> None:
 def test_a_wait_the_service_does_not_write_is_no_wait(value: object) -> None:
     assert waited(**copy(cast(str, value), "1.000")) == 0.0
     assert waited(**copy("1.000", cast(str, value))) == 0.0
+
+
+def late(**headers: Any) -> bool:
+    return came_back_late(cast(AbstractIncomingMessage, Delivered(dict(headers))))
+
+
+@pytest.mark.skipif(not BOOT_ID.exists(), reason="no boot id: time away cannot be told")
+@pytest.mark.parametrize(
+    ("away", "is_late"),
+    [(0.3, False), (0.25 + LATE_BY - 1, False), (0.25 + LATE_BY + 1, True), (70.0, True)],
+)
+def test_a_copy_is_late_only_when_away_far_longer_than_its_delay(
+    away: float, is_late: bool
+) -> None:
+    """Held behind copies put aside for longer (at most 5 s) it is on time; away for as
+    long as the service was stopped, late."""
+    clock = f"{BOOT_ID.read_text().strip()} {time.monotonic() - away:.3f}"
+    assert late(**copy("2.000", "0.250", clock)) is is_late
+
+
+def test_a_copy_of_another_host_or_never_deferred_is_not_late() -> None:
+    assert not late(**copy("2.000", "0.250", f"another-boot {time.monotonic() - 70:.3f}"))
+    assert not late()
+
+
+def test_a_copy_of_an_earlier_release_is_late_its_time_away_unknown() -> None:
+    assert late(**{DEFERRED_AT_HEADER: stamped(timedelta(seconds=30))})

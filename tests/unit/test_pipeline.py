@@ -359,6 +359,25 @@ async def test_a_deferred_message_that_waited_long_enough_is_dead_lettered_sayin
     )
 
 
+async def test_a_deferred_message_back_late_past_its_wait_is_deferred_once_more() -> None:
+    """Regression: the service stopped longer than the wait, the message creating the
+    aggregate waiting in its queue all along: the deferred bid was dead-lettered at its
+    first attempt after the start ("it waited 71.7 s"), its investor registered a
+    moment later."""
+    store = InMemoryEventStore()
+    step = store_step(store, "SellInvoice", handlers.sell_invoice)
+    back = MemoryDelivery(
+        envelope_of(SellInvoice(uuid4(), uuid4(), D("50"))),
+        waited=POLICY.aggregate_wait + 10.0,
+        late=True,
+    )
+
+    outcome = await step(back)
+
+    assert outcome.kind is OutcomeKind.DEFERRED
+    assert outcome.delay == POLICY.deferral_delay(POLICY.aggregate_wait + 10.0)
+
+
 async def test_a_deferred_message_whose_aggregate_was_created_meanwhile_is_processed() -> None:
     store = InMemoryEventStore()
     issuer_id = uuid4()

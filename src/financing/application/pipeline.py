@@ -119,6 +119,12 @@ class Delivery(Protocol):
         """Seconds since it was first deferred (0.0: never)."""
         ...
 
+    @property
+    def late(self) -> bool:
+        """Whether it came back from a deferral long after its delay (the service was
+        stopped, a backlog held it meanwhile)."""
+        ...
+
     def log_fields(self) -> dict[str, Any]:
         """What identifies it in log lines (queue, name, message and aggregate ids)."""
         ...
@@ -171,7 +177,10 @@ def retried(policy: RetryPolicy, outages: Outages) -> StepPart:
     message that creates the aggregate may be behind others on its own queue (after
     an outage, each queue's backlog drains at its own pace). Back from a deferral, it
     gets one attempt, not its attempts again: a flood of commands naming aggregates
-    that never come must not hold the consumer's slots at every return."""
+    that never come must not hold the consumer's slots at every return. Back late (the
+    service stopped longer than the wait, with the message creating the aggregate
+    waiting in its queue), it is deferred once more rather than dead-lettered at its
+    first attempt: what held it up gave the other message no chance either."""
 
     def part(inner: Step) -> Step:
         async def step(delivery: Delivery) -> Outcome:
@@ -191,7 +200,7 @@ def retried(policy: RetryPolicy, outages: Outages) -> StepPart:
                 if not isinstance(gave_up.error, MissingAggregate):
                     return Outcome.dead_letter(str(gave_up))
                 waited = delivery.waited
-                if waited < policy.aggregate_wait:
+                if waited < policy.aggregate_wait or delivery.late:
                     return Outcome.deferred(str(gave_up), policy.deferral_delay(waited))
                 since = f"; deferred, it waited {waited:.1f} s for it" if waited else ""
                 return Outcome.dead_letter(f"{gave_up}{since}")

@@ -36,7 +36,12 @@ from financing.adapters.rabbitmq.connection import (
     is_broker_error,
     translated,
 )
-from financing.adapters.rabbitmq.dead_letters import DeadLetters, NotDeferrable, deferred_for
+from financing.adapters.rabbitmq.dead_letters import (
+    DeadLetters,
+    NotDeferrable,
+    came_back_late,
+    deferred_for,
+)
 from financing.adapters.rabbitmq.envelopes import (
     AGGREGATE_ID_HEADER,
     MAX_MESSAGE_ID_BYTES,
@@ -113,6 +118,10 @@ class AmqpDelivery:
     @property
     def waited(self) -> float:
         return deferred_for(self._message)
+
+    @property
+    def late(self) -> bool:
+        return came_back_late(self._message)
 
     def log_fields(self) -> dict[str, Any]:
         """What identifies the message in every log line about it, read leniently, each

@@ -320,6 +320,25 @@ def deferred_for(message: AbstractIncomingMessage) -> float:
     return max((datetime.now(UTC) - since).total_seconds(), 0.0)
 
 
+# How much later than its delay a deferred copy may come back and still count as back on
+# time: the deferrals' queue hands a copy back only once those ahead of it expired (at
+# most retry.MAX_DEFERRAL_DELAY later), and its own queue may hold it a moment.
+LATE_BY = 10.0
+
+
+def came_back_late(message: AbstractIncomingMessage) -> bool:
+    """Whether `message`, back from a deferral, came back more than LATE_BY seconds after
+    its delay, as measured on the host that deferred it: the service was stopped, or its
+    queue's backlog held it, meanwhile. A copy of a release before 0.5.2, whose time
+    away cannot be told, counts as late."""
+    headers = message.headers or {}
+    if DEFERRED_FOR_HEADER in headers and DEFERRED_AT_HEADER in headers:
+        delay = _seconds(headers.get(DEFERRED_DELAY_HEADER))
+        away = _away_since(headers.get(DEFERRED_CLOCK_HEADER))
+        return delay is not None and away is not None and away > delay + LATE_BY
+    return DEFERRED_AT_HEADER in headers
+
+
 def _seconds(value: object) -> float | None:
     """A count of seconds the service wrote (finite, not negative), else None."""
     if value is None:

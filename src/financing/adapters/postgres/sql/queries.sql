@@ -111,16 +111,36 @@ CREATE TABLE IF NOT EXISTS foreign_events (
 -- column (the live schema, then a rebuild's under way, in the order a rebuild's
 -- swap locks them) are given it here; waiting 5 s at most for each lock, so
 -- that start-up tries again rather than queue behind a long holder.
+--
+-- Release 0.4.0 shipped another version 3, which had already renamed version 2's
+-- function to financing_create_read_models_2 and wrapped it (adding a
+-- `processed_messages.digest` column, which nothing reads since 0.4.1): on such a
+-- database that wrapper is kept as financing_create_read_models_3 and wrapped in
+-- turn, so that its tables keep the column every release before expects.
 SET LOCAL lock_timeout = '5s';
 
-ALTER FUNCTION public.financing_create_read_models(text) RENAME TO financing_create_read_models_2;
+DO $do$
+BEGIN
+    IF to_regprocedure('public.financing_create_read_models_2(text)') IS NULL THEN
+        ALTER FUNCTION public.financing_create_read_models(text)
+            RENAME TO financing_create_read_models_2;
+    ELSE
+        ALTER FUNCTION public.financing_create_read_models(text)
+            RENAME TO financing_create_read_models_3;
+    END IF;
+END
+$do$;
 
 CREATE FUNCTION public.financing_create_read_models(target text)
 RETURNS void
 LANGUAGE plpgsql
 AS $fn$
 BEGIN
-    PERFORM public.financing_create_read_models_2(target);
+    IF to_regprocedure('public.financing_create_read_models_3(text)') IS NULL THEN
+        PERFORM public.financing_create_read_models_2(target);
+    ELSE
+        PERFORM public.financing_create_read_models_3(target);
+    END IF;
     EXECUTE format(
         'ALTER TABLE %I.processed_messages ADD COLUMN IF NOT EXISTS recorded_at timestamptz',
         target);
