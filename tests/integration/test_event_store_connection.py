@@ -525,3 +525,27 @@ async def test_a_statement_waiting_on_another_sessions_lock_is_not_said_to_be_un
     assert waited.value.dependency == COMMAND_DATABASE
     assert "waited longer than FINANCING_DB_TIMEOUT" in waited.value.detail
     assert "lock another session holds" in waited.value.detail
+
+
+async def test_the_services_sessions_compile_no_statement_unless_the_connection_string_says(
+    database: Database,
+) -> None:
+    """Regression: a database set to JIT-compile every statement (`jit_above_cost = 0`)
+    ran the service ~50 times slower, and nothing said why."""
+    name = database.connect_kwargs["database"]
+    await infra.alter_database(name, "SET jit_above_cost = 0")
+    try:
+        asked = replace(
+            database,
+            connect_kwargs={**database.connect_kwargs, "server_settings": {"jit": "on"}},
+        )
+        settings: list[str] = []
+        for db in (database, asked):
+            session = await connect(db)
+            try:
+                settings.append(await session.fetchval("SHOW jit"))
+            finally:
+                await close_connection(session)
+    finally:
+        await infra.alter_database(name, "RESET jit_above_cost")
+    assert settings == ["off", "on"]

@@ -411,9 +411,15 @@ def _session(db: Database, application_name: str) -> dict[str, Any]:
     transaction's locks for as long as the server keeps the socket: the projector
     that took over from a frozen one waited on its row locks for the whole freeze.
     The server ends such a session once it has been idle in a transaction for
-    IDLE_IN_TRANSACTION (or the answer timeout, when longer)."""
+    IDLE_IN_TRANSACTION (or the answer timeout, when longer).
+
+    JIT compilation is off unless the connection string's `options` turn it on: the
+    service's statements are short, and compiled they are slower (a database set to
+    compile every statement, `jit_above_cost = 0`, ran the service ~50 times slower,
+    its first statement of each session taking a third of a second)."""
     idle = max(IDLE_IN_TRANSACTION, db.answer_timeout)
     settings = {
+        "jit": "off",
         **db.connect_kwargs.get("server_settings", {}),
         "application_name": application_name,
         "idle_in_transaction_session_timeout": str(round(idle * 1000)),
