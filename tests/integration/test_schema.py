@@ -31,7 +31,13 @@ from financing.application.errors import Unavailable
 from financing.config import Database, parse_database
 from tests.support import infra
 
-EVENT_STORE_TABLES = ["events", "processed_messages", "relay_checkpoints", "snapshots"]
+EVENT_STORE_TABLES = [
+    "event_store_identity",
+    "events",
+    "processed_messages",
+    "relay_checkpoints",
+    "snapshots",
+]
 
 
 @pytest.fixture

@@ -353,6 +353,34 @@ async def test_a_database_a_newer_release_migrated_fails_start_up_at_once(
     assert code == 2
 
 
+async def test_a_query_database_of_another_deployment_fails_start_up_at_once_naming_it(
+    databases: tuple[Database, Database], amqp_url: str
+) -> None:
+    """Regression: two deployments given one query database mixed their read models
+    silently, and a rebuild by one dropped the other's rows."""
+    _, queries = databases
+    other = await infra.create_database(infra.unique_name("fin_service_other"))
+    try:
+        async with AsyncExitStack() as stack:  # the first deployment records its store
+            await bootstrap(
+                _settings(databases, amqp_url),
+                ("relayer", "projector"),
+                stack,
+                deadline=time.monotonic() + 10,
+            )
+        with capture_logs() as logs:
+            async with asyncio.timeout(10):
+                code = await service.serve(
+                    _settings((other, queries), amqp_url), startup_timeout=30.0
+                )
+    finally:
+        await infra.drop_database(other.connect_kwargs["database"])
+    assert code == 2
+    [said] = [line for line in logs if line["event"] == "start-up failed"]
+    assert "holds the read models of event store" in said["error"]
+    assert "give each deployment a query database of its own" in said["error"]
+
+
 async def test_a_rebuild_on_read_models_a_newer_release_migrated_is_refused_in_one_line(
     databases: tuple[Database, Database],
 ) -> None:

@@ -31,6 +31,7 @@ from financing.adapters.postgres.connection import (
 )
 from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.adapters.postgres.outbox import CommitListener, PostgresOutbox, PostgresRelayerLock
+from financing.adapters.postgres.projected_store import claim, store_of
 from financing.adapters.postgres.read_models import PostgresReadModels
 from financing.adapters.postgres.retention import deduplication_records
 from financing.adapters.postgres.schema import DATABASES, migrate, missing, require_tables
@@ -217,6 +218,13 @@ async def _databases(
             outages.check_with(
                 DATABASES[schema], _answering(check, pool, schema), attempts_within=within
             )
+    if command_pool is not None and query_pool is not None:
+        commands, queries = command_pool, query_pool
+
+        async def claimed() -> None:
+            await claim(queries, await store_of(commands))
+
+        await started("the event store the query database projects", claimed, outages, deadline)
     return command_pool, query_pool
 
 

@@ -30,11 +30,13 @@ import uuid
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import datetime
+from uuid import UUID
 
 import asyncpg
 
 from financing.adapters.postgres.connection import QUERY_DATABASE, Connection, acquired
 from financing.adapters.postgres.event_store import PostgresEventStore
+from financing.adapters.postgres.projected_store import adopt, store_of
 from financing.adapters.postgres.read_models import (
     DEFAULT_SCHEMA,
     PostgresReadModels,
@@ -75,13 +77,14 @@ async def rebuild(
     await migrate(query_pool, "queries")
     fresh = f"{DEFAULT_SCHEMA}_rebuild_{uuid.uuid4().hex[:12]}"
     store = PostgresEventStore(event_store_pool)
+    store_id = await store_of(event_store_pool)
     # The live read models keep the events of another relayer; the fresh ones replay them.
     target = PostgresReadModels(query_pool, fresh, journal=False)
     async with acquired(query_pool, QUERY_DATABASE) as holder:
         await holder.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", fresh)
         try:
             await _discard_abandoned(holder)
-            events, foreign = await _rebuilt(store, target, query_pool, batch_size, fresh)
+            events, foreign = await _rebuilt(store, store_id, target, query_pool, batch_size, fresh)
         finally:
             with contextlib.suppress(Exception):  # gone with its session otherwise
                 await holder.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", fresh)
@@ -93,13 +96,15 @@ async def rebuild(
 
 async def _rebuilt(
     store: PostgresEventStore,
+    store_id: UUID,
     target: PostgresReadModels,
     query_pool: asyncpg.Pool,
     batch_size: int,
     fresh: str,
 ) -> tuple[int, int]:
-    """Build `fresh`, then swap it for the live schema; the events replayed, of the
-    store and of another relayer."""
+    """Build `fresh`, then swap it for the live schema, the read models recorded as
+    `store`'s (`projected_store.adopt`); the events replayed, of the store and of
+    another relayer."""
     suffix = fresh.rpartition("_")[2]
     retired = f"{DEFAULT_SCHEMA}_retired_{suffix}"
     live_sql, fresh_sql, retired_sql = (quoted_schema(s) for s in (DEFAULT_SCHEMA, fresh, retired))
@@ -131,6 +136,7 @@ async def _rebuilt(
                 foreign += len(await apply_foreign(target, missed))
             await conn.execute(f"ALTER SCHEMA {live_sql} RENAME TO {retired_sql}")
             await conn.execute(f"ALTER SCHEMA {fresh_sql} RENAME TO {live_sql}")
+            await adopt(conn, store_id)
     except BaseException:
         await _discard(query_pool, fresh_sql)
         raise

@@ -118,13 +118,20 @@ SCHEMAS = tuple(DATABASES)
 # and created again, or restored without them, answers every statement that names no
 # table: its outage is over only once they are back (`require_tables`).
 NEEDED_TABLES = {
-    "commands": ("events", "snapshots", "processed_messages", "relay_checkpoints"),
+    "commands": (
+        "events",
+        "snapshots",
+        "processed_messages",
+        "relay_checkpoints",
+        "event_store_identity",
+    ),
     "queries": (
         *(
             f"{DEFAULT_SCHEMA}.{table}"
             for table in ("investors", "invoices", "issuers", "processed_messages")
         ),
         "foreign_events",
+        "projected_event_store",
     ),
 }
 _BRINGS_THEM_BACK = {

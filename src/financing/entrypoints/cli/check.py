@@ -23,7 +23,9 @@ from uuid import UUID
 
 import asyncpg
 
+from financing.adapters.postgres.connection import QUERY_DATABASE, acquired
 from financing.adapters.postgres.event_store import PostgresEventStore
+from financing.adapters.postgres.projected_store import ProjectsAnotherStore, projected, store_of
 from financing.adapters.postgres.read_models import PostgresReadModels, ProjectedView
 from financing.application.invariants import Checker, Report
 from financing.application.ports import StoredEvent
@@ -45,13 +47,22 @@ class CheckResult:
     read_model_differences: list[str] = field(default_factory=list)
     read_models_compared: bool = False
     unprojected: int = 0  # events of the store not projected when the rows were read
+    # Why the read models are of another event store (projected_store), if they are.
+    another_store: str | None = None
 
     @property
     def ok(self) -> bool:
-        return self.invariants.ok and not self.read_model_differences and not self.unprojected
+        return (
+            self.invariants.ok
+            and not self.read_model_differences
+            and not self.unprojected
+            and self.another_store is None
+        )
 
     def lines(self) -> list[str]:
         out = self.invariants.lines()
+        if self.another_store is not None:
+            out.append(f"read models of another event store: {self.another_store}")
         if self.read_models_compared:
             out.append(f"events not projected yet: {self.unprojected}")
             out.append(f"read-model differences from a replay: {len(self.read_model_differences)}")
@@ -100,6 +111,8 @@ async def run_check(
             batch = []
     await replay.apply(batch)
     result = CheckResult(invariants=checker.report(), unprojected=unprojected)
+    if query_pool is not None:
+        result.another_store = await _another_store(event_store_pool, query_pool)
     if live is not None and view is not None:
         stores = await _rows(replay)  # the rows the event store makes
         touched = await _replay_foreign(live, replay, skip=in_store)
@@ -107,6 +120,16 @@ async def run_check(
         viewed = (view.investors, view.invoices, view.issuers)
         result.read_model_differences = compare(viewed, await _rows(replay), stores, touched)
     return result
+
+
+async def _another_store(event_store_pool: asyncpg.Pool, query_pool: asyncpg.Pool) -> str | None:
+    """Why the read models are those of another event store, if they are."""
+    store = await store_of(event_store_pool)
+    async with acquired(query_pool, QUERY_DATABASE) as conn:
+        found = await projected(conn)
+    if found is None or found.store == store:
+        return None
+    return ProjectsAnotherStore(found, store).detail
 
 
 def _projected_by(view: ProjectedView, stored: StoredEvent) -> bool:

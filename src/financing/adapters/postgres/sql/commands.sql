@@ -97,3 +97,21 @@ CREATE INDEX processed_messages_age ON processed_messages (processed_at);
 -- Each processed message keeps its body's digest, so that a different message reusing
 -- a processed message id is told from a copy (and dead-lettered, not dropped).
 ALTER TABLE processed_messages ADD COLUMN digest text;
+
+-- version: 5
+
+-- The event store's name, made with it and carried with its data (a dump, a standby):
+-- the query database records the store whose read models it holds (queries version 5),
+-- so that a deployment pointed at another's query database is refused, not mixed in.
+-- A store that holds events already is named after its first event, so that a dump of
+-- it taken before this version, restored and migrated, gets the same name; an empty
+-- one is named at random.
+CREATE TABLE event_store_identity (
+    id uuid PRIMARY KEY
+);
+INSERT INTO event_store_identity (id)
+SELECT coalesce(
+    (SELECT md5(concat_ws(' ', position, aggregate_id, version, name, body))::uuid
+     FROM events ORDER BY position LIMIT 1),
+    gen_random_uuid()
+);

@@ -166,3 +166,14 @@ BEGIN
     END LOOP;
 END
 $do$;
+
+-- version: 5
+
+-- The event store whose read models these are (commands version 5), recorded by the
+-- first process that opens both databases, and by every rebuild: one row at most.
+-- Outside the read models' schema, which a rebuild replaces.
+CREATE TABLE IF NOT EXISTS projected_event_store (
+    singleton boolean     PRIMARY KEY DEFAULT true CHECK (singleton),
+    id        uuid        NOT NULL,
+    since     timestamptz NOT NULL DEFAULT now()
+);

@@ -1,0 +1,94 @@
+"""Which event store the read models project: a query database holds the read models of
+one event store.
+
+The event store names itself when it is made (commands schema 5: a random id, carried
+with its data by a dump or a standby). The query database records the store whose read
+models it holds (queries schema 5): the first process that opens both databases records
+it, and every rebuild records the store it replayed. A process of another deployment,
+pointed at that query database by mistake, is refused at start-up: two deployments that
+shared one query database mixed their read models silently, and a rebuild by one dropped
+the other's rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+import asyncpg
+
+from financing.adapters.postgres.connection import (
+    COMMAND_DATABASE,
+    QUERY_DATABASE,
+    Connection,
+    acquired,
+)
+from financing.application.errors import Refused
+
+REMEDY = (
+    "give each deployment a query database of its own; if this event store took that"
+    " one's place (a store lost and started anew), `financing projections rebuild`"
+    " makes the read models this store's"
+)
+
+
+@dataclass(frozen=True)
+class Projected:
+    """The event store a query database's read models are of, and since when."""
+
+    store: UUID
+    since: datetime
+
+
+class ProjectsAnotherStore(Refused):
+    """The query database holds the read models of another event store."""
+
+    def __init__(self, projected: Projected, store: UUID) -> None:
+        super().__init__(
+            QUERY_DATABASE,
+            f"it holds the read models of event store {projected.store} (since"
+            f" {projected.since.isoformat(timespec='seconds')}), not of this deployment's"
+            f" event store {store}: {REMEDY}",
+        )
+        self.projected = projected
+        self.store = store
+
+
+async def store_of(pool: asyncpg.Pool) -> UUID:
+    """The event store's id (commands schema 5)."""
+    async with acquired(pool, COMMAND_DATABASE) as conn:
+        found: UUID = await conn.fetchval("SELECT id FROM event_store_identity")
+    return found
+
+
+async def projected(conn: Connection) -> Projected | None:
+    """The event store the query database's read models are of; None until recorded."""
+    row = await conn.fetchrow("SELECT id, since FROM projected_event_store")
+    return None if row is None else Projected(row["id"], row["since"])
+
+
+async def claim(query_pool: asyncpg.Pool, store: UUID) -> None:
+    """Record `store` as the one the read models are of, unless one is recorded already;
+    ProjectsAnotherStore when that is another. A database that takes no writes (a replica
+    for the Queries API) is only read."""
+    async with acquired(query_pool, QUERY_DATABASE) as conn:
+        with contextlib.suppress(asyncpg.ReadOnlySQLTransactionError):
+            await conn.execute(
+                "INSERT INTO projected_event_store (id) VALUES ($1) ON CONFLICT DO NOTHING",
+                store,
+            )
+        found = await projected(conn)
+    if found is not None and found.store != store:
+        raise ProjectsAnotherStore(found, store)
+
+
+async def adopt(conn: Connection, store: UUID) -> None:
+    """Record `store` as the one the read models are of, in the caller's transaction (a
+    rebuild's swap)."""
+    await conn.execute(
+        "INSERT INTO projected_event_store (id) VALUES ($1)"
+        " ON CONFLICT (singleton) DO UPDATE SET id = excluded.id, since = now()",
+        store,
+    )

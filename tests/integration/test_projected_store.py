@@ -1,0 +1,99 @@
+"""A query database holds the read models of one event store: recorded by the first
+process that opens both, by every rebuild, refused to another, told by `check`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from uuid import uuid4
+
+import asyncpg
+import pytest
+
+from financing.adapters.postgres.projected_store import (
+    ProjectsAnotherStore,
+    claim,
+    projected,
+    store_of,
+)
+from financing.adapters.postgres.rebuild import rebuild
+from financing.adapters.postgres.schema import apply, migrate, sections
+from financing.entrypoints.cli.check import run_check
+from tests.support import infra
+
+
+@pytest.fixture
+async def stores() -> AsyncIterator[tuple[asyncpg.Pool, asyncpg.Pool]]:
+    """Two event stores, each of a deployment of its own."""
+    async with (
+        infra.migrated_pool("fin_store_a", "commands") as first,
+        infra.migrated_pool("fin_store_b", "commands") as second,
+    ):
+        yield first, second
+
+
+@pytest.fixture
+async def query_pool() -> AsyncIterator[asyncpg.Pool]:
+    async with infra.migrated_pool("fin_store_queries", "queries") as pool:
+        yield pool
+
+
+async def projected_store(query_pool: asyncpg.Pool) -> object:
+    async with query_pool.acquire() as conn:
+        found = await projected(conn)
+    return None if found is None else found.store
+
+
+async def test_the_first_store_to_claim_a_query_database_keeps_it_and_another_is_refused(
+    stores: tuple[asyncpg.Pool, asyncpg.Pool], query_pool: asyncpg.Pool
+) -> None:
+    first, second = [await store_of(pool) for pool in stores]
+    assert first != second
+    assert await projected_store(query_pool) is None
+    await claim(query_pool, first)
+    await claim(query_pool, first)  # its own again: nothing to say
+    with pytest.raises(ProjectsAnotherStore) as refused:
+        await claim(query_pool, second)
+    assert f"read models of event store {first}" in str(refused.value)
+    assert f"this deployment's event store {second}" in str(refused.value)
+    assert await projected_store(query_pool) == first
+
+
+async def test_a_rebuild_makes_the_read_models_those_of_the_store_it_replays_and_check_tells(
+    stores: tuple[asyncpg.Pool, asyncpg.Pool], query_pool: asyncpg.Pool
+) -> None:
+    first, second = stores
+    await claim(query_pool, await store_of(first))
+    told = await run_check(second, query_pool)
+    assert not told.ok
+    assert any(line.startswith("read models of another event store:") for line in told.lines())
+
+    await rebuild(second, query_pool)
+
+    assert await projected_store(query_pool) == await store_of(second)
+    assert (await run_check(second, query_pool)).ok
+    await claim(query_pool, await store_of(second))
+
+
+async def test_a_store_with_events_is_named_after_its_first_so_a_dump_migrated_later_matches() -> (
+    None
+):
+    """A dump taken before the store had a name, restored and migrated, is the same
+    store: named as the live one, migrated from the same events, was."""
+    issuer = uuid4()
+    named = []
+    for _ in range(2):
+        async with infra.fresh_database("fin_store_named") as db:
+            conn = await asyncpg.connect(**db.connect_kwargs)
+            try:
+                await apply(conn, "commands", [s for s in sections("commands") if s[0] < 5])
+                await conn.execute(
+                    "INSERT INTO events (aggregate_type, aggregate_id, version, name, body)"
+                    " VALUES ('Issuer', $1, 1, 'IssuerCreatedEvent', $2)",
+                    issuer,
+                    f'{{"IssuerID": "{issuer}"}}',
+                )
+                await migrate(conn, "commands")
+                named.append(await conn.fetchval("SELECT id FROM event_store_identity"))
+            finally:
+                await conn.close()
+    assert named[0] == named[1]
