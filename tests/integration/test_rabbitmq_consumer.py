@@ -21,6 +21,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from structlog.testing import capture_logs
 
 from financing.adapters.rabbitmq import consumer as consumer_module
+from financing.adapters.rabbitmq import dead_letters as dead_letters_module
 from financing.adapters.rabbitmq.acks import ChannelAcks
 from financing.adapters.rabbitmq.connection import Broker
 from financing.adapters.rabbitmq.consumer import (
@@ -684,6 +685,24 @@ async def test_a_deferred_message_back_late_past_its_wait_waits_once_more_for_it
         await wait_until(created, what="the invoice created once its issuer was")
     assert handler.calls == 2
     assert await bus.dead_letters_of(queue) == []
+
+
+async def test_a_message_always_back_late_is_dead_lettered_after_one_pass_past_its_wait(
+    bus: Bus, queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: under a backlog every return is late; given a pass past its wait at
+    every late return, a flood of bids naming investors that never come went round for
+    ever (none of 20,000 dead-lettered after 4 minutes)."""
+    monkeypatch.setattr(dead_letters_module, "LATE_BY", -60.0)  # every return is late
+    store = InMemoryEventStore()
+    handler = Counting(exactly_once(store, "sell_invoice", handlers.sell_invoice))
+    message = envelope(SellInvoice(uuid.uuid4(), uuid.uuid4(), Decimal("100.00")))
+    async with consuming(bus, on_command_queue(queue, "SellInvoice"), handler):
+        await bus.publisher.send_to_queue(queue, message)
+
+        [letter] = await bus.first_dead_letters(queue, "the orphan command dead-lettered")
+    assert letter.message_id == message.message_id
+    assert store.events == []
 
 
 async def test_a_deferred_copy_keeps_the_originals_properties(bus: Bus, queue: str) -> None:

@@ -17,6 +17,7 @@ from financing.adapters.rabbitmq.dead_letters import (
     DEFERRED_CLOCK_HEADER,
     DEFERRED_DELAY_HEADER,
     DEFERRED_FOR_HEADER,
+    DEFERRED_PAST_WAIT_HEADER,
     LATE_BY,
     came_back_late,
     deferred_for,
@@ -122,3 +123,11 @@ def test_a_copy_of_another_host_or_never_deferred_is_not_late() -> None:
 
 def test_a_copy_of_an_earlier_release_is_late_its_time_away_unknown() -> None:
     assert late(**{DEFERRED_AT_HEADER: stamped(timedelta(seconds=30))})
+
+
+def test_a_copy_that_had_its_pass_past_its_wait_is_never_late_again() -> None:
+    """Regression: under a backlog every return is late, and 20,000 bids naming
+    investors that never come went round for ever, none dead-lettered after 4 minutes."""
+    headers = {DEFERRED_AT_HEADER: stamped(timedelta(seconds=30))}
+    assert late(**headers)
+    assert not late(**headers, **{DEFERRED_PAST_WAIT_HEADER: "true"})

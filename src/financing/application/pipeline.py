@@ -74,6 +74,8 @@ class Outcome:
     detail: str = ""  # the reason of a dead letter, the rule behind an unchanged outcome
     events: int = 0  # events appended
     delay: float = 0.0  # how long a deferred message is put aside (seconds)
+    # Deferred past its wait, because it came back late: its one such pass.
+    past_wait: bool = False
 
     @classmethod
     def processed(cls, events: int = 0) -> Outcome:
@@ -84,8 +86,8 @@ class Outcome:
         return cls(OutcomeKind.DEAD_LETTERED, reason)
 
     @classmethod
-    def deferred(cls, reason: str, delay: float) -> Outcome:
-        return cls(OutcomeKind.DEFERRED, reason, delay=delay)
+    def deferred(cls, reason: str, delay: float, *, past_wait: bool = False) -> Outcome:
+        return cls(OutcomeKind.DEFERRED, reason, delay=delay, past_wait=past_wait)
 
 
 IGNORED = Outcome(OutcomeKind.IGNORED)
@@ -177,10 +179,11 @@ def retried(policy: RetryPolicy, outages: Outages) -> StepPart:
     message that creates the aggregate may be behind others on its own queue (after
     an outage, each queue's backlog drains at its own pace). Back from a deferral, it
     gets one attempt, not its attempts again: a flood of commands naming aggregates
-    that never come must not hold the consumer's slots at every return. Back late (the
-    service stopped longer than the wait, with the message creating the aggregate
-    waiting in its queue), it is deferred once more rather than dead-lettered at its
-    first attempt: what held it up gave the other message no chance either."""
+    that never come must not hold the consumer's slots at every return. Back late past
+    its wait (the service stopped longer than the wait, with the message creating the
+    aggregate waiting in its queue), it is deferred once more rather than dead-lettered
+    at its first attempt: what held it up gave the other message no chance either. Once
+    only: under a backlog every return is late."""
 
     def part(inner: Step) -> Step:
         async def step(delivery: Delivery) -> Outcome:
@@ -200,8 +203,11 @@ def retried(policy: RetryPolicy, outages: Outages) -> StepPart:
                 if not isinstance(gave_up.error, MissingAggregate):
                     return Outcome.dead_letter(str(gave_up))
                 waited = delivery.waited
-                if waited < policy.aggregate_wait or delivery.late:
+                if waited < policy.aggregate_wait:
                     return Outcome.deferred(str(gave_up), policy.deferral_delay(waited))
+                if delivery.late:
+                    delay = policy.deferral_delay(waited)
+                    return Outcome.deferred(str(gave_up), delay, past_wait=True)
                 since = f"; deferred, it waited {waited:.1f} s for it" if waited else ""
                 return Outcome.dead_letter(f"{gave_up}{since}")
             except Abandoned:

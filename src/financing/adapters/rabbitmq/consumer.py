@@ -183,7 +183,10 @@ class AmqpDelivery:
         elif outcome.kind is OutcomeKind.DEFERRED:
             try:
                 deferred = await self._dead_letters.defer(
-                    self._message, source_queue=self._source, delay=outcome.delay
+                    self._message,
+                    source_queue=self._source,
+                    delay=outcome.delay,
+                    past_wait=outcome.past_wait,
                 )
             except (NotDeferrable, GaveUp) as refused:
                 # Not for waiting (its size), or the broker refuses the deferrals' queue

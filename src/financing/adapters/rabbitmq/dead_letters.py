@@ -81,8 +81,17 @@ DEFERRED_AT_HEADER = "x-deferred-at"
 DEFERRED_FOR_HEADER = "x-deferred-for"
 DEFERRED_DELAY_HEADER = "x-deferred-delay"
 DEFERRED_CLOCK_HEADER = "x-deferred-clock"
+# On a copy put aside once more, past its wait, because it came back late
+# (`came_back_late`): it is its one such pass, and a later return is not late.
+DEFERRED_PAST_WAIT_HEADER = "x-deferred-past-wait"
 DEFERRAL_HEADERS = frozenset(
-    {DEFERRED_AT_HEADER, DEFERRED_FOR_HEADER, DEFERRED_DELAY_HEADER, DEFERRED_CLOCK_HEADER}
+    {
+        DEFERRED_AT_HEADER,
+        DEFERRED_FOR_HEADER,
+        DEFERRED_DELAY_HEADER,
+        DEFERRED_CLOCK_HEADER,
+        DEFERRED_PAST_WAIT_HEADER,
+    }
 )
 
 # Headers must fit in one frame; an exception text can be arbitrarily long.
@@ -238,7 +247,12 @@ class DeadLetters:
         )
 
     async def defer(
-        self, message: AbstractIncomingMessage, *, source_queue: str, delay: float
+        self,
+        message: AbstractIncomingMessage,
+        *,
+        source_queue: str,
+        delay: float,
+        past_wait: bool = False,
     ) -> bool:
         """Put a copy of `message` aside for `delay` seconds, after which the broker
         hands it back to `source_queue`; retried as `keep` is, and what it returns
@@ -266,6 +280,8 @@ class DeadLetters:
             headers[DEFERRED_AT_HEADER] = datetime.now(UTC).isoformat()
         headers[DEFERRED_FOR_HEADER] = f"{waited:.3f}"
         headers[DEFERRED_DELAY_HEADER] = f"{delay:.3f}"
+        if past_wait:  # its one pass past its wait (`came_back_late`)
+            headers[DEFERRED_PAST_WAIT_HEADER] = "true"
         headers.pop(DEFERRED_CLOCK_HEADER, None)  # an earlier copy's
         if (clock := _host_clock()) is not None:
             headers[DEFERRED_CLOCK_HEADER] = clock
@@ -330,8 +346,12 @@ def came_back_late(message: AbstractIncomingMessage) -> bool:
     """Whether `message`, back from a deferral, came back more than LATE_BY seconds after
     its delay, as measured on the host that deferred it: the service was stopped, or its
     queue's backlog held it, meanwhile. A copy of a release before 0.5.2, whose time
-    away cannot be told, counts as late."""
+    away cannot be told, counts as late. Never a copy that had its pass past its wait
+    (DEFERRED_PAST_WAIT_HEADER): under a backlog every return is late, and a flood of
+    messages naming aggregates that never come went round for ever."""
     headers = message.headers or {}
+    if DEFERRED_PAST_WAIT_HEADER in headers:
+        return False
     if DEFERRED_FOR_HEADER in headers and DEFERRED_AT_HEADER in headers:
         delay = _seconds(headers.get(DEFERRED_DELAY_HEADER))
         away = _away_since(headers.get(DEFERRED_CLOCK_HEADER))
