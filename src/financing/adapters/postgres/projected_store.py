@@ -1,8 +1,9 @@
 """Which event store the read models project: a query database holds the read models of
 one event store.
 
-The event store names itself when it is made (commands schema 5: a random id, carried
-with its data by a dump or a standby). The query database records the store whose read
+The event store names itself (commands schema 5: at random when made empty, after its
+first event when it held events already; carried with its data by a dump or a standby).
+The query database records the store whose read
 models it holds (queries schema 5): the first process that opens both databases records
 it, and every rebuild records the store it replayed. A process of another deployment,
 pointed at that query database by mistake, is refused at start-up: two deployments that
