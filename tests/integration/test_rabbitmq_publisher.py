@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 from financing.adapters.rabbitmq import connection as connection_module
 from financing.adapters.rabbitmq import publisher as publisher_module
 from financing.adapters.rabbitmq import topology
-from financing.adapters.rabbitmq.connection import Broker
+from financing.adapters.rabbitmq.connection import BROKER, Broker
 from financing.adapters.rabbitmq.envelopes import from_amqp, to_amqp
 from financing.adapters.rabbitmq.publisher import AmqpCommandSender, Publisher, PublishFailed
 from financing.adapters.rabbitmq.topology import QueueSpec
@@ -476,6 +476,32 @@ async def test_commands_queued_while_a_publish_to_events_is_refused_are_all_conf
             with pytest.raises(PublishFailed, match=r"ACCESS_REFUSED|closed"):
                 await events
         assert (await rabbitmq.list_queues(empty_vhost.name))[command]["messages_ready"] == sent
+
+
+async def test_an_outage_found_to_be_a_refusal_of_events_says_so_once(
+    empty_vhost: rabbitmq.Vhost,
+) -> None:
+    """Regression: an outage begun as a lost connection, and kept on by the refusal of
+    `events` found once the connection was back, was said to have lasted 32 s more
+    without a word of the refusal."""
+    async with refusing_events(empty_vhost) as (_, publisher, _):
+        outages = Outages()
+        outages.check_with(BROKER, publisher.probe_events)
+        failures: list[PublishFailed] = []
+        with capture_logs() as logs:
+            outages.failed(Unavailable(BROKER, "connection reset"), connection_lost=True)
+            assert not await published(publisher, failures)
+            for _ in range(3):
+                await outages.check_once(within=5.0)
+    # (The broker's own outages, of the connection the revocation closed, are its own.)
+    said = [
+        (line["event"], line["error"])
+        for line in logs
+        if line["event"] in ("broker unavailable", "broker still unavailable")
+    ]
+    assert said[0] == ("broker unavailable", "connection reset")
+    [still] = [error for event, error in said if event == "broker still unavailable"]
+    assert "ACCESS_REFUSED" in still and "'events'" in still
 
 
 async def test_a_refused_probe_leaves_the_channel_publishes_share_open(

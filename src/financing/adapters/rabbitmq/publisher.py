@@ -48,7 +48,7 @@ from financing.adapters.rabbitmq.topology import (
     said_restored,
 )
 from financing.application import codec
-from financing.application.errors import Refused, Unavailable
+from financing.application.errors import AwaitingOperator, Refused, Unavailable
 from financing.application.messages import Command
 from financing.application.ports import Cause, Envelope
 from financing.cpu import patient_timeout
@@ -93,6 +93,13 @@ class _Lane:
 
 async def _default_exchange(channel: AbstractChannel) -> AbstractExchange:
     return channel.default_exchange
+
+
+class EventsRefused(PublishFailed, AwaitingOperator):
+    """The last publish to `events` was refused and none confirmed since (`probe_events`):
+    the write permission on it revoked, or a queue bound to it full and refusing
+    publishes. Said as such once when an outage under way turns out to be one: begun as
+    a lost connection, it was said to last 32 s more without a word of the refusal."""
 
 
 class Publisher:
@@ -366,7 +373,7 @@ class Publisher:
         if self._events_refused is not None:
             detail, at = self._events_refused
             if time.monotonic() - at < REFUSAL_REMEMBERED:
-                raise PublishFailed(
+                raise EventsRefused(
                     f"publishing to {EVENTS_EXCHANGE!r} failed ({detail}),"
                     " and none has been confirmed since"
                 )
@@ -542,4 +549,4 @@ class AmqpCommandSender:
             raise
 
 
-__all__ = ["AmqpCommandSender", "PublishFailed", "Publisher"]
+__all__ = ["AmqpCommandSender", "EventsRefused", "PublishFailed", "Publisher"]
