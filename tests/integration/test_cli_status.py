@@ -11,19 +11,21 @@ import re
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from uuid import uuid4
 
 import aio_pika
 import asyncpg
 import pytest
 
 from financing.adapters.postgres.connection import create_pool
+from financing.adapters.postgres.projected_store import claim
 from financing.adapters.postgres.schema import migrate
 from financing.adapters.rabbitmq.connection import Broker
 from financing.adapters.rabbitmq.dead_letters import READER
 from financing.adapters.rabbitmq.queues import queue_depth
 from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE, DEFERRALS, declare_deferrals
 from financing.application.retry import Outages
-from financing.config import Database
+from financing.config import Database, parse_database
 from financing.entrypoints.cli.status import consumed_queues
 from tests.support import infra, rabbitmq
 from tests.support.deployment import local_deployment
@@ -221,6 +223,27 @@ async def test_a_database_without_the_schema_is_reported_as_not_ready(
         problems(run)[0] == f"{which} database {empty.describe()}: its schema is not this release's"
     )
     assert "Traceback" not in run.stderr
+
+
+async def test_read_models_of_another_event_store_make_the_deployment_unhealthy(
+    bare: Bare,
+) -> None:
+    """What `serve` refuses (another deployment's query database) was not said."""
+    run = await run_cli(bare.env, "status")
+    assert "read models       of no event store yet" in run.stdout, run.describe()
+
+    queries = parse_database(bare.env["QUERY_DB_CONNECTION_STRING"])
+    pool = await create_pool(queries)
+    try:
+        await claim(pool, uuid4())  # another deployment's event store
+    finally:
+        await pool.close()
+    run = await run_cli(bare.env, "status")
+
+    assert run.exit_code == 1, run.describe()
+    [line] = [line for line in run.stdout.splitlines() if line.startswith("read models ")]
+    assert ", NOT this deployment's (" in line, line
+    assert "the query database holds the read models of another event store" in problems(run)
 
 
 async def test_a_database_the_service_would_not_start_on_is_reported_as_not_ready(

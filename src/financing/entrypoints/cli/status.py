@@ -14,13 +14,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from uuid import UUID
 
 from financing.adapters.postgres.connection import (
     COMMAND_DATABASE,
     QUERY_DATABASE,
     SERVICE_APPLICATION,
+    acquired,
 )
 from financing.adapters.postgres.outbox import ANOTHER_DEPLOYMENT, PostgresOutbox, RelayBacklog
+from financing.adapters.postgres.projected_store import projected, store_of
 from financing.adapters.postgres.schema import SchemaAhead, SchemaBehind, SchemaElsewhere
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import connected, describe_url
@@ -36,6 +39,8 @@ HEALTHY = """\
 Healthy (exit code 0; otherwise 1) means:
   - the command database, the query database and the broker answer, and each
     database holds this release's schema;
+  - the query database holds the read models of this deployment's event store
+    (or of none yet);
   - every queue the service consumes exists and has at least one consumer;
   - no event has waited longer than --max-relay-lag seconds to be relayed.
 Dead letters, deferred messages and the projector's backlog are reported, not judged."""
@@ -47,6 +52,8 @@ TIMEOUT = 5.0
 class Findings:
     lines: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    # The event store the database is, or whose read models it holds (projected_store).
+    store: UUID | None = None
 
     def report(self, part: str, state: str) -> None:
         self.lines.append(f"{part:<17} {state}")
@@ -79,6 +86,18 @@ async def run_status(
         ),
         _inquire(broker, ("broker", brokers), lambda: _broker(settings, broker), answer_within),
     )
+    if (
+        None not in (event_store.store, read_models.store)
+        and event_store.store != read_models.store
+    ):
+        read_models.report(
+            "read models",
+            f"of event store {read_models.store}, NOT this deployment's"
+            f" ({event_store.store}): the service refuses to start on them",
+        )
+        read_models.problems.append(
+            "the query database holds the read models of another event store"
+        )
     findings = Findings(
         [*event_store.lines, *read_models.lines, *broker.lines],
         [*event_store.problems, *read_models.problems, *broker.problems],
@@ -124,6 +143,7 @@ async def _inquire(
 async def _event_store(settings: Settings, findings: Findings, max_relay_lag: float) -> None:
     async with database(settings.command_db, COMMAND_DATABASE, "status", schema="commands") as pool:
         backlog = await PostgresOutbox(pool).backlog()
+        findings.store = await store_of(pool)
     findings.report("command database", f"{settings.command_db.describe()}: reachable")
     findings.report("relayer", _relaying(backlog))
     if backlog.waiting and backlog.oldest_age > max_relay_lag:
@@ -160,9 +180,16 @@ def _relaying(backlog: RelayBacklog) -> str:
 
 
 async def _read_models(settings: Settings, findings: Findings) -> None:
-    async with database(settings.query_db, QUERY_DATABASE, "status", schema="queries"):
-        pass  # reachable, and its schema is this release's
+    async with (
+        database(settings.query_db, QUERY_DATABASE, "status", schema="queries") as pool,
+        acquired(pool, QUERY_DATABASE) as conn,
+    ):
+        found = await projected(conn)
     findings.report("query database", f"{settings.query_db.describe()}: reachable")
+    if found is None:
+        findings.report("read models", "of no event store yet (recorded as the service starts)")
+    else:
+        findings.store = found.store
 
 
 async def _broker(settings: Settings, findings: Findings) -> None:
