@@ -20,8 +20,8 @@ from financing.adapters.rabbitmq.envelopes import from_amqp, to_amqp
 from financing.adapters.rabbitmq.publisher import AmqpCommandSender, Publisher, PublishFailed
 from financing.adapters.rabbitmq.topology import QueueSpec
 from financing.application import codec
-from financing.application.errors import Unavailable
-from financing.application.messages import CreateIssuer
+from financing.application.errors import Refused, Unavailable
+from financing.application.messages import ApproveFinancing, CreateIssuer
 from financing.application.ports import Cause, Envelope
 from financing.application.retry import Outages
 from financing.domain import events as ev
@@ -502,6 +502,39 @@ async def test_an_outage_found_to_be_a_refusal_of_events_says_so_once(
     assert said[0] == ("broker unavailable", "connection reset")
     [still] = [error for event, error in said if event == "broker still unavailable"]
     assert "ACCESS_REFUSED" in still and "'events'" in still
+
+
+async def test_a_command_queue_the_broker_refuses_is_not_declared_at_each_call_nor_beside_probes(
+    empty_vhost: rabbitmq.Vhost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: declared again at every call, on the probe's channel, the refused queue
+    closed that channel under the probes in flight (22 of 94 failed: Commands NOT_SERVING
+    and a broker outage that was none)."""
+    broker = Broker([empty_vhost.url], Outages())
+    publisher = Publisher(broker, confirm_timeout=2.0)
+    declared: list[str] = []
+    declare = publisher.declare_command_queue
+
+    async def counted(name: str) -> None:
+        declared.append(name)
+        await declare(name)
+
+    monkeypatch.setattr(publisher, "declare_command_queue", counted)
+    try:
+        channel = await broker.channel()
+        await channel.declare_queue("ApproveFinancing", durable=True, arguments={"x-max-length": 9})
+        await channel.close()
+        probes = await publisher._probe.get()
+        sender = AmqpCommandSender(publisher)
+        for _ in range(5):
+            with pytest.raises(Refused, match="x-max-length"):
+                await sender.send(ApproveFinancing(uuid.uuid4()), uuid.uuid4(), CAUSE)
+        assert declared == ["ApproveFinancing"]
+        assert not probes.is_closed
+        assert await probed(publisher)
+    finally:
+        await publisher.close()
+        await broker.close()
 
 
 async def test_a_refused_probe_leaves_the_channel_publishes_share_open(

@@ -56,18 +56,29 @@ class ClosingExchange:
         raise self.error
 
 
+class GivenChannel:
+    """A side channel of the publisher's that is the test's."""
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+
+    async def get(self) -> Any:
+        return self.channel
+
+    async def close(self) -> None:
+        return None
+
+
 class OpenedOn(Publisher):
-    """A publisher whose channel and `events` exchange are the test's."""
+    """A publisher whose channels and `events` exchange are the test's."""
 
     def __init__(self, *, channel: Any = None, exchange: Any = None) -> None:
         super().__init__(Broker(["amqp://nowhere/"], Outages()))
         self._given = (channel, exchange)
+        self._probe = self._declaring = GivenChannel(channel)  # type: ignore[assignment]
 
     async def _opened(self, what: str, lane: Any) -> tuple[Any, Any]:
         return self._given
-
-    async def _probing_channel(self) -> Any:
-        return self._given[0]
 
 
 async def assert_unconfirmed_alone_and_in_a_batch(publisher: Publisher, says: str) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 from uuid import UUID
 
@@ -66,6 +66,8 @@ PROBE_ROUTING_KEY = "amq.financing.probe"
 
 # How long a refused publish to `events` fails the probe when none is tried since.
 REFUSAL_REMEMBERED = 15.0
+# How long a command queue the broker refused to declare is taken as refused.
+REFUSAL_KEPT = 10.0
 
 
 class PublishFailed(Unavailable):
@@ -89,10 +91,41 @@ class _Lane:
     exchange_of: Callable[[AbstractChannel], Awaitable[AbstractExchange]]
     channel: AbstractChannel | None = None
     exchange: AbstractExchange | None = None
+    # Opened by one caller at a time; callers of the other lane do not wait for it.
+    opening: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def opened(self) -> tuple[AbstractChannel, AbstractExchange] | None:
+        """The channel and exchange, if the channel is open."""
+        if self.channel is None or self.channel.is_closed or self.exchange is None:
+            return None
+        return self.channel, self.exchange
 
 
 async def _default_exchange(channel: AbstractChannel) -> AbstractExchange:
     return channel.default_exchange
+
+
+class _SideChannel:
+    """A channel of the publisher's beside its lanes, where the broker may refuse (and
+    close it) without harm to the publishes: opened again once closed, one however many
+    ask at once."""
+
+    def __init__(self, broker: Broker, *, confirms: bool) -> None:
+        self._broker = broker
+        self._confirms = confirms
+        self._channel: AbstractChannel | None = None
+        self._opening = asyncio.Lock()
+
+    async def get(self) -> AbstractChannel:
+        async with self._opening:
+            if self._channel is None or self._channel.is_closed:
+                self._channel = await self._broker.channel(publisher_confirms=self._confirms)
+            return self._channel
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await close_channel(self._channel)
+        self._channel = None
 
 
 class EventsRefused(PublishFailed, AwaitingOperator):
@@ -115,15 +148,16 @@ class Publisher:
         self._confirm_timeout = confirm_timeout
         self._events = _Lane(declare_events_exchange)
         self._queues = _Lane(_default_exchange)
-        self._opening = asyncio.Lock()  # one lane opened at a time: each declares the topology
         self._probing = SharedAttempt(
             self._probe_once,
             lambda _: PublishFailed("the probe was cancelled before it was answered"),
         )
-        # The probe's own channel, also the declarations': a refused probe or declaration
-        # closes it, never those publishes share.
-        self._probe_channel: AbstractChannel | None = None
-        self._probe_opening = asyncio.Lock()
+        # The probe's own channel, and the declarations': a refused probe or declaration
+        # closes its own, never those publishes share, nor each other's (a command queue
+        # the broker refused, declared again at each call, failed the probes beside it:
+        # Commands NOT_SERVING, a broker outage that was none).
+        self._probe = _SideChannel(broker, confirms=True)
+        self._declaring = _SideChannel(broker, confirms=False)
         # Why and when (time.monotonic()) the last publish to `events` failed, until one
         # is confirmed again.
         self._events_refused: tuple[str, float] | None = None
@@ -133,7 +167,7 @@ class Publisher:
         self._refusals: set[str] = set()
         # The channel `queue_exists` asks on, one question at a time; `restore`, one
         # queue at a time.
-        self._inquiry: AbstractChannel | None = None
+        self._inquiry = _SideChannel(broker, confirms=False)
         self._inquiring = asyncio.Lock()
         self._restoring_one = asyncio.Lock()
 
@@ -152,22 +186,27 @@ class Publisher:
         unroutable): 8 and 9 sagas left half way in two such losses under load. A
         declaration that fails does not keep the channel closed: publishes to queues it
         does not concern (commands) go on, and an event routed nowhere is returned, and
-        declared for then (`publish_events`)."""
-        async with self._opening:
-            if lane.channel is None or lane.channel.is_closed or lane.exchange is None:
+        declared for then (`publish_events`). Each lane opens on its own: a command waited
+        for the whole topology to be declared again each time a refused publish to
+        `events` closed the events' channel."""
+        if (open_now := lane.opened()) is not None:
+            return open_now
+        async with lane.opening:
+            if (open_now := lane.opened()) is not None:
+                return open_now  # opened by another caller meanwhile
+            try:
+                await self.declare_topology()
+            except Unavailable as error:
+                log.debug("declaring the topology on a new channel failed", error=repr(error))
+            async with asyncio.timeout(self._confirm_timeout):
+                channel = await self._broker.channel(publisher_confirms=True)
                 try:
-                    await self.declare_topology()
-                except Unavailable as error:
-                    log.debug("declaring the topology on a new channel failed", error=repr(error))
-                async with asyncio.timeout(self._confirm_timeout):
-                    channel = await self._broker.channel(publisher_confirms=True)
-                    try:
-                        lane.exchange = await lane.exchange_of(channel)
-                    except BaseException:
-                        await close_channel(channel)
-                        raise
-                lane.channel = channel
-            return lane.channel, lane.exchange
+                    exchange = await lane.exchange_of(channel)
+                except BaseException:
+                    await close_channel(channel)
+                    raise
+            lane.channel, lane.exchange = channel, exchange
+            return channel, exchange
 
     async def publish_events(self, envelopes: Sequence[Envelope]) -> None:
         """Publish to the `events` exchange, in order; returns when all are confirmed.
@@ -241,18 +280,13 @@ class Publisher:
         sharing it (a broker outage that was none)."""
         async with self._inquiring:
 
-            async def inquiring() -> AbstractChannel:
-                if self._inquiry is None or self._inquiry.is_closed:
-                    self._inquiry = await self._broker.channel()
-                return self._inquiry
-
             async def passive(channel: AbstractChannel) -> QueueDepth | None:
                 try:
                     return depth_of(await channel.declare_queue(name, passive=True))
                 except aiormq.exceptions.ChannelNotFoundEntity:
                     return None
 
-            return await self._timed(f"queue {name!r}", "looked for", inquiring, passive)
+            return await self._timed(f"queue {name!r}", "looked for", self._inquiry.get, passive)
 
     async def restore_unconsumed(self) -> None:
         """Declare the queues nobody consumes again (`restore`)."""
@@ -383,7 +417,7 @@ class Publisher:
         await self._opened("probing the broker", self._queues)
         try:
             async with asyncio.timeout(self._confirm_timeout):
-                channel = await self._probing_channel()
+                channel = await self._probe.get()
                 with translated():
                     await declare_events_exchange(channel)
                     # Publishing needs the write permission, which a declaration does
@@ -396,14 +430,6 @@ class Publisher:
         except TimeoutError:
             raise PublishFailed("no answer to a probe within the timeout") from None
 
-    async def _probing_channel(self) -> AbstractChannel:
-        """The probe's channel, where the broker may refuse (and close) without harm to
-        the publishes: its probes and the publisher's declarations (`_declared`)."""
-        async with self._probe_opening:  # one channel, however many ask at once
-            if self._probe_channel is None or self._probe_channel.is_closed:
-                self._probe_channel = await self._broker.channel(publisher_confirms=True)
-            return self._probe_channel
-
     async def declare_command_queue(self, name: str) -> None:
         await self.declare_queue(command_queue(name))
 
@@ -412,11 +438,11 @@ class Publisher:
         await self._declared(f"queue {spec.name!r}", spec.of_type(self._broker.queue_type).declare)
 
     async def _declared(self, what: str, declare: Callable[[AbstractChannel], Awaitable[T]]) -> T:
-        """`declare(channel)` within the confirm timeout, on the probe's channel: a
+        """`declare(channel)` within the confirm timeout, on the declarations' channel: a
         declaration the broker refuses (other arguments, a limit reached) closes its
         channel, which would fail every publish in flight on a channel they share, and on
         that one it would wait behind them."""
-        return await self._timed(what, "declared", self._probing_channel, declare)
+        return await self._timed(what, "declared", self._declaring.get, declare)
 
     async def _timed(
         self,
@@ -487,15 +513,12 @@ class Publisher:
 
     async def close(self) -> None:
         self._probing.cancel()
-        for channel in (
-            self._events.channel,
-            self._queues.channel,
-            self._probe_channel,
-            self._inquiry,
-        ):
-            if channel is not None:
-                await close_channel(channel)
-        self._events.channel = self._queues.channel = self._probe_channel = self._inquiry = None
+        for lane in (self._events, self._queues):
+            if lane.channel is not None:
+                await close_channel(lane.channel)
+            lane.channel = None
+        for side in (self._probe, self._declaring, self._inquiry):
+            await side.close()
 
 
 async def _settled(publish: Awaitable[object]) -> object:
@@ -529,11 +552,23 @@ class AmqpCommandSender:
     def __init__(self, publisher: Publisher) -> None:
         self._publisher = publisher
         self._declared: set[str] = set()
+        # The queues the broker refused to declare (declared again with other arguments),
+        # with when and how: for REFUSAL_KEPT seconds a command for one is refused at
+        # once, not declared again at each call (every client's retry a refused frame).
+        self._refused: dict[str, tuple[float, Refused]] = {}
 
     async def send(self, command: Command, message_id: UUID, cause: Cause) -> None:
         queue = command.name()
         if queue not in self._declared:
-            await self._publisher.declare_command_queue(queue)
+            refused = self._refused.get(queue)
+            if refused is not None and time.monotonic() - refused[0] < REFUSAL_KEPT:
+                raise refused[1]
+            try:
+                await self._publisher.declare_command_queue(queue)
+            except Refused as error:
+                self._refused[queue] = (time.monotonic(), error)
+                raise
+            self._refused.pop(queue, None)
             self._declared.add(queue)
         envelope = Envelope(
             message_id=str(message_id),
