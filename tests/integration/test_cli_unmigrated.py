@@ -9,7 +9,7 @@ from uuid import uuid4
 import asyncpg
 import pytest
 
-from financing.adapters.postgres.schema import migrate
+from financing.adapters.postgres.schema import apply, migrate, require_current, sections
 from financing.config import Database
 from financing.entrypoints.cli import COMMAND_GROUPS
 from tests.support import infra
@@ -102,3 +102,29 @@ async def test_check_on_read_models_without_their_schema_says_so_in_one_line(
     assert run.stderr.splitlines() == refusal(("check",), "query database", "queries"), (
         run.describe()
     )
+
+
+@pytest.mark.parametrize(
+    "words",
+    [("projections", "rebuild"), ("relay", "rewind", "--since", "1h")],
+    ids=" ".join,
+)
+async def test_the_commands_of_a_restore_migrate_an_event_store_restored_from_an_older_release(
+    empty_databases: tuple[Database, Database], words: tuple[str, ...]
+) -> None:
+    """Regression: restored from a backup an older release took, the event store was
+    refused ("start `financing serve` of this release on it once"), where the restore's
+    steps rewind and rebuild before any instance starts."""
+    commands, queries = empty_databases
+    conn = await asyncpg.connect(**commands.connect_kwargs)
+    try:
+        await apply(conn, "commands", sections("commands")[:-1])  # an older release's
+    finally:
+        await conn.close()
+    run = await run_on(commands, queries, *words)
+    assert run.exit_code == 0, run.describe()
+    conn = await asyncpg.connect(**commands.connect_kwargs)
+    try:
+        await require_current(conn, "commands")
+    finally:
+        await conn.close()

@@ -66,6 +66,9 @@ class SchemaBehind(Refused):
 
     def __init__(self, name: str, behind: list[int]) -> None:
         none_yet = len(behind) == len(sections(name))
+        # An older schema, which a command that migrates (`console.database`) migrates;
+        # never none, which only `serve` creates.
+        self.older = not none_yet
         said = (
             f"has no {name} schema yet: {_MADE[name]}"
             if none_yet

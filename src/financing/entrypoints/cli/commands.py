@@ -446,7 +446,12 @@ def _published_in_part(
 async def _rebuild(settings: Settings, args: argparse.Namespace) -> int:
     async with (
         database(
-            settings.command_db, COMMAND_DATABASE, "projections", scans=True, schema="commands"
+            settings.command_db,
+            COMMAND_DATABASE,
+            "projections",
+            scans=True,
+            schema="commands",
+            migrates=True,
         ) as events,
         database(settings.query_db, QUERY_DATABASE, "projections", scans=True) as queries,
     ):

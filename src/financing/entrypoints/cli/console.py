@@ -14,7 +14,7 @@ from dataclasses import replace
 import asyncpg
 
 from financing.adapters.postgres.connection import close_pool, create_pool, translated
-from financing.adapters.postgres.schema import require_current
+from financing.adapters.postgres.schema import SchemaBehind, migrate, require_current
 from financing.config import Database, Variable
 
 # What a statement of a command that scans whole tables may take at least: a replay's
@@ -50,12 +50,21 @@ def cancelled_by_signals(task: asyncio.Task[int]) -> Iterator[list[signal.Signal
 
 @asynccontextmanager
 async def database(
-    db: Database, dependency: str, command: str, *, scans: bool = False, schema: str | None = None
+    db: Database,
+    dependency: str,
+    command: str,
+    *,
+    scans: bool = False,
+    schema: str | None = None,
+    migrates: bool = False,
 ) -> AsyncIterator[asyncpg.Pool]:
     """A pool whose sessions say which command opened them (pg_stat_activity). A command
     that `scans` whole tables gives each statement at least SCAN_TIMEOUT rather than the
     service's answer timeout (FINANCING_DB_TIMEOUT), which still bounds connecting. With
-    `schema`, a database whose schema is not this release's is refused (one line)."""
+    `schema`, a database whose schema is not this release's is refused (one line); a
+    command that `migrates` migrates an older one first, as `serve` does (the commands
+    that bring a database restored from an older backup back in line run before any
+    instance starts), and refuses none all the same."""
     if scans:
         db = replace(
             db,
@@ -66,7 +75,12 @@ async def database(
     try:
         if schema is not None:
             with translated(dependency):
-                await require_current(pool, schema)
+                try:
+                    await require_current(pool, schema)
+                except SchemaBehind as behind:
+                    if not (migrates and behind.older):
+                        raise
+                    await migrate(pool, schema)
         yield pool
     finally:
         await close_pool(pool)
