@@ -58,7 +58,7 @@ async def test_the_first_store_to_claim_a_query_database_keeps_it_and_another_is
     assert await projected_store(query_pool) == first
 
 
-async def test_a_rebuild_makes_the_read_models_those_of_the_store_it_replays_and_check_tells(
+async def test_a_rebuild_adopts_read_models_of_another_store_only_when_told_and_check_tells(
     stores: tuple[asyncpg.Pool, asyncpg.Pool], query_pool: asyncpg.Pool
 ) -> None:
     first, second = stores
@@ -67,7 +67,11 @@ async def test_a_rebuild_makes_the_read_models_those_of_the_store_it_replays_and
     assert not told.ok
     assert any(line.startswith("read models of another event store:") for line in told.lines())
 
-    await rebuild(second, query_pool)
+    with pytest.raises(ProjectsAnotherStore, match="--adopt"):
+        await rebuild(second, query_pool)  # another deployment's, by mistake
+    assert await projected_store(query_pool) == await store_of(first)
+
+    await rebuild(second, query_pool, adopt=True)
 
     assert await projected_store(query_pool) == await store_of(second)
     assert (await run_check(second, query_pool)).ok

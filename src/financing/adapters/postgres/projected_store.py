@@ -3,12 +3,12 @@ one event store.
 
 The event store names itself (commands schema 5: at random when made empty, after its
 first event when it held events already; carried with its data by a dump or a standby).
-The query database records the store whose read
-models it holds (queries schema 5): the first process that opens both databases records
-it, and every rebuild records the store it replayed. A process of another deployment,
-pointed at that query database by mistake, is refused at start-up: two deployments that
-shared one query database mixed their read models silently, and a rebuild by one dropped
-the other's rows.
+The query database records the store whose read models it holds (queries schema 5): the
+first process that opens both databases records it, and a rebuild the store it replayed
+(told to `adopt` read models of another store, refused otherwise). A process of another
+deployment, pointed at that query database by mistake, is refused at start-up: two
+deployments that shared one query database mixed their read models silently, and a
+rebuild by one dropped the other's rows.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from financing.application.errors import Refused
 
 REMEDY = (
     "give each deployment a query database of its own; if this event store took that"
-    " one's place (a store lost and started anew), `financing projections rebuild`"
-    " makes the read models this store's"
+    " one's place (a store lost and started anew), `financing projections rebuild"
+    " --adopt` makes the read models this store's"
 )
 
 
@@ -85,7 +85,7 @@ async def claim(query_pool: asyncpg.Pool, store: UUID) -> None:
         raise ProjectsAnotherStore(found, store)
 
 
-async def adopt(conn: Connection, store: UUID) -> None:
+async def record_store(conn: Connection, store: UUID) -> None:
     """Record `store` as the one the read models are of, in the caller's transaction (a
     rebuild's swap)."""
     await conn.execute(

@@ -36,7 +36,12 @@ import asyncpg
 
 from financing.adapters.postgres.connection import QUERY_DATABASE, Connection, acquired
 from financing.adapters.postgres.event_store import PostgresEventStore
-from financing.adapters.postgres.projected_store import adopt, store_of
+from financing.adapters.postgres.projected_store import (
+    ProjectsAnotherStore,
+    projected,
+    record_store,
+    store_of,
+)
 from financing.adapters.postgres.read_models import (
     DEFAULT_SCHEMA,
     PostgresReadModels,
@@ -71,13 +76,26 @@ class RebuildReport:
 
 
 async def rebuild(
-    event_store_pool: asyncpg.Pool, query_pool: asyncpg.Pool, *, batch_size: int = BATCH_SIZE
+    event_store_pool: asyncpg.Pool,
+    query_pool: asyncpg.Pool,
+    *,
+    batch_size: int = BATCH_SIZE,
+    adopt: bool = False,
 ) -> RebuildReport:
-    """Replace the read models with a fresh projection of the whole event store."""
+    """Replace the read models with a fresh projection of the whole event store.
+
+    Read models of another event store (`projected_store`) are replaced only when told to
+    `adopt` them (this store took the place of that one): rebuilt by mistake, another
+    deployment's read models were dropped and made this one's."""
     await migrate(query_pool, "queries")
     fresh = f"{DEFAULT_SCHEMA}_rebuild_{uuid.uuid4().hex[:12]}"
     store = PostgresEventStore(event_store_pool)
     store_id = await store_of(event_store_pool)
+    if not adopt:
+        async with acquired(query_pool, QUERY_DATABASE) as conn:
+            found = await projected(conn)
+        if found is not None and found.store != store_id:
+            raise ProjectsAnotherStore(found, store_id)
     # The live read models keep the events of another relayer; the fresh ones replay them.
     target = PostgresReadModels(query_pool, fresh, journal=False)
     async with acquired(query_pool, QUERY_DATABASE) as holder:
@@ -103,7 +121,7 @@ async def _rebuilt(
     fresh: str,
 ) -> tuple[int, int]:
     """Build `fresh`, then swap it for the live schema, the read models recorded as
-    `store`'s (`projected_store.adopt`); the events replayed, of the store and of
+    `store`'s (`projected_store.record_store`); the events replayed, of the store and of
     another relayer."""
     suffix = fresh.rpartition("_")[2]
     retired = f"{DEFAULT_SCHEMA}_retired_{suffix}"
@@ -136,7 +154,7 @@ async def _rebuilt(
                 foreign += len(await apply_foreign(target, missed))
             await conn.execute(f"ALTER SCHEMA {live_sql} RENAME TO {retired_sql}")
             await conn.execute(f"ALTER SCHEMA {fresh_sql} RENAME TO {live_sql}")
-            await adopt(conn, store_id)
+            await record_store(conn, store_id)
     except BaseException:
         await _discard(query_pool, fresh_sql)
         raise

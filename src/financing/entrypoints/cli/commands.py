@@ -196,11 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(commands)
     _add_populate(commands)
     projections = commands.add("projections", "manage the read models", *DATABASE_VARIABLES)
-    _Commands(projections, "projections_command").add(
+    rebuild_cmd = _Commands(projections, "projections_command").add(
         "rebuild",
         "replay the event store into fresh read models, then swap them in",
         *DATABASE_VARIABLES,
         run=_rebuild,
+    )
+    rebuild_cmd.add_argument(
+        "--adopt",
+        action="store_true",
+        help="rebuild read models the query database holds of another event store (one"
+        " this store took the place of), making them this store's; refused without it",
     )
     _add_check(commands)
     _add_relay(commands)
@@ -455,7 +461,7 @@ async def _rebuild(settings: Settings, args: argparse.Namespace) -> int:
         ) as events,
         database(settings.query_db, QUERY_DATABASE, "projections", scans=True) as queries,
     ):
-        report = await rebuild(events, queries)
+        report = await rebuild(events, queries, adopt=args.adopt)
     foreign = f" and {report.foreign} of another relayer" if report.foreign else ""
     print(
         f"rebuilt read models from {report.events} events{foreign}: {report.investors}"
