@@ -11,6 +11,7 @@ import pytest
 
 from financing.adapters.postgres.projected_store import (
     ProjectsAnotherStore,
+    Unnamed,
     claim,
     projected,
     store_of,
@@ -101,3 +102,26 @@ async def test_a_store_with_events_is_named_after_its_first_so_a_dump_migrated_l
             finally:
                 await conn.close()
     assert named[0] == named[1]
+
+
+async def test_an_event_store_without_its_name_is_refused_in_one_line_not_a_traceback(
+    stores: tuple[asyncpg.Pool, asyncpg.Pool], query_pool: asyncpg.Pool
+) -> None:
+    """Regression: an emptied `event_store_identity` (restored without its row) crashed
+    start-up and `projections rebuild` with a NotNullViolationError, and `check` said
+    "event store None"."""
+    first, _ = stores
+    await first.execute("DELETE FROM event_store_identity")
+    with pytest.raises(Unnamed, match="event_store_identity is empty"):
+        await store_of(first)
+    with pytest.raises(Unnamed):
+        await run_check(first, query_pool)
+    with pytest.raises(Unnamed):
+        await rebuild(first, query_pool)
+    assert await projected_store(query_pool) is None
+
+
+async def test_an_event_store_has_one_name() -> None:
+    async with infra.migrated_pool("fin_store_one", "commands") as pool:
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await pool.execute("INSERT INTO event_store_identity (id) VALUES (gen_random_uuid())")

@@ -57,10 +57,24 @@ class ProjectsAnotherStore(Refused):
         self.store = store
 
 
+class Unnamed(Refused):
+    """The event store has no name: `event_store_identity` emptied, or restored without
+    its row."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            COMMAND_DATABASE,
+            "its event store has no name (the table event_store_identity is empty:"
+            " restored without its row?): restore the table with the rest of the store",
+        )
+
+
 async def store_of(pool: asyncpg.Pool) -> UUID:
-    """The event store's id (commands schema 5)."""
+    """The event store's id (commands schema 5); Unnamed when it has none."""
     async with acquired(pool, COMMAND_DATABASE) as conn:
-        found: UUID = await conn.fetchval("SELECT id FROM event_store_identity")
+        found: UUID | None = await conn.fetchval("SELECT id FROM event_store_identity")
+    if found is None:
+        raise Unnamed()
     return found
 
 

@@ -107,7 +107,8 @@ ALTER TABLE processed_messages ADD COLUMN digest text;
 -- it taken before this version, restored and migrated, gets the same name; an empty
 -- one is named at random.
 CREATE TABLE event_store_identity (
-    id uuid PRIMARY KEY
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    id        uuid    NOT NULL
 );
 INSERT INTO event_store_identity (id)
 SELECT coalesce(
