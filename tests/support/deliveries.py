@@ -23,6 +23,7 @@ class MemoryDelivery:
     settled: list[Outcome] = field(default_factory=list)
     waited: float = 0.0  # seconds since it was first deferred
     late: bool = False  # back from a deferral long after its delay
+    past_wait_from: float | None = None  # its wait when its pass past its wait began
 
     @property
     def name(self) -> str | None:

@@ -21,6 +21,7 @@ from financing.adapters.rabbitmq.dead_letters import (
     LATE_BY,
     came_back_late,
     deferred_for,
+    past_wait_from,
 )
 
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -130,4 +131,15 @@ def test_a_copy_that_had_its_pass_past_its_wait_is_never_late_again() -> None:
     investors that never come went round for ever, none dead-lettered after 4 minutes."""
     headers = {DEFERRED_AT_HEADER: stamped(timedelta(seconds=30))}
     assert late(**headers)
-    assert not late(**headers, **{DEFERRED_PAST_WAIT_HEADER: "true"})
+    assert not late(**headers, **{DEFERRED_PAST_WAIT_HEADER: "61.000"})
+
+
+def test_the_pass_of_a_copy_an_earlier_release_requeued_is_not_read() -> None:
+    """0.5.5's `dead-letters requeue` leaves out the deferral headers it knows, and keeps
+    this one: a requeued message waits anew, pass and all."""
+    message = cast(AbstractIncomingMessage, Delivered({DEFERRED_PAST_WAIT_HEADER: "61.000"}))
+    assert past_wait_from(message) is None
+    stamped_copy = Delivered(
+        {DEFERRED_AT_HEADER: stamped(timedelta(seconds=1)), DEFERRED_PAST_WAIT_HEADER: "61.000"}
+    )
+    assert past_wait_from(cast(AbstractIncomingMessage, stamped_copy)) == 61.0

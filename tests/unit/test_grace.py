@@ -29,7 +29,11 @@ async def _stopped_while(step_fails: bool) -> tuple[list[str], list[str]]:
         release.set()
         results = await asyncio.gather(worker, return_exceptions=True)
     assert isinstance(results[0], asyncio.CancelledError)
-    return done, [line["event"] for line in logs if line["log_level"] == "warning"]
+    return done, [
+        f"{line['log_level']}: {line['event']}{' (traceback)' if 'exc_info' in line else ''}"
+        for line in logs
+        if line["log_level"] in ("warning", "error")
+    ]
 
 
 async def test_a_step_cancelled_with_its_worker_finishes_within_its_grace() -> None:
@@ -40,5 +44,23 @@ async def test_a_step_that_fails_within_its_grace_is_said() -> None:
     """Regression: every failure of the step within the grace, bugs included, was silent."""
     assert await _stopped_while(step_fails=True) == (
         [],
-        ["a step being finished as its worker stopped failed"],
+        ["error: a step being finished as its worker stopped failed (traceback)"],
     )
+
+
+async def test_a_step_cut_short_by_its_grace_is_said() -> None:
+    started = asyncio.Event()
+
+    async def step() -> None:
+        started.set()
+        await asyncio.Event().wait()  # never finishes
+
+    worker = asyncio.create_task(finish_on_cancel(step(), grace=0.05))
+    await asyncio.wait_for(started.wait(), 5)
+    with capture_logs() as logs:
+        worker.cancel()
+        results = await asyncio.gather(worker, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError)
+    assert [line["event"] for line in logs] == [
+        "a step being finished as its worker stopped was cut short"
+    ]

@@ -374,8 +374,31 @@ async def test_a_deferred_message_back_late_past_its_wait_is_deferred_once_more(
 
     outcome = await step(back)
 
-    assert outcome.kind is OutcomeKind.DEFERRED and outcome.past_wait
+    assert outcome.kind is OutcomeKind.DEFERRED
+    assert outcome.past_wait_from == POLICY.aggregate_wait + 10.0
     assert outcome.delay == POLICY.deferral_delay(POLICY.aggregate_wait + 10.0)
+
+
+@pytest.mark.parametrize(("beyond", "kind"), [(59.0, "deferred"), (61.0, "dead_lettered")])
+async def test_a_message_in_its_pass_past_its_wait_may_wait_as_long_again_and_no_longer(
+    beyond: float, kind: str
+) -> None:
+    """Regression: its pass was one deferral of at most 5 s, shorter than the backlogs a
+    long stop leaves behind it in each queue."""
+    store = InMemoryEventStore()
+    step = store_step(store, "SellInvoice", handlers.sell_invoice)
+    started = POLICY.aggregate_wait + 10.0
+    back = MemoryDelivery(
+        envelope_of(SellInvoice(uuid4(), uuid4(), D("50"))),
+        waited=started + beyond * POLICY.aggregate_wait / 60,
+        late=True,  # late again: a pass is given once
+        past_wait_from=started,
+    )
+
+    outcome = await step(back)
+
+    assert outcome.kind.value == kind
+    assert outcome.past_wait_from is None
 
 
 async def test_a_deferred_message_whose_aggregate_was_created_meanwhile_is_processed() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable
 
-from financing.application.errors import summary
+from financing.application.errors import Unavailable, summary
 from financing.logging import get_logger
 
 log = get_logger(__name__)
@@ -17,8 +17,9 @@ async def finish_on_cancel(step: Awaitable[None], grace: float = SHUTDOWN_GRACE)
     """Run `step`; if the caller is cancelled meanwhile, give the step up to `grace`
     seconds to finish before the cancellation goes on. A relayed batch is then marked
     relayed (not published again), a projected batch acked (not applied again). A step
-    that fails meanwhile is said (a bug among such failures was silent): what it left
-    undone is done again after the stop, and deduplicated."""
+    that fails meanwhile, or is cut short, is said (a bug among such failures was silent,
+    a bug with its traceback): what it left undone is done again after the stop, and
+    deduplicated."""
     task = asyncio.ensure_future(step)
     try:
         await asyncio.shield(task)
@@ -26,8 +27,12 @@ async def finish_on_cancel(step: Awaitable[None], grace: float = SHUTDOWN_GRACE)
         try:
             async with asyncio.timeout(grace):
                 await task
-        except (TimeoutError, asyncio.CancelledError):
-            pass  # cut short: done again after the stop
-        except Exception as error:
+        except TimeoutError:
+            log.warning("a step being finished as its worker stopped was cut short", grace=grace)
+        except asyncio.CancelledError:
+            pass  # cancelled once more: the stop does not wait
+        except Unavailable as error:
             log.warning("a step being finished as its worker stopped failed", error=summary(error))
+        except Exception as error:  # a bug: said whole
+            log.error("a step being finished as its worker stopped failed", exc_info=error)
         raise

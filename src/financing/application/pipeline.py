@@ -74,8 +74,9 @@ class Outcome:
     detail: str = ""  # the reason of a dead letter, the rule behind an unchanged outcome
     events: int = 0  # events appended
     delay: float = 0.0  # how long a deferred message is put aside (seconds)
-    # Deferred past its wait, because it came back late: its one such pass.
-    past_wait: bool = False
+    # Deferred past its wait because it came back late (its one such pass): how long it
+    # had waited then.
+    past_wait_from: float | None = None
 
     @classmethod
     def processed(cls, events: int = 0) -> Outcome:
@@ -86,8 +87,8 @@ class Outcome:
         return cls(OutcomeKind.DEAD_LETTERED, reason)
 
     @classmethod
-    def deferred(cls, reason: str, delay: float, *, past_wait: bool = False) -> Outcome:
-        return cls(OutcomeKind.DEFERRED, reason, delay=delay, past_wait=past_wait)
+    def deferred(cls, reason: str, delay: float, *, past_wait_from: float | None = None) -> Outcome:
+        return cls(OutcomeKind.DEFERRED, reason, delay=delay, past_wait_from=past_wait_from)
 
 
 IGNORED = Outcome(OutcomeKind.IGNORED)
@@ -125,6 +126,12 @@ class Delivery(Protocol):
     def late(self) -> bool:
         """Whether it came back from a deferral long after its delay (the service was
         stopped, a backlog held it meanwhile)."""
+        ...
+
+    @property
+    def past_wait_from(self) -> float | None:
+        """How long it had waited when it was deferred past its wait for coming back
+        late; None if it never was."""
         ...
 
     def log_fields(self) -> dict[str, Any]:
@@ -181,9 +188,10 @@ def retried(policy: RetryPolicy, outages: Outages) -> StepPart:
     gets one attempt, not its attempts again: a flood of commands naming aggregates
     that never come must not hold the consumer's slots at every return. Back late past
     its wait (the service stopped longer than the wait, with the message creating the
-    aggregate waiting in its queue), it is deferred once more rather than dead-lettered
-    at its first attempt: what held it up gave the other message no chance either. Once
-    only: under a backlog every return is late."""
+    aggregate waiting in its queue), it may wait as long again rather than be
+    dead-lettered at its first attempt: what held it up held the other message up too,
+    and each queue's backlog drains at its own pace. Once only: under a backlog every
+    return is late."""
 
     def part(inner: Step) -> Step:
         async def step(delivery: Delivery) -> Outcome:
@@ -202,14 +210,15 @@ def retried(policy: RetryPolicy, outages: Outages) -> StepPart:
                     log.error("processing failed with a bug", exc_info=gave_up.error)
                 if not isinstance(gave_up.error, MissingAggregate):
                     return Outcome.dead_letter(str(gave_up))
-                waited = delivery.waited
-                if waited < policy.aggregate_wait:
+                waited, since = delivery.waited, delivery.past_wait_from
+                # Its pass past its wait, if it had one, is a whole wait more.
+                if waited < policy.aggregate_wait + (since or 0.0):
                     return Outcome.deferred(str(gave_up), policy.deferral_delay(waited))
-                if delivery.late:
+                if since is None and delivery.late:
                     delay = policy.deferral_delay(waited)
-                    return Outcome.deferred(str(gave_up), delay, past_wait=True)
-                since = f"; deferred, it waited {waited:.1f} s for it" if waited else ""
-                return Outcome.dead_letter(f"{gave_up}{since}")
+                    return Outcome.deferred(str(gave_up), delay, past_wait_from=waited)
+                said = f"; deferred, it waited {waited:.1f} s for it" if waited else ""
+                return Outcome.dead_letter(f"{gave_up}{said}")
             except Abandoned:
                 return ABANDONED
 

@@ -41,6 +41,7 @@ from financing.adapters.rabbitmq.dead_letters import (
     NotDeferrable,
     came_back_late,
     deferred_for,
+    past_wait_from,
 )
 from financing.adapters.rabbitmq.envelopes import (
     AGGREGATE_ID_HEADER,
@@ -123,6 +124,10 @@ class AmqpDelivery:
     def late(self) -> bool:
         return came_back_late(self._message)
 
+    @property
+    def past_wait_from(self) -> float | None:
+        return past_wait_from(self._message)
+
     def log_fields(self) -> dict[str, Any]:
         """What identifies the message in every log line about it, read leniently, each
         value at most LOGGED_HEADER_CHARS long: a publisher's headers of any length were
@@ -186,7 +191,7 @@ class AmqpDelivery:
                     self._message,
                     source_queue=self._source,
                     delay=outcome.delay,
-                    past_wait=outcome.past_wait,
+                    past_wait_from=outcome.past_wait_from,
                 )
             except (NotDeferrable, GaveUp) as refused:
                 # Not for waiting (its size), or the broker refuses the deferrals' queue

@@ -81,8 +81,9 @@ DEFERRED_AT_HEADER = "x-deferred-at"
 DEFERRED_FOR_HEADER = "x-deferred-for"
 DEFERRED_DELAY_HEADER = "x-deferred-delay"
 DEFERRED_CLOCK_HEADER = "x-deferred-clock"
-# On a copy put aside once more, past its wait, because it came back late
-# (`came_back_late`): it is its one such pass, and a later return is not late.
+# On a copy put aside past its wait because it came back late (`came_back_late`): how
+# long it had waited then. It may wait as long again (its one such pass), and a later
+# return is not late.
 DEFERRED_PAST_WAIT_HEADER = "x-deferred-past-wait"
 DEFERRAL_HEADERS = frozenset(
     {
@@ -252,7 +253,7 @@ class DeadLetters:
         *,
         source_queue: str,
         delay: float,
-        past_wait: bool = False,
+        past_wait_from: float | None = None,
     ) -> bool:
         """Put a copy of `message` aside for `delay` seconds, after which the broker
         hands it back to `source_queue`; retried as `keep` is, and what it returns
@@ -280,8 +281,8 @@ class DeadLetters:
             headers[DEFERRED_AT_HEADER] = datetime.now(UTC).isoformat()
         headers[DEFERRED_FOR_HEADER] = f"{waited:.3f}"
         headers[DEFERRED_DELAY_HEADER] = f"{delay:.3f}"
-        if past_wait:  # its one pass past its wait (`came_back_late`)
-            headers[DEFERRED_PAST_WAIT_HEADER] = "true"
+        if past_wait_from is not None:  # its one pass past its wait (`came_back_late`)
+            headers[DEFERRED_PAST_WAIT_HEADER] = f"{past_wait_from:.3f}"
         headers.pop(DEFERRED_CLOCK_HEADER, None)  # an earlier copy's
         if (clock := _host_clock()) is not None:
             headers[DEFERRED_CLOCK_HEADER] = clock
@@ -347,16 +348,26 @@ def came_back_late(message: AbstractIncomingMessage) -> bool:
     its delay, as measured on the host that deferred it: the service was stopped, or its
     queue's backlog held it, meanwhile. A copy of a release before 0.5.2, whose time
     away cannot be told, counts as late. Never a copy that had its pass past its wait
-    (DEFERRED_PAST_WAIT_HEADER): under a backlog every return is late, and a flood of
-    messages naming aggregates that never come went round for ever."""
+    (`past_wait_from`): under a backlog every return is late, and a flood of messages
+    naming aggregates that never come went round for ever."""
     headers = message.headers or {}
-    if DEFERRED_PAST_WAIT_HEADER in headers:
+    if past_wait_from(message) is not None:
         return False
     if DEFERRED_FOR_HEADER in headers and DEFERRED_AT_HEADER in headers:
         delay = _seconds(headers.get(DEFERRED_DELAY_HEADER))
         away = _away_since(headers.get(DEFERRED_CLOCK_HEADER))
         return delay is not None and away is not None and away > delay + LATE_BY
     return DEFERRED_AT_HEADER in headers
+
+
+def past_wait_from(message: AbstractIncomingMessage) -> float | None:
+    """How long `message` had waited when its pass past its wait began (it came back
+    late: `came_back_late`); None if it had none. Read only on a copy this release
+    deferred: one a release before 0.5.6 requeued keeps the header it does not know."""
+    headers = message.headers or {}
+    if DEFERRED_AT_HEADER not in headers:
+        return None
+    return _seconds(headers.get(DEFERRED_PAST_WAIT_HEADER))
 
 
 def _seconds(value: object) -> float | None:
