@@ -4,13 +4,16 @@ process that opens both, by every rebuild, refused to another, told by `check`."
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import asyncpg
 import pytest
 
+from financing.adapters.postgres import projected_store as projected_store_module
 from financing.adapters.postgres.projected_store import (
+    HoldsAnotherStore,
     ProjectsAnotherStore,
+    RecordedStore,
     Unnamed,
     claim,
     projected,
@@ -18,6 +21,7 @@ from financing.adapters.postgres.projected_store import (
 )
 from financing.adapters.postgres.rebuild import rebuild
 from financing.adapters.postgres.schema import apply, migrate, sections
+from financing.application.errors import AwaitingOperator
 from financing.entrypoints.cli.check import run_check
 from tests.support import infra
 
@@ -125,3 +129,35 @@ async def test_an_event_store_has_one_name() -> None:
     async with infra.migrated_pool("fin_store_one", "commands") as pool:
         with pytest.raises(asyncpg.UniqueViolationError):
             await pool.execute("INSERT INTO event_store_identity (id) VALUES (gen_random_uuid())")
+
+
+async def test_a_projector_records_the_store_of_the_events_it_projects_and_waits_on_another(
+    stores: tuple[asyncpg.Pool, asyncpg.Pool], query_pool: asyncpg.Pool
+) -> None:
+    """A split deployment, none of whose processes opens both databases, records its
+    store as its projector meets its events; another store's events wait (an outage)."""
+    first, second = [str(await store_of(pool)) for pool in stores]
+    recorded = RecordedStore(query_pool)
+    await recorded.require(first)  # none recorded yet: this one is
+    assert str(await projected_store(query_pool)) == first
+    await recorded.require(first)
+    await recorded.require("not a name")  # not one this service's relayer writes
+    with pytest.raises(HoldsAnotherStore, match="wait in their queue") as waiting:
+        await RecordedStore(query_pool).require(second)
+    assert isinstance(waiting.value, AwaitingOperator)
+    with pytest.raises(ProjectsAnotherStore):  # a full process of the other is refused
+        await claim(query_pool, UUID(second))
+
+
+async def test_a_projector_stops_within_its_recheck_once_a_rebuild_adopted_its_read_models(
+    stores: tuple[asyncpg.Pool, asyncpg.Pool],
+    query_pool: asyncpg.Pool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    first, second = stores
+    recorded = RecordedStore(query_pool)
+    await recorded.require(str(await store_of(first)))
+    await rebuild(second, query_pool, adopt=True)  # the read models are the second's now
+    monkeypatch.setattr(projected_store_module, "RECHECK", 0.0)
+    with pytest.raises(HoldsAnotherStore):
+        await recorded.require(str(await store_of(first)))

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from financing.application import codec
-from financing.application.errors import Unavailable, UnrelayedEvent
+from financing.application.errors import AwaitingOperator, Unavailable, UnrelayedEvent
 from financing.application.memory import InMemoryEventStore
 from financing.application.messages import InvestorRegistered
 from financing.application.pipeline import Decoded, Outcome, OutcomeKind, exactly_once
@@ -446,3 +446,40 @@ async def test_the_projection_delay_is_measured_by_the_clock_that_stamped_the_ev
     )
 
     assert sample("financing_projection_delay_seconds_sum") - before == pytest.approx(2.0)
+
+
+class HeldByAnother:
+    """A query database holding the read models of store "a" until an operator mends it
+    (after `refusals` questions about another store)."""
+
+    def __init__(self, refusals: int) -> None:
+        self.refusals = refusals
+        self.asked: list[str] = []
+
+    async def require(self, store: str) -> None:
+        self.asked.append(store)
+        if store != "a" and self.refusals:
+            self.refusals -= 1
+            raise AwaitingOperator("query database", f"it holds store a's, not {store}'s")
+
+
+async def test_events_of_another_event_store_wait_as_an_outage_and_are_projected_once_mended() -> (
+    None
+):
+    """Regression: a projector of another deployment (a process opening the query
+    database alone, which start-up cannot tell) projected its events into read models
+    of another store, mixing them silently."""
+    store = HeldByAnother(refusals=3)
+    outages = Outages()
+    read_models = RecordingReadModels()
+    policy = RetryPolicy(unavailable=Limit(Backoff(0.001, 0.001), None))
+    projector = Projector(read_models, outages, policy=policy, store=store)
+    ours = stored(ev.InvestorCreatedEvent(INVESTOR), 1).envelope("b")
+    foreign_event = foreign(added())  # another relayer's: no store named
+    deliveries = [MemoryDelivery(e, source="projector") for e in (ours, foreign_event)]
+
+    await projector.project(deliveries)
+
+    assert store.asked == ["b"] * 4  # refused three times, an outage, then mended
+    assert [d.settled[0].kind for d in deliveries] == [OutcomeKind.PROCESSED] * 2
+    assert read_models.applied() == [ours.message_id, foreign_event.message_id]

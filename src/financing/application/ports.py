@@ -59,6 +59,9 @@ RECORDED_AT_HEADER = "recorded_at"
 # a message a rule refused is judged again only then.
 REQUEUED_AT_HEADER = "x-requeued-at"
 AGGREGATE_VERSION_HEADER = "aggregateVersion"
+# The event store an event was relayed from (its name, commands schema 5): the projector
+# keeps the read models of one store (`ProjectedStore`).
+EVENT_STORE_HEADER = "eventStore"
 # A correlation id is stored and indexed with every event and record it causes.
 MAX_CORRELATION_ID_BYTES = 255
 
@@ -142,11 +145,14 @@ class StoredEvent:
         assert isinstance(event, DomainEvent)
         return event
 
-    def envelope(self) -> Envelope:
+    def envelope(self, store: str | None = None) -> Envelope:
+        """The event as relayed; `store`, the name of the event store relaying it."""
         headers = {
             AGGREGATE_VERSION_HEADER: str(self.version),
             "aggregateType": self.aggregate_type,
         }
+        if store is not None:
+            headers[EVENT_STORE_HEADER] = store
         if self.correlation_id:
             headers[CORRELATION_HEADER] = self.correlation_id
         if self.causation_id:
@@ -160,6 +166,15 @@ class StoredEvent:
             aggregate_id=str(self.aggregate_id),
             headers=headers,
         )
+
+
+class ProjectedStore(Protocol):
+    """The event store whose read models the query database holds."""
+
+    async def require(self, store: str) -> None:
+        """Return if the read models are those of event store `store` (recorded as such
+        if they were of none yet); AwaitingOperator if they are another's."""
+        ...
 
 
 @dataclass(frozen=True)

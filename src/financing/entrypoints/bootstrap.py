@@ -16,6 +16,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
+from uuid import UUID
 
 import asyncpg
 
@@ -31,7 +32,7 @@ from financing.adapters.postgres.connection import (
 )
 from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.adapters.postgres.outbox import CommitListener, PostgresOutbox, PostgresRelayerLock
-from financing.adapters.postgres.projected_store import claim, store_of
+from financing.adapters.postgres.projected_store import RecordedStore, claim, store_of
 from financing.adapters.postgres.read_models import PostgresReadModels
 from financing.adapters.postgres.retention import deduplication_records
 from financing.adapters.postgres.schema import DATABASES, migrate, missing, require_tables
@@ -53,7 +54,7 @@ from financing.application.pipeline import (
     retried,
     sending,
 )
-from financing.application.ports import CommandSender, EventStore
+from financing.application.ports import CommandSender, EventStore, ProjectedStore
 from financing.application.read_models import ReadModelStore
 from financing.application.retry import (
     DELIVERIES,
@@ -165,7 +166,9 @@ async def bootstrap(
         raise ValueError(f"unknown components: {', '.join(sorted(unknown))}")
     selected = service.components
     outages = Outages()
-    command_pool, query_pool = await _databases(settings, selected, stack, outages, deadline)
+    command_pool, query_pool, store_name = await _databases(
+        settings, selected, stack, outages, deadline
+    )
     service.workers["outages"] = outages.watch
     service.workers["event-loop"] = watch_event_loop
     service.workers["garbage"] = collect_in_full
@@ -175,7 +178,16 @@ async def bootstrap(
     )
     if selected & NEEDS_BROKER:
         await _broker_components(
-            settings, service, stack, outages, deadline, overrides, command_pool, query_pool, own
+            settings,
+            service,
+            stack,
+            outages,
+            deadline,
+            overrides,
+            command_pool,
+            query_pool,
+            own,
+            store_name,
         )
     if query_pool is not None and "queries-api" in selected:
         queries = QueriesService(PostgresReadModels(query_pool), outages)
@@ -192,9 +204,11 @@ async def _databases(
     stack: AsyncExitStack,
     outages: Outages,
     deadline: float,
-) -> tuple[asyncpg.Pool | None, asyncpg.Pool | None]:
+) -> tuple[asyncpg.Pool | None, asyncpg.Pool | None, str | None]:
     """The pools of the command and query databases the components need (None: not
-    needed), each watched for its outages."""
+    needed), each watched for its outages, and the event store's name (None without
+    the command database), the query database's record of it checked where both are
+    opened."""
     command_pool = query_pool = None
     if selected & NEEDS_COMMAND_DB:
         command_pool = await _pool(
@@ -218,14 +232,21 @@ async def _databases(
             outages.check_with(
                 DATABASES[schema], _answering(check, pool, schema), attempts_within=within
             )
-    if command_pool is not None and query_pool is not None:
-        commands, queries = command_pool, query_pool
-
-        async def claimed() -> None:
-            await claim(queries, await store_of(commands))
-
-        await started("the event store the query database projects", claimed, outages, deadline)
-    return command_pool, query_pool
+    store: UUID | None = None
+    if command_pool is not None:
+        commands = command_pool
+        store = await started(
+            "naming the event store", lambda: store_of(commands), outages, deadline
+        )
+    if store is not None and query_pool is not None:
+        named, queries = store, query_pool
+        await started(
+            "the event store the query database projects",
+            lambda: claim(queries, named),
+            outages,
+            deadline,
+        )
+    return command_pool, query_pool, None if store is None else str(store)
 
 
 async def _broker_components(
@@ -238,9 +259,11 @@ async def _broker_components(
     command_pool: asyncpg.Pool | None,
     query_pool: asyncpg.Pool | None,
     own: int,
+    store_name: str | None,
 ) -> None:
-    """The broker's connection and publisher, the consumers, the relayer and the
-    Commands API, as far as they are selected; the topology declared."""
+    """The broker's connection and publisher, the consumers, the relayer (naming
+    `store_name` on each event) and the Commands API, as far as they are selected; the topology
+    declared."""
     selected = service.components
     broker = Broker(settings.amqp_urls, outages, queue_type=settings.queue_type)
     stack.push_async_callback(broker.close)
@@ -260,13 +283,13 @@ async def _broker_components(
         if "policies" in selected:
             wiring.store_routes(routes.POLICIES, store)
         if "relayer" in selected:
-            wiring.relayer(command_pool, settings.command_db, stack)
+            wiring.relayer(command_pool, settings.command_db, stack, store_name)
     if "integration" in selected:
         wiring.sending_routes(routes.INTEGRATION, AmqpCommandSender(publisher))
     if query_pool is not None and "projector" in selected:
         clock = DatabaseClock(query_pool, QUERY_DATABASE)
         service.workers["database-clock"] = clock.run
-        wiring.projector(PostgresReadModels(query_pool), clock.now)
+        wiring.projector(PostgresReadModels(query_pool), clock.now, RecordedStore(query_pool))
     watch: TopologyWatch | None = None
     if selected & CONSUMES:
         # Where queues are consumed, the topology is kept as declared.
@@ -412,8 +435,12 @@ class _Wiring:
         )
         self._add(f"consumer:{queue.name}", lambda: consume(consumer, deliveries), consumer)
 
-    def projector(self, read_models: ReadModelStore, clock: Callable[[], datetime]) -> None:
-        projector = Projector(self._overrides.read_models(read_models), self._outages, clock=clock)
+    def projector(
+        self, read_models: ReadModelStore, clock: Callable[[], datetime], store: ProjectedStore
+    ) -> None:
+        projector = Projector(
+            self._overrides.read_models(read_models), self._outages, clock=clock, store=store
+        )
         consumer = QueueConsumer(
             self._broker,
             topology.PROJECTOR.queue,
@@ -433,11 +460,18 @@ class _Wiring:
 
         self._add("projector", run, consumer)
 
-    def relayer(self, pool: asyncpg.Pool, db: Database, stack: AsyncExitStack) -> None:
+    def relayer(
+        self, pool: asyncpg.Pool, db: Database, stack: AsyncExitStack, store: str | None
+    ) -> None:
         wake_up = CommitListener(db)
         stack.push_async_callback(wake_up.close)
         relayer = Relayer(
-            PostgresOutbox(pool), self._publisher, PostgresRelayerLock(db), wake_up, self._outages
+            PostgresOutbox(pool),
+            self._publisher,
+            PostgresRelayerLock(db),
+            wake_up,
+            self._outages,
+            store=store,
         )
         self._service.workers["relayer"] = relayer.run
         self._service.workers["relayer-lag"] = relayer.report_lag

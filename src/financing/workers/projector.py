@@ -49,7 +49,7 @@ from financing.application.pipeline import (
     relayed_from_the_store,
     retried,
 )
-from financing.application.ports import RECORDED_AT_HEADER
+from financing.application.ports import EVENT_STORE_HEADER, RECORDED_AT_HEADER, ProjectedStore
 from financing.application.read_models import (
     EMPTY,
     NOT_RECORDED,
@@ -81,10 +81,14 @@ class Projector:
         batch_size: int = BATCH_SIZE,
         policy: RetryPolicy = DELIVERIES,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        store: ProjectedStore | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self._read_models = read_models
+        # The event store whose read models these are, asked of each event relayed with
+        # its store's name: another's wait in their queue, an outage (projected_store).
+        self._store = store
         # The time by the event store's clock, which stamps `recorded_at` (the database
         # server's, `DatabaseClock`), for the projection delay.
         self._clock = clock
@@ -169,6 +173,10 @@ class Projector:
     ) -> tuple[AbstractSet[str], _Recorded]:
         """Apply `events`, recording what `said` says of each: the message ids projected
         now, and what was recorded of the others when they were projected before."""
+        if self._store is not None:
+            for store in {event.envelope.headers.get(EVENT_STORE_HEADER) for event in events}:
+                if store is not None:
+                    await self._store.require(store)
         fresh = await self._read_models.apply(
             [_pair(event) for event in events], said.digests, said.recorded
         )

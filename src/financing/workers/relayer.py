@@ -87,8 +87,10 @@ class Relayer:
         mark_after: float = MARK_AFTER,
         poll_interval: float = POLL_INTERVAL,
         policy: RetryPolicy = NO_BUG_RETRIES,
+        store: str | None = None,
     ) -> None:
         self._outbox = outbox
+        self._store = store  # the event store's name, on each event it relays
         self._publisher = publisher
         self._lock = lock
         self._wake_up = wake_up
@@ -172,7 +174,7 @@ class Relayer:
         return len(events)
 
     async def _publish(self, events: list[StoredEvent], relayed: _Relayed) -> None:
-        await self._publisher.publish_events([event.envelope() for event in events])
+        await self._publisher.publish_events([event.envelope(self._store) for event in events])
         relayed.add(events)
         metrics.EVENTS_RELAYED.inc(len(events))
         log.debug("relayed", count=len(events), last_position=events[-1].position)

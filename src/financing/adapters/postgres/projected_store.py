@@ -14,6 +14,7 @@ rebuild by one dropped the other's rows.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
@@ -26,7 +27,10 @@ from financing.adapters.postgres.connection import (
     Connection,
     acquired,
 )
-from financing.application.errors import Refused
+from financing.application.errors import AwaitingOperator, Refused
+
+# Seconds a projector takes the store it found recorded for granted (`RecordedStore`).
+RECHECK = 10.0
 
 REMEDY = (
     "give each deployment a query database of its own; if this event store took that"
@@ -107,3 +111,45 @@ async def record_store(conn: Connection, store: UUID) -> None:
         " ON CONFLICT (singleton) DO UPDATE SET id = excluded.id, since = now()",
         store,
     )
+
+
+class HoldsAnotherStore(AwaitingOperator):
+    """The projector receives the events of an event store whose read models the query
+    database does not hold: another deployment's projector pointed at it (a process that
+    opens the query database alone, which start-up cannot tell). An outage: the events
+    wait in their queue, nothing is projected, until an operator mends it."""
+
+    def __init__(self, refused: ProjectsAnotherStore) -> None:
+        super().__init__(
+            QUERY_DATABASE,
+            f"{refused.detail}; the projector's events, relayed from event store"
+            f" {refused.store}, wait in their queue",
+        )
+
+
+class RecordedStore:
+    """The query database's record of the event store whose read models it holds, as
+    the projector asks it of each event relayed with its store's name: known once read,
+    recorded (claimed) where none is yet, as a process opening both databases does at
+    start-up; so a split deployment records its store too."""
+
+    def __init__(self, query_pool: asyncpg.Pool) -> None:
+        self._pool = query_pool
+        # The store found recorded, and when (time.monotonic()): asked again RECHECK
+        # seconds later, so that a rebuild that adopted the read models for another
+        # store stops this projector's writes into them.
+        self._known: tuple[UUID, float] | None = None
+
+    async def require(self, store: str) -> None:
+        try:
+            named = UUID(store)
+        except ValueError:
+            return  # not a name this service's relayer writes: the event is judged as any
+        now = time.monotonic()
+        if self._known is not None and self._known[0] == named and now - self._known[1] < RECHECK:
+            return
+        try:
+            await claim(self._pool, named)
+        except ProjectsAnotherStore as refused:
+            raise HoldsAnotherStore(refused) from None
+        self._known = (named, now)
