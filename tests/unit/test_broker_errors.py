@@ -239,9 +239,8 @@ async def test_a_refused_publish_to_events_fails_the_probe_only_while_the_relaye
     in an outage that only a publish it will never make could end."""
     channel = SlowChannel()
     channel.answer.set()
-    publisher = OpenedOn(
-        channel=channel, exchange=ClosingExchange(await rejected_as_aiormq_rejects())
-    )
+    refusal = aiormq.exceptions.ChannelAccessRefused("ACCESS_REFUSED - access to exchange 'events'")
+    publisher = OpenedOn(channel=channel, exchange=ClosingExchange(refusal))
     envelope = Envelope(message_id="m-1", name="CreateIssuer", body=b"{}")
     with pytest.raises(PublishFailed):
         await publisher.publish_events([envelope])
@@ -251,6 +250,24 @@ async def test_a_refused_publish_to_events_fails_the_probe_only_while_the_relaye
     await asyncio.wait_for(publisher.probe(), 5)
     monkeypatch.setattr(publisher_module, "REFUSAL_REMEMBERED", 0.0)
     await asyncio.wait_for(publisher.probe_events(), 5)
+    await publisher.close()
+
+
+async def test_a_publish_to_events_lost_with_the_connection_is_no_refusal() -> None:
+    """Regression: an outage begun as a lost connection was said to be kept on by a
+    refusal of `events` naming the lost connection (CONNECTION_FORCED), and the refusal
+    that followed was never named."""
+    channel = SlowChannel()
+    channel.answer.set()
+    publisher = OpenedOn(
+        channel=channel, exchange=ClosingExchange(await rejected_as_aiormq_rejects())
+    )
+    with pytest.raises(PublishFailed) as lost:
+        await publisher.publish_events(
+            [Envelope(message_id="m-1", name="CreateIssuer", body=b"{}")]
+        )
+    assert not lost.value.refused
+    await asyncio.wait_for(publisher.probe_events(), 5)  # the probe's to find
     await publisher.close()
 
 

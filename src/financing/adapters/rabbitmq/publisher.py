@@ -77,10 +77,13 @@ class PublishFailed(Unavailable):
     is safe because every consumer deduplicates by message id.
     """
 
-    def __init__(self, detail: str, *, unroutable: bool = False) -> None:
+    def __init__(self, detail: str, *, unroutable: bool = False, refused: bool = False) -> None:
         super().__init__(BROKER, detail)
         # Returned by the broker: no queue, and no alternate exchange, took it.
         self.unroutable = unroutable
+        # Refused by the broker (the channel closed for it, a nack), not lost with the
+        # connection nor left unconfirmed.
+        self.refused = refused
 
 
 @dataclass
@@ -229,7 +232,8 @@ class Publisher:
                     raise
                 await self._confirmed(what, self._events, publishes)  # the same ids again
         except PublishFailed as failed:
-            self._events_refused = (failed.detail, time.monotonic())
+            if failed.refused:  # a lost connection is the probe's to find, and to end
+                self._events_refused = (failed.detail, time.monotonic())
             raise
         self._events_refused = None
 
@@ -501,12 +505,18 @@ class Publisher:
         except TimeoutError:
             waited = time.monotonic() - began
             raise PublishFailed(f"{what}: not confirmed within {waited:.1f} s") from None
+        # Refused if the broker refused any of them (closing the channel for it, or a nack):
+        # the others in flight are failed with the channel, by a bare error.
+        refused = any(
+            isinstance(result, aiormq.exceptions.ChannelClosed | aiormq.exceptions.DeliveryError)
+            for result in results
+        )
         for result in results:
             if isinstance(result, aiormq.exceptions.PublishError):
                 raise PublishFailed(f"{what}: {_describe(result)}", unroutable=True) from result
             if isinstance(result, BaseException):
                 if is_broker_error(result) or failed_by_a_lost_connection(result):
-                    raise PublishFailed(f"{what}: {_describe(result)}") from result
+                    raise PublishFailed(f"{what}: {_describe(result)}", refused=refused) from result
                 raise result  # not the broker's doing: a bug
             if not isinstance(result, aiormq.spec.Basic.Ack):
                 raise PublishFailed(f"{what}: not acknowledged by the broker ({result!r})")
