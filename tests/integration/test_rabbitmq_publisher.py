@@ -411,24 +411,35 @@ async def test_the_probe_fails_from_a_refused_publish_to_events_until_one_is_con
 
 
 @contextlib.asynccontextmanager
-async def refusing_events(vhost: rabbitmq.Vhost) -> AsyncIterator[tuple[Broker, Publisher, str]]:
-    """A broker and a publisher on `vhost`, whose write permission on `events` alone is
-    revoked, and the name of a command queue; a queue bound to `events` too."""
+async def publishing(
+    vhost: rabbitmq.Vhost, *, confirm_timeout: float = 2.0
+) -> AsyncIterator[tuple[Broker, Publisher, str]]:
+    """A broker and a publisher on `vhost`, and the name of a command queue; a queue
+    bound to `events` too."""
     broker = Broker([vhost.url], Outages())
-    publisher = Publisher(broker, confirm_timeout=2.0)
+    publisher = Publisher(broker, confirm_timeout=confirm_timeout)
     command = unique_name("CreateIssuer")
     try:
         channel = await broker.channel()
-        await QueueSpec(unique_name("events_refused"), bound_to_events=True).declare(channel)
+        await QueueSpec(unique_name("events_bound"), bound_to_events=True).declare(channel)
         await QueueSpec(command, bound_to_events=False).declare(channel)
         await channel.close()
-        await rabbitmq.grant_permissions(vhost.name, write="^(?!events$).*")
-        await rabbitmq.close_connections(vhost.name)  # channels keep their checks
         yield broker, publisher, command
     finally:
-        await rabbitmq.grant_permissions(vhost.name)
         await publisher.close()
         await broker.close()
+
+
+@contextlib.asynccontextmanager
+async def refusing_events(vhost: rabbitmq.Vhost) -> AsyncIterator[tuple[Broker, Publisher, str]]:
+    """`publishing`, the write permission on `events` alone revoked."""
+    async with publishing(vhost) as opened:
+        await rabbitmq.grant_permissions(vhost.name, write="^(?!events$).*")
+        try:
+            await rabbitmq.close_connections(vhost.name)  # channels keep their checks
+            yield opened
+        finally:
+            await rabbitmq.grant_permissions(vhost.name)
 
 
 async def test_publishes_refused_together_leave_the_connection_and_its_consumers_open(
@@ -543,14 +554,7 @@ async def test_commands_do_not_wait_for_the_events_channel_being_opened(
     """Regression: the lanes opened under one lock, so a command waited for the whole
     topology to be declared again each time a refused publish closed the events'
     channel (560 ms at p99 where declarations were slow)."""
-    broker = Broker([empty_vhost.url], Outages())
-    publisher = Publisher(broker, confirm_timeout=5.0)
-    command = unique_name("CreateIssuer")
-    try:
-        channel = await broker.channel()
-        await QueueSpec(unique_name("events_lanes"), bound_to_events=True).declare(channel)
-        await QueueSpec(command, bound_to_events=False).declare(channel)
-        await channel.close()
+    async with publishing(empty_vhost, confirm_timeout=5.0) as (_, publisher, command):
         await publisher.send_to_queue(command, Envelope("c-0", "CreateIssuer", b"{}"))
         declaring, declared = asyncio.Event(), asyncio.Event()
         declare = publisher.declare_topology
@@ -568,9 +572,6 @@ async def test_commands_do_not_wait_for_the_events_channel_being_opened(
         )
         declared.set()
         await events
-    finally:
-        await publisher.close()
-        await broker.close()
 
 
 async def test_a_refused_probe_leaves_the_channel_publishes_share_open(

@@ -166,36 +166,37 @@ async def bootstrap(
         raise ValueError(f"unknown components: {', '.join(sorted(unknown))}")
     selected = service.components
     outages = Outages()
-    command_pool, query_pool, store_name = await _databases(
-        settings, selected, stack, outages, deadline
-    )
+    opened = await _databases(settings, selected, stack, outages, deadline)
     service.workers["outages"] = outages.watch
     service.workers["event-loop"] = watch_event_loop
     service.workers["garbage"] = collect_in_full
-    # The file descriptors the process needs itself, left to it by its servers' callers.
-    own = OWN_DESCRIPTORS + sum(
-        pool.get_max_size() for pool in (command_pool, query_pool) if pool is not None
-    )
     if selected & NEEDS_BROKER:
-        await _broker_components(
-            settings,
-            service,
-            stack,
-            outages,
-            deadline,
-            overrides,
-            command_pool,
-            query_pool,
-            own,
-            store_name,
-        )
+        await _broker_components(settings, service, stack, outages, deadline, overrides, opened)
+    query_pool = opened.query_pool
     if query_pool is not None and "queries-api" in selected:
         queries = QueriesService(PostgresReadModels(query_pool), outages)
         probe = Probe(QUERY_DATABASE, _answering(ping, query_pool, "queries"))
-        server = _grpc_server(service, outages, queries, "Queries", probe, own)
+        server = _grpc_server(service, outages, queries, "Queries", probe, opened.own)
         service.listeners.append(Listener("queries-api", server, settings.query_address))
-    _housekeeping(settings, service, outages, command_pool, query_pool, own)
+    _housekeeping(settings, service, outages, opened)
     return service
+
+
+@dataclass(frozen=True)
+class _Opened:
+    """What `_databases` opened: a pool per database the components need (None: not
+    needed), and the event store's name (None without the command database)."""
+
+    command_pool: asyncpg.Pool | None
+    query_pool: asyncpg.Pool | None
+    store_name: str | None
+
+    @property
+    def own(self) -> int:
+        """The file descriptors the process needs itself, left to it by its servers'
+        callers."""
+        pools = (self.command_pool, self.query_pool)
+        return OWN_DESCRIPTORS + sum(pool.get_max_size() for pool in pools if pool is not None)
 
 
 async def _databases(
@@ -204,11 +205,10 @@ async def _databases(
     stack: AsyncExitStack,
     outages: Outages,
     deadline: float,
-) -> tuple[asyncpg.Pool | None, asyncpg.Pool | None, str | None]:
-    """The pools of the command and query databases the components need (None: not
-    needed), each watched for its outages, and the event store's name (None without
-    the command database), the query database's record of it checked where both are
-    opened."""
+) -> _Opened:
+    """The pools of the command and query databases the components need, each watched
+    for its outages, and the event store's name, the query database's record of it
+    checked where both are opened."""
     command_pool = query_pool = None
     if selected & NEEDS_COMMAND_DB:
         command_pool = await _pool(
@@ -246,7 +246,7 @@ async def _databases(
             outages,
             deadline,
         )
-    return command_pool, query_pool, None if store is None else str(store)
+    return _Opened(command_pool, query_pool, None if store is None else str(store))
 
 
 async def _broker_components(
@@ -256,15 +256,13 @@ async def _broker_components(
     outages: Outages,
     deadline: float,
     overrides: Overrides,
-    command_pool: asyncpg.Pool | None,
-    query_pool: asyncpg.Pool | None,
-    own: int,
-    store_name: str | None,
+    opened: _Opened,
 ) -> None:
-    """The broker's connection and publisher, the consumers, the relayer (naming
-    `store_name` on each event) and the Commands API, as far as they are selected; the topology
-    declared."""
+    """The broker's connection and publisher, the consumers, the relayer (naming the
+    event store on each event) and the Commands API, as far as they are selected; the
+    topology declared."""
     selected = service.components
+    command_pool, query_pool = opened.command_pool, opened.query_pool
     broker = Broker(settings.amqp_urls, outages, queue_type=settings.queue_type)
     stack.push_async_callback(broker.close)
     await started(BROKER, broker.connection, outages, deadline)
@@ -283,7 +281,7 @@ async def _broker_components(
         if "policies" in selected:
             wiring.store_routes(routes.POLICIES, store)
         if "relayer" in selected:
-            wiring.relayer(command_pool, settings.command_db, stack, store_name)
+            wiring.relayer(command_pool, settings.command_db, stack, opened.store_name)
     if "integration" in selected:
         wiring.sending_routes(routes.INTEGRATION, AmqpCommandSender(publisher))
     if query_pool is not None and "projector" in selected:
@@ -305,7 +303,7 @@ async def _broker_components(
     if "commands-api" in selected:
         commands = CommandsService(AmqpCommandSender(publisher), outages)
         server = _grpc_server(
-            service, outages, commands, "Commands", Probe(BROKER, publisher.probe), own
+            service, outages, commands, "Commands", Probe(BROKER, publisher.probe), opened.own
         )
         correlate(server)
         service.listeners.append(Listener("commands-api", server, settings.command_address))
@@ -315,21 +313,19 @@ def _housekeeping(
     settings: Settings,
     service: Service,
     outages: Outages,
-    command_pool: asyncpg.Pool | None,
-    query_pool: asyncpg.Pool | None,
-    own: int,
+    opened: _Opened,
 ) -> None:
     """The pruning of deduplication records and the metrics endpoint."""
     selected = service.components
     records = deduplication_records(
-        command_pool if selected & RECORDS_COMMANDS else None,
-        query_pool if selected & RECORDS_PROJECTIONS else None,
+        opened.command_pool if selected & RECORDS_COMMANDS else None,
+        opened.query_pool if selected & RECORDS_PROJECTIONS else None,
     )
     if records:
         retention = Retention(records, outages, keep=settings.dedup_retention)
         service.workers["retention"] = retention.run
     if settings.metrics_address is not None:
-        endpoint = MetricsEndpoint(healthy=lambda: _healthy(service, outages), own=own)
+        endpoint = MetricsEndpoint(healthy=lambda: _healthy(service, outages), own=opened.own)
         service.listeners.append(Listener("metrics", endpoint, settings.metrics_address))
 
 

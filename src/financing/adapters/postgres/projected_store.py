@@ -88,6 +88,14 @@ async def projected(conn: Connection) -> Projected | None:
     return None if row is None else Projected(row["id"], row["since"])
 
 
+async def refuse_another(conn: Connection, store: UUID) -> None:
+    """ProjectsAnotherStore if the read models are recorded as another store's than
+    `store`."""
+    found = await projected(conn)
+    if found is not None and found.store != store:
+        raise ProjectsAnotherStore(found, store)
+
+
 async def claim(query_pool: asyncpg.Pool, store: UUID) -> None:
     """Record `store` as the one the read models are of, unless one is recorded already;
     ProjectsAnotherStore when that is another. A database that takes no writes (a replica
@@ -98,9 +106,7 @@ async def claim(query_pool: asyncpg.Pool, store: UUID) -> None:
                 "INSERT INTO projected_event_store (id) VALUES ($1) ON CONFLICT DO NOTHING",
                 store,
             )
-        found = await projected(conn)
-    if found is not None and found.store != store:
-        raise ProjectsAnotherStore(found, store)
+        await refuse_another(conn, store)
 
 
 async def record_store(conn: Connection, store: UUID) -> None:

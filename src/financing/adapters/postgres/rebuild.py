@@ -36,12 +36,7 @@ import asyncpg
 
 from financing.adapters.postgres.connection import QUERY_DATABASE, Connection, acquired
 from financing.adapters.postgres.event_store import PostgresEventStore
-from financing.adapters.postgres.projected_store import (
-    ProjectsAnotherStore,
-    projected,
-    record_store,
-    store_of,
-)
+from financing.adapters.postgres.projected_store import record_store, refuse_another, store_of
 from financing.adapters.postgres.read_models import (
     DEFAULT_SCHEMA,
     PostgresReadModels,
@@ -93,9 +88,7 @@ async def rebuild(
     store_id = await store_of(event_store_pool)
     if not adopt:
         async with acquired(query_pool, QUERY_DATABASE) as conn:
-            found = await projected(conn)
-        if found is not None and found.store != store_id:
-            raise ProjectsAnotherStore(found, store_id)
+            await refuse_another(conn, store_id)
     # The live read models keep the events of another relayer; the fresh ones replay them.
     target = PostgresReadModels(query_pool, fresh, journal=False)
     async with acquired(query_pool, QUERY_DATABASE) as holder:

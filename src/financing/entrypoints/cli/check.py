@@ -25,7 +25,11 @@ import asyncpg
 
 from financing.adapters.postgres.connection import QUERY_DATABASE, acquired
 from financing.adapters.postgres.event_store import PostgresEventStore
-from financing.adapters.postgres.projected_store import ProjectsAnotherStore, projected, store_of
+from financing.adapters.postgres.projected_store import (
+    ProjectsAnotherStore,
+    refuse_another,
+    store_of,
+)
 from financing.adapters.postgres.read_models import PostgresReadModels, ProjectedView
 from financing.application.invariants import Checker, Report
 from financing.application.ports import StoredEvent
@@ -126,10 +130,11 @@ async def _another_store(event_store_pool: asyncpg.Pool, query_pool: asyncpg.Poo
     """Why the read models are those of another event store, if they are."""
     store = await store_of(event_store_pool)
     async with acquired(query_pool, QUERY_DATABASE) as conn:
-        found = await projected(conn)
-    if found is None or found.store == store:
-        return None
-    return ProjectsAnotherStore(found, store).detail
+        try:
+            await refuse_another(conn, store)
+        except ProjectsAnotherStore as another:
+            return another.detail
+    return None
 
 
 def _projected_by(view: ProjectedView, stored: StoredEvent) -> bool:
