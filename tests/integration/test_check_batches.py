@@ -15,6 +15,7 @@ from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.adapters.postgres.read_models import PostgresReadModels
 from financing.application.ports import StoredEvent
 from financing.domain.aggregates import Investor
+from financing.domain.events import Bid, InvoiceFinancedEvent
 from financing.entrypoints.cli.check import BATCH, RECENT, run_check
 from tests.support import infra
 
@@ -124,3 +125,26 @@ async def test_after_a_rebuild_a_check_holds_only_the_records_of_recent_events(
     assert view.projected == {e.message_id for e in stored[2:]}
     result = await run_check(events_pool, queries_pool)
     assert result.ok and result.unprojected == 0, result.lines()
+
+
+async def test_an_unlisted_invoice_no_replay_makes_is_a_difference(
+    pools: tuple[asyncpg.Pool, asyncpg.Pool],
+) -> None:
+    """Regression (a probe): `check` compared the lists, which leave out an invoice whose
+    creation was never projected; 116 rows that events of another event store had made
+    in the read models went untold, and the check said OK."""
+    events_pool, queries_pool = pools
+    store = PostgresEventStore(events_pool)
+    await investor_created(store)
+    live = PostgresReadModels(queries_pool)
+    await live.apply([(e.message_id, e.event) async for e in store.read_all()])
+    assert (await run_check(events_pool, queries_pool)).ok
+    stray, bid = uuid4(), Bid(uuid4(), Decimal("12"))
+    await live.apply([(str(uuid4()), InvoiceFinancedEvent(stray, Decimal("10"), bid))])
+
+    result = await run_check(events_pool, queries_pool)
+
+    assert not result.ok
+    assert result.read_model_differences == [
+        f"invoices unlisted: {stray} (no creation projected), a replay has no such row"
+    ]

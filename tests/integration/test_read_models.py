@@ -392,8 +392,10 @@ class ReadModelContract:
         await apply(store, ev.InvoiceFinancedEvent(invoice_id, D(10), bid))
         await apply(store, ev.InvoiceApprovedEvent(invoice_id, D(10), bid))
         assert await store.invoices() == []  # its issuer is not known yet
+        assert await store.unlisted_invoices() == [invoice_id]
         await apply(store, ev.InvoiceCreatedEvent(invoice_id, issuer_id, D(10)))
         assert await store.invoices() == [InvoiceRow(invoice_id, issuer_id, D(10), APPROVED, bid)]
+        assert await store.unlisted_invoices() == []
 
     @pytest.mark.parametrize(
         ("first", "then"),

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import datetime
+from uuid import UUID
 
 from financing.application.pipeline import Decoded, Handler, HandlerPart, Outcome, OutcomeKind
 from financing.application.read_models import (
@@ -93,6 +94,9 @@ class WrappedReadModels:
 
     async def issuers(self) -> list[IssuerRow]:
         return await self.inner.issuers()
+
+    async def unlisted_invoices(self) -> list[UUID]:
+        return await self.inner.unlisted_invoices()
 
 
 @dataclass

@@ -9,7 +9,7 @@ from uuid import UUID, uuid4
 
 from financing.application.read_models import InMemoryReadModels
 from financing.domain import events as ev
-from financing.entrypoints.cli.check import _rows, compare
+from financing.entrypoints.cli.check import _rows, compare, compare_unlisted
 
 
 async def issuers(*ids: UUID) -> InMemoryReadModels:
@@ -49,3 +49,16 @@ async def test_a_row_of_the_store_another_relayers_event_made_first_is_compared_
     live_rows = await _rows(live)
     assert compare(live_rows, stores, stores, touched={early}) == []
     assert compare(live_rows, stores, stores, touched=set()) != []
+
+
+def test_an_unlisted_invoice_held_by_one_side_only_is_a_difference() -> None:
+    both, live_only, replay_only = uuid4(), uuid4(), uuid4()
+
+    differences = compare_unlisted([both, live_only], [replay_only, both])
+
+    assert differences == [
+        f"invoices unlisted: {live_only} (no creation projected), a replay has no such row",
+        f"invoices unlisted in a replay: {replay_only} (no creation projected), not in the"
+        " read models",
+    ]
+    assert compare_unlisted([both], [both]) == []

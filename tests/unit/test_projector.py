@@ -78,6 +78,9 @@ class RecordingReadModels:
     async def issuers(self) -> list[IssuerRow]:
         return []
 
+    async def unlisted_invoices(self) -> list[UUID]:
+        return []
+
     def applied(self) -> list[str]:
         return [message_id for batch in self.batches for message_id, _ in batch]
 

@@ -161,6 +161,11 @@ class ReadModelStore(Protocol):
         """Every issuer, in creation order."""
         ...
 
+    async def unlisted_invoices(self) -> list[UUID]:
+        """The invoices whose later events made a row before their creation was
+        projected (listed by none of the lists), in the order made."""
+        ...
+
 
 @dataclass(frozen=True)
 class InvestorChange:
@@ -320,6 +325,9 @@ class InMemoryReadModels:
 
     async def issuers(self) -> list[IssuerRow]:
         return list(self._issuers.values())
+
+    async def unlisted_invoices(self) -> list[UUID]:
+        return [i.id for i in self._invoices.values() if i.issuer_id is None]
 
 
 async def kept_foreign(

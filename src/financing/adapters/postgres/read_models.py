@@ -166,6 +166,7 @@ class PostgresReadModels:
             f" FROM {s}.invoices WHERE issuer_id IS NOT NULL ORDER BY created"
         )
         self._issuers_sql = f"SELECT id FROM {s}.issuers ORDER BY created"
+        self._unlisted_sql = f"SELECT id FROM {s}.invoices WHERE issuer_id IS NULL ORDER BY created"
         # Only records of events the store recorded as recently (by its own clock, kept
         # with each record; NULL for another relayer's): `financing check` takes every
         # older event for projected whatever the records say, and after a rebuild every
@@ -300,6 +301,9 @@ class PostgresReadModels:
     async def issuers(self) -> list[IssuerRow]:
         return await in_turns(await self._fetch(self._issuers_sql), _issuer)
 
+    async def unlisted_invoices(self) -> list[UUID]:
+        return [_uuid(row["id"]) for row in await self._fetch(self._unlisted_sql)]
+
     async def view(self, recent: float) -> ProjectedView:
         """The rows, and the message ids projected in the last `recent` seconds (by the
         server's clock) of events recorded in that time too, as one snapshot: what
@@ -312,11 +316,13 @@ class PostgresReadModels:
             investors = await conn.fetch(self._investors_sql)
             invoices = await conn.fetch(self._invoices_sql)
             issuers = await conn.fetch(self._issuers_sql)
+            unlisted = await conn.fetch(self._unlisted_sql)
             projected = await conn.fetch(self._projected_since_sql, recent)
         return ProjectedView(
             investors=await in_turns(investors, _investor),
             invoices=await in_turns(invoices, _invoice),
             issuers=await in_turns(issuers, _issuer),
+            unlisted=[_uuid(row["id"]) for row in unlisted],
             projected=frozenset(row["message_id"] for row in projected),
             at=at,
         )
@@ -342,6 +348,7 @@ class ProjectedView:
     investors: list[InvestorRow]
     invoices: list[InvoiceRow]
     issuers: list[IssuerRow]
+    unlisted: list[UUID]  # invoices made by later events, their creation not projected
     projected: AbstractSet[str]  # message ids projected recently
     at: datetime  # the moment, by the query database's clock
 
