@@ -44,7 +44,14 @@ async def test_a_service_the_commands_port_does_not_serve_is_not_found(
 
 async def test_reflection_describes_the_commands_service(system: System) -> None:
     described = await foreign_grpc.run("describe", str(system.command_address), "Commands")
-    assert {"Commands", "grpc.health.v1.Health"} <= set(described["services"])  # type: ignore[call-overload]
+    # Regression (a probe): the reflection services did not list themselves, as grpc-go's
+    # and grpcio's servers do (`grpcurl list`).
+    assert described["services"] == [
+        "Commands",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ]
     assert described["methods"] == [
         "ApproveFinancing",
         "BidOnInvoice",

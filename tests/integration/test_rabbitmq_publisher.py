@@ -17,7 +17,12 @@ from financing.adapters.rabbitmq import publisher as publisher_module
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import BROKER, Broker
 from financing.adapters.rabbitmq.envelopes import from_amqp, to_amqp
-from financing.adapters.rabbitmq.publisher import AmqpCommandSender, Publisher, PublishFailed
+from financing.adapters.rabbitmq.publisher import (
+    PROBE_CHANNEL_AGE,
+    AmqpCommandSender,
+    Publisher,
+    PublishFailed,
+)
 from financing.adapters.rabbitmq.topology import QueueSpec
 from financing.application import codec
 from financing.application.errors import Refused, Unavailable
@@ -354,6 +359,36 @@ async def test_the_probe_fails_while_the_broker_does_not_let_the_service_publish
                 return not await probed(publisher)
 
             await wait_until(refused, timeout=10, what="the probe to fail")
+        finally:
+            await rabbitmq.grant_permissions(empty_vhost.name)
+        await wait_until(lambda: probed(publisher), timeout=10, what="the probe to pass again")
+    finally:
+        await publisher.close()
+        await broker.close()
+
+
+async def test_the_probe_fails_once_permissions_are_revoked_under_a_busy_probe(
+    empty_vhost: rabbitmq.Vhost,
+) -> None:
+    """Regression (a probe): a channel kept busy remembers the permissions the broker
+    granted it (RabbitMQ 3.10), and the probe's, used every second, passed for good once
+    they were revoked: Commands SERVING for minutes while every command was refused, and
+    a broker outage a refused command began said over. The probe's channel is renewed
+    every PROBE_CHANNEL_AGE seconds; the connection stays open here."""
+    broker = Broker([empty_vhost.url], Outages())
+    publisher = Publisher(broker, confirm_timeout=2.0)
+    try:
+        assert await probed(publisher)
+        await rabbitmq.revoke_permissions(empty_vhost.name)
+        try:
+
+            async def refused() -> bool:
+                return not await probed(publisher)
+
+            # Probed every 0.2 s, as the health watch's every second keeps it busy.
+            await wait_until(
+                refused, timeout=PROBE_CHANNEL_AGE + 10, interval=0.2, what="the probe to fail"
+            )
         finally:
             await rabbitmq.grant_permissions(empty_vhost.name)
         await wait_until(lambda: probed(publisher), timeout=10, what="the probe to pass again")

@@ -591,3 +591,32 @@ async def test_under_a_small_descriptor_limit_callers_leave_the_service_what_it_
         assert '"level": "error"' not in service.log_tail(), service.log_tail()
     finally:
         assert await service.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("components", "database"),
+    [(("projector",), "query database"), (("commands", "integration"), "command database")],
+)
+async def test_a_process_serving_no_api_probes_its_databases_while_idle(
+    databases: tuple[Database, Database],
+    amqp_url: str,
+    components: tuple[str, ...],
+    database: str,
+) -> None:
+    """Regression (a probe): only a process serving a gRPC API probed its dependencies, so
+    an idle projector's or command handler's told a lost database only once an operation
+    failed on it: `/health` 200 and `financing_dependency_up` 1 meanwhile."""
+    refused = databases[1] if database == "query database" else databases[0]
+    async with AsyncExitStack() as stack:
+        wired = await bootstrap(
+            _settings(databases, amqp_url), components, stack, deadline=time.monotonic() + 10
+        )
+        assert "health" in wired.workers
+        health = wired.health
+        assert health is not None
+        with capture_logs() as logs:
+            async with infra.refusing_connections(refused):
+                await health.probe_once()
+            await health.probe_once()
+        said = [line["event"] for line in logs if line["event"].startswith(database)]
+        assert said == [f"{database} unavailable"], logs

@@ -173,6 +173,10 @@ class Outages:
         if dependency not in self._since:
             metrics.DEPENDENCY_UP.labels(dependency).set(1)
 
+    def checks(self) -> dict[str, Callable[[], Awaitable[object]]]:
+        """The check of each dependency watched (`check_with`), by dependency."""
+        return dict(self._checks)
+
     async def watch(
         self, interval: float = OUTAGE_CHECK_INTERVAL, quiet: float = OUTAGE_QUIET
     ) -> None:

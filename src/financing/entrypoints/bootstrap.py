@@ -168,6 +168,8 @@ async def bootstrap(
     outages = Outages()
     opened = await _databases(settings, selected, stack, outages, deadline)
     service.workers["outages"] = outages.watch
+    # Every process probes the dependencies it uses, whether or not it serves an API.
+    _health(service, outages)
     service.workers["event-loop"] = watch_event_loop
     service.workers["garbage"] = collect_in_full
     if selected & NEEDS_BROKER:
@@ -347,6 +349,14 @@ def _healthy(service: Service, outages: Outages) -> bool:
     return not outages.down() and all(event.is_set() for event in service.consuming)
 
 
+def _health(service: Service, outages: Outages) -> HealthWatch:
+    """The service's health watch, made and run the first time it is asked for."""
+    if service.health is None:
+        service.health = HealthWatch(outages)
+        service.workers["health"] = service.health.run
+    return service.health
+
+
 def _grpc_server(
     service: Service,
     outages: Outages,
@@ -359,11 +369,8 @@ def _grpc_server(
     in flight are let finish when the service shuts down. `own`: the file descriptors
     the process needs itself, which its callers' connections leave it."""
     service.calls.append(api.calls)
-    if service.health is None:
-        service.health = HealthWatch(outages)
-        service.workers["health"] = service.health.run
     readiness = Readiness(name)
-    service.health.watch(readiness, [probe])
+    _health(service, outages).watch(readiness, [probe])
     # The API's calls are drained at shutdown; health's and reflection's are not waited for.
     handlers = [
         Metered(FramingChecked(servable, calls=api.calls if servable is api else None))

@@ -51,6 +51,7 @@ from financing.application import codec
 from financing.application.errors import AwaitingOperator, Refused, Unavailable
 from financing.application.messages import Command
 from financing.application.ports import Cause, Envelope
+from financing.application.retry import OUTAGE_QUIET
 from financing.cpu import patient_timeout
 from financing.logging import get_logger
 
@@ -64,6 +65,10 @@ T = TypeVar("T")
 PROBE_ROUTING_KEY = "amq.financing.probe"
 
 
+# How old the probe's channel may be (seconds): no older than an outage's quiet
+# (retry.OUTAGE_QUIET), so that a probe ending an outage begun by a refusal asks on a
+# channel opened after that refusal, whose permissions the broker checks anew.
+PROBE_CHANNEL_AGE = OUTAGE_QUIET
 # How long a refused publish to `events` fails the probe when none is tried since.
 REFUSAL_REMEMBERED = 15.0
 # How long a command queue the broker refused to declare is taken as refused.
@@ -111,18 +116,26 @@ async def _default_exchange(channel: AbstractChannel) -> AbstractExchange:
 class _SideChannel:
     """A channel of the publisher's beside its lanes, where the broker may refuse (and
     close it) without harm to the publishes: opened again once closed, one however many
-    ask at once."""
+    ask at once; and, given `renewed_after`, once it is so many seconds old."""
 
-    def __init__(self, broker: Broker, *, confirms: bool) -> None:
+    def __init__(
+        self, broker: Broker, *, confirms: bool, renewed_after: float | None = None
+    ) -> None:
         self._broker = broker
         self._confirms = confirms
+        self._renewed_after = renewed_after
         self._channel: AbstractChannel | None = None
+        self._opened_at = 0.0  # time.monotonic()
         self._opening = asyncio.Lock()
 
     async def get(self) -> AbstractChannel:
         async with self._opening:
+            renewed = self._renewed_after
+            if renewed is not None and time.monotonic() - self._opened_at >= renewed:
+                await self.close()
             if self._channel is None or self._channel.is_closed:
                 self._channel = await self._broker.channel(publisher_confirms=self._confirms)
+                self._opened_at = time.monotonic()
             return self._channel
 
     async def close(self) -> None:
@@ -159,7 +172,11 @@ class Publisher:
         # closes its own, never those publishes share, nor each other's (a command queue
         # the broker refused, declared again at each call, failed the probes beside it:
         # Commands NOT_SERVING, a broker outage that was none).
-        self._probe = _SideChannel(broker, confirms=True)
+        # Renewed every PROBE_CHANNEL_AGE seconds: a channel remembers the permissions the
+        # broker granted it while it is busy (RabbitMQ 3.10), and the probe's, used every
+        # second, took revoked permissions for granted for good: Commands SERVING, and a
+        # broker outage a refused command began said over, while every command was refused.
+        self._probe = _SideChannel(broker, confirms=True, renewed_after=PROBE_CHANNEL_AGE)
         self._declaring = _SideChannel(broker, confirms=False)
         # Why and when (time.monotonic()) the last publish to `events` failed, until one
         # is confirmed again.

@@ -9,7 +9,11 @@ publisher's declarations), `Queries` while the read-model database answers.
 `HealthWatch` probes those dependencies every second, so a lost dependency
 shows as NOT_SERVING within a couple of seconds and SERVING again once it is
 back, with or without traffic; the probes report to the outage log too, so an
-outage is also logged as over when nobody was using the dependency. A probe
+outage is also logged as over when nobody was using the dependency. It probes
+every other dependency the process uses as well (its outage check), so that the
+outage log, `/health` and `financing_dependency_up` of a process that serves no
+gRPC API (a projector's, a command handler's) tell a lost dependency while
+nothing uses it: they told it only once an operation failed on it. A probe
 that runs out of time while the process is too busy to read an answer (its event
 loop's thread ran, or waited for a core, for BUSY_SHARE of the probe's time, or a
 turn of its event loop takes BUSY_TURN) learns nothing: its dependency is then as
@@ -66,7 +70,7 @@ class Probe:
     """A check of one dependency: `check` returns when it answers, raises Unavailable if not."""
 
     dependency: str
-    check: Callable[[], Awaitable[None]]
+    check: Callable[[], Awaitable[object]]
 
 
 class Readiness(CheckBase):
@@ -175,9 +179,14 @@ class HealthWatch:
             await asyncio.sleep(self._interval)  # the probing period
 
     async def probe_once(self) -> None:
+        probed: set[str] = set()
         for watched in self._watched:
             results = [await self._probe(probe) for probe in watched.probes]
             watched.readiness.set(all(results) and not self._draining)
+            probed.update(probe.dependency for probe in watched.probes)
+        for dependency, check in self._outages.checks().items():
+            if dependency not in probed:
+                await self._probe(Probe(dependency, check))
 
     async def _probe(self, probe: Probe) -> bool:
         """Whether the dependency answered. A probe that ran out of time while the process

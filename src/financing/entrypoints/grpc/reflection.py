@@ -58,7 +58,20 @@ class _MethodsFound:
             return found.file
 
 
+# Listed beside the port's services, as grpc-go's and grpcio's servers list them
+# (`grpcurl list`); grpclib's listed only the services it was given.
+REFLECTION_SERVICES = (
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+)
+
+
 def with_reflection(services: Collection[Any]) -> list[Any]:
-    """`services` and the reflection services (v1 and v1alpha) that describe them."""
+    """`services` and the reflection services (v1 and v1alpha) that describe them, and
+    list them and themselves."""
     extended: list[Any] = ServerReflection.extend(services, pool=_MethodsFound(descriptor_pool()))
+    for reflection in extended[len(services) :]:
+        # grpclib keeps the names it lists in this attribute, a list both share.
+        names: list[str] = reflection._service_names
+        names.extend(name for name in REFLECTION_SERVICES if name not in names)
     return extended
