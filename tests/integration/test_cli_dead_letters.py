@@ -335,3 +335,28 @@ async def test_a_command_started_with_its_output_closed_does_its_work_and_exits_
     )
     assert await asyncio.wait_for(process.wait(), 60) == 0
     assert sorted(await seeded.remaining()) == ["a-2", "b-1"]
+
+
+async def test_requeue_leaves_the_topology_as_it_finds_it(seeded: Seeded) -> None:
+    """Regression (a probe): requeue declared the service's whole topology first, as the
+    service does: it made again a queue the operator had deleted (and requeued its
+    letters there, where `--queue` for it said there was none), and on a broker handed back
+    to the reference it would make the service's exchanges and queues again, which take
+    a copy of every event for ever."""
+    await topology.declare_on(seeded.broker)
+    gone = topology.subscription("InvoiceReversedEvent").queue.name
+    await dead_letter(seeded.broker, gone, "r-1", "reason r1", {})
+    channel = await seeded.broker.channel()
+    await channel.queue_delete(gone)
+    await channel.exchange_delete(topology.EVENTS_ROUTER)
+    await channel.close()
+
+    run = await seeded.financing("requeue")
+
+    assert run.exit_code == 0, run.describe()
+    assert run.stdout.splitlines() == [
+        "requeued 3 dead letter(s)",
+        f"left 1 dead letter(s): their queue {gone!r} does not exist",
+    ]
+    assert gone not in await rabbitmq.list_queues(seeded.vhost.name)
+    assert topology.EVENTS_ROUTER not in await rabbitmq.list_exchanges(seeded.vhost.name)

@@ -121,12 +121,16 @@ async def test_the_broker_is_handed_back_as_the_reference_left_it(
 
     handed = await hand_back(broker)
 
-    said = "\n".join(handed)
+    said = "\n".join(handed.done)
     assert "1 deferred message(s) sent back to their queues" in said, said
     assert "1 deferred for a queue the broker has no longer kept in" in said, said
     # The sell back with its x-death; the others left where they are.
     assert "1 message(s) of the reference's queues with a header that is no string" in said
     assert "events_financing_projector (1 message(s))" in said, said
+    assert handed.dead_letters.endswith(
+        "kept, with 2 dead letter(s)"
+        " (`financing dead-letters` reads it; delete it once what it holds is of no use)"
+    )
     bindings = await rabbitmq.list_bindings_with_arguments(vhost.name)
     assert sorted(bindings) == sorted(
         (topology.EVENTS_EXCHANGE, name, "", "")
@@ -192,8 +196,17 @@ async def test_a_hand_back_while_the_service_still_runs_changes_nothing(
     assert handed.stdout.splitlines()[-1] == (
         "the broker is the reference's again: start its processes"
     )
-    again = await run_cli(env, "broker", "hand-back")  # nothing left to take away
+    # Regression (a probe): run again, it said every step again, as if the first run had
+    # left them undone.
+    again = await run_cli(env, "broker", "hand-back")
     assert again.exit_code == 0, again.describe()
+    assert again.stdout.splitlines() == [
+        "nothing left to do: handed back already",
+        f"queue {topology.DEAD_LETTER_QUEUE!r}: kept, with 0 dead letter(s) (`financing"
+        " dead-letters` reads it; delete it once what it holds is of no use)",
+        "the broker is the reference's again: start its processes",
+    ]
+    assert (await hand_back(broker)).done == []
 
 
 async def test_a_broker_without_events_is_handed_back_all_the_same(

@@ -697,7 +697,7 @@ async def requeue_dead_letters(
     many, and why.
     """
     taken = taken or Taken()
-    publisher = Publisher(broker)
+    publisher = Publisher(broker, keeps_topology=False)
     queues: dict[str, bool] = {}  # source queue: whether the broker has it
 
     async def requeue(message: AbstractIncomingMessage, letter: DeadLetter) -> str | None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
@@ -34,7 +35,12 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from financing.adapters.rabbitmq.connection import Broker, close_channel, translated
 from financing.adapters.rabbitmq.dead_letters import dead_letter_of, whole_copy_of
 from financing.adapters.rabbitmq.envelopes import BROKER_HEADERS, header_text
-from financing.adapters.rabbitmq.queues import existing_queue, queue_depth, queue_exists
+from financing.adapters.rabbitmq.queues import (
+    exchange_exists,
+    existing_queue,
+    queue_depth,
+    queue_exists,
+)
 from financing.adapters.rabbitmq.topology import (
     COMMAND_NAMES,
     DEAD_LETTER_QUEUE,
@@ -66,12 +72,24 @@ class StillConsumed(Exception):
     the reference) still runs."""
 
 
-async def hand_back(broker: Broker) -> list[str]:
-    """Take away what the service added to the broker (this module's docstring); what it
-    did, a line each, as the operator is told it."""
+@dataclass
+class HandedBack:
+    """What a hand-back changed, a line each (none when it found nothing left to do),
+    and what became of the dead letters."""
+
+    done: list[str]
+    dead_letters: str
+
+
+async def hand_back(broker: Broker) -> HandedBack:
+    """Take away what the service added to the broker (this module's docstring), and say
+    only what it changed: run again, it finds nothing left to do."""
     done: list[str] = []
     await _refuse_if_consumed(broker)
     await _on_a_channel(broker, declare_events_exchange)  # as the reference declares it
+    # The reference's queues are bound to `events` again before the router goes: without
+    # the router, they were.
+    routed = await exchange_exists(broker, EVENTS_ROUTER)
     bound = []
     for name in REFERENCE_EVENT_QUEUES:
         async with existing_queue(broker, name) as queue:
@@ -80,19 +98,28 @@ async def hand_back(broker: Broker) -> list[str]:
                     await queue.bind(EVENTS_EXCHANGE, routing_key="")
                 bound.append(name)
     await _on_a_channel(broker, lambda channel: channel.exchange_delete(EVENTS_ROUTER))
-    done.append(
-        f"bound to {EVENTS_EXCHANGE!r} again, as the reference binds them:"
-        f" {', '.join(bound) or 'none (the broker has none of them)'}; exchange"
-        f" {EVENTS_ROUTER!r} deleted, and every binding of the service's with it"
-    )
+    if routed:
+        done.append(
+            f"bound to {EVENTS_EXCHANGE!r} again, as the reference binds them:"
+            f" {', '.join(bound) or 'none (the broker has none of them)'}; exchange"
+            f" {EVENTS_ROUTER!r} deleted, and every binding of the service's with it"
+        )
     await _sent_again(broker, done)
     await _deleted(broker, done)
-    await _on_a_channel(broker, _reference_projector_queue)
-    done.append(
-        f"queue {REFERENCE_PROJECTOR_QUEUE!r}, the reference projector's, declared and bound"
-        f" to {EVENTS_EXCHANGE!r}, as the reference declares it"
+    if not await queue_exists(broker, REFERENCE_PROJECTOR_QUEUE):
+        await _on_a_channel(broker, _reference_projector_queue)
+        done.append(
+            f"queue {REFERENCE_PROJECTOR_QUEUE!r}, the reference projector's, declared and"
+            f" bound to {EVENTS_EXCHANGE!r}, as the reference declares it"
+        )
+    letters = await queue_depth(broker, DEAD_LETTER_QUEUE)
+    kept = (
+        "none"
+        if letters is None
+        else f"kept, with {letters.waiting} dead letter(s) (`financing dead-letters` reads"
+        " it; delete it once what it holds is of no use)"
     )
-    return done
+    return HandedBack(done, f"queue {DEAD_LETTER_QUEUE!r}: {kept}")
 
 
 async def _on_a_channel(
@@ -148,11 +175,12 @@ async def _sent_again(broker: Broker, done: list[str]) -> None:
                 else:
                     await finish_on_cancel(_kept_as_a_dead_letter(broker, channel, message))
                     kept += 1
-        done.append(
-            f"{moved} deferred message(s) sent back to their queues, to be handled by"
-            f" the reference at once (it does not wait for an aggregate); {kept} deferred"
-            f" for a queue the broker has no longer kept in {DEAD_LETTER_QUEUE}"
-        )
+        if moved or kept:
+            done.append(
+                f"{moved} deferred message(s) sent back to their queues, to be handled by"
+                f" the reference at once (it does not wait for an aggregate); {kept} deferred"
+                f" for a queue the broker has no longer kept in {DEAD_LETTER_QUEUE}"
+            )
         cleaned = 0
         for name in (*REFERENCE_COMMAND_QUEUES, *REFERENCE_EVENT_QUEUES):
             async with _taken(broker, name) as messages:
@@ -160,12 +188,13 @@ async def _sent_again(broker: Broker, done: list[str]) -> None:
                     if _refused_by_the_reference(message):
                         await finish_on_cancel(_moved(channel, message, name))
                         cleaned += 1
-        done.append(
-            f"{cleaned} message(s) of the reference's queues with a header that is no string"
-            " (the broker's records of a dead-lettering), which the reference's consumers"
-            " refuse, sent again to their queue with string headers only; the others left"
-            " where they are"
-        )
+        if cleaned:
+            done.append(
+                f"{cleaned} message(s) of the reference's queues with a header that is no"
+                " string (the broker's records of a dead-lettering), which the reference's"
+                " consumers refuse, sent again to their queue with string headers only; the"
+                " others left where they are"
+            )
     finally:
         await close_channel(channel)
 
@@ -247,22 +276,17 @@ async def _deleted(broker: Broker, done: list[str]) -> None:
                 with translated():
                     await queue.delete(if_unused=True, if_empty=False)
                 gone.append(f"{name} ({held} message(s))")
+    exchanges = [name for name in (UNROUTED, DEFERRALS) if await exchange_exists(broker, name)]
 
     async def exchanges_deleted(channel: AbstractChannel) -> None:
-        for exchange in (UNROUTED, DEFERRALS):
+        for exchange in exchanges:
             await channel.exchange_delete(exchange)
 
     await _on_a_channel(broker, exchanges_deleted)
-    letters = await queue_depth(broker, DEAD_LETTER_QUEUE)
-    done.append(
-        f"queues deleted: {', '.join(gone) or 'none'}; exchanges {UNROUTED!r} and"
-        f" {DEFERRALS!r} deleted (what {PROJECTOR_QUEUE} held was of use to the service's"
-        " read models only)"
-    )
-    kept = (
-        "none"
-        if letters is None
-        else f"kept, with {letters.waiting} dead letter(s) (`financing dead-letters` reads"
-        " it; delete it once what it holds is of no use)"
-    )
-    done.append(f"queue {DEAD_LETTER_QUEUE!r}: {kept}")
+    if gone:
+        done.append(
+            f"queues deleted: {', '.join(gone)} (what {PROJECTOR_QUEUE} held was of use to"
+            " the service's read models only)"
+        )
+    if exchanges:
+        done.append(f"exchanges deleted: {', '.join(map(repr, exchanges))}")

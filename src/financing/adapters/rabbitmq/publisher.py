@@ -159,9 +159,17 @@ class Publisher:
     alone revoked, a bound queue full) failed the commands gRPC calls were queueing at the
     same moment, and a command's call waited seconds for the retries."""
 
-    def __init__(self, broker: Broker, *, confirm_timeout: float = 5.0) -> None:
+    def __init__(
+        self, broker: Broker, *, confirm_timeout: float = 5.0, keeps_topology: bool = True
+    ) -> None:
         self._broker = broker
         self._confirm_timeout = confirm_timeout
+        # The service's publisher declares the whole topology again where it may have been
+        # lost (`_open`, `publish_events`); an operator's command that publishes to what
+        # is there (`dead-letters requeue`) leaves it as it finds it: it made again a queue
+        # an operator had deleted, and on a broker handed back to the reference the
+        # service's exchanges and queues, which would take a copy of every event for ever.
+        self._keeps_topology = keeps_topology
         self._events = _Lane(declare_events_exchange)
         self._queues = _Lane(_default_exchange)
         self._probing = SharedAttempt(
@@ -214,10 +222,11 @@ class Publisher:
         async with lane.opening:
             if (open_now := lane.opened()) is not None:
                 return open_now  # opened by another caller meanwhile
-            try:
-                await self.declare_topology()
-            except Unavailable as error:
-                log.debug("declaring the topology on a new channel failed", error=repr(error))
+            if self._keeps_topology:
+                try:
+                    await self.declare_topology()
+                except Unavailable as error:
+                    log.debug("declaring the topology on a new channel failed", error=repr(error))
             async with asyncio.timeout(self._confirm_timeout):
                 channel = await self._broker.channel(publisher_confirms=True)
                 try:
@@ -260,6 +269,8 @@ class Publisher:
         deleted under the service (an exchange, a binding), which no consumer notices.
         It is declared again, so that the events are published again at once; whether
         it was (else the caller's publish failed: a broker outage)."""
+        if not self._keeps_topology:
+            return False
         log.warning("events were returned as unroutable; declaring the topology again")
         try:
             await self.declare_topology()

@@ -1,4 +1,5 @@
-"""What the broker says of a queue: how many messages wait in it, how many consumers read it."""
+"""What the broker says of a queue: how many messages wait in it, how many consumers read
+it; and whether it has an exchange."""
 
 from __future__ import annotations
 
@@ -68,3 +69,18 @@ def is_queue_name(name: str) -> bool:
 async def queue_exists(broker: Broker, name: str) -> bool:
     """Whether the broker has the queue `name` (never one that is no queue name)."""
     return is_queue_name(name) and await queue_depth(broker, name) is not None
+
+
+async def exchange_exists(broker: Broker, name: str) -> bool:
+    """Whether the broker has the exchange `name`, asked on a channel of its own (a
+    passive declaration of a missing exchange closes its channel)."""
+    channel = await broker.channel()
+    try:
+        with translated():
+            try:
+                await channel.declare_exchange(name, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return False
+        return True
+    finally:
+        await close_channel(channel)

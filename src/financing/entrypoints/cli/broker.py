@@ -25,10 +25,11 @@ from financing.config import Settings
 async def run_hand_back(settings: Settings, command: str) -> int:
     async with connected(settings.amqp_urls) as broker:
         try:
-            done = await hand_back(broker)
+            handed = await hand_back(broker)
         except StillConsumed as consumed:
             print(f"{command}: {consumed}", file=sys.stderr)
             return 1
-    print("\n".join(done))
+    print("\n".join(handed.done or ["nothing left to do: handed back already"]))
+    print(handed.dead_letters)
     print("the broker is the reference's again: start its processes")
     return 0
