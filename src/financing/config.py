@@ -200,6 +200,8 @@ class Settings:
         def value(variable: Variable) -> str:
             return env.get(variable.name, variable.default)
 
+        if read is None or {COMMAND_DB.name, QUERY_DB.name} & read:
+            _check_ssl_mode(source)
         level = value(LOGGER_LEVEL).upper()
         if level == "WARN":
             level = "WARNING"
@@ -332,8 +334,10 @@ def said(duration: timedelta) -> str:
 def parse_address(address: str, name: str = "a listen address") -> tuple[str, int]:
     """`host:port`, `:port` (all interfaces) or `[v6]:port`; `name` says whose, in errors."""
     host, sep, port = address.rpartition(":")
-    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+    if not sep or not (port.isascii() and port.isdigit()):
         raise ConfigError(f"{name} must be host:port, got {address!r}")
+    if int(port) > 65535:
+        raise ConfigError(f"{name}: a port is at most 65535, got {address!r}")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)
 
@@ -453,6 +457,13 @@ def parse_database(value: str) -> Database:
     value = value.strip()
     if value.startswith(("postgres://", "postgresql://")):
         return _parse_url(value)
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", value):
+        # Only the scheme: what follows may hold a password.
+        scheme = value.partition("://")[0]
+        raise ConfigError(
+            f"connection string: a URL's scheme must be postgresql:// or postgres://, got"
+            f" {scheme!r}"
+        )
     return _parse_keywords(value)
 
 
@@ -716,6 +727,14 @@ def _settings(raw: str, shown: bool) -> dict[str, str]:
             )
         settings[match.group(1).replace("-", "_")] = match.group(2)
     return settings
+
+
+def _check_ssl_mode(source: Mapping[str, str]) -> None:
+    """PGSSLMODE, which the driver reads itself where a connection string sets no sslmode:
+    a wrong value failed at the first connection, without naming the variable."""
+    mode = source.get("PGSSLMODE", "")
+    if mode and mode not in SSL_MODES:
+        raise ConfigError(f"PGSSLMODE must be one of {', '.join(SSL_MODES)}, got {mode!r}")
 
 
 # libpq's sslmode values, which asyncpg takes too.

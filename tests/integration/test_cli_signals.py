@@ -66,7 +66,8 @@ async def test_a_rebuild_stopped_by_a_signal_drops_its_schema_and_says_so(
             # Asked outside the lock's transaction, which sees one snapshot of the activity.
             waiting = await queries.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = $1"
-                " AND application_name = 'financing projections' AND wait_event_type = 'Lock'",
+                " AND application_name = 'financing projections rebuild'"
+                " AND wait_event_type = 'Lock'",
                 command_db.connect_kwargs["database"],
             )
             return bool(waiting) and bool(await rebuild_schemas(queries))

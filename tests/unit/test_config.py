@@ -7,6 +7,7 @@ import pytest
 
 from financing.adapters.rabbitmq.connection import describe_url
 from financing.config import (
+    AMQP_ADDRESS,
     DEFAULT_AMQP,
     ConfigError,
     Database,
@@ -152,10 +153,26 @@ def test_a_listen_address_is_host_and_port(address: str, expected: tuple[str, in
     assert parse_address(address) == expected
 
 
-@pytest.mark.parametrize("address", ["8080", "host:", "host:http", "host:65536", "host:-1", ""])
+@pytest.mark.parametrize("address", ["8080", "host:", "host:http", "host:-1", ""])
 def test_a_listen_address_without_a_valid_port_is_a_config_error(address: str) -> None:
     with pytest.raises(ConfigError, match="host:port"):
         parse_address(address)
+
+
+def test_a_listen_address_with_a_port_out_of_range_says_so() -> None:
+    """Regression (a probe): said only "must be host:port", which it was."""
+    with pytest.raises(ConfigError, match="a port is at most 65535, got 'host:99999'"):
+        parse_address("host:99999")
+
+
+def test_a_connection_string_of_another_scheme_names_the_scheme_and_nothing_after() -> None:
+    """Regression (a probe): read as libpq keywords, it was said to lack `key=value` at
+    character 0."""
+    with pytest.raises(ConfigError) as raised:
+        parse_database(f"mysql://app:{SECRET}@db/x")
+    assert str(raised.value) == (
+        "connection string: a URL's scheme must be postgresql:// or postgres://, got 'mysql'"
+    )
 
 
 @pytest.mark.parametrize(
@@ -268,6 +285,17 @@ def test_an_sslmode_libpq_does_not_have_is_a_config_error(value: str) -> None:
     rather than a configuration error's (2)."""
     with pytest.raises(ConfigError, match="sslmode must be one of disable, allow, prefer"):
         parse_database(value)
+
+
+def test_a_pgsslmode_libpq_does_not_have_is_a_config_error_naming_it() -> None:
+    """Regression (a probe): the driver reads PGSSLMODE itself and refused a wrong one only
+    when connecting, without naming it: `serve` exited 2 on a line that named no
+    variable, `check` 1 as for an outage."""
+    with pytest.raises(ConfigError, match=r"^PGSSLMODE must be one of disable, allow, prefer"):
+        Settings.from_env({"PGSSLMODE": "bogus"})
+    assert Settings.from_env({"PGSSLMODE": "require"}) == Settings.from_env({})
+    # A command that opens no database is not stopped by it.
+    Settings.from_env({"PGSSLMODE": "bogus"}, reads=[AMQP_ADDRESS])
 
 
 @pytest.mark.parametrize("mode", ["disable", "allow", "prefer", "require", "verify-ca"])

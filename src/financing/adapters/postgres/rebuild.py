@@ -137,7 +137,11 @@ async def _rebuilt(
             )
             if behind:
                 # The projector waits meanwhile: only what followed the replay is read.
-                log.info("live projection moved on during the rebuild, catching up")
+                log.info(
+                    "the live read models hold events the replay did not read (the live"
+                    " projection moved on during the rebuild, or a restore of the event store"
+                    " left out events they had projected): reading on from the last one read"
+                )
                 more, _ = await replay(store, target, batch_size, after=last)
                 events += more
                 # What the journal holds and the replay has not: a position is taken

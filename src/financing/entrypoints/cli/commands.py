@@ -454,12 +454,12 @@ async def _rebuild(settings: Settings, args: argparse.Namespace) -> int:
         database(
             settings.command_db,
             COMMAND_DATABASE,
-            "projections",
+            "projections rebuild",
             scans=True,
             schema="commands",
             migrates=True,
         ) as events,
-        database(settings.query_db, QUERY_DATABASE, "projections", scans=True) as queries,
+        database(settings.query_db, QUERY_DATABASE, "projections rebuild", scans=True) as queries,
     ):
         report = await rebuild(events, queries, adopt=args.adopt)
     foreign = f" and {report.foreign} of another relayer" if report.foreign else ""

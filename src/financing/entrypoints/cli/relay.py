@@ -68,7 +68,12 @@ async def run_rewind(settings: Settings, since: datetime, *, any_age: bool) -> i
         )
         return 2
     async with database(
-        settings.command_db, COMMAND_DATABASE, "relay", scans=True, schema="commands", migrates=True
+        settings.command_db,
+        COMMAND_DATABASE,
+        "relay rewind",
+        scans=True,
+        schema="commands",
+        migrates=True,
     ) as pool:
         try:
             rewound = await rewind(pool, since)
