@@ -8,7 +8,9 @@ import socket
 
 import pytest
 from grpclib.health.service import Health
+from structlog.testing import capture_logs
 
+from financing.entrypoints.grpc import edge
 from financing.entrypoints.grpc.edge import CLOSED_CALLS_KEPT, GrpcServer
 from financing.entrypoints.listening import shown
 from financing.entrypoints.observability import MetricsEndpoint
@@ -92,3 +94,54 @@ async def test_a_long_lived_connection_remembers_a_bounded_number_of_ended_calls
         server.close()
         await server.wait_closed()
     assert remembered <= CLOSED_CALLS_KEPT, remembered
+
+
+def _indexed_field(index: int) -> bytes:
+    """An HPACK indexed header field (RFC 7541 section 6.1) naming table entry `index`."""
+    if index < 127:
+        return bytes((0x80 | index,))
+    encoded, rest = bytearray((0xFF,)), index - 127
+    while rest >= 128:
+        encoded.append(0x80 | rest % 128)
+        rest //= 128
+    encoded.append(rest)
+    return bytes(encoded)
+
+
+def _frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
+    return (
+        len(payload).to_bytes(3, "big")
+        + bytes((kind, flags))
+        + stream_id.to_bytes(4, "big")
+        + payload
+    )
+
+
+async def test_connections_breaking_http2_each_their_own_way_are_warned_of_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression (a probe): the warning of a connection closed for breaking HTTP/2 was
+    written once every 10 s for each text, which holds what the client sent: 300
+    connections naming 300 header table indexes wrote 300 lines in 3 s."""
+    monkeypatch.setattr(edge, "_SENT_AWAY", edge.Warnings(10.0))
+    server = GrpcServer([Health()])
+    port = free_port()
+    await server.start("127.0.0.1", port)
+    try:
+        with capture_logs() as logs:
+            for n in range(20):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(
+                    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+                    + _frame(0x4, 0, 0, b"")  # SETTINGS
+                    + _frame(0x1, 0x4, 1, _indexed_field(1000 + n))  # HEADERS, END_HEADERS
+                )
+                await writer.drain()
+                await reader.read()  # until the server closes it
+                writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    broke = [line for line in logs if "it broke HTTP/2" in line["event"]]
+    assert len(broke) == 1, broke
+    assert "Invalid table index 1000" in broke[0]["event"]

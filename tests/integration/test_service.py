@@ -620,3 +620,23 @@ async def test_a_process_serving_no_api_probes_its_databases_while_idle(
             await health.probe_once()
         said = [line["event"] for line in logs if line["event"].startswith(database)]
         assert said == [f"{database} unavailable"], logs
+
+
+async def test_the_process_ignores_stop_signals_once_serve_returns(
+    databases: tuple[Database, Database],
+) -> None:
+    """Regression (a probe): a second SIGTERM in the moments the process took to exit,
+    after the signal handlers were removed, killed it (143) after its last line had said
+    it stopped with 0. `financing serve` ends with `serve` (`last`)."""
+    settings = _settings(databases, f"amqp://guest:guest@127.0.0.1:{free_port()}/")
+    before = {sig: signal.getsignal(sig) for sig in service.STOP_SIGNALS}
+    try:
+        async with asyncio.timeout(15):
+            code = await service.serve(settings, startup_timeout=1.0, last=True)
+        assert code == 2
+        assert {sig: signal.getsignal(sig) for sig in service.STOP_SIGNALS} == dict.fromkeys(
+            service.STOP_SIGNALS, signal.SIG_IGN
+        )
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

@@ -270,6 +270,9 @@ main(sys.argv[2:])
         ("SIGINT", "status", 130),
         ("SIGTERM", "status", 143),
         ("SIGTERM", "projections rebuild", 143),
+        # Regression (a probe): a SIGHUP killed the process without a word (129).
+        ("SIGHUP", "serve", 0),
+        ("SIGHUP", "status", 129),
     ],
 )
 def test_a_signal_before_the_command_handles_signals_stops_it_with_one_line(

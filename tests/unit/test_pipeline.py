@@ -11,6 +11,7 @@ from decimal import Decimal
 from uuid import UUID, uuid4
 
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
 from financing.application import codec, handlers, routes
@@ -722,3 +723,32 @@ async def test_a_command_that_appends_events_is_processed_and_logs_no_unchanged_
         outcome = await command_step(bus, "ApproveFinancing")(delivery(ApproveFinancing(invoice)))
     assert outcome == Outcome.processed(1)
     assert not [line for line in logs if line["event"] == "message changed nothing"]
+
+
+@pytest.mark.parametrize(
+    ("command", "aggregate"),
+    [
+        (ApproveFinancing(INVOICE := uuid4()), INVOICE),
+        (BidOnInvoice(INVESTOR := uuid4(), uuid4(), D(10)), INVESTOR),
+        (CreateIssuer(ISSUER := uuid4()), ISSUER),
+    ],
+)
+async def test_the_lines_about_a_command_name_the_aggregate_it_changes(
+    command: ApproveFinancing | BidOnInvoice | CreateIssuer, aggregate: UUID
+) -> None:
+    """Regression (a probe): a command carries no aggregateID header, so every line about
+    one said `aggregate_id` null: a search of the log for an invoice missed the commands
+    that concern it."""
+    bound: list[object] = []
+
+    async def handler(decoded: Decoded) -> Outcome:
+        bound.append(structlog.contextvars.get_contextvars().get("aggregate_id"))
+        return Outcome.processed()
+
+    step = step_of(handler, command.name())
+    # In a task of its own, as each delivery is handled.
+    outcome = await asyncio.create_task(step(delivery(command)))
+
+    assert outcome.kind is OutcomeKind.PROCESSED
+    assert bound == [str(aggregate)]
+    assert "aggregate_id" not in structlog.contextvars.get_contextvars()

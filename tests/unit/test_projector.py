@@ -12,6 +12,7 @@ from decimal import Decimal
 from uuid import UUID, uuid4
 
 import pytest
+import structlog
 from prometheus_client import REGISTRY
 
 from financing.application import codec
@@ -486,3 +487,38 @@ async def test_events_of_another_event_store_wait_as_an_outage_and_are_projected
     assert store.asked == ["b"] * 4  # refused three times, an outage, then mended
     assert [d.settled[0].kind for d in deliveries] == [OutcomeKind.PROCESSED] * 2
     assert read_models.applied() == [ours.message_id, foreign_event.message_id]
+
+
+class FailingWithABug(RecordingReadModels):
+    """Read models whose every apply fails with a bug, keeping the log context of each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.contexts: list[dict[str, object]] = []
+
+    async def apply(
+        self,
+        batch: Sequence[tuple[str, ev.DomainEvent]],
+        digests: Mapping[str, str] = EMPTY,
+        recorded: Mapping[str, datetime] = NOT_RECORDED,
+    ) -> AbstractSet[str]:
+        self.contexts.append(structlog.contextvars.get_contextvars())
+        raise ZeroDivisionError("a trigger divided by zero")
+
+
+async def test_the_lines_of_a_failing_projection_say_which_event_they_are_about() -> None:
+    """Regression (a probe): the lines of the retries of an event the read models failed
+    on with a bug (a trigger's) named no message; only its dead letter's did."""
+    read_models = FailingWithABug()
+    envelope = relayed(ev.InvestorCreatedEvent(INVESTOR), 1)
+    delivery = MemoryDelivery(envelope, source="projector")
+    fast = RetryPolicy(bug=Limit(Backoff(0.001, 0.002), 2))
+
+    await Projector(read_models, Outages(), policy=fast).project([delivery])
+
+    [outcome] = delivery.settled
+    assert outcome.kind is OutcomeKind.DEAD_LETTERED
+    assert read_models.contexts  # the batch's attempts, then the event's own
+    for context in read_models.contexts:
+        assert context["message_id"] == envelope.message_id, context
+        assert context["aggregate_id"] == str(INVESTOR), context

@@ -15,12 +15,21 @@ class Command:
     def name(cls) -> str:
         return cls.__name__
 
+    @property
+    def aggregate_id(self) -> UUID:
+        """The id of the aggregate the command's handler changes (its log lines say it)."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class SellInvoice(Command):
     invoice_id: UUID
     issuer_id: UUID
     asking_price: Decimal
+
+    @property
+    def aggregate_id(self) -> UUID:
+        return self.invoice_id
 
 
 @dataclass(frozen=True)
@@ -29,15 +38,27 @@ class BidOnInvoice(Command):
     invoice_id: UUID
     bid_amount: Decimal
 
+    @property
+    def aggregate_id(self) -> UUID:
+        return self.investor_id
+
 
 @dataclass(frozen=True)
 class ApproveFinancing(Command):
     invoice_id: UUID
 
+    @property
+    def aggregate_id(self) -> UUID:
+        return self.invoice_id
+
 
 @dataclass(frozen=True)
 class ReverseFinancing(Command):
     invoice_id: UUID
+
+    @property
+    def aggregate_id(self) -> UUID:
+        return self.invoice_id
 
 
 @dataclass(frozen=True)
@@ -45,10 +66,18 @@ class CreateInvestor(Command):
     id: UUID
     balance: Decimal
 
+    @property
+    def aggregate_id(self) -> UUID:
+        return self.id
+
 
 @dataclass(frozen=True)
 class CreateIssuer(Command):
     id: UUID
+
+    @property
+    def aggregate_id(self) -> UUID:
+        return self.id
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import structlog
+
 from financing import metrics
 from financing.application import codec
 from financing.application.errors import (
@@ -33,7 +35,7 @@ from financing.application.errors import (
     UnrelayedEvent,
     attempts_allowed,
 )
-from financing.application.messages import Message
+from financing.application.messages import Command, Message
 from financing.application.ports import (
     AGGREGATE_VERSION_HEADER,
     RECORDED_AT_HEADER,
@@ -269,7 +271,13 @@ def decode(delivery: Delivery) -> Decoded:
 
 def decoded(handler: Handler) -> Step:
     async def step(delivery: Delivery) -> Outcome:
-        return await handler(decode(delivery))
+        message = decode(delivery)
+        if isinstance(message.message, Command):
+            # A command carries no aggregateID: its lines named none, and a search of the
+            # log for an invoice missed the commands that concern it. The delivery's task
+            # holds the binding (the consumer's, for the lines about the delivery).
+            structlog.contextvars.bind_contextvars(aggregate_id=str(message.message.aggregate_id))
+        return await handler(message)
 
     return step
 

@@ -52,8 +52,12 @@ async def serve(
     *,
     startup_timeout: float | None = None,
     overrides: Overrides = NO_OVERRIDES,
+    last: bool = False,
 ) -> int:
-    """Run the selected components until a signal (exit 0) or a crash (exit 1)."""
+    """Run the selected components until a signal (exit 0) or a crash (exit 1). `last`:
+    the process ends with it (`financing serve`), and ignores the stop signals once it
+    returns: a second SIGTERM in the moments the process takes to exit killed it (143)
+    after its last line had said 0."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     stopping_on = _stop_signals()
@@ -83,6 +87,8 @@ async def serve(
     finally:
         for sig in (*stopping_on, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
+            if last and sig in stopping_on:
+                signal.signal(sig, signal.SIG_IGN)
 
 
 # Frames of each task's chain of awaits that SIGUSR1's line names, the innermost last.

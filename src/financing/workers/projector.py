@@ -138,15 +138,18 @@ class Projector:
         if not events:
             return {}
         said = _said(events)
+        # The lines of its retries say which event they are about (how many, of a batch).
+        fields = events[0].delivery.log_fields() if len(events) == 1 else {"events": len(events)}
         try:
-            fresh, before = await retry(
-                lambda: self._projected(events, said),
-                policy=self._policy,
-                outages=self._outages,
-                what="projecting a batch",
-                wanted=lambda: any(event.delivery.deliverable() for event in events),
-                on_retry=lambda _: _retrying(events),
-            )
+            with structlog.contextvars.bound_contextvars(**fields):
+                fresh, before = await retry(
+                    lambda: self._projected(events, said),
+                    policy=self._policy,
+                    outages=self._outages,
+                    what="projecting a batch",
+                    wanted=lambda: any(event.delivery.deliverable() for event in events),
+                    on_retry=lambda _: _retrying(events),
+                )
         except GaveUp as gave_up:
             log.error(
                 "projecting a batch failed; projecting its events one at a time",
@@ -194,7 +197,8 @@ class Projector:
                 return Outcome.processed()
             return _copy(event, before)
 
-        return await retried(self._policy, self._outages)(apply)(event.delivery)
+        with structlog.contextvars.bound_contextvars(**event.delivery.log_fields()):
+            return await retried(self._policy, self._outages)(apply)(event.delivery)
 
 
 def _retrying(events: Sequence[Decoded]) -> None:

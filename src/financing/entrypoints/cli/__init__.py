@@ -1,7 +1,7 @@
 """The `financing` command line: `commands` parses it; one module per command that inspects
 or repairs a deployment.
 
-`main` stops the process cleanly on SIGTERM or SIGINT from its first line on, while
+`main` stops the process cleanly on SIGTERM, SIGINT or SIGHUP from its first line on, while
 the command's modules are imported and before the command's own handling of the
 signals (the service's, an operator command's) takes over; so this module imports
 nothing else before it is called.
@@ -63,12 +63,12 @@ def _any_text_written() -> None:
 
 
 class _Signalled(BaseException):
-    """A SIGTERM or SIGINT that came before the command handled signals itself."""
+    """A SIGTERM, SIGINT or SIGHUP that came before the command handled signals itself."""
 
 
 @contextmanager
 def _stopped_by_signals_until_handled(argv: Sequence[str] | None) -> Iterator[None]:
-    """A SIGTERM or SIGINT in the half second the command's modules take to import, or
+    """A SIGTERM, SIGINT or SIGHUP in the half second the command's modules take to import, or
     before the command hands the signals to its event loop (which replaces this
     handler), stops the process as one does once it runs: `serve` says "stopped while
     starting" and exits 0, another command exits 128 + the signal; never Python's
@@ -77,7 +77,11 @@ def _stopped_by_signals_until_handled(argv: Sequence[str] | None) -> Iterator[No
     def signalled(signum: int, frame: FrameType | None) -> None:
         raise _Signalled(signum)
 
-    previous = {sig: signal.signal(sig, signalled) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # SIGHUP too (a closed terminal), unless the process was started to ignore it (nohup).
+    stopping = [signal.SIGTERM, signal.SIGINT]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        stopping.append(signal.SIGHUP)
+    previous = {sig: signal.signal(sig, signalled) for sig in stopping}
     try:
         yield
     except _Signalled as stop:

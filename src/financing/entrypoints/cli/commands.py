@@ -672,7 +672,7 @@ def _run(argv: Sequence[str] | None, *, overrides: Overrides | None) -> None:
                 components = args.components or settings.components
                 wiring = overrides or NO_OVERRIDES
                 collect_as_a_server()
-                sys.exit(runner.run(serve(settings, components, overrides=wiring)))
+                sys.exit(runner.run(serve(settings, components, overrides=wiring, last=True)))
             sys.exit(runner.run(_operate(args.run, settings, args)))
     except KeyboardInterrupt:
         sys.exit(INTERRUPTED)

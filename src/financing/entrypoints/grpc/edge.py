@@ -403,7 +403,11 @@ class _Protocol(grpclib.protocol.H2Protocol):
             # Said and counted, as every other connection the edge closes.
             reason = "headers_too_large" if isinstance(error, DenialOfServiceError) else None
             metrics.GRPC_CONNECTIONS_CLOSED.labels(reason or "protocol_error").inc()
-            _SENT_AWAY.warn(f"gRPC connection closed: it broke HTTP/2 ({error})")
+            # The error's text holds what the client sent (a table index, an address).
+            _SENT_AWAY.warn(
+                f"gRPC connection closed: it broke HTTP/2 ({error})",
+                kind=f"broke HTTP/2: {type(error).__name__}",
+            )
             self.connection.flush()  # the GOAWAY h2 wrote for it
             self.processor.close("Protocol error")
             return
@@ -566,9 +570,10 @@ class _FrameCounter:
 
 
 class Warnings:
-    """A warning written at most once every `interval` seconds for each text, saying
-    how many like it were left out since: clients that connect again each time they are
-    sent away would otherwise write a line for every connection."""
+    """A warning written at most once every `interval` seconds for each kind (its text,
+    unless told), saying how many like it were left out since: clients that connect
+    again each time they are sent away would otherwise write a line for every
+    connection."""
 
     def __init__(
         self, interval: float, logger: structlog.typing.FilteringBoundLogger | None = None
@@ -578,13 +583,17 @@ class Warnings:
         self._next: dict[str, float] = {}
         self._left_out: dict[str, int] = {}
 
-    def warn(self, text: str) -> None:
+    def warn(self, text: str, *, kind: str | None = None) -> None:
+        """`text`, unless one of its `kind` was written less than `interval` seconds ago:
+        a kind, not the text, where the text holds what a client chose (one line per
+        connection otherwise)."""
+        key = text if kind is None else kind
         now = time.monotonic()
-        if now < self._next.get(text, 0.0):
-            self._left_out[text] = self._left_out.get(text, 0) + 1
+        if now < self._next.get(key, 0.0):
+            self._left_out[key] = self._left_out.get(key, 0) + 1
             return
-        self._next[text] = now + self._interval
-        left_out = self._left_out.pop(text, 0)
+        self._next[key] = now + self._interval
+        left_out = self._left_out.pop(key, 0)
         if left_out:
             self._log.warning(text, more_since_the_last_line=left_out)
         else:
