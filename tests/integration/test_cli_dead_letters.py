@@ -37,12 +37,14 @@ from tests.support.infra import unique_name
 from tests.support.service import CommandLine, financing_command, run_cli
 
 HEADINGS = ("DEAD-LETTERED AT", "SOURCE QUEUE", "NAME", "MESSAGE ID")
+AGG_1 = "0b7c3f4e-1d2a-4c5b-8e9f-a1b2c3d4e5f6"
+AGG_2 = "9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a"
 
 
 @dataclass(frozen=True)
 class Seeded:
     """A vhost of its own with dead letters from two source queues: a-1 and a-2 from
-    `queue_a`, b-1 from `queue_b`; a-1 concerns aggregate agg-1, the others agg-2."""
+    `queue_a`, b-1 from `queue_b`; a-1 concerns aggregate AGG_1, the others AGG_2."""
 
     vhost: rabbitmq.Vhost
     broker: Broker
@@ -66,10 +68,10 @@ async def seeded() -> AsyncIterator[Seeded]:
         try:
             queue_a, queue_b = unique_name("source_a"), unique_name("source_b")
             await source_queues(broker, queue_a, queue_b)
-            await dead_letter(broker, queue_a, "a-1", "reason a1", {"aggregateID": "agg-1"})
-            await dead_letter(broker, queue_b, "b-1", "reason b1", {"aggregateID": "agg-2"})
+            await dead_letter(broker, queue_a, "a-1", "reason a1", {"aggregateID": AGG_1})
+            await dead_letter(broker, queue_b, "b-1", "reason b1", {"aggregateID": AGG_2})
             await dead_letter(
-                broker, queue_a, "a-2", "why a2", {"aggregateID": "agg-2", "correlation_id": "s-9"}
+                broker, queue_a, "a-2", "why a2", {"aggregateID": AGG_2, "correlation_id": "s-9"}
             )
             yield Seeded(vhost, broker, queue_a, queue_b)
         finally:
@@ -93,8 +95,8 @@ async def test_the_listing_has_column_headings_and_each_letters_reason_and_ids(
     assert [h in lines[0] for h in HEADINGS] == [True] * 4
     assert lines[1].split()[-3:] == [seeded.queue_a, "CreateIssuer", "a-1"]
     assert lines[2] == "    reason: reason a1"
-    assert lines[3] == "    concerns agg-1, correlation a-1"  # no header: its own id
-    assert "    concerns agg-2, correlation s-9" in lines
+    assert lines[3] == f"    concerns {AGG_1}, correlation a-1"  # no header: its own id
+    assert f"    concerns {AGG_2}, correlation s-9" in lines
     assert lines[-1] == "3 dead letter(s)"
 
 
@@ -116,8 +118,8 @@ async def test_a_reason_the_outputs_encoding_cannot_carry_is_listed_escaped(
     ("filters", "expected"),
     [
         (("--queue", "A"), ["a-1", "a-2"]),
-        (("--aggregate", "agg-2"), ["b-1", "a-2"]),
-        (("--queue", "A", "--aggregate", "agg-2"), ["a-2"]),
+        (("--aggregate", AGG_2), ["b-1", "a-2"]),
+        (("--queue", "A", "--aggregate", AGG_2), ["a-2"]),
         (("--queue", "no-such-queue"), []),
     ],
     ids=["by queue", "by aggregate", "by both", "none match"],

@@ -370,6 +370,10 @@ async def test_trace_and_events_without_a_dependency_print_what_they_have_and_ex
     # "no event, processed message, dead letter or deferred message" when the dead
     # letters could not be searched (the broker away, or busy with another reader).
     unsearched = await run_cli(no_broker, "trace", str(uuid4()))
+    # Regression (a probe): an unknown aggregate was said to have no row in the read
+    # models, which were not read.
+    unknown = uuid4()
+    unread = await run_cli(no_reads, "events", str(unknown))
 
     assert traced.exit_code == 1, traced.describe()
     assert "BidOnInvoicePlacedEvent" in traced.stdout
@@ -382,6 +386,11 @@ async def test_trace_and_events_without_a_dependency_print_what_they_have_and_ex
         "no event or processed message (the dead letters and deferred messages were not"
         " searched) carries it" in unsearched.stderr
     ), unsearched.describe()
+    assert unread.exit_code == 1, unread.describe()
+    assert (
+        f"nothing is known of aggregate {unknown}: no event in the event store, the read"
+        " models were not read" in unread.stderr
+    ), unread.describe()
 
 
 # financing tail

@@ -100,21 +100,37 @@ def test_status_help_says_what_healthy_means(capsys: pytest.CaptureFixture[str])
 
 
 @pytest.mark.parametrize(
-    "args",
+    ("args", "said"),
     [
-        ("dead-letters", "discard"),
-        ("dead-letters", "discard", "--all", "--queue", "SellInvoice"),
+        (("dead-letters", "discard"), "say which (--queue, --message-id, --aggregate) or --all"),
+        # Regression (a probe): given both, it was told to say which or --all.
+        (
+            ("dead-letters", "discard", "--all", "--queue", "SellInvoice"),
+            "--all discards every dead letter: give it alone, or no --all",
+        ),
     ],
     ids=["nothing said", "all and a filter"],
 )
 def test_discarding_needs_a_filter_or_all_but_not_both(
-    capsys: pytest.CaptureFixture[str], args: tuple[str, ...]
+    capsys: pytest.CaptureFixture[str], args: tuple[str, ...], said: str
 ) -> None:
     code, _, err = answer(capsys, *args)
 
     assert code == 2
-    assert "say which" in err and "--all" in err
+    assert said in err
     assert err.startswith("usage: financing dead-letters discard ")
+
+
+@pytest.mark.parametrize("verb", ["list", "requeue", "discard"])
+def test_a_dead_letter_selection_by_an_aggregate_that_is_no_uuid_is_refused(
+    capsys: pytest.CaptureFixture[str], verb: str
+) -> None:
+    """Regression (a probe): any text was taken, and matched nothing: `0 dead letter(s)`,
+    exit 0, where `events not-a-uuid` says it is no UUID."""
+    code, _, err = answer(capsys, "dead-letters", verb, "--aggregate", "not-a-uuid")
+
+    assert code == 2
+    assert "'not-a-uuid' is not a UUID" in err
 
 
 @pytest.mark.parametrize(

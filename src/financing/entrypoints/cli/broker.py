@@ -20,6 +20,7 @@ import sys
 from financing.adapters.rabbitmq.connection import connected
 from financing.adapters.rabbitmq.hand_back import StillConsumed, hand_back
 from financing.config import Settings
+from financing.entrypoints.cli.console import write_lines
 
 
 async def run_hand_back(settings: Settings, command: str) -> int:
@@ -29,7 +30,11 @@ async def run_hand_back(settings: Settings, command: str) -> int:
         except StillConsumed as consumed:
             print(f"{command}: {consumed}", file=sys.stderr)
             return 1
-    print("\n".join(handed.done or ["nothing left to do: handed back already"]))
-    print(handed.dead_letters)
-    print("the broker is the reference's again: start its processes")
+    write_lines(
+        [
+            *(handed.done or ["nothing left to do: handed back already"]),
+            handed.dead_letters,
+            "the broker is the reference's again: start its processes",
+        ]
+    )
     return 0

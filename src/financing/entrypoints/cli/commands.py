@@ -54,7 +54,12 @@ from financing.entrypoints.cli import broker as broker_commands
 from financing.entrypoints.cli import dead_letters as dead_letter_commands
 from financing.entrypoints.cli import relay as relay_commands
 from financing.entrypoints.cli.check import run_check
-from financing.entrypoints.cli.console import cancelled_by_signals, database, environment
+from financing.entrypoints.cli.console import (
+    cancelled_by_signals,
+    database,
+    environment,
+    write_lines,
+)
 from financing.entrypoints.cli.events import run_events
 from financing.entrypoints.cli.health_check import HEALTH_CHECK_VARIABLES, probe
 from financing.entrypoints.cli.populate import BATCH, Progress, registrations
@@ -349,7 +354,7 @@ def _selection_arguments(parser: argparse.ArgumentParser, *, message_id: bool = 
     )
     if message_id:
         parser.add_argument("--message-id", help="only the one with this message id")
-    parser.add_argument("--aggregate", help="only those concerning this aggregate id")
+    parser.add_argument("--aggregate", type=_uuid, help="only those concerning this aggregate id")
 
 
 def _add_inspection(commands: _Commands) -> None:
@@ -489,7 +494,7 @@ async def _check(settings: Settings, args: argparse.Namespace) -> int:
                 settings.query_db, QUERY_DATABASE, "check", scans=True, schema="queries"
             ) as queries:
                 result = await run_check(events, queries)
-    print("\n".join(result.lines()))
+    write_lines(result.lines())
     return 0 if result.ok else 1
 
 
@@ -497,7 +502,7 @@ def _selection(args: argparse.Namespace) -> Selection:
     return Selection(
         source_queue=args.queue,
         message_id=getattr(args, "message_id", None),
-        aggregate_id=args.aggregate,
+        aggregate_id=None if args.aggregate is None else str(args.aggregate),
     )
 
 
@@ -539,7 +544,10 @@ def _refuse_ambiguous_discard(args: argparse.Namespace) -> None:
     """Discarding is for good: every dead letter only when asked for in so many words."""
     if args.command != "dead-letters" or args.dead_letters_command != "discard":
         return
-    if args.all == any((args.queue, args.message_id, args.aggregate)):
+    chosen = any((args.queue, args.message_id, args.aggregate))
+    if args.all and chosen:
+        args.usage_of.error("--all discards every dead letter: give it alone, or no --all")
+    if not args.all and not chosen:
         args.usage_of.error("say which (--queue, --message-id, --aggregate) or --all")
 
 

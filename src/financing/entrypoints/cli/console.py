@@ -86,6 +86,22 @@ async def database(
         await close_pool(pool)
 
 
+# The most characters one write to stdout holds (4 bytes each at most: within the
+# stream's buffer). A write larger than the buffer goes to the file at once, and one a
+# signal interrupted part way lost the rest without a word (CPython 3.11): `events` of
+# 576 KB into a pipe read slowly, then Ctrl-C, printed 64 KB, its last line cut, exit 0.
+WRITTEN_AT_ONCE = 1024
+
+
+def write_lines(lines: Iterable[str]) -> None:
+    """Print `lines` on stdout, a piece at a time (WRITTEN_AT_ONCE)."""
+    write = sys.stdout.write
+    for line in lines:
+        for start in range(0, len(line), WRITTEN_AT_ONCE):
+            write(line[start : start + WRITTEN_AT_ONCE])
+        write("\n")
+
+
 def shown(text: str) -> str:
     """`text` with what a terminal would act on escaped (control characters, line and
     paragraph separators: `\\n`, `\\x1b`, `\\u2028`), so that what a publisher wrote in a

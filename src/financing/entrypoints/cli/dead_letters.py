@@ -27,7 +27,7 @@ from financing.adapters.rabbitmq.dead_letters import (
 from financing.adapters.rabbitmq.queues import queue_exists
 from financing.application.moments import moment
 from financing.config import Settings, said
-from financing.entrypoints.cli.console import shown, table
+from financing.entrypoints.cli.console import shown, table, write_lines
 
 HEADINGS = ("DEAD-LETTERED AT", "SOURCE QUEUE", "NAME", "MESSAGE ID")
 
@@ -36,11 +36,10 @@ async def list_letters(settings: Settings, selection: Selection, limit: int, bod
     async with connected(settings.amqp_urls, settings.queue_type) as broker:
         letters = await list_dead_letters(broker, limit, selection=selection)
     rows = table(HEADINGS, (_columns(letter) for letter in letters))
-    print(rows[0])
+    write_lines(rows[:1])
     for row, letter in zip(rows[1:], letters, strict=True):
-        print(row)
-        print("\n".join(f"    {shown(detail)}" for detail in _details(letter, bodies)))
-    print(f"{len(letters)} dead letter(s)")
+        write_lines([row, *(f"    {shown(detail)}" for detail in _details(letter, bodies))])
+    write_lines([f"{len(letters)} dead letter(s)"])
     return 0
 
 

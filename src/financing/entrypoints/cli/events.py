@@ -21,7 +21,7 @@ from financing.application.moments import moment
 from financing.application.ports import StoredEvent
 from financing.config import Settings
 from financing.domain.money import canonical
-from financing.entrypoints.cli.console import database, table
+from financing.entrypoints.cli.console import database, table, write_lines
 
 
 async def run_events(settings: Settings, aggregate_id: UUID) -> int:
@@ -32,13 +32,14 @@ async def run_events(settings: Settings, aggregate_id: UUID) -> int:
     aggregate_type = stream[0].aggregate_type if stream else None
     row, reached = await _row(settings, aggregate_id, aggregate_type)
     if not stream and row is None:
+        models = "no row in the read models" if reached else "the read models were not read"
         print(
             f"financing events: nothing is known of aggregate {aggregate_id}:"
-            " no event in the event store, no row in the read models",
+            f" no event in the event store, {models}",
             file=sys.stderr,
         )
         return 1
-    print("\n".join([*_stream_lines(aggregate_id, stream), "", *_row_lines(row)]))
+    write_lines([*_stream_lines(aggregate_id, stream), "", *_row_lines(row)])
     return 0 if reached else 1
 
 

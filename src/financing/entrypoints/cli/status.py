@@ -32,7 +32,7 @@ from financing.adapters.rabbitmq.queues import QueueDepth, queue_depth
 from financing.application.errors import Refused, Unavailable, summary
 from financing.application.moments import moment
 from financing.config import Settings
-from financing.entrypoints.cli.console import database, table
+from financing.entrypoints.cli.console import database, table, write_lines
 from financing.workers.projector import BATCH_SIZE
 
 HEALTHY = """\
@@ -102,9 +102,9 @@ async def run_status(
         [*event_store.lines, *read_models.lines, *broker.lines],
         [*event_store.problems, *read_models.problems, *broker.problems],
     )
-    print("\n".join(findings.lines))
+    write_lines(findings.lines)
     if findings.problems:
-        print("UNHEALTHY:\n" + "\n".join(f"  - {problem}" for problem in findings.problems))
+        write_lines(["UNHEALTHY:", *(f"  - {problem}" for problem in findings.problems)])
         return 1
     print("healthy")
     return 0

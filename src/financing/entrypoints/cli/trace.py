@@ -34,7 +34,7 @@ from financing.application.errors import Refused, Unavailable
 from financing.application.moments import moment
 from financing.application.trace import Fate, Handling, Step, Trace, trace
 from financing.config import Settings
-from financing.entrypoints.cli.console import database, shown
+from financing.entrypoints.cli.console import database, shown, write_lines
 
 # Every dead letter of the correlation, however many there are.
 ALL_OF_THEM = sys.maxsize
@@ -62,7 +62,7 @@ async def run_trace(settings: Settings, correlation_id: str) -> int:
             file=sys.stderr,
         )
         return 1
-    print("\n".join(render(story, drawing=drawing_for(sys.stdout))))
+    write_lines(render(story, drawing=drawing_for(sys.stdout)))
     return 0 if searched else 1
 
 
