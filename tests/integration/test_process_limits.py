@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -73,3 +74,29 @@ def test_a_limit_on_threads_that_leaves_the_event_loop_too_few_is_a_configuratio
         assert line["event"] == "configuration error", line
         said = line["error"]
     assert "may not start the 4 threads its event loop needs" in said, said
+
+
+def test_a_descriptor_limit_too_low_for_the_event_loop_is_a_configuration_error() -> None:
+    """Regression (a probe): under `ulimit -n 8` the event loop could not be made, and the
+    process ended with an uncaught exception's traceback (exit 1)."""
+
+    def few_descriptors() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (8, 8))
+
+    done = subprocess.run(
+        [*financing_command(), "serve"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=few_descriptors,
+        env={
+            **os.environ,
+            "COMMAND_DB_CONNECTION_STRING": f"postgresql://postgres@localhost/{NO_DATABASE}",
+            "QUERY_DB_CONNECTION_STRING": f"postgresql://postgres@localhost/{NO_DATABASE}",
+            "AMQP_ADDRESS": "amqp://guest:guest@localhost:1/",
+        },
+    )
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    line = json.loads(done.stderr.strip().splitlines()[-1])
+    assert line["event"] == "configuration error", line
+    assert "ulimit -n" in line["error"], line

@@ -30,7 +30,7 @@ from financing.adapters.postgres.connection import COMMAND_DATABASE, QUERY_DATAB
 from financing.adapters.postgres.rebuild import rebuild
 from financing.adapters.rabbitmq.dead_letters import Selection
 from financing.adapters.rabbitmq.queues import QUEUE_NAME_RULE, is_queue_name
-from financing.application.errors import Refused, Unavailable
+from financing.application.errors import Refused, Unavailable, said_of
 from financing.application.messages import InvestorRegistered
 from financing.config import (
     AMQP_ADDRESS,
@@ -673,9 +673,13 @@ def _run(argv: Sequence[str] | None, *, overrides: Overrides | None) -> None:
         )
     service_logging.configure(settings.log_level)
     try:
+        loop = uvloop.new_event_loop()
+    except OSError as error:  # its own descriptors (ulimit -n 8): a traceback, exit 1
+        _configuration_error(args, f"the event loop cannot start: {said_of(error)}")
+    try:
         # Every command on the loop the service runs on (uvloop), so that an operator's
         # command (a rebuild, a replay) runs the adapters as the service runs them.
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        with asyncio.Runner(loop_factory=lambda: loop) as runner:
             if args.command == "serve":
                 components = args.components or settings.components
                 wiring = overrides or NO_OVERRIDES
