@@ -340,46 +340,29 @@ async def test_events_published_after_the_broker_lost_its_topology_reach_every_q
     assert queues[topology.PROJECTOR_QUEUE]["messages_ready"] == 2  # the probe's event too
 
 
+@pytest.mark.parametrize("busy", [False, True], ids=["write revoked", "all revoked, busy probe"])
 async def test_the_probe_fails_while_the_broker_does_not_let_the_service_publish(
-    empty_vhost: rabbitmq.Vhost,
+    empty_vhost: rabbitmq.Vhost, busy: bool
 ) -> None:
     """Regression: the probe only declared, which needs the configure permission: with
     the write permission alone revoked, every command failed while the probe passed, so
     the broker outage ended and began again every second, and `Commands` health stayed
-    SERVING."""
+    SERVING.
+
+    Regression (a probe), `busy`: a channel kept busy remembers the permissions the
+    broker granted it (RabbitMQ 3.10), and the probe's, used every second, passed for
+    good once they were revoked: Commands SERVING for minutes while every command was
+    refused, and a broker outage a refused command began said over. The probe's channel
+    is renewed every PROBE_CHANNEL_AGE seconds; the connection stays open then."""
     broker = Broker([empty_vhost.url], Outages())
     publisher = Publisher(broker, confirm_timeout=2.0)
     try:
         assert await probed(publisher)
-        await rabbitmq.grant_permissions(empty_vhost.name, write="")
-        try:
+        if busy:
+            await rabbitmq.revoke_permissions(empty_vhost.name)
+        else:
+            await rabbitmq.grant_permissions(empty_vhost.name, write="")
             await rabbitmq.close_connections(empty_vhost.name)  # channels keep their checks
-
-            async def refused() -> bool:
-                return not await probed(publisher)
-
-            await wait_until(refused, timeout=10, what="the probe to fail")
-        finally:
-            await rabbitmq.grant_permissions(empty_vhost.name)
-        await wait_until(lambda: probed(publisher), timeout=10, what="the probe to pass again")
-    finally:
-        await publisher.close()
-        await broker.close()
-
-
-async def test_the_probe_fails_once_permissions_are_revoked_under_a_busy_probe(
-    empty_vhost: rabbitmq.Vhost,
-) -> None:
-    """Regression (a probe): a channel kept busy remembers the permissions the broker
-    granted it (RabbitMQ 3.10), and the probe's, used every second, passed for good once
-    they were revoked: Commands SERVING for minutes while every command was refused, and
-    a broker outage a refused command began said over. The probe's channel is renewed
-    every PROBE_CHANNEL_AGE seconds; the connection stays open here."""
-    broker = Broker([empty_vhost.url], Outages())
-    publisher = Publisher(broker, confirm_timeout=2.0)
-    try:
-        assert await probed(publisher)
-        await rabbitmq.revoke_permissions(empty_vhost.name)
         try:
 
             async def refused() -> bool:
