@@ -14,6 +14,7 @@ from uuid import UUID, uuid4
 import pytest
 import structlog
 from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from financing.application import codec
 from financing.application.errors import AwaitingOperator, Unavailable, UnrelayedEvent
@@ -514,11 +515,14 @@ async def test_the_lines_of_a_failing_projection_say_which_event_they_are_about(
     delivery = MemoryDelivery(envelope, source="projector")
     fast = RetryPolicy(bug=Limit(Backoff(0.001, 0.002), 2))
 
-    await Projector(read_models, Outages(), policy=fast).project([delivery])
+    with capture_logs() as logs:
+        await Projector(read_models, Outages(), policy=fast).project([delivery])
 
     [outcome] = delivery.settled
     assert outcome.kind is OutcomeKind.DEAD_LETTERED
-    assert read_models.contexts  # the batch's attempts, then the event's own
-    for context in read_models.contexts:
-        assert context["message_id"] == envelope.message_id, context
-        assert context["aggregate_id"] == str(INVESTOR), context
+    # The batch's attempts: its retry's line names the event.
+    [batch] = [line for line in logs if line["event"].startswith("projecting a batch failed")][:1]
+    assert (batch["message_id"], batch["aggregate_id"]) == (envelope.message_id, str(INVESTOR))
+    # Then the event's own attempts, each line of which names it (the log's context).
+    alone = read_models.contexts[2:]
+    assert alone and all(context["message_id"] == envelope.message_id for context in alone)

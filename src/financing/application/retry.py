@@ -25,7 +25,7 @@ import contextlib
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -307,6 +307,10 @@ def _always() -> bool:
     return True
 
 
+def _nothing() -> Mapping[str, object]:
+    return {}
+
+
 async def retry_or_raise(
     operation: Callable[[], Awaitable[T]], *, policy: RetryPolicy, outages: Outages, what: str
 ) -> T:
@@ -328,13 +332,15 @@ async def retry(
     deadline: float | None = None,
     on_retry: Callable[[Fault], None] | None = None,
     attempts_of: Callable[[BaseException], int | None] = attempts_allowed,
+    about: Callable[[], Mapping[str, object]] = _nothing,
 ) -> T:
     """`await operation()` until it succeeds; raises GaveUp or Abandoned when it stops.
 
     `wanted` is asked before each pause and after it: once it says no, the
     work is abandoned. `deadline` (time.monotonic()) bounds the whole loop.
     `on_retry` is told of every retry (for metrics). `attempts_of` says how many
-    attempts an error allows itself, when fewer than its fault's limit.
+    attempts an error allows itself, when fewer than its fault's limit. `about`
+    gives the fields a retry's line names (the messages retried), asked only then.
     """
     attempts: Counter[Fault] = Counter()
     down: set[str] = set()
@@ -362,13 +368,16 @@ async def retry(
             if deadline is not None and time.monotonic() + pause > deadline:
                 raise GaveUp(error, fault, count) from error
             if fault is Fault.BUG:
-                log.error(f"{what} failed with a bug; retrying", attempt=count, exc_info=error)
+                log.error(
+                    f"{what} failed with a bug; retrying", attempt=count, exc_info=error, **about()
+                )
             elif fault is not Fault.UNAVAILABLE:
                 log.debug(
                     f"{what} failed; retrying",
                     fault=fault.value,
                     attempt=count,
                     error=summary(error),
+                    **about(),
                 )
             if not wanted():
                 raise Abandoned(what) from error

@@ -138,18 +138,19 @@ class Projector:
         if not events:
             return {}
         said = _said(events)
-        # The lines of its retries say which event they are about (how many, of a batch).
-        fields = events[0].delivery.log_fields() if len(events) == 1 else {"events": len(events)}
         try:
-            with structlog.contextvars.bound_contextvars(**fields):
-                fresh, before = await retry(
-                    lambda: self._projected(events, said),
-                    policy=self._policy,
-                    outages=self._outages,
-                    what="projecting a batch",
-                    wanted=lambda: any(event.delivery.deliverable() for event in events),
-                    on_retry=lambda _: _retrying(events),
-                )
+            fresh, before = await retry(
+                lambda: self._projected(events, said),
+                policy=self._policy,
+                outages=self._outages,
+                what="projecting a batch",
+                wanted=lambda: any(event.delivery.deliverable() for event in events),
+                on_retry=lambda _: _retrying(events),
+                # Its retries' lines say which event they are about (how many, of a batch).
+                about=lambda: (
+                    events[0].delivery.log_fields() if len(events) == 1 else {"events": len(events)}
+                ),
+            )
         except GaveUp as gave_up:
             log.error(
                 "projecting a batch failed; projecting its events one at a time",
