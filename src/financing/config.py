@@ -201,7 +201,7 @@ class Settings:
             return env.get(variable.name, variable.default)
 
         if read is None or {COMMAND_DB.name, QUERY_DB.name} & read:
-            _check_ssl_mode(source)
+            _check_driver_variables(source)
         level = value(LOGGER_LEVEL).upper()
         if level == "WARN":
             level = "WARNING"
@@ -729,13 +729,32 @@ def _settings(raw: str, shown: bool) -> dict[str, str]:
     return settings
 
 
-def _check_ssl_mode(source: Mapping[str, str]) -> None:
-    """PGSSLMODE, which the driver reads itself where a connection string sets no sslmode:
-    a wrong value failed at the first connection, without naming the variable."""
-    mode = source.get("PGSSLMODE", "")
-    if mode and mode not in SSL_MODES:
-        raise ConfigError(f"PGSSLMODE must be one of {', '.join(SSL_MODES)}, got {mode!r}")
+def _check_driver_variables(source: Mapping[str, str]) -> None:
+    """The libpq variables the driver reads itself where a connection string says nothing
+    of them (docs/contract.md section 3), each one of the values it takes: a wrong one
+    (or an empty one, which libpq refuses too) failed at the first connection, said to be
+    the database's refusal, without naming the variable."""
+    for name, values in DRIVER_VARIABLES.items():
+        value = source.get(name)
+        if value is not None and value not in values:
+            raise ConfigError(f"{name} must be one of {', '.join(values)}, got {value!r}")
 
 
 # libpq's sslmode values, which asyncpg takes too.
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+# The libpq variables of a fixed set of values that the driver reads itself.
+DRIVER_VARIABLES = {
+    "PGSSLMODE": SSL_MODES,
+    "PGSSLNEGOTIATION": ("postgres", "direct"),
+    "PGTARGETSESSIONATTRS": (
+        "any",
+        "primary",
+        "standby",
+        "prefer-standby",
+        "read-write",
+        "read-only",
+    ),
+    "PGSSLMINPROTOCOLVERSION": TLS_VERSIONS,
+    "PGSSLMAXPROTOCOLVERSION": TLS_VERSIONS,
+}

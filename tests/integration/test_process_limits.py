@@ -76,12 +76,17 @@ def test_a_limit_on_threads_that_leaves_the_event_loop_too_few_is_a_configuratio
     assert "may not start the 4 threads its event loop needs" in said, said
 
 
-def test_a_descriptor_limit_too_low_for_the_event_loop_is_a_configuration_error() -> None:
-    """Regression (a probe): under `ulimit -n 8` the event loop could not be made, and the
-    process ended with an uncaught exception's traceback (exit 1)."""
+@pytest.mark.parametrize("limit", [8, 12, 24, 40])
+def test_a_descriptor_limit_below_what_the_service_needs_is_a_configuration_error(
+    limit: int,
+) -> None:
+    """Regression (probes): under `ulimit -n 8` the event loop could not be made, and the
+    process ended with an uncaught exception's traceback (exit 1); under 12 or 13 its
+    start failed with another (the loop "already running"), under 20 or 24 the "service
+    ready" line did; 16 failed at start-up after its whole budget."""
 
     def few_descriptors() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (8, 8))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
     done = subprocess.run(
         [*financing_command(), "serve"],
@@ -99,4 +104,4 @@ def test_a_descriptor_limit_too_low_for_the_event_loop_is_a_configuration_error(
     assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
     line = json.loads(done.stderr.strip().splitlines()[-1])
     assert line["event"] == "configuration error", line
-    assert "ulimit -n" in line["error"], line
+    assert f"may open {limit} files (ulimit -n), where it needs 52 at least" in line["error"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import signal
 import subprocess
@@ -11,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from financing.entrypoints.cli import commands
+from financing.entrypoints.cli.console import OutputFailed, write_lines
 from tests.support.service import ROOT
 
 REPORT = ["é" * 300_000, *(f"line {n}" for n in range(20_000))]
@@ -49,3 +53,36 @@ def test_a_report_interrupted_by_a_signal_while_its_reader_lags_arrives_whole() 
         child.kill()
     assert child.returncode == 0
     assert out.decode().split("\n") == [*REPORT, ""]
+
+
+class FullDisk(io.StringIO):
+    def write(self, text: str) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_output_that_cannot_be_written_is_told_apart_from_a_reader_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression (a probe): `financing events X > /dev/full` ended on an uncaught
+    exception's traceback, logged as critical."""
+    monkeypatch.setattr(sys, "stdout", FullDisk())
+    with pytest.raises(OutputFailed) as failed:
+        write_lines(["a line"])
+    assert failed.value.error.errno == errno.ENOSPC
+
+
+def test_the_command_line_says_output_it_could_not_write_and_exits_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def full_disk(argv: object, *, overrides: object) -> None:
+        raise OutputFailed(OSError(errno.ENOSPC, "No space left on device"))
+
+    monkeypatch.setattr(commands, "_run", full_disk)
+    monkeypatch.setattr(commands, "_drop_output", lambda: None)  # the test's stdout stays
+    with pytest.raises(SystemExit) as exited:
+        commands.run(["events", "x"])
+
+    assert exited.value.code == 1
+    assert capsys.readouterr().err == (
+        "financing: its output could not be written: [Errno 28] No space left on device\n"
+    )

@@ -7,6 +7,7 @@ import contextlib
 import math
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from typing import Any
 from uuid import UUID, uuid4
 
 import betterproto
@@ -29,8 +30,10 @@ from financing.application.messages import (
 )
 from financing.application.ports import Cause
 from financing.application.retry import Outages
+from financing.entrypoints.grpc import commands as commands_api
 from financing.entrypoints.grpc.codec import FramingChecked, RequestCodec
 from financing.entrypoints.grpc.commands import CommandsService, correlate
+from financing.entrypoints.grpc.edge import Warnings
 from financing.generated import (
     ApproveFinancingCommand,
     BidOnInvoiceCommand,
@@ -320,9 +323,16 @@ class RefusingSender(InMemoryCommandSender):
         raise Refused("broker", f"queue {command.name()!r} exists with other arguments")
 
 
-async def test_a_command_queue_the_broker_refuses_is_answered_unavailable_not_a_bug() -> None:
+async def test_a_command_queue_the_broker_refuses_is_answered_unavailable_not_a_bug(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Regression: answered INTERNAL and logged as a bug, with a traceback, at every call."""
+    monkeypatch.setattr(commands_api, "_REFUSED", Warnings(0.2, commands_api.log))
     refusing = RefusingSender()
+    refused = (
+        "commands could not be queued: broker refused the service:"
+        " queue 'ApproveFinancing' exists with other arguments"
+    )
     async with _serving(CommandsService(refusing, Outages(), budget=5.0)) as channel:
         with capture_logs() as logs:
             for _ in range(2):
@@ -334,12 +344,17 @@ async def test_a_command_queue_the_broker_refuses_is_answered_unavailable_not_a_
                 assert error.value.message == (
                     "ApproveFinancing could not be queued: the broker refuses its queue"
                 )
+
+            def said() -> list[dict[str, Any]]:
+                return [line for line in logs if line["log_level"] in ("warning", "error")]
+
+            async def counted() -> bool:
+                return len(said()) == 2
+
+            await wait_until(counted, what="the line counting the refusal left out")
     assert refusing.attempts == 2
-    said = [line for line in logs if line["log_level"] in ("warning", "error")]
-    assert [line["event"] for line in said] == [
-        "commands could not be queued: broker refused the service:"
-        " queue 'ApproveFinancing' exists with other arguments"
-    ]
+    assert [line["event"] for line in said()] == [refused, refused]
+    assert said()[1]["more_since_the_last_line"] == 1
 
 
 # Correlation ids

@@ -287,15 +287,38 @@ def test_an_sslmode_libpq_does_not_have_is_a_config_error(value: str) -> None:
         parse_database(value)
 
 
-def test_a_pgsslmode_libpq_does_not_have_is_a_config_error_naming_it() -> None:
-    """Regression (a probe): the driver reads PGSSLMODE itself and refused a wrong one only
-    when connecting, without naming it: `serve` exited 2 on a line that named no
-    variable, `check` 1 as for an outage."""
-    with pytest.raises(ConfigError, match=r"^PGSSLMODE must be one of disable, allow, prefer"):
-        Settings.from_env({"PGSSLMODE": "bogus"})
-    assert Settings.from_env({"PGSSLMODE": "require"}) == Settings.from_env({})
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PGSSLMODE", "bogus"),
+        ("PGSSLMODE", ""),
+        ("PGTARGETSESSIONATTRS", "bogus"),
+        ("PGSSLNEGOTIATION", "bogus"),
+        ("PGSSLMINPROTOCOLVERSION", "SSLv3"),
+        ("PGSSLMAXPROTOCOLVERSION", "bogus"),
+    ],
+)
+def test_a_driver_variable_of_a_value_libpq_does_not_take_is_a_config_error_naming_it(
+    variable: str, value: str
+) -> None:
+    """Regression (probes): the driver reads these itself and refused a wrong one only
+    when connecting, said to be the database's refusal, without naming the variable:
+    `serve` exited 2 on a line that named none, `check` 1 as for an outage."""
+    with pytest.raises(ConfigError, match=f"^{variable} must be one of "):
+        Settings.from_env({variable: value})
     # A command that opens no database is not stopped by it.
-    Settings.from_env({"PGSSLMODE": "bogus"}, reads=[AMQP_ADDRESS])
+    Settings.from_env({variable: value}, reads=[AMQP_ADDRESS])
+
+
+def test_the_driver_variables_take_what_libpq_takes() -> None:
+    taken = {
+        "PGSSLMODE": "verify-full",
+        "PGTARGETSESSIONATTRS": "prefer-standby",
+        "PGSSLNEGOTIATION": "direct",
+        "PGSSLMINPROTOCOLVERSION": "TLSv1.2",
+        "PGSSLMAXPROTOCOLVERSION": "TLSv1.3",
+    }
+    assert Settings.from_env(taken) == Settings.from_env({})
 
 
 @pytest.mark.parametrize("mode", ["disable", "allow", "prefer", "require", "verify-ca"])

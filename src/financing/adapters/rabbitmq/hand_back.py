@@ -88,7 +88,8 @@ async def hand_back(broker: Broker) -> HandedBack:
     await _refuse_if_consumed(broker)
     await _on_a_channel(broker, declare_events_exchange)  # as the reference declares it
     # The reference's queues are bound to `events` again before the router goes: without
-    # the router, they were.
+    # the router, they were. (They are bound all the same: AMQP does not tell whether a
+    # binding exists, and one an operator removed since is made again, unsaid.)
     routed = await exchange_exists(broker, EVENTS_ROUTER)
     bound = []
     for name in REFERENCE_EVENT_QUEUES:
@@ -284,9 +285,8 @@ async def _deleted(broker: Broker, done: list[str]) -> None:
 
     await _on_a_channel(broker, exchanges_deleted)
     if gone:
-        done.append(
-            f"queues deleted: {', '.join(gone)} (what {PROJECTOR_QUEUE} held was of use to"
-            " the service's read models only)"
-        )
+        projector = any(name.startswith(f"{PROJECTOR_QUEUE} ") for name in gone)
+        why = f" (what {PROJECTOR_QUEUE} held was of use to the service's read models only)"
+        done.append(f"queues deleted: {', '.join(gone)}{why if projector else ''}")
     if exchanges:
         done.append(f"exchanges deleted: {', '.join(map(repr, exchanges))}")

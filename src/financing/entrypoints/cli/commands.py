@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import io
 import os
+import resource
 import signal
 import sys
 import threading
@@ -30,7 +31,7 @@ from financing.adapters.postgres.connection import COMMAND_DATABASE, QUERY_DATAB
 from financing.adapters.postgres.rebuild import rebuild
 from financing.adapters.rabbitmq.dead_letters import Selection
 from financing.adapters.rabbitmq.queues import QUEUE_NAME_RULE, is_queue_name
-from financing.application.errors import Refused, Unavailable, said_of
+from financing.application.errors import Refused, Unavailable
 from financing.application.messages import InvestorRegistered
 from financing.config import (
     AMQP_ADDRESS,
@@ -55,6 +56,7 @@ from financing.entrypoints.cli import dead_letters as dead_letter_commands
 from financing.entrypoints.cli import relay as relay_commands
 from financing.entrypoints.cli.check import run_check
 from financing.entrypoints.cli.console import (
+    OutputFailed,
     cancelled_by_signals,
     database,
     environment,
@@ -66,6 +68,7 @@ from financing.entrypoints.cli.populate import BATCH, Progress, registrations
 from financing.entrypoints.cli.status import HEALTHY, MAX_RELAY_LAG, TIMEOUT, run_status
 from financing.entrypoints.cli.tail import run_tail
 from financing.entrypoints.cli.trace import run_trace
+from financing.entrypoints.connections import OWN_DESCRIPTORS
 from financing.entrypoints.garbage import collect_as_a_server
 from financing.entrypoints.service import serve
 
@@ -585,6 +588,12 @@ def _configuration_error(args: argparse.Namespace, error: str) -> NoReturn:
     sys.exit(2)
 
 
+def _descriptor_limit() -> int:
+    """How many files the process may open (ulimit -n); a large number where unlimited."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return sys.maxsize if soft == resource.RLIM_INFINITY else soft
+
+
 def _loop_threads() -> int:
     """The threads libuv starts for the event loop (UV_THREADPOOL_SIZE, 4 by default)."""
     raw = os.environ.get("UV_THREADPOOL_SIZE", "")
@@ -642,16 +651,27 @@ def _command_line(parser: argparse.ArgumentParser, words: list[str]) -> argparse
     return args
 
 
+def _drop_output() -> None:
+    """What is still buffered for stdout, which cannot take it, must not fail again at
+    exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def run(argv: Sequence[str] | None = None, *, overrides: Overrides | None = None) -> None:
     """The command line; `overrides` changes the service's wiring (tests only). Output
     whose reader has gone (`financing dead-letters list | head`) ends the command as
-    it ends a shell tool: quietly, exit 128 + SIGPIPE."""
+    it ends a shell tool: quietly, exit 128 + SIGPIPE; output that cannot be written
+    otherwise (a full disk) is one line on stderr, exit 1."""
     try:
         _run(argv, overrides=overrides)
     except BrokenPipeError:
-        # What is still buffered for the gone reader must not fail again at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _drop_output()
         sys.exit(128 + signal.SIGPIPE)
+    except OutputFailed as failed:
+        _drop_output()
+        with contextlib.suppress(OSError, ValueError):
+            print(f"financing: its output could not be written: {failed.error}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _run(argv: Sequence[str] | None, *, overrides: Overrides | None) -> None:
@@ -671,15 +691,23 @@ def _run(argv: Sequence[str] | None, *, overrides: Overrides | None) -> None:
             " reached (ulimit -u, a container's pids limit); raise it, or set"
             " UV_THREADPOOL_SIZE lower",
         )
+    needed = OWN_DESCRIPTORS
+    if args.command == "serve":
+        needed += settings.command_db.pool_max_size + settings.query_db.pool_max_size
+    if (soft := _descriptor_limit()) < needed:
+        # Below it the process failed part way, each limit its own way: at the event
+        # loop's start (a traceback, exit 1), at the "service ready" line, or at start-up
+        # after its whole budget.
+        _configuration_error(
+            args,
+            f"this process may open {soft} files (ulimit -n), where it needs {needed} at least"
+            " (the event loop, the broker's connection, the database pools): raise the limit",
+        )
     service_logging.configure(settings.log_level)
-    try:
-        loop = uvloop.new_event_loop()
-    except OSError as error:  # its own descriptors (ulimit -n 8): a traceback, exit 1
-        _configuration_error(args, f"the event loop cannot start: {said_of(error)}")
     try:
         # Every command on the loop the service runs on (uvloop), so that an operator's
         # command (a rebuild, a replay) runs the adapters as the service runs them.
-        with asyncio.Runner(loop_factory=lambda: loop) as runner:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             if args.command == "serve":
                 components = args.components or settings.components
                 wiring = overrides or NO_OVERRIDES

@@ -93,13 +93,28 @@ async def database(
 WRITTEN_AT_ONCE = 1024
 
 
+class OutputFailed(Exception):
+    """Stdout could not be written (a full disk, an I/O error; not a reader gone, which
+    is a BrokenPipeError): the command ends saying so, not on a traceback."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def write_lines(lines: Iterable[str]) -> None:
     """Print `lines` on stdout, a piece at a time (WRITTEN_AT_ONCE)."""
     write = sys.stdout.write
-    for line in lines:
-        for start in range(0, len(line), WRITTEN_AT_ONCE):
-            write(line[start : start + WRITTEN_AT_ONCE])
-        write("\n")
+    try:
+        for line in lines:
+            for start in range(0, len(line), WRITTEN_AT_ONCE):
+                write(line[start : start + WRITTEN_AT_ONCE])
+            write("\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as error:
+        raise OutputFailed(error) from error
 
 
 def shown(text: str) -> str:

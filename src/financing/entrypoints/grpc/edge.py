@@ -571,33 +571,42 @@ class _FrameCounter:
 
 class Warnings:
     """A warning written at most once every `interval` seconds for each kind (its text,
-    unless told), saying how many like it were left out since: clients that connect
-    again each time they are sent away would otherwise write a line for every
-    connection."""
+    unless told), those left out meanwhile counted on a line of their own when the
+    interval is over: clients that connect again each time they are sent away would
+    otherwise write a line for every connection."""
 
     def __init__(
         self, interval: float, logger: structlog.typing.FilteringBoundLogger | None = None
     ) -> None:
         self._interval = interval
         self._log = log if logger is None else logger
-        self._next: dict[str, float] = {}
-        self._left_out: dict[str, int] = {}
+        self._next: dict[str, float] = {}  # by kind: when the next line may be written
+        # By kind: how many were left out since its last line, and the last one's text.
+        self._left_out: dict[str, tuple[int, str]] = {}
 
     def warn(self, text: str, *, kind: str | None = None) -> None:
         """`text`, unless one of its `kind` was written less than `interval` seconds ago:
         a kind, not the text, where the text holds what a client chose (one line per
-        connection otherwise)."""
+        connection otherwise). Left out, it is counted on the line that ends the
+        interval (the last one left out's text): the count was written only with the next
+        warning of its kind, however much later, or never."""
         key = text if kind is None else kind
         now = time.monotonic()
-        if now < self._next.get(key, 0.0):
-            self._left_out[key] = self._left_out.get(key, 0) + 1
+        if now < (due := self._next.get(key, 0.0)):
+            count, _ = self._left_out.get(key, (0, text))
+            if not count:
+                asyncio.get_running_loop().call_later(due - now, self._counted, key)
+            self._left_out[key] = (count + 1, text)
             return
         self._next[key] = now + self._interval
-        left_out = self._left_out.pop(key, 0)
-        if left_out:
-            self._log.warning(text, more_since_the_last_line=left_out)
-        else:
-            self._log.warning(text)
+        self._log.warning(text)
+
+    def _counted(self, key: str) -> None:
+        """The line that counts the warnings of `key` left out since its last one."""
+        count, text = self._left_out.pop(key, (0, ""))
+        if count:
+            self._next[key] = time.monotonic() + self._interval
+            self._log.warning(text, more_since_the_last_line=count)
 
 
 # The warnings of connections sent away, 10 s apart at most for each reason.
