@@ -105,3 +105,28 @@ def test_a_descriptor_limit_below_what_the_service_needs_is_a_configuration_erro
     line = json.loads(done.stderr.strip().splitlines()[-1])
     assert line["event"] == "configuration error", line
     assert f"may open {limit} files (ulimit -n), where it needs 52 at least" in line["error"]
+
+
+def test_the_descriptors_needed_count_only_the_pools_the_components_open() -> None:
+    """The Commands API alone opens no database pool: 40 descriptors are enough for it
+    (it then fails only for want of a broker here)."""
+
+    def forty_descriptors() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
+
+    done = subprocess.run(
+        [*financing_command(), "serve", "--components", "commands-api"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=forty_descriptors,
+        env={
+            **os.environ,
+            "AMQP_ADDRESS": "amqp://guest:guest@localhost:1/",
+            "FINANCING_STARTUP_TIMEOUT": "1",
+        },
+    )
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    line = json.loads(done.stderr.strip().splitlines()[-1])
+    assert line["event"] == "start-up failed", line
+    assert "ulimit" not in line["error"], line

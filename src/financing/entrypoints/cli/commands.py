@@ -50,7 +50,12 @@ from financing.config import (
 )
 from financing.domain.ids import parse_id
 from financing.domain.money import MAX_AMOUNT, MAX_DECIMAL_PLACES, decimal_places
-from financing.entrypoints.bootstrap import NO_OVERRIDES, Overrides
+from financing.entrypoints.bootstrap import (
+    NEEDS_COMMAND_DB,
+    NEEDS_QUERY_DB,
+    NO_OVERRIDES,
+    Overrides,
+)
 from financing.entrypoints.cli import broker as broker_commands
 from financing.entrypoints.cli import dead_letters as dead_letter_commands
 from financing.entrypoints.cli import relay as relay_commands
@@ -692,8 +697,12 @@ def _run(argv: Sequence[str] | None, *, overrides: Overrides | None) -> None:
             " UV_THREADPOOL_SIZE lower",
         )
     needed = OWN_DESCRIPTORS
-    if args.command == "serve":
-        needed += settings.command_db.pool_max_size + settings.query_db.pool_max_size
+    if args.command == "serve":  # and the pools of the databases its components open
+        selected = set(args.components or settings.components)
+        if selected & NEEDS_COMMAND_DB:
+            needed += settings.command_db.pool_max_size
+        if selected & NEEDS_QUERY_DB:
+            needed += settings.query_db.pool_max_size
     if (soft := _descriptor_limit()) < needed:
         # Below it the process failed part way, each limit its own way: at the event
         # loop's start (a traceback, exit 1), at the "service ready" line, or at start-up
