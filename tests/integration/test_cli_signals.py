@@ -35,7 +35,10 @@ async def rebuild_schemas(queries: asyncpg.Connection) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("stop", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["sigterm", "ctrl-c"]
+    ("stop", "code"),
+    # Regression (a review): a SIGHUP (a closed terminal) raised in whatever code ran.
+    [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)],
+    ids=["sigterm", "ctrl-c", "hang-up"],
 )
 async def test_a_rebuild_stopped_by_a_signal_drops_its_schema_and_says_so(
     databases: tuple[Database, Database], stop: signal.Signals, code: int

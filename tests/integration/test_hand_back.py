@@ -227,3 +227,34 @@ async def test_a_broker_without_events_is_handed_back_all_the_same(
     assert topology.EVENTS_EXCHANGE in await rabbitmq.list_exchanges(vhost.name)
     bindings = await rabbitmq.list_bindings_with_arguments(vhost.name)
     assert (topology.EVENTS_EXCHANGE, f"events_{PLACED}", "", "") in bindings
+
+
+async def test_the_reference_projectors_queue_the_service_retired_is_bound_again(
+    taken_over: tuple[rabbitmq.Vhost, Broker],
+) -> None:
+    """Regression (a review): the queue was declared and bound only when absent, so one
+    the service had retired (unbound, kept for what it held) stayed unbound, and missed
+    every event published until the reference's projector declared it again."""
+    vhost, broker = taken_over
+    # As the service leaves it when it takes over: kept for what it held, unbound.
+    connection = await aio_pika.connect(vhost.url)
+    try:
+        channel = await connection.channel()
+        await channel.declare_queue(topology.REFERENCE_PROJECTOR_QUEUE, durable=True)
+        await channel.default_exchange.publish(
+            aio_pika.Message(b'{"before": 1}'), topology.REFERENCE_PROJECTOR_QUEUE
+        )
+    finally:
+        await connection.close()
+    unbound = await rabbitmq.list_bindings_with_arguments(vhost.name)
+    assert (topology.EVENTS_EXCHANGE, topology.REFERENCE_PROJECTOR_QUEUE, "", "") not in unbound
+
+    handed = await hand_back(broker)
+
+    assert (
+        f"queue {topology.REFERENCE_PROJECTOR_QUEUE!r}, the reference projector's, bound to"
+        f" {topology.EVENTS_EXCHANGE!r} again, as the reference declares it" in handed.done
+    ), handed.done
+    await publish_event(vhost, b'{"after": 1}')
+    kept = await taken_from(vhost, topology.REFERENCE_PROJECTOR_QUEUE)
+    assert [message.body for message in kept] == [b'{"before": 1}', b'{"after": 1}']

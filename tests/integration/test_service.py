@@ -30,6 +30,7 @@ from financing.adapters.rabbitmq.connection import CONNECT_TIMEOUT
 from financing.config import Database, Settings, parse_database
 from financing.entrypoints import service
 from financing.entrypoints.bootstrap import COMPONENTS, StartupError, bootstrap
+from financing.entrypoints.stopping import STOP_SIGNALS
 from financing.entrypoints.supervisor import supervise
 from financing.generated import QueriesStub
 from tests.support import infra
@@ -629,13 +630,13 @@ async def test_the_process_ignores_stop_signals_once_serve_returns(
     after the signal handlers were removed, killed it (143) after its last line had said
     it stopped with 0. `financing serve` ends with `serve` (`last`)."""
     settings = _settings(databases, f"amqp://guest:guest@127.0.0.1:{free_port()}/")
-    before = {sig: signal.getsignal(sig) for sig in service.STOP_SIGNALS}
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
         async with asyncio.timeout(15):
             code = await service.serve(settings, startup_timeout=1.0, last=True)
         assert code == 2
-        assert {sig: signal.getsignal(sig) for sig in service.STOP_SIGNALS} == dict.fromkeys(
-            service.STOP_SIGNALS, signal.SIG_IGN
+        assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == dict.fromkeys(
+            STOP_SIGNALS, signal.SIG_IGN
         )
     finally:
         for sig, handler in before.items():

@@ -26,24 +26,11 @@ from financing.entrypoints.bootstrap import (
     StartupError,
     bootstrap,
 )
+from financing.entrypoints.stopping import stop_signals
 from financing.entrypoints.supervisor import supervise
 from financing.logging import get_logger
 
 log = get_logger(__name__)
-
-# What stops the service cleanly: a terminal's Ctrl-C, a supervisor's stop, and the
-# hang-up of the terminal or session it was started from (by default it killed the
-# process on the spot: no drain, every call in flight cut), unless the process was
-# started to ignore it (`nohup`): then it still ignores it.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def _stop_signals() -> tuple[signal.Signals, ...]:
-    return tuple(
-        sig
-        for sig in STOP_SIGNALS
-        if sig is not signal.SIGHUP or signal.getsignal(sig) is not signal.SIG_IGN
-    )
 
 
 async def serve(
@@ -60,7 +47,7 @@ async def serve(
     after its last line had said 0."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    stopping_on = _stop_signals()
+    stopping_on = stop_signals()
     for sig in stopping_on:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, tell_tasks)

@@ -107,11 +107,16 @@ async def hand_back(broker: Broker) -> HandedBack:
         )
     await _sent_again(broker, done)
     await _deleted(broker, done)
-    if not await queue_exists(broker, REFERENCE_PROJECTOR_QUEUE):
-        await _on_a_channel(broker, _reference_projector_queue)
+    # Declared and bound however it is found: the service kept a retired one (holding
+    # messages when it took over) unbound, which would miss every event published until
+    # the reference's projector declares it again.
+    existed = await queue_exists(broker, REFERENCE_PROJECTOR_QUEUE)
+    await _on_a_channel(broker, _reference_projector_queue)
+    if not existed or routed:
         done.append(
-            f"queue {REFERENCE_PROJECTOR_QUEUE!r}, the reference projector's, declared and"
-            f" bound to {EVENTS_EXCHANGE!r}, as the reference declares it"
+            f"queue {REFERENCE_PROJECTOR_QUEUE!r}, the reference projector's,"
+            f" {'bound' if existed else 'declared and bound'} to {EVENTS_EXCHANGE!r}"
+            " again, as the reference declares it"
         )
     letters = await queue_depth(broker, DEAD_LETTER_QUEUE)
     kept = (
@@ -270,6 +275,7 @@ async def _sent(
 async def _deleted(broker: Broker, done: list[str]) -> None:
     """The service's queues and exchanges deleted; the dead letters kept."""
     gone: list[str] = []
+    projector_gone = False
     for name in (PROJECTOR_QUEUE, UNROUTED, DEFERRALS):
         async with existing_queue(broker, name) as queue:
             if queue is not None:
@@ -277,6 +283,7 @@ async def _deleted(broker: Broker, done: list[str]) -> None:
                 with translated():
                     await queue.delete(if_unused=True, if_empty=False)
                 gone.append(f"{name} ({held} message(s))")
+                projector_gone = projector_gone or name == PROJECTOR_QUEUE
     exchanges = [name for name in (UNROUTED, DEFERRALS) if await exchange_exists(broker, name)]
 
     async def exchanges_deleted(channel: AbstractChannel) -> None:
@@ -285,8 +292,7 @@ async def _deleted(broker: Broker, done: list[str]) -> None:
 
     await _on_a_channel(broker, exchanges_deleted)
     if gone:
-        projector = any(name.startswith(f"{PROJECTOR_QUEUE} ") for name in gone)
         why = f" (what {PROJECTOR_QUEUE} held was of use to the service's read models only)"
-        done.append(f"queues deleted: {', '.join(gone)}{why if projector else ''}")
+        done.append(f"queues deleted: {', '.join(gone)}{why if projector_gone else ''}")
     if exchanges:
         done.append(f"exchanges deleted: {', '.join(map(repr, exchanges))}")

@@ -77,11 +77,9 @@ def _stopped_by_signals_until_handled(argv: Sequence[str] | None) -> Iterator[No
     def signalled(signum: int, frame: FrameType | None) -> None:
         raise _Signalled(signum)
 
-    # SIGHUP too (a closed terminal), unless the process was started to ignore it (nohup).
-    stopping = [signal.SIGTERM, signal.SIGINT]
-    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
-        stopping.append(signal.SIGHUP)
-    previous = {sig: signal.signal(sig, signalled) for sig in stopping}
+    from financing.entrypoints.stopping import stop_signals
+
+    previous = {sig: signal.signal(sig, signalled) for sig in stop_signals()}
     try:
         yield
     except _Signalled as stop:

@@ -16,16 +16,16 @@ import asyncpg
 from financing.adapters.postgres.connection import close_pool, create_pool, translated
 from financing.adapters.postgres.schema import SchemaBehind, migrate, require_current
 from financing.config import Database, Variable
+from financing.entrypoints.stopping import stop_signals
 
 # What a statement of a command that scans whole tables may take at least: a replay's
 # or a check's reads, a rebuild's swap, on a large store.
 SCAN_TIMEOUT = 600.0
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextmanager
 def cancelled_by_signals(task: asyncio.Task[int]) -> Iterator[list[signal.Signals]]:
-    """Cancel `task` on SIGINT or SIGTERM; the list holds the signal that did it. A
+    """Cancel `task` on a stop signal (`stopping`); the list holds the signal that did it. A
     second signal, while what the task started is being undone, ends the process at
     once (exit 128 + the signal), as a second Ctrl-C does."""
     loop = asyncio.get_running_loop()
@@ -39,12 +39,13 @@ def cancelled_by_signals(task: asyncio.Task[int]) -> Iterator[list[signal.Signal
         signalled.append(signum)
         task.cancel()
 
-    for signum in STOP_SIGNALS:
+    stopping_on = stop_signals()
+    for signum in stopping_on:
         loop.add_signal_handler(signum, stop, signum)
     try:
         yield signalled
     finally:
-        for signum in STOP_SIGNALS:
+        for signum in stopping_on:
             loop.remove_signal_handler(signum)
 
 
