@@ -731,12 +731,16 @@ def _settings(raw: str, shown: bool) -> dict[str, str]:
 
 def _check_driver_variables(source: Mapping[str, str]) -> None:
     """The libpq variables the driver reads itself where a connection string says nothing
-    of them (docs/contract.md section 3), each one of the values it takes: a wrong one
-    (or an empty one, which libpq refuses too) failed at the first connection, said to be
-    the database's refusal, without naming the variable."""
+    of them (docs/contract.md section 3), each one of the values libpq takes, whatever
+    the connection strings say (a wrong one is a mistake either way): a wrong one failed
+    at the first connection, said to be the database's refusal, without naming the
+    variable. Empty, the TLS versions are unset (for libpq and the driver alike); the
+    others are refused, as libpq refuses them."""
     for name, values in DRIVER_VARIABLES.items():
         value = source.get(name)
-        if value is not None and value not in values:
+        if value is None or (value == "" and name in EMPTY_IS_UNSET):
+            continue
+        if value not in values:
             raise ConfigError(f"{name} must be one of {', '.join(values)}, got {value!r}")
 
 
@@ -758,3 +762,4 @@ DRIVER_VARIABLES = {
     "PGSSLMINPROTOCOLVERSION": TLS_VERSIONS,
     "PGSSLMAXPROTOCOLVERSION": TLS_VERSIONS,
 }
+EMPTY_IS_UNSET = frozenset({"PGSSLMINPROTOCOLVERSION", "PGSSLMAXPROTOCOLVERSION"})

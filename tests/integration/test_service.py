@@ -623,21 +623,27 @@ async def test_a_process_serving_no_api_probes_its_databases_while_idle(
         assert said == [f"{database} unavailable"], logs
 
 
-async def test_the_process_ignores_stop_signals_once_serve_returns(
+async def test_a_stop_signal_once_serve_returned_ends_the_process_with_its_code(
     databases: tuple[Database, Database],
 ) -> None:
     """Regression (a probe): a second SIGTERM in the moments the process took to exit,
     after the signal handlers were removed, killed it (143) after its last line had said
-    it stopped with 0. `financing serve` ends with `serve` (`last`)."""
+    it stopped with 0. `financing serve` ends with `serve` (`last`): a stop signal then
+    ends the process at once with the code `serve` returned (ignored, a hang past that
+    point could not be stopped but by SIGKILL)."""
     settings = _settings(databases, f"amqp://guest:guest@127.0.0.1:{free_port()}/")
     before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
         async with asyncio.timeout(15):
             code = await service.serve(settings, startup_timeout=1.0, last=True)
         assert code == 2
-        assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == dict.fromkeys(
-            STOP_SIGNALS, signal.SIG_IGN
-        )
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler)
+        exits: list[int] = []
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(service.os, "_exit", exits.append)
+            handler(signal.SIGTERM, None)
+        assert exits == [2]
     finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
+        for sig, previous in before.items():
+            signal.signal(sig, previous)

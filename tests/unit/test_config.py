@@ -319,6 +319,9 @@ def test_the_driver_variables_take_what_libpq_takes() -> None:
         "PGSSLMAXPROTOCOLVERSION": "TLSv1.3",
     }
     assert Settings.from_env(taken) == Settings.from_env({})
+    # Empty, the TLS versions are unset, for libpq and the driver alike (a review).
+    unset = {"PGSSLMINPROTOCOLVERSION": "", "PGSSLMAXPROTOCOLVERSION": ""}
+    assert Settings.from_env(unset) == Settings.from_env({})
 
 
 @pytest.mark.parametrize("mode", ["disable", "allow", "prefer", "require", "verify-ca"])

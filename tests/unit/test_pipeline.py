@@ -751,4 +751,3 @@ async def test_the_lines_about_a_command_name_the_aggregate_it_changes(
 
     assert outcome.kind is OutcomeKind.PROCESSED
     assert bound == [str(aggregate)]
-    assert "aggregate_id" not in structlog.contextvars.get_contextvars()

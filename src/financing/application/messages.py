@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from decimal import Decimal
 from uuid import UUID
@@ -10,15 +11,15 @@ from financing.domain.events import DomainEvent
 
 
 @dataclass(frozen=True)
-class Command:
+class Command(ABC):
     @classmethod
     def name(cls) -> str:
         return cls.__name__
 
     @property
+    @abstractmethod
     def aggregate_id(self) -> UUID:
         """The id of the aggregate the command's handler changes (its log lines say it)."""
-        raise NotImplementedError
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AsyncExitStack
+from types import FrameType
 
 from financing.config import Settings
 from financing.entrypoints.bootstrap import (
@@ -42,9 +44,9 @@ async def serve(
     last: bool = False,
 ) -> int:
     """Run the selected components until a signal (exit 0) or a crash (exit 1). `last`:
-    the process ends with it (`financing serve`), and ignores the stop signals once it
-    returns: a second SIGTERM in the moments the process takes to exit killed it (143)
-    after its last line had said 0."""
+    the process ends with it (`financing serve`), and a stop signal once it has returned
+    ends the process at once with the exit code it returned: a second SIGTERM in the
+    moments the process takes to exit killed it (143) after its last line had said 0."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     stopping_on = stop_signals()
@@ -52,6 +54,7 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, tell_tasks)
     budget = settings.startup_timeout if startup_timeout is None else startup_timeout
+    code = 1  # a crash's, if what follows raises
     try:
         async with AsyncExitStack() as stack:
             starting = asyncio.create_task(
@@ -66,16 +69,30 @@ async def serve(
             if not await _started_unless_stopped(starting, stop):
                 # What start-up opened is closed as the stack unwinds.
                 log.info("stopped while starting")
-                return 0
-            return await supervise(starting.result(), stop)
+                code = 0
+                return code
+            code = await supervise(starting.result(), stop)
+            return code
     except StartupError as error:
         log.critical("start-up failed", error=str(error))  # it stops the service
-        return 2
+        code = 2
+        return code
     finally:
         for sig in (*stopping_on, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
             if last and sig in stopping_on:
-                signal.signal(sig, signal.SIG_IGN)
+                signal.signal(sig, _exiting_with(code))
+
+
+def _exiting_with(code: int) -> Callable[[int, FrameType | None], None]:
+    """A handler that ends the process at once with `code`: what is left to do once
+    `serve` returned (the event loop's end, threads joined) may hang, and a signal still
+    ends it, with the exit code said."""
+
+    def exiting(signum: int, frame: FrameType | None) -> None:
+        os._exit(code)
+
+    return exiting
 
 
 # Frames of each task's chain of awaits that SIGUSR1's line names, the innermost last.

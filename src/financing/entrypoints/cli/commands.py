@@ -699,10 +699,12 @@ def _run(argv: Sequence[str] | None, *, overrides: Overrides | None) -> None:
     needed = OWN_DESCRIPTORS
     if args.command == "serve":  # and the pools of the databases its components open
         selected = set(args.components or settings.components)
-        if selected & NEEDS_COMMAND_DB:
-            needed += settings.command_db.pool_max_size
-        if selected & NEEDS_QUERY_DB:
-            needed += settings.query_db.pool_max_size
+        opens = (bool(selected & NEEDS_COMMAND_DB), bool(selected & NEEDS_QUERY_DB))
+    else:  # those of the databases the command reads (its --help lists them)
+        names = {variable.name for variable in args.reads}
+        opens = (COMMAND_DB.name in names, QUERY_DB.name in names)
+    for opened, db in zip(opens, (settings.command_db, settings.query_db), strict=True):
+        needed += db.pool_max_size if opened else 0
     if (soft := _descriptor_limit()) < needed:
         # Below it the process failed part way, each limit its own way: at the event
         # loop's start (a traceback, exit 1), at the "service ready" line, or at start-up

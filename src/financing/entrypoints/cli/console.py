@@ -87,11 +87,12 @@ async def database(
         await close_pool(pool)
 
 
-# The most characters one write to stdout holds (4 bytes each at most: within the
-# stream's buffer). A write larger than the buffer goes to the file at once, and one a
-# signal interrupted part way lost the rest without a word (CPython 3.11): `events` of
-# 576 KB into a pipe read slowly, then Ctrl-C, printed 64 KB, its last line cut, exit 0.
-WRITTEN_AT_ONCE = 1024
+# The most characters one write to stdout holds: within the stream's buffer (8 KiB)
+# however each is encoded (`\U0001f600`, 10 bytes, where the output's encoding cannot
+# carry it). A write larger than the buffer goes to the file at once, and one a signal
+# interrupted part way lost the rest without a word (CPython 3.11): `events` of 576 KB
+# into a pipe read slowly, then Ctrl-C, printed 64 KB, its last line cut, exit 0.
+WRITTEN_AT_ONCE = 512
 
 
 class OutputFailed(Exception):

@@ -184,9 +184,14 @@ class HealthWatch:
             results = [await self._probe(probe) for probe in watched.probes]
             watched.readiness.set(all(results) and not self._draining)
             probed.update(probe.dependency for probe in watched.probes)
-        for dependency, check in self._outages.checks().items():
-            if dependency not in probed:
-                await self._probe(Probe(dependency, check))
+        # Side by side: one silent dependency would hold the others' probes (and the next
+        # round's readiness) up to PROBE_TIMEOUT each.
+        others = [
+            Probe(dependency, check)
+            for dependency, check in self._outages.checks().items()
+            if dependency not in probed
+        ]
+        await asyncio.gather(*map(self._probe, others))
 
     async def _probe(self, probe: Probe) -> bool:
         """Whether the dependency answered. A probe that ran out of time while the process
