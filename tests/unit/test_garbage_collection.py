@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from financing.entrypoints import garbage
 from financing.entrypoints.garbage import GC_THRESHOLDS, collect_as_a_server, collect_in_full
 from tests.support.infra import wait_until
 
@@ -63,3 +64,27 @@ async def test_a_full_collection_runs_when_none_ran_for_a_period() -> None:
     finally:
         collecting.cancel()
     assert gc.get_stats()[2]["collections"] > full
+
+
+@pytest.mark.usefixtures("restored")
+async def test_what_a_full_collection_freed_is_given_back_to_the_system() -> None:
+    """Regression (a probe): an outage of the command database under load left the RSS
+    ~14 MB higher for good, free heap the C library kept after the collection freed what
+    the outage had built up."""
+    trims: list[int] = []
+
+    def trimmed(pad: int) -> int:
+        trims.append(pad)
+        return 1
+
+    collecting = asyncio.create_task(collect_in_full(every=0.05, trim=trimmed))
+
+    async def given_back() -> bool:
+        return bool(trims)
+
+    try:
+        await wait_until(given_back, timeout=5, what="a trim after a full collection")
+    finally:
+        collecting.cancel()
+    assert trims[0] == 0
+    assert garbage.TRIM is not None  # glibc's, on this platform

@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import gc
+from collections.abc import Callable
 
 # Garbage collection for a long-running process whose Queries lists build millions of
 # objects that live until their reply is written. With CPython's thresholds (700, 10,
@@ -40,10 +43,31 @@ def collect_as_a_server() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-async def collect_in_full(every: float = FULL_COLLECTION_EVERY) -> None:
-    """Until cancelled: a full collection whenever none ran for `every` seconds."""
+def _malloc_trim() -> Callable[[int], object] | None:
+    """glibc's `malloc_trim`, where the C library has it."""
+    try:
+        trim: Callable[[int], object] = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+    return trim
+
+
+# What a full collection freed is given back to the system: glibc kept it. An outage of
+# the command database under load built up ~60 tasks and ~35,000 objects, all freed
+# once it was over, and the process's RSS stayed ~14 MB higher for good (60 -> 90 MB in
+# a soak), ~9 MB of it free heap the C library kept.
+TRIM = _malloc_trim()
+
+
+async def collect_in_full(
+    every: float = FULL_COLLECTION_EVERY, trim: Callable[[int], object] | None = TRIM
+) -> None:
+    """Until cancelled: a full collection whenever none ran for `every` seconds, and what
+    it freed given back to the system (`trim`)."""
     while True:
         before = gc.get_stats()[2]["collections"]
         await asyncio.sleep(every)  # the period
         if gc.get_stats()[2]["collections"] == before:
             gc.collect()
+            if trim is not None:
+                trim(0)
