@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import io
 import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from financing.entrypoints.cli import commands
 from financing.entrypoints.cli.console import OutputFailed, write_lines
+from tests.support.infra import wait_until
 from tests.support.service import ROOT
 
 REPORT = ["é" * 300_000, *(f"line {n}" for n in range(20_000))]
@@ -28,29 +28,35 @@ write_lines(["é" * 300_000, *(f"line {n}" for n in range(20_000))])
 """
 
 
-def _blocked_writing(pid: int) -> bool:
-    return "pipe_write" in Path(f"/proc/{pid}/wchan").read_text()
-
-
-@pytest.mark.skipif(not Path("/proc/self/wchan").exists(), reason="needs Linux's /proc")
-def test_a_report_interrupted_by_a_signal_while_its_reader_lags_arrives_whole() -> None:
+@pytest.mark.skipif(
+    not Path("/proc/self/wchan").exists(),
+    reason="tells a process blocked writing to a full pipe by Linux's /proc/PID/wchan",
+)
+async def test_a_report_interrupted_by_a_signal_while_its_reader_lags_arrives_whole() -> None:
     """Regression (a probe): `events` printed its report in one write; a signal while the
     pipe was full (a reader paging, `timeout 5 financing events X > file`) lost all but
     the first 64 KB of it, its last line cut, and the command exited 0."""
-    child = subprocess.Popen(
-        [sys.executable, "-c", WRITER],
-        stdout=subprocess.PIPE,
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        WRITER,
+        stdout=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
     )
+    wchan = Path(f"/proc/{child.pid}/wchan")
+
+    async def blocked_writing() -> bool:
+        return "pipe_write" in await asyncio.to_thread(wchan.read_text)
+
     try:
-        deadline = time.monotonic() + 30
-        while not _blocked_writing(child.pid):
-            assert time.monotonic() < deadline, "the writer never filled the pipe"
-            time.sleep(0.01)  # polling the condition, with a deadline
+        await wait_until(blocked_writing, timeout=30, what="the writer to fill the pipe")
         child.send_signal(signal.SIGINT)
-        out, _ = child.communicate(timeout=60)
+        async with asyncio.timeout(60):
+            out, _ = await child.communicate()
     finally:
-        child.kill()
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
     assert child.returncode == 0
     assert out.decode().split("\n") == [*REPORT, ""]
 

@@ -66,7 +66,7 @@ from financing.application.retry import (
     retry,
 )
 from financing.config import COMPONENTS, Database, Settings
-from financing.entrypoints.connections import OWN_DESCRIPTORS
+from financing.entrypoints.connections import descriptors_needed
 from financing.entrypoints.garbage import collect_in_full
 from financing.entrypoints.grpc.calls import CallsInFlight
 from financing.entrypoints.grpc.codec import FramingChecked, RequestCodec
@@ -198,7 +198,7 @@ class _Opened:
         """The file descriptors the process needs itself, left to it by its servers'
         callers."""
         pools = (self.command_pool, self.query_pool)
-        return OWN_DESCRIPTORS + sum(pool.get_max_size() for pool in pools if pool is not None)
+        return descriptors_needed(*(pool.get_max_size() for pool in pools if pool is not None))
 
 
 async def _databases(

@@ -38,14 +38,23 @@ H = TypeVar("H", bound=Held)
 OWN_DESCRIPTORS = 32
 
 
+def descriptors_needed(*pool_sizes: int) -> int:
+    """The file descriptors a process with pools of `pool_sizes` needs itself."""
+    return OWN_DESCRIPTORS + sum(pool_sizes)
+
+
+def descriptor_limit() -> int | None:
+    """How many files the process may open now (ulimit -n); None where unlimited."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 def descriptor_share(part: int, *, most: int, own: int, soft: int | None = None) -> int:
     """`1/part` of the file descriptors the process may open (`soft`: its limit now) beyond
     the `own` it needs itself, `most` at most and 1 at least. Shares of all it may open,
     at least 16 connections for each gRPC server, took more than a process limited to 64
     descriptors had: its busy callers took the last ones, and `/health` failed."""
-    if soft is None:
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
+    if soft is None and (soft := descriptor_limit()) is None:
         return most
     return max(1, min(most, (soft - own) // part))
 

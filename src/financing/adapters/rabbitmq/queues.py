@@ -4,14 +4,17 @@ it; and whether it has an exchange."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import aiormq
-from aio_pika.abc import AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractQueue
 from pamqp.constants import DOMAIN_REGEX
 
 from financing.adapters.rabbitmq.connection import Broker, close_channel, translated
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -33,14 +36,26 @@ async def existing_queue(broker: Broker, name: str) -> AsyncIterator[AbstractQue
     projector queue); what it asks again and again it asks on a channel it keeps
     (`Publisher.queue_depth`).
     """
+    async with _passively(
+        broker, lambda channel: channel.declare_queue(name, passive=True)
+    ) as queue:
+        yield queue
+
+
+@contextlib.asynccontextmanager
+async def _passively(
+    broker: Broker, declare: Callable[[AbstractChannel], Awaitable[T]]
+) -> AsyncIterator[T | None]:
+    """What `declare` (a passive declaration) gives on a channel of its own, None when the
+    broker has no such queue or exchange (it closes the channel then)."""
     channel = await broker.channel()
     try:
         with translated():
             try:
-                queue = await channel.declare_queue(name, passive=True)
+                declared: T | None = await declare(channel)
             except aiormq.exceptions.ChannelNotFoundEntity:
-                queue = None
-        yield queue
+                declared = None
+        yield declared
     finally:
         await close_channel(channel)
 
@@ -72,15 +87,8 @@ async def queue_exists(broker: Broker, name: str) -> bool:
 
 
 async def exchange_exists(broker: Broker, name: str) -> bool:
-    """Whether the broker has the exchange `name`, asked on a channel of its own (a
-    passive declaration of a missing exchange closes its channel)."""
-    channel = await broker.channel()
-    try:
-        with translated():
-            try:
-                await channel.declare_exchange(name, passive=True)
-            except aiormq.exceptions.ChannelNotFoundEntity:
-                return False
-        return True
-    finally:
-        await close_channel(channel)
+    """Whether the broker has the exchange `name` (`_passively`)."""
+    async with _passively(
+        broker, lambda channel: channel.declare_exchange(name, passive=True)
+    ) as exchange:
+        return exchange is not None

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import io
 import os
-import resource
 import signal
 import sys
 import threading
@@ -73,7 +72,7 @@ from financing.entrypoints.cli.populate import BATCH, Progress, registrations
 from financing.entrypoints.cli.status import HEALTHY, MAX_RELAY_LAG, TIMEOUT, run_status
 from financing.entrypoints.cli.tail import run_tail
 from financing.entrypoints.cli.trace import run_trace
-from financing.entrypoints.connections import OWN_DESCRIPTORS
+from financing.entrypoints.connections import descriptor_limit, descriptors_needed
 from financing.entrypoints.garbage import collect_as_a_server
 from financing.entrypoints.service import serve
 
@@ -593,12 +592,6 @@ def _configuration_error(args: argparse.Namespace, error: str) -> NoReturn:
     sys.exit(2)
 
 
-def _descriptor_limit() -> int:
-    """How many files the process may open (ulimit -n); a large number where unlimited."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return sys.maxsize if soft == resource.RLIM_INFINITY else soft
-
-
 def _loop_threads() -> int:
     """The threads libuv starts for the event loop (UV_THREADPOOL_SIZE, 4 by default)."""
     raw = os.environ.get("UV_THREADPOOL_SIZE", "")
@@ -696,16 +689,17 @@ def _run(argv: Sequence[str] | None, *, overrides: Overrides | None) -> None:
             " reached (ulimit -u, a container's pids limit); raise it, or set"
             " UV_THREADPOOL_SIZE lower",
         )
-    needed = OWN_DESCRIPTORS
-    if args.command == "serve":  # and the pools of the databases its components open
+    if args.command == "serve":  # the pools of the databases its components open
         selected = set(args.components or settings.components)
         opens = (bool(selected & NEEDS_COMMAND_DB), bool(selected & NEEDS_QUERY_DB))
     else:  # those of the databases the command reads (its --help lists them)
         names = {variable.name for variable in args.reads}
         opens = (COMMAND_DB.name in names, QUERY_DB.name in names)
-    for opened, db in zip(opens, (settings.command_db, settings.query_db), strict=True):
-        needed += db.pool_max_size if opened else 0
-    if (soft := _descriptor_limit()) < needed:
+    pools = (settings.command_db, settings.query_db)
+    needed = descriptors_needed(
+        *(db.pool_max_size for opened, db in zip(opens, pools, strict=True) if opened)
+    )
+    if (soft := descriptor_limit()) is not None and soft < needed:
         # Below it the process failed part way, each limit its own way: at the event
         # loop's start (a traceback, exit 1), at the "service ready" line, or at start-up
         # after its whole budget.
