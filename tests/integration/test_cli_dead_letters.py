@@ -120,7 +120,7 @@ async def test_a_reason_the_outputs_encoding_cannot_carry_is_listed_escaped(
         (("--queue", "A"), ["a-1", "a-2"]),
         (("--aggregate", AGG_2), ["b-1", "a-2"]),
         (("--queue", "A", "--aggregate", AGG_2), ["a-2"]),
-        (("--queue", "no-such-queue"), []),
+        (("--queue", "A", "--aggregate", "5d41402a-bc4b-4a76-b971-9d911017c592"), []),
     ],
     ids=["by queue", "by aggregate", "by both", "none match"],
 )
@@ -166,14 +166,29 @@ async def test_an_unknown_message_id_is_said_and_exits_non_zero_leaving_every_le
     assert await seeded.remaining() == ["a-1", "b-1", "a-2"]
 
 
-async def test_requeue_to_a_queue_the_broker_does_not_have_is_said_and_exits_non_zero(
-    seeded: Seeded,
+@pytest.mark.parametrize("command", ["list", "discard", "requeue"])
+async def test_a_queue_the_broker_does_not_have_is_said_and_exits_non_zero(
+    seeded: Seeded, command: str
 ) -> None:
-    run = await seeded.financing("requeue", "--queue", "NoSuchQueue")
+    """Regression: `list` and `discard` answered "0 dead letter(s)", exit 0, for a
+    mistyped queue, as if it had none."""
+    run = await seeded.financing(command, "--queue", "NoSuchQueue")
 
     assert run.exit_code == 1, run.describe()
     assert "the broker has no queue named 'NoSuchQueue'" in run.stderr
     assert await seeded.remaining() == ["a-1", "b-1", "a-2"]
+
+
+async def test_the_letters_of_a_queue_gone_are_still_listed(seeded: Seeded) -> None:
+    channel = await seeded.broker.channel()
+    await channel.queue_delete(seeded.queue_b)
+    await channel.close()
+
+    run = await seeded.financing("list", "--queue", seeded.queue_b)
+
+    assert run.exit_code == 0, run.describe()
+    assert "b-1" in run.stdout
+    assert run.stdout.splitlines()[-1] == "1 dead letter(s)"
 
 
 async def test_requeue_leaves_the_letters_of_a_queue_gone_naming_it_and_requeues_the_rest(

@@ -190,7 +190,9 @@ async def test_a_signal_while_start_up_waits_for_a_dependency_stops_the_service_
         databases, tmp_path, stop, startup_timeout=120
     )
     assert code == 0, log[-2000:]
-    assert "stopped while starting" in log
+    lines = [json.loads(line) for line in log.splitlines()]
+    said = [line for line in lines if line["event"] == "stopped while starting"]
+    assert [line.get("signal") for line in said] == [stop.name], log[-2000:]
 
 
 async def test_a_service_started_to_ignore_hang_ups_keeps_ignoring_them(

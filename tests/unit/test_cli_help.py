@@ -333,6 +333,31 @@ def test_the_probe_in_its_module_form_reads_only_its_own_variables() -> None:
     assert "configuration error" not in run.stderr, run.stderr
 
 
+@pytest.mark.parametrize(("argument", "code"), [("--help", 0), ("--verbose", 2)])
+def test_the_probe_in_its_module_form_answers_its_arguments_as_the_command_does(
+    argument: str, code: int
+) -> None:
+    """Regression: the module form took no arguments and probed whatever it was given:
+    `--help` printed "not healthy" lines, a mistyped option passed unnoticed."""
+    run = subprocess.run(
+        [sys.executable, "-m", "financing.entrypoints.cli.health_check", argument],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            **os.environ,
+            "PYTHONPATH": str(ROOT / "src"),
+            "METRICS_ADDRESS": f"127.0.0.1:{free_port()}",  # where nothing listens
+        },
+    )
+    assert run.returncode == code, run.stderr
+    assert "not healthy" not in run.stderr, run.stderr
+    if argument == "--help":
+        assert run.stdout.startswith("usage: financing health-check"), run.stdout
+    else:
+        assert "unrecognized arguments: --verbose" in run.stderr, run.stderr
+
+
 # A command whose output outgrows what a pipe holds, as a long listing does.
 WRITES_MORE_THAN_A_PIPE_HOLDS = """
 from financing.entrypoints.cli import commands

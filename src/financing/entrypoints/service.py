@@ -49,9 +49,15 @@ async def serve(
     moments the process takes to exit killed it (143) after its last line had said 0."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    stopped_by: list[signal.Signals] = []  # the signals received, the first one said
+
+    def stopping(sig: signal.Signals) -> None:
+        stopped_by.append(sig)
+        stop.set()
+
     stopping_on = stop_signals()
     for sig in stopping_on:
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stopping, sig)
     loop.add_signal_handler(signal.SIGUSR1, tell_tasks)
     budget = settings.startup_timeout if startup_timeout is None else startup_timeout
     code = 1  # a crash's, if what follows raises
@@ -68,7 +74,7 @@ async def serve(
             )
             if not await _started_unless_stopped(starting, stop):
                 # What start-up opened is closed as the stack unwinds.
-                log.info("stopped while starting")
+                log.info("stopped while starting", signal=stopped_by[0].name)
                 code = 0
                 return code
             code = await supervise(starting.result(), stop)

@@ -35,6 +35,8 @@ HEADINGS = ("DEAD-LETTERED AT", "SOURCE QUEUE", "NAME", "MESSAGE ID")
 async def list_letters(settings: Settings, selection: Selection, limit: int, bodies: bool) -> int:
     async with connected(settings.amqp_urls, settings.queue_type) as broker:
         letters = await list_dead_letters(broker, limit, selection=selection)
+        if not letters and not await _queue_known(broker, selection):
+            return 1
     rows = table(HEADINGS, (_columns(letter) for letter in letters))
     write_lines(rows[:1])
     for row, letter in zip(rows[1:], letters, strict=True):
@@ -94,6 +96,8 @@ async def discard(settings: Settings, selection: Selection) -> int:
         connected(settings.amqp_urls, settings.queue_type) as broker,
     ):
         await discard_dead_letters(broker, selection=selection, taken=taken)
+        if not taken.count and not await _queue_known(broker, selection):
+            return 1
     print(f"discarded {taken.count} dead letter(s)")
     return _found(taken.count, selection)
 
@@ -110,7 +114,10 @@ async def _saying_so_if_stopped(done: str, taken: Taken) -> AsyncIterator[None]:
 
 
 async def _queue_known(broker: Broker, selection: Selection) -> bool:
-    """Whether the queue letters are to be requeued to exists (none named: each letter's)."""
+    """Whether the queue `selection` names exists (none named: each letter's). A queue
+    that is gone may still have dead letters, which are listed and discarded; asked for
+    a queue that never had any and does not exist (a typo), `list` and `discard` say so
+    rather than report "0" as if all were well."""
     queue = selection.source_queue
     if queue is None or await queue_exists(broker, queue):
         return True

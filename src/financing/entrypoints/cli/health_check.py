@@ -108,6 +108,13 @@ async def _http_health(address: tuple[str, int]) -> str:
 
 
 def main() -> None:
+    if sys.argv[1:]:
+        # Arguments (`--help`, or a mistake) are the command line's to answer: the probe
+        # takes none, and ran regardless, whatever they asked.
+        from financing.entrypoints.cli import main as command_line
+
+        command_line(["health-check", *sys.argv[1:]])
+        return
     try:
         settings = Settings.from_env(reads=HEALTH_CHECK_VARIABLES)
     except ConfigError as error:
