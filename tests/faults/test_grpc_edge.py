@@ -207,6 +207,43 @@ async def test_a_method_the_server_does_not_have_is_answered_unimplemented_to_an
     no_errors_logged()
 
 
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        b"application/grpc+proto",
+        b"application/grpc;charset=utf-8",
+        b"application/grpc; charset=utf-8",
+        b"application/grpc;proto",
+        b"application/grpc+proto; charset=utf-8",
+        b"application/grpc+json",  # grpc-go serves a codec it lacks as protobuf
+    ],
+)
+async def test_a_grpc_content_type_with_a_subtype_or_parameters_is_served_as_grpc_go_serves_it(
+    commands_api: CommandsApi, no_errors_logged: Callable[[], None], content_type: bytes
+) -> None:
+    """Regression: anything after `application/grpc` but `+proto` was answered HTTP 415
+    ("Unacceptable content-type header", UNKNOWN to the client), where the reference's
+    grpc-go server answers the call."""
+    async with RawConnection.open(commands_api.address) as connection:
+        answer = await connection.answered(
+            connection.call(HEALTH_CHECK.encode(), EMPTY_MESSAGE, content_type=content_type)
+        )
+    assert answer[b":status"] == b"200", answer
+    assert answer[b"grpc-status"] == str(Status.OK.value).encode(), answer
+    no_errors_logged()
+
+
+@pytest.mark.parametrize("content_type", [b"application/grpcx", b"application/json", b"text/plain"])
+async def test_a_content_type_that_is_not_grpc_is_refused(
+    commands_api: CommandsApi, content_type: bytes
+) -> None:
+    async with RawConnection.open(commands_api.address) as connection:
+        answer = await connection.answered(
+            connection.call(HEALTH_CHECK.encode(), EMPTY_MESSAGE, content_type=content_type)
+        )
+    assert answer[b":status"] == b"415", answer
+
+
 async def test_a_connection_flooding_pings_is_sent_away_and_others_are_served(
     commands_api: CommandsApi, no_errors_logged: Callable[[], None]
 ) -> None:

@@ -63,6 +63,7 @@ class RawConnection:
         *,
         metadata: Sequence[tuple[bytes, bytes]] = (),
         end: bool = True,
+        content_type: bytes = b"application/grpc",
     ) -> int:
         """Send a request (without `:path` when `path` is None; its side left open unless
         `end`); its stream id."""
@@ -70,7 +71,7 @@ class RawConnection:
         headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x")]
         if path is not None:
             headers.append((b":path", path))
-        headers += [(b"content-type", b"application/grpc"), (b"te", b"trailers"), *metadata]
+        headers += [(b"content-type", content_type), (b"te", b"trailers"), *metadata]
         self.h2.send_headers(stream_id, headers)
         self.h2.send_data(stream_id, body, end_stream=end)
         self.flush()

@@ -438,7 +438,9 @@ def test_a_delivered_amount_the_commands_api_refuses_is_poison_naming_the_field(
         ("9999999999999999.99", "must be at most 999999999999.99, got 9999999999999999.99"),
         ("-1000000000000", "must be at least -999999999999.99"),
         ("1e16", "1E+16 is out of range for money"),
-        ("1e-16", "1E-16 is out of range for money"),
+        ("1e-16", "1E-16 is too small for money: an amount other than 0 is at least 1E-15"),
+        # What a float64 producer (Go's json.Marshal) writes for its smallest doubles.
+        ("5e-324", "5E-324 is too small for money: an amount other than 0 is at least 1E-15"),
         ("1e999999999", "1E+999999999 is out of range for money"),
         ("0e-99999999", "more than 31 decimal places"),
         ("1" * 60_000, f"{'1' * 37}... is out of range for money"),

@@ -343,8 +343,13 @@ def _money(value: Any, limited: bool, where: str, part: str = "") -> Decimal:
     if not isinstance(value, Decimal) or not value.is_finite():
         raise PoisonMessage(f"{where}{part}: must be a finite JSON number")
     adjusted = value.adjusted()
-    if adjusted > 15 or (adjusted < -15 and value != 0):
+    if adjusted > 15:
         raise PoisonMessage(f"{where}{part}: {shown(value)} is out of range for money")
+    if adjusted < -15 and value != 0:
+        raise PoisonMessage(
+            f"{where}{part}: {shown(value)} is too small for money: an amount other than"
+            " 0 is at least 1E-15 either side of zero"
+        )
     if limited:
         try:
             within_range(value)

@@ -34,6 +34,10 @@ to the whole process, and the answer that caller gets instead.
   then no call, no database session and no broker connection could be opened any more.
 - A connection error (an HTTP/2 protocol violation) is told to the peer with the GOAWAY
   frame h2 writes for it, before the connection is closed.
+- A call whose content type is `application/grpc` followed by `+` or `;` and anything
+  (`application/grpc; charset=utf-8`, as some proxies and clients write it) is served
+  as protobuf, as grpc-go (the reference's server) serves it; grpclib took only `+proto`
+  after it and answered the others HTTP 415, which their clients report as UNKNOWN.
 - A call to a method neither server has is answered UNIMPLEMENTED, and every answer
   given here carries `content-type: application/grpc`, as gRPC asks of an answer of
   trailers only; grpclib's lacked it, and its clients reported UNKNOWN.
@@ -248,6 +252,7 @@ async def _request(
         finally:
             release_stream()
         return
+    headers = _served_as_protobuf(headers)
     answer = _refusal(headers, mapping)
     if answer is not None:
         try:
@@ -279,6 +284,20 @@ async def _trailers_only(stream: grpclib.protocol.Stream, status: Status, messag
         stream.reset_nowait()
 
 
+def _served_as_protobuf(headers: _Headers) -> _Headers:
+    """`headers` with a gRPC content type of any subtype or parameters as the plain one,
+    the only codec served: grpc-go takes what follows `application/grpc` after `+` or
+    `;` for a codec's name, and serves an unknown one as protobuf."""
+    for at, (name, value) in enumerate(headers):
+        if (
+            name == "content-type"
+            and value.startswith(GRPC_CONTENT_TYPE)
+            and value[len(GRPC_CONTENT_TYPE) : len(GRPC_CONTENT_TYPE) + 1] in ("+", ";")
+        ):
+            return [*headers[:at], (name, GRPC_CONTENT_TYPE), *headers[at + 1 :]]
+    return headers
+
+
 def _refusal(headers: _Headers, mapping: Mapping[str, Any]) -> tuple[Status, str] | None:
     """The status a request gets before any method sees it, if it gets one."""
     size = sum(len(name) + len(value) + 32 for name, value in headers)  # RFC 9113 6.5.2
@@ -290,7 +309,7 @@ def _refusal(headers: _Headers, mapping: Mapping[str, Any]) -> tuple[Status, str
     fields = dict(headers)
     if (
         fields.get(":method") == "POST"
-        and fields.get("content-type", "").split("+")[0] == GRPC_CONTENT_TYPE
+        and fields.get("content-type") == GRPC_CONTENT_TYPE
         and fields[":path"] not in mapping
     ):
         path = fields[":path"]
