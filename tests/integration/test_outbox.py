@@ -727,6 +727,32 @@ async def test_a_holder_that_keeps_running_keeps_the_lock_past_its_lease(
         await asyncio.gather(lost, return_exceptions=True)
 
 
+async def test_a_relayer_merely_behind_names_no_session_and_one_held_back_names_it(
+    pool: asyncpg.Pool,
+) -> None:
+    """Regression: with a backlog relayed as fast as it could be (the oldest event
+    waiting 150 s), the relayer named whichever unit of work was the horizon at that
+    moment, a transaction 0 s old, as holding relaying back: an operator would have
+    chased an innocent session. A session is named once an event has waited behind it."""
+    await pool.execute(  # a backlog: an event waiting a minute, behind no transaction
+        "INSERT INTO events (aggregate_type, aggregate_id, version, name, body, recorded_at)"
+        " VALUES ('Investor', $1, 1, 'InvestorCreatedEvent', $2::json, now() - interval '60 s')",
+        uuid4(),
+        "{}",
+    )
+    outbox = PostgresOutbox(pool)
+    async with open_transaction(pool, new_investor()):  # the horizon from now on
+        async with open_transaction(pool, new_investor()):
+            pass  # committed behind it, just now
+        behind = await outbox.backlog(held_back_after=10.0)
+        assert behind.oldest_age >= 60 and behind.held_back_by is None, behind
+
+        async def named() -> bool:
+            return await outbox.held_back_by(0.5) is not None
+
+        await wait_until(named, timeout=5.0, what="the transaction named once an event waited")
+
+
 async def test_a_session_whose_details_the_role_is_not_shown_is_named_as_such(
     database: Database, pool: asyncpg.Pool
 ) -> None:
@@ -742,8 +768,8 @@ async def test_a_session_whose_details_the_role_is_not_shown_is_named_as_such(
         async with open_transaction(pool, new_investor()):  # the superuser's, held open
             async with open_transaction(pool, new_investor()):
                 pass  # committed behind it
-            held = await PostgresOutbox(unprivileged).held_back_by()
-            seen = await PostgresOutbox(pool).held_back_by()
+            held = await PostgresOutbox(unprivileged).held_back_by(0)
+            seen = await PostgresOutbox(pool).held_back_by(0)
     finally:
         await unprivileged.close()
         await pool.execute(f'REVOKE ALL ON events, relay_checkpoints FROM "{role}"')

@@ -401,7 +401,7 @@ async def test_a_transaction_left_open_that_holds_relaying_back_is_named_and_its
                 return bool(said("relaying waits for the transaction of another session"))
 
             await wait_until(named, timeout=10, what="the holding transaction named")
-            backlog = await PostgresOutbox(pool).backlog()
+            backlog = await PostgresOutbox(pool).backlog(held_back_after=0.5)
             await holding.rollback()
             got = await receive(observed, 4, within=10.0)
 
@@ -794,7 +794,7 @@ async def test_a_standby_tells_another_deployments_relayer_from_its_own(
         try:
             await migrate(pool, "commands")
             await append_investor_story(PostgresEventStore(pool), uuid4())
-            backlog = await PostgresOutbox(pool).backlog()
+            backlog = await PostgresOutbox(pool).backlog(held_back_after=0.5)
         finally:
             await pool.close()
     finally:

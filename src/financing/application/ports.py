@@ -350,8 +350,9 @@ class Outbox(Protocol):
         """How many events are not relayed yet, and how old the oldest of them is (seconds)."""
         ...
 
-    async def held_back_by(self) -> OtherSession | None:
-        """The transaction an event not relayed yet waits for, if one does."""
+    async def held_back_by(self, waited: float) -> OtherSession | None:
+        """The transaction an event not relayed yet has waited `waited` seconds for, if
+        one has (a relayer merely behind waits for none)."""
         ...
 
     async def mark_relayed(self, events: Sequence[StoredEvent]) -> None:

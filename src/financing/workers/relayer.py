@@ -207,7 +207,7 @@ class Relayer:
         holder = None
         if self._elected and age >= HELD_BACK_SAID:
             try:
-                holder = await self._outbox.held_back_by()
+                holder = await self._outbox.held_back_by(HELD_BACK_SAID)
             except Unavailable:
                 return  # the outage is logged by whoever relays
         if holder is not None and holder.pid != self._held_by:

@@ -146,13 +146,17 @@ class RelayBacklog:
 # The session whose transaction is the relaying horizon (RELAYING_HORIZON), when an event
 # after the checkpoint waits behind it: relayed only once that transaction ends. Any
 # session of the database that writes holds it so (a foreign application's, a psql left
-# in a transaction), which a relayer cannot tell from one about to append events.
+# in a transaction), which a relayer cannot tell from one about to append events. Named
+# only when an event has waited $3 seconds behind it: a relayer merely behind (a backlog
+# it relays as fast as it can) always has the newest events behind whichever unit of work
+# is the horizon at that moment, milliseconds old, and named that innocent session.
 _HELD_BACK_BY = (
     f"WITH horizon AS (SELECT {RELAYING_HORIZON} AS xid)"
     f" SELECT {SESSION_COLUMNS} FROM horizon h JOIN pg_stat_activity a"
     " ON a.backend_xid = h.xid::xid AND a.datname = current_database()"
     " WHERE EXISTS (SELECT 1 FROM events e"
-    " WHERE (e.transaction_id, e.position) > ($1::xid8, $2) AND e.transaction_id >= h.xid)"
+    " WHERE (e.transaction_id, e.position) > ($1::xid8, $2) AND e.transaction_id >= h.xid"
+    " AND e.recorded_at <= now() - make_interval(secs => $3))"
 )
 
 
@@ -220,17 +224,18 @@ class PostgresOutbox:
         count, age = row
         return int(count), max(0.0, float(age or 0.0))
 
-    async def held_back_by(self) -> OtherSession | None:
-        """The transaction an event after the checkpoint waits for, if one does: the
-        oldest still running in this database that may write events."""
+    async def held_back_by(self, waited: float) -> OtherSession | None:
+        """The transaction an event after the checkpoint has waited `waited` seconds
+        for, if one has: the oldest still running in this database that may write events."""
         async with acquired(self._pool, COMMAND_DATABASE) as conn:
             checkpoint = await conn.fetchrow(_CHECKPOINT_VALUES, self._name)
             assert checkpoint is not None  # a SELECT without FROM returns one row
-            row = await conn.fetchrow(_HELD_BACK_BY, *checkpoint)
+            row = await conn.fetchrow(_HELD_BACK_BY, *checkpoint, waited)
         return None if row is None else other_session(row)
 
-    async def backlog(self) -> RelayBacklog:
-        """The checkpoint and what is waiting behind it (`financing status`)."""
+    async def backlog(self, held_back_after: float) -> RelayBacklog:
+        """The checkpoint and what is waiting behind it (`financing status`): the
+        transaction an event has waited `held_back_after` seconds behind, if one has."""
         async with acquired(self._pool, COMMAND_DATABASE) as conn:
             checkpoint = await conn.fetchrow(
                 "SELECT position, updated_at FROM relay_checkpoints WHERE name = $1", self._name
@@ -242,7 +247,7 @@ class PostgresOutbox:
             moved_at=None if checkpoint is None else checkpoint["updated_at"],
             waiting=waiting,
             oldest_age=oldest_age,
-            held_back_by=await self.held_back_by() if waiting else None,
+            held_back_by=await self.held_back_by(held_back_after) if waiting else None,
             relayer=relayer,
             relayer_elsewhere=elsewhere,
         )

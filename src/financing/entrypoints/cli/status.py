@@ -142,7 +142,7 @@ async def _inquire(
 
 async def _event_store(settings: Settings, findings: Findings, max_relay_lag: float) -> None:
     async with database(settings.command_db, COMMAND_DATABASE, "status", schema="commands") as pool:
-        backlog = await PostgresOutbox(pool).backlog()
+        backlog = await PostgresOutbox(pool).backlog(held_back_after=max_relay_lag)
         findings.store = await store_of(pool)
     findings.report("command database", f"{settings.command_db.describe()}: reachable")
     findings.report("relayer", _relaying(backlog))
