@@ -16,7 +16,6 @@ from betterproto.lib.google.protobuf import Empty
 from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
-from grpclib.server import Server
 from structlog.testing import capture_logs
 
 from financing.application.errors import Refused, Unavailable
@@ -33,7 +32,7 @@ from financing.application.retry import Outages
 from financing.entrypoints.grpc import commands as commands_api
 from financing.entrypoints.grpc.codec import FramingChecked, RequestCodec
 from financing.entrypoints.grpc.commands import CommandsService, correlate
-from financing.entrypoints.grpc.edge import Warnings
+from financing.entrypoints.grpc.edge import WAITING_MOST, GrpcServer, Warnings
 from financing.generated import (
     ApproveFinancingCommand,
     BidOnInvoiceCommand,
@@ -45,6 +44,7 @@ from financing.generated import (
 )
 from tests.support.answers import CORRELATION_METADATA, call, call_with_grpcio, correlation_of
 from tests.support.infra import wait_until
+from tests.support.raw_h2 import RawConnection
 
 
 class BuggySender(InMemoryCommandSender):
@@ -77,7 +77,7 @@ class FlakySender(InMemoryCommandSender):
 @contextlib.asynccontextmanager
 async def _serving(service: CommandsService, *, correlated: bool = False) -> AsyncIterator[Channel]:
     """A channel to `service`, served as bootstrap serves it, until the block ends."""
-    server = Server([FramingChecked(service, calls=service.calls)])
+    server = GrpcServer([FramingChecked(service, calls=service.calls)], codec=RequestCodec())
     if correlated:
         correlate(server)
     await server.start("127.0.0.1", 0)
@@ -271,35 +271,144 @@ async def test_a_command_not_confirmed_in_time_is_answered_unavailable_maybe_que
     )
 
 
-async def test_calls_beyond_the_commands_being_queued_at_once_are_answered_busy_at_once() -> None:
-    """Regression: every call waited its turn, however many: a burst of 5,000 ran past
-    its budget and was answered UNAVAILABLE after 5 s, some of those queued all the same."""
-    silent = SilentSender()
-    service = CommandsService(silent, Outages(), budget=30.0, most_enqueueing=3)
+class GatedSender(InMemoryCommandSender):
+    """A broker that confirms each command only when told to, the oldest first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: list[tuple[Command, asyncio.Future[None]]] = []
+        self.confirmed = False
+
+    async def send(self, command: Command, message_id: UUID, cause: Cause) -> None:
+        if not self.confirmed:
+            confirmed = asyncio.get_running_loop().create_future()
+            self.waiting.append((command, confirmed))
+            await confirmed
+        await super().send(command, message_id, cause)
+
+    def confirm_oldest(self) -> None:
+        _, confirmed = self.waiting.pop(0)
+        confirmed.set_result(None)
+
+    def confirm_all(self) -> None:
+        """Every command waiting, and every one sent from now on, confirmed."""
+        self.confirmed = True
+        while self.waiting:
+            self.confirm_oldest()
+
+    async def sending(self, count: int) -> None:
+        async def so_many() -> bool:
+            return len(self.waiting) == count
+
+        await wait_until(so_many, what=f"{count} commands being queued")
+
+
+async def _calls_read(service: CommandsService, count: int) -> None:
+    async def so_many() -> bool:
+        return service.calls.in_flight == count
+
+    await wait_until(so_many, what=f"{count} calls read")
+
+
+async def test_a_call_beyond_the_commands_being_queued_at_once_waits_its_turn_and_is_queued() -> (
+    None
+):
+    """Regression: such a call was answered UNAVAILABLE at once, and clients retrying
+    at once over many connections kept the process busy reading their calls (36,000 a
+    minute, 9 of them taken), the commands it had taken confirmed too late."""
+    gated = GatedSender()
+    service = CommandsService(gated, Outages(), budget=30.0, most_enqueueing=3, busy_wait=30.0)
     async with _serving(service) as channel:
-        commands = CommandsStub(channel, timeout=10)
-        waiting = [
-            asyncio.create_task(
-                commands.approve_financing(ApproveFinancingCommand(invoice_id=_id()))
-            )
+        commands = CommandsStub(channel, timeout=20)
+        first = [
+            asyncio.create_task(commands.approve_financing(ApproveFinancingCommand(_id())))
             for _ in range(3)
         ]
+        await gated.sending(3)
+        fourth = uuid4()
+        waiting = asyncio.create_task(
+            commands.approve_financing(ApproveFinancingCommand(invoice_id=_id(fourth)))
+        )
+        await _calls_read(service, 4)
+        assert len(gated.waiting) == 3  # no room for it yet
 
-        async def all_sending() -> bool:
-            return silent.waiting == 3
+        gated.confirm_oldest()
+        await gated.sending(3)
+        await first[0]
+        assert gated.waiting[-1][0] == ApproveFinancing(fourth)  # its turn came
+        for _ in range(3):
+            gated.confirm_oldest()
+        await asyncio.gather(*first, waiting)
+    assert len(gated.sent) == 4
 
-        await wait_until(all_sending, what="three commands being queued")
+
+async def test_a_call_that_gets_no_turn_within_the_busy_wait_is_answered_busy_nothing_queued() -> (
+    None
+):
+    gated = GatedSender()
+    service = CommandsService(gated, Outages(), budget=30.0, most_enqueueing=1, busy_wait=0.2)
+    async with _serving(service) as channel:
+        commands = CommandsStub(channel, timeout=10)
+        holding = asyncio.create_task(
+            commands.approve_financing(ApproveFinancingCommand(invoice_id=_id()))
+        )
+        await gated.sending(1)
         with pytest.raises(GRPCError) as busy:
             await commands.approve_financing(ApproveFinancingCommand(invoice_id=_id()))
-        for task in waiting:
-            task.cancel()
-        await asyncio.gather(*waiting, return_exceptions=True)
+        assert len(gated.waiting) == 1  # the second was not sent
+        gated.confirm_oldest()
+        await holding
     assert busy.value.status is Status.UNAVAILABLE
     assert busy.value.message == (
-        "ApproveFinancing not queued: the service is busy queueing 3 commands already;"
-        " try again shortly"
+        "ApproveFinancing not queued: the service was busy queueing 1 commands for the"
+        " 0.2 s it waited; try again later"
     )
-    assert silent.waiting == 3  # the fourth was not sent
+    assert len(gated.sent) == 1
+
+
+async def test_a_connection_whose_calls_wait_for_their_turn_is_read_no_further_others_are() -> None:
+    """A client sending ever more calls while they wait costs the process nothing more:
+    its connection is read again once fewer than half of them wait; another client's
+    connection is read all along."""
+    gated = GatedSender()
+    service = CommandsService(gated, Outages(), budget=30.0, most_enqueueing=1, busy_wait=30.0)
+    async with _serving(service) as channel:
+        address = (channel._host, channel._port)
+        holding = asyncio.create_task(
+            CommandsStub(channel, timeout=20).approve_financing(ApproveFinancingCommand(_id()))
+        )
+        await gated.sending(1)
+        async with RawConnection.open(address) as crowded, RawConnection.open(address) as other:
+            calls = [crowded.call(APPROVE, _approval()) for _ in range(WAITING_MOST)]
+            await _calls_read(service, 1 + WAITING_MOST)
+            late = crowded.call(APPROVE, _approval())  # sent while its calls wait
+            other.call(APPROVE, _approval())
+            await _calls_read(service, 2 + WAITING_MOST)  # the other connection is read
+            other.call(APPROVE, _approval())
+            await _calls_read(service, 3 + WAITING_MOST)  # and read again
+            assert service.calls.in_flight == 3 + WAITING_MOST  # the late call unread
+            assert len(gated.waiting) == 1
+
+            # Confirmed one by one, the waiting calls take their turns in order; once
+            # fewer than half of the crowded connection's wait, it is read again.
+            for _ in range(WAITING_MOST // 2 + 1):
+                gated.confirm_oldest()
+                await gated.sending(1)
+            await _calls_read(service, 3 + WAITING_MOST - (WAITING_MOST // 2 + 1) + 1)
+            gated.confirm_all()
+            for stream_id in (*calls, late):
+                answer = await crowded.answered(stream_id)
+                assert answer[b"grpc-status"] == b"0", answer
+        await holding
+    assert len(gated.sent) == 1 + WAITING_MOST + 1 + 2
+
+
+APPROVE = b"/Commands/ApproveFinancing"
+
+
+def _approval() -> bytes:
+    message = bytes(ApproveFinancingCommand(invoice_id=_id()))
+    return b"\x00" + len(message).to_bytes(4, "big") + message
 
 
 async def test_a_bug_sending_a_command_is_answered_internal_without_a_retry() -> None:
