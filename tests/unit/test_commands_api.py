@@ -366,6 +366,62 @@ async def test_a_call_that_gets_no_turn_within_the_busy_wait_is_answered_busy_no
     assert len(gated.sent) == 1
 
 
+async def test_calls_waiting_for_their_turn_as_the_service_shuts_down_are_told_at_once() -> None:
+    """Rather than cut at the end of the shutdown's grace, or queued as the process
+    stops: nothing of theirs is queued, and a client retries them elsewhere."""
+    gated = GatedSender()
+    service = CommandsService(gated, Outages(), budget=30.0, most_enqueueing=1, busy_wait=30.0)
+    async with _serving(service) as channel:
+        commands = CommandsStub(channel, timeout=20)
+        holding = asyncio.create_task(
+            commands.approve_financing(ApproveFinancingCommand(invoice_id=_id()))
+        )
+        await gated.sending(1)
+        waiting = asyncio.create_task(
+            commands.approve_financing(ApproveFinancingCommand(invoice_id=_id()))
+        )
+        await _calls_read(service, 2)
+        draining = asyncio.create_task(service.calls.drain(grace=20.0))
+        with pytest.raises(GRPCError) as told:
+            await waiting
+        assert not draining.done()  # the call being queued is waited for
+        gated.confirm_oldest()
+        await holding
+        await draining
+    assert told.value.status is Status.UNAVAILABLE
+    assert told.value.message == "ApproveFinancing not queued: the service is shutting down"
+    assert len(gated.sent) == 1
+
+
+async def test_a_call_cut_while_waiting_for_its_turn_leaves_the_turns_as_they_were() -> None:
+    gated = GatedSender()
+    service = CommandsService(gated, Outages(), budget=30.0, most_enqueueing=1, busy_wait=30.0)
+    async with _serving(service) as channel:
+        commands = CommandsStub(channel, timeout=20)
+        holding = asyncio.create_task(
+            commands.approve_financing(ApproveFinancingCommand(invoice_id=_id()))
+        )
+        await gated.sending(1)
+        with pytest.raises(TimeoutError):  # grpclib's client, at the deadline
+            await commands.approve_financing(ApproveFinancingCommand(invoice_id=_id()), timeout=0.2)
+        await _calls_read(service, 1)
+        gated.confirm_oldest()
+        await holding
+        # One turn, as before: the next call takes it, the one after waits.
+        second = asyncio.create_task(
+            commands.approve_financing(ApproveFinancingCommand(invoice_id=_id()))
+        )
+        await gated.sending(1)
+        third = asyncio.create_task(
+            commands.approve_financing(ApproveFinancingCommand(invoice_id=_id()))
+        )
+        await _calls_read(service, 2)
+        assert len(gated.waiting) == 1
+        gated.confirm_all()
+        await asyncio.gather(second, third)
+    assert len(gated.sent) == 3
+
+
 async def test_a_connection_whose_calls_wait_for_their_turn_is_read_no_further_others_are() -> None:
     """A client sending ever more calls while they wait costs the process nothing more:
     its connection is read again once fewer than half of them wait; another client's

@@ -26,10 +26,15 @@ class CallsInFlight:
         self._idle = asyncio.Event()
         self._idle.set()
         self._draining = False
+        self._drain_begun = asyncio.Event()
 
     @property
     def in_flight(self) -> int:
         return self._count
+
+    @property
+    def draining_begun(self) -> bool:
+        return self._draining
 
     @contextlib.contextmanager
     def call(self) -> Iterator[None]:
@@ -44,10 +49,16 @@ class CallsInFlight:
             if self._count == 0:
                 self._idle.set()
 
+    async def draining(self) -> None:
+        """Return once draining has begun: what a call still waits for before it does
+        anything (its turn) is given up, and the call answered at once, nothing done."""
+        await self._drain_begun.wait()
+
     async def drain(self, grace: float) -> None:
         """Refuse new calls and wait (at most `grace` seconds) for those in flight; say
         how many are still in flight then (the listener's close cuts them)."""
         self._draining = True
+        self._drain_begun.set()
         try:
             async with asyncio.timeout(grace):
                 await self._idle.wait()

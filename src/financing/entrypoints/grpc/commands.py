@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from asyncio import FIRST_COMPLETED
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -290,22 +291,40 @@ class CommandsService(CommandsBase):
 
     async def _turn(self, command: Command) -> None:
         """A turn among the commands being queued: at once while there is room, else
-        once one of them is done, in the order the calls came; UNAVAILABLE, nothing
-        queued, when none came within the busy wait."""
+        once one of them is done, in the order the calls came. UNAVAILABLE, nothing
+        queued, when none came within the busy wait, or once the service begins to shut
+        down (told at once, a client retries elsewhere, rather than cut at the end of
+        the grace or queued as the process stops)."""
         if not self._turns.locked():
             await self._turns.acquire()  # at once
             return
+        taking = asyncio.ensure_future(self._turns.acquire())
+        stopping = asyncio.ensure_future(self.calls.draining())
+        given = False
         try:
             with waiting_for_room():
-                async with asyncio.timeout(self._busy_wait):
-                    await self._turns.acquire()
-        except TimeoutError:
-            _BUSY.warn("commands answered UNAVAILABLE, not queued: the service is busy")
+                await asyncio.wait(
+                    {taking, stopping}, timeout=self._busy_wait, return_when=FIRST_COMPLETED
+                )
+            given = taking.done() and not taking.cancelled()
+        finally:
+            stopping.cancel()
+            if not given:
+                taking.cancel()
+                if taking.done() and not taking.cancelled():
+                    self._turns.release()  # given as the call was cut (its deadline)
+        if given:
+            return
+        if self.calls.draining_begun:
             raise GRPCError(
-                Status.UNAVAILABLE,
-                f"{command.name()} not queued: the service was busy queueing {self._most}"
-                f" commands for the {self._busy_wait:g} s it waited; try again later",
-            ) from None
+                Status.UNAVAILABLE, f"{command.name()} not queued: the service is shutting down"
+            )
+        _BUSY.warn("commands answered UNAVAILABLE, not queued: the service is busy")
+        raise GRPCError(
+            Status.UNAVAILABLE,
+            f"{command.name()} not queued: the service was busy queueing {self._most}"
+            f" commands for the {self._busy_wait:g} s it waited; try again later",
+        )
 
     def _unavailable(self, command: Command, why: str) -> GRPCError:
         log.debug("command not queued", name=command.name(), reason=why)
