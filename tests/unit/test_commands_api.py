@@ -16,6 +16,7 @@ from betterproto.lib.google.protobuf import Empty
 from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
+from grpclib.health.service import Health
 from structlog.testing import capture_logs
 
 from financing.application.errors import Refused, Unavailable
@@ -32,7 +33,7 @@ from financing.application.retry import Outages
 from financing.entrypoints.grpc import commands as commands_api
 from financing.entrypoints.grpc.codec import FramingChecked, RequestCodec
 from financing.entrypoints.grpc.commands import CommandsService, correlate
-from financing.entrypoints.grpc.edge import WAITING_MOST, GrpcServer, Warnings
+from financing.entrypoints.grpc.edge import BUSY_CALLS_MOST, GrpcServer, Warnings, _less_time
 from financing.generated import (
     ApproveFinancingCommand,
     BidOnInvoiceCommand,
@@ -44,7 +45,7 @@ from financing.generated import (
 )
 from tests.support.answers import CORRELATION_METADATA, call, call_with_grpcio, correlation_of
 from tests.support.infra import wait_until
-from tests.support.raw_h2 import RawConnection
+from tests.support.raw_h2 import EMPTY_MESSAGE, HEALTH_CHECK, RawConnection
 
 
 class BuggySender(InMemoryCommandSender):
@@ -76,8 +77,13 @@ class FlakySender(InMemoryCommandSender):
 
 @contextlib.asynccontextmanager
 async def _serving(service: CommandsService, *, correlated: bool = False) -> AsyncIterator[Channel]:
-    """A channel to `service`, served as bootstrap serves it, until the block ends."""
-    server = GrpcServer([FramingChecked(service, calls=service.calls)], codec=RequestCodec())
+    """A channel to `service`, served as bootstrap serves it (health checks beside it),
+    until the block ends."""
+    server = GrpcServer(
+        [FramingChecked(service, calls=service.calls), Health()],
+        codec=RequestCodec(),
+        busy=service.busy,
+    )
     if correlated:
         correlate(server)
     await server.start("127.0.0.1", 0)
@@ -422,10 +428,12 @@ async def test_a_call_cut_while_waiting_for_its_turn_leaves_the_turns_as_they_we
     assert len(gated.sent) == 3
 
 
-async def test_a_connection_whose_calls_wait_for_their_turn_is_read_no_further_others_are() -> None:
-    """A client sending ever more calls while they wait costs the process nothing more:
-    its connection is read again once fewer than half of them wait; another client's
-    connection is read all along."""
+async def test_the_calls_a_connection_opens_while_busy_beyond_a_few_are_put_aside_others_not() -> (
+    None
+):
+    """A client sending ever more calls while the service is busy costs the process
+    nothing more: beyond a few of its calls, those it opens are begun only as its calls
+    end; another client's calls are begun all along."""
     gated = GatedSender()
     service = CommandsService(gated, Outages(), budget=30.0, most_enqueueing=1, busy_wait=30.0)
     async with _serving(service) as channel:
@@ -435,28 +443,68 @@ async def test_a_connection_whose_calls_wait_for_their_turn_is_read_no_further_o
         )
         await gated.sending(1)
         async with RawConnection.open(address) as crowded, RawConnection.open(address) as other:
-            calls = [crowded.call(APPROVE, _approval()) for _ in range(WAITING_MOST)]
-            await _calls_read(service, 1 + WAITING_MOST)
+            calls = [crowded.call(APPROVE, _approval()) for _ in range(BUSY_CALLS_MOST)]
+            await _calls_read(service, 1 + BUSY_CALLS_MOST)
             late = crowded.call(APPROVE, _approval())  # sent while its calls wait
             other.call(APPROVE, _approval())
-            await _calls_read(service, 2 + WAITING_MOST)  # the other connection is read
+            await _calls_read(service, 2 + BUSY_CALLS_MOST)  # the other's is begun
             other.call(APPROVE, _approval())
-            await _calls_read(service, 3 + WAITING_MOST)  # and read again
-            assert service.calls.in_flight == 3 + WAITING_MOST  # the late call unread
+            await _calls_read(service, 3 + BUSY_CALLS_MOST)  # and again
+            assert service.calls.in_flight == 3 + BUSY_CALLS_MOST  # the late call aside
             assert len(gated.waiting) == 1
 
-            # Confirmed one by one, the waiting calls take their turns in order; once
-            # fewer than half of the crowded connection's wait, it is read again.
-            for _ in range(WAITING_MOST // 2 + 1):
-                gated.confirm_oldest()
-                await gated.sending(1)
-            await _calls_read(service, 3 + WAITING_MOST - (WAITING_MOST // 2 + 1) + 1)
+            gated.confirm_oldest()  # the first call's: the crowded one's first takes its turn
+            await gated.sending(1)
+            assert len(gated.waiting) == 1
+            gated.confirm_oldest()  # one of the crowded connection's calls ends
+            await _calls_read(service, 3 + BUSY_CALLS_MOST - 2 + 1)  # the late one begun
             gated.confirm_all()
             for stream_id in (*calls, late):
                 answer = await crowded.answered(stream_id)
                 assert answer[b"grpc-status"] == b"0", answer
         await holding
-    assert len(gated.sent) == 1 + WAITING_MOST + 1 + 2
+    assert len(gated.sent) == 1 + BUSY_CALLS_MOST + 1 + 2
+
+
+async def test_calls_a_connection_sends_in_one_write_while_busy_wait_no_more_than_allowed() -> None:
+    """Regression: a client's hundred calls, sent in one write, all waited for their turn
+    at once (the connection was read no further, but what it had sent was read), each
+    costing what answering it does. A health check on the connection is answered."""
+    gated = GatedSender()
+    service = CommandsService(gated, Outages(), budget=30.0, most_enqueueing=1, busy_wait=30.0)
+    async with _serving(service) as channel:
+        address = (channel._host, channel._port)
+        holding = asyncio.create_task(
+            CommandsStub(channel, timeout=20).approve_financing(ApproveFinancingCommand(_id()))
+        )
+        await gated.sending(1)
+        async with RawConnection.open(address) as crowded:
+            calls = [crowded.call(APPROVE, _approval(), end=False) for _ in range(40)]
+            for stream_id in calls:  # the requests' ends, in one write
+                crowded.h2.end_stream(stream_id)
+            crowded.flush()
+            health = crowded.call(HEALTH_CHECK.encode(), EMPTY_MESSAGE)
+            answer = await crowded.answered(health)
+            assert answer[b"grpc-status"] == b"0", answer
+            assert service.calls.in_flight == 1 + BUSY_CALLS_MOST
+            gated.confirm_all()
+            for stream_id in calls:
+                answer = await crowded.answered(stream_id)
+                assert answer[b"grpc-status"] == b"0", answer
+        await holding
+    assert len(gated.sent) == 1 + 40
+
+
+def test_a_call_put_aside_has_the_time_it_waited_taken_off_its_deadline() -> None:
+    headers = [(":path", "/Commands/SellInvoice"), ("grpc-timeout", "2S"), ("te", "trailers")]
+    assert _less_time(headers, 0.5) == [
+        (":path", "/Commands/SellInvoice"),
+        ("grpc-timeout", "1500000u"),
+        ("te", "trailers"),
+    ]
+    assert _less_time([("grpc-timeout", "100m")], 0.5) == [("grpc-timeout", "0u")]
+    assert _less_time([("grpc-timeout", "10H")], 1.0) == [("grpc-timeout", "35999000m")]
+    assert _less_time([("grpc-timeout", "bad")], 1.0) == [("grpc-timeout", "bad")]
 
 
 APPROVE = b"/Commands/ApproveFinancing"

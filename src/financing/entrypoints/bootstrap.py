@@ -376,7 +376,12 @@ def _grpc_server(
         Metered(FramingChecked(servable, calls=api.calls if servable is api else None))
         for servable in with_reflection([api, health_service(api, readiness)])
     ]
-    server = GrpcServer(handlers, codec=RequestCodec(), connections=connection_limit(own))
+    server = GrpcServer(
+        handlers,
+        codec=RequestCodec(),
+        connections=connection_limit(own),
+        busy=api.busy if isinstance(api, CommandsService) else lambda: False,
+    )
     observe_grpc(server, handlers)
     return server
 

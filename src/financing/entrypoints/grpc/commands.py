@@ -51,7 +51,7 @@ from financing.application.retry import NO_BUG_RETRIES, GaveUp, Outages, retry
 from financing.domain.ids import parse_id
 from financing.domain.money import InvalidAmount, positive_amount
 from financing.entrypoints.grpc.calls import CallsInFlight
-from financing.entrypoints.grpc.edge import Warnings, waiting_for_room
+from financing.entrypoints.grpc.edge import Warnings
 from financing.generated import (
     ApproveFinancingCommand,
     BidOnInvoiceCommand,
@@ -76,8 +76,9 @@ MOST_ENQUEUEING = 256
 # Seconds a call waits for its turn among them before it is answered busy. Answered at
 # once, clients that retry at once kept the process busy reading their calls (36,000 a
 # minute, 9 of them taken), the commands it had taken confirmed too late; waiting, such a
-# client sends a call per connection's waiting call (`edge.waiting_for_room`) per
-# BUSY_WAIT, and the turns go in the order the calls came.
+# client sends a call per call waiting per BUSY_WAIT (a connection's calls beyond a few
+# are put aside unread meanwhile: `edge.GrpcServer`'s `busy`), and the turns go in the
+# order the calls came.
 BUSY_WAIT = 2.0
 # The line saying calls were answered busy, at most once every so many seconds.
 _BUSY = Warnings(10.0, log)
@@ -289,6 +290,10 @@ class CommandsService(CommandsBase):
         finally:
             self._turns.release()
 
+    def busy(self) -> bool:
+        """Whether a call begun now would wait for its turn (`edge.GrpcServer`'s `busy`)."""
+        return self._turns.locked()
+
     async def _turn(self, command: Command) -> None:
         """A turn among the commands being queued: at once while there is room, else
         once one of them is done, in the order the calls came. UNAVAILABLE, nothing
@@ -302,10 +307,9 @@ class CommandsService(CommandsBase):
         stopping = asyncio.ensure_future(self.calls.draining())
         given = False
         try:
-            with waiting_for_room():
-                await asyncio.wait(
-                    {taking, stopping}, timeout=self._busy_wait, return_when=FIRST_COMPLETED
-                )
+            await asyncio.wait(
+                {taking, stopping}, timeout=self._busy_wait, return_when=FIRST_COMPLETED
+            )
             given = taking.done() and not taking.cancelled()
         finally:
             stopping.cancel()

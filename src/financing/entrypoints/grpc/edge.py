@@ -38,13 +38,9 @@ to the whole process, and the answer that caller gets instead.
   (`application/grpc; charset=utf-8`, as some proxies and clients write it) is served
   as protobuf, as grpc-go (the reference's server) serves it; grpclib took only `+proto`
   after it and answered the others HTTP 415, which their clients report as UNKNOWN.
-- A connection with WAITING_MOST calls waiting for room (`waiting_for_room`: the
-  Commands API is queueing as many commands as it may) is read no further until fewer
-  than half of those wait: the calls it sends meanwhile wait in the client and the
-  network, at no cost here. Each one read costs the process about a millisecond, and
-  clients retrying busy answers at once over fifty connections kept it that busy: the
-  commands it had taken were confirmed too late, its broker and databases taken for gone
-  (9 calls of 36,000 answered OK in a minute, against 250-300 a second otherwise).
+- While the server is busy (the Commands API queueing as many commands as it may), a
+  connection with BUSY_CALLS_MOST calls begun meanwhile and open has the calls it opens put
+  aside, read but not begun, until its calls end (`_Handler`).
 - A call to a method neither server has is answered UNIMPLEMENTED, and every answer
   given here carries `content-type: application/grpc`, as gRPC asks of an answer of
   trailers only; grpclib's lacked it, and its clients reported UNKNOWN.
@@ -57,8 +53,9 @@ import base64
 import binascii
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextvars import ContextVar
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, cast
 
 import grpclib.protocol
@@ -67,7 +64,7 @@ import hpack
 import structlog
 from grpclib.const import Status
 from grpclib.encoding.base import GRPC_CONTENT_TYPE
-from grpclib.metadata import Deadline, encode_grpc_message
+from grpclib.metadata import Deadline, decode_timeout, encode_grpc_message
 from grpclib.server import request_handler
 from h2.config import H2Configuration
 from h2.connection import H2Connection
@@ -83,9 +80,6 @@ from financing.entrypoints.listening import listening_at
 from financing.logging import get_logger
 
 log = get_logger(__name__)
-
-# The connection of the call a task answers (`waiting_for_room`).
-_calling: ContextVar[_Protocol | None] = ContextVar("calling", default=None)
 
 # A call with less time than this left when it arrives cannot be answered in time.
 LEAST_TIME_LEFT = 0.001
@@ -122,9 +116,11 @@ MAX_CONNECTIONS = 65536
 LINGER = 1.0
 # Seconds the connections sent away at shutdown have to be gone before they are aborted.
 SHUT_DOWN_WAIT = LINGER + 1.0
-# Calls of a connection waiting for room (`waiting_for_room`) at which it is read no
-# further, until fewer than half of them wait.
-WAITING_MOST = 8
+# Calls a connection may have begun and open while the server is busy; those it opens
+# beyond are put aside (`_Handler`).
+BUSY_CALLS_MOST = 8
+# Calls never put aside: a container's or a balancer's probe.
+HEALTH_PATH = "/grpc.health.v1.Health/"
 # Calls a connection may reset: a burst, then so many a second.
 RESETS_BURST = 1000
 RESETS_PER_SECOND = 33.0
@@ -132,29 +128,21 @@ RESETS_PER_SECOND = 33.0
 _Headers = list[tuple[str, str]]
 
 
-@contextlib.contextmanager
-def waiting_for_room() -> Iterator[None]:
-    """While the call being answered waits for room (a turn among the commands being
-    queued), its connection counts it: one with WAITING_MOST such calls is read no
-    further until fewer than half of them wait."""
-    connection = _calling.get()
-    if connection is None:  # not a call of these servers (a test's servicer alone)
-        yield
-        return
-    connection.waiting(+1)
-    try:
-        yield
-    finally:
-        connection.waiting(-1)
-
-
 class GrpcServer(grpclib.server.Server):
     """grpclib's server, with its connections and requests kept at the edge above."""
 
-    def __init__(self, *args: Any, connections: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        connections: int | None = None,
+        busy: Callable[[], bool] = lambda: False,
+        **kwargs: Any,
+    ) -> None:
         """grpclib's server, holding at most `connections` connections (by default the
-        share of a process that needs OWN_DESCRIPTORS)."""
+        share of a process that needs OWN_DESCRIPTORS); `busy`: whether a call begun now
+        would wait for room (the Commands API queueing as many commands as it may)."""
         super().__init__(*args, **kwargs)
+        self._busy = busy
         self._h2_config = H2Configuration(
             client_side=False,
             header_encoding="latin-1",  # any byte is a character: nothing to fail on
@@ -217,10 +205,10 @@ class GrpcServer(grpclib.server.Server):
         handler = _Handler(
             self._mapping, self._codec, self._status_details_codec, self.__dispatch__
         )
+        handler.busy = self._busy
         self._handlers.add(handler)
         protocol = _Protocol(handler, self._config, self._h2_config)
         protocol.connections = self._edge_connections
-        handler.connection = protocol
         return protocol
 
 
@@ -234,11 +222,23 @@ def connection_limit(own: int = OWN_DESCRIPTORS, soft: int | None = None) -> int
 class _Handler(grpclib.server.Handler):
     """grpclib's calls of one connection, each let go as soon as it ends: grpclib kept an
     ended call's task, and with it the stream and whatever its request had buffered
-    (27 MB for a request sent a byte a frame), until ten more calls came."""
+    (27 MB for a request sent a byte a frame), until ten more calls came.
 
-    # Its connection, until it is lost: grpclib's server keeps a handler until ten more
-    # connections came, and with it, through this, the connection's every call and buffer.
-    connection: _Protocol | None = None
+    While the server is busy (`GrpcServer`'s `busy`), a connection with BUSY_CALLS_MOST
+    calls begun meanwhile and still open has the calls it opens put aside, read but not
+    begun, and begins them in the order they came as its calls end. Each call begun
+    costs the process about a millisecond, and clients retrying busy answers at once,
+    fifty connections with forty calls each, kept it that busy: the commands it had
+    taken were confirmed too late, its broker and databases taken for gone (9 calls of
+    36,000 answered OK in a minute, against 250-300 a second otherwise). A health check
+    is never put aside."""
+
+    busy: Callable[[], bool]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._aside: deque[_AsideCall] = deque()
+        self._begun_busy: set[grpclib.protocol.Stream] = set()  # open, begun while busy
 
     def accept(
         self,
@@ -247,9 +247,21 @@ class _Handler(grpclib.server.Handler):
         release_stream: Callable[[], Any],
     ) -> None:
         self.__gc_step__()
+        if (self._aside or self._crowded()) and not _is_health_check(headers):
+            self._aside.append(_AsideCall(stream, headers, release_stream, time.monotonic()))
+            return
+        self._begin(stream, headers, release_stream)
+
+    def _crowded(self) -> bool:
+        return len(self._begun_busy) >= BUSY_CALLS_MOST and self.busy()
+
+    def _begin(
+        self, stream: grpclib.protocol.Stream, headers: _Headers, release_stream: Callable[[], Any]
+    ) -> None:
+        if self.busy():
+            self._begun_busy.add(stream)
         task = self.loop.create_task(
             _request(
-                self.connection,
                 self.mapping,
                 stream,
                 headers,
@@ -262,14 +274,73 @@ class _Handler(grpclib.server.Handler):
         self._tasks[stream] = task
         task.add_done_callback(lambda _: self._ended(stream))
 
+    def begin_aside(self, every: bool = False) -> None:
+        """Begin the calls put aside, the first first, while the connection is not
+        crowded (`every`: all of them), each with the time it waited taken off its
+        deadline."""
+        now = time.monotonic()
+        while self._aside and (every or not self._crowded()):
+            call = self._aside.popleft()
+            headers = _less_time(call.headers, now - call.since)
+            self._begin(call.stream, headers, call.release_stream)
+
     def _ended(self, stream: grpclib.protocol.Stream) -> None:
         task = self._tasks.pop(stream, None)
         if task is not None:
             self._cancelled.discard(task)
+        self._begun_busy.discard(stream)
+        self.begin_aside()
+
+    def cancel(self, stream: grpclib.protocol.Stream) -> None:
+        """A call its client reset: let go, put aside or begun."""
+        for call in self._aside:
+            if call.stream is stream:
+                self._aside.remove(call)
+                call.release_stream()
+                return
+        if stream in self._tasks:
+            super().cancel(stream)
+
+    def close(self) -> None:
+        self._aside.clear()  # their connection is gone
+        self._begun_busy.clear()
+        super().close()
+
+
+@dataclass(frozen=True)
+class _AsideCall:
+    """A call put aside while its connection is crowded (`_Handler`)."""
+
+    stream: grpclib.protocol.Stream
+    headers: _Headers
+    release_stream: Callable[[], Any]
+    since: float  # time.monotonic() when it came
+
+
+def _is_health_check(headers: _Headers) -> bool:
+    return any(name == ":path" and value.startswith(HEALTH_PATH) for name, value in headers)
+
+
+def _less_time(headers: _Headers, waited: float) -> _Headers:
+    """`headers` with `waited` seconds taken off the call's deadline (`grpc-timeout`), if
+    it has one: it counts from when the call came, not from when it is begun."""
+    less = []
+    for name, value in headers:
+        if name == "grpc-timeout":
+            try:
+                left = max(0.0, decode_timeout(value) - waited)
+            except ValueError:
+                pass  # answered as grpclib answers it
+            else:
+                # At most 8 digits (the gRPC spec): microseconds up to 100 s.
+                value = (
+                    f"{int(left * 1e6)}u" if left < 99.0 else f"{min(int(left * 1e3), 10**8 - 1)}m"
+                )
+        less.append((name, value))
+    return less
 
 
 async def _request(
-    connection: _Protocol | None,
     mapping: Any,
     stream: grpclib.protocol.Stream,
     headers: _Headers,
@@ -299,7 +370,6 @@ async def _request(
         finally:
             release_stream()
         return
-    _calling.set(connection)  # this call's task's own context
     await request_handler(
         mapping, stream, headers, codec, status_details_codec, dispatch, release_stream
     )
@@ -404,8 +474,6 @@ class _Protocol(grpclib.protocol.H2Protocol):
     _refused = False  # closed as it came: beyond the server's connections
     # Told that it takes no new call (`go_away`): the last call it took.
     _last_call: int | None = None
-    _waiting = 0  # its calls waiting for room (`waiting_for_room`)
-    _held = False  # read no further meanwhile
     connections: Connections[_Protocol]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -438,18 +506,6 @@ class _Protocol(grpclib.protocol.H2Protocol):
             if timer is not None:
                 timer.cancel()
         super().connection_lost(exc)
-        cast(_Handler, self.handler).connection = None
-
-    def waiting(self, change: int) -> None:
-        """One more (+1) or one fewer (-1) of its calls waiting for room."""
-        self._waiting += change
-        if not self._held and self._waiting >= WAITING_MOST:
-            self._held = True
-            _stream(self._transport).pause_reading()
-        elif self._held and self._waiting < WAITING_MOST / 2:
-            self._held = False
-            if not self._transport.is_closing():
-                _stream(self._transport).resume_reading()
 
     @property
     def idle(self) -> bool:
@@ -508,6 +564,8 @@ class _Protocol(grpclib.protocol.H2Protocol):
         if self._refused or self._gone is not None or self._last_call is not None:
             return
         self._last_call = self.connection._connection.highest_inbound_stream_id
+        # Begun, to be told at once that the service is shutting down.
+        cast(_Handler, self.handler).begin_aside(every=True)
         self.connection.flush()  # what h2 has to send first
         frame = GoAwayFrame(stream_id=0, last_stream_id=self._last_call, error_code=0)
         _stream(self._transport).write(frame.serialize())
