@@ -146,8 +146,9 @@ class QueueSpec:
             f"queue {self.name!r} exists with other arguments than the service declares"
             f" ({said}). Move what it holds elsewhere (a shovel), delete it (rabbitmqctl"
             f" delete_queue -p VHOST {self.name}) and the service declares it anew; set"
-            " lengths, lifetimes and limits with a policy (rabbitmqctl set_policy), not"
-            " queue arguments"
+            " what the broker allows with a policy (rabbitmqctl set_policy), not queue"
+            " arguments, and never one that drops or expires what a consumer of the"
+            ' service has not taken (docs/deployment.md, "Broker policies")'
         )
 
     def _type_conflict(self) -> str:
