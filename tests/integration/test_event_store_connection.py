@@ -18,6 +18,7 @@ from uuid import UUID, uuid4
 import asyncpg
 import pytest
 
+from financing.adapters.postgres import connection as connection_module
 from financing.adapters.postgres.connection import (
     CLOSE_TIMEOUT,
     COMMAND_DATABASE,
@@ -525,6 +526,31 @@ async def test_a_statement_waiting_on_another_sessions_lock_is_not_said_to_be_un
     assert waited.value.dependency == COMMAND_DATABASE
     assert "waited longer than FINANCING_DB_TIMEOUT" in waited.value.detail
     assert "lock another session holds" in waited.value.detail
+
+
+@pytest.mark.parametrize("probe", [ping, writable], ids=["ping", "writable"])
+async def test_a_health_probe_finding_every_pooled_session_busy_says_so(
+    database: Database, monkeypatch: pytest.MonkeyPatch, probe: Any
+) -> None:
+    """Regression: with every session of the pool waiting on a table another session
+    had locked, the probe waited for a session until its own time ran out, and the
+    database was said to give "no answer to a health probe", as if it or the network
+    had gone silent."""
+    monkeypatch.setattr(connection_module, "PROBE_POOL_WAIT", 0.2)
+    pool = await create_pool(replace(database, pool_max_size=2), COMMAND_DATABASE, min_size=2)
+    try:
+        async with pool.acquire(), pool.acquire():  # every session busy
+            with pytest.raises(Unavailable) as busy:
+                async with asyncio.timeout(5):
+                    await probe(pool, COMMAND_DATABASE)
+        await probe(pool, COMMAND_DATABASE)  # a session free again: answered
+    finally:
+        await close_pool(pool)
+    assert busy.value.dependency == COMMAND_DATABASE
+    assert busy.value.detail == (
+        "every one of its 2 pooled sessions is busy: their statements wait on a lock"
+        " another session holds, or are that slow"
+    )
 
 
 async def test_the_services_sessions_compile_no_statement_unless_the_connection_string_says(

@@ -198,15 +198,32 @@ class acquired:
     the work it does.
     """
 
-    __slots__ = ("_conn", "_dependency", "_pool")
+    __slots__ = ("_conn", "_dependency", "_pool", "_wait")
 
-    def __init__(self, pool: asyncpg.Pool, dependency: str) -> None:
+    def __init__(self, pool: asyncpg.Pool, dependency: str, wait: float | None = None) -> None:
+        """`wait`: seconds to wait for a session of a pool whose every session is busy,
+        before saying so (Unavailable, POOL_BUSY)."""
         self._pool = pool
         self._dependency = dependency
+        self._wait = wait
 
     async def __aenter__(self) -> Connection:
+        pool = self._pool
+        # Only when every session is taken: a wait for one being opened is the server's.
+        wait = None
+        if self._wait is not None and not pool.get_idle_size():
+            wait = self._wait if pool.get_size() >= pool.get_max_size() else None
         with reopening(self._dependency):
-            self._conn: PoolConnectionProxy = await self._pool.acquire()
+            try:
+                self._conn: PoolConnectionProxy = await pool.acquire(timeout=wait)
+            except TimeoutError:
+                if wait is None:
+                    raise
+                busy = True
+            else:
+                busy = False
+        if busy:
+            raise Unavailable(self._dependency, POOL_BUSY.format(sessions=pool.get_max_size()))
         return self._conn
 
     async def __aexit__(
@@ -292,9 +309,19 @@ async def advisory_lock_holder(conn: Connection, key: int) -> OtherSession | Non
     return None if row is None else other_session(row)
 
 
+# What a health probe says when every session of the pool stayed busy for PROBE_POOL_WAIT
+# seconds: said "no answer to a health probe", it sent operators looking at the network
+# while the sessions waited on a table another session had locked.
+POOL_BUSY = (
+    "every one of its {sessions} pooled sessions is busy: their statements wait on a lock"
+    " another session holds, or are that slow"
+)
+PROBE_POOL_WAIT = 1.5  # of the health probe's 2 s
+
+
 async def ping(pool: asyncpg.Pool, dependency: str) -> None:
     """Return if the database answers a statement now; Unavailable if not."""
-    async with acquired(pool, dependency) as conn:
+    async with acquired(pool, dependency, wait=PROBE_POOL_WAIT) as conn:
         await conn.fetchval("SELECT 1")
 
 
@@ -302,7 +329,7 @@ async def writable(pool: asyncpg.Pool, dependency: str) -> None:
     """Return if the database answers and takes writes now; Unavailable if not. A server
     that answers but takes no writes (a standby not yet promoted, one read-only by
     default: 25006 to every write) is still out for the service, which writes."""
-    async with acquired(pool, dependency) as conn:
+    async with acquired(pool, dependency, wait=PROBE_POOL_WAIT) as conn:
         read_only = await conn.fetchval("SELECT current_setting('transaction_read_only')")
         if read_only != "off":
             drop_stale(conn)
