@@ -215,7 +215,9 @@ class acquired:
             wait = self._wait if pool.get_size() >= pool.get_max_size() else None
         with reopening(self._dependency):
             try:
-                self._conn: PoolConnectionProxy = await pool.acquire(timeout=wait)
+                self._conn: PoolConnectionProxy = await (
+                    pool.acquire() if wait is None else pool.acquire(timeout=wait)
+                )
             except TimeoutError:
                 if wait is None:
                     raise
