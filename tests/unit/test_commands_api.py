@@ -316,6 +316,25 @@ async def _calls_read(service: CommandsService, count: int) -> None:
     await wait_until(so_many, what=f"{count} calls read")
 
 
+@contextlib.asynccontextmanager
+async def _one_turn_taken(
+    busy_wait: float = 30.0,
+) -> AsyncIterator[tuple[GatedSender, CommandsService, Channel]]:
+    """A service that queues one command at a time, its turn taken by a call whose
+    command the broker has not confirmed: every call after waits. Every command sent is
+    confirmed as the block ends."""
+    gated = GatedSender()
+    service = CommandsService(gated, Outages(), budget=30.0, most_enqueueing=1, busy_wait=busy_wait)
+    async with _serving(service) as channel:
+        holding = asyncio.create_task(
+            CommandsStub(channel, timeout=20).approve_financing(ApproveFinancingCommand(_id()))
+        )
+        await gated.sending(1)
+        yield gated, service, channel
+        gated.confirm_all()
+        await holding
+
+
 async def test_a_call_beyond_the_commands_being_queued_at_once_waits_its_turn_and_is_queued() -> (
     None
 ):
@@ -351,19 +370,11 @@ async def test_a_call_beyond_the_commands_being_queued_at_once_waits_its_turn_an
 async def test_a_call_that_gets_no_turn_within_the_busy_wait_is_answered_busy_nothing_queued() -> (
     None
 ):
-    gated = GatedSender()
-    service = CommandsService(gated, Outages(), budget=30.0, most_enqueueing=1, busy_wait=0.2)
-    async with _serving(service) as channel:
+    async with _one_turn_taken(busy_wait=0.2) as (gated, _, channel):
         commands = CommandsStub(channel, timeout=10)
-        holding = asyncio.create_task(
-            commands.approve_financing(ApproveFinancingCommand(invoice_id=_id()))
-        )
-        await gated.sending(1)
         with pytest.raises(GRPCError) as busy:
             await commands.approve_financing(ApproveFinancingCommand(invoice_id=_id()))
         assert len(gated.waiting) == 1  # the second was not sent
-        gated.confirm_oldest()
-        await holding
     assert busy.value.status is Status.UNAVAILABLE
     assert busy.value.message == (
         "ApproveFinancing not queued: the service was busy queueing 1 commands for the"
@@ -375,14 +386,8 @@ async def test_a_call_that_gets_no_turn_within_the_busy_wait_is_answered_busy_no
 async def test_calls_waiting_for_their_turn_as_the_service_shuts_down_are_told_at_once() -> None:
     """Rather than cut at the end of the shutdown's grace, or queued as the process
     stops: nothing of theirs is queued, and a client retries them elsewhere."""
-    gated = GatedSender()
-    service = CommandsService(gated, Outages(), budget=30.0, most_enqueueing=1, busy_wait=30.0)
-    async with _serving(service) as channel:
+    async with _one_turn_taken() as (gated, service, channel):
         commands = CommandsStub(channel, timeout=20)
-        holding = asyncio.create_task(
-            commands.approve_financing(ApproveFinancingCommand(invoice_id=_id()))
-        )
-        await gated.sending(1)
         waiting = asyncio.create_task(
             commands.approve_financing(ApproveFinancingCommand(invoice_id=_id()))
         )
@@ -392,7 +397,6 @@ async def test_calls_waiting_for_their_turn_as_the_service_shuts_down_are_told_a
             await waiting
         assert not draining.done()  # the call being queued is waited for
         gated.confirm_oldest()
-        await holding
         await draining
     assert told.value.status is Status.UNAVAILABLE
     assert told.value.message == "ApproveFinancing not queued: the service is shutting down"
@@ -400,19 +404,12 @@ async def test_calls_waiting_for_their_turn_as_the_service_shuts_down_are_told_a
 
 
 async def test_a_call_cut_while_waiting_for_its_turn_leaves_the_turns_as_they_were() -> None:
-    gated = GatedSender()
-    service = CommandsService(gated, Outages(), budget=30.0, most_enqueueing=1, busy_wait=30.0)
-    async with _serving(service) as channel:
+    async with _one_turn_taken() as (gated, service, channel):
         commands = CommandsStub(channel, timeout=20)
-        holding = asyncio.create_task(
-            commands.approve_financing(ApproveFinancingCommand(invoice_id=_id()))
-        )
-        await gated.sending(1)
         with pytest.raises(TimeoutError):  # grpclib's client, at the deadline
             await commands.approve_financing(ApproveFinancingCommand(invoice_id=_id()), timeout=0.2)
         await _calls_read(service, 1)
         gated.confirm_oldest()
-        await holding
         # One turn, as before: the next call takes it, the one after waits.
         second = asyncio.create_task(
             commands.approve_financing(ApproveFinancingCommand(invoice_id=_id()))
@@ -434,14 +431,8 @@ async def test_the_calls_a_connection_opens_while_busy_beyond_a_few_are_put_asid
     """A client sending ever more calls while the service is busy costs the process
     nothing more: beyond a few of its calls, those it opens are begun only as its calls
     end; another client's calls are begun all along."""
-    gated = GatedSender()
-    service = CommandsService(gated, Outages(), budget=30.0, most_enqueueing=1, busy_wait=30.0)
-    async with _serving(service) as channel:
+    async with _one_turn_taken() as (gated, service, channel):
         address = (channel._host, channel._port)
-        holding = asyncio.create_task(
-            CommandsStub(channel, timeout=20).approve_financing(ApproveFinancingCommand(_id()))
-        )
-        await gated.sending(1)
         async with RawConnection.open(address) as crowded, RawConnection.open(address) as other:
             calls = [crowded.call(APPROVE, _approval()) for _ in range(BUSY_CALLS_MOST)]
             await _calls_read(service, 1 + BUSY_CALLS_MOST)
@@ -462,7 +453,6 @@ async def test_the_calls_a_connection_opens_while_busy_beyond_a_few_are_put_asid
             for stream_id in (*calls, late):
                 answer = await crowded.answered(stream_id)
                 assert answer[b"grpc-status"] == b"0", answer
-        await holding
     assert len(gated.sent) == 1 + BUSY_CALLS_MOST + 1 + 2
 
 
@@ -470,14 +460,8 @@ async def test_calls_a_connection_sends_in_one_write_while_busy_wait_no_more_tha
     """Regression: a client's hundred calls, sent in one write, all waited for their turn
     at once (the connection was read no further, but what it had sent was read), each
     costing what answering it does. A health check on the connection is answered."""
-    gated = GatedSender()
-    service = CommandsService(gated, Outages(), budget=30.0, most_enqueueing=1, busy_wait=30.0)
-    async with _serving(service) as channel:
+    async with _one_turn_taken() as (gated, service, channel):
         address = (channel._host, channel._port)
-        holding = asyncio.create_task(
-            CommandsStub(channel, timeout=20).approve_financing(ApproveFinancingCommand(_id()))
-        )
-        await gated.sending(1)
         async with RawConnection.open(address) as crowded:
             calls = [crowded.call(APPROVE, _approval(), end=False) for _ in range(40)]
             for stream_id in calls:  # the requests' ends, in one write
@@ -491,7 +475,6 @@ async def test_calls_a_connection_sends_in_one_write_while_busy_wait_no_more_tha
             for stream_id in calls:
                 answer = await crowded.answered(stream_id)
                 assert answer[b"grpc-status"] == b"0", answer
-        await holding
     assert len(gated.sent) == 1 + 40
 
 
