@@ -198,34 +198,15 @@ class acquired:
     the work it does.
     """
 
-    __slots__ = ("_conn", "_dependency", "_pool", "_wait")
+    __slots__ = ("_conn", "_dependency", "_pool")
 
-    def __init__(self, pool: asyncpg.Pool, dependency: str, wait: float | None = None) -> None:
-        """`wait`: seconds to wait for a session of a pool whose every session is busy,
-        before saying so (Unavailable, POOL_BUSY)."""
+    def __init__(self, pool: asyncpg.Pool, dependency: str) -> None:
         self._pool = pool
         self._dependency = dependency
-        self._wait = wait
 
     async def __aenter__(self) -> Connection:
-        pool = self._pool
-        # Only when every session is taken: a wait for one being opened is the server's.
-        wait = None
-        if self._wait is not None and not pool.get_idle_size():
-            wait = self._wait if pool.get_size() >= pool.get_max_size() else None
         with reopening(self._dependency):
-            try:
-                self._conn: PoolConnectionProxy = await (
-                    pool.acquire() if wait is None else pool.acquire(timeout=wait)
-                )
-            except TimeoutError:
-                if wait is None:
-                    raise
-                busy = True
-            else:
-                busy = False
-        if busy:
-            raise Unavailable(self._dependency, POOL_BUSY.format(sessions=pool.get_max_size()))
+            self._conn: PoolConnectionProxy = await self._pool.acquire()
         return self._conn
 
     async def __aexit__(
@@ -321,9 +302,28 @@ POOL_BUSY = (
 PROBE_POOL_WAIT = 1.5  # of the health probe's 2 s
 
 
+class _probing(acquired):
+    """`acquired` for a health probe: a pool whose every session stays taken for
+    PROBE_POOL_WAIT is said to be busy (Unavailable, POOL_BUSY). A wait for a session
+    being opened is the server's to answer, within the probe's own time."""
+
+    __slots__ = ()
+
+    async def __aenter__(self) -> Connection:
+        pool = self._pool
+        if pool.get_idle_size() or pool.get_size() < pool.get_max_size():
+            return await super().__aenter__()
+        try:
+            async with asyncio.timeout(PROBE_POOL_WAIT):
+                return await super().__aenter__()
+        except TimeoutError:
+            sessions = pool.get_max_size()
+            raise Unavailable(self._dependency, POOL_BUSY.format(sessions=sessions)) from None
+
+
 async def ping(pool: asyncpg.Pool, dependency: str) -> None:
     """Return if the database answers a statement now; Unavailable if not."""
-    async with acquired(pool, dependency, wait=PROBE_POOL_WAIT) as conn:
+    async with _probing(pool, dependency) as conn:
         await conn.fetchval("SELECT 1")
 
 
@@ -331,7 +331,7 @@ async def writable(pool: asyncpg.Pool, dependency: str) -> None:
     """Return if the database answers and takes writes now; Unavailable if not. A server
     that answers but takes no writes (a standby not yet promoted, one read-only by
     default: 25006 to every write) is still out for the service, which writes."""
-    async with acquired(pool, dependency, wait=PROBE_POOL_WAIT) as conn:
+    async with _probing(pool, dependency) as conn:
         read_only = await conn.fetchval("SELECT current_setting('transaction_read_only')")
         if read_only != "off":
             drop_stale(conn)

@@ -25,8 +25,7 @@ class CallsInFlight:
         self._count = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._draining = False
-        self._drain_begun = asyncio.Event()
+        self._draining = asyncio.Event()
 
     @property
     def in_flight(self) -> int:
@@ -34,11 +33,11 @@ class CallsInFlight:
 
     @property
     def draining_begun(self) -> bool:
-        return self._draining
+        return self._draining.is_set()
 
     @contextlib.contextmanager
     def call(self) -> Iterator[None]:
-        if self._draining:
+        if self._draining.is_set():
             raise GRPCError(Status.UNAVAILABLE, "the service is shutting down")
         self._count += 1
         self._idle.clear()
@@ -52,13 +51,12 @@ class CallsInFlight:
     async def draining(self) -> None:
         """Return once draining has begun: what a call still waits for before it does
         anything (its turn) is given up, and the call answered at once, nothing done."""
-        await self._drain_begun.wait()
+        await self._draining.wait()
 
     async def drain(self, grace: float) -> None:
         """Refuse new calls and wait (at most `grace` seconds) for those in flight; say
         how many are still in flight then (the listener's close cuts them)."""
-        self._draining = True
-        self._drain_begun.set()
+        self._draining.set()
         try:
             async with asyncio.timeout(grace):
                 await self._idle.wait()
