@@ -99,6 +99,22 @@ METRICS_ADDRESS = Variable(
     "0.0.0.0:8082",
     "Prometheus /metrics and /health listen address (set empty: none)",
 )
+GRPC_TLS_CERT_FILE = Variable(
+    "GRPC_TLS_CERT_FILE",
+    "",
+    "PEM certificate chain both gRPC ports serve TLS with (with GRPC_TLS_KEY_FILE; unset:"
+    " plaintext)",
+)
+GRPC_TLS_KEY_FILE = Variable(
+    "GRPC_TLS_KEY_FILE", "", "PEM private key of GRPC_TLS_CERT_FILE's certificate, unencrypted"
+)
+GRPC_TLS_CLIENT_CA_FILE = Variable(
+    "GRPC_TLS_CLIENT_CA_FILE",
+    "",
+    "PEM CA certificates: when set, gRPC clients must present a certificate one of them"
+    " issued (mutual TLS)",
+)
+GRPC_TLS_VARIABLES = (GRPC_TLS_CERT_FILE, GRPC_TLS_KEY_FILE, GRPC_TLS_CLIENT_CA_FILE)
 VARIABLES = (
     COMMAND_SERVER_ADDRESS,
     QUERY_SERVER_ADDRESS,
@@ -114,6 +130,7 @@ VARIABLES = (
     METRICS_ADDRESS,
     COMPONENTS_VARIABLE,
     QUEUE_TYPE,
+    *GRPC_TLS_VARIABLES,
 )
 
 
@@ -156,6 +173,16 @@ class Database:
 
 
 @dataclass(frozen=True)
+class GrpcTls:
+    """The files both gRPC ports serve TLS with (`entrypoints/grpc/tls.py`)."""
+
+    cert_file: str
+    key_file: str
+    # Set: clients must present a certificate one of its CAs issued.
+    client_ca_file: str | None = None
+
+
+@dataclass(frozen=True)
 class Settings:
     command_address: tuple[str, int] = ("0.0.0.0", 8080)
     query_address: tuple[str, int] = ("0.0.0.0", 8081)
@@ -175,6 +202,8 @@ class Settings:
     components: tuple[str, ...] = COMPONENTS
     # The type of every queue the service declares (QUEUE_TYPES).
     queue_type: str = "classic"
+    # TLS on the gRPC ports; None: plaintext.
+    grpc_tls: GrpcTls | None = None
 
     @property
     def amqp_urls(self) -> list[str]:
@@ -243,7 +272,31 @@ class Settings:
             ),
             components=_named(COMPONENTS_VARIABLE, parse_components, value),
             queue_type=parse_queue_type(value(QUEUE_TYPE)),
+            grpc_tls=parse_grpc_tls(*(env.get(variable.name) for variable in GRPC_TLS_VARIABLES)),
         )
+
+
+def parse_grpc_tls(cert: str | None, key: str | None, client_ca: str | None) -> GrpcTls | None:
+    """The gRPC ports' TLS files (None: plaintext); whether they can be used is known once
+    they are read, at start-up."""
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise ConfigError(
+                f"{GRPC_TLS_CLIENT_CA_FILE.name} asks gRPC clients for certificates, over TLS:"
+                f" set {GRPC_TLS_CERT_FILE.name} and {GRPC_TLS_KEY_FILE.name} too"
+            )
+        return None
+    if cert is None or key is None:
+        given, missing = (
+            (GRPC_TLS_KEY_FILE, GRPC_TLS_CERT_FILE)
+            if cert is None
+            else (GRPC_TLS_CERT_FILE, GRPC_TLS_KEY_FILE)
+        )
+        raise ConfigError(
+            f"{given.name} is set and {missing.name} is not: TLS needs the certificate and"
+            " its private key"
+        )
+    return GrpcTls(cert, key, client_ca)
 
 
 def parse_queue_type(value: str) -> str:

@@ -38,6 +38,12 @@ GRPC_HANDLING = Histogram(
     ["grpc_type", "grpc_service", "grpc_method"],
     buckets=_LATENCY,
 )
+GRPC_TLS_RELOADS = Counter(
+    "financing_grpc_tls_reloads_total",
+    "Changes of the gRPC ports' TLS files, by outcome: loaded (new connections are served"
+    " with them), refused (they cannot be used: the previous ones still serve).",
+    ["outcome"],
+)
 MESSAGES = Counter(
     "financing_messages_total",
     "Deliveries by queue and outcome: processed, unchanged (a rule said there was"

@@ -6,6 +6,9 @@
     python -m tests.support.foreign_grpc describe HOST:PORT SERVICE [MESSAGE]
     python -m tests.support.foreign_grpc method HOST:PORT SERVICE.METHOD
 
+With FOREIGN_GRPC_CA set (a PEM file of the CAs it trusts), they connect over TLS,
+checking the server's certificate for FOREIGN_GRPC_NAME.
+
 They are the clients a load balancer or grpcurl-like tool uses. A process of
 their own, because their generated modules register the same protobuf symbols
 (grpc.health.v1, grpc.reflection) as grpclib's, which the service's modules
@@ -16,18 +19,31 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import grpc
 
 from tests.support.service import ROOT
 
 
+def _channel(address: str) -> grpc.Channel:
+    trusted = os.environ.get("FOREIGN_GRPC_CA")
+    if trusted is None:
+        return grpc.insecure_channel(address)
+    credentials = grpc.ssl_channel_credentials(root_certificates=Path(trusted).read_bytes())
+    name = os.environ["FOREIGN_GRPC_NAME"]
+    return grpc.secure_channel(
+        address, credentials, options=[("grpc.ssl_target_name_override", name)]
+    )
+
+
 def check(address: str, service: str) -> dict[str, object]:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    with _channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
@@ -40,7 +56,7 @@ def check(address: str, service: str) -> dict[str, object]:
 def watch(address: str, service: str) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    with _channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             for reply in stub.Watch(health_pb2.HealthCheckRequest(service=service), timeout=60):
@@ -56,7 +72,7 @@ def describe(address: str, service: str, message: str | None) -> dict[str, objec
         ProtoReflectionDescriptorDatabase,
     )
 
-    with grpc.insecure_channel(address) as channel:
+    with _channel(address) as channel:
         database = ProtoReflectionDescriptorDatabase(channel)
         pool = DescriptorPool(database)
         described: dict[str, object] = {
@@ -76,7 +92,7 @@ def method(address: str, full_name: str) -> dict[str, object]:
         ProtoReflectionDescriptorDatabase,
     )
 
-    with grpc.insecure_channel(address) as channel:
+    with _channel(address) as channel:
         pool = DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
         try:
             found = pool.FindMethodByName(full_name)
@@ -101,8 +117,11 @@ def main(argv: Sequence[str]) -> None:
         print(json.dumps(describe(address, service, rest[0] if rest else None)))
 
 
-async def run(*args: str, within: float = 30.0) -> dict[str, object]:
-    """One `check` or `describe`, from a test: its JSON answer."""
+async def run(
+    *args: str, within: float = 30.0, env: Mapping[str, str] | None = None
+) -> dict[str, object]:
+    """One `check` or `describe`, from a test: its JSON answer. `env`: added to this
+    process's environment."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -111,6 +130,7 @@ async def run(*args: str, within: float = 30.0) -> dict[str, object]:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         cwd=ROOT,
+        env={**os.environ, **(env or {})},
     )
     stdout, stderr = await asyncio.wait_for(process.communicate(), within)
     if process.returncode != 0:

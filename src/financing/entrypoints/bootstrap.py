@@ -75,6 +75,8 @@ from financing.entrypoints.grpc.edge import GrpcServer, connection_limit
 from financing.entrypoints.grpc.health import HealthWatch, Probe, Readiness, health_service
 from financing.entrypoints.grpc.queries import QueriesService
 from financing.entrypoints.grpc.reflection import with_reflection
+from financing.entrypoints.grpc.tls import UnusableFiles
+from financing.entrypoints.grpc.tls_watch import ServerTls
 from financing.entrypoints.observability import (
     Metered,
     MetricsEndpoint,
@@ -97,6 +99,7 @@ RECORDS_PROJECTIONS = frozenset({"projector"})
 NEEDS_BROKER = frozenset(COMPONENTS) - {"queries-api"}
 CONSUMES_EVENTS = frozenset({"integration", "policies", "projector"})
 CONSUMES = CONSUMES_EVENTS | {"commands"}
+GRPC_COMPONENTS = frozenset({"commands-api", "queries-api"})
 
 # Deliveries a command or policy consumer works on at once.
 PREFETCH = 32
@@ -165,6 +168,7 @@ async def bootstrap(
     if unknown:
         raise ValueError(f"unknown components: {', '.join(sorted(unknown))}")
     selected = service.components
+    tls = _grpc_tls(settings, service)
     outages = Outages()
     opened = await _databases(settings, selected, stack, outages, deadline)
     service.workers["outages"] = outages.watch
@@ -173,12 +177,14 @@ async def bootstrap(
     service.workers["event-loop"] = watch_event_loop
     service.workers["garbage"] = collect_in_full
     if selected & NEEDS_BROKER:
-        await _broker_components(settings, service, stack, outages, deadline, overrides, opened)
+        await _broker_components(
+            settings, service, stack, outages, deadline, overrides, opened, tls
+        )
     query_pool = opened.query_pool
     if query_pool is not None and "queries-api" in selected:
         queries = QueriesService(PostgresReadModels(query_pool), outages)
         probe = Probe(QUERY_DATABASE, _answering(ping, query_pool, "queries"))
-        server = _grpc_server(service, outages, queries, "Queries", probe, opened.own)
+        server = _grpc_server(service, outages, queries, "Queries", probe, opened.own, tls)
         service.listeners.append(Listener("queries-api", server, settings.query_address))
     _housekeeping(settings, service, outages, opened)
     return service
@@ -259,6 +265,7 @@ async def _broker_components(
     deadline: float,
     overrides: Overrides,
     opened: _Opened,
+    tls: ServerTls | None,
 ) -> None:
     """The broker's connection and publisher, the consumers, the relayer (naming the
     event store on each event) and the Commands API, as far as they are selected; the
@@ -305,7 +312,13 @@ async def _broker_components(
     if "commands-api" in selected:
         commands = CommandsService(AmqpCommandSender(publisher), outages)
         server = _grpc_server(
-            service, outages, commands, "Commands", Probe(BROKER, publisher.probe), opened.own
+            service,
+            outages,
+            commands,
+            "Commands",
+            Probe(BROKER, publisher.probe),
+            opened.own,
+            tls,
         )
         correlate(server)
         service.listeners.append(Listener("commands-api", server, settings.command_address))
@@ -357,6 +370,19 @@ def _health(service: Service, outages: Outages) -> HealthWatch:
     return service.health
 
 
+def _grpc_tls(settings: Settings, service: Service) -> ServerTls | None:
+    """The TLS of the gRPC ports this process serves, its files read before anything is
+    opened (and watched for changes); None: none served, or plaintext."""
+    if settings.grpc_tls is None or not service.components & GRPC_COMPONENTS:
+        return None
+    try:
+        tls = ServerTls(settings.grpc_tls)
+    except UnusableFiles as error:
+        raise StartupError(str(error)) from None
+    service.workers["grpc-tls"] = tls.watch
+    return tls
+
+
 def _grpc_server(
     service: Service,
     outages: Outages,
@@ -364,10 +390,12 @@ def _grpc_server(
     name: str,
     probe: Probe,
     own: int,
+    tls: ServerTls | None,
 ) -> GrpcServer:
     """A gRPC server for `api`, with health checking and reflection beside it; its calls
     in flight are let finish when the service shuts down. `own`: the file descriptors
-    the process needs itself, which its callers' connections leave it."""
+    the process needs itself, which its callers' connections leave it; `tls`: what its
+    connections are served with (None: plaintext)."""
     service.calls.append(api.calls)
     readiness = Readiness(name)
     _health(service, outages).watch(readiness, [probe])
@@ -381,6 +409,7 @@ def _grpc_server(
         codec=RequestCodec(),
         connections=connection_limit(own),
         busy=api.busy if isinstance(api, CommandsService) else lambda: False,
+        tls=None if tls is None else tls.listening,
     )
     observe_grpc(server, handlers)
     return server

@@ -8,7 +8,8 @@ gRPC component selected (`Commands` on COMMAND_SERVER_ADDRESS, `Queries` on
 QUERY_SERVER_ADDRESS), and the `/health` of the metrics endpoint
 (METRICS_ADDRESS), which covers every component: every consumer consumes and
 no dependency is down. The components are those `financing serve` runs with
-the same environment (FINANCING_COMPONENTS, all by default).
+the same environment (FINANCING_COMPONENTS, all by default). Where the gRPC ports
+serve TLS (GRPC_TLS_CERT_FILE), it asks over TLS (`tls.client_context`).
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from financing.config import (
     COMMAND_SERVER_ADDRESS,
     COMPONENTS_VARIABLE,
+    GRPC_TLS_VARIABLES,
     METRICS_ADDRESS,
     QUERY_SERVER_ADDRESS,
     ConfigError,
+    GrpcTls,
     Settings,
 )
+from financing.entrypoints.grpc.tls import UnusableFiles, client_context
 from financing.entrypoints.listening import unspecified
 
 TIMEOUT = 3.0
@@ -38,6 +42,7 @@ HEALTH_CHECK_VARIABLES = (
     COMMAND_SERVER_ADDRESS,
     QUERY_SERVER_ADDRESS,
     METRICS_ADDRESS,
+    *GRPC_TLS_VARIABLES,
 )
 
 
@@ -46,9 +51,9 @@ async def health_check(settings: Settings, components: Iterable[str]) -> list[st
     selected = set(components)
     checks = []
     if "commands-api" in selected:
-        checks.append(_grpc_health(settings.command_address, "Commands"))
+        checks.append(_grpc_health(settings.command_address, "Commands", settings.grpc_tls))
     if "queries-api" in selected:
-        checks.append(_grpc_health(settings.query_address, "Queries"))
+        checks.append(_grpc_health(settings.query_address, "Queries", settings.grpc_tls))
     if settings.metrics_address is not None:
         checks.append(_http_health(settings.metrics_address))
     if not checks:
@@ -73,9 +78,12 @@ def reachable(address: tuple[str, int]) -> tuple[str, int]:
     return ("127.0.0.1" if not host or unspecified(host) else host), port
 
 
-async def _grpc_health(address: tuple[str, int], service: str) -> str:
+async def _grpc_health(address: tuple[str, int], service: str, tls: GrpcTls | None) -> str:
     host, port = reachable(address)
-    channel = Channel(host, port)
+    try:
+        channel = Channel(host, port, ssl=None if tls is None else client_context(tls))
+    except UnusableFiles as error:
+        return f"{service} at {host}:{port}: {error}"
     try:
         reply = await HealthStub(channel).Check(
             HealthCheckRequest(service=service), timeout=TIMEOUT

@@ -24,8 +24,9 @@ to the whole process, and the answer that caller gets instead.
   on one connection, froze the process for minutes (every call of every caller timed
   out, the broker and the database were taken for gone) and grew it by gigabytes.
 - A connection that has not sent the HTTP/2 preface and its SETTINGS within
-  PREFACE_TIMEOUT is closed: each silent one held a file descriptor and memory for
-  good, and so did one that sent a single byte.
+  PREFACE_TIMEOUT (and, over TLS, its handshake within as long before) is closed:
+  each silent one held a file descriptor and memory for good, and so did one that
+  sent a single byte.
 - A server holds at most `connection_limit()` connections (a quarter of the file
   descriptors the process may open beyond those it needs itself): a new one beyond
   them closes the one idle longest (no call open; GOAWAY NO_ERROR, which clients take
@@ -52,6 +53,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -136,13 +138,16 @@ class GrpcServer(grpclib.server.Server):
         *args: Any,
         connections: int | None = None,
         busy: Callable[[], bool] = lambda: False,
+        tls: ssl.SSLContext | None = None,
         **kwargs: Any,
     ) -> None:
         """grpclib's server, holding at most `connections` connections (by default the
         share of a process that needs OWN_DESCRIPTORS); `busy`: whether a call begun now
-        would wait for room (the Commands API queueing as many commands as it may)."""
+        would wait for room (the Commands API queueing as many commands as it may);
+        `tls`: what its connections are served with (None: plaintext)."""
         super().__init__(*args, **kwargs)
         self._busy = busy
+        self._tls = tls
         self._h2_config = H2Configuration(
             client_side=False,
             header_encoding="latin-1",  # any byte is a character: nothing to fail on
@@ -157,8 +162,20 @@ class GrpcServer(grpclib.server.Server):
 
     async def start(self, host: str, port: int) -> None:  # type: ignore[override]
         """Listening on `host:port`; an unspecified host takes IPv4 and IPv6 alike
-        (`listening.wildcard_socket`)."""
-        await super().start(**listening_at(host, port))
+        (`listening.wildcard_socket`). grpclib's own start, but for a TLS handshake's
+        deadline (PREFACE_TIMEOUT, as for the HTTP/2 preface that follows), which it does
+        not pass: asyncio's default let a client that connected and said nothing hold a
+        connection, not yet counted as one, for a minute."""
+        if self._server is not None:
+            raise RuntimeError("the server is started already")
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._protocol_factory,
+            **listening_at(host, port),
+            ssl=self._tls,
+            ssl_handshake_timeout=None if self._tls is None else PREFACE_TIMEOUT,
+        )
+        self._server_closed_fut = loop.create_future()
 
     def go_away(self) -> None:
         """The first step of shutting down, before the calls in flight are let finish:

@@ -1,0 +1,97 @@
+"""TLS on both gRPC ports, when GRPC_TLS_CERT_FILE and GRPC_TLS_KEY_FILE are set: the
+contexts its servers and this host's probe connect with (`tls_watch` reads the files
+again when they change).
+
+- TLS 1.2 at least, HTTP/2 chosen by ALPN (gRPC's clients refuse a server that does
+  not name it). With GRPC_TLS_CLIENT_CA_FILE, every client must present a certificate
+  that CA issued (mutual TLS); without it, any client may connect.
+- A file that cannot be used at start-up stops it, naming the variable and why. An
+  encrypted key is refused, never asked for its pass phrase on a terminal.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+from financing.config import GRPC_TLS_CERT_FILE, GRPC_TLS_CLIENT_CA_FILE, GRPC_TLS_KEY_FILE, GrpcTls
+
+
+class UnusableFiles(Exception):
+    """The TLS files cannot be used; the message names the variable and why."""
+
+
+class _Encrypted(Exception):
+    pass
+
+
+def _no_pass_phrase() -> str:
+    raise _Encrypted
+
+
+def server_context(tls: GrpcTls) -> ssl.SSLContext:
+    """A server context serving `tls`'s certificate and key over HTTP/2, asking clients
+    for a certificate its client CA issued when it names one."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["h2"])
+    _load_key_pair(context, tls.cert_file, tls.key_file)
+    if tls.client_ca_file is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        _load_authorities(context, tls.client_ca_file, GRPC_TLS_CLIENT_CA_FILE.name)
+    return context
+
+
+def client_context(tls: GrpcTls) -> ssl.SSLContext:
+    """What this host's own probe connects with: it asks the process listening at an
+    address it was given whether it serves, so the server's certificate is not checked
+    (it names the service's public names, not the probe's address). Where clients must
+    present a certificate, the probe presents the server's own."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["h2"])
+    if tls.client_ca_file is not None:
+        _load_key_pair(context, tls.cert_file, tls.key_file)
+    return context
+
+
+def _load_key_pair(context: ssl.SSLContext, cert_file: str, key_file: str) -> None:
+    cert, key = GRPC_TLS_CERT_FILE.name, GRPC_TLS_KEY_FILE.name
+    # The certificate alone first, so that a failure of the pair names the right file.
+    _load_authorities(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), cert_file, cert, leaf=True)
+    try:
+        context.load_cert_chain(cert_file, key_file, password=_no_pass_phrase)
+    except _Encrypted:
+        raise UnusableFiles(
+            f"{key}: the private key in {key_file} is encrypted; the service reads an"
+            " unencrypted key (PEM), kept readable by the service alone"
+        ) from None
+    except OSError as error:  # ssl.SSLError is one too
+        if getattr(error, "reason", None) == "KEY_VALUES_MISMATCH":
+            raise UnusableFiles(
+                f"{key}: the private key in {key_file} is not the one of the certificate"
+                f" in {cert_file} ({cert})"
+            ) from None
+        if isinstance(error, ssl.SSLError):
+            raise UnusableFiles(f"{key}: {key_file} holds no private key in PEM form") from None
+        raise UnusableFiles(_unreadable(key, key_file, error)) from None
+
+
+def _load_authorities(context: ssl.SSLContext, path: str, name: str, *, leaf: bool = False) -> None:
+    what = "certificate" if leaf else "CA certificate"
+    try:
+        context.load_verify_locations(cafile=path)
+    except ssl.SSLError:
+        raise UnusableFiles(f"{name}: {path} holds no {what} in PEM form") from None
+    except OSError as error:
+        raise UnusableFiles(_unreadable(name, path, error)) from None
+    if not leaf and not context.cert_store_stats()["x509_ca"]:
+        raise UnusableFiles(
+            f"{name}: {path} holds no CA certificate (one that may issue others): no"
+            " client certificate could be accepted"
+        )
+
+
+def _unreadable(name: str, path: str, error: OSError) -> str:
+    return f"{name}: cannot read {path}: {error.strerror or error}"

@@ -1,0 +1,340 @@
+"""TLS on the gRPC ports: served over HTTP/2, client certificates asked for when a client CA
+is set, the files read again when they change, and files that cannot be used named."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trustme
+from cryptography.hazmat.primitives import serialization
+from grpclib.client import Channel
+from grpclib.config import Configuration
+from grpclib.exceptions import GRPCError, StreamTerminatedError
+from grpclib.health.service import Health
+from grpclib.health.v1.health_grpc import HealthStub
+from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
+
+from financing.config import (
+    ConfigError,
+    GrpcTls,
+    Settings,
+    parse_grpc_tls,
+)
+from financing.entrypoints.cli.health_check import health_check
+from financing.entrypoints.grpc import edge
+from financing.entrypoints.grpc.codec import RequestCodec
+from financing.entrypoints.grpc.edge import GrpcServer
+from financing.entrypoints.grpc.tls import UnusableFiles, server_context
+from financing.entrypoints.grpc.tls_watch import ServerTls
+from tests.support import infra
+
+NAME = "financing.test"
+# Clients connect to 127.0.0.1 and check the certificate for the service's name.
+NAMED = Configuration(ssl_target_name_override=NAME)
+
+
+class Files:
+    """A CA, and the files a deployment gives the service: certificate, key, client CA."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.ca = trustme.CA()
+        self.tls = GrpcTls(
+            str(folder / "server.pem"), str(folder / "server.key"), str(folder / "clients.pem")
+        )
+        self.issue(self.ca)
+        self.trust_clients_of(self.ca)
+
+    @property
+    def server_only(self) -> GrpcTls:
+        """The files without a client CA: any client may connect."""
+        return GrpcTls(self.tls.cert_file, self.tls.key_file)
+
+    def issue(self, ca: trustme.CA) -> None:
+        """A certificate and key `ca` issued, written where the service reads them."""
+        leaf = ca.issue_cert(NAME, "127.0.0.1")
+        leaf.private_key_pem.write_to_path(self.tls.key_file)
+        leaf.cert_chain_pems[0].write_to_path(self.tls.cert_file)
+
+    def trust_clients_of(self, ca: trustme.CA) -> None:
+        assert self.tls.client_ca_file is not None
+        ca.cert_pem.write_to_path(self.tls.client_ca_file)
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Files:
+    return Files(tmp_path)
+
+
+def _client(trusted: trustme.CA, certified_by: trustme.CA | None = None) -> ssl.SSLContext:
+    """A client trusting `trusted`, presenting a certificate `certified_by` issued."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.set_alpn_protocols(["h2"])
+    trusted.configure_trust(context)
+    if certified_by is not None:
+        certified_by.issue_cert("client@financing.test").configure_cert(context)
+    return context
+
+
+@asynccontextmanager
+async def _serving(tls: ServerTls | None) -> AsyncIterator[int]:
+    """A gRPC server with health checking, served with `tls`, until the block ends: its port."""
+    server = GrpcServer(
+        [Health()], codec=RequestCodec(), tls=None if tls is None else tls.listening
+    )
+    await server.start("127.0.0.1", 0)
+    try:
+        yield server._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def _check(port: int, context: ssl.SSLContext | None) -> str:
+    """One health check on a new connection: SERVING, or how it failed."""
+    channel = Channel("127.0.0.1", port, ssl=context, config=NAMED)
+    try:
+        async with asyncio.timeout(5):
+            reply = await HealthStub(channel).Check(HealthCheckRequest())
+    except (OSError, StreamTerminatedError, GRPCError) as error:
+        return type(error).__name__
+    finally:
+        channel.close()
+    return HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def _reloads(outcome: str) -> float:
+    found = REGISTRY.get_sample_value("financing_grpc_tls_reloads_total", {"outcome": outcome})
+    return found or 0.0
+
+
+async def test_a_client_trusting_the_ca_is_served_over_tls(files: Files) -> None:
+    tls = ServerTls(files.server_only)
+    async with _serving(tls) as port:
+        assert await _check(port, _client(files.ca)) == "SERVING"
+
+
+async def test_a_plaintext_client_is_not_served_on_a_tls_port(files: Files) -> None:
+    tls = ServerTls(files.server_only)
+    async with _serving(tls) as port:
+        assert await _check(port, None) != "SERVING"
+
+
+async def test_http2_is_chosen_by_alpn(files: Files) -> None:
+    """gRPC's clients refuse a TLS server that does not choose `h2`."""
+    tls = ServerTls(files.server_only)
+    async with _serving(tls) as port:
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=_client(files.ca), server_hostname=NAME
+        )
+        try:
+            assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
+        finally:
+            writer.close()
+
+
+async def test_with_a_client_ca_a_client_without_its_certificate_is_refused(
+    files: Files,
+) -> None:
+    tls = ServerTls(files.tls)
+    stranger = trustme.CA()
+    async with _serving(tls) as port:
+        assert await _check(port, _client(files.ca)) != "SERVING"
+        assert await _check(port, _client(files.ca, certified_by=stranger)) != "SERVING"
+        assert await _check(port, _client(files.ca, certified_by=files.ca)) == "SERVING"
+
+
+async def test_renewed_files_serve_new_connections_and_open_ones_keep_going(
+    files: Files,
+) -> None:
+    tls = ServerTls(files.server_only)
+    renewed_by = trustme.CA()
+    loaded = _reloads("loaded")
+    async with _serving(tls) as port:
+        open_one = Channel("127.0.0.1", port, ssl=_client(files.ca), config=NAMED)
+        try:
+            await HealthStub(open_one).Check(HealthCheckRequest(), timeout=5)
+            files.issue(renewed_by)
+            with capture_logs() as logs:
+                assert tls.reload()
+            assert await _check(port, _client(renewed_by)) == "SERVING"
+            assert await _check(port, _client(files.ca)) != "SERVING"
+            reply = await HealthStub(open_one).Check(HealthCheckRequest(), timeout=5)
+            assert reply.status == HealthCheckResponse.SERVING
+        finally:
+            open_one.close()
+    assert [line["log_level"] for line in logs] == ["info"], logs
+    assert _reloads("loaded") == loaded + 1
+    assert not tls.reload()  # nothing changed since
+
+
+async def test_a_new_client_ca_is_the_only_one_trusted_once_read(files: Files) -> None:
+    tls = ServerTls(files.tls)
+    successor = trustme.CA()
+    async with _serving(tls) as port:
+        files.trust_clients_of(successor)
+        assert tls.reload()
+        assert await _check(port, _client(files.ca, certified_by=files.ca)) != "SERVING"
+        assert await _check(port, _client(files.ca, certified_by=successor)) == "SERVING"
+
+
+async def test_files_that_cannot_be_used_leave_the_previous_ones_serving_said_once(
+    files: Files,
+) -> None:
+    tls = ServerTls(files.server_only)
+    renewed_by = trustme.CA()
+    refused = _reloads("refused")
+    async with _serving(tls) as port:
+        # The renewal's certificate written, its key not yet.
+        renewed = renewed_by.issue_cert(NAME, "127.0.0.1")
+        renewed.cert_chain_pems[0].write_to_path(files.tls.cert_file)
+        with capture_logs() as logs:
+            assert not tls.reload()
+            assert not tls.reload()
+        assert await _check(port, _client(files.ca)) == "SERVING"
+        renewed.private_key_pem.write_to_path(files.tls.key_file)
+        assert tls.reload()
+        assert await _check(port, _client(renewed_by)) == "SERVING"
+    [warning] = logs
+    assert warning["log_level"] == "warning"
+    assert "GRPC_TLS_KEY_FILE" in warning["error"]
+    assert "is not the one of the certificate" in warning["error"]
+    assert _reloads("refused") == refused + 1
+
+
+async def test_a_client_that_never_completes_its_handshake_is_let_go(
+    files: Files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(edge, "PREFACE_TIMEOUT", 0.5)
+    tls = ServerTls(files.server_only)
+    async with _serving(tls) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            async with asyncio.timeout(5):
+                assert await reader.read() == b""  # closed by the server
+        finally:
+            writer.close()
+
+
+def _unusable(tls: GrpcTls) -> str:
+    with pytest.raises(UnusableFiles) as refused:
+        server_context(tls)
+    return str(refused.value)
+
+
+def test_a_missing_file_is_named_with_its_variable(files: Files, tmp_path: Path) -> None:
+    missing = str(tmp_path / "nowhere.pem")
+    said = _unusable(GrpcTls(missing, files.tls.key_file))
+    assert said.startswith("GRPC_TLS_CERT_FILE: cannot read") and missing in said
+    said = _unusable(GrpcTls(files.tls.cert_file, missing))
+    assert said.startswith("GRPC_TLS_KEY_FILE: cannot read") and missing in said
+    said = _unusable(GrpcTls(files.tls.cert_file, files.tls.key_file, missing))
+    assert said.startswith("GRPC_TLS_CLIENT_CA_FILE: cannot read") and missing in said
+
+
+def test_files_of_the_wrong_kind_are_named(files: Files, tmp_path: Path) -> None:
+    cert, key = files.tls.cert_file, files.tls.key_file
+    assert _unusable(GrpcTls(key, key)).startswith("GRPC_TLS_CERT_FILE:")
+    assert "no private key" in _unusable(GrpcTls(cert, cert))
+    other = trustme.CA().issue_cert(NAME)
+    other.private_key_pem.write_to_path(tmp_path / "other.key")
+    assert "is not the one of the certificate" in _unusable(
+        GrpcTls(cert, str(tmp_path / "other.key"))
+    )
+    # A client CA file holding a certificate that cannot issue others accepts no client.
+    assert "holds no CA certificate" in _unusable(GrpcTls(cert, key, cert))
+
+
+def test_an_encrypted_key_is_refused_not_asked_for(files: Files, tmp_path: Path) -> None:
+    key = tmp_path / "encrypted.key"
+    leaf = files.ca.issue_cert(NAME)
+    private = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), None)
+    key.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    leaf.cert_chain_pems[0].write_to_path(tmp_path / "leaf.pem")
+    said = _unusable(GrpcTls(str(tmp_path / "leaf.pem"), str(key)))
+    assert said.startswith("GRPC_TLS_KEY_FILE:") and "encrypted" in said
+
+
+def test_tls_needs_both_the_certificate_and_its_key() -> None:
+    assert parse_grpc_tls(None, None, None) is None
+    with pytest.raises(ConfigError, match="GRPC_TLS_CERT_FILE is set and GRPC_TLS_KEY_FILE"):
+        parse_grpc_tls("c.pem", None, None)
+    with pytest.raises(ConfigError, match="GRPC_TLS_KEY_FILE is set and GRPC_TLS_CERT_FILE"):
+        parse_grpc_tls(None, "k.pem", None)
+    with pytest.raises(ConfigError, match="GRPC_TLS_CLIENT_CA_FILE"):
+        parse_grpc_tls(None, None, "ca.pem")
+
+
+def test_the_environment_sets_tls() -> None:
+    env = {"GRPC_TLS_CERT_FILE": "c.pem", "GRPC_TLS_KEY_FILE": "k.pem"}
+    assert Settings.from_env(env).grpc_tls == GrpcTls("c.pem", "k.pem")
+    with pytest.raises(ConfigError, match="GRPC_TLS_KEY_FILE is set"):
+        Settings.from_env({**env, "GRPC_TLS_CERT_FILE": ""})  # empty: unset
+    assert Settings.from_env({}).grpc_tls is None
+
+
+@pytest.mark.parametrize("mutual", [False, True])
+async def test_the_probe_asks_over_tls(files: Files, mutual: bool) -> None:
+    given = files.tls if mutual else files.server_only
+    tls = ServerTls(given)
+    async with _serving(tls) as port:
+        settings = Settings(
+            command_address=("127.0.0.1", port), metrics_address=None, grpc_tls=given
+        )
+        # Health() serves the "" service only: Commands' check reaches it and says so.
+        [problem] = await health_check(settings, ["commands-api"])
+        assert "Commands" in problem and "NOT_FOUND" in problem, problem
+        plain = Settings(command_address=("127.0.0.1", port), metrics_address=None)
+        [refused] = await health_check(plain, ["commands-api"])
+        assert "NOT_FOUND" not in refused, refused
+
+
+async def test_a_secret_updated_by_swapping_a_link_is_read_again(tmp_path: Path) -> None:
+    """As Kubernetes updates a mounted secret: the files are links through `..data`, a
+    link to a folder of this version's files, swapped for one to the next folder."""
+    cas = trustme.CA(), trustme.CA()
+    for version, ca in enumerate(cas):
+        folder = tmp_path / f"..version{version}"
+        folder.mkdir()
+        leaf = ca.issue_cert(NAME, "127.0.0.1")
+        leaf.cert_chain_pems[0].write_to_path(folder / "tls.crt")
+        leaf.private_key_pem.write_to_path(folder / "tls.key")
+    (tmp_path / "..data").symlink_to("..version0")
+    for name in ("tls.crt", "tls.key"):
+        (tmp_path / name).symlink_to(f"..data/{name}")
+    tls = ServerTls(GrpcTls(str(tmp_path / "tls.crt"), str(tmp_path / "tls.key")))
+    async with _serving(tls) as port:
+        assert await _check(port, _client(cas[0])) == "SERVING"
+        (tmp_path / "..data_tmp").symlink_to("..version1")
+        (tmp_path / "..data_tmp").rename(tmp_path / "..data")
+        assert tls.reload()
+        assert await _check(port, _client(cas[1])) == "SERVING"
+
+
+async def test_the_watch_reads_changed_files_by_itself(files: Files) -> None:
+    tls = ServerTls(files.server_only)
+    renewed_by = trustme.CA()
+    async with _serving(tls) as port:
+        watching = asyncio.create_task(tls.watch(every=0.05))
+        try:
+            files.issue(renewed_by)
+
+            async def served() -> bool:
+                return await _check(port, _client(renewed_by)) == "SERVING"
+
+            await infra.wait_until(served, timeout=5, what="the renewed certificate served")
+        finally:
+            watching.cancel()
