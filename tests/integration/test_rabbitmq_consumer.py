@@ -1249,6 +1249,60 @@ async def test_an_ack_not_written_on_an_open_channel_gives_the_channel_up_for_a_
     assert events_of(store, issuer) == ["IssuerCreatedEvent"]
 
 
+async def test_acks_asked_for_while_a_given_up_channel_closes_never_follow_its_close(
+    bus: Bus, queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: aiormq writes a channel's frames until the broker answers its Close,
+    and RabbitMQ takes a frame after a channel's Close for a breach of the protocol that
+    closes the whole connection. Under load, a consumer gave a channel up (an ack not
+    written in time) while its other deliveries finished: their acks followed the Close,
+    and the broker closed the connection (`CHANNEL_ERROR - expected 'channel.open'`),
+    every consumer's and publisher's channel with it, logged as the broker's outage."""
+    monkeypatch.setattr(consumer_module, "ACK_TIMEOUT", 0.2)
+    write = ChannelAcks._write
+    blocked = True
+
+    async def first_write_blocks(acks: ChannelAcks, ready: Mapping[int, object]) -> None:
+        nonlocal blocked
+        if blocked:
+            blocked = False
+            await asyncio.Event().wait()  # as a write to a blocked connection waits
+        await write(acks, ready)
+
+    monkeypatch.setattr(ChannelAcks, "_write", first_write_blocks)
+    closing = asyncio.Event()
+    close_channel = consumer_module.close_channel
+
+    async def closing_said(channel: AbstractChannel) -> None:
+        closing.set()
+        await close_channel(channel)
+
+    monkeypatch.setattr(consumer_module, "close_channel", closing_said)
+    store = InMemoryEventStore()
+    issuers = [uuid.uuid4() for _ in range(20)]
+
+    async def the_rest_end_as_the_channel_closes(call: int) -> None:
+        if call > 1 and not closing.is_set():
+            await closing.wait()
+
+    handler = Counting(
+        exactly_once(store, "create_issuer", handlers.create_issuer),
+        before=the_rest_end_as_the_channel_closes,
+    )
+    connection = await bus.broker.connection()
+    async with consuming(bus, on_command_queue(queue, "CreateIssuer"), handler):
+        for issuer in issuers:
+            await bus.publisher.send_to_queue(queue, envelope(CreateIssuer(issuer)))
+        await wait_until(
+            lambda: rabbitmq.queue_settled(bus.vhost.name, queue),
+            timeout=10,
+            what="every message delivered again on a new channel, and acked",
+        )
+        assert closing.is_set()
+        assert await bus.broker.connection() is connection, "the broker closed the connection"
+    assert all(events_of(store, issuer) == ["IssuerCreatedEvent"] for issuer in issuers)
+
+
 async def refused_by_the_broker(publisher: Publisher, queue: str) -> None:
     """Until `publisher` is refused by the broker (a channel hears of a permission
     change a moment after it is made)."""

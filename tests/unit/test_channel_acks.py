@@ -12,12 +12,12 @@ from aio_pika.abc import AbstractIncomingMessage
 from structlog.testing import capture_logs
 
 from financing.adapters.rabbitmq import consumer
-from financing.adapters.rabbitmq.acks import ChannelAcks
+from financing.adapters.rabbitmq.acks import ChannelAcks, ChannelClosing
 from financing.adapters.rabbitmq.dead_letters import DeadLetters
 from financing.application.errors import Fault
 from financing.application.pipeline import Outcome
 from financing.application.retry import GaveUp
-from tests.support.infra import wait_until
+from tests.support.infra import holds, wait_until
 
 
 class Broker:
@@ -107,6 +107,30 @@ async def test_acks_asked_while_one_is_written_go_in_one_frame(
     assert broker.frames == [(1, False), (5, True)]
     assert acks.frames == 2
     assert broker.unacked == set()
+
+
+async def test_once_the_channel_is_being_closed_no_settlement_is_written(
+    broker: Broker, acks: ChannelAcks
+) -> None:
+    """A frame after a channel's Close makes the broker close the whole connection."""
+    broker.deliver(acks, 1, 2, 3, 4)
+    broker.gate.clear()  # the first frame on its way, not written yet
+    first = asyncio.create_task(broker.ack(acks, 1))
+    await broker.writing.wait()
+    waiting = asyncio.create_task(broker.ack(acks, 3))  # for the frame after the first
+    await wait_until(lambda: holds(3 in broker.requested), what="the second ack asked for")
+    acks.close()
+    broker.gate.set()
+    await first  # written before the close began
+    with pytest.raises(ChannelClosing):
+        await waiting
+    with pytest.raises(ChannelClosing):
+        await broker.ack(acks, 2)
+    nack = broker.send_nack(4)
+    with pytest.raises(ChannelClosing):
+        await acks.settle_otherwise(4, nack)
+    assert broker.frames == [(1, False)]
+    assert broker.unacked == {2, 3, 4}
 
 
 async def test_an_unsettled_delivery_is_never_covered_and_holds_back_no_other(

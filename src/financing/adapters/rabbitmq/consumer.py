@@ -289,6 +289,7 @@ class QueueConsumer:
         self._on_delivery = on_delivery
         self._prefetch = prefetch
         self._channel: AbstractChannel | None = None
+        self._acks: ChannelAcks | None = None  # the current channel's
         self._refused_at: float | None = None  # when its declaration was last refused
         self.consuming = asyncio.Event()
 
@@ -300,7 +301,7 @@ class QueueConsumer:
         """Consume until cancelled; `consuming` is set while the broker delivers to it."""
         first = True
         while True:
-            channel, queue, tag, ended = await self._retry_open()
+            channel, queue, tag, ended, acks = await self._retry_open()
             channel.close_callbacks.add(lambda *_, ended=ended: ended.set())
             if channel.is_closed:
                 ended.set()
@@ -321,6 +322,7 @@ class QueueConsumer:
                         queue=self._queue.name,
                         reason=ended.reason,
                     )
+                    acks.close()
                     await close_channel(channel)
             finally:
                 # Stopping, the consumer stops taking deliveries, and those it holds go
@@ -335,7 +337,7 @@ class QueueConsumer:
 
     async def _retry_open(
         self,
-    ) -> tuple[AbstractChannel, AbstractQueue, ConsumerTag, _Ended]:
+    ) -> tuple[AbstractChannel, AbstractQueue, ConsumerTag, _Ended, ChannelAcks]:
         return await retry_or_raise(
             self._open,
             policy=NO_BUG_RETRIES,
@@ -343,9 +345,11 @@ class QueueConsumer:
             what=f"consuming {self._queue.name}",
         )
 
-    async def _open(self) -> tuple[AbstractChannel, AbstractQueue, ConsumerTag, _Ended]:
-        """A channel consuming the queue, and what is set once it is to be given up (the
-        caller also sets it when the channel closes)."""
+    async def _open(
+        self,
+    ) -> tuple[AbstractChannel, AbstractQueue, ConsumerTag, _Ended, ChannelAcks]:
+        """A channel consuming the queue, what is set once it is to be given up (the
+        caller also sets it when the channel closes), and its acks."""
         if self._refused_at is not None:
             # The pace at which a refused queue is looked at again (REFUSED_PACE).
             await asyncio.sleep(max(self._refused_at + REFUSED_PACE - time.monotonic(), 0.0))
@@ -381,9 +385,9 @@ class QueueConsumer:
         except BaseException:
             await close_channel(channel)
             raise
-        self._channel = channel
+        self._channel, self._acks = channel, acks
         self._refused_at = None
-        return channel, queue, tag, ended
+        return channel, queue, tag, ended, acks
 
     async def _received(
         self,
@@ -401,6 +405,8 @@ class QueueConsumer:
         """Close the current channel: every message not yet acked goes back to the queue."""
         channel, self._channel = self._channel, None
         if channel is not None:
+            if self._acks is not None:
+                self._acks.close()
             await close_channel(channel)
 
 
