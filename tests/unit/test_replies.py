@@ -19,8 +19,8 @@ import pytest
 from betterproto.lib.google.protobuf import Empty
 from grpclib.client import Channel
 from grpclib.const import Status
+from grpclib.exceptions import GRPCError
 from grpclib.protocol import H2Protocol
-from grpclib.server import Server
 
 from financing import generated as pb
 from financing.application.read_models import (
@@ -37,6 +37,7 @@ from financing.domain.money import to_double
 from financing.entrypoints.grpc import queries as queries_module
 from financing.entrypoints.grpc import replies
 from financing.entrypoints.grpc.codec import FramingChecked, RequestCodec
+from financing.entrypoints.grpc.edge import GrpcServer
 from financing.entrypoints.grpc.queries import (
     LIST_BUILDS,
     LIST_CALLS_PER_CONNECTION,
@@ -45,7 +46,7 @@ from financing.entrypoints.grpc.queries import (
     QueriesService,
 )
 from financing.entrypoints.grpc.replies import listed
-from tests.support.infra import wait_until
+from tests.support.infra import holds, wait_until
 
 AMOUNTS = [Decimal("0"), Decimal("0.01"), Decimal("10"), Decimal("999999999999.99")]
 
@@ -203,10 +204,14 @@ async def never_reading(
 
 
 @contextlib.asynccontextmanager
-async def queries_server(store: InMemoryReadModels) -> AsyncIterator[tuple[QueriesService, int]]:
+async def queries_server(
+    store: InMemoryReadModels, *, busy_wait: float = queries_module.BUSY_WAIT
+) -> AsyncIterator[tuple[QueriesService, int]]:
     """A Queries server of its own on a free port, wired as the service wires one."""
-    queries = QueriesService(store, Outages())
-    server = Server([FramingChecked(queries, calls=queries.calls)], codec=RequestCodec())
+    queries = QueriesService(store, Outages(), busy_wait=busy_wait)
+    server = GrpcServer(
+        [FramingChecked(queries, calls=queries.calls)], codec=RequestCodec(), busy=queries.busy
+    )
     await server.start("127.0.0.1", 0)
     try:
         yield queries, server._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
@@ -369,3 +374,91 @@ async def test_one_hosts_many_connections_do_not_hold_up_another_hosts_lists() -
                 channel.close()
     # The other host's list is read as soon as one of the greedy host's places is free.
     assert store.reads.index("investors") <= LIST_CALLS_PER_HOST
+
+
+async def test_a_list_call_given_no_place_within_the_busy_wait_is_answered_busy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression: list calls waited for their turn without bound: 2,000 in flight from
+    clients retrying at once queued until their deadlines, 0.8 answered a second where
+    one polite client got 6.6, and the process spent itself beginning and cutting calls."""
+    monkeypatch.setattr(queries_module, "LIST_REPLIES", 2)
+    store = GatedRows()
+    async with queries_server(store, busy_wait=0.3) as (queries, port):
+        holder, other = Channel("127.0.0.1", port), Channel("127.0.0.1", port)
+        try:
+            held = [
+                asyncio.create_task(pb.QueriesStub(holder).all_issuers(Empty(), timeout=10))
+                for _ in range(2)
+            ]
+            await wait_until(lambda: holds(len(store.reads) == 2), what="every place taken")
+            refusing = asyncio.create_task(pb.QueriesStub(other).all_investors(Empty(), timeout=10))
+            await wait_until(lambda: holds(queries.busy()), what="a call waiting its turn")
+            with pytest.raises(GRPCError) as refused:
+                await refusing
+            store.gate.set()
+            await asyncio.gather(*held)
+        finally:
+            holder.close()
+            other.close()
+    assert refused.value.status is Status.UNAVAILABLE
+    assert refused.value.message == (
+        "AllInvestors not answered: the service was busy answering list calls (1 waiting for"
+        " a turn) for the 0.3 s it waited; try again later"
+    )
+    assert "investors" not in store.reads
+    assert not queries.busy()
+    assert not queries._connections and not queries._hosts  # every place given back
+
+
+async def test_a_list_call_waiting_for_its_turn_is_answered_at_once_when_shutting_down(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(queries_module, "LIST_REPLIES", 1)
+    store = GatedRows()
+    async with queries_server(store, busy_wait=60) as (queries, port):
+        holder, other = Channel("127.0.0.1", port), Channel("127.0.0.1", port)
+        try:
+            held = asyncio.create_task(pb.QueriesStub(holder).all_issuers(Empty(), timeout=10))
+            await wait_until(lambda: holds(len(store.reads) == 1), what="the place taken")
+            waiting = asyncio.create_task(pb.QueriesStub(other).all_investors(Empty(), timeout=10))
+            await wait_until(lambda: holds(queries.calls.in_flight == 2), what="the call")
+            draining = asyncio.create_task(queries.calls.drain(grace=10))
+            with pytest.raises(GRPCError) as refused:
+                async with asyncio.timeout(5):  # not the busy wait's 60 s
+                    await waiting
+            store.gate.set()
+            await held
+            await draining
+        finally:
+            holder.close()
+            other.close()
+    assert refused.value.status is Status.UNAVAILABLE
+    assert refused.value.message == "AllInvestors not answered: the service is shutting down"
+    assert "investors" not in store.reads
+
+
+async def test_a_lost_connections_handler_is_let_go_once_its_calls_end() -> None:
+    """Regression: grpclib looks for the handlers of lost connections only at every tenth
+    new connection: a flood's last connections stayed, with every stream they had opened,
+    until ten more came."""
+    store = GatedRows()
+    queries = QueriesService(store, Outages())
+    server = GrpcServer([FramingChecked(queries, calls=queries.calls)], codec=RequestCodec())
+    await server.start("127.0.0.1", 0)
+    port = server._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        channel = Channel("127.0.0.1", port)
+        call = asyncio.create_task(pb.QueriesStub(channel).all_issuers(Empty(), timeout=10))
+        await wait_until(lambda: holds(queries.calls.in_flight == 1), what="the call")
+        channel.close()  # lost with its call open
+        with contextlib.suppress(Exception):
+            await call
+
+        async def let_go() -> bool:
+            return not server._handlers and queries.calls.in_flight == 0
+
+        await wait_until(let_go, what="the lost connection's handler let go")
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -408,7 +408,7 @@ def _grpc_server(
         handlers,
         codec=RequestCodec(),
         connections=connection_limit(own),
-        busy=api.busy if isinstance(api, CommandsService) else lambda: False,
+        busy=api.busy,
         tls=None if tls is None else tls.listening,
     )
     observe_grpc(server, handlers)

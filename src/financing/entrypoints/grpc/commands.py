@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from asyncio import FIRST_COMPLETED
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ from financing.application.ports import (
 from financing.application.retry import NO_BUG_RETRIES, GaveUp, Outages, retry
 from financing.domain.ids import parse_id
 from financing.domain.money import InvalidAmount, positive_amount
-from financing.entrypoints.grpc.calls import CallsInFlight
+from financing.entrypoints.grpc.calls import CallsInFlight, TurnRefused
 from financing.entrypoints.grpc.edge import Warnings
 from financing.generated import (
     ApproveFinancingCommand,
@@ -303,32 +302,22 @@ class CommandsService(CommandsBase):
         if not self._turns.locked():
             await self._turns.acquire()  # at once
             return
-        taking = asyncio.ensure_future(self._turns.acquire())
-        stopping = asyncio.ensure_future(self.calls.draining())
-        given = False
         try:
-            await asyncio.wait(
-                {taking, stopping}, timeout=self._busy_wait, return_when=FIRST_COMPLETED
+            await self.calls.waited_turn(
+                self._turns.acquire(), within=self._busy_wait, given_late=self._turns.release
             )
-            given = taking.done() and not taking.cancelled()
-        finally:
-            stopping.cancel()
-            if not given:
-                taking.cancel()
-                if taking.done() and not taking.cancelled():
-                    self._turns.release()  # given as the call was cut (its deadline)
-        if given:
-            return
-        if self.calls.draining_begun:
+        except TurnRefused as refused:
+            if refused.shutting_down:
+                raise GRPCError(
+                    Status.UNAVAILABLE,
+                    f"{command.name()} not queued: the service is shutting down",
+                ) from None
+            _BUSY.warn("commands answered UNAVAILABLE, not queued: the service is busy")
             raise GRPCError(
-                Status.UNAVAILABLE, f"{command.name()} not queued: the service is shutting down"
-            )
-        _BUSY.warn("commands answered UNAVAILABLE, not queued: the service is busy")
-        raise GRPCError(
-            Status.UNAVAILABLE,
-            f"{command.name()} not queued: the service was busy queueing {self._most}"
-            f" commands for the {self._busy_wait:g} s it waited; try again later",
-        )
+                Status.UNAVAILABLE,
+                f"{command.name()} not queued: the service was busy queueing {self._most}"
+                f" commands for the {self._busy_wait:g} s it waited; try again later",
+            ) from None
 
     def _unavailable(self, command: Command, why: str) -> GRPCError:
         log.debug("command not queued", name=command.name(), reason=why)
