@@ -1215,12 +1215,9 @@ async def test_a_queue_made_again_with_other_arguments_is_an_outage_of_that_queu
     assert [line["event"] for line in logs].count(f"queue {queue} recovered") == 1
 
 
-async def test_an_ack_not_written_on_an_open_channel_gives_the_channel_up_for_a_redelivery(
-    bus: Bus, queue: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Regression: an ack whose frame could not be written in time (the connection blocked
-    by a broker alarm) was taken for one lost with its channel; the channel stayed open,
-    so the broker held the message unacked, and its prefetch slot, until it closed."""
+def first_ack_never_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first ack frame waits for good, as a write to a blocked connection waits; the
+    ack times out within 0.2 s."""
     monkeypatch.setattr(consumer_module, "ACK_TIMEOUT", 0.2)
     write = ChannelAcks._write
     blocked = True
@@ -1229,10 +1226,19 @@ async def test_an_ack_not_written_on_an_open_channel_gives_the_channel_up_for_a_
         nonlocal blocked
         if blocked:
             blocked = False
-            await asyncio.Event().wait()  # as a write to a blocked connection waits
+            await asyncio.Event().wait()
         await write(acks, ready)
 
     monkeypatch.setattr(ChannelAcks, "_write", first_write_blocks)
+
+
+async def test_an_ack_not_written_on_an_open_channel_gives_the_channel_up_for_a_redelivery(
+    bus: Bus, queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: an ack whose frame could not be written in time (the connection blocked
+    by a broker alarm) was taken for one lost with its channel; the channel stayed open,
+    so the broker held the message unacked, and its prefetch slot, until it closed."""
+    first_ack_never_written(monkeypatch)
     store = InMemoryEventStore()
     issuer = uuid.uuid4()
     handler = Counting(exactly_once(store, "create_issuer", handlers.create_issuer))
@@ -1258,18 +1264,7 @@ async def test_acks_asked_for_while_a_given_up_channel_closes_never_follow_its_c
     written in time) while its other deliveries finished: their acks followed the Close,
     and the broker closed the connection (`CHANNEL_ERROR - expected 'channel.open'`),
     every consumer's and publisher's channel with it, logged as the broker's outage."""
-    monkeypatch.setattr(consumer_module, "ACK_TIMEOUT", 0.2)
-    write = ChannelAcks._write
-    blocked = True
-
-    async def first_write_blocks(acks: ChannelAcks, ready: Mapping[int, object]) -> None:
-        nonlocal blocked
-        if blocked:
-            blocked = False
-            await asyncio.Event().wait()  # as a write to a blocked connection waits
-        await write(acks, ready)
-
-    monkeypatch.setattr(ChannelAcks, "_write", first_write_blocks)
+    first_ack_never_written(monkeypatch)
     closing = asyncio.Event()
     close_channel = consumer_module.close_channel
 
