@@ -44,6 +44,7 @@ from financing.adapters.rabbitmq.publisher import AmqpCommandSender, Publisher
 from financing.adapters.rabbitmq.topology_watch import TopologyWatch
 from financing.application import routes
 from financing.application.errors import Fault, Unavailable
+from financing.application.pace import RelayPace
 from financing.application.pipeline import (
     Handler,
     HandlerPart,
@@ -99,6 +100,7 @@ RECORDS_PROJECTIONS = frozenset({"projector"})
 NEEDS_BROKER = frozenset(COMPONENTS) - {"queries-api"}
 CONSUMES_EVENTS = frozenset({"integration", "policies", "projector"})
 CONSUMES = CONSUMES_EVENTS | {"commands"}
+APPENDS = frozenset({"commands", "policies"})
 GRPC_COMPONENTS = frozenset({"commands-api", "queries-api"})
 
 # Deliveries a command or policy consumer works on at once.
@@ -285,10 +287,13 @@ async def _broker_components(
     if command_pool is not None:
         store = PostgresEventStore(command_pool, snapshot_interval=settings.snapshot_interval)
         stack.push_async_callback(store.close)
+        pace = RelayPace(_relay_waiting(PostgresOutbox(command_pool)))
+        if selected & APPENDS:
+            service.workers["relay-pace"] = pace.run
         if "commands" in selected:
-            wiring.store_routes(routes.COMMANDS, store)
+            wiring.store_routes(routes.COMMANDS, store, pace)
         if "policies" in selected:
-            wiring.store_routes(routes.POLICIES, store)
+            wiring.store_routes(routes.POLICIES, store, pace)
         if "relayer" in selected:
             wiring.relayer(command_pool, settings.command_db, stack, opened.store_name)
     if "integration" in selected:
@@ -370,6 +375,16 @@ def _health(service: Service, outages: Outages) -> HealthWatch:
     return service.health
 
 
+def _relay_waiting(outbox: PostgresOutbox) -> Callable[[], Awaitable[int]]:
+    """How many events wait to be relayed (what `RelayPace` reads)."""
+
+    async def waiting() -> int:
+        count, _ = await outbox.lag()
+        return count
+
+    return waiting
+
+
 def _grpc_tls(settings: Settings, service: Service) -> ServerTls | None:
     """The TLS of the gRPC ports this process serves, its files read before anything is
     opened (and watched for changes); None: none served, or plaintext."""
@@ -435,9 +450,17 @@ class _Wiring:
         self._service = service
         self._dead_letters = DeadLetters(publisher, outages, policy)
 
-    def store_routes(self, table: Iterable[routes.Route[StoreHandler]], store: EventStore) -> None:
+    def store_routes(
+        self, table: Iterable[routes.Route[StoreHandler]], store: EventStore, pace: RelayPace
+    ) -> None:
+        """Consumers that append, each handling a delivery only while appending keeps to
+        the relayer's pace."""
         for route in table:
-            self._consumer(route.message_name, exactly_once(store, route.consumer, route.handler))
+            self._consumer(
+                route.message_name,
+                exactly_once(store, route.consumer, route.handler),
+                parts=(pace.paced,),
+            )
 
     def sending_routes(
         self, table: Iterable[routes.Route[SendingHandler]], sender: CommandSender
@@ -450,13 +473,15 @@ class _Wiring:
         step = retried(self._policy, self._outages)(topology.unrouted(watch.declare_soon))
         self._deliveries(topology.UNROUTED_QUEUE, step)
 
-    def _consumer(self, message_name: str, handler: Handler) -> None:
+    def _consumer(
+        self, message_name: str, handler: Handler, parts: Sequence[HandlerPart] = ()
+    ) -> None:
         subscription = topology.subscription(message_name)
         step = subscription.step(
             handler,
             policy=self._policy,
             outages=self._outages,
-            handler_parts=self._overrides.handler_parts,
+            handler_parts=(*self._overrides.handler_parts, *parts),
         )
         self._deliveries(subscription.queue, step)
 

@@ -1,0 +1,94 @@
+"""Appending kept to the relayer's pace.
+
+Every event a handler appends is published in commit order, behind every event
+appended before it. Handlers that appended faster than the relayer published (a
+backlog of queued registrations drained after a restart: about 500 events a second
+appended, 250 relayed, the two sharing one process) let the relay lag grow for as
+long as the backlog lasted, to 123,000 events and 288 s, and a bid made meanwhile
+waited 236 s for its saga, each of its steps behind the whole lag.
+
+While more than MOST_WAITING events wait to be relayed, the handlers that append
+(commands and policies) wait before they handle a delivery, until at most
+RESUME_AT do: deliveries wait in their queues instead, where a command of another
+queue (a live saga's) is not behind them. The lag is looked at every LOOK_EVERY
+seconds; one line says when appending begins to wait, one when it goes on. A lag
+that cannot be read (the database down) leaves the handlers as they are: their own
+units of work meet the outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from financing.application.errors import Unavailable
+from financing.application.pipeline import Decoded, Handler, Outcome
+from financing.logging import get_logger
+
+log = get_logger(__name__)
+
+# Events waiting to be relayed beyond which appending waits; the lag counts those the
+# relayer published and has yet to mark (up to 1,024), so it rises well above that.
+MOST_WAITING = 4096
+# And at most how many may wait for appending to go on.
+RESUME_AT = 2048
+# Seconds between two looks at the lag.
+LOOK_EVERY = 2.0
+
+
+class RelayPace:
+    """Whether appending may go on, from the number of events waiting to be relayed."""
+
+    def __init__(
+        self,
+        waiting: Callable[[], Awaitable[int]],
+        *,
+        most_waiting: int | None = None,
+        resume_at: int | None = None,
+    ) -> None:
+        """`waiting`: how many events wait to be relayed; the bounds are MOST_WAITING
+        and RESUME_AT unless given."""
+        self._waiting = waiting
+        self._most = MOST_WAITING if most_waiting is None else most_waiting
+        self._resume_at = RESUME_AT if resume_at is None else resume_at
+        self._going = asyncio.Event()
+        self._going.set()
+
+    @property
+    def holding(self) -> bool:
+        """Whether appending waits for the relayer."""
+        return not self._going.is_set()
+
+    async def run(self, every: float | None = None) -> None:
+        """Until cancelled: the lag looked at every `every` seconds (LOOK_EVERY)."""
+        while True:
+            await self.look()
+            await asyncio.sleep(LOOK_EVERY if every is None else every)  # the period
+
+    async def look(self) -> None:
+        """The lag read, and appending held or let go by it."""
+        try:
+            waiting = await self._waiting()
+        except Unavailable:
+            return  # said by the outage; the handlers meet it themselves
+        if not self.holding and waiting > self._most:
+            self._going.clear()
+            log.warning(
+                "appending waits for the relayer: more events wait to be relayed than it"
+                " may run ahead of them",
+                waiting_events=waiting,
+                most=self._most,
+            )
+        elif self.holding and waiting <= self._resume_at:
+            self._going.set()
+            log.info("appending goes on: the relayer caught up", waiting_events=waiting)
+
+    def paced(self, handler: Handler) -> Handler:
+        """`handler`, handling a delivery only while appending may go on."""
+
+        async def paced(decoded: Decoded) -> Outcome:
+            if self.holding:
+                await self._going.wait()
+            return await handler(decoded)
+
+        return paced
