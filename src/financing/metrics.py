@@ -107,6 +107,13 @@ RELAYER_LAG_SECONDS = _registered(
         "Age of the oldest event committed and not yet behind the relayer's checkpoint.",
     )
 )
+APPENDING_PACED = _registered(
+    SetGauge(
+        "financing_appending_paced",
+        "1 while the consumers that append handle one delivery at a time each, too many"
+        " events waiting to be relayed; 0 otherwise.",
+    )
+)
 DEPENDENCY_UP = Gauge(
     "financing_dependency_up",
     "1 while a dependency works for this process, 0 during its outage (from the failure"

@@ -40,7 +40,7 @@ from financing.domain.aggregates import Investor
 from financing.domain.events import BidOnInvoicePlacedEvent
 from financing.entrypoints.cli import console
 from tests.support import infra
-from tests.support.infra import wait_until
+from tests.support.infra import holds, wait_until
 from tests.support.relay import Relay
 from tests.support.service import free_port
 
@@ -551,6 +551,36 @@ async def test_a_health_probe_finding_every_pooled_session_busy_says_so(
         "every one of its 2 pooled sessions is busy: their statements wait on a lock"
         " another session holds, or are that slow"
     )
+
+
+@pytest.mark.parametrize("probe", [ping, writable], ids=["ping", "writable"])
+async def test_a_health_probe_behind_the_services_own_units_of_work_finds_the_database_up(
+    database: Database, monkeypatch: pytest.MonkeyPatch, probe: Any
+) -> None:
+    """Regression: with more deliveries in flight than pooled sessions, the probe waited
+    in the pool's line behind the service's own units of work, which went on ending, and
+    the command database was said to be down, every session busy (5.5-6.8 s each time)."""
+    monkeypatch.setattr(connection_module, "PROBE_POOL_WAIT", 0.2)
+    pool = await create_pool(replace(database, pool_max_size=2), COMMAND_DATABASE, min_size=2)
+    stop = asyncio.Event()
+    ended = 0
+
+    async def unit_of_work() -> None:
+        nonlocal ended
+        while not stop.is_set():
+            async with acquired(pool, COMMAND_DATABASE) as conn:
+                await conn.fetchval("SELECT pg_sleep(0.05)")
+            ended += 1
+
+    working = [asyncio.create_task(unit_of_work()) for _ in range(40)]
+    try:
+        await wait_until(lambda: holds(ended >= 2), what="units of work ending")
+        async with asyncio.timeout(5):
+            await probe(pool, COMMAND_DATABASE)  # not Unavailable
+    finally:
+        stop.set()
+        await asyncio.gather(*working)
+        await close_pool(pool)
 
 
 async def test_the_services_sessions_compile_no_statement_unless_the_connection_string_says(

@@ -1,12 +1,12 @@
-"""A service whose handlers append faster than the relayer publishes holds appending
-until the relayer has caught up: the commands wait in their queue, not the events in the
-event store."""
+"""A service whose handlers append faster than the relayer publishes paces appending,
+one delivery at a time for each queue, until the relayer has caught up: the commands
+wait in their queue, not the events in the event store."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 
 import asyncpg
@@ -14,12 +14,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from financing.application import pace
+from financing.application.pipeline import Decoded, Handler, Outcome
 from financing.config import Database, Settings
-from financing.entrypoints.bootstrap import bootstrap
+from financing.entrypoints.bootstrap import Overrides, bootstrap
 from financing.entrypoints.supervisor import supervise
 from tests.support import infra
 from tests.support.deployment import service_env
-from tests.support.rabbitmq import list_queues
 from tests.support.service import free_port, run_cli
 
 ISSUERS = 300
@@ -42,7 +42,32 @@ async def _events(db: Database) -> int:
         await conn.close()
 
 
-async def test_appending_waits_while_the_relayer_is_behind_and_goes_on_once_it_caught_up(
+class Concurrency:
+    """A handler part noting how many commands that append (CreateIssuer) it handles at
+    once: the most among those begun before appending was paced, and among those begun
+    while it was. (The integration handler, which appends nothing, is not paced.)"""
+
+    def __init__(self, paced: Callable[[], bool]) -> None:
+        self._paced = paced
+        self._now: dict[tuple[str, bool], int] = {}
+        self.most = {False: 0, True: 0}
+
+    def __call__(self, handler: Handler) -> Handler:
+        async def noted(decoded: Decoded) -> Outcome:
+            if decoded.envelope.name != "CreateIssuer":
+                return await handler(decoded)
+            begun = (decoded.envelope.name, self._paced())
+            self._now[begun] = self._now.get(begun, 0) + 1
+            self.most[begun[1]] = max(self.most[begun[1]], self._now[begun])
+            try:
+                return await handler(decoded)
+            finally:
+                self._now[begun] -= 1
+
+        return noted
+
+
+async def test_appending_is_paced_while_the_relayer_is_behind_and_no_longer_once_caught_up(
     databases: tuple[Database, Database], amqp_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Regression: with a backlog of queued commands, the handlers appended about twice as
@@ -60,12 +85,22 @@ async def test_appending_waits_while_the_relayer_is_behind_and_goes_on_once_it_c
         amqp_url=amqp_url,
         metrics_address=None,
     )
-    vhost = amqp_url.rsplit("/", 1)[1]
     with capture_logs() as logs:
+
+        def said(event: str) -> bool:
+            return any(line["event"].startswith(event) for line in logs)
+
+        concurrency = Concurrency(
+            lambda: said("appending is paced") and not said("appending is no longer paced")
+        )
         async with AsyncExitStack() as stack:
             # Commands handled, nothing relayed: the relayer is stopped, or far behind.
             appending = await bootstrap(
-                settings, ("integration", "commands"), stack, deadline=time.monotonic() + 30
+                settings,
+                ("integration", "commands"),
+                stack,
+                deadline=time.monotonic() + 30,
+                overrides=Overrides(handler_parts=(concurrency,)),
             )
             stop = asyncio.Event()
             running = asyncio.create_task(supervise(appending, stop))
@@ -76,19 +111,11 @@ async def test_appending_waits_while_the_relayer_is_behind_and_goes_on_once_it_c
                 env, "populate", "--issuers", str(ISSUERS), "--investors", "0"
             )
             assert populated.exit_code == 0, populated.describe()
-
-            def said(event: str) -> bool:
-                return any(line["event"].startswith(event) for line in logs)
-
             await infra.wait_until(
-                lambda: infra.holds(said("appending waits for the relayer")),
+                lambda: infra.holds(said("appending is paced")),
                 timeout=30,
-                what="appending held",
+                what="appending paced",
             )
-            held_at = await _events(commands)
-            queued = (await list_queues(vhost))["CreateIssuer"]["messages_ready"]
-            assert held_at < ISSUERS and queued > 0, (held_at, queued)
-
             relaying = await bootstrap(
                 settings, ("relayer",), stack, deadline=time.monotonic() + 30
             )
@@ -99,8 +126,14 @@ async def test_appending_waits_while_the_relayer_is_behind_and_goes_on_once_it_c
                 return await _events(commands) == ISSUERS
 
             await infra.wait_until(all_appended, timeout=60, what="every issuer created")
-            assert said("appending goes on: the relayer caught up")
+            await infra.wait_until(
+                lambda: infra.holds(said("appending is no longer paced")),
+                timeout=30,
+                what="appending no longer paced",
+            )
             stop.set()
             relayer_stop.set()
             assert await running == 0
             assert await relayer == 0
+    # Up to the prefetch at once before (32 deliveries), one at a time while paced.
+    assert concurrency.most[False] > 1 and concurrency.most[True] == 1, concurrency.most

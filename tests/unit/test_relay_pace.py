@@ -1,5 +1,6 @@
-"""Appending kept to the relayer's pace: handlers wait while too many events wait to be
-relayed, and go on once few do."""
+"""Appending kept to the relayer's pace: while too many events wait to be relayed, each
+consumer that appends handles one delivery at a time, and as many as it is given once
+few do."""
 
 from __future__ import annotations
 
@@ -26,43 +27,65 @@ class Lag:
         return self.waiting
 
 
-def _decoded() -> Decoded:
-    return cast(Decoded, object())  # the handler here reads nothing of it
+class Handling:
+    """A handler whose calls each wait for the test to let them end; it notes how many
+    run at once."""
 
+    def __init__(self) -> None:
+        self.running = 0
+        self.most = 0
+        self.end = asyncio.Event()
 
-async def test_handlers_wait_while_too_many_events_wait_to_be_relayed() -> None:
-    lag = Lag()
-    pace = RelayPace(lag, most_waiting=100, resume_at=40)
-    handled: list[str] = []
-
-    async def handler(decoded: Decoded) -> Outcome:
-        handled.append("handled")
+    async def __call__(self, decoded: Decoded) -> Outcome:
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await self.end.wait()
+        finally:
+            self.running -= 1
         return Outcome.processed()
 
-    paced = pace.paced(handler)
+
+async def _two_at_once(pace: RelayPace, handling: Handling) -> int:
+    """Two deliveries handled at once by `pace`'s handler: how many ran together."""
+    handling.most = 0
+    handling.end.clear()
+    paced = pace.paced(handling)
+    calls = [asyncio.create_task(paced(cast(Decoded, object()))) for _ in range(2)]
+    # Not true at the first look (neither has run yet): by the next, both have run as
+    # far as they were let.
+    await wait_until(lambda: holds(handling.running >= 1), what="a delivery handled")
+    handling.end.set()
+    await asyncio.gather(*calls)
+    return handling.most
+
+
+async def test_while_too_many_events_wait_each_consumer_handles_one_delivery_at_a_time() -> None:
+    lag = Lag()
+    pace = RelayPace(lag, most_waiting=100, resume_at=40)
+    handling = Handling()
     with capture_logs() as logs:
-        lag.waiting = 100  # at the bound: appending goes on
+        lag.waiting = 100  # at the bound: not paced
         await pace.look()
-        await paced(_decoded())
+        assert await _two_at_once(pace, handling) == 2
         lag.waiting = 101
         await pace.look()
-        waiting = asyncio.create_task(paced(_decoded()))
+        assert await _two_at_once(pace, handling) == 1
         lag.waiting = 41  # fewer, not yet few enough
         await pace.look()
         lag.waiting = None  # a lag that cannot be read changes nothing
         await pace.look()
-        assert pace.holding and not waiting.done()
+        assert pace.holding
         lag.waiting = 40
         await pace.look()
-        await asyncio.wait_for(waiting, 5)
-    assert handled == ["handled", "handled"]
+        assert await _two_at_once(pace, handling) == 2
     assert [(line["log_level"], line["event"]) for line in logs] == [
         (
             "warning",
-            "appending waits for the relayer: more events wait to be relayed than it may run"
-            " ahead of them",
+            "appending is paced, one delivery at a time for each queue: more events wait to"
+            " be relayed than the handlers may run ahead of the relayer",
         ),
-        ("info", "appending goes on: the relayer caught up"),
+        ("info", "appending is no longer paced: the relayer caught up"),
     ]
     assert logs[0]["waiting_events"] == 101
 
@@ -73,8 +96,8 @@ async def test_the_lag_is_looked_at_by_itself() -> None:
     looking = asyncio.create_task(pace.run(every=0.01))
     try:
         lag.waiting = 11
-        await wait_until(lambda: holds(pace.holding), what="appending held")
+        await wait_until(lambda: holds(pace.holding), what="appending paced")
         lag.waiting = 5
-        await wait_until(lambda: holds(not pace.holding), what="appending let go")
+        await wait_until(lambda: holds(not pace.holding), what="appending no longer paced")
     finally:
         looking.cancel()

@@ -7,13 +7,14 @@ appended, 250 relayed, the two sharing one process) let the relay lag grow for a
 long as the backlog lasted, to 123,000 events and 288 s, and a bid made meanwhile
 waited 236 s for its saga, each of its steps behind the whole lag.
 
-While more than MOST_WAITING events wait to be relayed, the handlers that append
-(commands and policies) wait before they handle a delivery, until at most
-RESUME_AT do: deliveries wait in their queues instead, where a command of another
-queue (a live saga's) is not behind them. The lag is looked at every LOOK_EVERY
-seconds; one line says when appending begins to wait, one when it goes on. A lag
-that cannot be read (the database down) leaves the handlers as they are: their own
-units of work meet the outage.
+While more than MOST_WAITING events wait to be relayed, each consumer that appends
+(of a command queue, of a policy's events) handles one delivery at a time instead of
+up to its prefetch, until at most RESUME_AT events wait: a backlog's queue then
+appends at the pace of one unit of work after another, the rest of it waiting in
+the queue, and a live saga's commands and events, on other queues, are still taken
+at once. The lag is looked at every LOOK_EVERY seconds; one line says when appending
+is paced, one when it is no longer. A lag that cannot be read (the database down)
+leaves the pace as it is: the handlers' own units of work meet the outage.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+from financing import metrics
 from financing.application.errors import Unavailable
 from financing.application.pipeline import Decoded, Handler, Outcome
 from financing.logging import get_logger
@@ -37,7 +39,7 @@ LOOK_EVERY = 2.0
 
 
 class RelayPace:
-    """Whether appending may go on, from the number of events waiting to be relayed."""
+    """Whether appending is paced, from the number of events waiting to be relayed."""
 
     def __init__(
         self,
@@ -51,12 +53,12 @@ class RelayPace:
         self._waiting = waiting
         self._most = MOST_WAITING if most_waiting is None else most_waiting
         self._resume_at = RESUME_AT if resume_at is None else resume_at
-        self._going = asyncio.Event()
+        self._going = asyncio.Event()  # set: not paced
         self._going.set()
 
     @property
     def holding(self) -> bool:
-        """Whether appending waits for the relayer."""
+        """Whether appending is paced: one delivery at a time for each consumer."""
         return not self._going.is_set()
 
     async def run(self, every: float | None = None) -> None:
@@ -66,7 +68,7 @@ class RelayPace:
             await asyncio.sleep(LOOK_EVERY if every is None else every)  # the period
 
     async def look(self) -> None:
-        """The lag read, and appending held or let go by it."""
+        """The lag read, and appending paced or no longer by it."""
         try:
             waiting = await self._waiting()
         except Unavailable:
@@ -74,21 +76,24 @@ class RelayPace:
         if not self.holding and waiting > self._most:
             self._going.clear()
             log.warning(
-                "appending waits for the relayer: more events wait to be relayed than it"
-                " may run ahead of them",
+                "appending is paced, one delivery at a time for each queue: more events"
+                " wait to be relayed than the handlers may run ahead of the relayer",
                 waiting_events=waiting,
                 most=self._most,
             )
         elif self.holding and waiting <= self._resume_at:
             self._going.set()
-            log.info("appending goes on: the relayer caught up", waiting_events=waiting)
+            log.info("appending is no longer paced: the relayer caught up", waiting_events=waiting)
+        metrics.APPENDING_PACED.set(int(self.holding))
 
     def paced(self, handler: Handler) -> Handler:
-        """`handler`, handling a delivery only while appending may go on."""
+        """`handler` (of one consumer), handling one delivery at a time while paced."""
+        one_at_a_time = asyncio.Lock()
 
         async def paced(decoded: Decoded) -> Outcome:
-            if self.holding:
-                await self._going.wait()
-            return await handler(decoded)
+            if not self.holding:
+                return await handler(decoded)
+            async with one_at_a_time:
+                return await handler(decoded)
 
         return paced
