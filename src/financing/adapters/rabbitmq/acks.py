@@ -20,7 +20,7 @@ writes a channel's frames until the broker's answer to its Close arrives, and a
 frame the broker reads after a channel's Close is a breach of the protocol for
 which it closes the whole connection, every consumer's and publisher's channel.
 Under load that answer took seconds, and acks asked for meanwhile followed the
-Close: the broker and both databases' work stopped for 13 to 47 s, logged as the
+Close: every consumer and the publisher stopped for 13 to 47 s, logged as the
 broker's outage.
 """
 

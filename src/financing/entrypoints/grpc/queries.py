@@ -17,9 +17,9 @@ broker and the database were taken for gone, and it grew by 4 GB, 1.7 GB of whic
 stayed for as long as the callers kept their connections.
 
 A call waits for its turn, in the order calls came, at most BUSY_WAIT; then it is
-answered UNAVAILABLE (busy), nothing read. While every reply's place is taken the
-server is busy (`busy`), and a connection's calls beyond a few begun meanwhile are
-put aside at the edge (`edge.GrpcServer`). Waiting without bound, 2,000 calls in
+answered UNAVAILABLE (busy), nothing read. While calls wait the server is busy
+(`busy`), and a connection's calls beyond a few begun meanwhile are put aside at the
+edge (`edge.GrpcServer`). Waiting without bound, 2,000 calls in
 flight from clients that retry at once queued behind each other until their
 deadlines: 50 of 24,023 answered in a minute (0.8 a second), where one polite client
 got 6.6 a second, and the process spent itself beginning and cutting calls.
