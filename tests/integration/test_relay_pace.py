@@ -20,6 +20,7 @@ from financing.entrypoints.bootstrap import Overrides, bootstrap
 from financing.entrypoints.supervisor import supervise
 from tests.support import infra
 from tests.support.deployment import service_env
+from tests.support.rabbitmq import connection_names
 from tests.support.service import free_port, run_cli
 
 ISSUERS = 300
@@ -137,3 +138,48 @@ async def test_appending_is_paced_while_the_relayer_is_behind_and_no_longer_once
             assert await relayer == 0
     # Up to the prefetch at once before (32 deliveries), one at a time while paced.
     assert concurrency.most[False] > 1 and concurrency.most[True] == 1, concurrency.most
+
+
+async def test_the_relayer_publishes_on_a_connection_of_its_own(
+    databases: tuple[Database, Database], amqp_url: str
+) -> None:
+    """Regression: the relayer published on the connection the Commands API publishes
+    on; a flood of commands held its events' confirms unread past their timeout, and the
+    broker was logged as down while it confirmed in milliseconds. Each connection is
+    named, as the broker's management shows it."""
+    commands, queries = databases
+    settings = Settings(
+        command_address=("127.0.0.1", free_port()),
+        query_address=("127.0.0.1", free_port()),
+        command_db=commands,
+        query_db=queries,
+        amqp_url=amqp_url,
+        metrics_address=None,
+    )
+    vhost = amqp_url.rsplit("/", 1)[1]
+    async with AsyncExitStack() as stack:
+        running = await bootstrap(
+            settings,
+            ("commands-api", "integration", "commands", "relayer"),
+            stack,
+            deadline=time.monotonic() + 30,
+        )
+        stop = asyncio.Event()
+        supervising = asyncio.create_task(supervise(running, stop))
+        try:
+            # The relayer's connection is opened by its first publish: an event appended.
+            env = service_env(
+                commands, queries, amqp_url, *(("127.0.0.1", free_port()) for _ in range(3))
+            )
+            sent = await run_cli(env, "populate", "--issuers", "1", "--investors", "0")
+            assert sent.exit_code == 0, sent.describe()
+
+            async def both() -> bool:
+                named = await connection_names(vhost)
+                return {"financing", "financing relayer"} <= set(named)
+
+            await infra.wait_until(both, what="the relayer's connection beside the API's")
+            assert (await connection_names(vhost)).count("financing relayer") == 1
+        finally:
+            stop.set()
+            assert await supervising == 0

@@ -64,6 +64,21 @@ async def list_queues(vhost: str) -> dict[str, dict[str, Any]]:
     return {row["name"]: row for row in rows}
 
 
+async def connection_names(vhost: str) -> list[str]:
+    """The names the client connections of `vhost` gave themselves (one per connection)."""
+    rows = await asyncio.to_thread(
+        _rabbitmqctl_json, "list_connections", "-p", vhost, "client_properties"
+    )
+    # Each property as [key, type, value].
+    return [
+        next(
+            (str(value) for key, _, value in row["client_properties"] if key == "connection_name"),
+            "",
+        )
+        for row in rows
+    ]
+
+
 async def list_exchanges(vhost: str) -> dict[str, dict[str, Any]]:
     rows = await asyncio.to_thread(
         _rabbitmqctl_json, "list_exchanges", "-p", vhost, "name", "type", "durable"

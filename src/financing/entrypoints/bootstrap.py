@@ -295,7 +295,18 @@ async def _broker_components(
         if "policies" in selected:
             wiring.store_routes(routes.POLICIES, store, pace)
         if "relayer" in selected:
-            wiring.relayer(command_pool, settings.command_db, stack, opened.store_name)
+            # A connection of its own: on the one the Commands API publishes on, a flood
+            # of commands held the relayed events' confirms unread past their timeout,
+            # and the broker was logged as down while it confirmed in milliseconds.
+            relaying = Broker(
+                settings.amqp_urls,
+                outages,
+                queue_type=settings.queue_type,
+                announced=False,
+                name="financing relayer",
+            )
+            stack.push_async_callback(relaying.close)
+            wiring.relayer(command_pool, settings.command_db, stack, opened.store_name, relaying)
     if "integration" in selected:
         wiring.sending_routes(routes.INTEGRATION, AmqpCommandSender(publisher))
     if query_pool is not None and "projector" in selected:
@@ -523,13 +534,21 @@ class _Wiring:
         self._add("projector", run, consumer)
 
     def relayer(
-        self, pool: asyncpg.Pool, db: Database, stack: AsyncExitStack, store: str | None
+        self,
+        pool: asyncpg.Pool,
+        db: Database,
+        stack: AsyncExitStack,
+        store: str | None,
+        broker: Broker,
     ) -> None:
+        """The relayer, publishing on `broker`'s connection."""
         wake_up = CommitListener(db)
         stack.push_async_callback(wake_up.close)
+        publisher = Publisher(broker)
+        stack.push_async_callback(publisher.close)
         relayer = Relayer(
             PostgresOutbox(pool),
-            self._publisher,
+            publisher,
             PostgresRelayerLock(db),
             wake_up,
             self._outages,

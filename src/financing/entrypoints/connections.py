@@ -32,9 +32,10 @@ H = TypeVar("H", bound=Held)
 
 
 # The file descriptors the process needs besides its database pools' sessions and its
-# servers' connections: the broker's connection, its listeners, its dedicated database
-# sessions (the relayer's, the commit bell's), the event loop's and the runtime's own
-# (about 26 at rest, the pools' first sessions included), with room to spare.
+# servers' connections: the broker's connections (the relayer has one of its own), its
+# listeners, its dedicated database sessions (the relayer's, the commit bell's), the
+# event loop's and the runtime's own (about 27 at rest, the pools' first sessions
+# included), with room to spare.
 OWN_DESCRIPTORS = 32
 
 

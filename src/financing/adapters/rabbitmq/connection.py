@@ -87,10 +87,13 @@ def _left_pending_at_a_close(error: BaseException) -> bool:
     return type(error) is Exception and not error.args
 
 
-def _with_heartbeat(url: str) -> URL:
-    """`url`, asking for HEARTBEAT unless it sets its own heartbeat."""
+def _with_heartbeat(url: str, name: str) -> URL:
+    """`url`, asking for HEARTBEAT unless it sets its own heartbeat, and naming the
+    connection `name` (what the broker's management shows) unless it names it."""
     parsed = URL(url)
-    return parsed if "heartbeat" in parsed.query else parsed.update_query(heartbeat=HEARTBEAT)
+    if "heartbeat" not in parsed.query:
+        parsed = parsed.update_query(heartbeat=HEARTBEAT)
+    return parsed if "name" in parsed.query else parsed.update_query(name=name)
 
 
 def is_broker_error(error: BaseException) -> bool:
@@ -341,10 +344,13 @@ class Broker:
         *,
         queue_type: str = "classic",
         announced: bool = True,
+        name: str = "financing",
     ) -> None:
+        """`name`: the connection's, as the broker's management shows it."""
         if not urls:
             raise ValueError("at least one broker URL is needed")
         self._urls = tuple(urls)
+        self._name = name
         # The type of the queues declared on this broker (FINANCING_QUEUE_TYPE).
         self.queue_type = queue_type
         self._outages = outages
@@ -414,7 +420,7 @@ class Broker:
         for url in self._urls:
             try:
                 connection = await aio_pika.connect(
-                    _with_heartbeat(url),
+                    _with_heartbeat(url, self._name),
                     timeout=CONNECT_TIMEOUT,
                     connection_class=ClosedIfNotOpened,
                 )
