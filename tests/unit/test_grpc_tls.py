@@ -4,6 +4,7 @@ is set, the files read again when they change, and files that cannot be used nam
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,7 +29,7 @@ from financing.config import (
     parse_grpc_tls,
 )
 from financing.entrypoints.cli.health_check import health_check
-from financing.entrypoints.grpc import edge
+from financing.entrypoints.grpc import edge, tls_watch
 from financing.entrypoints.grpc.codec import RequestCodec
 from financing.entrypoints.grpc.edge import GrpcServer
 from financing.entrypoints.grpc.tls import UnusableFiles, server_context
@@ -84,14 +85,26 @@ def _client(trusted: trustme.CA, certified_by: trustme.CA | None = None) -> ssl.
 
 
 @asynccontextmanager
-async def _serving(tls: ServerTls | None) -> AsyncIterator[int]:
-    """A gRPC server with health checking, served with `tls`, until the block ends: its port."""
+async def _serving(tls: ServerTls | None, connections: int | None = None) -> AsyncIterator[int]:
+    """A gRPC server with health checking, served with `tls`, holding at most
+    `connections` connections, until the block ends: its port."""
+    async with _server(tls, connections) as server:
+        yield server._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
+@asynccontextmanager
+async def _server(
+    tls: ServerTls | None, connections: int | None = None
+) -> AsyncIterator[GrpcServer]:
     server = GrpcServer(
-        [Health()], codec=RequestCodec(), tls=None if tls is None else tls.listening
+        [Health()],
+        codec=RequestCodec(),
+        tls=None if tls is None else tls.listening,
+        connections=connections,
     )
     await server.start("127.0.0.1", 0)
     try:
-        yield server._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        yield server
     finally:
         server.close()
         await server.wait_closed()
@@ -242,7 +255,7 @@ def test_a_missing_file_is_named_with_its_variable(files: Files, tmp_path: Path)
 def test_files_of_the_wrong_kind_are_named(files: Files, tmp_path: Path) -> None:
     cert, key = files.tls.cert_file, files.tls.key_file
     assert _unusable(GrpcTls(key, key)).startswith("GRPC_TLS_CERT_FILE:")
-    assert "no private key" in _unusable(GrpcTls(cert, cert))
+    assert "holds no PEM private key of the certificate" in _unusable(GrpcTls(cert, cert))
     other = trustme.CA().issue_cert(NAME)
     other.private_key_pem.write_to_path(tmp_path / "other.key")
     assert "is not the one of the certificate" in _unusable(
@@ -338,3 +351,107 @@ async def test_the_watch_reads_changed_files_by_itself(files: Files) -> None:
             await infra.wait_until(served, timeout=5, what="the renewed certificate served")
         finally:
             watching.cancel()
+
+
+async def test_connections_still_shaking_hands_count_against_the_servers_connections(
+    files: Files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: served by the listener, a TLS connection counted only once its
+    handshake was over: connections that never began theirs took every file descriptor
+    of the process, both ports and `/health` dark, for as long as they came."""
+    monkeypatch.setattr(edge, "PREFACE_TIMEOUT", 60.0)  # no help from the handshake's end
+    tls = ServerTls(files.server_only)
+    async with _server(tls, connections=4) as server:
+        port = server._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(10)]
+        try:
+            reads = [asyncio.create_task(reader.read()) for reader, _ in silent]
+
+            async def six_closed() -> bool:
+                return sum(read.done() and read.result() == b"" for read in reads) >= 6
+
+            # Closed to make room as the others came: not after the handshake's 60 s.
+            await infra.wait_until(six_closed, timeout=10, what="six silent ones closed")
+            # A client that shakes hands is served, making room among the silent ones.
+            assert await _check(port, _client(files.ca)) == "SERVING"
+        finally:
+            for _, writer in silent:
+                writer.close()
+            for read in reads:
+                read.cancel()
+
+        async def all_left() -> bool:
+            return not server._edge_connections.held()
+
+        await infra.wait_until(all_left, what="every connection gone from the count")
+
+
+def _resumed(
+    port: int, context: ssl.SSLContext, session: ssl.SSLSession | None
+) -> tuple[bool, ssl.SSLSession | None]:
+    """A connection with `context` offering `session`: whether it was resumed, and the
+    session it ends with (tickets are read with the server's first bytes)."""
+    with (
+        socket.create_connection(("127.0.0.1", port)) as raw,
+        context.wrap_socket(raw, server_hostname=NAME, session=session) as tls,
+    ):
+        tls.settimeout(5)
+        tls.recv(100)  # the server's SETTINGS, and any ticket before them
+        return tls.session_reused, tls.session
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+async def test_with_a_client_ca_no_session_is_resumed(
+    files: Files, version: ssl.TLSVersion
+) -> None:
+    """Regression: a resumed session skips the client's certificate, and a client whose
+    CA was taken out of the file went on being served on tickets the first context had
+    issued."""
+    client = _client(files.ca, certified_by=files.ca)
+    client.minimum_version = client.maximum_version = version
+    async with _serving(ServerTls(files.tls)) as port:
+        _, session = await asyncio.to_thread(_resumed, port, client, None)
+        resumed, _ = await asyncio.to_thread(_resumed, port, client, session)
+    assert not resumed
+
+
+async def test_files_refused_for_a_passing_reason_are_tried_again_unchanged(
+    files: Files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: files renewed while the process could open no file (every descriptor
+    taken for a moment) were said unusable once and never read again: the old
+    certificate was served until it expired."""
+    tls = ServerTls(files.server_only)
+    renewed_by = trustme.CA()
+    files.issue(renewed_by)
+    unusable = True
+
+    def passing(given: GrpcTls) -> ssl.SSLContext:
+        nonlocal unusable
+        if unusable:
+            unusable = False
+            raise UnusableFiles("GRPC_TLS_CERT_FILE: cannot read it: Too many open files")
+        return server_context(given)
+
+    monkeypatch.setattr(tls_watch, "server_context", passing)
+    async with _serving(tls) as port:
+        with capture_logs() as logs:
+            assert not tls.reload()
+            assert tls.reload()  # the same files, readable now
+        assert await _check(port, _client(renewed_by)) == "SERVING"
+    assert [line["log_level"] for line in logs] == ["warning", "info"]
+
+
+def test_a_key_of_another_type_than_the_certificate_is_named_as_not_its(
+    files: Files, tmp_path: Path
+) -> None:
+    other = trustme.CA(key_type=trustme.KeyType.ECDSA).issue_cert(NAME)
+    other.private_key_pem.write_to_path(tmp_path / "ecdsa.key")
+    other.cert_chain_pems[0].write_to_path(tmp_path / "ecdsa.pem")
+    for cert, key in (
+        (files.tls.cert_file, str(tmp_path / "ecdsa.key")),
+        (str(tmp_path / "ecdsa.pem"), files.tls.key_file),
+    ):
+        said = _unusable(GrpcTls(cert, key))
+        assert said.startswith("GRPC_TLS_KEY_FILE:"), said
+        assert f"of the certificate in {cert}" in said, said

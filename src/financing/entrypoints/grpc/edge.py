@@ -51,6 +51,7 @@ to the whole process, and the answer that caller gets instead.
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import base64
 import binascii
 import contextlib
@@ -165,19 +166,15 @@ class GrpcServer(grpclib.server.Server):
 
     async def start(self, host: str, port: int) -> None:  # type: ignore[override]
         """Listening on `host:port`; an unspecified host takes IPv4 and IPv6 alike
-        (`listening.wildcard_socket`). grpclib's own start, but for a TLS handshake's
-        deadline (PREFACE_TIMEOUT, as for the HTTP/2 preface that follows), which it does
-        not pass: asyncio's default let a client that connected and said nothing hold a
-        connection, not yet counted as one, for a minute."""
+        (`listening.wildcard_socket`). grpclib's own start, but that TLS, when served, is
+        begun on each connection once it is counted (`_Protocol`): served by the
+        listener, a connection counted only once its handshake was over, and a flood of
+        connections that never began theirs took every file descriptor of the process,
+        both ports and `/health` dark, where plaintext ones were closed to make room."""
         if self._server is not None:
             raise RuntimeError("the server is started already")
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._protocol_factory,
-            **listening_at(host, port),
-            ssl=self._tls,
-            ssl_handshake_timeout=None if self._tls is None else PREFACE_TIMEOUT,
-        )
+        self._server = await loop.create_server(self._protocol_factory, **listening_at(host, port))
         self._server_closed_fut = loop.create_future()
 
     def go_away(self) -> None:
@@ -230,6 +227,7 @@ class GrpcServer(grpclib.server.Server):
         protocol = _Protocol(handler, self._config, self._h2_config)
         protocol.connections = self._edge_connections
         protocol.forget = lambda: self._forget(handler)
+        protocol.tls = self._tls
         return protocol
 
     def _forget(self, handler: grpclib.server.Handler) -> None:
@@ -507,6 +505,13 @@ class _Protocol(grpclib.protocol.H2Protocol):
     _last_call: int | None = None
     connections: Connections[_Protocol]
     forget: Callable[[], None]  # its handler let go once its calls have ended
+    tls: ssl.SSLContext | None = None  # what it is served with; None: plaintext
+    _begun = False  # HTTP/2 begun: at once, or once its TLS handshake is over
+    _left = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._early = bytearray()  # read before HTTP/2 was begun
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
@@ -516,6 +521,60 @@ class _Protocol(grpclib.protocol.H2Protocol):
             self.handler.close()  # so that the server lets it go
             transport.close()
             return
+        if self.tls is None:
+            self._begin(transport)
+            return
+        # The handshake takes the connection over at once, before anything is read:
+        # asyncio's TLS protocol, put in by hand (its `start_tls`, a coroutine, swaps
+        # protocols a turn of the loop later, and uvloop has read the client's first
+        # bytes by then).
+        loop = asyncio.get_running_loop()
+        shaken = loop.create_future()
+        handshake = asyncio.sslproto.SSLProtocol(
+            loop,
+            self,
+            self.tls,
+            shaken,
+            server_side=True,
+            call_connection_made=False,
+            ssl_handshake_timeout=cast(int, PREFACE_TIMEOUT),  # any number of seconds
+        )
+        transport.set_protocol(handshake)
+        handshake.connection_made(transport)
+        self._securing = asyncio.ensure_future(self._secure(transport, handshake, shaken))
+
+    async def _secure(
+        self,
+        plain: asyncio.BaseTransport,
+        handshake: asyncio.sslproto.SSLProtocol,
+        shaken: asyncio.Future[None],
+    ) -> None:
+        """HTTP/2 begun once the TLS handshake is over; a handshake that fails, or does
+        not end within PREFACE_TIMEOUT, closes the connection, counted and said."""
+        try:
+            await shaken
+        except Exception as error:  # whatever ended the handshake ends the connection
+            plain.close()
+            if not self._left and self._gone is None:
+                metrics.GRPC_CONNECTIONS_CLOSED.labels("tls_handshake").inc()
+                _SENT_AWAY.warn(
+                    f"gRPC connection closed: its TLS handshake failed ({_handshake(error)})",
+                    kind="tls handshake",
+                )
+            self._leave(None)
+            return
+        secured = handshake._app_transport
+        if secured is None or self._left or self._gone is not None:
+            # Gone, or sent away, while it shook hands.
+            if secured is not None:
+                secured.close()
+            self._leave(None)
+            return
+        self._transport = secured
+        self._begin(secured)
+
+    def _begin(self, transport: asyncio.BaseTransport) -> None:
+        self._begun = True
         super().connection_made(transport)
         h2 = self.connection._connection
         # h2 advertises MAX_HEADER_LIST (its default) and reads up to HEADERS_READ_MOST.
@@ -525,27 +584,45 @@ class _Protocol(grpclib.protocol.H2Protocol):
         self._control = _Allowance(CONTROL_FRAMES_BURST, CONTROL_FRAMES_PER_SECOND)
         self._resets = _Allowance(RESETS_BURST, RESETS_PER_SECOND)
         self._silent = asyncio.get_running_loop().call_later(PREFACE_TIMEOUT, self._not_begun)
+        early, self._early = bytes(self._early), bytearray()
+        if early:
+            self.data_received(early)
 
     def _not_begun(self) -> None:
         metrics.GRPC_CONNECTIONS_CLOSED.labels("no_preface").inc()
         self._transport.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if not self._refused:
-            self.connections.left(self)
-            for timer in (self._silent, self._gone):
-                if timer is not None:
-                    timer.cancel()
+        if self._refused:
+            self.forget()
+            return
+        self._leave(exc)
+
+    def _leave(self, exc: BaseException | None) -> None:
+        """Gone: no longer counted, its calls cancelled, its handler let go (once)."""
+        if self._left:
+            return
+        self._left = True
+        self.connections.left(self)
+        for timer in (self._silent, self._gone):
+            if timer is not None:
+                timer.cancel()
+        if self._begun:
             super().connection_lost(exc)  # its calls cancelled
         self.forget()
 
     @property
     def idle(self) -> bool:
         """Whether it has no call open, and is not being sent away already."""
-        return not self.processor.streams and self._gone is None
+        return (not self._begun or not self.processor.streams) and self._gone is None
 
     def data_received(self, data: bytes) -> None:
         if self._refused or self._gone is not None:
+            return
+        if not self._begun:
+            # Read over TLS as its handshake ended, before HTTP/2 is begun (a turn of
+            # the loop later): kept for then.
+            self._early += data
             return
         self.connections.active(self)
         # Counted before h2 parses them: a flood costs no more than its frames' headers.
@@ -595,6 +672,9 @@ class _Protocol(grpclib.protocol.H2Protocol):
         written past h2, whose GOAWAY ends the connection at once."""
         if self._refused or self._gone is not None or self._last_call is not None:
             return
+        if not self._begun:  # still shaking hands: it has no call to be answered
+            self._close_unbegun("shutdown")
+            return
         self._last_call = self.connection._connection.highest_inbound_stream_id
         # Begun, to be told at once that the service is shutting down.
         cast(_Handler, self.handler).begin_aside(every=True)
@@ -642,6 +722,9 @@ class _Protocol(grpclib.protocol.H2Protocol):
         at once, with its frames still arriving, the kernel would answer them with a
         reset that can destroy the GOAWAY before its client reads why. Counted under its
         debug data (`why` without any); a warning unless the code is NO_ERROR."""
+        if not self._begun:
+            self._close_unbegun(debug.decode() or why)
+            return
         metrics.GRPC_CONNECTIONS_CLOSED.labels(debug.decode() or why).inc()
         if code != ErrorCodes.NO_ERROR:
             _SENT_AWAY.warn(f"gRPC connection closed: {why}")
@@ -664,6 +747,21 @@ class _Protocol(grpclib.protocol.H2Protocol):
             with contextlib.suppress(OSError):  # the client has gone already
                 transport.write_eof()
         self._gone = loop.call_later(LINGER, self.processor.close, why)
+
+    def _close_unbegun(self, reason: str) -> None:
+        """Closed before its TLS handshake was over: nothing to tell it over HTTP/2."""
+        metrics.GRPC_CONNECTIONS_CLOSED.labels(reason).inc()
+        self._gone = asyncio.get_running_loop().call_soon(self._transport.close)
+
+
+def _handshake(error: Exception) -> str:
+    """Why a TLS handshake failed, in a few words (OpenSSL's reason where it gives one)."""
+    if isinstance(error, TimeoutError):
+        return f"not over within {PREFACE_TIMEOUT:g} s"
+    reason = getattr(error, "reason", None)
+    if reason:
+        return str(reason).lower().replace("_", " ")
+    return type(error).__name__
 
 
 def _stream(transport: asyncio.BaseTransport) -> asyncio.Transport:

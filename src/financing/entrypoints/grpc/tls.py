@@ -15,6 +15,10 @@ import ssl
 
 from financing.config import GRPC_TLS_CERT_FILE, GRPC_TLS_CLIENT_CA_FILE, GRPC_TLS_KEY_FILE, GrpcTls
 
+# TLS 1.2's suites that HTTP/2 allows (RFC 9113 section 9.2.2: ephemeral keys, AEAD);
+# TLS 1.3's are all allowed.
+HTTP2_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
 
 class UnusableFiles(Exception):
     """The TLS files cannot be used; the message names the variable and why."""
@@ -33,11 +37,17 @@ def server_context(tls: GrpcTls) -> ssl.SSLContext:
     for a certificate its client CA issued when it names one."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(HTTP2_CIPHERS)
     context.set_alpn_protocols(["h2"])
     _load_key_pair(context, tls.cert_file, tls.key_file)
     if tls.client_ca_file is not None:
         context.verify_mode = ssl.CERT_REQUIRED
         _load_authorities(context, tls.client_ca_file, GRPC_TLS_CLIENT_CA_FILE.name)
+        # No session resumed: a resumed session skips the client's certificate, and a
+        # client whose CA was taken out of the file went on being served on tickets the
+        # first context had issued.
+        context.options |= ssl.OP_NO_TICKET
+        context.num_tickets = 0
     return context
 
 
@@ -74,7 +84,13 @@ def _load_key_pair(context: ssl.SSLContext, cert_file: str, key_file: str) -> No
                 f" in {cert_file} ({cert})"
             ) from None
         if isinstance(error, ssl.SSLError):
-            raise UnusableFiles(f"{key}: {key_file} holds no private key in PEM form") from None
+            # OpenSSL's reason: a key of another type than the certificate's is not
+            # assigned to it, which the file's form alone does not say.
+            why = str(getattr(error, "reason", None) or "").lower().replace("_", " ")
+            raise UnusableFiles(
+                f"{key}: {key_file} holds no PEM private key of the certificate in"
+                f" {cert_file}" + (f" ({why})" if why else "")
+            ) from None
         raise UnusableFiles(_unreadable(key, key_file, error)) from None
 
 

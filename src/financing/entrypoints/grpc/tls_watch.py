@@ -3,7 +3,7 @@ seconds), as a certificate renewed in place or a mounted secret updated changes 
 the connections made after that are served with the new certificate, key and client
 CA, those open keep theirs. Files that cannot be used (a key that is not the
 certificate's, one written before the other) leave the previous ones in use, said once
-for each state of the files, until they can be.
+for each state of the files, and are tried again at every look until they can be.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class ServerTls:
         """Raises UnusableFiles for files that cannot be used."""
         self._tls = tls
         self._seen = self._state()
+        self._refused: tuple[object, ...] | None = None  # the state last said unusable
         self._current = server_context(tls)
         # The context listened with; each handshake is switched to the newest one.
         self.listening = self._current
@@ -53,17 +54,21 @@ class ServerTls:
         state = self._state()
         if state == self._seen:
             return False
-        self._seen = state
         try:
             context = server_context(self._tls)
         except UnusableFiles as error:
-            metrics.GRPC_TLS_RELOADS.labels("refused").inc()
-            log.warning(
-                "the gRPC TLS files changed and cannot be used: connections are still served"
-                " with the previous ones",
-                error=str(error),
-            )
+            # Tried again at every look: what stood in the way may pass (a file half
+            # written, descriptors all taken for a moment) without the files changing.
+            if state != self._refused:
+                self._refused = state
+                metrics.GRPC_TLS_RELOADS.labels("refused").inc()
+                log.warning(
+                    "the gRPC TLS files changed and cannot be used: connections are still"
+                    " served with the previous ones",
+                    error=str(error),
+                )
             return False
+        self._seen, self._refused = state, None
         self._current = context
         metrics.GRPC_TLS_RELOADS.labels("loaded").inc()
         log.info("the gRPC TLS files changed: new connections are served with them")
