@@ -35,6 +35,19 @@ async def databases() -> AsyncIterator[tuple[Database, Database]]:
         yield commands, queries
 
 
+def _settings(databases: tuple[Database, Database], amqp_url: str) -> Settings:
+    """The settings of a service on `databases` and the broker at `amqp_url`."""
+    commands, queries = databases
+    return Settings(
+        command_address=("127.0.0.1", free_port()),
+        query_address=("127.0.0.1", free_port()),
+        command_db=commands,
+        query_db=queries,
+        amqp_url=amqp_url,
+        metrics_address=None,
+    )
+
+
 async def _events(db: Database) -> int:
     conn = await asyncpg.connect(**db.connect_kwargs)
     try:
@@ -78,14 +91,7 @@ async def test_appending_is_paced_while_the_relayer_is_behind_and_no_longer_once
     monkeypatch.setattr(pace, "RESUME_AT", 10)
     monkeypatch.setattr(pace, "LOOK_EVERY", 0.1)
     commands, queries = databases
-    settings = Settings(
-        command_address=("127.0.0.1", free_port()),
-        query_address=("127.0.0.1", free_port()),
-        command_db=commands,
-        query_db=queries,
-        amqp_url=amqp_url,
-        metrics_address=None,
-    )
+    settings = _settings(databases, amqp_url)
     with capture_logs() as logs:
 
         def said(event: str) -> bool:
@@ -148,14 +154,7 @@ async def test_the_relayer_publishes_on_a_connection_of_its_own(
     broker was logged as down while it confirmed in milliseconds. Each connection is
     named, as the broker's management shows it."""
     commands, queries = databases
-    settings = Settings(
-        command_address=("127.0.0.1", free_port()),
-        query_address=("127.0.0.1", free_port()),
-        command_db=commands,
-        query_db=queries,
-        amqp_url=amqp_url,
-        metrics_address=None,
-    )
+    settings = _settings(databases, amqp_url)
     vhost = amqp_url.rsplit("/", 1)[1]
     async with AsyncExitStack() as stack:
         running = await bootstrap(
