@@ -15,11 +15,18 @@ from grpclib.config import Configuration
 
 from financing.config import Database
 from financing.generated import CommandsStub, Money, SellInvoiceCommand, Uuid
-from tests.support import foreign_grpc, infra
+from tests.support import foreign_grpc, infra, rabbitmq
 from tests.support.deployment import service_env
 from tests.support.service import ServiceProcess, free_port, run_cli
 
 NAME = "financing.test"
+
+
+@pytest.fixture
+async def amqp_url() -> AsyncIterator[str]:
+    """A vhost of its own: what its service relays stays apart from other tests'."""
+    async with rabbitmq.private_vhost("fin_tls") as vhost:
+        yield vhost.url
 
 
 @pytest.fixture

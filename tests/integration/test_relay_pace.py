@@ -18,12 +18,21 @@ from financing.application.pipeline import Decoded, Handler, Outcome
 from financing.config import Database, Settings
 from financing.entrypoints.bootstrap import Overrides, bootstrap
 from financing.entrypoints.supervisor import supervise
-from tests.support import infra
+from tests.support import infra, rabbitmq
 from tests.support.deployment import service_env
 from tests.support.rabbitmq import connection_names
 from tests.support.service import free_port, run_cli
 
 ISSUERS = 300
+
+
+@pytest.fixture
+async def amqp_url() -> AsyncIterator[str]:
+    """A vhost of its own: the events relayed here, with no projector running to take
+    them, were left in the projector's queue for the next test's projector, which took
+    them for another event store's."""
+    async with rabbitmq.private_vhost("fin_pace") as vhost:
+        yield vhost.url
 
 
 @pytest.fixture
