@@ -304,6 +304,7 @@ async def _broker_components(
                 queue_type=settings.queue_type,
                 announced=False,
                 name="financing relayer",
+                gauged=False,
             )
             stack.push_async_callback(relaying.close)
             wiring.relayer(command_pool, settings.command_db, stack, opened.store_name, relaying)

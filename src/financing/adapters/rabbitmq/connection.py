@@ -345,8 +345,11 @@ class Broker:
         queue_type: str = "classic",
         announced: bool = True,
         name: str = "financing",
+        gauged: bool = True,
     ) -> None:
-        """`name`: the connection's, as the broker's management shows it."""
+        """`name`: the connection's, as the broker's management shows it; `gauged`:
+        whether `financing_broker_connected` says whether it is open (the process's main
+        connection; the relayer's, opened by its first publish, left it at 0)."""
         if not urls:
             raise ValueError("at least one broker URL is needed")
         self._urls = tuple(urls)
@@ -367,7 +370,9 @@ class Broker:
         self._opened_at = 0.0  # when the connection of the moment opened (monotonic)
         self._unsettled = 0  # connections lost too soon, in a row (SETTLED_AFTER)
         self._lost: set[asyncio.Task[None]] = set()  # the closes of connections that ended
-        metrics.BROKER_CONNECTED.set(0)
+        self._gauge = metrics.BROKER_CONNECTED if gauged else None
+        if self._gauge is not None:
+            self._gauge.set(0)
 
     @property
     def connected(self) -> bool:
@@ -410,7 +415,8 @@ class Broker:
         connection.close_callbacks.add(self._on_close)
         self._connection = connection
         self._opened_at = time.monotonic()
-        metrics.BROKER_CONNECTED.set(1)
+        if self._gauge is not None:
+            self._gauge.set(1)
         self._accepted_once = True
         self._outages.succeeded(BROKER)
         return connection
@@ -445,7 +451,8 @@ class Broker:
         why = describe(error) if error else "connection closed"
         if connection is self._connection:
             self._connection = None  # the next caller opens a new one
-            metrics.BROKER_CONNECTED.set(0)
+            if self._gauge is not None:
+                self._gauge.set(0)
             self._hold_off_if_refused(why, refused=isinstance(error, _REFUSALS))
         if not connection.close_called:
             # The broker or the network ended it: aio-pika leaves its close to the
