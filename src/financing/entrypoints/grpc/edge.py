@@ -166,16 +166,9 @@ class GrpcServer(grpclib.server.Server):
 
     async def start(self, host: str, port: int) -> None:  # type: ignore[override]
         """Listening on `host:port`; an unspecified host takes IPv4 and IPv6 alike
-        (`listening.wildcard_socket`). grpclib's own start, but that TLS, when served, is
-        begun on each connection once it is counted (`_Protocol`): served by the
-        listener, a connection counted only once its handshake was over, and a flood of
-        connections that never began theirs took every file descriptor of the process,
-        both ports and `/health` dark, where plaintext ones were closed to make room."""
-        if self._server is not None:
-            raise RuntimeError("the server is started already")
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._protocol_factory, **listening_at(host, port))
-        self._server_closed_fut = loop.create_future()
+        (`listening.wildcard_socket`). TLS, when served, is not the listener's: each
+        connection is counted first and shakes hands after (`_Protocol`)."""
+        await super().start(**listening_at(host, port))
 
     def go_away(self) -> None:
         """The first step of shutting down, before the calls in flight are let finish:
