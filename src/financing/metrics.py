@@ -44,6 +44,12 @@ GRPC_TLS_RELOADS = Counter(
     " with them), refused (they cannot be used: the previous ones still serve).",
     ["outcome"],
 )
+GRPC_TLS_CERTIFICATE_EXPIRY = Gauge(
+    "financing_grpc_tls_certificate_expiry_timestamp_seconds",
+    "When the first certificate to expire of the chain the gRPC ports serve expires"
+    " (Unix time), by the file it is read from; absent without TLS.",
+    ["file"],
+)
 MESSAGES = Counter(
     "financing_messages_total",
     "Deliveries by queue and outcome: processed, unchanged (a rule said there was"

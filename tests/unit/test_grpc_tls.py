@@ -8,6 +8,7 @@ import socket
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ from financing.entrypoints.cli.health_check import health_check
 from financing.entrypoints.grpc import edge, tls_watch
 from financing.entrypoints.grpc.codec import RequestCodec
 from financing.entrypoints.grpc.edge import GrpcServer
-from financing.entrypoints.grpc.tls import UnusableFiles, server_context
+from financing.entrypoints.grpc.tls import UnusableFiles, certificate_expiry, server_context
 from financing.entrypoints.grpc.tls_watch import ServerTls
 from tests.support import infra
 
@@ -313,6 +314,75 @@ async def test_the_probe_asks_over_tls(files: Files, mutual: bool) -> None:
         plain = Settings(command_address=("127.0.0.1", port), metrics_address=None)
         [refused] = await health_check(plain, ["commands-api"])
         assert "NOT_FOUND" not in refused, refused
+
+
+async def test_the_probe_says_where_its_tls_settings_disagree_with_the_ports(
+    files: Files,
+) -> None:
+    """Told only "Connection lost", an operator could not tell a probe without the TLS
+    variables from a service that does not answer."""
+
+    async def problem(tls: GrpcTls | None, port: int) -> str:
+        settings = Settings(command_address=("127.0.0.1", port), metrics_address=None, grpc_tls=tls)
+        [found] = await health_check(settings, ["commands-api"])
+        return found
+
+    async with _serving(ServerTls(files.server_only)) as port:
+        found = await problem(None, port)
+        assert "serves TLS" in found and "GRPC_TLS_CERT_FILE" in found, found
+    async with _serving(None) as port:
+        found = await problem(files.server_only, port)
+        assert "serves plaintext" in found, found
+    async with _serving(ServerTls(files.tls)) as port:
+        found = await problem(files.server_only, port)
+        assert "GRPC_TLS_CLIENT_CA_FILE for the probe" in found, found
+        files.trust_clients_of(trustme.CA())  # the probe's certificate of another CA
+        refused = ServerTls(files.tls)
+    async with _serving(refused) as port:
+        found = await problem(files.tls, port)
+        assert "may refuse the certificate the probe presents" in found, found
+    async with _serving(None) as port:
+        # A port that answers as it should is not said to disagree.
+        found = await problem(None, port)
+        assert "NOT_FOUND" in found and ";" not in found, found
+
+
+def _expiry_exported(tls: GrpcTls) -> float | None:
+    return REGISTRY.get_sample_value(
+        "financing_grpc_tls_certificate_expiry_timestamp_seconds", {"file": tls.cert_file}
+    )
+
+
+@pytest.mark.parametrize("year", [2049, 2061])  # UTCTime until 2049, GeneralizedTime after
+def test_the_certificates_expiry_is_read_from_its_file(files: Files, year: int) -> None:
+    not_after = datetime(year, 7, 1, 12, 30, 15, tzinfo=UTC)
+    leaf = files.ca.issue_cert(NAME, not_after=not_after)
+    leaf.cert_chain_pems[0].write_to_path(files.tls.cert_file)
+    assert certificate_expiry(files.tls.cert_file) == not_after.timestamp()
+
+
+def test_the_certificate_expiring_is_exported_and_said_once_soon_and_once_expired(
+    files: Files,
+) -> None:
+    in_three_days = datetime.now(UTC).replace(microsecond=0) + timedelta(days=3)
+    leaf = files.ca.issue_cert(NAME, not_after=in_three_days)
+    leaf.private_key_pem.write_to_path(files.tls.key_file)
+    leaf.cert_chain_pems[0].write_to_path(files.tls.cert_file)
+    with capture_logs() as logs:
+        tls = ServerTls(files.server_only)
+        tls.look_at_expiry()
+        later = in_three_days.timestamp() + 1
+        tls.look_at_expiry(now=later)
+        tls.look_at_expiry(now=later + 3600)
+    assert _expiry_exported(files.server_only) == in_three_days.timestamp()
+    said = [entry["event"] for entry in logs if "expire" in entry["event"]]
+    assert len(said) == 2 and "expires soon" in said[0] and "has expired" in said[1], said
+    files.issue(files.ca)  # renewed: trustme's certificates last years
+    with capture_logs() as logs:
+        assert tls.reload()
+    assert not [entry for entry in logs if "expire" in entry["event"]], logs
+    renewed = _expiry_exported(files.server_only)
+    assert renewed is not None and renewed > in_three_days.timestamp() + 300 * 86400
 
 
 async def test_a_secret_updated_by_swapping_a_link_is_read_again(tmp_path: Path) -> None:

@@ -9,16 +9,22 @@ QUERY_SERVER_ADDRESS), and the `/health` of the metrics endpoint
 (METRICS_ADDRESS), which covers every component: every consumer consumes and
 no dependency is down. The components are those `financing serve` runs with
 the same environment (FINANCING_COMPONENTS, all by default). Where the gRPC ports
-serve TLS (GRPC_TLS_CERT_FILE), it asks over TLS (`tls.client_context`).
+serve TLS (GRPC_TLS_CERT_FILE), it asks over TLS (`tls.client_context`); a connection
+lost or refused is looked at once more (`_disagreement`) for the one mistake a probe can
+name: its TLS settings are not the service's (a port serving TLS asked in plaintext, or
+the other way round, or the probe's certificate refused under mutual TLS), which
+otherwise reads "Connection lost".
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import sys
 from collections.abc import Iterable
 
 from grpclib.client import Channel
+from grpclib.exceptions import StreamTerminatedError
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
@@ -89,13 +95,94 @@ async def _grpc_health(address: tuple[str, int], service: str, tls: GrpcTls | No
             HealthCheckRequest(service=service), timeout=TIMEOUT
         )
     except Exception as error:  # any failure to answer is unhealthy, whatever it is
-        return f"{service} at {host}:{port}: {type(error).__name__}: {error}"
+        problem = f"{service} at {host}:{port}: {type(error).__name__}: {error}"
+        if isinstance(error, StreamTerminatedError | OSError):  # ssl.SSLError is one too
+            why = await _disagreement(host, port, tls)
+            if why:
+                return f"{problem}; {why}"
+        return problem
     finally:
         channel.close()
     if reply.status != HealthCheckResponse.SERVING:
         name = HealthCheckResponse.ServingStatus.Name(reply.status)
         return f"{service} at {host}:{port}: {name}"
     return ""
+
+
+# The client's first bytes of HTTP/2 (RFC 9113 section 3.4): the preface and an empty
+# SETTINGS frame; a server of HTTP/2 answers with a SETTINGS frame of its own (type 4).
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_SETTINGS = 4
+
+
+async def _disagreement(host: str, port: int, tls: GrpcTls | None) -> str:
+    """How the probe's TLS settings (`tls`) and what the port serves disagree, asked on
+    connections of its own: "" when they do not, or the port cannot tell."""
+    try:
+        if tls is None:
+            await _first_frame(host, port, _any_server())
+            return (
+                "the port serves TLS, which this probe does not ask for: set"
+                " GRPC_TLS_CERT_FILE and GRPC_TLS_KEY_FILE for it as for the service"
+            )
+    except (OSError, TimeoutError):  # not even a TLS handshake: some other trouble
+        return ""
+    assert tls is not None
+    try:
+        header = await _first_frame(host, port, None)
+        if len(header) == 9 and header[3] == _SETTINGS:
+            return (
+                "the port serves plaintext, and GRPC_TLS_CERT_FILE is set for this probe:"
+                " the service runs without it"
+            )
+    except (OSError, TimeoutError):
+        pass
+    try:
+        if await _first_frame(host, port, client_context(tls)):
+            return ""
+    except (OSError, TimeoutError, UnusableFiles):
+        return ""
+    # Shaken hands, then closed before a word of HTTP/2: under TLS 1.3 a server judges
+    # the client's certificate after the handshake, and closes the connection of one
+    # it refuses (the service's log says why).
+    if tls.client_ca_file is None:
+        return (
+            "the port closed the connection after its TLS handshake: it may ask for a"
+            " client certificate (mutual TLS); set GRPC_TLS_CLIENT_CA_FILE for the probe"
+            " as for the service"
+        )
+    return (
+        "the port closed the connection after its TLS handshake: it may refuse the"
+        " certificate the probe presents (GRPC_TLS_CERT_FILE's), whose issuer the"
+        " service's GRPC_TLS_CLIENT_CA_FILE must hold, allowing client authentication"
+    )
+
+
+def _any_server() -> ssl.SSLContext:
+    """A client context that checks nothing of the server's: whether it speaks TLS."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
+async def _first_frame(host: str, port: int, context: ssl.SSLContext | None) -> bytes:
+    """The header of the first HTTP/2 frame the port answers the preface with (over TLS
+    with `context`, else plaintext): fewer than 9 bytes when it closed the connection
+    first. Raises when the connection (or its TLS handshake) fails, or nothing comes
+    within the timeout."""
+    async with asyncio.timeout(TIMEOUT):
+        reader, writer = await asyncio.open_connection(host, port, ssl=context)
+        try:
+            writer.write(_HTTP2_PREFACE)
+            return await reader.readexactly(9)
+        except asyncio.IncompleteReadError as closed:
+            return closed.partial
+        except ConnectionResetError:  # closed with the preface unread
+            return b""
+        finally:
+            writer.close()
 
 
 async def _http_health(address: tuple[str, int]) -> str:

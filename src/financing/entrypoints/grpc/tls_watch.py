@@ -4,6 +4,8 @@ the connections made after that are served with the new certificate, key and cli
 CA, those open keep theirs. Files that cannot be used (a key that is not the
 certificate's, one written before the other) leave the previous ones in use, said once
 for each state of the files, and are tried again at every look until they can be.
+The certificate's expiry is exported (`financing_grpc_tls_certificate_expiry_timestamp_seconds`)
+and said: once when it comes within EXPIRY_SAID_WITHIN, once when it has passed.
 """
 
 from __future__ import annotations
@@ -11,17 +13,22 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 from financing import metrics
 from financing.config import GrpcTls
-from financing.entrypoints.grpc.tls import UnusableFiles, server_context
+from financing.entrypoints.grpc.tls import UnusableFiles, certificate_expiry, server_context
 from financing.logging import get_logger
 
 log = get_logger(__name__)
 
 # Seconds between two looks at the files.
 RELOAD_EVERY = 10.0
+# How long before the certificate expires a warning says so (seconds): renewal by
+# cert-manager or ACME clients happens a month before, so one that has not is stuck.
+EXPIRY_SAID_WITHIN = 14 * 86400.0
 
 
 class ServerTls:
@@ -36,6 +43,10 @@ class ServerTls:
         # The context listened with; each handshake is switched to the newest one.
         self.listening = self._current
         self.listening.sni_callback = self._newest
+        # When the certificate served expires (Unix time), and what was said of it.
+        self._expires: float | None = None
+        self._said_expiry: str | None = None
+        self._loaded()
 
     def _newest(self, connection: ssl.SSLObject, server_name: str | None, _: Any) -> None:
         # Called for every handshake, whether or not the client names a server.
@@ -46,7 +57,8 @@ class ServerTls:
         """Until cancelled: the files read again whenever they changed."""
         while True:
             await asyncio.sleep(every)  # the period
-            self.reload()
+            if not self.reload():
+                self.look_at_expiry()
 
     def reload(self) -> bool:
         """Whether the files changed and were taken; a change that cannot be used is
@@ -72,7 +84,39 @@ class ServerTls:
         self._current = context
         metrics.GRPC_TLS_RELOADS.labels("loaded").inc()
         log.info("the gRPC TLS files changed: new connections are served with them")
+        self._loaded()
         return True
+
+    def _loaded(self) -> None:
+        self._expires = certificate_expiry(self._tls.cert_file)
+        self._said_expiry = None
+        if self._expires is not None:
+            metrics.GRPC_TLS_CERTIFICATE_EXPIRY.labels(self._tls.cert_file).set(self._expires)
+        self.look_at_expiry()
+
+    def look_at_expiry(self, now: float | None = None) -> None:
+        """Say once that the certificate served expires within EXPIRY_SAID_WITHIN, and
+        once that it has expired (`now`: Unix time, the clock's unless given)."""
+        if self._expires is None:
+            return
+        left = self._expires - (time.time() if now is None else now)
+        said = "expired" if left <= 0 else "soon" if left <= EXPIRY_SAID_WITHIN else None
+        if said == self._said_expiry:
+            return
+        self._said_expiry = said
+        expires_at = datetime.fromtimestamp(self._expires, UTC).isoformat()
+        if said == "expired":
+            log.warning(
+                "the gRPC TLS certificate has expired: clients that check it refuse to"
+                " connect until GRPC_TLS_CERT_FILE holds a renewed one",
+                expired_at=expires_at,
+            )
+        elif said == "soon":
+            log.warning(
+                "the gRPC TLS certificate expires soon: renew GRPC_TLS_CERT_FILE",
+                expires_at=expires_at,
+                days_left=round(left / 86400, 1),
+            )
 
     def _state(self) -> tuple[object, ...]:
         """What tells a change of the files: each one's identity, size and time of change
