@@ -99,6 +99,7 @@ async def test_appending_is_paced_while_the_relayer_is_behind_and_no_longer_once
     monkeypatch.setattr(pace, "MOST_WAITING", 40)
     monkeypatch.setattr(pace, "RESUME_AT", 10)
     monkeypatch.setattr(pace, "LOOK_EVERY", 0.1)
+    monkeypatch.setattr(pace, "RELAYER_MISSED_AFTER", 0.5)
     commands, queries = databases
     settings = _settings(databases, amqp_url)
     with capture_logs() as logs:
@@ -132,6 +133,11 @@ async def test_appending_is_paced_while_the_relayer_is_behind_and_no_longer_once
                 timeout=30,
                 what="appending paced",
             )
+            await infra.wait_until(
+                lambda: infra.holds(said("events wait to be relayed and no instance runs")),
+                timeout=30,
+                what="no relayer said to run",
+            )
             relaying = await bootstrap(
                 settings, ("relayer",), stack, deadline=time.monotonic() + 30
             )
@@ -147,6 +153,7 @@ async def test_appending_is_paced_while_the_relayer_is_behind_and_no_longer_once
                 timeout=30,
                 what="appending no longer paced",
             )
+            assert said("a relayer runs again")
             stop.set()
             relayer_stop.set()
             assert await running == 0

@@ -65,9 +65,10 @@ async def list_queues(vhost: str) -> dict[str, dict[str, Any]]:
 
 
 async def connection_names(vhost: str) -> list[str]:
-    """The names the client connections of `vhost` gave themselves (one per connection)."""
+    """The names the client connections of `vhost` gave themselves (one per connection).
+    `list_connections` lists every vhost's, whatever `-p` says: each is filtered here."""
     rows = await asyncio.to_thread(
-        _rabbitmqctl_json, "list_connections", "-p", vhost, "client_properties"
+        _rabbitmqctl_json, "list_connections", "vhost", "client_properties"
     )
     # Each property as [key, type, value].
     return [
@@ -76,6 +77,7 @@ async def connection_names(vhost: str) -> list[str]:
             "",
         )
         for row in rows
+        if row["vhost"] == vhost
     ]
 
 

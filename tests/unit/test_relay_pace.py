@@ -9,6 +9,7 @@ from typing import cast
 
 from structlog.testing import capture_logs
 
+from financing.application import pace as pace_module
 from financing.application.errors import Unavailable
 from financing.application.pace import RelayPace
 from financing.application.pipeline import Decoded, Outcome
@@ -16,15 +17,17 @@ from tests.support.infra import holds, wait_until
 
 
 class Lag:
-    """The events waiting to be relayed, as a test sets them; None: the database is down."""
+    """The events waiting to be relayed and how long the oldest has waited, as a test
+    sets them; None: the database is down."""
 
     def __init__(self) -> None:
         self.waiting: int | None = 0
+        self.oldest = 0.0
 
-    async def __call__(self) -> int:
+    async def __call__(self) -> tuple[int, float]:
         if self.waiting is None:
             raise Unavailable("command database", "connection refused")
-        return self.waiting
+        return self.waiting, self.oldest
 
 
 class Handling:
@@ -101,3 +104,40 @@ async def test_the_lag_is_looked_at_by_itself() -> None:
         await wait_until(lambda: holds(not pace.holding), what="appending no longer paced")
     finally:
         looking.cancel()
+
+
+async def test_events_waiting_with_no_relayer_running_are_said_once_and_its_return_once() -> None:
+    """Regression: with every instance started without the relayer, events waited for
+    ever and nothing in the service's log said why sagas stood still."""
+    lag = Lag()
+    running = True
+    asked = 0
+
+    async def relayer_runs() -> bool:
+        nonlocal asked
+        asked += 1
+        return running
+
+    pace = RelayPace(lag, relayer_runs=relayer_runs, most_waiting=1000, resume_at=500)
+    with capture_logs() as logs:
+        lag.waiting, lag.oldest = 3, pace_module.RELAYER_MISSED_AFTER - 1
+        running = False
+        await pace.look()
+        assert asked == 0  # not waited long enough to ask: a relayer's failover
+        lag.oldest = pace_module.RELAYER_MISSED_AFTER
+        running = True
+        await pace.look()  # waited long, but a relayer runs: slow, not missing
+        running = False
+        await pace.look()
+        await pace.look()
+        running = True
+        await pace.look()
+    assert [(line["log_level"], line["event"]) for line in logs] == [
+        (
+            "warning",
+            "events wait to be relayed and no instance runs the relayer (no session holds"
+            " the relayer lock): sagas and read models wait until one runs",
+        ),
+        ("info", "a relayer runs again"),
+    ]
+    assert logs[0]["waiting_events"] == 3

@@ -15,6 +15,12 @@ the queue, and a live saga's commands and events, on other queues, are still tak
 at once. The lag is looked at every LOOK_EVERY seconds; one line says when appending
 is paced, one when it is no longer. A lag that cannot be read (the database down)
 leaves the pace as it is: the handlers' own units of work meet the outage.
+
+Once the oldest event waiting has waited RELAYER_MISSED_AFTER seconds, the pace also
+looks whether any instance runs the relayer: where none does (every instance started
+without the `relayer` component), nothing else in the log said why sagas and read
+models stood still, and appending, paced, slowed down without a word of the cause. One
+warning says it, one line says when a relayer runs again.
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ MOST_WAITING = 4096
 RESUME_AT = 2048
 # Seconds between two looks at the lag.
 LOOK_EVERY = 2.0
+# How long the oldest event may wait to be relayed before the pace looks whether a
+# relayer runs (seconds): longer than a relayer's failover and its broker's hiccups.
+RELAYER_MISSED_AFTER = 10.0
 
 
 class RelayPace:
@@ -43,14 +52,18 @@ class RelayPace:
 
     def __init__(
         self,
-        waiting: Callable[[], Awaitable[int]],
+        lag: Callable[[], Awaitable[tuple[int, float]]],
         *,
+        relayer_runs: Callable[[], Awaitable[bool]] | None = None,
         most_waiting: int | None = None,
         resume_at: int | None = None,
     ) -> None:
-        """`waiting`: how many events wait to be relayed; the bounds are MOST_WAITING
-        and RESUME_AT unless given."""
-        self._waiting = waiting
+        """`lag`: how many events wait to be relayed, and how long the oldest has waited
+        (seconds); `relayer_runs`: whether an instance runs the relayer (not looked at
+        unless given); the bounds are MOST_WAITING and RESUME_AT unless given."""
+        self._lag = lag
+        self._relayer_runs = relayer_runs
+        self._relayer_missed = False  # said that no relayer runs
         self._most = MOST_WAITING if most_waiting is None else most_waiting
         self._resume_at = RESUME_AT if resume_at is None else resume_at
         self._going = asyncio.Event()  # set: not paced
@@ -70,7 +83,8 @@ class RelayPace:
     async def look(self) -> None:
         """The lag read, and appending paced or no longer by it."""
         try:
-            waiting = await self._waiting()
+            waiting, oldest = await self._lag()
+            await self._look_for_relayer(waiting, oldest)
         except Unavailable:
             return  # said by the outage; the handlers meet it themselves
         if not self.holding and waiting > self._most:
@@ -85,6 +99,23 @@ class RelayPace:
             self._going.set()
             log.info("appending is no longer paced: the relayer caught up", waiting_events=waiting)
         metrics.APPENDING_PACED.set(int(self.holding))
+
+    async def _look_for_relayer(self, waiting: int, oldest: float) -> None:
+        """Say once that events wait and no relayer runs, and once that one runs again."""
+        if self._relayer_runs is None:
+            return
+        if not self._relayer_missed:
+            if waiting and oldest >= RELAYER_MISSED_AFTER and not await self._relayer_runs():
+                self._relayer_missed = True
+                log.warning(
+                    "events wait to be relayed and no instance runs the relayer (no session"
+                    " holds the relayer lock): sagas and read models wait until one runs",
+                    waiting_events=waiting,
+                    oldest_waited_seconds=round(oldest, 1),
+                )
+        elif not waiting or await self._relayer_runs():
+            self._relayer_missed = False
+            log.info("a relayer runs again", waiting_events=waiting)
 
     def paced(self, handler: Handler) -> Handler:
         """`handler` (of one consumer), handling one delivery at a time while paced."""

@@ -287,7 +287,8 @@ async def _broker_components(
     if command_pool is not None:
         store = PostgresEventStore(command_pool, snapshot_interval=settings.snapshot_interval)
         stack.push_async_callback(store.close)
-        pace = RelayPace(_relay_waiting(PostgresOutbox(command_pool)))
+        outbox = PostgresOutbox(command_pool)
+        pace = RelayPace(outbox.lag, relayer_runs=_relayer_runs(outbox))
         if selected & APPENDS:
             service.workers["relay-pace"] = pace.run
         if "commands" in selected:
@@ -387,14 +388,13 @@ def _health(service: Service, outages: Outages) -> HealthWatch:
     return service.health
 
 
-def _relay_waiting(outbox: PostgresOutbox) -> Callable[[], Awaitable[int]]:
-    """How many events wait to be relayed (what `RelayPace` reads)."""
+def _relayer_runs(outbox: PostgresOutbox) -> Callable[[], Awaitable[bool]]:
+    """Whether a session holds the relayer lock (what `RelayPace` asks)."""
 
-    async def waiting() -> int:
-        count, _ = await outbox.lag()
-        return count
+    async def runs() -> bool:
+        return await outbox.relayer() is not None
 
-    return waiting
+    return runs
 
 
 def _grpc_tls(settings: Settings, service: Service) -> ServerTls | None:
