@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from decimal import Decimal
 
 import pytest
@@ -159,6 +159,65 @@ async def test_command_sender_declares_the_command_queue_and_sends_the_command(
     assert message.body == codec.encode(command)
     assert message.message_id == str(message_id)
     assert message.delivery_mode == 2
+
+
+async def test_calls_share_one_declaration_of_their_queue_which_their_deadlines_do_not_cut(
+    empty_vhost: rabbitmq.Vhost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: each call declared its command's queue itself, so a flood of calls at
+    start-up, or after one publish failed, put as many declarations on one channel, and
+    one cut short by its call's deadline closed that channel under the others: the
+    broker was logged as down while it answered. Declared again only once found gone."""
+    broker = Broker([empty_vhost.url], Outages())
+    publisher = Publisher(broker, confirm_timeout=5.0)
+    declared: list[str] = []
+    declare = publisher.declare_command_queue
+    let_declare = asyncio.Event()
+
+    async def counted(name: str) -> None:
+        declared.append(name)
+        await let_declare.wait()
+        await declare(name)
+
+    monkeypatch.setattr(publisher, "declare_command_queue", counted)
+    sender = AmqpCommandSender(publisher)
+
+    def send() -> Awaitable[None]:
+        return sender.send(CreateIssuer(uuid.uuid4()), uuid.uuid4(), CAUSE)
+
+    try:
+        with pytest.raises(TimeoutError):  # a call whose deadline passes while declaring
+            await asyncio.wait_for(send(), 0.2)
+        calls = [asyncio.create_task(send()) for _ in range(50)]
+        let_declare.set()
+        await asyncio.gather(*calls)
+        assert declared == ["CreateIssuer"]
+        assert not (await publisher._declaring.get()).is_closed
+
+        # A publish that failed, its queue still there: not declared again.
+        publish = publisher.send_to_queue
+
+        async def unconfirmed(queue: str, envelope: Envelope) -> None:
+            raise PublishFailed("CreateIssuer to queue 'CreateIssuer': not confirmed")
+
+        monkeypatch.setattr(publisher, "send_to_queue", unconfirmed)
+        with pytest.raises(PublishFailed):
+            await send()
+        monkeypatch.setattr(publisher, "send_to_queue", publish)
+        await send()
+        assert declared == ["CreateIssuer"]
+
+        # Deleted under the service: returned unroutable once, then declared again.
+        channel = await broker.channel()
+        await channel.queue_delete("CreateIssuer")
+        await channel.close()
+        with pytest.raises(PublishFailed, match="unroutable"):
+            await send()
+        await send()
+        assert declared == ["CreateIssuer", "CreateIssuer"]
+    finally:
+        await publisher.close()
+        await broker.close()
 
 
 # Within the confirm timeout (1 s) and a margin for a loaded machine, well before the

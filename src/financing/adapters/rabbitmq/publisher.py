@@ -14,6 +14,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TypeVar
 from uuid import UUID
 
@@ -584,12 +585,21 @@ class AmqpCommandSender:
 
     The queue is declared (durable, no arguments, like the reference) before
     the first send, so a command accepted before its handler ever started is
-    kept rather than returned as unroutable.
+    kept rather than returned as unroutable; declared again only once a send
+    finds it gone (returned as unroutable).
+
+    One declaration of a queue at a time, which the calls needing it meanwhile
+    share (`SharedAttempt`): each call declared it itself, so a flood of calls
+    at start-up, or after a publish failed, put as many declarations on the
+    declarations' channel; one cut short by its call's deadline closed that
+    channel (aiormq closes a channel whose request is cancelled) under all the
+    others, and the broker was logged as down while it answered.
     """
 
     def __init__(self, publisher: Publisher) -> None:
         self._publisher = publisher
         self._declared: set[str] = set()
+        self._declaring: dict[str, SharedAttempt[None]] = {}
         # The queues the broker refused to declare (declared again with other arguments),
         # with when and how: for REFUSAL_KEPT seconds a command for one is refused at
         # once, not declared again at each call (every client's retry a refused frame).
@@ -598,16 +608,7 @@ class AmqpCommandSender:
     async def send(self, command: Command, message_id: UUID, cause: Cause) -> None:
         queue = command.name()
         if queue not in self._declared:
-            refused = self._refused.get(queue)
-            if refused is not None and time.monotonic() - refused[0] < REFUSAL_KEPT:
-                raise refused[1]
-            try:
-                await self._publisher.declare_command_queue(queue)
-            except Refused as error:
-                self._refused[queue] = (time.monotonic(), error)
-                raise
-            self._refused.pop(queue, None)
-            self._declared.add(queue)
+            await self._declare(queue)
         envelope = Envelope(
             message_id=str(message_id),
             name=queue,
@@ -616,10 +617,28 @@ class AmqpCommandSender:
         )
         try:
             await self._publisher.send_to_queue(queue, envelope)
-        except PublishFailed:
-            # Declare again next time, in case the queue was deleted meanwhile.
-            self._declared.discard(queue)
+        except PublishFailed as failed:
+            if failed.unroutable:  # the queue deleted meanwhile: declared again next time
+                self._declared.discard(queue)
             raise
+
+    async def _declare(self, queue: str) -> None:
+        refused = self._refused.get(queue)
+        if refused is not None and time.monotonic() - refused[0] < REFUSAL_KEPT:
+            raise refused[1]
+        declaring = self._declaring.get(queue)
+        if declaring is None:
+            declaring = self._declaring[queue] = SharedAttempt(
+                partial(self._publisher.declare_command_queue, queue),
+                lambda _: PublishFailed(f"queue {queue!r} not declared: the connection was lost"),
+            )
+        try:
+            await declaring()
+        except Refused as error:
+            self._refused[queue] = (time.monotonic(), error)
+            raise
+        self._refused.pop(queue, None)
+        self._declared.add(queue)
 
 
 __all__ = ["AmqpCommandSender", "EventsRefused", "PublishFailed", "Publisher"]
