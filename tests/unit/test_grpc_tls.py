@@ -165,6 +165,41 @@ async def test_with_a_client_ca_a_client_without_its_certificate_is_refused(
         assert await _check(port, _client(files.ca, certified_by=files.ca)) == "SERVING"
 
 
+async def _alert(port: int, context: ssl.SSLContext) -> str:
+    """OpenSSL's reason for what the server said to a client connecting with `context`
+    that sends the HTTP/2 preface: the alert it was refused with, or what it read."""
+    try:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=context, server_hostname=NAME
+        )
+        try:
+            writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            read = await asyncio.wait_for(reader.read(9), 5)
+        finally:
+            writer.close()
+    except ssl.SSLError as error:
+        return str(error.reason)
+    return f"read {read!r}"
+
+
+@pytest.mark.parametrize(
+    "version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1.2", "tls1.3"]
+)
+async def test_a_client_refused_for_its_certificate_is_told_why(
+    files: Files, version: ssl.TLSVersion
+) -> None:
+    """Regression: the connection was closed with TLS's alert unsent, and a client read
+    only that it was lost (grpcurl: "connection closed"), whatever was wrong."""
+    async with _serving(ServerTls(files.tls)) as port:
+        without = _client(files.ca)
+        stranger = _client(files.ca, certified_by=trustme.CA())
+        for context in (without, stranger):
+            context.maximum_version = version
+        refused = "HANDSHAKE_FAILURE" if version is ssl.TLSVersion.TLSv1_2 else "REQUIRED"
+        assert refused in await _alert(port, without)
+        assert "UNKNOWN_CA" in await _alert(port, stranger)
+
+
 async def test_renewed_files_serve_new_connections_and_open_ones_keep_going(
     files: Files,
 ) -> None:
@@ -335,12 +370,14 @@ async def test_the_probe_says_where_its_tls_settings_disagree_with_the_ports(
         assert "serves plaintext" in found, found
     async with _serving(ServerTls(files.tls)) as port:
         found = await problem(files.server_only, port)
+        assert "CERTIFICATE_REQUIRED" in found, found
         assert "GRPC_TLS_CLIENT_CA_FILE for the probe" in found, found
         files.trust_clients_of(trustme.CA())  # the probe's certificate of another CA
         refused = ServerTls(files.tls)
     async with _serving(refused) as port:
         found = await problem(files.tls, port)
-        assert "may refuse the certificate the probe presents" in found, found
+        assert "UNKNOWN_CA" in found, found
+        assert "refuses the certificate the probe presents" in found, found
     async with _serving(None) as port:
         # A port that answers as it should is not said to disagree.
         found = await problem(None, port)

@@ -140,21 +140,26 @@ async def _disagreement(host: str, port: int, tls: GrpcTls | None) -> str:
     try:
         if await _first_frame(host, port, client_context(tls)):
             return ""
+        # Closed before a word of HTTP/2, its reason unsaid (its alert lost).
+        refused = "the port closed the connection after its TLS handshake: perhaps"
+    except ssl.SSLError as error:
+        # Under TLS 1.3 a server judges the client's certificate after the handshake,
+        # and its alert is what the first read meets.
+        alert = str(getattr(error, "reason", None) or "")
+        if "ALERT" not in alert:
+            return ""
+        refused = f"the port refused this probe after its TLS handshake ({alert}):"
     except (OSError, TimeoutError, UnusableFiles):
         return ""
-    # Shaken hands, then closed before a word of HTTP/2: under TLS 1.3 a server judges
-    # the client's certificate after the handshake, and closes the connection of one
-    # it refuses (the service's log says why).
     if tls.client_ca_file is None:
         return (
-            "the port closed the connection after its TLS handshake: it may ask for a"
-            " client certificate (mutual TLS); set GRPC_TLS_CLIENT_CA_FILE for the probe"
-            " as for the service"
+            f"{refused} it asks for a client certificate (mutual TLS); set"
+            " GRPC_TLS_CLIENT_CA_FILE for the probe as for the service"
         )
     return (
-        "the port closed the connection after its TLS handshake: it may refuse the"
-        " certificate the probe presents (GRPC_TLS_CERT_FILE's), whose issuer the"
-        " service's GRPC_TLS_CLIENT_CA_FILE must hold, allowing client authentication"
+        f"{refused} it refuses the certificate the probe presents (GRPC_TLS_CERT_FILE's),"
+        " whose issuer the service's GRPC_TLS_CLIENT_CA_FILE must hold, allowing client"
+        " authentication"
     )
 
 

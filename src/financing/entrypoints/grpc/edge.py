@@ -523,7 +523,7 @@ class _Protocol(grpclib.protocol.H2Protocol):
         # bytes by then).
         loop = asyncio.get_running_loop()
         shaken = loop.create_future()
-        handshake = asyncio.sslproto.SSLProtocol(
+        handshake = _Handshake(
             loop,
             self,
             self.tls,
@@ -745,6 +745,18 @@ class _Protocol(grpclib.protocol.H2Protocol):
         """Closed before its TLS handshake was over: nothing to tell it over HTTP/2."""
         metrics.GRPC_CONNECTIONS_CLOSED.labels(reason).inc()
         self._gone = asyncio.get_running_loop().call_soon(self._transport.close)
+
+
+class _Handshake(asyncio.sslproto.SSLProtocol):
+    """asyncio's TLS protocol, which tells a client why its handshake failed: it closed
+    the connection with OpenSSL's alert unsent, and a client refused for its
+    certificate (none, or one of another CA) read only that the connection was lost."""
+
+    def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
+        if handshake_exc is not None:
+            with contextlib.suppress(Exception):  # the alert is a courtesy
+                self._process_outgoing()  # type: ignore[attr-defined]
+        super()._on_handshake_complete(handshake_exc)  # type: ignore[misc]
 
 
 def _handshake(error: Exception) -> str:
