@@ -756,7 +756,7 @@ class _Handshake(asyncio.sslproto.SSLProtocol):
         if handshake_exc is not None:
             with contextlib.suppress(Exception):  # the alert is a courtesy
                 self._process_outgoing()  # type: ignore[attr-defined]
-        super()._on_handshake_complete(handshake_exc)  # type: ignore[misc]
+        super()._on_handshake_complete(handshake_exc)
 
 
 def _handshake(error: Exception) -> str:
