@@ -4,10 +4,12 @@ cut by the reads, and says so at a measured pace when it sends connections away
 
 from __future__ import annotations
 
+import time
+
 from structlog.testing import capture_logs
 
 from financing.entrypoints.grpc.edge import SMALL_WINDOW_UPDATE, Warnings, _FrameCounter
-from tests.support.infra import wait_until
+from tests.support.infra import holds, wait_until
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -108,3 +110,20 @@ async def test_a_warning_repeated_is_written_once_an_interval_saying_how_many_we
         "broke HTTP/2 (index 2)",
     ]
     assert mine()[4]["more_since_the_last_line"] == 2
+
+
+async def test_a_warning_that_comes_as_its_interval_ends_counts_those_left_out() -> None:
+    """Regression: one that came just as the interval ended, before the loop had run the
+    line counting those left out, was written beside that line: two lines 0.1 ms apart."""
+    warnings = Warnings(interval=0.05)
+    text = "gRPC connection closed: its TLS handshake failed (peer did not return a certificate)"
+    with capture_logs() as logs:
+        warnings.warn(text)
+        warnings.warn(text)  # left out: its count due as the interval ends
+        # The interval over, without a turn of the loop: the count's line is due, not run.
+        while time.monotonic() < warnings._next[text]:
+            pass
+        warnings.warn(text)  # come before the loop wrote the count that was due
+        await wait_until(lambda: holds(not warnings._left_out), what="the due line run")
+    mine = [line for line in logs if line["event"] == text]
+    assert [line.get("more_since_the_last_line") for line in mine] == [None, 1], mine

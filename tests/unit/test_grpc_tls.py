@@ -100,7 +100,7 @@ async def _server(
     server = GrpcServer(
         [Health()],
         codec=RequestCodec(),
-        tls=None if tls is None else tls.listening,
+        tls=None if tls is None else tls.current,
         connections=connections,
     )
     await server.start("127.0.0.1", 0)
@@ -198,6 +198,30 @@ async def test_a_client_refused_for_its_certificate_is_told_why(
         refused = "HANDSHAKE_FAILURE" if version is ssl.TLSVersion.TLSv1_2 else "REQUIRED"
         assert refused in await _alert(port, without)
         assert "UNKNOWN_CA" in await _alert(port, stranger)
+
+
+async def test_handshakes_failed_for_different_reasons_are_each_said(
+    files: Files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: every failed handshake was one kind of warning, written once every
+    10 s with the last one's reason: clients refused because a CA was taken out of the
+    file hid behind clients that present no certificate, counted as theirs."""
+    monkeypatch.setattr(edge, "_SENT_AWAY", edge.Warnings(10.0))
+    async with _serving(ServerTls(files.tls)) as port:
+        with capture_logs() as logs:
+            for _ in range(3):
+                await _alert(port, _client(files.ca))
+            await _alert(port, _client(files.ca, certified_by=trustme.CA()))
+
+            def said() -> list[dict[str, object]]:
+                return [line for line in logs if "handshake" in str(line["event"])]
+
+            await infra.wait_until(lambda: infra.holds(len(said()) >= 2), what="both reasons said")
+    # Each said as it came, none counted as another's.
+    first, second = said()[:2]
+    assert "did not return a certificate" in str(first["event"]), said()
+    assert "certificate verify failed" in str(second["event"]), said()
+    assert "more_since_the_last_line" not in second, said()
 
 
 async def test_renewed_files_serve_new_connections_and_open_ones_keep_going(
@@ -520,6 +544,33 @@ async def test_with_a_client_ca_no_session_is_resumed(
         _, session = await asyncio.to_thread(_resumed, port, client, None)
         resumed, _ = await asyncio.to_thread(_resumed, port, client, session)
     assert not resumed
+
+
+@pytest.mark.parametrize(
+    "version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1.2", "tls1.3"]
+)
+async def test_sessions_of_files_read_before_are_not_resumed(
+    files: Files, version: ssl.TLSVersion
+) -> None:
+    """Regression: sessions were resumed on the first files' tickets for the life of the
+    process, so a client that trusted only the CA of a certificate served no more went
+    on connecting, on the old trust, after the files had changed."""
+    client = _client(files.ca)
+    client.minimum_version = client.maximum_version = version
+    tls = ServerTls(files.server_only)
+    async with _serving(tls) as port:
+        _, session = await asyncio.to_thread(_resumed, port, client, None)
+        resumed, session = await asyncio.to_thread(_resumed, port, client, session)
+        assert resumed  # the same files: resumed, as TLS lets it
+        other = trustme.CA()
+        files.issue(other)
+        assert tls.reload()
+        fresh = _client(other)
+        fresh.minimum_version = fresh.maximum_version = version
+        resumed, _ = await asyncio.to_thread(_resumed, port, fresh, None)
+        assert not resumed
+        with pytest.raises(ssl.SSLError, match="CERTIFICATE_VERIFY_FAILED"):
+            await asyncio.to_thread(_resumed, port, client, session)
 
 
 async def test_files_refused_for_a_passing_reason_are_tried_again_unchanged(

@@ -436,7 +436,7 @@ def _grpc_server(
         codec=RequestCodec(),
         connections=connection_limit(own),
         busy=api.busy,
-        tls=None if tls is None else tls.listening,
+        tls=None if tls is None else tls.current,
     )
     observe_grpc(server, handlers)
     return server

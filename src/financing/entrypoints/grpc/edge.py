@@ -140,14 +140,14 @@ class GrpcServer(grpclib.server.Server):
         *args: Any,
         connections: int | None = None,
         busy: Callable[[], bool] = lambda: False,
-        tls: ssl.SSLContext | None = None,
+        tls: Callable[[], ssl.SSLContext] | None = None,
         **kwargs: Any,
     ) -> None:
         """grpclib's server, holding at most `connections` connections (by default the
         share of a process that needs OWN_DESCRIPTORS); `busy`: whether a call begun now
         would wait for room (the Commands API queueing as many commands as it may, the
         Queries API holding as many list replies as it may);
-        `tls`: what its connections are served with (None: plaintext)."""
+        `tls`: what a new connection is served with, asked at each (None: plaintext)."""
         super().__init__(*args, **kwargs)
         self._busy = busy
         self._tls = tls
@@ -220,7 +220,7 @@ class GrpcServer(grpclib.server.Server):
         protocol = _Protocol(handler, self._config, self._h2_config)
         protocol.connections = self._edge_connections
         protocol.forget = lambda: self._forget(handler)
-        protocol.tls = self._tls
+        protocol.tls = None if self._tls is None else self._tls()
         return protocol
 
     def _forget(self, handler: grpclib.server.Handler) -> None:
@@ -550,9 +550,11 @@ class _Protocol(grpclib.protocol.H2Protocol):
             plain.close()
             if not self._left and self._gone is None:
                 metrics.GRPC_CONNECTIONS_CLOSED.labels("tls_handshake").inc()
+                # OpenSSL's words, not the client's: each reason its own 10 s (under
+                # one kind, a CA taken out of the file hid behind clients without a
+                # certificate, counted as theirs).
                 _SENT_AWAY.warn(
-                    f"gRPC connection closed: its TLS handshake failed ({_handshake(error)})",
-                    kind="tls handshake",
+                    f"gRPC connection closed: its TLS handshake failed ({_handshake(error)})"
                 )
             self._leave(None)
             return
@@ -863,7 +865,14 @@ class Warnings:
             self._left_out[key] = (count + 1, text)
             return
         self._next[key] = now + self._interval
-        self._log.warning(text)
+        # Come before the line that counts those left out, which the loop has yet to
+        # write (it was due as this one came): this one counts them, so that two lines
+        # are not written a moment apart.
+        count, _ = self._left_out.pop(key, (0, text))
+        if count:
+            self._log.warning(text, more_since_the_last_line=count)
+        else:
+            self._log.warning(text)
 
     def _counted(self, key: str) -> None:
         """The line that counts the warnings of `key` left out since its last one."""

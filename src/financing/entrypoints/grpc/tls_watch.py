@@ -15,7 +15,6 @@ import os
 import ssl
 import time
 from datetime import UTC, datetime
-from typing import Any
 
 from financing import metrics
 from financing.config import GrpcTls
@@ -40,18 +39,18 @@ class ServerTls:
         self._seen = self._state()
         self._refused: tuple[object, ...] | None = None  # the state last said unusable
         self._current = server_context(tls)
-        # The context listened with; each handshake is switched to the newest one.
-        self.listening = self._current
-        self.listening.sni_callback = self._newest
         # When the certificate served expires (Unix time), and what was said of it.
         self._expires: float | None = None
         self._said_expiry: str | None = None
         self._loaded()
 
-    def _newest(self, connection: ssl.SSLObject, server_name: str | None, _: Any) -> None:
-        # Called for every handshake, whether or not the client names a server.
-        if connection.context is not self._current:
-            connection.context = self._current
+    def current(self) -> ssl.SSLContext:
+        """What a new connection is served with: the newest files read. Each connection
+        takes it as it comes, TLS's sessions with it: one resumed from the tickets of
+        files read before went on being served on them, a client that trusts only a CA
+        the files no longer name included (when a handshake switched to the newest
+        context, the first context's ticket keys still served every resumption)."""
+        return self._current
 
     async def watch(self, every: float = RELOAD_EVERY) -> None:
         """Until cancelled: the files read again whenever they changed."""
