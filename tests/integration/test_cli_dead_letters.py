@@ -136,6 +136,33 @@ async def test_the_listing_shows_only_the_letters_matching_every_filter(
     assert run.stdout.splitlines()[-1] == f"{len(expected)} dead letter(s)"
 
 
+@pytest.mark.parametrize(
+    ("filters", "last"),
+    [
+        ((), "the oldest 2 dead letter(s) shown, of 3 waiting in financing_dead_letters"),
+        (
+            ("--queue", "A"),
+            "the oldest 1 matching dead letter(s) shown, of 3 waiting in financing_dead_letters",
+        ),
+    ],
+    ids=["all", "by queue"],
+)
+async def test_a_listing_cut_at_its_limit_says_it_is_not_all_of_them(
+    seeded: Seeded, filters: tuple[str, ...], last: str
+) -> None:
+    """Regression: the listing ended with "100 dead letter(s)" whether 100 waited or
+    190,000, read as the total."""
+    named = tuple(seeded.queue_a if value == "A" else value for value in filters)
+    limit = "2" if not filters else "1"
+
+    run = await seeded.financing("list", "--limit", limit, *named)
+
+    assert run.exit_code == 0, run.describe()
+    assert run.stdout.splitlines()[-1] == f"{last}: --limit N shows more", run.describe()
+    exact = await seeded.financing("list", "--limit", "3")
+    assert exact.stdout.splitlines()[-1] == "3 dead letter(s)", exact.describe()
+
+
 async def test_discard_removes_the_matching_letters_for_good_and_says_how_many(
     seeded: Seeded,
 ) -> None:

@@ -618,18 +618,37 @@ async def _fetched(
         yield message, (read or _dead_letter)(message)
 
 
+@dataclass
+class Listing:
+    """The dead letters a list found, how many waited in the queue in all, and whether
+    every one of them was looked at (not when the list stopped at its limit)."""
+
+    letters: list[DeadLetter]
+    waiting: int
+    complete: bool
+
+
 async def list_dead_letters(
     broker: Broker, limit: int = 100, *, selection: Selection = EVERY
 ) -> list[DeadLetter]:
     """The oldest `limit` dead letters `selection` matches; the queue is left unchanged."""
-    letters: list[DeadLetter] = []
+    return (await dead_letters_listed(broker, limit, selection=selection)).letters
+
+
+async def dead_letters_listed(
+    broker: Broker, limit: int = 100, *, selection: Selection = EVERY
+) -> Listing:
+    """`list_dead_letters`, saying how many wait and whether the list is all of them."""
+    listing = Listing([], 0, complete=True)
     async with _dead_letter_queue(broker) as queue, contextlib.aclosing(_fetched(queue)) as found:
+        listing.waiting = 0 if queue is None else queue.declaration_result.message_count or 0
         async for _, letter in found:
-            if len(letters) >= limit:
+            if len(listing.letters) >= limit:
+                listing.complete = False
                 break
             if selection.matches(letter):
-                letters.append(letter)
-    return letters
+                listing.letters.append(letter)
+    return listing
 
 
 @dataclass

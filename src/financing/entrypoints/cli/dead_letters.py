@@ -17,14 +17,17 @@ from datetime import UTC, datetime
 
 from financing.adapters.rabbitmq.connection import Broker, connected
 from financing.adapters.rabbitmq.dead_letters import (
+    EVERY,
     DeadLetter,
+    Listing,
     Selection,
     Taken,
+    dead_letters_listed,
     discard_dead_letters,
-    list_dead_letters,
     requeue_dead_letters,
 )
 from financing.adapters.rabbitmq.queues import queue_exists
+from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE
 from financing.application.moments import moment
 from financing.config import Settings, said
 from financing.entrypoints.cli.console import shown, table, write_lines
@@ -34,15 +37,29 @@ HEADINGS = ("DEAD-LETTERED AT", "SOURCE QUEUE", "NAME", "MESSAGE ID")
 
 async def list_letters(settings: Settings, selection: Selection, limit: int, bodies: bool) -> int:
     async with connected(settings.amqp_urls, settings.queue_type) as broker:
-        letters = await list_dead_letters(broker, limit, selection=selection)
+        listing = await dead_letters_listed(broker, limit, selection=selection)
+        letters = listing.letters
         if not letters and not await _queue_known(broker, selection):
             return 1
     rows = table(HEADINGS, (_columns(letter) for letter in letters))
     write_lines(rows[:1])
     for row, letter in zip(rows[1:], letters, strict=True):
         write_lines([row, *(f"    {shown(detail)}" for detail in _details(letter, bodies))])
-    write_lines([f"{len(letters)} dead letter(s)"])
+    write_lines([_count(listing, selection)])
     return 0
+
+
+def _count(listing: Listing, selection: Selection) -> str:
+    """The last line: how many were listed, and, where the list stopped at its limit, that
+    it is not all of them (the count read as the total: 100 of 125, or of 190,000)."""
+    shown_here = len(listing.letters)
+    if listing.complete:
+        return f"{shown_here} dead letter(s)"
+    which = "" if selection == EVERY else " matching"
+    return (
+        f"the oldest {shown_here}{which} dead letter(s) shown, of {listing.waiting} waiting in"
+        f" {DEAD_LETTER_QUEUE}: --limit N shows more"
+    )
 
 
 def _columns(letter: DeadLetter) -> tuple[str, ...]:
