@@ -201,6 +201,30 @@ async def test_an_event_waiting_longer_than_the_relay_lag_makes_the_deployment_u
     assert not [p for p in problems(patient) if "relayed" in p], patient.describe()
 
 
+async def test_an_event_store_restored_from_another_server_is_unhealthy_and_unchecked(
+    bare: Bare,
+) -> None:
+    """Regression (a probe following "Moving the command database" without its
+    pg_resetwal step): `status` said no event waited and `check` "events checked: 0 ...
+    OK" of a store of events none of which could be relayed."""
+    await bare.events.execute(
+        "INSERT INTO events (aggregate_type, aggregate_id, version, name, body, transaction_id)"
+        " VALUES ('Issuer', gen_random_uuid(), 1, 'IssuerCreatedEvent', '{}',"
+        " (pg_snapshot_xmax(pg_current_snapshot())::text::numeric + 4294967296 * 3)::text::xid8)"
+    )
+
+    status = await run_cli(bare.env, "status")
+    check = await run_cli(bare.env, "check", "--skip-read-models")
+
+    assert status.exit_code == 1, status.describe()
+    assert "relayer           NOT READY: the event store's transaction ids are ahead" in (
+        status.stdout
+    ), status.describe()
+    assert [p for p in problems(status) if "pg_resetwal -e" in p], status.describe()
+    assert check.exit_code == 1, check.describe()
+    assert "transaction ids are ahead of this server's" in check.stderr, check.describe()
+
+
 @pytest.mark.parametrize("which", ["command", "query"])
 async def test_a_database_without_the_schema_is_reported_as_not_ready(
     bare: Bare, which: str

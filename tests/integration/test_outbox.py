@@ -19,7 +19,7 @@ import asyncpg
 import pytest
 
 from financing.adapters.postgres.connection import COMMAND_DATABASE, connect, create_pool
-from financing.adapters.postgres.event_store import PostgresEventStore
+from financing.adapters.postgres.event_store import PostgresEventStore, TransactionIdsAhead
 from financing.adapters.postgres.outbox import (
     NOTIFY_CHANNEL,
     CommitListener,
@@ -247,6 +247,13 @@ async def test_an_event_store_restored_from_another_server_is_refused_not_left_u
         )
     with pytest.raises(ValueError, match="restored from another server"):
         await PostgresOutbox(pool).pending(100)
+    # Regression (a probe following "Moving the command database"): read in commit order,
+    # the store held no event: `check` said "events checked: 0 ... OK", `status` that no
+    # event waited, and a rebuild would have built empty read models.
+    with pytest.raises(TransactionIdsAhead, match="restored from another server"):
+        async for _ in PostgresEventStore(pool).read_all():
+            pass
+    assert (await PostgresOutbox(pool).backlog(held_back_after=10.0)).ids_ahead
 
 
 async def test_relayed_events_are_no_longer_pending_even_for_a_new_outbox(

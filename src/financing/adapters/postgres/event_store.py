@@ -61,6 +61,7 @@ from financing.adapters.postgres.connection import (
 from financing.application import codec
 from financing.application.errors import (
     AlreadyProcessed,
+    AwaitingOperator,
     ConcurrencyConflict,
     EventNotInStore,
     ReadAfterWrite,
@@ -574,6 +575,35 @@ RELAYING_HORIZON = (
 )
 
 
+# Whether the stored transaction ids are ahead of the server's: every committed
+# transaction of this server is below its next one (the snapshot's xmax), so an event or
+# a checkpoint at or above it was written on another server, its database restored here
+# (pg_dump, logical replication). Relay order, the checkpoint, the lag and the relaying
+# horizon compare those ids with this server's: every new event would sort before the
+# checkpoint, none would ever be relayed, and none is below the horizon (`read_all`).
+IDS_AHEAD = (
+    "SELECT greatest((SELECT max(transaction_id) FROM events),"
+    " (SELECT max(transaction_id) FROM relay_checkpoints))"
+    " >= pg_snapshot_xmax(pg_current_snapshot())"
+)
+IDS_AHEAD_DETAIL = (
+    "the event store's transaction ids are ahead of this server's: the database was"
+    " restored from another server, and no event of it can be relayed, read in commit"
+    " order nor checked. Before the service starts on it, raise the server's transaction"
+    " id epoch above the old server's (pg_resetwal -e; docs/deployment.md, \"Moving the"
+    ' command database")'
+)
+
+
+class TransactionIdsAhead(AwaitingOperator):
+    """The event store's transaction ids are ahead of its server's (IDS_AHEAD): read in
+    commit order, it held no event (`check` said 0 events checked, OK; a rebuild would
+    build empty read models)."""
+
+    def __init__(self) -> None:
+        super().__init__(COMMAND_DATABASE, IDS_AHEAD_DETAIL)
+
+
 class PostgresEventStore:
     """The event store; PostgreSQL's errors leave it as Unavailable or ConcurrencyConflict."""
 
@@ -631,6 +661,8 @@ class PostgresEventStore:
             acquired(self._pool, COMMAND_DATABASE) as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
+            if after is None and await conn.fetchval(IDS_AHEAD):
+                raise TransactionIdsAhead()
             horizon = await conn.fetchval(f"SELECT {RELAYING_HORIZON}")
             while True:
                 rows = await conn.fetch(

@@ -37,6 +37,8 @@ from financing.adapters.postgres.connection import (
 )
 from financing.adapters.postgres.event_store import (
     EVENT_COLUMNS,
+    IDS_AHEAD,
+    IDS_AHEAD_DETAIL,
     NOTIFY_CHANNEL,
     RELAYING_HORIZON,
     stored_event,
@@ -141,6 +143,8 @@ class RelayBacklog:
     relayer: OtherSession | None = None  # the relayer lock's holder, when events wait
     # Whether that holder relays another schema's event store (`relays_elsewhere`).
     relayer_elsewhere: bool = False
+    # Whether the stored transaction ids are ahead of the server's (IDS_AHEAD).
+    ids_ahead: bool = False
 
 
 # The session whose transaction is the relaying horizon (RELAYING_HORIZON), when an event
@@ -174,19 +178,6 @@ _CHECKPOINT_VALUES = (
 )
 
 
-# Whether the stored transaction ids are ahead of the server's: every committed
-# transaction of this server is below its next one (the snapshot's xmax), so an event or
-# a checkpoint at or above it was written on another server, its database restored here
-# (pg_dump, logical replication). Relay order, the checkpoint and the lag compare those
-# ids with this server's: every new event would sort before the checkpoint, and none
-# would ever be relayed.
-_IDS_AHEAD = (
-    "SELECT greatest((SELECT max(transaction_id) FROM events),"
-    " (SELECT max(transaction_id) FROM relay_checkpoints))"
-    " >= pg_snapshot_xmax(pg_current_snapshot())"
-)
-
-
 class PostgresOutbox:
     def __init__(self, pool: asyncpg.Pool, name: str = "relayer") -> None:
         self._pool = pool
@@ -199,14 +190,8 @@ class PostgresOutbox:
         are this server's (ValueError if not)."""
         async with acquired(self._pool, COMMAND_DATABASE) as conn:
             if not self._ids_checked:
-                if await conn.fetchval(_IDS_AHEAD):
-                    raise ValueError(
-                        "the event store's transaction ids are ahead of this server's: the"
-                        " database was restored from another server, and no new event"
-                        " would ever be relayed. Before the service starts on it, raise"
-                        " the server's transaction id epoch above the old server's"
-                        ' (pg_resetwal -e; docs/deployment.md, "Moving the command database")'
-                    )
+                if await conn.fetchval(IDS_AHEAD):
+                    raise ValueError(IDS_AHEAD_DETAIL)
                 self._ids_checked = True
             if after is None:
                 rows = await conn.fetch(_PENDING, self._name, limit)
@@ -240,9 +225,11 @@ class PostgresOutbox:
             checkpoint = await conn.fetchrow(
                 "SELECT position, updated_at FROM relay_checkpoints WHERE name = $1", self._name
             )
+            ids_ahead = bool(await conn.fetchval(IDS_AHEAD))
         waiting, oldest_age = await self.lag()
         relayer, elsewhere = await self._relayer() if waiting else (None, False)
         return RelayBacklog(
+            ids_ahead=ids_ahead,
             checkpoint=None if checkpoint is None else checkpoint["position"],
             moved_at=None if checkpoint is None else checkpoint["updated_at"],
             waiting=waiting,

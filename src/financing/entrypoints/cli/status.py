@@ -22,6 +22,7 @@ from financing.adapters.postgres.connection import (
     SERVICE_APPLICATION,
     acquired,
 )
+from financing.adapters.postgres.event_store import IDS_AHEAD_DETAIL
 from financing.adapters.postgres.outbox import ANOTHER_DEPLOYMENT, PostgresOutbox, RelayBacklog
 from financing.adapters.postgres.projected_store import projected, store_of
 from financing.adapters.postgres.schema import SchemaAhead, SchemaBehind, SchemaElsewhere
@@ -146,7 +147,9 @@ async def _event_store(settings: Settings, findings: Findings, max_relay_lag: fl
         findings.store = await store_of(pool)
     findings.report("command database", f"{settings.command_db.describe()}: reachable")
     findings.report("relayer", _relaying(backlog))
-    if backlog.waiting and backlog.oldest_age > max_relay_lag:
+    if backlog.ids_ahead:
+        findings.problems.append(IDS_AHEAD_DETAIL)
+    elif backlog.waiting and backlog.oldest_age > max_relay_lag:
         findings.problems.append(
             f"an event has waited {backlog.oldest_age:.1f} s to be relayed"
             f" (at most {max_relay_lag:g} s is healthy){_why_waiting(backlog)}"
@@ -167,6 +170,9 @@ def _why_waiting(backlog: RelayBacklog) -> str:
 
 
 def _relaying(backlog: RelayBacklog) -> str:
+    if backlog.ids_ahead:
+        # The lag compares the store's ids with the server's: it says nothing here.
+        return "NOT READY: the event store's transaction ids are ahead of this server's"
     if backlog.checkpoint is None:
         checkpoint = "nothing relayed yet"
     else:
