@@ -363,7 +363,7 @@ def parse_duration(
     """`7d`, `12h`, `30m`, `45s` or a bare number of seconds; at least `least` (a second
     unless said), at most `most`."""
     match = _DURATION.fullmatch(raw.strip().lower())
-    if match is None or int(match[1]) < 1:
+    if match is None:
         raise ConfigError(
             f"{name} must be a duration such as 7d, 12h, 90m or 3600 (seconds), got {raw!r}"
         )

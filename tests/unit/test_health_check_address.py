@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from financing.config import Settings
+from financing.entrypoints.cli import health_check as health_check_module
 from financing.entrypoints.cli.health_check import health_check, reachable
 from financing.entrypoints.listening import wildcard_socket
 
@@ -45,3 +46,32 @@ async def test_a_process_with_nothing_to_check_is_not_reported_healthy() -> None
     settings = Settings.from_env({"METRICS_ADDRESS": "", "FINANCING_COMPONENTS": "projector"})
     problems = await health_check(settings, settings.components)
     assert problems and problems[0].startswith("nothing to check"), problems
+
+
+async def test_a_port_that_accepts_and_never_answers_is_said_to_give_no_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression (an operator's probe): the probe said `TimeoutError: ` and nothing
+    more of a port that took the connection and never answered."""
+    monkeypatch.setattr(health_check_module, "TIMEOUT", 0.3)
+    silent: list[asyncio.StreamWriter] = []  # held open, never answered
+
+    async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        settings = Settings(
+            command_address=("127.0.0.1", port), metrics_address=("127.0.0.1", port)
+        )
+        problems = await health_check(settings, ["commands-api"])
+    finally:
+        for writer in silent:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+    assert problems == [
+        f"Commands at 127.0.0.1:{port}: no answer within 0.3 s",
+        f"metrics endpoint at 127.0.0.1:{port}: no answer within 0.3 s",
+    ], problems

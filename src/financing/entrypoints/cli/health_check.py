@@ -95,7 +95,7 @@ async def _grpc_health(address: tuple[str, int], service: str, tls: GrpcTls | No
             HealthCheckRequest(service=service), timeout=TIMEOUT
         )
     except Exception as error:  # any failure to answer is unhealthy, whatever it is
-        problem = f"{service} at {host}:{port}: {type(error).__name__}: {error}"
+        problem = f"{service} at {host}:{port}: {_failure(error)}"
         if isinstance(error, StreamTerminatedError | OSError):  # ssl.SSLError is one too
             why = await _disagreement(host, port, tls)
             if why:
@@ -107,6 +107,14 @@ async def _grpc_health(address: tuple[str, int], service: str, tls: GrpcTls | No
         name = HealthCheckResponse.ServingStatus.Name(reply.status)
         return f"{service} at {host}:{port}: {name}"
     return ""
+
+
+def _failure(error: BaseException) -> str:
+    """The error's type and text; a timeout (with no text, or grpclib's "Deadline
+    exceeded") said as what it is."""
+    if isinstance(error, TimeoutError):
+        return f"no answer within {TIMEOUT:g} s"
+    return f"{type(error).__name__}: {error}"
 
 
 # The client's first bytes of HTTP/2 (RFC 9113 section 3.4): the preface and an empty
@@ -200,7 +208,7 @@ async def _http_health(address: tuple[str, int]) -> str:
             status_line = await reader.readline()
             writer.close()
     except (OSError, TimeoutError) as error:
-        return f"metrics endpoint at {host}:{port}: {type(error).__name__}: {error}"
+        return f"metrics endpoint at {host}:{port}: {_failure(error)}"
     words = status_line.split()
     if len(words) < 2 or words[1] != b"200":
         return f"metrics endpoint at {host}:{port}: {status_line.decode(errors='replace').strip()}"
