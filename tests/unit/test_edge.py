@@ -4,11 +4,26 @@ cut by the reads, and says so at a measured pace when it sends connections away
 
 from __future__ import annotations
 
+import logging
 import time
+from typing import Any
 
+import grpclib.const
+import pytest
+from grpclib.client import Channel
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError, StreamTerminatedError
+from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+from grpclib.server import Stream
 from structlog.testing import capture_logs
 
-from financing.entrypoints.grpc.edge import SMALL_WINDOW_UPDATE, Warnings, _FrameCounter
+from financing.entrypoints.grpc.codec import RequestCodec
+from financing.entrypoints.grpc.edge import (
+    SMALL_WINDOW_UPDATE,
+    GrpcServer,
+    Warnings,
+    _FrameCounter,
+)
 from tests.support.infra import holds, wait_until
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -127,3 +142,57 @@ async def test_a_warning_that_comes_as_its_interval_ends_counts_those_left_out()
         await wait_until(lambda: holds(not warnings._left_out), what="the due line run")
     mine = [line for line in logs if line["event"] == text]
     assert [line.get("more_since_the_last_line") for line in mine] == [None, 1], mine
+
+
+async def test_a_call_ending_after_its_connection_was_sent_away_logs_no_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression (a flood of both ports): the calls of a connection sent away (its
+    resets too fast) that ended after it, a deadline's answer among them, tried to send
+    their status on the closed connection: an ERROR line and a 60-line traceback each
+    (`Invalid input ConnectionInputs.SEND_HEADERS in state ConnectionState.CLOSED`)."""
+    server: GrpcServer
+
+    async def ends_after_its_connection(stream: Stream[Any, Any]) -> None:
+        await stream.recv_message()
+        [connection] = list(server._edge_connections._open)
+        connection._send_away("it is sent away for the test", b"test")
+        raise GRPCError(Status.UNAVAILABLE, "answered on a connection sent away")
+
+    class Ending:
+        def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+            return {
+                "/test.Test/Ends": grpclib.const.Handler(
+                    ends_after_its_connection,
+                    grpclib.const.Cardinality.UNARY_UNARY,
+                    HealthCheckRequest,
+                    HealthCheckResponse,
+                )
+            }
+
+    server = GrpcServer([Ending()], codec=RequestCodec())
+    await server.start("127.0.0.1", 0)
+    port = server._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    channel = Channel("127.0.0.1", port)
+    try:
+        with (
+            caplog.at_level(logging.ERROR, logger="grpclib"),
+            pytest.raises((GRPCError, StreamTerminatedError)),
+        ):
+            async with channel.request(
+                "/test.Test/Ends",
+                grpclib.const.Cardinality.UNARY_UNARY,
+                HealthCheckRequest,
+                HealthCheckResponse,
+                timeout=5,
+            ) as call:
+                await call.send_message(HealthCheckRequest(), end=True)
+                await call.recv_message()
+        await wait_until(lambda: holds(not server._edge_connections._open), what="let go")
+    finally:
+        channel.close()
+        server.close()
+        await server.wait_closed()
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR], [
+        record.getMessage() for record in caplog.records
+    ]

@@ -393,6 +393,8 @@ async def test_the_probe_says_where_its_tls_settings_disagree_with_the_ports(
         found = await problem(files.server_only, port)
         assert "serves plaintext" in found, found
     async with _serving(ServerTls(files.tls)) as port:
+        found = await problem(None, port)
+        assert "serves mutual TLS" in found and "GRPC_TLS_CLIENT_CA_FILE" in found, found
         found = await problem(files.server_only, port)
         assert "CERTIFICATE_REQUIRED" in found, found
         assert "GRPC_TLS_CLIENT_CA_FILE for the probe" in found, found

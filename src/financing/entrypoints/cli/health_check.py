@@ -126,16 +126,25 @@ _SETTINGS = 4
 async def _disagreement(host: str, port: int, tls: GrpcTls | None) -> str:
     """How the probe's TLS settings (`tls`) and what the port serves disagree, asked on
     connections of its own: "" when they do not, or the port cannot tell."""
-    try:
-        if tls is None:
+    if tls is None:
+        try:
             await _first_frame(host, port, _any_server())
+        except ssl.SSLError as error:
+            # Shaken hands, then refused: under TLS 1.3 a server asking for a client
+            # certificate says so after the handshake (its alert).
+            if "ALERT" not in str(getattr(error, "reason", None) or ""):
+                return ""
             return (
-                "the port serves TLS, which this probe does not ask for: set"
-                " GRPC_TLS_CERT_FILE and GRPC_TLS_KEY_FILE for it as for the service"
+                f"the port serves mutual TLS ({error.reason}), which this probe does not"
+                " ask for: set GRPC_TLS_CERT_FILE, GRPC_TLS_KEY_FILE and"
+                " GRPC_TLS_CLIENT_CA_FILE for it as for the service"
             )
-    except (OSError, TimeoutError):  # not even a TLS handshake: some other trouble
-        return ""
-    assert tls is not None
+        except (OSError, TimeoutError):  # not even a TLS handshake: some other trouble
+            return ""
+        return (
+            "the port serves TLS, which this probe does not ask for: set"
+            " GRPC_TLS_CERT_FILE and GRPC_TLS_KEY_FILE for it as for the service"
+        )
     try:
         header = await _first_frame(host, port, None)
         if len(header) == 9 and header[3] == _SETTINGS:

@@ -730,9 +730,12 @@ class _Protocol(grpclib.protocol.H2Protocol):
             self.connection.flush()
         except H2Error:
             pass  # the connection was closing already: nothing more to tell it
-        # Its calls are cancelled now: an answer could no longer be sent on it (and
-        # a call that tried would log the protocol's refusal as an error).
+        # Its calls are cancelled now: an answer could no longer be sent on it. One
+        # that ends all the same (its deadline passed as it was cancelled: grpclib
+        # answers DEADLINE_EXCEEDED) finds its stream closed, which grpclib lets go; on
+        # the closed connection, h2 refused it and grpclib logged an error for each.
         self.handler.close()
+        self.connection._connection.streams.clear()
         loop = asyncio.get_running_loop()
         if at_once:
             self._gone = loop.call_soon(self.processor.close, why)
