@@ -258,3 +258,23 @@ async def test_the_reference_projectors_queue_the_service_retired_is_bound_again
     await publish_event(vhost, b'{"after": 1}')
     kept = await taken_from(vhost, topology.REFERENCE_PROJECTOR_QUEUE)
     assert [message.body for message in kept] == [b'{"before": 1}', b'{"after": 1}']
+
+
+async def test_a_quorum_deployment_is_handed_back_whole() -> None:
+    """Regression (a probe with FINANCING_QUEUE_TYPE=quorum): the service's queues were
+    deleted "if unused", which RabbitMQ 3.x refuses for a quorum queue with an error that
+    closes the whole connection: the hand-back stopped half way, said as the broker being
+    unavailable, and so did every run of it again."""
+    async with rabbitmq.private_vhost("fin_hand_back_q") as vhost:
+        broker = Broker([vhost.url], Outages(), queue_type="quorum")
+        try:
+            await topology.declare_on(broker)
+            handed = await hand_back(broker)
+        finally:
+            await broker.close()
+        left = await rabbitmq.list_queues(vhost.name)
+    said = "\n".join(handed.done)
+    assert "events_financing_projector (0 message(s))" in said, said
+    for name in (topology.PROJECTOR_QUEUE, topology.UNROUTED, topology.DEFERRALS):
+        assert name not in left, sorted(left)
+    assert topology.DEAD_LETTER_QUEUE in left  # the dead letters are kept

@@ -318,6 +318,34 @@ async def test_a_reference_projector_queue_the_user_may_not_touch_is_left_with_a
         assert topology.REFERENCE_PROJECTOR_QUEUE in await rabbitmq.list_queues(vhost.name)
 
 
+async def test_a_reference_projector_queue_of_quorum_type_is_retired_with_no_outage() -> None:
+    """Regression (a probe): a reference that ran on quorum queues left a quorum
+    `events_query`, which the service deleted "if unused and empty": RabbitMQ 3.x refuses
+    that of a quorum queue with an error that closes the whole connection, a broker
+    outage said every minute as the retirement was tried again."""
+    async with rabbitmq.private_vhost("fin_retire_q") as vhost:
+        plain = await aio_pika.connect(vhost.url)
+        channel = await plain.channel()
+        events = await channel.declare_exchange(
+            EVENTS_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        queue = await channel.declare_queue(
+            topology.REFERENCE_PROJECTOR_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        await queue.bind(events, routing_key="")
+        await plain.close()
+        broker = Broker([vhost.url], Outages(), queue_type="quorum")
+        try:
+            connection = await broker.connection()
+            with capture_logs() as logs:
+                retired = await topology.declare_on(broker)
+            assert not connection.is_closed
+        finally:
+            await broker.close()
+        assert retired is topology.ReferenceQueue.ABSENT, logs
+        assert topology.REFERENCE_PROJECTOR_QUEUE not in await rabbitmq.list_queues(vhost.name)
+
+
 async def test_a_deferrals_queue_of_the_other_type_stops_start_up_not_the_first_deferral() -> None:
     """Regression: `financing_deferred` was declared by the first deferral only, so one
     left from a classic deployment let a quorum one start healthy, and its first message

@@ -36,6 +36,7 @@ from financing.adapters.rabbitmq.connection import Broker, close_channel, transl
 from financing.adapters.rabbitmq.dead_letters import dead_letter_of, whole_copy_of
 from financing.adapters.rabbitmq.envelopes import BROKER_HEADERS, header_text
 from financing.adapters.rabbitmq.queues import (
+    delete_queue,
     exchange_exists,
     existing_queue,
     queue_depth,
@@ -281,7 +282,7 @@ async def _deleted(broker: Broker, done: list[str]) -> None:
             if queue is not None:
                 held = queue.declaration_result.message_count or 0
                 with translated():
-                    await queue.delete(if_unused=True, if_empty=False)
+                    await delete_queue(broker, queue, if_unused=True, if_empty=False)
                 gone.append(f"{name} ({held} message(s))")
                 projector_gone = projector_gone or name == PROJECTOR_QUEUE
     exchanges = [name for name in (UNROUTED, DEFERRALS) if await exchange_exists(broker, name)]

@@ -42,6 +42,41 @@ async def existing_queue(broker: Broker, name: str) -> AsyncIterator[AbstractQue
         yield queue
 
 
+async def delete_queue(
+    broker: Broker, queue: AbstractQueue, *, if_unused: bool, if_empty: bool
+) -> None:
+    """`queue` deleted, with the broker's guards where it has them: if unused, if empty.
+
+    A quorum queue has none (RabbitMQ 3.x answers NOT_IMPLEMENTED, which closes the
+    whole connection: the service's retirement of a reference's quorum `events_query`
+    was a broker outage every minute, and `broker hand-back` could not finish on a
+    quorum deployment). Such a queue, which the caller found unused and empty enough
+    as it declared it, is deleted unguarded. The broker's refusals are the caller's to
+    translate (a guard's, PRECONDITION_FAILED, left to it)."""
+    guarded = (if_unused or if_empty) and await _is_classic(broker, queue.name)
+    if guarded:
+        await queue.delete(if_unused=if_unused, if_empty=if_empty)
+    else:
+        await queue.delete(if_unused=False, if_empty=False)
+
+
+async def _is_classic(broker: Broker, name: str) -> bool:
+    """Whether `name` is a classic queue as the reference declares them: declared so (durable,
+    no arguments) on a channel of its own, which the broker refuses, closing that channel
+    alone, for a queue of another type (or other arguments). A queue deleted meanwhile is
+    made again so: classic, empty, unused."""
+    channel = await broker.channel()
+    try:
+        with translated():
+            try:
+                await channel.declare_queue(name, durable=True)
+            except aiormq.exceptions.ChannelPreconditionFailed:
+                return False
+        return True
+    finally:
+        await close_channel(channel)
+
+
 @contextlib.asynccontextmanager
 async def _passively(
     broker: Broker, declare: Callable[[AbstractChannel], Awaitable[T]]

@@ -56,7 +56,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
 from financing import metrics
 from financing.adapters.rabbitmq.connection import BROKER, Broker, close_channel, translated
-from financing.adapters.rabbitmq.queues import existing_queue
+from financing.adapters.rabbitmq.queues import delete_queue, existing_queue
 from financing.application import routes
 from financing.application.errors import Refused, Unavailable
 from financing.application.messages import COMMAND_TYPES
@@ -384,15 +384,14 @@ async def retire_reference_projector_queue(broker: Broker) -> ReferenceQueue:
         waiting = declared.message_count or 0
         with translated():
             await queue.unbind(EVENTS_EXCHANGE, routing_key="")
-            if waiting == 0:
+        if waiting == 0:
+            with translated():
                 try:
-                    await queue.delete(if_unused=True, if_empty=True)
+                    await delete_queue(broker, queue, if_unused=True, if_empty=True)
                 except aiormq.exceptions.ChannelPreconditionFailed:
                     return ReferenceQueue.RETIRED  # read or fed since: left as it is, unbound
-                log.info(
-                    "the reference's projector queue, empty and unread, is deleted", queue=name
-                )
-                return ReferenceQueue.ABSENT
+            log.info("the reference's projector queue, empty and unread, is deleted", queue=name)
+            return ReferenceQueue.ABSENT
     log.warning(
         "the reference's projector queue is read by no one and no longer fed; delete it"
         f" once what it holds is of no use (rabbitmqctl delete_queue -p VHOST {name})",
