@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import uuid
 from contextlib import suppress
@@ -15,6 +16,7 @@ from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import Broker
 from financing.adapters.rabbitmq.consumer import Deliveries, QueueConsumer, consume
 from financing.adapters.rabbitmq.dead_letters import DeadLetters
+from financing.adapters.rabbitmq.hand_back import REFERENCE_COMMAND_QUEUES
 from financing.adapters.rabbitmq.publisher import AmqpCommandSender, Publisher
 from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE, EVENTS_EXCHANGE
 from financing.application import codec, routes
@@ -277,13 +279,41 @@ async def test_a_queue_that_exists_with_the_other_type_is_refused_naming_it_and_
         }
 
     assert set(types.values()) == {"quorum"}
-    assert str(refused.value) == (
-        "broker refused the service: queue 'financing_unrouted' exists as a quorum (or another"
-        " type) queue, and FINANCING_QUEUE_TYPE asks for classic. Either set"
-        " FINANCING_QUEUE_TYPE to the type it has, or move it to classic: stop what consumes"
-        " it, let it drain, delete it (rabbitmqctl delete_queue -p VHOST financing_unrouted)"
-        " and start the service again, which declares it anew"
-    )
+    # Every one named at once: one a start-up took a restart for each.
+    named = sorted(types)
+    message = str(refused.value)
+    assert message.startswith("broker refused the service: queues "), message
+    assert sorted(re.findall(r"'([a-zA-Z_]+)'", message.split(" exist as ")[0])) == named
+    assert message.endswith(
+        " exist as quorum (or another type) queues, and FINANCING_QUEUE_TYPE asks for classic."
+        " Either set FINANCING_QUEUE_TYPE to the type they have, or move them to classic"
+        ' (docs/scaling.md, "Switching the queue type")'
+    ), message
+
+
+async def test_queues_of_the_other_type_stop_start_up_before_any_is_declared() -> None:
+    """Regression (a probe): on a broker holding the reference's classic queues, a quorum
+    start-up was refused at the first of them, having made the service's own queues
+    quorum first; then a classic start-up, the message's first way out, was refused
+    for those."""
+    async with rabbitmq.private_vhost() as vhost:
+        plain = await aio_pika.connect(vhost.url)
+        channel = await plain.channel()
+        for name in REFERENCE_COMMAND_QUEUES:
+            await channel.declare_queue(name, durable=True)
+        await plain.close()
+        quorum = Broker([vhost.url], Outages(), queue_type="quorum")
+        try:
+            with pytest.raises(Refused, match="exist as classic queues"):
+                await topology.declare_on(quorum)
+        finally:
+            await quorum.close()
+        assert sorted(await rabbitmq.list_queues(vhost.name)) == sorted(REFERENCE_COMMAND_QUEUES)
+        classic = Broker([vhost.url], Outages())
+        try:
+            await topology.declare_on(classic)
+        finally:
+            await classic.close()
 
 
 async def test_a_reference_projector_queue_the_user_may_not_touch_is_left_with_a_warning() -> None:

@@ -88,6 +88,10 @@ CLASSIC = "classic"
 QUEUE_TYPE_ARGUMENT = "x-queue-type"
 
 
+class QueueOfAnotherType(Exception):
+    """A queue exists of another type than the one declared (its name the argument)."""
+
+
 @dataclass(frozen=True)
 class QueueSpec:
     """A durable queue with its arguments, fed by `events` or not.
@@ -120,14 +124,9 @@ class QueueSpec:
 
     async def declare(self, channel: AbstractChannel) -> AbstractQueue:
         try:
-            with translated():
-                queue = await channel.declare_queue(
-                    self.name, durable=True, arguments=dict(self.arguments) or None
-                )
-        except Refused as refused:
-            if QUEUE_TYPE_ARGUMENT in refused.detail:
-                raise Refused(BROKER, self._type_conflict()) from refused
-            raise Refused(BROKER, self._arguments_conflict(refused.detail)) from refused
+            queue = await self.declare_alone(channel)
+        except QueueOfAnotherType as conflict:
+            raise Refused(BROKER, self._type_conflict()) from conflict
         with translated():
             if not self.bound_to_events:
                 return queue
@@ -141,6 +140,19 @@ class QueueSpec:
             await queue.unbind(events, routing_key="")
             return queue
 
+    async def declare_alone(self, channel: AbstractChannel) -> AbstractQueue:
+        """The queue itself, bound to nothing; QueueOfAnotherType where it exists of
+        another type, Refused where it exists with other arguments."""
+        try:
+            with translated():
+                return await channel.declare_queue(
+                    self.name, durable=True, arguments=dict(self.arguments) or None
+                )
+        except Refused as refused:
+            if QUEUE_TYPE_ARGUMENT in refused.detail:
+                raise QueueOfAnotherType(self.name) from refused
+            raise Refused(BROKER, self._arguments_conflict(refused.detail)) from refused
+
     def _arguments_conflict(self, said: str) -> str:
         return (
             f"queue {self.name!r} exists with other arguments than the service declares"
@@ -152,15 +164,7 @@ class QueueSpec:
         )
 
     def _type_conflict(self) -> str:
-        wanted = self.queue_type
-        existing = CLASSIC if wanted != CLASSIC else "quorum (or another type)"
-        return (
-            f"queue {self.name!r} exists as a {existing} queue, and FINANCING_QUEUE_TYPE"
-            f" asks for {wanted}. Either set FINANCING_QUEUE_TYPE to the type it has, or"
-            f" move it to {wanted}: stop what consumes it, let it drain, delete it"
-            f" (rabbitmqctl delete_queue -p VHOST {self.name}) and start the service"
-            " again, which declares it anew"
-        )
+        return _type_conflict(self.name, self.queue_type)
 
 
 async def _fanout_into(
@@ -324,6 +328,50 @@ async def declare(channel: AbstractChannel, queue_type: str = CLASSIC) -> None:
         await part(channel)
 
 
+async def refuse_queues_of_another_type(broker: Broker) -> None:
+    """Refused, naming every one, where queues the topology declares exist of another type
+    than the broker's (FINANCING_QUEUE_TYPE), before anything is declared: found by
+    declaring them, the first conflict stopped start-up after the queues declared before
+    it had been made of the asked type, which then stopped a start-up of the other type
+    too; and one start-up named one queue, a switch of type taking one restart each."""
+    queue_type = broker.queue_type
+    found: list[str] = []
+    for spec in (*CONSUMED_QUEUES, DEAD_LETTERS, DEFERRAL_QUEUE):
+        async with existing_queue(broker, spec.name) as queue:
+            if queue is None:
+                continue
+            try:
+                await spec.of_type(queue_type).declare_alone(queue.channel)
+            except QueueOfAnotherType:
+                found.append(spec.name)
+    if len(found) == 1:
+        [name] = found
+        raise Refused(BROKER, _type_conflict(name, queue_type))
+    if found:
+        raise Refused(BROKER, _types_conflict(found, queue_type))
+
+
+def _type_conflict(name: str, wanted: str) -> str:
+    existing = CLASSIC if wanted != CLASSIC else "quorum (or another type)"
+    return (
+        f"queue {name!r} exists as a {existing} queue, and FINANCING_QUEUE_TYPE"
+        f" asks for {wanted}. Either set FINANCING_QUEUE_TYPE to the type it has, or"
+        f" move it to {wanted}: stop what consumes it, let it drain, delete it"
+        f" (rabbitmqctl delete_queue -p VHOST {name}) and start the service"
+        " again, which declares it anew"
+    )
+
+
+def _types_conflict(names: list[str], wanted: str) -> str:
+    existing = CLASSIC if wanted != CLASSIC else "quorum (or another type)"
+    return (
+        f"queues {', '.join(map(repr, names))} exist as {existing} queues, and"
+        f" FINANCING_QUEUE_TYPE asks for {wanted}. Either set FINANCING_QUEUE_TYPE to the"
+        f' type they have, or move them to {wanted} (docs/scaling.md, "Switching the'
+        ' queue type")'
+    )
+
+
 def said_restored(queue: str) -> None:
     """A queue nobody consumes was found deleted under the service, and declared again."""
     metrics.TOPOLOGY_RESTORED.labels(queue).inc()
@@ -344,8 +392,10 @@ class ReferenceQueue(Enum):
 
 
 async def declare_on(broker: Broker) -> ReferenceQueue:
-    """`declare` on a channel of its own, with the broker's queue type; then the
-    reference's projector queue retired, and what became of it."""
+    """`declare` on a channel of its own, with the broker's queue type, once no queue of
+    another type is found among those it declares (`refuse_queues_of_another_type`);
+    then the reference's projector queue retired, and what became of it."""
+    await refuse_queues_of_another_type(broker)
     channel = await broker.channel()
     try:
         await declare(channel, broker.queue_type)
