@@ -473,6 +473,11 @@ async def test_the_tables_an_outage_check_requires_are_those_the_migration_creat
         with pytest.raises(Unavailable) as gone:
             await require_tables(pool, name)
         assert f"{NEEDED_TABLES[name][0]} do not exist" in str(gone.value)
+        # Regression (a DBA's probe): of an event store whose schema was renamed, the
+        # events all there, the line advised starting an empty one before anything else.
+        assert "their schema renamed" in str(gone.value)
+        assert "where they were moved, put them back" in str(gone.value)
+        assert not str(gone.value).endswith("to start an empty event store")
     finally:
         await pool.close()
 

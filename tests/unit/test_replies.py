@@ -23,6 +23,7 @@ from grpclib.exceptions import GRPCError
 from grpclib.protocol import H2Protocol
 
 from financing import generated as pb
+from financing.application.errors import Unavailable
 from financing.application.read_models import (
     ROWS_PER_TURN,
     InMemoryReadModels,
@@ -462,3 +463,37 @@ async def test_a_lost_connections_handler_is_let_go_once_its_calls_end() -> None
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_list_call_trying_a_database_found_down_keeps_its_outage_open() -> None:
+    """Regression (a DBA's lock on a read model's table for 32 s): each list call waited
+    FINANCING_DB_TIMEOUT (10 s) on the lock and failed; 5 s after a failure the outage
+    was said over, the next call still waiting, and begun again as it failed: `/health`
+    flapped, and two outages were said of one lock."""
+    database = "query database"
+    outages = Outages()
+
+    async def answers() -> None:
+        return None  # the check passes: the server answers, the table is locked
+
+    outages.check_with(database, answers, attempts_within=10.0)
+    queries = QueriesService(InMemoryReadModels(), outages)
+    down = Unavailable(database, "a statement waited longer than FINANCING_DB_TIMEOUT")
+    let_go = asyncio.Event()
+
+    async def waits_on_the_lock() -> list[object]:
+        await let_go.wait()
+        raise down
+
+    async def failed_at_once() -> list[object]:
+        raise down
+
+    with pytest.raises(GRPCError):
+        await queries._read("issuers", failed_at_once)
+    waiting = asyncio.create_task(queries._read("issuers", waits_on_the_lock))
+    await wait_until(lambda: holds(bool(outages._trying.get(database))), what="a call waiting")
+    await outages.check_once(within=1.0, quiet=0.0)  # long past the last failure
+    assert database in outages._since, "said over while a call still waited on it"
+    let_go.set()
+    with pytest.raises(GRPCError):
+        await waiting

@@ -137,8 +137,12 @@ NEEDED_TABLES = {
         "projected_event_store",
     ),
 }
+# What brings a schema's tables back where they are gone. Not a restart of the command
+# database's service first: on a schema renamed (the events all there, under another
+# name), it told a DBA to start an empty event store.
 _BRINGS_THEM_BACK = {
-    "commands": "restore it, or restart the service on it to start an empty event store",
+    "commands": "restore the database from a backup (a restart of the service on it would"
+    " start a new, empty event store)",
     "queries": "`financing projections rebuild` builds them again from the event store,"
     " without a restart",
 }
@@ -167,8 +171,10 @@ async def require_tables(pool: asyncpg.Pool, name: str) -> None:
         raise AwaitingOperator(
             database,
             f"its table(s) {', '.join(absent)} do not exist, or not in its sessions'"
-            " search_path (the database was dropped and created again, or restored"
-            f" without them): {_BRINGS_THEM_BACK[name]}",
+            " search_path (their schema renamed, the search_path changed, the database"
+            " dropped and created again or restored without them): where they were moved,"
+            f" put them back, the service goes on by itself; where they are gone,"
+            f" {_BRINGS_THEM_BACK[name]}",
         )
 
 

@@ -168,8 +168,13 @@ class QueriesService(pb.QueriesBase):
             self._waiting -= 1
 
     async def _read(self, what: str, rows: Callable[[], Awaitable[T]]) -> T:
+        # A call after one that failed tries the dependency again, and keeps its outage
+        # open until it fails in its turn (`Outages.trying`): each call waiting up to
+        # FINANCING_DB_TIMEOUT on a lock, the outage was said over 5 s after the last
+        # failure, and begun again 5 s later, every 10 s while the lock was held.
         try:
-            result = await rows()
+            with self._outages.trying(next(iter(self._failed), None)):
+                result = await rows()
         except Unavailable as error:
             self._failed.add(error.dependency)
             self._outages.failed(error)
