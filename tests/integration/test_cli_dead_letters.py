@@ -404,3 +404,26 @@ async def test_requeue_leaves_the_topology_as_it_finds_it(seeded: Seeded) -> Non
     ]
     assert gone not in await rabbitmq.list_queues(seeded.vhost.name)
     assert topology.EVENTS_ROUTER not in await rabbitmq.list_exchanges(seeded.vhost.name)
+
+
+async def test_a_listing_says_when_its_reads_count_against_a_quorum_queues_limit(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Regression (a probe with quorum queues): each list gives every letter it read back
+    to the queue, which a quorum queue counts as a delivery; past a delivery limit
+    (RabbitMQ 4's default: 20) the letters were dropped, without a word."""
+    monkeypatch.setattr(cli_dead_letters, "GIVEN_BACK_SAID", 2)
+    async with rabbitmq.private_vhost("fin_cli_dead_q") as vhost:
+        broker = Broker([vhost.url], Outages(), queue_type="quorum")
+        try:
+            await source_queues(broker, "source_q")
+            await dead_letter(broker, "source_q", "q-1", "a reason", {})
+        finally:
+            await broker.close()
+        settings = Settings.from_env({"AMQP_ADDRESS": vhost.url, "FINANCING_QUEUE_TYPE": "quorum"})
+        said = []
+        for _ in range(3):
+            assert await cli_dead_letters.list_letters(settings, EVERY, 100, False) == 0
+            said.append(capsys.readouterr().err)
+    assert said[:2] == ["", ""], said
+    assert "read 2 time(s) before" in said[2] and "docs/scaling.md" in said[2], said

@@ -626,6 +626,9 @@ class Listing:
     letters: list[DeadLetter]
     waiting: int
     complete: bool
+    # The most times a letter read was given back to a quorum queue before
+    # (`x-delivery-count`): each read counts against its delivery limit.
+    most_given_back: int = 0
 
 
 async def list_dead_letters(
@@ -642,10 +645,13 @@ async def dead_letters_listed(
     listing = Listing([], 0, complete=True)
     async with _dead_letter_queue(broker) as queue, contextlib.aclosing(_fetched(queue)) as found:
         listing.waiting = 0 if queue is None else queue.declaration_result.message_count or 0
-        async for _, letter in found:
+        async for message, letter in found:
             if len(listing.letters) >= limit:
                 listing.complete = False
                 break
+            count = (message.headers or {}).get("x-delivery-count")
+            if isinstance(count, int):
+                listing.most_given_back = max(listing.most_given_back, count)
             if selection.matches(letter):
                 listing.letters.append(letter)
     return listing

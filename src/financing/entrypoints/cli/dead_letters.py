@@ -46,7 +46,20 @@ async def list_letters(settings: Settings, selection: Selection, limit: int, bod
     for row, letter in zip(rows[1:], letters, strict=True):
         write_lines([row, *(f"    {shown(detail)}" for detail in _details(letter, bodies))])
     write_lines([_count(listing, selection)])
+    if listing.most_given_back >= GIVEN_BACK_SAID:
+        print(
+            f"financing dead-letters list: letters have been read {listing.most_given_back}"
+            f" time(s) before; {DEAD_LETTER_QUEUE} is a quorum queue, which counts each read"
+            " as a delivery and drops a letter past its delivery limit (RabbitMQ 4: 20):"
+            ' keep it under a policy that raises the limit (docs/scaling.md, "Brokers")',
+            file=sys.stderr,
+        )
     return 0
+
+
+# How many times a letter may have been read before a list says the reads count against a
+# quorum queue's delivery limit (half RabbitMQ 4's default of 20).
+GIVEN_BACK_SAID = 10
 
 
 def _count(listing: Listing, selection: Selection) -> str:
