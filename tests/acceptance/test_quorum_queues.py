@@ -53,5 +53,7 @@ async def test_a_classic_queue_of_the_reference_stops_a_quorum_start_up_naming_i
 
     message = str(failed.value)
     assert "financing serve exited with 2 before it was ready" in message, message
-    assert "exists as a classic queue, and FINANCING_QUEUE_TYPE asks for quorum" in message
+    # Every one named at once, before any queue of the service was made quorum.
+    assert "exist as classic queues, and FINANCING_QUEUE_TYPE asks for quorum" in message
+    assert "'CreateIssuer'" in message and "'events_BidOnInvoicePlacedEvent'" in message
     assert "rabbitmqctl delete_queue" in message

@@ -367,8 +367,10 @@ def _types_conflict(names: list[str], wanted: str) -> str:
     return (
         f"queues {', '.join(map(repr, names))} exist as {existing} queues, and"
         f" FINANCING_QUEUE_TYPE asks for {wanted}. Either set FINANCING_QUEUE_TYPE to the"
-        f' type they have, or move them to {wanted} (docs/scaling.md, "Switching the'
-        ' queue type")'
+        f" type they have, or move them to {wanted}: stop what consumes them, let them"
+        " drain, delete each (rabbitmqctl delete_queue -p VHOST NAME) and start the"
+        ' service again (docs/scaling.md, "Switching the queue type", keeps the dead'
+        " letters)"
     )
 
 
