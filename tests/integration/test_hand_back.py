@@ -261,20 +261,50 @@ async def test_the_reference_projectors_queue_the_service_retired_is_bound_again
 
 
 async def test_a_quorum_deployment_is_handed_back_whole() -> None:
-    """Regression (a probe with FINANCING_QUEUE_TYPE=quorum): the service's queues were
+    """Regression (probes with FINANCING_QUEUE_TYPE=quorum): the service's queues were
     deleted "if unused", which RabbitMQ 3.x refuses for a quorum queue with an error that
     closes the whole connection: the hand-back stopped half way, said as the broker being
-    unavailable, and so did every run of it again."""
+    unavailable, at every run; a quorum `events_query` the service had retired holding
+    messages was declared again as a classic one, refused likewise; and the count a
+    quorum queue adds to each delivery was taken for a record of a dead-lettering, every
+    waiting command sent again at each run."""
     async with rabbitmq.private_vhost("fin_hand_back_q") as vhost:
+        plain = await aio_pika.connect(vhost.url)
+        channel = await plain.channel()
+        events = await channel.declare_exchange(
+            topology.EVENTS_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        kept = await channel.declare_queue(
+            topology.REFERENCE_PROJECTOR_QUEUE,
+            durable=True,
+            arguments={"x-queue-type": "quorum"},
+        )
+        await kept.bind(events, routing_key="")
+        await events.publish(aio_pika.Message(b"{}", headers={"name": PLACED}), "")
+        await plain.close()
         broker = Broker([vhost.url], Outages(), queue_type="quorum")
         try:
-            await topology.declare_on(broker)
+            await topology.declare_on(broker)  # retires it: unbound, kept for what it holds
+            publisher = Publisher(broker)
+            try:
+                command = aio_pika.Message(b"{}", headers={"name": "CreateIssuer"})
+                await publisher.send_message_to_queue("CreateIssuer", command)
+            finally:
+                await publisher.close()
             handed = await hand_back(broker)
+            again = await hand_back(broker)
         finally:
             await broker.close()
         left = await rabbitmq.list_queues(vhost.name)
+        bindings = await rabbitmq.list_bindings_with_arguments(vhost.name)
+        commands = await taken_from(vhost, "CreateIssuer")
     said = "\n".join(handed.done)
     assert "events_financing_projector (0 message(s))" in said, said
+    assert "header that is no string" not in said, said
+    assert "bound to 'events' again" in said, said
     for name in (topology.PROJECTOR_QUEUE, topology.UNROUTED, topology.DEFERRALS):
         assert name not in left, sorted(left)
     assert topology.DEAD_LETTER_QUEUE in left  # the dead letters are kept
+    assert len(commands) == 1  # left where it is, for the reference's handler
+    assert (topology.EVENTS_EXCHANGE, topology.REFERENCE_PROJECTOR_QUEUE, "", "") in bindings
+    assert not [line for line in again.done if "header that is no string" in line], again

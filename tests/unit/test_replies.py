@@ -377,15 +377,20 @@ async def test_one_hosts_many_connections_do_not_hold_up_another_hosts_lists() -
     assert store.reads.index("investors") <= LIST_CALLS_PER_HOST
 
 
+@pytest.mark.parametrize("database_down", [False, True], ids=["busy", "database down"])
 async def test_a_list_call_given_no_place_within_the_busy_wait_is_answered_busy(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, database_down: bool
 ) -> None:
     """Regression: list calls waited for their turn without bound: 2,000 in flight from
     clients retrying at once queued until their deadlines, 0.8 answered a second where
-    one polite client got 6.6, and the process spent itself beginning and cutting calls."""
+    one polite client got 6.6, and the process spent itself beginning and cutting calls.
+    Regression (a DBA's lock on a table): where the calls ahead wait on a database found
+    down, "busy" pointed at the load; the database is named."""
     monkeypatch.setattr(queries_module, "LIST_REPLIES", 2)
     store = GatedRows()
     async with queries_server(store, busy_wait=0.3) as (queries, port):
+        if database_down:
+            queries._failed.add("query database")  # as a call that failed on it left it
         holder, other = Channel("127.0.0.1", port), Channel("127.0.0.1", port)
         try:
             held = [
@@ -404,8 +409,11 @@ async def test_a_list_call_given_no_place_within_the_busy_wait_is_answered_busy(
             other.close()
     assert refused.value.status is Status.UNAVAILABLE
     assert refused.value.message == (
-        "AllInvestors not answered: the service was busy answering list calls (1 waiting for"
-        " a turn) for the 0.3 s it waited; try again later"
+        "AllInvestors not answered: query database unavailable, the list calls ahead of it"
+        " waiting on it; try again later"
+        if database_down
+        else "AllInvestors not answered: the service was busy answering list calls (1 waiting"
+        " for a turn) for the 0.3 s it waited; try again later"
     )
     assert "investors" not in store.reads
     assert not queries.busy()

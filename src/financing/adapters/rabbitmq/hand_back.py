@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
@@ -112,7 +113,7 @@ async def hand_back(broker: Broker) -> HandedBack:
     # messages when it took over) unbound, which would miss every event published until
     # the reference's projector declares it again.
     existed = await queue_exists(broker, REFERENCE_PROJECTOR_QUEUE)
-    await _on_a_channel(broker, _reference_projector_queue)
+    await _on_a_channel(broker, partial(_reference_projector_queue, existed=existed))
     if not existed or routed:
         done.append(
             f"queue {REFERENCE_PROJECTOR_QUEUE!r}, the reference projector's,"
@@ -140,8 +141,14 @@ async def _on_a_channel(
         await close_channel(channel)
 
 
-async def _reference_projector_queue(channel: AbstractChannel) -> None:
-    queue = await channel.declare_queue(REFERENCE_PROJECTOR_QUEUE, durable=True)
+async def _reference_projector_queue(channel: AbstractChannel, *, existed: bool) -> None:
+    """`events_query` bound to `events`, declared as the reference declares it where the
+    broker has none; one there is bound as it is: declared again, a quorum one was refused
+    (its type not the declaration's), and the hand-back stopped there at every run."""
+    if existed:
+        queue = await channel.declare_queue(REFERENCE_PROJECTOR_QUEUE, passive=True)
+    else:
+        queue = await channel.declare_queue(REFERENCE_PROJECTOR_QUEUE, durable=True)
     await queue.bind(await declare_events_exchange(channel), routing_key="")
 
 
@@ -207,10 +214,18 @@ async def _sent_again(broker: Broker, done: list[str]) -> None:
 
 
 def _refused_by_the_reference(message: AbstractIncomingMessage) -> bool:
+    """Whether `message` carries a header the reference's consumers refuse: one that is no
+    string, or a broker's record of a dead-lettering. Not the count a quorum queue adds to
+    each delivery (`x-delivery-count`), which no copy can shed: taken for a record, every
+    message of a quorum queue was sent again at each hand-back."""
     return any(
-        key in BROKER_HEADERS or not isinstance(value, str)
+        key != DELIVERY_COUNT and (key in BROKER_HEADERS or not isinstance(value, str))
         for key, value in (message.headers or {}).items()
     )
+
+
+# What a quorum queue adds to each delivery, not to the message it keeps.
+DELIVERY_COUNT = "x-delivery-count"
 
 
 @contextlib.asynccontextmanager

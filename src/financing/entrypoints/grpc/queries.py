@@ -157,6 +157,15 @@ class QueriesService(pb.QueriesBase):
                 raise GRPCError(
                     Status.UNAVAILABLE, f"{method} not answered: the service is shutting down"
                 ) from None
+            if self._failed:
+                # The calls ahead of it wait on a database found down (a lock held on a
+                # table), not on a crowd: said as the outage it is, which its own lines
+                # say, where "busy" pointed an operator at the load.
+                raise GRPCError(
+                    Status.UNAVAILABLE,
+                    f"{method} not answered: {next(iter(self._failed))} unavailable, the"
+                    " list calls ahead of it waiting on it; try again later",
+                ) from None
             _BUSY.warn("list calls answered UNAVAILABLE: the service is busy")
             raise GRPCError(
                 Status.UNAVAILABLE,
