@@ -13,6 +13,7 @@ from financing.application import pace as pace_module
 from financing.application.errors import Unavailable
 from financing.application.pace import RelayPace
 from financing.application.pipeline import Decoded, Outcome
+from financing.application.ports import OtherSession
 from tests.support.infra import holds, wait_until
 
 
@@ -113,12 +114,13 @@ async def test_events_waiting_with_no_relayer_running_are_said_once_and_its_retu
     running = True
     asked = 0
 
-    async def relayer_runs() -> bool:
+    async def relayer() -> OtherSession | None:
         nonlocal asked
         asked += 1
-        return running
+        holder = OtherSession(1, "financing", "financing", "local", "idle", None)
+        return holder if running else None
 
-    pace = RelayPace(lag, relayer_runs=relayer_runs, most_waiting=1000, resume_at=500)
+    pace = RelayPace(lag, relayer=relayer, most_waiting=1000, resume_at=500)
     with capture_logs() as logs:
         lag.waiting, lag.oldest = 3, pace_module.RELAYER_MISSED_AFTER - 1
         running = False

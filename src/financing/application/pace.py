@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable
 from financing import metrics
 from financing.application.errors import Unavailable
 from financing.application.pipeline import Decoded, Handler, Outcome
+from financing.application.ports import OtherSession
 from financing.logging import get_logger
 
 log = get_logger(__name__)
@@ -54,15 +55,16 @@ class RelayPace:
         self,
         lag: Callable[[], Awaitable[tuple[int, float]]],
         *,
-        relayer_runs: Callable[[], Awaitable[bool]] | None = None,
+        relayer: Callable[[], Awaitable[OtherSession | None]] | None = None,
         most_waiting: int | None = None,
         resume_at: int | None = None,
     ) -> None:
         """`lag`: how many events wait to be relayed, and how long the oldest has waited
-        (seconds); `relayer_runs`: whether an instance runs the relayer (not looked at
-        unless given); the bounds are MOST_WAITING and RESUME_AT unless given."""
+        (seconds); `relayer`: the session holding the relayer lock, None where no instance
+        runs the relayer (not looked at unless given); the bounds are MOST_WAITING and
+        RESUME_AT unless given."""
         self._lag = lag
-        self._relayer_runs = relayer_runs
+        self._relayer = relayer
         self._relayer_missed = False  # said that no relayer runs
         self._most = MOST_WAITING if most_waiting is None else most_waiting
         self._resume_at = RESUME_AT if resume_at is None else resume_at
@@ -102,10 +104,10 @@ class RelayPace:
 
     async def _look_for_relayer(self, waiting: int, oldest: float) -> None:
         """Say once that events wait and no relayer runs, and once that one runs again."""
-        if self._relayer_runs is None:
+        if self._relayer is None:
             return
         if not self._relayer_missed:
-            if waiting and oldest >= RELAYER_MISSED_AFTER and not await self._relayer_runs():
+            if waiting and oldest >= RELAYER_MISSED_AFTER and await self._relayer() is None:
                 self._relayer_missed = True
                 log.warning(
                     "events wait to be relayed and no instance runs the relayer (no session"
@@ -113,7 +115,7 @@ class RelayPace:
                     waiting_events=waiting,
                     oldest_waited_seconds=round(oldest, 1),
                 )
-        elif not waiting or await self._relayer_runs():
+        elif not waiting or await self._relayer() is not None:
             self._relayer_missed = False
             log.info("a relayer runs again", waiting_events=waiting)
 

@@ -288,7 +288,7 @@ async def _broker_components(
         store = PostgresEventStore(command_pool, snapshot_interval=settings.snapshot_interval)
         stack.push_async_callback(store.close)
         outbox = PostgresOutbox(command_pool)
-        pace = RelayPace(outbox.lag, relayer_runs=_relayer_runs(outbox))
+        pace = RelayPace(outbox.lag, relayer=outbox.relayer)
         if selected & APPENDS:
             service.workers["relay-pace"] = pace.run
         if "commands" in selected:
@@ -386,15 +386,6 @@ def _health(service: Service, outages: Outages) -> HealthWatch:
         service.health = HealthWatch(outages)
         service.workers["health"] = service.health.run
     return service.health
-
-
-def _relayer_runs(outbox: PostgresOutbox) -> Callable[[], Awaitable[bool]]:
-    """Whether a session holds the relayer lock (what `RelayPace` asks)."""
-
-    async def runs() -> bool:
-        return await outbox.relayer() is not None
-
-    return runs
 
 
 def _grpc_tls(settings: Settings, service: Service) -> ServerTls | None:

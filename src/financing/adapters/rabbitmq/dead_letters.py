@@ -30,6 +30,7 @@ from financing.adapters.rabbitmq.envelopes import (
     AGGREGATE_ID_HEADER,
     BROKER_HEADERS,
     CORE_HEADERS,
+    DELIVERY_COUNT_HEADER,
     MAX_MESSAGE_ID_BYTES,
     MESSAGE_UUID_HEADER,
     NAME_HEADER,
@@ -649,7 +650,7 @@ async def dead_letters_listed(
             if len(listing.letters) >= limit:
                 listing.complete = False
                 break
-            count = (message.headers or {}).get("x-delivery-count")
+            count = (message.headers or {}).get(DELIVERY_COUNT_HEADER)
             if isinstance(count, int):
                 listing.most_given_back = max(listing.most_given_back, count)
             if selection.matches(letter):

@@ -125,13 +125,16 @@ def _check_message_id(message_id: str) -> None:
         )
 
 
+# What a quorum queue adds to each delivery (how many times it was given back), not to
+# the message it keeps.
+DELIVERY_COUNT_HEADER = "x-delivery-count"
 # Headers the broker itself adds to a delivery: a quorum queue counts redeliveries,
 # dead-lettering records deaths, shovels and federation note where a message came
 # from. They are not the publisher's (whose headers are all strings by contract), so
 # they are neither checked nor carried.
 BROKER_HEADERS = frozenset(
     {
-        "x-delivery-count",
+        DELIVERY_COUNT_HEADER,
         "x-death",
         "x-first-death-exchange",
         "x-first-death-queue",

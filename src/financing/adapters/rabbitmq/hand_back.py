@@ -35,7 +35,11 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from financing.adapters.rabbitmq.connection import Broker, close_channel, translated
 from financing.adapters.rabbitmq.dead_letters import dead_letter_of, whole_copy_of
-from financing.adapters.rabbitmq.envelopes import BROKER_HEADERS, header_text
+from financing.adapters.rabbitmq.envelopes import (
+    BROKER_HEADERS,
+    DELIVERY_COUNT_HEADER,
+    header_text,
+)
 from financing.adapters.rabbitmq.queues import (
     delete_queue,
     exchange_exists,
@@ -219,13 +223,9 @@ def _refused_by_the_reference(message: AbstractIncomingMessage) -> bool:
     each delivery (`x-delivery-count`), which no copy can shed: taken for a record, every
     message of a quorum queue was sent again at each hand-back."""
     return any(
-        key != DELIVERY_COUNT and (key in BROKER_HEADERS or not isinstance(value, str))
+        key != DELIVERY_COUNT_HEADER and (key in BROKER_HEADERS or not isinstance(value, str))
         for key, value in (message.headers or {}).items()
     )
-
-
-# What a quorum queue adds to each delivery, not to the message it keeps.
-DELIVERY_COUNT = "x-delivery-count"
 
 
 @contextlib.asynccontextmanager

@@ -126,7 +126,7 @@ class QueueSpec:
         try:
             queue = await self.declare_alone(channel)
         except QueueOfAnotherType as conflict:
-            raise Refused(BROKER, self._type_conflict()) from conflict
+            raise Refused(BROKER, _type_conflict([self.name], self.queue_type)) from conflict
         with translated():
             if not self.bound_to_events:
                 return queue
@@ -162,9 +162,6 @@ class QueueSpec:
             " arguments, and never one that drops or expires what a consumer of the"
             ' service has not taken (docs/deployment.md, "Broker policies")'
         )
-
-    def _type_conflict(self) -> str:
-        return _type_conflict(self.name, self.queue_type)
 
 
 async def _fanout_into(
@@ -344,26 +341,22 @@ async def refuse_queues_of_another_type(broker: Broker) -> None:
                 await spec.of_type(queue_type).declare_alone(queue.channel)
             except QueueOfAnotherType:
                 found.append(spec.name)
-    if len(found) == 1:
-        [name] = found
-        raise Refused(BROKER, _type_conflict(name, queue_type))
     if found:
-        raise Refused(BROKER, _types_conflict(found, queue_type))
+        raise Refused(BROKER, _type_conflict(found, queue_type))
 
 
-def _type_conflict(name: str, wanted: str) -> str:
+def _type_conflict(names: list[str], wanted: str) -> str:
+    """The refusal of queues `names`, of another type than `wanted`, and the way out."""
     existing = CLASSIC if wanted != CLASSIC else "quorum (or another type)"
-    return (
-        f"queue {name!r} exists as a {existing} queue, and FINANCING_QUEUE_TYPE"
-        f" asks for {wanted}. Either set FINANCING_QUEUE_TYPE to the type it has, or"
-        f" move it to {wanted}: stop what consumes it, let it drain, delete it"
-        f" (rabbitmqctl delete_queue -p VHOST {name}) and start the service"
-        " again, which declares it anew"
-    )
-
-
-def _types_conflict(names: list[str], wanted: str) -> str:
-    existing = CLASSIC if wanted != CLASSIC else "quorum (or another type)"
+    if len(names) == 1:
+        [name] = names
+        return (
+            f"queue {name!r} exists as a {existing} queue, and FINANCING_QUEUE_TYPE"
+            f" asks for {wanted}. Either set FINANCING_QUEUE_TYPE to the type it has, or"
+            f" move it to {wanted}: stop what consumes it, let it drain, delete it"
+            f" (rabbitmqctl delete_queue -p VHOST {name}) and start the service"
+            " again, which declares it anew"
+        )
     return (
         f"queues {', '.join(map(repr, names))} exist as {existing} queues, and"
         f" FINANCING_QUEUE_TYPE asks for {wanted}. Either set FINANCING_QUEUE_TYPE to the"

@@ -128,7 +128,7 @@ async def _disagreement(host: str, port: int, tls: GrpcTls | None) -> str:
     connections of its own: "" when they do not, or the port cannot tell."""
     if tls is None:
         try:
-            await _first_frame(host, port, _any_server())
+            await _first_frame(host, port, client_context(None))
         except ssl.SSLError as error:
             # Shaken hands, then refused: under TLS 1.3 a server asking for a client
             # certificate says so after the handshake (its alert).
@@ -178,15 +178,6 @@ async def _disagreement(host: str, port: int, tls: GrpcTls | None) -> str:
         " whose issuer the service's GRPC_TLS_CLIENT_CA_FILE must hold, allowing client"
         " authentication"
     )
-
-
-def _any_server() -> ssl.SSLContext:
-    """A client context that checks nothing of the server's: whether it speaks TLS."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    context.set_alpn_protocols(["h2"])
-    return context
 
 
 async def _first_frame(host: str, port: int, context: ssl.SSLContext | None) -> bytes:

@@ -53,17 +53,18 @@ def server_context(tls: GrpcTls) -> ssl.SSLContext:
     return context
 
 
-def client_context(tls: GrpcTls) -> ssl.SSLContext:
+def client_context(tls: GrpcTls | None) -> ssl.SSLContext:
     """What this host's own probe connects with: it asks the process listening at an
     address it was given whether it serves, so the server's certificate is not checked
     (it names the service's public names, not the probe's address). Where clients must
-    present a certificate, the probe presents the server's own."""
+    present a certificate, the probe presents the server's own; without `tls` (a probe
+    asking whether a port speaks TLS at all), none."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["h2"])
-    if tls.client_ca_file is not None:
+    if tls is not None and tls.client_ca_file is not None:
         _load_key_pair(context, tls.cert_file, tls.key_file)
     return context
 
