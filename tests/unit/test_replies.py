@@ -390,7 +390,8 @@ async def test_a_list_call_given_no_place_within_the_busy_wait_is_answered_busy(
     store = GatedRows()
     async with queries_server(store, busy_wait=0.3) as (queries, port):
         if database_down:
-            queries._failed.add("query database")  # as a call that failed on it left it
+            # As a call of another list that failed on it left it.
+            queries._lists["invoices"].failed["query database"] = "a statement waited"
         holder, other = Channel("127.0.0.1", port), Channel("127.0.0.1", port)
         try:
             held = [
@@ -496,12 +497,97 @@ async def test_a_list_call_trying_a_database_found_down_keeps_its_outage_open() 
     async def failed_at_once() -> list[object]:
         raise down
 
+    issuers = queries._lists["issuers"]
     with pytest.raises(GRPCError):
-        await queries._read("issuers", failed_at_once)
-    waiting = asyncio.create_task(queries._read("issuers", waits_on_the_lock))
+        await queries._read(issuers, failed_at_once)
+    waiting = asyncio.create_task(queries._read(issuers, waits_on_the_lock))
     await wait_until(lambda: holds(bool(outages._trying.get(database))), what="a call waiting")
     await outages.check_once(within=1.0, quiet=0.0)  # long past the last failure
     assert database in outages._since, "said over while a call still waited on it"
     let_go.set()
     with pytest.raises(GRPCError):
         await waiting
+
+
+class LockedInvoices(InMemoryReadModels):
+    """The invoices' table locked: each read of it waits until the lock is let go, then
+    fails as a statement that waited FINANCING_DB_TIMEOUT does, or, once `unlocked`,
+    reads. The other tables read at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.let_go = asyncio.Event()
+        self.unlocked = False
+        self.waiting = 0
+
+    async def invoices(self) -> list[InvoiceRow]:
+        if self.unlocked:
+            return []
+        self.waiting += 1
+        try:
+            await self.let_go.wait()
+        finally:
+            self.waiting -= 1
+        if self.unlocked:
+            return []
+        raise Unavailable("query database", "a statement waited longer than FINANCING_DB_TIMEOUT")
+
+
+async def test_a_list_waiting_on_its_locked_table_does_not_hold_up_the_other_lists() -> None:
+    """Regression (a DBA's lock on the invoices' table): the invoices' lists waiting on it
+    held the process's two list builds, and the investors' and issuers' lists waited
+    behind them until they were answered UNAVAILABLE."""
+    store = LockedInvoices()
+    async with queries_server(store, busy_wait=0.5) as (_, port):
+        channels = [Channel("127.0.0.1", port) for _ in range(LIST_BUILDS + 1)]
+        try:
+            waiting = [
+                asyncio.create_task(pb.QueriesStub(channel).all_invoices(Empty(), timeout=10))
+                for channel in channels[:LIST_BUILDS]
+            ]
+            await wait_until(lambda: holds(store.waiting == LIST_BUILDS), what="reads waiting")
+            other = pb.QueriesStub(channels[-1])
+            investors = await other.all_investors(Empty(), timeout=5)
+            issuers = await other.all_issuers(Empty(), timeout=5)
+            assert store.waiting == LIST_BUILDS, "the invoices' reads let go before"
+            store.let_go.set()
+            outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+        finally:
+            for channel in channels:
+                channel.close()
+    assert investors.investors == [] and issuers.issuers == []
+    assert [getattr(o, "status", o) for o in outcomes] == [Status.UNAVAILABLE] * LIST_BUILDS
+
+
+async def test_a_list_whose_read_failed_is_refused_at_once_while_one_call_tries_again() -> None:
+    """Regression (a DBA's lock on a table): each call of its list waited
+    FINANCING_DB_TIMEOUT on the lock holding a place every list shares, and once those
+    were taken the other lists were refused too. One call tries the database again; the
+    others of its list are told at once what the last one met."""
+    store = LockedInvoices()
+    async with queries_server(store) as (queries, port):
+        channel = Channel("127.0.0.1", port)
+        try:
+            stub = pb.QueriesStub(channel)
+            store.let_go.set()
+            with pytest.raises(GRPCError) as first:
+                await stub.all_invoices(Empty(), timeout=5)
+            store.let_go.clear()
+            trying = asyncio.create_task(stub.all_invoices(Empty(), timeout=10))
+            await wait_until(lambda: holds(store.waiting == 1), what="one call trying again")
+            with pytest.raises(GRPCError) as refused:
+                await stub.all_invoices(Empty(), timeout=1)
+            assert store.waiting == 1, "a second call waited on the lock"
+            assert (await stub.all_issuers(Empty(), timeout=5)).issuers == []
+            store.unlocked = True
+            store.let_go.set()
+            assert (await trying).invoices == []
+            assert (await stub.all_invoices(Empty(), timeout=5)).invoices == []
+        finally:
+            channel.close()
+    assert first.value.status is refused.value.status is Status.UNAVAILABLE
+    assert refused.value.message == (
+        "query database unavailable, try again: a statement waited longer than"
+        " FINANCING_DB_TIMEOUT (another AllInvoices call is trying it)"
+    )
+    assert not queries._lists["invoices"].failed

@@ -6,7 +6,7 @@ database cannot be reached the answer is UNAVAILABLE with the reason; a bug
 is logged with its traceback and answered INTERNAL.
 
 A list reply is as large as its read model: the process reads and writes at most
-LIST_BUILDS of them at a time, holds at most LIST_REPLIES (built or being sent), at
+LIST_BUILDS of each read model at a time, holds at most LIST_REPLIES (built or being sent), at
 most LIST_CALLS_PER_CONNECTION of them for one connection and LIST_CALLS_PER_HOST for
 the connections of one host (so that one caller's many calls, or its replies it does
 not read, do not hold up others' lists), and gives a caller REPLY_TIMEOUT to take
@@ -23,13 +23,21 @@ edge (`edge.GrpcServer`). Waiting without bound, 2,000 calls in
 flight from clients that retry at once queued behind each other until their
 deadlines: 50 of 24,023 answered in a minute (0.8 a second), where one polite client
 got 6.6 a second, and the process spent itself beginning and cutting calls.
+
+Each read model is a bulkhead of its own: a lock held on one table (an operator's
+`ALTER TABLE`, `VACUUM FULL`) keeps its lists waiting up to FINANCING_DB_TIMEOUT, and
+while one call of a list whose last read failed tries the database again, the others of
+that list are answered UNAVAILABLE at once, with that failure, rather than wait on it too
+holding the places every list shares; the lists of the other tables are answered as
+ever. With one build line for every list, a lock on the invoices' table held both builds,
+and the investors' and issuers' lists waited behind it and failed.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from grpclib.const import Handler, Status
@@ -50,7 +58,7 @@ log = get_logger(__name__)
 T = TypeVar("T")
 Row = TypeVar("Row")
 
-# Lists read and written at once, by the whole process.
+# Lists of one read model read and written at once, by the whole process.
 LIST_BUILDS = 2
 # List replies held at once, built or being sent; a call waits for its turn.
 LIST_REPLIES = 16
@@ -78,9 +86,11 @@ class QueriesService(pb.QueriesBase):
         self._read_models = read_models
         self._busy_wait = busy_wait
         self._outages = outages
-        self._failed: set[str] = set()  # dependencies down at the last failed read
+        self._lists = {  # by read model
+            what: _List(what, asyncio.Semaphore(LIST_BUILDS))
+            for what in ("investors", "invoices", "issuers")
+        }
         self.calls = CallsInFlight()
-        self._building = asyncio.Semaphore(LIST_BUILDS)
         self._holding = asyncio.Semaphore(LIST_REPLIES)
         self._waiting = 0  # calls waiting for their turn
         self._connections: dict[object, _Places] = {}  # by peer address
@@ -112,8 +122,11 @@ class QueriesService(pb.QueriesBase):
         read: Callable[[], Awaitable[Sequence[Row]]],
         item: Callable[[Row], bytes],
     ) -> Callable[[Stream[Any, Any]], Awaitable[None]]:
+        listed = self._lists[what]
+
         async def answer(stream: Stream[Any, Any]) -> None:
             await stream.recv_message()  # Empty
+            listed.refuse_while_tried(method)  # before it takes a place others need
             peer = stream.peer.addr()
             turn = _Turn(self, peer, peer[0] if isinstance(peer, tuple) else peer)
             try:
@@ -121,8 +134,9 @@ class QueriesService(pb.QueriesBase):
                 # The rows are let go before the reply is sent: a caller that reads it
                 # slowly holds only its bytes (about 100 a row), not the rows' objects
                 # (several times that), for as long as it takes.
-                async with self._building:
-                    reply = await replies.listed(await self._read(what, read), item)
+                async with listed.building:
+                    listed.refuse_while_tried(method)
+                    reply = await replies.listed(await self._read(listed, read), item)
                 try:
                     async with asyncio.timeout(REPLY_TIMEOUT):
                         await stream.send_message(reply)
@@ -157,14 +171,15 @@ class QueriesService(pb.QueriesBase):
                 raise GRPCError(
                     Status.UNAVAILABLE, f"{method} not answered: the service is shutting down"
                 ) from None
-            if self._failed:
+            failed = next((d for list_ in self._lists.values() for d in list_.failed), None)
+            if failed is not None:
                 # The calls ahead of it wait on a database found down (a lock held on a
                 # table), not on a crowd: said as the outage it is, which its own lines
                 # say, where "busy" pointed an operator at the load.
                 raise GRPCError(
                     Status.UNAVAILABLE,
-                    f"{method} not answered: {next(iter(self._failed))} unavailable, the"
-                    " list calls ahead of it waiting on it; try again later",
+                    f"{method} not answered: {failed} unavailable, the list calls ahead of"
+                    " it waiting on it; try again later",
                 ) from None
             _BUSY.warn("list calls answered UNAVAILABLE: the service is busy")
             raise GRPCError(
@@ -176,26 +191,59 @@ class QueriesService(pb.QueriesBase):
         finally:
             self._waiting -= 1
 
-    async def _read(self, what: str, rows: Callable[[], Awaitable[T]]) -> T:
+    async def _read(self, listed: _List, rows: Callable[[], Awaitable[T]]) -> T:
         # A call after one that failed tries the dependency again, and keeps its outage
         # open until it fails in its turn (`Outages.trying`): each call waiting up to
         # FINANCING_DB_TIMEOUT on a lock, the outage was said over 5 s after the last
-        # failure, and begun again 5 s later, every 10 s while the lock was held.
+        # failure, and begun again 5 s later, every 10 s while the lock was held. Only
+        # a read of the same list ends what its own reads met: a lock on one table
+        # leaves the others' reads working, whose successes said the outage over.
+        trial = bool(listed.failed)  # the others of its list are refused meanwhile
+        if trial:
+            listed.tried = True
         try:
-            with self._outages.trying(next(iter(self._failed), None)):
+            with self._outages.trying(next(iter(listed.failed), None)):
                 result = await rows()
         except Unavailable as error:
-            self._failed.add(error.dependency)
+            listed.failed[error.dependency] = error.detail
             self._outages.failed(error)
             raise GRPCError(
-                Status.UNAVAILABLE, f"{error.dependency} unavailable, try again: {error.detail}"
+                Status.UNAVAILABLE, _unavailable(error.dependency, error.detail)
             ) from None
         except Exception:
-            log.exception("reading the read models failed with a bug", read_model=what)
-            raise GRPCError(Status.INTERNAL, f"reading {what} failed: internal error") from None
-        while self._failed:
-            self._outages.succeeded(self._failed.pop())
+            log.exception("reading the read models failed with a bug", read_model=listed.what)
+            raise GRPCError(
+                Status.INTERNAL, f"reading {listed.what} failed: internal error"
+            ) from None
+        finally:
+            if trial:
+                listed.tried = False
+        while listed.failed:
+            self._outages.succeeded(listed.failed.popitem()[0])
         return result
+
+
+def _unavailable(dependency: str, detail: str) -> str:
+    return f"{dependency} unavailable, try again: {detail}"
+
+
+@dataclass
+class _List:
+    """One read model's lists: their builds, and what their last read failed on."""
+
+    what: str
+    building: asyncio.Semaphore
+    failed: dict[str, str] = field(default_factory=dict)  # detail, by dependency
+    tried: bool = False  # a read tries the database again after a failure
+
+    def refuse_while_tried(self, method: str) -> None:
+        """UNAVAILABLE at once, with the failure, while another call tries again."""
+        if self.tried and self.failed:
+            dependency, detail = next(iter(self.failed.items()))
+            raise GRPCError(
+                Status.UNAVAILABLE,
+                f"{_unavailable(dependency, detail)} (another {method} call is trying it)",
+            )
 
 
 @dataclass
