@@ -39,9 +39,14 @@ def logging_as_it_was() -> Iterator[None]:
 def no_count_of_warnings_left_for_later() -> Iterator[None]:
     """The warnings a test's servers left out are counted on a line of their own when
     their interval ends, 10 s on: written during a later test, that line broke its
-    assertions on what was logged. Those a test left out are forgotten as it ends."""
+    assertions on what was logged. Those a test left out are forgotten as it ends, and
+    again as the next begins: a connection of a test's server that failed its TLS
+    handshake after the test ended was left out in between (seen once in three runs)."""
+    every = (edge._SENT_AWAY, commands._BUSY, commands._REFUSED, queries._BUSY)
+    for warnings in every:
+        warnings._left_out.clear()
     yield
-    for warnings in (edge._SENT_AWAY, commands._BUSY, commands._REFUSED, queries._BUSY):
+    for warnings in every:
         warnings._left_out.clear()
 
 

@@ -7,8 +7,7 @@ acks and ignores it (an unknown name on `events`, docs/contract.md section 2).
 `Observer` watches a deployment's vhost: every event on `events` and every
 dead letter, which it takes from `financing_dead_letters` and acks so that the
 queue stays short (or leaves there, for the operator's tools).
-`publish_without_properties` speaks AMQP frame by frame, as a publisher that
-sets no message-id property does; `tests.support.service.run_cli` runs the operator's CLI.
+`tests.support.service.run_cli` runs the operator's CLI.
 """
 
 from __future__ import annotations
@@ -21,12 +20,6 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import pamqp.body
-import pamqp.commands
-import pamqp.exceptions
-import pamqp.frame
-import pamqp.header
-import pamqp.heartbeat
 from aio_pika.abc import AbstractIncomingMessage
 
 from financing.adapters.rabbitmq.topology import PROJECTOR_QUEUE, UNROUTED, subscription
@@ -369,69 +362,3 @@ def _preview(value: Any) -> str:
     else:
         text = f"{type(value).__name__}:{value!r}"
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-async def publish_without_properties(
-    host: str,
-    port: int,
-    vhost: str,
-    *,
-    exchange: str,
-    routing_key: str,
-    body: bytes,
-    headers: Mapping[str, Any],
-) -> None:
-    """Publish with no AMQP property but the headers, confirmed, as Go's amqp client can.
-
-    aio-pika always fills in a message-id property; a publisher that sets none
-    is spoken to here directly, frame by frame.
-    """
-    reader, writer = await asyncio.open_connection(host, port)
-    buffer = b""
-
-    async def expect(kind: type[Any]) -> Any:
-        nonlocal buffer
-        while True:
-            if buffer:
-                try:
-                    used, _, frame = pamqp.frame.unmarshal(buffer)
-                except pamqp.exceptions.UnmarshalingException:
-                    used = 0
-                if used:
-                    buffer = buffer[used:]
-                    if isinstance(frame, kind):
-                        return frame
-                    if not isinstance(frame, pamqp.heartbeat.Heartbeat):
-                        raise AssertionError(f"expected {kind.__name__}, the broker sent {frame!r}")
-                    continue
-            chunk = await asyncio.wait_for(reader.read(65536), 10)
-            if not chunk:
-                raise AssertionError(f"the broker closed the connection before {kind.__name__}")
-            buffer += chunk
-
-    def send(frame: Any, channel: int) -> None:
-        writer.write(pamqp.frame.marshal(frame, channel))
-
-    try:
-        writer.write(pamqp.header.ProtocolHeader().marshal())
-        await expect(pamqp.commands.Connection.Start)
-        send(pamqp.commands.Connection.StartOk(response="\0guest\0guest"), 0)
-        tune = await expect(pamqp.commands.Connection.Tune)
-        send(pamqp.commands.Connection.TuneOk(tune.channel_max, tune.frame_max, 0), 0)
-        send(pamqp.commands.Connection.Open(virtual_host=vhost), 0)
-        await expect(pamqp.commands.Connection.OpenOk)
-        send(pamqp.commands.Channel.Open(), 1)
-        await expect(pamqp.commands.Channel.OpenOk)
-        send(pamqp.commands.Confirm.Select(), 1)
-        await expect(pamqp.commands.Confirm.SelectOk)
-        properties = pamqp.commands.Basic.Properties(headers=dict(headers), delivery_mode=2)
-        send(pamqp.commands.Basic.Publish(exchange=exchange, routing_key=routing_key), 1)
-        send(pamqp.header.ContentHeader(0, len(body), properties), 1)
-        send(pamqp.body.ContentBody(body), 1)
-        await expect(pamqp.commands.Basic.Ack)
-        send(pamqp.commands.Connection.Close(200, "done", 0, 0), 0)
-        await expect(pamqp.commands.Connection.CloseOk)
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()

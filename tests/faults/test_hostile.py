@@ -52,7 +52,6 @@ from tests.faults.hostile import (
     observing,
     publish,
     publish_all,
-    publish_without_properties,
     to_json,
     valid_body,
     wait_drained,
@@ -60,6 +59,7 @@ from tests.faults.hostile import (
 from tests.faults.workload import Deployment, deployment, settle
 from tests.support import infra
 from tests.support.metrics import scrape, value
+from tests.support.rabbitmq import publish_without_properties
 
 MEGABYTE = 1024 * 1024
 # Amounts that no money can be: beyond any range, too precise, or not numbers at all.

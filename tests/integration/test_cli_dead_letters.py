@@ -427,3 +427,25 @@ async def test_a_listing_says_when_its_reads_count_against_a_quorum_queues_limit
             said.append(capsys.readouterr().err)
     assert said[:2] == ["", ""], said
     assert "read 2 time(s) before" in said[2] and "docs/scaling.md" in said[2], said
+
+
+async def test_requeue_leaves_a_letter_kept_changed_and_the_listing_says_what_changed(
+    seeded: Seeded,
+) -> None:
+    """Regression: a letter whose message was refused for a header that is no string was
+    requeued with that header as text, and applied."""
+    await dead_letter(seeded.broker, seeded.queue_b, "b-2", "not a string", {"n": 7})
+
+    listing = await seeded.financing("list", "--queue", seeded.queue_b)
+    run = await seeded.financing("requeue", "--queue", seeded.queue_b)
+
+    assert "    kept changed, not requeued: header 'n' kept as text" in listing.stdout.splitlines()
+    assert run.exit_code == 0, run.describe()
+    assert run.stdout.splitlines() == [
+        "requeued 1 dead letter(s)",
+        "left 1 dead letter(s): their copies are not the messages refused (headers kept as"
+        " text, or a message id given to them: `list` says what): requeued, they would be"
+        " processed as messages their publishers never sent; their publishers must send"
+        " them again",
+    ]
+    assert await seeded.remaining() == ["a-1", "a-2", "b-2"]

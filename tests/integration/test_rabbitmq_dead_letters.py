@@ -13,6 +13,7 @@ from aio_pika.abc import AbstractMessage
 from financing.adapters.rabbitmq import dead_letters
 from financing.adapters.rabbitmq.connection import Broker
 from financing.adapters.rabbitmq.dead_letters import (
+    MAX_HEADER_CHARS,
     DeadLetters,
     Selection,
     Taken,
@@ -24,8 +25,15 @@ from financing.adapters.rabbitmq.publisher import Publisher
 from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE, command_queue
 from financing.application.errors import Unavailable
 from financing.application.retry import DELIVERIES, Outages
-from tests.support import rabbitmq
+from tests.support import infra, rabbitmq
 from tests.support.infra import unique_name
+
+# Why `requeue` leaves a letter whose copy is not the message refused.
+LEFT_CHANGED = (
+    "their copies are not the messages refused (headers kept as text, or a message id"
+    " given to them: `list` says what): requeued, they would be processed"
+    " as messages their publishers never sent; their publishers must send them again"
+)
 
 
 @pytest.fixture
@@ -320,3 +328,75 @@ async def test_a_reason_of_any_length_is_kept_shortened_to_fit_one_header_frame(
     assert letter.message_id == "m-long"
     assert letter.reason.startswith("why why")
     assert len(letter.reason) <= dead_letters.MAX_REASON_CHARS == 2000
+
+
+async def keep_next(broker: Broker, queue: str, reason: str) -> None:
+    """Dead-letter the next message of `queue` as a consumer would."""
+    channel = await broker.channel()
+    publisher = Publisher(broker)
+    try:
+        source = await channel.declare_queue(queue, passive=True)
+        message = await source.get(no_ack=False)
+        keeper = DeadLetters(publisher, Outages(), DELIVERIES)
+        assert await keeper.keep(message, reason=reason, source_queue=queue)
+        await message.ack()
+    finally:
+        await publisher.close()
+        await channel.close()
+
+
+async def test_a_letter_of_a_message_without_an_id_is_listed_without_one_and_not_requeued(
+    broker: Broker, vhost: rabbitmq.Vhost
+) -> None:
+    """Regression: the AMQP client gave the copy of a message with no id (poison, its
+    copies could not be told apart) an id of its own; `list` showed it as the message's,
+    and `requeue` sent the message back under it, where it was processed (two copies
+    of one message, two ids: processed twice)."""
+    queue = unique_name("source")
+    await source_queues(broker, queue)
+    await rabbitmq.publish_without_properties(
+        infra.AMQP_HOST,
+        infra.AMQP_PORT,
+        vhost.name,
+        exchange="",
+        routing_key=queue,
+        body=b'{"ID": "8d1c5f3e-7a52-4c55-9a59-0c1f3f3b6e21"}',
+        headers={"name": "CreateIssuer"},
+    )
+    await keep_next(broker, queue, "PoisonMessage: no message id")
+
+    [letter] = await list_dead_letters(broker)
+    assert (letter.message_id, letter.changed) == ("", ("no message id",))
+    taken = await requeue_dead_letters(broker)
+    assert taken.count == 0
+    assert list(taken.left) == [LEFT_CHANGED]
+    assert await rabbitmq.queue_state(await broker.connection(), queue) == (0, 0)
+    assert [d.reason for d in await list_dead_letters(broker)] == ["PoisonMessage: no message id"]
+
+
+async def test_a_letter_whose_headers_were_kept_as_text_is_not_requeued_as_sent(
+    broker: Broker,
+) -> None:
+    """Regression: a message refused for a header that is no string was kept with that
+    header as text, and `requeue` sent that copy back, which the service processed (an
+    integer `_watermill_message_uuid` as the id "12345", bytes that are not UTF-8 as an
+    id with replacement characters): a message its publisher never sent."""
+    queue = unique_name("source")
+    await source_queues(broker, queue)
+    await dead_letter(broker, queue, "m-1", "header 'flag' is not a string", {"flag": True})
+    not_utf8 = bytearray(b"\xff\xfe")  # a byte array ('x'), and not UTF-8 either
+    await dead_letter(broker, queue, "m-2", "header 'raw' is not UTF-8", {"raw": not_utf8})
+    await dead_letter(broker, queue, "m-3", "long", {"trace": "t" * (MAX_HEADER_CHARS + 1)})
+    await dead_letter(broker, queue, "m-4", "refused by a rule", {"note": "café"})
+
+    assert [(d.message_id, d.changed) for d in await list_dead_letters(broker)] == [
+        ("m-1", ("header 'flag' kept as text",)),
+        ("m-2", ("header 'raw' kept as text",)),
+        ("m-3", (f"header 'trace' cut to {MAX_HEADER_CHARS} characters",)),
+        ("m-4", ()),
+    ]
+    taken = await requeue_dead_letters(broker)
+    assert (taken.count, dict(taken.left)) == (1, {LEFT_CHANGED: 3})
+    [requeued] = await rabbitmq.drain(await broker.connection(), queue, expected=1)
+    assert requeued.message_id == "m-4"
+    assert [d.message_id for d in await list_dead_letters(broker)] == ["m-1", "m-2", "m-3"]

@@ -37,6 +37,7 @@ from financing.adapters.rabbitmq.envelopes import (
     delivery_channel_open,
     header_text,
     shortened,
+    undecodable,
 )
 from financing.adapters.rabbitmq.publisher import Publisher
 from financing.adapters.rabbitmq.queues import existing_queue, queue_exists
@@ -64,7 +65,17 @@ log = get_logger(__name__)
 REASON_HEADER = "x-death-reason"
 SOURCE_QUEUE_HEADER = "x-source-queue"
 DEAD_LETTERED_AT_HEADER = "x-dead-lettered-at"
-DEAD_LETTER_HEADERS = frozenset({REASON_HEADER, SOURCE_QUEUE_HEADER, DEAD_LETTERED_AT_HEADER})
+# On a dead letter that is not the message refused, what its copy changed ("; "
+# between): a header that was no string, or not UTF-8, or too long, kept as text, or
+# left out; a header's name or a property the broker's client could not read; a
+# message id it had to be given, the message having none (the AMQP client gives every
+# publish one). Requeued, such a copy would be judged as a message its publisher never
+# sent, and processed under an id it never gave: it is not requeued.
+CHANGED_HEADER = "x-dead-letter-changed"
+NO_MESSAGE_ID = "no message id"
+DEAD_LETTER_HEADERS = frozenset(
+    {REASON_HEADER, SOURCE_QUEUE_HEADER, DEAD_LETTERED_AT_HEADER, CHANGED_HEADER}
+)
 # When a deferred delivery was first deferred (ISO 8601, with its offset): shown to
 # operators, and how long a copy of a release before 0.5.2 has waited.
 DEFERRED_AT_HEADER = "x-deferred-at"
@@ -119,6 +130,7 @@ class DeadLetter:
     headers: Mapping[str, str]  # the original headers, as strings
     body: bytes
     dead_lettered_at: str = field(default="")
+    changed: tuple[str, ...] = ()  # what its copy changed (CHANGED_HEADER)
 
     @property
     def dead_lettered(self) -> datetime | None:
@@ -436,14 +448,21 @@ def dead_letter_of(
     message: AbstractIncomingMessage, *, reason: str, source_queue: str
 ) -> aio_pika.Message:
     """The copy of `message` kept as its dead letter: its headers as strings, bounded,
-    with the reason, the queue it came from and when."""
-    headers, left_out = _copied_headers(message.headers or {})
+    with the reason, the queue it came from and when, and what the copy changed."""
+    headers, changed, left_out = _copied_headers(message.headers or {})
     if left_out:
         reason = f"{reason} [{left_out} header(s) too large to keep were left out]"
+        changed.append(f"{left_out} header(s) left out")
+    if (flaw := undecodable(message)) is not None:
+        changed.append(flaw)
+    message_id = message.message_id or headers.get(MESSAGE_UUID_HEADER)
+    if not message_id:
+        changed.insert(0, NO_MESSAGE_ID)
+    if changed:
+        headers[CHANGED_HEADER] = shortened("; ".join(changed), MAX_REASON_CHARS)
     headers[REASON_HEADER] = shortened(reason, MAX_REASON_CHARS)
     headers[SOURCE_QUEUE_HEADER] = source_queue
     headers[DEAD_LETTERED_AT_HEADER] = datetime.now(UTC).isoformat()
-    message_id = message.message_id or headers.get(MESSAGE_UUID_HEADER)
     if message_id and len(message_id.encode()) > MAX_MESSAGE_ID_BYTES:
         message_id = None  # too long for the AMQP message-id property: the header keeps it
     return copy_of(message, headers, message_id=message_id)
@@ -474,27 +493,49 @@ def _header_bytes(key: str, text: str) -> int:
     return 1 + len(key.encode()) + 1 + 4 + len(text.encode())
 
 
-def _copied_headers(original: Mapping[str, Any]) -> tuple[dict[str, str], int]:
-    """The original headers as strings, bounded in size; and how many were left out.
+def _copied_headers(original: Mapping[str, Any]) -> tuple[dict[str, str], list[str], int]:
+    """The original headers as strings, bounded in size; what changed of the publisher's
+    (the broker's own are no strings and not carried: BROKER_HEADERS); and how many were
+    left out.
 
     The headers that identify the message come first, so they are the last to go.
     """
     keys = [key for key in CORE_HEADERS if key in original]
     keys += [key for key in original if key not in CORE_HEADERS]
     copied: dict[str, str] = {}
+    changed: list[str] = []
     size = 0
     left_out = 0
     for key in keys:
         if key in DEAD_LETTER_HEADERS:
             continue
-        text = shortened(header_text(original[key]), MAX_HEADER_CHARS)
+        value = original[key]
+        whole = header_text(value)
+        text = shortened(whole, MAX_HEADER_CHARS)
         entry = _header_bytes(key, text)
         if size + entry > MAX_COPIED_HEADERS_BYTES:
             left_out += 1
             continue
         copied[key] = text
         size += entry
-    return copied, left_out
+        if key in BROKER_HEADERS:
+            continue
+        if not _a_string(value):
+            changed.append(f"header {key!r} kept as text")
+        elif text != whole:
+            changed.append(f"header {key!r} cut to {MAX_HEADER_CHARS} characters")
+    return copied, changed, left_out
+
+
+def _a_string(value: object) -> bool:
+    """Whether a header value is a string as a consumer reads it (`string_headers`)."""
+    if isinstance(value, bytes):
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        return True
+    return isinstance(value, str)
 
 
 def _is_dead_letter_header(key: str) -> bool:
@@ -507,14 +548,19 @@ def _dead_letter(message: AbstractIncomingMessage) -> DeadLetter:
     headers = {
         key: header_text(value) for key, value in raw.items() if not _is_dead_letter_header(key)
     }
+    changed = header_text(raw.get(CHANGED_HEADER, ""))
+    changes = tuple(changed.split("; ")) if changed else ()
+    # The message id the copy was given for the publish is not the message's.
+    given = None if NO_MESSAGE_ID in changes else message.message_id
     return DeadLetter(
-        message_id=headers.get(MESSAGE_UUID_HEADER) or message.message_id or "",
+        message_id=headers.get(MESSAGE_UUID_HEADER) or given or "",
         name=headers.get(NAME_HEADER, ""),
         source_queue=header_text(raw.get(SOURCE_QUEUE_HEADER, "")),
         reason=header_text(raw.get(REASON_HEADER, "")),
         headers=headers,
         body=bytes(message.body),
         dead_lettered_at=header_text(raw.get(DEAD_LETTERED_AT_HEADER, "")),
+        changed=changes,
     )
 
 
@@ -730,6 +776,13 @@ async def requeue_dead_letters(
         queue = letter.source_queue
         if not queue:
             return "no source queue is named"
+        if letter.changed:
+            return (
+                "their copies are not the messages refused (headers kept as text, or a"
+                " message id given to them: `list` says what): requeued,"
+                " they would be processed as messages their publishers never sent; their"
+                " publishers must send them again"
+            )
         if (old := too_old(letter)) is not None:
             return old
         if queue in NOT_REQUEUEABLE:

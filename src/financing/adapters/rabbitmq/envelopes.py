@@ -97,16 +97,24 @@ PROPERTIES = (
 def _check_decoded(message: AbstractIncomingMessage) -> None:
     """PoisonMessage when a property or header (broker's included) holds a value pamqp
     could not decode (`frames`)."""
+    found = undecodable(message)
+    if found is not None:
+        raise PoisonMessage(found)
+
+
+def undecodable(message: AbstractIncomingMessage) -> str | None:
+    """What of `message`'s properties and headers pamqp could not decode; None if nothing."""
     for name in PROPERTIES:
         found = flaw(getattr(message, name, None))
         if found:
-            raise PoisonMessage(f"property {name} {found}")
+            return f"property {name} {found}"
     for key, value in (message.headers or {}).items():
         if isinstance(key, NotUtf8):
-            raise PoisonMessage(f"header name {key.raw!r} is not valid UTF-8")
+            return f"header name {key.raw!r} is not valid UTF-8"
         found = flaw(value)
         if found:
-            raise PoisonMessage(f"header {key!r} {found}")
+            return f"header {key!r} {found}"
+    return None
 
 
 # Consumers record every message id in PostgreSQL (a text primary key): an id

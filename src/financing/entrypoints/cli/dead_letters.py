@@ -82,6 +82,8 @@ def _columns(letter: DeadLetter) -> tuple[str, ...]:
 
 def _details(letter: DeadLetter, bodies: bool) -> list[str]:
     details = [f"reason: {letter.reason}"]
+    if letter.changed:
+        details.append(f"kept changed, not requeued: {'; '.join(letter.changed)}")
     if bodies:
         details.append(f"body: {letter.body.decode('utf-8', 'replace')}")
     details.append(
