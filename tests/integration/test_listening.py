@@ -43,7 +43,7 @@ async def test_an_unspecified_address_takes_ipv4_and_ipv6_clients(host: str) -> 
     """Regression: `[::]:PORT` listened on IPv6 alone and `0.0.0.0:PORT` on IPv4 alone,
     where the reference takes both: carried over from it, `[::]:8080` refused every
     IPv4 client."""
-    grpc, metrics = GrpcServer([Health()]), MetricsEndpoint(healthy=lambda: True)
+    grpc, metrics = GrpcServer([Health()]), MetricsEndpoint(lambda: [])
     grpc_port, metrics_port = free_port(), free_port()
     await grpc.start(host, grpc_port)
     await metrics.start(host, metrics_port)

@@ -86,7 +86,7 @@ async def test_a_crashed_component_stops_the_whole_service_with_a_failure_code(
 
         async def crashing_relayer() -> None:
             # Once the whole service is up, so that every other component has work to stop.
-            await asyncio.gather(*(consuming.wait() for consuming in wired.consuming))
+            await asyncio.gather(*(consuming.wait() for consuming in wired.consuming.values()))
             raise RuntimeError("relayer bug")
 
         wired.workers["relayer"] = crashing_relayer

@@ -9,7 +9,7 @@ import pytest
 
 from financing.application.errors import Refused, Unavailable
 from financing.application.retry import Outages
-from financing.entrypoints.bootstrap import StartupError, started
+from financing.entrypoints.bootstrap import Service, StartupError, _unhealthy, started
 
 
 async def test_a_dependency_unavailable_past_the_deadline_fails_start_up_saying_so() -> None:
@@ -77,3 +77,16 @@ async def test_an_attempt_still_waiting_at_the_deadline_is_not_called_unreachabl
         "migrating the command database: still waiting for an answer when"
         " FINANCING_STARTUP_TIMEOUT ran out"
     )
+
+
+def test_health_names_each_dependency_down_and_each_queue_not_consumed() -> None:
+    """Regression: /health said "not healthy" whatever was down."""
+    outages = Outages()
+    service = Service(components=frozenset())
+    service.consuming = {"events_query": asyncio.Event(), "SellInvoice": asyncio.Event()}
+    service.consuming["SellInvoice"].set()
+    assert _unhealthy(service, outages) == ["queue events_query not consumed"]
+    outages.failed(Unavailable("query database", "connection refused"))
+    outages.failed(Unavailable("broker", "connection reset"))
+    service.consuming["events_query"].set()
+    assert _unhealthy(service, outages) == ["broker unavailable", "query database unavailable"]

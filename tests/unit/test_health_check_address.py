@@ -10,6 +10,7 @@ from financing.config import Settings
 from financing.entrypoints.cli import health_check as health_check_module
 from financing.entrypoints.cli.health_check import health_check, reachable
 from financing.entrypoints.listening import wildcard_socket
+from financing.entrypoints.observability import MetricsEndpoint
 
 
 @pytest.mark.parametrize("wildcard", ["0.0.0.0", "::", "::0", "0:0:0:0:0:0:0:0"])
@@ -75,3 +76,23 @@ async def test_a_port_that_accepts_and_never_answers_is_said_to_give_no_answer(
         f"Commands at 127.0.0.1:{port}: no answer within 0.3 s",
         f"metrics endpoint at 127.0.0.1:{port}: no answer within 0.3 s",
     ], problems
+
+
+async def test_the_probe_says_what_the_metrics_endpoint_names_not_healthy() -> None:
+    """Regression: /health answered 503 "not healthy" whatever was down, and the probe
+    said only the status line: an operator had to find the gauges or the logs."""
+    endpoint = MetricsEndpoint(
+        lambda: ["query database unavailable", "queue events_query not consumed"]
+    )
+    await endpoint.start("127.0.0.1", 0)
+    try:
+        assert endpoint._server is not None
+        port = endpoint._server.sockets[0].getsockname()[1]
+        problems = await health_check(Settings(metrics_address=("127.0.0.1", port)), ["projector"])
+    finally:
+        endpoint.close()
+        await endpoint.wait_closed()
+    assert problems == [
+        f"metrics endpoint at 127.0.0.1:{port}: HTTP/1.1 503 Service Unavailable: not"
+        " healthy: query database unavailable; queue events_query not consumed"
+    ]

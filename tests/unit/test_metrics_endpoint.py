@@ -44,7 +44,7 @@ async def test_a_line_longer_than_the_heads_limit_is_answered_431(head: bytes) -
     """Regression: the reader's ValueError went unhandled: no answer, and an error with a
     traceback logged for each such request; then it was answered 400 where the contract
     says a head over its limit is answered 431, as one of many headers was."""
-    endpoint = MetricsEndpoint(lambda: True)
+    endpoint = MetricsEndpoint(lambda: [])
     await endpoint.start("127.0.0.1", 0)
     try:
         assert endpoint._server is not None
@@ -60,7 +60,7 @@ async def test_a_line_longer_than_the_heads_limit_is_answered_431(head: bytes) -
 
 @contextlib.asynccontextmanager
 async def _endpoint(healthy: bool = True) -> AsyncIterator[int]:
-    endpoint = MetricsEndpoint(lambda: healthy)
+    endpoint = MetricsEndpoint(lambda: [] if healthy else ["query database unavailable"])
     await endpoint.start("127.0.0.1", 0)
     try:
         assert endpoint._server is not None
@@ -107,7 +107,10 @@ async def test_an_absolute_form_target_is_served_as_its_path() -> None:
     """Regression: `GET http://host/metrics` (as sent to a proxy) was answered 404."""
     async with _endpoint(healthy=False) as port:
         status, _, body = _parts(await _ask(port, b"GET http://x:9/health?a=1 HTTP/1.1\r\n\r\n"))
-    assert (status, body) == ("HTTP/1.1 503 Service Unavailable", b"not healthy\n")
+    assert (status, body) == (
+        "HTTP/1.1 503 Service Unavailable",
+        b"not healthy: query database unavailable\n",
+    )
 
 
 async def test_a_scraper_gets_the_format_and_the_encoding_it_asks_for() -> None:
@@ -174,7 +177,7 @@ async def test_silent_connections_beyond_the_limit_make_room_and_health_is_answe
     """Regression: the endpoint held every connection that sent nothing for 10 s, however
     many: a flood of them took the process's last file descriptors (no gRPC caller,
     database session or broker connection could be opened), and /health went unanswered."""
-    endpoint = MetricsEndpoint(lambda: True)
+    endpoint = MetricsEndpoint(lambda: [])
     await endpoint.start("127.0.0.1", 0)
     assert endpoint._server is not None
     port = endpoint._server.sockets[0].getsockname()[1]
@@ -226,7 +229,7 @@ async def _never_read() -> AsyncIterator[asyncio.Task[None]]:
     try:
         served.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        endpoint = MetricsEndpoint(lambda: True)
+        endpoint = MetricsEndpoint(lambda: [])
         reader, writer = await asyncio.open_connection(sock=served)
         client.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
         answering = asyncio.create_task(endpoint._answer(reader, writer))

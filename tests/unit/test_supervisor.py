@@ -117,7 +117,7 @@ async def test_the_ready_line_names_the_release() -> None:
 async def test_the_ready_line_names_the_port_a_listener_was_given() -> None:
     """Regression: a listen address with port 0 (the system picks a free one) was logged
     as `:0`, leaving the operator no way to find the service."""
-    endpoint = MetricsEndpoint(lambda: True)
+    endpoint = MetricsEndpoint(lambda: [])
     async with ready_line(Listener("metrics", endpoint, ("127.0.0.1", 0))) as line:
         assert endpoint._server is not None
         port = endpoint._server.sockets[0].getsockname()[1]

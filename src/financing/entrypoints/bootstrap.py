@@ -149,8 +149,9 @@ class Service:
     components: frozenset[str]
     workers: dict[str, Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=dict)
     listeners: list[Listener] = field(default_factory=list)
-    # Set by each consumer once the broker delivers to it: the service is ready when all are.
-    consuming: list[asyncio.Event] = field(default_factory=list)
+    # Set by each consumer once the broker delivers to it, by queue: the service is ready
+    # when all are.
+    consuming: dict[str, asyncio.Event] = field(default_factory=dict)
     # The calls each gRPC service is answering: shutting down lets them finish first.
     calls: list[CallsInFlight] = field(default_factory=list)
     health: HealthWatch | None = None
@@ -358,7 +359,7 @@ def _housekeeping(
         retention = Retention(records, outages, keep=settings.dedup_retention)
         service.workers["retention"] = retention.run
     if settings.metrics_address is not None:
-        endpoint = MetricsEndpoint(healthy=lambda: _healthy(service, outages), own=opened.own)
+        endpoint = MetricsEndpoint(lambda: _unhealthy(service, outages), own=opened.own)
         service.listeners.append(Listener("metrics", endpoint, settings.metrics_address))
 
 
@@ -375,9 +376,15 @@ def _answering(
     return answering
 
 
-def _healthy(service: Service, outages: Outages) -> bool:
-    """Every consumer consumes and no dependency is down (the metrics endpoint's /health)."""
-    return not outages.down() and all(event.is_set() for event in service.consuming)
+def _unhealthy(service: Service, outages: Outages) -> list[str]:
+    """What keeps the metrics endpoint's /health from being healthy: a dependency down, a
+    queue not consumed; nothing when every consumer consumes and every dependency is up."""
+    down = [f"{dependency} unavailable" for dependency in sorted(outages.down())]
+    return down + [
+        f"queue {queue} not consumed"
+        for queue, consuming in service.consuming.items()
+        if not consuming.is_set()
+    ]
 
 
 def _health(service: Service, outages: Outages) -> HealthWatch:
@@ -553,7 +560,7 @@ class _Wiring:
         self, name: str, run: Callable[[], Coroutine[Any, Any, None]], consumer: QueueConsumer
     ) -> None:
         self._service.workers[name] = run
-        self._service.consuming.append(consumer.consuming)
+        self._service.consuming[consumer.spec.name] = consumer.consuming
 
     async def declare(self) -> topology.ReferenceQueue:
         """The topology declared; what became of the reference's projector queue."""

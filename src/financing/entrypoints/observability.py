@@ -7,7 +7,7 @@ import asyncio
 import dataclasses
 import gzip
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -158,15 +158,18 @@ ANSWER_WRITE_TIMEOUT = 5.0
 
 
 class MetricsEndpoint:
-    """`/metrics` (Prometheus text format) and `/health` (200 while `healthy()`, else 503)
-    over HTTP, one request a connection; started and closed like the gRPC servers.
+    """`/metrics` (Prometheus text format) and `/health` (200 while `unhealthy()` names
+    nothing, else 503 naming what it names) over HTTP, one request a connection; started
+    and closed like the gRPC servers.
 
     It holds at most `Connections.limit` connections: a new one beyond them closes the one
     that has waited longest for its request, as the gRPC servers close their idle ones."""
 
-    def __init__(self, healthy: Callable[[], bool], *, own: int = OWN_DESCRIPTORS) -> None:
+    def __init__(
+        self, unhealthy: Callable[[], Sequence[str]], *, own: int = OWN_DESCRIPTORS
+    ) -> None:
         """`own`: the file descriptors the process needs itself (`descriptor_share`)."""
-        self._healthy = healthy
+        self._unhealthy = unhealthy
         self._server: asyncio.Server | None = None
         self._connections: Connections[_Exchange] = Connections(
             "metrics endpoint", descriptor_share(16, most=METRICS_CONNECTIONS_MOST, own=own)
@@ -205,7 +208,7 @@ class MetricsEndpoint:
                     body=b"a request's head may hold %d bytes\n" % REQUEST_HEAD_BYTES,
                 )
             else:
-                answer = _answer(request, headers, self._healthy)
+                answer = _answer(request, headers, self._unhealthy)
             if writer.transport.is_closing():
                 return  # closed to make room for a newer connection
             exchange.idle = False
@@ -297,7 +300,9 @@ class _Answer:
         return head if self.head_only else head + self.body
 
 
-def _answer(request: bytes, headers: dict[str, str], healthy: Callable[[], bool]) -> _Answer:
+def _answer(
+    request: bytes, headers: dict[str, str], unhealthy: Callable[[], Sequence[str]]
+) -> _Answer:
     words = request.decode("latin-1").split()
     if len(words) < 2:
         return _Answer("400 Bad Request", body=b"not an HTTP request line\n")
@@ -319,10 +324,14 @@ def _answer(request: bytes, headers: dict[str, str], healthy: Callable[[], bool]
             body, extra = gzip.compress(body), (("Content-Encoding", "gzip"),)
         answer = _Answer("200 OK", content_type, body, extra)
     elif path == "/health":
-        if healthy():
-            answer = _Answer("200 OK", body=b"healthy\n")
+        # What is not healthy, named: a probe's log (`kubectl describe`, `financing
+        # health-check`) says what to look at, where "not healthy" sent the operator to
+        # the gauges or the logs.
+        if problems := unhealthy():
+            said = "; ".join(problems).encode("utf-8", "replace")
+            answer = _Answer("503 Service Unavailable", body=b"not healthy: %s\n" % said)
         else:
-            answer = _Answer("503 Service Unavailable", body=b"not healthy\n")
+            answer = _Answer("200 OK", body=b"healthy\n")
     else:
         answer = _Answer("404 Not Found", body=b"not found: /metrics and /health are served\n")
     return dataclasses.replace(answer, head_only=method == "HEAD")

@@ -57,7 +57,9 @@ async def _ready(
     service: Service, tasks: set[asyncio.Task[Any]], stopping: asyncio.Task[Any]
 ) -> None:
     """Log "service ready" once every consumer consumes, unless a crash or a signal comes first."""
-    consuming = asyncio.ensure_future(asyncio.gather(*(e.wait() for e in service.consuming)))
+    consuming = asyncio.ensure_future(
+        asyncio.gather(*(e.wait() for e in service.consuming.values()))
+    )
     await asyncio.wait({*tasks, stopping, consuming}, return_when=asyncio.FIRST_COMPLETED)
     if not consuming.done():
         consuming.cancel()

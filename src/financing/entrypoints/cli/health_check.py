@@ -42,6 +42,9 @@ from financing.entrypoints.grpc.tls import UnusableFiles, client_context
 from financing.entrypoints.listening import unspecified
 
 TIMEOUT = 3.0
+# Bytes of the metrics endpoint's answer to /health read: its status, headers and the one
+# line saying what is not healthy.
+HEALTH_ANSWER_BYTES = 16 * 1024
 # What the probe reads (in either form: `financing health-check`, or this module run).
 HEALTH_CHECK_VARIABLES = (
     COMPONENTS_VARIABLE,
@@ -205,13 +208,20 @@ async def _http_health(address: tuple[str, int]) -> str:
             reader, writer = await asyncio.open_connection(host, port)
             writer.write(f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
             await writer.drain()
-            status_line = await reader.readline()
+            answer = b""  # the endpoint closes the connection after its answer
+            while len(answer) < HEALTH_ANSWER_BYTES and (more := await reader.read(4096)):
+                answer += more
             writer.close()
     except (OSError, TimeoutError) as error:
         return f"metrics endpoint at {host}:{port}: {_failure(error)}"
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0]
     words = status_line.split()
     if len(words) < 2 or words[1] != b"200":
-        return f"metrics endpoint at {host}:{port}: {status_line.decode(errors='replace').strip()}"
+        # The endpoint names what is not healthy on its answer's one line.
+        said = body.split(b"\n", 1)[0] if words[1:2] == [b"503"] else b""
+        text = b": ".join(part for part in (status_line.strip(), said.strip()) if part)
+        return f"metrics endpoint at {host}:{port}: {text.decode(errors='replace')}"
     return ""
 
 
