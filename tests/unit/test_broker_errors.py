@@ -8,10 +8,16 @@ from typing import Any
 
 import aiormq
 import pytest
+import structlog
 from aiormq.base import FutureStore
 
 from financing.adapters.rabbitmq import publisher as publisher_module
-from financing.adapters.rabbitmq.connection import Broker, is_broker_error, translated
+from financing.adapters.rabbitmq.connection import (
+    Broker,
+    SharedAttempt,
+    is_broker_error,
+    translated,
+)
 from financing.adapters.rabbitmq.publisher import Publisher, PublishFailed
 from financing.application.errors import Refused, Unavailable
 from financing.application.ports import Envelope
@@ -301,3 +307,16 @@ def test_a_declaration_refused_for_other_arguments_is_a_refusal() -> None:
     )
     with pytest.raises(Refused), translated():
         raise _precondition_failed(text)
+
+
+async def test_a_shared_attempt_runs_in_a_context_of_its_own_not_its_first_callers() -> None:
+    """Regression: a broker connection opened for a gRPC call ran in that call's context:
+    the outage lines of the connection, 33 s later, named its message and correlation."""
+    seen: dict[str, object] = {}
+
+    async def attempt() -> None:
+        seen.update(structlog.contextvars.get_contextvars())
+
+    with structlog.contextvars.bound_contextvars(message_id="m-1", correlation_id="c-1"):
+        await SharedAttempt(attempt, lambda error: Unavailable("broker", str(error)))()
+    assert seen == {}

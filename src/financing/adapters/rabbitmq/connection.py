@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
@@ -126,7 +127,12 @@ class SharedAttempt(Generic[T]):
 
     async def __call__(self) -> T:
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._attempt())
+            # In a context of its own: run in the caller's, a connection opened for a
+            # gRPC call or a delivery, its tasks and callbacks, logged that call's ids
+            # (message, correlation) on the lines of outages long after it ended.
+            self._task = asyncio.get_running_loop().create_task(
+                self._attempt(), context=contextvars.Context()
+            )
             self._task.add_done_callback(_retrieved)
         try:
             return await asyncio.shield(self._task)
