@@ -225,6 +225,9 @@ class EventStoreContract:
         results = await asyncio.gather(bid("30"), bid("40"), return_exceptions=True)
 
         assert sorted(type(r).__name__ for r in results) == ["ConcurrencyConflict", "NoneType"]
+        # The versions it had loaded: a retry that loads later ones lost to progress.
+        [conflict] = [r for r in results if isinstance(r, ConcurrencyConflict)]
+        assert conflict.loaded_at == ((investor_id, 2),)
         winner, loser = ("30", "40") if results[0] is None else ("40", "30")
         stream = await store.stream(investor_id)
         assert [e.version for e in stream] == [1, 2, 3]

@@ -570,3 +570,40 @@ async def test_an_outage_found_to_await_an_operator_says_what_ends_it_once() -> 
         ("query database still unavailable", "its tables do not exist: rebuild"),
     ]
     assert outages.down() == {"query database"}
+
+
+class Contended:
+    """An append that loses `losses` races, each to a writer that moved the stream on
+    (its next attempt loads it at a later version), or, `moving=False`, each at the same
+    version again (a conflict nothing ends)."""
+
+    def __init__(self, losses: int, *, moving: bool = True) -> None:
+        self.losses = losses
+        self.moving = moving
+        self.calls = 0
+
+    async def __call__(self) -> str:
+        self.calls += 1
+        if self.calls > self.losses:
+            return "appended"
+        version = self.calls if self.moving else 1
+        raise ConcurrencyConflict("moved past", loaded_at=(("investor", version),))
+
+
+async def test_conflicts_lost_to_writers_that_moved_the_stream_on_do_not_count() -> None:
+    """Regression: 3,000 bids of one investor sent at once to five instances: one or two
+    were dead-lettered after 50 conflicts, every one lost to a writer that had moved the
+    stream on: a bid refused for nothing but contention."""
+    policy = RetryPolicy(conflict=Limit(FAST, 5))
+    operation = Contended(losses=40)
+    assert await retried(operation, policy=policy) == "appended"
+    assert operation.calls == 41
+
+
+async def test_conflicts_at_the_same_versions_again_count_up_to_the_limit() -> None:
+    policy = RetryPolicy(conflict=Limit(FAST, 5))
+    operation = Contended(losses=99, moving=False)
+    with pytest.raises(GaveUp) as gave_up:
+        await retried(operation, policy=policy)
+    assert operation.calls == 5
+    assert (gave_up.value.fault, gave_up.value.attempts) == (Fault.CONFLICT, 5)

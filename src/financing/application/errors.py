@@ -115,7 +115,17 @@ class ReusedMessageId(PoisonMessage):
 
 
 class ConcurrencyConflict(Exception):
-    """Another transaction appended to the stream first: reload and retry."""
+    """Another transaction appended to the stream first: reload and retry.
+
+    `loaded_at`: the (aggregate id, version) of each stream the unit of work that lost
+    had loaded, where known. A conflict of a retry that loaded them at other versions
+    lost to writers that made progress meanwhile (`retry` does not count it against the
+    conflict limit); one at the same versions again is a conflict that nothing ends.
+    """
+
+    def __init__(self, text: str, *, loaded_at: tuple[tuple[object, int], ...] | None = None):
+        super().__init__(text)
+        self.loaded_at = loaded_at
 
 
 class AlreadyProcessed(ConcurrencyConflict):

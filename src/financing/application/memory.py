@@ -74,7 +74,8 @@ class InMemoryUnitOfWork:
         for aggregate, expected in self._appends:
             if store.version(aggregate.id) != expected:
                 raise ConcurrencyConflict(
-                    f"{aggregate.aggregate_type} {aggregate.id} moved past {expected}"
+                    f"{aggregate.aggregate_type} {aggregate.id} moved past {expected}",
+                    loaded_at=tuple((saved.id, version) for saved, version in self._appends),
                 )
         for record in self._records:
             if record in store.processed:

@@ -269,13 +269,14 @@ _CONFLICTS = {
 }
 
 
-def _conflict(error: Exception) -> ConcurrencyConflict:
+def _conflict(error: Exception, loaded_at: tuple[tuple[object, int], ...]) -> ConcurrencyConflict:
     """What a race lost by the writing statement means: which rule it broke."""
     constraint = getattr(error, "constraint_name", None) or ""
     what = _CONFLICTS.get(constraint, "another writer came first")
     detail = getattr(error, "detail", None) or str(error)
-    conflict = AlreadyProcessed if constraint == _PROCESSED else ConcurrencyConflict
-    return conflict(f"{what}: {detail}")
+    if constraint == _PROCESSED:
+        return AlreadyProcessed(f"{what}: {detail}")
+    return ConcurrencyConflict(f"{what}: {detail}", loaded_at=loaded_at)
 
 
 @dataclass
@@ -420,7 +421,11 @@ class PostgresUnitOfWork:
         try:
             appended: int = await self._conn.fetchval(statement, *arguments)
         except RACE_ERRORS as error:
-            raise _conflict(error) from error
+            loaded_at = tuple(
+                (saved.aggregate.id, saved.aggregate.stored_version)
+                for saved in self._saved.values()
+            )
+            raise _conflict(error, loaded_at) from error
         if appended == NOT_HELD and claim is not None:
             raise EventNotInStore(claim.not_held())
         # The saved changes are now stored: they are changes no more.
