@@ -65,7 +65,15 @@ HANDLING = Histogram(
 )
 EVENTS_APPENDED = Counter("financing_events_appended_total", "Events appended to the event store.")
 EVENTS_RELAYED = Counter(
-    "financing_events_relayed_total", "Events published to `events` by the relayer, confirmed."
+    "financing_events_relayed_total",
+    "Events published to `events` by the relayer, confirmed; an event published again (its"
+    " checkpoint not recorded, another relayer taking over) counts again.",
+)
+BUILD_INFO = Gauge(
+    "financing_build_info",
+    "1, labelled with the release this process runs and the schema versions it migrates"
+    " its databases to.",
+    ["release", "commands_schema", "queries_schema"],
 )
 PROJECTION_DELAY = Histogram(
     "financing_projection_delay_seconds",

@@ -12,6 +12,8 @@ import urllib.request
 
 import pytest
 
+from financing import release
+from financing.adapters.postgres import schema
 from tests.acceptance.driver import Financing
 from tests.acceptance.system import Address, System
 from tests.support import foreign_grpc, infra
@@ -171,3 +173,18 @@ async def test_the_health_endpoint_beside_the_metrics_answers_healthy(system: Sy
 
     for address in system.metrics_addresses:
         assert await asyncio.to_thread(health, address) == 200, address
+
+
+async def test_every_process_says_its_release_and_schema_versions_in_its_metrics(
+    system: System,
+) -> None:
+    """Regression: nothing in `/metrics` said which release an instance ran, which an
+    operator rolling out a release that migrates a schema must know of every instance."""
+    expected = {
+        "release": release(),
+        "commands_schema": str(schema.latest("commands")),
+        "queries_schema": str(schema.latest("queries")),
+    }
+    for address in system.metrics_addresses:
+        samples = await asyncio.to_thread(scrape, address)
+        assert samples["financing_build_info"] == [(expected, 1.0)], address

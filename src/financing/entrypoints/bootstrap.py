@@ -20,6 +20,7 @@ from uuid import UUID
 
 import asyncpg
 
+from financing import metrics, release
 from financing.adapters.postgres.clock import DatabaseClock
 from financing.adapters.postgres.connection import (
     COMMAND_DATABASE,
@@ -35,7 +36,13 @@ from financing.adapters.postgres.outbox import CommitListener, PostgresOutbox, P
 from financing.adapters.postgres.projected_store import RecordedStore, claim, store_of
 from financing.adapters.postgres.read_models import PostgresReadModels
 from financing.adapters.postgres.retention import deduplication_records
-from financing.adapters.postgres.schema import DATABASES, migrate, missing, require_tables
+from financing.adapters.postgres.schema import (
+    DATABASES,
+    latest,
+    migrate,
+    missing,
+    require_tables,
+)
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import BROKER, Broker
 from financing.adapters.rabbitmq.consumer import Deliveries, QueueConsumer, consume
@@ -359,6 +366,9 @@ def _housekeeping(
         retention = Retention(records, outages, keep=settings.dedup_retention)
         service.workers["retention"] = retention.run
     if settings.metrics_address is not None:
+        # Which release each instance runs: every earlier one must be stopped before the
+        # first of a release that migrates a schema starts (docs/deployment.md).
+        metrics.BUILD_INFO.labels(release(), str(latest("commands")), str(latest("queries"))).set(1)
         endpoint = MetricsEndpoint(lambda: _unhealthy(service, outages), own=opened.own)
         service.listeners.append(Listener("metrics", endpoint, settings.metrics_address))
 
