@@ -83,3 +83,22 @@ def test_the_request_limits_the_contract_states_are_the_services() -> None:
     assert (
         f"ended its side within {REQUEST_TIMEOUT:g} s is answered `DEADLINE_EXCEEDED`" in contract
     )
+
+
+METRIC_ROW = re.compile(r"^\| `((?:financing|grpc)_\w+)` \| (counter|gauge|histogram) \|", re.M)
+METRIC_NAME = re.compile(r"\b((?:financing|grpc_server)_\w+)")
+SERIES_OF = {"counter": ("",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+
+
+def test_every_metric_the_alert_rules_name_is_one_the_readme_lists() -> None:
+    """The rules of docs/deployment.md, "What to alert on", name series the service
+    exports (the README's table lists every metric and its type)."""
+    series = {
+        name + suffix
+        for name, kind in METRIC_ROW.findall((ROOT / "README.md").read_text())
+        for suffix in SERIES_OF[kind]
+    }
+    text = (ROOT / "docs" / "deployment.md").read_text()
+    rules = text.split("## What to alert on", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    named = set(METRIC_NAME.findall(rules))
+    assert named and named <= series, sorted(named - series)
