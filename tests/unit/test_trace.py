@@ -169,3 +169,11 @@ def test_an_output_that_cannot_carry_the_boxes_gets_the_tree_in_ascii() -> None:
     assert lines[2] == "   | 2025-06-01T12:00:00.010Z  applied by bid_on_invoice: 1 event"
     utf8_output = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
     assert render(story, drawing=drawing_for(utf8_output)) == render(story)
+
+
+def test_a_registration_is_shown_as_an_integration_event_not_a_command() -> None:
+    """Regression: a dead-lettered InvestorRegistered was drawn as `InvestorRegistered
+    command ...`."""
+    refused = Handling("reg-1", "InvestorRegistered", Fate.DEAD_LETTERED, "q", at(5), "bad")
+    lines = render(trace(CORRELATION, [], [refused]))
+    assert lines[1] == "└─ InvestorRegistered  integration event reg-1"

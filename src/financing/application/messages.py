@@ -113,3 +113,4 @@ COMMAND_TYPES: tuple[type[Command], ...] = (
     CreateInvestor,
     CreateIssuer,
 )
+INTEGRATION_TYPES: tuple[type[IntegrationEvent], ...] = (IssuerRegistered, InvestorRegistered)

@@ -31,6 +31,7 @@ from financing.adapters.rabbitmq.dead_letters import (
     list_deferred,
 )
 from financing.application.errors import Refused, Unavailable
+from financing.application.messages import COMMAND_TYPES, INTEGRATION_TYPES
 from financing.application.moments import moment
 from financing.application.trace import Fate, Handling, Step, Trace, trace
 from financing.config import Settings
@@ -136,7 +137,15 @@ def _heading(step: Step) -> str:
         return f"{event.name}  {where}  {moment(event.recorded_at)}"
     if not step.name:
         return f"message {step.message_id} (no record of it is left)"
-    return f"{step.name}  command {step.message_id}"
+    return f"{step.name}  {_KINDS.get(step.name, 'message')} {step.message_id}"
+
+
+# What a message that is no event of the store is, by name (a registration from the
+# Registering context was shown as a command).
+_KINDS = {
+    **{kind.name(): "command" for kind in COMMAND_TYPES},
+    **{kind.name(): "integration event" for kind in INTEGRATION_TYPES},
+}
 
 
 def _details(step: Step) -> list[str]:
