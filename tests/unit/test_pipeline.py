@@ -4,6 +4,7 @@ what becomes of each delivery (its outcome), and how often the handler runs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -38,6 +39,7 @@ from financing.application.pipeline import (
 )
 from financing.application.ports import REFUSED, REQUEUED_AT_HEADER, Cause, Envelope, UnitOfWork
 from financing.application.retry import Backoff, Limit, Outages, RetryPolicy
+from financing.application.turns import AggregateTurns
 from financing.domain import events as ev
 from financing.domain.aggregates import Investor, Issuer
 from tests.unit.bus import InMemoryBus, MemoryDelivery, envelope_of
@@ -751,3 +753,53 @@ async def test_the_lines_about_a_command_name_the_aggregate_it_changes(
 
     assert outcome.kind is OutcomeKind.PROCESSED
     assert bound == [str(aggregate)]
+
+
+async def test_the_retries_of_deliveries_that_lost_a_race_on_an_aggregate_take_turns() -> None:
+    """Regression: every delivery that lost a race on an aggregate tried again at once
+    with the others that lost: 600 bids of one investor in one process cost 2,421
+    attempts that lost, each loser racing every other."""
+    store = InMemoryEventStore()
+    investor = uuid4()
+    async with store.unit_of_work() as uow:
+        created = await uow.load(Investor, investor)
+        created.create(Decimal(100))
+        await uow.save(created)
+    racers = 5
+    loaded = asyncio.Barrier(racers)
+    overlapped = asyncio.Event()
+    attempts: dict[UUID, int] = {}
+    running = most = 0
+
+    async def bid(uow: UnitOfWork, command: CreateIssuer) -> None:
+        nonlocal running, most
+        held = await uow.load(Investor, investor)
+        attempts[command.id] = attempts.get(command.id, 0) + 1
+        if attempts[command.id] == 1:
+            await loaded.wait()  # every first attempt loads the same version: all but one lose
+        else:
+            running += 1
+            most = max(most, running)
+            if running > 1:
+                overlapped.set()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.1):  # long enough for another retry to come in
+                    await overlapped.wait()
+            running -= 1
+        held.place_bid(uuid4(), Decimal(1))
+        await uow.save(held)
+
+    turns = AggregateTurns()
+    step = compose(
+        exactly_once(store, "bid", bid),
+        names=frozenset({"CreateIssuer"}),
+        others=OutcomeKind.DEAD_LETTERED,
+        policy=POLICY,
+        outages=Outages(),
+        turns=turns,
+    )
+    outcomes = await asyncio.gather(*(step(delivery(CreateIssuer(uuid4()))) for _ in range(racers)))
+
+    assert [outcome.kind for outcome in outcomes] == [OutcomeKind.PROCESSED] * racers
+    assert most == 1, "retries of the same aggregate ran side by side"
+    assert len(turns) == 0  # every turn let go

@@ -51,6 +51,7 @@ from financing.application.ports import (
     event_message_id,
 )
 from financing.application.retry import Abandoned, GaveUp, Outages, RetryPolicy, retry
+from financing.application.turns import TURNS, AggregateTurns
 from financing.domain.aggregates import Aggregate, RuleViolation
 from financing.domain.events import DomainEvent
 from financing.logging import get_logger
@@ -171,14 +172,15 @@ def compose(
     policy: RetryPolicy,
     outages: Outages,
     handler_parts: Iterable[HandlerPart] = (),
+    turns: AggregateTurns = TURNS,
 ) -> Step:
     """The whole path of one consumer, from a raw delivery to its outcome."""
     for part in handler_parts:
         handler = part(handler)
-    return retried(policy, outages)(selected(names, others)(decoded(handler)))
+    return retried(policy, outages, turns)(selected(names, others)(decoded(handler)))
 
 
-def retried(policy: RetryPolicy, outages: Outages) -> StepPart:
+def retried(policy: RetryPolicy, outages: Outages, turns: AggregateTurns = TURNS) -> StepPart:
     """Retries the inner step as the failure's class says; a failure it gives up on
     becomes a dead letter with its reason, and a delivery that can no longer be
     settled is abandoned to the broker's redelivery.
@@ -193,13 +195,29 @@ def retried(policy: RetryPolicy, outages: Outages) -> StepPart:
     aggregate waiting in its queue), it may wait as long again rather than be
     dead-lettered at its first attempt: what held it up held the other message up too,
     and each queue's backlog drains at its own pace. Once only: under a backlog every
-    return is late."""
+    return is late.
+
+    A delivery that lost a race on aggregates (ConcurrencyConflict) takes its next
+    attempts in their `turns`, one at a time in this process (`AggregateTurns`)."""
 
     def part(inner: Step) -> Step:
         async def step(delivery: Delivery) -> Outcome:
+            raced: tuple[str, ...] = ()  # the aggregates its last attempt lost a race on
+
+            async def attempt() -> Outcome:
+                nonlocal raced
+                try:
+                    if not raced:
+                        return await inner(delivery)
+                    async with turns.taken(raced):
+                        return await inner(delivery)
+                except ConcurrencyConflict as conflict:
+                    raced = tuple(str(id_) for id_, _ in conflict.loaded_at or ()) or raced
+                    raise
+
             try:
                 return await retry(
-                    lambda: inner(delivery),
+                    attempt,
                     policy=policy,
                     outages=outages,
                     what="processing",
