@@ -66,7 +66,7 @@ async def test_a_stop_before_the_service_is_ready_leaves_nothing_unretrieved(
         await asyncio.Event().wait()
 
     never = asyncio.Event()  # a consumer that never consumes
-    service = Service(frozenset(), workers={"waiting": waiting}, consuming=[never])
+    service = Service(frozenset(), workers={"waiting": waiting}, consuming={"q": never})
     code, logs = await stopped_once(started, service)
     gc.collect()  # asyncio reports a future never retrieved when it is collected
 
@@ -89,7 +89,7 @@ async def ready_line(*listeners: Listener) -> AsyncIterator[MutableMapping[str, 
         frozenset(),
         workers={"consumer": consumer},
         listeners=list(listeners),
-        consuming=[consuming],
+        consuming={"q": consuming},
     )
     stop = asyncio.Event()
     with capture_logs() as logs:
