@@ -52,7 +52,7 @@ from financing.domain.aggregates import Investor
 from financing.workers import relayer as relayer_module
 from financing.workers.relayer import Relayer
 from tests.support import infra
-from tests.support.infra import wait_until
+from tests.support.infra import holds, wait_until
 from tests.support.service import run_cli
 
 
@@ -834,3 +834,25 @@ async def test_letting_the_relayer_lock_go_lets_its_schemas_go_with_it(
     await lock.acquire()
     await lock.release()
     assert held == [0]
+
+
+async def test_a_standby_says_the_database_answers_while_it_waits_for_the_lock(
+    database: Database,
+) -> None:
+    """Regression: a standby's wait for the lock, begun as a database outage ended, was an
+    attempt under way that had not failed yet: its outage stayed open for
+    FINANCING_DB_TIMEOUT more, `/health` at 503 over a database that answered."""
+    leader = await asyncpg.connect(**database.connect_kwargs)
+    lock = PostgresRelayerLock(database, poll_interval=0.02)
+    answers: list[str] = []
+    try:
+        await leader.fetchval("SELECT pg_advisory_lock($1)", RELAYER_LOCK)
+        acquiring = asyncio.create_task(lock.acquire(answers.append))
+        await wait_until(lambda: holds(len(answers) >= 3), what="polls answered")
+        assert not acquiring.done()
+        assert set(answers) == {COMMAND_DATABASE}
+        await leader.fetchval("SELECT pg_advisory_unlock($1)", RELAYER_LOCK)
+        await asyncio.wait_for(acquiring, 10)
+    finally:
+        await lock.release()
+        await leader.close()

@@ -4,7 +4,7 @@ nothing relayable yet (the commit horizon held back), as it ends its wait for a 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -41,7 +41,7 @@ class Unused:
 
 
 class HeldLock:
-    async def acquire(self) -> None:
+    async def acquire(self, answered: Callable[[str], None] = lambda _: None) -> None:
         return None
 
     async def lost(self) -> None:

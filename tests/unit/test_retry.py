@@ -607,3 +607,22 @@ async def test_conflicts_at_the_same_versions_again_count_up_to_the_limit() -> N
         await retried(operation, policy=policy)
     assert operation.calls == 5
     assert (gave_up.value.fault, gave_up.value.attempts) == (Fault.CONFLICT, 5)
+
+
+async def test_an_operation_that_waits_on_a_dependency_that_answers_lets_its_outage_end() -> None:
+    """Regression: a standby relayer's wait for the lock, begun as a database outage
+    ended, was an attempt under way: its outage stayed open for its attempts' timeout
+    (FINANCING_DB_TIMEOUT) more, `/health` at 503 over a database that answered."""
+    outages = Outages()
+
+    async def passes() -> None:
+        return None
+
+    outages.check_with("database", passes, attempts_within=10.0)
+    outages.failed(database_down())
+    with outages.trying("database"):  # the standby's wait, under way
+        await outages.check_once(within=1.0, quiet=0.0)
+        assert outages.down() == frozenset({"database"})
+        outages.answered("database")  # a poll of the lock answered
+        await outages.check_once(within=1.0, quiet=0.0)
+        assert outages.down() == frozenset()

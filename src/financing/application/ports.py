@@ -6,7 +6,7 @@ implements them in memory for fast tests of the domain and handlers.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -366,8 +366,10 @@ class Outbox(Protocol):
 class RelayerLock(Protocol):
     """Elects the one relayer among every instance sharing an event store."""
 
-    async def acquire(self) -> None:
-        """Return once this instance holds the lock; Unavailable if the store is unreachable."""
+    async def acquire(self, answered: Callable[[str], None] = lambda _: None) -> None:
+        """Return once this instance holds the lock; Unavailable if the store is unreachable.
+        `answered(dependency)` each time the store answers while another instance holds
+        it: a standby's wait is an operation that works, not one still failing."""
         ...
 
     async def lost(self) -> None:

@@ -283,6 +283,13 @@ class Outages:
         if dependency not in self._checks:
             self._ended(dependency)
 
+    def answered(self, dependency: str) -> None:
+        """`dependency` answered an operation that waits for something else meanwhile (a
+        standby relayer for the lock): no attempt of it is failing. Ends nothing by
+        itself; an outage under way ends at the check that passes next."""
+        if dependency in self._since:
+            self._worked_at[dependency] = time.monotonic()
+
     def _ended(self, dependency: str) -> None:
         since = self._since.pop(dependency, None)
         self._awaiting.discard(dependency)

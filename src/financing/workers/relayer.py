@@ -106,7 +106,9 @@ class Relayer:
     async def run(self) -> None:
         """Relay until cancelled; stands for election again whenever the lock is lost."""
         while True:
-            await self._retry(self._lock.acquire, "taking the relayer lock")
+            await self._retry(
+                lambda: self._lock.acquire(self._outages.answered), "taking the relayer lock"
+            )
             log.info("relayer elected")
             self._elected = True
             relaying = asyncio.create_task(self._relay())

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -424,9 +424,12 @@ class PostgresRelayerLock:
         # One statement at a time on the lock connection (health check, unlock).
         self._busy = asyncio.Lock()
 
-    async def acquire(self) -> None:
+    async def acquire(self, answered: Callable[[str], None] = lambda _: None) -> None:
         """Wait while another instance holds the lock; Unavailable when the database is not
-        reachable (the connection is then dropped, and the caller retries).
+        reachable (the connection is then dropped, and the caller retries). Each poll the
+        database answers is `answered`: a standby's wait, begun as the outage ended, kept
+        its outage open for FINANCING_DB_TIMEOUT more (an attempt under way, not yet
+        failed: `Outages.trying`), its `/health` at 503 over a database that answered.
 
         A session kept from an earlier poll that fails is replaced at once: the server
         ends a standby's session whose process was frozen past the lease (or an
@@ -459,6 +462,7 @@ class PostgresRelayerLock:
                     continue
                 if taken:
                     return
+                answered(COMMAND_DATABASE)
                 await asyncio.sleep(self._poll_interval)
         except BaseException:
             self._discard()  # failed or cancelled: leave no connection behind
