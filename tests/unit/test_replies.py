@@ -389,9 +389,6 @@ async def test_a_list_call_given_no_place_within_the_busy_wait_is_answered_busy(
     monkeypatch.setattr(queries_module, "LIST_REPLIES", 2)
     store = GatedRows()
     async with queries_server(store, busy_wait=0.3) as (queries, port):
-        if database_down:
-            # As a call of another list that failed on it left it.
-            queries._lists["invoices"].failed["query database"] = "a statement waited"
         holder, other = Channel("127.0.0.1", port), Channel("127.0.0.1", port)
         try:
             held = [
@@ -399,7 +396,10 @@ async def test_a_list_call_given_no_place_within_the_busy_wait_is_answered_busy(
                 for _ in range(2)
             ]
             await wait_until(lambda: holds(len(store.reads) == 2), what="every place taken")
-            refusing = asyncio.create_task(pb.QueriesStub(other).all_investors(Empty(), timeout=10))
+            if database_down:
+                # As a call ahead of it that failed on it left it.
+                queries._lists["issuers"].failed["query database"] = "a statement waited"
+            refusing = asyncio.create_task(pb.QueriesStub(other).all_issuers(Empty(), timeout=10))
             await wait_until(lambda: holds(queries.busy()), what="a call waiting its turn")
             with pytest.raises(GRPCError) as refused:
                 await refusing
@@ -410,15 +410,16 @@ async def test_a_list_call_given_no_place_within_the_busy_wait_is_answered_busy(
             other.close()
     assert refused.value.status is Status.UNAVAILABLE
     assert refused.value.message == (
-        "AllInvestors not answered: query database unavailable, the list calls ahead of it"
-        " waiting on it; try again later"
+        "AllIssuers not answered: query database unavailable, the AllIssuers calls ahead of"
+        " it waiting on it; try again later"
         if database_down
-        else "AllInvestors not answered: the service was busy answering list calls (1 waiting"
-        " for a turn) for the 0.3 s it waited; try again later"
+        else "AllIssuers not answered: the service was busy answering AllIssuers calls (1"
+        " waiting for a turn) for the 0.3 s it waited; try again later"
     )
-    assert "investors" not in store.reads
+    assert store.reads == ["issuers", "issuers"]
     assert not queries.busy()
-    assert not queries._connections and not queries._hosts  # every place given back
+    listed = queries._lists["issuers"]
+    assert not listed.connections and not listed.hosts  # every place given back
 
 
 async def test_a_list_call_waiting_for_its_turn_is_answered_at_once_when_shutting_down(
@@ -431,7 +432,7 @@ async def test_a_list_call_waiting_for_its_turn_is_answered_at_once_when_shuttin
         try:
             held = asyncio.create_task(pb.QueriesStub(holder).all_issuers(Empty(), timeout=10))
             await wait_until(lambda: holds(len(store.reads) == 1), what="the place taken")
-            waiting = asyncio.create_task(pb.QueriesStub(other).all_investors(Empty(), timeout=10))
+            waiting = asyncio.create_task(pb.QueriesStub(other).all_issuers(Empty(), timeout=10))
             await wait_until(lambda: holds(queries.calls.in_flight == 2), what="the call")
             draining = asyncio.create_task(queries.calls.drain(grace=10))
             with pytest.raises(GRPCError) as refused:
@@ -444,8 +445,8 @@ async def test_a_list_call_waiting_for_its_turn_is_answered_at_once_when_shuttin
             holder.close()
             other.close()
     assert refused.value.status is Status.UNAVAILABLE
-    assert refused.value.message == "AllInvestors not answered: the service is shutting down"
-    assert "investors" not in store.reads
+    assert refused.value.message == "AllIssuers not answered: the service is shutting down"
+    assert store.reads == ["issuers"]  # the held call's alone
 
 
 async def test_a_lost_connections_handler_is_let_go_once_its_calls_end() -> None:
@@ -519,8 +520,10 @@ class LockedInvoices(InMemoryReadModels):
         self.let_go = asyncio.Event()
         self.unlocked = False
         self.waiting = 0
+        self.reads = 0
 
     async def invoices(self) -> list[InvoiceRow]:
+        self.reads += 1
         if self.unlocked:
             return []
         self.waiting += 1
@@ -591,3 +594,64 @@ async def test_a_list_whose_read_failed_is_refused_at_once_while_one_call_tries_
         " FINANCING_DB_TIMEOUT (another AllInvoices call is trying it)"
     )
     assert not queries._lists["invoices"].failed
+
+
+async def test_the_calls_of_a_locked_list_do_not_take_the_places_the_other_lists_need(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression (a DBA's lock on the invoices' table, a client calling AllInvoices twice a
+    second on each of five connections): the invoices' calls waiting on the lock held
+    every place of their host, and its AllInvestors and AllIssuers were refused as "busy"
+    until the first invoices' read failed, FINANCING_DB_TIMEOUT later."""
+    monkeypatch.setattr(queries_module, "LIST_REPLIES", 4)
+    store = LockedInvoices()
+    async with queries_server(store, busy_wait=0.3) as (queries, port):
+        channels = [Channel("127.0.0.1", port) for _ in range(3)]
+        try:
+            flood = [
+                asyncio.create_task(pb.QueriesStub(channel).all_invoices(Empty(), timeout=10))
+                for channel in channels
+                for _ in range(2)
+            ]
+
+            async def every_place_taken() -> bool:  # 4 places, 6 calls
+                return store.waiting == LIST_BUILDS and queries.busy()
+
+            await wait_until(every_place_taken, what="the invoices' places taken")
+            other = pb.QueriesStub(channels[0])
+            assert (await other.all_investors(Empty(), timeout=5)).investors == []
+            assert (await other.all_issuers(Empty(), timeout=5)).issuers == []
+            store.let_go.set()
+            await asyncio.gather(*flood, return_exceptions=True)
+        finally:
+            for channel in channels:
+                channel.close()
+
+
+async def test_a_call_that_waited_while_the_reads_ahead_of_it_failed_is_told_at_once() -> None:
+    """Regression (a DBA's lock): a call that waited its turn behind the two reads waiting
+    on the lock became, once they failed, the one to try the database again, and waited
+    FINANCING_DB_TIMEOUT once more: 20 s in all."""
+    store = LockedInvoices()
+    async with queries_server(store) as (queries, port):
+        channels = [Channel("127.0.0.1", port) for _ in range(LIST_BUILDS + 1)]
+        try:
+            calls = [
+                asyncio.create_task(pb.QueriesStub(channel).all_invoices(Empty(), timeout=10))
+                for channel in channels
+            ]
+            await wait_until(
+                lambda: holds(store.waiting == LIST_BUILDS and queries.calls.in_flight == 3),
+                what="two reads waiting on the lock, a call behind them",
+            )
+            store.let_go.set()
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            for channel in channels:
+                channel.close()
+    assert store.reads == LIST_BUILDS  # the third call read nothing
+    messages = sorted(str(getattr(outcome, "message", outcome)) for outcome in outcomes)
+    assert messages[-1] == (
+        "query database unavailable, try again: a statement waited longer than"
+        " FINANCING_DB_TIMEOUT (met by the calls ahead of it)"
+    )

@@ -5,12 +5,12 @@ Lists come in creation order, as the read models keep them. While the query
 database cannot be reached the answer is UNAVAILABLE with the reason; a bug
 is logged with its traceback and answered INTERNAL.
 
-A list reply is as large as its read model: the process reads and writes at most
-LIST_BUILDS of each read model at a time, holds at most LIST_REPLIES (built or being sent), at
-most LIST_CALLS_PER_CONNECTION of them for one connection and LIST_CALLS_PER_HOST for
-the connections of one host (so that one caller's many calls, or its replies it does
-not read, do not hold up others' lists), and gives a caller REPLY_TIMEOUT to take
-its reply in. 100 calls of a list of 60,000
+A list reply is as large as its read model: of each read model, the process reads and
+writes at most LIST_BUILDS lists at a time, holds at most LIST_REPLIES (built or being
+sent), at most LIST_CALLS_PER_CONNECTION of them for one connection and
+LIST_CALLS_PER_HOST for the connections of one host (so that one caller's many calls,
+or its replies it does not read, do not hold up others' lists), and gives a caller
+REPLY_TIMEOUT to take its reply in. 100 calls of a list of 60,000
 invoices on one connection (an ordinary client, or one that never granted a window)
 kept the process busy for over a minute, every other caller's calls timed out, the
 broker and the database were taken for gone, and it grew by 4 GB, 1.7 GB of which
@@ -24,13 +24,15 @@ flight from clients that retry at once queued behind each other until their
 deadlines: 50 of 24,023 answered in a minute (0.8 a second), where one polite client
 got 6.6 a second, and the process spent itself beginning and cutting calls.
 
-Each read model is a bulkhead of its own: a lock held on one table (an operator's
-`ALTER TABLE`, `VACUUM FULL`) keeps its lists waiting up to FINANCING_DB_TIMEOUT, and
-while one call of a list whose last read failed tries the database again, the others of
-that list are answered UNAVAILABLE at once, with that failure, rather than wait on it too
-holding the places every list shares; the lists of the other tables are answered as
-ever. With one build line for every list, a lock on the invoices' table held both builds,
-and the investors' and issuers' lists waited behind it and failed.
+Each read model is a compartment of its own, its builds and places its own: a lock held
+on one table (an operator's `ALTER TABLE`, `VACUUM FULL`) keeps its lists waiting up to
+FINANCING_DB_TIMEOUT, and the lists of the other tables are answered as ever. With one
+build line and one set of places for every list, the calls of the locked table's list
+waiting on it held them all, and the investors' and issuers' lists were refused as
+"busy" until the first of those calls failed. While one call of a list whose last read
+failed tries the database again, the others of that list are answered UNAVAILABLE at
+once, with that failure, and so is a call that waited its turn while the calls ahead of
+it failed: it became the one to try again, and waited as long once more.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ Row = TypeVar("Row")
 
 # Lists of one read model read and written at once, by the whole process.
 LIST_BUILDS = 2
-# List replies held at once, built or being sent; a call waits for its turn.
+# List replies of one read model held at once, built or being sent; a call waits for
+# its turn.
 LIST_REPLIES = 16
 # List calls of one connection past their turn at once (the others of it wait).
 LIST_CALLS_PER_CONNECTION = 2
@@ -86,15 +89,9 @@ class QueriesService(pb.QueriesBase):
         self._read_models = read_models
         self._busy_wait = busy_wait
         self._outages = outages
-        self._lists = {  # by read model
-            what: _List(what, asyncio.Semaphore(LIST_BUILDS))
-            for what in ("investors", "invoices", "issuers")
-        }
+        self._lists = {what: _List(what) for what in ("investors", "invoices", "issuers")}
         self.calls = CallsInFlight()
-        self._holding = asyncio.Semaphore(LIST_REPLIES)
         self._waiting = 0  # calls waiting for their turn
-        self._connections: dict[object, _Places] = {}  # by peer address
-        self._hosts: dict[object, _Places] = {}  # by peer host
 
     def __mapping__(self) -> dict[str, Handler]:
         lists: dict[str, Callable[[Stream[Any, Any]], Awaitable[None]]] = {
@@ -127,15 +124,17 @@ class QueriesService(pb.QueriesBase):
         async def answer(stream: Stream[Any, Any]) -> None:
             await stream.recv_message()  # Empty
             listed.refuse_while_tried(method)  # before it takes a place others need
+            failures = listed.failures  # those met before it came
             peer = stream.peer.addr()
-            turn = _Turn(self, peer, peer[0] if isinstance(peer, tuple) else peer)
+            turn = _Turn(listed, peer, peer[0] if isinstance(peer, tuple) else peer)
             try:
-                await self._take(turn, method)
+                await self._take(turn, method, listed)
                 # The rows are let go before the reply is sent: a caller that reads it
                 # slowly holds only its bytes (about 100 a row), not the rows' objects
                 # (several times that), for as long as it takes.
                 async with listed.building:
                     listed.refuse_while_tried(method)
+                    listed.refuse_if_failed_since(failures)
                     reply = await replies.listed(await self._read(listed, read), item)
                 try:
                     async with asyncio.timeout(REPLY_TIMEOUT):
@@ -156,12 +155,13 @@ class QueriesService(pb.QueriesBase):
         places, begun without bound, kept the process beginning and refusing them."""
         return self._waiting > 0
 
-    async def _take(self, turn: _Turn, method: str) -> None:
+    async def _take(self, turn: _Turn, method: str, listed: _List) -> None:
         """`turn` taken: at once where there is room, else within the busy wait."""
         if turn.free():
             await turn.take()  # at once
             return
         self._waiting += 1
+        listed.waiting += 1
         try:
             await self.calls.waited_turn(
                 turn.take(), within=self._busy_wait, given_late=turn.give_back
@@ -171,25 +171,26 @@ class QueriesService(pb.QueriesBase):
                 raise GRPCError(
                     Status.UNAVAILABLE, f"{method} not answered: the service is shutting down"
                 ) from None
-            failed = next((d for list_ in self._lists.values() for d in list_.failed), None)
+            failed = next(iter(listed.failed), None)
             if failed is not None:
                 # The calls ahead of it wait on a database found down (a lock held on a
                 # table), not on a crowd: said as the outage it is, which its own lines
                 # say, where "busy" pointed an operator at the load.
                 raise GRPCError(
                     Status.UNAVAILABLE,
-                    f"{method} not answered: {failed} unavailable, the list calls ahead of"
-                    " it waiting on it; try again later",
+                    f"{method} not answered: {failed} unavailable, the {method} calls"
+                    " ahead of it waiting on it; try again later",
                 ) from None
             _BUSY.warn("list calls answered UNAVAILABLE: the service is busy")
             raise GRPCError(
                 Status.UNAVAILABLE,
-                f"{method} not answered: the service was busy answering list calls"
-                f" ({self._waiting} waiting for a turn) for the {self._busy_wait:g} s it"
+                f"{method} not answered: the service was busy answering {method} calls"
+                f" ({listed.waiting} waiting for a turn) for the {self._busy_wait:g} s it"
                 " waited; try again later",
             ) from None
         finally:
             self._waiting -= 1
+            listed.waiting -= 1
 
     async def _read(self, listed: _List, rows: Callable[[], Awaitable[T]]) -> T:
         # A call after one that failed tries the dependency again, and keeps its outage
@@ -206,6 +207,7 @@ class QueriesService(pb.QueriesBase):
                 result = await rows()
         except Unavailable as error:
             listed.failed[error.dependency] = error.detail
+            listed.failures += 1
             self._outages.failed(error)
             raise GRPCError(
                 Status.UNAVAILABLE, _unavailable(error.dependency, error.detail)
@@ -227,14 +229,30 @@ def _unavailable(dependency: str, detail: str) -> str:
     return f"{dependency} unavailable, try again: {detail}"
 
 
-@dataclass
+@dataclass(eq=False)
 class _List:
-    """One read model's lists: their builds, and what their last read failed on."""
+    """One read model's lists: their builds and places, and what their last read failed
+    on."""
 
     what: str
-    building: asyncio.Semaphore
+    building: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(LIST_BUILDS))
+    holding: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(LIST_REPLIES))
+    connections: dict[object, _Places] = field(default_factory=dict)  # by peer address
+    hosts: dict[object, _Places] = field(default_factory=dict)  # by peer host
+    waiting: int = 0  # calls waiting for their turn
     failed: dict[str, str] = field(default_factory=dict)  # detail, by dependency
+    failures: int = 0  # reads failed so far
     tried: bool = False  # a read tries the database again after a failure
+
+    def refuse_if_failed_since(self, failures: int) -> None:
+        """UNAVAILABLE at once, with the failure, where reads failed while the call
+        waited its turn (`failures`: those before it came): others came to try again."""
+        if self.failed and self.failures != failures:
+            dependency, detail = next(iter(self.failed.items()))
+            raise GRPCError(
+                Status.UNAVAILABLE,
+                f"{_unavailable(dependency, detail)} (met by the calls ahead of it)",
+            )
 
     def refuse_while_tried(self, method: str) -> None:
         """UNAVAILABLE at once, with the failure, while another call tries again."""
@@ -258,11 +276,11 @@ class _Turn:
     """One list call's places: one of its connection's, one of its host's and one of the
     replies', taken in that order and given back together."""
 
-    def __init__(self, service: QueriesService, peer: object, host: object) -> None:
-        self._holding = service._holding
+    def __init__(self, listed: _List, peer: object, host: object) -> None:
+        self._holding = listed.holding
         self._of = [
-            (service._connections, peer, LIST_CALLS_PER_CONNECTION),
-            (service._hosts, host, LIST_CALLS_PER_HOST),
+            (listed.connections, peer, LIST_CALLS_PER_CONNECTION),
+            (listed.hosts, host, LIST_CALLS_PER_HOST),
         ]
         self._places: list[_Places] = []
         for places_of, whose, most in self._of:
