@@ -71,8 +71,8 @@ EVENTS_RELAYED = Counter(
 )
 BUILD_INFO = Gauge(
     "financing_build_info",
-    "1, labelled with the release this process runs and the schema versions it migrates"
-    " its databases to.",
+    "1, labelled with the release this process runs and the schema versions that release"
+    " migrates the databases to.",
     ["release", "commands_schema", "queries_schema"],
 )
 PROJECTION_DELAY = Histogram(

@@ -86,6 +86,10 @@ def test_health_names_each_dependency_down_and_each_queue_not_consumed() -> None
     service.consuming = {"events_query": asyncio.Event(), "SellInvoice": asyncio.Event()}
     service.consuming["SellInvoice"].set()
     assert _unhealthy(service, outages) == ["queue events_query not consumed"]
+    outages.failed(Unavailable("queue events_query", "ACCESS_REFUSED"))
+    # The queue refused is said once, as the outage it is.
+    assert _unhealthy(service, outages) == ["queue events_query unavailable"]
+    outages._ended("queue events_query")
     outages.failed(Unavailable("query database", "connection refused"))
     outages.failed(Unavailable("broker", "connection reset"))
     service.consuming["events_query"].set()

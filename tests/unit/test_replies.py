@@ -21,6 +21,7 @@ from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.protocol import H2Protocol
+from structlog.testing import capture_logs
 
 from financing import generated as pb
 from financing.application.errors import Unavailable
@@ -655,3 +656,29 @@ async def test_a_call_that_waited_while_the_reads_ahead_of_it_failed_is_told_at_
         "query database unavailable, try again: a statement waited longer than"
         " FINANCING_DB_TIMEOUT (met by the calls ahead of it)"
     )
+
+
+async def test_a_read_its_caller_gave_up_on_after_a_while_is_said(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression (a DBA's lock, callers with 3 s deadlines): every read of the locked
+    table was given up by its caller before FINANCING_DB_TIMEOUT; no outage, no line,
+    `/health` 200: nothing said the table was held."""
+    monkeypatch.setattr(queries_module, "SLOW_READ_SAID", 0.1)
+    store = LockedInvoices()
+    async with queries_server(store) as (_, port):
+        channel = Channel("127.0.0.1", port)
+        try:
+            with capture_logs() as logs:
+                with pytest.raises(TimeoutError):  # the client's deadline
+                    await pb.QueriesStub(channel).all_invoices(Empty(), timeout=0.3)
+
+                async def said() -> bool:
+                    return any("given up" in str(line["event"]) for line in logs)
+
+                await wait_until(said, what="the read given up said")
+        finally:
+            store.let_go.set()
+            channel.close()
+    [line] = [line for line in logs if "given up" in str(line["event"])]
+    assert line["event"].startswith("a read of invoices was given up by its caller after 0.")

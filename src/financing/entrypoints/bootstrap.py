@@ -389,11 +389,11 @@ def _answering(
 def _unhealthy(service: Service, outages: Outages) -> list[str]:
     """What keeps the metrics endpoint's /health from being healthy: a dependency down, a
     queue not consumed; nothing when every consumer consumes and every dependency is up."""
-    down = [f"{dependency} unavailable" for dependency in sorted(outages.down())]
-    return down + [
+    down = sorted(outages.down())
+    return [f"{dependency} unavailable" for dependency in down] + [
         f"queue {queue} not consumed"
         for queue, consuming in service.consuming.items()
-        if not consuming.is_set()
+        if not consuming.is_set() and f"queue {queue}" not in down  # said once
     ]
 
 

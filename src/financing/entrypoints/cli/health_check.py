@@ -220,6 +220,7 @@ async def _http_health(address: tuple[str, int]) -> str:
     if len(words) < 2 or words[1] != b"200":
         # The endpoint names what is not healthy on its answer's one line.
         said = body.split(b"\n", 1)[0] if words[1:2] == [b"503"] else b""
+        said = said.removeprefix(b"not healthy: ")  # the probe's own line says it
         text = b": ".join(part for part in (status_line.strip(), said.strip()) if part)
         return f"metrics endpoint at {host}:{port}: {text.decode(errors='replace')}"
     return ""

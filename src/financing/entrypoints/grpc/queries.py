@@ -38,6 +38,7 @@ it failed: it became the one to try again, and waited as long once more.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -77,6 +78,11 @@ REPLY_TIMEOUT = 60.0
 # Seconds a call may wait for its turn before it is answered busy.
 BUSY_WAIT = 2.0
 _BUSY = Warnings(10.0, log)
+# Seconds a read may have waited when its caller gives up on it (its deadline, gone)
+# before a warning says so: callers whose deadlines are shorter than FINANCING_DB_TIMEOUT
+# gave up on every read of a locked table, and nothing said the table was held.
+SLOW_READ_SAID = 2.0
+_SLOW = Warnings(10.0, log)
 
 
 class QueriesService(pb.QueriesBase):
@@ -202,9 +208,19 @@ class QueriesService(pb.QueriesBase):
         trial = bool(listed.failed)  # the others of its list are refused meanwhile
         if trial:
             listed.tried = True
+        began = time.monotonic()
         try:
             with self._outages.trying(next(iter(listed.failed), None)):
                 result = await rows()
+        except asyncio.CancelledError:
+            waited = time.monotonic() - began
+            if waited >= SLOW_READ_SAID:
+                _SLOW.warn(
+                    f"a read of {listed.what} was given up by its caller after {waited:.1f} s:"
+                    " the query database answers it slowly (a lock held on its table?)",
+                    kind=listed.what,
+                )
+            raise
         except Unavailable as error:
             listed.failed[error.dependency] = error.detail
             listed.failures += 1
