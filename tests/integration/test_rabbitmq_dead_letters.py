@@ -65,6 +65,14 @@ async def dead_letter(
     body = f'{{"ID": "{message_id}"}}'.encode()
     connection = await broker.connection()
     await rabbitmq.publish_raw(connection, queue, body, headers, message_id=message_id)
+    await keep_next(broker, queue, reason, dead_letters=dead_letters)
+
+
+async def keep_next(
+    broker: Broker, queue: str, reason: str, *, dead_letters: DeadLetters | None = None
+) -> None:
+    """Dead-letter the next message of `queue` as a consumer would (with `dead_letters`, or
+    a `DeadLetters` of its own)."""
     channel = await broker.channel()
     publisher = Publisher(broker)
     try:
@@ -328,21 +336,6 @@ async def test_a_reason_of_any_length_is_kept_shortened_to_fit_one_header_frame(
     assert letter.message_id == "m-long"
     assert letter.reason.startswith("why why")
     assert len(letter.reason) <= dead_letters.MAX_REASON_CHARS == 2000
-
-
-async def keep_next(broker: Broker, queue: str, reason: str) -> None:
-    """Dead-letter the next message of `queue` as a consumer would."""
-    channel = await broker.channel()
-    publisher = Publisher(broker)
-    try:
-        source = await channel.declare_queue(queue, passive=True)
-        message = await source.get(no_ack=False)
-        keeper = DeadLetters(publisher, Outages(), DELIVERIES)
-        assert await keeper.keep(message, reason=reason, source_queue=queue)
-        await message.ack()
-    finally:
-        await publisher.close()
-        await channel.close()
 
 
 async def test_a_letter_of_a_message_without_an_id_is_listed_without_one_and_not_requeued(
