@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import cast
 
+import pytest
 from structlog.testing import capture_logs
 
 from financing.application import pace as pace_module
@@ -107,9 +108,12 @@ async def test_the_lag_is_looked_at_by_itself() -> None:
         looking.cancel()
 
 
-async def test_events_waiting_with_no_relayer_running_are_said_once_and_its_return_once() -> None:
+async def test_events_waiting_with_no_relayer_running_are_said_once_and_its_return_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Regression: with every instance started without the relayer, events waited for
     ever and nothing in the service's log said why sagas stood still."""
+    monkeypatch.setattr(pace_module, "RELAYER_ABSENT_FOR", 0.0)
     lag = Lag()
     running = True
     asked = 0
@@ -143,3 +147,26 @@ async def test_events_waiting_with_no_relayer_running_are_said_once_and_its_retu
         ("info", "a relayer runs again"),
     ]
     assert logs[0]["waiting_events"] == 3
+
+
+async def test_a_relayer_missing_for_a_moment_only_is_not_said_missing() -> None:
+    """Regression: a relayer that lost its lock stands for election again, and for half
+    a second no session held it: one look then said that no instance ran the relayer,
+    an alert on that line firing at every hand-over while events waited."""
+    lag = Lag()
+    running = False
+
+    async def relayer() -> OtherSession | None:
+        holder = OtherSession(1, "financing", "financing", "local", "idle", None)
+        return holder if running else None
+
+    pace = RelayPace(lag, relayer=relayer, most_waiting=1000, resume_at=500)
+    with capture_logs() as logs:
+        lag.waiting, lag.oldest = 3, pace_module.RELAYER_MISSED_AFTER
+        await pace.look()  # between two elections
+        await pace.look()
+        running = True
+        await pace.look()  # elected again
+        running = False
+        await pace.look()  # a new gap starts its own count
+    assert logs == []

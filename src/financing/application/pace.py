@@ -26,6 +26,7 @@ warning says it, one line says when a relayer runs again.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 
 from financing import metrics
@@ -46,6 +47,10 @@ LOOK_EVERY = 2.0
 # How long the oldest event may wait to be relayed before the pace looks whether a
 # relayer runs (seconds): longer than a relayer's failover and its broker's hiccups.
 RELAYER_MISSED_AFTER = 10.0
+# And how long no session may have held the relayer lock, at every look, before it is said
+# that none runs (seconds): an instance whose relayer lost its lock stands for election
+# again, and for half a second none held it; one look said no instance ran the relayer.
+RELAYER_ABSENT_FOR = 5.0
 
 
 class RelayPace:
@@ -66,6 +71,7 @@ class RelayPace:
         self._lag = lag
         self._relayer = relayer
         self._relayer_missed = False  # said that no relayer runs
+        self._absent_since: float | None = None  # when a look first found none running
         self._most = MOST_WAITING if most_waiting is None else most_waiting
         self._resume_at = RESUME_AT if resume_at is None else resume_at
         self._going = asyncio.Event()  # set: not paced
@@ -107,8 +113,15 @@ class RelayPace:
         if self._relayer is None:
             return
         if not self._relayer_missed:
-            if waiting and oldest >= RELAYER_MISSED_AFTER and await self._relayer() is None:
+            if not (waiting and oldest >= RELAYER_MISSED_AFTER and await self._relayer() is None):
+                self._absent_since = None
+                return
+            now = time.monotonic()
+            if self._absent_since is None:
+                self._absent_since = now
+            if now - self._absent_since >= RELAYER_ABSENT_FOR:
                 self._relayer_missed = True
+                self._absent_since = None
                 log.warning(
                     "events wait to be relayed and no instance runs the relayer (no session"
                     " holds the relayer lock): sagas and read models wait until one runs",
