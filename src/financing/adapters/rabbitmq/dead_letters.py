@@ -35,6 +35,7 @@ from financing.adapters.rabbitmq.envelopes import (
     MESSAGE_UUID_HEADER,
     NAME_HEADER,
     delivery_channel_open,
+    header_string,
     header_text,
     shortened,
     undecodable,
@@ -520,22 +521,11 @@ def _copied_headers(original: Mapping[str, Any]) -> tuple[dict[str, str], list[s
         size += entry
         if key in BROKER_HEADERS:
             continue
-        if not _a_string(value):
+        if header_string(value) is None:
             changed.append(f"header {key!r} kept as text")
         elif text != whole:
             changed.append(f"header {key!r} cut to {MAX_HEADER_CHARS} characters")
     return copied, changed, left_out
-
-
-def _a_string(value: object) -> bool:
-    """Whether a header value is a string as a consumer reads it (`string_headers`)."""
-    if isinstance(value, bytes):
-        try:
-            value.decode("utf-8")
-        except UnicodeDecodeError:
-            return False
-        return True
-    return isinstance(value, str)
 
 
 def _is_dead_letter_header(key: str) -> bool:

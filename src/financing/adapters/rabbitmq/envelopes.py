@@ -164,18 +164,29 @@ def string_headers(headers: Mapping[str, Any] | None) -> dict[str, str]:
     for key, value in (headers or {}).items():
         if key in BROKER_HEADERS:
             continue
-        if isinstance(value, str):
-            result[key] = value
+        text = header_string(value)
+        if text is not None:
+            result[key] = text
         elif isinstance(value, bytes):
-            try:
-                result[key] = value.decode("utf-8")
-            except UnicodeDecodeError:
-                raise PoisonMessage(f"header {key!r} is not valid UTF-8") from None
+            raise PoisonMessage(f"header {key!r} is not valid UTF-8")
         else:
             raise PoisonMessage(
                 f"header {key!r} is not a string but {type(value).__name__}: {_preview(value)}"
             )
     return result
+
+
+def header_string(value: Any) -> str | None:
+    """A header value as the string it is (pamqp leaves a long string that is not UTF-8
+    as bytes); None for any other value, which is no string."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return None
 
 
 def delivery_channel_open(message: AbstractIncomingMessage) -> bool:
@@ -193,13 +204,7 @@ def readable_name(message: AbstractIncomingMessage) -> str | None:
     ignored whatever its other headers, so a malformed message is dead-lettered
     once, by the consumer of its name, not by every queue bound to `events`.
     """
-    value = (message.headers or {}).get(NAME_HEADER)
-    if isinstance(value, bytes):
-        try:
-            value = value.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-    return value if isinstance(value, str) and value else None
+    return header_string((message.headers or {}).get(NAME_HEADER)) or None
 
 
 def shortened(text: str, limit: int) -> str:

@@ -97,7 +97,6 @@ class QueriesService(pb.QueriesBase):
         self._outages = outages
         self._lists = {what: _List(what) for what in ("investors", "invoices", "issuers")}
         self.calls = CallsInFlight()
-        self._waiting = 0  # calls waiting for their turn
 
     def __mapping__(self) -> dict[str, Handler]:
         lists: dict[str, Callable[[Stream[Any, Any]], Awaitable[None]]] = {
@@ -159,14 +158,13 @@ class QueriesService(pb.QueriesBase):
         """Whether calls wait for their turn (`edge.GrpcServer`'s `busy`): those of one
         host may while others' are answered at once, and one host's calls beyond their
         places, begun without bound, kept the process beginning and refusing them."""
-        return self._waiting > 0
+        return any(listed.waiting for listed in self._lists.values())
 
     async def _take(self, turn: _Turn, method: str, listed: _List) -> None:
         """`turn` taken: at once where there is room, else within the busy wait."""
         if turn.free():
             await turn.take()  # at once
             return
-        self._waiting += 1
         listed.waiting += 1
         try:
             await self.calls.waited_turn(
@@ -195,7 +193,6 @@ class QueriesService(pb.QueriesBase):
                 " waited; try again later",
             ) from None
         finally:
-            self._waiting -= 1
             listed.waiting -= 1
 
     async def _read(self, listed: _List, rows: Callable[[], Awaitable[T]]) -> T:
@@ -264,20 +261,16 @@ class _List:
         """UNAVAILABLE at once, with the failure, where reads failed while the call
         waited its turn (`failures`: those before it came): others came to try again."""
         if self.failed and self.failures != failures:
-            dependency, detail = next(iter(self.failed.items()))
-            raise GRPCError(
-                Status.UNAVAILABLE,
-                f"{_unavailable(dependency, detail)} (met by the calls ahead of it)",
-            )
+            self._refuse("met by the calls ahead of it")
 
     def refuse_while_tried(self, method: str) -> None:
         """UNAVAILABLE at once, with the failure, while another call tries again."""
         if self.tried and self.failed:
-            dependency, detail = next(iter(self.failed.items()))
-            raise GRPCError(
-                Status.UNAVAILABLE,
-                f"{_unavailable(dependency, detail)} (another {method} call is trying it)",
-            )
+            self._refuse(f"another {method} call is trying it")
+
+    def _refuse(self, why: str) -> None:
+        dependency, detail = next(iter(self.failed.items()))
+        raise GRPCError(Status.UNAVAILABLE, f"{_unavailable(dependency, detail)} ({why})")
 
 
 @dataclass
