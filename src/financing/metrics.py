@@ -128,6 +128,17 @@ APPENDING_PACED = _registered(
         " events waiting to be relayed; 0 otherwise.",
     )
 )
+QUEUE_MESSAGES_READY = Gauge(
+    "financing_queue_messages_ready",
+    "Messages ready to be delivered in each queue of the service's topology (those"
+    " delivered and not yet acked are not counted), as last read.",
+    ["queue"],
+)
+QUEUE_CONSUMERS = Gauge(
+    "financing_queue_consumers",
+    "Consumers the broker counts on each queue of the service's topology, as last read.",
+    ["queue"],
+)
 DEPENDENCY_UP = Gauge(
     "financing_dependency_up",
     "1 while a dependency works for this process, 0 during its outage (from the failure"

@@ -188,3 +188,30 @@ async def test_every_process_says_its_release_and_schema_versions_in_its_metrics
     for address in system.metrics_addresses:
         samples = await asyncio.to_thread(scrape, address)
         assert samples["financing_build_info"] == [(expected, 1.0)], address
+
+
+async def test_the_queues_read_and_the_dead_letters_waiting_are_exported(
+    system: System,
+) -> None:
+    """Regression: nothing of the service exported a queue's depth or readers: dead
+    letters left waiting, and a queue whose component no process ran, went unseen by
+    any alert rule (docs/deployment.md, "What to alert on")."""
+    consumed = ("SellInvoice", "events_financing_projector", "events_InvoiceFinancedEvent")
+
+    async def every_queue_read() -> bool:
+        readings: dict[str, float] = {}
+        for address in system.metrics_addresses:
+            samples = await asyncio.to_thread(scrape, address)
+            for labels, amount in samples.get("financing_queue_consumers", []):
+                readings[labels["queue"]] = max(amount, readings.get(labels["queue"], 0))
+            if not samples.get("financing_queue_messages_ready"):
+                continue
+            dead = [
+                labels
+                for labels, _ in samples["financing_queue_messages_ready"]
+                if labels["queue"] == "financing_dead_letters"
+            ]
+            assert dead, f"{address} reads queues but not the dead letters'"
+        return all(readings.get(queue, 0) >= 1 for queue in consumed)
+
+    await infra.wait_until(every_queue_read, timeout=30, what="each consumed queue read")

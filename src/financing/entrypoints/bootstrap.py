@@ -47,6 +47,7 @@ from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import BROKER, Broker
 from financing.adapters.rabbitmq.consumer import Deliveries, QueueConsumer, consume
 from financing.adapters.rabbitmq.dead_letters import DeadLetters
+from financing.adapters.rabbitmq.depth_watch import DepthWatch
 from financing.adapters.rabbitmq.publisher import AmqpCommandSender, Publisher
 from financing.adapters.rabbitmq.topology_watch import TopologyWatch
 from financing.application import routes
@@ -328,6 +329,7 @@ async def _broker_components(
         # Where queues are consumed, the topology is kept as declared.
         watch = TopologyWatch(publisher, broker)
         service.workers["topology"] = watch.run
+        service.workers["queue-depths"] = DepthWatch(publisher).run
         if selected & CONSUMES_EVENTS:
             wiring.unrouted(watch)
     reference_queue = await started(
