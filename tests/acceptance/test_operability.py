@@ -215,3 +215,35 @@ async def test_the_queues_read_and_the_dead_letters_waiting_are_exported(
         return all(readings.get(queue, 0) >= 1 for queue in consumed)
 
     await infra.wait_until(every_queue_read, timeout=30, what="each consumed queue read")
+
+
+async def test_the_counters_the_alert_rules_take_increases_of_are_exported_from_zero(
+    system: System,
+) -> None:
+    """Regression: `financing_dead_letters_published_total{queue}` and the APIs'
+    `grpc_server_handled_total` by status were born at their first value, which
+    Prometheus's `increase` and `rate` do not count: a queue's first dead letters and a
+    process's first refusals never fired docs/deployment.md's rules."""
+    samples = await asyncio.to_thread(scrape_every_process, system)
+
+    def exported(name: str, **labels: str) -> bool:
+        return any(
+            all(found.get(key) == wanted for key, wanted in labels.items())
+            for found, _ in samples.get(name, [])
+        )
+
+    for method in ("SellInvoice", "BidOnInvoice", "ApproveFinancing", "ReverseFinancing"):
+        for code in ("UNAVAILABLE", "INTERNAL", "INVALID_ARGUMENT"):
+            assert exported(
+                "grpc_server_handled_total",
+                grpc_type="unary",
+                grpc_service="Commands",
+                grpc_method=method,
+                grpc_code=code,
+            ), (method, code)
+    for method in ("AllInvoices", "AllInvestors", "AllIssuers"):
+        assert exported("grpc_server_handled_total", grpc_service="Queries", grpc_method=method), (
+            method
+        )
+    for queue in ("SellInvoice", "events_financing_projector", "events_InvoiceFinancedEvent"):
+        assert exported("financing_dead_letters_published_total", queue=queue), queue

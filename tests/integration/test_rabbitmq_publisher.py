@@ -22,6 +22,7 @@ from financing.adapters.rabbitmq.publisher import (
     AmqpCommandSender,
     Publisher,
     PublishFailed,
+    PublishUnconfirmed,
 )
 from financing.adapters.rabbitmq.topology import QueueSpec
 from financing.application import codec
@@ -133,8 +134,43 @@ async def test_events_no_queue_takes_are_declared_for_or_reported_unroutable(
 
 async def test_sending_to_a_missing_queue_fails(publisher: Publisher) -> None:
     envelope = Envelope(message_id=str(uuid.uuid4()), name="CreateIssuer", body=b"{}")
-    with pytest.raises(PublishFailed, match="unroutable"):
+    with pytest.raises(PublishFailed, match="unroutable") as failed:
         await publisher.send_to_queue(unique_name("no_such_queue"), envelope)
+    assert not isinstance(failed.value, PublishUnconfirmed)  # returned: known not queued
+
+
+async def test_a_publish_written_and_never_confirmed_may_have_been_queued(
+    empty_vhost: rabbitmq.Vhost,
+) -> None:
+    """A publish written before the broker fell silent is not known to be lost: the
+    Commands API must not answer that it was not queued (6 commands so answered were
+    applied); one that found no channel to be written on is known not to be."""
+    proxy = rabbitmq.BrokerProxy()
+    await proxy.start()
+    broker = Broker([proxy.url(empty_vhost.name)], Outages())
+    publisher = Publisher(broker, confirm_timeout=1.0)
+    try:
+        sender = AmqpCommandSender(publisher)
+        await sender.send(CreateIssuer(uuid.uuid4()), uuid.uuid4(), CAUSE)
+        proxy.silence()
+        with pytest.raises(PublishUnconfirmed, match="not confirmed"):
+            await sender.send(CreateIssuer(uuid.uuid4()), uuid.uuid4(), CAUSE)
+        await proxy.cut()
+
+        async def channel_gone() -> bool:
+            try:
+                await sender.send(CreateIssuer(uuid.uuid4()), uuid.uuid4(), CAUSE)
+            except PublishUnconfirmed:
+                return False  # still the channel of the silenced connection
+            except PublishFailed:
+                return True
+            raise AssertionError("confirmed through a cut connection")
+
+        await wait_until(channel_gone, timeout=30, what="a publish that found no channel")
+    finally:
+        await publisher.close()
+        await broker.close()
+        await proxy.close()
 
 
 async def test_command_sender_declares_the_command_queue_and_sends_the_command(

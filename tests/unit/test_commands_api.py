@@ -19,7 +19,7 @@ from grpclib.exceptions import GRPCError
 from grpclib.health.service import Health
 from structlog.testing import capture_logs
 
-from financing.application.errors import Refused, Unavailable
+from financing.application.errors import Refused, Unavailable, Unconfirmed
 from financing.application.memory import InMemoryCommandSender
 from financing.application.messages import (
     ApproveFinancing,
@@ -248,7 +248,40 @@ async def test_an_unreachable_broker_is_answered_unavailable() -> None:
         with pytest.raises(GRPCError) as error:
             await CommandsStub(channel).approve_financing(ApproveFinancingCommand(invoice_id=_id()))
     assert error.value.status is Status.UNAVAILABLE
+    assert error.value.message == "ApproveFinancing not queued: broker unavailable"
     assert down.sent == []
+
+
+class LostSender(InMemoryCommandSender):
+    """A broker whose connection is lost after a command was written, before its confirm,
+    and that is unreachable from then on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attempts = 0
+
+    async def send(self, command: Command, message_id: UUID, cause: Cause) -> None:
+        self.attempts += 1
+        if self.attempts == 1:
+            raise Unconfirmed("broker", "connection lost before the confirm")
+        raise Unavailable("broker", "connection refused")
+
+
+async def test_a_command_whose_confirm_was_lost_is_never_answered_not_queued() -> None:
+    """Regression: a try written before the connection was lost, the later ones refused,
+    the call was answered "could not be queued: broker unavailable", and such commands
+    were applied (6 of 1,336 so answered, in floods with the broker's connections cut)."""
+    lost = LostSender()
+    async with _serving(CommandsService(lost, Outages(), budget=0.3)) as channel:
+        with pytest.raises(GRPCError) as error:
+            await CommandsStub(channel).approve_financing(ApproveFinancingCommand(invoice_id=_id()))
+    assert lost.attempts >= 2
+    assert error.value.status is Status.UNAVAILABLE
+    message = error.value.message or ""
+    assert message.startswith("ApproveFinancing not confirmed"), message
+    assert message.endswith(
+        ": it may have been queued (a retry without an idempotency-key may apply it twice)"
+    ), message
 
 
 class SilentSender(InMemoryCommandSender):
@@ -538,7 +571,7 @@ async def test_a_command_queue_the_broker_refuses_is_answered_unavailable_not_a_
                     )
                 assert error.value.status is Status.UNAVAILABLE
                 assert error.value.message == (
-                    "ApproveFinancing could not be queued: the broker refuses its queue"
+                    "ApproveFinancing not queued: the broker refuses its queue"
                 )
 
             def said() -> list[dict[str, Any]]:

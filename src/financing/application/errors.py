@@ -46,6 +46,7 @@ __all__ = [
     "ReusedMessageId",
     "RuleViolation",
     "Unavailable",
+    "Unconfirmed",
     "UnrelayedEvent",
     "classify",
     "summary",
@@ -66,6 +67,13 @@ class Unavailable(Exception):
         super().__init__(f"{dependency} unavailable: {detail}")
         self.dependency = dependency
         self.detail = detail
+
+
+class Unconfirmed(Unavailable):
+    """A message handed to a dependency that may hold it all the same: it may have been
+    written, and the answer that says whether it was taken never came (the connection
+    lost before it, its timeout run out). Where the message is known never to have
+    left (no channel, a refusal, a broker's nack), the error is a plain Unavailable."""
 
 
 class AwaitingOperator(Unavailable):

@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
-from grpclib.const import Cardinality, Handler
+from grpclib.const import Cardinality, Handler, Status
 from grpclib.events import RecvRequest, SendTrailingMetadata, listen
 from grpclib.server import Server, Stream
 from h2.connection import ConnectionState
@@ -129,6 +129,16 @@ def observe_grpc(server: Server, handlers: Iterable[Servable]) -> None:
 
     listen(server, RecvRequest, received)
     listen(server, SendTrailingMetadata, answered)
+    for path, kind in types.items():
+        _, service, method = path.split("/", 2)
+        if service.startswith("grpc."):
+            continue  # health's and reflection's: counted once called
+        # The APIs' series exported from 0, every status of every method, as the gRPC
+        # ecosystem's interceptors initialise them: a rule's `rate` or `increase` does
+        # not count a series born at its first value (a process's first refusals).
+        GRPC_STARTED.labels(kind, service, method)
+        for status in Status:
+            GRPC_HANDLED.labels(kind, service, method, status.name)
 
 
 def observe_pool(pool: asyncpg.Pool, database: str) -> None:

@@ -292,6 +292,9 @@ class QueueConsumer:
         self._acks: ChannelAcks | None = None  # the current channel's
         self._refused_at: float | None = None  # when its declaration was last refused
         self.consuming = asyncio.Event()
+        # Exported from 0: a rule's `increase` does not count a series born at 1, so the
+        # first letters of a queue went unalerted.
+        metrics.DEAD_LETTERS.labels(queue.name)
 
     @property
     def spec(self) -> QueueSpec:

@@ -49,7 +49,7 @@ from financing.adapters.rabbitmq.topology import (
     said_restored,
 )
 from financing.application import codec
-from financing.application.errors import AwaitingOperator, Refused, Unavailable
+from financing.application.errors import AwaitingOperator, Refused, Unavailable, Unconfirmed
 from financing.application.messages import Command
 from financing.application.ports import Cause, Envelope
 from financing.application.retry import OUTAGE_QUIET
@@ -143,6 +143,12 @@ class _SideChannel:
         if self._channel is not None:
             await close_channel(self._channel)
         self._channel = None
+
+
+class PublishUnconfirmed(PublishFailed, Unconfirmed):
+    """A publish that may have reached the broker: written, or on its way, when its confirm
+    timed out or its connection or channel was lost. One that did not get so far (no
+    channel), or that the broker returned or nacked, is a plain PublishFailed."""
 
 
 class EventsRefused(PublishFailed, AwaitingOperator):
@@ -533,7 +539,7 @@ class Publisher:
                     results = await asyncio.gather(*sending, return_exceptions=True)
         except TimeoutError:
             waited = time.monotonic() - began
-            raise PublishFailed(f"{what}: not confirmed within {waited:.1f} s") from None
+            raise PublishUnconfirmed(f"{what}: not confirmed within {waited:.1f} s") from None
         # Refused if the broker refused any of them (closing the channel for it, or a nack):
         # the others in flight are failed with the channel, by a bare error.
         refused = any(
@@ -545,7 +551,14 @@ class Publisher:
                 raise PublishFailed(f"{what}: {_describe(result)}", unroutable=True) from result
             if isinstance(result, BaseException):
                 if is_broker_error(result) or failed_by_a_lost_connection(result):
-                    raise PublishFailed(f"{what}: {_describe(result)}", refused=refused) from result
+                    # Nacked, the broker took no responsibility for it; lost with its
+                    # channel or connection, it may have been queued before.
+                    failed = (
+                        PublishFailed
+                        if isinstance(result, aiormq.exceptions.DeliveryError)
+                        else PublishUnconfirmed
+                    )
+                    raise failed(f"{what}: {_describe(result)}", refused=refused) from result
                 raise result  # not the broker's doing: a bug
             if not isinstance(result, aiormq.spec.Basic.Ack):
                 raise PublishFailed(f"{what}: not acknowledged by the broker ({result!r})")
@@ -641,4 +654,10 @@ class AmqpCommandSender:
         self._declared.add(queue)
 
 
-__all__ = ["AmqpCommandSender", "EventsRefused", "PublishFailed", "Publisher"]
+__all__ = [
+    "AmqpCommandSender",
+    "EventsRefused",
+    "PublishFailed",
+    "PublishUnconfirmed",
+    "Publisher",
+]

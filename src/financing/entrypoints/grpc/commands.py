@@ -32,7 +32,7 @@ from grpclib.events import RecvRequest, SendInitialMetadata, SendTrailingMetadat
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
-from financing.application.errors import Fault, Refused
+from financing.application.errors import Fault, Refused, Unconfirmed
 from financing.application.messages import (
     ApproveFinancing,
     BidOnInvoice,
@@ -154,6 +154,19 @@ def idempotency_key() -> str | None:
     return str(value)
 
 
+def _unsure(command: Command, what: str, key: str | None) -> GRPCError:
+    """UNAVAILABLE for a command that may have been queued all the same, saying what a
+    retry does: a try was written, or may have been, and its confirm never came."""
+    retry_is = (
+        f"a retry with the same {IDEMPOTENCY_METADATA} is not applied twice"
+        if key is not None
+        else f"a retry without an {IDEMPOTENCY_METADATA} may apply it twice"
+    )
+    return GRPCError(
+        Status.UNAVAILABLE, f"{command.name()} {what}: it may have been queued ({retry_is})"
+    )
+
+
 def invalid(field: str, problem: str) -> GRPCError:
     return GRPCError(Status.INVALID_ARGUMENT, f"{field}: {problem}")
 
@@ -245,10 +258,22 @@ class CommandsService(CommandsBase):
         )
         cause = Cause(correlation_id=correlation_id, causation_id=correlation_id)
         await self._turn(command)
+        # Whether a try may have queued it (written, its confirm lost): then no later
+        # failure may say that nothing was queued.
+        unconfirmed = False
+
+        async def send() -> None:
+            nonlocal unconfirmed
+            try:
+                await self._sender.send(command, message_id, cause)
+            except Unconfirmed:
+                unconfirmed = True
+                raise
+
         try:
             async with asyncio.timeout(self._budget):
                 await retry(
-                    lambda: self._sender.send(command, message_id, cause),
+                    send,
                     policy=NO_BUG_RETRIES,
                     outages=self._outages,
                     what=f"enqueueing {command.name()}",
@@ -256,17 +281,13 @@ class CommandsService(CommandsBase):
                 )
         except TimeoutError:
             log.debug("command not confirmed in time", name=command.name())
-            retry_is = (
-                f"a retry with the same {IDEMPOTENCY_METADATA} is not applied twice"
-                if key is not None
-                else f"a retry without an {IDEMPOTENCY_METADATA} may apply it twice"
-            )
-            raise GRPCError(
-                Status.UNAVAILABLE,
-                f"{command.name()} not confirmed within {self._budget:g} s:"
-                f" it may have been queued ({retry_is})",
-            ) from None
+            raise _unsure(command, f"not confirmed within {self._budget:g} s", key) from None
         except GaveUp as gave_up:
+            if gave_up.fault is Fault.UNAVAILABLE and unconfirmed:
+                log.debug("command not confirmed", name=command.name(), reason=str(gave_up.error))
+                raise _unsure(
+                    command, "not confirmed before the broker became unavailable", key
+                ) from None
             if gave_up.fault is Fault.UNAVAILABLE:
                 raise self._unavailable(command, str(gave_up.error)) from None
             if isinstance(gave_up.error, Refused):
@@ -275,7 +296,7 @@ class CommandsService(CommandsBase):
                 _REFUSED.warn(f"commands could not be queued: {gave_up.error}")
                 raise GRPCError(
                     Status.UNAVAILABLE,
-                    f"{command.name()} could not be queued: the broker refuses its queue",
+                    f"{command.name()} not queued: the broker refuses its queue",
                 ) from None
             log.error(
                 "enqueue failed with a bug",
@@ -321,6 +342,4 @@ class CommandsService(CommandsBase):
 
     def _unavailable(self, command: Command, why: str) -> GRPCError:
         log.debug("command not queued", name=command.name(), reason=why)
-        return GRPCError(
-            Status.UNAVAILABLE, f"{command.name()} could not be queued: broker unavailable"
-        )
+        return GRPCError(Status.UNAVAILABLE, f"{command.name()} not queued: broker unavailable")
