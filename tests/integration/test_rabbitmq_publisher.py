@@ -28,7 +28,7 @@ from financing.adapters.rabbitmq.topology import QueueSpec
 from financing.application import codec
 from financing.application.errors import Refused, Unavailable
 from financing.application.messages import ApproveFinancing, CreateIssuer
-from financing.application.ports import Cause, Envelope
+from financing.application.ports import HANDING, Cause, Envelope, Handing
 from financing.application.retry import Outages
 from financing.domain import events as ev
 from tests.support import rabbitmq
@@ -153,16 +153,22 @@ async def test_a_publish_written_and_never_confirmed_may_have_been_queued(
         sender = AmqpCommandSender(publisher)
         await sender.send(CreateIssuer(uuid.uuid4()), uuid.uuid4(), CAUSE)
         proxy.silence()
+        written = Handing()
+        HANDING.set(written)
         with pytest.raises(PublishUnconfirmed, match="not confirmed"):
             await sender.send(CreateIssuer(uuid.uuid4()), uuid.uuid4(), CAUSE)
+        assert written.handed
         await proxy.cut()
 
         async def channel_gone() -> bool:
+            unwritten = Handing()
+            HANDING.set(unwritten)
             try:
                 await sender.send(CreateIssuer(uuid.uuid4()), uuid.uuid4(), CAUSE)
             except PublishUnconfirmed:
                 return False  # still the channel of the silenced connection
             except PublishFailed:
+                assert not unwritten.handed
                 return True
             raise AssertionError("confirmed through a cut connection")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from hashlib import blake2b, sha1
@@ -298,8 +299,30 @@ class EventStore(Protocol):
 
 class CommandSender(Protocol):
     async def send(self, command: Command, message_id: UUID, cause: Cause) -> None:
-        """Enqueue `command`, carrying `cause`; returns once the broker holds it durably."""
+        """Enqueue `command`, carrying `cause`; returns once the broker holds it durably.
+
+        Raises Unconfirmed where the command may be held all the same; a send cut short
+        tells whether it got so far through the caller's `Handing` (HANDING)."""
         ...
+
+
+class Handing:
+    """Whether a send its caller awaits was handed to the broker's client: from then on,
+    cut short (the caller's deadline) it may have been queued; before, it was not. Set
+    by the caller in its context (HANDING) around its send; marked by the sender."""
+
+    def __init__(self) -> None:
+        self.handed = False
+
+
+HANDING: ContextVar[Handing | None] = ContextVar("handing", default=None)
+
+
+def handed() -> None:
+    """Mark the caller's `Handing`, if it keeps one: what is sent now may be written."""
+    handing = HANDING.get()
+    if handing is not None:
+        handing.handed = True
 
 
 class EventPublisher(Protocol):

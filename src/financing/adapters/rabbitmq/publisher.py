@@ -51,7 +51,7 @@ from financing.adapters.rabbitmq.topology import (
 from financing.application import codec
 from financing.application.errors import AwaitingOperator, Refused, Unavailable, Unconfirmed
 from financing.application.messages import Command
-from financing.application.ports import Cause, Envelope
+from financing.application.ports import Cause, Envelope, handed
 from financing.application.retry import OUTAGE_QUIET
 from financing.cpu import patient_timeout
 from financing.logging import get_logger
@@ -521,6 +521,7 @@ class Publisher:
     ) -> None:
         """Publish each (message, routing key) on `lane`, to its exchange or `via`."""
         _, exchange = await self._opened(what, lane)
+        handed()  # from now on, cut short, it may have been written
         began = time.monotonic()
         try:
             async with patient_timeout(self._confirm_timeout):

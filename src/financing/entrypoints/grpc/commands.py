@@ -41,9 +41,11 @@ from financing.application.messages import (
     SellInvoice,
 )
 from financing.application.ports import (
+    HANDING,
     MAX_CORRELATION_ID_BYTES,
     Cause,
     CommandSender,
+    Handing,
     usable_correlation_id,
 )
 from financing.application.retry import NO_BUG_RETRIES, GaveUp, Outages, retry
@@ -258,16 +260,22 @@ class CommandsService(CommandsBase):
         )
         cause = Cause(correlation_id=correlation_id, causation_id=correlation_id)
         await self._turn(command)
-        # Whether a try may have queued it (written, its confirm lost): then no later
-        # failure may say that nothing was queued.
+        # Whether a try may have queued it (written, its confirm lost or cut short): then
+        # no later failure may say that nothing was queued.
         unconfirmed = False
+        handing = Handing()
+        HANDING.set(handing)  # this call's own context: its task's
 
         async def send() -> None:
             nonlocal unconfirmed
+            handing.handed = False
             try:
                 await self._sender.send(command, message_id, cause)
             except Unconfirmed:
                 unconfirmed = True
+                raise
+            except asyncio.CancelledError:  # the budget ran out during this try
+                unconfirmed = unconfirmed or handing.handed
                 raise
 
         try:
@@ -280,8 +288,15 @@ class CommandsService(CommandsBase):
                     deadline=time.monotonic() + self._budget,
                 )
         except TimeoutError:
-            log.debug("command not confirmed in time", name=command.name())
-            raise _unsure(command, f"not confirmed within {self._budget:g} s", key) from None
+            log.debug("command not confirmed in time", name=command.name(), handed=unconfirmed)
+            if unconfirmed:
+                raise _unsure(command, f"not confirmed within {self._budget:g} s", key) from None
+            # No try got as far as the broker's client: waiting for a channel, for the
+            # broker to come back, or for this process's turn to send it.
+            raise GRPCError(
+                Status.UNAVAILABLE,
+                f"{command.name()} not queued: not sent to the broker within {self._budget:g} s",
+            ) from None
         except GaveUp as gave_up:
             if gave_up.fault is Fault.UNAVAILABLE and unconfirmed:
                 log.debug("command not confirmed", name=command.name(), reason=str(gave_up.error))
