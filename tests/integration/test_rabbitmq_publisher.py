@@ -139,19 +139,33 @@ async def test_sending_to_a_missing_queue_fails(publisher: Publisher) -> None:
     assert not isinstance(failed.value, PublishUnconfirmed)  # returned: known not queued
 
 
+@contextlib.asynccontextmanager
+async def sending_through_a_proxy(
+    vhost: rabbitmq.Vhost,
+) -> AsyncIterator[tuple[rabbitmq.BrokerProxy, Publisher, AmqpCommandSender]]:
+    """A publisher whose broker is reached through a relay (tests.support.relay), and a
+    command sender on it that has sent one command."""
+    proxy = rabbitmq.BrokerProxy()
+    await proxy.start()
+    broker = Broker([proxy.url(vhost.name)], Outages())
+    publisher = Publisher(broker, confirm_timeout=1.0)
+    try:
+        sender = AmqpCommandSender(publisher)
+        await sender.send(CreateIssuer(uuid.uuid4()), uuid.uuid4(), CAUSE)
+        yield proxy, publisher, sender
+    finally:
+        await publisher.close()
+        await broker.close()
+        await proxy.close()
+
+
 async def test_a_publish_written_and_never_confirmed_may_have_been_queued(
     empty_vhost: rabbitmq.Vhost,
 ) -> None:
     """A publish written before the broker fell silent is not known to be lost: the
     Commands API must not answer that it was not queued (6 commands so answered were
     applied); one that found no channel to be written on is known not to be."""
-    proxy = rabbitmq.BrokerProxy()
-    await proxy.start()
-    broker = Broker([proxy.url(empty_vhost.name)], Outages())
-    publisher = Publisher(broker, confirm_timeout=1.0)
-    try:
-        sender = AmqpCommandSender(publisher)
-        await sender.send(CreateIssuer(uuid.uuid4()), uuid.uuid4(), CAUSE)
+    async with sending_through_a_proxy(empty_vhost) as (proxy, _, sender):
         proxy.silence()
         written = Handing()
         HANDING.set(written)
@@ -173,10 +187,6 @@ async def test_a_publish_written_and_never_confirmed_may_have_been_queued(
             raise AssertionError("confirmed through a cut connection")
 
         await wait_until(channel_gone, timeout=30, what="a publish that found no channel")
-    finally:
-        await publisher.close()
-        await broker.close()
-        await proxy.close()
 
 
 async def test_command_sender_declares_the_command_queue_and_sends_the_command(
@@ -271,13 +281,7 @@ async def test_publishing_fails_fast_while_the_broker_is_unreachable(
     empty_vhost: rabbitmq.Vhost,
 ) -> None:
     # Through a relay cut as a network partition would: reconnecting hangs unanswered.
-    proxy = rabbitmq.BrokerProxy()
-    await proxy.start()
-    broker = Broker([proxy.url(empty_vhost.name)], Outages())
-    publisher = Publisher(broker, confirm_timeout=1.0)
-    try:
-        sender = AmqpCommandSender(publisher)
-        await sender.send(CreateIssuer(uuid.uuid4()), uuid.uuid4(), CAUSE)
+    async with sending_through_a_proxy(empty_vhost) as (proxy, publisher, sender):
         await proxy.cut()
 
         started = time.monotonic()
@@ -288,10 +292,6 @@ async def test_publishing_fails_fast_while_the_broker_is_unreachable(
         with pytest.raises(PublishFailed):
             await publisher.publish_events([event_envelope(1, uuid.uuid4())])
         assert time.monotonic() - started < FAILS_FAST
-    finally:
-        await publisher.close()
-        await broker.close()
-        await proxy.close()
 
 
 async def test_a_publisher_connects_to_the_second_broker_while_the_first_hangs(
