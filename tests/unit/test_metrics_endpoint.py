@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gzip
 import socket
+import threading
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -17,6 +18,7 @@ from financing.entrypoints.observability import (
     REQUEST_HEAD_BYTES,
     REQUEST_HEAD_TIMEOUT,
     MetricsEndpoint,
+    Renderings,
 )
 from tests.support.infra import wait_until
 
@@ -266,3 +268,83 @@ async def test_a_client_that_never_reads_does_not_hold_the_service_stopping() ->
         with pytest.raises(asyncio.CancelledError):
             # At once: well before the time a client has to read its answer.
             await asyncio.wait_for(answering, observability.ANSWER_WRITE_TIMEOUT / 2)
+
+
+class GatedEncoder:
+    """An encoder that renders only once let through, counting its renderings and what
+    `state` held as each began."""
+
+    def __init__(self) -> None:
+        self.began: list[int] = []
+        self.state = 0
+        self.gate = threading.Event()
+
+    def __call__(self, registry: object) -> bytes:
+        self.began.append(self.state)
+        self.gate.wait(timeout=10)
+        return b"state %d\n" % self.began[-1]
+
+
+async def test_scrapes_asking_during_a_rendering_share_the_next_one_begun_after_they_asked() -> (
+    None
+):
+    """Regression: each scrape rendered the registry again, on the event loop (about 6 ms
+    each): 50 scrapers at once held every call and `/health` for up to 2 s."""
+    encoder = GatedEncoder()
+    renderings = Renderings(encoder)
+    first = asyncio.ensure_future(renderings.next())
+
+    async def begun() -> bool:
+        return len(encoder.began) == 1
+
+    await wait_until(begun, what="the first rendering under way")
+    encoder.state = 1  # changed after the first rendering began
+    later = [asyncio.ensure_future(renderings.next()) for _ in range(20)]
+    # The loop runs on while the thread renders: these scrapes were taken meanwhile.
+    assert len(encoder.began) == 1 and not first.done()
+    encoder.gate.set()
+
+    assert await first == b"state 0\n"
+    assert set(await asyncio.gather(*later)) == {b"state 1\n"}
+    assert encoder.began == [0, 1]  # one rendering for the twenty, begun after they asked
+
+
+async def test_a_scrape_whose_client_went_away_leaves_the_others_their_rendering() -> None:
+    encoder = GatedEncoder()
+    renderings = Renderings(encoder)
+    gone = asyncio.ensure_future(renderings.next())
+    staying = asyncio.ensure_future(renderings.next())
+
+    async def begun() -> bool:
+        return len(encoder.began) == 1
+
+    await wait_until(begun, what="the rendering under way")
+    gone.cancel()
+    encoder.gate.set()
+
+    assert await staying == b"state 0\n"
+    assert gone.cancelled()
+
+
+async def test_many_scrapes_at_once_are_rendered_once_or_twice_and_health_answers_meanwhile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    encoder = GatedEncoder()
+    monkeypatch.setattr(
+        observability, "choose_encoder", lambda accept: (encoder, "text/plain; version=0.0.4")
+    )
+    async with _endpoint() as port:
+        scrape = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+        scrapes = [asyncio.ensure_future(_ask(port, scrape)) for _ in range(20)]
+
+        async def begun() -> bool:
+            return len(encoder.began) == 1
+
+        await wait_until(begun, what="a rendering under way")
+        # Answered while the scrapes wait for their rendering.
+        healthy = await _ask(port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert healthy.startswith(b"HTTP/1.1 200 OK\r\n")
+        encoder.gate.set()
+        answers = await asyncio.gather(*scrapes)
+    assert all(answer.startswith(b"HTTP/1.1 200 OK\r\n") for answer in answers)
+    assert 1 <= len(encoder.began) <= 2, encoder.began
