@@ -254,34 +254,47 @@ async def test_an_unreachable_broker_is_answered_unavailable() -> None:
 
 class LostSender(InMemoryCommandSender):
     """A broker whose connection is lost after a command was written, before its confirm,
-    and that is unreachable from then on."""
+    and that fails every try from then on with `then`."""
 
-    def __init__(self) -> None:
+    def __init__(self, then: Exception) -> None:
         super().__init__()
         self.attempts = 0
+        self.then = then
 
     async def send(self, command: Command, message_id: UUID, cause: Cause) -> None:
         self.attempts += 1
         if self.attempts == 1:
             raise Unconfirmed("broker", "connection lost before the confirm")
-        raise Unavailable("broker", "connection refused")
+        raise self.then
 
 
-async def test_a_command_whose_confirm_was_lost_is_never_answered_not_queued() -> None:
+@pytest.mark.parametrize(
+    ("then", "said"),
+    [
+        (Unavailable("broker", "connection refused"), "before the broker became unavailable"),
+        (
+            Refused("broker", "queue exists with other arguments"),
+            "before the broker refused its queue",
+        ),
+    ],
+    ids=["unavailable", "refused"],
+)
+async def test_a_command_whose_confirm_was_lost_is_never_answered_not_queued(
+    then: Exception, said: str
+) -> None:
     """Regression: a try written before the connection was lost, the later ones refused,
     the call was answered "could not be queued: broker unavailable", and such commands
     were applied (6 of 1,336 so answered, in floods with the broker's connections cut)."""
-    lost = LostSender()
+    lost = LostSender(then)
     async with _serving(CommandsService(lost, Outages(), budget=0.3)) as channel:
         with pytest.raises(GRPCError) as error:
             await CommandsStub(channel).approve_financing(ApproveFinancingCommand(invoice_id=_id()))
     assert lost.attempts >= 2
     assert error.value.status is Status.UNAVAILABLE
-    message = error.value.message or ""
-    assert message.startswith("ApproveFinancing not confirmed"), message
-    assert message.endswith(
-        ": it may have been queued (a retry without an idempotency-key may apply it twice)"
-    ), message
+    assert error.value.message == (
+        f"ApproveFinancing not confirmed {said}: it may have been queued"
+        " (a retry without an idempotency-key may apply it twice)"
+    )
 
 
 class SilentSender(InMemoryCommandSender):

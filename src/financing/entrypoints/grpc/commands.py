@@ -156,7 +156,9 @@ def idempotency_key() -> str | None:
     return str(value)
 
 
-def _unsure(command: Command, what: str, key: str | None) -> GRPCError:
+def _unsure(
+    command: Command, what: str, key: str | None, status: Status = Status.UNAVAILABLE
+) -> GRPCError:
     """UNAVAILABLE for a command that may have been queued all the same, saying what a
     retry does: a try was written, or may have been, and its confirm never came."""
     retry_is = (
@@ -164,9 +166,7 @@ def _unsure(command: Command, what: str, key: str | None) -> GRPCError:
         if key is not None
         else f"a retry without an {IDEMPOTENCY_METADATA} may apply it twice"
     )
-    return GRPCError(
-        Status.UNAVAILABLE, f"{command.name()} {what}: it may have been queued ({retry_is})"
-    )
+    return GRPCError(status, f"{command.name()} {what}: it may have been queued ({retry_is})")
 
 
 def invalid(field: str, problem: str) -> GRPCError:
@@ -298,30 +298,7 @@ class CommandsService(CommandsBase):
                 f"{command.name()} not queued: not sent to the broker within {self._budget:g} s",
             ) from None
         except GaveUp as gave_up:
-            if gave_up.fault is Fault.UNAVAILABLE and unconfirmed:
-                log.debug("command not confirmed", name=command.name(), reason=str(gave_up.error))
-                raise _unsure(
-                    command, "not confirmed before the broker became unavailable", key
-                ) from None
-            if gave_up.fault is Fault.UNAVAILABLE:
-                raise self._unavailable(command, str(gave_up.error)) from None
-            if isinstance(gave_up.error, Refused):
-                # The broker refuses the command's queue (declared again with other
-                # arguments, of another type): the operator's to mend, not a bug.
-                _REFUSED.warn(f"commands could not be queued: {gave_up.error}")
-                raise GRPCError(
-                    Status.UNAVAILABLE,
-                    f"{command.name()} not queued: the broker refuses its queue",
-                ) from None
-            log.error(
-                "enqueue failed with a bug",
-                name=command.name(),
-                message_id=str(message_id),
-                exc_info=gave_up.error,
-            )
-            raise GRPCError(
-                Status.INTERNAL, f"{command.name()} could not be queued: internal error"
-            ) from None
+            raise self._gave_up(command, message_id, key, gave_up, unconfirmed) from None
         finally:
             self._turns.release()
 
@@ -354,6 +331,43 @@ class CommandsService(CommandsBase):
                 f"{command.name()} not queued: the service was busy queueing {self._most}"
                 f" commands for the {self._busy_wait:g} s it waited; try again later",
             ) from None
+
+    def _gave_up(
+        self,
+        command: Command,
+        message_id: UUID,
+        key: str | None,
+        gave_up: GaveUp,
+        unconfirmed: bool,
+    ) -> GRPCError:
+        """The answer to a call whose tries stopped: whatever stopped the last one, a call
+        an earlier try of which may have queued the command is told so."""
+        refused = isinstance(gave_up.error, Refused)
+        if refused:
+            # The broker refuses the command's queue (declared again with other
+            # arguments, of another type): the operator's to mend, not a bug.
+            _REFUSED.warn(f"commands could not be queued: {gave_up.error}")
+        elif gave_up.fault is not Fault.UNAVAILABLE:
+            log.error(
+                "enqueue failed with a bug",
+                name=command.name(),
+                message_id=str(message_id),
+                exc_info=gave_up.error,
+            )
+        if unconfirmed:
+            log.debug("command not confirmed", name=command.name(), reason=str(gave_up.error))
+            if refused:
+                return _unsure(command, "not confirmed before the broker refused its queue", key)
+            if gave_up.fault is not Fault.UNAVAILABLE:
+                return _unsure(command, "not confirmed: internal error", key, Status.INTERNAL)
+            return _unsure(command, "not confirmed before the broker became unavailable", key)
+        if refused:
+            return GRPCError(
+                Status.UNAVAILABLE, f"{command.name()} not queued: the broker refuses its queue"
+            )
+        if gave_up.fault is Fault.UNAVAILABLE:
+            return self._unavailable(command, str(gave_up.error))
+        return GRPCError(Status.INTERNAL, f"{command.name()} not queued: internal error")
 
     def _unavailable(self, command: Command, why: str) -> GRPCError:
         log.debug("command not queued", name=command.name(), reason=why)
