@@ -429,6 +429,28 @@ async def test_a_listing_says_when_its_reads_count_against_a_quorum_queues_limit
     assert "read 2 time(s) before" in said[2] and "docs/scaling.md" in said[2], said
 
 
+async def test_a_listing_cut_at_its_limit_on_a_quorum_queue_does_not_call_them_the_oldest(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Regression (a probe with quorum queues): two lists of 4 of 20 letters each said
+    "the oldest 4" and showed others each time: a quorum queue puts the letters a list
+    reads back at its end."""
+    async with rabbitmq.private_vhost("fin_cli_dead_q") as vhost:
+        broker = Broker([vhost.url], Outages(), queue_type="quorum")
+        try:
+            await source_queues(broker, "source_q")
+            for n in range(3):
+                await dead_letter(broker, "source_q", f"q-{n}", "a reason", {})
+        finally:
+            await broker.close()
+        settings = Settings.from_env({"AMQP_ADDRESS": vhost.url, "FINANCING_QUEUE_TYPE": "quorum"})
+        assert await cli_dead_letters.list_letters(settings, EVERY, 2, False) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "2 dead letter(s) shown, of 3 waiting in financing_dead_letters, not the oldest"
+        " (a quorum queue puts the letters each list reads at its end): --limit N shows more"
+    )
+
+
 async def test_requeue_leaves_a_letter_kept_changed_and_the_listing_says_what_changed(
     seeded: Seeded,
 ) -> None:

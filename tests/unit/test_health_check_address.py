@@ -76,6 +76,10 @@ async def test_a_port_that_accepts_and_never_answers_is_said_to_give_no_answer(
         f"Commands at 127.0.0.1:{port}: no answer within 0.3 s",
         f"metrics endpoint at 127.0.0.1:{port}: no answer within 0.3 s",
     ], problems
+    # One connection each: a port that does not answer is no question of TLS. Asked it
+    # too, a frozen instance read a TLS handshake on its plaintext port once it ran
+    # again, and logged a breach of HTTP/2 for every probe made meanwhile.
+    assert len(silent) == 2
 
 
 async def test_the_probe_says_what_the_metrics_endpoint_names_not_healthy() -> None:

@@ -45,7 +45,7 @@ async def list_letters(settings: Settings, selection: Selection, limit: int, bod
     write_lines(rows[:1])
     for row, letter in zip(rows[1:], letters, strict=True):
         write_lines([row, *(f"    {shown(detail)}" for detail in _details(letter, bodies))])
-    write_lines([_count(listing, selection)])
+    write_lines([_count(listing, selection, quorum=settings.queue_type == "quorum")])
     if listing.most_given_back >= GIVEN_BACK_SAID:
         print(
             f"financing dead-letters list: letters have been read {listing.most_given_back}"
@@ -62,13 +62,21 @@ async def list_letters(settings: Settings, selection: Selection, limit: int, bod
 GIVEN_BACK_SAID = 10
 
 
-def _count(listing: Listing, selection: Selection) -> str:
+def _count(listing: Listing, selection: Selection, *, quorum: bool) -> str:
     """The last line: how many were listed, and, where the list stopped at its limit, that
-    it is not all of them (the count read as the total: 100 of 125, or of 190,000)."""
+    it is not all of them (the count read as the total: 100 of 125, or of 190,000); the
+    oldest of them on a classic queue, not on a quorum queue, which puts each letter a
+    list read back at its end (docs/scaling.md, "Brokers")."""
     shown_here = len(listing.letters)
     if listing.complete:
         return f"{shown_here} dead letter(s)"
     which = "" if selection == EVERY else " matching"
+    if quorum:
+        return (
+            f"{shown_here}{which} dead letter(s) shown, of {listing.waiting} waiting in"
+            f" {DEAD_LETTER_QUEUE}, not the oldest (a quorum queue puts the letters each"
+            " list reads at its end): --limit N shows more"
+        )
     return (
         f"the oldest {shown_here}{which} dead letter(s) shown, of {listing.waiting} waiting in"
         f" {DEAD_LETTER_QUEUE}: --limit N shows more"

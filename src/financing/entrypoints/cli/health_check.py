@@ -99,7 +99,12 @@ async def _grpc_health(address: tuple[str, int], service: str, tls: GrpcTls | No
         )
     except Exception as error:  # any failure to answer is unhealthy, whatever it is
         problem = f"{service} at {host}:{port}: {_failure(error)}"
-        if isinstance(error, StreamTerminatedError | OSError):  # ssl.SSLError is one too
+        # A port that did not answer in time is no question of TLS (TimeoutError is an
+        # OSError): asked on a frozen instance, its plaintext port read a TLS handshake
+        # once it ran again, a breach of HTTP/2 logged for each probe made meanwhile.
+        if isinstance(error, StreamTerminatedError | OSError) and not isinstance(
+            error, TimeoutError
+        ):  # ssl.SSLError is an OSError too
             why = await _disagreement(host, port, tls)
             if why:
                 return f"{problem}; {why}"
