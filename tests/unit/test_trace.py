@@ -7,7 +7,7 @@ import io
 from datetime import UTC, datetime, timedelta
 from uuid import UUID, uuid4
 
-from financing.application.ports import StoredEvent
+from financing.application.ports import StoredEvent, derived_message_id
 from financing.application.trace import Fate, Handling, Step, trace
 from financing.entrypoints.cli.trace import drawing_for, render
 
@@ -177,3 +177,33 @@ def test_a_registration_is_shown_as_an_integration_event_not_a_command() -> None
     refused = Handling("reg-1", "InvestorRegistered", Fate.DEAD_LETTERED, "q", at(5), "bad")
     lines = render(trace(CORRELATION, [], [refused]))
     assert lines[1] == "└─ InvestorRegistered  integration event reg-1"
+
+
+def test_a_registration_applied_begins_at_its_integration_event_as_one_dead_lettered_does() -> None:
+    """Regression (an operator's probe): a registration dead-lettered was shown as the
+    integration event it is, one applied began at the command it sent, with nothing
+    above it: the same story told two ways."""
+    registered = "registration-1"  # a message without a correlation starts its own
+    command = str(derived_message_id(registered, "CreateInvestor"))
+    created = dataclasses.replace(
+        event(INVESTOR, 1, "InvestorCreatedEvent", command, 10), correlation_id=registered
+    )
+    story = trace(registered, [created], [applied(command, "CreateInvestor", "create", 10)])
+
+    assert shape(story.steps) == [
+        (0, "InvestorRegistered"),
+        (1, "CreateInvestor"),
+        (2, "InvestorCreatedEvent"),
+    ]
+    lines = render(story)
+    assert lines[1] == f"└─ InvestorRegistered  integration event {registered}"
+    assert lines[2].endswith(f"CreateInvestor  command {command}")
+
+
+def test_a_command_not_sent_on_the_correlations_registration_keeps_its_place() -> None:
+    """A CreateInvestor whose id does not derive from the correlation (sent by another
+    client) has no integration event made up above it."""
+    created = event(INVESTOR, 1, "InvestorCreatedEvent", COMMAND, 10)
+    story = trace(CORRELATION, [created], [applied(COMMAND, "CreateInvestor", "create", 10)])
+
+    assert shape(story.steps) == [(0, "CreateInvestor"), (1, "InvestorCreatedEvent")]

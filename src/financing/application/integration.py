@@ -16,6 +16,14 @@ from financing.application.messages import (
 )
 from financing.application.ports import Cause, CommandSender, derived_message_id
 
+# The integration event on whose arrival each command is sent: a command of one of these
+# names whose message id derives from a message's id (`derived_message_id`) was sent on
+# that message's arrival, which is no record of the store's (`trace`).
+SENT_ON = {
+    CreateIssuer.name(): IssuerRegistered.name(),
+    CreateInvestor.name(): InvestorRegistered.name(),
+}
+
 
 async def issuer_registered_creates_issuer(
     sender: CommandSender, event: IssuerRegistered, cause: Cause

@@ -15,7 +15,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from financing.application.ports import StoredEvent
+from financing.application.integration import SENT_ON
+from financing.application.ports import StoredEvent, derived_message_id
 
 
 class Fate(enum.Enum):
@@ -50,6 +51,8 @@ class Step:
     name: str  # "" when nothing but its id is known: the record of it was pruned
     at: datetime | None
     event: StoredEvent | None = None
+    # A command's cause, where it is known: the integration event it was sent on.
+    sent_on: str | None = None
     handlings: list[Handling] = field(default_factory=list)
     caused: list[Step] = field(default_factory=list)
 
@@ -85,6 +88,7 @@ def trace(
             step = Step(handling.message_id, handling.message_name, handling.at)
             steps[handling.message_id] = step
         step.handlings.append(handling)
+    _registration(correlation_id, steps)
     known = set(steps)
     roots = [step for step in steps.values() if _cause(step, correlation_id, known) is None]
     for step in list(steps.values()):
@@ -101,15 +105,34 @@ def trace(
     return Trace(correlation_id, sorted(roots, key=_order))
 
 
+def _registration(correlation_id: str, steps: dict[str, Step]) -> None:
+    """The integration event a correlation began with, where a command it sent is known:
+    nothing records its arrival but the command, whose message id derives from its id (a
+    registration dead-lettered is known by its dead letter, and was shown alone as the
+    story's beginning, where one applied began at its command)."""
+    if correlation_id in steps:
+        return
+    for step in list(steps.values()):
+        sent_on = SENT_ON.get(step.name)
+        if (
+            step.event is None
+            and sent_on is not None
+            and step.message_id == str(derived_message_id(correlation_id, step.name))
+        ):
+            steps.setdefault(correlation_id, Step(correlation_id, sent_on, step.at))
+            step.sent_on = correlation_id
+
+
 def _cause(step: Step, correlation_id: str, known: set[str]) -> str | None:
     """The id of the message that caused `step`, when it is a message of the correlation.
 
-    Commands do not say what caused them; the first command's cause is the
+    Commands do not say what caused them (but one known to be sent on an integration
+    event's arrival, `_registration`); the first command's cause is the
     correlation itself (the request that started it), unless the correlation is
     that command's own id (a message that came without one starts its own), and
     then the command is the cause.
     """
-    cause = None if step.event is None else step.event.causation_id
+    cause = step.sent_on if step.event is None else step.event.causation_id
     if not cause or (cause == correlation_id and cause not in known):
         return None
     return cause
