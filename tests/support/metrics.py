@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -41,3 +42,9 @@ def health_code(address: tuple[str, int]) -> int:
         return error.code
     except OSError:
         return 0
+
+
+def alert_rules() -> str:
+    """The Prometheus rules of docs/deployment.md, "What to alert on", as YAML."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "deployment.md").read_text()
+    return text.split("## What to alert on", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]

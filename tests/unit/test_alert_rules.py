@@ -16,13 +16,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.metrics import alert_rules
+
 CASES = Path(__file__).with_name("alert_rules_test.yml")
-
-
-def _rules() -> str:
-    text = (ROOT / "docs" / "deployment.md").read_text()
-    return text.split("## What to alert on", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
 
 
 @pytest.fixture
@@ -37,7 +33,7 @@ def promtool() -> str:
 
 def test_the_alert_rules_are_valid(promtool: str, tmp_path: Path) -> None:
     rules = tmp_path / "rules.yml"
-    rules.write_text(_rules())
+    rules.write_text(alert_rules())
     checked = subprocess.run(
         [promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60
     )
@@ -49,7 +45,7 @@ def test_the_alert_rules_fire_on_what_they_are_for(promtool: str, tmp_path: Path
     series' first sample: the letters of an instance new to Prometheus (a poison message
     waiting as it started, dead-lettered before its first scrape) never fired it; and no
     rule fired once every process that reads the queues was gone."""
-    (tmp_path / "rules.yml").write_text(_rules())
+    (tmp_path / "rules.yml").write_text(alert_rules())
     shutil.copy(CASES, tmp_path / CASES.name)
     tested = subprocess.run(
         [promtool, "test", "rules", CASES.name],

@@ -12,6 +12,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from financing import metrics
 from financing.adapters.postgres import schema
 from financing.entrypoints.grpc.codec import MAX_REQUEST_BYTES, REQUEST_TIMEOUT
+from tests.support.metrics import alert_rules
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTS = sorted([ROOT / "README.md", ROOT / "CHANGELOG.md", *(ROOT / "docs").glob("*.md")])
@@ -101,8 +102,7 @@ def test_every_metric_the_alert_rules_name_is_one_the_readme_lists() -> None:
         for name, kind in METRIC_ROW.findall((ROOT / "README.md").read_text())
         for suffix in SERIES_OF[kind]
     }
-    text = (ROOT / "docs" / "deployment.md").read_text()
-    rules = text.split("## What to alert on", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    rules = alert_rules()
     named = set(METRIC_NAME.findall(re.sub(r'"[^"]*"', '""', rules)))  # not label values
     assert named and named <= series, sorted(named - series)
 

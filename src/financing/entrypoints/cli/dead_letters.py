@@ -27,7 +27,7 @@ from financing.adapters.rabbitmq.dead_letters import (
     requeue_dead_letters,
 )
 from financing.adapters.rabbitmq.queues import queue_exists
-from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE
+from financing.adapters.rabbitmq.topology import CLASSIC, DEAD_LETTER_QUEUE
 from financing.application.moments import moment
 from financing.config import Settings, said
 from financing.entrypoints.cli.console import shown, table, write_lines
@@ -45,7 +45,7 @@ async def list_letters(settings: Settings, selection: Selection, limit: int, bod
     write_lines(rows[:1])
     for row, letter in zip(rows[1:], letters, strict=True):
         write_lines([row, *(f"    {shown(detail)}" for detail in _details(letter, bodies))])
-    write_lines([_count(listing, selection, quorum=settings.queue_type == "quorum")])
+    write_lines([_count(listing, selection, quorum=settings.queue_type != CLASSIC)])
     if listing.most_given_back >= GIVEN_BACK_SAID:
         print(
             f"financing dead-letters list: letters have been read {listing.most_given_back}"
