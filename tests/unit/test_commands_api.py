@@ -344,6 +344,47 @@ async def test_a_command_not_confirmed_in_time_is_answered_unavailable_maybe_que
     )
 
 
+class FailingSender(InMemoryCommandSender):
+    """A broker client with a bug: its send raises an error of no dependency's, after
+    handing the command to the broker (`handed`) or before."""
+
+    def __init__(self, *, handing: bool) -> None:
+        super().__init__()
+        self.handing = handing
+
+    async def send(self, command: Command, message_id: UUID, cause: Cause) -> None:
+        if self.handing:
+            handed()
+        raise RuntimeError("a bug in the broker's client")
+
+
+@pytest.mark.parametrize(
+    ("handing", "said"),
+    [
+        (
+            True,
+            "ApproveFinancing not confirmed: internal error: it may have been queued"
+            " (a retry without an idempotency-key may apply it twice)",
+        ),
+        (False, "ApproveFinancing not queued: internal error"),
+    ],
+    ids=["after-handing", "before-handing"],
+)
+async def test_a_bug_after_the_command_was_handed_to_the_broker_is_answered_maybe_queued(
+    handing: bool, said: str
+) -> None:
+    """Regression: a bug raised once the command was handed to the broker's client, when
+    it may have been written, was answered "not queued: internal error"."""
+    with capture_logs():
+        async with _serving(CommandsService(FailingSender(handing=handing), Outages())) as channel:
+            with pytest.raises(GRPCError) as error:
+                await CommandsStub(channel).approve_financing(
+                    ApproveFinancingCommand(invoice_id=_id())
+                )
+    assert error.value.status is Status.INTERNAL
+    assert error.value.message == said
+
+
 class GatedSender(InMemoryCommandSender):
     """A broker that confirms each command only when told to, the oldest first."""
 

@@ -32,7 +32,7 @@ from grpclib.events import RecvRequest, SendInitialMetadata, SendTrailingMetadat
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
-from financing.application.errors import Fault, Refused, Unconfirmed
+from financing.application.errors import Fault, Refused, Unavailable, Unconfirmed
 from financing.application.messages import (
     ApproveFinancing,
     BidOnInvoice,
@@ -274,7 +274,9 @@ class CommandsService(CommandsBase):
             except Unconfirmed:
                 unconfirmed = True
                 raise
-            except asyncio.CancelledError:  # the budget ran out during this try
+            except (Unavailable, Refused):  # the sender's judgment: nothing of it queued
+                raise
+            except BaseException:  # the budget ran out during this try, or a bug
                 unconfirmed = unconfirmed or handing.handed
                 raise
 
