@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -641,23 +642,31 @@ def _known_keys(keys: Iterable[str], unshown: Set[str]) -> None:
     """ConfigError naming the keys the service does not read: a misspelt `dbname`
     would otherwise leave the service on the user's default database. The keys in
     `unshown` are not named: they follow a password that may hold them (a bare one
-    holding a space, a URL's holding '&'), and their names were a part of it."""
+    holding a space, a URL's holding '&'), and their names were a part of it; the key
+    the service reads that one is close to is named instead (`dbnme`: `dbname`)."""
     unknown = sorted(key for key in keys if key not in _LIBPQ_TO_ASYNCPG)
     if not unknown:
         return
+    read = sorted([*_LIBPQ_TO_ASYNCPG, "pool_max_conns"])
     # A key is named only when it is a keyword: nothing else of the text is echoed.
     named = [
-        AFTER_THE_PASSWORD
+        _after_the_password(key, read)
         if key in unshown
         else repr(key)
         if _KEYWORD.fullmatch(f"{key}=")
         else "a key that is no keyword"
         for key in unknown
     ]
+    hidden = f" ({AFTER_THE_PASSWORD})" if any(key in unshown for key in unknown) else ""
     raise ConfigError(
-        f"connection string: unknown or unsupported key(s) {', '.join(named)}; the keys"
-        f" read are {', '.join(sorted([*_LIBPQ_TO_ASYNCPG, 'pool_max_conns']))}"
+        f"connection string: unknown or unsupported key(s): {', '.join(named)}{hidden};"
+        f" the keys read are {', '.join(read)}"
     )
+
+
+def _after_the_password(key: str, read: list[str]) -> str:
+    close = difflib.get_close_matches(key.lower(), read, n=1, cutoff=0.7)
+    return "a key after the password" + (f" close to {close[0]!r}" if close else "")
 
 
 def _libpq_value(text: str, pos: int) -> tuple[str, int]:
@@ -691,18 +700,16 @@ def _libpq_value(text: str, pos: int) -> tuple[str, int]:
 POOL_MOST = 10_000
 
 
-# What is said of a key, or of its value, that follows a password in a connection
-# string, and so may be a part of it.
+# Why a key, or a value, that follows a password in a connection string is not shown.
 AFTER_THE_PASSWORD = (
-    "a key after the password, not shown (it may be a part of the password: quote a"
-    " password that holds spaces, password='...', and percent-encode '&' and '=' in a"
-    " URL's)"
+    "not shown: the password may hold it; quote a password that holds spaces,"
+    " password='...', and percent-encode '&' and '=' in a URL's"
 )
 
 
 def _got(raw: str, shown: bool) -> str:
     """How an error quotes a value it refuses."""
-    return repr(raw) if shown else f"the value of {AFTER_THE_PASSWORD}"
+    return repr(raw) if shown else f"a value after the password ({AFTER_THE_PASSWORD})"
 
 
 def _pool_size(raw: str | None, *, shown: bool) -> int:

@@ -83,6 +83,23 @@ async def test_reflection_finds_a_method_by_its_full_name(
     assert missing == {"found": False}
 
 
+@pytest.mark.parametrize(
+    ("symbol", "files"),
+    [
+        ("Commands", ["financing.proto", "google/protobuf/empty.proto"]),
+        ("grpc.health.v1.Health", ["grpc/health/v1/health.proto"]),
+    ],
+)
+async def test_reflection_answers_a_file_with_the_files_it_imports(
+    system: System, symbol: str, files: list[str]
+) -> None:
+    """Regression (a probe): the file of `Commands` came without the file it imports
+    (`google/protobuf/empty.proto`), which a client had to ask for again, where grpc-go
+    answers both; and health's file was named `grpclib/health/v1/health.proto`."""
+    answered = await foreign_grpc.run("files", str(system.command_address), symbol)
+    assert answered == {"files": files}
+
+
 async def test_a_streaming_call_is_counted_under_its_kind(system: System) -> None:
     """Regression: every call was counted as `unary`, reflection's bidirectional stream
     and health's Watch included."""

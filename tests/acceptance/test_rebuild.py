@@ -192,8 +192,8 @@ async def settled(events: asyncpg.Pool, queries: asyncpg.Pool) -> CheckResult:
 
 
 REBUILT = re.compile(
-    r"rebuilt read models from (\d+) events(?: and (\d+) of another relayer)?:"
-    r" (\d+) investors, (\d+) invoices, (\d+) issuers"
+    r"rebuilt read models from (\d+) event\(s\)(?: and (\d+) of another relayer)?:"
+    r" (\d+) investor\(s\), (\d+) invoice\(s\), (\d+) issuer\(s\)"
 )
 
 

@@ -189,7 +189,8 @@ async def test_an_unknown_message_id_is_said_and_exits_non_zero_leaving_every_le
     run = await seeded.financing(command, "--message-id", "no-such-id")
 
     assert run.exit_code == 1, run.describe()
-    assert "no dead letter with message id 'no-such-id'" in run.stderr
+    said = f"financing dead-letters {command}: no dead letter with message id 'no-such-id'"
+    assert said in run.stderr
     assert await seeded.remaining() == ["a-1", "b-1", "a-2"]
 
 
@@ -198,11 +199,13 @@ async def test_a_queue_the_broker_does_not_have_is_said_and_exits_non_zero(
     seeded: Seeded, command: str
 ) -> None:
     """Regression: `list` and `discard` answered "0 dead letter(s)", exit 0, for a
-    mistyped queue, as if it had none."""
+    mistyped queue, as if it had none. (And the line began `financing dead-letters:`,
+    where an operator's command's lines begin with its whole name.)"""
     run = await seeded.financing(command, "--queue", "NoSuchQueue")
 
     assert run.exit_code == 1, run.describe()
-    assert "the broker has no queue named 'NoSuchQueue'" in run.stderr
+    said = f"financing dead-letters {command}: the broker has no queue named 'NoSuchQueue'"
+    assert said in run.stderr
     assert await seeded.remaining() == ["a-1", "b-1", "a-2"]
 
 

@@ -76,6 +76,26 @@ async def test_migrating_twice_changes_nothing_the_second_time(empty_database: D
         await conn.close()
 
 
+async def test_a_migration_is_said_once_with_the_versions_it_moved_between(
+    empty_database: Database,
+) -> None:
+    """Regression (a probe): a fresh database was created and migrated without a word in
+    the log; an operator upgrading could not tell whether, when, or how far."""
+    newest = sections("commands")[-1][0]
+    conn = await connect(empty_database)
+    try:
+        with capture_logs() as logs:
+            await migrate(conn, "commands")
+            await migrate(conn, "commands")  # nothing left to do: nothing said
+    finally:
+        await conn.close()
+    said = [entry for entry in logs if entry["event"] == "schema migrated"]
+    assert [(e["schema"], e["from_version"], e["to_version"]) for e in said] == [
+        ("commands", 0, newest)
+    ]
+    assert said[0]["log_level"] == "info"
+
+
 async def test_instances_migrating_at_once_all_succeed_and_apply_it_once(
     empty_database: Database,
 ) -> None:

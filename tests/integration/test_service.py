@@ -276,6 +276,34 @@ async def test_passwords_never_appear_in_the_logs(
     assert pg_secret not in logs
 
 
+async def test_the_log_says_what_start_up_migrated_and_which_signal_stopped_the_service(
+    databases: tuple[Database, Database], tmp_path: Path
+) -> None:
+    """Regression (a probe): fresh databases were created and migrated without a word (an
+    operator upgrading could not tell whether, or how far), and `shutting down` did not
+    say what stopped the service."""
+    vhost = infra.unique_name("fin_lifecycle")
+    url = await asyncio.to_thread(infra.create_vhost, vhost)
+    addresses = [("127.0.0.1", free_port()) for _ in range(3)]
+    running = ServiceProcess(service_env(*databases, url, *addresses), tmp_path / "service.log")
+    try:
+        await running.start()
+        assert await running.stop() == 0
+    finally:
+        await running.kill()
+        await asyncio.to_thread(infra.delete_vhost, vhost)
+    lines = running.log_lines()
+    migrated = [
+        (line["schema"], line["from_version"], line["to_version"])
+        for line in lines
+        if line["event"] == "schema migrated"
+    ]
+    newest = {name: sections(name)[-1][0] for name in ("commands", "queries")}
+    assert sorted(migrated) == [(name, 0, version) for name, version in sorted(newest.items())]
+    stopping = [line for line in lines if line["event"] == "shutting down"]
+    assert [(line["signal"], line["exit_code"]) for line in stopping] == [("SIGTERM", 0)]
+
+
 async def test_a_missing_database_fails_start_up_at_once(amqp_url: str) -> None:
     missing = infra.database(infra.unique_name("fin_missing"))
     settings = _settings((missing, missing), amqp_url)

@@ -5,6 +5,7 @@
                                                               then how the call ended)
     python -m tests.support.foreign_grpc describe HOST:PORT SERVICE [MESSAGE]
     python -m tests.support.foreign_grpc method HOST:PORT SERVICE.METHOD
+    python -m tests.support.foreign_grpc files HOST:PORT SYMBOL     (the files of one answer)
 
 With FOREIGN_GRPC_CA set (a PEM file of the CAs it trusts), they connect over TLS,
 checking the server's certificate for FOREIGN_GRPC_NAME.
@@ -105,6 +106,24 @@ def method(address: str, full_name: str) -> dict[str, object]:
         }
 
 
+def files(address: str, symbol: str) -> dict[str, object]:
+    """The names of the files one reflection request for the file containing `symbol`
+    is answered with, in their order."""
+    from google.protobuf.descriptor_pb2 import FileDescriptorProto
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with _channel(address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
+        (answer,) = stub.ServerReflectionInfo(iter([request]))
+    return {
+        "files": [
+            FileDescriptorProto.FromString(serialized).name
+            for serialized in answer.file_descriptor_response.file_descriptor_proto
+        ]
+    }
+
+
 def main(argv: Sequence[str]) -> None:
     verb, address, service, *rest = argv
     if verb == "watch":
@@ -113,6 +132,8 @@ def main(argv: Sequence[str]) -> None:
         print(json.dumps(check(address, service)))
     elif verb == "method":
         print(json.dumps(method(address, service)))
+    elif verb == "files":
+        print(json.dumps(files(address, service)))
     else:
         print(json.dumps(describe(address, service, rest[0] if rest else None)))
 

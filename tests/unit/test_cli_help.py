@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import uuid
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 
+from financing import release
 from financing.adapters.postgres import schema
 from financing.config import (
     AMQP_ADDRESS,
@@ -53,7 +56,7 @@ def answer(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, st
     return code if isinstance(code, int) else 1, out, err
 
 
-def test_version_is_the_installed_package_version_and_its_schema_versions(
+def test_version_is_the_newest_release_and_its_schema_versions(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Regression: two releases with different schemas both said `financing 0.1.0`, so an
@@ -64,9 +67,31 @@ def test_version_is_the_installed_package_version_and_its_schema_versions(
     commands, queries = schema.latest("commands"), schema.latest("queries")
     assert commands >= 4 and queries >= 1
     assert out.strip() == (
-        f"financing {metadata.version('financing')}"
-        f" (commands schema {commands}, queries schema {queries})"
+        f"financing {release()} (commands schema {commands}, queries schema {queries})"
     )
+
+
+def test_a_source_tree_run_over_an_install_says_its_own_release(tmp_path: Path) -> None:
+    """Regression (a probe): the release said (`--version`, the ready line, the build
+    info metric) was the installed package's metadata: another release's source put on
+    PYTHONPATH over an install said the installed release, and a mixed fleet so run
+    looked like one release to `count by (release)`."""
+    tree = tmp_path / "financing"
+    shutil.copytree(ROOT / "src" / "financing", tree)
+    init = tree / "__init__.py"
+    init.write_text(init.read_text().replace(f'"{release()}"', '"9.8.7"'))
+
+    answered = subprocess.run(
+        [sys.executable, "-m", "financing", "--version"],
+        env={"PATH": os.environ["PATH"], "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+    assert answered.stdout.startswith("financing 9.8.7 ("), answered
+    assert metadata.version("financing") != "9.8.7"
 
 
 @pytest.mark.parametrize("command", list(READS), ids=" ".join)
@@ -210,11 +235,17 @@ async def test_the_services_usage_errors_are_one_json_line_too(
     assert says in logged["error"], logged
 
 
-async def test_an_operators_command_reports_a_configuration_error_as_text() -> None:
-    run = await run_cli({"PATH": os.environ["PATH"], "LOGGER_LEVEL": "LOUD"}, "check")
+@pytest.mark.parametrize("command", [("check",), ("dead-letters", "list")])
+async def test_an_operators_command_reports_a_configuration_error_as_text(
+    command: tuple[str, ...],
+) -> None:
+    """Regression (a probe): began `financing:`, where every other line of an operator's
+    command begins with the command's whole name."""
+    run = await run_cli({"PATH": os.environ["PATH"], "LOGGER_LEVEL": "LOUD"}, *command)
 
     assert run.exit_code == 2, run.describe()
-    assert run.stderr.startswith("financing: configuration error: LOGGER_LEVEL"), run.stderr
+    prefix = " ".join(("financing", *command))
+    assert run.stderr.startswith(f"{prefix}: configuration error: LOGGER_LEVEL"), run.stderr
 
 
 def test_a_variable_a_command_does_not_read_does_not_stop_it(

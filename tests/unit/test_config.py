@@ -482,6 +482,26 @@ def test_a_refused_key_or_value_after_the_password_is_not_quoted(value: str) -> 
 
 
 @pytest.mark.parametrize(
+    ("value", "misspelt", "close"),
+    [
+        ("user=postgres password=x host=db dbnme=q", "dbnme", "dbname"),
+        ("user=postgres password=x host=db SSLMODE=require", "SSLMODE", "sslmode"),
+        ("postgresql://app@db/x?password=Xy7pQ&pool_max_con=4", "pool_max_con", "pool_max_conns"),
+    ],
+)
+def test_a_misspelt_key_after_the_password_is_said_close_to_the_key_it_resembles(
+    value: str, misspelt: str, close: str
+) -> None:
+    """Regression (a probe): a misspelt key after a bare password, as the README's example
+    writes them, was refused naming nothing, in a garbled sentence."""
+    with pytest.raises(ConfigError) as caught:
+        parse_database(value)
+    said = str(caught.value)
+    assert f"unknown or unsupported key(s): a key after the password close to {close!r} (" in said
+    assert repr(misspelt) not in said
+
+
+@pytest.mark.parametrize(
     "value",
     [
         "host=127.0.0.1 user=u password=correct user=S3CRETfragment dbname=x",

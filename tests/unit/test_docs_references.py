@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import ast
 import re
-import tomllib
 from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from financing import metrics
+from financing import metrics, release
 from financing.adapters.postgres import schema
 from financing.entrypoints.grpc.codec import MAX_REQUEST_BYTES, REQUEST_TIMEOUT
 from tests.support.metrics import alert_rules
@@ -71,7 +70,7 @@ def test_every_path_the_documents_name_exists() -> None:
 
 
 def test_the_changelog_begins_with_this_release_and_its_schema_versions() -> None:
-    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    version = release()
     changelog = (ROOT / "CHANGELOG.md").read_text()
     [first, *_] = re.findall(r"^## (\S+)\n\n(.+)$", changelog, re.MULTILINE)
     assert first == (

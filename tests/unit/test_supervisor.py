@@ -6,12 +6,12 @@ import asyncio
 import contextlib
 import gc
 from collections.abc import AsyncIterator, MutableMapping
-from importlib import metadata
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
+from financing import release
 from financing.entrypoints.bootstrap import Listener, Service
 from financing.entrypoints.observability import MetricsEndpoint
 from financing.entrypoints.supervisor import supervise
@@ -111,7 +111,7 @@ async def test_the_ready_line_names_the_release() -> None:
     """An operator rolling a release out tells its instances apart by their logs."""
     async with ready_line() as line:
         pass
-    assert line["release"] == metadata.version("financing")
+    assert line["release"] == release()
 
 
 async def test_the_ready_line_names_the_port_a_listener_was_given() -> None:
@@ -123,3 +123,13 @@ async def test_the_ready_line_names_the_port_a_listener_was_given() -> None:
         port = endpoint._server.sockets[0].getsockname()[1]
     assert port != 0
     assert line["listening"] == {"metrics": f"127.0.0.1:{port}"}
+
+
+async def test_the_ready_line_says_a_listener_on_every_address_takes_both_families() -> None:
+    """Regression (a probe): a listener given `:PORT`, which takes IPv4 and IPv6 clients
+    alike, was said to listen on `0.0.0.0:PORT`, which reads as IPv4 alone."""
+    endpoint = MetricsEndpoint(lambda: [])
+    async with ready_line(Listener("metrics", endpoint, ("0.0.0.0", 0))) as line:
+        assert endpoint._server is not None
+        port = endpoint._server.sockets[0].getsockname()[1]
+    assert line["listening"] == {"metrics": f":{port}"}

@@ -77,7 +77,7 @@ async def serve(
                 log.info("stopped while starting", signal=stopped_by[0].name)
                 code = 0
                 return code
-            code = await supervise(starting.result(), stop)
+            code = await supervise(starting.result(), stop, stopped_by)
             return code
     except StartupError as error:
         log.critical("start-up failed", error=str(error))  # it stops the service

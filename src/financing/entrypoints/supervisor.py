@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import socket
+from collections.abc import Sequence
 from typing import Any
 
 from financing import release
 from financing.application.grace import SHUTDOWN_GRACE
 from financing.entrypoints.bootstrap import Listener, Service, StartupError
-from financing.entrypoints.listening import shown
+from financing.entrypoints.listening import shown, unspecified
 from financing.logging import get_logger
 
 log = get_logger(__name__)
@@ -28,8 +31,11 @@ CALLS_GRACE = 5.0
 COMPONENTS_GRACE = 2 * SHUTDOWN_GRACE
 
 
-async def supervise(service: Service, stop: asyncio.Event) -> int:
-    """Run `service` until `stop` is set (exit code 0) or a component stops (1)."""
+async def supervise(
+    service: Service, stop: asyncio.Event, stopped_by: Sequence[signal.Signals] = ()
+) -> int:
+    """Run `service` until `stop` is set (exit code 0) or a component stops (1).
+    `stopped_by`: the signals that set `stop`, the first of which the log names."""
     for listener in service.listeners:
         host, port = listener.address
         try:
@@ -46,7 +52,8 @@ async def supervise(service: Service, stop: asyncio.Event) -> int:
         await _ready(service, tasks, stopping)
         done, _ = await asyncio.wait(tasks | {stopping}, return_when=asyncio.FIRST_COMPLETED)
         exit_code = _report(done - {stopping})
-        log.info("shutting down", exit_code=exit_code)
+        by = {"signal": stopped_by[0].name} if stopping in done and stopped_by else {}
+        log.info("shutting down", exit_code=exit_code, **by)
     finally:
         await _shut_down(service, tasks, stopping)
     log.info("service stopped", exit_code=exit_code)
@@ -76,14 +83,20 @@ async def _ready(
 
 def _bound(listener: Listener) -> str:
     """`host:port` where `listener` listens: port 0 asks the system for a free port,
-    which is what an operator must be told."""
+    which is what an operator must be told; `:port` where one socket takes IPv4 and IPv6
+    clients alike (an unspecified host), as such an address is written."""
     host, port = listener.address
-    if port == 0:
-        # grpclib's server and the metrics endpoint both keep their asyncio server so.
-        server = getattr(listener.server, "_server", None)
-        for sock in getattr(server, "sockets", None) or ():
-            port = sock.getsockname()[1]
-            break
+    # grpclib's server and the metrics endpoint both keep their asyncio server so.
+    server = getattr(listener.server, "_server", None)
+    for sock in getattr(server, "sockets", None) or ():
+        port = sock.getsockname()[1]
+        if (
+            sock.family == socket.AF_INET6
+            and unspecified(sock.getsockname()[0])
+            and not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+        ):
+            return f":{port}"
+        break
     return shown(host, port)
 
 

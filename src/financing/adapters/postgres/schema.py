@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from importlib import resources
 
 import asyncpg
@@ -376,6 +377,8 @@ async def _apply(
     # statement, and every later one must see what the previous lock holder committed
     # (under REPEATABLE READ or SERIALIZABLE the snapshot was taken while waiting for the
     # lock: instances starting together created the tables twice, and one crashed).
+    began = time.monotonic()
+    migrated: list[int] = []
     async with conn.transaction(isolation="read_committed"):
         if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", MIGRATION_LOCK):
             await _report_waiting(conn, name)
@@ -412,3 +415,12 @@ async def _apply(
             await conn.execute(
                 "INSERT INTO schema_migrations (name, version) VALUES ($1, $2)", name, version
             )
+            migrated.append(version)
+    if migrated:  # said once committed: an instance that found it done says nothing
+        log.info(
+            "schema migrated",
+            schema=name,
+            from_version=max(applied, default=0),
+            to_version=migrated[-1],
+            seconds=round(time.monotonic() - began, 3),
+        )

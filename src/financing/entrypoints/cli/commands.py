@@ -476,8 +476,8 @@ async def _rebuild(settings: Settings, args: argparse.Namespace) -> int:
         report = await rebuild(events, queries, adopt=args.adopt)
     foreign = f" and {report.foreign} of another relayer" if report.foreign else ""
     print(
-        f"rebuilt read models from {report.events} events{foreign}: {report.investors}"
-        f" investors, {report.invoices} invoices, {report.issuers} issuers"
+        f"rebuilt read models from {report.events} event(s){foreign}: {report.investors}"
+        f" investor(s), {report.invoices} invoice(s), {report.issuers} issuer(s)"
     )
     return 0
 
@@ -588,7 +588,7 @@ def _configuration_error(args: argparse.Namespace, error: str) -> NoReturn:
     if args.command == "serve":
         _service_configuration_error(error)
     else:
-        print(f"financing: configuration error: {error}", file=sys.stderr)
+        print(f"{args.usage_of.prog}: configuration error: {error}", file=sys.stderr)
     sys.exit(2)
 
 

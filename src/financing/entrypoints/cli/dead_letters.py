@@ -39,7 +39,7 @@ async def list_letters(settings: Settings, selection: Selection, limit: int, bod
     async with connected(settings.amqp_urls, settings.queue_type) as broker:
         listing = await dead_letters_listed(broker, limit, selection=selection)
         letters = listing.letters
-        if not letters and not await _queue_known(broker, selection):
+        if not letters and not await _queue_known(broker, selection, "list"):
             return 1
     rows = table(HEADINGS, (_columns(letter) for letter in letters))
     write_lines(rows[:1])
@@ -117,7 +117,7 @@ async def requeue(settings: Settings, selection: Selection, *, any_age: bool = F
 
     taken = Taken()
     async with connected(settings.amqp_urls, settings.queue_type) as broker:
-        if not await _queue_known(broker, selection):
+        if not await _queue_known(broker, selection, "requeue"):
             return 1
         async with _saying_so_if_stopped("requeued", taken):
             await requeue_dead_letters(broker, selection=selection, taken=taken, too_old=too_old)
@@ -126,7 +126,7 @@ async def requeue(settings: Settings, selection: Selection, *, any_age: bool = F
         print(f"left {count} dead letter(s): {reason}")
     if selection.message_id is not None and taken.left and not taken.count:
         return 1  # the letter named is there, and left: the lines above say why
-    return _found(taken.count + sum(taken.left.values()), selection)
+    return _found(taken.count + sum(taken.left.values()), selection, "requeue")
 
 
 async def discard(settings: Settings, selection: Selection) -> int:
@@ -136,10 +136,10 @@ async def discard(settings: Settings, selection: Selection) -> int:
         connected(settings.amqp_urls, settings.queue_type) as broker,
     ):
         await discard_dead_letters(broker, selection=selection, taken=taken)
-        if not taken.count and not await _queue_known(broker, selection):
+        if not taken.count and not await _queue_known(broker, selection, "discard"):
             return 1
     print(f"discarded {taken.count} dead letter(s)")
-    return _found(taken.count, selection)
+    return _found(taken.count, selection, "discard")
 
 
 @asynccontextmanager
@@ -153,7 +153,7 @@ async def _saying_so_if_stopped(done: str, taken: Taken) -> AsyncIterator[None]:
         raise
 
 
-async def _queue_known(broker: Broker, selection: Selection) -> bool:
+async def _queue_known(broker: Broker, selection: Selection, verb: str) -> bool:
     """Whether the queue `selection` names exists (none named: each letter's). A queue
     that is gone may still have dead letters, which are listed and discarded; asked for
     a queue that never had any and does not exist (a typo), `list` and `discard` say so
@@ -161,16 +161,19 @@ async def _queue_known(broker: Broker, selection: Selection) -> bool:
     queue = selection.source_queue
     if queue is None or await queue_exists(broker, queue):
         return True
-    print(f"financing dead-letters: the broker has no queue named {queue!r}", file=sys.stderr)
+    print(
+        f"financing dead-letters {verb}: the broker has no queue named {queue!r}", file=sys.stderr
+    )
     return False
 
 
-def _found(count: int, selection: Selection) -> int:
+def _found(count: int, selection: Selection, verb: str) -> int:
     """Exit code 1 when a message id was asked for and no dead letter carries it."""
     if count or selection.message_id is None:
         return 0
     print(
-        f"financing dead-letters: no dead letter with message id {selection.message_id!r}"
+        f"financing dead-letters {verb}: no dead letter with message id"
+        f" {selection.message_id!r}"
         + (f" from queue {selection.source_queue!r}" if selection.source_queue else ""),
         file=sys.stderr,
     )

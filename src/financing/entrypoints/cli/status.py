@@ -213,7 +213,14 @@ async def _broker(settings: Settings, findings: Findings) -> None:
         "queue missing"
         if projector is None
         else f"{projector.waiting} message(s) not yet delivered in {topology.PROJECTOR_QUEUE}"
-        f" (and up to {BATCH_SIZE} delivered, not yet projected)",
+        # The broker counts none of those its consumer holds: up to a batch, said while
+        # one reads (an idle deployment's projector holds none, but the broker cannot
+        # tell).
+        + (
+            f" (and the projector may hold up to {BATCH_SIZE} delivered, not yet projected)"
+            if projector.consumers
+            else ""
+        ),
     )
     reading = " (and those a command reading them now holds)" if read and dead else ""
     findings.report("dead letters", f"{_waiting(dead)}{reading} in {topology.DEAD_LETTER_QUEUE}")

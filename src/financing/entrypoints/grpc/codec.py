@@ -28,11 +28,10 @@ class RequestCodec(ProtoCodec):
             return super().decode(data, message_type)
         except Exception as exc:  # the parser raises anything on bytes it cannot read
             # The parser does not say which field it could not read; what it says, it says
-            # of the caller's own bytes.
+            # of the caller's own bytes (its error's class is the parser's own business).
+            said = str(exc)[:200] or type(exc).__name__
             raise GRPCError(
-                Status.INVALID_ARGUMENT,
-                f"the request is not a valid {message_type.__name__}:"
-                f" {type(exc).__name__}: {str(exc)[:200]}",
+                Status.INVALID_ARGUMENT, f"request: not a valid {message_type.__name__}: {said}"
             ) from None
 
 
