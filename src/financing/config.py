@@ -410,6 +410,47 @@ _LIBPQ_TO_ASYNCPG = {
     "connect_timeout": "timeout",
     "options": "server_settings",
 }
+# The keywords of libpq and of the reference's driver (pgx and its pool) the service does
+# not read: refused, and named as such, a connection string of the reference's carrying
+# one (`pool_min_conns`) being no typo.
+_NOT_READ = frozenset(
+    {
+        "application_name",
+        "channel_binding",
+        "client_encoding",
+        "fallback_application_name",
+        "gssencmode",
+        "keepalives",
+        "keepalives_count",
+        "keepalives_idle",
+        "keepalives_interval",
+        "krbsrvname",
+        "load_balance_hosts",
+        "passfile",
+        "require_auth",
+        "requirepeer",
+        "service",
+        "sslcert",
+        "sslcompression",
+        "sslcrl",
+        "sslkey",
+        "sslpassword",
+        "sslrootcert",
+        "sslsni",
+        "ssl_max_protocol_version",
+        "ssl_min_protocol_version",
+        "target_session_attrs",
+        "tcp_user_timeout",
+        "default_query_exec_mode",
+        "description_cache_capacity",
+        "pool_health_check_period",
+        "pool_max_conn_idle_time",
+        "pool_max_conn_lifetime",
+        "pool_max_conn_lifetime_jitter",
+        "pool_min_conns",
+        "statement_cache_capacity",
+    }
+)
 # What the server splits `options` at (C's isspace in the C locale).
 _OPTIONS_WHITESPACE = frozenset(" \t\n\v\f\r")
 # A setting as `options` gives it: `-c name=value` (or `-cname=value`, `--name=value`).
@@ -648,19 +689,26 @@ def _known_keys(keys: Iterable[str], unshown: Set[str]) -> None:
     if not unknown:
         return
     read = sorted([*_LIBPQ_TO_ASYNCPG, "pool_max_conns"])
-    # A key is named only when it is a keyword: nothing else of the text is echoed.
+    # A key is named only when it is a keyword: nothing else of the text is echoed. A
+    # keyword of libpq's or pgx's own is named wherever it is: it is no password's part.
     named = [
-        _after_the_password(key, read)
+        f"{key!r} (libpq's or pgx's, not read by the service)"
+        if key in _NOT_READ
+        else _after_the_password(key, read)
         if key in unshown
         else repr(key)
         if _KEYWORD.fullmatch(f"{key}=")
         else "a key that is no keyword"
         for key in unknown
     ]
-    hidden = f" ({AFTER_THE_PASSWORD})" if any(key in unshown for key in unknown) else ""
+    hidden = (
+        f"; a key after the password is {AFTER_THE_PASSWORD}"
+        if any(key in unshown and key not in _NOT_READ for key in unknown)
+        else ""
+    )
     raise ConfigError(
-        f"connection string: unknown or unsupported key(s): {', '.join(named)}{hidden};"
-        f" the keys read are {', '.join(read)}"
+        f"connection string: unknown or unsupported key(s): {', '.join(named)};"
+        f" the keys read are {', '.join(read)}{hidden}"
     )
 
 

@@ -482,6 +482,26 @@ def test_a_refused_key_or_value_after_the_password_is_not_quoted(value: str) -> 
 
 
 @pytest.mark.parametrize(
+    ("value", "key"),
+    [
+        ("user=postgres password=x host=db pool_max_conns=5 pool_min_conns=1", "pool_min_conns"),
+        ("postgresql://app@db/x?password=Xy7pQ&application_name=ref", "application_name"),
+    ],
+)
+def test_a_key_of_libpq_or_pgx_the_service_does_not_read_is_named_wherever_it_is(
+    value: str, key: str
+) -> None:
+    """Regression (a probe): a key the reference's driver reads (`pool_min_conns`) after
+    the password, as the reference's connection strings put them, was said to be "close
+    to 'pool_max_conns'", as if misspelt."""
+    with pytest.raises(ConfigError) as caught:
+        parse_database(value)
+    said = str(caught.value)
+    assert f"unknown or unsupported key(s): {key!r} (libpq's or pgx's, not read by the" in said
+    assert "not shown" not in said
+
+
+@pytest.mark.parametrize(
     ("value", "misspelt", "close"),
     [
         ("user=postgres password=x host=db dbnme=q", "dbnme", "dbname"),
@@ -497,7 +517,12 @@ def test_a_misspelt_key_after_the_password_is_said_close_to_the_key_it_resembles
     with pytest.raises(ConfigError) as caught:
         parse_database(value)
     said = str(caught.value)
-    assert f"unknown or unsupported key(s): a key after the password close to {close!r} (" in said
+    assert f"unknown or unsupported key(s): a key after the password close to {close!r};" in said
+    assert said.endswith(
+        "a key after the password is not shown: the password may hold it;"
+        " quote a password that holds spaces, password='...', and"
+        " percent-encode '&' and '=' in a URL's"
+    )
     assert repr(misspelt) not in said
 
 

@@ -308,7 +308,13 @@ async def _deleted(broker: Broker, done: list[str]) -> None:
 
     await _on_a_channel(broker, exchanges_deleted)
     if gone:
-        why = f" (what {PROJECTOR_QUEUE} held was of use to the service's read models only)"
+        # It may hold a reference relayer's events too, which the service projected; the
+        # reference's projector, its queue retired meanwhile, never got them.
+        why = (
+            f" (what {PROJECTOR_QUEUE} held was for the service's read models; events a"
+            f" reference relayer published while {REFERENCE_PROJECTOR_QUEUE} was retired"
+            " reached them alone, not the reference's)"
+        )
         done.append(f"queues deleted: {', '.join(gone)}{why if projector_gone else ''}")
     if exchanges:
         done.append(f"exchanges deleted: {', '.join(map(repr, exchanges))}")
