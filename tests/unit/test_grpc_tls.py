@@ -222,6 +222,8 @@ async def test_handshakes_failed_for_different_reasons_are_each_said(
     assert "did not return a certificate" in str(first["event"]), said()
     assert "certificate verify failed" in str(second["event"]), said()
     assert "more_since_the_last_line" not in second, said()
+    # Regression (a probe): no line named the client, whom an operator could not find.
+    assert all(str(line["peer"]).startswith("127.0.0.1:") for line in said()), said()
 
 
 async def test_renewed_files_serve_new_connections_and_open_ones_keep_going(
@@ -408,6 +410,26 @@ async def test_the_probe_says_where_its_tls_settings_disagree_with_the_ports(
         # A port that answers as it should is not said to disagree.
         found = await problem(None, port)
         assert "NOT_FOUND" in found and ";" not in found, found
+
+
+async def test_the_probe_says_the_certificate_it_presents_has_expired(files: Files) -> None:
+    """Regression (a probe): with the service's certificate expired, the probe, which
+    presents it under mutual TLS, was told to mend the client CA file; new certificate
+    files mend it (a restart does not)."""
+    now = datetime.now(UTC)
+    leaf = files.ca.issue_cert(
+        NAME, "127.0.0.1", not_before=now - timedelta(days=2), not_after=now - timedelta(days=1)
+    )
+    leaf.private_key_pem.write_to_path(files.tls.key_file)
+    leaf.cert_chain_pems[0].write_to_path(files.tls.cert_file)
+    async with _serving(ServerTls(files.tls)) as port:
+        settings = Settings(
+            command_address=("127.0.0.1", port), metrics_address=None, grpc_tls=files.tls
+        )
+        [found] = await health_check(settings, ["commands-api"])
+    assert "CERTIFICATE_EXPIRED" in found, found
+    assert "has expired: give the service new certificate files" in found, found
+    assert "GRPC_TLS_CLIENT_CA_FILE" not in found, found
 
 
 def _expiry_exported(tls: GrpcTls) -> float | None:

@@ -181,6 +181,13 @@ async def _disagreement(host: str, port: int, tls: GrpcTls | None) -> str:
             f"{refused} it asks for a client certificate (mutual TLS); set"
             " GRPC_TLS_CLIENT_CA_FILE for the probe as for the service"
         )
+    if "CERTIFICATE_EXPIRED" in refused:
+        # The probe presents the service's own certificate, which every client refuses
+        # too once it has expired: new files mend it, a restart does not.
+        return (
+            f"{refused} the certificate the probe presents (GRPC_TLS_CERT_FILE's, the one"
+            " the service serves) has expired: give the service new certificate files"
+        )
     return (
         f"{refused} it refuses the certificate the probe presents (GRPC_TLS_CERT_FILE's),"
         " whose issuer the service's GRPC_TLS_CLIENT_CA_FILE must hold, allowing client"

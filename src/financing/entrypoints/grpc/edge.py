@@ -80,7 +80,7 @@ from hyperframe.frame import GoAwayFrame
 
 from financing import metrics
 from financing.entrypoints.connections import OWN_DESCRIPTORS, Connections, descriptor_share
-from financing.entrypoints.listening import listening_at
+from financing.entrypoints.listening import listening_at, shown
 from financing.logging import get_logger
 
 log = get_logger(__name__)
@@ -554,7 +554,8 @@ class _Protocol(grpclib.protocol.H2Protocol):
                 # one kind, a CA taken out of the file hid behind clients without a
                 # certificate, counted as theirs).
                 _SENT_AWAY.warn(
-                    f"gRPC connection closed: its TLS handshake failed ({_handshake(error)})"
+                    f"gRPC connection closed: its TLS handshake failed ({_handshake(error)})",
+                    peer=_peer(plain),  # the last one's, on a line counting several
                 )
             self._leave(None)
             return
@@ -764,6 +765,14 @@ class _Handshake(asyncio.sslproto.SSLProtocol):
         super()._on_handshake_complete(handshake_exc)
 
 
+def _peer(transport: asyncio.BaseTransport) -> str:
+    """`host:port` of the client at the other end of `transport`, as a client writes it."""
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return shown(str(peer[0]), int(peer[1]))
+    return "unknown"
+
+
 def _handshake(error: Exception) -> str:
     """Why a TLS handshake failed, in a few words (OpenSSL's reason where it gives one)."""
     if isinstance(error, TimeoutError):
@@ -850,39 +859,40 @@ class Warnings:
         self._interval = interval
         self._log = log if logger is None else logger
         self._next: dict[str, float] = {}  # by kind: when the next line may be written
-        # By kind: how many were left out since its last line, and the last one's text.
-        self._left_out: dict[str, tuple[int, str]] = {}
+        # By kind: how many were left out since its last line, and the last one's text
+        # and fields.
+        self._left_out: dict[str, tuple[int, str, dict[str, object]]] = {}
 
-    def warn(self, text: str, *, kind: str | None = None) -> None:
-        """`text`, unless one of its `kind` was written less than `interval` seconds ago:
-        a kind, not the text, where the text holds what a client chose (one line per
-        connection otherwise). Left out, it is counted on the line that ends the
-        interval (the last one left out's text): the count was written only with the next
-        warning of its kind, however much later, or never."""
+    def warn(self, text: str, *, kind: str | None = None, **fields: object) -> None:
+        """`text` with `fields`, unless one of its `kind` was written less than `interval`
+        seconds ago: a kind, not the text, where the text holds what a client chose (one
+        line per connection otherwise). Left out, it is counted on the line that ends the
+        interval (the last one left out's text and fields): the count was written only
+        with the next warning of its kind, however much later, or never."""
         key = text if kind is None else kind
         now = time.monotonic()
         if now < (due := self._next.get(key, 0.0)):
-            count, _ = self._left_out.get(key, (0, text))
+            count, _, _ = self._left_out.get(key, (0, text, fields))
             if not count:
                 asyncio.get_running_loop().call_later(due - now, self._counted, key)
-            self._left_out[key] = (count + 1, text)
+            self._left_out[key] = (count + 1, text, fields)
             return
         self._next[key] = now + self._interval
         # Come before the line that counts those left out, which the loop has yet to
         # write (it was due as this one came): this one counts them, so that two lines
         # are not written a moment apart.
-        count, _ = self._left_out.pop(key, (0, text))
+        count, _, _ = self._left_out.pop(key, (0, text, fields))
         if count:
-            self._log.warning(text, more_since_the_last_line=count)
+            self._log.warning(text, more_since_the_last_line=count, **fields)
         else:
-            self._log.warning(text)
+            self._log.warning(text, **fields)
 
     def _counted(self, key: str) -> None:
         """The line that counts the warnings of `key` left out since its last one."""
-        count, text = self._left_out.pop(key, (0, ""))
+        count, text, fields = self._left_out.pop(key, (0, "", {}))
         if count:
             self._next[key] = time.monotonic() + self._interval
-            self._log.warning(text, more_since_the_last_line=count)
+            self._log.warning(text, more_since_the_last_line=count, **fields)
 
 
 # The warnings of connections sent away, 10 s apart at most for each reason.
