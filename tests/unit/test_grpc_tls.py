@@ -124,6 +124,11 @@ async def _check(port: int, context: ssl.SSLContext | None) -> str:
     return HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
+def _closed(reason: str) -> float:
+    found = REGISTRY.get_sample_value("financing_grpc_connections_closed_total", {"reason": reason})
+    return found or 0.0
+
+
 def _reloads(outcome: str) -> float:
     found = REGISTRY.get_sample_value("financing_grpc_tls_reloads_total", {"outcome": outcome})
     return found or 0.0
@@ -198,6 +203,28 @@ async def test_a_client_refused_for_its_certificate_is_told_why(
         refused = "HANDSHAKE_FAILURE" if version is ssl.TLSVersion.TLSv1_2 else "REQUIRED"
         assert refused in await _alert(port, without)
         assert "UNKNOWN_CA" in await _alert(port, stranger)
+
+
+@pytest.mark.parametrize("protocols", [["http/1.1"], []], ids=["http1.1", "none"])
+async def test_a_client_that_does_not_choose_http2_by_alpn_is_closed_at_once(
+    files: Files, monkeypatch: pytest.MonkeyPatch, protocols: list[str]
+) -> None:
+    """Regression (a probe): a client that chose HTTP/1.1 by ALPN, or nothing, completed
+    its handshake and was served HTTP/2 all the same (or held its connection until its
+    preface was due, 10 s): gRPC over TLS is HTTP/2 chosen by ALPN, as grpc-go's servers
+    require."""
+    monkeypatch.setattr(edge, "_SENT_AWAY", edge.Warnings(10.0))
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    files.ca.configure_trust(context)
+    if protocols:
+        context.set_alpn_protocols(protocols)
+    closed_before = _closed("tls_handshake")
+    async with _serving(ServerTls(files.server_only)) as port:
+        with capture_logs() as logs:
+            assert await _alert(port, context) == "read b''"  # closed, nothing served
+    assert _closed("tls_handshake") == closed_before + 1
+    [said] = [line for line in logs if "ALPN" in str(line["event"])]
+    assert str(said["peer"]).startswith("127.0.0.1:"), said
 
 
 async def test_handshakes_failed_for_different_reasons_are_each_said(

@@ -566,6 +566,20 @@ class _Protocol(grpclib.protocol.H2Protocol):
                 secured.close()
             self._leave(None)
             return
+        chosen = cast(ssl.SSLObject | None, secured.get_extra_info("ssl_object"))
+        if chosen is not None and chosen.selected_alpn_protocol() != "h2":
+            # gRPC over TLS is HTTP/2 chosen by ALPN (RFC 9113, section 3.2), as grpc-go's
+            # servers require: a client that chose another protocol, or none, held its
+            # connection until its preface was due. OpenSSL has no alert for it here.
+            secured.close()
+            metrics.GRPC_CONNECTIONS_CLOSED.labels("tls_handshake").inc()
+            _SENT_AWAY.warn(
+                "gRPC connection closed: its client did not choose HTTP/2 by ALPN (h2),"
+                " which gRPC over TLS requires",
+                peer=_peer(plain),
+            )
+            self._leave(None)
+            return
         self._transport = secured
         self._begin(secured)
 
