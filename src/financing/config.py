@@ -232,11 +232,15 @@ class Settings:
 
         if read is None or {COMMAND_DB.name, QUERY_DB.name} & read:
             _check_driver_variables(source)
-        level = value(LOGGER_LEVEL).upper()
+        given = value(LOGGER_LEVEL)
+        level = given.upper()
         if level == "WARN":
             level = "WARNING"
         if level not in LOG_LEVELS:
-            raise ConfigError(f"LOGGER_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+            raise ConfigError(
+                f"LOGGER_LEVEL must be one of {', '.join(LOG_LEVELS)} (WARN for WARNING), in"
+                f" any letter case, got {given!r}"
+            )
         answer_timeout = parse_duration(
             DB_TIMEOUT.name, value(DB_TIMEOUT), most=POSTGRES_TIMEOUT_MOST
         ).total_seconds()

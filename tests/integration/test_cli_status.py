@@ -142,6 +142,8 @@ async def test_queues_nobody_declared_make_the_deployment_unhealthy(bare: Bare) 
         f"queue {name} does not exist" for name in (DEAD_LETTER_QUEUE, DEFERRALS, *CONSUMED)
     ]
     assert "deferred          queue missing" in run.stdout, run.describe()
+    # Regression (a probe): said "queue missing in financing_dead_letters".
+    assert "dead letters      queue missing\n" in run.stdout, run.describe()
     assert "relayer           nothing relayed yet; no event waiting" in run.stdout
 
 

@@ -79,10 +79,16 @@ def test_a_known_logger_level_is_accepted(level: str) -> None:
     assert accepted == {"WARN": "WARNING"}.get(level, level.upper())
 
 
-@pytest.mark.parametrize("level", ["VERBOSE", "TRACE", "5"])
+@pytest.mark.parametrize("level", ["VERBOSE", "trace", "5"])
 def test_an_unknown_logger_level_is_a_config_error(level: str) -> None:
-    with pytest.raises(ConfigError, match="LOGGER_LEVEL"):
+    """Regression (a probe): the error quoted the value upper-cased, which the operator
+    had not written, and left out WARN, which is taken."""
+    with pytest.raises(ConfigError) as caught:
         Settings.from_env({"LOGGER_LEVEL": level})
+    assert str(caught.value) == (
+        "LOGGER_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, FATAL (WARN for WARNING),"
+        f" in any letter case, got {level!r}"
+    )
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from financing.adapters.postgres.schema import SchemaAhead, SchemaBehind, Schema
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import connected, describe_url
 from financing.adapters.rabbitmq.dead_letters import being_read
-from financing.adapters.rabbitmq.queues import QueueDepth, queue_depth
+from financing.adapters.rabbitmq.queues import queue_depth
 from financing.application.errors import Refused, Unavailable, summary
 from financing.application.moments import moment
 from financing.config import Settings
@@ -223,7 +223,12 @@ async def _broker(settings: Settings, findings: Findings) -> None:
         ),
     )
     reading = " (and those a command reading them now holds)" if read and dead else ""
-    findings.report("dead letters", f"{_waiting(dead)}{reading} in {topology.DEAD_LETTER_QUEUE}")
+    findings.report(
+        "dead letters",
+        "queue missing"
+        if dead is None
+        else f"{dead.waiting} message(s) waiting{reading} in {topology.DEAD_LETTER_QUEUE}",
+    )
     # Waiting for an aggregate another message creates, to be delivered again.
     findings.report(
         "deferred",
@@ -264,7 +269,3 @@ async def _broker(settings: Settings, findings: Findings) -> None:
             findings.problems.append(f"queue {name} does not exist")
         elif not depth.consumers:
             findings.problems.append(f"queue {name} has no consumer")
-
-
-def _waiting(depth: QueueDepth | None) -> str:
-    return "queue missing" if depth is None else f"{depth.waiting} message(s) waiting"
