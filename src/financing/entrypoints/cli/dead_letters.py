@@ -47,12 +47,12 @@ async def list_letters(settings: Settings, selection: Selection, limit: int, bod
         write_lines([row, *(f"    {shown(detail)}" for detail in _details(letter, bodies))])
     write_lines([_count(listing, selection, quorum=settings.queue_type != CLASSIC)])
     if listing.most_given_back >= GIVEN_BACK_SAID:
-        print(
-            f"financing dead-letters list: letters have been read {listing.most_given_back}"
-            f" time(s) before; {DEAD_LETTER_QUEUE} is a quorum queue, which counts each read"
-            " as a delivery and drops a letter past its delivery limit (RabbitMQ 4: 20):"
-            ' keep it under a policy that raises the limit (docs/scaling.md, "Brokers")',
-            file=sys.stderr,
+        _say(
+            "list",
+            f"letters have been read {listing.most_given_back} time(s) before;"
+            f" {DEAD_LETTER_QUEUE} is a quorum queue, which counts each read as a delivery and"
+            " drops a letter past its delivery limit (RabbitMQ 4: 20): keep it under a policy"
+            ' that raises the limit (docs/scaling.md, "Brokers")',
         )
     return 0
 
@@ -161,9 +161,7 @@ async def _queue_known(broker: Broker, selection: Selection, verb: str) -> bool:
     queue = selection.source_queue
     if queue is None or await queue_exists(broker, queue):
         return True
-    print(
-        f"financing dead-letters {verb}: the broker has no queue named {queue!r}", file=sys.stderr
-    )
+    _say(verb, f"the broker has no queue named {queue!r}")
     return False
 
 
@@ -171,10 +169,14 @@ def _found(count: int, selection: Selection, verb: str) -> int:
     """Exit code 1 when a message id was asked for and no dead letter carries it."""
     if count or selection.message_id is None:
         return 0
-    print(
-        f"financing dead-letters {verb}: no dead letter with message id"
-        f" {selection.message_id!r}"
+    _say(
+        verb,
+        f"no dead letter with message id {selection.message_id!r}"
         + (f" from queue {selection.source_queue!r}" if selection.source_queue else ""),
-        file=sys.stderr,
     )
     return 1
+
+
+def _say(verb: str, text: str) -> None:
+    """One line on stderr, begun with the command's whole name, as every command's are."""
+    print(f"financing dead-letters {verb}: {text}", file=sys.stderr)

@@ -547,17 +547,8 @@ class _Protocol(grpclib.protocol.H2Protocol):
         try:
             await shaken
         except Exception as error:  # whatever ended the handshake ends the connection
-            plain.close()
-            if not self._left and self._gone is None:
-                metrics.GRPC_CONNECTIONS_CLOSED.labels("tls_handshake").inc()
-                # OpenSSL's words, not the client's: each reason its own 10 s (under
-                # one kind, a CA taken out of the file hid behind clients without a
-                # certificate, counted as theirs).
-                _SENT_AWAY.warn(
-                    f"gRPC connection closed: its TLS handshake failed ({_handshake(error)})",
-                    peer=_peer(plain),  # the last one's, on a line counting several
-                )
-            self._leave(None)
+            # OpenSSL's words, not the client's.
+            self._refuse(plain, plain, f"its TLS handshake failed ({_handshake(error)})")
             return
         secured = handshake._app_transport
         if secured is None or self._left or self._gone is not None:
@@ -571,17 +562,28 @@ class _Protocol(grpclib.protocol.H2Protocol):
             # gRPC over TLS is HTTP/2 chosen by ALPN (RFC 9113, section 3.2), as grpc-go's
             # servers require: a client that chose another protocol, or none, held its
             # connection until its preface was due. OpenSSL has no alert for it here.
-            secured.close()
-            metrics.GRPC_CONNECTIONS_CLOSED.labels("tls_handshake").inc()
-            _SENT_AWAY.warn(
-                "gRPC connection closed: its client did not choose HTTP/2 by ALPN (h2),"
-                " which gRPC over TLS requires",
-                peer=_peer(plain),
+            self._refuse(
+                secured,
+                plain,
+                "its client did not choose HTTP/2 by ALPN (h2), which gRPC over TLS requires",
             )
-            self._leave(None)
             return
         self._transport = secured
         self._begin(secured)
+
+    def _refuse(
+        self, transport: asyncio.BaseTransport, plain: asyncio.BaseTransport, why: str
+    ) -> None:
+        """Close a connection whose TLS handshake gave no HTTP/2 to serve, counted and
+        said with its client's address (`plain`'s) unless it was gone or sent away
+        meanwhile: each reason its own 10 s (under one kind, a CA taken out of the file
+        hid behind clients without a certificate, counted as theirs)."""
+        transport.close()
+        if not self._left and self._gone is None:
+            metrics.GRPC_CONNECTIONS_CLOSED.labels("tls_handshake").inc()
+            # The last one's address, on a line counting several.
+            _SENT_AWAY.warn(f"gRPC connection closed: {why}", peer=_peer(plain))
+        self._leave(None)
 
     def _begin(self, transport: asyncio.BaseTransport) -> None:
         self._begun = True
