@@ -38,6 +38,12 @@ GRPC_HANDLING = Histogram(
     ["grpc_type", "grpc_service", "grpc_method"],
     buckets=_LATENCY,
 )
+GRPC_BUSY = Counter(
+    "financing_grpc_busy_total",
+    "Calls answered UNAVAILABLE because the service was busy: no turn came within the"
+    " busy wait, nothing done (counted in grpc_server_handled_total as well).",
+    ["grpc_service", "grpc_method"],
+)
 GRPC_TLS_RELOADS = Counter(
     "financing_grpc_tls_reloads_total",
     "Changes of the gRPC ports' TLS files, by outcome: loaded (new connections are served"

@@ -262,5 +262,9 @@ async def test_the_counters_the_alert_rules_take_increases_of_are_exported_from_
         assert exported("grpc_server_handled_total", grpc_service="Queries", grpc_method=method), (
             method
         )
+    for service, method in [("Commands", "SellInvoice"), ("Queries", "AllInvoices")]:
+        assert exported("financing_grpc_busy_total", grpc_service=service, grpc_method=method), (
+            method
+        )
     for queue in ("SellInvoice", "events_financing_projector", "events_InvoiceFinancedEvent"):
         assert exported("financing_dead_letters_published_total", queue=queue), queue

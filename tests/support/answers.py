@@ -13,6 +13,8 @@ import betterproto
 from betterproto.grpc.grpclib_client import ServiceStub
 from grpclib.const import Cardinality
 
+from tests.support.raw_h2 import RawConnection
+
 R = TypeVar("R", bound=betterproto.Message)
 
 CORRELATION_METADATA = "correlation-id"
@@ -42,6 +44,25 @@ async def call(
     assert reply is not None, f"{route} answered no reply"
     assert initial is not None, f"{route} answered no initial metadata"
     return reply, {key: str(value) for key, value in initial.items()}
+
+
+async def answer_fields(
+    address: tuple[str, int],
+    route: str,
+    request: betterproto.Message,
+    *,
+    metadata: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """`route` called at `address` from a raw HTTP/2 connection: every field the server
+    ended the call with, headers and trailers (gRPC's clients keep the `grpc-*` ones
+    to themselves)."""
+    body = bytes(request)
+    framed = b"\x00" + len(body).to_bytes(4, "big") + body
+    fields = [(key.encode(), value.encode()) for key, value in (metadata or {}).items()]
+    async with RawConnection.open(address) as connection:
+        stream = connection.call(route.encode(), framed, metadata=fields)
+        answer = await connection.answered(stream)
+    return {key.decode(): value.decode() for key, value in answer.items()}
 
 
 def correlation_of(metadata: Mapping[str, str]) -> str:

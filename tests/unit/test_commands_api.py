@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -17,6 +18,7 @@ from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
 from grpclib.health.service import Health
+from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from financing.application.errors import Refused, Unavailable, Unconfirmed
@@ -43,7 +45,13 @@ from financing.generated import (
     SellInvoiceCommand,
     Uuid,
 )
-from tests.support.answers import CORRELATION_METADATA, call, call_with_grpcio, correlation_of
+from tests.support.answers import (
+    CORRELATION_METADATA,
+    answer_fields,
+    call,
+    call_with_grpcio,
+    correlation_of,
+)
 from tests.support.infra import wait_until
 from tests.support.raw_h2 import EMPTY_MESSAGE, HEALTH_CHECK, RawConnection
 
@@ -899,3 +907,100 @@ async def _sell_refused(stub: CommandsStub, metadata: list[tuple[str, str]]) -> 
     with pytest.raises(GRPCError) as error:
         await call(stub, "/Commands/SellInvoice", request, Uuid, metadata=metadata)
     return error.value
+
+
+PUSHBACK = "grpc-retry-pushback-ms"
+
+
+def _busy_total(method: str) -> float:
+    return (
+        REGISTRY.get_sample_value(
+            "financing_grpc_busy_total", {"grpc_service": "Commands", "grpc_method": method}
+        )
+        or 0.0
+    )
+
+
+def _address(channel: Channel) -> tuple[str, int]:
+    return channel._host, channel._port  # type: ignore[return-value]
+
+
+async def test_a_busy_answer_tells_a_retrying_client_when_to_come_back_and_is_counted() -> None:
+    """Regression: a busy answer carried no `grpc-retry-pushback-ms`, so clients with a
+    retry policy came back at their own backoff, all of them together, into the same
+    crowd; and it was counted as any UNAVAILABLE, beside a broker's outage."""
+    before = _busy_total("ApproveFinancing")
+    async with _one_turn_taken(busy_wait=0.2) as (_, _, channel):
+        busy = await answer_fields(
+            _address(channel), "/Commands/ApproveFinancing", ApproveFinancingCommand(_id())
+        )
+    assert busy["grpc-status"] == str(Status.UNAVAILABLE.value)
+    assert 100 <= int(busy[PUSHBACK]) <= 300  # about the busy wait again, spread
+    assert _busy_total("ApproveFinancing") == before + 1
+
+
+async def test_an_answer_that_queued_nothing_leaves_the_retry_to_the_clients_backoff() -> None:
+    async with _serving(CommandsService(FlakySender(10**6), Outages(), budget=0.3)) as channel:
+        down = await answer_fields(
+            _address(channel), "/Commands/ApproveFinancing", ApproveFinancingCommand(_id())
+        )
+    assert down["grpc-message"] == "ApproveFinancing not queued: broker unavailable"
+    assert PUSHBACK not in down
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["without-key", "with-key"])
+async def test_a_command_that_may_have_been_queued_is_retried_by_a_retry_policy_only_under_a_key(
+    keyed: bool,
+) -> None:
+    """Regression: a client whose retry policy retries UNAVAILABLE sent a command answered
+    "it may have been queued" again, a second command (a second invoice sold, a second
+    bid placed) where the first was queued; under an `idempotency-key` a retry is safe."""
+    import grpc
+
+    silent = SilentSender()
+    policy = {
+        "methodConfig": [
+            {
+                "name": [{"service": "Commands"}],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.01s",
+                    "maxBackoff": "0.01s",
+                    "backoffMultiplier": 1,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+    metadata = {"idempotency-key": "k-1"} if keyed else {}
+    service = CommandsService(silent, Outages(), budget=0.3)
+    async with _serving(service, correlated=True) as channel:
+        unsure = await answer_fields(
+            _address(channel),
+            "/Commands/ApproveFinancing",
+            ApproveFinancingCommand(_id()),
+            metadata=metadata,
+        )
+        host, port = _address(channel)
+        async with grpc.aio.insecure_channel(
+            f"{host}:{port}", options=[("grpc.service_config", json.dumps(policy))]
+        ) as retrying:
+            method = retrying.unary_unary(
+                "/Commands/ApproveFinancing",
+                request_serializer=bytes,
+                response_deserializer=Empty.FromString,
+            )
+            before = silent.waiting
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await method(
+                    ApproveFinancingCommand(_id()), metadata=tuple(metadata.items()), timeout=10
+                )
+            attempts = silent.waiting - before
+    assert "it may have been queued" in unsure["grpc-message"]
+    assert error.value.code() is grpc.StatusCode.UNAVAILABLE
+    if keyed:
+        assert attempts == 3
+        assert PUSHBACK not in unsure
+    else:
+        assert attempts == 1
+        assert unsure[PUSHBACK] == "-1"

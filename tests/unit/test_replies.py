@@ -20,6 +20,7 @@ from betterproto.lib.google.protobuf import Empty
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
+from grpclib.metadata import decode_grpc_message
 from grpclib.protocol import H2Protocol
 from structlog.testing import capture_logs
 
@@ -48,7 +49,10 @@ from financing.entrypoints.grpc.queries import (
     QueriesService,
 )
 from financing.entrypoints.grpc.replies import listed
+from tests.support.answers import answer_fields
 from tests.support.infra import holds, wait_until
+
+PUSHBACK = "grpc-retry-pushback-ms"
 
 AMOUNTS = [Decimal("0"), Decimal("0.01"), Decimal("10"), Decimal("999999999999.99")]
 
@@ -400,17 +404,24 @@ async def test_a_list_call_given_no_place_within_the_busy_wait_is_answered_busy(
             if database_down:
                 # As a call ahead of it that failed on it left it.
                 queries._lists["issuers"].failed["query database"] = "a statement waited"
-            refusing = asyncio.create_task(pb.QueriesStub(other).all_issuers(Empty(), timeout=10))
+            refusing = asyncio.create_task(
+                answer_fields(("127.0.0.1", port), "/Queries/AllIssuers", Empty())
+            )
             await wait_until(lambda: holds(queries.busy()), what="a call waiting its turn")
-            with pytest.raises(GRPCError) as refused:
-                await refusing
+            refused = await refusing
             store.gate.set()
             await asyncio.gather(*held)
         finally:
             holder.close()
             other.close()
-    assert refused.value.status is Status.UNAVAILABLE
-    assert refused.value.message == (
+    assert refused["grpc-status"] == str(Status.UNAVAILABLE.value)
+    # A busy answer tells a client's retry policy to come back after about the busy
+    # wait again (spread); an outage leaves it to the client's own backoff.
+    if database_down:
+        assert PUSHBACK not in refused
+    else:
+        assert 150 <= int(refused[PUSHBACK]) <= 450
+    assert decode_grpc_message(refused["grpc-message"]) == (
         "AllIssuers not answered: query database unavailable, the AllIssuers calls ahead of"
         " it waiting on it; try again later"
         if database_down

@@ -27,6 +27,7 @@ from financing.entrypoints.listening import listening_at
 from financing.logging import get_logger
 from financing.metrics import (
     EVENT_LOOP_LAG,
+    GRPC_BUSY,
     GRPC_HANDLED,
     GRPC_HANDLING,
     GRPC_STARTED,
@@ -137,6 +138,7 @@ def observe_grpc(server: Server, handlers: Iterable[Servable]) -> None:
         # ecosystem's interceptors initialise them: a rule's `rate` or `increase` does
         # not count a series born at its first value (a process's first refusals).
         GRPC_STARTED.labels(kind, service, method)
+        GRPC_BUSY.labels(service, method)
         for status in Status:
             GRPC_HANDLED.labels(kind, service, method, status.name)
 

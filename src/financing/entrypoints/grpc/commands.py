@@ -53,6 +53,7 @@ from financing.domain.ids import parse_id
 from financing.domain.money import InvalidAmount, positive_amount
 from financing.entrypoints.grpc.calls import CallsInFlight, TurnRefused
 from financing.entrypoints.grpc.edge import Warnings
+from financing.entrypoints.grpc.pushback import do_not_retry, retry_after
 from financing.generated import (
     ApproveFinancingCommand,
     BidOnInvoiceCommand,
@@ -63,6 +64,7 @@ from financing.generated import (
     Uuid,
 )
 from financing.logging import get_logger
+from financing.metrics import GRPC_BUSY
 
 log = get_logger(__name__)
 
@@ -161,11 +163,11 @@ def _unsure(
 ) -> GRPCError:
     """UNAVAILABLE for a command that may have been queued all the same, saying what a
     retry does: a try was written, or may have been, and its confirm never came."""
-    retry_is = (
-        f"a retry with the same {IDEMPOTENCY_METADATA} is not applied twice"
-        if key is not None
-        else f"a retry without an {IDEMPOTENCY_METADATA} may apply it twice"
-    )
+    if key is not None:
+        retry_is = f"a retry with the same {IDEMPOTENCY_METADATA} is not applied twice"
+    else:
+        retry_is = f"a retry without an {IDEMPOTENCY_METADATA} may apply it twice"
+        do_not_retry()  # a client's retry policy would send it again
     return GRPCError(status, f"{command.name()} {what}: it may have been queued ({retry_is})")
 
 
@@ -328,6 +330,8 @@ class CommandsService(CommandsBase):
                     f"{command.name()} not queued: the service is shutting down",
                 ) from None
             _BUSY.warn("commands answered UNAVAILABLE, not queued: the service is busy")
+            GRPC_BUSY.labels("Commands", command.name()).inc()
+            retry_after(self._busy_wait)
             raise GRPCError(
                 Status.UNAVAILABLE,
                 f"{command.name()} not queued: the service was busy queueing {self._most}"

@@ -80,6 +80,7 @@ from hyperframe.frame import GoAwayFrame
 
 from financing import metrics
 from financing.entrypoints.connections import OWN_DESCRIPTORS, Connections, descriptor_share
+from financing.entrypoints.grpc.pushback import advised
 from financing.entrypoints.listening import listening_at, shown
 from financing.logging import get_logger
 
@@ -392,6 +393,8 @@ async def _request(
         finally:
             release_stream()
         return
+    # An error's trailers carry the retry advice the call's handler gave (`pushback`).
+    stream.send_headers = advised(stream.send_headers)  # type: ignore[method-assign]
     await request_handler(
         mapping, stream, headers, codec, status_details_codec, dispatch, release_stream
     )

@@ -54,7 +54,9 @@ from financing.application.retry import Outages
 from financing.entrypoints.grpc import replies
 from financing.entrypoints.grpc.calls import CallsInFlight, TurnRefused
 from financing.entrypoints.grpc.edge import Warnings
+from financing.entrypoints.grpc.pushback import retry_after
 from financing.logging import get_logger
+from financing.metrics import GRPC_BUSY
 
 log = get_logger(__name__)
 
@@ -186,6 +188,8 @@ class QueriesService(pb.QueriesBase):
                     " ahead of it waiting on it; try again later",
                 ) from None
             _BUSY.warn("list calls answered UNAVAILABLE: the service is busy")
+            GRPC_BUSY.labels("Queries", method).inc()
+            retry_after(self._busy_wait)
             raise GRPCError(
                 Status.UNAVAILABLE,
                 f"{method} not answered: the service was busy answering {method} calls"
