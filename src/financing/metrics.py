@@ -44,6 +44,24 @@ GRPC_BUSY = Counter(
     " busy wait, nothing done (counted in grpc_server_handled_total as well).",
     ["grpc_service", "grpc_method"],
 )
+GRPC_CALLS_WAITING = Gauge(
+    "financing_grpc_calls_waiting",
+    "Calls waiting for their turn, as last read: beyond the commands one process queues at"
+    " once, or the list replies it holds; each is answered busy after the busy wait.",
+    ["grpc_service"],
+)
+LIST_REPLY_BYTES = Histogram(
+    "financing_list_reply_bytes",
+    "Sizes of the Queries API's list replies, as built.",
+    ["grpc_method"],
+    buckets=tuple(float(4**power * 1024) for power in range(10)),  # 1 KiB to 256 MiB
+)
+LIST_REPLY_BYTES_HELD = Gauge(
+    "financing_list_reply_bytes_held",
+    "Bytes of the Queries API's list replies built and not yet taken in by their callers,"
+    " as last read.",
+    ["grpc_method"],
+)
 GRPC_TLS_RELOADS = Counter(
     "financing_grpc_tls_reloads_total",
     "Changes of the gRPC ports' TLS files, by outcome: loaded (new connections are served"

@@ -266,5 +266,9 @@ async def test_the_counters_the_alert_rules_take_increases_of_are_exported_from_
         assert exported("financing_grpc_busy_total", grpc_service=service, grpc_method=method), (
             method
         )
+        assert exported("financing_grpc_calls_waiting", grpc_service=service), service
+    for method in ("AllInvoices", "AllInvestors", "AllIssuers"):
+        assert exported("financing_list_reply_bytes_count", grpc_method=method), method
+        assert exported("financing_list_reply_bytes_held", grpc_method=method), method
     for queue in ("SellInvoice", "events_financing_projector", "events_InvoiceFinancedEvent"):
         assert exported("financing_dead_letters_published_total", queue=queue), queue

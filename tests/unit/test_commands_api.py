@@ -36,6 +36,7 @@ from financing.entrypoints.grpc import commands as commands_api
 from financing.entrypoints.grpc.codec import FramingChecked, RequestCodec
 from financing.entrypoints.grpc.commands import CommandsService, correlate
 from financing.entrypoints.grpc.edge import BUSY_CALLS_MOST, GrpcServer, Warnings, _less_time
+from financing.entrypoints.observability import observe_turns
 from financing.generated import (
     ApproveFinancingCommand,
     BidOnInvoiceCommand,
@@ -1004,3 +1005,26 @@ async def test_a_command_that_may_have_been_queued_is_retried_by_a_retry_policy_
     else:
         assert attempts == 1
         assert unsure[PUSHBACK] == "-1"
+
+
+async def test_the_calls_waiting_for_their_turn_are_measured() -> None:
+    """Regression: nothing said how many calls waited for a turn, each a busy answer to
+    come after the busy wait."""
+
+    async def waiting_calls() -> float:
+        return (
+            REGISTRY.get_sample_value("financing_grpc_calls_waiting", {"grpc_service": "Commands"})
+            or 0.0
+        )
+
+    async with _one_turn_taken() as (gated, service, channel):
+        observe_turns("Commands", service.calls)
+        waiting = asyncio.create_task(
+            CommandsStub(channel, timeout=20).approve_financing(ApproveFinancingCommand(_id()))
+        )
+        await wait_until(waiting_calls, what="a call counted waiting for its turn")
+        gated.confirm_oldest()
+        await gated.sending(1)  # its turn came
+        assert await waiting_calls() == 0
+        gated.confirm_all()
+        await waiting

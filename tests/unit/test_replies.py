@@ -22,6 +22,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.metadata import decode_grpc_message
 from grpclib.protocol import H2Protocol
+from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from financing import generated as pb
@@ -49,6 +50,7 @@ from financing.entrypoints.grpc.queries import (
     QueriesService,
 )
 from financing.entrypoints.grpc.replies import listed
+from financing.entrypoints.observability import observe_replies
 from tests.support.answers import answer_fields
 from tests.support.infra import holds, wait_until
 
@@ -183,6 +185,31 @@ async def test_a_caller_that_does_not_read_its_reply_holds_its_bytes_not_its_row
 
         await wait_until(rows_let_go, what="the rows let go while the reply waits")
         assert queries.calls.in_flight == 1  # still sending
+
+
+def _sample(name: str, method: str) -> float:
+    return REGISTRY.get_sample_value(name, {"grpc_method": method}) or 0.0
+
+
+async def test_the_bytes_of_replies_waiting_for_their_callers_are_measured() -> None:
+    """Regression: nothing measured the replies' sizes, nor the bytes held for callers
+    that read slowly, which is what a process serving lists needs memory for."""
+    size_before = _sample("financing_list_reply_bytes_sum", "AllIssuers")
+    async with queries_server(FreshRows()) as (queries, port):
+        observe_replies(queries)
+
+        async def held() -> float:
+            return _sample("financing_list_reply_bytes_held", "AllIssuers")
+
+        async def let_go() -> bool:
+            return not await held()
+
+        async with never_reading(port):
+            await wait_until(held, what="a reply held for its caller")
+            size = _sample("financing_list_reply_bytes_sum", "AllIssuers") - size_before
+            assert size > 200_000  # 5,000 issuers
+            assert await held() == size
+        await wait_until(let_go, what="the reply let go with its caller")
 
 
 Caller = h2.connection.H2Connection

@@ -91,6 +91,8 @@ from financing.entrypoints.observability import (
     MetricsEndpoint,
     observe_grpc,
     observe_pool,
+    observe_replies,
+    observe_turns,
     watch_event_loop,
 )
 from financing.workers.projector import Projector
@@ -196,6 +198,7 @@ async def bootstrap(
         queries = QueriesService(PostgresReadModels(query_pool), outages)
         probe = Probe(QUERY_DATABASE, _answering(ping, query_pool, "queries"))
         server = _grpc_server(service, outages, queries, "Queries", probe, opened.own, tls)
+        observe_replies(queries)
         service.listeners.append(Listener("queries-api", server, settings.query_address))
     _housekeeping(settings, service, outages, opened)
     return service
@@ -434,6 +437,7 @@ def _grpc_server(
     the process needs itself, which its callers' connections leave it; `tls`: what its
     connections are served with (None: plaintext)."""
     service.calls.append(api.calls)
+    observe_turns(name, api.calls)
     readiness = Readiness(name)
     _health(service, outages).watch(readiness, [probe])
     # The API's calls are drained at shutdown; health's and reflection's are not waited for.

@@ -22,15 +22,20 @@ from prometheus_client import REGISTRY
 from prometheus_client.exposition import choose_encoder
 
 from financing.entrypoints.connections import OWN_DESCRIPTORS, Connections, descriptor_share
+from financing.entrypoints.grpc.calls import CallsInFlight
 from financing.entrypoints.grpc.codec import Servable
+from financing.entrypoints.grpc.queries import LISTS, QueriesService
 from financing.entrypoints.listening import listening_at
 from financing.logging import get_logger
 from financing.metrics import (
     EVENT_LOOP_LAG,
     GRPC_BUSY,
+    GRPC_CALLS_WAITING,
     GRPC_HANDLED,
     GRPC_HANDLING,
     GRPC_STARTED,
+    LIST_REPLY_BYTES,
+    LIST_REPLY_BYTES_HELD,
     POOL_CONNECTIONS,
 )
 
@@ -141,6 +146,22 @@ def observe_grpc(server: Server, handlers: Iterable[Servable]) -> None:
         GRPC_BUSY.labels(service, method)
         for status in Status:
             GRPC_HANDLED.labels(kind, service, method, status.name)
+
+
+def observe_turns(service: str, calls: CallsInFlight) -> None:
+    """Report how many of `service`'s calls wait for their turn whenever metrics are
+    scraped."""
+    GRPC_CALLS_WAITING.labels(service).set_function(lambda: calls.waiting)
+
+
+def observe_replies(queries: QueriesService) -> None:
+    """Report the bytes of the list replies `queries` holds whenever metrics are scraped;
+    their sizes exported from 0."""
+    for method in LISTS:
+        LIST_REPLY_BYTES.labels(method)
+        LIST_REPLY_BYTES_HELD.labels(method).set_function(
+            lambda method=method: queries.bytes_held()[method]  # type: ignore[misc]
+        )
 
 
 def observe_pool(pool: asyncpg.Pool, database: str) -> None:

@@ -32,6 +32,7 @@ class CallsInFlight:
 
     def __init__(self) -> None:
         self._count = 0
+        self.waiting = 0  # calls waiting for their turn
         self._idle = asyncio.Event()
         self._idle.set()
         self._draining = asyncio.Event()
@@ -73,12 +74,14 @@ class CallsInFlight:
         taking = asyncio.ensure_future(take)
         stopping = asyncio.ensure_future(self.draining())
         given = False
+        self.waiting += 1
         try:
             await asyncio.wait(
                 {taking, stopping}, timeout=within, return_when=asyncio.FIRST_COMPLETED
             )
             given = taking.done() and not taking.cancelled()
         finally:
+            self.waiting -= 1
             stopping.cancel()
             if not given:
                 taking.cancel()

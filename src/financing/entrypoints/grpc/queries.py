@@ -56,7 +56,7 @@ from financing.entrypoints.grpc.calls import CallsInFlight, TurnRefused
 from financing.entrypoints.grpc.edge import Warnings
 from financing.entrypoints.grpc.pushback import retry_after
 from financing.logging import get_logger
-from financing.metrics import GRPC_BUSY
+from financing.metrics import GRPC_BUSY, LIST_REPLY_BYTES
 
 log = get_logger(__name__)
 
@@ -79,6 +79,8 @@ LIST_CALLS_PER_HOST = LIST_REPLIES // 2
 REPLY_TIMEOUT = 60.0
 # Seconds a call may wait for its turn before it is answered busy.
 BUSY_WAIT = 2.0
+# The read model each method lists.
+LISTS = {"AllInvestors": "investors", "AllInvoices": "invoices", "AllIssuers": "issuers"}
 _BUSY = Warnings(10.0, log)
 # Seconds a read may have waited when its caller gives up on it (its deadline, gone)
 # before a warning says so: callers whose deadlines are shorter than FINANCING_DB_TIMEOUT
@@ -97,7 +99,7 @@ class QueriesService(pb.QueriesBase):
         self._read_models = read_models
         self._busy_wait = busy_wait
         self._outages = outages
-        self._lists = {what: _List(what) for what in ("investors", "invoices", "issuers")}
+        self._lists = {what: _List(what) for what in LISTS.values()}
         self.calls = CallsInFlight()
 
     def __mapping__(self) -> dict[str, Handler]:
@@ -143,6 +145,8 @@ class QueriesService(pb.QueriesBase):
                     listed.refuse_while_tried(method)
                     listed.refuse_if_failed_since(failures)
                     reply = await replies.listed(await self._read(listed, read), item)
+                LIST_REPLY_BYTES.labels(method).observe(len(reply.data))
+                listed.bytes_held += len(reply.data)
                 try:
                     async with asyncio.timeout(REPLY_TIMEOUT):
                         await stream.send_message(reply)
@@ -151,10 +155,17 @@ class QueriesService(pb.QueriesBase):
                         Status.DEADLINE_EXCEEDED,
                         f"the reply was not taken in within {REPLY_TIMEOUT:.0f} s",
                     ) from None
+                finally:
+                    listed.bytes_held -= len(reply.data)
             finally:
                 turn.give_back()
 
         return answer
+
+    def bytes_held(self) -> dict[str, int]:
+        """Bytes of the list replies built and not yet taken in by their callers, by
+        method."""
+        return {method: self._lists[what].bytes_held for method, what in LISTS.items()}
 
     def busy(self) -> bool:
         """Whether calls wait for their turn (`edge.GrpcServer`'s `busy`): those of one
@@ -257,6 +268,7 @@ class _List:
     connections: dict[object, _Places] = field(default_factory=dict)  # by peer address
     hosts: dict[object, _Places] = field(default_factory=dict)  # by peer host
     waiting: int = 0  # calls waiting for their turn
+    bytes_held: int = 0  # of replies built and not yet taken in
     failed: dict[str, str] = field(default_factory=dict)  # detail, by dependency
     failures: int = 0  # reads failed so far
     tried: bool = False  # a read tries the database again after a failure
