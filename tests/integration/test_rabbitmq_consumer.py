@@ -1433,3 +1433,62 @@ async def test_a_single_active_consumer_stopping_hands_what_it_holds_over_in_ord
             await second
         await taking.close()
         await stopping.close()
+
+
+async def test_the_consumer_a_single_active_consumer_queue_delivers_to_says_so_once(
+    bus: Bus,
+) -> None:
+    """Regression: nothing in a process's log said that it had become the active
+    consumer of the projector's queue (RabbitMQ tells an AMQP consumer nothing), so that
+    after a take-over no line named the instance that projects."""
+    spec = QueueSpec(
+        unique_name("sac"), bound_to_events=False, arguments={"x-single-active-consumer": True}
+    )
+    got: dict[str, list[str]] = {"first": [], "second": []}
+    consumers = {
+        name: QueueConsumer(
+            bus.broker,
+            spec,
+            bus.dead_letters,
+            bus.outages,
+            lambda delivery, name=name: got[name].append(delivery.envelope().message_id),
+            prefetch=5,
+        )
+        for name in got
+    }
+
+    async def published(message_id: str) -> None:
+        await bus.publisher.send_to_queue(
+            spec.name, envelope(CreateIssuer(uuid.uuid4()), message_id)
+        )
+
+    def active_lines() -> list[dict[str, object]]:
+        return [line for line in logs if str(line["event"]).startswith("deliveries come")]
+
+    with capture_logs() as logs:
+        first = asyncio.create_task(consumers["first"].run())
+        await wait_until(lambda: holds(consumers["first"].consuming.is_set()), what="the first")
+        second = asyncio.create_task(consumers["second"].run())
+        try:
+            await wait_until(
+                lambda: holds(consumers["second"].consuming.is_set()), what="the second"
+            )
+            assert active_lines() == []  # nothing delivered yet
+            for message_id in ("m-1", "m-2"):
+                await published(message_id)
+            await wait_until(lambda: holds(len(got["first"]) == 2), what="the first's two")
+            assert [line["queue"] for line in active_lines()] == [spec.name]
+
+            first.cancel()
+            with suppress(asyncio.CancelledError):
+                await first
+            await consumers["first"].close()  # m-1 and m-2 go back, to the second
+            await published("m-3")
+            await wait_until(lambda: holds(len(got["second"]) == 3), what="the take-over")
+            assert len(active_lines()) == 2
+        finally:
+            second.cancel()
+            with suppress(asyncio.CancelledError):
+                await second
+            for consumer in consumers.values():
+                await consumer.close()

@@ -291,6 +291,9 @@ class QueueConsumer:
         self._channel: AbstractChannel | None = None
         self._acks: ChannelAcks | None = None  # the current channel's
         self._refused_at: float | None = None  # when its declaration was last refused
+        # The acks of the channel whose first delivery from a queue with a single active
+        # consumer said that this process is that consumer now.
+        self._active_on: ChannelAcks | None = None
         self.consuming = asyncio.Event()
         # Exported from 0: a rule's `increase` does not count a series born at 1, so the
         # first letters of a queue went unalerted.
@@ -400,6 +403,14 @@ class QueueConsumer:
     ) -> None:
         if message.delivery_tag is not None:
             acks.delivered(message.delivery_tag)
+        if self._queue.single_active_consumer and self._active_on is not acks:
+            # RabbitMQ tells a consumer nothing when it becomes the active one (after a
+            # take-over, or as the first): its first delivery says so, once per channel.
+            self._active_on = acks
+            log.info(
+                "deliveries come to this process: the active consumer of its queue",
+                queue=self._queue.name,
+            )
         self._on_delivery(
             AmqpDelivery(message, self._queue.name, self._dead_letters, acks, abandon)
         )
