@@ -354,3 +354,30 @@ async def test_silent_dependencies_are_inquired_into_side_by_side(bare: Bare) ->
     reported = [line.split()[0] for line in run.stdout.splitlines()[:3]]
     assert reported == ["command", "query", "broker"], run.stdout
     assert len(problems(run)) == 3 and all(p.endswith("is unreachable") for p in problems(run))
+
+
+@pytest.mark.parametrize(
+    ("which", "dropped"),
+    [("command", "TABLE relay_checkpoints"), ("query", "SCHEMA read_models CASCADE")],
+)
+async def test_a_database_whose_tables_are_gone_is_reported_as_not_ready(
+    bare: Bare, which: str, dropped: str
+) -> None:
+    """Regression: with the read models' schema dropped, `/health` answered 503 and
+    `health-check` and `check` failed, and `status` said the query database reachable
+    and the deployment healthy."""
+    connection_string = bare.env[f"{which.upper()}_DB_CONNECTION_STRING"]
+    db = parse_database(connection_string)
+    conn = await asyncpg.connect(**db.connect_kwargs)
+    try:
+        await conn.execute(f"DROP {dropped}")
+    finally:
+        await conn.close()
+
+    run = await run_cli(bare.env, "status")
+
+    assert run.exit_code == 1, run.describe()
+    [line] = [line for line in run.stdout.splitlines() if line.startswith(f"{which} database ")]
+    assert " NOT READY: its table(s) " in line and " do not exist" in line, line
+    assert f"{which} database {db.describe()}: tables of the service are missing" in problems(run)
+    assert "Traceback" not in run.stderr

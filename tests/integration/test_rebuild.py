@@ -21,6 +21,7 @@ from financing.adapters.rabbitmq.connection import Broker, close_channel
 from financing.adapters.rabbitmq.consumer import QueueConsumer
 from financing.adapters.rabbitmq.dead_letters import DeadLetters
 from financing.adapters.rabbitmq.publisher import Publisher
+from financing.application.errors import AwaitingOperator
 from financing.application.ports import StoredEvent
 from financing.application.read_models import InMemoryReadModels, IssuerRow, ReadModelStore
 from financing.application.retry import DELIVERIES, Outages
@@ -319,3 +320,44 @@ async def test_a_session_reading_the_read_models_holds_neither_the_swap_nor_othe
         "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'read_models%'"
     )
     assert [row["nspname"] for row in schemas] == ["read_models"]
+
+
+@pytest.mark.parametrize("dropped", ["SCHEMA read_models", "TABLE read_models.investors"])
+async def test_rebuild_builds_the_read_models_again_where_they_are_gone(
+    event_store_pool: asyncpg.Pool, query_pool: asyncpg.Pool, dropped: str
+) -> None:
+    """Regression: where the read models' schema or a table of it was dropped, the
+    service's outage line said that a rebuild builds them again, and the rebuild failed
+    (`schema "read_models" does not exist`, `relation ... does not exist`)."""
+    events = await all_events(PostgresEventStore(event_store_pool))
+    await query_pool.execute(f"DROP {dropped} CASCADE")
+
+    report = await rebuild(event_store_pool, query_pool)
+
+    assert report.events == len(events)
+    assert await snapshot(PostgresReadModels(query_pool)) == await expected(events)
+    schemas = await query_pool.fetch(
+        "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'read_models%'"
+    )
+    assert [row["nspname"] for row in schemas] == ["read_models"]
+
+
+async def test_rebuild_where_a_table_outside_the_read_models_is_gone_says_what_brings_it_back(
+    event_store_pool: asyncpg.Pool, query_pool: asyncpg.Pool
+) -> None:
+    """A rebuild makes the read models' schema, not the query database's own tables
+    (`foreign_events`, made by its migrations): it said the driver's `relation ... does
+    not exist`, after the outage line had sent the operator to it."""
+    read_models = PostgresReadModels(query_pool)
+    await read_models.apply([(str(uuid4()), IssuerCreatedEvent(uuid4()))])
+    before = await snapshot(read_models)
+    await query_pool.execute("DROP TABLE foreign_events")
+
+    with pytest.raises(AwaitingOperator) as gone:
+        await rebuild(event_store_pool, query_pool)
+
+    assert "its table(s) foreign_events do not exist" in str(gone.value)
+    assert "drop it, create it again empty and run `financing projections rebuild`" in str(
+        gone.value
+    )
+    assert await snapshot(read_models) == before  # nothing replaced

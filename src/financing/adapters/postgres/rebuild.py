@@ -43,7 +43,7 @@ from financing.adapters.postgres.read_models import (
     create_tables,
     quoted_schema,
 )
-from financing.adapters.postgres.schema import migrate
+from financing.adapters.postgres.schema import migrate, require_tables
 from financing.application.ports import EventStore, StoredEvent
 from financing.application.read_models import ReadModelStore, apply_foreign, kept_foreign
 from financing.domain.events import DomainEvent
@@ -83,6 +83,9 @@ async def rebuild(
     `adopt` them (this store took the place of that one): rebuilt by mistake, another
     deployment's read models were dropped and made this one's."""
     await migrate(query_pool, "queries")
+    # The read models' own tables may be gone (their schema dropped): the rebuild makes
+    # them. Those outside it it does not (`require_tables`).
+    await require_tables(query_pool, "queries", rebuilding=True)
     fresh = f"{DEFAULT_SCHEMA}_rebuild_{uuid.uuid4().hex[:12]}"
     store = PostgresEventStore(event_store_pool)
     store_id = await store_of(event_store_pool)
@@ -129,12 +132,21 @@ async def _rebuilt(
         async for kept in kept_foreign(live, batch_size):
             foreign += len(await apply_foreign(target, kept))
         async with acquired(query_pool, QUERY_DATABASE) as conn, conn.transaction():
-            await conn.execute(f"LOCK TABLE {live_sql}.processed_messages IN EXCLUSIVE MODE")
-            behind = await conn.fetchval(
-                f"SELECT EXISTS (SELECT FROM {live_sql}.processed_messages AS live"
-                f" WHERE NOT EXISTS (SELECT FROM {fresh_sql}.processed_messages AS fresh"
-                " WHERE fresh.message_id = live.message_id))"
+            # Gone (the live schema dropped, or its tables): nothing to lock or to catch
+            # up with, as no projector can write there; the fresh schema takes its place.
+            live_kept = await conn.fetchval(
+                "SELECT to_regclass($1) IS NOT NULL", f"{live_sql}.processed_messages"
             )
+            if live_kept:
+                await conn.execute(f"LOCK TABLE {live_sql}.processed_messages IN EXCLUSIVE MODE")
+                behind = await conn.fetchval(
+                    f"SELECT EXISTS (SELECT FROM {live_sql}.processed_messages AS live"
+                    f" WHERE NOT EXISTS (SELECT FROM {fresh_sql}.processed_messages AS"
+                    " fresh WHERE fresh.message_id = live.message_id))"
+                )
+            else:
+                log.info("the live read models are gone: the rebuilt ones take their place")
+                behind = False
             if behind:
                 # The projector waits meanwhile: only what followed the replay is read.
                 log.info(
@@ -149,7 +161,10 @@ async def _rebuilt(
                 # lie before the last one read.
                 missed = await live.foreign_events_missing_from(fresh)
                 foreign += len(await apply_foreign(target, missed))
-            await conn.execute(f"ALTER SCHEMA {live_sql} RENAME TO {retired_sql}")
+            if await conn.fetchval(
+                "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = $1)", DEFAULT_SCHEMA
+            ):
+                await conn.execute(f"ALTER SCHEMA {live_sql} RENAME TO {retired_sql}")
             await conn.execute(f"ALTER SCHEMA {fresh_sql} RENAME TO {live_sql}")
             await record_store(conn, store_id)
     except BaseException:

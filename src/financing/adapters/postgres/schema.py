@@ -147,6 +147,18 @@ _BRINGS_THEM_BACK = {
     "queries": "`financing projections rebuild` builds them again from the event store,"
     " without a restart",
 }
+# The query database's tables outside the read models' schema, which a rebuild does not
+# make (it replaces that schema alone), and what brings them back: its migrations, on
+# the database made again.
+OUTSIDE_READ_MODELS = tuple(
+    table for table in NEEDED_TABLES["queries"] if not table.startswith(f"{DEFAULT_SCHEMA}.")
+)
+_BRINGS_OUTSIDE_BACK = (
+    "restore the query database from a backup, or drop it, create it again empty and run"
+    " `financing projections rebuild`, which makes its tables and builds the read models"
+    " from the event store (what another relayer's events made of them, which"
+    " `foreign_events` kept, is lost with it)"
+)
 _ABSENT = "SELECT array_agg(name) FROM unnest($1::text[]) AS name WHERE to_regclass(name) IS NULL"
 # Of the tables named, those that exist: a bare name in the schema the session creates
 # tables in (not anywhere on its search_path), as CREATE TABLE would meet it.
@@ -161,21 +173,28 @@ _PRESENT = (
 _REFERENCE_STREAMS = "event_streams"
 
 
-async def require_tables(pool: asyncpg.Pool, name: str) -> None:
-    """Unavailable unless every table of `NEEDED_TABLES[name]` exists."""
+async def require_tables(pool: asyncpg.Pool, name: str, *, rebuilding: bool = False) -> None:
+    """Unavailable (AwaitingOperator) unless every table of `NEEDED_TABLES[name]` exists,
+    saying what brings back those that are gone; `rebuilding`: of the query database,
+    only those a rebuild of the read models does not make (OUTSIDE_READ_MODELS)."""
     database = DATABASES[name]
+    needed = OUTSIDE_READ_MODELS if rebuilding else NEEDED_TABLES[name]
     async with acquired(pool, database) as conn:
-        absent = await conn.fetchval(_ABSENT, list(NEEDED_TABLES[name]))
+        absent: list[str] | None = await conn.fetchval(_ABSENT, list(needed))
         if absent:
             drop_stale(conn)  # its search_path may be the setting of another time
     if absent:
+        remedy = (
+            _BRINGS_OUTSIDE_BACK
+            if set(absent) & set(OUTSIDE_READ_MODELS)
+            else _BRINGS_THEM_BACK[name]
+        )
         raise AwaitingOperator(
             database,
             f"its table(s) {', '.join(absent)} do not exist, or not in its sessions'"
             " search_path (their schema renamed, the search_path changed, the database"
             " dropped and created again or restored without them): where they were moved,"
-            f" put them back, the service goes on by itself; where they are gone,"
-            f" {_BRINGS_THEM_BACK[name]}",
+            f" put them back, the service goes on by itself; where they are gone, {remedy}",
         )
 
 

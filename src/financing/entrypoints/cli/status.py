@@ -25,12 +25,17 @@ from financing.adapters.postgres.connection import (
 from financing.adapters.postgres.event_store import IDS_AHEAD_DETAIL
 from financing.adapters.postgres.outbox import ANOTHER_DEPLOYMENT, PostgresOutbox, RelayBacklog
 from financing.adapters.postgres.projected_store import projected, store_of
-from financing.adapters.postgres.schema import SchemaAhead, SchemaBehind, SchemaElsewhere
+from financing.adapters.postgres.schema import (
+    SchemaAhead,
+    SchemaBehind,
+    SchemaElsewhere,
+    require_tables,
+)
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import connected, describe_url
 from financing.adapters.rabbitmq.dead_letters import being_read
 from financing.adapters.rabbitmq.queues import queue_depth
-from financing.application.errors import Refused, Unavailable, summary
+from financing.application.errors import AwaitingOperator, Refused, Unavailable, summary
 from financing.application.moments import moment
 from financing.config import Settings
 from financing.entrypoints.cli.console import database, table, write_lines
@@ -130,6 +135,9 @@ async def _inquire(
     except SchemaElsewhere as error:
         findings.report(part, f"{where}: NOT READY: {error}")
         findings.problems.append(f"{what}: the service would not start on it (search_path)")
+    except AwaitingOperator as error:
+        findings.report(part, f"{where}: NOT READY: {error.detail}")
+        findings.problems.append(f"{what}: tables of the service are missing")
     except (Unavailable, Refused) as error:
         findings.report(part, f"{where}: UNREACHABLE: {error}")
         findings.problems.append(f"{what} is unreachable")
@@ -143,6 +151,7 @@ async def _inquire(
 
 async def _event_store(settings: Settings, findings: Findings, max_relay_lag: float) -> None:
     async with database(settings.command_db, COMMAND_DATABASE, "status", schema="commands") as pool:
+        await require_tables(pool, "commands")
         backlog = await PostgresOutbox(pool).backlog(held_back_after=max_relay_lag)
         findings.store = await store_of(pool)
     findings.report("command database", f"{settings.command_db.describe()}: reachable")
@@ -188,9 +197,10 @@ def _relaying(backlog: RelayBacklog) -> str:
 async def _read_models(settings: Settings, findings: Findings) -> None:
     async with (
         database(settings.query_db, QUERY_DATABASE, "status", schema="queries") as pool,
-        acquired(pool, QUERY_DATABASE) as conn,
     ):
-        found = await projected(conn)
+        await require_tables(pool, "queries")
+        async with acquired(pool, QUERY_DATABASE) as conn:
+            found = await projected(conn)
     findings.report("query database", f"{settings.query_db.describe()}: reachable")
     if found is None:
         findings.report("read models", "of no event store yet (recorded as the service starts)")
