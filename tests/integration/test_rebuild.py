@@ -97,6 +97,15 @@ async def expected(events: list[StoredEvent]) -> Snapshot:
     return await snapshot(reference)
 
 
+async def read_model_schemas(pool: asyncpg.Pool) -> list[str]:
+    """The schemas of read models in the query database: the live one, and any a rebuild
+    left."""
+    rows = await pool.fetch(
+        "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'read_models%' ORDER BY nspname"
+    )
+    return [row["nspname"] for row in rows]
+
+
 @pytest.fixture(scope="module")
 async def event_store_pool() -> AsyncIterator[asyncpg.Pool]:
     async with infra.migrated_pool("fin_rebuild_events", "commands") as pool:
@@ -199,10 +208,7 @@ async def test_rebuild_leaves_only_the_live_schema_behind(
 ) -> None:
     await rebuild(event_store_pool, query_pool)
     await rebuild(event_store_pool, query_pool)
-    schemas = await query_pool.fetch(
-        "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'read_models%'"
-    )
-    assert [row["nspname"] for row in schemas] == ["read_models"]
+    assert await read_model_schemas(query_pool) == ["read_models"]
 
 
 async def test_rebuild_drops_the_schema_a_killed_rebuild_left_not_one_being_built(
@@ -220,10 +226,7 @@ async def test_rebuild_drops_the_schema_a_killed_rebuild_left_not_one_being_buil
             await rebuild(event_store_pool, query_pool)
         finally:
             await other.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", building)
-    schemas = await query_pool.fetch(
-        "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'read_models%' ORDER BY nspname"
-    )
-    assert [row["nspname"] for row in schemas] == ["read_models", building]
+    assert await read_model_schemas(query_pool) == ["read_models", building]
     async with query_pool.acquire() as conn:
         await conn.execute(f'DROP SCHEMA "{building}" CASCADE')
 
@@ -316,10 +319,7 @@ async def test_a_session_reading_the_read_models_holds_neither_the_swap_nor_othe
     [left] = [line for line in logs if "still read by another session" in line["event"]]
     assert left["schema"].startswith("read_models_retired_")
     await rebuild(event_store_pool, query_pool)  # the next one drops them
-    schemas = await query_pool.fetch(
-        "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'read_models%'"
-    )
-    assert [row["nspname"] for row in schemas] == ["read_models"]
+    assert await read_model_schemas(query_pool) == ["read_models"]
 
 
 @pytest.mark.parametrize("dropped", ["SCHEMA read_models", "TABLE read_models.investors"])
@@ -336,10 +336,7 @@ async def test_rebuild_builds_the_read_models_again_where_they_are_gone(
 
     assert report.events == len(events)
     assert await snapshot(PostgresReadModels(query_pool)) == await expected(events)
-    schemas = await query_pool.fetch(
-        "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'read_models%'"
-    )
-    assert [row["nspname"] for row in schemas] == ["read_models"]
+    assert await read_model_schemas(query_pool) == ["read_models"]
 
 
 async def test_rebuild_where_a_table_outside_the_read_models_is_gone_says_what_brings_it_back(
