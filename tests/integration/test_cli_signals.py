@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -127,3 +128,34 @@ async def test_populate_stopped_by_a_signal_says_how_many_it_published() -> None
         " published too",
         "financing populate: stopped by SIGTERM",
     ]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_a_signal_after_a_commands_work_is_done_changes_nothing(
+    signum: signal.Signals,
+) -> None:
+    """Regression: a signal that came right after an operator's command had done its work
+    and said so (a rebuild's line printed, its swap committed) ended the process by its
+    default action, exit 143 or 130 without a word, which says the work was undone."""
+    script = (
+        "import asyncio, os, signal\n"
+        "from financing.entrypoints.cli.console import cancelled_by_signals\n"
+        "async def main() -> int:\n"
+        "    async def work() -> int:\n"
+        "        print('done', flush=True)\n"
+        "        return 0\n"
+        "    task = asyncio.create_task(work())\n"
+        "    with cancelled_by_signals(task) as signalled:\n"
+        "        code = await task\n"
+        f"    os.kill(os.getpid(), {int(signum)})\n"
+        "    print('signalled', signalled, flush=True)\n"
+        "    return code\n"
+        "raise SystemExit(asyncio.run(main()))\n"
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(30):
+        out, _ = await process.communicate()
+    assert process.returncode == 0
+    assert out.decode().splitlines() == ["done", "signalled []"]

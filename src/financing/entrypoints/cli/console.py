@@ -27,11 +27,14 @@ SCAN_TIMEOUT = 600.0
 def cancelled_by_signals(task: asyncio.Task[int]) -> Iterator[list[signal.Signals]]:
     """Cancel `task` on a stop signal (`stopping`); the list holds the signal that did it. A
     second signal, while what the task started is being undone, ends the process at
-    once (exit 128 + the signal), as a second Ctrl-C does."""
+    once (exit 128 + the signal), as a second Ctrl-C does. Once `task` is done, a stop
+    signal changes nothing until the process exits."""
     loop = asyncio.get_running_loop()
     signalled: list[signal.Signals] = []
 
     def stop(signum: signal.Signals) -> None:
+        if task.done():
+            return  # its outcome is decided: what it did stays done
         if signalled:
             with suppress(OSError, ValueError):
                 print(f"{signum.name} again: stopping without undoing", file=sys.stderr, flush=True)
@@ -47,6 +50,10 @@ def cancelled_by_signals(task: asyncio.Task[int]) -> Iterator[list[signal.Signal
     finally:
         for signum in stopping_on:
             loop.remove_signal_handler(signum)
+            # The outcome is decided, and said: by its default action a signal from now
+            # to the exit ended the process without a word, exit 143, a rebuild's swap
+            # committed and its line printed (130 and 143 say "undone").
+            signal.signal(signum, signal.SIG_IGN)
 
 
 @asynccontextmanager
