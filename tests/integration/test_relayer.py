@@ -757,8 +757,40 @@ async def test_events_a_broker_lost_after_confirming_them_are_relayed_again_once
     await append_investor_story(store, uuid4())
     ahead = await run_cli(env, "relay", "rewind", "--since", later.isoformat())
     assert ahead.exit_code == 0, ahead.describe()
-    assert ahead.stdout.startswith("nothing to relay again"), ahead.describe()
+    assert ahead.stdout.startswith("nothing moved: "), ahead.describe()
+    assert "; 8 event(s) in all wait behind it" in ahead.stdout, ahead.describe()
     assert len(await PostgresOutbox(pool).pending(100)) == 8
+    future = await run_cli(env, "relay", "rewind", "--since", "2099-01-01T00:00:00Z")
+    assert future.stdout.startswith("nothing to relay again: no event was recorded since")
+
+
+async def test_a_second_rewind_further_back_says_every_event_it_leaves_to_relay(
+    database: Database, pool: asyncpg.Pool, publisher: Publisher, observed: AbstractQueue
+) -> None:
+    """Regression (an operator's probe): a rewind after another said only the events it
+    took back itself (35 of 52 the next relayer published), and one asked again said
+    that no event relayed so far was recorded since, although all were to be relayed."""
+    store = PostgresEventStore(pool)
+    earlier = await pool.fetchval("SELECT clock_timestamp()")
+    await append_investor_story(store, uuid4())
+    later = await pool.fetchval("SELECT clock_timestamp()")
+    await append_investor_story(store, uuid4())
+    async with relaying(database, pool, publisher):
+        await receive(observed, 8)
+    env = {**os.environ, "COMMAND_DB_CONNECTION_STRING": database.dsn()}
+
+    first = await run_cli(env, "relay", "rewind", "--since", later.isoformat())
+    second = await run_cli(env, "relay", "rewind", "--since", earlier.isoformat())
+    again = await run_cli(env, "relay", "rewind", "--since", earlier.isoformat())
+
+    assert "4 event(s) relayed before" in first.stdout, first.describe()
+    assert "; 4 event(s) in all wait behind it" in first.stdout, first.describe()
+    assert "4 event(s) relayed before" in second.stdout, second.describe()
+    assert "; 8 event(s) in all wait behind it" in second.stdout, second.describe()
+    assert again.stdout.startswith("nothing moved: "), again.describe()
+    assert "; 8 event(s) in all wait behind it" in again.stdout, again.describe()
+    async with relaying(database, pool, publisher):
+        await receive(observed, 8)
 
 
 async def test_a_standby_tells_another_deployments_relayer_from_its_own(

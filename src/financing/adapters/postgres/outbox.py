@@ -291,7 +291,12 @@ _REWIND = (
     " position = t.pos, updated_at = now() FROM target AS t"
     " WHERE r.name = $1 AND (r.transaction_id, r.position) > (t.xid, t.pos) RETURNING 1)"
     " SELECT (SELECT count(*) FROM moved) AS moved, (SELECT count(*) FROM again) AS again,"
-    " (SELECT min(recorded_at) FROM again) AS first"
+    " (SELECT min(recorded_at) FROM again) AS first,"
+    " (SELECT count(*) FROM first) AS found,"
+    " (SELECT count(*) FROM events AS e, target AS t"
+    " WHERE (e.transaction_id, e.position) > (t.xid, t.pos)) AS beyond_target,"
+    f" (SELECT count(*) FROM events AS e WHERE (e.transaction_id, e.position) > {_CHECKPOINT})"
+    " AS beyond_checkpoint"
 )
 
 
@@ -304,8 +309,12 @@ class RelayerRunning(Exception):
 class Rewound:
     """What `rewind` gave back to the relayer."""
 
-    again: int  # relayed events the next relayer relays again
+    again: int  # events the rewind took back from behind the checkpoint
     first: datetime | None  # the earliest time one of them was recorded
+    # Events behind the checkpoint the rewind left: all the next relayer publishes,
+    # those of an earlier rewind and those never relayed included.
+    waiting: int
+    found: bool  # whether any event was recorded since the time asked for
 
 
 async def rewind(pool: asyncpg.Pool, since: datetime, name: str = "relayer") -> Rewound:
@@ -320,7 +329,13 @@ async def rewind(pool: asyncpg.Pool, since: datetime, name: str = "relayer") -> 
             raise RelayerRunning(_running(await advisory_lock_holder(conn, RELAYER_LOCK)))
         row = await conn.fetchrow(_REWIND, name, since)
     assert row is not None  # the final SELECT always gives one row
-    return Rewound(again=row["again"] if row["moved"] else 0, first=row["first"])
+    moved = bool(row["moved"])
+    return Rewound(
+        again=row["again"] if moved else 0,
+        first=row["first"],
+        waiting=row["beyond_target"] if moved else row["beyond_checkpoint"],
+        found=bool(row["found"]),
+    )
 
 
 def _running(holder: OtherSession | None) -> str:

@@ -80,12 +80,21 @@ async def run_rewind(settings: Settings, since: datetime, *, any_age: bool) -> i
         except RelayerRunning as running:
             print(f"financing relay rewind: {running}", file=sys.stderr)
             return 1
-    if not rewound.again:
-        print(f"nothing to relay again: no event relayed so far was recorded since {moment(since)}")
-        return 0
-    print(
-        f"the relayer's checkpoint moved back: {rewound.again} event(s) relayed before,"
-        f" recorded since {moment(rewound.first)}, are relayed again once a relayer starts"
-        " (consumers take those they processed as copies)"
+    waiting = (
+        f"{rewound.waiting} event(s) in all wait behind it to be relayed once a relayer starts"
     )
+    if not rewound.found:
+        print(f"nothing to relay again: no event was recorded since {moment(since)}")
+    elif not rewound.again:
+        print(
+            "nothing moved: the relayer's checkpoint is already before the events recorded"
+            f" since {moment(since)}; {waiting}"
+        )
+    else:
+        print(
+            f"the relayer's checkpoint moved back: {rewound.again} event(s) relayed before,"
+            f" recorded since {moment(rewound.first)}, are relayed again once a relayer"
+            f" starts (consumers take those they processed as copies); {waiting}, those of"
+            " an earlier rewind and those never relayed included"
+        )
     return 0
