@@ -174,6 +174,28 @@ def test_an_unknown_argument_is_refused_under_the_usage_of_its_command(
     assert f"financing {command}: error: unrecognized arguments: {args[-1]}" in err
 
 
+@pytest.mark.parametrize(
+    ("group", "choices"),
+    [
+        ("dead-letters", "{list,requeue,discard}"),
+        ("projections", "{rebuild}"),
+        ("relay", "{rewind}"),
+        ("broker", "{hand-back}"),
+    ],
+)
+def test_a_missing_subcommand_is_said_by_its_choices(
+    capsys: pytest.CaptureFixture[str], group: str, choices: str
+) -> None:
+    """Regression: it was said by the attribute argparse parses it into
+    (`the following arguments are required: dead_letters_command`)."""
+    code, _, err = answer(capsys, group)
+
+    assert code == 2
+    assert err.splitlines()[-1] == (
+        f"financing {group}: error: the following arguments are required: {choices}"
+    )
+
+
 def test_an_aggregate_id_that_is_not_a_uuid_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = answer(capsys, "events", "not-a-uuid")
 

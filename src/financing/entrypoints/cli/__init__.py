@@ -86,7 +86,10 @@ def _stopped_by_signals_until_handled(argv: Sequence[str] | None) -> Iterator[No
         _stopped_while_starting(argv, int(stop.args[0]))
     finally:
         for sig, handler in previous.items():
-            if signal.getsignal(sig) is signalled:
+            # Called with `argv` by a program of its own (not as the process's command
+            # line), the signals are left as they were found: once a command's work is
+            # done it ignores them until the process exits (`cancelled_by_signals`).
+            if argv is not None or signal.getsignal(sig) is signalled:
                 signal.signal(sig, handler)
 
 

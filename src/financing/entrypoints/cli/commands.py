@@ -195,6 +195,9 @@ class _Commands:
         parser.set_defaults(reads=variables, usage_of=parser)  # the innermost one's wins
         if run is not None:
             parser.set_defaults(run=run)
+        # Named by its choices, as the usage line names it: a missing subcommand was
+        # said by the attribute it is parsed into (`dead_letters_command`).
+        self._group.metavar = "{" + ",".join(self._group.choices) + "}"
         return parser
 
 
