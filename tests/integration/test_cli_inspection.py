@@ -466,6 +466,10 @@ async def test_tail_prints_each_event_live_until_ctrl_c_then_leaves_no_queue_beh
         assert tail.stdout is not None
         issuer, _ = await operated.register()
         printed = await read_until(tail.stdout, lambda line: "IssuerCreatedEvent" in line)
+        # Regression: an operator's command's connection was named `financing`, as the
+        # service's are: the broker's list could not tell them apart.
+        named = await rabbitmq.connection_names(operated.deployment.name)
+        assert "financing tail" in named and "financing" in named, named
 
         tail.send_signal(signal.SIGINT)
         code = await asyncio.wait_for(tail.wait(), 10)

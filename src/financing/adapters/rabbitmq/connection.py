@@ -533,9 +533,15 @@ def _open(connection: AbstractConnection) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def connected(urls: Sequence[str], queue_type: str = "classic") -> AsyncIterator[Broker]:
-    """A broker connection for one command-line task, closed afterwards."""
-    broker = Broker(urls, Outages(), queue_type=queue_type, announced=False)
+async def connected(
+    urls: Sequence[str], command: str, queue_type: str = "classic"
+) -> AsyncIterator[Broker]:
+    """A broker connection for one command-line task, closed afterwards; named after its
+    `command` (`financing status`), as its database sessions are, so that the broker's
+    list of connections tells it from the service's (`financing`)."""
+    broker = Broker(
+        urls, Outages(), queue_type=queue_type, announced=False, name=f"financing {command}"
+    )
     try:
         await broker.connection()
         yield broker

@@ -24,7 +24,7 @@ from financing.entrypoints.cli.console import write_lines
 
 
 async def run_hand_back(settings: Settings, command: str) -> int:
-    async with connected(settings.amqp_urls) as broker:
+    async with connected(settings.amqp_urls, "broker hand-back") as broker:
         try:
             handed = await hand_back(broker)
         except StillConsumed as consumed:

@@ -36,7 +36,7 @@ HEADINGS = ("DEAD-LETTERED AT", "SOURCE QUEUE", "NAME", "MESSAGE ID")
 
 
 async def list_letters(settings: Settings, selection: Selection, limit: int, bodies: bool) -> int:
-    async with connected(settings.amqp_urls, settings.queue_type) as broker:
+    async with connected(settings.amqp_urls, "dead-letters list", settings.queue_type) as broker:
         listing = await dead_letters_listed(broker, limit, selection=selection)
         letters = listing.letters
         if not letters and not await _queue_known(broker, selection, "list"):
@@ -116,7 +116,7 @@ async def requeue(settings: Settings, selection: Selection, *, any_age: bool = F
         return old if not any_age and when is not None and when < kept_since else None
 
     taken = Taken()
-    async with connected(settings.amqp_urls, settings.queue_type) as broker:
+    async with connected(settings.amqp_urls, "dead-letters requeue", settings.queue_type) as broker:
         if not await _queue_known(broker, selection, "requeue"):
             return 1
         async with _saying_so_if_stopped("requeued", taken):
@@ -133,7 +133,7 @@ async def discard(settings: Settings, selection: Selection) -> int:
     taken = Taken()
     async with (
         _saying_so_if_stopped("discarded", taken),
-        connected(settings.amqp_urls, settings.queue_type) as broker,
+        connected(settings.amqp_urls, "dead-letters discard", settings.queue_type) as broker,
     ):
         await discard_dead_letters(broker, selection=selection, taken=taken)
         if not taken.count and not await _queue_known(broker, selection, "discard"):

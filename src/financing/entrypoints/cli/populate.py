@@ -58,7 +58,7 @@ async def registrations(
     the broker fails part way, what was yielded is what was published, and a batch more
     may have been if `progress` says publishing began."""
     progress = progress or Progress()
-    async with connected(amqp_urls, queue_type) as broker:
+    async with connected(amqp_urls, "populate", queue_type) as broker:
         await topology.declare_on(broker)
         publisher = Publisher(broker)
         # Made a batch at a time: millions asked for take no more memory than one batch.

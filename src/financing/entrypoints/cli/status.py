@@ -209,7 +209,7 @@ async def _read_models(settings: Settings, findings: Findings) -> None:
 
 
 async def _broker(settings: Settings, findings: Findings) -> None:
-    async with connected(settings.amqp_urls) as broker:
+    async with connected(settings.amqp_urls, "status") as broker:
         consumed = {spec.name: await queue_depth(broker, spec.name) for spec in consumed_queues()}
         dead = await queue_depth(broker, topology.DEAD_LETTER_QUEUE)
         read = await being_read(broker)

@@ -28,7 +28,7 @@ from financing.entrypoints.cli.console import shown
 async def run_tail(settings: Settings) -> int:
     """Follow until cancelled (a signal: exit code 0), connecting included; Unavailable
     when the broker goes away."""
-    async with connected(settings.amqp_urls) as broker:
+    async with connected(settings.amqp_urls, "tail") as broker:
         await follow_events(broker, _print, lambda: _announce(settings.amqp_urls))
     return 0
 

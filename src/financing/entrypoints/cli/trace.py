@@ -73,7 +73,7 @@ async def _kept_aside(amqp_urls: list[str], correlation_id: str) -> tuple[list[H
     tell."""
     selection = Selection(correlation_id=correlation_id)
     try:
-        async with connected(amqp_urls) as broker:
+        async with connected(amqp_urls, "trace") as broker:
             letters = await list_dead_letters(broker, ALL_OF_THEM, selection=selection)
             deferred = await list_deferred(broker, selection=selection)
     except (Unavailable, Refused) as error:
