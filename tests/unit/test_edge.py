@@ -10,6 +10,7 @@ from typing import Any
 
 import grpclib.const
 import pytest
+import structlog
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
@@ -196,3 +197,25 @@ async def test_a_call_ending_after_its_connection_was_sent_away_logs_no_error(
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR], [
         record.getMessage() for record in caplog.records
     ]
+
+
+async def test_a_warning_line_carries_no_fields_of_the_call_that_happened_to_write_it() -> None:
+    """Regression (a probe): `commands answered UNAVAILABLE ... busy`, a line standing for
+    162 refusals, carried the message and correlation ids of one of those calls, as if
+    it were about that command; so did the line counting those left out."""
+    warnings = Warnings(interval=0.1)
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+
+        def mine() -> list[dict[str, object]]:
+            return [line for line in logs if line["event"] == "calls answered busy"]
+
+        for call in range(3):
+            with structlog.contextvars.bound_contextvars(message_id=f"m-{call}"):
+                warnings.warn("calls answered busy", seen=call)
+
+        async def counted() -> bool:
+            return len(mine()) == 2
+
+        await wait_until(counted, interval=0.05, what="the interval to end")
+    assert [line.get("message_id") for line in mine()] == [None, None]
+    assert [line["seen"] for line in mine()] == [0, 2]  # its own fields kept

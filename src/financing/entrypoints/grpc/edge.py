@@ -55,6 +55,7 @@ import asyncio.sslproto
 import base64
 import binascii
 import contextlib
+import contextvars
 import ssl
 import time
 from collections import deque
@@ -870,7 +871,12 @@ class Warnings:
     """A warning written at most once every `interval` seconds for each kind (its text,
     unless told), those left out meanwhile counted on a line of their own when the
     interval is over: clients that connect again each time they are sent away would
-    otherwise write a line for every connection."""
+    otherwise write a line for every connection.
+
+    A line stands for many, so it is written outside the context of the call or
+    connection that happened to write it: it carried one call's message and correlation
+    ids (`commands answered UNAVAILABLE ... busy`, 162 more since the last line), as if
+    it were about that command. What it names, it names in its own fields."""
 
     def __init__(
         self, interval: float, logger: structlog.typing.FilteringBoundLogger | None = None
@@ -893,7 +899,9 @@ class Warnings:
         if now < (due := self._next.get(key, 0.0)):
             count, _, _ = self._left_out.get(key, (0, text, fields))
             if not count:
-                asyncio.get_running_loop().call_later(due - now, self._counted, key)
+                asyncio.get_running_loop().call_later(
+                    due - now, self._counted, key, context=contextvars.Context()
+                )
             self._left_out[key] = (count + 1, text, fields)
             return
         self._next[key] = now + self._interval
@@ -902,9 +910,8 @@ class Warnings:
         # are not written a moment apart.
         count, _, _ = self._left_out.pop(key, (0, text, fields))
         if count:
-            self._log.warning(text, more_since_the_last_line=count, **fields)
-        else:
-            self._log.warning(text, **fields)
+            fields = {"more_since_the_last_line": count, **fields}
+        contextvars.Context().run(self._log.warning, text, **fields)
 
     def _counted(self, key: str) -> None:
         """The line that counts the warnings of `key` left out since its last one."""
