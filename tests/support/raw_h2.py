@@ -59,21 +59,23 @@ class RawConnection:
     def call(
         self,
         path: bytes | None,
-        body: bytes,
+        body: bytes | Sequence[bytes],
         *,
         metadata: Sequence[tuple[bytes, bytes]] = (),
         end: bool = True,
         content_type: bytes = b"application/grpc",
     ) -> int:
-        """Send a request (without `:path` when `path` is None; its side left open unless
-        `end`); its stream id."""
+        """Send a request (without `:path` when `path` is None; its body in one DATA frame,
+        or one for each of its parts; its side left open unless `end`); its stream id."""
         stream_id: int = self.h2.get_next_available_stream_id()
         headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x")]
         if path is not None:
             headers.append((b":path", path))
         headers += [(b"content-type", content_type), (b"te", b"trailers"), *metadata]
         self.h2.send_headers(stream_id, headers)
-        self.h2.send_data(stream_id, body, end_stream=end)
+        parts = [body] if isinstance(body, bytes) else list(body)
+        for at, part in enumerate(parts):
+            self.h2.send_data(stream_id, part, end_stream=end and at == len(parts) - 1)
         self.flush()
         return stream_id
 

@@ -1028,3 +1028,23 @@ async def test_the_calls_waiting_for_their_turn_are_measured() -> None:
         assert await waiting_calls() == 0
         gated.confirm_all()
         await waiting
+
+
+@pytest.mark.parametrize("at", [0, 3], ids=["before-the-message", "inside-the-message"])
+async def test_an_empty_data_frame_within_a_request_is_read_as_nothing(
+    sender: InMemoryCommandSender, at: int
+) -> None:
+    """Regression (a probe): an empty DATA frame, which HTTP/2 allows anywhere, was taken
+    for the end of the request: the call was refused "a message is required (the call
+    sent none)", or "the stream ended inside a message frame"."""
+    invoice = uuid4()
+    body = bytes(ApproveFinancingCommand(invoice_id=_id(invoice)))
+    framed = b"\x00" + len(body).to_bytes(4, "big") + body
+    async with (
+        _serving(CommandsService(sender, Outages(), budget=0.5)) as channel,
+        RawConnection.open(_address(channel)) as connection,
+    ):
+        stream = connection.call(b"/Commands/ApproveFinancing", [framed[:at], b"", framed[at:]])
+        answer = await connection.answered(stream)
+    assert answer[b"grpc-status"] == b"0", answer
+    assert [command for command, _ in sender.sent] == [ApproveFinancing(invoice)]

@@ -33,6 +33,8 @@ to the whole process, and the answer that caller gets instead.
   as "connect again"), or is closed itself when every one has a call open.
   Connections that sent their SETTINGS and then nothing reached the descriptor limit:
   then no call, no database session and no broker connection could be opened any more.
+- An empty DATA frame within a request (RFC 9113 allows one anywhere) is read as
+  nothing: grpclib took it for the request's end, and refused the call.
 - A connection error (an HTTP/2 protocol violation) is told to the peer with the GOAWAY
   frame h2 writes for it, before the connection is closed.
 - A call whose content type is `application/grpc` followed by `+` or `;` and anything
@@ -74,7 +76,7 @@ from grpclib.server import request_handler
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.events import RemoteSettingsChanged, RequestReceived
+from h2.events import DataReceived, RemoteSettingsChanged, RequestReceived
 from h2.exceptions import DenialOfServiceError, H2Error, ProtocolError
 from h2.utilities import SizeLimitDict
 from hyperframe.frame import GoAwayFrame
@@ -676,6 +678,12 @@ class _Protocol(grpclib.protocol.H2Protocol):
         processed = getattr(self.processor, "processors", {})
         for event in events:
             if self._refused_call(event):
+                continue
+            if isinstance(event, DataReceived) and not event.flow_controlled_length:
+                # An empty DATA frame (RFC 9113 allows one anywhere) carries nothing, and
+                # grpclib's buffer took it for the end of the request: the call was
+                # refused "a message is required", or "the stream ended inside a message
+                # frame" (its end, END_STREAM, is an event of its own).
                 continue
             if type(event) in processed:
                 self.processor.process(event)
