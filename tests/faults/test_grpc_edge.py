@@ -448,9 +448,10 @@ async def test_a_server_holding_all_the_connections_it_may_closes_the_one_idle_l
         watch = busy.call(b"/grpc.health.v1.Health/Watch", EMPTY_MESSAGE)
         await busy.until(lambda: any(getattr(e, "stream_id", 0) == watch for e in busy.events))
         idle: list[RawConnection] = []
-        for _ in range(limit):  # one more than there is room for beside the busy one
+        for number in range(limit):  # one more than there is room for beside the busy one
+            # From three hosts, none of which holds its share (half the limit).
             connection = await stack.enter_async_context(
-                RawConnection.open(few_connections.address)
+                RawConnection.open(few_connections.address, from_host=f"127.0.0.{2 + number % 3}")
             )
             await connection.until(lambda c=connection: c.settings_acked())
             idle.append(connection)
@@ -606,3 +607,30 @@ async def test_a_call_whose_caller_closes_its_connection_is_counted_cancelled(
     await wait_until(ended, what="the call counted as handled")
     assert counted("grpc_server_handled_total", grpc_code="CANCELLED") == cancelled + 1
     no_errors_logged()
+
+
+async def test_one_hosts_connections_with_calls_open_leave_room_for_another_host(
+    few_connections: CommandsApi,
+) -> None:
+    """Regression (a probe): one host held every connection with a health `Watch` open
+    on each, and every other client's new connection was refused, an orchestrator's
+    health probe among them, for as long as it stayed."""
+    limit = connection_limit(soft=FEW_DESCRIPTORS)
+    logged = few_connections.service.log_size()
+    refused = closed_for(few_connections, "refused")
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(limit):  # twice its share
+            connection = await stack.enter_async_context(
+                RawConnection.open(few_connections.address, from_host="127.0.0.2")
+            )
+            watch = connection.call(b"/grpc.health.v1.Health/Watch", EMPTY_MESSAGE)
+            await connection.until(
+                lambda c=connection, w=watch: (
+                    c.closed or any(getattr(e, "stream_id", 0) == w for e in c.events)
+                )
+            )
+        assert await serving(few_connections.address)  # 127.0.0.1: another host
+    assert closed_for(few_connections, "refused") >= refused + limit - limit // 2
+    written = few_connections.service.log_tail(since=logged)
+    assert "gRPC connections of one host at its share" in written, written
+    assert '"host": "127.0.0.2"' in written, written

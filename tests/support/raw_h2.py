@@ -41,8 +41,13 @@ class RawConnection:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def open(cls, address: tuple[str, int]) -> AsyncIterator[RawConnection]:
-        reader, writer = await asyncio.open_connection(*address)
+    async def open(
+        cls, address: tuple[str, int], *, from_host: str | None = None
+    ) -> AsyncIterator[RawConnection]:
+        """Connected to `address`, from the loopback address `from_host` (127.0.0.2, ...:
+        another host as the server counts them) where given."""
+        local = None if from_host is None else (from_host, 0)
+        reader, writer = await asyncio.open_connection(*address, local_addr=local)
         connection = cls(reader, writer)
         connection.h2.initiate_connection()
         connection.flush()
@@ -94,7 +99,7 @@ class RawConnection:
             while not done() and not self.closed:
                 try:
                     data = await self._reader.read(65536)
-                except ConnectionResetError:
+                except (ConnectionResetError, BrokenPipeError):  # closed by the server
                     data = b""
                 if not data:
                     self.closed = True

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import resource
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
 from financing.logging import get_logger
@@ -16,6 +17,11 @@ log = get_logger(__name__)
 
 class Held(Protocol):
     """One connection as its server's `Connections` sees it."""
+
+    @property
+    def host(self) -> object:
+        """The address of the host at its other end (None where there is none)."""
+        ...
 
     @property
     def idle(self) -> bool:
@@ -61,19 +67,30 @@ def descriptor_share(part: int, *, most: int, own: int, soft: int | None = None)
 
 
 class Connections(Generic[H]):
-    """The connections of one server, the one active last at the end: at most `limit`.
+    """The connections of one server, the one active last at the end: at most `limit`,
+    and at most half of them of one host (`host_limit`).
 
     A new one beyond `limit` closes the one idle longest, or is refused when none is
     idle. One closed to make room counts until it is gone (a moment, its socket's), so
     that the descriptors held stay bounded however fast connections come: beyond a
     quarter more than `limit`, a new one is refused until some are gone. Being full is
     logged once, with the limit, and having room again once it is three quarters full
-    or less."""
+    or less.
+
+    A host's new connection beyond its share closes that host's own connection idle
+    longest, or is refused when none of them is idle, whatever room the others leave:
+    one host that held every connection with a call open (a health `Watch` on each, or
+    a list it never reads) had every other client's connection refused, an
+    orchestrator's health probe among them, for as long as it stayed. A host reaching its
+    share is logged once, until it holds three quarters of it or less."""
 
     def __init__(self, kind: str, limit: int) -> None:
         self.kind = kind  # what the log lines call them: "gRPC", "metrics endpoint"
         self.limit = limit
+        self.host_limit = max(1, limit // 2)
         self._open: OrderedDict[H, None] = OrderedDict()
+        self._hosts: Counter[object] = Counter()  # connections open, by host
+        self._crowding: set[object] = set()  # hosts said to be at their share
         self._full = False
         self._closed = False
         self._none_open = asyncio.Event()
@@ -83,10 +100,25 @@ class Connections(Generic[H]):
         return len(self._open)
 
     def admit(self, new: H) -> bool:
-        """Whether `new` may be served, having closed the one idle longest if need be."""
+        """Whether `new` may be served, having closed the one idle longest (its host's,
+        where its host holds its share) if need be."""
         if self._closed:
             return False
-        if len(self._open) >= self.limit:
+        host = new.host
+        if host is not None and self._hosts[host] >= self.host_limit:
+            if host not in self._crowding:
+                self._crowding.add(host)
+                log.warning(
+                    f"{self.kind} connections of one host at its share: a new one of it"
+                    " closes its own idle longest, or is closed when none is idle",
+                    host=str(host),
+                    share=self.host_limit,
+                )
+            if not self._made_room(
+                self.host_limit, self._hosts[host], lambda held: held.host == host
+            ):
+                return False
+        elif len(self._open) >= self.limit:
             if not self._full:
                 self._full = True
                 log.warning(
@@ -94,14 +126,23 @@ class Connections(Generic[H]):
                     " idle longest, or is closed when none is idle",
                     limit=self.limit,
                 )
-            if len(self._open) >= self.limit + self.limit // 4:
+            if not self._made_room(self.limit, len(self._open), lambda _: True):
                 return False
-            idle = next((held for held in self._open if held.idle), None)
-            if idle is None:
-                return False
-            idle.make_room()
         self._open[new] = None
+        self._hosts[host] += 1
         self._none_open.clear()
+        return True
+
+    def _made_room(self, limit: int, held: int, whose: Callable[[H], bool]) -> bool:
+        """Whether room was made for a new connection beyond `limit`, where `held` are
+        open: the one idle longest of those `whose` closed, unless those closed so and not
+        yet gone already make up a quarter more than `limit` (one, for a small one)."""
+        if held >= limit + max(1, limit // 4):
+            return False
+        idle = next((one for one in self._open if whose(one) and one.idle), None)
+        if idle is None:
+            return False
+        idle.make_room()
         return True
 
     def held(self) -> list[H]:
@@ -122,7 +163,13 @@ class Connections(Generic[H]):
             self._open.move_to_end(held)
 
     def left(self, held: H) -> None:
-        self._open.pop(held, None)
+        if self._open.pop(held, 0) is None:  # it was open
+            host = held.host
+            self._hosts[host] -= 1
+            if not self._hosts[host]:
+                del self._hosts[host]
+            if host in self._crowding and self._hosts[host] <= self.host_limit * 3 // 4:
+                self._crowding.discard(host)
         if not self._open:
             self._none_open.set()
         if self._full and len(self._open) <= self.limit * 3 // 4:

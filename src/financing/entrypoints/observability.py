@@ -228,7 +228,8 @@ class MetricsEndpoint:
             await self._server.wait_closed()
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        exchange = _Exchange(writer)
+        peer = writer.get_extra_info("peername")
+        exchange = _Exchange(writer, peer[0] if isinstance(peer, tuple) else None)
         if not self._connections.admit(exchange):
             writer.transport.abort()
             return
@@ -281,6 +282,7 @@ class _Exchange:
     """One connection of the metrics endpoint: idle until its request has been read."""
 
     writer: asyncio.StreamWriter
+    host: object  # its client's address
     idle: bool = True
 
     def make_room(self) -> None:

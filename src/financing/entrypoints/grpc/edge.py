@@ -33,6 +33,8 @@ to the whole process, and the answer that caller gets instead.
   as "connect again"), or is closed itself when every one has a call open.
   Connections that sent their SETTINGS and then nothing reached the descriptor limit:
   then no call, no database session and no broker connection could be opened any more.
+  One host holds at most half of them (`Connections`): one that held them all, a
+  health `Watch` open on each, kept every other client out.
 - An empty DATA frame within a request (RFC 9113 allows one anywhere) is read as
   nothing: grpclib took it for the request's end, and refused the call.
 - A connection error (an HTTP/2 protocol violation) is told to the peer with the GOAWAY
@@ -505,6 +507,7 @@ class _Protocol(grpclib.protocol.H2Protocol):
     connections: Connections[_Protocol]
     forget: Callable[[], None]  # its handler let go once its calls have ended
     tls: ssl.SSLContext | None = None  # what it is served with; None: plaintext
+    host: object = None  # its client's address (`Connections`'s share of one host)
     _begun = False  # HTTP/2 begun: at once, or once its TLS handshake is over
     _left = False
 
@@ -514,6 +517,8 @@ class _Protocol(grpclib.protocol.H2Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
+        peer = transport.get_extra_info("peername")
+        self.host = peer[0] if isinstance(peer, tuple) else None
         if not self.connections.admit(self):
             self._refused = True
             metrics.GRPC_CONNECTIONS_CLOSED.labels("refused").inc()
