@@ -347,6 +347,23 @@ async def test_a_connection_flooding_frames_that_make_no_call_is_sent_away(
     no_errors_logged()
 
 
+async def test_a_frame_longer_than_the_server_takes_is_refused_as_its_header_arrives(
+    commands_api: CommandsApi,
+) -> None:
+    """Regression (a probe): the header of a 16 MiB frame was taken, and the connection
+    held until all of its payload had arrived, up to 16 MiB buffered for each
+    connection, before h2 refused it."""
+    closed = closed_for(commands_api, "frame_too_large")
+    async with RawConnection.open(commands_api.address) as client:
+        await client.until(client.settings_acked)
+        # The header of a DATA frame of 16 MiB - 1, and none of its payload.
+        client.send_raw(((1 << 24) - 1).to_bytes(3, "big") + bytes(2) + (1).to_bytes(4, "big"))
+        goaway = await client.sent_away(ErrorCodes.FRAME_SIZE_ERROR)
+    assert goaway == b"frame_too_large"
+    assert closed_for(commands_api, "frame_too_large") == closed + 1
+    assert await serving(commands_api.address)
+
+
 async def test_a_connection_resetting_its_calls_fast_is_sent_away_and_others_are_served(
     commands_api: CommandsApi, no_errors_logged: Callable[[], None]
 ) -> None:

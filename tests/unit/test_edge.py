@@ -58,7 +58,7 @@ STREAM = PREFACE + b"".join(FRAMES)
 
 
 def counted(*reads: bytes) -> tuple[int, int, int]:
-    counter = _FrameCounter()
+    counter = _FrameCounter(16_384)
     totals = [counter.count(data) for data in reads]
     calls, control, resets = (sum(column) for column in zip(*totals, strict=True))
     return calls, control, resets
@@ -79,6 +79,17 @@ def test_the_counts_do_not_depend_on_where_the_reads_cut_the_bytes() -> None:
 
 def test_bytes_given_one_at_a_time_are_counted_as_whole_ones() -> None:
     assert counted(*(STREAM[i : i + 1] for i in range(len(STREAM))))[0::2] == (1, 1)
+
+
+def test_a_frame_longer_than_the_server_takes_is_told_from_its_header_alone() -> None:
+    counter = _FrameCounter(16_384)
+    counter.count(STREAM + frame(0x0, b"\x00" * 16_384))  # the longest taken
+    assert not counter.oversized
+    header = (16_385).to_bytes(3, "big") + bytes((0x0, 0x0)) + (1).to_bytes(4, "big")
+    counter.count(header[:5])
+    assert not counter.oversized  # not whole yet
+    counter.count(header[5:])  # and none of its payload
+    assert counter.oversized
 
 
 async def test_a_warning_repeated_is_written_once_an_interval_saying_how_many_were_left_out() -> (

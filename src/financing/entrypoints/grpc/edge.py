@@ -35,6 +35,9 @@ to the whole process, and the answer that caller gets instead.
   then no call, no database session and no broker connection could be opened any more.
   One host holds at most half of them (`Connections`): one that held them all, a
   health `Watch` open on each, kept every other client out.
+- A connection that announces a frame longer than SETTINGS_MAX_FRAME_SIZE is sent
+  GOAWAY FRAME_SIZE_ERROR and closed as the frame's header arrives: h2 refused it only
+  once its whole payload had arrived, up to 16 MiB held for each connection.
 - An empty DATA frame within a request (RFC 9113 allows one anywhere) is read as
   nothing: grpclib took it for the request's end, and refused the call.
 - A connection error (an HTTP/2 protocol violation) is told to the peer with the GOAWAY
@@ -603,7 +606,7 @@ class _Protocol(grpclib.protocol.H2Protocol):
         # h2 advertises MAX_HEADER_LIST (its default) and reads up to HEADERS_READ_MOST.
         h2.decoder = _HeaderDecoder()
         h2._closed_streams = SizeLimitDict(size_limit=CLOSED_CALLS_KEPT)
-        self._frames = _FrameCounter()
+        self._frames = _FrameCounter(h2.max_inbound_frame_size)
         self._control = _Allowance(CONTROL_FRAMES_BURST, CONTROL_FRAMES_PER_SECOND)
         self._resets = _Allowance(RESETS_BURST, RESETS_PER_SECOND)
         self._silent = asyncio.get_running_loop().call_later(PREFACE_TIMEOUT, self._not_begun)
@@ -650,6 +653,13 @@ class _Protocol(grpclib.protocol.H2Protocol):
         self.connections.active(self)
         # Counted before h2 parses them: a flood costs no more than its frames' headers.
         calls, control, resets = self._frames.count(data)
+        if self._frames.oversized:
+            self._send_away(
+                "it announced a frame longer than the server takes (SETTINGS_MAX_FRAME_SIZE)",
+                b"frame_too_large",
+                code=ErrorCodes.FRAME_SIZE_ERROR,
+            )
+            return
         if not self._control.allows(control, credit=calls * CONTROL_FRAMES_PER_CALL):
             self._send_away("it sent frames that make no call too fast", b"too_many_pings")
             return
@@ -839,11 +849,17 @@ class _FrameCounter:
     than from h2's events, for h2 says nothing of frames it drops (those of a stream it
     has reset), and a flood of them costs as much to parse."""
 
-    __slots__ = ("_pending", "_skip")
+    __slots__ = ("_largest", "_pending", "_skip", "oversized")
 
-    def __init__(self) -> None:
+    def __init__(self, largest: int) -> None:
+        """`largest`: the longest frame payload the server takes (its
+        SETTINGS_MAX_FRAME_SIZE)."""
+        self._largest = largest
         self._skip = _PREFACE  # bytes to pass over: the preface, then frames' payloads
         self._pending = b""  # the start of a frame header cut by the end of a read
+        # Whether a frame announced a payload longer than `largest`: h2 says so only once
+        # the whole payload has arrived, up to 16 MiB buffered for each connection.
+        self.oversized = False
 
     def count(self, data: bytes) -> tuple[int, int, int]:
         """(calls, frames that make no call, resets) of the frames that begin in `data`."""
@@ -863,6 +879,7 @@ class _FrameCounter:
             length = int.from_bytes(data[at : at + 3], "big")
             kind = data[at + 3]
             at += _FRAME_HEADER
+            self.oversized = self.oversized or length > self._largest
             if kind == _HEADERS:
                 calls += 1
             elif kind == _RST_STREAM:
