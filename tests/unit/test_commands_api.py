@@ -18,6 +18,7 @@ from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
 from grpclib.health.service import Health
+from h2.errors import ErrorCodes
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
@@ -1048,3 +1049,26 @@ async def test_an_empty_data_frame_within_a_request_is_read_as_nothing(
         answer = await connection.answered(stream)
     assert answer[b"grpc-status"] == b"0", answer
     assert [command for command, _ in sender.sent] == [ApproveFinancing(invoice)]
+
+
+async def test_a_call_beyond_the_calls_a_connection_may_have_open_is_refused_alone() -> None:
+    """Regression (a probe): a client that opened more than 100 calls in its first flight,
+    before it read the server's SETTINGS (gRPC's servers advertise no limit), had its
+    connection closed with every call on it (GOAWAY PROTOCOL_ERROR), none answered; RFC
+    9113 refuses the one beyond the limit alone (REFUSED_STREAM, retried by clients)."""
+    async with (
+        _serving(CommandsService(InMemoryCommandSender(), Outages())) as channel,
+        RawConnection.open(_address(channel)) as connection,
+    ):
+        # Each left open (its request not ended): the limit is reached however the
+        # server reads them.
+        calls = [
+            connection.call(HEALTH_CHECK.encode(), EMPTY_MESSAGE, end=False) for _ in range(101)
+        ]
+        assert await connection.was_reset(calls[-1]) is ErrorCodes.REFUSED_STREAM
+        connection.h2.end_stream(calls[0])
+        connection.flush()
+        answer = await connection.answered(calls[0])
+        assert answer[b"grpc-status"] == b"0"
+        assert connection.goaway() is None
+        assert [connection.reset(call) for call in calls[:-1]] == [None] * 100

@@ -38,6 +38,8 @@ to the whole process, and the answer that caller gets instead.
 - A connection that announces a frame longer than SETTINGS_MAX_FRAME_SIZE is sent
   GOAWAY FRAME_SIZE_ERROR and closed as the frame's header arrives: h2 refused it only
   once its whole payload had arrived, up to 16 MiB held for each connection.
+- A call opened beyond SETTINGS_MAX_CONCURRENT_STREAMS (100) is refused alone
+  (RST_STREAM REFUSED_STREAM): h2 closed the whole connection, every call on it.
 - An empty DATA frame within a request (RFC 9113 allows one anywhere) is read as
   nothing: grpclib took it for the request's end, and refused the call.
 - A connection error (an HTTP/2 protocol violation) is told to the peer with the GOAWAY
@@ -79,12 +81,13 @@ from grpclib.encoding.base import GRPC_CONTENT_TYPE
 from grpclib.metadata import Deadline, decode_timeout, encode_grpc_message
 from grpclib.server import request_handler
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import H2Connection, _decode_headers
 from h2.errors import ErrorCodes
 from h2.events import DataReceived, RemoteSettingsChanged, RequestReceived
-from h2.exceptions import DenialOfServiceError, H2Error, ProtocolError
+from h2.exceptions import DenialOfServiceError, H2Error, ProtocolError, TooManyStreamsError
+from h2.stream import StreamClosedBy
 from h2.utilities import SizeLimitDict
-from hyperframe.frame import GoAwayFrame
+from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
 from financing import metrics
 from financing.entrypoints.connections import OWN_DESCRIPTORS, Connections, descriptor_share
@@ -606,6 +609,7 @@ class _Protocol(grpclib.protocol.H2Protocol):
         # h2 advertises MAX_HEADER_LIST (its default) and reads up to HEADERS_READ_MOST.
         h2.decoder = _HeaderDecoder()
         h2._closed_streams = SizeLimitDict(size_limit=CLOSED_CALLS_KEPT)
+        _refuse_calls_beyond_the_limit(h2)
         self._frames = _FrameCounter(h2.max_inbound_frame_size)
         self._control = _Allowance(CONTROL_FRAMES_BURST, CONTROL_FRAMES_PER_SECOND)
         self._resets = _Allowance(RESETS_BURST, RESETS_PER_SECOND)
@@ -794,6 +798,37 @@ class _Protocol(grpclib.protocol.H2Protocol):
         """Closed before its TLS handshake was over: nothing to tell it over HTTP/2."""
         metrics.GRPC_CONNECTIONS_CLOSED.labels(reason).inc()
         self._gone = asyncio.get_running_loop().call_soon(self._transport.close)
+
+
+def _refuse_calls_beyond_the_limit(h2: H2Connection) -> None:
+    """A call opened beyond SETTINGS_MAX_CONCURRENT_STREAMS refused alone (RST_STREAM
+    REFUSED_STREAM, which clients retry by themselves), as RFC 9113 section 5.1.2 has it:
+    h2 took it for a connection error, and a client that opened more than 100 calls in
+    its first flight, before it read the server's SETTINGS (gRPC's servers advertise no
+    limit of their own), had its connection closed with all of them (GOAWAY
+    PROTOCOL_ERROR), none answered."""
+    receive = h2._frame_dispatch_table[HeadersFrame]
+
+    def headers(frame: HeadersFrame) -> tuple[list[Frame], list[object]]:
+        try:
+            result: tuple[list[Frame], list[object]] = receive(frame)
+        except TooManyStreamsError:
+            if frame.stream_id % 2 != 1 or frame.stream_id <= h2.highest_inbound_stream_id:
+                raise  # not a new call: the connection error h2 makes of it
+            _decode_headers(h2.decoder, frame.data)  # the header table kept in step
+            h2.highest_inbound_stream_id = frame.stream_id
+            h2._closed_streams[frame.stream_id] = StreamClosedBy.SEND_RST_STREAM
+            refused = RstStreamFrame(frame.stream_id)
+            refused.error_code = ErrorCodes.REFUSED_STREAM
+            _SENT_AWAY.warn(
+                "gRPC calls refused: opened beyond the calls a connection may have open at"
+                f" once ({h2.local_settings.max_concurrent_streams})",
+                kind="calls beyond the limit",
+            )
+            return [refused], []
+        return result
+
+    h2._frame_dispatch_table[HeadersFrame] = headers
 
 
 class _Handshake(asyncio.sslproto.SSLProtocol):
