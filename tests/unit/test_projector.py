@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from financing.application import codec
-from financing.application.errors import AwaitingOperator, Unavailable, UnrelayedEvent
+from financing.application.errors import AwaitingOperator, Fault, Unavailable, UnrelayedEvent
 from financing.application.memory import InMemoryEventStore
 from financing.application.messages import InvestorRegistered
 from financing.application.pipeline import Decoded, Outcome, OutcomeKind, exactly_once
@@ -37,7 +37,7 @@ from financing.application.read_models import (
     InvoiceRow,
     IssuerRow,
 )
-from financing.application.retry import Backoff, Limit, Outages, RetryPolicy
+from financing.application.retry import Backoff, GaveUp, Limit, Outages, RetryPolicy
 from financing.domain import events as ev
 from financing.workers.projector import Projector
 from tests.support.deliveries import MemoryDelivery
@@ -216,7 +216,10 @@ async def test_a_refused_event_is_dead_lettered_with_the_reason_the_policies_giv
         await exactly_once(InMemoryEventStore(), "policy", handler)(decoded)
     _, [outcome] = await project(copy)
 
-    assert outcome == Outcome.dead_letter(str(refused.value))
+    # As the policies' pipeline says it (regression, a probe: the projector's reasons
+    # lacked the error's class and the attempts made).
+    assert outcome == Outcome.dead_letter(str(GaveUp(refused.value, Fault.PERMANENT, 1)))
+    assert outcome.detail.startswith("UnrelayedEvent: ")
 
 
 @pytest.mark.parametrize(

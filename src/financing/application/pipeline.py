@@ -31,6 +31,7 @@ from financing.application.errors import (
     ConcurrencyConflict,
     Fault,
     MissingAggregate,
+    PoisonMessage,
     ReusedMessageId,
     UnrelayedEvent,
     attempts_allowed,
@@ -276,7 +277,11 @@ def not_handled(delivery: Delivery, names: frozenset[str], others: OutcomeKind) 
     if name is None or name in names:
         return None
     if others is OutcomeKind.DEAD_LETTERED:
-        return Outcome.dead_letter(f"a {name!r} message on {delivery.source!r}")
+        # Said as every reason is: the error, its fault and the attempts made.
+        unknown = PoisonMessage(
+            f"a {name!r} message on {delivery.source!r}, whose consumer handles no such message"
+        )
+        return Outcome.dead_letter(str(GaveUp(unknown, Fault.PERMANENT, 1)))
     return IGNORED
 
 

@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 import structlog
 
 from financing import metrics
-from financing.application.errors import PoisonMessage, summary
+from financing.application.errors import Fault, PoisonMessage
 from financing.application.grace import finish_on_cancel
 from financing.application.moments import moment
 from financing.application.pipeline import (
@@ -281,11 +281,12 @@ def _triage(delivery: Delivery) -> Outcome | Decoded:
         decoded = decode(delivery)
         relayed_from_the_store(decoded.envelope, _event(decoded), or_foreign=True)
         return decoded
+    # Said as the other consumers say theirs: the error, its fault and the attempts made.
     except PoisonMessage as error:
-        return Outcome.dead_letter(str(error))
+        return Outcome.dead_letter(str(GaveUp(error, Fault.PERMANENT, 1)))
     except Exception as error:  # a bug in decoding: the same on every attempt
         log.error("decoding failed with a bug", exc_info=error)
-        return Outcome.dead_letter(summary(error))
+        return Outcome.dead_letter(str(GaveUp(error, Fault.BUG, 1)))
 
 
 def _observe_delay(event: Decoded, now: datetime) -> None:
