@@ -12,6 +12,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import betterproto
+import hpack
 import pytest
 from betterproto.lib.google.protobuf import Empty
 from grpclib.client import Channel
@@ -36,7 +37,13 @@ from financing.application.retry import Outages
 from financing.entrypoints.grpc import commands as commands_api
 from financing.entrypoints.grpc.codec import FramingChecked, RequestCodec
 from financing.entrypoints.grpc.commands import CommandsService, correlate
-from financing.entrypoints.grpc.edge import BUSY_CALLS_MOST, GrpcServer, Warnings, _less_time
+from financing.entrypoints.grpc.edge import (
+    BUSY_CALLS_MOST,
+    RESETS_BURST,
+    GrpcServer,
+    Warnings,
+    _less_time,
+)
 from financing.entrypoints.observability import observe_turns
 from financing.generated import (
     ApproveFinancingCommand,
@@ -1072,3 +1079,61 @@ async def test_a_call_beyond_the_calls_a_connection_may_have_open_is_refused_alo
         assert answer[b"grpc-status"] == b"0"
         assert connection.goaway() is None
         assert [connection.reset(call) for call in calls[:-1]] == [None] * 100
+
+
+def _headers_frame(stream_id: int, path: bytes) -> bytes:
+    """A HEADERS frame opening a call at `path` (its request ended), encoded without the
+    header table so that it leaves the connection's table as it was."""
+    fields = [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":authority", b"x"),
+        (b":path", path),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+    ]
+    block = hpack.Encoder().encode([hpack.NeverIndexedHeaderTuple(*field) for field in fields])
+    flags = 0x4 | 0x1  # END_HEADERS, END_STREAM
+    header = len(block).to_bytes(3, "big") + bytes((0x1, flags)) + stream_id.to_bytes(4, "big")
+    return header + block
+
+
+async def test_calls_opened_beyond_the_limit_faster_than_resets_allowed_end_the_connection() -> (
+    None
+):
+    """Regression (a probe): refused without bound, 200,000 six-byte HEADERS frames beyond
+    the limit on one connection kept the process from running for 5 s (a million: 40 s,
+    the broker and the relayer's lock lost); each refusal is a reset, counted as the
+    client's own resets are."""
+    async with (
+        _serving(CommandsService(InMemoryCommandSender(), Outages())) as channel,
+        RawConnection.open(_address(channel)) as connection,
+    ):
+        for _ in range(100):
+            connection.call(HEALTH_CHECK.encode(), EMPTY_MESSAGE, end=False)
+        beyond = [
+            _headers_frame(201 + 2 * n, HEALTH_CHECK.encode()) for n in range(2 * RESETS_BURST)
+        ]
+        connection.send_raw(b"".join(beyond))
+        assert await connection.sent_away() == b"too_many_resets"
+
+
+async def test_a_call_already_refused_beyond_the_limit_is_reset_again_not_the_connection() -> None:
+    """Regression (a probe): at the limit, a HEADERS frame of a call the server had
+    refused was taken for a connection error (GOAWAY PROTOCOL_ERROR, every call cut);
+    below it, h2 resets it alone (STREAM_CLOSED)."""
+    async with (
+        _serving(CommandsService(InMemoryCommandSender(), Outages())) as channel,
+        RawConnection.open(_address(channel)) as connection,
+    ):
+        calls = [
+            connection.call(HEALTH_CHECK.encode(), EMPTY_MESSAGE, end=False) for _ in range(101)
+        ]
+        assert await connection.was_reset(calls[-1]) is ErrorCodes.REFUSED_STREAM
+        # Its frame again (h2's client would not send it: the call is closed): the server
+        # takes it in order, before the end of the first call below.
+        connection.send_raw(_headers_frame(calls[-1], HEALTH_CHECK.encode()))
+        connection.h2.end_stream(calls[0])
+        connection.flush()
+        assert (await connection.answered(calls[0]))[b"grpc-status"] == b"0"
+        assert connection.goaway() is None

@@ -84,7 +84,13 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection, _decode_headers
 from h2.errors import ErrorCodes
 from h2.events import DataReceived, RemoteSettingsChanged, RequestReceived
-from h2.exceptions import DenialOfServiceError, H2Error, ProtocolError, TooManyStreamsError
+from h2.exceptions import (
+    DenialOfServiceError,
+    H2Error,
+    ProtocolError,
+    StreamIDTooLowError,
+    TooManyStreamsError,
+)
 from h2.stream import StreamClosedBy
 from h2.utilities import SizeLimitDict
 from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
@@ -609,14 +615,21 @@ class _Protocol(grpclib.protocol.H2Protocol):
         # h2 advertises MAX_HEADER_LIST (its default) and reads up to HEADERS_READ_MOST.
         h2.decoder = _HeaderDecoder()
         h2._closed_streams = SizeLimitDict(size_limit=CLOSED_CALLS_KEPT)
-        _refuse_calls_beyond_the_limit(h2)
         self._frames = _FrameCounter(h2.max_inbound_frame_size)
         self._control = _Allowance(CONTROL_FRAMES_BURST, CONTROL_FRAMES_PER_SECOND)
         self._resets = _Allowance(RESETS_BURST, RESETS_PER_SECOND)
+        _refuse_calls_beyond_the_limit(h2, self._refusing)
         self._silent = asyncio.get_running_loop().call_later(PREFACE_TIMEOUT, self._not_begun)
         early, self._early = bytes(self._early), bytearray()
         if early:
             self.data_received(early)
+
+    def _refusing(self) -> bool:
+        """Whether one more call beyond the limit may be refused: a reset, counted as the
+        client's own; the credit its HEADERS earned as a call taken back, so that such
+        calls make no room for PINGs and their like."""
+        self._control.allows(CONTROL_FRAMES_PER_CALL)  # said at the next read if spent
+        return self._resets.allows(1)
 
     def _not_begun(self) -> None:
         metrics.GRPC_CONNECTIONS_CLOSED.labels("no_preface").inc()
@@ -672,13 +685,19 @@ class _Protocol(grpclib.protocol.H2Protocol):
             return
         try:
             events = self.connection.feed(data)
+        except _RefusedTooFast:
+            self._send_away(
+                "it opened calls beyond the limit, each refused, too fast", b"too_many_resets"
+            )
+            return
         except ProtocolError as error:
             # Said and counted, as every other connection the edge closes.
             reason = "headers_too_large" if isinstance(error, DenialOfServiceError) else None
             metrics.GRPC_CONNECTIONS_CLOSED.labels(reason or "protocol_error").inc()
-            # The error's text holds what the client sent (a table index, an address).
+            # The error's text holds what the client sent (a table index, an address); its
+            # class says what (h2's text is a stream id alone for some).
             _SENT_AWAY.warn(
-                f"gRPC connection closed: it broke HTTP/2 ({error})",
+                f"gRPC connection closed: it broke HTTP/2 ({type(error).__name__}: {error})",
                 kind=f"broke HTTP/2: {type(error).__name__}",
             )
             self.connection.flush()  # the GOAWAY h2 wrote for it
@@ -800,22 +819,37 @@ class _Protocol(grpclib.protocol.H2Protocol):
         self._gone = asyncio.get_running_loop().call_soon(self._transport.close)
 
 
-def _refuse_calls_beyond_the_limit(h2: H2Connection) -> None:
+class _RefusedTooFast(Exception):
+    """A connection opened calls beyond the limit faster than it may be refused them."""
+
+
+def _refuse_calls_beyond_the_limit(h2: H2Connection, refusing: Callable[[], bool]) -> None:
     """A call opened beyond SETTINGS_MAX_CONCURRENT_STREAMS refused alone (RST_STREAM
     REFUSED_STREAM, which clients retry by themselves), as RFC 9113 section 5.1.2 has it:
     h2 took it for a connection error, and a client that opened more than 100 calls in
     its first flight, before it read the server's SETTINGS (gRPC's servers advertise no
     limit of their own), had its connection closed with all of them (GOAWAY
-    PROTOCOL_ERROR), none answered."""
+    PROTOCOL_ERROR), none answered.
+
+    Each refusal is a reset the server sends, counted as the client's own resets are
+    (`refusing`: whether one more may be; _RefusedTooFast when not): refused without
+    bound, 200,000 six-byte HEADERS frames on one connection kept the process from
+    running for 5 s, a million for 40 s. A frame of a call already ended, or of an id a
+    client may not open, is what h2 makes of it below the limit."""
     receive = h2._frame_dispatch_table[HeadersFrame]
 
     def headers(frame: HeadersFrame) -> tuple[list[Frame], list[object]]:
         try:
             result: tuple[list[Frame], list[object]] = receive(frame)
         except TooManyStreamsError:
-            if frame.stream_id % 2 != 1 or frame.stream_id <= h2.highest_inbound_stream_id:
-                raise  # not a new call: the connection error h2 makes of it
             _decode_headers(h2.decoder, frame.data)  # the header table kept in step
+            highest = h2.highest_inbound_stream_id
+            if frame.stream_id <= highest:
+                raise StreamIDTooLowError(frame.stream_id, highest) from None
+            if frame.stream_id % 2 != 1:
+                raise ProtocolError("Invalid stream ID for peer.") from None
+            if not refusing():
+                raise _RefusedTooFast from None
             h2.highest_inbound_stream_id = frame.stream_id
             h2._closed_streams[frame.stream_id] = StreamClosedBy.SEND_RST_STREAM
             refused = RstStreamFrame(frame.stream_id)
