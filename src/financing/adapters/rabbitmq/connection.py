@@ -549,7 +549,27 @@ async def connected(
         await broker.close()
 
 
+# Closes of channels that took longer than CLOSE_TIMEOUT, kept until they end.
+_CLOSING: set[asyncio.Future[None]] = set()
+
+
 async def close_channel(channel: AbstractChannel) -> None:
-    """Close a channel, also while disconnected; unacked messages go back to their queue."""
+    """Close a channel, also while disconnected; unacked messages go back to their queue.
+
+    Waited for CLOSE_TIMEOUT at most; a close that takes longer goes on by itself. Cut
+    there, under a loaded process (calls retried by thousands of clients), its
+    Channel.Close was never written: the broker kept the channel open, with its consumer
+    and the deliveries it held, and that consumer stayed the projector's queue's active
+    one while the process consumed on a new channel: the read models stood still until
+    the broker's consumer timeout (30 min)."""
+    closing = asyncio.ensure_future(_closed(channel))
+    try:
+        await asyncio.wait_for(asyncio.shield(closing), CLOSE_TIMEOUT)
+    except TimeoutError:
+        _CLOSING.add(closing)
+        closing.add_done_callback(_CLOSING.discard)
+
+
+async def _closed(channel: AbstractChannel) -> None:
     with broker_errors_ignored():
-        await asyncio.wait_for(channel.close(), CLOSE_TIMEOUT)
+        await channel.close()
