@@ -1137,3 +1137,24 @@ async def test_a_call_already_refused_beyond_the_limit_is_reset_again_not_the_co
         connection.flush()
         assert (await connection.answered(calls[0]))[b"grpc-status"] == b"0"
         assert connection.goaway() is None
+
+
+async def test_a_busy_answer_asks_for_longer_the_more_calls_wait() -> None:
+    """Regression (a probe): told the busy wait alone whatever the crowd, thousands of
+    clients retrying 5 times made 44,371 attempts of 10,000 calls, and the process spent
+    itself refusing them; the pushback now grows with the calls still waiting."""
+    async with _one_turn_taken(busy_wait=0.2) as (_, service, channel):
+        refusals = [
+            asyncio.create_task(
+                answer_fields(
+                    _address(channel), "/Commands/ApproveFinancing", ApproveFinancingCommand(_id())
+                )
+            )
+            for _ in range(9)
+        ]
+        await _calls_read(service, 10)
+        answers = await asyncio.gather(*refusals)
+    pushbacks = [int(answer[PUSHBACK]) for answer in answers]
+    # The first refused had 8 others still waiting for the one place: 8 times the wait.
+    assert max(pushbacks) >= 0.2 * 7 * 0.5 * 1000, pushbacks
+    assert min(pushbacks) >= 100, pushbacks

@@ -53,7 +53,7 @@ from financing.domain.ids import parse_id
 from financing.domain.money import InvalidAmount, positive_amount
 from financing.entrypoints.grpc.calls import CallsInFlight, TurnRefused
 from financing.entrypoints.grpc.edge import Warnings
-from financing.entrypoints.grpc.pushback import do_not_retry, retry_after
+from financing.entrypoints.grpc.pushback import do_not_retry, retry_when_less_busy
 from financing.generated import (
     ApproveFinancingCommand,
     BidOnInvoiceCommand,
@@ -331,7 +331,7 @@ class CommandsService(CommandsBase):
                 ) from None
             _BUSY.warn("commands answered UNAVAILABLE, not queued: the service is busy")
             GRPC_BUSY.labels("Commands", command.name()).inc()
-            retry_after(self._busy_wait)
+            retry_when_less_busy(self._busy_wait, self.calls.waiting, self._most)
             raise GRPCError(
                 Status.UNAVAILABLE,
                 f"{command.name()} not queued: the service was busy queueing {self._most}"

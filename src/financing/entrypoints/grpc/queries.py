@@ -54,7 +54,7 @@ from financing.application.retry import Outages
 from financing.entrypoints.grpc import replies
 from financing.entrypoints.grpc.calls import CallsInFlight, TurnRefused
 from financing.entrypoints.grpc.edge import Warnings
-from financing.entrypoints.grpc.pushback import retry_after
+from financing.entrypoints.grpc.pushback import retry_when_less_busy
 from financing.logging import get_logger
 from financing.metrics import GRPC_BUSY, LIST_REPLY_BYTES
 
@@ -200,7 +200,7 @@ class QueriesService(pb.QueriesBase):
                 ) from None
             _BUSY.warn("list calls answered UNAVAILABLE: the service is busy")
             GRPC_BUSY.labels("Queries", method).inc()
-            retry_after(self._busy_wait)
+            retry_when_less_busy(self._busy_wait, listed.waiting, LIST_REPLIES)
             raise GRPCError(
                 Status.UNAVAILABLE,
                 f"{method} not answered: the service was busy answering {method} calls"
