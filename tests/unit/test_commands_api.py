@@ -1058,11 +1058,10 @@ async def test_an_empty_data_frame_within_a_request_is_read_as_nothing(
     assert [command for command, _ in sender.sent] == [ApproveFinancing(invoice)]
 
 
-async def test_a_call_beyond_the_calls_a_connection_may_have_open_is_refused_alone() -> None:
-    """Regression (a probe): a client that opened more than 100 calls in its first flight,
-    before it read the server's SETTINGS (gRPC's servers advertise no limit), had its
-    connection closed with every call on it (GOAWAY PROTOCOL_ERROR), none answered; RFC
-    9113 refuses the one beyond the limit alone (REFUSED_STREAM, retried by clients)."""
+@contextlib.asynccontextmanager
+async def _at_the_limit() -> AsyncIterator[tuple[RawConnection, list[int]]]:
+    """A connection with 100 calls open and a 101st refused (REFUSED_STREAM): its calls,
+    the refused one last."""
     async with (
         _serving(CommandsService(InMemoryCommandSender(), Outages())) as channel,
         RawConnection.open(_address(channel)) as connection,
@@ -1073,6 +1072,15 @@ async def test_a_call_beyond_the_calls_a_connection_may_have_open_is_refused_alo
             connection.call(HEALTH_CHECK.encode(), EMPTY_MESSAGE, end=False) for _ in range(101)
         ]
         assert await connection.was_reset(calls[-1]) is ErrorCodes.REFUSED_STREAM
+        yield connection, calls
+
+
+async def test_a_call_beyond_the_calls_a_connection_may_have_open_is_refused_alone() -> None:
+    """Regression (a probe): a client that opened more than 100 calls in its first flight,
+    before it read the server's SETTINGS (gRPC's servers advertise no limit), had its
+    connection closed with every call on it (GOAWAY PROTOCOL_ERROR), none answered; RFC
+    9113 refuses the one beyond the limit alone (REFUSED_STREAM, retried by clients)."""
+    async with _at_the_limit() as (connection, calls):
         connection.h2.end_stream(calls[0])
         connection.flush()
         answer = await connection.answered(calls[0])
@@ -1122,14 +1130,7 @@ async def test_a_call_already_refused_beyond_the_limit_is_reset_again_not_the_co
     """Regression (a probe): at the limit, a HEADERS frame of a call the server had
     refused was taken for a connection error (GOAWAY PROTOCOL_ERROR, every call cut);
     below it, h2 resets it alone (STREAM_CLOSED)."""
-    async with (
-        _serving(CommandsService(InMemoryCommandSender(), Outages())) as channel,
-        RawConnection.open(_address(channel)) as connection,
-    ):
-        calls = [
-            connection.call(HEALTH_CHECK.encode(), EMPTY_MESSAGE, end=False) for _ in range(101)
-        ]
-        assert await connection.was_reset(calls[-1]) is ErrorCodes.REFUSED_STREAM
+    async with _at_the_limit() as (connection, calls):
         # Its frame again (h2's client would not send it: the call is closed): the server
         # takes it in order, before the end of the first call below.
         connection.send_raw(_headers_frame(calls[-1], HEALTH_CHECK.encode()))
