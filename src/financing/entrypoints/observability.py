@@ -157,11 +157,13 @@ def observe_turns(service: str, calls: CallsInFlight) -> None:
 def observe_replies(queries: QueriesService) -> None:
     """Report the bytes of the list replies `queries` holds whenever metrics are scraped;
     their sizes exported from 0."""
+
+    def held(method: str) -> Callable[[], int]:
+        return lambda: queries.bytes_held()[method]
+
     for method in LISTS:
         LIST_REPLY_BYTES.labels(method)
-        LIST_REPLY_BYTES_HELD.labels(method).set_function(
-            lambda method=method: queries.bytes_held()[method]  # type: ignore[misc]
-        )
+        LIST_REPLY_BYTES_HELD.labels(method).set_function(held(method))
 
 
 def observe_pool(pool: asyncpg.Pool, database: str) -> None:
