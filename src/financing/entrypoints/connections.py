@@ -15,6 +15,12 @@ from financing.logging import get_logger
 log = get_logger(__name__)
 
 
+def host_of(peername: object) -> object:
+    """The host of a socket's peer name (`get_extra_info("peername")`): its address, None
+    where it has none (a Unix socket)."""
+    return peername[0] if isinstance(peername, tuple) else None
+
+
 class Held(Protocol):
     """One connection as its server's `Connections` sees it."""
 
@@ -163,7 +169,8 @@ class Connections(Generic[H]):
             self._open.move_to_end(held)
 
     def left(self, held: H) -> None:
-        if self._open.pop(held, 0) is None:  # it was open
+        if held in self._open:
+            del self._open[held]
             host = held.host
             self._hosts[host] -= 1
             if not self._hosts[host]:

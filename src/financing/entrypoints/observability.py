@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import gzip
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -21,7 +22,12 @@ from h2.connection import ConnectionState
 from prometheus_client import REGISTRY
 from prometheus_client.exposition import choose_encoder
 
-from financing.entrypoints.connections import OWN_DESCRIPTORS, Connections, descriptor_share
+from financing.entrypoints.connections import (
+    OWN_DESCRIPTORS,
+    Connections,
+    descriptor_share,
+    host_of,
+)
 from financing.entrypoints.grpc.calls import CallsInFlight
 from financing.entrypoints.grpc.codec import Servable
 from financing.entrypoints.grpc.queries import LISTS, QueriesService
@@ -157,13 +163,11 @@ def observe_turns(service: str, calls: CallsInFlight) -> None:
 def observe_replies(queries: QueriesService) -> None:
     """Report the bytes of the list replies `queries` holds whenever metrics are scraped;
     their sizes exported from 0."""
-
-    def held(method: str) -> Callable[[], int]:
-        return lambda: queries.bytes_held()[method]
-
     for method in LISTS:
         LIST_REPLY_BYTES.labels(method)
-        LIST_REPLY_BYTES_HELD.labels(method).set_function(held(method))
+        LIST_REPLY_BYTES_HELD.labels(method).set_function(
+            functools.partial(queries.bytes_held, method)
+        )
 
 
 def observe_pool(pool: asyncpg.Pool, database: str) -> None:
@@ -230,8 +234,7 @@ class MetricsEndpoint:
             await self._server.wait_closed()
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        exchange = _Exchange(writer, peer[0] if isinstance(peer, tuple) else None)
+        exchange = _Exchange(writer, host_of(writer.get_extra_info("peername")))
         if not self._connections.admit(exchange):
             writer.transport.abort()
             return

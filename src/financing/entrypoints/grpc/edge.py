@@ -96,7 +96,12 @@ from h2.utilities import SizeLimitDict
 from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
 from financing import metrics
-from financing.entrypoints.connections import OWN_DESCRIPTORS, Connections, descriptor_share
+from financing.entrypoints.connections import (
+    OWN_DESCRIPTORS,
+    Connections,
+    descriptor_share,
+    host_of,
+)
 from financing.entrypoints.grpc.pushback import advised
 from financing.entrypoints.listening import listening_at, shown
 from financing.logging import get_logger
@@ -529,8 +534,7 @@ class _Protocol(grpclib.protocol.H2Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
-        peer = transport.get_extra_info("peername")
-        self.host = peer[0] if isinstance(peer, tuple) else None
+        self.host = host_of(transport.get_extra_info("peername"))
         if not self.connections.admit(self):
             self._refused = True
             metrics.GRPC_CONNECTIONS_CLOSED.labels("refused").inc()

@@ -105,13 +105,13 @@ class QueriesService(pb.QueriesBase):
     def __mapping__(self) -> dict[str, Handler]:
         lists: dict[str, Callable[[Stream[Any, Any]], Awaitable[None]]] = {
             "/Queries/AllInvestors": self._lister(
-                "AllInvestors", "investors", self._read_models.investors, replies.investor
+                "AllInvestors", self._read_models.investors, replies.investor
             ),
             "/Queries/AllInvoices": self._lister(
-                "AllInvoices", "invoices", self._read_models.invoices, replies.invoice
+                "AllInvoices", self._read_models.invoices, replies.invoice
             ),
             "/Queries/AllIssuers": self._lister(
-                "AllIssuers", "issuers", self._read_models.issuers, replies.issuer
+                "AllIssuers", self._read_models.issuers, replies.issuer
             ),
         }
         generated = super().__mapping__()
@@ -124,11 +124,10 @@ class QueriesService(pb.QueriesBase):
     def _lister(
         self,
         method: str,
-        what: str,
         read: Callable[[], Awaitable[Sequence[Row]]],
         item: Callable[[Row], bytes],
     ) -> Callable[[Stream[Any, Any]], Awaitable[None]]:
-        listed = self._lists[what]
+        listed = self._lists[LISTS[method]]
 
         async def answer(stream: Stream[Any, Any]) -> None:
             await stream.recv_message()  # Empty
@@ -162,10 +161,9 @@ class QueriesService(pb.QueriesBase):
 
         return answer
 
-    def bytes_held(self) -> dict[str, int]:
-        """Bytes of the list replies built and not yet taken in by their callers, by
-        method."""
-        return {method: self._lists[what].bytes_held for method, what in LISTS.items()}
+    def bytes_held(self, method: str) -> int:
+        """Bytes of `method`'s list replies built and not yet taken in by their callers."""
+        return self._lists[LISTS[method]].bytes_held
 
     def busy(self) -> bool:
         """Whether calls wait for their turn (`edge.GrpcServer`'s `busy`): those of one
