@@ -584,7 +584,9 @@ async def test_a_read_only_query_database_without_the_current_schema_fails_start
                     _settings(databases, amqp_url),
                     ("queries-api",),
                     stack,
-                    deadline=time.monotonic() + 1,
+                    # The reason is said whether the deadline ends a pause between
+                    # attempts or cuts an attempt (then as the attempt before's).
+                    deadline=time.monotonic() + 2,
                 )
     finally:
         await infra.set_read_only(queries.connect_kwargs["database"], False)

@@ -79,6 +79,29 @@ async def test_an_attempt_still_waiting_at_the_deadline_is_not_called_unreachabl
     )
 
 
+async def test_an_attempt_cut_at_the_deadline_says_why_the_one_before_failed() -> None:
+    """Regression: a read-only query database without the schema failed its first
+    attempt, the second was still waiting when the timeout ran out, and start-up's error
+    said only "still waiting for an answer" (the reason had been a warning line)."""
+    attempts = 0
+
+    async def migrate() -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise Unavailable("query database", "takes no writes, and its schema lacks 5")
+        await asyncio.Event().wait()
+
+    with pytest.raises(StartupError) as raised:
+        await started("migrating the query database", migrate, Outages(), time.monotonic() + 0.5)
+    assert attempts == 2
+    assert str(raised.value) == (
+        "migrating the query database: still waiting for an answer when"
+        " FINANCING_STARTUP_TIMEOUT ran out; the attempt before: query database"
+        " unavailable: takes no writes, and its schema lacks 5"
+    )
+
+
 def test_health_names_each_dependency_down_and_each_queue_not_consumed() -> None:
     """Regression: /health said "not healthy" whatever was down."""
     outages = Outages()

@@ -588,17 +588,30 @@ async def started(
 ) -> T:
     """`operation`, retried while its dependency is unavailable, until `deadline`: an
     attempt still waiting on a dependency that does not answer is given up there too."""
+    failed: list[Exception] = []  # the last attempt's error, said if the next is cut
+
+    async def attempt() -> T:
+        try:
+            return await operation()
+        except Exception as error:
+            failed[:] = [error]
+            raise
+
     try:
         async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
             return await retry(
-                operation, policy=NO_BUG_RETRIES, outages=outages, what=what, deadline=deadline
+                attempt, policy=NO_BUG_RETRIES, outages=outages, what=what, deadline=deadline
             )
     except TimeoutError:
         # Not "unreachable": the attempt may be waiting on another instance (a
-        # migration's lock, which `migrate` names in a line of its own).
-        raise StartupError(
-            f"{what}: still waiting for an answer when FINANCING_STARTUP_TIMEOUT ran out"
-        ) from None
+        # migration's lock, which `migrate` names in a line of its own). The attempt
+        # before it, if any, says why start-up had to wait at all: cut, "takes no
+        # writes, and its queries schema lacks version(s) 1-5" was said only as a
+        # warning, and the error named nothing but the timeout.
+        said = f"{what}: still waiting for an answer when FINANCING_STARTUP_TIMEOUT ran out"
+        if failed:
+            said += f"; the attempt before: {failed[0]}"
+        raise StartupError(said) from None
     except GaveUp as gave_up:
         if gave_up.fault is Fault.UNAVAILABLE:
             # `what` names a dependency or a step of start-up ("migrating the query
