@@ -102,6 +102,28 @@ async def test_an_attempt_cut_at_the_deadline_says_why_the_one_before_failed() -
     )
 
 
+async def test_a_deadline_that_comes_in_a_pause_between_attempts_says_the_last_error() -> None:
+    """Regression: when the loop ran late, the deadline's timer fired in the pause
+    before the next attempt, and start-up said it was still waiting for an answer."""
+
+    async def connect() -> None:
+        raise Unavailable("broker", "connection refused")
+
+    async def late_loop() -> None:
+        await asyncio.sleep(0.01)  # once the first attempt failed and its pause began
+        time.sleep(0.3)  # noqa: ASYNC251 (the loop held past the pause and the deadline)
+
+    stall = asyncio.create_task(late_loop())
+    with pytest.raises(StartupError) as raised:
+        # The first pause is at most 0.1 s: within the deadline, so it is slept.
+        await started("broker", connect, Outages(), time.monotonic() + 0.15)
+    await stall
+    assert str(raised.value) == (
+        "broker: gave up when FINANCING_STARTUP_TIMEOUT ran out:"
+        " broker unavailable: connection refused"
+    )
+
+
 def test_health_names_each_dependency_down_and_each_queue_not_consumed() -> None:
     """Regression: /health said "not healthy" whatever was down."""
     outages = Outages()

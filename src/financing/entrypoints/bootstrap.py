@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 from uuid import UUID
 
 import asyncpg
@@ -51,7 +51,7 @@ from financing.adapters.rabbitmq.depth_watch import DepthWatch
 from financing.adapters.rabbitmq.publisher import AmqpCommandSender, Publisher
 from financing.adapters.rabbitmq.topology_watch import TopologyWatch
 from financing.application import routes
-from financing.application.errors import Fault, Unavailable
+from financing.application.errors import Fault, Unavailable, classify
 from financing.application.pace import RelayPace
 from financing.application.pipeline import (
     Handler,
@@ -588,14 +588,20 @@ async def started(
 ) -> T:
     """`operation`, retried while its dependency is unavailable, until `deadline`: an
     attempt still waiting on a dependency that does not answer is given up there too."""
-    failed: list[Exception] = []  # the last attempt's error, said if the next is cut
+    failed: list[Exception] = []  # the last attempt's error
+    trying = False  # an attempt is under way (still so once the deadline cuts it)
 
     async def attempt() -> T:
+        nonlocal trying
+        trying = True
         try:
-            return await operation()
+            result = await operation()
         except Exception as error:
             failed[:] = [error]
+            trying = False
             raise
+        trying = False
+        return result
 
     try:
         async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
@@ -603,6 +609,8 @@ async def started(
                 attempt, policy=NO_BUG_RETRIES, outages=outages, what=what, deadline=deadline
             )
     except TimeoutError:
+        if failed and not trying:  # the deadline came in a pause between attempts
+            _give_up(what, failed[0], classify(failed[0]))
         # Not "unreachable": the attempt may be waiting on another instance (a
         # migration's lock, which `migrate` names in a line of its own). The attempt
         # before it, if any, says why start-up had to wait at all: cut, "takes no
@@ -613,15 +621,20 @@ async def started(
             said += f"; the attempt before: {failed[0]}"
         raise StartupError(said) from None
     except GaveUp as gave_up:
-        if gave_up.fault is Fault.UNAVAILABLE:
-            # `what` names a dependency or a step of start-up ("migrating the query
-            # database"): the error names the dependency.
-            raise StartupError(
-                f"{what}: gave up when FINANCING_STARTUP_TIMEOUT ran out: {gave_up.error}"
-            ) from gave_up.error
-        if gave_up.fault is Fault.PERMANENT:
-            raise StartupError(str(gave_up.error)) from gave_up.error
-        raise gave_up.error from None  # a bug: the supervisor reports it with its traceback
+        _give_up(what, gave_up.error, gave_up.fault)
+
+
+def _give_up(what: str, error: Exception, fault: Fault) -> NoReturn:
+    """Start-up stops: `what` failed with `error` until it was no longer retried."""
+    if fault is Fault.UNAVAILABLE:
+        # `what` names a dependency or a step of start-up ("migrating the query
+        # database"): the error names the dependency.
+        raise StartupError(
+            f"{what}: gave up when FINANCING_STARTUP_TIMEOUT ran out: {error}"
+        ) from error
+    if fault is Fault.PERMANENT:
+        raise StartupError(str(error)) from error
+    raise error from None  # a bug: the supervisor reports it with its traceback
 
 
 async def _migrated(pool: asyncpg.Pool, schema: str, dependency: str, deadline: float) -> None:
