@@ -539,6 +539,10 @@ class _Protocol(grpclib.protocol.H2Protocol):
             self._refused = True
             metrics.GRPC_CONNECTIONS_CLOSED.labels("refused").inc()
             self.handler.close()  # so that the server lets it go
+            # Closed without a word of HTTP/2: told why (SETTINGS, then GOAWAY
+            # ENHANCE_YOUR_CALM), a grpcio client took the connection for made, and its
+            # call waited for the next one until its deadline (DEADLINE_EXCEEDED), where
+            # closed, it is answered UNAVAILABLE at once and may go elsewhere.
             transport.close()
             return
         if self.tls is None:
