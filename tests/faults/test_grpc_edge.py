@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Callable
 
 import h2.events
@@ -651,3 +652,30 @@ async def test_one_hosts_connections_with_calls_open_leave_room_for_another_host
     written = few_connections.service.log_tail(since=logged)
     assert "gRPC connections of one host at its share" in written, written
     assert '"host": "127.0.0.2"' in written, written
+
+
+async def test_a_tls_client_on_the_plaintext_port_is_closed_and_said_to_be_one(
+    commands_api: CommandsApi, no_errors_logged: Callable[[], None]
+) -> None:
+    """Regression (a probe): a client set up for TLS on a plaintext port was said to have
+    announced a frame longer than the server takes, and counted `frame_too_large`."""
+    logged = commands_api.service.log_size()
+    before = (
+        closed_for(commands_api, "tls_on_plaintext"),
+        closed_for(commands_api, "frame_too_large"),
+    )
+    client = ssl.create_default_context()
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        async with asyncio.timeout(WITHIN):
+            _, writer = await asyncio.open_connection(*commands_api.address, ssl=client)
+            writer.close()
+    assert (
+        closed_for(commands_api, "tls_on_plaintext"),
+        closed_for(commands_api, "frame_too_large"),
+    ) == (before[0] + 1, before[1])
+    written = commands_api.service.log_tail(since=logged)
+    assert "it began a TLS handshake on a port that serves plaintext" in written, written
+    assert "SETTINGS_MAX_FRAME_SIZE" not in written, written
+    assert await serving(commands_api.address)
+    no_errors_logged()

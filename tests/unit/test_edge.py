@@ -91,6 +91,29 @@ def test_a_frame_longer_than_the_server_takes_is_told_from_its_header_alone() ->
     assert counter.oversized
 
 
+# The first bytes of a TLS 1.2/1.3 ClientHello record.
+CLIENT_HELLO = bytes.fromhex("160301020001000001fc0303") + b"\x00" * 32
+
+
+def test_a_tls_client_on_a_plaintext_port_is_told_from_a_frame_too_long() -> None:
+    """Regression: a TLS client's first bytes, read as frames after the preface's
+    length, announced a frame too long: it was said to have sent one."""
+    for reads in ([CLIENT_HELLO], [CLIENT_HELLO[:1], CLIENT_HELLO[1:]]):
+        counter = _FrameCounter(16_384)
+        assert [counter.count(data) for data in reads] == [(0, 0, 0)] * len(reads)
+        assert counter.not_http2 and counter.tls and not counter.oversized
+
+
+def test_a_preface_that_is_not_http2s_is_not_counted_as_frames() -> None:
+    counter = _FrameCounter(16_384)
+    counter.count(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\xff" * 64)
+    assert counter.not_http2 and not counter.tls and not counter.oversized
+    cut = _FrameCounter(16_384)
+    cut.count(STREAM[:10])  # the preface's beginning, then something else
+    cut.count(b"\x16" + STREAM[11:])
+    assert cut.not_http2 and not cut.tls
+
+
 async def test_a_warning_repeated_is_written_once_an_interval_saying_how_many_were_left_out() -> (
     None
 ):

@@ -678,6 +678,15 @@ class _Protocol(grpclib.protocol.H2Protocol):
         self.connections.active(self)
         # Counted before h2 parses them: a flood costs no more than its frames' headers.
         calls, control, resets = self._frames.count(data)
+        if self._frames.tls:
+            metrics.GRPC_CONNECTIONS_CLOSED.labels("tls_on_plaintext").inc()
+            _SENT_AWAY.warn(
+                "gRPC connection closed: it began a TLS handshake on a port that serves"
+                " plaintext (a client set up for TLS)",
+                kind="TLS on a plaintext port",
+            )
+            self.processor.close("TLS on a plaintext port")
+            return
         if self._frames.oversized:
             self._send_away(
                 "it announced a frame longer than the server takes (SETTINGS_MAX_FRAME_SIZE)",
@@ -914,7 +923,8 @@ def _stream(transport: asyncio.BaseTransport) -> asyncio.Transport:
 _DATA, _HEADERS, _RST_STREAM, _WINDOW_UPDATE, _CONTINUATION = 0x0, 0x1, 0x3, 0x8, 0x9
 _FRAME_HEADER = 9
 # The client's connection preface, before its first frame.
-_PREFACE = len(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_TLS_HANDSHAKE = 0x16  # the first byte of a TLS record that begins a handshake
 
 
 class _FrameCounter:
@@ -926,21 +936,38 @@ class _FrameCounter:
     than from h2's events, for h2 says nothing of frames it drops (those of a stream it
     has reset), and a flood of them costs as much to parse."""
 
-    __slots__ = ("_largest", "_pending", "_skip", "oversized")
+    __slots__ = ("_largest", "_pending", "_preface", "_skip", "not_http2", "oversized", "tls")
 
     def __init__(self, largest: int) -> None:
         """`largest`: the longest frame payload the server takes (its
         SETTINGS_MAX_FRAME_SIZE)."""
         self._largest = largest
-        self._skip = _PREFACE  # bytes to pass over: the preface, then frames' payloads
+        self._preface = _PREFACE  # what is still to come of the client's preface
+        self._skip = 0  # bytes to pass over: frames' payloads
         self._pending = b""  # the start of a frame header cut by the end of a read
         # Whether a frame announced a payload longer than `largest`: h2 says so only once
         # the whole payload has arrived, up to 16 MiB buffered for each connection.
         self.oversized = False
+        # Whether the client began with something else than HTTP/2's preface (nothing
+        # more is counted: h2 refuses it), and whether that was a TLS handshake. Read as
+        # frames, a TLS client's first bytes announced one too long: it was said to have
+        # sent a frame longer than the server takes.
+        self.not_http2 = False
+        self.tls = False
 
     def count(self, data: bytes) -> tuple[int, int, int]:
         """(calls, frames that make no call, resets) of the frames that begin in `data`."""
         calls = control = resets = 0
+        if self.not_http2:
+            return calls, control, resets
+        if self._preface:
+            came = data[: len(self._preface)]
+            if not self._preface.startswith(came):
+                self.not_http2 = True
+                self.tls = self._preface == _PREFACE and came[0] == _TLS_HANDSHAKE
+                return calls, control, resets
+            self._preface = self._preface[len(came) :]
+            data = data[len(came) :]
         if self._pending:
             data, self._pending = self._pending + data, b""
         at, end = 0, len(data)
