@@ -32,7 +32,7 @@ from financing.config import (
 from financing.entrypoints.cli.health_check import health_check
 from financing.entrypoints.grpc import edge, tls_watch
 from financing.entrypoints.grpc.codec import RequestCodec
-from financing.entrypoints.grpc.edge import GrpcServer
+from financing.entrypoints.grpc.edge import GrpcServer, _handshake
 from financing.entrypoints.grpc.tls import UnusableFiles, certificate_expiry, server_context
 from financing.entrypoints.grpc.tls_watch import ServerTls
 from tests.support import infra
@@ -664,3 +664,17 @@ def test_a_key_of_another_type_than_the_certificate_is_named_as_not_its(
         said = _unusable(GrpcTls(cert, key))
         assert said.startswith("GRPC_TLS_KEY_FILE:"), said
         assert f"of the certificate in {cert}" in said, said
+
+
+def test_a_handshake_past_its_timeout_or_reset_by_its_client_is_said_so() -> None:
+    """Regression (a probe): a handshake ended by asyncio past the timeout was said
+    "ConnectionAbortedError", and one a client reset "ConnectionResetError", alone."""
+
+    timed_out = ConnectionAbortedError(
+        "SSL handshake is taking longer than 10.0 seconds: aborting the connection"
+    )
+    assert _handshake(timed_out) == "not over within 10 s"
+    assert _handshake(ConnectionResetError(104, "Connection reset by peer")) == (
+        "the client reset the connection, as one that does not trust the certificate does"
+    )
+    assert _handshake(ConnectionAbortedError()) == "ConnectionAbortedError"

@@ -904,11 +904,19 @@ def _peer(transport: asyncio.BaseTransport) -> str:
 
 def _handshake(error: Exception) -> str:
     """Why a TLS handshake failed, in a few words (OpenSSL's reason where it gives one)."""
-    if isinstance(error, TimeoutError):
+    # asyncio's TLS protocol ends a handshake past its timeout with a ConnectionAbortedError
+    # saying so: it was said as "ConnectionAbortedError" alone.
+    if isinstance(error, TimeoutError) or (
+        isinstance(error, ConnectionAbortedError) and "taking longer than" in str(error)
+    ):
         return f"not over within {PREFACE_TIMEOUT:g} s"
     reason = getattr(error, "reason", None)
     if reason:
         return str(reason).lower().replace("_", " ")
+    if isinstance(error, ConnectionResetError):
+        # What a grpcio client does when it does not trust the server's certificate: no
+        # alert, the connection reset. It was said as "ConnectionResetError" alone.
+        return "the client reset the connection, as one that does not trust the certificate does"
     return type(error).__name__
 
 
