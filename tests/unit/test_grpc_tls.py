@@ -287,6 +287,48 @@ async def test_a_new_client_ca_is_the_only_one_trusted_once_read(files: Files) -
         assert await _check(port, _client(files.ca, certified_by=successor)) == "SERVING"
 
 
+async def test_connections_opened_before_the_client_cas_changed_connect_again(
+    files: Files,
+) -> None:
+    """Regression (a probe): a client CA removed to cut its clients off left the
+    connections they had open served for as long as they kept them (gRPC clients keep
+    theirs for good). A renewed server certificate alone leaves them be."""
+    tls = ServerTls(files.tls)
+    successor = trustme.CA()
+    async with _server(tls) as server:
+        tls.when_trust_changes(server.renew_trust)
+        port = server._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        kept = Channel(
+            "127.0.0.1", port, ssl=_client(files.ca, certified_by=files.ca), config=NAMED
+        )
+
+        async def check_kept() -> str:
+            try:
+                async with asyncio.timeout(5):
+                    reply = await HealthStub(kept).Check(HealthCheckRequest())
+            except (OSError, StreamTerminatedError, GRPCError) as error:
+                return type(error).__name__
+            return HealthCheckResponse.ServingStatus.Name(reply.status)
+
+        try:
+            assert await check_kept() == "SERVING"
+            files.issue(files.ca)  # the server's certificate renewed, same client CA
+            assert tls.reload()
+            assert await check_kept() == "SERVING"
+            with capture_logs() as logs:
+                files.trust_clients_of(successor)
+                assert tls.reload()
+
+            async def refused() -> bool:
+                return await check_kept() != "SERVING"
+
+            await infra.wait_until(refused, timeout=10, what="the kept connection's end")
+        finally:
+            kept.close()
+    said = [line for line in logs if "client CAs changed" in line["event"]]
+    assert [line["connections"] for line in said] == [1], logs
+
+
 async def test_files_that_cannot_be_used_leave_the_previous_ones_serving_said_once(
     files: Files,
 ) -> None:

@@ -452,6 +452,8 @@ def _grpc_server(
         busy=api.busy,
         tls=None if tls is None else tls.current,
     )
+    if tls is not None:
+        tls.when_trust_changes(server.renew_trust)
     observe_grpc(server, handlers)
     return server
 

@@ -207,6 +207,27 @@ class GrpcServer(grpclib.server.Server):
         for connection in self._edge_connections.held():
             connection.go_away()
 
+    def renew_trust(self) -> None:
+        """The client CAs changed: each connection opened with other TLS files than the
+        newest is told to connect again (GOAWAY NO_ERROR naming the last call it took,
+        its calls in flight answered on), its next handshake judged by the CAs read
+        now. Connections kept the trust they were opened with for as long as their
+        clients kept them: a CA removed to cut its clients off left those connected
+        served."""
+        if self._tls is None:
+            return
+        current = self._tls()
+        told = 0
+        for connection in self._edge_connections.held():
+            if connection.tls is not None and connection.tls is not current:
+                connection.go_away()
+                told += 1
+        if told:
+            log.info(
+                "gRPC connections opened before the client CAs changed: each told to connect again",
+                connections=told,
+            )
+
     def close(self) -> None:
         """grpclib's close (the listener closed, every call cancelled), and every
         connection sent away (GOAWAY NO_ERROR: connect again) and closed, one accepted

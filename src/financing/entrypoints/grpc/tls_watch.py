@@ -1,7 +1,8 @@
 """The gRPC ports' TLS files, read again when they change (looked at every RELOAD_EVERY
 seconds), as a certificate renewed in place or a mounted secret updated changes them:
 the connections made after that are served with the new certificate, key and client
-CA, those open keep theirs. Files that cannot be used (a key that is not the
+CA, those open keep theirs, unless the client CAs changed: then those open are told to
+connect again (`when_trust_changes`). Files that cannot be used (a key that is not the
 certificate's, one written before the other) leave the previous ones in use, said once
 for each state of the files, and are tried again at every look until they can be.
 The certificate's expiry is exported (`financing_grpc_tls_certificate_expiry_timestamp_seconds`)
@@ -14,6 +15,7 @@ import asyncio
 import os
 import ssl
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from financing import metrics
@@ -39,6 +41,8 @@ class ServerTls:
         self._seen = self._state()
         self._refused: tuple[object, ...] | None = None  # the state last said unusable
         self._current = server_context(tls)
+        self._trusted = _contents(tls.client_ca_file)  # the client CAs read last
+        self._on_trust_change: list[Callable[[], None]] = []
         # When the certificate served expires (Unix time), and what was said of it.
         self._expires: float | None = None
         self._said_expiry: str | None = None
@@ -51,6 +55,12 @@ class ServerTls:
         the files no longer name included (when a handshake switched to the newest
         context, the first context's ticket keys still served every resumption)."""
         return self._current
+
+    def when_trust_changes(self, renew: Callable[[], None]) -> None:
+        """`renew()` once new client CAs are read: a connection opened before keeps the
+        trust it was opened with for as long as its client keeps it, and gRPC clients
+        keep theirs for good (a CA removed to cut its clients off left them connected)."""
+        self._on_trust_change.append(renew)
 
     async def watch(self, every: float = RELOAD_EVERY) -> None:
         """Until cancelled: the files read again whenever they changed."""
@@ -84,6 +94,11 @@ class ServerTls:
         metrics.GRPC_TLS_RELOADS.labels("loaded").inc()
         log.info("the gRPC TLS files changed: new connections are served with them")
         self._loaded()
+        trusted = _contents(self._tls.client_ca_file)
+        if trusted != self._trusted:
+            self._trusted = trusted
+            for renew in self._on_trust_change:
+                renew()
         return True
 
     def _loaded(self) -> None:
@@ -130,3 +145,14 @@ def _file_state(path: str) -> object:
     except OSError as error:
         return error.errno
     return (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns)
+
+
+def _contents(path: str | None) -> bytes | None:
+    """What the file at `path` holds (None: no file named, or none to read)."""
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError:
+        return None
