@@ -475,11 +475,17 @@ async def test_tail_prints_each_event_live_until_ctrl_c_then_leaves_no_queue_beh
         code = await asyncio.wait_for(tail.wait(), 10)
 
     assert code == 0
-    at, name, aggregate, label, correlation, body = printed[-1].split(maxsplit=5)
-    assert (name, aggregate, label) == ("IssuerCreatedEvent", str(issuer), "correlation")
+    at, name, aggregate, version, label, correlation, body = printed[-1].split(maxsplit=6)
+    assert (name, aggregate, version, label) == (
+        "IssuerCreatedEvent",
+        str(issuer),
+        "v1",
+        "correlation",
+    )
     assert at.endswith("Z") and correlation != "-"
     assert body == f'{{"IssuerID":"{issuer}"}}'
-    assert any(line.split()[1] == "IssuerRegistered" for line in printed[:-1]), printed
+    # An integration event has no aggregate, nor version.
+    assert any(line.split()[1:4] == ["IssuerRegistered", "-", "-"] for line in printed), printed
     queues = await rabbitmq.list_queues(operated.deployment.name)
     assert not [name for name in queues if name.startswith("financing_tail_")]
 

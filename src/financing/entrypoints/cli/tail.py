@@ -1,11 +1,12 @@
 """`financing tail`: every event published on `events`, live, one line each, until Ctrl-C.
 
-    2025-06-01T12:00:01.123Z  InvoiceFinancedEvent  221ffa83-…  correlation 7f0c…  {"AskingPrice":…}
+    2025-06-01T12:00:01.123Z  InvoiceFinancedEvent  221ffa83-…  v2  correlation 7f0c…  {…}
 
 The time is when the event was recorded in the event store (when it says so),
-else when it arrived. SIGINT or SIGTERM end it with exit code 0; losing the
-broker ends it with exit code 1, since what is published meanwhile cannot be
-followed.
+else when it arrived; the version is its aggregate's (`-` for an integration
+event): a copy published again (a relayer that took over, a rewind) shows the
+same one. SIGINT or SIGTERM end it with exit code 0; losing the broker ends it
+with exit code 1, since what is published meanwhile cannot be followed.
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ from financing.adapters.rabbitmq.envelopes import from_amqp
 from financing.adapters.rabbitmq.follow import follow_events
 from financing.application.errors import PoisonMessage
 from financing.application.moments import moment
-from financing.application.ports import CORRELATION_HEADER, RECORDED_AT_HEADER
+from financing.application.ports import (
+    AGGREGATE_VERSION_HEADER,
+    CORRELATION_HEADER,
+    RECORDED_AT_HEADER,
+)
 from financing.config import Settings
 from financing.entrypoints.cli.console import shown
 
@@ -52,9 +57,10 @@ def line(message: AbstractIncomingMessage) -> str:
         return f"{moment(datetime.now(UTC))}  (unreadable message: {error})  {body}"
     recorded = envelope.headers.get(RECORDED_AT_HEADER)
     correlation = envelope.headers.get(CORRELATION_HEADER, "-")
+    version = envelope.headers.get(AGGREGATE_VERSION_HEADER)
     return (
         f"{moment(_time(recorded))}  {envelope.name}  {envelope.aggregate_id or '-'}"
-        f"  correlation {correlation}  {body}"
+        f"  {'-' if version is None else f'v{version}'}  correlation {correlation}  {body}"
     )
 
 
