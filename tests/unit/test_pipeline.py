@@ -362,8 +362,11 @@ async def test_a_deferred_message_that_waited_long_enough_is_dead_lettered_sayin
     outcome = await step(late)
 
     assert outcome.kind is OutcomeKind.DEAD_LETTERED
+    # Regression (a probe): "after 1 attempt(s); deferred, it waited ..." read as if it
+    # had been tried once, not three times before its first deferral.
     assert outcome.detail.endswith(
-        f"deferred, it waited {POLICY.aggregate_wait + 0.5:.1f} s for it"
+        "(conflict, after 1 attempt(s)); deferred before (one attempt each time back),"
+        f" it waited {POLICY.aggregate_wait + 0.5:.1f} s for it in all"
     )
 
 

@@ -238,7 +238,13 @@ def retried(policy: RetryPolicy, outages: Outages, turns: AggregateTurns = TURNS
                 if since is None and delivery.late:
                     delay = policy.deferral_delay(waited)
                     return Outcome.deferred(str(gave_up), delay, past_wait_from=waited)
-                said = f"; deferred, it waited {waited:.1f} s for it" if waited else ""
+                # Back from a deferral, a delivery has one attempt: the count above is its.
+                said = (
+                    f"; deferred before (one attempt each time back), it waited {waited:.1f} s"
+                    " for it in all"
+                    if waited
+                    else ""
+                )
                 return Outcome.dead_letter(f"{gave_up}{said}")
             except Abandoned:
                 return ABANDONED
