@@ -74,9 +74,11 @@ class Since:
 
 
 @asynccontextmanager
-async def patient_timeout(seconds: float) -> AsyncIterator[None]:
+async def patient_timeout(seconds: float) -> AsyncIterator[Since]:
     """`asyncio.timeout(seconds)`, moved once by `seconds` more when it runs out while
-    the process was busy (`Since.busy`): what is awaited may be there, unread."""
+    the process was busy (`Since.busy`): what is awaited may be there, unread. Yields
+    how busy the process has been since it began (to say so if it runs out all the
+    same)."""
     loop = asyncio.get_running_loop()
     since = Since()
     async with asyncio.timeout(None) as timeout:
@@ -90,6 +92,6 @@ async def patient_timeout(seconds: float) -> AsyncIterator[None]:
 
         handles.append(loop.call_at(loop.time() + seconds, expire, False))
         try:
-            yield
+            yield since
         finally:
             handles[-1].cancel()

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from financing.adapters.rabbitmq.publisher import unconfirmed
 from financing.cpu import patient_timeout, wanted
 from tests.support.busy import busy
 
@@ -85,9 +86,22 @@ async def test_a_deadline_out_in_a_busy_process_is_moved_once() -> None:
             await answered.wait()
         began = time.monotonic()
         with pytest.raises(TimeoutError):
-            async with patient_timeout(0.1):
+            async with patient_timeout(0.1) as load:
                 await asyncio.Event().wait()
     assert 0.2 <= time.monotonic() - began < 0.4
+    assert load.busy()  # what a failure it ends in says (below)
+
+
+def test_a_publish_unconfirmed_in_a_busy_process_says_its_own_load_may_be_why() -> None:
+    """Regression (a probe): a process at its core's limit (list replies, sagas) left the
+    relayer's confirms unread, and its outage line said "broker unavailable: 256
+    event(s): not confirmed within 10.2 s" alone, while the broker confirmed another
+    client's publishes within milliseconds."""
+    assert unconfirmed("256 event(s)", 10.23, 0.93) == (
+        "256 event(s): not confirmed within 10.2 s (this process wanted a core 93% of"
+        " that time: its own load may have kept the confirms unread)"
+    )
+    assert unconfirmed("256 event(s)", 5.0, 0.1) == "256 event(s): not confirmed within 5.0 s"
 
 
 @pytest.mark.parametrize("ending", ["returns", "raises", "is cancelled"])

@@ -53,7 +53,7 @@ from financing.application.errors import AwaitingOperator, Refused, Unavailable,
 from financing.application.messages import Command
 from financing.application.ports import Cause, Envelope, handed
 from financing.application.retry import OUTAGE_QUIET
-from financing.cpu import patient_timeout
+from financing.cpu import BUSY_SHARE, patient_timeout
 from financing.logging import get_logger
 
 log = get_logger(__name__)
@@ -156,6 +156,20 @@ class EventsRefused(PublishFailed, AwaitingOperator):
     the write permission on it revoked, or a queue bound to it full and refusing
     publishes. Said as such once when an outage under way turns out to be one: begun as
     a lost connection, it was said to last 32 s more without a word of the refusal."""
+
+
+def unconfirmed(what: str, waited: float, busy: float) -> str:
+    """Why `what` failed: not confirmed within `waited` s, the process busy for the
+    share `busy` of it. A process that kept a core busy (list replies, sagas) left the
+    broker's confirms unread: its outage line said "broker unavailable" while the
+    broker confirmed another client's publishes within milliseconds."""
+    said = f"{what}: not confirmed within {waited:.1f} s"
+    if busy >= BUSY_SHARE:
+        said += (
+            f" (this process wanted a core {busy:.0%} of that time: its own load may have"
+            " kept the confirms unread)"
+        )
+    return said
 
 
 class Publisher:
@@ -524,7 +538,7 @@ class Publisher:
         handed()  # from now on, cut short, it may have been written
         began = time.monotonic()
         try:
-            async with patient_timeout(self._confirm_timeout):
+            async with patient_timeout(self._confirm_timeout) as load:
                 sending = [
                     (via or exchange).publish(
                         to_amqp(message) if isinstance(message, Envelope) else message,
@@ -540,7 +554,7 @@ class Publisher:
                     results = await asyncio.gather(*sending, return_exceptions=True)
         except TimeoutError:
             waited = time.monotonic() - began
-            raise PublishUnconfirmed(f"{what}: not confirmed within {waited:.1f} s") from None
+            raise PublishUnconfirmed(unconfirmed(what, waited, load.share())) from None
         # Refused if the broker refused any of them (closing the channel for it, or a nack):
         # the others in flight are failed with the channel, by a bare error.
         refused = any(
