@@ -106,11 +106,14 @@ async def test_a_deadline_that_comes_in_a_pause_between_attempts_says_the_last_e
     """Regression: when the loop ran late, the deadline's timer fired in the pause
     before the next attempt, and start-up said it was still waiting for an answer."""
 
+    failed = asyncio.Event()
+
     async def connect() -> None:
+        failed.set()
         raise Unavailable("broker", "connection refused")
 
     async def late_loop() -> None:
-        await asyncio.sleep(0.01)  # once the first attempt failed and its pause began
+        await failed.wait()  # run once the first attempt failed and its pause began
         time.sleep(0.3)  # noqa: ASYNC251 (the loop held past the pause and the deadline)
 
     stall = asyncio.create_task(late_loop())
