@@ -114,12 +114,17 @@ async def test_a_deadline_that_comes_in_a_pause_between_attempts_says_the_last_e
 
     async def late_loop() -> None:
         await failed.wait()  # run once the first attempt failed and its pause began
-        time.sleep(0.3)  # noqa: ASYNC251 (the loop held past the pause and the deadline)
+        # The loop held, without a turn, until the pause's end and the deadline have both
+        # passed: their timers come due together.
+        until = deadline + 0.05
+        while time.monotonic() < until:
+            pass
 
+    deadline = time.monotonic() + 0.15
     stall = asyncio.create_task(late_loop())
     with pytest.raises(StartupError) as raised:
         # The first pause is at most 0.1 s: within the deadline, so it is slept.
-        await started("broker", connect, Outages(), time.monotonic() + 0.15)
+        await started("broker", connect, Outages(), deadline)
     await stall
     assert str(raised.value) == (
         "broker: gave up when FINANCING_STARTUP_TIMEOUT ran out:"

@@ -590,17 +590,16 @@ async def started(
 ) -> T:
     """`operation`, retried while its dependency is unavailable, until `deadline`: an
     attempt still waiting on a dependency that does not answer is given up there too."""
-    failed: list[Exception] = []  # the last attempt's error
+    failed: Exception | None = None  # the last attempt's error
     trying = False  # an attempt is under way (still so once the deadline cuts it)
 
     async def attempt() -> T:
-        nonlocal trying
+        nonlocal failed, trying
         trying = True
         try:
             result = await operation()
         except Exception as error:
-            failed[:] = [error]
-            trying = False
+            failed, trying = error, False
             raise
         trying = False
         return result
@@ -611,16 +610,16 @@ async def started(
                 attempt, policy=NO_BUG_RETRIES, outages=outages, what=what, deadline=deadline
             )
     except TimeoutError:
-        if failed and not trying:  # the deadline came in a pause between attempts
-            _give_up(what, failed[0], classify(failed[0]))
+        if failed is not None and not trying:  # the deadline came in a pause between attempts
+            _give_up(what, failed, classify(failed))
         # Not "unreachable": the attempt may be waiting on another instance (a
         # migration's lock, which `migrate` names in a line of its own). The attempt
         # before it, if any, says why start-up had to wait at all: cut, "takes no
         # writes, and its queries schema lacks version(s) 1-5" was said only as a
         # warning, and the error named nothing but the timeout.
         said = f"{what}: still waiting for an answer when FINANCING_STARTUP_TIMEOUT ran out"
-        if failed:
-            said += f"; the attempt before: {failed[0]}"
+        if failed is not None:
+            said += f"; the attempt before: {failed}"
         raise StartupError(said) from None
     except GaveUp as gave_up:
         _give_up(what, gave_up.error, gave_up.fault)
