@@ -94,7 +94,8 @@ async def pending_count(
     outbox: PostgresOutbox, count: int, after: StoredEvent | None = None
 ) -> list[StoredEvent]:
     """The pending events (after `after`, if given) once there are `count` of them, else
-    none (a transaction elsewhere on the server may hold the horizon back for a moment)."""
+    none (a transaction of this database, autovacuum's ANALYZE among them, may hold the
+    horizon back for a moment)."""
     events = await outbox.pending(100, after)
     return events if len(events) >= count else []
 
@@ -178,6 +179,43 @@ async def test_a_transaction_open_in_another_database_does_not_hold_the_relayer_
                 assert keys(await outbox.pending(100)) == [(investor.id, 1), (investor.id, 2)]
         finally:
             await conn.close()
+
+
+async def test_transactions_ending_in_another_database_hold_back_no_committed_event(
+    pool: asyncpg.Pool,
+) -> None:
+    """Regression: which transactions belong to other databases was looked at after the
+    horizon's snapshot was taken, so one of another database that ended in between
+    counted as one that may write here, and held back events committed before it
+    began: right after a commit, with short transactions running in another database,
+    `read_all` came short in about half the reads and `pending` in one in twelve."""
+    store, outbox = PostgresEventStore(pool), PostgresOutbox(pool)
+    committed: list[tuple[UUID, int]] = []
+    short = {"pending": 0, "read_all": 0}
+    async with infra.fresh_database("fin_outbox_busy") as elsewhere:
+        stop = asyncio.Event()
+
+        async def busy() -> None:  # transactions with an id, up to 4 ms each
+            conn = await connect(elsewhere)
+            try:
+                while not stop.is_set():
+                    await conn.execute("SELECT pg_current_xact_id(), pg_sleep(random() * 0.004)")
+            finally:
+                await conn.close()
+
+        others = [asyncio.create_task(busy()) for _ in range(8)]
+        try:
+            for _ in range(150):
+                investor = new_investor()
+                async with store.unit_of_work() as uow:
+                    await uow.save(investor)
+                committed += [(investor.id, 1), (investor.id, 2)]
+                short["pending"] += keys(await outbox.pending(1000)) != committed
+                short["read_all"] += keys([e async for e in store.read_all()]) != committed
+        finally:
+            stop.set()
+            await asyncio.gather(*others)
+    assert short == {"pending": 0, "read_all": 0}
 
 
 async def test_slow_concurrent_writers_are_relayed_exactly_once_in_commit_order(

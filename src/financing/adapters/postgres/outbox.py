@@ -4,7 +4,7 @@
 after 11; a reader that moved past 11 would never see 10. Instead events are
 read in `(transaction_id, position)` order and only from transactions below a
 horizon under which every transaction that could write here has finished
-(`event_store.RELAYING_HORIZON`), so no event can later appear before one already read.
+(`event_store.relaying_horizon`), so no event can later appear before one already read.
 The checkpoint, the order key of the last event marked relayed, is stored per
 relayer name in `relay_checkpoints`; the relayer reads on from the last event
 it relayed (`pending(limit, after)`, under the same horizon) between two marks.
@@ -40,8 +40,9 @@ from financing.adapters.postgres.event_store import (
     IDS_AHEAD,
     IDS_AHEAD_DETAIL,
     NOTIFY_CHANNEL,
-    RELAYING_HORIZON,
+    relaying_horizon,
     stored_event,
+    transactions_elsewhere,
 )
 from financing.application.errors import Unavailable
 from financing.application.ports import OtherSession, StoredEvent
@@ -74,14 +75,14 @@ _CHECKPOINT = (
 _PENDING = (
     f"SELECT {EVENT_COLUMNS} FROM events"
     f" WHERE (transaction_id, position) > {_CHECKPOINT}"
-    f" AND transaction_id < {RELAYING_HORIZON}"
+    f" AND transaction_id < {relaying_horizon('$3')}"
     " ORDER BY transaction_id, position LIMIT $2"
 )
 # The same after a given event ($1, $2) instead of the checkpoint.
 _PENDING_AFTER = (
     f"SELECT {EVENT_COLUMNS} FROM events"
     " WHERE (transaction_id, position) > ($1::xid8, $2)"
-    f" AND transaction_id < {RELAYING_HORIZON}"
+    f" AND transaction_id < {relaying_horizon('$4')}"
     " ORDER BY transaction_id, position LIMIT $3"
 )
 
@@ -147,7 +148,7 @@ class RelayBacklog:
     ids_ahead: bool = False
 
 
-# The session whose transaction is the relaying horizon (RELAYING_HORIZON), when an event
+# The session whose transaction is the relaying horizon (`relaying_horizon`), when an event
 # after the checkpoint waits behind it: relayed only once that transaction ends. Any
 # session of the database that writes holds it so (a foreign application's, a psql left
 # in a transaction), which a relayer cannot tell from one about to append events. Named
@@ -155,7 +156,7 @@ class RelayBacklog:
 # it relays as fast as it can) always has the newest events behind whichever unit of work
 # is the horizon at that moment, milliseconds old, and named that innocent session.
 _HELD_BACK_BY = (
-    f"WITH horizon AS (SELECT {RELAYING_HORIZON} AS xid)"
+    f"WITH horizon AS (SELECT {relaying_horizon('$4')} AS xid)"
     f" SELECT {SESSION_COLUMNS} FROM horizon h JOIN pg_stat_activity a"
     " ON a.backend_xid = h.xid::xid AND a.datname = current_database()"
     " WHERE EXISTS (SELECT 1 FROM events e"
@@ -193,10 +194,13 @@ class PostgresOutbox:
                 if await conn.fetchval(IDS_AHEAD):
                     raise ValueError(IDS_AHEAD_DETAIL)
                 self._ids_checked = True
+            elsewhere = await transactions_elsewhere(conn)  # before the snapshot
             if after is None:
-                rows = await conn.fetch(_PENDING, self._name, limit)
+                rows = await conn.fetch(_PENDING, self._name, limit, elsewhere)
             else:
-                rows = await conn.fetch(_PENDING_AFTER, after.transaction_id, after.position, limit)
+                rows = await conn.fetch(
+                    _PENDING_AFTER, after.transaction_id, after.position, limit, elsewhere
+                )
         return [stored_event(row) for row in rows]
 
     async def lag(self) -> tuple[int, float]:
@@ -215,7 +219,8 @@ class PostgresOutbox:
         async with acquired(self._pool, COMMAND_DATABASE) as conn:
             checkpoint = await conn.fetchrow(_CHECKPOINT_VALUES, self._name)
             assert checkpoint is not None  # a SELECT without FROM returns one row
-            row = await conn.fetchrow(_HELD_BACK_BY, *checkpoint, waited)
+            elsewhere = await transactions_elsewhere(conn)  # before the snapshot
+            row = await conn.fetchrow(_HELD_BACK_BY, *checkpoint, waited, elsewhere)
         return None if row is None else other_session(row)
 
     async def backlog(self, held_back_after: float) -> RelayBacklog:
