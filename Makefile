@@ -21,11 +21,18 @@ serve: $(STAMP)
 	$(BIN)/python -m scripts.local_databases
 	$(BIN)/financing serve
 
-## Every test: unit, integration (real PostgreSQL and RabbitMQ), acceptance (the running service),
-## faults; then the acceptance suite again against a split deployment (each component twice).
+## Every test: unit, integration (real PostgreSQL and RabbitMQ) and acceptance (the running
+## service) in $(WORKERS) processes, each with databases and a vhost of its own; the faults one
+## test at a time (some restart the machine's servers); then the acceptance suite again against
+## a split deployment (each component twice). Each part runs whatever an earlier one found.
+WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/pytest -q $(PYTEST_ARGS)
-	FINANCING_ACCEPTANCE_TARGET=split $(BIN)/pytest -q -m acceptance tests/acceptance $(PYTEST_ARGS)
+	status=0; \
+	$(BIN)/pytest -q -n $(WORKERS) --ignore=tests/faults $(PYTEST_ARGS) || status=1; \
+	$(BIN)/pytest -q tests/faults $(PYTEST_ARGS) || status=1; \
+	FINANCING_ACCEPTANCE_TARGET=split $(BIN)/pytest -q -m acceptance tests/acceptance $(PYTEST_ARGS) \
+		|| status=1; \
+	exit $$status
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
