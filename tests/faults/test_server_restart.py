@@ -1,5 +1,7 @@
 """Whole servers restarted under load: the RabbitMQ broker, then the PostgreSQL server;
-and the broker's memory alarm, which blocks every publishing connection of the server.
+and the broker's memory alarm, which blocks every publishing connection of the server;
+and PostgreSQL restarted to allow prepared transactions (two-phase commit), then again
+as it was.
 
 Unlike the other fault tests, which touch only a vhost or databases of their
 own, these stop (or alarm) the machine's shared servers: while they run they
@@ -14,16 +16,24 @@ answer UNAVAILABLE, log the outage once, and take commands again once it clears.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from decimal import Decimal
 from pathlib import Path
+from uuid import uuid4
 
 import asyncpg
 import pytest
 from grpclib.const import Status
 
+from financing.adapters.postgres.connection import COMMAND_DATABASE, create_pool
+from financing.adapters.postgres.event_store import PostgresEventStore
+from financing.adapters.postgres.outbox import PostgresOutbox
+from financing.adapters.postgres.schema import migrate
+from financing.domain.aggregates import Investor
 from tests.faults.conftest import Deploy, add_figure, record_workload, set_figure
 from tests.faults.workload import (
     Deployment,
@@ -207,3 +217,68 @@ async def test_a_broker_memory_alarm_is_one_outage_that_ends_when_the_alarm_clea
     await assert_outages_logged_once(target, "broker", ["broker unavailable", "broker recovered"])
     assert target.service.running and target.starts() == 1, target.log_tail()
     add_figure("broker memory alarms survived", 1)
+
+
+async def on_server(statement: str) -> object:
+    """The answer to `statement`, sent as the superuser to the database `postgres`."""
+    conn = await asyncpg.connect(
+        host=infra.PG_HOST, port=infra.PG_PORT, user=infra.PG_USER, database="postgres"
+    )
+    try:
+        return await conn.fetchval(statement)
+    finally:
+        await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def prepared_transactions_allowed() -> AsyncIterator[None]:
+    """The server restarted to allow prepared transactions, then as it was (its default,
+    max_prepared_transactions = 0, allows none)."""
+    if await on_server("SELECT current_setting('max_prepared_transactions')") != "0":
+        yield
+        return
+    await on_server("ALTER SYSTEM SET max_prepared_transactions = 4")
+    try:
+        await restart_postgres(0.0)
+        yield
+    finally:
+        await on_server("ALTER SYSTEM RESET max_prepared_transactions")
+        await restart_postgres(0.0)
+
+
+async def test_a_transaction_prepared_in_another_database_holds_no_event_back(
+    servers_left_running: None,
+) -> None:
+    """Regression: the relaying horizon left out the transactions of other databases as
+    pg_stat_activity shows them, and a prepared transaction (two-phase commit) has no
+    session there: one prepared in another database of the server held back every event
+    committed after it, for as long as it stayed prepared, and no session was named."""
+    async with (
+        prepared_transactions_allowed(),
+        infra.fresh_database("fin_prepared_cmd") as database,
+        infra.fresh_database("fin_prepared_other") as other,
+    ):
+        elsewhere = await asyncpg.connect(**other.connect_kwargs)
+        try:
+            await elsewhere.execute(
+                "BEGIN; SELECT pg_current_xact_id(); PREPARE TRANSACTION 'fin_elsewhere'"
+            )
+            try:
+                pool = await create_pool(database, COMMAND_DATABASE)
+                try:
+                    await migrate(pool, "commands")
+                    store = PostgresEventStore(pool)
+                    investor = Investor(uuid4())
+                    investor.create(Decimal("10"))
+                    async with store.unit_of_work() as uow:
+                        await uow.save(investor)
+                    relayable = await PostgresOutbox(pool).pending(100)
+                    read = [event async for event in store.read_all()]
+                finally:
+                    await pool.close()
+            finally:
+                await elsewhere.execute("ROLLBACK PREPARED 'fin_elsewhere'")
+        finally:
+            await elsewhere.close()
+    assert [(e.aggregate_id, e.version) for e in relayable] == [(investor.id, 1), (investor.id, 2)]
+    assert [(e.aggregate_id, e.version) for e in read] == [(investor.id, 1), (investor.id, 2)]

@@ -106,6 +106,7 @@ class Relayer:
         self._policy = policy
         self._elected = False  # this instance holds the lock and relays
         self._held_by: int | None = None  # the session said to hold relaying back
+        self._held_since = 0.0  # when the oldest event it held back was recorded (monotonic)
 
     async def run(self) -> None:
         """Relay until cancelled; stands for election again whenever the lock is lost."""
@@ -225,8 +226,15 @@ class Relayer:
                 waited_seconds=round(age, 1),
             )
             self._held_by = holder.pid
+            self._held_since = time.monotonic() - age
         elif holder is None and self._held_by is not None:
-            log.info("relaying no longer waits for that transaction", pid=self._held_by)
+            # At the warning's level, as an outage's end is: a log kept at WARNING
+            # showed relaying held back and never that it went on.
+            log.warning(
+                "relaying no longer waits for that transaction",
+                pid=self._held_by,
+                waited_seconds=round(time.monotonic() - self._held_since, 1),
+            )
             self._held_by = None
 
     async def _retry(self, operation: Callable[[], Awaitable[T]], what: str) -> T:

@@ -564,7 +564,7 @@ class _UnitOfWorkScope:
         await self._acquired.__aexit__(kind, error, tb)
 
 
-# The transactions that pg_stat_activity shows in another database of the server: they
+# The transactions of another database of the server, as pg_stat_activity shows them: they
 # cannot write events here, and the relaying horizon leaves them out. Read in a statement
 # of its own before the one that takes the horizon's snapshot: read in that statement,
 # after its snapshot, a transaction of another database that ended in between was no
@@ -573,10 +573,16 @@ class _UnitOfWorkScope:
 # database, `read_all` came short in 455 of 942 reads right after a commit, the outbox
 # in 240 of 2,801). Read first, a transaction is shown by the database it belongs to for
 # its whole life, and one that begins after this look still counts (its id is above
-# every event committed before): the horizon can only be too low, never too high.
+# every event committed before): the horizon can only be too low, never too high. A
+# prepared transaction (two-phase commit) has no session: pg_prepared_xacts names its
+# database (one prepared in another database held every later event back for as long
+# as it stayed prepared).
 ELSEWHERE = (
-    "SELECT coalesce(array_agg(backend_xid), '{}') FROM pg_stat_activity"
+    "SELECT coalesce(array_agg(xid), '{}') FROM ("
+    "SELECT backend_xid FROM pg_stat_activity"
     " WHERE backend_xid IS NOT NULL AND datname <> current_database()"
+    " UNION ALL SELECT transaction FROM pg_prepared_xacts"
+    " WHERE database <> current_database()) AS elsewhere (xid)"
 )
 
 
