@@ -25,7 +25,7 @@ serve: $(STAMP)
 ## service) in $(WORKERS) processes, each with databases and a vhost of its own; the faults one
 ## test at a time (some restart the machine's servers); then the acceptance suite again against
 ## a split deployment (each component twice). Each part runs whatever an earlier one found.
-WORKERS ?= 2
+WORKERS ?= 3
 test: $(STAMP)
 	status=0; \
 	$(BIN)/pytest -q -n $(WORKERS) --ignore=tests/faults $(PYTEST_ARGS) || status=1; \
