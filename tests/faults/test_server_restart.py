@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import asyncpg
 import pytest
@@ -33,6 +33,8 @@ from financing.adapters.postgres.connection import COMMAND_DATABASE, create_pool
 from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.adapters.postgres.outbox import PostgresOutbox
 from financing.adapters.postgres.schema import migrate
+from financing.application.ports import PreparedTransaction
+from financing.config import Database
 from financing.domain.aggregates import Investor
 from tests.faults.conftest import Deploy, add_figure, record_workload, set_figure
 from tests.faults.workload import (
@@ -246,39 +248,57 @@ async def prepared_transactions_allowed() -> AsyncIterator[None]:
         await restart_postgres(0.0)
 
 
-async def test_a_transaction_prepared_in_another_database_holds_no_event_back(
+async def test_a_prepared_transaction_holds_back_only_its_own_databases_events_and_is_named(
     servers_left_running: None,
 ) -> None:
     """Regression: the relaying horizon left out the transactions of other databases as
     pg_stat_activity shows them, and a prepared transaction (two-phase commit) has no
     session there: one prepared in another database of the server held back every event
-    committed after it, for as long as it stayed prepared, and no session was named."""
+    committed after it, for as long as it stayed prepared; and one of the command
+    database, which holds them back rightly, was named by nothing."""
     async with (
         prepared_transactions_allowed(),
         infra.fresh_database("fin_prepared_cmd") as database,
         infra.fresh_database("fin_prepared_other") as other,
     ):
-        elsewhere = await asyncpg.connect(**other.connect_kwargs)
+        pool = await create_pool(database, COMMAND_DATABASE)
         try:
-            await elsewhere.execute(
-                "BEGIN; SELECT pg_current_xact_id(); PREPARE TRANSACTION 'fin_elsewhere'"
-            )
-            try:
-                pool = await create_pool(database, COMMAND_DATABASE)
-                try:
-                    await migrate(pool, "commands")
-                    store = PostgresEventStore(pool)
-                    investor = Investor(uuid4())
-                    investor.create(Decimal("10"))
-                    async with store.unit_of_work() as uow:
-                        await uow.save(investor)
-                    relayable = await PostgresOutbox(pool).pending(100)
-                    read = [event async for event in store.read_all()]
-                finally:
-                    await pool.close()
-            finally:
-                await elsewhere.execute("ROLLBACK PREPARED 'fin_elsewhere'")
+            await migrate(pool, "commands")
+            store, outbox = PostgresEventStore(pool), PostgresOutbox(pool)
+            async with prepared(other, "fin_elsewhere"):
+                first = await investor_created(store)
+                relayable = await outbox.pending(100)
+                read = [event async for event in store.read_all()]
+            async with prepared(database, "fin_here"):
+                await investor_created(store)
+                held = await outbox.held_back_by(0)
+                behind = await outbox.pending(100)
         finally:
-            await elsewhere.close()
-    assert [(e.aggregate_id, e.version) for e in relayable] == [(investor.id, 1), (investor.id, 2)]
-    assert [(e.aggregate_id, e.version) for e in read] == [(investor.id, 1), (investor.id, 2)]
+            await pool.close()
+    assert [(e.aggregate_id, e.version) for e in relayable] == [(first, 1), (first, 2)]
+    assert [(e.aggregate_id, e.version) for e in read] == [(first, 1), (first, 2)]
+    assert [(e.aggregate_id, e.version) for e in behind] == [(first, 1), (first, 2)]
+    assert isinstance(held, PreparedTransaction), held
+    assert (held.gid, held.owner) == ("fin_here", infra.PG_USER)
+
+
+@contextlib.asynccontextmanager
+async def prepared(database: Database, gid: str) -> AsyncIterator[None]:
+    """A transaction of `database` with an id, prepared as `gid`, rolled back at the end."""
+    conn = await asyncpg.connect(**database.connect_kwargs)
+    try:
+        await conn.execute(f"BEGIN; SELECT pg_current_xact_id(); PREPARE TRANSACTION '{gid}'")
+        try:
+            yield
+        finally:
+            await conn.execute(f"ROLLBACK PREPARED '{gid}'")
+    finally:
+        await conn.close()
+
+
+async def investor_created(store: PostgresEventStore) -> UUID:
+    investor = Investor(uuid4())
+    investor.create(Decimal("10"))
+    async with store.unit_of_work() as uow:
+        await uow.save(investor)
+    return investor.id

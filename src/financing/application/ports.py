@@ -347,6 +347,10 @@ class OtherSession:
     state: str | None  # "idle in transaction": a transaction left open
     open_for: float | None  # seconds since its transaction began; None outside one
 
+    @property
+    def name(self) -> str:
+        return f"session {self.pid}"
+
     def describe(self) -> str:
         if self.state is None:
             seen = (
@@ -357,7 +361,31 @@ class OtherSession:
             seen = f"from {self.client}, {self.state}"
             if self.open_for is not None:
                 seen += f", its transaction open for {self.open_for:.0f} s"
-        return f"session {self.pid} (user {self.user!r}, application {self.application!r}, {seen})"
+        return f"{self.name} (user {self.user!r}, application {self.application!r}, {seen})"
+
+
+@dataclass(frozen=True)
+class PreparedTransaction:
+    """A prepared transaction (two-phase commit) of a database: no session holds it, and
+    it stays until a COMMIT PREPARED or ROLLBACK PREPARED names it."""
+
+    gid: str  # the name it was prepared under
+    owner: str
+    prepared_for: float  # seconds since it was prepared
+
+    @property
+    def name(self) -> str:
+        return f"prepared transaction {self.gid!r}"
+
+    def describe(self) -> str:
+        return (
+            f"{self.name} (owner {self.owner!r}, prepared {self.prepared_for:.0f} s ago:"
+            f" COMMIT PREPARED or ROLLBACK PREPARED {self.gid!r} ends it)"
+        )
+
+
+# What relaying may wait for: a session's open transaction, or a prepared one.
+Holder = OtherSession | PreparedTransaction
 
 
 class Outbox(Protocol):
@@ -373,7 +401,7 @@ class Outbox(Protocol):
         """How many events are not relayed yet, and how old the oldest of them is (seconds)."""
         ...
 
-    async def held_back_by(self, waited: float) -> OtherSession | None:
+    async def held_back_by(self, waited: float) -> Holder | None:
         """The transaction an event not relayed yet has waited `waited` seconds for, if
         one has (a relayer merely behind waits for none)."""
         ...

@@ -27,7 +27,14 @@ from typing import TypeVar
 from financing import metrics
 from financing.application.errors import Unavailable, summary
 from financing.application.grace import SHUTDOWN_GRACE, finish_on_cancel
-from financing.application.ports import EventPublisher, Outbox, RelayerLock, StoredEvent, WakeUp
+from financing.application.ports import (
+    EventPublisher,
+    Outbox,
+    PreparedTransaction,
+    RelayerLock,
+    StoredEvent,
+    WakeUp,
+)
 from financing.application.retry import NO_BUG_RETRIES, Outages, RetryPolicy, retry_or_raise
 from financing.logging import get_logger
 
@@ -105,7 +112,7 @@ class Relayer:
         self._poll_interval = poll_interval
         self._policy = policy
         self._elected = False  # this instance holds the lock and relays
-        self._held_by: int | None = None  # the session said to hold relaying back
+        self._held_by: str | None = None  # the name of what was said to hold relaying back
         self._held_since = 0.0  # when the oldest event it held back was recorded (monotonic)
 
     async def run(self) -> None:
@@ -218,21 +225,24 @@ class Relayer:
                 holder = await self._outbox.held_back_by(HELD_BACK_SAID)
             except Unavailable:
                 return  # the outage is logged by whoever relays
-        if holder is not None and holder.pid != self._held_by:
+        if holder is not None and holder.name != self._held_by:
             log.warning(
-                "relaying waits for the transaction of another session: the events"
+                "relaying waits for a prepared transaction: the events committed after it"
+                " began are relayed once it is committed or rolled back"
+                if isinstance(holder, PreparedTransaction)
+                else "relaying waits for the transaction of another session: the events"
                 " committed after it began are relayed once it ends",
                 holder=holder.describe(),
                 waited_seconds=round(age, 1),
             )
-            self._held_by = holder.pid
+            self._held_by = holder.name
             self._held_since = time.monotonic() - age
         elif holder is None and self._held_by is not None:
             # At the warning's level, as an outage's end is: a log kept at WARNING
             # showed relaying held back and never that it went on.
             log.warning(
                 "relaying no longer waits for that transaction",
-                pid=self._held_by,
+                holder=self._held_by,
                 waited_seconds=round(time.monotonic() - self._held_since, 1),
             )
             self._held_by = None

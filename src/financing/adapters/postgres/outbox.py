@@ -45,7 +45,7 @@ from financing.adapters.postgres.event_store import (
     transactions_elsewhere,
 )
 from financing.application.errors import Unavailable
-from financing.application.ports import OtherSession, StoredEvent
+from financing.application.ports import Holder, OtherSession, PreparedTransaction, StoredEvent
 from financing.config import Database
 from financing.logging import get_logger
 
@@ -140,7 +140,7 @@ class RelayBacklog:
     moved_at: datetime | None  # when the checkpoint last moved
     waiting: int  # events not relayed yet
     oldest_age: float  # seconds since the oldest of them was recorded; 0 when none
-    held_back_by: OtherSession | None = None  # `PostgresOutbox.held_back_by`
+    held_back_by: Holder | None = None  # `PostgresOutbox.held_back_by`
     relayer: OtherSession | None = None  # the relayer lock's holder, when events wait
     # Whether that holder relays another schema's event store (`relays_elsewhere`).
     relayer_elsewhere: bool = False
@@ -155,13 +155,22 @@ class RelayBacklog:
 # only when an event has waited $3 seconds behind it: a relayer merely behind (a backlog
 # it relays as fast as it can) always has the newest events behind whichever unit of work
 # is the horizon at that moment, milliseconds old, and named that innocent session.
-_HELD_BACK_BY = (
-    f"WITH horizon AS (SELECT {relaying_horizon('$4')} AS xid)"
-    f" SELECT {SESSION_COLUMNS} FROM horizon h JOIN pg_stat_activity a"
-    " ON a.backend_xid = h.xid::xid AND a.datname = current_database()"
+_HELD_BEHIND = f"WITH horizon AS (SELECT {relaying_horizon('$4')} AS xid)"
+_WAITED_BEHIND = (
     " WHERE EXISTS (SELECT 1 FROM events e"
     " WHERE (e.transaction_id, e.position) > ($1::xid8, $2) AND e.transaction_id >= h.xid"
     " AND e.recorded_at <= now() - make_interval(secs => $3))"
+)
+_HELD_BACK_BY = (
+    f"{_HELD_BEHIND} SELECT {SESSION_COLUMNS} FROM horizon h JOIN pg_stat_activity a"
+    f" ON a.backend_xid = h.xid::xid AND a.datname = current_database(){_WAITED_BEHIND}"
+)
+# The same for a prepared transaction of this database, which has no session.
+_HELD_BACK_BY_PREPARED = (
+    f"{_HELD_BEHIND} SELECT p.gid, p.owner,"
+    " extract(epoch FROM now() - p.prepared)::float8 AS prepared_for"
+    " FROM horizon h JOIN pg_prepared_xacts p"
+    f" ON p.transaction = h.xid::xid AND p.database = current_database(){_WAITED_BEHIND}"
 )
 
 
@@ -213,7 +222,7 @@ class PostgresOutbox:
         count, age = row
         return int(count), max(0.0, float(age or 0.0))
 
-    async def held_back_by(self, waited: float) -> OtherSession | None:
+    async def held_back_by(self, waited: float) -> Holder | None:
         """The transaction an event after the checkpoint has waited `waited` seconds
         for, if one has: the oldest still running in this database that may write events."""
         async with acquired(self._pool, COMMAND_DATABASE) as conn:
@@ -221,7 +230,12 @@ class PostgresOutbox:
             assert checkpoint is not None  # a SELECT without FROM returns one row
             elsewhere = await transactions_elsewhere(conn)  # before the snapshot
             row = await conn.fetchrow(_HELD_BACK_BY, *checkpoint, waited, elsewhere)
-        return None if row is None else other_session(row)
+            if row is not None:
+                return other_session(row)
+            row = await conn.fetchrow(_HELD_BACK_BY_PREPARED, *checkpoint, waited, elsewhere)
+        if row is None:
+            return None
+        return PreparedTransaction(row["gid"], row["owner"], max(0.0, row["prepared_for"]))
 
     async def backlog(self, held_back_after: float) -> RelayBacklog:
         """The checkpoint and what is waiting behind it (`financing status`): the
