@@ -36,6 +36,7 @@ from financing.adapters.postgres.schema import migrate
 from financing.application.ports import PreparedTransaction
 from financing.config import Database
 from financing.domain.aggregates import Investor
+from financing.entrypoints.cli import status
 from tests.faults.conftest import Deploy, add_figure, record_workload, set_figure
 from tests.faults.workload import (
     Deployment,
@@ -272,6 +273,7 @@ async def test_a_prepared_transaction_holds_back_only_its_own_databases_events_a
             async with prepared(database, "fin_here"):
                 await investor_created(store)
                 held = await outbox.held_back_by(0)
+                backlog = await outbox.backlog(held_back_after=0)
                 behind = await outbox.pending(100)
         finally:
             await pool.close()
@@ -280,6 +282,9 @@ async def test_a_prepared_transaction_holds_back_only_its_own_databases_events_a
     assert [(e.aggregate_id, e.version) for e in behind] == [(first, 1), (first, 2)]
     assert isinstance(held, PreparedTransaction), held
     assert (held.gid, held.owner) == ("fin_here", infra.PG_USER)
+    said = status._why_waiting(backlog)  # what `financing status` says the lag waits for
+    assert said.startswith(", behind the prepared transaction 'fin_here' (owner 'postgres',"), said
+    assert said.endswith("COMMIT PREPARED or ROLLBACK PREPARED 'fin_here' ends it)"), said
 
 
 @contextlib.asynccontextmanager
