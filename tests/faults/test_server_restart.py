@@ -283,7 +283,8 @@ async def test_a_prepared_transaction_holds_back_only_its_own_databases_events_a
     assert isinstance(held, PreparedTransaction), held
     assert (held.gid, held.owner) == ("fin_here", infra.PG_USER)
     said = status._why_waiting(backlog)  # what `financing status` says the lag waits for
-    assert said.startswith(", behind the prepared transaction 'fin_here' (owner 'postgres',"), said
+    named = f", behind the prepared transaction 'fin_here' (owner {infra.PG_USER!r},"
+    assert said.startswith(named), said
     assert said.endswith("COMMIT PREPARED or ROLLBACK PREPARED 'fin_here' ends it)"), said
 
 
