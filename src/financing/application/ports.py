@@ -363,6 +363,10 @@ class OtherSession:
                 seen += f", its transaction open for {self.open_for:.0f} s"
         return f"{self.name} (user {self.user!r}, application {self.application!r}, {seen})"
 
+    def behind(self) -> str:
+        """What events wait behind, when this session holds relaying back."""
+        return f"the open transaction of {self.describe()}"
+
 
 @dataclass(frozen=True)
 class PreparedTransaction:
@@ -382,6 +386,10 @@ class PreparedTransaction:
             f"{self.name} (owner {self.owner!r}, prepared {self.prepared_for:.0f} s ago:"
             f" COMMIT PREPARED or ROLLBACK PREPARED {self.gid!r} ends it)"
         )
+
+    def behind(self) -> str:
+        """What events wait behind, when this transaction holds relaying back."""
+        return f"the {self.describe()}"
 
 
 # What relaying may wait for: a session's open transaction, or a prepared one.

@@ -37,7 +37,6 @@ from financing.adapters.rabbitmq.dead_letters import being_read
 from financing.adapters.rabbitmq.queues import queue_depth
 from financing.application.errors import AwaitingOperator, Refused, Unavailable, summary
 from financing.application.moments import moment
-from financing.application.ports import PreparedTransaction
 from financing.config import Settings
 from financing.entrypoints.cli.console import database, table, write_lines
 from financing.workers.projector import BATCH_SIZE
@@ -168,10 +167,8 @@ async def _event_store(settings: Settings, findings: Findings, max_relay_lag: fl
 
 def _why_waiting(backlog: RelayBacklog) -> str:
     """What an unhealthy relay lag waits for, as far as the database tells."""
-    if isinstance(backlog.held_back_by, PreparedTransaction):
-        return f", behind the {backlog.held_back_by.describe()}"
     if backlog.held_back_by is not None:
-        return f", behind the open transaction of {backlog.held_back_by.describe()}"
+        return f", behind {backlog.held_back_by.behind()}"
     if backlog.relayer is None:
         return ", and no session holds the relayer lock: no instance runs the relayer"
     if backlog.relayer_elsewhere:
