@@ -7,10 +7,11 @@ from decimal import Decimal
 from uuid import UUID, uuid4
 
 import pytest
+from structlog.testing import capture_logs
 
 from financing.adapters.rabbitmq import topology
 from financing.application import codec, routes
-from financing.application.errors import Unavailable
+from financing.application.errors import Refused, Unavailable
 from financing.application.memory import InMemoryCommandSender
 from financing.application.messages import (
     Command,
@@ -19,8 +20,16 @@ from financing.application.messages import (
     InvestorRegistered,
     IssuerRegistered,
 )
-from financing.application.pipeline import Outcome, OutcomeKind, decoded, selected, sending
+from financing.application.pipeline import (
+    Outcome,
+    OutcomeKind,
+    decoded,
+    retried,
+    selected,
+    sending,
+)
 from financing.application.ports import Cause, Envelope, derived_message_id
+from financing.application.retry import Backoff, Limit, Outages, RetryPolicy
 from tests.unit.bus import MemoryDelivery
 
 D = Decimal
@@ -135,6 +144,49 @@ async def test_an_error_sending_the_command_propagates(
 
 
 EVENTS = [IssuerRegistered(uuid4(), "ACME"), InvestorRegistered(uuid4(), "Zoë", D("5"))]
+
+
+class RefusingSender(InMemoryCommandSender):
+    """A sender whose broker refuses the command's queue (declared again with other
+    arguments) for its first `refusals` sends, until an operator mends it."""
+
+    def __init__(self, refusals: int) -> None:
+        super().__init__()
+        self.refusals = refusals
+
+    async def send(self, command: Command, message_id: UUID, cause: Cause) -> None:
+        if self.refusals:
+            self.refusals -= 1
+            raise Refused("broker", f"queue {command.name()!r} exists with other arguments")
+        await super().send(command, message_id, cause)
+
+
+@pytest.mark.parametrize("event", EVENTS, ids=["issuer", "investor"])
+async def test_a_command_queue_the_broker_refuses_is_an_outage_until_mended_not_a_dead_letter(
+    event: IssuerRegistered | InvestorRegistered,
+) -> None:
+    """Regression: the refusal of the command's queue dead-lettered the event at once,
+    where the queue's own consumer takes it as an outage of that queue: the
+    registration waited for an operator to requeue it by hand, after mending the queue."""
+    sender = RefusingSender(refusals=3)
+    outages = Outages()
+    policy = RetryPolicy(unavailable=Limit(Backoff(0.001, 0.001), None))
+    [route] = [r for r in routes.INTEGRATION if r.message_name == event.name()]
+    step = retried(policy, outages)(decoded(sending(sender, route.handler)))
+    envelope = Envelope(message_id=str(uuid4()), name=event.name(), body=codec.encode(event))
+
+    with capture_logs() as logs:
+        outcome = await step(MemoryDelivery(envelope, source=event.name()))
+
+    assert outcome.kind is OutcomeKind.PROCESSED
+    [(command, _)] = sender.sent
+    queue = f"queue {command.name()}"
+    said = [(line["event"], line.get("error")) for line in logs if line["log_level"] == "warning"]
+    assert said == [
+        (f"{queue} unavailable", f"queue {command.name()!r} exists with other arguments"),
+        (f"{queue} recovered", None),
+    ]
+    assert not outages.down()
 
 
 @pytest.mark.parametrize("event", EVENTS, ids=["issuer", "investor"])

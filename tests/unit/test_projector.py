@@ -20,7 +20,13 @@ from financing.application import codec
 from financing.application.errors import AwaitingOperator, Fault, Unavailable, UnrelayedEvent
 from financing.application.memory import InMemoryEventStore
 from financing.application.messages import InvestorRegistered
-from financing.application.pipeline import Decoded, Outcome, OutcomeKind, exactly_once
+from financing.application.pipeline import (
+    ABANDONED,
+    Decoded,
+    Outcome,
+    OutcomeKind,
+    exactly_once,
+)
 from financing.application.ports import (
     AGGREGATE_VERSION_HEADER,
     Envelope,
@@ -40,7 +46,7 @@ from financing.application.read_models import (
 from financing.application.retry import Backoff, GaveUp, Limit, Outages, RetryPolicy
 from financing.domain import events as ev
 from financing.workers.projector import Projector
-from tests.support.deliveries import MemoryDelivery
+from tests.support.deliveries import MemoryDelivery, envelope_of
 
 D = Decimal
 INVESTOR = UUID("11111111-1111-4111-8111-111111111111")
@@ -427,6 +433,54 @@ async def test_a_batch_tried_again_counts_a_retry_of_each_delivery_and_its_whole
     assert [delivery.settled[0].kind for delivery in deliveries] == [OutcomeKind.PROCESSED] * 2
     assert sample("financing_messages_total", queue=source, outcome="retried") == 6
     assert sample("financing_message_handling_seconds_sum", queue=source) >= 60
+
+
+class CutOffOnce(InMemoryReadModels):
+    """Read models whose database fails the first batch, while the channel of every
+    delivery in `cut` closes (one network fault cutting both)."""
+
+    def __init__(self, cut: Sequence[MemoryDelivery]) -> None:
+        super().__init__()
+        self.cut = cut
+
+    async def apply(
+        self,
+        batch: Sequence[tuple[str, ev.DomainEvent]],
+        digests: Mapping[str, str] = EMPTY,
+        recorded: Mapping[str, datetime] = NOT_RECORDED,
+    ) -> AbstractSet[str]:
+        if self.cut:
+            for delivery in self.cut:
+                delivery.open = False
+            self.cut = ()
+            raise Unavailable("query database", "connection lost")
+        return await super().apply(batch, digests, recorded)
+
+
+async def test_deliveries_of_a_closed_channel_left_waiting_are_not_projected() -> None:
+    """Regression: the deliveries a closed channel left in the projector's queue were
+    projected, although the broker delivers them again after the ones before them. A
+    batch given up as its channel closed (the database failing in the same fault) was
+    followed by the rest of that channel's deliveries, projected ahead of the
+    redelivered batch: issuers 3 and 4 made rows before 1 and 2, the lists' order wrong
+    until a rebuild."""
+    issuers = [uuid4() for _ in range(4)]
+    envelopes = [
+        envelope_of(ev.IssuerCreatedEvent(issuer_id=issuer), version=1) for issuer in issuers
+    ]
+    first = [MemoryDelivery(envelope, source="projector") for envelope in envelopes]
+    again = [MemoryDelivery(envelope, source="projector") for envelope in envelopes]
+    read_models = CutOffOnce(first)
+    policy = RetryPolicy(unavailable=Limit(Backoff(0.001, 0.001), None))
+    projector = Projector(read_models, Outages(), policy=policy)
+
+    await projector.project(first[:2])  # the channel closes while it is tried again
+    await projector.project(first[2:] + again[:2])  # the rest of it, then the broker's again
+    await projector.project(again[2:])
+
+    assert [row.id for row in await read_models.issuers()] == issuers
+    assert [delivery.settled for delivery in first] == [[ABANDONED]] * 4
+    assert [delivery.settled for delivery in again] == [[Outcome.processed()]] * 4
 
 
 async def test_the_time_kept_with_an_id_is_its_first_events_not_a_later_copys() -> None:

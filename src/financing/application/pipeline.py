@@ -21,6 +21,7 @@ import enum
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
+from uuid import UUID
 
 import structlog
 
@@ -28,10 +29,12 @@ from financing import metrics
 from financing.application import codec
 from financing.application.errors import (
     AlreadyProcessed,
+    AwaitingOperator,
     ConcurrencyConflict,
     Fault,
     MissingAggregate,
     PoisonMessage,
+    Refused,
     ReusedMessageId,
     UnrelayedEvent,
     attempts_allowed,
@@ -495,11 +498,30 @@ def foreign_digest(envelope: Envelope, event: DomainEvent) -> str | None:
 
 
 def sending(sender: CommandSender, handler: SendingHandler) -> Handler:
+    queues = _QueueOutages(sender)
+
     async def run(decoded: Decoded) -> Outcome:
-        await handler(sender, decoded.message, Cause.of(decoded.envelope))
+        await handler(queues, decoded.message, Cause.of(decoded.envelope))
         return Outcome.processed()
 
     return run
+
+
+class _QueueOutages:
+    """`sender`, where the broker's refusal of a command's queue (declared again with
+    other arguments, or of another type) is an outage of that queue until an operator
+    mends it, as it is to the queue's consumer: the message that sends the command waits
+    in its own queue. Refused, it was dead-lettered at once, to be requeued by hand
+    once the queue was mended."""
+
+    def __init__(self, sender: CommandSender) -> None:
+        self._sender = sender
+
+    async def send(self, command: Command, message_id: UUID, cause: Cause) -> None:
+        try:
+            await self._sender.send(command, message_id, cause)
+        except Refused as refused:
+            raise AwaitingOperator(f"queue {command.name()}", refused.detail) from refused
 
 
 class _Noting:

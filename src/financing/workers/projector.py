@@ -38,6 +38,7 @@ from financing.application.errors import Fault, PoisonMessage
 from financing.application.grace import finish_on_cancel
 from financing.application.moments import moment
 from financing.application.pipeline import (
+    ABANDONED,
     DUPLICATE,
     Decoded,
     Delivery,
@@ -159,7 +160,7 @@ class Projector:
             )
             return {id(event): await self._apply_one(event) for event in events}
         except Abandoned:  # the channel closed: every message is delivered again
-            return {id(event): Outcome(OutcomeKind.ABANDONED) for event in events}
+            return {id(event): ABANDONED for event in events}
         outcomes: dict[int, Outcome] = {}
         projected_now = fresh
         for event in events:
@@ -274,6 +275,11 @@ def _digest(event: Decoded) -> str | None:
 
 def _triage(delivery: Delivery) -> Outcome | Decoded:
     """The delivery's decoded event, or its outcome when there is nothing to project."""
+    if not delivery.deliverable():
+        # Its channel closed while it waited to be taken: the broker delivers it again,
+        # after the messages before it. Projected now, it could go before one of those
+        # (a batch ahead of it given up as its channel closed) and make its row first.
+        return ABANDONED
     outcome = not_handled(delivery, PROJECTED_EVENTS, OutcomeKind.IGNORED)
     if outcome is not None:
         return outcome
