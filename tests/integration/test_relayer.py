@@ -558,6 +558,64 @@ async def test_events_relayed_but_never_marked_are_relayed_again_by_the_next_rel
     assert again == got
 
 
+async def test_a_relayer_elected_again_stops_where_the_store_lost_events_it_relayed(
+    database: Database,
+    pool: asyncpg.Pool,
+    broker: Broker,
+    publisher: Publisher,
+    observed: AbstractQueue,
+) -> None:
+    """Regression: a command database failed over to a standby that was behind (the
+    query database's records lost with it on the same server) lost the events committed
+    last, after they were relayed; the relayer elected again on it relayed the new
+    events under the lost ones' message ids, which consumers dropped as copies, and
+    nothing said so."""
+    investor = uuid4()
+    store = PostgresEventStore(pool)
+    await append_investor_story(store, investor)
+    running, wake_up = relayer(database, PostgresOutbox(pool), publisher)
+    try:
+        task = asyncio.create_task(running.run())
+        try:
+            got = await receive(observed, 4)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        # What the standby had not received: the two bids, and the checkpoint's move.
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "DELETE FROM events WHERE aggregate_id = $1 AND version > 2", investor
+            )
+            await conn.execute(
+                "UPDATE relay_checkpoints SET (transaction_id, position) ="
+                " (SELECT transaction_id, position FROM events"
+                "  WHERE aggregate_id = $1 AND version = 2)",
+                investor,
+            )
+        async with store.unit_of_work() as uow:  # a new bid takes the lost one's version
+            bidder = await uow.load(Investor, investor)
+            bidder.place_bid(uuid4(), Decimal("1"))
+            await uow.save(bidder)
+
+        async with asyncio.timeout(10):  # not retried: it stops at once
+            with pytest.raises(relayer_module.LostHistory) as lost:
+                await running.run()
+    finally:
+        await wake_up.close()
+
+    assert [event.version for event in lost.value.lost] == [3, 4]
+    assert [event.message_id for event in lost.value.lost] == [got[2][0], got[3][0]]
+    assert "Restoring a database" in str(lost.value)
+    channel = await broker.channel()
+    try:  # the new bid did not go out under the lost one's id
+        declared = await channel.declare_queue(observed.name, passive=True)
+        assert declared.declaration_result.message_count == 0
+    finally:
+        await close_channel(channel)
+    assert await infra.advisory_lock_holders(pool) == []  # it gave its lock up
+
+
 async def test_two_relayers_on_one_database_publish_each_event_once(
     database: Database, pool: asyncpg.Pool, publisher: Publisher, observed: AbstractQueue
 ) -> None:

@@ -37,7 +37,14 @@ from financing.application.pipeline import (
     compose,
     exactly_once,
 )
-from financing.application.ports import REFUSED, REQUEUED_AT_HEADER, Cause, Envelope, UnitOfWork
+from financing.application.ports import (
+    EVENT_STORE_HEADER,
+    REFUSED,
+    REQUEUED_AT_HEADER,
+    Cause,
+    Envelope,
+    UnitOfWork,
+)
 from financing.application.retry import Backoff, Limit, Outages, RetryPolicy
 from financing.application.turns import AggregateTurns
 from financing.domain import events as ev
@@ -486,6 +493,26 @@ async def test_another_message_under_a_processed_id_is_dead_lettered_not_dropped
     assert "ReusedMessageId" in outcome.detail and str(message_id) in outcome.detail
     assert "already processed a CreateInvestor message" in outcome.detail
     assert [stored.aggregate_id for stored in store.events].count(other.id) == 0
+
+
+async def test_a_reused_id_relayed_from_an_event_store_says_the_store_lost_events() -> None:
+    """The producer that reused an id, where both messages say they were relayed from an
+    event store, is that store's relayer: the store lost events it had relayed (a
+    fail-over to a standby behind it), which the reason said nothing of."""
+    store = InMemoryEventStore()
+    step = store_step(store, "CreateInvestor", handlers.create_investor)
+    message_id = uuid4()
+
+    def relayed(message: CreateInvestor) -> MemoryDelivery:
+        envelope = envelope_of(message, message_id)
+        headers = {**envelope.headers, EVENT_STORE_HEADER: "financing"}
+        return MemoryDelivery(replace(envelope, headers=headers), source="test_queue")
+
+    assert await step(relayed(CreateInvestor(uuid4(), D("100")))) == Outcome.processed(2)
+    outcome = await step(relayed(CreateInvestor(uuid4(), D("250"))))
+    assert outcome.kind is OutcomeKind.DEAD_LETTERED
+    assert "relayed from event store 'financing', which lost events" in outcome.detail
+    assert "producer must give it an id" not in outcome.detail
 
 
 async def test_another_message_under_a_processed_id_is_dead_lettered_when_it_breaks_a_rule() -> (

@@ -42,6 +42,7 @@ from financing.application.errors import (
 from financing.application.messages import Command, Message
 from financing.application.ports import (
     AGGREGATE_VERSION_HEADER,
+    EVENT_STORE_HEADER,
     RECORDED_AT_HEADER,
     REFUSED,
     Cause,
@@ -257,6 +258,18 @@ def retried(policy: RetryPolicy, outages: Outages, turns: AggregateTurns = TURNS
     return part
 
 
+def _reused_by(envelope: Envelope) -> str:
+    """Who reused a message id, and what that means."""
+    store = envelope.headers.get(EVENT_STORE_HEADER)
+    if store:
+        return (
+            f"both relayed from event store {store!r}, which lost events after it relayed"
+            " them, restored from an older backup or failed over to a standby that was"
+            ' behind: docs/deployment.md "Restoring a database"'
+        )
+    return "its producer must give it an id of its own"
+
+
 def _once_when_missing(error: BaseException) -> int | None:
     """The attempts of a delivery back from a deferral: one for a missing aggregate."""
     return 1 if isinstance(error, MissingAggregate) else attempts_allowed(error)
@@ -400,7 +413,7 @@ def exactly_once(store: EventStore, consumer: str, handler: StoreHandler) -> Han
             raise ReusedMessageId(
                 f"{envelope.name} {envelope.message_id}: {consumer} already processed {was}"
                 " under this message id, with a different body; this one is not processed"
-                " (its producer must give it an id of its own)"
+                f" ({_reused_by(envelope)})"
             )
         if before.outcome == REFUSED:
             if envelope.requeued and not envelope.redelivered:

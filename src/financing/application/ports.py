@@ -421,6 +421,11 @@ class Outbox(Protocol):
         """
         ...
 
+    async def missing(self, events: Sequence[StoredEvent]) -> list[StoredEvent]:
+        """Those of `events`, which it gave before, that it no longer holds as it gave
+        them (the same position, transaction and time of recording)."""
+        ...
+
 
 class RelayerLock(Protocol):
     """Elects the one relayer among every instance sharing an event store."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -53,6 +54,8 @@ RECHECK_FIRST = 0.002
 # without moving it (a crash, its lock lost) leaves those to be relayed again.
 MARK_EVERY = 1024
 MARK_AFTER = 0.5
+# The events last relayed that a relayer elected again looks for in the store.
+RECENT_KEPT = 1024
 
 
 @dataclass
@@ -82,6 +85,27 @@ class _Relayed:
 
     def marked(self) -> None:
         self.unmarked = []
+
+
+class LostHistory(Exception):
+    """The event store no longer holds events this relayer relayed: it lost part of its
+    history after they were relayed, and its new events take their stream versions."""
+
+    def __init__(self, lost: list[StoredEvent]) -> None:
+        first = lost[0]
+        super().__init__(
+            f"the event store no longer holds {len(lost)} of the events this relayer"
+            f" relayed last (positions {', '.join(str(event.position) for event in lost[:10])}"
+            f"{', ...' if len(lost) > 10 else ''}; the first {first.name} {first.message_id},"
+            f" recorded at {first.recorded_at}): the command database lost what was"
+            " committed after a point, as a fail-over to a standby that was behind or a"
+            " restore from an older backup does. Its new events would take the stream"
+            " versions, and so the message ids, of the lost ones, which consumers take for"
+            " copies; relaying stops here. Bring the parts back in line as"
+            ' docs/deployment.md "Restoring a database" says before the service starts'
+            " again"
+        )
+        self.lost = lost
 
 
 class Relayer:
@@ -114,6 +138,9 @@ class Relayer:
         self._elected = False  # this instance holds the lock and relays
         self._held_by: str | None = None  # the name of what was said to hold relaying back
         self._held_since = 0.0  # when the oldest event it held back was recorded (monotonic)
+        # The events this process relayed last, in any of its terms: looked for in the
+        # store as it is elected again (`_still_held`).
+        self._recent: deque[StoredEvent] = deque(maxlen=RECENT_KEPT)
 
     async def run(self) -> None:
         """Relay until cancelled; stands for election again whenever the lock is lost."""
@@ -142,6 +169,7 @@ class Relayer:
     async def _relay(self) -> None:
         relayed = _Relayed()
         recheck = 0.0  # after a wake-up that found nothing: how soon to look again
+        await self._retry(self._still_held, "checking what was relayed")
         try:
             while True:
                 self._wake_up.clear()
@@ -177,6 +205,18 @@ class Relayer:
                 )
             raise
 
+    async def _still_held(self) -> None:
+        """That the store still holds the events this process relayed last, as they were
+        when relayed; LostHistory if not. A command database that failed over to a
+        standby behind it (asynchronous replication) lost what it committed last, the
+        checkpoint's moves and the query database's records with it when that is on
+        the same server: nothing else tells, and the new events went out under the
+        message ids of lost ones, which consumers dropped as copies."""
+        if self._recent:
+            lost = await self._outbox.missing(list(self._recent))
+            if lost:
+                raise LostHistory(lost)
+
     async def _relay_batch(self, relayed: _Relayed) -> int:
         """Move the checkpoint if it is due, then relay the events that follow the last
         relayed; how many it read."""
@@ -191,6 +231,7 @@ class Relayer:
         began = time.monotonic()
         await self._publisher.publish_events([event.envelope(self._store) for event in events])
         relayed.add(events, began)
+        self._recent.extend(events)
         metrics.EVENTS_RELAYED.inc(len(events))
         log.debug("relayed", count=len(events), last_position=events[-1].position)
 

@@ -86,6 +86,11 @@ _PENDING_AFTER = (
     " ORDER BY transaction_id, position LIMIT $3"
 )
 
+# The events at positions $1, with what tells each from another recorded there since.
+_HELD = (
+    "SELECT position, transaction_id, recorded_at FROM events WHERE position = ANY($1::bigint[])"
+)
+
 
 # Moving the checkpoint, in one statement: past the newest of the events at positions $2
 # that are not behind it yet (`new`), only if those are exactly the events that follow
@@ -289,6 +294,17 @@ class PostgresOutbox:
                 f"relayer {self._name!r}: marking {row['new']} relayed would skip"
                 f" events at positions {row['skipped']}"
             )
+
+    async def missing(self, events: Sequence[StoredEvent]) -> list[StoredEvent]:
+        """Those of `events` the store no longer holds as they were read."""
+        async with acquired(self._pool, COMMAND_DATABASE) as conn:
+            rows = await conn.fetch(_HELD, [event.position for event in events])
+        held = {tuple(row) for row in rows}
+        return [
+            event
+            for event in events
+            if (event.position, event.transaction_id, event.recorded_at) not in held
+        ]
 
 
 # Moves the checkpoint back to just before the first event, in relay order, recorded at
