@@ -6,6 +6,7 @@ import difflib
 import math
 import os
 import re
+import ssl
 from collections.abc import Callable, Iterable, Mapping, Set
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -13,6 +14,8 @@ from typing import Any, TypeVar
 from urllib.parse import SplitResult, parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 from yarl import URL
+
+from financing.tls_files import UnusableFiles, load_authorities, load_key_pair, unreadable
 
 DEFAULT_COMMAND_DB = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_QUERY_DB = "postgresql://postgres@127.0.0.1:5432/queries"
@@ -498,7 +501,9 @@ def parse_amqp_urls(value: str) -> str:
             )
         if not parts.hostname:
             raise ConfigError("AMQP_ADDRESS: a broker URL names no host")
-        for key, raw in parse_qsl(parts.query, keep_blank_values=True):
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        _known_amqp_keys([key for key, _ in query], tls=parts.scheme == "amqps")
+        for key, raw in query:
             if key not in AMQP_COUNTS:
                 continue
             # The AMQP client reads what is not a number as 0: heartbeats off, silently.
@@ -507,7 +512,130 @@ def parse_amqp_urls(value: str) -> str:
                     f"AMQP_ADDRESS: {key} must be a whole number from 0 to"
                     f" {AMQP_COUNTS_MOST[key]} ({AMQP_COUNTS[key]}), got {raw!r}"
                 )
+        tls = broker_tls(url)
+        if broker_auth(url) == "external" and (tls is None or tls.certfile is None):
+            raise ConfigError(
+                "AMQP_ADDRESS: auth_mechanism=external logs in with the client certificate:"
+                " give certfile and keyfile on an amqps:// URL"
+            )
+        try:
+            if tls is not None:
+                tls.context()  # the files read now: one that cannot be used stops start-up
+        except UnusableFiles as error:
+            raise ConfigError(f"AMQP_ADDRESS: {error}") from None
     return value
+
+
+# A broker URL's TLS settings, by RabbitMQ's names for them (its URI query parameters,
+# which the reference's client reads) and by the AMQP client's.
+AMQP_TLS_KEYS = ("cacertfile", "cafile", "capath", "certfile", "keyfile", "verify", "no_verify_ssl")
+# Its other settings: the counts above, the connection's name, the authentication
+# mechanism (PLAIN with the URL's user and password, or EXTERNAL: the client certificate).
+AMQP_KEYS = (*AMQP_COUNTS, "name", "auth_mechanism", "auth")
+AUTH_MECHANISMS = ("plain", "external")
+
+
+def _known_amqp_keys(keys: list[str], *, tls: bool) -> None:
+    """ConfigError naming a key of a broker URL the service does not read (a misspelt
+    `cacertfile` was dropped, leaving the broker's certificate to be checked against
+    the system's CAs), or a TLS setting on a plaintext URL (dropped: the URL's TLS
+    files asked for TLS, and the service connected without it)."""
+    read = [*AMQP_KEYS, *AMQP_TLS_KEYS]
+    unknown = sorted({key for key in keys if key not in read})
+    if unknown:
+        named = [
+            repr(key) + (f" (close to {close[0]!r})" if close else "")
+            if _KEYWORD.fullmatch(f"{key}=")
+            else "a key that is no keyword"
+            for key in unknown
+            for close in [difflib.get_close_matches(key.lower(), read, n=1, cutoff=0.7)]
+        ]
+        raise ConfigError(
+            f"AMQP_ADDRESS: unknown key(s) in a broker URL: {', '.join(named)}; the keys read"
+            f" are {', '.join(AMQP_KEYS)}, and over amqps:// {', '.join(AMQP_TLS_KEYS)}"
+        )
+    plaintext = sorted({key for key in keys if key in AMQP_TLS_KEYS}) if not tls else []
+    if plaintext:
+        raise ConfigError(
+            f"AMQP_ADDRESS: {', '.join(plaintext)} set on an amqp:// URL, which connects"
+            " without TLS: use amqps:// for TLS"
+        )
+
+
+@dataclass(frozen=True)
+class BrokerTls:
+    """What an amqps:// URL connects with: the CAs its broker's certificate must chain to
+    (the system's without `cafile` and `capath`), a client certificate and its key, and
+    whether the broker's certificate is verified at all."""
+
+    cafile: str | None = None
+    capath: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    verify: bool = True
+
+    def context(self) -> ssl.SSLContext:
+        """A client context, the files read now; UnusableFiles naming the setting and why."""
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        if self.cafile is not None or self.capath is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            if self.cafile is not None:
+                load_authorities(context, self.cafile, "cacertfile", issuing=False)
+            if self.capath is not None:
+                try:
+                    context.load_verify_locations(capath=self.capath)
+                except OSError as error:
+                    raise UnusableFiles(unreadable("capath", self.capath, error)) from None
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.certfile is not None and self.keyfile is not None:
+            load_key_pair(context, self.certfile, self.keyfile, cert="certfile", key="keyfile")
+        if not self.verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+
+def broker_tls(url: str) -> BrokerTls | None:
+    """The TLS settings of broker URL `url`; None for an amqp:// one. ConfigError for
+    settings that do not go together."""
+    parsed = URL(url)
+    if parsed.scheme != "amqps":
+        return None
+    query = parsed.query
+    if "cacertfile" in query and "cafile" in query:
+        raise ConfigError("AMQP_ADDRESS: cacertfile and cafile name the same file: give one")
+    if ("certfile" in query) != ("keyfile" in query):
+        raise ConfigError(
+            "AMQP_ADDRESS: certfile and keyfile go together: the client certificate and its"
+            " private key"
+        )
+    verify = query.get("verify", "verify_peer")
+    if verify not in ("verify_peer", "verify_none"):
+        raise ConfigError(
+            f"AMQP_ADDRESS: verify must be verify_peer or verify_none, got {verify!r}"
+        )
+    no_verify = query.get("no_verify_ssl", "0")
+    if no_verify not in ("0", "1"):
+        raise ConfigError(f"AMQP_ADDRESS: no_verify_ssl must be 0 or 1, got {no_verify!r}")
+    return BrokerTls(
+        cafile=query.get("cacertfile") or query.get("cafile") or None,
+        capath=query.get("capath") or None,
+        certfile=query.get("certfile") or None,
+        keyfile=query.get("keyfile") or None,
+        verify=verify == "verify_peer" and no_verify == "0",
+    )
+
+
+def broker_auth(url: str) -> str:
+    """The authentication mechanism broker URL `url` asks for (AUTH_MECHANISMS)."""
+    query = URL(url).query
+    mechanism = (query.get("auth_mechanism") or query.get("auth") or "plain").lower()
+    if mechanism not in AUTH_MECHANISMS:
+        raise ConfigError(
+            f"AMQP_ADDRESS: auth_mechanism must be one of {', '.join(AUTH_MECHANISMS)},"
+            f" got {mechanism!r}"
+        )
+    return mechanism
 
 
 def split_url(url: str, what: str) -> SplitResult:

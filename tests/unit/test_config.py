@@ -1,10 +1,14 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
+from cryptography.hazmat.primitives import serialization
 
+from financing.adapters.rabbitmq import connection as connection_module
 from financing.adapters.rabbitmq.connection import describe_url
 from financing.config import (
     AMQP_ADDRESS,
@@ -717,3 +721,96 @@ def test_a_broker_url_may_set_its_heartbeat_and_turn_it_off() -> None:
     for query in ("heartbeat=10", "heartbeat=0&frame_max=131072&name=financing"):
         address = f"amqp://app:x@rabbit:5672/v?{query}"
         assert Settings.from_env({"AMQP_ADDRESS": address}).amqp_urls == [address]
+
+
+@pytest.mark.parametrize(
+    ("query", "said"),
+    [
+        ("ca_file=/etc/ca.pem", "unknown key(s) in a broker URL: 'ca_file' (close to 'cafile')"),
+        ("connection_attempts=3", "unknown key(s) in a broker URL: 'connection_attempts'"),
+    ],
+)
+def test_a_broker_url_key_the_service_does_not_read_is_a_config_error(
+    query: str, said: str
+) -> None:
+    """Regression: a key the service does not read was dropped: a misspelt `cacertfile`
+    left the broker's certificate to be checked against the system's CAs."""
+    with pytest.raises(ConfigError) as error:
+        Settings.from_env({"AMQP_ADDRESS": f"amqps://app:{SECRET}@rabbit:5671/v?{query}"})
+    assert said in str(error.value)
+    assert SECRET not in str(error.value)
+
+
+def test_tls_settings_on_a_plaintext_broker_url_are_a_config_error(tmp_path: Path) -> None:
+    """Regression: `amqp://...?cafile=...&certfile=...` connected without TLS, silently."""
+    address = f"amqp://app:{SECRET}@rabbit:5672/v?cafile={tmp_path}/ca.pem"
+    with pytest.raises(ConfigError, match=r"cafile set on an amqp:// URL.*use amqps://"):
+        Settings.from_env({"AMQP_ADDRESS": address})
+
+
+@pytest.fixture
+def broker_files(tmp_path: Path) -> dict[str, str]:
+    """A CA, and a client certificate and key another CA issued, in files."""
+    ca, client = trustme.CA(), trustme.CA().issue_cert("financing")
+    paths = {name: str(tmp_path / f"{name}.pem") for name in ("ca", "cert", "key")}
+    ca.cert_pem.write_to_path(paths["ca"])
+    client.cert_chain_pems[0].write_to_path(paths["cert"])
+    client.private_key_pem.write_to_path(paths["key"])
+    return paths
+
+
+def amqps(query: str) -> str:
+    return f"amqps://app:{SECRET}@rabbit:5671/v?{query}"
+
+
+def test_a_broker_urls_tls_files_are_read_at_start_up(broker_files: dict[str, str]) -> None:
+    files = broker_files
+    for query in (
+        f"cacertfile={files['ca']}&certfile={files['cert']}&keyfile={files['key']}",
+        f"cafile={files['ca']}",  # the AMQP client's name for it
+        f"cacertfile={files['ca']}&certfile={files['cert']}&keyfile={files['key']}"
+        "&auth_mechanism=external",
+    ):
+        assert Settings.from_env({"AMQP_ADDRESS": amqps(query)}).amqp_urls == [amqps(query)]
+
+
+def test_broker_tls_files_that_cannot_be_used_stop_start_up_naming_the_setting(
+    broker_files: dict[str, str], tmp_path: Path
+) -> None:
+    """Regression: a missing CA file, a key that is not the certificate's, or one that
+    is encrypted, was an outage of the broker retried for the whole start-up budget,
+    said as `FileNotFoundError`, `PEM lib` or `KEY_VALUES_MISMATCH` with no file named;
+    the encrypted key had OpenSSL ask for its pass phrase on the terminal."""
+    files, missing = broker_files, tmp_path / "missing.pem"
+    other = trustme.CA().issue_cert("financing")
+    other.private_key_pem.write_to_path(tmp_path / "other.key")
+    key = serialization.load_pem_private_key(other.private_key_pem.bytes(), password=None)
+    (tmp_path / "encrypted.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"pass phrase"),
+        )
+    )
+    pair = f"cacertfile={files['ca']}&certfile={files['cert']}"
+    for query, said in [
+        (f"cacertfile={missing}", f"cacertfile: cannot read {missing}"),
+        (f"cacertfile={files['key']}", "cacertfile: "),
+        (f"{pair}&keyfile={tmp_path}/other.key", "keyfile: the private key in"),
+        (f"{pair}&keyfile={tmp_path}/encrypted.key", "is encrypted"),
+        (f"certfile={files['cert']}", "certfile and keyfile go together"),
+        ("verify=yes", "verify must be verify_peer or verify_none"),
+        ("auth_mechanism=external", "auth_mechanism=external logs in with the client cert"),
+        ("auth_mechanism=kerberos", "auth_mechanism must be one of plain, external"),
+    ]:
+        with pytest.raises(ConfigError) as error:
+            Settings.from_env({"AMQP_ADDRESS": amqps(query)})
+        assert str(error.value).startswith("AMQP_ADDRESS: "), query
+        assert said in str(error.value), (query, str(error.value))
+        assert SECRET not in str(error.value)
+
+
+def test_the_amqp_client_is_given_the_url_without_its_tls_files() -> None:
+    url = amqps("cacertfile=/ca.pem&certfile=/c.pem&keyfile=/k.pem&auth_mechanism=EXTERNAL")
+    given = connection_module._client_url(url, "financing")
+    assert dict(given.query) == {"auth": "external", "heartbeat": "10", "name": "financing"}

@@ -84,7 +84,6 @@ from financing.entrypoints.grpc.edge import GrpcServer, connection_limit
 from financing.entrypoints.grpc.health import HealthWatch, Probe, Readiness, health_service
 from financing.entrypoints.grpc.queries import QueriesService
 from financing.entrypoints.grpc.reflection import with_reflection
-from financing.entrypoints.grpc.tls import UnusableFiles
 from financing.entrypoints.grpc.tls_watch import ServerTls
 from financing.entrypoints.observability import (
     Metered,
@@ -95,6 +94,7 @@ from financing.entrypoints.observability import (
     observe_turns,
     watch_event_loop,
 )
+from financing.tls_files import UnusableFiles
 from financing.workers.projector import Projector
 from financing.workers.relayer import Relayer
 from financing.workers.retention import Retention

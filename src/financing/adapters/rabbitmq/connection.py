@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import contextvars
 import re
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from typing import Any, Generic, TypeVar
@@ -27,13 +28,15 @@ from yarl import URL
 
 from financing import metrics
 from financing.application.errors import (
+    AwaitingOperator,
     Refused,
     Unavailable,
     said_of,
 )
 from financing.application.retry import Outages
-from financing.config import split_url
+from financing.config import AMQP_TLS_KEYS, broker_auth, broker_tls, split_url
 from financing.logging import get_logger
+from financing.tls_files import UnusableFiles
 
 log = get_logger(__name__)
 
@@ -88,13 +91,42 @@ def _left_pending_at_a_close(error: BaseException) -> bool:
     return type(error) is Exception and not error.args
 
 
-def _with_heartbeat(url: str, name: str) -> URL:
-    """`url`, asking for HEARTBEAT unless it sets its own heartbeat, and naming the
-    connection `name` (what the broker's management shows) unless it names it."""
+def _client_url(url: str, name: str) -> URL:
+    """`url` as the AMQP client reads it: asking for HEARTBEAT unless it sets its own
+    heartbeat, naming the connection `name` (what the broker's management shows) unless
+    it names it, with its authentication mechanism, and without its TLS settings (the
+    service makes the TLS context itself, `config.BrokerTls`)."""
     parsed = URL(url)
-    if "heartbeat" not in parsed.query:
-        parsed = parsed.update_query(heartbeat=HEARTBEAT)
-    return parsed if "name" in parsed.query else parsed.update_query(name=name)
+    query = {key: value for key, value in parsed.query.items() if key not in AMQP_TLS_KEYS}
+    query.pop("auth_mechanism", None)
+    query["auth"] = broker_auth(url)
+    query.setdefault("heartbeat", str(HEARTBEAT))
+    query.setdefault("name", name)
+    return parsed.with_query(query)
+
+
+async def _tls_context(url: str) -> ssl.SSLContext | None:
+    """The TLS context of an amqps:// URL, its files read again (replaced certificates are
+    taken at the next connection); None for an amqp:// one."""
+    tls = broker_tls(url)
+    return None if tls is None else await asyncio.to_thread(tls.context)
+
+
+def _untrusted(error: BaseException) -> str | None:
+    """What to do about a TLS handshake that failed on the service's side, if `error` is
+    one: the broker's certificate not trusted, or a port that does not speak TLS."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return (
+                "the broker's certificate is not one the service trusts: it must chain to a"
+                " CA of the URL's cacertfile (the system's without one), name the URL's"
+                " host, and be valid now"
+            )
+        if isinstance(cause, ssl.SSLError) and cause.reason == "WRONG_VERSION_NUMBER":
+            return "the port does not answer in TLS: an amqp:// URL connects to it without"
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def is_broker_error(error: BaseException) -> bool:
@@ -372,13 +404,22 @@ class Broker:
         self._closing = False
         # Until when no new connection is tried, and why (the last attempt failed, or the
         # last connection was lost too soon).
-        self._held_off: tuple[float, str] | None = None
+        self._held_off: tuple[float, Unavailable] | None = None
         self._opened_at = 0.0  # when the connection of the moment opened (monotonic)
         self._unsettled = 0  # connections lost too soon, in a row (SETTLED_AFTER)
         self._lost: set[asyncio.Task[None]] = set()  # the closes of connections that ended
         self._gauge = metrics.BROKER_CONNECTED if gauged else None
         if self._gauge is not None:
             self._gauge.set(0)
+        for url in self._urls if announced else ():
+            tls = broker_tls(url)
+            if tls is not None and not tls.verify:
+                log.warning(
+                    "the broker's certificate is not verified (verify=verify_none or"
+                    " no_verify_ssl=1): whoever stands between the service and the broker"
+                    " can read and change what they say",
+                    broker=describe_url(url),
+                )
 
     @property
     def connected(self) -> bool:
@@ -411,11 +452,12 @@ class Broker:
         if self._closing:
             raise Unavailable(BROKER, "the connection is closing")
         if self._held_off is not None and time.monotonic() < self._held_off[0]:
-            raise Unavailable(BROKER, self._held_off[1])
+            held_off = self._held_off[1]  # of its kind: one awaiting an operator still does
+            raise type(held_off)(BROKER, held_off.detail)
         try:
             connection = await self._connect()
         except Unavailable as error:
-            self._held_off = (time.monotonic() + RECONNECT_INTERVAL, error.detail)
+            self._held_off = (time.monotonic() + RECONNECT_INTERVAL, error)
             raise
         self._held_off = None
         connection.close_callbacks.add(self._on_close)
@@ -429,13 +471,18 @@ class Broker:
 
     async def _connect(self) -> AbstractConnection:
         failures: list[str] = []
+        refused = 0  # the brokers whose TLS the service refuses (or that refuse its own)
         for url in self._urls:
             try:
                 connection = await aio_pika.connect(
-                    _with_heartbeat(url, self._name),
+                    _client_url(url, self._name),
                     timeout=CONNECT_TIMEOUT,
                     connection_class=ClosedIfNotOpened,
+                    ssl_context=await _tls_context(url),
                 )
+            except UnusableFiles as error:  # the URL's files changed since start-up
+                refused += 1
+                failures.append(f"{describe_url(url)}: AMQP_ADDRESS {error}")
             except aiormq.exceptions.ProbableAuthenticationError as error:
                 if not self._accepted_once:
                     raise Refused(BROKER, f"{describe_url(url)}: {describe(error)}") from error
@@ -444,13 +491,23 @@ class Broker:
                 why = VHOST_REFUSED if _vhost_refused(error) else describe(error)
                 failures.append(f"{describe_url(url)}: {why}")
             except BROKER_ERRORS as error:
-                failures.append(f"{describe_url(url)}: {describe(error)}")
+                untrusted = _untrusted(error)
+                why = describe(error) if untrusted is None else f"{describe(error)}: {untrusted}"
+                if untrusted is not None:
+                    if not self._accepted_once:
+                        raise Refused(BROKER, f"{describe_url(url)}: {why}") from error
+                    refused += 1
+                failures.append(f"{describe_url(url)}: {why}")
             else:
                 # Said once; a reconnection is logged by the outage it ends.
                 (log.info if self._announced and not self._accepted_once else log.debug)(
                     "connected to broker", broker=describe_url(url)
                 )
                 return connection
+        if refused == len(self._urls):
+            # Said once, where the outage began otherwise (a node restarted with a
+            # certificate the service does not trust was said only to have restarted).
+            raise AwaitingOperator(BROKER, "; ".join(failures))
         raise Unavailable(BROKER, "; ".join(failures))
 
     def _on_close(self, connection: Any, error: BaseException | None = None) -> None:
@@ -481,7 +538,7 @@ class Broker:
             return
         self._unsettled += 1
         wait = min(RECONNECT_INTERVAL * 2 ** min(self._unsettled - 1, 16), MAX_RECONNECT_WAIT)
-        self._held_off = (now + wait, why)
+        self._held_off = (now + wait, Unavailable(BROKER, why))
 
     async def channel(
         self, *, publisher_confirms: bool = False, prefetch: int | None = None

@@ -38,8 +38,9 @@ from financing.config import (
     GrpcTls,
     Settings,
 )
-from financing.entrypoints.grpc.tls import UnusableFiles, client_context
+from financing.entrypoints.grpc.tls import client_context
 from financing.entrypoints.listening import unspecified
+from financing.tls_files import UnusableFiles
 
 TIMEOUT = 3.0
 # Bytes of the metrics endpoint's answer to /health read: its status, headers and the one

@@ -16,22 +16,11 @@ import ssl
 from datetime import UTC, datetime
 
 from financing.config import GRPC_TLS_CERT_FILE, GRPC_TLS_CLIENT_CA_FILE, GRPC_TLS_KEY_FILE, GrpcTls
+from financing.tls_files import load_authorities, load_key_pair
 
 # TLS 1.2's suites that HTTP/2 allows (RFC 9113 section 9.2.2: ephemeral keys, AEAD);
 # TLS 1.3's are all allowed.
 HTTP2_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
-
-
-class UnusableFiles(Exception):
-    """The TLS files cannot be used; the message names the variable and why."""
-
-
-class _Encrypted(Exception):
-    pass
-
-
-def _no_pass_phrase() -> str:
-    raise _Encrypted
 
 
 def server_context(tls: GrpcTls) -> ssl.SSLContext:
@@ -44,7 +33,7 @@ def server_context(tls: GrpcTls) -> ssl.SSLContext:
     _load_key_pair(context, tls.cert_file, tls.key_file)
     if tls.client_ca_file is not None:
         context.verify_mode = ssl.CERT_REQUIRED
-        _load_authorities(context, tls.client_ca_file, GRPC_TLS_CLIENT_CA_FILE.name)
+        load_authorities(context, tls.client_ca_file, GRPC_TLS_CLIENT_CA_FILE.name)
         # No session resumed: a resumed session skips the client's certificate, and a
         # client whose CA was taken out of the file went on being served on tickets the
         # first context had issued.
@@ -70,31 +59,9 @@ def client_context(tls: GrpcTls | None) -> ssl.SSLContext:
 
 
 def _load_key_pair(context: ssl.SSLContext, cert_file: str, key_file: str) -> None:
-    cert, key = GRPC_TLS_CERT_FILE.name, GRPC_TLS_KEY_FILE.name
-    # The certificate alone first, so that a failure of the pair names the right file.
-    _load_authorities(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), cert_file, cert, leaf=True)
-    try:
-        context.load_cert_chain(cert_file, key_file, password=_no_pass_phrase)
-    except _Encrypted:
-        raise UnusableFiles(
-            f"{key}: the private key in {key_file} is encrypted; the service reads an"
-            " unencrypted key (PEM), kept readable by the service alone"
-        ) from None
-    except OSError as error:  # ssl.SSLError is one too
-        if getattr(error, "reason", None) == "KEY_VALUES_MISMATCH":
-            raise UnusableFiles(
-                f"{key}: the private key in {key_file} is not the one of the certificate"
-                f" in {cert_file} ({cert})"
-            ) from None
-        if isinstance(error, ssl.SSLError):
-            # OpenSSL's reason: a key of another type than the certificate's is not
-            # assigned to it, which the file's form alone does not say.
-            why = str(getattr(error, "reason", None) or "").lower().replace("_", " ")
-            raise UnusableFiles(
-                f"{key}: {key_file} holds no PEM private key of the certificate in"
-                f" {cert_file}" + (f" ({why})" if why else "")
-            ) from None
-        raise UnusableFiles(_unreadable(key, key_file, error)) from None
+    load_key_pair(
+        context, cert_file, key_file, cert=GRPC_TLS_CERT_FILE.name, key=GRPC_TLS_KEY_FILE.name
+    )
 
 
 _PEM_CERTIFICATE = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
@@ -145,22 +112,3 @@ def _element(der: bytes, at: int) -> tuple[int, int, int]:
     if at + length > len(der):
         raise ValueError("truncated DER")
     return tag, at, at + length
-
-
-def _load_authorities(context: ssl.SSLContext, path: str, name: str, *, leaf: bool = False) -> None:
-    what = "certificate" if leaf else "CA certificate"
-    try:
-        context.load_verify_locations(cafile=path)
-    except ssl.SSLError:
-        raise UnusableFiles(f"{name}: {path} holds no {what} in PEM form") from None
-    except OSError as error:
-        raise UnusableFiles(_unreadable(name, path, error)) from None
-    if not leaf and not context.cert_store_stats()["x509_ca"]:
-        raise UnusableFiles(
-            f"{name}: {path} holds no CA certificate (one that may issue others): no"
-            " client certificate could be accepted"
-        )
-
-
-def _unreadable(name: str, path: str, error: OSError) -> str:
-    return f"{name}: cannot read {path}: {error.strerror or error}"

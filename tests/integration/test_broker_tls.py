@@ -1,0 +1,200 @@
+"""The broker over TLS (an amqps:// URL): the service connects with the URL's CA and
+client certificate, refuses a broker whose certificate it does not trust, and says so
+when that is what keeps an outage going.
+
+Against the real RabbitMQ, behind a TLS endpoint of the test's own (the machine's broker
+speaks plaintext): each connection's TLS is ended there and its bytes carried on to the
+broker, with the certificate of the moment, which a test may change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import trustme
+from structlog.testing import capture_logs
+from yarl import URL
+
+from financing.adapters.rabbitmq.connection import BROKER, Broker
+from financing.application.errors import AwaitingOperator, Refused, Unavailable
+from financing.application.retry import Outages
+from financing.config import parse_amqp_urls
+from tests.support.infra import holds, wait_until
+
+NAME = "localhost"
+
+
+@dataclass
+class TlsEndpoint:
+    """TLS in front of the broker at `upstream`: the server certificate of the moment
+    (`serve_with`), client certificates required from `client_ca`."""
+
+    upstream: tuple[str, int]
+    client_ca: trustme.CA
+    context: ssl.SSLContext = field(init=False)
+    port: int = 0
+    _open: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    def serve_with(self, ca: trustme.CA) -> None:
+        """New handshakes present a certificate for NAME that `ca` issued."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert(NAME).configure_cert(context)
+        self.client_ca.configure_trust(context)
+        context.verify_mode = ssl.CERT_REQUIRED
+        self.context = context
+
+    def cut(self) -> None:
+        """End every connection, as a broker restarting does."""
+        for writer in list(self._open):
+            writer.transport.abort()
+
+    async def _carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._open.add(writer)
+        try:
+            await writer.start_tls(self.context)
+            upstream_reader, upstream_writer = await asyncio.open_connection(*self.upstream)
+        except (OSError, ssl.SSLError):
+            writer.transport.abort()
+            self._open.discard(writer)
+            return
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            sink.transport.abort()
+
+        try:
+            await asyncio.gather(pump(reader, upstream_writer), pump(upstream_reader, writer))
+        finally:
+            self._open.discard(writer)
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[None]:
+        server = await asyncio.start_server(self._carry, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        try:
+            yield
+        finally:
+            self.cut()
+            server.close()
+            await server.wait_closed()
+
+
+@dataclass
+class Files:
+    ca: trustme.CA  # the CA the service trusts
+    client_ca: trustme.CA
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Files:
+    ca, client_ca = trustme.CA(), trustme.CA()
+    client = client_ca.issue_cert("financing")
+    made = Files(
+        ca, client_ca, tmp_path / "ca.pem", tmp_path / "client.pem", tmp_path / "client.key"
+    )
+    ca.cert_pem.write_to_path(made.cafile)
+    client.cert_chain_pems[0].write_to_path(made.certfile)
+    client.private_key_pem.write_to_path(made.keyfile)
+    return made
+
+
+@pytest.fixture
+async def endpoint(amqp_url: str, files: Files) -> AsyncIterator[TlsEndpoint]:
+    parts = urlsplit(amqp_url)
+    endpoint = TlsEndpoint((parts.hostname or "127.0.0.1", parts.port or 5672), files.client_ca)
+    endpoint.serve_with(files.ca)
+    async with endpoint.serving():
+        yield endpoint
+
+
+async def connected(broker: Broker) -> bool:
+    try:
+        await broker.connection()
+    except Unavailable:  # held off for a moment after the last refusal
+        return False
+    return True
+
+
+def tls_url(amqp_url: str, endpoint: TlsEndpoint, files: Files) -> str:
+    """`amqp_url` over TLS through `endpoint`, with RabbitMQ's names for the files."""
+    url = URL(amqp_url).with_scheme("amqps").with_host(NAME).with_port(endpoint.port)
+    return str(
+        url.with_query(
+            cacertfile=str(files.cafile), certfile=str(files.certfile), keyfile=str(files.keyfile)
+        )
+    )
+
+
+async def test_a_broker_over_tls_is_reached_with_the_urls_ca_and_client_certificate(
+    amqp_url: str, endpoint: TlsEndpoint, files: Files
+) -> None:
+    url = parse_amqp_urls(tls_url(amqp_url, endpoint, files))  # its files read at start-up
+    broker = Broker([url], Outages())
+    try:
+        channel = await broker.channel()
+        queue = await channel.declare_queue(exclusive=True)  # the broker behind it answers
+        assert queue.name
+        await channel.close()
+    finally:
+        await broker.close()
+
+
+async def test_a_broker_whose_certificate_is_not_trusted_is_refused_at_once(
+    amqp_url: str, endpoint: TlsEndpoint, files: Files
+) -> None:
+    """Regression: a broker certificate the service does not trust was an outage, retried
+    for the whole start-up budget (30 s) before start-up gave up."""
+    endpoint.serve_with(trustme.CA())
+    broker = Broker([tls_url(amqp_url, endpoint, files)], Outages())
+    try:
+        async with asyncio.timeout(10):
+            with pytest.raises(Refused, match="not one the service trusts"):
+                await broker.connection()
+    finally:
+        await broker.close()
+
+
+async def test_a_certificate_found_untrusted_after_a_restart_is_said_once(
+    amqp_url: str, endpoint: TlsEndpoint, files: Files
+) -> None:
+    """Regression: a broker restarted with a certificate the service does not trust was
+    said only to have restarted (`CONNECTION_FORCED`), for as long as it lasted: the
+    refused certificate was named by nothing but `financing status`."""
+    outages = Outages()
+    broker = Broker([tls_url(amqp_url, endpoint, files)], outages)
+    try:
+        await broker.connection()
+        with capture_logs() as logs:
+            endpoint.serve_with(trustme.CA())  # another CA's certificate, then the restart
+            endpoint.cut()
+            await wait_until(lambda: holds(not broker.connected), what="the connection lost")
+            outages.failed(Unavailable(BROKER, "connection reset"), connection_lost=True)
+            for _ in range(3):  # as the loops that need the broker try again
+                with pytest.raises(AwaitingOperator) as refused:
+                    await broker.connection()
+                outages.failed(refused.value)
+            endpoint.serve_with(files.ca)
+            await wait_until(lambda: connected(broker), what="the broker reached again")
+    finally:
+        await broker.close()
+
+    said = [(line["event"], line.get("error")) for line in logs if line["log_level"] == "warning"]
+    assert [event for event, _ in said] == [
+        "broker unavailable",
+        "broker still unavailable",
+        "broker reconnected",
+    ]
+    assert "not one the service trusts" in str(said[1][1])
