@@ -198,3 +198,15 @@ async def test_a_certificate_found_untrusted_after_a_restart_is_said_once(
         "broker reconnected",
     ]
     assert "not one the service trusts" in str(said[1][1])
+
+
+async def test_an_amqps_url_to_a_plaintext_port_is_refused_saying_so(amqp_url: str) -> None:
+    """Regression: `amqps://` to the broker's plaintext port was an outage, retried for the
+    whole start-up budget, said as OpenSSL's `WRONG_VERSION_NUMBER` alone."""
+    broker = Broker([str(URL(amqp_url).with_scheme("amqps"))], Outages())
+    try:
+        async with asyncio.timeout(10):
+            with pytest.raises(Refused, match="the port does not answer in TLS"):
+                await broker.connection()
+    finally:
+        await broker.close()

@@ -394,11 +394,14 @@ async def test_an_id_recorded_without_its_time_tells_nothing_of_its_copies() -> 
 
 
 class FlakyReadModels(InMemoryReadModels):
-    """Read models whose database is unavailable for the first `failures` batches."""
+    """Read models whose database is unavailable for the first `failures` batches; the
+    channel of each delivery in `cut` closes as it first is (one network fault cutting
+    both)."""
 
-    def __init__(self, failures: int) -> None:
+    def __init__(self, failures: int, cut: Sequence[MemoryDelivery] = ()) -> None:
         super().__init__()
         self.failures = failures
+        self.cut = cut
 
     async def apply(
         self,
@@ -408,6 +411,8 @@ class FlakyReadModels(InMemoryReadModels):
     ) -> AbstractSet[str]:
         if self.failures:
             self.failures -= 1
+            for delivery in self.cut:
+                delivery.open = False
             raise Unavailable("query database", "no answer in time")
         return await super().apply(batch, digests, recorded)
 
@@ -435,28 +440,6 @@ async def test_a_batch_tried_again_counts_a_retry_of_each_delivery_and_its_whole
     assert sample("financing_message_handling_seconds_sum", queue=source) >= 60
 
 
-class CutOffOnce(InMemoryReadModels):
-    """Read models whose database fails the first batch, while the channel of every
-    delivery in `cut` closes (one network fault cutting both)."""
-
-    def __init__(self, cut: Sequence[MemoryDelivery]) -> None:
-        super().__init__()
-        self.cut = cut
-
-    async def apply(
-        self,
-        batch: Sequence[tuple[str, ev.DomainEvent]],
-        digests: Mapping[str, str] = EMPTY,
-        recorded: Mapping[str, datetime] = NOT_RECORDED,
-    ) -> AbstractSet[str]:
-        if self.cut:
-            for delivery in self.cut:
-                delivery.open = False
-            self.cut = ()
-            raise Unavailable("query database", "connection lost")
-        return await super().apply(batch, digests, recorded)
-
-
 async def test_deliveries_of_a_closed_channel_left_waiting_are_not_projected() -> None:
     """Regression: the deliveries a closed channel left in the projector's queue were
     projected, although the broker delivers them again after the ones before them. A
@@ -470,7 +453,7 @@ async def test_deliveries_of_a_closed_channel_left_waiting_are_not_projected() -
     ]
     first = [MemoryDelivery(envelope, source="projector") for envelope in envelopes]
     again = [MemoryDelivery(envelope, source="projector") for envelope in envelopes]
-    read_models = CutOffOnce(first)
+    read_models = FlakyReadModels(failures=1, cut=first)
     policy = RetryPolicy(unavailable=Limit(Backoff(0.001, 0.001), None))
     projector = Projector(read_models, Outages(), policy=policy)
 
