@@ -124,7 +124,7 @@ def _untrusted(error: BaseException) -> str | None:
                 " host, and be valid now"
             )
         if isinstance(cause, ssl.SSLError) and cause.reason == "WRONG_VERSION_NUMBER":
-            return "the port does not answer in TLS: an amqp:// URL connects to it without"
+            return "the port does not answer in TLS: a port without TLS takes an amqp:// URL"
         cause = cause.__cause__ or cause.__context__
     return None
 
