@@ -8,6 +8,7 @@ of two writers racing on one stream gets `ConcurrencyConflict`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -605,3 +606,106 @@ async def test_the_services_sessions_compile_no_statement_unless_the_connection_
     finally:
         await infra.alter_database(name, "RESET jit_above_cost")
     assert settings == ["off", "on"]
+
+
+# The parameters PgBouncer lets a client send as its session opens, without being told
+# to ignore or track others (its `ignore_startup_parameters`, `track_extra_parameters`).
+POOLER_PARAMETERS = {
+    "user",
+    "database",
+    "application_name",
+    "client_encoding",
+    "datestyle",
+    "timezone",
+    "standard_conforming_strings",
+}
+
+
+class PoolerDoor:
+    """What PgBouncer does with a session's opening: one asking for a parameter it does
+    not know is refused (`unsupported startup parameter`), the others are carried on to
+    the server."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.asked: list[set[str]] = []
+        self._carrying: set[asyncio.Task[None]] = set()
+
+    async def _open(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            packet = await self._packet(reader)
+            if packet[:4] == (80877103).to_bytes(4, "big"):  # SSLRequest: no TLS here
+                writer.write(b"N")
+                packet = await self._packet(reader)
+            fields = packet[4:].split(b"\0")
+            asked = {key.decode().lower() for key in fields[0:-2:2]}
+            self.asked.append(asked)
+            refused = sorted(asked - POOLER_PARAMETERS)
+            if refused:
+                said = f"unsupported startup parameter: {refused[0]}".encode()
+                body = b"SERROR\0C08P01\0M" + said + b"\0\0"
+                writer.write(b"E" + (len(body) + 4).to_bytes(4, "big") + body)
+                await writer.drain()
+                return
+            server_reader, server_writer = await asyncio.open_connection(*self.upstream)
+            server_writer.write((len(packet) + 4).to_bytes(4, "big") + packet)
+            await asyncio.gather(_pump(reader, server_writer), _pump(server_reader, writer))
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    @staticmethod
+    async def _packet(reader: asyncio.StreamReader) -> bytes:
+        length = int.from_bytes(await reader.readexactly(4), "big")
+        return await reader.readexactly(length - 4)
+
+    @contextlib.asynccontextmanager
+    async def open(self) -> AsyncIterator[int]:
+        server = await asyncio.start_server(self._open, "127.0.0.1", 0)
+        try:
+            yield server.sockets[0].getsockname()[1]
+        finally:
+            server.close()
+
+
+async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError):
+        while data := await source.read(65536):
+            sink.write(data)
+            await sink.drain()
+    sink.close()
+
+
+async def test_sessions_open_through_a_pooler_and_keep_the_services_settings(
+    database: Database,
+) -> None:
+    """Regression: the service sent `jit` and `idle_in_transaction_session_timeout` as
+    its sessions opened, which PgBouncer refuses (`unsupported startup parameter`): the
+    service retried it as an outage for its whole start-up budget. A PgBouncer told to
+    ignore them let the sessions open without them (JIT on, no end to a session idle in
+    a transaction), and nothing said so."""
+    host = database.connect_kwargs.get("host", "127.0.0.1")
+    door = PoolerDoor((host, int(database.connect_kwargs.get("port", 5432))))
+    async with door.open() as port:
+        through = replace(
+            database, connect_kwargs={**database.connect_kwargs, "host": "127.0.0.1", "port": port}
+        )
+        pool = await create_pool(through, COMMAND_DATABASE)
+        try:
+            session = await connect(through, COMMAND_DATABASE)
+            try:
+                async with acquired(pool, COMMAND_DATABASE) as pooled:
+                    settings = [
+                        (
+                            await conn.fetchval("SHOW jit"),
+                            await conn.fetchval("SHOW idle_in_transaction_session_timeout"),
+                        )
+                        for conn in (pooled, session)
+                    ]
+            finally:
+                await close_connection(session)
+        finally:
+            await close_pool(pool)
+    assert door.asked and all(asked <= POOLER_PARAMETERS for asked in door.asked)
+    assert settings == [("off", "10s"), ("off", "10s")]

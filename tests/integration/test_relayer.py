@@ -25,7 +25,12 @@ from aio_pika.abc import AbstractQueue
 from structlog.testing import capture_logs
 
 from financing.adapters.postgres import outbox as outbox_module
-from financing.adapters.postgres.connection import COMMAND_DATABASE, connect, create_pool
+from financing.adapters.postgres.connection import (
+    COMMAND_DATABASE,
+    PooledSessions,
+    connect,
+    create_pool,
+)
 from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.adapters.postgres.outbox import (
     RELAYER_LOCK,
@@ -687,6 +692,39 @@ async def test_a_bug_in_watching_the_lock_stops_the_relayer_loudly_instead_of_re
     finally:
         await wake_up.close()
 
+    assert await infra.advisory_lock_holders(pool) == []  # it gave its lock up on the way out
+
+
+class HandedOnLock(PostgresRelayerLock):
+    """The real lock, whose connection a pooler in transaction mode hands to another
+    server session once the lock is taken (PgBouncer's transaction mode): the lock stays
+    on the first, which no longer holds off another relayer."""
+
+    async def acquire(self, answered: Any = lambda _: None) -> None:
+        await super().acquire(answered)
+        self._backend = -1  # the backend the lock was taken on is another than the next
+
+
+async def test_a_relayer_whose_lock_session_is_handed_to_another_backend_stops_loudly(
+    database: Database, pool: asyncpg.Pool, publisher: Publisher
+) -> None:
+    """Regression: behind PgBouncer in transaction mode, each instance's relayer took the
+    lock on a pooled server session and went on on others: two relayers ran, every event
+    went out twice, and every health check and `financing status` said all was well."""
+    wake_up = CommitListener(database)
+    running = Relayer(
+        PostgresOutbox(pool),
+        publisher,
+        HandedOnLock(database, check_interval=0.05),
+        wake_up,
+        Outages(),
+    )
+    try:
+        async with asyncio.timeout(10):  # not taken for a lost lock: it stops at once
+            with pytest.raises(PooledSessions, match="PgBouncer's transaction or statement mode"):
+                await running.run()
+    finally:
+        await wake_up.close()
     assert await infra.advisory_lock_holders(pool) == []  # it gave its lock up on the way out
 
 

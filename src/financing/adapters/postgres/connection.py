@@ -15,12 +15,14 @@ import collections
 import contextlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from functools import partial
 from typing import Any, TypeAlias
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from financing.application.errors import (
+    AwaitingOperator,
     ConcurrencyConflict,
     PoisonMessage,
     Refused,
@@ -71,6 +73,32 @@ _REFUSALS: tuple[type[Exception], ...] = (
     asyncpg.exceptions.InvalidParameterValueError,
     asyncpg.exceptions.InsufficientPrivilegeError,
 )
+
+# What a pooler that hands a client's connection out per transaction or per statement
+# does to the driver's prepared statements: each is prepared on one server session and
+# run on another.
+_POOLED_STATEMENTS = (
+    asyncpg.exceptions.InvalidSQLStatementNameError,
+    asyncpg.exceptions.DuplicatePreparedStatementError,
+)
+POOLED_SESSIONS = (
+    "its sessions are not the service's own: a pooler hands its connections out per"
+    " transaction or per statement (PgBouncer's transaction or statement mode), where the"
+    " service's prepared statements, its relayer's lock and its LISTEN do not hold (two"
+    " relayers may run, every event going out twice). Put the service behind a pooler in"
+    ' session mode, or straight before PostgreSQL (docs/scaling.md, "Poolers")'
+)
+
+
+class PooledSessions(Exception):
+    """A session's server backend changed under one connection: what a pooler in
+    transaction or statement mode does, where a session's advisory lock is not held."""
+
+    def __init__(self, dependency: str, before: int, after: int) -> None:
+        super().__init__(
+            f"{dependency}: one connection's statements ran on server backend {before},"
+            f" then {after}: {POOLED_SESSIONS}"
+        )
 
 
 def is_unavailable(error: BaseException) -> bool:
@@ -125,6 +153,8 @@ def _translate(error: BaseException, dependency: str) -> None:
         ) from error
     if isinstance(error, RACE_ERRORS):
         raise ConcurrencyConflict(f"{dependency}: {describe(error)}") from error
+    if isinstance(error, _POOLED_STATEMENTS):
+        raise AwaitingOperator(dependency, POOLED_SESSIONS) from error
     if isinstance(error, Exception) and is_unavailable(error):
         raise Unavailable(dependency, describe(error)) from error
 
@@ -134,6 +164,18 @@ def _translate_opening(error: BaseException, dependency: str) -> None:
     return for a bug."""
     if isinstance(error, _REFUSALS):
         raise Refused(dependency, describe(error)) from error
+    if isinstance(error, asyncpg.exceptions.ProtocolViolationError) and (
+        "unsupported startup parameter" in str(error)
+    ):
+        # A pooler's (PgBouncer's) refusal of a setting the connection string's `options`
+        # give: waiting does not cure it.
+        raise Refused(
+            dependency,
+            f"{describe(error)}: a pooler stands before the database and refuses the"
+            " setting; give it in the pooler's own settings (PgBouncer:"
+            " ignore_startup_parameters or track_extra_parameters), or drop it from the"
+            " connection string's options",
+        ) from error
     _translate_reopening(error, dependency)
 
 
@@ -398,6 +440,7 @@ async def create_pool(
             min_size=min(min_size, db.pool_max_size),
             max_size=db.pool_max_size,
             reset=_keep_session,
+            init=partial(_settle_session, db),
         )
     assert pool is not None  # only None when created without awaiting
     return pool
@@ -442,7 +485,35 @@ async def connect(
     """One dedicated connection, outside any pool (locks, LISTEN), opened while the
     service runs: the pool of the same database was made first."""
     with reopening(dependency):
-        return await asyncpg.connect(**_session(db, application_name))
+        conn: asyncpg.Connection = await asyncpg.connect(**_session(db, application_name))
+        try:
+            await _settle_session(db, conn)
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
+
+
+async def _settle_session(db: Database, conn: asyncpg.Connection) -> None:
+    """The settings of a session the service opens, made in one round trip once it is
+    open, not sent as it opens: a pooler in front of the database (PgBouncer) refuses
+    settings it does not know in the opening, and one told to let them through drops
+    them (JIT back on, and no end to a session idle in a transaction).
+
+    A client that stops sending in the middle of a transaction (its process frozen, or
+    its host cut off, its socket left open) would hold the transaction's locks for as
+    long as the server keeps the socket: the projector that took over from a frozen one
+    waited on its row locks for the whole freeze. The server ends such a session once
+    it has been idle in a transaction for IDLE_IN_TRANSACTION (or the answer timeout,
+    when longer).
+
+    JIT compilation is off unless the connection string's `options` turn it on: the
+    service's statements are short, and compiled they are slower (a database set to
+    compile every statement, `jit_above_cost = 0`, ran the service ~50 times slower,
+    its first statement of each session taking a third of a second)."""
+    idle = round(max(IDLE_IN_TRANSACTION, db.answer_timeout) * 1000)
+    jit = "" if "jit" in db.connect_kwargs.get("server_settings", {}) else "SET jit = off;"
+    await conn.execute(f"{jit}SET idle_in_transaction_session_timeout = {idle}")
 
 
 def _session(db: Database, application_name: str) -> dict[str, Any]:
@@ -458,23 +529,10 @@ def _session(db: Database, application_name: str) -> dict[str, Any]:
     outage, retried like any other); the driver then asks the server to cancel it,
     and closes the connection when that goes unanswered as long.
 
-    The other way round, a client that stops sending in the middle of a transaction
-    (its process frozen, or its host cut off, its socket left open) would hold the
-    transaction's locks for as long as the server keeps the socket: the projector
-    that took over from a frozen one waited on its row locks for the whole freeze.
-    The server ends such a session once it has been idle in a transaction for
-    IDLE_IN_TRANSACTION (or the answer timeout, when longer).
-
-    JIT compilation is off unless the connection string's `options` turn it on: the
-    service's statements are short, and compiled they are slower (a database set to
-    compile every statement, `jit_above_cost = 0`, ran the service ~50 times slower,
-    its first statement of each session taking a third of a second)."""
-    idle = max(IDLE_IN_TRANSACTION, db.answer_timeout)
+    The session's other settings are made once it is open (`_settle_session`)."""
     settings = {
-        "jit": "off",
         **db.connect_kwargs.get("server_settings", {}),
         "application_name": application_name,
-        "idle_in_transaction_session_timeout": str(round(idle * 1000)),
     }
     return {
         "timeout": db.answer_timeout,  # connecting; a connection string's connect_timeout wins

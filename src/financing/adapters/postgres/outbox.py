@@ -27,6 +27,7 @@ from financing.adapters.postgres.connection import (
     SERVICE_APPLICATION,
     SESSION_COLUMNS,
     Connection,
+    PooledSessions,
     acquired,
     advisory_lock_holder,
     close_connection,
@@ -470,6 +471,7 @@ class PostgresRelayerLock:
         self._check_interval = check_interval
         self._lease = lease
         self._conn: asyncpg.Connection | None = None
+        self._backend = 0  # the server backend the lock was taken on (pg_backend_pid())
         self._gone = asyncio.Event()
         # One statement at a time on the lock connection (health check, unlock).
         self._busy = asyncio.Lock()
@@ -494,7 +496,11 @@ class PostgresRelayerLock:
                 conn = await self._connection()
                 try:
                     with translated(COMMAND_DATABASE):
-                        taken = await conn.fetchval("SELECT pg_try_advisory_lock($1)", RELAYER_LOCK)
+                        row = await conn.fetchrow(
+                            "SELECT pg_try_advisory_lock($1), pg_backend_pid()", RELAYER_LOCK
+                        )
+                        assert row is not None  # a SELECT without FROM returns one row
+                        taken, self._backend = row
                         if taken:
                             await conn.execute(f"SELECT pg_try_advisory_lock({_SCHEMA_LOCK})")
                         elif time.monotonic() >= look_at:
@@ -543,7 +549,10 @@ class PostgresRelayerLock:
         """Return once the lock is no longer held: connection lost, broken or released.
 
         A closed socket is noticed at once; a silent one (half-open TCP) by a
-        periodic round trip that fails or times out.
+        periodic round trip that fails or times out. PooledSessions where that round
+        trip runs on another server backend than the one the lock was taken on: a
+        pooler (PgBouncer in transaction mode) handed the connection to another
+        session, and the lock, left on the first, holds off no other relayer.
         """
         conn, gone = self._conn, self._gone
         if conn is None:
@@ -556,11 +565,15 @@ class PostgresRelayerLock:
                 async with self._busy:
                     if conn.is_closed():
                         return
-                    await conn.fetchval("SELECT 1", timeout=HEALTH_CHECK_TIMEOUT)
+                    backend = await conn.fetchval(
+                        "SELECT pg_backend_pid()", timeout=HEALTH_CHECK_TIMEOUT
+                    )
             except Exception as error:
                 if is_unavailable(error):
                     return
                 raise
+            if backend != self._backend:
+                raise PooledSessions(COMMAND_DATABASE, self._backend, backend)
 
     async def release(self) -> None:
         """Give the lock up and close its connection; safe to call when not held."""
