@@ -709,3 +709,26 @@ async def test_sessions_open_through_a_pooler_and_keep_the_services_settings(
             await close_pool(pool)
     assert door.asked and all(asked <= POOLER_PARAMETERS for asked in door.asked)
     assert settings == [("off", "10s"), ("off", "10s")]
+
+
+async def test_a_setting_a_pooler_refuses_as_a_session_opens_stops_start_up_saying_so(
+    database: Database,
+) -> None:
+    """Regression: a pooler's refusal of a setting the connection string's `options` give
+    (`unsupported startup parameter`) was retried as an outage for the whole start-up
+    budget."""
+    host = database.connect_kwargs.get("host", "127.0.0.1")
+    door = PoolerDoor((host, int(database.connect_kwargs.get("port", 5432))))
+    async with door.open() as port:
+        through = replace(
+            database,
+            connect_kwargs={
+                **database.connect_kwargs,
+                "host": "127.0.0.1",
+                "port": port,
+                "server_settings": {"work_mem": "64MB"},
+            },
+        )
+        async with asyncio.timeout(10):
+            with pytest.raises(Refused, match="work_mem: a pooler stands before the database"):
+                await create_pool(through, COMMAND_DATABASE)

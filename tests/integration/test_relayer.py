@@ -486,6 +486,38 @@ async def test_a_standby_says_who_holds_the_relayer_lock_and_each_new_holder(
     )
 
 
+async def test_a_standby_says_when_the_session_holding_the_lock_is_left_over(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a relayer lock left on a pooler's server session (by an instance
+    behind PgBouncer in transaction mode) held every relayer off for the pooler's
+    `server_idle_timeout` (10 min), while each standby said at INFO that another
+    instance relays."""
+    monkeypatch.setattr(outbox_module, "STANDBY_SAID", 0.1)
+    monkeypatch.setattr(outbox_module, "LOCK_LEASE", 0.5)
+    left = await asyncpg.connect(
+        **database.connect_kwargs, server_settings={"application_name": "financing"}
+    )
+    lock = PostgresRelayerLock(database, poll_interval=0.05)
+    try:
+        await left.fetchval("SELECT pg_advisory_lock($1)", RELAYER_LOCK)
+        with capture_logs() as logs:
+            acquiring = asyncio.create_task(lock.acquire())
+
+            def said() -> list[dict[str, Any]]:
+                return [line for line in logs if "a session left holding it" in line["event"]]
+
+            await wait_until(lambda: holds(bool(said())), timeout=10, what="it said so")
+            await left.close()  # the pooler's session ended: the lock is free
+            await asyncio.wait_for(acquiring, 10)
+    finally:
+        await lock.release()
+        await left.close()
+    [warning] = said()
+    assert warning["log_level"] == "warning"
+    assert f"pg_terminate_backend({left.get_server_pid()})" in warning["event"]
+
+
 async def lock_waiters(pool: asyncpg.Pool, count: int) -> bool:
     waiting = await pool.fetchval(
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"

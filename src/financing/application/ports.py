@@ -346,6 +346,7 @@ class OtherSession:
     client: str | None  # its client's address, "local" for a socket
     state: str | None  # "idle in transaction": a transaction left open
     open_for: float | None  # seconds since its transaction began; None outside one
+    idle_for: float | None = None  # seconds since it last sent a statement, when idle
 
     @property
     def name(self) -> str:

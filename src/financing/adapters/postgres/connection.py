@@ -310,7 +310,9 @@ async def _answers_after_a_timeout(conn: Connection) -> bool:
 # What `other_session` reads of a session, from pg_stat_activity as `a`.
 SESSION_COLUMNS = (
     "a.pid, a.usename, a.application_name, host(a.client_addr) AS client, a.state,"
-    " extract(epoch FROM now() - a.xact_start)::float8 AS open_for"
+    " extract(epoch FROM now() - a.xact_start)::float8 AS open_for,"
+    " CASE WHEN a.state = 'idle' THEN extract(epoch FROM now() - a.state_change)::float8"
+    " END AS idle_for"
 )
 
 
@@ -324,6 +326,7 @@ def other_session(row: asyncpg.Record) -> OtherSession:
         client=None if state is None else row["client"] or "local",
         state=state,
         open_for=None if row["open_for"] is None else max(0.0, float(row["open_for"])),
+        idle_for=None if row["idle_for"] is None else max(0.0, float(row["idle_for"])),
     )
 
 

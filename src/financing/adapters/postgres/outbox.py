@@ -429,6 +429,17 @@ ANOTHER_DEPLOYMENT = (
 )
 
 
+def left_holding(holder: OtherSession) -> bool:
+    """Whether the session holding the relayer lock, named as the service's, has been
+    idle longer than a relayer's lease: no relayer's is (it sends a round trip every
+    second, and the server ends its session idle for LOCK_LEASE)."""
+    return (
+        holder.application == SERVICE_APPLICATION
+        and holder.idle_for is not None
+        and holder.idle_for > LOCK_LEASE
+    )
+
+
 def _tell_holder(holder: OtherSession, *, elsewhere: bool) -> None:
     """Who holds the relayer lock this instance stands by for: another instance's
     relayer; another deployment's, or a session that is no relayer of the service (an
@@ -436,6 +447,15 @@ def _tell_holder(holder: OtherSession, *, elsewhere: bool) -> None:
     relayed, and an error or a warning says so."""
     if elsewhere:
         log.error(f"relayer standing by: {ANOTHER_DEPLOYMENT}", holder=holder.describe())
+    elif left_holding(holder):
+        log.warning(
+            "relayer standing by: the session that holds its lock has sent nothing for"
+            f" {holder.idle_for:.0f} s, where a relayer's sends a round trip every second:"
+            " it is a session left holding it (a pooler's, kept from an instance behind"
+            " one in transaction mode), and no event is relayed until it lets go: end it"
+            f" (SELECT pg_terminate_backend({holder.pid})), or have the pooler reconnect",
+            holder=holder.describe(),
+        )
     elif holder.application == SERVICE_APPLICATION:
         log.info("relayer standing by: another instance relays", holder=holder.describe())
     else:
@@ -489,7 +509,7 @@ class PostgresRelayerLock:
         Taken for an outage, it kept a standby's `/health` at 503 for 12 s after a
         freeze, over a database that answered all along."""
         look_at = time.monotonic() + STANDBY_SAID  # when to look who holds the lock
-        told: tuple[int, bool] | None = None  # the holder said last: pid, elsewhere
+        told: tuple[int, bool, bool] | None = None  # said last: pid, elsewhere, left
         try:
             while True:
                 kept = self._conn is not None and not self._conn.is_closed()
@@ -508,9 +528,10 @@ class PostgresRelayerLock:
                             holder = await advisory_lock_holder(conn, RELAYER_LOCK)
                             if holder is not None:
                                 elsewhere = await relays_elsewhere(conn, holder)
-                                if (holder.pid, elsewhere) != told:
+                                seen = holder.pid, elsewhere, left_holding(holder)
+                                if seen != told:
                                     _tell_holder(holder, elsewhere=elsewhere)
-                                    told = holder.pid, elsewhere
+                                    told = seen
                 except Unavailable:
                     if not kept:
                         raise
