@@ -113,8 +113,8 @@ async def _tls_context(url: str) -> ssl.SSLContext | None:
 
 
 def _untrusted(error: BaseException) -> str | None:
-    """What to do about a TLS handshake that failed on the service's side, if `error` is
-    one: the broker's certificate not trusted, or a port that does not speak TLS."""
+    """What an operator must mend, where `error` is a TLS handshake the service ended: the
+    broker's certificate not trusted, or a port that does not speak TLS; else None."""
     cause: BaseException | None = error
     while cause is not None:
         if isinstance(cause, ssl.SSLCertVerificationError):
@@ -471,7 +471,9 @@ class Broker:
 
     async def _connect(self) -> AbstractConnection:
         failures: list[str] = []
-        refused = 0  # the brokers whose TLS the service refuses (or that refuse its own)
+        # The brokers refused for their TLS (a certificate the service does not trust, a
+        # port without TLS) or for the URL's TLS files (changed since start-up).
+        refused = 0
         for url in self._urls:
             try:
                 connection = await aio_pika.connect(
