@@ -33,6 +33,7 @@ from financing.adapters.postgres.connection import (
     writable,
 )
 from financing.adapters.postgres.event_store import PostgresEventStore
+from financing.adapters.postgres.outbox import PostgresOutbox, PostgresRelayerLock
 from financing.adapters.postgres.schema import MIGRATION_LOCK, migrate
 from financing.application import codec
 from financing.application.errors import ConcurrencyConflict, Refused, Unavailable
@@ -732,3 +733,58 @@ async def test_a_setting_a_pooler_refuses_as_a_session_opens_stops_start_up_sayi
         async with asyncio.timeout(10):
             with pytest.raises(Refused, match="work_mem: a pooler stands before the database"):
                 await create_pool(through, COMMAND_DATABASE)
+
+
+async def test_another_schemas_table_of_the_same_name_first_in_sight_is_an_outage(
+    database: Database, pool: asyncpg.Pool
+) -> None:
+    """Regression: a DBA's schema holding an `events` table of its own, put first in the
+    service's `search_path`, made every append and the relayer's read fail on a column
+    that table lacks: taken for a bug, commands were dead-lettered and the relayer
+    stopped the service."""
+    await pool.execute("CREATE SCHEMA IF NOT EXISTS dba")
+    await pool.execute("CREATE TABLE IF NOT EXISTS dba.events (id serial, note text)")
+    elsewhere = replace(
+        database,
+        connect_kwargs={
+            **database.connect_kwargs,
+            "server_settings": {"search_path": "dba, public"},
+        },
+    )
+    shadowed = await create_pool(elsewhere, COMMAND_DATABASE)
+    try:
+        with pytest.raises(Unavailable, match="does not exist"):
+            await create_investor(PostgresEventStore(shadowed), uuid4())
+        with pytest.raises(Unavailable, match="does not exist"):
+            await PostgresOutbox(shadowed).pending(10)
+    finally:
+        await close_pool(shadowed)
+        await pool.execute("DROP SCHEMA dba CASCADE")
+
+
+async def test_the_services_sessions_are_not_ended_for_sitting_idle(database: Database) -> None:
+    """Regression: a database set to end sessions idle for 1 s (`idle_session_timeout`)
+    ended the pool's sessions between statements; the next statement lent one failed,
+    and the query database was said to be out every few seconds, its `/health` at 503
+    half the time, over a database that answered. The relayer's lock session keeps its
+    own lease."""
+    name = database.connect_kwargs["database"]
+    await infra.alter_database(name, "SET idle_session_timeout = '1s'")
+    try:
+        pool = await create_pool(database, COMMAND_DATABASE)
+        session = await connect(database, COMMAND_DATABASE)
+        lock = PostgresRelayerLock(database)
+        try:
+            await lock.acquire()
+            async with acquired(pool, COMMAND_DATABASE) as pooled:
+                shown = [
+                    await conn.fetchval("SHOW idle_session_timeout")
+                    for conn in (pooled, session, lock._conn)
+                ]
+        finally:
+            await lock.release()
+            await close_connection(session)
+            await close_pool(pool)
+    finally:
+        await infra.alter_database(name, "RESET idle_session_timeout")
+    assert shown == ["0", "0", "5s"]

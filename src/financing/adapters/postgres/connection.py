@@ -50,9 +50,11 @@ _UNAVAILABLE_CLASSES = frozenset({"08", "53", "57", "58"})
 # yet; 55P03 lock not available, a lock held (by maintenance: an index built) longer than
 # the session's `lock_timeout`; 42501 insufficient privilege, the service's privileges on
 # its tables revoked; 42P01 undefined table, its tables out of the session's sight (a
-# `search_path` changed to schemas that do not hold them). Taken for bugs, each
-# dead-lettered every message meanwhile, or stopped the service.
-_UNAVAILABLE_STATES = frozenset({"25006", "55P03", "42501", "42P01"})
+# `search_path` changed to schemas that do not hold them); 42703 undefined column, a table
+# of another's of the same name in sight before its own (a `search_path` putting a
+# schema that holds an `events` of its own first). Taken for bugs, each dead-lettered
+# every message meanwhile, or stopped the service.
+_UNAVAILABLE_STATES = frozenset({"25006", "55P03", "42501", "42P01", "42703"})
 
 # Errors by which PostgreSQL tells one of two racing writers to retry.
 RACE_ERRORS: tuple[type[Exception], ...] = (
@@ -409,8 +411,9 @@ async def writable(pool: asyncpg.Pool, dependency: str) -> None:
 
 # States by which the server refuses a session for a setting it may hold from its start
 # (`ALTER DATABASE` or `ALTER ROLE ... SET`): 25006 read-only by default, 57014 a
-# `statement_timeout`, 55P03 a `lock_timeout`, 42P01 a `search_path` without its tables.
-_SESSION_STATES = frozenset({"25006", "57014", "55P03", "42P01"})
+# `statement_timeout`, 55P03 a `lock_timeout`, 42P01 a `search_path` without its tables,
+# 42703 one that finds another's tables of the same names first.
+_SESSION_STATES = frozenset({"25006", "57014", "55P03", "42P01", "42703"})
 
 
 def drop_stale(conn: Connection) -> None:
@@ -510,13 +513,25 @@ async def _settle_session(db: Database, conn: asyncpg.Connection) -> None:
     it has been idle in a transaction for IDLE_IN_TRANSACTION (or the answer timeout,
     when longer).
 
+    A session is not ended for sitting idle (`idle_session_timeout`, which a database or
+    a role may set) unless the connection string's `options` say so: the pool ends the
+    sessions it has not lent for 5 minutes itself, and one the server ended while it sat
+    in the pool failed the next statement lent it (at 1 s, the query database was said
+    to be out every few seconds, its `/health` at 503 half the time, over a database
+    that answered). The relayer's lock session sets its own (its lease).
+
     JIT compilation is off unless the connection string's `options` turn it on: the
     service's statements are short, and compiled they are slower (a database set to
     compile every statement, `jit_above_cost = 0`, ran the service ~50 times slower,
     its first statement of each session taking a third of a second)."""
+    given = db.connect_kwargs.get("server_settings", {})
     idle = round(max(IDLE_IN_TRANSACTION, db.answer_timeout) * 1000)
-    jit = "" if "jit" in db.connect_kwargs.get("server_settings", {}) else "SET jit = off;"
-    await conn.execute(f"{jit}SET idle_in_transaction_session_timeout = {idle}")
+    settings = [f"SET idle_in_transaction_session_timeout = {idle}"]
+    if "jit" not in given:
+        settings.append("SET jit = off")
+    if "idle_session_timeout" not in given and conn.get_server_version() >= (14, 0):
+        settings.append("SET idle_session_timeout = 0")
+    await conn.execute(";".join(settings))
 
 
 def _session(db: Database, application_name: str) -> dict[str, Any]:
