@@ -27,7 +27,7 @@ from financing.adapters.postgres.schema import (
 )
 from financing.adapters.rabbitmq import topology
 from financing.application import routes
-from financing.application.errors import Unavailable
+from financing.application.errors import AwaitingOperator, Unavailable
 from financing.config import Database, parse_database
 from tests.support import infra
 
@@ -614,4 +614,40 @@ async def test_tables_out_of_a_search_path_set_back_are_found_again(
 
         await infra.wait_until(found, what="the tables found once the setting is gone")
     finally:
+        await pool.close()
+
+
+async def test_a_table_whose_rows_row_level_security_hides_is_an_outage_saying_so(
+    empty_database: Database,
+) -> None:
+    """Regression: with row-level security forced on a read model's table and no policy,
+    the Queries API answered every investor list empty, `financing status` said the query
+    database was healthy and the Queries API's health SERVING; only the projector's
+    refused writes said anything."""
+    role = infra.unique_name("fin_owner")
+    pool = await create_pool(empty_database, min_size=1)
+    await pool.execute(f'CREATE ROLE "{role}" LOGIN')
+    await pool.execute(
+        f'GRANT CREATE ON DATABASE "{empty_database.connect_kwargs["database"]}" TO "{role}"'
+    )
+    await pool.execute(f'GRANT CREATE ON SCHEMA public TO "{role}"')
+    owner = await create_pool(Database({**empty_database.connect_kwargs, "user": role}))
+    try:
+        await migrate(owner, "queries")
+        await require_tables(owner, "queries")  # all there, every row shown
+        await owner.execute("ALTER TABLE read_models.investors ENABLE ROW LEVEL SECURITY")
+        await require_tables(owner, "queries")  # its owner sees every row still
+        await owner.execute("ALTER TABLE read_models.investors FORCE ROW LEVEL SECURITY")
+        with pytest.raises(
+            AwaitingOperator,
+            match=r"row-level security on its table\(s\)"
+            r" read_models.investors hides rows",
+        ):
+            await require_tables(owner, "queries")
+        await owner.execute("ALTER TABLE read_models.investors NO FORCE ROW LEVEL SECURITY")
+        await require_tables(owner, "queries")
+    finally:
+        await owner.close()
+        await pool.execute(f'DROP OWNED BY "{role}" CASCADE')
+        await pool.execute(f'DROP ROLE "{role}"')
         await pool.close()

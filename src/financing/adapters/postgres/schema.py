@@ -159,7 +159,15 @@ _BRINGS_OUTSIDE_BACK = (
     " from the event store (what another relayer's events made of them, which"
     " `foreign_events` kept, is lost with it)"
 )
-_ABSENT = "SELECT array_agg(name) FROM unnest($1::text[]) AS name WHERE to_regclass(name) IS NULL"
+# Of the tables named, those that do not exist (in the session's search_path), and those
+# whose rows row-level security may hide from the session's role (enabled and forced, or
+# enabled on a table the role does not own; the role not BYPASSRLS): its reads answer
+# without them, and its writes are refused.
+_ABSENT_OR_HIDDEN = (
+    "SELECT array_agg(name) FILTER (WHERE to_regclass(name) IS NULL),"
+    " array_agg(name) FILTER (WHERE row_security_active(to_regclass(name)))"
+    " FROM unnest($1::text[]) AS name"
+)
 # Of the tables named, those that exist: a bare name in the schema the session creates
 # tables in (not anywhere on its search_path), as CREATE TABLE would meet it.
 _PRESENT = (
@@ -174,15 +182,29 @@ _REFERENCE_STREAMS = "event_streams"
 
 
 async def require_tables(pool: asyncpg.Pool, name: str, *, rebuilding: bool = False) -> None:
-    """Unavailable (AwaitingOperator) unless every table of `NEEDED_TABLES[name]` exists,
-    saying what brings back those that are gone; `rebuilding`: of the query database,
-    only those a rebuild of the read models does not make (OUTSIDE_READ_MODELS)."""
+    """Unavailable (AwaitingOperator) unless every table of `NEEDED_TABLES[name]` exists
+    and shows the service all its rows, saying what brings back those that are gone;
+    `rebuilding`: of the query database, only those a rebuild of the read models does
+    not make (OUTSIDE_READ_MODELS)."""
     database = DATABASES[name]
     needed = OUTSIDE_READ_MODELS if rebuilding else NEEDED_TABLES[name]
     async with acquired(pool, database) as conn:
-        absent: list[str] | None = await conn.fetchval(_ABSENT, list(needed))
+        row = await conn.fetchrow(_ABSENT_OR_HIDDEN, list(needed))
+        assert row is not None  # an aggregate without GROUP BY gives one row
+        absent: list[str] | None
+        hidden: list[str] | None
+        absent, hidden = row
         if absent:
             drop_stale(conn)  # its search_path may be the setting of another time
+    if hidden:
+        raise AwaitingOperator(
+            database,
+            f"row-level security on its table(s) {', '.join(hidden)} hides rows from the"
+            " service's role: its reads would answer without them, and its writes are"
+            " refused. Turn it off (ALTER TABLE ... DISABLE ROW LEVEL SECURITY, or NO FORCE"
+            " for a table the role owns) or give the role BYPASSRLS; the service goes on by"
+            " itself",
+        )
     if absent:
         remedy = (
             _BRINGS_OUTSIDE_BACK
