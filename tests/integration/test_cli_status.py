@@ -18,6 +18,7 @@ import asyncpg
 import pytest
 
 from financing.adapters.postgres.connection import create_pool
+from financing.adapters.postgres.outbox import LOCK_LEASE, RELAYER_LOCK
 from financing.adapters.postgres.projected_store import claim
 from financing.adapters.postgres.schema import migrate
 from financing.adapters.rabbitmq.connection import Broker
@@ -205,6 +206,45 @@ async def test_an_event_waiting_longer_than_the_relay_lag_makes_the_deployment_u
     )
     assert waited is not None and 300 <= float(waited[1]) < 360, lag
     assert not [p for p in problems(patient) if "relayed" in p], patient.describe()
+
+
+async def test_a_session_left_holding_the_relayer_lock_is_named_with_what_ends_it(
+    bare: Bare,
+) -> None:
+    """Regression: a relayer lock left on a pooler's server session (an instance behind
+    PgBouncer in transaction mode) held every relayer off for 10 minutes, and `status`
+    said only that an event waited, with no reason."""
+    await bare.events.execute(
+        "INSERT INTO events (aggregate_type, aggregate_id, version, name, body, recorded_at)"
+        " VALUES ('Issuer', gen_random_uuid(), 1, 'IssuerCreatedEvent', '{}',"
+        " now() - interval '5 minutes')"
+    )
+    left = await asyncpg.connect(
+        bare.env["COMMAND_DB_CONNECTION_STRING"], server_settings={"application_name": "financing"}
+    )
+    try:
+        await left.fetchval("SELECT pg_advisory_lock($1)", RELAYER_LOCK)
+        pid = left.get_server_pid()
+
+        async def idle_past_the_lease() -> bool:
+            idle: bool = await bare.events.fetchval(
+                "SELECT state_change < now() - make_interval(secs => $2)"
+                " FROM pg_stat_activity WHERE pid = $1 AND state = 'idle'",
+                pid,
+                LOCK_LEASE + 0.5,
+            )
+            return bool(idle)
+
+        await infra.wait_until(
+            idle_past_the_lease, timeout=15, what="the holder idle past the lease"
+        )
+        run = await run_cli(bare.env, "status", "--max-relay-lag", "200")
+    finally:
+        await left.close()
+    [lag] = [p for p in problems(run) if "relayed" in p]
+    assert f"session {pid} (user " in lag, lag
+    assert "a session left holding it, no relayer" in lag, lag
+    assert f"SELECT pg_terminate_backend({pid}) ends it" in lag, lag
 
 
 async def test_an_event_store_restored_from_another_server_is_unhealthy_and_unchecked(

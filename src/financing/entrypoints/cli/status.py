@@ -23,7 +23,12 @@ from financing.adapters.postgres.connection import (
     acquired,
 )
 from financing.adapters.postgres.event_store import IDS_AHEAD_DETAIL
-from financing.adapters.postgres.outbox import ANOTHER_DEPLOYMENT, PostgresOutbox, RelayBacklog
+from financing.adapters.postgres.outbox import (
+    ANOTHER_DEPLOYMENT,
+    PostgresOutbox,
+    RelayBacklog,
+    left_holding,
+)
 from financing.adapters.postgres.projected_store import projected, store_of
 from financing.adapters.postgres.schema import (
     SchemaAhead,
@@ -175,6 +180,12 @@ def _why_waiting(backlog: RelayBacklog) -> str:
         return f": {ANOTHER_DEPLOYMENT} ({backlog.relayer.describe()})"
     if backlog.relayer.application != SERVICE_APPLICATION:
         return f", and the relayer lock is held by {backlog.relayer.describe()}, no relayer"
+    if left_holding(backlog.relayer):
+        return (
+            f", and the relayer lock is held by {backlog.relayer.describe()}, which has sent"
+            f" nothing for {backlog.relayer.idle_for:.0f} s: a session left holding it, no"
+            f" relayer (SELECT pg_terminate_backend({backlog.relayer.pid}) ends it)"
+        )
     return ""
 
 
