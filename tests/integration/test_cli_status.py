@@ -419,5 +419,6 @@ async def test_a_database_whose_tables_are_gone_is_reported_as_not_ready(
     assert run.exit_code == 1, run.describe()
     [line] = [line for line in run.stdout.splitlines() if line.startswith(f"{which} database ")]
     assert " NOT READY: its table(s) " in line and " do not exist" in line, line
-    assert f"{which} database {db.describe()}: tables of the service are missing" in problems(run)
+    [problem] = [p for p in problems(run) if p.startswith(f"{which} database {db.describe()}: ")]
+    assert " do not exist, or not in its sessions' search_path" in problem, problem
     assert "Traceback" not in run.stderr

@@ -30,6 +30,7 @@ from financing.adapters.postgres.connection import (
     connect,
     create_pool,
     ping,
+    refuse_pooled_sessions,
     writable,
 )
 from financing.adapters.postgres.event_store import PostgresEventStore
@@ -694,6 +695,7 @@ async def test_sessions_open_through_a_pooler_and_keep_the_services_settings(
         )
         pool = await create_pool(through, COMMAND_DATABASE)
         try:
+            await refuse_pooled_sessions(through, COMMAND_DATABASE)  # its sessions kept
             session = await connect(through, COMMAND_DATABASE)
             try:
                 async with acquired(pool, COMMAND_DATABASE) as pooled:

@@ -47,7 +47,7 @@ async def test_a_connection_lost_while_being_set_up_is_terminated(
     made: list[SettingConnection] = []
     setting = asyncio.Event()
 
-    async def connect(*_: Any) -> SettingConnection:
+    async def connect(*_: Any, **__: Any) -> SettingConnection:
         made.append(SettingConnection(hangs, setting))
         return made[-1]
 

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from functools import partial
 from typing import Any, NoReturn, Protocol, TypeVar
 from uuid import UUID
 
@@ -28,6 +29,7 @@ from financing.adapters.postgres.connection import (
     close_pool,
     create_pool,
     ping,
+    refuse_pooled_sessions,
     translated,
     writable,
 )
@@ -668,6 +670,9 @@ async def _pool(
         f"{dependency} {db.describe()}", lambda: create_pool(db, dependency), outages, deadline
     )
     stack.push_async_callback(close_pool, pool)
+    # Before anything is written through a pooler that does not keep sessions.
+    sessions = partial(refuse_pooled_sessions, db, dependency)
+    await started(f"{dependency}'s sessions", sessions, outages, deadline)
     observe_pool(pool, dependency)
 
     async def migrated() -> None:

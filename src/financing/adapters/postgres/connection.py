@@ -158,7 +158,19 @@ def _translate(error: BaseException, dependency: str) -> None:
     if isinstance(error, _POOLED_STATEMENTS):
         raise AwaitingOperator(dependency, POOLED_SESSIONS) from error
     if isinstance(error, Exception) and is_unavailable(error):
-        raise Unavailable(dependency, describe(error)) from error
+        said = describe(error)
+        if getattr(error, "sqlstate", None) in _OUT_OF_SIGHT:
+            said += f": {OUT_OF_SIGHT}"
+        raise Unavailable(dependency, said) from error
+
+
+# Undefined table, undefined column: the service's statements name its own tables, which
+# a session finds by its search_path.
+_OUT_OF_SIGHT = frozenset({"42P01", "42703"})
+OUT_OF_SIGHT = (
+    "the service's tables out of its sessions' search_path, or another schema's tables of"
+    " the same names before them (ALTER DATABASE or ALTER ROLE ... SET search_path)?"
+)
 
 
 def _translate_opening(error: BaseException, dependency: str) -> None:
@@ -174,9 +186,9 @@ def _translate_opening(error: BaseException, dependency: str) -> None:
         raise Refused(
             dependency,
             f"{describe(error)}: a pooler stands before the database and refuses the"
-            " setting; give it in the pooler's own settings (PgBouncer:"
-            " ignore_startup_parameters or track_extra_parameters), or drop it from the"
-            " connection string's options",
+            " setting; let it through (PgBouncer 1.20 and later: track_extra_parameters;"
+            " ignore_startup_parameters drops it instead), set it on the database or the"
+            " role (ALTER ROLE ... SET), or drop it from the connection string's options",
         ) from error
     _translate_reopening(error, dependency)
 
@@ -486,12 +498,21 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 
 async def connect(
-    db: Database, dependency: str = "database", *, application_name: str = SERVICE_APPLICATION
+    db: Database,
+    dependency: str = "database",
+    *,
+    application_name: str = SERVICE_APPLICATION,
+    named_statements: bool = True,
 ) -> asyncpg.Connection:
     """One dedicated connection, outside any pool (locks, LISTEN), opened while the
-    service runs: the pool of the same database was made first."""
+    service runs: the pool of the same database was made first. Without
+    `named_statements`, each statement is prepared unnamed, in the round trip that runs
+    it: one that a pooler hands to another server session still runs there."""
+    options = _session(db, application_name)
+    if not named_statements:
+        options["statement_cache_size"] = 0
     with reopening(dependency):
-        conn: asyncpg.Connection = await asyncpg.connect(**_session(db, application_name))
+        conn: asyncpg.Connection = await asyncpg.connect(**options)
         try:
             await _settle_session(db, conn)
         except BaseException:
@@ -532,6 +553,42 @@ async def _settle_session(db: Database, conn: asyncpg.Connection) -> None:
     if "idle_session_timeout" not in given and conn.get_server_version() >= (14, 0):
         settings.append("SET idle_session_timeout = 0")
     await conn.execute(";".join(settings))
+
+
+async def refuse_pooled_sessions(db: Database, dependency: str) -> None:
+    """Refused where a pooler hands the database's connections out per transaction or per
+    statement (PgBouncer's transaction or statement mode), before the service writes
+    through it: two connections each run a transaction, ended the other way round, then
+    a statement; a session of its own runs each connection's statements on one server
+    backend, where a pooler puts at least one of them on the backend the other had."""
+    first = await connect(db, dependency, named_statements=False)
+    try:
+        second = await connect(db, dependency, named_statements=False)
+        try:
+            with translated(dependency):
+                backends = []
+                for conn in (first, second):
+                    await _begin(conn, dependency)
+                    backends.append(await conn.fetchval("SELECT pg_backend_pid()"))
+                for conn in (second, first):
+                    await conn.execute("COMMIT")
+                after = [await conn.fetchval("SELECT pg_backend_pid()") for conn in (first, second)]
+        finally:
+            await close_connection(second)
+    finally:
+        await close_connection(first)
+    for before, now in zip(backends, after, strict=True):
+        if before != now:
+            raise Refused(dependency, str(PooledSessions(dependency, before, now)))
+
+
+async def _begin(conn: asyncpg.Connection, dependency: str) -> None:
+    try:
+        await conn.execute("BEGIN")
+    except asyncpg.PostgresError as error:
+        if "pooling mode" not in str(error):  # PgBouncer's words in statement mode
+            raise
+        raise Refused(dependency, f"{describe(error)}: {POOLED_SESSIONS}") from error
 
 
 def _session(db: Database, application_name: str) -> dict[str, Any]:

@@ -548,7 +548,10 @@ class PostgresRelayerLock:
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is not None and not self._conn.is_closed():
             return self._conn
-        conn = await connect(self._db, COMMAND_DATABASE)
+        # Its statements unnamed: behind a pooler that hands the connection to another
+        # server session (which `lost` then finds), a named one was not found there, and
+        # the relayer stopped on the driver's error, not on what it meant.
+        conn = await connect(self._db, COMMAND_DATABASE, named_statements=False)
         try:
             if conn.get_server_version() >= (14, 0):
                 with translated(COMMAND_DATABASE):

@@ -142,7 +142,9 @@ async def _inquire(
         findings.problems.append(f"{what}: the service would not start on it (search_path)")
     except AwaitingOperator as error:
         findings.report(part, f"{where}: NOT READY: {error.detail}")
-        findings.problems.append(f"{what}: tables of the service are missing")
+        # What is wrong, without what ends it (the part's line says that): its tables
+        # gone, or their rows hidden, or its sessions not its own.
+        findings.problems.append(f"{what}: {error.detail.split(': ', 1)[0]}")
     except (Unavailable, Refused) as error:
         findings.report(part, f"{where}: UNREACHABLE: {error}")
         findings.problems.append(f"{what} is unreachable")
