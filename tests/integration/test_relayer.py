@@ -727,6 +727,39 @@ async def test_a_bug_in_watching_the_lock_stops_the_relayer_loudly_instead_of_re
     assert await infra.advisory_lock_holders(pool) == []  # it gave its lock up on the way out
 
 
+async def test_a_relayer_that_lost_its_lock_stops_where_the_store_lost_events_it_relayed(
+    database: Database,
+    pool: asyncpg.Pool,
+    broker: Broker,
+    publisher: Publisher,
+    observed: AbstractQueue,
+) -> None:
+    """Regression: of two instances behind a command database failed over to a standby
+    that was behind, the one whose relayer had relayed the lost events lost its lock at
+    the fail-over and stood by, saying nothing, while the other, with nothing of its own
+    to compare, was elected and relayed new events under the lost ones' message ids."""
+    investor = uuid4()
+    await append_investor_story(PostgresEventStore(pool), investor)
+    running, wake_up = relayer(database, PostgresOutbox(pool), publisher)
+    other = await connect(database)  # the other instance's relayer, elected meanwhile
+    try:
+        task = asyncio.create_task(running.run())
+        try:
+            await receive(observed, 4)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await pool.execute("DELETE FROM events WHERE aggregate_id = $1 AND version > 2", investor)
+        await other.fetchval("SELECT pg_advisory_lock($1)", RELAYER_LOCK)
+        async with asyncio.timeout(10):  # it does not wait for the lock to say so
+            with pytest.raises(relayer_module.LostHistory):
+                await running.run()
+    finally:
+        await other.close()
+        await wake_up.close()
+
+
 class HandedOnLock(PostgresRelayerLock):
     """The real lock, whose connection a pooler in transaction mode hands to another
     server session once the lock is taken (PgBouncer's transaction mode): the lock stays

@@ -145,6 +145,9 @@ class Relayer:
     async def run(self) -> None:
         """Relay until cancelled; stands for election again whenever the lock is lost."""
         while True:
+            # Before it stands for election again too: at a fail-over another instance may
+            # win it, with nothing of its own to compare, and relay on.
+            await self._retry(self._still_held, "checking what was relayed")
             await self._retry(
                 lambda: self._lock.acquire(self._outages.answered), "taking the relayer lock"
             )
