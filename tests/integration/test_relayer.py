@@ -595,6 +595,19 @@ async def test_events_relayed_but_never_marked_are_relayed_again_by_the_next_rel
     assert again == got
 
 
+async def relayed_by(
+    running: Relayer, observed: AbstractQueue, count: int
+) -> list[tuple[str, str, int]]:
+    """The next `count` events `running` relays, which then stops as a process would."""
+    task = asyncio.create_task(running.run())
+    try:
+        return await receive(observed, count)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 async def test_a_relayer_elected_again_stops_where_the_store_lost_events_it_relayed(
     database: Database,
     pool: asyncpg.Pool,
@@ -612,13 +625,7 @@ async def test_a_relayer_elected_again_stops_where_the_store_lost_events_it_rela
     await append_investor_story(store, investor)
     running, wake_up = relayer(database, PostgresOutbox(pool), publisher)
     try:
-        task = asyncio.create_task(running.run())
-        try:
-            got = await receive(observed, 4)
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        got = await relayed_by(running, observed, 4)
         # What the standby had not received: the two bids, and the checkpoint's move.
         async with pool.acquire() as conn, conn.transaction():
             await conn.execute(
@@ -743,13 +750,7 @@ async def test_a_relayer_that_lost_its_lock_stops_where_the_store_lost_events_it
     running, wake_up = relayer(database, PostgresOutbox(pool), publisher)
     other = await connect(database)  # the other instance's relayer, elected meanwhile
     try:
-        task = asyncio.create_task(running.run())
-        try:
-            await receive(observed, 4)
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await relayed_by(running, observed, 4)
         await pool.execute("DELETE FROM events WHERE aggregate_id = $1 AND version > 2", investor)
         await other.fetchval("SELECT pg_advisory_lock($1)", RELAYER_LOCK)
         async with asyncio.timeout(10):  # it does not wait for the lock to say so
