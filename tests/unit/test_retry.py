@@ -572,6 +572,23 @@ async def test_an_outage_found_to_await_an_operator_says_what_ends_it_once() -> 
     assert outages.down() == {"query database"}
 
 
+async def test_an_outage_awaiting_an_operator_says_each_other_thing_it_awaits_once() -> None:
+    """Regression: a broker restarted with an expired certificate, then with one for
+    another host, was said to have an expired certificate for as long as it lasted."""
+    outages = Outages()
+    expired = AwaitingOperator("broker", "certificate verify failed: certificate has expired")
+    elsewhere = AwaitingOperator("broker", "certificate verify failed: IP address mismatch")
+    with capture_logs() as logs:
+        outages.failed(Unavailable("broker", "CONNECTION_FORCED - shutdown"))
+        for error in (expired, expired, elsewhere, expired, elsewhere):
+            outages.failed(error)
+    assert [(line["event"], line["error"]) for line in logs] == [
+        ("broker unavailable", "CONNECTION_FORCED - shutdown"),
+        ("broker still unavailable", expired.detail),
+        ("broker still unavailable", elsewhere.detail),
+    ]
+
+
 class Contended:
     """An append that loses `losses` races, each to a writer that moved the stream on
     (its next attempt loads it at a later version), or, `moving=False`, each at the same

@@ -154,8 +154,9 @@ class Outages:
     # end is a reconnection. An outage of a connection kept open (a broker's memory
     # alarm, publishes refused) ends "recovered".
     _disconnected: set[str] = field(default_factory=set)
-    # The dependencies whose outage of the moment was said to await an operator.
-    _awaiting: set[str] = field(default_factory=set)
+    # Of the dependencies whose outage of the moment was said to await an operator, what
+    # it was said to await (each reason once: one mended into another is said too).
+    _awaiting: dict[str, set[str]] = field(default_factory=dict)
 
     def check_with(
         self,
@@ -253,7 +254,7 @@ class Outages:
                 self._said_awaiting(error)
             return
         if isinstance(error, AwaitingOperator):
-            self._awaiting.add(error.dependency)
+            self._awaiting[error.dependency] = {error.detail}
         self._since[error.dependency] = time.monotonic()
         metrics.DEPENDENCY_UP.labels(error.dependency).set(0)
         log.warning(
@@ -262,9 +263,12 @@ class Outages:
 
     def _said_awaiting(self, error: AwaitingOperator) -> None:
         """An outage under way found to await an operator (AwaitingOperator), said once
-        with what ends it."""
-        if error.dependency not in self._awaiting:
-            self._awaiting.add(error.dependency)
+        with what ends it; and once more for each other thing it is found to await (a
+        broker certificate replaced by one refused for another reason was said to be
+        the first one still)."""
+        said = self._awaiting.setdefault(error.dependency, set())
+        if error.detail not in said:
+            said.add(error.detail)
             log.warning(
                 f"{error.dependency} still unavailable",
                 dependency=error.dependency,
@@ -292,7 +296,7 @@ class Outages:
 
     def _ended(self, dependency: str) -> None:
         since = self._since.pop(dependency, None)
-        self._awaiting.discard(dependency)
+        self._awaiting.pop(dependency, None)
         if since is None:
             return
         metrics.DEPENDENCY_UP.labels(dependency).set(1)
