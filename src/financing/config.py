@@ -576,8 +576,9 @@ class BrokerTls:
 
     def context(self) -> ssl.SSLContext:
         """A client context, the files read now; UnusableFiles naming the setting and why."""
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-        if self.cafile is not None or self.capath is not None:
+        if self.cafile is None and self.capath is None:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)  # the system's CAs
+        else:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             if self.cafile is not None:
                 load_authorities(context, self.cafile, "cacertfile", issuing=False)

@@ -120,6 +120,16 @@ async def endpoint(amqp_url: str, files: Files) -> AsyncIterator[TlsEndpoint]:
         yield endpoint
 
 
+@contextlib.asynccontextmanager
+async def broker_at(url: str, outages: Outages | None = None) -> AsyncIterator[Broker]:
+    """A broker connection manager for `url`, closed at the end."""
+    broker = Broker([url], Outages() if outages is None else outages)
+    try:
+        yield broker
+    finally:
+        await broker.close()
+
+
 async def connected(broker: Broker) -> bool:
     try:
         await broker.connection()
@@ -142,14 +152,11 @@ async def test_a_broker_over_tls_is_reached_with_the_urls_ca_and_client_certific
     amqp_url: str, endpoint: TlsEndpoint, files: Files
 ) -> None:
     url = parse_amqp_urls(tls_url(amqp_url, endpoint, files))  # its files read at start-up
-    broker = Broker([url], Outages())
-    try:
+    async with broker_at(url) as broker:
         channel = await broker.channel()
         queue = await channel.declare_queue(exclusive=True)  # the broker behind it answers
         assert queue.name
         await channel.close()
-    finally:
-        await broker.close()
 
 
 async def test_a_broker_whose_certificate_is_not_trusted_is_refused_at_once(
@@ -158,13 +165,10 @@ async def test_a_broker_whose_certificate_is_not_trusted_is_refused_at_once(
     """Regression: a broker certificate the service does not trust was an outage, retried
     for the whole start-up budget (30 s) before start-up gave up."""
     endpoint.serve_with(trustme.CA())
-    broker = Broker([tls_url(amqp_url, endpoint, files)], Outages())
-    try:
+    async with broker_at(tls_url(amqp_url, endpoint, files)) as broker:
         async with asyncio.timeout(10):
             with pytest.raises(Refused, match="not one the service trusts"):
                 await broker.connection()
-    finally:
-        await broker.close()
 
 
 async def test_a_certificate_found_untrusted_after_a_restart_is_said_once(
@@ -174,8 +178,7 @@ async def test_a_certificate_found_untrusted_after_a_restart_is_said_once(
     said only to have restarted (`CONNECTION_FORCED`), for as long as it lasted: the
     refused certificate was named by nothing but `financing status`."""
     outages = Outages()
-    broker = Broker([tls_url(amqp_url, endpoint, files)], outages)
-    try:
+    async with broker_at(tls_url(amqp_url, endpoint, files), outages) as broker:
         await broker.connection()
         with capture_logs() as logs:
             endpoint.serve_with(trustme.CA())  # another CA's certificate, then the restart
@@ -188,8 +191,6 @@ async def test_a_certificate_found_untrusted_after_a_restart_is_said_once(
                 outages.failed(refused.value)
             endpoint.serve_with(files.ca)
             await wait_until(lambda: connected(broker), what="the broker reached again")
-    finally:
-        await broker.close()
 
     said = [(line["event"], line.get("error")) for line in logs if line["log_level"] == "warning"]
     assert [event for event, _ in said] == [
@@ -203,10 +204,7 @@ async def test_a_certificate_found_untrusted_after_a_restart_is_said_once(
 async def test_an_amqps_url_to_a_plaintext_port_is_refused_saying_so(amqp_url: str) -> None:
     """Regression: `amqps://` to the broker's plaintext port was an outage, retried for the
     whole start-up budget, said as OpenSSL's `WRONG_VERSION_NUMBER` alone."""
-    broker = Broker([str(URL(amqp_url).with_scheme("amqps"))], Outages())
-    try:
+    async with broker_at(str(URL(amqp_url).with_scheme("amqps"))) as broker:
         async with asyncio.timeout(10):
             with pytest.raises(Refused, match="the port does not answer in TLS"):
                 await broker.connection()
-    finally:
-        await broker.close()

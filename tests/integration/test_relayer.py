@@ -433,6 +433,27 @@ async def test_a_transaction_left_open_that_holds_relaying_back_is_named_and_its
     assert len(got) == 4
 
 
+async def session_of(database: Database, application: str) -> asyncpg.Connection:
+    """A session of `database` named as `application`'s, to hold the relayer lock with."""
+    return await asyncpg.connect(
+        **database.connect_kwargs, server_settings={"application_name": application}
+    )
+
+
+@contextlib.asynccontextmanager
+async def standing_by(
+    database: Database,
+) -> AsyncIterator[tuple[list[dict[str, Any]], asyncio.Task[None]]]:
+    """A relayer lock standing for election while the block runs, with what is logged
+    meanwhile; given up at the end."""
+    lock = PostgresRelayerLock(database, poll_interval=0.05)
+    try:
+        with capture_logs() as logs:
+            yield logs, asyncio.create_task(lock.acquire())
+    finally:
+        await lock.release()
+
+
 async def test_a_standby_says_who_holds_the_relayer_lock_and_each_new_holder(
     database: Database, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -442,17 +463,11 @@ async def test_a_standby_says_who_holds_the_relayer_lock_and_each_new_holder(
     said once that another instance relays said nothing when a foreign session took the
     lock after it."""
     monkeypatch.setattr(outbox_module, "STANDBY_SAID", 0.2)
-    leader, thief = [
-        await asyncpg.connect(
-            **database.connect_kwargs, server_settings={"application_name": application}
-        )
-        for application in ("financing", "someone else")
-    ]
-    lock = PostgresRelayerLock(database, poll_interval=0.05)
+    leader = await session_of(database, "financing")
+    thief = await session_of(database, "someone else")
     try:
         await leader.fetchval("SELECT pg_advisory_lock($1)", RELAYER_LOCK)
-        with capture_logs() as logs:
-            acquiring = asyncio.create_task(lock.acquire())
+        async with standing_by(database) as (logs, acquiring):
 
             def said() -> list[dict[str, Any]]:
                 return [line for line in logs if "relayer standing by" in line["event"]]
@@ -474,7 +489,6 @@ async def test_a_standby_says_who_holds_the_relayer_lock_and_each_new_holder(
             await thief.fetchval("SELECT pg_advisory_unlock($1)", RELAYER_LOCK)
             await asyncio.wait_for(acquiring, 10)
     finally:
-        await lock.release()
         await leader.close()
         await thief.close()
     first, second = said()
@@ -495,14 +509,10 @@ async def test_a_standby_says_when_the_session_holding_the_lock_is_left_over(
     instance relays."""
     monkeypatch.setattr(outbox_module, "STANDBY_SAID", 0.1)
     monkeypatch.setattr(outbox_module, "LOCK_LEASE", 0.5)
-    left = await asyncpg.connect(
-        **database.connect_kwargs, server_settings={"application_name": "financing"}
-    )
-    lock = PostgresRelayerLock(database, poll_interval=0.05)
+    left = await session_of(database, "financing")
     try:
         await left.fetchval("SELECT pg_advisory_lock($1)", RELAYER_LOCK)
-        with capture_logs() as logs:
-            acquiring = asyncio.create_task(lock.acquire())
+        async with standing_by(database) as (logs, acquiring):
 
             def said() -> list[dict[str, Any]]:
                 return [line for line in logs if "a session left holding it" in line["event"]]
@@ -511,7 +521,6 @@ async def test_a_standby_says_when_the_session_holding_the_lock_is_left_over(
             await left.close()  # the pooler's session ended: the lock is free
             await asyncio.wait_for(acquiring, 10)
     finally:
-        await lock.release()
         await left.close()
     [warning] = said()
     assert warning["log_level"] == "warning"

@@ -429,14 +429,22 @@ ANOTHER_DEPLOYMENT = (
 )
 
 
-def left_holding(holder: OtherSession) -> bool:
-    """Whether the session holding the relayer lock, named as the service's, has been
-    idle longer than a relayer's lease: no relayer's is (it sends a round trip every
-    second, and the server ends its session idle for LOCK_LEASE)."""
+def left_holding(holder: OtherSession) -> str | None:
+    """What the session holding the relayer lock is, and what ends it, where it is named
+    as the service's and has been idle longer than a relayer's lease: no relayer's is (it
+    sends a round trip every second, and the server ends its session idle for
+    LOCK_LEASE). None for any other holder."""
+    if (
+        holder.application != SERVICE_APPLICATION
+        or holder.idle_for is None
+        or holder.idle_for <= LOCK_LEASE
+    ):
+        return None
     return (
-        holder.application == SERVICE_APPLICATION
-        and holder.idle_for is not None
-        and holder.idle_for > LOCK_LEASE
+        f"it has sent nothing for {holder.idle_for:.0f} s, where a relayer's sends a round"
+        " trip every second: a session left holding it, no relayer (a pooler's, kept from"
+        " an instance behind one in transaction mode); SELECT pg_terminate_backend"
+        f"({holder.pid}) ends it, or the pooler's reconnecting"
     )
 
 
@@ -447,13 +455,10 @@ def _tell_holder(holder: OtherSession, *, elsewhere: bool) -> None:
     relayed, and an error or a warning says so."""
     if elsewhere:
         log.error(f"relayer standing by: {ANOTHER_DEPLOYMENT}", holder=holder.describe())
-    elif left_holding(holder):
+    elif left := left_holding(holder):
         log.warning(
-            "relayer standing by: the session that holds its lock has sent nothing for"
-            f" {holder.idle_for:.0f} s, where a relayer's sends a round trip every second:"
-            " it is a session left holding it (a pooler's, kept from an instance behind"
-            " one in transaction mode), and no event is relayed until it lets go: end it"
-            f" (SELECT pg_terminate_backend({holder.pid})), or have the pooler reconnect",
+            f"relayer standing by: no event is relayed until the session holding its lock"
+            f" lets go, and {left}",
             holder=holder.describe(),
         )
     elif holder.application == SERVICE_APPLICATION:
@@ -528,7 +533,7 @@ class PostgresRelayerLock:
                             holder = await advisory_lock_holder(conn, RELAYER_LOCK)
                             if holder is not None:
                                 elsewhere = await relays_elsewhere(conn, holder)
-                                seen = holder.pid, elsewhere, left_holding(holder)
+                                seen = holder.pid, elsewhere, bool(left_holding(holder))
                                 if seen != told:
                                     _tell_holder(holder, elsewhere=elsewhere)
                                     told = seen

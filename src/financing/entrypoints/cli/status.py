@@ -182,12 +182,8 @@ def _why_waiting(backlog: RelayBacklog) -> str:
         return f": {ANOTHER_DEPLOYMENT} ({backlog.relayer.describe()})"
     if backlog.relayer.application != SERVICE_APPLICATION:
         return f", and the relayer lock is held by {backlog.relayer.describe()}, no relayer"
-    if left_holding(backlog.relayer):
-        return (
-            f", and the relayer lock is held by {backlog.relayer.describe()}, which has sent"
-            f" nothing for {backlog.relayer.idle_for:.0f} s: a session left holding it, no"
-            f" relayer (SELECT pg_terminate_backend({backlog.relayer.pid}) ends it)"
-        )
+    if left := left_holding(backlog.relayer):
+        return f", and the relayer lock is held by {backlog.relayer.describe()}: {left}"
     return ""
 
 
