@@ -55,7 +55,8 @@ def fault_figures() -> dict[str, Any]:
 async def deploy() -> AsyncIterator[Deploy]:
     """Start deployments of the service, each on databases and a vhost of its own.
 
-    `await deploy("kill", {"LOGGER_LEVEL": "DEBUG"}, redeliveries=3)`; every
+    `await deploy("kill", {"LOGGER_LEVEL": "DEBUG"}, redeliveries=3)` (`own_role=True`:
+    the service connects as a role granted only what it needs); every
     deployment is stopped (SIGTERM, exit code 0 expected) and removed after
     the test.
     """
@@ -67,9 +68,16 @@ async def deploy() -> AsyncIterator[Deploy]:
             *,
             redeliveries: int = 1,
             database_via: tuple[str, int] | None = None,
+            own_role: bool = False,
         ) -> Deployment:
             return await stack.enter_async_context(
-                deployment(prefix, extra_env, redeliveries=redeliveries, database_via=database_via)
+                deployment(
+                    prefix,
+                    extra_env,
+                    redeliveries=redeliveries,
+                    database_via=database_via,
+                    own_role=own_role,
+                )
             )
 
         yield start

@@ -41,6 +41,7 @@ from tests.faults.workload import (
     verify_effects,
 )
 from tests.support import infra
+from tests.support.deployment import service_role
 from tests.support.metrics import scrape, value
 from tests.support.relay import Relay
 
@@ -293,6 +294,67 @@ async def test_a_command_database_that_takes_no_writes_is_one_outage_until_it_ta
         target, "command database", ["command database unavailable", "command database recovered"]
     )
     assert target.service.running and target.starts() == 1
+
+
+async def test_a_role_granted_only_what_the_service_needs_runs_it_without_an_outage(
+    deploy: Deploy,
+) -> None:
+    """Regression (a probe): with its tables migrated by their owner and its role granted
+    the privileges docs/deployment.md lists, the service did not start (it asked for
+    CREATE on the schema to make a table that was there), and its pruning of
+    deduplication records, which locks the rows it deletes, began an outage at every run
+    for want of UPDATE."""
+    target = await deploy("own_role", own_role=True)
+    workload = Workload(target, seed=suite_seed(), concurrency=4)
+    await workload.run(sagas=12)
+    await settle(target)
+    await verify_effects(target, workload)
+    for dependency in DATABASES:
+        assert target.outage_lines(dependency) == [], target.log_tail()
+
+
+async def test_a_privilege_revoked_from_pruning_is_one_outage_until_it_is_granted(
+    deploy: Deploy,
+) -> None:
+    """Regression: a privilege that only an occasional statement needs (pruning the
+    deduplication records at start-up and every 5 minutes) began an outage at each run
+    and ended it at the next check, which asked only whether the database takes writes:
+    `/health` said healthy between runs, while the records were never pruned."""
+    target = await deploy("revoked_pruning", own_role=True)
+    role = service_role(target.name)
+    grant = "UPDATE ON processed_messages"
+    await target.event_pool.execute(f'REVOKE {grant} FROM "{role}"')
+    assert await target.service.stop() == 0
+    await target.service.start()  # pruning runs as it starts
+
+    def lines() -> list[str]:
+        return [event for _, event in target.outage_lines("command database")]
+
+    async def told() -> bool:
+        return "command database still unavailable" in lines()
+
+    await infra.wait_until(told, timeout=30, what="the outage said to await a grant")
+    [awaiting] = [
+        line for line in target.json_log() if line["event"] == "command database still unavailable"
+    ]
+    assert "its role may not write: it lacks processed_messages (UPDATE)" in awaiting["error"]
+    workload = Workload(target, seed=suite_seed(), concurrency=2)
+    await workload.run(sagas=4)  # the service works on meanwhile, and the outage stays
+    assert "command database recovered" not in lines(), lines()
+
+    await target.event_pool.execute(f'GRANT {grant} TO "{role}"')
+
+    async def recovered() -> bool:
+        return "command database recovered" in lines()
+
+    await infra.wait_until(recovered, timeout=30, what="the outage over once granted")
+    assert lines() == [
+        "command database unavailable",
+        "command database still unavailable",
+        "command database recovered",
+    ]
+    await settle(target)
+    await verify_effects(target, workload)
 
 
 # How long the service waits for PostgreSQL in the silent-server tests (FINANCING_DB_TIMEOUT).

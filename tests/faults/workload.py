@@ -243,6 +243,7 @@ async def deployment(
     *,
     redeliveries: int = 1,
     database_via: tuple[str, int] | None = None,
+    own_role: bool = False,
 ) -> AsyncIterator[Deployment]:
     """A started service; on exit it must stop with exit code 0 on SIGTERM, then all is removed."""
     env = {"FINANCING_SNAPSHOT_INTERVAL": SNAPSHOT_INTERVAL, **(extra_env or {})}
@@ -252,6 +253,7 @@ async def deployment(
             extra_env=env,
             redeliveries=redeliveries,
             database_via=database_via,
+            own_role=own_role,
         ) as local,
         contextlib.AsyncExitStack() as stack,
     ):

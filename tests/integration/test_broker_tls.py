@@ -171,6 +171,24 @@ async def test_a_broker_whose_certificate_is_not_trusted_is_refused_at_once(
                 await broker.connection()
 
 
+async def test_a_broker_whose_certificate_is_not_verified_is_reached_and_warned_of(
+    amqp_url: str, endpoint: TlsEndpoint, files: Files
+) -> None:
+    """`verify=verify_none` reaches a broker whose certificate the service does not trust,
+    and the service says, once as it starts, that anyone between them can read and change
+    what they say."""
+    endpoint.serve_with(trustme.CA())
+    url = str(URL(tls_url(amqp_url, endpoint, files)).update_query(verify="verify_none"))
+    with capture_logs() as logs:
+        async with broker_at(url) as broker:
+            async with asyncio.timeout(10):
+                await broker.connection()
+    warned = [line for line in logs if "certificate is not verified" in line["event"]]
+    assert [line["broker"] for line in warned] == [
+        f"amqps://{NAME}:{endpoint.port}{URL(amqp_url).path}"
+    ], logs
+
+
 async def test_a_certificate_found_untrusted_after_a_restart_is_said_once(
     amqp_url: str, endpoint: TlsEndpoint, files: Files
 ) -> None:

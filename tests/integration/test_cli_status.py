@@ -368,6 +368,26 @@ async def test_a_broker_refusing_connections_makes_the_deployment_unhealthy(
     assert problems(run)[-1].endswith("is unreachable")
 
 
+async def test_a_broker_whose_certificate_is_not_verified_is_said(bare: Bare) -> None:
+    """Regression (a review): `serve` warns of `verify=verify_none` as it starts, and
+    `status`, an operator's look at the deployment, said nothing of it."""
+    port = free_port()
+    unverified = f"amqps://guest:guest@127.0.0.1:{port}/?verify=verify_none"
+    verified = f"amqps://guest:guest@localhost:{port}/"
+
+    run = await run_cli(
+        {**bare.env, "AMQP_ADDRESS": f"{unverified},{verified}"}, "status", "--timeout", "2"
+    )
+
+    told = [line for line in run.stdout.splitlines() if line.startswith("broker TLS ")]
+    assert told == [
+        f"broker TLS        amqps://127.0.0.1:{port}/: the broker's certificate is not verified"
+        " (verify=verify_none or no_verify_ssl=1): whoever stands between the service and"
+        " the broker can read and change what they say"
+    ], run.describe()
+    assert "guest" not in run.stdout
+
+
 async def test_silent_dependencies_are_inquired_into_side_by_side(bare: Bare) -> None:
     """Regression: the databases and the broker were inquired into one after another, so
     a probe of three silent dependencies took three timeouts (16 s with --timeout 5)."""
@@ -422,3 +442,61 @@ async def test_a_database_whose_tables_are_gone_is_reported_as_not_ready(
     [problem] = [p for p in problems(run) if p.startswith(f"{which} database {db.describe()}: ")]
     assert " do not exist, or not in its sessions' search_path" in problem, problem
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("which", "revoked", "lacking"),
+    [
+        ("command", "INSERT ON events", "events (INSERT)"),
+        ("command", "USAGE ON SEQUENCE events_position_seq", "events_position_seq (USAGE)"),
+        ("query", "UPDATE ON read_models.invoices", "read_models.invoices (UPDATE)"),
+    ],
+)
+async def test_a_database_refusing_the_services_writes_is_reported_as_not_ready(
+    bare: Bare, which: str, revoked: str, lacking: str
+) -> None:
+    """Regression (a probe): with the service's role allowed to read its tables and not
+    to write them, the projector's writes were refused and `/health` said so, while
+    `status` said both databases reachable and the deployment healthy."""
+    db = parse_database(bare.env[f"{which.upper()}_DB_CONNECTION_STRING"])
+    role = infra.unique_name("fin_status_reader")
+    admin = await asyncpg.connect(**db.connect_kwargs)
+    try:
+        await admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        for schema in ("public", "read_models") if which == "query" else ("public",):
+            await admin.execute(f'GRANT USAGE ON SCHEMA {schema} TO "{role}"')
+            await admin.execute(f'GRANT ALL ON ALL TABLES IN SCHEMA {schema} TO "{role}"')
+            await admin.execute(f'GRANT ALL ON ALL SEQUENCES IN SCHEMA {schema} TO "{role}"')
+        reader = Database({**db.connect_kwargs, "user": role})
+        env = {**bare.env, f"{which.upper()}_DB_CONNECTION_STRING": reader.dsn()}
+        allowed = await run_cli(env, "status")
+        await admin.execute(f'REVOKE {revoked} FROM "{role}"')
+        refused = await run_cli(env, "status")
+    finally:
+        await admin.execute(f'DROP OWNED BY "{role}"')
+        await admin.execute(f'DROP ROLE "{role}"')
+        await admin.close()
+
+    # Its sessions' role writes everything it needs: nothing said of the database.
+    assert not [p for p in problems(allowed) if p.startswith(f"{which} database")], (
+        allowed.describe()
+    )
+    assert refused.exit_code == 1, refused.describe()
+    [line] = [line for line in refused.stdout.splitlines() if line.startswith(f"{which} database ")]
+    assert f"NOT READY: its role may not write: it lacks {lacking}; GRANT them" in line, line
+    assert f"{which} database {reader.describe()}: its role may not write" in problems(refused)
+
+
+@pytest.mark.parametrize("which", ["command", "query"])
+async def test_a_database_taking_no_writes_is_reported_as_not_ready(bare: Bare, which: str) -> None:
+    """Regression (a probe): a database read-only by default answered `status`'s reads,
+    which said it reachable and the deployment healthy, while the service's writes were
+    refused."""
+    db = parse_database(bare.env[f"{which.upper()}_DB_CONNECTION_STRING"])
+    await infra.set_read_only(db.connect_kwargs["database"], True)
+    run = await run_cli(bare.env, "status")
+
+    assert run.exit_code == 1, run.describe()
+    [line] = [line for line in run.stdout.splitlines() if line.startswith(f"{which} database ")]
+    assert "NOT READY: it takes no writes: its transactions are read-only" in line, line
+    assert f"{which} database {db.describe()}: it takes no writes" in problems(run)

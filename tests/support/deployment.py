@@ -36,6 +36,11 @@ class LocalDeployment:
 BeforeStart = Callable[[LocalDeployment], Awaitable[None]]
 
 
+def service_role(name: str) -> str:
+    """The role of its own the service of deployment `name` connects as (`own_role`)."""
+    return f"{name}_service"
+
+
 def service_env(
     command_db: Database,
     query_db: Database,
@@ -75,6 +80,7 @@ async def local_deployment(
     name: str | None = None,
     redeliveries: int = 1,
     database_via: tuple[str, int] | None = None,
+    own_role: bool = False,
 ) -> AsyncIterator[LocalDeployment]:
     """A started service of its own; on exit it must stop with exit code 0 on SIGTERM.
 
@@ -83,11 +89,17 @@ async def local_deployment(
     `redeliveries` > 1 runs the service under a redelivery storm
     (tests.support.storm). `database_via` is where the service reaches PostgreSQL
     when not directly (a relay, tests.support.relay); the suite's own connections
-    go straight to the server.
+    go straight to the server. `own_role`: the service connects as a role of its own,
+    granted only what running it needs (`infra.grant_service_role`), its schemas
+    migrated by their owner first.
     The service log is deleted when the block ends without an error.
     """
     name = name or infra.unique_name(prefix)
     async with contextlib.AsyncExitStack() as stack:
+        role = service_role(name) if own_role else None
+        if role is not None:  # dropped once its databases are
+            await infra.create_role(role)
+            stack.push_async_callback(infra.drop_role, role)
         command_db = await infra.create_database(f"{name}_commands")
         stack.push_async_callback(infra.drop_database, f"{name}_commands")
         query_db = await infra.create_database(f"{name}_queries")
@@ -100,10 +112,12 @@ async def local_deployment(
         metrics_address = ("127.0.0.1", free_port())
 
         def reached(db: Database) -> Database:
-            if database_via is None:
-                return db
-            host, port = database_via
-            return replace(db, connect_kwargs={**db.connect_kwargs, "host": host, "port": port})
+            """How the service reaches `db`: through `database_via`, as `role`."""
+            host, port = database_via or (db.connect_kwargs["host"], db.connect_kwargs["port"])
+            user = role or db.connect_kwargs["user"]
+            return replace(
+                db, connect_kwargs={**db.connect_kwargs, "host": host, "port": port, "user": user}
+            )
 
         env = {
             **service_env(
@@ -131,6 +145,9 @@ async def local_deployment(
             env,
             service,
         )
+        if role is not None:
+            await infra.grant_service_role(command_db, "commands", role)
+            await infra.grant_service_role(query_db, "queries", role)
         if before_start is not None:
             await before_start(deployment)
         await service.start()

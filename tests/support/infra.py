@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from financing.adapters.postgres.connection import create_pool
-from financing.adapters.postgres.schema import migrate
+from financing.adapters.postgres.schema import WRITES, migrate
 from financing.config import Database
 
 T = TypeVar("T")
@@ -68,6 +68,42 @@ async def alter_database(name: str, change: str) -> None:
         await conn.execute(f'ALTER DATABASE "{name}" {change}')
     finally:
         await conn.close()
+
+
+async def create_role(name: str) -> None:
+    """A login role with no privileges of its own (no superuser, no CREATE)."""
+    conn = await _admin()
+    try:
+        await conn.execute(f'CREATE ROLE "{name}" LOGIN')
+    finally:
+        await conn.close()
+
+
+async def drop_role(name: str) -> None:
+    """Drop role `name`, once the databases where it was granted anything are dropped."""
+    conn = await _admin()
+    try:
+        await conn.execute(f'DROP ROLE IF EXISTS "{name}"')
+    finally:
+        await conn.close()
+
+
+async def grant_service_role(db: Database, schema: str, role: str) -> None:
+    """Migrate `db`'s `schema` as its owner, and grant `role` what running the service on
+    it needs and no more: reading its tables, and the writes of `WRITES`."""
+    pool = await create_pool(db)
+    try:
+        await migrate(pool, schema)
+        schemas = ", ".join(
+            {"public", *(table.split(".")[0] for table in WRITES[schema] if "." in table)}
+        )
+        await pool.execute(f'GRANT USAGE ON SCHEMA {schemas} TO "{role}"')
+        await pool.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA {schemas} TO "{role}"')
+        for table, privileges in WRITES[schema].items():
+            kind = "SEQUENCE" if table.endswith("_seq") else "TABLE"
+            await pool.execute(f'GRANT {privileges} ON {kind} {table} TO "{role}"')
+    finally:
+        await pool.close()
 
 
 async def drop_database(name: str) -> None:

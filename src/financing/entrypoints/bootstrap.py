@@ -44,6 +44,7 @@ from financing.adapters.postgres.schema import (
     migrate,
     missing,
     require_tables,
+    require_writes,
 )
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import BROKER, Broker
@@ -198,7 +199,7 @@ async def bootstrap(
     query_pool = opened.query_pool
     if query_pool is not None and "queries-api" in selected:
         queries = QueriesService(PostgresReadModels(query_pool), outages)
-        probe = Probe(QUERY_DATABASE, _answering(ping, query_pool, "queries"))
+        probe = Probe(QUERY_DATABASE, _answering(query_pool, "queries", writes=False))
         server = _grpc_server(service, outages, queries, "Queries", probe, opened.own, tls)
         observe_replies(queries)
         service.listeners.append(Listener("queries-api", server, settings.query_address))
@@ -244,17 +245,16 @@ async def _databases(
         )
     # An outage of a database this process writes ends when it takes writes again; of one
     # it only reads, when it answers. Every component on the command database writes.
-    query_check = writable if selected & RECORDS_PROJECTIONS else ping
-    for pool, db, schema, check in (
-        (command_pool, settings.command_db, "commands", writable),
-        (query_pool, settings.query_db, "queries", query_check),
+    for pool, db, schema, writes in (
+        (command_pool, settings.command_db, "commands", True),
+        (query_pool, settings.query_db, "queries", bool(selected & RECORDS_PROJECTIONS)),
     ):
         if pool is not None:
             # A statement fails at FINANCING_DB_TIMEOUT at the latest (and the watch
             # looks once a period).
             within = db.answer_timeout + OUTAGE_CHECK_INTERVAL
             outages.check_with(
-                DATABASES[schema], _answering(check, pool, schema), attempts_within=within
+                DATABASES[schema], _answering(pool, schema, writes=writes), attempts_within=within
             )
     store: UUID | None = None
     if command_pool is not None:
@@ -380,15 +380,17 @@ def _housekeeping(
         service.listeners.append(Listener("metrics", endpoint, settings.metrics_address))
 
 
-def _answering(
-    check: Callable[[asyncpg.Pool, str], Awaitable[None]], pool: asyncpg.Pool, schema: str
-) -> Callable[[], Awaitable[None]]:
-    """The check of the database of `schema`: it answers as `check` wants (it takes
-    writes, or it answers), and the tables its statements name are there."""
+def _answering(pool: asyncpg.Pool, schema: str, *, writes: bool) -> Callable[[], Awaitable[None]]:
+    """The check of the database of `schema`: it answers, the tables its statements name
+    are there and, where the process writes (`writes`), it takes writes and the role may
+    make them all (a privilege revoked from a statement that runs only now and then, as
+    pruning does, ended its outage at each check and began it again at each run)."""
 
     async def answering() -> None:
-        await check(pool, DATABASES[schema])
+        await (writable if writes else ping)(pool, DATABASES[schema])
         await require_tables(pool, schema)
+        if writes:
+            await require_writes(pool, schema)
 
     return answering
 

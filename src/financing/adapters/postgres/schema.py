@@ -220,6 +220,68 @@ async def require_tables(pool: asyncpg.Pool, name: str, *, rebuilding: bool = Fa
         )
 
 
+# What the service's statements do to each table of a schema, beyond reading it (which
+# `require_tables` covers): the privileges its role needs. An upsert needs INSERT and
+# UPDATE; pruning the deduplication records DELETE, and UPDATE for the rows it locks.
+WRITES = {
+    "commands": {
+        "events": "INSERT",
+        "events_position_seq": "USAGE",  # its bigserial's; identity columns need none
+        "snapshots": "INSERT, UPDATE",
+        "processed_messages": "INSERT, UPDATE, DELETE",
+        "relay_checkpoints": "INSERT, UPDATE",
+    },
+    "queries": {
+        f"{DEFAULT_SCHEMA}.investors": "INSERT, UPDATE",
+        f"{DEFAULT_SCHEMA}.invoices": "INSERT, UPDATE",
+        f"{DEFAULT_SCHEMA}.issuers": "INSERT",
+        f"{DEFAULT_SCHEMA}.processed_messages": "INSERT, UPDATE, DELETE",
+        "foreign_events": "INSERT",
+        "projected_event_store": "INSERT",  # the event store it projects, at its first start
+    },
+}
+# Whether the session's transactions are read-only (a standby, or read-only by default),
+# and of each table (or sequence) and privilege named, those its role lacks
+# (has_table_privilege given several says whether the role has any of them: one at a
+# time).
+_REFUSED_WRITES = (
+    "SELECT current_setting('transaction_read_only') <> 'off',"
+    " coalesce(array_agg(name || ' (' || privilege || ')' ORDER BY name, privilege)"
+    " FILTER (WHERE NOT CASE WHEN c.relkind = 'S' THEN has_sequence_privilege(c.oid, privilege)"
+    " ELSE has_table_privilege(c.oid, privilege) END), '{}')"
+    " FROM unnest($1::text[], $2::text[]) AS grant_(name, list)"
+    " JOIN pg_class AS c ON c.oid = to_regclass(name),"
+    " LATERAL unnest(string_to_array(list, ', ')) AS privilege"
+)
+
+
+async def require_writes(pool: asyncpg.Pool, name: str) -> None:
+    """AwaitingOperator unless the database takes the writes the service makes to the
+    tables of `name` (WRITES) from the pool's role: a server that answers every read
+    while refusing the projector's or the handlers' writes is no healthy deployment."""
+    database = DATABASES[name]
+    tables = WRITES[name]
+    async with acquired(pool, database) as conn:
+        row = await conn.fetchrow(_REFUSED_WRITES, list(tables), list(tables.values()))
+    assert row is not None  # an aggregate without GROUP BY gives one row
+    read_only: bool
+    lacking: list[str]
+    read_only, lacking = row
+    if read_only:
+        raise AwaitingOperator(
+            database,
+            "it takes no writes: its transactions are read-only (a standby not promoted"
+            " yet, or default_transaction_read_only set on the database or the role); the"
+            " service waits for writes to be taken and goes on by itself",
+        )
+    if lacking:
+        raise AwaitingOperator(
+            database,
+            f"its role may not write: it lacks {', '.join(lacking)}; GRANT them, the"
+            " service goes on by itself",
+        )
+
+
 def latest(name: str) -> int:
     """The version this release migrates the `name` schema to."""
     return _newest(sections(name))
@@ -427,16 +489,20 @@ async def _apply(
                 "SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK, timeout=statement_timeout
             )
         await _refuse_misplaced(conn, name)
-        await conn.execute(
-            """
-            CREATE TABLE IF NOT EXISTS schema_migrations (
+        # Made only where it is not: CREATE ... IF NOT EXISTS needs the CREATE privilege on
+        # the schema even where the table exists, which a role that only runs the service
+        # (its tables migrated by their owner) does not hold.
+        if not await conn.fetchval(_PRESENT, ["schema_migrations"]):
+            await conn.execute(
+                """
+            CREATE TABLE schema_migrations (
                 name       text        NOT NULL,
                 version    integer     NOT NULL,
                 applied_at timestamptz NOT NULL DEFAULT now(),
                 PRIMARY KEY (name, version)
             )
             """
-        )
+            )
         applied = {row["version"] for row in await _recorded(conn, name)}
         _refuse_ahead(name, applied, pending)
         if not applied:

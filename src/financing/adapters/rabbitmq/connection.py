@@ -217,6 +217,17 @@ def describe_url(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path or '/'}"
 
 
+UNVERIFIED = (
+    "the broker's certificate is not verified (verify=verify_none or no_verify_ssl=1):"
+    " whoever stands between the service and the broker can read and change what they say"
+)
+
+
+def unverified(urls: Sequence[str]) -> list[str]:
+    """The amqps:// URLs of `urls` whose broker's certificate is not verified."""
+    return [url for url in urls if (tls := broker_tls(url)) is not None and not tls.verify]
+
+
 VHOST_REFUSED = (
     "the broker would not open the URL's virtual host (530 NOT_ALLOWED): it does not exist,"
     " the user has no permission on it, or a connection limit is reached (rabbitmqctl"
@@ -411,15 +422,8 @@ class Broker:
         self._gauge = metrics.BROKER_CONNECTED if gauged else None
         if self._gauge is not None:
             self._gauge.set(0)
-        for url in self._urls if announced else ():
-            tls = broker_tls(url)
-            if tls is not None and not tls.verify:
-                log.warning(
-                    "the broker's certificate is not verified (verify=verify_none or"
-                    " no_verify_ssl=1): whoever stands between the service and the broker"
-                    " can read and change what they say",
-                    broker=describe_url(url),
-                )
+        for url in unverified(self._urls) if announced else ():
+            log.warning(UNVERIFIED, broker=describe_url(url))
 
     @property
     def connected(self) -> bool:

@@ -35,9 +35,15 @@ from financing.adapters.postgres.schema import (
     SchemaBehind,
     SchemaElsewhere,
     require_tables,
+    require_writes,
 )
 from financing.adapters.rabbitmq import topology
-from financing.adapters.rabbitmq.connection import connected, describe_url
+from financing.adapters.rabbitmq.connection import (
+    UNVERIFIED,
+    connected,
+    describe_url,
+    unverified,
+)
 from financing.adapters.rabbitmq.dead_letters import being_read
 from financing.adapters.rabbitmq.queues import queue_depth
 from financing.application.errors import AwaitingOperator, Refused, Unavailable, summary
@@ -49,12 +55,13 @@ from financing.workers.projector import BATCH_SIZE
 HEALTHY = """\
 Healthy (exit code 0; otherwise 1) means:
   - the command database, the query database and the broker answer, and each
-    database holds this release's schema;
+    database holds this release's schema and takes the service's writes;
   - the query database holds the read models of this deployment's event store
     (or of none yet);
   - every queue the service consumes exists and has at least one consumer;
   - no event has waited longer than --max-relay-lag seconds to be relayed.
-Dead letters, deferred messages and the projector's backlog are reported, not judged."""
+Dead letters, deferred messages, the projector's backlog and a broker whose
+certificate is not verified are reported, not judged."""
 MAX_RELAY_LAG = 10.0
 TIMEOUT = 5.0
 
@@ -109,6 +116,8 @@ async def run_status(
         read_models.problems.append(
             "the query database holds the read models of another event store"
         )
+    for url in unverified(settings.amqp_urls):
+        broker.report("broker TLS", f"{describe_url(url)}: {UNVERIFIED}")
     findings = Findings(
         [*event_store.lines, *read_models.lines, *broker.lines],
         [*event_store.problems, *read_models.problems, *broker.problems],
@@ -159,6 +168,7 @@ async def _inquire(
 async def _event_store(settings: Settings, findings: Findings, max_relay_lag: float) -> None:
     async with database(settings.command_db, COMMAND_DATABASE, "status", schema="commands") as pool:
         await require_tables(pool, "commands")
+        await require_writes(pool, "commands")
         backlog = await PostgresOutbox(pool).backlog(held_back_after=max_relay_lag)
         findings.store = await store_of(pool)
     findings.report("command database", f"{settings.command_db.describe()}: reachable")
@@ -208,6 +218,7 @@ async def _read_models(settings: Settings, findings: Findings) -> None:
         database(settings.query_db, QUERY_DATABASE, "status", schema="queries") as pool,
     ):
         await require_tables(pool, "queries")
+        await require_writes(pool, "queries")
         async with acquired(pool, QUERY_DATABASE) as conn:
             found = await projected(conn)
     findings.report("query database", f"{settings.query_db.describe()}: reachable")
