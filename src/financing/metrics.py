@@ -74,6 +74,13 @@ GRPC_TLS_CERTIFICATE_EXPIRY = Gauge(
     " (Unix time), by the file it is read from; absent without TLS.",
     ["file"],
 )
+BROKER_TLS_CERTIFICATE_EXPIRY = Gauge(
+    "financing_broker_tls_certificate_expiry_timestamp_seconds",
+    "When the first certificate to expire of the chain the service presents to the broker"
+    " (an amqps:// URL's certfile) expires (Unix time), by the file it is read from, as read"
+    " at the last connection; absent without a client certificate.",
+    ["file"],
+)
 MESSAGES = Counter(
     "financing_messages_total",
     "Deliveries by queue and outcome: processed, unchanged (a rule said there was"

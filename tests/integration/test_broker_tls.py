@@ -14,11 +14,13 @@ import contextlib
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import trustme
+from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 from yarl import URL
 
@@ -157,6 +159,38 @@ async def test_a_broker_over_tls_is_reached_with_the_urls_ca_and_client_certific
         queue = await channel.declare_queue(exclusive=True)  # the broker behind it answers
         assert queue.name
         await channel.close()
+
+
+async def test_the_client_certificates_expiry_is_exported_as_read_at_each_connection(
+    amqp_url: str, endpoint: TlsEndpoint, files: Files
+) -> None:
+    """Regression (a probe): the gRPC ports' certificate had an expiry metric, and the
+    certificate the service presents to the broker none: its expiry was learnt from the
+    broker's refusal."""
+
+    def issue(not_after: datetime) -> float:
+        client = files.client_ca.issue_cert("financing", not_after=not_after)
+        client.cert_chain_pems[0].write_to_path(files.certfile)
+        client.private_key_pem.write_to_path(files.keyfile)
+        return not_after.timestamp()
+
+    def exported() -> float | None:
+        return REGISTRY.get_sample_value(
+            "financing_broker_tls_certificate_expiry_timestamp_seconds",
+            {"file": str(files.certfile)},
+        )
+
+    first = issue(datetime(2049, 7, 1, 12, 30, 15, tzinfo=UTC))
+    async with broker_at(tls_url(amqp_url, endpoint, files)) as broker:
+        await broker.connection()
+        assert exported() == first
+        renewed = issue(datetime(2061, 1, 2, 3, 4, 5, tzinfo=UTC))  # a renewal, in place
+        endpoint.cut()
+
+        async def read_again() -> bool:
+            return await connected(broker) and exported() == renewed
+
+        await wait_until(read_again, what="the renewed certificate's expiry")
 
 
 async def test_a_broker_whose_certificate_is_not_trusted_is_refused_at_once(

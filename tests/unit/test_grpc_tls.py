@@ -33,9 +33,9 @@ from financing.entrypoints.cli.health_check import health_check
 from financing.entrypoints.grpc import edge, tls_watch
 from financing.entrypoints.grpc.codec import RequestCodec
 from financing.entrypoints.grpc.edge import GrpcServer, _handshake
-from financing.entrypoints.grpc.tls import certificate_expiry, server_context
+from financing.entrypoints.grpc.tls import server_context
 from financing.entrypoints.grpc.tls_watch import ServerTls
-from financing.tls_files import UnusableFiles
+from financing.tls_files import UnusableFiles, certificate_expiry
 from tests.support import infra
 
 NAME = "financing.test"

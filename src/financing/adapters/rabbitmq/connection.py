@@ -36,7 +36,7 @@ from financing.application.errors import (
 from financing.application.retry import Outages
 from financing.config import AMQP_TLS_KEYS, broker_auth, broker_tls, split_url
 from financing.logging import get_logger
-from financing.tls_files import UnusableFiles
+from financing.tls_files import UnusableFiles, certificate_expiry
 
 log = get_logger(__name__)
 
@@ -107,9 +107,17 @@ def _client_url(url: str, name: str) -> URL:
 
 async def _tls_context(url: str) -> ssl.SSLContext | None:
     """The TLS context of an amqps:// URL, its files read again (replaced certificates are
-    taken at the next connection); None for an amqp:// one."""
+    taken at the next connection, and the expiry of the client certificate said then);
+    None for an amqp:// one."""
     tls = broker_tls(url)
-    return None if tls is None else await asyncio.to_thread(tls.context)
+    if tls is None:
+        return None
+    context = await asyncio.to_thread(tls.context)
+    if tls.certfile is not None:
+        expires = await asyncio.to_thread(certificate_expiry, tls.certfile)
+        if expires is not None:
+            metrics.BROKER_TLS_CERTIFICATE_EXPIRY.labels(tls.certfile).set(expires)
+    return context
 
 
 def _untrusted(error: BaseException) -> str | None:

@@ -11,9 +11,7 @@ again when they change).
 
 from __future__ import annotations
 
-import re
 import ssl
-from datetime import UTC, datetime
 
 from financing.config import GRPC_TLS_CERT_FILE, GRPC_TLS_CLIENT_CA_FILE, GRPC_TLS_KEY_FILE, GrpcTls
 from financing.tls_files import load_authorities, load_key_pair
@@ -62,53 +60,3 @@ def _load_key_pair(context: ssl.SSLContext, cert_file: str, key_file: str) -> No
     load_key_pair(
         context, cert_file, key_file, cert=GRPC_TLS_CERT_FILE.name, key=GRPC_TLS_KEY_FILE.name
     )
-
-
-_PEM_CERTIFICATE = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
-
-
-def certificate_expiry(cert_file: str) -> float | None:
-    """When the first of the certificates in `cert_file` (a chain, PEM) to expire expires,
-    as Unix time; None when the file cannot be read again or holds none (it was read
-    whole a moment before, by the context serving it)."""
-    try:
-        with open(cert_file, encoding="ascii", errors="replace") as file:
-            text = file.read()
-        return min(
-            _not_after(ssl.PEM_cert_to_DER_cert(pem)) for pem in _PEM_CERTIFICATE.findall(text)
-        )
-    except (OSError, ValueError, IndexError):  # ValueError: min() of nothing, bad DER
-        return None
-
-
-def _not_after(der: bytes) -> float:
-    """The end of a DER certificate's validity (RFC 5280 section 4.1), as Unix time."""
-    _, content, _ = _element(der, 0)  # Certificate
-    _, at, _ = _element(der, content)  # TBSCertificate
-    tag, _, end = _element(der, at)
-    if tag == 0xA0:  # [0] version, present from version 2 on
-        at = end
-    for _ in range(3):  # serial number, signature algorithm, issuer
-        at = _element(der, at)[2]
-    _, validity, _ = _element(der, at)
-    tag, start, end = _element(der, _element(der, validity)[2])  # past notBefore
-    text = der[start:end].decode("ascii")
-    if tag == 0x17:  # UTCTime, YYMMDDHHMMSSZ: years 1950-2049
-        year = int(text[:2])
-        text = f"{1900 + year if year >= 50 else 2000 + year}{text[2:]}"
-    elif tag != 0x18:  # GeneralizedTime, YYYYMMDDHHMMSSZ
-        raise ValueError(f"not a time: tag {tag:#x}")
-    return datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=UTC).timestamp()
-
-
-def _element(der: bytes, at: int) -> tuple[int, int, int]:
-    """The tag of the DER element at `at`, where its content begins and ends."""
-    tag, length = der[at], der[at + 1]
-    at += 2
-    if length & 0x80:
-        count = length & 0x7F
-        length = int.from_bytes(der[at : at + count], "big")
-        at += count
-    if at + length > len(der):
-        raise ValueError("truncated DER")
-    return tag, at, at + length

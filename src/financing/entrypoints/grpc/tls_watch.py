@@ -20,9 +20,9 @@ from datetime import UTC, datetime
 
 from financing import metrics
 from financing.config import GrpcTls
-from financing.entrypoints.grpc.tls import certificate_expiry, server_context
+from financing.entrypoints.grpc.tls import server_context
 from financing.logging import get_logger
-from financing.tls_files import UnusableFiles
+from financing.tls_files import UnusableFiles, certificate_expiry
 
 log = get_logger(__name__)
 
