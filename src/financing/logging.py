@@ -16,20 +16,32 @@ clients, counted in `grpc_server_handled_total` by their status. What the
 HTTP/2 and AMQP libraries log below WARNING, a dump of every header and frame
 (a caller's credentials included), is never written.
 
-A line that cannot be written (a full disk, a log reader gone) is dropped: the
-log never stops the service, nor changes how it exits.
+A line that cannot be written (a full disk, a log reader gone or behind) is
+dropped: the log never stops the service, nor changes how it exits. A pipe or a
+socket (Docker's, Kubernetes', systemd's log collectors) is written without ever
+waiting for its reader: a collector that stopped reading froze the whole process
+at its next line, SIGTERM included. The lines dropped are counted
+(`financing_log_lines_dropped_total`), and said in one line once the log takes
+lines again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import logging
+import os
+import socket
+import stat
 import sys
 import types
+from collections.abc import Callable
 from typing import TextIO
 
 import structlog
+
+from financing import metrics
 
 # Libraries whose records repeat what the service's outage log already says.
 DEMOTED_LIBRARIES = ("aio_pika", "aiormq", "asyncpg")
@@ -49,7 +61,7 @@ _SHARED: list[structlog.typing.Processor] = [
 
 def configure(level: str = "INFO") -> None:
     threshold = getattr(logging, level)
-    lines = Lines(sys.stderr)
+    lines = Lines(sys.stderr, on_resumed=_said_dropped)
     renderer: structlog.typing.Processor
     if sys.stderr.isatty():
         renderer = structlog.dev.ConsoleRenderer()
@@ -83,55 +95,123 @@ def configure(level: str = "INFO") -> None:
     sys.excepthook = _log_uncaught
 
 
+# What a line write takes now of the bytes given: how many (None or 0: none).
+Write = Callable[[memoryview], "int | None"]
+
+
 class Lines:
     """Where every line of the log goes: written whole, straight to the file's descriptor
-    when it has one (nothing is left in a buffer to fail again at exit), or dropped when
-    it cannot be written. structlog's logger interface: each level is `msg`.
+    when it has one (nothing is left in a buffer to fail again at exit), without waiting
+    for a pipe's or a socket's reader (`_unwaiting`), or dropped when it cannot be
+    written. structlog's logger interface: each level is `msg`.
 
-    A line the descriptor took only in part (a non-blocking pipe whose reader fell
-    behind) is finished before the next one is begun: left as it was, the next line
-    was written on after the fragment, and the two made one line that was no JSON."""
+    A line the descriptor took only in part (a pipe whose reader fell behind) is
+    finished before the next one is begun: left as it was, the next line was written on
+    after the fragment, and the two made one line that was no JSON. `on_resumed` is
+    told how many lines were dropped, after the first line written whole since."""
 
-    def __init__(self, file: TextIO) -> None:
+    def __init__(self, file: TextIO, *, on_resumed: Callable[[int], None] | None = None) -> None:
         # Its buffer's raw file, or its buffer itself where that is the raw file (Python
         # run unbuffered, PYTHONUNBUFFERED=1, as the image runs it).
         buffer = getattr(file, "buffer", None)
         raw = buffer if isinstance(buffer, io.FileIO) else getattr(buffer, "raw", None)
-        self._raw = raw if isinstance(raw, io.FileIO) else None
+        self._write = _unwaiting(raw) if isinstance(raw, io.FileIO) else None
         self._file = file
         self._encoding = getattr(file, "encoding", None) or "utf-8"
         self._rest = b""  # what is still to be written of a line begun
+        self._dropped = 0  # lines dropped whole since the last one written whole
+        self._on_resumed = on_resumed
 
     def msg(self, message: str) -> None:
         line = message + "\n"
-        if self._raw is None:
+        if self._write is None:
             with contextlib.suppress(OSError, ValueError):  # ValueError: the file was closed
                 self._file.write(line)
                 self._file.flush()
             return
         pending = self._rest + line.encode(self._encoding, "backslashreplace")
-        written = _written(self._raw, pending)
+        written = _written(self._write, pending)
+        begun = written > len(self._rest)
         if written >= len(self._rest):
             # The line begun before is whole; this one is whole, begun, or dropped whole.
-            self._rest = pending[written:] if written > len(self._rest) else b""
+            self._rest = pending[written:] if begun else b""
         else:
             self._rest = self._rest[written:]  # this line dropped whole; the other waits
+        if not begun:
+            self._dropped += 1
+            metrics.LOG_LINES_DROPPED.inc()
+        elif self._dropped and not self._rest:
+            dropped, self._dropped = self._dropped, 0
+            if self._on_resumed is not None:
+                self._on_resumed(dropped)  # a line of its own, through this one
 
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg
 
 
-def _written(raw: io.FileIO, data: bytes) -> int:
+def _written(write: Write, data: bytes) -> int:
     """How much of `data` the descriptor takes now (0 when it takes nothing)."""
     view = memoryview(data)
     done = 0
     with contextlib.suppress(OSError, ValueError):  # ValueError: the file was closed
         while done < len(data):
-            written = raw.write(view[done:])
+            written = write(view[done:])
             if not written:  # a descriptor that takes nothing now
                 break
             done += written
     return done
+
+
+# What a pipe the log goes to is asked to hold (Linux's most for a process that is not
+# privileged, by default): a log collector behind for a moment drops no line.
+PIPE_SIZE = 1 << 20
+
+
+def _unwaiting(raw: io.FileIO) -> Write:
+    """How to write to `raw`'s descriptor without waiting for its reader. A pipe (or FIFO)
+    is opened again, non-blocking, for the service alone: its descriptor, shared with
+    whoever started the service (a shell's `2>&1` gives it stdout too), is left as it
+    was. A socket is sent to without waiting, call by call. A file or a terminal is
+    written to as it is."""
+    fd = raw.fileno()
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:  # closed: every write fails, and is dropped
+        return raw.write
+    if stat.S_ISFIFO(mode):
+        with contextlib.suppress(OSError):  # more than the pipe holds: left as it is
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        if not os.get_blocking(fd):
+            return raw.write
+        try:
+            own = io.FileIO(
+                os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC),
+                "w",
+            )
+        except OSError:  # no /proc, or the reader gone already: writes fail anyway
+            return raw.write
+        _KEPT.append(own)
+        return own.write
+    if stat.S_ISSOCK(mode):
+        try:
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            return raw.write
+        _KEPT.append(sock)
+        return lambda data: sock.send(data, socket.MSG_DONTWAIT)
+    return raw.write
+
+
+# The descriptors of `_unwaiting`, open for as long as the process logs.
+_KEPT: list[io.FileIO | socket.socket] = []
+
+
+def _said_dropped(count: int) -> None:
+    get_logger("financing.log").warning(
+        "log lines dropped",
+        lines=count,
+        why="the log took none of them: its reader behind or gone, or its disk full",
+    )
 
 
 class _LineHandler(logging.Handler):

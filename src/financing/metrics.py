@@ -74,6 +74,11 @@ GRPC_TLS_CERTIFICATE_EXPIRY = Gauge(
     " (Unix time), by the file it is read from; absent without TLS.",
     ["file"],
 )
+LOG_LINES_DROPPED = Counter(
+    "financing_log_lines_dropped_total",
+    "Log lines dropped whole: the log took none of each (its reader behind or gone, its disk"
+    " full).",
+)
 BROKER_TLS_CERTIFICATE_EXPIRY = Gauge(
     "financing_broker_tls_certificate_expiry_timestamp_seconds",
     "When the first certificate to expire of the chain the service presents to the broker"

@@ -30,7 +30,7 @@ class Listener:
 @pytest.fixture
 async def listener() -> AsyncIterator[Listener]:
     """`financing serve --components commands-api`'s environment, on a vhost of its own,
-    logging at DEBUG so that every call writes lines."""
+    logging at DEBUG."""
     name = infra.unique_name("fin_fault_log")
     port = free_port()
     env = {
@@ -120,3 +120,54 @@ async def test_a_log_reader_gone_stops_nothing(listener: Listener) -> None:
         assert await sells(listener)
         assert process.returncode is None
         assert await stopped(process) == 0
+
+
+def filled(writer: int) -> None:
+    """Fill the pipe of `writer` to its last byte, as a log reader that stopped reading
+    leaves it (written through a description of its own: `writer` is left blocking)."""
+    own = os.open(f"/proc/self/fd/{writer}", os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        for chunk in (b"\n" * 4096, b"\n"):
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    os.write(own, chunk)
+    finally:
+        os.close(own)
+
+
+def drained(reader: int) -> bytes:
+    received = b""
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(reader, 1 << 16):
+            received += chunk
+    return received
+
+
+async def test_a_log_reader_that_stopped_reading_stops_nothing(listener: Listener) -> None:
+    """Regression (a probe): with its log a pipe (a container runtime's, a shell's `|`)
+    whose reader had stopped reading, the first line that did not fit blocked the whole
+    process: every call, `/health`, relaying and projecting, until the reader read
+    again; and a SIGTERM then waited for the reader too."""
+    reader, writer = os.pipe()  # blocking, as a runtime hands it over
+    try:
+        async with serving(listener, writer) as process:
+            await infra.wait_until(
+                lambda: sells(listener), timeout=WITHIN, what="an OK SellInvoice"
+            )
+            filled(writer)  # the reader stops
+            for _ in range(3):
+                process.send_signal(signal.SIGUSR1)  # a line of every task, each dropped
+                assert await sells(listener)
+            os.set_blocking(reader, False)
+            drained(reader)  # the reader reads again
+
+            async def said() -> bool:
+                process.send_signal(signal.SIGUSR1)
+                return b'"log lines dropped"' in drained(reader)
+
+            await infra.wait_until(said, timeout=WITHIN, what="the dropped lines said")
+            filled(writer)  # stopped again, for good: "shutting down" is dropped
+            assert await stopped(process) == 0
+    finally:
+        os.close(reader)
+        os.close(writer)

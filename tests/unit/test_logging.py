@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import io
 import json
 import os
 import subprocess
 import sys
+import threading
 from typing import Any
 
 import pytest
@@ -135,11 +137,11 @@ def test_a_line_the_log_took_in_part_is_finished_before_the_next_begins(
     reader, writer = os.pipe()
     os.set_blocking(writer, False)
     os.set_blocking(reader, False)
-    capacity = fcntl.fcntl(writer, fcntl.F_GETPIPE_SZ)
-    big = json.dumps({"event": "tasks", "stacks": "x" * (capacity + capacity // 2)})
     try:
         with stream_of(writer, unbuffered=unbuffered) as file:
             lines = Lines(file)
+            capacity = fcntl.fcntl(writer, fcntl.F_GETPIPE_SZ)  # as the log made it
+            big = json.dumps({"event": "tasks", "stacks": "x" * (capacity + capacity // 2)})
             lines.msg(big)  # begun, not finished: the pipe is full
             lines.msg(json.dumps({"event": "dropped while the pipe is full"}))
             received = drained(reader)  # the reader catches up
@@ -150,3 +152,48 @@ def test_a_line_the_log_took_in_part_is_finished_before_the_next_begins(
         os.close(writer)
     written = [json.loads(line) for line in received.decode().splitlines()]
     assert [line["event"] for line in written] == ["tasks", "after"]
+
+
+def filled(writer: int) -> None:
+    """Fill the pipe of `writer` with whole lines, without changing how `writer` writes."""
+    own = os.open(f"/proc/self/fd/{writer}", os.O_WRONLY | os.O_NONBLOCK)
+    line = json.dumps({"event": "filler", "padding": "x" * 1000}).encode() + b"\n"
+    try:
+        for chunk in (line, b"\n"):  # then the last bytes of room, one by one
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    os.write(own, chunk)  # at most PIPE_BUF bytes: all or nothing
+    finally:
+        os.close(own)
+
+
+@pytest.mark.parametrize("unbuffered", [False, True], ids=["buffered", "unbuffered"])
+def test_a_log_reader_that_stopped_reading_blocks_nothing_and_the_lines_dropped_are_said(
+    unbuffered: bool,
+) -> None:
+    """Regression (a probe): stderr a pipe as a collector gives it (blocking), its reader
+    stopped: the first line that did not fit blocked the process, every gRPC call and
+    `/health` with it, and SIGTERM waited for the reader."""
+    reader, writer = os.pipe()  # both blocking, as a shell or a container runtime makes it
+    resumed: list[int] = []
+    try:
+        with stream_of(writer, unbuffered=unbuffered) as file:
+            lines = Lines(file, on_resumed=resumed.append)
+            filled(writer)
+            writing = threading.Thread(
+                target=lambda: [lines.msg(json.dumps({"event": f"line {n}"})) for n in range(3)],
+                daemon=True,
+            )
+            writing.start()
+            writing.join(timeout=10)
+            assert not writing.is_alive(), "a line waited for the pipe's reader"
+            assert resumed == []
+            os.set_blocking(reader, False)
+            drained(reader)  # the reader catches up
+            lines.msg(json.dumps({"event": "after"}))
+            received = drained(reader)
+    finally:
+        os.close(reader)
+        os.close(writer)
+    assert [json.loads(line)["event"] for line in received.decode().splitlines()] == ["after"]
+    assert resumed == [3]
