@@ -469,6 +469,56 @@ async def test_only_a_process_that_records_processed_messages_prunes_them(
     assert ("retention" in wired.workers) is prunes
 
 
+async def test_a_role_allowed_fewer_sessions_than_the_process_opens_is_said_as_it_starts(
+    databases: tuple[Database, Database], amqp_url: str
+) -> None:
+    """Regression (a probe): with the service's role limited to fewer sessions than both
+    pools need (`CONNECTION LIMIT`), the command database's outage began and ended
+    about every second as its pool tried to grow, and the query database was left with
+    no session at all; nothing said why."""
+    role = infra.unique_name("fin_limited")
+    await infra.create_role(role)
+    try:
+        for database, schema in zip(databases, ("commands", "queries"), strict=True):
+            await infra.grant_service_role(database, schema, role)
+        admin = await asyncpg.connect(**databases[0].connect_kwargs)
+        try:
+            await admin.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT 6')
+            await admin.execute(
+                f'ALTER DATABASE "{databases[1].connect_kwargs["database"]}" CONNECTION LIMIT 4'
+            )
+        finally:
+            await admin.close()
+        as_role = tuple(
+            replace(db, connect_kwargs={**db.connect_kwargs, "user": role}) for db in databases
+        )
+        with capture_logs() as logs:
+            async with AsyncExitStack() as stack:
+                await bootstrap(
+                    _settings((as_role[0], as_role[1]), amqp_url),
+                    ("relayer", "projector"),
+                    stack,
+                    deadline=time.monotonic() + 30,
+                )
+    finally:
+        for database in databases:  # its grants go with the databases, then the role
+            await infra.drop_database(database.connect_kwargs["database"])
+        await infra.drop_role(role)
+    said = [
+        line["why"]
+        for line in logs
+        if line["event"] == "fewer database sessions allowed than the process opens"
+    ]
+    queries = databases[1].connect_kwargs["database"]
+    assert said == [
+        f"the role {role} may open 6 session(s) on the server, and this process alone"
+        f" opens up to 22 as {role} (each pool's pool_max_conns, and a relayer's 2):"
+        f" ALTER ROLE {role} CONNECTION LIMIT higher, or lower pool_max_conns",
+        f"the database {queries} takes 4 session(s), and this process alone opens up to 10"
+        f" there: ALTER DATABASE {queries} CONNECTION LIMIT higher, or lower pool_max_conns",
+    ], said
+
+
 async def test_a_queries_api_starts_on_a_read_only_copy_of_a_migrated_query_database(
     databases: tuple[Database, Database], amqp_url: str
 ) -> None:

@@ -30,6 +30,8 @@ from financing.adapters.postgres.connection import (
     create_pool,
     ping,
     refuse_pooled_sessions,
+    session_limits,
+    too_few_sessions,
     translated,
     writable,
 )
@@ -97,10 +99,13 @@ from financing.entrypoints.observability import (
     observe_turns,
     watch_event_loop,
 )
+from financing.logging import get_logger
 from financing.tls_files import UnusableFiles
 from financing.workers.projector import Projector
 from financing.workers.relayer import Relayer
 from financing.workers.retention import Retention
+
+log = get_logger(__name__)
 
 T = TypeVar("T")
 
@@ -270,7 +275,37 @@ async def _databases(
             outages,
             deadline,
         )
+    relayer = RELAYER_SESSIONS if "relayer" in selected else 0
+    await _warn_of_session_limits(
+        (command_pool, settings.command_db, COMMAND_DATABASE, relayer),
+        (query_pool, settings.query_db, QUERY_DATABASE, 0),
+    )
     return _Opened(command_pool, query_pool, None if store is None else str(store))
+
+
+# The sessions a relayer opens beside its pool: the lock's and the commit listener's.
+RELAYER_SESSIONS = 2
+
+
+async def _warn_of_session_limits(
+    *pools: tuple[asyncpg.Pool | None, Database, str, int],
+) -> None:
+    """Say once, as the process starts, which limit of the servers lets it open fewer
+    sessions than its pools (and the sessions each opens beside its pool) may: an outage
+    of the database begins each time a pool tries to grow beyond it, and ends at the
+    next check."""
+    needs = []
+    for pool, db, dependency, beside in pools:
+        if pool is None:
+            continue
+        try:
+            limits = await session_limits(pool, dependency)
+        except Unavailable:  # the outage says it; the limits are looked at once only
+            continue
+        where = f"{db.connect_kwargs.get('host')}:{db.connect_kwargs.get('port')}"
+        needs.append((where, limits, pool.get_max_size() + beside))
+    for why in too_few_sessions(needs):
+        log.warning("fewer database sessions allowed than the process opens", why=why)
 
 
 async def _broker_components(

@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeAlias
 
@@ -462,6 +463,80 @@ async def create_pool(
         )
     assert pool is not None  # only None when created without awaiting
     return pool
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """How many sessions the server lets a pool's role open: on the whole server (its
+    `CONNECTION LIMIT`, and `max_connections` less the superusers' reserve) and on the
+    database (its own `CONNECTION LIMIT`); None where there is no such limit. A
+    superuser is held to none of them."""
+
+    role: str
+    database: str
+    role_limit: int | None
+    database_limit: int | None
+    server_limit: int | None
+
+
+_SESSION_LIMITS = (
+    "SELECT current_user AS role, current_database() AS database, r.rolsuper AS super,"
+    " nullif(r.rolconnlimit, -1) AS role_limit, nullif(d.datconnlimit, -1) AS database_limit,"
+    " current_setting('max_connections')::int"
+    " - current_setting('superuser_reserved_connections')::int AS server_limit"
+    " FROM pg_roles AS r, pg_database AS d"
+    " WHERE r.rolname = current_user AND d.datname = current_database()"
+)
+
+
+async def session_limits(pool: asyncpg.Pool, dependency: str) -> SessionLimits:
+    async with acquired(pool, dependency) as conn:
+        row = await conn.fetchrow(_SESSION_LIMITS)
+    assert row is not None  # the session's own role and database
+    if row["super"]:
+        return SessionLimits(row["role"], row["database"], None, None, None)
+    return SessionLimits(
+        row["role"], row["database"], row["role_limit"], row["database_limit"], row["server_limit"]
+    )
+
+
+def too_few_sessions(needs: Sequence[tuple[str, SessionLimits, int]]) -> list[str]:
+    """What limits fewer sessions than one process opens, given for each of its databases
+    (by its server's address) the limits of its pool's role and the sessions it opens
+    there at most: a pool that cannot grow meets an outage each time it tries, and one
+    of two pools of a role may be left with none at all."""
+    said = []
+    by_role: dict[tuple[str, str], int] = collections.Counter()
+    for server, limits, sessions in needs:
+        by_role[(server, limits.role)] += sessions
+    for server, limits, sessions in needs:
+        on_server = by_role[(server, limits.role)]
+        for limit, what, fix in (
+            (
+                limits.role_limit,
+                f"role {limits.role} may open {limits.role_limit} session(s) on the server",
+                f"ALTER ROLE {limits.role} CONNECTION LIMIT",
+            ),
+            (
+                limits.server_limit,
+                f"server takes {limits.server_limit} session(s) of roles that are not"
+                " superusers (max_connections)",
+                "raise max_connections",
+            ),
+        ):
+            if limit is not None and limit < on_server:
+                said.append(
+                    f"the {what}, and this process alone opens up to {on_server} as"
+                    f" {limits.role} (each pool's pool_max_conns, and a relayer's 2): {fix}"
+                    " higher, or lower pool_max_conns"
+                )
+        if limits.database_limit is not None and limits.database_limit < sessions:
+            said.append(
+                f"the database {limits.database} takes {limits.database_limit} session(s),"
+                f" and this process alone opens up to {sessions} there: ALTER DATABASE"
+                f" {limits.database} CONNECTION LIMIT higher, or lower pool_max_conns"
+            )
+    return list(dict.fromkeys(said))  # a limit two databases share, said once
 
 
 # How long closing a pool or a session waits for the server to see it out; then the
