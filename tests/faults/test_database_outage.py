@@ -14,8 +14,10 @@ import asyncio
 import contextlib
 import random
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
+from decimal import Decimal
 
 import asyncpg
 import pytest
@@ -28,12 +30,24 @@ from financing.adapters.postgres.connection import create_pool
 from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.adapters.postgres.read_models import PostgresReadModels
 from financing.adapters.postgres.schema import migrate
+from financing.application import codec
 from financing.application.errors import Unavailable
-from financing.generated import QueriesStub
+from financing.application.messages import InvestorRegistered, IssuerRegistered
+from financing.application.ports import Envelope
+from financing.domain.aggregates import InvoiceStatus
+from financing.generated import (
+    BidOnInvoiceCommand,
+    CommandsStub,
+    Money,
+    QueriesStub,
+    SellInvoiceCommand,
+    Uuid,
+)
 from tests.faults.conftest import Deploy, add_figure, record_workload, set_figure
 from tests.faults.workload import (
     OBSERVER_APPLICATION,
     Deployment,
+    IntegrationPublisher,
     Workload,
     assert_outages_logged_once,
     settle,
@@ -355,6 +369,76 @@ async def test_a_privilege_revoked_from_pruning_is_one_outage_until_it_is_grante
     ]
     await settle(target)
     await verify_effects(target, workload)
+
+
+async def test_a_bid_whose_sale_an_outage_held_up_waits_for_it_past_its_wait(
+    deploy: Deploy,
+) -> None:
+    """Regression (a probe): the command database's disk full for 100 s, its reads
+    answered and its writes refused: a bid sent right after its invoice's sale was
+    deferred while the sale could not be written, then dead-lettered once its wait ran
+    out (880 bids in one run), the invoice there a moment later and never financed; and
+    `financing check` said OK. A dependency out during the wait gives it a wait more."""
+    target = await deploy("held_up_sale")  # FINANCING_AGGREGATE_WAIT=2
+    commands_db, _ = target.databases
+    address = "{}:{}".format(*target.metrics_address)
+    read_models = PostgresReadModels(target.query_pool)
+    issuer, investor = uuid.uuid4(), uuid.uuid4()
+    registering = IntegrationPublisher(target.amqp_url)
+    try:
+        for event in (
+            IssuerRegistered(id=issuer, name_="held up"),
+            InvestorRegistered(id=investor, name_="held up", balance=Decimal(100)),
+        ):
+            await registering.publish(
+                Envelope(message_id=str(uuid.uuid4()), name=event.name(), body=codec.encode(event))
+            )
+    finally:
+        await registering.close()
+
+    async def registered() -> bool:
+        return bool(await read_models.issuers()) and bool(await read_models.investors())
+
+    await infra.wait_until(registered, what="the issuer and the investor")
+
+    def counted(outcome: str) -> float:
+        samples = scrape(address)
+        return value(samples, "financing_messages_total", queue="BidOnInvoice", outcome=outcome)
+
+    await infra.set_read_only(commands_db, True)  # as a full disk: reads answered, no write
+    try:
+        await terminate_sessions([commands_db], wait=True)
+        channel = Channel(*target.command_address)
+        try:
+            commands = CommandsStub(channel)
+            sold = await commands.sell_invoice(
+                SellInvoiceCommand(issuer_id=Uuid(str(issuer)), asking_price=Money(10.0))
+            )
+            await commands.bid_on_invoice(
+                BidOnInvoiceCommand(
+                    investor_id=Uuid(str(investor)), invoice_id=sold, bid=Money(20.0)
+                )
+            )
+        finally:
+            channel.close()
+
+        async def past_its_wait() -> bool:  # deferrals of at most 0.5 s: more than 2 s
+            return counted("deferred") >= 10 or counted("dead_lettered") > 0
+
+        await infra.wait_until(past_its_wait, timeout=30, what="the bid past its wait")
+    finally:
+        await infra.set_read_only(commands_db, False)
+    await terminate_sessions([commands_db], wait=True)
+
+    async def financed() -> bool:
+        return any(
+            row.id == uuid.UUID(sold.value) and row.status is InvoiceStatus.FINANCED
+            for row in await read_models.invoices()
+        )
+
+    await infra.wait_until(financed, timeout=30, what="the invoice financed by the bid")
+    assert counted("dead_lettered") == 0
+    await settle(target)
 
 
 # How long the service waits for PostgreSQL in the silent-server tests (FINANCING_DB_TIMEOUT).

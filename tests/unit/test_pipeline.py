@@ -397,6 +397,37 @@ async def test_a_deferred_message_back_late_past_its_wait_is_deferred_once_more(
     assert outcome.delay == POLICY.deferral_delay(POLICY.aggregate_wait + 10.0)
 
 
+@pytest.mark.parametrize(
+    ("ended_ago", "kind"), [(None, "deferred"), (30.0, "deferred"), (90.0, "dead_lettered")]
+)
+async def test_a_deferred_message_whose_wait_an_outage_held_up_is_deferred_for_a_wait_more(
+    ended_ago: float | None, kind: str
+) -> None:
+    """Regression (a probe): the command database's disk full for 100 s, its reads
+    answered and its writes refused: the sales held up, 880 bids were dead-lettered for
+    invoices that existed once the disk was freed. A dependency out (None: still out)
+    at some moment of its wait gives the message a whole wait more, from now."""
+    outages = Outages()
+    outages.failed(Unavailable("command database", "DiskFullError: No space left on device"))
+    if ended_ago is not None:
+        outages.succeeded("command database")
+        assert outages.down() == frozenset()
+        outages._ended_at["command database"] -= ended_ago  # as long ago as that
+    step = step_of(
+        exactly_once(InMemoryEventStore(), "sell_invoice", handlers.sell_invoice),
+        "SellInvoice",
+        outages=outages,
+    )
+    waited = POLICY.aggregate_wait + 0.5
+    back = MemoryDelivery(envelope_of(SellInvoice(uuid4(), uuid4(), D("50"))), waited=waited)
+
+    outcome = await step(back)
+
+    assert outcome.kind.value == kind, outcome.detail
+    if kind == "deferred":
+        assert outcome.past_wait_from == waited
+
+
 @pytest.mark.parametrize(("beyond", "kind"), [(59.0, "deferred"), (61.0, "dead_lettered")])
 async def test_a_message_in_its_pass_past_its_wait_may_wait_as_long_again_and_no_longer(
     beyond: float, kind: str

@@ -200,7 +200,9 @@ def retried(policy: RetryPolicy, outages: Outages, turns: AggregateTurns = TURNS
     aggregate waiting in its queue), it may wait as long again rather than be
     dead-lettered at its first attempt: what held it up held the other message up too,
     and each queue's backlog drains at its own pace. Once only: under a backlog every
-    return is late.
+    return is late. And a whole wait more whenever a dependency was out during its wait
+    (a command database that refused writes, its disk full, while it answered reads):
+    the message creating the aggregate waited through that outage too.
 
     A delivery that lost a race on aggregates (ConcurrencyConflict) takes its next
     attempts in their `turns`, one at a time in this process (`AggregateTurns`)."""
@@ -239,6 +241,12 @@ def retried(policy: RetryPolicy, outages: Outages, turns: AggregateTurns = TURNS
                 # Its pass past its wait, if it had one, is a whole wait more.
                 if waited < policy.aggregate_wait + (since or 0.0):
                     return Outcome.deferred(str(gave_up), policy.deferral_delay(waited))
+                if outages.down_within(waited - (since or 0.0)):
+                    # An outage during its wait held up the message that creates the
+                    # aggregate as long (its write refused, its queue's backlog behind
+                    # it): a whole wait more, from now, as often as outages come.
+                    delay = policy.deferral_delay(waited)
+                    return Outcome.deferred(str(gave_up), delay, past_wait_from=waited)
                 if since is None and delivery.late:
                     delay = policy.deferral_delay(waited)
                     return Outcome.deferred(str(gave_up), delay, past_wait_from=waited)

@@ -157,6 +157,8 @@ class Outages:
     # Of the dependencies whose outage of the moment was said to await an operator, what
     # it was said to await (each reason once: one mended into another is said too).
     _awaiting: dict[str, set[str]] = field(default_factory=dict)
+    # When the last outage of each dependency ended (time.monotonic()).
+    _ended_at: dict[str, float] = field(default_factory=dict)
 
     def check_with(
         self,
@@ -299,6 +301,7 @@ class Outages:
         self._awaiting.pop(dependency, None)
         if since is None:
             return
+        self._ended_at[dependency] = time.monotonic()
         metrics.DEPENDENCY_UP.labels(dependency).set(1)
         reconnected = dependency in self._disconnected
         self._disconnected.discard(dependency)
@@ -312,6 +315,12 @@ class Outages:
 
     def down(self) -> frozenset[str]:
         return frozenset(self._since)
+
+    def down_within(self, seconds: float) -> bool:
+        """Whether a dependency was out at some moment of the last `seconds` seconds:
+        one is now, or an outage ended since."""
+        now = time.monotonic()
+        return bool(self._since) or any(now - end < seconds for end in self._ended_at.values())
 
 
 def _always() -> bool:
