@@ -6,6 +6,8 @@ consumer, and no event has waited longer than --max-relay-lag to be relayed.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -120,6 +122,7 @@ async def bare() -> AsyncIterator[Bare]:
             "COMMAND_DB_CONNECTION_STRING": commands.dsn(),
             "QUERY_DB_CONNECTION_STRING": queries.dsn(),
             "AMQP_ADDRESS": vhost.url,
+            "METRICS_ADDRESS": "",  # no service here to ask
         }
         try:
             yield Bare(env, events)
@@ -500,3 +503,57 @@ async def test_a_database_taking_no_writes_is_reported_as_not_ready(bare: Bare, 
     [line] = [line for line in run.stdout.splitlines() if line.startswith(f"{which} database ")]
     assert "NOT READY: it takes no writes: its transactions are read-only" in line, line
     assert f"{which} database {db.describe()}: it takes no writes" in problems(run)
+
+
+@contextlib.asynccontextmanager
+async def health_endpoint(answer: bytes) -> AsyncIterator[int]:
+    """A metrics endpoint of a service on this host whose /health answers `answer`."""
+
+    async def answering(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answering, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_what_the_service_on_this_host_says_of_itself_is_judged(bare: Bare) -> None:
+    """Regression (a probe): with the command database's disk full, its reads answered and
+    its writes refused, `status` said every part reachable and the deployment healthy,
+    exit 0, while the service's `/health` and `health-check` said the command database
+    was unavailable."""
+    unhealthy = (
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n\r\n"
+        b"not healthy: command database unavailable\n"
+    )
+    async with health_endpoint(unhealthy) as port:
+        run = await run_cli({**bare.env, "METRICS_ADDRESS": f"0.0.0.0:{port}"}, "status")
+    where = f"http://127.0.0.1:{port}/health"
+    assert run.exit_code == 1, run.describe()
+    [line] = [line for line in run.stdout.splitlines() if line.startswith("service ")]
+    assert line == (
+        f"service           {where}: NOT HEALTHY: HTTP/1.1 503 Service Unavailable:"
+        " command database unavailable"
+    ), line
+    assert [p for p in problems(run) if p.startswith("the service")] == [
+        f"the service at {where} says: HTTP/1.1 503 Service Unavailable:"
+        " command database unavailable"
+    ], run.describe()
+
+    healthy = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nhealthy\n"
+    async with health_endpoint(healthy) as port:
+        run = await run_cli({**bare.env, "METRICS_ADDRESS": f"127.0.0.1:{port}"}, "status")
+    assert f"service           http://127.0.0.1:{port}/health: healthy" in run.stdout
+    assert not [p for p in problems(run) if p.startswith("the service")], run.describe()
+
+    nowhere = free_port()  # the command run where no service is: said, not judged
+    run = await run_cli({**bare.env, "METRICS_ADDRESS": f"127.0.0.1:{nowhere}"}, "status")
+    [line] = [line for line in run.stdout.splitlines() if line.startswith("service ")]
+    assert line.endswith(", not judged") and "no answer here (" in line, line
+    assert not [p for p in problems(run) if p.startswith("the service")], run.describe()

@@ -22,6 +22,7 @@ from financing.config import (
     DB_TIMEOUT,
     DEDUP_RETENTION,
     LOGGER_LEVEL,
+    METRICS_ADDRESS,
     QUERY_DB,
     QUEUE_TYPE,
     VARIABLES,
@@ -42,7 +43,7 @@ READS: dict[tuple[str, ...], tuple[Variable, ...]] = {
     ("trace",): (COMMAND_DB, DB_TIMEOUT, AMQP_ADDRESS),
     ("events",): (COMMAND_DB, QUERY_DB, DB_TIMEOUT),
     ("tail",): (AMQP_ADDRESS,),
-    ("status",): (COMMAND_DB, QUERY_DB, DB_TIMEOUT, AMQP_ADDRESS),
+    ("status",): (COMMAND_DB, QUERY_DB, DB_TIMEOUT, AMQP_ADDRESS, METRICS_ADDRESS),
     ("relay", "rewind"): (COMMAND_DB, DB_TIMEOUT, DEDUP_RETENTION),
     ("broker", "hand-back"): (AMQP_ADDRESS,),
 }

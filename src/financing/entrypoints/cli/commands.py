@@ -39,6 +39,7 @@ from financing.config import (
     DB_TIMEOUT,
     DEDUP_RETENTION,
     LOGGER_LEVEL,
+    METRICS_ADDRESS,
     QUERY_DB,
     QUEUE_TYPE,
     VARIABLES,
@@ -399,6 +400,7 @@ def _add_inspection(commands: _Commands) -> None:
         "whether the deployment is healthy, and how far behind each part is",
         *DATABASE_VARIABLES,
         AMQP_ADDRESS,
+        METRICS_ADDRESS,  # of the service on this host, asked for its /health
         run=_status,
         description="Whether the deployment is healthy, and how far behind each part is.\n\n"
         + HEALTHY,

@@ -22,6 +22,7 @@ import asyncio
 import ssl
 import sys
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from grpclib.client import Channel
 from grpclib.exceptions import StreamTerminatedError
@@ -216,6 +217,24 @@ async def _first_frame(host: str, port: int, context: ssl.SSLContext | None) -> 
 
 async def _http_health(address: tuple[str, int]) -> str:
     host, port = reachable(address)
+    answer = await health_answer(address)
+    if answer.status == 200:
+        return ""
+    return f"metrics endpoint at {host}:{port}: {answer.said}"
+
+
+@dataclass(frozen=True)
+class HealthAnswer:
+    """What the metrics endpoint's /health answered: its HTTP status (None: it could not be
+    asked), and what it said, or why it could not be asked."""
+
+    status: int | None
+    said: str
+
+
+async def health_answer(address: tuple[str, int]) -> HealthAnswer:
+    """Ask the metrics endpoint at `address` (as `reachable` says) for /health."""
+    host, port = reachable(address)
     try:
         async with asyncio.timeout(TIMEOUT):
             reader, writer = await asyncio.open_connection(host, port)
@@ -226,17 +245,16 @@ async def _http_health(address: tuple[str, int]) -> str:
                 answer += more
             writer.close()
     except (OSError, TimeoutError) as error:
-        return f"metrics endpoint at {host}:{port}: {_failure(error)}"
+        return HealthAnswer(None, _failure(error))
     head, _, body = answer.partition(b"\r\n\r\n")
     status_line = head.split(b"\r\n", 1)[0]
     words = status_line.split()
-    if len(words) < 2 or words[1] != b"200":
-        # The endpoint names what is not healthy on its answer's one line.
-        said = body.split(b"\n", 1)[0] if words[1:2] == [b"503"] else b""
-        said = said.removeprefix(b"not healthy: ")  # the probe's own line says it
-        text = b": ".join(part for part in (status_line.strip(), said.strip()) if part)
-        return f"metrics endpoint at {host}:{port}: {text.decode(errors='replace')}"
-    return ""
+    status = int(words[1]) if len(words) > 1 and words[1].isdigit() else None
+    # The endpoint names what is not healthy on its answer's one line.
+    said = body.split(b"\n", 1)[0] if status == 503 else b""
+    said = said.removeprefix(b"not healthy: ")  # the probe's own line says it
+    text = b": ".join(part for part in (status_line.strip(), said.strip()) if part)
+    return HealthAnswer(status or 0, text.decode(errors="replace"))
 
 
 def main() -> None:

@@ -50,6 +50,7 @@ from financing.application.errors import AwaitingOperator, Refused, Unavailable,
 from financing.application.moments import moment
 from financing.config import Settings
 from financing.entrypoints.cli.console import database, table, write_lines
+from financing.entrypoints.cli.health_check import health_answer, reachable
 from financing.workers.projector import BATCH_SIZE
 
 HEALTHY = """\
@@ -59,7 +60,10 @@ Healthy (exit code 0; otherwise 1) means:
   - the query database holds the read models of this deployment's event store
     (or of none yet);
   - every queue the service consumes exists and has at least one consumer;
-  - no event has waited longer than --max-relay-lag seconds to be relayed.
+  - no event has waited longer than --max-relay-lag seconds to be relayed;
+  - the service on this host, where its metrics endpoint (METRICS_ADDRESS)
+    answers, says it is healthy (/health): it knows of outages that answering
+    alone does not show (a disk full, its writes refused).
 Dead letters, deferred messages, the projector's backlog and a broker whose
 certificate is not verified are reported, not judged."""
 MAX_RELAY_LAG = 10.0
@@ -87,7 +91,7 @@ async def run_status(
 ) -> int:
     """Print the status; exit code 0 when healthy, 1 otherwise. The three inquiries run
     side by side, so that a probe of silent dependencies answers within one timeout."""
-    event_store, read_models, broker = Findings(), Findings(), Findings()
+    event_store, read_models, broker, service = Findings(), Findings(), Findings(), Findings()
     brokers = ", ".join(describe_url(url) for url in settings.amqp_urls)
     await asyncio.gather(
         _inquire(
@@ -103,6 +107,7 @@ async def run_status(
             answer_within,
         ),
         _inquire(broker, ("broker", brokers), lambda: _broker(settings, broker), answer_within),
+        _local_service(settings, service),
     )
     if (
         None not in (event_store.store, read_models.store)
@@ -119,8 +124,8 @@ async def run_status(
     for url in unverified(settings.amqp_urls):
         broker.report("broker TLS", f"{describe_url(url)}: {UNVERIFIED}")
     findings = Findings(
-        [*event_store.lines, *read_models.lines, *broker.lines],
-        [*event_store.problems, *read_models.problems, *broker.problems],
+        [*event_store.lines, *read_models.lines, *service.lines, *broker.lines],
+        [*event_store.problems, *read_models.problems, *service.problems, *broker.problems],
     )
     write_lines(findings.lines)
     if findings.problems:
@@ -163,6 +168,23 @@ async def _inquire(
     except Exception as error:  # a probe reports what it cannot tell rather than crash
         findings.report(part, f"{where}: FAILED: {summary(error)}")
         findings.problems.append(f"{what} could not be inquired into")
+
+
+async def _local_service(settings: Settings, findings: Findings) -> None:
+    """What the service on this host says of itself (its /health), where one answers; a
+    host where none answers (the command run from elsewhere) is not judged."""
+    if settings.metrics_address is None:
+        return
+    host, port = reachable(settings.metrics_address)
+    where = f"http://{host}:{port}/health"
+    answer = await health_answer(settings.metrics_address)
+    if answer.status is None:
+        findings.report("service", f"{where}: no answer here ({answer.said}), not judged")
+    elif answer.status == 200:
+        findings.report("service", f"{where}: healthy")
+    else:
+        findings.report("service", f"{where}: NOT HEALTHY: {answer.said}")
+        findings.problems.append(f"the service at {where} says: {answer.said}")
 
 
 async def _event_store(settings: Settings, findings: Findings, max_relay_lag: float) -> None:
