@@ -21,8 +21,6 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, NoReturn, TypeVar
 from uuid import UUID
 
-import uvloop
-
 from financing import logging as service_logging
 from financing import release
 from financing.adapters.postgres import schema
@@ -50,6 +48,7 @@ from financing.config import (
 )
 from financing.domain.ids import parse_id
 from financing.domain.money import MAX_AMOUNT, MAX_DECIMAL_PLACES, decimal_places
+from financing.entrypoints import event_loop
 from financing.entrypoints.bootstrap import (
     NEEDS_COMMAND_DB,
     NEEDS_QUERY_DB,
@@ -717,7 +716,7 @@ def _run(argv: Sequence[str] | None, *, overrides: Overrides | None) -> None:
     try:
         # Every command on the loop the service runs on (uvloop), so that an operator's
         # command (a rebuild, a replay) runs the adapters as the service runs them.
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        with asyncio.Runner(loop_factory=event_loop.new_event_loop) as runner:
             if args.command == "serve":
                 components = args.components or settings.components
                 wiring = overrides or NO_OVERRIDES

@@ -1,0 +1,154 @@
+"""The event loop every command runs on: uvloop's, connecting to a host name as libpq
+does, one address after another without waiting on any for long.
+
+A name may resolve to several addresses: a database's or a broker's fail-over pair,
+`localhost` as `::1` and `127.0.0.1`. The loop's own connect tries them in turn,
+each for as long as the system lets a connection attempt last: an address that
+answers nothing (a host gone, a firewall dropping what reaches it) held every
+attempt until the caller's timeout, and the next address, which answered, was
+never tried: the database and the broker stayed out for good. Here a new attempt
+starts each `NEXT_ADDRESS_AFTER` seconds while none has connected, the others go on,
+and the first to connect is used (RFC 8305's "Happy Eyeballs", which uvloop's
+connect lacks). Names are looked up in threads of the default executor, not in
+libuv's, which a few slow lookups abandoned by their callers held: every other
+lookup of the process waited behind them; and a lookup under way is shared by
+whoever asks for the same name, and goes on when they give up (`Loop.addresses`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from typing import Any
+
+import uvloop
+
+# How long an attempt to connect to one address of a name goes on alone before the next
+# address is tried beside it (RFC 8305 section 5 recommends 250 ms).
+NEXT_ADDRESS_AFTER = 0.25
+# How long the addresses a name was found at serve new connections before it is looked up
+# again: a name moved to a new address (a fail-over by DNS) is followed this much later.
+FRESH_FOR = 5.0
+
+AddressInfo = tuple[Any, ...]  # what socket.getaddrinfo gives for one address
+
+
+class Loop(uvloop.Loop):
+    def __init__(self) -> None:
+        super().__init__()
+        # Of each name looked up: its lookup under way, or done less than FRESH_FOR ago
+        # (with when it was done).
+        self._lookups: dict[tuple[Any, ...], tuple[asyncio.Future[list[AddressInfo]], float]] = {}
+
+    async def create_connection(
+        self, protocol_factory: Any, host: str | None = None, port: Any = None, **options: Any
+    ) -> Any:
+        if options.get("sock") or options.get("local_addr") or host is None or _literal(host):
+            return await super().create_connection(protocol_factory, host, port, **options)
+        family, proto, flags = (options.pop(key, 0) for key in ("family", "proto", "flags"))
+        found = await self.addresses(host, port, family, proto, flags)
+        options["sock"] = await first_connected(self, found)
+        if options.get("ssl") and options.get("server_hostname") is None:
+            options["server_hostname"] = host  # the name the certificate must bear
+        return await super().create_connection(protocol_factory, **options)
+
+    async def addresses(
+        self, host: str, port: Any, family: int, proto: int, flags: int
+    ) -> list[AddressInfo]:
+        """The addresses of `host`, looked up in a thread of the default executor. A lookup
+        under way is shared, and goes on when its callers give up (a health check given
+        a second, a lookup taking five): the next caller takes it where it is, where a
+        lookup of its own would have been given up again. One done serves FRESH_FOR
+        seconds more; one that failed, nobody after it. The error names the host."""
+        key = (host, port, family, proto, flags)
+        now = self.time()
+        kept = self._lookups.get(key)
+        if kept is None or (
+            kept[0].done()
+            and (kept[0].cancelled() or kept[0].exception() or now - kept[1] > FRESH_FOR)
+        ):
+            lookup: asyncio.Future[list[AddressInfo]] = asyncio.ensure_future(
+                self.run_in_executor(
+                    None, socket.getaddrinfo, host, port, family, socket.SOCK_STREAM, proto, flags
+                )
+            )
+            self._lookups[key] = (lookup, now)
+            lookup.add_done_callback(lambda done: self._looked_up(key, done))
+        else:
+            lookup = kept[0]
+        try:
+            return await asyncio.shield(lookup)
+        except socket.gaierror as error:
+            raise socket.gaierror(error.errno, f"{error.strerror} ({host})") from None
+
+    def _looked_up(self, key: tuple[Any, ...], done: asyncio.Future[list[AddressInfo]]) -> None:
+        if not done.cancelled() and done.exception() is not None:  # retrieved: said by callers
+            self._lookups.pop(key, None)
+        elif self._lookups.get(key, (None,))[0] is done:
+            self._lookups[key] = (done, self.time())
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    return Loop()
+
+
+def _literal(host: str) -> bool:
+    """Whether `host` is an address, not a name (one address: nothing to choose from)."""
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])  # an IPv6 address may name its zone
+    except ValueError:
+        return False
+    return True
+
+
+async def first_connected(
+    loop: asyncio.AbstractEventLoop, found: list[AddressInfo], *, after: float = NEXT_ADDRESS_AFTER
+) -> socket.socket:
+    """A socket connected to the first of the addresses `found` to take a connection, an
+    attempt started on the next each `after` seconds while none has (or at once when one
+    fails); OSError naming each address's failure when every one failed."""
+    if not found:
+        raise OSError(f"the name resolves to no address of a stream: {found!r}")
+    attempts: dict[asyncio.Task[socket.socket], AddressInfo] = {}
+    failures: list[str] = []
+    waiting = list(found)
+    try:
+        while waiting or attempts:
+            if waiting:
+                info = waiting.pop(0)
+                attempts[asyncio.ensure_future(_connected(loop, info))] = info
+            done, _ = await asyncio.wait(
+                attempts,
+                timeout=after if waiting else None,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            for attempt in done:
+                info = attempts.pop(attempt)
+                error = attempt.exception()
+                if error is None:
+                    return attempt.result()
+                failures.append(f"{info[4][0]} port {info[4][1]}: {error}")
+        raise OSError("; ".join(failures))
+    finally:
+        for attempt in attempts:  # the others: cancelled, or closed once connected
+            attempt.cancel()
+            attempt.add_done_callback(_closed)
+
+
+def _closed(attempt: asyncio.Task[socket.socket]) -> None:
+    """Close the socket of an attempt given up on that connected all the same."""
+    if not attempt.cancelled() and attempt.exception() is None:
+        attempt.result().close()
+
+
+async def _connected(loop: asyncio.AbstractEventLoop, info: AddressInfo) -> socket.socket:
+    family, kind, proto, _, address = info
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
