@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from structlog.testing import capture_logs
 
-from financing.application.grace import finish_on_cancel
+from financing.application.grace import finish_on_cancel, stop_if_asked
 
 
 async def _stopped_while(step_fails: bool) -> tuple[list[str], list[str]]:
@@ -64,3 +65,31 @@ async def test_a_step_cut_short_by_its_grace_is_said() -> None:
     assert [line["event"] for line in logs] == [
         "a step being finished as its worker stopped was cut short"
     ]
+
+
+async def test_a_loop_asked_to_stop_stops_though_a_wait_lost_the_cancellation() -> None:
+    """Regression (a probe): a stop signal to `financing dead-letters requeue` cancelled
+    its task while the AMQP client's `asyncio.wait_for` was finishing a wait: Python 3.11
+    returns the result then, the cancellation lost, and the command requeued every
+    letter there was. Each turn of such a loop now looks whether it was asked to stop."""
+    turns = 0
+    asked = asyncio.Event()
+
+    async def loop_over_letters() -> None:
+        nonlocal turns
+        while True:
+            stop_if_asked()
+            turns += 1
+            try:
+                await asyncio.sleep(0)
+                asked.set()
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                pass  # as wait_for in 3.11 does when its wait ends in the same turn
+
+    task = asyncio.create_task(loop_over_letters())
+    await asked.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    assert turns == 1

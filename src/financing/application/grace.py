@@ -36,3 +36,15 @@ async def finish_on_cancel(step: Awaitable[None], grace: float = SHUTDOWN_GRACE)
         except Exception as error:  # a bug: said whole
             log.error("a step being finished as its worker stopped failed", exc_info=error)
         raise
+
+
+def stop_if_asked() -> None:
+    """Raise CancelledError where the current task was asked to stop (cancelled) and goes
+    on regardless: a loop over many items checks it before each. Python 3.11's
+    `asyncio.wait_for` (the AMQP client's waits for a channel) returns its result, the
+    cancellation lost, when the two come in the same turn of the loop: a stop signal to
+    `financing dead-letters requeue` was lost so, and it requeued every letter there was
+    rather than stop."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

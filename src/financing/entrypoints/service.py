@@ -28,7 +28,7 @@ from financing.entrypoints.bootstrap import (
     StartupError,
     bootstrap,
 )
-from financing.entrypoints.stopping import stop_signals
+from financing.entrypoints.stopping import early_signal, stop_signals
 from financing.entrypoints.supervisor import supervise
 from financing.logging import get_logger
 
@@ -58,6 +58,8 @@ async def serve(
     stopping_on = stop_signals()
     for sig in stopping_on:
         loop.add_signal_handler(sig, stopping, sig)
+    if (early := early_signal()) is not None:  # before these handlers took the signals
+        stopping(early)
     loop.add_signal_handler(signal.SIGUSR1, tell_tasks)
     budget = settings.startup_timeout if startup_timeout is None else startup_timeout
     code = 1  # a crash's, if what follows raises

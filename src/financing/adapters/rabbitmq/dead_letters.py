@@ -51,7 +51,7 @@ from financing.adapters.rabbitmq.topology import (
 )
 from financing.application.codec import nested_too_deep
 from financing.application.errors import Unavailable
-from financing.application.grace import finish_on_cancel
+from financing.application.grace import finish_on_cancel, stop_if_asked
 from financing.application.ports import (
     CORRELATION_HEADER,
     REQUEUED_AT_HEADER,
@@ -647,6 +647,7 @@ async def _fetched(
     at_most = 0 if queue is None else queue.declaration_result.message_count or 0
     fetched = 0
     while queue is not None and fetched < at_most:
+        stop_if_asked()
         with translated():
             message = await queue.get(no_ack=False, fail=False)
         if message is None:
@@ -836,6 +837,7 @@ async def _take(
         async for message, letter in found:
             if not wanted(letter):
                 continue
+            stop_if_asked()  # before the letter is taken in hand, not once it is
             await finish_on_cancel(_settled(message, letter, act, taken))
 
 

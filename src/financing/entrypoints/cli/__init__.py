@@ -14,7 +14,6 @@ import signal
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
-from types import FrameType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -31,7 +30,10 @@ def main(argv: Sequence[str] | None = None, *, overrides: Overrides | None = Non
     _any_text_written()
     with _stopped_by_signals_until_handled(argv):
         from financing.entrypoints.cli.commands import run
+        from financing.entrypoints.stopping import early_signal
 
+        if (signum := early_signal()) is not None:  # while the modules were imported
+            _stopped_while_starting(argv, signum)
         run(argv, overrides=overrides)
 
 
@@ -62,34 +64,24 @@ def _any_text_written() -> None:
             reconfigure(errors="backslashreplace")
 
 
-class _Signalled(BaseException):
-    """A SIGTERM, SIGINT or SIGHUP that came before the command handled signals itself."""
-
-
 @contextmanager
 def _stopped_by_signals_until_handled(argv: Sequence[str] | None) -> Iterator[None]:
     """A SIGTERM, SIGINT or SIGHUP in the half second the command's modules take to import, or
     before the command hands the signals to its event loop (which replaces this
-    handler), stops the process as one does once it runs: `serve` says "stopped while
-    starting" and exits 0, another command exits 128 + the signal; never Python's
-    traceback, nor a death by the signal without a word."""
+    handler and acts on the signal remembered), stops the process as one does once it
+    runs: `serve` says "stopped while starting" and exits 0, another command exits 128 +
+    the signal; never Python's traceback, nor a death by the signal without a word."""
+    from financing.entrypoints.stopping import remember_early, stop_signals
 
-    def signalled(signum: int, frame: FrameType | None) -> None:
-        raise _Signalled(signum)
-
-    from financing.entrypoints.stopping import stop_signals
-
-    previous = {sig: signal.signal(sig, signalled) for sig in stop_signals()}
+    previous = {sig: signal.signal(sig, remember_early) for sig in stop_signals()}
     try:
         yield
-    except _Signalled as stop:
-        _stopped_while_starting(argv, int(stop.args[0]))
     finally:
         for sig, handler in previous.items():
             # Called with `argv` by a program of its own (not as the process's command
             # line), the signals are left as they were found: once a command's work is
             # done it ignores them until the process exits (`cancelled_by_signals`).
-            if argv is not None or signal.getsignal(sig) is signalled:
+            if argv is not None or signal.getsignal(sig) is remember_early:
                 signal.signal(sig, handler)
 
 

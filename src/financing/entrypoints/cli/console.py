@@ -16,7 +16,7 @@ import asyncpg
 from financing.adapters.postgres.connection import close_pool, create_pool, translated
 from financing.adapters.postgres.schema import SchemaBehind, migrate, require_current
 from financing.config import Database, Variable
-from financing.entrypoints.stopping import stop_signals
+from financing.entrypoints.stopping import early_signal, stop_signals
 
 # What a statement of a command that scans whole tables may take at least: a replay's
 # or a check's reads, a rebuild's swap, on a large store.
@@ -45,6 +45,8 @@ def cancelled_by_signals(task: asyncio.Task[int]) -> Iterator[list[signal.Signal
     stopping_on = stop_signals()
     for signum in stopping_on:
         loop.add_signal_handler(signum, stop, signum)
+    if (early := early_signal()) is not None:  # before these handlers took the signals
+        stop(early)
     try:
         yield signalled
     finally:

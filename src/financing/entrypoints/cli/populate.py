@@ -17,6 +17,7 @@ from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import connected
 from financing.adapters.rabbitmq.publisher import Publisher
 from financing.application import codec
+from financing.application.grace import stop_if_asked
 from financing.application.messages import IntegrationEvent, InvestorRegistered, IssuerRegistered
 from financing.application.ports import Cause, Envelope
 
@@ -71,6 +72,7 @@ async def registrations(
         )
         try:
             while batch := list(itertools.islice(events, BATCH)):
+                stop_if_asked()
                 progress.publishing = True
                 await publisher.publish_events([_envelope(event) for event in batch])
                 yield batch
