@@ -27,6 +27,8 @@ lines again.
 
 from __future__ import annotations
 
+import atexit
+import collections
 import contextlib
 import fcntl
 import io
@@ -35,6 +37,7 @@ import os
 import socket
 import stat
 import sys
+import threading
 import types
 from collections.abc import Callable
 from typing import TextIO
@@ -171,8 +174,11 @@ def _unwaiting(raw: io.FileIO) -> Write:
     """How to write to `raw`'s descriptor without waiting for its reader. A pipe (or FIFO)
     is opened again, non-blocking, for the service alone: its descriptor, shared with
     whoever started the service (a shell's `2>&1` gives it stdout too), is left as it
-    was. A socket is sent to without waiting, call by call. A file or a terminal is
-    written to as it is."""
+    was. A socket is sent to without waiting, call by call. A pipe that cannot be opened
+    again (another user's: the service started under `sudo -u`, `setpriv`, an image's
+    entrypoint dropping its privileges) and a terminal (`docker run -t`, a stalled ssh
+    session) are written by a thread of their own (`_WriterThread`). A file is written to
+    as it is."""
     fd = raw.fileno()
     try:
         mode = os.fstat(fd).st_mode
@@ -188,8 +194,8 @@ def _unwaiting(raw: io.FileIO) -> Write:
                 os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC),
                 "w",
             )
-        except OSError:  # no /proc, or the reader gone already: writes fail anyway
-            return raw.write
+        except OSError:  # no /proc, another user's pipe, or the reader gone already
+            return _WriterThread(raw)
         _KEPT.append(own)
         return own.write
     if stat.S_ISSOCK(mode):
@@ -199,11 +205,57 @@ def _unwaiting(raw: io.FileIO) -> Write:
             return raw.write
         _KEPT.append(sock)
         return lambda data: sock.send(data, socket.MSG_DONTWAIT)
+    if raw.isatty():
+        return _WriterThread(raw)
     return raw.write
 
 
 # The descriptors of `_unwaiting`, open for as long as the process logs.
 _KEPT: list[io.FileIO | socket.socket] = []
+
+
+class _WriterThread:
+    """Writes to a descriptor that may block, taken whole by a thread that waits for it:
+    up to QUEUED bytes wait their turn, and what would go beyond is not taken (dropped).
+    At the process's exit what waits is given EXIT_WAIT seconds to be written."""
+
+    QUEUED = 1 << 20
+    EXIT_WAIT = 2.0
+
+    def __init__(self, raw: io.FileIO) -> None:
+        self._raw = raw
+        self._waiting: collections.deque[bytes] = collections.deque()
+        self._bytes = 0
+        self._ready = threading.Condition()
+        threading.Thread(target=self._write, name="log writer", daemon=True).start()
+        atexit.register(self._flushed, self.EXIT_WAIT)
+
+    def __call__(self, data: memoryview) -> int | None:
+        with self._ready:
+            if self._bytes + len(data) > self.QUEUED:
+                return None
+            self._waiting.append(bytes(data))
+            self._bytes += len(data)
+            self._ready.notify()
+        return len(data)
+
+    def _write(self) -> None:
+        while True:
+            with self._ready:
+                self._ready.wait_for(lambda: bool(self._waiting))
+                data = self._waiting[0]
+            with contextlib.suppress(OSError, ValueError):  # dropped: as any write failed
+                view = memoryview(data)
+                while view:
+                    view = view[self._raw.write(view) or 0 :]
+            with self._ready:
+                self._waiting.popleft()
+                self._bytes -= len(data)
+                self._ready.notify_all()
+
+    def _flushed(self, within: float) -> None:
+        with self._ready:
+            self._ready.wait_for(lambda: not self._waiting, timeout=within)
 
 
 def _said_dropped(count: int) -> None:

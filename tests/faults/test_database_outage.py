@@ -295,8 +295,23 @@ async def test_a_command_database_that_takes_no_writes_is_one_outage_until_it_ta
             return value(samples, "financing_messages_total", **retried) >= 6
 
         await infra.wait_until(retried_six_times, timeout=30, what="six retries")
-        lines = [event for _, event in target.outage_lines("command database")]
-        assert lines == ["command database unavailable"], lines
+
+        # Regression (a probe): the outage's cause, when it began with its sessions ended
+        # ("terminating connection"), was never said.
+        def lines() -> list[str]:
+            return [event for _, event in target.outage_lines("command database")]
+
+        async def said_why() -> bool:
+            return "command database still unavailable" in lines()
+
+        await infra.wait_until(said_why, timeout=10, what="the outage said to await writes")
+        assert lines() == ["command database unavailable", "command database still unavailable"]
+        [why] = [
+            line["error"]
+            for line in target.json_log()
+            if line["event"] == "command database still unavailable"
+        ]
+        assert why.startswith("it takes no writes: its transactions are read-only"), why
         assert not running.done()
     finally:
         await infra.set_read_only(commands_db, False)
@@ -305,7 +320,13 @@ async def test_a_command_database_that_takes_no_writes_is_one_outage_until_it_ta
     await settle(target)
     await verify_effects(target, workload)
     await assert_outages_logged_once(
-        target, "command database", ["command database unavailable", "command database recovered"]
+        target,
+        "command database",
+        [
+            "command database unavailable",
+            "command database still unavailable",
+            "command database recovered",
+        ],
     )
     assert target.service.running and target.starts() == 1
 
@@ -351,7 +372,7 @@ async def test_a_privilege_revoked_from_pruning_is_one_outage_until_it_is_grante
     [awaiting] = [
         line for line in target.json_log() if line["event"] == "command database still unavailable"
     ]
-    assert "its role may not write: it lacks processed_messages (UPDATE)" in awaiting["error"]
+    assert "lacks privileges the service needs: processed_messages (UPDATE)" in awaiting["error"]
     workload = Workload(target, seed=suite_seed(), concurrency=2)
     await workload.run(sagas=4)  # the service works on meanwhile, and the outage stays
     assert "command database recovered" not in lines(), lines()

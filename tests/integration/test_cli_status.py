@@ -452,7 +452,9 @@ async def test_a_database_whose_tables_are_gone_is_reported_as_not_ready(
     [
         ("command", "INSERT ON events", "events (INSERT)"),
         ("command", "USAGE ON SEQUENCE events_position_seq", "events_position_seq (USAGE)"),
+        ("command", "SELECT ON snapshots", "snapshots (SELECT)"),
         ("query", "UPDATE ON read_models.invoices", "read_models.invoices (UPDATE)"),
+        ("query", "USAGE ON SCHEMA read_models", "schema read_models (USAGE)"),
     ],
 )
 async def test_a_database_refusing_the_services_writes_is_reported_as_not_ready(
@@ -486,8 +488,9 @@ async def test_a_database_refusing_the_services_writes_is_reported_as_not_ready(
     )
     assert refused.exit_code == 1, refused.describe()
     [line] = [line for line in refused.stdout.splitlines() if line.startswith(f"{which} database ")]
-    assert f"NOT READY: its role may not write: it lacks {lacking}; GRANT them" in line, line
-    assert f"{which} database {reader.describe()}: its role may not write" in problems(refused)
+    assert f"NOT READY: its role lacks privileges the service needs: {lacking}; GRANT" in line, line
+    needs = "its role lacks privileges the service needs"
+    assert f"{which} database {reader.describe()}: {needs}" in problems(refused)
 
 
 @pytest.mark.parametrize("which", ["command", "query"])

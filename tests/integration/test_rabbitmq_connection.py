@@ -4,7 +4,11 @@ and once when it is over, however many consumers and publishers notice it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import socket
+import struct
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,6 +24,7 @@ from financing.adapters.rabbitmq.connection import (
     HEARTBEAT,
     VHOST_REFUSED,
     Broker,
+    _untrusted,
     close_channel,
     describe_url,
 )
@@ -33,6 +38,7 @@ from financing.application.messages import CreateIssuer
 from financing.application.pipeline import Decoded, Outcome, OutcomeKind, compose
 from financing.application.ports import Envelope
 from financing.application.retry import DELIVERIES, Outages
+from financing.entrypoints.event_loop import new_event_loop
 from tests.support import infra, rabbitmq
 from tests.support.infra import unique_name, wait_until
 
@@ -403,3 +409,58 @@ async def test_channels_closed_by_the_service_or_the_broker_leave_nothing_on_the
         await kept.declare_queue(queue, passive=True)
     finally:
         await broker.close()
+
+
+@contextlib.asynccontextmanager
+async def closing_at_once(*, reset: bool) -> AsyncIterator[str]:
+    """A broker URL whose port closes each connection as soon as it is made, before a
+    word (`reset`: with an RST), as a proxy or a load balancer with no broker behind it
+    does."""
+
+    async def close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if reset:
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.close()
+
+    server = await asyncio.start_server(close, "127.0.0.1", 0)
+    try:
+        yield f"amqp://guest:guest@127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
+def test_a_port_that_closes_connections_at_once_is_an_outage(reset: bool) -> None:
+    """Regression (a probe): a connection closed before its first frame raised
+    StopAsyncIteration out of the AMQP client (on the service's loop, now and then),
+    taken for a bug: the service exited 1; and one reset in the handshake chained its
+    errors to each other, which the look for a TLS refusal followed round for ever, the
+    process hung at full CPU (SIGTERM too)."""
+
+    async def attempts() -> None:
+        async with closing_at_once(reset=reset) as url:
+            broker = Broker([url], Outages())
+            try:
+                for _ in range(40):
+                    with pytest.raises(Unavailable, match=r"broker unavailable: amqp://127"):
+                        async with asyncio.timeout(10):
+                            await broker.connection()
+                    broker._held_off = None  # the next attempt at once, not after a hold-off
+            finally:
+                await broker.close()
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(attempts())
+
+
+def test_an_error_chained_to_itself_is_looked_through_once() -> None:
+    reset = ConnectionResetError("Connection reset by peer")
+    error = aiormq.exceptions.AMQPConnectionError("Server connection reset")
+    error.__cause__ = reset
+    reset.__context__ = error  # as aiormq chains them: `raise self._exception from e`
+    looking = threading.Thread(target=_untrusted, args=(error,), daemon=True)
+    looking.start()
+    looking.join(timeout=5)
+    assert not looking.is_alive(), "the look went round the chain"

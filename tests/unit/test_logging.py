@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import io
@@ -197,3 +198,50 @@ def test_a_log_reader_that_stopped_reading_blocks_nothing_and_the_lines_dropped_
         os.close(writer)
     assert [json.loads(line)["event"] for line in received.decode().splitlines()] == ["after"]
     assert resumed == [3]
+
+
+def test_a_pipe_of_another_user_is_written_by_a_thread_that_alone_waits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression (a probe): started as another user than the one who made its pipe
+    (`sudo -u`, `setpriv`, an entrypoint dropping privileges), the service could not open
+    the pipe again without blocking (EACCES), wrote it as it was, and froze once its
+    reader stopped, as before the log stopped waiting."""
+    real_open = os.open
+
+    def refused(path: Any, *args: Any, **kwargs: Any) -> int:
+        if str(path).startswith("/proc/self/fd/"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    reader, writer = os.pipe()
+    try:
+        with stream_of(writer, unbuffered=True) as file:
+            monkeypatch.setattr(os, "open", refused)
+            lines = Lines(file)
+            monkeypatch.undo()
+            filled(writer)
+            writing = threading.Thread(
+                target=lambda: [lines.msg(json.dumps({"event": f"line {n}"})) for n in range(3)],
+                daemon=True,
+            )
+            writing.start()
+            writing.join(timeout=10)
+            assert not writing.is_alive(), "a line waited for the pipe's reader"
+            os.set_blocking(reader, False)
+
+            async def after_the_filler() -> bytes:
+                received = b""
+                deadline = asyncio.get_running_loop().time() + 10
+                while b'"line 2"' not in received:
+                    received += drained(reader)
+                    assert asyncio.get_running_loop().time() < deadline, received[-200:]
+                    await asyncio.sleep(0.01)  # the writer thread's turn, polled
+                return received
+
+            received = asyncio.run(after_the_filler())
+    finally:
+        os.close(reader)
+        os.close(writer)
+    events = [json.loads(line)["event"] for line in received.decode().splitlines() if line.strip()]
+    assert events[-3:] == ["line 0", "line 1", "line 2"]

@@ -45,8 +45,8 @@ from financing.adapters.postgres.schema import (
     latest,
     migrate,
     missing,
+    require_grants,
     require_tables,
-    require_writes,
 )
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import BROKER, Broker
@@ -416,16 +416,16 @@ def _housekeeping(
 
 
 def _answering(pool: asyncpg.Pool, schema: str, *, writes: bool) -> Callable[[], Awaitable[None]]:
-    """The check of the database of `schema`: it answers, the tables its statements name
-    are there and, where the process writes (`writes`), it takes writes and the role may
-    make them all (a privilege revoked from a statement that runs only now and then, as
-    pruning does, ended its outage at each check and began it again at each run)."""
+    """The check of the database of `schema`: it answers, the role may read the tables its
+    statements name and, where the process writes (`writes`), it takes writes and the role
+    may make them all (a privilege revoked from a statement that runs only now and then,
+    as pruning does, ended its outage at each check and began it again at each run), and
+    those tables are there."""
 
     async def answering() -> None:
         await (writable if writes else ping)(pool, DATABASES[schema])
+        await require_grants(pool, schema, writes=writes)
         await require_tables(pool, schema)
-        if writes:
-            await require_writes(pool, schema)
 
     return answering
 

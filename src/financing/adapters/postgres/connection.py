@@ -408,6 +408,14 @@ async def ping(pool: asyncpg.Pool, dependency: str) -> None:
             await conn.fetchval("SELECT 1")
 
 
+# What a database that answers and takes no writes is said to be.
+READ_ONLY = (
+    "it takes no writes: its transactions are read-only (a standby not promoted yet, or"
+    " default_transaction_read_only set on the database or the role); the service waits"
+    " for writes to be taken and goes on by itself"
+)
+
+
 async def writable(pool: asyncpg.Pool, dependency: str) -> None:
     """Return if the database answers and takes writes now; Unavailable if not. A server
     that answers but takes no writes (a standby not yet promoted, one read-only by
@@ -419,7 +427,7 @@ async def writable(pool: asyncpg.Pool, dependency: str) -> None:
         if read_only != "off":
             drop_stale(conn)
     if read_only != "off":
-        raise Unavailable(dependency, "the server takes no writes (read-only)")
+        raise AwaitingOperator(dependency, READ_ONLY)
 
 
 # States by which the server refuses a session for a setting it may hold from its start

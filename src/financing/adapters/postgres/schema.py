@@ -28,6 +28,7 @@ import asyncpg
 from financing.adapters.postgres.connection import (
     COMMAND_DATABASE,
     QUERY_DATABASE,
+    READ_ONLY,
     Connection,
     acquired,
     advisory_lock_holder,
@@ -240,11 +241,17 @@ WRITES = {
         "projected_event_store": "INSERT",  # the event store it projects, at its first start
     },
 }
+# Of the schemas named, those that exist and the role may not use (their tables out of
+# its reach).
+_UNUSABLE_SCHEMAS = (
+    "SELECT coalesce(array_agg(name ORDER BY name), '{}') FROM unnest($1::text[]) AS name"
+    " WHERE to_regnamespace(name) IS NOT NULL AND NOT has_schema_privilege(name, 'USAGE')"
+)
 # Whether the session's transactions are read-only (a standby, or read-only by default),
 # and of each table (or sequence) and privilege named, those its role lacks
 # (has_table_privilege given several says whether the role has any of them: one at a
 # time).
-_REFUSED_WRITES = (
+_LACKING = (
     "SELECT current_setting('transaction_read_only') <> 'off',"
     " coalesce(array_agg(name || ' (' || privilege || ')' ORDER BY name, privilege)"
     " FILTER (WHERE NOT CASE WHEN c.relkind = 'S' THEN has_sequence_privilege(c.oid, privilege)"
@@ -255,30 +262,30 @@ _REFUSED_WRITES = (
 )
 
 
-async def require_writes(pool: asyncpg.Pool, name: str) -> None:
-    """AwaitingOperator unless the database takes the writes the service makes to the
-    tables of `name` (WRITES) from the pool's role: a server that answers every read
-    while refusing the projector's or the handlers' writes is no healthy deployment."""
+async def require_grants(pool: asyncpg.Pool, name: str, *, writes: bool) -> None:
+    """AwaitingOperator unless the pool's role may use the schemas and read the tables of
+    `name` and, where the process `writes`, the database takes writes and the role may
+    make those of WRITES: a server that answers while refusing the service's statements
+    is out for it, and said so with what is lacking."""
     database = DATABASES[name]
-    tables = WRITES[name]
+    schemas = sorted({table.split(".")[0] for table in NEEDED_TABLES[name] if "." in table})
+    granted = dict.fromkeys(NEEDED_TABLES[name], "SELECT")
+    for table, written in WRITES[name].items() if writes else ():
+        granted[table] = f"{granted[table]}, {written}" if table in granted else written
     async with acquired(pool, database) as conn:
-        row = await conn.fetchrow(_REFUSED_WRITES, list(tables), list(tables.values()))
-    assert row is not None  # an aggregate without GROUP BY gives one row
-    read_only: bool
-    lacking: list[str]
-    read_only, lacking = row
-    if read_only:
-        raise AwaitingOperator(
-            database,
-            "it takes no writes: its transactions are read-only (a standby not promoted"
-            " yet, or default_transaction_read_only set on the database or the role); the"
-            " service waits for writes to be taken and goes on by itself",
-        )
+        unusable: list[str] = await conn.fetchval(_UNUSABLE_SCHEMAS, schemas)
+        # A table of a schema the role may not use cannot even be named.
+        tables, privileges = list(granted), list(granted.values())
+        row = None if unusable else await conn.fetchrow(_LACKING, tables, privileges)
+    read_only, lacking = (False, []) if row is None else (bool(row[0]), list(row[1]))
+    if writes and read_only:
+        raise AwaitingOperator(database, READ_ONLY)
+    lacking = [f"schema {schema} (USAGE)" for schema in unusable] + lacking
     if lacking:
         raise AwaitingOperator(
             database,
-            f"its role may not write: it lacks {', '.join(lacking)}; GRANT them, the"
-            " service goes on by itself",
+            f"its role lacks privileges the service needs: {', '.join(lacking)}; GRANT"
+            " them, the service goes on by itself",
         )
 
 

@@ -124,7 +124,9 @@ def _untrusted(error: BaseException) -> str | None:
     """What an operator must mend, where `error` is a TLS handshake the service ended: the
     broker's certificate not trusted, or a port that does not speak TLS; else None."""
     cause: BaseException | None = error
-    while cause is not None:
+    seen: set[int] = set()  # aiormq chains a reset during the handshake to itself
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
         if isinstance(cause, ssl.SSLCertVerificationError):
             return (
                 "the broker's certificate is not one the service trusts: it must chain to a"
@@ -236,6 +238,10 @@ def unverified(urls: Sequence[str]) -> list[str]:
     return [url for url in urls if (tls := broker_tls(url)) is not None and not tls.verify]
 
 
+CLOSED_AT_ONCE = (
+    "the connection was closed before the broker said anything (a proxy or load balancer"
+    " with no broker behind it, a broker starting or stopping)"
+)
 VHOST_REFUSED = (
     "the broker would not open the URL's virtual host (530 NOT_ALLOWED): it does not exist,"
     " the user has no permission on it, or a connection limit is reached (rabbitmqctl"
@@ -504,6 +510,8 @@ class Broker:
             except aiormq.exceptions.InvalidFrameError as error:
                 why = VHOST_REFUSED if _vhost_refused(error) else describe(error)
                 failures.append(f"{describe_url(url)}: {why}")
+            except StopAsyncIteration:  # aiormq's reader found the stream over at once
+                failures.append(f"{describe_url(url)}: {CLOSED_AT_ONCE}")
             except BROKER_ERRORS as error:
                 untrusted = _untrusted(error)
                 why = describe(error) if untrusted is None else f"{describe(error)}: {untrusted}"

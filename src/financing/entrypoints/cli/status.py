@@ -34,8 +34,8 @@ from financing.adapters.postgres.schema import (
     SchemaAhead,
     SchemaBehind,
     SchemaElsewhere,
+    require_grants,
     require_tables,
-    require_writes,
 )
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import (
@@ -189,8 +189,8 @@ async def _local_service(settings: Settings, findings: Findings) -> None:
 
 async def _event_store(settings: Settings, findings: Findings, max_relay_lag: float) -> None:
     async with database(settings.command_db, COMMAND_DATABASE, "status", schema="commands") as pool:
+        await require_grants(pool, "commands", writes=True)
         await require_tables(pool, "commands")
-        await require_writes(pool, "commands")
         backlog = await PostgresOutbox(pool).backlog(held_back_after=max_relay_lag)
         findings.store = await store_of(pool)
     findings.report("command database", f"{settings.command_db.describe()}: reachable")
@@ -239,8 +239,8 @@ async def _read_models(settings: Settings, findings: Findings) -> None:
     async with (
         database(settings.query_db, QUERY_DATABASE, "status", schema="queries") as pool,
     ):
+        await require_grants(pool, "queries", writes=True)
         await require_tables(pool, "queries")
-        await require_writes(pool, "queries")
         async with acquired(pool, QUERY_DATABASE) as conn:
             found = await projected(conn)
     findings.report("query database", f"{settings.query_db.describe()}: reachable")

@@ -179,17 +179,19 @@ class HealthWatch:
             await asyncio.sleep(self._interval)  # the probing period
 
     async def probe_once(self) -> None:
-        probed: set[str] = set()
+        probed: set[Callable[[], Awaitable[object]]] = set()
         for watched in self._watched:
             results = [await self._probe(probe) for probe in watched.probes]
             watched.readiness.set(all(results) and not self._draining)
-            probed.update(probe.dependency for probe in watched.probes)
+            probed.update(probe.check for probe in watched.probes)
         # Side by side: one silent dependency would hold the others' probes (and the next
-        # round's readiness) up to PROBE_TIMEOUT each.
+        # round's readiness) up to PROBE_TIMEOUT each. A dependency an API reads, whose
+        # outage check asks more (the projector's writes to the query database), is
+        # checked too: its privileges revoked were found only by the next write.
         others = [
             Probe(dependency, check)
             for dependency, check in self._outages.checks().items()
-            if dependency not in probed
+            if check not in probed
         ]
         await asyncio.gather(*map(self._probe, others))
 
