@@ -168,6 +168,17 @@ def filled(writer: int) -> None:
         os.close(own)
 
 
+def three_lines_without_waiting(lines: Lines) -> None:
+    """Log `line 0` to `line 2`; fail if that waits for the log's reader."""
+    writing = threading.Thread(
+        target=lambda: [lines.msg(json.dumps({"event": f"line {n}"})) for n in range(3)],
+        daemon=True,
+    )
+    writing.start()
+    writing.join(timeout=10)
+    assert not writing.is_alive(), "a line waited for the pipe's reader"
+
+
 @pytest.mark.parametrize("unbuffered", [False, True], ids=["buffered", "unbuffered"])
 def test_a_log_reader_that_stopped_reading_blocks_nothing_and_the_lines_dropped_are_said(
     unbuffered: bool,
@@ -181,13 +192,7 @@ def test_a_log_reader_that_stopped_reading_blocks_nothing_and_the_lines_dropped_
         with stream_of(writer, unbuffered=unbuffered) as file:
             lines = Lines(file, on_resumed=resumed.append)
             filled(writer)
-            writing = threading.Thread(
-                target=lambda: [lines.msg(json.dumps({"event": f"line {n}"})) for n in range(3)],
-                daemon=True,
-            )
-            writing.start()
-            writing.join(timeout=10)
-            assert not writing.is_alive(), "a line waited for the pipe's reader"
+            three_lines_without_waiting(lines)
             assert resumed == []
             os.set_blocking(reader, False)
             drained(reader)  # the reader catches up
@@ -221,13 +226,7 @@ def test_a_pipe_of_another_user_is_written_by_a_thread_that_alone_waits(
             lines = Lines(file)
             monkeypatch.undo()
             filled(writer)
-            writing = threading.Thread(
-                target=lambda: [lines.msg(json.dumps({"event": f"line {n}"})) for n in range(3)],
-                daemon=True,
-            )
-            writing.start()
-            writing.join(timeout=10)
-            assert not writing.is_alive(), "a line waited for the pipe's reader"
+            three_lines_without_waiting(lines)
             os.set_blocking(reader, False)
 
             async def after_the_filler() -> bytes:
