@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -475,3 +476,33 @@ def test_the_commands_named_by_two_words_are_those_of_the_groups() -> None:
     """A signal before the command line is parsed names the command as its two words
     (`financing projections rebuild: stopped by SIGTERM`) for these groups alone."""
     assert set(COMMAND_GROUPS) == {words[0] for words in READS if len(words) == 2}
+
+
+@pytest.mark.parametrize("command", ["serve", "status"])
+def test_a_signal_while_importing_stops_the_command_though_its_log_is_full(
+    command: str,
+) -> None:
+    """Regression (a probe): its log a pipe already full, its reader stopped, a SIGTERM in
+    the second the modules take to import left the process waiting to write its one
+    line until the reader read again."""
+    reader, writer = os.pipe()
+    own = os.open(f"/proc/self/fd/{writer}", os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        with contextlib.suppress(BlockingIOError):
+            for chunk in (b"\n" * 4096, b"\n"):
+                while True:
+                    os.write(own, chunk)
+        started = subprocess.Popen(
+            [sys.executable, "-c", SIGNALLED_WHILE_IMPORTING, "SIGTERM", command],
+            stdout=subprocess.DEVNULL,
+            stderr=writer,
+            env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        )
+        try:
+            code = started.wait(timeout=30)
+        finally:
+            started.kill()
+    finally:
+        for fd in (own, reader, writer):
+            os.close(fd)
+    assert code == (0 if command == "serve" else 143)

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -88,6 +88,10 @@ def _stopped_by_signals_until_handled(argv: Sequence[str] | None) -> Iterator[No
 def _stopped_while_starting(argv: Sequence[str] | None, signum: int) -> None:
     """`serve` logs one JSON line and exits 0, as for a signal later in its start-up; an
     operator's command says what it says when stopped later, and exits as it does then."""
+    from financing.logging import Lines  # the modules are imported by now
+
+    # Written as the log writes, never waiting for its reader (a pipe full: dropped).
+    said = Lines(sys.stderr).msg
     args = list(sys.argv[1:] if argv is None else argv)
     name = signal.Signals(signum).name
     if args[:1] != ["serve"]:
@@ -95,8 +99,7 @@ def _stopped_while_starting(argv: Sequence[str] | None, signum: int) -> None:
         command = " ".join(word for word in words if not word.startswith("-"))
         if command == "tail":  # which runs until stopped
             sys.exit(0)
-        with suppress(OSError, ValueError):  # a line that cannot be written is dropped
-            print(f"financing {command}: stopped by {name}".replace(" :", ":"), file=sys.stderr)
+        said(f"financing {command}: stopped by {name}".replace(" :", ":"))
         sys.exit(128 + signum)
     import json
     from datetime import UTC, datetime
@@ -107,8 +110,7 @@ def _stopped_while_starting(argv: Sequence[str] | None, signum: int) -> None:
         "level": "info",
         "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
     }
-    with suppress(OSError, ValueError):
-        print(json.dumps(line), file=sys.stderr, flush=True)
+    said(json.dumps(line))
     sys.exit(0)
 
 
