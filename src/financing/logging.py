@@ -147,6 +147,8 @@ class Lines:
             dropped, self._dropped = self._dropped, 0
             if self._on_resumed is not None:
                 self._on_resumed(dropped)  # a line of its own, through this one
+                if self._dropped:  # that line dropped too: said, with it, by the next
+                    self._dropped += dropped
 
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg
@@ -244,10 +246,12 @@ class _WriterThread:
             with self._ready:
                 self._ready.wait_for(lambda: bool(self._waiting))
                 data = self._waiting[0]
-            with contextlib.suppress(OSError, ValueError):  # dropped: as any write failed
+            try:
                 view = memoryview(data)
                 while view:
                     view = view[self._raw.write(view) or 0 :]
+            except (OSError, ValueError):  # its reader gone: dropped, as any write failed
+                metrics.LOG_LINES_DROPPED.inc()
             with self._ready:
                 self._waiting.popleft()
                 self._bytes -= len(data)

@@ -14,6 +14,7 @@ import threading
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from financing.logging import Lines
 
@@ -244,3 +245,65 @@ def test_a_pipe_of_another_user_is_written_by_a_thread_that_alone_waits(
         os.close(writer)
     events = [json.loads(line)["event"] for line in received.decode().splitlines() if line.strip()]
     assert events[-3:] == ["line 0", "line 1", "line 2"]
+
+
+def dropped_so_far() -> float:
+    return REGISTRY.get_sample_value("financing_log_lines_dropped_total") or 0.0
+
+
+def test_lines_the_writer_thread_could_not_write_are_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression (a probe): a pipe of another user whose reader had gone lost every line
+    in its writer thread, and the count of dropped lines stayed at 0."""
+    real_open = os.open
+
+    def refused(path: Any, *args: Any, **kwargs: Any) -> int:
+        if str(path).startswith("/proc/self/fd/"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader gone: every write fails with EPIPE
+    try:
+        with stream_of(writer, unbuffered=True) as file:
+            monkeypatch.setattr(os, "open", refused)
+            lines = Lines(file)
+            monkeypatch.undo()
+            before = dropped_so_far()
+            three_lines_without_waiting(lines)
+
+            async def counted() -> None:
+                deadline = asyncio.get_running_loop().time() + 10
+                while dropped_so_far() < before + 3:
+                    assert asyncio.get_running_loop().time() < deadline, dropped_so_far()
+                    await asyncio.sleep(0.01)  # the writer thread's turn, polled
+
+            asyncio.run(counted())
+    finally:
+        os.close(writer)
+
+
+def test_a_notice_of_dropped_lines_dropped_itself_is_said_by_the_next() -> None:
+    """Regression (a probe): the notice of k lines dropped, dropped in its turn, left a
+    count of 1 for the next notice: the k lines were never said."""
+    room = {"bytes": 0}  # what the log takes now, line by line
+
+    def taking(data: memoryview) -> int | None:
+        return len(data) if len(data) <= room["bytes"] else None
+
+    said: list[int] = []
+    lines = Lines(io.StringIO(), on_resumed=lambda count: notice(count))
+    lines._write = taking  # a log whose room the test sets
+
+    def notice(count: int) -> None:
+        said.append(count)
+        lines.msg(json.dumps({"event": "log lines dropped", "padding": "x" * 8000}))
+
+    for _ in range(3):
+        lines.msg(json.dumps({"event": "dropped"}))
+    room["bytes"] = 200  # a short line fits, the notice does not
+    lines.msg(json.dumps({"event": "short"}))
+    room["bytes"] = 10_000
+    lines.msg(json.dumps({"event": "short again"}))
+    assert said == [3, 4]  # the 3, then the 3 and the notice that said them
