@@ -206,13 +206,8 @@ def test_a_log_reader_that_stopped_reading_blocks_nothing_and_the_lines_dropped_
     assert resumed == [3]
 
 
-def test_a_pipe_of_another_user_is_written_by_a_thread_that_alone_waits(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Regression (a probe): started as another user than the one who made its pipe
-    (`sudo -u`, `setpriv`, an entrypoint dropping privileges), the service could not open
-    the pipe again without blocking (EACCES), wrote it as it was, and froze once its
-    reader stopped, as before the log stopped waiting."""
+def of_another_user(file: io.TextIOWrapper, monkeypatch: pytest.MonkeyPatch) -> Lines:
+    """The log on `file`, a pipe the process may not open again (another user's)."""
     real_open = os.open
 
     def refused(path: Any, *args: Any, **kwargs: Any) -> int:
@@ -220,12 +215,24 @@ def test_a_pipe_of_another_user_is_written_by_a_thread_that_alone_waits(
             raise PermissionError(13, "Permission denied")
         return real_open(path, *args, **kwargs)
 
+    monkeypatch.setattr(os, "open", refused)
+    try:
+        return Lines(file)
+    finally:
+        monkeypatch.undo()
+
+
+def test_a_pipe_of_another_user_is_written_by_a_thread_that_alone_waits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression (a probe): started as another user than the one who made its pipe
+    (`sudo -u`, `setpriv`, an entrypoint dropping privileges), the service could not open
+    the pipe again without blocking (EACCES), wrote it as it was, and froze once its
+    reader stopped, as before the log stopped waiting."""
     reader, writer = os.pipe()
     try:
         with stream_of(writer, unbuffered=True) as file:
-            monkeypatch.setattr(os, "open", refused)
-            lines = Lines(file)
-            monkeypatch.undo()
+            lines = of_another_user(file, monkeypatch)
             filled(writer)
             three_lines_without_waiting(lines)
             os.set_blocking(reader, False)
@@ -256,20 +263,11 @@ def test_lines_the_writer_thread_could_not_write_are_counted(
 ) -> None:
     """Regression (a probe): a pipe of another user whose reader had gone lost every line
     in its writer thread, and the count of dropped lines stayed at 0."""
-    real_open = os.open
-
-    def refused(path: Any, *args: Any, **kwargs: Any) -> int:
-        if str(path).startswith("/proc/self/fd/"):
-            raise PermissionError(13, "Permission denied")
-        return real_open(path, *args, **kwargs)
-
     reader, writer = os.pipe()
     os.close(reader)  # the reader gone: every write fails with EPIPE
     try:
         with stream_of(writer, unbuffered=True) as file:
-            monkeypatch.setattr(os, "open", refused)
-            lines = Lines(file)
-            monkeypatch.undo()
+            lines = of_another_user(file, monkeypatch)
             before = dropped_so_far()
             three_lines_without_waiting(lines)
 
