@@ -555,6 +555,15 @@ async def test_what_the_service_on_this_host_says_of_itself_is_judged(bare: Bare
     assert f"service           http://127.0.0.1:{port}/health: healthy" in run.stdout
     assert not [p for p in problems(run) if p.startswith("the service")], run.describe()
 
+    foreign = b"HTTP/1.0 404 File not found\r\nContent-Type: text/html\r\n\r\n<html></html>\n"
+    async with health_endpoint(foreign) as port:  # another program on the port
+        run = await run_cli({**bare.env, "METRICS_ADDRESS": f"127.0.0.1:{port}"}, "status")
+    [line] = [line for line in run.stdout.splitlines() if line.startswith("service ")]
+    assert line.endswith(
+        "/health: not the service's answer (HTTP/1.0 404 File not found), not judged"
+    ), line
+    assert not [p for p in problems(run) if p.startswith("the service")], run.describe()
+
     nowhere = free_port()  # the command run where no service is: said, not judged
     run = await run_cli({**bare.env, "METRICS_ADDRESS": f"127.0.0.1:{nowhere}"}, "status")
     [line] = [line for line in run.stdout.splitlines() if line.startswith("service ")]

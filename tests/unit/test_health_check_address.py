@@ -100,3 +100,37 @@ async def test_the_probe_says_what_the_metrics_endpoint_names_not_healthy() -> N
         f"metrics endpoint at 127.0.0.1:{port}: HTTP/1.1 503 Service Unavailable: query"
         " database unavailable; queue events_query not consumed"
     ]
+
+
+@pytest.mark.parametrize("healthy", [True, False])
+async def test_the_probe_tells_the_services_answer_from_another_programs(healthy: bool) -> None:
+    """Regression (a probe): whatever HTTP server answered at METRICS_ADDRESS was taken
+    for the service: `status` judged another program's 404, and a 200 of any server
+    passed the probe."""
+    endpoint = MetricsEndpoint(lambda: [] if healthy else ["broker unavailable"])
+    await endpoint.start("127.0.0.1", 0)
+    try:
+        assert endpoint._server is not None
+        port = endpoint._server.sockets[0].getsockname()[1]
+        answer = await health_check_module.health_answer(("127.0.0.1", port))
+    finally:
+        endpoint.close()
+        await endpoint.wait_closed()
+    assert answer.ours
+
+    async def any_page(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/html\r\n\r\n<html></html>\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(any_page, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        problems = await health_check(Settings(metrics_address=("127.0.0.1", port)), ["relayer"])
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert problems == [
+        f"metrics endpoint at 127.0.0.1:{port}: not the service's answer (HTTP/1.0 200 OK)"
+    ]

@@ -218,8 +218,10 @@ async def _first_frame(host: str, port: int, context: ssl.SSLContext | None) -> 
 async def _http_health(address: tuple[str, int]) -> str:
     host, port = reachable(address)
     answer = await health_answer(address)
-    if answer.status == 200:
+    if answer.status == 200 and answer.ours:
         return ""
+    if answer.status is not None and not answer.ours:  # another program listens there
+        return f"metrics endpoint at {host}:{port}: not the service's answer ({answer.said})"
     return f"metrics endpoint at {host}:{port}: {answer.said}"
 
 
@@ -230,6 +232,9 @@ class HealthAnswer:
 
     status: int | None
     said: str
+    # Whether it answered as the service's /health does ("healthy", "not healthy: ..."),
+    # not as another program listening there.
+    ours: bool = False
 
 
 async def health_answer(address: tuple[str, int]) -> HealthAnswer:
@@ -251,10 +256,13 @@ async def health_answer(address: tuple[str, int]) -> HealthAnswer:
     words = status_line.split()
     status = int(words[1]) if len(words) > 1 and words[1].isdigit() else None
     # The endpoint names what is not healthy on its answer's one line.
-    said = body.split(b"\n", 1)[0] if status == 503 else b""
-    said = said.removeprefix(b"not healthy: ")  # the probe's own line says it
+    first = body.split(b"\n", 1)[0]
+    ours = (status == 200 and first == b"healthy") or (
+        status == 503 and first.startswith(b"not healthy: ")
+    )
+    said = first.removeprefix(b"not healthy: ") if status == 503 else b""  # the probe says it
     text = b": ".join(part for part in (status_line.strip(), said.strip()) if part)
-    return HealthAnswer(status or 0, text.decode(errors="replace"))
+    return HealthAnswer(status or 0, text.decode(errors="replace"), ours)
 
 
 def main() -> None:

@@ -172,7 +172,8 @@ async def _inquire(
 
 async def _local_service(settings: Settings, findings: Findings) -> None:
     """What the service on this host says of itself (its /health), where one answers; a
-    host where none answers (the command run from elsewhere) is not judged."""
+    host where none answers (the command run from elsewhere), or where another program
+    answers, is not judged."""
     if settings.metrics_address is None:
         return
     host, port = reachable(settings.metrics_address)
@@ -180,6 +181,8 @@ async def _local_service(settings: Settings, findings: Findings) -> None:
     answer = await health_answer(settings.metrics_address)
     if answer.status is None:
         findings.report("service", f"{where}: no answer here ({answer.said}), not judged")
+    elif not answer.ours:  # another program listens there
+        findings.report("service", f"{where}: not the service's answer ({answer.said}), not judged")
     elif answer.status == 200:
         findings.report("service", f"{where}: healthy")
     else:
