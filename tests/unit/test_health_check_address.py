@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -82,20 +84,26 @@ async def test_a_port_that_accepts_and_never_answers_is_said_to_give_no_answer(
     assert len(silent) == 2
 
 
-async def test_the_probe_says_what_the_metrics_endpoint_names_not_healthy() -> None:
-    """Regression: /health answered 503 "not healthy" whatever was down, and the probe
-    said only the status line: an operator had to find the gauges or the logs."""
-    endpoint = MetricsEndpoint(
-        lambda: ["query database unavailable", "queue events_query not consumed"]
-    )
+@contextlib.asynccontextmanager
+async def metrics_endpoint(unhealthy: list[str]) -> AsyncIterator[int]:
+    """The service's metrics endpoint on a port of its own, saying `unhealthy`."""
+    endpoint = MetricsEndpoint(lambda: unhealthy)
     await endpoint.start("127.0.0.1", 0)
     try:
         assert endpoint._server is not None
-        port = endpoint._server.sockets[0].getsockname()[1]
-        problems = await health_check(Settings(metrics_address=("127.0.0.1", port)), ["projector"])
+        yield endpoint._server.sockets[0].getsockname()[1]
     finally:
         endpoint.close()
         await endpoint.wait_closed()
+
+
+async def test_the_probe_says_what_the_metrics_endpoint_names_not_healthy() -> None:
+    """Regression: /health answered 503 "not healthy" whatever was down, and the probe
+    said only the status line: an operator had to find the gauges or the logs."""
+    async with metrics_endpoint(
+        ["query database unavailable", "queue events_query not consumed"]
+    ) as port:
+        problems = await health_check(Settings(metrics_address=("127.0.0.1", port)), ["projector"])
     assert problems == [
         f"metrics endpoint at 127.0.0.1:{port}: HTTP/1.1 503 Service Unavailable: query"
         " database unavailable; queue events_query not consumed"
@@ -107,15 +115,8 @@ async def test_the_probe_tells_the_services_answer_from_another_programs(healthy
     """Regression (a probe): whatever HTTP server answered at METRICS_ADDRESS was taken
     for the service: `status` judged another program's 404, and a 200 of any server
     passed the probe."""
-    endpoint = MetricsEndpoint(lambda: [] if healthy else ["broker unavailable"])
-    await endpoint.start("127.0.0.1", 0)
-    try:
-        assert endpoint._server is not None
-        port = endpoint._server.sockets[0].getsockname()[1]
+    async with metrics_endpoint([] if healthy else ["broker unavailable"]) as port:
         answer = await health_check_module.health_answer(("127.0.0.1", port))
-    finally:
-        endpoint.close()
-        await endpoint.wait_closed()
     assert answer.ours
 
     async def any_page(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

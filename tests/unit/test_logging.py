@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import io
@@ -17,6 +16,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from financing.logging import Lines
+from tests.support.infra import wait_until
 
 SCRIPT = """
 import logging, warnings
@@ -222,7 +222,7 @@ def of_another_user(file: io.TextIOWrapper, monkeypatch: pytest.MonkeyPatch) -> 
         monkeypatch.undo()
 
 
-def test_a_pipe_of_another_user_is_written_by_a_thread_that_alone_waits(
+async def test_a_pipe_of_another_user_is_written_by_a_thread_that_alone_waits(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Regression (a probe): started as another user than the one who made its pipe
@@ -236,17 +236,14 @@ def test_a_pipe_of_another_user_is_written_by_a_thread_that_alone_waits(
             filled(writer)
             three_lines_without_waiting(lines)
             os.set_blocking(reader, False)
+            received = b""
 
-            async def after_the_filler() -> bytes:
-                received = b""
-                deadline = asyncio.get_running_loop().time() + 10
-                while b'"line 2"' not in received:
-                    received += drained(reader)
-                    assert asyncio.get_running_loop().time() < deadline, received[-200:]
-                    await asyncio.sleep(0.01)  # the writer thread's turn, polled
-                return received
+            async def after_the_filler() -> bool:
+                nonlocal received
+                received += drained(reader)
+                return b'"line 2"' in received
 
-            received = asyncio.run(after_the_filler())
+            await wait_until(after_the_filler, timeout=10, what="the lines after the filler")
     finally:
         os.close(reader)
         os.close(writer)
@@ -258,7 +255,7 @@ def dropped_so_far() -> float:
     return REGISTRY.get_sample_value("financing_log_lines_dropped_total") or 0.0
 
 
-def test_lines_the_writer_thread_could_not_write_are_counted(
+async def test_lines_the_writer_thread_could_not_write_are_counted(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Regression (a probe): a pipe of another user whose reader had gone lost every line
@@ -271,13 +268,10 @@ def test_lines_the_writer_thread_could_not_write_are_counted(
             before = dropped_so_far()
             three_lines_without_waiting(lines)
 
-            async def counted() -> None:
-                deadline = asyncio.get_running_loop().time() + 10
-                while dropped_so_far() < before + 3:
-                    assert asyncio.get_running_loop().time() < deadline, dropped_so_far()
-                    await asyncio.sleep(0.01)  # the writer thread's turn, polled
+            async def counted() -> bool:
+                return dropped_so_far() >= before + 3
 
-            asyncio.run(counted())
+            await wait_until(counted, timeout=10, what="the three lines counted as dropped")
     finally:
         os.close(writer)
 
