@@ -15,7 +15,8 @@ import aio_pika
 import asyncpg
 import pytest
 
-from financing.entrypoints.event_loop import Loop, first_connected, new_event_loop
+from financing.entrypoints import event_loop
+from financing.entrypoints.event_loop import Loop, first_connected, new_event_loop, ordered
 from tests.support import infra
 
 NAME = "two-addresses.financing.test"
@@ -176,3 +177,84 @@ def test_a_name_that_does_not_resolve_is_named_in_the_error() -> None:
 
     with pytest.raises(socket.gaierror, match=r"\(no-such-host\.invalid\)"):
         on_the_services_loop(20, connect())
+
+
+def test_a_new_connection_tries_first_the_address_the_last_one_was_made_to(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression (a probe): each new connection to a name whose first address was
+    black-holed waited NEXT_ADDRESS_AFTER on it before trying the one that answered."""
+    tried: list[Any] = []
+    real = event_loop._connected
+
+    async def connected(loop: asyncio.AbstractEventLoop, info: Any) -> socket.socket:
+        tried.append(info[4])
+        return await real(loop, info)
+
+    monkeypatch.setattr(event_loop, "_connected", connected)
+    with black_hole() as silent, socket.create_server(("127.0.0.1", 0)) as server:
+        answering = server.getsockname()
+        resolving(monkeypatch, ("127.0.0.1", silent), answering)
+
+        async def twice() -> list[list[Any]]:
+            attempts = []
+            for _ in range(2):
+                tried.clear()
+                _, writer = await asyncio.open_connection(NAME, answering[1])
+                writer.close()
+                attempts.append(list(tried))
+            return attempts
+
+        first, second = on_the_services_loop(10, twice())
+    assert first == [("127.0.0.1", silent), answering]
+    assert second[0] == answering
+
+
+def test_address_families_are_tried_in_turn() -> None:
+    def info(family: int, host: str) -> tuple[Any, ...]:
+        return (family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, 5432))
+
+    v6, v4 = socket.AF_INET6, socket.AF_INET
+    found = [info(v6, "::1"), info(v6, "::2"), info(v4, "10.0.0.1"), info(v4, "10.0.0.2")]
+    assert [address[4][0] for address in ordered(found)] == ["::1", "10.0.0.1", "::2", "10.0.0.2"]
+    assert [address[4][0] for address in ordered(found, ("10.0.0.2", 5432))] == [
+        "10.0.0.2",
+        "::1",
+        "10.0.0.1",
+        "::2",
+    ]
+
+
+def test_a_lookup_that_hangs_does_not_hold_the_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (a probe): a SIGTERM while a DNS server did not answer exited only once
+    the C library gave up on it (3-16 s): the stop waited for the default executor's
+    thread that ran the lookup."""
+    real = socket.getaddrinfo
+    began = threading.Event()
+    released = threading.Event()
+    answered: list[bool] = []
+
+    def hanging(host: Any, port: Any, *args: Any, **kwargs: Any) -> list[Any]:
+        if host != NAME:
+            return real(host, port, *args, **kwargs)
+        began.set()
+        released.wait(timeout=30)
+        answered.append(True)
+        return []
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+
+    async def given_up() -> None:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, Loop)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.1):
+                await loop.addresses(NAME, 5432, 0, 0, 0)
+
+    try:
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(given_up())
+        # The loop closed, its stop done, while the lookup still hangs.
+        assert began.is_set() and not answered
+    finally:
+        released.set()

@@ -22,6 +22,7 @@ from structlog.testing import capture_logs
 
 from financing.adapters.rabbitmq.connection import (
     HEARTBEAT,
+    PASSED_OVER,
     VHOST_REFUSED,
     Broker,
     _untrusted,
@@ -187,6 +188,26 @@ async def test_with_several_addresses_the_connection_moves_to_another_when_its_n
         await publisher.close()
         await broker.close()
         await second.close()
+
+
+async def test_a_broker_passed_over_for_the_next_is_named_in_the_log(
+    vhost: rabbitmq.Vhost,
+) -> None:
+    """Regression (a probe): with a first broker URL that was broken and a second that
+    worked, nothing said the first was broken until the second failed too."""
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        port = closed.getsockname()[1]  # refuses once closed
+    broken = f"amqp://guest:secret@127.0.0.1:{port}/{vhost.name}"
+    broker = Broker([broken, infra.amqp_url(vhost.name)], Outages())
+    try:
+        with capture_logs() as logs:
+            await broker.connection()
+    finally:
+        await broker.close()
+    [(_, line)] = lines(logs, PASSED_OVER)
+    assert line["log_level"] == "warning"
+    assert f"127.0.0.1:{port}/{vhost.name}" in line["why"] and "secret" not in line["why"]
+    assert line["broker"] == describe_url(infra.amqp_url(vhost.name))
 
 
 async def test_a_connection_asks_for_a_ten_second_heartbeat_unless_its_url_sets_one(

@@ -9,17 +9,25 @@ attempt until the caller's timeout, and the next address, which answered, was
 never tried: the database and the broker stayed out for good. Here a new attempt
 starts each `NEXT_ADDRESS_AFTER` seconds while none has connected, the others go on,
 and the first to connect is used (RFC 8305's "Happy Eyeballs", which uvloop's
-connect lacks). Names are looked up in threads of the default executor, not in
-libuv's, which a few slow lookups abandoned by their callers held: every other
-lookup of the process waited behind them; and a lookup under way is shared by
-whoever asks for the same name, and goes on when they give up (`Loop.addresses`).
+connect lacks). The addresses are tried one family after the other (IPv6, IPv4, IPv6,
+...: RFC 8305 section 4), the one that answered last time first: a name whose first
+address is gone no longer costs each new connection `NEXT_ADDRESS_AFTER`.
+
+Names are looked up in threads of their own, not in libuv's, which a few slow lookups
+abandoned by their callers held: every other lookup of the process waited behind
+them; nor in the default executor's, which the process's stop waits for: a SIGTERM
+while a DNS server did not answer waited until the C library gave up (3-16 s). A
+lookup under way is shared by whoever asks for the same name, and goes on when they
+give up (`Loop.addresses`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import socket
+import threading
 from typing import Any
 
 import uvloop
@@ -40,6 +48,8 @@ class Loop(uvloop.Loop):
         # Of each name looked up: its lookup under way, or done less than FRESH_FOR ago
         # (with when it was done).
         self._lookups: dict[tuple[Any, ...], tuple[asyncio.Future[list[AddressInfo]], float]] = {}
+        # Of each name and port: the address of the last connection made to it.
+        self._answered: dict[tuple[str, Any], Any] = {}
 
     async def create_connection(
         self, protocol_factory: Any, host: str | None = None, port: Any = None, **options: Any
@@ -48,7 +58,9 @@ class Loop(uvloop.Loop):
             return await super().create_connection(protocol_factory, host, port, **options)
         family, proto, flags = (options.pop(key, 0) for key in ("family", "proto", "flags"))
         found = await self.addresses(host, port, family, proto, flags)
-        options["sock"] = await first_connected(self, found)
+        sock = await first_connected(self, ordered(found, self._answered.get((host, port))))
+        self._answered[(host, port)] = sock.getpeername()
+        options["sock"] = sock
         if options.get("ssl") and options.get("server_hostname") is None:
             options["server_hostname"] = host  # the name the certificate must bear
         return await super().create_connection(protocol_factory, **options)
@@ -56,7 +68,7 @@ class Loop(uvloop.Loop):
     async def addresses(
         self, host: str, port: Any, family: int, proto: int, flags: int
     ) -> list[AddressInfo]:
-        """The addresses of `host`, looked up in a thread of the default executor. A lookup
+        """The addresses of `host`, looked up in a thread of its own. A lookup
         under way is shared, and goes on when its callers give up (a health check given
         a second, a lookup taking five): the next caller takes it where it is, where a
         lookup of its own would have been given up again. One done serves FRESH_FOR
@@ -68,11 +80,7 @@ class Loop(uvloop.Loop):
             kept[0].done()
             and (kept[0].cancelled() or kept[0].exception() or now - kept[1] > FRESH_FOR)
         ):
-            lookup: asyncio.Future[list[AddressInfo]] = asyncio.ensure_future(
-                self.run_in_executor(
-                    None, socket.getaddrinfo, host, port, family, socket.SOCK_STREAM, proto, flags
-                )
-            )
+            lookup = self._looked_up_apart(host, port, family, socket.SOCK_STREAM, proto, flags)
             self._lookups[key] = (lookup, now)
             lookup.add_done_callback(lambda done: self._looked_up(key, done))
         else:
@@ -81,6 +89,23 @@ class Loop(uvloop.Loop):
             return await asyncio.shield(lookup)
         except socket.gaierror as error:
             raise socket.gaierror(error.errno, f"{error.strerror} ({host})") from None
+
+    def _looked_up_apart(self, host: str, *args: Any) -> asyncio.Future[list[AddressInfo]]:
+        """`socket.getaddrinfo(host, *args)` in a daemon thread: one that hangs does not hold
+        the process's stop, where the default executor's threads are waited for."""
+        lookup: asyncio.Future[list[AddressInfo]] = self.create_future()
+
+        def look_up() -> None:
+            try:
+                answer: tuple[Any, BaseException | None] = (socket.getaddrinfo(host, *args), None)
+            except BaseException as error:  # handed to the caller
+                answer = (None, error)
+            # RuntimeError: the loop closed meanwhile, and nobody waits for the answer.
+            with contextlib.suppress(RuntimeError):
+                self.call_soon_threadsafe(_settle, lookup, *answer)
+
+        threading.Thread(target=look_up, name=f"lookup of {host}", daemon=True).start()
+        return lookup
 
     def _looked_up(self, key: tuple[Any, ...], done: asyncio.Future[list[AddressInfo]]) -> None:
         if not done.cancelled() and done.exception() is not None:  # retrieved: said by callers
@@ -91,6 +116,35 @@ class Loop(uvloop.Loop):
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
     return Loop()
+
+
+def _settle(
+    lookup: asyncio.Future[list[AddressInfo]], found: Any, error: BaseException | None
+) -> None:
+    if lookup.cancelled():
+        return
+    if error is not None:
+        lookup.set_exception(error)
+    else:
+        lookup.set_result(found)
+
+
+def ordered(found: list[AddressInfo], answered: Any = None) -> list[AddressInfo]:
+    """The addresses `found` in the order to try them: families interleaved, beginning
+    with the first's, as RFC 8305 section 4 says (a name whose IPv6 addresses are all
+    unreachable reaches its IPv4 ones at the second attempt); `answered`, the address
+    the last connection was made to, first."""
+    by_family: dict[int, list[AddressInfo]] = {}
+    for info in found:
+        by_family.setdefault(info[0], []).append(info)
+    interleaved: list[AddressInfo] = []
+    while any(by_family.values()):
+        for addresses in by_family.values():
+            if addresses:
+                interleaved.append(addresses.pop(0))
+    if answered is not None:
+        interleaved.sort(key=lambda info: info[4][:2] != answered[:2])  # stable
+    return interleaved
 
 
 def _literal(host: str) -> bool:

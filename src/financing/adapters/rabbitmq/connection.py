@@ -238,6 +238,7 @@ def unverified(urls: Sequence[str]) -> list[str]:
     return [url for url in urls if (tls := broker_tls(url)) is not None and not tls.verify]
 
 
+PASSED_OVER = "connected past brokers of AMQP_ADDRESS that did not take the connection"
 CLOSED_AT_ONCE = (
     "the connection was closed before the broker said anything (a proxy or load balancer"
     " with no broker behind it, a broker starting or stopping)"
@@ -525,6 +526,10 @@ class Broker:
                 (log.info if self._announced and not self._accepted_once else log.debug)(
                     "connected to broker", broker=describe_url(url)
                 )
+                if failures and self._announced:
+                    # A broker of AMQP_ADDRESS that is broken would go unseen while the
+                    # next one answers, until the next one fails too.
+                    log.warning(PASSED_OVER, broker=describe_url(url), why="; ".join(failures))
                 return connection
         if refused == len(self._urls):
             # Said once, where the outage began otherwise (a node restarted with a
