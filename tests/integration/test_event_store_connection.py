@@ -18,6 +18,7 @@ from uuid import UUID, uuid4
 
 import asyncpg
 import pytest
+from structlog.testing import capture_logs
 
 from financing.adapters.postgres import connection as connection_module
 from financing.adapters.postgres.connection import (
@@ -31,6 +32,7 @@ from financing.adapters.postgres.connection import (
     create_pool,
     ping,
     refuse_pooled_sessions,
+    sessions_allowed,
     writable,
 )
 from financing.adapters.postgres.event_store import PostgresEventStore
@@ -168,6 +170,42 @@ async def test_a_role_refused_after_start_up_is_an_outage_that_ends_when_it_may_
             await ping(pool, COMMAND_DATABASE)
         finally:
             await pool.close()
+    finally:
+        await admin.execute(f'DROP ROLE "{role}"')
+        await admin.close()
+
+
+async def test_a_pool_the_role_lets_open_fewer_sessions_than_its_size_works_with_those(
+    database: Database,
+) -> None:
+    """Regression (a probe): with the service's role limited to fewer sessions than its
+    pool's size (`CONNECTION LIMIT`, shared by several instances), each unit of work that
+    found every session busy tried to open one more, was refused, and failed as an
+    outage of the whole database; under load the outage began and ended every few
+    seconds. The pool is now held to the sessions it has, and the work waits for them."""
+    role = infra.unique_name("fin_limited")
+    admin = await connect(database)
+    await admin.execute(f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT 2')
+    as_role = Database({**database.connect_kwargs, "user": role}, pool_max_size=6)
+    try:
+        pool = await create_pool(as_role, COMMAND_DATABASE)
+        try:
+
+            async def unit_of_work() -> int:
+                async with acquired(pool, COMMAND_DATABASE) as conn:
+                    answer: int = await conn.fetchval("SELECT 1 FROM pg_sleep(0.05)")
+                    return answer
+
+            with capture_logs() as logs:
+                answers = await asyncio.gather(*(unit_of_work() for _ in range(12)))
+            assert answers == [1] * 12
+            assert sessions_allowed(pool) == 2 and pool.get_size() == 2
+            held = [line for line in logs if line["event"].startswith("database sessions held")]
+            # Said once, with the sessions open when the pool was refused one more.
+            [said] = held
+            assert said["pool_max_conns"] == 6 and said["sessions_open"] in (1, 2), said
+        finally:
+            await close_pool(pool)
     finally:
         await admin.execute(f'DROP ROLE "{role}"')
         await admin.close()

@@ -517,6 +517,13 @@ async def test_a_role_allowed_fewer_sessions_than_the_process_opens_is_said_as_i
         f"the database {queries} takes 4 session(s), and this process alone opens up to 10"
         f" there: ALTER DATABASE {queries} CONNECTION LIMIT higher, or lower pool_max_conns",
     ], said
+    # The pools share what the relayer's two sessions leave of the role's six.
+    held = [
+        (line["dependency"], line["sessions"], line["pool_max_conns"])
+        for line in logs
+        if line["event"] == "database pool held to the sessions the limits leave it"
+    ]
+    assert held == [("command database", 2, 10), ("query database", 2, 10)], held
 
 
 async def test_a_queries_api_starts_on_a_read_only_copy_of_a_migrated_query_database(

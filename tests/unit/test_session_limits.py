@@ -1,9 +1,13 @@
 """What a process says as it starts when the servers let it open fewer sessions than its
-pools may: each limit once, with what raises it."""
+pools may: each limit once, with what raises it; and the sessions each pool is held to."""
 
 from __future__ import annotations
 
-from financing.adapters.postgres.connection import SessionLimits, too_few_sessions
+from financing.adapters.postgres.connection import (
+    SessionLimits,
+    pooled_sessions,
+    too_few_sessions,
+)
 
 
 def limits(
@@ -38,3 +42,19 @@ def test_the_servers_and_the_databases_limits_are_said_too() -> None:
     )
     assert server.startswith("the server takes 8 session(s) of roles that are not superusers")
     assert database.startswith("the database db takes 5 session(s), and this process alone")
+
+
+def test_pools_share_what_the_sessions_beside_them_leave_of_their_roles_limit() -> None:
+    role = limits(role_limit=10)
+    # 2 for the relayer beside the first pool; 8 left for pools of 8 and 4.
+    assert pooled_sessions([("pg:5432", role, 8, 2), ("pg:5432", role, 4, 0)]) == [5, 2]
+    # Another server, another count; a roomy limit holds nothing back.
+    assert pooled_sessions([("a:5432", role, 8, 2), ("b:5432", role, 8, 0)]) == [8, 8]
+    # At least one each, however little is left.
+    assert pooled_sessions([("pg:5432", limits(role_limit=2), 8, 2)]) == [1]
+
+
+def test_a_databases_limit_holds_its_pool_and_a_superuser_is_held_to_nothing() -> None:
+    assert pooled_sessions([("pg:5432", limits(database_limit=5), 8, 2)]) == [3]
+    superuser = SessionLimits("postgres", "db", None, None, None)
+    assert pooled_sessions([("pg:5432", superuser, 50, 2)]) == [50]

@@ -28,7 +28,9 @@ from financing.adapters.postgres.connection import (
     QUERY_DATABASE,
     close_pool,
     create_pool,
+    hold_pool,
     ping,
+    pooled_sessions,
     refuse_pooled_sessions,
     session_limits,
     too_few_sessions,
@@ -295,6 +297,7 @@ async def _warn_of_session_limits(
     of the database begins each time a pool tries to grow beyond it, and ends at the
     next check."""
     needs = []
+    held = []
     for pool, db, dependency, beside in pools:
         if pool is None:
             continue
@@ -303,9 +306,20 @@ async def _warn_of_session_limits(
         except Unavailable:  # the outage says it; the limits are looked at once only
             continue
         where = f"{db.connect_kwargs.get('host')}:{db.connect_kwargs.get('port')}"
-        needs.append((where, limits, pool.get_max_size() + beside))
-    for why in too_few_sessions(needs):
+        needs.append((where, limits, pool.get_max_size(), beside))
+        held.append((pool, dependency))
+    opened = [(where, limits, size + beside) for where, limits, size, beside in needs]
+    for why in too_few_sessions(opened):
         log.warning("fewer database sessions allowed than the process opens", why=why)
+    for (pool, dependency), sessions in zip(held, pooled_sessions(needs), strict=True):
+        if sessions < pool.get_max_size():
+            hold_pool(pool, sessions)
+            log.warning(
+                "database pool held to the sessions the limits leave it",
+                dependency=dependency,
+                sessions=sessions,
+                pool_max_conns=pool.get_max_size(),
+            )
 
 
 async def _broker_components(

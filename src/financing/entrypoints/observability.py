@@ -22,6 +22,7 @@ from h2.connection import ConnectionState
 from prometheus_client import REGISTRY
 from prometheus_client.exposition import choose_encoder
 
+from financing.adapters.postgres.connection import sessions_allowed
 from financing.entrypoints.connections import (
     OWN_DESCRIPTORS,
     Connections,
@@ -177,6 +178,8 @@ def observe_pool(pool: asyncpg.Pool, database: str) -> None:
         lambda: pool.get_size() - pool.get_idle_size()
     )
     POOL_CONNECTIONS.labels(database, "max").set_function(pool.get_max_size)
+    # Below "max" while a connection limit of the server holds the pool to fewer sessions.
+    POOL_CONNECTIONS.labels(database, "allowed").set_function(lambda: sessions_allowed(pool))
 
 
 # The connections the metrics endpoint holds at most: a sixteenth of the file descriptors

@@ -22,6 +22,7 @@ from typing import Any, TypeAlias
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from financing.adapters.postgres.capacity import Capacity
 from financing.application.errors import (
     AwaitingOperator,
     ConcurrencyConflict,
@@ -263,9 +264,23 @@ class acquired:
         self._dependency = dependency
 
     async def __aenter__(self) -> Connection:
-        with reopening(self._dependency):
-            self._conn: PoolConnectionProxy = await self._pool.acquire()
-        return self._conn
+        capacity = _CAPACITIES.get(self._pool)
+        if capacity is None:  # a pool not made by `create_pool`
+            with reopening(self._dependency):
+                self._conn: PoolConnectionProxy = await self._pool.acquire()
+            return self._conn
+        while True:
+            await capacity.take(self._pool.get_size)
+            try:
+                with reopening(self._dependency):
+                    self._conn = await self._pool.acquire()
+                return self._conn
+            except BaseException as error:
+                capacity.give_back(self._pool.get_size)
+                opened = self._pool.get_size()
+                if not isinstance(error.__cause__, asyncpg.TooManyConnectionsError) or not opened:
+                    raise
+                capacity.hold_to(opened, describe(error.__cause__))
 
     async def __aexit__(
         self, kind: type[BaseException] | None, error: BaseException | None, tb: Any
@@ -277,8 +292,11 @@ class acquired:
             # server kept a health probe waiting FINANCING_DB_TIMEOUT: it saw the
             # database's outage 13 s late, or only once it was over). The cancellation
             # goes on whatever the release meets.
-            with contextlib.suppress(Exception):
-                await self._pool.release(self._conn, timeout=CANCELLED_RELEASE)
+            try:
+                with contextlib.suppress(Exception):
+                    await self._pool.release(self._conn, timeout=CANCELLED_RELEASE)
+            finally:
+                self._given_back()
             return
         try:
             if error is not None:
@@ -289,9 +307,17 @@ class acquired:
                     drop_stale(self._conn)
                 _translate(error, self._dependency)
         finally:
-            with translated(self._dependency):
-                await self._pool.release(self._conn)
+            try:
+                with translated(self._dependency):
+                    await self._pool.release(self._conn)
+            finally:
+                self._given_back()
             RELEASED[self._dependency] += 1
+
+    def _given_back(self) -> None:
+        capacity = _CAPACITIES.get(self._pool)
+        if capacity is not None:
+            capacity.give_back(self._pool.get_size)
 
 
 # Sessions given back to their pool after a unit of work ended, by dependency: whether
@@ -381,7 +407,7 @@ class _probing(acquired):
 
     async def __aenter__(self) -> Connection | None:  # type: ignore[override]
         pool = self._pool
-        if pool.get_idle_size() or pool.get_size() < pool.get_max_size():
+        if pool.get_idle_size() or pool.get_size() < sessions_allowed(pool):
             return await super().__aenter__()
         released = RELEASED[self._dependency]
         try:
@@ -391,7 +417,7 @@ class _probing(acquired):
             if RELEASED[self._dependency] != released:
                 self._conn = None  # type: ignore[assignment]
                 return None
-            sessions = pool.get_max_size()
+            sessions = sessions_allowed(pool)
             raise Unavailable(self._dependency, POOL_BUSY.format(sessions=sessions)) from None
 
     async def __aexit__(
@@ -470,7 +496,19 @@ async def create_pool(
             init=partial(_settle_session, db),
         )
     assert pool is not None  # only None when created without awaiting
+    _CAPACITIES[pool] = Capacity(db.pool_max_size, dependency)
     return pool
+
+
+# The capacity of each pool `create_pool` made, until `close_pool`.
+_CAPACITIES: dict[asyncpg.Pool, Capacity] = {}
+
+
+def sessions_allowed(pool: asyncpg.Pool) -> int:
+    """How many sessions units of work may take from `pool` at once: its size, or fewer
+    while a connection limit of the server holds it below that (`Capacity`)."""
+    capacity = _CAPACITIES.get(pool)
+    return pool.get_max_size() if capacity is None else capacity.limit
 
 
 @dataclass(frozen=True)
@@ -547,6 +585,41 @@ def too_few_sessions(needs: Sequence[tuple[str, SessionLimits, int]]) -> list[st
     return list(dict.fromkeys(said))  # a limit two databases share, said once
 
 
+def pooled_sessions(needs: Sequence[tuple[str, SessionLimits, int, int]]) -> list[int]:
+    """How many sessions each pool may open within the limits of its server, its role and
+    its database, given for each (by its server's address) its role's limits, its size and
+    the sessions the process opens there beside it (a relayer's lock and listener): the
+    sessions beside come first, and the pools of one role share what is left in
+    proportion to their sizes, at least one each. A pool that grew beyond it took the
+    sessions the relayer needs, and the relayer never ran."""
+    sizes = [size for _, _, size, _ in needs]
+    by_role: dict[tuple[str, str], list[int]] = collections.defaultdict(list)
+    for index, (server, limits, _, _) in enumerate(needs):
+        by_role[(server, limits.role)].append(index)
+    for members in by_role.values():
+        limits = needs[members[0]][1]
+        allowed = [limit for limit in (limits.role_limit, limits.server_limit) if limit is not None]
+        if not allowed:
+            continue
+        room = min(allowed) - sum(needs[index][3] for index in members)
+        wanted = sum(sizes[index] for index in members)
+        if wanted > room:
+            for index in members:
+                sizes[index] = max(1, min(sizes[index], room * sizes[index] // wanted))
+    for index, (_, limits, _, beside) in enumerate(needs):
+        if limits.database_limit is not None:
+            sizes[index] = max(1, min(sizes[index], limits.database_limit - beside))
+    return sizes
+
+
+def hold_pool(pool: asyncpg.Pool, sessions: int) -> None:
+    """Let units of work take at most `sessions` of `pool`'s sessions at once, for good
+    (`pooled_sessions`)."""
+    capacity = _CAPACITIES.get(pool)
+    if capacity is not None:
+        capacity.resize(sessions)
+
+
 # How long closing a pool or a session waits for the server to see it out; then the
 # sessions are dropped: a server that stops answering must not hold a shutdown.
 CLOSE_TIMEOUT = 2.0
@@ -554,6 +627,7 @@ CLOSE_TIMEOUT = 2.0
 
 async def close_pool(pool: asyncpg.Pool) -> None:
     """Close `pool`'s sessions in order, or drop them after CLOSE_TIMEOUT."""
+    _CAPACITIES.pop(pool, None)
     await _closed_in_time(pool)
 
 
