@@ -52,11 +52,14 @@ class Capacity:
             return
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.append(turn)
+        self._hand_on()  # at once where there is room behind turns given up
         try:
             await turn
         except asyncio.CancelledError:
             if turn.done() and not turn.cancelled():  # given, then cancelled: hand it on
                 self.give_back(opened)
+            else:
+                self._waiting.remove(turn)
             raise
 
     def give_back(self, opened: Callable[[], int]) -> None:
