@@ -34,12 +34,14 @@ import fcntl
 import io
 import logging
 import os
+import select
 import socket
 import stat
 import sys
 import threading
 import types
 from collections.abc import Callable
+from functools import partial
 from typing import TextIO
 
 import structlog
@@ -64,7 +66,8 @@ _SHARED: list[structlog.typing.Processor] = [
 
 def configure(level: str = "INFO") -> None:
     threshold = getattr(logging, level)
-    lines = Lines(sys.stderr, on_resumed=_said_dropped)
+    global _LINES
+    lines = _LINES = Lines(sys.stderr, on_resumed=_said_dropped)
     renderer: structlog.typing.Processor
     if sys.stderr.isatty():
         renderer = structlog.dev.ConsoleRenderer()
@@ -100,6 +103,8 @@ def configure(level: str = "INFO") -> None:
 
 # What a line write takes now of the bytes given: how many (None or 0: none).
 Write = Callable[[memoryview], "int | None"]
+# Whether a line write would take a line now.
+Room = Callable[[], bool]
 
 
 class Lines:
@@ -118,7 +123,9 @@ class Lines:
         # run unbuffered, PYTHONUNBUFFERED=1, as the image runs it).
         buffer = getattr(file, "buffer", None)
         raw = buffer if isinstance(buffer, io.FileIO) else getattr(buffer, "raw", None)
-        self._write = _unwaiting(raw) if isinstance(raw, io.FileIO) else None
+        unwaiting = _unwaiting(raw) if isinstance(raw, io.FileIO) else None
+        self._write: Write | None = None if unwaiting is None else unwaiting[0]
+        self._room: Room | None = None if unwaiting is None else unwaiting[1]
         self._file = file
         self._encoding = getattr(file, "encoding", None) or "utf-8"
         self._rest = b""  # what is still to be written of a line begun
@@ -150,8 +157,43 @@ class Lines:
                 if self._dropped:  # that line dropped too: said, with it, by the next
                     self._dropped += dropped
 
+    def catch_up(self) -> None:
+        """Finish a line begun, and say the lines dropped, where the log takes lines again,
+        without waiting for the next line to come: an idle service's may come hours
+        after its reader resumed."""
+        if self._write is None or self._room is None or not (self._rest or self._dropped):
+            return
+        if self._rest:
+            self._rest = self._rest[_written(self._write, self._rest) :]
+        if self._dropped and not self._rest and self._room():
+            dropped, self._dropped = self._dropped, 0
+            if self._on_resumed is not None:
+                self._on_resumed(dropped)
+                if self._dropped:  # that line dropped too (the room taken meanwhile)
+                    self._dropped += dropped
+
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg
+
+
+# The service's log, once `configure` made it.
+_LINES: Lines | None = None
+
+
+def catch_up() -> None:
+    """`Lines.catch_up` of the service's log (the event loop's watch runs it)."""
+    if _LINES is not None:
+        _LINES.catch_up()
+
+
+def _takes_a_line(fd: int) -> bool:
+    """Whether descriptor `fd` takes a write now (a pipe: PIPE_BUF bytes at least)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    try:
+        return any(events & select.POLLOUT for _, events in poller.poll(0))
+    except OSError:
+        return False
 
 
 def _written(write: Write, data: bytes) -> int:
@@ -172,7 +214,7 @@ def _written(write: Write, data: bytes) -> int:
 PIPE_SIZE = 1 << 20
 
 
-def _unwaiting(raw: io.FileIO) -> Write:
+def _unwaiting(raw: io.FileIO) -> tuple[Write, Room]:
     """How to write to `raw`'s descriptor without waiting for its reader. A pipe (or FIFO)
     is opened again, non-blocking, for the service alone: its descriptor, shared with
     whoever started the service (a shell's `2>&1` gives it stdout too), is left as it
@@ -180,36 +222,38 @@ def _unwaiting(raw: io.FileIO) -> Write:
     again (another user's: the service started under `sudo -u`, `setpriv`, an image's
     entrypoint dropping its privileges) and a terminal (`docker run -t`, a stalled ssh
     session) are written by a thread of their own (`_WriterThread`). A file is written to
-    as it is."""
+    as it is. With it, whether it takes a line now."""
     fd = raw.fileno()
     try:
         mode = os.fstat(fd).st_mode
     except OSError:  # closed: every write fails, and is dropped
-        return raw.write
+        return raw.write, lambda: False
     if stat.S_ISFIFO(mode):
         with contextlib.suppress(OSError):  # more than the pipe holds: left as it is
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         if not os.get_blocking(fd):
-            return raw.write
+            return raw.write, partial(_takes_a_line, fd)
         try:
             own = io.FileIO(
                 os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC),
                 "w",
             )
         except OSError:  # no /proc, another user's pipe, or the reader gone already
-            return _WriterThread(raw)
+            return _WriterThread.of(raw)
         _KEPT.append(own)
-        return own.write
+        return own.write, partial(_takes_a_line, own.fileno())
     if stat.S_ISSOCK(mode):
         try:
             sock = socket.socket(fileno=os.dup(fd))
         except OSError:
-            return raw.write
+            return raw.write, lambda: True
         _KEPT.append(sock)
-        return lambda data: sock.send(data, socket.MSG_DONTWAIT)
+        return lambda data: sock.send(data, socket.MSG_DONTWAIT), partial(
+            _takes_a_line, sock.fileno()
+        )
     if raw.isatty():
-        return _WriterThread(raw)
-    return raw.write
+        return _WriterThread.of(raw)
+    return raw.write, lambda: True
 
 
 # The descriptors of `_unwaiting`, open for as long as the process logs.
@@ -231,6 +275,16 @@ class _WriterThread:
         self._ready = threading.Condition()
         threading.Thread(target=self._write, name="log writer", daemon=True).start()
         atexit.register(self._flushed, self.EXIT_WAIT)
+
+    @classmethod
+    def of(cls, raw: io.FileIO) -> tuple[Write, Room]:
+        thread = cls(raw)
+        return thread, thread.has_room
+
+    def has_room(self) -> bool:
+        """Whether a line of a few hundred bytes would be taken now."""
+        with self._ready:
+            return self._bytes + 4096 <= self.QUEUED
 
     def __call__(self, data: memoryview) -> int | None:
         with self._ready:

@@ -206,6 +206,27 @@ def test_a_log_reader_that_stopped_reading_blocks_nothing_and_the_lines_dropped_
     assert resumed == [3]
 
 
+def test_lines_dropped_are_said_once_the_reader_resumes_without_waiting_for_a_line() -> None:
+    """Regression (a probe): the notice of lines dropped came with the next line written
+    after the reader resumed, which an idle service at INFO may write hours later."""
+    reader, writer = os.pipe()
+    resumed: list[int] = []
+    try:
+        with stream_of(writer, unbuffered=True) as file:
+            lines = Lines(file, on_resumed=resumed.append)
+            filled(writer)
+            three_lines_without_waiting(lines)
+            lines.catch_up()  # the reader still stopped: nothing said yet
+            assert resumed == []
+            os.set_blocking(reader, False)
+            drained(reader)  # the reader catches up; no line comes
+            lines.catch_up()
+    finally:
+        os.close(reader)
+        os.close(writer)
+    assert resumed == [3]
+
+
 def of_another_user(file: io.TextIOWrapper, monkeypatch: pytest.MonkeyPatch) -> Lines:
     """The log on `file`, a pipe the process may not open again (another user's)."""
     real_open = os.open

@@ -33,7 +33,7 @@ from financing.entrypoints.grpc.calls import CallsInFlight
 from financing.entrypoints.grpc.codec import Servable
 from financing.entrypoints.grpc.queries import LISTS, QueriesService
 from financing.entrypoints.listening import listening_at
-from financing.logging import get_logger
+from financing.logging import catch_up, get_logger
 from financing.metrics import (
     EVENT_LOOP_LAG,
     GRPC_BUSY,
@@ -480,6 +480,7 @@ async def watch_event_loop(period: float = LAG_PERIOD, reported: float = STALL_R
         await asyncio.sleep(period)
         lag = max(0.0, loop.time() - due)
         EVENT_LOOP_LAG.observe(lag)
+        catch_up()  # the log's lines dropped said once it takes lines again, idle or not
         if lag >= reported:
             log.warning(
                 "the process did not run for a while (stopped, starved of CPU, or blocked):"
