@@ -21,6 +21,7 @@ from uuid import UUID, uuid4
 import asyncpg
 import pytest
 
+from financing.adapters.postgres import event_store as event_store_module
 from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.application import handlers, policies
 from financing.application.errors import (
@@ -782,6 +783,70 @@ class TestPostgresEventStore(EventStoreContract):
         assert len(sent) == 1, sent
         assert investor_state(one) == (3, Decimal("990"), Decimal("10"), Decimal("0"))
         assert investor_state(two) == (3, Decimal("1990"), Decimal("10"), Decimal("0"))
+
+    async def test_a_load_that_replayed_an_interval_of_events_takes_a_snapshot_when_saved(
+        self, pool: asyncpg.Pool
+    ) -> None:
+        """Regression (a probe): a stream left without a recent snapshot (its row missing,
+        here deleted) was replayed whole by every command until it crossed its next
+        multiple of the interval: 53,000 events each time."""
+        await _truncate(pool)
+        store = PostgresEventStore(pool, snapshot_interval=5)
+        investor_id = uuid4()
+        await create_investor(store, investor_id, "100")
+        for _ in range(9):
+            await place_bid(store, investor_id, "1")  # versions 3-11, snapshot at 10
+        await pool.execute("DELETE FROM snapshots WHERE aggregate_id = $1", investor_id)
+        await place_bid(store, investor_id, "1")  # version 12: no multiple of 5 crossed
+        assert (
+            await pool.fetchval(
+                "SELECT version FROM snapshots WHERE aggregate_id = $1", investor_id
+            )
+            == 12
+        )
+        async with store.unit_of_work() as uow:
+            loaded = await uow.load(Investor, investor_id)
+        assert investor_state(loaded) == (12, Decimal("90"), Decimal("10"), Decimal("0"))
+
+    async def test_folding_a_long_stream_gives_the_rest_of_the_process_turns(
+        self, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Regression (a probe): a stream of 53,000 events replayed without a snapshot held
+        the event loop 0.44 s per load, several loads back to back: health checks waited
+        seconds and the relayer lost its lock."""
+        await _truncate(pool)
+        store = PostgresEventStore(pool, snapshot_interval=100_000)
+        investor_id = uuid4()
+        async with store.unit_of_work() as uow:
+            investor = await uow.load(Investor, investor_id)
+            investor.create(Decimal("100"))
+            for _ in range(1_500):
+                investor.place_bid(uuid4(), Decimal("0.01"))
+            await uow.save(investor)
+        turns = 0
+        seen_at: list[int] = []  # the turns other tasks had, as each event is decoded
+
+        async def others() -> None:
+            nonlocal turns
+            while True:
+                await asyncio.sleep(0)
+                turns += 1
+
+        real = event_store_module._event
+
+        def decoded(name: str, body: str, aggregate_id: UUID) -> Any:
+            seen_at.append(turns)
+            return real(name, body, aggregate_id)
+
+        monkeypatch.setattr(event_store_module, "_event", decoded)
+        other = asyncio.ensure_future(others())
+        try:
+            async with store.unit_of_work() as uow:
+                loaded = await uow.load(Investor, investor_id)
+        finally:
+            other.cancel()
+        assert loaded.version == 1_502 and len(seen_at) == 1_502
+        assert seen_at[-1] - seen_at[0] >= 2, "the fold never let another task run"
 
     async def test_an_invoice_restored_from_a_snapshot_keeps_its_winning_bid(
         self, pool: asyncpg.Pool
