@@ -8,8 +8,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from decimal import Decimal
+from typing import Any
 
+import aiormq
 import pytest
+from aiormq.abc import ChannelFrame
 from structlog.testing import capture_logs
 
 from financing.adapters.rabbitmq import connection as connection_module
@@ -103,6 +106,43 @@ async def test_published_events_reach_every_bound_queue_in_order(
     for name in queues:
         received = [from_amqp(m) for m in await rabbitmq.drain(connection, name, expected=200)]
         assert received == sent
+
+
+async def test_a_publish_failing_before_it_is_written_ends_its_batch_in_order(
+    broker: Broker, publisher: Publisher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (a probe): a publish of a batch that failed before it was written (a
+    MemoryError building its frames, under a memory limit) let the publishes after it be
+    written: an aggregate's later versions went out before the one that failed, which
+    the relayer published again after them, and foreign consumers drop as a copy."""
+    channel = await broker.channel()
+    queue = unique_name("events_order")
+    await QueueSpec(queue, bound_to_events=True).declare(channel)
+    await channel.close()
+    investor = uuid.uuid4()
+    await publisher.publish_events([event_envelope(0, investor)])  # the channel open
+    real = ChannelFrame.marshall
+    publishes = 0
+
+    def failing_the_third(frames: Any, channel_number: int, drain_future: Any = None) -> Any:
+        nonlocal publishes
+        if isinstance(frames[0], aiormq.spec.Basic.Publish):
+            publishes += 1
+            if publishes == 3:
+                raise MemoryError
+        return real(frames=frames, channel_number=channel_number, drain_future=drain_future)
+
+    monkeypatch.setattr(ChannelFrame, "marshall", staticmethod(failing_the_third))
+    with pytest.raises(MemoryError):
+        await publisher.publish_events(
+            [event_envelope(version, investor) for version in (1, 2, 3, 4, 5, 6)]
+        )
+    monkeypatch.undo()
+    await publisher.publish_events([event_envelope(7, investor)])  # the last to arrive
+
+    connection = await broker.connection()
+    received = await rabbitmq.drain(connection, queue, expected=4)
+    assert [from_amqp(m).headers["aggregateVersion"] for m in received] == ["0", "1", "2", "7"]
 
 
 async def test_events_no_queue_takes_are_declared_for_or_reported_unroutable(
