@@ -337,6 +337,36 @@ async def test_events_shows_the_stream_with_its_correlations_and_the_read_model_
     ]
 
 
+async def test_events_shows_a_window_of_a_long_stream_without_reading_it_whole(
+    operated: Operated,
+) -> None:
+    invoice, investor = await operated.invoice_on_sale(price=10)
+    await operated.bid(investor, invoice, 15)
+
+    async def four_events() -> bool:
+        count: int = await operated.events.fetchval(
+            "SELECT count(*) FROM events WHERE aggregate_id = $1", investor
+        )
+        return count == 4
+
+    await infra.wait_until(four_events, what="the investor's four events")
+
+    last = await operated.cli("events", str(investor), "--last", "2")
+    assert last.exit_code == 0, last.describe()
+    lines = last.stdout.splitlines()
+    assert lines[0] == f"Investor {investor}: v3 to v4, 2 of its 4 event(s)"
+    assert [line.split()[0] for line in lines[2:4]] == ["v3", "v4"]
+
+    middle = await operated.cli("events", str(investor), "--from-version", "2", "--last", "9")
+    assert middle.stdout.splitlines()[0] == f"Investor {investor}: v2 to v4, 3 of its 4 event(s)"
+
+    past = await operated.cli("events", str(investor), "--from-version", "5")
+    assert past.exit_code == 0, past.describe()
+    assert past.stdout.splitlines()[0] == (
+        f"Investor {investor}: no event in the window, of its 4 event(s)"
+    )
+
+
 async def test_events_of_an_unknown_aggregate_says_so_and_exits_non_zero(
     operated: Operated,
 ) -> None:

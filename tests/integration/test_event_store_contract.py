@@ -130,6 +130,23 @@ class EventStoreContract:
     def store(self) -> EventStore:
         raise NotImplementedError("a subclass provides the store under test")
 
+    async def test_a_stream_is_read_from_a_version_or_by_its_last_events(
+        self, store: EventStore
+    ) -> None:
+        investor_id = uuid4()
+        await create_investor(store, investor_id, "100")  # versions 1-2
+        for _ in range(3):
+            await place_bid(store, investor_id, "1")  # 3-5
+
+        async def versions(**window: Any) -> list[int]:
+            return [event.version for event in await store.stream(investor_id, **window)]
+
+        assert await versions() == [1, 2, 3, 4, 5]
+        assert await versions(from_version=4) == [4, 5]
+        assert await versions(last=2) == [4, 5]
+        assert await versions(from_version=2, last=10) == [2, 3, 4, 5]
+        assert await versions(from_version=6) == []
+
     async def test_saved_events_are_loaded_back_into_the_aggregate(self, store: EventStore) -> None:
         investor_id = uuid4()
         await create_investor(store, investor_id, "100.10")

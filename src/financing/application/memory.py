@@ -125,8 +125,13 @@ class InMemoryEventStore:
     def version(self, aggregate_id: UUID) -> int:
         return sum(1 for e in self.events if e.aggregate_id == aggregate_id)
 
-    async def stream(self, aggregate_id: UUID) -> list[StoredEvent]:
-        return [e for e in self.events if e.aggregate_id == aggregate_id]
+    async def stream(
+        self, aggregate_id: UUID, *, from_version: int = 1, last: int | None = None
+    ) -> list[StoredEvent]:
+        found = [
+            e for e in self.events if e.aggregate_id == aggregate_id and e.version >= from_version
+        ]
+        return found if last is None else found[len(found) - min(last, len(found)) :]
 
     async def forget_refusal(self, consumer: str, message_id: str) -> None:
         key = (consumer, message_id)

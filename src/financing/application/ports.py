@@ -279,8 +279,11 @@ class EventStore(Protocol):
         """
         ...
 
-    async def stream(self, aggregate_id: UUID) -> list[StoredEvent]:
-        """Every event of one aggregate, in version order."""
+    async def stream(
+        self, aggregate_id: UUID, *, from_version: int = 1, last: int | None = None
+    ) -> list[StoredEvent]:
+        """The events of one aggregate from version `from_version` on, in version order;
+        the `last` of them only, when given (a stream's end without reading it whole)."""
         ...
 
     async def forget_refusal(self, consumer: str, message_id: str) -> None:

@@ -684,13 +684,18 @@ class PostgresEventStore:
         """Let the last ring of the commit bell go out (before the pool closes)."""
         await self._bell.quiet()
 
-    async def stream(self, aggregate_id: UUID) -> list[StoredEvent]:
+    async def stream(
+        self, aggregate_id: UUID, *, from_version: int = 1, last: int | None = None
+    ) -> list[StoredEvent]:
         async with acquired(self._pool, COMMAND_DATABASE) as conn:
             rows = await conn.fetch(
-                f"SELECT {EVENT_COLUMNS} FROM events WHERE aggregate_id = $1 ORDER BY version",
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE aggregate_id = $1 AND version >= $2"
+                " ORDER BY version DESC LIMIT $3",
                 aggregate_id,
+                from_version,
+                last,  # NULL: no limit
             )
-        return [stored_event(row) for row in rows]
+        return [stored_event(row) for row in reversed(rows)]
 
     async def forget_refusal(self, consumer: str, message_id: str) -> None:
         async with acquired(self._pool, COMMAND_DATABASE) as conn:

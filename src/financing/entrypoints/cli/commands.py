@@ -388,6 +388,12 @@ def _add_inspection(commands: _Commands) -> None:
         run=_events,
     )
     events.add_argument("aggregate_id", type=_uuid, help="an investor, invoice or issuer id")
+    events.add_argument(
+        "--from-version", type=_positive, default=1, help="only its events from this version on"
+    )
+    events.add_argument(
+        "--last", type=_positive, help="only its last events, this many (a long stream's end)"
+    )
     commands.add(
         "tail",
         "print every event published on `events`, live, until Ctrl-C",
@@ -536,7 +542,9 @@ async def _trace(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _events(settings: Settings, args: argparse.Namespace) -> int:
-    return await run_events(settings, args.aggregate_id)
+    return await run_events(
+        settings, args.aggregate_id, from_version=args.from_version, last=args.last
+    )
 
 
 async def _tail(settings: Settings, args: argparse.Namespace) -> int:

@@ -1,9 +1,12 @@
-"""`financing events AGGREGATE_ID`: an aggregate's stream, and its row in the read models.
+"""`financing events AGGREGATE_ID [--from-version N] [--last N]`: an aggregate's stream, or
+a window of it, and its row in the read models.
 
 The stream is read from the event store (version, time, name, body, and the
 correlation each event belongs to, for `financing trace`); the row from the
 query database, so the two can be compared at a glance. When the query
-database cannot be reached the stream is still shown.
+database cannot be reached the stream is still shown. A long stream's end is read
+without reading it whole (`--last`), as an event store's readers read a stream from a
+revision, backwards.
 """
 
 from __future__ import annotations
@@ -24,14 +27,20 @@ from financing.domain.money import canonical
 from financing.entrypoints.cli.console import database, table, write_lines
 
 
-async def run_events(settings: Settings, aggregate_id: UUID) -> int:
-    """Print the stream and the row; exit code 1 when neither exists, or when the read
-    models could not be reached (the stream is printed all the same)."""
+async def run_events(
+    settings: Settings, aggregate_id: UUID, *, from_version: int = 1, last: int | None = None
+) -> int:
+    """Print the stream (its events from `from_version` on, the `last` of them) and the
+    row; exit code 1 when neither exists, or when the read models could not be reached
+    (the stream is printed all the same)."""
     async with database(settings.command_db, COMMAND_DATABASE, "events", schema="commands") as pool:
-        stream = await PostgresEventStore(pool).stream(aggregate_id)
-    aggregate_type = stream[0].aggregate_type if stream else None
+        store = PostgresEventStore(pool)
+        stream = await store.stream(aggregate_id, from_version=from_version, last=last)
+        # A window past the stream's end still names the aggregate, by its last event.
+        known = stream or (from_version > 1 and await store.stream(aggregate_id, last=1))
+    aggregate_type = known[0].aggregate_type if known else None
     row, reached = await _row(settings, aggregate_id, aggregate_type)
-    if not stream and row is None:
+    if not known and row is None:
         models = "no row in the read models" if reached else "the read models were not read"
         print(
             f"financing events: nothing is known of aggregate {aggregate_id}:"
@@ -39,7 +48,13 @@ async def run_events(settings: Settings, aggregate_id: UUID) -> int:
             file=sys.stderr,
         )
         return 1
-    write_lines([*_stream_lines(aggregate_id, stream), "", *_row_lines(row)])
+    windowed = from_version > 1 or last is not None
+    lines = (
+        _window_lines(aggregate_id, stream, known)
+        if windowed
+        else _stream_lines(aggregate_id, stream)
+    )
+    write_lines([*lines, "", *_row_lines(row)])
     return 0 if reached else 1
 
 
@@ -55,10 +70,29 @@ async def _row(
         return None, False
 
 
+def _window_lines(
+    aggregate_id: UUID, stream: list[StoredEvent], known: list[StoredEvent] | bool
+) -> list[str]:
+    """A window of the stream: its versions, and how many events the stream holds (its
+    versions run from 1 without a gap: the last one's)."""
+    if not known or not isinstance(known, list):
+        return [f"aggregate {aggregate_id}: no event in the event store"]
+    kind, latest = known[-1].aggregate_type, known[-1].version
+    if not stream:
+        return [f"{kind} {aggregate_id}: no event in the window, of its {latest} event(s)"]
+    first, end = stream[0].version, stream[-1].version
+    heading = f"{kind} {aggregate_id}: v{first} to v{end}, {len(stream)} of its {latest} event(s)"
+    return [heading, *_event_lines(stream)]
+
+
 def _stream_lines(aggregate_id: UUID, stream: list[StoredEvent]) -> list[str]:
     if not stream:
         return [f"aggregate {aggregate_id}: no event in the event store"]
     heading = f"{stream[0].aggregate_type} {aggregate_id}: {len(stream)} event(s)"
+    return [heading, *_event_lines(stream)]
+
+
+def _event_lines(stream: list[StoredEvent]) -> list[str]:
     rows = [
         (
             f"v{event.version}",
@@ -69,7 +103,7 @@ def _stream_lines(aggregate_id: UUID, stream: list[StoredEvent]) -> list[str]:
         )
         for event in stream
     ]
-    return [heading, *table(("VERSION", "RECORDED AT", "NAME", "CORRELATION", "BODY"), rows)]
+    return table(("VERSION", "RECORDED AT", "NAME", "CORRELATION", "BODY"), rows)
 
 
 def _row_lines(row: tuple[str, dict[str, Any]] | None) -> list[str]:
