@@ -9,11 +9,14 @@ import time
 from typing import Any
 
 import grpclib.const
+import grpclib.protocol
 import pytest
 import structlog
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
+from grpclib.health.service import Health
+from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from grpclib.server import Stream
 from structlog.testing import capture_logs
@@ -230,6 +233,49 @@ async def test_a_call_ending_after_its_connection_was_sent_away_logs_no_error(
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR], [
         record.getMessage() for record in caplog.records
     ]
+
+
+async def test_a_connection_http2_could_not_be_begun_on_is_closed_and_not_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression (a probe): under an address-space limit, a connection whose HTTP/2 set-up
+    raised (a MemoryError) stayed counted and half made: its client's call waited for
+    its deadline, and at shutdown its GOAWAY raised AttributeError, exit 1."""
+    real = grpclib.protocol.H2Protocol.connection_made
+    failures = 0
+
+    def failing_once(self: Any, transport: Any) -> None:
+        nonlocal failures
+        if not failures:
+            failures += 1
+            raise MemoryError
+        real(self, transport)
+
+    monkeypatch.setattr(grpclib.protocol.H2Protocol, "connection_made", failing_once)
+    server = GrpcServer([Health()], codec=RequestCodec())
+    await server.start("127.0.0.1", 0)
+    port = server._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        with capture_logs() as logs:
+            first = Channel("127.0.0.1", port)
+            try:
+                with pytest.raises((ConnectionError, StreamTerminatedError, GRPCError)):
+                    await HealthStub(first).Check(HealthCheckRequest(), timeout=5)
+            finally:
+                first.close()
+            second = Channel("127.0.0.1", port)
+            try:  # the next connection is served
+                await HealthStub(second).Check(HealthCheckRequest(), timeout=5)
+            finally:
+                second.close()
+        assert failures == 1
+        assert [line["event"] for line in logs if line["log_level"] == "warning"] == [
+            "gRPC connection closed: HTTP/2 could not be begun on it (MemoryError())"
+        ]
+        server.go_away()  # what shutting down does first: nothing half made to tell
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_a_warning_line_carries_no_fields_of_the_call_that_happened_to_write_it() -> None:

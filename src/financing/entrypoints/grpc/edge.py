@@ -638,8 +638,20 @@ class _Protocol(grpclib.protocol.H2Protocol):
         self._leave(None)
 
     def _begin(self, transport: asyncio.BaseTransport) -> None:
+        try:
+            super().connection_made(transport)
+        except Exception as error:  # a MemoryError under an address-space limit, say
+            # Left counted and half made, the connection held its client's call until
+            # its deadline, and at shutdown its GOAWAY failed: exit 1.
+            transport.close()
+            metrics.GRPC_CONNECTIONS_CLOSED.labels("failed").inc()
+            _SENT_AWAY.warn(
+                f"gRPC connection closed: HTTP/2 could not be begun on it ({error!r})",
+                peer=_peer(transport),
+            )
+            self._leave(None)
+            return
         self._begun = True
-        super().connection_made(transport)
         h2 = self.connection._connection
         # h2 advertises MAX_HEADER_LIST (its default) and reads up to HEADERS_READ_MOST.
         h2.decoder = _HeaderDecoder()
