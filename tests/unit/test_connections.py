@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from structlog.testing import capture_logs
 
-from financing.entrypoints.connections import Connections
+from financing.entrypoints.connections import SAID_AGAIN_AFTER, Connections
 
 
 @dataclass(eq=False)
@@ -54,18 +54,54 @@ def test_a_host_whose_every_connection_has_a_call_open_is_refused_and_others_are
     assert len(said) == 1 and said[0]["host"] == "10.0.0.1" and said[0]["share"] == 4
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_a_host_is_said_again_only_once_it_held_three_quarters_of_its_share_or_less() -> None:
-    connections: Connections[Connection] = Connections("gRPC", limit=8)
+    clock = Clock()
+    connections: Connections[Connection] = Connections("gRPC", limit=8, clock=clock)
     held = [Connection("10.0.0.1", idle=False) for _ in range(4)]
     with capture_logs() as logs:
         admitted(connections, *held, Connection("10.0.0.1", idle=False))
         connections.left(held[0])
         admitted(connections, Connection("10.0.0.1", idle=False))  # at its share again
+        clock.now += SAID_AGAIN_AFTER
         connections.left(held[1])
         connections.left(held[2])  # 2 of 4 left: said again when it comes back
         admitted(connections, *(Connection("10.0.0.1", idle=False) for _ in range(3)))
     said = [line for line in logs if "of one host at its share" in str(line["event"])]
     assert len(said) == 2
+
+
+def test_connections_coming_and_going_at_a_small_limit_are_said_once_an_interval() -> None:
+    """Regression (a probe): at a limit of 1 (a process of 64 descriptors, its metrics
+    endpoint), a flood of connections coming and going wrote "at their limit" and "below
+    their limit again" 938 times each in 45 s, and a host's share line as often."""
+    clock = Clock()
+    connections: Connections[Connection] = Connections("metrics endpoint", limit=1, clock=clock)
+    with capture_logs() as logs:
+        for second in range(30):
+            clock.now += 0.5
+            for _ in range(10):  # two come, the first goes: full, then room again
+                first, second_one = Connection(f"10.0.1.{second}"), Connection("10.0.2.1")
+                admitted(connections, first, second_one)
+                connections.left(first)
+                connections.left(second_one)
+    events = [str(line["event"]) for line in logs]
+    # 15 s of churn: said at its start, room again and full again 10 s later, at most.
+    assert (
+        events.count(
+            "metrics endpoint connections at their limit: a new one closes the"
+            " one idle longest, or is closed when none is idle"
+        )
+        <= 2
+    ), events
+    assert events.count("metrics endpoint connections below their limit again") <= 2, events
 
 
 def test_connections_closed_to_make_room_and_not_yet_gone_bound_a_hosts_new_ones() -> None:

@@ -5,7 +5,9 @@ databases and the broker need."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import resource
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
@@ -72,6 +74,11 @@ def descriptor_share(part: int, *, most: int, own: int, soft: int | None = None)
     return max(1, min(most, (soft - own) // part))
 
 
+# How long after a limit's line the line saying there is room again may come, and the
+# limit's line again after it; a host's share's line likewise.
+SAID_AGAIN_AFTER = 10.0
+
+
 class Connections(Generic[H]):
     """The connections of one server, the one active last at the end: at most `limit`,
     and at most half of them of one host (`host_limit`).
@@ -81,23 +88,31 @@ class Connections(Generic[H]):
     that the descriptors held stay bounded however fast connections come: beyond a
     quarter more than `limit`, a new one is refused until some are gone. Being full is
     logged once, with the limit, and having room again once it is three quarters full
-    or less.
+    or less and SAID_AGAIN_AFTER has passed: a flood of connections coming and going
+    at a small limit (1 to 3, where three quarters of it is none or one) wrote the two
+    lines 150 times a second.
 
     A host's new connection beyond its share closes that host's own connection idle
     longest, or is refused when none of them is idle, whatever room the others leave:
     one host that held every connection with a call open (a health `Watch` on each, or
     a list it never reads) had every other client's connection refused, an
     orchestrator's health probe among them, for as long as it stayed. A host reaching its
-    share is logged once, until it holds three quarters of it or less."""
+    share is logged once, until it holds three quarters of it or less and
+    SAID_AGAIN_AFTER has passed."""
 
-    def __init__(self, kind: str, limit: int) -> None:
+    def __init__(
+        self, kind: str, limit: int, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.kind = kind  # what the log lines call them: "gRPC", "metrics endpoint"
         self.limit = limit
         self.host_limit = max(1, limit // 2)
+        self._clock = clock
         self._open: OrderedDict[H, None] = OrderedDict()
         self._hosts: Counter[object] = Counter()  # connections open, by host
-        self._crowding: set[object] = set()  # hosts said to be at their share
+        self._crowding: dict[object, float] = {}  # hosts said to be at their share, when
         self._full = False
+        self._full_said = 0.0  # when being full was said
+        self._recheck: asyncio.TimerHandle | None = None  # for room again, said late
         self._closed = False
         self._none_open = asyncio.Event()
         self._none_open.set()
@@ -113,7 +128,8 @@ class Connections(Generic[H]):
         host = new.host
         if host is not None and self._hosts[host] >= self.host_limit:
             if host not in self._crowding:
-                self._crowding.add(host)
+                self._forget_crowding()
+                self._crowding[host] = self._clock()
                 log.warning(
                     f"{self.kind} connections of one host at its share: a new one of it"
                     " closes its own idle longest, or is closed when none is idle",
@@ -127,6 +143,7 @@ class Connections(Generic[H]):
         elif len(self._open) >= self.limit:
             if not self._full:
                 self._full = True
+                self._full_said = self._clock()
                 log.warning(
                     f"{self.kind} connections at their limit: a new one closes the one"
                     " idle longest, or is closed when none is idle",
@@ -175,10 +192,35 @@ class Connections(Generic[H]):
             self._hosts[host] -= 1
             if not self._hosts[host]:
                 del self._hosts[host]
-            if host in self._crowding and self._hosts[host] <= self.host_limit * 3 // 4:
-                self._crowding.discard(host)
+            self._forget_crowding()
         if not self._open:
             self._none_open.set()
-        if self._full and len(self._open) <= self.limit * 3 // 4:
-            self._full = False
-            log.info(f"{self.kind} connections below their limit again", limit=self.limit)
+        self._room_again()
+
+    def _forget_crowding(self) -> None:
+        """Let the hosts said to be at their share be said again, each once it holds three
+        quarters of it or less and SAID_AGAIN_AFTER has passed."""
+        now = self._clock()
+        for host, said in list(self._crowding.items()):
+            if self._hosts[host] <= self.host_limit * 3 // 4 and now - said >= SAID_AGAIN_AFTER:
+                del self._crowding[host]
+
+    def _room_again(self) -> None:
+        """Say that there is room again, once three quarters full or less, and not sooner
+        than SAID_AGAIN_AFTER after being full was said (a turn of the loop then looks
+        again, where no connection leaves to make it look)."""
+        if not self._full or len(self._open) > self.limit * 3 // 4:
+            return
+        wait = self._full_said + SAID_AGAIN_AFTER - self._clock()
+        if wait > 0:
+            # RuntimeError, no loop: the next connection to leave looks again.
+            with contextlib.suppress(RuntimeError):
+                if self._recheck is None:
+                    self._recheck = asyncio.get_running_loop().call_later(wait, self._rechecked)
+            return
+        self._full = False
+        log.info(f"{self.kind} connections below their limit again", limit=self.limit)
+
+    def _rechecked(self) -> None:
+        self._recheck = None
+        self._room_again()
