@@ -76,6 +76,33 @@ def test_a_limit_on_threads_that_leaves_the_event_loop_too_few_is_a_configuratio
     assert "may not start the 4 threads its event loop needs" in said, said
 
 
+def test_an_address_space_too_small_for_the_threads_stacks_is_named_as_the_cause() -> None:
+    """Regression (a probe): under `ulimit -v`, threads whose stacks could not be mapped
+    were said to meet a limit on processes or threads, which raising would not help."""
+
+    def stacks_beyond_the_address_space() -> None:
+        # Each thread's stack is mapped at the stack limit's size: 4 of 1 GiB in 3 GiB.
+        resource.setrlimit(resource.RLIMIT_STACK, (1 << 30, resource.RLIM_INFINITY))
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, resource.RLIM_INFINITY))
+
+    done = subprocess.run(
+        [*financing_command(), "status"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=stacks_beyond_the_address_space,
+        env={
+            **os.environ,
+            "COMMAND_DB_CONNECTION_STRING": f"postgresql://postgres@localhost/{NO_DATABASE}",
+            "QUERY_DB_CONNECTION_STRING": f"postgresql://postgres@localhost/{NO_DATABASE}",
+            "AMQP_ADDRESS": "amqp://guest:guest@localhost:1/",
+        },
+    )
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    said = done.stderr.strip().splitlines()[-1]
+    assert "the address space the process may map (ulimit -v, 3072 MiB)" in said, said
+
+
 @pytest.mark.parametrize("limit", [8, 12, 24, 40])
 def test_a_descriptor_limit_below_what_the_service_needs_is_a_configuration_error(
     limit: int,

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import io
 import os
+import resource
 import signal
 import sys
 import threading
@@ -694,11 +695,18 @@ def _run(argv: Sequence[str] | None, *, overrides: Overrides | None) -> None:
         _configuration_error(args, str(exc))
     threads = _loop_threads()
     if not _threads_startable(threads):
+        address_space, _ = resource.getrlimit(resource.RLIMIT_AS)
+        why = "a limit on processes or threads is reached (ulimit -u, a container's pids limit)"
+        if address_space != resource.RLIM_INFINITY:
+            # Each thread's stack is mapped out of it: the more likely cause, where set.
+            why = (
+                f"the address space the process may map (ulimit -v, {address_space >> 20}"
+                f" MiB) cannot hold their stacks, or {why}"
+            )
         _configuration_error(
             args,
             f"this process may not start the {threads} threads its event loop needs beside"
-            " its own (libuv's, for name lookups): a limit on processes or threads is"
-            " reached (ulimit -u, a container's pids limit); raise it, or set"
+            f" its own (libuv's, for name lookups): {why}; raise it, or set"
             " UV_THREADPOOL_SIZE lower",
         )
     if args.command == "serve":  # the pools of the databases its components open
