@@ -34,11 +34,13 @@ import fcntl
 import io
 import logging
 import os
+import re
 import select
 import socket
 import stat
 import sys
 import threading
+import time
 import types
 from collections.abc import Callable
 from functools import partial
@@ -92,6 +94,7 @@ def configure(level: str = "INFO") -> None:
         )
     )
     handler.addFilter(_Demote(threshold))
+    handler.addFilter(_Repeats())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -356,6 +359,44 @@ class _Demote(logging.Filter):
         if library in DEMOTED_LIBRARIES or callers:
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return record.levelno >= self._threshold
+
+
+# How long a library's record is not written again after it was, where only its objects'
+# addresses and numbers differ: the next one after says how many were left out.
+REPEATS_INTERVAL = 10.0
+# An object's repr (`<TCPTransport closed=False ... 0x7f...>`), and numbers: what differs
+# between two records of one kind.
+_VARYING = re.compile(r"<[^<>]*>|0x[0-9a-fA-F]+|\d+")
+
+
+class _Repeats(logging.Filter):
+    """Writes a library's record once an interval where it repeats: asyncio wrote "Fatal
+    error on transport" 354 times in 20 s for connections failing with MemoryError under
+    an address-space limit, each with its traceback. Records told apart by their logger,
+    level, exception type and first line, objects and numbers aside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: dict[tuple[object, ...], tuple[float, int]] = {}  # written at, left out
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        first = record.getMessage().split("\n", 1)[0]
+        kind = record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] else ""
+        key = (record.name, record.levelno, kind, _VARYING.sub("#", first))
+        now = time.monotonic()
+        written, left_out = self._seen.get(key, (-REPEATS_INTERVAL, 0))
+        if now - written < REPEATS_INTERVAL:
+            self._seen[key] = (written, left_out + 1)
+            return False
+        if len(self._seen) > 1000:  # kinds of records seen long ago forgotten
+            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < REPEATS_INTERVAL}
+        self._seen[key] = (now, 0)
+        if left_out:
+            record.msg = f"{record.getMessage()} ({left_out} more like it left out)"
+            record.args = ()
+        return True
 
 
 def _log_uncaught(

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
+from financing import logging as service_logging
 from financing.logging import Lines
 from tests.support.infra import wait_until
 
@@ -320,3 +322,33 @@ def test_a_notice_of_dropped_lines_dropped_itself_is_said_by_the_next() -> None:
     room["bytes"] = 10_000
     lines.msg(json.dumps({"event": "short again"}))
     assert said == [3, 4]  # the 3, then the 3 and the notice that said them
+
+
+def test_a_librarys_record_repeated_is_written_once_an_interval_saying_how_many_were_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression (a probe): connections failing with MemoryError under an address-space
+    limit had asyncio write "Fatal error on transport" 354 times in 20 s, each with its
+    traceback."""
+    now = [100.0]
+    monkeypatch.setattr(service_logging.time, "monotonic", lambda: now[0])
+    repeats = service_logging._Repeats()
+
+    def record(transport: int, message: str = "Fatal error on transport") -> logging.LogRecord:
+        return logging.LogRecord(
+            "asyncio",
+            logging.ERROR,
+            __file__,
+            1,
+            f"{message}\nprotocol: <Protocol 0x{transport:x}>",
+            None,
+            (MemoryError, MemoryError(), None),
+        )
+
+    written = [repeats.filter(record(n)) for n in range(100)]
+    assert written == [True] + [False] * 99
+    assert repeats.filter(record(7, "Unclosed connection"))  # another kind: written
+    now[0] += service_logging.REPEATS_INTERVAL
+    after = record(1000)
+    assert repeats.filter(after)
+    assert after.getMessage().endswith("(99 more like it left out)")
