@@ -7,6 +7,7 @@ import json
 import os
 import resource
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -157,3 +158,24 @@ def test_the_descriptors_needed_count_only_the_pools_the_components_open() -> No
     line = json.loads(done.stderr.strip().splitlines()[-1])
     assert line["event"] == "start-up failed", line
     assert "ulimit" not in line["error"], line
+
+
+def test_the_address_space_left_under_a_limit_is_measured_against_what_is_mapped() -> None:
+    """Regression (a probe): under `ulimit -v` a little above what the process maps at rest,
+    "service ready" and a healthy /health came first, then every large list failed for
+    want of memory; the process now warns as it is ready (`address_space_to_spare`)."""
+    script = (
+        "import resource\n"
+        "from financing.entrypoints.supervisor import address_space_to_spare\n"
+        "print(address_space_to_spare())\n"
+        "mapped = int(next(line for line in open('/proc/self/status')"
+        " if line.startswith('VmSize:')).split()[1]) * 1024\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (mapped + (100 << 20), resource.RLIM_INFINITY))\n"
+        "print(address_space_to_spare() >> 20)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    unlimited, spare_mib = done.stdout.split()
+    assert unlimited == "None"
+    assert 90 <= int(spare_mib) <= 100, spare_mib
