@@ -179,3 +179,27 @@ def test_the_address_space_left_under_a_limit_is_measured_against_what_is_mapped
     unlimited, spare_mib = done.stdout.split()
     assert unlimited == "None"
     assert 90 <= int(spare_mib) <= 100, spare_mib
+
+
+def test_the_soft_descriptor_limit_is_raised_to_the_hard_one_as_gos_runtime_does() -> None:
+    """The reference, a Go program, ran with its soft limit raised to its hard one (Go
+    1.19 and later): under systemd's default (1,024 soft) it held many more connections."""
+    script = (
+        "import resource\n"
+        "from financing.entrypoints.connections import raise_descriptor_limit\n"
+        "raise_descriptor_limit()\n"
+        "print(*resource.getrlimit(resource.RLIMIT_NOFILE))\n"
+    )
+
+    def soft_below_hard() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))
+
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        preexec_fn=soft_below_hard,
+    )
+    assert done.stdout.split() == ["4096", "4096"]

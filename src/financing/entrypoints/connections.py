@@ -58,6 +58,18 @@ def descriptors_needed(*pool_sizes: int) -> int:
     return OWN_DESCRIPTORS + sum(pool_sizes)
 
 
+def raise_descriptor_limit() -> None:
+    """Raise the files the process may open (its soft limit, `ulimit -n`) to the most it
+    may be let (its hard limit), as Go's runtime has done for every program since 1.19:
+    the reference did, so under systemd's default (1,024 soft, 524,288 hard) it could
+    hold many more connections than this service did. Nothing of the process uses
+    select(), which numbers above 1,023 would break; it starts no other program."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):  # a platform that refuses: left so
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def descriptor_limit() -> int | None:
     """How many files the process may open now (ulimit -n); None where unlimited."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -73,7 +73,11 @@ from financing.entrypoints.cli.populate import BATCH, Progress, registrations
 from financing.entrypoints.cli.status import HEALTHY, MAX_RELAY_LAG, TIMEOUT, run_status
 from financing.entrypoints.cli.tail import run_tail
 from financing.entrypoints.cli.trace import run_trace
-from financing.entrypoints.connections import descriptor_limit, descriptors_needed
+from financing.entrypoints.connections import (
+    descriptor_limit,
+    descriptors_needed,
+    raise_descriptor_limit,
+)
 from financing.entrypoints.garbage import collect_as_a_server
 from financing.entrypoints.service import serve
 
@@ -719,6 +723,7 @@ def _run(argv: Sequence[str] | None, *, overrides: Overrides | None) -> None:
     needed = descriptors_needed(
         *(db.pool_max_size for opened, db in zip(opens, pools, strict=True) if opened)
     )
+    raise_descriptor_limit()
     if (soft := descriptor_limit()) is not None and soft < needed:
         # Below it the process failed part way, each limit its own way: at the event
         # loop's start (a traceback, exit 1), at the "service ready" line, or at start-up
