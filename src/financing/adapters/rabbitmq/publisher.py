@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from uuid import UUID
 
 import aio_pika
@@ -552,8 +552,8 @@ class Publisher:
                     # Awaited where it is: a task of its own would cost the loop a turn.
                     results = [await _settled(sending[0])]
                 else:
-                    underlay = await channel.get_underlay_channel()
-                    assert isinstance(underlay, aiormq.Channel)  # aiormq's, with its lock
+                    # aiormq's channel, whose lock lines its publishes up.
+                    underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
                     results = await _written_in_turn(sending, lambda: underlay.lock)
         except TimeoutError:
             waited = time.monotonic() - began
