@@ -75,21 +75,10 @@ class GivenChannel:
         return None
 
 
-class LinedChannel:
-    """A channel whose publishes take their turns by a lock, as aiormq's do."""
-
-    def __init__(self) -> None:
-        self.lock = asyncio.Lock()
-
-    async def get_underlay_channel(self) -> Any:
-        return self
-
-
 class OpenedOn(Publisher):
     """A publisher whose channels and `events` exchange are the test's."""
 
     def __init__(self, *, channel: Any = None, exchange: Any = None) -> None:
-        channel = LinedChannel() if channel is None else channel
         super().__init__(Broker(["amqp://nowhere/"], Outages()))
         self._given = (channel, exchange)
         self._probe = self._declaring = GivenChannel(channel)  # type: ignore[assignment]

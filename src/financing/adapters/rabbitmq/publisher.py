@@ -13,10 +13,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 from uuid import UUID
 
 import aio_pika
@@ -535,7 +534,7 @@ class Publisher:
         via: AbstractExchange | None = None,
     ) -> None:
         """Publish each (message, routing key) on `lane`, to its exchange or `via`."""
-        channel, exchange = await self._opened(what, lane)
+        _, exchange = await self._opened(what, lane)
         handed()  # from now on, cut short, it may have been written
         began = time.monotonic()
         try:
@@ -552,9 +551,7 @@ class Publisher:
                     # Awaited where it is: a task of its own would cost the loop a turn.
                     results = [await _settled(sending[0])]
                 else:
-                    # aiormq's channel, whose lock lines its publishes up.
-                    underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
-                    results = await _written_in_turn(sending, lambda: underlay.lock)
+                    results = await _in_turn(sending)
         except TimeoutError:
             waited = time.monotonic() - began
             raise PublishUnconfirmed(unconfirmed(what, waited, load.share())) from None
@@ -591,39 +588,34 @@ class Publisher:
             await side.close()
 
 
-async def _written_in_turn(
-    sending: Sequence[Coroutine[Any, Any, object]],
-    line: Callable[[], AbstractAsyncContextManager[None]],
-) -> list[object]:
-    """What each publish of `sending` returned or raised, each begun once the one before it
-    was written, confirms awaited together. aiormq writes a channel's publishes one at a
-    time, in the order they take its lock (`line`, held from a publish's frames to their
-    write), but a publish that failed before it was written (a MemoryError building its
-    frames) handed the lock to the next, which was written: relayed events went out of
-    order, an aggregate's later version before its earlier one, which foreign consumers
-    drop as a copy. The first publish that fails ends the batch: those after it are
-    never begun, and the batch is published again from it."""
-    started: list[asyncio.Future[object]] = []
-    try:
-        for publish in sending:
-            task = asyncio.ensure_future(publish)
-            started.append(task)
-            await asyncio.sleep(0)  # its first step: its frames queued, or its place in line
-            try:
-                async with line():  # the line went past it: written, or failed
-                    pass
-            except aiormq.exceptions.ChannelInvalidStateError:
-                break  # the channel closed: the publishes begun say how
-            if task.done() and (task.cancelled() or task.exception() is not None):
-                break
-    except BaseException:
-        for begun in started:
-            begun.cancel()
-        raise
-    finally:
-        for unstarted in sending[len(started) :]:
-            unstarted.close()
-    return await asyncio.gather(*started, return_exceptions=True)
+async def _in_turn(sending: Sequence[Coroutine[Any, Any, object]]) -> list[object]:
+    """What each publish of `sending` returned or raised, all put in flight at once, their
+    confirms awaited together; a publish that fails for want of anything but the broker
+    (a MemoryError building its frames) cancels those after it. aiormq writes a
+    channel's publishes one at a time, in the order they take its lock, held from a
+    publish's frames to their write; one that failed before it was written handed the
+    lock to the next, which was written: relayed events went out of order, an
+    aggregate's later version before its earlier one, which foreign consumers drop as a
+    copy. Cancelled in the step that saw the failure, before the next one's turn comes,
+    those after it are never written; the batch is published again from the first."""
+    tasks: list[asyncio.Task[object]] = []
+
+    async def in_turn(index: int, publish: Coroutine[Any, Any, object]) -> object:
+        try:
+            return await publish
+        except Exception as error:
+            if not (
+                isinstance(error, aiormq.exceptions.AMQPError)
+                or is_broker_error(error)
+                or failed_by_a_lost_connection(error)
+            ):
+                for later in tasks[index + 1 :]:
+                    later.cancel()
+            raise
+
+    # Each task's first step comes after the list holds them all.
+    tasks.extend(asyncio.ensure_future(in_turn(i, publish)) for i, publish in enumerate(sending))
+    return await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _settled(publish: Awaitable[object]) -> object:
