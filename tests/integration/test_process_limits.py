@@ -9,7 +9,7 @@ import resource
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,26 @@ from tests.support.service import financing_command
 # pids controller of cgroup v1, or cgroup v2's hierarchy.
 _PIDS_HIERARCHIES = (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup"))
 NO_DATABASE = "financing_test_no_such_database"
+
+
+def limited_run(
+    *args: str, preexec_fn: Callable[[], None] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`args` run with the databases and the broker named by host and never reached."""
+    return subprocess.run(
+        list(args),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=preexec_fn,
+        # Host names, to be looked up; nothing that could be reached or changed.
+        env={
+            **os.environ,
+            "COMMAND_DB_CONNECTION_STRING": f"postgresql://postgres@localhost/{NO_DATABASE}",
+            "QUERY_DB_CONNECTION_STRING": f"postgresql://postgres@localhost/{NO_DATABASE}",
+            "AMQP_ADDRESS": "amqp://guest:guest@localhost:1/",
+        },
+    )
 
 
 def _pids_hierarchy() -> Path | None:
@@ -55,18 +75,8 @@ def test_a_limit_on_threads_that_leaves_the_event_loop_too_few_is_a_configuratio
     library (4, beside the main one), the process aborted at its first name lookup
     (SIGABRT, exit 134) without a line."""
     with tasks_limited(3) as procs:
-        done = subprocess.run(
-            ["sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh", *financing_command(), command],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            # Host names, to be looked up; nothing that could be reached or changed.
-            env={
-                **os.environ,
-                "COMMAND_DB_CONNECTION_STRING": f"postgresql://postgres@localhost/{NO_DATABASE}",
-                "QUERY_DB_CONNECTION_STRING": f"postgresql://postgres@localhost/{NO_DATABASE}",
-                "AMQP_ADDRESS": "amqp://guest:guest@localhost:1/",
-            },
+        done = limited_run(
+            "sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh", *financing_command(), command
         )
     assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
     said = done.stderr.strip().splitlines()[-1]
@@ -86,19 +96,7 @@ def test_an_address_space_too_small_for_the_threads_stacks_is_named_as_the_cause
         resource.setrlimit(resource.RLIMIT_STACK, (1 << 30, resource.RLIM_INFINITY))
         resource.setrlimit(resource.RLIMIT_AS, (3 << 30, resource.RLIM_INFINITY))
 
-    done = subprocess.run(
-        [*financing_command(), "status"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        preexec_fn=stacks_beyond_the_address_space,
-        env={
-            **os.environ,
-            "COMMAND_DB_CONNECTION_STRING": f"postgresql://postgres@localhost/{NO_DATABASE}",
-            "QUERY_DB_CONNECTION_STRING": f"postgresql://postgres@localhost/{NO_DATABASE}",
-            "AMQP_ADDRESS": "amqp://guest:guest@localhost:1/",
-        },
-    )
+    done = limited_run(*financing_command(), "status", preexec_fn=stacks_beyond_the_address_space)
     assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
     said = done.stderr.strip().splitlines()[-1]
     assert "the address space the process may map (ulimit -v, 3072 MiB)" in said, said
@@ -116,19 +114,7 @@ def test_a_descriptor_limit_below_what_the_service_needs_is_a_configuration_erro
     def few_descriptors() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
-    done = subprocess.run(
-        [*financing_command(), "serve"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        preexec_fn=few_descriptors,
-        env={
-            **os.environ,
-            "COMMAND_DB_CONNECTION_STRING": f"postgresql://postgres@localhost/{NO_DATABASE}",
-            "QUERY_DB_CONNECTION_STRING": f"postgresql://postgres@localhost/{NO_DATABASE}",
-            "AMQP_ADDRESS": "amqp://guest:guest@localhost:1/",
-        },
-    )
+    done = limited_run(*financing_command(), "serve", preexec_fn=few_descriptors)
     assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
     line = json.loads(done.stderr.strip().splitlines()[-1])
     assert line["event"] == "configuration error", line
