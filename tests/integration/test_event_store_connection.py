@@ -20,6 +20,7 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
+from financing.adapters.postgres import capacity as capacity_module
 from financing.adapters.postgres import connection as connection_module
 from financing.adapters.postgres.connection import (
     CLOSE_TIMEOUT,
@@ -204,6 +205,52 @@ async def test_a_pool_the_role_lets_open_fewer_sessions_than_its_size_works_with
             # Said once, with the sessions open when the pool was refused one more.
             [said] = held
             assert said["pool_max_conns"] == 6 and said["sessions_open"] in (1, 2), said
+        finally:
+            await close_pool(pool)
+    finally:
+        await admin.execute(f'DROP ROLE "{role}"')
+        await admin.close()
+
+
+async def test_a_unit_of_work_refused_a_session_waits_before_it_tries_again(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sessions held outside the units of work (a migration's) leave a unit of work nothing
+    but a new session to try, refused at once: it waits (`Capacity.after_refusal`, for a
+    session given back or a moment) between its attempts, rather than trying again and
+    again at once."""
+    role = infra.unique_name("fin_limited")
+    admin = await connect(database)
+    await admin.execute(f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT 2')
+    as_role = Database({**database.connect_kwargs, "user": role}, pool_max_size=4)
+    refusals = 0
+    real = capacity_module.Capacity.hold_to
+
+    def counted(self: capacity_module.Capacity, sessions: int, why: str) -> None:
+        nonlocal refusals
+        refusals += 1
+        real(self, sessions, why)
+
+    waiting, resumed = asyncio.Event(), asyncio.Event()
+
+    async def after_refusal(self: capacity_module.Capacity) -> None:
+        waiting.set()
+        await resumed.wait()
+
+    monkeypatch.setattr(capacity_module.Capacity, "hold_to", counted)
+    monkeypatch.setattr(capacity_module.Capacity, "after_refusal", after_refusal)
+    try:
+        pool = await create_pool(as_role, COMMAND_DATABASE)
+        try:
+            held = [await pool.acquire(), await pool.acquire()]  # both of the role's
+            unit = asyncio.ensure_future(acquired(pool, COMMAND_DATABASE).__aenter__())
+            await asyncio.wait_for(waiting.wait(), 5)
+            assert refusals == 1  # refused once, then waiting, not trying again
+            await pool.release(held.pop())
+            resumed.set()
+            conn = await asyncio.wait_for(unit, 5)  # the session given back
+            await pool.release(conn)
+            await pool.release(held.pop())
         finally:
             await close_pool(pool)
     finally:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 from collections.abc import Callable
 
 from financing.logging import get_logger
@@ -26,13 +27,25 @@ log = get_logger(__name__)
 # How long a pool held below its size by a connection limit stays so before its next
 # attempt to open a session beyond those it has (one refused attempt each time at most).
 HELD_FOR = 30.0
+# How long a unit of work refused one more session waits at most for one given back
+# before it tries again.
+REFUSAL_PAUSE = 0.1
 
 
 class Capacity:
     """The sessions of one pool that units of work may take at once (`limit`): the pool's
     size, or fewer while a connection limit holds it (`hold_to`)."""
 
-    __slots__ = ("_dependency", "_held", "_said", "_waiting", "limit", "size", "taken")
+    __slots__ = (
+        "_dependency",
+        "_held",
+        "_returned",
+        "_said",
+        "_waiting",
+        "limit",
+        "size",
+        "taken",
+    )
 
     def __init__(self, size: int, dependency: str) -> None:
         self.size = size
@@ -44,6 +57,8 @@ class Capacity:
         # said once, not again each time the pool tries to grow and is held again).
         self._held: asyncio.TimerHandle | None = None
         self._said = size
+        # Set at the next session given back, for units of work refused one more session.
+        self._returned: asyncio.Event | None = None
 
     async def take(self, opened: Callable[[], int]) -> None:
         """Wait for a session of the limit to be free, and take it (`give_back` after)."""
@@ -68,7 +83,22 @@ class Capacity:
         self.taken -= 1
         if self.limit < self.size:
             self.limit = max(self.limit, min(opened(), self.size))
+        if self._returned is not None:
+            self._returned.set()
+            self._returned = None
         self._hand_on()
+
+    async def after_refusal(self) -> None:
+        """Wait, after the server refused one more session, for a session to be given
+        back, REFUSAL_PAUSE at most: where sessions are held outside the units of work
+        (a migration's), the next attempt would otherwise be refused at once, again and
+        again."""
+        if self._returned is None:
+            self._returned = asyncio.Event()
+        returned = self._returned
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(REFUSAL_PAUSE):
+                await returned.wait()
 
     def _hand_on(self) -> None:
         while self._waiting and self.taken < self.limit:

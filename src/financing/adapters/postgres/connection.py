@@ -281,6 +281,7 @@ class acquired:
                 if not isinstance(error.__cause__, asyncpg.TooManyConnectionsError) or not opened:
                     raise
                 capacity.hold_to(opened, describe(error.__cause__))
+                await capacity.after_refusal()
 
     async def __aexit__(
         self, kind: type[BaseException] | None, error: BaseException | None, tb: Any
