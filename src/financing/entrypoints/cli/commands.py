@@ -735,14 +735,30 @@ def _run(argv: Sequence[str] | None, *, overrides: Overrides | None) -> None:
         )
     service_logging.configure(settings.log_level)
     try:
-        # Every command on the loop the service runs on (uvloop), so that an operator's
-        # command (a rebuild, a replay) runs the adapters as the service runs them.
-        with asyncio.Runner(loop_factory=event_loop.new_event_loop) as runner:
-            if args.command == "serve":
-                components = args.components or settings.components
-                wiring = overrides or NO_OVERRIDES
-                collect_as_a_server()
-                sys.exit(runner.run(serve(settings, components, overrides=wiring, last=True)))
-            sys.exit(runner.run(_operate(args.run, settings, args)))
+        if args.command == "serve":
+            components = args.components or settings.components
+            wiring = overrides or NO_OVERRIDES
+            collect_as_a_server()
+            sys.exit(on_the_loop(serve(settings, components, overrides=wiring, last=True)))
+        sys.exit(on_the_loop(_operate(args.run, settings, args)))
     except KeyboardInterrupt:
         sys.exit(INTERRUPTED)
+
+
+def on_the_loop(main: Coroutine[Any, Any, int]) -> int:
+    """What `main` returns, run on the loop the service runs on (uvloop), so that an
+    operator's command (a rebuild, a replay) runs the adapters as the service runs them.
+    A loop that cannot be closed in order afterwards leaves the exit code as it is: under
+    a descriptor limit met as the service stopped, uvloop could not make the socket pair
+    it closes with, and the process ended with a traceback and exit 1 after its last
+    line had said 0."""
+    runner = asyncio.Runner(loop_factory=event_loop.new_event_loop)
+    try:
+        return runner.run(main)
+    finally:
+        try:
+            runner.close()
+        except Exception as error:  # the process ends now: its system frees what is left
+            service_logging.get_logger(__name__).warning(
+                "the event loop could not be closed in order", error=repr(error)
+            )
