@@ -39,6 +39,7 @@ before it lets a broken rule dead-letter the message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import json
@@ -195,6 +196,17 @@ def _write(
     return f"WITH {clauses} SELECT {count}{sources}"
 
 
+# A snapshot written by itself (`PostgresUnitOfWork._loaded`), never over a newer one.
+_SNAPSHOT_ALONE = (
+    "INSERT INTO snapshots (aggregate_id, aggregate_type, version, state)"
+    " VALUES ($1, $2, $3, $4::jsonb)"
+    " ON CONFLICT (aggregate_id) DO UPDATE"
+    " SET aggregate_type = EXCLUDED.aggregate_type, version = EXCLUDED.version,"
+    " state = EXCLUDED.state, taken_at = now()"
+    " WHERE snapshots.version < EXCLUDED.version"
+)
+
+
 # A snapshot row has no name; event rows follow it in version order.
 _LOAD = (
     "WITH snapshot AS (SELECT version, state FROM snapshots"
@@ -314,9 +326,6 @@ class PostgresUnitOfWork:
         self._cause = cause
         # Aggregates saved so far, by identity, in the order they were first saved.
         self._saved: dict[int, _Saved] = {}
-        # Aggregates loaded whose load replayed a snapshot interval of events or more, by
-        # identity: saved, they take a snapshot whatever version they reach.
-        self._replayed_long: set[int] = set()
         self._records: list[tuple[str, str, Processed]] = []
         self._acting_on: RelayedEvent | None = None
 
@@ -348,11 +357,25 @@ class PostgresUnitOfWork:
         # One round trip: the snapshot (if any) first, then only the events it does not
         # already include.
         rows = await self._conn.fetch(_LOAD, aggregate_id, cls.aggregate_type)
-        return self._loaded(await _folded(cls, aggregate_id, rows), rows)
+        return await self._loaded(await _folded(cls, aggregate_id, rows), rows)
 
-    def _loaded(self, aggregate: A, rows: list[asyncpg.Record]) -> A:
+    async def _loaded(self, aggregate: A, rows: list[asyncpg.Record]) -> A:
+        """`aggregate`, its snapshot taken at once where its load replayed a snapshot
+        interval of events or more (its snapshot missing or old: restored without the
+        snapshots, the interval changed), as Axon's event-count trigger does: a stream
+        left without a recent snapshot was replayed whole by every command until it
+        crossed its next multiple, and by every command refused for ever. A snapshot is
+        of committed events, so it is written apart from the unit's own writes; one
+        that cannot be written now is left for the next load."""
         if _replayed(rows) >= self._snapshot_interval:
-            self._replayed_long.add(id(aggregate))
+            with contextlib.suppress(asyncpg.PostgresError, OSError):
+                await self._conn.execute(
+                    _SNAPSHOT_ALONE,
+                    aggregate.id,
+                    aggregate.aggregate_type,
+                    aggregate.version,
+                    json.dumps(aggregate.snapshot()),
+                )
         return aggregate
 
     async def load_both(
@@ -367,8 +390,8 @@ class PostgresUnitOfWork:
         of_first = [row for row in rows if row["aggregate_id"] == first_id]
         of_second = [row for row in rows if row["aggregate_id"] == second_id]
         return (
-            self._loaded(await _folded(first, first_id, of_first), of_first),
-            self._loaded(await _folded(second, second_id, of_second), of_second),
+            await self._loaded(await _folded(first, first_id, of_first), of_first),
+            await self._loaded(await _folded(second, second_id, of_second), of_second),
         )
 
     async def save(self, aggregate: Aggregate) -> None:
@@ -379,14 +402,7 @@ class PostgresUnitOfWork:
         before = aggregate.stored_version
         after = before + count
         snapshot = saved.snapshot if saved else None
-        # Due each interval of versions, and where the load replayed an interval of events
-        # or more (its snapshot missing or old: restored without the snapshots, the
-        # interval changed), as Axon's event-count trigger does: a stream left without a
-        # recent snapshot was replayed whole by each command until its next multiple.
-        if (
-            after // self._snapshot_interval > before // self._snapshot_interval
-            or id(aggregate) in self._replayed_long
-        ):
+        if after // self._snapshot_interval > before // self._snapshot_interval:
             snapshot = (aggregate.version, json.dumps(aggregate.snapshot()))
         self._saved[id(aggregate)] = _Saved(aggregate, count, snapshot)
 
