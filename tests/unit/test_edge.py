@@ -4,6 +4,7 @@ cut by the reads, and says so at a measured pace when it sends connections away
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -21,6 +22,7 @@ from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from grpclib.server import Stream
 from structlog.testing import capture_logs
 
+from financing.entrypoints.grpc import edge
 from financing.entrypoints.grpc.codec import RequestCodec
 from financing.entrypoints.grpc.edge import (
     SMALL_WINDOW_UPDATE,
@@ -274,6 +276,40 @@ async def test_a_connection_http2_could_not_be_begun_on_is_closed_and_not_counte
         ]
         server.go_away()  # what shutting down does first: nothing half made to tell
     finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_connection_closed_for_breaking_http2_is_not_taken_to_make_room(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression (a probe): a connection grpclib closed for breaking HTTP/2 counted as
+    idle until its transport said it was lost; chosen meanwhile to make room for its
+    host's next connection, its GOAWAY raised on the transport grpclib had let go, and
+    that next connection, never counted, was never closed: under `ulimit -n 64` a flood
+    of them held 35 sockets for 20 s and every port refused."""
+    lost: list[tuple[Any, Any]] = []  # connection_lost calls held back by the test
+    real_lost = edge._Protocol.connection_lost
+    monkeypatch.setattr(edge._Protocol, "connection_lost", lambda *call: lost.append(call))
+    server = GrpcServer([Health()], codec=RequestCodec(), connections=2)  # 1 a host
+    await server.start("127.0.0.1", 0)
+    port = server._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        _, breaking = await asyncio.open_connection("127.0.0.1", port)
+        breaking.write(b"GARBAGE!" * 8)  # no HTTP/2 preface
+        await wait_until(lambda: holds(bool(lost)), what="the broken connection closed")
+        with caplog.at_level(logging.ERROR):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            closed = await asyncio.wait_for(reader.read(), 5)  # refused: closed at once
+        writer.close()
+        breaking.close()
+        assert closed == b"", closed
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [
+            r.getMessage() for r in caplog.records
+        ]
+    finally:
+        for call in lost:
+            real_lost(*call)
         server.close()
         await server.wait_closed()
 
