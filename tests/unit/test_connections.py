@@ -125,3 +125,21 @@ def test_connections_without_a_host_share_only_the_limit() -> None:
         True,
         False,
     ]
+
+
+def test_hosts_reaching_their_share_are_said_once_an_interval_however_many() -> None:
+    """Regression (a probe): a flood from 5,000 addresses, each opening two connections at a
+    share of one, wrote a line for each: 4,520 lines in 30 s."""
+    clock = Clock()
+    connections: Connections[Connection] = Connections("metrics endpoint", limit=2, clock=clock)
+    with capture_logs() as logs:
+        for number in range(1000):
+            clock.now += 0.015  # 1,000 hosts in 15 s
+            host = f"10.1.{number // 250}.{number % 250}"
+            pair = [Connection(host), Connection(host)]
+            admitted(connections, *pair)
+            for connection in pair:
+                connections.left(connection)
+    said = [line for line in logs if "of one host at its share" in str(line["event"])]
+    assert len(said) == 2, len(said)
+    assert said[1]["more_hosts_since_the_last_line"] > 600, said[1]

@@ -109,8 +109,9 @@ class Connections(Generic[H]):
     one host that held every connection with a call open (a health `Watch` on each, or
     a list it never reads) had every other client's connection refused, an
     orchestrator's health probe among them, for as long as it stayed. A host reaching its
-    share is logged once, until it holds three quarters of it or less and
-    SAID_AGAIN_AFTER has passed."""
+    share is logged once, until it holds three quarters of it or less; and hosts
+    reaching theirs are logged once in SAID_AGAIN_AFTER at most, the next line saying
+    how many were not."""
 
     def __init__(
         self, kind: str, limit: int, *, clock: Callable[[], float] = time.monotonic
@@ -121,7 +122,11 @@ class Connections(Generic[H]):
         self._clock = clock
         self._open: OrderedDict[H, None] = OrderedDict()
         self._hosts: Counter[object] = Counter()  # connections open, by host
-        self._crowding: dict[object, float] = {}  # hosts said to be at their share, when
+        self._crowding: set[object] = set()  # hosts said (or left out) to be at their share
+        # When a host at its share was last said, and the hosts at theirs since, not said:
+        # a flood from thousands of addresses wrote a line for each.
+        self._crowding_said = -SAID_AGAIN_AFTER
+        self._crowding_unsaid = 0
         self._full = False
         self._full_said = 0.0  # when being full was said
         self._recheck: asyncio.TimerHandle | None = None  # for room again, said late
@@ -140,14 +145,8 @@ class Connections(Generic[H]):
         host = new.host
         if host is not None and self._hosts[host] >= self.host_limit:
             if host not in self._crowding:
-                self._forget_crowding()
-                self._crowding[host] = self._clock()
-                log.warning(
-                    f"{self.kind} connections of one host at its share: a new one of it"
-                    " closes its own idle longest, or is closed when none is idle",
-                    host=str(host),
-                    share=self.host_limit,
-                )
+                self._crowding.add(host)
+                self._say_crowded(host)
             if not self._made_room(
                 self.host_limit, self._hosts[host], lambda held: held.host == host
             ):
@@ -204,18 +203,28 @@ class Connections(Generic[H]):
             self._hosts[host] -= 1
             if not self._hosts[host]:
                 del self._hosts[host]
-            self._forget_crowding()
+            if host in self._crowding and self._hosts[host] <= self.host_limit * 3 // 4:
+                self._crowding.discard(host)
         if not self._open:
             self._none_open.set()
         self._room_again()
 
-    def _forget_crowding(self) -> None:
-        """Let the hosts said to be at their share be said again, each once it holds three
-        quarters of it or less and SAID_AGAIN_AFTER has passed."""
+    def _say_crowded(self, host: object) -> None:
+        """Say that `host` reached its share, unless a host was said to less than
+        SAID_AGAIN_AFTER ago: then it is counted, and said with the next line."""
         now = self._clock()
-        for host, said in list(self._crowding.items()):
-            if self._hosts[host] <= self.host_limit * 3 // 4 and now - said >= SAID_AGAIN_AFTER:
-                del self._crowding[host]
+        if now - self._crowding_said < SAID_AGAIN_AFTER:
+            self._crowding_unsaid += 1
+            return
+        more = {"more_hosts_since_the_last_line": self._crowding_unsaid}
+        log.warning(
+            f"{self.kind} connections of one host at its share: a new one of it"
+            " closes its own idle longest, or is closed when none is idle",
+            host=str(host),
+            share=self.host_limit,
+            **(more if self._crowding_unsaid else {}),
+        )
+        self._crowding_said, self._crowding_unsaid = now, 0
 
     def _room_again(self) -> None:
         """Say that there is room again, once three quarters full or less, and not sooner
