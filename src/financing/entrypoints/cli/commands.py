@@ -111,6 +111,17 @@ def _positive(value: str) -> int:
     return count
 
 
+# The most an aggregate's version may be: the event store keeps versions as `int`.
+MAX_VERSION = 2**31 - 1
+
+
+def _version(value: str) -> int:
+    count = _positive(value)
+    if count > MAX_VERSION:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_VERSION}")
+    return count
+
+
 def _seconds(value: str) -> float:
     seconds = _parsed(value, float, "a number of seconds")
     if not seconds > 0:
@@ -394,10 +405,10 @@ def _add_inspection(commands: _Commands) -> None:
     )
     events.add_argument("aggregate_id", type=_uuid, help="an investor, invoice or issuer id")
     events.add_argument(
-        "--from-version", type=_positive, default=1, help="only its events from this version on"
+        "--from-version", type=_version, default=1, help="only its events from this version on"
     )
     events.add_argument(
-        "--last", type=_positive, help="only its last events, this many (a long stream's end)"
+        "--last", type=_version, help="only its last events, this many (a long stream's end)"
     )
     commands.add(
         "tail",
