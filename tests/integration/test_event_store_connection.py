@@ -258,6 +258,43 @@ async def test_a_unit_of_work_refused_a_session_waits_before_it_tries_again(
         await admin.close()
 
 
+async def test_a_dedicated_session_refused_by_a_limit_makes_room_in_the_pools(
+    database: Database,
+) -> None:
+    """Regression (a probe): with the role's limit lowered at run time and its sessions
+    ended, the pools took every session as they grew back, and the relayer's lock and
+    listener were refused until the pools' idle sessions expired (300 s): nothing was
+    relayed, and a standby's outage never ended."""
+    role = infra.unique_name("fin_limited")
+    admin = await connect(database)
+    await admin.execute(f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT 3')
+    as_role = Database({**database.connect_kwargs, "user": role}, pool_max_size=4)
+    try:
+        pool = await create_pool(as_role, COMMAND_DATABASE)
+        try:
+
+            async def unit_of_work() -> None:
+                async with acquired(pool, COMMAND_DATABASE) as conn:
+                    await conn.execute("SELECT pg_sleep(0.05)")
+
+            await asyncio.gather(*(unit_of_work() for _ in range(6)))  # grown to the limit
+            assert pool.get_size() == 3
+            with pytest.raises(Unavailable, match="too many connections"):
+                await connect(as_role, COMMAND_DATABASE)  # the relayer's lock, refused
+            dedicated = await connect(as_role, COMMAND_DATABASE)  # room made
+            try:
+                assert pool.get_size() == 2 and sessions_allowed(pool) == 2
+                await asyncio.gather(*(unit_of_work() for _ in range(6)))  # still served
+                assert pool.get_size() == 2
+            finally:
+                await close_connection(dedicated)
+        finally:
+            await close_pool(pool)
+    finally:
+        await admin.execute(f'DROP ROLE "{role}"')
+        await admin.close()
+
+
 async def test_an_argument_the_driver_cannot_encode_is_a_bug_not_an_outage(
     pool: asyncpg.Pool,
 ) -> None:

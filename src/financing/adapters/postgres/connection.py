@@ -669,14 +669,39 @@ async def connect(
     options = _session(db, application_name)
     if not named_statements:
         options["statement_cache_size"] = 0
-    with reopening(dependency):
-        conn: asyncpg.Connection = await asyncpg.connect(**options)
-        try:
-            await _settle_session(db, conn)
-        except BaseException:
-            conn.terminate()
-            raise
-        return conn
+    try:
+        with reopening(dependency):
+            conn: asyncpg.Connection = await asyncpg.connect(**options)
+            try:
+                await _settle_session(db, conn)
+            except BaseException:
+                conn.terminate()
+                raise
+            return conn
+    except Unavailable as error:
+        if isinstance(error.__cause__, asyncpg.TooManyConnectionsError):
+            await _make_room(describe(error.__cause__))
+        raise
+
+
+async def _make_room(why: str) -> None:
+    """A dedicated session (the relayer's lock, the commit listener) refused by a
+    connection limit: each pool of the process gives back one of its idle sessions, and is
+    held to those it keeps, so that the next attempt finds room. Lowered at run time,
+    the limit let the pools take every session as they grew back, and the relayer
+    waited for their idle sessions to expire (300 s), relaying nothing; a standby's
+    outage never ended."""
+    for pool, capacity in list(_CAPACITIES.items()):
+        if pool.get_size() <= 1:
+            continue
+        # One session fewer from now on: where none is idle now, one will be, for the
+        # next refusal to take.
+        capacity.hold_to(pool.get_size() - 1, why)
+        if pool.get_idle_size():
+            with contextlib.suppress(Exception):  # closing, or taken meanwhile
+                idle = await pool.acquire(timeout=CANCELLED_RELEASE)
+                idle.terminate()
+                await pool.release(idle)
 
 
 async def _settle_session(db: Database, conn: asyncpg.Connection) -> None:
