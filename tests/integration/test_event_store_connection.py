@@ -176,6 +176,19 @@ async def test_a_role_refused_after_start_up_is_an_outage_that_ends_when_it_may_
         await admin.close()
 
 
+@contextlib.asynccontextmanager
+async def limited_role(database: Database, limit: int, pool_size: int) -> AsyncIterator[Database]:
+    """`database` as a role of its own allowed `limit` sessions, pools of `pool_size`."""
+    role = infra.unique_name("fin_limited")
+    admin = await connect(database)
+    await admin.execute(f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT {limit}')
+    try:
+        yield Database({**database.connect_kwargs, "user": role}, pool_max_size=pool_size)
+    finally:
+        await admin.execute(f'DROP ROLE "{role}"')
+        await admin.close()
+
+
 async def test_a_pool_the_role_lets_open_fewer_sessions_than_its_size_works_with_those(
     database: Database,
 ) -> None:
@@ -184,11 +197,7 @@ async def test_a_pool_the_role_lets_open_fewer_sessions_than_its_size_works_with
     found every session busy tried to open one more, was refused, and failed as an
     outage of the whole database; under load the outage began and ended every few
     seconds. The pool is now held to the sessions it has, and the work waits for them."""
-    role = infra.unique_name("fin_limited")
-    admin = await connect(database)
-    await admin.execute(f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT 2')
-    as_role = Database({**database.connect_kwargs, "user": role}, pool_max_size=6)
-    try:
+    async with limited_role(database, 2, 6) as as_role:
         pool = await create_pool(as_role, COMMAND_DATABASE)
         try:
 
@@ -207,9 +216,6 @@ async def test_a_pool_the_role_lets_open_fewer_sessions_than_its_size_works_with
             assert said["pool_max_conns"] == 6 and said["sessions_open"] in (1, 2), said
         finally:
             await close_pool(pool)
-    finally:
-        await admin.execute(f'DROP ROLE "{role}"')
-        await admin.close()
 
 
 async def test_a_unit_of_work_refused_a_session_waits_before_it_tries_again(
@@ -219,10 +225,6 @@ async def test_a_unit_of_work_refused_a_session_waits_before_it_tries_again(
     but a new session to try, refused at once: it waits (`Capacity.after_refusal`, for a
     session given back or a moment) between its attempts, rather than trying again and
     again at once."""
-    role = infra.unique_name("fin_limited")
-    admin = await connect(database)
-    await admin.execute(f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT 2')
-    as_role = Database({**database.connect_kwargs, "user": role}, pool_max_size=4)
     refusals = 0
     real = capacity_module.Capacity.hold_to
 
@@ -239,7 +241,7 @@ async def test_a_unit_of_work_refused_a_session_waits_before_it_tries_again(
 
     monkeypatch.setattr(capacity_module.Capacity, "hold_to", counted)
     monkeypatch.setattr(capacity_module.Capacity, "after_refusal", after_refusal)
-    try:
+    async with limited_role(database, 2, 4) as as_role:
         pool = await create_pool(as_role, COMMAND_DATABASE)
         try:
             held = [await pool.acquire(), await pool.acquire()]  # both of the role's
@@ -253,9 +255,6 @@ async def test_a_unit_of_work_refused_a_session_waits_before_it_tries_again(
             await pool.release(held.pop())
         finally:
             await close_pool(pool)
-    finally:
-        await admin.execute(f'DROP ROLE "{role}"')
-        await admin.close()
 
 
 async def test_a_dedicated_session_refused_by_a_limit_makes_room_in_the_pools(
@@ -265,11 +264,7 @@ async def test_a_dedicated_session_refused_by_a_limit_makes_room_in_the_pools(
     ended, the pools took every session as they grew back, and the relayer's lock and
     listener were refused until the pools' idle sessions expired (300 s): nothing was
     relayed, and a standby's outage never ended."""
-    role = infra.unique_name("fin_limited")
-    admin = await connect(database)
-    await admin.execute(f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT 3')
-    as_role = Database({**database.connect_kwargs, "user": role}, pool_max_size=4)
-    try:
+    async with limited_role(database, 3, 4) as as_role:
         pool = await create_pool(as_role, COMMAND_DATABASE)
         try:
 
@@ -290,9 +285,6 @@ async def test_a_dedicated_session_refused_by_a_limit_makes_room_in_the_pools(
                 await close_connection(dedicated)
         finally:
             await close_pool(pool)
-    finally:
-        await admin.execute(f'DROP ROLE "{role}"')
-        await admin.close()
 
 
 async def test_an_argument_the_driver_cannot_encode_is_a_bug_not_an_outage(
