@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import resource
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
@@ -89,6 +89,8 @@ def descriptor_share(part: int, *, most: int, own: int, soft: int | None = None)
 # How long after a limit's line the line saying there is room again may come, and the
 # limit's line again after it; a host's share's line likewise.
 SAID_AGAIN_AFTER = 10.0
+# How many hosts reaching their share are said in SAID_AGAIN_AFTER at most.
+CROWDED_LINES_MOST = 5
 
 
 class Connections(Generic[H]):
@@ -109,9 +111,9 @@ class Connections(Generic[H]):
     one host that held every connection with a call open (a health `Watch` on each, or
     a list it never reads) had every other client's connection refused, an
     orchestrator's health probe among them, for as long as it stayed. A host reaching its
-    share is logged once, until it holds three quarters of it or less; and hosts
-    reaching theirs are logged once in SAID_AGAIN_AFTER at most, the next line saying
-    how many were not."""
+    share is logged once, until it holds three quarters of it or less; and at most
+    CROWDED_LINES_MOST hosts reaching theirs are logged in SAID_AGAIN_AFTER, the next
+    line saying how many were not."""
 
     def __init__(
         self, kind: str, limit: int, *, clock: Callable[[], float] = time.monotonic
@@ -123,9 +125,10 @@ class Connections(Generic[H]):
         self._open: OrderedDict[H, None] = OrderedDict()
         self._hosts: Counter[object] = Counter()  # connections open, by host
         self._crowding: set[object] = set()  # hosts said (or left out) to be at their share
-        # When a host at its share was last said, and the hosts at theirs since, not said:
-        # a flood from thousands of addresses wrote a line for each.
-        self._crowding_said = -SAID_AGAIN_AFTER
+        # When hosts at their share were said, in the last SAID_AGAIN_AFTER seconds, and
+        # the hosts at theirs since, not said: a flood from thousands of addresses wrote a
+        # line for each.
+        self._crowding_said: deque[float] = deque()
         self._crowding_unsaid = 0
         self._full = False
         self._full_said = 0.0  # when being full was said
@@ -210,10 +213,14 @@ class Connections(Generic[H]):
         self._room_again()
 
     def _say_crowded(self, host: object) -> None:
-        """Say that `host` reached its share, unless a host was said to less than
-        SAID_AGAIN_AFTER ago: then it is counted, and said with the next line."""
+        """Say that `host` reached its share, unless CROWDED_LINES_MOST hosts were said to
+        in the last SAID_AGAIN_AFTER seconds: then it is counted, and said with the next
+        line."""
         now = self._clock()
-        if now - self._crowding_said < SAID_AGAIN_AFTER:
+        said = self._crowding_said
+        while said and now - said[0] >= SAID_AGAIN_AFTER:
+            said.popleft()
+        if len(said) >= CROWDED_LINES_MOST:
             self._crowding_unsaid += 1
             return
         more = {"more_hosts_since_the_last_line": self._crowding_unsaid}
@@ -224,7 +231,8 @@ class Connections(Generic[H]):
             share=self.host_limit,
             **(more if self._crowding_unsaid else {}),
         )
-        self._crowding_said, self._crowding_unsaid = now, 0
+        said.append(now)
+        self._crowding_unsaid = 0
 
     def _room_again(self) -> None:
         """Say that there is room again, once three quarters full or less, and not sooner
