@@ -698,8 +698,10 @@ async def _make_room(why: str) -> None:
         # next refusal to take.
         capacity.hold_to(pool.get_size() - 1, why)
         if pool.get_idle_size():
-            with contextlib.suppress(Exception):  # closing, or taken meanwhile
-                idle = await pool.acquire(timeout=CANCELLED_RELEASE)
+            # Taken and ended in this step (no timeout: asyncpg's would wait in a task of
+            # its own, and a session given back meanwhile raised the hold again).
+            with contextlib.suppress(Exception):  # closing
+                idle = await pool.acquire()
                 idle.terminate()
                 await pool.release(idle)
 
