@@ -77,6 +77,11 @@ class Capacity:
                 self._waiting.remove(turn)
             raise
 
+    @property
+    def queued(self) -> int:
+        """Units of work waiting for a session."""
+        return sum(not turn.done() for turn in self._waiting)
+
     def give_back(self, opened: Callable[[], int]) -> None:
         """A session taken is given back; `opened`: how many sessions the pool holds. A
         hold set while other sessions were being opened takes those in once they are."""

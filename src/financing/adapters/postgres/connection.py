@@ -257,15 +257,16 @@ class acquired:
     the work it does.
     """
 
-    __slots__ = ("_conn", "_dependency", "_pool")
+    __slots__ = ("_capacity", "_conn", "_dependency", "_pool")
 
     def __init__(self, pool: asyncpg.Pool, dependency: str) -> None:
         self._pool = pool
         self._dependency = dependency
+        self._capacity = _CAPACITIES.get(pool)  # None: a pool not made by `create_pool`
 
     async def __aenter__(self) -> Connection:
-        capacity = _CAPACITIES.get(self._pool)
-        if capacity is None:  # a pool not made by `create_pool`
+        capacity = self._capacity
+        if capacity is None:
             with reopening(self._dependency):
                 self._conn: PoolConnectionProxy = await self._pool.acquire()
             return self._conn
@@ -278,9 +279,9 @@ class acquired:
             except BaseException as error:
                 capacity.give_back(self._pool.get_size)
                 opened = self._pool.get_size()
-                if not isinstance(error.__cause__, asyncpg.TooManyConnectionsError) or not opened:
+                if (refusal := _limit_refusal(error)) is None or not opened:
                     raise
-                capacity.hold_to(opened, describe(error.__cause__))
+                capacity.hold_to(opened, refusal)
                 await capacity.after_refusal()
 
     async def __aexit__(
@@ -316,9 +317,15 @@ class acquired:
             RELEASED[self._dependency] += 1
 
     def _given_back(self) -> None:
-        capacity = _CAPACITIES.get(self._pool)
-        if capacity is not None:
-            capacity.give_back(self._pool.get_size)
+        if self._capacity is not None:
+            self._capacity.give_back(self._pool.get_size)
+
+
+def _limit_refusal(error: BaseException) -> str | None:
+    """What the server said where `error` (translated) is its refusal of one more session
+    for a connection limit (53300); None where it is not."""
+    cause = error.__cause__
+    return describe(cause) if isinstance(cause, asyncpg.TooManyConnectionsError) else None
 
 
 # Sessions given back to their pool after a unit of work ended, by dependency: whether
@@ -679,8 +686,8 @@ async def connect(
                 raise
             return conn
     except Unavailable as error:
-        if isinstance(error.__cause__, asyncpg.TooManyConnectionsError):
-            await _make_room(describe(error.__cause__))
+        if (refusal := _limit_refusal(error)) is not None:
+            await _make_room(refusal)
         raise
 
 

@@ -603,12 +603,8 @@ async def _in_turn(sending: Sequence[Coroutine[Any, Any, object]]) -> list[objec
     async def in_turn(index: int, publish: Coroutine[Any, Any, object]) -> object:
         try:
             return await publish
-        except Exception as error:
-            if not (
-                isinstance(error, aiormq.exceptions.AMQPError)
-                or is_broker_error(error)
-                or failed_by_a_lost_connection(error)
-            ):
+        except Exception as error:  # a lost connection's CancelledError is not one
+            if not is_broker_error(error):
                 for later in tasks[index + 1 :]:
                     later.cancel()
             raise

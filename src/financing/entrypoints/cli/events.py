@@ -37,7 +37,7 @@ async def run_events(
         store = PostgresEventStore(pool)
         stream = await store.stream(aggregate_id, from_version=from_version, last=last)
         # A window past the stream's end still names the aggregate, by its last event.
-        known = stream or (from_version > 1 and await store.stream(aggregate_id, last=1))
+        known = stream or (await store.stream(aggregate_id, last=1) if from_version > 1 else [])
     aggregate_type = known[0].aggregate_type if known else None
     row, reached = await _row(settings, aggregate_id, aggregate_type)
     if not known and row is None:
@@ -71,11 +71,11 @@ async def _row(
 
 
 def _window_lines(
-    aggregate_id: UUID, stream: list[StoredEvent], known: list[StoredEvent] | bool
+    aggregate_id: UUID, stream: list[StoredEvent], known: list[StoredEvent]
 ) -> list[str]:
     """A window of the stream: its versions, and how many events the stream holds (its
     versions run from 1 without a gap: the last one's)."""
-    if not known or not isinstance(known, list):
+    if not known:
         return [f"aggregate {aggregate_id}: no event in the event store"]
     kind, latest = known[-1].aggregate_type, known[-1].version
     if not stream:
