@@ -304,7 +304,8 @@ async def test_a_command_database_that_takes_no_writes_is_one_outage_until_it_ta
         async def said_why() -> bool:
             return "command database still unavailable" in lines()
 
-        await infra.wait_until(said_why, timeout=10, what="the outage said to await writes")
+        # A check each second, each behind the retries for a session on a loaded machine.
+        await infra.wait_until(said_why, timeout=30, what="the outage said to await writes")
         assert lines() == ["command database unavailable", "command database still unavailable"]
         [why] = [
             line["error"]
