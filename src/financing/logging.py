@@ -94,7 +94,9 @@ def configure(level: str = "INFO") -> None:
         )
     )
     handler.addFilter(_Demote(threshold))
-    handler.addFilter(_Repeats())
+    handler.addFilter(repeats := _Repeats())
+    global _TELL_REPEATS
+    _TELL_REPEATS = partial(_tell, handler, repeats)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -183,10 +185,22 @@ class Lines:
 _LINES: Lines | None = None
 
 
+# Says the library records left out, once their interval is over.
+_TELL_REPEATS: Callable[[], None] | None = None
+
+
 def catch_up() -> None:
-    """`Lines.catch_up` of the service's log (the event loop's watch runs it)."""
+    """`Lines.catch_up` of the service's log, and the library records left out said (the
+    event loop's watch runs it)."""
     if _LINES is not None:
         _LINES.catch_up()
+    if _TELL_REPEATS is not None:
+        _TELL_REPEATS()
+
+
+def _tell(handler: logging.Handler, repeats: _Repeats) -> None:
+    for record in repeats.overdue():
+        handler.emit(record)  # its filters passed it already, when it was left out
 
 
 def _takes_a_line(fd: int) -> bool:
@@ -373,11 +387,14 @@ class _Repeats(logging.Filter):
     """Writes a library's record once an interval where it repeats: asyncio wrote "Fatal
     error on transport" 354 times in 20 s for connections failing with MemoryError under
     an address-space limit, each with its traceback. Records told apart by their logger,
-    level, exception type and first line, objects and numbers aside."""
+    level, exception type and first line, objects and numbers aside. How many were left
+    out is said once the interval is over (`overdue`), whether another comes or not."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._seen: dict[tuple[object, ...], tuple[float, int]] = {}  # written at, left out
+        # Of each kind: when one was last written, how many were left out since, and the
+        # first line of the last one left out.
+        self._seen: dict[tuple[str, int, str, str], tuple[float, int, str]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING:
@@ -386,17 +403,33 @@ class _Repeats(logging.Filter):
         kind = record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] else ""
         key = (record.name, record.levelno, kind, _VARYING.sub("#", first))
         now = time.monotonic()
-        written, left_out = self._seen.get(key, (-REPEATS_INTERVAL, 0))
+        written, left_out, _ = self._seen.get(key, (-REPEATS_INTERVAL, 0, ""))
         if now - written < REPEATS_INTERVAL:
-            self._seen[key] = (written, left_out + 1)
+            self._seen[key] = (written, left_out + 1, first)
             return False
-        if len(self._seen) > 1000:  # kinds of records seen long ago forgotten
-            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < REPEATS_INTERVAL}
-        self._seen[key] = (now, 0)
-        if left_out:
+        if len(self._seen) > 1000:  # kinds of records seen long ago, and said, forgotten
+            self._seen = {
+                k: v for k, v in self._seen.items() if v[1] or now - v[0] < REPEATS_INTERVAL
+            }
+        self._seen[key] = (now, 0, first)
+        if left_out:  # not said yet (`overdue` not run since the interval ended)
             record.msg = f"{record.getMessage()} ({left_out} more like it left out)"
             record.args = ()
         return True
+
+    def overdue(self) -> list[logging.LogRecord]:
+        """A record for each kind whose interval is over with records left out, saying how
+        many: without it, the count waited for the next record of its kind, which may
+        never come once the fault that wrote them is over."""
+        now = time.monotonic()
+        said: list[logging.LogRecord] = []
+        for key, (written, left_out, first) in list(self._seen.items()):
+            if left_out and now - written >= REPEATS_INTERVAL:
+                self._seen[key] = (written, 0, first)
+                name, level = key[0], key[1]
+                message = f"{first} ({left_out} more like it left out)"
+                said.append(logging.LogRecord(name, level, __file__, 0, message, None, None))
+        return said
 
 
 def _log_uncaught(

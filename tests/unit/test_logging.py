@@ -352,3 +352,52 @@ def test_a_librarys_record_repeated_is_written_once_an_interval_saying_how_many_
     after = record(1000)
     assert repeats.filter(after)
     assert after.getMessage().endswith("(99 more like it left out)")
+
+
+def test_the_records_left_out_are_said_once_their_interval_is_over_with_none_after(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression: how many records were left out was said only with the next record of
+    their kind, which never comes once the fault that wrote them is over."""
+    now = [100.0]
+    monkeypatch.setattr(service_logging.time, "monotonic", lambda: now[0])
+    repeats = service_logging._Repeats()
+
+    def record(transport: int) -> logging.LogRecord:
+        message = f"Fatal error on transport\nprotocol: <Protocol 0x{transport:x}>"
+        error = (MemoryError, MemoryError(), None)
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, None, error)
+
+    assert [repeats.filter(record(n)) for n in range(5)] == [True] + [False] * 4
+    assert repeats.overdue() == []  # the interval is not over
+    now[0] += service_logging.REPEATS_INTERVAL
+    [said] = repeats.overdue()
+    assert (said.name, said.levelno) == ("asyncio", logging.ERROR)
+    assert said.getMessage() == "Fatal error on transport (4 more like it left out)"
+    assert repeats.overdue() == []  # said once
+    after = record(99)
+    assert repeats.filter(after)  # the next one is written, with nothing more to say
+    assert after.getMessage().startswith("Fatal error on transport\n")
+    assert "left out" not in after.getMessage()
+
+
+def test_the_service_log_says_the_records_left_out_when_it_catches_up() -> None:
+    script = """
+import logging
+from financing import logging as service_logging
+now = [100.0]
+service_logging.time.monotonic = lambda: now[0]
+service_logging.configure("INFO")
+for n in range(3):
+    logging.getLogger("asyncio").error("Unclosed connection %d", n)
+now[0] += service_logging.REPEATS_INTERVAL
+service_logging.catch_up()
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [(line["logger"], line["event"]) for line in lines] == [
+        ("asyncio", "Unclosed connection 0"),
+        ("asyncio", "Unclosed connection 2 (2 more like it left out)"),
+    ]
