@@ -11,7 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -469,13 +469,13 @@ async def test_only_a_process_that_records_processed_messages_prunes_them(
     assert ("retention" in wired.workers) is prunes
 
 
-async def test_a_role_allowed_fewer_sessions_than_the_process_opens_is_said_as_it_starts(
-    databases: tuple[Database, Database], amqp_url: str
-) -> None:
-    """Regression (a probe): with the service's role limited to fewer sessions than both
-    pools need (`CONNECTION LIMIT`), the command database's outage began and ended
-    about every second as its pool tried to grow, and the query database was left with
-    no session at all; nothing said why."""
+@asynccontextmanager
+async def _as_limited_role(
+    databases: tuple[Database, Database], role_limit: int, queries_limit: int | None = None
+) -> AsyncIterator[tuple[str, tuple[Database, Database]]]:
+    """A role of the service allowed `role_limit` sessions (and the query database
+    `queries_limit`), and the databases as it connects to them; the databases and the
+    role dropped after."""
     role = infra.unique_name("fin_limited")
     await infra.create_role(role)
     try:
@@ -483,27 +483,38 @@ async def test_a_role_allowed_fewer_sessions_than_the_process_opens_is_said_as_i
             await infra.grant_service_role(database, schema, role)
         admin = await asyncpg.connect(**databases[0].connect_kwargs)
         try:
-            await admin.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT 6')
-            await admin.execute(
-                f'ALTER DATABASE "{databases[1].connect_kwargs["database"]}" CONNECTION LIMIT 4'
-            )
+            await admin.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT {role_limit}')
+            if queries_limit is not None:
+                queries = databases[1].connect_kwargs["database"]
+                await admin.execute(f'ALTER DATABASE "{queries}" CONNECTION LIMIT {queries_limit}')
         finally:
             await admin.close()
-        as_role = tuple(
+        commands, queries_db = (
             replace(db, connect_kwargs={**db.connect_kwargs, "user": role}) for db in databases
         )
-        with capture_logs() as logs:
-            async with AsyncExitStack() as stack:
-                await bootstrap(
-                    _settings((as_role[0], as_role[1]), amqp_url),
-                    ("relayer", "projector"),
-                    stack,
-                    deadline=time.monotonic() + 30,
-                )
+        yield role, (commands, queries_db)
     finally:
         for database in databases:  # its grants go with the databases, then the role
             await infra.drop_database(database.connect_kwargs["database"])
         await infra.drop_role(role)
+
+
+async def test_a_role_allowed_fewer_sessions_than_the_process_opens_is_said_as_it_starts(
+    databases: tuple[Database, Database], amqp_url: str
+) -> None:
+    """Regression (a probe): with the service's role limited to fewer sessions than both
+    pools need (`CONNECTION LIMIT`), the command database's outage began and ended
+    about every second as its pool tried to grow, and the query database was left with
+    no session at all; nothing said why."""
+    async with _as_limited_role(databases, 6, queries_limit=4) as (role, as_role):
+        with capture_logs() as logs:
+            async with AsyncExitStack() as stack:
+                await bootstrap(
+                    _settings(as_role, amqp_url),
+                    ("relayer", "projector"),
+                    stack,
+                    deadline=time.monotonic() + 30,
+                )
     said = [
         line["why"]
         for line in logs
@@ -524,6 +535,41 @@ async def test_a_role_allowed_fewer_sessions_than_the_process_opens_is_said_as_i
         if line["event"] == "database pool held to the sessions the limits leave it"
     ]
     assert held == [("command database", 2, 10), ("query database", 2, 10)], held
+
+
+@pytest.mark.parametrize(
+    ("role_limit", "queries_limit", "refused"),
+    [
+        # The command database's pool, and the two sessions that check it.
+        (2, None, "command database: too few sessions allowed: the role {role} may open 2"),
+        # Then the query database's, beside the command database's session.
+        (3, None, "query database: too few sessions allowed: the role {role} may open 3"),
+        # The query database's own limit: its pool's session, and the two that check it.
+        (100, 2, "query database: too few sessions allowed: the database {queries} takes 2"),
+    ],
+)
+async def test_a_role_allowed_fewer_sessions_than_the_process_needs_at_all_stops_start_up_at_once(
+    databases: tuple[Database, Database],
+    amqp_url: str,
+    role_limit: int,
+    queries_limit: int | None,
+    refused: str,
+) -> None:
+    """Regression (a probe): a role allowed fewer than 4 sessions had start-up retry for
+    its whole budget, then end on "too many connections for role", the limit unnamed."""
+    async with _as_limited_role(databases, role_limit, queries_limit) as (role, as_role):
+        with pytest.raises(StartupError) as refusal:
+            async with AsyncExitStack() as stack:
+                await bootstrap(
+                    _settings(as_role, amqp_url),
+                    ("relayer", "projector", "queries-api"),
+                    stack,
+                    deadline=time.monotonic() + 10,
+                )
+    queries = databases[1].connect_kwargs["database"]
+    said = str(refusal.value)
+    assert said.startswith(refused.format(role=role, queries=queries)), said
+    assert "CONNECTION LIMIT higher" in said, said
 
 
 async def test_a_queries_api_starts_on_a_read_only_copy_of_a_migrated_query_database(

@@ -24,8 +24,10 @@ import asyncpg
 from financing import metrics, release
 from financing.adapters.postgres.clock import DatabaseClock
 from financing.adapters.postgres.connection import (
+    CHECK_SESSIONS,
     COMMAND_DATABASE,
     QUERY_DATABASE,
+    SessionLimits,
     close_pool,
     create_pool,
     hold_pool,
@@ -242,14 +244,14 @@ async def _databases(
     for its outages, and the event store's name, the query database's record of it
     checked where both are opened."""
     command_pool = query_pool = None
+    limited: list[tuple[asyncpg.Pool, _Limited]] = []
     if selected & NEEDS_COMMAND_DB:
-        command_pool = await _pool(
-            stack, settings.command_db, COMMAND_DATABASE, "commands", outages, deadline
-        )
+        relayer = RELAYER_SESSIONS if "relayer" in selected else 0
+        command = _Pooled(settings.command_db, COMMAND_DATABASE, "commands", relayer)
+        command_pool = await _pool(stack, command, limited, outages, deadline)
     if selected & NEEDS_QUERY_DB:
-        query_pool = await _pool(
-            stack, settings.query_db, QUERY_DATABASE, "queries", outages, deadline
-        )
+        projected = _Pooled(settings.query_db, QUERY_DATABASE, "queries", 0)
+        query_pool = await _pool(stack, projected, limited, outages, deadline)
     # An outage of a database this process writes ends when it takes writes again; of one
     # it only reads, when it answers. Every component on the command database writes.
     for pool, db, schema, writes in (
@@ -277,11 +279,7 @@ async def _databases(
             outages,
             deadline,
         )
-    relayer = RELAYER_SESSIONS if "relayer" in selected else 0
-    await _warn_of_session_limits(
-        (command_pool, settings.command_db, COMMAND_DATABASE, relayer),
-        (query_pool, settings.query_db, QUERY_DATABASE, 0),
-    )
+    _hold_to_session_limits(limited)
     return _Opened(command_pool, query_pool, None if store is None else str(store))
 
 
@@ -289,34 +287,55 @@ async def _databases(
 RELAYER_SESSIONS = 2
 
 
-async def _warn_of_session_limits(
-    *pools: tuple[asyncpg.Pool | None, Database, str, int],
+@dataclass(frozen=True)
+class _Limited:
+    """The limits of a pool's server on its sessions, read as it was opened."""
+
+    dependency: str
+    server: str  # its address
+    limits: SessionLimits
+    beside: int  # the sessions the process opens beside the pool (a relayer's)
+
+
+async def _read_session_limits(
+    pool: asyncpg.Pool, pooled: _Pooled, limited: list[tuple[asyncpg.Pool, _Limited]]
 ) -> None:
+    """Read, once as the pool is opened, the limits on the sessions of its role: start-up
+    is refused at once where they leave fewer sessions than it needs to start or to run
+    at all (a session for each pool, `refuse_pooled_sessions`' two, and a relayer's two),
+    naming the limit; without this, it retried its whole budget and ended on "too many
+    connections for role"."""
+    dependency, beside, connect = pooled.dependency, pooled.beside, pooled.db.connect_kwargs
+    try:
+        limits = await session_limits(pool, dependency)
+    except Unavailable:  # the outage says it; the limits are looked at once only
+        return
+    server = f"{connect.get('host')}:{connect.get('port')}"
+    starting = [(had.server, had.limits, 1) for _, had in limited]
+    starting.append((server, limits, 1 + CHECK_SESSIONS))
+    running = [(had.server, had.limits, 1 + had.beside) for _, had in limited]
+    running.append((server, limits, 1 + beside))
+    never = too_few_sessions(starting, least=True) or too_few_sessions(running, least=True)
+    if never:
+        raise StartupError(f"{dependency}: too few sessions allowed: {'; '.join(never)}")
+    limited.append((pool, _Limited(dependency, server, limits, beside)))
+
+
+def _hold_to_session_limits(limited: Sequence[tuple[asyncpg.Pool, _Limited]]) -> None:
     """Say once, as the process starts, which limit of the servers lets it open fewer
     sessions than its pools (and the sessions each opens beside its pool) may: an outage
-    of the database begins each time a pool tries to grow beyond it, and ends at the
-    next check."""
-    needs = []
-    held = []
-    for pool, db, dependency, beside in pools:
-        if pool is None:
-            continue
-        try:
-            limits = await session_limits(pool, dependency)
-        except Unavailable:  # the outage says it; the limits are looked at once only
-            continue
-        where = f"{db.connect_kwargs.get('host')}:{db.connect_kwargs.get('port')}"
-        needs.append((where, limits, pool.get_max_size(), beside))
-        held.append((pool, dependency))
-    opened = [(where, limits, size + beside) for where, limits, size, beside in needs]
+    of the database begins each time a pool tries to grow beyond it, and ends at the next
+    check. The pools are held to what the limits leave them."""
+    needs = [(had.server, had.limits, pool.get_max_size(), had.beside) for pool, had in limited]
+    opened = [(server, limits, size + beside) for server, limits, size, beside in needs]
     for why in too_few_sessions(opened):
         log.warning("fewer database sessions allowed than the process opens", why=why)
-    for (pool, dependency), sessions in zip(held, pooled_sessions(needs), strict=True):
+    for (pool, had), sessions in zip(limited, pooled_sessions(needs), strict=True):
         if sessions < pool.get_max_size():
             hold_pool(pool, sessions)
             log.warning(
                 "database pool held to the sessions the limits leave it",
-                dependency=dependency,
+                dependency=had.dependency,
                 sessions=sessions,
                 pool_max_conns=pool.get_max_size(),
             )
@@ -708,19 +727,30 @@ async def _migrated(pool: asyncpg.Pool, schema: str, dependency: str, deadline: 
             ) from None
 
 
+@dataclass(frozen=True)
+class _Pooled:
+    """A database a pool is opened on."""
+
+    db: Database
+    dependency: str
+    schema: str
+    beside: int  # the sessions the process opens beside the pool (a relayer's)
+
+
 async def _pool(
     stack: AsyncExitStack,
-    db: Database,
-    dependency: str,
-    schema: str,
+    pooled: _Pooled,
+    limited: list[tuple[asyncpg.Pool, _Limited]],
     outages: Outages,
     deadline: float,
 ) -> asyncpg.Pool:
-    """A pool on `db`, its schema migrated."""
+    """A pool on `db`, its schema migrated, its limits read into `limited`."""
+    db, dependency, schema = pooled.db, pooled.dependency, pooled.schema
     pool = await started(
         f"{dependency} {db.describe()}", lambda: create_pool(db, dependency), outages, deadline
     )
     stack.push_async_callback(close_pool, pool)
+    await _read_session_limits(pool, pooled, limited)
     # Before anything is written through a pooler that does not keep sessions.
     sessions = partial(refuse_pooled_sessions, db, dependency)
     await started(f"{dependency}'s sessions", sessions, outages, deadline)

@@ -554,11 +554,22 @@ async def session_limits(pool: asyncpg.Pool, dependency: str) -> SessionLimits:
     )
 
 
-def too_few_sessions(needs: Sequence[tuple[str, SessionLimits, int]]) -> list[str]:
+def too_few_sessions(
+    needs: Sequence[tuple[str, SessionLimits, int]], *, least: bool = False
+) -> list[str]:
     """What limits fewer sessions than one process opens, given for each of its databases
     (by its server's address) the limits of its pool's role and the sessions it opens
     there at most: a pool that cannot grow meets an outage each time it tries, and one
-    of two pools of a role may be left with none at all."""
+    of two pools of a role may be left with none at all. With `least`, the sessions given
+    are the fewest the process can work with, and a limit below them leaves it none."""
+    if least:
+        opens = "needs at least {n} as {role} (a session each pool, two more while one starts"
+        opens += ", and a relayer's 2): {fix} higher"
+        opens_there = "needs at least {n} there: {fix} higher"
+    else:
+        opens = "alone opens up to {n} as {role} (each pool's pool_max_conns, and a relayer's"
+        opens += " 2): {fix} higher, or lower pool_max_conns"
+        opens_there = "alone opens up to {n} there: {fix} higher, or lower pool_max_conns"
     said = []
     by_role: dict[tuple[str, str], int] = collections.Counter()
     for server, limits, sessions in needs:
@@ -579,16 +590,14 @@ def too_few_sessions(needs: Sequence[tuple[str, SessionLimits, int]]) -> list[st
             ),
         ):
             if limit is not None and limit < on_server:
-                said.append(
-                    f"the {what}, and this process alone opens up to {on_server} as"
-                    f" {limits.role} (each pool's pool_max_conns, and a relayer's 2): {fix}"
-                    " higher, or lower pool_max_conns"
-                )
+                how = opens.format(n=on_server, role=limits.role, fix=fix)
+                said.append(f"the {what}, and this process {how}")
         if limits.database_limit is not None and limits.database_limit < sessions:
+            fix = f"ALTER DATABASE {limits.database} CONNECTION LIMIT"
+            how = opens_there.format(n=sessions, fix=fix)
             said.append(
                 f"the database {limits.database} takes {limits.database_limit} session(s),"
-                f" and this process alone opens up to {sessions} there: ALTER DATABASE"
-                f" {limits.database} CONNECTION LIMIT higher, or lower pool_max_conns"
+                f" and this process {how}"
             )
     return list(dict.fromkeys(said))  # a limit two databases share, said once
 
@@ -745,6 +754,10 @@ async def _settle_session(db: Database, conn: asyncpg.Connection) -> None:
     if "idle_session_timeout" not in given and conn.get_server_version() >= (14, 0):
         settings.append("SET idle_session_timeout = 0")
     await conn.execute(";".join(settings))
+
+
+# The sessions `refuse_pooled_sessions` opens beside its database's pool.
+CHECK_SESSIONS = 2
 
 
 async def refuse_pooled_sessions(db: Database, dependency: str) -> None:
