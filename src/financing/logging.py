@@ -10,7 +10,8 @@ The transport libraries log a connection's loss and their reconnection
 attempts at WARNING and ERROR, many lines per outage. The service logs each
 outage itself, once when it starts and once when it is over (`retry.Outages`),
 so their records are demoted to DEBUG: visible with LOGGER_LEVEL=DEBUG, quiet
-otherwise. So are grpclib's INFO records, each about what one caller did (a call
+otherwise. Any other library's warning or error that repeats is written once in
+`REPEATS_INTERVAL`, and how many more came is said once the interval is over. So are grpclib's INFO records, each about what one caller did (a call
 it cancelled, or whose deadline passed): thousands a minute from impatient
 clients, counted in `grpc_server_handled_total` by their status. What the
 HTTP/2 and AMQP libraries log below WARNING, a dump of every header and frame
