@@ -770,6 +770,51 @@ async def test_a_relayer_that_lost_its_lock_stops_where_the_store_lost_events_it
         await wake_up.close()
 
 
+class HeldPublisher:
+    """Publishes for real once `gate` is opened; says what became of each batch."""
+
+    def __init__(self, real: Publisher) -> None:
+        self.real = real
+        self.gate = asyncio.Event()
+        self.outcomes: list[str] = []
+
+    async def publish_events(self, envelopes: Sequence[Envelope]) -> None:
+        self.outcomes.append("begun")
+        try:
+            await self.gate.wait()
+            await self.real.publish_events(envelopes)
+        except asyncio.CancelledError:
+            self.outcomes.append("cancelled")
+            raise
+        self.outcomes.append("published")
+
+
+async def test_a_relayer_that_lost_its_lock_gives_up_the_batch_it_was_publishing(
+    database: Database, pool: asyncpg.Pool, publisher: Publisher, observed: AbstractQueue
+) -> None:
+    """Regression (a probe): a leader resumed after a SIGSTOP said it lost its lock, then
+    finished the batch it had begun, as at a stop, though another instance had relayed
+    it meanwhile: 47 stale copies went out after later versions of their aggregates."""
+    await append_investor_story(PostgresEventStore(pool), uuid4())
+    held = HeldPublisher(publisher)
+    with capture_logs() as logs:
+        async with relaying(database, pool, held):
+            await wait_until(
+                lambda: holds(held.outcomes == ["begun"]), what="a batch being published"
+            )
+            [lock_session] = await infra.advisory_lock_holders(pool)
+            await pool.execute("SELECT pg_terminate_backend($1)", lock_session)
+            await wait_until(
+                lambda: holds(any(line["event"].startswith("relayer lost") for line in logs)),
+                what="the lock lost",
+            )
+            held.gate.set()  # the batch could go on now; given up, it does not
+            await wait_until(lambda: holds(len(held.outcomes) > 2), what="the next term's batch")
+            got = await receive(observed, 4)
+    assert held.outcomes[:3] == ["begun", "cancelled", "begun"], held.outcomes
+    assert [version for _, _, version in got] == [1, 2, 3, 4]  # relayed in the next term
+
+
 class HandedOnLock(PostgresRelayerLock):
     """The real lock, whose connection a pooler in transaction mode hands to another
     server session once the lock is taken (PgBouncer's transaction mode): the lock stays

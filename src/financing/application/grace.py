@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 from financing.application.errors import Unavailable, summary
 from financing.logging import get_logger
@@ -13,24 +13,32 @@ log = get_logger(__name__)
 SHUTDOWN_GRACE = 5.0
 
 
-async def finish_on_cancel(step: Awaitable[None], grace: float = SHUTDOWN_GRACE) -> None:
+async def finish_on_cancel(
+    step: Awaitable[None],
+    grace: float = SHUTDOWN_GRACE,
+    *,
+    may_finish: Callable[[], bool] = lambda: True,
+) -> None:
     """Run `step`; if the caller is cancelled meanwhile, give the step up to `grace`
     seconds to finish before the cancellation goes on. A relayed batch is then marked
     relayed (not published again), a projected batch acked (not applied again). A step
     that fails meanwhile, or is cut short, is said (a bug among such failures was silent,
     a bug with its traceback): what it left undone is done again after the stop, and
-    deduplicated."""
+    deduplicated. A step that `may_finish` no longer allows when the cancellation comes
+    (a relayer that lost its lock: another relays) is cancelled with its caller."""
     task = asyncio.ensure_future(step)
     try:
         await asyncio.shield(task)
     except asyncio.CancelledError:
+        if not may_finish():
+            task.cancel()
         try:
             async with asyncio.timeout(grace):
                 await task
         except TimeoutError:
             log.warning("a step being finished as its worker stopped was cut short", grace=grace)
         except asyncio.CancelledError:
-            pass  # cancelled once more: the stop does not wait
+            pass  # cancelled once more (the stop does not wait), or not to be finished
         except Unavailable as error:
             log.warning("a step being finished as its worker stopped failed", error=summary(error))
         except Exception as error:  # a bug: said whole

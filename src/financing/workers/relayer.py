@@ -136,6 +136,7 @@ class Relayer:
         self._poll_interval = poll_interval
         self._policy = policy
         self._elected = False  # this instance holds the lock and relays
+        self._lock_lost = False  # in this term: what it was publishing is not finished
         self._held_by: str | None = None  # the name of what was said to hold relaying back
         self._held_since = 0.0  # when the oldest event it held back was recorded (monotonic)
         # The events this process relayed last, in any of its terms: looked for in the
@@ -152,7 +153,7 @@ class Relayer:
                 lambda: self._lock.acquire(self._outages.answered), "taking the relayer lock"
             )
             log.info("relayer elected")
-            self._elected = True
+            self._elected, self._lock_lost = True, False
             relaying = asyncio.create_task(self._relay())
             lost = asyncio.create_task(self._lock.lost())
             try:
@@ -161,6 +162,10 @@ class Relayer:
                 # to the supervisor.
                 for task in done:
                     task.result()
+                # What it was publishing is given up, not finished as at a stop: another
+                # instance may relay those events already. Finished, they went out after
+                # this line, after later versions of their aggregates.
+                self._lock_lost = True
                 log.warning("relayer lost its lock, standing for election again")
             finally:
                 self._elected = False
@@ -227,7 +232,8 @@ class Relayer:
             await self._mark(relayed)
         events = await self._outbox.pending(self._batch_size, relayed.last)
         if events:
-            await finish_on_cancel(self._publish(events, relayed))
+            publishing = self._publish(events, relayed)
+            await finish_on_cancel(publishing, may_finish=lambda: not self._lock_lost)
         return len(events)
 
     async def _publish(self, events: list[StoredEvent], relayed: _Relayed) -> None:
