@@ -10,12 +10,13 @@ The transport libraries log a connection's loss and their reconnection
 attempts at WARNING and ERROR, many lines per outage. The service logs each
 outage itself, once when it starts and once when it is over (`retry.Outages`),
 so their records are demoted to DEBUG: visible with LOGGER_LEVEL=DEBUG, quiet
-otherwise. Any other library's warning or error that repeats is written once in
-`REPEATS_INTERVAL`, and how many more came is said once the interval is over. So are grpclib's INFO records, each about what one caller did (a call
+otherwise. So are grpclib's INFO records, each about what one caller did (a call
 it cancelled, or whose deadline passed): thousands a minute from impatient
 clients, counted in `grpc_server_handled_total` by their status. What the
 HTTP/2 and AMQP libraries log below WARNING, a dump of every header and frame
-(a caller's credentials included), is never written.
+(a caller's credentials included), is never written. Any other library's
+warning or error that repeats is written once in `REPEATS_INTERVAL`, and how
+many more came is said once the interval is over.
 
 A line that cannot be written (a full disk, a log reader gone or behind) is
 dropped: the log never stops the service, nor changes how it exits. A pipe or a

@@ -26,10 +26,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import socket
 import threading
+from pathlib import Path
 from typing import Any
 
+import aio_pika
+import aiormq
+import asyncpg
 import uvloop
 
 # How long an attempt to connect to one address of a name goes on alone before the next
@@ -50,6 +55,7 @@ class Loop(uvloop.Loop):
         self._lookups: dict[tuple[Any, ...], tuple[asyncio.Future[list[AddressInfo]], float]] = {}
         # Of each name and port: the address of the last connection made to it.
         self._answered: dict[tuple[str, Any], Any] = {}
+        self.set_exception_handler(_transport_tasks_demoted)
 
     async def create_connection(
         self, protocol_factory: Any, host: str | None = None, port: Any = None, **options: Any
@@ -116,6 +122,33 @@ class Loop(uvloop.Loop):
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
     return Loop()
+
+
+# Where the transport libraries' code lies, whose own tasks fail as their connections close.
+_TRANSPORTS = tuple(
+    str(Path(library.__file__ or "").parent) + "/" for library in (aio_pika, aiormq, asyncpg)
+)
+# What such a task fails with as its connection closes or is gone.
+_CLOSING = (TimeoutError, OSError, aiormq.exceptions.AMQPError)
+
+
+def _transport_tasks_demoted(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """A task of a transport library's own that failed as its connection closed, and that
+    the library never awaited, logged at DEBUG as their other records are: aiormq's
+    channel reader, closing a channel after a SIGSTOP on a connection already gone, timed
+    out, and asyncio logged "Task exception was never retrieved" at ERROR with three
+    tracebacks, where the outage's own lines (`retry.Outages`) had said it all. Anything
+    else goes to asyncio's own handler."""
+    task, error = context.get("future"), context.get("exception")
+    code = getattr(task.get_coro(), "cr_code", None) if isinstance(task, asyncio.Task) else None
+    if (
+        code is not None
+        and code.co_filename.startswith(_TRANSPORTS)
+        and isinstance(error, _CLOSING)
+    ):
+        logging.getLogger("asyncio").debug(context.get("message"), exc_info=error)
+        return
+    loop.default_exception_handler(context)
 
 
 def _settle(
