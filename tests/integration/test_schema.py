@@ -466,6 +466,37 @@ async def test_a_migration_waiting_for_another_sessions_lock_names_that_session(
         await waiter.close()
 
 
+async def test_a_migration_that_waits_a_moment_for_another_sessions_lock_says_nothing(
+    empty_database: Database,
+) -> None:
+    """Regression (a probe): instances started together on migrated databases each said
+    that it waited for another's migration lock, held for milliseconds."""
+    holder = await connect(empty_database)
+    waiter = await connect(empty_database)
+    try:
+        with capture_logs() as logs:
+            async with holder.transaction():
+                await holder.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+                migrating = asyncio.create_task(migrate(waiter, "commands"))
+
+                async def waiting() -> bool:
+                    return bool(
+                        await holder.fetchval(
+                            "SELECT count(*) FROM pg_locks"
+                            " WHERE locktype = 'advisory' AND NOT granted AND pid = $1",
+                            waiter.get_server_pid(),
+                        )
+                    )
+
+                await infra.wait_until(waiting, what="the migration waiting for the lock")
+            await migrating
+        assert [line for line in logs if "lock" in line["event"]] == []
+        assert await recorded(waiter) == [("commands", v) for v, _ in sections("commands")]
+    finally:
+        await holder.close()
+        await waiter.close()
+
+
 @pytest.mark.parametrize("name", ["commands", "queries"])
 async def test_the_tables_an_outage_check_requires_are_those_the_migration_creates(
     empty_database: Database, name: str

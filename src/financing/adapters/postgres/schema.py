@@ -418,6 +418,26 @@ async def _refuse_occupied(conn: Connection, name: str) -> None:
     )
 
 
+# How long a migration waits for another session's migration lock before it says so: an
+# instance started beside another that finds every migration applied holds the lock for
+# milliseconds, and a warning for that said nothing an operator could act on.
+WAITING_SAID_AFTER = 2.0
+
+
+async def _locked_within(conn: Connection, seconds: float) -> bool:
+    """Whether this transaction took the migration lock within `seconds`; its wait given
+    up (in a savepoint of its own), the transaction goes on without it."""
+    previous = await conn.fetchval("SELECT current_setting('lock_timeout')")
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT set_config('lock_timeout', $1, true)", f"{seconds}s")
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            await conn.execute("SELECT set_config('lock_timeout', $1, true)", previous)
+    except asyncpg.LockNotAvailableError:
+        return False
+    return True
+
+
 async def _report_waiting(conn: Connection, name: str) -> None:
     """One line naming the session that holds the migration lock this one waits for: a
     start-up that waits for another instance's migration (an index built on a large
@@ -490,7 +510,8 @@ async def _apply(
     began = time.monotonic()
     migrated: list[int] = []
     async with conn.transaction(isolation="read_committed"):
-        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", MIGRATION_LOCK):
+        taken = await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", MIGRATION_LOCK)
+        if not taken and not await _locked_within(conn, WAITING_SAID_AFTER):
             await _report_waiting(conn, name)
             await conn.execute(
                 "SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK, timeout=statement_timeout
