@@ -55,8 +55,8 @@ async def test_a_store_of_several_batches_is_checked_and_replayed_whole(
     await queries_pool.execute("DELETE FROM read_models.investors WHERE id = $1", last)
     result = await run_check(events_pool, queries_pool)
     assert not result.ok
-    short = f"investors: {INVESTORS - 1} rows, a replay gives {INVESTORS}"
-    assert short in result.read_model_differences
+    [short] = result.read_model_differences
+    assert short.startswith(f"investors: {last} missing, a replay has InvestorRow(")
 
 
 async def investor_created(store: PostgresEventStore) -> None:

@@ -32,8 +32,39 @@ async def test_a_row_missing_beside_one_too_many_of_another_kind_is_a_difference
     # Regression (a probe): with no event of another relayer, the stray row was said to
     # be one "another relayer's events make or change".
     assert differences == [
-        "issuers: 1 rows, a replay gives 2",
-        "issuers no event of the store makes: 1 rows, a replay gives 0",
+        f"issuers: {missing} missing, a replay has IssuerRow(id=UUID('{missing}'))",
+        f"issuers no event of the store makes: {stray} not in a replay:"
+        f" IssuerRow(id=UUID('{stray}'))",
+    ]
+
+
+async def test_one_row_missing_is_one_difference_naming_it_wherever_it_was_listed() -> None:
+    """Regression (a probe): rows were compared place by place, so one invoice row
+    deleted from the read models made every row listed after it a difference (1,106),
+    and the one missing went unnamed."""
+    ids = [uuid4() for _ in range(20)]
+    replay = await issuers(*ids)
+    live = await issuers(*ids[:3], *ids[4:])
+    stores = await _rows(replay)
+
+    differences = compare(await _rows(live), stores, stores, touched=set())
+
+    assert differences == [
+        f"issuers: {ids[3]} missing, a replay has IssuerRow(id=UUID('{ids[3]}'))"
+    ]
+
+
+async def test_the_same_rows_listed_in_another_order_are_one_difference() -> None:
+    first, second, third = uuid4(), uuid4(), uuid4()
+    replay = await issuers(first, second, third)
+    live = await issuers(first, third, second)
+    stores = await _rows(replay)
+
+    differences = compare(await _rows(live), stores, stores, touched=set())
+
+    assert differences == [
+        f"issuers: listed in another order than a replay from place 1: {third} where a"
+        f" replay lists {second}"
     ]
 
 
