@@ -411,6 +411,11 @@ async def test_trace_and_events_without_a_dependency_print_what_they_have_and_ex
     assert shown_.exit_code == 1, shown_.describe()
     assert "InvestorCreatedEvent" in shown_.stdout
     assert "read model not shown" in shown_.stderr
+    # Regression (a probe): a row not read was said to be "no row (not projected yet, or
+    # the query database is unreachable)", the same words as a row missing.
+    assert shown_.stdout.splitlines()[-1] == (
+        "read model: not read (the query database could not be reached)"
+    )
     assert unsearched.exit_code == 1, unsearched.describe()
     assert (
         "no event or processed message (the dead letters and deferred messages were not"

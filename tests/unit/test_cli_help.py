@@ -214,6 +214,8 @@ def test_an_aggregate_id_that_is_not_a_uuid_is_refused(capsys: pytest.CaptureFix
         (("populate", "--balance", "10.001"), "at most 2 decimal places"),
         (("trace", ""), "must not be empty"),
         (("trace", "  "), "must not be empty"),
+        # Bytes that are not UTF-8 (a probe): the database driver's traceback before.
+        (("trace", "abc\udcff"), "'abc\\udcff' is not UTF-8 text"),
         # Beyond what the event store holds a version in: a traceback and exit 1 before.
         (("events", str(uuid.UUID(int=1)), "--from-version", "2147483648"), "<= 2147483647"),
         (("events", str(uuid.UUID(int=1)), "--last", "9223372036854775808"), "<= 2147483647"),

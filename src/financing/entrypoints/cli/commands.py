@@ -142,6 +142,10 @@ def _balance(value: str) -> Decimal:
 def _correlation_id(value: str) -> str:
     if not value.strip():
         raise argparse.ArgumentTypeError("must not be empty")
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # bytes of the command line that are not UTF-8
+        raise argparse.ArgumentTypeError(f"{value!r} is not UTF-8 text") from None
     return value
 
 

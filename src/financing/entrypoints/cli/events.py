@@ -54,7 +54,7 @@ async def run_events(
         if windowed
         else _stream_lines(aggregate_id, stream)
     )
-    write_lines([*lines, "", *_row_lines(row)])
+    write_lines([*lines, "", *_row_lines(row, reached)])
     return 0 if reached else 1
 
 
@@ -106,9 +106,14 @@ def _event_lines(stream: list[StoredEvent]) -> list[str]:
     return table(("VERSION", "RECORDED AT", "NAME", "CORRELATION", "BODY"), rows)
 
 
-def _row_lines(row: tuple[str, dict[str, Any]] | None) -> list[str]:
+def _row_lines(row: tuple[str, dict[str, Any]] | None, reached: bool) -> list[str]:
+    if not reached:
+        return ["read model: not read (the query database could not be reached)"]
     if row is None:
-        return ["read model: no row (not projected yet, or the query database is unreachable)"]
+        return [
+            "read model: no row (its events not projected yet, or the row lost since:"
+            " `financing check` compares the read models with a replay)"
+        ]
     name, columns = row
     if not columns:
         return [f"read model ({name}): listed"]
