@@ -135,3 +135,26 @@ async def test_the_probe_tells_the_services_answer_from_another_programs(healthy
     assert problems == [
         f"metrics endpoint at 127.0.0.1:{port}: not the service's answer (HTTP/1.0 200 OK)"
     ]
+
+
+async def test_another_programs_answer_that_is_no_text_is_shown_escaped() -> None:
+    """Regression (a probe): METRICS_ADDRESS pointed at a gRPC port printed the HTTP/2
+    frames it answered raw onto the terminal."""
+
+    async def frames(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\xff\xfe@d")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(frames, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        problems = await health_check(Settings(metrics_address=("127.0.0.1", port)), ["relayer"])
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert problems == [
+        f"metrics endpoint at 127.0.0.1:{port}: not the service's answer"
+        " (\\x00\\x00\\x06\\x04\\x00\\x00\\x00\\x00\\x00\\xff\\xfe@d)"
+    ]

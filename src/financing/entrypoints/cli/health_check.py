@@ -262,7 +262,19 @@ async def health_answer(address: tuple[str, int]) -> HealthAnswer:
     )
     said = first.removeprefix(b"not healthy: ") if status == 503 else b""  # the probe says it
     text = b": ".join(part for part in (status_line.strip(), said.strip()) if part)
-    return HealthAnswer(status or 0, text.decode(errors="replace"), ours)
+    return HealthAnswer(status or 0, _printable(text), ours)
+
+
+# How much of another program's answer is shown.
+HEALTH_SAID_BYTES = 200
+
+
+def _printable(said: bytes) -> str:
+    """What a program answered, its bytes that are no printable text escaped: a gRPC port
+    named as METRICS_ADDRESS answered HTTP/2 frames, printed raw onto the terminal."""
+    text = said[:HEALTH_SAID_BYTES].decode(errors="backslashreplace")
+    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    return shown + ("..." if len(said) > HEALTH_SAID_BYTES else "")
 
 
 def main() -> None:
