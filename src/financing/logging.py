@@ -61,9 +61,44 @@ DEMOTED_LIBRARIES = ("aio_pika", "aiormq", "asyncpg")
 # own). Never written, at any level.
 WIRE_DUMPS = ("hpack", "h2", "aiormq", "aio_pika")
 
+# When the event loop's watch last ran (monotonic), and how long after that the process
+# is taken for not running; None while no watch runs.
+_WATCH: tuple[float, float] | None = None
+_GRAVE = frozenset({"warning", "error", "critical"})
+
+
+def loop_turned(stalled_after: float) -> None:
+    """The event loop's watch ran now, and runs again within `stalled_after` seconds unless
+    the process does not run (`_said_stalled`)."""
+    global _WATCH
+    _WATCH = (time.monotonic(), stalled_after)
+
+
+def loop_unwatched() -> None:
+    global _WATCH
+    _WATCH = None
+
+
+def _said_stalled(
+    _: object, __: str, event: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    """A warning or an error written while the event loop's watch is overdue carries
+    `process_stalled_seconds`: a process resumed after a stop (SIGSTOP, a paused VM)
+    first runs what its sockets brought, and blamed a dependency for a deadline that ran
+    out while it did not run ("the query database answers it slowly") before the watch
+    said that the process itself had not run."""
+    watch = _WATCH
+    if watch is not None and event.get("level") in _GRAVE:
+        since = time.monotonic() - watch[0]
+        if since >= watch[1]:
+            event.setdefault("process_stalled_seconds", round(since, 3))
+    return event
+
+
 _SHARED: list[structlog.typing.Processor] = [
     structlog.contextvars.merge_contextvars,
     structlog.processors.add_log_level,
+    _said_stalled,
     structlog.processors.TimeStamper(fmt="iso", utc=True),
 ]
 

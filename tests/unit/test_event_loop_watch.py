@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import time
 
+import structlog
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
+from financing import logging as service_logging
 from financing.entrypoints.observability import watch_event_loop
 from tests.support.infra import wait_until
 
@@ -47,3 +49,33 @@ async def test_a_process_that_did_not_run_says_so_once_and_exports_its_lag() -> 
     assert logs and all(line["log_level"] == "warning" for line in logs)
     assert all(line["event"].startswith("the process did not run for a while") for line in logs)
     assert any(0.2 <= line["stalled_seconds"] < 5 for line in logs)
+
+
+async def test_a_line_written_as_the_process_resumes_before_the_watch_says_so_is_marked() -> None:
+    """Regression (a probe): resumed after 25 s of SIGSTOP, a process first ran what its
+    sockets brought and logged "a read of invoices was given up by its caller after
+    25.2 s: the query database answers it slowly", and only then that it had not run."""
+    log = structlog.get_logger("financing.test")
+    marked = [structlog.processors.add_log_level, service_logging._said_stalled]
+    observed = lag_count()
+    with capture_logs(processors=marked) as logs:
+        watching = asyncio.create_task(watch_event_loop(period=0.01, reported=1.0))
+        try:
+            await wait_until(lambda: _now(lag_count() > observed), what="a first turn")
+            log.warning("said while the process runs")
+            block_the_loop(1.1)
+            log.warning("said as the process resumes")  # before the watch's next turn
+            await wait_until(
+                lambda: _now(any("did not run" in line["event"] for line in logs)),
+                what="the watch's line",
+            )
+        finally:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
+    log.warning("said once no watch runs")  # a command that runs none, or after the stop
+    stalled = {line["event"]: line.get("process_stalled_seconds") for line in logs}
+    assert stalled["said while the process runs"] is None
+    assert 1.1 <= stalled["said as the process resumes"] < 10
+    watch_line = next(event for event in stalled if "did not run" in event)
+    assert stalled[watch_line] is None  # it says the stall itself
+    assert service_logging._WATCH is None

@@ -33,7 +33,7 @@ from financing.entrypoints.grpc.calls import CallsInFlight
 from financing.entrypoints.grpc.codec import Servable
 from financing.entrypoints.grpc.queries import LISTS, QueriesService
 from financing.entrypoints.listening import listening_at
-from financing.logging import catch_up, get_logger
+from financing.logging import catch_up, get_logger, loop_turned, loop_unwatched
 from financing.metrics import (
     EVENT_LOOP_LAG,
     GRPC_BUSY,
@@ -473,17 +473,24 @@ async def watch_event_loop(period: float = LAG_PERIOD, reported: float = STALL_R
     seconds, and log one line for a lag of `reported` seconds or more. A process that was
     stopped (SIGSTOP, a paused VM) or starved finds, on resuming, deadlines that ran out
     meanwhile (a statement's, a confirm's) and reports outages of dependencies that
-    answered all along; this line says that the process itself did not run."""
+    answered all along; this line says that the process itself did not run, and the
+    warnings written before it as the process resumed carry `process_stalled_seconds`."""
     loop = asyncio.get_running_loop()
-    while True:
-        due = loop.time() + period
-        await asyncio.sleep(period)
-        lag = max(0.0, loop.time() - due)
-        EVENT_LOOP_LAG.observe(lag)
-        catch_up()  # the log's lines dropped said once it takes lines again, idle or not
-        if lag >= reported:
-            log.warning(
-                "the process did not run for a while (stopped, starved of CPU, or blocked):"
-                " deadlines that ran out meanwhile may be reported as outages",
-                stalled_seconds=round(lag, 3),
-            )
+    loop_turned(period + reported)
+    try:
+        while True:
+            due = loop.time() + period
+            await asyncio.sleep(period)
+            lag = max(0.0, loop.time() - due)
+            # The lines written from now on are not marked with the stall: this one says it.
+            loop_turned(period + reported)
+            EVENT_LOOP_LAG.observe(lag)
+            catch_up()  # the log's lines dropped said once it takes lines again, idle or not
+            if lag >= reported:
+                log.warning(
+                    "the process did not run for a while (stopped, starved of CPU, or"
+                    " blocked): deadlines that ran out meanwhile may be reported as outages",
+                    stalled_seconds=round(lag, 3),
+                )
+    finally:
+        loop_unwatched()
