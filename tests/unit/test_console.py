@@ -40,5 +40,6 @@ def test_a_time_beyond_what_utc_holds_is_shown_as_written() -> None:
 def test_an_amount_of_a_read_model_row_is_shown_in_plain_notation() -> None:
     """Regression: `financing events` showed a balance of 10000 as `1E+4` (the driver's
     Decimal), beside `{"Amount":10000}` in the event's body."""
-    lines = _row_lines(("investors", {"balance": Decimal("1E+4"), "reserved": Decimal("0.50")}))
+    row = ("investors", {"balance": Decimal("1E+4"), "reserved": Decimal("0.50")})
+    lines = _row_lines(row, True)
     assert [line.split() for line in lines[1:]] == [["balance", "10000"], ["reserved", "0.5"]]

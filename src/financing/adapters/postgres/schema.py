@@ -422,6 +422,8 @@ async def _refuse_occupied(conn: Connection, name: str) -> None:
 # instance started beside another that finds every migration applied holds the lock for
 # milliseconds, and a warning for that said nothing an operator could act on.
 WAITING_SAID_AFTER = 2.0
+# How much longer than the server's lock_timeout the client waits for its answer.
+LOCK_TIMEOUT_MARGIN = 5.0
 
 
 async def _locked_within(conn: Connection, seconds: float) -> bool:
@@ -431,7 +433,9 @@ async def _locked_within(conn: Connection, seconds: float) -> bool:
     try:
         async with conn.transaction():
             await conn.execute("SELECT set_config('lock_timeout', $1, true)", f"{seconds}s")
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            # Bounded by the server's lock_timeout, not the session's answer timeout.
+            wait = seconds + LOCK_TIMEOUT_MARGIN
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK, timeout=wait)
             await conn.execute("SELECT set_config('lock_timeout', $1, true)", previous)
     except asyncpg.LockNotAvailableError:
         return False
