@@ -26,6 +26,7 @@ from financing.entrypoints.grpc.health import (
     health_service,
 )
 from tests.support.busy import busy
+from tests.support.infra import holds, wait_until
 
 
 class Dependency:
@@ -77,6 +78,51 @@ async def test_a_probe_that_hangs_counts_as_a_failure() -> None:
     watch.watch(queries, [Probe("query database", hangs)])
     await watch.probe_once()
     assert not queries.serving
+
+
+async def test_a_dependency_slower_than_the_probe_but_within_its_operations_time_is_up() -> None:
+    """Regression (a probe): a broker 200 ms away each way answered every command in
+    0.4 s, and its health probe's round trips took more than the probe's 2 s: it was
+    said down for as long as it was slow, `/health` at 503 and `Commands` NOT_SERVING,
+    and its outage could not end, each check given 1 s."""
+
+    async def answers_late() -> None:  # later than the probe's own timeout
+        answered = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.2, answered.set)
+        await answered.wait()
+
+    outages = Outages()
+    outages.check_with("broker", answers_late, answers_within=5.0)
+    watch = HealthWatch(outages, timeout=0.05)
+    commands = Readiness("Commands")
+    watch.watch(commands, [Probe("broker", answers_late)])
+    with capture_logs() as logs:
+        await watch.probe_once()
+        assert commands.serving
+        # An outage begun otherwise is ended by a check given as long.
+        outages.failed(Unavailable("broker", "connection lost"))
+        await outages.check_once(within=0.05, quiet=0.0)
+    said = [line["event"] for line in logs if line.get("dependency") == "broker"]
+    assert said == ["broker unavailable", "broker recovered"]
+
+
+async def test_a_silent_dependency_does_not_hold_another_sides_readiness() -> None:
+    async def silent() -> None:
+        await asyncio.Event().wait()
+
+    outages = Outages()
+    outages.check_with("query database", silent, answers_within=60.0)
+    watch = HealthWatch(outages, timeout=0.05)
+    queries, commands = Readiness("Queries"), Readiness("Commands")
+    watch.watch(queries, [Probe("query database", silent)])
+    watch.watch(commands, [Probe("broker", Dependency().check)])
+    probing = asyncio.create_task(watch.probe_once())
+    try:
+        await wait_until(lambda: holds(commands.serving), what="the Commands side served")
+        assert not probing.done()  # the query database still given its time
+    finally:
+        probing.cancel()
+        await asyncio.gather(probing, return_exceptions=True)
 
 
 async def test_draining_stops_serving_for_good_whatever_the_probes_say() -> None:

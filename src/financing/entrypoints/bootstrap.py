@@ -263,7 +263,10 @@ async def _databases(
             # looks once a period).
             within = db.answer_timeout + OUTAGE_CHECK_INTERVAL
             outages.check_with(
-                DATABASES[schema], _answering(pool, schema, writes=writes), attempts_within=within
+                DATABASES[schema],
+                _answering(pool, schema, writes=writes),
+                attempts_within=within,
+                answers_within=db.answer_timeout,
             )
     store: UUID | None = None
     if command_pool is not None:
@@ -363,7 +366,7 @@ async def _broker_components(
     stack.push_async_callback(publisher.close)
     # An outage ends when the broker takes a declaration again, not merely a connection
     # (one whose permissions were taken away still connects).
-    outages.check_with(BROKER, publisher.probe_events)
+    outages.check_with(BROKER, publisher.probe_events, answers_within=publisher.confirm_timeout)
     deliveries = replace(DELIVERIES, aggregate_wait=settings.aggregate_wait)
     wiring = _Wiring(broker, publisher, outages, deliveries, overrides, service)
     if command_pool is not None:

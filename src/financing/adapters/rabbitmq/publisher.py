@@ -578,6 +578,11 @@ class Publisher:
             if not isinstance(result, aiormq.spec.Basic.Ack):
                 raise PublishFailed(f"{what}: not acknowledged by the broker ({result!r})")
 
+    @property
+    def confirm_timeout(self) -> float:
+        """How long a publish waits for its confirm before it fails."""
+        return self._confirm_timeout
+
     async def close(self) -> None:
         self._probing.cancel()
         for lane in (self._events, self._queues):

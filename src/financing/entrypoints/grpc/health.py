@@ -179,21 +179,22 @@ class HealthWatch:
             await asyncio.sleep(self._interval)  # the probing period
 
     async def probe_once(self) -> None:
-        probed: set[Callable[[], Awaitable[object]]] = set()
-        for watched in self._watched:
-            results = [await self._probe(probe) for probe in watched.probes]
-            watched.readiness.set(all(results) and not self._draining)
-            probed.update(probe.check for probe in watched.probes)
-        # Side by side: one silent dependency would hold the others' probes (and the next
-        # round's readiness) up to PROBE_TIMEOUT each. A dependency an API reads, whose
-        # outage check asks more (the projector's writes to the query database), is
-        # checked too: its privileges revoked were found only by the next write.
+        probed = {probe.check for watched in self._watched for probe in watched.probes}
+        # A dependency an API reads, whose outage check asks more (the projector's writes
+        # to the query database), is checked too: its privileges revoked were found only
+        # by the next write.
         others = [
             Probe(dependency, check)
             for dependency, check in self._outages.checks().items()
             if check not in probed
         ]
-        await asyncio.gather(*map(self._probe, others))
+        # Side by side: one silent dependency, given as long as its operations are, would
+        # hold the others' probes (and the other side's readiness).
+        await asyncio.gather(*map(self._ready, self._watched), *map(self._probe, others))
+
+    async def _ready(self, watched: _Watched) -> None:
+        results = await asyncio.gather(*map(self._probe, watched.probes))
+        watched.readiness.set(all(results) and not self._draining)
 
     async def _probe(self, probe: Probe) -> bool:
         """Whether the dependency answered. A probe that ran out of time while the process
@@ -202,7 +203,9 @@ class HealthWatch:
         within its own deadline, and no later one succeeded)."""
         since = Since()
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(
+                self._outages.answer_within(probe.dependency, self._timeout)
+            ):
                 await probe.check()
         except Unavailable as error:
             self._excused.pop(probe.dependency, None)
