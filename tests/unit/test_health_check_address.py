@@ -119,41 +119,40 @@ async def test_the_probe_tells_the_services_answer_from_another_programs(healthy
         answer = await health_check_module.health_answer(("127.0.0.1", port))
     assert answer.ours
 
-    async def any_page(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/html\r\n\r\n<html></html>\n")
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(any_page, "127.0.0.1", 0)
-    try:
-        port = server.sockets[0].getsockname()[1]
-        problems = await health_check(Settings(metrics_address=("127.0.0.1", port)), ["relayer"])
-    finally:
-        server.close()
-        await server.wait_closed()
+    port, problems = await answered_by_another_program(
+        b"HTTP/1.0 200 OK\r\nContent-Type: text/html\r\n\r\n<html></html>\n"
+    )
     assert problems == [
         f"metrics endpoint at 127.0.0.1:{port}: not the service's answer (HTTP/1.0 200 OK)"
     ]
 
 
-async def test_another_programs_answer_that_is_no_text_is_shown_escaped() -> None:
-    """Regression (a probe): METRICS_ADDRESS pointed at a gRPC port printed the HTTP/2
-    frames it answered raw onto the terminal."""
+async def answered_by_another_program(answer: bytes) -> tuple[int, list[str]]:
+    """The port of another program that answers any request with `answer`, and what the
+    probe says of it as the metrics endpoint."""
 
-    async def frames(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def answering(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\xff\xfe@d")
+        writer.write(answer)
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(frames, "127.0.0.1", 0)
+    server = await asyncio.start_server(answering, "127.0.0.1", 0)
     try:
         port = server.sockets[0].getsockname()[1]
         problems = await health_check(Settings(metrics_address=("127.0.0.1", port)), ["relayer"])
     finally:
         server.close()
         await server.wait_closed()
+    return port, problems
+
+
+async def test_another_programs_answer_that_is_no_text_is_shown_escaped() -> None:
+    """Regression (a probe): METRICS_ADDRESS pointed at a gRPC port printed the HTTP/2
+    frames it answered raw onto the terminal."""
+    port, problems = await answered_by_another_program(
+        b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\xff\xfe@d"
+    )
     assert problems == [
         f"metrics endpoint at 127.0.0.1:{port}: not the service's answer"
         " (\\x00\\x00\\x06\\x04\\x00\\x00\\x00\\x00\\x00\\xff\\xfe@d)"
