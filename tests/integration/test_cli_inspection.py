@@ -30,6 +30,7 @@ from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.adapters.rabbitmq.connection import Broker
 from financing.adapters.rabbitmq.dead_letters import (
     DEFERRED_AT_HEADER,
+    DEFERRED_REASON_HEADER,
     Selection,
     list_dead_letters,
     list_deferred,
@@ -267,6 +268,7 @@ async def test_trace_of_a_command_deferred_to_wait_for_its_aggregate_shows_it_wa
                     "name": "SellInvoice",
                     "correlation_id": correlation,
                     DEFERRED_AT_HEADER: deferred_at,
+                    DEFERRED_REASON_HEADER: f"issuer {stranger} is not registered",
                 },
             ),
             "SellInvoice",
@@ -279,7 +281,8 @@ async def test_trace_of_a_command_deferred_to_wait_for_its_aggregate_shows_it_wa
     in_order(
         lines,
         "SellInvoice  command sale-1",
-        "deferred from SellInvoice: waiting for an aggregate it names",
+        # Regression (a probe): the aggregate it waits for went unnamed.
+        f"deferred from SellInvoice: issuer {stranger} is not registered (since then)",
     )
     assert lines[-1] == "0 applied, 0 changed nothing, 0 refused, 0 dead-lettered, 1 deferred"
     assert await list_deferred(operated.broker) != []  # browsed, not taken

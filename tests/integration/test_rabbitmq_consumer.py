@@ -36,6 +36,7 @@ from financing.adapters.rabbitmq.dead_letters import (
     DEFERRED_CLOCK_HEADER,
     DEFERRED_DELAY_HEADER,
     DEFERRED_FOR_HEADER,
+    DEFERRED_REASON_HEADER,
     DeadLetter,
     DeadLetters,
     list_dead_letters,
@@ -707,7 +708,8 @@ async def test_a_message_always_back_late_is_dead_lettered_after_one_pass_past_i
 
 async def test_a_deferred_copy_keeps_the_originals_properties(bus: Bus, queue: str) -> None:
     handler = exactly_once(InMemoryEventStore(), "sell_invoice", handlers.sell_invoice)
-    message = envelope(SellInvoice(uuid.uuid4(), uuid.uuid4(), Decimal("10")))
+    issuer = uuid.uuid4()
+    message = envelope(SellInvoice(uuid.uuid4(), issuer, Decimal("10")))
     original = to_amqp(message)
     for name, value in PROPERTIES.items():
         setattr(original, name, value)
@@ -730,6 +732,9 @@ async def test_a_deferred_copy_keeps_the_originals_properties(bus: Bus, queue: s
             # Counted so: nothing waited before, 5 s put aside, when by this host's clock.
             assert copy.headers[DEFERRED_FOR_HEADER] == "0.000"
             assert copy.headers[DEFERRED_DELAY_HEADER] == "5.000"
+            # Why it waits, for `financing trace` to say (it said "an aggregate it names").
+            waits = f"issuer {issuer} is not registered"
+            assert waits in copy.headers[DEFERRED_REASON_HEADER], copy.headers
             boot, _, _ = copy.headers[DEFERRED_CLOCK_HEADER].partition(" ")
             assert boot == THIS_BOOT
         finally:

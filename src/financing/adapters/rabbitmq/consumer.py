@@ -192,6 +192,7 @@ class AmqpDelivery:
                     source_queue=self._source,
                     delay=outcome.delay,
                     past_wait_from=outcome.past_wait_from,
+                    reason=outcome.detail,
                 )
             except (NotDeferrable, GaveUp) as refused:
                 # Not for waiting (its size), or the broker refuses the deferrals' queue

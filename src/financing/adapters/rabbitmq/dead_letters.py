@@ -98,6 +98,9 @@ DEFERRED_CLOCK_HEADER = "x-deferred-clock"
 # long it had waited then. It may wait as long again (its one such pass), and a later
 # return is not late.
 DEFERRED_PAST_WAIT_HEADER = "x-deferred-past-wait"
+# Why a copy waits (the aggregate it names that is missing): `financing trace` and
+# `financing dead-letters` say it of a deferred message.
+DEFERRED_REASON_HEADER = "x-deferred-reason"
 DEFERRAL_HEADERS = frozenset(
     {
         DEFERRED_AT_HEADER,
@@ -105,6 +108,7 @@ DEFERRAL_HEADERS = frozenset(
         DEFERRED_DELAY_HEADER,
         DEFERRED_CLOCK_HEADER,
         DEFERRED_PAST_WAIT_HEADER,
+        DEFERRED_REASON_HEADER,
     }
 )
 
@@ -268,15 +272,16 @@ class DeadLetters:
         source_queue: str,
         delay: float,
         past_wait_from: float | None = None,
+        reason: str = "",
     ) -> bool:
         """Put a copy of `message` aside for `delay` seconds, after which the broker
         hands it back to `source_queue`; retried as `keep` is, and what it returns
         means the same.
 
         The copy keeps the original's headers and properties; DEFERRED_AT_HEADER says
-        when it was first deferred, the other DEFERRAL_HEADERS how long it has waited
-        (`deferred_for`). The broker's own headers (its
-        records of the expirations among them) are left out. NotDeferrable when the
+        when it was first deferred, DEFERRED_REASON_HEADER why it waits (`reason`), the
+        other DEFERRAL_HEADERS how long it has waited (`deferred_for`). The broker's own
+        headers (its records of the expirations among them) are left out. NotDeferrable when the
         headers are too large to be sure the copy fits in a frame (a copy that does not
         makes the broker close the whole connection): dead-letter it instead."""
         headers = {
@@ -298,6 +303,8 @@ class DeadLetters:
         if past_wait_from is not None:  # its one pass past its wait (`came_back_late`)
             headers[DEFERRED_PAST_WAIT_HEADER] = f"{past_wait_from:.3f}"
         headers.pop(DEFERRED_CLOCK_HEADER, None)  # an earlier copy's
+        if reason:
+            headers[DEFERRED_REASON_HEADER] = shortened(reason, MAX_HEADER_CHARS)
         if (clock := _host_clock()) is not None:
             headers[DEFERRED_CLOCK_HEADER] = clock
         copy = whole_copy_of(message, headers, expiration=delay)
@@ -715,7 +722,7 @@ NOT_REQUEUEABLE = frozenset({UNROUTED})
 async def list_deferred(broker: Broker, *, selection: Selection = EVERY) -> list[DeadLetter]:
     """The messages waiting in `financing_deferred` that `selection` matches, oldest first,
     each as a DeadLetter whose source queue is the one it goes back to, whose time is
-    when it was first deferred, and whose reason is empty; the queue is left unchanged
+    when it was first deferred, and whose reason is why it waits; the queue is left unchanged
     (each is fetched without being acked, and returned when the channel closes)."""
     deferred: list[DeadLetter] = []
     async with (
@@ -735,7 +742,7 @@ def _waiting_in_deferrals(message: AbstractIncomingMessage) -> DeadLetter:
         message_id=headers.get(MESSAGE_UUID_HEADER) or message.message_id or "",
         name=headers.get(NAME_HEADER, ""),
         source_queue=message.routing_key or "",
-        reason="",
+        reason=headers.get(DEFERRED_REASON_HEADER, ""),
         headers=headers,
         body=bytes(message.body),
         dead_lettered_at=headers.get(DEFERRED_AT_HEADER, ""),

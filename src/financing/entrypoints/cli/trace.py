@@ -161,7 +161,8 @@ def _fate(handling: Handling) -> str:
     if handling.fate is Fate.REFUSED:
         return f"refused by {handling.by}: {handling.detail}"
     if handling.fate is Fate.DEFERRED:
-        return f"deferred from {handling.by}: waiting for an aggregate it names (since then)"
+        waits = handling.detail or "waiting for an aggregate it names"  # a copy before 0.6.10
+        return f"deferred from {handling.by}: {waits} (since then)"
     return f"dead-lettered from {handling.by}: {handling.detail}"
 
 
