@@ -481,6 +481,42 @@ async def test_events_published_after_the_broker_lost_its_topology_reach_every_q
     assert queues[topology.PROJECTOR_QUEUE]["messages_ready"] == 2  # the probe's event too
 
 
+async def test_channels_opened_on_the_connection_the_topology_was_declared_on_declare_no_more(
+    empty_vhost: rabbitmq.Vhost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (a probe): each of the publisher's channels declared the whole topology
+    again as it first opened, one part after another, right after start-up had declared
+    it: with the broker 200 ms away each way, the health probe waited behind it, and the
+    broker was said down as the service started."""
+    broker = Broker([empty_vhost.url], Outages())
+    publisher = Publisher(broker, confirm_timeout=2.0)
+    declared: list[str] = []
+    declare = publisher.declare_topology
+
+    async def counted() -> None:
+        declared.append("the topology")
+        await declare()
+
+    monkeypatch.setattr(publisher, "declare_topology", counted)
+    try:
+        connection = await broker.connection()
+        await topology.declare_on(broker)
+        publisher.declared_on(connection)
+        assert await published(publisher, [])  # the events' channel opened
+        await AmqpCommandSender(publisher).send(CreateIssuer(uuid.uuid4()), uuid.uuid4(), CAUSE)
+        await publisher.probe()
+        assert declared == []
+        # A broker that lost its topology closed the connection: the next declares it.
+        await rabbitmq.vhost_made_again(empty_vhost.name)
+        await wait_until(lambda: published(publisher, []), timeout=15, what="an event confirmed")
+        assert declared != []
+        queues = await rabbitmq.list_queues(empty_vhost.name)
+    finally:
+        await publisher.close()
+        await broker.close()
+    assert queues[topology.PROJECTOR_QUEUE]["messages_ready"] >= 1
+
+
 @pytest.mark.parametrize("busy", [False, True], ids=["write revoked", "all revoked, busy probe"])
 async def test_the_probe_fails_while_the_broker_does_not_let_the_service_publish(
     empty_vhost: rabbitmq.Vhost, busy: bool

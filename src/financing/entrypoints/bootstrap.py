@@ -657,7 +657,11 @@ class _Wiring:
 
     async def declare(self) -> topology.ReferenceQueue:
         """The topology declared; what became of the reference's projector queue."""
-        return await topology.declare_on(self._broker)
+        connection = await self._broker.connection()
+        retired = await topology.declare_on(self._broker)
+        if self._broker.current is connection:  # not declared on a connection lost since
+            self._publisher.declared_on(connection)
+        return retired
 
 
 async def started(

@@ -444,6 +444,11 @@ class Broker:
     def connected(self) -> bool:
         return self._connection is not None and _open(self._connection)
 
+    @property
+    def current(self) -> AbstractConnection | None:
+        """The connection open now, if one is: another once it was lost and opened again."""
+        return self._connection if self.connected else None
+
     async def connection(self) -> AbstractConnection:
         """The open connection, or a new one; Unavailable when no broker answers.
 

@@ -214,6 +214,8 @@ class Publisher:
         self._deferrals: tuple[AbstractChannel, AbstractExchange] | None = None
         # The refusals `declare_topology` said, while they last.
         self._refusals: set[str] = set()
+        # The connection the whole topology was last declared on (`declared_on`).
+        self._topology_on: object | None = None
         # The channel `queue_exists` asks on, one question at a time; `restore`, one
         # queue at a time.
         self._inquiry = _SideChannel(broker, confirms=False)
@@ -243,7 +245,9 @@ class Publisher:
         async with lane.opening:
             if (open_now := lane.opened()) is not None:
                 return open_now  # opened by another caller meanwhile
-            if self._keeps_topology:
+            # Its first channel, on the connection start-up declared the topology on.
+            declared = lane.channel is None and self._topology_on is self._broker.current
+            if self._keeps_topology and not declared:
                 try:
                     await self.declare_topology()
                 except Unavailable as error:
@@ -316,6 +320,16 @@ class Publisher:
                 if error.detail not in self._refusals:
                     log.warning("the topology could not be declared again", error=error.detail)
         self._refusals = refused
+
+    def declared_on(self, connection: object) -> None:
+        """Start-up declared the whole topology on `connection`: each lane's first channel
+        on it does not declare it again. Declared again by each, one part after another,
+        right after start-up, the health probe waited behind it with the broker 200 ms
+        away each way, and the broker was said down as the service started. A channel
+        opened again (closed by a refusal: an exchange deleted under the service) or on
+        another connection (a broker that lost its topology closed the connection)
+        declares it, as ever."""
+        self._topology_on = connection
 
     async def queue_exists(self, name: str) -> bool:
         """Whether the broker has the queue `name` (`queue_depth`)."""
