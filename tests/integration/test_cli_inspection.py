@@ -417,7 +417,7 @@ async def test_trace_and_events_without_a_dependency_print_what_they_have_and_ex
     # Regression (a probe): a row not read was said to be "no row (not projected yet, or
     # the query database is unreachable)", the same words as a row missing.
     assert shown_.stdout.splitlines()[-1] == (
-        "read model: not read (the query database could not be reached)"
+        "read model: not read (the query database did not answer it: why is on stderr)"
     )
     assert unsearched.exit_code == 1, unsearched.describe()
     assert (

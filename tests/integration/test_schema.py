@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,6 +16,7 @@ from financing.adapters.postgres.event_store import LEGACY_CONSUMERS, PostgresEv
 from financing.adapters.postgres.schema import (
     MIGRATION_LOCK,
     NEEDED_TABLES,
+    WAITING_SAID_AFTER,
     SchemaAhead,
     SchemaElsewhere,
     apply,
@@ -460,6 +462,10 @@ async def test_a_migration_waiting_for_another_sessions_lock_names_that_session(
         holder_pid = holder.get_server_pid()
         assert line["log_level"] == "warning" and line["database"] == "command database"
         assert line["holder_pid"] == holder_pid and "idle in transaction" in line["holder"]
+        # Regression (a probe): measured to the start of the waiting transaction, the
+        # holder's was said open for 2 s less than it was, the 2 s the migration waited.
+        said = re.search(r"its transaction open for (\d+) s", line["holder"])
+        assert said is not None and int(said[1]) >= WAITING_SAID_AFTER, line["holder"]
         assert await recorded(waiter) == [("commands", v) for v, _ in sections("commands")]
     finally:
         await holder.close()

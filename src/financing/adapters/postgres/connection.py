@@ -356,12 +356,15 @@ async def _answers_after_a_timeout(conn: Connection) -> bool:
     return True
 
 
-# What `other_session` reads of a session, from pg_stat_activity as `a`.
+# What `other_session` reads of a session, from pg_stat_activity as `a`. Measured to the
+# moment it is read (`clock_timestamp()`), not to the start of the reader's transaction
+# (`now()`): a migration that waited 2 s for the lock before it named the holder said its
+# transaction open for 2 s less than it was.
 SESSION_COLUMNS = (
     "a.pid, a.usename, a.application_name, host(a.client_addr) AS client, a.state,"
-    " extract(epoch FROM now() - a.xact_start)::float8 AS open_for,"
-    " CASE WHEN a.state = 'idle' THEN extract(epoch FROM now() - a.state_change)::float8"
-    " END AS idle_for"
+    " extract(epoch FROM clock_timestamp() - a.xact_start)::float8 AS open_for,"
+    " CASE WHEN a.state = 'idle'"
+    " THEN extract(epoch FROM clock_timestamp() - a.state_change)::float8 END AS idle_for"
 )
 
 

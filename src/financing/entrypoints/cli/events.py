@@ -108,7 +108,7 @@ def _event_lines(stream: list[StoredEvent]) -> list[str]:
 
 def _row_lines(row: tuple[str, dict[str, Any]] | None, reached: bool) -> list[str]:
     if not reached:
-        return ["read model: not read (the query database could not be reached)"]
+        return ["read model: not read (the query database did not answer it: why is on stderr)"]
     if row is None:
         return [
             "read model: no row (its events not projected yet, or the row lost since:"
