@@ -540,12 +540,29 @@ async def test_a_role_allowed_fewer_sessions_than_the_process_opens_is_said_as_i
 @pytest.mark.parametrize(
     ("role_limit", "queries_limit", "refused"),
     [
-        # The command database's pool, and the two sessions that check it.
-        (2, None, "command database: too few sessions allowed: the role {role} may open 2"),
-        # Then the query database's, beside the command database's session.
-        (3, None, "query database: too few sessions allowed: the role {role} may open 3"),
+        # Said as the command database's pool opens, with what the whole process needs
+        # (regression, a probe: it said 3, the command database's alone, then 4 once the
+        # limit was raised to 3): a session each pool, and a relayer's two.
+        (
+            2,
+            None,
+            "command database: too few sessions allowed: the role {role} may open 2"
+            " session(s) on the server, and this process needs at least 4",
+        ),
+        # So with 3: found as the command database's pool opens, not the query one's.
+        (
+            3,
+            None,
+            "command database: too few sessions allowed: the role {role} may open 3"
+            " session(s) on the server, and this process needs at least 4",
+        ),
         # The query database's own limit: its pool's session, and the two that check it.
-        (100, 2, "query database: too few sessions allowed: the database {queries} takes 2"),
+        (
+            100,
+            2,
+            "query database: too few sessions allowed: the database {queries} takes 2"
+            " session(s), and this process needs at least 3 there",
+        ),
     ],
 )
 async def test_a_role_allowed_fewer_sessions_than_the_process_needs_at_all_stops_start_up_at_once(

@@ -245,13 +245,15 @@ async def _databases(
     checked where both are opened."""
     command_pool = query_pool = None
     limited: list[tuple[asyncpg.Pool, _Limited]] = []
-    if selected & NEEDS_COMMAND_DB:
-        relayer = RELAYER_SESSIONS if "relayer" in selected else 0
-        command = _Pooled(settings.command_db, COMMAND_DATABASE, "commands", relayer)
-        command_pool = await _pool(stack, command, limited, outages, deadline)
-    if selected & NEEDS_QUERY_DB:
-        projected = _Pooled(settings.query_db, QUERY_DATABASE, "queries", 0)
-        query_pool = await _pool(stack, projected, limited, outages, deadline)
+    relayer = RELAYER_SESSIONS if "relayer" in selected else 0
+    command = _Pooled(settings.command_db, COMMAND_DATABASE, "commands", relayer)
+    projected = _Pooled(settings.query_db, QUERY_DATABASE, "queries", 0)
+    wanted = bool(selected & NEEDS_COMMAND_DB), bool(selected & NEEDS_QUERY_DB)
+    later = [projected] if wanted[1] else []
+    if wanted[0]:
+        command_pool = await _pool(stack, command, (limited, later), outages, deadline)
+    if wanted[1]:
+        query_pool = await _pool(stack, projected, (limited, []), outages, deadline)
     # An outage of a database this process writes ends when it takes writes again; of one
     # it only reads, when it answers. Every component on the command database writes.
     for pool, db, schema, writes in (
@@ -300,25 +302,49 @@ class _Limited:
     beside: int  # the sessions the process opens beside the pool (a relayer's)
 
 
-async def _read_session_limits(
-    pool: asyncpg.Pool, pooled: _Pooled, limited: list[tuple[asyncpg.Pool, _Limited]]
-) -> None:
+# The pools opened so far with the limits on their sessions, and those still to open.
+_Pools = tuple[list[tuple[asyncpg.Pool, "_Limited"]], Sequence["_Pooled"]]
+
+
+async def _read_session_limits(pool: asyncpg.Pool, pooled: _Pooled, pools: _Pools) -> None:
     """Read, once as the pool is opened, the limits on the sessions of its role: start-up
     is refused at once where they leave fewer sessions than it needs to start or to run
     at all (a session for each pool, `refuse_pooled_sessions`' two, and a relayer's two),
-    naming the limit; without this, it retried its whole budget and ended on "too many
-    connections for role"."""
-    dependency, beside, connect = pooled.dependency, pooled.beside, pooled.db.connect_kwargs
+    naming the limit and what the whole process needs (a pool still to open as the same
+    role on the same server counted: said for the first pool alone, the need grew once
+    the limit was raised to it); without this, it retried its whole budget and ended on
+    "too many connections for role"."""
+    limited, later = pools
+    dependency, beside = pooled.dependency, pooled.beside
     try:
         limits = await session_limits(pool, dependency)
     except Unavailable:  # the outage says it; the limits are looked at once only
         return
-    server = f"{connect.get('host')}:{connect.get('port')}"
-    starting = [(had.server, had.limits, 1) for _, had in limited]
-    starting.append((server, limits, 1 + CHECK_SESSIONS))
+    server = pooled.server
+    # A pool still to open as the same role there: its database's own limit is not known.
+    alike = [
+        (
+            other,
+            replace(
+                limits, database=str(other.db.connect_kwargs.get("database")), database_limit=None
+            ),
+        )
+        for other in later
+        if other.server == server and other.user == pooled.user
+    ]
+    opened = [(had.server, had.limits, 1) for _, had in limited]
+    starting = [*opened, (server, limits, 1 + CHECK_SESSIONS)]
+    last_starting = [*opened, (server, limits, 1)]
+    last_starting += [(server, their, 1) for _, their in alike[:-1]]
+    last_starting += [(server, their, 1 + CHECK_SESSIONS) for _, their in alike[-1:]]
     running = [(had.server, had.limits, 1 + had.beside) for _, had in limited]
     running.append((server, limits, 1 + beside))
-    never = too_few_sessions(starting, least=True) or too_few_sessions(running, least=True)
+    running += [(server, their, 1 + other.beside) for other, their in alike]
+    never = (
+        too_few_sessions(running, least=True)
+        or too_few_sessions(last_starting, least=True)
+        or too_few_sessions(starting, least=True)
+    )
     if never:
         raise StartupError(f"{dependency}: too few sessions allowed: {'; '.join(never)}")
     limited.append((pool, _Limited(dependency, server, limits, beside)))
@@ -743,21 +769,25 @@ class _Pooled:
     schema: str
     beside: int  # the sessions the process opens beside the pool (a relayer's)
 
+    @property
+    def server(self) -> str:
+        return f"{self.db.connect_kwargs.get('host')}:{self.db.connect_kwargs.get('port')}"
+
+    @property
+    def user(self) -> object:
+        return self.db.connect_kwargs.get("user")
+
 
 async def _pool(
-    stack: AsyncExitStack,
-    pooled: _Pooled,
-    limited: list[tuple[asyncpg.Pool, _Limited]],
-    outages: Outages,
-    deadline: float,
+    stack: AsyncExitStack, pooled: _Pooled, pools: _Pools, outages: Outages, deadline: float
 ) -> asyncpg.Pool:
-    """A pool on `db`, its schema migrated, its limits read into `limited`."""
+    """A pool on `db`, its schema migrated, its limits read into those opened (`pools`)."""
     db, dependency, schema = pooled.db, pooled.dependency, pooled.schema
     pool = await started(
         f"{dependency} {db.describe()}", lambda: create_pool(db, dependency), outages, deadline
     )
     stack.push_async_callback(close_pool, pool)
-    await _read_session_limits(pool, pooled, limited)
+    await _read_session_limits(pool, pooled, pools)
     # Before anything is written through a pooler that does not keep sessions.
     sessions = partial(refuse_pooled_sessions, db, dependency)
     await started(f"{dependency}'s sessions", sessions, outages, deadline)
