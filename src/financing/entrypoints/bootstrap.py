@@ -30,6 +30,7 @@ from financing.adapters.postgres.connection import (
     SessionLimits,
     close_pool,
     create_pool,
+    has_room,
     hold_pool,
     ping,
     pooled_sessions,
@@ -485,7 +486,12 @@ def _answering(pool: asyncpg.Pool, schema: str, *, writes: bool) -> Callable[[],
     those tables are there."""
 
     async def answering() -> None:
-        await (writable if writes else ping)(pool, DATABASES[schema])
+        probed = await (writable if writes else ping)(pool, DATABASES[schema])
+        if not probed or not has_room(pool):
+            # The pool's sessions serve the service's statements, which find the grants and
+            # tables there: asked in the pool's line behind them, with the database 200 ms
+            # away each way, the probe ran out of time, and the database was said down.
+            return
         await require_grants(pool, schema, writes=writes)
         await require_tables(pool, schema)
 

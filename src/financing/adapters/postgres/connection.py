@@ -405,6 +405,12 @@ POOL_BUSY = (
 PROBE_POOL_WAIT = 1.5  # of the health probe's 2 s
 
 
+def has_room(pool: asyncpg.Pool) -> bool:
+    """Whether a session of `pool` is free now, or one more may be opened: one taken now
+    waits behind no unit of work."""
+    return bool(pool.get_idle_size()) or pool.get_size() < sessions_allowed(pool)
+
+
 class _probing(acquired):
     """`acquired` for a health probe: a pool whose every session stays taken for
     PROBE_POOL_WAIT is said to be busy (Unavailable, POOL_BUSY), unless units of work
@@ -418,7 +424,7 @@ class _probing(acquired):
 
     async def __aenter__(self) -> Connection | None:  # type: ignore[override]
         pool = self._pool
-        if pool.get_idle_size() or pool.get_size() < sessions_allowed(pool):
+        if has_room(pool):
             return await super().__aenter__()
         released = RELEASED[self._dependency]
         try:
@@ -438,11 +444,15 @@ class _probing(acquired):
             await super().__aexit__(kind, error, tb)
 
 
-async def ping(pool: asyncpg.Pool, dependency: str) -> None:
-    """Return if the database answers a statement now; Unavailable if not."""
+async def ping(pool: asyncpg.Pool, dependency: str) -> bool:
+    """Return if the database answers a statement now; Unavailable if not. Whether it was
+    asked on a session of the probe's own (False: the pool's sessions were answering the
+    service's statements, which says as much)."""
     async with _probing(pool, dependency) as conn:
-        if conn is not None:  # else the pool's sessions answer the service's statements
-            await conn.fetchval("SELECT 1")
+        if conn is None:  # the pool's sessions answer the service's statements
+            return False
+        await conn.fetchval("SELECT 1")
+    return True
 
 
 # What a database that answers and takes no writes is said to be.
@@ -453,18 +463,20 @@ READ_ONLY = (
 )
 
 
-async def writable(pool: asyncpg.Pool, dependency: str) -> None:
+async def writable(pool: asyncpg.Pool, dependency: str) -> bool:
     """Return if the database answers and takes writes now; Unavailable if not. A server
     that answers but takes no writes (a standby not yet promoted, one read-only by
-    default: 25006 to every write) is still out for the service, which writes."""
+    default: 25006 to every write) is still out for the service, which writes. Whether
+    it was asked on a session of the probe's own, as `ping` says."""
     async with _probing(pool, dependency) as conn:
         if conn is None:  # the pool's sessions serve the service's units of work
-            return
+            return False
         read_only = await conn.fetchval("SELECT current_setting('transaction_read_only')")
         if read_only != "off":
             drop_stale(conn)
     if read_only != "off":
         raise AwaitingOperator(dependency, READ_ONLY)
+    return True
 
 
 # States by which the server refuses a session for a setting it may hold from its start
