@@ -7,6 +7,9 @@ from typing import Any
 
 import pytest
 
+from financing.adapters.postgres import connection as connection_module
+from financing.adapters.postgres.capacity import Capacity
+from financing.adapters.postgres.connection import COMMAND_DATABASE
 from financing.entrypoints import bootstrap
 
 
@@ -37,3 +40,37 @@ async def test_a_check_behind_the_services_statements_asks_nothing_more(
     monkeypatch.setattr(bootstrap, "require_tables", queued)
 
     await bootstrap._answering(object(), "commands", writes=writes)()  # type: ignore[arg-type]
+
+
+class GrowingPool:
+    """A pool's sizes as asyncpg tells them: `opened` sessions of `most`, none idle."""
+
+    def __init__(self, opened: int, most: int) -> None:
+        self.opened, self.most = opened, most
+
+    def get_idle_size(self) -> int:
+        return 0
+
+    def get_size(self) -> int:
+        return self.opened
+
+    def get_max_size(self) -> int:
+        return self.most
+
+
+async def test_a_pool_still_growing_for_units_of_work_in_line_has_no_room_for_a_probe(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression (a probe): with the command database 200 ms away each way, the pool's
+    sessions were slow to open, every one it may hold was taken by units of work (some
+    still opening), and the probe, finding the pool below its size, queued behind them
+    past its time: the database was said down for 7 s now and then, under load."""
+    pool = GrowingPool(opened=3, most=10)
+    capacity = Capacity(10, COMMAND_DATABASE)
+    monkeypatch.setitem(connection_module._CAPACITIES, pool, capacity)  # type: ignore[arg-type]
+    assert connection_module.has_room(pool)  # type: ignore[arg-type]
+    for _ in range(10):  # every session it may hold taken, 7 of them being opened
+        await capacity.take(pool.get_size)
+    assert not connection_module.has_room(pool)  # type: ignore[arg-type]
+    capacity.give_back(pool.get_size)
+    assert connection_module.has_room(pool)  # type: ignore[arg-type]

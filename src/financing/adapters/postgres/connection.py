@@ -406,8 +406,13 @@ PROBE_POOL_WAIT = 1.5  # of the health probe's 2 s
 
 
 def has_room(pool: asyncpg.Pool) -> bool:
-    """Whether a session of `pool` is free now, or one more may be opened: one taken now
-    waits behind no unit of work."""
+    """Whether a session of `pool` is free now, or one more may be opened, and no unit of
+    work waits for one: one taken now waits behind none. A pool still growing, every
+    session it may hold taken or being opened for units of work in line, had the health
+    probe wait behind them: with the database 200 ms away each way, past its time."""
+    capacity = _CAPACITIES.get(pool)
+    if capacity is not None and (capacity.queued or capacity.taken >= capacity.limit):
+        return False
     return bool(pool.get_idle_size()) or pool.get_size() < sessions_allowed(pool)
 
 
