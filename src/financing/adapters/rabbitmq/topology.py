@@ -49,7 +49,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Any, TypeVar, cast
+from typing import Any
 
 import aio_pika
 import aiormq
@@ -350,19 +350,6 @@ async def refuse_queues_of_another_type(broker: Broker) -> None:
         raise Refused(BROKER, _type_conflict(found, queue_type))
 
 
-T = TypeVar("T")
-
-
-async def side_by_side(steps: Iterable[Awaitable[T]]) -> list[T]:
-    """What each of `steps` returned, run side by side. The first failure is raised once
-    every step is over (none is left running, its failure unretrieved)."""
-    results = await asyncio.gather(*steps, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return cast(list[T], results)
-
-
 def _type_conflict(names: list[str], wanted: str) -> str:
     """The refusal of queues `names`, of another type than `wanted`, and the way out."""
     existing = CLASSIC if wanted != CLASSIC else "quorum (or another type)"
@@ -415,7 +402,11 @@ async def declare_on(broker: Broker) -> ReferenceQueue:
     # turn of the loop, before any answer can close one (`refuse_queues_of_another_type`):
     # one after another, with the broker 200 ms away each way, start-up gave up when its
     # 30 s ran out while declaring them; side by side, the whole topology took 12 s.
-    await side_by_side(_on_a_channel(broker, part) for _, part in queues)
+    declared = [_on_a_channel(broker, part) for _, part in queues]
+    # The first failure raised once every declaration is over: none left running.
+    for result in await asyncio.gather(*declared, return_exceptions=True):
+        if isinstance(result, BaseException):
+            raise result
     return await retire_reference_projector(broker)
 
 
