@@ -219,6 +219,11 @@ def test_an_aggregate_id_that_is_not_a_uuid_is_refused(capsys: pytest.CaptureFix
         # Beyond what the event store holds a version in: a traceback and exit 1 before.
         (("events", str(uuid.UUID(int=1)), "--from-version", "2147483648"), "<= 2147483647"),
         (("events", str(uuid.UUID(int=1)), "--last", "9223372036854775808"), "<= 2147483647"),
+        # A value that begins with a dash was taken for an option: "expected one argument".
+        (("relay", "rewind", "--since", "-5m"), "written without a sign (5m)"),
+        (("relay", "rewind", "--since=-5m"), "written without a sign (5m)"),
+        (("events", str(uuid.UUID(int=1)), "--from-version", "-1x"), "'-1x' is not a whole"),
+        (("populate", "--balance", "-1e3"), "from 0 to 999999999999.99"),
     ],
 )
 def test_an_argument_the_service_would_not_take_is_refused(

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import io
 import os
+import re
 import resource
 import signal
 import sys
@@ -221,8 +222,19 @@ class _Commands:
         return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, taking a word that begins with a dash and a digit (`--since -5m`) for a
+    value, as it takes `-5`, so that the value's own check says what is wrong with it
+    rather than "expected one argument": no option of ours begins with a digit. Its
+    subcommands' parsers are of its class."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\d")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="financing",
         description="Event-sourced invoice financing: issuers sell invoices, investors bid.",
     )

@@ -28,6 +28,11 @@ def parse_since(value: str, now: datetime | None = None) -> datetime:
     try:
         at = datetime.fromisoformat(value.strip().replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
+        if value.strip().startswith("-"):
+            raise ValueError(
+                f"{value!r}: a duration before now is written without a sign"
+                f" ({value.strip()[1:].strip()})"
+            ) from None
         try:
             ago = parse_duration("--since", value)
         except ConfigError:
