@@ -589,6 +589,48 @@ async def test_a_role_allowed_fewer_sessions_than_the_process_needs_at_all_stops
     assert "CONNECTION LIMIT higher" in said, said
 
 
+async def test_sessions_held_elsewhere_as_the_role_are_said_and_start_up_waits_for_them(
+    databases: tuple[Database, Database], amqp_url: str
+) -> None:
+    """Regression (a probe): with the role's limit high enough but part of it held by
+    other sessions, start-up ended its budget on "too many connections for role", how
+    many were held unsaid. It says it once as the pool opens, and starts once they end."""
+    async with _as_limited_role(databases, 5) as (role, as_role):
+        elsewhere = [await asyncpg.connect(**as_role[0].connect_kwargs) for _ in range(2)]
+        try:
+            with capture_logs() as logs:
+                async with AsyncExitStack() as stack:
+                    starting = asyncio.ensure_future(
+                        bootstrap(
+                            _settings(as_role, amqp_url),
+                            ("relayer", "projector"),
+                            stack,
+                            deadline=time.monotonic() + 30,
+                        )
+                    )
+
+                    async def said() -> list[dict[str, Any]]:
+                        return [
+                            line
+                            for line in logs
+                            if line["event"]
+                            == "sessions held elsewhere as the role leave the process too few"
+                        ]
+
+                    warned = await infra.wait_until(said, what="the sessions held said")
+                    assert not starting.done()
+                    for session in elsewhere:
+                        await session.close()
+                    await asyncio.wait_for(starting, 30)
+        finally:
+            for session in elsewhere:
+                await session.close()
+    assert [(line["role"], line["role_limit"], line["held_elsewhere"]) for line in warned] == [
+        (role, 5, 2)
+    ], warned
+    assert warned[0]["needs_at_least"] == 4, warned
+
+
 async def test_a_queries_api_starts_on_a_read_only_copy_of_a_migrated_query_database(
     databases: tuple[Database, Database], amqp_url: str
 ) -> None:

@@ -35,6 +35,7 @@ from financing.adapters.postgres.connection import (
     ping,
     pooled_sessions,
     refuse_pooled_sessions,
+    role_sessions,
     session_limits,
     too_few_sessions,
     translated,
@@ -348,7 +349,42 @@ async def _read_session_limits(pool: asyncpg.Pool, pooled: _Pooled, pools: _Pool
     )
     if never:
         raise StartupError(f"{dependency}: too few sessions allowed: {'; '.join(never)}")
-    limited.append((pool, _Limited(dependency, server, limits, beside)))
+    had = _Limited(dependency, server, limits, beside)
+    limited.append((pool, had))
+    if limits.role_limit is not None:
+        needs = sum(n for at, their, n in running if (at, their.role) == (server, limits.role))
+        await _say_sessions_held_elsewhere(pool, had, limited, needs)
+
+
+async def _say_sessions_held_elsewhere(
+    pool: asyncpg.Pool,
+    had: _Limited,
+    limited: Sequence[tuple[asyncpg.Pool, _Limited]],
+    needs: int,
+) -> None:
+    """Say once, as the pool opens, where the sessions other processes hold as its role
+    (another instance, an operator's psql) leave fewer of the role's limit than the
+    process needs to run at all: start-up then waits for them to end, and would
+    otherwise end its budget on "too many connections for role", the count unsaid."""
+    try:
+        held = await role_sessions(pool, had.dependency)
+    except Unavailable:  # the outage says it
+        return
+    ours = sum(
+        opened.get_size()
+        for opened, their in limited
+        if (their.server, their.limits.role) == (had.server, had.limits.role)
+    )
+    elsewhere = held - ours
+    if elsewhere > 0 and (had.limits.role_limit or 0) - elsewhere < needs:
+        log.warning(
+            "sessions held elsewhere as the role leave the process too few",
+            dependency=had.dependency,
+            role=had.limits.role,
+            role_limit=had.limits.role_limit,
+            held_elsewhere=elsewhere,
+            needs_at_least=needs,
+        )
 
 
 def _hold_to_session_limits(limited: Sequence[tuple[asyncpg.Pool, _Limited]]) -> None:

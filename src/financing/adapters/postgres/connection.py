@@ -574,6 +574,16 @@ async def session_limits(pool: asyncpg.Pool, dependency: str) -> SessionLimits:
     )
 
 
+async def role_sessions(pool: asyncpg.Pool, dependency: str) -> int:
+    """How many sessions the pool's role holds on the server now, this process's among
+    them (`pg_stat_activity` shows every role's sessions to each)."""
+    async with acquired(pool, dependency) as conn:
+        held: int = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = current_user"
+        )
+    return held
+
+
 def too_few_sessions(
     needs: Sequence[tuple[str, SessionLimits, int]], *, least: bool = False
 ) -> list[str]:
