@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from typing import Any
 
 import aiormq
@@ -320,3 +321,34 @@ async def test_a_shared_attempt_runs_in_a_context_of_its_own_not_its_first_calle
     with structlog.contextvars.bound_contextvars(message_id="m-1", correlation_id="c-1"):
         await SharedAttempt(attempt, lambda error: Unavailable("broker", str(error)))()
     assert seen == {}
+
+
+async def test_publishes_whose_turn_never_came_are_closed_not_left_to_a_warning() -> None:
+    """Regression (a probe): a relayer's publishes cancelled before their first step (a
+    lost lock, a failure before them) were never awaited, and Python said so as they
+    were collected: `RuntimeWarning: coroutine 'Exchange.publish' was never awaited`
+    in the service's log."""
+    relaying: list[asyncio.Task[list[object]]] = []
+
+    async def publish(then: str = "waits") -> object:
+        if then == "fails":
+            raise MemoryError
+        if then == "cuts short":  # the relayer's task cancelled as its first is written
+            relaying[0].cancel()
+        if then != "acks":
+            await asyncio.Event().wait()
+        return "ack"
+
+    failed_first = [publish("acks"), publish("fails"), publish(), publish()]
+    results = await asyncio.wait_for(publisher_module._in_turn(failed_first), 5)
+    assert isinstance(results[1], MemoryError)
+    assert all(isinstance(result, asyncio.CancelledError) for result in results[2:]), results
+
+    cut_short = [publish("cuts short"), publish(), publish(), publish()]
+    relaying.append(asyncio.ensure_future(publisher_module._in_turn(cut_short)))
+    with pytest.raises(asyncio.CancelledError):
+        await relaying[0]
+
+    for never_begun in (failed_first[2:], cut_short[1:]):
+        states = {inspect.getcoroutinestate(p) for p in never_begun}
+        assert states == {inspect.CORO_CLOSED}, states

@@ -11,6 +11,7 @@ for a moment), the next publish opens a new one.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -630,7 +631,15 @@ async def _in_turn(sending: Sequence[Coroutine[Any, Any, object]]) -> list[objec
 
     # Each task's first step comes after the list holds them all.
     tasks.extend(asyncio.ensure_future(in_turn(i, publish)) for i, publish in enumerate(sending))
-    return await asyncio.gather(*tasks, return_exceptions=True)
+    try:
+        return await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        # A task cancelled before its first step (by the failure above, or with this one:
+        # a confirm's timeout, a relayer's lost lock) never awaited its publish, which
+        # Python would say in a warning as it is collected: closed here, never written.
+        for publish in sending:
+            if inspect.getcoroutinestate(publish) == inspect.CORO_CREATED:
+                publish.close()
 
 
 async def _settled(publish: Awaitable[object]) -> object:
