@@ -485,3 +485,68 @@ def test_an_error_chained_to_itself_is_looked_through_once() -> None:
     looking.start()
     looking.join(timeout=5)
     assert not looking.is_alive(), "the look went round the chain"
+
+
+@pytest.mark.parametrize(
+    ("refuse", "allow", "says"),
+    [
+        # The user's password changed, its connections closed ("rotate").
+        (
+            ("change_password", "{user}", "another"),
+            ("change_password", "{user}", "{user}"),
+            "ACCESS_REFUSED",
+        ),
+        # A connection limit set on the virtual host, its connections closed.
+        (
+            ("set_vhost_limits", "-p", "{vhost}", '{{"max-connections": 0}}'),
+            ("clear_vhost_limits", "-p", "{vhost}"),
+            "530 NOT_ALLOWED",
+        ),
+    ],
+)
+async def test_a_broker_that_refuses_the_service_after_its_connection_was_closed_is_said_so(
+    vhost: rabbitmq.Vhost, refuse: tuple[str, ...], allow: tuple[str, ...], says: str
+) -> None:
+    """Regression (a probe): an operator who closed the service's connections and changed
+    its password, or set a connection limit, got "broker unavailable: CONNECTION_FORCED"
+    and, 30 s later, "broker reconnected": the refusal in between was said by nothing
+    but `financing status`."""
+    async with rabbitmq.limited_user(vhost.name, {}) as url:
+        user = url.split("//", 1)[1].split(":", 1)[0]
+        outages = Outages()
+        broker = Broker([url], outages)
+        try:
+            await broker.connection()
+            with capture_logs() as logs:
+                fill = {"user": user, "vhost": vhost.name}
+                await rabbitmq.rabbitmqctl(*(a.format(**fill) for a in refuse))
+                await rabbitmq.close_connections(vhost.name)
+
+                async def refused() -> bool:
+                    try:
+                        await broker.connection()
+                    except Unavailable as error:
+                        outages.failed(error, connection_lost=True)
+                    return any(line["event"] == "broker still unavailable" for line in logs)
+
+                await wait_until(refused, what="the refusal said")
+                await rabbitmq.rabbitmqctl(*(a.format(**fill) for a in allow))
+
+                async def back() -> bool:
+                    with suppress(Unavailable):
+                        await broker.connection()
+                    await outages.check_once(within=5)
+                    return not outages.down()
+
+                await wait_until(back, what="the broker taken back")
+        finally:
+            await broker.close()
+    said = [
+        (line["event"], line.get("error", "")) for line in logs if line["log_level"] == "warning"
+    ]
+    assert [event for event, _ in said] == [
+        "broker unavailable",
+        "broker still unavailable",
+        "broker reconnected",
+    ], said
+    assert says in said[1][1], said

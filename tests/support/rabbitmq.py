@@ -278,6 +278,11 @@ def _rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
 
 
+async def rabbitmqctl(*args: str) -> None:
+    """`rabbitmqctl ARGS`, an operator's command (failing the test if it fails)."""
+    await asyncio.to_thread(_rabbitmqctl, *args)
+
+
 async def queue_settled(vhost: str, queue: str) -> bool:
     """Whether `queue` holds no message, neither ready nor delivered and unacked."""
     row = (await list_queues(vhost)).get(queue)

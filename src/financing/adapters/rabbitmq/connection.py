@@ -495,8 +495,12 @@ class Broker:
 
     async def _connect(self) -> AbstractConnection:
         failures: list[str] = []
-        # The brokers refused for their TLS (a certificate the service does not trust, a
-        # port without TLS) or for the URL's TLS files (changed since start-up).
+        # The brokers that refused the service: for their TLS (a certificate the service
+        # does not trust, a port without TLS), for the URL's TLS files (changed since
+        # start-up), for its credentials or for its virtual host (a password changed, a
+        # permission or a connection limit set) since they first took it. An outage
+        # begun as a connection was lost was said for that alone (CONNECTION_FORCED),
+        # and the refusals after it never.
         refused = 0
         for url in self._urls:
             try:
@@ -512,9 +516,12 @@ class Broker:
             except aiormq.exceptions.ProbableAuthenticationError as error:
                 if not self._accepted_once:
                     raise Refused(BROKER, f"{describe_url(url)}: {describe(error)}") from error
+                refused += 1
                 failures.append(f"{describe_url(url)}: {describe(error)}")
             except aiormq.exceptions.InvalidFrameError as error:
-                why = VHOST_REFUSED if _vhost_refused(error) else describe(error)
+                vhost_refused = _vhost_refused(error)
+                refused += vhost_refused
+                why = VHOST_REFUSED if vhost_refused else describe(error)
                 failures.append(f"{describe_url(url)}: {why}")
             except StopAsyncIteration:  # aiormq's reader found the stream over at once
                 failures.append(f"{describe_url(url)}: {CLOSED_AT_ONCE}")
