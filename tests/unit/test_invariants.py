@@ -142,6 +142,23 @@ def test_a_bid_in_flight_says_when_it_was_placed() -> None:
     assert line.endswith("not yet answered by its invoice (placed 2026-12-05T10:00:00.123Z)")
 
 
+def test_a_saga_step_in_flight_says_since_when_it_is_owed() -> None:
+    """Regression (a probe): approvals whose events missed the policy's queue (deleted
+    meanwhile) left steps "not yet committed: 25 x1" undated, read as steps about to
+    come where they had been owed for minutes."""
+    investor, invoice, issuer = uuid4(), uuid4(), uuid4()
+    checker = Checker()
+    approved_at = datetime(2026, 12, 5, 10, 0, 0, 123456, tzinfo=UTC)
+    for event in _financed_story(investor, invoice, issuer):
+        checker.add(event, approved_at - timedelta(minutes=1))
+    checker.add(ev.InvoiceApprovedEvent(invoice, D(10), ev.Bid(investor, D(20))), approved_at)
+    [line] = checker.report().in_flight
+    assert line == (
+        f"investor {investor} not yet committed: 10 x1"
+        " (owed since 2026-12-05T10:00:00.123Z or earlier)"
+    ), line
+
+
 def test_a_bid_answered_twice_is_a_violation() -> None:
     investor, invoice, issuer = uuid4(), uuid4(), uuid4()
     history = _financed_story(investor, invoice, issuer)

@@ -58,6 +58,15 @@ class _Expected:
 
     releases: Counter[Decimal] = field(default_factory=Counter)
     commits: Counter[Decimal] = field(default_factory=Counter)
+    # When the last event that owes it a step was recorded: a step still owed has been
+    # owed since then or earlier (one owed for long has stopped half way).
+    last_owed_at: datetime | None = None
+
+    def of(self, recorded_at: datetime | None) -> _Expected:
+        """These, owed once more by an event recorded at `recorded_at`."""
+        if recorded_at is not None:
+            self.last_owed_at = recorded_at
+        return self
 
 
 def check(events: Iterable[ev.DomainEvent]) -> Report:
@@ -114,7 +123,7 @@ class Checker:
         elif isinstance(event, ev.InvoiceEvent):
             invoice = self._invoices.setdefault(event.invoice_id, Invoice(event.invoice_id))
             invoice.apply(event)
-            _owe(event, invoice, self._owed, self._bids, self._wins, report)
+            _owe(event, invoice, self._owed, self._bids, self._wins, report, recorded_at)
 
     def _one_type_per_id(self, event: ev.DomainEvent) -> None:
         """An id names one aggregate: its stream holds the events of one type."""
@@ -150,8 +159,9 @@ class Checker:
             expected = owed.get(investor_id, _Expected())
             released = self._releases.get(investor_id, Counter())
             committed = self._commits.get(investor_id, Counter())
-            _compare(investor_id, "released", expected.releases, released, report)
-            _compare(investor_id, "committed", expected.commits, committed, report)
+            since = expected.last_owed_at
+            _compare(investor_id, "released", expected.releases, released, report, since)
+            _compare(investor_id, "committed", expected.commits, committed, report, since)
         for investor_id in owed.keys() - investors.keys():
             report.violations.append(f"investor {investor_id} is owed saga steps but has no events")
         if not report.in_flight:
@@ -214,7 +224,11 @@ def _owe(
     bids: _Bids,
     wins: Counter[UUID],
     report: Report,
+    recorded_at: datetime | None = None,
 ) -> None:
+    def of(investor_id: UUID) -> _Expected:
+        return owed.setdefault(investor_id, _Expected()).of(recorded_at)
+
     match event:
         case ev.InvoiceFinancedEvent(asking_price=price, bid=bid):
             bids.answered((bid.investor_id, event.invoice_id, bid.amount))
@@ -226,14 +240,14 @@ def _owe(
                 )
             excess = subtract(bid.amount, price)
             if excess > ZERO:
-                owed.setdefault(bid.investor_id, _Expected()).releases[excess] += 1
+                of(bid.investor_id).releases[excess] += 1
         case ev.BidOnInvoiceRejectedEvent(bid=bid):
             bids.answered((bid.investor_id, event.invoice_id, bid.amount))
-            owed.setdefault(bid.investor_id, _Expected()).releases[bid.amount] += 1
+            of(bid.investor_id).releases[bid.amount] += 1
         case ev.InvoiceApprovedEvent(sold_price=price, bid=bid):
-            owed.setdefault(bid.investor_id, _Expected()).commits[price] += 1
+            of(bid.investor_id).commits[price] += 1
         case ev.InvoiceReversedEvent(sold_price=price, bid=bid):
-            owed.setdefault(bid.investor_id, _Expected()).releases[price] += 1
+            of(bid.investor_id).releases[price] += 1
     if invoice.status is not InvoiceStatus.AVAILABLE and invoice.winning_bid is None:
         report.violations.append(f"invoice {invoice.id} is {invoice.status.value} without a winner")
 
@@ -253,6 +267,7 @@ def _compare(
     expected: Counter[Decimal],
     actual: Counter[Decimal],
     report: Report,
+    since: datetime | None = None,
 ) -> None:
     missing = expected - actual
     extra = actual - expected
@@ -261,7 +276,8 @@ def _compare(
             f"investor {investor_id} {what} more than the saga owes: {_amounts(extra)}"
         )
     if missing:
-        report.in_flight.append(f"investor {investor_id} not yet {what}: {_amounts(missing)}")
+        owed = f" (owed since {moment(since)} or earlier)" if since is not None else ""
+        report.in_flight.append(f"investor {investor_id} not yet {what}: {_amounts(missing)}{owed}")
 
 
 def _check_reservations(
