@@ -207,6 +207,13 @@ TOPOLOGY_RESTORED = Counter(
     " under the service, and declared again, by queue.",
     ["queue"],
 )
+CONSUMERS_CANCELLED = Counter(
+    "financing_consumers_cancelled_total",
+    "Consumers of this process the broker cancelled (their queue deleted, with what it"
+    " held, or the node holding it down), by queue: what was published to the queue"
+    " until it was consumed again may have missed it.",
+    ["queue"],
+)
 DEAD_LETTERS = Counter(
     "financing_dead_letters_published_total",
     "Messages dead-lettered to financing_dead_letters, by source queue.",

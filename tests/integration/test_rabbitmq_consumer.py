@@ -10,14 +10,15 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from financing.adapters.rabbitmq import consumer as consumer_module
@@ -60,6 +61,7 @@ from financing.application.messages import (
     Message,
     SellInvoice,
 )
+from financing.application.moments import moment
 from financing.application.pipeline import (
     Decoded,
     Delivery,
@@ -1166,6 +1168,42 @@ async def test_consumer_keeps_consuming_after_the_broker_closes(
         assert await bus.queue_state(queue) == (0, 1)  # one consumer again, nothing left
     assert events_of(store, before) == ["IssuerCreatedEvent"]
     assert events_of(store, after) == ["IssuerCreatedEvent"]
+
+
+@pytest.mark.parametrize("bound_to_events", [True, False], ids=["events", "commands"])
+async def test_a_queue_deleted_under_its_consumer_is_said_once_consumed_again(
+    bus: Bus, queue: str, bound_to_events: bool
+) -> None:
+    """Regression (a probe): an operator deleted a queue of the service's under load (a
+    vhost's queue limit keeping it from being declared again for 35 s): the events
+    relayed meanwhile were lost for its consumer, and the only line as it came back was
+    the outage's end; nothing said what was missed or how to have it again."""
+    spec = QueueSpec(queue, bound_to_events=True) if bound_to_events else command_queue(queue)
+    subscription = Subscription(spec, frozenset({"CreateIssuer"}))
+    handler = exactly_once(InMemoryEventStore(), "create_issuer", handlers.create_issuer)
+    with capture_logs() as logs:
+        async with consuming(bus, subscription, handler) as running:
+            await close_consumer_channel(bus, queue)  # not cancelled: nothing to say
+            await wait_until(lambda: holds(running.consumer.consuming.is_set()), what="back")
+            before = datetime.now(UTC)
+            await delete_the_queue(bus, queue)
+
+            def said() -> list[dict[str, Any]]:
+                return [line for line in logs if line["event"].startswith("consuming again after")]
+
+            await wait_until(lambda: holds(bool(said())), what="the line once consumed again")
+            assert running.consumer.consuming.is_set()
+    [line] = said()
+    assert line["queue"] == queue and line["log_level"] == "warning", line
+    cancelled_at = datetime.fromisoformat(line["cancelled_at"].replace("Z", "+00:00"))
+    assert before - timedelta(seconds=1) <= cancelled_at <= datetime.now(UTC), line
+    counted = REGISTRY.get_sample_value("financing_consumers_cancelled_total", {"queue": queue})
+    assert counted == 1
+    if bound_to_events:
+        since = moment(cancelled_at - timedelta(minutes=1))
+        assert f"financing relay rewind --since {since}" in line["events"], line
+    else:
+        assert "events" not in line, line
 
 
 async def test_a_queue_made_again_with_other_arguments_is_an_outage_of_that_queue_alone(

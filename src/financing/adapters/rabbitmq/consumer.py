@@ -20,6 +20,7 @@ import asyncio
 import functools
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -53,7 +54,7 @@ from financing.adapters.rabbitmq.envelopes import (
     readable_name,
     shortened,
 )
-from financing.adapters.rabbitmq.topology import QueueSpec
+from financing.adapters.rabbitmq.topology import QueueSpec, said_consumed_again
 from financing.application.errors import Refused, Unavailable
 from financing.application.pipeline import Outcome, OutcomeKind, Step
 from financing.application.ports import (
@@ -292,6 +293,8 @@ class QueueConsumer:
         self._channel: AbstractChannel | None = None
         self._acks: ChannelAcks | None = None  # the current channel's
         self._refused_at: float | None = None  # when its declaration was last refused
+        # When the broker last cancelled the consumer, until it consumes again.
+        self._cancelled_at: datetime | None = None
         # The acks of the channel whose first delivery from a queue with a single active
         # consumer said that this process is that consumer now.
         self._active_on: ChannelAcks | None = None
@@ -365,12 +368,7 @@ class QueueConsumer:
         try:
             with translated():
                 underlay = await channel.get_underlay_channel()
-            underlay.on_consumer_cancel_callbacks.add(
-                lambda _: ended.end(
-                    "the broker cancelled the consumer (its queue deleted, or the cluster"
-                    " node holding it down)"
-                )
-            )
+            underlay.on_consumer_cancel_callbacks.add(lambda _: self._cancelled(ended))
             acks = ChannelAcks(lambda tag, multiple: underlay.basic_ack(tag, multiple=multiple))
             try:
                 queue = await self._queue.declare(channel)
@@ -394,7 +392,20 @@ class QueueConsumer:
             raise
         self._channel, self._acks = channel, acks
         self._refused_at = None
+        if self._cancelled_at is not None:
+            said_consumed_again(self._queue, self._cancelled_at)
+            self._cancelled_at = None
         return channel, queue, tag, ended, acks
+
+    def _cancelled(self, ended: _Ended) -> None:
+        """The broker cancelled the consumer: its queue deleted, or the node holding it
+        down (`said_consumed_again` once it consumes again)."""
+        if self._cancelled_at is None:
+            self._cancelled_at = datetime.now(UTC)
+        ended.end(
+            "the broker cancelled the consumer (its queue deleted, or the cluster node"
+            " holding it down)"
+        )
 
     async def _received(
         self,

@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
 
@@ -61,6 +62,7 @@ from financing.adapters.rabbitmq.queues import delete_queue, existing_queue
 from financing.application import routes
 from financing.application.errors import Refused, Unavailable
 from financing.application.messages import COMMAND_TYPES
+from financing.application.moments import moment
 from financing.application.pipeline import (
     IGNORED,
     Delivery,
@@ -379,6 +381,30 @@ def said_restored(queue: str) -> None:
         "a queue of the service was deleted under it, with what it held; declared again"
         " (an operator, or a policy's `expires`: keep such policies off it)",
         queue=queue,
+    )
+
+
+def said_consumed_again(queue: QueueSpec, cancelled_at: datetime) -> None:
+    """The consumer of `queue`, which the broker cancelled at `cancelled_at` (the queue
+    deleted, or the node holding it down), consumes it again: what the queue held, and
+    what was published to it meanwhile, may be gone. Counted and said once, with how to
+    have the events again: an operator who deleted a queue under the service (or a
+    limit that kept it from being declared again) lost its events for good, and the
+    line that ended the outage said nothing of them."""
+    metrics.CONSUMERS_CANCELLED.labels(queue.name).inc()
+    fields: dict[str, str] = {"queue": queue.name, "cancelled_at": moment(cancelled_at)}
+    if queue.bound_to_events:
+        # A minute earlier: an event recorded before the queue went and relayed after.
+        since = moment(cancelled_at - timedelta(minutes=1))
+        fields["events"] = (
+            "the events relayed meanwhile did not reach it; to have them again, stop every"
+            f" relayer and run `financing relay rewind --since {since}`: its consumers take"
+            " the events they had as copies"
+        )
+    log.warning(
+        "consuming again after the broker cancelled the consumer (its queue deleted, with"
+        " what it held, or the node holding it down)",
+        **fields,
     )
 
 
