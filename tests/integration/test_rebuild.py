@@ -26,7 +26,7 @@ from financing.application.ports import StoredEvent
 from financing.application.read_models import InMemoryReadModels, IssuerRow, ReadModelStore
 from financing.application.retry import DELIVERIES, Outages
 from financing.domain.aggregates import Aggregate, Investor, Invoice, Issuer
-from financing.domain.events import Bid, DomainEvent, IssuerCreatedEvent
+from financing.domain.events import Bid, DomainEvent, InvestorFundsAddedEvent, IssuerCreatedEvent
 from financing.entrypoints.cli.check import run_check
 from financing.workers.projector import Projector
 from tests.support import infra
@@ -281,7 +281,8 @@ async def test_the_events_of_another_relayer_projected_live_survive_a_rebuild_an
     await live.apply(foreign[2:], digests)
     await live.apply(foreign[1:2], digests)  # a copy: kept once
     before = await snapshot(live)
-    assert (await run_check(event_store_pool, query_pool)).read_model_differences == []
+    checked = await run_check(event_store_pool, query_pool)
+    assert checked.read_model_differences == [] and checked.foreign_on_store == []
 
     report = await rebuild(event_store_pool, query_pool)
 
@@ -297,6 +298,28 @@ async def test_the_events_of_another_relayer_projected_live_survive_a_rebuild_an
         message_id for message_id, _ in foreign
     ]
     assert (await run_check(event_store_pool, query_pool)).read_model_differences == []
+
+
+async def test_check_names_an_event_of_another_relayer_on_an_aggregate_of_this_store(
+    event_store_pool: asyncpg.Pool, query_pool: asyncpg.Pool
+) -> None:
+    """Regression (a probe): a copy of one of the store's events published again with
+    watermill's three headers alone and a new message id (an investor's funds added)
+    was projected as another relayer's event, the balance doubled, and `check` said OK:
+    its replay applied the copy too."""
+    events = await all_events(PostgresEventStore(event_store_pool))
+    live = PostgresReadModels(query_pool)
+    await live.apply(relayed(events))
+    added = next(s.event for s in events if isinstance(s.event, InvestorFundsAddedEvent))
+    copy = str(uuid4())
+    await live.apply([(copy, added)], {copy: f"digest-{copy}"})
+
+    checked = await run_check(event_store_pool, query_pool)
+
+    assert not checked.ok
+    [said] = checked.foreign_on_store
+    assert said.startswith(f"InvestorFundsAddedEvent {copy} (kept at 1) is of aggregate"), said
+    assert f"  FOREIGN {said}" in checked.lines()
 
 
 async def test_a_session_reading_the_read_models_holds_neither_the_swap_nor_other_readers(

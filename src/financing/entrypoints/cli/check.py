@@ -53,6 +53,9 @@ class CheckResult:
     unprojected: int = 0  # events of the store not projected when the rows were read
     # Why the read models are of another event store (projected_store), if they are.
     another_store: str | None = None
+    # The events of another relayer the read models hold for aggregates of this event
+    # store: copies of its events published again without the relayer's headers?
+    foreign_on_store: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -61,6 +64,7 @@ class CheckResult:
             and not self.read_model_differences
             and not self.unprojected
             and self.another_store is None
+            and not self.foreign_on_store
         )
 
     def lines(self) -> list[str]:
@@ -71,6 +75,11 @@ class CheckResult:
             out.append(f"events not projected yet: {self.unprojected}")
             out.append(f"read-model differences from a replay: {len(self.read_model_differences)}")
             out += [f"  DIFFERENT {line}" for line in self.read_model_differences]
+            out.append(
+                "events of another relayer on this store's aggregates:"
+                f" {len(self.foreign_on_store)}"
+            )
+            out += [f"  FOREIGN {line}" for line in self.foreign_on_store]
         out.append("OK" if self.ok else "FAILED")
         return out
 
@@ -100,10 +109,12 @@ async def run_check(
     # also holds is replayed as the store's, as a rebuild does (the other is a copy).
     journal = await _kept_ids(live) if live is not None else set()
     in_store: set[str] = set()
+    aggregates: set[UUID] = set()  # the store's
     unprojected = 0
     batch: list[tuple[str, DomainEvent]] = []
     async for stored in store.read_all():
         checker.add(stored.event, stored.recorded_at)
+        aggregates.add(stored.event.aggregate_id)
         if view is not None and not _projected_by(view, stored):
             unprojected += 1
             continue
@@ -119,7 +130,9 @@ async def run_check(
         result.another_store = await _another_store(event_store_pool, query_pool)
     if live is not None and view is not None:
         stores = await _rows(replay)  # the rows the event store makes
-        touched = await _replay_foreign(live, replay, skip=in_store)
+        touched = await _replay_foreign(
+            live, replay, skip=in_store, store=aggregates, on_store=result.foreign_on_store
+        )
         result.read_models_compared = True
         viewed = (view.investors, view.invoices, view.issuers)
         result.read_model_differences = compare(viewed, await _rows(replay), stores, touched)
@@ -152,16 +165,31 @@ async def _kept_ids(live: ReadModelStore) -> set[str]:
 
 
 async def _replay_foreign(
-    live: ReadModelStore, replay: ReadModelStore, skip: set[str]
+    live: ReadModelStore,
+    replay: ReadModelStore,
+    skip: set[str],
+    store: AbstractSet[UUID],
+    on_store: list[str],
 ) -> set[UUID]:
     """Apply the events of another relayer `live` keeps to `replay`, in the order kept,
-    but those in `skip`; the ids of the rows they may make or change."""
+    but those in `skip`; the ids of the rows they may make or change. Each for an
+    aggregate of `store` (the event store's) is said in `on_store`: another relayer's
+    events are of aggregates of another store, and such an event is likely a copy of
+    one of this store's published again without the relayer's headers, under a new
+    message id, which the projector applied a second time (the policies refuse it)."""
     touched: set[UUID] = set()
     async for batch in kept_foreign(live, BATCH):
         fresh = [kept for kept in batch if kept.message_id not in skip]
         await apply_foreign(replay, fresh)
         for kept in fresh:
             touched |= _named(kept.event)
+            if kept.event.aggregate_id in store:
+                on_store.append(
+                    f"{kept.event.name()} {kept.message_id} (kept at {kept.position}) is of"
+                    f" aggregate {kept.event.aggregate_id}, a stream of this event store: a"
+                    " copy of its event published again without this service's relayer"
+                    " headers? The read models applied it"
+                )
     return touched
 
 
