@@ -569,3 +569,25 @@ async def test_what_the_service_on_this_host_says_of_itself_is_judged(bare: Bare
     [line] = [line for line in run.stdout.splitlines() if line.startswith("service ")]
     assert line.endswith(", not judged") and "no answer here (" in line, line
     assert not [p for p in problems(run) if p.startswith("the service")], run.describe()
+
+
+async def test_a_connection_limit_the_healthy_service_reaches_is_said_not_judged(
+    bare: Bare,
+) -> None:
+    """Regression (a probe): with the virtual host's `max-connections` exactly what the
+    service holds, `status` said the broker UNREACHABLE and the deployment unhealthy,
+    exit 1, under a line saying the service healthy (its /health 200)."""
+    vhost = bare.env["AMQP_ADDRESS"].rsplit("/", 1)[1]
+    await rabbitmq.rabbitmqctl("set_vhost_limits", "-p", vhost, '{"max-connections": 0}')
+    healthy = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nhealthy\n"
+    async with health_endpoint(healthy) as port:
+        run = await run_cli({**bare.env, "METRICS_ADDRESS": f"127.0.0.1:{port}"}, "status")
+    [broker] = [line for line in run.stdout.splitlines() if line.startswith("broker ")]
+    assert "NOT LOOKED AT: its virtual host refused this command's connection" in broker, broker
+    assert not [p for p in problems(run) if p.startswith("broker")], run.describe()
+    assert run.exit_code == 0, run.describe()
+
+    # Where no service says it is healthy, the refusal is an unreachable broker.
+    run = await run_cli(bare.env, "status", "--timeout", "2")
+    assert run.exit_code == 1, run.describe()
+    assert problems(run)[-1].endswith("is unreachable"), run.describe()

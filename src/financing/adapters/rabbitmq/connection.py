@@ -520,7 +520,7 @@ class Broker:
                 failures.append(f"{describe_url(url)}: {describe(error)}")
             except aiormq.exceptions.InvalidFrameError as error:
                 vhost_refused = _vhost_refused(error)
-                refused += vhost_refused
+                refused += vhost_refused and self._accepted_once
                 why = VHOST_REFUSED if vhost_refused else describe(error)
                 failures.append(f"{describe_url(url)}: {why}")
             except StopAsyncIteration:  # aiormq's reader found the stream over at once

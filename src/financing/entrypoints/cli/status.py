@@ -40,6 +40,7 @@ from financing.adapters.postgres.schema import (
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import (
     UNVERIFIED,
+    VHOST_REFUSED,
     connected,
     describe_url,
     unverified,
@@ -64,8 +65,10 @@ Healthy (exit code 0; otherwise 1) means:
   - the service on this host, where its metrics endpoint (METRICS_ADDRESS)
     answers, says it is healthy (/health): it knows of outages that answering
     alone does not show (a disk full, its writes refused).
-Dead letters, deferred messages, the projector's backlog and a broker whose
-certificate is not verified are reported, not judged."""
+Dead letters, deferred messages, the projector's backlog, a broker whose
+certificate is not verified, and a virtual host that refuses this command's
+connection while the service here says it is healthy (a connection limit its
+own connections reach) are reported, not judged."""
 MAX_RELAY_LAG = 10.0
 TIMEOUT = 5.0
 
@@ -76,6 +79,10 @@ class Findings:
     problems: list[str] = field(default_factory=list)
     # The event store the database is, or whose read models it holds (projected_store).
     store: UUID | None = None
+    # The service on this host said it is healthy; the broker's virtual host refused this
+    # command's connection (a limit, its permissions, or none such).
+    healthy: bool = False
+    vhost_refused: bool = False
 
     def report(self, part: str, state: str) -> None:
         self.lines.append(f"{part:<17} {state}")
@@ -120,6 +127,17 @@ async def run_status(
         )
         read_models.problems.append(
             "the query database holds the read models of another event store"
+        )
+    if broker.vhost_refused and service.healthy:
+        # The service, on the same virtual host with the same user, holds its connections:
+        # a connection limit they reach leaves none for this command, which is no outage.
+        broker = Findings()
+        broker.report(
+            "broker",
+            f"{brokers}: NOT LOOKED AT: its virtual host refused this command's connection"
+            " while the service here says it is healthy: a connection limit its own"
+            " connections reach leaves none for another (rabbitmqctl list_vhost_limits,"
+            " list_user_limits); the queues are the service's /health's to judge",
         )
     for url in unverified(settings.amqp_urls):
         broker.report("broker TLS", f"{describe_url(url)}: {UNVERIFIED}")
@@ -185,6 +203,7 @@ async def _local_service(settings: Settings, findings: Findings) -> None:
         findings.report("service", f"{where}: not the service's answer ({answer.said}), not judged")
     elif answer.status == 200:
         findings.report("service", f"{where}: healthy")
+        findings.healthy = True
     else:
         findings.report("service", f"{where}: NOT HEALTHY: {answer.said}")
         findings.problems.append(f"the service at {where} says: {answer.said}")
@@ -254,12 +273,18 @@ async def _read_models(settings: Settings, findings: Findings) -> None:
 
 
 async def _broker(settings: Settings, findings: Findings) -> None:
-    async with connected(settings.amqp_urls, "status") as broker:
-        consumed = {spec.name: await queue_depth(broker, spec.name) for spec in consumed_queues()}
-        dead = await queue_depth(broker, topology.DEAD_LETTER_QUEUE)
-        read = await being_read(broker)
-        deferred = await queue_depth(broker, topology.DEFERRALS)
-        reference = await queue_depth(broker, topology.REFERENCE_PROJECTOR_QUEUE)
+    try:
+        async with connected(settings.amqp_urls, "status") as broker:
+            consumed = {
+                spec.name: await queue_depth(broker, spec.name) for spec in consumed_queues()
+            }
+            dead = await queue_depth(broker, topology.DEAD_LETTER_QUEUE)
+            read = await being_read(broker)
+            deferred = await queue_depth(broker, topology.DEFERRALS)
+            reference = await queue_depth(broker, topology.REFERENCE_PROJECTOR_QUEUE)
+    except Unavailable as error:
+        findings.vhost_refused = VHOST_REFUSED in error.detail
+        raise
     brokers = ", ".join(describe_url(url) for url in settings.amqp_urls)
     findings.report("broker", f"{brokers}: reachable")
     projector = consumed[topology.PROJECTOR_QUEUE]
