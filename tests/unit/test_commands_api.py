@@ -826,10 +826,15 @@ async def test_concurrent_calls_each_answer_their_own_correlation_id(
 
 
 @pytest.mark.parametrize(
-    "data", [b"\x0a\x03\x0a\x01\xff", b"\xff\xff\xff"], ids=["issuer-id-not-utf8", "no-protobuf"]
+    ("data", "said"),
+    [
+        (b"\x0a\x03\x0a\x01\xff", "The given binary data does not match"),
+        (b"\xff\xff\xff", "a varint cut short or longer than 10 bytes"),
+    ],
+    ids=["issuer-id-not-utf8", "no-protobuf"],
 )
 def test_bytes_the_parser_cannot_read_are_invalid_argument_with_what_the_parser_said(
-    data: bytes,
+    data: bytes, said: str
 ) -> None:
     """Regression (a probe): said `the request is not a valid ...: RuntimeError: ...`,
     where every other refusal of the request itself begins `request: `."""
@@ -837,7 +842,7 @@ def test_bytes_the_parser_cannot_read_are_invalid_argument_with_what_the_parser_
         RequestCodec().decode(data, SellInvoiceCommand)
     assert error.value.status is Status.INVALID_ARGUMENT
     assert (error.value.message or "").startswith(
-        "request: not a valid SellInvoiceCommand: The given binary data does not match"
+        f"request: not a valid SellInvoiceCommand: {said}"
     ), error.value.message
 
 

@@ -8,6 +8,7 @@ import struct
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
+import betterproto
 from grpclib.const import Handler, Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
@@ -20,11 +21,14 @@ if TYPE_CHECKING:
 
 
 class RequestCodec(ProtoCodec):
-    """Protobuf as grpclib decodes it, but a request that cannot be decoded is
-    malformed input (INVALID_ARGUMENT), not an internal error (UNKNOWN)."""
+    """Protobuf as grpclib decodes it, read as the protobuf specification reads it
+    (`as_specified`), and a request that cannot be decoded is malformed input
+    (INVALID_ARGUMENT), not an internal error (UNKNOWN)."""
 
     def decode(self, data: bytes, message_type: type[IProtoMessage]) -> IProtoMessage:
         try:
+            if issubclass(message_type, betterproto.Message):
+                data = as_specified(data, message_type)
             return super().decode(data, message_type)
         except Exception as exc:  # the parser raises anything on bytes it cannot read
             # The parser does not say which field it could not read; what it says, it says
@@ -33,6 +37,118 @@ class RequestCodec(ProtoCodec):
             raise GRPCError(
                 Status.INVALID_ARGUMENT, f"request: not a valid {message_type.__name__}: {said}"
             ) from None
+
+
+# The wire type each kind of field is written with; the integer kinds (and bool, enum) are
+# varints (0).
+_WIRE_TYPES = {
+    "double": 1,
+    "fixed64": 1,
+    "sfixed64": 1,
+    "float": 5,
+    "fixed32": 5,
+    "sfixed32": 5,
+    "string": 2,
+    "bytes": 2,
+    "message": 2,
+    "map": 2,
+}
+_VARINT, _FIXED64, _DELIMITED, _GROUP_START, _GROUP_END, _FIXED32 = range(6)
+# How deep messages may nest within a request (protobuf's own parsers stop at 100).
+MAX_NESTING = 32
+
+
+def as_specified(data: bytes, message_type: type[betterproto.Message], depth: int = 0) -> bytes:
+    """`data`, a `message_type` on the wire, written again as betterproto reads what the
+    protobuf specification says it holds (protobuf-go's and upb's reading, the
+    reference's clients' and servers'): a message field sent more than once is merged
+    (betterproto kept the last: `issuer_id{value: I}` then `issuer_id{}` was a request
+    without an issuer), and a field of an unknown number, of the group wire types
+    among them, or of a known number but another wire type than its kind's, is skipped
+    as unknown (betterproto refused the whole request naming no field; skipped, the
+    field is missing and named). ValueError for bytes no parser reads."""
+    if depth > MAX_NESTING:
+        raise ValueError(f"messages nested more than {MAX_NESTING} deep")
+    meta: betterproto.ProtoClassMetadata = message_type._betterproto  # type: ignore[arg-type]
+    out = bytearray()
+    merged: dict[int, tuple[bytes, bytearray]] = {}  # by number: its tag, its parts
+    at = 0
+    while at < len(data):
+        start = at
+        tag, tag_end = _varint(data, at)
+        number, wire_type = tag >> 3, tag & 7
+        if number == 0:
+            raise ValueError("a field numbered 0")
+        at = _past_value(data, tag_end, wire_type, number)
+        name = meta.field_name_by_number.get(number)
+        if name is None:
+            continue  # unknown: skipped
+        kind = meta.meta_by_field_name[name].proto_type
+        repeated = meta.default_gen[name] is list
+        expected = _WIRE_TYPES.get(kind, _VARINT)
+        packed = repeated and expected != _DELIMITED and wire_type == _DELIMITED
+        if wire_type != expected and not packed:
+            continue  # another wire type than its kind's: unknown
+        if kind != "message":
+            out += data[start:at]
+            continue
+        payload = data[_varint(data, tag_end)[1] : at]
+        if repeated:
+            nested = as_specified(payload, meta.cls_by_field[name], depth + 1)
+            out += data[start:tag_end] + _encode_varint(len(nested)) + nested
+        else:  # merged with its other parts, written once at the end
+            merged.setdefault(number, (data[start:tag_end], bytearray()))[1].extend(payload)
+    for number, (tag_bytes, parts) in merged.items():
+        name = meta.field_name_by_number[number]
+        nested = as_specified(bytes(parts), meta.cls_by_field[name], depth + 1)
+        out += tag_bytes + _encode_varint(len(nested)) + nested
+    return bytes(out)
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    """The varint at `at` and where it ends; at most 10 bytes, as protobuf writes them."""
+    value = shift = 0
+    for index in range(at, min(at + 10, len(data))):
+        byte = data[index]
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value & 0xFFFFFFFFFFFFFFFF, index + 1
+        shift += 7
+    raise ValueError("a varint cut short or longer than 10 bytes")
+
+
+def _past_value(data: bytes, at: int, wire_type: int, number: int) -> int:
+    """Where the value of a field of `wire_type` that begins at `at` ends (a group's:
+    past its end, groups within it skipped as well)."""
+    if wire_type == _VARINT:
+        return _varint(data, at)[1]
+    if wire_type in (_FIXED64, _FIXED32):
+        end = at + (8 if wire_type == _FIXED64 else 4)
+    elif wire_type == _DELIMITED:
+        length, at = _varint(data, at)
+        end = at + length
+    elif wire_type == _GROUP_START:
+        while True:
+            tag, at = _varint(data, at)
+            if tag & 7 == _GROUP_END:
+                if tag >> 3 != number:
+                    raise ValueError("a group ended by another's end")
+                return at
+            at = _past_value(data, at, tag & 7, tag >> 3)
+    else:  # a group's end outside it, or wire types 6 and 7
+        raise ValueError(f"wire type {wire_type} where a field begins")
+    if end > len(data):
+        raise ValueError("a field cut short")
+    return end
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 # The largest request message a call may send. grpclib reads a message of any announced
