@@ -124,6 +124,61 @@ async def test_requests_without_a_path_are_reset_and_give_their_streams_back(
     no_errors_logged()
 
 
+PSEUDO = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x")]
+
+
+@pytest.mark.parametrize(
+    ("pseudo", "metadata"),
+    [
+        # The health service's :path first, another's last: served as the last, it passed
+        # for a health check, which is never put aside.
+        ([*PSEUDO, (b":path", HEALTH_CHECK.encode()), (b":path", b"/Queries/AllIssuers")], []),
+        ([(b":method", b"GET"), *PSEUDO, (b":path", HEALTH_CHECK.encode())], []),
+        ([*PSEUDO, (b":path", HEALTH_CHECK.encode()), (b":foo", b"bar")], []),
+        ([*PSEUDO, (b":path", b"/Commands/SellInvoice")], [(b"Idempotency-Key", b"k")]),
+        ([*PSEUDO, (b":path", HEALTH_CHECK.encode())], [(b"connection", b"keep-alive")]),
+        ([*PSEUDO, (b":path", HEALTH_CHECK.encode())], [(b"te", b"gzip")]),
+    ],
+    ids=["path-twice", "method-twice", "unknown-pseudo", "capitals", "connection", "te"],
+)
+async def test_a_malformed_request_is_reset_not_served(
+    commands_api: CommandsApi,
+    no_errors_logged: Callable[[], None],
+    pseudo: list[tuple[bytes, bytes]],
+    metadata: list[tuple[bytes, bytes]],
+) -> None:
+    """Regression (a probe): requests RFC 9113 calls malformed were served, by their last
+    `:path`; a call with the health service's `:path` first escaped its connection's
+    limit on calls begun, and `Idempotency-Key` in capitals was no key at all (the
+    retry of a SellInvoice made a second invoice). Each is now reset (PROTOCOL_ERROR),
+    as one without a `:path` is, and the connection serves on."""
+    async with RawConnection.open(commands_api.address) as connection:
+        reset = await connection.was_reset(
+            connection.call(None, EMPTY_MESSAGE, pseudo=pseudo, metadata=metadata)
+        )
+        assert reset is ErrorCodes.PROTOCOL_ERROR
+        answer = await connection.answered(connection.call(HEALTH_CHECK.encode(), EMPTY_MESSAGE))
+        assert answer[b"grpc-status"] == b"0", answer
+    no_errors_logged()
+
+
+@pytest.mark.parametrize("written", [b"-1S", b"1.5S", b"1X", b"abc", b"", b" 1S", b"123456789S"])
+async def test_a_grpc_timeout_that_is_none_is_answered_invalid_argument(
+    commands_api: CommandsApi, no_errors_logged: Callable[[], None], written: bytes
+) -> None:
+    """Regression (a probe): answered UNKNOWN ("Invalid grpc-timeout header"), counted and
+    logged nowhere; 9 digits, beyond the protocol's 8, were taken."""
+    async with RawConnection.open(commands_api.address) as connection:
+        answer = await connection.answered(
+            connection.call(
+                HEALTH_CHECK.encode(), EMPTY_MESSAGE, metadata=[(b"grpc-timeout", written)]
+            )
+        )
+    assert answer[b"grpc-status"] == str(Status.INVALID_ARGUMENT.value).encode(), answer
+    assert answer[b"grpc-message"].startswith(b"metadata grpc-timeout: "), answer
+    no_errors_logged()
+
+
 async def test_header_values_beyond_ascii_are_served_and_never_taken_as_a_correlation_id(
     commands_api: CommandsApi, no_errors_logged: Callable[[], None]
 ) -> None:

@@ -69,13 +69,17 @@ class RawConnection:
         metadata: Sequence[tuple[bytes, bytes]] = (),
         end: bool = True,
         content_type: bytes = b"application/grpc",
+        pseudo: Sequence[tuple[bytes, bytes]] | None = None,
     ) -> int:
         """Send a request (without `:path` when `path` is None; its body in one DATA frame,
-        or one for each of its parts; its side left open unless `end`); its stream id."""
+        or one for each of its parts; its side left open unless `end`; `pseudo`: its
+        pseudo-header fields as given, in place of those made of `path`); its stream id."""
         stream_id: int = self.h2.get_next_available_stream_id()
         headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x")]
         if path is not None:
             headers.append((b":path", path))
+        if pseudo is not None:
+            headers = list(pseudo)
         headers += [(b"content-type", content_type), (b"te", b"trailers"), *metadata]
         self.h2.send_headers(stream_id, headers)
         parts = [body] if isinstance(body, bytes) else list(body)

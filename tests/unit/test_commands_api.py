@@ -902,6 +902,28 @@ async def test_an_idempotency_key_that_cannot_be_one_is_invalid_argument(
     assert sender.sent == []
 
 
+@pytest.mark.parametrize("key", [" k", "k ", " "])
+async def test_an_idempotency_key_beginning_or_ending_with_a_space_is_invalid_argument(
+    correlated: CommandsStub, sender: InMemoryCommandSender, key: str
+) -> None:
+    """Regression (a probe): `k`, ` k` and `k ` were three keys, three invoices; HTTP lets
+    a proxy trim such spaces, and a retry through one applied twice."""
+    error = await _sell_refused(correlated, [("idempotency-key", key)])
+    assert error.status is Status.INVALID_ARGUMENT
+    assert "neither beginning nor ending with a space" in (error.message or ""), error.message
+    assert sender.sent == []
+
+
+@pytest.mark.parametrize("chosen", ["  lead", "trail ", "   "])
+async def test_a_correlation_id_beginning_or_ending_with_a_space_is_replaced(
+    correlated: CommandsStub, chosen: str
+) -> None:
+    """Regression (a probe): sent back as it came, which strict HTTP/2 clients refuse (a
+    value surrounded by whitespace): the answer of a command applied was lost to them."""
+    _, metadata = await _sell(correlated, {CORRELATION_METADATA: chosen})
+    assert _is_uuid4(correlation_of(metadata))
+
+
 async def test_an_idempotency_key_sent_twice_is_invalid_argument(
     correlated: CommandsStub, sender: InMemoryCommandSender
 ) -> None:

@@ -130,8 +130,12 @@ def correlate(server: Server) -> None:
 
 def _usable_metadata_id(value: object) -> bool:
     """Whether a correlation id or an idempotency key from metadata can be kept: ASCII, as
-    gRPC metadata is (other bytes arrive as Latin-1: `edge`), and a usable id."""
-    return usable_correlation_id(value) and str(value).isascii()
+    gRPC metadata is (other bytes arrive as Latin-1: `edge`), a usable id, and neither
+    beginning nor ending with a space, which HTTP lets a proxy trim: `K` and ` K` were
+    two keys, a retry through such a proxy applied twice, and a correlation id sent
+    back so made strict HTTP/2 clients refuse the answer of a command applied."""
+    text = str(value)
+    return usable_correlation_id(value) and text.isascii() and text == text.strip(" ")
 
 
 @dataclass(frozen=True)
@@ -153,7 +157,8 @@ def idempotency_key() -> str | None:
     if not _usable_metadata_id(value):
         raise invalid(
             IDEMPOTENCY_METADATA,
-            f"must be printable ASCII of 1 to {MAX_CORRELATION_ID_BYTES} characters",
+            f"must be printable ASCII of 1 to {MAX_CORRELATION_ID_BYTES} characters, neither"
+            " beginning nor ending with a space",
         )
     return str(value)
 

@@ -65,6 +65,7 @@ import base64
 import binascii
 import contextlib
 import contextvars
+import re
 import ssl
 import time
 from collections import deque
@@ -384,7 +385,40 @@ class _AsideCall:
 
 
 def _is_health_check(headers: _Headers) -> bool:
-    return any(name == ":path" and value.startswith(HEALTH_PATH) for name, value in headers)
+    paths = [value for name, value in headers if name == ":path"]
+    return len(paths) == 1 and paths[0].startswith(HEALTH_PATH)
+
+
+# The pseudo-header fields of a request (RFC 9113 8.3.1), and the fields of a connection
+# HTTP/2 has no place for (8.2.2).
+_REQUEST_PSEUDO_HEADERS = frozenset({":method", ":scheme", ":authority", ":path"})
+_CONNECTION_SPECIFIC = frozenset(
+    {"connection", "proxy-connection", "keep-alive", "transfer-encoding", "upgrade"}
+)
+
+
+def _malformed(headers: _Headers) -> bool:
+    """Whether a request's header block is malformed (RFC 9113 8.2, 8.3), which h2 is not
+    asked to tell (any byte may stand in a value): a pseudo-header unknown, repeated or
+    after a regular field, `:method` or `:path` missing, a field name with capitals, a
+    field of the connection. grpclib served such requests by the last `:path`, which
+    let a call whose first `:path` was the health service's pass for a health check
+    (never put aside), and ignored `Idempotency-Key` as no `idempotency-key`: a
+    client's retry applied twice."""
+    seen: set[str] = set()
+    regular = False
+    for name, value in headers:
+        if name.startswith(":"):
+            if regular or name not in _REQUEST_PSEUDO_HEADERS or name in seen:
+                return True
+            seen.add(name)
+            continue
+        regular = True
+        if name.lower() != name or name in _CONNECTION_SPECIFIC:
+            return True
+        if name == "te" and value != "trailers":
+            return True
+    return not {":method", ":path"} <= seen
 
 
 def _less_time(headers: _Headers, waited: float) -> _Headers:
@@ -417,8 +451,7 @@ async def _request(
 ) -> None:
     """grpclib's request handling, for a request it can handle; the answer above for
     one it cannot."""
-    names = {name for name, _ in headers}
-    if ":method" not in names or ":path" not in names:
+    if _malformed(headers):
         try:
             stream.reset_nowait(ErrorCodes.PROTOCOL_ERROR)
         except H2Error:
@@ -493,10 +526,14 @@ def _refusal(headers: _Headers, mapping: Mapping[str, Any]) -> tuple[Status, str
         return Status.UNIMPLEMENTED, f"{shown}: no such method"
     for name, value in headers:
         if name == "grpc-timeout":
-            try:
-                deadline = Deadline.from_headers([(name, value)])
-            except ValueError:
-                return None  # grpclib answers it
+            if not _TIMEOUT.fullmatch(value):  # grpclib answered UNKNOWN, took 9 digits
+                shown = value if value.isascii() and value.isprintable() else "its value"
+                return (
+                    Status.INVALID_ARGUMENT,
+                    f"metadata grpc-timeout: {shown!r} is not a timeout (1 to 8 digits, then"
+                    " H, M, S, m, u or n)",
+                )
+            deadline = Deadline.from_headers([(name, value)])
             if deadline is not None and deadline.time_remaining() < LEAST_TIME_LEFT:
                 return Status.DEADLINE_EXCEEDED, "the deadline passed before the call arrived"
         elif (
@@ -505,6 +542,10 @@ def _refusal(headers: _Headers, mapping: Mapping[str, Any]) -> tuple[Status, str
             shown = name if name.isascii() and name.isprintable() else "a -bin key"
             return Status.INVALID_ARGUMENT, f"metadata {shown}: the value is not base64"
     return None
+
+
+# A `grpc-timeout` as the gRPC protocol writes it: at most 8 digits, then its unit.
+_TIMEOUT = re.compile(r"[0-9]{1,8}[HMSmun]")
 
 
 def _is_base64(value: str) -> bool:
