@@ -59,6 +59,8 @@ BATCH_SIZE = 2000
 TURN = 64
 # Seconds the drop of the read models a rebuild replaced waits for their last readers.
 RETIRED_DROP_WAIT = 2.0
+# Attempts at dropping the read models a swap retired, when each ends in a deadlock.
+DROP_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -202,21 +204,37 @@ async def _drop_retired(conn: Connection, retired: str) -> None:
     it: the Queries API and the projector stood still until the reader ended (25 s of
     a probe's, `/health` 503, Queries calls cut by their deadlines). After the swap
     nobody else asks for the retired tables (the names are the fresh ones'), so the
-    wait holds up the rebuild alone."""
-    try:
-        async with conn.transaction():
-            await conn.execute(f"SET LOCAL lock_timeout = {round(RETIRED_DROP_WAIT * 1000)}")
-            await conn.execute(f"DROP SCHEMA IF EXISTS {quoted_schema(retired)} CASCADE")
-    except asyncpg.LockNotAvailableError:
-        log.warning(
-            "the read models the rebuild replaced are still read by another session;"
-            " the next rebuild drops them",
-            schema=retired,
-        )
-    except asyncpg.PostgresError as error:  # another rebuild's, dropped meanwhile
-        log.warning(
-            "could not drop the read models a rebuild replaced", schema=retired, error=str(error)
-        )
+    wait holds up the rebuild alone.
+
+    A deadlock (a projector's write begun on a retired table before the swap, as the
+    drop took the tables one by one: 1 rebuild in 10 under load) is tried again once the
+    other transaction, chosen to go on, is over: left there, the replaced read models
+    stayed until the next rebuild."""
+    for attempt in range(DROP_ATTEMPTS):
+        try:
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = {round(RETIRED_DROP_WAIT * 1000)}")
+                await conn.execute(f"DROP SCHEMA IF EXISTS {quoted_schema(retired)} CASCADE")
+            return
+        except asyncpg.DeadlockDetectedError as error:
+            if attempt + 1 < DROP_ATTEMPTS:
+                continue
+            _said_not_dropped(retired, error)
+        except asyncpg.LockNotAvailableError:
+            log.warning(
+                "the read models the rebuild replaced are still read by another session;"
+                " the next rebuild drops them",
+                schema=retired,
+            )
+        except asyncpg.PostgresError as error:  # another rebuild's, dropped meanwhile
+            _said_not_dropped(retired, error)
+        return
+
+
+def _said_not_dropped(retired: str, error: asyncpg.PostgresError) -> None:
+    log.warning(
+        "could not drop the read models a rebuild replaced", schema=retired, error=str(error)
+    )
 
 
 async def _discard_abandoned(conn: Connection) -> None:
