@@ -298,6 +298,8 @@ CONSUMED_QUEUES: tuple[QueueSpec, ...] = (
     UNROUTED_QUEUE,
 )
 ROUTED_NAMES = frozenset(name for queue in CONSUMED_QUEUES for name in queue.routed_names)
+# The integration events of other contexts (Registering's), which no event store keeps.
+_INTEGRATION = frozenset(route.message_name for route in routes.INTEGRATION)
 
 
 Declaration = Callable[[AbstractChannel], Awaitable[object]]
@@ -393,13 +395,20 @@ def said_consumed_again(queue: QueueSpec, cancelled_at: datetime) -> None:
     line that ended the outage said nothing of them."""
     metrics.CONSUMERS_CANCELLED.labels(queue.name).inc()
     fields: dict[str, str] = {"queue": queue.name, "cancelled_at": moment(cancelled_at)}
-    if queue.bound_to_events:
+    if queue.bound_to_events and queue.routed_names and queue.routed_names <= _INTEGRATION:
+        fields["events"] = (
+            "the integration events published meanwhile did not reach it, nor did what it"
+            " held: no event store keeps them, so no rewind sends them again; have their"
+            " publisher (Registering) publish them again"
+        )
+    elif queue.bound_to_events:
         # A minute earlier: an event recorded before the queue went and relayed after.
         since = moment(cancelled_at - timedelta(minutes=1))
         fields["events"] = (
             "the events relayed meanwhile did not reach it; to have them again, stop every"
-            f" relayer and run `financing relay rewind --since {since}`: its consumers take"
-            " the events they had as copies"
+            f" relayer and run `financing relay rewind --since {since}` (earlier if it held"
+            " a backlog then: before the oldest event it held): its consumers take the"
+            " events they had as copies"
         )
     log.warning(
         "consuming again after the broker cancelled the consumer (its queue deleted, with"
