@@ -1107,3 +1107,35 @@ async def test_a_standby_says_the_database_answers_while_it_waits_for_the_lock(
     finally:
         await lock.release()
         await leader.close()
+
+
+async def test_a_relayer_standing_by_lets_its_broker_connection_go(
+    database: Database, pool: asyncpg.Pool, amqp_url: str, observed: AbstractQueue
+) -> None:
+    """Regression (a probe): an instance whose relayer lost the lock kept the broker
+    connection it relayed on: with a vhost's `max-connections` at what the service holds,
+    the newly elected relayer got none, and nothing was relayed until the limit was
+    raised. Standing by, it lets the connection go, as no outage; elected again, it
+    opens another."""
+    own = Broker([amqp_url], Outages(), name="financing relayer")
+    publisher = Publisher(own)
+    other = await session_of(database, "another instance")
+    try:
+        with capture_logs() as logs:
+            async with relaying(database, pool, publisher, stand_by=own.let_go):
+                await append_investor_story(PostgresEventStore(pool), uuid4())
+                await receive(observed, 4)
+                assert own.connected
+                [lock_session] = await infra.advisory_lock_holders(pool)
+                await pool.execute("SELECT pg_terminate_backend($1)", lock_session)
+                await other.fetchval("SELECT pg_advisory_lock($1)", RELAYER_LOCK)
+                await wait_until(lambda: holds(not own.connected), what="the connection let go")
+                await other.fetchval("SELECT pg_advisory_unlock($1)", RELAYER_LOCK)
+                await append_investor_story(PostgresEventStore(pool), uuid4())
+                await receive(observed, 4)  # elected again, on a new connection
+                assert own.connected
+    finally:
+        await other.close()
+        await publisher.close()
+        await own.close()
+    assert not [line for line in logs if line["event"].startswith("broker ")], logs

@@ -713,6 +713,7 @@ class _Wiring:
             wake_up,
             self._outages,
             store=store,
+            stand_by=broker.let_go,  # the relayer's own connection
         )
         self._service.workers["relayer"] = relayer.run
         self._service.workers["relayer-lag"] = relayer.report_lag

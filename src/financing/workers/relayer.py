@@ -123,7 +123,11 @@ class Relayer:
         poll_interval: float = POLL_INTERVAL,
         policy: RetryPolicy = NO_BUG_RETRIES,
         store: str | None = None,
+        stand_by: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """`stand_by`: what lets go of the publisher's resources while another instance
+        relays (its own connection to the broker)."""
+        self._stand_by = stand_by
         self._outbox = outbox
         self._store = store  # the event store's name, on each event it relays
         self._publisher = publisher
@@ -173,6 +177,8 @@ class Relayer:
                     task.cancel()
                 await asyncio.gather(relaying, lost, return_exceptions=True)
                 await self._lock.release()  # an outage is let go of there; a bug is raised
+                if self._stand_by is not None:
+                    await self._stand_by()
 
     async def _relay(self) -> None:
         relayed = _Relayed()

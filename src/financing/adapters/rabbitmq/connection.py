@@ -434,6 +434,7 @@ class Broker:
         self._opened_at = 0.0  # when the connection of the moment opened (monotonic)
         self._unsettled = 0  # connections lost too soon, in a row (SETTLED_AFTER)
         self._lost: set[asyncio.Task[None]] = set()  # the closes of connections that ended
+        self._let_go: set[AbstractConnection] = set()  # closed by `let_go`, no outage
         self._gauge = metrics.BROKER_CONNECTED if gauged else None
         if self._gauge is not None:
             self._gauge.set(0)
@@ -549,7 +550,25 @@ class Broker:
             raise AwaitingOperator(BROKER, "; ".join(failures))
         raise Unavailable(BROKER, "; ".join(failures))
 
+    async def let_go(self) -> None:
+        """Close the connection of the moment, which the process does not need for a while
+        (a relayer standing by), as no outage: the next caller opens another. Kept, a
+        standby's held a broker's connection limit: a vhost's `max-connections` set to
+        what the service holds left the newly elected relayer none, and nothing was
+        relayed until the limit was raised."""
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        if self._gauge is not None:
+            self._gauge.set(0)
+        self._let_go.add(connection)
+        with broker_errors_ignored():
+            await asyncio.wait_for(connection.close(), CLOSE_TIMEOUT)
+
     def _on_close(self, connection: Any, error: BaseException | None = None) -> None:
+        if connection in self._let_go:
+            self._let_go.discard(connection)
+            return
         why = describe(error) if error else "connection closed"
         if connection is self._connection:
             self._connection = None  # the next caller opens a new one
