@@ -589,14 +589,16 @@ async def test_a_role_allowed_fewer_sessions_than_the_process_needs_at_all_stops
     assert "CONNECTION LIMIT higher" in said, said
 
 
+@pytest.mark.parametrize(("limit", "held"), [(5, 2), (4, 1)])
 async def test_sessions_held_elsewhere_as_the_role_are_said_and_start_up_waits_for_them(
-    databases: tuple[Database, Database], amqp_url: str
+    databases: tuple[Database, Database], amqp_url: str, limit: int, held: int
 ) -> None:
     """Regression (a probe): with the role's limit high enough but part of it held by
     other sessions, start-up ended its budget on "too many connections for role", how
-    many were held unsaid. It says it once as the pool opens, and starts once they end."""
-    async with _as_limited_role(databases, 5) as (role, as_role):
-        elsewhere = [await asyncpg.connect(**as_role[0].connect_kwargs) for _ in range(2)]
+    many were held unsaid. It says it once as the role's first pool opens (it was said
+    again for the query database's, where that one opened), and starts once they end."""
+    async with _as_limited_role(databases, limit) as (role, as_role):
+        elsewhere = [await asyncpg.connect(**as_role[0].connect_kwargs) for _ in range(held)]
         try:
             with capture_logs() as logs:
                 async with AsyncExitStack() as stack:
@@ -618,6 +620,14 @@ async def test_sessions_held_elsewhere_as_the_role_are_said_and_start_up_waits_f
                         ]
 
                     warned = await infra.wait_until(said, what="the sessions held said")
+                    # Where it waits for them: the query database's pool opened too.
+                    await infra.wait_until(
+                        lambda: infra.holds(
+                            any(line.get("dependency") == "query database" for line in logs)
+                            or held == 2
+                        ),
+                        what="the query database's pool reached",
+                    )
                     assert not starting.done()
                     for session in elsewhere:
                         await session.close()
@@ -625,8 +635,13 @@ async def test_sessions_held_elsewhere_as_the_role_are_said_and_start_up_waits_f
         finally:
             for session in elsewhere:
                 await session.close()
+    warned = [
+        line
+        for line in logs
+        if line["event"] == "sessions held elsewhere as the role leave the process too few"
+    ]
     assert [(line["role"], line["role_limit"], line["held_elsewhere"]) for line in warned] == [
-        (role, 5, 2)
+        (role, limit, held)
     ], warned
     assert warned[0]["needs_at_least"] == 4, warned
 

@@ -350,8 +350,12 @@ async def _read_session_limits(pool: asyncpg.Pool, pooled: _Pooled, pools: _Pool
     if never:
         raise StartupError(f"{dependency}: too few sessions allowed: {'; '.join(never)}")
     had = _Limited(dependency, server, limits, beside)
+    said_for_role = any(
+        (their.server, their.limits.role) == (server, limits.role) for _, their in limited
+    )
     limited.append((pool, had))
-    if limits.role_limit is not None:
+    # Said once for the role: the first of its pools counts what the others will need.
+    if limits.role_limit is not None and not said_for_role:
         needs = sum(n for at, their, n in running if (at, their.role) == (server, limits.role))
         await _say_sessions_held_elsewhere(pool, had, limited, needs)
 

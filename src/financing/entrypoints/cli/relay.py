@@ -29,10 +29,9 @@ def parse_since(value: str, now: datetime | None = None) -> datetime:
         at = datetime.fromisoformat(value.strip().replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
         if value.strip().startswith("-"):
-            raise ValueError(
-                f"{value!r}: a duration before now is written without a sign"
-                f" ({value.strip()[1:].strip()})"
-            ) from None
+            unsigned = value.strip()[1:].strip()
+            what = "a time" if any(c in unsigned for c in "T:-") else "a duration before now"
+            raise ValueError(f"{value!r}: {what} is written without a sign ({unsigned})") from None
         try:
             ago = parse_duration("--since", value)
         except ConfigError:
