@@ -1186,9 +1186,17 @@ async def test_a_queue_deleted_under_its_consumer_is_said_once_consumed_again(
         ),
     }[fed_with]
     subscription = Subscription(spec, frozenset({"CreateIssuer"}))
-    handler = exactly_once(InMemoryEventStore(), "create_issuer", handlers.create_issuer)
+    store = InMemoryEventStore()
+    handler = exactly_once(store, "create_issuer", handlers.create_issuer)
+    # The last event delivered before the deletion, recorded 10 minutes before: what was
+    # queued behind it was relayed after it, and is lost with the queue.
+    recorded = datetime.now(UTC) - timedelta(minutes=10)
+    issuer = uuid.uuid4()
+    last = replace(envelope(CreateIssuer(issuer)), headers={"recorded_at": recorded.isoformat()})
     with capture_logs() as logs:
         async with consuming(bus, subscription, handler) as running:
+            await bus.publisher.send_to_queue(queue, last)
+            await wait_until(lambda: holds(bool(events_of(store, issuer))), what="delivered")
             await close_consumer_channel(bus, queue)  # not cancelled: nothing to say
             await wait_until(lambda: holds(running.consumer.consuming.is_set()), what="back")
             before = datetime.now(UTC)
@@ -1206,8 +1214,9 @@ async def test_a_queue_deleted_under_its_consumer_is_said_once_consumed_again(
     counted = REGISTRY.get_sample_value("financing_consumers_cancelled_total", {"queue": queue})
     assert counted == 1
     if fed_with == "events":
-        since = moment(cancelled_at - timedelta(minutes=1))
+        since = moment(recorded - timedelta(minutes=1))
         assert f"financing relay rewind --since {since}" in line["events"], line
+        assert line["last_delivered_recorded_at"] == moment(recorded), line
     elif fed_with == "integration":  # which no event store keeps: no rewind to offer
         assert "no rewind sends them again" in line["events"], line
     else:

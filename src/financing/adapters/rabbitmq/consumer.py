@@ -60,6 +60,7 @@ from financing.application.pipeline import Outcome, OutcomeKind, Step
 from financing.application.ports import (
     CAUSATION_HEADER,
     CORRELATION_HEADER,
+    RECORDED_AT_HEADER,
     Envelope,
     usable_correlation_id,
 )
@@ -293,8 +294,11 @@ class QueueConsumer:
         self._channel: AbstractChannel | None = None
         self._acks: ChannelAcks | None = None  # the current channel's
         self._refused_at: float | None = None  # when its declaration was last refused
-        # When the broker last cancelled the consumer, until it consumes again.
+        # When the broker last cancelled the consumer, until it consumes again; and the
+        # `recorded_at` of the last event delivered to it (what was queued behind it was
+        # relayed after it).
         self._cancelled_at: datetime | None = None
+        self._last_recorded: object = None
         # The acks of the channel whose first delivery from a queue with a single active
         # consumer said that this process is that consumer now.
         self._active_on: ChannelAcks | None = None
@@ -393,7 +397,7 @@ class QueueConsumer:
         self._channel, self._acks = channel, acks
         self._refused_at = None
         if self._cancelled_at is not None:
-            said_consumed_again(self._queue, self._cancelled_at)
+            said_consumed_again(self._queue, self._cancelled_at, _moment(self._last_recorded))
             self._cancelled_at = None
         return channel, queue, tag, ended, acks
 
@@ -415,6 +419,8 @@ class QueueConsumer:
     ) -> None:
         if message.delivery_tag is not None:
             acks.delivered(message.delivery_tag)
+        if message.headers:
+            self._last_recorded = message.headers.get(RECORDED_AT_HEADER, self._last_recorded)
         if self._queue.single_active_consumer and self._active_on is not acks:
             # RabbitMQ tells a consumer nothing when it becomes the active one (after a
             # take-over, or as the first): its first delivery says so, once per channel.
@@ -434,6 +440,15 @@ class QueueConsumer:
             if self._acks is not None:
                 self._acks.close()
             await close_channel(channel)
+
+
+def _moment(value: object) -> datetime | None:
+    """A `recorded_at` header's time; None where it is none (a foreign publisher's)."""
+    try:
+        at = datetime.fromisoformat(header_text(value)) if value is not None else None
+    except ValueError:
+        return None
+    return at if at is not None and at.tzinfo is not None else None
 
 
 class Deliveries:

@@ -386,13 +386,18 @@ def said_restored(queue: str) -> None:
     )
 
 
-def said_consumed_again(queue: QueueSpec, cancelled_at: datetime) -> None:
+def said_consumed_again(
+    queue: QueueSpec, cancelled_at: datetime, last_recorded: datetime | None = None
+) -> None:
     """The consumer of `queue`, which the broker cancelled at `cancelled_at` (the queue
     deleted, or the node holding it down), consumes it again: what the queue held, and
     what was published to it meanwhile, may be gone. Counted and said once, with how to
     have the events again: an operator who deleted a queue under the service (or a
     limit that kept it from being declared again) lost its events for good, and the
-    line that ended the outage said nothing of them."""
+    line that ended the outage said nothing of them. `last_recorded`: when the last
+    event delivered before then was recorded; what was queued behind it, lost with the
+    queue, was relayed after it (a backlog older than a minute was missed by a rewind
+    from a minute before the cancel)."""
     metrics.CONSUMERS_CANCELLED.labels(queue.name).inc()
     fields: dict[str, str] = {"queue": queue.name, "cancelled_at": moment(cancelled_at)}
     if queue.bound_to_events and queue.routed_names and queue.routed_names <= _INTEGRATION:
@@ -403,12 +408,17 @@ def said_consumed_again(queue: QueueSpec, cancelled_at: datetime) -> None:
         )
     elif queue.bound_to_events:
         # A minute earlier: an event recorded before the queue went and relayed after.
-        since = moment(cancelled_at - timedelta(minutes=1))
+        oldest = cancelled_at if last_recorded is None else min(cancelled_at, last_recorded)
+        since = moment(oldest - timedelta(minutes=1))
+        if last_recorded is not None:
+            fields["last_delivered_recorded_at"] = moment(last_recorded)
         fields["events"] = (
-            "the events relayed meanwhile did not reach it; to have them again, stop every"
-            f" relayer and run `financing relay rewind --since {since}` (earlier if it held"
-            " a backlog then: before the oldest event it held): its consumers take the"
-            " events they had as copies"
+            "what it held and the events relayed meanwhile did not reach it; to have them"
+            f" again, stop every relayer and run `financing relay rewind --since {since}`"
+            " (a minute before the last event delivered to it, or before the cancel): its"
+            " consumers take the events they had as copies; those no queue took meanwhile"
+            " wait in financing_dead_letters (`financing dead-letters requeue --queue"
+            " financing_unrouted`)"
         )
     log.warning(
         "consuming again after the broker cancelled the consumer (its queue deleted, with"
