@@ -155,8 +155,42 @@ def test_a_saga_step_in_flight_says_since_when_it_is_owed() -> None:
     [line] = checker.report().in_flight
     assert line == (
         f"investor {investor} not yet committed: 10 x1"
-        " (owed since 2026-12-05T10:00:00.123Z or earlier)"
+        " (the oldest owed since 2026-12-05T10:00:00.123Z)"
     ), line
+
+
+def test_a_saga_step_lost_long_ago_is_dated_by_its_own_event_not_a_later_one() -> None:
+    """Regression (a probe): dated by the investor's last event owing anything, releases
+    lost minutes before read as owed 10 s ago under load, later releases of the same
+    amount done meanwhile. A step done is matched to the event that caused it."""
+    investor, issuer = uuid4(), uuid4()
+    lost, later = uuid4(), uuid4()
+    at = datetime(2026, 12, 5, 10, 0, tzinfo=UTC)
+    checker = Checker()
+    bid = ev.Bid(investor, D(20))
+    story = [
+        ev.InvestorCreatedEvent(investor),
+        ev.InvestorFundsAddedEvent(investor, D(100)),
+        ev.IssuerCreatedEvent(issuer),
+    ]
+    for event in story:
+        checker.add(event, at)
+    for invoice, minute in ((lost, 1), (later, 5)):
+        checker.add(ev.InvoiceCreatedEvent(invoice, issuer, D(10)), at)
+        checker.add(ev.BidOnInvoicePlacedEvent(investor, invoice, D(20)), at)
+        checker.add(
+            ev.InvoiceFinancedEvent(invoice, D(10), bid),
+            at + timedelta(minutes=minute),
+            message_id=f"financed {invoice}",
+        )
+    # The release the later financing caused is done; the first's was lost.
+    checker.add(
+        ev.InvestorFundsReleasedEvent(investor, D(10)),
+        at + timedelta(minutes=5),
+        caused_by=f"financed {later}",
+    )
+    [line] = checker.report().in_flight
+    assert line.endswith("not yet released: 10 x1 (the oldest owed since 2026-12-05T10:01:00.000Z)")
 
 
 def test_a_bid_answered_twice_is_a_violation() -> None:

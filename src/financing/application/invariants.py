@@ -58,15 +58,6 @@ class _Expected:
 
     releases: Counter[Decimal] = field(default_factory=Counter)
     commits: Counter[Decimal] = field(default_factory=Counter)
-    # When the last event that owes it a step was recorded: a step still owed has been
-    # owed since then or earlier (one owed for long has stopped half way).
-    last_owed_at: datetime | None = None
-
-    def of(self, recorded_at: datetime | None) -> _Expected:
-        """These, owed once more by an event recorded at `recorded_at`."""
-        if recorded_at is not None:
-            self.last_owed_at = recorded_at
-        return self
 
 
 def check(events: Iterable[ev.DomainEvent]) -> Report:
@@ -90,13 +81,23 @@ class Checker:
         self._releases: dict[UUID, Counter[Decimal]] = {}
         self._commits: dict[UUID, Counter[Decimal]] = {}
         self._owed: dict[UUID, _Expected] = {}
+        self._owed_at = _OwedAt()
         self._wins: Counter[UUID] = Counter()
         self._issuers: set[UUID] = set()
         self._mixed: set[UUID] = set()
 
-    def add(self, event: ev.DomainEvent, recorded_at: datetime | None = None) -> None:
+    def add(
+        self,
+        event: ev.DomainEvent,
+        recorded_at: datetime | None = None,
+        *,
+        message_id: str | None = None,
+        caused_by: str | None = None,
+    ) -> None:
         """Check one more event; `recorded_at`, when it was recorded, dates the saga steps
-        it leaves in flight (one in flight for long has stopped half way)."""
+        it leaves in flight (one in flight for long has stopped half way); `message_id`,
+        its own, and `caused_by`, the message that caused it, tell which step owed a
+        step done answers."""
         report = self._report
         report.events += 1
         self._one_type_per_id(event)
@@ -118,12 +119,16 @@ class Checker:
                     self._bids.placed((event.investor_id, invoice_id, amount), recorded_at)
                 case ev.InvestorFundsReleasedEvent(amount=amount) if amount > ZERO:
                     self._releases.setdefault(event.investor_id, Counter())[amount] += 1
+                    self._owed_at.done(caused_by, (event.investor_id, "released", amount))
                 case ev.InvestorFundsCommittedEvent(amount=amount) if amount > ZERO:
                     self._commits.setdefault(event.investor_id, Counter())[amount] += 1
+                    self._owed_at.done(caused_by, (event.investor_id, "committed", amount))
         elif isinstance(event, ev.InvoiceEvent):
             invoice = self._invoices.setdefault(event.invoice_id, Invoice(event.invoice_id))
             invoice.apply(event)
-            _owe(event, invoice, self._owed, self._bids, self._wins, report, recorded_at)
+            _owe(event, invoice, self._owed, self._bids, self._wins, report)
+            for step in _owed_by(event):
+                self._owed_at.owed(message_id or f"event {report.events}", step, recorded_at)
 
     def _one_type_per_id(self, event: ev.DomainEvent) -> None:
         """An id names one aggregate: its stream holds the events of one type."""
@@ -159,9 +164,12 @@ class Checker:
             expected = owed.get(investor_id, _Expected())
             released = self._releases.get(investor_id, Counter())
             committed = self._commits.get(investor_id, Counter())
-            since = expected.last_owed_at
-            _compare(investor_id, "released", expected.releases, released, report, since)
-            _compare(investor_id, "committed", expected.commits, committed, report, since)
+            for what, owes, done in (
+                ("released", expected.releases, released),
+                ("committed", expected.commits, committed),
+            ):
+                since = self._owed_at.oldest(investor_id, what)
+                _compare(investor_id, what, owes, done, report, since)
         for investor_id in owed.keys() - investors.keys():
             report.violations.append(f"investor {investor_id} is owed saga steps but has no events")
         if not report.in_flight:
@@ -224,11 +232,7 @@ def _owe(
     bids: _Bids,
     wins: Counter[UUID],
     report: Report,
-    recorded_at: datetime | None = None,
 ) -> None:
-    def of(investor_id: UUID) -> _Expected:
-        return owed.setdefault(investor_id, _Expected()).of(recorded_at)
-
     match event:
         case ev.InvoiceFinancedEvent(asking_price=price, bid=bid):
             bids.answered((bid.investor_id, event.invoice_id, bid.amount))
@@ -238,18 +242,62 @@ def _owe(
                     f"invoice {event.invoice_id} financed by bid {bid.amount} "
                     f"below its price {price}"
                 )
-            excess = subtract(bid.amount, price)
-            if excess > ZERO:
-                of(bid.investor_id).releases[excess] += 1
         case ev.BidOnInvoiceRejectedEvent(bid=bid):
             bids.answered((bid.investor_id, event.invoice_id, bid.amount))
-            of(bid.investor_id).releases[bid.amount] += 1
-        case ev.InvoiceApprovedEvent(sold_price=price, bid=bid):
-            of(bid.investor_id).commits[price] += 1
-        case ev.InvoiceReversedEvent(sold_price=price, bid=bid):
-            of(bid.investor_id).releases[price] += 1
+    for investor_id, what, amount in _owed_by(event):
+        expected = owed.setdefault(investor_id, _Expected())
+        (expected.releases if what == "released" else expected.commits)[amount] += 1
     if invoice.status is not InvoiceStatus.AVAILABLE and invoice.winning_bid is None:
         report.violations.append(f"invoice {invoice.id} is {invoice.status.value} without a winner")
+
+
+_Step = tuple[UUID, str, Decimal]  # investor, "released" or "committed", amount
+
+
+def _owed_by(event: ev.InvoiceEvent) -> list[_Step]:
+    """The saga steps an invoice's event owes its winning investor (`_owe`'s)."""
+    match event:
+        case ev.InvoiceFinancedEvent(asking_price=price, bid=bid):
+            excess = subtract(bid.amount, price)
+            return [(bid.investor_id, "released", excess)] if excess > ZERO else []
+        case ev.BidOnInvoiceRejectedEvent(bid=bid):
+            return [(bid.investor_id, "released", bid.amount)]
+        case ev.InvoiceApprovedEvent(sold_price=price, bid=bid):
+            return [(bid.investor_id, "committed", price)]
+        case ev.InvoiceReversedEvent(sold_price=price, bid=bid):
+            return [(bid.investor_id, "released", price)]
+    return []
+
+
+class _OwedAt:
+    """When each saga step still owed was owed (the event owing it recorded), by that
+    event's message id; a step done is matched to the event that caused it (its
+    causation id), or where it names none to the oldest owed step of its kind and amount.
+    A step in flight says how long it has been owed. Dated by the last event owing
+    anything, a step lost for minutes read as owed a moment ago under load."""
+
+    def __init__(self) -> None:
+        self._owed: dict[str, tuple[_Step, datetime | None]] = {}
+
+    def owed(self, by: str, step: _Step, at: datetime | None) -> None:
+        self._owed[by] = (step, at)
+
+    def done(self, caused_by: str | None, step: _Step) -> None:
+        if caused_by is not None and self._owed.get(caused_by, (None, None))[0] == step:
+            del self._owed[caused_by]
+            return
+        for by, (owed_step, _) in self._owed.items():  # in the order owed
+            if owed_step == step:
+                del self._owed[by]
+                return
+
+    def oldest(self, investor_id: UUID, what: str) -> datetime | None:
+        found = [
+            at
+            for (investor, kind, _), at in self._owed.values()
+            if investor == investor_id and kind == what and at is not None
+        ]
+        return min(found, default=None)
 
 
 def _check_investor(investor: Investor, added: Decimal, report: Report) -> None:
@@ -276,7 +324,7 @@ def _compare(
             f"investor {investor_id} {what} more than the saga owes: {_amounts(extra)}"
         )
     if missing:
-        owed = f" (owed since {moment(since)} or earlier)" if since is not None else ""
+        owed = f" (the oldest owed since {moment(since)})" if since is not None else ""
         report.in_flight.append(f"investor {investor_id} not yet {what}: {_amounts(missing)}{owed}")
 
 

@@ -113,7 +113,12 @@ async def run_check(
     unprojected = 0
     batch: list[tuple[str, DomainEvent]] = []
     async for stored in store.read_all():
-        checker.add(stored.event, stored.recorded_at)
+        checker.add(
+            stored.event,
+            stored.recorded_at,
+            message_id=stored.message_id,
+            caused_by=stored.causation_id,
+        )
         aggregates.add(stored.event.aggregate_id)
         if view is not None and not _projected_by(view, stored):
             unprojected += 1
