@@ -872,25 +872,43 @@ OUTAGE_END_WITHIN = 15.0
 
 
 async def assert_outages_logged_once(
-    target: Deployment, dependency: str, expected: list[str], *, required: bool = True
-) -> None:
+    target: Deployment,
+    dependency: str,
+    expected: list[str],
+    *,
+    required: bool = True,
+    refused: bool = False,
+) -> list[tuple[str, str]]:
     """The outages of `dependency` (at least one if `required`) were logged as alternating
-    begin and end lines, no error line was written, and every line of the log is JSON.
+    begin and end lines, no error line was written, and every line of the log is JSON;
+    with `refused`, an outage may also say, once each, what the dependency refused the
+    service with meanwhile ("... still unavailable"): those lines are returned.
 
     An outage whose end is not logged yet is waited for (OUTAGE_END_WITHIN): the
     dependency is back, but its check may not have run since."""
+    noted = f"{dependency} still unavailable"
+
+    def lines_of() -> list[tuple[str, str]]:
+        return [
+            line for line in target.outage_lines(dependency) if not (refused and line[1] == noted)
+        ]
 
     async def ended() -> bool:
-        return len(target.outage_lines(dependency)) % len(expected) == 0
+        return len(lines_of()) % len(expected) == 0
 
     await wait_until(
         ended, timeout=OUTAGE_END_WITHIN, what=f"the last outage of {dependency} to end"
     )
-    lines = target.outage_lines(dependency)
+    lines = lines_of()
     assert lines or not required, f"no outage of {dependency} was logged:\n{target.log_tail()}"
     events = [event for _, event in lines]
     assert events == expected * (len(events) // len(expected)), events
     assert not errors_logged(target), errors_logged(target)
+    return [
+        (str(line.get("error")), str(line["event"]))
+        for line in target.json_log()
+        if line.get("dependency") == dependency and line["event"] == noted
+    ]
 
 
 async def events_by_name(target: Deployment) -> Counter[str]:
