@@ -645,7 +645,10 @@ async def test_a_standby_whose_session_ended_while_it_waited_takes_a_new_one_not
         await wait_until(lambda: polling_backends(pool, holder), what="the standby polling")
         [first] = await polling_backends(pool, holder)
 
-        frozen_until = time.monotonic() + 1.0  # the process frozen past the lease
+        # The process frozen past the lease, long enough for a server starved of CPU to end
+        # the idle session before the standby's next poll (which, sent first, keeps it: a
+        # freeze of 1 s under a loaded CI left the session alive once).
+        frozen_until = time.monotonic() + 3.0
         while time.monotonic() < frozen_until:
             pass
 
