@@ -645,12 +645,13 @@ async def test_a_standby_whose_session_ended_while_it_waited_takes_a_new_one_not
         await wait_until(lambda: polling_backends(pool, holder), what="the standby polling")
         [first] = await polling_backends(pool, holder)
 
-        # The process frozen past the lease, long enough for a server starved of CPU to end
-        # the idle session before the standby's next poll (which, sent first, keeps it: a
-        # freeze of 1 s under a loaded CI left the session alive once).
-        frozen_until = time.monotonic() + 3.0
+        # The process frozen past the lease, its session ended by the server meanwhile
+        # (ended here by the test: the server's own `idle_session_timeout` left it alive
+        # 1 run in 10, a freeze of 3 s included, and the test waited for nothing).
+        frozen_until = time.monotonic() + 1.0
         while time.monotonic() < frozen_until:
             pass
+        await pool.execute("SELECT pg_terminate_backend($1)", first)
 
         async def polling_again() -> bool:
             return waiting.done() or bool(await polling_backends(pool, holder) - {first})
