@@ -35,7 +35,7 @@ from financing.application.ports import HANDING, Cause, Envelope, Handing
 from financing.application.retry import Outages
 from financing.domain import events as ev
 from tests.support import rabbitmq
-from tests.support.infra import unique_name, wait_until
+from tests.support.infra import holds, unique_name, wait_until
 
 CAUSE = Cause(correlation_id=str(uuid.uuid4()), causation_id=str(uuid.uuid4()))
 
@@ -632,9 +632,17 @@ async def publishing(
 async def refusing_events(vhost: rabbitmq.Vhost) -> AsyncIterator[tuple[Broker, Publisher, str]]:
     """`publishing`, the write permission on `events` alone revoked."""
     async with publishing(vhost) as opened:
+        broker = opened[0]
+        closing = broker.current  # which the close below ends
         await rabbitmq.grant_permissions(vhost.name, write="^(?!events$).*")
         try:
             await rabbitmq.close_connections(vhost.name)  # channels keep their checks
+            # Noticed before the test begins: noticed after, the connection a test took for
+            # the one it keeps was the closed one (1 CI run in 3 under load).
+            await wait_until(
+                lambda: holds(closing is None or broker.current is not closing),
+                what="the closed connection noticed",
+            )
             yield opened
         finally:
             await rabbitmq.grant_permissions(vhost.name)
