@@ -113,19 +113,16 @@ async def run_check(
     unprojected = 0
     batch: list[tuple[str, DomainEvent]] = []
     async for stored in store.read_all():
-        checker.add(
-            stored.event,
-            stored.recorded_at,
-            message_id=stored.message_id,
-            caused_by=stored.causation_id,
-        )
-        aggregates.add(stored.event.aggregate_id)
+        # Each decoded and its id derived once: both are computed at each ask.
+        event, message_id = stored.event, stored.message_id
+        checker.add(event, stored.recorded_at, message_id=message_id, caused_by=stored.causation_id)
+        aggregates.add(stored.aggregate_id)
         if view is not None and not _projected_by(view, stored):
             unprojected += 1
             continue
-        batch.append((stored.message_id, stored.event))
-        if stored.message_id in journal:
-            in_store.add(stored.message_id)
+        batch.append((message_id, event))
+        if message_id in journal:
+            in_store.add(message_id)
         if len(batch) == BATCH:
             await replay.apply(batch)
             batch = []

@@ -14,6 +14,7 @@ from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
 
 from financing.entrypoints.grpc.calls import CallsInFlight
+from financing.entrypoints.grpc.replies import varint
 
 if TYPE_CHECKING:
     from grpclib._typing import IProtoMessage
@@ -95,13 +96,13 @@ def as_specified(data: bytes, message_type: type[betterproto.Message], depth: in
         payload = data[_varint(data, tag_end)[1] : at]
         if repeated:
             nested = as_specified(payload, meta.cls_by_field[name], depth + 1)
-            out += data[start:tag_end] + _encode_varint(len(nested)) + nested
+            out += data[start:tag_end] + varint(len(nested)) + nested
         else:  # merged with its other parts, written once at the end
             merged.setdefault(number, (data[start:tag_end], bytearray()))[1].extend(payload)
     for number, (tag_bytes, parts) in merged.items():
         name = meta.field_name_by_number[number]
         nested = as_specified(bytes(parts), meta.cls_by_field[name], depth + 1)
-        out += tag_bytes + _encode_varint(len(nested)) + nested
+        out += tag_bytes + varint(len(nested)) + nested
     return bytes(out)
 
 
@@ -140,15 +141,6 @@ def _past_value(data: bytes, at: int, wire_type: int, number: int) -> int:
     if end > len(data):
         raise ValueError("a field cut short")
     return end
-
-
-def _encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 # The largest request message a call may send. grpclib reads a message of any announced

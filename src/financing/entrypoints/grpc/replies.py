@@ -44,7 +44,8 @@ class Encoded:
         return self.data
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """`value` (not negative) as a protobuf varint."""
     if value < 0x80:
         return bytes((value,))
     out = bytearray()
@@ -57,7 +58,7 @@ def _varint(value: int) -> bytes:
 
 def _field(number: int, payload: bytes) -> bytes:
     """A length-delimited field (a message, a string)."""
-    return bytes(((number << 3) | 2,)) + _varint(len(payload)) + payload
+    return bytes(((number << 3) | 2,)) + varint(len(payload)) + payload
 
 
 def _uuid(value: UUID) -> bytes:
@@ -89,7 +90,7 @@ def invoice(row: InvoiceRow) -> bytes:
     parts += _field(3, _money(row.asking_price))
     status = _STATUS[row.status.value]
     if status:
-        parts += b"\x20" + _varint(status)
+        parts += b"\x20" + varint(status)
     if row.winning_bid is not None:
         parts += _field(5, _bid(row.winning_bid))
     return parts
