@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aio_pika
 import pytest
 
 from financing.adapters.rabbitmq import dead_letters as dead_letters_module
@@ -25,9 +26,11 @@ from financing.adapters.rabbitmq.dead_letters import (
     EVERY,
     REASON_HEADER,
     SOURCE_QUEUE_HEADER,
+    Selection,
     list_dead_letters,
 )
 from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE, UNROUTED
+from financing.application.errors import Unavailable
 from financing.application.retry import Outages
 from financing.config import Settings
 from financing.entrypoints.cli import dead_letters as cli_dead_letters
@@ -364,6 +367,42 @@ async def test_requeue_reads_the_letters_once_so_that_no_other_reader_can_fail_i
     assert await cli_dead_letters.requeue(settings, EVERY) == 0
     assert len(readings) == 1
     assert await seeded.remaining() == []
+
+
+@pytest.mark.parametrize("verb", ["requeue", "discard"])
+async def test_a_command_cut_off_by_the_broker_says_how_far_it_got_and_the_letter_in_hand(
+    seeded: Seeded, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], verb: str
+) -> None:
+    """Regression (a probe): the broker's connection lost part way, a requeue said the
+    outage alone, though it had requeued hundreds, and the letter whose ack was lost with
+    the connection waited again beside its requeued copy, sent twice by the next run."""
+    acks = 0
+    ack = aio_pika.IncomingMessage.ack
+
+    async def cut_at_the_second(self: aio_pika.IncomingMessage, multiple: bool = False) -> None:
+        nonlocal acks
+        acks += 1
+        if acks == 2:
+            await rabbitmq.close_connections(seeded.vhost.name)
+        await ack(self, multiple)
+
+    monkeypatch.setattr(aio_pika.IncomingMessage, "ack", cut_at_the_second)
+    settings = Settings.from_env({"AMQP_ADDRESS": seeded.vhost.url})
+    command = cli_dead_letters.requeue if verb == "requeue" else cli_dead_letters.discard
+    selection = Selection(source_queue=seeded.queue_a)
+
+    with pytest.raises(Unavailable):
+        await command(settings, selection)
+
+    done = "requeued" if verb == "requeue" else "discarded"
+    said = capsys.readouterr().out.splitlines()  # the service's log lines among them
+    count = said.index(f"{done} 1 dead letter(s) before the command failed")
+    in_hand = said[count + 1]
+    assert in_hand.startswith(f"the dead letter a-2 from {seeded.queue_a} was in hand: "), in_hand
+    assert await seeded.remaining() == ["b-1", "a-2"]
+    if verb == "requeue":  # the copy of the letter in hand was queued: its letter waits too
+        copies = await rabbitmq.drain(await seeded.broker.connection(), seeded.queue_a, expected=2)
+        assert [copy.message_id for copy in copies] == ["a-1", "a-2"]
 
 
 @pytest.mark.parametrize("closed", [">&-", "2>&-", ">&- 2>&-"])

@@ -706,10 +706,12 @@ async def dead_letters_listed(
 class Taken:
     """What an operation on dead letters did so far: how many it took (requeued or
     discarded), and how many it left, by reason. Kept up to date as it goes, so that
-    one stopped part way can say what it did."""
+    one stopped part way can say what it did, and which letter it had in hand when it
+    was cut off (`in_hand`: acted on, its ack not yet answered)."""
 
     count: int = 0
     left: Counter[str] = field(default_factory=Counter)
+    in_hand: DeadLetter | None = None
 
 
 # Where a message's dead letter cannot be requeued to: `financing_unrouted`'s consumer
@@ -854,10 +856,15 @@ async def _settled(
     act: Callable[[AbstractIncomingMessage, DeadLetter], Awaitable[str | None]],
     taken: Taken,
 ) -> None:
+    # In hand until its ack is answered: cut off before (the broker's connection lost),
+    # a requeued copy may have been queued and its letter still wait, a discarded one
+    # still wait or be gone. Said, the operator knows which letter went twice.
+    taken.in_hand = letter
     left = await act(message, letter)
     if left is not None:
         taken.left[left] += 1
-        return
-    with translated():
-        await message.ack()
-    taken.count += 1
+    else:
+        with translated():
+            await message.ack()
+        taken.count += 1
+    taken.in_hand = None

@@ -119,7 +119,7 @@ async def requeue(settings: Settings, selection: Selection, *, any_age: bool = F
     async with connected(settings.amqp_urls, "dead-letters requeue", settings.queue_type) as broker:
         if not await _queue_known(broker, selection, "requeue"):
             return 1
-        async with _saying_so_if_stopped("requeued", taken):
+        async with _saying_how_far("requeued", taken):
             await requeue_dead_letters(broker, selection=selection, taken=taken, too_old=too_old)
     print(f"requeued {taken.count} dead letter(s)")
     for reason, count in sorted(taken.left.items()):
@@ -132,7 +132,7 @@ async def requeue(settings: Settings, selection: Selection, *, any_age: bool = F
 async def discard(settings: Settings, selection: Selection) -> int:
     taken = Taken()
     async with (
-        _saying_so_if_stopped("discarded", taken),
+        _saying_how_far("discarded", taken),
         connected(settings.amqp_urls, "dead-letters discard", settings.queue_type) as broker,
     ):
         await discard_dead_letters(broker, selection=selection, taken=taken)
@@ -143,14 +143,34 @@ async def discard(settings: Settings, selection: Selection) -> int:
 
 
 @asynccontextmanager
-async def _saying_so_if_stopped(done: str, taken: Taken) -> AsyncIterator[None]:
-    """Stopped part way (a signal), the command says how far it got first."""
+async def _saying_how_far(done: str, taken: Taken) -> AsyncIterator[None]:
+    """Stopped part way (a signal) or cut off (the broker's connection lost), the command
+    says how far it got first, and which letter it had in hand when cut off: its copy may
+    have been requeued and its letter still wait (requeued again later, a second copy,
+    which the service drops as one), or a discarded one still wait. Cut off, it said the
+    outage alone: an operator whose requeue had sent 905 letters could not tell."""
     try:
         yield
     except asyncio.CancelledError:
-        with suppress(OSError, ValueError):
-            print(f"{done} {taken.count} dead letter(s) before being stopped", flush=True)
+        _tell(f"{done} {taken.count} dead letter(s) before being stopped", taken, done)
         raise
+    except Exception:
+        _tell(f"{done} {taken.count} dead letter(s) before the command failed", taken, done)
+        raise
+
+
+def _tell(line: str, taken: Taken, done: str) -> None:
+    lines = [line]
+    if (letter := taken.in_hand) is not None:
+        which = f"the dead letter {letter.message_id or '-'} from {letter.source_queue or '-'}"
+        lines.append(
+            f"{which} was in hand: its copy may have been requeued while it still waits"
+            " (requeued again, the service drops the second copy)"
+            if done == "requeued"
+            else f"{which} was in hand: it may still wait, or be discarded"
+        )
+    with suppress(OSError, ValueError):
+        print("\n".join(lines), flush=True)
 
 
 async def _queue_known(broker: Broker, selection: Selection, verb: str) -> bool:
