@@ -588,3 +588,18 @@ async def test_an_operator_commands_database_sessions_are_named_after_it(
         )
 
     assert named == "financing trace"
+
+
+async def test_a_command_that_scans_keeps_its_statements_past_a_databases_statement_timeout() -> (
+    None
+):
+    """Regression (a probe): a `statement_timeout` a DBA set on the database (20 ms, or
+    30 s on a large store) cut `check`'s scans, said "command database unavailable";
+    their sessions now take the scans' own timeout whatever the database says."""
+    async with infra.fresh_database("fin_scan_timeout") as db:
+        await infra.alter_database(db.connect_kwargs["database"], "SET statement_timeout = '1ms'")
+        async with database(db, COMMAND_DATABASE, "check", scans=True) as pool:
+            assert await pool.fetchval("SHOW statement_timeout") == "10min"
+            await pool.execute("SELECT pg_sleep(0.05)")
+        async with database(db, COMMAND_DATABASE, "trace") as pool:  # no scan: the database's
+            assert await pool.fetchval("SHOW statement_timeout") == "1ms"

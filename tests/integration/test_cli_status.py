@@ -420,6 +420,33 @@ async def test_silent_dependencies_are_inquired_into_side_by_side(bare: Bare) ->
 
 
 @pytest.mark.parametrize(
+    ("which", "table"), [("command", "events"), ("query", "projected_event_store")]
+)
+async def test_a_database_whose_table_is_locked_answers_and_the_lock_holder_is_named(
+    bare: Bare, which: str, table: str
+) -> None:
+    """Regression (a probe): a table a DBA held locked (LOCK TABLE, REINDEX, CLUSTER) made
+    status's statement wait out its timeout, said UNREACHABLE, "no answer within 5 s",
+    while the server answered: a DBA looks at the network, not at pg_locks."""
+    db = parse_database(bare.env[f"{which.upper()}_DB_CONNECTION_STRING"])
+    holder = await asyncpg.connect(**db.connect_kwargs, server_settings={"application_name": "dba"})
+    try:
+        await holder.execute(f"BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        run = await run_cli(bare.env, "status", "--timeout", "2", within=20)
+    finally:
+        await holder.close()
+
+    assert run.exit_code == 1, run.describe()
+    [line] = [line for line in run.stdout.splitlines() if line.startswith(f"{which} database ")]
+    assert "UNREACHABLE" not in line, line
+    assert ": NOT READY: it answers, but a statement waited more than 2 s on a table locked" in line
+    assert f"by session {holder.get_server_pid()} (user 'postgres', application 'dba'," in line
+    assert f"{which} database {db.describe()}: it answers, but a statement waited" in " ".join(
+        problems(run)
+    )
+
+
+@pytest.mark.parametrize(
     ("which", "dropped"),
     [("command", "TABLE relay_checkpoints"), ("query", "SCHEMA read_models CASCADE")],
 )

@@ -25,6 +25,7 @@ from financing.adapters.postgres import connection as connection_module
 from financing.adapters.postgres.connection import (
     CLOSE_TIMEOUT,
     COMMAND_DATABASE,
+    CUT_BY_TIMEOUT,
     IDLE_IN_TRANSACTION,
     acquired,
     close_connection,
@@ -416,15 +417,21 @@ async def test_a_session_setting_set_back_by_the_operator_ends_the_outage(
             await infra.alter_database(name, f"SET {setting}")
             await infra.terminate_sessions(db)  # the pool's sessions start again under it
 
+            said: list[str] = []
+
             async def refused() -> bool:
                 try:
                     async with acquired(pool, COMMAND_DATABASE) as conn:
                         await conn.execute(statement)
-                except Unavailable:
+                except Unavailable as error:
+                    said.append(str(error))
                     return True
                 return False
 
             await wait_until(refused, what="the statement refused under the setting")
+            if setting.startswith("statement_timeout"):
+                # Said as the setting's doing, not as a server that does not answer.
+                assert CUT_BY_TIMEOUT in said[-1], said[-1]
             await infra.alter_database(name, "RESET ALL")
 
             async def served() -> bool:

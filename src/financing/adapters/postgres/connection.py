@@ -163,6 +163,8 @@ def _translate(error: BaseException, dependency: str) -> None:
         said = describe(error)
         if getattr(error, "sqlstate", None) in _OUT_OF_SIGHT:
             said += f": {OUT_OF_SIGHT}"
+        elif _CUT_BY_TIMEOUT in str(error):
+            said += f": {CUT_BY_TIMEOUT}"
         raise Unavailable(dependency, said) from error
 
 
@@ -172,6 +174,16 @@ _OUT_OF_SIGHT = frozenset({"42P01", "42703"})
 OUT_OF_SIGHT = (
     "the service's tables out of its sessions' search_path, or another schema's tables of"
     " the same names before them (ALTER DATABASE or ALTER ROLE ... SET search_path)?"
+)
+
+
+# The server's words for a statement its `statement_timeout` cut (57014, which a
+# cancellation by an operator, `pg_cancel_backend`, shares with other words).
+_CUT_BY_TIMEOUT = "due to statement timeout"
+CUT_BY_TIMEOUT = (
+    "the server's statement_timeout ended it (set on the database or the role: ALTER"
+    " DATABASE or ALTER ROLE ... SET statement_timeout; or in the connection string's"
+    " options)"
 )
 
 
@@ -393,6 +405,21 @@ async def advisory_lock_holder(conn: Connection, key: int) -> OtherSession | Non
         key,
     )
     return None if row is None else other_session(row)
+
+
+async def table_lock_holders(conn: Connection) -> list[OtherSession]:
+    """The other sessions holding a lock on a table of this database that stops its
+    writes or its reads (SHARE and stronger: LOCK TABLE, CREATE INDEX, REINDEX, CLUSTER,
+    VACUUM FULL, ALTER TABLE), the longest held first."""
+    rows = await conn.fetch(
+        f"SELECT DISTINCT ON (a.pid) {SESSION_COLUMNS} FROM pg_locks AS l"
+        " JOIN pg_stat_activity AS a ON a.pid = l.pid WHERE l.locktype = 'relation'"
+        " AND l.granted AND l.pid <> pg_backend_pid() AND l.database = ("
+        "SELECT oid FROM pg_database WHERE datname = current_database()) AND l.mode IN"
+        " ('ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')"
+    )
+    rows.sort(key=lambda row: -(row["open_for"] or 0.0))
+    return [other_session(row) for row in rows]
 
 
 # What a health probe says when every session of the pool stayed busy for PROBE_POOL_WAIT

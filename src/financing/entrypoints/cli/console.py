@@ -69,16 +69,26 @@ async def database(
     migrates: bool = False,
 ) -> AsyncIterator[asyncpg.Pool]:
     """A pool whose sessions say which command opened them (pg_stat_activity). A command
-    that `scans` whole tables gives each statement at least SCAN_TIMEOUT rather than the
-    service's answer timeout (FINANCING_DB_TIMEOUT), which still bounds connecting. With
+    that `scans` whole tables gives each statement SCAN_TIMEOUT (or the service's answer
+    timeout, FINANCING_DB_TIMEOUT, if longer), on the server too, whatever
+    `statement_timeout` the database or the role has; the answer timeout still bounds
+    connecting. With
     `schema`, a database whose schema is not this release's is refused (one line); a
     command that `migrates` migrates an older one first, as `serve` does (the commands
     that bring a database restored from an older backup back in line run before any
     instance starts), and refuses none all the same."""
     if scans:
+        # The server's `statement_timeout` too: one a DBA set on the database or the role
+        # (20 ms, 30 s) failed `check` on a large store, said "unavailable".
+        given = db.connect_kwargs.get("server_settings", {})
+        scan_ms = str(round(max(db.answer_timeout, SCAN_TIMEOUT) * 1000))
         db = replace(
             db,
-            connect_kwargs={"timeout": db.answer_timeout, **db.connect_kwargs},
+            connect_kwargs={
+                "timeout": db.answer_timeout,
+                **db.connect_kwargs,
+                "server_settings": {**given, "statement_timeout": scan_ms},
+            },
             answer_timeout=max(db.answer_timeout, SCAN_TIMEOUT),
         )
     pool = await create_pool(db, dependency, application_name=f"financing {command}")

@@ -21,6 +21,9 @@ from financing.adapters.postgres.connection import (
     QUERY_DATABASE,
     SERVICE_APPLICATION,
     acquired,
+    close_connection,
+    connect,
+    table_lock_holders,
 )
 from financing.adapters.postgres.event_store import IDS_AHEAD_DETAIL
 from financing.adapters.postgres.outbox import (
@@ -49,7 +52,7 @@ from financing.adapters.rabbitmq.dead_letters import being_read
 from financing.adapters.rabbitmq.queues import queue_depth
 from financing.application.errors import AwaitingOperator, Refused, Unavailable, summary
 from financing.application.moments import moment
-from financing.config import Settings
+from financing.config import Database, Settings
 from financing.entrypoints.cli.console import database, table, write_lines
 from financing.entrypoints.cli.health_check import health_answer, reachable
 from financing.workers.projector import BATCH_SIZE
@@ -83,6 +86,9 @@ class Findings:
     # command's connection (a limit, its permissions, or none such).
     healthy: bool = False
     vhost_refused: bool = False
+    # The database the inquiry reached (it answered and holds the schema): a timeout after
+    # is a statement that waited, not a server that does not answer.
+    reached: Database | None = None
 
     def report(self, part: str, state: str) -> None:
         self.lines.append(f"{part:<17} {state}")
@@ -137,7 +143,9 @@ async def run_status(
             f"{brokers}: NOT LOOKED AT: its virtual host refused this command's connection"
             " while the service here says it is healthy: a connection limit its own"
             " connections reach leaves none for another (rabbitmqctl list_vhost_limits,"
-            " list_user_limits); the queues are the service's /health's to judge",
+            " list_user_limits), or the user's permissions on it were taken away since the"
+            " service connected (rabbitmqctl list_permissions -p VHOST), which its next"
+            " publish meets; the queues are the service's /health's to judge",
         )
     for url in unverified(settings.amqp_urls):
         broker.report("broker TLS", f"{describe_url(url)}: {UNVERIFIED}")
@@ -181,11 +189,41 @@ async def _inquire(
         findings.report(part, f"{where}: UNREACHABLE: {error}")
         findings.problems.append(f"{what} is unreachable")
     except TimeoutError:
-        findings.report(part, f"{where}: UNREACHABLE: no answer within {within:g} s")
-        findings.problems.append(f"{what} is unreachable")
+        if findings.reached is None:
+            findings.report(part, f"{where}: UNREACHABLE: no answer within {within:g} s")
+            findings.problems.append(f"{what} is unreachable")
+            return
+        # Said UNREACHABLE, a table locked by a DBA (LOCK TABLE, REINDEX, CLUSTER) sent
+        # the operator looking at the network.
+        waited = f"it answers, but a statement waited more than {within:g} s"
+        holders = await _lock_holders(findings.reached, part)
+        findings.report(
+            part,
+            f"{where}: NOT READY: {waited}"
+            + (
+                f" on a table locked by {'; '.join(holders)}"
+                if holders
+                else " (on a lock another session holds, or that slow)"
+            ),
+        )
+        findings.problems.append(f"{what}: {waited}")
     except Exception as error:  # a probe reports what it cannot tell rather than crash
         findings.report(part, f"{where}: FAILED: {summary(error)}")
         findings.problems.append(f"{what} could not be inquired into")
+
+
+async def _lock_holders(db: Database, part: str) -> list[str]:
+    """The sessions holding a lock on a table of `db` that stops reads or writes (what a
+    statement that waited may wait for); none where they cannot be told within a second."""
+    try:
+        async with asyncio.timeout(1.0):
+            conn = await connect(db, part, application_name="financing status")
+            try:
+                return [holder.describe() for holder in await table_lock_holders(conn)]
+            finally:
+                await close_connection(conn)
+    except (TimeoutError, Unavailable, Refused):
+        return []
 
 
 async def _local_service(settings: Settings, findings: Findings) -> None:
@@ -211,6 +249,7 @@ async def _local_service(settings: Settings, findings: Findings) -> None:
 
 async def _event_store(settings: Settings, findings: Findings, max_relay_lag: float) -> None:
     async with database(settings.command_db, COMMAND_DATABASE, "status", schema="commands") as pool:
+        findings.reached = settings.command_db
         await require_grants(pool, "commands", writes=True)
         await require_tables(pool, "commands")
         backlog = await PostgresOutbox(pool).backlog(held_back_after=max_relay_lag)
@@ -261,6 +300,7 @@ async def _read_models(settings: Settings, findings: Findings) -> None:
     async with (
         database(settings.query_db, QUERY_DATABASE, "status", schema="queries") as pool,
     ):
+        findings.reached = settings.query_db
         await require_grants(pool, "queries", writes=True)
         await require_tables(pool, "queries")
         async with acquired(pool, QUERY_DATABASE) as conn:
