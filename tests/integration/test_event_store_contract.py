@@ -970,6 +970,37 @@ class TestPostgresEventStore(EventStoreContract):
             ("create_investor", message_id, "CreateInvestor", correlation, "processed", None, 2)
         ]
 
+    async def test_the_event_a_consumer_processed_last_is_dated_by_its_record(
+        self, pool: asyncpg.Pool
+    ) -> None:
+        """What dates a queue deleted under its consumer in every instance (the standby
+        of a queue had no delivery of its own to date it): when the store recorded the
+        event whose message id the consumer's newest record names."""
+        await _truncate(pool)
+        store = PostgresEventStore(pool)
+        assert await store.last_processed_recorded_at("a_policy") is None
+        first, second = uuid4(), uuid4()
+        for saga, investor in (("saga-1", first), ("saga-2", second)):
+            async with store.unit_of_work(Cause(saga, f"command-{saga}")) as uow:
+                created = await uow.load(Investor, investor)
+                created.create(Decimal("100"))
+                await uow.save(created)
+        async with store.unit_of_work(Cause("saga-1", "command-bid")) as uow:
+            bidding = await uow.load(Investor, first)
+            bidding.place_bid(uuid4(), Decimal("10"))  # later in saga-1's correlation
+            await uow.save(bidding)
+        [created, _, placed] = await store.stream(first)
+        [_, later] = await store.stream(second)
+        assert created.recorded_at < placed.recorded_at and created.recorded_at < later.recorded_at
+
+        # Not the correlation's earliest event: the one the record names.
+        for saga, event in (("saga-1", placed), ("saga-2", later)):
+            message_id = event.envelope().message_id
+            async with store.unit_of_work(Cause(saga, message_id)) as uow:
+                await uow.record("a_policy", message_id)
+            assert await store.last_processed_recorded_at("a_policy") == event.recorded_at
+        assert await store.last_processed_recorded_at("another_policy") is None
+
     async def test_a_copy_is_a_duplicate_and_another_message_under_its_id_is_refused(
         self, pool: asyncpg.Pool
     ) -> None:

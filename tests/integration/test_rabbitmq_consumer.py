@@ -219,6 +219,7 @@ async def consuming(
     handler_parts: tuple[HandlerPart, ...] = (),
     prefetch: int = 32,
     shutdown_grace: float = IN_FLIGHT_GRACE,
+    last_processed: Callable[[], Awaitable[datetime | None]] | None = None,
 ) -> AsyncIterator[Consuming]:
     """A consumer of `subscription` wired as the service wires one, until the block ends."""
     step = subscription.step(
@@ -235,6 +236,7 @@ async def consuming(
         bus.outages,
         deliveries.receive,
         prefetch=prefetch,
+        last_processed=last_processed,
     )
     task = asyncio.create_task(consume(consumer, deliveries))
 
@@ -1221,6 +1223,49 @@ async def test_a_queue_deleted_under_its_consumer_is_said_once_consumed_again(
         assert "no rewind sends them again" in line["events"], line
     else:
         assert "events" not in line, line
+
+
+@pytest.mark.parametrize("records", ["dated", "undated", "out"])
+async def test_a_queue_deleted_under_a_consumer_that_had_no_delivery_is_dated_by_its_records(
+    bus: Bus, queue: str, records: str
+) -> None:
+    """Regression (a probe): the standby of a queue with a single active consumer (or any
+    instance that had no delivery) dated the rewind a minute before the cancel, which
+    missed the 750 events queued behind a backlog, while the active instance's line gave
+    the right time: the line now takes the consumer's records, shared by the instances,
+    when the event processed last was recorded."""
+    spec = QueueSpec(queue, bound_to_events=True)
+    processed = datetime.now(UTC) - timedelta(minutes=30)
+
+    async def last_processed() -> datetime | None:
+        if records == "out":
+            raise Unavailable("command database", "down")
+        return processed if records == "dated" else None
+
+    handler = exactly_once(InMemoryEventStore(), "create_issuer", handlers.create_issuer)
+    with capture_logs() as logs:
+        subscription = Subscription(spec, frozenset({"CreateIssuer"}))
+        async with consuming(bus, subscription, handler, last_processed=last_processed):
+            before = datetime.now(UTC)
+            await delete_the_queue(bus, queue)
+
+            def said() -> list[dict[str, Any]]:
+                return [line for line in logs if line["event"].startswith("consuming again after")]
+
+            await wait_until(lambda: holds(bool(said())), what="the line once consumed again")
+    [line] = said()
+    assert "last_delivered_recorded_at" not in line, line
+    if records == "dated":
+        since = moment(processed - timedelta(minutes=1))
+        assert f"financing relay rewind --since {since}" in line["events"], line
+        assert line["last_processed_recorded_at"] == moment(processed), line
+        assert "undated" not in line, line
+    else:  # the cancel's time, and that nothing dated what the queue held
+        cancelled_at = datetime.fromisoformat(line["cancelled_at"].replace("Z", "+00:00"))
+        assert cancelled_at >= before - timedelta(seconds=1), line
+        since = moment(cancelled_at - timedelta(minutes=1))
+        assert f"financing relay rewind --since {since}" in line["events"], line
+        assert "rewind from before its oldest event" in line["undated"], line
 
 
 async def test_a_queue_made_again_with_other_arguments_is_an_outage_of_that_queue_alone(

@@ -456,6 +456,22 @@ class TestPostgresReadModels(ReadModelContract):
     async def store(self, pool: asyncpg.Pool) -> ReadModelStore:
         return await fresh_read_models(pool)
 
+    async def test_the_event_projected_last_is_dated_by_its_record(
+        self, pool: asyncpg.Pool
+    ) -> None:
+        """What dates the projector's queue deleted under it in every instance: when the
+        store recorded the events projected last, whichever instance projected them."""
+        store = await fresh_read_models(pool)
+        assert await store.last_projected_recorded_at() is None
+        at = datetime(2026, 12, 5, 10, 0, 0, 123456, tzinfo=UTC)
+        older = (str(uuid4()), ev.IssuerCreatedEvent(uuid4()))
+        newer = (str(uuid4()), ev.IssuerCreatedEvent(uuid4()))
+        timeless = (str(uuid4()), ev.IssuerCreatedEvent(uuid4()))  # another relayer's
+        await store.apply([older, newer], recorded={older[0]: at, newer[0]: at + timedelta(1)})
+        await store.apply([timeless])
+
+        assert await store.last_projected_recorded_at() == at + timedelta(1)
+
     async def test_counts_are_the_lengths_of_the_lists_an_unlisted_invoice_left_out(
         self, pool: asyncpg.Pool
     ) -> None:

@@ -446,7 +446,9 @@ async def _broker_components(
         if "commands" in selected:
             wiring.store_routes(routes.COMMANDS, store, pace)
         if "policies" in selected:
-            wiring.store_routes(routes.POLICIES, store, pace)
+            wiring.store_routes(
+                routes.POLICIES, store, pace, last_processed=store.last_processed_recorded_at
+            )
         if "relayer" in selected:
             # A connection of its own: on the one the Commands API publishes on, a flood
             # of commands held the relayed events' confirms unread past their timeout,
@@ -466,7 +468,13 @@ async def _broker_components(
     if query_pool is not None and "projector" in selected:
         clock = DatabaseClock(query_pool, QUERY_DATABASE)
         service.workers["database-clock"] = clock.run
-        wiring.projector(PostgresReadModels(query_pool), clock.now, RecordedStore(query_pool))
+        read_models = PostgresReadModels(query_pool)
+        wiring.projector(
+            read_models,
+            clock.now,
+            RecordedStore(query_pool),
+            last_projected=read_models.last_projected_recorded_at,
+        )
     watch: TopologyWatch | None = None
     if selected & CONSUMES:
         # Where queues are consumed, the topology is kept as declared.
@@ -626,15 +634,24 @@ class _Wiring:
         self._dead_letters = DeadLetters(publisher, outages, policy)
 
     def store_routes(
-        self, table: Iterable[routes.Route[StoreHandler]], store: EventStore, pace: RelayPace
+        self,
+        table: Iterable[routes.Route[StoreHandler]],
+        store: EventStore,
+        pace: RelayPace,
+        *,
+        last_processed: Callable[[str], Awaitable[datetime | None]] | None = None,
     ) -> None:
         """Consumers that append, each handling a delivery only while appending keeps to
-        the relayer's pace."""
+        the relayer's pace; `last_processed`: when the event a consumer (by its name)
+        processed last was recorded, to date what a queue deleted under it held."""
         for route in table:
             self._consumer(
                 route.message_name,
                 exactly_once(store, route.consumer, route.handler),
                 parts=(pace.paced,),
+                last_processed=None
+                if last_processed is None
+                else partial(last_processed, route.consumer),
             )
 
     def sending_routes(
@@ -649,7 +666,11 @@ class _Wiring:
         self._deliveries(topology.UNROUTED_QUEUE, step)
 
     def _consumer(
-        self, message_name: str, handler: Handler, parts: Sequence[HandlerPart] = ()
+        self,
+        message_name: str,
+        handler: Handler,
+        parts: Sequence[HandlerPart] = (),
+        last_processed: Callable[[], Awaitable[datetime | None]] | None = None,
     ) -> None:
         subscription = topology.subscription(message_name)
         step = subscription.step(
@@ -658,9 +679,14 @@ class _Wiring:
             outages=self._outages,
             handler_parts=(*self._overrides.handler_parts, *parts),
         )
-        self._deliveries(subscription.queue, step)
+        self._deliveries(subscription.queue, step, last_processed)
 
-    def _deliveries(self, queue: topology.QueueSpec, step: Step) -> None:
+    def _deliveries(
+        self,
+        queue: topology.QueueSpec,
+        step: Step,
+        last_processed: Callable[[], Awaitable[datetime | None]] | None = None,
+    ) -> None:
         deliveries = Deliveries(step)
         consumer = QueueConsumer(
             self._broker,
@@ -669,11 +695,17 @@ class _Wiring:
             self._outages,
             deliveries.receive,
             prefetch=PREFETCH,
+            last_processed=last_processed,
         )
         self._add(f"consumer:{queue.name}", lambda: consume(consumer, deliveries), consumer)
 
     def projector(
-        self, read_models: ReadModelStore, clock: Callable[[], datetime], store: ProjectedStore
+        self,
+        read_models: ReadModelStore,
+        clock: Callable[[], datetime],
+        store: ProjectedStore,
+        *,
+        last_projected: Callable[[], Awaitable[datetime | None]] | None = None,
     ) -> None:
         projector = Projector(
             self._overrides.read_models(read_models), self._outages, clock=clock, store=store
@@ -685,6 +717,7 @@ class _Wiring:
             self._outages,
             projector.receive,
             prefetch=projector.batch_size,  # the broker delivers at most one batch ahead
+            last_processed=last_projected,
         )
 
         async def run() -> None:

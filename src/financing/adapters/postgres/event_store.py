@@ -46,6 +46,7 @@ import json
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -77,6 +78,7 @@ from financing.application.ports import (
     Processed,
     RelayedEvent,
     StoredEvent,
+    event_message_id,
 )
 from financing.domain.aggregates import Aggregate
 from financing.domain.events import DomainEvent
@@ -712,6 +714,33 @@ class PostgresEventStore:
                 last,  # NULL: no limit
             )
         return [stored_event(row) for row in reversed(rows)]
+
+    async def last_processed_recorded_at(self, consumer: str) -> datetime | None:
+        """When the store recorded the event `consumer` (a policy) processed last, by any
+        instance: what its queue held, lost with it, was relayed after that event. The
+        event is looked for among those of its message's correlation recorded before it
+        was processed; where none is its (a record without a correlation, or an event
+        pruned), the earliest of them, or None."""
+        async with acquired(self._pool, COMMAND_DATABASE) as conn:
+            last = await conn.fetchrow(
+                "SELECT message_id, correlation_id, processed_at FROM processed_messages"
+                " WHERE consumer = ANY($1::text[]) ORDER BY processed_at DESC LIMIT 1",
+                _RECORDED_AS.get(consumer, (consumer,)),
+            )
+            if last is None or last["correlation_id"] is None:
+                return None
+            rows = await conn.fetch(
+                "SELECT aggregate_id, version, recorded_at FROM events"
+                " WHERE correlation_id = $1 AND recorded_at <= $2"
+                " ORDER BY position DESC LIMIT 1000",
+                last["correlation_id"],
+                last["processed_at"],
+            )
+        for row in rows:
+            if event_message_id(row["aggregate_id"], row["version"]) == last["message_id"]:
+                recorded: datetime = row["recorded_at"]
+                return recorded
+        return min((row["recorded_at"] for row in rows), default=None)
 
     async def forget_refusal(self, consumer: str, message_id: str) -> None:
         async with acquired(self._pool, COMMAND_DATABASE) as conn:

@@ -176,6 +176,11 @@ class PostgresReadModels:
             " WHERE processed_at >= now() - make_interval(secs => $1)"
             " AND (recorded_at IS NULL OR recorded_at >= now() - make_interval(secs => $1))"
         )
+        # The newest records, by when they were made (the index pruning goes by).
+        self._last_projected_sql = (
+            f"SELECT max(recorded_at) FROM (SELECT recorded_at FROM {s}.processed_messages"
+            " ORDER BY processed_at DESC LIMIT 256) AS newest"
+        )
         self._counts_sql = (
             f"SELECT (SELECT count(*) FROM {s}.investors),"
             f" (SELECT count(*) FROM {s}.invoices WHERE issuer_id IS NOT NULL),"
@@ -276,6 +281,14 @@ class PostgresReadModels:
     async def recorded_at(self, message_ids: Sequence[str]) -> Mapping[str, datetime]:
         rows = await self._fetch(self._recorded_at_sql, list(message_ids))
         return {row["message_id"]: row["recorded_at"] for row in rows}
+
+    async def last_projected_recorded_at(self) -> datetime | None:
+        """When the store recorded the newest event projected last, by any instance: what
+        the projector's queue held, lost with it, was relayed after it. None where no
+        record says (none yet, or only another relayer's events)."""
+        [row] = await self._fetch(self._last_projected_sql)
+        recorded: datetime | None = row[0]
+        return recorded
 
     async def foreign_events(self, after: int = 0, limit: int = 1000) -> list[ForeignEvent]:
         rows = await self._fetch(self._foreign_sql, after, limit)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -266,6 +266,9 @@ class _Ended(asyncio.Event):
 # costs a channel the broker closes, and each closed channel leaves aiormq's callbacks on
 # the connection (4 kB): at the retry's pace, 43 a minute, 20 MB an hour while it lasted.
 REFUSED_PACE = 10.0
+# Seconds the consumer's records may take to say when the event it processed last was
+# recorded, as it consumes a queue deleted under it again.
+LOOKED_UP_WITHIN = 5.0
 
 
 class QueueConsumer:
@@ -283,8 +286,13 @@ class QueueConsumer:
         on_delivery: OnDelivery,
         *,
         prefetch: int,
+        last_processed: Callable[[], Awaitable[datetime | None]] | None = None,
     ) -> None:
+        """`last_processed`: when the event its consumer processed last, in any instance,
+        was recorded (the consumer's records), to date what a queue deleted under it
+        held."""
         self._broker = broker
+        self._last_processed = last_processed
         # Declared with the broker's queue type, as everything declared on it is.
         self._queue = queue.of_type(broker.queue_type)
         self._dead_letters = dead_letters
@@ -397,9 +405,24 @@ class QueueConsumer:
         self._channel, self._acks = channel, acks
         self._refused_at = None
         if self._cancelled_at is not None:
-            said_consumed_again(self._queue, self._cancelled_at, _moment(self._last_recorded))
+            said_consumed_again(
+                self._queue,
+                self._cancelled_at,
+                _moment(self._last_recorded),
+                await self._processed_last(),
+            )
             self._cancelled_at = None
         return channel, queue, tag, ended, acks
+
+    async def _processed_last(self) -> datetime | None:
+        """`last_processed`, or None where it cannot be told within LOOKED_UP_WITHIN."""
+        if self._last_processed is None:
+            return None
+        try:
+            async with asyncio.timeout(LOOKED_UP_WITHIN):
+                return await self._last_processed()
+        except (TimeoutError, Unavailable):
+            return None  # the line says the time is the cancel's, or this process's
 
     def _cancelled(self, ended: _Ended) -> None:
         """The broker cancelled the consumer: its queue deleted, or the node holding it

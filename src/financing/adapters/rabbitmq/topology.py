@@ -387,7 +387,10 @@ def said_restored(queue: str) -> None:
 
 
 def said_consumed_again(
-    queue: QueueSpec, cancelled_at: datetime, last_recorded: datetime | None = None
+    queue: QueueSpec,
+    cancelled_at: datetime,
+    last_recorded: datetime | None = None,
+    last_processed: datetime | None = None,
 ) -> None:
     """The consumer of `queue`, which the broker cancelled at `cancelled_at` (the queue
     deleted, or the node holding it down), consumes it again: what the queue held, and
@@ -395,9 +398,11 @@ def said_consumed_again(
     have the events again: an operator who deleted a queue under the service (or a
     limit that kept it from being declared again) lost its events for good, and the
     line that ended the outage said nothing of them. `last_recorded`: when the last
-    event delivered before then was recorded; what was queued behind it, lost with the
-    queue, was relayed after it (a backlog older than a minute was missed by a rewind
-    from a minute before the cancel)."""
+    event delivered to this process before then was recorded; `last_processed`: when
+    the event its consumer processed last, in any instance, was; what was queued behind
+    them, lost with the queue, was relayed after them (a backlog older than a minute was
+    missed by a rewind from a minute before the cancel, and an instance that had no
+    delivery, the standby of a queue with a single active consumer, said so)."""
     metrics.CONSUMERS_CANCELLED.labels(queue.name).inc()
     fields: dict[str, str] = {"queue": queue.name, "cancelled_at": moment(cancelled_at)}
     if queue.bound_to_events and queue.routed_names and queue.routed_names <= _INTEGRATION:
@@ -408,18 +413,25 @@ def said_consumed_again(
         )
     elif queue.bound_to_events:
         # A minute earlier: an event recorded before the queue went and relayed after.
-        oldest = cancelled_at if last_recorded is None else min(cancelled_at, last_recorded)
-        since = moment(oldest - timedelta(minutes=1))
+        dated = [at for at in (last_recorded, last_processed) if at is not None]
+        since = moment(min([cancelled_at, *dated]) - timedelta(minutes=1))
         if last_recorded is not None:
             fields["last_delivered_recorded_at"] = moment(last_recorded)
+        if last_processed is not None:
+            fields["last_processed_recorded_at"] = moment(last_processed)
         fields["events"] = (
             "what it held and the events relayed meanwhile did not reach it; to have them"
             f" again, stop every relayer and run `financing relay rewind --since {since}`"
-            " (a minute before the last event delivered to it, or before the cancel): its"
-            " consumers take the events they had as copies; those no queue took meanwhile"
-            " wait in financing_dead_letters (`financing dead-letters requeue --queue"
-            " financing_unrouted`)"
+            " (a minute before the last event delivered to it or processed from it, or"
+            " before the cancel): its consumers take the events they had as copies; those"
+            " no queue took meanwhile wait in financing_dead_letters (`financing"
+            " dead-letters requeue --queue financing_unrouted`)"
         )
+        if not dated:
+            fields["undated"] = (
+                "neither this process's deliveries nor the consumer's records date what it"
+                " held: where a backlog waited in it, rewind from before its oldest event"
+            )
     log.warning(
         "consuming again after the broker cancelled the consumer (its queue deleted, with"
         " what it held, or the node holding it down)",
