@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +27,13 @@ from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from structlog.testing import capture_logs
 
 from financing.adapters.postgres.connection import create_pool
+from financing.adapters.postgres.event_store import PostgresEventStore
+from financing.adapters.postgres.read_models import PostgresReadModels
 from financing.adapters.postgres.schema import migrate, sections
 from financing.adapters.rabbitmq.connection import CONNECT_TIMEOUT
+from financing.application.read_models import InvestorRow
 from financing.config import Database, Settings, parse_database
+from financing.domain.aggregates import Investor
 from financing.entrypoints import service
 from financing.entrypoints.bootstrap import COMPONENTS, StartupError, bootstrap
 from financing.entrypoints.stopping import STOP_SIGNALS
@@ -35,6 +41,7 @@ from financing.entrypoints.supervisor import supervise
 from financing.generated import QueriesStub
 from tests.support import infra
 from tests.support.deployment import service_env
+from tests.support.infra import wait_until
 from tests.support.metrics import health_code, scrape, value
 from tests.support.raw_h2 import EMPTY_MESSAGE, RawConnection
 from tests.support.service import ServiceProcess, financing_command, free_port, reap, run_cli
@@ -716,6 +723,65 @@ async def test_a_query_database_whose_read_models_are_gone_is_down_until_they_ar
 
         await conn.execute("SELECT public.financing_create_read_models('read_models')")
         assert await serving()
+
+
+async def test_a_query_database_made_anew_under_a_store_with_history_is_rebuilt_not_served_empty(
+    databases: tuple[Database, Database], amqp_url: str
+) -> None:
+    """Regression (a probe): a query database lost and made again empty, then a start-up
+    (an instance's restart) migrated it: every instance, the ones running too, served the
+    empty read models until an operator rebuilt them, and the projector applied later
+    events to rows they lacked. The start-up now drops them before anything serves them
+    and rebuilds them from the event store."""
+    commands, queries = databases
+    investor = uuid.uuid4()
+    events_pool = await create_pool(commands)
+    try:
+        await migrate(events_pool, "commands")
+        async with PostgresEventStore(events_pool).unit_of_work() as uow:
+            created = await uow.load(Investor, investor)
+            created.create(Decimal("100"))
+            await uow.save(created)
+    finally:
+        await events_pool.close()
+    components = ("policies", "projector", "queries-api")
+    async with AsyncExitStack() as stack:
+        with capture_logs() as logs:
+            wired = await bootstrap(
+                _settings(databases, amqp_url), components, stack, deadline=time.monotonic() + 10
+            )
+        assert any(line["event"].startswith("the read models hold nothing") for line in logs)
+        conn = await asyncpg.connect(**queries.connect_kwargs)
+        stack.push_async_callback(conn.close)
+        # Nothing to serve, by any instance, until the rebuild's swap.
+        assert await conn.fetchval("SELECT to_regnamespace('read_models') IS NULL")
+        rebuilding = asyncio.create_task(wired.workers["read-models-rebuild"]())
+        try:
+            pool = await create_pool(queries)
+            stack.push_async_callback(pool.close)
+            read_models = PostgresReadModels(pool)
+
+            async def rebuilt() -> bool:
+                return bool(
+                    await conn.fetchval("SELECT to_regnamespace('read_models') IS NOT NULL")
+                )
+
+            await wait_until(rebuilt, what="the read models rebuilt")
+            assert await read_models.investors() == [
+                InvestorRow(investor, Decimal(100), Decimal(0), Decimal(0))
+            ]
+            assert not rebuilding.done()  # a worker that ended would stop the service
+        finally:
+            rebuilding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await rebuilding
+
+    # Read models that hold the store's history are left as they are.
+    async with AsyncExitStack() as stack:
+        wired = await bootstrap(
+            _settings(databases, amqp_url), components, stack, deadline=time.monotonic() + 10
+        )
+        assert "read-models-rebuild" not in wired.workers
 
 
 async def test_read_models_gone_while_the_query_database_was_out_are_said_once_it_answers(

@@ -45,6 +45,7 @@ from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.adapters.postgres.outbox import CommitListener, PostgresOutbox, PostgresRelayerLock
 from financing.adapters.postgres.projected_store import RecordedStore, claim, store_of
 from financing.adapters.postgres.read_models import PostgresReadModels
+from financing.adapters.postgres.rebuild import drop_made_empty, made_empty, rebuild
 from financing.adapters.postgres.retention import deduplication_records
 from financing.adapters.postgres.schema import (
     DATABASES,
@@ -84,6 +85,7 @@ from financing.application.retry import (
     Outages,
     RetryPolicy,
     retry,
+    retry_or_raise,
 )
 from financing.config import COMPONENTS, Database, Settings
 from financing.entrypoints.connections import descriptors_needed
@@ -198,6 +200,7 @@ async def bootstrap(
     tls = _grpc_tls(settings, service)
     outages = Outages()
     opened = await _databases(settings, selected, stack, outages, deadline)
+    await _rebuilt_if_made_empty(service, opened, outages, deadline)
     service.workers["outages"] = outages.watch
     # Every process probes the dependencies it uses, whether or not it serves an API.
     _health(service, outages)
@@ -288,6 +291,36 @@ async def _databases(
         )
     _hold_to_session_limits(limited)
     return _Opened(command_pool, query_pool, None if store is None else str(store))
+
+
+async def _rebuilt_if_made_empty(
+    service: Service, opened: _Opened, outages: Outages, deadline: float
+) -> None:
+    """Where the process projects and holds both databases: read models that hold nothing
+    while the event store holds events (a query database lost and made again empty) are
+    dropped before anything is served, and rebuilt from the event store by a worker. Made
+    anew by a start-up's migration, they were served empty, by every instance, until an
+    operator ran `financing projections rebuild`, and the projector applied later events
+    to rows they lacked."""
+    events, queries = opened.command_pool, opened.query_pool
+    if events is None or queries is None or "projector" not in service.components:
+        return
+    looking = "looking for read models made empty under the event store's history"
+    if not await started(looking, lambda: made_empty(events, queries), outages, deadline):
+        return
+    await started(looking, lambda: drop_made_empty(queries), outages, deadline)
+
+    async def rebuilt() -> None:
+        await retry_or_raise(
+            lambda: rebuild(events, queries),
+            policy=NO_BUG_RETRIES,
+            outages=outages,
+            what="rebuilding the read models",
+        )
+        # Done; a worker that returns stops the service, so this one waits for the stop.
+        await asyncio.Event().wait()
+
+    service.workers["read-models-rebuild"] = rebuilt
 
 
 # The sessions a relayer opens beside its pool: the lock's and the commit listener's.

@@ -34,7 +34,12 @@ from uuid import UUID
 
 import asyncpg
 
-from financing.adapters.postgres.connection import QUERY_DATABASE, Connection, acquired
+from financing.adapters.postgres.connection import (
+    COMMAND_DATABASE,
+    QUERY_DATABASE,
+    Connection,
+    acquired,
+)
 from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.adapters.postgres.projected_store import record_store, refuse_another, store_of
 from financing.adapters.postgres.read_models import (
@@ -179,6 +184,42 @@ async def _rebuilt(
     async with acquired(query_pool, QUERY_DATABASE) as conn:
         await _drop_retired(conn, retired)
     return events, foreign
+
+
+async def made_empty(event_store_pool: asyncpg.Pool, query_pool: asyncpg.Pool) -> bool:
+    """Whether the live read models hold no row (or are gone) while the event store holds
+    events: a query database lost and made again empty, or whose read models were
+    dropped, under a store with a history. Rows are never pruned, unlike the records of
+    what was projected: a store's first event makes one."""
+    live = quoted_schema(DEFAULT_SCHEMA)
+    tables = [f"{live}.{table}" for table in ("investors", "invoices", "issuers")]
+    async with acquired(query_pool, QUERY_DATABASE) as conn:
+        row = await conn.fetchrow(
+            "SELECT to_regnamespace($1) IS NOT NULL AS schema, count(to_regclass(t)) AS found"
+            " FROM unnest($2::text[]) AS t",
+            DEFAULT_SCHEMA,
+            tables,
+        )
+        assert row is not None  # an aggregate returns one row
+        if row["schema"] and row["found"] < len(tables):
+            return False  # some of their tables gone: the operator's to mend (a restore)
+        if row["schema"] and await conn.fetchval(
+            "SELECT " + " OR ".join(f"EXISTS (SELECT FROM {table})" for table in tables)
+        ):
+            return False
+    async with acquired(event_store_pool, COMMAND_DATABASE) as conn:
+        return bool(await conn.fetchval("SELECT EXISTS (SELECT FROM events)"))
+
+
+async def drop_made_empty(query_pool: asyncpg.Pool) -> None:
+    """Drop read models `made_empty`, so that no instance serves them (its Queries
+    unanswered, its projector waiting) until a rebuild takes their place."""
+    log.warning(
+        "the read models hold nothing while the event store holds events (a query database"
+        " made anew, or its read models dropped): rebuilding them from the event store;"
+        " the Queries API answers UNAVAILABLE until they are"
+    )
+    await _drop_made_empty(query_pool)
 
 
 async def _drop_made_empty(query_pool: asyncpg.Pool) -> None:
