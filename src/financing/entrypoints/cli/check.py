@@ -253,7 +253,9 @@ def _rows_apart(
             if row.id != other.id:
                 said.append(
                     f"{part}: listed in another order than a replay from place {index}:"
-                    f" {row.id} where a replay lists {other.id}"
+                    f" {row.id} where a replay lists {other.id} (projected late: a dead"
+                    " letter requeued, a binding restored; `financing projections"
+                    " rebuild` lists them in the store's order)"
                 )
                 break
     return said
