@@ -29,7 +29,7 @@ from financing.adapters.rabbitmq.queues import queue_depth
 from financing.adapters.rabbitmq.topology import DEAD_LETTER_QUEUE, DEFERRALS, declare_deferrals
 from financing.application.retry import Outages
 from financing.config import Database, parse_database
-from financing.entrypoints.cli.status import consumed_queues
+from financing.entrypoints.cli.status import LOCKED_SAID, consumed_queues
 from tests.support import infra, rabbitmq
 from tests.support.deployment import local_deployment
 from tests.support.relay import Relay
@@ -444,6 +444,35 @@ async def test_a_database_whose_table_is_locked_answers_and_the_lock_holder_is_n
     assert f"{which} database {db.describe()}: it answers, but a statement waited" in " ".join(
         problems(run)
     )
+
+
+async def test_a_table_locked_that_the_inquiry_does_not_read_is_said_with_its_holder(
+    bare: Bare,
+) -> None:
+    """Regression (a probe): a read model's table a DBA held locked for 3 minutes was
+    said nowhere by `status` (its inquiry reads other tables): the database "reachable",
+    the deployment healthy, while every list of it waited."""
+    db = parse_database(bare.env["QUERY_DB_CONNECTION_STRING"])
+    holder = await asyncpg.connect(**db.connect_kwargs, server_settings={"application_name": "dba"})
+    try:
+        await holder.execute("BEGIN; LOCK TABLE read_models.investors IN ACCESS EXCLUSIVE MODE")
+        said: list[CommandLine] = []
+
+        async def locked_said() -> bool:
+            said.append(await run_cli(bare.env, "status"))
+            return any(line.startswith("table locked") for line in said[-1].stdout.splitlines())
+
+        await infra.wait_until(locked_said, timeout=LOCKED_SAID + 20, what="the locked table said")
+    finally:
+        await holder.close()
+
+    run = said[-1]
+    assert run.exit_code == 1, run.describe()
+    [line] = [line for line in run.stdout.splitlines() if line.startswith("table locked")]
+    assert f"by session {holder.get_server_pid()} (user 'postgres', application 'dba'," in line
+    assert any(
+        p.startswith("query database: a table is locked by session") for p in problems(run)
+    ), problems(run)
 
 
 @pytest.mark.parametrize(

@@ -673,7 +673,7 @@ async def test_a_health_probe_finding_every_pooled_session_busy_says_so(
     assert busy.value.dependency == COMMAND_DATABASE
     assert busy.value.detail == (
         "every one of its 2 pooled sessions is busy: their statements wait on a lock"
-        " another session holds, or are that slow"
+        " another session holds (`financing status` names it), or are that slow"
     )
 
 

@@ -512,9 +512,14 @@ def foreign_digest(envelope: Envelope, event: DomainEvent) -> str | None:
     None for this service's relayed events, which their derived message id tells."""
     if not _foreign(envelope):
         return None
-    # As the codec writes it, not as it came: a copy written otherwise (another order
-    # of keys, `1E+2` for 100, an id in capitals) says the same.
-    said = f"{envelope.name}\n{event.aggregate_id}\n{codec.encode_text(event)}"
+    return event_digest(event)
+
+
+def event_digest(event: DomainEvent) -> str:
+    """What a domain event says (its name, its aggregate, its fields), digested as the
+    codec writes it, not as it came: a copy written otherwise (another order of keys,
+    `1E+2` for 100, an id in capitals) says the same."""
+    said = f"{event.name()}\n{event.aggregate_id}\n{codec.encode_text(event)}"
     return body_digest(said.encode())
 
 

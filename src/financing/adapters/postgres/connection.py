@@ -347,7 +347,8 @@ RELEASED: collections.Counter[str] = collections.Counter()
 # What a statement's timeout means when the server answers at once afterwards.
 WAITED = (
     "the server answers, but a statement waited longer than FINANCING_DB_TIMEOUT"
-    " (on a lock another session holds, or a statement that slow)"
+    " (on a lock another session holds, which `financing status` names, or a statement"
+    " that slow)"
 )
 
 
@@ -427,7 +428,7 @@ async def table_lock_holders(conn: Connection) -> list[OtherSession]:
 # while the sessions waited on a table another session had locked.
 POOL_BUSY = (
     "every one of its {sessions} pooled sessions is busy: their statements wait on a lock"
-    " another session holds, or are that slow"
+    " another session holds (`financing status` names it), or are that slow"
 )
 PROBE_POOL_WAIT = 1.5  # of the health probe's 2 s
 

@@ -32,6 +32,7 @@ from financing.adapters.postgres.projected_store import (
 )
 from financing.adapters.postgres.read_models import PostgresReadModels, ProjectedView
 from financing.application.invariants import Checker, Report
+from financing.application.pipeline import event_digest
 from financing.application.ports import StoredEvent
 from financing.application.read_models import (
     InMemoryReadModels,
@@ -107,8 +108,9 @@ async def run_check(
     view = None if live is None else await live.view(2 * RECENT)
     # The ids of the events of another relayer the live read models keep: one the store
     # also holds is replayed as the store's, as a rebuild does (the other is a copy).
-    journal = await _kept_ids(live) if live is not None else set()
+    journal = await _kept_digests(live) if live is not None else {}
     in_store: set[str] = set()
+    forged: list[str] = []  # another relayer's events kept under ids of the store's
     aggregates: set[UUID] = set()  # the store's
     unprojected = 0
     batch: list[tuple[str, DomainEvent]] = []
@@ -121,13 +123,24 @@ async def run_check(
             unprojected += 1
             continue
         batch.append((message_id, event))
-        if message_id in journal:
+        if (kept := journal.get(message_id)) is not None:
             in_store.add(message_id)
+            if kept != event_digest(event):
+                forged.append(
+                    f"{stored.name} {message_id} at version {stored.version} of aggregate"
+                    f" {stored.aggregate_id}: the read models applied another relayer's"
+                    " event kept under its message id, which says otherwise (published"
+                    " under the id this store derives for a version before the store"
+                    " recorded it), and took the store's event for a copy of it;"
+                    " `financing projections rebuild` applies the store's"
+                )
         if len(batch) == BATCH:
             await replay.apply(batch)
             batch = []
     await replay.apply(batch)
-    result = CheckResult(invariants=checker.report(), unprojected=unprojected)
+    result = CheckResult(
+        invariants=checker.report(), unprojected=unprojected, foreign_on_store=forged
+    )
     if query_pool is not None:
         result.another_store = await _another_store(event_store_pool, query_pool)
     if live is not None and view is not None:
@@ -162,8 +175,11 @@ def _projected_by(view: ProjectedView, stored: StoredEvent) -> bool:
     return stored.recorded_at < view.at - timedelta(seconds=RECENT)
 
 
-async def _kept_ids(live: ReadModelStore) -> set[str]:
-    return {kept.message_id async for batch in kept_foreign(live, BATCH) for kept in batch}
+async def _kept_digests(live: ReadModelStore) -> dict[str, str]:
+    """What each event of another relayer the live read models keep said, by message id."""
+    return {
+        kept.message_id: kept.digest async for batch in kept_foreign(live, BATCH) for kept in batch
+    }
 
 
 async def _replay_foreign(

@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from uuid import UUID
 
+import asyncpg
+
 from financing.adapters.postgres.connection import (
     COMMAND_DATABASE,
     QUERY_DATABASE,
@@ -65,6 +67,8 @@ Healthy (exit code 0; otherwise 1) means:
     (or of none yet);
   - every queue the service consumes exists and has at least one consumer;
   - no event has waited longer than --max-relay-lag seconds to be relayed;
+  - no table of either database has been locked against the service's reads
+    or writes (LOCK TABLE, REINDEX, CLUSTER) for 5 s or more;
   - the service on this host, where its metrics endpoint (METRICS_ADDRESS)
     answers, says it is healthy (/health): it knows of outages that answering
     alone does not show (a disk full, its writes refused).
@@ -212,6 +216,28 @@ async def _inquire(
         findings.problems.append(f"{what} could not be inquired into")
 
 
+# Seconds a table may stay locked against the service's reads or writes before status
+# says so (a migration's or a rebuild's swap holds one for moments).
+LOCKED_SAID = 5.0
+
+
+async def _tables_locked(pool: asyncpg.Pool, dependency: str) -> list[str]:
+    """The sessions holding a table of the database locked against the service's reads
+    or writes for LOCKED_SAID seconds or more (a DBA's LOCK TABLE, REINDEX, CLUSTER):
+    the service's statements on it wait, its `/health` soon 503."""
+    async with acquired(pool, dependency) as conn:
+        holders = await table_lock_holders(conn)
+    return [holder.describe() for holder in holders if (holder.open_for or 0.0) >= LOCKED_SAID]
+
+
+def _said_locked(findings: Findings, part: str, locked: list[str]) -> None:
+    for holder in locked:
+        findings.report("table locked", f"by {holder}")
+        findings.problems.append(
+            f"{part}: a table is locked by {holder}: the service's statements on it wait"
+        )
+
+
 async def _lock_holders(db: Database, part: str) -> list[str]:
     """The sessions holding a lock on a table of `db` that stops reads or writes (what a
     statement that waited may wait for); none where they cannot be told within a second."""
@@ -254,7 +280,9 @@ async def _event_store(settings: Settings, findings: Findings, max_relay_lag: fl
         await require_tables(pool, "commands")
         backlog = await PostgresOutbox(pool).backlog(held_back_after=max_relay_lag)
         findings.store = await store_of(pool)
+        locked = await _tables_locked(pool, COMMAND_DATABASE)
     findings.report("command database", f"{settings.command_db.describe()}: reachable")
+    _said_locked(findings, "command database", locked)
     findings.report("relayer", _relaying(backlog))
     if backlog.ids_ahead:
         findings.problems.append(IDS_AHEAD_DETAIL)
@@ -305,7 +333,9 @@ async def _read_models(settings: Settings, findings: Findings) -> None:
         await require_tables(pool, "queries")
         async with acquired(pool, QUERY_DATABASE) as conn:
             found = await projected(conn)
+        locked = await _tables_locked(pool, QUERY_DATABASE)
     findings.report("query database", f"{settings.query_db.describe()}: reachable")
+    _said_locked(findings, "query database", locked)
     if found is None:
         findings.report("read models", "of no event store yet (recorded as the service starts)")
     else:
