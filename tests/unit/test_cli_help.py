@@ -223,6 +223,8 @@ def test_an_aggregate_id_that_is_not_a_uuid_is_refused(capsys: pytest.CaptureFix
         (("relay", "rewind", "--since", "-5m"), "written without a sign (5m)"),
         (("relay", "rewind", "--since=-5m"), "written without a sign (5m)"),
         (("relay", "rewind", "--since", "-2026-12-07T14:00:00Z"), "a time is written without"),
+        # A duration out of range (a probe): "neither a time ... nor a duration" before.
+        (("relay", "rewind", "--since", "0m"), "--since must be at least 1s, got '0m'"),
         (("events", str(uuid.UUID(int=1)), "--from-version", "-1x"), "'-1x' is not a whole"),
         (("populate", "--balance", "-1e3"), "from 0 to 999999999999.99"),
     ],

@@ -34,7 +34,9 @@ def parse_since(value: str, now: datetime | None = None) -> datetime:
             raise ValueError(f"{value!r}: {what} is written without a sign ({unsigned})") from None
         try:
             ago = parse_duration("--since", value)
-        except ConfigError:
+        except ConfigError as error:
+            if _is_duration(value):  # one out of range (`0m`): the range is what to say
+                raise ValueError(str(error)) from None
             raise ValueError(
                 f"{value!r} is neither a time with its offset (2026-12-05T10:00:00Z) nor a"
                 " duration before now (2h, 30m, 1d, or seconds)"
@@ -43,6 +45,15 @@ def parse_since(value: str, now: datetime | None = None) -> datetime:
     if at.tzinfo is None:
         raise ValueError(f"{value!r} has no offset: say which (Z for UTC, or +01:00)")
     return at
+
+
+def _is_duration(value: str) -> bool:
+    """Whether `value` is written as a duration, whatever its length."""
+    try:
+        parse_duration("--since", value, least=timedelta(0), most=timedelta.max)
+    except ConfigError:
+        return False
+    return True
 
 
 # How long before the deduplication records' retention runs out a rewind must start:
