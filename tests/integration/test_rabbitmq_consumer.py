@@ -1225,6 +1225,51 @@ async def test_a_queue_deleted_under_its_consumer_is_said_once_consumed_again(
         assert "events" not in line, line
 
 
+async def test_a_queue_deleted_while_its_consumer_held_deliveries_is_dated_by_the_oldest_held(
+    bus: Bus, queue: str
+) -> None:
+    """Regression (a probe): the instance the broker delivered to dated the rewind by the
+    last event delivered to it, while the deliveries it held unsettled, older, were lost
+    with the queue too: a rewind from there missed the 25 oldest of 135 events."""
+    spec = QueueSpec(queue, bound_to_events=True)
+    store = InMemoryEventStore()
+    handler = exactly_once(store, "create_issuer", handlers.create_issuer)
+    held = asyncio.Event()
+    entered: list[Decoded] = []
+
+    async def holding(decoded: Decoded) -> Outcome:
+        entered.append(decoded)
+        await held.wait()  # a table locked under the projector, say
+        return await handler(decoded)
+
+    now = datetime.now(UTC)
+    oldest, newest = now - timedelta(minutes=20), now - timedelta(minutes=10)
+    with capture_logs() as logs:
+        subscription = Subscription(spec, frozenset({"CreateIssuer"}))
+        async with consuming(bus, subscription, holding):
+            for recorded in (oldest, newest):
+                message = envelope(CreateIssuer(uuid.uuid4()))
+                dated = replace(message, headers={"recorded_at": recorded.isoformat()})
+                await bus.publisher.send_to_queue(queue, dated)
+
+            async def both_held() -> bool:  # none left ready in the queue, one in the handler
+                return bool(entered) and await bus.queue_state(queue) == (0, 1)
+
+            await wait_until(both_held, what="both delivered and held")
+            await delete_the_queue(bus, queue)
+
+            def said() -> list[dict[str, Any]]:
+                return [line for line in logs if line["event"].startswith("consuming again after")]
+
+            await wait_until(lambda: holds(bool(said())), what="the line once consumed again")
+            held.set()
+    [line] = said()
+    assert line["oldest_in_hand_recorded_at"] == moment(oldest), line
+    assert line["last_delivered_recorded_at"] == moment(newest), line
+    since = moment(oldest - timedelta(minutes=1))
+    assert f"financing relay rewind --since {since}" in line["events"], line
+
+
 @pytest.mark.parametrize("records", ["dated", "undated", "out"])
 async def test_a_queue_deleted_under_a_consumer_that_had_no_delivery_is_dated_by_its_records(
     bus: Bus, queue: str, records: str

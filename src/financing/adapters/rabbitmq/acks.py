@@ -40,16 +40,22 @@ class ChannelClosing(ConnectionError):
 class ChannelAcks:
     def __init__(self, send_ack: SendAck) -> None:
         self._send_ack = send_ack
-        # Delivered and not settled yet, in delivery order (tags only grow).
-        self._unsettled: dict[int, None] = {}
+        # Delivered and not settled yet, in delivery order (tags only grow), each with
+        # what its delivery was noted with (`delivered`).
+        self._unsettled: dict[int, object] = {}
         # Acks asked for while frames were on their way, for the next frames.
         self._ready: dict[int, asyncio.Future[None]] = {}
         self._writing = False
         self._closing = False
         self.frames = 0  # ack frames written: what coalescing saves is visible in tests
 
-    def delivered(self, tag: int) -> None:
-        self._unsettled[tag] = None
+    def delivered(self, tag: int, noted: object = None) -> None:
+        """Delivery `tag` is in hand, `noted` with it (when its event was recorded)."""
+        self._unsettled[tag] = noted
+
+    def oldest_unsettled(self) -> object:
+        """What the oldest delivery in hand was noted with, of those noted with any."""
+        return next((noted for noted in self._unsettled.values() if noted is not None), None)
 
     def close(self) -> None:
         """The channel is about to be closed: from now on nothing is written on it, every

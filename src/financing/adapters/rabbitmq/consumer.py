@@ -307,6 +307,9 @@ class QueueConsumer:
         # relayed after it).
         self._cancelled_at: datetime | None = None
         self._last_recorded: object = None
+        # The `recorded_at` of the oldest delivery in hand as the broker cancelled the
+        # consumer: lost with the queue too, as its channel gives it back.
+        self._in_hand_recorded: object = None
         # The acks of the channel whose first delivery from a queue with a single active
         # consumer said that this process is that consumer now.
         self._active_on: ChannelAcks | None = None
@@ -410,8 +413,9 @@ class QueueConsumer:
                 self._cancelled_at,
                 _moment(self._last_recorded),
                 await self._processed_last(),
+                in_hand=_moment(self._in_hand_recorded),
             )
-            self._cancelled_at = None
+            self._cancelled_at, self._in_hand_recorded = None, None
         return channel, queue, tag, ended, acks
 
     async def _processed_last(self) -> datetime | None:
@@ -429,6 +433,8 @@ class QueueConsumer:
         down (`said_consumed_again` once it consumes again)."""
         if self._cancelled_at is None:
             self._cancelled_at = datetime.now(UTC)
+            if self._acks is not None:
+                self._in_hand_recorded = self._acks.oldest_unsettled()
         ended.end(
             "the broker cancelled the consumer (its queue deleted, or the cluster node"
             " holding it down)"
@@ -440,10 +446,11 @@ class QueueConsumer:
         abandon: Callable[[str], None],
         message: AbstractIncomingMessage,
     ) -> None:
+        recorded = message.headers.get(RECORDED_AT_HEADER) if message.headers else None
         if message.delivery_tag is not None:
-            acks.delivered(message.delivery_tag)
-        if message.headers:
-            self._last_recorded = message.headers.get(RECORDED_AT_HEADER, self._last_recorded)
+            acks.delivered(message.delivery_tag, recorded)
+        if recorded is not None:
+            self._last_recorded = recorded
         if self._queue.single_active_consumer and self._active_on is not acks:
             # RabbitMQ tells a consumer nothing when it becomes the active one (after a
             # take-over, or as the first): its first delivery says so, once per channel.

@@ -391,6 +391,8 @@ def said_consumed_again(
     cancelled_at: datetime,
     last_recorded: datetime | None = None,
     last_processed: datetime | None = None,
+    *,
+    in_hand: datetime | None = None,
 ) -> None:
     """The consumer of `queue`, which the broker cancelled at `cancelled_at` (the queue
     deleted, or the node holding it down), consumes it again: what the queue held, and
@@ -402,7 +404,9 @@ def said_consumed_again(
     the event its consumer processed last, in any instance, was; what was queued behind
     them, lost with the queue, was relayed after them (a backlog older than a minute was
     missed by a rewind from a minute before the cancel, and an instance that had no
-    delivery, the standby of a queue with a single active consumer, said so)."""
+    delivery, the standby of a queue with a single active consumer, said so). `in_hand`:
+    when the oldest delivery the process held unsettled was recorded, lost with the queue
+    too (dated by the last delivery alone, a rewind missed the 25 oldest of 135)."""
     metrics.CONSUMERS_CANCELLED.labels(queue.name).inc()
     fields: dict[str, str] = {"queue": queue.name, "cancelled_at": moment(cancelled_at)}
     if queue.bound_to_events and queue.routed_names and queue.routed_names <= _INTEGRATION:
@@ -413,8 +417,10 @@ def said_consumed_again(
         )
     elif queue.bound_to_events:
         # A minute earlier: an event recorded before the queue went and relayed after.
-        dated = [at for at in (last_recorded, last_processed) if at is not None]
+        dated = [at for at in (in_hand, last_recorded, last_processed) if at is not None]
         since = moment(min([cancelled_at, *dated]) - timedelta(minutes=1))
+        if in_hand is not None:
+            fields["oldest_in_hand_recorded_at"] = moment(in_hand)
         if last_recorded is not None:
             fields["last_delivered_recorded_at"] = moment(last_recorded)
         if last_processed is not None:
@@ -422,8 +428,9 @@ def said_consumed_again(
         fields["events"] = (
             "what it held and the events relayed meanwhile did not reach it; to have them"
             f" again, stop every relayer and run `financing relay rewind --since {since}`"
-            " (a minute before the last event delivered to it or processed from it, or"
-            " before the cancel): its consumers take the events they had as copies; those"
+            " (a minute before the oldest event it held in hand, the last delivered to it"
+            " or processed from it, or before the cancel): its consumers take the events"
+            " they had as copies; those"
             " no queue took meanwhile wait in financing_dead_letters (`financing"
             " dead-letters requeue --queue financing_unrouted`)"
         )
