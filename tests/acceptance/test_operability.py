@@ -272,3 +272,6 @@ async def test_the_counters_the_alert_rules_take_increases_of_are_exported_from_
         assert exported("financing_list_reply_bytes_held", grpc_method=method), method
     for queue in ("SellInvoice", "events_financing_projector", "events_InvoiceFinancedEvent"):
         assert exported("financing_dead_letters_published_total", queue=queue), queue
+        # A first cancel counted on a series born at 1 was alerted by the rule's other
+        # half alone, which a restart of the process ended (a probe).
+        assert exported("financing_consumers_cancelled_total", queue=queue), queue

@@ -315,8 +315,10 @@ class QueueConsumer:
         self._active_on: ChannelAcks | None = None
         self.consuming = asyncio.Event()
         # Exported from 0: a rule's `increase` does not count a series born at 1, so the
-        # first letters of a queue went unalerted.
+        # first letters of a queue went unalerted, and a process's first cancel was
+        # alerted by the rule's other half alone, which a restart ended at once.
         metrics.DEAD_LETTERS.labels(queue.name)
+        metrics.CONSUMERS_CANCELLED.labels(queue.name)
 
     @property
     def spec(self) -> QueueSpec:
