@@ -34,6 +34,7 @@ from financing.adapters.rabbitmq.connection import CONNECT_TIMEOUT
 from financing.application.read_models import InvestorRow
 from financing.config import Database, Settings, parse_database
 from financing.domain.aggregates import Investor
+from financing.entrypoints import bootstrap as bootstrap_module
 from financing.entrypoints import service
 from financing.entrypoints.bootstrap import COMPONENTS, StartupError, bootstrap
 from financing.entrypoints.stopping import STOP_SIGNALS
@@ -726,7 +727,7 @@ async def test_a_query_database_whose_read_models_are_gone_is_down_until_they_ar
 
 
 async def test_a_query_database_made_anew_under_a_store_with_history_is_rebuilt_not_served_empty(
-    databases: tuple[Database, Database], amqp_url: str
+    databases: tuple[Database, Database], amqp_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Regression (a probe): a query database lost and made again empty, then a start-up
     (an instance's restart) migrated it: every instance, the ones running too, served the
@@ -745,12 +746,25 @@ async def test_a_query_database_made_anew_under_a_store_with_history_is_rebuilt_
     finally:
         await events_pool.close()
     components = ("policies", "projector", "queries-api")
+    # What any instance could read once the migration committed: made, then dropped, the
+    # empty read models were served in between (0 investors, a probe).
+    committed_with: list[bool] = []
+    looked_at = bootstrap_module.made_empty
+
+    async def made_empty(events: asyncpg.Pool, queries_pool: asyncpg.Pool) -> bool:
+        async with queries_pool.acquire() as conn:
+            present = "SELECT to_regnamespace('read_models') IS NOT NULL"
+            committed_with.append(bool(await conn.fetchval(present)))
+        return await looked_at(events, queries_pool)
+
+    monkeypatch.setattr(bootstrap_module, "made_empty", made_empty)
     async with AsyncExitStack() as stack:
         with capture_logs() as logs:
             wired = await bootstrap(
                 _settings(databases, amqp_url), components, stack, deadline=time.monotonic() + 10
             )
         assert any(line["event"].startswith("the read models hold nothing") for line in logs)
+        assert committed_with == [False]
         conn = await asyncpg.connect(**queries.connect_kwargs)
         stack.push_async_callback(conn.close)
         # Nothing to serve, by any instance, until the rebuild's swap.

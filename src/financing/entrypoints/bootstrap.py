@@ -45,7 +45,13 @@ from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.adapters.postgres.outbox import CommitListener, PostgresOutbox, PostgresRelayerLock
 from financing.adapters.postgres.projected_store import RecordedStore, claim, store_of
 from financing.adapters.postgres.read_models import PostgresReadModels
-from financing.adapters.postgres.rebuild import drop_made_empty, made_empty, rebuild
+from financing.adapters.postgres.rebuild import (
+    LIVE_DROPPED,
+    drop_made_empty,
+    holds_history,
+    made_empty,
+    rebuild,
+)
 from financing.adapters.postgres.retention import deduplication_records
 from financing.adapters.postgres.schema import (
     DATABASES,
@@ -257,8 +263,16 @@ async def _databases(
     later = [projected] if wanted[1] else []
     if wanted[0]:
         command_pool = await _pool(stack, command, (limited, later), outages, deadline)
+    if_new = None
+    if command_pool is not None and wanted[1] and "projector" in selected:
+        # A query database made anew under a store with a history: its empty read models
+        # are dropped as they are made, and rebuilt (`_rebuilt_if_made_empty`).
+        events = command_pool
+        looking = "looking for the event store's history"
+        if await started(looking, lambda: holds_history(events), outages, deadline):
+            if_new = LIVE_DROPPED
     if wanted[1]:
-        query_pool = await _pool(stack, projected, (limited, []), outages, deadline)
+        query_pool = await _pool(stack, projected, (limited, []), outages, deadline, if_new=if_new)
     # An outage of a database this process writes ends when it takes writes again; of one
     # it only reads, when it answers. Every component on the command database writes.
     for pool, db, schema, writes in (
@@ -856,10 +870,13 @@ def _give_up(what: str, error: Exception, fault: Fault) -> NoReturn:
     raise error from None  # a bug: the supervisor reports it with its traceback
 
 
-async def _migrated(pool: asyncpg.Pool, schema: str, dependency: str, deadline: float) -> None:
+async def _migrated(
+    pool: asyncpg.Pool, schema: str, dependency: str, deadline: float, if_new: str | None = None
+) -> None:
     try:
         # Bounded by what is left of start-up's budget, not by a statement's.
-        await migrate(pool, schema, statement_timeout=max(deadline - time.monotonic(), 1.0))
+        left = max(deadline - time.monotonic(), 1.0)
+        await migrate(pool, schema, statement_timeout=left, if_new=if_new)
     except asyncpg.ReadOnlySQLTransactionError:
         # A server that takes no writes (a replica of the query database for the Queries
         # API, a standby): it carries its primary's schema, which must be current; a
@@ -892,7 +909,13 @@ class _Pooled:
 
 
 async def _pool(
-    stack: AsyncExitStack, pooled: _Pooled, pools: _Pools, outages: Outages, deadline: float
+    stack: AsyncExitStack,
+    pooled: _Pooled,
+    pools: _Pools,
+    outages: Outages,
+    deadline: float,
+    *,
+    if_new: str | None = None,
 ) -> asyncpg.Pool:
     """A pool on `db`, its schema migrated, its limits read into those opened (`pools`)."""
     db, dependency, schema = pooled.db, pooled.dependency, pooled.schema
@@ -908,7 +931,7 @@ async def _pool(
 
     async def migrated() -> None:
         with translated(dependency):
-            await _migrated(pool, schema, dependency, deadline)
+            await _migrated(pool, schema, dependency, deadline, if_new)
 
     await started(f"migrating the {dependency}", migrated, outages, deadline)
     return pool

@@ -91,7 +91,8 @@ async def rebuild(
     deployment's read models were dropped and made this one's."""
     async with acquired(query_pool, QUERY_DATABASE) as conn:
         gone = await conn.fetchval("SELECT to_regnamespace($1) IS NULL", DEFAULT_SCHEMA)
-    await migrate(query_pool, "queries")
+    # Made from nothing, the live read models are dropped in the migration's transaction.
+    await migrate(query_pool, "queries", if_new=LIVE_DROPPED)
     if gone:
         await _drop_made_empty(query_pool)
     # The read models' own tables may be gone (their schema dropped): the rebuild makes
@@ -186,6 +187,18 @@ async def _rebuilt(
     return events, foreign
 
 
+# The live read models dropped: in the transaction that migrates a query database from
+# nothing under a store with a history (`holds_history`), so that no instance reads
+# them empty (made, then dropped, they were served empty in between: 0 investors).
+LIVE_DROPPED = f"DROP SCHEMA IF EXISTS {quoted_schema(DEFAULT_SCHEMA)} CASCADE"
+
+
+async def holds_history(event_store_pool: asyncpg.Pool) -> bool:
+    """Whether the event store holds any event."""
+    async with acquired(event_store_pool, COMMAND_DATABASE) as conn:
+        return bool(await conn.fetchval("SELECT EXISTS (SELECT FROM events)"))
+
+
 async def made_empty(event_store_pool: asyncpg.Pool, query_pool: asyncpg.Pool) -> bool:
     """Whether the live read models hold no row (or are gone) while the event store holds
     events: a query database lost and made again empty, or whose read models were
@@ -207,8 +220,7 @@ async def made_empty(event_store_pool: asyncpg.Pool, query_pool: asyncpg.Pool) -
             "SELECT " + " OR ".join(f"EXISTS (SELECT FROM {table})" for table in tables)
         ):
             return False
-    async with acquired(event_store_pool, COMMAND_DATABASE) as conn:
-        return bool(await conn.fetchval("SELECT EXISTS (SELECT FROM events)"))
+    return await holds_history(event_store_pool)
 
 
 async def drop_made_empty(query_pool: asyncpg.Pool) -> None:
@@ -231,7 +243,7 @@ async def _drop_made_empty(query_pool: asyncpg.Pool) -> None:
     Queries unanswered until the swap. What the live projector wrote there meanwhile is
     of the store, which the replay reads, or kept in `foreign_events`, which it replays."""
     async with acquired(query_pool, QUERY_DATABASE) as conn:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {quoted_schema(DEFAULT_SCHEMA)} CASCADE")
+        await conn.execute(LIVE_DROPPED)
     log.info("the live read models were gone: the rebuilt ones take their place at the swap")
 
 

@@ -332,14 +332,22 @@ def parse_sections(text: str, where: str) -> list[tuple[int, str]]:
 
 
 async def migrate(
-    pool_or_conn: asyncpg.Pool | Connection, name: str, *, statement_timeout: float | None = None
+    pool_or_conn: asyncpg.Pool | Connection,
+    name: str,
+    *,
+    statement_timeout: float | None = None,
+    if_new: str | None = None,
 ) -> None:
     """Bring the schema of `sql/<name>.sql` up to date; safe to run concurrently.
 
     `statement_timeout` bounds the wait for another migrating instance's lock and each
     migration's statements, which may take longer than a statement of the running
-    service is given (an index built on a large table); None: the connection's own."""
-    await apply(pool_or_conn, name, sections(name), statement_timeout=statement_timeout)
+    service is given (an index built on a large table); None: the connection's own.
+    `if_new`: a statement run in the migration's transaction where it made the schema
+    from nothing (the empty read models dropped before any instance can read them)."""
+    await apply(
+        pool_or_conn, name, sections(name), statement_timeout=statement_timeout, if_new=if_new
+    )
 
 
 class SchemaElsewhere(Refused):
@@ -495,17 +503,23 @@ async def apply(
     pending: list[tuple[int, str]],
     *,
     statement_timeout: float | None = None,
+    if_new: str | None = None,
 ) -> None:
-    """Apply the sections of migration `name` not yet recorded, in one locked transaction."""
+    """Apply the sections of migration `name` not yet recorded, in one locked transaction
+    (with `if_new` where none was: `migrate`)."""
     if isinstance(pool_or_conn, asyncpg.Pool):
         async with pool_or_conn.acquire() as conn:
-            await _apply(conn, name, pending, statement_timeout)
+            await _apply(conn, name, pending, statement_timeout, if_new)
     else:
-        await _apply(pool_or_conn, name, pending, statement_timeout)
+        await _apply(pool_or_conn, name, pending, statement_timeout, if_new)
 
 
 async def _apply(
-    conn: Connection, name: str, pending: list[tuple[int, str]], statement_timeout: float | None
+    conn: Connection,
+    name: str,
+    pending: list[tuple[int, str]],
+    statement_timeout: float | None,
+    if_new: str | None = None,
 ) -> None:
     # READ COMMITTED whatever the database's default: the lock is the transaction's first
     # statement, and every later one must see what the previous lock holder committed
@@ -555,6 +569,8 @@ async def _apply(
                 "INSERT INTO schema_migrations (name, version) VALUES ($1, $2)", name, version
             )
             migrated.append(version)
+        if if_new is not None and migrated and not applied:
+            await conn.execute(if_new, timeout=statement_timeout)
     if migrated:  # said once committed: an instance that found it done says nothing
         log.info(
             "schema migrated",
