@@ -343,8 +343,16 @@ async def test_check_names_another_relayers_event_kept_under_the_id_of_a_store_e
 
     assert not checked.ok
     [said] = checked.foreign_on_store
-    assert said.startswith(f"InvestorFundsAddedEvent {added.message_id} at version"), said
+    assert said.startswith(
+        f"InvestorFundsAddedEvent {added.message_id} (kept at 1) is under the message id of"
+        f" this store's InvestorFundsAddedEvent at version {added.version} of aggregate"
+    ), said
     assert "`financing projections rebuild` applies the store's" in said, said
+
+    # The remedy it names: the store's event applied, the rows agree, nothing said.
+    await rebuild(event_store_pool, query_pool)
+    again = await run_check(event_store_pool, query_pool)
+    assert again.ok, again.lines()
 
 
 async def test_check_takes_a_copy_of_a_store_event_kept_under_its_id_for_the_same_event(

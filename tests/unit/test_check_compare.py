@@ -65,7 +65,8 @@ async def test_the_same_rows_listed_in_another_order_are_one_difference() -> Non
     assert differences == [
         f"issuers: listed in another order than a replay from place 1: {third} where a"
         f" replay lists {second} (projected late: a dead letter requeued, a binding"
-        " restored; `financing projections rebuild` lists them in the store's order)"
+        " restored, a rewind after a queue lost; `financing projections rebuild` lists"
+        " them in the store's order)"
     ]
 
 

@@ -35,6 +35,7 @@ from financing.application.invariants import Checker, Report
 from financing.application.pipeline import event_digest
 from financing.application.ports import StoredEvent
 from financing.application.read_models import (
+    ForeignEvent,
     InMemoryReadModels,
     InvestorRow,
     InvoiceRow,
@@ -108,9 +109,10 @@ async def run_check(
     view = None if live is None else await live.view(2 * RECENT)
     # The ids of the events of another relayer the live read models keep: one the store
     # also holds is replayed as the store's, as a rebuild does (the other is a copy).
-    journal = await _kept_digests(live) if live is not None else {}
+    journal = await _kept(live) if live is not None else {}
     in_store: set[str] = set()
-    forged: list[str] = []  # another relayer's events kept under ids of the store's
+    # Another relayer's events kept under the ids of the store's, saying otherwise.
+    forged: dict[str, tuple[StoredEvent, ForeignEvent]] = {}
     aggregates: set[UUID] = set()  # the store's
     unprojected = 0
     batch: list[tuple[str, DomainEvent]] = []
@@ -125,22 +127,13 @@ async def run_check(
         batch.append((message_id, event))
         if (kept := journal.get(message_id)) is not None:
             in_store.add(message_id)
-            if kept != event_digest(event):
-                forged.append(
-                    f"{stored.name} {message_id} at version {stored.version} of aggregate"
-                    f" {stored.aggregate_id}: the read models applied another relayer's"
-                    " event kept under its message id, which says otherwise (published"
-                    " under the id this store derives for a version before the store"
-                    " recorded it), and took the store's event for a copy of it;"
-                    " `financing projections rebuild` applies the store's"
-                )
+            if kept.digest != event_digest(event):
+                forged[message_id] = (stored, kept)
         if len(batch) == BATCH:
             await replay.apply(batch)
             batch = []
     await replay.apply(batch)
-    result = CheckResult(
-        invariants=checker.report(), unprojected=unprojected, foreign_on_store=forged
-    )
+    result = CheckResult(invariants=checker.report(), unprojected=unprojected)
     if query_pool is not None:
         result.another_store = await _another_store(event_store_pool, query_pool)
     if live is not None and view is not None:
@@ -154,6 +147,7 @@ async def run_check(
         result.read_model_differences += compare_unlisted(
             view.unlisted, await replay.unlisted_invoices()
         )
+        result.foreign_on_store[:0] = _applied_in_place(forged, result.read_model_differences)
     return result
 
 
@@ -175,11 +169,29 @@ def _projected_by(view: ProjectedView, stored: StoredEvent) -> bool:
     return stored.recorded_at < view.at - timedelta(seconds=RECENT)
 
 
-async def _kept_digests(live: ReadModelStore) -> dict[str, str]:
-    """What each event of another relayer the live read models keep said, by message id."""
-    return {
-        kept.message_id: kept.digest async for batch in kept_foreign(live, BATCH) for kept in batch
-    }
+async def _kept(live: ReadModelStore) -> dict[str, ForeignEvent]:
+    """The events of another relayer the live read models keep, by message id."""
+    return {kept.message_id: kept async for batch in kept_foreign(live, BATCH) for kept in batch}
+
+
+def _applied_in_place(
+    forged: dict[str, tuple[StoredEvent, ForeignEvent]], differences: list[str]
+) -> list[str]:
+    """Of the events of another relayer kept under the ids of the store's events and
+    saying otherwise, those whose aggregate's rows differ from a replay: applied in place
+    of the store's, which was taken for a copy. Once a rebuild applied the store's, the
+    rows agree and it is no longer said, whatever the records of then."""
+    differing = " ".join(differences)
+    return [
+        f"{kept.event.name()} {message_id} (kept at {kept.position}) is under the message id"
+        f" of this store's {stored.name} at version {stored.version} of aggregate"
+        f" {stored.aggregate_id}, and says otherwise: published under the id the store"
+        " derives for a version before the store recorded it, it was applied, and the"
+        " store's event taken for its copy; `financing projections rebuild` applies the"
+        " store's"
+        for message_id, (stored, kept) in forged.items()
+        if str(stored.aggregate_id) in differing
+    ]
 
 
 async def _replay_foreign(
@@ -270,8 +282,8 @@ def _rows_apart(
                 said.append(
                     f"{part}: listed in another order than a replay from place {index}:"
                     f" {row.id} where a replay lists {other.id} (projected late: a dead"
-                    " letter requeued, a binding restored; `financing projections"
-                    " rebuild` lists them in the store's order)"
+                    " letter requeued, a binding restored, a rewind after a queue lost;"
+                    " `financing projections rebuild` lists them in the store's order)"
                 )
                 break
     return said
