@@ -13,6 +13,7 @@ import re
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 from uuid import uuid4
 
 import aio_pika
@@ -449,13 +450,27 @@ async def test_a_database_whose_table_is_locked_answers_and_the_lock_holder_is_n
 async def test_a_table_locked_that_the_inquiry_does_not_read_is_said_with_its_holder(
     bare: Bare,
 ) -> None:
-    """Regression (a probe): a read model's table a DBA held locked for 3 minutes was
-    said nowhere by `status` (its inquiry reads other tables): the database "reachable",
-    the deployment healthy, while every list of it waited."""
+    """Regression (a probe): a read model's table a DBA held locked for 3 minutes, every
+    list of it waiting, was said nowhere by `status` (its inquiry reads other tables): the
+    database "reachable", the deployment healthy. A lock of another schema's table that
+    statements wait on too (the reference's tables beside the service's) is not the
+    service's (a probe of the first fix)."""
     db = parse_database(bare.env["QUERY_DB_CONNECTION_STRING"])
-    holder = await asyncpg.connect(**db.connect_kwargs, server_settings={"application_name": "dba"})
+    named = {"server_settings": {"application_name": "dba"}}
+    holder = await asyncpg.connect(**db.connect_kwargs, **named)
+    waiter = await asyncpg.connect(**db.connect_kwargs)  # a Queries list, say
+    elsewhere = await asyncpg.connect(**db.connect_kwargs)
+    waiting: list[asyncio.Task[Any]] = []
     try:
-        await holder.execute("BEGIN; LOCK TABLE read_models.investors IN ACCESS EXCLUSIVE MODE")
+        await holder.execute(
+            "CREATE SCHEMA reference; CREATE TABLE reference.events (x int);"
+            " BEGIN; LOCK TABLE read_models.investors IN ACCESS EXCLUSIVE MODE;"
+            " LOCK TABLE reference.events IN ACCESS EXCLUSIVE MODE"
+        )
+        waiting += [
+            asyncio.create_task(waiter.fetch("SELECT * FROM read_models.investors")),
+            asyncio.create_task(elsewhere.fetch("SELECT * FROM reference.events")),
+        ]
         said: list[CommandLine] = []
 
         async def locked_said() -> bool:
@@ -465,13 +480,20 @@ async def test_a_table_locked_that_the_inquiry_does_not_read_is_said_with_its_ho
         await infra.wait_until(locked_said, timeout=LOCKED_SAID + 20, what="the locked table said")
     finally:
         await holder.close()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        await waiter.close()
+        await elsewhere.close()
 
     run = said[-1]
     assert run.exit_code == 1, run.describe()
     [line] = [line for line in run.stdout.splitlines() if line.startswith("table locked")]
-    assert f"by session {holder.get_server_pid()} (user 'postgres', application 'dba'," in line
+    assert line.split(None, 2)[2].startswith(
+        f"read_models.investors by session {holder.get_server_pid()} (user 'postgres',"
+        " application 'dba',"
+    ), line
     assert any(
-        p.startswith("query database: a table is locked by session") for p in problems(run)
+        p.startswith("query database: table read_models.investors is locked by session")
+        for p in problems(run)
     ), problems(run)
 
 

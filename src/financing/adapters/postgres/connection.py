@@ -408,19 +408,47 @@ async def advisory_lock_holder(conn: Connection, key: int) -> OtherSession | Non
     return None if row is None else other_session(row)
 
 
-async def table_lock_holders(conn: Connection) -> list[OtherSession]:
-    """The other sessions holding a lock on a table of this database that stops its
-    writes or its reads (SHARE and stronger: LOCK TABLE, CREATE INDEX, REINDEX, CLUSTER,
-    VACUUM FULL, ALTER TABLE), the longest held first."""
+# A lock that stops a table's writes or its reads (SHARE and stronger: LOCK TABLE, CREATE
+# INDEX, REINDEX, CLUSTER, VACUUM FULL, ALTER TABLE).
+_STOPPING_MODES = "('ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')"
+_TABLES = "(SELECT to_regclass(t) FROM unnest($1::text[]) AS t)"
+
+
+async def table_lock_holders(conn: Connection, tables: Sequence[str]) -> list[OtherSession]:
+    """The other sessions holding a lock that stops the writes or the reads of one of
+    `tables` (as the session names them), the oldest transaction first."""
     rows = await conn.fetch(
         f"SELECT DISTINCT ON (a.pid) {SESSION_COLUMNS} FROM pg_locks AS l"
         " JOIN pg_stat_activity AS a ON a.pid = l.pid WHERE l.locktype = 'relation'"
-        " AND l.granted AND l.pid <> pg_backend_pid() AND l.database = ("
-        "SELECT oid FROM pg_database WHERE datname = current_database()) AND l.mode IN"
-        " ('ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')"
+        f" AND l.granted AND l.pid <> pg_backend_pid() AND l.relation IN {_TABLES}"
+        f" AND l.mode IN {_STOPPING_MODES}",
+        list(tables),
     )
     rows.sort(key=lambda row: -(row["open_for"] or 0.0))
     return [other_session(row) for row in rows]
+
+
+async def lock_waits(
+    conn: Connection, tables: Sequence[str], waited: float
+) -> list[tuple[str, OtherSession]]:
+    """(table, holder) for each session holding a lock that another session has waited
+    on for `waited` seconds or more, on one of `tables`: a lock that stops the service's
+    statements now, not one on a table of another schema, nor one nobody waits for."""
+    since = (
+        "w.waitstart"  # PostgreSQL 14 and later
+        if conn.get_server_version() >= (14, 0)
+        else "(SELECT query_start FROM pg_stat_activity WHERE pid = w.pid)"
+    )
+    rows = await conn.fetch(
+        f"SELECT DISTINCT ON (a.pid) w.relation::regclass::text AS locked, {SESSION_COLUMNS}"
+        " FROM pg_locks AS w CROSS JOIN LATERAL unnest(pg_blocking_pids(w.pid)) AS b(pid)"
+        " JOIN pg_stat_activity AS a ON a.pid = b.pid"
+        f" WHERE w.locktype = 'relation' AND NOT w.granted AND w.relation IN {_TABLES}"
+        f" AND {since} <= clock_timestamp() - make_interval(secs => $2)",
+        list(tables),
+        waited,
+    )
+    return [(row["locked"], other_session(row)) for row in rows]
 
 
 # What a health probe says when every session of the pool stayed busy for PROBE_POOL_WAIT

@@ -25,6 +25,7 @@ from financing.adapters.postgres.connection import (
     acquired,
     close_connection,
     connect,
+    lock_waits,
     table_lock_holders,
 )
 from financing.adapters.postgres.event_store import IDS_AHEAD_DETAIL
@@ -36,6 +37,8 @@ from financing.adapters.postgres.outbox import (
 )
 from financing.adapters.postgres.projected_store import projected, store_of
 from financing.adapters.postgres.schema import (
+    DATABASES,
+    NEEDED_TABLES,
     SchemaAhead,
     SchemaBehind,
     SchemaElsewhere,
@@ -92,7 +95,7 @@ class Findings:
     vhost_refused: bool = False
     # The database the inquiry reached (it answered and holds the schema): a timeout after
     # is a statement that waited, not a server that does not answer.
-    reached: Database | None = None
+    reached: tuple[Database, str] | None = None  # and its schema
 
     def report(self, part: str, state: str) -> None:
         self.lines.append(f"{part:<17} {state}")
@@ -200,7 +203,7 @@ async def _inquire(
         # Said UNREACHABLE, a table locked by a DBA (LOCK TABLE, REINDEX, CLUSTER) sent
         # the operator looking at the network.
         waited = f"it answers, but a statement waited more than {within:g} s"
-        holders = await _lock_holders(findings.reached, part)
+        holders = await _lock_holders(*findings.reached, part)
         findings.report(
             part,
             f"{where}: NOT READY: {waited}"
@@ -216,36 +219,40 @@ async def _inquire(
         findings.problems.append(f"{what} could not be inquired into")
 
 
-# Seconds a table may stay locked against the service's reads or writes before status
-# says so (a migration's or a rebuild's swap holds one for moments).
+# Seconds a statement may wait on a lock of one of the service's tables before status
+# says who holds it (a migration's or a rebuild's swap holds one for moments).
 LOCKED_SAID = 5.0
 
 
-async def _tables_locked(pool: asyncpg.Pool, dependency: str) -> list[str]:
-    """The sessions holding a table of the database locked against the service's reads
-    or writes for LOCKED_SAID seconds or more (a DBA's LOCK TABLE, REINDEX, CLUSTER):
-    the service's statements on it wait, its `/health` soon 503."""
-    async with acquired(pool, dependency) as conn:
-        holders = await table_lock_holders(conn)
-    return [holder.describe() for holder in holders if (holder.open_for or 0.0) >= LOCKED_SAID]
+async def _tables_locked(pool: asyncpg.Pool, schema: str) -> list[tuple[str, str]]:
+    """(table, holder) of each of the service's tables of `schema` whose lock a statement
+    has waited on for LOCKED_SAID seconds or more (a DBA's LOCK TABLE, REINDEX, CLUSTER):
+    the service's statements on it wait, its `/health` soon 503. A lock on another
+    schema's table, or one nobody waits for, is none of the service's."""
+    async with acquired(pool, DATABASES[schema]) as conn:
+        waits = await lock_waits(conn, NEEDED_TABLES[schema], LOCKED_SAID)
+    return [(locked, holder.describe()) for locked, holder in waits]
 
 
-def _said_locked(findings: Findings, part: str, locked: list[str]) -> None:
-    for holder in locked:
-        findings.report("table locked", f"by {holder}")
+def _said_locked(findings: Findings, part: str, locked: list[tuple[str, str]]) -> None:
+    for locked_table, holder in locked:
+        findings.report("table locked", f"{locked_table} by {holder}")
         findings.problems.append(
-            f"{part}: a table is locked by {holder}: the service's statements on it wait"
+            f"{part}: table {locked_table} is locked by {holder}: statements on it have waited"
+            f" {LOCKED_SAID:g} s or more"
         )
 
 
-async def _lock_holders(db: Database, part: str) -> list[str]:
-    """The sessions holding a lock on a table of `db` that stops reads or writes (what a
-    statement that waited may wait for); none where they cannot be told within a second."""
+async def _lock_holders(db: Database, schema: str, part: str) -> list[str]:
+    """The sessions holding a lock on one of the service's tables of `db` that stops
+    reads or writes (what a statement that waited may wait for); none where they cannot
+    be told within a second."""
     try:
         async with asyncio.timeout(1.0):
             conn = await connect(db, part, application_name="financing status")
             try:
-                return [holder.describe() for holder in await table_lock_holders(conn)]
+                holders = await table_lock_holders(conn, NEEDED_TABLES[schema])
+                return [holder.describe() for holder in holders]
             finally:
                 await close_connection(conn)
     except (TimeoutError, Unavailable, Refused):
@@ -275,12 +282,12 @@ async def _local_service(settings: Settings, findings: Findings) -> None:
 
 async def _event_store(settings: Settings, findings: Findings, max_relay_lag: float) -> None:
     async with database(settings.command_db, COMMAND_DATABASE, "status", schema="commands") as pool:
-        findings.reached = settings.command_db
+        findings.reached = settings.command_db, "commands"
         await require_grants(pool, "commands", writes=True)
         await require_tables(pool, "commands")
         backlog = await PostgresOutbox(pool).backlog(held_back_after=max_relay_lag)
         findings.store = await store_of(pool)
-        locked = await _tables_locked(pool, COMMAND_DATABASE)
+        locked = await _tables_locked(pool, "commands")
     findings.report("command database", f"{settings.command_db.describe()}: reachable")
     _said_locked(findings, "command database", locked)
     findings.report("relayer", _relaying(backlog))
@@ -328,12 +335,12 @@ async def _read_models(settings: Settings, findings: Findings) -> None:
     async with (
         database(settings.query_db, QUERY_DATABASE, "status", schema="queries") as pool,
     ):
-        findings.reached = settings.query_db
+        findings.reached = settings.query_db, "queries"
         await require_grants(pool, "queries", writes=True)
         await require_tables(pool, "queries")
         async with acquired(pool, QUERY_DATABASE) as conn:
             found = await projected(conn)
-        locked = await _tables_locked(pool, QUERY_DATABASE)
+        locked = await _tables_locked(pool, "queries")
     findings.report("query database", f"{settings.query_db.describe()}: reachable")
     _said_locked(findings, "query database", locked)
     if found is None:
