@@ -913,6 +913,45 @@ async def test_a_process_serving_no_api_probes_its_databases_while_idle(
         assert said == [f"{database} unavailable"], logs
 
 
+# A process that ends as `financing serve` ends, sent SIGTERM by an object its end
+# destroys: after the interpreter put signals with handlers of Python's back to their
+# default.
+SIGNALLED_AT_ITS_END = """
+import asyncio, os, signal, sys
+from financing.config import Settings
+from financing.entrypoints import service
+
+class SignalledAtTheEnd:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+at_the_end = SignalledAtTheEnd()
+settings = Settings.from_env(dict(os.environ))
+sys.exit(asyncio.run(service.serve(settings, startup_timeout=1.0, last=True)))
+"""
+
+
+async def test_a_stop_signal_as_the_interpreter_ends_leaves_the_exit_code_said(
+    databases: tuple[Database, Database],
+) -> None:
+    """Regression (a probe): a second SIGTERM in the last moments of the process, once
+    the interpreter had put the stop signals back to their default, killed it (143, 3 of
+    19 double stops) after its last line had said 0."""
+    commands, queries = databases
+    unreachable = f"amqp://guest:guest@127.0.0.1:{free_port()}/"  # start-up fails: 2
+    env = service_env(commands, queries, unreachable, *(("127.0.0.1", 0),) * 3)
+    ended = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        SIGNALLED_AT_ITS_END,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    async with asyncio.timeout(30):
+        assert await ended.wait() == 2
+
+
 async def test_a_stop_signal_once_serve_returned_ends_the_process_with_its_code(
     databases: tuple[Database, Database],
 ) -> None:
