@@ -712,6 +712,9 @@ class Taken:
     count: int = 0
     left: Counter[str] = field(default_factory=Counter)
     in_hand: DeadLetter | None = None
+    # The last letter acked: AMQP answers no ack, so one written as the connection was
+    # lost may not have reached the broker, the letter still waiting (counted taken).
+    last_acked: DeadLetter | None = None
 
 
 # Where a message's dead letter cannot be requeued to: `financing_unrouted`'s consumer
@@ -867,4 +870,5 @@ async def _settled(
         with translated():
             await message.ack()
         taken.count += 1
+        taken.last_acked = letter
     taken.in_hand = None
