@@ -428,25 +428,23 @@ async def table_lock_holders(conn: Connection, tables: Sequence[str]) -> list[Ot
     return [other_session(row) for row in rows]
 
 
-async def lock_waits(
-    conn: Connection, tables: Sequence[str], waited: float
+async def tables_locked(
+    conn: Connection, tables: Sequence[str], held: float
 ) -> list[tuple[str, OtherSession]]:
-    """(table, holder) for each session holding a lock that another session has waited
-    on for `waited` seconds or more, on one of `tables`: a lock that stops the service's
-    statements now, not one on a table of another schema, nor one nobody waits for."""
-    since = (
-        "w.waitstart"  # PostgreSQL 14 and later
-        if conn.get_server_version() >= (14, 0)
-        else "(SELECT query_start FROM pg_stat_activity WHERE pid = w.pid)"
-    )
+    """(table, holder) for each of `tables` another session holds a lock on that stops its
+    writes or its reads, in a transaction open `held` seconds or more: what the service's
+    statements on it wait for, now or at their next. Judged by the waiters instead, it
+    came and went as each waiter gave up (at FINANCING_DB_TIMEOUT, or a client's
+    deadline), a locked table said healthy half the time."""
     rows = await conn.fetch(
-        f"SELECT DISTINCT ON (a.pid) w.relation::regclass::text AS locked, {SESSION_COLUMNS}"
-        " FROM pg_locks AS w CROSS JOIN LATERAL unnest(pg_blocking_pids(w.pid)) AS b(pid)"
-        " JOIN pg_stat_activity AS a ON a.pid = b.pid"
-        f" WHERE w.locktype = 'relation' AND NOT w.granted AND w.relation IN {_TABLES}"
-        f" AND {since} <= clock_timestamp() - make_interval(secs => $2)",
+        f"SELECT l.relation::regclass::text AS locked, {SESSION_COLUMNS} FROM pg_locks AS l"
+        " JOIN pg_stat_activity AS a ON a.pid = l.pid WHERE l.locktype = 'relation'"
+        f" AND l.granted AND l.pid <> pg_backend_pid() AND l.relation IN {_TABLES}"
+        f" AND l.mode IN {_STOPPING_MODES}"
+        " AND a.xact_start <= clock_timestamp() - make_interval(secs => $2)"
+        " ORDER BY a.xact_start, locked",
         list(tables),
-        waited,
+        held,
     )
     return [(row["locked"], other_session(row)) for row in rows]
 

@@ -25,8 +25,8 @@ from financing.adapters.postgres.connection import (
     acquired,
     close_connection,
     connect,
-    lock_waits,
     table_lock_holders,
+    tables_locked,
 )
 from financing.adapters.postgres.event_store import IDS_AHEAD_DETAIL
 from financing.adapters.postgres.outbox import (
@@ -70,8 +70,8 @@ Healthy (exit code 0; otherwise 1) means:
     (or of none yet);
   - every queue the service consumes exists and has at least one consumer;
   - no event has waited longer than --max-relay-lag seconds to be relayed;
-  - no table of either database has been locked against the service's reads
-    or writes (LOCK TABLE, REINDEX, CLUSTER) for 5 s or more;
+  - no table of the service's is locked against its reads or writes (LOCK
+    TABLE, REINDEX, CLUSTER) by a transaction open 5 s or more;
   - the service on this host, where its metrics endpoint (METRICS_ADDRESS)
     answers, says it is healthy (/health): it knows of outages that answering
     alone does not show (a disk full, its writes refused).
@@ -219,27 +219,27 @@ async def _inquire(
         findings.problems.append(f"{what} could not be inquired into")
 
 
-# Seconds a statement may wait on a lock of one of the service's tables before status
-# says who holds it (a migration's or a rebuild's swap holds one for moments).
+# Seconds a lock of one of the service's tables may be held before status says who
+# holds it (a migration's or a rebuild's swap holds one for moments).
 LOCKED_SAID = 5.0
 
 
 async def _tables_locked(pool: asyncpg.Pool, schema: str) -> list[tuple[str, str]]:
-    """(table, holder) of each of the service's tables of `schema` whose lock a statement
-    has waited on for LOCKED_SAID seconds or more (a DBA's LOCK TABLE, REINDEX, CLUSTER):
-    the service's statements on it wait, its `/health` soon 503. A lock on another
-    schema's table, or one nobody waits for, is none of the service's."""
+    """(table, holder) of each of the service's tables of `schema` locked against its
+    writes or reads by a transaction open LOCKED_SAID seconds or more (a DBA's LOCK
+    TABLE, REINDEX, CLUSTER): the service's statements on it wait, its `/health` soon
+    503. A lock on another schema's table is none of the service's."""
     async with acquired(pool, DATABASES[schema]) as conn:
-        waits = await lock_waits(conn, NEEDED_TABLES[schema], LOCKED_SAID)
-    return [(locked, holder.describe()) for locked, holder in waits]
+        locks = await tables_locked(conn, NEEDED_TABLES[schema], LOCKED_SAID)
+    return [(locked, holder.describe()) for locked, holder in locks]
 
 
 def _said_locked(findings: Findings, part: str, locked: list[tuple[str, str]]) -> None:
     for locked_table, holder in locked:
         findings.report("table locked", f"{locked_table} by {holder}")
         findings.problems.append(
-            f"{part}: table {locked_table} is locked by {holder}: statements on it have waited"
-            f" {LOCKED_SAID:g} s or more"
+            f"{part}: table {locked_table} is locked by {holder}: the service's statements on"
+            " it wait"
         )
 
 
