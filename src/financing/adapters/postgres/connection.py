@@ -414,25 +414,12 @@ _STOPPING_MODES = "('ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'Acce
 _TABLES = "(SELECT to_regclass(t) FROM unnest($1::text[]) AS t)"
 
 
-async def table_lock_holders(conn: Connection, tables: Sequence[str]) -> list[OtherSession]:
-    """The other sessions holding a lock that stops the writes or the reads of one of
-    `tables` (as the session names them), the oldest transaction first."""
-    rows = await conn.fetch(
-        f"SELECT DISTINCT ON (a.pid) {SESSION_COLUMNS} FROM pg_locks AS l"
-        " JOIN pg_stat_activity AS a ON a.pid = l.pid WHERE l.locktype = 'relation'"
-        f" AND l.granted AND l.pid <> pg_backend_pid() AND l.relation IN {_TABLES}"
-        f" AND l.mode IN {_STOPPING_MODES}",
-        list(tables),
-    )
-    rows.sort(key=lambda row: -(row["open_for"] or 0.0))
-    return [other_session(row) for row in rows]
-
-
 async def tables_locked(
-    conn: Connection, tables: Sequence[str], held: float
+    conn: Connection, tables: Sequence[str], held: float = 0.0
 ) -> list[tuple[str, OtherSession]]:
-    """(table, holder) for each of `tables` another session holds a lock on that stops its
-    writes or its reads, in a transaction open `held` seconds or more: what the service's
+    """(table, holder) for each of `tables` (as the session names them) another session
+    holds a lock on that stops its writes or its reads (SHARE and stronger), in a
+    transaction open `held` seconds or more, the oldest transaction first: what the service's
     statements on it wait for, now or at their next. Judged by the waiters instead, it
     came and went as each waiter gave up (at FINANCING_DB_TIMEOUT, or a client's
     deadline), a locked table said healthy half the time."""

@@ -430,9 +430,9 @@ def said_consumed_again(
             f" again, stop every relayer and run `financing relay rewind --since {since}`"
             " (a minute before the oldest event it held in hand, the last delivered to it"
             " or processed from it, or before the cancel): its consumers take the events"
-            " they had as copies; those"
-            " no queue took meanwhile wait in financing_dead_letters (`financing"
-            " dead-letters requeue --queue financing_unrouted`)"
+            " they had as copies; those no queue took meanwhile wait in"
+            " financing_dead_letters (`financing dead-letters requeue --queue"
+            " financing_unrouted`)"
         )
         if not dated:
             fields["undated"] = (

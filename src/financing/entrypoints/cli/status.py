@@ -25,7 +25,6 @@ from financing.adapters.postgres.connection import (
     acquired,
     close_connection,
     connect,
-    table_lock_holders,
     tables_locked,
 )
 from financing.adapters.postgres.event_store import IDS_AHEAD_DETAIL
@@ -251,8 +250,9 @@ async def _lock_holders(db: Database, schema: str, part: str) -> list[str]:
         async with asyncio.timeout(1.0):
             conn = await connect(db, part, application_name="financing status")
             try:
-                holders = await table_lock_holders(conn, NEEDED_TABLES[schema])
-                return [holder.describe() for holder in holders]
+                locks = await tables_locked(conn, NEEDED_TABLES[schema])
+                holders = {holder.pid: holder for _, holder in locks}  # each once
+                return [holder.describe() for holder in holders.values()]
             finally:
                 await close_connection(conn)
     except (TimeoutError, Unavailable, Refused):
