@@ -29,7 +29,7 @@ from grpclib.exceptions import GRPCError
 from financing.adapters.postgres.connection import create_pool
 from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.adapters.postgres.read_models import PostgresReadModels
-from financing.adapters.postgres.schema import migrate
+from financing.adapters.postgres.schema import INDEXES, migrate
 from financing.application import codec
 from financing.application.errors import Unavailable
 from financing.application.messages import InvestorRegistered, IssuerRegistered
@@ -43,6 +43,7 @@ from financing.generated import (
     SellInvoiceCommand,
     Uuid,
 )
+from financing.workers.indexes import INTERVAL_SECONDS as INDEX_WATCH
 from tests.faults.conftest import Deploy, add_figure, record_workload, set_figure
 from tests.faults.workload import (
     OBSERVER_APPLICATION,
@@ -389,6 +390,41 @@ async def test_a_privilege_revoked_from_pruning_is_one_outage_until_it_is_grante
         "command database still unavailable",
         "command database recovered",
     ]
+    await settle(target)
+    await verify_effects(target, workload)
+
+
+async def test_a_unique_index_dropped_under_the_service_is_one_outage_until_it_is_made_again(
+    deploy: Deploy,
+) -> None:
+    """Regression (a DBA's probe): indexes a DBA dropped went unnoticed. Without the unique
+    key of a stream's versions two writers can both append one version, and no statement
+    fails: the service looks every few seconds, says the outage once with what makes the
+    index again, and ends it once it is back."""
+    target = await deploy("dropped_index")
+    [stream_version] = [i for i in INDEXES["commands"] if i.name == "events_stream_version"]
+    await target.event_pool.execute("ALTER TABLE events DROP CONSTRAINT events_stream_version")
+
+    def lines() -> list[str]:
+        return [event for _, event in target.outage_lines("command database")]
+
+    async def told() -> bool:
+        return "command database unavailable" in lines()
+
+    await infra.wait_until(told, timeout=INDEX_WATCH + 20, what="the dropped index said")
+    [said] = [line for line in target.json_log() if line["event"] == "command database unavailable"]
+    assert "unique index events_stream_version of events" in said["error"], said
+    assert stream_version.remedy in said["error"], said
+
+    await target.event_pool.execute(stream_version.remedy)
+
+    async def recovered() -> bool:
+        return "command database recovered" in lines()
+
+    await infra.wait_until(recovered, timeout=30, what="the outage over once the index is back")
+    assert lines() == ["command database unavailable", "command database recovered"]
+    workload = Workload(target, seed=suite_seed(), concurrency=2)
+    await workload.run(sagas=4)
     await settle(target)
     await verify_effects(target, workload)
 

@@ -212,6 +212,34 @@ async def test_an_event_waiting_longer_than_the_relay_lag_makes_the_deployment_u
     assert not [p for p in problems(patient) if "relayed" in p], patient.describe()
 
 
+async def test_read_models_that_hold_nothing_while_the_store_holds_events_are_a_problem(
+    bare: Bare,
+) -> None:
+    """Regression (a probe): a Queries-only or projector-only process on a query database
+    made anew served its empty read models, and `status` said the deployment healthy."""
+    await bare.events.execute(
+        "INSERT INTO events (aggregate_type, aggregate_id, version, name, body)"
+        " VALUES ('Issuer', gen_random_uuid(), 1, 'IssuerCreatedEvent', '{}')"
+    )
+    empty = await run_cli(bare.env, "status")
+
+    [line] = [line for line in empty.stdout.splitlines() if "HOLD NOTHING" in line]
+    assert line.startswith("read models "), line
+    assert "HOLD NOTHING while the event store holds events" in line, line
+    assert "`financing projections rebuild` builds them" in line, line
+    assert "the read models hold nothing while the event store holds events" in problems(empty)
+
+    queries = parse_database(bare.env["QUERY_DB_CONNECTION_STRING"])
+    conn = await asyncpg.connect(**queries.connect_kwargs)
+    try:
+        await conn.execute("INSERT INTO read_models.issuers (id) VALUES (gen_random_uuid())")
+    finally:
+        await conn.close()
+    projected = await run_cli(bare.env, "status")
+    assert "HOLD NOTHING" not in projected.stdout, projected.describe()
+    assert not [p for p in problems(projected) if "hold nothing" in p], projected.describe()
+
+
 async def test_a_session_left_holding_the_relayer_lock_is_named_with_what_ends_it(
     bare: Bare,
 ) -> None:
@@ -493,6 +521,41 @@ async def test_a_table_locked_that_the_inquiry_does_not_read_is_said_with_its_ho
         p.startswith("query database: table read_models.investors is locked by session")
         for p in problems(run)
     ), problems(run)
+
+
+async def test_indexes_a_dba_dropped_are_each_a_problem_saying_what_makes_them_again(
+    bare: Bare,
+) -> None:
+    """Regression (a DBA's probe): an index no scan had used yet (`events_correlation`,
+    until a `trace`) dropped went unnoticed, `trace` then reading the whole store; and a
+    unique one, on which the service's writes rely, as well."""
+    commands = parse_database(bare.env["COMMAND_DB_CONNECTION_STRING"])
+    queries = parse_database(bare.env["QUERY_DB_CONNECTION_STRING"])
+    for db, dropping in (
+        (commands, "DROP INDEX events_correlation"),
+        (queries, "ALTER TABLE read_models.investors DROP CONSTRAINT investors_pkey"),
+    ):
+        conn = await asyncpg.connect(**db.connect_kwargs)
+        try:
+            await conn.execute(dropping)
+        finally:
+            await conn.close()
+
+    run = await run_cli(bare.env, "status")
+
+    assert run.exit_code == 1, run.describe()
+    lacking = [line for line in run.stdout.splitlines() if line.startswith("index lacking")]
+    assert lacking == [
+        "index lacking     index events_correlation of events (`financing trace`): CREATE INDEX"
+        " CONCURRENTLY events_correlation ON events (correlation_id) WHERE correlation_id IS"
+        " NOT NULL",
+        "index lacking     unique index investors_pkey of read_models.investors (one row per"
+        " investor): `financing projections rebuild` makes it again with the read models",
+    ], run.describe()
+    assert [p for p in problems(run) if " lacks the " in p] == [
+        "command database: lacks the " + lacking[0].split(None, 2)[2],
+        "query database: lacks the " + lacking[1].split(None, 2)[2],
+    ]
 
 
 @pytest.mark.parametrize(

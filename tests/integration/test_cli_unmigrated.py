@@ -104,6 +104,32 @@ async def test_check_on_read_models_without_their_schema_says_so_in_one_line(
     )
 
 
+async def test_check_on_a_query_database_migrated_without_its_read_models_names_the_rebuild(
+    empty_databases: tuple[Database, Database],
+) -> None:
+    """Regression (a probe): a rebuild refused (the store's transaction ids ahead of the
+    server's) after migrating a query database made anew left it without read models;
+    `check` then said an UndefinedTableError and blamed the search_path."""
+    commands, queries = empty_databases
+    for db, schema in ((commands, "commands"), (queries, "queries")):
+        conn = await asyncpg.connect(**db.connect_kwargs)
+        try:
+            await migrate(conn, schema)
+            if schema == "queries":
+                await conn.execute("DROP SCHEMA read_models CASCADE")
+        finally:
+            await conn.close()
+    run = await run_on(commands, queries, "check")
+    assert run.exit_code == 1, run.describe()
+    [line] = run.stderr.splitlines()
+    assert line.startswith("financing check: query database unavailable: its table(s) "), line
+    assert line.endswith(
+        "where they are gone, `financing projections rebuild` builds them again from the"
+        " event store, without a restart"
+    ), line
+    assert "UndefinedTableError" not in line
+
+
 @pytest.mark.parametrize(
     "words",
     [("projections", "rebuild"), ("relay", "rewind", "--since", "1h")],

@@ -520,6 +520,29 @@ class TestPostgresReadModels(ReadModelContract):
         await store.apply([created])  # its message id was not recorded either
         assert await store.issuers() == [IssuerRow(issuer_id)]
 
+    @pytest.mark.parametrize("table", ["investors", "issuers"])
+    async def test_a_row_key_a_dba_dropped_is_an_outage_not_a_bug(
+        self, pool: asyncpg.Pool, table: str
+    ) -> None:
+        """Regression (a DBA's probe): an upsert whose unique index was dropped failed as a
+        bug, each event dead-lettered after three tries; it is an outage until the index is
+        made again (`schema.require_indexes` names it). An issuer's row, whose conflict was
+        not named, was made twice for a copy."""
+        store = await fresh_read_models(pool)
+        await pool.execute(f'ALTER TABLE "{store.schema}".{table} DROP CONSTRAINT {table}_pkey')
+        created = (
+            ev.InvestorCreatedEvent(uuid4())
+            if table == "investors"
+            else ev.IssuerCreatedEvent(uuid4())
+        )
+        with pytest.raises(Unavailable) as applying:
+            await apply(store, created)
+        assert applying.value.dependency == QUERY_DATABASE
+        assert "no unique or exclusion constraint" in str(applying.value)
+        await pool.execute(f'ALTER TABLE "{store.schema}".{table} ADD PRIMARY KEY (id)')
+        await apply(store, created)
+        assert len(await (store.investors() if table == "investors" else store.issuers())) == 1
+
     async def test_unreachable_database_raises_unavailable_naming_the_query_database(
         self,
     ) -> None:

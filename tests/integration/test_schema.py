@@ -14,16 +14,19 @@ from structlog.testing import capture_logs
 from financing.adapters.postgres.connection import connect, create_pool
 from financing.adapters.postgres.event_store import LEGACY_CONSUMERS, PostgresEventStore
 from financing.adapters.postgres.schema import (
+    INDEXES,
     MIGRATION_LOCK,
     NEEDED_TABLES,
     WAITING_SAID_AFTER,
     SchemaAhead,
     SchemaElsewhere,
     apply,
+    indexes_lacking,
     migrate,
     missing,
     parse_sections,
     require_current,
+    require_indexes,
     require_tables,
     sections,
 )
@@ -535,6 +538,72 @@ async def test_the_tables_an_outage_check_requires_are_those_the_migration_creat
         assert "their schema renamed" in str(gone.value)
         assert "where they were moved, put them back" in str(gone.value)
         assert not str(gone.value).endswith("to start an empty event store")
+    finally:
+        await pool.close()
+
+
+@pytest.mark.parametrize("name", ["commands", "queries"])
+async def test_the_indexes_the_service_relies_on_are_those_the_migration_creates(
+    empty_database: Database, name: str
+) -> None:
+    """Every index the migrations make is in INDEXES (what `status` and the checks of the
+    unique ones look for), and nothing else is."""
+    pool = await create_pool(empty_database)
+    try:
+        await migrate(pool, name)
+        made = await pool.fetch(
+            "SELECT schemaname, tablename, indexname, indexdef LIKE 'CREATE UNIQUE %' AS unique_"
+            " FROM pg_indexes WHERE schemaname NOT IN ('pg_catalog', 'information_schema')"
+            " AND tablename <> 'schema_migrations'"
+        )
+        found = {
+            (
+                row["tablename"]
+                if row["schemaname"] == "public"
+                else f"{row['schemaname']}.{row['tablename']}",
+                row["indexname"],
+                row["unique_"],
+            )
+            for row in made
+        }
+        assert found == {(index.table, index.name, index.unique) for index in INDEXES[name]}
+        async with pool.acquire() as conn:
+            assert await indexes_lacking(conn, name) == []
+        await require_indexes(pool, name)
+    finally:
+        await pool.close()
+
+
+async def test_a_unique_index_dropped_is_an_outage_naming_it_until_it_is_made_again(
+    empty_database: Database,
+) -> None:
+    """Regression (a DBA's probe): indexes a DBA dropped went unnoticed; without the
+    unique key of a stream's versions two writers could both append one version."""
+    pool = await create_pool(empty_database)
+    try:
+        await migrate(pool, "commands")
+        await pool.execute("ALTER TABLE events DROP CONSTRAINT events_stream_version")
+        await pool.execute("DROP INDEX events_correlation")
+        async with pool.acquire() as conn:
+            lacking = [index.name for index in await indexes_lacking(conn, "commands")]
+        assert lacking == ["events_stream_version", "events_correlation"]
+        with pytest.raises(AwaitingOperator) as waiting:
+            await require_indexes(pool, "commands")
+        said = str(waiting.value)
+        assert "unique index events_stream_version of events" in said
+        assert "ADD CONSTRAINT events_stream_version UNIQUE (aggregate_id, version)" in said
+        assert "events_correlation" not in said  # only the scans of `trace` need it
+
+        [remedy] = [i.remedy for i in INDEXES["commands"] if i.name == "events_stream_version"]
+        await pool.execute(remedy)
+        await require_indexes(pool, "commands")
+        # An index a CREATE INDEX CONCURRENTLY left invalid is lacking too.
+        await pool.execute(
+            "UPDATE pg_index SET indisvalid = false"
+            " WHERE indexrelid = 'processed_messages_pkey'::regclass"
+        )
+        with pytest.raises(AwaitingOperator, match="unique index processed_messages_pkey"):
+            await require_indexes(pool, "commands")
     finally:
         await pool.close()
 

@@ -59,6 +59,7 @@ from financing.adapters.postgres.schema import (
     migrate,
     missing,
     require_grants,
+    require_indexes,
     require_tables,
 )
 from financing.adapters.rabbitmq import topology
@@ -115,6 +116,7 @@ from financing.entrypoints.observability import (
 )
 from financing.logging import get_logger
 from financing.tls_files import UnusableFiles
+from financing.workers.indexes import IndexWatch
 from financing.workers.projector import Projector
 from financing.workers.relayer import Relayer
 from financing.workers.retention import Retention
@@ -289,6 +291,9 @@ async def _databases(
                 attempts_within=within,
                 answers_within=db.answer_timeout,
             )
+        if pool is not None and writes:
+            indexed = partial(require_indexes, pool, schema)
+            await started(f"the {DATABASES[schema]}'s unique indexes", indexed, outages, deadline)
     store: UUID | None = None
     if command_pool is not None:
         commands = command_pool
@@ -556,8 +561,17 @@ def _housekeeping(
     outages: Outages,
     opened: _Opened,
 ) -> None:
-    """The pruning of deduplication records and the metrics endpoint."""
+    """The pruning of deduplication records, the watch of the unique indexes the
+    process's writes rely on, and the metrics endpoint."""
     selected = service.components
+    written = [
+        (pool, schema)
+        for pool, schema in (
+            (opened.command_pool, "commands"),  # every component on it writes
+            (opened.query_pool if selected & RECORDS_PROJECTIONS else None, "queries"),
+        )
+        if pool is not None
+    ]
     records = deduplication_records(
         opened.command_pool if selected & RECORDS_COMMANDS else None,
         opened.query_pool if selected & RECORDS_PROJECTIONS else None,
@@ -565,6 +579,10 @@ def _housekeeping(
     if records:
         retention = Retention(records, outages, keep=settings.dedup_retention)
         service.workers["retention"] = retention.run
+    service.workers["indexes"] = IndexWatch(
+        {DATABASES[schema]: partial(require_indexes, pool, schema) for pool, schema in written},
+        outages,
+    ).run
     if settings.metrics_address is not None:
         # Which release each instance runs: every earlier one must be stopped before the
         # first of a release that migrates a schema starts (docs/deployment.md).
@@ -589,6 +607,8 @@ def _answering(pool: asyncpg.Pool, schema: str, *, writes: bool) -> Callable[[],
             return
         await require_grants(pool, schema, writes=writes)
         await require_tables(pool, schema)
+        if writes:
+            await require_indexes(pool, schema)
 
     return answering
 

@@ -54,9 +54,10 @@ _UNAVAILABLE_CLASSES = frozenset({"08", "53", "57", "58"})
 # its tables revoked; 42P01 undefined table, its tables out of the session's sight (a
 # `search_path` changed to schemas that do not hold them); 42703 undefined column, a table
 # of another's of the same name in sight before its own (a `search_path` putting a
-# schema that holds an `events` of its own first). Taken for bugs, each dead-lettered
-# every message meanwhile, or stopped the service.
-_UNAVAILABLE_STATES = frozenset({"25006", "55P03", "42501", "42P01", "42703"})
+# schema that holds an `events` of its own first); 42P10 invalid column reference, an
+# upsert whose unique index a DBA dropped (`schema.require_indexes` names it). Taken for
+# bugs, each dead-lettered every message meanwhile, or stopped the service.
+_UNAVAILABLE_STATES = frozenset({"25006", "55P03", "42501", "42P01", "42703", "42P10"})
 
 # Errors by which PostgreSQL tells one of two racing writers to retry.
 RACE_ERRORS: tuple[type[Exception], ...] = (

@@ -103,7 +103,8 @@ async def claim(query_pool: asyncpg.Pool, store: UUID) -> None:
     async with acquired(query_pool, QUERY_DATABASE) as conn:
         with contextlib.suppress(asyncpg.ReadOnlySQLTransactionError):
             await conn.execute(
-                "INSERT INTO projected_event_store (id) VALUES ($1) ON CONFLICT DO NOTHING",
+                "INSERT INTO projected_event_store (id) VALUES ($1)"
+                " ON CONFLICT (singleton) DO NOTHING",
                 store,
             )
         await refuse_another(conn, store)

@@ -83,7 +83,10 @@ class PostgresReadModels:
             f"INSERT INTO {s}.processed_messages (message_id, recorded_at)"
             " SELECT * FROM unnest($1::text[], $2::timestamptz[])"
         )
-        self._record_sql = f"{records} ON CONFLICT DO NOTHING RETURNING message_id"
+        # Each conflict named by its columns, so that a unique index dropped fails the
+        # statement (an outage, `schema.require_indexes`), where a bare ON CONFLICT never
+        # meets a conflict again and projects a copy twice.
+        self._record_sql = f"{records} ON CONFLICT (message_id) DO NOTHING RETURNING message_id"
         # Fails on the key when a message id was recorded before.
         self._record_all_sql = records
         # In the order projected (the batch's). Fails on the key when one was kept
@@ -115,7 +118,7 @@ class PostgresReadModels:
         self._project_issuers_sql = (
             f"INSERT INTO {s}.issuers (id) SELECT id FROM unnest($1::uuid[])"
             " WITH ORDINALITY AS new (id, ordinality) ORDER BY ordinality"
-            " ON CONFLICT DO NOTHING"
+            " ON CONFLICT (id) DO NOTHING"
         )
         # Each investor once, with the sum of its batch's changes (additions
         # commute); an investor's creation is a change of nothing: it only makes the row.

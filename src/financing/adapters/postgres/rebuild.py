@@ -204,6 +204,12 @@ async def made_empty(event_store_pool: asyncpg.Pool, query_pool: asyncpg.Pool) -
     events: a query database lost and made again empty, or whose read models were
     dropped, under a store with a history. Rows are never pruned, unlike the records of
     what was projected: a store's first event makes one."""
+    return await read_models_empty(query_pool) and await holds_history(event_store_pool)
+
+
+async def read_models_empty(query_pool: asyncpg.Pool) -> bool:
+    """Whether the live read models hold no row, or are gone whole (some of their tables
+    gone is the operator's to mend: a restore)."""
     live = quoted_schema(DEFAULT_SCHEMA)
     tables = [f"{live}.{table}" for table in ("investors", "invoices", "issuers")]
     async with acquired(query_pool, QUERY_DATABASE) as conn:
@@ -215,12 +221,13 @@ async def made_empty(event_store_pool: asyncpg.Pool, query_pool: asyncpg.Pool) -
         )
         assert row is not None  # an aggregate returns one row
         if row["schema"] and row["found"] < len(tables):
-            return False  # some of their tables gone: the operator's to mend (a restore)
-        if row["schema"] and await conn.fetchval(
-            "SELECT " + " OR ".join(f"EXISTS (SELECT FROM {table})" for table in tables)
-        ):
             return False
-    return await holds_history(event_store_pool)
+        return not (
+            row["schema"]
+            and await conn.fetchval(
+                "SELECT " + " OR ".join(f"EXISTS (SELECT FROM {table})" for table in tables)
+            )
+        )
 
 
 async def drop_made_empty(query_pool: asyncpg.Pool) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import re
 import time
+from dataclasses import dataclass
 from importlib import resources
 
 import asyncpg
@@ -139,6 +140,195 @@ NEEDED_TABLES = {
         "projected_event_store",
     ),
 }
+
+
+@dataclass(frozen=True)
+class Index:
+    """An index of a service's table the service relies on: `unique`, its writes do (a
+    stream's versions, a message's record; without it, a copy is applied twice or a
+    stream forks); otherwise its scans do (without it, they read the whole table)."""
+
+    name: str  # in the table's schema
+    table: str  # as NEEDED_TABLES names it
+    unique: bool
+    serves: str  # what it keeps right, or fast
+    remedy: str  # what makes it again
+
+
+_BY_REBUILD = "`financing projections rebuild` makes it again with the read models"
+
+
+def _read_models_key(table: str, name: str, serves: str) -> Index:
+    return Index(name, f"{DEFAULT_SCHEMA}.{table}", True, serves, _BY_REBUILD)
+
+
+# Every index the migrations make on the service's tables, by schema (a test holds this
+# list to what they make). A DBA drops an index no scan has used yet (`events_correlation`
+# until a `trace`); a unique one dropped breaks what the service keeps right.
+INDEXES = {
+    "commands": (
+        Index(
+            "events_pkey",
+            "events",
+            True,
+            "an event's position",
+            "ALTER TABLE events ADD PRIMARY KEY (position)",
+        ),
+        Index(
+            "events_stream_version",
+            "events",
+            True,
+            "one event per version of an aggregate (two writers of one version: the stream forks)",
+            "ALTER TABLE events ADD CONSTRAINT events_stream_version"
+            " UNIQUE (aggregate_id, version)",
+        ),
+        Index(
+            "events_commit_order",
+            "events",
+            False,
+            "the relayer's reads in commit order",
+            "CREATE INDEX CONCURRENTLY events_commit_order ON events (transaction_id, position)",
+        ),
+        Index(
+            "events_correlation",
+            "events",
+            False,
+            "`financing trace`",
+            "CREATE INDEX CONCURRENTLY events_correlation ON events (correlation_id)"
+            " WHERE correlation_id IS NOT NULL",
+        ),
+        Index(
+            "snapshots_pkey",
+            "snapshots",
+            True,
+            "one snapshot per aggregate",
+            "ALTER TABLE snapshots ADD PRIMARY KEY (aggregate_id)",
+        ),
+        Index(
+            "processed_messages_pkey",
+            "processed_messages",
+            True,
+            "one record per message and consumer (a copy delivered again: applied twice)",
+            "ALTER TABLE processed_messages ADD PRIMARY KEY (consumer, message_id)",
+        ),
+        Index(
+            "processed_messages_correlation",
+            "processed_messages",
+            False,
+            "`financing trace`",
+            "CREATE INDEX CONCURRENTLY processed_messages_correlation ON"
+            " processed_messages (correlation_id) WHERE correlation_id IS NOT NULL",
+        ),
+        Index(
+            "processed_messages_age",
+            "processed_messages",
+            False,
+            "pruning the deduplication records",
+            "CREATE INDEX CONCURRENTLY processed_messages_age ON processed_messages (processed_at)",
+        ),
+        Index(
+            "relay_checkpoints_pkey",
+            "relay_checkpoints",
+            True,
+            "the relayer's checkpoint",
+            "ALTER TABLE relay_checkpoints ADD PRIMARY KEY (name)",
+        ),
+        Index(
+            "event_store_identity_pkey",
+            "event_store_identity",
+            True,
+            "the event store's one name",
+            "ALTER TABLE event_store_identity ADD PRIMARY KEY (singleton)",
+        ),
+    ),
+    "queries": (
+        _read_models_key("investors", "investors_pkey", "one row per investor"),
+        _read_models_key("investors", "investors_created_key", "the order of creation"),
+        _read_models_key("invoices", "invoices_pkey", "one row per invoice"),
+        _read_models_key("invoices", "invoices_created_key", "the order of creation"),
+        _read_models_key("issuers", "issuers_pkey", "one row per issuer"),
+        _read_models_key("issuers", "issuers_created_key", "the order of creation"),
+        _read_models_key(
+            "processed_messages",
+            "processed_messages_pkey",
+            "one record per projected message (a copy delivered again: projected twice)",
+        ),
+        Index(
+            "processed_messages_age",
+            f"{DEFAULT_SCHEMA}.processed_messages",
+            False,
+            "pruning the deduplication records",
+            _BY_REBUILD,
+        ),
+        Index(
+            "foreign_events_pkey",
+            "foreign_events",
+            True,
+            "the order of another relayer's events",
+            "ALTER TABLE foreign_events ADD PRIMARY KEY (position)",
+        ),
+        Index(
+            "foreign_events_message_id_key",
+            "foreign_events",
+            True,
+            "one copy of another relayer's event",
+            "ALTER TABLE foreign_events ADD CONSTRAINT foreign_events_message_id_key"
+            " UNIQUE (message_id)",
+        ),
+        Index(
+            "projected_event_store_pkey",
+            "projected_event_store",
+            True,
+            "the one event store the read models are of",
+            "ALTER TABLE projected_event_store ADD PRIMARY KEY (singleton)",
+        ),
+    ),
+}
+# Of the indexes named (table, index), those of a table there that it lacks, or holds
+# invalid (a CREATE INDEX CONCURRENTLY that failed half way): the table's schema holds
+# its indexes.
+_INDEXES_LACKING = (
+    "SELECT coalesce(array_agg(i.name ORDER BY i.ordinality), '{}')"
+    " FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS i (tbl, name, ordinality)"
+    " WHERE to_regclass(i.tbl) IS NOT NULL AND NOT EXISTS (SELECT FROM pg_index AS x"
+    " JOIN pg_class AS c ON c.oid = x.indexrelid"
+    " WHERE x.indrelid = to_regclass(i.tbl) AND c.relname = i.name AND x.indisvalid)"
+)
+
+
+async def indexes_lacking(conn: Connection, name: str) -> list[Index]:
+    """The indexes of INDEXES[name] the database lacks, or holds invalid (tables that are
+    not there are `require_tables`' to say)."""
+    indexes = INDEXES[name]
+    lacking = set(
+        await conn.fetchval(
+            _INDEXES_LACKING, [index.table for index in indexes], [index.name for index in indexes]
+        )
+    )
+    return [index for index in indexes if index.name in lacking]
+
+
+def said_lacking(index: Index) -> str:
+    """What the lack of `index` does, and what makes it again."""
+    kind = "unique index" if index.unique else "index"
+    return f"{kind} {index.name} of {index.table} ({index.serves}): {index.remedy}"
+
+
+async def require_indexes(pool: asyncpg.Pool, name: str) -> None:
+    """AwaitingOperator while the database lacks a unique index of INDEXES[name]: the
+    service's writes rely on each (an upsert fails without its own; a copy of a message
+    would be applied twice), so they wait until it is made again."""
+    async with acquired(pool, DATABASES[name]) as conn:
+        lacking = [index for index in await indexes_lacking(conn, name) if index.unique]
+    if lacking:
+        raise AwaitingOperator(
+            DATABASES[name],
+            f"it lacks the unique index(es) its writes rely on, dropped or left invalid:"
+            f" {'; '.join(said_lacking(index) for index in lacking)}; the service goes on"
+            " by itself once they are made",
+        )
+
+
 # What brings a schema's tables back where they are gone. Not a restart of the command
 # database's service first: on a schema renamed (the events all there, under another
 # name), it told a DBA to start an empty event store.

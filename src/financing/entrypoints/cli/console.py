@@ -14,7 +14,12 @@ from dataclasses import replace
 import asyncpg
 
 from financing.adapters.postgres.connection import close_pool, create_pool, translated
-from financing.adapters.postgres.schema import SchemaBehind, migrate, require_current
+from financing.adapters.postgres.schema import (
+    SchemaBehind,
+    migrate,
+    require_current,
+    require_tables,
+)
 from financing.config import Database, Variable
 from financing.entrypoints.stopping import early_signal, stop_signals
 
@@ -101,6 +106,10 @@ async def database(
                     if not (migrates and behind.older):
                         raise
                     await migrate(pool, schema)
+                # Its tables gone (a query database a refused rebuild migrated from
+                # nothing, the read models dropped) said so, with what brings them back:
+                # `check` said an UndefinedTableError and blamed the search_path.
+                await require_tables(pool, schema)
         yield pool
     finally:
         await close_pool(pool)

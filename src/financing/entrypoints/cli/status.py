@@ -35,14 +35,17 @@ from financing.adapters.postgres.outbox import (
     left_holding,
 )
 from financing.adapters.postgres.projected_store import projected, store_of
+from financing.adapters.postgres.rebuild import holds_history, read_models_empty
 from financing.adapters.postgres.schema import (
     DATABASES,
     NEEDED_TABLES,
     SchemaAhead,
     SchemaBehind,
     SchemaElsewhere,
+    indexes_lacking,
     require_grants,
     require_tables,
+    said_lacking,
 )
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import (
@@ -66,11 +69,12 @@ Healthy (exit code 0; otherwise 1) means:
   - the command database, the query database and the broker answer, and each
     database holds this release's schema and takes the service's writes;
   - the query database holds the read models of this deployment's event store
-    (or of none yet);
+    (or of none yet), and they hold something where the event store does;
   - every queue the service consumes exists and has at least one consumer;
   - no event has waited longer than --max-relay-lag seconds to be relayed;
   - no table of the service's is locked against its reads or writes (LOCK
     TABLE, REINDEX, CLUSTER) by a transaction open 5 s or more;
+  - no index the service relies on is dropped or invalid;
   - the service on this host, where its metrics endpoint (METRICS_ADDRESS)
     answers, says it is healthy (/health): it knows of outages that answering
     alone does not show (a disk full, its writes refused).
@@ -95,6 +99,9 @@ class Findings:
     # The database the inquiry reached (it answered and holds the schema): a timeout after
     # is a statement that waited, not a server that does not answer.
     reached: tuple[Database, str] | None = None  # and its schema
+    # The event store holds events; the read models hold none (made anew, or dropped).
+    history: bool = False
+    empty: bool = False
 
     def report(self, part: str, state: str) -> None:
         self.lines.append(f"{part:<17} {state}")
@@ -139,6 +146,20 @@ async def run_status(
         )
         read_models.problems.append(
             "the query database holds the read models of another event store"
+        )
+    if event_store.history and read_models.empty:
+        # What a Queries-only or projector-only process serves on a query database made
+        # anew: a process that runs the projector with the command database rebuilds it
+        # as it starts.
+        read_models.report(
+            "read models",
+            "HOLD NOTHING while the event store holds events (a query database made anew,"
+            " or its read models dropped): `financing projections rebuild` builds them; a"
+            " process that runs the projector with the command database does so as it"
+            " starts",
+        )
+        read_models.problems.append(
+            "the read models hold nothing while the event store holds events"
         )
     if broker.vhost_refused and service.healthy:
         # The service, on the same virtual host with the same user, holds its connections:
@@ -242,6 +263,19 @@ def _said_locked(findings: Findings, part: str, locked: list[tuple[str, str]]) -
         )
 
 
+async def _indexes_lacking(pool: asyncpg.Pool, schema: str) -> list[str]:
+    """What each index the service relies on, and the database lacks or holds invalid,
+    keeps right or fast, and what makes it again."""
+    async with acquired(pool, DATABASES[schema]) as conn:
+        return [said_lacking(index) for index in await indexes_lacking(conn, schema)]
+
+
+def _said_lacking(findings: Findings, part: str, lacking: list[str]) -> None:
+    for said in lacking:
+        findings.report("index lacking", said)
+        findings.problems.append(f"{part}: lacks the {said}")
+
+
 async def _lock_holders(db: Database, schema: str, part: str) -> list[str]:
     """The sessions holding a lock on one of the service's tables of `db` that stops
     reads or writes (what a statement that waited may wait for); none where they cannot
@@ -287,9 +321,12 @@ async def _event_store(settings: Settings, findings: Findings, max_relay_lag: fl
         await require_tables(pool, "commands")
         backlog = await PostgresOutbox(pool).backlog(held_back_after=max_relay_lag)
         findings.store = await store_of(pool)
+        findings.history = await holds_history(pool)
         locked = await _tables_locked(pool, "commands")
+        lacking = await _indexes_lacking(pool, "commands")
     findings.report("command database", f"{settings.command_db.describe()}: reachable")
     _said_locked(findings, "command database", locked)
+    _said_lacking(findings, "command database", lacking)
     findings.report("relayer", _relaying(backlog))
     if backlog.ids_ahead:
         findings.problems.append(IDS_AHEAD_DETAIL)
@@ -341,8 +378,12 @@ async def _read_models(settings: Settings, findings: Findings) -> None:
         async with acquired(pool, QUERY_DATABASE) as conn:
             found = await projected(conn)
         locked = await _tables_locked(pool, "queries")
+        if not locked:  # a read of a locked read model would wait on it
+            findings.empty = await read_models_empty(pool)
+        lacking = await _indexes_lacking(pool, "queries")
     findings.report("query database", f"{settings.query_db.describe()}: reachable")
     _said_locked(findings, "query database", locked)
+    _said_lacking(findings, "query database", lacking)
     if found is None:
         findings.report("read models", "of no event store yet (recorded as the service starts)")
     else:
