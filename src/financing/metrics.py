@@ -210,8 +210,9 @@ TOPOLOGY_RESTORED = Counter(
 CONSUMERS_CANCELLED = Counter(
     "financing_consumers_cancelled_total",
     "Consumers of this process the broker cancelled (their queue deleted, with what it"
-    " held, or the node holding it down), by queue: what was published to the queue"
-    " until it was consumed again may have missed it.",
+    " held, or the node holding it down), or whose queue was missing as the process"
+    " started though their records say it was consumed before, by queue: what was"
+    " published to the queue until it was consumed again may have missed it.",
     ["queue"],
 )
 DEAD_LETTERS = Counter(

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import aiormq
@@ -33,6 +34,7 @@ from financing.adapters.rabbitmq.dead_letters import DeadLetters
 from financing.adapters.rabbitmq.publisher import AmqpCommandSender, Publisher
 from financing.application import codec
 from financing.application.messages import CreateIssuer, IssuerRegistered
+from financing.application.moments import moment
 from financing.application.pipeline import Decoded, Outcome, OutcomeKind
 from financing.application.ports import Cause, Envelope
 from financing.application.read_models import InMemoryReadModels, IssuerRow
@@ -414,3 +416,42 @@ async def test_command_handler_stops_promptly_though_an_ack_never_completed(
         started = time.monotonic()
         await asyncio.gather(consuming, return_exceptions=True)
     assert time.monotonic() - started < 5, "the consumer waited for an ack that never came"
+
+
+async def test_a_queue_deleted_while_no_instance_consumed_it_is_said_as_the_service_starts(
+    deploy: Deploy,
+) -> None:
+    """Regression (a probe): a queue deleted while no instance consumed it (every instance
+    stopped, or a broker that lost it) was declared again with nothing said, the events it
+    held lost to its consumer. A queue its consumer's records say it consumed before is
+    said as the service starts, with the rewind that sends those events again; a queue of
+    a new deployment is not."""
+    target = await deploy("deleted_while_stopped")
+
+    def said() -> list[dict[str, Any]]:
+        return [
+            line
+            for line in target.json_log()
+            if line["event"].startswith("a queue of the service was missing as it started")
+        ]
+
+    workload = Workload(target, seed=suite_seed(), concurrency=2)
+    await workload.run(sagas=2)
+    await settle(target)
+    assert said() == []  # the first start declared every queue anew, and said nothing
+    last_projected = await PostgresReadModels(target.query_pool).last_projected_recorded_at()
+    assert last_projected is not None
+    assert await target.service.stop() == 0
+    await asyncio.to_thread(
+        rabbitmqctl, "delete_queue", "--vhost", target.vhost, topology.PROJECTOR_QUEUE
+    )
+    await target.service.start()
+
+    await infra.wait_until(lambda: infra.holds(bool(said())), what="the queue missing said")
+    [line] = said()
+    assert line["queue"] == topology.PROJECTOR_QUEUE, line
+    assert line["last_processed_recorded_at"] == moment(last_projected), line
+    since = moment(last_projected - timedelta(minutes=1))
+    assert f"financing relay rewind --since {since}" in line["events"], line
+    await settle(target)
+    await verify_effects(target, workload)

@@ -699,6 +699,9 @@ class _Wiring:
         self._overrides = overrides
         self._service = service
         self._dead_letters = DeadLetters(publisher, outages, policy)
+        self._consumers: list[QueueConsumer] = []
+        # The queues the broker did not have as the topology was declared.
+        self._missing: set[str] = set()
 
     def store_routes(
         self,
@@ -827,13 +830,19 @@ class _Wiring:
     ) -> None:
         self._service.workers[name] = run
         self._service.consuming[consumer.spec.name] = consumer.consuming
+        self._consumers.append(consumer)
 
     async def declare(self) -> topology.ReferenceQueue:
-        """The topology declared; what became of the reference's projector queue."""
+        """The topology declared; what became of the reference's projector queue. Each
+        consumer whose queue was missing (in any attempt: one cut short may have declared
+        it) is told."""
         connection = await self._broker.connection()
-        retired = await topology.declare_on(self._broker)
+        retired = await topology.declare_on(self._broker, self._missing)
         if self._broker.current is connection:  # not declared on a connection lost since
             self._publisher.declared_on(connection)
+        for consumer in self._consumers:
+            if consumer.spec.name in self._missing:
+                consumer.found_missing()
         return retired
 
 

@@ -54,7 +54,11 @@ from financing.adapters.rabbitmq.envelopes import (
     readable_name,
     shortened,
 )
-from financing.adapters.rabbitmq.topology import QueueSpec, said_consumed_again
+from financing.adapters.rabbitmq.topology import (
+    QueueSpec,
+    said_consumed_again,
+    said_declared_anew,
+)
 from financing.application.errors import Refused, Unavailable
 from financing.application.pipeline import Outcome, OutcomeKind, Step
 from financing.application.ports import (
@@ -310,6 +314,9 @@ class QueueConsumer:
         # The `recorded_at` of the oldest delivery in hand as the broker cancelled the
         # consumer: lost with the queue too, as its channel gives it back.
         self._in_hand_recorded: object = None
+        # Its queue was missing as the process started (`found_missing`), until it
+        # consumes.
+        self._found_missing = False
         # The acks of the channel whose first delivery from a queue with a single active
         # consumer said that this process is that consumer now.
         self._active_on: ChannelAcks | None = None
@@ -323,6 +330,12 @@ class QueueConsumer:
     @property
     def spec(self) -> QueueSpec:
         return self._queue
+
+    def found_missing(self) -> None:
+        """Its queue was missing as the process started, and was declared: said once it
+        consumes (`said_declared_anew`), where the consumer's records say it was
+        consumed before (not a new deployment's)."""
+        self._found_missing = True
 
     async def run(self) -> None:
         """Consume until cancelled; `consuming` is set while the broker delivers to it."""
@@ -418,6 +431,9 @@ class QueueConsumer:
                 in_hand=_moment(self._in_hand_recorded),
             )
             self._cancelled_at, self._in_hand_recorded = None, None
+        elif self._found_missing and (processed := await self._processed_last()) is not None:
+            said_declared_anew(self._queue, processed)
+        self._found_missing = False
         return channel, queue, tag, ended, acks
 
     async def _processed_last(self) -> datetime | None:

@@ -330,14 +330,16 @@ async def declare(channel: AbstractChannel, queue_type: str = CLASSIC) -> None:
         await part(channel)
 
 
-async def refuse_queues_of_another_type(broker: Broker) -> None:
+async def refuse_queues_of_another_type(broker: Broker) -> list[str]:
     """Refused, naming every one, where queues the topology declares exist of another type
     than the broker's (FINANCING_QUEUE_TYPE), before anything is declared: found by
     declaring them, the first conflict stopped start-up after the queues declared before
     it had been made of the asked type, which then stopped a start-up of the other type
-    too; and one start-up named one queue, a switch of type taking one restart each."""
+    too; and one start-up named one queue, a switch of type taking one restart each.
+    The names of those the broker does not have."""
     queue_type = broker.queue_type
     found: list[str] = []
+    missing: list[str] = []
     # One after another: the broker closes the channel of a queue it does not have, and
     # aiormq hands that channel's number to the next channel opened before it has told
     # the broker the close is done; asked side by side, the broker then closed the whole
@@ -345,6 +347,7 @@ async def refuse_queues_of_another_type(broker: Broker) -> None:
     for spec in (*CONSUMED_QUEUES, DEAD_LETTERS, DEFERRAL_QUEUE):
         async with existing_queue(broker, spec.name) as queue:
             if queue is None:
+                missing.append(spec.name)
                 continue
             try:
                 await spec.of_type(queue_type).declare_alone(queue.channel)
@@ -352,6 +355,7 @@ async def refuse_queues_of_another_type(broker: Broker) -> None:
                 found.append(spec.name)
     if found:
         raise Refused(BROKER, _type_conflict(found, queue_type))
+    return missing
 
 
 def _type_conflict(names: list[str], wanted: str) -> str:
@@ -446,6 +450,30 @@ def said_consumed_again(
     )
 
 
+def said_declared_anew(queue: QueueSpec, last_processed: datetime) -> None:
+    """The queue of a consumer whose records say it processed events from it (in any
+    instance) was missing as the process started, and was declared again: deleted while
+    no instance consumed it, or a broker that lost it (a new one). What it held, and
+    what was relayed until now, did not reach it. Counted and said once, with how to
+    have the events again: declared again with nothing said, the sagas waiting on them
+    were left for `financing check` to find."""
+    metrics.CONSUMERS_CANCELLED.labels(queue.name).inc()
+    since = moment(last_processed - timedelta(minutes=1))
+    log.warning(
+        "a queue of the service was missing as it started, though its consumer processed"
+        " events from it before (deleted while no instance consumed it, or a broker that"
+        " lost it); declared again",
+        queue=queue.name,
+        last_processed_recorded_at=moment(last_processed),
+        events="what it held and the events relayed since it went did not reach it; to"
+        " have them again, stop every relayer and run `financing relay rewind --since"
+        f" {since}` (a minute before the event its consumer processed last): its"
+        " consumers take the events they had as copies; those no queue took meanwhile"
+        " wait in financing_dead_letters (`financing dead-letters requeue --queue"
+        " financing_unrouted`)",
+    )
+
+
 class ReferenceQueue(Enum):
     """What became of the reference projector's `events_query` when it was looked at."""
 
@@ -455,11 +483,14 @@ class ReferenceQueue(Enum):
     FAILED = "failed"  # it could not be looked at or retired (an outage, the rights)
 
 
-async def declare_on(broker: Broker) -> ReferenceQueue:
+async def declare_on(broker: Broker, missing: set[str] | None = None) -> ReferenceQueue:
     """`declare` on a channel of its own, with the broker's queue type, once no queue of
     another type is found among those it declares (`refuse_queues_of_another_type`);
-    then the reference's projector queue retired, and what became of it."""
-    await refuse_queues_of_another_type(broker)
+    then the reference's projector queue retired, and what became of it. `missing` gains
+    the names of the queues the broker did not have before."""
+    absent = await refuse_queues_of_another_type(broker)
+    if missing is not None:
+        missing.update(absent)
     [(_, exchanges), *queues] = declarations(broker.queue_type)
     await _on_a_channel(broker, exchanges)  # what the queues are bound to, first
     # The queues side by side, each on a channel of its own, every channel opened in one
