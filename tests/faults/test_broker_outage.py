@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiormq
@@ -439,7 +439,8 @@ async def test_a_queue_deleted_while_no_instance_consumed_it_is_said_as_the_serv
     await workload.run(sagas=2)
     await settle(target)
     assert said() == []  # the first start declared every queue anew, and said nothing
-    last_projected = await PostgresReadModels(target.query_pool).last_projected_recorded_at()
+    read_models = PostgresReadModels(target.query_pool)
+    last_projected = await read_models.last_projected_recorded_at(datetime.now(UTC))
     assert last_projected is not None
     assert await target.service.stop() == 0
     await asyncio.to_thread(

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import re
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 from uuid import UUID, uuid4
@@ -978,7 +979,8 @@ class TestPostgresEventStore(EventStoreContract):
         event whose message id the consumer's newest record names."""
         await _truncate(pool)
         store = PostgresEventStore(pool)
-        assert await store.last_processed_recorded_at("a_policy") is None
+        now = datetime.now(UTC)
+        assert await store.last_processed_recorded_at("a_policy", now) is None
         first, second = uuid4(), uuid4()
         for saga, investor in (("saga-1", first), ("saga-2", second)):
             async with store.unit_of_work(Cause(saga, f"command-{saga}")) as uow:
@@ -994,12 +996,20 @@ class TestPostgresEventStore(EventStoreContract):
         assert created.recorded_at < placed.recorded_at and created.recorded_at < later.recorded_at
 
         # Not the correlation's earliest event: the one the record names.
+        taken: list[datetime] = []
         for saga, event in (("saga-1", placed), ("saga-2", later)):
             message_id = event.envelope().message_id
             async with store.unit_of_work(Cause(saga, message_id)) as uow:
                 await uow.record("a_policy", message_id)
-            assert await store.last_processed_recorded_at("a_policy") == event.recorded_at
-        assert await store.last_processed_recorded_at("another_policy") is None
+            taken.append(await pool.fetchval("SELECT clock_timestamp()"))
+            assert await store.last_processed_recorded_at("a_policy", taken[-1]) == (
+                event.recorded_at
+            )
+        assert await store.last_processed_recorded_at("another_policy", taken[-1]) is None
+        # Those processed after a time are not taken for it (what a queue deleted then
+        # held is dated by what its consumer had processed by then).
+        assert await store.last_processed_recorded_at("a_policy", taken[0]) == placed.recorded_at
+        assert await store.last_processed_recorded_at("a_policy", now) is None
 
     async def test_a_copy_is_a_duplicate_and_another_message_under_its_id_is_refused(
         self, pool: asyncpg.Pool

@@ -1270,22 +1270,29 @@ async def test_a_queue_deleted_while_its_consumer_held_deliveries_is_dated_by_th
     assert f"financing relay rewind --since {since}" in line["events"], line
 
 
-@pytest.mark.parametrize("records", ["dated", "undated", "out"])
+@pytest.mark.parametrize("records", ["dated", "undated", "late", "out"])
 async def test_a_queue_deleted_under_a_consumer_that_had_no_delivery_is_dated_by_its_records(
-    bus: Bus, queue: str, records: str
+    bus: Bus, queue: str, records: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Regression (a probe): the standby of a queue with a single active consumer (or any
     instance that had no delivery) dated the rewind a minute before the cancel, which
     missed the 750 events queued behind a backlog, while the active instance's line gave
     the right time: the line now takes the consumer's records, shared by the instances,
-    when the event processed last was recorded."""
+    when the event processed last was recorded. Records that did not answer at once (a
+    DBA's lock) were said to date nothing, `undated`, and a rewind by that line missed
+    186 events (a probe of the fix): the line waits for them, and says when they could
+    never be read."""
+    monkeypatch.setattr(consumer_module, "RECORDS_PACE", 0.2)
+    monkeypatch.setattr(consumer_module, "RECORDS_WAITED", 1.0)
     spec = QueueSpec(queue, bound_to_events=True)
     processed = datetime.now(UTC) - timedelta(minutes=30)
+    asked: list[datetime] = []
 
-    async def last_processed() -> datetime | None:
-        if records == "out":
+    async def last_processed(before: datetime) -> datetime | None:
+        asked.append(before)
+        if records == "out" or (records == "late" and len(asked) < 3):
             raise Unavailable("command database", "down")
-        return processed if records == "dated" else None
+        return None if records == "undated" else processed
 
     handler = exactly_once(InMemoryEventStore(), "create_issuer", handlers.create_issuer)
     with capture_logs() as logs:
@@ -1300,17 +1307,24 @@ async def test_a_queue_deleted_under_a_consumer_that_had_no_delivery_is_dated_by
             await wait_until(lambda: holds(bool(said())), what="the line once consumed again")
     [line] = said()
     assert "last_delivered_recorded_at" not in line, line
-    if records == "dated":
+    cancelled_at = datetime.fromisoformat(line["cancelled_at"].replace("Z", "+00:00"))
+    # The records are asked what was processed by the cancel, not what came after it.
+    assert {moment(at) for at in asked} == {line["cancelled_at"]}, (asked, line)
+    if records in ("dated", "late"):
         since = moment(processed - timedelta(minutes=1))
         assert f"financing relay rewind --since {since}" in line["events"], line
         assert line["last_processed_recorded_at"] == moment(processed), line
-        assert "undated" not in line, line
-    else:  # the cancel's time, and that nothing dated what the queue held
-        cancelled_at = datetime.fromisoformat(line["cancelled_at"].replace("Z", "+00:00"))
+        assert "undated" not in line and "unread" not in line, line
+    else:  # the cancel's time, and why nothing dated what the queue held
         assert cancelled_at >= before - timedelta(seconds=1), line
         since = moment(cancelled_at - timedelta(minutes=1))
         assert f"financing relay rewind --since {since}" in line["events"], line
-        assert "rewind from before its oldest event" in line["undated"], line
+        if records == "undated":
+            assert "rewind from before its oldest event" in line["undated"], line
+            assert "unread" not in line, line
+        else:
+            assert "could not be read" in line["unread"], line
+            assert "undated" not in line, line
 
 
 async def test_a_queue_made_again_with_other_arguments_is_an_outage_of_that_queue_alone(

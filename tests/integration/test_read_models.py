@@ -462,15 +462,19 @@ class TestPostgresReadModels(ReadModelContract):
         """What dates the projector's queue deleted under it in every instance: when the
         store recorded the events projected last, whichever instance projected them."""
         store = await fresh_read_models(pool)
-        assert await store.last_projected_recorded_at() is None
+        assert await store.last_projected_recorded_at(datetime.now(UTC)) is None
         at = datetime(2026, 12, 5, 10, 0, 0, 123456, tzinfo=UTC)
         older = (str(uuid4()), ev.IssuerCreatedEvent(uuid4()))
         newer = (str(uuid4()), ev.IssuerCreatedEvent(uuid4()))
         timeless = (str(uuid4()), ev.IssuerCreatedEvent(uuid4()))  # another relayer's
-        await store.apply([older, newer], recorded={older[0]: at, newer[0]: at + timedelta(1)})
+        await store.apply([older], recorded={older[0]: at})
+        between = await pool.fetchval("SELECT clock_timestamp()")
+        await store.apply([newer], recorded={newer[0]: at + timedelta(1)})
         await store.apply([timeless])
 
-        assert await store.last_projected_recorded_at() == at + timedelta(1)
+        assert await store.last_projected_recorded_at(datetime.now(UTC)) == at + timedelta(1)
+        # Those projected after a time are not taken for it.
+        assert await store.last_projected_recorded_at(between) == at
 
     async def test_counts_are_the_lengths_of_the_lists_an_unlisted_invoice_left_out(
         self, pool: asyncpg.Pool

@@ -64,7 +64,12 @@ from financing.adapters.postgres.schema import (
 )
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import BROKER, Broker
-from financing.adapters.rabbitmq.consumer import Deliveries, QueueConsumer, consume
+from financing.adapters.rabbitmq.consumer import (
+    Deliveries,
+    LastProcessed,
+    QueueConsumer,
+    consume,
+)
 from financing.adapters.rabbitmq.dead_letters import DeadLetters
 from financing.adapters.rabbitmq.depth_watch import DepthWatch
 from financing.adapters.rabbitmq.publisher import AmqpCommandSender, Publisher
@@ -709,7 +714,7 @@ class _Wiring:
         store: EventStore,
         pace: RelayPace,
         *,
-        last_processed: Callable[[str], Awaitable[datetime | None]] | None = None,
+        last_processed: Callable[[str, datetime], Awaitable[datetime | None]] | None = None,
     ) -> None:
         """Consumers that append, each handling a delivery only while appending keeps to
         the relayer's pace; `last_processed`: when the event a consumer (by its name)
@@ -740,7 +745,7 @@ class _Wiring:
         message_name: str,
         handler: Handler,
         parts: Sequence[HandlerPart] = (),
-        last_processed: Callable[[], Awaitable[datetime | None]] | None = None,
+        last_processed: LastProcessed | None = None,
     ) -> None:
         subscription = topology.subscription(message_name)
         step = subscription.step(
@@ -755,7 +760,7 @@ class _Wiring:
         self,
         queue: topology.QueueSpec,
         step: Step,
-        last_processed: Callable[[], Awaitable[datetime | None]] | None = None,
+        last_processed: LastProcessed | None = None,
     ) -> None:
         deliveries = Deliveries(step)
         consumer = QueueConsumer(
@@ -775,7 +780,7 @@ class _Wiring:
         clock: Callable[[], datetime],
         store: ProjectedStore,
         *,
-        last_projected: Callable[[], Awaitable[datetime | None]] | None = None,
+        last_projected: LastProcessed | None = None,
     ) -> None:
         projector = Projector(
             self._overrides.read_models(read_models), self._outages, clock=clock, store=store

@@ -715,17 +715,20 @@ class PostgresEventStore:
             )
         return [stored_event(row) for row in reversed(rows)]
 
-    async def last_processed_recorded_at(self, consumer: str) -> datetime | None:
-        """When the store recorded the event `consumer` (a policy) processed last, by any
-        instance: what its queue held, lost with it, was relayed after that event. The
+    async def last_processed_recorded_at(self, consumer: str, before: datetime) -> datetime | None:
+        """When the store recorded the event `consumer` (a policy) processed last before
+        `before`, by any instance: what its queue held, lost with it, was relayed after
+        that event. The
         event is looked for among those of its message's correlation recorded before it
         was processed; where none is its (a record without a correlation, or an event
         pruned), the earliest of them, or None."""
         async with acquired(self._pool, COMMAND_DATABASE) as conn:
             last = await conn.fetchrow(
                 "SELECT message_id, correlation_id, processed_at FROM processed_messages"
-                " WHERE consumer = ANY($1::text[]) ORDER BY processed_at DESC LIMIT 1",
+                " WHERE consumer = ANY($1::text[]) AND processed_at <= $2"
+                " ORDER BY processed_at DESC LIMIT 1",
                 _RECORDED_AS.get(consumer, (consumer,)),
+                before,
             )
             if last is None or last["correlation_id"] is None:
                 return None

@@ -182,7 +182,7 @@ class PostgresReadModels:
         # The newest records, by when they were made (the index pruning goes by).
         self._last_projected_sql = (
             f"SELECT max(recorded_at) FROM (SELECT recorded_at FROM {s}.processed_messages"
-            " ORDER BY processed_at DESC LIMIT 256) AS newest"
+            " WHERE processed_at <= $1 ORDER BY processed_at DESC LIMIT 256) AS newest"
         )
         self._counts_sql = (
             f"SELECT (SELECT count(*) FROM {s}.investors),"
@@ -285,11 +285,11 @@ class PostgresReadModels:
         rows = await self._fetch(self._recorded_at_sql, list(message_ids))
         return {row["message_id"]: row["recorded_at"] for row in rows}
 
-    async def last_projected_recorded_at(self) -> datetime | None:
-        """When the store recorded the newest event projected last, by any instance: what
-        the projector's queue held, lost with it, was relayed after it. None where no
-        record says (none yet, or only another relayer's events)."""
-        [row] = await self._fetch(self._last_projected_sql)
+    async def last_projected_recorded_at(self, before: datetime) -> datetime | None:
+        """When the store recorded the newest event projected last before `before`, by any
+        instance: what the projector's queue held, lost with it, was relayed after it.
+        None where no record says (none yet, or only another relayer's events)."""
+        [row] = await self._fetch(self._last_projected_sql, before)
         recorded: datetime | None = row[0]
         return recorded
 

@@ -271,8 +271,19 @@ class _Ended(asyncio.Event):
 # the connection (4 kB): at the retry's pace, 43 a minute, 20 MB an hour while it lasted.
 REFUSED_PACE = 10.0
 # Seconds the consumer's records may take to say when the event it processed last was
-# recorded, as it consumes a queue deleted under it again.
+# recorded, as it consumes a queue deleted under it again; records that do not answer
+# by then (a lock a DBA holds, an outage) are looked up again every RECORDS_PACE seconds,
+# the consumer consuming meanwhile, for RECORDS_WAITED seconds at most.
 LOOKED_UP_WITHIN = 5.0
+RECORDS_PACE = 5.0
+RECORDS_WAITED = 300.0
+
+# When the event a consumer processed last before a time (its argument) was recorded,
+# by its records, which every instance shares; None where no record says.
+LastProcessed = Callable[[datetime], Awaitable[datetime | None]]
+# What says a queue lost: given when the event processed last was recorded, and
+# whether the records could not be read (`unread`).
+Saying = Callable[[datetime | None, bool], None]
 
 
 class QueueConsumer:
@@ -290,11 +301,11 @@ class QueueConsumer:
         on_delivery: OnDelivery,
         *,
         prefetch: int,
-        last_processed: Callable[[], Awaitable[datetime | None]] | None = None,
+        last_processed: LastProcessed | None = None,
     ) -> None:
-        """`last_processed`: when the event its consumer processed last, in any instance,
-        was recorded (the consumer's records), to date what a queue deleted under it
-        held."""
+        """`last_processed`: when the event its consumer processed last before a time, in
+        any instance, was recorded (the consumer's records), to date what a queue deleted
+        under it held."""
         self._broker = broker
         self._last_processed = last_processed
         # Declared with the broker's queue type, as everything declared on it is.
@@ -317,6 +328,8 @@ class QueueConsumer:
         # Its queue was missing as the process started (`found_missing`), until it
         # consumes.
         self._found_missing = False
+        # Lines that wait for the consumer's records (`_said`).
+        self._saying: set[asyncio.Task[None]] = set()
         # The acks of the channel whose first delivery from a queue with a single active
         # consumer said that this process is that consumer now.
         self._active_on: ChannelAcks | None = None
@@ -423,28 +436,62 @@ class QueueConsumer:
         self._channel, self._acks = channel, acks
         self._refused_at = None
         if self._cancelled_at is not None:
-            said_consumed_again(
-                self._queue,
-                self._cancelled_at,
-                _moment(self._last_recorded),
-                await self._processed_last(),
-                in_hand=_moment(self._in_hand_recorded),
-            )
+            spec, cancelled_at = self._queue, self._cancelled_at
+            delivered, in_hand = _moment(self._last_recorded), _moment(self._in_hand_recorded)
             self._cancelled_at, self._in_hand_recorded = None, None
-        elif self._found_missing and (processed := await self._processed_last()) is not None:
-            said_declared_anew(self._queue, processed)
+
+            def consumed_again(processed: datetime | None, unread: bool) -> None:
+                said_consumed_again(
+                    spec, cancelled_at, delivered, processed, in_hand=in_hand, unread=unread
+                )
+
+            await self._said(cancelled_at, consumed_again)
+        elif self._found_missing:
+
+            def declared_anew(processed: datetime | None, unread: bool) -> None:
+                if processed is not None:  # none: a new deployment's queue, or unknown
+                    said_declared_anew(self._queue, processed)
+
+            await self._said(datetime.now(UTC), declared_anew)
         self._found_missing = False
         return channel, queue, tag, ended, acks
 
-    async def _processed_last(self) -> datetime | None:
-        """`last_processed`, or None where it cannot be told within LOOKED_UP_WITHIN."""
+    async def _said(self, before: datetime, say: Saying) -> None:
+        """`say`, given when the event the consumer processed last before `before` was
+        recorded: looked up now, within LOOKED_UP_WITHIN; where the records do not answer
+        by then, said once they do, looked up in the background while the consumer
+        consumes (a standby whose lookup met a DBA's lock said `undated` at once, and a
+        rewind by its line missed 186 events), or `unread` after RECORDS_WAITED."""
         if self._last_processed is None:
-            return None
+            say(None, False)
+            return
+        answered, processed = await self._looked_up(before)
+        if answered:
+            say(processed, False)
+            return
+        task = asyncio.create_task(self._said_later(before, say))
+        self._saying.add(task)
+        task.add_done_callback(self._saying.discard)
+
+    async def _said_later(self, before: datetime, say: Saying) -> None:
+        waited_until = time.monotonic() + RECORDS_WAITED
+        while time.monotonic() < waited_until:
+            await asyncio.sleep(RECORDS_PACE)  # the records' pace, not a condition's wait
+            answered, processed = await self._looked_up(before)
+            if answered:
+                say(processed, False)
+                return
+        say(None, True)
+
+    async def _looked_up(self, before: datetime) -> tuple[bool, datetime | None]:
+        """Whether the records answered within LOOKED_UP_WITHIN, and
+        `last_processed(before)` if they did."""
+        assert self._last_processed is not None
         try:
             async with asyncio.timeout(LOOKED_UP_WITHIN):
-                return await self._last_processed()
+                return True, await self._last_processed(before)
         except (TimeoutError, Unavailable):
-            return None  # the line says the time is the cancel's, or this process's
+            return False, None
 
     def _cancelled(self, ended: _Ended) -> None:
         """The broker cancelled the consumer: its queue deleted, or the node holding it
@@ -482,7 +529,10 @@ class QueueConsumer:
         )
 
     async def close(self) -> None:
-        """Close the current channel: every message not yet acked goes back to the queue."""
+        """Close the current channel: every message not yet acked goes back to the queue.
+        A line still waiting for the consumer's records is not said."""
+        for task in self._saying:
+            task.cancel()
         channel, self._channel = self._channel, None
         if channel is not None:
             if self._acks is not None:

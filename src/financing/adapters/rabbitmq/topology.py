@@ -397,6 +397,7 @@ def said_consumed_again(
     last_processed: datetime | None = None,
     *,
     in_hand: datetime | None = None,
+    unread: bool = False,
 ) -> None:
     """The consumer of `queue`, which the broker cancelled at `cancelled_at` (the queue
     deleted, or the node holding it down), consumes it again: what the queue held, and
@@ -410,7 +411,9 @@ def said_consumed_again(
     missed by a rewind from a minute before the cancel, and an instance that had no
     delivery, the standby of a queue with a single active consumer, said so). `in_hand`:
     when the oldest delivery the process held unsettled was recorded, lost with the queue
-    too (dated by the last delivery alone, a rewind missed the 25 oldest of 135)."""
+    too (dated by the last delivery alone, a rewind missed the 25 oldest of 135).
+    `unread`: the consumer's records could not be read (then they are not said to date
+    nothing: they may date what it held before every other time the line gives)."""
     metrics.CONSUMERS_CANCELLED.labels(queue.name).inc()
     fields: dict[str, str] = {"queue": queue.name, "cancelled_at": moment(cancelled_at)}
     if queue.bound_to_events and queue.routed_names and queue.routed_names <= _INTEGRATION:
@@ -438,7 +441,13 @@ def said_consumed_again(
             " financing_dead_letters (`financing dead-letters requeue --queue"
             " financing_unrouted`)"
         )
-        if not dated:
+        if unread:
+            fields["unread"] = (
+                "the consumer's records, which may date what it held earlier, could not be"
+                " read (the database down, or a lock held on them): where a backlog waited"
+                " in it, rewind from before its oldest event"
+            )
+        elif not dated:
             fields["undated"] = (
                 "neither this process's deliveries nor the consumer's records date what it"
                 " held: where a backlog waited in it, rewind from before its oldest event"
