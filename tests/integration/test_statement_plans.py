@@ -14,8 +14,14 @@ from uuid import uuid4
 import asyncpg
 import pytest
 
-from financing.adapters.postgres.event_store import _LOAD_BOTH
-from financing.adapters.postgres.outbox import _CHECKPOINT_VALUES, _LAG, PostgresOutbox
+from financing.adapters.postgres.event_store import _LOAD_BOTH, transactions_elsewhere
+from financing.adapters.postgres.outbox import (
+    _CHECKPOINT_VALUES,
+    _LAG,
+    _MARK_RELAYED,
+    _PENDING,
+    PostgresOutbox,
+)
 from financing.adapters.postgres.retention import command_records
 from tests.support import infra
 
@@ -139,3 +145,33 @@ async def test_pruning_with_nothing_old_enough_reads_no_record(pool: asyncpg.Poo
 
     assert read == 0
     assert await command_records(pool).prune(timedelta(days=7), 1000) == 0
+
+
+async def test_moving_the_relayers_checkpoint_reads_only_the_events_after_it(
+    pool: asyncpg.Pool,
+) -> None:
+    """Regression (a probe at 1.35 million events): each move of the checkpoint read the
+    whole commit-order index up to it (0.4-2.3 s a move), every batch waiting behind it:
+    a saga took up to 1.3 s, and at 2.7 million events a move outlasted the statement
+    timeout, the relayer said the command database down for 48 s. So did the read of the
+    next batch."""
+    async with pool.acquire() as conn:
+        await events_of_many_streams(conn, LARGE)
+        await conn.execute(
+            "INSERT INTO relay_checkpoints (name, transaction_id, position)"
+            " SELECT 'relayer', transaction_id, position FROM events"
+            " ORDER BY position DESC OFFSET 3 LIMIT 1"
+        )
+        await conn.execute("ANALYZE events")
+        following = [
+            row["position"]
+            for row in await conn.fetch(
+                "SELECT position FROM events ORDER BY position DESC LIMIT 3"
+            )
+        ]
+        moving = await rows_read(conn, "events", _MARK_RELAYED, "relayer", following)
+        elsewhere = await transactions_elsewhere(conn)
+        pending = await rows_read(conn, "events", _PENDING, "relayer", 100, elsewhere)
+
+    assert moving <= 2 * len(following), moving
+    assert pending <= len(following), pending

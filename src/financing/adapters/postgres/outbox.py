@@ -97,7 +97,10 @@ _HELD = (
 # that are not behind it yet (`new`), only if those are exactly the events that follow
 # it (`skipped` names any that would be jumped over) and every position exists. The
 # checkpoint row is locked first, so two relayers in a take-over cannot interleave; it
-# never moves backwards.
+# never moves backwards. The events that follow it are sought from it in the index, its
+# values given as scalar subqueries, known before the scan starts: compared with a
+# joined row's, they were a filter on an index read from its start, every relayed event
+# read at each move (2.3 s at 1.35 million events).
 #
 # Its commit is not waited for (`synchronous_commit` off for this transaction only):
 # the events it marks are confirmed by the broker already, so a checkpoint lost with
@@ -113,9 +116,10 @@ _MARK_RELAYED = (
     " WHERE position = ANY($2::bigint[])),"
     " new AS (SELECT m.transaction_id, m.position FROM marked AS m, checkpoint AS c"
     " WHERE (m.transaction_id, m.position) > (c.xid, c.pos)),"
-    " following AS (SELECT e.transaction_id, e.position FROM events AS e, checkpoint AS c"
-    " WHERE (e.transaction_id, e.position) > (c.xid, c.pos)"
-    " ORDER BY e.transaction_id, e.position LIMIT (SELECT count(*) FROM new)),"
+    " following AS (SELECT transaction_id, position FROM events"
+    " WHERE (transaction_id, position)"
+    " > ((SELECT xid FROM checkpoint), (SELECT pos FROM checkpoint))"
+    " ORDER BY transaction_id, position LIMIT (SELECT count(*) FROM new)),"
     " skipped AS (SELECT position FROM following"
     " WHERE (transaction_id, position) NOT IN (SELECT transaction_id, position FROM new)),"
     " last AS (SELECT transaction_id, position FROM new"
