@@ -18,6 +18,7 @@ from financing.adapters.postgres.schema import (
     SchemaBehind,
     migrate,
     require_current,
+    require_grants,
     require_tables,
 )
 from financing.config import Database, Variable
@@ -108,7 +109,9 @@ async def database(
                     await migrate(pool, schema)
                 # Its tables gone (a query database a refused rebuild migrated from
                 # nothing, the read models dropped) said so, with what brings them back:
-                # `check` said an UndefinedTableError and blamed the search_path.
+                # `check` said an UndefinedTableError and blamed the search_path. Those
+                # out of the role's reach first, which it cannot look for.
+                await require_grants(pool, schema, writes=False)
                 await require_tables(pool, schema)
         yield pool
     finally:

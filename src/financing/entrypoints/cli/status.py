@@ -99,6 +99,9 @@ class Findings:
     # The database the inquiry reached (it answered and holds the schema): a timeout after
     # is a statement that waited, not a server that does not answer.
     reached: tuple[Database, str] | None = None  # and its schema
+    # The database the inquiry asks (and its schema), reached or not: a timeout before it
+    # was reached may be a statement waiting on a lock (of `schema_migrations`).
+    asked: tuple[Database, str] | None = None
     # The event store holds events; the read models hold none (made anew, or dropped).
     history: bool = False
     empty: bool = False
@@ -216,24 +219,23 @@ async def _inquire(
         findings.report(part, f"{where}: UNREACHABLE: {error}")
         findings.problems.append(f"{what} is unreachable")
     except TimeoutError:
-        if findings.reached is None:
+        # Said UNREACHABLE, a table locked by a DBA (LOCK TABLE, REINDEX, CLUSTER) sent
+        # the operator looking at the network: before the schema was read too (a lock of
+        # `schema_migrations`), and the summary named neither table nor holder.
+        asked = findings.reached or findings.asked
+        locks = await _lock_holders(*asked, part) if asked is not None else []
+        if findings.reached is None and not locks:
             findings.report(part, f"{where}: UNREACHABLE: no answer within {within:g} s")
             findings.problems.append(f"{what} is unreachable")
             return
-        # Said UNREACHABLE, a table locked by a DBA (LOCK TABLE, REINDEX, CLUSTER) sent
-        # the operator looking at the network.
         waited = f"it answers, but a statement waited more than {within:g} s"
-        holders = await _lock_holders(*findings.reached, part)
+        on = f" on {'; '.join(locks)}" if locks else ""
         findings.report(
             part,
             f"{where}: NOT READY: {waited}"
-            + (
-                f" on a table locked by {'; '.join(holders)}"
-                if holders
-                else " (on a lock another session holds, or that slow)"
-            ),
+            + (on or " (on a lock another session holds, or that slow)"),
         )
-        findings.problems.append(f"{what}: {waited}")
+        findings.problems.append(f"{what}: {waited}{on}")
     except Exception as error:  # a probe reports what it cannot tell rather than crash
         findings.report(part, f"{where}: FAILED: {summary(error)}")
         findings.problems.append(f"{what} could not be inquired into")
@@ -277,20 +279,23 @@ def _said_lacking(findings: Findings, part: str, lacking: list[str]) -> None:
 
 
 async def _lock_holders(db: Database, schema: str, part: str) -> list[str]:
-    """The sessions holding a lock on one of the service's tables of `db` that stops
-    reads or writes (what a statement that waited may wait for); none where they cannot
-    be told within a second."""
+    """Each session holding a lock on one of the service's tables of `db` (its schema's
+    record of migrations too) that stops reads or writes, with the tables it holds so:
+    what a statement that waited may wait for; none where they cannot be told within a
+    second."""
     try:
         async with asyncio.timeout(1.0):
             conn = await connect(db, part, application_name="financing status")
             try:
-                locks = await tables_locked(conn, NEEDED_TABLES[schema])
-                holders = {holder.pid: holder for _, holder in locks}  # each once
-                return [holder.describe() for holder in holders.values()]
+                locks = await tables_locked(conn, (*NEEDED_TABLES[schema], "schema_migrations"))
             finally:
                 await close_connection(conn)
     except (TimeoutError, Unavailable, Refused):
         return []
+    held: dict[int, tuple[list[str], str]] = {}  # by holder, each once
+    for locked, holder in locks:
+        held.setdefault(holder.pid, ([], holder.describe()))[0].append(locked)
+    return [f"table {', '.join(tables)} locked by {holder}" for tables, holder in held.values()]
 
 
 async def _local_service(settings: Settings, findings: Findings) -> None:
@@ -315,6 +320,7 @@ async def _local_service(settings: Settings, findings: Findings) -> None:
 
 
 async def _event_store(settings: Settings, findings: Findings, max_relay_lag: float) -> None:
+    findings.asked = settings.command_db, "commands"
     async with database(settings.command_db, COMMAND_DATABASE, "status", schema="commands") as pool:
         findings.reached = settings.command_db, "commands"
         await require_grants(pool, "commands", writes=True)
@@ -369,6 +375,7 @@ def _relaying(backlog: RelayBacklog) -> str:
 
 
 async def _read_models(settings: Settings, findings: Findings) -> None:
+    findings.asked = settings.query_db, "queries"
     async with (
         database(settings.query_db, QUERY_DATABASE, "status", schema="queries") as pool,
     ):
