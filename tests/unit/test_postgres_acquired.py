@@ -14,9 +14,12 @@ import pytest
 from financing.adapters.postgres.connection import (
     CANCELLED_RELEASE,
     COMMAND_DATABASE,
+    CUT_BY_TIMEOUT,
+    QUERY_DATABASE,
     acquired,
     opening,
     reopening,
+    translated,
 )
 from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.application.errors import (
@@ -227,3 +230,21 @@ async def test_a_unit_of_work_that_fails_writes_nothing_and_gives_its_connection
             raise ValueError("the handler failed")
     assert pool.conn.statements == []
     assert (pool.out, pool.released) == (0, 1)
+
+
+@pytest.mark.parametrize("translating", [opening, reopening, translated])
+def test_a_statement_the_servers_statement_timeout_ended_is_said_so_however_it_was_met(
+    translating: Any,
+) -> None:
+    """Regression (a probe): a statement a database's `statement_timeout` (20 ms) ended as
+    a session opened, at start-up, was said bare ("canceling statement due to statement
+    timeout") where every other such line said the setting ended it."""
+    cut = asyncpg.QueryCanceledError("canceling statement due to statement timeout")
+    with pytest.raises(Unavailable) as raised, translating(QUERY_DATABASE):
+        raise cut
+    assert str(raised.value).endswith(CUT_BY_TIMEOUT), raised.value
+    # A cancellation by an operator (pg_cancel_backend) says its own words alone.
+    cancelled = asyncpg.QueryCanceledError("canceling statement due to user request")
+    with pytest.raises(Unavailable) as raised, translating(QUERY_DATABASE):
+        raise cancelled
+    assert CUT_BY_TIMEOUT not in str(raised.value)

@@ -137,6 +137,9 @@ def describe(error: BaseException) -> str:
         # restart, its database dropped), found on its next use: the server's own message
         # is not kept. Not only an idle one: one mid-statement says the same.
         return f"the server ended the session; the driver kept none of its words ({said})"
+    if isinstance(error, asyncpg.QueryCanceledError) and _CUT_BY_TIMEOUT in str(error):
+        # Whichever statement it cut: one as a session opened, at start-up, was said bare.
+        said += f": {CUT_BY_TIMEOUT}"
     return said
 
 
@@ -164,8 +167,6 @@ def _translate(error: BaseException, dependency: str) -> None:
         said = describe(error)
         if getattr(error, "sqlstate", None) in _OUT_OF_SIGHT:
             said += f": {OUT_OF_SIGHT}"
-        elif _CUT_BY_TIMEOUT in str(error):
-            said += f": {CUT_BY_TIMEOUT}"
         raise Unavailable(dependency, said) from error
 
 
