@@ -365,7 +365,7 @@ def _add_dead_letters(commands: _Commands) -> None:
     )
     listing.add_argument("--limit", type=_positive, default=100, help="at most this many (100)")
     listing.add_argument("--bodies", action="store_true", help="print each message body too")
-    _selection_arguments(listing, message_id=False)
+    _selection_arguments(listing)
     requeue = letters.add(
         "requeue",
         "send dead letters back to their source queue",
@@ -390,12 +390,11 @@ def _add_dead_letters(commands: _Commands) -> None:
     discard.add_argument("--all", action="store_true", help="every dead letter")
 
 
-def _selection_arguments(parser: argparse.ArgumentParser, *, message_id: bool = True) -> None:
+def _selection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--queue", type=_queue_name, help="only those dead-lettered from this queue"
     )
-    if message_id:
-        parser.add_argument("--message-id", help="only the one with this message id")
+    parser.add_argument("--message-id", help="only those with this message id")
     parser.add_argument("--aggregate", type=_uuid, help="only those concerning this aggregate id")
 
 
@@ -550,7 +549,7 @@ async def _check(settings: Settings, args: argparse.Namespace) -> int:
 def _selection(args: argparse.Namespace) -> Selection:
     return Selection(
         source_queue=args.queue,
-        message_id=getattr(args, "message_id", None),
+        message_id=args.message_id,
         aggregate_id=None if args.aggregate is None else str(args.aggregate),
     )
 
