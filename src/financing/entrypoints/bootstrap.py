@@ -42,6 +42,7 @@ from financing.adapters.postgres.connection import (
     writable,
 )
 from financing.adapters.postgres.event_store import PostgresEventStore
+from financing.adapters.postgres.guard import WriteGuard
 from financing.adapters.postgres.outbox import CommitListener, PostgresOutbox, PostgresRelayerLock
 from financing.adapters.postgres.projected_store import RecordedStore, claim, store_of
 from financing.adapters.postgres.read_models import PostgresReadModels
@@ -55,6 +56,7 @@ from financing.adapters.postgres.rebuild import (
 from financing.adapters.postgres.retention import deduplication_records
 from financing.adapters.postgres.schema import (
     DATABASES,
+    SCHEMAS,
     latest,
     migrate,
     missing,
@@ -75,7 +77,7 @@ from financing.adapters.rabbitmq.depth_watch import DepthWatch
 from financing.adapters.rabbitmq.publisher import AmqpCommandSender, Publisher
 from financing.adapters.rabbitmq.topology_watch import TopologyWatch
 from financing.application import routes
-from financing.application.errors import Fault, Unavailable, classify
+from financing.application.errors import AwaitingOperator, Fault, Unavailable, classify
 from financing.application.pace import RelayPace
 from financing.application.pipeline import (
     Handler,
@@ -121,7 +123,6 @@ from financing.entrypoints.observability import (
 )
 from financing.logging import get_logger
 from financing.tls_files import UnusableFiles
-from financing.workers.indexes import IndexWatch
 from financing.workers.projector import Projector
 from financing.workers.relayer import Relayer
 from financing.workers.retention import Retention
@@ -226,7 +227,7 @@ async def bootstrap(
     query_pool = opened.query_pool
     if query_pool is not None and "queries-api" in selected:
         queries = QueriesService(PostgresReadModels(query_pool), outages)
-        probe = Probe(QUERY_DATABASE, _answering(query_pool, "queries", writes=False))
+        probe = Probe(QUERY_DATABASE, _answering(query_pool, "queries", writes=None))
         server = _grpc_server(service, outages, queries, "Queries", probe, opened.own, tls)
         observe_replies(queries)
         service.listeners.append(Listener("queries-api", server, settings.query_address))
@@ -242,6 +243,8 @@ class _Opened:
     command_pool: asyncpg.Pool | None
     query_pool: asyncpg.Pool | None
     store_name: str | None
+    # What holds the writes of each database (by schema) while it lacks a unique index.
+    guards: dict[str, WriteGuard]
 
     @property
     def own(self) -> int:
@@ -282,6 +285,7 @@ async def _databases(
         query_pool = await _pool(stack, projected, (limited, []), outages, deadline, if_new=if_new)
     # An outage of a database this process writes ends when it takes writes again; of one
     # it only reads, when it answers. Every component on the command database writes.
+    guards = {schema: WriteGuard() for schema in SCHEMAS}
     for pool, db, schema, writes in (
         (command_pool, settings.command_db, "commands", True),
         (query_pool, settings.query_db, "queries", bool(selected & RECORDS_PROJECTIONS)),
@@ -292,7 +296,7 @@ async def _databases(
             within = db.answer_timeout + OUTAGE_CHECK_INTERVAL
             outages.check_with(
                 DATABASES[schema],
-                _answering(pool, schema, writes=writes),
+                _answering(pool, schema, writes=guards[schema] if writes else None),
                 attempts_within=within,
                 answers_within=db.answer_timeout,
             )
@@ -314,7 +318,7 @@ async def _databases(
             deadline,
         )
     _hold_to_session_limits(limited)
-    return _Opened(command_pool, query_pool, None if store is None else str(store))
+    return _Opened(command_pool, query_pool, None if store is None else str(store), guards)
 
 
 async def _rebuilt_if_made_empty(
@@ -494,7 +498,11 @@ async def _broker_components(
     deliveries = replace(DELIVERIES, aggregate_wait=settings.aggregate_wait)
     wiring = _Wiring(broker, publisher, outages, deliveries, overrides, service)
     if command_pool is not None:
-        store = PostgresEventStore(command_pool, snapshot_interval=settings.snapshot_interval)
+        store = PostgresEventStore(
+            command_pool,
+            snapshot_interval=settings.snapshot_interval,
+            guard=opened.guards["commands"],
+        )
         stack.push_async_callback(store.close)
         outbox = PostgresOutbox(command_pool)
         pace = RelayPace(outbox.lag, relayer=outbox.relayer)
@@ -525,7 +533,7 @@ async def _broker_components(
     if query_pool is not None and "projector" in selected:
         clock = DatabaseClock(query_pool, QUERY_DATABASE)
         service.workers["database-clock"] = clock.run
-        read_models = PostgresReadModels(query_pool)
+        read_models = PostgresReadModels(query_pool, guard=opened.guards["queries"])
         wiring.projector(
             read_models,
             clock.now,
@@ -566,17 +574,8 @@ def _housekeeping(
     outages: Outages,
     opened: _Opened,
 ) -> None:
-    """The pruning of deduplication records, the watch of the unique indexes the
-    process's writes rely on, and the metrics endpoint."""
+    """The pruning of deduplication records and the metrics endpoint."""
     selected = service.components
-    written = [
-        (pool, schema)
-        for pool, schema in (
-            (opened.command_pool, "commands"),  # every component on it writes
-            (opened.query_pool if selected & RECORDS_PROJECTIONS else None, "queries"),
-        )
-        if pool is not None
-    ]
     records = deduplication_records(
         opened.command_pool if selected & RECORDS_COMMANDS else None,
         opened.query_pool if selected & RECORDS_PROJECTIONS else None,
@@ -584,10 +583,6 @@ def _housekeeping(
     if records:
         retention = Retention(records, outages, keep=settings.dedup_retention)
         service.workers["retention"] = retention.run
-    service.workers["indexes"] = IndexWatch(
-        {DATABASES[schema]: partial(require_indexes, pool, schema) for pool, schema in written},
-        outages,
-    ).run
     if settings.metrics_address is not None:
         # Which release each instance runs: every earlier one must be stopped before the
         # first of a release that migrates a schema starts (docs/deployment.md).
@@ -596,12 +591,16 @@ def _housekeeping(
         service.listeners.append(Listener("metrics", endpoint, settings.metrics_address))
 
 
-def _answering(pool: asyncpg.Pool, schema: str, *, writes: bool) -> Callable[[], Awaitable[None]]:
+def _answering(
+    pool: asyncpg.Pool, schema: str, *, writes: WriteGuard | None
+) -> Callable[[], Awaitable[None]]:
     """The check of the database of `schema`: it answers, the role may read the tables its
-    statements name and, where the process writes (`writes`), it takes writes and the role
-    may make them all (a privilege revoked from a statement that runs only now and then,
-    as pruning does, ended its outage at each check and began it again at each run), and
-    those tables are there."""
+    statements name and, where the process writes (`writes`, the guard of its writes), it
+    takes writes and the role may make them all (a privilege revoked from a statement that
+    runs only now and then, as pruning does, ended its outage at each check and began it
+    again at each run), those tables are there, and so are the unique indexes the writes
+    rely on: the guard holds the writes while one is lacking. The health watch runs it
+    every second (an index a DBA dropped, with which no statement fails, is found so)."""
 
     async def answering() -> None:
         probed = await (writable if writes else ping)(pool, DATABASES[schema])
@@ -610,10 +609,15 @@ def _answering(pool: asyncpg.Pool, schema: str, *, writes: bool) -> Callable[[],
             # tables there: asked in the pool's line behind them, with the database 200 ms
             # away each way, the probe ran out of time, and the database was said down.
             return
-        await require_grants(pool, schema, writes=writes)
+        await require_grants(pool, schema, writes=writes is not None)
         await require_tables(pool, schema)
-        if writes:
-            await require_indexes(pool, schema)
+        if writes is not None:
+            try:
+                await require_indexes(pool, schema)
+            except AwaitingOperator as lacking:
+                writes.lacking = lacking
+                raise
+            writes.lacking = None
 
     return answering
 

@@ -60,6 +60,7 @@ from financing.adapters.postgres.connection import (
     describe,
     is_unavailable,
 )
+from financing.adapters.postgres.guard import UNGUARDED, WriteGuard
 from financing.application import codec
 from financing.application.errors import (
     AlreadyProcessed,
@@ -688,14 +689,20 @@ class TransactionIdsAhead(AwaitingOperator):
 class PostgresEventStore:
     """The event store; PostgreSQL's errors leave it as Unavailable or ConcurrencyConflict."""
 
-    def __init__(self, pool: asyncpg.Pool, *, snapshot_interval: int = 100) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, *, snapshot_interval: int = 100, guard: WriteGuard = UNGUARDED
+    ) -> None:
+        """`guard`: while it holds the writes (a unique index lacking), every unit of work
+        is refused as it begins."""
         if snapshot_interval < 1:
             raise ValueError(f"snapshot_interval must be >= 1, got {snapshot_interval}")
         self._pool = pool
         self._snapshot_interval = snapshot_interval
         self._bell = CommitBell(pool)
+        self._guard = guard
 
     def unit_of_work(self, cause: Cause | None = None) -> _UnitOfWorkScope:
+        self._guard.check()
         return _UnitOfWorkScope(self._pool, self._snapshot_interval, self._bell, cause)
 
     async def close(self) -> None:
@@ -718,10 +725,9 @@ class PostgresEventStore:
     async def last_processed_recorded_at(self, consumer: str, before: datetime) -> datetime | None:
         """When the store recorded the event `consumer` (a policy) processed last before
         `before`, by any instance: what its queue held, lost with it, was relayed after
-        that event. The
-        event is looked for among those of its message's correlation recorded before it
-        was processed; where none is its (a record without a correlation, or an event
-        pruned), the earliest of them, or None."""
+        that event. The event is looked for among those of its message's correlation
+        recorded before it was processed; where none is its (a record without a
+        correlation, or an event pruned), the earliest of them, or None."""
         async with acquired(self._pool, COMMAND_DATABASE) as conn:
             last = await conn.fetchrow(
                 "SELECT message_id, correlation_id, processed_at FROM processed_messages"

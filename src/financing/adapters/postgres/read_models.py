@@ -21,6 +21,7 @@ from uuid import UUID
 import asyncpg
 
 from financing.adapters.postgres.connection import QUERY_DATABASE, Connection, acquired
+from financing.adapters.postgres.guard import UNGUARDED, WriteGuard
 from financing.application import codec
 from financing.application.read_models import (
     ADVANCES_FROM,
@@ -70,9 +71,15 @@ class PostgresReadModels:
     models); a rebuild's target replays them from there and keeps none."""
 
     def __init__(
-        self, pool: asyncpg.Pool, schema: str = DEFAULT_SCHEMA, *, journal: bool = True
+        self,
+        pool: asyncpg.Pool,
+        schema: str = DEFAULT_SCHEMA,
+        *,
+        journal: bool = True,
+        guard: WriteGuard = UNGUARDED,
     ) -> None:
         self._pool = pool
+        self._guard = guard  # holds the writes while a unique index is lacking
         self._dependency = QUERY_DATABASE
         self.schema = schema
         self._journal = journal
@@ -198,6 +205,7 @@ class PostgresReadModels:
     ) -> AbstractSet[str]:
         if not batch:
             return frozenset()
+        self._guard.check()
         message_ids = list(dict.fromkeys(message_id for message_id, _ in batch))
         times = [recorded.get(message_id) for message_id in message_ids]
         if not self._journal:
