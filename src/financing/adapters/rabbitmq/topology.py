@@ -479,7 +479,8 @@ def said_declared_anew(queue: QueueSpec, last_processed: datetime) -> None:
         f" {since}` (a minute before the event its consumer processed last): its"
         " consumers take the events they had as copies; those no queue took meanwhile"
         " wait in financing_dead_letters (`financing dead-letters requeue --queue"
-        " financing_unrouted`)",
+        " financing_unrouted`). A queue deleted empty, with nothing relayed since (a"
+        " switch of queue type, docs/scaling.md), lost nothing",
     )
 
 
