@@ -542,6 +542,28 @@ async def test_the_tables_an_outage_check_requires_are_those_the_migration_creat
         await pool.close()
 
 
+async def test_a_unique_index_no_write_relies_on_is_lacking_and_no_outage(
+    empty_database: Database,
+) -> None:
+    """Regression (a probe): the key of the read models' order of creation dropped was an
+    outage of the query database (its `/health` 503) while nothing conflicts on it: it
+    is said lacking (`status`), and the writes go on."""
+    pool = await create_pool(empty_database)
+    try:
+        await migrate(pool, "queries")
+        await pool.execute("ALTER TABLE read_models.invoices DROP CONSTRAINT invoices_created_key")
+        async with pool.acquire() as conn:
+            assert [i.name for i in await indexes_lacking(conn, "queries")] == [
+                "invoices_created_key"
+            ]
+        await require_indexes(pool, "queries")
+        guarding = {i.name for i in INDEXES["queries"] if i.guards}
+        assert "invoices_created_key" not in guarding
+        assert {"invoices_pkey", "processed_messages_pkey"} <= guarding
+    finally:
+        await pool.close()
+
+
 @pytest.mark.parametrize("name", ["commands", "queries"])
 async def test_the_indexes_the_service_relies_on_are_those_the_migration_creates(
     empty_database: Database, name: str

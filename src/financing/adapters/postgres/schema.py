@@ -144,22 +144,24 @@ NEEDED_TABLES = {
 
 @dataclass(frozen=True)
 class Index:
-    """An index of a service's table the service relies on: `unique`, its writes do (a
-    stream's versions, a message's record; without it, a copy is applied twice or a
-    stream forks); otherwise its scans do (without it, they read the whole table)."""
+    """An index of a service's table the service relies on: `guards` its writes (a
+    stream's versions, a message's record, an upsert's key: without it, a copy is applied
+    twice, a stream forks, or an upsert fails); otherwise its scans or the order of its
+    lists (without it, they read the whole table)."""
 
     name: str  # in the table's schema
     table: str  # as NEEDED_TABLES names it
     unique: bool
     serves: str  # what it keeps right, or fast
     remedy: str  # what makes it again
+    guards: bool = False
 
 
 _BY_REBUILD = "`financing projections rebuild` makes it again with the read models"
 
 
-def _read_models_key(table: str, name: str, serves: str) -> Index:
-    return Index(name, f"{DEFAULT_SCHEMA}.{table}", True, serves, _BY_REBUILD)
+def _read_models_key(table: str, name: str, serves: str, *, guards: bool = True) -> Index:
+    return Index(name, f"{DEFAULT_SCHEMA}.{table}", True, serves, _BY_REBUILD, guards=guards)
 
 
 # Every index the migrations make on the service's tables, by schema (a test holds this
@@ -181,6 +183,7 @@ INDEXES = {
             "one event per version of an aggregate (two writers of one version: the stream forks)",
             "ALTER TABLE events ADD CONSTRAINT events_stream_version"
             " UNIQUE (aggregate_id, version)",
+            guards=True,
         ),
         Index(
             "events_commit_order",
@@ -203,6 +206,7 @@ INDEXES = {
             True,
             "one snapshot per aggregate",
             "ALTER TABLE snapshots ADD PRIMARY KEY (aggregate_id)",
+            guards=True,
         ),
         Index(
             "processed_messages_pkey",
@@ -210,6 +214,7 @@ INDEXES = {
             True,
             "one record per message and consumer (a copy delivered again: applied twice)",
             "ALTER TABLE processed_messages ADD PRIMARY KEY (consumer, message_id)",
+            guards=True,
         ),
         Index(
             "processed_messages_correlation",
@@ -232,6 +237,7 @@ INDEXES = {
             True,
             "the relayer's checkpoint",
             "ALTER TABLE relay_checkpoints ADD PRIMARY KEY (name)",
+            guards=True,
         ),
         Index(
             "event_store_identity_pkey",
@@ -243,11 +249,13 @@ INDEXES = {
     ),
     "queries": (
         _read_models_key("investors", "investors_pkey", "one row per investor"),
-        _read_models_key("investors", "investors_created_key", "the order of creation"),
+        _read_models_key(
+            "investors", "investors_created_key", "the order of creation", guards=False
+        ),
         _read_models_key("invoices", "invoices_pkey", "one row per invoice"),
-        _read_models_key("invoices", "invoices_created_key", "the order of creation"),
+        _read_models_key("invoices", "invoices_created_key", "the order of creation", guards=False),
         _read_models_key("issuers", "issuers_pkey", "one row per issuer"),
-        _read_models_key("issuers", "issuers_created_key", "the order of creation"),
+        _read_models_key("issuers", "issuers_created_key", "the order of creation", guards=False),
         _read_models_key(
             "processed_messages",
             "processed_messages_pkey",
@@ -274,6 +282,7 @@ INDEXES = {
             "one copy of another relayer's event",
             "ALTER TABLE foreign_events ADD CONSTRAINT foreign_events_message_id_key"
             " UNIQUE (message_id)",
+            guards=True,
         ),
         Index(
             "projected_event_store_pkey",
@@ -281,6 +290,7 @@ INDEXES = {
             True,
             "the one event store the read models are of",
             "ALTER TABLE projected_event_store ADD PRIMARY KEY (singleton)",
+            guards=True,
         ),
     ),
 }
@@ -315,11 +325,11 @@ def said_lacking(index: Index) -> str:
 
 
 async def require_indexes(pool: asyncpg.Pool, name: str) -> None:
-    """AwaitingOperator while the database lacks a unique index of INDEXES[name]: the
-    service's writes rely on each (an upsert fails without its own; a copy of a message
-    would be applied twice), so they wait until it is made again."""
+    """AwaitingOperator while the database lacks an index of INDEXES[name] that guards its
+    writes (an upsert fails without its own; a copy of a message would be applied twice),
+    so they wait until it is made again."""
     async with acquired(pool, DATABASES[name]) as conn:
-        lacking = [index for index in await indexes_lacking(conn, name) if index.unique]
+        lacking = [index for index in await indexes_lacking(conn, name) if index.guards]
     if lacking:
         raise AwaitingOperator(
             DATABASES[name],
