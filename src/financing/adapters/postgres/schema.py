@@ -266,7 +266,8 @@ INDEXES = {
             f"{DEFAULT_SCHEMA}.processed_messages",
             False,
             "pruning the deduplication records",
-            _BY_REBUILD,
+            "CREATE INDEX CONCURRENTLY processed_messages_age"
+            f" ON {DEFAULT_SCHEMA}.processed_messages (processed_at)",
         ),
         Index(
             "foreign_events_pkey",
@@ -294,34 +295,63 @@ INDEXES = {
         ),
     ),
 }
-# Of the indexes named (table, index), those of a table there that it lacks, or holds
-# invalid (a CREATE INDEX CONCURRENTLY that failed half way): the table's schema holds
-# its indexes.
+# Of the indexes named (table, index, unique), those of a table there that it lacks, holds
+# invalid (a CREATE INDEX CONCURRENTLY that failed half way), or holds not unique where
+# it should be (one made again by hand without UNIQUE): how, and its name as a statement
+# names it (the table's schema holds its indexes).
 _INDEXES_LACKING = (
-    "SELECT coalesce(array_agg(i.name ORDER BY i.ordinality), '{}')"
-    " FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS i (tbl, name, ordinality)"
-    " WHERE to_regclass(i.tbl) IS NOT NULL AND NOT EXISTS (SELECT FROM pg_index AS x"
-    " JOIN pg_class AS c ON c.oid = x.indexrelid"
-    " WHERE x.indrelid = to_regclass(i.tbl) AND c.relname = i.name AND x.indisvalid)"
+    "SELECT i.name, CASE WHEN x.indexrelid IS NULL THEN 'gone'"
+    " WHEN NOT x.indisvalid THEN 'invalid' ELSE 'not unique' END AS state,"
+    " quote_ident(n.nspname) || '.' || quote_ident(i.name) AS qualified"
+    " FROM unnest($1::text[], $2::text[], $3::bool[]) WITH ORDINALITY"
+    " AS i (tbl, name, uniq, ordinality)"
+    " JOIN pg_class AS t ON t.oid = to_regclass(i.tbl)"
+    " JOIN pg_namespace AS n ON n.oid = t.relnamespace"
+    " LEFT JOIN (pg_index AS x JOIN pg_class AS c ON c.oid = x.indexrelid)"
+    " ON x.indrelid = t.oid AND c.relname = i.name"
+    " WHERE x.indexrelid IS NULL OR NOT x.indisvalid OR (i.uniq AND NOT x.indisunique)"
+    " ORDER BY i.ordinality"
 )
 
 
-async def indexes_lacking(conn: Connection, name: str) -> list[Index]:
-    """The indexes of INDEXES[name] the database lacks, or holds invalid (tables that are
-    not there are `require_tables`' to say)."""
-    indexes = INDEXES[name]
-    lacking = set(
-        await conn.fetchval(
-            _INDEXES_LACKING, [index.table for index in indexes], [index.name for index in indexes]
-        )
+@dataclass(frozen=True)
+class Lacking:
+    """An index of INDEXES a database lacks: `gone`, `invalid` or `not unique`."""
+
+    index: Index
+    state: str
+    qualified: str  # its name as a statement names it
+
+    @property
+    def remedy(self) -> str:
+        """The statement that makes it again: an invalid one is built again where it is
+        (made again beside itself, its name taken, the statement failed)."""
+        if self.state == "invalid":
+            return f"REINDEX INDEX CONCURRENTLY {self.qualified}"
+        if self.state == "not unique":
+            return f"DROP INDEX {self.qualified}, then {self.index.remedy}"
+        return self.index.remedy
+
+
+async def indexes_lacking(conn: Connection, name: str) -> list[Lacking]:
+    """The indexes of INDEXES[name] the database lacks, holds invalid, or holds not unique
+    (tables that are not there are `require_tables`' to say)."""
+    indexes = {index.name: index for index in INDEXES[name]}
+    rows = await conn.fetch(
+        _INDEXES_LACKING,
+        [index.table for index in indexes.values()],
+        list(indexes),
+        [index.unique for index in indexes.values()],
     )
-    return [index for index in indexes if index.name in lacking]
+    return [Lacking(indexes[row["name"]], row["state"], row["qualified"]) for row in rows]
 
 
-def said_lacking(index: Index) -> str:
-    """What the lack of `index` does, and what makes it again."""
+def said_lacking(lacking: Lacking) -> str:
+    """What the lack of an index does, and what makes it again."""
+    index = lacking.index
     kind = "unique index" if index.unique else "index"
-    return f"{kind} {index.name} of {index.table} ({index.serves}): {index.remedy}"
+    state = "" if lacking.state == "gone" else f", {lacking.state}"
+    return f"{kind} {index.name} of {index.table} ({index.serves}){state}: {lacking.remedy}"
 
 
 async def require_indexes(pool: asyncpg.Pool, name: str) -> None:
@@ -329,12 +359,12 @@ async def require_indexes(pool: asyncpg.Pool, name: str) -> None:
     writes (an upsert fails without its own; a copy of a message would be applied twice),
     so they wait until it is made again."""
     async with acquired(pool, DATABASES[name]) as conn:
-        lacking = [index for index in await indexes_lacking(conn, name) if index.guards]
+        lacking = [gone for gone in await indexes_lacking(conn, name) if gone.index.guards]
     if lacking:
         raise AwaitingOperator(
             DATABASES[name],
             f"it lacks the unique index(es) its writes rely on, dropped or left invalid:"
-            f" {'; '.join(said_lacking(index) for index in lacking)}; the service goes on"
+            f" {'; '.join(said_lacking(gone) for gone in lacking)}; the service goes on"
             " by itself once they are made",
         )
 
