@@ -443,16 +443,24 @@ async def test_a_queue_deleted_while_no_instance_consumed_it_is_said_as_the_serv
     last_projected = await read_models.last_projected_recorded_at(datetime.now(UTC))
     assert last_projected is not None
     assert await target.service.stop() == 0
-    await asyncio.to_thread(
-        rabbitmqctl, "delete_queue", "--vhost", target.vhost, topology.PROJECTOR_QUEUE
-    )
+    # Regression (a probe of the fix): a command queue and a queue of Registering's
+    # events, which no rewind fills again, were declared again with nothing said, ten
+    # accepted commands lost without a word.
+    deleted = (topology.PROJECTOR_QUEUE, "SellInvoice", "events_IssuerRegistered")
+    for queue in deleted:
+        await asyncio.to_thread(rabbitmqctl, "delete_queue", "--vhost", target.vhost, queue)
     await target.service.start()
 
-    await infra.wait_until(lambda: infra.holds(bool(said())), what="the queue missing said")
-    [line] = said()
-    assert line["queue"] == topology.PROJECTOR_QUEUE, line
-    assert line["last_processed_recorded_at"] == moment(last_projected), line
+    await infra.wait_until(
+        lambda: infra.holds(len(said()) == len(deleted)), what="the queues missing said"
+    )
+    lines = {line["queue"]: line for line in said()}
+    assert set(lines) == set(deleted), lines
+    projector = lines[topology.PROJECTOR_QUEUE]
+    assert projector["last_processed_recorded_at"] == moment(last_projected), projector
     since = moment(last_projected - timedelta(minutes=1))
-    assert f"financing relay rewind --since {since}" in line["events"], line
+    assert f"financing relay rewind --since {since}" in projector["events"], projector
+    assert "their clients must send them again" in lines["SellInvoice"]["messages"]
+    assert "publish them again" in lines["events_IssuerRegistered"]["messages"]
     await settle(target)
     await verify_effects(target, workload)

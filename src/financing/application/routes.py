@@ -71,3 +71,11 @@ INTEGRATION: tuple[Route[SendingHandler], ...] = _routes(
         InvestorRegistered.name(): integration.investor_registered_creates_investor,
     }
 )
+
+# The consumers of the commands Registering's events become (INTEGRATION): their records
+# say those events were consumed before.
+REGISTRATION_CONSUMERS = tuple(
+    route.consumer
+    for route in COMMANDS
+    if route.message_name in (CreateIssuer.name(), CreateInvestor.name())
+)

@@ -509,7 +509,7 @@ async def _broker_components(
         if selected & APPENDS:
             service.workers["relay-pace"] = pace.run
         if "commands" in selected:
-            wiring.store_routes(routes.COMMANDS, store, pace)
+            wiring.store_routes(routes.COMMANDS, store, pace, consumed=store.processed_any)
         if "policies" in selected:
             wiring.store_routes(
                 routes.POLICIES, store, pace, last_processed=store.last_processed_recorded_at
@@ -529,7 +529,18 @@ async def _broker_components(
             stack.push_async_callback(relaying.close)
             wiring.relayer(command_pool, settings.command_db, stack, opened.store_name, relaying)
     if "integration" in selected:
-        wiring.sending_routes(routes.INTEGRATION, AmqpCommandSender(publisher))
+        # What Registering's events become is recorded by the consumers of the commands
+        # they send.
+        registered = (
+            None
+            if command_pool is None
+            else partial(
+                PostgresEventStore(command_pool).processed_any, routes.REGISTRATION_CONSUMERS
+            )
+        )
+        wiring.sending_routes(
+            routes.INTEGRATION, AmqpCommandSender(publisher), consumed_before=registered
+        )
     if query_pool is not None and "projector" in selected:
         clock = DatabaseClock(query_pool, QUERY_DATABASE)
         service.workers["database-clock"] = clock.run
@@ -719,10 +730,13 @@ class _Wiring:
         pace: RelayPace,
         *,
         last_processed: Callable[[str, datetime], Awaitable[datetime | None]] | None = None,
+        consumed: Callable[[Sequence[str]], Awaitable[bool]] | None = None,
     ) -> None:
         """Consumers that append, each handling a delivery only while appending keeps to
         the relayer's pace; `last_processed`: when the event a consumer (by its name)
-        processed last was recorded, to date what a queue deleted under it held."""
+        processed last was recorded, to date what a queue deleted under it held;
+        `consumed`: whether consumers (by their names) processed anything yet, to tell a
+        queue deleted from a new one."""
         for route in table:
             self._consumer(
                 route.message_name,
@@ -731,13 +745,24 @@ class _Wiring:
                 last_processed=None
                 if last_processed is None
                 else partial(last_processed, route.consumer),
+                consumed_before=None if consumed is None else partial(consumed, [route.consumer]),
             )
 
     def sending_routes(
-        self, table: Iterable[routes.Route[SendingHandler]], sender: CommandSender
+        self,
+        table: Iterable[routes.Route[SendingHandler]],
+        sender: CommandSender,
+        *,
+        consumed_before: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
+        """Consumers that send commands; `consumed_before`: whether what they send was
+        processed yet (their queues keep no record of their own)."""
         for route in table:
-            self._consumer(route.message_name, sending(sender, route.handler))
+            self._consumer(
+                route.message_name,
+                sending(sender, route.handler),
+                consumed_before=consumed_before,
+            )
 
     def unrouted(self, watch: TopologyWatch) -> None:
         """The consumer of what `financing_events` routes to no other consumer."""
@@ -750,6 +775,7 @@ class _Wiring:
         handler: Handler,
         parts: Sequence[HandlerPart] = (),
         last_processed: LastProcessed | None = None,
+        consumed_before: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         subscription = topology.subscription(message_name)
         step = subscription.step(
@@ -758,13 +784,14 @@ class _Wiring:
             outages=self._outages,
             handler_parts=(*self._overrides.handler_parts, *parts),
         )
-        self._deliveries(subscription.queue, step, last_processed)
+        self._deliveries(subscription.queue, step, last_processed, consumed_before)
 
     def _deliveries(
         self,
         queue: topology.QueueSpec,
         step: Step,
         last_processed: LastProcessed | None = None,
+        consumed_before: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         deliveries = Deliveries(step)
         consumer = QueueConsumer(
@@ -775,6 +802,7 @@ class _Wiring:
             deliveries.receive,
             prefetch=PREFETCH,
             last_processed=last_processed,
+            consumed_before=consumed_before,
         )
         self._add(f"consumer:{queue.name}", lambda: consume(consumer, deliveries), consumer)
 

@@ -44,7 +44,7 @@ import functools
 import itertools
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -721,6 +721,17 @@ class PostgresEventStore:
                 last,  # NULL: no limit
             )
         return [stored_event(row) for row in reversed(rows)]
+
+    async def processed_any(self, consumers: Sequence[str]) -> bool:
+        """Whether any of `consumers` (by their names) has a record: it processed messages
+        before (within the records' retention)."""
+        async with acquired(self._pool, COMMAND_DATABASE) as conn:
+            return bool(
+                await conn.fetchval(
+                    "SELECT EXISTS (SELECT FROM processed_messages WHERE consumer = ANY($1))",
+                    list(consumers),
+                )
+            )
 
     async def last_processed_recorded_at(self, consumer: str, before: datetime) -> datetime | None:
         """When the store recorded the event `consumer` (a policy) processed last before

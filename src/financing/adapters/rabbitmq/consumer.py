@@ -302,12 +302,16 @@ class QueueConsumer:
         *,
         prefetch: int,
         last_processed: LastProcessed | None = None,
+        consumed_before: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         """`last_processed`: when the event its consumer processed last before a time, in
         any instance, was recorded (the consumer's records), to date what a queue deleted
-        under it held."""
+        under it held; `consumed_before`, for a queue none of whose messages is an event
+        of the store: whether the records say it was consumed before (its queue found
+        missing as the process starts was deleted, not new)."""
         self._broker = broker
         self._last_processed = last_processed
+        self._consumed_before = consumed_before
         # Declared with the broker's queue type, as everything declared on it is.
         self._queue = queue.of_type(broker.queue_type)
         self._dead_letters = dead_letters
@@ -446,13 +450,21 @@ class QueueConsumer:
                 )
 
             await self._said(cancelled_at, consumed_again)
-        elif self._found_missing:
+        elif self._found_missing and self._last_processed is not None:
 
             def declared_anew(processed: datetime | None, unread: bool) -> None:
                 if processed is not None:  # none: a new deployment's queue, or unknown
                     said_declared_anew(self._queue, processed)
 
             await self._said(datetime.now(UTC), declared_anew)
+        elif self._found_missing and self._consumed_before is not None:
+            try:
+                async with asyncio.timeout(LOOKED_UP_WITHIN):
+                    consumed = await self._consumed_before()
+            except (TimeoutError, Unavailable):
+                consumed = False  # unknown: not said, as a new deployment's queue is not
+            if consumed:
+                said_declared_anew(self._queue, None)
         self._found_missing = False
         return channel, queue, tag, ended, acks
 

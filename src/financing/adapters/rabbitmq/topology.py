@@ -459,28 +459,49 @@ def said_consumed_again(
     )
 
 
-def said_declared_anew(queue: QueueSpec, last_processed: datetime) -> None:
-    """The queue of a consumer whose records say it processed events from it (in any
+def said_declared_anew(queue: QueueSpec, last_processed: datetime | None) -> None:
+    """The queue of a consumer whose records say it processed messages from it (in any
     instance) was missing as the process started, and was declared again: deleted while
     no instance consumed it, or a broker that lost it (a new one). What it held, and
-    what was relayed until now, did not reach it. Counted and said once, with how to
-    have the events again: declared again with nothing said, the sagas waiting on them
-    were left for `financing check` to find."""
+    what was sent to it until now, did not reach it. Counted and said once, with how to
+    have its messages again where the event store keeps them (`last_processed`: when the
+    event its consumer processed last was recorded): declared again with nothing said,
+    ten commands the Commands API had accepted were lost without a word."""
     metrics.CONSUMERS_CANCELLED.labels(queue.name).inc()
-    since = moment(last_processed - timedelta(minutes=1))
+    fields: dict[str, str] = {"queue": queue.name}
+    if not queue.bound_to_events:
+        fields["messages"] = (
+            "the commands it held, each accepted by the Commands API (or sent by a policy"
+            " or an integration handler), are lost: no event store keeps them; their"
+            " clients must send them again (`financing trace` shows where each"
+            " correlation stopped)"
+        )
+    elif last_processed is None:  # Registering's events, kept by no event store
+        fields["messages"] = (
+            "the integration events it held are lost: no event store keeps them; have"
+            " their publisher (Registering) publish them again"
+        )
+    else:
+        since = moment(last_processed - timedelta(minutes=1))
+        fields["last_processed_recorded_at"] = moment(last_processed)
+        fields["events"] = (
+            "what it held and the events relayed since it went did not reach it; to have"
+            " them again, stop every relayer and run `financing relay rewind --since"
+            f" {since}` (a minute before the event its consumer processed last): its"
+            " consumers take the events they had as copies; those no queue took meanwhile"
+            " wait in financing_dead_letters (`financing dead-letters requeue --queue"
+            " financing_unrouted`); then, where `financing check` says rows listed in"
+            " another order, `financing projections rebuild`"
+        )
+    fields["deleted_empty"] = (
+        "a queue deleted empty, with nothing sent to it since (a switch of queue type,"
+        " docs/scaling.md), lost nothing"
+    )
     log.warning(
         "a queue of the service was missing as it started, though its consumer processed"
-        " events from it before (deleted while no instance consumed it, or a broker that"
-        " lost it); declared again",
-        queue=queue.name,
-        last_processed_recorded_at=moment(last_processed),
-        events="what it held and the events relayed since it went did not reach it; to"
-        " have them again, stop every relayer and run `financing relay rewind --since"
-        f" {since}` (a minute before the event its consumer processed last): its"
-        " consumers take the events they had as copies; those no queue took meanwhile"
-        " wait in financing_dead_letters (`financing dead-letters requeue --queue"
-        " financing_unrouted`). A queue deleted empty, with nothing relayed since (a"
-        " switch of queue type, docs/scaling.md), lost nothing",
+        " messages from it before (deleted while no instance consumed it, or a broker"
+        " that lost it); declared again",
+        **fields,
     )
 
 
