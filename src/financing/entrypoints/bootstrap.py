@@ -497,6 +497,9 @@ async def _broker_components(
     outages.check_with(BROKER, publisher.probe_events, answers_within=publisher.confirm_timeout)
     deliveries = replace(DELIVERIES, aggregate_wait=settings.aggregate_wait)
     wiring = _Wiring(broker, publisher, outages, deliveries, overrides, service)
+    # Whether Registering's events were consumed before: the consumers of the commands
+    # they become keep the records (their own queues keep none).
+    registered: Callable[[], Awaitable[bool]] | None = None
     if command_pool is not None:
         store = PostgresEventStore(
             command_pool,
@@ -504,6 +507,7 @@ async def _broker_components(
             guard=opened.guards["commands"],
         )
         stack.push_async_callback(store.close)
+        registered = partial(store.processed_any, routes.REGISTRATION_CONSUMERS)
         outbox = PostgresOutbox(command_pool)
         pace = RelayPace(outbox.lag, relayer=outbox.relayer)
         if selected & APPENDS:
@@ -529,15 +533,6 @@ async def _broker_components(
             stack.push_async_callback(relaying.close)
             wiring.relayer(command_pool, settings.command_db, stack, opened.store_name, relaying)
     if "integration" in selected:
-        # What Registering's events become is recorded by the consumers of the commands
-        # they send.
-        registered = (
-            None
-            if command_pool is None
-            else partial(
-                PostgresEventStore(command_pool).processed_any, routes.REGISTRATION_CONSUMERS
-            )
-        )
         wiring.sending_routes(
             routes.INTEGRATION, AmqpCommandSender(publisher), consumed_before=registered
         )

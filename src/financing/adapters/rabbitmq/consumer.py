@@ -21,7 +21,7 @@ import functools
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, ConsumerTag
@@ -72,6 +72,8 @@ from financing.application.retry import NO_BUG_RETRIES, GaveUp, Outages, retry_o
 from financing.logging import get_logger
 
 log = get_logger(__name__)
+
+T = TypeVar("T")
 
 # The characters of a header value a log line shows: as many as a message id may have.
 LOGGED_HEADER_CHARS = MAX_MESSAGE_ID_BYTES
@@ -458,11 +460,8 @@ class QueueConsumer:
 
             await self._said(datetime.now(UTC), declared_anew)
         elif self._found_missing and self._consumed_before is not None:
-            try:
-                async with asyncio.timeout(LOOKED_UP_WITHIN):
-                    consumed = await self._consumed_before()
-            except (TimeoutError, Unavailable):
-                consumed = False  # unknown: not said, as a new deployment's queue is not
+            # Unknown (no answer) is not said, as a new deployment's queue is not.
+            _, consumed = await _looked_up(self._consumed_before)
             if consumed:
                 said_declared_anew(self._queue, None)
         self._found_missing = False
@@ -477,33 +476,14 @@ class QueueConsumer:
         if self._last_processed is None:
             say(None, False)
             return
-        answered, processed = await self._looked_up(before)
+        ask = functools.partial(self._last_processed, before)
+        answered, processed = await _looked_up(ask)
         if answered:
             say(processed, False)
             return
-        task = asyncio.create_task(self._said_later(before, say))
+        task = asyncio.create_task(_said_later(ask, say))
         self._saying.add(task)
         task.add_done_callback(self._saying.discard)
-
-    async def _said_later(self, before: datetime, say: Saying) -> None:
-        waited_until = time.monotonic() + RECORDS_WAITED
-        while time.monotonic() < waited_until:
-            await asyncio.sleep(RECORDS_PACE)  # the records' pace, not a condition's wait
-            answered, processed = await self._looked_up(before)
-            if answered:
-                say(processed, False)
-                return
-        say(None, True)
-
-    async def _looked_up(self, before: datetime) -> tuple[bool, datetime | None]:
-        """Whether the records answered within LOOKED_UP_WITHIN, and
-        `last_processed(before)` if they did."""
-        assert self._last_processed is not None
-        try:
-            async with asyncio.timeout(LOOKED_UP_WITHIN):
-                return True, await self._last_processed(before)
-        except (TimeoutError, Unavailable):
-            return False, None
 
     def _cancelled(self, ended: _Ended) -> None:
         """The broker cancelled the consumer: its queue deleted, or the node holding it
@@ -550,6 +530,29 @@ class QueueConsumer:
             if self._acks is not None:
                 self._acks.close()
             await close_channel(channel)
+
+
+async def _said_later(ask: Callable[[], Awaitable[datetime | None]], say: Saying) -> None:
+    """`say` once the records answer `ask`, asked every RECORDS_PACE seconds; `unread`
+    after RECORDS_WAITED."""
+    waited_until = time.monotonic() + RECORDS_WAITED
+    while time.monotonic() < waited_until:
+        await asyncio.sleep(RECORDS_PACE)  # the records' pace, not a condition's wait
+        answered, processed = await _looked_up(ask)
+        if answered:
+            say(processed, False)
+            return
+    say(None, True)
+
+
+async def _looked_up(ask: Callable[[], Awaitable[T]]) -> tuple[bool, T | None]:
+    """Whether the consumer's records answered `ask` within LOOKED_UP_WITHIN, and what
+    they answered if they did."""
+    try:
+        async with asyncio.timeout(LOOKED_UP_WITHIN):
+            return True, await ask()
+    except (TimeoutError, Unavailable):
+        return False, None
 
 
 def _moment(value: object) -> datetime | None:

@@ -432,14 +432,12 @@ def said_consumed_again(
             fields["last_delivered_recorded_at"] = moment(last_recorded)
         if last_processed is not None:
             fields["last_processed_recorded_at"] = moment(last_processed)
-        fields["events"] = (
-            "what it held and the events relayed meanwhile did not reach it; to have them"
-            f" again, stop every relayer and run `financing relay rewind --since {since}`"
-            " (a minute before the oldest event it held in hand, the last delivered to it"
-            " or processed from it, or before the cancel): its consumers take the events"
-            " they had as copies; those no queue took meanwhile wait in"
-            " financing_dead_letters (`financing dead-letters requeue --queue"
-            " financing_unrouted`)"
+        fields["events"] = "what it held and the events relayed meanwhile did not reach it; " + (
+            _rewind(
+                since,
+                "a minute before the oldest event it held in hand, the last delivered to it"
+                " or processed from it, or before the cancel",
+            )
         )
         if unread:
             fields["unread"] = (
@@ -456,6 +454,16 @@ def said_consumed_again(
         "consuming again after the broker cancelled the consumer (its queue deleted, with"
         " what it held, or the node holding it down)",
         **fields,
+    )
+
+
+def _rewind(since: str, dated_by: str) -> str:
+    """How to have the events a queue lost again, from `since` (`dated_by` says why)."""
+    return (
+        f"to have them again, stop every relayer and run `financing relay rewind --since"
+        f" {since}` ({dated_by}): its consumers take the events they had as copies; those"
+        " no queue took meanwhile wait in financing_dead_letters (`financing dead-letters"
+        " requeue --queue financing_unrouted`)"
     )
 
 
@@ -485,13 +493,10 @@ def said_declared_anew(queue: QueueSpec, last_processed: datetime | None) -> Non
         since = moment(last_processed - timedelta(minutes=1))
         fields["last_processed_recorded_at"] = moment(last_processed)
         fields["events"] = (
-            "what it held and the events relayed since it went did not reach it; to have"
-            " them again, stop every relayer and run `financing relay rewind --since"
-            f" {since}` (a minute before the event its consumer processed last): its"
-            " consumers take the events they had as copies; those no queue took meanwhile"
-            " wait in financing_dead_letters (`financing dead-letters requeue --queue"
-            " financing_unrouted`); then, where `financing check` says rows listed in"
-            " another order, `financing projections rebuild`"
+            "what it held and the events relayed since it went did not reach it; "
+            + _rewind(since, "a minute before the event its consumer processed last")
+            + "; then, where `financing check` says rows listed in another order,"
+            " `financing projections rebuild`"
         )
     fields["deleted_empty"] = (
         "a queue deleted empty, with nothing sent to it since (a switch of queue type,"

@@ -44,7 +44,6 @@ from financing.adapters.postgres.schema import (
     SchemaElsewhere,
     indexes_lacking,
     require_grants,
-    require_tables,
     said_lacking,
 )
 from financing.adapters.rabbitmq import topology
@@ -323,8 +322,7 @@ async def _event_store(settings: Settings, findings: Findings, max_relay_lag: fl
     findings.asked = settings.command_db, "commands"
     async with database(settings.command_db, COMMAND_DATABASE, "status", schema="commands") as pool:
         findings.reached = settings.command_db, "commands"
-        await require_grants(pool, "commands", writes=True)
-        await require_tables(pool, "commands")
+        await require_grants(pool, "commands", writes=True)  # its tables: `database`
         backlog = await PostgresOutbox(pool).backlog(held_back_after=max_relay_lag)
         findings.store = await store_of(pool)
         findings.history = await holds_history(pool)
@@ -380,8 +378,7 @@ async def _read_models(settings: Settings, findings: Findings) -> None:
         database(settings.query_db, QUERY_DATABASE, "status", schema="queries") as pool,
     ):
         findings.reached = settings.query_db, "queries"
-        await require_grants(pool, "queries", writes=True)
-        await require_tables(pool, "queries")
+        await require_grants(pool, "queries", writes=True)  # its tables: `database`
         async with acquired(pool, QUERY_DATABASE) as conn:
             found = await projected(conn)
         locked = await _tables_locked(pool, "queries")
