@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from financing.application.errors import Refused, Unavailable
+from financing.application.errors import AwaitingOperator, Refused, Unavailable
 from financing.application.retry import Outages
 from financing.entrypoints.bootstrap import Service, StartupError, _unhealthy, started
 
@@ -28,6 +28,25 @@ async def test_a_dependency_unavailable_past_the_deadline_fails_start_up_saying_
         " broker unavailable: connection refused"
     )
     assert attempts > 1
+
+
+async def test_an_outage_only_an_operator_ends_says_start_up_stopped_where_it_gave_up() -> None:
+    """Regression (a probe): start-up given up while a unique index was lacking said,
+    as its last words, that the service goes on by itself once it is made, and exited."""
+
+    async def indexed() -> None:
+        raise AwaitingOperator(
+            "command database",
+            "it lacks the unique index(es) its writes rely on, dropped or left invalid: ...;"
+            " the service goes on by itself once they are made",
+        )
+
+    with pytest.raises(StartupError) as raised:
+        await started("the unique indexes", indexed, Outages(), time.monotonic() + 0.3)
+    assert str(raised.value).endswith(
+        "the service goes on by itself once they are made (this instance stopped instead:"
+        " start it again once that is done)"
+    )
 
 
 async def test_a_dependency_that_comes_back_within_the_deadline_lets_start_up_go_on() -> None:

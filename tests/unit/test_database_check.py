@@ -1,5 +1,6 @@
-"""The check of a database (its health probe, and what ends its outage) asks for grants and
-tables only on a session of its own: behind the service's statements, it does not queue."""
+"""The check of a database (its health probe, and what ends its outage) asks only on a
+session of its own: behind the service's statements, it does not queue. What only an
+operator gives back (grants, tables, indexes) it takes from the database's inspection."""
 
 from __future__ import annotations
 
@@ -10,36 +11,43 @@ import pytest
 from financing.adapters.postgres import connection as connection_module
 from financing.adapters.postgres.capacity import Capacity
 from financing.adapters.postgres.connection import COMMAND_DATABASE
+from financing.adapters.postgres.guard import WriteGuard
+from financing.adapters.postgres.inspection import Inspection
+from financing.application.errors import AwaitingOperator
 from financing.entrypoints import bootstrap
 
 
 @pytest.mark.parametrize("writes", [True, False])
-@pytest.mark.parametrize(
-    ("probed", "room"),
-    [(False, True), (True, False)],
-    ids=["the probe behind the service", "no session free after it"],
-)
-async def test_a_check_behind_the_services_statements_asks_nothing_more(
-    monkeypatch: pytest.MonkeyPatch, writes: bool, probed: bool, room: bool
+@pytest.mark.parametrize("found", [True, False], ids=["a grant lacking", "nothing lacking"])
+async def test_a_check_behind_the_services_statements_asks_nothing_more_and_keeps_the_verdict(
+    monkeypatch: pytest.MonkeyPatch, writes: bool, found: bool
 ) -> None:
     """Regression (a probe): with the command database 200 ms away each way and the pool's
     every session serving units of work, the probe found the pool answering, then waited
     in its line to read the grants and tables, ran out of time, and the database was
-    said down (`/health` 503) while every command was handled."""
+    said down (`/health` 503) while every command was handled. Regression: asking
+    nothing more there, the check passed, so an outage awaiting a grant revoked from
+    pruning was said over under load, and begun again at pruning's next run."""
 
     async def behind_the_service(pool: Any, dependency: str) -> bool:
-        return probed  # False: the pool's sessions answered the service's statements
-
-    async def queued(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("asked in the pool's line")
+        return False  # the pool's sessions answered the service's statements
 
     for probe in ("writable", "ping"):
         monkeypatch.setattr(bootstrap, probe, behind_the_service)
-    monkeypatch.setattr(bootstrap, "has_room", lambda pool: room)
-    monkeypatch.setattr(bootstrap, "require_grants", queued)
-    monkeypatch.setattr(bootstrap, "require_tables", queued)
+    inspection = Inspection(object(), "commands", writes=WriteGuard() if writes else None)  # type: ignore[arg-type]
+    if found:
+        inspection._found = AwaitingOperator(COMMAND_DATABASE, "its role lacks privileges")
 
-    await bootstrap._answering(object(), "commands", writes=writes)()  # type: ignore[arg-type]
+    async def queued(self: Inspection) -> None:
+        raise AssertionError("asked in the pool's line")
+
+    monkeypatch.setattr(Inspection, "look", queued)
+    check = bootstrap._answering(object(), inspection)  # type: ignore[arg-type]
+    if not found:
+        await check()
+        return
+    with pytest.raises(AwaitingOperator, match="lacks privileges"):
+        await check()
 
 
 class GrowingPool:

@@ -43,6 +43,7 @@ from financing.adapters.postgres.connection import (
 )
 from financing.adapters.postgres.event_store import PostgresEventStore
 from financing.adapters.postgres.guard import WriteGuard
+from financing.adapters.postgres.inspection import Inspection
 from financing.adapters.postgres.outbox import CommitListener, PostgresOutbox, PostgresRelayerLock
 from financing.adapters.postgres.projected_store import RecordedStore, claim, store_of
 from financing.adapters.postgres.read_models import PostgresReadModels
@@ -60,9 +61,7 @@ from financing.adapters.postgres.schema import (
     latest,
     migrate,
     missing,
-    require_grants,
     require_indexes,
-    require_tables,
 )
 from financing.adapters.rabbitmq import topology
 from financing.adapters.rabbitmq.connection import BROKER, Broker
@@ -214,6 +213,8 @@ async def bootstrap(
     tls = _grpc_tls(settings, service)
     outages = Outages()
     opened = await _databases(settings, selected, stack, outages, deadline)
+    for schema, inspection in opened.inspections.items():
+        service.workers[f"inspection-{schema}"] = inspection.run
     await _rebuilt_if_made_empty(service, opened, outages, deadline)
     service.workers["outages"] = outages.watch
     # Every process probes the dependencies it uses, whether or not it serves an API.
@@ -227,7 +228,12 @@ async def bootstrap(
     query_pool = opened.query_pool
     if query_pool is not None and "queries-api" in selected:
         queries = QueriesService(PostgresReadModels(query_pool), outages)
-        probe = Probe(QUERY_DATABASE, _answering(query_pool, "queries", writes=None))
+        # The API only reads: the projector's writes lacking keep it serving.
+        reads = opened.inspections["queries"]
+        if reads.writes is not None:
+            reads = Inspection(query_pool, "queries", writes=None)
+            service.workers["inspection-queries-reads"] = reads.run
+        probe = Probe(QUERY_DATABASE, _answering(query_pool, reads))
         server = _grpc_server(service, outages, queries, "Queries", probe, opened.own, tls)
         observe_replies(queries)
         service.listeners.append(Listener("queries-api", server, settings.query_address))
@@ -245,6 +251,9 @@ class _Opened:
     store_name: str | None
     # What holds the writes of each database (by schema) while it lacks a unique index.
     guards: dict[str, WriteGuard]
+    # The look at each database opened (by schema) for what only an operator gives back,
+    # which its check reads: a worker of the service each.
+    inspections: dict[str, Inspection]
 
     @property
     def own(self) -> int:
@@ -286,6 +295,7 @@ async def _databases(
     # An outage of a database this process writes ends when it takes writes again; of one
     # it only reads, when it answers. Every component on the command database writes.
     guards = {schema: WriteGuard() for schema in SCHEMAS}
+    inspections: dict[str, Inspection] = {}
     for pool, db, schema, writes in (
         (command_pool, settings.command_db, "commands", True),
         (query_pool, settings.query_db, "queries", bool(selected & RECORDS_PROJECTIONS)),
@@ -294,9 +304,11 @@ async def _databases(
             # A statement fails at FINANCING_DB_TIMEOUT at the latest (and the watch
             # looks once a period).
             within = db.answer_timeout + OUTAGE_CHECK_INTERVAL
+            inspection = Inspection(pool, schema, writes=guards[schema] if writes else None)
+            inspections[schema] = inspection
             outages.check_with(
                 DATABASES[schema],
-                _answering(pool, schema, writes=guards[schema] if writes else None),
+                _answering(pool, inspection),
                 attempts_within=within,
                 answers_within=db.answer_timeout,
             )
@@ -318,7 +330,8 @@ async def _databases(
             deadline,
         )
     _hold_to_session_limits(limited)
-    return _Opened(command_pool, query_pool, None if store is None else str(store), guards)
+    name = None if store is None else str(store)
+    return _Opened(command_pool, query_pool, name, guards, inspections)
 
 
 async def _rebuilt_if_made_empty(
@@ -597,33 +610,21 @@ def _housekeeping(
         service.listeners.append(Listener("metrics", endpoint, settings.metrics_address))
 
 
-def _answering(
-    pool: asyncpg.Pool, schema: str, *, writes: WriteGuard | None
-) -> Callable[[], Awaitable[None]]:
-    """The check of the database of `schema`: it answers, the role may read the tables its
-    statements name and, where the process writes (`writes`, the guard of its writes), it
-    takes writes and the role may make them all (a privilege revoked from a statement that
-    runs only now and then, as pruning does, ended its outage at each check and began it
-    again at each run), those tables are there, and so are the unique indexes the writes
-    rely on: the guard holds the writes while one is lacking. The health watch runs it
-    every second (an index a DBA dropped, with which no statement fails, is found so)."""
+def _answering(pool: asyncpg.Pool, inspection: Inspection) -> Callable[[], Awaitable[None]]:
+    """The check of the database `inspection` looks at: it answers (and takes writes, where
+    the process writes), and it lacks nothing only an operator gives back (grants, tables,
+    unique indexes). The health watch runs it every second. It asks on a session of its
+    own, never behind the service's statements (with the database 200 ms away each way,
+    a probe in the pool's line ran out of time, and the database was said down): while
+    the pool's sessions all serve units of work, the inspection's last look answers."""
+    dependency = DATABASES[inspection.schema]
+    probe = writable if inspection.writes is not None else ping
 
     async def answering() -> None:
-        probed = await (writable if writes else ping)(pool, DATABASES[schema])
-        if not probed or not has_room(pool):
-            # The pool's sessions serve the service's statements, which find the grants and
-            # tables there: asked in the pool's line behind them, with the database 200 ms
-            # away each way, the probe ran out of time, and the database was said down.
-            return
-        await require_grants(pool, schema, writes=writes is not None)
-        await require_tables(pool, schema)
-        if writes is not None:
-            try:
-                await require_indexes(pool, schema)
-            except AwaitingOperator as lacking:
-                writes.lacking = lacking
-                raise
-            writes.lacking = None
+        if await probe(pool, dependency) and has_room(pool):
+            await inspection.look()
+        else:
+            inspection.verdict()
 
     return answering
 
@@ -912,7 +913,7 @@ async def started(
         # warning, and the error named nothing but the timeout.
         said = f"{what}: still waiting for an answer when FINANCING_STARTUP_TIMEOUT ran out"
         if failed is not None:
-            said += f"; the attempt before: {failed}"
+            said += f"; the attempt before: {failed}{_stopped(failed)}"
         raise StartupError(said) from None
     except GaveUp as gave_up:
         _give_up(what, gave_up.error, gave_up.fault)
@@ -924,11 +925,20 @@ def _give_up(what: str, error: Exception, fault: Fault) -> NoReturn:
         # `what` names a dependency or a step of start-up ("migrating the query
         # database"): the error names the dependency.
         raise StartupError(
-            f"{what}: gave up when FINANCING_STARTUP_TIMEOUT ran out: {error}"
+            f"{what}: gave up when FINANCING_STARTUP_TIMEOUT ran out: {error}{_stopped(error)}"
         ) from error
     if fault is Fault.PERMANENT:
         raise StartupError(str(error)) from error
     raise error from None  # a bug: the supervisor reports it with its traceback
+
+
+def _stopped(error: Exception) -> str:
+    """What start-up given up adds to an outage only an operator ends: its text says the
+    service goes on by itself once that is done, which the instances running do, and
+    the one starting did until it gave up."""
+    if not isinstance(error, AwaitingOperator):
+        return ""
+    return " (this instance stopped instead: start it again once that is done)"
 
 
 async def _migrated(

@@ -1,0 +1,97 @@
+"""The inspection of a database: what only an operator gives back (grants, tables, the
+unique indexes the writes rely on), looked at in the pool's line as any statement, and
+read by the database's check."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+
+import pytest
+
+from financing.adapters.postgres.connection import (
+    _CAPACITIES,
+    COMMAND_DATABASE,
+    acquired,
+    create_pool,
+)
+from financing.adapters.postgres.guard import WriteGuard
+from financing.adapters.postgres.inspection import Inspection
+from financing.adapters.postgres.schema import migrate
+from financing.application.errors import AwaitingOperator, Unavailable
+from financing.config import Database
+from financing.entrypoints import bootstrap
+from tests.support import infra
+
+
+@pytest.fixture
+async def empty_database() -> AsyncIterator[Database]:
+    name = infra.unique_name("fin_inspect")
+    yield await infra.create_database(name)
+    await infra.drop_database(name)
+
+
+async def test_a_database_whose_every_session_serves_the_service_is_looked_at_all_the_same(
+    empty_database: Database,
+) -> None:
+    """Regression: the check looked at grants, tables and indexes only when a session of
+    the pool was free, and passed otherwise: a unique index dropped while the pool's every
+    session served units of work went unseen for as long as the load lasted, the writes
+    it guards going on unguarded. The inspection's worker waits for a session in the
+    line, and the check gives its verdict."""
+    pool = await create_pool(dataclasses.replace(empty_database, pool_max_size=1))
+    inspecting: asyncio.Task[None] | None = None
+    try:
+        await migrate(pool, "commands")
+        guard = WriteGuard()
+        inspection = Inspection(pool, "commands", writes=guard)
+        check = bootstrap._answering(pool, inspection)
+        await check()
+        async with acquired(pool, COMMAND_DATABASE) as serving:  # the pool's one session
+            await serving.execute("ALTER TABLE events DROP CONSTRAINT events_stream_version")
+            inspecting = asyncio.create_task(inspection.run())  # its look is due at once
+            capacity = _CAPACITIES[pool]
+            await infra.wait_until(
+                lambda: infra.holds(capacity.queued), what="the look in the pool's line"
+            )
+        await infra.wait_until(
+            lambda: infra.holds(guard.lacking), what="the writes held", timeout=10
+        )
+        with pytest.raises(AwaitingOperator, match="unique index events_stream_version"):
+            guard.check()
+        with pytest.raises(AwaitingOperator, match="unique index events_stream_version"):
+            inspection.verdict()  # what the check answers while the pool is busy
+
+        await pool.execute(
+            "ALTER TABLE events ADD CONSTRAINT events_stream_version UNIQUE (aggregate_id, version)"
+        )
+        await check()  # a session free: the check looks itself
+        assert guard.lacking is None
+    finally:
+        if inspecting is not None:
+            inspecting.cancel()
+        await pool.close()
+
+
+async def test_a_database_down_leaves_the_verdict_as_the_last_look_found_it(
+    empty_database: Database,
+) -> None:
+    """A look that cannot ask (the database refuses sessions) neither ends nor begins
+    what an operator must give back: the check says the database's outage itself."""
+    pool = await create_pool(dataclasses.replace(empty_database, pool_max_size=1))
+    try:
+        await migrate(pool, "commands")
+        inspection = Inspection(pool, "commands", writes=None)
+        await pool.execute("DROP TABLE snapshots")
+        with pytest.raises(AwaitingOperator, match="snapshots"):
+            await inspection.look()
+        async with infra.refusing_connections(empty_database):
+            await pool.expire_connections()
+            with pytest.raises(Unavailable) as down:
+                await inspection.look()
+            assert not isinstance(down.value, AwaitingOperator)
+        with pytest.raises(AwaitingOperator, match="snapshots"):
+            inspection.verdict()
+    finally:
+        await pool.close()
