@@ -418,6 +418,64 @@ async def test_command_handler_stops_promptly_though_an_ack_never_completed(
     assert time.monotonic() - started < 5, "the consumer waited for an ack that never came"
 
 
+async def test_a_queue_deleted_while_the_service_was_cut_off_the_broker_is_said_as_it_reconnects(
+    deploy: Deploy,
+) -> None:
+    """Regression: a queue deleted while the service's broker connection was down (a
+    broker that lost its queues, an operator) was declared again by the first channel on
+    the new connection with nothing said, what it held lost to its consumer. A queue its
+    consumer's records say it consumed before is said as the connection is opened again,
+    before anything declares it; a connection opened again with every queue there says
+    nothing."""
+    target = await deploy("deleted_while_cut_off")
+
+    def said() -> list[dict[str, Any]]:
+        return [line for line in target.json_log() if line["event"] == topology.REOPENED_WITHOUT]
+
+    def reconnected() -> int:
+        return [event for _, event in target.outage_lines("broker")].count("broker reconnected")
+
+    workload = Workload(target, seed=suite_seed(), concurrency=2)
+    await workload.run(sagas=2)
+    await settle(target)
+    await close_connections(target.vhost)  # every queue still there
+    await infra.wait_until(lambda: infra.holds(reconnected() == 1), what="a reconnection")
+    read_models = PostgresReadModels(target.query_pool)
+    last_projected = await read_models.last_projected_recorded_at(datetime.now(UTC))
+    assert last_projected is not None
+
+    deleted = (topology.PROJECTOR_QUEUE, "SellInvoice", "events_IssuerRegistered")
+    await revoke(target.vhost)
+    try:
+        await close_connections(target.vhost)
+        await infra.wait_until(
+            lambda: infra.holds(
+                [event for _, event in target.outage_lines("broker")].count("broker unavailable")
+                == 2
+            ),
+            what="the service cut off the broker",
+        )
+        for queue in deleted:
+            await asyncio.to_thread(rabbitmqctl, "delete_queue", "--vhost", target.vhost, queue)
+    finally:
+        await grant(target.vhost)
+
+    await infra.wait_until(
+        lambda: infra.holds(len(said()) == len(deleted)), what="the queues missing said"
+    )
+    lines = {line["queue"]: line for line in said()}
+    assert set(lines) == set(deleted), lines
+    projector = lines[topology.PROJECTOR_QUEUE]
+    assert projector["last_processed_recorded_at"] == moment(last_projected), projector
+    since = moment(last_projected - timedelta(minutes=1))
+    assert f"financing relay rewind --since {since}" in projector["events"], projector
+    assert "their clients must send them again" in lines["SellInvoice"]["messages"]
+    assert "publish them again" in lines["events_IssuerRegistered"]["messages"]
+    assert reconnected() == 2
+    await settle(target)
+    await verify_effects(target, workload)
+
+
 async def test_a_queue_deleted_while_no_instance_consumed_it_is_said_as_the_service_starts(
     deploy: Deploy,
 ) -> None:

@@ -20,6 +20,7 @@ from typing import Any, NoReturn, Protocol, TypeVar
 from uuid import UUID
 
 import asyncpg
+from aio_pika.abc import AbstractConnection
 
 from financing import metrics, release
 from financing.adapters.postgres.clock import DatabaseClock
@@ -876,7 +877,16 @@ class _Wiring:
         for consumer in self._consumers:
             if consumer.spec.name in self._missing:
                 consumer.found_missing()
+        self._broker.on_reopened(self._missing_on)
         return retired
+
+    async def _missing_on(self, connection: AbstractConnection) -> None:
+        """Each consumer whose queue a connection opened again finds missing is told, before
+        anything declares it again: deleted while the connection was down, a queue was
+        declared again by the first channel on it with nothing said."""
+        consumers = {consumer.spec.name: consumer for consumer in self._consumers}
+        for name in await topology.queues_missing(connection, consumers):
+            consumers[name].found_missing(reopened=True)
 
 
 async def started(

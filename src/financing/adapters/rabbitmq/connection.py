@@ -17,7 +17,7 @@ import contextvars
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 import aio_pika
@@ -438,6 +438,8 @@ class Broker:
         self._gauge = metrics.BROKER_CONNECTED if gauged else None
         if self._gauge is not None:
             self._gauge.set(0)
+        # What looks at each connection opened after the first, before it is used.
+        self._looks: list[Callable[[AbstractConnection], Awaitable[None]]] = []
         for url in unverified(self._urls) if announced else ():
             log.warning(UNVERIFIED, broker=describe_url(url))
 
@@ -467,6 +469,22 @@ class Broker:
             return self._connection
         return await self._opening()
 
+    def on_reopened(self, look: Callable[[AbstractConnection], Awaitable[None]]) -> None:
+        """`look` is run on each connection opened after the first one (the broker's
+        connection lost, then opened again), before any caller has it: nothing is
+        declared on it before the look ends. A failing look fails the attempt, whose
+        connection is closed (the next attempt looks again)."""
+        self._looks.append(look)
+
+    async def _looked_at(self, connection: AbstractConnection) -> None:
+        try:
+            with translated():
+                for look in self._looks:
+                    await look(connection)
+        except BaseException:
+            await _closed_quietly(connection)
+            raise
+
     def _cut_short(self, error: BaseException) -> Unavailable:
         why = "the connection is closing" if self._closing else describe(error)
         return Unavailable(BROKER, why)
@@ -481,6 +499,8 @@ class Broker:
             raise type(held_off)(BROKER, held_off.detail)
         try:
             connection = await self._connect()
+            if self._accepted_once:
+                await self._looked_at(connection)
         except Unavailable as error:
             self._held_off = (time.monotonic() + RECONNECT_INTERVAL, error)
             raise

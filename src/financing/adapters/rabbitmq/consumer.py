@@ -331,9 +331,9 @@ class QueueConsumer:
         # The `recorded_at` of the oldest delivery in hand as the broker cancelled the
         # consumer: lost with the queue too, as its channel gives it back.
         self._in_hand_recorded: object = None
-        # Its queue was missing as the process started (`found_missing`), until it
-        # consumes.
-        self._found_missing = False
+        # Its queue was found missing (`found_missing`), until it consumes: as the process
+        # started (False), or as the broker's connection was opened again (True).
+        self._found_missing: bool | None = None
         # Lines that wait for the consumer's records (`_said`).
         self._saying: set[asyncio.Task[None]] = set()
         # The acks of the channel whose first delivery from a queue with a single active
@@ -350,11 +350,12 @@ class QueueConsumer:
     def spec(self) -> QueueSpec:
         return self._queue
 
-    def found_missing(self) -> None:
-        """Its queue was missing as the process started, and was declared: said once it
-        consumes (`said_declared_anew`), where the consumer's records say it was
-        consumed before (not a new deployment's)."""
-        self._found_missing = True
+    def found_missing(self, *, reopened: bool = False) -> None:
+        """Its queue was missing as the process started, or as the broker's connection was
+        opened again (`reopened`), and was declared: said once it consumes
+        (`said_declared_anew`), where the consumer's records say it was consumed before
+        (not a new deployment's)."""
+        self._found_missing = reopened
 
     async def run(self) -> None:
         """Consume until cancelled; `consuming` is set while the broker delivers to it."""
@@ -452,19 +453,19 @@ class QueueConsumer:
                 )
 
             await self._said(cancelled_at, consumed_again)
-        elif self._found_missing and self._last_processed is not None:
+        elif (reopened := self._found_missing) is not None and self._last_processed is not None:
 
             def declared_anew(processed: datetime | None, unread: bool) -> None:
                 if processed is not None:  # none: a new deployment's queue, or unknown
-                    said_declared_anew(self._queue, processed)
+                    said_declared_anew(self._queue, processed, reopened=reopened)
 
             await self._said(datetime.now(UTC), declared_anew)
-        elif self._found_missing and self._consumed_before is not None:
+        elif reopened is not None and self._consumed_before is not None:
             # Unknown (no answer) is not said, as a new deployment's queue is not.
             _, consumed = await _looked_up(self._consumed_before)
             if consumed:
-                said_declared_anew(self._queue, None)
-        self._found_missing = False
+                said_declared_anew(self._queue, None, reopened=reopened)
+        self._found_missing = None
         return channel, queue, tag, ended, acks
 
     async def _said(self, before: datetime, say: Saying) -> None:

@@ -54,7 +54,7 @@ from typing import Any
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
 
 from financing import metrics
 from financing.adapters.rabbitmq.connection import BROKER, Broker, close_channel, translated
@@ -358,6 +358,33 @@ async def refuse_queues_of_another_type(broker: Broker) -> list[str]:
     return missing
 
 
+async def queues_missing(connection: AbstractConnection, names: Iterable[str]) -> list[str]:
+    """Of the queues `names`, those the broker does not have, each looked for passively
+    (nothing is created) on `connection`, one after another: the broker closes the
+    channel of a queue it does not have, and the next look takes a channel of its own. A
+    queue the broker will not show (its permissions) is not said missing."""
+    missing: list[str] = []
+    channel: AbstractChannel | None = None
+    try:
+        for name in names:
+            if channel is None:
+                channel = await connection.channel()
+            try:
+                await channel.declare_queue(name, passive=True)
+            except (
+                aiormq.exceptions.ChannelNotFoundEntity,
+                aiormq.exceptions.ChannelAccessRefused,
+            ) as error:
+                if isinstance(error, aiormq.exceptions.ChannelNotFoundEntity):
+                    missing.append(name)
+                closed, channel = channel, None  # closed by the broker
+                await close_channel(closed)
+    finally:
+        if channel is not None:
+            await close_channel(channel)
+    return missing
+
+
 def _type_conflict(names: list[str], wanted: str) -> str:
     """The refusal of queues `names`, of another type than `wanted`, and the way out."""
     existing = CLASSIC if wanted != CLASSIC else "quorum (or another type)"
@@ -467,14 +494,31 @@ def _rewind(since: str, dated_by: str) -> str:
     )
 
 
-def said_declared_anew(queue: QueueSpec, last_processed: datetime | None) -> None:
+# What is said of a queue consumed before, found missing (`said_declared_anew`).
+STARTED_WITHOUT = (
+    "a queue of the service was missing as it started, though its consumer processed"
+    " messages from it before (deleted while no instance consumed it, or a broker that"
+    " lost it); declared again"
+)
+REOPENED_WITHOUT = (
+    "a queue of the service was missing as its broker connection was opened again,"
+    " though its consumer processed messages from it before (deleted while the"
+    " connection was down, or a broker that lost it); declared again"
+)
+
+
+def said_declared_anew(
+    queue: QueueSpec, last_processed: datetime | None, *, reopened: bool = False
+) -> None:
     """The queue of a consumer whose records say it processed messages from it (in any
-    instance) was missing as the process started, and was declared again: deleted while
-    no instance consumed it, or a broker that lost it (a new one). What it held, and
-    what was sent to it until now, did not reach it. Counted and said once, with how to
-    have its messages again where the event store keeps them (`last_processed`: when the
-    event its consumer processed last was recorded): declared again with nothing said,
-    ten commands the Commands API had accepted were lost without a word."""
+    instance) was missing as the process started, or as its broker connection was opened
+    again (`reopened`), and was declared again: deleted while no instance consumed it
+    (while the connection was down), or a broker that lost it (a new one). What it held,
+    and what was sent to it until now, did not reach it. Counted and said once, with how
+    to have its messages again where the event store keeps them (`last_processed`: when
+    the event its consumer processed last was recorded): declared again with nothing
+    said, ten commands the Commands API had accepted were lost without a word, and so
+    were those of a queue deleted while the service was cut off the broker."""
     metrics.CONSUMERS_CANCELLED.labels(queue.name).inc()
     fields: dict[str, str] = {"queue": queue.name}
     if not queue.bound_to_events:
@@ -502,12 +546,7 @@ def said_declared_anew(queue: QueueSpec, last_processed: datetime | None) -> Non
         "a queue deleted empty, with nothing sent to it since (a switch of queue type,"
         " docs/scaling.md), lost nothing"
     )
-    log.warning(
-        "a queue of the service was missing as it started, though its consumer processed"
-        " messages from it before (deleted while no instance consumed it, or a broker"
-        " that lost it); declared again",
-        **fields,
-    )
+    log.warning(REOPENED_WITHOUT if reopened else STARTED_WITHOUT, **fields)
 
 
 class ReferenceQueue(Enum):
