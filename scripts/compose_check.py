@@ -23,8 +23,9 @@ COMPOSE_CHECK_PROFILE=scale (`make compose-check PROFILE=scale`) checks the scal
 profile instead: three service instances on a three-node RabbitMQ cluster with
 quorum queues (FINANCING_QUEUE_TYPE=quorum, every node in the first instance's
 AMQP_ADDRESS); it also checks that the cluster has three running nodes and that
-every queue the service declares is a quorum queue, and the broker restart
-restarts the first node while the instances carry on through the others.
+every queue the service declares is a quorum queue with a member on each node, a
+story runs while the first node is stopped, and the broker restart restarts the
+first node while the instances carry on through the others.
 """
 
 from __future__ import annotations
@@ -430,8 +431,22 @@ def restart(service: str) -> str:
     return detail
 
 
+def story_without(service: str) -> str:
+    """A story while `service` (the first broker node) is stopped, the instances carrying
+    on through the other nodes; then the node started again and healthy."""
+    compose("stop", service)
+    try:
+        told = story()
+    finally:
+        compose("start", service)
+    waited = wait_healthy(service, since=datetime.now(UTC), timeout=RECOVERY_TIMEOUT)
+    return f"{told} with {service} stopped; {service} healthy again {waited:.1f} s later"
+
+
 def cluster() -> str:
-    """Three running nodes, and every queue of the service a quorum queue."""
+    """Three running nodes, and every queue of the service a quorum queue with a member on
+    each: declared while the first node was alone, they stayed there alone, and the
+    service stopped with that node."""
     report = compose(
         "exec",
         "-T",
@@ -455,6 +470,7 @@ def cluster() -> str:
         "list_queues",
         "name",
         "type",
+        "members",
         "--formatter",
         "json",
         capture=True,
@@ -464,7 +480,10 @@ def cluster() -> str:
     classic = sorted(name for name, kind in types.items() if kind != "quorum")
     if not types or classic:
         raise Failed(f"not quorum queues: {classic or 'no queue at all'}")
-    return f"nodes {', '.join(running)}; {len(types)} quorum queues"
+    short = {row["name"]: row["members"] for row in rows if len(row["members"]) != len(NODES)}
+    if short:
+        raise Failed(f"quorum queues without a member on each node: {short}")
+    return f"nodes {', '.join(running)}; {len(types)} quorum queues, each on every node"
 
 
 def status() -> str:
@@ -492,6 +511,9 @@ def main(argv: Sequence[str]) -> int:
         report.run("every healthcheck passes", wait_all_healthy)
         if PROFILE == "scale":
             report.run("a cluster of three nodes, quorum queues", cluster)
+            report.run(
+                "story with the first broker node stopped", lambda: story_without("rabbitmq")
+            )
         report.run("acceptance suite (TARGET=external)", acceptance)
         report.run("restart the service container", lambda: restart("financing"))
         report.run("story after the service restart", story)

@@ -34,7 +34,7 @@ from financing.adapters.rabbitmq.connection import (
     translated,
 )
 from financing.adapters.rabbitmq.envelopes import header_text, to_amqp
-from financing.adapters.rabbitmq.queues import QueueDepth, depth_of
+from financing.adapters.rabbitmq.queues import QueueDepth, depth_of, gone
 from financing.adapters.rabbitmq.topology import (
     DEAD_LETTER_QUEUE,
     DEAD_LETTERS,
@@ -351,7 +351,9 @@ class Publisher:
             async def passive(channel: AbstractChannel) -> QueueDepth | None:
                 try:
                     return depth_of(await channel.declare_queue(name, passive=True))
-                except aiormq.exceptions.ChannelNotFoundEntity:
+                except aiormq.exceptions.ChannelNotFoundEntity as error:
+                    if not gone(error):
+                        raise  # an outage of the broker's, said as such
                     return None
 
             return await self._timed(f"queue {name!r}", "looked for", self._inquiry.get, passive)

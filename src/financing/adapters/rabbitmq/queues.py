@@ -88,11 +88,21 @@ async def _passively(
         with translated():
             try:
                 declared: T | None = await declare(channel)
-            except aiormq.exceptions.ChannelNotFoundEntity:
+            except aiormq.exceptions.ChannelNotFoundEntity as error:
+                if not gone(error):
+                    raise  # an outage of the broker's, said as such
                 declared = None
         yield declared
     finally:
         await close_channel(channel)
+
+
+def gone(error: aiormq.exceptions.ChannelNotFoundEntity) -> bool:
+    """Whether the broker's NOT_FOUND says it has no such queue or exchange. It says so too
+    of a classic durable queue whose home node is down or out of reach (a node of a
+    cluster stopped), which it still has: taken for a queue deleted, it would be said
+    lost with what it held, and it is back with its node."""
+    return "home node" not in str(error)
 
 
 async def queue_depth(broker: Broker, name: str) -> QueueDepth | None:

@@ -58,7 +58,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, 
 
 from financing import metrics
 from financing.adapters.rabbitmq.connection import BROKER, Broker, close_channel, translated
-from financing.adapters.rabbitmq.queues import delete_queue, existing_queue
+from financing.adapters.rabbitmq.queues import delete_queue, existing_queue, gone
 from financing.application import routes
 from financing.application.errors import Refused, Unavailable
 from financing.application.messages import COMMAND_TYPES
@@ -362,7 +362,8 @@ async def queues_missing(connection: AbstractConnection, names: Iterable[str]) -
     """Of the queues `names`, those the broker does not have, each looked for passively
     (nothing is created) on `connection`, one after another: the broker closes the
     channel of a queue it does not have, and the next look takes a channel of its own. A
-    queue the broker will not show (its permissions) is not said missing."""
+    queue the broker will not show (its permissions), or has on a node out of reach, is
+    not said missing."""
     missing: list[str] = []
     channel: AbstractChannel | None = None
     try:
@@ -375,7 +376,7 @@ async def queues_missing(connection: AbstractConnection, names: Iterable[str]) -
                 aiormq.exceptions.ChannelNotFoundEntity,
                 aiormq.exceptions.ChannelAccessRefused,
             ) as error:
-                if isinstance(error, aiormq.exceptions.ChannelNotFoundEntity):
+                if isinstance(error, aiormq.exceptions.ChannelNotFoundEntity) and gone(error):
                     missing.append(name)
                 closed, channel = channel, None  # closed by the broker
                 await close_channel(closed)
