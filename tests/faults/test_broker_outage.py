@@ -15,7 +15,7 @@ import random
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -418,6 +418,29 @@ async def test_command_handler_stops_promptly_though_an_ack_never_completed(
     assert time.monotonic() - started < 5, "the consumer waited for an ack that never came"
 
 
+# The queues the tests of a queue found missing delete: one of domain events, a command
+# queue, one of Registering's events.
+DELETED = (topology.PROJECTOR_QUEUE, "SellInvoice", "events_IssuerRegistered")
+
+
+async def _said_missing(
+    said: Callable[[], list[dict[str, Any]]], deleted: Sequence[str], last_projected: datetime
+) -> None:
+    """Each queue of `deleted` said missing once, with who must send what it held again:
+    the events by the rewind from a minute before the last projected."""
+    await infra.wait_until(
+        lambda: infra.holds(len(said()) == len(deleted)), what="the queues missing said"
+    )
+    lines = {line["queue"]: line for line in said()}
+    assert set(lines) == set(deleted), lines
+    projector = lines[topology.PROJECTOR_QUEUE]
+    assert projector["last_processed_recorded_at"] == moment(last_projected), projector
+    since = moment(last_projected - timedelta(minutes=1))
+    assert f"financing relay rewind --since {since}" in projector["events"], projector
+    assert "their clients must send them again" in lines["SellInvoice"]["messages"]
+    assert "publish them again" in lines["events_IssuerRegistered"]["messages"]
+
+
 async def test_a_queue_deleted_while_the_service_was_cut_off_the_broker_is_said_as_it_reconnects(
     deploy: Deploy,
 ) -> None:
@@ -444,7 +467,7 @@ async def test_a_queue_deleted_while_the_service_was_cut_off_the_broker_is_said_
     last_projected = await read_models.last_projected_recorded_at(datetime.now(UTC))
     assert last_projected is not None
 
-    deleted = (topology.PROJECTOR_QUEUE, "SellInvoice", "events_IssuerRegistered")
+    deleted = DELETED
     await revoke(target.vhost)
     try:
         await close_connections(target.vhost)
@@ -460,17 +483,7 @@ async def test_a_queue_deleted_while_the_service_was_cut_off_the_broker_is_said_
     finally:
         await grant(target.vhost)
 
-    await infra.wait_until(
-        lambda: infra.holds(len(said()) == len(deleted)), what="the queues missing said"
-    )
-    lines = {line["queue"]: line for line in said()}
-    assert set(lines) == set(deleted), lines
-    projector = lines[topology.PROJECTOR_QUEUE]
-    assert projector["last_processed_recorded_at"] == moment(last_projected), projector
-    since = moment(last_projected - timedelta(minutes=1))
-    assert f"financing relay rewind --since {since}" in projector["events"], projector
-    assert "their clients must send them again" in lines["SellInvoice"]["messages"]
-    assert "publish them again" in lines["events_IssuerRegistered"]["messages"]
+    await _said_missing(said, deleted, last_projected)
     assert reconnected() == 2
     await settle(target)
     await verify_effects(target, workload)
@@ -504,21 +517,11 @@ async def test_a_queue_deleted_while_no_instance_consumed_it_is_said_as_the_serv
     # Regression (a probe of the fix): a command queue and a queue of Registering's
     # events, which no rewind fills again, were declared again with nothing said, ten
     # accepted commands lost without a word.
-    deleted = (topology.PROJECTOR_QUEUE, "SellInvoice", "events_IssuerRegistered")
+    deleted = DELETED
     for queue in deleted:
         await asyncio.to_thread(rabbitmqctl, "delete_queue", "--vhost", target.vhost, queue)
     await target.service.start()
 
-    await infra.wait_until(
-        lambda: infra.holds(len(said()) == len(deleted)), what="the queues missing said"
-    )
-    lines = {line["queue"]: line for line in said()}
-    assert set(lines) == set(deleted), lines
-    projector = lines[topology.PROJECTOR_QUEUE]
-    assert projector["last_processed_recorded_at"] == moment(last_projected), projector
-    since = moment(last_projected - timedelta(minutes=1))
-    assert f"financing relay rewind --since {since}" in projector["events"], projector
-    assert "their clients must send them again" in lines["SellInvoice"]["messages"]
-    assert "publish them again" in lines["events_IssuerRegistered"]["messages"]
+    await _said_missing(said, deleted, last_projected)
     await settle(target)
     await verify_effects(target, workload)

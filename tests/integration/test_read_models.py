@@ -548,6 +548,29 @@ class TestPostgresReadModels(ReadModelContract):
         await apply(store, created)
         assert len(await (store.investors() if table == "investors" else store.issuers())) == 1
 
+    async def test_a_batch_fails_while_the_records_key_is_lacking_and_no_copy_is_applied(
+        self, pool: asyncpg.Pool
+    ) -> None:
+        """Regression (a DBA's probe): the statement that records and projects a batch at
+        once relied on the records' key to fail on a copy, with nothing failing once the
+        key was dropped until the inspection looked: a copy was projected again. It fails
+        itself now (an outage) while the key is lacking."""
+        schema = (await fresh_read_models(pool)).schema
+        store = PostgresReadModels(pool, schema)
+        investor = uuid4()
+        added = (str(uuid4()), ev.InvestorFundsAddedEvent(investor, D(5)))
+        await store.apply([(str(uuid4()), ev.InvestorCreatedEvent(investor)), added])
+        await pool.execute(
+            f'ALTER TABLE "{schema}".processed_messages DROP CONSTRAINT processed_messages_pkey'
+        )
+        with pytest.raises(Unavailable, match="no unique or exclusion constraint"):
+            await store.apply([added])  # a copy
+        await pool.execute(
+            f'ALTER TABLE "{schema}".processed_messages ADD PRIMARY KEY (message_id)'
+        )
+        assert await store.apply([added]) == frozenset()
+        assert await store.investors() == [InvestorRow(investor, D(5), D(0), D(0))]
+
     async def test_writes_a_guard_holds_are_refused_as_an_outage_until_it_lets_them_go(
         self, pool: asyncpg.Pool
     ) -> None:

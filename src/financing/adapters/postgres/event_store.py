@@ -161,6 +161,20 @@ _RECORD = (
     " AS new (consumer, message_id, name, outcome, detail, events, digest){held}"
     " RETURNING 1)"
 )
+# The unique keys the plain INSERTs of events and records rely on, each named as the
+# conflict target of an insert of no row, which the statement's plan checks: once the key
+# is gone (a DBA's drop, an index left invalid), every writing statement fails (42P10, an
+# outage of the database) where the INSERT itself went on without it, until the database's
+# inspection looked: under load, 10 s in which a stream forked (two events of one
+# version) and copies of 24 messages were applied twice.
+_EVENTS_KEYED = (
+    "events_keyed AS (INSERT INTO events (aggregate_id, version)"
+    " SELECT NULL::uuid, NULL::int WHERE false ON CONFLICT (aggregate_id, version) DO NOTHING)"
+)
+_RECORDS_KEYED = (
+    "records_keyed AS (INSERT INTO processed_messages (consumer, message_id)"
+    " SELECT NULL::text, NULL::text WHERE false ON CONFLICT (consumer, message_id) DO NOTHING)"
+)
 # A unit of work acting on an event of the store (`acting_on`) writes only if the store
 # holds it: every part is guarded by the same look-up (one snapshot, one index probe),
 # and the statement answers -1 where it wrote nothing for want of it.
@@ -187,6 +201,8 @@ def _write(
         for part, has in ((_APPEND, events), (_SNAPSHOT, snapshots), (_RECORD, records))
         if has
     ]
+    keyed = [key for key, has in ((_EVENTS_KEYED, events), (_RECORDS_KEYED, records)) if has]
+    present += keyed
     numbers = itertools.count(1)
     parts = [_CLAIM, *present] if claimed else present
     clauses = re.sub(r"\$\?", lambda _: f"${next(numbers)}", ", ".join(parts))

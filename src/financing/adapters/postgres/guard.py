@@ -2,9 +2,11 @@
 
 Without `events_stream_version` two writers can both append one version of an
 aggregate, and without a consumer's record key a copy of a message is applied
-twice, with no statement failing. The database's inspection, which looks every
-second (`inspection.Inspection`), sets what it lacks (`schema.require_indexes`)
-and clears it once the index is back; the event store
+twice, with no statement failing. The statements whose plain INSERTs rely on a key
+name it besides, so that they fail without it (42P10); the other writes are held
+here. The database's inspection (`inspection.Inspection`: each second from its
+check, every 5 s at least while its pool is busy) sets what it lacks
+(`schema.require_indexes`) and clears it once the index is back; the event store
 and the projector's read models refuse each write meanwhile, as an outage of
 their database, so that nothing is written unguarded.
 """

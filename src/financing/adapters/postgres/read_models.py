@@ -96,6 +96,18 @@ class PostgresReadModels:
         self._record_sql = f"{records} ON CONFLICT (message_id) DO NOTHING RETURNING message_id"
         # Fails on the key when a message id was recorded before.
         self._record_all_sql = records
+        # The keys the plain INSERTs of `_at_once` rely on, each named as the conflict
+        # target of an insert of no row, which the statement's plan checks: without the key
+        # (a DBA's drop, an index left invalid) the statement fails (42P10, an outage),
+        # where a copy would have been recorded and projected again.
+        self._records_keyed_sql = (
+            f"INSERT INTO {s}.processed_messages (message_id) SELECT NULL::text WHERE false"
+            " ON CONFLICT (message_id) DO NOTHING"
+        )
+        self._journal_keyed_sql = (
+            "INSERT INTO foreign_events (message_id) SELECT NULL::text WHERE false"
+            " ON CONFLICT (message_id) DO NOTHING"
+        )
         # In the order projected (the batch's). Fails on the key when one was kept
         # before, as `_record_all_sql` does: the journal, never pruned, tells copies of
         # the events of another relayer after their records in processed_messages are.
@@ -247,6 +259,7 @@ class PostgresReadModels:
         """The statements that project `changes`, one per table (per round for invoices),
         and keep the events of another relayer (`journal`, the columns of `_journal`)."""
         if journal:
+            yield self._journal_keyed_sql, []
             yield self._journal_sql, journal
         if changes.issuers:
             yield self._project_issuers_sql, [list(changes.issuers)]
@@ -272,7 +285,7 @@ class PostgresReadModels:
         key = tuple(sql for sql, _ in statements)
         combined = self._combined.get(key)
         if combined is None:
-            parts, count = [self._record_all_sql], 2
+            parts, count = [self._record_all_sql, self._records_keyed_sql], 2
             for sql, columns in statements:
                 parts.append(_renumbered(sql, count))
                 count += len(columns)

@@ -354,11 +354,22 @@ def said_lacking(lacking: Lacking) -> str:
     return f"{kind} {index.name} of {index.table} ({index.serves}){state}: {lacking.remedy}"
 
 
-async def require_indexes(pool: asyncpg.Pool, name: str) -> None:
+def _session(
+    pool_or_conn: asyncpg.Pool | Connection, database: str
+) -> contextlib.AbstractAsyncContextManager[Connection]:
+    """A session to ask the database on: one of the pool's, taken for the question, or the
+    one the caller holds (the database's inspection asks everything on one session:
+    taken three times in the line of a busy pool, a look took 14-20 s)."""
+    if isinstance(pool_or_conn, asyncpg.Pool):
+        return acquired(pool_or_conn, database)
+    return contextlib.nullcontext(pool_or_conn)
+
+
+async def require_indexes(pool: asyncpg.Pool | Connection, name: str) -> None:
     """AwaitingOperator while the database lacks an index of INDEXES[name] that guards its
     writes (an upsert fails without its own; a copy of a message would be applied twice),
     so they wait until it is made again."""
-    async with acquired(pool, DATABASES[name]) as conn:
+    async with _session(pool, DATABASES[name]) as conn:
         lacking = [gone for gone in await indexes_lacking(conn, name) if gone.index.guards]
     if lacking:
         raise AwaitingOperator(
@@ -412,14 +423,16 @@ _PRESENT = (
 _REFERENCE_STREAMS = "event_streams"
 
 
-async def require_tables(pool: asyncpg.Pool, name: str, *, rebuilding: bool = False) -> None:
+async def require_tables(
+    pool: asyncpg.Pool | Connection, name: str, *, rebuilding: bool = False
+) -> None:
     """Unavailable (AwaitingOperator) unless every table of `NEEDED_TABLES[name]` exists
     and shows the service all its rows, saying what brings back those that are gone;
     `rebuilding`: of the query database, only those a rebuild of the read models does
     not make (OUTSIDE_READ_MODELS)."""
     database = DATABASES[name]
     needed = OUTSIDE_READ_MODELS if rebuilding else NEEDED_TABLES[name]
-    async with acquired(pool, database) as conn:
+    async with _session(pool, database) as conn:
         row = await conn.fetchrow(_ABSENT_OR_HIDDEN, list(needed))
         assert row is not None  # an aggregate without GROUP BY gives one row
         absent: list[str] | None
@@ -492,7 +505,7 @@ _LACKING = (
 )
 
 
-async def require_grants(pool: asyncpg.Pool, name: str, *, writes: bool) -> None:
+async def require_grants(pool: asyncpg.Pool | Connection, name: str, *, writes: bool) -> None:
     """AwaitingOperator unless the pool's role may use the schemas and read the tables of
     `name` and, where the process `writes`, the database takes writes and the role may
     make those of WRITES: a server that answers while refusing the service's statements
@@ -502,7 +515,7 @@ async def require_grants(pool: asyncpg.Pool, name: str, *, writes: bool) -> None
     granted = dict.fromkeys(NEEDED_TABLES[name], "SELECT")
     for table, written in WRITES[name].items() if writes else ():
         granted[table] = f"{granted[table]}, {written}" if table in granted else written
-    async with acquired(pool, database) as conn:
+    async with _session(pool, database) as conn:
         unusable: list[str] = await conn.fetchval(_UNUSABLE_SCHEMAS, schemas)
         # A table of a schema the role may not use cannot even be named.
         tables, privileges = list(granted), list(granted.values())
