@@ -90,6 +90,11 @@ PORTS = {  # variable -> (default, what)
     "FINANCING_RABBITMQ_MANAGEMENT_PORT": ("18673", "RabbitMQ management"),
     "FINANCING_POSTGRES_PORT": ("15432", "PostgreSQL"),
 }
+if PROFILE == "scale":  # the two other instances' metrics (compose.yaml's scale profile)
+    PORTS |= {
+        "FINANCING_METRICS_PORT_2": ("18182", "financing-2's metrics"),
+        "FINANCING_METRICS_PORT_3": ("18282", "financing-3's metrics"),
+    }
 
 
 def port(variable: str) -> int:
@@ -100,7 +105,14 @@ def deployment_env() -> dict[str, str]:
     """The contract's variables, pointing at the published ports (for the acceptance run)."""
     password = _env("FINANCING_POSTGRES_PASSWORD", "postgres")
     pg = f"postgresql://postgres:{password}@{HOST}:{port('FINANCING_POSTGRES_PORT')}"
+    more = [v for v in ("FINANCING_METRICS_PORT_2", "FINANCING_METRICS_PORT_3") if v in PORTS]
     return {
+        # What the other instances' consumers took counts too (the queues are shared).
+        **(
+            {"FINANCING_ACCEPTANCE_MORE_METRICS": ",".join(f"{HOST}:{port(v)}" for v in more)}
+            if more
+            else {}
+        ),
         "COMMAND_SERVER_ADDRESS": f"{HOST}:{port('FINANCING_COMMANDS_PORT')}",
         "QUERY_SERVER_ADDRESS": f"{HOST}:{port('FINANCING_QUERIES_PORT')}",
         "METRICS_ADDRESS": f"{HOST}:{port('FINANCING_METRICS_PORT')}",

@@ -23,6 +23,8 @@ from tests.support.deployment import LocalDeployment, local_deployment
 from tests.support.service import ServiceProcess, another_service
 
 TARGET_VARIABLE = "FINANCING_ACCEPTANCE_TARGET"
+# An external deployment's other instances' metrics addresses, comma-separated.
+MORE_METRICS_VARIABLE = "FINANCING_ACCEPTANCE_MORE_METRICS"
 
 # A small interval makes ordinary scenarios load aggregates from snapshots too.
 SNAPSHOT_INTERVAL = "3"
@@ -113,6 +115,13 @@ async def external_system() -> AsyncIterator[System]:
             broker=broker,
             events=events,
             dead_letters=dead_letters,
+            # The other instances of a deployment scaled out, whose metrics count what their
+            # consumers took from the queues they share.
+            more_metrics_addresses=tuple(
+                Address.parse(address)
+                for address in env.get(MORE_METRICS_VARIABLE, "").split(",")
+                if address.strip()
+            ),
         )
     finally:
         await broker.close()
