@@ -597,9 +597,10 @@ async def test_a_command_that_scans_keeps_its_statements_past_a_databases_statem
     30 s on a large store) cut `check`'s scans, said "command database unavailable";
     their sessions now take the scans' own timeout whatever the database says."""
     async with infra.fresh_database("fin_scan_timeout") as db:
-        await infra.alter_database(db.connect_kwargs["database"], "SET statement_timeout = '1ms'")
+        # Not 1 ms: on a loaded machine the session's own SHOW outlasted it.
+        await infra.alter_database(db.connect_kwargs["database"], "SET statement_timeout = '300ms'")
         async with database(db, COMMAND_DATABASE, "check", scans=True) as pool:
             assert await pool.fetchval("SHOW statement_timeout") == "10min"
-            await pool.execute("SELECT pg_sleep(0.05)")
+            await pool.execute("SELECT pg_sleep(0.4)")
         async with database(db, COMMAND_DATABASE, "trace") as pool:  # no scan: the database's
-            assert await pool.fetchval("SHOW statement_timeout") == "1ms"
+            assert await pool.fetchval("SHOW statement_timeout") == "300ms"
