@@ -574,7 +574,7 @@ async def _broker_components(
     if watch is not None:
         watch.started(reference_queue)
     if "commands-api" in selected:
-        commands = CommandsService(AmqpCommandSender(publisher), outages, sending_to=BROKER)
+        commands = CommandsService(AmqpCommandSender(publisher), outages)
         server = _grpc_server(
             service,
             outages,

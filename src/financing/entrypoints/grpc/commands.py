@@ -213,11 +213,9 @@ class CommandsService(CommandsBase):
         budget: float = ENQUEUE_BUDGET_SECONDS,
         most_enqueueing: int = MOST_ENQUEUEING,
         busy_wait: float = BUSY_WAIT,
-        sending_to: str = "broker",
     ) -> None:
         self._sender = sender
         self._outages = outages
-        self._sending_to = sending_to  # the dependency `sender` sends to, as outages name it
         self._new_id = new_id
         self._budget = budget
         self._most = most_enqueueing
@@ -301,15 +299,6 @@ class CommandsService(CommandsBase):
         except TimeoutError:
             log.debug("command not confirmed in time", name=command.name(), handed=unconfirmed)
             if unconfirmed:
-                # The broker holds commands unconfirmed (a quorum queue without a leader, a
-                # node out of reach): its outage, said once, where every such call was
-                # answered UNAVAILABLE without a line, the broker's check passing meanwhile.
-                self._outages.failed(
-                    Unavailable(
-                        self._sending_to,
-                        f"{command.name()} commands not confirmed within {self._budget:g} s",
-                    )
-                )
                 raise _unsure(command, f"not confirmed within {self._budget:g} s", key) from None
             # No try got as far as the broker's client: waiting for a channel, for the
             # broker to come back, or for this process's turn to send it.
