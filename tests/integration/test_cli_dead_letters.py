@@ -36,7 +36,7 @@ from financing.config import Settings
 from financing.entrypoints.cli import dead_letters as cli_dead_letters
 from tests.integration.test_rabbitmq_dead_letters import dead_letter, source_queues
 from tests.support import rabbitmq
-from tests.support.infra import unique_name
+from tests.support.infra import holds, unique_name, wait_until
 from tests.support.service import CommandLine, financing_command, run_cli
 
 HEADINGS = ("DEAD-LETTERED AT", "SOURCE QUEUE", "NAME", "MESSAGE ID")
@@ -387,7 +387,11 @@ async def test_a_command_cut_off_by_the_broker_says_how_far_it_got_and_the_lette
         nonlocal acks
         acks += 1
         if acks == 2:
+            channel = self.channel
             await rabbitmq.close_connections(seeded.vhost.name)
+            # The broker closes the connection once rabbitmqctl is done asking: an ack
+            # written before it does is taken, and the command did all it was asked.
+            await wait_until(lambda: holds(channel.is_closed), what="the connection closed")
         await ack(self, multiple)
 
     monkeypatch.setattr(aio_pika.IncomingMessage, "ack", cut_at_the_second)
