@@ -86,6 +86,11 @@ BUSY_WAIT = 2.0
 # The line saying calls were answered busy, at most once every so many seconds.
 _BUSY = Warnings(10.0, log)
 _REFUSED = Warnings(10.0, log)
+# Commands the broker took without confirming them within the budget, by queue: a broker
+# up and answering otherwise, so no outage is said (one begun so outlasted the broker's
+# own outage, its commands in flight as it came back past their budget too); said alone,
+# an instance whose other components had nothing to say answered every such call silently.
+_UNCONFIRMED = Warnings(10.0, log)
 
 CORRELATION_METADATA = "correlation-id"
 # A client's name for one command, kept across its retries: the command's message id (and
@@ -299,6 +304,14 @@ class CommandsService(CommandsBase):
         except TimeoutError:
             log.debug("command not confirmed in time", name=command.name(), handed=unconfirmed)
             if unconfirmed:
+                _UNCONFIRMED.warn(
+                    "commands answered UNAVAILABLE, maybe queued: the broker did not confirm"
+                    " them in time (a broker overloaded or blocked, or a quorum queue without"
+                    " a leader, its members down)",
+                    kind=command.name(),
+                    queue=command.name(),
+                    budget_seconds=self._budget,
+                )
                 raise _unsure(command, f"not confirmed within {self._budget:g} s", key) from None
             # No try got as far as the broker's client: waiting for a channel, for the
             # broker to come back, or for this process's turn to send it.
