@@ -16,7 +16,6 @@ from financing.adapters.postgres.connection import (
     acquired,
     create_pool,
 )
-from financing.adapters.postgres.guard import WriteGuard
 from financing.adapters.postgres.inspection import Inspection
 from financing.adapters.postgres.schema import migrate
 from financing.application.errors import AwaitingOperator, Unavailable
@@ -37,15 +36,13 @@ async def test_a_database_whose_every_session_serves_the_service_is_looked_at_al
 ) -> None:
     """Regression: the check looked at grants, tables and indexes only when a session of
     the pool was free, and passed otherwise: a unique index dropped while the pool's every
-    session served units of work went unseen for as long as the load lasted, the writes
-    it guards going on unguarded. The inspection's worker waits for a session in the
-    line, and the check gives its verdict."""
+    session served units of work went unseen for as long as the load lasted. The
+    inspection's worker waits for a session in the line, and the check gives its verdict."""
     pool = await create_pool(dataclasses.replace(empty_database, pool_max_size=1))
     inspecting: asyncio.Task[None] | None = None
     try:
         await migrate(pool, "commands")
-        guard = WriteGuard()
-        inspection = Inspection(pool, "commands", writes=guard)
+        inspection = Inspection(pool, "commands", writes=True)
         check = bootstrap._answering(pool, inspection)
         await check()
         async with acquired(pool, COMMAND_DATABASE) as serving:  # the pool's one session
@@ -55,11 +52,17 @@ async def test_a_database_whose_every_session_serves_the_service_is_looked_at_al
             await infra.wait_until(
                 lambda: infra.holds(capacity.queued), what="the look in the pool's line"
             )
+
+        def found_lacking() -> bool:
+            try:
+                inspection.verdict()
+            except AwaitingOperator:
+                return True
+            return False
+
         await infra.wait_until(
-            lambda: infra.holds(guard.lacking), what="the writes held", timeout=10
+            lambda: infra.holds(found_lacking()), what="the index found lacking", timeout=10
         )
-        with pytest.raises(AwaitingOperator, match="unique index events_stream_version"):
-            guard.check()
         with pytest.raises(AwaitingOperator, match="unique index events_stream_version"):
             inspection.verdict()  # what the check answers while the pool is busy
 
@@ -67,7 +70,7 @@ async def test_a_database_whose_every_session_serves_the_service_is_looked_at_al
             "ALTER TABLE events ADD CONSTRAINT events_stream_version UNIQUE (aggregate_id, version)"
         )
         await check()  # a session free: the check looks itself
-        assert guard.lacking is None
+        inspection.verdict()  # nothing lacking any more
     finally:
         if inspecting is not None:
             inspecting.cancel()

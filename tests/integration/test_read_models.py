@@ -19,9 +19,8 @@ import asyncpg
 import pytest
 
 from financing.adapters.postgres.connection import QUERY_DATABASE
-from financing.adapters.postgres.guard import WriteGuard
 from financing.adapters.postgres.read_models import PostgresReadModels, create_tables
-from financing.application.errors import AwaitingOperator, Unavailable
+from financing.application.errors import Unavailable
 from financing.application.read_models import (
     InMemoryReadModels,
     InvestorRow,
@@ -570,24 +569,6 @@ class TestPostgresReadModels(ReadModelContract):
         )
         assert await store.apply([added]) == frozenset()
         assert await store.investors() == [InvestorRow(investor, D(5), D(0), D(0))]
-
-    async def test_writes_a_guard_holds_are_refused_as_an_outage_until_it_lets_them_go(
-        self, pool: asyncpg.Pool
-    ) -> None:
-        """The projector's writes wait while the query database lacks a unique index
-        (the guard the outage check sets): without its record key, a copy would be
-        projected twice with no statement failing."""
-        guard = WriteGuard()
-        schema = (await fresh_read_models(pool)).schema
-        store = PostgresReadModels(pool, schema, guard=guard)
-        guard.lacking = AwaitingOperator(QUERY_DATABASE, "it lacks the unique index(es)")
-        issuer = ev.IssuerCreatedEvent(uuid4())
-        with pytest.raises(AwaitingOperator, match="it lacks the unique index"):
-            await apply(store, issuer)
-        assert await store.issuers() == []
-        guard.lacking = None
-        await apply(store, issuer)
-        assert await store.issuers() == [IssuerRow(issuer.issuer_id)]
 
     async def test_unreachable_database_raises_unavailable_naming_the_query_database(
         self,

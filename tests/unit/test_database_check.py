@@ -11,7 +11,6 @@ import pytest
 from financing.adapters.postgres import connection as connection_module
 from financing.adapters.postgres.capacity import Capacity
 from financing.adapters.postgres.connection import COMMAND_DATABASE
-from financing.adapters.postgres.guard import WriteGuard
 from financing.adapters.postgres.inspection import Inspection
 from financing.application.errors import AwaitingOperator
 from financing.entrypoints import bootstrap
@@ -34,7 +33,7 @@ async def test_a_check_behind_the_services_statements_asks_nothing_more_and_keep
 
     for probe in ("writable", "ping"):
         monkeypatch.setattr(bootstrap, probe, behind_the_service)
-    inspection = Inspection(object(), "commands", writes=WriteGuard() if writes else None)  # type: ignore[arg-type]
+    inspection = Inspection(object(), "commands", writes=writes)  # type: ignore[arg-type]
     if found:
         inspection._found = AwaitingOperator(COMMAND_DATABASE, "its role lacks privileges")
 

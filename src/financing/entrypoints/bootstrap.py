@@ -43,7 +43,6 @@ from financing.adapters.postgres.connection import (
     writable,
 )
 from financing.adapters.postgres.event_store import PostgresEventStore
-from financing.adapters.postgres.guard import WriteGuard
 from financing.adapters.postgres.inspection import Inspection
 from financing.adapters.postgres.outbox import CommitListener, PostgresOutbox, PostgresRelayerLock
 from financing.adapters.postgres.projected_store import RecordedStore, claim, store_of
@@ -58,7 +57,6 @@ from financing.adapters.postgres.rebuild import (
 from financing.adapters.postgres.retention import deduplication_records
 from financing.adapters.postgres.schema import (
     DATABASES,
-    SCHEMAS,
     latest,
     migrate,
     missing,
@@ -231,8 +229,8 @@ async def bootstrap(
         queries = QueriesService(PostgresReadModels(query_pool), outages)
         # The API only reads: the projector's writes lacking keep it serving.
         reads = opened.inspections["queries"]
-        if reads.writes is not None:
-            reads = Inspection(query_pool, "queries", writes=None)
+        if reads.writes:
+            reads = Inspection(query_pool, "queries", writes=False)
             service.workers["inspection-queries-reads"] = reads.run
         probe = Probe(QUERY_DATABASE, _answering(query_pool, reads))
         server = _grpc_server(service, outages, queries, "Queries", probe, opened.own, tls)
@@ -250,8 +248,6 @@ class _Opened:
     command_pool: asyncpg.Pool | None
     query_pool: asyncpg.Pool | None
     store_name: str | None
-    # What holds the writes of each database (by schema) while it lacks a unique index.
-    guards: dict[str, WriteGuard]
     # The look at each database opened (by schema) for what only an operator gives back,
     # which its check reads: a worker of the service each.
     inspections: dict[str, Inspection]
@@ -295,7 +291,6 @@ async def _databases(
         query_pool = await _pool(stack, projected, (limited, []), outages, deadline, if_new=if_new)
     # An outage of a database this process writes ends when it takes writes again; of one
     # it only reads, when it answers. Every component on the command database writes.
-    guards = {schema: WriteGuard() for schema in SCHEMAS}
     inspections: dict[str, Inspection] = {}
     for pool, db, schema, writes in (
         (command_pool, settings.command_db, "commands", True),
@@ -305,7 +300,7 @@ async def _databases(
             # A statement fails at FINANCING_DB_TIMEOUT at the latest (and the watch
             # looks once a period).
             within = db.answer_timeout + OUTAGE_CHECK_INTERVAL
-            inspection = Inspection(pool, schema, writes=guards[schema] if writes else None)
+            inspection = Inspection(pool, schema, writes=writes)
             inspections[schema] = inspection
             outages.check_with(
                 DATABASES[schema],
@@ -332,7 +327,7 @@ async def _databases(
         )
     _hold_to_session_limits(limited)
     name = None if store is None else str(store)
-    return _Opened(command_pool, query_pool, name, guards, inspections)
+    return _Opened(command_pool, query_pool, name, inspections)
 
 
 async def _rebuilt_if_made_empty(
@@ -515,11 +510,7 @@ async def _broker_components(
     # they become keep the records (their own queues keep none).
     registered: Callable[[], Awaitable[bool]] | None = None
     if command_pool is not None:
-        store = PostgresEventStore(
-            command_pool,
-            snapshot_interval=settings.snapshot_interval,
-            guard=opened.guards["commands"],
-        )
+        store = PostgresEventStore(command_pool, snapshot_interval=settings.snapshot_interval)
         stack.push_async_callback(store.close)
         registered = partial(store.processed_any, routes.REGISTRATION_CONSUMERS)
         outbox = PostgresOutbox(command_pool)
@@ -553,7 +544,7 @@ async def _broker_components(
     if query_pool is not None and "projector" in selected:
         clock = DatabaseClock(query_pool, QUERY_DATABASE)
         service.workers["database-clock"] = clock.run
-        read_models = PostgresReadModels(query_pool, guard=opened.guards["queries"])
+        read_models = PostgresReadModels(query_pool)
         wiring.projector(
             read_models,
             clock.now,
@@ -619,7 +610,7 @@ def _answering(pool: asyncpg.Pool, inspection: Inspection) -> Callable[[], Await
     a probe in the pool's line ran out of time, and the database was said down): while
     the pool's sessions all serve units of work, the inspection's last look answers."""
     dependency = DATABASES[inspection.schema]
-    probe = writable if inspection.writes is not None else ping
+    probe = writable if inspection.writes else ping
 
     async def answering() -> None:
         if await probe(pool, dependency) and has_room(pool):

@@ -60,7 +60,6 @@ from financing.adapters.postgres.connection import (
     describe,
     is_unavailable,
 )
-from financing.adapters.postgres.guard import UNGUARDED, WriteGuard
 from financing.application import codec
 from financing.application.errors import (
     AlreadyProcessed,
@@ -705,20 +704,14 @@ class TransactionIdsAhead(AwaitingOperator):
 class PostgresEventStore:
     """The event store; PostgreSQL's errors leave it as Unavailable or ConcurrencyConflict."""
 
-    def __init__(
-        self, pool: asyncpg.Pool, *, snapshot_interval: int = 100, guard: WriteGuard = UNGUARDED
-    ) -> None:
-        """`guard`: while it holds the writes (a unique index lacking), every unit of work
-        is refused as it begins."""
+    def __init__(self, pool: asyncpg.Pool, *, snapshot_interval: int = 100) -> None:
         if snapshot_interval < 1:
             raise ValueError(f"snapshot_interval must be >= 1, got {snapshot_interval}")
         self._pool = pool
         self._snapshot_interval = snapshot_interval
         self._bell = CommitBell(pool)
-        self._guard = guard
 
     def unit_of_work(self, cause: Cause | None = None) -> _UnitOfWorkScope:
-        self._guard.check()
         return _UnitOfWorkScope(self._pool, self._snapshot_interval, self._bell, cause)
 
     async def close(self) -> None:

@@ -9,8 +9,12 @@ work, the check gives the verdict of the last look; and a worker of the service 
 in the pool's line, as any statement waits, once the last look is LOOK_DUE seconds old.
 When the check passed there without looking, an outage awaiting a grant was said over
 under load, and begun again at the next refused statement; and a unique index dropped
-while the pool stayed busy went unseen for as long as the load lasted, its writes
-unguarded.
+while the pool stayed busy went unseen for as long as the load lasted.
+
+The writes themselves need no look to stop without a unique index they rely on: each
+names its key (`event_store._EVENTS_KEYED`, an upsert's conflict target) and fails
+(42P10, an outage) from the moment it is gone or invalid. The look names the index and
+what makes it again, and ends the outage once it is back.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ import asyncpg
 from structlog import get_logger
 
 from financing.adapters.postgres.connection import acquired
-from financing.adapters.postgres.guard import WriteGuard
 from financing.adapters.postgres.schema import (
     DATABASES,
     require_grants,
@@ -39,12 +42,12 @@ LOOK_DUE = 5.0
 
 
 class Inspection:
-    """The look at one database for what the process needs of it (`writes`: the guard of
-    its writes, where it writes; None where it only reads), and its last verdict."""
+    """The look at one database for what the process needs of it (`writes`: whether it
+    writes there, or only reads), and its last verdict."""
 
     __slots__ = ("_found", "_looked_at", "_pool", "schema", "writes")
 
-    def __init__(self, pool: asyncpg.Pool, schema: str, *, writes: WriteGuard | None) -> None:
+    def __init__(self, pool: asyncpg.Pool, schema: str, *, writes: bool) -> None:
         self._pool = pool
         self.schema = schema
         self.writes = writes
@@ -70,24 +73,18 @@ class Inspection:
         """Look once: the role may read the tables its statements name and, where the
         process writes, make its writes (a privilege revoked from a statement that runs
         only now and then, as pruning does, is found so); the tables are there; and,
-        where it writes, so are the unique indexes its writes rely on, the guard holding
-        the writes while one is lacking. AwaitingOperator (the verdict until the next
-        look) for what is lacking; Unavailable where the database does not answer, the
-        verdict left as it was."""
-        schema, writes = self.schema, self.writes
+        where it writes, so are the unique indexes its writes rely on. AwaitingOperator
+        (the verdict until the next look) for what is lacking; Unavailable where the
+        database does not answer, the verdict left as it was."""
+        schema = self.schema
         try:
             # One session for the whole look: taken for each question in a busy pool's
             # line, a look took 14-20 s.
             async with acquired(self._pool, DATABASES[schema]) as conn:
-                await require_grants(conn, schema, writes=writes is not None)
+                await require_grants(conn, schema, writes=self.writes)
                 await require_tables(conn, schema)
-                if writes is not None:
-                    try:
-                        await require_indexes(conn, schema)
-                    except AwaitingOperator as lacking:
-                        writes.lacking = lacking
-                        raise
-                    writes.lacking = None
+                if self.writes:
+                    await require_indexes(conn, schema)
         except AwaitingOperator as found:
             self._found = found
             raise

@@ -21,7 +21,6 @@ from uuid import UUID
 import asyncpg
 
 from financing.adapters.postgres.connection import QUERY_DATABASE, Connection, acquired
-from financing.adapters.postgres.guard import UNGUARDED, WriteGuard
 from financing.application import codec
 from financing.application.read_models import (
     ADVANCES_FROM,
@@ -76,10 +75,8 @@ class PostgresReadModels:
         schema: str = DEFAULT_SCHEMA,
         *,
         journal: bool = True,
-        guard: WriteGuard = UNGUARDED,
     ) -> None:
         self._pool = pool
-        self._guard = guard  # holds the writes while a unique index is lacking
         self._dependency = QUERY_DATABASE
         self.schema = schema
         self._journal = journal
@@ -217,7 +214,6 @@ class PostgresReadModels:
     ) -> AbstractSet[str]:
         if not batch:
             return frozenset()
-        self._guard.check()
         message_ids = list(dict.fromkeys(message_id for message_id, _ in batch))
         times = [recorded.get(message_id) for message_id in message_ids]
         if not self._journal:
