@@ -98,3 +98,39 @@ async def test_a_database_down_leaves_the_verdict_as_the_last_look_found_it(
             inspection.verdict()
     finally:
         await pool.close()
+
+
+async def test_a_schema_the_role_may_not_use_is_named_not_its_tables_said_gone(
+    empty_database: Database,
+) -> None:
+    """Regression (a probe): with `USAGE ON SCHEMA public` revoked, the search_path passed
+    over the schema and the look said the tables gone, with the remedy for tables gone
+    (restore a backup, where a restart would start an empty event store). A schema out of
+    the search_path that holds a table of the same name is none of the service's."""
+    owner = await create_pool(empty_database)
+    role = infra.unique_name("fin_inspect_role")
+    try:
+        await migrate(owner, "commands")
+        await owner.execute(f'CREATE ROLE "{role}" LOGIN')
+        await owner.execute(f'GRANT ALL ON ALL TABLES IN SCHEMA public TO "{role}"')
+        await owner.execute(f'GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO "{role}"')
+        await owner.execute("CREATE SCHEMA elsewhere CREATE TABLE events (id int)")
+        await owner.execute("REVOKE USAGE ON SCHEMA public FROM PUBLIC")
+        as_role = Database({**empty_database.connect_kwargs, "user": role})
+        pool = await create_pool(as_role)
+        try:
+            inspection = Inspection(pool, "commands", writes=True)
+            with pytest.raises(AwaitingOperator) as lacking:
+                await inspection.look()
+            assert lacking.value.detail == (
+                "its role lacks privileges the service needs: schema public (USAGE); GRANT"
+                " them, the service goes on by itself"
+            )
+            await owner.execute(f'GRANT USAGE ON SCHEMA public TO "{role}"')
+            await inspection.look()
+        finally:
+            await pool.close()
+    finally:
+        await owner.execute(f'DROP OWNED BY "{role}"')
+        await owner.execute(f'DROP ROLE "{role}"')
+        await owner.close()

@@ -484,12 +484,25 @@ WRITES = {
         "projected_event_store": "INSERT",  # the event store it projects, at its first start
     },
 }
-# Of the schemas named, those that exist and the role may not use (their tables out of
-# its reach).
+# The schemas the role may not use that hold the service's tables: of the schemas named
+# ($1), those that exist; and those of the sessions' search_path that hold a table named
+# as one of the tables named without a schema ($2), out of sight (a search_path passes
+# over a schema its role may not use: `USAGE ON SCHEMA public` revoked was said as the
+# tables gone, with a remedy that started an empty event store).
 _UNUSABLE_SCHEMAS = (
-    "SELECT coalesce(array_agg(name ORDER BY name), '{}') FROM unnest($1::text[]) AS name"
+    "SELECT coalesce(array_agg(DISTINCT name ORDER BY name), '{}') FROM ("
+    " SELECT name FROM unnest($1::text[]) AS name"
     " WHERE to_regnamespace(name) IS NOT NULL AND NOT has_schema_privilege(name, 'USAGE')"
+    " UNION ALL SELECT n.nspname FROM pg_class AS c"
+    " JOIN pg_namespace AS n ON n.oid = c.relnamespace"
+    " WHERE c.relname = ANY($2::text[]) AND to_regclass(quote_ident(c.relname)) IS NULL"
+    " AND NOT has_schema_privilege(n.oid, 'USAGE')"
+    " AND n.nspname IN (SELECT replace(btrim(entry, ' \"'), '$user', current_user)"
+    " FROM unnest(string_to_array(current_setting('search_path'), ',')) AS entry)"
+    ") AS unusable"
 )
+# The service's table in the search_path besides those of NEEDED_TABLES: its migrations'.
+_MIGRATIONS_TABLE = "schema_migrations"
 # Whether the session's transactions are read-only (a standby, or read-only by default),
 # and of each table (or sequence) and privilege named, those its role lacks
 # (has_table_privilege given several says whether the role has any of them: one at a
@@ -512,11 +525,12 @@ async def require_grants(pool: asyncpg.Pool | Connection, name: str, *, writes: 
     is out for it, and said so with what is lacking."""
     database = DATABASES[name]
     schemas = sorted({table.split(".")[0] for table in NEEDED_TABLES[name] if "." in table})
+    in_path = [table for table in NEEDED_TABLES[name] if "." not in table] + [_MIGRATIONS_TABLE]
     granted = dict.fromkeys(NEEDED_TABLES[name], "SELECT")
     for table, written in WRITES[name].items() if writes else ():
         granted[table] = f"{granted[table]}, {written}" if table in granted else written
     async with _session(pool, database) as conn:
-        unusable: list[str] = await conn.fetchval(_UNUSABLE_SCHEMAS, schemas)
+        unusable: list[str] = await conn.fetchval(_UNUSABLE_SCHEMAS, schemas, in_path)
         # A table of a schema the role may not use cannot even be named.
         tables, privileges = list(granted), list(granted.values())
         row = None if unusable else await conn.fetchrow(_LACKING, tables, privileges)

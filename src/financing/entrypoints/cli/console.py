@@ -101,6 +101,10 @@ async def database(
     try:
         if schema is not None:
             with translated(dependency):
+                # What is out of the role's reach first, which nothing after can look at
+                # (a schema it may not use: its migrations' record refused, the
+                # database was said unreachable).
+                await require_grants(pool, schema, writes=False)
                 try:
                     await require_current(pool, schema)
                 except SchemaBehind as behind:
@@ -109,9 +113,7 @@ async def database(
                     await migrate(pool, schema)
                 # Its tables gone (a query database a refused rebuild migrated from
                 # nothing, the read models dropped) said so, with what brings them back:
-                # `check` said an UndefinedTableError and blamed the search_path. Those
-                # out of the role's reach first, which it cannot look for.
-                await require_grants(pool, schema, writes=False)
+                # `check` said an UndefinedTableError and blamed the search_path.
                 await require_tables(pool, schema)
         yield pool
     finally:
