@@ -558,7 +558,7 @@ async def test_indexes_a_dba_dropped_are_each_a_problem_saying_what_makes_them_a
         " CONCURRENTLY events_correlation ON events (correlation_id) WHERE correlation_id IS"
         " NOT NULL",
         "index lacking     unique index investors_pkey of read_models.investors (one row per"
-        " investor): `financing projections rebuild` makes it again with the read models",
+        " investor): ALTER TABLE read_models.investors ADD PRIMARY KEY (id)",
     ], run.describe()
     assert [p for p in problems(run) if " lacks the " in p] == [
         "command database: lacks the " + lacking[0].split(None, 2)[2],

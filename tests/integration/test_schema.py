@@ -650,6 +650,41 @@ async def test_a_unique_index_dropped_is_an_outage_naming_it_until_it_is_made_ag
         await pool.close()
 
 
+@pytest.mark.parametrize("name", ["commands", "queries"])
+async def test_every_index_dropped_is_made_again_by_the_remedy_given_for_it(
+    empty_database: Database, name: str
+) -> None:
+    """Regression (a probe): the remedy given for a read model's key, a rebuild of the read
+    models, failed as the service's role (it may not create schemas), and run as their
+    owner left that role without grants on the new schema. Each remedy is a statement
+    that makes its index again where it was, pasted as given."""
+    pool = await create_pool(empty_database)
+    try:
+        await migrate(pool, name)
+        for index in INDEXES[name]:
+            constraint = await pool.fetchval(
+                "SELECT EXISTS (SELECT FROM pg_constraint WHERE conname = $1"
+                " AND conrelid = to_regclass($2))",
+                index.name,
+                index.table,
+            )
+            schema = index.table.rsplit(".", 1)[0] if "." in index.table else "public"
+            await pool.execute(
+                f"ALTER TABLE {index.table} DROP CONSTRAINT {index.name}"
+                if constraint
+                else f"DROP INDEX {schema}.{index.name}"
+            )
+        async with pool.acquire() as conn:
+            lacking = await indexes_lacking(conn, name)
+        assert [gone.index.name for gone in lacking] == [i.name for i in INDEXES[name]]
+        for gone in lacking:
+            await pool.execute(gone.remedy)
+        async with pool.acquire() as conn:
+            assert await indexes_lacking(conn, name) == []
+    finally:
+        await pool.close()
+
+
 async def test_a_rebuild_under_way_when_the_queries_schema_gains_a_column_gets_it_too(
     empty_database: Database,
 ) -> None:

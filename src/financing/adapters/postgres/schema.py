@@ -157,11 +157,19 @@ class Index:
     guards: bool = False
 
 
-_BY_REBUILD = "`financing projections rebuild` makes it again with the read models"
-
-
 def _read_models_key(table: str, name: str, serves: str, *, guards: bool = True) -> Index:
-    return Index(name, f"{DEFAULT_SCHEMA}.{table}", True, serves, _BY_REBUILD, guards=guards)
+    """A unique key of a read model's table: its primary key (`<table>_pkey`) or the
+    order of its rows' creation (`<table>_created_key`). Made again by the statement it
+    is given, on the rows there: the remedy given before, a rebuild of the read models,
+    needs a role that may create schemas, and leaves a role of the service's own without
+    grants on the new one."""
+    qualified = f"{DEFAULT_SCHEMA}.{table}"
+    if name.endswith("_created_key"):
+        remedy = f"ALTER TABLE {qualified} ADD CONSTRAINT {name} UNIQUE (created)"
+    else:
+        key = "message_id" if table == "processed_messages" else "id"
+        remedy = f"ALTER TABLE {qualified} ADD PRIMARY KEY ({key})"
+    return Index(name, qualified, True, serves, remedy, guards=guards)
 
 
 # Every index the migrations make on the service's tables, by schema (a test holds this
