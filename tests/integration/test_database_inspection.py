@@ -134,3 +134,49 @@ async def test_a_schema_the_role_may_not_use_is_named_not_its_tables_said_gone(
         await owner.execute(f'DROP OWNED BY "{role}"')
         await owner.execute(f'DROP ROLE "{role}"')
         await owner.close()
+
+
+async def test_one_look_answers_the_writes_and_the_reads_of_a_database_with_one_list(
+    empty_database: Database,
+) -> None:
+    """Regression (a probe): where the process both projects and serves queries, the query
+    database was looked at twice a second, once for the projector's writes and once for
+    the Queries API's reads, and a revoke was said twice, once with every privilege
+    lacking and once with those of the reads alone, in either order: granting what the
+    last line said left the database down. One look answers both; what the writes alone
+    lack leaves the reads be."""
+    owner = await create_pool(empty_database)
+    role = infra.unique_name("fin_inspect_role")
+    try:
+        await migrate(owner, "queries")
+        await owner.execute(f'CREATE ROLE "{role}" LOGIN')
+        for schema in ("public", "read_models"):
+            await owner.execute(f'GRANT USAGE ON SCHEMA {schema} TO "{role}"')
+            await owner.execute(f'GRANT ALL ON ALL TABLES IN SCHEMA {schema} TO "{role}"')
+        pool = await create_pool(Database({**empty_database.connect_kwargs, "user": role}))
+        try:
+            inspection = Inspection(pool, "queries", writes=True)
+            writes = bootstrap._answering(pool, inspection)  # the database's own check
+            reads = bootstrap._reading(pool, inspection)  # the Queries API's
+            await writes()
+            await reads()
+
+            await owner.execute(f'REVOKE INSERT ON read_models.issuers FROM "{role}"')
+            with pytest.raises(AwaitingOperator, match=r"read_models.issuers \(INSERT\)"):
+                await writes()
+            await reads()  # the reads lack nothing
+
+            await owner.execute(f'REVOKE SELECT ON read_models.investors FROM "{role}"')
+            with pytest.raises(AwaitingOperator) as for_writes:
+                await writes()
+            with pytest.raises(AwaitingOperator) as for_reads:
+                await reads()
+            assert for_reads.value.detail == for_writes.value.detail
+            assert "read_models.investors (SELECT)" in for_reads.value.detail
+            assert "read_models.issuers (INSERT)" in for_reads.value.detail
+        finally:
+            await pool.close()
+    finally:
+        await owner.execute(f'DROP OWNED BY "{role}"')
+        await owner.execute(f'DROP ROLE "{role}"')
+        await owner.close()

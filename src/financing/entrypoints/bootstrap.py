@@ -227,12 +227,15 @@ async def bootstrap(
     query_pool = opened.query_pool
     if query_pool is not None and "queries-api" in selected:
         queries = QueriesService(PostgresReadModels(query_pool), outages)
-        # The API only reads: the projector's writes lacking keep it serving.
-        reads = opened.inspections["queries"]
-        if reads.writes:
-            reads = Inspection(query_pool, "queries", writes=False)
-            service.workers["inspection-queries-reads"] = reads.run
-        probe = Probe(QUERY_DATABASE, _answering(query_pool, reads))
+        # The API only reads: the projector's writes lacking keep it serving. One look a
+        # second answers both (two, each of its own, said two lists of the privileges
+        # lacking, one the other's part).
+        inspection = opened.inspections["queries"]
+        checks = outages.checks()
+        probe = Probe(
+            QUERY_DATABASE,
+            _reading(query_pool, inspection) if inspection.writes else checks[QUERY_DATABASE],
+        )
         server = _grpc_server(service, outages, queries, "Queries", probe, opened.own, tls)
         observe_replies(queries)
         service.listeners.append(Listener("queries-api", server, settings.query_address))
@@ -619,6 +622,19 @@ def _answering(pool: asyncpg.Pool, inspection: Inspection) -> Callable[[], Await
             inspection.verdict()
 
     return answering
+
+
+def _reading(pool: asyncpg.Pool, inspection: Inspection) -> Callable[[], Awaitable[None]]:
+    """The Queries API's check of a database the process also writes: it answers, and
+    the last look of its own check (`_answering`, each second) found nothing its reads
+    lack."""
+    dependency = DATABASES[inspection.schema]
+
+    async def reading() -> None:
+        await ping(pool, dependency)
+        inspection.verdict(reads=True)
+
+    return reading
 
 
 def _unhealthy(service: Service, outages: Outages) -> list[str]:

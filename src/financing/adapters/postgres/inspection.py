@@ -28,6 +28,7 @@ from structlog import get_logger
 from financing.adapters.postgres.connection import acquired
 from financing.adapters.postgres.schema import (
     DATABASES,
+    WritesRefused,
     require_grants,
     require_indexes,
     require_tables,
@@ -81,8 +82,14 @@ class Inspection:
             # One session for the whole look: taken for each question in a busy pool's
             # line, a look took 14-20 s.
             async with acquired(self._pool, DATABASES[schema]) as conn:
-                await require_grants(conn, schema, writes=self.writes)
+                refused: WritesRefused | None = None
+                try:
+                    await require_grants(conn, schema, writes=self.writes)
+                except WritesRefused as writes_refused:
+                    refused = writes_refused  # the reads looked at all the same
                 await require_tables(conn, schema)
+                if refused is not None:
+                    raise refused
                 if self.writes:
                     await require_indexes(conn, schema)
         except AwaitingOperator as found:
@@ -92,10 +99,11 @@ class Inspection:
             self._looked_at = time.monotonic()
         self._found = None
 
-    def verdict(self) -> None:
+    def verdict(self, *, reads: bool = False) -> None:
         """AwaitingOperator, as the last look found it, while the database lacks something
-        only an operator gives back."""
+        only an operator gives back (`reads`: something its reads need; what the writes
+        alone lack leaves them be)."""
         found = self._found
-        if found is not None:
+        if found is not None and not (reads and isinstance(found, WritesRefused)):
             # A new error each time: one raised again keeps every traceback it went through.
             raise AwaitingOperator(found.dependency, found.detail)

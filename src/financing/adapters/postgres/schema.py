@@ -373,6 +373,12 @@ def _session(
     return contextlib.nullcontext(pool_or_conn)
 
 
+class WritesRefused(AwaitingOperator):
+    """What a database lacks refuses the service's writes alone (a write privilege, a
+    unique index its writes rely on, writes taken at all): its reads go on, and so does
+    the Queries API that only reads."""
+
+
 async def require_indexes(pool: asyncpg.Pool | Connection, name: str) -> None:
     """AwaitingOperator while the database lacks an index of INDEXES[name] that guards its
     writes (an upsert fails without its own; a copy of a message would be applied twice),
@@ -380,7 +386,7 @@ async def require_indexes(pool: asyncpg.Pool | Connection, name: str) -> None:
     async with _session(pool, DATABASES[name]) as conn:
         lacking = [gone for gone in await indexes_lacking(conn, name) if gone.index.guards]
     if lacking:
-        raise AwaitingOperator(
+        raise WritesRefused(
             DATABASES[name],
             f"it lacks the unique index(es) its writes rely on, dropped or left invalid:"
             f" {'; '.join(said_lacking(gone) for gone in lacking)}; the service goes on"
@@ -530,7 +536,8 @@ async def require_grants(pool: asyncpg.Pool | Connection, name: str, *, writes: 
     """AwaitingOperator unless the pool's role may use the schemas and read the tables of
     `name` and, where the process `writes`, the database takes writes and the role may
     make those of WRITES: a server that answers while refusing the service's statements
-    is out for it, and said so with what is lacking."""
+    is out for it, and said so with what is lacking (WritesRefused where the reads lack
+    nothing)."""
     database = DATABASES[name]
     schemas = sorted({table.split(".")[0] for table in NEEDED_TABLES[name] if "." in table})
     in_path = [table for table in NEEDED_TABLES[name] if "." not in table] + [_MIGRATIONS_TABLE]
@@ -544,10 +551,11 @@ async def require_grants(pool: asyncpg.Pool | Connection, name: str, *, writes: 
         row = None if unusable else await conn.fetchrow(_LACKING, tables, privileges)
     read_only, lacking = (False, []) if row is None else (bool(row[0]), list(row[1]))
     if writes and read_only:
-        raise AwaitingOperator(database, READ_ONLY)
+        raise WritesRefused(database, READ_ONLY)
+    reads_lacking = bool(unusable) or any(entry.endswith("(SELECT)") for entry in lacking)
     lacking = [f"schema {schema} (USAGE)" for schema in unusable] + lacking
     if lacking:
-        raise AwaitingOperator(
+        raise (AwaitingOperator if reads_lacking else WritesRefused)(
             database,
             f"its role lacks privileges the service needs: {', '.join(lacking)}; GRANT"
             " them, the service goes on by itself",
