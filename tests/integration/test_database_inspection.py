@@ -5,9 +5,11 @@ read by the database's check."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 
 from financing.adapters.postgres.connection import (
@@ -29,6 +31,29 @@ async def empty_database() -> AsyncIterator[Database]:
     name = infra.unique_name("fin_inspect")
     yield await infra.create_database(name)
     await infra.drop_database(name)
+
+
+@contextlib.asynccontextmanager
+async def role_of_its_own(
+    owner: asyncpg.Pool, database: Database, schemas: tuple[str, ...]
+) -> AsyncIterator[tuple[str, asyncpg.Pool]]:
+    """A role given every privilege on the tables and sequences of `schemas` (USAGE on
+    them too), and a pool of its sessions; dropped afterwards."""
+    role = infra.unique_name("fin_inspect_role")
+    await owner.execute(f'CREATE ROLE "{role}" LOGIN')
+    try:
+        for schema in schemas:
+            await owner.execute(f'GRANT USAGE ON SCHEMA {schema} TO "{role}"')
+            await owner.execute(f'GRANT ALL ON ALL TABLES IN SCHEMA {schema} TO "{role}"')
+            await owner.execute(f'GRANT ALL ON ALL SEQUENCES IN SCHEMA {schema} TO "{role}"')
+        pool = await create_pool(Database({**database.connect_kwargs, "user": role}))
+        try:
+            yield role, pool
+        finally:
+            await pool.close()
+    finally:
+        await owner.execute(f'DROP OWNED BY "{role}"')
+        await owner.execute(f'DROP ROLE "{role}"')
 
 
 async def test_a_database_whose_every_session_serves_the_service_is_looked_at_all_the_same(
@@ -108,17 +133,11 @@ async def test_a_schema_the_role_may_not_use_is_named_not_its_tables_said_gone(
     (restore a backup, where a restart would start an empty event store). A schema out of
     the search_path that holds a table of the same name is none of the service's."""
     owner = await create_pool(empty_database)
-    role = infra.unique_name("fin_inspect_role")
     try:
         await migrate(owner, "commands")
-        await owner.execute(f'CREATE ROLE "{role}" LOGIN')
-        await owner.execute(f'GRANT ALL ON ALL TABLES IN SCHEMA public TO "{role}"')
-        await owner.execute(f'GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO "{role}"')
-        await owner.execute("CREATE SCHEMA elsewhere CREATE TABLE events (id int)")
-        await owner.execute("REVOKE USAGE ON SCHEMA public FROM PUBLIC")
-        as_role = Database({**empty_database.connect_kwargs, "user": role})
-        pool = await create_pool(as_role)
-        try:
+        async with role_of_its_own(owner, empty_database, ("public",)) as (role, pool):
+            await owner.execute("CREATE SCHEMA elsewhere CREATE TABLE events (id int)")
+            await owner.execute(f'REVOKE USAGE ON SCHEMA public FROM PUBLIC, "{role}"')
             inspection = Inspection(pool, "commands", writes=True)
             with pytest.raises(AwaitingOperator) as lacking:
                 await inspection.look()
@@ -128,11 +147,7 @@ async def test_a_schema_the_role_may_not_use_is_named_not_its_tables_said_gone(
             )
             await owner.execute(f'GRANT USAGE ON SCHEMA public TO "{role}"')
             await inspection.look()
-        finally:
-            await pool.close()
     finally:
-        await owner.execute(f'DROP OWNED BY "{role}"')
-        await owner.execute(f'DROP ROLE "{role}"')
         await owner.close()
 
 
@@ -146,15 +161,10 @@ async def test_one_look_answers_the_writes_and_the_reads_of_a_database_with_one_
     last line said left the database down. One look answers both; what the writes alone
     lack leaves the reads be."""
     owner = await create_pool(empty_database)
-    role = infra.unique_name("fin_inspect_role")
     try:
         await migrate(owner, "queries")
-        await owner.execute(f'CREATE ROLE "{role}" LOGIN')
-        for schema in ("public", "read_models"):
-            await owner.execute(f'GRANT USAGE ON SCHEMA {schema} TO "{role}"')
-            await owner.execute(f'GRANT ALL ON ALL TABLES IN SCHEMA {schema} TO "{role}"')
-        pool = await create_pool(Database({**empty_database.connect_kwargs, "user": role}))
-        try:
+        schemas = ("public", "read_models")
+        async with role_of_its_own(owner, empty_database, schemas) as (role, pool):
             inspection = Inspection(pool, "queries", writes=True)
             writes = bootstrap._answering(pool, inspection)  # the database's own check
             reads = bootstrap._reading(pool, inspection)  # the Queries API's
@@ -174,9 +184,5 @@ async def test_one_look_answers_the_writes_and_the_reads_of_a_database_with_one_
             assert for_reads.value.detail == for_writes.value.detail
             assert "read_models.investors (SELECT)" in for_reads.value.detail
             assert "read_models.issuers (INSERT)" in for_reads.value.detail
-        finally:
-            await pool.close()
     finally:
-        await owner.execute(f'DROP OWNED BY "{role}"')
-        await owner.execute(f'DROP ROLE "{role}"')
         await owner.close()
