@@ -421,6 +421,12 @@ async def test_command_handler_stops_promptly_though_an_ack_never_completed(
 # The queues the tests of a queue found missing delete: one of domain events, a command
 # queue, one of Registering's events.
 DELETED = (topology.PROJECTOR_QUEUE, "SellInvoice", "events_IssuerRegistered")
+# The queues nobody consumes, and what is said of one deleted under the service.
+UNCONSUMED = (topology.DEAD_LETTER_QUEUE, topology.DEFERRALS)
+RESTORED = (
+    "a queue of the service was deleted under it, with what it held; declared again (an"
+    " operator, or a policy's `expires`: keep such policies off it)"
+)
 
 
 async def _said_missing(
@@ -467,7 +473,16 @@ async def test_a_queue_deleted_while_the_service_was_cut_off_the_broker_is_said_
     last_projected = await read_models.last_projected_recorded_at(datetime.now(UTC))
     assert last_projected is not None
 
-    deleted = DELETED
+    await _deleted_while_cut_off(target, DELETED)
+    await _said_missing(said, DELETED, last_projected)
+    assert reconnected() == 2
+    await settle(target)
+    await verify_effects(target, workload)
+
+
+async def _deleted_while_cut_off(target: Deployment, queues: Sequence[str]) -> None:
+    """`queues` deleted while the service is cut off the broker (its permissions revoked,
+    its connections closed), then the permissions given back."""
     await revoke(target.vhost)
     try:
         await close_connections(target.vhost)
@@ -478,15 +493,50 @@ async def test_a_queue_deleted_while_the_service_was_cut_off_the_broker_is_said_
             ),
             what="the service cut off the broker",
         )
-        for queue in deleted:
+        for queue in queues:
             await asyncio.to_thread(rabbitmqctl, "delete_queue", "--vhost", target.vhost, queue)
     finally:
         await grant(target.vhost)
 
-    await _said_missing(said, deleted, last_projected)
-    assert reconnected() == 2
+
+async def test_a_queue_nobody_consumes_deleted_while_cut_off_is_said_and_made_again(
+    deploy: Deploy,
+) -> None:
+    """Regression (a probe): the dead letters' and the deferrals' queues, deleted while the
+    service's broker connection was down, were declared again with nothing said, the
+    dead letters and deferred commands they held lost. Each is declared again as the
+    connection is opened again, and said once."""
+    target = await deploy("unconsumed_deleted_while_cut_off")
+
+    def restored() -> list[str]:
+        return [line["queue"] for line in target.json_log() if line["event"] == RESTORED]
+
+    await close_connections(target.vhost)  # the first outage, with every queue there
+    await infra.wait_until(
+        lambda: infra.holds(
+            [event for _, event in target.outage_lines("broker")].count("broker reconnected") == 1
+        ),
+        what="a reconnection",
+    )
+    await _deleted_while_cut_off(target, UNCONSUMED)
+    await infra.wait_until(
+        lambda: infra.holds(sorted(restored()) == sorted(UNCONSUMED)),
+        what="the queues nobody consumes said restored",
+    )
+    listed = await asyncio.to_thread(
+        subprocess.run,
+        ["rabbitmqctl", "-q", "list_queues", "--vhost", target.vhost, "name"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert set(UNCONSUMED) <= set(listed.stdout.split()), listed.stdout  # there again
+    workload = Workload(target, seed=suite_seed(), concurrency=2)
+    await workload.run(sagas=2)
     await settle(target)
     await verify_effects(target, workload)
+    assert sorted(restored()) == sorted(UNCONSUMED)  # said once each
 
 
 async def test_a_queue_deleted_while_no_instance_consumed_it_is_said_as_the_service_starts(

@@ -890,10 +890,18 @@ class _Wiring:
     async def _missing_on(self, connection: AbstractConnection) -> None:
         """Each consumer whose queue a connection opened again finds missing is told, before
         anything declares it again: deleted while the connection was down, a queue was
-        declared again by the first channel on it with nothing said."""
+        declared again by the first channel on it with nothing said. A queue nobody
+        consumes (the dead letters, the deferrals) found missing is declared again there
+        and said, as the topology's watch says one deleted under the service: deleted
+        while the connection was down, the dead letters and deferred commands it held
+        were lost with nothing said."""
         consumers = {consumer.spec.name: consumer for consumer in self._consumers}
-        for name in await topology.queues_missing(connection, consumers):
-            consumers[name].found_missing(reopened=True)
+        unconsumed = self._publisher.unconsumed()
+        for name in await topology.queues_missing(connection, [*consumers, *unconsumed]):
+            if name in consumers:
+                consumers[name].found_missing(reopened=True)
+            else:
+                await topology.restored_on(connection, name, unconsumed[name])
 
 
 async def started(

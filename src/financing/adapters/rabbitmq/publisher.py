@@ -358,11 +358,18 @@ class Publisher:
 
             return await self._timed(f"queue {name!r}", "looked for", self._inquiry.get, passive)
 
+    def unconsumed(self) -> dict[str, Declaration]:
+        """The queues of the service nobody consumes, each with its declaration."""
+        queue_type = self._broker.queue_type
+        return {
+            DEAD_LETTER_QUEUE: DEAD_LETTERS.of_type(queue_type).declare,
+            DEFERRALS: lambda side: declare_deferrals(side, queue_type),
+        }
+
     async def restore_unconsumed(self) -> None:
         """Declare the queues nobody consumes again (`restore`)."""
-        queue_type = self._broker.queue_type
-        await self.restore(DEAD_LETTER_QUEUE, DEAD_LETTERS.of_type(queue_type).declare)
-        await self.restore(DEFERRALS, lambda side: declare_deferrals(side, queue_type))
+        for queue, declare in self.unconsumed().items():
+            await self.restore(queue, declare)
 
     async def restore(self, queue: str, declare: Declaration) -> None:
         """Declare `queue`, which nobody consumes, again (`declare`), and say so if it was

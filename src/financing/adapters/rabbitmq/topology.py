@@ -386,6 +386,18 @@ async def queues_missing(connection: AbstractConnection, names: Iterable[str]) -
     return missing
 
 
+async def restored_on(connection: AbstractConnection, queue: str, declare: Declaration) -> None:
+    """`queue`, nobody's to consume and found missing, declared again on `connection` (a
+    channel of its own), and said so (`said_restored`)."""
+    channel = await connection.channel()
+    try:
+        with translated():
+            await declare(channel)
+    finally:
+        await close_channel(channel)
+    said_restored(queue)
+
+
 def _type_conflict(names: list[str], wanted: str) -> str:
     """The refusal of queues `names`, of another type than `wanted`, and the way out."""
     existing = CLASSIC if wanted != CLASSIC else "quorum (or another type)"
