@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import math
-import time
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
@@ -359,11 +358,10 @@ async def test_a_command_not_confirmed_in_time_is_answered_unavailable_maybe_que
     silent = SilentSender()
     with capture_logs() as logs:
         async with _serving(CommandsService(silent, Outages(), budget=0.3)) as channel:
-            for _ in range(2):
-                with pytest.raises(GRPCError) as error:
-                    await CommandsStub(channel).approve_financing(
-                        ApproveFinancingCommand(invoice_id=_id())
-                    )
+            with pytest.raises(GRPCError) as error:
+                await CommandsStub(channel).approve_financing(
+                    ApproveFinancingCommand(invoice_id=_id())
+                )
     assert error.value.status is Status.UNAVAILABLE
     assert error.value.message == (
         "ApproveFinancing not confirmed within 0.3 s: it may have been queued"
@@ -371,7 +369,7 @@ async def test_a_command_not_confirmed_in_time_is_answered_unavailable_maybe_que
     )
     # Regression (a probe): said to the client alone, with the broker up otherwise (a
     # quorum queue without a leader), the instance's log said nothing. One line names the
-    # queue; the next call within the interval is counted on a later line, not written.
+    # queue (at most one a queue every 10 s: `edge.Warnings`).
     said = [line for line in logs if line["log_level"] == "warning"]
     assert [(line["event"].split(":")[0], line["queue"]) for line in said] == [
         ("commands answered UNAVAILABLE, maybe queued", "ApproveFinancing")
@@ -402,10 +400,8 @@ async def test_a_command_cut_by_its_deadline_says_whether_it_may_have_been_queue
     saying what became of the command, as at the end of the budget."""
     service = CommandsService(sender(), Outages(), budget=5.0)
     commands_api._deadline.set(Deadline.from_timeout(0.3))  # as the call's metadata sets it
-    began = time.monotonic()
     with pytest.raises(GRPCError) as error:
         await service.approve_financing(ApproveFinancingCommand(invoice_id=_id()))
-    assert time.monotonic() - began < 0.3 - commands_api.DEADLINE_MARGIN / 2
     assert (error.value.status, error.value.message) == (Status.DEADLINE_EXCEEDED, answer)
 
 
