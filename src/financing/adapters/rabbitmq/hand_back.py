@@ -26,7 +26,7 @@ reference's projector starts.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -59,6 +59,7 @@ from financing.adapters.rabbitmq.topology import (
     ROUTED_MESSAGES,
     UNROUTED,
     declare_events_exchange,
+    on_a_channel,
     subscription,
 )
 from financing.application.grace import finish_on_cancel
@@ -92,7 +93,7 @@ async def hand_back(broker: Broker) -> HandedBack:
     only what it changed: run again, it finds nothing left to do."""
     done: list[str] = []
     await _refuse_if_consumed(broker)
-    await _on_a_channel(broker, declare_events_exchange)  # as the reference declares it
+    await on_a_channel(broker.channel, declare_events_exchange)  # as the reference declares it
     # The reference's queues are bound to `events` again before the router goes: without
     # the router, they were. (They are bound all the same: AMQP does not tell whether a
     # binding exists, and one an operator removed since is made again, unsaid.)
@@ -104,7 +105,7 @@ async def hand_back(broker: Broker) -> HandedBack:
                 with translated():
                     await queue.bind(EVENTS_EXCHANGE, routing_key="")
                 bound.append(name)
-    await _on_a_channel(broker, lambda channel: channel.exchange_delete(EVENTS_ROUTER))
+    await on_a_channel(broker.channel, lambda channel: channel.exchange_delete(EVENTS_ROUTER))
     if routed:
         done.append(
             f"bound to {EVENTS_EXCHANGE!r} again, as the reference binds them:"
@@ -117,7 +118,7 @@ async def hand_back(broker: Broker) -> HandedBack:
     # messages when it took over) unbound, which would miss every event published until
     # the reference's projector declares it again.
     existed = await queue_exists(broker, REFERENCE_PROJECTOR_QUEUE)
-    await _on_a_channel(broker, partial(_reference_projector_queue, existed=existed))
+    await on_a_channel(broker.channel, partial(_reference_projector_queue, existed=existed))
     if not existed or routed:
         done.append(
             f"queue {REFERENCE_PROJECTOR_QUEUE!r}, the reference projector's,"
@@ -132,17 +133,6 @@ async def hand_back(broker: Broker) -> HandedBack:
         " it; delete it once what it holds is of no use)"
     )
     return HandedBack(done, f"queue {DEAD_LETTER_QUEUE!r}: {kept}")
-
-
-async def _on_a_channel(
-    broker: Broker, act: Callable[[AbstractChannel], Awaitable[object]]
-) -> None:
-    channel = await broker.channel()
-    try:
-        with translated():
-            await act(channel)
-    finally:
-        await close_channel(channel)
 
 
 async def _reference_projector_queue(channel: AbstractChannel, *, existed: bool) -> None:
@@ -266,7 +256,7 @@ async def _kept_as_a_dead_letter(
     """A deferred `message` whose queue the broker has no longer (the broker would drop
     it as it expired) put in the dead-letter queue, with the reason, rather than lost."""
     if not await queue_exists(broker, DEAD_LETTER_QUEUE):
-        await _on_a_channel(broker, DEAD_LETTERS.of_type(broker.queue_type).declare)
+        await on_a_channel(broker.channel, DEAD_LETTERS.of_type(broker.queue_type).declare)
     queue = message.routing_key or ""
     reason = (
         f"deferred for queue {queue!r}, which the broker has no longer when the broker was"
@@ -306,7 +296,7 @@ async def _deleted(broker: Broker, done: list[str]) -> None:
         for exchange in exchanges:
             await channel.exchange_delete(exchange)
 
-    await _on_a_channel(broker, exchanges_deleted)
+    await on_a_channel(broker.channel, exchanges_deleted)
     if gone:
         # It may hold a reference relayer's events too, which the service projected; the
         # reference's projector, its queue retired meanwhile, never got them.

@@ -389,12 +389,7 @@ async def queues_missing(connection: AbstractConnection, names: Iterable[str]) -
 async def restored_on(connection: AbstractConnection, queue: str, declare: Declaration) -> None:
     """`queue`, nobody's to consume and found missing, declared again on `connection` (a
     channel of its own), and said so (`said_restored`)."""
-    channel = await connection.channel()
-    try:
-        with translated():
-            await declare(channel)
-    finally:
-        await close_channel(channel)
+    await on_a_channel(connection.channel, declare)
     said_restored(queue)
 
 
@@ -580,12 +575,12 @@ async def declare_on(broker: Broker, missing: set[str] | None = None) -> Referen
     if missing is not None:
         missing.update(absent)
     [(_, exchanges), *queues] = declarations(broker.queue_type)
-    await _on_a_channel(broker, exchanges)  # what the queues are bound to, first
+    await on_a_channel(broker.channel, exchanges)  # what the queues are bound to, first
     # The queues side by side, each on a channel of its own, every channel opened in one
     # turn of the loop, before any answer can close one (`refuse_queues_of_another_type`):
     # one after another, with the broker 200 ms away each way, start-up gave up when its
     # 30 s ran out while declaring them; side by side, the whole topology took 12 s.
-    declared = [_on_a_channel(broker, part) for _, part in queues]
+    declared = [on_a_channel(broker.channel, part) for _, part in queues]
     # The first failure raised once every declaration is over: none left running.
     for result in await asyncio.gather(*declared, return_exceptions=True):
         if isinstance(result, BaseException):
@@ -593,10 +588,13 @@ async def declare_on(broker: Broker, missing: set[str] | None = None) -> Referen
     return await retire_reference_projector(broker)
 
 
-async def _on_a_channel(broker: Broker, part: Declaration) -> None:
-    channel = await broker.channel()
+async def on_a_channel(opened: Callable[[], Awaitable[AbstractChannel]], part: Declaration) -> None:
+    """`part` on a channel of its own, which `opened` opens (a broker's, or one connection's),
+    closed after; the broker's errors translated."""
+    channel = await opened()
     try:
-        await part(channel)
+        with translated():
+            await part(channel)
     finally:
         await close_channel(channel)
 
