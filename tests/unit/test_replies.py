@@ -539,8 +539,8 @@ async def test_a_list_call_trying_a_database_found_down_keeps_its_outage_open() 
 
     issuers = queries._lists["issuers"]
     with pytest.raises(GRPCError):
-        await queries._read(issuers, failed_at_once)
-    waiting = asyncio.create_task(queries._read(issuers, waits_on_the_lock))
+        await queries._read("AllIssuers", issuers, failed_at_once)
+    waiting = asyncio.create_task(queries._read("AllIssuers", issuers, waits_on_the_lock))
     await wait_until(lambda: holds(bool(outages._trying.get(database))), what="a call waiting")
     await outages.check_once(within=1.0, quiet=0.0)  # long past the last failure
     assert database in outages._since, "said over while a call still waited on it"
@@ -629,8 +629,8 @@ async def test_a_list_whose_read_failed_is_refused_at_once_while_one_call_tries_
             channel.close()
     assert first.value.status is refused.value.status is Status.UNAVAILABLE
     assert refused.value.message == (
-        "query database unavailable, try again: a statement waited longer than"
-        " FINANCING_DB_TIMEOUT (another AllInvoices call is trying it)"
+        "AllInvoices not answered: query database unavailable, try again: a statement waited"
+        " longer than FINANCING_DB_TIMEOUT (another AllInvoices call is trying it)"
     )
     assert not queries._lists["invoices"].failed
 
@@ -691,8 +691,8 @@ async def test_a_call_that_waited_while_the_reads_ahead_of_it_failed_is_told_at_
     assert store.reads == LIST_BUILDS  # the third call read nothing
     messages = sorted(str(getattr(outcome, "message", outcome)) for outcome in outcomes)
     assert messages[-1] == (
-        "query database unavailable, try again: a statement waited longer than"
-        " FINANCING_DB_TIMEOUT (met by the calls ahead of it)"
+        "AllInvoices not answered: query database unavailable, try again: a statement waited"
+        " longer than FINANCING_DB_TIMEOUT (met by the calls ahead of it)"
     )
 
 

@@ -142,8 +142,8 @@ class QueriesService(pb.QueriesBase):
                 # (several times that), for as long as it takes.
                 async with listed.building:
                     listed.refuse_while_tried(method)
-                    listed.refuse_if_failed_since(failures)
-                    reply = await replies.listed(await self._read(listed, read), item)
+                    listed.refuse_if_failed_since(method, failures)
+                    reply = await replies.listed(await self._read(method, listed, read), item)
                 LIST_REPLY_BYTES.labels(method).observe(len(reply.data))
                 listed.bytes_held += len(reply.data)
                 try:
@@ -208,7 +208,7 @@ class QueriesService(pb.QueriesBase):
         finally:
             listed.waiting -= 1
 
-    async def _read(self, listed: _List, rows: Callable[[], Awaitable[T]]) -> T:
+    async def _read(self, method: str, listed: _List, rows: Callable[[], Awaitable[T]]) -> T:
         # A call after one that failed tries the dependency again, and keeps its outage
         # open until it fails in its turn (`Outages.trying`): each call waiting up to
         # FINANCING_DB_TIMEOUT on a lock, the outage was said over 5 s after the last
@@ -236,7 +236,7 @@ class QueriesService(pb.QueriesBase):
             listed.failures += 1
             self._outages.failed(error)
             raise GRPCError(
-                Status.UNAVAILABLE, _unavailable(error.dependency, error.detail)
+                Status.UNAVAILABLE, _unavailable(method, error.dependency, error.detail)
             ) from None
         except Exception:
             log.exception("reading the read models failed with a bug", read_model=listed.what)
@@ -251,8 +251,10 @@ class QueriesService(pb.QueriesBase):
         return result
 
 
-def _unavailable(dependency: str, detail: str) -> str:
-    return f"{dependency} unavailable, try again: {detail}"
+def _unavailable(method: str, dependency: str, detail: str) -> str:
+    """Named as the other answers of either API name theirs (`SellInvoice not queued:
+    broker unavailable`, `AllIssuers not answered: the service was busy ...`)."""
+    return f"{method} not answered: {dependency} unavailable, try again: {detail}"
 
 
 @dataclass(eq=False)
@@ -271,20 +273,22 @@ class _List:
     failures: int = 0  # reads failed so far
     tried: bool = False  # a read tries the database again after a failure
 
-    def refuse_if_failed_since(self, failures: int) -> None:
+    def refuse_if_failed_since(self, method: str, failures: int) -> None:
         """UNAVAILABLE at once, with the failure, where reads failed while the call
         waited its turn (`failures`: those before it came): others came to try again."""
         if self.failed and self.failures != failures:
-            self._refuse("met by the calls ahead of it")
+            self._refuse(method, "met by the calls ahead of it")
 
     def refuse_while_tried(self, method: str) -> None:
         """UNAVAILABLE at once, with the failure, while another call tries again."""
         if self.tried and self.failed:
-            self._refuse(f"another {method} call is trying it")
+            self._refuse(method, f"another {method} call is trying it")
 
-    def _refuse(self, why: str) -> None:
+    def _refuse(self, method: str, why: str) -> None:
         dependency, detail = next(iter(self.failed.items()))
-        raise GRPCError(Status.UNAVAILABLE, f"{_unavailable(dependency, detail)} ({why})")
+        raise GRPCError(
+            Status.UNAVAILABLE, f"{_unavailable(method, dependency, detail)} ({why})"
+        )
 
 
 @dataclass
