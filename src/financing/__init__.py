@@ -9,7 +9,7 @@ without a word.
 # This release's version: the package's metadata is made from it (pyproject.toml), and
 # the code that runs says it, whatever metadata is installed beside it (a source tree
 # put on PYTHONPATH over another release's install said that release's version).
-__version__ = "0.6.14"
+__version__ = "0.6.15"
 
 
 def release() -> str:
