@@ -575,3 +575,20 @@ async def test_a_queue_deleted_while_no_instance_consumed_it_is_said_as_the_serv
     await _said_missing(said, deleted, last_projected)
     await settle(target)
     await verify_effects(target, workload)
+
+    # Regression (a probe): the dead letters' and the deferrals' queues, deleted while no
+    # instance ran, were declared again with nothing said, what they held lost. Said at
+    # start-up where the consumers' records say the deployment ran before (its first
+    # start, on a broker without them, said nothing).
+    def restored() -> list[str]:
+        return [line["queue"] for line in target.json_log() if line["event"] == RESTORED]
+
+    assert restored() == []
+    assert await target.service.stop() == 0
+    for queue in UNCONSUMED:
+        await asyncio.to_thread(rabbitmqctl, "delete_queue", "--vhost", target.vhost, queue)
+    await target.service.start()
+    await infra.wait_until(
+        lambda: infra.holds(sorted(restored()) == sorted(UNCONSUMED)),
+        what="the queues nobody consumes said restored",
+    )

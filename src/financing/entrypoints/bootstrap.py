@@ -884,6 +884,16 @@ class _Wiring:
         for consumer in self._consumers:
             if consumer.spec.name in self._missing:
                 consumer.found_missing()
+        # A queue nobody consumes missing before the declaration, where the consumers'
+        # records say the deployment ran before: deleted while no instance ran, with the
+        # dead letters or the deferred commands it held, and declared again with nothing
+        # said (a new deployment's, or one that takes over a reference's broker, is not).
+        lost = sorted(self._missing & self._publisher.unconsumed().keys())
+        if lost and any(
+            await asyncio.gather(*(consumer.consumed_before() for consumer in self._consumers))
+        ):
+            for name in lost:
+                topology.said_restored(name)
         self._broker.on_reopened(self._missing_on)
         return retired
 

@@ -350,6 +350,19 @@ class QueueConsumer:
     def spec(self) -> QueueSpec:
         return self._queue
 
+    async def consumed_before(self) -> bool:
+        """Whether the consumer's records say its queue was consumed before, by any
+        instance (a deployment that ran before), as far as they answer within
+        LOOKED_UP_WITHIN."""
+        last_processed = self._last_processed
+        if last_processed is not None:
+            _, processed = await _looked_up(lambda: last_processed(datetime.now(UTC)))
+            return processed is not None
+        if self._consumed_before is not None:
+            _, consumed = await _looked_up(self._consumed_before)
+            return bool(consumed)
+        return False
+
     def found_missing(self, *, reopened: bool = False) -> None:
         """Its queue was missing as the process started, or as the broker's connection was
         opened again (`reopened`), and was declared: said once it consumes

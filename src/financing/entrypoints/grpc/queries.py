@@ -286,9 +286,7 @@ class _List:
 
     def _refuse(self, method: str, why: str) -> None:
         dependency, detail = next(iter(self.failed.items()))
-        raise GRPCError(
-            Status.UNAVAILABLE, f"{_unavailable(method, dependency, detail)} ({why})"
-        )
+        raise GRPCError(Status.UNAVAILABLE, f"{_unavailable(method, dependency, detail)} ({why})")
 
 
 @dataclass
