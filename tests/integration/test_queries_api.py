@@ -158,11 +158,17 @@ async def test_unreachable_database_is_answered_unavailable_naming_it() -> None:
     )
     try:
         async with serving(PostgresReadModels(unreachable)) as stub:
-            for query in (stub.all_investors, stub.all_invoices, stub.all_issuers):
+            for method, query in (
+                ("AllInvestors", stub.all_investors),
+                ("AllInvoices", stub.all_invoices),
+                ("AllIssuers", stub.all_issuers),
+            ):
                 with pytest.raises(GRPCError) as raised:
                     await query(Empty())
                 assert raised.value.status is Status.UNAVAILABLE
-                assert str(raised.value.message).startswith(f"{QUERY_DATABASE} unavailable")
+                assert str(raised.value.message).startswith(
+                    f"{method} not answered: {QUERY_DATABASE} unavailable, try again: "
+                ), raised.value.message
     finally:
         await unreachable.close()
 
