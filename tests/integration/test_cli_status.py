@@ -606,6 +606,13 @@ async def test_a_database_whose_tables_are_gone_is_reported_as_not_ready(
         # remedy that starts an empty event store, or drops the query database.
         ("command", "USAGE ON SCHEMA public", "schema public (USAGE)"),
         ("query", "USAGE ON SCHEMA public", "schema public (USAGE)"),
+        # Regression (a probe): the reads' privileges alone were named, the writes' only
+        # once those were granted.
+        (
+            "query",
+            "SELECT, UPDATE ON read_models.invoices",
+            "read_models.invoices (SELECT), read_models.invoices (UPDATE)",
+        ),
     ],
 )
 async def test_a_database_refusing_the_services_writes_is_reported_as_not_ready(

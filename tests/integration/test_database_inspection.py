@@ -184,5 +184,19 @@ async def test_one_look_answers_the_writes_and_the_reads_of_a_database_with_one_
             assert for_reads.value.detail == for_writes.value.detail
             assert "read_models.investors (SELECT)" in for_reads.value.detail
             assert "read_models.issuers (INSERT)" in for_reads.value.detail
+
+            # Regression (a probe): what the projector alone reads (another relayer's
+            # events, in `public`) lacking said the Queries API NOT_SERVING while every
+            # list answered; so did `public` out of the role's reach.
+            await owner.execute(f'GRANT ALL ON ALL TABLES IN SCHEMA read_models TO "{role}"')
+            for revoke in (
+                f'REVOKE SELECT ON foreign_events FROM "{role}"',
+                f'REVOKE USAGE ON SCHEMA public FROM PUBLIC, "{role}"',
+            ):
+                await owner.execute(revoke)
+                with pytest.raises(AwaitingOperator):
+                    await writes()
+                await reads()
+                await Inspection(pool, "queries", writes=False).look()  # a Queries-only process's
     finally:
         await owner.close()

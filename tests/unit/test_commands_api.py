@@ -405,6 +405,23 @@ async def test_a_command_cut_by_its_deadline_says_whether_it_may_have_been_queue
     assert (error.value.status, error.value.message) == (Status.DEADLINE_EXCEEDED, answer)
 
 
+async def test_a_command_whose_deadline_leaves_no_time_to_confirm_it_is_not_sent() -> None:
+    """Regression (a probe): with less than the margin left before the call's deadline,
+    the command was sent all the same, with no time to be confirmed: queued, its caller
+    answered by its own timer, without a word of what became of it."""
+    sender = InMemoryCommandSender()
+    service = CommandsService(sender, Outages())
+    commands_api._deadline.set(Deadline.from_timeout(commands_api.DEADLINE_MARGIN / 2))
+    with pytest.raises(GRPCError) as error:
+        await service.approve_financing(ApproveFinancingCommand(invoice_id=_id()))
+    assert (error.value.status, error.value.message) == (
+        Status.DEADLINE_EXCEEDED,
+        "ApproveFinancing not queued: not sent to the broker before the call's deadline",
+    )
+    assert sender.sent == []
+    assert not service.busy()  # its turn given back
+
+
 class DeadlineSeen(InMemoryCommandSender):
     """A broker client that notes the deadline of the call it sends for."""
 

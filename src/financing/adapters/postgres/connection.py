@@ -174,8 +174,9 @@ def _translate(error: BaseException, dependency: str) -> None:
 # a session finds by its search_path.
 _OUT_OF_SIGHT = frozenset({"42P01", "42703"})
 OUT_OF_SIGHT = (
-    "the service's tables out of its sessions' search_path, or another schema's tables of"
-    " the same names before them (ALTER DATABASE or ALTER ROLE ... SET search_path)?"
+    "the service's tables out of its sessions' search_path (ALTER DATABASE or ALTER ROLE"
+    " ... SET search_path), in a schema its role may not use (GRANT USAGE ON SCHEMA), or"
+    " another schema's tables of the same names before them?"
 )
 
 

@@ -140,6 +140,14 @@ NEEDED_TABLES = {
         "projected_event_store",
     ),
 }
+# Of each schema's tables, those the Queries API reads: what else a database lacks (what
+# the projector alone reads or writes, another relayer's events kept in `public`) leaves
+# its lists answered. Said lacking for the whole database, the Queries API was said
+# NOT_SERVING while every list answered.
+LISTED = {
+    "commands": NEEDED_TABLES["commands"],
+    "queries": tuple(f"{DEFAULT_SCHEMA}.{table}" for table in ("investors", "invoices", "issuers")),
+}
 
 
 @dataclass(frozen=True)
@@ -374,9 +382,10 @@ def _session(
 
 
 class WritesRefused(AwaitingOperator):
-    """What a database lacks refuses the service's writes alone (a write privilege, a
-    unique index its writes rely on, writes taken at all): its reads go on, and so does
-    the Queries API that only reads."""
+    """What a database lacks refuses the service's writes, and what the projector alone
+    reads (a write privilege, a unique index its writes rely on, writes taken at all,
+    SELECT on another relayer's events): the tables the Queries API reads (LISTED) are
+    read all the same, and its lists answered."""
 
 
 async def require_indexes(pool: asyncpg.Pool | Connection, name: str) -> None:
@@ -454,8 +463,9 @@ async def require_tables(
         absent, hidden = row
         if absent:
             drop_stale(conn)  # its search_path may be the setting of another time
+    listed = set(LISTED[name])
     if hidden:
-        raise AwaitingOperator(
+        raise (AwaitingOperator if listed & set(hidden) else WritesRefused)(
             database,
             f"row-level security on its table(s) {', '.join(hidden)} hides rows from the"
             " service's role: its reads would answer without them, and its writes are"
@@ -469,7 +479,7 @@ async def require_tables(
             if set(absent) & set(OUTSIDE_READ_MODELS)
             else _BRINGS_THEM_BACK[name]
         )
-        raise AwaitingOperator(
+        raise (AwaitingOperator if listed & set(absent) else WritesRefused)(
             database,
             f"its table(s) {', '.join(absent)} do not exist, or not in its sessions'"
             " search_path (their schema renamed, the search_path changed, the database"
@@ -498,16 +508,18 @@ WRITES = {
         "projected_event_store": "INSERT",  # the event store it projects, at its first start
     },
 }
-# The schemas the role may not use that hold the service's tables: of the schemas named
-# ($1), those that exist; and those of the sessions' search_path that hold a table named
-# as one of the tables named without a schema ($2), out of sight (a search_path passes
-# over a schema its role may not use: `USAGE ON SCHEMA public` revoked was said as the
-# tables gone, with a remedy that started an empty event store).
+# The schemas the role may not use that hold the service's tables, and the tables named
+# without a schema that one of them holds: of the schemas named ($1), those that exist;
+# and those of the sessions' search_path that hold a table named as one of the tables
+# named without a schema ($2), out of sight (a search_path passes over a schema its role
+# may not use: `USAGE ON SCHEMA public` revoked was said as the tables gone, with a
+# remedy that started an empty event store).
 _UNUSABLE_SCHEMAS = (
-    "SELECT coalesce(array_agg(DISTINCT name ORDER BY name), '{}') FROM ("
-    " SELECT name FROM unnest($1::text[]) AS name"
+    "SELECT coalesce(array_agg(DISTINCT name ORDER BY name), '{}'),"
+    " coalesce(array_agg(DISTINCT tbl) FILTER (WHERE tbl IS NOT NULL), '{}') FROM ("
+    " SELECT name, NULL::text AS tbl FROM unnest($1::text[]) AS name"
     " WHERE to_regnamespace(name) IS NOT NULL AND NOT has_schema_privilege(name, 'USAGE')"
-    " UNION ALL SELECT n.nspname FROM pg_class AS c"
+    " UNION ALL SELECT n.nspname, c.relname::text FROM pg_class AS c"
     " JOIN pg_namespace AS n ON n.oid = c.relnamespace"
     " WHERE c.relname = ANY($2::text[]) AND to_regclass(quote_ident(c.relname)) IS NULL"
     " AND NOT has_schema_privilege(n.oid, 'USAGE')"
@@ -545,14 +557,26 @@ async def require_grants(pool: asyncpg.Pool | Connection, name: str, *, writes: 
     for table, written in WRITES[name].items() if writes else ():
         granted[table] = f"{granted[table]}, {written}" if table in granted else written
     async with _session(pool, database) as conn:
-        unusable: list[str] = await conn.fetchval(_UNUSABLE_SCHEMAS, schemas, in_path)
+        reach = await conn.fetchrow(_UNUSABLE_SCHEMAS, schemas, in_path)
+        assert reach is not None  # an aggregate without GROUP BY gives one row
+        unusable: list[str] = reach[0]
         # A table of a schema the role may not use cannot even be named.
-        tables, privileges = list(granted), list(granted.values())
-        row = None if unusable else await conn.fetchrow(_LACKING, tables, privileges)
+        unreached = {
+            table
+            for table in granted
+            if (table.split(".")[0] in unusable if "." in table else table in reach[1])
+        }
+        usable = {
+            table: privilege for table, privilege in granted.items() if table not in unreached
+        }
+        row = await conn.fetchrow(_LACKING, list(usable), list(usable.values()))
     read_only, lacking = (False, []) if row is None else (bool(row[0]), list(row[1]))
     if writes and read_only:
         raise WritesRefused(database, READ_ONLY)
-    reads_lacking = bool(unusable) or any(entry.endswith("(SELECT)") for entry in lacking)
+    listed = LISTED[name]
+    reads_lacking = bool(unreached & set(listed)) or any(
+        entry in {f"{table} (SELECT)" for table in listed} for entry in lacking
+    )
     lacking = [f"schema {schema} (USAGE)" for schema in unusable] + lacking
     if lacking:
         raise (AwaitingOperator if reads_lacking else WritesRefused)(

@@ -73,6 +73,7 @@ async def database(
     scans: bool = False,
     schema: str | None = None,
     migrates: bool = False,
+    writes: bool = False,
 ) -> AsyncIterator[asyncpg.Pool]:
     """A pool whose sessions say which command opened them (pg_stat_activity). A command
     that `scans` whole tables gives each statement SCAN_TIMEOUT (or the service's answer
@@ -82,7 +83,9 @@ async def database(
     `schema`, a database whose schema is not this release's is refused (one line); a
     command that `migrates` migrates an older one first, as `serve` does (the commands
     that bring a database restored from an older backup back in line run before any
-    instance starts), and refuses none all the same."""
+    instance starts), and refuses none all the same. A command that judges what the
+    service's writes need (`status`, `writes`) has every privilege it lacks named in
+    one line: the reads' alone were named first, the writes' once they were granted."""
     if scans:
         # The server's `statement_timeout` too: one a DBA set on the database or the role
         # (20 ms, 30 s) failed `check` on a large store, said "unavailable".
@@ -104,7 +107,7 @@ async def database(
                 # What is out of the role's reach first, which nothing after can look at
                 # (a schema it may not use: its migrations' record refused, the
                 # database was said unreachable).
-                await require_grants(pool, schema, writes=False)
+                await require_grants(pool, schema, writes=writes)
                 try:
                     await require_current(pool, schema)
                 except SchemaBehind as behind:

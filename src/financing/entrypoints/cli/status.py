@@ -43,7 +43,6 @@ from financing.adapters.postgres.schema import (
     SchemaBehind,
     SchemaElsewhere,
     indexes_lacking,
-    require_grants,
     said_lacking,
 )
 from financing.adapters.rabbitmq import topology
@@ -320,9 +319,10 @@ async def _local_service(settings: Settings, findings: Findings) -> None:
 
 async def _event_store(settings: Settings, findings: Findings, max_relay_lag: float) -> None:
     findings.asked = settings.command_db, "commands"
-    async with database(settings.command_db, COMMAND_DATABASE, "status", schema="commands") as pool:
+    async with database(
+        settings.command_db, COMMAND_DATABASE, "status", schema="commands", writes=True
+    ) as pool:
         findings.reached = settings.command_db, "commands"
-        await require_grants(pool, "commands", writes=True)  # its tables: `database`
         backlog = await PostgresOutbox(pool).backlog(held_back_after=max_relay_lag)
         findings.store = await store_of(pool)
         findings.history = await holds_history(pool)
@@ -375,10 +375,11 @@ def _relaying(backlog: RelayBacklog) -> str:
 async def _read_models(settings: Settings, findings: Findings) -> None:
     findings.asked = settings.query_db, "queries"
     async with (
-        database(settings.query_db, QUERY_DATABASE, "status", schema="queries") as pool,
+        database(
+            settings.query_db, QUERY_DATABASE, "status", schema="queries", writes=True
+        ) as pool,
     ):
         findings.reached = settings.query_db, "queries"
-        await require_grants(pool, "queries", writes=True)  # its tables: `database`
         async with acquired(pool, QUERY_DATABASE) as conn:
             found = await projected(conn)
         locked = await _tables_locked(pool, "queries")
