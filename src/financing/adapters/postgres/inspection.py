@@ -93,22 +93,20 @@ class Inspection:
                 if self.writes:
                     await require_indexes(conn, schema)
         except AwaitingOperator as found:
-            if isinstance(found, WritesRefused) and not self.writes:
-                # What a writer needs, or what the projector alone reads: none of what
-                # this process reads (its Queries lists) is lacking.
-                self._found = None
-                return
             self._found = found
-            raise
+            self.verdict()  # what this process lacks of it, if anything
+            return
         finally:
             self._looked_at = time.monotonic()
         self._found = None
 
     def verdict(self, *, reads: bool = False) -> None:
         """AwaitingOperator, as the last look found it, while the database lacks something
-        only an operator gives back (`reads`: something its reads need; what the writes
-        alone lack leaves them be)."""
+        only an operator gives back that the process needs (`reads`: that its Queries
+        lists need). What the writes alone lack, or what the projector alone reads
+        (WritesRefused), leaves the lists be, and a process that only reads."""
         found = self._found
-        if found is not None and not (reads and isinstance(found, WritesRefused)):
-            # A new error each time: one raised again keeps every traceback it went through.
-            raise AwaitingOperator(found.dependency, found.detail)
+        if found is None or (isinstance(found, WritesRefused) and (reads or not self.writes)):
+            return
+        # A new error each time: one raised again keeps every traceback it went through.
+        raise AwaitingOperator(found.dependency, found.detail)

@@ -570,13 +570,13 @@ async def require_grants(pool: asyncpg.Pool | Connection, name: str, *, writes: 
             table: privilege for table, privilege in granted.items() if table not in unreached
         }
         row = await conn.fetchrow(_LACKING, list(usable), list(usable.values()))
-    read_only, lacking = (False, []) if row is None else (bool(row[0]), list(row[1]))
+    assert row is not None  # an aggregate without GROUP BY gives one row
+    read_only, lacking = bool(row[0]), list(row[1])
     if writes and read_only:
         raise WritesRefused(database, READ_ONLY)
-    listed = LISTED[name]
-    reads_lacking = bool(unreached & set(listed)) or any(
-        entry in {f"{table} (SELECT)" for table in listed} for entry in lacking
-    )
+    listed = set(LISTED[name])
+    read = {f"{table} (SELECT)" for table in listed}
+    reads_lacking = bool(unreached & listed or read.intersection(lacking))
     lacking = [f"schema {schema} (USAGE)" for schema in unusable] + lacking
     if lacking:
         raise (AwaitingOperator if reads_lacking else WritesRefused)(

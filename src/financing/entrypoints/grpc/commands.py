@@ -17,6 +17,7 @@ the saga the first call started.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -305,8 +306,9 @@ class CommandsService(CommandsBase):
 
         budget, within, status = self._budget, f"within {self._budget:g} s", Status.UNAVAILABLE
         deadline = _deadline.get()
-        if deadline is not None and deadline.time_remaining() - DEADLINE_MARGIN < budget:
-            budget = max(0.0, deadline.time_remaining() - DEADLINE_MARGIN)
+        left = math.inf if deadline is None else deadline.time_remaining() - DEADLINE_MARGIN
+        if left < budget:
+            budget = max(0.0, left)
             within, status = "before the call's deadline", Status.DEADLINE_EXCEEDED
         try:
             if budget <= 0:
