@@ -280,6 +280,9 @@ def ports_free() -> str:
     taken = []
     for variable, (_, what) in PORTS.items():
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            # As Docker's proxy binds: the connections of a check just ended, waiting out
+            # TIME_WAIT on the port, took it for taken; a listener still fails the bind.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((HOST, port(variable)))
             except OSError:
